@@ -1,0 +1,61 @@
+//! The kinds of objects the store holds.
+use std::fmt;
+use std::str::FromStr;
+
+use serde::{Deserialize, Serialize};
+
+use crate::ApiError;
+
+/// A kind of object. Users apply `Model`, `Adapter` and `Tenant`; controllers will own the
+/// others (`Replica`, `Node`, `Fleet`) as later issues add them.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
+pub enum Kind {
+    Model,
+    Adapter,
+    Tenant,
+}
+
+impl Kind {
+    pub const ALL: [Kind; 3] = [Kind::Model, Kind::Adapter, Kind::Tenant];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Kind::Model => "Model",
+            Kind::Adapter => "Adapter",
+            Kind::Tenant => "Tenant",
+        }
+    }
+}
+
+impl FromStr for Kind {
+    type Err = ApiError;
+
+    /// Accepts the kind name in any case, singular or plural (`Model`, `model`, `models`).
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        let lower = s.to_ascii_lowercase();
+        let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        Kind::ALL
+            .into_iter()
+            .find(|k| k.as_str().eq_ignore_ascii_case(singular))
+            .ok_or_else(|| ApiError::UnknownKind(s.to_owned()))
+    }
+}
+
+impl fmt::Display for Kind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn parses_any_case_and_plural() {
+        assert_eq!("models".parse::<Kind>().unwrap(), Kind::Model);
+        assert_eq!("Tenant".parse::<Kind>().unwrap(), Kind::Tenant);
+        assert_eq!("ADAPTER".parse::<Kind>().unwrap(), Kind::Adapter);
+        assert!(matches!("Gadget".parse::<Kind>(), Err(ApiError::UnknownKind(_))));
+    }
+}

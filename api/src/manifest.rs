@@ -1,0 +1,211 @@
+//! Manifests: the documents operators write (`kind`, `metadata`, `spec`), in YAML or JSON.
+//! Parsing is strict: unknown fields, bad names and out-of-range numbers are errors that
+//! name the field, and a multi-document file is split into its documents first.
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{ApiError, Kind, ObjectName, Spec};
+
+/// Largest manifest the API accepts, in bytes.
+pub const MAX_MANIFEST_BYTES: usize = 256 * 1024;
+
+/// `metadata` of a manifest.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Metadata {
+    pub name: ObjectName,
+    #[serde(default)]
+    pub labels: BTreeMap<String, String>,
+}
+
+/// One parsed and validated manifest document.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Manifest {
+    pub metadata: Metadata,
+    pub spec: Spec,
+}
+
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawManifest {
+    #[serde(rename = "apiVersion", default)]
+    api_version: Option<String>,
+    kind: String,
+    metadata: Metadata,
+    spec: serde_yaml::Value,
+    // Accepted so `get -o yaml` output can be re-applied; always ignored.
+    #[serde(default)]
+    #[allow(dead_code)]
+    status: Option<serde_yaml::Value>,
+    #[serde(default)]
+    #[allow(dead_code)]
+    revision: Option<serde_yaml::Value>,
+}
+
+impl Manifest {
+    pub fn kind(&self) -> Kind {
+        self.spec.kind()
+    }
+
+    /// Parses one YAML or JSON document.
+    pub fn parse(text: &str) -> Result<Manifest, ApiError> {
+        if text.len() > MAX_MANIFEST_BYTES {
+            return Err(ApiError::TooLarge { size: text.len(), limit: MAX_MANIFEST_BYTES });
+        }
+        let raw: RawManifest =
+            serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?;
+        if let Some(v) = raw.api_version.as_deref() {
+            if v != "flotilla/v1" {
+                return Err(ApiError::invalid("apiVersion", format!("{v:?} is not supported; use flotilla/v1")));
+            }
+        }
+        let kind: Kind = raw.kind.parse()?;
+        validate_labels(&raw.metadata.labels)?;
+        let spec = Spec::from_yaml(kind, raw.spec)?;
+        Ok(Manifest { metadata: raw.metadata, spec })
+    }
+
+    /// Splits a file into its documents (`---` separated) and parses each. Empty documents
+    /// are skipped; a file with none is an error.
+    pub fn parse_all(text: &str) -> Result<Vec<Manifest>, ApiError> {
+        let mut out = Vec::new();
+        for (i, doc) in split_documents(text).into_iter().enumerate() {
+            let m = Manifest::parse(&doc).map_err(|e| match e {
+                ApiError::Parse(msg) => ApiError::Parse(format!("document {}: {msg}", i + 1)),
+                other => other,
+            })?;
+            out.push(m);
+        }
+        if out.is_empty() {
+            return Err(ApiError::Parse("the file holds no manifest".into()));
+        }
+        Ok(out)
+    }
+
+    /// The canonical single-document YAML text of this manifest.
+    pub fn to_yaml(&self) -> String {
+        #[derive(Serialize)]
+        struct Out<'a> {
+            kind: Kind,
+            metadata: &'a Metadata,
+            spec: &'a Spec,
+        }
+        serde_yaml::to_string(&Out { kind: self.kind(), metadata: &self.metadata, spec: &self.spec })
+            .expect("manifests serialize to YAML")
+    }
+}
+
+fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+    if labels.len() > 64 {
+        return Err(ApiError::invalid("metadata.labels", format!("has {} labels, over the maximum of 64", labels.len())));
+    }
+    for (k, v) in labels {
+        let ok_key = !k.is_empty()
+            && k.len() <= 63
+            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        if !ok_key {
+            return Err(ApiError::invalid("metadata.labels", format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'")));
+        }
+        if v.len() > 256 || v.contains([',', '=']) {
+            return Err(ApiError::invalid(format!("metadata.labels.{k}"), format!("value {v:?} must be at most 256 characters without ',' or '='")));
+        }
+    }
+    Ok(())
+}
+
+/// Splits YAML text at lines that are exactly `---` (document markers).
+fn split_documents(text: &str) -> Vec<String> {
+    let mut docs = vec![String::new()];
+    for line in text.lines() {
+        if line.trim_end() == "---" {
+            docs.push(String::new());
+        } else {
+            let cur = docs.last_mut().expect("never empty");
+            cur.push_str(line);
+            cur.push('\n');
+        }
+    }
+    docs.into_iter()
+        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
+        .collect()
+}
+
+fn clean_yaml_error(e: serde_yaml::Error) -> String {
+    let msg = e.to_string();
+    if msg.contains("EOF while parsing") || msg.is_empty() {
+        return "the manifest is empty or truncated".into();
+    }
+    msg
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const MODEL: &str = "kind: Model\nmetadata:\n  name: llama\n  labels: {team: search}\nspec:\n  source: hf://meta/llama\n  replicas: 2\n";
+
+    #[test]
+    fn parses_model_with_defaults() {
+        let m = Manifest::parse(MODEL).unwrap();
+        assert_eq!(m.kind(), Kind::Model);
+        assert_eq!(m.metadata.name.as_str(), "llama");
+        let Spec::Model(s) = &m.spec else { panic!("not a model") };
+        assert_eq!((s.replicas, s.gpus), (2, 1));
+        assert_eq!(s.routing, crate::spec::RoutingStrategy::LeastRequest);
+    }
+
+    #[test]
+    fn json_is_accepted() {
+        let j = r#"{"kind":"Model","metadata":{"name":"m"},"spec":{"source":"file:///m","engine":"sim"}}"#;
+        assert!(Manifest::parse(j).is_ok());
+    }
+
+    fn err(text: &str) -> String {
+        Manifest::parse(text).unwrap_err().to_string()
+    }
+
+    #[test]
+    fn errors_name_the_field() {
+        let e = err(&MODEL.replace("replicas: 2", "replicas: -1"));
+        assert!(e.contains("replicas") && e.contains("-1"), "{e}");
+        let e = err(&MODEL.replace("replicas: 2", "replicas: 2\n  colour: red"));
+        assert!(e.contains("unknown field `colour`"), "{e}");
+        let e = err(&MODEL.replace("name: llama", "name: Llama_3"));
+        assert!(e.contains("metadata.name") || e.contains("Llama_3"), "{e}");
+        let e = err(&MODEL.replace("hf://meta/llama", "\"\""));
+        assert!(e.starts_with("spec.source"), "{e}");
+        let e = err(&MODEL.replace("kind: Model", "kind: Gadget"));
+        assert!(e.contains("Gadget"), "{e}");
+        let e = err(&MODEL.replace("replicas: 2", "replicas: 100000"));
+        assert!(e.starts_with("spec.replicas") && e.contains("100000"), "{e}");
+        let e = err("kind: Model\nmetadata: {name: a}\nspec: [unclosed");
+        assert!(!e.is_empty());
+        let e = err(&MODEL.replace("metadata:", "metdata:"));
+        assert!(e.contains("metdata"), "{e}");
+        assert!(matches!(Manifest::parse(&"x".repeat(MAX_MANIFEST_BYTES + 1)), Err(ApiError::TooLarge { .. })));
+    }
+
+    #[test]
+    fn autoscaling_bounds() {
+        let base = format!("{MODEL}  autoscaling:\n    min: 3\n    max: 2\n    metric: {{name: m, target: 4}}\n");
+        assert!(err(&base).starts_with("spec.autoscaling.min"));
+    }
+
+    #[test]
+    fn multi_document_files() {
+        let text = format!("# models\n---\n{MODEL}---\nkind: Tenant\nmetadata: {{name: acme}}\nspec: {{rpm: 600, priority: critical}}\n");
+        let all = Manifest::parse_all(&text).unwrap();
+        assert_eq!(all.len(), 2);
+        assert_eq!(all[1].kind(), Kind::Tenant);
+        assert!(Manifest::parse_all("# nothing\n").is_err());
+        let e = Manifest::parse_all(&format!("{MODEL}---\nkind: Tenant\nmetadata: {{name: a}}\nspec: {{rpm: -5}}\n")).unwrap_err().to_string();
+        assert!(e.contains("document 2") && e.contains("rpm"), "{e}");
+    }
+
+    #[test]
+    fn round_trips_through_yaml() {
+        let m = Manifest::parse(MODEL).unwrap();
+        assert_eq!(Manifest::parse(&m.to_yaml()).unwrap(), m);
+    }
+}

@@ -1,0 +1,81 @@
+//! Typed specs for each kind. A spec is what the user asked for; `validate` checks the
+//! ranges and relations that serde's typing cannot, naming the field at fault.
+mod adapter;
+mod model;
+mod tenant;
+mod uri;
+
+pub use adapter::AdapterSpec;
+pub use model::{AutoscalingSpec, EngineKind, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
+pub use tenant::{PriorityClass, TenantSpec};
+pub use uri::validate_source;
+
+use serde::Serialize;
+
+use crate::{ApiError, Kind};
+
+/// The validated spec of one object, by kind.
+#[derive(Debug, Clone, PartialEq, Serialize)]
+#[serde(untagged)]
+pub enum Spec {
+    Model(ModelSpec),
+    Adapter(AdapterSpec),
+    Tenant(TenantSpec),
+}
+
+impl Spec {
+    pub fn kind(&self) -> Kind {
+        match self {
+            Spec::Model(_) => Kind::Model,
+            Spec::Adapter(_) => Kind::Adapter,
+            Spec::Tenant(_) => Kind::Tenant,
+        }
+    }
+
+    /// Deserializes the `spec` section of a manifest of the given kind.
+    pub fn from_yaml(kind: Kind, value: serde_yaml::Value) -> Result<Spec, ApiError> {
+        fn typed<T: serde::de::DeserializeOwned>(v: serde_yaml::Value) -> Result<T, ApiError> {
+            serde_path_to_error::deserialize(v).map_err(|e| {
+                let path = e.path().to_string();
+                let inner = e.into_inner();
+                if path == "." {
+                    ApiError::Parse(format!("spec: {inner}"))
+                } else {
+                    ApiError::Parse(format!("spec.{path}: {inner}"))
+                }
+            })
+        }
+        let spec = match kind {
+            Kind::Model => Spec::Model(typed(value)?),
+            Kind::Adapter => Spec::Adapter(typed(value)?),
+            Kind::Tenant => Spec::Tenant(typed(value)?),
+        };
+        spec.validate()?;
+        Ok(spec)
+    }
+
+    pub fn validate(&self) -> Result<(), ApiError> {
+        match self {
+            Spec::Model(s) => s.validate(),
+            Spec::Adapter(s) => s.validate(),
+            Spec::Tenant(s) => s.validate(),
+        }
+    }
+
+    /// Canonical JSON of the spec, as stored and compared for idempotent applies.
+    pub fn to_json(&self) -> serde_json::Value {
+        serde_json::to_value(self).expect("specs serialize to JSON")
+    }
+}
+
+/// Checks `value <= max`, naming the field otherwise.
+pub(crate) fn at_most<T: PartialOrd + std::fmt::Display>(
+    field: &str,
+    value: T,
+    max: T,
+) -> Result<(), ApiError> {
+    if value > max {
+        return Err(ApiError::invalid(field, format!("{value} is over the maximum of {max}")));
+    }
+    Ok(())
+}

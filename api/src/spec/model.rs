@@ -1,0 +1,132 @@
+//! `kind: Model`: a base model served by a set of engine replicas.
+use serde::{Deserialize, Serialize};
+
+use super::{at_most, validate_source};
+use crate::ApiError;
+
+/// Most replicas one model may ask for.
+pub const MAX_REPLICAS: u32 = 1000;
+/// Most GPUs one replica may ask for (a multi-node fleet's whole gang).
+pub const MAX_GPUS_PER_REPLICA: u32 = 64;
+
+/// What runs each replica.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineKind {
+    /// A real `vllm serve` process.
+    #[default]
+    Vllm,
+    /// `flotilla sim`, the simulated vLLM engine.
+    Sim,
+}
+
+/// How the gateway picks a replica for a request.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum RoutingStrategy {
+    Random,
+    RoundRobin,
+    #[default]
+    LeastRequest,
+    LeastKvCache,
+    PrefixCache,
+    SessionAffinity,
+}
+
+/// Autoscaler algorithm.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ScalingStrategy {
+    /// Knative-style: stable and panic windows.
+    #[default]
+    Kpa,
+    /// AIBrix APA: tolerance band around the target, separate up and down rates.
+    Apa,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MetricTarget {
+    /// An engine metric name, e.g. `vllm:num_requests_waiting`.
+    pub name: String,
+    /// The per-replica value the autoscaler steers toward.
+    pub target: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct AutoscalingSpec {
+    #[serde(default)]
+    pub min: u32,
+    pub max: u32,
+    #[serde(default)]
+    pub strategy: ScalingStrategy,
+    pub metric: MetricTarget,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// The spec of a `Model`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ModelSpec {
+    #[serde(default)]
+    pub engine: EngineKind,
+    /// Where the weights come from: `hf://`, `s3://`, `file://`, `http(s)://`.
+    pub source: String,
+    /// Desired number of replicas (the autoscaler moves it within its bounds).
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// GPUs per replica; 0 runs on CPU.
+    #[serde(default = "one")]
+    pub gpus: u32,
+    /// Allowed GPU types, e.g. `A100-80GB`; empty allows any.
+    #[serde(default)]
+    pub gpu_types: Vec<String>,
+    /// Extra arguments passed to the engine.
+    #[serde(default)]
+    pub engine_args: Vec<String>,
+    #[serde(default)]
+    pub routing: RoutingStrategy,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingSpec>,
+}
+
+impl ModelSpec {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        validate_source("spec.source", &self.source)?;
+        at_most("spec.replicas", self.replicas, MAX_REPLICAS)?;
+        at_most("spec.gpus", self.gpus, MAX_GPUS_PER_REPLICA)?;
+        at_most("spec.gpu_types", self.gpu_types.len(), 64)?;
+        for (i, t) in self.gpu_types.iter().enumerate() {
+            if t.trim().is_empty() || t.len() > 64 {
+                return Err(ApiError::invalid(format!("spec.gpu_types[{i}]"), format!("{t:?} is not a GPU type name")));
+            }
+        }
+        at_most("spec.engine_args", self.engine_args.len(), 256)?;
+        for (i, a) in self.engine_args.iter().enumerate() {
+            at_most(&format!("spec.engine_args[{i}] length"), a.len(), 4096)?;
+        }
+        if let Some(a) = &self.autoscaling {
+            at_most("spec.autoscaling.max", a.max, MAX_REPLICAS)?;
+            if a.min > a.max {
+                return Err(ApiError::invalid(
+                    "spec.autoscaling.min",
+                    format!("{} is greater than spec.autoscaling.max {}", a.min, a.max),
+                ));
+            }
+            if a.metric.name.trim().is_empty() {
+                return Err(ApiError::invalid("spec.autoscaling.metric.name", "is empty"));
+            }
+            if !(a.metric.target.is_finite() && a.metric.target > 0.0) {
+                return Err(ApiError::invalid(
+                    "spec.autoscaling.metric.target",
+                    format!("{} must be a positive number", a.metric.target),
+                ));
+            }
+        }
+        Ok(())
+    }
+}
