@@ -1,0 +1,57 @@
+//! The commands replicated through the Raft log, and their results.
+use std::collections::BTreeMap;
+
+use flotilla_api::{ObjectKey, StoredObject};
+use serde::{Deserialize, Serialize};
+
+/// One state change, proposed by the leader and applied by every state machine in log
+/// order. Applying is deterministic: everything random (uids) is chosen by the proposer.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum Command {
+    /// Create or update an object's spec and labels.
+    Put {
+        key: ObjectKey,
+        /// Used only when this creates the object.
+        uid: String,
+        labels: BTreeMap<String, String>,
+        spec: serde_json::Value,
+        /// Compare-and-set: apply only if the current revision equals this (0: absent).
+        expected_revision: Option<u64>,
+    },
+    /// Replace an object's status (controllers only).
+    PutStatus {
+        key: ObjectKey,
+        status: serde_json::Value,
+        expected_revision: Option<u64>,
+    },
+    Delete {
+        key: ObjectKey,
+        expected_revision: Option<u64>,
+    },
+}
+
+/// What applying a command did.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum CommandResult {
+    /// A blank or membership entry: nothing for the client.
+    None,
+    Put {
+        object: StoredObject,
+        created: bool,
+        /// The object already had exactly this spec/labels/status; no new revision.
+        unchanged: bool,
+    },
+    Deleted {
+        object: StoredObject,
+        revision: u64,
+    },
+    /// The compare-and-set failed; `actual` is 0 if the object does not exist.
+    Conflict {
+        key: ObjectKey,
+        expected: u64,
+        actual: u64,
+    },
+    NotFound {
+        key: ObjectKey,
+    },
+}

@@ -1,0 +1,36 @@
+//! Errors of opening and running the store.
+use std::path::PathBuf;
+
+use thiserror::Error;
+
+#[derive(Debug, Error)]
+pub enum StorageError {
+    #[error("cannot open the store at {path}: {source}")]
+    Open { path: PathBuf, source: sled::Error },
+    #[error("i/o error on {path}: {source}")]
+    Io { path: PathBuf, source: std::io::Error },
+    #[error("store error: {0}")]
+    Sled(#[from] sled::Error),
+    #[error("corrupt record {key:?} in the store: {source}")]
+    Corrupt { key: String, source: serde_json::Error },
+}
+
+impl StorageError {
+    pub fn code(&self) -> &'static str {
+        match self {
+            StorageError::Open { .. } => "storage.open",
+            StorageError::Io { .. } => "storage.io",
+            StorageError::Sled(_) => "storage.sled",
+            StorageError::Corrupt { .. } => "storage.corrupt",
+        }
+    }
+}
+
+/// Converts any error into openraft's storage error for the given subject and verb.
+pub(crate) fn raft_io<E: std::error::Error + 'static>(
+    subject: openraft::ErrorSubject<u64>,
+    verb: openraft::ErrorVerb,
+    e: E,
+) -> openraft::StorageError<u64> {
+    openraft::StorageIOError::new(subject, verb, openraft::AnyError::new(&e)).into()
+}

@@ -1,0 +1,299 @@
+//! The replicated state machine: an in-memory [`Store`] shared with readers, written through
+//! to sled tree `sm` on every apply (one atomic batch per apply call, including
+//! `last_applied`), plus snapshot build and install.
+//!
+//! sled keys: `o<kind>/<name>` object, `e<rev:be64>` event, `m:applied`, `m:membership`,
+//! `m:revision`, `m:compacted`.
+use std::io::Cursor;
+use std::path::PathBuf;
+use std::sync::{Arc, RwLock};
+
+use flotilla_api::{Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
+use openraft::storage::{RaftStateMachine, Snapshot};
+use openraft::{
+    BasicNode, EntryPayload, ErrorSubject, ErrorVerb, LogId, OptionalSend, RaftSnapshotBuilder, StoredMembership,
+};
+use serde::de::DeserializeOwned;
+use tokio::sync::watch;
+
+use crate::error::raft_io;
+use crate::snapshot_file::{self, Meta};
+use crate::store::Mutation;
+use crate::{CommandResult, Compacted, StorageError, Store, TypeConfig};
+
+type RaftResult<T> = Result<T, openraft::StorageError<u64>>;
+type Membership = StoredMembership<u64, BasicNode>;
+
+const APPLIED: &[u8] = b"m:applied";
+const MEMBERSHIP: &[u8] = b"m:membership";
+const REVISION: &[u8] = b"m:revision";
+const COMPACTED: &[u8] = b"m:compacted";
+
+struct Inner {
+    store: Store,
+    last_applied: Option<LogId<u64>>,
+    membership: Membership,
+}
+
+struct Shared {
+    inner: RwLock<Inner>,
+    revision_tx: watch::Sender<u64>,
+}
+
+/// The state machine handed to openraft. Clones share state (the clone is the snapshot
+/// builder).
+#[derive(Clone)]
+pub struct StateMachine {
+    shared: Arc<Shared>,
+    db: sled::Db,
+    tree: sled::Tree,
+    snapshot_dir: PathBuf,
+}
+
+/// Read access to the applied state, for the API servers. Cheap to clone.
+#[derive(Clone)]
+pub struct StoreReader {
+    shared: Arc<Shared>,
+}
+
+fn object_key(key: &ObjectKey) -> Vec<u8> {
+    format!("o{}/{}", key.kind, key.name).into_bytes()
+}
+
+fn event_key(revision: u64) -> Vec<u8> {
+    let mut k = vec![b'e'];
+    k.extend_from_slice(&revision.to_be_bytes());
+    k
+}
+
+fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StorageError> {
+    serde_json::from_slice(bytes)
+        .map_err(|source| StorageError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source })
+}
+
+fn json(value: &impl serde::Serialize) -> Vec<u8> {
+    serde_json::to_vec(value).expect("state machine records serialize")
+}
+
+impl StateMachine {
+    pub(crate) fn open(db: sled::Db, snapshot_dir: PathBuf, retention: usize) -> Result<StateMachine, StorageError> {
+        let tree = db.open_tree("sm")?;
+        let get = |k: &[u8]| -> Result<Option<sled::IVec>, StorageError> { Ok(tree.get(k)?) };
+        let last_applied = get(APPLIED)?.map(|v| decode(APPLIED, &v)).transpose()?;
+        let membership = get(MEMBERSHIP)?.map(|v| decode(MEMBERSHIP, &v)).transpose()?.unwrap_or_default();
+        let revision = get(REVISION)?.map(|v| decode(REVISION, &v)).transpose()?.unwrap_or(0);
+        let compacted = get(COMPACTED)?.map(|v| decode(COMPACTED, &v)).transpose()?.unwrap_or(0);
+        let mut objects = Vec::new();
+        for r in tree.scan_prefix(b"o") {
+            let (k, v) = r?;
+            objects.push(decode::<StoredObject>(&k, &v)?);
+        }
+        let mut events = Vec::new();
+        for r in tree.scan_prefix(b"e") {
+            let (k, v) = r?;
+            events.push(decode::<WatchEvent>(&k, &v)?);
+        }
+        let store = Store::from_parts(objects, events, revision, compacted, retention);
+        let (revision_tx, _) = watch::channel(revision);
+        let inner = Inner { store, last_applied, membership };
+        Ok(StateMachine {
+            shared: Arc::new(Shared { inner: RwLock::new(inner), revision_tx }),
+            db,
+            tree,
+            snapshot_dir,
+        })
+    }
+
+    pub fn reader(&self) -> StoreReader {
+        StoreReader { shared: self.shared.clone() }
+    }
+
+    fn write_batch(&self, batch: sled::Batch) -> RaftResult<()> {
+        self.tree.apply_batch(batch).map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    }
+
+    fn notify(&self, revision: u64) {
+        self.shared.revision_tx.send_if_modified(|r| {
+            let changed = *r != revision;
+            *r = revision;
+            changed
+        });
+    }
+}
+
+fn persist_counters(batch: &mut sled::Batch, inner: &Inner) {
+    batch.insert(APPLIED, json(&inner.last_applied));
+    batch.insert(MEMBERSHIP, json(&inner.membership));
+    batch.insert(REVISION, json(&inner.store.revision()));
+    batch.insert(COMPACTED, json(&inner.store.compacted()));
+}
+
+impl RaftStateMachine<TypeConfig> for StateMachine {
+    type SnapshotBuilder = StateMachine;
+
+    async fn applied_state(&mut self) -> RaftResult<(Option<LogId<u64>>, Membership)> {
+        let inner = self.shared.inner.read().expect("state machine lock");
+        Ok((inner.last_applied, inner.membership.clone()))
+    }
+
+    async fn apply<I>(&mut self, entries: I) -> RaftResult<Vec<CommandResult>>
+    where
+        I: IntoIterator<Item = openraft::Entry<TypeConfig>> + OptionalSend,
+        I::IntoIter: OptionalSend,
+    {
+        let mut results = Vec::new();
+        let mut mutations = Vec::new();
+        let revision = {
+            let mut inner = self.shared.inner.write().expect("state machine lock");
+            for entry in entries {
+                inner.last_applied = Some(entry.log_id);
+                let result = match entry.payload {
+                    EntryPayload::Blank => CommandResult::None,
+                    EntryPayload::Normal(cmd) => inner.store.apply(&cmd, &mut mutations),
+                    EntryPayload::Membership(m) => {
+                        inner.membership = StoredMembership::new(Some(entry.log_id), m);
+                        CommandResult::None
+                    }
+                };
+                results.push(result);
+            }
+            let mut batch = sled::Batch::default();
+            for m in mutations {
+                match m {
+                    Mutation::PutObject(o) => batch.insert(object_key(&o.key), json(&o)),
+                    Mutation::RemoveObject(k) => batch.remove(object_key(&k)),
+                    Mutation::AddEvent(e) => batch.insert(event_key(e.revision), json(&e)),
+                    Mutation::DropEventsUpTo(rev) => {
+                        for r in self.tree.range(event_key(0)..=event_key(rev)) {
+                            let (k, _) = r.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Delete, e))?;
+                            batch.remove(k);
+                        }
+                    }
+                }
+            }
+            persist_counters(&mut batch, &inner);
+            self.write_batch(batch)?;
+            inner.store.revision()
+        };
+        self.notify(revision);
+        Ok(results)
+    }
+
+    async fn get_snapshot_builder(&mut self) -> Self::SnapshotBuilder {
+        self.clone()
+    }
+
+    async fn begin_receiving_snapshot(&mut self) -> RaftResult<Box<Cursor<Vec<u8>>>> {
+        Ok(Box::new(Cursor::new(Vec::new())))
+    }
+
+    async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> RaftResult<()> {
+        let data = snapshot.into_inner();
+        let sm_err = |e| raft_io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
+        let mut store: Store = serde_json::from_slice(&data).map_err(sm_err)?;
+        let revision = {
+            let mut inner = self.shared.inner.write().expect("state machine lock");
+            store.set_retention(inner.store_retention());
+            inner.store = store;
+            inner.last_applied = meta.last_log_id;
+            inner.membership = meta.last_membership.clone();
+            let mut batch = sled::Batch::default();
+            for r in self.tree.iter() {
+                let (k, _) = r.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+                batch.remove(k);
+            }
+            for o in inner.store.objects() {
+                batch.insert(object_key(&o.key), json(o));
+            }
+            for e in inner.store.events() {
+                batch.insert(event_key(e.revision), json(e));
+            }
+            persist_counters(&mut batch, &inner);
+            self.write_batch(batch)?;
+            inner.store.revision()
+        };
+        self.db.flush_async().await.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let (dir, meta2) = (self.snapshot_dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || snapshot_file::save(&dir, &meta2, &data))
+            .await
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        self.notify(revision);
+        tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
+        Ok(())
+    }
+
+    async fn get_current_snapshot(&mut self) -> RaftResult<Option<Snapshot<TypeConfig>>> {
+        let dir = self.snapshot_dir.clone();
+        let loaded = tokio::task::spawn_blocking(move || snapshot_file::load(&dir))
+            .await
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
+        Ok(loaded.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+    }
+}
+
+impl Inner {
+    fn store_retention(&self) -> usize {
+        self.store.retention()
+    }
+}
+
+impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
+    async fn build_snapshot(&mut self) -> RaftResult<Snapshot<TypeConfig>> {
+        let (data, meta) = {
+            let inner = self.shared.inner.read().expect("state machine lock");
+            let data = json(&inner.store);
+            let id = match inner.last_applied {
+                Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.store.revision()),
+                None => format!("empty-{}", inner.store.revision()),
+            };
+            let meta = Meta {
+                last_log_id: inner.last_applied,
+                last_membership: inner.membership.clone(),
+                snapshot_id: id,
+            };
+            (data, meta)
+        };
+        // The sled state machine must be durable up to the snapshot before logs are purged.
+        self.db.flush_async().await.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
+        let (dir, meta2, data2) = (self.snapshot_dir.clone(), meta.clone(), data.clone());
+        tokio::task::spawn_blocking(move || snapshot_file::save(&dir, &meta2, &data2))
+            .await
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
+        Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
+    }
+}
+
+impl StoreReader {
+    fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
+        f(&self.shared.inner.read().expect("state machine lock"))
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.read(|i| i.store.revision())
+    }
+
+    pub fn last_applied_index(&self) -> u64 {
+        self.read(|i| i.last_applied.map_or(0, |l| l.index))
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> (Option<StoredObject>, u64) {
+        self.read(|i| (i.store.get(key).cloned(), i.store.revision()))
+    }
+
+    pub fn list(&self, kind: Kind, selector: &LabelSelector) -> (Vec<StoredObject>, u64) {
+        self.read(|i| (i.store.list(kind, selector), i.store.revision()))
+    }
+
+    pub fn events_after(&self, kind: Option<Kind>, after: u64, limit: usize) -> Result<Vec<WatchEvent>, Compacted> {
+        self.read(|i| i.store.events_after(kind, after, limit))
+    }
+
+    /// A receiver that changes whenever the store revision moves.
+    pub fn subscribe(&self) -> watch::Receiver<u64> {
+        self.shared.revision_tx.subscribe()
+    }
+}

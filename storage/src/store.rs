@@ -1,0 +1,291 @@
+//! The state machine's data, in memory: objects by key, the store revision, and a bounded
+//! history of change events for watches. Pure: `apply` is a function of (state, command)
+//! that returns the result and the mutations to persist.
+use std::collections::{BTreeMap, VecDeque};
+
+use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
+use serde::{Deserialize, Serialize};
+
+use crate::{Command, CommandResult};
+
+/// How many change events are kept for resuming watches, by default.
+pub const DEFAULT_EVENT_RETENTION: usize = 10_000;
+
+/// A watch asked to resume from a revision whose events were already dropped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Compacted {
+    /// Events up to and including this revision are gone.
+    pub compacted: u64,
+}
+
+/// A change the state machine must persist after an apply.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Mutation {
+    PutObject(StoredObject),
+    RemoveObject(ObjectKey),
+    AddEvent(WatchEvent),
+    DropEventsUpTo(u64),
+}
+
+/// The whole replicated state (it is also the snapshot format).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct Store {
+    objects: BTreeMap<ObjectKey, StoredObject>,
+    events: VecDeque<WatchEvent>,
+    revision: u64,
+    compacted: u64,
+    #[serde(skip, default = "default_retention")]
+    retention: usize,
+}
+
+fn default_retention() -> usize {
+    DEFAULT_EVENT_RETENTION
+}
+
+impl Store {
+    pub fn new(retention: usize) -> Store {
+        Store { retention: retention.max(1), ..Store::default() }
+    }
+
+    /// Rebuilds a store from persisted parts (objects, events in any order, counters).
+    pub fn from_parts(
+        objects: impl IntoIterator<Item = StoredObject>,
+        events: impl IntoIterator<Item = WatchEvent>,
+        revision: u64,
+        compacted: u64,
+        retention: usize,
+    ) -> Store {
+        let mut events: Vec<_> = events.into_iter().collect();
+        events.sort_by_key(|e| e.revision);
+        Store {
+            objects: objects.into_iter().map(|o| (o.key.clone(), o)).collect(),
+            events: events.into(),
+            revision,
+            compacted,
+            retention: retention.max(1),
+        }
+    }
+
+    pub fn retention(&self) -> usize {
+        self.retention
+    }
+
+    pub fn set_retention(&mut self, retention: usize) {
+        self.retention = retention.max(1);
+    }
+
+    pub fn revision(&self) -> u64 {
+        self.revision
+    }
+
+    pub fn compacted(&self) -> u64 {
+        self.compacted
+    }
+
+    pub fn objects(&self) -> impl Iterator<Item = &StoredObject> {
+        self.objects.values()
+    }
+
+    pub fn events(&self) -> impl Iterator<Item = &WatchEvent> {
+        self.events.iter()
+    }
+
+    pub fn get(&self, key: &ObjectKey) -> Option<&StoredObject> {
+        self.objects.get(key)
+    }
+
+    pub fn list(&self, kind: Kind, selector: &LabelSelector) -> Vec<StoredObject> {
+        self.objects
+            .values()
+            .filter(|o| o.key.kind == kind && selector.matches(&o.labels))
+            .cloned()
+            .collect()
+    }
+
+    /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`.
+    pub fn events_after(
+        &self,
+        kind: Option<Kind>,
+        after: u64,
+        limit: usize,
+    ) -> Result<Vec<WatchEvent>, Compacted> {
+        if after < self.compacted {
+            return Err(Compacted { compacted: self.compacted });
+        }
+        let start = self.events.partition_point(|e| e.revision <= after);
+        Ok(self
+            .events
+            .range(start..)
+            .filter(|e| kind.is_none_or(|k| e.object.key.kind == k))
+            .take(limit)
+            .cloned()
+            .collect())
+    }
+
+    /// Applies one command; returns its result and the mutations to persist.
+    pub fn apply(&mut self, cmd: &Command, out: &mut Vec<Mutation>) -> CommandResult {
+        let (key, expected) = match cmd {
+            Command::Put { key, expected_revision, .. }
+            | Command::PutStatus { key, expected_revision, .. }
+            | Command::Delete { key, expected_revision } => (key, *expected_revision),
+        };
+        let current = self.objects.get(key);
+        let actual = current.map_or(0, |o| o.revision);
+        if let Some(expected) = expected {
+            if expected != actual {
+                return CommandResult::Conflict { key: key.clone(), expected, actual };
+            }
+        }
+        match cmd {
+            Command::Put { key, uid, labels, spec, .. } => {
+                let next = match current {
+                    Some(cur) if &cur.labels == labels && &cur.spec == spec => {
+                        return CommandResult::Put { object: cur.clone(), created: false, unchanged: true };
+                    }
+                    Some(cur) => StoredObject { labels: labels.clone(), spec: spec.clone(), ..cur.clone() },
+                    None => StoredObject {
+                        key: key.clone(),
+                        uid: uid.clone(),
+                        labels: labels.clone(),
+                        spec: spec.clone(),
+                        status: serde_json::Value::Null,
+                        revision: 0,
+                        create_revision: self.revision + 1,
+                    },
+                };
+                let created = current.is_none();
+                let object = self.commit_put(next, out);
+                CommandResult::Put { object, created, unchanged: false }
+            }
+            Command::PutStatus { key, status, .. } => {
+                let Some(cur) = current else {
+                    return CommandResult::NotFound { key: key.clone() };
+                };
+                if &cur.status == status {
+                    return CommandResult::Put { object: cur.clone(), created: false, unchanged: true };
+                }
+                let next = StoredObject { status: status.clone(), ..cur.clone() };
+                let object = self.commit_put(next, out);
+                CommandResult::Put { object, created: false, unchanged: false }
+            }
+            Command::Delete { key, .. } => {
+                let Some(object) = self.objects.remove(key) else {
+                    return CommandResult::NotFound { key: key.clone() };
+                };
+                self.revision += 1;
+                out.push(Mutation::RemoveObject(key.clone()));
+                self.record(EventType::Delete, object.clone(), out);
+                CommandResult::Deleted { object, revision: self.revision }
+            }
+        }
+    }
+
+    fn commit_put(&mut self, mut object: StoredObject, out: &mut Vec<Mutation>) -> StoredObject {
+        self.revision += 1;
+        object.revision = self.revision;
+        self.objects.insert(object.key.clone(), object.clone());
+        out.push(Mutation::PutObject(object.clone()));
+        self.record(EventType::Put, object.clone(), out);
+        object
+    }
+
+    fn record(&mut self, event_type: EventType, object: StoredObject, out: &mut Vec<Mutation>) {
+        let event = WatchEvent { revision: self.revision, event_type, object };
+        self.events.push_back(event.clone());
+        out.push(Mutation::AddEvent(event));
+        if self.events.len() > self.retention {
+            let drop = self.events.len() - self.retention;
+            self.events.drain(..drop);
+            self.compacted = self.events.front().map_or(self.revision, |e| e.revision - 1);
+            out.push(Mutation::DropEventsUpTo(self.compacted));
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use serde_json::json;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey { kind: Kind::Model, name: name.parse().unwrap() }
+    }
+
+    fn put(name: &str, replicas: u32, expected: Option<u64>) -> Command {
+        Command::Put {
+            key: key(name),
+            uid: format!("uid-{name}"),
+            labels: BTreeMap::new(),
+            spec: json!({ "replicas": replicas }),
+            expected_revision: expected,
+        }
+    }
+
+    #[test]
+    fn revisions_increase_and_identical_apply_is_unchanged() {
+        let mut s = Store::new(100);
+        let mut m = Vec::new();
+        let CommandResult::Put { object, created: true, .. } = s.apply(&put("a", 1, None), &mut m) else { panic!() };
+        assert_eq!((object.revision, object.create_revision), (1, 1));
+        let r = s.apply(&put("a", 1, None), &mut m);
+        assert!(matches!(r, CommandResult::Put { unchanged: true, .. }));
+        assert_eq!(s.revision(), 1);
+        let CommandResult::Put { object, created: false, .. } = s.apply(&put("a", 2, None), &mut m) else { panic!() };
+        assert_eq!((object.revision, object.create_revision, object.uid.as_str()), (2, 1, "uid-a"));
+    }
+
+    #[test]
+    fn compare_and_set_conflict_changes_nothing() {
+        let mut s = Store::new(100);
+        let mut m = Vec::new();
+        s.apply(&put("a", 1, Some(0)), &mut m);
+        let before = s.clone();
+        m.clear();
+        let r = s.apply(&put("a", 5, Some(7)), &mut m);
+        assert_eq!(r, CommandResult::Conflict { key: key("a"), expected: 7, actual: 1 });
+        assert!(m.is_empty());
+        assert_eq!(s, before);
+        let r = s.apply(&put("b", 1, Some(3)), &mut m);
+        assert!(matches!(r, CommandResult::Conflict { actual: 0, .. }));
+        assert!(matches!(s.apply(&put("a", 5, Some(1)), &mut m), CommandResult::Put { .. }));
+    }
+
+    #[test]
+    fn delete_and_events() {
+        let mut s = Store::new(100);
+        let mut m = Vec::new();
+        s.apply(&put("a", 1, None), &mut m);
+        s.apply(&put("b", 1, None), &mut m);
+        assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::Deleted { revision: 3, .. }));
+        assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::NotFound { .. }));
+        let ev = s.events_after(Some(Kind::Model), 1, 10).unwrap();
+        assert_eq!(ev.iter().map(|e| (e.revision, e.event_type)).collect::<Vec<_>>(), vec![(2, EventType::Put), (3, EventType::Delete)]);
+        assert!(s.events_after(Some(Kind::Tenant), 0, 10).unwrap().is_empty());
+    }
+
+    #[test]
+    fn retention_compacts_old_events() {
+        let mut s = Store::new(3);
+        let mut m = Vec::new();
+        for i in 0..5 {
+            s.apply(&put("a", i, None), &mut m);
+        }
+        assert_eq!(s.compacted(), 2);
+        assert_eq!(s.events_after(None, 1, 10), Err(Compacted { compacted: 2 }));
+        let revs: Vec<_> = s.events_after(None, 2, 10).unwrap().iter().map(|e| e.revision).collect();
+        assert_eq!(revs, vec![3, 4, 5]);
+        assert!(m.contains(&Mutation::DropEventsUpTo(2)));
+    }
+
+    #[test]
+    fn status_updates_need_an_object() {
+        let mut s = Store::new(10);
+        let mut m = Vec::new();
+        let st = Command::PutStatus { key: key("a"), status: json!({"ready": 1}), expected_revision: None };
+        assert!(matches!(s.apply(&st, &mut m), CommandResult::NotFound { .. }));
+        s.apply(&put("a", 1, None), &mut m);
+        let CommandResult::Put { object, .. } = s.apply(&st, &mut m) else { panic!() };
+        assert_eq!(object.status, json!({"ready": 1}));
+        assert_eq!(object.spec, json!({"replicas": 1}));
+    }
+}
