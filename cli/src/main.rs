@@ -1,1 +1,104 @@
-fn main() {}
+//! `flotilla`: the one binary. Every role (server, sim, dev) and every operator command.
+//!
+//! Exit codes: 0 success, 1 runtime failure, 2 bad usage or invalid input.
+#![forbid(unsafe_code)]
+
+mod client;
+mod cmd;
+mod error;
+mod output;
+
+use std::process::ExitCode;
+
+use clap::{Parser, Subcommand};
+
+use crate::error::CliError;
+use crate::output::Format;
+
+/// flotilla: a control plane for fleets of vLLM engines on plain machines.
+#[derive(Parser, Debug)]
+#[command(name = "flotilla", version, about, long_about = None, propagate_version = true)]
+struct Cli {
+    /// Server gRPC address(es) for operator commands; a comma-separated list is tried in
+    /// order until one answers.
+    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "127.0.0.1:7070")]
+    server: String,
+    /// Output format of operator commands.
+    #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
+    output: Format,
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand, Debug)]
+enum Command {
+    /// Run a server: a member of the Raft group serving the gRPC API.
+    ///
+    /// Example: flotilla server --id 1 --data-dir /var/lib/flotilla --bootstrap
+    Server(cmd::server::ServerArgs),
+    /// Run everything on this machine for development (data in ./.flotilla).
+    Dev(cmd::dev::DevArgs),
+    /// Create or update objects from a YAML or JSON file (`-` reads stdin).
+    ///
+    /// Example: flotilla apply -f model.yaml
+    Apply(cmd::objects::ApplyArgs),
+    /// Show objects of a kind, or one object.
+    ///
+    /// Example: flotilla get model llama-3-8b -o json
+    Get(cmd::objects::GetArgs),
+    /// Delete an object.
+    ///
+    /// Example: flotilla delete model llama-3-8b
+    Delete(cmd::objects::DeleteArgs),
+    /// Stream changes to objects of a kind (one JSON line per change).
+    ///
+    /// Example: flotilla watch model --after 42
+    Watch(cmd::objects::WatchArgs),
+    /// Inspect and change the Raft group.
+    #[command(subcommand)]
+    Cluster(cmd::cluster::ClusterCommand),
+}
+
+fn main() -> ExitCode {
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            let _ = e.print();
+            return ExitCode::from(if e.use_stderr() { 2 } else { 0 });
+        }
+    };
+    let runtime = match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+        Ok(rt) => rt,
+        Err(e) => {
+            eprintln!("error: cannot start the async runtime: {e}");
+            return ExitCode::from(1);
+        }
+    };
+    match runtime.block_on(run(cli)) {
+        Ok(()) => ExitCode::SUCCESS,
+        Err(e) => {
+            eprintln!("error: {}", e.message);
+            ExitCode::from(e.exit_code)
+        }
+    }
+}
+
+async fn run(cli: Cli) -> Result<(), CliError> {
+    let client = client::Client::new(&cli.server);
+    match cli.command {
+        Command::Server(args) => cmd::server::run(args).await,
+        Command::Dev(args) => cmd::dev::run(args).await,
+        Command::Apply(args) => cmd::objects::apply(&client, args, cli.output).await,
+        Command::Get(args) => cmd::objects::get(&client, args, cli.output).await,
+        Command::Delete(args) => cmd::objects::delete(&client, args, cli.output).await,
+        Command::Watch(args) => cmd::objects::watch(&client, args).await,
+        Command::Cluster(c) => cmd::cluster::run(&client, c, cli.output).await,
+    }
+}
+
+/// Logs to stderr; `RUST_LOG` overrides the default level.
+pub(crate) fn init_logging(default: &str) {
+    let filter = tracing_subscriber::EnvFilter::try_from_default_env()
+        .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
+    let _ = tracing_subscriber::fmt().with_env_filter(filter).with_writer(std::io::stderr).try_init();
+}

@@ -1,1 +1,32 @@
-//! cluster
+//! flotilla-cluster: a flotilla server. It runs a member of the Raft group and serves the
+//! gRPC API (objects, cluster, the internal Raft transport, health, reflection) and an HTTP
+//! endpoint for `/metrics`, `/healthz` and `/readyz`.
+//!
+//! ```text
+//!   gRPC :7070 ─┬─ ObjectService ──┐ writes: propose on the leader, else forward to it
+//!               ├─ ClusterService ─┤ reads: read-index on the leader, else forward
+//!               ├─ RaftService ────┴──> openraft::Raft ──> flotilla-storage (sled)
+//!               ├─ grpc.health.v1, reflection
+//!   HTTP :7071 ── /metrics /healthz /readyz
+//! ```
+#![forbid(unsafe_code)]
+
+mod cluster_service;
+mod config;
+mod error;
+mod http;
+mod metrics;
+mod network;
+mod node;
+mod object_service;
+mod peers;
+mod raft_service;
+mod server;
+
+pub use config::ServerConfig;
+pub use error::ClusterError;
+pub use server::{start, ServerHandle};
+
+/// gRPC metadata key set on requests a server forwards to the leader, so that they are
+/// never forwarded twice.
+pub const FORWARDED_HEADER: &str = "x-flotilla-forwarded";

@@ -288,7 +288,13 @@ impl StoreReader {
         self.read(|i| (i.store.list(kind, selector), i.store.revision()))
     }
 
-    pub fn events_after(&self, kind: Option<Kind>, after: u64, limit: usize) -> Result<Vec<WatchEvent>, Compacted> {
+    /// See [`Store::events_after`].
+    pub fn events_after(
+        &self,
+        kind: Option<Kind>,
+        after: u64,
+        limit: usize,
+    ) -> Result<(Vec<WatchEvent>, u64), Compacted> {
         self.read(|i| i.store.events_after(kind, after, limit))
     }
 

@@ -102,24 +102,31 @@ impl Store {
             .collect()
     }
 
-    /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`.
+    /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`, and
+    /// the revision the scan covered: a watcher may resume from it without missing an event
+    /// (it skips past other kinds' events, so a quiet watch is never compacted away).
     pub fn events_after(
         &self,
         kind: Option<Kind>,
         after: u64,
         limit: usize,
-    ) -> Result<Vec<WatchEvent>, Compacted> {
+    ) -> Result<(Vec<WatchEvent>, u64), Compacted> {
         if after < self.compacted {
             return Err(Compacted { compacted: self.compacted });
         }
         let start = self.events.partition_point(|e| e.revision <= after);
-        Ok(self
+        let events: Vec<WatchEvent> = self
             .events
             .range(start..)
             .filter(|e| kind.is_none_or(|k| e.object.key.kind == k))
             .take(limit)
             .cloned()
-            .collect())
+            .collect();
+        let scanned_to = match events.last() {
+            Some(last) if events.len() == limit => last.revision,
+            _ => self.revision.max(after),
+        };
+        Ok((events, scanned_to))
     }
 
     /// Applies one command; returns its result and the mutations to persist.
@@ -258,9 +265,12 @@ mod tests {
         s.apply(&put("b", 1, None), &mut m);
         assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::Deleted { revision: 3, .. }));
         assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::NotFound { .. }));
-        let ev = s.events_after(Some(Kind::Model), 1, 10).unwrap();
+        let (ev, to) = s.events_after(Some(Kind::Model), 1, 10).unwrap();
+        assert_eq!(to, 3);
         assert_eq!(ev.iter().map(|e| (e.revision, e.event_type)).collect::<Vec<_>>(), vec![(2, EventType::Put), (3, EventType::Delete)]);
-        assert!(s.events_after(Some(Kind::Tenant), 0, 10).unwrap().is_empty());
+        assert_eq!(s.events_after(Some(Kind::Tenant), 0, 10).unwrap(), (vec![], 3));
+        let (ev, to) = s.events_after(None, 0, 2).unwrap();
+        assert_eq!((ev.len(), to), (2, 2));
     }
 
     #[test]
@@ -272,7 +282,7 @@ mod tests {
         }
         assert_eq!(s.compacted(), 2);
         assert_eq!(s.events_after(None, 1, 10), Err(Compacted { compacted: 2 }));
-        let revs: Vec<_> = s.events_after(None, 2, 10).unwrap().iter().map(|e| e.revision).collect();
+        let revs: Vec<_> = s.events_after(None, 2, 10).unwrap().0.iter().map(|e| e.revision).collect();
         assert_eq!(revs, vec![3, 4, 5]);
         assert!(m.contains(&Mutation::DropEventsUpTo(2)));
     }

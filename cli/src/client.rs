@@ -1,0 +1,79 @@
+//! A client of the flotilla gRPC API that tries each configured server in order, moving on
+//! when one is unreachable or has no leader.
+use std::time::Duration;
+
+use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
+use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use tonic::transport::{Channel, Endpoint};
+use tonic::{Code, Status};
+
+use crate::error::CliError;
+
+pub(crate) struct Client {
+    servers: Vec<String>,
+}
+
+/// How long one call to one server may take.
+const CALL_TIMEOUT: Duration = Duration::from_secs(15);
+
+fn url(addr: &str) -> String {
+    if addr.contains("://") {
+        addr.to_owned()
+    } else {
+        format!("http://{addr}")
+    }
+}
+
+impl Client {
+    pub(crate) fn new(servers: &str) -> Client {
+        Client { servers: servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect() }
+    }
+
+    async fn connect(addr: &str) -> Result<Channel, Status> {
+        let endpoint = Endpoint::from_shared(url(addr))
+            .map_err(|_| Status::invalid_argument(format!("--server {addr:?} is not a host:port address")))?
+            .connect_timeout(Duration::from_secs(2))
+            .timeout(CALL_TIMEOUT);
+        endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach server {addr}: {e}")))
+    }
+
+    /// Runs `f` against each server in turn until one gives an answer that is not
+    /// "unavailable".
+    pub(crate) async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
+    where
+        F: FnMut(Channel) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        if self.servers.is_empty() {
+            return Err(CliError::usage("--server is empty; give host:port of a flotilla server"));
+        }
+        let mut last = None;
+        for addr in &self.servers {
+            let result = match Self::connect(addr).await {
+                Ok(channel) => f(channel).await,
+                Err(e) => Err(e),
+            };
+            match result {
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => last = Some(s),
+                other => return other.map_err(CliError::from),
+            }
+        }
+        Err(CliError::from(last.expect("at least one server was tried")))
+    }
+
+    pub(crate) async fn objects<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
+    where
+        F: FnMut(ObjectServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.call(|ch| f(ObjectServiceClient::new(ch))).await
+    }
+
+    pub(crate) async fn cluster<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
+    where
+        F: FnMut(ClusterServiceClient<Channel>) -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        self.call(|ch| f(ClusterServiceClient::new(ch))).await
+    }
+}

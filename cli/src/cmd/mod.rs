@@ -1,0 +1,5 @@
+//! One module per subcommand group.
+pub(crate) mod cluster;
+pub(crate) mod dev;
+pub(crate) mod objects;
+pub(crate) mod server;

@@ -1,0 +1,95 @@
+//! `flotilla server`: one member of the Raft group.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use clap::Args;
+use flotilla_cluster::{ServerConfig, ServerHandle};
+
+use crate::error::CliError;
+
+#[derive(Args, Debug, Clone)]
+pub(crate) struct ServerArgs {
+    /// This server's Raft ID: a positive integer, unique in the cluster.
+    #[arg(long, env = "FLOTILLA_ID")]
+    pub(crate) id: u64,
+    /// Directory for the Raft log, state machine and snapshots (created if absent).
+    #[arg(long, env = "FLOTILLA_DATA_DIR")]
+    pub(crate) data_dir: PathBuf,
+    /// gRPC listen address (API and Raft traffic). Port 0 picks a free port.
+    #[arg(long, env = "FLOTILLA_GRPC_ADDR", default_value = "127.0.0.1:7070")]
+    pub(crate) grpc_addr: SocketAddr,
+    /// HTTP listen address for /metrics, /healthz and /readyz. Port 0 picks a free port.
+    #[arg(long, env = "FLOTILLA_HTTP_ADDR", default_value = "127.0.0.1:7071")]
+    pub(crate) http_addr: SocketAddr,
+    /// Address other servers use to reach this one (default: the bound gRPC address).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_ADDR")]
+    pub(crate) advertise_addr: Option<String>,
+    /// Start a new single-member cluster if the data dir holds none (ignored otherwise).
+    #[arg(long, conflicts_with = "join")]
+    pub(crate) bootstrap: bool,
+    /// Join the cluster served at this gRPC address (any member); retried until it works.
+    #[arg(long, env = "FLOTILLA_JOIN")]
+    pub(crate) join: Option<String>,
+    /// Leader heartbeat interval, milliseconds.
+    #[arg(long, default_value_t = 100)]
+    pub(crate) heartbeat_ms: u64,
+    /// Minimum election timeout, milliseconds (must exceed twice the heartbeat).
+    #[arg(long, default_value_t = 400)]
+    pub(crate) election_timeout_min_ms: u64,
+    /// Maximum election timeout, milliseconds.
+    #[arg(long, default_value_t = 800)]
+    pub(crate) election_timeout_max_ms: u64,
+    /// Snapshot the state machine and compact the log every this many entries.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) snapshot_every: u64,
+    /// Log entries kept after a snapshot, for followers that lag a little.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) keep_logs: u64,
+    /// Change events kept so watches can resume after a reconnect.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) watch_history: usize,
+    /// How long a write or linearizable read may wait for the Raft group, seconds.
+    #[arg(long, default_value_t = 10)]
+    pub(crate) request_timeout_s: u64,
+}
+
+impl ServerArgs {
+    pub(crate) fn config(&self) -> ServerConfig {
+        ServerConfig {
+            grpc_addr: self.grpc_addr,
+            http_addr: self.http_addr,
+            advertise_addr: self.advertise_addr.clone(),
+            bootstrap: self.bootstrap,
+            join: self.join.clone(),
+            heartbeat_ms: self.heartbeat_ms,
+            election_timeout_min_ms: self.election_timeout_min_ms,
+            election_timeout_max_ms: self.election_timeout_max_ms,
+            snapshot_every: self.snapshot_every,
+            keep_logs: self.keep_logs,
+            watch_history: self.watch_history,
+            request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
+            ..ServerConfig::new(self.id, self.data_dir.clone())
+        }
+    }
+}
+
+pub(crate) async fn run(args: ServerArgs) -> Result<(), CliError> {
+    crate::init_logging("info,openraft=warn");
+    let handle = flotilla_cluster::start(args.config()).await?;
+    println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
+    wait_for_shutdown(handle).await
+}
+
+/// Serves until SIGINT/SIGTERM (clean exit) or a fatal Raft error (exit 1).
+pub(crate) async fn wait_for_shutdown(handle: ServerHandle) -> Result<(), CliError> {
+    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
+        .map_err(|e| CliError::runtime(format!("cannot install a SIGTERM handler: {e}")))?;
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
+        _ = sigterm.recv() => tracing::info!("terminated; shutting down"),
+        reason = handle.stopped() => return Err(CliError::runtime(format!("server stopped: {reason}"))),
+    }
+    handle.shutdown().await;
+    Ok(())
+}

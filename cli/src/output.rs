@@ -1,0 +1,87 @@
+//! Rendering of API answers as tables (for people) or JSON/YAML (for scripts).
+use clap::ValueEnum;
+use flotilla_api::pb;
+use serde_json::{json, Value};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, ValueEnum)]
+pub(crate) enum Format {
+    Table,
+    Json,
+    Yaml,
+}
+
+/// An object as operators see it: `kind`, `metadata`, `spec`, `status`, `revision`. Output
+/// of `get -o yaml` can be edited and applied again.
+pub(crate) fn object_doc(o: &pb::Object) -> Value {
+    let parse = |s: &str| serde_json::from_str::<Value>(s).unwrap_or(Value::Null);
+    json!({
+        "kind": o.kind,
+        "metadata": {
+            "name": o.name,
+            "labels": o.labels.iter().collect::<std::collections::BTreeMap<_, _>>(),
+            "uid": o.uid,
+            "create_revision": o.create_revision,
+        },
+        "spec": parse(&o.spec_json),
+        "status": parse(&o.status_json),
+        "revision": o.revision,
+    })
+}
+
+/// Prints a JSON value as JSON or YAML.
+pub(crate) fn print_doc(value: &Value, format: Format) {
+    match format {
+        Format::Yaml => print!("{}", serde_yaml::to_string(value).unwrap_or_default()),
+        _ => println!("{}", serde_json::to_string_pretty(value).unwrap_or_default()),
+    }
+}
+
+pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool) {
+    match format {
+        Format::Table => print_table(&object_rows(objects)),
+        _ if single && objects.len() == 1 => print_doc(&object_doc(&objects[0]), format),
+        _ => print_doc(&Value::Array(objects.iter().map(object_doc).collect()), format),
+    }
+}
+
+fn field(v: &Value, path: &str) -> String {
+    let mut cur = v;
+    for p in path.split('.') {
+        cur = &cur[p];
+    }
+    match cur {
+        Value::Null => "-".into(),
+        Value::String(s) => s.clone(),
+        other => other.to_string(),
+    }
+}
+
+fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
+    let kind = objects.first().map(|o| o.kind.as_str()).unwrap_or("");
+    let columns: &[(&str, &str)] = match kind {
+        "Model" => &[("ENGINE", "spec.engine"), ("REPLICAS", "spec.replicas"), ("READY", "status.ready_replicas"), ("GPUS", "spec.gpus"), ("SOURCE", "spec.source")],
+        "Adapter" => &[("BASE-MODEL", "spec.base_model"), ("REPLICAS", "spec.replicas"), ("SOURCE", "spec.source")],
+        "Tenant" => &[("PRIORITY", "spec.priority"), ("RPM", "spec.rpm"), ("TPM", "spec.tpm")],
+        _ => &[],
+    };
+    let mut rows = vec![std::iter::once("NAME").chain(columns.iter().map(|c| c.0)).chain(["REVISION"]).map(String::from).collect()];
+    for o in objects {
+        let doc = object_doc(o);
+        let mut row = vec![o.name.clone()];
+        row.extend(columns.iter().map(|(_, path)| field(&doc, path)));
+        row.push(o.revision.to_string());
+        rows.push(row);
+    }
+    rows
+}
+
+/// Prints rows as left-aligned columns separated by three spaces.
+pub(crate) fn print_table(rows: &[Vec<String>]) {
+    let cols = rows.iter().map(Vec::len).max().unwrap_or(0);
+    let widths: Vec<usize> =
+        (0..cols).map(|c| rows.iter().filter_map(|r| r.get(c)).map(|s| s.chars().count()).max().unwrap_or(0)).collect();
+    for row in rows {
+        let line: Vec<String> = row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
+        println!("{}", line.join("   ").trim_end());
+    }
+}

@@ -1,0 +1,214 @@
+//! The `ClusterService`: status of the Raft group as seen from every member, and membership
+//! changes (add as learner, catch up, promote; remove), run on the leader.
+use std::collections::BTreeSet;
+use std::time::Duration;
+
+use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
+use flotilla_api::pb::cluster_service_server::ClusterService;
+use flotilla_api::pb::{
+    AddMemberRequest, AddMemberResponse, Member, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
+    StatusResponse,
+};
+use openraft::{BasicNode, ChangeMembers};
+use tokio::time::Instant;
+use tonic::{Request, Response, Status};
+
+use crate::node::{commit_index, Node};
+use crate::ClusterError;
+
+pub(crate) struct ClusterServiceImpl {
+    pub(crate) node: Node,
+}
+
+/// How long a membership change may take (a new member may need a snapshot first).
+const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
+/// How long `Status` waits for each member's own answer.
+const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+
+impl ClusterServiceImpl {
+    /// This server's own view of the group.
+    fn local_status(&self) -> StatusResponse {
+        let m = self.node.raft_metrics();
+        let replication = m.replication.clone().unwrap_or_default();
+        let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
+        let members = m
+            .membership_config
+            .nodes()
+            .map(|(id, node)| Member {
+                id: *id,
+                addr: node.addr.clone(),
+                voter: voters.contains(id),
+                leader: m.current_leader == Some(*id),
+                matched_index: replication.get(id).copied().flatten().map_or(0, |l| l.index),
+                applied_index: if *id == m.id { m.last_applied.map_or(0, |l| l.index) } else { 0 },
+                term: if *id == m.id { m.current_term } else { 0 },
+                reachable: *id == m.id,
+            })
+            .collect();
+        StatusResponse {
+            leader_id: m.current_leader.unwrap_or(0),
+            term: m.current_term,
+            commit_index: commit_index(&m).unwrap_or(0),
+            members,
+            store_revision: self.node.reader.revision(),
+            answered_by: m.id,
+            snapshot_index: m.snapshot.map_or(0, |l| l.index),
+            purged_index: m.purged.map_or(0, |l| l.index),
+        }
+    }
+
+    async fn ask_member(&self, addr: String) -> Option<StatusResponse> {
+        let mut client = ClusterServiceClient::new(self.node.peers.channel(&addr));
+        let mut req = Request::new(StatusRequest { local: true });
+        req.set_timeout(MEMBER_STATUS_TIMEOUT);
+        let r = tokio::time::timeout(MEMBER_STATUS_TIMEOUT, client.status(req)).await;
+        r.ok()?.ok().map(Response::into_inner)
+    }
+
+    /// The group's status: this server's view, completed by each member's own answer.
+    async fn full_status(&self) -> StatusResponse {
+        let mut status = self.local_status();
+        let others: Vec<_> = status.members.iter().filter(|m| m.id != self.node.id).map(|m| m.addr.clone()).collect();
+        let answers = futures::future::join_all(others.into_iter().map(|a| self.ask_member(a))).await;
+        for answer in answers.into_iter().flatten() {
+            if answer.answered_by == status.leader_id && status.leader_id != self.node.id {
+                status.commit_index = answer.commit_index;
+                for (mine, theirs) in status.members.iter_mut().zip(&answer.members) {
+                    if mine.id == theirs.id {
+                        mine.matched_index = theirs.matched_index;
+                    }
+                }
+            }
+            if let Some(m) = status.members.iter_mut().find(|m| m.id == answer.answered_by) {
+                let own = answer.members.iter().find(|x| x.id == answer.answered_by);
+                m.applied_index = own.map_or(0, |x| x.applied_index);
+                m.term = answer.term;
+                m.reachable = true;
+            }
+        }
+        status
+    }
+
+    /// Runs a membership change on the leader, or forwards the request to it.
+    async fn on_leader<T, F, Fut>(&self, local: F, forward: impl AsyncForward<T>) -> Result<T, Status>
+    where
+        F: FnOnce() -> Fut,
+        Fut: std::future::Future<Output = Result<T, Status>>,
+    {
+        let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
+        let m = self.node.raft_metrics();
+        match m.current_leader {
+            Some(id) if id == self.node.id => local().await,
+            Some(id) => {
+                let addr = m
+                    .membership_config
+                    .nodes()
+                    .find(|(i, _)| **i == id)
+                    .map(|(_, n)| n.addr.clone())
+                    .ok_or(ClusterError::NoLeader)?;
+                forward.call(ClusterServiceClient::new(self.node.peers.channel(&addr)), deadline).await
+            }
+            None => Err(ClusterError::NoLeader.into()),
+        }
+    }
+}
+
+/// A forwarded call to the leader's `ClusterService`.
+trait AsyncForward<T> {
+    async fn call(self, client: ClusterServiceClient<tonic::transport::Channel>, deadline: Instant) -> Result<T, Status>;
+}
+
+struct ForwardAdd(AddMemberRequest);
+struct ForwardRemove(RemoveMemberRequest);
+
+fn forwarded<T>(msg: T, deadline: Instant) -> Request<T> {
+    let mut r = Request::new(msg);
+    r.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    r
+}
+
+impl AsyncForward<AddMemberResponse> for ForwardAdd {
+    async fn call(self, mut c: ClusterServiceClient<tonic::transport::Channel>, d: Instant) -> Result<AddMemberResponse, Status> {
+        c.add_member(forwarded(self.0, d)).await.map(Response::into_inner)
+    }
+}
+
+impl AsyncForward<RemoveMemberResponse> for ForwardRemove {
+    async fn call(self, mut c: ClusterServiceClient<tonic::transport::Channel>, d: Instant) -> Result<RemoveMemberResponse, Status> {
+        c.remove_member(forwarded(self.0, d)).await.map(Response::into_inner)
+    }
+}
+
+fn raft_err(e: impl std::fmt::Display) -> Status {
+    ClusterError::Raft(e.to_string()).into()
+}
+
+#[tonic::async_trait]
+impl ClusterService for ClusterServiceImpl {
+    async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Status");
+        let status = if request.get_ref().local { self.local_status() } else { self.full_status().await };
+        timer.finish(Ok(Response::new(status)))
+    }
+
+    async fn add_member(&self, request: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("AddMember");
+        let req = request.into_inner();
+        let r = async {
+            if req.id == 0 {
+                return Err(ClusterError::InvalidArgument("member id must be a positive integer".into()).into());
+            }
+            if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
+                return Err(ClusterError::InvalidArgument(format!("member address {:?} is not host:port", req.addr)).into());
+            }
+            let (id, addr, learner_only) = (req.id, req.addr.clone(), req.learner_only);
+            self.on_leader(
+                || async move {
+                    tracing::info!(member = id, %addr, "adding member as learner");
+                    let add = self.node.raft.add_learner(id, BasicNode::new(addr), true);
+                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, add).await.map_err(raft_err)?.map_err(raft_err)?;
+                    if !learner_only {
+                        tracing::info!(member = id, "promoting member to voter");
+                        let change = self.node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false);
+                        tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await.map_err(raft_err)?.map_err(raft_err)?;
+                    }
+                    Ok(AddMemberResponse { status: Some(self.local_status()) })
+                },
+                ForwardAdd(req),
+            )
+            .await
+        }
+        .await;
+        timer.finish(r.map(Response::new))
+    }
+
+    async fn remove_member(&self, request: Request<RemoveMemberRequest>) -> Result<Response<RemoveMemberResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("RemoveMember");
+        let req = request.into_inner();
+        let id = req.id;
+        let r = self
+            .on_leader(
+                || async move {
+                    let m = self.node.raft_metrics();
+                    let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
+                    let change = if voters.contains(&id) {
+                        if voters.len() == 1 {
+                            return Err(ClusterError::InvalidArgument(format!("member {id} is the only voter; a cluster cannot remove its last voter")).into());
+                        }
+                        ChangeMembers::RemoveVoters([id].into())
+                    } else if m.membership_config.nodes().any(|(i, _)| *i == id) {
+                        ChangeMembers::RemoveNodes([id].into())
+                    } else {
+                        return Err(ClusterError::InvalidArgument(format!("member {id} is not in the cluster")).into());
+                    };
+                    tracing::info!(member = id, "removing member");
+                    let change = self.node.raft.change_membership(change, false);
+                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await.map_err(raft_err)?.map_err(raft_err)?;
+                    Ok(RemoveMemberResponse { status: Some(self.local_status()) })
+                },
+                ForwardRemove(req),
+            )
+            .await;
+        timer.finish(r.map(Response::new))
+    }
+}

@@ -1,0 +1,126 @@
+//! Configuration of one server, validated once at start-up.
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::ClusterError;
+
+/// Everything a server needs to start. Durations are in milliseconds where named `_ms`.
+#[derive(Debug, Clone)]
+pub struct ServerConfig {
+    /// This server's Raft ID (non-zero, unique in the cluster).
+    pub id: u64,
+    /// Where the Raft log, state machine and snapshots live.
+    pub data_dir: PathBuf,
+    /// gRPC listen address (API and Raft transport). Port 0 picks a free port.
+    pub grpc_addr: SocketAddr,
+    /// The gRPC address other servers and clients use to reach this one; defaults to the
+    /// bound `grpc_addr`.
+    pub advertise_addr: Option<String>,
+    /// HTTP listen address for /metrics, /healthz, /readyz. Port 0 picks a free port.
+    pub http_addr: SocketAddr,
+    /// Initialise a new single-member cluster if this data dir holds none.
+    pub bootstrap: bool,
+    /// Join the cluster that serves at this address (any member).
+    pub join: Option<String>,
+    /// Leader heartbeat interval.
+    pub heartbeat_ms: u64,
+    /// A follower starts an election after a random timeout in [min, max].
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+    /// Build a snapshot (and compact the log) every this many applied entries.
+    pub snapshot_every: u64,
+    /// Log entries to keep after a snapshot (helps lagging followers avoid a snapshot).
+    pub keep_logs: u64,
+    /// Change events kept for resuming watches.
+    pub watch_history: usize,
+    /// How long a write or linearizable read may wait for the Raft group.
+    pub request_timeout: Duration,
+}
+
+impl ServerConfig {
+    /// A config with the documented defaults for `id` and `data_dir`.
+    pub fn new(id: u64, data_dir: impl Into<PathBuf>) -> ServerConfig {
+        ServerConfig {
+            id,
+            data_dir: data_dir.into(),
+            grpc_addr: ([127, 0, 0, 1], 7070).into(),
+            advertise_addr: None,
+            http_addr: ([127, 0, 0, 1], 7071).into(),
+            bootstrap: false,
+            join: None,
+            heartbeat_ms: 100,
+            election_timeout_min_ms: 400,
+            election_timeout_max_ms: 800,
+            snapshot_every: 10_000,
+            keep_logs: 1_000,
+            watch_history: flotilla_storage::DEFAULT_EVENT_RETENTION,
+            request_timeout: Duration::from_secs(10),
+        }
+    }
+
+    pub fn validate(&self) -> Result<(), ClusterError> {
+        let bad = |m: String| Err(ClusterError::InvalidArgument(m));
+        if self.id == 0 {
+            return bad("--id must be a positive integer; 0 is reserved".into());
+        }
+        if self.bootstrap && self.join.is_some() {
+            return bad("--bootstrap and --join exclude each other: bootstrap starts a new cluster, join enters an existing one".into());
+        }
+        if self.heartbeat_ms == 0 {
+            return bad("--heartbeat-ms must be positive".into());
+        }
+        if self.election_timeout_min_ms <= self.heartbeat_ms * 2 {
+            return bad(format!(
+                "--election-timeout-min-ms {} must be more than twice --heartbeat-ms {}",
+                self.election_timeout_min_ms, self.heartbeat_ms
+            ));
+        }
+        if self.election_timeout_max_ms <= self.election_timeout_min_ms {
+            return bad(format!(
+                "--election-timeout-max-ms {} must be greater than --election-timeout-min-ms {}",
+                self.election_timeout_max_ms, self.election_timeout_min_ms
+            ));
+        }
+        if self.snapshot_every == 0 {
+            return bad("--snapshot-every must be positive".into());
+        }
+        if self.watch_history == 0 {
+            return bad("--watch-history must be positive".into());
+        }
+        Ok(())
+    }
+
+    pub(crate) fn raft_config(&self) -> Result<openraft::Config, ClusterError> {
+        let c = openraft::Config {
+            cluster_name: "flotilla".into(),
+            heartbeat_interval: self.heartbeat_ms,
+            election_timeout_min: self.election_timeout_min_ms,
+            election_timeout_max: self.election_timeout_max_ms,
+            snapshot_policy: openraft::SnapshotPolicy::LogsSinceLast(self.snapshot_every),
+            max_in_snapshot_log_to_keep: self.keep_logs,
+            install_snapshot_timeout: 2_000,
+            ..Default::default()
+        };
+        c.validate().map_err(|e| ClusterError::InvalidArgument(format!("raft config: {e}")))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn rejects_nonsense() {
+        let ok = ServerConfig::new(1, "/tmp/x");
+        assert!(ok.validate().is_ok());
+        assert!(ok.raft_config().is_ok());
+        let e = ServerConfig { id: 0, ..ok.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--id"), "{e}");
+        let e = ServerConfig { bootstrap: true, join: Some("x".into()), ..ok.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--join"), "{e}");
+        let e = ServerConfig { election_timeout_min_ms: 150, ..ok.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--election-timeout-min-ms"), "{e}");
+        assert!(ServerConfig { election_timeout_max_ms: 400, ..ok }.validate().is_err());
+    }
+}

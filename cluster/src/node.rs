@@ -1,0 +1,125 @@
+//! The server's handle on its Raft member: proposing writes, linearizing reads, and finding
+//! the leader to forward to. Shared by the object and cluster services.
+use std::time::Duration;
+
+use flotilla_storage::{Command, CommandResult, Raft, StoreReader};
+use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, RaftError};
+use openraft::{BasicNode, RaftMetrics};
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::peers::Peers;
+use crate::ClusterError;
+
+/// Where a request must go: it was served here, or it belongs to the leader at `addr`.
+pub(crate) enum Route<T> {
+    Done(T),
+    Leader(String),
+}
+
+#[derive(Clone)]
+pub(crate) struct Node {
+    pub(crate) id: u64,
+    pub(crate) raft: Raft,
+    pub(crate) reader: StoreReader,
+    pub(crate) peers: Peers,
+    pub(crate) metrics: Metrics,
+    pub(crate) request_timeout: Duration,
+}
+
+/// Retry pause while a leader is being elected.
+const LEADER_POLL: Duration = Duration::from_millis(25);
+
+impl Node {
+    pub(crate) fn deadline(&self) -> Instant {
+        Instant::now() + self.request_timeout
+    }
+
+    /// Proposes `cmd`. Returns its result once committed and applied here (the leader), or
+    /// the leader's address. Waits out elections until `deadline`.
+    pub(crate) async fn propose(&self, cmd: Command, deadline: Instant) -> Result<Route<CommandResult>, ClusterError> {
+        let start = std::time::Instant::now();
+        loop {
+            let write = tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()));
+            match write.await {
+                Err(_) => return Err(ClusterError::Timeout(self.request_timeout)),
+                Ok(Ok(resp)) => {
+                    self.metrics.observe_apply(start);
+                    return Ok(Route::Done(resp.data));
+                }
+                Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(f)))) => {
+                    if let Some(addr) = self.leader_or_wait(f, deadline).await? {
+                        return Ok(Route::Leader(addr));
+                    }
+                }
+                Ok(Err(e)) => return Err(ClusterError::Raft(e.to_string())),
+            }
+        }
+    }
+
+    /// Makes a read linearizable: on the leader, confirms leadership with a quorum and waits
+    /// until the state machine has applied the read index. Elsewhere, names the leader.
+    pub(crate) async fn linearize(&self, deadline: Instant) -> Result<Route<()>, ClusterError> {
+        loop {
+            match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
+                Err(_) => return Err(ClusterError::Timeout(self.request_timeout)),
+                Ok(Ok(_)) => return Ok(Route::Done(())),
+                Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
+                    if let Some(addr) = self.leader_or_wait(f, deadline).await? {
+                        return Ok(Route::Leader(addr));
+                    }
+                }
+                Ok(Err(e)) => return Err(ClusterError::Raft(e.to_string())),
+            }
+        }
+    }
+
+    /// The leader's address if known and not this server; `None` means "try again here"
+    /// (an election is under way, or this server just became leader).
+    async fn leader_or_wait(
+        &self,
+        f: ForwardToLeader<u64, BasicNode>,
+        deadline: Instant,
+    ) -> Result<Option<String>, ClusterError> {
+        match (f.leader_id, f.leader_node) {
+            (Some(id), Some(node)) if id != self.id => Ok(Some(node.addr)),
+            _ => {
+                if Instant::now() + LEADER_POLL >= deadline {
+                    return Err(ClusterError::NoLeader);
+                }
+                tokio::time::sleep(LEADER_POLL).await;
+                Ok(None)
+            }
+        }
+    }
+
+    /// Pauses before retrying a forward that failed because the leader went away; false
+    /// when the deadline leaves no time for another try.
+    pub(crate) async fn backoff(&self, deadline: Instant) -> bool {
+        if Instant::now() + LEADER_POLL * 2 >= deadline {
+            return false;
+        }
+        tokio::time::sleep(LEADER_POLL * 2).await;
+        true
+    }
+
+    pub(crate) fn raft_metrics(&self) -> RaftMetrics<u64, BasicNode> {
+        self.raft.metrics().borrow().clone()
+    }
+}
+
+/// The commit index as the leader sees it: the highest index matched by a majority of
+/// voters. `None` on a non-leader.
+pub(crate) fn commit_index(m: &RaftMetrics<u64, BasicNode>) -> Option<u64> {
+    let replication = m.replication.as_ref()?;
+    let mut matched: Vec<u64> = m
+        .membership_config
+        .voter_ids()
+        .map(|id| replication.get(&id).copied().flatten().map_or(0, |l| l.index))
+        .collect();
+    if matched.is_empty() {
+        return None;
+    }
+    matched.sort_unstable_by(|a, b| b.cmp(a));
+    Some(matched[matched.len() / 2])
+}

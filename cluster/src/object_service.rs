@@ -1,0 +1,262 @@
+//! The `ObjectService`: apply, get, list, delete and watch objects. Input is validated here
+//! before anything is proposed or forwarded; writes and linearizable reads are served on the
+//! leader (forwarded once from a follower); watches stream from the local state machine.
+use std::pin::Pin;
+
+use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use flotilla_api::pb::object_service_server::ObjectService;
+use flotilla_api::pb::{
+    ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse,
+    WatchEvent, WatchRequest,
+};
+use flotilla_api::{Kind, LabelSelector, Manifest, ObjectKey, ObjectName};
+use flotilla_storage::{Command, CommandResult};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tokio_stream::wrappers::ReceiverStream;
+use tonic::{Code, Request, Response, Status};
+
+use crate::node::{Node, Route};
+use crate::{ClusterError, FORWARDED_HEADER};
+
+pub(crate) struct ObjectServiceImpl {
+    pub(crate) node: Node,
+}
+
+/// Events sent per read of the history while a watch catches up.
+const WATCH_BATCH: usize = 256;
+
+fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_HEADER)
+}
+
+fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(FORWARDED_HEADER, "1".parse().expect("static header value"));
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    req
+}
+
+/// A forward that failed because the leader is gone or no longer leads may be retried.
+fn retryable<T>(r: &Result<T, Status>) -> bool {
+    matches!(r, Err(s) if s.code() == Code::Unavailable)
+}
+
+fn parse_key(kind: &str, name: &str) -> Result<ObjectKey, ClusterError> {
+    let kind: Kind = kind.parse()?;
+    let name: ObjectName = name.parse()?;
+    Ok(ObjectKey { kind, name })
+}
+
+fn unexpected(r: CommandResult) -> Status {
+    Status::internal(format!("cluster.internal: unexpected command result {r:?}"))
+}
+
+impl ObjectServiceImpl {
+    fn client(&self, addr: &str) -> ObjectServiceClient<tonic::transport::Channel> {
+        ObjectServiceClient::new(self.node.peers.channel(addr))
+    }
+
+    async fn write(&self, cmd: Command, forwarded: bool, deadline: Instant) -> Result<Route<CommandResult>, Status> {
+        match self.node.propose(cmd, deadline).await? {
+            Route::Leader(addr) if forwarded => {
+                tracing::debug!(leader = %addr, "forwarded write reached a non-leader");
+                Err(ClusterError::NoLeader.into())
+            }
+            route => Ok(route),
+        }
+    }
+
+    /// Linearizes a read unless `stale`; `Leader(addr)` means forward it.
+    async fn read_route(&self, stale: bool, forwarded: bool, deadline: Instant) -> Result<Route<()>, Status> {
+        if stale {
+            return Ok(Route::Done(()));
+        }
+        match self.node.linearize(deadline).await? {
+            Route::Leader(_) if forwarded => Err(ClusterError::NoLeader.into()),
+            route => Ok(route),
+        }
+    }
+
+    async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let manifest = Manifest::parse(&req.manifest).map_err(ClusterError::from)?;
+        let cmd = Command::Put {
+            key: ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() },
+            uid: uuid::Uuid::new_v4().to_string(),
+            labels: manifest.metadata.labels.clone(),
+            spec: manifest.spec.to_json(),
+            expected_revision: req.expected_revision,
+        };
+        let deadline = self.node.deadline();
+        loop {
+            let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
+                Route::Done(CommandResult::Put { object, created, unchanged }) => {
+                    return Ok(Response::new(ApplyResponse { object: Some((&object).into()), created, unchanged }));
+                }
+                Route::Done(CommandResult::Conflict { key, expected, actual }) => {
+                    return Err(ClusterError::Conflict { key, expected, actual }.into());
+                }
+                Route::Done(other) => return Err(unexpected(other)),
+                Route::Leader(addr) => addr,
+            };
+            let r = self.client(&addr).apply(forward_request(req.clone(), deadline)).await;
+            if retryable(&r) && self.node.backoff(deadline).await {
+                continue;
+            }
+            return r;
+        }
+    }
+
+    async fn delete_inner(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let key = parse_key(&req.kind, &req.name)?;
+        let cmd = Command::Delete { key, expected_revision: req.expected_revision };
+        let deadline = self.node.deadline();
+        loop {
+            let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
+                Route::Done(CommandResult::Deleted { object, revision }) => {
+                    return Ok(Response::new(DeleteResponse { object: Some((&object).into()), revision }));
+                }
+                Route::Done(CommandResult::NotFound { key }) => return Err(ClusterError::NotFound(key).into()),
+                Route::Done(CommandResult::Conflict { key, expected, actual }) => {
+                    return Err(ClusterError::Conflict { key, expected, actual }.into());
+                }
+                Route::Done(other) => return Err(unexpected(other)),
+                Route::Leader(addr) => addr,
+            };
+            let r = self.client(&addr).delete(forward_request(req.clone(), deadline)).await;
+            if retryable(&r) && self.node.backoff(deadline).await {
+                continue;
+            }
+            return r;
+        }
+    }
+
+    async fn get_inner(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let key = parse_key(&req.kind, &req.name)?;
+        let deadline = self.node.deadline();
+        loop {
+            let addr = match self.read_route(req.stale, forwarded, deadline).await? {
+                Route::Done(()) => {
+                    let (object, store_revision) = self.node.reader.get(&key);
+                    let object = object.ok_or_else(|| ClusterError::NotFound(key.clone()))?;
+                    return Ok(Response::new(GetResponse { object: Some((&object).into()), store_revision }));
+                }
+                Route::Leader(addr) => addr,
+            };
+            let r = self.client(&addr).get(forward_request(req.clone(), deadline)).await;
+            if retryable(&r) && self.node.backoff(deadline).await {
+                continue;
+            }
+            return r;
+        }
+    }
+
+    async fn list_inner(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let forwarded = is_forwarded(&request);
+        let req = request.into_inner();
+        let kind: Kind = req.kind.parse().map_err(ClusterError::from)?;
+        let selector = LabelSelector::parse(&req.label_selector).map_err(ClusterError::from)?;
+        let deadline = self.node.deadline();
+        loop {
+            let addr = match self.read_route(req.stale, forwarded, deadline).await? {
+                Route::Done(()) => {
+                    let (objects, store_revision) = self.node.reader.list(kind, &selector);
+                    let objects = objects.iter().map(Into::into).collect();
+                    return Ok(Response::new(ListResponse { objects, store_revision }));
+                }
+                Route::Leader(addr) => addr,
+            };
+            let r = self.client(&addr).list(forward_request(req.clone(), deadline)).await;
+            if retryable(&r) && self.node.backoff(deadline).await {
+                continue;
+            }
+            return r;
+        }
+    }
+}
+
+type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl ObjectService for ObjectServiceImpl {
+    async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Apply");
+        timer.finish(self.apply_inner(request).await)
+    }
+
+    async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Get");
+        timer.finish(self.get_inner(request).await)
+    }
+
+    async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("List");
+        timer.finish(self.list_inner(request).await)
+    }
+
+    async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Delete");
+        timer.finish(self.delete_inner(request).await)
+    }
+
+    type WatchStream = WatchStream;
+
+    async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
+        let timer = self.node.metrics.grpc_timer("Watch");
+        let req = request.into_inner();
+        let kind = if req.kind.is_empty() {
+            None
+        } else {
+            Some(req.kind.parse::<Kind>().map_err(ClusterError::from).map_err(Status::from)?)
+        };
+        // Fail fast, before the stream starts, if the history is already gone.
+        if let Err(c) = self.node.reader.events_after(kind, req.after_revision, 0) {
+            let e = ClusterError::Compacted { requested: req.after_revision, compacted: c.compacted };
+            return timer.finish(Err(e.into()));
+        }
+        let (tx, rx) = mpsc::channel(WATCH_BATCH);
+        tokio::spawn(stream_events(self.node.reader.clone(), kind, req.after_revision, tx));
+        timer.finish(Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream)))
+    }
+}
+
+/// Sends every event after `cursor`, then follows new ones, until the client goes away.
+async fn stream_events(
+    reader: flotilla_storage::StoreReader,
+    kind: Option<Kind>,
+    mut cursor: u64,
+    tx: mpsc::Sender<Result<WatchEvent, Status>>,
+) {
+    let mut changes = reader.subscribe();
+    loop {
+        changes.borrow_and_update();
+        let (events, scanned_to) = match reader.events_after(kind, cursor, WATCH_BATCH) {
+            Ok(r) => r,
+            Err(c) => {
+                let e = ClusterError::Compacted { requested: cursor, compacted: c.compacted };
+                let _ = tx.send(Err(e.into())).await;
+                return;
+            }
+        };
+        let caught_up = events.len() < WATCH_BATCH;
+        for e in &events {
+            if tx.send(Ok(e.into())).await.is_err() {
+                return;
+            }
+        }
+        cursor = scanned_to;
+        if caught_up {
+            tokio::select! {
+                r = changes.changed() => if r.is_err() { return },
+                _ = tx.closed() => return,
+            }
+        }
+    }
+}

@@ -1,0 +1,194 @@
+//! Starting and stopping a server: open storage, create the Raft member, bind the gRPC and
+//! HTTP listeners, then bootstrap or join.
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
+use flotilla_api::pb::cluster_service_server::ClusterServiceServer;
+use flotilla_api::pb::object_service_server::ObjectServiceServer;
+use flotilla_api::pb::raft_service_server::RaftServiceServer;
+use flotilla_api::pb::AddMemberRequest;
+use flotilla_storage::Raft;
+use openraft::BasicNode;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+use tokio_stream::wrappers::TcpListenerStream;
+
+use crate::cluster_service::ClusterServiceImpl;
+use crate::metrics::Metrics;
+use crate::network::Network;
+use crate::node::Node;
+use crate::object_service::ObjectServiceImpl;
+use crate::peers::Peers;
+use crate::raft_service::RaftServiceImpl;
+use crate::{ClusterError, ServerConfig};
+
+/// Largest API request accepted, in bytes (manifests are limited further, to 256 KiB).
+const MAX_API_MESSAGE: usize = 1 << 20;
+/// Largest Raft message (snapshot chunks are 3 MiB by default).
+const MAX_RAFT_MESSAGE: usize = 64 << 20;
+
+/// A running server. Dropping it does not stop it; call [`ServerHandle::shutdown`].
+pub struct ServerHandle {
+    pub id: u64,
+    pub grpc_addr: SocketAddr,
+    pub http_addr: SocketAddr,
+    raft: Raft,
+    stop_tx: watch::Sender<bool>,
+    tasks: Vec<JoinHandle<()>>,
+}
+
+impl ServerHandle {
+    pub fn raft(&self) -> &Raft {
+        &self.raft
+    }
+
+    /// Stops serving and shuts the Raft member down.
+    pub async fn shutdown(self) {
+        let _ = self.stop_tx.send(true);
+        let _ = self.raft.shutdown().await;
+        for t in self.tasks {
+            t.abort();
+            let _ = t.await;
+        }
+    }
+
+    /// Resolves when the server stops on its own (a fatal Raft error).
+    pub async fn stopped(&self) -> String {
+        let mut m = self.raft.metrics();
+        loop {
+            if let Err(e) = &m.borrow().running_state {
+                return e.to_string();
+            }
+            if m.changed().await.is_err() {
+                return "raft stopped".into();
+            }
+        }
+    }
+}
+
+async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
+    TcpListener::bind(addr).await.map_err(|source| ClusterError::Bind { addr: addr.to_string(), source })
+}
+
+/// Starts a server and returns once it is listening (not necessarily part of a cluster).
+pub async fn start(config: ServerConfig) -> Result<ServerHandle, ClusterError> {
+    config.validate()?;
+    let raft_config = std::sync::Arc::new(config.raft_config()?);
+    let grpc_listener = bind(config.grpc_addr).await?;
+    let http_listener = bind(config.http_addr).await?;
+    let grpc_addr = grpc_listener.local_addr().map_err(|source| ClusterError::Bind { addr: config.grpc_addr.to_string(), source })?;
+    let http_addr = http_listener.local_addr().map_err(|source| ClusterError::Bind { addr: config.http_addr.to_string(), source })?;
+    let advertise = config.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
+
+    let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
+    let reader = state_machine.reader();
+    let peers = Peers::default();
+    let network = Network { peers: peers.clone() };
+    let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
+        .await
+        .map_err(|e| ClusterError::Raft(e.to_string()))?;
+    let node = Node {
+        id: config.id,
+        raft: raft.clone(),
+        reader,
+        peers,
+        metrics: Metrics::new(),
+        request_timeout: config.request_timeout,
+    };
+
+    let (stop_tx, stop_rx) = watch::channel(false);
+    let mut tasks = Vec::new();
+    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone())));
+    tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
+
+    if config.bootstrap {
+        bootstrap(&raft, config.id, &advertise).await?;
+    }
+    if let Some(seed) = config.join.clone() {
+        tasks.push(tokio::spawn(join(raft.clone(), node.peers.clone(), seed, config.id, advertise.clone())));
+    }
+    tracing::info!(id = config.id, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), "server started");
+    Ok(ServerHandle { id: config.id, grpc_addr, http_addr, raft, stop_tx, tasks })
+}
+
+async fn bootstrap(raft: &Raft, id: u64, addr: &str) -> Result<(), ClusterError> {
+    if raft.is_initialized().await.map_err(|e| ClusterError::Raft(e.to_string()))? {
+        tracing::info!(id, "data dir already holds a cluster; --bootstrap ignored");
+        return Ok(());
+    }
+    let members = BTreeMap::from([(id, BasicNode::new(addr))]);
+    raft.initialize(members).await.map_err(|e| ClusterError::Raft(e.to_string()))?;
+    tracing::info!(id, "bootstrapped a new single-member cluster");
+    Ok(())
+}
+
+/// Asks the cluster at `seed` to add this server, retrying until it is a member.
+async fn join(raft: Raft, peers: crate::peers::Peers, seed: String, id: u64, addr: String) {
+    let mut attempt = 0u32;
+    loop {
+        if raft.metrics().borrow().membership_config.voter_ids().any(|v| v == id) {
+            tracing::info!(id, "this server is a voting member");
+            return;
+        }
+        attempt += 1;
+        let mut client = ClusterServiceClient::new(peers.channel(&seed));
+        match client.add_member(AddMemberRequest { id, addr: addr.clone(), learner_only: false }).await {
+            Ok(_) => {
+                tracing::info!(id, %seed, "joined the cluster");
+                return;
+            }
+            Err(e) => {
+                tracing::warn!(id, %seed, attempt, error = %e.message(), "join failed; retrying");
+                tokio::time::sleep(Duration::from_millis(500).min(Duration::from_millis(100) * attempt)).await;
+            }
+        }
+    }
+}
+
+async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter.set_serving::<ObjectServiceServer<ObjectServiceImpl>>().await;
+    health_reporter.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(flotilla_api::pb::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .expect("valid descriptor sets");
+    let objects = ObjectServiceServer::new(ObjectServiceImpl { node: node.clone() })
+        .max_decoding_message_size(MAX_API_MESSAGE);
+    let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() })
+        .max_decoding_message_size(MAX_API_MESSAGE);
+    let raft = RaftServiceServer::new(RaftServiceImpl { raft: node.raft.clone(), metrics: node.metrics.clone() })
+        .max_decoding_message_size(MAX_RAFT_MESSAGE)
+        .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let result = tonic::transport::Server::builder()
+        .tcp_nodelay(true)
+        .http2_keepalive_interval(Some(Duration::from_secs(5)))
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(objects)
+        .add_service(cluster)
+        .add_service(raft)
+        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "gRPC server failed");
+    }
+}
+
+async fn serve_http(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+    let app = crate::http::router(node);
+    let result = axum::serve(listener, app)
+        .with_graceful_shutdown(async move {
+            let _ = stop.wait_for(|s| *s).await;
+        })
+        .await;
+    if let Err(e) = result {
+        tracing::error!(error = %e, "HTTP server failed");
+    }
+}
