@@ -243,7 +243,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> RaftResult<Snapshot<TypeConfig>> {
         let (data, meta) = {
             let inner = self.shared.inner.read().expect("state machine lock");
-            let data = json(&inner.store);
+            let data = serde_json::to_vec(&inner.store)
+                .map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             let id = match inner.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.store.revision()),
                 None => format!("empty-{}", inner.store.revision()),

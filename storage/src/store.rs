@@ -30,12 +30,31 @@ pub enum Mutation {
 /// The whole replicated state (it is also the snapshot format).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Store {
+    #[serde(with = "objects_as_list")]
     objects: BTreeMap<ObjectKey, StoredObject>,
     events: VecDeque<WatchEvent>,
     revision: u64,
     compacted: u64,
     #[serde(skip, default = "default_retention")]
     retention: usize,
+}
+
+/// JSON maps need string keys; objects carry their key, so they travel as a list.
+mod objects_as_list {
+    use std::collections::BTreeMap;
+
+    use flotilla_api::{ObjectKey, StoredObject};
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    pub fn serialize<S: Serializer>(m: &BTreeMap<ObjectKey, StoredObject>, s: S) -> Result<S::Ok, S::Error> {
+        s.collect_seq(m.values())
+    }
+
+    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ObjectKey, StoredObject>, D::Error> {
+        let list = Vec::<StoredObject>::deserialize(d)?;
+        Ok(list.into_iter().map(|o| (o.key.clone(), o)).collect())
+    }
+
 }
 
 fn default_retention() -> usize {
@@ -285,6 +304,18 @@ mod tests {
         let revs: Vec<_> = s.events_after(None, 2, 10).unwrap().0.iter().map(|e| e.revision).collect();
         assert_eq!(revs, vec![3, 4, 5]);
         assert!(m.contains(&Mutation::DropEventsUpTo(2)));
+    }
+
+    #[test]
+    fn snapshot_format_round_trips() {
+        let mut s = Store::new(10);
+        let mut m = Vec::new();
+        s.apply(&put("a", 1, None), &mut m);
+        s.apply(&put("b", 2, None), &mut m);
+        let bytes = serde_json::to_vec(&s).unwrap();
+        let mut back: Store = serde_json::from_slice(&bytes).unwrap();
+        back.set_retention(10);
+        assert_eq!(back, s);
     }
 
     #[test]
