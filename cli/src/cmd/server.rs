@@ -75,7 +75,7 @@ impl ServerArgs {
 }
 
 pub(crate) async fn run(args: ServerArgs) -> Result<(), CliError> {
-    crate::init_logging("info,openraft=warn");
+    crate::init_logging("info,openraft=error");
     let handle = flotilla_cluster::start(args.config()).await?;
     println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
     wait_for_shutdown(handle).await

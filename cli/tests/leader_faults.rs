@@ -1,0 +1,111 @@
+//! Multi-process fault tests with the real binary: the leader is SIGKILLed, or paused with
+//! SIGSTOP and resumed, while a client writes. Every acknowledged write must be readable
+//! from every live server afterwards, and a restarted server catches up from its data dir.
+mod common;
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use flotilla_api::pb::ApplyRequest;
+use tokio::time::Instant;
+
+/// Writes `names` in order through any of `addrs`, retrying each write on another server
+/// until it is acknowledged or `per_write` runs out. Returns the acknowledged names.
+async fn write_all(addrs: Vec<String>, names: Vec<String>, acked: Arc<Mutex<Vec<String>>>, per_write: Duration) {
+    let clients: Vec<_> = addrs.iter().map(|a| ObjectServiceClient::new(channel(a, Duration::from_secs(2)))).collect();
+    for name in names {
+        let deadline = Instant::now() + per_write;
+        let mut i = 0;
+        while Instant::now() < deadline {
+            let mut c = clients[i % clients.len()].clone();
+            i += 1;
+            let req = ApplyRequest { manifest: model(&name), expected_revision: None };
+            if c.apply(req).await.is_ok() {
+                acked.lock().unwrap().push(name.clone());
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+    }
+}
+
+async fn leader_proc(servers: &[ServerProc]) -> usize {
+    let id = wait_voters(&servers[0].grpc, 3).await;
+    servers.iter().position(|s| s.id == id).unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn leader_sigkill_loses_no_acknowledged_write() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut servers = start_three(dir.path());
+    let leader = leader_proc(&servers).await;
+    let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    let names: Vec<String> = (0..150).map(|i| format!("w-{i}")).collect();
+    let writer = tokio::spawn(write_all(addrs.clone(), names.clone(), acked.clone(), Duration::from_secs(20)));
+    while acked.lock().unwrap().len() < 30 {
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    servers[leader].kill();
+    tokio::time::timeout(Duration::from_secs(90), writer).await.expect("writer finishes").unwrap();
+    let acked = acked.lock().unwrap().clone();
+    assert_eq!(acked, names, "writes stopped being acknowledged after the leader died");
+
+    for s in servers.iter().filter(|s| s.is_running()) {
+        let missing = wait_holds_all(&s.grpc, &acked).await;
+        assert!(missing.is_empty(), "server {} lacks acknowledged writes {missing:?}", s.id);
+    }
+    // The killed server restarts from its data dir on its old address and catches up.
+    let old = &servers[leader];
+    let restarted = ServerProc::start(old.id, &old.data_dir.clone(), &old.grpc.clone(), &[]);
+    let missing = wait_holds_all(&restarted.grpc, &acked).await;
+    assert!(missing.is_empty(), "restarted server {} lacks {missing:?}", restarted.id);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
+    let dir = tempfile::tempdir().unwrap();
+    let servers = start_three(dir.path());
+    let leader = leader_proc(&servers).await;
+    let old_leader_id = servers[leader].id;
+    let others: Vec<String> = servers.iter().filter(|s| s.id != old_leader_id).map(|s| s.grpc.clone()).collect();
+
+    let acked = Arc::new(Mutex::new(Vec::new()));
+    write_all(others.clone(), (0..20).map(|i| format!("before-{i}")).collect(), acked.clone(), Duration::from_secs(10)).await;
+
+    servers[leader].signal("-STOP");
+    // Writes sent straight to the paused leader; they sit in its socket buffers.
+    let paused_acked = Arc::new(Mutex::new(Vec::new()));
+    let mut paused_writes = Vec::new();
+    for i in 0..10 {
+        let (addr, acked) = (servers[leader].grpc.clone(), paused_acked.clone());
+        paused_writes.push(tokio::spawn(async move {
+            let mut c = ObjectServiceClient::new(channel(&addr, Duration::from_secs(20)));
+            let name = format!("paused-{i}");
+            if c.apply(ApplyRequest { manifest: model(&name), expected_revision: None }).await.is_ok() {
+                acked.lock().unwrap().push(name);
+            }
+        }));
+    }
+    // The rest of the cluster elects a new leader and keeps acknowledging writes.
+    write_all(others.clone(), (0..40).map(|i| format!("during-{i}")).collect(), acked.clone(), Duration::from_secs(20)).await;
+    assert_eq!(acked.lock().unwrap().len(), 60, "the majority stopped acknowledging writes");
+    let new_leader = status(&others[0]).await.unwrap().leader_id;
+    assert!(new_leader != 0 && new_leader != old_leader_id, "no new leader while the old one was paused");
+
+    servers[leader].signal("-CONT");
+    for w in paused_writes {
+        tokio::time::timeout(Duration::from_secs(30), w).await.expect("paused writes finish").unwrap();
+    }
+    let mut all = acked.lock().unwrap().clone();
+    all.extend(paused_acked.lock().unwrap().iter().cloned());
+    for s in &servers {
+        let missing = wait_holds_all(&s.grpc, &all).await;
+        assert!(missing.is_empty(), "server {} lacks acknowledged writes {missing:?}", s.id);
+    }
+    let after = status(&servers[leader].grpc).await.unwrap();
+    assert_ne!(after.leader_id, old_leader_id, "the resumed server still believes it leads");
+}
