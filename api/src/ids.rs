@@ -29,10 +29,7 @@ impl FromStr for ObjectName {
         if s.len() > 63 {
             return Err(bad("is longer than 63 characters"));
         }
-        if !s
-            .bytes()
-            .all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-')
-        {
+        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
             return Err(bad("may hold only lowercase letters, digits and '-'"));
         }
         if s.starts_with('-') || s.ends_with('-') {
@@ -72,9 +69,7 @@ impl fmt::Display for NodeId {
 }
 
 /// A store revision: incremented by one for every change to any object.
-#[derive(
-    Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize,
-)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub struct Revision(pub u64);
 
 impl fmt::Display for Revision {

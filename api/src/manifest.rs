@@ -53,8 +53,7 @@ impl Manifest {
         if text.len() > MAX_MANIFEST_BYTES {
             return Err(ApiError::TooLarge { size: text.len(), limit: MAX_MANIFEST_BYTES });
         }
-        let raw: RawManifest =
-            serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?;
+        let raw: RawManifest = serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?;
         if let Some(v) = raw.api_version.as_deref() {
             if v != "flotilla/v1" {
                 return Err(ApiError::invalid("apiVersion", format!("{v:?} is not supported; use flotilla/v1")));
@@ -98,17 +97,25 @@ impl Manifest {
 
 fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > 64 {
-        return Err(ApiError::invalid("metadata.labels", format!("has {} labels, over the maximum of 64", labels.len())));
+        return Err(ApiError::invalid(
+            "metadata.labels",
+            format!("has {} labels, over the maximum of 64", labels.len()),
+        ));
     }
     for (k, v) in labels {
-        let ok_key = !k.is_empty()
-            && k.len() <= 63
-            && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
+        let ok_key =
+            !k.is_empty() && k.len() <= 63 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !ok_key {
-            return Err(ApiError::invalid("metadata.labels", format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'")));
+            return Err(ApiError::invalid(
+                "metadata.labels",
+                format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"),
+            ));
         }
         if v.len() > 256 || v.contains([',', '=']) {
-            return Err(ApiError::invalid(format!("metadata.labels.{k}"), format!("value {v:?} must be at most 256 characters without ',' or '='")));
+            return Err(ApiError::invalid(
+                format!("metadata.labels.{k}"),
+                format!("value {v:?} must be at most 256 characters without ',' or '='"),
+            ));
         }
     }
     Ok(())
@@ -126,9 +133,7 @@ fn split_documents(text: &str) -> Vec<String> {
             cur.push('\n');
         }
     }
-    docs.into_iter()
-        .filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#')))
-        .collect()
+    docs.into_iter().filter(|d| d.lines().any(|l| !l.trim().is_empty() && !l.trim_start().starts_with('#'))).collect()
 }
 
 fn clean_yaml_error(e: serde_yaml::Error) -> String {
@@ -199,7 +204,9 @@ mod tests {
         assert_eq!(all.len(), 2);
         assert_eq!(all[1].kind(), Kind::Tenant);
         assert!(Manifest::parse_all("# nothing\n").is_err());
-        let e = Manifest::parse_all(&format!("{MODEL}---\nkind: Tenant\nmetadata: {{name: a}}\nspec: {{rpm: -5}}\n")).unwrap_err().to_string();
+        let e = Manifest::parse_all(&format!("{MODEL}---\nkind: Tenant\nmetadata: {{name: a}}\nspec: {{rpm: -5}}\n"))
+            .unwrap_err()
+            .to_string();
         assert!(e.contains("document 2") && e.contains("rpm"), "{e}");
     }
 

@@ -11,9 +11,9 @@ impl LabelSelector {
     pub fn parse(s: &str) -> Result<Self, ApiError> {
         let mut pairs = Vec::new();
         for part in s.split(',').map(str::trim).filter(|p| !p.is_empty()) {
-            let (k, v) = part.split_once('=').ok_or_else(|| {
-                ApiError::invalid("label_selector", format!("{part:?} is not of the form key=value"))
-            })?;
+            let (k, v) = part
+                .split_once('=')
+                .ok_or_else(|| ApiError::invalid("label_selector", format!("{part:?} is not of the form key=value")))?;
             if k.trim().is_empty() {
                 return Err(ApiError::invalid("label_selector", format!("{part:?} has an empty key")));
             }

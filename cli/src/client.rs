@@ -54,7 +54,9 @@ impl Client {
                 Err(e) => Err(e),
             };
             match result {
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => last = Some(s),
+                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => {
+                    last = Some(s)
+                }
                 other => return other.map_err(CliError::from),
             }
         }

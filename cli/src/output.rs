@@ -59,12 +59,22 @@ fn field(v: &Value, path: &str) -> String {
 fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
     let kind = objects.first().map(|o| o.kind.as_str()).unwrap_or("");
     let columns: &[(&str, &str)] = match kind {
-        "Model" => &[("ENGINE", "spec.engine"), ("REPLICAS", "spec.replicas"), ("READY", "status.ready_replicas"), ("GPUS", "spec.gpus"), ("SOURCE", "spec.source")],
+        "Model" => &[
+            ("ENGINE", "spec.engine"),
+            ("REPLICAS", "spec.replicas"),
+            ("READY", "status.ready_replicas"),
+            ("GPUS", "spec.gpus"),
+            ("SOURCE", "spec.source"),
+        ],
         "Adapter" => &[("BASE-MODEL", "spec.base_model"), ("REPLICAS", "spec.replicas"), ("SOURCE", "spec.source")],
         "Tenant" => &[("PRIORITY", "spec.priority"), ("RPM", "spec.rpm"), ("TPM", "spec.tpm")],
         _ => &[],
     };
-    let mut rows = vec![std::iter::once("NAME").chain(columns.iter().map(|c| c.0)).chain(["REVISION"]).map(String::from).collect()];
+    let mut rows = vec![std::iter::once("NAME")
+        .chain(columns.iter().map(|c| c.0))
+        .chain(["REVISION"])
+        .map(String::from)
+        .collect()];
     for o in objects {
         let doc = object_doc(o);
         let mut row = vec![o.name.clone()];

@@ -50,7 +50,9 @@ async fn apply_get_delete_against_a_real_server() {
     let grpc = s.grpc.clone();
     let run = move |args: Vec<String>| {
         let grpc = grpc.clone();
-        std::thread::spawn(move || flotilla(&grpc, &args.iter().map(String::as_str).collect::<Vec<_>>())).join().unwrap()
+        std::thread::spawn(move || flotilla(&grpc, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+            .join()
+            .unwrap()
     };
     let o = run(vec!["apply".into(), "-f".into(), file.to_string_lossy().into()]);
     assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));

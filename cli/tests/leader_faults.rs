@@ -74,7 +74,8 @@ async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
     let others: Vec<String> = servers.iter().filter(|s| s.id != old_leader_id).map(|s| s.grpc.clone()).collect();
 
     let acked = Arc::new(Mutex::new(Vec::new()));
-    write_all(others.clone(), (0..20).map(|i| format!("before-{i}")).collect(), acked.clone(), Duration::from_secs(10)).await;
+    write_all(others.clone(), (0..20).map(|i| format!("before-{i}")).collect(), acked.clone(), Duration::from_secs(10))
+        .await;
 
     servers[leader].signal("-STOP");
     // Writes sent straight to the paused leader; they sit in its socket buffers.
@@ -91,7 +92,8 @@ async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
         }));
     }
     // The rest of the cluster elects a new leader and keeps acknowledging writes.
-    write_all(others.clone(), (0..40).map(|i| format!("during-{i}")).collect(), acked.clone(), Duration::from_secs(20)).await;
+    write_all(others.clone(), (0..40).map(|i| format!("during-{i}")).collect(), acked.clone(), Duration::from_secs(20))
+        .await;
     assert_eq!(acked.lock().unwrap().len(), 60, "the majority stopped acknowledging writes");
     let new_leader = status(&others[0]).await.unwrap().leader_id;
     assert!(new_leader != 0 && new_leader != old_leader_id, "no new leader while the old one was paused");

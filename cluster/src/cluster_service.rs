@@ -115,7 +115,11 @@ impl ClusterServiceImpl {
 
 /// A forwarded call to the leader's `ClusterService`.
 trait AsyncForward<T> {
-    async fn call(self, client: ClusterServiceClient<tonic::transport::Channel>, deadline: Instant) -> Result<T, Status>;
+    async fn call(
+        self,
+        client: ClusterServiceClient<tonic::transport::Channel>,
+        deadline: Instant,
+    ) -> Result<T, Status>;
 }
 
 struct ForwardAdd(AddMemberRequest);
@@ -128,13 +132,21 @@ fn forwarded<T>(msg: T, deadline: Instant) -> Request<T> {
 }
 
 impl AsyncForward<AddMemberResponse> for ForwardAdd {
-    async fn call(self, mut c: ClusterServiceClient<tonic::transport::Channel>, d: Instant) -> Result<AddMemberResponse, Status> {
+    async fn call(
+        self,
+        mut c: ClusterServiceClient<tonic::transport::Channel>,
+        d: Instant,
+    ) -> Result<AddMemberResponse, Status> {
         c.add_member(forwarded(self.0, d)).await.map(Response::into_inner)
     }
 }
 
 impl AsyncForward<RemoveMemberResponse> for ForwardRemove {
-    async fn call(self, mut c: ClusterServiceClient<tonic::transport::Channel>, d: Instant) -> Result<RemoveMemberResponse, Status> {
+    async fn call(
+        self,
+        mut c: ClusterServiceClient<tonic::transport::Channel>,
+        d: Instant,
+    ) -> Result<RemoveMemberResponse, Status> {
         c.remove_member(forwarded(self.0, d)).await.map(Response::into_inner)
     }
 }
@@ -159,7 +171,9 @@ impl ClusterService for ClusterServiceImpl {
                 return Err(ClusterError::InvalidArgument("member id must be a positive integer".into()).into());
             }
             if req.addr.parse::<std::net::SocketAddr>().is_err() && !req.addr.contains(':') {
-                return Err(ClusterError::InvalidArgument(format!("member address {:?} is not host:port", req.addr)).into());
+                return Err(
+                    ClusterError::InvalidArgument(format!("member address {:?} is not host:port", req.addr)).into()
+                );
             }
             let (id, addr, learner_only) = (req.id, req.addr.clone(), req.learner_only);
             self.on_leader(
@@ -182,7 +196,10 @@ impl ClusterService for ClusterServiceImpl {
         timer.finish(r.map(Response::new))
     }
 
-    async fn remove_member(&self, request: Request<RemoveMemberRequest>) -> Result<Response<RemoveMemberResponse>, Status> {
+    async fn remove_member(
+        &self,
+        request: Request<RemoveMemberRequest>,
+    ) -> Result<Response<RemoveMemberResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("RemoveMember");
         let req = request.into_inner();
         let id = req.id;
@@ -193,7 +210,10 @@ impl ClusterService for ClusterServiceImpl {
                     let voters: BTreeSet<u64> = m.membership_config.voter_ids().collect();
                     let change = if voters.contains(&id) {
                         if voters.len() == 1 {
-                            return Err(ClusterError::InvalidArgument(format!("member {id} is the only voter; a cluster cannot remove its last voter")).into());
+                            return Err(ClusterError::InvalidArgument(format!(
+                                "member {id} is the only voter; a cluster cannot remove its last voter"
+                            ))
+                            .into());
                         }
                         ChangeMembers::RemoveVoters([id].into())
                     } else if m.membership_config.nodes().any(|(i, _)| *i == id) {

@@ -117,7 +117,8 @@ mod tests {
         assert!(ok.raft_config().is_ok());
         let e = ServerConfig { id: 0, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--id"), "{e}");
-        let e = ServerConfig { bootstrap: true, join: Some("x".into()), ..ok.clone() }.validate().unwrap_err().to_string();
+        let e =
+            ServerConfig { bootstrap: true, join: Some("x".into()), ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--join"), "{e}");
         let e = ServerConfig { election_timeout_min_ms: 150, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");

@@ -70,12 +70,24 @@ impl Metrics {
         r.register("raft_leader_id", "ID of the known leader (0: none)", m.leader_id.clone());
         r.register("raft_is_leader", "1 if this server is the leader", m.is_leader.clone());
         r.register("raft_last_log_index", "Index of the last log entry", m.last_log_index.clone());
-        r.register("raft_applied_index", "Index of the last entry applied to the state machine", m.applied_index.clone());
-        r.register("raft_commit_index", "Index known committed by a majority (leader only; else the applied index)", m.commit_index.clone());
+        r.register(
+            "raft_applied_index",
+            "Index of the last entry applied to the state machine",
+            m.applied_index.clone(),
+        );
+        r.register(
+            "raft_commit_index",
+            "Index known committed by a majority (leader only; else the applied index)",
+            m.commit_index.clone(),
+        );
         r.register("raft_snapshot_index", "Last log index covered by the current snapshot", m.snapshot_index.clone());
         r.register("raft_members", "Members (voters and learners) in the configuration", m.members.clone());
         r.register("store_revision", "Store revision of the applied state", m.store_revision.clone());
-        r.register("apply_duration_seconds", "Time from proposing a write to its result, seconds", m.apply_seconds.clone());
+        r.register(
+            "apply_duration_seconds",
+            "Time from proposing a write to its result, seconds",
+            m.apply_seconds.clone(),
+        );
         r.register("grpc_requests", "gRPC requests handled, by method and status code", m.grpc_requests.clone());
         r.register("grpc_request_duration_seconds", "gRPC request latency, seconds", m.grpc_seconds.clone());
         Metrics { registry: Arc::new(r), ..m }

@@ -79,8 +79,12 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ClusterError> {
     let raft_config = std::sync::Arc::new(config.raft_config()?);
     let grpc_listener = bind(config.grpc_addr).await?;
     let http_listener = bind(config.http_addr).await?;
-    let grpc_addr = grpc_listener.local_addr().map_err(|source| ClusterError::Bind { addr: config.grpc_addr.to_string(), source })?;
-    let http_addr = http_listener.local_addr().map_err(|source| ClusterError::Bind { addr: config.http_addr.to_string(), source })?;
+    let grpc_addr = grpc_listener
+        .local_addr()
+        .map_err(|source| ClusterError::Bind { addr: config.grpc_addr.to_string(), source })?;
+    let http_addr = http_listener
+        .local_addr()
+        .map_err(|source| ClusterError::Bind { addr: config.http_addr.to_string(), source })?;
     let advertise = config.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
 
     let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
@@ -157,10 +161,10 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()
         .expect("valid descriptor sets");
-    let objects = ObjectServiceServer::new(ObjectServiceImpl { node: node.clone() })
-        .max_decoding_message_size(MAX_API_MESSAGE);
-    let cluster = ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() })
-        .max_decoding_message_size(MAX_API_MESSAGE);
+    let objects =
+        ObjectServiceServer::new(ObjectServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
+    let cluster =
+        ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
     let raft = RaftServiceServer::new(RaftServiceImpl { raft: node.raft.clone(), metrics: node.metrics.clone() })
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);

@@ -45,10 +45,7 @@ openraft::declare_raft_types!(
 pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Opens (or creates) the log store and state machine under `data_dir`.
-pub fn open(
-    data_dir: &Path,
-    event_retention: usize,
-) -> Result<(LogStore, StateMachine), StorageError> {
+pub fn open(data_dir: &Path, event_retention: usize) -> Result<(LogStore, StateMachine), StorageError> {
     std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
     let db = sled::Config::new()
         .path(data_dir.join("db"))

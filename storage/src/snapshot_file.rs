@@ -6,8 +6,8 @@ use std::fs::{self, File};
 use std::io::{self, Read, Write};
 use std::path::{Path, PathBuf};
 
-use openraft::SnapshotMeta;
 use openraft::BasicNode;
+use openraft::SnapshotMeta;
 
 pub(crate) type Meta = SnapshotMeta<u64, BasicNode>;
 

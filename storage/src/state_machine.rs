@@ -96,12 +96,7 @@ impl StateMachine {
         let store = Store::from_parts(objects, events, revision, compacted, retention);
         let (revision_tx, _) = watch::channel(revision);
         let inner = Inner { store, last_applied, membership };
-        Ok(StateMachine {
-            shared: Arc::new(Shared { inner: RwLock::new(inner), revision_tx }),
-            db,
-            tree,
-            snapshot_dir,
-        })
+        Ok(StateMachine { shared: Arc::new(Shared { inner: RwLock::new(inner), revision_tx }), db, tree, snapshot_dir })
     }
 
     pub fn reader(&self) -> StoreReader {
@@ -249,11 +244,8 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.store.revision()),
                 None => format!("empty-{}", inner.store.revision()),
             };
-            let meta = Meta {
-                last_log_id: inner.last_applied,
-                last_membership: inner.membership.clone(),
-                snapshot_id: id,
-            };
+            let meta =
+                Meta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id: id };
             (data, meta)
         };
         // The sled state machine must be durable up to the snapshot before logs are purged.

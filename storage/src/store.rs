@@ -54,7 +54,6 @@ mod objects_as_list {
         let list = Vec::<StoredObject>::deserialize(d)?;
         Ok(list.into_iter().map(|o| (o.key.clone(), o)).collect())
     }
-
 }
 
 fn default_retention() -> usize {
@@ -114,11 +113,7 @@ impl Store {
     }
 
     pub fn list(&self, kind: Kind, selector: &LabelSelector) -> Vec<StoredObject> {
-        self.objects
-            .values()
-            .filter(|o| o.key.kind == kind && selector.matches(&o.labels))
-            .cloned()
-            .collect()
+        self.objects.values().filter(|o| o.key.kind == kind && selector.matches(&o.labels)).cloned().collect()
     }
 
     /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`, and
@@ -282,11 +277,20 @@ mod tests {
         let mut m = Vec::new();
         s.apply(&put("a", 1, None), &mut m);
         s.apply(&put("b", 1, None), &mut m);
-        assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::Deleted { revision: 3, .. }));
-        assert!(matches!(s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m), CommandResult::NotFound { .. }));
+        assert!(matches!(
+            s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m),
+            CommandResult::Deleted { revision: 3, .. }
+        ));
+        assert!(matches!(
+            s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m),
+            CommandResult::NotFound { .. }
+        ));
         let (ev, to) = s.events_after(Some(Kind::Model), 1, 10).unwrap();
         assert_eq!(to, 3);
-        assert_eq!(ev.iter().map(|e| (e.revision, e.event_type)).collect::<Vec<_>>(), vec![(2, EventType::Put), (3, EventType::Delete)]);
+        assert_eq!(
+            ev.iter().map(|e| (e.revision, e.event_type)).collect::<Vec<_>>(),
+            vec![(2, EventType::Put), (3, EventType::Delete)]
+        );
         assert_eq!(s.events_after(Some(Kind::Tenant), 0, 10).unwrap(), (vec![], 3));
         let (ev, to) = s.events_after(None, 0, 2).unwrap();
         assert_eq!((ev.len(), to), (2, 2));

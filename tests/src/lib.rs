@@ -32,7 +32,8 @@ pub fn fast(config: &mut ServerConfig) {
 impl TestCluster {
     /// Starts server 1 (bootstrap) and servers 2..=n (join), and waits until all are voters.
     pub async fn start(n: usize, tweak: fn(&mut ServerConfig)) -> TestCluster {
-        let mut c = TestCluster { dir: TempDir::new().expect("temp dir"), servers: Vec::new(), addrs: Vec::new(), tweak };
+        let mut c =
+            TestCluster { dir: TempDir::new().expect("temp dir"), servers: Vec::new(), addrs: Vec::new(), tweak };
         for id in 1..=n as u64 {
             c.add_server(id).await;
         }

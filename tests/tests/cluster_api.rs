@@ -18,7 +18,13 @@ async fn three_servers_apply_get_list_watch_through_any_member() {
     let follower = (1..=3).find(|id| *id != leader).unwrap();
 
     // Watch from a follower before any write.
-    let mut watch = cluster.objects(follower).await.watch(WatchRequest { kind: "Model".into(), after_revision: 0 }).await.unwrap().into_inner();
+    let mut watch = cluster
+        .objects(follower)
+        .await
+        .watch(WatchRequest { kind: "Model".into(), after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
 
     // Writes through a follower are forwarded to the leader.
     let mut c = cluster.objects(follower).await;
@@ -38,15 +44,24 @@ async fn three_servers_apply_get_list_watch_through_any_member() {
     // Linearizable reads from every member see every acknowledged write.
     for id in 1..=3 {
         let mut c = cluster.objects(id).await;
-        let got = c.get(GetRequest { kind: "model".into(), name: "alpha".into(), stale: false }).await.unwrap().into_inner();
+        let got =
+            c.get(GetRequest { kind: "model".into(), name: "alpha".into(), stale: false }).await.unwrap().into_inner();
         assert!(got.object.unwrap().spec_json.contains("\"replicas\":3"), "server {id}");
-        let list = c.list(ListRequest { kind: "models".into(), label_selector: String::new(), stale: false }).await.unwrap().into_inner();
+        let list = c
+            .list(ListRequest { kind: "models".into(), label_selector: String::new(), stale: false })
+            .await
+            .unwrap()
+            .into_inner();
         let names: Vec<_> = list.objects.iter().map(|o| o.name.as_str()).collect();
         assert_eq!(names, ["alpha", "beta"], "server {id}");
         assert_eq!(list.store_revision, 3);
     }
 
-    let deleted = c.delete(DeleteRequest { kind: "model".into(), name: "beta".into(), expected_revision: None }).await.unwrap().into_inner();
+    let deleted = c
+        .delete(DeleteRequest { kind: "model".into(), name: "beta".into(), expected_revision: None })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(deleted.revision, 4);
     let e = c.get(GetRequest { kind: "model".into(), name: "beta".into(), stale: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::NotFound, "{e:?}");
@@ -54,7 +69,8 @@ async fn three_servers_apply_get_list_watch_through_any_member() {
     // The watch saw every change, in order.
     let mut seen = Vec::new();
     while seen.len() < 4 {
-        let ev = tokio::time::timeout(Duration::from_secs(5), watch.next()).await.expect("watch event").unwrap().unwrap();
+        let ev =
+            tokio::time::timeout(Duration::from_secs(5), watch.next()).await.expect("watch event").unwrap().unwrap();
         seen.push((ev.revision, ev.r#type, ev.object.unwrap().name));
     }
     assert_eq!(seen, [(1, 0, "alpha".into()), (2, 0, "beta".into()), (3, 0, "alpha".into()), (4, 1, "beta".into())]);
@@ -73,7 +89,10 @@ async fn compare_and_set_conflict_is_failed_precondition_and_changes_nothing() {
     // A stale expected revision conflicts too.
     let e = c.apply(apply(model("m", 5), Some(7))).await.unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
-    let e = c.delete(DeleteRequest { kind: "model".into(), name: "m".into(), expected_revision: Some(9) }).await.unwrap_err();
+    let e = c
+        .delete(DeleteRequest { kind: "model".into(), name: "m".into(), expected_revision: Some(9) })
+        .await
+        .unwrap_err();
     assert_eq!(e.code(), Code::FailedPrecondition);
     let got = c.get(GetRequest { kind: "model".into(), name: "m".into(), stale: false }).await.unwrap().into_inner();
     assert_eq!(got.object.unwrap(), created);
@@ -112,7 +131,8 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
         let e = c.get(GetRequest { kind: kind.into(), name: name.into(), stale: false }).await.unwrap_err();
         assert_eq!(e.code(), Code::InvalidArgument, "{kind}/{name}");
     }
-    let e = c.list(ListRequest { kind: "model".into(), label_selector: "novalue".into(), stale: false }).await.unwrap_err();
+    let e =
+        c.list(ListRequest { kind: "model".into(), label_selector: "novalue".into(), stale: false }).await.unwrap_err();
     assert_eq!(e.code(), Code::InvalidArgument);
 
     // Garbage bytes on the gRPC port: the connection is dropped, the server keeps serving.
@@ -123,7 +143,11 @@ async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let _ = tokio::time::timeout(Duration::from_secs(5), sock.read(&mut buf)).await;
     drop(sock);
 
-    let list = c.list(ListRequest { kind: "model".into(), label_selector: String::new(), stale: false }).await.unwrap().into_inner();
+    let list = c
+        .list(ListRequest { kind: "model".into(), label_selector: String::new(), stale: false })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.objects.len(), 1);
     assert_eq!(list.store_revision, 1, "no bad request changed the store");
     cluster.shutdown().await;
@@ -136,7 +160,11 @@ async fn label_selectors_filter_lists() {
     let labelled = model("a", 1).replace("  name: a\n", "  name: a\n  labels: {team: search}\n");
     c.apply(apply(labelled, None)).await.unwrap();
     c.apply(apply(model("b", 1), None)).await.unwrap();
-    let list = c.list(ListRequest { kind: "model".into(), label_selector: "team=search".into(), stale: true }).await.unwrap().into_inner();
+    let list = c
+        .list(ListRequest { kind: "model".into(), label_selector: "team=search".into(), stale: true })
+        .await
+        .unwrap()
+        .into_inner();
     assert_eq!(list.objects.iter().map(|o| o.name.as_str()).collect::<Vec<_>>(), ["a"]);
     cluster.shutdown().await;
 }

@@ -73,7 +73,13 @@ async fn watch_resumed_after_server_restart_misses_nothing() {
     let watched = 3;
     let mut received: Vec<u64> = Vec::new();
     {
-        let mut stream = cluster.objects(watched).await.watch(WatchRequest { kind: "Model".into(), after_revision: 0 }).await.unwrap().into_inner();
+        let mut stream = cluster
+            .objects(watched)
+            .await
+            .watch(WatchRequest { kind: "Model".into(), after_revision: 0 })
+            .await
+            .unwrap()
+            .into_inner();
         write_models(&cluster, 1, 0..20).await;
         while received.len() < 10 {
             let ev = tokio::time::timeout(Duration::from_secs(5), stream.next()).await.unwrap().unwrap().unwrap();
@@ -98,7 +104,11 @@ async fn watch_resumed_after_server_restart_misses_nothing() {
     }
     let mut stream = stream.expect("watch reconnects after restart");
     while received.len() < 50 {
-        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next()).await.expect("event in time").unwrap().unwrap();
+        let ev = tokio::time::timeout(Duration::from_secs(10), stream.next())
+            .await
+            .expect("event in time")
+            .unwrap()
+            .unwrap();
         received.push(ev.revision);
     }
     assert_eq!(received, (1..=50).collect::<Vec<u64>>(), "gap or duplicate in the watch");

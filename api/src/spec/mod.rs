@@ -69,11 +69,7 @@ impl Spec {
 }
 
 /// Checks `value <= max`, naming the field otherwise.
-pub(crate) fn at_most<T: PartialOrd + std::fmt::Display>(
-    field: &str,
-    value: T,
-    max: T,
-) -> Result<(), ApiError> {
+pub(crate) fn at_most<T: PartialOrd + std::fmt::Display>(field: &str, value: T, max: T) -> Result<(), ApiError> {
     if value > max {
         return Err(ApiError::invalid(field, format!("{value} is over the maximum of {max}")));
     }

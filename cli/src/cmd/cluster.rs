@@ -34,7 +34,12 @@ pub(crate) async fn run(client: &Client, cmd: ClusterCommand, format: Format) ->
         }
         ClusterCommand::AddMember { id, addr, learner } => {
             let req = AddMemberRequest { id, addr, learner_only: learner };
-            let r = client.cluster(|mut c| { let req = req.clone(); async move { c.add_member(req).await } }).await?;
+            let r = client
+                .cluster(|mut c| {
+                    let req = req.clone();
+                    async move { c.add_member(req).await }
+                })
+                .await?;
             r.into_inner().status.unwrap_or_default()
         }
         ClusterCommand::RemoveMember { id } => {
@@ -58,12 +63,30 @@ fn print_status(s: &StatusResponse, format: Format) {
         return;
     }
     let leader = if s.leader_id == 0 { "none".to_owned() } else { s.leader_id.to_string() };
-    println!("leader {leader}   term {}   commit index {}   store revision {}", s.term, s.commit_index, s.store_revision);
-    let mut rows = vec![["ID", "ADDRESS", "ROLE", "REACHABLE", "TERM", "APPLIED", "MATCHED"].map(String::from).to_vec()];
+    println!(
+        "leader {leader}   term {}   commit index {}   store revision {}",
+        s.term, s.commit_index, s.store_revision
+    );
+    let mut rows =
+        vec![["ID", "ADDRESS", "ROLE", "REACHABLE", "TERM", "APPLIED", "MATCHED"].map(String::from).to_vec()];
     for m in &s.members {
-        let role = if m.leader { "leader" } else if m.voter { "follower" } else { "learner" };
+        let role = if m.leader {
+            "leader"
+        } else if m.voter {
+            "follower"
+        } else {
+            "learner"
+        };
         let reachable = if m.reachable { "yes" } else { "no" };
-        rows.push(vec![m.id.to_string(), m.addr.clone(), role.into(), reachable.into(), m.term.to_string(), m.applied_index.to_string(), m.matched_index.to_string()]);
+        rows.push(vec![
+            m.id.to_string(),
+            m.addr.clone(),
+            role.into(),
+            reachable.into(),
+            m.term.to_string(),
+            m.applied_index.to_string(),
+            m.matched_index.to_string(),
+        ]);
     }
     output::print_table(&rows);
 }

@@ -73,10 +73,22 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs, format: Format) -> R
     let mut applied = Vec::new();
     for m in &manifests {
         let req = ApplyRequest { manifest: m.to_yaml(), expected_revision: args.expected_revision };
-        let resp = client.objects(|mut c| { let req = req.clone(); async move { c.apply(req).await } }).await?.into_inner();
+        let resp = client
+            .objects(|mut c| {
+                let req = req.clone();
+                async move { c.apply(req).await }
+            })
+            .await?
+            .into_inner();
         let object = resp.object.unwrap_or_default();
         if format == Format::Table {
-            let verb = if resp.created { "created" } else if resp.unchanged { "unchanged" } else { "configured" };
+            let verb = if resp.created {
+                "created"
+            } else if resp.unchanged {
+                "unchanged"
+            } else {
+                "configured"
+            };
             println!("{}/{} {verb} (revision {})", m.kind().as_str().to_lowercase(), object.name, object.revision);
         }
         applied.push(object);
@@ -92,11 +104,27 @@ pub(crate) async fn get(client: &Client, args: GetArgs, format: Format) -> Resul
     if let Some(name) = args.name {
         let name: ObjectName = name.parse()?;
         let req = GetRequest { kind: kind.to_string(), name: name.to_string(), stale: args.stale };
-        let resp = client.objects(|mut c| { let req = req.clone(); async move { c.get(req).await } }).await?.into_inner();
+        let resp = client
+            .objects(|mut c| {
+                let req = req.clone();
+                async move { c.get(req).await }
+            })
+            .await?
+            .into_inner();
         output::print_objects(&resp.object.into_iter().collect::<Vec<_>>(), format, true);
     } else {
-        let req = ListRequest { kind: kind.to_string(), label_selector: args.selector.unwrap_or_default(), stale: args.stale };
-        let resp = client.objects(|mut c| { let req = req.clone(); async move { c.list(req).await } }).await?.into_inner();
+        let req = ListRequest {
+            kind: kind.to_string(),
+            label_selector: args.selector.unwrap_or_default(),
+            stale: args.stale,
+        };
+        let resp = client
+            .objects(|mut c| {
+                let req = req.clone();
+                async move { c.list(req).await }
+            })
+            .await?
+            .into_inner();
         if resp.objects.is_empty() && format == Format::Table {
             eprintln!("no {} objects", kind);
             return Ok(());
@@ -109,8 +137,15 @@ pub(crate) async fn get(client: &Client, args: GetArgs, format: Format) -> Resul
 pub(crate) async fn delete(client: &Client, args: DeleteArgs, format: Format) -> Result<(), CliError> {
     let kind: Kind = args.kind.parse()?;
     let name: ObjectName = args.name.parse()?;
-    let req = DeleteRequest { kind: kind.to_string(), name: name.to_string(), expected_revision: args.expected_revision };
-    let resp = client.objects(|mut c| { let req = req.clone(); async move { c.delete(req).await } }).await?.into_inner();
+    let req =
+        DeleteRequest { kind: kind.to_string(), name: name.to_string(), expected_revision: args.expected_revision };
+    let resp = client
+        .objects(|mut c| {
+            let req = req.clone();
+            async move { c.delete(req).await }
+        })
+        .await?
+        .into_inner();
     match format {
         Format::Table => println!("{}/{name} deleted (revision {})", kind.as_str().to_lowercase(), resp.revision),
         _ => output::print_objects(&resp.object.into_iter().collect::<Vec<_>>(), format, true),
@@ -124,7 +159,13 @@ pub(crate) async fn watch(client: &Client, args: WatchArgs) -> Result<(), CliErr
         None => String::new(),
     };
     let req = WatchRequest { kind, after_revision: args.after };
-    let mut stream = client.objects(|mut c| { let req = req.clone(); async move { c.watch(req).await } }).await?.into_inner();
+    let mut stream = client
+        .objects(|mut c| {
+            let req = req.clone();
+            async move { c.watch(req).await }
+        })
+        .await?
+        .into_inner();
     while let Some(event) = stream.next().await {
         let event = event?;
         let ty = if event.r#type == 1 { "DELETE" } else { "PUT" };
