@@ -1,0 +1,305 @@
+//! Command-line flags ([`SimArgs`]) and their validation into the resolved
+//! [`EngineConfig`] the engine runs with. Flags follow `vllm serve` names where vLLM has one.
+
+use crate::error::SimError;
+use crate::latency::{self, Profile};
+
+/// `flotilla sim`: a simulated vLLM engine with vLLM's HTTP surface and metric names.
+///
+/// Example: `flotilla sim --port 0 --model demo --profile h100-llama3-8b --speedup 10`
+#[derive(clap::Args, Debug, Clone)]
+pub struct SimArgs {
+    /// Address to listen on.
+    #[arg(long, default_value = "127.0.0.1", env = "FLOTILLA_SIM_HOST")]
+    pub host: String,
+    /// TCP port to listen on; 0 picks a free port (printed on start-up).
+    #[arg(long, default_value_t = 8000, env = "FLOTILLA_SIM_PORT")]
+    pub port: u16,
+    /// Model name served on the OpenAI API (vLLM's --served-model-name).
+    #[arg(long, alias = "served-model-name", default_value = "sim")]
+    pub model: String,
+    /// Most sequences in one batch (vLLM --max-num-seqs).
+    #[arg(long, default_value_t = 256)]
+    pub max_num_seqs: u32,
+    /// Most tokens computed in one step, prefill chunks included; default from the profile
+    /// (vLLM: 8192 on GPUs with >= 70 GiB, else 2048).
+    #[arg(long)]
+    pub max_num_batched_tokens: Option<u32>,
+    /// Tokens per KV block (vLLM --block-size): 1, 8, 16, 32, 64 or 128.
+    #[arg(long, default_value_t = 16)]
+    pub block_size: u32,
+    /// KV blocks in the GPU cache (vLLM --num-gpu-blocks-override); default from the
+    /// profile's memory budget minus the LoRA slots' reservation.
+    #[arg(long, alias = "kv-blocks", alias = "num-gpu-blocks-override")]
+    pub num_gpu_blocks: Option<u32>,
+    /// Longest prompt plus output in tokens (vLLM --max-model-len).
+    #[arg(long, default_value_t = 8192)]
+    pub max_model_len: u32,
+    /// Latency profile: a100-llama3-8b, h100-llama3-8b or l4-llama3-8b.
+    #[arg(long, default_value = "a100-llama3-8b")]
+    pub profile: String,
+    /// Divide every simulated duration by this factor (10 = ten times faster than real time).
+    #[arg(long, default_value_t = 1.0)]
+    pub speedup: f64,
+    /// Accepted for vLLM compatibility; LoRA is on unless --disable-lora.
+    #[arg(long)]
+    pub enable_lora: bool,
+    /// Refuse LoRA loading with vLLM's 500, as a vLLM started without --enable-lora does.
+    #[arg(long, conflicts_with = "enable_lora")]
+    pub disable_lora: bool,
+    /// Distinct LoRA adapters allowed in one batch (vLLM --max-loras).
+    #[arg(long, default_value_t = 1)]
+    pub max_loras: u32,
+    /// Highest LoRA rank accepted; each slot reserves memory for this rank (vLLM --max-lora-rank).
+    #[arg(long, default_value_t = 16)]
+    pub max_lora_rank: u32,
+    /// Disable automatic prefix caching (vLLM --no-enable-prefix-caching).
+    #[arg(long)]
+    pub no_enable_prefix_caching: bool,
+    /// Serve POST /sim/faults (crash, hang, slow, error rate, stall) for chaos tests.
+    #[arg(long)]
+    pub allow_faults: bool,
+    /// Fewest tokens the simulated model writes before end-of-sequence (unless ignore_eos).
+    #[arg(long, default_value_t = 16)]
+    pub eos_min_tokens: u32,
+    /// Most tokens the simulated model writes before end-of-sequence (unless ignore_eos).
+    #[arg(long, default_value_t = 512)]
+    pub eos_max_tokens: u32,
+    /// Seed for requests that bring none (text and lengths then depend on the prompt only).
+    #[arg(long, default_value_t = 0)]
+    pub seed: u64,
+    /// Largest accepted request body in bytes; bigger bodies get 413.
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+}
+
+impl Default for SimArgs {
+    fn default() -> Self {
+        SimArgs {
+            host: "127.0.0.1".into(),
+            port: 8000,
+            model: "sim".into(),
+            max_num_seqs: 256,
+            max_num_batched_tokens: None,
+            block_size: 16,
+            num_gpu_blocks: None,
+            max_model_len: 8192,
+            profile: latency::PROFILES[0].name.into(),
+            speedup: 1.0,
+            enable_lora: false,
+            disable_lora: false,
+            max_loras: 1,
+            max_lora_rank: 16,
+            no_enable_prefix_caching: false,
+            allow_faults: false,
+            eos_min_tokens: 16,
+            eos_max_tokens: 512,
+            seed: 0,
+            max_body_bytes: 4 * 1024 * 1024,
+        }
+    }
+}
+
+/// The validated configuration the engine and HTTP layer run with.
+#[derive(Debug, Clone)]
+pub struct EngineConfig {
+    /// Served model name.
+    pub model: String,
+    /// Calibrated latency profile.
+    pub profile: &'static Profile,
+    /// Tokens per KV block.
+    pub block_size: u32,
+    /// KV blocks available for sequences.
+    pub num_blocks: u32,
+    /// Batch limit in sequences.
+    pub max_num_seqs: u32,
+    /// Token budget per step.
+    pub max_num_batched_tokens: u32,
+    /// Context limit in tokens.
+    pub max_model_len: u32,
+    /// Time compression factor.
+    pub speedup: f64,
+    /// Whether LoRA adapters may be loaded.
+    pub lora_enabled: bool,
+    /// Distinct adapters per batch.
+    pub max_loras: u32,
+    /// Highest adapter rank.
+    pub max_lora_rank: u32,
+    /// Automatic prefix caching on.
+    pub prefix_caching: bool,
+    /// Whether /sim/faults is served.
+    pub allow_faults: bool,
+    /// Natural output length range (inclusive).
+    pub eos_range: (u32, u32),
+    /// Default seed.
+    pub seed: u64,
+    /// Request body limit.
+    pub max_body_bytes: usize,
+}
+
+const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
+
+impl SimArgs {
+    /// Checks every flag and resolves defaults; the error names the flag at fault.
+    pub fn validate(&self) -> Result<EngineConfig, SimError> {
+        let profile = latency::profile(&self.profile).ok_or_else(|| {
+            SimError::invalid(
+                "profile",
+                format!("unknown profile {:?}; known profiles: {}", self.profile, latency::profile_names()),
+            )
+        })?;
+        if self.model.trim().is_empty() {
+            return Err(SimError::invalid("model", "the served model name must not be empty"));
+        }
+        if self.host.trim().is_empty() {
+            return Err(SimError::invalid("host", "the listen address must not be empty"));
+        }
+        if !BLOCK_SIZES.contains(&self.block_size) {
+            return Err(SimError::invalid(
+                "block-size",
+                format!("{} is not one of 1, 8, 16, 32, 64, 128", self.block_size),
+            ));
+        }
+        if self.max_num_seqs == 0 {
+            return Err(SimError::invalid("max-num-seqs", "must be at least 1, got 0"));
+        }
+        if self.max_model_len == 0 {
+            return Err(SimError::invalid("max-model-len", "must be at least 1, got 0"));
+        }
+        if !(self.speedup.is_finite() && self.speedup > 0.0) {
+            return Err(SimError::invalid("speedup", format!("must be a positive number, got {}", self.speedup)));
+        }
+        if self.max_loras == 0 {
+            return Err(SimError::invalid("max-loras", "must be at least 1, got 0"));
+        }
+        if self.max_lora_rank == 0 || self.max_lora_rank > 512 {
+            return Err(SimError::invalid(
+                "max-lora-rank",
+                format!("must be between 1 and 512, got {}", self.max_lora_rank),
+            ));
+        }
+        if self.eos_min_tokens == 0 {
+            return Err(SimError::invalid("eos-min-tokens", "must be at least 1, got 0"));
+        }
+        if self.eos_max_tokens < self.eos_min_tokens {
+            return Err(SimError::invalid(
+                "eos-max-tokens",
+                format!("{} is below --eos-min-tokens {}", self.eos_max_tokens, self.eos_min_tokens),
+            ));
+        }
+        if self.max_body_bytes < 1024 {
+            return Err(SimError::invalid(
+                "max-body-bytes",
+                format!("must be at least 1024, got {}", self.max_body_bytes),
+            ));
+        }
+        let max_num_batched_tokens =
+            self.max_num_batched_tokens.unwrap_or(profile.default_max_num_batched_tokens.max(self.max_num_seqs));
+        if max_num_batched_tokens < self.max_num_seqs {
+            return Err(SimError::invalid(
+                "max-num-batched-tokens",
+                format!(
+                    "{} is below --max-num-seqs {}; every running sequence needs a token per step",
+                    max_num_batched_tokens, self.max_num_seqs
+                ),
+            ));
+        }
+        let lora_enabled = !self.disable_lora;
+        let num_blocks = match self.num_gpu_blocks {
+            Some(0) => return Err(SimError::invalid("num-gpu-blocks", "must be at least 1, got 0")),
+            Some(n) => u64::from(n),
+            None => {
+                let total = profile.default_num_blocks(self.block_size);
+                let reserved = if lora_enabled {
+                    u64::from(self.max_loras) * profile.lora_slot_blocks(self.max_lora_rank, self.block_size)
+                } else {
+                    0
+                };
+                if reserved >= total {
+                    return Err(SimError::invalid(
+                        "max-loras",
+                        format!(
+                            "{} LoRA slots of rank {} take all {} KV blocks of profile {}",
+                            self.max_loras, self.max_lora_rank, total, profile.name
+                        ),
+                    ));
+                }
+                total - reserved
+            }
+        };
+        let num_blocks = u32::try_from(num_blocks).unwrap_or(u32::MAX);
+        let capacity = u64::from(num_blocks) * u64::from(self.block_size);
+        if u64::from(self.max_model_len) > capacity {
+            return Err(SimError::invalid(
+                "max-model-len",
+                format!(
+                    "{} tokens exceed the KV cache's {} tokens ({} blocks of {}); lower it or raise --num-gpu-blocks",
+                    self.max_model_len, capacity, num_blocks, self.block_size
+                ),
+            ));
+        }
+        Ok(EngineConfig {
+            model: self.model.clone(),
+            profile,
+            block_size: self.block_size,
+            num_blocks,
+            max_num_seqs: self.max_num_seqs,
+            max_num_batched_tokens,
+            max_model_len: self.max_model_len,
+            speedup: self.speedup,
+            lora_enabled,
+            max_loras: self.max_loras,
+            max_lora_rank: self.max_lora_rank,
+            prefix_caching: !self.no_enable_prefix_caching,
+            allow_faults: self.allow_faults,
+            eos_range: (self.eos_min_tokens, self.eos_max_tokens),
+            seed: self.seed,
+            max_body_bytes: self.max_body_bytes,
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn flag_of(args: SimArgs) -> &'static str {
+        match args.validate() {
+            Err(SimError::InvalidConfig { flag, .. }) => flag,
+            other => panic!("expected invalid config, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_are_valid_and_reserve_lora_slots() {
+        let cfg = SimArgs::default().validate().unwrap();
+        assert_eq!(cfg.num_blocks, 9472 - 40);
+        assert_eq!(cfg.max_num_batched_tokens, 2048);
+        let no_lora = SimArgs { disable_lora: true, ..SimArgs::default() }.validate().unwrap();
+        assert_eq!(no_lora.num_blocks, 9472);
+    }
+
+    #[test]
+    fn nonsense_is_rejected_naming_the_flag() {
+        let d = SimArgs::default;
+        assert_eq!(flag_of(SimArgs { num_gpu_blocks: Some(0), ..d() }), "num-gpu-blocks");
+        assert_eq!(flag_of(SimArgs { block_size: 0, ..d() }), "block-size");
+        assert_eq!(flag_of(SimArgs { block_size: 12, ..d() }), "block-size");
+        assert_eq!(flag_of(SimArgs { profile: "tpu".into(), ..d() }), "profile");
+        assert_eq!(flag_of(SimArgs { speedup: 0.0, ..d() }), "speedup");
+        assert_eq!(flag_of(SimArgs { speedup: f64::NAN, ..d() }), "speedup");
+        assert_eq!(flag_of(SimArgs { max_num_seqs: 0, ..d() }), "max-num-seqs");
+        assert_eq!(flag_of(SimArgs { max_loras: 0, ..d() }), "max-loras");
+        assert_eq!(flag_of(SimArgs { model: " ".into(), ..d() }), "model");
+        assert_eq!(flag_of(SimArgs { eos_min_tokens: 9, eos_max_tokens: 8, ..d() }), "eos-max-tokens");
+        assert_eq!(
+            flag_of(SimArgs { max_num_seqs: 64, max_num_batched_tokens: Some(32), ..d() }),
+            "max-num-batched-tokens"
+        );
+        assert_eq!(flag_of(SimArgs { num_gpu_blocks: Some(4), ..d() }), "max-model-len");
+        let err = SimArgs { block_size: 0, ..d() }.validate().unwrap_err();
+        assert!(err.is_usage());
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--block-size"), "{err}");
+    }
+}

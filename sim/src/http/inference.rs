@@ -1,0 +1,291 @@
+//! `POST /v1/completions` and `POST /v1/chat/completions`: parse strictly, validate like
+//! vLLM (model, max_tokens, n, context length), tokenize, hand to the engine, then answer
+//! with one JSON body or a server-sent-event stream.
+
+use axum::body::{Body, Bytes};
+use axum::extract::rejection::BytesRejection;
+use axum::extract::State;
+use axum::http::{header, StatusCode};
+use axum::response::{IntoResponse, Response};
+use serde::de::DeserializeOwned;
+use serde_json::json;
+use tokio::sync::mpsc;
+
+use super::errors::ApiError;
+use super::stream::{Kind, SseStream};
+use super::types::{ChatRequest, CompletionRequest, Content, Prompt, Sampling, IGNORED};
+use super::{unix_now, AppState, FINGERPRINT};
+use crate::engine::{Command, Event, Submission};
+use crate::tokenizer;
+
+/// Parses a JSON body, mapping every failure to vLLM's 400 (or 413 for a huge body).
+pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
+    let bytes = body.map_err(|r| {
+        ApiError::with_status(r.status(), format!("could not read the request body: {}", r.body_text()), None)
+    })?;
+    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}"), None))
+}
+
+fn check_unknown(rest: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    match rest.keys().find(|k| !IGNORED.contains(&k.as_str())) {
+        Some(k) => Err(ApiError::bad_request(format!("unknown field `{k}` in the request body"), None)),
+        None => Ok(()),
+    }
+}
+
+/// What both endpoints resolve a request into.
+struct Prepared {
+    model: String,
+    lora: Option<u32>,
+    prompt: Vec<u32>,
+    max_tokens: u32,
+    stream: bool,
+    include_usage: bool,
+    seed: Option<u64>,
+    stop: Vec<String>,
+    ignore_eos: bool,
+}
+
+fn resolve_model(st: &AppState, model: Option<String>) -> Result<(String, Option<u32>), ApiError> {
+    let name = model.unwrap_or_else(|| st.cfg.model.clone());
+    if name == st.cfg.model {
+        return Ok((name, None));
+    }
+    match st.lora.resolve(&name) {
+        Some(id) => Ok((name, Some(id))),
+        None => {
+            let mut valid = vec![st.cfg.model.clone()];
+            valid.extend(st.lora.list().into_iter().map(|a| a.name));
+            Err(ApiError::not_found(
+                format!("The model `{name}` does not exist. Valid aliases: {}.", valid.join(", ")),
+                Some("model"),
+            ))
+        }
+    }
+}
+
+fn prepare(
+    st: &AppState,
+    model: Option<String>,
+    prompt: Vec<u32>,
+    max_tokens: Option<i64>,
+    s: Sampling,
+) -> Result<Prepared, ApiError> {
+    let (model, lora) = resolve_model(st, model)?;
+    if let Some(m) = max_tokens {
+        if m < 1 {
+            return Err(ApiError::bad_request(
+                format!("max_tokens must be at least 1, got {m}. (parameter=max_tokens, value={m})"),
+                Some("max_tokens"),
+            ));
+        }
+    }
+    if let Some(n) = s.n {
+        if n != 1 {
+            return Err(ApiError::bad_request(
+                format!("n must be 1 on the simulator, got {n}. (parameter=n, value={n})"),
+                Some("n"),
+            ));
+        }
+    }
+    if let Some(t) = s.temperature {
+        if !(0.0..=2.0).contains(&t) {
+            return Err(ApiError::bad_request(format!("temperature must be in [0, 2], got {t}."), Some("temperature")));
+        }
+    }
+    if let Some(p) = s.top_p {
+        if !(p > 0.0 && p <= 1.0) {
+            return Err(ApiError::bad_request(format!("top_p must be in (0, 1], got {p}."), Some("top_p")));
+        }
+    }
+    let stream = s.stream.unwrap_or(false);
+    if s.stream_options.is_some() && !stream {
+        return Err(ApiError::bad_request(
+            "Stream options can only be defined when `stream=True`.",
+            Some("stream_options"),
+        ));
+    }
+    if prompt.is_empty() {
+        return Err(ApiError::bad_request("The prompt cannot be empty.", Some("prompt")));
+    }
+    let limit = st.cfg.max_model_len as usize;
+    if prompt.len() > limit {
+        return Err(ApiError::with_status(
+            StatusCode::PAYLOAD_TOO_LARGE,
+            format!(
+                "This model's maximum context length is {limit} tokens. However, your prompt has {} tokens.",
+                prompt.len()
+            ),
+            Some("prompt"),
+        ));
+    }
+    let room = (limit - prompt.len()) as i64;
+    let max_tokens = match max_tokens {
+        Some(m) if m > room => {
+            return Err(ApiError::bad_request(
+                format!(
+                    "This model's maximum context length is {limit} tokens. However, you requested {} tokens ({} in the prompt, {m} in the completion). Please reduce the length of the prompt or completion.",
+                    prompt.len() as i64 + m,
+                    prompt.len()
+                ),
+                Some("max_tokens"),
+            ))
+        }
+        Some(m) => m as u32,
+        None => room.max(1) as u32,
+    };
+    if room == 0 {
+        return Err(ApiError::bad_request(
+            format!("The prompt fills the model's {limit}-token context; nothing can be generated."),
+            Some("prompt"),
+        ));
+    }
+    Ok(Prepared {
+        model,
+        lora,
+        prompt,
+        max_tokens,
+        stream,
+        include_usage: s.stream_options.and_then(|o| o.include_usage).unwrap_or(false),
+        seed: s.seed.map(|v| v as u64),
+        stop: s.stop.map(|s| s.into_vec()).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
+        ignore_eos: s.ignore_eos.unwrap_or(false),
+    })
+}
+
+/// `POST /v1/completions`.
+pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: CompletionRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = check_unknown(&req.rest) {
+        return e.into_response();
+    }
+    let mut tokens = Vec::new();
+    match req.prompt {
+        Prompt::Text(t) => tokenizer::encode(&t, &mut tokens),
+        Prompt::Tokens(t) => tokens = t,
+        Prompt::Texts(mut v) if v.len() == 1 => tokenizer::encode(&v.remove(0), &mut tokens),
+        Prompt::TokenLists(mut v) if v.len() == 1 => tokens = v.remove(0),
+        _ => {
+            return ApiError::bad_request(
+                "batched prompts are not supported by the simulator; send one prompt per request",
+                Some("prompt"),
+            )
+            .into_response()
+        }
+    }
+    let max_tokens = req.sampling.max_tokens.or(Some(16)); // OpenAI's completions default
+    match prepare(&st, req.model, tokens, max_tokens, req.sampling) {
+        Ok(p) => run(st, p, Kind::Completion).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+/// `POST /v1/chat/completions`.
+pub async fn chat(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: ChatRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = check_unknown(&req.rest) {
+        return e.into_response();
+    }
+    if req.messages.is_empty() {
+        return ApiError::bad_request("messages must contain at least one message", Some("messages")).into_response();
+    }
+    let mut texts = Vec::with_capacity(req.messages.len());
+    for m in &req.messages {
+        let text = match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()).collect()
+            }
+        };
+        texts.push(text);
+    }
+    let mut tokens = Vec::new();
+    tokenizer::encode_chat(
+        req.messages.iter().map(|m| m.role.as_str()).zip(texts.iter().map(String::as_str)),
+        &mut tokens,
+    );
+    let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
+    match prepare(&st, req.model, tokens, max_tokens, req.sampling) {
+        Ok(p) => run(st, p, Kind::Chat).await,
+        Err(e) => e.into_response(),
+    }
+}
+
+async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
+    let id = st.next_id();
+    let (tx, mut rx) = mpsc::unbounded_channel();
+    let sub = Submission {
+        id,
+        prompt: p.prompt,
+        max_tokens: p.max_tokens,
+        ignore_eos: p.ignore_eos,
+        seed: p.seed,
+        lora: p.lora,
+        stop: p.stop,
+        stream: p.stream,
+        reply: tx,
+        received: tokio::time::Instant::now(),
+    };
+    if st.engine.send(Command::Submit(Box::new(sub))).is_err() {
+        return ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", None)
+            .into_response();
+    }
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let rid = format!("{prefix}-{:016x}", crate::text::mix(id ^ st.id_salt));
+    let created = unix_now();
+    tracing::debug!(request_id = %rid, model = %p.model, stream = p.stream, max_tokens = p.max_tokens, "request accepted");
+    if p.stream {
+        let body = SseStream::new(rx, kind, &rid, created, &p.model, p.include_usage);
+        return Response::builder()
+            .header(header::CONTENT_TYPE, "text/event-stream; charset=utf-8")
+            .header(header::CACHE_CONTROL, "no-cache")
+            .body(Body::from_stream(body))
+            .unwrap_or_else(|_| StatusCode::INTERNAL_SERVER_ERROR.into_response());
+    }
+    let done = loop {
+        match rx.recv().await {
+            Some(Event::Done(d)) => break d,
+            Some(Event::Token(_)) => continue,
+            None => {
+                return ApiError::with_status(
+                    StatusCode::SERVICE_UNAVAILABLE,
+                    "the engine stopped before the request finished",
+                    None,
+                )
+                .into_response()
+            }
+        }
+    };
+    let s = done.summary;
+    let usage = json!({
+        "prompt_tokens": s.prompt_tokens,
+        "total_tokens": s.prompt_tokens + s.output_tokens,
+        "completion_tokens": s.output_tokens,
+        "prompt_tokens_details": null,
+    });
+    let choice = match kind {
+        Kind::Chat => json!({
+            "index": 0,
+            "message": {"role": "assistant", "content": done.text, "refusal": null, "annotations": null, "audio": null, "function_call": null, "tool_calls": [], "reasoning": null},
+            "logprobs": null, "finish_reason": done.reason.as_str(), "stop_reason": null, "token_ids": null,
+        }),
+        Kind::Completion => json!({
+            "index": 0, "text": done.text, "logprobs": null, "finish_reason": done.reason.as_str(),
+            "stop_reason": null, "token_ids": null, "prompt_logprobs": null, "prompt_token_ids": null,
+        }),
+    };
+    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
+    axum::Json(json!({
+        "id": rid, "object": object, "created": created, "model": p.model,
+        "choices": [choice], "service_tier": null, "system_fingerprint": FINGERPRINT,
+        "usage": usage, "prompt_logprobs": null, "prompt_token_ids": null, "kv_transfer_params": null,
+    }))
+    .into_response()
+}

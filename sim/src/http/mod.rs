@@ -1,0 +1,105 @@
+//! The HTTP surface of `vllm serve`: the router, the shared state handlers see, the
+//! fault-injection layer (hang, error rate) and the 404 fallback.
+//!
+//! ```text
+//! request -> fault layer (hang / 5xx) -> body limit -> route -> handler -> engine channel
+//! ```
+
+pub mod admin;
+pub mod errors;
+pub mod inference;
+pub mod stream;
+pub mod types;
+
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex};
+
+use axum::extract::{DefaultBodyLimit, Request, State};
+use axum::http::StatusCode;
+use axum::middleware::{self, Next};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use tokio::sync::mpsc;
+
+use crate::config::EngineConfig;
+use crate::engine::Command;
+use crate::faults::Faults;
+use crate::lora::Registry;
+use crate::metrics::Metrics;
+
+/// `system_fingerprint` of every response.
+pub const FINGERPRINT: &str = concat!("flotilla-sim-", env!("CARGO_PKG_VERSION"));
+
+/// What every handler shares.
+#[derive(Clone)]
+pub struct AppState {
+    /// Validated configuration.
+    pub cfg: Arc<EngineConfig>,
+    /// The engine task's inbox.
+    pub engine: mpsc::UnboundedSender<Command>,
+    /// Metrics written by the engine.
+    pub metrics: Arc<Mutex<Metrics>>,
+    /// Loaded adapters.
+    pub lora: Arc<Registry>,
+    /// Fault switches.
+    pub faults: Arc<Faults>,
+    /// Request id counter.
+    pub ids: Arc<AtomicU64>,
+    /// Makes response ids differ between servers.
+    pub id_salt: u64,
+}
+
+impl AppState {
+    /// A fresh request id.
+    pub fn next_id(&self) -> u64 {
+        self.ids.fetch_add(1, Ordering::Relaxed)
+    }
+}
+
+/// Seconds since the Unix epoch (for `created` fields).
+pub fn unix_now() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+async fn fault_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if st.cfg.allow_faults && req.uri().path() != "/sim/faults" {
+        if st.faults.hang() {
+            tracing::debug!(path = %req.uri().path(), "hang fault: request will never be answered");
+            std::future::pending::<()>().await;
+        }
+        let inference = matches!(req.uri().path(), "/v1/completions" | "/v1/chat/completions");
+        if inference && st.faults.should_fail() {
+            return errors::ApiError::with_status(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "simulated engine error (fault injection)",
+                None,
+            )
+            .into_response();
+        }
+    }
+    next.run(req).await
+}
+
+async fn not_found() -> Response {
+    (StatusCode::NOT_FOUND, axum::Json(serde_json::json!({"detail": "Not Found"}))).into_response()
+}
+
+/// The router over `state`.
+pub fn router(state: AppState) -> Router {
+    let limit = state.cfg.max_body_bytes;
+    Router::new()
+        .route("/v1/completions", post(inference::completions))
+        .route("/v1/chat/completions", post(inference::chat))
+        .route("/v1/models", get(admin::models))
+        .route("/health", get(admin::health))
+        .route("/version", get(admin::version))
+        .route("/metrics", get(admin::metrics))
+        .route("/v1/load_lora_adapter", post(admin::load_lora))
+        .route("/v1/unload_lora_adapter", post(admin::unload_lora))
+        .route("/sim/faults", get(admin::get_faults).post(admin::post_faults).delete(admin::clear_faults))
+        .fallback(not_found)
+        .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), fault_layer))
+        .with_state(state)
+}

@@ -1,0 +1,150 @@
+//! Server-sent events in OpenAI's exact chunk format (as a real vLLM 0.32 writes them):
+//! a role chunk first (chat), one chunk per token, the last token's chunk with
+//! `finish_reason`, an optional `usage` chunk with `choices: []`, then `data: [DONE]`.
+//! Chunk text is assembled from a prefix and suffix prepared once per request.
+
+use std::pin::Pin;
+use std::task::{Context, Poll};
+
+use axum::body::Bytes;
+use tokio::sync::mpsc;
+use tokio_stream::Stream;
+
+use crate::engine::{Done, Event};
+
+/// Which endpoint's chunk shape.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Kind {
+    /// `text_completion` chunks with `text`.
+    Completion,
+    /// `chat.completion.chunk` with `delta`.
+    Chat,
+}
+
+/// The SSE body of one streaming request.
+pub struct SseStream {
+    rx: mpsc::UnboundedReceiver<Event>,
+    kind: Kind,
+    head: String,
+    include_usage: bool,
+    started: bool,
+    done: bool,
+}
+
+impl SseStream {
+    /// A stream over the engine's events for request `id`.
+    pub fn new(
+        rx: mpsc::UnboundedReceiver<Event>,
+        kind: Kind,
+        id: &str,
+        created: u64,
+        model: &str,
+        include_usage: bool,
+    ) -> Self {
+        let object = match kind {
+            Kind::Completion => "text_completion",
+            Kind::Chat => "chat.completion.chunk",
+        };
+        let model = serde_json::to_string(model).unwrap_or_else(|_| "\"\"".into());
+        let head =
+            format!(r#"data: {{"id":"{id}","object":"{object}","created":{created},"model":{model},"choices":["#);
+        SseStream { rx, kind, head, include_usage, started: false, done: false }
+    }
+
+    fn token_chunk(&self, out: &mut Vec<u8>, piece: &str, finish: Option<&str>) {
+        out.extend_from_slice(self.head.as_bytes());
+        match self.kind {
+            Kind::Chat => out.extend_from_slice(br#"{"index":0,"delta":{"content":"#),
+            Kind::Completion => out.extend_from_slice(br#"{"index":0,"text":"#),
+        }
+        let _ = serde_json::to_writer(&mut *out, piece);
+        match (self.kind, finish) {
+            (Kind::Chat, None) => {
+                out.extend_from_slice(br#"},"logprobs":null,"finish_reason":null,"token_ids":null}]}"#)
+            }
+            (Kind::Completion, None) => {
+                out.extend_from_slice(br#","logprobs":null,"finish_reason":null,"stop_reason":null}]}"#)
+            }
+            (Kind::Chat, Some(r)) => {
+                out.extend_from_slice(br#"},"logprobs":null,"finish_reason":""#);
+                out.extend_from_slice(r.as_bytes());
+                out.extend_from_slice(br#"","stop_reason":null,"token_ids":null}]}"#);
+            }
+            (Kind::Completion, Some(r)) => {
+                out.extend_from_slice(br#","logprobs":null,"finish_reason":""#);
+                out.extend_from_slice(r.as_bytes());
+                out.extend_from_slice(br#"","stop_reason":null}]}"#);
+            }
+        }
+        out.extend_from_slice(b"\n\n");
+    }
+
+    fn final_chunks(&self, out: &mut Vec<u8>, done: &Done) {
+        self.token_chunk(out, &done.text, Some(done.reason.as_str()));
+        if self.include_usage {
+            let s = &done.summary;
+            out.extend_from_slice(self.head.as_bytes());
+            let usage = format!(
+                r#"],"usage":{{"prompt_tokens":{},"total_tokens":{},"completion_tokens":{}}},"system_fingerprint":"{}"}}"#,
+                s.prompt_tokens,
+                s.prompt_tokens + s.output_tokens,
+                s.output_tokens,
+                super::FINGERPRINT
+            );
+            out.extend_from_slice(usage.as_bytes());
+            out.extend_from_slice(b"\n\n");
+        }
+        out.extend_from_slice(b"data: [DONE]\n\n");
+    }
+
+    fn push_event(&mut self, ev: Event, out: &mut Vec<u8>) {
+        match ev {
+            Event::Token(piece) => self.token_chunk(out, &piece, None),
+            Event::Done(done) => {
+                self.final_chunks(out, &done);
+                self.done = true;
+            }
+        }
+    }
+}
+
+impl Stream for SseStream {
+    type Item = Result<Bytes, std::convert::Infallible>;
+
+    fn poll_next(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Self::Item>> {
+        if self.done {
+            return Poll::Ready(None);
+        }
+        let mut out = Vec::new();
+        if !self.started {
+            self.started = true;
+            if self.kind == Kind::Chat {
+                out.extend_from_slice(self.head.as_bytes());
+                out.extend_from_slice(br#"{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}],"prompt_token_ids":null,"prompt_text":null}"#);
+                out.extend_from_slice(b"\n\n");
+                return Poll::Ready(Some(Ok(Bytes::from(out))));
+            }
+        }
+        match self.rx.poll_recv(cx) {
+            Poll::Pending => Poll::Pending,
+            Poll::Ready(None) => {
+                // engine gone without a Done: end the stream as vLLM does on abort
+                self.done = true;
+                out.extend_from_slice(b"data: [DONE]\n\n");
+                Poll::Ready(Some(Ok(Bytes::from(out))))
+            }
+            Poll::Ready(Some(ev)) => {
+                out.reserve(self.head.len() + 96);
+                self.push_event(ev, &mut out);
+                // coalesce whatever else is already queued into one write
+                while !self.done {
+                    match self.rx.try_recv() {
+                        Ok(ev) => self.push_event(ev, &mut out),
+                        Err(_) => break,
+                    }
+                }
+                Poll::Ready(Some(Ok(Bytes::from(out))))
+            }
+        }
+    }
+}

@@ -1,0 +1,220 @@
+//! `flotilla sim`: a simulated vLLM engine with vLLM's HTTP surface, scheduler behaviour
+//! and metric names, for tests, benchmarks and laptops without GPUs (issue 4).
+//!
+//! ```text
+//!  config (SimArgs -> EngineConfig) ──┐
+//!                                     v
+//!  http (axum router) ──Command──> engine (one task: step loop) ──> scheduler (pure)
+//!       ^                              │                               └─> kv (block manager, prefix cache)
+//!       └──────────Event (tokens)──────┘──> metrics (vLLM names)   latency (profiles)
+//! ```
+//!
+//! Entry points: [`run`] for the `flotilla sim` subcommand, [`start`] for in-process tests.
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod engine;
+pub mod error;
+pub mod faults;
+pub mod http;
+pub mod kv;
+pub mod latency;
+pub mod lora;
+pub mod metrics;
+pub mod scheduler;
+pub mod text;
+pub mod tokenizer;
+
+use std::io::Write as _;
+use std::net::SocketAddr;
+use std::sync::atomic::AtomicU64;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+
+pub use config::{EngineConfig, SimArgs};
+pub use error::SimError;
+
+/// What a crash fault does.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum CrashMode {
+    /// Exit the process with status 1 (the `flotilla sim` process).
+    Exit,
+    /// Stop listening and abort every request (in-process servers).
+    StopServer,
+}
+
+/// A running simulator started by [`start`].
+#[derive(Debug)]
+pub struct SimHandle {
+    addr: SocketAddr,
+    model: String,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), SimError>>>,
+}
+
+impl SimHandle {
+    /// The bound address (the real port when `--port 0`).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`, for clients.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The served model name.
+    pub fn model(&self) -> &str {
+        &self.model
+    }
+
+    /// Aborts in-flight requests, stops serving and waits (at most ~2 s) for the server.
+    pub async fn shutdown(mut self) -> Result<(), SimError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits until the server stops by itself (a crash fault) or fails.
+    pub async fn stopped(&mut self) -> Result<(), SimError> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), SimError> {
+        match self.task.take() {
+            Some(t) => t.await.map_err(|e| SimError::Engine(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for SimHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+fn listen_addr(host: &str, port: u16) -> String {
+    if host.contains(':') && !host.starts_with('[') {
+        format!("[{host}]:{port}")
+    } else {
+        format!("{host}:{port}")
+    }
+}
+
+/// Validates `args`, binds, starts the engine task and the HTTP server, and returns at
+/// once. Dropping the handle shuts the server down.
+pub async fn start(args: SimArgs) -> Result<SimHandle, SimError> {
+    start_with(args, CrashMode::StopServer).await
+}
+
+async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimError> {
+    let cfg = args.validate()?;
+    let want = listen_addr(&args.host, args.port);
+    let listener = TcpListener::bind(&want).await.map_err(|source| SimError::Bind { addr: want.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: want, source })?;
+
+    let metrics = Arc::new(Mutex::new(metrics::Metrics::new(
+        &cfg.model,
+        cfg.max_model_len,
+        cfg.lora_enabled.then_some(cfg.max_loras),
+    )));
+    let registry = Arc::new(lora::Registry::new(cfg.lora_enabled, cfg.max_lora_rank));
+    let faults = Arc::new(faults::Faults::new());
+    let (tx, rx) = mpsc::unbounded_channel();
+    let engine = engine::Engine::new(cfg.clone(), metrics.clone(), registry.clone(), faults.clone());
+    let engine_task = tokio::spawn(engine.run(rx));
+    tracing::info!(
+        addr = %addr, model = %cfg.model, profile = cfg.profile.name, kv_blocks = cfg.num_blocks,
+        block_size = cfg.block_size, max_num_seqs = cfg.max_num_seqs,
+        max_num_batched_tokens = cfg.max_num_batched_tokens, speedup = cfg.speedup, "sim engine started"
+    );
+    let state = http::AppState {
+        cfg: Arc::new(cfg.clone()),
+        engine: tx.clone(),
+        metrics,
+        lora: registry,
+        faults: faults.clone(),
+        ids: Arc::new(AtomicU64::new(1)),
+        id_salt: u64::from(addr.port()) ^ u64::from(std::process::id()) << 16,
+    };
+    let app = http::router(state);
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let mut graceful_rx = stop_tx.subscribe();
+    let task = tokio::spawn(async move {
+        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
+            let _ = graceful_rx.wait_for(|s| *s).await;
+        });
+        let mut server = tokio::spawn(async move { serve.await.map_err(SimError::Serve) });
+        let crashed = tokio::select! {
+            r = &mut server => {
+                let _ = tx.send(engine::Command::Shutdown);
+                return r.map_err(|e| SimError::Engine(e.to_string()))?;
+            }
+            _ = stop_rx.wait_for(|s| *s) => false,
+            _ = faults.crash.notified() => true,
+        };
+        if crashed {
+            tracing::error!(addr = %addr, "crash fault injected");
+            if crash == CrashMode::Exit {
+                eprintln!("flotilla sim: crash fault injected; exiting");
+                std::process::exit(1);
+            }
+            server.abort();
+        }
+        let _ = tx.send(engine::Command::Shutdown);
+        let _ = tokio::time::timeout(Duration::from_secs(2), engine_task).await;
+        match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
+            Ok(Ok(r)) => r,
+            Ok(Err(_)) => Ok(()), // aborted after a crash
+            Err(_) => {
+                server.abort(); // hung requests (hang fault) never finish
+                Ok(())
+            }
+        }
+    });
+    Ok(SimHandle { addr, model: cfg.model, stop: stop_tx, task: Some(task) })
+}
+
+/// Runs `flotilla sim`: binds, prints `flotilla sim listening on http://ADDR model=NAME`
+/// on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
+pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    let mut handle = start_with(args, CrashMode::Exit).await?;
+    {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(out, "flotilla sim listening on {} model={}", handle.base_url(), handle.model());
+        let _ = out.flush();
+    }
+    tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!("shutdown signal received");
+            handle.shutdown().await
+        }
+        r = handle.stopped() => r,
+    }
+}
+
+async fn shutdown_signal() {
+    #[cfg(unix)]
+    {
+        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(s) => s,
+            Err(e) => {
+                tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the sim");
+                let _ = tokio::signal::ctrl_c().await;
+                return;
+            }
+        };
+        tokio::select! {
+            _ = tokio::signal::ctrl_c() => {}
+            _ = term.recv() => {}
+        }
+    }
+    #[cfg(not(unix))]
+    {
+        let _ = tokio::signal::ctrl_c().await;
+    }
+}

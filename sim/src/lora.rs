@@ -1,0 +1,206 @@
+//! The LoRA adapter registry behind `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`,
+//! with vLLM's error cases: LoRA disabled (500), a name loaded twice (400), a path that
+//! does not exist (404), an unknown name on unload (404), a rank above `--max-lora-rank`
+//! (400). A path is an existing local file or directory (its `adapter_config.json` `r`
+//! gives the rank) or `sim://NAME[?rank=N]` for a synthetic adapter with no files.
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::sync::Mutex;
+
+/// A loaded adapter.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Adapter {
+    /// Engine-internal id (>= 1), used for batching and cache salting.
+    pub id: u32,
+    /// Name requests use as `model`.
+    pub name: String,
+    /// Where it was loaded from.
+    pub path: String,
+    /// LoRA rank.
+    pub rank: u32,
+}
+
+/// Why a load or unload failed; each maps to vLLM's status code.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum LoraError {
+    /// LoRA is off (`--disable-lora`): 500.
+    #[error("LoRA is not enabled on this server; start it without --disable-lora")]
+    Disabled,
+    /// Missing name or path: 400.
+    #[error("Both 'lora_name' and 'lora_path' must be provided.")]
+    MissingField,
+    /// Same name twice: 400.
+    #[error("The lora adapter '{0}' has already been loaded.")]
+    Duplicate(String),
+    /// Path not found: 404.
+    #[error("Loading lora {name} failed: No adapter found for {path}")]
+    NotFound {
+        /// Adapter name.
+        name: String,
+        /// The path given.
+        path: String,
+    },
+    /// Rank too high: 400.
+    #[error("LoRA rank {rank} is greater than max_lora_rank {max}.")]
+    RankTooHigh {
+        /// The adapter's rank.
+        rank: u32,
+        /// `--max-lora-rank`.
+        max: u32,
+    },
+    /// Unknown name on unload: 404.
+    #[error("The lora adapter '{0}' cannot be found.")]
+    Unknown(String),
+}
+
+impl LoraError {
+    /// The HTTP status vLLM answers with.
+    pub fn status(&self) -> u16 {
+        match self {
+            LoraError::Disabled => 500,
+            LoraError::MissingField | LoraError::Duplicate(_) | LoraError::RankTooHigh { .. } => 400,
+            LoraError::NotFound { .. } | LoraError::Unknown(_) => 404,
+        }
+    }
+}
+
+#[derive(Debug, Default)]
+struct Inner {
+    by_name: BTreeMap<String, Adapter>,
+    next_id: u32,
+}
+
+/// Loaded adapters, shared by the HTTP layer and the engine.
+#[derive(Debug)]
+pub struct Registry {
+    enabled: bool,
+    max_rank: u32,
+    inner: Mutex<Inner>,
+}
+
+fn rank_of(path: &str, default: u32) -> Option<u32> {
+    if let Some(rest) = path.strip_prefix("sim://") {
+        let rank = rest.split_once("?rank=").and_then(|(_, r)| r.parse().ok()).unwrap_or(default);
+        return Some(rank);
+    }
+    let p = Path::new(path);
+    if !p.exists() {
+        return None;
+    }
+    let cfg = std::fs::read_to_string(p.join("adapter_config.json")).ok();
+    let rank = cfg
+        .and_then(|c| serde_json::from_str::<serde_json::Value>(&c).ok())
+        .and_then(|v| v.get("r").and_then(serde_json::Value::as_u64))
+        .and_then(|r| u32::try_from(r).ok())
+        .unwrap_or(default);
+    Some(rank)
+}
+
+impl Registry {
+    /// An empty registry.
+    pub fn new(enabled: bool, max_rank: u32) -> Self {
+        Registry { enabled, max_rank, inner: Mutex::new(Inner { by_name: BTreeMap::new(), next_id: 1 }) }
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
+        self.inner.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// Whether adapters can be loaded.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Loads an adapter.
+    pub fn load(&self, name: &str, path: &str) -> Result<Adapter, LoraError> {
+        if !self.enabled {
+            return Err(LoraError::Disabled);
+        }
+        if name.is_empty() || path.is_empty() {
+            return Err(LoraError::MissingField);
+        }
+        if self.lock().by_name.contains_key(name) {
+            return Err(LoraError::Duplicate(name.to_string()));
+        }
+        let rank = rank_of(path, self.max_rank)
+            .ok_or_else(|| LoraError::NotFound { name: name.to_string(), path: path.to_string() })?;
+        if rank > self.max_rank {
+            return Err(LoraError::RankTooHigh { rank, max: self.max_rank });
+        }
+        let mut inner = self.lock();
+        if inner.by_name.contains_key(name) {
+            return Err(LoraError::Duplicate(name.to_string()));
+        }
+        let id = inner.next_id;
+        inner.next_id += 1;
+        let a = Adapter { id, name: name.to_string(), path: path.to_string(), rank };
+        inner.by_name.insert(name.to_string(), a.clone());
+        Ok(a)
+    }
+
+    /// Unloads an adapter; requests already running with it finish.
+    pub fn unload(&self, name: &str) -> Result<(), LoraError> {
+        if !self.enabled {
+            return Err(LoraError::Disabled);
+        }
+        self.lock().by_name.remove(name).map(|_| ()).ok_or_else(|| LoraError::Unknown(name.to_string()))
+    }
+
+    /// The id of a loaded adapter.
+    pub fn resolve(&self, name: &str) -> Option<u32> {
+        self.lock().by_name.get(name).map(|a| a.id)
+    }
+
+    /// All loaded adapters, by name.
+    pub fn list(&self) -> Vec<Adapter> {
+        self.lock().by_name.values().cloned().collect()
+    }
+
+    /// Names of the given adapter ids, comma-joined (unloaded ones are skipped).
+    pub fn names(&self, ids: &[u32]) -> String {
+        let inner = self.lock();
+        let mut out = String::new();
+        for id in ids {
+            if let Some(a) = inner.by_name.values().find(|a| a.id == *id) {
+                if !out.is_empty() {
+                    out.push(',');
+                }
+                out.push_str(&a.name);
+            }
+        }
+        out
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn vllm_error_cases() {
+        let r = Registry::new(true, 16);
+        assert_eq!(r.load("a", "sim://a").unwrap().id, 1);
+        assert_eq!(r.load("a", "sim://a").unwrap_err().status(), 400);
+        assert_eq!(r.load("b", "/definitely/not/here").unwrap_err().status(), 404);
+        assert_eq!(r.load("c", "sim://c?rank=64").unwrap_err(), LoraError::RankTooHigh { rank: 64, max: 16 });
+        assert_eq!(r.load("", "x").unwrap_err().status(), 400);
+        assert_eq!(r.resolve("a"), Some(1));
+        assert_eq!(r.names(&[1, 99]), "a");
+        r.unload("a").unwrap();
+        assert_eq!(r.unload("a").unwrap_err().status(), 404);
+        assert_eq!(r.resolve("a"), None);
+        let off = Registry::new(false, 16);
+        assert_eq!(off.load("a", "sim://a").unwrap_err().status(), 500);
+    }
+
+    #[test]
+    fn rank_is_read_from_adapter_config() {
+        let dir = std::env::temp_dir().join(format!("flotilla-sim-lora-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("adapter_config.json"), r#"{"r": 8, "lora_alpha": 16}"#).unwrap();
+        let r = Registry::new(true, 16);
+        assert_eq!(r.load("x", dir.to_str().unwrap()).unwrap().rank, 8);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

@@ -1,0 +1,59 @@
+//! `promtool check metrics` on a busy sim's /metrics: no parse errors, and no lint problem
+//! beyond the two that a real vLLM 0.32 scrape has too (`:` in names, which vLLM's naming
+//! requires, and `_total` on the `vllm:iteration_tokens_total` histogram). Needs `promtool`
+//! on PATH (or `PROMTOOL`); `.ci/sim-deps.sh` installs it.
+
+mod common;
+
+use std::io::Write;
+use std::process::{Command, Stdio};
+
+fn promtool(input: &str) -> (i32, String) {
+    let bin = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&bin)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{bin}` ({e}); install it with `bash .ci/sim-deps.sh` or set PROMTOOL"));
+    child.stdin.take().unwrap().write_all(input.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    (out.status.code().unwrap_or(-1), text)
+}
+
+fn problems(text: &str) -> Vec<String> {
+    text.lines().filter(|l| !l.trim().is_empty()).map(|l| l.split_once(' ').map_or(l, |(_, p)| p).to_string()).collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_pass_promtool_like_real_vllm() {
+    let real =
+        std::fs::read_to_string(concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/real-vllm/metrics-vllm-0.32.0.txt"))
+            .unwrap();
+    let (_, real_out) = promtool(&real);
+    let allowed = problems(&real_out);
+    assert!(!allowed.is_empty() && !real_out.contains("error while linting"), "{real_out}");
+
+    let sim = common::start(flotilla_sim::SimArgs { model: "demo".into(), ..common::args() }).await;
+    let a = sim.local_addr();
+    common::post(a, "/v1/load_lora_adapter", serde_json::json!({"lora_name": "x", "lora_path": "sim://x"})).await;
+    for i in 0..4 {
+        assert_eq!(
+            common::complete(a, if i % 2 == 0 { "demo" } else { "x" }, &common::text(100, i), 8).await.status,
+            200
+        );
+    }
+    let body = common::get(a, "/metrics").await.body;
+    let (code, out) = promtool(&body);
+    assert!(!out.contains("error while linting"), "promtool cannot parse /metrics:\n{out}");
+    assert!(code == 0 || code == 3, "promtool exit {code}:\n{out}");
+    for p in problems(&out) {
+        assert!(allowed.contains(&p), "promtool problem that real vLLM does not have: {p}");
+    }
+    // and a broken exposition is caught, so this test can fail
+    let (_, broken) = promtool("vllm_x{a=\"1\" 1\n");
+    assert!(broken.contains("error while linting"), "{broken}");
+    sim.shutdown().await.unwrap();
+}
