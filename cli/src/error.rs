@@ -43,3 +43,13 @@ impl From<flotilla_cluster::ClusterError> for CliError {
         }
     }
 }
+
+impl From<flotilla_sim::SimError> for CliError {
+    fn from(e: flotilla_sim::SimError) -> CliError {
+        if e.is_usage() {
+            CliError::usage(e.to_string())
+        } else {
+            CliError::runtime(e.to_string())
+        }
+    }
+}

@@ -57,6 +57,10 @@ enum Command {
     /// Inspect and change the Raft group.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
+    /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
+    ///
+    /// Example: flotilla sim --port 8000 --model demo --speedup 10
+    Sim(flotilla_sim::SimArgs),
 }
 
 fn main() -> ExitCode {
@@ -93,6 +97,10 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Delete(args) => cmd::objects::delete(&client, args, cli.output).await,
         Command::Watch(args) => cmd::objects::watch(&client, args).await,
         Command::Cluster(c) => cmd::cluster::run(&client, c, cli.output).await,
+        Command::Sim(args) => {
+            init_logging("info");
+            flotilla_sim::run(args).await.map_err(CliError::from)
+        }
     }
 }
 

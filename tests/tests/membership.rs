@@ -41,7 +41,8 @@ async fn remove_member_then_add_a_new_one_as_learner_and_voter() {
     let mut c4 = flotilla_api::pb::object_service_client::ObjectServiceClient::new(channel(four.grpc_addr).await);
     let mut names = Vec::new();
     for _ in 0..100 {
-        let list = c4.list(ListRequest { kind: "model".into(), label_selector: String::new(), stale: true }).await.unwrap();
+        let list =
+            c4.list(ListRequest { kind: "model".into(), label_selector: String::new(), stale: true }).await.unwrap();
         names = list.into_inner().objects.into_iter().map(|o| o.name).collect();
         if !names.is_empty() {
             break;
