@@ -6,23 +6,32 @@ use serde::{Deserialize, Serialize};
 
 use crate::ApiError;
 
-/// A kind of object. Users apply `Model`, `Adapter` and `Tenant`; controllers will own the
-/// others (`Replica`, `Node`, `Fleet`) as later issues add them.
+/// A kind of object. Users apply `Model`, `Adapter` and `Tenant`; flotilla itself writes
+/// `Node` (agents register them) and `Replica` (controllers place them).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 pub enum Kind {
     Model,
     Adapter,
     Tenant,
+    Node,
+    Replica,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 3] = [Kind::Model, Kind::Adapter, Kind::Tenant];
+    pub const ALL: [Kind; 5] = [Kind::Model, Kind::Adapter, Kind::Tenant, Kind::Node, Kind::Replica];
+
+    /// Whether users write this kind with `apply` (the others are managed by flotilla).
+    pub fn user_applied(self) -> bool {
+        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant)
+    }
 
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Model => "Model",
             Kind::Adapter => "Adapter",
             Kind::Tenant => "Tenant",
+            Kind::Node => "Node",
+            Kind::Replica => "Replica",
         }
     }
 }

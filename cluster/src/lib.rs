@@ -14,6 +14,7 @@
 mod cluster_service;
 mod config;
 mod error;
+mod handle;
 mod http;
 mod metrics;
 mod network;
@@ -25,7 +26,8 @@ mod server;
 
 pub use config::ServerConfig;
 pub use error::ClusterError;
-pub use server::{start, ServerHandle};
+pub use handle::ClusterHandle;
+pub use server::{start, start_with, Extensions, ServerHandle};
 
 /// gRPC metadata key set on requests a server forwards to the leader, so that they are
 /// never forwarded twice.

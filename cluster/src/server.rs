@@ -23,7 +23,8 @@ use crate::node::Node;
 use crate::object_service::ObjectServiceImpl;
 use crate::peers::Peers;
 use crate::raft_service::RaftServiceImpl;
-use crate::{ClusterError, ServerConfig};
+use crate::{ClusterError, ClusterHandle, ServerConfig};
+use tonic::service::RoutesBuilder;
 
 /// Largest API request accepted, in bytes (manifests are limited further, to 256 KiB).
 const MAX_API_MESSAGE: usize = 1 << 20;
@@ -73,8 +74,17 @@ async fn bind(addr: SocketAddr) -> Result<TcpListener, ClusterError> {
     TcpListener::bind(addr).await.map_err(|source| ClusterError::Bind { addr: addr.to_string(), source })
 }
 
+/// Adds services to a server's gRPC port: given the server's [`ClusterHandle`], register
+/// services on the builder (the controller actors' agent and endpoint services, say).
+pub type Extensions = Box<dyn FnOnce(ClusterHandle, &mut RoutesBuilder) + Send>;
+
 /// Starts a server and returns once it is listening (not necessarily part of a cluster).
 pub async fn start(config: ServerConfig) -> Result<ServerHandle, ClusterError> {
+    start_with(config, Box::new(|_, _| {})).await
+}
+
+/// Like [`start`], with extra gRPC services on the same port.
+pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<ServerHandle, ClusterError> {
     config.validate()?;
     let raft_config = std::sync::Arc::new(config.raft_config()?);
     let grpc_listener = bind(config.grpc_addr).await?;
@@ -103,9 +113,11 @@ pub async fn start(config: ServerConfig) -> Result<ServerHandle, ClusterError> {
         request_timeout: config.request_timeout,
     };
 
+    let mut extra = RoutesBuilder::default();
+    extensions(ClusterHandle { node: node.clone() }, &mut extra);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone())));
+    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra)));
     tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
 
     if config.bootstrap {
@@ -152,7 +164,7 @@ async fn join(raft: Raft, peers: crate::peers::Peers, seed: String, id: u64, add
     }
 }
 
-async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>) {
+async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>, extra: RoutesBuilder) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ObjectServiceServer<ObjectServiceImpl>>().await;
     health_reporter.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
@@ -168,14 +180,12 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
     let raft = RaftServiceServer::new(RaftServiceImpl { raft: node.raft.clone(), metrics: node.metrics.clone() })
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let mut routes = extra;
+    routes.add_service(health_service).add_service(reflection).add_service(objects).add_service(cluster).add_service(raft);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(objects)
-        .add_service(cluster)
-        .add_service(raft)
+        .add_routes(routes.routes())
         .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
             let _ = stop.wait_for(|s| *s).await;
         })

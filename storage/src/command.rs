@@ -28,6 +28,44 @@ pub enum Command {
         key: ObjectKey,
         expected_revision: Option<u64>,
     },
+    /// All-or-nothing: if every compare holds, apply every op in order; else nothing.
+    /// Controllers use it to bind a replica and allocate its GPUs in one step.
+    Txn {
+        compares: Vec<Compare>,
+        ops: Vec<TxnOp>,
+    },
+}
+
+/// A transaction condition: the object's current revision must be `revision` (0: absent).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Compare {
+    pub key: ObjectKey,
+    pub revision: u64,
+}
+
+/// One write of a transaction.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub enum TxnOp {
+    /// Create or update the spec and labels, and the status too when given.
+    Put {
+        key: ObjectKey,
+        uid: String,
+        labels: BTreeMap<String, String>,
+        spec: serde_json::Value,
+        status: Option<serde_json::Value>,
+    },
+    /// Replace the status of an object that exists.
+    PutStatus { key: ObjectKey, status: serde_json::Value },
+    /// Remove an object that exists.
+    Delete { key: ObjectKey },
+}
+
+impl TxnOp {
+    pub fn key(&self) -> &ObjectKey {
+        match self {
+            TxnOp::Put { key, .. } | TxnOp::PutStatus { key, .. } | TxnOp::Delete { key } => key,
+        }
+    }
 }
 
 /// What applying a command did.
@@ -53,5 +91,9 @@ pub enum CommandResult {
     },
     NotFound {
         key: ObjectKey,
+    },
+    /// A transaction applied; the store revision after it.
+    Txn {
+        revision: u64,
     },
 }

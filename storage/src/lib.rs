@@ -23,7 +23,7 @@ mod store;
 use std::io::Cursor;
 use std::path::Path;
 
-pub use command::{Command, CommandResult};
+pub use command::{Command, CommandResult, Compare, TxnOp};
 pub use error::StorageError;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StoreReader};

@@ -6,6 +6,7 @@ use std::collections::{BTreeMap, VecDeque};
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::command::{Compare, TxnOp};
 use crate::{Command, CommandResult};
 
 /// How many change events are kept for resuming watches, by default.
@@ -149,6 +150,7 @@ impl Store {
             Command::Put { key, expected_revision, .. }
             | Command::PutStatus { key, expected_revision, .. }
             | Command::Delete { key, expected_revision } => (key, *expected_revision),
+            Command::Txn { compares, ops } => return self.apply_txn(compares, ops, out),
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -189,16 +191,77 @@ impl Store {
                 let object = self.commit_put(next, out);
                 CommandResult::Put { object, created: false, unchanged: false }
             }
-            Command::Delete { key, .. } => {
-                let Some(object) = self.objects.remove(key) else {
-                    return CommandResult::NotFound { key: key.clone() };
-                };
-                self.revision += 1;
-                out.push(Mutation::RemoveObject(key.clone()));
-                self.record(EventType::Delete, object.clone(), out);
-                CommandResult::Deleted { object, revision: self.revision }
+            Command::Delete { key, .. } => match self.delete(key, out) {
+                Some(object) => CommandResult::Deleted { object, revision: self.revision },
+                None => CommandResult::NotFound { key: key.clone() },
+            },
+            Command::Txn { .. } => unreachable!("handled above"),
+        }
+    }
+
+    fn delete(&mut self, key: &ObjectKey, out: &mut Vec<Mutation>) -> Option<StoredObject> {
+        let object = self.objects.remove(key)?;
+        self.revision += 1;
+        out.push(Mutation::RemoveObject(key.clone()));
+        self.record(EventType::Delete, object.clone(), out);
+        Some(object)
+    }
+
+    /// Checks every compare and that every op's target exists where it must (given the
+    /// earlier ops), then applies all ops; on any failure nothing changes.
+    fn apply_txn(&mut self, compares: &[Compare], ops: &[TxnOp], out: &mut Vec<Mutation>) -> CommandResult {
+        for c in compares {
+            let actual = self.objects.get(&c.key).map_or(0, |o| o.revision);
+            if actual != c.revision {
+                return CommandResult::Conflict { key: c.key.clone(), expected: c.revision, actual };
             }
         }
+        let mut exists: BTreeMap<&ObjectKey, bool> = BTreeMap::new();
+        for op in ops {
+            let key = op.key();
+            let present = *exists.entry(key).or_insert_with(|| self.objects.contains_key(key));
+            if !present && !matches!(op, TxnOp::Put { .. }) {
+                return CommandResult::NotFound { key: key.clone() };
+            }
+            exists.insert(key, !matches!(op, TxnOp::Delete { .. }));
+        }
+        for op in ops {
+            match op {
+                TxnOp::Put { key, uid, labels, spec, status } => {
+                    let next = match self.objects.get(key) {
+                        Some(cur) => StoredObject {
+                            labels: labels.clone(),
+                            spec: spec.clone(),
+                            status: status.clone().unwrap_or_else(|| cur.status.clone()),
+                            ..cur.clone()
+                        },
+                        None => StoredObject {
+                            key: key.clone(),
+                            uid: uid.clone(),
+                            labels: labels.clone(),
+                            spec: spec.clone(),
+                            status: status.clone().unwrap_or(serde_json::Value::Null),
+                            revision: 0,
+                            create_revision: self.revision + 1,
+                        },
+                    };
+                    if self.objects.get(key) != Some(&next) {
+                        self.commit_put(next, out);
+                    }
+                }
+                TxnOp::PutStatus { key, status } => {
+                    let cur = self.objects.get(key).expect("checked above");
+                    if &cur.status != status {
+                        let next = StoredObject { status: status.clone(), ..cur.clone() };
+                        self.commit_put(next, out);
+                    }
+                }
+                TxnOp::Delete { key } => {
+                    self.delete(key, out);
+                }
+            }
+        }
+        CommandResult::Txn { revision: self.revision }
     }
 
     fn commit_put(&mut self, mut object: StoredObject, out: &mut Vec<Mutation>) -> StoredObject {
@@ -320,6 +383,50 @@ mod tests {
         let mut back: Store = serde_json::from_slice(&bytes).unwrap();
         back.set_retention(10);
         assert_eq!(back, s);
+    }
+
+    fn txn_put(name: &str, replicas: u32) -> TxnOp {
+        TxnOp::Put {
+            key: key(name),
+            uid: format!("uid-{name}"),
+            labels: BTreeMap::new(),
+            spec: json!({ "replicas": replicas }),
+            status: Some(json!({"phase": "Pending"})),
+        }
+    }
+
+    #[test]
+    fn txn_is_all_or_nothing() {
+        let mut s = Store::new(100);
+        let mut m = Vec::new();
+        s.apply(&put("node", 1, None), &mut m);
+        let ok = Command::Txn {
+            compares: vec![Compare { key: key("node"), revision: 1 }, Compare { key: key("r1"), revision: 0 }],
+            ops: vec![txn_put("r1", 1), TxnOp::PutStatus { key: key("node"), status: json!({"alloc": [0]}) }],
+        };
+        assert_eq!(s.apply(&ok, &mut m), CommandResult::Txn { revision: 3 });
+        assert_eq!(s.get(&key("r1")).unwrap().status, json!({"phase": "Pending"}));
+        // The same binding again: the node's revision moved, so nothing happens.
+        let before = s.clone();
+        m.clear();
+        let again = Command::Txn {
+            compares: vec![Compare { key: key("node"), revision: 1 }],
+            ops: vec![txn_put("r2", 1)],
+        };
+        assert!(matches!(s.apply(&again, &mut m), CommandResult::Conflict { actual: 3, .. }));
+        // An op on a missing object fails the whole transaction.
+        let missing = Command::Txn {
+            compares: vec![],
+            ops: vec![txn_put("r3", 1), TxnOp::PutStatus { key: key("ghost"), status: json!({}) }],
+        };
+        assert!(matches!(s.apply(&missing, &mut m), CommandResult::NotFound { .. }));
+        assert_eq!(s, before);
+        assert!(m.is_empty());
+        // Delete then re-create in one transaction is allowed; delete of a deleted key is not.
+        let recreate = Command::Txn { compares: vec![], ops: vec![TxnOp::Delete { key: key("r1") }, txn_put("r1", 2)] };
+        assert!(matches!(s.apply(&recreate, &mut m), CommandResult::Txn { revision: 5 }));
+        let twice = Command::Txn { compares: vec![], ops: vec![TxnOp::Delete { key: key("r1") }, TxnOp::Delete { key: key("r1") }] };
+        assert!(matches!(s.apply(&twice, &mut m), CommandResult::NotFound { .. }));
     }
 
     #[test]

@@ -2,11 +2,15 @@
 //! ranges and relations that serde's typing cannot, naming the field at fault.
 mod adapter;
 mod model;
+mod node;
+mod replica;
 mod tenant;
 mod uri;
 
 pub use adapter::AdapterSpec;
 pub use model::{AutoscalingSpec, EngineKind, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
+pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
+pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use tenant::{PriorityClass, TenantSpec};
 pub use uri::validate_source;
 
@@ -49,6 +53,12 @@ impl Spec {
             Kind::Model => Spec::Model(typed(value)?),
             Kind::Adapter => Spec::Adapter(typed(value)?),
             Kind::Tenant => Spec::Tenant(typed(value)?),
+            Kind::Node | Kind::Replica => {
+                return Err(ApiError::invalid(
+                    "kind",
+                    format!("{kind} objects are managed by flotilla (agents register nodes, controllers place replicas) and cannot be applied"),
+                ))
+            }
         };
         spec.validate()?;
         Ok(spec)

@@ -1,0 +1,66 @@
+//! `kind: Replica`: one engine serving one model, placed on a node by the controllers.
+use serde::{Deserialize, Serialize};
+
+use super::EngineKind;
+use crate::ObjectName;
+
+/// What a replica runs and where. Written by the controllers when they create and bind it.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaSpec {
+    pub model: ObjectName,
+    pub engine: EngineKind,
+    pub source: String,
+    #[serde(default)]
+    pub engine_args: Vec<String>,
+    /// GPUs the replica needs (copied from the model).
+    pub gpus_needed: u32,
+    /// Allowed GPU types (copied from the model; empty: any).
+    #[serde(default)]
+    pub gpu_types: Vec<String>,
+    /// The node it is bound to; `None` while Pending.
+    #[serde(default)]
+    pub node: Option<ObjectName>,
+    /// GPU indices on that node.
+    #[serde(default)]
+    pub gpus: Vec<u32>,
+}
+
+/// Replica lifecycle: Pending → Scheduled → Starting → Ready → Draining → Stopped, or Failed.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+pub enum ReplicaPhase {
+    /// Waiting for a node with room.
+    #[default]
+    Pending,
+    /// Bound to a node; the agent has not started it yet.
+    Scheduled,
+    /// Downloading weights or starting the engine.
+    Starting,
+    /// The engine answers `/health`.
+    Ready,
+    /// Being stopped (scale-down, drain, delete).
+    Draining,
+    Stopped,
+    /// Gave up: too many crashes, a failed download, or a lost node.
+    Failed,
+}
+
+/// Observed state of a replica.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(deny_unknown_fields)]
+pub struct ReplicaStatus {
+    #[serde(default)]
+    pub phase: ReplicaPhase,
+    /// Why it is not Ready (e.g. "no node has 2 free GPUs of type H100-80GB").
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    /// `host:port` of the engine's OpenAI endpoint once it runs.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub endpoint: Option<String>,
+    /// Times the agent restarted the engine after a crash.
+    #[serde(default)]
+    pub restarts: u32,
+    /// Download progress in [0, 1] while Starting.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_progress: Option<f64>,
+}
