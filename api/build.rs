@@ -4,7 +4,13 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
     let protoc = protoc_bin_vendored::protoc_bin_path()?;
     std::env::set_var("PROTOC", protoc);
     let out = std::path::PathBuf::from(std::env::var("OUT_DIR")?);
-    let protos = ["proto/flotilla/v1/object.proto", "proto/flotilla/v1/cluster.proto", "proto/flotilla/v1/raft.proto"];
+    let protos = [
+        "proto/flotilla/v1/object.proto",
+        "proto/flotilla/v1/cluster.proto",
+        "proto/flotilla/v1/raft.proto",
+        "proto/flotilla/v1/agent.proto",
+        "proto/flotilla/v1/fleet.proto",
+    ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("flotilla_v1_descriptor.bin"))
         .compile_protos(&protos, &["proto"])?;
