@@ -1,0 +1,445 @@
+//! Command-line flags ([`AgentArgs`], `flotilla agent --help`) and their validation into
+//! the typed [`AgentConfig`] the agent runs with. Flags and `FLOTILLA_*` env vars map
+//! onto the config here and nowhere else.
+
+use std::collections::BTreeMap;
+use std::ops::RangeInclusive;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::error::AgentError;
+
+/// `flotilla agent`: the node daemon. Registers this machine's GPUs with the leader, keeps
+/// a heartbeat stream to it, and runs the engines (vLLM or `flotilla sim`) it is assigned.
+///
+/// Example: `flotilla agent --server 10.0.0.1:7070,10.0.0.2:7070 --node-name gpu-1 --nvidia`
+/// or, simulated: `flotilla agent --server 127.0.0.1:7070 --node-name n1 --gpus 4 --gpu-type A100-80GB`
+#[derive(clap::Args, Debug, Clone)]
+pub struct AgentArgs {
+    /// Server gRPC addresses (host:port or http://host:port), tried in order, following
+    /// leader hints. Set from the binary's global `--server` flag (env FLOTILLA_SERVER),
+    /// which the `flotilla` CLI owns, so it is not a flag of its own here.
+    #[arg(skip = vec!["127.0.0.1:7070".to_owned()])]
+    pub server: Vec<String>,
+    /// This node's name, a DNS label unique in the cluster; default: the host name.
+    #[arg(long, env = "FLOTILLA_NODE_NAME")]
+    pub node_name: Option<String>,
+    /// Directory for engine logs, the model cache and the agent's state (engine adoption).
+    #[arg(long, env = "FLOTILLA_AGENT_DATA_DIR", default_value = "./.flotilla-agent")]
+    pub data_dir: PathBuf,
+    /// Host (IP or name) that engines on this node listen on and are reachable at.
+    #[arg(long, default_value = "127.0.0.1")]
+    pub address: String,
+    /// Node labels, comma-separated `key=value` pairs (e.g. `zone=a,rack=r1`).
+    #[arg(long, value_delimiter = ',')]
+    pub labels: Vec<String>,
+    /// Number of simulated GPUs (needs --gpu-type); conflicts with --nvidia.
+    #[arg(long, conflicts_with = "nvidia")]
+    pub gpus: Option<u32>,
+    /// GPU type of the simulated GPUs (e.g. A100-80GB).
+    #[arg(long)]
+    pub gpu_type: Option<String>,
+    /// Memory of each simulated GPU in MiB; default: read from a `-NNGB` suffix of the type, else 81920.
+    #[arg(long)]
+    pub gpu_memory_mib: Option<u64>,
+    /// Read the GPUs from NVIDIA's NVML (real machines); fails at start-up if NVML cannot load.
+    #[arg(long)]
+    pub nvidia: bool,
+    /// Heartbeat interval in milliseconds (the server's Registered value wins when set).
+    #[arg(long, default_value_t = 1000)]
+    pub heartbeat_interval_ms: u64,
+    /// Ports engines are started on, `LOW-HIGH` inclusive.
+    #[arg(long, default_value = "20000-29999")]
+    pub engine_port_range: String,
+    /// Program that runs `flotilla sim` engines; default: this executable.
+    #[arg(long, env = "FLOTILLA_SIM_BINARY")]
+    pub sim_binary: Option<PathBuf>,
+    /// Subcommand word put before the sim flags (`sim` for the flotilla binary; empty for a
+    /// standalone sim binary).
+    #[arg(long, default_value = "sim")]
+    pub sim_subcommand: String,
+    /// Extra flags for every sim engine, one shell-quoted string (e.g. `--speedup 20`).
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    pub sim_args: String,
+    /// Command template for vLLM engines. Placeholders: {source} (local model path once
+    /// downloaded), {model} (served model name), {port}, {host} (--address), {replica},
+    /// {gpus} (count of bound GPUs), {args} (the model's engine_args, one word each).
+    /// CUDA_VISIBLE_DEVICES is set from the bound GPU indices.
+    #[arg(
+        long,
+        env = "FLOTILLA_VLLM_COMMAND",
+        default_value = "vllm serve {source} --port {port} --served-model-name {model} {args}"
+    )]
+    pub vllm_command: String,
+    /// Stop every engine when the agent exits (dev mode). By default engines keep running
+    /// and the restarted agent adopts them.
+    #[arg(long)]
+    pub stop_engines_on_exit: bool,
+    /// First restart delay after an engine crash, in milliseconds (doubles per crash).
+    #[arg(long, default_value_t = 1000)]
+    pub restart_backoff_initial_ms: u64,
+    /// Longest restart delay, in milliseconds.
+    #[arg(long, default_value_t = 30_000)]
+    pub restart_backoff_max_ms: u64,
+    /// An engine that ran this long (ms) without crashing gets its backoff reset.
+    #[arg(long, default_value_t = 60_000)]
+    pub restart_stable_ms: u64,
+    /// Crashes within --crash-window-ms after which the engine is reported failed.
+    #[arg(long, default_value_t = 5)]
+    pub max_crashes: u32,
+    /// Window over which crashes are counted, in milliseconds.
+    #[arg(long, default_value_t = 300_000)]
+    pub crash_window_ms: u64,
+    /// How long an engine may take to answer /health with 200, in seconds (vLLM loads weights).
+    #[arg(long, default_value_t = 900)]
+    pub engine_start_timeout_s: u64,
+    /// A ready engine whose /health keeps failing this long (seconds) is killed and restarted
+    /// like a crash; it is reported not ready (`starting`) after about three failed checks.
+    #[arg(long, default_value_t = 60)]
+    pub engine_liveness_timeout_s: u64,
+    /// Grace period between SIGTERM and SIGKILL when stopping an engine, in milliseconds.
+    #[arg(long, default_value_t = 10_000)]
+    pub stop_grace_ms: u64,
+    /// Rotate an engine's log when it exceeds this many bytes.
+    #[arg(long, default_value_t = 50 * 1024 * 1024)]
+    pub log_max_bytes: u64,
+    /// Rotated log files kept per engine (`<replica>.log.1` .. `.N`).
+    #[arg(long, default_value_t = 3)]
+    pub log_keep: u32,
+    /// Hugging Face endpoint for hf:// sources (token from HF_TOKEN).
+    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
+    pub hf_endpoint: String,
+    /// S3-compatible endpoint for s3:// sources (credentials from AWS_ACCESS_KEY_ID and
+    /// AWS_SECRET_ACCESS_KEY, region from AWS_REGION, default us-east-1).
+    #[arg(long, env = "FLOTILLA_S3_ENDPOINT", default_value = "https://s3.amazonaws.com")]
+    pub s3_endpoint: String,
+}
+
+/// Validated agent configuration.
+#[derive(Debug, Clone)]
+pub struct AgentConfig {
+    /// Server gRPC URLs (`http://host:port`), in the order to try.
+    pub servers: Vec<String>,
+    /// Node name.
+    pub node_name: String,
+    /// Data directory.
+    pub data_dir: PathBuf,
+    /// Host engines listen on and are reachable at.
+    pub address: String,
+    /// Node labels.
+    pub labels: BTreeMap<String, String>,
+    /// GPU source.
+    pub gpus: GpuSource,
+    /// Heartbeat interval.
+    pub heartbeat_interval: Duration,
+    /// Engine ports.
+    pub ports: RangeInclusive<u16>,
+    /// Sim program.
+    pub sim_binary: PathBuf,
+    /// Sim subcommand word (may be empty).
+    pub sim_subcommand: String,
+    /// Extra sim words.
+    pub sim_args: Vec<String>,
+    /// vLLM command template, split into words.
+    pub vllm_command: Vec<String>,
+    /// Stop engines when the agent exits.
+    pub stop_engines_on_exit: bool,
+    /// Crash handling.
+    pub restart: crate::supervisor::backoff::RestartPolicy,
+    /// Start timeout.
+    pub start_timeout: Duration,
+    /// Ready engine failing /health this long → restarted.
+    pub liveness_timeout: Duration,
+    /// SIGTERM → SIGKILL grace.
+    pub stop_grace: Duration,
+    /// Log rotation size.
+    pub log_max_bytes: u64,
+    /// Rotated files kept.
+    pub log_keep: u32,
+    /// Hugging Face endpoint (no trailing slash).
+    pub hf_endpoint: String,
+    /// S3 endpoint (no trailing slash).
+    pub s3_endpoint: String,
+}
+
+/// Where the GPU inventory comes from.
+#[derive(Debug, Clone, PartialEq)]
+pub enum GpuSource {
+    /// Simulated from flags.
+    Simulated {
+        /// Count.
+        count: u32,
+        /// Type.
+        gpu_type: String,
+        /// Memory per GPU.
+        memory_mib: u64,
+    },
+    /// NVML.
+    Nvidia,
+}
+
+impl AgentArgs {
+    /// Checks every flag and returns the typed config, or the first bad flag.
+    pub fn validate(&self) -> Result<AgentConfig, AgentError> {
+        let servers = parse_servers(&self.server)?;
+        let node_name = match &self.node_name {
+            Some(n) => n.clone(),
+            None => hostname().ok_or_else(|| {
+                AgentError::invalid("node-name", "is not set and the host name cannot be read; pass --node-name")
+            })?,
+        };
+        validate_dns_label(&node_name)?;
+        if self.address.trim().is_empty() {
+            return Err(AgentError::invalid("address", "is empty; give the IP or host name engines are reachable at"));
+        }
+        let gpus = self.gpu_source()?;
+        if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > 60_000 {
+            return Err(AgentError::invalid(
+                "heartbeat-interval-ms",
+                format!("must be between 1 and 60000, got {}", self.heartbeat_interval_ms),
+            ));
+        }
+        let sim_binary = match &self.sim_binary {
+            Some(p) => p.clone(),
+            None => std::env::current_exe().map_err(|e| {
+                AgentError::invalid("sim-binary", format!("is not set and the current executable is unknown: {e}"))
+            })?,
+        };
+        let sim_args = shlex::split(&self.sim_args)
+            .ok_or_else(|| AgentError::invalid("sim-args", format!("{:?} has unbalanced quotes", self.sim_args)))?;
+        let vllm_command = crate::driver::parse_template(&self.vllm_command)?;
+        if self.restart_backoff_initial_ms == 0 || self.restart_backoff_initial_ms > self.restart_backoff_max_ms {
+            return Err(AgentError::invalid(
+                "restart-backoff-initial-ms",
+                format!(
+                    "must be positive and at most --restart-backoff-max-ms ({}), got {}",
+                    self.restart_backoff_max_ms, self.restart_backoff_initial_ms
+                ),
+            ));
+        }
+        if self.max_crashes == 0 {
+            return Err(AgentError::invalid("max-crashes", "must be at least 1, got 0"));
+        }
+        if self.log_max_bytes < 1024 {
+            return Err(AgentError::invalid(
+                "log-max-bytes",
+                format!("must be at least 1024, got {}", self.log_max_bytes),
+            ));
+        }
+        for (flag, url) in [("hf-endpoint", &self.hf_endpoint), ("s3-endpoint", &self.s3_endpoint)] {
+            if !(url.starts_with("http://") || url.starts_with("https://")) {
+                return Err(AgentError::invalid(flag, format!("{url:?} must start with http:// or https://")));
+            }
+        }
+        Ok(AgentConfig {
+            servers,
+            node_name,
+            data_dir: self.data_dir.clone(),
+            address: self.address.trim().to_string(),
+            labels: parse_labels(&self.labels)?,
+            gpus,
+            heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
+            ports: parse_port_range(&self.engine_port_range)?,
+            sim_binary,
+            sim_subcommand: self.sim_subcommand.trim().to_string(),
+            sim_args,
+            vllm_command,
+            stop_engines_on_exit: self.stop_engines_on_exit,
+            restart: crate::supervisor::backoff::RestartPolicy {
+                initial: Duration::from_millis(self.restart_backoff_initial_ms),
+                max: Duration::from_millis(self.restart_backoff_max_ms),
+                stable_after: Duration::from_millis(self.restart_stable_ms),
+                max_crashes: self.max_crashes,
+                window: Duration::from_millis(self.crash_window_ms),
+            },
+            start_timeout: Duration::from_secs(self.engine_start_timeout_s.max(1)),
+            liveness_timeout: Duration::from_secs(self.engine_liveness_timeout_s.max(1)),
+            stop_grace: Duration::from_millis(self.stop_grace_ms),
+            log_max_bytes: self.log_max_bytes,
+            log_keep: self.log_keep,
+            hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),
+            s3_endpoint: self.s3_endpoint.trim_end_matches('/').to_string(),
+        })
+    }
+
+    fn gpu_source(&self) -> Result<GpuSource, AgentError> {
+        if self.nvidia {
+            return Ok(GpuSource::Nvidia);
+        }
+        let count = self.gpus.unwrap_or(0);
+        if count > 1024 {
+            return Err(AgentError::invalid("gpus", format!("must be at most 1024, got {count}")));
+        }
+        let gpu_type = match (&self.gpu_type, count) {
+            (Some(t), _) if !t.trim().is_empty() => t.trim().to_string(),
+            (_, 0) => String::new(),
+            _ => {
+                return Err(AgentError::invalid(
+                    "gpu-type",
+                    format!("is required with --gpus {count} (e.g. A100-80GB)"),
+                ))
+            }
+        };
+        let memory_mib = match self.gpu_memory_mib {
+            Some(0) => return Err(AgentError::invalid("gpu-memory-mib", "must be positive, got 0")),
+            Some(m) => m,
+            None => memory_from_type(&gpu_type).unwrap_or(81_920),
+        };
+        Ok(GpuSource::Simulated { count, gpu_type, memory_mib })
+    }
+}
+
+/// `A100-80GB` → 81920 MiB.
+fn memory_from_type(t: &str) -> Option<u64> {
+    let upper = t.to_ascii_uppercase();
+    let gb = upper.strip_suffix("GB")?.rsplit(|c: char| !c.is_ascii_digit()).next()?;
+    gb.parse::<u64>().ok().filter(|g| *g > 0).map(|g| g * 1024)
+}
+
+fn parse_servers(raw: &[String]) -> Result<Vec<String>, AgentError> {
+    let mut out = Vec::new();
+    for s in raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        out.push(server_url(s).map_err(|r| AgentError::invalid("server", r))?);
+    }
+    if out.is_empty() {
+        return Err(AgentError::invalid("server", "is empty; give at least one host:port"));
+    }
+    Ok(out)
+}
+
+/// `host:port` → `http://host:port`; keeps an explicit scheme.
+pub fn server_url(s: &str) -> Result<String, String> {
+    let url = if s.starts_with("http://") || s.starts_with("https://") { s.to_string() } else { format!("http://{s}") };
+    let rest = url.split_once("://").map(|(_, r)| r).unwrap_or_default();
+    if rest.is_empty() || !rest.contains(':') {
+        return Err(format!("{s:?} is not host:port"));
+    }
+    Ok(url)
+}
+
+fn parse_labels(raw: &[String]) -> Result<BTreeMap<String, String>, AgentError> {
+    let mut out = BTreeMap::new();
+    for item in raw.iter().map(|s| s.trim()).filter(|s| !s.is_empty()) {
+        let Some((k, v)) = item.split_once('=') else {
+            return Err(AgentError::invalid("labels", format!("{item:?} is not key=value")));
+        };
+        let ok = |s: &str| s.chars().all(|c| c.is_ascii_alphanumeric() || "-_./".contains(c));
+        if k.is_empty() || !ok(k) || !ok(v) {
+            return Err(AgentError::invalid(
+                "labels",
+                format!("{item:?} has an empty key or characters outside [A-Za-z0-9-_./]"),
+            ));
+        }
+        out.insert(k.to_string(), v.to_string());
+    }
+    Ok(out)
+}
+
+/// `20000-29999` → 20000..=29999.
+pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, AgentError> {
+    let bad =
+        || AgentError::invalid("engine-port-range", format!("{s:?} is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535"));
+    let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
+    let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
+    let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
+    if lo == 0 || lo > hi {
+        return Err(bad());
+    }
+    Ok(lo..=hi)
+}
+
+fn validate_dns_label(name: &str) -> Result<(), AgentError> {
+    let ok = !name.is_empty()
+        && name.len() <= 63
+        && name.chars().all(|c| c.is_ascii_lowercase() || c.is_ascii_digit() || c == '-')
+        && !name.starts_with('-')
+        && !name.ends_with('-');
+    if ok {
+        Ok(())
+    } else {
+        Err(AgentError::invalid(
+            "node-name",
+            format!("{name:?} is not a DNS label (lowercase letters, digits, '-', at most 63)"),
+        ))
+    }
+}
+
+fn hostname() -> Option<String> {
+    let raw = std::fs::read_to_string("/proc/sys/kernel/hostname").ok().or_else(|| std::env::var("HOSTNAME").ok())?;
+    let name = raw.trim().split('.').next()?.to_ascii_lowercase();
+    (!name.is_empty()).then_some(name)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use clap::Parser;
+
+    #[derive(Parser)]
+    struct Cli {
+        #[command(flatten)]
+        args: AgentArgs,
+    }
+
+    fn parse_args(extra: &[&str]) -> AgentArgs {
+        let mut argv = vec!["agent", "--sim-binary", "/bin/true"];
+        if !extra.contains(&"--node-name") {
+            argv.extend(["--node-name", "n1"]);
+        }
+        argv.extend_from_slice(extra);
+        Cli::try_parse_from(argv).expect("clap").args
+    }
+
+    fn parse(extra: &[&str]) -> Result<AgentConfig, AgentError> {
+        parse_args(extra).validate()
+    }
+
+    fn flag(r: Result<AgentConfig, AgentError>) -> &'static str {
+        match r {
+            Err(AgentError::InvalidConfig { flag, .. }) => flag,
+            other => panic!("expected a usage error, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn defaults_and_simulated_gpus() {
+        let c = parse(&["--gpus", "4", "--gpu-type", "A100-80GB", "--labels", "zone=a,rack=r1"]).unwrap();
+        assert_eq!(c.gpus, GpuSource::Simulated { count: 4, gpu_type: "A100-80GB".into(), memory_mib: 81920 });
+        assert_eq!(c.servers, vec!["http://127.0.0.1:7070".to_string()]);
+        assert_eq!(c.labels.get("rack").map(String::as_str), Some("r1"));
+        assert_eq!(c.ports, 20000..=29999);
+        assert_eq!(c.vllm_command[0], "vllm");
+    }
+
+    #[test]
+    fn bad_flags_name_the_flag() {
+        assert_eq!(flag(parse(&["--gpus", "2"])), "gpu-type");
+        assert_eq!(flag(parse(&["--engine-port-range", "300-20"])), "engine-port-range");
+        assert_eq!(flag(parse(&["--engine-port-range", "x"])), "engine-port-range");
+        assert_eq!(flag(parse(&["--labels", "novalue"])), "labels");
+        let mut bad_server = parse_args(&[]);
+        bad_server.server = vec!["nohostport".into()];
+        assert_eq!(flag(bad_server.validate()), "server");
+        assert_eq!(flag(parse(&["--node-name", "Bad_Name"])), "node-name");
+        assert_eq!(flag(parse(&["--sim-args", "'unbalanced"])), "sim-args");
+        assert_eq!(flag(parse(&["--vllm-command", "vllm serve --port 1"])), "vllm-command");
+        assert!(parse(&["--gpus", "2"]).unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn every_flag_is_documented() {
+        use clap::CommandFactory;
+        let cmd = Cli::command();
+        cmd.clone().debug_assert();
+        for arg in cmd.get_arguments().filter(|a| a.get_id() != "help") {
+            assert!(arg.get_help().is_some(), "--{} has no help text", arg.get_id());
+        }
+    }
+
+    #[test]
+    fn memory_is_read_from_the_type() {
+        assert_eq!(memory_from_type("H100-80GB"), Some(81920));
+        assert_eq!(memory_from_type("L4-24GB"), Some(24576));
+        assert_eq!(memory_from_type("T4"), None);
+    }
+}

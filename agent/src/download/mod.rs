@@ -1,0 +1,303 @@
+//! The node's content-addressed model cache, `<data-dir>/models/`:
+//!
+//! ```text
+//!  <key>/            finished download (a file, or a tree for hf:// and s3:// prefixes)
+//!  <key>.partial/    in progress (resumed by the next try; never given to an engine)
+//!  <key>.json        completion marker, written last: {source, path}
+//! ```
+//!
+//! `key` is the sha256 of the source URI without its fragment. Sources:
+//! - `file:///path` — used in place, not copied (it is already local); it must exist.
+//! - `http(s)://host/file[#sha256=<hex>]` — resumable, size checked, sha256 checked if given.
+//! - `hf://org/name[@revision]` — the files listed by `<hf-endpoint>/api/models/org/name`
+//!   (`siblings`), each through the HTTP path from `/org/name/resolve/<rev>/<file>`;
+//!   token from `HF_TOKEN`.
+//! - `s3://bucket/prefix` — every object under the prefix ([`s3`]).
+//!
+//! Only engines that need weights (vLLM) download; sim engines skip this entirely.
+
+pub mod http;
+pub mod s3;
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, SystemTime};
+
+use ::http::{HeaderMap, HeaderValue};
+use sha2::{Digest, Sha256};
+
+use crate::http::HttpClient;
+
+/// Downloads models into the cache.
+#[derive(Debug)]
+pub struct Downloader {
+    root: PathBuf,
+    client: HttpClient,
+    hf_endpoint: String,
+    s3: s3::S3Config,
+    locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// One file to fetch.
+struct Item {
+    url: String,
+    rel: PathBuf,
+    size: Option<u64>,
+}
+
+#[derive(serde::Serialize, serde::Deserialize)]
+struct Marker {
+    source: String,
+    /// Path inside `<key>/` to hand to the engine ("" = the directory).
+    path: String,
+}
+
+impl Downloader {
+    /// A cache rooted at `root`.
+    pub fn new(root: PathBuf, client: HttpClient, hf_endpoint: &str, s3: s3::S3Config) -> Self {
+        Downloader { root, client, hf_endpoint: hf_endpoint.trim_end_matches('/').into(), s3, locks: Mutex::default() }
+    }
+
+    /// The cache key of a source.
+    pub fn key(source: &str) -> String {
+        let base = source.split_once('#').map(|(b, _)| b).unwrap_or(source);
+        hex::encode(Sha256::digest(base.as_bytes()))
+    }
+
+    /// Returns the local path of `source`, downloading it first if needed.
+    /// `progress` gets the fraction done, in [0,1].
+    pub async fn fetch(&self, source: &str, progress: &(dyn Fn(f64) + Send + Sync)) -> Result<PathBuf, String> {
+        if let Some(path) = source.strip_prefix("file://") {
+            let p = PathBuf::from(path);
+            return match tokio::fs::metadata(&p).await {
+                Ok(_) => Ok(p),
+                Err(e) => Err(format!("{source}: {e}")),
+            };
+        }
+        let (base, fragment) = source.split_once('#').unwrap_or((source, ""));
+        let sha256 = match fragment {
+            "" => None,
+            f => Some(
+                f.strip_prefix("sha256=")
+                    .filter(|h| h.len() == 64 && h.chars().all(|c| c.is_ascii_hexdigit()))
+                    .ok_or_else(|| format!("fragment {f:?} is not sha256=<64 hex digits>"))?
+                    .to_ascii_lowercase(),
+            ),
+        };
+        let key = Self::key(source);
+        let lock = {
+            let mut g = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            g.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let done = self.root.join(&key);
+        let marker_path = self.root.join(format!("{key}.json"));
+        if let Ok(bytes) = tokio::fs::read(&marker_path).await {
+            if let Ok(m) = serde_json::from_slice::<Marker>(&bytes) {
+                if tokio::fs::metadata(&done).await.is_ok() {
+                    progress(1.0);
+                    return Ok(done.join(m.path));
+                }
+            }
+        }
+        let partial = self.root.join(format!("{key}.partial"));
+        tokio::fs::create_dir_all(&partial).await.map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
+        let (items, single) = self.list(base).await?;
+        if sha256.is_some() && items.len() != 1 {
+            return Err("a #sha256= fragment needs a single-file source".into());
+        }
+        let total: u64 = items.iter().filter_map(|i| i.size).sum();
+        let mut finished = 0u64;
+        for item in &items {
+            let dest = partial.join(&item.rel);
+            if let Some(dir) = dest.parent() {
+                tokio::fs::create_dir_all(dir).await.map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+            }
+            let base_done = finished;
+            let report = |done: u64, t: Option<u64>| {
+                let all = if total > 0 { total } else { t.unwrap_or(0) };
+                if all > 0 {
+                    progress(((base_done + done) as f64 / all as f64).min(1.0));
+                }
+            };
+            let headers = |url: &str| self.headers_for(base, url);
+            let n = http::fetch_file(&self.client, &item.url, &headers, &dest, &report).await?;
+            if let Some(want) = item.size {
+                if n != want {
+                    return Err(format!("{}: got {n} bytes, the listing says {want}", item.url));
+                }
+            }
+            if let Some(want) = &sha256 {
+                let got = sha256_file(&dest).await?;
+                if &got != want {
+                    let _ = tokio::fs::remove_file(&dest).await;
+                    return Err(format!("sha256 mismatch: expected {want}, got {got}"));
+                }
+            }
+            finished += n;
+        }
+        let _ = tokio::fs::remove_dir_all(&done).await;
+        tokio::fs::rename(&partial, &done)
+            .await
+            .map_err(|e| format!("cannot move {} into place: {e}", partial.display()))?;
+        let rel = match (single, items.first()) {
+            (true, Some(item)) => item.rel.display().to_string(),
+            _ => String::new(),
+        };
+        let marker =
+            serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone() }).map_err(|e| e.to_string())?;
+        crate::state::write_atomic(&marker_path, &marker).map_err(|e| e.to_string())?;
+        progress(1.0);
+        tracing::info!(source = %base, path = %done.display(), files = items.len(), bytes = finished, "model downloaded");
+        Ok(done.join(rel))
+    }
+
+    fn headers_for(&self, source: &str, url: &str) -> HeaderMap {
+        if source.starts_with("s3://") {
+            return self.s3.headers_for(url, SystemTime::now());
+        }
+        let mut h = HeaderMap::new();
+        if source.starts_with("hf://") {
+            if let Some(v) =
+                std::env::var("HF_TOKEN").ok().and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
+            {
+                h.insert(::http::header::AUTHORIZATION, v);
+            }
+        }
+        h
+    }
+
+    /// The files of a source, and whether it is a single file.
+    async fn list(&self, source: &str) -> Result<(Vec<Item>, bool), String> {
+        if source.starts_with("http://") || source.starts_with("https://") {
+            let name = source.rsplit('/').next().filter(|n| !n.is_empty()).unwrap_or("model");
+            let name = name.split('?').next().unwrap_or(name);
+            return Ok((vec![Item { url: source.to_string(), rel: PathBuf::from(name), size: None }], true));
+        }
+        if let Some(repo) = source.strip_prefix("hf://") {
+            return self.list_hf(source, repo).await.map(|i| (i, false));
+        }
+        if let Some(rest) = source.strip_prefix("s3://") {
+            return self.list_s3(source, rest).await;
+        }
+        Err(format!("unsupported source {source:?}"))
+    }
+
+    async fn list_hf(&self, source: &str, repo: &str) -> Result<Vec<Item>, String> {
+        let (repo, rev) = repo.split_once('@').unwrap_or((repo, "main"));
+        let url = match rev {
+            "main" => format!("{}/api/models/{repo}", self.hf_endpoint),
+            rev => format!("{}/api/models/{repo}/revision/{rev}", self.hf_endpoint),
+        };
+        let (status, body) =
+            self.client.get_text(&url, &self.headers_for(source, &url), Duration::from_secs(30), 8 << 20).await?;
+        if !status.is_success() {
+            return Err(format!("{url}: server answered {status}"));
+        }
+        let v: serde_json::Value = serde_json::from_str(&body).map_err(|e| format!("{url}: not JSON: {e}"))?;
+        let files: Vec<Item> = v
+            .get("siblings")
+            .and_then(|s| s.as_array())
+            .map(|s| s.iter().filter_map(|f| f.get("rfilename")?.as_str()).collect::<Vec<_>>())
+            .unwrap_or_default()
+            .into_iter()
+            .filter(|f| safe_rel(f))
+            .map(|f| Item {
+                url: format!("{}/{repo}/resolve/{rev}/{f}", self.hf_endpoint),
+                rel: PathBuf::from(f),
+                size: None,
+            })
+            .collect();
+        if files.is_empty() {
+            return Err(format!("{url}: the repository lists no files"));
+        }
+        Ok(files)
+    }
+
+    async fn list_s3(&self, source: &str, rest: &str) -> Result<(Vec<Item>, bool), String> {
+        let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+        let mut objects = Vec::new();
+        let mut token: Option<String> = None;
+        loop {
+            let mut url = format!("{}/{bucket}?list-type=2&prefix={}", self.s3.endpoint, s3::uri_encode(prefix, true));
+            if let Some(t) = &token {
+                url.push_str(&format!("&continuation-token={}", s3::uri_encode(t, true)));
+            }
+            let (status, body) =
+                self.client.get_text(&url, &self.headers_for(source, &url), Duration::from_secs(30), 32 << 20).await?;
+            if !status.is_success() {
+                return Err(format!(
+                    "listing {source} failed with {status}: {}",
+                    body.chars().take(200).collect::<String>()
+                ));
+            }
+            let (page, next) = s3::parse_list(&body)?;
+            objects.extend(page);
+            match next {
+                Some(t) => token = Some(t),
+                None => break,
+            }
+        }
+        // The prefix names an object or a "directory": `llama` matches `llama/x`, not `llama2/x`.
+        let dir = prefix.trim_end_matches('/');
+        objects.retain(|o| {
+            !o.key.ends_with('/') && (dir.is_empty() || o.key == prefix || o.key.starts_with(&format!("{dir}/")))
+        });
+        if objects.is_empty() {
+            return Err(format!("no objects under {source}"));
+        }
+        let single = objects.len() == 1 && objects[0].key == prefix;
+        let items: Vec<Item> = objects
+            .into_iter()
+            .filter_map(|o| {
+                let rel = if o.key == prefix {
+                    o.key.rsplit('/').next().unwrap_or(&o.key).to_string()
+                } else {
+                    o.key.strip_prefix(dir)?.trim_start_matches('/').to_string()
+                };
+                safe_rel(&rel).then(|| Item {
+                    url: format!("{}/{bucket}/{}", self.s3.endpoint, s3::uri_encode(&o.key, false)),
+                    rel: PathBuf::from(rel),
+                    size: Some(o.size),
+                })
+            })
+            .collect();
+        if items.is_empty() {
+            return Err(format!("no usable object names under {source}"));
+        }
+        Ok((items, single))
+    }
+}
+
+/// A relative path that stays inside the cache entry.
+fn safe_rel(p: &str) -> bool {
+    !p.is_empty()
+        && !p.starts_with('/')
+        && Path::new(p).components().all(|c| matches!(c, std::path::Component::Normal(_)))
+}
+
+async fn sha256_file(path: &Path) -> Result<String, String> {
+    let p = path.to_path_buf();
+    tokio::task::spawn_blocking(move || {
+        let mut f = std::fs::File::open(&p).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        let mut h = Sha256::new();
+        std::io::copy(&mut f, &mut h).map_err(|e| format!("cannot read {}: {e}", p.display()))?;
+        Ok(hex::encode(h.finalize()))
+    })
+    .await
+    .map_err(|e| e.to_string())?
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_ignore_the_fragment_and_paths_stay_inside() {
+        assert_eq!(Downloader::key("http://h/x#sha256=ab"), Downloader::key("http://h/x"));
+        assert_ne!(Downloader::key("http://h/x"), Downloader::key("http://h/y"));
+        assert!(safe_rel("a/b.bin"));
+        assert!(!safe_rel("../x") && !safe_rel("/etc/passwd") && !safe_rel("a/../../b") && !safe_rel(""));
+    }
+}

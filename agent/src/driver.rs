@@ -1,0 +1,227 @@
+//! Engine drivers: how an assignment becomes a command line. [`SimDriver`] runs
+//! `flotilla sim`; [`VllmDriver`] fills the `--vllm-command` template. Pure: they build an
+//! [`EngineCommand`] (program, args, env) that the supervisor spawns.
+
+use std::path::{Path, PathBuf};
+
+use flotilla_api::pb::ReplicaAssignment;
+
+use crate::error::AgentError;
+
+/// A command line ready to spawn.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct EngineCommand {
+    /// Program to run.
+    pub program: PathBuf,
+    /// Arguments, one word each.
+    pub args: Vec<String>,
+    /// Extra environment variables.
+    pub env: Vec<(String, String)>,
+}
+
+impl EngineCommand {
+    /// `program arg ...` for logs.
+    pub fn display(&self) -> String {
+        let mut s = self.program.display().to_string();
+        for a in &self.args {
+            s.push(' ');
+            s.push_str(&shlex::try_quote(a).map(|c| c.into_owned()).unwrap_or_else(|_| a.clone()));
+        }
+        s
+    }
+}
+
+/// Everything a driver needs to build one engine's command.
+#[derive(Debug, Clone)]
+pub struct LaunchSpec<'a> {
+    /// The assignment.
+    pub assignment: &'a ReplicaAssignment,
+    /// Host to listen on.
+    pub host: &'a str,
+    /// Port to listen on.
+    pub port: u16,
+    /// Local model path once downloaded (vLLM); None for engines that need no weights.
+    pub model_path: Option<&'a Path>,
+}
+
+/// Builds engine command lines.
+pub trait EngineDriver: Send + Sync + std::fmt::Debug {
+    /// Whether the model must be downloaded before the engine starts.
+    fn needs_weights(&self) -> bool;
+    /// The command line for `spec`.
+    fn command(&self, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError>;
+}
+
+/// Runs `<binary> [sim] --host H --port P --model NAME [sim-args] [engine_args]`.
+///
+/// The sim needs no weights: sim engines skip the download entirely, so a `file://` source
+/// that does not exist on the node is fine for `engine: sim`.
+#[derive(Debug, Clone)]
+pub struct SimDriver {
+    /// The program (`flotilla`, or a standalone sim binary).
+    pub binary: PathBuf,
+    /// The subcommand word (`sim`), or empty.
+    pub subcommand: String,
+    /// Extra words for every sim engine.
+    pub extra_args: Vec<String>,
+}
+
+impl EngineDriver for SimDriver {
+    fn needs_weights(&self) -> bool {
+        false
+    }
+
+    fn command(&self, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError> {
+        let mut args = Vec::new();
+        if !self.subcommand.is_empty() {
+            args.push(self.subcommand.clone());
+        }
+        args.extend(["--host".into(), spec.host.to_string(), "--port".into(), spec.port.to_string()]);
+        args.extend(["--model".into(), spec.assignment.model.clone()]);
+        args.extend(self.extra_args.iter().cloned());
+        args.extend(spec.assignment.engine_args.iter().cloned());
+        Ok(EngineCommand { program: self.binary.clone(), args, env: Vec::new() })
+    }
+}
+
+/// Fills the vLLM command template (already split into words by [`parse_template`]).
+#[derive(Debug, Clone)]
+pub struct VllmDriver {
+    /// Template words.
+    pub template: Vec<String>,
+}
+
+const PLACEHOLDERS: [&str; 7] = ["{source}", "{model}", "{port}", "{host}", "{replica}", "{gpus}", "{args}"];
+
+/// Splits a template shell-words-style and checks it: known placeholders only, `{port}`
+/// present, `{args}` a word of its own.
+pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
+    let words = shlex::split(template)
+        .ok_or_else(|| AgentError::invalid("vllm-command", format!("{template:?} has unbalanced quotes")))?;
+    if words.is_empty() {
+        return Err(AgentError::invalid("vllm-command", "is empty"));
+    }
+    for w in &words {
+        let mut rest = w.as_str();
+        while let Some(start) = rest.find('{') {
+            let end = rest[start..].find('}').map(|e| start + e + 1).unwrap_or(rest.len());
+            let ph = &rest[start..end];
+            if !PLACEHOLDERS.contains(&ph) {
+                return Err(AgentError::invalid(
+                    "vllm-command",
+                    format!("unknown placeholder {ph:?}; use {}", PLACEHOLDERS.join(" ")),
+                ));
+            }
+            if ph == "{args}" && w != "{args}" {
+                return Err(AgentError::invalid("vllm-command", "{args} must be a word of its own"));
+            }
+            rest = &rest[end..];
+        }
+    }
+    if !words.iter().any(|w| w.contains("{port}")) {
+        return Err(AgentError::invalid("vllm-command", format!("{template:?} has no {{port}} placeholder")));
+    }
+    Ok(words)
+}
+
+impl EngineDriver for VllmDriver {
+    fn needs_weights(&self) -> bool {
+        true
+    }
+
+    fn command(&self, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError> {
+        let a = spec.assignment;
+        let source = match spec.model_path {
+            Some(p) => p.display().to_string(),
+            None => a.source.clone(),
+        };
+        let gpus = a.gpus.len().to_string();
+        let port = spec.port.to_string();
+        let mut words = Vec::new();
+        for w in &self.template {
+            if w == "{args}" {
+                words.extend(a.engine_args.iter().cloned());
+                continue;
+            }
+            words.push(
+                w.replace("{source}", &source)
+                    .replace("{model}", &a.model)
+                    .replace("{port}", &port)
+                    .replace("{host}", spec.host)
+                    .replace("{replica}", &a.replica)
+                    .replace("{gpus}", &gpus),
+            );
+        }
+        let mut it = words.into_iter();
+        let program = it.next().map(PathBuf::from).ok_or_else(|| AgentError::Engine {
+            replica: a.replica.clone(),
+            reason: "the vllm command template is empty".into(),
+        })?;
+        let visible = a.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        Ok(EngineCommand {
+            program,
+            args: it.collect(),
+            env: vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)],
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn assignment() -> ReplicaAssignment {
+        ReplicaAssignment {
+            replica: "demo-0".into(),
+            model: "demo".into(),
+            engine: "vllm".into(),
+            source: "hf://org/m".into(),
+            engine_args: vec!["--max-model-len".into(), "8192".into()],
+            gpus: vec![2, 3],
+        }
+    }
+
+    #[test]
+    fn sim_command_line() {
+        let d = SimDriver {
+            binary: "/usr/bin/flotilla".into(),
+            subcommand: "sim".into(),
+            extra_args: vec!["--speedup".into(), "20".into()],
+        };
+        let a = assignment();
+        let c = d.command(&LaunchSpec { assignment: &a, host: "127.0.0.1", port: 20001, model_path: None }).unwrap();
+        assert_eq!(
+            c.display(),
+            "/usr/bin/flotilla sim --host 127.0.0.1 --port 20001 --model demo --speedup 20 --max-model-len 8192"
+        );
+        assert!(!d.needs_weights());
+        let bare = SimDriver { subcommand: String::new(), ..d };
+        let c = bare.command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None }).unwrap();
+        assert_eq!(c.args[0], "--host");
+    }
+
+    #[test]
+    fn vllm_template_fills_placeholders_and_gpus() {
+        let t = parse_template("vllm serve {source} --port {port} --served-model-name {model} {args}").unwrap();
+        let d = VllmDriver { template: t };
+        let a = assignment();
+        let path = PathBuf::from("/data/models/abc");
+        let c =
+            d.command(&LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path) }).unwrap();
+        assert_eq!(
+            c.display(),
+            "vllm serve /data/models/abc --port 20002 --served-model-name demo --max-model-len 8192"
+        );
+        assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
+        assert!(d.needs_weights());
+    }
+
+    #[test]
+    fn templates_are_checked() {
+        assert!(parse_template("python -m vllm.entrypoints.openai.api_server --model '{source}' --port={port} --tensor-parallel-size {gpus}").is_ok());
+        assert!(parse_template("vllm serve {source}").is_err(), "no port");
+        assert!(parse_template("vllm serve {nope} --port {port}").is_err());
+        assert!(parse_template("vllm --port {port} x{args}").is_err());
+        assert!(parse_template("vllm 'unclosed {port}").is_err());
+    }
+}

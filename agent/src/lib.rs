@@ -1,0 +1,174 @@
+//! `flotilla agent`: the node daemon (issue 5). Registers the node and its GPUs with the
+//! leader, holds a heartbeat stream to it, and runs the engines it is assigned.
+//!
+//! ```text
+//!  config (AgentArgs -> AgentConfig)      gpu (SimulatedGpus | NvmlGpus)
+//!        │                                     │
+//!  connection ──Register/Heartbeat──> leader   │ probe per heartbeat
+//!        │ <────────Assign──────────           │
+//!        v                                     v
+//!  supervisor::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
+//!        │                         driver (sim | vllm) builds each command line
+//!        ├── download (model cache)   probe (/health, /metrics, /v1/models)
+//!        └── state (engines.json: adopt engines across agent restarts)
+//! ```
+//!
+//! Entry points: [`run`] for the `flotilla agent` subcommand (until SIGINT/SIGTERM),
+//! [`start`] for in-process use (`flotilla dev`, tests).
+#![forbid(unsafe_code)]
+
+pub mod config;
+pub mod connection;
+pub mod download;
+pub mod driver;
+pub mod error;
+pub mod gpu;
+pub mod http;
+pub mod probe;
+pub mod reconcile;
+pub mod state;
+pub mod supervisor;
+
+use std::sync::Arc;
+
+use flotilla_api::pb::EngineReport;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{AgentArgs, AgentConfig};
+pub use error::AgentError;
+pub use gpu::{GpuInventory, SimulatedGpus};
+
+use supervisor::{EngineEnv, EngineManager};
+
+/// A running agent started by [`start`].
+pub struct AgentHandle {
+    cfg: Arc<AgentConfig>,
+    shutdown: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), AgentError>>>,
+    manager: Arc<EngineManager>,
+    gpus: Arc<dyn GpuInventory>,
+    /// Held for the agent's lifetime: one agent per data dir.
+    _lock: std::fs::File,
+}
+
+impl std::fmt::Debug for AgentHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("AgentHandle").field("node", &self.cfg.node_name).finish()
+    }
+}
+
+impl AgentHandle {
+    /// The validated config.
+    pub fn config(&self) -> &AgentConfig {
+        &self.cfg
+    }
+
+    /// Current engine reports (what the next heartbeat carries).
+    pub fn reports(&self) -> Vec<EngineReport> {
+        self.manager.reports()
+    }
+
+    /// The GPU inventory.
+    pub fn gpus(&self) -> Arc<dyn GpuInventory> {
+        self.gpus.clone()
+    }
+
+    /// Waits until the connection loop ends by itself: only on a fatal refusal (Err).
+    pub async fn wait(&mut self) -> Result<(), AgentError> {
+        match self.task.as_mut() {
+            Some(t) => {
+                let r = t.await.unwrap_or_else(|e| Err(AgentError::Internal(format!("connection task ended: {e}"))));
+                self.task = None;
+                r
+            }
+            None => Ok(()),
+        }
+    }
+
+    /// Disconnects and ends the engine tasks. `stop_engines`: stop every engine process
+    /// too; otherwise they keep running and the next agent on this data dir adopts them.
+    pub async fn shutdown(mut self, stop_engines: bool) -> Result<(), AgentError> {
+        let _ = self.shutdown.send(true);
+        let r = self.wait().await;
+        self.manager.shutdown(stop_engines).await;
+        r
+    }
+}
+
+/// Validates `args`, prepares the data dir, adopts engines left by a previous run, and
+/// starts connecting. Returns at once.
+pub async fn start(args: AgentArgs) -> Result<AgentHandle, AgentError> {
+    let cfg = args.validate()?;
+    let gpus = gpu::from_source(&cfg.gpus)?;
+    start_with_gpus(cfg, gpus).await
+}
+
+/// [`start`] with a validated config and a given GPU inventory (tests inject failures).
+pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> Result<AgentHandle, AgentError> {
+    let cfg = Arc::new(cfg);
+    let log_dir = cfg.data_dir.join("logs");
+    let models = cfg.data_dir.join("models");
+    for dir in [&cfg.data_dir, &log_dir, &models] {
+        std::fs::create_dir_all(dir).map_err(|e| AgentError::io(dir, e))?;
+    }
+    let lock = state::lock_data_dir(&cfg.data_dir)?;
+    let agent_id = state::agent_id(&cfg.data_dir)?;
+    let store = Arc::new(state::StateStore::load(&cfg.data_dir)?);
+    let http = http::HttpClient::new().map_err(|e| AgentError::invalid("hf-endpoint", e))?;
+    let s3 = download::s3::S3Config::from_env(&cfg.s3_endpoint);
+    let env = Arc::new(EngineEnv {
+        sim: driver::SimDriver {
+            binary: cfg.sim_binary.clone(),
+            subcommand: cfg.sim_subcommand.clone(),
+            extra_args: cfg.sim_args.clone(),
+        },
+        vllm: driver::VllmDriver { template: cfg.vllm_command.clone() },
+        downloader: Arc::new(download::Downloader::new(models, http.clone(), &cfg.hf_endpoint, s3)),
+        http,
+        state: store,
+        ports: supervisor::ports::Ports::new(cfg.ports.clone(), &cfg.address),
+        log_dir,
+        cfg: cfg.clone(),
+    });
+    let manager = Arc::new(EngineManager::new(env));
+    let adopted = manager.adopt();
+    tracing::info!(
+        node = %cfg.node_name, agent_id = %agent_id, gpus = gpus.gpus().len(), adopted,
+        data_dir = %cfg.data_dir.display(), servers = ?cfg.servers, "agent starting"
+    );
+    let (shutdown, shutdown_rx) = watch::channel(false);
+    let task = tokio::spawn(connection::run(cfg.clone(), agent_id, gpus.clone(), manager.clone(), shutdown_rx));
+    Ok(AgentHandle { cfg, shutdown, task: Some(task), manager, gpus, _lock: lock })
+}
+
+/// Runs `flotilla agent` until SIGINT or SIGTERM (engines keep running unless
+/// `--stop-engines-on-exit`) or a fatal refusal such as a duplicate node name.
+pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
+    let stop_engines = args.stop_engines_on_exit;
+    let mut handle = start(args).await?;
+    let result = tokio::select! {
+        _ = shutdown_signal() => {
+            tracing::info!(stop_engines, "shutdown signal received");
+            Ok(())
+        }
+        r = handle.wait() => r,
+    };
+    let end = handle.shutdown(stop_engines).await;
+    result.and(end)
+}
+
+async fn shutdown_signal() {
+    let term = async {
+        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = tokio::signal::ctrl_c() => {}
+        _ = term => {}
+    }
+}

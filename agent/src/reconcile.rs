@@ -1,0 +1,90 @@
+//! The reconcile decision: desired assignments (the last `Assign`) versus the engines the
+//! agent runs → the actions that close the gap. Pure; the engine manager executes them.
+//!
+//! ```text
+//!  desired only            → Start
+//!  both, same assignment   → Keep   (a failed engine stays failed until unassigned)
+//!  both, changed           → Replace (stop, then start with the new assignment)
+//!  actual only             → Stop
+//! ```
+
+use std::collections::{BTreeMap, BTreeSet};
+
+use flotilla_api::pb::ReplicaAssignment;
+
+/// What to do with one replica.
+#[derive(Debug, Clone, PartialEq)]
+pub enum Action {
+    /// Start a new engine.
+    Start(ReplicaAssignment),
+    /// Stop the engine of this replica.
+    Stop(String),
+    /// Stop the engine, then start it again with the new assignment.
+    Replace(ReplicaAssignment),
+    /// Leave it as it is.
+    Keep(String),
+}
+
+/// Decides the actions, in replica-name order. `actual` maps each running (or adopted, or
+/// failed) engine's replica to the assignment it was started with. A replica listed twice
+/// in `desired` counts once (the first entry).
+pub fn reconcile(desired: &[ReplicaAssignment], actual: &BTreeMap<String, ReplicaAssignment>) -> Vec<Action> {
+    let mut seen = BTreeSet::new();
+    let mut wanted: BTreeMap<&str, &ReplicaAssignment> = BTreeMap::new();
+    for a in desired {
+        if seen.insert(a.replica.as_str()) {
+            wanted.insert(a.replica.as_str(), a);
+        }
+    }
+    let names: BTreeSet<&str> = wanted.keys().copied().chain(actual.keys().map(String::as_str)).collect();
+    names
+        .into_iter()
+        .map(|name| match (wanted.get(name), actual.get(name)) {
+            (Some(want), None) => Action::Start((*want).clone()),
+            (Some(want), Some(have)) if *want == have => Action::Keep(name.to_string()),
+            (Some(want), Some(_)) => Action::Replace((*want).clone()),
+            (None, _) => Action::Stop(name.to_string()),
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn a(name: &str, gpus: &[u32]) -> ReplicaAssignment {
+        ReplicaAssignment {
+            replica: name.into(),
+            model: "demo".into(),
+            engine: "sim".into(),
+            source: "file:///m".into(),
+            engine_args: vec![],
+            gpus: gpus.to_vec(),
+        }
+    }
+
+    fn actual(items: &[ReplicaAssignment]) -> BTreeMap<String, ReplicaAssignment> {
+        items.iter().map(|x| (x.replica.clone(), x.clone())).collect()
+    }
+
+    #[test]
+    fn starts_missing_and_stops_unlisted() {
+        let got = reconcile(&[a("r1", &[0]), a("r2", &[1])], &actual(&[a("r2", &[1]), a("r3", &[2])]));
+        assert_eq!(got, vec![Action::Start(a("r1", &[0])), Action::Keep("r2".into()), Action::Stop("r3".into())]);
+    }
+
+    #[test]
+    fn changed_assignment_is_replaced() {
+        let got = reconcile(&[a("r1", &[1])], &actual(&[a("r1", &[0])]));
+        assert_eq!(got, vec![Action::Replace(a("r1", &[1]))]);
+    }
+
+    #[test]
+    fn empty_desired_stops_everything_and_repeats_are_idempotent() {
+        let have = actual(&[a("r1", &[0]), a("r2", &[1])]);
+        assert_eq!(reconcile(&[], &have), vec![Action::Stop("r1".into()), Action::Stop("r2".into())]);
+        let want = [a("r1", &[0]), a("r2", &[1]), a("r1", &[5])];
+        assert_eq!(reconcile(&want, &have), vec![Action::Keep("r1".into()), Action::Keep("r2".into())]);
+        assert_eq!(reconcile(&[], &BTreeMap::new()), vec![]);
+    }
+}

@@ -1,0 +1,205 @@
+//! What the agent keeps in its data dir across restarts: its stable `agent_id`
+//! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
+//! assignment, pid, process start time, port), so a restarted agent adopts its engines
+//! instead of starting them twice. Writes are atomic (temp file + rename).
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::sync::Mutex;
+
+use flotilla_api::pb::ReplicaAssignment;
+use serde::{Deserialize, Serialize};
+
+use crate::error::AgentError;
+use crate::supervisor::process::ProcessIdentity;
+
+/// The assignment an engine was started with (serializable mirror of the proto).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedAssignment {
+    /// Replica.
+    pub replica: String,
+    /// Model.
+    pub model: String,
+    /// Engine kind.
+    pub engine: String,
+    /// Source URI.
+    pub source: String,
+    /// Engine args.
+    pub engine_args: Vec<String>,
+    /// GPU indices.
+    pub gpus: Vec<u32>,
+}
+
+impl From<&ReplicaAssignment> for SavedAssignment {
+    fn from(a: &ReplicaAssignment) -> Self {
+        SavedAssignment {
+            replica: a.replica.clone(),
+            model: a.model.clone(),
+            engine: a.engine.clone(),
+            source: a.source.clone(),
+            engine_args: a.engine_args.clone(),
+            gpus: a.gpus.clone(),
+        }
+    }
+}
+
+impl From<SavedAssignment> for ReplicaAssignment {
+    fn from(s: SavedAssignment) -> Self {
+        ReplicaAssignment {
+            replica: s.replica,
+            model: s.model,
+            engine: s.engine,
+            source: s.source,
+            engine_args: s.engine_args,
+            gpus: s.gpus,
+        }
+    }
+}
+
+/// One engine process the agent started.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct SavedEngine {
+    /// What it runs.
+    pub assignment: SavedAssignment,
+    /// The process (group leader) and its start time.
+    pub process: ProcessIdentity,
+    /// Its port.
+    pub port: u16,
+    /// Restarts so far.
+    pub restarts: u32,
+}
+
+/// `<data-dir>/engines.json`, read once at start-up and rewritten on every change.
+#[derive(Debug)]
+pub struct StateStore {
+    path: PathBuf,
+    engines: Mutex<BTreeMap<String, SavedEngine>>,
+}
+
+impl StateStore {
+    /// Loads the state file (a missing file is an empty state; a corrupt one is an error
+    /// naming the file, since ignoring it could orphan engines).
+    pub fn load(data_dir: &Path) -> Result<Self, AgentError> {
+        let path = data_dir.join("engines.json");
+        let engines = match std::fs::read(&path) {
+            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
+                AgentError::io(
+                    &path,
+                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("corrupt state file: {e}")),
+                )
+            })?,
+            Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
+            Err(e) => return Err(AgentError::io(&path, e)),
+        };
+        Ok(StateStore { path, engines: Mutex::new(engines) })
+    }
+
+    /// Every saved engine.
+    pub fn engines(&self) -> BTreeMap<String, SavedEngine> {
+        self.lock().clone()
+    }
+
+    /// Records (or replaces) an engine and writes the file.
+    pub fn put(&self, engine: SavedEngine) -> Result<(), AgentError> {
+        let mut g = self.lock();
+        g.insert(engine.assignment.replica.clone(), engine);
+        self.write(&g)
+    }
+
+    /// Forgets an engine and writes the file.
+    pub fn remove(&self, replica: &str) -> Result<(), AgentError> {
+        let mut g = self.lock();
+        if g.remove(replica).is_some() {
+            self.write(&g)?;
+        }
+        Ok(())
+    }
+
+    fn lock(&self) -> std::sync::MutexGuard<'_, BTreeMap<String, SavedEngine>> {
+        self.engines.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    fn write(&self, engines: &BTreeMap<String, SavedEngine>) -> Result<(), AgentError> {
+        let bytes = serde_json::to_vec_pretty(engines)
+            .map_err(|e| AgentError::io(&self.path, std::io::Error::other(e.to_string())))?;
+        write_atomic(&self.path, &bytes)
+    }
+}
+
+/// Writes `bytes` to `path` through a temp file and a rename.
+pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    let tmp = path.with_extension("tmp");
+    std::fs::write(&tmp, bytes).map_err(|e| AgentError::io(&tmp, e))?;
+    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+}
+
+/// Takes `<data-dir>/agent.lock` (flock, released when the returned file is dropped or
+/// the process exits), so two agents never share a data dir and adopt the same engines.
+pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
+    let path = data_dir.join("agent.lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&path)
+        .map_err(|e| AgentError::io(&path, e))?;
+    rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
+        AgentError::io(
+            &path,
+            std::io::Error::new(std::io::ErrorKind::WouldBlock, format!("another agent uses this data dir ({e})")),
+        )
+    })?;
+    Ok(file)
+}
+
+/// Reads `<data-dir>/agent-id`, creating it with a new UUID the first time.
+pub fn agent_id(data_dir: &Path) -> Result<String, AgentError> {
+    let path = data_dir.join("agent-id");
+    match std::fs::read_to_string(&path) {
+        Ok(s) if !s.trim().is_empty() => Ok(s.trim().to_string()),
+        Ok(_) => new_agent_id(&path),
+        Err(e) if e.kind() == std::io::ErrorKind::NotFound => new_agent_id(&path),
+        Err(e) => Err(AgentError::io(&path, e)),
+    }
+}
+
+fn new_agent_id(path: &Path) -> Result<String, AgentError> {
+    let id = uuid::Uuid::new_v4().to_string();
+    write_atomic(path, id.as_bytes())?;
+    Ok(id)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_round_trips_and_agent_id_is_stable() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::load(dir.path()).unwrap();
+        assert!(s.engines().is_empty());
+        let a = ReplicaAssignment { replica: "r1".into(), model: "m".into(), gpus: vec![1], ..Default::default() };
+        let e = SavedEngine {
+            assignment: (&a).into(),
+            process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
+            port: 20000,
+            restarts: 2,
+        };
+        s.put(e.clone()).unwrap();
+        let again = StateStore::load(dir.path()).unwrap();
+        assert_eq!(again.engines().get("r1"), Some(&e));
+        assert_eq!(ReplicaAssignment::from(e.assignment), a);
+        again.remove("r1").unwrap();
+        assert!(StateStore::load(dir.path()).unwrap().engines().is_empty());
+
+        let lock = lock_data_dir(dir.path()).unwrap();
+        assert!(lock_data_dir(dir.path()).unwrap_err().to_string().contains("another agent"));
+        drop(lock);
+        assert!(lock_data_dir(dir.path()).is_ok());
+
+        let id = agent_id(dir.path()).unwrap();
+        assert_eq!(agent_id(dir.path()).unwrap(), id);
+        std::fs::write(dir.path().join("engines.json"), b"{nope").unwrap();
+        assert!(StateStore::load(dir.path()).unwrap_err().to_string().contains("engines.json"));
+    }
+}

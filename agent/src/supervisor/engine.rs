@@ -1,0 +1,352 @@
+//! One engine's life, as one task: download (engines that need weights), spawn, wait for
+//! `/health`, watch it (scraping load each heartbeat interval), restart it with backoff
+//! when it crashes, give up after too many crashes, and stop it on request. Its state is
+//! published in a shared [`EngineReport`] that heartbeats copy.
+//!
+//! ```text
+//!  downloading ─> starting ─> ready ─(exit)─> crashed ─(backoff)─> starting ...
+//!       │             └─(exit / start timeout)──┘   └─(too many)─> failed
+//!       └─(error)─> failed              any ─(stop)─> stopping ─> stopped
+//! ```
+
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use tokio::process::Child;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use super::backoff::{AfterCrash, CrashHistory};
+use super::logs::LogFile;
+use super::process::{self, ProcessIdentity};
+use super::EngineEnv;
+use crate::driver::{EngineDriver, LaunchSpec};
+use crate::state::SavedEngine;
+
+/// An engine's published state.
+pub type SharedReport = Arc<Mutex<EngineReport>>;
+
+/// A running engine process: our child, or one adopted from a previous agent.
+enum Proc {
+    Child(Child),
+    Adopted,
+}
+
+struct Running {
+    proc: Proc,
+    id: ProcessIdentity,
+    port: u16,
+    started_at: Instant,
+}
+
+enum Outcome {
+    Stop,
+    Crash(String),
+}
+
+fn update(report: &SharedReport, f: impl FnOnce(&mut EngineReport)) {
+    f(&mut report.lock().unwrap_or_else(|p| p.into_inner()));
+}
+
+fn set_state(report: &SharedReport, state: &str, reason: &str) {
+    update(report, |r| {
+        r.state = state.into();
+        r.reason = reason.into();
+    });
+}
+
+async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+    // A dropped sender also means stop.
+    let _ = stop.wait_for(|s| *s).await;
+}
+
+/// Runs one engine until it is told to stop. `adopted` is an engine a previous agent
+/// started and that is still alive.
+pub async fn run(
+    env: Arc<EngineEnv>,
+    a: ReplicaAssignment,
+    report: SharedReport,
+    mut stop: watch::Receiver<bool>,
+    adopted: Option<SavedEngine>,
+) {
+    let replica = a.replica.clone();
+    let driver: &dyn EngineDriver = match a.engine.as_str() {
+        "sim" => &env.sim,
+        "vllm" => &env.vllm,
+        other => {
+            set_state(&report, "failed", &format!("unknown engine {other:?}; this agent runs sim and vllm"));
+            return park(&mut stop, &report).await;
+        }
+    };
+    let log = LogFile::new(&env.log_dir, &replica, env.cfg.log_max_bytes, env.cfg.log_keep);
+    let mut history = CrashHistory::default();
+    let mut restarts = adopted.as_ref().map(|s| s.restarts).unwrap_or(0);
+    update(&report, |r| r.restarts = restarts);
+    let mut running = adopted.map(|s| {
+        env.ports.reserve(s.port);
+        update(&report, |r| {
+            r.state = "starting".into();
+            r.pid = s.process.pid;
+            r.endpoint = format!("{}:{}", env.cfg.address, s.port);
+        });
+        tracing::info!(replica = %replica, pid = s.process.pid, port = s.port, "adopted running engine");
+        Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now() }
+    });
+
+    let mut model_path: Option<PathBuf> = None;
+    if running.is_none() && driver.needs_weights() {
+        set_state(&report, "downloading", "");
+        let progress = {
+            let report = report.clone();
+            move |p: f64| update(&report, |r| r.download_progress = p)
+        };
+        tokio::select! {
+            r = env.downloader.fetch(&a.source, &progress) => match r {
+                Ok(p) => {
+                    update(&report, |r| r.download_progress = 1.0);
+                    model_path = Some(p);
+                }
+                Err(e) => {
+                    tracing::error!(replica = %replica, source = %a.source, error = %e, "model download failed");
+                    set_state(&report, "failed", &format!("download of {} failed: {e}", a.source));
+                    return park(&mut stop, &report).await;
+                }
+            },
+            _ = stop_requested(&mut stop) => return set_state(&report, "stopped", ""),
+        }
+    }
+
+    loop {
+        let mut run = match running.take() {
+            Some(r) => r,
+            None => match launch(&env, driver, &a, model_path.as_deref(), &log, &report, restarts) {
+                Ok(r) => r,
+                Err(reason) => {
+                    if !after_crash(
+                        &reason,
+                        Instant::now(),
+                        &mut history,
+                        &env,
+                        &report,
+                        &mut stop,
+                        &mut restarts,
+                        &replica,
+                    )
+                    .await
+                    {
+                        return;
+                    }
+                    continue;
+                }
+            },
+        };
+        let outcome = supervise(&env, &mut run, &log, &report, &mut stop).await;
+        let _ = env.state.remove(&replica);
+        env.ports.release(run.port);
+        match outcome {
+            Outcome::Stop => {
+                set_state(&report, "stopping", "");
+                run.id.stop(env.cfg.stop_grace).await;
+                if let Proc::Child(mut c) = run.proc {
+                    let _ = c.wait().await;
+                }
+                tracing::info!(replica = %replica, pid = run.id.pid, "engine stopped");
+                return set_state(&report, "stopped", "");
+            }
+            Outcome::Crash(reason) => {
+                run.id.signal_group(rustix::process::Signal::KILL); // leftover workers
+                if let Proc::Child(mut c) = run.proc {
+                    let _ = c.wait().await;
+                }
+                if !after_crash(
+                    &reason,
+                    run.started_at,
+                    &mut history,
+                    &env,
+                    &report,
+                    &mut stop,
+                    &mut restarts,
+                    &replica,
+                )
+                .await
+                {
+                    return;
+                }
+            }
+        }
+    }
+}
+
+/// Records a crash and waits out the backoff. False: stop here (gave up or told to stop).
+#[allow(clippy::too_many_arguments)]
+async fn after_crash(
+    reason: &str,
+    started_at: Instant,
+    history: &mut CrashHistory,
+    env: &EngineEnv,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<bool>,
+    restarts: &mut u32,
+    replica: &str,
+) -> bool {
+    match history.on_crash(&env.cfg.restart, started_at, Instant::now()) {
+        AfterCrash::GiveUp => {
+            let why = format!("crashed {} times within {:?}; last: {reason}", history.recent(), env.cfg.restart.window);
+            tracing::error!(replica = %replica, reason = %why, "engine failed; not restarting");
+            set_state(report, "failed", &why);
+            park(stop, report).await;
+            false
+        }
+        AfterCrash::Restart(delay) => {
+            tracing::warn!(replica = %replica, reason = %reason, delay_ms = delay.as_millis() as u64, "engine crashed; restarting");
+            set_state(report, "crashed", reason);
+            update(report, |r| r.pid = 0);
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {
+                    *restarts += 1;
+                    update(report, |r| r.restarts = *restarts);
+                    true
+                }
+                _ = stop_requested(stop) => {
+                    set_state(report, "stopped", "");
+                    false
+                }
+            }
+        }
+    }
+}
+
+/// Waits for stop while keeping the current (failed) state, then reports stopped.
+async fn park(stop: &mut watch::Receiver<bool>, report: &SharedReport) {
+    stop_requested(stop).await;
+    update(report, |r| r.state = "stopped".into());
+}
+
+fn launch(
+    env: &EngineEnv,
+    driver: &dyn EngineDriver,
+    a: &ReplicaAssignment,
+    model_path: Option<&std::path::Path>,
+    log: &LogFile,
+    report: &SharedReport,
+    restarts: u32,
+) -> Result<Running, String> {
+    let port = env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?;
+    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path };
+    let cmd = driver.command(&spec).map_err(|e| {
+        env.ports.release(port);
+        e.to_string()
+    })?;
+    let (child, id) = process::spawn(&cmd, &log.path).map_err(|e| {
+        env.ports.release(port);
+        format!("cannot start {}: {e}", cmd.program.display())
+    })?;
+    let saved = SavedEngine { assignment: a.into(), process: id, port, restarts };
+    if let Err(e) = env.state.put(saved) {
+        tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
+    }
+    tracing::info!(replica = %a.replica, pid = id.pid, port, command = %cmd.display(), "engine started");
+    update(report, |r| {
+        r.state = "starting".into();
+        r.reason.clear();
+        r.pid = id.pid;
+        r.endpoint = format!("{}:{port}", env.cfg.address);
+        r.num_requests_running = 0.0;
+        r.num_requests_waiting = 0.0;
+        r.kv_cache_usage = 0.0;
+    });
+    Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now() })
+}
+
+/// Watches a running engine until it exits, must be stopped, or misses its start deadline.
+async fn supervise(
+    env: &EngineEnv,
+    run: &mut Running,
+    log: &LogFile,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<bool>,
+) -> Outcome {
+    let endpoint = format!("{}:{}", env.cfg.address, run.port);
+    let deadline = run.started_at + env.cfg.start_timeout;
+    let mut ready = false;
+    let mut unhealthy_since: Option<Instant> = None;
+    let mut next_probe = Duration::ZERO;
+    loop {
+        let exited = async {
+            match &mut run.proc {
+                Proc::Child(c) => match c.wait().await {
+                    Ok(status) => process::describe_exit(status),
+                    Err(e) => format!("wait failed: {e}"),
+                },
+                Proc::Adopted => {
+                    while run.id.is_alive() {
+                        tokio::time::sleep(Duration::from_millis(250)).await;
+                    }
+                    "adopted engine process exited (status unknown)".to_string()
+                }
+            }
+        };
+        let probe = async {
+            tokio::time::sleep(next_probe).await;
+            crate::probe::healthy(&env.http, &endpoint).await
+        };
+        let healthy = tokio::select! {
+            _ = stop_requested(stop) => return Outcome::Stop,
+            desc = exited => {
+                let last = log.last_line().map(|l| format!("; last log line: {l}")).unwrap_or_default();
+                return Outcome::Crash(format!("{desc}{last}"));
+            }
+            ok = probe => ok,
+        };
+        if !ready {
+            if healthy {
+                ready = true;
+                tracing::info!(replica = %report_name(report), endpoint = %endpoint, "engine ready");
+                set_state(report, "ready", "");
+            } else if Instant::now() >= deadline {
+                run.id.stop(env.cfg.stop_grace).await;
+                return Outcome::Crash(format!("not healthy within {:?} of starting", env.cfg.start_timeout));
+            }
+            next_probe = Duration::from_millis(100);
+            continue;
+        }
+        if !healthy {
+            let since = *unhealthy_since.get_or_insert_with(Instant::now);
+            let failing = since.elapsed();
+            if failing >= env.cfg.liveness_timeout {
+                run.id.stop(env.cfg.stop_grace).await;
+                return Outcome::Crash(format!("/health failing for {failing:?}; killed"));
+            }
+            if failing >= env.cfg.heartbeat_interval * 3 {
+                set_state(report, "starting", &format!("/health failing for {}s", failing.as_secs()));
+            }
+            next_probe = env.cfg.heartbeat_interval;
+            continue;
+        }
+        if unhealthy_since.take().is_some() {
+            set_state(report, "ready", "");
+        }
+        let (load, adapters) = crate::probe::scrape(&env.http, &endpoint).await;
+        update(report, |r| {
+            if let Some(l) = load {
+                r.num_requests_running = l.running;
+                r.num_requests_waiting = l.waiting;
+                r.kv_cache_usage = l.kv_cache_usage;
+            }
+            if let Some(a) = adapters {
+                r.loaded_adapters = a;
+            }
+        });
+        let rot = log.clone();
+        if let Ok(Err(e)) = tokio::task::spawn_blocking(move || rot.rotate_if_needed()).await {
+            tracing::warn!(path = %log.path.display(), error = %e, "log rotation failed");
+        }
+        next_probe = env.cfg.heartbeat_interval;
+    }
+}
+
+fn report_name(report: &SharedReport) -> String {
+    report.lock().unwrap_or_else(|p| p.into_inner()).replica.clone()
+}

@@ -1,0 +1,215 @@
+//! Process ownership: the [`EngineManager`] keeps one task per assigned replica (see
+//! [`engine`]), applies each `Assign` through the pure [`crate::reconcile`] decision,
+//! adopts engines a previous agent left running, and collects the reports heartbeats send.
+//!
+//! ```text
+//!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop / Replace / Keep
+//!                   │                                  │
+//!                   └── slots: replica -> engine task ─┴─> child process (own group)
+//!                                 └──> SharedReport ──> heartbeat
+//! ```
+
+pub mod backoff;
+pub mod engine;
+pub mod logs;
+pub mod ports;
+pub mod process;
+
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+use crate::config::AgentConfig;
+use crate::download::Downloader;
+use crate::driver::{SimDriver, VllmDriver};
+use crate::http::HttpClient;
+use crate::reconcile::{reconcile, Action};
+use crate::state::StateStore;
+use engine::SharedReport;
+
+/// What every engine task shares.
+#[derive(Debug)]
+pub struct EngineEnv {
+    /// Agent config.
+    pub cfg: Arc<AgentConfig>,
+    /// `engine: sim`.
+    pub sim: SimDriver,
+    /// `engine: vllm`.
+    pub vllm: VllmDriver,
+    /// HTTP client for probes.
+    pub http: HttpClient,
+    /// Model cache.
+    pub downloader: Arc<Downloader>,
+    /// Engines state file.
+    pub state: Arc<StateStore>,
+    /// Port pool.
+    pub ports: ports::Ports,
+    /// `<data-dir>/logs`.
+    pub log_dir: PathBuf,
+}
+
+struct Slot {
+    assignment: ReplicaAssignment,
+    report: SharedReport,
+    stop: watch::Sender<bool>,
+    task: JoinHandle<()>,
+}
+
+/// Owns the engine tasks.
+pub struct EngineManager {
+    env: Arc<EngineEnv>,
+    slots: Mutex<BTreeMap<String, Slot>>,
+    /// Engines being stopped (reported as `stopping` until their task ends).
+    stopping: Mutex<Vec<Slot>>,
+}
+
+impl EngineManager {
+    /// A manager with no engines.
+    pub fn new(env: Arc<EngineEnv>) -> Self {
+        EngineManager { env, slots: Mutex::default(), stopping: Mutex::default() }
+    }
+
+    /// Adopts the engines of the state file whose processes are still alive (same pid and
+    /// start time); forgets the dead ones. Call once, before the first [`Self::apply`].
+    pub fn adopt(&self) -> usize {
+        let mut adopted = 0;
+        for (replica, saved) in self.env.state.engines() {
+            if !saved.process.is_alive() {
+                tracing::info!(replica = %replica, pid = saved.process.pid, "engine from a previous run is gone");
+                let _ = self.env.state.remove(&replica);
+                continue;
+            }
+            let assignment: ReplicaAssignment = saved.assignment.clone().into();
+            self.spawn_slot(assignment, Some(saved), None);
+            adopted += 1;
+        }
+        adopted
+    }
+
+    fn spawn_slot(
+        &self,
+        assignment: ReplicaAssignment,
+        adopted: Option<crate::state::SavedEngine>,
+        after: Option<JoinHandle<()>>,
+    ) {
+        let report: SharedReport = Arc::new(Mutex::new(EngineReport {
+            replica: assignment.replica.clone(),
+            state: "starting".into(),
+            ..Default::default()
+        }));
+        let (stop, stop_rx) = watch::channel(false);
+        let env = self.env.clone();
+        let task_report = report.clone();
+        let a = assignment.clone();
+        let task = tokio::spawn(async move {
+            if let Some(prev) = after {
+                let _ = prev.await; // the previous engine of this replica must be gone first
+            }
+            engine::run(env, a, task_report, stop_rx, adopted).await;
+        });
+        let name = assignment.replica.clone();
+        let slot = Slot { assignment, report, stop, task };
+        self.slots.lock().unwrap_or_else(|p| p.into_inner()).insert(name, slot);
+    }
+
+    /// Reconciles toward `desired` (the full set of an `Assign`).
+    pub fn apply(&self, desired: &[ReplicaAssignment]) {
+        let actual: BTreeMap<String, ReplicaAssignment> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .iter()
+            .map(|(k, s)| (k.clone(), s.assignment.clone()))
+            .collect();
+        for action in reconcile(desired, &actual) {
+            match action {
+                Action::Keep(_) => {}
+                Action::Start(a) => {
+                    tracing::info!(replica = %a.replica, model = %a.model, engine = %a.engine, gpus = ?a.gpus, "starting engine");
+                    let prev = self.take_stopping(&a.replica);
+                    self.spawn_slot(a, None, prev);
+                }
+                Action::Stop(name) => {
+                    tracing::info!(replica = %name, "stopping engine (no longer assigned)");
+                    self.stop_slot(&name);
+                }
+                Action::Replace(a) => {
+                    tracing::info!(replica = %a.replica, "assignment changed; replacing engine");
+                    self.stop_slot(&a.replica);
+                    let prev = self.take_stopping(&a.replica);
+                    self.spawn_slot(a, None, prev);
+                }
+            }
+        }
+    }
+
+    fn stop_slot(&self, name: &str) {
+        let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
+        if let Some(slot) = slot {
+            let _ = slot.stop.send(true);
+            self.stopping.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
+        }
+    }
+
+    /// The stop task of `replica`, if one is in progress, so a new start can wait for it.
+    fn take_stopping(&self, replica: &str) -> Option<JoinHandle<()>> {
+        let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        let i = stopping.iter().position(|s| s.assignment.replica == replica)?;
+        Some(stopping.swap_remove(i).task)
+    }
+
+    /// Reports of every engine, stopping ones included.
+    pub fn reports(&self) -> Vec<EngineReport> {
+        let mut out: Vec<EngineReport> = self
+            .slots
+            .lock()
+            .unwrap_or_else(|p| p.into_inner())
+            .values()
+            .map(|s| s.report.lock().unwrap_or_else(|p| p.into_inner()).clone())
+            .collect();
+        let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
+        stopping.retain(|s| !s.task.is_finished());
+        out.extend(stopping.iter().map(|s| {
+            let mut r = s.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
+            r.state = "stopping".into();
+            r
+        }));
+        out
+    }
+
+    /// Ends every engine task. `stop_engines`: stop the processes too (waiting at most the
+    /// grace period plus 5 s); otherwise leave them running for the next agent to adopt.
+    pub async fn shutdown(&self, stop_engines: bool) {
+        let active: Vec<Slot> =
+            std::mem::take(&mut *self.slots.lock().unwrap_or_else(|p| p.into_inner())).into_values().collect();
+        // Engines already being stopped (unassigned) finish stopping either way.
+        let mut slots: Vec<Slot> = std::mem::take(&mut *self.stopping.lock().unwrap_or_else(|p| p.into_inner()));
+        if stop_engines {
+            slots.extend(active);
+        } else {
+            for s in &active {
+                s.task.abort();
+            }
+            tracing::info!(engines = active.len(), "agent exiting; engines left running for adoption");
+        }
+        for s in &slots {
+            let _ = s.stop.send(true);
+        }
+        let limit = self.env.cfg.stop_grace + Duration::from_secs(5);
+        for s in slots {
+            let abort = s.task.abort_handle();
+            if tokio::time::timeout(limit, s.task).await.is_err() {
+                abort.abort();
+                tracing::warn!(replica = %s.assignment.replica, "engine did not stop in time");
+            }
+        }
+        if stop_engines {
+            tracing::info!("all engines stopped");
+        }
+    }
+}

@@ -1,0 +1,252 @@
+//! Multi-process tests of the agent against a fake server: real `sim` engine processes,
+//! real crashes (the sim's fault injection), real agent restarts.
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use flotilla_api::pb;
+
+fn by_name<'a>(engines: &'a [pb::EngineReport], name: &str) -> Option<&'a pb::EngineReport> {
+    engines.iter().find(|e| e.replica == name)
+}
+
+fn ready_endpoint(engines: &[pb::EngineReport], name: &str) -> Option<(String, u32)> {
+    by_name(engines, name).filter(|e| e.state == "ready").map(|e| (e.endpoint.clone(), e.pid))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn registers_gpus_runs_assigned_engines_and_stops_unassigned_ones() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = agent_args(
+        &[server.addr],
+        dir.path(),
+        "node-a",
+        &["--gpus", "2", "--gpu-type", "A100-80GB", "--labels", "zone=z1"],
+    );
+    let mut agent = TestAgent::start(args).await;
+
+    let reg = eventually(20, "registration", || server.registrations().first().cloned()).await;
+    assert_eq!(reg.node_name, "node-a");
+    assert_eq!(reg.gpus.len(), 2);
+    assert!(reg.gpus.iter().all(|g| g.gpu_type == "A100-80GB" && g.memory_mib == 81920 && g.healthy));
+    assert_eq!(reg.labels.get("zone").map(String::as_str), Some("z1"));
+    assert!(!reg.agent_id.is_empty());
+
+    server.assign(vec![sim_replica("demo-0", "demo", &[0]), sim_replica("demo-1", "demo", &[1])]);
+    let (a, b) = eventually(30, "both engines ready in a heartbeat", || {
+        let e = server.engines();
+        let _ = agent.reports();
+        Some((ready_endpoint(&e, "demo-0")?, ready_endpoint(&e, "demo-1")?))
+    })
+    .await;
+    assert_ne!(a.0, b.0, "distinct endpoints");
+    for (endpoint, pid) in [&a, &b] {
+        assert!(alive(*pid));
+        let (status, body) = http_get(endpoint, "/v1/models").await.expect("engine answers");
+        assert_eq!(status, 200);
+        assert!(body.contains("\"demo\""), "{body}");
+    }
+
+    server.assign(vec![sim_replica("demo-0", "demo", &[0])]);
+    eventually(20, "demo-1 gone from heartbeats and its process dead", || {
+        let e = server.engines();
+        (by_name(&e, "demo-1").is_none() && !alive(b.1)).then_some(())
+    })
+    .await;
+    assert_eq!(ready_endpoint(&server.engines(), "demo-0"), Some(a.clone()), "the kept engine was not restarted");
+
+    agent.shutdown(true).await;
+    eventually(10, "engines stopped on shutdown(stop_engines=true)", || (!alive(a.1)).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn crashed_engine_is_restarted_and_repeated_crashes_fail_it() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = agent_args(
+        &[server.addr],
+        dir.path(),
+        "node-crash",
+        &[
+            "--sim-args=--speedup 50 --allow-faults",
+            "--restart-backoff-initial-ms",
+            "100",
+            "--restart-backoff-max-ms",
+            "400",
+            "--max-crashes",
+            "3",
+        ],
+    );
+    let agent = TestAgent::start(args).await;
+    server.assign(vec![sim_replica("r0", "m", &[])]);
+
+    let mut last_pid = 0;
+    for crash in 1..=3u32 {
+        let (endpoint, pid) = eventually(30, "engine ready", || {
+            let _ = agent.reports();
+            ready_endpoint(&server.engines(), "r0").filter(|(_, p)| *p != last_pid)
+        })
+        .await;
+        let (status, _) =
+            http_request(&endpoint, "POST", "/sim/faults", r#"{"crash": true}"#).await.unwrap_or((0, String::new()));
+        assert!(status == 200 || status == 0, "fault injection answered {status}");
+        last_pid = pid;
+        if crash < 3 {
+            eventually(30, "restart counted", || {
+                by_name(&server.engines(), "r0").filter(|e| e.restarts == crash).map(|_| ())
+            })
+            .await;
+        }
+    }
+    let failed = eventually(30, "engine failed after 3 crashes", || {
+        by_name(&server.engines(), "r0").filter(|e| e.state == "failed").cloned()
+    })
+    .await;
+    assert!(failed.reason.contains("crashed 3 times") && failed.reason.contains("exit status 1"), "{}", failed.reason);
+    assert_eq!(failed.restarts, 2);
+    assert!(!alive(last_pid));
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn restarted_agent_adopts_its_engines_without_starting_them_twice() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let replicas = vec![sim_replica("a-0", "adopt", &[]), sim_replica("a-1", "adopt", &[])];
+    server.assign(replicas.clone());
+
+    let mut first = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-adopt", &[])).await;
+    let before = eventually(30, "both ready", || {
+        let _ = first.reports();
+        let e = server.engines();
+        Some([ready_endpoint(&e, "a-0")?, ready_endpoint(&e, "a-1")?])
+    })
+    .await;
+    first.shutdown(false).await;
+    for (_, pid) in &before {
+        assert!(alive(*pid), "agent exit must leave engines running");
+    }
+
+    // Keep the first agent's pids for cleanup if the rest fails.
+    let mut second = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-adopt", &[])).await;
+    second.pids.lock().unwrap().extend(before.iter().map(|(_, p)| *p));
+    eventually(20, "second registration", || (server.registrations().len() >= 2).then_some(())).await;
+    let after = eventually(30, "adopted engines ready", || {
+        let r = second.reports();
+        Some([ready_endpoint(&r, "a-0")?, ready_endpoint(&r, "a-1")?])
+    })
+    .await;
+    assert_eq!(after, before, "same processes and endpoints: adopted, not restarted");
+    // Several heartbeats later, still the same processes (no double start).
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let now: Vec<_> = second.reports().iter().map(|e| e.pid).collect();
+    assert!(now.iter().all(|p| before.iter().any(|(_, b)| b == p)), "{now:?} vs {before:?}");
+
+    // An engine not in the next Assign is stopped.
+    server.assign(vec![replicas[0].clone()]);
+    eventually(20, "unassigned adopted engine stopped", || (!alive(before[1].1)).then_some(())).await;
+    assert!(alive(before[0].1));
+    second.shutdown(true).await;
+    eventually(10, "stopped", || (!alive(before[0].1)).then_some(())).await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_leader_hint_of_a_follower() {
+    let leader = FakeServer::start().await;
+    let follower =
+        FakeServer::rejecting(tonic::Code::FailedPrecondition, &format!("cluster.not_leader: leader={}", leader.addr))
+            .await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(agent_args(&[follower.addr], dir.path(), "node-hint", &[])).await;
+    let reg = eventually(20, "registered with the leader", || leader.registrations().first().cloned()).await;
+    assert_eq!(reg.node_name, "node-hint");
+    eventually(10, "heartbeats reach the leader", || (leader.heartbeats() >= 2).then_some(())).await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tries_the_next_server_when_one_is_down() {
+    let dead = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap();
+    let live = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(agent_args(&[dead, live.addr], dir.path(), "node-list", &[])).await;
+    eventually(20, "registered with the second server", || live.registrations().first().cloned()).await;
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn duplicate_node_name_ends_the_agent_with_an_error() {
+    let server =
+        FakeServer::rejecting(tonic::Code::AlreadyExists, "node.duplicate: node-dup is registered by agent 1234").await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = agent_args(&[server.addr], dir.path(), "node-dup", &[]);
+    let err = tokio::time::timeout(Duration::from_secs(20), flotilla_agent::run(args))
+        .await
+        .expect("run returns")
+        .expect_err("duplicate name is fatal");
+    assert!(matches!(err, flotilla_agent::AgentError::DuplicateNode { .. }), "{err:?}");
+    assert_eq!(err.exit_code(), 1);
+    assert!(err.to_string().contains("node-dup"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_keep_running_while_the_server_is_gone_and_reconcile_on_return() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = FakeServer::start().await;
+    let addr = server.addr;
+    server.assign(vec![sim_replica("s-0", "stable", &[])]);
+    let agent = TestAgent::start(agent_args(&[addr], dir.path(), "node-stable", &[])).await;
+    let (_, pid) = eventually(30, "ready", || {
+        let _ = agent.reports();
+        ready_endpoint(&server.engines(), "s-0")
+    })
+    .await;
+    drop(server);
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    assert!(alive(pid), "engine survives the loss of the server");
+    assert_eq!(ready_endpoint(&agent.reports(), "s-0").map(|e| e.1), Some(pid));
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn hung_engine_is_reported_not_ready_then_restarted() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let args = agent_args(
+        &[server.addr],
+        dir.path(),
+        "node-hang",
+        &[
+            "--sim-args=--speedup 50 --allow-faults",
+            "--engine-liveness-timeout-s",
+            "3",
+            "--restart-backoff-initial-ms",
+            "100",
+        ],
+    );
+    let agent = TestAgent::start(args).await;
+    server.assign(vec![sim_replica("h-0", "m", &[])]);
+    let (endpoint, pid) = eventually(30, "ready", || {
+        let _ = agent.reports();
+        ready_endpoint(&server.engines(), "h-0")
+    })
+    .await;
+    let (status, _) = http_request(&endpoint, "POST", "/sim/faults", r#"{"hang": true}"#).await.unwrap();
+    assert_eq!(status, 200);
+    let not_ready = eventually(15, "reported not ready", || {
+        by_name(&server.engines(), "h-0").filter(|e| e.state == "starting").cloned()
+    })
+    .await;
+    assert!(not_ready.reason.contains("/health failing"), "{}", not_ready.reason);
+    let (_, new_pid) = eventually(30, "restarted and ready again", || {
+        let _ = agent.reports();
+        ready_endpoint(&server.engines(), "h-0").filter(|(_, p)| *p != pid)
+    })
+    .await;
+    assert!(!alive(pid) && alive(new_pid));
+    assert_eq!(by_name(&server.engines(), "h-0").map(|e| e.restarts), Some(1));
+    drop(agent);
+}
