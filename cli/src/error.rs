@@ -53,3 +53,13 @@ impl From<flotilla_sim::SimError> for CliError {
         }
     }
 }
+
+impl From<flotilla_agent::AgentError> for CliError {
+    fn from(e: flotilla_agent::AgentError) -> CliError {
+        if e.is_usage() {
+            CliError::usage(e.to_string())
+        } else {
+            CliError::runtime(e.to_string())
+        }
+    }
+}

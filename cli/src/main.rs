@@ -17,7 +17,12 @@ use crate::output::Format;
 
 /// flotilla: a control plane for fleets of vLLM engines on plain machines.
 #[derive(Parser, Debug)]
-#[command(name = "flotilla", version, about, long_about = None, propagate_version = true)]
+#[command(
+    name = "flotilla",
+    version,
+    about = "flotilla: a control plane for fleets of vLLM engines on plain machines",
+    propagate_version = true
+)]
 struct Cli {
     /// Server gRPC address(es) for operator commands; a comma-separated list is tried in
     /// order until one answers.
@@ -54,9 +59,20 @@ enum Command {
     ///
     /// Example: flotilla watch model --after 42
     Watch(cmd::objects::WatchArgs),
+    /// Change the desired replica count of a model (a compare-and-set on its spec).
+    ///
+    /// Example: flotilla scale model llama-3-8b 4
+    Scale(cmd::scale::ScaleArgs),
+    /// List, cordon, uncordon and drain nodes.
+    #[command(subcommand)]
+    Node(cmd::node::NodeCommand),
     /// Inspect and change the Raft group.
     #[command(subcommand)]
     Cluster(cmd::cluster::ClusterCommand),
+    /// Run a node agent: registers this machine's GPUs and runs the engines placed on it.
+    ///
+    /// Example: flotilla agent --server 10.0.0.1:7070 --node-name gpu-01 --nvidia
+    Agent(flotilla_agent::AgentArgs),
     /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
@@ -89,6 +105,7 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     let client = client::Client::new(&cli.server);
+    let server = cli.server.clone();
     match cli.command {
         Command::Server(args) => cmd::server::run(args).await,
         Command::Dev(args) => cmd::dev::run(args).await,
@@ -97,6 +114,13 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Delete(args) => cmd::objects::delete(&client, args, cli.output).await,
         Command::Watch(args) => cmd::objects::watch(&client, args).await,
         Command::Cluster(c) => cmd::cluster::run(&client, c, cli.output).await,
+        Command::Scale(args) => cmd::scale::run(&client, args, cli.output).await,
+        Command::Node(c) => cmd::node::run(&client, c, cli.output).await,
+        Command::Agent(mut args) => {
+            init_logging("info");
+            args.server = server.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+            flotilla_agent::run(args).await.map_err(CliError::from)
+        }
         Command::Sim(args) => {
             init_logging("info");
             flotilla_sim::run(args).await.map_err(CliError::from)

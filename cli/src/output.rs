@@ -61,13 +61,23 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
     let columns: &[(&str, &str)] = match kind {
         "Model" => &[
             ("ENGINE", "spec.engine"),
-            ("REPLICAS", "spec.replicas"),
+            ("DESIRED", "spec.replicas"),
             ("READY", "status.ready_replicas"),
             ("GPUS", "spec.gpus"),
             ("SOURCE", "spec.source"),
         ],
         "Adapter" => &[("BASE-MODEL", "spec.base_model"), ("REPLICAS", "spec.replicas"), ("SOURCE", "spec.source")],
         "Tenant" => &[("PRIORITY", "spec.priority"), ("RPM", "spec.rpm"), ("TPM", "spec.tpm")],
+        "Replica" => &[
+            ("MODEL", "spec.model"),
+            ("NODE", "spec.node"),
+            ("GPUS", "spec.gpus"),
+            ("PHASE", "status.phase"),
+            ("ENDPOINT", "status.endpoint"),
+            ("RESTARTS", "status.restarts"),
+            ("REASON", "status.reason"),
+        ],
+        "Node" => &[("ADDRESS", "spec.address"), ("STATE", "status.state"), ("CORDONED", "spec.cordoned")],
         _ => &[],
     };
     let mut rows = vec![std::iter::once("NAME")

@@ -50,8 +50,9 @@ impl ClusterHandle {
         addr
     }
 
-    /// A receiver whose value is `true` while this server is the leader and has applied
-    /// every entry of its term's start (so its state machine is current).
+    /// A receiver whose value is `true` while this server is the leader. Its state machine
+    /// may still lag the commit index at that moment: a caller that needs current state
+    /// first commits a write (a barrier) and reads after it.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.node.raft.metrics();
         let id = self.node.id;

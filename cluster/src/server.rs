@@ -181,7 +181,12 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
         .max_decoding_message_size(MAX_RAFT_MESSAGE)
         .max_encoding_message_size(MAX_RAFT_MESSAGE);
     let mut routes = extra;
-    routes.add_service(health_service).add_service(reflection).add_service(objects).add_service(cluster).add_service(raft);
+    routes
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(objects)
+        .add_service(cluster)
+        .add_service(raft);
     let result = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

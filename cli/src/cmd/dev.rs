@@ -1,14 +1,16 @@
-//! `flotilla dev`: the whole stack on one machine, for development and demos. Today that is
-//! one server bootstrapped in `./.flotilla` with a demo model applied; the agent, simulated
-//! engines and the gateway join it as they are built.
+//! `flotilla dev`: the whole stack on one machine, for development and demos: one server
+//! (data in `./.flotilla`), one agent with 4 simulated GPUs running `flotilla sim` engines,
+//! and the `demo` model with 2 replicas. Ctrl-C stops everything, engines included. The
+//! gateway joins it when the gateway issue lands.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
 
-use clap::Args;
+use clap::{Args, Parser};
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::ApplyRequest;
+use flotilla_api::pb::{ApplyRequest, ListRequest};
 use flotilla_cluster::ServerConfig;
+use tonic::transport::Channel;
 
 use crate::error::CliError;
 
@@ -26,7 +28,7 @@ spec:
 
 #[derive(Args, Debug)]
 pub(crate) struct DevArgs {
-    /// Data directory of the embedded server.
+    /// Data directory of the embedded server and agent.
     #[arg(long, default_value = ".flotilla")]
     data_dir: PathBuf,
     /// gRPC address of the embedded server.
@@ -35,9 +37,21 @@ pub(crate) struct DevArgs {
     /// HTTP address (metrics, health) of the embedded server.
     #[arg(long, default_value = "127.0.0.1:7071")]
     http_addr: SocketAddr,
+    /// Simulated GPUs of the embedded agent.
+    #[arg(long, default_value_t = 4)]
+    gpus: u32,
+    /// Extra flags for every simulated engine, e.g. "--speedup 10".
+    #[arg(long, default_value = "", allow_hyphen_values = true)]
+    sim_args: String,
     /// Do not apply the demo model.
     #[arg(long)]
     no_demo: bool,
+}
+
+#[derive(Parser)]
+struct AgentFlags {
+    #[command(flatten)]
+    agent: flotilla_agent::AgentArgs,
 }
 
 pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
@@ -49,32 +63,102 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         ..ServerConfig::new(1, args.data_dir.join("server-1"))
     };
     eprintln!("starting server 1 (data in {})", config.data_dir.display());
-    let handle = flotilla_cluster::start(config).await?;
+    let actors = flotilla_actors::ActorsConfig::default();
+    let server = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
+    let grpc = server.grpc_addr.to_string();
+
+    let agent_dir = args.data_dir.join("agent-dev");
+    let gpus = args.gpus.to_string();
+    let mut flags =
+        vec!["agent", "--node-name", "dev", "--gpus", &gpus, "--gpu-type", "SIM-80GB", "--stop-engines-on-exit"];
+    let sim_args = format!("--sim-args={}", args.sim_args);
+    flags.push(&sim_args);
+    let mut agent_args = AgentFlags::try_parse_from(flags).map_err(|e| CliError::usage(e.to_string()))?.agent;
+    agent_args.server = vec![grpc.clone()];
+    agent_args.data_dir = agent_dir.clone();
+    eprintln!("starting agent dev with {} simulated GPUs (data in {})", args.gpus, agent_dir.display());
+    let agent = flotilla_agent::start(agent_args).await.map_err(CliError::from)?;
+
+    let mut client = ObjectServiceClient::new(
+        tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+            .map_err(|e| CliError::runtime(e.to_string()))?
+            .connect_lazy(),
+    );
+    let mut endpoints = Vec::new();
     if !args.no_demo {
-        let mut client = ObjectServiceClient::connect(format!("http://{}", handle.grpc_addr))
-            .await
-            .map_err(|e| CliError::runtime(format!("cannot reach the embedded server: {e}")))?;
-        let req = ApplyRequest { manifest: DEMO_MODEL.into(), expected_revision: None };
-        let mut attempt = 0;
-        loop {
-            match client.apply(req.clone()).await {
-                Ok(r) => {
-                    let o = r.into_inner().object.unwrap_or_default();
-                    eprintln!("applied model/{} (revision {})", o.name, o.revision);
-                    break;
-                }
-                Err(e) if attempt < 50 => {
-                    attempt += 1;
-                    tracing::debug!(error = %e, "waiting for the server to elect itself");
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                Err(e) => return Err(e.into()),
+        apply_demo(&mut client).await?;
+        endpoints = wait_ready(&mut client, 2).await?;
+    }
+    println!("flotilla dev ready: grpc={} http={}", server.grpc_addr, server.http_addr);
+    for e in &endpoints {
+        println!("  demo replica at http://{e}");
+    }
+    if let Some(e) = endpoints.first() {
+        println!(
+            "  try: curl -s http://{e}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+        );
+    }
+    println!("  and: flotilla get models; flotilla get replicas; flotilla node list   (Ctrl-C stops everything)");
+    let result = super::server::wait_for_signal().await;
+    eprintln!("stopping the agent and its engines");
+    if let Err(e) = agent.shutdown(true).await {
+        eprintln!("warning: agent shutdown: {e}");
+    }
+    server.shutdown().await;
+    result
+}
+
+async fn apply_demo(client: &mut ObjectServiceClient<Channel>) -> Result<(), CliError> {
+    let req = ApplyRequest { manifest: DEMO_MODEL.into(), expected_revision: None };
+    for attempt in 0.. {
+        match client.apply(req.clone()).await {
+            Ok(r) => {
+                let o = r.into_inner().object.unwrap_or_default();
+                eprintln!("applied model/{} (revision {})", o.name, o.revision);
+                return Ok(());
             }
+            Err(e) if attempt < 100 => {
+                tracing::debug!(error = %e, "waiting for the server to elect itself");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+            Err(e) => return Err(e.into()),
         }
     }
-    println!(
-        "flotilla dev ready: grpc={} http={} (try: flotilla get models; Ctrl-C stops)",
-        handle.grpc_addr, handle.http_addr
-    );
-    super::server::wait_for_shutdown(handle).await
+    unreachable!("the loop returns")
+}
+
+/// Waits until `n` demo replicas are Ready, printing progress; returns their endpoints.
+async fn wait_ready(client: &mut ObjectServiceClient<Channel>, n: usize) -> Result<Vec<String>, CliError> {
+    let mut last = String::new();
+    for _ in 0..1200 {
+        let req = ListRequest { kind: "Replica".into(), label_selector: "model=demo".into(), stale: true };
+        if let Ok(r) = client.list(req).await {
+            let mut phases = Vec::new();
+            let mut ready = Vec::new();
+            for o in r.into_inner().objects {
+                let status: serde_json::Value = serde_json::from_str(&o.status_json).unwrap_or_default();
+                let phase = status["phase"].as_str().unwrap_or("Pending").to_owned();
+                if phase == "Ready" {
+                    if let Some(e) = status["endpoint"].as_str() {
+                        ready.push(e.to_owned());
+                    }
+                }
+                phases.push(phase);
+            }
+            phases.sort();
+            let line =
+                format!("demo replicas: {}", if phases.is_empty() { "none yet".into() } else { phases.join(", ") });
+            if line != last {
+                eprintln!("{line}");
+                last = line;
+            }
+            if ready.len() >= n {
+                return Ok(ready);
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    Err(CliError::runtime(
+        "the demo replicas did not become ready within 2 minutes; see the agent logs in .flotilla/agent-dev/logs",
+    ))
 }

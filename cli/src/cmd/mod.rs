@@ -1,5 +1,7 @@
 //! One module per subcommand group.
 pub(crate) mod cluster;
 pub(crate) mod dev;
+pub(crate) mod node;
 pub(crate) mod objects;
+pub(crate) mod scale;
 pub(crate) mod server;

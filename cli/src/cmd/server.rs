@@ -4,6 +4,7 @@ use std::path::PathBuf;
 use std::time::Duration;
 
 use clap::Args;
+use flotilla_actors::ActorsConfig;
 use flotilla_cluster::{ServerConfig, ServerHandle};
 
 use crate::error::CliError;
@@ -52,6 +53,21 @@ pub(crate) struct ServerArgs {
     /// How long a write or linearizable read may wait for the Raft group, seconds.
     #[arg(long, default_value_t = 10)]
     pub(crate) request_timeout_s: u64,
+    /// A node whose agent sent no heartbeat for this long becomes NotReady, milliseconds.
+    #[arg(long, default_value_t = 5_000)]
+    pub(crate) node_ttl_ms: u64,
+    /// After this further grace period NotReady, a node's replicas move elsewhere, ms.
+    #[arg(long, default_value_t = 10_000)]
+    pub(crate) reschedule_grace_ms: u64,
+    /// How often agents send heartbeats, milliseconds.
+    #[arg(long, default_value_t = 1_000)]
+    pub(crate) agent_heartbeat_ms: u64,
+    /// Default placement of replicas on nodes: bin-pack or spread.
+    #[arg(long, default_value = "bin-pack")]
+    pub(crate) placement: String,
+    /// How long a crash-looping (Failed) replica counts before it is replaced, ms.
+    #[arg(long, default_value_t = 30_000)]
+    pub(crate) failed_replace_backoff_ms: u64,
 }
 
 impl ServerArgs {
@@ -74,22 +90,51 @@ impl ServerArgs {
     }
 }
 
+impl ServerArgs {
+    pub(crate) fn actors_config(&self) -> Result<ActorsConfig, CliError> {
+        let config = ActorsConfig {
+            node_ttl_ms: self.node_ttl_ms,
+            reschedule_grace_ms: self.reschedule_grace_ms,
+            heartbeat_interval_ms: self.agent_heartbeat_ms,
+            placement: self
+                .placement
+                .parse()
+                .map_err(|e: flotilla_actors::ActorsError| CliError::usage(e.to_string()))?,
+            failed_replace_backoff_ms: self.failed_replace_backoff_ms,
+            ..ActorsConfig::default()
+        };
+        config.validate().map_err(|e| CliError::usage(e.to_string()))?;
+        Ok(config)
+    }
+}
+
 pub(crate) async fn run(args: ServerArgs) -> Result<(), CliError> {
     crate::init_logging("info,openraft=error");
-    let handle = flotilla_cluster::start(args.config()).await?;
+    let config = args.config();
+    config.validate()?;
+    let actors = args.actors_config()?;
+    let handle = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
     println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
     wait_for_shutdown(handle).await
 }
 
 /// Serves until SIGINT/SIGTERM (clean exit) or a fatal Raft error (exit 1).
 pub(crate) async fn wait_for_shutdown(handle: ServerHandle) -> Result<(), CliError> {
+    tokio::select! {
+        r = wait_for_signal() => r?,
+        reason = handle.stopped() => return Err(CliError::runtime(format!("server stopped: {reason}"))),
+    }
+    handle.shutdown().await;
+    Ok(())
+}
+
+/// Resolves on SIGINT or SIGTERM.
+pub(crate) async fn wait_for_signal() -> Result<(), CliError> {
     let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
         .map_err(|e| CliError::runtime(format!("cannot install a SIGTERM handler: {e}")))?;
     tokio::select! {
         _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
         _ = sigterm.recv() => tracing::info!("terminated; shutting down"),
-        reason = handle.stopped() => return Err(CliError::runtime(format!("server stopped: {reason}"))),
     }
-    handle.shutdown().await;
     Ok(())
 }

@@ -137,3 +137,162 @@ pub async fn wait_holds_all(addr: &str, want: &[String]) -> Vec<String> {
 pub fn model(name: &str) -> String {
     format!("kind: Model\nmetadata:\n  name: {name}\nspec:\n  engine: sim\n  source: file:///models/{name}\n")
 }
+
+/// One `flotilla agent` process with simulated GPUs.
+pub struct AgentProc {
+    pub name: String,
+    pub data_dir: PathBuf,
+    child: Option<Child>,
+}
+
+impl AgentProc {
+    /// Starts an agent for node `name` with `gpus` simulated A100s. Its sim engines carry
+    /// `--seed <marker>` so a test can find every engine process it caused.
+    pub fn start(name: &str, data_dir: &Path, servers: &str, gpus: u32, marker: u64) -> AgentProc {
+        let child = Command::new(BIN)
+            .args(["agent", "--server", servers, "--node-name", name, "--gpus", &gpus.to_string()])
+            .args(["--gpu-type", "A100-80GB", "--heartbeat-interval-ms", "200"])
+            .arg("--data-dir")
+            .arg(data_dir)
+            .arg(format!("--sim-args=--speedup 50 --allow-faults --seed {marker}"))
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::null())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn flotilla agent");
+        AgentProc { name: name.to_owned(), data_dir: data_dir.to_owned(), child: Some(child) }
+    }
+
+    pub fn kill(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = c.kill();
+            let _ = c.wait();
+        }
+    }
+
+    /// SIGTERM and wait: the agent exits, leaving its engines to a successor.
+    pub fn terminate(&mut self) {
+        if let Some(mut c) = self.child.take() {
+            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            let _ = c.wait();
+        }
+    }
+}
+
+impl Drop for AgentProc {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+/// PIDs of live engine processes started with `--seed <marker>`.
+pub fn engine_pids(marker: u64) -> Vec<u32> {
+    let needle = format!("--seed\0{marker}\0");
+    let mut pids = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
+        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
+        let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+        if !zombie && String::from_utf8_lossy(&cmdline).contains(&needle) {
+            pids.push(pid);
+        }
+    }
+    pids
+}
+
+/// Kills every engine process carrying `marker` (test teardown).
+pub fn kill_engines(marker: u64) {
+    for pid in engine_pids(marker) {
+        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+    }
+}
+
+/// A unique marker for this test's engines.
+pub fn marker() -> u64 {
+    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).unwrap().subsec_nanos() as u64;
+    1_000_000_000 + (std::process::id() as u64 * 7919 + nanos) % 1_000_000_000
+}
+
+/// A replica as the store shows it.
+#[derive(Debug, Clone)]
+pub struct ReplicaView {
+    pub name: String,
+    pub model: String,
+    pub node: Option<String>,
+    pub gpus: Vec<u64>,
+    pub phase: String,
+    pub endpoint: Option<String>,
+    pub restarts: u64,
+    pub reason: String,
+}
+
+pub fn replica_view(o: &flotilla_api::pb::Object) -> ReplicaView {
+    let spec: serde_json::Value = serde_json::from_str(&o.spec_json).unwrap_or_default();
+    let status: serde_json::Value = serde_json::from_str(&o.status_json).unwrap_or_default();
+    ReplicaView {
+        name: o.name.clone(),
+        model: spec["model"].as_str().unwrap_or_default().to_owned(),
+        node: spec["node"].as_str().map(str::to_owned),
+        gpus: spec["gpus"].as_array().map(|a| a.iter().filter_map(|g| g.as_u64()).collect()).unwrap_or_default(),
+        phase: status["phase"].as_str().unwrap_or("Pending").to_owned(),
+        endpoint: status["endpoint"].as_str().map(str::to_owned),
+        restarts: status["restarts"].as_u64().unwrap_or(0),
+        reason: status["reason"].as_str().unwrap_or_default().to_owned(),
+    }
+}
+
+/// Replicas of `model` (a linearizable read through any of `servers`).
+pub async fn replicas(servers: &[String], model: &str) -> Vec<ReplicaView> {
+    for addr in servers {
+        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let req = ListRequest { kind: "replica".into(), label_selector: format!("model={model}"), stale: false };
+        if let Ok(r) = c.list(req).await {
+            return r.into_inner().objects.iter().map(replica_view).collect();
+        }
+    }
+    Vec::new()
+}
+
+/// Polls until `pred` holds for the replicas of `model`, or panics after `secs`.
+pub async fn wait_replicas(
+    servers: &[String],
+    model: &str,
+    secs: u64,
+    what: &str,
+    pred: impl Fn(&[ReplicaView]) -> bool,
+) -> Vec<ReplicaView> {
+    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    loop {
+        let r = replicas(servers, model).await;
+        if pred(&r) {
+            return r;
+        }
+        if std::time::Instant::now() > deadline {
+            panic!("timed out waiting for {what}: {r:#?}");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+pub fn ready(r: &[ReplicaView]) -> usize {
+    r.iter().filter(|x| x.phase == "Ready").count()
+}
+
+/// Sends one chat completion to an engine; true if it answered 200 with a choice.
+pub fn chat_ok(endpoint: &str, model: &str) -> bool {
+    use std::io::{Read, Write};
+    let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":4}}"#);
+    let Ok(mut s) = std::net::TcpStream::connect(endpoint) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return false;
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    out.starts_with("HTTP/1.1 200") && out.contains("\"choices\"")
+}

@@ -1,0 +1,277 @@
+//! `AgentService`: one bidirectional stream per agent, served by the leader. The agent sends
+//! `Register` (the Node object is created or updated through Raft; a name held by another
+//! live agent is refused with ALREADY_EXISTS), then heartbeats (kept in memory; only
+//! changes of replica phase go through Raft). The server answers `Registered`, then an
+//! `Assign` with the node's full desired set whenever it changes.
+//!
+//! ```text
+//!  agent ──Register──> register(): Txn Put Node ──> Registered, Assign(full set)
+//!  agent ──Heartbeat─> live memory ─> heartbeat_txn(): phase changes, Draining deleted
+//!  hub(node) changed ────────────────────────────────> Assign(full set)
+//! ```
+use std::collections::HashMap;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::pb::agent_message::Msg as AgentMsg;
+use flotilla_api::pb::agent_service_server::AgentService;
+use flotilla_api::pb::server_message::Msg as ServerMsg;
+use flotilla_api::pb::{AgentMessage, Assign, Heartbeat, Register, Registered, ServerMessage};
+use flotilla_api::spec::{Gpu, NodeSpec, NodeState, NodeStatus};
+use flotilla_api::{Kind, ObjectName};
+use flotilla_storage::{Command, Compare, TxnOp};
+use futures::Stream;
+use tokio::sync::mpsc;
+use tokio::time::Instant;
+use tonic::{Request, Response, Status, Streaming};
+
+use crate::metrics::Metrics;
+use crate::objects::{key, NodeView, ReplicaView};
+use crate::reports::heartbeat_txn;
+use crate::shared::{lock, Ctx, NodeLive};
+use crate::supervisor::SupervisorMsg;
+use crate::writes::execute;
+use crate::ActorsError;
+
+/// How long the server waits for `Register` on a new stream.
+const REGISTER_TIMEOUT: Duration = Duration::from_secs(10);
+
+pub struct AgentServiceImpl {
+    pub(crate) ctx: Arc<Ctx>,
+}
+
+type Out = Pin<Box<dyn Stream<Item = Result<ServerMessage, Status>> + Send>>;
+
+#[tonic::async_trait]
+impl AgentService for AgentServiceImpl {
+    type SessionStream = Out;
+
+    async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Out>, Status> {
+        self.ctx.ensure_leader()?;
+        let mut inbound = req.into_inner();
+        let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
+            .await
+            .map_err(|_| Status::deadline_exceeded("actors.register_timeout: no Register within 10 s"))??;
+        let Some(AgentMessage { msg: Some(AgentMsg::Register(reg)) }) = first else {
+            return Err(ActorsError::InvalidArgument("the first message on the stream must be Register".into()).into());
+        };
+        let node = register(&self.ctx, &reg).await?;
+        let (tx, rx) = mpsc::channel(16);
+        let registered =
+            Registered { node_name: node.to_string(), heartbeat_interval_ms: self.ctx.config.heartbeat_interval_ms };
+        let _ = tx.send(Ok(ServerMessage { msg: Some(ServerMsg::Registered(registered)) })).await;
+        tokio::spawn(run_session(self.ctx.clone(), node, reg.agent_id, inbound, tx));
+        Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// Checks a registration against the store and the live agents.
+/// A node known only from the store (no live agent) may be taken over by a new agent.
+pub fn check_register(
+    reg: &Register,
+    live: Option<&NodeLive>,
+    ttl: Duration,
+    now: Instant,
+) -> Result<ObjectName, ActorsError> {
+    let name: ObjectName = reg
+        .node_name
+        .parse()
+        .map_err(|e: flotilla_api::ApiError| ActorsError::InvalidArgument(format!("node_name: {e}")))?;
+    if reg.agent_id.trim().is_empty() {
+        return Err(ActorsError::InvalidArgument("agent_id is empty".into()));
+    }
+    let mut seen = std::collections::BTreeSet::new();
+    for g in &reg.gpus {
+        if !seen.insert(g.index) {
+            return Err(ActorsError::InvalidArgument(format!("gpus: index {} is listed twice", g.index)));
+        }
+    }
+    if let Some(l) = live {
+        let age = now.saturating_duration_since(l.last_heartbeat);
+        if l.agent_id != reg.agent_id && age < ttl {
+            return Err(ActorsError::NodeNameTaken {
+                node: name.to_string(),
+                agent_id: l.agent_id.clone(),
+                age_ms: age.as_millis() as u64,
+            });
+        }
+    }
+    Ok(name)
+}
+
+/// The Node object after a registration: spec from the agent, cordon/drain and allocations kept.
+pub fn registered_node(reg: &Register, existing: Option<&NodeView>) -> (NodeSpec, NodeStatus) {
+    let spec = NodeSpec {
+        address: reg.address.clone(),
+        gpus: reg
+            .gpus
+            .iter()
+            .map(|g| Gpu { index: g.index, gpu_type: g.gpu_type.clone(), memory_mib: g.memory_mib })
+            .collect(),
+        agent_id: reg.agent_id.clone(),
+        cordoned: existing.is_some_and(|n| n.spec.cordoned),
+        draining: existing.is_some_and(|n| n.spec.draining),
+    };
+    let mut status = existing.map(|n| n.status.clone()).unwrap_or_default();
+    status.unhealthy_gpus = reg.gpus.iter().filter(|g| !g.healthy).map(|g| g.index).collect();
+    status.state = if spec.draining {
+        NodeState::Draining
+    } else if spec.cordoned {
+        NodeState::Cordoned
+    } else {
+        NodeState::Ready
+    };
+    status.reason.clear();
+    (spec, status)
+}
+
+async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsError> {
+    let ttl = Duration::from_millis(ctx.config.node_ttl_ms);
+    for _ in 0..5 {
+        let name: ObjectName = reg
+            .node_name
+            .parse()
+            .map_err(|e: flotilla_api::ApiError| ActorsError::InvalidArgument(format!("node_name: {e}")))?;
+        let (o, _) = ctx.handle.reader().get(&key(Kind::Node, &name));
+        let existing = o.as_ref().map(NodeView::from_stored).transpose()?;
+        let live = lock(&ctx.live).get(&name).cloned();
+        let name = check_register(reg, live.as_ref(), ttl, Instant::now())?;
+        let (spec, status) = registered_node(reg, existing.as_ref());
+        let op = TxnOp::Put {
+            key: key(Kind::Node, &name),
+            uid: o.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |o| o.uid.clone()),
+            labels: reg.labels.clone().into_iter().collect(),
+            spec: serde_json::to_value(&spec).unwrap_or_default(),
+            status: Some(serde_json::to_value(&status).unwrap_or_default()),
+        };
+        let compare = Compare { key: key(Kind::Node, &name), revision: o.as_ref().map_or(0, |o| o.revision) };
+        let out = execute(ctx, vec![Command::Txn { compares: vec![compare], ops: vec![op] }]).await?;
+        if out.applied == 1 {
+            let live = NodeLive {
+                agent_id: reg.agent_id.clone(),
+                last_heartbeat: Instant::now(),
+                engines: HashMap::new(),
+                unhealthy_gpus: status.unhealthy_gpus.clone(),
+                connected: true,
+            };
+            lock(&ctx.live).insert(name.clone(), live);
+            tracing::info!(node = %name, agent = %reg.agent_id, gpus = reg.gpus.len(), "agent registered");
+            return Ok(name);
+        }
+        ctx.ensure_leader()?;
+    }
+    Err(ActorsError::WriteRefused(format!("node {} kept changing while registering; retry", reg.node_name)))
+}
+
+fn assign_msg(set: &[flotilla_api::pb::ReplicaAssignment]) -> Result<ServerMessage, Status> {
+    Ok(ServerMessage { msg: Some(ServerMsg::Assign(Assign { replicas: set.to_vec() })) })
+}
+
+async fn run_session(
+    ctx: Arc<Ctx>,
+    node: ObjectName,
+    agent_id: String,
+    mut inbound: Streaming<AgentMessage>,
+    tx: mpsc::Sender<Result<ServerMessage, Status>>,
+) {
+    let mut assign = ctx.hub.subscribe(&node);
+    let mut leading = ctx.handle.leadership();
+    let mut sent_first = false;
+    let ready = ctx.hub.wait_ready();
+    tokio::pin!(ready);
+    if let Some(s) = ctx.supervisor() {
+        let _ = s.send_message(SupervisorMsg::Heard(node.clone()));
+    }
+    let end: Option<Status> = loop {
+        tokio::select! {
+            _ = &mut ready, if !sent_first => {
+                sent_first = true;
+                let set = assign.borrow_and_update().clone();
+                if tx.send(assign_msg(&set)).await.is_err() { break None }
+            }
+            r = assign.changed(), if sent_first => {
+                if r.is_err() { break None }
+                let set = assign.borrow_and_update().clone();
+                if tx.send(assign_msg(&set)).await.is_err() { break None }
+            }
+            m = inbound.message() => match m {
+                Ok(Some(AgentMessage { msg: Some(AgentMsg::Heartbeat(hb)) })) => {
+                    if let Err(status) = heartbeat(&ctx, &node, &agent_id, hb).await {
+                        break Some(status);
+                    }
+                }
+                Ok(Some(_)) => break Some(Status::invalid_argument("actors.invalid_argument: only heartbeats may follow Register")),
+                Ok(None) | Err(_) => break None,
+            },
+            _ = crate::shared::lost(&mut leading) => {
+                break Some(ctx.ensure_leader().err().unwrap_or(ActorsError::NoLeader).into());
+            }
+        }
+    };
+    if let Some(status) = end {
+        let _ = tx.send(Err(status)).await;
+    }
+    if let Some(l) = lock(&ctx.live).get_mut(&node) {
+        if l.agent_id == agent_id {
+            l.connected = false;
+        }
+    }
+    tracing::info!(node = %node, agent = %agent_id, "agent stream closed");
+}
+
+/// Records a heartbeat in memory and writes the replica changes it implies.
+async fn heartbeat(ctx: &Arc<Ctx>, node: &ObjectName, agent_id: &str, hb: Heartbeat) -> Result<(), Status> {
+    Metrics::add(&ctx.metrics.heartbeats, 1);
+    let now = Instant::now();
+    let reports: HashMap<String, flotilla_api::pb::EngineReport> =
+        hb.engines.into_iter().map(|e| (e.replica.clone(), e)).collect();
+    let ttl = Duration::from_millis(ctx.config.node_ttl_ms);
+    let was_silent = {
+        let mut live = lock(&ctx.live);
+        let l = live.entry(node.clone()).or_insert_with(|| NodeLive {
+            agent_id: agent_id.to_owned(),
+            last_heartbeat: now,
+            engines: HashMap::new(),
+            unhealthy_gpus: Vec::new(),
+            connected: true,
+        });
+        if l.agent_id != agent_id {
+            return Err(Status::aborted(format!(
+                "actors.superseded: node {node} was taken over by agent {}",
+                l.agent_id
+            )));
+        }
+        let silent = now.saturating_duration_since(l.last_heartbeat) >= ttl;
+        l.last_heartbeat = now;
+        l.connected = true;
+        l.engines = reports.clone();
+        if !hb.gpus.is_empty() {
+            l.unhealthy_gpus = hb.gpus.iter().filter(|g| !g.healthy).map(|g| g.index).collect();
+        }
+        silent
+    };
+    let reader = ctx.handle.reader();
+    let Some(view) = reader.get(&key(Kind::Node, node)).0.and_then(|o| NodeView::from_stored(&o).ok()) else {
+        return Err(Status::not_found(format!("actors.not_found: node {node} was deleted; register again")));
+    };
+    if was_silent || view.status.state == NodeState::NotReady {
+        if let Some(s) = ctx.supervisor() {
+            let _ = s.send_message(SupervisorMsg::Heard(node.clone()));
+        }
+    }
+    let mut names: Vec<ObjectName> = reports.keys().filter_map(|r| r.parse().ok()).collect();
+    names.extend(ctx.hub.draining(node));
+    let replicas: Vec<ReplicaView> = names
+        .iter()
+        .filter_map(|n| reader.get(&key(Kind::Replica, n)).0)
+        .filter_map(|o| ReplicaView::from_stored(&o).ok())
+        .collect();
+    if let Some(cmd) = heartbeat_txn(&view, &replicas, &reports) {
+        // Level-triggered: a refused or uncertain write is recomputed at the next heartbeat.
+        if let Err(e) = execute(ctx, vec![cmd]).await {
+            tracing::warn!(node = %node, error = %e, "heartbeat write outcome unknown; the next heartbeat recomputes it");
+        }
+    }
+    Ok(())
+}

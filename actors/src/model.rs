@@ -1,0 +1,389 @@
+//! The Model actor: one per model name. It keeps the model's replicas at `spec.replicas`
+//! (creating Pending replicas for the scheduler, draining the newest and least ready first
+//! on scale-down, moving replicas off draining nodes surge-first), drains everything when
+//! the model is deleted, and writes the model's status (`desired_replicas`,
+//! `ready_replicas`, `Ready`/`Progressing` conditions with reasons).
+//!
+//! ```text
+//!  Changed(replica?) ─┐                      ┌─> Txn create Pending replicas
+//!  Tick ──────────────┼─> decide(state) ──────┼─> Txn mark Draining / delete unbound
+//!  Resync ────────────┘                      └─> PutStatus model status
+//! ```
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::Arc;
+
+use flotilla_api::spec::ReplicaPhase;
+use flotilla_api::{Kind, LabelSelector, ObjectName};
+use flotilla_storage::{Command, Compare, TxnOp};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::time::Instant;
+
+use crate::config::ActorsConfig;
+use crate::objects::{key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView};
+use crate::shared::Ctx;
+use crate::writes::execute;
+
+/// What a model's decision sees.
+#[derive(Debug, Clone)]
+pub struct ModelState {
+    pub name: ObjectName,
+    /// `None`: the model was deleted (or never existed): drain everything.
+    pub model: Option<ModelView>,
+    pub replicas: BTreeMap<ObjectName, ReplicaView>,
+    /// Nodes being drained: their replicas are replaced elsewhere first.
+    pub draining_nodes: BTreeSet<ObjectName>,
+    /// Nodes not Ready: their replicas do not count as ready.
+    pub down_nodes: BTreeSet<ObjectName>,
+    /// When this actor first saw each Failed replica.
+    pub failed_since: HashMap<ObjectName, Instant>,
+    pub now: Instant,
+}
+
+fn phase_rank(p: ReplicaPhase) -> u8 {
+    match p {
+        ReplicaPhase::Pending => 0,
+        ReplicaPhase::Scheduled => 1,
+        ReplicaPhase::Starting => 2,
+        _ => 3,
+    }
+}
+
+/// Marks `r` Draining (bound) or deletes it (never bound: no GPUs, nothing runs).
+fn retire(r: &ReplicaView, reason: &str, compares: &mut Vec<Compare>, ops: &mut Vec<TxnOp>) {
+    compares.push(r.compare());
+    if r.spec.node.is_none() || r.phase() == ReplicaPhase::Failed {
+        ops.push(TxnOp::Delete { key: r.key() });
+    } else {
+        let status = flotilla_api::spec::ReplicaStatus {
+            phase: ReplicaPhase::Draining,
+            reason: reason.to_owned(),
+            ..r.status.clone()
+        };
+        ops.push(r.status_op(&status));
+    }
+}
+
+/// The model's reconcile decision: the Raft commands that move it toward its spec.
+pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<Command> {
+    let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    let Some(model) = &s.model else {
+        for r in s.replicas.values() {
+            if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
+                retire(r, "model deleted", &mut compares, &mut ops);
+            }
+        }
+        return txn(compares, ops).into_iter().collect();
+    };
+    let desired = model.spec.replicas as usize;
+    let backoff = ActorsConfig::ms(cfg.failed_replace_backoff_ms);
+    let on_draining = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.draining_nodes.contains(n));
+    let is_ready = |r: &ReplicaView| {
+        r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !s.down_nodes.contains(n))
+    };
+    let mut active: Vec<&ReplicaView> = Vec::new();
+    let mut moving: Vec<&ReplicaView> = Vec::new();
+    let mut failed: Vec<&ReplicaView> = Vec::new();
+    for r in s.replicas.values() {
+        match r.phase() {
+            ReplicaPhase::Draining | ReplicaPhase::Stopped => {}
+            ReplicaPhase::Failed => failed.push(r),
+            _ if on_draining(r) => moving.push(r),
+            _ => active.push(r),
+        }
+    }
+    // Failed replicas hold their slot during the backoff; beyond `failed_keep` they go.
+    let holding = failed
+        .iter()
+        .filter(|r| s.failed_since.get(&r.name).is_none_or(|t| s.now.saturating_duration_since(*t) < backoff))
+        .count();
+    failed.sort_by_key(|r| std::cmp::Reverse(r.create_revision));
+    for r in failed.iter().skip(cfg.failed_keep) {
+        retire(r, "", &mut compares, &mut ops);
+    }
+    let counted = active.len() + holding;
+    let mut writes = Vec::new();
+    if counted < desired {
+        let mut create_ops = Vec::new();
+        for _ in counted..desired {
+            let (_, op) = new_replica_op(model, &fresh.suffix(), fresh.uid());
+            create_ops.push(op);
+        }
+        let model_cmp = Compare { key: key(Kind::Model, &model.name), revision: model.revision };
+        writes.extend(txn(vec![model_cmp], create_ops));
+    } else if counted > desired {
+        // Least ready first, newest first within a phase.
+        active.sort_by_key(|r| (phase_rank(r.phase()), std::cmp::Reverse(r.create_revision)));
+        for r in active.iter().take((counted - desired).min(active.len())) {
+            retire(r, "scaled down", &mut compares, &mut ops);
+        }
+    }
+    // Surge drain: replicas on draining nodes go once enough replacements are Ready.
+    let ready_active = active.iter().filter(|r| is_ready(r)).count();
+    let ready_moving = moving.iter().filter(|r| is_ready(r)).count();
+    let mut may_drain_ready = (ready_active + ready_moving).saturating_sub(desired);
+    for r in &moving {
+        if !is_ready(r) {
+            retire(r, "node draining", &mut compares, &mut ops);
+        } else if may_drain_ready > 0 || ready_active >= desired {
+            may_drain_ready = may_drain_ready.saturating_sub(1);
+            retire(r, "node draining", &mut compares, &mut ops);
+        }
+    }
+    // The status describes the state these writes lead to.
+    let mut projected = s.clone();
+    for op in ops.iter().chain(writes.iter().flat_map(|c| match c {
+        Command::Txn { ops, .. } => ops.as_slice(),
+        _ => &[],
+    })) {
+        match op {
+            TxnOp::Delete { key } => drop(projected.replicas.remove(&key.name)),
+            TxnOp::PutStatus { key, .. } => {
+                if let Some(r) = projected.replicas.get_mut(&key.name) {
+                    r.status.phase = ReplicaPhase::Draining;
+                }
+            }
+            TxnOp::Put { key, spec, .. } => {
+                if let Ok(spec) = serde_json::from_value(spec.clone()) {
+                    let r = ReplicaView {
+                        name: key.name.clone(),
+                        revision: 0,
+                        create_revision: u64::MAX,
+                        uid: String::new(),
+                        labels: Default::default(),
+                        spec,
+                        status: Default::default(),
+                    };
+                    projected.replicas.insert(key.name.clone(), r);
+                }
+            }
+        }
+    }
+    writes.extend(txn(compares, ops));
+    let ready = projected
+        .replicas
+        .values()
+        .filter(|r| r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !s.down_nodes.contains(n)))
+        .count();
+    let status = model_status(&projected, desired, ready);
+    if model.status != status.to_json() {
+        writes.push(Command::PutStatus {
+            key: key(Kind::Model, &model.name),
+            status: status.to_json(),
+            expected_revision: Some(model.revision),
+        });
+    }
+    writes
+}
+
+fn cond(t: &str, ok: bool, reason: &str, message: String) -> Condition {
+    Condition { type_: t.into(), status: if ok { "True" } else { "False" }.into(), reason: reason.into(), message }
+}
+
+/// The status document: counts, and conditions naming what holds the model back.
+pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus {
+    let live = |p: ReplicaPhase| !matches!(p, ReplicaPhase::Draining | ReplicaPhase::Stopped | ReplicaPhase::Failed);
+    let pending: Vec<&ReplicaView> =
+        s.replicas.values().filter(|r| r.phase() == ReplicaPhase::Pending && live(r.phase())).collect();
+    let failed: Vec<&ReplicaView> = s.replicas.values().filter(|r| r.phase() == ReplicaPhase::Failed).collect();
+    let starting =
+        s.replicas.values().filter(|r| matches!(r.phase(), ReplicaPhase::Scheduled | ReplicaPhase::Starting)).count();
+    let draining = s.replicas.values().filter(|r| r.phase() == ReplicaPhase::Draining).count();
+    let ready_msg = format!("{ready}/{desired} replicas ready");
+    let (reason, message) = if let Some(p) = pending.iter().find(|r| !r.status.reason.is_empty()) {
+        ("Unschedulable", format!("{} replica(s) pending: {}", pending.len(), p.status.reason))
+    } else if let Some(f) = failed.first() {
+        ("ReplicaFailed", format!("replica {} failed: {}", f.name, f.status.reason))
+    } else if !pending.is_empty() || starting > 0 {
+        ("Starting", format!("{} pending, {starting} starting", pending.len()))
+    } else if draining > 0 {
+        ("Draining", format!("{draining} replica(s) draining"))
+    } else {
+        ("Stable", ready_msg.clone())
+    };
+    let progressing = !pending.is_empty() || starting > 0 || draining > 0;
+    let all_ready = ready >= desired;
+    ModelStatus {
+        desired_replicas: desired as u32,
+        ready_replicas: ready as u32,
+        conditions: vec![
+            cond(
+                "Ready",
+                all_ready,
+                if all_ready { "AllReplicasReady" } else { reason },
+                if all_ready { ready_msg } else { message.clone() },
+            ),
+            cond("Progressing", progressing, reason, message),
+        ],
+    }
+}
+
+/// Messages of a model actor.
+#[derive(Debug)]
+pub enum ModelMsg {
+    /// The model (`None`) or one of its replicas changed in the store.
+    Changed(Option<ObjectName>),
+    /// Re-read everything from the store.
+    Resync,
+    /// Run a reconcile (self-scheduled, coalesced).
+    Reconcile,
+    Tick,
+}
+
+pub struct ModelActor;
+
+pub struct ModelArgs {
+    pub ctx: Arc<Ctx>,
+    pub name: ObjectName,
+    /// The model's replicas as the supervisor listed them.
+    pub replicas: Vec<ReplicaView>,
+}
+
+pub struct ModelActorState {
+    ctx: Arc<Ctx>,
+    s: ModelState,
+    queued: bool,
+}
+
+impl ModelActorState {
+    fn refresh_model(&mut self) {
+        let (o, _) = self.ctx.handle.reader().get(&key(Kind::Model, &self.s.name));
+        self.s.model = o.and_then(|o| ModelView::from_stored(&o).map_err(|e| tracing::warn!(error = %e)).ok());
+    }
+
+    fn refresh_replica(&mut self, name: &ObjectName) {
+        let (o, _) = self.ctx.handle.reader().get(&key(Kind::Replica, name));
+        match o.and_then(|o| ReplicaView::from_stored(&o).ok()) {
+            Some(r) => {
+                self.s.replicas.insert(name.clone(), r);
+            }
+            None => {
+                self.s.replicas.remove(name);
+            }
+        }
+    }
+
+    fn resync(&mut self) {
+        self.refresh_model();
+        let sel = LabelSelector::parse(&format!("{}={}", crate::objects::MODEL_LABEL, self.s.name)).unwrap_or_default();
+        let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &sel);
+        self.s.replicas =
+            list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).map(|r| (r.name.clone(), r)).collect();
+    }
+
+    /// Node facts the decision needs, read fresh for the nodes this model uses.
+    fn refresh_nodes(&mut self) {
+        let reader = self.ctx.handle.reader();
+        let nodes: BTreeSet<ObjectName> = self.s.replicas.values().filter_map(|r| r.spec.node.clone()).collect();
+        self.s.draining_nodes.clear();
+        self.s.down_nodes.clear();
+        for n in nodes {
+            let (o, _) = reader.get(&key(Kind::Node, &n));
+            match o.and_then(|o| crate::objects::NodeView::from_stored(&o).ok()) {
+                Some(v) => {
+                    if v.spec.draining {
+                        self.s.draining_nodes.insert(n.clone());
+                    }
+                    if v.status.state == flotilla_api::spec::NodeState::NotReady {
+                        self.s.down_nodes.insert(n);
+                    }
+                }
+                None => {
+                    self.s.down_nodes.insert(n);
+                }
+            }
+        }
+        let now = Instant::now();
+        self.s.now = now;
+        let failed: BTreeSet<&ObjectName> =
+            self.s.replicas.values().filter(|r| r.phase() == ReplicaPhase::Failed).map(|r| &r.name).collect();
+        self.s.failed_since.retain(|n, _| failed.contains(n));
+        for n in failed {
+            self.s.failed_since.entry(n.clone()).or_insert(now);
+        }
+    }
+}
+
+impl Actor for ModelActor {
+    type Msg = ModelMsg;
+    type State = ModelActorState;
+    type Arguments = ModelArgs;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<ModelMsg>,
+        args: ModelArgs,
+    ) -> Result<ModelActorState, ActorProcessingErr> {
+        let s = ModelState {
+            name: args.name,
+            model: None,
+            replicas: args.replicas.into_iter().map(|r| (r.name.clone(), r)).collect(),
+            draining_nodes: BTreeSet::new(),
+            down_nodes: BTreeSet::new(),
+            failed_since: HashMap::new(),
+            now: Instant::now(),
+        };
+        let mut st = ModelActorState { ctx: args.ctx, s, queued: true };
+        st.refresh_model();
+        myself.send_interval(ActorsConfig::ms(st.ctx.config.reconcile_interval_ms), || ModelMsg::Tick);
+        myself.send_message(ModelMsg::Reconcile)?;
+        Ok(st)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<ModelMsg>,
+        msg: ModelMsg,
+        st: &mut ModelActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            ModelMsg::Changed(None) => st.refresh_model(),
+            ModelMsg::Changed(Some(r)) => st.refresh_replica(&r),
+            ModelMsg::Resync => st.resync(),
+            ModelMsg::Tick => {}
+            ModelMsg::Reconcile => {
+                st.queued = false;
+                st.refresh_nodes();
+                let cmds = decide(&st.s, &st.ctx.config, &mut RandomFresh);
+                if cmds.is_empty() {
+                    if st.s.model.is_none() && st.s.replicas.is_empty() {
+                        tracing::info!(model = %st.s.name, "model deleted and drained; actor stops");
+                        myself.stop(None);
+                    }
+                    return Ok(());
+                }
+                let creates: u64 = cmds
+                    .iter()
+                    .map(|c| match c {
+                        Command::Txn { ops, .. } => {
+                            ops.iter().filter(|o| matches!(o, TxnOp::Put { .. })).count() as u64
+                        }
+                        _ => 0,
+                    })
+                    .sum();
+                let out = execute(&st.ctx, cmds).await.map_err(|e| {
+                    tracing::warn!(model = %st.s.name, error = %e, "uncertain write; stopping for a rebuild");
+                    Box::new(e) as ActorProcessingErr
+                })?;
+                if out.refused == 0 {
+                    crate::metrics::Metrics::add(&st.ctx.metrics.replicas_created, creates);
+                }
+                // Our own writes are applied locally by now: read them back before deciding again.
+                st.resync();
+                if out.refused > 0 {
+                    st.queued = true;
+                    myself.send_after(ActorsConfig::ms(20), || ModelMsg::Reconcile);
+                }
+                return Ok(());
+            }
+        }
+        if !st.queued {
+            st.queued = true;
+            myself.send_message(ModelMsg::Reconcile)?;
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "model_tests.rs"]
+mod tests;

@@ -1,0 +1,216 @@
+//! The Node actor: one per node. From the heartbeats the leader keeps in memory it derives
+//! the node's state (Ready / NotReady / Cordoned / Draining / Drained) and writes it through
+//! Raft when it changes; after `node_ttl + reschedule_grace` without a heartbeat it unbinds
+//! the node's replicas (deletes them and frees their GPUs in one transaction), so their
+//! models replace them elsewhere.
+//!
+//! ```text
+//!  heartbeat (memory) ──> last_seen ─┐
+//!  Node/Replica events ──────────────┼─> decide ─> Txn{ node status, delete lost replicas }
+//!  Tick ─────────────────────────────┘
+//! ```
+use std::collections::BTreeMap;
+use std::sync::Arc;
+
+use flotilla_api::spec::{NodeState, ReplicaPhase};
+use flotilla_api::{Kind, ObjectName};
+use flotilla_storage::{Command, TxnOp};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::time::Instant;
+
+use crate::config::ActorsConfig;
+use crate::metrics::Metrics;
+use crate::objects::{key, release, txn, NodeView, ReplicaView};
+use crate::shared::{lock, Ctx};
+use crate::writes::execute;
+
+/// What a node's decision sees.
+#[derive(Debug, Clone)]
+pub struct NodeFacts {
+    pub node: NodeView,
+    /// Replicas bound to this node (any phase).
+    pub replicas: BTreeMap<ObjectName, ReplicaView>,
+    /// Last heartbeat, or the start of this leadership if none since.
+    pub last_seen: Instant,
+    /// Unhealthy GPUs from the latest heartbeat, if one came.
+    pub unhealthy_gpus: Option<Vec<u32>>,
+    pub now: Instant,
+}
+
+/// The state a node should have, and why.
+pub fn node_state(f: &NodeFacts, cfg: &ActorsConfig) -> (NodeState, String) {
+    let silent = f.now.saturating_duration_since(f.last_seen);
+    if silent >= ActorsConfig::ms(cfg.node_ttl_ms) {
+        return (NodeState::NotReady, format!("no heartbeat within the {} ms TTL", cfg.node_ttl_ms));
+    }
+    let spec = &f.node.spec;
+    if spec.draining {
+        let left = f.replicas.values().filter(|r| r.phase() != ReplicaPhase::Failed).count();
+        if left == 0 {
+            return (NodeState::Drained, String::new());
+        }
+        return (NodeState::Draining, format!("{left} replica(s) still on the node"));
+    }
+    if spec.cordoned {
+        return (NodeState::Cordoned, String::new());
+    }
+    (NodeState::Ready, String::new())
+}
+
+/// The node's decision: at most one transaction.
+pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
+    let (state, reason) = node_state(f, cfg);
+    let mut status = f.node.status.clone();
+    if status.state != state || status.reason != reason {
+        status.state = state;
+        status.reason = reason;
+        status.last_transition_ms = wall_ms();
+    }
+    if let Some(u) = &f.unhealthy_gpus {
+        status.unhealthy_gpus = u.clone();
+    }
+    let mut compares = vec![f.node.compare()];
+    let mut ops = Vec::new();
+    let lost = f.now.saturating_duration_since(f.last_seen)
+        >= ActorsConfig::ms(cfg.node_ttl_ms) + ActorsConfig::ms(cfg.reschedule_grace_ms);
+    if lost {
+        let gone: Vec<&ReplicaView> = f.replicas.values().filter(|r| r.phase() != ReplicaPhase::Failed).collect();
+        let names: Vec<&ObjectName> = gone.iter().map(|r| &r.name).collect();
+        release(&mut status, &names);
+        for r in gone {
+            compares.push(r.compare());
+            ops.push(TxnOp::Delete { key: r.key() });
+        }
+    }
+    if status != f.node.status {
+        ops.insert(0, f.node.status_op(&status));
+    }
+    txn(compares, ops).into_iter().collect()
+}
+
+/// Wall-clock ms since the Unix epoch (for operators; decisions use the tokio clock).
+fn wall_ms() -> u64 {
+    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
+}
+
+/// Messages of a node actor.
+#[derive(Debug)]
+pub enum NodeMsg {
+    /// The node (`None`) or a replica bound to it changed.
+    Changed(Option<ObjectName>),
+    /// A heartbeat arrived after a silence: re-evaluate now.
+    Heard,
+    Tick,
+}
+
+pub struct NodeActor;
+
+pub struct NodeArgs {
+    pub ctx: Arc<Ctx>,
+    pub node: NodeView,
+    pub replicas: Vec<ReplicaView>,
+}
+
+pub struct NodeActorState {
+    ctx: Arc<Ctx>,
+    node: NodeView,
+    replicas: BTreeMap<ObjectName, ReplicaView>,
+}
+
+impl NodeActorState {
+    fn refresh(&mut self, what: Option<ObjectName>) -> bool {
+        let reader = self.ctx.handle.reader();
+        match what {
+            None => {
+                let (o, _) = reader.get(&self.node.key());
+                match o.and_then(|o| NodeView::from_stored(&o).ok()) {
+                    Some(n) => self.node = n,
+                    None => return false,
+                }
+            }
+            Some(r) => {
+                let (o, _) = reader.get(&key(Kind::Replica, &r));
+                match o.and_then(|o| ReplicaView::from_stored(&o).ok()) {
+                    Some(v) if v.spec.node.as_ref() == Some(&self.node.name) => {
+                        self.replicas.insert(r, v);
+                    }
+                    _ => {
+                        self.replicas.remove(&r);
+                    }
+                }
+            }
+        }
+        true
+    }
+
+    fn facts(&self) -> Option<NodeFacts> {
+        let last_seen = self.ctx.last_seen(&self.node.name)?;
+        let unhealthy_gpus = lock(&self.ctx.live).get(&self.node.name).map(|l| l.unhealthy_gpus.clone());
+        Some(NodeFacts {
+            node: self.node.clone(),
+            replicas: self.replicas.clone(),
+            last_seen,
+            unhealthy_gpus,
+            now: Instant::now(),
+        })
+    }
+}
+
+impl Actor for NodeActor {
+    type Msg = NodeMsg;
+    type State = NodeActorState;
+    type Arguments = NodeArgs;
+
+    async fn pre_start(&self, myself: ActorRef<NodeMsg>, args: NodeArgs) -> Result<NodeActorState, ActorProcessingErr> {
+        myself.send_interval(ActorsConfig::ms(args.ctx.config.reconcile_interval_ms), || NodeMsg::Tick);
+        let replicas = args.replicas.into_iter().map(|r| (r.name.clone(), r)).collect();
+        Ok(NodeActorState { ctx: args.ctx, node: args.node, replicas })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<NodeMsg>,
+        msg: NodeMsg,
+        st: &mut NodeActorState,
+    ) -> Result<(), ActorProcessingErr> {
+        let evaluate = match msg {
+            NodeMsg::Changed(what) => {
+                if !st.refresh(what) {
+                    tracing::info!(node = %st.node.name, "node deleted; actor stops");
+                    myself.stop(None);
+                    return Ok(());
+                }
+                // Replica changes matter only for drain completion; the tick covers the rest.
+                st.node.spec.draining
+            }
+            NodeMsg::Heard | NodeMsg::Tick => true,
+        };
+        if !evaluate {
+            return Ok(());
+        }
+        let Some(facts) = st.facts() else { return Ok(()) };
+        let cmds = decide(&facts, &st.ctx.config);
+        if cmds.is_empty() {
+            return Ok(());
+        }
+        let lost: usize = match cmds.first() {
+            Some(Command::Txn { ops, .. }) => ops.iter().filter(|o| matches!(o, TxnOp::Delete { .. })).count(),
+            _ => 0,
+        };
+        let out = execute(&st.ctx, cmds).await.map_err(|e| {
+            tracing::warn!(node = %st.node.name, error = %e, "uncertain write; stopping for a rebuild");
+            Box::new(e) as ActorProcessingErr
+        })?;
+        if out.applied > 0 && lost > 0 {
+            tracing::warn!(node = %st.node.name, replicas = lost, "node lost; its replicas are unbound for rescheduling");
+            Metrics::add(&st.ctx.metrics.replicas_rescheduled, lost as u64);
+            st.replicas.retain(|_, r| r.phase() == ReplicaPhase::Failed);
+        }
+        st.refresh(None);
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+#[path = "node_tests.rs"]
+mod tests;

@@ -1,0 +1,92 @@
+//! Tests of the node decision: TTL, grace, release of GPUs, cordon and drain states.
+use std::time::Duration;
+
+use flotilla_api::spec::NodeState;
+
+use super::*;
+use crate::testkit::{name, World};
+
+fn facts(w: &World, node: &str, silent_ms: u64) -> NodeFacts {
+    let now = Instant::now() + Duration::from_secs(3600);
+    let replicas =
+        w.replicas().into_iter().filter(|r| r.spec.node == Some(name(node))).map(|r| (r.name.clone(), r)).collect();
+    NodeFacts {
+        node: w.get_node(node),
+        replicas,
+        last_seen: now - Duration::from_millis(silent_ms),
+        unhealthy_gpus: None,
+        now,
+    }
+}
+
+#[test]
+fn ttl_makes_a_node_not_ready_then_grace_unbinds_its_replicas() {
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    w.node("a", 4, "A");
+    w.replica("m-1", "m", 2, ReplicaPhase::Ready, Some(("a", vec![0, 1])));
+    w.replica("m-2", "m", 1, ReplicaPhase::Failed, Some(("a", vec![2])));
+    assert!(decide(&facts(&w, "a", 1_000), &cfg).is_empty(), "fresh heartbeat: nothing to do");
+
+    let cmds = decide(&facts(&w, "a", cfg.node_ttl_ms), &cfg);
+    w.apply_all(&cmds);
+    let n = w.get_node("a");
+    assert_eq!(n.status.state, NodeState::NotReady);
+    assert_eq!(n.status.reason, "no heartbeat within the 5000 ms TTL");
+    assert_eq!(n.status.allocations.len(), 2, "still bound during the grace period");
+    assert!(decide(&facts(&w, "a", cfg.node_ttl_ms + 1), &cfg).is_empty(), "no rewrite while unchanged");
+
+    let cmds = decide(&facts(&w, "a", cfg.node_ttl_ms + cfg.reschedule_grace_ms), &cfg);
+    assert_eq!(cmds.len(), 1, "one transaction");
+    w.apply_all(&cmds);
+    assert!(w.get_node("a").status.allocations.is_empty(), "GPUs freed");
+    let left: Vec<String> = w.replicas().iter().map(|r| r.name.to_string()).collect();
+    assert_eq!(left, vec!["m-2"], "bound replica deleted, failed one kept for the operator");
+    w.assert_consistent();
+}
+
+#[test]
+fn heartbeat_brings_a_node_back_ready() {
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    w.node("a", 4, "A");
+    w.set_node("a", |_, st| st.state = NodeState::NotReady);
+    w.apply_all(&decide(&facts(&w, "a", 10), &cfg));
+    assert_eq!(w.get_node("a").status.state, NodeState::Ready);
+}
+
+#[test]
+fn cordon_and_drain_states() {
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    w.node("a", 4, "A");
+    w.replica("m-1", "m", 1, ReplicaPhase::Ready, Some(("a", vec![0])));
+    w.set_node("a", |sp, _| sp.cordoned = true);
+    w.apply_all(&decide(&facts(&w, "a", 10), &cfg));
+    assert_eq!(w.get_node("a").status.state, NodeState::Cordoned);
+    w.set_node("a", |sp, _| sp.draining = true);
+    w.apply_all(&decide(&facts(&w, "a", 10), &cfg));
+    let n = w.get_node("a");
+    assert_eq!((n.status.state, n.status.reason.as_str()), (NodeState::Draining, "1 replica(s) still on the node"));
+    // The replica is stopped and deleted (by the agent session): the node is drained.
+    w.apply_all(&[Command::Txn {
+        compares: vec![],
+        ops: vec![TxnOp::Delete { key: key(Kind::Replica, &name("m-1")) }],
+    }]);
+    w.set_node("a", |_, st| st.allocations.clear());
+    w.apply_all(&decide(&facts(&w, "a", 10), &cfg));
+    assert_eq!(w.get_node("a").status.state, NodeState::Drained);
+}
+
+#[test]
+fn unhealthy_gpus_from_heartbeats_are_recorded() {
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    w.node("a", 4, "A");
+    let mut f = facts(&w, "a", 10);
+    f.unhealthy_gpus = Some(vec![3]);
+    w.apply_all(&decide(&f, &cfg));
+    let n = w.get_node("a");
+    assert_eq!(n.status.unhealthy_gpus, vec![3]);
+    assert_eq!(n.free_gpus(), 3);
+}

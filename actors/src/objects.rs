@@ -1,0 +1,285 @@
+//! Typed views of the stored objects the controllers work on (Model, Node, Replica), the
+//! Model status document, replica naming, and the small builders of Raft commands that
+//! every controller shares.
+use std::collections::BTreeMap;
+
+use flotilla_api::spec::{ModelSpec, NodeSpec, NodeStatus, ReplicaPhase, ReplicaSpec, ReplicaStatus};
+use flotilla_api::{Kind, ObjectKey, ObjectName, StoredObject};
+use flotilla_storage::{Command, Compare, TxnOp};
+use serde::{Deserialize, Serialize};
+
+use crate::ActorsError;
+
+/// Label naming the model a replica serves.
+pub const MODEL_LABEL: &str = "model";
+/// Model label asking for spread placement instead of the configured default.
+pub const PLACEMENT_LABEL: &str = "flotilla.io/placement";
+
+pub fn key(kind: Kind, name: &ObjectName) -> ObjectKey {
+    ObjectKey { kind, name: name.clone() }
+}
+
+fn parse<T: serde::de::DeserializeOwned>(
+    o: &StoredObject,
+    v: &serde_json::Value,
+    part: &str,
+) -> Result<T, ActorsError> {
+    let v = if v.is_null() && part == "status" { serde_json::json!({}) } else { v.clone() };
+    serde_json::from_value(v)
+        .map_err(|e| ActorsError::Malformed { key: o.key.to_string(), why: format!("{part}: {e}") })
+}
+
+fn to_json<T: Serialize>(v: &T) -> serde_json::Value {
+    // Plain structs of strings, numbers, lists and string-keyed maps always serialize.
+    serde_json::to_value(v).unwrap_or(serde_json::Value::Null)
+}
+
+/// A `Model` as the controllers see it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ModelView {
+    pub name: ObjectName,
+    pub revision: u64,
+    pub labels: BTreeMap<String, String>,
+    pub spec: ModelSpec,
+    pub status: serde_json::Value,
+}
+
+impl ModelView {
+    pub fn from_stored(o: &StoredObject) -> Result<ModelView, ActorsError> {
+        Ok(ModelView {
+            name: o.key.name.clone(),
+            revision: o.revision,
+            labels: o.labels.clone(),
+            spec: parse(o, &o.spec, "spec")?,
+            status: o.status.clone(),
+        })
+    }
+}
+
+/// A `Node`: spec (what the agent registered, plus cordon/drain) and status (state and the
+/// GPU allocation).
+#[derive(Debug, Clone, PartialEq)]
+pub struct NodeView {
+    pub name: ObjectName,
+    pub revision: u64,
+    pub labels: BTreeMap<String, String>,
+    pub spec: NodeSpec,
+    pub status: NodeStatus,
+}
+
+impl NodeView {
+    pub fn from_stored(o: &StoredObject) -> Result<NodeView, ActorsError> {
+        Ok(NodeView {
+            name: o.key.name.clone(),
+            revision: o.revision,
+            labels: o.labels.clone(),
+            spec: parse(o, &o.spec, "spec")?,
+            status: parse(o, &o.status, "status")?,
+        })
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        key(Kind::Node, &self.name)
+    }
+
+    pub fn compare(&self) -> Compare {
+        Compare { key: self.key(), revision: self.revision }
+    }
+
+    pub fn status_op(&self, status: &NodeStatus) -> TxnOp {
+        TxnOp::PutStatus { key: self.key(), status: to_json(status) }
+    }
+
+    /// Healthy GPUs not bound to any replica.
+    pub fn free_gpus(&self) -> usize {
+        self.status.free_gpus(&self.spec).count()
+    }
+}
+
+/// A `Replica`.
+#[derive(Debug, Clone, PartialEq)]
+pub struct ReplicaView {
+    pub name: ObjectName,
+    pub revision: u64,
+    pub create_revision: u64,
+    pub uid: String,
+    pub labels: BTreeMap<String, String>,
+    pub spec: ReplicaSpec,
+    pub status: ReplicaStatus,
+}
+
+impl ReplicaView {
+    pub fn from_stored(o: &StoredObject) -> Result<ReplicaView, ActorsError> {
+        Ok(ReplicaView {
+            name: o.key.name.clone(),
+            revision: o.revision,
+            create_revision: o.create_revision,
+            uid: o.uid.clone(),
+            labels: o.labels.clone(),
+            spec: parse(o, &o.spec, "spec")?,
+            status: parse(o, &o.status, "status")?,
+        })
+    }
+
+    pub fn key(&self) -> ObjectKey {
+        key(Kind::Replica, &self.name)
+    }
+
+    pub fn compare(&self) -> Compare {
+        Compare { key: self.key(), revision: self.revision }
+    }
+
+    pub fn phase(&self) -> ReplicaPhase {
+        self.status.phase
+    }
+
+    /// The op that writes `spec` and `status` of this replica.
+    pub fn put_op(&self, spec: &ReplicaSpec, status: &ReplicaStatus) -> TxnOp {
+        TxnOp::Put {
+            key: self.key(),
+            uid: self.uid.clone(),
+            labels: self.labels.clone(),
+            spec: to_json(spec),
+            status: Some(to_json(status)),
+        }
+    }
+
+    pub fn status_op(&self, status: &ReplicaStatus) -> TxnOp {
+        TxnOp::PutStatus { key: self.key(), status: to_json(status) }
+    }
+
+    /// Whether the agent should run it: bound and not on its way out.
+    pub fn assigned(&self) -> bool {
+        self.spec.node.is_some()
+            && matches!(self.phase(), ReplicaPhase::Scheduled | ReplicaPhase::Starting | ReplicaPhase::Ready)
+    }
+}
+
+/// A fresh replica object for `model`, Pending.
+pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectName, TxnOp) {
+    let name = replica_name(&model.name, suffix);
+    let spec = ReplicaSpec {
+        model: model.name.clone(),
+        engine: model.spec.engine,
+        source: model.spec.source.clone(),
+        engine_args: model.spec.engine_args.clone(),
+        gpus_needed: model.spec.gpus,
+        gpu_types: model.spec.gpu_types.clone(),
+        node: None,
+        gpus: Vec::new(),
+    };
+    let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
+    let op = TxnOp::Put {
+        key: key(Kind::Replica, &name),
+        uid,
+        labels,
+        spec: to_json(&spec),
+        status: Some(to_json(&ReplicaStatus::default())),
+    };
+    (name, op)
+}
+
+/// `<model>-<suffix>`, shortening the model part so the result stays a DNS label.
+pub fn replica_name(model: &ObjectName, suffix: &str) -> ObjectName {
+    let room = 63usize.saturating_sub(suffix.len() + 1);
+    let base: &str = &model.as_str()[..model.as_str().len().min(room)];
+    let base = base.trim_end_matches('-');
+    format!("{base}-{suffix}").parse().unwrap_or_else(|_| model.clone())
+}
+
+/// Five random lowercase letters and digits.
+pub fn random_suffix() -> String {
+    use rand::Rng;
+    const ALNUM: &[u8] = b"abcdefghijklmnopqrstuvwxyz0123456789";
+    let mut rng = rand::rng();
+    (0..5).map(|_| ALNUM[rng.random_range(0..ALNUM.len())] as char).collect()
+}
+
+/// Source of replica name suffixes and uids: random in the actors, a counter in tests.
+pub trait Fresh {
+    fn suffix(&mut self) -> String;
+    fn uid(&mut self) -> String;
+}
+
+/// Random names and v4 uids.
+pub struct RandomFresh;
+
+impl Fresh for RandomFresh {
+    fn suffix(&mut self) -> String {
+        random_suffix()
+    }
+    fn uid(&mut self) -> String {
+        uuid::Uuid::new_v4().to_string()
+    }
+}
+
+/// One condition of a model's status.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Condition {
+    #[serde(rename = "type")]
+    pub type_: String,
+    /// "True" or "False".
+    pub status: String,
+    pub reason: String,
+    pub message: String,
+}
+
+/// The status of a `Model`, written by its actor.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+pub struct ModelStatus {
+    pub desired_replicas: u32,
+    pub ready_replicas: u32,
+    pub conditions: Vec<Condition>,
+}
+
+impl ModelStatus {
+    pub fn to_json(&self) -> serde_json::Value {
+        to_json(self)
+    }
+}
+
+/// A transaction, or nothing when it has no ops.
+pub fn txn(compares: Vec<Compare>, ops: Vec<TxnOp>) -> Option<Command> {
+    (!ops.is_empty()).then_some(Command::Txn { compares, ops })
+}
+
+/// Removes every allocation to one of `replicas` from `status`; true if any was removed.
+pub fn release(status: &mut NodeStatus, replicas: &[&ObjectName]) -> bool {
+    let before = status.allocations.len();
+    status.allocations.retain(|_, r| !replicas.contains(&&*r));
+    status.allocations.len() != before
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn replica_names_are_dns_labels() {
+        let m: ObjectName = "llama".parse().unwrap();
+        assert_eq!(replica_name(&m, "ab1cd").as_str(), "llama-ab1cd");
+        let long: ObjectName = format!("{}-x", "a".repeat(59)).parse().unwrap();
+        let n = replica_name(&long, "zzzzz");
+        assert!(n.as_str().len() <= 63 && n.as_str().ends_with("-zzzzz"), "{n}");
+        let s = random_suffix();
+        assert_eq!(s.len(), 5);
+        assert!(s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit()));
+    }
+
+    #[test]
+    fn model_status_json_shape() {
+        let s = ModelStatus {
+            desired_replicas: 2,
+            ready_replicas: 1,
+            conditions: vec![Condition {
+                type_: "Ready".into(),
+                status: "False".into(),
+                reason: "Unschedulable".into(),
+                message: "m".into(),
+            }],
+        };
+        let j = s.to_json();
+        assert_eq!(j["desired_replicas"], 2);
+        assert_eq!(j["conditions"][0]["type"], "Ready");
+    }
+}

@@ -1,0 +1,119 @@
+//! The Scheduler actor: the one place that binds replicas to nodes. A round reads every
+//! Node and Replica from the leader's state machine, runs the pure [`crate::placement::plan`],
+//! and proposes its transactions. A transaction whose compares fail (a node or replica
+//! changed since the read) changes nothing; the round is retried with fresh state. Nudges
+//! from the supervisor coalesce into one round; a periodic tick catches anything missed.
+use std::collections::BTreeSet;
+use std::sync::Arc;
+
+use flotilla_api::{Kind, LabelSelector, ObjectName};
+use ractor::{Actor, ActorProcessingErr, ActorRef};
+
+use crate::config::{ActorsConfig, PlacementStrategy};
+use crate::metrics::Metrics;
+use crate::objects::{ModelView, NodeView, ReplicaView, PLACEMENT_LABEL};
+use crate::placement::plan;
+use crate::shared::Ctx;
+use crate::writes::execute;
+
+#[derive(Debug)]
+pub enum SchedulerMsg {
+    /// Something placement depends on changed.
+    Nudge,
+    Run,
+    Tick,
+}
+
+pub struct Scheduler;
+
+pub struct SchedulerState {
+    ctx: Arc<Ctx>,
+    queued: bool,
+    /// Whether the last round left replicas unplaceable (ticks retry only then).
+    stuck: bool,
+}
+
+/// Reads what a round needs from the local state machine (current on the leader).
+fn snapshot(ctx: &Ctx) -> (Vec<NodeView>, Vec<ReplicaView>, BTreeSet<ObjectName>) {
+    let reader = ctx.handle.reader();
+    let all = LabelSelector::default();
+    let nodes = reader.list(Kind::Node, &all).0.iter().filter_map(|o| NodeView::from_stored(o).ok()).collect();
+    let replicas = reader.list(Kind::Replica, &all).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
+    let spread = reader
+        .list(Kind::Model, &all)
+        .0
+        .iter()
+        .filter(|o| o.labels.get(PLACEMENT_LABEL).is_some_and(|v| v == "spread"))
+        .filter_map(|o| ModelView::from_stored(o).ok().map(|m| m.name))
+        .collect();
+    (nodes, replicas, spread)
+}
+
+impl Actor for Scheduler {
+    type Msg = SchedulerMsg;
+    type State = SchedulerState;
+    type Arguments = Arc<Ctx>;
+
+    async fn pre_start(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        ctx: Arc<Ctx>,
+    ) -> Result<SchedulerState, ActorProcessingErr> {
+        myself.send_interval(ActorsConfig::ms(ctx.config.reconcile_interval_ms), || SchedulerMsg::Tick);
+        myself.send_message(SchedulerMsg::Run)?;
+        Ok(SchedulerState { ctx, queued: true, stuck: false })
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<SchedulerMsg>,
+        msg: SchedulerMsg,
+        st: &mut SchedulerState,
+    ) -> Result<(), ActorProcessingErr> {
+        match msg {
+            SchedulerMsg::Nudge | SchedulerMsg::Tick => {
+                if matches!(msg, SchedulerMsg::Tick) && !st.stuck {
+                    return Ok(());
+                }
+                if !st.queued {
+                    st.queued = true;
+                    myself.send_message(SchedulerMsg::Run)?;
+                }
+            }
+            SchedulerMsg::Run => {
+                st.queued = false;
+                let ctx = st.ctx.clone();
+                let strategy: PlacementStrategy = ctx.config.placement;
+                let batch = ctx.config.bind_batch;
+                // Planning thousands of replicas is CPU work: keep it off the async workers.
+                let p = tokio::task::spawn_blocking(move || {
+                    let (nodes, replicas, spread) = snapshot(&ctx);
+                    plan(&nodes, &replicas, strategy, &spread, batch)
+                })
+                .await?;
+                Metrics::add(&st.ctx.metrics.schedule_rounds, 1);
+                st.stuck = p.unplaceable > 0;
+                if p.binds.is_empty() && p.reasons.is_none() {
+                    return Ok(());
+                }
+                tracing::debug!(bound = p.bound, txns = p.binds.len(), unplaceable = p.unplaceable, "scheduling round");
+                let bound = p.bound;
+                let txns = p.binds.len();
+                let mut cmds = p.binds;
+                cmds.extend(p.reasons);
+                let out = execute(&st.ctx, cmds).await.map_err(|e| {
+                    tracing::warn!(error = %e, "uncertain write; scheduler stops for a rebuild");
+                    Box::new(e) as ActorProcessingErr
+                })?;
+                if out.refused == 0 {
+                    Metrics::add(&st.ctx.metrics.bindings, bound as u64);
+                } else if !st.queued {
+                    tracing::debug!(refused = out.refused, txns, "bindings refused; retrying with fresh state");
+                    st.queued = true;
+                    myself.send_after(ActorsConfig::ms(10), || SchedulerMsg::Run);
+                }
+            }
+        }
+        Ok(())
+    }
+}

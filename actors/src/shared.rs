@@ -1,0 +1,253 @@
+//! State shared by the services and actors of one server, in memory only: the liveness of
+//! agents (heartbeats, engine reports: high-rate signals that never go through Raft), the
+//! assignment hub that tells each agent session its node's desired replicas, and the
+//! handle of the running supervisor while this server leads.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use flotilla_api::ObjectName;
+use flotilla_cluster::ClusterHandle;
+use ractor::ActorRef;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::metrics::Metrics;
+use crate::objects::ReplicaView;
+use crate::supervisor::SupervisorMsg;
+use crate::{ActorsConfig, ActorsError};
+
+/// What the leader knows of one node's agent from its stream.
+#[derive(Debug, Clone)]
+pub struct NodeLive {
+    pub agent_id: String,
+    pub last_heartbeat: Instant,
+    /// Latest engine report per replica name.
+    pub engines: HashMap<String, EngineReport>,
+    /// Unhealthy GPU indices from the latest heartbeat.
+    pub unhealthy_gpus: Vec<u32>,
+    /// Whether a stream from this agent is open now.
+    pub connected: bool,
+}
+
+/// Locks a mutex, recovering from poisoning (the data are plain maps, valid after a panic).
+pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// Resolves when `leading` turns false (or its sender is gone).
+pub(crate) async fn lost(leading: &mut watch::Receiver<bool>) {
+    loop {
+        let still = *leading.borrow_and_update();
+        if !still || leading.changed().await.is_err() {
+            return;
+        }
+    }
+}
+
+/// Everything one server's controllers and services share.
+pub struct Ctx {
+    pub handle: ClusterHandle,
+    pub config: ActorsConfig,
+    pub live: Mutex<HashMap<ObjectName, NodeLive>>,
+    pub hub: Hub,
+    pub metrics: Metrics,
+    /// The instant this server became leader (and its controllers started), while it leads.
+    pub(crate) leading: Mutex<Option<Instant>>,
+    /// The running supervisor, while this server leads.
+    pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
+}
+
+impl Ctx {
+    pub fn new(handle: ClusterHandle, config: ActorsConfig) -> Arc<Ctx> {
+        Arc::new(Ctx {
+            handle,
+            config,
+            live: Mutex::new(HashMap::new()),
+            hub: Hub::default(),
+            metrics: Metrics::default(),
+            leading: Mutex::new(None),
+            supervisor: Mutex::new(None),
+        })
+    }
+
+    /// `Ok` while this server leads and its controllers run; otherwise the error that
+    /// sends clients to the leader.
+    pub fn ensure_leader(&self) -> Result<(), ActorsError> {
+        if lock(&self.leading).is_some() && self.handle.is_leader() {
+            return Ok(());
+        }
+        match self.handle.leader_addr() {
+            Some(addr) if !self.handle.is_leader() => Err(ActorsError::NotLeader(addr)),
+            _ => Err(ActorsError::NoLeader),
+        }
+    }
+
+    pub(crate) fn supervisor(&self) -> Option<ActorRef<SupervisorMsg>> {
+        lock(&self.supervisor).clone()
+    }
+
+    /// When this server became leader (the start of every node's TTL after a failover).
+    pub fn leader_since(&self) -> Option<Instant> {
+        *lock(&self.leading)
+    }
+
+    /// Records a heartbeat from `node` without a stream or engine reports: the entry point
+    /// of in-process agents (benchmarks). Real agents go through `AgentService`.
+    pub fn record_heartbeat(&self, node: &ObjectName, agent_id: &str) {
+        let now = Instant::now();
+        let mut live = lock(&self.live);
+        let l = live.entry(node.clone()).or_insert_with(|| NodeLive {
+            agent_id: agent_id.to_owned(),
+            last_heartbeat: now,
+            engines: HashMap::new(),
+            unhealthy_gpus: Vec::new(),
+            connected: true,
+        });
+        l.last_heartbeat = now;
+    }
+
+    /// The last time `node` was heard from, or the start of this leadership if never.
+    pub fn last_seen(&self, node: &ObjectName) -> Option<Instant> {
+        let since = self.leader_since()?;
+        Some(lock(&self.live).get(node).map_or(since, |l| l.last_heartbeat.max(since)))
+    }
+}
+
+/// The desired replicas of every node, as `Assign` carries them, published per node.
+#[derive(Default)]
+pub struct Hub {
+    inner: Mutex<HubInner>,
+    ready: Mutex<Option<watch::Sender<bool>>>,
+}
+
+#[derive(Default)]
+struct HubInner {
+    /// replica → node it is assigned to.
+    placed: HashMap<ObjectName, ObjectName>,
+    nodes: HashMap<ObjectName, NodeAssign>,
+    /// node → its Draining replicas (deleted once the agent no longer runs them).
+    draining: HashMap<ObjectName, BTreeSet<ObjectName>>,
+    /// replica → node, for the Draining ones.
+    draining_on: HashMap<ObjectName, ObjectName>,
+}
+
+impl HubInner {
+    /// Moves `name` to where `replica` says; returns the nodes whose desired set changed.
+    fn track(&mut self, name: &ObjectName, replica: Option<&ReplicaView>) -> Vec<ObjectName> {
+        let mut touched = Vec::new();
+        if let Some(old) = self.placed.remove(name) {
+            if let Some(n) = self.nodes.get_mut(&old) {
+                n.replicas.remove(name);
+            }
+            touched.push(old);
+        }
+        if let Some(old) = self.draining_on.remove(name) {
+            if let Some(set) = self.draining.get_mut(&old) {
+                set.remove(name);
+            }
+        }
+        let Some(r) = replica else { return touched };
+        let Some(node) = r.spec.node.clone() else { return touched };
+        if r.assigned() {
+            self.placed.insert(name.clone(), node.clone());
+            self.nodes.entry(node.clone()).or_insert_with(NodeAssign::new).replicas.insert(name.clone(), assignment(r));
+            touched.push(node);
+        } else if r.phase() == flotilla_api::spec::ReplicaPhase::Draining {
+            self.draining_on.insert(name.clone(), node.clone());
+            self.draining.entry(node).or_default().insert(name.clone());
+        }
+        touched
+    }
+}
+
+struct NodeAssign {
+    replicas: BTreeMap<ObjectName, ReplicaAssignment>,
+    tx: watch::Sender<Arc<Vec<ReplicaAssignment>>>,
+}
+
+impl NodeAssign {
+    fn new() -> NodeAssign {
+        NodeAssign { replicas: BTreeMap::new(), tx: watch::channel(Arc::new(Vec::new())).0 }
+    }
+}
+
+fn assignment(r: &ReplicaView) -> ReplicaAssignment {
+    ReplicaAssignment {
+        replica: r.name.to_string(),
+        model: r.spec.model.to_string(),
+        engine: match r.spec.engine {
+            flotilla_api::spec::EngineKind::Sim => "sim".into(),
+            flotilla_api::spec::EngineKind::Vllm => "vllm".into(),
+        },
+        source: r.spec.source.clone(),
+        engine_args: r.spec.engine_args.clone(),
+        gpus: r.spec.gpus.clone(),
+    }
+}
+
+impl Hub {
+    fn ready_tx(&self) -> watch::Sender<bool> {
+        lock(&self.ready).get_or_insert_with(|| watch::channel(false).0).clone()
+    }
+
+    /// Resolves once the hub holds the leader's full view (never send an empty `Assign`
+    /// before that: the agent would stop every engine).
+    pub async fn wait_ready(&self) {
+        let mut rx = self.ready_tx().subscribe();
+        let _ = rx.wait_for(|r| *r).await;
+    }
+
+    /// Replaces everything with the assignments of `replicas`, then marks the hub ready.
+    pub fn reset(&self, replicas: &[ReplicaView]) {
+        {
+            let mut inner = lock(&self.inner);
+            inner.placed.clear();
+            for n in inner.nodes.values_mut() {
+                n.replicas.clear();
+            }
+            inner.draining.clear();
+            for r in replicas {
+                inner.track(&r.name, Some(r));
+            }
+            for n in inner.nodes.values() {
+                n.tx.send_replace(Arc::new(n.replicas.values().cloned().collect()));
+            }
+        }
+        self.ready_tx().send_replace(true);
+    }
+
+    /// Marks the hub stale (leadership lost).
+    pub fn clear(&self) {
+        self.ready_tx().send_replace(false);
+    }
+
+    /// Records the new state of one replica (`None`: deleted).
+    pub fn update(&self, name: &ObjectName, replica: Option<&ReplicaView>) {
+        let mut inner = lock(&self.inner);
+        let mut touched = inner.track(name, replica);
+        touched.dedup();
+        for node in touched {
+            if let Some(n) = inner.nodes.get(&node) {
+                let next: Vec<ReplicaAssignment> = n.replicas.values().cloned().collect();
+                n.tx.send_if_modified(|cur| {
+                    let changed = **cur != next;
+                    if changed {
+                        *cur = Arc::new(next);
+                    }
+                    changed
+                });
+            }
+        }
+    }
+
+    /// The Draining replicas bound to `node`.
+    pub fn draining(&self, node: &ObjectName) -> Vec<ObjectName> {
+        lock(&self.inner).draining.get(node).map(|s| s.iter().cloned().collect()).unwrap_or_default()
+    }
+
+    /// The desired set of `node`, following changes.
+    pub fn subscribe(&self, node: &ObjectName) -> watch::Receiver<Arc<Vec<ReplicaAssignment>>> {
+        lock(&self.inner).nodes.entry(node.clone()).or_insert_with(NodeAssign::new).tx.subscribe()
+    }
+}

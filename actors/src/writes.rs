@@ -1,0 +1,54 @@
+//! Executing the commands a decision returned, with the one policy for uncertain writes
+//! (STYLE.md): a write that certainly failed (a compare conflict, not found, not the leader)
+//! is reported as `Ok(Outcome{refused})` and retried from fresh state at the next
+//! reconcile; a write that may have committed (timeout, Raft error) returns
+//! `Err(ActorsError::Uncertain)`, and the calling actor stops so the supervisor rebuilds it
+//! from the state machine.
+use flotilla_cluster::ClusterError;
+use flotilla_storage::{Command, CommandResult};
+
+use crate::metrics::Metrics;
+use crate::shared::Ctx;
+use crate::ActorsError;
+
+/// What a batch of writes did.
+#[derive(Debug, Default, Clone, Copy, PartialEq, Eq)]
+pub struct Outcome {
+    pub applied: usize,
+    /// Certainly not applied (conflict, not found, not leader).
+    pub refused: usize,
+}
+
+/// Proposes each command in order.
+pub async fn execute(ctx: &Ctx, cmds: Vec<Command>) -> Result<Outcome, ActorsError> {
+    let mut out = Outcome::default();
+    for cmd in cmds {
+        Metrics::add(&ctx.metrics.proposals, 1);
+        match ctx.handle.propose(cmd).await {
+            Ok(CommandResult::Conflict { key, expected, actual }) => {
+                Metrics::add(&ctx.metrics.conflicts, 1);
+                tracing::debug!(%key, expected, actual, "write refused by compare; retrying with fresh state");
+                out.refused += 1;
+            }
+            Ok(CommandResult::NotFound { key }) => {
+                Metrics::add(&ctx.metrics.conflicts, 1);
+                tracing::debug!(%key, "write refused: object gone");
+                out.refused += 1;
+            }
+            Ok(_) => out.applied += 1,
+            Err(e @ (ClusterError::NotLeader(_) | ClusterError::NoLeader)) => {
+                tracing::info!(error = %e, "write refused: leadership lost");
+                out.refused += 1;
+            }
+            Err(e) => {
+                let e = ActorsError::from_propose(e);
+                if e.is_uncertain() {
+                    return Err(e);
+                }
+                tracing::warn!(error = %e, "write refused");
+                out.refused += 1;
+            }
+        }
+    }
+    Ok(out)
+}
