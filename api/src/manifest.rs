@@ -53,7 +53,12 @@ impl Manifest {
         if text.len() > MAX_MANIFEST_BYTES {
             return Err(ApiError::TooLarge { size: text.len(), limit: MAX_MANIFEST_BYTES });
         }
-        let raw: RawManifest = serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?;
+        // JSON is YAML too, but serde_json parses it several times faster.
+        let raw: RawManifest = if text.trim_start().starts_with('{') {
+            serde_json::from_str(text).map_err(|e| ApiError::Parse(e.to_string()))?
+        } else {
+            serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?
+        };
         if let Some(v) = raw.api_version.as_deref() {
             if v != "flotilla/v1" {
                 return Err(ApiError::invalid("apiVersion", format!("{v:?} is not supported; use flotilla/v1")));

@@ -49,9 +49,9 @@ impl ServerConfig {
             http_addr: ([127, 0, 0, 1], 7071).into(),
             bootstrap: false,
             join: None,
-            heartbeat_ms: 100,
-            election_timeout_min_ms: 400,
-            election_timeout_max_ms: 800,
+            heartbeat_ms: 50,
+            election_timeout_min_ms: 200,
+            election_timeout_max_ms: 400,
             snapshot_every: 10_000,
             keep_logs: 1_000,
             watch_history: flotilla_storage::DEFAULT_EVENT_RETENTION,
@@ -120,8 +120,8 @@ mod tests {
         let e =
             ServerConfig { bootstrap: true, join: Some("x".into()), ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--join"), "{e}");
-        let e = ServerConfig { election_timeout_min_ms: 150, ..ok.clone() }.validate().unwrap_err().to_string();
+        let e = ServerConfig { election_timeout_min_ms: 100, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");
-        assert!(ServerConfig { election_timeout_max_ms: 400, ..ok }.validate().is_err());
+        assert!(ServerConfig { election_timeout_max_ms: 200, ..ok }.validate().is_err());
     }
 }

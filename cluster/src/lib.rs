@@ -11,6 +11,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+mod batcher;
 mod cluster_service;
 mod config;
 mod error;

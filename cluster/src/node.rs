@@ -7,6 +7,7 @@ use openraft::error::{CheckIsLeaderError, ClientWriteError, ForwardToLeader, Raf
 use openraft::{BasicNode, RaftMetrics};
 use tokio::time::Instant;
 
+use crate::batcher::BatchTx;
 use crate::metrics::Metrics;
 use crate::peers::Peers;
 use crate::ClusterError;
@@ -25,6 +26,7 @@ pub(crate) struct Node {
     pub(crate) peers: Peers,
     pub(crate) metrics: Metrics,
     pub(crate) request_timeout: Duration,
+    pub(crate) batcher: BatchTx,
 }
 
 /// Retry pause while a leader is being elected.
@@ -39,6 +41,21 @@ impl Node {
     /// the leader's address. Waits out elections until `deadline`.
     pub(crate) async fn propose(&self, cmd: Command, deadline: Instant) -> Result<Route<CommandResult>, ClusterError> {
         let start = std::time::Instant::now();
+        // Fast path on the leader: ride in a batch. Anything but a result (not the leader,
+        // an election) falls back to proposing alone, which forwards or waits as before.
+        if self.raft.metrics().borrow().current_leader == Some(self.id) {
+            let (tx, rx) = tokio::sync::oneshot::channel();
+            if self.batcher.send((cmd.clone(), tx)).is_ok() {
+                match tokio::time::timeout_at(deadline, rx).await {
+                    Err(_) => return Err(ClusterError::Timeout(self.request_timeout)),
+                    Ok(Ok(Some(result))) => {
+                        self.metrics.observe_apply(start);
+                        return Ok(Route::Done(result));
+                    }
+                    Ok(_) => {}
+                }
+            }
+        }
         loop {
             let write = tokio::time::timeout_at(deadline, self.raft.client_write(cmd.clone()));
             match write.await {

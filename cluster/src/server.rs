@@ -14,7 +14,6 @@ use openraft::BasicNode;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
-use tokio_stream::wrappers::TcpListenerStream;
 
 use crate::cluster_service::ClusterServiceImpl;
 use crate::metrics::Metrics;
@@ -111,6 +110,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         peers,
         metrics: Metrics::new(),
         request_timeout: config.request_timeout,
+        batcher: crate::batcher::spawn_batcher(raft.clone()),
     };
 
     let mut extra = RoutesBuilder::default();
@@ -191,9 +191,12 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
         .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(TcpListenerStream::new(listener), async move {
-            let _ = stop.wait_for(|s| *s).await;
-        })
+        .serve_with_incoming_shutdown(
+            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
+            async move {
+                let _ = stop.wait_for(|s| *s).await;
+            },
+        )
         .await;
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");

@@ -34,6 +34,9 @@ pub enum Command {
         compares: Vec<Compare>,
         ops: Vec<TxnOp>,
     },
+    /// Independent commands proposed as one log entry (write batching); each has its own
+    /// result, in order.
+    Batch(Vec<Command>),
 }
 
 /// A transaction condition: the object's current revision must be `revision` (0: absent).
@@ -96,4 +99,5 @@ pub enum CommandResult {
     Txn {
         revision: u64,
     },
+    Batch(Vec<CommandResult>),
 }

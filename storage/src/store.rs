@@ -151,6 +151,7 @@ impl Store {
             | Command::PutStatus { key, expected_revision, .. }
             | Command::Delete { key, expected_revision } => (key, *expected_revision),
             Command::Txn { compares, ops } => return self.apply_txn(compares, ops, out),
+            Command::Batch(cmds) => return CommandResult::Batch(cmds.iter().map(|c| self.apply(c, out)).collect()),
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -195,7 +196,7 @@ impl Store {
                 Some(object) => CommandResult::Deleted { object, revision: self.revision },
                 None => CommandResult::NotFound { key: key.clone() },
             },
-            Command::Txn { .. } => unreachable!("handled above"),
+            Command::Txn { .. } | Command::Batch(_) => unreachable!("handled above"),
         }
     }
 
@@ -409,10 +410,8 @@ mod tests {
         // The same binding again: the node's revision moved, so nothing happens.
         let before = s.clone();
         m.clear();
-        let again = Command::Txn {
-            compares: vec![Compare { key: key("node"), revision: 1 }],
-            ops: vec![txn_put("r2", 1)],
-        };
+        let again =
+            Command::Txn { compares: vec![Compare { key: key("node"), revision: 1 }], ops: vec![txn_put("r2", 1)] };
         assert!(matches!(s.apply(&again, &mut m), CommandResult::Conflict { actual: 3, .. }));
         // An op on a missing object fails the whole transaction.
         let missing = Command::Txn {
@@ -425,8 +424,22 @@ mod tests {
         // Delete then re-create in one transaction is allowed; delete of a deleted key is not.
         let recreate = Command::Txn { compares: vec![], ops: vec![TxnOp::Delete { key: key("r1") }, txn_put("r1", 2)] };
         assert!(matches!(s.apply(&recreate, &mut m), CommandResult::Txn { revision: 5 }));
-        let twice = Command::Txn { compares: vec![], ops: vec![TxnOp::Delete { key: key("r1") }, TxnOp::Delete { key: key("r1") }] };
+        let twice = Command::Txn {
+            compares: vec![],
+            ops: vec![TxnOp::Delete { key: key("r1") }, TxnOp::Delete { key: key("r1") }],
+        };
         assert!(matches!(s.apply(&twice, &mut m), CommandResult::NotFound { .. }));
+    }
+
+    #[test]
+    fn batch_applies_each_command_in_order_with_its_own_result() {
+        let mut s = Store::new(100);
+        let mut m = Vec::new();
+        let batch = Command::Batch(vec![put("a", 1, None), put("a", 2, Some(7)), put("b", 1, None)]);
+        let CommandResult::Batch(results) = s.apply(&batch, &mut m) else { panic!("not a batch result") };
+        assert!(matches!(results[0], CommandResult::Put { created: true, .. }));
+        assert!(matches!(results[1], CommandResult::Conflict { expected: 7, actual: 1, .. }));
+        assert!(matches!(&results[2], CommandResult::Put { object, .. } if object.revision == 2));
     }
 
     #[test]

@@ -69,8 +69,6 @@ pub struct NodeStatus {
 impl NodeStatus {
     /// GPUs of `spec` that are healthy and not bound to any replica.
     pub fn free_gpus<'a>(&'a self, spec: &'a NodeSpec) -> impl Iterator<Item = &'a Gpu> + 'a {
-        spec.gpus
-            .iter()
-            .filter(|g| !self.allocations.contains_key(&g.index) && !self.unhealthy_gpus.contains(&g.index))
+        spec.gpus.iter().filter(|g| !self.allocations.contains_key(&g.index) && !self.unhealthy_gpus.contains(&g.index))
     }
 }

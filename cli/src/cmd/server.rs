@@ -33,13 +33,15 @@ pub(crate) struct ServerArgs {
     #[arg(long, env = "FLOTILLA_JOIN")]
     pub(crate) join: Option<String>,
     /// Leader heartbeat interval, milliseconds.
-    #[arg(long, default_value_t = 100)]
+    #[arg(long, default_value_t = 50)]
     pub(crate) heartbeat_ms: u64,
-    /// Minimum election timeout, milliseconds (must exceed twice the heartbeat).
-    #[arg(long, default_value_t = 400)]
+    /// Minimum election timeout, milliseconds (must exceed twice the heartbeat). A follower
+    /// waits out a leader lease of the maximum timeout first, so failover takes roughly
+    /// max + a random value in [min, max].
+    #[arg(long, default_value_t = 200)]
     pub(crate) election_timeout_min_ms: u64,
     /// Maximum election timeout, milliseconds.
-    #[arg(long, default_value_t = 800)]
+    #[arg(long, default_value_t = 400)]
     pub(crate) election_timeout_max_ms: u64,
     /// Snapshot the state machine and compact the log every this many entries.
     #[arg(long, default_value_t = 10_000)]
