@@ -11,7 +11,7 @@ pub use adapter::AdapterSpec;
 pub use model::{AutoscalingSpec, EngineKind, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
-pub use tenant::{PriorityClass, TenantSpec};
+pub use tenant::{hash_api_key, PriorityClass, TenantSpec, HASHED_KEY_PREFIX};
 pub use uri::validate_source;
 
 use serde::Serialize;
@@ -52,7 +52,12 @@ impl Spec {
         let spec = match kind {
             Kind::Model => Spec::Model(typed(value)?),
             Kind::Adapter => Spec::Adapter(typed(value)?),
-            Kind::Tenant => Spec::Tenant(typed(value)?),
+            Kind::Tenant => {
+                let mut t: TenantSpec = typed(value)?;
+                t.validate()?;
+                t.hash_keys();
+                Spec::Tenant(t)
+            }
             Kind::Node | Kind::Replica => {
                 return Err(ApiError::invalid(
                     "kind",

@@ -21,16 +21,61 @@ pub enum EngineKind {
 }
 
 /// How the gateway picks a replica for a request.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingStrategy {
     Random,
     RoundRobin,
+    /// Fewest requests in flight (the gateway's own count plus the engine's queue).
     #[default]
     LeastRequest,
+    /// Lowest engine KV-cache usage.
     LeastKvCache,
+    /// Lowest EWMA of time to first token and time per output token.
+    LeastLatency,
+    /// The less loaded of two random endpoints.
+    PowerOfTwo,
+    /// The endpoint most likely to hold the prompt's prefix in its KV cache.
     PrefixCache,
+    /// Sticky by the `x-session-id` header.
     SessionAffinity,
+}
+
+impl RoutingStrategy {
+    pub const ALL: [RoutingStrategy; 8] = [
+        RoutingStrategy::Random,
+        RoutingStrategy::RoundRobin,
+        RoutingStrategy::LeastRequest,
+        RoutingStrategy::LeastKvCache,
+        RoutingStrategy::LeastLatency,
+        RoutingStrategy::PowerOfTwo,
+        RoutingStrategy::PrefixCache,
+        RoutingStrategy::SessionAffinity,
+    ];
+
+    /// The kebab-case name used in specs and the `x-flotilla-routing` header.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            RoutingStrategy::Random => "random",
+            RoutingStrategy::RoundRobin => "round-robin",
+            RoutingStrategy::LeastRequest => "least-request",
+            RoutingStrategy::LeastKvCache => "least-kv-cache",
+            RoutingStrategy::LeastLatency => "least-latency",
+            RoutingStrategy::PowerOfTwo => "power-of-two",
+            RoutingStrategy::PrefixCache => "prefix-cache",
+            RoutingStrategy::SessionAffinity => "session-affinity",
+        }
+    }
+}
+
+impl std::str::FromStr for RoutingStrategy {
+    type Err = ApiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        RoutingStrategy::ALL.into_iter().find(|r| r.as_str() == s).ok_or_else(|| {
+            let names: Vec<_> = RoutingStrategy::ALL.iter().map(|r| r.as_str()).collect();
+            ApiError::invalid("routing", format!("{s:?} is not one of {}", names.join(", ")))
+        })
+    }
 }
 
 /// Autoscaler algorithm.

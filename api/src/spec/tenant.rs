@@ -5,13 +5,37 @@ use super::at_most;
 use crate::{ApiError, ObjectName};
 
 /// Request priority class, highest first.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Serialize, Deserialize)]
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, PartialOrd, Ord, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum PriorityClass {
     Critical,
     #[default]
     Standard,
-    Batch,
+    /// Dropped first when engines saturate.
+    Sheddable,
+}
+
+impl std::str::FromStr for PriorityClass {
+    type Err = ApiError;
+    fn from_str(s: &str) -> Result<Self, Self::Err> {
+        match s {
+            "critical" => Ok(PriorityClass::Critical),
+            "standard" => Ok(PriorityClass::Standard),
+            "sheddable" => Ok(PriorityClass::Sheddable),
+            other => Err(ApiError::invalid("priority", format!("{other:?} is not one of critical, standard, sheddable"))),
+        }
+    }
+}
+
+/// Prefix of a stored (hashed) API key.
+pub const HASHED_KEY_PREFIX: &str = "sha256:";
+
+/// The stored form of an API key: `sha256:<hex of SHA-256 of the key>`.
+pub fn hash_api_key(key: &str) -> String {
+    use sha2::{Digest, Sha256};
+    let digest = Sha256::digest(key.as_bytes());
+    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
+    format!("{HASHED_KEY_PREFIX}{hex}")
 }
 
 /// The spec of a `Tenant`. A limit of 0 or absent means unlimited.
@@ -29,12 +53,57 @@ pub struct TenantSpec {
     /// Models and adapters the tenant may use; empty allows all.
     #[serde(default)]
     pub models: Vec<ObjectName>,
+    /// API keys (`Authorization: Bearer KEY`). Written in plain text or as
+    /// `sha256:<hex>`; the server stores only the hashed form.
+    #[serde(default)]
+    pub api_keys: Vec<String>,
 }
 
 impl TenantSpec {
     pub fn validate(&self) -> Result<(), ApiError> {
         at_most("spec.rpm", self.rpm, 100_000_000)?;
         at_most("spec.tpm", self.tpm, 100_000_000_000)?;
-        at_most("spec.models", self.models.len(), 10_000)
+        at_most("spec.models", self.models.len(), 10_000)?;
+        at_most("spec.api_keys", self.api_keys.len(), 100)?;
+        for (i, k) in self.api_keys.iter().enumerate() {
+            if k.len() < 8 || k.len() > 256 || k.chars().any(char::is_whitespace) {
+                return Err(ApiError::invalid(
+                    format!("spec.api_keys[{i}]"),
+                    "must be 8-256 characters without whitespace",
+                ));
+            }
+        }
+        Ok(())
+    }
+
+    /// Replaces plain-text API keys by their hashed form (idempotent).
+    pub fn hash_keys(&mut self) {
+        for k in &mut self.api_keys {
+            if !k.starts_with(HASHED_KEY_PREFIX) {
+                *k = hash_api_key(k);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn keys_are_hashed_once() {
+        let mut t = TenantSpec {
+            rpm: 0,
+            tpm: 0,
+            priority: PriorityClass::Standard,
+            models: vec![],
+            api_keys: vec!["secret-key-1".into()],
+        };
+        t.hash_keys();
+        let once = t.api_keys[0].clone();
+        assert!(once.starts_with("sha256:") && once.len() == 7 + 64);
+        t.hash_keys();
+        assert_eq!(t.api_keys[0], once);
+        assert_eq!(hash_api_key("secret-key-1"), once);
     }
 }
