@@ -24,8 +24,10 @@ use tonic::transport::Channel;
 
 pub fn actors_config() -> ActorsConfig {
     ActorsConfig {
-        node_ttl_ms: 600,
-        reschedule_grace_ms: 600,
+        // Generous enough that a loaded 2-core CI machine does not miss six heartbeats in a
+        // row and declare a healthy fake node lost.
+        node_ttl_ms: 2_000,
+        reschedule_grace_ms: 1_500,
         heartbeat_interval_ms: 100,
         reconcile_interval_ms: 100,
         endpoints_refresh_ms: 500,
