@@ -56,18 +56,20 @@ impl ClusterHandle {
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.node.raft.metrics();
         let id = self.node.id;
-        let (tx, rx) = watch::channel(false);
+        let leading_now = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
+            m.current_leader == Some(id) && m.state.is_leader()
+        };
+        // Start from the current state: a receiver must never report a leader as lost
+        // merely because the watcher task has not run yet.
+        let (tx, rx) = watch::channel(leading_now(&metrics.borrow_and_update()));
         tokio::spawn(async move {
             loop {
-                let leading = {
-                    let m = metrics.borrow_and_update();
-                    m.current_leader == Some(id) && m.state.is_leader()
-                };
-                tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
                 tokio::select! {
                     r = metrics.changed() => if r.is_err() { let _ = tx.send(false); return },
                     _ = tx.closed() => return,
                 }
+                let leading = leading_now(&metrics.borrow_and_update());
+                tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
             }
         });
         rx
