@@ -1,16 +1,18 @@
-//! flotilla-storage: the Raft log and the replicated state machine, both on sled.
+//! flotilla-storage: the Raft log on sled, and the replicated state machine in memory,
+//! persisted by snapshot files.
 //!
 //! ```text
-//!   openraft ──append/truncate/purge──> LogStore      (sled tree "log", fsync per append)
-//!   openraft ──apply/snapshot─────────> StateMachine  (sled tree "sm" + in-memory Store)
+//!   openraft ──append/truncate/purge──> LogStore      (sled tree "log", fsync per append,
+//!                                                      newest entries also in memory)
+//!   openraft ──apply/snapshot─────────> StateMachine  (in-memory Store + snapshot file)
 //!                                             │
 //!   gRPC reads / watches <── StoreReader ─────┘ (shared in-memory Store, revision watch)
 //! ```
 //!
 //! An entry is acknowledged only after the log append is flushed (fsync) on a majority. The
-//! state machine is written to sled on every apply but flushed only before a snapshot: after
-//! a crash it recovers to a consistent prefix (each apply batch is one atomic sled batch that
-//! includes `last_applied`), and openraft re-applies the rest from the durable log.
+//! state machine touches no disk when it applies: it is persisted by snapshots (written
+//! atomically and fsync'd before openraft may purge the log up to them). After a restart it
+//! is loaded from the snapshot and openraft re-applies the log after it (docs/adr/002).
 #![forbid(unsafe_code)]
 
 mod command;

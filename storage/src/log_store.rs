@@ -1,8 +1,14 @@
 //! The Raft log on sled: entries keyed by big-endian index in tree `log`; the vote, the last
 //! purged log id and the committed log id in tree `raft`. Every append and vote is flushed
 //! (fsync) before openraft is told it is durable.
+//!
+//! The newest entries are also kept in memory ([`TailCache`]), so that replication and
+//! apply, which read what was just appended, clone them instead of reading and decoding
+//! them from sled; sled is read only for older entries (a lagging follower, a restart).
+use std::collections::VecDeque;
 use std::fmt::Debug;
 use std::ops::{Bound, RangeBounds};
+use std::sync::{Arc, Mutex};
 
 use openraft::storage::{LogFlushed, LogState, RaftLogReader, RaftLogStorage};
 use openraft::{Entry, ErrorSubject, ErrorVerb, LogId, OptionalSend, Vote};
@@ -18,19 +24,90 @@ const VOTE: &[u8] = b"vote";
 const LAST_PURGED: &[u8] = b"last_purged";
 const COMMITTED: &[u8] = b"committed";
 
-/// The Raft log store. Cheap to clone: clones share the same sled trees.
+/// Most entries, and most bytes (as encoded), kept in the tail cache.
+const CACHE_ENTRIES: usize = 8192;
+const CACHE_BYTES: usize = 64 << 20;
+
+/// A copy of the newest log entries: consecutive indexes, always ending at the last entry
+/// of the log when not empty (appends, truncations and purges update it with the log).
+#[derive(Default)]
+struct TailCache {
+    entries: VecDeque<(Entry<TypeConfig>, usize)>,
+    bytes: usize,
+}
+
+impl TailCache {
+    fn first_index(&self) -> Option<u64> {
+        self.entries.front().map(|(e, _)| e.log_id.index)
+    }
+
+    fn push(&mut self, entry: Entry<TypeConfig>, size: usize) {
+        if let Some((last, _)) = self.entries.back() {
+            if last.log_id.index + 1 != entry.log_id.index {
+                // Not contiguous (cannot happen: openraft truncates first); start over.
+                self.entries.clear();
+                self.bytes = 0;
+            }
+        }
+        self.entries.push_back((entry, size));
+        self.bytes += size;
+        while self.entries.len() > CACHE_ENTRIES || (self.bytes > CACHE_BYTES && self.entries.len() > 1) {
+            self.pop_front();
+        }
+    }
+
+    fn pop_front(&mut self) {
+        if let Some((_, size)) = self.entries.pop_front() {
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops entries with index >= `index`.
+    fn truncate(&mut self, index: u64) {
+        while self.entries.back().is_some_and(|(e, _)| e.log_id.index >= index) {
+            let (_, size) = self.entries.pop_back().expect("checked");
+            self.bytes -= size;
+        }
+    }
+
+    /// Drops entries with index <= `index`.
+    fn purge(&mut self, index: u64) {
+        while self.first_index().is_some_and(|i| i <= index) {
+            self.pop_front();
+        }
+    }
+
+    /// The entries in `[start, end)`, or `None` if the cache does not start at or before
+    /// `start` (the rest of the range is then either cached or not in the log at all).
+    fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
+        let first = self.first_index()?;
+        if start < first {
+            return None;
+        }
+        let from = (start - first) as usize;
+        let to = end.saturating_sub(first).min(self.entries.len() as u64) as usize;
+        Some(self.entries.range(from.min(to)..to).map(|(e, _)| e.clone()).collect())
+    }
+}
+
+/// The Raft log store. Cheap to clone: clones share the same sled trees and tail cache.
 #[derive(Clone)]
 pub struct LogStore {
     db: sled::Db,
     log: sled::Tree,
     meta: sled::Tree,
+    cache: Arc<Mutex<TailCache>>,
 }
 
 impl LogStore {
     pub(crate) fn open(db: sled::Db) -> Result<LogStore, StorageError> {
         let log = db.open_tree("log")?;
         let meta = db.open_tree("raft")?;
-        Ok(LogStore { db, log, meta })
+        Ok(LogStore { db, log, meta, cache: Arc::default() })
+    }
+
+    fn cache(&self) -> std::sync::MutexGuard<'_, TailCache> {
+        self.cache.lock().expect("log cache lock")
     }
 
     fn get_meta<T: DeserializeOwned>(&self, key: &[u8], subject: ErrorSubject<u64>) -> RaftResult<Option<T>> {
@@ -75,6 +152,14 @@ impl RaftLogReader<TypeConfig> for LogStore {
             Bound::Excluded(i) => i + 1,
             Bound::Unbounded => 0,
         };
+        let end = match range.end_bound() {
+            Bound::Included(i) => i.saturating_add(1),
+            Bound::Excluded(i) => *i,
+            Bound::Unbounded => u64::MAX,
+        };
+        if let Some(entries) = self.cache().get(start, end) {
+            return Ok(entries);
+        }
         let iter = match range.end_bound() {
             Bound::Included(i) => self.log.range(index_key(start)..=index_key(*i)),
             Bound::Excluded(i) => self.log.range(index_key(start)..index_key(*i)),
@@ -125,18 +210,28 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         I::IntoIter: OptionalSend,
     {
         let mut batch = sled::Batch::default();
+        let mut cached = Vec::new();
         for entry in entries {
             let bytes = serde_json::to_vec(&entry)
                 .map_err(|e| raft_io(ErrorSubject::Log(entry.log_id), ErrorVerb::Write, e))?;
+            let size = bytes.len();
             batch.insert(&index_key(entry.log_id.index), bytes);
+            cached.push((entry, size));
         }
         self.log.apply_batch(batch).map_err(|e| raft_io(ErrorSubject::Logs, ErrorVerb::Write, e))?;
+        {
+            let mut cache = self.cache();
+            for (entry, size) in cached {
+                cache.push(entry, size);
+            }
+        }
         let flushed = self.db.flush_async().await.map(|_| ()).map_err(std::io::Error::other);
         callback.log_io_completed(flushed);
         Ok(())
     }
 
     async fn truncate(&mut self, log_id: LogId<u64>) -> RaftResult<()> {
+        self.cache().truncate(log_id.index);
         let mut batch = sled::Batch::default();
         for r in self.log.range(index_key(log_id.index)..) {
             let (k, _) = r.map_err(|e| raft_io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
@@ -151,6 +246,7 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         // never a gap.
         self.put_meta(LAST_PURGED, &log_id, ErrorSubject::Store)?;
         self.flush(ErrorSubject::Store).await?;
+        self.cache().purge(log_id.index);
         let mut batch = sled::Batch::default();
         for r in self.log.range(..=index_key(log_id.index)) {
             let (k, _) = r.map_err(|e| raft_io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
@@ -158,5 +254,58 @@ impl RaftLogStorage<TypeConfig> for LogStore {
         }
         self.log.apply_batch(batch).map_err(|e| raft_io(ErrorSubject::Logs, ErrorVerb::Delete, e))?;
         Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use openraft::{CommittedLeaderId, EntryPayload};
+
+    use super::*;
+
+    fn entry(index: u64) -> Entry<TypeConfig> {
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 1), index), payload: EntryPayload::Blank }
+    }
+
+    fn indexes(entries: Option<Vec<Entry<TypeConfig>>>) -> Option<Vec<u64>> {
+        entries.map(|v| v.iter().map(|e| e.log_id.index).collect())
+    }
+
+    #[test]
+    fn tail_cache_follows_appends_truncations_and_purges() {
+        let mut c = TailCache::default();
+        assert_eq!(indexes(c.get(0, 10)), None);
+        for i in 5..10 {
+            c.push(entry(i), 10);
+        }
+        assert_eq!(indexes(c.get(6, 8)), Some(vec![6, 7]));
+        assert_eq!(indexes(c.get(8, u64::MAX)), Some(vec![8, 9]));
+        assert_eq!(indexes(c.get(12, 20)), Some(vec![]));
+        // Older than the cache: the caller reads sled.
+        assert_eq!(indexes(c.get(4, 7)), None);
+        c.truncate(8);
+        assert_eq!(indexes(c.get(5, 100)), Some(vec![5, 6, 7]));
+        c.push(entry(8), 10);
+        c.purge(6);
+        assert_eq!(indexes(c.get(7, 100)), Some(vec![7, 8]));
+        assert_eq!(c.bytes, 20);
+        // A gap (never produced by openraft) restarts the cache rather than lying.
+        c.push(entry(20), 10);
+        assert_eq!(indexes(c.get(7, 100)), None);
+        assert_eq!(indexes(c.get(20, 100)), Some(vec![20]));
+        assert_eq!(c.bytes, 10);
+    }
+
+    #[test]
+    fn tail_cache_is_bounded() {
+        let mut c = TailCache::default();
+        for i in 0..(CACHE_ENTRIES as u64 + 10) {
+            c.push(entry(i), 1);
+        }
+        assert_eq!(c.entries.len(), CACHE_ENTRIES);
+        assert_eq!(c.first_index(), Some(10));
+        c.push(entry(CACHE_ENTRIES as u64 + 10), CACHE_BYTES);
+        assert_eq!(indexes(c.get(0, u64::MAX)), None);
+        assert_eq!(c.entries.len(), 1);
     }
 }

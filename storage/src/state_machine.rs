@@ -1,9 +1,17 @@
-//! The replicated state machine: an in-memory [`Store`] shared with readers, written through
-//! to sled tree `sm` on every apply (one atomic batch per apply call, including
-//! `last_applied`), plus snapshot build and install.
+//! The replicated state machine: an in-memory [`Store`] shared with readers, plus snapshot
+//! build and install.
 //!
-//! sled keys: `o<kind>/<name>` object, `e<rev:be64>` event, `m:applied`, `m:membership`,
-//! `m:revision`, `m:compacted`.
+//! Persistence is the snapshot file only (see docs/adr/002): `apply` touches no disk. The
+//! log makes every applied entry durable already; on restart the state machine is loaded
+//! from the current snapshot and openraft re-applies the log after its `last_log_id`.
+//! openraft purges the log only up to a snapshot that is already on disk (`build_snapshot`
+//! and `install_snapshot` fsync the file before returning), so the entries after the
+//! snapshot are always still in the log.
+//!
+//! Data dirs written by earlier versions also hold the state machine in sled tree `sm`
+//! (keys: `o<kind>/<name>` object, `e<rev:be64>` event, `m:applied`, `m:membership`,
+//! `m:revision`, `m:compacted`). It is read at open if it is ahead of the snapshot, and
+//! cleared once a snapshot covers it.
 use std::io::Cursor;
 use std::path::PathBuf;
 use std::sync::{Arc, RwLock};
@@ -18,7 +26,6 @@ use tokio::sync::watch;
 
 use crate::error::raft_io;
 use crate::snapshot_file::{self, Meta};
-use crate::store::Mutation;
 use crate::{CommandResult, Compacted, StorageError, Store, TypeConfig};
 
 type RaftResult<T> = Result<T, openraft::StorageError<u64>>;
@@ -45,8 +52,8 @@ struct Shared {
 #[derive(Clone)]
 pub struct StateMachine {
     shared: Arc<Shared>,
-    db: sled::Db,
-    tree: sled::Tree,
+    /// The legacy write-through tree; empty once a snapshot covers it.
+    legacy: sled::Tree,
     snapshot_dir: PathBuf,
 }
 
@@ -56,55 +63,90 @@ pub struct StoreReader {
     shared: Arc<Shared>,
 }
 
-fn object_key(key: &ObjectKey) -> Vec<u8> {
-    format!("o{}/{}", key.kind, key.name).into_bytes()
-}
-
-fn event_key(revision: u64) -> Vec<u8> {
-    let mut k = vec![b'e'];
-    k.extend_from_slice(&revision.to_be_bytes());
-    k
-}
-
 fn decode<T: DeserializeOwned>(key: &[u8], bytes: &[u8]) -> Result<T, StorageError> {
     serde_json::from_slice(bytes)
         .map_err(|source| StorageError::Corrupt { key: String::from_utf8_lossy(key).into_owned(), source })
 }
 
-fn json(value: &impl serde::Serialize) -> Vec<u8> {
-    serde_json::to_vec(value).expect("state machine records serialize")
+/// A state machine state recovered at open.
+struct Recovered {
+    store: Store,
+    last_applied: Option<LogId<u64>>,
+    membership: Membership,
+}
+
+/// The state in the current snapshot file, if there is one.
+fn load_snapshot(dir: &std::path::Path, retention: usize) -> Result<Option<Recovered>, StorageError> {
+    let io = |source| StorageError::Io { path: dir.join("current"), source };
+    let Some((meta, data)) = snapshot_file::load(dir).map_err(io)? else { return Ok(None) };
+    let mut store: Store = decode(b"snapshot", &data)?;
+    store.set_retention(retention);
+    Ok(Some(Recovered { store, last_applied: meta.last_log_id, membership: meta.last_membership }))
+}
+
+/// The state written through to sled tree `sm` by earlier versions, if any.
+fn load_legacy(tree: &sled::Tree, retention: usize) -> Result<Option<Recovered>, StorageError> {
+    let get = |k: &[u8]| -> Result<Option<sled::IVec>, StorageError> { Ok(tree.get(k)?) };
+    let Some(applied) = get(APPLIED)? else { return Ok(None) };
+    let last_applied: Option<LogId<u64>> = decode(APPLIED, &applied)?;
+    let membership = get(MEMBERSHIP)?.map(|v| decode(MEMBERSHIP, &v)).transpose()?.unwrap_or_default();
+    let revision = get(REVISION)?.map(|v| decode(REVISION, &v)).transpose()?.unwrap_or(0);
+    let compacted = get(COMPACTED)?.map(|v| decode(COMPACTED, &v)).transpose()?.unwrap_or(0);
+    let mut objects = Vec::new();
+    for r in tree.scan_prefix(b"o") {
+        let (k, v) = r?;
+        objects.push(decode::<StoredObject>(&k, &v)?);
+    }
+    let mut events = Vec::new();
+    for r in tree.scan_prefix(b"e") {
+        let (k, v) = r?;
+        events.push(decode::<WatchEvent>(&k, &v)?);
+    }
+    let store = Store::from_parts(objects, events, revision, compacted, retention);
+    Ok(Some(Recovered { store, last_applied, membership }))
 }
 
 impl StateMachine {
     pub(crate) fn open(db: sled::Db, snapshot_dir: PathBuf, retention: usize) -> Result<StateMachine, StorageError> {
-        let tree = db.open_tree("sm")?;
-        let get = |k: &[u8]| -> Result<Option<sled::IVec>, StorageError> { Ok(tree.get(k)?) };
-        let last_applied = get(APPLIED)?.map(|v| decode(APPLIED, &v)).transpose()?;
-        let membership = get(MEMBERSHIP)?.map(|v| decode(MEMBERSHIP, &v)).transpose()?.unwrap_or_default();
-        let revision = get(REVISION)?.map(|v| decode(REVISION, &v)).transpose()?.unwrap_or(0);
-        let compacted = get(COMPACTED)?.map(|v| decode(COMPACTED, &v)).transpose()?.unwrap_or(0);
-        let mut objects = Vec::new();
-        for r in tree.scan_prefix(b"o") {
-            let (k, v) = r?;
-            objects.push(decode::<StoredObject>(&k, &v)?);
-        }
-        let mut events = Vec::new();
-        for r in tree.scan_prefix(b"e") {
-            let (k, v) = r?;
-            events.push(decode::<WatchEvent>(&k, &v)?);
-        }
-        let store = Store::from_parts(objects, events, revision, compacted, retention);
+        let legacy = db.open_tree("sm")?;
+        let snapshot = load_snapshot(&snapshot_dir, retention)?;
+        let old = load_legacy(&legacy, retention)?;
+        // The newer of the two: the log holds every entry after either of them.
+        let recovered = match (snapshot, old) {
+            (Some(s), Some(o)) if o.last_applied > s.last_applied => Some(o),
+            (Some(s), _) => Some(s),
+            (None, o) => o,
+        };
+        let Recovered { store, last_applied, membership } = recovered.unwrap_or_else(|| Recovered {
+            store: Store::new(retention),
+            last_applied: None,
+            membership: Membership::default(),
+        });
+        let revision = store.revision();
         let (revision_tx, _) = watch::channel(revision);
         let inner = Inner { store, last_applied, membership };
-        Ok(StateMachine { shared: Arc::new(Shared { inner: RwLock::new(inner), revision_tx }), db, tree, snapshot_dir })
+        Ok(StateMachine { shared: Arc::new(Shared { inner: RwLock::new(inner), revision_tx }), legacy, snapshot_dir })
     }
 
     pub fn reader(&self) -> StoreReader {
         StoreReader { shared: self.shared.clone() }
     }
 
-    fn write_batch(&self, batch: sled::Batch) -> RaftResult<()> {
-        self.tree.apply_batch(batch).map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))
+    /// Once a snapshot on disk covers the legacy `sm` tree, it is dead weight: clear it.
+    fn clear_legacy(&self) -> RaftResult<()> {
+        if !self.legacy.is_empty() {
+            self.legacy.clear().map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Delete, e))?;
+        }
+        Ok(())
+    }
+
+    /// Writes the snapshot file (tmp, fsync, rename, fsync dir) off the async runtime.
+    async fn save_snapshot(&self, meta: &Meta, data: Vec<u8>) -> RaftResult<Vec<u8>> {
+        let (dir, meta) = (self.snapshot_dir.clone(), meta.clone());
+        tokio::task::spawn_blocking(move || snapshot_file::save(&dir, &meta, &data).map(|()| data))
+            .await
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))
     }
 
     fn notify(&self, revision: u64) {
@@ -114,13 +156,6 @@ impl StateMachine {
             changed
         });
     }
-}
-
-fn persist_counters(batch: &mut sled::Batch, inner: &Inner) {
-    batch.insert(APPLIED, json(&inner.last_applied));
-    batch.insert(MEMBERSHIP, json(&inner.membership));
-    batch.insert(REVISION, json(&inner.store.revision()));
-    batch.insert(COMPACTED, json(&inner.store.compacted()));
 }
 
 impl RaftStateMachine<TypeConfig> for StateMachine {
@@ -137,6 +172,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
+        // `Store::apply` reports mutations for write-through persistence; the snapshot
+        // replaces that, so they are dropped.
         let mut mutations = Vec::new();
         let revision = {
             let mut inner = self.shared.inner.write().expect("state machine lock");
@@ -150,24 +187,9 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
                         CommandResult::None
                     }
                 };
+                mutations.clear();
                 results.push(result);
             }
-            let mut batch = sled::Batch::default();
-            for m in mutations {
-                match m {
-                    Mutation::PutObject(o) => batch.insert(object_key(&o.key), json(&o)),
-                    Mutation::RemoveObject(k) => batch.remove(object_key(&k)),
-                    Mutation::AddEvent(e) => batch.insert(event_key(e.revision), json(&e)),
-                    Mutation::DropEventsUpTo(rev) => {
-                        for r in self.tree.range(event_key(0)..=event_key(rev)) {
-                            let (k, _) = r.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Delete, e))?;
-                            batch.remove(k);
-                        }
-                    }
-                }
-            }
-            persist_counters(&mut batch, &inner);
-            self.write_batch(batch)?;
             inner.store.revision()
         };
         self.notify(revision);
@@ -186,33 +208,17 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         let data = snapshot.into_inner();
         let sm_err = |e| raft_io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
         let mut store: Store = serde_json::from_slice(&data).map_err(sm_err)?;
+        // On disk first: once this returns, openraft may purge the log up to the snapshot.
+        self.save_snapshot(meta, data).await?;
+        self.clear_legacy()?;
         let revision = {
             let mut inner = self.shared.inner.write().expect("state machine lock");
             store.set_retention(inner.store_retention());
             inner.store = store;
             inner.last_applied = meta.last_log_id;
             inner.membership = meta.last_membership.clone();
-            let mut batch = sled::Batch::default();
-            for r in self.tree.iter() {
-                let (k, _) = r.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-                batch.remove(k);
-            }
-            for o in inner.store.objects() {
-                batch.insert(object_key(&o.key), json(o));
-            }
-            for e in inner.store.events() {
-                batch.insert(event_key(e.revision), json(e));
-            }
-            persist_counters(&mut batch, &inner);
-            self.write_batch(batch)?;
             inner.store.revision()
         };
-        self.db.flush_async().await.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        let (dir, meta2) = (self.snapshot_dir.clone(), meta.clone());
-        tokio::task::spawn_blocking(move || snapshot_file::save(&dir, &meta2, &data))
-            .await
-            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
-            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
         self.notify(revision);
         tracing::info!(snapshot = %meta.snapshot_id, revision, "installed snapshot");
         Ok(())
@@ -248,13 +254,10 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
                 Meta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id: id };
             (data, meta)
         };
-        // The sled state machine must be durable up to the snapshot before logs are purged.
-        self.db.flush_async().await.map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Write, e))?;
-        let (dir, meta2, data2) = (self.snapshot_dir.clone(), meta.clone(), data.clone());
-        tokio::task::spawn_blocking(move || snapshot_file::save(&dir, &meta2, &data2))
-            .await
-            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?
-            .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Write, e))?;
+        // The snapshot is the state machine's only persistence: it must be on disk before
+        // this returns, as openraft then purges the log up to it.
+        let data = self.save_snapshot(&meta, data).await?;
+        self.clear_legacy()?;
         tracing::info!(snapshot = %meta.snapshot_id, "built snapshot");
         Ok(Snapshot { meta, snapshot: Box::new(Cursor::new(data)) })
     }

@@ -1,5 +1,5 @@
-//! openraft's storage conformance suite, run on the sled log store and state machine, plus
-//! a restart test: state written through one store is there when the directory is reopened.
+//! openraft's storage conformance suite, run on the sled log store and state machine (the
+//! restart tests with a real single-member Raft are in `restart.rs`).
 use flotilla_storage::{LogStore, StateMachine, TypeConfig};
 use openraft::testing::{StoreBuilder, Suite};
 use openraft::StorageError;

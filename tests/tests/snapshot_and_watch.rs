@@ -44,7 +44,15 @@ async fn member_added_after_compaction_is_caught_up_by_snapshot() {
 
     cluster.add_server(2).await;
     cluster.wait_voters(2).await;
-    let status = cluster.status(2).await;
+    // The new member's metrics show the installed snapshot shortly after it is a voter.
+    let mut status = cluster.status(2).await;
+    for _ in 0..100 {
+        if status.snapshot_index > 0 {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+        status = cluster.status(2).await;
+    }
     assert!(status.snapshot_index > 0, "new member got no snapshot: {status:?}");
     let mut names = Vec::new();
     for _ in 0..100 {

@@ -213,7 +213,10 @@ impl Writer {
     async fn write(&mut self, client: usize, key: u64, seq: u64, size: usize, timeout: Duration) -> Result<()> {
         match self {
             Writer::Flotilla(c) => {
-                let mut req = tonic::Request::new(ApplyRequest { manifest: manifest(client, key, seq, size), expected_revision: None });
+                let mut req = tonic::Request::new(ApplyRequest {
+                    manifest: manifest(client, key, seq, size),
+                    expected_revision: None,
+                });
                 req.set_timeout(timeout);
                 let resp = c.apply(req).await?.into_inner();
                 if resp.unchanged {
@@ -236,13 +239,15 @@ impl Writer {
     }
 }
 
-/// A Model manifest of exactly `size` bytes (when size exceeds the bare manifest), whose
-/// spec changes with every `seq`.
+/// An Adapter manifest of exactly `size` bytes (when size exceeds the bare manifest), whose
+/// spec changes with every `seq`. Adapter, not Model: since the controllers run on the
+/// leader, every Model write makes them reconcile (list replicas, create Replica objects),
+/// which measures the controllers, not the store; no controller reacts to Adapters.
 fn manifest(client: usize, key: u64, seq: u64, size: usize) -> String {
     let head = format!(
-        r#"{{"kind":"Model","metadata":{{"name":"b-{client}-{key}"}},"spec":{{"source":"file:///m","engine":"sim","engine_args":[""#
+        r#"{{"kind":"Adapter","metadata":{{"name":"b-{client}-{key}"}},"spec":{{"base_model":"bench","source":"file:///a/"#
     );
-    let tail = r#""]}}"#;
+    let tail = r#""}}"#;
     let mut pad = format!("{seq}-");
     let want = size.saturating_sub(head.len() + tail.len());
     while pad.len() < want {
@@ -390,10 +395,18 @@ async fn leader_index(system: System, endpoints: &[String]) -> Result<usize> {
                 }
                 for m in &st.members {
                     if !m.voter || !m.reachable || m.applied_index < st.commit_index {
-                        bail!("member {} not ready (voter={} reachable={} applied={} commit={})", m.id, m.voter, m.reachable, m.applied_index, st.commit_index);
+                        bail!(
+                            "member {} not ready (voter={} reachable={} applied={} commit={})",
+                            m.id,
+                            m.voter,
+                            m.reachable,
+                            m.applied_index,
+                            st.commit_index
+                        );
                     }
                 }
-                let leader = st.members.iter().find(|m| m.id == st.leader_id).ok_or_else(|| anyhow!("leader not a member"))?;
+                let leader =
+                    st.members.iter().find(|m| m.id == st.leader_id).ok_or_else(|| anyhow!("leader not a member"))?;
                 return endpoints
                     .iter()
                     .position(|e| strip_scheme(e) == strip_scheme(&leader.addr))
@@ -409,7 +422,11 @@ async fn leader_index(system: System, endpoints: &[String]) -> Result<usize> {
                 g.ready().await.map_err(|e| anyhow!("{ep}: {e}"))?;
                 let codec = tonic_prost::ProstCodec::<etcdpb::StatusRequest, etcdpb::StatusResponse>::default();
                 let st = g
-                    .unary(tonic::Request::new(etcdpb::StatusRequest {}), PathAndQuery::from_static("/etcdserverpb.Maintenance/Status"), codec)
+                    .unary(
+                        tonic::Request::new(etcdpb::StatusRequest {}),
+                        PathAndQuery::from_static("/etcdserverpb.Maintenance/Status"),
+                        codec,
+                    )
                     .await
                     .map_err(|e| anyhow!("{ep}: {}", e.message()))?
                     .into_inner();
@@ -418,8 +435,20 @@ async fn leader_index(system: System, endpoints: &[String]) -> Result<usize> {
             let leader = sts[0].leader;
             let max_index = sts.iter().map(|s| s.raft_index).max().unwrap_or(0);
             for s in &sts {
-                if leader == 0 || s.leader != leader || s.is_learner || !s.errors.is_empty() || s.raft_applied_index + 2 < max_index {
-                    bail!("etcd not ready: leader={} member leader={} learner={} applied={} max={}", leader, s.leader, s.is_learner, s.raft_applied_index, max_index);
+                if leader == 0
+                    || s.leader != leader
+                    || s.is_learner
+                    || !s.errors.is_empty()
+                    || s.raft_applied_index + 2 < max_index
+                {
+                    bail!(
+                        "etcd not ready: leader={} member leader={} learner={} applied={} max={}",
+                        leader,
+                        s.leader,
+                        s.is_learner,
+                        s.raft_applied_index,
+                        max_index
+                    );
                 }
             }
             sts.iter()
@@ -457,7 +486,9 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let leader = ready_leader(a.system, &a.endpoints, Duration::from_secs(30)).await.context("cluster not ready")?;
     let rt = Duration::from_secs_f64(a.request_timeout_s);
     let give_up = Duration::from_secs_f64(a.give_up_s);
-    let mk = |ep: &String| -> Result<Writer> { Ok(Writer::new(a.system, endpoint(ep, Duration::from_millis(200))?.connect_lazy())) };
+    let mk = |ep: &String| -> Result<Writer> {
+        Ok(Writer::new(a.system, endpoint(ep, Duration::from_millis(200))?.connect_lazy()))
+    };
     // Keys of its own ("b-10000-*" ...), and a seq that never repeats across trials, so no
     // write is a no-op.
     let mut seq = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH)?.as_micros() as u64;
@@ -531,7 +562,12 @@ async fn failover(a: FailoverArgs) -> Result<()> {
                 Ok(()) => return (Some(t0.elapsed().as_secs_f64() * 1e3), cur, attempts, errs),
                 Err(e) => {
                     if errs.len() < 6 {
-                        errs.push(format!("{}@{:.0}ms: {}", endpoints[cur], t0.elapsed().as_secs_f64() * 1e3, short(&e)));
+                        errs.push(format!(
+                            "{}@{:.0}ms: {}",
+                            endpoints[cur],
+                            t0.elapsed().as_secs_f64() * 1e3,
+                            short(&e)
+                        ));
                     }
                     cur = (cur + 1) % writers.len();
                     if cur == leader {
