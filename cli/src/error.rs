@@ -63,3 +63,13 @@ impl From<flotilla_agent::AgentError> for CliError {
         }
     }
 }
+
+impl From<flotilla_gateway::GatewayError> for CliError {
+    fn from(e: flotilla_gateway::GatewayError) -> CliError {
+        if e.is_usage() {
+            CliError::usage(e.to_string())
+        } else {
+            CliError::runtime(e.to_string())
+        }
+    }
+}

@@ -73,6 +73,10 @@ enum Command {
     ///
     /// Example: flotilla agent --server 10.0.0.1:7070 --node-name gpu-01 --nvidia
     Agent(flotilla_agent::AgentArgs),
+    /// Run the OpenAI-compatible gateway: routes requests across the cluster's engines.
+    ///
+    /// Example: flotilla gateway --server 10.0.0.1:7070 --listen 0.0.0.0:8080
+    Gateway(flotilla_gateway::GatewayArgs),
     /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
@@ -118,14 +122,24 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Node(c) => cmd::node::run(&client, c, cli.output).await,
         Command::Agent(mut args) => {
             init_logging("info");
-            args.server = server.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect();
+            args.server = server_list(&server);
             flotilla_agent::run(args).await.map_err(CliError::from)
+        }
+        Command::Gateway(mut args) => {
+            init_logging("info");
+            args.server = server_list(&server);
+            flotilla_gateway::run(args).await.map_err(CliError::from)
         }
         Command::Sim(args) => {
             init_logging("info");
             flotilla_sim::run(args).await.map_err(CliError::from)
         }
     }
+}
+
+/// The global `--server` value as a list of addresses.
+fn server_list(server: &str) -> Vec<String> {
+    server.split(',').map(|s| s.trim().to_owned()).filter(|s| !s.is_empty()).collect()
 }
 
 /// Logs to stderr; `RUST_LOG` overrides the default level.

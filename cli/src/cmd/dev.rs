@@ -1,7 +1,7 @@
 //! `flotilla dev`: the whole stack on one machine, for development and demos: one server
 //! (data in `./.flotilla`), one agent with 4 simulated GPUs running `flotilla sim` engines,
-//! and the `demo` model with 2 replicas. Ctrl-C stops everything, engines included. The
-//! gateway joins it when the gateway issue lands.
+//! the gateway on 127.0.0.1:8080 (auth off), and the `demo` model with 2 replicas. Ctrl-C
+//! stops everything, engines included.
 use std::net::SocketAddr;
 use std::path::PathBuf;
 use std::time::Duration;
@@ -37,6 +37,9 @@ pub(crate) struct DevArgs {
     /// HTTP address (metrics, health) of the embedded server.
     #[arg(long, default_value = "127.0.0.1:7071")]
     http_addr: SocketAddr,
+    /// Listen address of the gateway (OpenAI API; auth off in dev).
+    #[arg(long, default_value = "127.0.0.1:8080")]
+    gateway_addr: SocketAddr,
     /// Simulated GPUs of the embedded agent.
     #[arg(long, default_value_t = 4)]
     gpus: u32,
@@ -52,6 +55,12 @@ pub(crate) struct DevArgs {
 struct AgentFlags {
     #[command(flatten)]
     agent: flotilla_agent::AgentArgs,
+}
+
+#[derive(Parser)]
+struct GatewayFlags {
+    #[command(flatten)]
+    gateway: flotilla_gateway::GatewayArgs,
 }
 
 pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
@@ -79,6 +88,15 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
     eprintln!("starting agent dev with {} simulated GPUs (data in {})", args.gpus, agent_dir.display());
     let agent = flotilla_agent::start(agent_args).await.map_err(CliError::from)?;
 
+    let listen = format!("--listen={}", args.gateway_addr);
+    let mut gateway_args = GatewayFlags::try_parse_from(["gateway", "--no-auth", listen.as_str()])
+        .map_err(|e| CliError::usage(e.to_string()))?
+        .gateway;
+    gateway_args.server = vec![grpc.clone()];
+    let gateway = flotilla_gateway::start(gateway_args).await.map_err(CliError::from)?;
+    let gateway_addr = gateway.local_addr();
+    eprintln!("gateway listening on http://{gateway_addr} (auth off)");
+
     let mut client = ObjectServiceClient::new(
         tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
             .map_err(|e| CliError::runtime(e.to_string()))?
@@ -89,18 +107,17 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         apply_demo(&mut client).await?;
         endpoints = wait_ready(&mut client, 2).await?;
     }
-    println!("flotilla dev ready: grpc={} http={}", server.grpc_addr, server.http_addr);
+    println!("flotilla dev ready: gateway=http://{gateway_addr} grpc={} http={}", server.grpc_addr, server.http_addr);
     for e in &endpoints {
         println!("  demo replica at http://{e}");
     }
-    if let Some(e) = endpoints.first() {
-        println!(
-            "  try: curl -s http://{e}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
-        );
-    }
+    println!(
+        "  try: curl -s http://{gateway_addr}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
+    );
     println!("  and: flotilla get models; flotilla get replicas; flotilla node list   (Ctrl-C stops everything)");
     let result = super::server::wait_for_signal().await;
-    eprintln!("stopping the agent and its engines");
+    eprintln!("stopping the gateway, the agent and its engines");
+    gateway.shutdown().await;
     if let Err(e) = agent.shutdown(true).await {
         eprintln!("warning: agent shutdown: {e}");
     }

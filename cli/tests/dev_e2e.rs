@@ -1,0 +1,70 @@
+//! `flotilla dev`, the README's main command: it starts a server, an agent with simulated
+//! GPUs, the gateway and the demo model; a chat completion through the gateway answers;
+//! SIGTERM stops everything, engines included.
+mod common;
+
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+
+fn chat_via(addr: &str) -> Option<String> {
+    let body = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}],"max_tokens":4}"#;
+    let mut s = std::net::TcpStream::connect(addr).ok()?;
+    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
+    let req = format!(
+        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    s.write_all(req.as_bytes()).ok()?;
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    Some(out)
+}
+
+#[test]
+#[allow(clippy::disallowed_methods)] // a plain synchronous test: no tokio worker to block
+fn dev_serves_the_demo_model_through_the_gateway_and_stops_cleanly() {
+    let dir = tempfile::tempdir().unwrap();
+    let marker = marker();
+    let mut child = Command::new(BIN)
+        .current_dir(dir.path())
+        .args(["dev", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0", "--gateway-addr", "127.0.0.1:0"])
+        .arg(format!("--sim-args=--speedup 20 --seed {marker}"))
+        .env("RUST_LOG", "error")
+        .stdout(Stdio::piped())
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = loop {
+        let line = lines.next().expect("dev printed its ready line").unwrap();
+        if line.starts_with("flotilla dev ready:") {
+            break line;
+        }
+    };
+    let gateway = ready.split("gateway=http://").nth(1).unwrap().split_whitespace().next().unwrap().to_owned();
+    assert!(dir.path().join(".flotilla").is_dir(), "data lives in ./.flotilla");
+    // The gateway learns the endpoints from the server's watch; allow it a moment.
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let answer = chat_via(&gateway).unwrap_or_default();
+        if answer.starts_with("HTTP/1.1 200") {
+            assert!(answer.contains("\"choices\""), "{answer}");
+            assert!(answer.to_lowercase().contains("x-flotilla-endpoint"), "{answer}");
+            break;
+        }
+        assert!(Instant::now() < deadline, "no completion through the gateway: {answer}");
+        std::thread::sleep(Duration::from_millis(200));
+    }
+    assert_eq!(engine_pids(marker).len(), 2, "two demo engines");
+    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(0));
+    let deadline = Instant::now() + Duration::from_secs(15);
+    while !engine_pids(marker).is_empty() {
+        assert!(Instant::now() < deadline, "engines left running after dev stopped");
+        std::thread::sleep(Duration::from_millis(100));
+    }
+}

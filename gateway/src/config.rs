@@ -1,0 +1,298 @@
+//! Command-line flags ([`GatewayArgs`]) and the validated, typed [`Config`] built from them
+//! once at start-up. Every duration carries its unit in the flag name.
+
+use std::collections::BTreeMap;
+use std::net::SocketAddr;
+use std::time::Duration;
+
+use flotilla_api::spec::PriorityClass;
+use http::uri::Authority;
+
+use crate::error::GatewayError;
+
+/// `flotilla gateway` flags.
+///
+/// Example: `flotilla gateway --listen 0.0.0.0:8080 --backend llama=http://10.0.0.5:8000 --no-auth`
+#[derive(Debug, Clone, clap::Args)]
+pub struct GatewayArgs {
+    /// Address to serve the OpenAI API on (port 0 picks a free port).
+    #[arg(long, default_value = "127.0.0.1:8080", env = "FLOTILLA_GATEWAY_LISTEN")]
+    pub listen: String,
+    /// Static engine endpoint `MODEL=URL` (repeatable). When given, the gateway does not
+    /// watch the cluster for endpoints; models use least-request and auth must be off or
+    /// tenants come from the cluster.
+    #[arg(long = "backend", value_name = "MODEL=URL")]
+    pub backends: Vec<String>,
+    /// Serve without API keys (every request is tenant `anonymous`, no RPM/TPM limits).
+    #[arg(long)]
+    pub no_auth: bool,
+    /// Largest accepted request body, in bytes (413 beyond it).
+    #[arg(long, default_value_t = 4 * 1024 * 1024)]
+    pub max_body_bytes: usize,
+    /// Time a client has to send the request headers, in milliseconds (slowloris guard).
+    #[arg(long, default_value_t = 10_000)]
+    pub header_timeout_ms: u64,
+    /// Time a client has to send the request body, in milliseconds (408 beyond it).
+    #[arg(long, default_value_t = 30_000)]
+    pub body_timeout_ms: u64,
+    /// Time to open a TCP connection to an engine, in milliseconds.
+    #[arg(long, default_value_t = 2_000)]
+    pub connect_timeout_ms: u64,
+    /// Time an engine has to send response headers, in seconds (504 beyond it).
+    #[arg(long, default_value_t = 600)]
+    pub upstream_timeout_s: u64,
+    /// Longest silence between two chunks of a streamed response, in seconds.
+    #[arg(long, default_value_t = 300)]
+    pub stream_idle_timeout_s: u64,
+    /// Extra attempts on another endpoint after a connect failure or a 5xx before the
+    /// first byte.
+    #[arg(long, default_value_t = 2)]
+    pub max_retries: u32,
+    /// Consecutive failures that eject an endpoint from routing.
+    #[arg(long, default_value_t = 5)]
+    pub eject_after_failures: u32,
+    /// First ejection time in milliseconds (doubles on each re-ejection, up to 32x); then
+    /// one probe request decides.
+    #[arg(long, default_value_t = 10_000)]
+    pub eject_base_ms: u64,
+    /// An endpoint is saturated at this many gateway requests in flight.
+    #[arg(long, default_value_t = 256)]
+    pub max_in_flight_per_endpoint: u32,
+    /// An endpoint is saturated when the engine reports this many waiting requests
+    /// (0 disables the check).
+    #[arg(long, default_value_t = 32)]
+    pub max_engine_waiting: u32,
+    /// An endpoint is saturated at this KV-cache usage, 0..=1 (0 disables the check).
+    #[arg(long, default_value_t = 0.98)]
+    pub max_kv_cache_usage: f64,
+    /// Most requests waiting in the gateway per model; past it sheddable ones go first.
+    #[arg(long, default_value_t = 4096)]
+    pub max_queue: usize,
+    /// Longest queue wait of a critical request, in milliseconds (then 503).
+    #[arg(long, default_value_t = 60_000)]
+    pub queue_deadline_critical_ms: u64,
+    /// Longest queue wait of a standard request, in milliseconds (then 503).
+    #[arg(long, default_value_t = 30_000)]
+    pub queue_deadline_standard_ms: u64,
+    /// Longest queue wait of a sheddable request, in milliseconds (then 503).
+    #[arg(long, default_value_t = 2_000)]
+    pub queue_deadline_sheddable_ms: u64,
+    /// Number of gateway instances sharing tenant limits: each enforces RPM/N and TPM/N.
+    #[arg(long, default_value_t = 1, env = "FLOTILLA_GATEWAY_REPLICAS")]
+    pub gateway_replicas: u32,
+    /// Prefix-cache routing: characters per hashed block (about 4 characters per token).
+    #[arg(long, default_value_t = 64)]
+    pub prefix_block_chars: usize,
+    /// Prefix-cache routing: leave the best-matching endpoint when its load exceeds the
+    /// least loaded one by this many requests (and by the relative threshold).
+    #[arg(long, default_value_t = 8)]
+    pub prefix_balance_abs: u32,
+    /// Prefix-cache routing: ... and when its load exceeds `least * this`.
+    #[arg(long, default_value_t = 1.5)]
+    pub prefix_balance_rel: f64,
+    /// Poll static backends' `/metrics` and `/v1/models` this often, in milliseconds
+    /// (0: never; cluster endpoints get their load figures from the server).
+    #[arg(long, default_value_t = 1_000)]
+    pub scrape_interval_ms: u64,
+    /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
+    #[arg(skip)]
+    pub server: Vec<String>,
+}
+
+impl Default for GatewayArgs {
+    fn default() -> Self {
+        use clap::Parser;
+        #[derive(clap::Parser)]
+        struct P {
+            #[command(flatten)]
+            a: GatewayArgs,
+        }
+        P::parse_from(["gateway"]).a
+    }
+}
+
+/// One static `--backend`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct StaticBackend {
+    pub model: String,
+    pub authority: Authority,
+}
+
+/// Queue deadlines per priority class.
+#[derive(Debug, Clone, Copy)]
+pub struct Deadlines {
+    pub critical: Duration,
+    pub standard: Duration,
+    pub sheddable: Duration,
+}
+
+impl Deadlines {
+    pub fn of(&self, class: PriorityClass) -> Duration {
+        match class {
+            PriorityClass::Critical => self.critical,
+            PriorityClass::Standard => self.standard,
+            PriorityClass::Sheddable => self.sheddable,
+        }
+    }
+}
+
+/// When an endpoint counts as saturated.
+#[derive(Debug, Clone, Copy)]
+pub struct Saturation {
+    pub max_in_flight: u32,
+    pub max_engine_waiting: u32,
+    pub max_kv_cache_usage: f64,
+}
+
+/// The validated configuration.
+#[derive(Debug, Clone)]
+pub struct Config {
+    pub listen: String,
+    pub backends: Vec<StaticBackend>,
+    pub servers: Vec<String>,
+    pub auth: bool,
+    pub max_body_bytes: usize,
+    pub header_timeout: Duration,
+    pub body_timeout: Duration,
+    pub connect_timeout: Duration,
+    pub upstream_timeout: Duration,
+    pub stream_idle_timeout: Duration,
+    pub max_retries: u32,
+    pub eject_after_failures: u32,
+    pub eject_base: Duration,
+    pub saturation: Saturation,
+    pub max_queue: usize,
+    pub deadlines: Deadlines,
+    pub gateway_replicas: u32,
+    pub prefix_block_chars: usize,
+    pub prefix_balance_abs: u32,
+    pub prefix_balance_rel: f64,
+    pub scrape_interval: Option<Duration>,
+}
+
+/// Parses `MODEL=URL` (URL `http://host:port` or `host:port`).
+pub fn parse_backend(s: &str) -> Result<StaticBackend, GatewayError> {
+    let bad = |why: &str| GatewayError::Usage(format!("--backend {s:?}: {why} (expected MODEL=http://HOST:PORT)"));
+    let (model, url) = s.split_once('=').ok_or_else(|| bad("missing '='"))?;
+    if model.is_empty() {
+        return Err(bad("empty model name"));
+    }
+    let rest = if let Some(r) = url.strip_prefix("http://") {
+        r
+    } else if url.contains("://") {
+        return Err(bad("only http:// engines are supported"));
+    } else {
+        url
+    };
+    let rest = rest.trim_end_matches('/');
+    let authority: Authority = rest.parse().map_err(|_| bad("not a HOST:PORT"))?;
+    if authority.port_u16().is_none() {
+        return Err(bad("missing port"));
+    }
+    Ok(StaticBackend { model: model.to_string(), authority })
+}
+
+impl GatewayArgs {
+    /// Checks every flag once; errors are usage errors (exit code 2).
+    pub fn validate(&self) -> Result<Config, GatewayError> {
+        let usage = |m: String| Err(GatewayError::Usage(m));
+        if self.listen.parse::<SocketAddr>().is_err() && !self.listen.contains(':') {
+            return usage(format!("--listen {:?} is not HOST:PORT", self.listen));
+        }
+        let backends = self.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
+        if backends.is_empty() && self.server.is_empty() {
+            return usage("no endpoints: give --backend MODEL=URL or --server ADDR".into());
+        }
+        if self.max_body_bytes < 1024 {
+            return usage(format!("--max-body-bytes {} is below 1024", self.max_body_bytes));
+        }
+        if !(0.0..=1.0).contains(&self.max_kv_cache_usage) {
+            return usage(format!("--max-kv-cache-usage {} is not within 0..=1", self.max_kv_cache_usage));
+        }
+        if self.max_in_flight_per_endpoint == 0 {
+            return usage("--max-in-flight-per-endpoint must be at least 1".into());
+        }
+        if self.gateway_replicas == 0 {
+            return usage("--gateway-replicas must be at least 1".into());
+        }
+        if self.prefix_block_chars == 0 || !self.prefix_balance_rel.is_finite() || self.prefix_balance_rel < 1.0 {
+            return usage("--prefix-block-chars must be positive and --prefix-balance-rel at least 1".into());
+        }
+        for (name, v) in [
+            ("--header-timeout-ms", self.header_timeout_ms),
+            ("--body-timeout-ms", self.body_timeout_ms),
+            ("--connect-timeout-ms", self.connect_timeout_ms),
+            ("--upstream-timeout-s", self.upstream_timeout_s),
+            ("--stream-idle-timeout-s", self.stream_idle_timeout_s),
+        ] {
+            if v == 0 {
+                return usage(format!("{name} must be positive"));
+            }
+        }
+        let mut seen = BTreeMap::new();
+        for b in &backends {
+            if seen.insert((b.model.clone(), b.authority.to_string()), ()).is_some() {
+                return usage(format!("--backend {}={} given twice", b.model, b.authority));
+            }
+        }
+        let ms = Duration::from_millis;
+        Ok(Config {
+            listen: self.listen.clone(),
+            backends,
+            servers: self.server.clone(),
+            auth: !self.no_auth,
+            max_body_bytes: self.max_body_bytes,
+            header_timeout: ms(self.header_timeout_ms),
+            body_timeout: ms(self.body_timeout_ms),
+            connect_timeout: ms(self.connect_timeout_ms),
+            upstream_timeout: Duration::from_secs(self.upstream_timeout_s),
+            stream_idle_timeout: Duration::from_secs(self.stream_idle_timeout_s),
+            max_retries: self.max_retries.min(10),
+            eject_after_failures: self.eject_after_failures.max(1),
+            eject_base: ms(self.eject_base_ms.max(1)),
+            saturation: Saturation {
+                max_in_flight: self.max_in_flight_per_endpoint,
+                max_engine_waiting: self.max_engine_waiting,
+                max_kv_cache_usage: self.max_kv_cache_usage,
+            },
+            max_queue: self.max_queue,
+            deadlines: Deadlines {
+                critical: ms(self.queue_deadline_critical_ms),
+                standard: ms(self.queue_deadline_standard_ms),
+                sheddable: ms(self.queue_deadline_sheddable_ms),
+            },
+            gateway_replicas: self.gateway_replicas,
+            prefix_block_chars: self.prefix_block_chars,
+            prefix_balance_abs: self.prefix_balance_abs,
+            prefix_balance_rel: self.prefix_balance_rel,
+            scrape_interval: (self.scrape_interval_ms > 0).then(|| ms(self.scrape_interval_ms)),
+        })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn backend_flags_parse() {
+        let b = parse_backend("llama=http://127.0.0.1:8000/").unwrap();
+        assert_eq!(b.model, "llama");
+        assert_eq!(b.authority.as_str(), "127.0.0.1:8000");
+        assert_eq!(parse_backend("m=10.0.0.1:80").unwrap().authority.as_str(), "10.0.0.1:80");
+        assert!(parse_backend("nomodel").is_err());
+        assert!(parse_backend("m=https://x:1").is_err());
+        assert!(parse_backend("m=http://x").is_err());
+    }
+
+    #[test]
+    fn defaults_need_an_endpoint_source() {
+        let a = GatewayArgs::default();
+        assert_eq!(a.listen, "127.0.0.1:8080");
+        assert!(a.validate().unwrap_err().is_usage());
+        let a = GatewayArgs { backends: vec!["m=127.0.0.1:1".into()], ..GatewayArgs::default() };
+        let c = a.validate().unwrap();
+        assert!(c.auth);
+        assert_eq!(c.deadlines.of(PriorityClass::Sheddable), Duration::from_secs(2));
+    }
+}

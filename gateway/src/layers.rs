@@ -1,0 +1,362 @@
+//! The request-path layers of the proxied OpenAI endpoints, pushed one at a time onto the
+//! service stack (outermost first); each reads what the previous ones put into the
+//! request's extensions and either adds its own or answers with an [`ApiError`]:
+//!
+//! ```text
+//! auth ──Caller──> policy ──Policy──> body ──Parsed──> limits ──Remaining──> proxy handler
+//! (key->tenant)   (priority,       (size, timeout,    (allowed model,        (QoS queue, routing,
+//!                  routing,         parse features)    RPM/TPM)               retries, stream)
+//!                  session)
+//! ```
+
+use std::str::FromStr;
+use std::sync::Arc;
+
+use axum::extract::{Request, State};
+use axum::middleware::Next;
+use axum::response::{IntoResponse, Response};
+use bytes::Bytes;
+use flotilla_api::spec::{PriorityClass, RoutingStrategy};
+use http::{HeaderMap, StatusCode};
+use http_body_util::{BodyExt, Limited};
+use tokio::time::Instant;
+
+use crate::error::ApiError;
+use crate::limits::Remaining;
+use crate::metrics::TenantLabels;
+use crate::request::{self, ApiKind, RequestFeatures};
+use crate::routing::parse_override;
+use crate::state::Gateway;
+use crate::table::Tenant;
+
+/// The tenant of requests when auth is off.
+pub const ANONYMOUS: &str = "anonymous";
+
+/// Who is calling (set by [`auth`]).
+#[derive(Debug, Clone)]
+pub struct Caller {
+    /// None when auth is off.
+    pub tenant: Option<Arc<Tenant>>,
+    pub name: String,
+}
+
+/// Per-request choices from headers (set by [`policy`]).
+#[derive(Debug, Clone)]
+pub struct Policy {
+    pub class: PriorityClass,
+    pub routing: Option<RoutingStrategy>,
+    pub session: Option<String>,
+}
+
+/// The body and what routing needs of it (set by [`body`]).
+#[derive(Debug, Clone)]
+pub struct Parsed {
+    pub kind: ApiKind,
+    pub bytes: Bytes,
+    pub features: RequestFeatures,
+}
+
+fn fail(gw: &Gateway, model: &str, e: ApiError) -> Response {
+    gw.metrics.error(model, e.code);
+    e.into_response()
+}
+
+fn header_str<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str>, ApiError> {
+    match h.get(name) {
+        None => Ok(None),
+        Some(v) => v
+            .to_str()
+            .map(Some)
+            .map_err(|_| ApiError::invalid("invalid_header", format!("header {name} is not visible ASCII"))),
+    }
+}
+
+/// Resolves the caller's tenant from `Authorization: Bearer KEY` (None when auth is off).
+pub fn authenticate(gw: &Gateway, h: &HeaderMap) -> Result<Option<Arc<Tenant>>, ApiError> {
+    if !gw.cfg.auth {
+        return Ok(None);
+    }
+    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", m);
+    let v = header_str(h, "authorization").map_err(|_| unauthorized("the Authorization header is not valid text"))?;
+    let Some(v) = v else {
+        return Err(unauthorized("missing Authorization: Bearer API key"));
+    };
+    let key = v.strip_prefix("Bearer ").or_else(|| v.strip_prefix("bearer ")).map(str::trim).unwrap_or("");
+    if key.is_empty() {
+        return Err(unauthorized("the Authorization header must be 'Bearer API_KEY'"));
+    }
+    gw.dir.tenants().lookup(key).map(Some).ok_or_else(|| unauthorized("incorrect API key provided"))
+}
+
+/// Layer 1: API key -> tenant (401 when unknown).
+pub async fn auth(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    match authenticate(&gw, req.headers()) {
+        Ok(tenant) => {
+            let name = tenant.as_ref().map_or(ANONYMOUS.to_string(), |t| t.name.clone());
+            req.extensions_mut().insert(Caller { tenant, name });
+            next.run(req).await
+        }
+        Err(e) => fail(&gw, "unknown", e),
+    }
+}
+
+/// Parses the policy headers (pure).
+pub fn parse_policy(h: &HeaderMap, caller: Option<&Caller>) -> Result<Policy, ApiError> {
+    let class = match header_str(h, "x-flotilla-priority")? {
+        Some(p) => PriorityClass::from_str(p.trim()).map_err(|_| {
+            ApiError::invalid(
+                "invalid_priority",
+                format!("x-flotilla-priority {p:?} is not one of critical, standard, sheddable"),
+            )
+        })?,
+        None => caller.and_then(|c| c.tenant.as_ref()).map_or(PriorityClass::Standard, |t| t.spec.priority),
+    };
+    // a tenant may lower its priority but not raise it above its own class
+    let class = match caller.and_then(|c| c.tenant.as_ref()) {
+        Some(t) => class.max(t.spec.priority),
+        None => class,
+    };
+    let routing = match header_str(h, "x-flotilla-routing")? {
+        Some(r) => Some(parse_override(r).map_err(|m| ApiError::invalid("invalid_routing", m))?),
+        None => None,
+    };
+    let session = header_str(h, "x-session-id")?.map(str::to_string);
+    Ok(Policy { class, routing, session })
+}
+
+/// Layer 2: `x-flotilla-priority` (else the tenant's default; never above the tenant's
+/// class), `x-flotilla-routing`,
+/// `x-session-id` (400 on invalid values).
+pub async fn policy(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    match parse_policy(req.headers(), req.extensions().get::<Caller>()) {
+        Ok(p) => {
+            req.extensions_mut().insert(p);
+            next.run(req).await
+        }
+        Err(e) => fail(&gw, "unknown", e),
+    }
+}
+
+fn kind_of(path: &str) -> Option<ApiKind> {
+    [ApiKind::Chat, ApiKind::Completions, ApiKind::Embeddings].into_iter().find(|k| k.path() == path)
+}
+
+/// Layer 3: reads the body within the size limit (413) and the body timeout (408), and
+/// parses the routing features (400). The bytes travel on unchanged.
+pub async fn body(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> Response {
+    let Some(kind) = kind_of(req.uri().path()) else {
+        return next.run(req).await;
+    };
+    let (mut parts, body) = req.into_parts();
+    let limited = Limited::new(body, gw.cfg.max_body_bytes);
+    let bytes: Bytes = match tokio::time::timeout(gw.cfg.body_timeout, limited.collect()).await {
+        Err(_) => {
+            let e = ApiError::new(
+                StatusCode::REQUEST_TIMEOUT,
+                "invalid_request_error",
+                "body_timeout",
+                format!("request body not received within {} ms", gw.cfg.body_timeout.as_millis()),
+            );
+            return fail(&gw, "unknown", e);
+        }
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            let e = ApiError::new(
+                StatusCode::PAYLOAD_TOO_LARGE,
+                "invalid_request_error",
+                "body_too_large",
+                format!("request body exceeds {} bytes", gw.cfg.max_body_bytes),
+            );
+            return fail(&gw, "unknown", e);
+        }
+        Ok(Err(e)) => {
+            return fail(&gw, "unknown", ApiError::invalid("body_read_error", format!("cannot read request body: {e}")))
+        }
+        Ok(Ok(c)) => c.to_bytes(),
+    };
+    let mut features = match request::parse(kind, &bytes) {
+        Ok(f) => f,
+        Err(e) => return fail(&gw, "unknown", e),
+    };
+    features.session = parts.extensions.get::<Policy>().and_then(|p| p.session.clone());
+    parts.extensions.insert(Parsed { kind, bytes, features });
+    next.run(Request::from_parts(parts, axum::body::Body::empty())).await
+}
+
+fn allowed(t: &Tenant, model: &str) -> bool {
+    t.spec.models.is_empty() || t.spec.models.iter().any(|m| m.as_str() == model)
+}
+
+/// The tenant's allowed models and RPM/TPM (pure apart from the limit counters).
+pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remaining, ApiError> {
+    let Some(t) = &caller.tenant else { return Ok(Remaining::default()) };
+    if !allowed(t, model) {
+        gw.metrics.reject(&t.name, "model_not_allowed");
+        return Err(ApiError::new(
+            StatusCode::FORBIDDEN,
+            "permission_error",
+            "model_not_allowed",
+            format!("tenant {:?} may not use model {model:?}", t.name),
+        )
+        .param("model"));
+    }
+    gw.limits.admit(&t.name, &t.spec, Instant::now()).map_err(|d| {
+        gw.metrics.reject(&t.name, d.limit_name);
+        let rpm = d.limit_name == "rpm";
+        let e = ApiError::new(
+            StatusCode::TOO_MANY_REQUESTS,
+            "rate_limit_error",
+            if rpm { "rpm_limit_exceeded" } else { "tpm_limit_exceeded" },
+            format!(
+                "tenant {:?} is over its {} limit of {} {} per minute",
+                t.name,
+                d.limit_name,
+                d.limit,
+                if rpm { "requests" } else { "tokens" }
+            ),
+        )
+        .header("retry-after", d.retry_after_s);
+        if rpm {
+            e.header("x-ratelimit-limit-requests", d.limit).header("x-ratelimit-remaining-requests", 0)
+        } else {
+            e.header("x-ratelimit-limit-tokens", d.limit).header("x-ratelimit-remaining-tokens", 0)
+        }
+    })
+}
+
+/// Layer 4: the tenant may use the model and is within its RPM/TPM (403/429).
+pub async fn limits(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
+    let (Some(caller), Some(parsed)) = (req.extensions().get::<Caller>(), req.extensions().get::<Parsed>()) else {
+        return next.run(req).await;
+    };
+    let model = parsed.features.model.clone();
+    match check_tenant(&gw, caller, &model) {
+        Ok(remaining) => {
+            gw.metrics.tenant_requests.get_or_create(&TenantLabels { tenant: caller.name.clone() }).inc();
+            req.extensions_mut().insert(remaining);
+            next.run(req).await
+        }
+        Err(e) => fail(&gw, &model, e),
+    }
+}
+
+/// `/v1/models` filtered to what the caller may use.
+pub fn visible(caller: Option<&Tenant>, model: &str) -> bool {
+    caller.is_none_or(|t| allowed(t, model))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use axum::routing::post;
+    use axum::Router;
+    use tower::ServiceExt;
+
+    fn gw(auth: bool) -> Arc<Gateway> {
+        let args = crate::GatewayArgs {
+            backends: vec!["m=127.0.0.1:1".into()],
+            no_auth: !auth,
+            max_body_bytes: 2048,
+            ..Default::default()
+        };
+        let gw = Gateway::new(args.validate().unwrap());
+        let spec = |rpm| flotilla_api::spec::TenantSpec {
+            rpm,
+            tpm: 0,
+            priority: PriorityClass::Critical,
+            models: vec![],
+            api_keys: vec!["key-tenant-1".into()],
+        };
+        gw.dir.set_tenants(crate::table::Tenants::from_tenants([Tenant { name: "t".into(), spec: spec(1) }]));
+        Arc::new(gw)
+    }
+
+    /// The stack under test, with a handler that echoes what the layers found.
+    fn app(gw: Arc<Gateway>) -> Router {
+        async fn echo(req: Request) -> String {
+            let e = req.extensions();
+            format!(
+                "{}|{:?}|{}|{}",
+                e.get::<Caller>().map_or("-".into(), |c| c.name.clone()),
+                e.get::<Policy>().map(|p| p.class),
+                e.get::<Parsed>().map_or("-".into(), |p| p.features.model.clone()),
+                e.get::<Remaining>().is_some()
+            )
+        }
+        use axum::middleware::from_fn_with_state as mw;
+        Router::new().route("/v1/completions", post(echo)).layer(
+            tower::ServiceBuilder::new()
+                .layer(mw(gw.clone(), auth))
+                .layer(mw(gw.clone(), policy))
+                .layer(mw(gw.clone(), body))
+                .layer(mw(gw, limits)),
+        )
+    }
+
+    async fn call(app: &Router, headers: &[(&str, &str)], body: &str) -> (u16, String) {
+        let mut b = http::Request::post("/v1/completions");
+        for (k, v) in headers {
+            b = b.header(*k, *v);
+        }
+        let resp = app.clone().oneshot(b.body(axum::body::Body::from(body.to_string())).unwrap()).await.unwrap();
+        let status = resp.status().as_u16();
+        let text = String::from_utf8(resp.into_body().collect().await.unwrap().to_bytes().to_vec()).unwrap();
+        (status, text)
+    }
+
+    #[tokio::test]
+    async fn layers_fill_extensions_in_order() {
+        let app = app(gw(true));
+        let key = [("authorization", "Bearer key-tenant-1")];
+        let ok = r#"{"model":"m","prompt":"x"}"#;
+        assert_eq!(call(&app, &key, ok).await, (200, "t|Some(Critical)|m|true".into()));
+        // rpm 1: the second is refused by the limits layer
+        let (s, body) = call(&app, &key, ok).await;
+        assert_eq!(s, 429, "{body}");
+        assert!(body.contains("rpm_limit_exceeded"));
+    }
+
+    #[tokio::test]
+    async fn each_layer_rejects_its_own_bad_input() {
+        let app = app(gw(true));
+        let ok = r#"{"model":"m","prompt":"x"}"#;
+        assert_eq!(call(&app, &[], ok).await.0, 401);
+        assert_eq!(call(&app, &[("authorization", "Bearer nope-nope-1")], ok).await.0, 401);
+        let key = ("authorization", "Bearer key-tenant-1");
+        let (s, b) = call(&app, &[key, ("x-flotilla-priority", "vip")], ok).await;
+        assert_eq!(s, 400);
+        assert!(b.contains("invalid_priority"));
+        let (s, b) = call(&app, &[key], &"x".repeat(4096)).await;
+        assert_eq!(s, 413);
+        assert!(b.contains("body_too_large"));
+        let (s, b) = call(&app, &[key], "{").await;
+        assert_eq!(s, 400);
+        assert!(b.contains("invalid_json"));
+    }
+
+    #[test]
+    fn tenants_cannot_raise_their_priority() {
+        let t = |p| Caller {
+            tenant: Some(Arc::new(Tenant {
+                name: "t".into(),
+                spec: flotilla_api::spec::TenantSpec { rpm: 0, tpm: 0, priority: p, models: vec![], api_keys: vec![] },
+            })),
+            name: "t".into(),
+        };
+        let mut h = HeaderMap::new();
+        h.insert("x-flotilla-priority", "critical".parse().unwrap());
+        let std = t(PriorityClass::Standard);
+        assert_eq!(parse_policy(&h, Some(&std)).unwrap().class, PriorityClass::Standard);
+        assert_eq!(parse_policy(&h, Some(&t(PriorityClass::Critical))).unwrap().class, PriorityClass::Critical);
+        assert_eq!(parse_policy(&h, None).unwrap().class, PriorityClass::Critical, "auth off: as asked");
+        h.insert("x-flotilla-priority", "sheddable".parse().unwrap());
+        assert_eq!(parse_policy(&h, Some(&std)).unwrap().class, PriorityClass::Sheddable);
+        assert_eq!(parse_policy(&HeaderMap::new(), Some(&std)).unwrap().class, PriorityClass::Standard);
+    }
+
+    #[tokio::test]
+    async fn auth_off_is_anonymous_without_limits() {
+        let app = app(gw(false));
+        let (s, b) = call(&app, &[("x-flotilla-priority", "sheddable")], r#"{"model":"m","prompt":"x"}"#).await;
+        assert_eq!((s, b.as_str()), (200, "anonymous|Some(Sheddable)|m|true"));
+    }
+}

@@ -1,0 +1,161 @@
+//! flotilla-gateway: the OpenAI-compatible front door of a flotilla fleet.
+//!
+//! ```text
+//!  client ─HTTP─> server (auth, limits, parse) ─> admission (QoS queue, routing pick)
+//!                   │                                 │ Lease on an endpoint
+//!                   │                                 v
+//!                   └──── ObservedBody <── proxy (retries, ejection) ─HTTP─> engine
+//!  discovery: cluster (WatchEndpoints, Model/Tenant watch) or --backend ─> table
+//! ```
+//!
+//! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
+#![forbid(unsafe_code)]
+
+pub mod admission;
+pub mod cluster;
+pub mod config;
+pub mod discovery;
+pub mod error;
+pub mod layers;
+pub mod limits;
+pub mod load;
+pub mod metrics;
+pub mod proxy;
+pub mod qos;
+pub mod request;
+pub mod routing;
+pub mod server;
+pub mod sse;
+pub mod state;
+pub mod table;
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::task::JoinHandle;
+
+pub use config::{Config, GatewayArgs};
+pub use error::{ApiError, GatewayError};
+pub use state::Gateway;
+
+/// A running gateway started by [`start`].
+pub struct GatewayHandle {
+    addr: SocketAddr,
+    gw: Arc<Gateway>,
+    stop: watch::Sender<bool>,
+    server: Option<JoinHandle<()>>,
+    background: Vec<JoinHandle<()>>,
+}
+
+impl std::fmt::Debug for GatewayHandle {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("GatewayHandle").field("addr", &self.addr).finish()
+    }
+}
+
+impl GatewayHandle {
+    /// The bound address (the real port when the listen port is 0).
+    pub fn local_addr(&self) -> SocketAddr {
+        self.addr
+    }
+
+    /// `http://ADDR`.
+    pub fn base_url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// The shared state (tables, load, metrics), for tests and embedding.
+    pub fn state(&self) -> &Arc<Gateway> {
+        &self.gw
+    }
+
+    /// Stops accepting, drains connections (at most 5 s) and stops background tasks.
+    pub async fn shutdown(mut self) {
+        let _ = self.stop.send(true);
+        if let Some(s) = self.server.take() {
+            let _ = s.await;
+        }
+        for b in self.background.drain(..) {
+            b.abort();
+        }
+    }
+}
+
+impl Drop for GatewayHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for b in &self.background {
+            b.abort();
+        }
+    }
+}
+
+/// Validates `args`, binds, starts discovery and the server, and returns at once.
+pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
+    let cfg = args.validate()?;
+    let listener = TcpListener::bind(&cfg.listen)
+        .await
+        .map_err(|source| GatewayError::Bind { addr: cfg.listen.clone(), source })?;
+    let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr: cfg.listen.clone(), source })?;
+    let gw = Arc::new(Gateway::new(cfg));
+    let mut background = Vec::new();
+    let cfg = &gw.cfg;
+    if !cfg.backends.is_empty() {
+        gw.dir.set_endpoints(discovery::static_set(&cfg.backends));
+        if let Some(every) = cfg.scrape_interval {
+            background.push(tokio::spawn(discovery::scrape_loop(gw.clone(), every)));
+        }
+    } else {
+        background.push(tokio::spawn(cluster::watch_endpoints(gw.clone(), cfg.servers.clone())));
+    }
+    if !cfg.servers.is_empty() {
+        background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Model")));
+        background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Tenant")));
+    }
+    // the pump also admits queued requests when engine-reported load drops
+    let pump_gw = Arc::downgrade(&gw);
+    background.push(tokio::spawn(async move {
+        let mut tick = tokio::time::interval(Duration::from_millis(20));
+        loop {
+            tick.tick().await;
+            let Some(gw) = pump_gw.upgrade() else { return };
+            for m in gw.admission.busy_models() {
+                gw.pump(&m);
+            }
+        }
+    }));
+    let (stop, stop_rx) = watch::channel(false);
+    let server = tokio::spawn(server::serve(listener, gw.clone(), stop_rx));
+    tracing::info!(addr = %addr, auth = gw.cfg.auth, backends = gw.cfg.backends.len(), servers = gw.cfg.servers.len(), "gateway started");
+    Ok(GatewayHandle { addr, gw, stop, server: Some(server), background })
+}
+
+/// `flotilla gateway`: prints `flotilla gateway listening on http://ADDR` and serves until
+/// SIGINT or SIGTERM.
+pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
+    let handle = start(args).await?;
+    println!("flotilla gateway listening on http://{}", handle.local_addr());
+    wait_for_signal().await?;
+    handle.shutdown().await;
+    Ok(())
+}
+
+async fn wait_for_signal() -> Result<(), GatewayError> {
+    #[cfg(unix)]
+    {
+        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
+        tokio::select! {
+            r = tokio::signal::ctrl_c() => r?,
+            _ = term.recv() => {}
+        }
+        Ok(())
+    }
+    #[cfg(not(unix))]
+    {
+        tokio::signal::ctrl_c().await?;
+        Ok(())
+    }
+}

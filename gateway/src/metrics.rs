@@ -1,0 +1,153 @@
+//! Prometheus metrics served on `/metrics`: per model and endpoint requests, errors by
+//! code, TTFT, TPOT, end-to-end latency, tokens in and out; queue wait per class; per
+//! tenant requests, tokens and rejections; retries and ejections.
+
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::Histogram;
+use prometheus_client::registry::Registry;
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RequestLabels {
+    pub model: String,
+    pub endpoint: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EndpointLabels {
+    pub model: String,
+    pub endpoint: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenLabels {
+    pub model: String,
+    pub endpoint: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ErrorLabels {
+    pub model: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct QueueLabels {
+    pub model: String,
+    pub priority: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantLabels {
+    pub tenant: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TenantTokenLabels {
+    pub tenant: String,
+    pub direction: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct RejectLabels {
+    pub tenant: String,
+    pub reason: String,
+}
+
+fn latency_hist() -> Histogram {
+    Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
+}
+
+fn tpot_hist() -> Histogram {
+    Histogram::new([0.001, 0.0025, 0.005, 0.01, 0.02, 0.04, 0.08, 0.16, 0.32, 0.64])
+}
+
+/// Every gateway metric.
+pub struct Metrics {
+    pub registry: Registry,
+    pub requests: Family<RequestLabels, Counter>,
+    pub errors: Family<ErrorLabels, Counter>,
+    pub ttft: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    pub tpot: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    pub e2e: Family<EndpointLabels, Histogram, fn() -> Histogram>,
+    pub queue_wait: Family<QueueLabels, Histogram, fn() -> Histogram>,
+    pub tokens: Family<TokenLabels, Counter>,
+    pub in_flight: Family<EndpointLabels, Gauge>,
+    pub retries: Family<EndpointLabels, Counter>,
+    pub ejections: Family<EndpointLabels, Counter>,
+    pub tenant_requests: Family<TenantLabels, Counter>,
+    pub tenant_tokens: Family<TenantTokenLabels, Counter>,
+    pub tenant_rejections: Family<RejectLabels, Counter>,
+}
+
+impl Default for Metrics {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl Metrics {
+    pub fn new() -> Self {
+        let mut registry = Registry::with_prefix("flotilla_gateway");
+        let requests = Family::default();
+        let errors = Family::default();
+        let ttft = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_hist);
+        let tpot = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(tpot_hist);
+        let e2e = Family::<EndpointLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_hist);
+        let queue_wait = Family::<QueueLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_hist);
+        let tokens = Family::default();
+        let in_flight = Family::default();
+        let retries = Family::default();
+        let ejections = Family::default();
+        let tenant_requests = Family::default();
+        let tenant_tokens = Family::default();
+        let tenant_rejections = Family::default();
+        registry.register("requests", "Requests answered, by model, endpoint and status code", requests.clone());
+        registry.register("errors", "Requests that failed, by model and error code", errors.clone());
+        registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
+        registry.register("time_per_output_token_seconds", "Time per output token after the first", tpot.clone());
+        registry.register("e2e_request_latency_seconds", "End-to-end request latency", e2e.clone());
+        registry.register("queue_wait_seconds", "Time waiting in the QoS queue", queue_wait.clone());
+        registry.register("tokens", "Tokens in (prompt) and out (completion)", tokens.clone());
+        registry.register("in_flight_requests", "Requests in flight per endpoint", in_flight.clone());
+        registry.register("retries", "Attempts moved to another endpoint", retries.clone());
+        registry.register("ejections", "Outlier ejections of an endpoint", ejections.clone());
+        registry.register("tenant_requests", "Requests admitted per tenant", tenant_requests.clone());
+        registry.register("tenant_tokens", "Tokens used per tenant", tenant_tokens.clone());
+        registry.register("tenant_rejections", "Requests refused per tenant and reason", tenant_rejections.clone());
+        Metrics {
+            registry,
+            requests,
+            errors,
+            ttft,
+            tpot,
+            e2e,
+            queue_wait,
+            tokens,
+            in_flight,
+            retries,
+            ejections,
+            tenant_requests,
+            tenant_tokens,
+            tenant_rejections,
+        }
+    }
+
+    pub fn encode(&self) -> String {
+        let mut s = String::new();
+        let _ = prometheus_client::encoding::text::encode(&mut s, &self.registry);
+        s
+    }
+
+    pub fn reject(&self, tenant: &str, reason: &str) {
+        self.tenant_rejections.get_or_create(&RejectLabels { tenant: tenant.into(), reason: reason.into() }).inc();
+    }
+
+    pub fn error(&self, model: &str, code: &str) {
+        self.errors.get_or_create(&ErrorLabels { model: model.into(), code: code.into() }).inc();
+    }
+}

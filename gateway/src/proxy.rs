@@ -1,0 +1,341 @@
+//! Forwarding to engines: sends the original bytes to the leased endpoint, retries on a
+//! connect failure, transport error or 5xx before the first byte on another endpoint
+//! (bounded), feeds outlier ejection, and wraps the upstream body in [`ObservedBody`],
+//! which streams frames through as they arrive while measuring TTFT/TPOT, reading usage
+//! and releasing the lease when the response ends or the client goes away (dropping the
+//! upstream body closes its connection, which cancels the engine's request).
+
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use bytes::{Bytes, BytesMut};
+use http::{HeaderMap, HeaderValue, Request, Response, StatusCode};
+use http_body::{Body, Frame};
+use http_body_util::Full;
+use hyper::body::Incoming;
+use tokio::time::{Instant, Sleep};
+
+use crate::admission::{select, Lease, PickCtx};
+use crate::error::ApiError;
+use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
+use crate::request::ApiKind;
+use crate::sse::{usage_of_body, SseScanner, Usage};
+use crate::state::Gateway;
+use crate::table::EndpointId;
+
+/// Headers copied from the client to the engine.
+const FORWARD_HEADERS: [&str; 3] = ["content-type", "accept", "x-request-id"];
+/// Response headers not copied back (hop-by-hop or recomputed).
+const DROP_HEADERS: [&str; 4] = ["connection", "keep-alive", "transfer-encoding", "content-length"];
+
+/// The outcome of forwarding: the upstream response head and body with the lease that
+/// holds its endpoint.
+pub struct Upstream {
+    pub response: Response<Incoming>,
+    pub lease: Lease,
+}
+
+fn build(lease: &Lease, kind: ApiKind, body: &Bytes, headers: &HeaderMap) -> Result<Request<Full<Bytes>>, ApiError> {
+    let uri = format!("http://{}{}", lease.endpoint.authority, kind.path());
+    let mut b = Request::post(uri);
+    for name in FORWARD_HEADERS {
+        if let Some(v) = headers.get(name) {
+            b = b.header(name, v.clone());
+        }
+    }
+    if !headers.contains_key("content-type") {
+        b = b.header("content-type", "application/json");
+    }
+    b.body(Full::new(body.clone())).map_err(|e| ApiError::bad_gateway(format!("cannot build upstream request: {e}")))
+}
+
+fn failure(gw: &Gateway, lease: &Lease) {
+    let ejected = lease.stats.outlier.lock().unwrap_or_else(|e| e.into_inner()).on_failure(
+        Instant::now(),
+        gw.cfg.eject_after_failures,
+        gw.cfg.eject_base,
+    );
+    if ejected {
+        tracing::warn!(endpoint = %lease.endpoint.id, "endpoint ejected after consecutive failures");
+        gw.metrics
+            .ejections
+            .get_or_create(&EndpointLabels {
+                model: lease.endpoint.model.clone(),
+                endpoint: lease.endpoint.id.to_string(),
+            })
+            .inc();
+    }
+}
+
+pub fn success(lease: &Lease) {
+    let mut o = lease.stats.outlier.lock().unwrap_or_else(|e| e.into_inner());
+    if o.consecutive_failures > 0 || o.ejected_until.is_some() || o.probing {
+        o.on_success();
+    }
+}
+
+/// Sends the request, moving to another endpoint on failures before the first byte.
+pub async fn forward(
+    gw: &Arc<Gateway>,
+    ctx: &PickCtx,
+    mut lease: Lease,
+    kind: ApiKind,
+    body: Bytes,
+    headers: &HeaderMap,
+) -> Result<Upstream, ApiError> {
+    let mut tried: Vec<EndpointId> = Vec::new();
+    loop {
+        let req = build(&lease, kind, &body, headers)?;
+        let res = tokio::time::timeout(gw.cfg.upstream_timeout, gw.client.request(req)).await;
+        let retryable = match res {
+            Err(_) => {
+                failure(gw, &lease);
+                return Err(ApiError::new(
+                    StatusCode::GATEWAY_TIMEOUT,
+                    "server_error",
+                    "upstream_timeout",
+                    format!(
+                        "engine {} did not answer within {} s",
+                        lease.endpoint.id,
+                        gw.cfg.upstream_timeout.as_secs()
+                    ),
+                ));
+            }
+            Ok(Ok(resp)) if !resp.status().is_server_error() => {
+                success(&lease);
+                return Ok(Upstream { response: resp, lease });
+            }
+            Ok(Ok(resp)) => {
+                failure(gw, &lease);
+                if tried.len() as u32 >= gw.cfg.max_retries {
+                    return Ok(Upstream { response: resp, lease });
+                }
+                format!("status {}", resp.status())
+            }
+            Ok(Err(e)) => {
+                failure(gw, &lease);
+                let why = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+                if tried.len() as u32 >= gw.cfg.max_retries {
+                    return Err(ApiError::bad_gateway(format!("engine {} failed: {why}", lease.endpoint.id)));
+                }
+                why
+            }
+        };
+        tracing::debug!(endpoint = %lease.endpoint.id, why = %retryable, "retrying on another endpoint");
+        gw.metrics
+            .retries
+            .get_or_create(&EndpointLabels {
+                model: lease.endpoint.model.clone(),
+                endpoint: lease.endpoint.id.to_string(),
+            })
+            .inc();
+        tried.push(lease.endpoint.id.clone());
+        match select(gw, ctx, &tried, false) {
+            Some(next) => lease = next,
+            None => {
+                return Err(ApiError::bad_gateway(format!(
+                    "engine {} failed ({retryable}) and no other endpoint of {:?} is available",
+                    lease.endpoint.id, ctx.model
+                )))
+            }
+        }
+    }
+}
+
+/// Per-request accounting, settled once when the response ends or is dropped.
+pub struct Tracker {
+    pub gw: Arc<Gateway>,
+    pub lease: Option<Lease>,
+    pub model: String,
+    pub tenant: String,
+    pub queue_model: String,
+    pub cost_estimate: u64,
+    pub status: StatusCode,
+    pub start: Instant,
+    pub first_token: Option<Instant>,
+    pub last_token: Option<Instant>,
+    pub usage: Option<Usage>,
+    pub completed: bool,
+}
+
+impl Drop for Tracker {
+    fn drop(&mut self) {
+        self.settle();
+    }
+}
+
+impl Tracker {
+    /// Records metrics, usage and fair-share charges once, and releases the lease.
+    pub fn settle(&mut self) {
+        let Some(lease) = self.lease.take() else { return };
+        let endpoint = lease.endpoint.id.to_string();
+        let m = &self.gw.metrics;
+        let el = EndpointLabels { model: self.model.clone(), endpoint: endpoint.clone() };
+        let code = if self.completed { self.status.as_u16().to_string() } else { "499".to_string() };
+        m.requests.get_or_create(&RequestLabels { model: self.model.clone(), endpoint, code: code.clone() }).inc();
+        if !self.completed || !self.status.is_success() {
+            m.error(&self.model, &code);
+        }
+        m.e2e.get_or_create(&el).observe(self.start.elapsed().as_secs_f64());
+        if let Some(ft) = self.first_token {
+            let ttft = ft.duration_since(self.start);
+            m.ttft.get_or_create(&el).observe(ttft.as_secs_f64());
+            lease.stats.record_ttft(ttft);
+        }
+        if let Some(u) = self.usage {
+            match (self.first_token, self.last_token) {
+                (Some(ft), Some(lt)) if u.completion_tokens > 1 && lt > ft => {
+                    let tpot = lt.duration_since(ft) / (u.completion_tokens as u32 - 1).max(1);
+                    m.tpot.get_or_create(&el).observe(tpot.as_secs_f64());
+                    lease.stats.record_tpot(tpot);
+                }
+                (None, _) if self.completed && u.completion_tokens > 0 => {
+                    // a whole JSON answer: its latency per output token feeds least-latency
+                    lease.stats.record_tpot(self.start.elapsed() / u.completion_tokens.min(u32::MAX as u64) as u32);
+                }
+                _ => {}
+            }
+            let tok =
+                |d: &str| TokenLabels { model: self.model.clone(), endpoint: el.endpoint.clone(), direction: d.into() };
+            m.tokens.get_or_create(&tok("in")).inc_by(u.prompt_tokens);
+            m.tokens.get_or_create(&tok("out")).inc_by(u.completion_tokens);
+            let tt = |d: &str| TenantTokenLabels { tenant: self.tenant.clone(), direction: d.into() };
+            m.tenant_tokens.get_or_create(&tt("in")).inc_by(u.prompt_tokens);
+            m.tenant_tokens.get_or_create(&tt("out")).inc_by(u.completion_tokens);
+            let total = u.prompt_tokens + u.completion_tokens;
+            self.gw.limits.record_tokens(&self.tenant, total, Instant::now());
+            self.gw.admission.charge(&self.queue_model, &self.tenant, total as i64 - self.cost_estimate as i64);
+        }
+        drop(lease);
+    }
+}
+
+/// The response body sent to the client: upstream frames as they arrive.
+pub struct ObservedBody {
+    inner: Incoming,
+    tracker: Tracker,
+    /// SSE scanner for streams; None for JSON bodies (kept in `copy` for usage).
+    sse: Option<SseScanner>,
+    copy: BytesMut,
+    idle: Pin<Box<Sleep>>,
+    idle_timeout: std::time::Duration,
+    ended: bool,
+}
+
+/// Largest JSON response copied to read its usage.
+const MAX_COPY: usize = 4 << 20;
+
+impl ObservedBody {
+    pub fn new(inner: Incoming, tracker: Tracker, sse: Option<SseScanner>, idle_timeout: std::time::Duration) -> Self {
+        ObservedBody {
+            inner,
+            tracker,
+            sse,
+            copy: BytesMut::new(),
+            idle: Box::pin(tokio::time::sleep(idle_timeout)),
+            idle_timeout,
+            ended: false,
+        }
+    }
+
+    fn finish(&mut self) -> Option<Bytes> {
+        self.ended = true;
+        self.tracker.completed = true;
+        let rest = match &mut self.sse {
+            Some(s) => {
+                self.tracker.usage = s.usage;
+                let rest = s.finish();
+                (!rest.is_empty()).then_some(rest)
+            }
+            None => {
+                self.tracker.usage = usage_of_body(&self.copy);
+                None
+            }
+        };
+        if self.tracker.status.is_success() {
+            if let Some(l) = &self.tracker.lease {
+                success(l);
+            }
+        }
+        // settle now rather than when hyper drops the body
+        self.tracker.settle();
+        rest
+    }
+}
+
+impl Body for ObservedBody {
+    type Data = Bytes;
+    type Error = std::io::Error;
+
+    fn poll_frame(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<Option<Result<Frame<Bytes>, Self::Error>>> {
+        let this = &mut *self;
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        loop {
+            match Pin::new(&mut this.inner).poll_frame(cx) {
+                Poll::Pending => {
+                    if this.idle.as_mut().poll(cx).is_ready() {
+                        this.ended = true;
+                        return Poll::Ready(Some(Err(std::io::Error::new(
+                            std::io::ErrorKind::TimedOut,
+                            "engine stream idle timeout",
+                        ))));
+                    }
+                    return Poll::Pending;
+                }
+                Poll::Ready(None) => {
+                    return Poll::Ready(this.finish().map(|b| Ok(Frame::data(b))));
+                }
+                Poll::Ready(Some(Err(e))) => {
+                    this.ended = true;
+                    return Poll::Ready(Some(Err(std::io::Error::other(e))));
+                }
+                Poll::Ready(Some(Ok(frame))) => {
+                    let deadline = Instant::now() + this.idle_timeout;
+                    this.idle.as_mut().reset(deadline);
+                    let Ok(data) = frame.into_data() else { continue };
+                    let now = Instant::now();
+                    let out = match &mut this.sse {
+                        Some(s) => {
+                            let (out, content) = s.feed(&data);
+                            if content {
+                                this.tracker.first_token.get_or_insert(now);
+                                this.tracker.last_token = Some(now);
+                            }
+                            out
+                        }
+                        None => {
+                            // a JSON answer arrives whole: no TTFT/TPOT samples from it
+                            if this.copy.len() + data.len() <= MAX_COPY {
+                                this.copy.extend_from_slice(&data);
+                            }
+                            data
+                        }
+                    };
+                    if out.is_empty() {
+                        continue;
+                    }
+                    return Poll::Ready(Some(Ok(Frame::data(out))));
+                }
+            }
+        }
+    }
+}
+
+use std::future::Future as _;
+
+/// Copies the upstream response head for the client.
+pub fn response_head(up: &Response<Incoming>, endpoint: &EndpointId) -> http::response::Builder {
+    let mut b = Response::builder().status(up.status());
+    for (k, v) in up.headers() {
+        if !DROP_HEADERS.contains(&k.as_str()) {
+            b = b.header(k, v.clone());
+        }
+    }
+    if let Ok(v) = HeaderValue::from_str(endpoint.as_str()) {
+        b = b.header("x-flotilla-endpoint", v);
+    }
+    b
+}

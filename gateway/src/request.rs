@@ -1,0 +1,240 @@
+//! What routing needs from a request body, parsed without building a full JSON tree of it:
+//! model, stream flags, max_tokens and the prompt text (for prefix hashing and token
+//! estimates). The original bytes are forwarded; [`with_include_usage`] is the one edit.
+
+use serde::de::IgnoredAny;
+use serde::Deserialize;
+
+use crate::error::ApiError;
+
+/// The OpenAI endpoints the gateway proxies.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum ApiKind {
+    Chat,
+    Completions,
+    Embeddings,
+}
+
+impl ApiKind {
+    pub fn path(self) -> &'static str {
+        match self {
+            ApiKind::Chat => "/v1/chat/completions",
+            ApiKind::Completions => "/v1/completions",
+            ApiKind::Embeddings => "/v1/embeddings",
+        }
+    }
+}
+
+/// The routing-relevant features of one request.
+#[derive(Debug, Clone, Default)]
+pub struct RequestFeatures {
+    pub model: String,
+    pub stream: bool,
+    /// The client asked for `stream_options.include_usage`.
+    pub include_usage: bool,
+    /// `stream_options` is present (so adding include_usage needs a rewrite).
+    pub has_stream_options: bool,
+    pub max_tokens: Option<u64>,
+    /// Prompt text (messages' contents concatenated with role markers).
+    pub prompt: String,
+    /// `x-session-id`, if any.
+    pub session: Option<String>,
+}
+
+impl RequestFeatures {
+    /// A rough prompt size in tokens (4 characters each), for fair-share costs.
+    pub fn prompt_tokens_estimate(&self) -> u64 {
+        (self.prompt.len() as u64 / 4).max(1)
+    }
+}
+
+#[derive(Deserialize)]
+struct Body {
+    model: Option<serde_json::Value>,
+    #[serde(default)]
+    stream: Option<serde_json::Value>,
+    stream_options: Option<StreamOptions>,
+    max_tokens: Option<serde_json::Value>,
+    max_completion_tokens: Option<serde_json::Value>,
+    prompt: Option<serde_json::Value>,
+    input: Option<serde_json::Value>,
+    messages: Option<Vec<Message>>,
+}
+
+#[derive(Deserialize)]
+struct StreamOptions {
+    include_usage: Option<bool>,
+}
+
+#[derive(Deserialize)]
+struct Message {
+    role: Option<IgnoredRole>,
+    content: Option<serde_json::Value>,
+}
+
+#[derive(Deserialize)]
+#[serde(untagged)]
+enum IgnoredRole {
+    S(String),
+    #[allow(dead_code)]
+    Other(IgnoredAny),
+}
+
+fn push_text(out: &mut String, v: &serde_json::Value) {
+    match v {
+        serde_json::Value::String(s) => out.push_str(s),
+        serde_json::Value::Array(items) => {
+            for i in items {
+                match i {
+                    serde_json::Value::Object(o) => {
+                        if let Some(serde_json::Value::String(t)) = o.get("text") {
+                            out.push_str(t);
+                        }
+                    }
+                    other => push_text(out, other),
+                }
+            }
+        }
+        serde_json::Value::Number(n) => {
+            out.push_str(&n.to_string());
+            out.push(' ');
+        }
+        _ => {}
+    }
+}
+
+/// Parses the features of `body` for endpoint `kind`.
+pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
+    let b: Body = serde_json::from_slice(body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("request body is not a valid JSON object: {e}")))?;
+    let model = match b.model {
+        Some(serde_json::Value::String(m)) if !m.is_empty() => m,
+        Some(serde_json::Value::String(_)) | None => {
+            return Err(ApiError::invalid("missing_model", "you must provide a model parameter").param("model"))
+        }
+        Some(_) => return Err(ApiError::invalid("invalid_model", "model must be a string").param("model")),
+    };
+    let stream = match b.stream {
+        None | Some(serde_json::Value::Null) => false,
+        Some(serde_json::Value::Bool(s)) => s,
+        Some(_) => return Err(ApiError::invalid("invalid_stream", "stream must be a boolean").param("stream")),
+    };
+    let tokens = |v: Option<serde_json::Value>, name: &'static str| -> Result<Option<u64>, ApiError> {
+        match v {
+            None | Some(serde_json::Value::Null) => Ok(None),
+            Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
+            Some(_) => {
+                Err(ApiError::invalid("invalid_max_tokens", format!("{name} must be a non-negative integer"))
+                    .param(name))
+            }
+        }
+    };
+    let max_tokens = tokens(b.max_tokens, "max_tokens")?.or(tokens(b.max_completion_tokens, "max_completion_tokens")?);
+    let mut prompt = String::new();
+    match kind {
+        ApiKind::Chat => {
+            let Some(messages) = b.messages else {
+                return Err(ApiError::invalid("missing_messages", "messages is required").param("messages"));
+            };
+            for m in &messages {
+                if let Some(IgnoredRole::S(r)) = &m.role {
+                    prompt.push_str(r);
+                    prompt.push_str(": ");
+                }
+                if let Some(c) = &m.content {
+                    push_text(&mut prompt, c);
+                }
+                prompt.push('\n');
+            }
+        }
+        ApiKind::Completions => match &b.prompt {
+            Some(p) => push_text(&mut prompt, p),
+            None => return Err(ApiError::invalid("missing_prompt", "prompt is required").param("prompt")),
+        },
+        ApiKind::Embeddings => match &b.input {
+            Some(p) => push_text(&mut prompt, p),
+            None => return Err(ApiError::invalid("missing_input", "input is required").param("input")),
+        },
+    }
+    let (include_usage, has_stream_options) = match &b.stream_options {
+        Some(o) => (o.include_usage.unwrap_or(false), true),
+        None => (false, false),
+    };
+    Ok(RequestFeatures { model, stream, include_usage, has_stream_options, max_tokens, prompt, session: None })
+}
+
+/// The body to send upstream for a stream whose client did not ask for usage: the same
+/// bytes with `"stream_options":{"include_usage":true}` added, so the gateway can count
+/// tokens (the extra usage chunk is stripped on the way back). Only when `stream_options`
+/// already exists is the body re-serialized.
+pub fn with_include_usage(body: &[u8], f: &RequestFeatures) -> Option<Vec<u8>> {
+    if !f.stream || f.include_usage {
+        return None;
+    }
+    if !f.has_stream_options {
+        let start = body.iter().position(|b| !b.is_ascii_whitespace())?;
+        if body[start] != b'{' {
+            return None;
+        }
+        let mut out = Vec::with_capacity(body.len() + 48);
+        out.extend_from_slice(&body[..=start]);
+        out.extend_from_slice(br#""stream_options":{"include_usage":true},"#);
+        out.extend_from_slice(&body[start + 1..]);
+        return Some(out);
+    }
+    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
+    let so = v.get_mut("stream_options")?;
+    if !so.is_object() {
+        *so = serde_json::json!({});
+    }
+    so.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
+    serde_json::to_vec(&v).ok()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn chat_features() {
+        let f = parse(
+            ApiKind::Chat,
+            br#"{"model":"m","stream":true,"max_tokens":5,"messages":[{"role":"system","content":"be nice"},{"role":"user","content":[{"type":"text","text":"hi"}]}],"temperature":0.1}"#,
+        )
+        .unwrap();
+        assert_eq!(f.model, "m");
+        assert!(f.stream && !f.include_usage);
+        assert_eq!(f.max_tokens, Some(5));
+        assert_eq!(f.prompt, "system: be nice\nuser: hi\n");
+    }
+
+    #[test]
+    fn bad_bodies_are_400_with_codes() {
+        let code = |k, b: &[u8]| parse(k, b).unwrap_err().code;
+        assert_eq!(code(ApiKind::Chat, b"{not json"), "invalid_json");
+        assert_eq!(code(ApiKind::Chat, b"[1]"), "invalid_json");
+        assert_eq!(code(ApiKind::Chat, br#"{"messages":[]}"#), "missing_model");
+        assert_eq!(code(ApiKind::Chat, br#"{"model":3,"messages":[]}"#), "invalid_model");
+        assert_eq!(code(ApiKind::Chat, br#"{"model":"m"}"#), "missing_messages");
+        assert_eq!(code(ApiKind::Completions, br#"{"model":"m","prompt":"x","max_tokens":-1}"#), "invalid_max_tokens");
+        assert_eq!(code(ApiKind::Completions, br#"{"model":"m","prompt":"x","stream":"yes"}"#), "invalid_stream");
+        assert_eq!(parse(ApiKind::Completions, br#"{"model":"m","prompt":["a","b"]}"#).unwrap().prompt, "ab");
+    }
+
+    #[test]
+    fn include_usage_is_spliced_without_reserializing() {
+        let body = br#" {"model":"m","stream":true,"prompt":"x"}"#;
+        let f = parse(ApiKind::Completions, body).unwrap();
+        let out = with_include_usage(body, &f).unwrap();
+        assert_eq!(
+            std::str::from_utf8(&out).unwrap(),
+            r#" {"stream_options":{"include_usage":true},"model":"m","stream":true,"prompt":"x"}"#
+        );
+        let body = br#"{"model":"m","stream":true,"prompt":"x","stream_options":{"include_usage":false}}"#;
+        let f = parse(ApiKind::Completions, body).unwrap();
+        let v: serde_json::Value = serde_json::from_slice(&with_include_usage(body, &f).unwrap()).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
+        let body = br#"{"model":"m","stream":true,"prompt":"x","stream_options":{"include_usage":true}}"#;
+        assert!(with_include_usage(body, &parse(ApiKind::Completions, body).unwrap()).is_none());
+    }
+}

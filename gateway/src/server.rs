@@ -1,0 +1,283 @@
+//! The HTTP front door: routes, the request pipeline of the proxied OpenAI endpoints, and
+//! the accept loop (hyper HTTP/1.1 with a header-read timeout against slowloris clients,
+//! graceful shutdown).
+//!
+//! ```text
+//! layers: auth -> policy -> body -> limits (see `layers`)
+//!   -> proxy: resolve model/adapter -> QoS acquire (lease) -> forward with retries
+//!   -> ObservedBody (stream through, usage, metrics) -> client
+//! ```
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+
+use axum::body::Body;
+use axum::extract::{Request, State};
+use axum::response::{IntoResponse, Response};
+use axum::routing::{get, post};
+use axum::Router;
+use bytes::Bytes;
+use http::{HeaderMap, StatusCode};
+use hyper_util::rt::{TokioIo, TokioTimer};
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::admission::{cost_estimate, PickCtx};
+use crate::error::ApiError;
+use crate::layers::{self, Caller, Parsed, Policy};
+use crate::limits::Remaining;
+use crate::metrics::QueueLabels;
+use crate::proxy::{forward, response_head, ObservedBody, Tracker};
+use crate::request;
+use crate::sse::SseScanner;
+use crate::state::Gateway;
+
+pub fn router(gw: Arc<Gateway>) -> Router {
+    use axum::middleware::from_fn_with_state as layer;
+    let proxied = Router::new()
+        .route("/v1/chat/completions", post(proxy))
+        .route("/v1/completions", post(proxy))
+        .route("/v1/embeddings", post(proxy))
+        .route_layer(
+            tower::ServiceBuilder::new()
+                .layer(layer(gw.clone(), layers::auth))
+                .layer(layer(gw.clone(), layers::policy))
+                .layer(layer(gw.clone(), layers::body))
+                .layer(layer(gw.clone(), layers::limits)),
+        );
+    Router::new()
+        .merge(proxied)
+        .route("/v1/models", get(models))
+        .route("/metrics", get(metrics))
+        .route("/healthz", get(|| async { "ok\n" }))
+        .route("/readyz", get(readyz))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gw)
+}
+
+async fn not_found(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::NOT_FOUND,
+        "invalid_request_error",
+        "not_found",
+        format!("no route for {}", req.uri().path()),
+    )
+    .into_response()
+}
+
+async fn method_not_allowed(req: Request) -> Response {
+    ApiError::new(
+        StatusCode::METHOD_NOT_ALLOWED,
+        "invalid_request_error",
+        "method_not_allowed",
+        format!("{} is not allowed on {}", req.method(), req.uri().path()),
+    )
+    .into_response()
+}
+
+async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], gw.metrics.encode()).into_response()
+}
+
+async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {
+    let n = gw.dir.endpoints().len();
+    if n > 0 {
+        (StatusCode::OK, format!("ready: {n} endpoints\n")).into_response()
+    } else {
+        (StatusCode::SERVICE_UNAVAILABLE, "not ready: no endpoints known\n").into_response()
+    }
+}
+
+async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response {
+    let tenant = match layers::authenticate(&gw, &headers) {
+        Ok(t) => t,
+        Err(e) => return e.into_response(),
+    };
+    let set = gw.dir.endpoints();
+    let data: Vec<serde_json::Value> = set
+        .listing()
+        .into_iter()
+        .filter(|(id, _)| layers::visible(tenant.as_deref(), id))
+        .map(|(id, parent)| {
+            serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "flotilla", "root": id, "parent": parent})
+        })
+        .collect();
+    axum::Json(serde_json::json!({"object": "list", "data": data})).into_response()
+}
+
+fn limit_headers(mut b: http::response::Builder, r: &Remaining) -> http::response::Builder {
+    if let Some((limit, left)) = r.rpm {
+        b = b.header("x-ratelimit-limit-requests", limit).header("x-ratelimit-remaining-requests", left);
+    }
+    if let Some((limit, left)) = r.tpm {
+        b = b.header("x-ratelimit-limit-tokens", limit).header("x-ratelimit-remaining-tokens", left);
+    }
+    b
+}
+
+/// The innermost stage: resolve the model, wait in the QoS queue for a lease, forward
+/// with retries, stream the answer back through [`ObservedBody`].
+async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
+    let start = Instant::now();
+    let ext = req.extensions();
+    let (Some(caller), Some(policy), Some(parsed)) =
+        (ext.get::<Caller>().cloned(), ext.get::<Policy>().cloned(), ext.get::<Parsed>().cloned())
+    else {
+        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", "request layers missing")
+            .into_response();
+    };
+    let remaining = ext.get::<Remaining>().cloned().unwrap_or_default();
+    let headers = req.headers().clone();
+    let model = parsed.features.model.clone();
+    match forward_request(&gw, caller, policy, parsed, remaining, &headers, start).await {
+        Ok(r) => r,
+        Err(e) => {
+            gw.metrics.error(&model, e.code);
+            if e.status.is_server_error() {
+                tracing::warn!(model = %model, code = e.code, error = %e.message, "request failed");
+            }
+            e.into_response()
+        }
+    }
+}
+
+async fn forward_request(
+    gw: &Arc<Gateway>,
+    caller: Caller,
+    policy: Policy,
+    parsed: Parsed,
+    remaining: Remaining,
+    h: &HeaderMap,
+    start: Instant,
+) -> Result<Response, ApiError> {
+    let Parsed { kind, bytes, features } = parsed;
+    let set = gw.dir.endpoints();
+    let Some(resolved) = set.resolve(&features.model) else {
+        if set.is_empty() && !gw.dir.synced() {
+            return Err(ApiError::unavailable(
+                "no_endpoint_table",
+                "the gateway has not received its endpoint table yet",
+                1,
+            ));
+        }
+        return Err(ApiError::model_not_found(&features.model));
+    };
+    if resolved.endpoints.is_empty() {
+        return Err(ApiError::unavailable(
+            "no_endpoints",
+            format!("model {:?} has no ready endpoint", features.model),
+            5,
+        ));
+    }
+    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(&resolved.base_model));
+    drop(set);
+
+    // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
+    let strip_usage = features.stream && !features.include_usage;
+    let upstream_body = match request::with_include_usage(&bytes, &features) {
+        Some(b) => Bytes::from(b),
+        None => bytes,
+    };
+    let cost = cost_estimate(&features);
+    let stream = features.stream;
+    let ctx =
+        PickCtx { model: features.model.clone(), features, strategy, class: policy.class, tenant: caller.name.clone() };
+    let (lease, waited) = match gw.acquire_ctx(&ctx).await {
+        Ok(x) => x,
+        Err(e) => {
+            gw.metrics.reject(&caller.name, e.code);
+            return Err(e);
+        }
+    };
+    gw.metrics
+        .queue_wait
+        .get_or_create(&QueueLabels {
+            model: ctx.model.clone(),
+            priority: crate::admission::class_name(policy.class).into(),
+        })
+        .observe(waited.as_secs_f64());
+    let up = forward(gw, &ctx, lease, kind, upstream_body, h).await?;
+    let head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
+    let status = up.response.status();
+    let is_sse = stream
+        && status.is_success()
+        && up
+            .response
+            .headers()
+            .get("content-type")
+            .and_then(|v| v.to_str().ok())
+            .is_some_and(|v| v.starts_with("text/event-stream"));
+    let tracker = Tracker {
+        gw: gw.clone(),
+        model: ctx.model.clone(),
+        tenant: caller.name,
+        queue_model: ctx.model.clone(),
+        cost_estimate: cost,
+        status,
+        start,
+        first_token: None,
+        last_token: None,
+        usage: None,
+        completed: false,
+        lease: Some(up.lease),
+    };
+    let sse = is_sse.then(|| SseScanner::new(strip_usage));
+    let body = ObservedBody::new(up.response.into_body(), tracker, sse, gw.cfg.stream_idle_timeout);
+    head.body(Body::new(body)).map_err(|e| ApiError::bad_gateway(format!("cannot build response: {e}")))
+}
+
+impl Gateway {
+    /// [`Gateway::acquire`] for a borrowed context (the context stays with the caller for
+    /// retries).
+    pub async fn acquire_ctx(
+        self: &Arc<Self>,
+        ctx: &PickCtx,
+    ) -> Result<(crate::admission::Lease, std::time::Duration), ApiError> {
+        self.acquire(PickCtx {
+            model: ctx.model.clone(),
+            features: ctx.features.clone(),
+            strategy: ctx.strategy,
+            class: ctx.class,
+            tenant: ctx.tenant.clone(),
+        })
+        .await
+    }
+}
+
+/// Accepts connections until `stop` turns true, then drains them (at most 5 s).
+pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+    let app = router(gw.clone());
+    let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
+                    Ok(x) => x,
+                    Err(e) => {
+                        tracing::warn!(error = %e, "accept failed");
+                        tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let svc = hyper_util::service::TowerToHyperService::new(app.clone());
+                let conn = hyper::server::conn::http1::Builder::new()
+                    .timer(TokioTimer::new())
+                    .header_read_timeout(gw.cfg.header_timeout)
+                    .keep_alive(true)
+                    .serve_connection(TokioIo::new(stream), svc);
+                let conn = graceful.watch(conn);
+                tokio::spawn(async move {
+                    if let Err(e) = conn.await {
+                        tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
+                    }
+                });
+            }
+            _ = stop.changed() => break,
+        }
+    }
+    drop(listener);
+    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+}

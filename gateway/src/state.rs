@@ -1,0 +1,60 @@
+//! The gateway's shared state, one `Arc<Gateway>` per running gateway: configuration,
+//! endpoint directory, per-endpoint load, router, admission queues, tenant limits,
+//! metrics and the pooled upstream HTTP client.
+
+use bytes::Bytes;
+use http_body_util::Full;
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+use crate::admission::Admission;
+use crate::config::Config;
+use crate::limits::Limits;
+use crate::load::LoadBook;
+use crate::metrics::Metrics;
+use crate::routing::prefix::PrefixConfig;
+use crate::routing::Router;
+use crate::table::Directory;
+
+/// Upstream client: HTTP/1.1 with keep-alive pooling.
+pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+
+pub struct Gateway {
+    pub cfg: Config,
+    pub dir: Directory,
+    pub book: LoadBook,
+    pub router: Router,
+    pub admission: Admission,
+    pub limits: Limits,
+    pub metrics: Metrics,
+    pub client: UpstreamClient,
+}
+
+impl Gateway {
+    pub fn new(cfg: Config) -> Self {
+        let mut conn = HttpConnector::new();
+        conn.set_connect_timeout(Some(cfg.connect_timeout));
+        conn.set_nodelay(true);
+        let client = Client::builder(TokioExecutor::new())
+            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_max_idle_per_host(1024)
+            .build(conn);
+        let router = Router::new(PrefixConfig {
+            block_chars: cfg.prefix_block_chars,
+            balance_abs: cfg.prefix_balance_abs,
+            balance_rel: cfg.prefix_balance_rel,
+            ..PrefixConfig::default()
+        });
+        Gateway {
+            limits: Limits::new(cfg.gateway_replicas),
+            dir: Directory::default(),
+            book: LoadBook::default(),
+            router,
+            admission: Admission::default(),
+            metrics: Metrics::new(),
+            client,
+            cfg,
+        }
+    }
+}

@@ -1,0 +1,61 @@
+//! The endpoint table from the control plane: the gateway follows a follower's
+//! `cluster.not_leader` hint to the leader, routes with the Model's routing strategy,
+//! drops endpoints that leave the snapshot, and keeps routing on its last table when every
+//! server is gone (static stability).
+
+mod common;
+
+use std::time::Duration;
+
+use common::fake_cp::FakeCp;
+use common::*;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn follows_the_leader_and_keeps_routing_when_servers_are_gone() {
+    let sims = sims(2, 50.0).await;
+    let leader = FakeCp::new(None);
+    leader.set_endpoints(&[(MODEL, sims[0].local_addr()), (MODEL, sims[1].local_addr())]);
+    let (leader_addr, stop_leader) = leader.clone().serve().await;
+    let follower = FakeCp::new(Some(leader_addr.to_string()));
+    follower.put("Model", MODEL, serde_json::json!({"source": "hf://x/y", "routing": "round-robin"}));
+    let (follower_addr, stop_follower) = follower.serve().await;
+
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        server: vec![follower_addr.to_string()],
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    let gw = gateway(args).await;
+    let addr = gw.local_addr();
+    let mut ready = false;
+    for _ in 0..100 {
+        if get(addr, "/readyz").await.status == 200 && gw.state().dir.routing_of(MODEL).as_str() == "round-robin" {
+            ready = true;
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(30)).await;
+    }
+    assert!(ready, "no endpoint table / model routing from the control plane");
+    let a = complete(addr, "x", 2, &[]).await.endpoint();
+    let b = complete(addr, "x", 2, &[]).await.endpoint();
+    assert_ne!(a, b, "round-robin from the Model spec alternates");
+
+    // an endpoint leaves the snapshot
+    leader.set_endpoints(&[(MODEL, sims[1].local_addr())]);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    for _ in 0..4 {
+        assert_eq!(complete(addr, "x", 2, &[]).await.endpoint(), sims[1].local_addr().to_string());
+    }
+
+    // every server goes away: traffic continues on the last table
+    let _ = stop_leader.send(());
+    let _ = stop_follower.send(());
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    for _ in 0..5 {
+        let r = complete(addr, "x", 2, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    assert_eq!(get(addr, "/readyz").await.status, 200);
+    gw.shutdown().await;
+}

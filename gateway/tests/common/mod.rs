@@ -1,0 +1,170 @@
+//! Shared helpers for the gateway's integration tests: in-process sims as engines, a
+//! gateway on a free port, a small HTTP client (hyper), and a fake control plane
+//! (FleetService + ObjectService) for the watch path.
+#![allow(dead_code)]
+
+pub mod fake_cp;
+
+use std::net::SocketAddr;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_gateway::{GatewayArgs, GatewayHandle};
+use flotilla_sim::{SimArgs, SimHandle};
+use http::HeaderMap;
+use http_body_util::{BodyExt, Full};
+use hyper_util::client::legacy::connect::HttpConnector;
+use hyper_util::client::legacy::Client;
+use hyper_util::rt::TokioExecutor;
+
+pub const MODEL: &str = "demo";
+
+pub fn sim_args(speedup: f64) -> SimArgs {
+    SimArgs { port: 0, model: MODEL.into(), speedup, max_model_len: 8192, allow_faults: true, ..SimArgs::default() }
+}
+
+pub async fn sim(speedup: f64) -> SimHandle {
+    flotilla_sim::start(sim_args(speedup)).await.expect("sim starts")
+}
+
+pub async fn sims(n: usize, speedup: f64) -> Vec<SimHandle> {
+    let mut v = Vec::new();
+    for _ in 0..n {
+        v.push(sim(speedup).await);
+    }
+    v
+}
+
+/// Gateway args routing `demo` to the given sims, auth off.
+pub fn gw_args(sims: &[SimHandle]) -> GatewayArgs {
+    GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        backends: sims.iter().map(|s| format!("{MODEL}=http://{}", s.local_addr())).collect(),
+        no_auth: true,
+        scrape_interval_ms: 100,
+        ..GatewayArgs::default()
+    }
+}
+
+pub async fn gateway(args: GatewayArgs) -> GatewayHandle {
+    flotilla_gateway::start(args).await.expect("gateway starts")
+}
+
+#[derive(Debug)]
+pub struct Resp {
+    pub status: u16,
+    pub headers: HeaderMap,
+    pub body: Bytes,
+}
+
+impl Resp {
+    pub fn json(&self) -> serde_json::Value {
+        serde_json::from_slice(&self.body)
+            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
+    }
+    pub fn text(&self) -> String {
+        String::from_utf8_lossy(&self.body).to_string()
+    }
+    pub fn header(&self, name: &str) -> Option<String> {
+        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+    }
+    pub fn endpoint(&self) -> String {
+        self.header("x-flotilla-endpoint")
+            .unwrap_or_else(|| panic!("no x-flotilla-endpoint: {} {}", self.status, self.text()))
+    }
+    pub fn error_code(&self) -> String {
+        self.json()["error"]["code"].as_str().unwrap_or_default().to_string()
+    }
+}
+
+pub fn client() -> Client<HttpConnector, Full<Bytes>> {
+    Client::builder(TokioExecutor::new()).build(HttpConnector::new())
+}
+
+/// One request, whole response, 60 s bound.
+pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Resp {
+    let mut b = http::Request::builder().method(method).uri(format!("http://{addr}{path}"));
+    b = b.header("content-type", "application/json");
+    for (k, v) in headers {
+        b = b.header(*k, *v);
+    }
+    let req = b.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
+    let fut = async {
+        let resp = client().request(req).await.expect("request sent");
+        let status = resp.status().as_u16();
+        let headers = resp.headers().clone();
+        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
+        Resp { status, headers, body }
+    };
+    tokio::time::timeout(Duration::from_secs(60), fut).await.unwrap_or_else(|_| panic!("{method} {path} timed out"))
+}
+
+pub async fn post(addr: SocketAddr, path: &str, body: serde_json::Value, headers: &[(&str, &str)]) -> Resp {
+    send(addr, "POST", path, body.to_string().as_bytes(), headers).await
+}
+
+pub async fn get(addr: SocketAddr, path: &str) -> Resp {
+    send(addr, "GET", path, b"", &[]).await
+}
+
+/// A completion of exactly `max_tokens` tokens.
+pub async fn complete(addr: SocketAddr, prompt: &str, max_tokens: u32, headers: &[(&str, &str)]) -> Resp {
+    post(
+        addr,
+        "/v1/completions",
+        serde_json::json!({"model": MODEL, "prompt": prompt, "max_tokens": max_tokens, "ignore_eos": true}),
+        headers,
+    )
+    .await
+}
+
+/// A long English-like text of about `words` words, distinct per `salt`.
+pub fn text(words: usize, salt: u64) -> String {
+    const W: [&str; 12] =
+        ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
+    let mut s = String::new();
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(W[(x % 12) as usize]);
+        s.push(' ');
+    }
+    s
+}
+
+/// Sum of a gateway metric over the series whose text contains every `filter`.
+pub async fn metric_sum(addr: SocketAddr, name: &str, filters: &[&str]) -> f64 {
+    let r = get(addr, "/metrics").await;
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter(|l| filters.iter().all(|f| l.contains(f)))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// The venv Python with `openai`, or a clear failure.
+pub fn python() -> PathBuf {
+    let py = match std::env::var_os("FLOTILLA_PYTHON") {
+        Some(p) => PathBuf::from(p),
+        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
+    };
+    assert!(
+        py.exists(),
+        "no Python interpreter at {} (set FLOTILLA_PYTHON, or run `bash .ci/sim-deps.sh` to create the venv with openai)",
+        py.display()
+    );
+    py
+}
+
+pub fn percentile(v: &mut [f64], p: f64) -> f64 {
+    v.sort_by(|a, b| a.total_cmp(b));
+    if v.is_empty() {
+        return 0.0;
+    }
+    let i = ((v.len() as f64 - 1.0) * p).round() as usize;
+    v[i]
+}
