@@ -149,11 +149,8 @@ async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsEr
         let out = execute(ctx, vec![Command::Txn { compares: vec![compare], ops: vec![op] }]).await?;
         if out.applied == 1 {
             let live = NodeLive {
-                agent_id: reg.agent_id.clone(),
-                last_heartbeat: Instant::now(),
-                engines: HashMap::new(),
                 unhealthy_gpus: status.unhealthy_gpus.clone(),
-                connected: true,
+                ..NodeLive::new(&reg.agent_id, Instant::now())
             };
             lock(&ctx.live).insert(name.clone(), live);
             tracing::info!(node = %name, agent = %reg.agent_id, gpus = reg.gpus.len(), "agent registered");
@@ -229,13 +226,7 @@ async fn heartbeat(ctx: &Arc<Ctx>, node: &ObjectName, agent_id: &str, hb: Heartb
     let ttl = Duration::from_millis(ctx.config.node_ttl_ms);
     let was_silent = {
         let mut live = lock(&ctx.live);
-        let l = live.entry(node.clone()).or_insert_with(|| NodeLive {
-            agent_id: agent_id.to_owned(),
-            last_heartbeat: now,
-            engines: HashMap::new(),
-            unhealthy_gpus: Vec::new(),
-            connected: true,
-        });
+        let l = live.entry(node.clone()).or_insert_with(|| NodeLive::new(agent_id, now));
         if l.agent_id != agent_id {
             return Err(Status::aborted(format!(
                 "actors.superseded: node {node} was taken over by agent {}",

@@ -30,6 +30,19 @@ pub struct NodeLive {
     pub connected: bool,
 }
 
+impl NodeLive {
+    /// A node first heard from `agent_id` at `now`, with its stream open.
+    pub fn new(agent_id: &str, now: Instant) -> NodeLive {
+        NodeLive {
+            agent_id: agent_id.to_owned(),
+            last_heartbeat: now,
+            engines: HashMap::new(),
+            unhealthy_gpus: Vec::new(),
+            connected: true,
+        }
+    }
+}
+
 /// Locks a mutex, recovering from poisoning (the data are plain maps, valid after a panic).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -97,13 +110,7 @@ impl Ctx {
     pub fn record_heartbeat(&self, node: &ObjectName, agent_id: &str) {
         let now = Instant::now();
         let mut live = lock(&self.live);
-        let l = live.entry(node.clone()).or_insert_with(|| NodeLive {
-            agent_id: agent_id.to_owned(),
-            last_heartbeat: now,
-            engines: HashMap::new(),
-            unhealthy_gpus: Vec::new(),
-            connected: true,
-        });
+        let l = live.entry(node.clone()).or_insert_with(|| NodeLive::new(agent_id, now));
         l.last_heartbeat = now;
     }
 

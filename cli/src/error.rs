@@ -44,32 +44,19 @@ impl From<flotilla_cluster::ClusterError> for CliError {
     }
 }
 
-impl From<flotilla_sim::SimError> for CliError {
-    fn from(e: flotilla_sim::SimError) -> CliError {
-        if e.is_usage() {
-            CliError::usage(e.to_string())
-        } else {
-            CliError::runtime(e.to_string())
+/// Errors of the role crates that know whether they are usage errors (exit 2).
+macro_rules! usage_aware_error {
+    ($($t:ty),*) => {$(
+        impl From<$t> for CliError {
+            fn from(e: $t) -> CliError {
+                if e.is_usage() {
+                    CliError::usage(e.to_string())
+                } else {
+                    CliError::runtime(e.to_string())
+                }
+            }
         }
-    }
+    )*};
 }
 
-impl From<flotilla_agent::AgentError> for CliError {
-    fn from(e: flotilla_agent::AgentError) -> CliError {
-        if e.is_usage() {
-            CliError::usage(e.to_string())
-        } else {
-            CliError::runtime(e.to_string())
-        }
-    }
-}
-
-impl From<flotilla_gateway::GatewayError> for CliError {
-    fn from(e: flotilla_gateway::GatewayError) -> CliError {
-        if e.is_usage() {
-            CliError::usage(e.to_string())
-        } else {
-            CliError::runtime(e.to_string())
-        }
-    }
-}
+usage_aware_error!(flotilla_sim::SimError, flotilla_agent::AgentError, flotilla_gateway::GatewayError);
