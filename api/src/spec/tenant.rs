@@ -22,7 +22,9 @@ impl std::str::FromStr for PriorityClass {
             "critical" => Ok(PriorityClass::Critical),
             "standard" => Ok(PriorityClass::Standard),
             "sheddable" => Ok(PriorityClass::Sheddable),
-            other => Err(ApiError::invalid("priority", format!("{other:?} is not one of critical, standard, sheddable"))),
+            other => {
+                Err(ApiError::invalid("priority", format!("{other:?} is not one of critical, standard, sheddable")))
+            }
         }
     }
 }
