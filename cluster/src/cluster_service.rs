@@ -9,6 +9,7 @@ use flotilla_api::pb::{
     AddMemberRequest, AddMemberResponse, Member, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
     StatusResponse,
 };
+use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
@@ -155,6 +156,37 @@ fn raft_err(e: impl std::fmt::Display) -> Status {
     ClusterError::Raft(e.to_string()).into()
 }
 
+type MembershipResult = Result<
+    openraft::raft::ClientWriteResponse<flotilla_storage::TypeConfig>,
+    RaftError<u64, ClientWriteError<u64, BasicNode>>,
+>;
+
+/// Runs a membership change, retrying while an earlier change (a join racing this one, or
+/// the second phase of a joint consensus) is still being committed: openraft allows one at
+/// a time and answers "already undergoing a configuration change" meanwhile.
+async fn retry_in_progress<F, Fut>(deadline: Instant, mut change: F) -> Result<(), Status>
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = MembershipResult>,
+{
+    loop {
+        match tokio::time::timeout_at(deadline, change()).await {
+            Err(_) => return Err(ClusterError::Timeout(MEMBERSHIP_TIMEOUT).into()),
+            Ok(Ok(_)) => return Ok(()),
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(
+                p,
+            ))))) if Instant::now() + IN_PROGRESS_RETRY < deadline => {
+                tracing::debug!(in_progress = %p, "membership change in progress; retrying");
+                tokio::time::sleep(IN_PROGRESS_RETRY).await;
+            }
+            Ok(Err(e)) => return Err(raft_err(e)),
+        }
+    }
+}
+
+/// Pause between tries while another membership change commits.
+const IN_PROGRESS_RETRY: Duration = Duration::from_millis(50);
+
 #[tonic::async_trait]
 impl ClusterService for ClusterServiceImpl {
     async fn status(&self, request: Request<StatusRequest>) -> Result<Response<StatusResponse>, Status> {
@@ -179,12 +211,15 @@ impl ClusterService for ClusterServiceImpl {
             self.on_leader(
                 || async move {
                     tracing::info!(member = id, %addr, "adding member as learner");
-                    let add = self.node.raft.add_learner(id, BasicNode::new(addr), true);
-                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, add).await.map_err(raft_err)?.map_err(raft_err)?;
+                    let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
+                    let node = BasicNode::new(addr);
+                    retry_in_progress(deadline, || self.node.raft.add_learner(id, node.clone(), true)).await?;
                     if !learner_only {
                         tracing::info!(member = id, "promoting member to voter");
-                        let change = self.node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false);
-                        tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await.map_err(raft_err)?.map_err(raft_err)?;
+                        retry_in_progress(deadline, || {
+                            self.node.raft.change_membership(ChangeMembers::AddVoterIds([id].into()), false)
+                        })
+                        .await?;
                     }
                     Ok(AddMemberResponse { status: Some(self.local_status()) })
                 },
@@ -222,8 +257,8 @@ impl ClusterService for ClusterServiceImpl {
                         return Err(ClusterError::InvalidArgument(format!("member {id} is not in the cluster")).into());
                     };
                     tracing::info!(member = id, "removing member");
-                    let change = self.node.raft.change_membership(change, false);
-                    tokio::time::timeout(MEMBERSHIP_TIMEOUT, change).await.map_err(raft_err)?.map_err(raft_err)?;
+                    let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
+                    retry_in_progress(deadline, || self.node.raft.change_membership(change.clone(), false)).await?;
                     Ok(RemoveMemberResponse { status: Some(self.local_status()) })
                 },
                 ForwardRemove(req),
