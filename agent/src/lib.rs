@@ -146,9 +146,12 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
 /// `--stop-engines-on-exit`) or a fatal refusal such as a duplicate node name.
 pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     let stop_engines = args.stop_engines_on_exit;
+    // Listen before starting: the agent announces itself once registered, and tokio only
+    // registers a signal listener when it is created.
+    let mut signals = ShutdownSignals::install();
     let mut handle = start(args).await?;
     let result = tokio::select! {
-        _ = shutdown_signal() => {
+        _ = signals.wait() => {
             tracing::info!(stop_engines, "shutdown signal received");
             Ok(())
         }
@@ -158,17 +161,30 @@ pub async fn run(args: AgentArgs) -> Result<(), AgentError> {
     result.and(end)
 }
 
-async fn shutdown_signal() {
-    let term = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut s) => {
-                s.recv().await;
+/// SIGINT and SIGTERM listeners, registered when created.
+struct ShutdownSignals {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignals {
+    fn install() -> ShutdownSignals {
+        use tokio::signal::unix::{signal, SignalKind};
+        ShutdownSignals { term: signal(SignalKind::terminate()).ok(), int: signal(SignalKind::interrupt()).ok() }
+    }
+
+    async fn wait(&mut self) {
+        async fn recv(s: &mut Option<tokio::signal::unix::Signal>) {
+            match s {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
-            Err(_) => std::future::pending::<()>().await,
         }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => {}
-        _ = term => {}
+        tokio::select! {
+            _ = recv(&mut self.term) => {}
+            _ = recv(&mut self.int) => {}
+        }
     }
 }

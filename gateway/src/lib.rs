@@ -137,25 +137,16 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
 /// SIGINT or SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let handle = start(args).await?;
+    // Listen for signals before announcing the address: a supervisor may send SIGTERM as soon
+    // as it reads the line, and tokio registers a listener only when it is created.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
     println!("flotilla gateway listening on http://{}", handle.local_addr());
-    wait_for_signal().await?;
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
     handle.shutdown().await;
     Ok(())
-}
-
-async fn wait_for_signal() -> Result<(), GatewayError> {
-    #[cfg(unix)]
-    {
-        let mut term = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())?;
-        tokio::select! {
-            r = tokio::signal::ctrl_c() => r?,
-            _ = term.recv() => {}
-        }
-        Ok(())
-    }
-    #[cfg(not(unix))]
-    {
-        tokio::signal::ctrl_c().await?;
-        Ok(())
-    }
 }

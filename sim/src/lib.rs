@@ -183,13 +183,16 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
 /// on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     let mut handle = start_with(args, CrashMode::Exit).await?;
+    // Watch the signals before announcing the address: a supervisor may send SIGTERM as
+    // soon as it has read that line, and a signal before the handler exists would kill us.
+    let shutdown = ShutdownSignal::install();
     {
         let mut out = std::io::stdout().lock();
         let _ = writeln!(out, "flotilla sim listening on {} model={}", handle.base_url(), handle.model());
         let _ = out.flush();
     }
     tokio::select! {
-        _ = shutdown_signal() => {
+        _ = shutdown.wait() => {
             tracing::info!("shutdown signal received");
             handle.shutdown().await
         }
@@ -197,24 +200,48 @@ pub async fn run(args: SimArgs) -> Result<(), SimError> {
     }
 }
 
-async fn shutdown_signal() {
-    #[cfg(unix)]
-    {
-        let mut term = match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(s) => s,
+/// SIGINT and SIGTERM listeners, registered when created (not when first polled).
+struct ShutdownSignal {
+    term: Option<tokio::signal::unix::Signal>,
+    int: Option<tokio::signal::unix::Signal>,
+}
+
+impl ShutdownSignal {
+    fn install() -> ShutdownSignal {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen = |kind: SignalKind, name: &str| match signal(kind) {
+            Ok(s) => Some(s),
             Err(e) => {
-                tracing::warn!(error = %e, "cannot watch SIGTERM; only ctrl-c stops the sim");
-                let _ = tokio::signal::ctrl_c().await;
-                return;
+                tracing::warn!(error = %e, signal = name, "cannot watch this signal");
+                None
+            }
+        };
+        ShutdownSignal {
+            term: listen(SignalKind::terminate(), "SIGTERM"),
+            int: listen(SignalKind::interrupt(), "SIGINT"),
+        }
+    }
+
+    async fn wait(mut self) {
+        let term = async {
+            match self.term.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
+            }
+        };
+        let int = async {
+            match self.int.as_mut() {
+                Some(s) => {
+                    s.recv().await;
+                }
+                None => std::future::pending::<()>().await,
             }
         };
         tokio::select! {
-            _ = tokio::signal::ctrl_c() => {}
-            _ = term.recv() => {}
+            _ = term => {}
+            _ = int => {}
         }
-    }
-    #[cfg(not(unix))]
-    {
-        let _ = tokio::signal::ctrl_c().await;
     }
 }

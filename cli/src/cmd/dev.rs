@@ -107,6 +107,7 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         apply_demo(&mut client).await?;
         endpoints = wait_ready(&mut client, 2).await?;
     }
+    let signals = super::server::Signals::install()?;
     println!("flotilla dev ready: gateway=http://{gateway_addr} grpc={} http={}", server.grpc_addr, server.http_addr);
     for e in &endpoints {
         println!("  demo replica at http://{e}");
@@ -115,14 +116,14 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         "  try: curl -s http://{gateway_addr}/v1/chat/completions -H 'Content-Type: application/json' -d '{{\"model\":\"demo\",\"messages\":[{{\"role\":\"user\",\"content\":\"hi\"}}]}}'"
     );
     println!("  and: flotilla get models; flotilla get replicas; flotilla node list   (Ctrl-C stops everything)");
-    let result = super::server::wait_for_signal().await;
+    signals.wait().await;
     eprintln!("stopping the gateway, the agent and its engines");
     gateway.shutdown().await;
     if let Err(e) = agent.shutdown(true).await {
         eprintln!("warning: agent shutdown: {e}");
     }
     server.shutdown().await;
-    result
+    Ok(())
 }
 
 async fn apply_demo(client: &mut ObjectServiceClient<Channel>) -> Result<(), CliError> {

@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use clap::Args;
 use flotilla_actors::ActorsConfig;
-use flotilla_cluster::{ServerConfig, ServerHandle};
+use flotilla_cluster::ServerConfig;
 
 use crate::error::CliError;
 
@@ -116,27 +116,37 @@ pub(crate) async fn run(args: ServerArgs) -> Result<(), CliError> {
     config.validate()?;
     let actors = args.actors_config()?;
     let handle = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
+    let signals = Signals::install()?;
     println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
-    wait_for_shutdown(handle).await
-}
-
-/// Serves until SIGINT/SIGTERM (clean exit) or a fatal Raft error (exit 1).
-pub(crate) async fn wait_for_shutdown(handle: ServerHandle) -> Result<(), CliError> {
     tokio::select! {
-        r = wait_for_signal() => r?,
+        () = signals.wait() => {}
         reason = handle.stopped() => return Err(CliError::runtime(format!("server stopped: {reason}"))),
     }
     handle.shutdown().await;
     Ok(())
 }
 
-/// Resolves on SIGINT or SIGTERM.
-pub(crate) async fn wait_for_signal() -> Result<(), CliError> {
-    let mut sigterm = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate())
-        .map_err(|e| CliError::runtime(format!("cannot install a SIGTERM handler: {e}")))?;
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("interrupted; shutting down"),
-        _ = sigterm.recv() => tracing::info!("terminated; shutting down"),
+/// SIGINT and SIGTERM listeners. Install them before announcing readiness: tokio registers
+/// a listener when it is created, and a signal that arrives before that kills the process
+/// (or, once another listener exists, is missed by a later one).
+pub(crate) struct Signals {
+    term: tokio::signal::unix::Signal,
+    int: tokio::signal::unix::Signal,
+}
+
+impl Signals {
+    pub(crate) fn install() -> Result<Signals, CliError> {
+        use tokio::signal::unix::{signal, SignalKind};
+        let listen =
+            |kind| signal(kind).map_err(|e| CliError::runtime(format!("cannot install a signal handler: {e}")));
+        Ok(Signals { term: listen(SignalKind::terminate())?, int: listen(SignalKind::interrupt())? })
     }
-    Ok(())
+
+    /// Resolves on the first SIGINT or SIGTERM.
+    pub(crate) async fn wait(mut self) {
+        tokio::select! {
+            _ = self.int.recv() => tracing::info!("interrupted; shutting down"),
+            _ = self.term.recv() => tracing::info!("terminated; shutting down"),
+        }
+    }
 }
