@@ -7,6 +7,8 @@
 #   python3 -m venv /tmp/benchvenv/venv && /tmp/benchvenv/venv/bin/pip install vllm-router sglang-router  (or BENCH_VENV=...)
 #   CARGO_TARGET_DIR=target-gw cargo build --release -p flotilla-gateway --example gateway
 # Usage: bash bench/gateway/run.sh [DURATION] > results.txt   (CONNS=1 for unloaded latency)
+# Benchmark 2 (routing quality, 4 sims, flotilla vs the peers' cache_aware/round_robin) is
+# gateway/examples/routing_bench.rs; see RESULTS.md for its command line.
 set -euo pipefail
 HERE=$(cd "$(dirname "$0")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)

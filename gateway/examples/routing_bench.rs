@@ -8,7 +8,12 @@
 //! cargo run --release -p flotilla-gateway --example routing_bench -- \
 //!   --targets flotilla:prefix-cache,flotilla:least-request,vllm-router:cache_aware
 //! ```
-//! External routers come from `$BENCH_VENV/bin/{vllm-router,sglang-router}`.
+//! External routers come from `$BENCH_VENV/bin/{vllm-router,sglang-router}` (default
+//! `/tmp/benchvenv/venv`), started with `--worker-urls` of the same 4 sims and `--policy`;
+//! their logs go to `$TMPDIR/{router}.log`. The sims run in their default vLLM-like mode
+//! (unknown request fields such as the routers' `no_stop_trim` are ignored; `/tokenize` is
+//! served for vllm-router's `cache_aware`). Every target gets the same request sequence
+//! (same `--seed`).
 
 use std::net::SocketAddr;
 use std::sync::{Arc, Mutex};

@@ -71,6 +71,10 @@ pub struct SimArgs {
     /// Largest accepted request body in bytes; bigger bodies get 413.
     #[arg(long, default_value_t = 4 * 1024 * 1024)]
     pub max_body_bytes: usize,
+    /// Answer 400 to request fields the sim does not know (strict mode). Off by default:
+    /// like vLLM, unknown fields are ignored (and logged at debug level).
+    #[arg(long)]
+    pub reject_unknown_fields: bool,
 }
 
 impl Default for SimArgs {
@@ -96,6 +100,7 @@ impl Default for SimArgs {
             eos_max_tokens: 512,
             seed: 0,
             max_body_bytes: 4 * 1024 * 1024,
+            reject_unknown_fields: false,
         }
     }
 }
@@ -135,6 +140,8 @@ pub struct EngineConfig {
     pub seed: u64,
     /// Request body limit.
     pub max_body_bytes: usize,
+    /// Unknown request fields get 400 instead of being ignored.
+    pub reject_unknown_fields: bool,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -255,6 +262,7 @@ impl SimArgs {
             eos_range: (self.eos_min_tokens, self.eos_max_tokens),
             seed: self.seed,
             max_body_bytes: self.max_body_bytes,
+            reject_unknown_fields: self.reject_unknown_fields,
         })
     }
 }

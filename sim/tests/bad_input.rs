@@ -8,7 +8,8 @@ use serde_json::json;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_requests_get_4xx_and_the_engine_keeps_serving() {
-    let sim = start(flotilla_sim::SimArgs { max_model_len: 256, ..args() }).await;
+    // strict mode, so the unknown-field case below gets its 400
+    let sim = start(flotilla_sim::SimArgs { max_model_len: 256, reject_unknown_fields: true, ..args() }).await;
     let a = sim.local_addr();
     let long = text(400, 3);
     let huge = vec![b'x'; 5 * 1024 * 1024];
@@ -95,6 +96,44 @@ async fn bad_requests_get_4xx_and_the_engine_keeps_serving() {
     let r = complete(a, "demo", "still alive?", 5).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert_eq!(r.json()["usage"]["completion_tokens"], 5);
+    sim.shutdown().await.unwrap();
+}
+
+/// Without `--reject-unknown-fields` the sim ignores fields it does not know, as vLLM does
+/// (routers such as vllm-router add their own, e.g. `no_stop_trim`); type errors in known
+/// fields still get 400.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unknown_fields_are_ignored_by_default() {
+    let sim = start(args()).await;
+    let a = sim.local_addr();
+    let r = post(
+        a,
+        "/v1/completions",
+        json!({"model": "demo", "prompt": "x", "max_tokens": 3, "frobnicate": true,
+        "no_stop_trim": false}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert_eq!(r.json()["usage"]["completion_tokens"], 3);
+    let r = post(
+        a,
+        "/v1/completions",
+        json!({"model": "demo", "prompt": "x", "max_tokens": 2, "stream": true,
+        "no_stop_trim": false}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(r.body.contains("data: [DONE]"), "{}", r.body);
+    let r = post(
+        a,
+        "/v1/chat/completions",
+        json!({"model": "demo", "messages": [{"role": "user", "content": "hi"}],
+        "max_tokens": 2, "bogus": {"nested": 1}}),
+    )
+    .await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let r = post(a, "/v1/completions", json!({"model": "demo", "prompt": "x", "max_tokens": "ten", "bogus": 1})).await;
+    assert_eq!(r.status, 400, "{}", r.body);
     sim.shutdown().await.unwrap();
 }
 

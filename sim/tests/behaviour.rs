@@ -216,3 +216,31 @@ async fn same_seed_same_text_and_stop_strings_end_with_stop() {
     assert!(!r["choices"][0]["text"].as_str().unwrap().contains(&stop));
     sim.shutdown().await.unwrap();
 }
+
+/// `POST /tokenize` (vLLM's tokenizer endpoint, which vllm-router's `cache_aware` calls)
+/// gives the same token count the engine charges for the prompt, for text and chat.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenize_agrees_with_prompt_tokens() {
+    let sim = start(args()).await;
+    let a = sim.local_addr();
+    let prompt = text(40, 7);
+    let t = post(a, "/tokenize", json!({"model": "demo", "prompt": prompt})).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let t = t.json();
+    let tokens = t["tokens"].as_array().unwrap();
+    assert_eq!(t["count"], tokens.len());
+    assert_eq!(t["max_model_len"], 8192);
+    let r = complete(a, "demo", &prompt, 2).await;
+    assert_eq!(r.json()["usage"]["prompt_tokens"], tokens.len());
+    assert_eq!(post(a, "/tokenize", json!({"prompt": prompt})).await.json()["tokens"], t["tokens"], "same ids again");
+
+    let messages = json!([{"role": "user", "content": "hello there"}]);
+    let t = post(a, "/tokenize", json!({"model": "demo", "messages": messages})).await;
+    assert_eq!(t.status, 200, "{}", t.body);
+    let r = post(a, "/v1/chat/completions", json!({"model": "demo", "messages": messages, "max_tokens": 2})).await;
+    assert_eq!(r.json()["usage"]["prompt_tokens"], t.json()["count"]);
+
+    assert_eq!(post(a, "/tokenize", json!({"model": "demo"})).await.status, 400);
+    assert_eq!(post(a, "/tokenize", json!({"model": "nope", "prompt": "x"})).await.status, 404);
+    sim.shutdown().await.unwrap();
+}

@@ -1,6 +1,7 @@
 """OpenAI Python SDK conformance against a running flotilla sim.
 
 Usage: SIM_BASE_URL=http://127.0.0.1:PORT SIM_MODEL=demo python openai_conformance.py
+The sim must run with --reject-unknown-fields (the unknown-field check expects a 400).
 Prints one 'ok <check>' line per check; exits non-zero on the first failure.
 """
 import os

@@ -30,7 +30,10 @@ async fn openai_python_sdk_conformance() {
         py.display(),
         String::from_utf8_lossy(&probe.stderr)
     );
-    let sim = common::start(flotilla_sim::SimArgs { max_model_len: 2048, ..common::args() }).await;
+    // strict mode: the script checks that an unknown field raises BadRequestError
+    let sim =
+        common::start(flotilla_sim::SimArgs { max_model_len: 2048, reject_unknown_fields: true, ..common::args() })
+            .await;
     let script = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/openai_conformance.py");
     let base = sim.base_url();
     let out = tokio::task::spawn_blocking(move || {

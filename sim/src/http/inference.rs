@@ -13,7 +13,7 @@ use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::stream::{Kind, SseStream};
-use super::types::{ChatRequest, CompletionRequest, Content, Prompt, Sampling, IGNORED};
+use super::types::{ChatRequest, CompletionRequest, Content, Message, Prompt, Sampling, TokenizeRequest, IGNORED};
 use super::{unix_now, AppState, FINGERPRINT};
 use crate::engine::{Command, Event, Submission};
 use crate::tokenizer;
@@ -26,11 +26,19 @@ pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
     serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}"), None))
 }
 
-fn check_unknown(rest: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
-    match rest.keys().find(|k| !IGNORED.contains(&k.as_str())) {
-        Some(k) => Err(ApiError::bad_request(format!("unknown field `{k}` in the request body"), None)),
-        None => Ok(()),
+/// Fields outside the known set: 400 under `--reject-unknown-fields`, else ignored with a
+/// debug line, as vLLM's request models (`extra="allow"`) accept them and log them.
+fn check_unknown(st: &AppState, rest: &serde_json::Map<String, serde_json::Value>) -> Result<(), ApiError> {
+    let mut unknown = rest.keys().filter(|k| !IGNORED.contains(&k.as_str())).peekable();
+    let Some(first) = unknown.peek() else {
+        return Ok(());
+    };
+    if st.cfg.reject_unknown_fields {
+        return Err(ApiError::bad_request(format!("unknown field `{first}` in the request body"), None));
     }
+    let fields: Vec<&str> = unknown.map(String::as_str).collect();
+    tracing::debug!(fields = ?fields, "the following fields were present in the request but ignored");
+    Ok(())
 }
 
 /// What both endpoints resolve a request into.
@@ -159,7 +167,7 @@ pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRe
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = check_unknown(&req.rest) {
+    if let Err(e) = check_unknown(&st, &req.rest) {
         return e.into_response();
     }
     let mut tokens = Vec::new();
@@ -183,34 +191,77 @@ pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRe
     }
 }
 
+/// Token ids of a conversation under the chat template (text parts only).
+fn encode_messages(messages: &[Message]) -> Vec<u32> {
+    let texts: Vec<String> = messages
+        .iter()
+        .map(|m| match &m.content {
+            None => String::new(),
+            Some(Content::Text(t)) => t.clone(),
+            Some(Content::Parts(parts)) => {
+                parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()).collect()
+            }
+        })
+        .collect();
+    let mut tokens = Vec::new();
+    tokenizer::encode_chat(messages.iter().map(|m| m.role.as_str()).zip(texts.iter().map(String::as_str)), &mut tokens);
+    tokens
+}
+
+/// `POST /tokenize`: vLLM's tokenizer endpoint (routers such as vllm-router's `cache_aware`
+/// call it to route on token ids): `{"count", "max_model_len", "tokens", "token_strs"}`.
+pub async fn tokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: TokenizeRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = check_unknown(&st, &req.rest) {
+        return e.into_response();
+    }
+    if let Err(e) = resolve_model(&st, req.model) {
+        return e.into_response();
+    }
+    let mut tokens = Vec::new();
+    match (req.prompt, req.messages) {
+        (Some(Prompt::Text(t)), None) => tokenizer::encode(&t, &mut tokens),
+        (Some(Prompt::Tokens(t)), None) => tokens = t,
+        (Some(Prompt::Texts(mut v)), None) if v.len() == 1 => tokenizer::encode(&v.remove(0), &mut tokens),
+        (Some(Prompt::TokenLists(mut v)), None) if v.len() == 1 => tokens = v.remove(0),
+        (None, Some(m)) => tokens = encode_messages(&m),
+        (None, None) => {
+            return ApiError::bad_request("either `prompt` or `messages` is required", Some("prompt")).into_response()
+        }
+        (Some(_), Some(_)) => {
+            return ApiError::bad_request("give either `prompt` or `messages`, not both", Some("prompt"))
+                .into_response()
+        }
+        (Some(_), None) => {
+            return ApiError::bad_request("batched prompts are not supported by the simulator", Some("prompt"))
+                .into_response()
+        }
+    }
+    axum::Json(json!({
+        "count": tokens.len(),
+        "max_model_len": st.cfg.max_model_len,
+        "tokens": tokens,
+        "token_strs": null,
+    }))
+    .into_response()
+}
+
 /// `POST /v1/chat/completions`.
 pub async fn chat(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let req: ChatRequest = match parse_body(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    if let Err(e) = check_unknown(&req.rest) {
+    if let Err(e) = check_unknown(&st, &req.rest) {
         return e.into_response();
     }
     if req.messages.is_empty() {
         return ApiError::bad_request("messages must contain at least one message", Some("messages")).into_response();
     }
-    let mut texts = Vec::with_capacity(req.messages.len());
-    for m in &req.messages {
-        let text = match &m.content {
-            None => String::new(),
-            Some(Content::Text(t)) => t.clone(),
-            Some(Content::Parts(parts)) => {
-                parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()).collect()
-            }
-        };
-        texts.push(text);
-    }
-    let mut tokens = Vec::new();
-    tokenizer::encode_chat(
-        req.messages.iter().map(|m| m.role.as_str()).zip(texts.iter().map(String::as_str)),
-        &mut tokens,
-    );
+    let tokens = encode_messages(&req.messages);
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
     match prepare(&st, req.model, tokens, max_tokens, req.sampling) {
         Ok(p) => run(st, p, Kind::Chat).await,

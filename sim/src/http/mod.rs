@@ -91,6 +91,7 @@ pub fn router(state: AppState) -> Router {
     Router::new()
         .route("/v1/completions", post(inference::completions))
         .route("/v1/chat/completions", post(inference::chat))
+        .route("/tokenize", post(inference::tokenize))
         .route("/v1/models", get(admin::models))
         .route("/health", get(admin::health))
         .route("/version", get(admin::version))

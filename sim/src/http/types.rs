@@ -1,5 +1,6 @@
-//! Request bodies of the OpenAI endpoints, strict about unknown fields (400) but accepting
-//! every field the OpenAI SDK and vLLM document (most are ignored by the simulator).
+//! Request bodies of the OpenAI endpoints, accepting every field the OpenAI SDK and vLLM
+//! document (most are ignored by the simulator); other top-level fields are ignored too,
+//! as vLLM does, or refused with 400 under `--reject-unknown-fields`.
 
 use serde::Deserialize;
 use serde_json::Value;
@@ -73,7 +74,7 @@ pub struct Sampling {
     pub ignore_eos: Option<bool>,
 }
 
-/// Fields accepted and ignored (present so unknown ones can be refused).
+/// Fields accepted and ignored (known, so `--reject-unknown-fields` can refuse the rest).
 pub const IGNORED: &[&str] = &[
     "top_k",
     "min_p",
@@ -195,6 +196,24 @@ pub struct ChatRequest {
     /// Sampling fields.
     #[serde(flatten)]
     pub sampling: Sampling,
+    /// Everything else; checked against [`IGNORED`].
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+/// `POST /tokenize`: vLLM's completion form (`prompt`) or chat form (`messages`).
+#[derive(Debug, Deserialize)]
+pub struct TokenizeRequest {
+    /// Model or adapter name (defaults to the served model).
+    pub model: Option<String>,
+    /// Completion form.
+    pub prompt: Option<Prompt>,
+    /// Chat form.
+    pub messages: Option<Vec<Message>>,
+    /// Accepted, ignored (the sim's tokenizer adds no special tokens to a plain prompt).
+    pub add_special_tokens: Option<bool>,
+    /// Accepted; token strings are not produced (`token_strs` is null).
+    pub return_token_strs: Option<bool>,
     /// Everything else; checked against [`IGNORED`].
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
