@@ -173,9 +173,9 @@ where
         match tokio::time::timeout_at(deadline, change()).await {
             Err(_) => return Err(ClusterError::Timeout(MEMBERSHIP_TIMEOUT).into()),
             Ok(Ok(_)) => return Ok(()),
-            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(ChangeMembershipError::InProgress(
-                p,
-            ))))) if Instant::now() + IN_PROGRESS_RETRY < deadline => {
+            Ok(Err(RaftError::APIError(ClientWriteError::ChangeMembershipError(
+                ChangeMembershipError::InProgress(p),
+            )))) if Instant::now() + IN_PROGRESS_RETRY < deadline => {
                 tracing::debug!(in_progress = %p, "membership change in progress; retrying");
                 tokio::time::sleep(IN_PROGRESS_RETRY).await;
             }
