@@ -47,6 +47,24 @@ pub fn seed_from_prompt(engine_seed: u64, prompt: &[u32]) -> u64 {
     h
 }
 
+/// A deterministic English-like prompt of `words` words, distinct per `salt` (xorshift over
+/// a 12-word vocabulary). Tests and benchmarks use it to build long, shared or unique
+/// prefixes without shipping text files.
+pub fn synthetic_prompt(words: usize, salt: u64) -> String {
+    const W: [&str; 12] =
+        ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
+    let mut s = String::with_capacity(words * 7);
+    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for _ in 0..words {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        s.push_str(W[(x % 12) as usize]);
+        s.push(' ');
+    }
+    s
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -121,18 +121,7 @@ pub async fn complete(addr: SocketAddr, prompt: &str, max_tokens: u32, headers: 
 
 /// A long English-like text of about `words` words, distinct per `salt`.
 pub fn text(words: usize, salt: u64) -> String {
-    const W: [&str; 12] =
-        ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
-    let mut s = String::new();
-    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for _ in 0..words {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.push_str(W[(x % 12) as usize]);
-        s.push(' ');
-    }
-    s
+    flotilla_sim::text::synthetic_prompt(words, salt)
 }
 
 /// Sum of a gateway metric over the series whose text contains every `filter`.

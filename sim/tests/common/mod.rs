@@ -152,16 +152,5 @@ pub async fn wait_idle(addr: SocketAddr) {
 
 /// A long English-like text of about `words` words, distinct per `salt`.
 pub fn text(words: usize, salt: u64) -> String {
-    const W: [&str; 12] =
-        ["alpha", "bravo", "charlie", "delta", "echo", "foxtrot", "golf", "hotel", "india", "juliet", "kilo", "lima"];
-    let mut s = String::new();
-    let mut x = salt.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
-    for _ in 0..words {
-        x ^= x << 13;
-        x ^= x >> 7;
-        x ^= x << 17;
-        s.push_str(W[(x % 12) as usize]);
-        s.push(' ');
-    }
-    s
+    flotilla_sim::text::synthetic_prompt(words, salt)
 }
