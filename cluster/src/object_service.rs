@@ -79,6 +79,11 @@ impl ObjectServiceImpl {
         }
     }
 
+    // The four handlers below repeat one "serve here or forward to the leader, retry while it
+    // goes away" loop. A generic helper taking `AsyncFnMut` closures reads better but does not
+    // compile under tonic's `async_trait`: the closures' futures borrow locals, and rustc
+    // reports "implementation of `Send` is not general enough" (the async-closure Send-bound
+    // limitation). Revisit when return-type notation for async closures is stable.
     async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
