@@ -10,17 +10,10 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
 VENV="$REPO/.venv"
-PY="${PYTHON:-python3}"
+# shellcheck source=.ci/venv.sh
+. "$REPO/.ci/venv.sh"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "sim-deps: creating venv at $VENV"
-    "$PY" -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c 'import openai, pytest' >/dev/null 2>&1; then
-    echo "sim-deps: installing openai and pytest into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check --upgrade pip
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'openai>=1.40' 'pytest>=8'
-fi
+ensure_venv_packages sim-deps 'import openai, pytest' 'openai>=1.40' 'pytest>=8'
 "$VENV/bin/python" -c 'import openai; print("sim-deps: openai", openai.__version__)'
 
 if ! command -v promtool >/dev/null 2>&1; then

@@ -7,14 +7,8 @@ set -euo pipefail
 
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/../.." && pwd)"
 VENV="$REPO/.venv"
-PY="${PYTHON:-python3}"
+# shellcheck source=../../.ci/venv.sh
+. "$REPO/.ci/venv.sh"
 
-if [ ! -x "$VENV/bin/python" ]; then
-    echo "s3-deps: creating venv at $VENV"
-    "$PY" -m venv "$VENV"
-fi
-if ! "$VENV/bin/python" -c 'import moto.server, boto3' >/dev/null 2>&1; then
-    echo "s3-deps: installing moto[server] into $VENV"
-    "$VENV/bin/python" -m pip install --quiet --disable-pip-version-check 'moto[server]>=5'
-fi
+ensure_venv_packages s3-deps 'import moto.server, boto3' 'moto[server]>=5'
 "$VENV/bin/python" -c 'import moto; print("s3-deps: moto", moto.__version__)'
