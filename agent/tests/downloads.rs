@@ -1,4 +1,4 @@
-//! Model downloads into the content-addressed cache: file:// in place, http:// resumed
+//! Model downloads into the content-addressed cache: file:// linked or copied, http:// resumed
 //! after a cut connection, sha256 verified, cached on the second fetch, and a failed
 //! download failing the engine with a clear reason.
 
@@ -90,13 +90,34 @@ fn blob(len: usize) -> Vec<u8> {
 }
 
 #[tokio::test]
-async fn file_sources_are_used_in_place_and_missing_ones_fail() {
+async fn file_sources_are_brought_into_the_cache_and_refreshed_when_changed() {
     let dir = tempfile::tempdir().unwrap();
-    let model = dir.path().join("model.bin");
-    std::fs::write(&model, b"weights").unwrap();
+    let model = dir.path().join("tiny-llama");
+    std::fs::create_dir_all(model.join("sub")).unwrap();
+    std::fs::write(model.join("config.json"), b"{}").unwrap();
+    std::fs::write(model.join("sub/model.safetensors"), b"weights").unwrap();
     let d = downloader(dir.path().join("models"));
-    let got = d.fetch(&format!("file://{}", model.display()), &|_| {}).await.unwrap();
-    assert_eq!(got, model);
+    let source = format!("file://{}", model.display());
+    let got = d.fetch(&source, &|_| {}).await.unwrap();
+    assert!(got.starts_with(dir.path().join("models")), "{}", got.display());
+    assert_eq!(std::fs::read(got.join("sub/model.safetensors")).unwrap(), b"weights");
+    assert_eq!(d.fetch(&source, &|_| {}).await.unwrap(), got, "cached");
+
+    // Changed in place (a bigger file): fetched again, never served stale.
+    std::fs::remove_file(model.join("sub/model.safetensors")).unwrap();
+    std::fs::write(model.join("sub/model.safetensors"), b"new weights").unwrap();
+    let again = d.fetch(&source, &|_| {}).await.unwrap();
+    assert_eq!(std::fs::read(again.join("sub/model.safetensors")).unwrap(), b"new weights");
+
+    // A single file, with a checksum.
+    let file = dir.path().join("m.gguf");
+    std::fs::write(&file, b"gguf").unwrap();
+    let sha = hex::encode(Sha256::digest(b"gguf"));
+    let one = d.fetch(&format!("file://{}#sha256={sha}", file.display()), &|_| {}).await.unwrap();
+    assert_eq!(one.file_name().unwrap(), "m.gguf");
+    let bad = d.fetch(&format!("file://{}#sha256={}", file.display(), "0".repeat(64)), &|_| {}).await.unwrap_err();
+    assert!(bad.contains("sha256 mismatch"), "{bad}");
+
     let err = d.fetch("file:///definitely/not/here", &|_| {}).await.unwrap_err();
     assert!(err.contains("/definitely/not/here"), "{err}");
 }

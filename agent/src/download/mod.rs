@@ -7,7 +7,9 @@
 //! ```
 //!
 //! `key` is the sha256 of the source URI without its fragment. Sources:
-//! - `file:///path` — used in place, not copied (it is already local); it must exist.
+//! - `file:///path` — a file or directory on the node (or a shared mount), hard-linked into
+//!   the cache when on the same filesystem, copied otherwise ([`local`]); re-fetched when
+//!   the source's files, size or newest mtime change.
 //! - `http(s)://host/file[#sha256=<hex>]` — resumable, size checked, sha256 checked if given.
 //! - `hf://org/name[@revision]` — the files listed by `<hf-endpoint>/api/models/org/name`
 //!   (`siblings`), each through the HTTP path from `/org/name/resolve/<rev>/<file>`;
@@ -17,6 +19,7 @@
 //! Only engines that need weights (vLLM) download; sim engines skip this entirely.
 
 pub mod http;
+pub mod local;
 pub mod s3;
 
 use std::collections::HashMap;
@@ -51,6 +54,9 @@ struct Marker {
     source: String,
     /// Path inside `<key>/` to hand to the engine ("" = the directory).
     path: String,
+    /// For `file://` sources, [`local::stamp`] of the source when it was cached.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    stamp: String,
 }
 
 impl Downloader {
@@ -68,13 +74,6 @@ impl Downloader {
     /// Returns the local path of `source`, downloading it first if needed.
     /// `progress` gets the fraction done, in [0,1].
     pub async fn fetch(&self, source: &str, progress: &(dyn Fn(f64) + Send + Sync)) -> Result<PathBuf, String> {
-        if let Some(path) = source.strip_prefix("file://") {
-            let p = PathBuf::from(path);
-            return match tokio::fs::metadata(&p).await {
-                Ok(_) => Ok(p),
-                Err(e) => Err(format!("{source}: {e}")),
-            };
-        }
         let (base, fragment) = source.split_once('#').unwrap_or((source, ""));
         let sha256 = match fragment {
             "" => None,
@@ -93,17 +92,39 @@ impl Downloader {
         let _guard = lock.lock().await;
         let done = self.root.join(&key);
         let marker_path = self.root.join(format!("{key}.json"));
+        let local = match base.strip_prefix("file://") {
+            Some(path) => Some(local::list(Path::new(path)).await?),
+            None => None,
+        };
+        let stamp = local.as_ref().map(|(files, _)| local::stamp(files)).unwrap_or_default();
         if let Ok(bytes) = tokio::fs::read(&marker_path).await {
             if let Ok(m) = serde_json::from_slice::<Marker>(&bytes) {
-                if tokio::fs::metadata(&done).await.is_ok() {
+                if m.stamp == stamp && tokio::fs::metadata(&done).await.is_ok() {
+                    let path = done.join(m.path);
+                    // The key ignores the fragment: a checksum asked for now is checked now.
+                    if let Some(want) = &sha256 {
+                        let got = sha256_file(&path).await?;
+                        if &got != want {
+                            return Err(format!("sha256 mismatch: expected {want}, got {got} (cached copy)"));
+                        }
+                    }
                     progress(1.0);
-                    return Ok(done.join(m.path));
+                    return Ok(path);
                 }
             }
         }
         let partial = self.root.join(format!("{key}.partial"));
         tokio::fs::create_dir_all(&partial).await.map_err(|e| format!("cannot create {}: {e}", partial.display()))?;
-        let (items, single) = self.list(base).await?;
+        let (items, single) = match &local {
+            Some((files, single)) => (
+                files
+                    .iter()
+                    .map(|f| Item { url: f.path.display().to_string(), rel: f.rel.clone(), size: Some(f.size) })
+                    .collect(),
+                *single,
+            ),
+            None => self.list(base).await?,
+        };
         if sha256.is_some() && items.len() != 1 {
             return Err("a #sha256= fragment needs a single-file source".into());
         }
@@ -121,8 +142,14 @@ impl Downloader {
                     progress(((base_done + done) as f64 / all as f64).min(1.0));
                 }
             };
-            let headers = |url: &str| self.headers_for(base, url);
-            let n = http::fetch_file(&self.client, &item.url, &headers, &dest, &report).await?;
+            let n = if local.is_some() {
+                let n = local::place(Path::new(&item.url), &dest).await?;
+                report(n, None);
+                n
+            } else {
+                let headers = |url: &str| self.headers_for(base, url);
+                http::fetch_file(&self.client, &item.url, &headers, &dest, &report).await?
+            };
             if let Some(want) = item.size {
                 if n != want {
                     return Err(format!("{}: got {n} bytes, the listing says {want}", item.url));
@@ -146,7 +173,7 @@ impl Downloader {
             _ => String::new(),
         };
         let marker =
-            serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone() }).map_err(|e| e.to_string())?;
+            serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone(), stamp }).map_err(|e| e.to_string())?;
         crate::state::write_atomic(&marker_path, &marker).map_err(|e| e.to_string())?;
         progress(1.0);
         tracing::info!(source = %base, path = %done.display(), files = items.len(), bytes = finished, "model downloaded");
