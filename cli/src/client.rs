@@ -16,6 +16,12 @@ pub(crate) struct Client {
 /// How long one call to one server may take.
 const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 
+/// How long to keep retrying while every server answers `cluster.no_leader` (an election
+/// in progress, or a cluster just started): elections take well under a second, so this
+/// rides one out without hiding a cluster that has lost its quorum for good. Safe for
+/// writes: a server without a leader accepted nothing.
+const ELECTION_WAIT: Duration = Duration::from_secs(5);
+
 fn url(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_owned()
@@ -47,20 +53,28 @@ impl Client {
         if self.servers.is_empty() {
             return Err(CliError::usage("--server is empty; give host:port of a flotilla server"));
         }
-        let mut last = None;
-        for addr in &self.servers {
-            let result = match Self::connect(addr).await {
-                Ok(channel) => f(channel).await,
-                Err(e) => Err(e),
-            };
-            match result {
-                Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => {
-                    last = Some(s)
+        let started = tokio::time::Instant::now();
+        loop {
+            let (mut last, mut no_leader) = (None, false);
+            for addr in &self.servers {
+                let result = match Self::connect(addr).await {
+                    Ok(channel) => f(channel).await,
+                    Err(e) => Err(e),
+                };
+                match result {
+                    Err(s) if matches!(s.code(), Code::Unavailable | Code::DeadlineExceeded | Code::Cancelled) => {
+                        no_leader |= s.message().starts_with("cluster.no_leader");
+                        last = Some(s)
+                    }
+                    other => return other.map_err(CliError::from),
                 }
-                other => return other.map_err(CliError::from),
             }
+            let last = last.expect("at least one server was tried");
+            if !no_leader || started.elapsed() >= ELECTION_WAIT {
+                return Err(CliError::from(last));
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
         }
-        Err(CliError::from(last.expect("at least one server was tried")))
     }
 
     pub(crate) async fn objects<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>

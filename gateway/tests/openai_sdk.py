@@ -1,5 +1,10 @@
 """The official openai Python SDK against a flotilla gateway (GW_BASE_URL, GW_MODEL).
-Prints one 'ok <check>' line per check; exits non-zero on the first failure."""
+Prints one 'ok <check>' line per check; exits non-zero on the first failure.
+
+The same script runs against sims (gateway/tests/openai_sdk.rs) and against a real vLLM
+(realvllm/tests/real_vllm.rs), so it only asserts what both must do. Token counts come
+from usage, not from counting text chunks: a real engine holds back a token that ends
+inside a multi-byte UTF-8 character and sends it with the next one."""
 import os
 import sys
 
@@ -41,7 +46,7 @@ for chunk in stream:
     for ch in chunk.choices:
         if ch.delta.content:
             pieces.append(ch.delta.content)
-check("stream tokens", len(pieces) == 6, pieces)
+check("stream tokens", 1 <= len(pieces) <= 6, pieces)
 check("stream usage when asked", usage is not None and usage.completion_tokens == 6, usage)
 
 # stream without usage: the gateway asks the engine for usage but strips that chunk
@@ -50,13 +55,20 @@ stream = client.completions.create(model=model, prompt="count", max_tokens=4, st
 chunks = list(stream)
 check("stream no usage chunk", all(ch.usage is None for ch in chunks) and all(len(ch.choices) > 0 for ch in chunks),
       chunks)
-check("stream text", sum(1 for ch in chunks if ch.choices[0].text) == 4, chunks)
+check("stream text", 1 <= sum(1 for ch in chunks if ch.choices[0].text) <= 4, chunks)
+check("stream finish", chunks[-1].choices[0].finish_reason == "length", chunks[-1])
 
 try:
     client.completions.create(model="no-such-model", prompt="x", max_tokens=1)
     check("unknown model", False, "no error")
 except openai.NotFoundError as e:
     check("unknown model -> NotFoundError", e.status_code == 404 and "no-such-model" in str(e), e)
+
+try:
+    client.completions.create(model=model, prompt="x", max_tokens=-1)
+    check("bad request", False, "no error")
+except openai.BadRequestError as e:
+    check("bad request -> BadRequestError", e.status_code == 400 and "max_tokens" in str(e), e)
 
 try:
     client.completions.create(model=model, prompt="x", max_tokens=1,
