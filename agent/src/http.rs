@@ -1,5 +1,5 @@
-//! The agent's one HTTP client (hyper 1 + rustls with Mozilla roots): engine `/health`,
-//! `/metrics` and `/v1/models` probes, and model downloads. Small helpers with timeouts.
+//! The agent's HTTP(S) client (hyper 1 + rustls with Mozilla roots) for model downloads.
+//! Small helpers with timeouts. Engines are called through `flotilla_engine` instead.
 
 use std::time::Duration;
 

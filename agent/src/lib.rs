@@ -9,7 +9,7 @@
 //!        v                                     v
 //!  supervisor::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
 //!        │                         driver (sim | vllm) builds each command line
-//!        ├── download (model cache)   probe (/health, /metrics, /v1/models)
+//!        ├── download (model cache)   probe (/health, /metrics, /v1/models via flotilla_engine)
 //!        └── state (engines.json: adopt engines across agent restarts)
 //! ```
 //!
@@ -34,6 +34,9 @@ use std::sync::Arc;
 use flotilla_api::pb::EngineReport;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
+
+/// The engine client crate (health, standardized metrics, models, LoRA calls).
+pub use flotilla_engine as engine;
 
 pub use config::{AgentArgs, AgentConfig};
 pub use error::AgentError;
@@ -67,6 +70,11 @@ impl AgentHandle {
     /// Current engine reports (what the next heartbeat carries).
     pub fn reports(&self) -> Vec<EngineReport> {
         self.manager.reports()
+    }
+
+    /// The client for this node's engines (the one the probes use).
+    pub fn engine_client(&self) -> &flotilla_engine::EngineClient {
+        self.manager.engine_client()
     }
 
     /// The GPU inventory.
@@ -124,8 +132,8 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
             extra_args: cfg.sim_args.clone(),
         },
         vllm: driver::VllmDriver { template: cfg.vllm_command.clone() },
-        downloader: Arc::new(download::Downloader::new(models, http.clone(), &cfg.hf_endpoint, s3)),
-        http,
+        downloader: Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3)),
+        engine: flotilla_engine::EngineClient::new(),
         state: store,
         ports: supervisor::ports::Ports::new(cfg.ports.clone(), &cfg.address),
         log_dir,

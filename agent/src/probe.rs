@@ -1,122 +1,87 @@
-//! Engine probes: readiness from `GET /health`, load from `GET /metrics` (vLLM names) and
-//! loaded LoRA adapters from `GET /v1/models` (entries whose `parent` is set). Parsers are
-//! pure and unit-tested; the fetchers are thin wrappers over [`HttpClient`].
+//! Engine probes for the supervisor: readiness from `GET /health`, and the load and
+//! adapter part of the heartbeat's `EngineReport` from `GET /metrics` and `GET /v1/models`.
+//! The HTTP calls and the parsing (metric name table, `/v1/models`) live in
+//! [`flotilla_engine`], shared with the gateway; this module only decides what a scrape
+//! writes into the report.
 
-use std::time::Duration;
+use flotilla_api::pb::EngineReport;
+use flotilla_engine::{EngineClient, EngineMetrics};
 
-use http::HeaderMap;
+/// True when `GET http://endpoint/health` answers 2xx within the client's timeout.
+pub async fn healthy(client: &EngineClient, endpoint: &str) -> bool {
+    client.health(endpoint).await
+}
 
-use crate::http::HttpClient;
-
-/// Load scraped from one engine.
+/// One scrape of an engine; None for whatever failed.
 #[derive(Debug, Clone, Default, PartialEq)]
-pub struct EngineLoad {
-    /// `vllm:num_requests_running` (summed over label sets).
-    pub running: f64,
-    /// `vllm:num_requests_waiting`.
-    pub waiting: f64,
-    /// `vllm:kv_cache_usage_perc`, in [0,1].
-    pub kv_cache_usage: f64,
+pub struct Scrape {
+    /// Standardized `/metrics`.
+    pub metrics: Option<EngineMetrics>,
+    /// Ids of the `/v1/models` entries whose `parent` is set (LoRA adapters).
+    pub adapters: Option<Vec<String>>,
 }
 
-const TIMEOUT: Duration = Duration::from_secs(2);
-
-/// True when `GET http://endpoint/health` answers 200.
-pub async fn healthy(client: &HttpClient, endpoint: &str) -> bool {
-    let url = format!("http://{endpoint}/health");
-    matches!(client.send(http::Method::GET, &url, &HeaderMap::new(), TIMEOUT).await, Ok(r) if r.status().is_success())
+/// Reads `/metrics` and `/v1/models` concurrently.
+pub async fn scrape(client: &EngineClient, endpoint: &str) -> Scrape {
+    let (metrics, models) = tokio::join!(client.metrics(endpoint), client.models(endpoint));
+    let metrics = metrics
+        .inspect_err(|e| tracing::debug!(endpoint, error = %e, code = e.code(), "engine /metrics scrape failed"))
+        .ok();
+    let adapters = models
+        .inspect_err(|e| tracing::debug!(endpoint, error = %e, code = e.code(), "engine /v1/models scrape failed"))
+        .ok()
+        .map(|cards| flotilla_engine::adapters(&cards));
+    Scrape { metrics, adapters }
 }
 
-/// Scrapes `/metrics` and `/v1/models`; None for whatever failed.
-pub async fn scrape(client: &HttpClient, endpoint: &str) -> (Option<EngineLoad>, Option<Vec<String>>) {
-    let metrics = client.get_text(&format!("http://{endpoint}/metrics"), &HeaderMap::new(), TIMEOUT, 8 << 20).await;
-    let load = match metrics {
-        Ok((s, body)) if s.is_success() => Some(parse_metrics(&body)),
-        _ => None,
-    };
-    let models = client.get_text(&format!("http://{endpoint}/v1/models"), &HeaderMap::new(), TIMEOUT, 1 << 20).await;
-    let adapters = match models {
-        Ok((s, body)) if s.is_success() => parse_adapters(&body),
-        _ => None,
-    };
-    (load, adapters)
-}
-
-/// Sums the three vLLM gauges over every label set of a Prometheus text exposition.
-pub fn parse_metrics(text: &str) -> EngineLoad {
-    let mut load = EngineLoad::default();
-    for line in text.lines().map(str::trim) {
-        if line.starts_with('#') || line.is_empty() {
-            continue;
-        }
-        let name_end = line.find(['{', ' ']).unwrap_or(line.len());
-        let name = &line[..name_end];
-        let slot = match name {
-            "vllm:num_requests_running" => &mut load.running,
-            "vllm:num_requests_waiting" => &mut load.waiting,
-            "vllm:kv_cache_usage_perc" => &mut load.kv_cache_usage,
-            _ => continue,
-        };
-        // The value follows the closing brace (labels may contain spaces) or the name.
-        let rest = match line[name_end..].starts_with('{') {
-            true => line.rfind('}').map(|i| &line[i + 1..]).unwrap_or(""),
-            false => &line[name_end..],
-        };
-        if let Some(v) = rest.split_whitespace().next().and_then(|v| v.parse::<f64>().ok()) {
-            if v.is_finite() {
-                *slot += v;
-            }
-        }
+/// Writes a scrape into the report. What failed keeps its last value, and so does the
+/// load of an engine whose `/metrics` has none of the known names (unknown is not idle).
+pub fn apply(scrape: &Scrape, report: &mut EngineReport) {
+    if let Some(m) = scrape.metrics.as_ref().filter(|m| m.is_known()) {
+        report.num_requests_running = m.running;
+        report.num_requests_waiting = m.waiting;
+        report.kv_cache_usage = m.kv_cache_usage;
     }
-    load
-}
-
-/// The ids of `/v1/models` entries whose `parent` is set (LoRA adapters), or None when
-/// the body is not a model list.
-pub fn parse_adapters(body: &str) -> Option<Vec<String>> {
-    let v: serde_json::Value = serde_json::from_str(body).ok()?;
-    let data = v.get("data")?.as_array()?;
-    Some(
-        data.iter()
-            .filter(|m| m.get("parent").is_some_and(|p| !p.is_null()))
-            .filter_map(|m| m.get("id")?.as_str().map(str::to_string))
-            .collect(),
-    )
+    if let Some(a) = &scrape.adapters {
+        report.loaded_adapters.clone_from(a);
+    }
 }
 
 #[cfg(test)]
 mod tests {
     use super::*;
 
-    #[test]
-    fn vllm_metrics_are_summed_over_labels() {
-        let text = "# HELP vllm:num_requests_running Number of requests.\n\
-            # TYPE vllm:num_requests_running gauge\n\
-            vllm:num_requests_running{engine=\"0\",model_name=\"tiny\"} 3.0\n\
-            vllm:num_requests_running{engine=\"1\",model_name=\"tiny\"} 2.0\n\
-            vllm:num_requests_waiting{model_name=\"a b\"} 7\n\
-            vllm:kv_cache_usage_perc{engine=\"0\"} 0.25\n\
-            vllm:num_requests_waiting_total 99\n\
-            vllm:kv_cache_usage_perc_other 5\n";
-        assert_eq!(parse_metrics(text), EngineLoad { running: 5.0, waiting: 7.0, kv_cache_usage: 0.25 });
-        assert_eq!(parse_metrics("garbage\nvllm:num_requests_running NaN"), EngineLoad::default());
-    }
-
-    #[test]
-    fn real_vllm_scrape_parses() {
-        let path = concat!(env!("CARGO_MANIFEST_DIR"), "/../../shared/real-vllm/metrics-vllm-0.32.0.txt");
-        if let Ok(text) = std::fs::read_to_string(path) {
-            let load = parse_metrics(&text);
-            assert!(load.kv_cache_usage >= 0.0 && load.kv_cache_usage <= 1.0, "{load:?}");
+    fn loaded(running: f64) -> EngineReport {
+        EngineReport {
+            num_requests_running: running,
+            num_requests_waiting: 1.0,
+            kv_cache_usage: 0.5,
+            loaded_adapters: vec!["old".into()],
+            ..EngineReport::default()
         }
     }
 
     #[test]
-    fn adapters_are_entries_with_a_parent() {
-        let body = r#"{"object":"list","data":[
-            {"id":"tiny","object":"model","parent":null,"root":"/m"},
-            {"id":"sql-lora","object":"model","parent":"tiny","root":"/a"}]}"#;
-        assert_eq!(parse_adapters(body), Some(vec!["sql-lora".to_string()]));
-        assert_eq!(parse_adapters("not json"), None);
+    fn a_scrape_fills_load_and_adapters() {
+        let text = "vllm:num_requests_running{engine=\"0\"} 3\nvllm:num_requests_running{engine=\"1\"} 2\n\
+            vllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.25\n";
+        let scrape = Scrape { metrics: Some(EngineMetrics::parse(text)), adapters: Some(vec!["sql".into()]) };
+        let mut r = loaded(9.0);
+        apply(&scrape, &mut r);
+        assert_eq!((r.num_requests_running, r.num_requests_waiting, r.kv_cache_usage), (5.0, 7.0, 0.25));
+        assert_eq!(r.loaded_adapters, ["sql"]);
+    }
+
+    #[test]
+    fn failed_or_unknown_scrapes_keep_the_last_figures() {
+        let mut r = loaded(4.0);
+        apply(&Scrape::default(), &mut r);
+        assert_eq!(r, loaded(4.0));
+        let unknown = Scrape { metrics: Some(EngineMetrics::parse("process_cpu_seconds_total 1\n")), adapters: None };
+        apply(&unknown, &mut r);
+        assert_eq!(r, loaded(4.0));
+        let idle = Scrape { metrics: Some(EngineMetrics::parse("vllm:num_requests_running 0\n")), adapters: None };
+        apply(&idle, &mut r);
+        assert_eq!((r.num_requests_running, r.num_requests_waiting, r.kv_cache_usage), (0.0, 0.0, 0.0));
     }
 }

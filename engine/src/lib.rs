@@ -1,2 +1,23 @@
 //! The engine client: health, standardized metrics, models and LoRA adapters of one
-//! engine (real vLLM or `flotilla sim`), shared by the agent and the gateway.
+//! engine (real vLLM, older vLLM, SGLang or `flotilla sim`), shared by the agent and the
+//! gateway so both read an engine the same way.
+//!
+//! ```text
+//!  agent probe ─┐                          ┌─ metrics: Prometheus text -> EngineMetrics (pure)
+//!               ├─> EngineClient ──http──> engine /health /metrics /v1/models /v1/*_lora_adapter
+//!  gateway  ────┘   (timeout, body cap)    └─ models: /v1/models JSON -> Vec<ModelCard> (pure)
+//! ```
+//!
+//! [`metrics`] holds the name table mapping each engine family's metric names onto
+//! [`EngineMetrics`]; [`error`] the one error type with stable `engine.*` codes.
+#![forbid(unsafe_code)]
+
+pub mod client;
+pub mod error;
+pub mod metrics;
+pub mod models;
+
+pub use client::{EngineClient, EngineClientConfig};
+pub use error::{engine_message, EngineError};
+pub use metrics::{EngineFlavor, EngineMetrics, LoraInfo};
+pub use models::{adapters, parse_models, ModelCard};

@@ -8,6 +8,7 @@ use std::fmt;
 use std::sync::{Arc, RwLock};
 
 use flotilla_api::spec::{RoutingStrategy, TenantSpec};
+use flotilla_engine::EngineMetrics;
 use http::uri::Authority;
 
 /// An engine endpoint, named by its `host:port`.
@@ -35,6 +36,13 @@ pub struct EngineLoad {
     pub running: f64,
     pub waiting: f64,
     pub kv_cache_usage: f64,
+}
+
+impl From<&EngineMetrics> for EngineLoad {
+    /// The routing signals of a standardized scrape (see `flotilla_engine::metrics`).
+    fn from(m: &EngineMetrics) -> Self {
+        EngineLoad { running: m.running, waiting: m.waiting, kv_cache_usage: m.kv_cache_usage }
+    }
 }
 
 /// One ready engine.

@@ -172,8 +172,8 @@ impl Downloader {
             (true, Some(item)) => item.rel.display().to_string(),
             _ => String::new(),
         };
-        let marker =
-            serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone(), stamp }).map_err(|e| e.to_string())?;
+        let marker = serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone(), stamp })
+            .map_err(|e| e.to_string())?;
         crate::state::write_atomic(&marker_path, &marker).map_err(|e| e.to_string())?;
         progress(1.0);
         tracing::info!(source = %base, path = %done.display(), files = items.len(), bytes = finished, "model downloaded");

@@ -290,7 +290,7 @@ async fn supervise(
         };
         let probe = async {
             tokio::time::sleep(next_probe).await;
-            crate::probe::healthy(&env.http, &endpoint).await
+            crate::probe::healthy(&env.engine, &endpoint).await
         };
         let healthy = tokio::select! {
             _ = stop_requested(stop) => return Outcome::Stop,
@@ -328,17 +328,8 @@ async fn supervise(
         if unhealthy_since.take().is_some() {
             set_state(report, "ready", "");
         }
-        let (load, adapters) = crate::probe::scrape(&env.http, &endpoint).await;
-        update(report, |r| {
-            if let Some(l) = load {
-                r.num_requests_running = l.running;
-                r.num_requests_waiting = l.waiting;
-                r.kv_cache_usage = l.kv_cache_usage;
-            }
-            if let Some(a) = adapters {
-                r.loaded_adapters = a;
-            }
-        });
+        let scrape = crate::probe::scrape(&env.engine, &endpoint).await;
+        update(report, |r| crate::probe::apply(&scrape, r));
         let rot = log.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || rot.rotate_if_needed()).await {
             tracing::warn!(path = %log.path.display(), error = %e, "log rotation failed");

@@ -21,13 +21,13 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use flotilla_engine::EngineClient;
 use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
 use crate::download::Downloader;
 use crate::driver::{SimDriver, VllmDriver};
-use crate::http::HttpClient;
 use crate::reconcile::{reconcile, Action};
 use crate::state::StateStore;
 use engine::SharedReport;
@@ -41,8 +41,8 @@ pub struct EngineEnv {
     pub sim: SimDriver,
     /// `engine: vllm`.
     pub vllm: VllmDriver,
-    /// HTTP client for probes.
-    pub http: HttpClient,
+    /// Engine client: `/health`, `/metrics`, `/v1/models` probes and LoRA calls.
+    pub engine: EngineClient,
     /// Model cache.
     pub downloader: Arc<Downloader>,
     /// Engines state file.
@@ -72,6 +72,12 @@ impl EngineManager {
     /// A manager with no engines.
     pub fn new(env: Arc<EngineEnv>) -> Self {
         EngineManager { env, slots: Mutex::default(), stopping: Mutex::default() }
+    }
+
+    /// The client the engine tasks probe with, for other calls to this node's engines
+    /// (LoRA load and unload).
+    pub fn engine_client(&self) -> &EngineClient {
+        &self.env.engine
     }
 
     /// Adopts the engines of the state file whose processes are still alive (same pid and
