@@ -67,6 +67,8 @@ pub struct Done {
     pub reason: FinishReason,
     /// Streaming: text of the last token, if any; otherwise: the whole text.
     pub text: String,
+    /// The stop string that ended the request (vLLM's `stop_reason`), if one did.
+    pub stop_reason: Option<String>,
     /// Token counts.
     pub summary: Summary,
 }
@@ -108,6 +110,7 @@ struct Ctx {
     reply: mpsc::UnboundedSender<Event>,
     stream: bool,
     stop: Vec<String>,
+    stop_reason: Option<String>,
     text: String,
     max_tokens: u32,
     arrival: f64,
@@ -232,6 +235,7 @@ impl Engine {
                         reply: sub.reply,
                         stream: sub.stream,
                         stop: sub.stop,
+                        stop_reason: None,
                         text: String::new(),
                         max_tokens: sub.max_tokens,
                         arrival,
@@ -272,7 +276,12 @@ impl Engine {
         for (id, ctx) in self.ctxs.drain() {
             if let Some(summary) = self.sched.abort(id) {
                 m.success[2] += 1;
-                let _ = ctx.reply.send(Event::Done(Done { reason: FinishReason::Abort, text: String::new(), summary }));
+                let _ = ctx.reply.send(Event::Done(Done {
+                    reason: FinishReason::Abort,
+                    text: String::new(),
+                    stop_reason: None,
+                    summary,
+                }));
             }
         }
     }
@@ -312,6 +321,7 @@ impl Engine {
                     }
                     if let Some(cut) = stop_match(&ctx.text, &ctx.stop, old_len.saturating_sub(max_len(&ctx.stop))) {
                         let visible = if cut > old_len { piece[..cut - old_len].to_string() } else { String::new() };
+                        ctx.stop_reason = ctx.stop.iter().find(|s| ctx.text[cut..].starts_with(s.as_str())).cloned();
                         ctx.text.truncate(cut);
                         if let Some(summary) = self.sched.finish(id) {
                             finish(&mut m, &mut self.ctxs, id, FinishReason::Stop, summary, now, Some(visible));
@@ -413,7 +423,8 @@ fn finish(
         (_, _) => std::mem::take(&mut ctx.text),
     };
     tracing::trace!(seq = id, reason = reason.as_str(), output_tokens = summary.output_tokens, "request finished");
-    let _ = ctx.reply.send(Event::Done(Done { reason, text, summary }));
+    let stop_reason = ctx.stop_reason.take();
+    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary }));
 }
 
 #[cfg(test)]

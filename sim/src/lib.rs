@@ -117,11 +117,16 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let listener = TcpListener::bind(&want).await.map_err(|source| SimError::Bind { addr: want.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: want, source })?;
 
-    let metrics = Arc::new(Mutex::new(metrics::Metrics::new(
-        &cfg.model,
-        cfg.max_model_len,
-        cfg.lora_enabled.then_some(cfg.max_loras),
-    )));
+    let mut m = metrics::Metrics::new(&cfg.model, cfg.max_model_len, cfg.lora_enabled.then_some(cfg.max_loras));
+    m.set_cache_config(&metrics::CacheInfo {
+        block_size: cfg.block_size,
+        num_gpu_blocks: cfg.num_blocks,
+        num_gpu_blocks_override: args.num_gpu_blocks,
+        prefix_caching: cfg.prefix_caching,
+        max_model_len: cfg.max_model_len,
+        kv_bytes_per_token: cfg.profile.kv_bytes_per_token,
+    });
+    let metrics = Arc::new(Mutex::new(m));
     let registry = Arc::new(lora::Registry::new(cfg.lora_enabled, cfg.max_lora_rank));
     let faults = Arc::new(faults::Faults::new());
     let (tx, rx) = mpsc::unbounded_channel();

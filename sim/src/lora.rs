@@ -1,8 +1,12 @@
 //! The LoRA adapter registry behind `/v1/load_lora_adapter` and `/v1/unload_lora_adapter`,
-//! with vLLM's error cases: LoRA disabled (500), a name loaded twice (400), a path that
-//! does not exist (404), an unknown name on unload (404), a rank above `--max-lora-rank`
-//! (400). A path is an existing local file or directory (its `adapter_config.json` `r`
-//! gives the rank) or `sim://NAME[?rank=N]` for a synthetic adapter with no files.
+//! with vLLM 0.32's error cases (`vllm/entrypoints/openai/models/serving.py`): a missing
+//! name or path (400 `InvalidUserInput`), a name loaded twice without `load_inplace` (400
+//! `InvalidUserInput`), a path that does not exist (404 `NotFoundError`), any other load
+//! failure such as LoRA disabled or a rank above `--max-lora-rank` (500
+//! `InternalServerError`), an unknown name on unload (404). `load_inplace` reloads a
+//! loaded name under the same id. A path is an existing local file or directory (its
+//! `adapter_config.json` `r` gives the rank) or `sim://NAME[?rank=N]` for a synthetic
+//! adapter with no files.
 
 use std::collections::BTreeMap;
 use std::path::Path;
@@ -21,17 +25,22 @@ pub struct Adapter {
     pub rank: u32,
 }
 
-/// Why a load or unload failed; each maps to vLLM's status code.
+/// Why a load or unload failed; each maps to vLLM's status code and error `type`.
 #[derive(Debug, Clone, PartialEq, thiserror::Error)]
 pub enum LoraError {
-    /// LoRA is off (`--disable-lora`): 500.
+    /// LoRA is off (`--disable-lora`): 500 (the engine refuses the adapter).
     #[error("LoRA is not enabled on this server; start it without --disable-lora")]
     Disabled,
-    /// Missing name or path: 400.
+    /// Missing name or path on load: 400.
     #[error("Both 'lora_name' and 'lora_path' must be provided.")]
     MissingField,
-    /// Same name twice: 400.
-    #[error("The lora adapter '{0}' has already been loaded.")]
+    /// Missing name on unload: 400.
+    #[error("'lora_name' needs to be provided to unload a LoRA adapter.")]
+    MissingName,
+    /// Same name twice without `load_inplace`: 400.
+    #[error(
+        "The lora adapter '{0}' has already been loaded. If you want to load the adapter in place, set 'load_inplace' to True."
+    )]
     Duplicate(String),
     /// Path not found: 404.
     #[error("Loading lora {name} failed: No adapter found for {path}")]
@@ -41,7 +50,7 @@ pub enum LoraError {
         /// The path given.
         path: String,
     },
-    /// Rank too high: 400.
+    /// Rank too high: 500 (vLLM answers every engine-side load failure with 500).
     #[error("LoRA rank {rank} is greater than max_lora_rank {max}.")]
     RankTooHigh {
         /// The adapter's rank.
@@ -58,9 +67,18 @@ impl LoraError {
     /// The HTTP status vLLM answers with.
     pub fn status(&self) -> u16 {
         match self {
-            LoraError::Disabled => 500,
-            LoraError::MissingField | LoraError::Duplicate(_) | LoraError::RankTooHigh { .. } => 400,
+            LoraError::MissingField | LoraError::MissingName | LoraError::Duplicate(_) => 400,
             LoraError::NotFound { .. } | LoraError::Unknown(_) => 404,
+            LoraError::Disabled | LoraError::RankTooHigh { .. } => 500,
+        }
+    }
+
+    /// The error `type` vLLM writes.
+    pub fn error_type(&self) -> &'static str {
+        match self {
+            LoraError::MissingField | LoraError::MissingName | LoraError::Duplicate(_) => "InvalidUserInput",
+            LoraError::NotFound { .. } | LoraError::Unknown(_) => "NotFoundError",
+            LoraError::Disabled | LoraError::RankTooHigh { .. } => "InternalServerError",
         }
     }
 }
@@ -112,16 +130,16 @@ impl Registry {
         self.enabled
     }
 
-    /// Loads an adapter.
-    pub fn load(&self, name: &str, path: &str) -> Result<Adapter, LoraError> {
-        if !self.enabled {
-            return Err(LoraError::Disabled);
-        }
+    /// Loads an adapter; with `inplace`, a loaded name is reloaded from `path` under its id.
+    pub fn load(&self, name: &str, path: &str, inplace: bool) -> Result<Adapter, LoraError> {
         if name.is_empty() || path.is_empty() {
             return Err(LoraError::MissingField);
         }
-        if self.lock().by_name.contains_key(name) {
+        if !inplace && self.lock().by_name.contains_key(name) {
             return Err(LoraError::Duplicate(name.to_string()));
+        }
+        if !self.enabled {
+            return Err(LoraError::Disabled);
         }
         let rank = rank_of(path, self.max_rank)
             .ok_or_else(|| LoraError::NotFound { name: name.to_string(), path: path.to_string() })?;
@@ -129,11 +147,14 @@ impl Registry {
             return Err(LoraError::RankTooHigh { rank, max: self.max_rank });
         }
         let mut inner = self.lock();
-        if inner.by_name.contains_key(name) {
-            return Err(LoraError::Duplicate(name.to_string()));
-        }
-        let id = inner.next_id;
-        inner.next_id += 1;
+        let id = match inner.by_name.get(name) {
+            Some(old) if inplace => old.id,
+            Some(_) => return Err(LoraError::Duplicate(name.to_string())),
+            None => {
+                inner.next_id += 1;
+                inner.next_id - 1
+            }
+        };
         let a = Adapter { id, name: name.to_string(), path: path.to_string(), rank };
         inner.by_name.insert(name.to_string(), a.clone());
         Ok(a)
@@ -141,8 +162,8 @@ impl Registry {
 
     /// Unloads an adapter; requests already running with it finish.
     pub fn unload(&self, name: &str) -> Result<(), LoraError> {
-        if !self.enabled {
-            return Err(LoraError::Disabled);
+        if name.is_empty() {
+            return Err(LoraError::MissingName);
         }
         self.lock().by_name.remove(name).map(|_| ()).ok_or_else(|| LoraError::Unknown(name.to_string()))
     }
@@ -152,9 +173,11 @@ impl Registry {
         self.lock().by_name.get(name).map(|a| a.id)
     }
 
-    /// All loaded adapters, by name.
+    /// All loaded adapters, in load order (as vLLM lists them).
     pub fn list(&self) -> Vec<Adapter> {
-        self.lock().by_name.values().cloned().collect()
+        let mut all: Vec<Adapter> = self.lock().by_name.values().cloned().collect();
+        all.sort_by_key(|a| a.id);
+        all
     }
 
     /// Names of the given adapter ids, comma-joined (unloaded ones are skipped).
@@ -180,18 +203,34 @@ mod tests {
     #[test]
     fn vllm_error_cases() {
         let r = Registry::new(true, 16);
-        assert_eq!(r.load("a", "sim://a").unwrap().id, 1);
-        assert_eq!(r.load("a", "sim://a").unwrap_err().status(), 400);
-        assert_eq!(r.load("b", "/definitely/not/here").unwrap_err().status(), 404);
-        assert_eq!(r.load("c", "sim://c?rank=64").unwrap_err(), LoraError::RankTooHigh { rank: 64, max: 16 });
-        assert_eq!(r.load("", "x").unwrap_err().status(), 400);
+        assert_eq!(r.load("a", "sim://a", false).unwrap().id, 1);
+        let dup = r.load("a", "sim://a", false).unwrap_err();
+        assert_eq!((dup.status(), dup.error_type()), (400, "InvalidUserInput"));
+        assert_eq!(r.load("b", "/definitely/not/here", false).unwrap_err().status(), 404);
+        let rank = r.load("c", "sim://c?rank=64", false).unwrap_err();
+        assert_eq!(rank, LoraError::RankTooHigh { rank: 64, max: 16 });
+        assert_eq!(rank.status(), 500);
+        assert_eq!(r.load("", "x", false).unwrap_err().status(), 400);
         assert_eq!(r.resolve("a"), Some(1));
         assert_eq!(r.names(&[1, 99]), "a");
         r.unload("a").unwrap();
         assert_eq!(r.unload("a").unwrap_err().status(), 404);
+        assert_eq!(r.unload("").unwrap_err().status(), 400);
         assert_eq!(r.resolve("a"), None);
         let off = Registry::new(false, 16);
-        assert_eq!(off.load("a", "sim://a").unwrap_err().status(), 500);
+        assert_eq!(off.load("a", "sim://a", false).unwrap_err().status(), 500);
+        assert_eq!(off.unload("a").unwrap_err().status(), 404);
+    }
+
+    #[test]
+    fn load_inplace_keeps_the_id_and_list_is_in_load_order() {
+        let r = Registry::new(true, 16);
+        r.load("z", "sim://z", false).unwrap();
+        r.load("a", "sim://a", false).unwrap();
+        let again = r.load("z", "sim://z2?rank=4", true).unwrap();
+        assert_eq!((again.id, again.rank), (1, 4));
+        let names: Vec<String> = r.list().into_iter().map(|a| a.name).collect();
+        assert_eq!(names, ["z", "a"]);
     }
 
     #[test]
@@ -200,7 +239,7 @@ mod tests {
         std::fs::create_dir_all(&dir).unwrap();
         std::fs::write(dir.join("adapter_config.json"), r#"{"r": 8, "lora_alpha": 16}"#).unwrap();
         let r = Registry::new(true, 16);
-        assert_eq!(r.load("x", dir.to_str().unwrap()).unwrap().rank, 8);
+        assert_eq!(r.load("x", dir.to_str().unwrap(), false).unwrap().rank, 8);
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

@@ -76,6 +76,23 @@ const ITERATION_TOKENS: &[f64] =
 /// Finished-reason labels, in vLLM's order.
 pub const FINISH_REASONS: [&str; 5] = ["stop", "length", "abort", "error", "repetition"];
 
+/// What `vllm:cache_config_info` reports about the KV cache.
+#[derive(Debug, Clone, Copy)]
+pub struct CacheInfo {
+    /// Tokens per block.
+    pub block_size: u32,
+    /// Blocks in the cache.
+    pub num_gpu_blocks: u32,
+    /// `--num-gpu-blocks`, when given.
+    pub num_gpu_blocks_override: Option<u32>,
+    /// Automatic prefix caching on.
+    pub prefix_caching: bool,
+    /// `--max-model-len` (for `kv_cache_max_concurrency`).
+    pub max_model_len: u32,
+    /// KV bytes per token of the profile's model (for `kv_cache_memory_bytes`).
+    pub kv_bytes_per_token: u64,
+}
+
 /// Every value the simulator exposes.
 #[derive(Debug, Clone)]
 pub struct Metrics {
@@ -104,6 +121,8 @@ pub struct Metrics {
     pub success: [u64; 5],
     /// LoRA info gauge labels: (max_lora, running, waiting), when LoRA is enabled.
     pub lora: Option<(u32, String, String)>,
+    /// `vllm:cache_config_info` labels, rendered once by [`Metrics::set_cache_config`].
+    cache_config: Option<String>,
     /// `vllm:request_prompt_tokens`.
     pub h_prompt_tokens: Histogram,
     /// `vllm:request_generation_tokens`.
@@ -156,6 +175,7 @@ impl Metrics {
             generation_tokens: 0,
             success: [0; 5],
             lora: max_loras.map(|m| (m, String::new(), String::new())),
+            cache_config: None,
             h_prompt_tokens: Histogram::new(&len),
             h_generation_tokens: Histogram::new(&len),
             h_iteration_tokens: Histogram::new(ITERATION_TOKENS),
@@ -175,6 +195,57 @@ impl Metrics {
         }
     }
 
+    /// Fills `vllm:cache_config_info` (vLLM's CacheConfig as labels) from the engine's cache.
+    pub fn set_cache_config(&mut self, c: &CacheInfo) {
+        let tokens = u64::from(c.num_gpu_blocks) * u64::from(c.block_size);
+        let py_bool = |b: bool| if b { "True" } else { "False" };
+        let override_ = c.num_gpu_blocks_override.map_or("None".to_string(), |n| n.to_string());
+        let concurrency = tokens as f64 / f64::from(c.max_model_len.max(1));
+        let (bs, blocks, prefix) = (c.block_size, c.num_gpu_blocks, py_bool(c.prefix_caching));
+        let bytes = tokens * c.kv_bytes_per_token;
+        let labels: [(&str, String); 37] = [
+            ("_block_size_resolved", "True".into()),
+            ("block_size", bs.to_string()),
+            ("cache_dtype", "auto".into()),
+            ("cache_hit_alignment_tokens", "None".into()),
+            ("effective_attention_block_size", bs.to_string()),
+            ("enable_mamba_shared_prefix_checkpoint", "False".into()),
+            ("enable_prefix_caching", prefix.into()),
+            ("engine", "0".into()),
+            ("gpu_memory_utilization", "0.9".into()),
+            ("hash_block_size", "None".into()),
+            ("is_attention_free", "False".into()),
+            ("kv_cache_dtype_skip_layers", "[]".into()),
+            ("kv_cache_layout", "None".into()),
+            ("kv_cache_max_concurrency", format!("{concurrency:?}")),
+            ("kv_cache_memory_bytes", bytes.to_string()),
+            ("kv_cache_size_tokens", tokens.to_string()),
+            ("kv_offloading_backend", "native".into()),
+            ("kv_offloading_size", "None".into()),
+            ("kv_sharing_fast_prefill", "False".into()),
+            ("mamba_block_size", "None".into()),
+            ("mamba_cache_dtype", "auto".into()),
+            ("mamba_cache_mode", "none".into()),
+            ("mamba_page_size_padded", "None".into()),
+            ("mamba_ssm_cache_dtype", "auto".into()),
+            ("num_cpu_blocks", "None".into()),
+            ("num_gpu_blocks", blocks.to_string()),
+            ("num_gpu_blocks_override", override_),
+            ("prefix_cache_retention_interval", "0".into()),
+            ("prefix_caching_hash_algo", "sha256".into()),
+            ("prefix_match_unit", "None".into()),
+            ("replayssm_buffer_len", "16".into()),
+            ("skip_page_size_padded", "None".into()),
+            ("sliding_window", "None".into()),
+            ("swa_bounded_replay", "True".into()),
+            ("use_kda_recoverssm", "False".into()),
+            ("use_replayssm", "False".into()),
+            ("user_specified_block_size", "False".into()),
+        ];
+        let body: Vec<String> = labels.iter().map(|(k, v)| format!("{k}=\"{v}\"")).collect();
+        self.cache_config = Some(body.join(","));
+    }
+
     /// Prometheus text format (version 0.0.4).
     pub fn render(&self, now_unix: f64) -> String {
         let mut w = Writer { out: String::with_capacity(16 * 1024), model: &self.model };
@@ -190,6 +261,14 @@ impl Metrics {
         let deferred = self.deferred.min(self.waiting);
         w.sample("vllm:num_requests_waiting_by_reason", Some(("reason", "capacity")), (self.waiting - deferred) as f64);
         w.sample("vllm:num_requests_waiting_by_reason", Some(("reason", "deferred")), deferred as f64);
+        w.family(
+            "vllm:engine_sleep_state",
+            "gauge",
+            "Engine sleep state; awake = 0 means engine is sleeping; awake = 1 means engine is awake; weights_offloaded = 1 means sleep level 1; discard_all = 1 means sleep level 2.",
+        );
+        for (state, v) in [("awake", 1.0), ("weights_offloaded", 0.0), ("discard_all", 0.0)] {
+            w.sample("vllm:engine_sleep_state", Some(("sleep_state", state)), v);
+        }
         w.family("vllm:kv_cache_usage_perc", "gauge", "KV-cache usage. 1 means 100 percent usage.");
         w.sample("vllm:kv_cache_usage_perc", None, self.kv_usage);
         w.counter(
@@ -202,6 +281,19 @@ impl Metrics {
             "Prefix cache hits, in terms of number of cached tokens.",
             self.prefix_hits,
         );
+        // one engine, no KV connector, no multimodal inputs: these stay 0 as on a real text-only vLLM
+        w.counter(
+            "vllm:external_prefix_cache_queries_total",
+            "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
+            0,
+        );
+        w.counter(
+            "vllm:external_prefix_cache_hits_total",
+            "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
+            0,
+        );
+        w.counter("vllm:mm_cache_queries_total", "Multi-modal cache queries, in terms of number of queried items.", 0);
+        w.counter("vllm:mm_cache_hits_total", "Multi-modal cache hits, in terms of number of cached items.", 0);
         w.counter("vllm:num_preemptions_total", "Cumulative number of preemption from the engine.", self.preemptions);
         w.counter("vllm:prompt_tokens_total", "Number of prefill tokens processed.", self.prompt_tokens);
         w.family("vllm:prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.");
@@ -214,6 +306,15 @@ impl Metrics {
             "Number of cached prompt tokens (local + external).",
             self.prompt_cached,
         );
+        w.family(
+            "vllm:prompt_tokens_cached_by_source_total",
+            "counter",
+            "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",
+        );
+        for source in ["device", "host", "p2p", "disk", "external_unspecified"] {
+            let v = if source == "device" { self.prefix_hits } else { 0 };
+            w.sample("vllm:prompt_tokens_cached_by_source_total", Some(("source", source)), v as f64);
+        }
         w.counter("vllm:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens);
         w.family("vllm:request_success_total", "counter", "Count of successfully processed requests.");
         for (reason, n) in FINISH_REASONS.iter().zip(self.success) {
@@ -269,8 +370,25 @@ impl Metrics {
                 &self.h_prefill_kv_computed,
             ),
         ];
+        w.family(
+            "vllm:admission_rejections_total",
+            "counter",
+            "Number of admission attempts rejected by a queue limit, by reason.",
+        );
+        for reason in ["max_num_queued_reqs", "max_num_queued_tokens"] {
+            // no engine label here in vLLM; the sim has no queue limit, so never rejects
+            let _ = writeln!(
+                w.out,
+                "vllm:admission_rejections_total{{model_name=\"{}\",reason=\"{reason}\"}} 0.0",
+                self.model
+            );
+        }
         for (name, help, h) in hists {
             w.histogram(name, help, h);
+        }
+        if let Some(labels) = &self.cache_config {
+            w.family("vllm:cache_config_info", "gauge", "Information of the LLMEngine CacheConfig");
+            let _ = writeln!(w.out, "vllm:cache_config_info{{{labels}}} 1.0");
         }
         if let Some((max_lora, running, waiting)) = &self.lora {
             w.family("vllm:lora_requests_info", "gauge", "Running stats on lora requests.");

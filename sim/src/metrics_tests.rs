@@ -70,6 +70,14 @@ fn busy_metrics() -> Metrics {
     m.success[1] = 4;
     m.h_ttft.observe(0.05);
     m.lora = Some((2, "a,b".into(), "c".into()));
+    m.set_cache_config(&CacheInfo {
+        block_size: 16,
+        num_gpu_blocks: 100,
+        num_gpu_blocks_override: None,
+        prefix_caching: true,
+        max_model_len: 8192,
+        kv_bytes_per_token: 131_072,
+    });
     m
 }
 
@@ -107,6 +115,7 @@ fn the_metrics_a_control_plane_reads_are_all_there() {
         "vllm:e2e_request_latency_seconds",
         "vllm:request_queue_time_seconds",
         "vllm:lora_requests_info",
+        "vllm:cache_config_info",
     ] {
         assert!(ours.contains_key(name), "missing {name}");
     }

@@ -213,7 +213,18 @@ async fn same_seed_same_text_and_stop_strings_end_with_stop() {
     let stop = words[3].trim().to_string();
     let r = post(a, "/v1/completions", json!({"model": "demo", "prompt": "tell me", "max_tokens": 20, "seed": 42, "ignore_eos": true, "stop": [stop.clone()]})).await.json();
     assert_eq!(r["choices"][0]["finish_reason"], "stop", "{r}");
+    assert_eq!(r["choices"][0]["stop_reason"], stop.as_str(), "vLLM names the stop string: {r}");
     assert!(!r["choices"][0]["text"].as_str().unwrap().contains(&stop));
+    // streamed: the finish chunk names it too, and carries the fingerprint as no usage chunk follows
+    let body = json!({"model": "demo", "prompt": "tell me", "max_tokens": 20, "seed": 42, "ignore_eos": true, "stop": [stop.clone()], "stream": true});
+    let events = post(a, "/v1/completions", body).await.sse();
+    let last: serde_json::Value = serde_json::from_str(&events[events.len() - 2]).unwrap();
+    assert_eq!(
+        (&last["choices"][0]["finish_reason"], &last["choices"][0]["stop_reason"]),
+        (&json!("stop"), &json!(stop))
+    );
+    assert!(last["system_fingerprint"].is_string(), "{last}");
+    assert!(last["choices"][0].as_object().unwrap().contains_key("prompt_token_ids"), "{last}");
     sim.shutdown().await.unwrap();
 }
 

@@ -64,7 +64,7 @@ pub async fn models(State(st): State<AppState>) -> Response {
 
 fn lora_error(e: LoraError) -> Response {
     let status = StatusCode::from_u16(e.status()).unwrap_or(StatusCode::INTERNAL_SERVER_ERROR);
-    ApiError::with_status(status, e.to_string(), None).into_response()
+    ApiError::with_status(status, e.to_string(), None).typed(e.error_type()).into_response()
 }
 
 /// `POST /v1/load_lora_adapter`.
@@ -73,7 +73,7 @@ pub async fn load_lora(State(st): State<AppState>, body: Result<Bytes, BytesReje
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match st.lora.load(&req.lora_name, req.lora_path.as_deref().unwrap_or("")) {
+    match st.lora.load(&req.lora_name, req.lora_path.as_deref().unwrap_or(""), req.load_inplace.unwrap_or(false)) {
         Ok(a) => {
             tracing::info!(adapter = %a.name, rank = a.rank, path = %a.path, "lora adapter loaded");
             format!("Success: LoRA adapter '{}' added successfully.", a.name).into_response()

@@ -23,7 +23,8 @@ pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> R
     let bytes = body.map_err(|r| {
         ApiError::with_status(r.status(), format!("could not read the request body: {}", r.body_text()), None)
     })?;
-    serde_json::from_slice(&bytes).map_err(|e| ApiError::bad_request(format!("invalid JSON body: {e}"), None))
+    serde_path_to_error::deserialize(&mut serde_json::Deserializer::from_slice(&bytes))
+        .map_err(|e| ApiError::validation(&e))
 }
 
 /// Fields outside the known set: 400 under `--reject-unknown-fields`, else ignored with a
@@ -315,28 +316,38 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
         }
     };
     let s = done.summary;
+    // Field sets of vLLM 0.32's ChatCompletionResponse / CompletionResponse (nulls included,
+    // as vLLM serialises them); see `realvllm/tests/samples.rs`.
     let usage = json!({
         "prompt_tokens": s.prompt_tokens,
         "total_tokens": s.prompt_tokens + s.output_tokens,
         "completion_tokens": s.output_tokens,
         "prompt_tokens_details": null,
+        "completion_tokens_details": null,
     });
-    let choice = match kind {
+    let reason = done.reason.as_str();
+    let stop_reason = done.stop_reason;
+    let body = match kind {
         Kind::Chat => json!({
-            "index": 0,
-            "message": {"role": "assistant", "content": done.text, "refusal": null, "annotations": null, "audio": null, "function_call": null, "tool_calls": [], "reasoning": null},
-            "logprobs": null, "finish_reason": done.reason.as_str(), "stop_reason": null, "token_ids": null,
+            "id": rid, "object": "chat.completion", "created": created, "model": p.model,
+            "choices": [{
+                "index": 0,
+                "message": {"role": "assistant", "content": done.text, "refusal": null, "annotations": null, "audio": null, "function_call": null, "reasoning": null},
+                "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason, "token_ids": null, "routed_experts": null,
+            }],
+            "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+            "prompt_logprobs": null, "prompt_token_ids": null, "prompt_text": null,
+            "kv_transfer_params": null, "ec_transfer_params": null, "metrics": null,
         }),
         Kind::Completion => json!({
-            "index": 0, "text": done.text, "logprobs": null, "finish_reason": done.reason.as_str(),
-            "stop_reason": null, "token_ids": null, "prompt_logprobs": null, "prompt_token_ids": null,
+            "id": rid, "object": "text_completion", "created": created, "model": p.model,
+            "choices": [{
+                "index": 0, "text": done.text, "logprobs": null, "finish_reason": reason, "stop_reason": stop_reason,
+                "token_ids": null, "prompt_logprobs": null, "prompt_token_ids": null, "routed_experts": null,
+            }],
+            "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
+            "kv_transfer_params": null, "ec_transfer_params": null, "metrics": null,
         }),
     };
-    let object = if kind == Kind::Chat { "chat.completion" } else { "text_completion" };
-    axum::Json(json!({
-        "id": rid, "object": object, "created": created, "model": p.model,
-        "choices": [choice], "service_tier": null, "system_fingerprint": FINGERPRINT,
-        "usage": usage, "prompt_logprobs": null, "prompt_token_ids": null, "kv_transfer_params": null,
-    }))
-    .into_response()
+    axum::Json(body).into_response()
 }

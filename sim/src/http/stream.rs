@@ -1,6 +1,7 @@
 //! Server-sent events in OpenAI's exact chunk format (as a real vLLM 0.32 writes them):
 //! a role chunk first (chat), one chunk per token, the last token's chunk with
-//! `finish_reason`, an optional `usage` chunk with `choices: []`, then `data: [DONE]`.
+//! `finish_reason` (and `system_fingerprint` when no usage chunk follows), an optional
+//! `usage` chunk with `choices: []`, then `data: [DONE]`.
 //! Chunk text is assembled from a prefix and suffix prepared once per request.
 
 use std::pin::Pin;
@@ -51,36 +52,46 @@ impl SseStream {
         SseStream { rx, kind, head, include_usage, started: false, done: false }
     }
 
-    fn token_chunk(&self, out: &mut Vec<u8>, piece: &str, finish: Option<&str>) {
+    /// One token's chunk; `finish` is the finish reason and stop reason of the last one.
+    fn token_chunk(&self, out: &mut Vec<u8>, piece: &str, finish: Option<(&str, Option<&str>)>) {
         out.extend_from_slice(self.head.as_bytes());
         match self.kind {
             Kind::Chat => out.extend_from_slice(br#"{"index":0,"delta":{"content":"#),
             Kind::Completion => out.extend_from_slice(br#"{"index":0,"text":"#),
         }
         let _ = serde_json::to_writer(&mut *out, piece);
-        match (self.kind, finish) {
-            (Kind::Chat, None) => {
-                out.extend_from_slice(br#"},"logprobs":null,"finish_reason":null,"token_ids":null}]}"#)
-            }
-            (Kind::Completion, None) => {
-                out.extend_from_slice(br#","logprobs":null,"finish_reason":null,"stop_reason":null}]}"#)
-            }
-            (Kind::Chat, Some(r)) => {
-                out.extend_from_slice(br#"},"logprobs":null,"finish_reason":""#);
+        if self.kind == Kind::Chat {
+            out.push(b'}');
+        }
+        out.extend_from_slice(br#","logprobs":null,"finish_reason":"#);
+        match finish {
+            None => out.extend_from_slice(b"null"),
+            Some((r, stop)) => {
+                out.push(b'"');
                 out.extend_from_slice(r.as_bytes());
-                out.extend_from_slice(br#"","stop_reason":null,"token_ids":null}]}"#);
-            }
-            (Kind::Completion, Some(r)) => {
-                out.extend_from_slice(br#","logprobs":null,"finish_reason":""#);
-                out.extend_from_slice(r.as_bytes());
-                out.extend_from_slice(br#"","stop_reason":null}]}"#);
+                out.extend_from_slice(br#"","stop_reason":"#);
+                let _ = serde_json::to_writer(&mut *out, &stop);
             }
         }
-        out.extend_from_slice(b"\n\n");
+        match self.kind {
+            // vLLM sets stop_reason, prompt_token_ids and token_ids on every completion chunk
+            Kind::Completion if finish.is_none() => {
+                out.extend_from_slice(br#","stop_reason":null,"prompt_token_ids":null,"token_ids":null}]"#)
+            }
+            Kind::Completion => out.extend_from_slice(br#","prompt_token_ids":null,"token_ids":null}]"#),
+            Kind::Chat => out.extend_from_slice(br#","token_ids":null}]"#),
+        }
+        // the terminal chunk carries the fingerprint unless a usage chunk follows
+        if finish.is_some() && !self.include_usage {
+            out.extend_from_slice(br#","system_fingerprint":""#);
+            out.extend_from_slice(super::FINGERPRINT.as_bytes());
+            out.push(b'"');
+        }
+        out.extend_from_slice(b"}\n\n");
     }
 
     fn final_chunks(&self, out: &mut Vec<u8>, done: &Done) {
-        self.token_chunk(out, &done.text, Some(done.reason.as_str()));
+        self.token_chunk(out, &done.text, Some((done.reason.as_str(), done.stop_reason.as_deref())));
         if self.include_usage {
             let s = &done.summary;
             out.extend_from_slice(self.head.as_bytes());

@@ -228,7 +228,7 @@ pub struct LoraRequest {
     /// Adapter path (load only).
     #[serde(default)]
     pub lora_path: Option<String>,
-    /// Accepted, ignored.
+    /// Reload an already loaded name (load only).
     #[serde(default)]
     pub load_inplace: Option<bool>,
     /// Accepted, ignored.
