@@ -1,0 +1,373 @@
+//! The checks, in the order they run. Two vLLM servers at most: `S`, a standalone
+//! `vllm serve` this file starts, and `V`, the engine the agent starts for the `tiny` Model.
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::{ensure, Context as _};
+use serde_json::json;
+
+use crate::procs::{self, free_port, group_members};
+use crate::{cluster, http, Tier};
+
+const START_TIMEOUT: Duration = Duration::from_secs(240);
+
+pub async fn run(mut t: Tier) -> Tier {
+    let dir = t.dir.path().to_path_buf();
+    let install = t.install.clone();
+    let bin = t.bin.clone();
+    let adapter = install.adapter();
+    let agent_dir = dir.join("agent");
+
+    let s_port = free_port();
+    let s = format!("127.0.0.1:{s_port}");
+    let s_started = Instant::now();
+    let mut vllm = procs::start_vllm(&install, s_port, &dir.join("vllm.log"));
+    let (mut server, grpc) = procs::start_server(&bin, &dir);
+    let mut agent = procs::start_agent(&bin, &install, &grpc, &dir);
+    let manifest = dir.join("tiny.yaml");
+    std::fs::write(&manifest, cluster::model_manifest(&install)).expect("write manifest");
+    let applied = Instant::now();
+    let apply = cluster::cli(&bin, &grpc, &["apply", "-f", &manifest.display().to_string()], None);
+
+    let s_ready = t
+        .setup("standalone_vllm_becomes_healthy", || async {
+            http::wait_healthy(&s, START_TIMEOUT)
+                .await
+                .with_context(|| format!("vllm serve log:\n{}", procs::log_tail(&dir.join("vllm.log"), 30)))?;
+            Ok(())
+        })
+        .await;
+    if s_ready {
+        t.timing("standalone vllm serve: spawn to /health 200", format!("{:.1} s", s_started.elapsed().as_secs_f64()));
+    }
+
+    t.check("engine_client_reads_real_vllm", || engine_client(&s, &adapter)).await;
+    t.check("sim_conforms_to_real_vllm", || crate::conformance::sim_matches_real(&s, &adapter)).await;
+    t.check("gateway_serves_real_vllm_to_the_openai_sdk", || openai_sdk(&s)).await;
+
+    // V: the agent downloads (links) the model into its cache and starts vLLM.
+    let mut v = String::new();
+    let v_ready = t
+        .setup("agent_starts_vllm_from_a_file_source", || async {
+            apply?;
+            let r = cluster::wait_replicas(&grpc, "tiny", START_TIMEOUT, "the tiny replica Ready", |r| {
+                r.len() == 1 && r[0].phase == "Ready"
+            })
+            .await
+            .with_context(|| format!("agent log:\n{}", procs::log_tail(&dir.join("agent.log"), 30)))?;
+            v = r[0].endpoint.clone().context("a Ready replica has an endpoint")?;
+            let port = v.rsplit(':').next().unwrap_or_default().to_string();
+            let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+            let args = cmdline(pid);
+            let cache = dir.join("agent");
+            ensure!(
+                args.iter().any(|a| Path::new(a).starts_with(&cache)),
+                "the engine was not given a path in the node cache {}: {args:?}",
+                cache.display()
+            );
+            Ok(())
+        })
+        .await;
+    if v_ready {
+        t.timing("vllm through the agent: apply to replica Ready", format!("{:.1} s", applied.elapsed().as_secs_f64()));
+    }
+
+    t.check("agent_reports_the_real_engines_load", || agent_reports_load(&grpc, &v)).await;
+    t.check("routing_decisions_use_real_engine_numbers", || routing_from_real_numbers(&s, &v)).await;
+
+    t.check("lora_loads_on_the_agents_engine_and_the_gateway_routes_to_it", || lora_through_gateway(&v, &adapter))
+        .await;
+
+    let t0 = Instant::now();
+    if t.check("agent_restarts_vllm_after_sigkill", || agent_restarts_after_kill(&grpc, &v)).await {
+        t.timing("vllm through the agent: SIGKILL to Ready again", format!("{:.1} s", t0.elapsed().as_secs_f64()));
+    }
+
+    t.check("agent_stops_vllm_with_its_whole_process_tree", || agent_stops_cleanly(&bin, &grpc, &agent_dir)).await;
+
+    t.check("standalone_vllm_stops_on_sigterm_leaving_no_process", || async {
+        let pgid = vllm.pid();
+        let took = vllm.stop(Duration::from_secs(20));
+        ensure!(group_members(pgid).is_empty(), "left behind: {:?}", group_members(pgid));
+        ensure!(took < Duration::from_secs(20), "ignored SIGTERM for {took:?}");
+        Ok(())
+    })
+    .await;
+    agent.stop(Duration::from_secs(10));
+    server.stop(Duration::from_secs(5));
+    t
+}
+
+/// The command line of `pid`, one word each.
+fn cmdline(pid: u32) -> Vec<String> {
+    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
+}
+
+/// The Python interpreter with the `openai` SDK (`FLOTILLA_PYTHON`, else the repo's `.venv`).
+fn python() -> PathBuf {
+    std::env::var_os("FLOTILLA_PYTHON")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
+}
+
+/// Starts an in-process gateway with static backends `tiny=http://<addr>`.
+async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        backends: backends.iter().map(|b| format!("tiny=http://{b}")).collect(),
+        no_auth: true,
+        scrape_interval_ms: 200,
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))
+}
+
+/// The same `openai` SDK script the sim-backed gateway test runs, against real vLLM.
+async fn openai_sdk(s: &str) -> anyhow::Result<()> {
+    let gw = gateway(&[s]).await?;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../gateway/tests/openai_sdk.py");
+    let base = format!("http://{}", gw.local_addr());
+    let py = python();
+    let out = tokio::task::spawn_blocking(move || {
+        Command::new(&py).arg(script).env("GW_BASE_URL", base).env("GW_MODEL", "tiny").output()
+    })
+    .await?
+    .context("run the openai SDK script (bash .ci/sim-deps.sh makes the venv)")?;
+    gw.shutdown().await;
+    let stdout = String::from_utf8_lossy(&out.stdout);
+    ensure!(
+        out.status.success() && stdout.contains("all openai sdk checks passed"),
+        "openai SDK checks failed\n--- stdout\n{stdout}\n--- stderr\n{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    Ok(())
+}
+
+async fn finish(tasks: Vec<tokio::task::JoinHandle<()>>) {
+    for t in tasks {
+        let _ = tokio::time::timeout(Duration::from_secs(60), t).await;
+    }
+}
+
+/// The engine client (the code the agent and the gateway use) on real vLLM: health,
+/// standardized metrics, models, LoRA load/unload and vLLM's error answers.
+async fn engine_client(s: &str, adapter: &Path) -> anyhow::Result<()> {
+    use flotilla_engine::{EngineClient, EngineFlavor};
+    let c = EngineClient::new();
+    ensure!(c.health(s).await, "/health");
+    ensure!(!c.health("127.0.0.1:1").await, "a dead endpoint is not healthy");
+    let m = c.metrics(s).await?;
+    ensure!(m.flavor == EngineFlavor::Vllm && m.is_known(), "not recognised as vLLM: {m:?}");
+    let before = m.generation_tokens;
+    let body = json!({"model": "tiny", "prompt": "count", "max_tokens": 5, "ignore_eos": true});
+    ensure!(http::post(s, "/v1/completions", body).await?.status == 200);
+    let m = c.metrics(s).await?;
+    ensure!(m.generation_tokens >= before + 5.0, "generation tokens {before} -> {}", m.generation_tokens);
+    ensure!(m.requests_finished >= 1.0 && m.prompt_tokens >= 1.0, "{m:?}");
+    ensure!(m.lora.as_ref().and_then(|l| l.max_lora) == Some(2), "LoRA info (--max-loras 2): {:?}", m.lora);
+
+    let models = c.models(s).await?;
+    let base = models.iter().find(|m| m.id == "tiny").context("tiny in /v1/models")?;
+    ensure!(base.parent.is_none() && base.max_model_len == Some(512), "{base:?}");
+    let path = adapter.display().to_string();
+    c.load_lora(s, "ad1", &path).await.context("load ad1")?;
+    let twice = c.load_lora(s, "ad1", &path).await.expect_err("a second load of the same name fails");
+    ensure!(twice.status() == Some(400) && twice.engine_message().is_some_and(|m| m.contains("ad1")), "{twice}");
+    let bad = c.load_lora(s, "ad2", "/definitely/not/here").await.expect_err("a bad path fails");
+    ensure!(bad.status() == Some(404), "{bad}");
+    let models = c.models(s).await?;
+    let ad = models.iter().find(|m| m.id == "ad1").context("ad1 listed after load")?;
+    ensure!(ad.parent.as_deref() == Some("tiny") && ad.is_adapter(), "{ad:?}");
+    ensure!(!models.iter().any(|m| m.id == "ad2"), "a failed load is not listed");
+    c.unload_lora(s, "ad1").await.context("unload ad1")?;
+    ensure!(!c.models(s).await?.iter().any(|m| m.id == "ad1"), "ad1 still listed after unload");
+    let again = c.unload_lora(s, "ad1").await.expect_err("unloading an unloaded adapter fails");
+    ensure!(matches!(again.status(), Some(400..=404)), "{again}");
+    Ok(())
+}
+
+/// LoRA on the agent's engine through the engine client; the gateway (which reads each
+/// engine's `/v1/models`) routes the adapter's name there; after unload it answers 404.
+async fn lora_through_gateway(v: &str, adapter: &Path) -> anyhow::Result<()> {
+    ensure!(!v.is_empty(), "no agent-run engine");
+    let c = flotilla_engine::EngineClient::new();
+    c.load_lora(v, "tiny-lora", &adapter.display().to_string()).await.context("load tiny-lora")?;
+    let gw = gateway(&[v]).await?;
+    let addr = gw.local_addr().to_string();
+    let body = json!({"model": "tiny-lora", "messages": [{"role": "user", "content": "hi"}], "max_tokens": 4});
+    let t0 = tokio::time::Instant::now();
+    let r = loop {
+        let r = http::post(&addr, "/v1/chat/completions", body.clone()).await?;
+        if r.status == 200 || t0.elapsed() > Duration::from_secs(5) {
+            break r;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    };
+    ensure!(r.status == 200, "adapter request through the gateway: {} {}", r.status, r.text());
+    ensure!(r.json()?["model"] == "tiny-lora", "{}", r.text());
+    c.unload_lora(v, "tiny-lora").await.context("unload tiny-lora")?;
+    let direct = http::post(v, "/v1/chat/completions", body.clone()).await?;
+    ensure!(direct.status == 404, "the engine still serves an unloaded adapter: {}", direct.status);
+    gw.shutdown().await;
+    Ok(())
+}
+
+/// `n` workers that keep one long completion each in flight on `addr` until `stop` is set
+/// (or 60 s pass).
+fn sustained_load(addr: &str, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..n)
+        .map(|i| {
+            let (addr, stop) = (addr.to_string(), stop.clone());
+            tokio::spawn(async move {
+                let t0 = tokio::time::Instant::now();
+                while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
+                    // Lengths differ per worker so they never all finish (and leave the
+                    // engine idle for a scrape) at the same moment.
+                    let max_tokens = 250 + 29 * i;
+                    let body = json!({"model": "tiny", "prompt": format!("busy {i}: def f("), "max_tokens": max_tokens,
+                                      "ignore_eos": true});
+                    if http::post(&addr, "/v1/completions", body).await.is_err() {
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+/// The agent scrapes the engine and reports its load; the leader streams it to gateways
+/// (on every change of the set, and every `endpoints_refresh_ms`, 2 s, with fresh figures).
+async fn agent_reports_load(grpc: &str, v: &str) -> anyhow::Result<()> {
+    ensure!(!v.is_empty(), "no agent-run engine");
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = sustained_load(v, 4, &stop);
+    let mut stream = cluster::watch_endpoints(grpc).await?;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
+    let mut seen = Vec::new();
+    let result = loop {
+        let next = tokio::time::timeout_at(deadline, stream.message()).await;
+        let Ok(Ok(Some(set))) = next else {
+            break Err(anyhow::anyhow!("no endpoint report with running requests in 20 s; saw {seen:?}"));
+        };
+        if let Some(e) = set.endpoints.iter().find(|e| e.address.ends_with(v)) {
+            seen.push((e.num_requests_running, e.num_requests_waiting, e.kv_cache_usage));
+            if e.num_requests_running + e.num_requests_waiting >= 1.0 && e.kv_cache_usage > 0.0 {
+                println!(
+                    "  agent report for {v}: running {} waiting {} kv_cache_usage {:.5}",
+                    e.num_requests_running, e.num_requests_waiting, e.kv_cache_usage
+                );
+                break Ok(());
+            }
+        }
+    };
+    stop.store(true, Ordering::Relaxed);
+    finish(busy).await;
+    result
+}
+
+/// The engine's running+waiting requests and KV usage, from its own `/metrics`.
+async fn engine_load(addr: &str) -> anyhow::Result<flotilla_engine::EngineMetrics> {
+    flotilla_engine::EngineClient::new().metrics(addr).await.map_err(|e| anyhow::anyhow!("scrape {addr}: {e}"))
+}
+
+/// With S busy (loaded directly, not through the gateway, so the gateway's own in-flight
+/// counts are zero for both), least-request and least-kv-cache must pick V: the only
+/// difference the gateway can see is the engines' scraped numbers.
+async fn routing_from_real_numbers(s: &str, v: &str) -> anyhow::Result<()> {
+    ensure!(!v.is_empty(), "no agent-run engine");
+    let gw = gateway(&[s, v]).await?;
+    let stop = Arc::new(AtomicBool::new(false));
+    let busy = sustained_load(s, 6, &stop);
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let m = engine_load(s).await?;
+        if m.running + m.waiting >= 3.0 && m.kv_cache_usage > 0.0 {
+            println!(
+                "  S under load: running {} waiting {} kv_cache_usage {:.5}",
+                m.running, m.waiting, m.kv_cache_usage
+            );
+            break;
+        }
+        ensure!(t0.elapsed() < Duration::from_secs(20), "S never showed load: {m:?}");
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    // Two scrape intervals: the gateway has read S's numbers.
+    tokio::time::sleep(Duration::from_millis(600)).await;
+    let idle = engine_load(v).await?;
+    println!("  V idle: running {} waiting {} kv_cache_usage {:.5}", idle.running, idle.waiting, idle.kv_cache_usage);
+    let mut picks = Vec::new();
+    for strategy in ["least-request", "least-kv-cache"] {
+        for _ in 0..3 {
+            let body = json!({"model": "tiny", "prompt": "pick", "max_tokens": 2});
+            let r = http::send(
+                "POST",
+                &gw.local_addr().to_string(),
+                "/v1/completions",
+                Some(&body),
+                &[("x-flotilla-routing", strategy)],
+            )
+            .await?;
+            ensure!(r.status == 200, "{strategy}: {} {}", r.status, r.text());
+            picks.push((strategy, r.header("x-flotilla-endpoint").unwrap_or_default()));
+        }
+    }
+    let still = engine_load(s).await?;
+    stop.store(true, Ordering::Relaxed);
+    finish(busy).await;
+    gw.shutdown().await;
+    ensure!(still.running + still.waiting >= 1.0, "S went idle during the test: {still:?}");
+    ensure!(picks.iter().all(|(_, e)| e.ends_with(v)), "busy S was picked: {picks:?} (V is {v})");
+    Ok(())
+}
+
+/// SIGKILL of the engine's main process: the agent kills the leftover workers, restarts
+/// it (fresh port), and the replica is Ready again with `restarts` counted.
+async fn agent_restarts_after_kill(grpc: &str, v: &str) -> anyhow::Result<()> {
+    ensure!(!v.is_empty(), "no agent-run engine");
+    let port = v.rsplit(':').next().unwrap_or_default().to_string();
+    let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+    let group_before = group_members(pid);
+    ensure!(group_before.len() >= 2, "expected vLLM's engine-core worker in the group: {group_before:?}");
+    rustix::process::kill_process(
+        rustix::process::Pid::from_raw(pid as i32).context("pid")?,
+        rustix::process::Signal::KILL,
+    )?;
+    let r = cluster::wait_replicas(grpc, "tiny", START_TIMEOUT, "the replica restarted and Ready", |r| {
+        r.len() == 1 && r[0].phase == "Ready" && r[0].restarts >= 1
+    })
+    .await?;
+    ensure!(group_members(pid).is_empty(), "workers of the killed engine live on: {:?}", group_members(pid));
+    let endpoint = r[0].endpoint.clone().context("endpoint")?;
+    let body = json!({"model": "tiny", "prompt": "again", "max_tokens": 3, "ignore_eos": true});
+    let resp = http::post(&endpoint, "/v1/completions", body).await?;
+    ensure!(resp.status == 200, "the restarted engine answered {} {}", resp.status, resp.text());
+    Ok(())
+}
+
+/// Deleting the Model stops the engine: SIGTERM to its group, nothing left running.
+async fn agent_stops_cleanly(bin: &Path, grpc: &str, agent_dir: &Path) -> anyhow::Result<()> {
+    let r = cluster::replicas(grpc, "tiny").await?;
+    let endpoint = r.first().and_then(|r| r.endpoint.clone()).context("a running replica")?;
+    let port = endpoint.rsplit(':').next().unwrap_or_default().to_string();
+    let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+    cluster::cli(bin, grpc, &["delete", "model", "tiny"], None)?;
+    let t0 = tokio::time::Instant::now();
+    while !group_members(pid).is_empty() {
+        ensure!(t0.elapsed() < Duration::from_secs(30), "engine group still alive: {:?}", group_members(pid));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let cache = agent_dir.display().to_string();
+    let stray: Vec<u32> = std::fs::read_dir("/proc")?
+        .flatten()
+        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
+        .filter(|p| cmdline(*p).iter().any(|a| a.starts_with(&cache) && a.contains("models")))
+        .collect();
+    ensure!(stray.is_empty(), "processes still using the node cache: {stray:?}");
+    println!("  engine group {pid} gone {:.1} s after delete", t0.elapsed().as_secs_f64());
+    Ok(())
+}
