@@ -141,7 +141,7 @@ impl Session<'_> {
     /// One connection, from connect to loss. Returns why it ended and whether it got as
     /// far as `Registered`.
     async fn run(&self, server: &str) -> (Status, bool) {
-        let endpoint = match tonic::transport::Endpoint::from_shared(server.to_string()) {
+        let endpoint = match tonic::transport::Endpoint::from_shared(flotilla_api::dial::dial_address(server)) {
             Ok(e) => e.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true),
             Err(e) => return (Status::unavailable(format!("bad server address {server}: {e}")), false),
         };

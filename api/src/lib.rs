@@ -8,6 +8,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod dial;
 pub mod error;
 pub mod ids;
 pub mod kind;

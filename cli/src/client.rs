@@ -36,7 +36,7 @@ impl Client {
     }
 
     async fn connect(addr: &str) -> Result<Channel, Status> {
-        let endpoint = Endpoint::from_shared(url(addr))
+        let endpoint = Endpoint::from_shared(url(&flotilla_api::dial::dial_address(addr)))
             .map_err(|_| Status::invalid_argument(format!("--server {addr:?} is not a host:port address")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL_TIMEOUT);

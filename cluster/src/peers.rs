@@ -1,5 +1,6 @@
 //! gRPC channels to other servers, created lazily and shared (one HTTP/2 connection per
-//! peer address, reconnected by tonic when it drops).
+//! peer address, reconnected by tonic when it drops). Addresses go through
+//! `FLOTILLA_DIAL_MAP` ([`flotilla_api::dial`]) before dialing.
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
@@ -25,7 +26,7 @@ impl Peers {
         let mut map = self.channels.lock().expect("peers lock");
         map.entry(addr.to_owned())
             .or_insert_with(|| {
-                Endpoint::from_shared(endpoint_url(addr))
+                Endpoint::from_shared(endpoint_url(&flotilla_api::dial::dial_address(addr)))
                     .unwrap_or_else(|_| Endpoint::from_static("http://0.0.0.0:1"))
                     .connect_timeout(Duration::from_millis(500))
                     .tcp_nodelay(true)

@@ -29,7 +29,8 @@ fn uri(addr: &str) -> String {
 }
 
 async fn connect(addr: &str) -> Result<Channel, String> {
-    let ep = TonicEndpoint::from_shared(uri(addr)).map_err(|e| format!("bad server address {addr:?}: {e}"))?;
+    let ep = TonicEndpoint::from_shared(uri(&flotilla_api::dial::dial_address(addr)))
+        .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
     ep.connect_timeout(Duration::from_secs(2)).connect().await.map_err(|e| format!("connect {addr}: {e}"))
 }
 
