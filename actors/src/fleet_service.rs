@@ -79,7 +79,12 @@ pub fn endpoints(ctx: &Ctx, model: &str) -> EndpointSet {
         let (Some(addr), Some(node)) = (&r.status.endpoint, r.spec.node.as_ref().and_then(|n| nodes.get(n))) else {
             continue;
         };
-        if r.phase() != ReplicaPhase::Ready || node.status.state == NodeState::NotReady {
+        // A NotReady node's Ready replicas stay routable until they are rescheduled: losing
+        // contact with an agent (a partition, a leader change, the agent itself down) says
+        // nothing about its engines, which keep serving (static stability), and gateways
+        // have their own signal for dead engines (failed requests eject an endpoint).
+        // Dropping them here turned every control-plane hiccup into a data-plane outage.
+        if r.phase() != ReplicaPhase::Ready {
             continue;
         }
         let report = live.get(&node.name).and_then(|l| l.engines.get(r.name.as_str()));

@@ -142,7 +142,15 @@ impl Session<'_> {
     /// far as `Registered`.
     async fn run(&self, server: &str) -> (Status, bool) {
         let endpoint = match tonic::transport::Endpoint::from_shared(flotilla_api::dial::dial_address(server)) {
-            Ok(e) => e.connect_timeout(Duration::from_secs(3)).tcp_nodelay(true),
+            // HTTP/2 pings find a server that stopped answering (paused, partitioned, its
+            // host gone) in ~3 s; without them the session stalls silently on a dead TCP
+            // connection while another server leads.
+            Ok(e) => e
+                .connect_timeout(Duration::from_secs(3))
+                .tcp_nodelay(true)
+                .http2_keep_alive_interval(Duration::from_secs(1))
+                .keep_alive_timeout(Duration::from_secs(2))
+                .keep_alive_while_idle(true),
             Err(e) => return (Status::unavailable(format!("bad server address {server}: {e}")), false),
         };
         let channel = match endpoint.connect().await {

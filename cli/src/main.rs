@@ -81,6 +81,12 @@ enum Command {
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
     Sim(flotilla_sim::SimArgs),
+    /// Fault-injection runs against a real multi-process cluster on this machine, with
+    /// linearizability, placement and data-plane checks (see docs/chaos.md).
+    ///
+    /// Example: flotilla chaos run chaos/scenarios/leader-kill-loop.yaml --seed 7
+    #[command(subcommand)]
+    Chaos(flotilla_chaos::cli::ChaosCommand),
 }
 
 fn main() -> ExitCode {
@@ -108,6 +114,7 @@ fn main() -> ExitCode {
 }
 
 async fn run(cli: Cli) -> Result<(), CliError> {
+    flotilla_api::dial::check_env().map_err(CliError::usage)?;
     let client = client::Client::new(&cli.server);
     let server = cli.server.clone();
     match cli.command {
@@ -133,6 +140,12 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sim(args) => {
             init_logging("info");
             flotilla_sim::run(args).await.map_err(CliError::from)
+        }
+        Command::Chaos(c) => {
+            init_logging("warn");
+            let bin =
+                std::env::current_exe().map_err(|e| CliError::runtime(format!("cannot find this executable: {e}")))?;
+            flotilla_chaos::cli::run(c, &bin).await.map_err(|e| CliError { exit_code: e.code, message: e.message })
         }
     }
 }

@@ -1,7 +1,10 @@
 //! The handle other layers (the controller actors, the agent and endpoint services) use to
 //! read the replicated state, propose changes on the leader, and follow leadership.
 use flotilla_storage::{Command, CommandResult, StoreReader};
+use std::time::Duration;
+
 use tokio::sync::watch;
+use tokio::time::Instant;
 
 use crate::node::{Node, Route};
 use crate::ClusterError;
@@ -50,28 +53,94 @@ impl ClusterHandle {
         addr
     }
 
-    /// A receiver whose value is `true` while this server is the leader. Its state machine
-    /// may still lag the commit index at that moment: a caller that needs current state
-    /// first commits a write (a barrier) and reads after it.
+    /// A receiver whose value is `true` while this server is the leader *and* has heard
+    /// from a quorum within the last [`leader_lease`] (three maximum election timeouts). A
+    /// leader cut off from its followers keeps believing it leads until it sees a higher
+    /// term (Raft has no step-down of its own), and clients that stay with it — agents'
+    /// heartbeat sessions, gateways' endpoint watches — would keep following a leader that
+    /// can commit nothing while the majority elects another. With the lease, it gives them
+    /// up (its controllers stop, its streams end with `cluster.no_leader`) and they go to the
+    /// servers that can reach a quorum. Its state machine may still lag the commit index at
+    /// that moment: a caller that needs current state first commits a write (a barrier)
+    /// and reads after it.
     pub fn leadership(&self) -> watch::Receiver<bool> {
         let mut metrics = self.node.raft.metrics();
         let id = self.node.id;
-        let leading_now = move |m: &openraft::RaftMetrics<u64, openraft::BasicNode>| {
-            m.current_leader == Some(id) && m.state.is_leader()
-        };
+        let lease = leader_lease(&self.node.raft);
         // Start from the current state: a receiver must never report a leader as lost
         // merely because the watcher task has not run yet.
-        let (tx, rx) = watch::channel(leading_now(&metrics.borrow_and_update()));
+        let (tx, rx) = watch::channel(leading(&metrics.borrow_and_update(), id, lease, Duration::ZERO));
         tokio::spawn(async move {
+            let mut received = Instant::now();
+            let mut tick = tokio::time::interval(Duration::from_millis(100));
             loop {
                 tokio::select! {
-                    r = metrics.changed() => if r.is_err() { let _ = tx.send(false); return },
+                    r = metrics.changed() => {
+                        if r.is_err() { let _ = tx.send(false); return }
+                        received = Instant::now();
+                    }
+                    _ = tick.tick() => {}
                     _ = tx.closed() => return,
                 }
-                let leading = leading_now(&metrics.borrow_and_update());
-                tx.send_if_modified(|v| std::mem::replace(v, leading) != leading);
+                let now = leading(&metrics.borrow_and_update(), id, lease, received.elapsed());
+                tx.send_if_modified(|v| std::mem::replace(v, now) != now);
             }
         });
         rx
+    }
+}
+
+/// How long a leader may go without a quorum's acknowledgement before [`ClusterHandle::
+/// leadership`] stops reporting it as leading: three maximum election timeouts (1.2 s with
+/// the defaults), well past the point where the followers have elected another leader, and
+/// far above the heartbeat interval so a busy leader does not flap.
+pub fn leader_lease(raft: &flotilla_storage::Raft) -> Duration {
+    Duration::from_millis(raft.config().election_timeout_max.saturating_mul(3))
+}
+
+/// Pure: whether `m` (received `age` ago) shows server `id` leading with a fresh quorum.
+/// A single-voter cluster is its own quorum.
+pub fn leading(m: &openraft::RaftMetrics<u64, openraft::BasicNode>, id: u64, lease: Duration, age: Duration) -> bool {
+    if m.current_leader != Some(id) || !m.state.is_leader() {
+        return false;
+    }
+    if m.membership_config.membership().voter_ids().count() <= 1 {
+        return true;
+    }
+    m.millis_since_quorum_ack.is_some_and(|ms| Duration::from_millis(ms) + age <= lease)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use openraft::{BasicNode, Membership, RaftMetrics, ServerState, StoredMembership};
+
+    fn metrics(leader: u64, voters: &[u64], since_ack: Option<u64>) -> RaftMetrics<u64, BasicNode> {
+        let mut m = RaftMetrics::new_initial(1);
+        m.current_leader = Some(leader);
+        m.state = if leader == 1 { ServerState::Leader } else { ServerState::Follower };
+        let nodes =
+            voters.iter().map(|v| (*v, BasicNode::new(format!("n{v}")))).collect::<std::collections::BTreeMap<_, _>>();
+        let membership = Membership::new(vec![voters.iter().copied().collect()], nodes);
+        m.membership_config = std::sync::Arc::new(StoredMembership::new(None, membership));
+        m.millis_since_quorum_ack = since_ack;
+        m
+    }
+
+    #[test]
+    fn a_leader_without_a_recent_quorum_is_not_leading() {
+        let lease = Duration::from_millis(1200);
+        assert!(leading(&metrics(1, &[1, 2, 3], Some(60)), 1, lease, Duration::ZERO));
+        assert!(
+            !leading(&metrics(1, &[1, 2, 3], Some(60)), 1, lease, Duration::from_millis(1500)),
+            "metrics went quiet"
+        );
+        assert!(!leading(&metrics(1, &[1, 2, 3], Some(5000)), 1, lease, Duration::ZERO), "cut off");
+        assert!(!leading(&metrics(1, &[1, 2, 3], None), 1, lease, Duration::ZERO), "no ack yet");
+        assert!(
+            leading(&metrics(1, &[1], None), 1, lease, Duration::from_secs(60)),
+            "a single voter is its own quorum"
+        );
+        assert!(!leading(&metrics(2, &[1, 2, 3], Some(1)), 1, lease, Duration::ZERO), "another leads");
     }
 }

@@ -31,7 +31,15 @@ fn uri(addr: &str) -> String {
 async fn connect(addr: &str) -> Result<Channel, String> {
     let ep = TonicEndpoint::from_shared(uri(&flotilla_api::dial::dial_address(addr)))
         .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
-    ep.connect_timeout(Duration::from_secs(2)).connect().await.map_err(|e| format!("connect {addr}: {e}"))
+    // HTTP/2 pings find a server that stopped answering (paused, partitioned) in ~3 s;
+    // meanwhile the gateway keeps routing on its last table.
+    ep.connect_timeout(Duration::from_secs(2))
+        .http2_keep_alive_interval(Duration::from_secs(1))
+        .keep_alive_timeout(Duration::from_secs(2))
+        .keep_alive_while_idle(true)
+        .connect()
+        .await
+        .map_err(|e| format!("connect {addr}: {e}"))
 }
 
 /// The leader named in a `cluster.not_leader: leader=ADDR` status, if any.

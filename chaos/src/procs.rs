@@ -1,0 +1,170 @@
+//! The processes of a run: each is a `flotilla` child with its command line kept so it can
+//! be restarted as it was, output appended to `<run-dir>/<name>.log`, and the environment
+//! variable `FLOTILLA_CHAOS_RUN=<run id>` so that [`cleanup`] can find everything a run
+//! started — including sim engines, which agents start in their own process groups and
+//! which outlive a killed agent by design — even after the harness itself was killed.
+
+use std::fs::OpenOptions;
+use std::path::{Path, PathBuf};
+use std::process::Stdio;
+use std::time::Duration;
+
+use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+use tokio::process::{Child, Command};
+
+/// The environment variable that marks a run's processes.
+pub const RUN_ENV: &str = "FLOTILLA_CHAOS_RUN";
+
+/// How a process is (re)started.
+#[derive(Debug, Clone)]
+pub struct Launch {
+    pub program: PathBuf,
+    pub args: Vec<String>,
+    pub env: Vec<(String, String)>,
+    pub log: PathBuf,
+}
+
+/// One process of the run.
+#[derive(Debug)]
+pub struct Proc {
+    pub name: String,
+    pub launch: Launch,
+    child: Option<Child>,
+    paused: bool,
+    pub starts: u32,
+}
+
+/// What a process is doing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum State {
+    Running,
+    Paused,
+    Down,
+}
+
+impl Proc {
+    pub fn new(name: &str, launch: Launch) -> Proc {
+        Proc { name: name.to_string(), launch, child: None, paused: false, starts: 0 }
+    }
+
+    /// Starts (or restarts) the process.
+    pub fn start(&mut self, run_id: &str) -> std::io::Result<()> {
+        if self.child.is_some() {
+            return Ok(());
+        }
+        let log = OpenOptions::new().create(true).append(true).open(&self.launch.log)?;
+        let err = log.try_clone()?;
+        let mut cmd = Command::new(&self.launch.program);
+        cmd.args(&self.launch.args)
+            .envs(self.launch.env.iter().map(|(k, v)| (k, v)))
+            .env(RUN_ENV, run_id)
+            .stdin(Stdio::null())
+            .stdout(log)
+            .stderr(err)
+            .process_group(0)
+            .kill_on_drop(true);
+        self.child = Some(cmd.spawn()?);
+        self.paused = false;
+        self.starts += 1;
+        Ok(())
+    }
+
+    pub fn pid(&self) -> Option<u32> {
+        self.child.as_ref().and_then(|c| c.id())
+    }
+
+    pub fn state(&mut self) -> State {
+        match self.child.as_mut().map(|c| c.try_wait()) {
+            Some(Ok(None)) if self.paused => State::Paused,
+            Some(Ok(None)) => State::Running,
+            _ => State::Down,
+        }
+    }
+
+    fn signal(&self, sig: Signal) {
+        if let Some(pid) = self.pid().and_then(|p| Pid::from_raw(p as i32)) {
+            let _ = kill_process(pid, sig);
+        }
+    }
+
+    /// SIGKILL (after SIGCONT, so a paused process dies too) and reap.
+    pub async fn kill(&mut self) {
+        self.signal(Signal::CONT);
+        if let Some(mut c) = self.child.take() {
+            let _ = c.start_kill();
+            let _ = tokio::time::timeout(Duration::from_secs(5), c.wait()).await;
+        }
+        self.paused = false;
+    }
+
+    /// SIGTERM, then SIGKILL after `grace`.
+    pub async fn terminate(&mut self, grace: Duration) {
+        self.signal(Signal::CONT);
+        self.signal(Signal::TERM);
+        if let Some(c) = self.child.as_mut() {
+            if tokio::time::timeout(grace, c.wait()).await.is_ok() {
+                self.child = None;
+            }
+        }
+        self.kill().await;
+    }
+
+    pub fn pause(&mut self) {
+        self.signal(Signal::STOP);
+        self.paused = true;
+    }
+
+    pub fn resume(&mut self) {
+        self.signal(Signal::CONT);
+        self.paused = false;
+    }
+}
+
+/// Pids of every live process whose environment carries `FLOTILLA_CHAOS_RUN=<run_id>`
+/// (any run when `run_id` is None).
+pub fn marked(run_id: Option<&str>) -> Vec<u32> {
+    let me = std::process::id();
+    let mut out = Vec::new();
+    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+        if pid == me {
+            continue;
+        }
+        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let hit = env.split(|b| *b == 0).any(|kv| match (kv.strip_prefix(RUN_ENV.as_bytes()), run_id) {
+            (Some(rest), Some(id)) => rest.first() == Some(&b'=') && &rest[1..] == id.as_bytes(),
+            (Some(rest), None) => rest.first() == Some(&b'='),
+            (None, _) => false,
+        });
+        if hit {
+            out.push(pid);
+        }
+    }
+    out
+}
+
+/// SIGKILLs (with their process groups) every process of run `run_id` (or of every run).
+/// Returns how many were found.
+pub fn cleanup(run_id: Option<&str>) -> usize {
+    let pids = marked(run_id);
+    for pid in &pids {
+        if let Some(p) = Pid::from_raw(*pid as i32) {
+            let _ = kill_process(p, Signal::CONT);
+            let _ = kill_process_group(p, Signal::KILL);
+            let _ = kill_process(p, Signal::KILL);
+        }
+    }
+    pids.len()
+}
+
+/// A free loopback port (bound, then released for the process that will use it).
+pub fn free_port() -> std::io::Result<u16> {
+    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+/// The last `n` lines of a log, for failure messages.
+pub fn log_tail(path: &Path, n: usize) -> String {
+    let text = std::fs::read_to_string(path).unwrap_or_default();
+    let lines: Vec<&str> = text.lines().collect();
+    lines[lines.len().saturating_sub(n)..].join("\n")
+}

@@ -1,0 +1,52 @@
+//! Follows the store's replica changes through any live server (resuming after the last
+//! revision on reconnect, so no event is missed or seen twice) and feeds them to the
+//! [`PlacementChecker`].
+
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use flotilla_api::pb::watch_event::Type;
+use flotilla_api::pb::WatchRequest;
+use tonic::transport::Endpoint;
+
+use crate::placement::PlacementChecker;
+
+/// Runs until aborted, recording into `checker`.
+pub async fn placement(servers: Vec<String>, checker: Arc<Mutex<PlacementChecker>>) {
+    let mut after = 0u64;
+    let mut i = 0usize;
+    loop {
+        let addr = &servers[i % servers.len()];
+        i += 1;
+        let Ok(ep) = Endpoint::from_shared(format!("http://{addr}")) else { continue };
+        let Ok(ch) = ep.connect_timeout(Duration::from_millis(300)).connect().await else {
+            tokio::time::sleep(Duration::from_millis(100)).await;
+            continue;
+        };
+        let req = WatchRequest { kind: "replica".into(), after_revision: after };
+        let mut stream = match ObjectServiceClient::new(ch).watch(req).await {
+            Ok(s) => s.into_inner(),
+            Err(s) if s.code() == tonic::Code::OutOfRange => {
+                let mut c = checker.lock().unwrap_or_else(|p| p.into_inner());
+                c.violations
+                    .push(format!("watch history compacted past revision {after}; placement not checked there"));
+                after = 0;
+                continue;
+            }
+            Err(_) => {
+                tokio::time::sleep(Duration::from_millis(100)).await;
+                continue;
+            }
+        };
+        while let Ok(Some(ev)) = stream.message().await {
+            let Some(obj) = ev.object else { continue };
+            let binding = match Type::try_from(ev.r#type) {
+                Ok(Type::Put) => PlacementChecker::binding_of(&obj.spec_json),
+                _ => None,
+            };
+            checker.lock().unwrap_or_else(|p| p.into_inner()).apply(ev.revision, &obj.name, binding);
+            after = after.max(ev.revision);
+        }
+    }
+}
