@@ -120,7 +120,7 @@ async fn endpoints_once(gw: &Gateway, addr: &str) -> Result<(), (Option<tonic::S
     while let Some(msg) = stream.next().await {
         let set = msg.map_err(|s| (Some(s.clone()), s.to_string()))?;
         tracing::debug!(server = %addr, endpoints = set.endpoints.len(), revision = set.store_revision, "endpoint snapshot");
-        gw.dir.set_endpoints(endpoint_set(&set));
+        gw.dir.set_cluster_endpoints(endpoint_set(&set));
     }
     Err((None, "stream ended".into()))
 }

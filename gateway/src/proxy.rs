@@ -19,6 +19,7 @@ use tokio::time::{Instant, Sleep};
 use crate::admission::{select, Lease, PickCtx};
 use crate::error::ApiError;
 use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
+use crate::qos::correction;
 use crate::request::ApiKind;
 use crate::sse::{usage_of_body, SseScanner, Usage};
 use crate::state::Gateway;
@@ -186,7 +187,7 @@ impl Tracker {
         if let Some(u) = self.usage {
             match (self.first_token, self.last_token) {
                 (Some(ft), Some(lt)) if u.completion_tokens > 1 && lt > ft => {
-                    let tpot = lt.duration_since(ft) / (u.completion_tokens as u32 - 1).max(1);
+                    let tpot = lt.duration_since(ft) / u32::try_from(u.completion_tokens - 1).unwrap_or(u32::MAX);
                     m.tpot.get_or_create(&el).observe(tpot.as_secs_f64());
                     lease.stats.record_tpot(tpot);
                 }
@@ -203,9 +204,9 @@ impl Tracker {
             let tt = |d: &str| TenantTokenLabels { tenant: self.tenant.clone(), direction: d.into() };
             m.tenant_tokens.get_or_create(&tt("in")).inc_by(u.prompt_tokens);
             m.tenant_tokens.get_or_create(&tt("out")).inc_by(u.completion_tokens);
-            let total = u.prompt_tokens + u.completion_tokens;
+            let total = u.total();
             self.gw.limits.record_tokens(&self.tenant, total, Instant::now());
-            self.gw.admission.charge(&self.queue_model, &self.tenant, total as i64 - self.cost_estimate as i64);
+            self.gw.admission.charge(&self.queue_model, &self.tenant, correction(total, self.cost_estimate));
         }
         drop(lease);
     }

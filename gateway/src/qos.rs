@@ -18,6 +18,13 @@ fn class_index(c: PriorityClass) -> usize {
     }
 }
 
+/// The counter correction once a request's real token count is known: `actual - estimate`,
+/// saturating (an engine may report absurd usage).
+pub fn correction(actual: u64, estimate: u64) -> i64 {
+    let as_i64 = |v: u64| i64::try_from(v).unwrap_or(i64::MAX);
+    as_i64(actual).saturating_sub(as_i64(estimate))
+}
+
 /// One queued request.
 #[derive(Debug)]
 pub struct Waiter<T> {
@@ -101,14 +108,16 @@ impl<T> FairQueue<T> {
             self.classes[c].remove(&t);
         }
         self.len -= 1;
-        *self.counters.entry(t).or_insert(0) += w.cost as i64;
+        // Saturating: costs and corrections come from request bodies and engine reports.
+        let c = self.counters.entry(t).or_insert(0);
+        *c = c.saturating_add(i64::try_from(w.cost).unwrap_or(i64::MAX));
         Some(w)
     }
 
     /// Corrects a tenant's counter once the real token count is known.
     pub fn charge(&mut self, tenant: &str, delta: i64) {
         if let Some(c) = self.counters.get_mut(tenant) {
-            *c += delta;
+            *c = c.saturating_add(delta);
         }
     }
 
@@ -189,6 +198,27 @@ mod tests {
         assert_eq!(q.counter("light"), 50);
         q.charge("light", -5);
         assert_eq!(q.counter("light"), 45);
+    }
+
+    /// Found by `gateway/tests/proptest_qos.rs`: a huge cost or correction (an engine
+    /// reporting absurd usage) overflowed the counter: a panic in debug builds, and in
+    /// release a wrapped, very negative counter that put the tenant first for good.
+    #[test]
+    fn counters_saturate_instead_of_overflowing() {
+        let mut q = FairQueue::default();
+        q.push(w(1, Standard, "a", u64::MAX));
+        q.pop();
+        assert_eq!(q.counter("a"), i64::MAX);
+        q.push(w(2, Standard, "a", 1));
+        q.pop();
+        q.charge("a", i64::MAX);
+        assert_eq!(q.counter("a"), i64::MAX);
+        q.charge("a", i64::MIN);
+        q.charge("a", i64::MIN);
+        assert_eq!(q.counter("a"), i64::MIN);
+        assert_eq!(correction(u64::MAX, 10), i64::MAX - 10);
+        assert_eq!(correction(0, u64::MAX), -i64::MAX);
+        assert_eq!(correction(300, 256), 44);
     }
 
     #[test]

@@ -53,12 +53,19 @@ struct Body {
     model: Option<serde_json::Value>,
     #[serde(default)]
     stream: Option<serde_json::Value>,
-    stream_options: Option<StreamOptions>,
+    /// `Some(None)` when present but null: still a key [`with_include_usage`] must replace.
+    #[serde(default, deserialize_with = "present")]
+    stream_options: Option<Option<StreamOptions>>,
     max_tokens: Option<serde_json::Value>,
     max_completion_tokens: Option<serde_json::Value>,
     prompt: Option<serde_json::Value>,
     input: Option<serde_json::Value>,
     messages: Option<Vec<Message>>,
+}
+
+/// Deserializes a field that is present (even as null) to `Some`.
+fn present<'de, D: serde::Deserializer<'de>, T: Deserialize<'de>>(d: D) -> Result<Option<T>, D::Error> {
+    T::deserialize(d).map(Some)
 }
 
 #[derive(Deserialize)]
@@ -157,7 +164,7 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
         },
     }
     let (include_usage, has_stream_options) = match &b.stream_options {
-        Some(o) => (o.include_usage.unwrap_or(false), true),
+        Some(o) => (o.as_ref().and_then(|o| o.include_usage).unwrap_or(false), true),
         None => (false, false),
     };
     Ok(RequestFeatures { model, stream, include_usage, has_stream_options, max_tokens, prompt, session: None })
@@ -236,5 +243,20 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         let body = br#"{"model":"m","stream":true,"prompt":"x","stream_options":{"include_usage":true}}"#;
         assert!(with_include_usage(body, &parse(ApiKind::Completions, body).unwrap()).is_none());
+    }
+
+    /// Found by `gateway/tests/proptest_request.rs`: `"stream_options": null` counted as
+    /// absent, so the splice added a second `stream_options` key; the engine (last key
+    /// wins) saw null and sent no usage, and the gateway's own parse refused the body.
+    #[test]
+    fn null_stream_options_are_replaced_not_duplicated() {
+        let body = br#"{"model":"m","stream":true,"prompt":"x","stream_options":null}"#;
+        let f = parse(ApiKind::Completions, body).unwrap();
+        assert!(f.has_stream_options && !f.include_usage);
+        let out = with_include_usage(body, &f).unwrap();
+        let again = parse(ApiKind::Completions, &out).unwrap();
+        assert!(again.include_usage);
+        let v: serde_json::Value = serde_json::from_slice(&out).unwrap();
+        assert_eq!(v["stream_options"]["include_usage"], true);
     }
 }

@@ -15,6 +15,13 @@ pub struct Usage {
     pub completion_tokens: u64,
 }
 
+impl Usage {
+    /// Prompt plus completion tokens (saturating: the numbers come from the engine).
+    pub fn total(&self) -> u64 {
+        self.prompt_tokens.saturating_add(self.completion_tokens)
+    }
+}
+
 #[derive(Deserialize)]
 struct Chunk {
     #[serde(default)]
@@ -155,5 +162,9 @@ data: [DONE]\n\n";
             Some(Usage { prompt_tokens: 4, completion_tokens: 1 })
         );
         assert_eq!(usage_of_body(b"not json"), None);
+        // Found while writing gateway/tests/proptest_qos.rs: the sum overflowed (a panic
+        // in a Drop in debug builds) for an engine reporting absurd usage.
+        let huge = usage_of_body(br#"{"usage":{"prompt_tokens":18446744073709551615,"completion_tokens":2}}"#);
+        assert_eq!(huge.map(|u| u.total()), Some(u64::MAX));
     }
 }

@@ -181,9 +181,43 @@ impl Tenants {
     }
 }
 
+/// Static stability across control-plane updates: a model that still exists but whose
+/// every endpoint vanished from one snapshot keeps its previous endpoints for up to
+/// `grace` (recorded in `held`, per model, from the first snapshot without them). A node the
+/// leader lost contact with (a partition, an agent restart) has its replicas rescheduled
+/// break-before-make, yet its engines usually still serve; dropping them all at once
+/// turned every such reschedule into a model-wide outage until the replacements were Ready.
+/// Engines that really died are ejected by failed requests as always. A deleted model
+/// (absent from `models`) loses its endpoints at once. Pure.
+pub fn carry_over(
+    prev: &EndpointSet,
+    mut next: EndpointSet,
+    models: &HashMap<String, RoutingStrategy>,
+    held: &mut HashMap<String, tokio::time::Instant>,
+    now: tokio::time::Instant,
+    grace: std::time::Duration,
+) -> EndpointSet {
+    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && models.contains_key(m));
+    for (model, eps) in &prev.by_model {
+        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !models.contains_key(model) {
+            continue;
+        }
+        let since = *held.entry(model.clone()).or_insert(now);
+        if now.saturating_duration_since(since) < grace {
+            next.by_model.insert(model.clone(), eps.clone());
+        }
+    }
+    next
+}
+
+/// How long a model's last endpoints are kept after a snapshot without any ([`carry_over`]).
+pub const STALE_ENDPOINT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
+
 /// Everything discovery writes and requests read.
 #[derive(Debug, Default)]
 pub struct Directory {
+    /// Models whose endpoints are carried over, and since when ([`carry_over`]).
+    held: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
     endpoints: RwLock<Arc<EndpointSet>>,
     routing: RwLock<Arc<HashMap<String, RoutingStrategy>>>,
     tenants: RwLock<Arc<Tenants>>,
@@ -198,6 +232,19 @@ impl Directory {
     pub fn set_endpoints(&self, set: EndpointSet) {
         *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
         self.synced.store(true, std::sync::atomic::Ordering::Release);
+    }
+    /// Installs a snapshot from the control plane, carrying over the last endpoints of a
+    /// model that lost them all ([`carry_over`]).
+    pub fn set_cluster_endpoints(&self, set: EndpointSet) {
+        let prev = self.endpoints();
+        let models = self.routing.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
+        let next = carry_over(&prev, set, &models, &mut held, tokio::time::Instant::now(), STALE_ENDPOINT_GRACE);
+        if !held.is_empty() {
+            tracing::warn!(models = ?held.keys().collect::<Vec<_>>(), "no endpoints in the latest snapshot; keeping the last ones");
+        }
+        drop(held);
+        self.set_endpoints(next);
     }
     pub fn synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
@@ -219,6 +266,33 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_model_that_lost_every_endpoint_keeps_them_for_the_grace_only_while_it_exists() {
+        let t0 = tokio::time::Instant::now();
+        let grace = std::time::Duration::from_secs(60);
+        let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
+        let models: HashMap<String, RoutingStrategy> =
+            ["a", "b"].iter().map(|m| (m.to_string(), RoutingStrategy::default())).collect();
+        let mut held = HashMap::new();
+        let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1")]);
+        // b keeps one endpoint: no carry-over; a lost all: kept.
+        let next = carry_over(&prev, set(&[("b", "2.2.2.2:2")]), &models, &mut held, t0, grace);
+        assert_eq!(next.by_model["a"][0].authority.as_str(), "1.1.1.1:1");
+        assert_eq!(next.by_model["b"].len(), 1);
+        assert_eq!(next.by_model["b"][0].authority.as_str(), "2.2.2.2:2");
+        // still none 59 s later: still kept; at 60 s: dropped.
+        let again = carry_over(&next, set(&[]), &models, &mut held, t0 + grace / 60 * 59, grace);
+        assert!(again.by_model.contains_key("a"));
+        let later = carry_over(&again, set(&[]), &models, &mut held, t0 + grace, grace);
+        assert!(!later.by_model.contains_key("a"), "held past the grace");
+        // endpoints back: the hold ends; a deleted model is dropped at once.
+        let back = carry_over(&later, set(&[("a", "1.1.1.1:3")]), &models, &mut held, t0 + grace, grace);
+        assert!(!held.contains_key("a") && back.by_model["a"].len() == 1);
+        let gone: HashMap<String, RoutingStrategy> = HashMap::new();
+        let deleted = carry_over(&back, set(&[]), &gone, &mut held, t0 + grace, grace);
+        assert!(deleted.by_model.is_empty() && held.is_empty());
+    }
 
     fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
         let mut e = Endpoint::new(model, addr.parse().unwrap());
