@@ -76,7 +76,7 @@ pub async fn run(cmd: ChaosCommand, bin: &Path) -> Result<(), ChaosError> {
         }
         ChaosCommand::Soak(a) => soak(a, bin).await,
         ChaosCommand::Cleanup => {
-            let n = crate::procs::cleanup(None);
+            let n = crate::procs::cleanup(crate::procs::Runs::All);
             println!("chaos cleanup: killed {n} process(es) left by chaos runs");
             Ok(())
         }
@@ -95,7 +95,12 @@ async fn one(scenario: &Scenario, seed: u64, bin: &Path, dir: Option<&Path>) -> 
     std::fs::create_dir_all(&path).map_err(|e| failed(format!("{}: {e}", path.display())))?;
     let result = tokio::select! {
         r = run::run(scenario, seed, bin, &path) => r,
-        _ = interrupted() => Err(anyhow::anyhow!("interrupted; every process of the run was stopped")),
+        _ = interrupted() => {
+            // The run's future was dropped: its direct children died with it (kill on
+            // drop), the engines they started are found by their mark.
+            crate::procs::cleanup(crate::procs::Runs::OfHarness(std::process::id()));
+            Err(anyhow::anyhow!("interrupted; every process of the run was stopped"))
+        }
     };
     let report = match result {
         Ok(r) => r,

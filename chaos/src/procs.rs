@@ -120,9 +120,34 @@ impl Proc {
     }
 }
 
-/// Pids of every live process whose environment carries `FLOTILLA_CHAOS_RUN=<run_id>`
-/// (any run when `run_id` is None).
-pub fn marked(run_id: Option<&str>) -> Vec<u32> {
+/// Which runs' processes to find.
+#[derive(Debug, Clone, Copy)]
+pub enum Runs<'a> {
+    /// One run, by id.
+    One(&'a str),
+    /// Every run of the harness process with this pid (run ids start with `<pid>-`).
+    OfHarness(u32),
+    /// Every run.
+    All,
+}
+
+impl Runs<'_> {
+    fn matches(&self, value: &[u8]) -> bool {
+        match self {
+            Runs::One(id) => value == id.as_bytes(),
+            Runs::OfHarness(pid) => value.starts_with(format!("{pid}-").as_bytes()),
+            Runs::All => true,
+        }
+    }
+}
+
+/// The id of a run: `<harness pid>-<scenario>-<seed>`.
+pub fn run_id(scenario: &str, seed: u64) -> String {
+    format!("{}-{scenario}-{seed}", std::process::id())
+}
+
+/// Pids of every live process whose environment carries `FLOTILLA_CHAOS_RUN` of `runs`.
+pub fn marked(runs: Runs<'_>) -> Vec<u32> {
     let me = std::process::id();
     let mut out = Vec::new();
     for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
@@ -131,10 +156,10 @@ pub fn marked(run_id: Option<&str>) -> Vec<u32> {
             continue;
         }
         let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
-        let hit = env.split(|b| *b == 0).any(|kv| match (kv.strip_prefix(RUN_ENV.as_bytes()), run_id) {
-            (Some(rest), Some(id)) => rest.first() == Some(&b'=') && &rest[1..] == id.as_bytes(),
-            (Some(rest), None) => rest.first() == Some(&b'='),
-            (None, _) => false,
+        let hit = env.split(|b| *b == 0).any(|kv| {
+            kv.strip_prefix(RUN_ENV.as_bytes())
+                .and_then(|rest| rest.strip_prefix(b"="))
+                .is_some_and(|value| runs.matches(value))
         });
         if hit {
             out.push(pid);
@@ -143,10 +168,10 @@ pub fn marked(run_id: Option<&str>) -> Vec<u32> {
     out
 }
 
-/// SIGKILLs (with their process groups) every process of run `run_id` (or of every run).
-/// Returns how many were found.
-pub fn cleanup(run_id: Option<&str>) -> usize {
-    let pids = marked(run_id);
+/// SIGKILLs (with their process groups) every process of `runs`. Returns how many were
+/// found.
+pub fn cleanup(runs: Runs<'_>) -> usize {
+    let pids = marked(runs);
     for pid in &pids {
         if let Some(p) = Pid::from_raw(*pid as i32) {
             let _ = kill_process(p, Signal::CONT);

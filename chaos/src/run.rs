@@ -105,7 +105,7 @@ fn longest_write_gap(history: &[Op], end_ns: u64) -> Duration {
 /// Runs `scenario` with `seed`, processes from `bin`, files under `dir`.
 pub async fn run(scenario: &Scenario, seed: u64, bin: &Path, dir: &Path) -> anyhow::Result<Report> {
     let started = Instant::now();
-    let run_id = format!("{}-{seed}-{}", scenario.name, std::process::id());
+    let run_id = crate::procs::run_id(&scenario.name, seed);
     let mut report =
         Report { scenario: scenario.name.clone(), seed, keys: scenario.workload.keys, ..Report::default() };
     println!(

@@ -3,7 +3,7 @@
 //! rejects a malformed scenario. The whole set runs with `flotilla chaos soak`.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
+use std::process::{Command, Stdio};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
@@ -11,14 +11,38 @@ fn scenario(name: &str) -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR")).join("../chaos/scenarios").join(name)
 }
 
+/// Live processes a chaos harness with pid `harness` started (their environment carries
+/// `FLOTILLA_CHAOS_RUN=<harness pid>-...`).
+fn left_behind(harness: u32) -> Vec<u32> {
+    let want = format!("FLOTILLA_CHAOS_RUN={harness}-");
+    std::fs::read_dir("/proc")
+        .into_iter()
+        .flatten()
+        .flatten()
+        .filter_map(|e| {
+            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
+            let env = std::fs::read(e.path().join("environ")).ok()?;
+            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
+            let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
+            (!zombie && env.split(|b| *b == 0).any(|kv| kv.starts_with(want.as_bytes()))).then_some(pid)
+        })
+        .collect()
+}
+
 fn chaos_run(file: &Path, seed: u64) -> (i32, String) {
-    let out = Command::new(BIN)
+    let child = Command::new(BIN)
         .args(["chaos", "run"])
         .arg(file)
         .args(["--seed", &seed.to_string()])
-        .output()
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("run flotilla chaos");
+    let pid = child.id();
+    let out = child.wait_with_output().expect("wait for flotilla chaos");
     let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    let left = left_behind(pid);
+    assert!(left.is_empty(), "the run left processes behind: {left:?}\n{text}");
     (out.status.code().unwrap_or(-1), text)
 }
 
@@ -37,9 +61,29 @@ fn ci_scenarios_hold_every_invariant() {
         assert_eq!(code, 0, "{name} (seed {seed}) failed:\n{out}");
         assert!(out.contains("anomalies                          0"), "{out}");
     }
-    // Nothing the runs started is left behind.
-    let left = Command::new(BIN).args(["chaos", "cleanup"]).output().expect("cleanup");
-    assert!(String::from_utf8_lossy(&left.stdout).contains("killed 0 process"), "{left:?}");
+}
+
+/// SIGTERM to the harness mid-run: it stops every process of the run, engines included.
+#[test]
+fn an_interrupted_run_leaves_no_process_behind() {
+    use std::io::{BufRead, BufReader};
+    let mut child = Command::new(BIN)
+        .args(["chaos", "run"])
+        .arg(scenario("engine-crash-storm.yaml"))
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .expect("run flotilla chaos");
+    let pid = child.id();
+    let mut lines = BufReader::new(child.stdout.take().unwrap()).lines();
+    let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("cluster ready"));
+    assert!(ready, "the run never got its cluster ready");
+    assert!(!left_behind(pid).is_empty(), "the run's processes are visible by their mark");
+    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(1));
+    let left = left_behind(pid);
+    assert!(left.is_empty(), "left behind after SIGTERM: {left:?}");
 }
 
 /// A gateway killed under load with no engine fault: the data-plane checker must call the

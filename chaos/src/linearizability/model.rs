@@ -12,7 +12,7 @@
 use std::fmt;
 
 /// One op, compiled for the model: values interned, the answer folded in.
-#[derive(Clone, Debug)]
+#[derive(Clone, Debug, PartialEq, Eq, Hash)]
 pub(super) enum Step {
     /// A read that answered `Some((value, revision))` or `None` (absent).
     Read(Option<(u32, u64)>),
@@ -24,7 +24,7 @@ pub(super) enum Step {
     Delete,
 }
 
-#[derive(Clone, Copy, Debug)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 pub(super) enum CasOutcome {
     Ok(u64),
     Conflict,

@@ -14,11 +14,12 @@
 //! so it never blocks the walk: it may be lifted at any point after its call, or never; the
 //! search succeeds as soon as every op that returned is linearized.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 
-use super::model::{apply, State, Step};
+use super::model::{apply, CasOutcome, State, Step};
 
 /// One op of a key, as the search sees it.
+#[derive(Clone, Debug)]
 pub(super) struct SearchOp {
     pub step: Step,
     pub invoke: u64,
@@ -42,9 +43,7 @@ pub(super) enum Outcome {
     Linearizable,
     Violation(Frontier),
     /// The step budget ran out before the search finished.
-    Exhausted {
-        steps: u64,
-    },
+    Exhausted,
 }
 
 const HEAD: usize = 0;
@@ -119,104 +118,96 @@ impl Events {
     }
 }
 
-/// Which ops are linearized so far, as two bitsets: ops that returned, ops with no answer.
-struct Placed {
-    answered: Vec<u64>,
-    unanswered: Vec<u64>,
-}
-
-impl Placed {
-    fn flip(&mut self, op: usize, answered: bool) {
-        let bits = if answered { &mut self.answered } else { &mut self.unanswered };
-        bits[op / 64] ^= 1 << (op % 64);
+/// Whether placing the blind overwrite `next` (a write or delete: it replaces the register
+/// without looking at it) on top of `stack` would make an unanswered op pointless: the last op
+/// placed before a run of CAS conflicts is unanswered, and those conflicts hold without it.
+/// Nothing then saw its effect, so the order is dominated by the same order without it (which
+/// only lowers the revision floor), and that order is searched anyway: an unanswered op never
+/// has to precede anything, so every op placed after it could have been placed without it.
+fn hides_unanswered(ops: &[SearchOp], stack: &[(usize, State)], next: usize) -> bool {
+    if !matches!(ops[next].step, Step::Write { .. } | Step::Delete) {
+        return false;
     }
-}
-
-/// The explored points of the search. A point is (placed answered ops, placed unanswered ops,
-/// model state). Beyond Lowe's exact-repeat pruning, a point is also pruned when a finished
-/// (failed) point had the same answered ops and state and a subset of its unanswered ops: the
-/// ops that may come next depend only on which *answered* ops are placed (an unanswered op
-/// never has to precede anything), so having placed more unanswered ops only removes options.
-#[derive(Default)]
-struct Memo {
-    points: HashMap<(Box<[u64]>, State), Vec<(Box<[u64]>, bool)>>,
-}
-
-impl Memo {
-    /// Records a point about to be explored; false if it need not be.
-    fn enter(&mut self, placed: &Placed, state: &State) -> bool {
-        let seen = self.points.entry((placed.answered.clone().into_boxed_slice(), state.clone())).or_default();
-        let subsumed = seen.iter().any(|(unanswered, finished)| {
-            **unanswered == *placed.unanswered
-                || (*finished && unanswered.iter().zip(&placed.unanswered).all(|(a, b)| a & !b == 0))
-        });
-        if !subsumed {
-            seen.push((placed.unanswered.clone().into_boxed_slice(), false));
+    let conflict = |op: usize| matches!(ops[op].step, Step::Cas { outcome: CasOutcome::Conflict, .. });
+    let run = stack.iter().rev().take_while(|(op, _)| conflict(*op)).count();
+    let Some((last, before)) = stack.len().checked_sub(run + 1).map(|at| &stack[at]) else { return false };
+    if ops[*last].complete.is_some() || matches!(ops[*last].step, Step::Read(_)) {
+        return false;
+    }
+    let mut state = before.clone();
+    stack[stack.len() - run..].iter().all(|(op, _)| match apply(&state, &ops[*op].step) {
+        Ok(next) => {
+            state = next;
+            true
         }
-        !subsumed
-    }
-
-    /// Marks a point entered earlier as explored without success.
-    fn finish(&mut self, placed: &Placed, state: &State) {
-        let key = (placed.answered.clone().into_boxed_slice(), state.clone());
-        if let Some(seen) = self.points.get_mut(&key) {
-            if let Some(point) = seen.iter_mut().find(|(unanswered, _)| **unanswered == *placed.unanswered) {
-                point.1 = true;
-            }
-        }
-    }
+        Err(_) => false,
+    })
 }
 
-/// Searches for a linearization of `ops`, trying at most `budget` model steps.
-pub(super) fn search(ops: &[SearchOp], budget: u64) -> Outcome {
+/// Searches for a linearization of `ops`, trying at most `budget` model steps; returns the
+/// outcome and the steps taken.
+pub(super) fn search(ops: &[SearchOp], budget: u64) -> (Outcome, u64) {
     let mut remaining = ops.iter().filter(|op| op.complete.is_some()).count();
     if remaining == 0 {
-        return Outcome::Linearizable;
+        return (Outcome::Linearizable, 0);
     }
     let mut events = Events::new(ops);
-    let words = ops.len().div_ceil(64);
-    let mut placed = Placed { answered: vec![0; words], unanswered: vec![0; words] };
-    let mut memo = Memo::default();
+    // Unanswered ops with the same step are interchangeable once invoked, so each point tries
+    // only the earliest unplaced one of each kind: `twin[op]` is the previous such op.
+    let mut twin = vec![None; ops.len()];
+    let mut last_of_kind: HashMap<&Step, usize> = HashMap::new();
+    let mut by_invoke: Vec<usize> = (0..ops.len()).filter(|&op| ops[op].complete.is_none()).collect();
+    by_invoke.sort_by_key(|&op| (ops[op].invoke, op));
+    for op in by_invoke {
+        twin[op] = last_of_kind.insert(&ops[op].step, op);
+    }
+    let mut linearized = vec![0u64; ops.len().div_ceil(64)];
+    let mut seen: HashSet<(Box<[u64]>, State)> = HashSet::new();
     let mut stack: Vec<(usize, State)> = Vec::new();
     let mut state = State::initial();
     let mut deepest: Option<Frontier> = None;
     let mut steps = 0u64;
-    // Each point of the search tries the ops that returned before those that got no answer:
-    // an unanswered op is placed only where no answered op can go next. Together with the
-    // memo's subsumption this keeps the unanswered ops of a chaos run from multiplying the
-    // search: a point reached with an extra unanswered op placed (and overwritten since) is
-    // usually one already explored without it.
     let mut unanswered_pass = false;
     let mut cursor = events.next[HEAD];
     loop {
         let is_event = cursor < events.op.len() - 1;
         if is_event && events.is_call[cursor] {
             let op = events.op[cursor];
-            let answered = ops[op].complete.is_some();
-            if answered == unanswered_pass {
+            let placed_twin = |t: usize| linearized[t / 64] & (1 << (t % 64)) != 0;
+            if ops[op].complete.is_none() != unanswered_pass || twin[op].is_some_and(|t| !placed_twin(t)) {
+                cursor = events.next[cursor];
+                continue;
+            }
+            // Prune orders where an unanswered op had no visible effect.
+            if hides_unanswered(ops, &stack, op) {
                 cursor = events.next[cursor];
                 continue;
             }
             steps += 1;
             if steps > budget {
-                return Outcome::Exhausted { steps: budget };
+                return (Outcome::Exhausted, budget);
             }
-            if let Ok(next) = apply(&state, &ops[op].step) {
-                placed.flip(op, answered);
-                if memo.enter(&placed, &next) {
-                    stack.push((op, std::mem::replace(&mut state, next)));
-                    events.lift(op);
-                    if answered {
-                        remaining -= 1;
-                        if remaining == 0 {
-                            return Outcome::Linearizable;
+            match apply(&state, &ops[op].step) {
+                // An unanswered op that changes nothing is as good as never placed.
+                Ok(next) if ops[op].complete.is_none() && next == state => {}
+                Ok(next) => {
+                    linearized[op / 64] |= 1 << (op % 64);
+                    if seen.insert((linearized.clone().into_boxed_slice(), next.clone())) {
+                        stack.push((op, std::mem::replace(&mut state, next)));
+                        events.lift(op);
+                        if ops[op].complete.is_some() {
+                            remaining -= 1;
+                            if remaining == 0 {
+                                return (Outcome::Linearizable, steps);
+                            }
                         }
+                        unanswered_pass = false;
+                        cursor = events.next[HEAD];
+                        continue;
                     }
-                    unanswered_pass = false;
-                    cursor = events.next[HEAD];
-                    continue;
+                    linearized[op / 64] &= !(1 << (op % 64));
                 }
-                placed.flip(op, answered);
+                Err(_) => {}
             }
             cursor = events.next[cursor];
             continue;
@@ -237,18 +228,15 @@ pub(super) fn search(ops: &[SearchOp], budget: u64) -> Outcome {
             });
         }
         let Some((op, previous)) = stack.pop() else {
-            return Outcome::Violation(deepest.expect("the walk reaches a return before the stack empties"));
+            return (Outcome::Violation(deepest.expect("the walk reaches a return before the stack empties")), steps);
         };
-        memo.finish(&placed, &state);
-        let answered = ops[op].complete.is_some();
         state = previous;
-        placed.flip(op, answered);
+        linearized[op / 64] &= !(1 << (op % 64));
         events.unlift(op);
-        if answered {
+        if ops[op].complete.is_some() {
             remaining += 1;
         }
-        // Resume the pass that placed it, after it.
-        unanswered_pass = !answered;
+        unanswered_pass = ops[op].complete.is_none();
         cursor = events.next[events.call_of[op]];
     }
 }
