@@ -51,6 +51,8 @@ mod search;
 mod tests;
 #[cfg(test)]
 mod tests_random;
+#[cfg(test)]
+mod tests_reference;
 
 use std::collections::BTreeMap;
 use std::fmt;

@@ -38,6 +38,8 @@ pub struct Report {
     /// Longest stretch without an acknowledged write, during the fault phase.
     pub longest_write_gap: Duration,
     pub placement_events: u64,
+    /// Sim engine processes that exited during the run (crashed, or stopped by an agent).
+    pub engine_deaths: usize,
     pub data: DataSummary,
     /// Heal → every model converged (None: did not within the bound).
     pub convergence: Option<Duration>,
@@ -62,6 +64,7 @@ impl Report {
         );
         row(&mut t, "longest write unavailability", format!("{:.2} s", self.longest_write_gap.as_secs_f64()));
         row(&mut t, "placement events checked", self.placement_events.to_string());
+        row(&mut t, "engine processes that exited", self.engine_deaths.to_string());
         let d = &self.data;
         row(
             &mut t,
@@ -151,6 +154,8 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
         ))),
         _ => None,
     };
+    let deaths = Arc::new(Mutex::new(Vec::new()));
+    let engine_watch = tokio::spawn(crate::watch::engine_deaths(cluster.run_id.clone(), t0, deaths.clone()));
     let checker = Arc::new(Mutex::new(PlacementChecker::default()));
     let placement = tokio::spawn(crate::watch::placement(servers.clone(), checker.clone()));
 
@@ -200,7 +205,15 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
 
     if let Some(d) = data {
         let outcomes = d.await.unwrap_or_default();
-        report.data = data_plane::summarize(&outcomes, &report.faults.engine_windows);
+        engine_watch.abort();
+        // Engines that died for any reason — injected, or stopped by the control plane when
+        // it moved their replica — open a window like an injected engine fault.
+        let died: Vec<Duration> = deaths.lock().unwrap_or_else(|p| p.into_inner()).clone();
+        report.engine_deaths = died.len();
+        let mut windows = report.faults.engine_windows.clone();
+        windows
+            .extend(died.iter().map(|d| (d.saturating_sub(Duration::from_secs(1)), *d + faults::ENGINE_FAULT_SETTLE)));
+        report.data = data_plane::summarize(&outcomes, &windows);
         if report.data.unattributed_failures > scenario.checks.allowed_unattributed_failures as usize {
             report.violations.push(format!(
                 "{} gateway requests failed while their engines were up (allowed {}): {}",

@@ -50,3 +50,27 @@ pub async fn placement(servers: Vec<String>, checker: Arc<Mutex<PlacementChecker
         }
     }
 }
+
+/// Polls (every 200 ms) the sim engine processes of run `run_id` and records when each one
+/// exits — whether the harness crashed it or an agent stopped it — as an offset from `t0`.
+pub async fn engine_deaths(run_id: String, t0: tokio::time::Instant, out: Arc<Mutex<Vec<Duration>>>) {
+    let mut alive: std::collections::HashSet<u32> = Default::default();
+    let mut tick = tokio::time::interval(Duration::from_millis(200));
+    loop {
+        tick.tick().await;
+        let now: std::collections::HashSet<u32> =
+            crate::procs::marked(crate::procs::Runs::One(&run_id)).into_iter().filter(|pid| is_engine(*pid)).collect();
+        let gone = alive.difference(&now).count();
+        if gone > 0 {
+            let at = t0.elapsed();
+            out.lock().unwrap_or_else(|p| p.into_inner()).extend(std::iter::repeat_n(at, gone));
+        }
+        alive = now;
+    }
+}
+
+/// A `flotilla sim` process (agents start sim engines as `<binary> sim ...`).
+fn is_engine(pid: u32) -> bool {
+    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    cmdline.split(|b| *b == 0).nth(1) == Some(b"sim".as_slice())
+}

@@ -16,7 +16,7 @@
 
 use std::collections::{HashMap, HashSet};
 
-use super::model::{apply, CasOutcome, State, Step};
+use super::model::{apply, CasOutcome, Rev, State, Step};
 
 /// One op of a key, as the search sees it.
 #[derive(Clone, Debug)]
@@ -144,6 +144,18 @@ fn hides_unanswered(ops: &[SearchOp], stack: &[(usize, State)], next: usize) -> 
     })
 }
 
+/// Whether `next` would follow an unanswered op it does not need: it also fits the state
+/// before that op, and that state holds a known revision (or nothing). Then swapping the two
+/// gives an order at least as permissive (a CAS conflict fitting both states leaves a known
+/// state as it is; no read or successful CAS fits both), and that order is searched anyway.
+/// After an unanswered op is placed, only an op that needs it may come next.
+fn needless_unanswered(ops: &[SearchOp], stack: &[(usize, State)], next: usize) -> bool {
+    let Some((last, before)) = stack.last() else { return false };
+    ops[*last].complete.is_none()
+        && !matches!(before.current, Some((_, Rev::Unknown { .. })))
+        && apply(before, &ops[next].step).is_ok()
+}
+
 /// Searches for a linearization of `ops`, trying at most `budget` model steps; returns the
 /// outcome and the steps taken.
 pub(super) fn search(ops: &[SearchOp], budget: u64) -> (Outcome, u64) {
@@ -179,7 +191,7 @@ pub(super) fn search(ops: &[SearchOp], budget: u64) -> (Outcome, u64) {
                 continue;
             }
             // Prune orders where an unanswered op had no visible effect.
-            if hides_unanswered(ops, &stack, op) {
+            if hides_unanswered(ops, &stack, op) || needless_unanswered(ops, &stack, op) {
                 cursor = events.next[cursor];
                 continue;
             }

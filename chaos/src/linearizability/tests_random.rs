@@ -11,14 +11,14 @@ use rand::{Rng, SeedableRng};
 
 use super::*;
 
-struct Sim {
-    clients: u32,
-    ops_per_client: usize,
-    keys: usize,
+pub(super) struct Sim {
+    pub clients: u32,
+    pub ops_per_client: usize,
+    pub keys: usize,
     /// Chance that an op gets no answer (it then takes effect in time, late, or never).
-    p_unanswered: f64,
+    pub p_unanswered: f64,
     /// Draw values from a few strings (repeats) instead of unique ones.
-    few_values: bool,
+    pub few_values: bool,
 }
 
 #[derive(Clone, Copy, Debug, PartialEq, Eq, PartialOrd, Ord)]
@@ -35,7 +35,7 @@ enum Event {
 /// simulation: each client issues ops one after another (a CAS usually expects the revision the
 /// client last saw for the key, sometimes a guess); each op takes effect at a random instant
 /// between its invocation and its answer, or, unanswered, in time, late or never.
-fn simulate(sim: &Sim, rng: &mut StdRng) -> Vec<Op> {
+pub(super) fn simulate(sim: &Sim, rng: &mut StdRng) -> Vec<Op> {
     let mut history: Vec<Op> = Vec::new();
     let mut queue: BinaryHeap<Reverse<(u64, u64, Event)>> = BinaryHeap::new();
     let mut seq = 0;
@@ -251,8 +251,8 @@ fn eight_clients_two_hundred_ops_five_keys_check_quickly() {
 
 #[test]
 fn tmp_probe() {
-    for n in [100] {
-        for seed in 1..2 {
+    for n in [25, 50, 100, 200] {
+        for seed in 0..3 {
             let mut rng = StdRng::seed_from_u64(seed);
             let sim = Sim { clients: 8, ops_per_client: n, keys: 1, p_unanswered: 0.1, few_values: false };
             let history = simulate(&sim, &mut rng);
