@@ -85,16 +85,4 @@ async fn read_limited(mut body: Incoming, limit: usize) -> Result<Vec<u8>, Strin
 }
 
 /// "outer: inner: root" for an error and its sources.
-pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
-    let mut s = e.to_string();
-    let mut cur = e.source();
-    while let Some(src) = cur {
-        let text = src.to_string();
-        if !s.contains(&text) {
-            s.push_str(": ");
-            s.push_str(&text);
-        }
-        cur = src.source();
-    }
-    s
-}
+pub use flotilla_engine::error_chain;

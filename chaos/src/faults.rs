@@ -224,39 +224,25 @@ pub async fn apply(
     Ok(())
 }
 
-fn down_processes(c: &mut Cluster) -> Vec<String> {
+/// Names of the servers, agents and gateway in `state`.
+fn processes_in(c: &mut Cluster, state: State) -> Vec<String> {
     let mut out = Vec::new();
-    for s in &mut c.servers {
-        if s.proc.state() == State::Down {
-            out.push(s.proc.name.clone());
-        }
-    }
-    for a in &mut c.agents {
-        if a.state() == State::Down {
-            out.push(a.name.clone());
-        }
-    }
-    if let Some((g, _)) = c.gateway.as_mut() {
-        if g.state() == State::Down {
-            out.push(g.name.clone());
+    let procs =
+        c.servers.iter_mut().map(|s| &mut s.proc).chain(c.agents.iter_mut()).chain(c.gateway.as_mut().map(|(g, _)| g));
+    for p in procs {
+        if p.state() == state {
+            out.push(p.name.clone());
         }
     }
     out
 }
 
+fn down_processes(c: &mut Cluster) -> Vec<String> {
+    processes_in(c, State::Down)
+}
+
 fn paused_processes(c: &mut Cluster) -> Vec<String> {
-    let mut out = Vec::new();
-    for s in &mut c.servers {
-        if s.proc.state() == State::Paused {
-            out.push(s.proc.name.clone());
-        }
-    }
-    for a in &mut c.agents {
-        if a.state() == State::Paused {
-            out.push(a.name.clone());
-        }
-    }
-    out
+    processes_in(c, State::Paused)
 }
 
 /// Heals everything at the end of the fault phase: network, paused and killed processes,

@@ -196,8 +196,9 @@ async fn read_limited(mut body: Incoming, limit: usize, url: &str) -> Result<Byt
     Ok(Bytes::from(out))
 }
 
-/// "outer: inner: root" for an error and its sources, without repeats.
-fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
+/// "outer: inner: root" for an error and its sources, without repeats (hyper's errors say
+/// little until their sources are read). Shared with the agent's download client.
+pub fn error_chain(e: &(dyn std::error::Error + 'static)) -> String {
     let mut s = e.to_string();
     let mut cur = e.source();
     while let Some(src) = cur {
