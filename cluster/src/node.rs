@@ -27,6 +27,8 @@ pub(crate) struct Node {
     pub(crate) metrics: Metrics,
     pub(crate) request_timeout: Duration,
     pub(crate) batcher: BatchTx,
+    /// The term in which this process committed its read barrier ([`Node::linearize`]).
+    pub(crate) read_barrier_term: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
 }
 
 /// Retry pause while a leader is being elected.
@@ -80,7 +82,8 @@ impl Node {
         loop {
             match tokio::time::timeout_at(deadline, self.raft.ensure_linearizable()).await {
                 Err(_) => return Err(ClusterError::Timeout(self.request_timeout)),
-                Ok(Ok(_)) => return Ok(Route::Done(())),
+                Ok(Ok(_)) if self.has_read_barrier() => return Ok(Route::Done(())),
+                Ok(Ok(_)) => self.commit_read_barrier(deadline).await?,
                 Ok(Err(RaftError::APIError(CheckIsLeaderError::ForwardToLeader(f)))) => {
                     if let Some(addr) = self.leader_or_wait(f, deadline).await? {
                         return Ok(Route::Leader(addr));
@@ -88,6 +91,37 @@ impl Node {
                 }
                 Ok(Err(e)) => return Err(ClusterError::Raft(e.to_string())),
             }
+        }
+    }
+
+    /// Whether this process has committed an entry in the current term as leader.
+    fn has_read_barrier(&self) -> bool {
+        let term = self.raft.metrics().borrow().current_term;
+        *self.read_barrier_term.lock().unwrap_or_else(|p| p.into_inner()) == Some(term)
+    }
+
+    /// Commits an empty transaction before the first linearizable read of a leadership
+    /// (Raft §8: a leader serves reads only once it has committed an entry of its term).
+    /// openraft's read index is `max(first log of this leader, committed)`, and a leader
+    /// restarted within its term (openraft restores it as leader at once, without a new
+    /// entry) may have recovered a `committed` older than what it had acknowledged before
+    /// the crash (the committed index rides on the next log flush): the chaos harness saw a
+    /// read return revision 264 after a write of revision 265 was acknowledged, in a rolling
+    /// restart. Once this barrier is applied, every entry before it is too.
+    async fn commit_read_barrier(&self, deadline: Instant) -> Result<(), ClusterError> {
+        let term = self.raft.metrics().borrow().current_term;
+        let barrier = Command::Txn { compares: vec![], ops: vec![] };
+        match tokio::time::timeout_at(deadline, self.raft.client_write(barrier)).await {
+            Err(_) => Err(ClusterError::Timeout(self.request_timeout)),
+            Ok(Ok(resp)) => {
+                if resp.log_id.leader_id.term == term {
+                    *self.read_barrier_term.lock().unwrap_or_else(|p| p.into_inner()) = Some(term);
+                }
+                Ok(())
+            }
+            // Leadership moved: the next ensure_linearizable names the new leader.
+            Ok(Err(RaftError::APIError(ClientWriteError::ForwardToLeader(_)))) => Ok(()),
+            Ok(Err(e)) => Err(ClusterError::Raft(e.to_string())),
         }
     }
 
