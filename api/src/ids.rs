@@ -16,33 +16,40 @@ impl ObjectName {
     pub fn as_str(&self) -> &str {
         &self.0
     }
+
+    /// Why `s` is not a DNS label, if it is not (the value quoted, no field named).
+    fn check(s: &str) -> Result<(), String> {
+        let why = if s.is_empty() {
+            "is empty; a name is a DNS label such as \"llama-3-8b\""
+        } else if s.len() > 63 {
+            "is longer than 63 characters"
+        } else if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
+            "may hold only lowercase letters, digits and '-'"
+        } else if s.starts_with('-') || s.ends_with('-') {
+            "must start and end with a letter or digit"
+        } else {
+            return Ok(());
+        };
+        Err(format!("{s:?} {why}"))
+    }
 }
 
 impl FromStr for ObjectName {
     type Err = ApiError;
 
     fn from_str(s: &str) -> Result<Self, Self::Err> {
-        let bad = |why: &str| ApiError::invalid("metadata.name", format!("{s:?} {why}"));
-        if s.is_empty() {
-            return Err(bad("is empty; a name is a DNS label such as \"llama-3-8b\""));
-        }
-        if s.len() > 63 {
-            return Err(bad("is longer than 63 characters"));
-        }
-        if !s.bytes().all(|b| b.is_ascii_lowercase() || b.is_ascii_digit() || b == b'-') {
-            return Err(bad("may hold only lowercase letters, digits and '-'"));
-        }
-        if s.starts_with('-') || s.ends_with('-') {
-            return Err(bad("must start and end with a letter or digit"));
-        }
+        ObjectName::check(s).map_err(|why| ApiError::invalid("metadata.name", why))?;
         Ok(ObjectName(s.to_owned()))
     }
 }
 
+/// The serde form: the error names no field, as serde adds the path of the field at fault
+/// (`spec.models[0]`, `metadata.name`).
 impl TryFrom<String> for ObjectName {
     type Error = ApiError;
     fn try_from(s: String) -> Result<Self, Self::Error> {
-        s.parse()
+        ObjectName::check(&s).map_err(ApiError::Parse)?;
+        Ok(ObjectName(s))
     }
 }
 

@@ -32,7 +32,7 @@ struct RawManifest {
     #[serde(rename = "apiVersion", default)]
     api_version: Option<String>,
     kind: String,
-    metadata: Metadata,
+    metadata: RawMetadata,
     spec: serde_yaml::Value,
     // Accepted so `get -o yaml` output can be re-applied; always ignored.
     #[serde(default)]
@@ -41,6 +41,16 @@ struct RawManifest {
     #[serde(default)]
     #[allow(dead_code)]
     revision: Option<serde_yaml::Value>,
+}
+
+/// `metadata` with the name not yet checked, so a bad name is reported as `metadata.name`
+/// in JSON and YAML alike (serde would report only the position, or `metadata`).
+#[derive(Deserialize)]
+#[serde(deny_unknown_fields)]
+struct RawMetadata {
+    name: String,
+    #[serde(default)]
+    labels: BTreeMap<String, String>,
 }
 
 impl Manifest {
@@ -53,11 +63,17 @@ impl Manifest {
         if text.len() > MAX_MANIFEST_BYTES {
             return Err(ApiError::TooLarge { size: text.len(), limit: MAX_MANIFEST_BYTES });
         }
-        // JSON is YAML too, but serde_json parses it several times faster.
+        // JSON is YAML too, but serde_json parses it several times faster. A document that
+        // opens with '{' but is not JSON may be flow-style YAML (`{kind: Model, ...}`).
+        let yaml = |text: &str| serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)));
         let raw: RawManifest = if text.trim_start().starts_with('{') {
-            serde_json::from_str(text).map_err(|e| ApiError::Parse(e.to_string()))?
+            match serde_json::from_str(text) {
+                Ok(raw) => raw,
+                Err(e) if e.is_syntax() => yaml(text).map_err(|_| ApiError::Parse(e.to_string()))?,
+                Err(e) => return Err(ApiError::Parse(e.to_string())),
+            }
         } else {
-            serde_yaml::from_str(text).map_err(|e| ApiError::Parse(clean_yaml_error(e)))?
+            yaml(text)?
         };
         if let Some(v) = raw.api_version.as_deref() {
             if v != "flotilla/v1" {
@@ -65,9 +81,10 @@ impl Manifest {
             }
         }
         let kind: Kind = raw.kind.parse()?;
-        validate_labels(&raw.metadata.labels)?;
+        let metadata = Metadata { name: raw.metadata.name.parse()?, labels: raw.metadata.labels };
+        validate_labels(&metadata.labels)?;
         let spec = Spec::from_yaml(kind, raw.spec)?;
-        Ok(Manifest { metadata: raw.metadata, spec })
+        Ok(Manifest { metadata, spec })
     }
 
     /// Splits a file into its documents (`---` separated) and parses each. Empty documents
@@ -146,7 +163,14 @@ fn clean_yaml_error(e: serde_yaml::Error) -> String {
     if msg.contains("EOF while parsing") || msg.is_empty() {
         return "the manifest is empty or truncated".into();
     }
-    msg
+    // serde_yaml leaves the position out of some syntax errors at the start of the text
+    // ("control characters are not allowed"); say where, unless a field is named.
+    match e.location() {
+        Some(at) if !msg.contains(" line ") && !msg.contains('`') => {
+            format!("{msg} at line {} column {}", at.line(), at.column())
+        }
+        _ => msg,
+    }
 }
 
 #[cfg(test)]
@@ -194,6 +218,54 @@ mod tests {
         let e = err(&MODEL.replace("metadata:", "metdata:"));
         assert!(e.contains("metdata"), "{e}");
         assert!(matches!(Manifest::parse(&"x".repeat(MAX_MANIFEST_BYTES + 1)), Err(ApiError::TooLarge { .. })));
+    }
+
+    /// Found by `api/tests/proptest_specs.rs`: a bad name in `spec.models` or
+    /// `spec.base_model` was reported as `metadata.name`, and a bad `metadata.name` in JSON
+    /// named no field.
+    #[test]
+    fn bad_names_are_reported_where_they_are() {
+        let e = err(r#"{"kind":"Model","metadata":{"name":"A_B"},"spec":{}}"#);
+        assert!(e.starts_with("metadata.name: \"A_B\""), "{e}");
+        let e = err("kind: Model\nmetadata: {name: A_B}\nspec: {source: hf://x}\n");
+        assert!(e.starts_with("metadata.name: \"A_B\""), "{e}");
+        let e = err("kind: Tenant\nmetadata: {name: a}\nspec: {models: [ok, A_B]}\n");
+        assert!(e.starts_with("spec.models[1]: \"A_B\"") && !e.contains("metadata"), "{e}");
+        let e = err("kind: Adapter\nmetadata: {name: a}\nspec: {base_model: A_B, source: hf://x}\n");
+        assert!(e.starts_with("spec.base_model: \"A_B\"") && !e.contains("metadata"), "{e}");
+    }
+
+    /// Found by `api/tests/proptest_specs.rs`: a flow-style YAML document (it starts with
+    /// '{' but is not JSON) was parsed as JSON only, and refused.
+    #[test]
+    fn flow_style_yaml_is_yaml() {
+        let m = Manifest::parse("{kind: Model, metadata: {name: m}, spec: {source: 'hf://m', replicas: 2}}").unwrap();
+        let Spec::Model(s) = &m.spec else { panic!("not a model") };
+        assert_eq!((m.metadata.name.as_str(), s.replicas), ("m", 2));
+        // Broken JSON still reports the JSON error, with its position.
+        let e = err(r#"{"kind": "Model", "metadata": {"name": "m"}, "spec": {"replicas": 2}"#);
+        assert!(e.contains("line 1 column"), "{e}");
+    }
+
+    /// Found by `api/tests/proptest_specs.rs`: some YAML syntax errors had no position.
+    #[test]
+    fn syntax_errors_say_where() {
+        for text in ["\0", "]", "kind: Model\n\u{1}"] {
+            let e = err(text);
+            assert!(e.contains("line ") && e.contains("column "), "{text:?}: {e}");
+        }
+    }
+
+    /// Found by `api/tests/proptest_specs.rs`: JSON numbers were parsed to a neighbouring
+    /// f64, so a JSON manifest and its YAML twin stored different autoscaling targets.
+    #[test]
+    fn json_floats_parse_exactly() {
+        let target = 3.56160271553816e123_f64;
+        let autoscaling = serde_json::json!({"max": 1, "metric": {"name": "x", "target": target}});
+        let spec = serde_json::json!({"source": "hf://m", "autoscaling": autoscaling});
+        let j = serde_json::json!({"kind": "Model", "metadata": {"name": "m"}, "spec": spec});
+        let Spec::Model(s) = Manifest::parse(&j.to_string()).unwrap().spec else { panic!("not a model") };
+        assert_eq!(s.autoscaling.unwrap().metric.target.to_bits(), target.to_bits());
     }
 
     #[test]

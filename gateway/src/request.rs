@@ -4,6 +4,7 @@
 
 use serde::de::IgnoredAny;
 use serde::Deserialize;
+use serde_json::value::RawValue;
 
 use crate::error::ApiError;
 
@@ -112,7 +113,11 @@ fn push_text(out: &mut String, v: &serde_json::Value) {
 
 /// Parses the features of `body` for endpoint `kind`.
 pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
-    let b: Body = serde_json::from_slice(body)
+    // serde_json skips ignored fields without checking their UTF-8; JSON text must be UTF-8,
+    // and the include_usage rewrite re-parses the body whole.
+    let text = std::str::from_utf8(body)
+        .map_err(|e| ApiError::invalid("invalid_json", format!("request body is not valid UTF-8: {e}")))?;
+    let b: Body = serde_json::from_str(text)
         .map_err(|e| ApiError::invalid("invalid_json", format!("request body is not a valid JSON object: {e}")))?;
     let model = match b.model {
         Some(serde_json::Value::String(m)) if !m.is_empty() => m,
@@ -189,13 +194,15 @@ pub fn with_include_usage(body: &[u8], f: &RequestFeatures) -> Option<Vec<u8>> {
         out.extend_from_slice(&body[start + 1..]);
         return Some(out);
     }
-    let mut v: serde_json::Value = serde_json::from_slice(body).ok()?;
-    let so = v.get_mut("stream_options")?;
-    if !so.is_object() {
-        *so = serde_json::json!({});
-    }
-    so.as_object_mut()?.insert("include_usage".into(), serde_json::Value::Bool(true));
-    serde_json::to_vec(&v).ok()
+    // Values stay raw JSON text: a `serde_json::Value` refuses numbers beyond f64 (`1e999`)
+    // that `parse` (and the engine) accept, and a refused rewrite would leave the request
+    // uncounted by TPM limits.
+    type Raw = std::collections::BTreeMap<String, Box<RawValue>>;
+    let mut top: Raw = serde_json::from_slice(body).ok()?;
+    let mut so: Raw = top.get("stream_options").and_then(|v| serde_json::from_str(v.get()).ok()).unwrap_or_default();
+    so.insert("include_usage".into(), RawValue::from_string("true".into()).ok()?);
+    top.insert("stream_options".into(), serde_json::value::to_raw_value(&so).ok()?);
+    serde_json::to_vec(&top).ok()
 }
 
 #[cfg(test)]
@@ -243,6 +250,29 @@ mod tests {
         assert_eq!(v["stream_options"]["include_usage"], true);
         let body = br#"{"model":"m","stream":true,"prompt":"x","stream_options":{"include_usage":true}}"#;
         assert!(with_include_usage(body, &parse(ApiKind::Completions, body).unwrap()).is_none());
+    }
+
+    /// Found by the `gateway_request` fuzz target: invalid UTF-8 in a field the gateway
+    /// ignores was accepted, and the include_usage rewrite (which parses the whole body)
+    /// then silently did nothing.
+    #[test]
+    fn invalid_utf8_is_refused_even_in_ignored_fields() {
+        let body = b"{\"model\":\"m\",\"stream\":true,\"stream_options\":{},\"prompt\":\"x\",\"user\":\"\xc3T\"}";
+        assert_eq!(parse(ApiKind::Completions, body).unwrap_err().code, "invalid_json");
+    }
+
+    /// Found by the `gateway_request` fuzz target: a number beyond f64 anywhere in a body
+    /// with `stream_options` made the rewrite give up, so a tenant could stream uncounted
+    /// by its TPM limit.
+    #[test]
+    fn include_usage_is_added_whatever_the_numbers() {
+        let body =
+            br#"{"model":"m","stream":true,"prompt":"x","n":1e999,"stream_options":{"continuous_usage_stats":false}}"#;
+        let f = parse(ApiKind::Completions, body).unwrap();
+        let out = with_include_usage(body, &f).expect("rewritten");
+        let text = std::str::from_utf8(&out).unwrap();
+        assert!(text.contains(r#""n":1e999"#) && text.contains(r#""continuous_usage_stats":false"#), "{text}");
+        assert!(parse(ApiKind::Completions, &out).unwrap().include_usage, "{text}");
     }
 
     /// Found by `gateway/tests/proptest_request.rs`: `"stream_options": null` counted as
