@@ -182,9 +182,20 @@ pub fn cleanup(runs: Runs<'_>) -> usize {
     pids.len()
 }
 
-/// A free loopback port (bound, then released for the process that will use it).
+/// A free loopback port for a process the run will start, from 15000–19999: below the
+/// kernel's ephemeral range (where outgoing connections take their source ports, and where
+/// a port picked by binding port 0 and released was taken again before the server bound
+/// it, in a soak) and below the agents' engine ports (20000+).
 pub fn free_port() -> std::io::Result<u16> {
-    Ok(std::net::TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+    use rand::Rng as _;
+    let mut rng = rand::rng();
+    for _ in 0..200 {
+        let port = rng.random_range(15000..20000);
+        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
+            return Ok(port);
+        }
+    }
+    Err(std::io::Error::other("no free port in 15000-19999"))
 }
 
 /// The last `n` lines of a log, for failure messages.
