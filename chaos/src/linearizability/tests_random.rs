@@ -248,23 +248,3 @@ fn eight_clients_two_hundred_ops_five_keys_check_quickly() {
     assert!(result.ok, "{result}");
     assert_eq!(result.keys_checked, 5);
 }
-
-#[test]
-fn tmp_probe() {
-    for n in [25, 50, 100, 200] {
-        for seed in 0..3 {
-            let mut rng = StdRng::seed_from_u64(seed);
-            let sim = Sim { clients: 8, ops_per_client: n, keys: 1, p_unanswered: 0.1, few_values: false };
-            let history = simulate(&sim, &mut rng);
-            let started = Instant::now();
-            let config = CheckConfig { max_steps_per_key: 10_000_000, ..CheckConfig::default() };
-            let result = check_with(&history, &config);
-            println!(
-                "n={n} seed={seed}: ok={} in {:?} {}",
-                result.ok,
-                started.elapsed(),
-                result.anomalies.first().map(|a| a.to_string()).unwrap_or_default().lines().next().unwrap_or("")
-            );
-        }
-    }
-}

@@ -134,7 +134,8 @@ fn scramble_one(history: &mut [Op], rng: &mut StdRng) {
 #[test]
 fn check_agrees_with_brute_force_on_small_histories() {
     let (mut linearizable, mut not) = (0, 0);
-    for seed in 0..6000u64 {
+    // 600 seeds keep this under ten seconds in a debug build; raise it when changing the search.
+    for seed in 0..600u64 {
         let mut rng = StdRng::seed_from_u64(seed);
         let sim =
             Sim { clients: rng.random_range(2..4), ops_per_client: 2, keys: 1, p_unanswered: 0.3, few_values: false };
