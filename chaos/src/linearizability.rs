@@ -23,21 +23,45 @@
 //!
 //! # The algorithm
 //!
+//! ```text
+//!  history ─▶ split by key ─▶ validate ─▶ pre-checks ─▶ search without ─▶ full search
+//!                                          (no search)   unread unanswered
+//!                                                        writes (quick)
+//! ```
+//!
 //! Linearizability is compositional (Herlihy & Wing's locality; Porcupine's
 //! P-compositionality): a history is linearizable iff each key's sub-history is, so [`check`]
-//! splits the history by key and searches each alone. The search is Wing & Gong's, with
-//! Lowe's memoization, over Porcupine's event list (`linearizability/search.rs`): depth-first,
-//! it repeatedly picks a *minimal* pending op (invoked before every pending op returned),
-//! applies it to the model, and backtracks when an op has returned but cannot be placed; a
-//! set of (linearized ops, model state) pairs already explored prunes repeats. Indeterminate
-//! ops complete at +infinity: they never force a backtrack, may be linearized anywhere after
-//! their invocation, and need not be linearized at all. The search is bounded by a step budget
-//! ([`CheckConfig::max_steps_per_key`]); a key that exhausts it is reported as
-//! [`Anomaly::Unknown`] rather than hanging the harness.
+//! splits the history by key and checks each alone (`linearizability/report.rs`):
+//!
+//! 1. **Pre-checks** (`linearizability/precheck.rs`) catch the common bugs in near-linear time
+//!    and name them: two writes acknowledged with one revision, a read of a value no write
+//!    produced, and an op that began after revision `m` was acknowledged or read yet saw, took
+//!    or expected an older one (stale read, revision going backwards, lost write). Each is a
+//!    proof of non-linearizability, so no search follows.
+//! 2. **The search** (`linearizability/search.rs`) is Wing & Gong's, with Lowe's memoization,
+//!    over Porcupine's event list: depth-first, it repeatedly places a *minimal* pending op
+//!    (invoked before every pending op returned), applies it to the model, and backtracks when
+//!    an op has returned but cannot be placed; explored (placed ops, model state) pairs are not
+//!    explored again.
+//! 3. **Indeterminate ops** complete at +infinity: they never force a backtrack, may be placed
+//!    anywhere after their invocation, and need not be placed at all; the search succeeds once
+//!    every *answered* op is placed. Since each can go almost anywhere, they are what makes the
+//!    search expensive, so it tries them only where no answered op fits, tries one of several
+//!    identical ones, and only places one where the next op needs it (an order where nothing
+//!    observes it is dominated by the same order without it, or with it moved later). Before
+//!    the full search, a quick pass leaves out the unanswered writes whose values no read
+//!    returned: any linearization it finds is one of the whole history (they never happened);
+//!    if it finds none, the full search decides.
+//! 4. **A step budget** ([`CheckConfig::max_steps_per_key`]) bounds each key; one that exhausts
+//!    it is reported as [`Anomaly::Unknown`] (with what the quick pass found, if anything)
+//!    rather than hanging the harness. As a guide, a key with a few hundred ops from 8 clients,
+//!    a fifth of them unanswered, checks in tens of milliseconds in a debug build; thousands
+//!    of ops on one key with dozens of unanswered writes can exhaust the budget: spread the
+//!    workload over more keys.
 //!
 //! When a key is not linearizable, the report shows the deepest point the search reached: the
 //! register's content there, the op that put it there, and each op that could have come next
-//! with the reason it cannot (`linearizability/report.rs`).
+//! with the reason it cannot.
 //!
 //! [`lost_writes`] is a separate, simpler check that needs no search: an acknowledged write
 //! must not vanish from reads that begin after it returned (`linearizability/lost.rs`).

@@ -13,6 +13,13 @@
 //! a *minimal* op: one no pending op finished before. An op with no answer has no return event,
 //! so it never blocks the walk: it may be lifted at any point after its call, or never; the
 //! search succeeds as soon as every op that returned is linearized.
+//!
+//! Unanswered ops could go almost anywhere, so the search restricts where it tries them, each
+//! restriction keeping at least one linearization if any exists:
+//! - at each point it tries the answered ops first, then the unanswered ones;
+//! - of several unanswered ops with the same effect it tries only the earliest (`twin`);
+//! - an unanswered op must be followed by an op that needs it: one that would not fit without
+//!   it (`needless_unanswered`), or at least anything but a blind overwrite (`hides_unanswered`).
 
 use std::collections::{HashMap, HashSet};
 
@@ -124,6 +131,8 @@ impl Events {
 /// Nothing then saw its effect, so the order is dominated by the same order without it (which
 /// only lowers the revision floor), and that order is searched anyway: an unanswered op never
 /// has to precede anything, so every op placed after it could have been placed without it.
+/// (With conflicts in between, the state before the op must hold a known revision: conflicts
+/// narrowing an unknown revision could otherwise raise the floor of the order without it.)
 fn hides_unanswered(ops: &[SearchOp], stack: &[(usize, State)], next: usize) -> bool {
     if !matches!(ops[next].step, Step::Write { .. } | Step::Delete) {
         return false;
@@ -131,7 +140,8 @@ fn hides_unanswered(ops: &[SearchOp], stack: &[(usize, State)], next: usize) -> 
     let conflict = |op: usize| matches!(ops[op].step, Step::Cas { outcome: CasOutcome::Conflict, .. });
     let run = stack.iter().rev().take_while(|(op, _)| conflict(*op)).count();
     let Some((last, before)) = stack.len().checked_sub(run + 1).map(|at| &stack[at]) else { return false };
-    if ops[*last].complete.is_some() || matches!(ops[*last].step, Step::Read(_)) {
+    let unknown_before = matches!(before.current, Some((_, Rev::Unknown { .. })));
+    if ops[*last].complete.is_some() || matches!(ops[*last].step, Step::Read(_)) || (run > 0 && unknown_before) {
         return false;
     }
     let mut state = before.clone();

@@ -235,6 +235,16 @@ fn unanswered_write_may_take_effect_late_or_never() {
 }
 
 #[test]
+fn unanswered_write_nobody_read_can_explain_a_conflict() {
+    // Only the unanswered write can have moved the key off revision 1; the quick pass (which
+    // leaves it out) finds no order, and the full search must not report a violation.
+    let a = write(0, (0, 10), "a", 1);
+    let conflict = cas(2, (30, 40), 1, "c", None);
+    assert_linearizable(&[a.clone(), unanswered(write(1, (20, 0), "b", 0)), conflict.clone()]);
+    violation(&[a, conflict]);
+}
+
+#[test]
 fn unanswered_cas_and_delete_are_all_or_nothing() {
     let a = write(0, (0, 10), "a", 1);
     let maybe_cas = unanswered(cas(1, (20, 0), 1, "b", None));

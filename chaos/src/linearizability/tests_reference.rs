@@ -1,6 +1,7 @@
 //! Cross-checks [`check`] against a brute-force reference on small random histories: every
-//! subset of the unanswered ops, every concrete revision for each, every order. This is what
-//! keeps the search's pruning (and the pre-checks' shortcuts) honest.
+//! order, each unanswered op placed anywhere with every concrete revision or left out, on a
+//! plain register with no unknown revisions and no pruning. This is what keeps the search's
+//! pruning (and the pre-checks' shortcuts) honest.
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;
@@ -45,24 +46,29 @@ impl Register {
     }
 }
 
-/// Whether some order of `ops` (each with its concrete revision) respects real time and the
-/// register.
-fn some_order(ops: &[(&Op, u64)], placed: &mut Vec<bool>, register: &Register) -> bool {
-    if placed.iter().all(|p| *p) {
+/// Whether the unplaced ops can be ordered after `register`, respecting real time and the
+/// register, with every answered op placed; each unanswered op is placed (with any revision a
+/// write could take) or left out.
+fn some_order(ops: &[&Op], placed: &mut Vec<bool>, register: &Register, top: u64) -> bool {
+    if (0..ops.len()).all(|i| placed[i] || ops[i].complete.is_none()) {
         return true;
     }
     for i in 0..ops.len() {
-        let (op, revision) = ops[i];
-        let blocked = (0..ops.len()).any(|j| !placed[j] && j != i && ops[j].0.complete.is_some_and(|c| c < op.invoke));
+        let op = ops[i];
+        let blocked = (0..ops.len()).any(|j| !placed[j] && j != i && ops[j].complete.is_some_and(|c| c < op.invoke));
         if placed[i] || blocked {
             continue;
         }
-        if let Some(next) = register.apply(op, revision) {
-            placed[i] = true;
-            let found = some_order(ops, placed, &next);
-            placed[i] = false;
-            if found {
-                return true;
+        let takes_revision = op.complete.is_none() && matches!(op.call, Call::Write { .. } | Call::Cas { .. });
+        let revisions = if takes_revision { register.floor + 1..=top } else { 0..=0 };
+        for revision in revisions {
+            if let Some(next) = register.apply(op, revision) {
+                placed[i] = true;
+                let found = some_order(ops, placed, &next, top);
+                placed[i] = false;
+                if found {
+                    return true;
+                }
             }
         }
     }
@@ -71,7 +77,6 @@ fn some_order(ops: &[(&Op, u64)], placed: &mut Vec<bool>, register: &Register) -
 
 fn reference(history: &[Op]) -> bool {
     let ops: Vec<&Op> = history.iter().filter(|op| !(op.complete.is_none() && op.call == Call::Read)).collect();
-    let unanswered: Vec<usize> = (0..ops.len()).filter(|&i| ops[i].complete.is_none()).collect();
     let mentioned = history
         .iter()
         .flat_map(|op| {
@@ -88,30 +93,10 @@ fn reference(history: &[Op]) -> bool {
         })
         .max()
         .unwrap_or(0);
-    let top = mentioned + unanswered.len() as u64 + 1;
-    // Every subset of the unanswered ops, each with every revision in 1..=top.
-    for mask in 0..(1u32 << unanswered.len()) {
-        let chosen: Vec<usize> =
-            (0..unanswered.len()).filter(|b| mask & (1 << b) != 0).map(|b| unanswered[b]).collect();
-        let mut revisions = vec![1u64; chosen.len()];
-        loop {
-            let selected: Vec<(&Op, u64)> = (0..ops.len())
-                .filter_map(|i| match chosen.iter().position(|&c| c == i) {
-                    Some(at) => Some((ops[i], revisions[at])),
-                    None if ops[i].complete.is_some() => Some((ops[i], 0)),
-                    None => None,
-                })
-                .collect();
-            if some_order(&selected, &mut vec![false; selected.len()], &Register::default()) {
-                return true;
-            }
-            // Next assignment of revisions (odometer).
-            let Some(digit) = revisions.iter().position(|r| *r < top) else { break };
-            revisions[digit] += 1;
-            revisions[..digit].iter_mut().for_each(|r| *r = 1);
-        }
-    }
-    false
+    // Revisions above every one mentioned are interchangeable; one more per unanswered op
+    // leaves room for each to take its own.
+    let top = mentioned + ops.iter().filter(|op| op.complete.is_none()).count() as u64 + 1;
+    some_order(&ops, &mut vec![false; ops.len()], &Register::default(), top)
 }
 
 /// Rewrites one op's answer at random (keeping it the right kind for its call).
@@ -134,11 +119,18 @@ fn scramble_one(history: &mut [Op], rng: &mut StdRng) {
 #[test]
 fn check_agrees_with_brute_force_on_small_histories() {
     let (mut linearizable, mut not) = (0, 0);
-    // 600 seeds keep this under ten seconds in a debug build; raise it when changing the search.
-    for seed in 0..600u64 {
+    // About a second in a debug build. When changing the search, raise the seeds and the
+    // sizes (3..6 clients, 3..5 ops each) and run it with --release: 20,000 histories of up
+    // to 12 ops and 3,000 of up to 20 agreed when this was written.
+    for seed in 0..1000 {
         let mut rng = StdRng::seed_from_u64(seed);
-        let sim =
-            Sim { clients: rng.random_range(2..4), ops_per_client: 2, keys: 1, p_unanswered: 0.3, few_values: false };
+        let sim = Sim {
+            clients: rng.random_range(2..5),
+            ops_per_client: rng.random_range(2..4),
+            keys: 1,
+            p_unanswered: [0.3, 0.5].choose(&mut rng).copied().unwrap(),
+            few_values: rng.random_bool(0.4),
+        };
         let mut history = simulate(&sim, &mut rng);
         if rng.random_bool(0.6) {
             scramble_one(&mut history, &mut rng);
@@ -158,5 +150,5 @@ fn check_agrees_with_brute_force_on_small_histories() {
         }
     }
     println!("{linearizable} linearizable, {not} not");
-    assert!(linearizable >= 1 && not >= 1, "{linearizable} linearizable, {not} not");
+    assert!(linearizable >= 300 && not >= 200, "{linearizable} linearizable, {not} not");
 }
