@@ -76,7 +76,7 @@ pub async fn run(cmd: ChaosCommand, bin: &Path) -> Result<(), ChaosError> {
         }
         ChaosCommand::Soak(a) => soak(a, bin).await,
         ChaosCommand::Cleanup => {
-            let n = crate::procs::cleanup(crate::procs::Runs::All);
+            let n = crate::procs::cleanup(crate::procs::Runs::All).await;
             println!("chaos cleanup: killed {n} process(es) left by chaos runs");
             Ok(())
         }
@@ -98,7 +98,7 @@ async fn one(scenario: &Scenario, seed: u64, bin: &Path, dir: Option<&Path>) -> 
         _ = interrupted() => {
             // The run's future was dropped: its direct children died with it (kill on
             // drop), the engines they started are found by their mark.
-            crate::procs::cleanup(crate::procs::Runs::OfHarness(std::process::id()));
+            crate::procs::cleanup(crate::procs::Runs::OfHarness(std::process::id())).await;
             Err(anyhow::anyhow!("interrupted; every process of the run was stopped"))
         }
     };

@@ -319,7 +319,7 @@ impl Cluster {
                 let _ = tokio::process::Command::new("umount").arg("-l").arg(&s.data_dir).status().await;
             }
         }
-        crate::procs::cleanup(crate::procs::Runs::One(&self.run_id));
+        crate::procs::cleanup(crate::procs::Runs::One(&self.run_id)).await;
     }
 }
 

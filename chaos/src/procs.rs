@@ -168,18 +168,27 @@ pub fn marked(runs: Runs<'_>) -> Vec<u32> {
     out
 }
 
-/// SIGKILLs (with their process groups) every process of `runs`. Returns how many were
-/// found.
-pub fn cleanup(runs: Runs<'_>) -> usize {
-    let pids = marked(runs);
-    for pid in &pids {
-        if let Some(p) = Pid::from_raw(*pid as i32) {
-            let _ = kill_process(p, Signal::CONT);
-            let _ = kill_process_group(p, Signal::KILL);
-            let _ = kill_process(p, Signal::KILL);
+/// SIGKILLs (with their process groups) every process of `runs`, scanning again until none
+/// is left (an agent killed in the same pass may have just started an engine), for at most
+/// 5 s. Returns how many were found.
+pub async fn cleanup(runs: Runs<'_>) -> usize {
+    let mut found = std::collections::HashSet::new();
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(5);
+    loop {
+        let pids = marked(runs);
+        if pids.is_empty() || tokio::time::Instant::now() >= deadline {
+            return found.len();
         }
+        for pid in &pids {
+            found.insert(*pid);
+            if let Some(p) = Pid::from_raw(*pid as i32) {
+                let _ = kill_process(p, Signal::CONT);
+                let _ = kill_process_group(p, Signal::KILL);
+                let _ = kill_process(p, Signal::KILL);
+            }
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-    pids.len()
 }
 
 /// A free loopback port for a process the run will start, from 15000–19999: below the
