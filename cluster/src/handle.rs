@@ -63,31 +63,38 @@ impl ClusterHandle {
     /// servers that can reach a quorum. Its state machine may still lag the commit index at
     /// that moment: a caller that needs current state first commits a write (a barrier)
     /// and reads after it.
+    ///
+    /// One watcher per server computes it (on every Raft metrics change and every 100 ms,
+    /// for the lease to expire); every caller gets a clone of its receiver.
     pub fn leadership(&self) -> watch::Receiver<bool> {
-        let mut metrics = self.node.raft.metrics();
-        let id = self.node.id;
-        let lease = leader_lease(&self.node.raft);
-        // Start from the current state: a receiver must never report a leader as lost
-        // merely because the watcher task has not run yet.
-        let (tx, rx) = watch::channel(leading(&metrics.borrow_and_update(), id, lease, Duration::ZERO));
-        tokio::spawn(async move {
-            let mut received = Instant::now();
-            let mut tick = tokio::time::interval(Duration::from_millis(100));
-            loop {
-                tokio::select! {
-                    r = metrics.changed() => {
-                        if r.is_err() { let _ = tx.send(false); return }
-                        received = Instant::now();
-                    }
-                    _ = tick.tick() => {}
-                    _ = tx.closed() => return,
-                }
-                let now = leading(&metrics.borrow_and_update(), id, lease, received.elapsed());
-                tx.send_if_modified(|v| std::mem::replace(v, now) != now);
-            }
-        });
-        rx
+        self.node.leadership.get_or_init(|| watch_leadership(&self.node.raft, self.node.id)).clone()
     }
+}
+
+/// Spawns the task behind [`ClusterHandle::leadership`]; it ends when the Raft member shuts
+/// down (reporting `false`).
+fn watch_leadership(raft: &flotilla_storage::Raft, id: u64) -> watch::Receiver<bool> {
+    let mut metrics = raft.metrics();
+    let lease = leader_lease(raft);
+    // Start from the current state: a receiver must never report a leader as lost merely
+    // because the watcher task has not run yet.
+    let (tx, rx) = watch::channel(leading(&metrics.borrow_and_update(), id, lease, Duration::ZERO));
+    tokio::spawn(async move {
+        let mut received = Instant::now();
+        let mut tick = tokio::time::interval(Duration::from_millis(100));
+        loop {
+            tokio::select! {
+                r = metrics.changed() => {
+                    if r.is_err() { let _ = tx.send(false); return }
+                    received = Instant::now();
+                }
+                _ = tick.tick() => {}
+            }
+            let now = leading(&metrics.borrow_and_update(), id, lease, received.elapsed());
+            tx.send_if_modified(|v| std::mem::replace(v, now) != now);
+        }
+    });
+    rx
 }
 
 /// How long a leader may go without a quorum's acknowledgement before [`ClusterHandle::

@@ -29,6 +29,8 @@ pub(crate) struct Node {
     pub(crate) batcher: BatchTx,
     /// The term in which this process committed its read barrier ([`Node::linearize`]).
     pub(crate) read_barrier_term: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
+    /// The shared leadership watch ([`crate::ClusterHandle::leadership`]), started on first use.
+    pub(crate) leadership: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>>,
 }
 
 /// Retry pause while a leader is being elected.

@@ -112,6 +112,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         request_timeout: config.request_timeout,
         batcher: crate::batcher::spawn_batcher(raft.clone()),
         read_barrier_term: Default::default(),
+        leadership: Default::default(),
     };
 
     let mut extra = RoutesBuilder::default();
