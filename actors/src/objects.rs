@@ -167,6 +167,7 @@ pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectNa
         gpu_types: model.spec.gpu_types.clone(),
         node: None,
         gpus: Vec::new(),
+        adapters: Vec::new(),
     };
     let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
     let op = TxnOp::Put {

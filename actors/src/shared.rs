@@ -190,6 +190,12 @@ fn assignment(r: &ReplicaView) -> ReplicaAssignment {
         source: r.spec.source.clone(),
         engine_args: r.spec.engine_args.clone(),
         gpus: r.spec.gpus.clone(),
+        adapters: r
+            .spec
+            .adapters
+            .iter()
+            .map(|a| flotilla_api::pb::AdapterAssignment { name: a.name.to_string(), source: a.source.clone() })
+            .collect(),
     }
 }
 

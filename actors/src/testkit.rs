@@ -107,6 +107,7 @@ impl World {
             gpu_types: vec![],
             node: node.as_ref().map(|(nn, _)| name(nn)),
             gpus: node.as_ref().map(|(_, g)| g.clone()).unwrap_or_default(),
+            adapters: vec![],
         };
         let status = ReplicaStatus {
             phase,

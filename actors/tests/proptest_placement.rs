@@ -166,6 +166,7 @@ fn replica_spec(
         gpu_types,
         node,
         gpus,
+        adapters: vec![],
     }
 }
 

@@ -178,6 +178,7 @@ mod tests {
             source: "hf://org/m".into(),
             engine_args: vec!["--max-model-len".into(), "8192".into()],
             gpus: vec![2, 3],
+            adapters: vec![],
         }
     }
 

@@ -60,6 +60,7 @@ mod tests {
             source: "file:///m".into(),
             engine_args: vec![],
             gpus: gpus.to_vec(),
+            adapters: vec![],
         }
     }
 

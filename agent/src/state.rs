@@ -52,6 +52,7 @@ impl From<SavedAssignment> for ReplicaAssignment {
             source: s.source,
             engine_args: s.engine_args,
             gpus: s.gpus,
+            adapters: Vec::new(),
         }
     }
 }

@@ -184,6 +184,7 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
         source: format!("http://{}/tiny.bin#sha256={}", server.addr, hex::encode(Sha256::digest(&data))),
         engine_args: vec![],
         gpus: vec![],
+        adapters: vec![],
     };
     let corrupt = flotilla_api::pb::ReplicaAssignment {
         replica: "v-1".into(),

@@ -164,6 +164,7 @@ pub fn sim_replica(name: &str, model: &str, gpus: &[u32]) -> pb::ReplicaAssignme
         source: "file:///nonexistent/sim-needs-no-weights".into(),
         engine_args: vec![],
         gpus: gpus.to_vec(),
+        adapters: vec![],
     }
 }
 

@@ -139,7 +139,63 @@ pub struct ModelSpec {
     pub autoscaling: Option<AutoscalingSpec>,
 }
 
+/// The LoRA settings of a model's engine, read from its `engine_args` with vLLM's
+/// defaults: what the adapter controller plans slots with.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraLimits {
+    /// vLLM needs `--enable-lora`; the sim serves LoRA unless `--disable-lora`.
+    pub enabled: bool,
+    /// `--max-loras`: distinct adapters in one batch (GPU slots). Default 1.
+    pub max_loras: u32,
+    /// `--max-cpu-loras`: adapters the engine keeps loaded (CPU cache); at least
+    /// `max_loras`. Default `max_loras`. The controller keeps at most this many adapters
+    /// assigned to a replica.
+    pub max_cpu_loras: u32,
+    /// `--max-lora-rank`. Default 16.
+    pub max_lora_rank: u32,
+}
+
+/// The value of `--flag N` or `--flag=N` in `args`, the last one winning as in argparse.
+fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
+    let mut found = None;
+    let mut it = args.iter();
+    while let Some(a) = it.next() {
+        if a == flag {
+            found = it.next().map(String::as_str);
+        } else if let Some(v) = a.strip_prefix(flag).and_then(|r| r.strip_prefix('=')) {
+            found = Some(v);
+        }
+    }
+    found
+}
+
 impl ModelSpec {
+    /// The engine's LoRA settings (an unparsable number is an error naming the flag).
+    pub fn lora(&self) -> Result<LoraLimits, ApiError> {
+        let num = |flag: &str, default: u32| -> Result<u32, ApiError> {
+            match flag_value(&self.engine_args, flag) {
+                None => Ok(default),
+                Some(v) => v.parse::<u32>().ok().filter(|n| *n >= 1).ok_or_else(|| {
+                    ApiError::invalid("spec.engine_args", format!("{flag} needs a positive integer, got {v:?}"))
+                }),
+            }
+        };
+        let has = |flag: &str| self.engine_args.iter().any(|a| a == flag);
+        let enabled = match self.engine {
+            EngineKind::Vllm => has("--enable-lora"),
+            EngineKind::Sim => !has("--disable-lora"),
+        };
+        let max_loras = num("--max-loras", 1)?;
+        let max_cpu_loras = num("--max-cpu-loras", max_loras)?;
+        if max_cpu_loras < max_loras {
+            return Err(ApiError::invalid(
+                "spec.engine_args",
+                format!("--max-cpu-loras {max_cpu_loras} is below --max-loras {max_loras} (vLLM refuses that)"),
+            ));
+        }
+        Ok(LoraLimits { enabled, max_loras, max_cpu_loras, max_lora_rank: num("--max-lora-rank", 16)? })
+    }
+
     pub fn validate(&self) -> Result<(), ApiError> {
         validate_source("spec.source", &self.source)?;
         at_most("spec.replicas", self.replicas, MAX_REPLICAS)?;
@@ -154,6 +210,7 @@ impl ModelSpec {
         for (i, a) in self.engine_args.iter().enumerate() {
             at_most(&format!("spec.engine_args[{i}] length"), a.len(), 4096)?;
         }
+        self.lora()?;
         if let Some(a) = &self.autoscaling {
             at_most("spec.autoscaling.max", a.max, MAX_REPLICAS)?;
             if a.min > a.max {

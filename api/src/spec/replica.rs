@@ -1,7 +1,7 @@
 //! `kind: Replica`: one engine serving one model, placed on a node by the controllers.
 use serde::{Deserialize, Serialize};
 
-use super::EngineKind;
+use super::{AdapterBinding, EngineKind};
 use crate::ObjectName;
 
 /// What a replica runs and where. Written by the controllers when they create and bind it.
@@ -24,6 +24,9 @@ pub struct ReplicaSpec {
     /// GPU indices on that node.
     #[serde(default)]
     pub gpus: Vec<u32>,
+    /// LoRA adapters the engine must hold (written by the adapter controller), by name.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub adapters: Vec<AdapterBinding>,
 }
 
 /// Replica lifecycle: Pending → Scheduled → Starting → Ready → Draining → Stopped, or Failed.
