@@ -90,11 +90,16 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
 }
 
 fn adapter_spec() -> impl Strategy<Value = AdapterSpec> {
-    (name(), source(), 0u32..=1000).prop_map(|(base_model, source, replicas)| AdapterSpec {
-        base_model,
-        source,
-        replicas,
-    })
+    use flotilla_api::spec::{AdapterPlacement, AdapterReplicas};
+    let replicas = prop_oneof![(0u32..=1000).prop_map(AdapterReplicas::Count), Just(AdapterReplicas::OnDemand)];
+    let placement = prop_oneof![
+        Just(AdapterPlacement::LeastAdapters),
+        Just(AdapterPlacement::BinPack),
+        Just(AdapterPlacement::LeastLoad)
+    ];
+    (name(), source(), replicas, placement, proptest::option::of(1u32..=512)).prop_map(
+        |(base_model, source, replicas, placement, rank)| AdapterSpec { base_model, source, rank, replicas, placement },
+    )
 }
 
 fn tenant_spec() -> impl Strategy<Value = TenantSpec> {

@@ -62,7 +62,9 @@ impl<'de> Deserialize<'de> for AdapterReplicas {
                 u32::try_from(v).map(AdapterReplicas::Count).map_err(|_| E::custom(format!("{v} is not {EXPECTED}")))
             }
             fn visit_i64<E: de::Error>(self, v: i64) -> Result<AdapterReplicas, E> {
-                u64::try_from(v).map_err(|_| E::custom(format!("{v} is not {EXPECTED}"))).and_then(|v| self.visit_u64(v))
+                u64::try_from(v)
+                    .map_err(|_| E::custom(format!("{v} is not {EXPECTED}")))
+                    .and_then(|v| self.visit_u64(v))
             }
             fn visit_f64<E: de::Error>(self, v: f64) -> Result<AdapterReplicas, E> {
                 Err(E::custom(format!("{v} is not {EXPECTED}")))

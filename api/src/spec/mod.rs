@@ -8,10 +8,10 @@ mod tenant;
 mod uri;
 
 pub use adapter::{
-    AdapterBinding, AdapterOnReplica, AdapterPhase, AdapterPlacement, AdapterReplicaState, AdapterReplicas, AdapterSpec,
-    AdapterStatus, MAX_LORA_RANK,
+    AdapterBinding, AdapterOnReplica, AdapterPhase, AdapterPlacement, AdapterReplicaState, AdapterReplicas,
+    AdapterSpec, AdapterStatus, MAX_LORA_RANK,
 };
-pub use model::{LoraLimits, AutoscalingSpec, EngineKind, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
+pub use model::{AutoscalingSpec, EngineKind, LoraLimits, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use tenant::{hash_api_key, PriorityClass, TenantSpec, HASHED_KEY_PREFIX};
