@@ -242,6 +242,7 @@ async fn heartbeat(ctx: &Arc<Ctx>, node: &ObjectName, agent_id: &str, hb: Heartb
         }
         silent
     };
+    ctx.beats.send_modify(|n| *n = n.wrapping_add(1));
     let reader = ctx.handle.reader();
     let Some(view) = reader.get(&key(Kind::Node, node)).0.and_then(|o| NodeView::from_stored(&o).ok()) else {
         return Err(Status::not_found(format!("actors.not_found: node {node} was deleted; register again")));

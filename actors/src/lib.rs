@@ -1,8 +1,9 @@
 //! flotilla-actors: the controllers that make models run. On the leader only, a Supervisor
-//! rebuilds from the state machine one Model actor per model, one Node actor per node and
-//! a Scheduler; every server serves `AgentService` (the agents' streams) and `FleetService`
-//! (endpoints, nodes), answering FAILED_PRECONDITION `cluster.not_leader: leader=<addr>`
-//! off the leader.
+//! rebuilds from the state machine one Model actor per model, one Node actor per node, one
+//! adapter controller per base model with adapters, and a Scheduler; every server serves
+//! `AgentService` (the agents' streams), `FleetService` (endpoints, nodes) and
+//! `AdapterService` (on-demand adapter loads, usage), answering FAILED_PRECONDITION
+//! `cluster.not_leader: leader=<addr>` off the leader.
 //!
 //! ```text
 //!   agents ══stream══> AgentService ─heartbeats─> memory (TTL)     FleetService <── CLI, gateway
@@ -18,6 +19,9 @@
 //! revisions; actors only receive messages, decide, and execute (`writes`).
 #![forbid(unsafe_code)]
 
+pub mod adapter_actor;
+pub mod adapter_service;
+pub mod adapters;
 pub mod agent_service;
 mod config;
 mod error;
@@ -39,6 +43,7 @@ mod testkit;
 
 use std::sync::{Arc, OnceLock};
 
+use flotilla_api::pb::adapter_service_server::AdapterServiceServer;
 use flotilla_api::pb::agent_service_server::AgentServiceServer;
 use flotilla_api::pb::fleet_service_server::FleetServiceServer;
 
@@ -80,6 +85,7 @@ pub fn extensions_with_probe(config: ActorsConfig) -> (flotilla_cluster::Extensi
         let _ = slot.set(ctx.clone());
         routes.add_service(AgentServiceServer::new(agent_service::AgentServiceImpl { ctx: ctx.clone() }));
         routes.add_service(FleetServiceServer::new(fleet_service::FleetServiceImpl { ctx: ctx.clone() }));
+        routes.add_service(AdapterServiceServer::new(adapter_service::AdapterServiceImpl { ctx: ctx.clone() }));
         tokio::spawn(leadership::run(ctx));
     });
     (ext, probe)

@@ -21,6 +21,10 @@ pub struct Metrics {
     pub heartbeats: AtomicU64,
     /// Actors rebuilt after an uncertain write or a failure.
     pub actor_restarts: AtomicU64,
+    /// Adapters assigned to a replica (pinned or on demand).
+    pub adapter_bindings: AtomicU64,
+    /// `EnsureLoaded` calls that had to load the adapter (cold loads).
+    pub adapter_cold_loads: AtomicU64,
 }
 
 impl Metrics {
@@ -40,6 +44,8 @@ impl Metrics {
             ("flotilla_actors_replicas_rescheduled_total", g(&self.replicas_rescheduled)),
             ("flotilla_actors_heartbeats_total", g(&self.heartbeats)),
             ("flotilla_actors_actor_restarts_total", g(&self.actor_restarts)),
+            ("flotilla_actors_adapter_bindings_total", g(&self.adapter_bindings)),
+            ("flotilla_actors_adapter_cold_loads_total", g(&self.adapter_cold_loads)),
         ]
     }
 }

@@ -69,6 +69,10 @@ pub struct Ctx {
     pub(crate) leading: Mutex<Option<Instant>>,
     /// The running supervisor, while this server leads.
     pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
+    /// When a gateway last routed a request for (adapter, replica), from `ReportUsage`.
+    pub adapter_usage: Mutex<HashMap<(ObjectName, ObjectName), Instant>>,
+    /// Bumped on every heartbeat received (waiters re-check engine reports).
+    pub beats: watch::Sender<u64>,
 }
 
 impl Ctx {
@@ -81,6 +85,8 @@ impl Ctx {
             metrics: Metrics::default(),
             leading: Mutex::new(None),
             supervisor: Mutex::new(None),
+            adapter_usage: Mutex::new(HashMap::new()),
+            beats: watch::channel(0).0,
         })
     }
 

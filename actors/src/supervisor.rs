@@ -18,6 +18,8 @@ use flotilla_api::spec::ReplicaPhase;
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectName, WatchEvent};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
+use crate::adapter_actor::{AdapterActor, AdapterArgs, AdapterMsg};
+use crate::adapters::Demand;
 use crate::config::ActorsConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelActor, ModelArgs, ModelMsg};
@@ -37,6 +39,8 @@ pub enum SupervisorMsg {
     Heard(ObjectName),
     /// Rebuild a child that stopped, if the store still calls for it.
     Respawn(Child),
+    /// `AdapterService.EnsureLoaded` waits for an adapter of this base model.
+    Demand { base: ObjectName, adapter: ObjectName, demand: Demand },
 }
 
 /// Which controller a child actor is.
@@ -45,6 +49,8 @@ pub enum Child {
     Scheduler,
     Model(ObjectName),
     Node(ObjectName),
+    /// The adapter controller of a base model.
+    Adapters(ObjectName),
 }
 
 pub struct Supervisor;
@@ -57,7 +63,27 @@ pub struct SupervisorState {
     scheduler: Option<ActorRef<SchedulerMsg>>,
     models: HashMap<ObjectName, ActorRef<ModelMsg>>,
     nodes: HashMap<ObjectName, ActorRef<NodeMsg>>,
+    adapters: HashMap<ObjectName, ActorRef<AdapterMsg>>,
     children: HashMap<ActorId, Child>,
+}
+
+/// The base model an `Adapter` object names (also for the object as it was at deletion).
+fn base_of(o: &flotilla_api::StoredObject) -> Option<ObjectName> {
+    o.spec.get("base_model").and_then(|b| b.as_str()).and_then(|b| b.parse().ok())
+}
+
+/// Whether the adapter controller of `base` has work: an adapter names it, or one of its
+/// replicas still holds a binding.
+fn adapters_wanted(ctx: &Ctx, base: &ObjectName) -> bool {
+    let reader = ctx.handle.reader();
+    let all = LabelSelector::default();
+    reader.list(Kind::Adapter, &all).0.iter().any(|o| base_of(o).as_ref() == Some(base))
+        || reader
+            .list(Kind::Replica, &LabelSelector::parse(&format!("{MODEL_LABEL}={base}")).unwrap_or_default())
+            .0
+            .iter()
+            .filter_map(|o| ReplicaView::from_stored(o).ok())
+            .any(|r| !r.spec.adapters.is_empty())
 }
 
 fn model_of(r: &ReplicaView) -> ObjectName {
@@ -97,6 +123,19 @@ impl SupervisorState {
                     }
                     Err(e) => {
                         tracing::error!(model = %name, error = %e, "cannot start a model actor");
+                        None
+                    }
+                }
+            }
+            Child::Adapters(base) => {
+                let args = AdapterArgs { ctx, base: base.clone() };
+                match Actor::spawn_linked(None, AdapterActor, args, me.clone()).await {
+                    Ok((a, _)) => {
+                        self.adapters.insert(base.clone(), a.clone());
+                        Some(a.get_id())
+                    }
+                    Err(e) => {
+                        tracing::error!(base = %base, error = %e, "cannot start an adapter controller");
                         None
                     }
                 }
@@ -157,10 +196,29 @@ impl SupervisorState {
                 None => self.spawn(me, Child::Model(name), Some(reps)).await,
             }
         }
+        let mut bases: std::collections::BTreeSet<ObjectName> =
+            reader.list(Kind::Adapter, &all).0.iter().filter_map(base_of).collect();
+        bases.extend(replicas.iter().filter(|r| !r.spec.adapters.is_empty()).map(model_of));
+        for base in bases {
+            match self.adapters.get(&base) {
+                Some(a) => drop(a.send_message(AdapterMsg::Changed)),
+                None => self.spawn(me, Child::Adapters(base), None).await,
+            }
+        }
         if self.scheduler.is_none() {
             self.spawn(me, Child::Scheduler, None).await;
         }
         self.nudge_scheduler();
+    }
+
+    /// Tells the adapter controller of `base` that something changed, starting it if
+    /// `start` and it is not running.
+    async fn adapters_changed(&mut self, me: &ActorCell, base: &ObjectName, start: bool) {
+        match self.adapters.get(base) {
+            Some(a) => drop(a.send_message(AdapterMsg::Changed)),
+            None if start => self.spawn(me, Child::Adapters(base.clone()), None).await,
+            None => {}
+        }
     }
 
     fn nudge_scheduler(&self) {
@@ -173,11 +231,14 @@ impl SupervisorState {
         let name = ev.object.key.name.clone();
         let deleted = ev.event_type == EventType::Delete;
         match ev.object.key.kind {
-            Kind::Model => match self.models.get(&name) {
-                Some(a) => drop(a.send_message(ModelMsg::Changed(None))),
-                None if !deleted => self.spawn(me, Child::Model(name), None).await,
-                None => {}
-            },
+            Kind::Model => {
+                self.adapters_changed(me, &name, false).await;
+                match self.models.get(&name) {
+                    Some(a) => drop(a.send_message(ModelMsg::Changed(None))),
+                    None if !deleted => self.spawn(me, Child::Model(name), None).await,
+                    None => {}
+                }
+            }
             Kind::Node => {
                 match self.nodes.get(&name) {
                     Some(a) => drop(a.send_message(NodeMsg::Changed(None))),
@@ -190,6 +251,7 @@ impl SupervisorState {
                 let Ok(r) = ReplicaView::from_stored(&ev.object) else { return };
                 self.ctx.hub.update(&name, if deleted { None } else { Some(&r) });
                 let model = model_of(&r);
+                self.adapters_changed(me, &model, !r.spec.adapters.is_empty()).await;
                 match self.models.get(&model) {
                     Some(a) => drop(a.send_message(ModelMsg::Changed(Some(name.clone())))),
                     None if !deleted => self.spawn(me, Child::Model(model), None).await,
@@ -202,7 +264,12 @@ impl SupervisorState {
                     self.nudge_scheduler();
                 }
             }
-            Kind::Adapter | Kind::Tenant => {}
+            Kind::Adapter => {
+                if let Some(base) = base_of(&ev.object) {
+                    self.adapters_changed(me, &base, !deleted).await;
+                }
+            }
+            Kind::Tenant => {}
         }
     }
 
@@ -253,6 +320,7 @@ impl Actor for Supervisor {
             scheduler: None,
             models: HashMap::new(),
             nodes: HashMap::new(),
+            adapters: HashMap::new(),
             children: HashMap::new(),
         };
         st.full_sync(&myself.get_cell()).await;
@@ -297,11 +365,20 @@ impl Actor for Supervisor {
                     let _ = a.send_message(NodeMsg::Heard);
                 }
             }
+            SupervisorMsg::Demand { base, adapter, demand } => {
+                if !st.adapters.contains_key(&base) {
+                    st.spawn(&me, Child::Adapters(base.clone()), None).await;
+                }
+                if let Some(a) = st.adapters.get(&base) {
+                    let _ = a.send_message(AdapterMsg::Demand(adapter, demand));
+                }
+            }
             SupervisorMsg::Respawn(child) => {
                 let wanted = match &child {
                     Child::Scheduler => st.scheduler.is_none(),
                     Child::Model(m) => !st.models.contains_key(m),
                     Child::Node(n) => !st.nodes.contains_key(n),
+                    Child::Adapters(b) => !st.adapters.contains_key(b),
                 };
                 if wanted {
                     st.spawn(&me, child, None).await;
@@ -327,6 +404,7 @@ impl Actor for Supervisor {
             Child::Scheduler => st.scheduler = None,
             Child::Model(m) => drop(st.models.remove(m)),
             Child::Node(n) => drop(st.nodes.remove(n)),
+            Child::Adapters(b) => drop(st.adapters.remove(b)),
         }
         let delay = match failed {
             Some(e) => {
@@ -348,6 +426,7 @@ impl Actor for Supervisor {
                         .is_empty()
             }
             Child::Node(n) => st.ctx.handle.reader().get(&key(Kind::Node, n)).0.is_some(),
+            Child::Adapters(b) => adapters_wanted(&st.ctx, b),
         };
         if wanted {
             myself.send_after(ActorsConfig::ms(delay), move || SupervisorMsg::Respawn(child));

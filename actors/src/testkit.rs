@@ -53,7 +53,7 @@ impl World {
         }
     }
 
-    fn put(
+    pub(crate) fn put(
         &mut self,
         kind: Kind,
         n: &str,

@@ -1,0 +1,398 @@
+//! LoRA adapter placement, pure: one base model's adapters, its replicas (with the adapters
+//! each must hold, `ReplicaSpec.adapters`), what the engines report, usage recency and
+//! pending on-demand requests → replica writes (bindings, fenced by the replica's revision,
+//! so a replica never holds more than its `--max-cpu-loras` slots) and adapter statuses.
+//!
+//! Rules, in order:
+//! 1. Bindings of adapters that are gone, moved to another base, or whose load failed on
+//!    that replica are removed; a source change rewrites the binding (the agent reloads).
+//! 2. Each adapter keeps `replicas: N` pinned bindings on replicas that run; missing ones
+//!    are added (never on a replica whose load of it failed within `FAILURE_BACKOFF`).
+//! 3. An on-demand request (`EnsureLoaded`) adds one binding on a Ready replica not in its
+//!    avoid list, unless one is already loaded or loading there.
+//! 4. A new binding takes a free slot chosen by the adapter's placement policy; with none
+//!    free, it evicts the least recently used unpinned binding idle for `MIN_IDLE` (LRU).
+//!
+//! Why one controller per base model rather than one actor per adapter (DESIGN.md): the
+//! slots of a replica are shared by every adapter of its base model, and eviction must
+//! compare adapters; a single decision over all of them needs no cross-actor protocol and
+//! makes no conflicting writes, like the Scheduler for GPUs.
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+use std::time::Duration;
+
+use flotilla_api::pb::EngineReport;
+use flotilla_api::spec::{
+    AdapterBinding, AdapterOnReplica, AdapterPhase, AdapterPlacement, AdapterReplicaState, AdapterSpec, AdapterStatus,
+    ReplicaPhase,
+};
+use flotilla_api::{Kind, ObjectName, StoredObject};
+use flotilla_storage::Command;
+use tokio::time::Instant;
+
+use crate::objects::{key, ModelView, ReplicaView};
+use crate::ActorsError;
+
+/// A replica whose load of an adapter failed is not tried again for it before this.
+pub const FAILURE_BACKOFF: Duration = Duration::from_secs(30);
+/// An unpinned binding is evicted only after this long without use (or since bound).
+pub const MIN_IDLE: Duration = Duration::from_secs(5);
+
+/// An `Adapter` as the controller sees it.
+#[derive(Debug, Clone, PartialEq)]
+pub struct AdapterView {
+    pub name: ObjectName,
+    pub revision: u64,
+    pub spec: AdapterSpec,
+    pub status: Option<AdapterStatus>,
+}
+
+impl AdapterView {
+    pub fn from_stored(o: &StoredObject) -> Result<AdapterView, ActorsError> {
+        let bad = |why: String| ActorsError::Malformed { key: o.key.to_string(), why };
+        let spec = serde_json::from_value(o.spec.clone()).map_err(|e| bad(format!("spec: {e}")))?;
+        let status = if o.status.is_null() { None } else { serde_json::from_value(o.status.clone()).ok() };
+        Ok(AdapterView { name: o.key.name.clone(), revision: o.revision, spec, status })
+    }
+}
+
+/// An on-demand load request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Demand {
+    /// Replicas the caller found saturated.
+    pub avoid: BTreeSet<ObjectName>,
+    /// Dropped after this.
+    pub until: Instant,
+}
+
+/// A failed load of an adapter on a replica.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Failure {
+    pub at: Instant,
+    pub reason: String,
+}
+
+/// Everything one decision needs.
+#[derive(Debug, Clone)]
+pub struct AdapterState {
+    pub base: ObjectName,
+    pub model: Option<ModelView>,
+    /// Adapters whose `base_model` is `base`.
+    pub adapters: BTreeMap<ObjectName, AdapterView>,
+    /// Replicas of the base model.
+    pub replicas: BTreeMap<ObjectName, ReplicaView>,
+    /// Latest engine report per replica.
+    pub reports: HashMap<ObjectName, EngineReport>,
+    /// Last request routed to (adapter, replica), or when it was bound there.
+    pub last_used: HashMap<(ObjectName, ObjectName), Instant>,
+    pub demands: BTreeMap<ObjectName, Demand>,
+    pub failures: HashMap<(ObjectName, ObjectName), Failure>,
+    pub now: Instant,
+}
+
+/// What a decision wants done.
+#[derive(Debug, Default)]
+pub struct Plan {
+    pub commands: Vec<Command>,
+    /// New (adapter, replica) bindings, for the usage clock.
+    pub bound: Vec<(ObjectName, ObjectName)>,
+}
+
+/// How an adapter stands on a replica per the engine's report.
+fn reported(report: Option<&EngineReport>, adapter: &str) -> Option<(AdapterReplicaState, String)> {
+    let r = report?;
+    if r.loaded_adapters.iter().any(|a| a == adapter) {
+        return Some((AdapterReplicaState::Loaded, String::new()));
+    }
+    let a = r.adapters.iter().find(|a| a.name == adapter)?;
+    let state = match a.state.as_str() {
+        "downloading" => AdapterReplicaState::Downloading,
+        "loading" => AdapterReplicaState::Loading,
+        "loaded" => AdapterReplicaState::Loaded,
+        "failed" => AdapterReplicaState::Failed,
+        _ => return None,
+    };
+    Some((state, a.reason.clone()))
+}
+
+/// Records failed loads from the reports (kept for `FAILURE_BACKOFF`) and forgets old ones.
+pub fn note_failures(s: &mut AdapterState) {
+    let now = s.now;
+    s.failures.retain(|_, f| now.saturating_duration_since(f.at) < FAILURE_BACKOFF);
+    for r in s.replicas.values() {
+        for b in &r.spec.adapters {
+            if let Some((AdapterReplicaState::Failed, reason)) = reported(s.reports.get(&r.name), b.name.as_str()) {
+                s.failures.entry((b.name.clone(), r.name.clone())).or_insert(Failure { at: now, reason });
+            }
+        }
+    }
+    s.demands.retain(|_, d| d.until > now);
+}
+
+fn serving(r: &ReplicaView) -> bool {
+    r.assigned()
+}
+
+fn ready(r: &ReplicaView) -> bool {
+    r.phase() == ReplicaPhase::Ready && r.spec.node.is_some()
+}
+
+/// The decision. Call [`note_failures`] first.
+pub fn decide(s: &AdapterState) -> Plan {
+    let mut plan = Plan::default();
+    let lora = s.model.as_ref().map(|m| m.spec.lora());
+    let capacity = match &lora {
+        Some(Ok(l)) if l.enabled => l.max_cpu_loras as usize,
+        _ => 0,
+    };
+    // 1. Current bindings, cleaned.
+    let mut bindings: BTreeMap<ObjectName, Vec<AdapterBinding>> = BTreeMap::new();
+    for r in s.replicas.values() {
+        let kept: Vec<AdapterBinding> = r
+            .spec
+            .adapters
+            .iter()
+            .filter_map(|b| {
+                let a = s.adapters.get(&b.name)?;
+                if capacity == 0 || s.failures.contains_key(&(b.name.clone(), r.name.clone())) {
+                    return None;
+                }
+                Some(AdapterBinding { name: b.name.clone(), source: a.spec.source.clone() })
+            })
+            .collect();
+        bindings.insert(r.name.clone(), kept);
+    }
+    let holds = |b: &BTreeMap<ObjectName, Vec<AdapterBinding>>, a: &ObjectName, r: &ObjectName| {
+        b.get(r).is_some_and(|v| v.iter().any(|x| &x.name == a))
+    };
+    // Which bindings are pinned: per adapter, its first N on running replicas (loaded first).
+    let pinned_of = |b: &BTreeMap<ObjectName, Vec<AdapterBinding>>| -> BTreeSet<(ObjectName, ObjectName)> {
+        let mut out = BTreeSet::new();
+        for (name, a) in &s.adapters {
+            let mut on: Vec<&ReplicaView> =
+                s.replicas.values().filter(|r| serving(r) && holds(b, name, &r.name)).collect();
+            on.sort_by_key(|r| {
+                let loaded =
+                    matches!(reported(s.reports.get(&r.name), name.as_str()), Some((AdapterReplicaState::Loaded, _)));
+                (!loaded, r.name.clone())
+            });
+            for r in on.into_iter().take(a.spec.replicas.pinned() as usize) {
+                out.insert((name.clone(), r.name.clone()));
+            }
+        }
+        out
+    };
+    if capacity > 0 {
+        // 2 and 3: wanted new bindings, pinned first, in name order.
+        let mut wants: Vec<(ObjectName, bool, BTreeSet<ObjectName>)> = Vec::new();
+        for (name, a) in &s.adapters {
+            let on = s.replicas.values().filter(|r| serving(r) && holds(&bindings, name, &r.name)).count() as u32;
+            for _ in on..a.spec.replicas.pinned() {
+                wants.push((name.clone(), true, BTreeSet::new()));
+            }
+        }
+        for (name, d) in &s.demands {
+            if !s.adapters.contains_key(name) {
+                continue;
+            }
+            let covered =
+                s.replicas.values().any(|r| ready(r) && !d.avoid.contains(&r.name) && holds(&bindings, name, &r.name));
+            if !covered {
+                wants.push((name.clone(), false, d.avoid.clone()));
+            }
+        }
+        for (name, pinned, avoid) in wants {
+            let a = &s.adapters[&name];
+            let pinned_now = pinned_of(&bindings);
+            let candidates: Vec<&ReplicaView> = s
+                .replicas
+                .values()
+                .filter(|r| if pinned { serving(r) } else { ready(r) })
+                .filter(|r| !avoid.contains(&r.name) && !holds(&bindings, &name, &r.name))
+                .filter(|r| !s.failures.contains_key(&(name.clone(), r.name.clone())))
+                .collect();
+            let used = |r: &ObjectName| bindings.get(r).map_or(0, Vec::len);
+            let free: Vec<&&ReplicaView> = candidates.iter().filter(|r| used(&r.name) < capacity).collect();
+            let load = |r: &ReplicaView| {
+                s.reports.get(&r.name).map_or(0.0, |e| e.num_requests_running + e.num_requests_waiting)
+            };
+            // Ready replicas before starting ones, then the placement policy, then the name.
+            let pick = free
+                .iter()
+                .min_by(|x, y| {
+                    let by_policy = match a.spec.placement {
+                        AdapterPlacement::LeastAdapters => used(&x.name).cmp(&used(&y.name)),
+                        AdapterPlacement::BinPack => used(&y.name).cmp(&used(&x.name)),
+                        AdapterPlacement::LeastLoad => load(x).total_cmp(&load(y)),
+                    };
+                    (!ready(x)).cmp(&!ready(y)).then(by_policy).then(x.name.cmp(&y.name))
+                })
+                .map(|r| (r.name.clone(), None));
+            // No free slot: the least recently used evictable binding among the candidates.
+            let pick = pick.or_else(|| {
+                let mut best: Option<(Instant, ObjectName, ObjectName)> = None;
+                for r in &candidates {
+                    for b in bindings.get(&r.name).into_iter().flatten() {
+                        if pinned_now.contains(&(b.name.clone(), r.name.clone())) || s.demands.contains_key(&b.name) {
+                            continue;
+                        }
+                        let last = s.last_used.get(&(b.name.clone(), r.name.clone())).copied().unwrap_or(s.now);
+                        if s.now.saturating_duration_since(last) < MIN_IDLE {
+                            continue;
+                        }
+                        if best.as_ref().is_none_or(|(t, _, _)| last < *t) {
+                            best = Some((last, r.name.clone(), b.name.clone()));
+                        }
+                    }
+                }
+                best.map(|(_, r, victim)| (r, Some(victim)))
+            });
+            let Some((replica, victim)) = pick else { continue };
+            let list = bindings.entry(replica.clone()).or_default();
+            if let Some(v) = victim {
+                list.retain(|b| b.name != v);
+            }
+            list.push(AdapterBinding { name: name.clone(), source: a.spec.source.clone() });
+            list.sort();
+            plan.bound.push((name, replica));
+        }
+    }
+    // Replica writes.
+    for r in s.replicas.values() {
+        let mut want = bindings.remove(&r.name).unwrap_or_default();
+        want.sort();
+        let mut have = r.spec.adapters.clone();
+        have.sort();
+        if want != have {
+            let mut spec = r.spec.clone();
+            spec.adapters = want.clone();
+            plan.commands.push(Command::Txn { compares: vec![r.compare()], ops: vec![r.put_op(&spec, &r.status)] });
+            bindings.insert(r.name.clone(), want);
+        } else {
+            bindings.insert(r.name.clone(), have);
+        }
+    }
+    // Statuses.
+    let pinned = pinned_of(&bindings);
+    for (name, a) in &s.adapters {
+        let status = status_of(s, a, &bindings, &pinned, capacity);
+        if a.status.as_ref() != Some(&status) {
+            plan.commands.push(Command::PutStatus {
+                key: key(Kind::Adapter, name),
+                status: serde_json::to_value(&status).unwrap_or_default(),
+                expected_revision: Some(a.revision),
+            });
+        }
+    }
+    plan
+}
+
+fn status_of(
+    s: &AdapterState,
+    a: &AdapterView,
+    bindings: &BTreeMap<ObjectName, Vec<AdapterBinding>>,
+    pinned: &BTreeSet<(ObjectName, ObjectName)>,
+    capacity: usize,
+) -> AdapterStatus {
+    let desired = a.spec.replicas.pinned();
+    let mut st = AdapterStatus { desired_replicas: desired, ..AdapterStatus::default() };
+    let base = &a.spec.base_model;
+    let broken = match &s.model {
+        None => Some(format!("base model {base} does not exist")),
+        Some(m) => a.spec.check_base(&m.spec).err().map(|e| e.to_string()),
+    };
+    if let Some(why) = broken {
+        st.phase = AdapterPhase::Failed;
+        st.reason = why;
+        return st;
+    }
+    let mut loading = (false, false);
+    let mut last_failure: Option<&Failure> = None;
+    for r in s.replicas.values() {
+        let bound = bindings.get(&r.name).is_some_and(|v| v.iter().any(|b| b.name == a.name));
+        let report = s.reports.get(&r.name);
+        let node = r.spec.node.as_ref().map(|n| n.to_string()).unwrap_or_default();
+        let failure = s.failures.get(&(a.name.clone(), r.name.clone()));
+        let (state, reason) = if bound {
+            match reported(report, a.name.as_str()) {
+                Some((AdapterReplicaState::Loaded, _)) if serving(r) => {
+                    st.loaded_replicas += 1;
+                    if let Some(ms) = report.and_then(|e| e.adapters.iter().find(|x| x.name == a.name.as_str())) {
+                        if ms.load_ms > 0 {
+                            st.load_latency_ms = Some(st.load_latency_ms.unwrap_or(0).max(ms.load_ms));
+                        }
+                    }
+                    (AdapterReplicaState::Loaded, String::new())
+                }
+                Some((AdapterReplicaState::Downloading, _)) => {
+                    loading.0 = true;
+                    (AdapterReplicaState::Downloading, String::new())
+                }
+                Some((AdapterReplicaState::Loading, _)) => {
+                    loading.1 = true;
+                    (AdapterReplicaState::Loading, String::new())
+                }
+                _ if !serving(r) => (AdapterReplicaState::Assigned, format!("replica is {:?}", r.phase())),
+                _ => {
+                    loading.1 = true;
+                    (AdapterReplicaState::Assigned, "waiting for the agent".into())
+                }
+            }
+        } else if let Some(f) = failure {
+            if last_failure.is_none_or(|l| f.at > l.at) {
+                last_failure = Some(f);
+            }
+            (AdapterReplicaState::Failed, f.reason.clone())
+        } else if !ready(r) {
+            (AdapterReplicaState::NotLoaded, format!("replica is {:?}", r.phase()))
+        } else {
+            let used = bindings.get(&r.name).map_or(0, Vec::len);
+            let why = if used >= capacity {
+                format!("no free slot: {used} of {capacity} (--max-cpu-loras) in use")
+            } else if desired == 0 {
+                "on-demand: loaded when requested".to_string()
+            } else {
+                format!("not needed: pinned on {desired} replica(s)")
+            };
+            (AdapterReplicaState::NotLoaded, why)
+        };
+        if !bound && state == AdapterReplicaState::NotLoaded && !serving(r) && r.phase() != ReplicaPhase::Pending {
+            continue; // Draining, Stopped, Failed replicas are not worth a line
+        }
+        st.replicas.push(AdapterOnReplica {
+            replica: r.name.clone(),
+            node,
+            state,
+            reason,
+            pinned: pinned.contains(&(a.name.clone(), r.name.clone())),
+        });
+    }
+    let enough = st.loaded_replicas >= desired.max(1);
+    st.phase = if enough {
+        AdapterPhase::Ready
+    } else if loading.0 {
+        AdapterPhase::Downloading
+    } else if loading.1 {
+        AdapterPhase::Loading
+    } else if let Some(f) = last_failure.filter(|_| st.loaded_replicas == 0) {
+        st.reason = f.reason.clone();
+        AdapterPhase::Failed
+    } else {
+        AdapterPhase::Pending
+    };
+    if st.phase == AdapterPhase::Pending && st.reason.is_empty() {
+        st.reason = if !s.replicas.values().any(ready) {
+            format!("base model {base} has no ready replica")
+        } else if desired == 0 && st.loaded_replicas == 0 {
+            "on-demand: loads on the first request".into()
+        } else if st.loaded_replicas < desired {
+            format!("loaded on {} of {desired} replicas", st.loaded_replicas)
+        } else {
+            String::new()
+        };
+    }
+    st
+}
+
+#[cfg(test)]
+#[path = "adapters_tests.rs"]
+mod tests;

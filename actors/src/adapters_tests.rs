@@ -1,0 +1,251 @@
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use flotilla_api::pb::{AdapterReport, EngineReport};
+use flotilla_api::spec::{AdapterPhase, AdapterReplicaState, ReplicaPhase};
+use flotilla_api::{Kind, LabelSelector};
+use serde_json::json;
+use tokio::time::Instant;
+
+use super::*;
+use crate::testkit::{name, World};
+
+/// A world with base model `m` (sim engine with `args`) and Ready replicas `r1..=rN`.
+fn world(replicas: usize, args: &[&str]) -> World {
+    let mut w = World::default();
+    w.node("n", 8, "A");
+    w.model("m", replicas as u32, 1);
+    let mut spec = w.get_model("m").unwrap().spec;
+    spec.engine_args = args.iter().map(|s| s.to_string()).collect();
+    w.put(Kind::Model, "m", BTreeMap::new(), json!(spec), serde_json::Value::Null);
+    for i in 1..=replicas {
+        w.replica(&format!("r{i}"), "m", 1, ReplicaPhase::Ready, Some(("n", vec![i as u32 - 1])));
+    }
+    w
+}
+
+fn adapter(w: &mut World, n: &str, replicas: serde_json::Value) {
+    let spec = json!({"base_model": "m", "source": format!("sim://{n}"), "replicas": replicas});
+    w.put(Kind::Adapter, n, BTreeMap::new(), spec, serde_json::Value::Null);
+}
+
+fn state(w: &World, now: Instant) -> AdapterState {
+    let all = LabelSelector::default();
+    AdapterState {
+        base: name("m"),
+        model: w.get_model("m"),
+        adapters: w
+            .store
+            .list(Kind::Adapter, &all)
+            .iter()
+            .map(|o| AdapterView::from_stored(o).unwrap())
+            .map(|a| (a.name.clone(), a))
+            .collect(),
+        replicas: w.replicas().into_iter().map(|r| (r.name.clone(), r)).collect(),
+        reports: HashMap::new(),
+        last_used: HashMap::new(),
+        demands: BTreeMap::new(),
+        failures: HashMap::new(),
+        now,
+    }
+}
+
+/// Adapter names bound per replica.
+fn bound(w: &World) -> BTreeMap<String, Vec<String>> {
+    w.replicas()
+        .into_iter()
+        .map(|r| (r.name.to_string(), r.spec.adapters.iter().map(|b| b.name.to_string()).collect()))
+        .collect()
+}
+
+fn status(w: &World, n: &str) -> AdapterStatus {
+    let o = w.store.get(&key(Kind::Adapter, &name(n))).unwrap();
+    AdapterView::from_stored(o).unwrap().status.expect("status written")
+}
+
+/// Reports every bound adapter as loaded by its engine.
+fn all_loaded(w: &World, s: &mut AdapterState) {
+    for r in w.replicas() {
+        let loaded = r.spec.adapters.iter().map(|b| b.name.to_string()).collect();
+        s.reports.insert(r.name.clone(), EngineReport { loaded_adapters: loaded, ..Default::default() });
+    }
+}
+
+fn run(w: &mut World, s: &AdapterState) -> Plan {
+    let plan = decide(s);
+    assert!(w.apply_all_ok(&plan.commands), "a decision's writes apply on the state it saw");
+    plan
+}
+
+#[test]
+fn pinned_adapters_spread_and_never_exceed_the_slots() {
+    let mut w = world(2, &["--max-loras", "1", "--max-cpu-loras", "2"]);
+    for a in ["a", "b", "c", "d", "e"] {
+        adapter(&mut w, a, json!(1));
+    }
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let b = bound(&w);
+    assert_eq!(b["r1"].len() + b["r2"].len(), 4, "{b:?}");
+    assert!(b.values().all(|v| v.len() == 2), "least-adapters spreads: {b:?}");
+    let e = status(&w, "e");
+    assert_eq!(e.phase, AdapterPhase::Pending);
+    assert!(e.replicas.iter().all(|r| r.reason.contains("no free slot")), "{e:?}");
+    // Level-triggered: the same world decides nothing more.
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    run(&mut w, &s);
+    assert_eq!(status(&w, "a").phase, AdapterPhase::Ready);
+    assert_eq!(status(&w, "a").loaded_replicas, 1);
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    assert!(decide(&s).commands.is_empty(), "steady state writes nothing");
+}
+
+#[test]
+fn bin_pack_fills_one_replica_first() {
+    let mut w = world(2, &["--max-cpu-loras", "3"]);
+    for a in ["a", "b"] {
+        let spec = json!({"base_model": "m", "source": format!("sim://{a}"), "placement": "bin-pack"});
+        w.put(Kind::Adapter, a, BTreeMap::new(), spec, serde_json::Value::Null);
+    }
+    let s = state(&w, Instant::now());
+    run(&mut w, &s);
+    let b = bound(&w);
+    assert!(b["r1"].len() == 2 && b["r2"].is_empty(), "{b:?}");
+}
+
+#[test]
+fn on_demand_loads_evict_the_least_recently_used_unpinned_adapter() {
+    let mut w = world(1, &["--max-cpu-loras", "2"]);
+    for a in ["p", "x", "y", "z"] {
+        adapter(&mut w, a, if a == "p" { json!(1) } else { json!("on-demand") });
+    }
+    let t0 = Instant::now();
+    let mut s = state(&w, t0);
+    let until = t0 + Duration::from_secs(30);
+    s.demands.insert(name("x"), Demand { avoid: BTreeSet::new(), until });
+    let plan = run(&mut w, &s);
+    assert_eq!(plan.bound.len(), 2, "pinned p and demanded x: {:?}", plan.bound);
+    assert_eq!(bound(&w)["r1"], ["p", "x"]);
+    assert_eq!(status(&w, "y").phase, AdapterPhase::Pending);
+    // y is requested while x is fresh: nothing evictable yet (x idle < MIN_IDLE, p pinned).
+    let t1 = t0 + Duration::from_secs(1);
+    let mut s = state(&w, t1);
+    s.last_used.insert((name("x"), name("r1")), t0);
+    s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until });
+    run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], ["p", "x"]);
+    // Later x has been idle long enough: y evicts x, never the pinned p.
+    let t2 = t0 + MIN_IDLE + Duration::from_secs(1);
+    let mut s = state(&w, t2);
+    s.last_used.insert((name("x"), name("r1")), t0);
+    s.last_used.insert((name("p"), name("r1")), t0 - Duration::from_secs(100));
+    s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until });
+    run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], ["p", "y"]);
+    let x = status(&w, "x");
+    assert_eq!(x.phase, AdapterPhase::Pending);
+    assert!(x.replicas[0].reason.contains("no free slot"), "{x:?}");
+}
+
+#[test]
+fn a_demand_avoiding_a_saturated_holder_scales_the_adapter_out() {
+    let mut w = world(2, &["--max-cpu-loras", "4"]);
+    adapter(&mut w, "hot", json!(1));
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let first: Vec<String> = bound(&w).into_iter().filter(|(_, v)| !v.is_empty()).map(|(r, _)| r).collect();
+    assert_eq!(first.len(), 1);
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    s.demands.insert(name("hot"), Demand { avoid: [name(&first[0])].into(), until: now + Duration::from_secs(30) });
+    run(&mut w, &s);
+    assert!(bound(&w).values().all(|v| v == &["hot"]), "{:?}", bound(&w));
+}
+
+#[test]
+fn a_failed_load_moves_to_another_replica_then_the_adapter_fails_with_the_engine_message() {
+    let mut w = world(2, &["--max-cpu-loras", "2"]);
+    adapter(&mut w, "bad", json!(1));
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let fail = |w: &World, s: &mut AdapterState| {
+        for r in w.replicas().iter().filter(|r| !r.spec.adapters.is_empty()) {
+            let report = AdapterReport {
+                name: "bad".into(),
+                state: "failed".into(),
+                reason: "Loading lora bad failed: No adapter found for /nope".into(),
+                load_ms: 0,
+            };
+            s.reports.insert(r.name.clone(), EngineReport { adapters: vec![report], ..Default::default() });
+        }
+    };
+    let mut s = state(&w, now);
+    fail(&w, &mut s);
+    note_failures(&mut s);
+    run(&mut w, &s);
+    let b = bound(&w);
+    assert_eq!(b.values().filter(|v| !v.is_empty()).count(), 1, "retried on the other replica: {b:?}");
+    assert_eq!(status(&w, "bad").phase, AdapterPhase::Loading);
+    let failures = s.failures.clone();
+    let mut s = state(&w, now);
+    s.failures = failures;
+    fail(&w, &mut s);
+    note_failures(&mut s);
+    run(&mut w, &s);
+    assert!(bound(&w).values().all(Vec::is_empty));
+    let st = status(&w, "bad");
+    assert_eq!(st.phase, AdapterPhase::Failed);
+    assert!(st.reason.contains("No adapter found"), "{st:?}");
+    assert!(st.replicas.iter().all(|r| r.state == AdapterReplicaState::Failed));
+    // After the backoff it is tried again.
+    let failures = s.failures.clone();
+    let mut s = state(&w, now + FAILURE_BACKOFF);
+    s.failures = failures;
+    note_failures(&mut s);
+    run(&mut w, &s);
+    assert_eq!(bound(&w).values().filter(|v| !v.is_empty()).count(), 1);
+}
+
+#[test]
+fn lost_replicas_deleted_adapters_and_missing_base_models() {
+    let mut w = world(2, &["--max-cpu-loras", "2"]);
+    adapter(&mut w, "a", json!(1));
+    adapter(&mut w, "gone", json!(1));
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let holder = bound(&w).into_iter().find(|(_, v)| v.contains(&"a".to_string())).unwrap().0;
+    // The replica holding `a` is lost (drained): `a` is placed on the other one.
+    w.replicas_mut(&holder, |_, st| st.phase = ReplicaPhase::Draining);
+    w.apply(&Command::Delete { key: key(Kind::Adapter, &name("gone")), expected_revision: None });
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let b = bound(&w);
+    let other = if holder == "r1" { "r2" } else { "r1" };
+    assert_eq!(b[other], ["a"], "{b:?}");
+    assert!(!b[other].contains(&"gone".to_string()));
+    // Base model deleted: Failed, and no replica keeps bindings.
+    w.apply(&Command::Delete { key: key(Kind::Model, &name("m")), expected_revision: None });
+    let s = state(&w, now);
+    run(&mut w, &s);
+    assert!(bound(&w).values().all(Vec::is_empty));
+    let st = status(&w, "a");
+    assert_eq!(st.phase, AdapterPhase::Failed);
+    assert!(st.reason.contains("base model m does not exist"), "{st:?}");
+}
+
+#[test]
+fn a_base_model_without_lora_or_with_a_lower_rank_fails_the_adapter() {
+    let mut w = world(1, &["--disable-lora"]);
+    adapter(&mut w, "a", json!(1));
+    let s = state(&w, Instant::now());
+    run(&mut w, &s);
+    assert!(bound(&w)["r1"].is_empty());
+    let st = status(&w, "a");
+    assert_eq!(st.phase, AdapterPhase::Failed);
+    assert!(st.reason.contains("--enable-lora"), "{st:?}");
+}
