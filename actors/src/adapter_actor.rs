@@ -11,7 +11,7 @@
 //!  Demand ───┼─> refresh ─> note_failures ─> decide ─┤
 //!  Tick ─────┘                                   └─> PutStatus adapter status (fenced)
 //! ```
-use std::collections::{BTreeMap, HashMap};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::Arc;
 
 use flotilla_api::{Kind, LabelSelector, ObjectName};
@@ -20,9 +20,10 @@ use tokio::time::Instant;
 
 use crate::adapters::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
-use crate::objects::{key, ModelView, ReplicaView, MODEL_LABEL};
+use crate::objects::{key, ModelView, NodeView, ReplicaView, MODEL_LABEL};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
+use flotilla_api::spec::NodeState;
 
 #[derive(Debug)]
 pub enum AdapterMsg {
@@ -69,6 +70,16 @@ impl AdapterActorState {
             .filter_map(|o| ReplicaView::from_stored(o).ok())
             .map(|r| (r.name.clone(), r))
             .collect();
+        self.s.down_nodes = self
+            .s
+            .replicas
+            .values()
+            .filter_map(|r| r.spec.node.clone())
+            .filter(|n| {
+                let node = reader.get(&key(Kind::Node, n)).0.and_then(|o| NodeView::from_stored(&o).ok());
+                node.is_none_or(|v| v.status.state == NodeState::NotReady)
+            })
+            .collect();
         let live = lock(&self.ctx.live);
         self.s.reports = HashMap::new();
         for r in self.s.replicas.values() {
@@ -109,6 +120,7 @@ impl Actor for AdapterActor {
             model: None,
             adapters: BTreeMap::new(),
             replicas: BTreeMap::new(),
+            down_nodes: BTreeSet::new(),
             reports: HashMap::new(),
             last_used: HashMap::new(),
             demands: BTreeMap::new(),

@@ -17,14 +17,14 @@ use std::time::Duration;
 
 use flotilla_api::pb::adapter_service_server::AdapterService;
 use flotilla_api::pb::{Endpoint, EnsureLoadedRequest, EnsureLoadedResponse, ReportUsageRequest, ReportUsageResponse};
-use flotilla_api::spec::AdapterPhase;
+use flotilla_api::spec::{AdapterPhase, NodeState};
 use flotilla_api::{Kind, LabelSelector, ObjectName};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
 use crate::adapters::{AdapterView, Demand};
 use crate::metrics::Metrics;
-use crate::objects::{key, ModelView, ReplicaView};
+use crate::objects::{key, ModelView, NodeView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::supervisor::SupervisorMsg;
 use crate::ActorsError;
@@ -53,10 +53,20 @@ fn holders(
     adapter: &str,
     avoid: &BTreeSet<ObjectName>,
 ) -> (Vec<Endpoint>, Vec<Endpoint>) {
+    // Endpoints on nodes the leader lost stay in the gateways' tables (static stability)
+    // but are no answer to "where can this adapter be served now".
+    let reader = ctx.handle.reader();
+    let up = |node: &str| {
+        node.parse::<ObjectName>()
+            .ok()
+            .and_then(|n| reader.get(&key(Kind::Node, &n)).0)
+            .and_then(|o| NodeView::from_stored(&o).ok())
+            .is_some_and(|v| v.status.state != NodeState::NotReady)
+    };
     let all: Vec<Endpoint> = crate::fleet_service::endpoints(ctx, base.as_str())
         .endpoints
         .into_iter()
-        .filter(|e| e.loaded_adapters.iter().any(|a| a == adapter))
+        .filter(|e| e.loaded_adapters.iter().any(|a| a == adapter) && up(&e.node))
         .collect();
     let preferred =
         all.iter().filter(|e| e.replica.parse().is_ok_and(|r: ObjectName| !avoid.contains(&r))).cloned().collect();

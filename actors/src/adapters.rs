@@ -80,6 +80,9 @@ pub struct AdapterState {
     pub adapters: BTreeMap<ObjectName, AdapterView>,
     /// Replicas of the base model.
     pub replicas: BTreeMap<ObjectName, ReplicaView>,
+    /// Nodes the leader lost contact with (NotReady) or that are gone: adapters there are
+    /// placed again elsewhere without waiting for their replicas to be rescheduled.
+    pub down_nodes: BTreeSet<ObjectName>,
     /// Latest engine report per replica.
     pub reports: HashMap<ObjectName, EngineReport>,
     /// Last request routed to (adapter, replica), or when it was bound there.
@@ -128,12 +131,28 @@ pub fn note_failures(s: &mut AdapterState) {
     s.demands.retain(|_, d| d.until > now);
 }
 
-fn serving(r: &ReplicaView) -> bool {
-    r.assigned()
-}
+impl AdapterState {
+    fn node_up(&self, r: &ReplicaView) -> bool {
+        r.spec.node.as_ref().is_some_and(|n| !self.down_nodes.contains(n))
+    }
 
-fn ready(r: &ReplicaView) -> bool {
-    r.phase() == ReplicaPhase::Ready && r.spec.node.is_some()
+    /// Runs (or is about to) on a live node: counts for pinned adapters.
+    fn serving(&self, r: &ReplicaView) -> bool {
+        r.assigned() && self.node_up(r)
+    }
+
+    /// Why a replica does not count (not serving).
+    fn why_not(&self, r: &ReplicaView) -> String {
+        match &r.spec.node {
+            Some(n) if self.down_nodes.contains(n) => format!("node {n} is not ready"),
+            _ => format!("replica is {:?}", r.phase()),
+        }
+    }
+
+    /// Serves requests now: on-demand loads go here.
+    fn ready(&self, r: &ReplicaView) -> bool {
+        r.phase() == ReplicaPhase::Ready && self.node_up(r)
+    }
 }
 
 /// The decision. Call [`note_failures`] first.
@@ -169,7 +188,7 @@ pub fn decide(s: &AdapterState) -> Plan {
         let mut out = BTreeSet::new();
         for (name, a) in &s.adapters {
             let mut on: Vec<&ReplicaView> =
-                s.replicas.values().filter(|r| serving(r) && holds(b, name, &r.name)).collect();
+                s.replicas.values().filter(|r| s.serving(r) && holds(b, name, &r.name)).collect();
             on.sort_by_key(|r| {
                 let loaded =
                     matches!(reported(s.reports.get(&r.name), name.as_str()), Some((AdapterReplicaState::Loaded, _)));
@@ -185,7 +204,7 @@ pub fn decide(s: &AdapterState) -> Plan {
         // 2 and 3: wanted new bindings, pinned first, in name order.
         let mut wants: Vec<(ObjectName, bool, BTreeSet<ObjectName>)> = Vec::new();
         for (name, a) in &s.adapters {
-            let on = s.replicas.values().filter(|r| serving(r) && holds(&bindings, name, &r.name)).count() as u32;
+            let on = s.replicas.values().filter(|r| s.serving(r) && holds(&bindings, name, &r.name)).count() as u32;
             for _ in on..a.spec.replicas.pinned() {
                 wants.push((name.clone(), true, BTreeSet::new()));
             }
@@ -194,8 +213,10 @@ pub fn decide(s: &AdapterState) -> Plan {
             if !s.adapters.contains_key(name) {
                 continue;
             }
-            let covered =
-                s.replicas.values().any(|r| ready(r) && !d.avoid.contains(&r.name) && holds(&bindings, name, &r.name));
+            let covered = s
+                .replicas
+                .values()
+                .any(|r| s.ready(r) && !d.avoid.contains(&r.name) && holds(&bindings, name, &r.name));
             if !covered {
                 wants.push((name.clone(), false, d.avoid.clone()));
             }
@@ -206,7 +227,7 @@ pub fn decide(s: &AdapterState) -> Plan {
             let candidates: Vec<&ReplicaView> = s
                 .replicas
                 .values()
-                .filter(|r| if pinned { serving(r) } else { ready(r) })
+                .filter(|r| if pinned { s.serving(r) } else { s.ready(r) })
                 .filter(|r| !avoid.contains(&r.name) && !holds(&bindings, &name, &r.name))
                 .filter(|r| !s.failures.contains_key(&(name.clone(), r.name.clone())))
                 .collect();
@@ -224,7 +245,7 @@ pub fn decide(s: &AdapterState) -> Plan {
                         AdapterPlacement::BinPack => used(&y.name).cmp(&used(&x.name)),
                         AdapterPlacement::LeastLoad => load(x).total_cmp(&load(y)),
                     };
-                    (!ready(x)).cmp(&!ready(y)).then(by_policy).then(x.name.cmp(&y.name))
+                    (!s.ready(x)).cmp(&!s.ready(y)).then(by_policy).then(x.name.cmp(&y.name))
                 })
                 .map(|r| (r.name.clone(), None));
             // No free slot: the least recently used evictable binding among the candidates.
@@ -314,7 +335,7 @@ fn status_of(
         let failure = s.failures.get(&(a.name.clone(), r.name.clone()));
         let (state, reason) = if bound {
             match reported(report, a.name.as_str()) {
-                Some((AdapterReplicaState::Loaded, _)) if serving(r) => {
+                Some((AdapterReplicaState::Loaded, _)) if s.serving(r) => {
                     st.loaded_replicas += 1;
                     if let Some(ms) = report.and_then(|e| e.adapters.iter().find(|x| x.name == a.name.as_str())) {
                         if ms.load_ms > 0 {
@@ -331,7 +352,7 @@ fn status_of(
                     loading.1 = true;
                     (AdapterReplicaState::Loading, String::new())
                 }
-                _ if !serving(r) => (AdapterReplicaState::Assigned, format!("replica is {:?}", r.phase())),
+                _ if !s.serving(r) => (AdapterReplicaState::Assigned, s.why_not(r)),
                 _ => {
                     loading.1 = true;
                     (AdapterReplicaState::Assigned, "waiting for the agent".into())
@@ -342,8 +363,8 @@ fn status_of(
                 last_failure = Some(f);
             }
             (AdapterReplicaState::Failed, f.reason.clone())
-        } else if !ready(r) {
-            (AdapterReplicaState::NotLoaded, format!("replica is {:?}", r.phase()))
+        } else if !s.ready(r) {
+            (AdapterReplicaState::NotLoaded, s.why_not(r))
         } else {
             let used = bindings.get(&r.name).map_or(0, Vec::len);
             let why = if used >= capacity {
@@ -355,7 +376,7 @@ fn status_of(
             };
             (AdapterReplicaState::NotLoaded, why)
         };
-        if !bound && state == AdapterReplicaState::NotLoaded && !serving(r) && r.phase() != ReplicaPhase::Pending {
+        if !bound && state == AdapterReplicaState::NotLoaded && !s.serving(r) && r.phase() != ReplicaPhase::Pending {
             continue; // Draining, Stopped, Failed replicas are not worth a line
         }
         st.replicas.push(AdapterOnReplica {
@@ -380,7 +401,7 @@ fn status_of(
         AdapterPhase::Pending
     };
     if st.phase == AdapterPhase::Pending && st.reason.is_empty() {
-        st.reason = if !s.replicas.values().any(ready) {
+        st.reason = if !s.replicas.values().any(|r| s.ready(r)) {
             format!("base model {base} has no ready replica")
         } else if desired == 0 && st.loaded_replicas == 0 {
             "on-demand: loads on the first request".into()

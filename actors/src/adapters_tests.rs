@@ -41,6 +41,7 @@ fn state(w: &World, now: Instant) -> AdapterState {
             .map(|a| (a.name.clone(), a))
             .collect(),
         replicas: w.replicas().into_iter().map(|r| (r.name.clone(), r)).collect(),
+        down_nodes: BTreeSet::new(),
         reports: HashMap::new(),
         last_used: HashMap::new(),
         demands: BTreeMap::new(),
@@ -248,4 +249,31 @@ fn a_base_model_without_lora_or_with_a_lower_rank_fails_the_adapter() {
     let st = status(&w, "a");
     assert_eq!(st.phase, AdapterPhase::Failed);
     assert!(st.reason.contains("--enable-lora"), "{st:?}");
+}
+
+#[test]
+fn adapters_on_a_lost_node_are_placed_again_at_once() {
+    let mut w = World::default();
+    w.node("n1", 1, "A");
+    w.node("n2", 1, "A");
+    w.model("m", 2, 1);
+    w.replica("r1", "m", 1, ReplicaPhase::Ready, Some(("n1", vec![0])));
+    w.replica("r2", "m", 1, ReplicaPhase::Ready, Some(("n2", vec![0])));
+    adapter(&mut w, "a", json!(1));
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let holder = w.replicas().into_iter().find(|r| !r.spec.adapters.is_empty()).unwrap();
+    let node = holder.spec.node.clone().unwrap();
+    let mut s = state(&w, now);
+    s.down_nodes.insert(node.clone());
+    let mut d = BTreeMap::new();
+    d.insert(name("a"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(9) });
+    s.demands = d;
+    run(&mut w, &s);
+    let b = bound(&w);
+    assert!(b.values().all(|v| v == &["a"]), "placed on the live replica too: {b:?}");
+    let st = status(&w, "a");
+    let lost = st.replicas.iter().find(|r| r.replica == holder.name).unwrap();
+    assert!(lost.reason.contains(&format!("node {node} is not ready")), "{st:?}");
 }

@@ -27,7 +27,7 @@ impl ApiError {
         }
     }
 
-    pub(crate) fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
+    pub fn invalid(field: impl Into<String>, message: impl Into<String>) -> Self {
         ApiError::Invalid { field: field.into(), message: message.into() }
     }
 }

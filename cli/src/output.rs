@@ -38,6 +38,11 @@ pub(crate) fn print_doc(value: &Value, format: Format) {
 
 pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool) {
     match format {
+        Format::Table if single && objects.len() == 1 && objects[0].kind == "Adapter" => {
+            print_table(&object_rows(objects));
+            println!();
+            print_table(&adapter_placement_rows(&object_doc(&objects[0])));
+        }
         Format::Table => print_table(&object_rows(objects)),
         _ if single && objects.len() == 1 => print_doc(&object_doc(&objects[0]), format),
         _ => print_doc(&Value::Array(objects.iter().map(object_doc).collect()), format),
@@ -66,7 +71,14 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
             ("GPUS", "spec.gpus"),
             ("SOURCE", "spec.source"),
         ],
-        "Adapter" => &[("BASE-MODEL", "spec.base_model"), ("REPLICAS", "spec.replicas"), ("SOURCE", "spec.source")],
+        "Adapter" => &[
+            ("BASE-MODEL", "spec.base_model"),
+            ("PHASE", "status.phase"),
+            ("DESIRED", "spec.replicas"),
+            ("LOADED", "status.loaded_replicas"),
+            ("LOAD-MS", "status.load_latency_ms"),
+            ("REASON", "status.reason"),
+        ],
         "Tenant" => &[("PRIORITY", "spec.priority"), ("RPM", "spec.rpm"), ("TPM", "spec.tpm")],
         "Replica" => &[
             ("MODEL", "spec.model"),
@@ -91,6 +103,24 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
         row.extend(columns.iter().map(|(_, path)| field(&doc, path)));
         row.push(o.revision.to_string());
         rows.push(row);
+    }
+    rows
+}
+
+/// One row per base replica of an adapter: where it is loaded, and why not elsewhere.
+fn adapter_placement_rows(doc: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![["REPLICA", "NODE", "STATE", "PINNED", "REASON"].map(String::from).to_vec()];
+    for r in doc["status"]["replicas"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            field(r, "replica"),
+            field(r, "node"),
+            field(r, "state"),
+            if r["pinned"].as_bool() == Some(true) { "yes".into() } else { "-".into() },
+            field(r, "reason"),
+        ]);
+    }
+    if rows.len() == 1 {
+        rows.push(vec!["(no replica of the base model)".into()]);
     }
     rows
 }

@@ -9,8 +9,9 @@ use flotilla_api::pb::{
     ApplyRequest, ApplyResponse, DeleteRequest, DeleteResponse, GetRequest, GetResponse, ListRequest, ListResponse,
     WatchEvent, WatchRequest,
 };
-use flotilla_api::{Kind, LabelSelector, Manifest, ObjectKey, ObjectName};
-use flotilla_storage::{Command, CommandResult};
+use flotilla_api::spec::{AdapterSpec, ModelSpec};
+use flotilla_api::{ApiError, Kind, LabelSelector, Manifest, ObjectKey, ObjectName, Spec};
+use flotilla_storage::{Command, CommandResult, Compare, TxnOp};
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -88,6 +89,9 @@ impl ObjectServiceImpl {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let manifest = Manifest::parse(&req.manifest).map_err(ClusterError::from)?;
+        if let Spec::Adapter(adapter) = &manifest.spec {
+            return self.apply_adapter(req.clone(), &manifest, adapter, forwarded).await;
+        }
         let cmd = Command::Put {
             key: ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() },
             uid: uuid::Uuid::new_v4().to_string(),
@@ -106,6 +110,87 @@ impl ObjectServiceImpl {
                 }
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
+            };
+            let r = self.client(&addr).apply(forward_request(req.clone(), deadline)).await;
+            if retryable(&r) && self.node.backoff(deadline).await {
+                continue;
+            }
+            return r;
+        }
+    }
+
+    /// Applies an `Adapter`, checked against its base model (it must exist and serve LoRA at
+    /// the adapter's rank) in one transaction fenced by the base model's revision, so a
+    /// concurrent change of the base model cannot slip between the check and the write.
+    async fn apply_adapter(
+        &self,
+        req: ApplyRequest,
+        manifest: &Manifest,
+        adapter: &AdapterSpec,
+        forwarded: bool,
+    ) -> Result<Response<ApplyResponse>, Status> {
+        let key = ObjectKey { kind: Kind::Adapter, name: manifest.metadata.name.clone() };
+        let base_key = ObjectKey { kind: Kind::Model, name: adapter.base_model.clone() };
+        let spec = manifest.spec.to_json();
+        let deadline = self.node.deadline();
+        loop {
+            let addr = match self.read_route(false, forwarded, deadline).await? {
+                Route::Leader(addr) => addr,
+                Route::Done(()) => {
+                    let (base, _) = self.node.reader.get(&base_key);
+                    let base = base.ok_or_else(|| {
+                        ClusterError::from(ApiError::invalid(
+                            "spec.base_model",
+                            format!("model {} does not exist; apply the base model first", adapter.base_model),
+                        ))
+                    })?;
+                    let base_spec: ModelSpec = serde_json::from_value(base.spec.clone())
+                        .map_err(|e| Status::internal(format!("cluster.internal: stored model {base_key}: {e}")))?;
+                    adapter.check_base(&base_spec).map_err(ClusterError::from)?;
+                    let (current, _) = self.node.reader.get(&key);
+                    let actual = current.as_ref().map_or(0, |o| o.revision);
+                    if let Some(expected) = req.expected_revision.filter(|e| *e != actual) {
+                        return Err(ClusterError::Conflict { key, expected, actual }.into());
+                    }
+                    if let Some(cur) =
+                        current.as_ref().filter(|c| c.spec == spec && c.labels == manifest.metadata.labels)
+                    {
+                        return Ok(Response::new(ApplyResponse {
+                            object: Some(cur.into()),
+                            created: false,
+                            unchanged: true,
+                        }));
+                    }
+                    let cmd = Command::Txn {
+                        compares: vec![
+                            Compare { key: base_key.clone(), revision: base.revision },
+                            Compare { key: key.clone(), revision: actual },
+                        ],
+                        ops: vec![TxnOp::Put {
+                            key: key.clone(),
+                            uid: current.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |c| c.uid.clone()),
+                            labels: manifest.metadata.labels.clone(),
+                            spec: spec.clone(),
+                            status: None,
+                        }],
+                    };
+                    match self.write(cmd, forwarded, deadline).await? {
+                        Route::Done(CommandResult::Txn { .. }) => {
+                            let (object, _) = self.node.reader.get(&key);
+                            let object =
+                                object.ok_or_else(|| unexpected(CommandResult::NotFound { key: key.clone() }))?;
+                            return Ok(Response::new(ApplyResponse {
+                                object: Some((&object).into()),
+                                created: current.is_none(),
+                                unchanged: false,
+                            }));
+                        }
+                        // The base model or the adapter changed since the check: check again.
+                        Route::Done(CommandResult::Conflict { .. }) if self.node.backoff(deadline).await => continue,
+                        Route::Done(other) => return Err(unexpected(other)),
+                        Route::Leader(addr) => addr,
+                    }
+                }
             };
             let r = self.client(&addr).apply(forward_request(req.clone(), deadline)).await;
             if retryable(&r) && self.node.backoff(deadline).await {
