@@ -1,7 +1,8 @@
 //! The control-plane feed: `FleetService.WatchEndpoints` (full snapshots of ready
 //! endpoints, leader only: a follower's `cluster.not_leader: leader=ADDR` is followed, any
 //! other failure moves to the next server) and `ObjectService.List`+`Watch` of `Model`
-//! (routing strategy) and `Tenant` objects, resumed after the last revision seen.
+//! (routing strategy), `Tenant` and `Adapter` (base model, phase) objects, resumed after
+//! the last revision seen.
 //! Static stability: on any failure the last known table stays in force; nothing here
 //! ever clears it.
 
@@ -14,13 +15,14 @@ use flotilla_api::spec::{RoutingStrategy, TenantSpec};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
+use crate::adapters::{adapter_info, endpoint_of, AdapterInfo};
 use crate::state::Gateway;
-use crate::table::{Endpoint, EndpointSet, EngineLoad, Tenant, Tenants};
+use crate::table::{EndpointSet, Tenant, Tenants};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
 
-fn uri(addr: &str) -> String {
+pub(crate) fn uri(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_string()
     } else {
@@ -28,7 +30,7 @@ fn uri(addr: &str) -> String {
     }
 }
 
-async fn connect(addr: &str) -> Result<Channel, String> {
+pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
     let ep = TonicEndpoint::from_shared(uri(&flotilla_api::dial::dial_address(addr)))
         .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
     // HTTP/2 pings find a server that stopped answering (paused, partitioned) in ~3 s;
@@ -55,18 +57,7 @@ pub fn leader_hint(status: &tonic::Status) -> Option<String> {
 
 /// Converts a snapshot into the routing table.
 pub fn endpoint_set(set: &pb::EndpointSet) -> EndpointSet {
-    EndpointSet::from_endpoints(set.endpoints.iter().filter_map(|e| {
-        let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
-        let mut ep = Endpoint::new(&e.model, authority);
-        ep.node = e.node.clone();
-        ep.adapters = e.loaded_adapters.clone();
-        ep.engine = EngineLoad {
-            running: e.num_requests_running,
-            waiting: e.num_requests_waiting,
-            kv_cache_usage: e.kv_cache_usage,
-        };
-        Some(ep)
-    }))
+    EndpointSet::from_endpoints(set.endpoints.iter().filter_map(endpoint_of))
 }
 
 /// Rotates through the servers, preferring a leader hint.
@@ -130,6 +121,7 @@ async fn endpoints_once(gw: &Gateway, addr: &str) -> Result<(), (Option<tonic::S
 struct Objects {
     routing: HashMap<String, RoutingStrategy>,
     tenants: HashMap<String, Tenant>,
+    adapters: HashMap<String, AdapterInfo>,
 }
 
 fn model_routing(spec_json: &str) -> RoutingStrategy {
@@ -152,6 +144,12 @@ impl Objects {
                 }
                 Err(e) => tracing::warn!(tenant = %o.name, error = %e, "ignoring unreadable tenant spec"),
             },
+            "Adapter" => match adapter_info(&o.spec_json, &o.status_json) {
+                Some(a) => {
+                    self.adapters.insert(o.name.clone(), a);
+                }
+                None => tracing::warn!(adapter = %o.name, "ignoring an adapter spec without base_model"),
+            },
             _ => {}
         }
     }
@@ -163,19 +161,22 @@ impl Objects {
             "Tenant" => {
                 self.tenants.remove(&o.name);
             }
+            "Adapter" => {
+                self.adapters.remove(&o.name);
+            }
             _ => {}
         }
     }
     fn publish(&self, gw: &Gateway, kind: &str) {
-        if kind == "Model" {
-            gw.dir.set_routing(self.routing.clone());
-        } else {
-            gw.dir.set_tenants(Tenants::from_tenants(self.tenants.values().cloned()));
+        match kind {
+            "Model" => gw.dir.set_routing(self.routing.clone()),
+            "Adapter" => gw.dir.set_adapters(self.adapters.clone()),
+            _ => gw.dir.set_tenants(Tenants::from_tenants(self.tenants.values().cloned())),
         }
     }
 }
 
-/// Follows `Model` and `Tenant` objects forever (one List + Watch per kind).
+/// Follows `Model`, `Tenant` or `Adapter` objects forever (one List + Watch per kind).
 pub async fn watch_objects(gw: Arc<Gateway>, servers: Vec<String>, kind: &'static str) {
     let mut t = Targets { servers, next: 0, hint: None };
     let mut backoff = BACKOFF_MIN;

@@ -94,6 +94,11 @@ pub struct GatewayArgs {
     /// (0: never; cluster endpoints get their load figures from the server).
     #[arg(long, default_value_t = 1_000)]
     pub scrape_interval_ms: u64,
+    /// Longest wait for an on-demand LoRA adapter load (`EnsureLoaded` on the leader), in
+    /// milliseconds, at most 120000; a request also waits no longer than its class's
+    /// queue deadline. Cluster endpoints only.
+    #[arg(long, default_value_t = 30_000)]
+    pub adapter_load_timeout_ms: u64,
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,
@@ -168,6 +173,7 @@ pub struct Config {
     pub prefix_balance_abs: u32,
     pub prefix_balance_rel: f64,
     pub scrape_interval: Option<Duration>,
+    pub adapter_load_timeout: Duration,
 }
 
 /// Parses `MODEL=URL` (URL `http://host:port` or `host:port`).
@@ -229,6 +235,12 @@ impl GatewayArgs {
                 return usage(format!("{name} must be positive"));
             }
         }
+        if !(1..=120_000).contains(&self.adapter_load_timeout_ms) {
+            return usage(format!(
+                "--adapter-load-timeout-ms {} is not within 1..=120000",
+                self.adapter_load_timeout_ms
+            ));
+        }
         let mut seen = BTreeMap::new();
         for b in &backends {
             if seen.insert((b.model.clone(), b.authority.to_string()), ()).is_some() {
@@ -266,6 +278,7 @@ impl GatewayArgs {
             prefix_balance_abs: self.prefix_balance_abs,
             prefix_balance_rel: self.prefix_balance_rel,
             scrape_interval: (self.scrape_interval_ms > 0).then(|| ms(self.scrape_interval_ms)),
+            adapter_load_timeout: ms(self.adapter_load_timeout_ms),
         })
     }
 }
@@ -294,5 +307,8 @@ mod tests {
         let c = a.validate().unwrap();
         assert!(c.auth);
         assert_eq!(c.deadlines.of(PriorityClass::Sheddable), Duration::from_secs(2));
+        assert_eq!(c.adapter_load_timeout, Duration::from_secs(30));
+        let a = GatewayArgs { adapter_load_timeout_ms: 0, ..a };
+        assert!(a.validate().unwrap_err().is_usage());
     }
 }

@@ -5,21 +5,25 @@
 //!                   │                                 │ Lease on an endpoint
 //!                   │                                 v
 //!                   └──── ObservedBody <── proxy (retries, ejection) ─HTTP─> engine
-//!  discovery: cluster (WatchEndpoints, Model/Tenant watch) or --backend ─> table
+//!  discovery: cluster (WatchEndpoints, Model/Tenant/Adapter watch) or --backend ─> table
+//!  ondemand: EnsureLoaded for adapters no endpoint holds (single-flight), usage reports
 //! ```
 //!
 //! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
 #![forbid(unsafe_code)]
 
+pub mod adapters;
 pub mod admission;
 pub mod cluster;
 pub mod config;
 pub mod discovery;
 pub mod error;
 pub mod layers;
+pub mod leader;
 pub mod limits;
 pub mod load;
 pub mod metrics;
+pub mod ondemand;
 pub mod proxy;
 pub mod qos;
 pub mod request;
@@ -114,6 +118,10 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
     if !cfg.servers.is_empty() {
         background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Model")));
         background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Tenant")));
+        background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Adapter")));
+    }
+    if gw.loader.enabled() {
+        background.push(tokio::spawn(ondemand::report_loop(Arc::downgrade(&gw))));
     }
     // the pump also admits queued requests when engine-reported load drops
     let pump_gw = Arc::downgrade(&gw);

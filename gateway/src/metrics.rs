@@ -1,6 +1,7 @@
 //! Prometheus metrics served on `/metrics`: per model and endpoint requests, errors by
 //! code, TTFT, TPOT, end-to-end latency, tokens in and out; queue wait per class; per
-//! tenant requests, tokens and rejections; retries and ejections.
+//! tenant requests, tokens and rejections; retries and ejections; on-demand adapter loads
+//! (cold loads per adapter, the wait of requests that needed one, load errors by reason).
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -58,6 +59,16 @@ pub struct RejectLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct AdapterLabels {
+    pub adapter: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ReasonLabels {
+    pub reason: String,
+}
+
 fn latency_hist() -> Histogram {
     Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
 }
@@ -82,6 +93,9 @@ pub struct Metrics {
     pub tenant_requests: Family<TenantLabels, Counter>,
     pub tenant_tokens: Family<TenantTokenLabels, Counter>,
     pub tenant_rejections: Family<RejectLabels, Counter>,
+    pub adapter_cold_loads: Family<AdapterLabels, Counter>,
+    pub adapter_cold_load_seconds: Histogram,
+    pub adapter_load_errors: Family<ReasonLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -106,6 +120,10 @@ impl Metrics {
         let tenant_requests = Family::default();
         let tenant_tokens = Family::default();
         let tenant_rejections = Family::default();
+        let adapter_cold_loads = Family::default();
+        let adapter_cold_load_seconds =
+            Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0]);
+        let adapter_load_errors = Family::default();
         registry.register("requests", "Requests answered, by model, endpoint and status code", requests.clone());
         registry.register("errors", "Requests that failed, by model and error code", errors.clone());
         registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
@@ -119,6 +137,21 @@ impl Metrics {
         registry.register("tenant_requests", "Requests admitted per tenant", tenant_requests.clone());
         registry.register("tenant_tokens", "Tokens used per tenant", tenant_tokens.clone());
         registry.register("tenant_rejections", "Requests refused per tenant and reason", tenant_rejections.clone());
+        registry.register(
+            "adapter_cold_loads",
+            "EnsureLoaded calls of this gateway that loaded the adapter (cold starts)",
+            adapter_cold_loads.clone(),
+        );
+        registry.register(
+            "adapter_cold_load_seconds",
+            "Time a request for an adapter no endpoint held waited for its on-demand load",
+            adapter_cold_load_seconds.clone(),
+        );
+        registry.register(
+            "adapter_load_errors",
+            "Failed EnsureLoaded calls by reason (not_found, failed_precondition, deadline_exceeded, no_leader, other)",
+            adapter_load_errors.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -134,6 +167,9 @@ impl Metrics {
             tenant_requests,
             tenant_tokens,
             tenant_rejections,
+            adapter_cold_loads,
+            adapter_cold_load_seconds,
+            adapter_load_errors,
         }
     }
 

@@ -4,7 +4,9 @@
 //!
 //! ```text
 //! layers: auth -> policy -> body -> limits (see `layers`)
-//!   -> proxy: resolve model/adapter -> QoS acquire (lease) -> forward with retries
+//!   -> proxy: resolve model/adapter (an adapter no endpoint holds: on-demand load, see
+//!      `ondemand`) -> QoS acquire (lease) -> forward with retries (an adapter's 404:
+//!      reload and retry once)
 //!   -> ObservedBody (stream through, usage, metrics) -> client
 //! ```
 
@@ -96,8 +98,7 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         Err(e) => return e.into_response(),
     };
     let set = gw.dir.endpoints();
-    let data: Vec<serde_json::Value> = set
-        .listing()
+    let data: Vec<serde_json::Value> = crate::adapters::listing(&set, &gw.dir.adapters())
         .into_iter()
         .filter(|(id, _)| layers::visible(tenant.as_deref(), id))
         .map(|(id, parent)| {
@@ -154,24 +155,36 @@ async fn forward_request(
 ) -> Result<Response, ApiError> {
     let Parsed { kind, bytes, features } = parsed;
     let set = gw.dir.endpoints();
-    let Some(resolved) = set.resolve(&features.model) else {
-        if set.is_empty() && !gw.dir.synced() {
-            return Err(ApiError::unavailable(
-                "no_endpoint_table",
-                "the gateway has not received its endpoint table yet",
-                1,
-            ));
+    let resolved = set.resolve(&features.model).filter(|r| !r.endpoints.is_empty());
+    // an adapter no endpoint holds is loaded on demand (cluster endpoints only)
+    let cold_base = if resolved.is_none() { gw.on_demand_base(&features.model) } else { None };
+    let (base_model, is_adapter, cold) = match (resolved, cold_base) {
+        (_, Some(base)) => (base, true, true),
+        (Some(r), None) => {
+            if r.adapter.is_some() {
+                gw.scale_out_if_busy(&features.model, &r.endpoints);
+            }
+            (r.base_model, r.adapter.is_some(), false)
         }
-        return Err(ApiError::model_not_found(&features.model));
+        (None, None) => {
+            if set.by_model.get(&features.model).is_some_and(|v| v.is_empty()) {
+                return Err(ApiError::unavailable(
+                    "no_endpoints",
+                    format!("model {:?} has no ready endpoint", features.model),
+                    5,
+                ));
+            }
+            if set.is_empty() && !gw.dir.synced() {
+                return Err(ApiError::unavailable(
+                    "no_endpoint_table",
+                    "the gateway has not received its endpoint table yet",
+                    1,
+                ));
+            }
+            return Err(ApiError::model_not_found(&features.model));
+        }
     };
-    if resolved.endpoints.is_empty() {
-        return Err(ApiError::unavailable(
-            "no_endpoints",
-            format!("model {:?} has no ready endpoint", features.model),
-            5,
-        ));
-    }
-    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(&resolved.base_model));
+    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(&base_model));
     drop(set);
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
@@ -184,7 +197,8 @@ async fn forward_request(
     let stream = features.stream;
     let ctx =
         PickCtx { model: features.model.clone(), features, strategy, class: policy.class, tenant: caller.name.clone() };
-    let (lease, waited) = match gw.acquire_ctx(&ctx).await {
+    let acquired = if cold { gw.acquire_cold(&ctx).await } else { gw.acquire_ctx(&ctx).await };
+    let (lease, waited) = match acquired {
         Ok(x) => x,
         Err(e) => {
             gw.metrics.reject(&caller.name, e.code);
@@ -198,7 +212,15 @@ async fn forward_request(
             priority: crate::admission::class_name(policy.class).into(),
         })
         .observe(waited.as_secs_f64());
-    let up = forward(gw, &ctx, lease, kind, upstream_body, h).await?;
+    let on_demand = is_adapter && gw.loader.enabled();
+    let mut up = forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await?;
+    if on_demand && up.response.status() == StatusCode::NOT_FOUND {
+        // the engine evicted the adapter since the last snapshot: never fail for that
+        up = gw.reload_and_retry(&ctx, up, kind, upstream_body, h).await?;
+    }
+    if on_demand {
+        gw.loader.record(&ctx.model, up.lease.endpoint.id.as_str());
+    }
     let head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
     let status = up.response.status();
     let is_sse = stream

@@ -1,6 +1,6 @@
 //! The gateway's shared state, one `Arc<Gateway>` per running gateway: configuration,
 //! endpoint directory, per-endpoint load, router, admission queues, tenant limits,
-//! metrics and the pooled upstream HTTP client.
+//! metrics, the pooled upstream HTTP client and the on-demand adapter loader.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -13,6 +13,7 @@ use crate::config::Config;
 use crate::limits::Limits;
 use crate::load::LoadBook;
 use crate::metrics::Metrics;
+use crate::ondemand::Loader;
 use crate::routing::prefix::PrefixConfig;
 use crate::routing::Router;
 use crate::table::Directory;
@@ -29,6 +30,7 @@ pub struct Gateway {
     pub limits: Limits,
     pub metrics: Metrics,
     pub client: UpstreamClient,
+    pub loader: Loader,
 }
 
 impl Gateway {
@@ -54,6 +56,7 @@ impl Gateway {
             admission: Admission::default(),
             metrics: Metrics::new(),
             client,
+            loader: Loader::new(&cfg),
             cfg,
         }
     }

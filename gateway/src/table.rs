@@ -1,7 +1,9 @@
 //! The endpoint table the data plane routes on: ready engines per model with their loaded
 //! adapters and the engine's own load figures, the routing strategy of each model, and the
-//! tenants by hashed API key. Written by discovery (cluster watch or static backends), read
-//! by every request as cheap `Arc` snapshots; never emptied because the servers are gone.
+//! tenants by hashed API key, the watched `Adapter` objects. Written by discovery (cluster
+//! watch or static backends), read by every request as cheap `Arc` snapshots; never
+//! emptied because the servers are gone. A cluster snapshot is published with the
+//! gateway's own adapter knowledge laid over it ([`Overlay`]).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -10,6 +12,8 @@ use std::sync::{Arc, RwLock};
 use flotilla_api::spec::{RoutingStrategy, TenantSpec};
 use flotilla_engine::EngineMetrics;
 use http::uri::Authority;
+
+use crate::adapters::{AdapterInfo, Overlay, OVERLAY_TTL};
 
 /// An engine endpoint, named by its `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
@@ -52,6 +56,8 @@ pub struct Endpoint {
     pub model: String,
     pub authority: Authority,
     pub node: String,
+    /// The replica's name (empty for static backends): `EnsureLoaded`'s avoid list.
+    pub replica: String,
     pub adapters: Vec<String>,
     pub engine: EngineLoad,
 }
@@ -63,6 +69,7 @@ impl Endpoint {
             model: model.to_string(),
             authority,
             node: String::new(),
+            replica: String::new(),
             adapters: Vec::new(),
             engine: EngineLoad::default(),
         }
@@ -213,14 +220,25 @@ pub fn carry_over(
 /// How long a model's last endpoints are kept after a snapshot without any ([`carry_over`]).
 pub const STALE_ENDPOINT_GRACE: std::time::Duration = std::time::Duration::from_secs(60);
 
+/// The cluster-fed table before the gateway's own knowledge is laid over it.
+#[derive(Debug, Default)]
+struct ClusterView {
+    /// The last snapshot after [`carry_over`].
+    raw: Arc<EndpointSet>,
+    /// Models whose endpoints are carried over, and since when ([`carry_over`]).
+    held: HashMap<String, tokio::time::Instant>,
+    /// Adapters just loaded or found unloaded by this gateway ([`Overlay`]).
+    overlay: Overlay,
+}
+
 /// Everything discovery writes and requests read.
 #[derive(Debug, Default)]
 pub struct Directory {
-    /// Models whose endpoints are carried over, and since when ([`carry_over`]).
-    held: std::sync::Mutex<HashMap<String, tokio::time::Instant>>,
+    cluster: std::sync::Mutex<ClusterView>,
     endpoints: RwLock<Arc<EndpointSet>>,
     routing: RwLock<Arc<HashMap<String, RoutingStrategy>>>,
     tenants: RwLock<Arc<Tenants>>,
+    adapters: RwLock<Arc<HashMap<String, AdapterInfo>>>,
     /// Set once any endpoint table was received.
     synced: std::sync::atomic::AtomicBool,
 }
@@ -230,21 +248,50 @@ impl Directory {
         self.endpoints.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub fn set_endpoints(&self, set: EndpointSet) {
-        *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(set);
+        self.install(Arc::new(set));
+    }
+    fn install(&self, set: Arc<EndpointSet>) {
+        *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = set;
         self.synced.store(true, std::sync::atomic::Ordering::Release);
     }
-    /// Installs a snapshot from the control plane, carrying over the last endpoints of a
-    /// model that lost them all ([`carry_over`]).
-    pub fn set_cluster_endpoints(&self, set: EndpointSet) {
-        let prev = self.endpoints();
-        let models = self.routing.read().unwrap_or_else(|e| e.into_inner()).clone();
-        let mut held = self.held.lock().unwrap_or_else(|e| e.into_inner());
-        let next = carry_over(&prev, set, &models, &mut held, tokio::time::Instant::now(), STALE_ENDPOINT_GRACE);
-        if !held.is_empty() {
-            tracing::warn!(models = ?held.keys().collect::<Vec<_>>(), "no endpoints in the latest snapshot; keeping the last ones");
+    fn view(&self) -> std::sync::MutexGuard<'_, ClusterView> {
+        self.cluster.lock().unwrap_or_else(|e| e.into_inner())
+    }
+    /// Publishes the raw snapshot with the overlay applied (the caller holds the view).
+    fn publish(&self, view: &mut ClusterView) {
+        match view.overlay.apply(&view.raw, tokio::time::Instant::now()) {
+            Some(set) => self.install(Arc::new(set)),
+            None => self.install(view.raw.clone()),
         }
-        drop(held);
-        self.set_endpoints(next);
+    }
+    /// Installs a snapshot from the control plane, carrying over the last endpoints of a
+    /// model that lost them all ([`carry_over`]) and laying the [`Overlay`] over it.
+    pub fn set_cluster_endpoints(&self, set: EndpointSet) {
+        let models = self.routing.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let mut view = self.view();
+        let view = &mut *view;
+        let next =
+            carry_over(&view.raw, set, &models, &mut view.held, tokio::time::Instant::now(), STALE_ENDPOINT_GRACE);
+        if !view.held.is_empty() {
+            tracing::warn!(models = ?view.held.keys().collect::<Vec<_>>(), "no endpoints in the latest snapshot; keeping the last ones");
+        }
+        view.raw = Arc::new(next);
+        self.publish(view);
+    }
+    /// `EnsureLoaded` answered: `adapter` is loaded on `eps` (until a snapshot says so too,
+    /// for at most [`OVERLAY_TTL`]). For cluster endpoints only.
+    pub fn learn_loaded(&self, adapter: &str, eps: Vec<Endpoint>) {
+        let mut view = self.view();
+        view.overlay.learn(adapter, eps, tokio::time::Instant::now() + OVERLAY_TTL);
+        self.publish(&mut view);
+    }
+    /// An engine answered 404 for `adapter`: it was unloaded there; route it elsewhere for
+    /// [`OVERLAY_TTL`] (or until `EnsureLoaded` names that endpoint again). For cluster
+    /// endpoints only.
+    pub fn forget_loaded(&self, adapter: &str, id: &EndpointId) {
+        let mut view = self.view();
+        view.overlay.forget(adapter, id, tokio::time::Instant::now() + OVERLAY_TTL);
+        self.publish(&mut view);
     }
     pub fn synced(&self) -> bool {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
@@ -260,6 +307,16 @@ impl Directory {
     }
     pub fn set_tenants(&self, t: Tenants) {
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+    }
+    /// The watched `Adapter` objects by name.
+    pub fn adapters(&self) -> Arc<HashMap<String, AdapterInfo>> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    pub fn adapter(&self, name: &str) -> Option<AdapterInfo> {
+        self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
+    }
+    pub fn set_adapters(&self, a: HashMap<String, AdapterInfo>) {
+        *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
     }
 }
 

@@ -1,6 +1,6 @@
 //! A fake control plane for the gateway's watch path: FleetService.WatchEndpoints streams
 //! whatever snapshot the test publishes (or answers `cluster.not_leader` with a hint), and
-//! ObjectService.List/Watch serve Model and Tenant objects the test sets.
+//! ObjectService.List/Watch serve the objects the test sets (Model, Tenant, Adapter).
 
 use std::net::SocketAddr;
 use std::pin::Pin;
@@ -51,6 +51,11 @@ impl FakeCp {
 
     /// Creates or replaces an object and streams the change to watchers.
     pub fn put(&self, kind: &str, name: &str, spec: serde_json::Value) {
+        self.put_with_status(kind, name, spec, serde_json::json!({}));
+    }
+
+    /// [`FakeCp::put`] with a status.
+    pub fn put_with_status(&self, kind: &str, name: &str, spec: serde_json::Value, status: serde_json::Value) {
         let mut g = self.objects.lock().unwrap();
         g.1 += 1;
         let rev = g.1;
@@ -58,7 +63,7 @@ impl FakeCp {
             kind: kind.into(),
             name: name.into(),
             spec_json: spec.to_string(),
-            status_json: "{}".into(),
+            status_json: status.to_string(),
             revision: rev,
             create_revision: rev,
             ..Default::default()

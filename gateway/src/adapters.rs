@@ -1,0 +1,290 @@
+//! LoRA adapters as the gateway sees them, pure: the watched `Adapter` objects (name →
+//! base model, phase, reason), the `/v1/models` listing, the [`Overlay`] that lays what
+//! the gateway learned itself over the control plane's endpoint snapshots, and the bounded
+//! [`UsageBook`] reported to the leader. The I/O around them is in `ondemand`.
+//!
+//! ```text
+//! WatchEndpoints snapshot ──carry_over──> raw ──Overlay::apply──> published table
+//!   EnsureLoaded answer ──learn (adapter on endpoint, 10 s)──┘ │
+//!   engine 404 on an adapter ──forget (adapter off endpoint, 10 s)┘
+//! ```
+//!
+//! Why an overlay: the snapshot that follows a load may have been built before it (the
+//! leader re-sends on membership changes, and load figures and adapters every few
+//! seconds), and one built before an eviction may arrive after the engine already answers
+//! 404. Both are bridged for [`OVERLAY_TTL`]; whatever the overlay gets wrong costs one
+//! 404 and one retry, never a failed request.
+
+use std::collections::HashMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::pb;
+use flotilla_api::spec::AdapterPhase;
+use tokio::time::Instant;
+
+use crate::table::{Endpoint, EndpointId, EndpointSet};
+
+/// How long the gateway's own knowledge of an adapter on an endpoint outlives the
+/// snapshots that do not (yet) show it.
+pub const OVERLAY_TTL: Duration = Duration::from_secs(10);
+
+/// Most (adapter, engine) pairs counted between two usage reports; further pairs are
+/// dropped until the next report.
+pub const MAX_USAGE_KEYS: usize = 4096;
+
+/// A watched `Adapter` object.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct AdapterInfo {
+    pub base_model: String,
+    pub phase: AdapterPhase,
+    /// Why it is Failed (or not loaded), from its status.
+    pub reason: String,
+}
+
+/// Reads an `Adapter` object's spec and status leniently (unknown fields are fine: the
+/// gateway needs only the base model, phase and reason). None without a base model.
+pub fn adapter_info(spec_json: &str, status_json: &str) -> Option<AdapterInfo> {
+    let spec: serde_json::Value = serde_json::from_str(spec_json).ok()?;
+    let base_model = spec.get("base_model")?.as_str().filter(|s| !s.is_empty())?.to_string();
+    let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
+    let phase = status.get("phase").and_then(|p| serde_json::from_value(p.clone()).ok()).unwrap_or_default();
+    let reason = status.get("reason").and_then(|r| r.as_str()).unwrap_or_default().to_string();
+    Some(AdapterInfo { base_model, phase, reason })
+}
+
+/// `(id, parent)` for `/v1/models`: the table's models, then every adapter, loaded
+/// somewhere or only declared by an `Adapter` object, with its base model as parent.
+pub fn listing(set: &EndpointSet, adapters: &HashMap<String, AdapterInfo>) -> Vec<(String, Option<String>)> {
+    let mut out = set.listing();
+    let split = out.iter().position(|(_, p)| p.is_some()).unwrap_or(out.len());
+    let mut extra: Vec<(String, Option<String>)> = adapters
+        .iter()
+        .filter(|(name, _)| !set.by_model.contains_key(*name) && !out[split..].iter().any(|(n, _)| n == *name))
+        .map(|(name, a)| (name.clone(), Some(a.base_model.clone())))
+        .collect();
+    if extra.is_empty() {
+        return out;
+    }
+    extra.extend(out.drain(split..));
+    extra.sort();
+    out.extend(extra);
+    out
+}
+
+/// Converts one endpoint of the control plane's shape (None when its address is unusable).
+pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
+    let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
+    let mut ep = Endpoint::new(&e.model, authority);
+    ep.node = e.node.clone();
+    ep.replica = e.replica.clone();
+    ep.adapters = e.loaded_adapters.clone();
+    ep.engine = crate::table::EngineLoad {
+        running: e.num_requests_running,
+        waiting: e.num_requests_waiting,
+        kv_cache_usage: e.kv_cache_usage,
+    };
+    Some(ep)
+}
+
+/// What the gateway learned about adapters ahead of the snapshots (see the module docs).
+#[derive(Debug, Default)]
+pub struct Overlay {
+    /// (adapter, endpoint) → the endpoint as `EnsureLoaded` named it, and until when.
+    loaded: HashMap<(String, EndpointId), (Endpoint, Instant)>,
+    /// (adapter, endpoint) → until when the adapter is hidden there.
+    unloaded: HashMap<(String, EndpointId), Instant>,
+}
+
+impl Overlay {
+    pub fn is_empty(&self) -> bool {
+        self.loaded.is_empty() && self.unloaded.is_empty()
+    }
+
+    /// `adapter` is loaded on `eps` (cancels an earlier [`Overlay::forget`] there).
+    pub fn learn(&mut self, adapter: &str, eps: impl IntoIterator<Item = Endpoint>, until: Instant) {
+        for e in eps {
+            let key = (adapter.to_string(), e.id.clone());
+            self.unloaded.remove(&key);
+            self.loaded.insert(key, (e, until));
+        }
+    }
+
+    /// `adapter` is not on `id` any more.
+    pub fn forget(&mut self, adapter: &str, id: &EndpointId, until: Instant) {
+        let key = (adapter.to_string(), id.clone());
+        self.loaded.remove(&key);
+        self.unloaded.insert(key, until);
+    }
+
+    /// Drops expired entries and lays the rest over `raw`; None when nothing is left to lay.
+    pub fn apply(&mut self, raw: &EndpointSet, now: Instant) -> Option<EndpointSet> {
+        self.loaded.retain(|_, (_, until)| *until > now);
+        self.unloaded.retain(|_, until| *until > now);
+        if self.is_empty() {
+            return None;
+        }
+        let mut by_model = raw.by_model.clone();
+        for ((adapter, id), (learned, _)) in &self.loaded {
+            let eps = by_model.entry(learned.model.clone()).or_default();
+            match eps.iter_mut().find(|e| e.id == *id) {
+                Some(e) if e.adapters.contains(adapter) => {}
+                Some(e) => Arc::make_mut(e).adapters.push(adapter.clone()),
+                None => {
+                    let mut e = learned.clone();
+                    if !e.adapters.contains(adapter) {
+                        e.adapters.push(adapter.clone());
+                    }
+                    eps.push(Arc::new(e));
+                    eps.sort_by(|a, b| a.id.cmp(&b.id));
+                }
+            }
+        }
+        for (adapter, id) in self.unloaded.keys() {
+            for eps in by_model.values_mut() {
+                for e in eps.iter_mut().filter(|e| e.id == *id && e.adapters.contains(adapter)) {
+                    Arc::make_mut(e).adapters.retain(|a| a != adapter);
+                }
+            }
+        }
+        Some(EndpointSet { by_model })
+    }
+}
+
+/// Requests per (adapter, engine address) since the last report, bounded by
+/// [`MAX_USAGE_KEYS`].
+#[derive(Debug, Default)]
+pub struct UsageBook {
+    counts: HashMap<(String, String), u32>,
+}
+
+impl UsageBook {
+    /// Counts one request; false when the book is full and the pair is new (dropped).
+    pub fn record(&mut self, adapter: &str, address: &str) -> bool {
+        if let Some(n) = self.counts.get_mut(&(adapter.to_string(), address.to_string())) {
+            *n = n.saturating_add(1);
+            return true;
+        }
+        if self.counts.len() >= MAX_USAGE_KEYS {
+            return false;
+        }
+        self.counts.insert((adapter.to_string(), address.to_string()), 1);
+        true
+    }
+
+    /// Everything counted, in a stable order, leaving the book empty.
+    pub fn take(&mut self) -> Vec<pb::AdapterUsage> {
+        let mut v: Vec<pb::AdapterUsage> = self
+            .counts
+            .drain()
+            .map(|((adapter, address), requests)| pb::AdapterUsage { adapter, address, requests })
+            .collect();
+        v.sort_by(|a, b| (&a.adapter, &a.address).cmp(&(&b.adapter, &b.address)));
+        v
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
+        let mut e = Endpoint::new(model, addr.parse().unwrap());
+        e.adapters = adapters.iter().map(|s| s.to_string()).collect();
+        e
+    }
+
+    fn holders(set: &EndpointSet, adapter: &str) -> Vec<String> {
+        set.resolve(adapter).map(|r| r.endpoints.iter().map(|e| e.id.to_string()).collect()).unwrap_or_default()
+    }
+
+    #[test]
+    fn adapter_objects_are_read_leniently() {
+        let a = adapter_info(
+            r#"{"base_model":"llama","source":"sim://a","future":1}"#,
+            r#"{"phase":"Failed","reason":"bad rank","desired_replicas":0,"loaded_replicas":0,"new":true}"#,
+        )
+        .unwrap();
+        assert_eq!(
+            a,
+            AdapterInfo { base_model: "llama".into(), phase: AdapterPhase::Failed, reason: "bad rank".into() }
+        );
+        let b = adapter_info(r#"{"base_model":"llama"}"#, "{}").unwrap();
+        assert_eq!((b.phase, b.reason.as_str()), (AdapterPhase::Pending, ""));
+        assert!(adapter_info(r#"{"source":"sim://a"}"#, "{}").is_none());
+        assert!(adapter_info("not json", "{}").is_none());
+    }
+
+    #[test]
+    fn the_listing_has_declared_and_loaded_adapters_with_their_parent() {
+        let set = EndpointSet::from_endpoints([ep("base", "a:1", &["sql", "seen"]), ep("other", "b:1", &[])]);
+        let info = |b: &str| AdapterInfo { base_model: b.into(), phase: AdapterPhase::Pending, reason: String::new() };
+        let adapters: HashMap<String, AdapterInfo> = [
+            ("sql".to_string(), info("base")),
+            ("cold".to_string(), info("base")),
+            ("other".to_string(), info("base")), // a model's name wins
+        ]
+        .into_iter()
+        .collect();
+        let got = listing(&set, &adapters);
+        let p = |s: &str| Some(s.to_string());
+        assert_eq!(
+            got,
+            vec![
+                ("base".into(), None),
+                ("other".into(), None),
+                ("cold".into(), p("base")),
+                ("seen".into(), p("base")),
+                ("sql".into(), p("base")),
+            ]
+        );
+        assert_eq!(listing(&set, &HashMap::new()), set.listing());
+    }
+
+    #[test]
+    fn the_overlay_adds_loads_hides_unloads_and_expires() {
+        let t0 = Instant::now();
+        let raw = EndpointSet::from_endpoints([ep("base", "a:1", &["x"]), ep("base", "b:1", &[])]);
+        let mut o = Overlay::default();
+        assert!(o.apply(&raw, t0).is_none(), "nothing to lay");
+        // a load on b (known) and on c (a replica the snapshot does not have yet)
+        let mut c = ep("base", "c:1", &[]);
+        c.replica = "r-c".into();
+        o.learn("y", [ep("base", "b:1", &["y"]), c], t0 + OVERLAY_TTL);
+        let set = o.apply(&raw, t0).unwrap();
+        assert_eq!(holders(&set, "y"), ["b:1", "c:1"]);
+        assert_eq!(set.by_model["base"].iter().find(|e| e.id.as_str() == "c:1").unwrap().replica, "r-c");
+        assert_eq!(holders(&set, "x"), ["a:1"], "others untouched");
+        // a 404 for x on a hides it; learning it there again shows it
+        o.forget("x", &EndpointId::new("a:1"), t0 + OVERLAY_TTL);
+        assert!(o.apply(&raw, t0).unwrap().resolve("x").is_none());
+        o.learn("x", [ep("base", "a:1", &["x"])], t0 + OVERLAY_TTL);
+        assert_eq!(holders(&o.apply(&raw, t0).unwrap(), "x"), ["a:1"]);
+        // a forget removes a learned load too
+        o.forget("y", &EndpointId::new("c:1"), t0 + OVERLAY_TTL);
+        assert_eq!(holders(&o.apply(&raw, t0).unwrap(), "y"), ["b:1"]);
+        // everything expires
+        assert!(o.apply(&raw, t0 + OVERLAY_TTL).is_none());
+        assert!(o.is_empty());
+    }
+
+    #[test]
+    fn the_usage_book_is_bounded_and_drains() {
+        let mut u = UsageBook::default();
+        assert!(u.record("a", "h:1"));
+        assert!(u.record("a", "h:1"));
+        assert!(u.record("b", "h:1"));
+        let got = u.take();
+        assert_eq!(
+            got.iter().map(|x| (x.adapter.as_str(), x.address.as_str(), x.requests)).collect::<Vec<_>>(),
+            [("a", "h:1", 2), ("b", "h:1", 1)]
+        );
+        assert!(u.take().is_empty());
+        for i in 0..MAX_USAGE_KEYS {
+            assert!(u.record(&format!("a{i}"), "h:1"));
+        }
+        assert!(!u.record("new", "h:1"), "full: a new pair is dropped");
+        assert!(u.record("a0", "h:1"), "known pairs still count");
+        assert_eq!(u.take().len(), MAX_USAGE_KEYS);
+    }
+}

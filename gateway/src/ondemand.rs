@@ -1,0 +1,350 @@
+//! On-demand LoRA adapters (cluster endpoints only): `AdapterService.EnsureLoaded` on the
+//! leader when a request names an adapter that no endpoint holds, or only saturated ones,
+//! and again when an engine answers 404 for an adapter it just evicted; usage reports for
+//! the leader's LRU eviction.
+//!
+//! ```text
+//! request for adapter A ─ holders? ─ none ──> Loader::ensure(A) ─┐ one flight per adapter
+//!                            │                  (single-flight)   │ (spawned: outlives the
+//!                            ├ all saturated ─> ensure(A, avoid) ─┤  request that started it)
+//!                            v                                    v
+//!                     QoS queue of A <── pump ── learn_loaded(A, endpoints) <── EnsureLoaded
+//!                            │                                          (follows not_leader)
+//!                            v
+//!                   forward ─ 404 ─> forget_loaded(A, endpoint), ensure(A), retry once
+//! ```
+//!
+//! A cold request waits in the normal QoS queue of its adapter while the load runs, so the
+//! class deadline, priorities and shedding apply as for any request; it fails only when
+//! the load fails and no endpoint holds the adapter (503, see [`LoadError::to_api`]), or
+//! at its deadline. The load itself is bounded by `--adapter-load-timeout-ms`. The calls
+//! to the leader and their errors are in `leader`.
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, Weak};
+use std::time::Duration;
+
+use bytes::Bytes;
+use flotilla_api::pb;
+use http::HeaderMap;
+use tokio::sync::watch;
+use tokio::time::Instant;
+
+use crate::adapters::{endpoint_of, UsageBook};
+use crate::admission::{saturated, select, Lease, PickCtx};
+use crate::config::Config;
+use crate::error::ApiError;
+use crate::leader::{LeaderLink, LoadError};
+use crate::load::Availability;
+use crate::metrics::{AdapterLabels, ReasonLabels};
+use crate::proxy::{forward, Upstream};
+use crate::request::ApiKind;
+use crate::state::Gateway;
+use crate::table::Endpoint;
+
+/// A completed load's outcome is reused this long: errors, so a burst for a broken adapter
+/// makes one call; successes only for scale-out requests (saturated holders).
+const RECENT: Duration = Duration::from_secs(2);
+/// Usage reports go to the leader this often.
+pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// Extra time the gateway gives the leader past the load timeout it asked for, so the
+/// leader's own DEADLINE_EXCEEDED (with its message) arrives first.
+const RPC_GRACE: Duration = Duration::from_secs(1);
+
+/// A successful `EnsureLoaded`.
+#[derive(Debug, Clone)]
+pub struct Loaded {
+    pub endpoints: Vec<Endpoint>,
+    pub cold: bool,
+}
+
+type Outcome = Result<Loaded, LoadError>;
+
+/// One load in progress (or recently done), shared by every request that needs it.
+#[derive(Debug, Clone)]
+pub struct Flight {
+    id: u64,
+    /// Started for saturated holders (rather than for none).
+    scale_out: bool,
+    rx: watch::Receiver<Option<Outcome>>,
+    done: Option<Instant>,
+}
+
+impl Flight {
+    /// The outcome, once the load ends.
+    pub async fn wait(&mut self) -> Outcome {
+        match self.rx.wait_for(Option::is_some).await {
+            Ok(v) => v.clone().unwrap_or_else(|| Err(LoadError::Other("no outcome".into()))),
+            Err(_) => Err(LoadError::Other("the load was abandoned".into())),
+        }
+    }
+
+    fn succeeded(&self) -> bool {
+        matches!(&*self.rx.borrow(), Some(Ok(_)))
+    }
+}
+
+/// Single-flight `EnsureLoaded` per adapter, and the usage book.
+pub struct Loader {
+    enabled: bool,
+    timeout: Duration,
+    link: LeaderLink,
+    flights: Mutex<HashMap<String, Flight>>,
+    next_id: AtomicU64,
+    usage: Mutex<UsageBook>,
+    /// `EnsureLoaded` calls made.
+    pub calls: AtomicU64,
+}
+
+impl Loader {
+    pub fn new(cfg: &Config) -> Self {
+        Loader {
+            enabled: cfg.backends.is_empty() && !cfg.servers.is_empty(),
+            timeout: cfg.adapter_load_timeout,
+            link: LeaderLink::new(cfg.servers.clone()),
+            flights: Mutex::new(HashMap::new()),
+            next_id: AtomicU64::new(0),
+            usage: Mutex::new(UsageBook::default()),
+            calls: AtomicU64::new(0),
+        }
+    }
+
+    /// On-demand loading is on: endpoints come from the cluster.
+    pub fn enabled(&self) -> bool {
+        self.enabled
+    }
+
+    /// Counts one request for `adapter` on the engine `address`.
+    pub fn record(&self, adapter: &str, address: &str) {
+        if self.enabled && !self.usage.lock().unwrap_or_else(|e| e.into_inner()).record(adapter, address) {
+            tracing::debug!(adapter, address, "usage book full; request not counted");
+        }
+    }
+
+    fn take_usage(&self) -> Vec<pb::AdapterUsage> {
+        self.usage.lock().unwrap_or_else(|e| e.into_inner()).take()
+    }
+
+    async fn ensure_loaded(&self, adapter: &str, avoid: Vec<String>) -> Outcome {
+        let until = Instant::now() + self.timeout;
+        let r = self
+            .link
+            .call(until + RPC_GRACE, |mut c| {
+                let timeout_ms = until.saturating_duration_since(Instant::now()).as_millis().clamp(1, 120_000) as u32;
+                let req =
+                    pb::EnsureLoadedRequest { adapter: adapter.to_string(), timeout_ms, avoid_replicas: avoid.clone() };
+                async move { c.ensure_loaded(req).await }
+            })
+            .await?;
+        let endpoints: Vec<Endpoint> = r.endpoints.iter().filter_map(endpoint_of).collect();
+        if endpoints.is_empty() {
+            return Err(LoadError::Other("the leader named no endpoint holding it".into()));
+        }
+        Ok(Loaded { endpoints, cold: r.cold })
+    }
+}
+
+impl Gateway {
+    /// Joins the load of `adapter` in flight, or a recent failed one, or, for a
+    /// `scale_out` (saturated holders), a recent successful scale-out; else starts one
+    /// (see [`RECENT`]).
+    pub fn ensure_adapter(self: &Arc<Self>, adapter: &str, avoid: Vec<String>, scale_out: bool) -> Flight {
+        let now = Instant::now();
+        let mut map = self.loader.flights.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(f) = map.get(adapter) {
+            match f.done {
+                None => return f.clone(),
+                Some(t)
+                    if now.saturating_duration_since(t) < RECENT && (!f.succeeded() || scale_out && f.scale_out) =>
+                {
+                    return f.clone()
+                }
+                _ => {}
+            }
+        }
+        map.retain(|_, f| f.done.is_none_or(|t| now.saturating_duration_since(t) < RECENT));
+        let id = self.loader.next_id.fetch_add(1, Ordering::Relaxed);
+        let (tx, rx) = watch::channel(None);
+        let flight = Flight { id, scale_out, rx, done: None };
+        map.insert(adapter.to_string(), flight.clone());
+        drop(map);
+        self.loader.calls.fetch_add(1, Ordering::Relaxed);
+        tracing::info!(adapter, avoid = ?avoid, "ensuring adapter is loaded");
+        tokio::spawn(run_flight(self.clone(), adapter.to_string(), avoid, id, tx));
+        flight
+    }
+
+    /// The base model of `name` when it is a known adapter that may be loaded on demand.
+    pub fn on_demand_base(&self, name: &str) -> Option<String> {
+        if !self.loader.enabled || self.dir.endpoints().by_model.contains_key(name) {
+            return None;
+        }
+        self.dir.adapter(name).map(|a| a.base_model)
+    }
+
+    /// Starts a scale-out load when every holder of `adapter` is saturated or ejected.
+    pub fn scale_out_if_busy(self: &Arc<Self>, adapter: &str, holders: &[Arc<Endpoint>]) {
+        if self.on_demand_base(adapter).is_none() || holders.is_empty() {
+            return;
+        }
+        let now = Instant::now();
+        let mut avoid = Vec::new();
+        for e in holders {
+            let stats = self.book.get(&e.id);
+            if !saturated(&stats.load(e.engine), &self.cfg.saturation)
+                && stats.availability(now) != Availability::Ejected
+            {
+                return;
+            }
+            if !e.replica.is_empty() {
+                avoid.push(e.replica.clone());
+            }
+        }
+        drop(self.ensure_adapter(adapter, avoid, true));
+    }
+
+    /// A lease for an adapter no endpoint holds: waits in its QoS queue while the load
+    /// runs (the load's success pumps the queue).
+    pub async fn acquire_cold(self: &Arc<Self>, ctx: &PickCtx) -> Result<(Lease, Duration), ApiError> {
+        let start = Instant::now();
+        let mut flight = self.ensure_adapter(&ctx.model, Vec::new(), false);
+        let acquire = self.acquire_ctx(ctx);
+        tokio::pin!(acquire);
+        let mut outcome: Option<Outcome> = None;
+        loop {
+            tokio::select! {
+                r = &mut acquire => {
+                    return match r {
+                        Ok(x) => {
+                            self.metrics.adapter_cold_load_seconds.observe(start.elapsed().as_secs_f64());
+                            Ok(x)
+                        }
+                        Err(e) if e.code == "queue_timeout" => Err(match outcome {
+                            Some(Err(le)) => le.to_api(&ctx.model),
+                            Some(Ok(_)) => e,
+                            None => ApiError::unavailable(
+                                "adapter_load_timeout",
+                                format!(
+                                    "adapter {:?} is being loaded and was not ready within the {} ms {} deadline",
+                                    ctx.model,
+                                    self.cfg.deadlines.of(ctx.class).as_millis(),
+                                    crate::admission::class_name(ctx.class)
+                                ),
+                                5,
+                            ),
+                        }),
+                        Err(e) => Err(e),
+                    };
+                }
+                o = flight.wait(), if outcome.is_none() => {
+                    match &o {
+                        Ok(_) => self.pump(&ctx.model),
+                        Err(e) if self.dir.endpoints().resolve(&ctx.model).is_none_or(|r| r.endpoints.is_empty()) => {
+                            return Err(e.to_api(&ctx.model));
+                        }
+                        Err(_) => {} // someone holds it after all: keep waiting in the queue
+                    }
+                    outcome = Some(o);
+                }
+            }
+        }
+    }
+
+    /// The engine answered 404 for the adapter: it was evicted there. Routes it elsewhere,
+    /// ensures it is loaded and forwards once more.
+    pub async fn reload_and_retry(
+        self: &Arc<Self>,
+        ctx: &PickCtx,
+        up: Upstream,
+        kind: ApiKind,
+        body: Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Upstream, ApiError> {
+        let gone = up.lease.endpoint.id.clone();
+        drop(up);
+        tracing::info!(adapter = %ctx.model, endpoint = %gone, "engine no longer holds the adapter; reloading");
+        self.dir.forget_loaded(&ctx.model, &gone);
+        let mut flight = self.ensure_adapter(&ctx.model, Vec::new(), false);
+        let wait = self.cfg.adapter_load_timeout.min(self.cfg.deadlines.of(ctx.class));
+        match tokio::time::timeout(wait, flight.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_api(&ctx.model)),
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    "adapter_load_timeout",
+                    format!("adapter {:?} was evicted and not reloaded within {} ms", ctx.model, wait.as_millis()),
+                    5,
+                ))
+            }
+        }
+        let Some(lease) = select(self, ctx, &[], false) else {
+            return Err(ApiError::unavailable(
+                "adapter_unavailable",
+                format!("adapter {:?} was reloaded but no endpoint holding it is available", ctx.model),
+                1,
+            ));
+        };
+        forward(self, ctx, lease, kind, body, headers).await
+    }
+}
+
+async fn run_flight(
+    gw: Arc<Gateway>,
+    adapter: String,
+    avoid: Vec<String>,
+    id: u64,
+    tx: watch::Sender<Option<Outcome>>,
+) {
+    let start = Instant::now();
+    let outcome = gw.loader.ensure_loaded(&adapter, avoid).await;
+    match &outcome {
+        Ok(l) => {
+            if l.cold {
+                gw.metrics.adapter_cold_loads.get_or_create(&AdapterLabels { adapter: adapter.clone() }).inc();
+            }
+            let at: Vec<&str> = l.endpoints.iter().map(|e| e.id.as_str()).collect();
+            tracing::info!(adapter = %adapter, cold = l.cold, endpoints = ?at, ms = start.elapsed().as_millis() as u64, "adapter loaded");
+            gw.dir.learn_loaded(&adapter, l.endpoints.clone());
+        }
+        Err(e) => {
+            gw.metrics.adapter_load_errors.get_or_create(&ReasonLabels { reason: e.reason().into() }).inc();
+            tracing::warn!(adapter = %adapter, reason = e.reason(), error = %e.message(), "adapter load failed");
+        }
+    }
+    tx.send_replace(Some(outcome));
+    if let Some(f) = gw.loader.flights.lock().unwrap_or_else(|e| e.into_inner()).get_mut(&adapter) {
+        if f.id == id {
+            f.done = Some(Instant::now());
+        }
+    }
+    gw.pump(&adapter);
+}
+
+/// Sends the usage counted since the last report to the leader every [`REPORT_EVERY`];
+/// a report that fails is dropped.
+pub async fn report_loop(gw: Weak<Gateway>) {
+    let mut tick = tokio::time::interval(REPORT_EVERY);
+    tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    tick.tick().await;
+    loop {
+        tick.tick().await;
+        let Some(gw) = gw.upgrade() else { return };
+        let usage = gw.loader.take_usage();
+        if usage.is_empty() {
+            continue;
+        }
+        let n = usage.len();
+        let r = gw
+            .loader
+            .link
+            .call(Instant::now() + REPORT_EVERY, |mut c| {
+                let req = pb::ReportUsageRequest { usage: usage.clone() };
+                async move { c.report_usage(req).await }
+            })
+            .await;
+        if let Err(e) = r {
+            tracing::debug!(pairs = n, reason = e.reason(), error = %e.message(), "usage report dropped");
+        }
+    }
+}
