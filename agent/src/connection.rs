@@ -2,12 +2,14 @@
 //! address a non-leader names), send `Register`, wait for `Registered`, then send a
 //! `Heartbeat` every interval while applying each `Assign`. A lost stream reconnects with
 //! backoff; engines keep running meanwhile (static stability). Refusals that retrying
-//! cannot fix (a duplicate node name) end the agent.
+//! cannot fix (a duplicate node name) end the agent. An engine task can ask for an early
+//! heartbeat (an adapter finished loading or failed): it goes out at once, at most one
+//! per [`EARLY_HEARTBEAT_GAP`] after the previous heartbeat.
 //!
 //! ```text
 //!  servers[i] ──Session──> FAILED_PRECONDITION "cluster.not_leader: leader=X" ──> X
 //!      │                   UNAVAILABLE / transport error ──> servers[i+1] (backoff per round)
-//!      └──> Registered ──> loop { tick: Heartbeat | msg: Assign -> manager.apply }
+//!      └──> Registered ──> loop { tick or early request: Heartbeat | msg: Assign -> manager.apply }
 //! ```
 
 use std::sync::Arc;
@@ -15,6 +17,7 @@ use std::time::Duration;
 
 use flotilla_api::pb::{self, agent_message::Msg, agent_service_client::AgentServiceClient, server_message};
 use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::StreamExt as _;
 use tonic::{Code, Status};
@@ -23,6 +26,9 @@ use crate::config::AgentConfig;
 use crate::error::AgentError;
 use crate::gpu::GpuInventory;
 use crate::supervisor::EngineManager;
+
+/// Least time between a heartbeat and an early one.
+pub const EARLY_HEARTBEAT_GAP: Duration = Duration::from_millis(50);
 
 /// What to do after a failed connection or a lost stream.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -197,23 +203,40 @@ impl Session<'_> {
         }
         let mut tick = tokio::time::interval(interval);
         tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut last_sent = Instant::now();
+        // An early heartbeat waiting out the gap.
+        let mut early: Option<Instant> = None;
         loop {
-            tokio::select! {
-                _ = tick.tick() => {
-                    let hb = pb::Heartbeat { engines: self.manager.reports(), gpus: self.gpus.probe() };
-                    if tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
-                        return (Status::unavailable("outgoing stream closed"), true);
+            let send = tokio::select! {
+                _ = tick.tick() => true,
+                _ = self.manager.heartbeat_wanted(), if early.is_none() => {
+                    let at = last_sent + EARLY_HEARTBEAT_GAP;
+                    if Instant::now() >= at {
+                        true
+                    } else {
+                        early = Some(at);
+                        false
                     }
                 }
+                _ = tokio::time::sleep_until(early.unwrap_or_else(Instant::now)), if early.is_some() => true,
                 msg = inbound.next() => match msg {
                     Some(Ok(pb::ServerMessage { msg: Some(server_message::Msg::Assign(a)) })) => {
                         tracing::debug!(replicas = a.replicas.len(), "assign received");
                         self.manager.apply(&a.replicas);
+                        false
                     }
-                    Some(Ok(_)) => {}
+                    Some(Ok(_)) => false,
                     Some(Err(s)) => return (s, true),
                     None => return (Status::unavailable("server closed the stream"), true),
                 }
+            };
+            if send {
+                let hb = pb::Heartbeat { engines: self.manager.reports(), gpus: self.gpus.probe() };
+                if tx.send(pb::AgentMessage { msg: Some(Msg::Heartbeat(hb)) }).await.is_err() {
+                    return (Status::unavailable("outgoing stream closed"), true);
+                }
+                last_sent = Instant::now();
+                early = None;
             }
         }
     }

@@ -9,7 +9,8 @@
 //!        v                                     v
 //!  supervisor::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
 //!        │                         driver (sim | vllm) builds each command line
-//!        ├── download (model cache)   probe (/health, /metrics, /v1/models via flotilla_engine)
+//!        │                         adapters (pure) → per-engine LoRA worker: load/unload
+//!        ├── download (model and adapter cache)   probe (/health, /metrics, /v1/models)
 //!        └── state (engines.json: adopt engines across agent restarts)
 //! ```
 //!
@@ -17,6 +18,7 @@
 //! [`start`] for in-process use (`flotilla dev`, tests).
 #![forbid(unsafe_code)]
 
+pub mod adapters;
 pub mod config;
 pub mod connection;
 pub mod download;
@@ -137,6 +139,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         state: store,
         ports: supervisor::ports::Ports::new(cfg.ports.clone(), &cfg.address),
         log_dir,
+        early_heartbeat: Arc::new(tokio::sync::Notify::new()),
         cfg: cfg.clone(),
     });
     let manager = Arc::new(EngineManager::new(env));

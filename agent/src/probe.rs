@@ -1,8 +1,9 @@
 //! Engine probes for the supervisor: readiness from `GET /health`, and the load and
-//! adapter part of the heartbeat's `EngineReport` from `GET /metrics` and `GET /v1/models`.
+//! adapter list of an engine from `GET /metrics` and `GET /v1/models`.
 //! The HTTP calls and the parsing (metric name table, `/v1/models`) live in
 //! [`flotilla_engine`], shared with the gateway; this module only decides what a scrape
-//! writes into the report.
+//! writes into the report. The adapter list goes to the engine's adapter worker, which
+//! merges it with its own load results and writes `loaded_adapters`.
 
 use flotilla_api::pb::EngineReport;
 use flotilla_engine::{EngineClient, EngineMetrics};
@@ -34,16 +35,14 @@ pub async fn scrape(client: &EngineClient, endpoint: &str) -> Scrape {
     Scrape { metrics, adapters }
 }
 
-/// Writes a scrape into the report. What failed keeps its last value, and so does the
-/// load of an engine whose `/metrics` has none of the known names (unknown is not idle).
+/// Writes a scrape's load into the report (not its adapters: see the module doc). A failed
+/// scrape keeps the last figures, and so does one of an engine whose `/metrics` has none
+/// of the known names (unknown is not idle).
 pub fn apply(scrape: &Scrape, report: &mut EngineReport) {
     if let Some(m) = scrape.metrics.as_ref().filter(|m| m.is_known()) {
         report.num_requests_running = m.running;
         report.num_requests_waiting = m.waiting;
         report.kv_cache_usage = m.kv_cache_usage;
-    }
-    if let Some(a) = &scrape.adapters {
-        report.loaded_adapters.clone_from(a);
     }
 }
 
@@ -62,14 +61,14 @@ mod tests {
     }
 
     #[test]
-    fn a_scrape_fills_load_and_adapters() {
+    fn a_scrape_fills_load_but_not_adapters() {
         let text = "vllm:num_requests_running{engine=\"0\"} 3\nvllm:num_requests_running{engine=\"1\"} 2\n\
             vllm:num_requests_waiting 7\nvllm:kv_cache_usage_perc{engine=\"0\"} 0.25\n";
         let scrape = Scrape { metrics: Some(EngineMetrics::parse(text)), adapters: Some(vec!["sql".into()]) };
         let mut r = loaded(9.0);
         apply(&scrape, &mut r);
         assert_eq!((r.num_requests_running, r.num_requests_waiting, r.kv_cache_usage), (5.0, 7.0, 0.25));
-        assert_eq!(r.loaded_adapters, ["sql"]);
+        assert_eq!(r.loaded_adapters, ["old"], "the adapter worker owns loaded_adapters");
     }
 
     #[test]

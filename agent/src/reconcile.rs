@@ -2,11 +2,15 @@
 //! agent runs → the actions that close the gap. Pure; the engine manager executes them.
 //!
 //! ```text
-//!  desired only            → Start
-//!  both, same assignment   → Keep   (a failed engine stays failed until unassigned)
-//!  both, changed           → Replace (stop, then start with the new assignment)
-//!  actual only             → Stop
+//!  desired only                 → Start
+//!  both, same assignment        → Keep   (a failed engine stays failed until unassigned)
+//!  both, only adapters changed  → UpdateAdapters (never a restart: the engine task loads
+//!                                 and unloads them through the engine API)
+//!  both, engine changed         → Replace (stop, then start with the new assignment)
+//!  actual only                  → Stop
 //! ```
+//!
+//! An engine's identity is its assignment without `adapters` ([`same_engine`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -21,8 +25,22 @@ pub enum Action {
     Stop(String),
     /// Stop the engine, then start it again with the new assignment.
     Replace(ReplicaAssignment),
+    /// Keep the engine; hand it this assignment's adapter list.
+    UpdateAdapters(ReplicaAssignment),
     /// Leave it as it is.
     Keep(String),
+}
+
+/// True when `a` and `b` describe the same engine process: equal in everything but the
+/// adapters, which change without a restart.
+pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
+    let ReplicaAssignment { replica, model, engine, source, engine_args, gpus, adapters: _ } = a;
+    *replica == b.replica
+        && *model == b.model
+        && *engine == b.engine
+        && *source == b.source
+        && *engine_args == b.engine_args
+        && *gpus == b.gpus
 }
 
 /// Decides the actions, in replica-name order. `actual` maps each running (or adopted, or
@@ -42,6 +60,7 @@ pub fn reconcile(desired: &[ReplicaAssignment], actual: &BTreeMap<String, Replic
         .map(|name| match (wanted.get(name), actual.get(name)) {
             (Some(want), None) => Action::Start((*want).clone()),
             (Some(want), Some(have)) if *want == have => Action::Keep(name.to_string()),
+            (Some(want), Some(have)) if same_engine(want, have) => Action::UpdateAdapters((*want).clone()),
             (Some(want), Some(_)) => Action::Replace((*want).clone()),
             (None, _) => Action::Stop(name.to_string()),
         })
@@ -51,6 +70,7 @@ pub fn reconcile(desired: &[ReplicaAssignment], actual: &BTreeMap<String, Replic
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_api::pb::AdapterAssignment;
 
     fn a(name: &str, gpus: &[u32]) -> ReplicaAssignment {
         ReplicaAssignment {
@@ -78,6 +98,21 @@ mod tests {
     fn changed_assignment_is_replaced() {
         let got = reconcile(&[a("r1", &[1])], &actual(&[a("r1", &[0])]));
         assert_eq!(got, vec![Action::Replace(a("r1", &[1]))]);
+    }
+
+    #[test]
+    fn adapter_changes_never_replace_the_engine() {
+        let mut want = a("r1", &[0]);
+        want.adapters = vec![AdapterAssignment { name: "sql".into(), source: "sim://sql".into() }];
+        let have = actual(&[a("r1", &[0])]);
+        assert_eq!(reconcile(std::slice::from_ref(&want), &have), vec![Action::UpdateAdapters(want.clone())]);
+        assert!(same_engine(&want, &a("r1", &[0])));
+        // Same adapters again: Keep. Engine change with adapter change: Replace.
+        assert_eq!(reconcile(std::slice::from_ref(&want), &actual(&[want.clone()])), vec![Action::Keep("r1".into())]);
+        let mut moved = want.clone();
+        moved.gpus = vec![1];
+        assert_eq!(reconcile(std::slice::from_ref(&moved), &have), vec![Action::Replace(moved.clone())]);
+        assert!(!same_engine(&moved, &want));
     }
 
     #[test]

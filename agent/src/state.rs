@@ -1,13 +1,14 @@
 //! What the agent keeps in its data dir across restarts: its stable `agent_id`
 //! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
-//! assignment, pid, process start time, port), so a restarted agent adopts its engines
-//! instead of starting them twice. Writes are atomic (temp file + rename).
+//! assignment with its LoRA adapters, pid, process start time, port), so a restarted agent
+//! adopts its engines (and reconciles their adapters) instead of starting them twice.
+//! Writes are atomic (temp file + rename).
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use flotilla_api::pb::ReplicaAssignment;
+use flotilla_api::pb::{AdapterAssignment, ReplicaAssignment};
 use serde::{Deserialize, Serialize};
 
 use crate::error::AgentError;
@@ -28,6 +29,24 @@ pub struct SavedAssignment {
     pub engine_args: Vec<String>,
     /// GPU indices.
     pub gpus: Vec<u32>,
+    /// LoRA adapters the engine must hold (the last desired list; absent in files written
+    /// before adapters existed).
+    #[serde(default)]
+    pub adapters: Vec<SavedAdapter>,
+}
+
+/// One assigned LoRA adapter (serializable mirror of the proto).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedAdapter {
+    /// Adapter name.
+    pub name: String,
+    /// Source URI.
+    pub source: String,
+}
+
+/// The serializable form of an adapter list.
+pub fn saved_adapters(adapters: &[AdapterAssignment]) -> Vec<SavedAdapter> {
+    adapters.iter().map(|a| SavedAdapter { name: a.name.clone(), source: a.source.clone() }).collect()
 }
 
 impl From<&ReplicaAssignment> for SavedAssignment {
@@ -39,6 +58,7 @@ impl From<&ReplicaAssignment> for SavedAssignment {
             source: a.source.clone(),
             engine_args: a.engine_args.clone(),
             gpus: a.gpus.clone(),
+            adapters: saved_adapters(&a.adapters),
         }
     }
 }
@@ -52,7 +72,7 @@ impl From<SavedAssignment> for ReplicaAssignment {
             source: s.source,
             engine_args: s.engine_args,
             gpus: s.gpus,
-            adapters: Vec::new(),
+            adapters: s.adapters.into_iter().map(|a| AdapterAssignment { name: a.name, source: a.source }).collect(),
         }
     }
 }
@@ -105,6 +125,20 @@ impl StateStore {
         let mut g = self.lock();
         g.insert(engine.assignment.replica.clone(), engine);
         self.write(&g)
+    }
+
+    /// Replaces the adapter list of a recorded engine and writes the file; nothing when the
+    /// engine is not recorded (not started yet) or the list is unchanged.
+    pub fn set_adapters(&self, replica: &str, adapters: &[AdapterAssignment]) -> Result<(), AgentError> {
+        let mut g = self.lock();
+        let new = saved_adapters(adapters);
+        match g.get_mut(replica) {
+            Some(e) if e.assignment.adapters != new => {
+                e.assignment.adapters = new;
+                self.write(&g)
+            }
+            _ => Ok(()),
+        }
     }
 
     /// Forgets an engine and writes the file.
@@ -179,7 +213,13 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let s = StateStore::load(dir.path()).unwrap();
         assert!(s.engines().is_empty());
-        let a = ReplicaAssignment { replica: "r1".into(), model: "m".into(), gpus: vec![1], ..Default::default() };
+        let a = ReplicaAssignment {
+            replica: "r1".into(),
+            model: "m".into(),
+            gpus: vec![1],
+            adapters: vec![AdapterAssignment { name: "sql".into(), source: "sim://sql".into() }],
+            ..Default::default()
+        };
         let e = SavedEngine {
             assignment: (&a).into(),
             process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
@@ -189,7 +229,13 @@ mod tests {
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
         assert_eq!(again.engines().get("r1"), Some(&e));
-        assert_eq!(ReplicaAssignment::from(e.assignment), a);
+        assert_eq!(ReplicaAssignment::from(e.assignment.clone()), a);
+        let more = vec![a.adapters[0].clone(), AdapterAssignment { name: "b".into(), source: "file:///b".into() }];
+        again.set_adapters("r1", &more).unwrap();
+        again.set_adapters("nope", &more).unwrap();
+        let reread = StateStore::load(dir.path()).unwrap().engines();
+        assert_eq!(ReplicaAssignment::from(reread["r1"].assignment.clone()).adapters, more);
+        assert!(!reread.contains_key("nope"));
         again.remove("r1").unwrap();
         assert!(StateStore::load(dir.path()).unwrap().engines().is_empty());
 
@@ -202,5 +248,15 @@ mod tests {
         assert_eq!(agent_id(dir.path()).unwrap(), id);
         std::fs::write(dir.path().join("engines.json"), b"{nope").unwrap();
         assert!(StateStore::load(dir.path()).unwrap_err().to_string().contains("engines.json"));
+    }
+
+    #[test]
+    fn state_files_written_before_adapters_still_load() {
+        let dir = tempfile::tempdir().unwrap();
+        let old = r#"{"r1": {"assignment": {"replica": "r1", "model": "m", "engine": "sim", "source": "file:///m",
+            "engine_args": [], "gpus": [0]}, "process": {"pid": 42, "start_ticks": 7}, "port": 20000, "restarts": 0}}"#;
+        std::fs::write(dir.path().join("engines.json"), old).unwrap();
+        let engines = StateStore::load(dir.path()).unwrap().engines();
+        assert!(engines["r1"].assignment.adapters.is_empty());
     }
 }

@@ -1,7 +1,10 @@
 //! One engine's life, as one task: download (engines that need weights), spawn, wait for
 //! `/health`, watch it (scraping load each heartbeat interval), restart it with backoff
 //! when it crashes, give up after too many crashes, and stop it on request. Its state is
-//! published in a shared [`EngineReport`] that heartbeats copy.
+//! published in a shared [`EngineReport`] that heartbeats copy. Beside this life cycle, in
+//! the same task, the [`super::adapters::Worker`] keeps the engine's LoRA adapters equal to
+//! the assigned list; the life cycle tells it the endpoint once ready, each `/v1/models`
+//! scrape, and the end of each process.
 //!
 //! ```text
 //!  downloading ─> starting ─> ready ─(exit)─> crashed ─(backoff)─> starting ...
@@ -13,11 +16,12 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use flotilla_api::pb::{AdapterAssignment, EngineReport, ReplicaAssignment};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
+use super::adapters::{EngineView, Worker};
 use super::backoff::{AfterCrash, CrashHistory};
 use super::logs::LogFile;
 use super::process::{self, ProcessIdentity};
@@ -63,13 +67,36 @@ async fn stop_requested(stop: &mut watch::Receiver<bool>) {
 }
 
 /// Runs one engine until it is told to stop. `adopted` is an engine a previous agent
-/// started and that is still alive.
+/// started and that is still alive. `adapters` is the current adapter list (the one in
+/// `a` is ignored): it changes without a restart.
 pub async fn run(
+    env: Arc<EngineEnv>,
+    a: ReplicaAssignment,
+    report: SharedReport,
+    stop: watch::Receiver<bool>,
+    adopted: Option<SavedEngine>,
+    adapters: watch::Receiver<Vec<AdapterAssignment>>,
+) {
+    let (view, view_rx) = watch::channel(EngineView::default());
+    let initial = adapters.borrow().clone();
+    let worker = Worker::new(env.clone(), &a.replica, report.clone(), initial, adopted.is_some());
+    let life = life(env, a, report, stop, adopted, adapters.clone(), view);
+    // The worker ends when `life` drops the view sender; `life` decides when both end.
+    tokio::select! {
+        () = life => {}
+        () = worker.run(adapters, view_rx) => {}
+    }
+}
+
+/// The engine process's life cycle (see the module diagram).
+async fn life(
     env: Arc<EngineEnv>,
     a: ReplicaAssignment,
     report: SharedReport,
     mut stop: watch::Receiver<bool>,
     adopted: Option<SavedEngine>,
+    adapters: watch::Receiver<Vec<AdapterAssignment>>,
+    view: watch::Sender<EngineView>,
 ) {
     let replica = a.replica.clone();
     let driver: &dyn EngineDriver = match a.engine.as_str() {
@@ -121,7 +148,7 @@ pub async fn run(
     loop {
         let mut run = match running.take() {
             Some(r) => r,
-            None => match launch(&env, driver, &a, model_path.as_deref(), &log, &report, restarts) {
+            None => match launch(&env, driver, &a, &adapters, model_path.as_deref(), &log, &report, restarts) {
                 Ok(r) => r,
                 Err(reason) => {
                     if !after_crash(
@@ -142,7 +169,11 @@ pub async fn run(
                 }
             },
         };
-        let outcome = supervise(&env, &mut run, &log, &report, &mut stop).await;
+        let outcome = supervise(&env, &mut run, &log, &report, &mut stop, &view).await;
+        view.send_modify(|v| {
+            // The process is going: its adapters with it.
+            *v = EngineView { generation: v.generation + 1, endpoint: None, scrape: None };
+        });
         let _ = env.state.remove(&replica);
         env.ports.release(run.port);
         match outcome {
@@ -224,10 +255,12 @@ async fn park(stop: &mut watch::Receiver<bool>, report: &SharedReport) {
     update(report, |r| r.state = "stopped".into());
 }
 
+#[allow(clippy::too_many_arguments)]
 fn launch(
     env: &EngineEnv,
     driver: &dyn EngineDriver,
     a: &ReplicaAssignment,
+    adapters: &watch::Receiver<Vec<AdapterAssignment>>,
     model_path: Option<&std::path::Path>,
     log: &LogFile,
     report: &SharedReport,
@@ -243,7 +276,9 @@ fn launch(
         env.ports.release(port);
         format!("cannot start {}: {e}", cmd.program.display())
     })?;
-    let saved = SavedEngine { assignment: a.into(), process: id, port, restarts };
+    let mut assignment: crate::state::SavedAssignment = a.into();
+    assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
+    let saved = SavedEngine { assignment, process: id, port, restarts };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }
@@ -267,6 +302,7 @@ async fn supervise(
     log: &LogFile,
     report: &SharedReport,
     stop: &mut watch::Receiver<bool>,
+    view: &watch::Sender<EngineView>,
 ) -> Outcome {
     let endpoint = format!("{}:{}", env.cfg.address, run.port);
     let deadline = run.started_at + env.cfg.start_timeout;
@@ -305,6 +341,7 @@ async fn supervise(
                 ready = true;
                 tracing::info!(replica = %report_name(report), endpoint = %endpoint, "engine ready");
                 set_state(report, "ready", "");
+                view.send_modify(|v| v.endpoint = Some(endpoint.clone()));
             } else if Instant::now() >= deadline {
                 run.id.stop(env.cfg.stop_grace).await;
                 return Outcome::Crash(format!("not healthy within {:?} of starting", env.cfg.start_timeout));
@@ -328,8 +365,13 @@ async fn supervise(
         if unhealthy_since.take().is_some() {
             set_state(report, "ready", "");
         }
+        let started = Instant::now();
         let scrape = crate::probe::scrape(&env.engine, &endpoint).await;
         update(report, |r| crate::probe::apply(&scrape, r));
+        if let Some(names) = scrape.adapters {
+            // The adapter worker owns `loaded_adapters` (it merges scrapes with its results).
+            view.send_modify(|v| v.scrape = Some((started, names)));
+        }
         let rot = log.clone();
         if let Ok(Err(e)) = tokio::task::spawn_blocking(move || rot.rotate_if_needed()).await {
             tracing::warn!(path = %log.path.display(), error = %e, "log rotation failed");

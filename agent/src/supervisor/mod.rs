@@ -1,14 +1,18 @@
 //! Process ownership: the [`EngineManager`] keeps one task per assigned replica (see
 //! [`engine`]), applies each `Assign` through the pure [`crate::reconcile`] decision,
 //! adopts engines a previous agent left running, and collects the reports heartbeats send.
+//! A change of adapters only goes to the running engine task (watch channel), which loads
+//! and unloads them through the engine API ([`adapters`]); it never restarts the engine.
 //!
 //! ```text
-//!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop / Replace / Keep
+//!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop / Replace / UpdateAdapters / Keep
 //!                   │                                  │
 //!                   └── slots: replica -> engine task ─┴─> child process (own group)
-//!                                 └──> SharedReport ──> heartbeat
+//!                                 │  └── adapter worker ──> load/unload_lora
+//!                                 └──> SharedReport ──> heartbeat (early after adapter loads)
 //! ```
 
+pub mod adapters;
 pub mod backoff;
 pub mod engine;
 pub mod logs;
@@ -20,9 +24,9 @@ use std::path::PathBuf;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_api::pb::{EngineReport, ReplicaAssignment};
+use flotilla_api::pb::{AdapterAssignment, EngineReport, ReplicaAssignment};
 use flotilla_engine::EngineClient;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::task::JoinHandle;
 
 use crate::config::AgentConfig;
@@ -51,12 +55,17 @@ pub struct EngineEnv {
     pub ports: ports::Ports,
     /// `<data-dir>/logs`.
     pub log_dir: PathBuf,
+    /// Asks the connection loop for a heartbeat now (an adapter finished loading or
+    /// failed); it sends one, rate-limited.
+    pub early_heartbeat: Arc<Notify>,
 }
 
 struct Slot {
     assignment: ReplicaAssignment,
     report: SharedReport,
     stop: watch::Sender<bool>,
+    /// The adapter list the engine must hold.
+    adapters: watch::Sender<Vec<AdapterAssignment>>,
     task: JoinHandle<()>,
 }
 
@@ -109,6 +118,7 @@ impl EngineManager {
             ..Default::default()
         }));
         let (stop, stop_rx) = watch::channel(false);
+        let (adapters, adapters_rx) = watch::channel(assignment.adapters.clone());
         let env = self.env.clone();
         let task_report = report.clone();
         let a = assignment.clone();
@@ -116,10 +126,10 @@ impl EngineManager {
             if let Some(prev) = after {
                 let _ = prev.await; // the previous engine of this replica must be gone first
             }
-            engine::run(env, a, task_report, stop_rx, adopted).await;
+            engine::run(env, a, task_report, stop_rx, adopted, adapters_rx).await;
         });
         let name = assignment.replica.clone();
-        let slot = Slot { assignment, report, stop, task };
+        let slot = Slot { assignment, report, stop, adapters, task };
         self.slots.lock().unwrap_or_else(|p| p.into_inner()).insert(name, slot);
     }
 
@@ -144,6 +154,15 @@ impl EngineManager {
                     tracing::info!(replica = %name, "stopping engine (no longer assigned)");
                     self.stop_slot(&name);
                 }
+                Action::UpdateAdapters(a) => {
+                    let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
+                    if let Some(slot) = slots.get_mut(&a.replica) {
+                        let names: Vec<&str> = a.adapters.iter().map(|x| x.name.as_str()).collect();
+                        tracing::info!(replica = %a.replica, adapters = ?names, "adapters changed; engine kept");
+                        slot.adapters.send_replace(a.adapters.clone());
+                        slot.assignment = a;
+                    }
+                }
                 Action::Replace(a) => {
                     tracing::info!(replica = %a.replica, "assignment changed; replacing engine");
                     self.stop_slot(&a.replica);
@@ -167,6 +186,12 @@ impl EngineManager {
         let mut stopping = self.stopping.lock().unwrap_or_else(|p| p.into_inner());
         let i = stopping.iter().position(|s| s.assignment.replica == replica)?;
         Some(stopping.swap_remove(i).task)
+    }
+
+    /// Resolves when an engine task asks for an early heartbeat (a permit is kept if nobody
+    /// waits, so a request made between two waits is not lost).
+    pub async fn heartbeat_wanted(&self) {
+        self.env.early_heartbeat.notified().await;
     }
 
     /// Reports of every engine, stopping ones included.
