@@ -128,7 +128,20 @@ pub fn note_failures(s: &mut AdapterState) {
             }
         }
     }
-    s.demands.retain(|_, d| d.until > now);
+    // A demand ends when its deadline passes or an engine it may use reports the adapter
+    // loaded; a satisfied demand left in place would shield the adapter from eviction.
+    let satisfied = |name: &ObjectName, d: &Demand| {
+        s.replicas.values().any(|r| {
+            s.ready(r)
+                && !d.avoid.contains(&r.name)
+                && matches!(reported(s.reports.get(&r.name), name.as_str()), Some((AdapterReplicaState::Loaded, _)))
+        })
+    };
+    let done: Vec<ObjectName> =
+        s.demands.iter().filter(|(n, d)| d.until <= now || satisfied(n, d)).map(|(n, _)| n.clone()).collect();
+    for n in done {
+        s.demands.remove(&n);
+    }
 }
 
 impl AdapterState {

@@ -128,6 +128,12 @@ fn on_demand_loads_evict_the_least_recently_used_unpinned_adapter() {
     s.demands.insert(name("x"), Demand { avoid: BTreeSet::new(), until });
     let plan = run(&mut w, &s);
     assert_eq!(plan.bound.len(), 2, "pinned p and demanded x: {:?}", plan.bound);
+    // Once x is loaded its demand is satisfied and dropped (it no longer shields x).
+    let mut s2 = state(&w, t0);
+    s2.demands.insert(name("x"), Demand { avoid: BTreeSet::new(), until });
+    all_loaded(&w, &mut s2);
+    note_failures(&mut s2);
+    assert!(s2.demands.is_empty(), "a satisfied demand ends");
     assert_eq!(bound(&w)["r1"], ["p", "x"]);
     assert_eq!(status(&w, "y").phase, AdapterPhase::Pending);
     // y is requested while x is fresh: nothing evictable yet (x idle < MIN_IDLE, p pinned).

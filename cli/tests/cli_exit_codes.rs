@@ -81,3 +81,57 @@ async fn apply_get_delete_against_a_real_server() {
     let st: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
     assert_eq!(st["leader_id"], 1);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapters_are_checked_against_their_base_model_at_apply() {
+    let dir = tempfile::tempdir().unwrap();
+    let s = ServerProc::start(1, &dir.path().join("s1"), "127.0.0.1:0", &["--bootstrap"]);
+    wait_voters(&s.grpc, 1).await;
+    let grpc = s.grpc.clone();
+    let write = |name: &str, text: &str| {
+        let p = dir.path().join(name);
+        std::fs::write(&p, text).unwrap();
+        p.to_string_lossy().into_owned()
+    };
+    let run = move |args: Vec<String>| {
+        let grpc = grpc.clone();
+        std::thread::spawn(move || flotilla(&grpc, &args.iter().map(String::as_str).collect::<Vec<_>>()))
+            .join()
+            .unwrap()
+    };
+    let adapter = |base: &str, rank: u32| {
+        format!(
+            "kind: Adapter\nmetadata: {{name: sql}}\nspec: {{base_model: {base}, source: 'sim://sql', rank: {rank}}}\n"
+        )
+    };
+    let base = format!("{}  engine_args: [--max-lora-rank, '8']\n", model("base"));
+    let o = run(vec!["apply".into(), "-f".into(), write("base.yaml", &base)]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+
+    let o = run(vec!["apply".into(), "-f".into(), write("a1.yaml", &adapter("nobase", 8))]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("spec.base_model") && stderr(&o).contains("nobase"), "{}", stderr(&o));
+    let o = run(vec!["apply".into(), "-f".into(), write("a2.yaml", &adapter("base", 16))]);
+    assert_eq!(o.status.code(), Some(2), "{}", stderr(&o));
+    assert!(stderr(&o).contains("spec.rank") && stderr(&o).contains("--max-lora-rank 8"), "{}", stderr(&o));
+    let o = run(vec!["get".into(), "adapters".into(), "-o".into(), "json".into()]);
+    let docs: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert_eq!(docs.as_array().map(Vec::len), Some(0), "a refused apply changes nothing");
+
+    let o = run(vec!["apply".into(), "-f".into(), write("a3.yaml", &adapter("base", 8))]);
+    assert_eq!(o.status.code(), Some(0), "{}", stderr(&o));
+    let o = run(vec!["apply".into(), "-f".into(), write("a3.yaml", &adapter("base", 8))]);
+    assert!(String::from_utf8_lossy(&o.stdout).contains("unchanged"), "{}", String::from_utf8_lossy(&o.stdout));
+    // No agent runs: the adapter waits, and `get adapter` says why per replica.
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    loop {
+        let o = run(vec!["get".into(), "adapter".into(), "sql".into()]);
+        let out = String::from_utf8_lossy(&o.stdout).into_owned();
+        if out.contains("REPLICA") && out.contains("Pending") {
+            assert!(out.contains("BASE-MODEL") && out.contains("base"), "{out}");
+            break;
+        }
+        assert!(std::time::Instant::now() < deadline, "no adapter status: {out}");
+        tokio::time::sleep(std::time::Duration::from_millis(200)).await;
+    }
+}

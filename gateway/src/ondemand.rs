@@ -41,7 +41,7 @@ use crate::metrics::{AdapterLabels, ReasonLabels};
 use crate::proxy::{forward, Upstream};
 use crate::request::ApiKind;
 use crate::state::Gateway;
-use crate::table::Endpoint;
+use crate::table::{Endpoint, EndpointId};
 
 /// A completed load's outcome is reused this long: errors, so a burst for a broken adapter
 /// makes one call; successes only for scale-out requests (saturated holders).
@@ -173,6 +173,50 @@ impl Gateway {
         tracing::info!(adapter, avoid = ?avoid, "ensuring adapter is loaded");
         tokio::spawn(run_flight(self.clone(), adapter.to_string(), avoid, id, tx));
         flight
+    }
+
+    /// After every endpoint holding `ctx.model` failed at the connection level (its engine or
+    /// node died): asks for a load on another replica (the failed holders avoided, and
+    /// hidden from this gateway's table for the adapter) and forwards once more there.
+    pub async fn reload_elsewhere(
+        self: &Arc<Self>,
+        ctx: &PickCtx,
+        kind: ApiKind,
+        body: Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Upstream, ApiError> {
+        let holders = self.dir.endpoints().resolve(&ctx.model).map(|r| r.endpoints).unwrap_or_default();
+        let avoid: Vec<String> = holders.iter().filter(|e| !e.replica.is_empty()).map(|e| e.replica.clone()).collect();
+        let failed: Vec<EndpointId> = holders.iter().map(|e| e.id.clone()).collect();
+        tracing::warn!(adapter = %ctx.model, failed = ?failed, "every holder of the adapter failed; loading it elsewhere");
+        for id in &failed {
+            self.dir.forget_loaded(&ctx.model, id);
+        }
+        let mut flight = self.ensure_adapter(&ctx.model, avoid, false);
+        let wait = self.cfg.adapter_load_timeout.min(self.cfg.deadlines.of(ctx.class));
+        match tokio::time::timeout(wait, flight.wait()).await {
+            Ok(Ok(_)) => {}
+            Ok(Err(e)) => return Err(e.to_api(&ctx.model)),
+            Err(_) => {
+                return Err(ApiError::unavailable(
+                    "adapter_load_timeout",
+                    format!(
+                        "adapter {:?} lost its engines and was not loaded elsewhere within {} ms",
+                        ctx.model,
+                        wait.as_millis()
+                    ),
+                    5,
+                ))
+            }
+        }
+        let Some(lease) = select(self, ctx, &failed, false) else {
+            return Err(ApiError::unavailable(
+                "adapter_unavailable",
+                format!("adapter {:?} was loaded elsewhere but no endpoint holding it is available", ctx.model),
+                1,
+            ));
+        };
+        forward(self, ctx, lease, kind, body, headers).await
     }
 
     /// The base model of `name` when it is a known adapter that may be loaded on demand.

@@ -213,7 +213,13 @@ async fn forward_request(
         })
         .observe(waited.as_secs_f64());
     let on_demand = is_adapter && gw.loader.enabled();
-    let mut up = forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await?;
+    let mut up = match forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await {
+        // every engine holding the adapter is unreachable: load it on another replica
+        Err(e) if on_demand && e.status == StatusCode::BAD_GATEWAY => {
+            gw.reload_elsewhere(&ctx, kind, upstream_body.clone(), h).await?
+        }
+        r => r?,
+    };
     if on_demand && up.response.status() == StatusCode::NOT_FOUND {
         // the engine evicted the adapter since the last snapshot: never fail for that
         up = gw.reload_and_retry(&ctx, up, kind, upstream_body, h).await?;

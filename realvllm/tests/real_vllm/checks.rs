@@ -82,6 +82,17 @@ pub async fn run(mut t: Tier) -> Tier {
     t.check("lora_loads_on_the_agents_engine_and_the_gateway_routes_to_it", || lora_through_gateway(&v, &adapter))
         .await;
 
+    let mut lora_timing = String::new();
+    let ok = t
+        .check("adapter_objects_load_evict_reload_and_delete_on_real_vllm", || async {
+            lora_timing = crate::adapters::adapter_objects(&bin, &grpc, &v, &adapter, &dir).await?;
+            Ok(())
+        })
+        .await;
+    if ok {
+        t.timing("adapters on real vllm", lora_timing);
+    }
+
     let t0 = Instant::now();
     if t.check("agent_restarts_vllm_after_sigkill", || agent_restarts_after_kill(&grpc, &v)).await {
         t.timing("vllm through the agent: SIGKILL to Ready again", format!("{:.1} s", t0.elapsed().as_secs_f64()));

@@ -9,6 +9,7 @@
 //! them by substring. Without an installed real vLLM the tier prints why and passes, unless
 //! `FLOTILLA_REQUIRE_REAL_VLLM=1` (set by `.ci/run`), which makes that a failure.
 
+mod adapters;
 mod checks;
 mod cluster;
 mod conformance;

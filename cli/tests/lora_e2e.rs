@@ -1,0 +1,277 @@
+//! High-density LoRA end to end, real processes on loopback: 3 servers, 2 agents running
+//! sim engines, and a gateway. Twenty adapters on two base replicas with 16 slots between
+//! them are served through the gateway on demand (evicting the least recently used and
+//! reloading them, with no failed request), a deleted adapter is unloaded, and a pinned
+//! adapter whose node dies is loaded elsewhere while requests keep succeeding.
+mod common;
+
+use std::collections::BTreeMap;
+use std::io::{BufRead, BufReader, Read, Write};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use common::*;
+use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use flotilla_api::pb::{ApplyRequest, DeleteRequest, GetRequest, ListRequest};
+
+const BASE_ARGS: &str = "[--max-loras, '4', --max-cpu-loras, '8']";
+
+async fn apply(servers: &[String], manifest: String) {
+    for _ in 0..50 {
+        for addr in servers {
+            let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(5)));
+            match c.apply(ApplyRequest { manifest: manifest.clone(), expected_revision: None }).await {
+                Ok(_) => return,
+                Err(s) if s.code() == tonic::Code::InvalidArgument => panic!("apply refused: {s}"),
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("apply failed on every server");
+}
+
+fn base_manifest(replicas: u32) -> String {
+    format!(
+        "kind: Model\nmetadata: {{name: base, labels: {{flotilla.io/placement: spread}}}}\nspec: {{engine: sim, source: 'file:///models/base', replicas: {replicas}, gpus: 1, engine_args: {BASE_ARGS}}}\n"
+    )
+}
+
+fn adapter_manifest(name: &str, replicas: &str) -> String {
+    format!("kind: Adapter\nmetadata: {{name: {name}}}\nspec: {{base_model: base, source: 'sim://{name}?rank=8', replicas: {replicas}}}\n")
+}
+
+/// The adapter's stored status.
+async fn adapter_status(servers: &[String], name: &str) -> serde_json::Value {
+    for addr in servers {
+        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let req = GetRequest { kind: "adapter".into(), name: name.into(), stale: false };
+        if let Ok(r) = c.get(req).await {
+            let o = r.into_inner().object.unwrap_or_default();
+            return serde_json::from_str(&o.status_json).unwrap_or_default();
+        }
+    }
+    serde_json::Value::Null
+}
+
+/// Adapter names bound to each replica (`spec.adapters`).
+async fn bindings(servers: &[String]) -> BTreeMap<String, Vec<String>> {
+    for addr in servers {
+        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let req = ListRequest { kind: "replica".into(), label_selector: "model=base".into(), stale: false };
+        if let Ok(r) = c.list(req).await {
+            return r
+                .into_inner()
+                .objects
+                .iter()
+                .map(|o| {
+                    let spec: serde_json::Value = serde_json::from_str(&o.spec_json).unwrap_or_default();
+                    let names = spec["adapters"]
+                        .as_array()
+                        .map(|a| a.iter().filter_map(|b| b["name"].as_str().map(str::to_owned)).collect())
+                        .unwrap_or_default();
+                    (o.name.clone(), names)
+                })
+                .collect();
+        }
+    }
+    BTreeMap::new()
+}
+
+/// One HTTP request; (status code, body).
+fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
+    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return (0, String::new()) };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
+    let req = format!(
+        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        body.len()
+    );
+    if s.write_all(req.as_bytes()).is_err() {
+        return (0, String::new());
+    }
+    let mut out = String::new();
+    let _ = s.read_to_string(&mut out);
+    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
+    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
+    (code, body)
+}
+
+fn complete(gateway: &str, model: &str) -> (u16, String) {
+    let body = format!(r#"{{"model":"{model}","prompt":"hello there","max_tokens":4}}"#);
+    http(gateway, "POST", "/v1/completions", &body)
+}
+
+struct Setup {
+    _dir: tempfile::TempDir,
+    _servers: Vec<ServerProc>,
+    agents: Vec<AgentProc>,
+    addrs: Vec<String>,
+    gateway: Child,
+    gateway_addr: String,
+    marker: u64,
+}
+
+impl Setup {
+    async fn start(gpus_per_agent: u32) -> Setup {
+        let dir = tempfile::tempdir().unwrap();
+        let servers = start_three(dir.path());
+        wait_voters(&servers[0].grpc, 3).await;
+        let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
+        let list = addrs.join(",");
+        let marker = marker();
+        let agents = (1..=2)
+            .map(|i| {
+                AgentProc::start(
+                    &format!("node-{i}"),
+                    &dir.path().join(format!("agent-{i}")),
+                    &list,
+                    gpus_per_agent,
+                    marker,
+                )
+            })
+            .collect();
+        let mut gateway = Command::new(BIN)
+            .args(["--server", &list, "gateway", "--listen", "127.0.0.1:0", "--no-auth"])
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn flotilla gateway");
+        let mut line = String::new();
+        BufReader::new(gateway.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let gateway_addr = line.split("http://").nth(1).expect("gateway banner").trim().to_owned();
+        Setup { _dir: dir, _servers: servers, agents, addrs, gateway, gateway_addr, marker }
+    }
+}
+
+impl Drop for Setup {
+    fn drop(&mut self) {
+        let _ = self.gateway.kill();
+        let _ = self.gateway.wait();
+        for a in &mut self.agents {
+            a.kill();
+        }
+        kill_engines(self.marker);
+    }
+}
+
+/// Sends requests for `model` until one succeeds (the gateway's table may not have the base
+/// model yet); panics after `secs`.
+async fn first_success(gateway: &str, model: &str, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let (code, body) = complete(gateway, model);
+        if code == 200 {
+            return;
+        }
+        assert!(Instant::now() < deadline, "no answer for {model}: {code} {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn twenty_adapters_on_two_replicas_load_on_demand_evict_and_unload() {
+    let setup = Setup::start(1).await;
+    let (s, gw) = (&setup.addrs, setup.gateway_addr.clone());
+    apply(s, base_manifest(2)).await;
+    wait_replicas(s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
+    let names: Vec<String> = (0..20).map(|i| format!("lora-{i:02}")).collect();
+    for n in &names {
+        apply(s, adapter_manifest(n, "on-demand")).await;
+    }
+    first_success(&gw, "base", 30).await;
+    // Every adapter answers through the gateway; the first requests find nothing loaded.
+    for round in 0..2 {
+        for n in &names {
+            let gw = gw.clone();
+            let n2 = n.clone();
+            let (code, body) = tokio::task::spawn_blocking(move || complete(&gw, &n2)).await.unwrap();
+            assert_eq!(code, 200, "round {round}, adapter {n}: {body}");
+            assert!(body.contains(&format!("\"model\":\"{n}\"")), "{body}");
+        }
+        // Never more adapters on a replica than its --max-cpu-loras.
+        let b = bindings(s).await;
+        assert!(b.values().all(|v| v.len() <= 8), "over the slots: {b:?}");
+    }
+    let b = bindings(s).await;
+    assert_eq!(b.values().map(Vec::len).sum::<usize>(), 16, "20 adapters fill all 16 slots: {b:?}");
+    // `/v1/models` on the gateway lists adapters with their base model.
+    let (code, models) = http(&gw, "GET", "/v1/models", "");
+    assert_eq!(code, 200);
+    let models: serde_json::Value = serde_json::from_str(&models).unwrap();
+    let listed = models["data"].as_array().unwrap();
+    assert!(listed.iter().any(|m| m["id"] == "lora-00" && m["parent"] == "base"), "{models}");
+
+    // Deleting a loaded adapter unloads it from its engine.
+    let loaded = b.values().flatten().next().unwrap().clone();
+    let holder_endpoint = {
+        let r = replicas(s, "base").await;
+        let holder = b.iter().find(|(_, v)| v.contains(&loaded)).unwrap().0.clone();
+        r.into_iter().find(|x| x.name == holder).unwrap().endpoint.unwrap()
+    };
+    let mut c = ObjectServiceClient::new(channel(&s[0], Duration::from_secs(5)));
+    c.delete(DeleteRequest { kind: "adapter".into(), name: loaded.clone(), expected_revision: None }).await.unwrap();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    loop {
+        let (_, body) = http(&holder_endpoint, "GET", "/v1/models", "");
+        if !body.is_empty() && !body.contains(&format!("\"{loaded}\"")) {
+            break;
+        }
+        assert!(Instant::now() < deadline, "{loaded} still loaded on {holder_endpoint}: {body}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    assert!(!bindings(s).await.values().flatten().any(|n| n == &loaded));
+    let (code, _) = complete(&gw, &loaded);
+    assert_eq!(code, 404, "a deleted adapter is an unknown model");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_pinned_adapter_moves_when_its_node_dies_and_requests_keep_succeeding() {
+    let mut setup = Setup::start(2).await;
+    let (s, gw) = (setup.addrs.clone(), setup.gateway_addr.clone());
+    apply(&s, base_manifest(2)).await;
+    let r = wait_replicas(&s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
+    assert_ne!(r[0].node, r[1].node, "one replica per node (spread by free GPUs)");
+    apply(&s, adapter_manifest("pinned", "1")).await;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while adapter_status(&s, "pinned").await["phase"] != "Ready" {
+        assert!(Instant::now() < deadline, "pinned never Ready: {}", adapter_status(&s, "pinned").await);
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    first_success(&gw, "pinned", 30).await;
+    let b = bindings(&s).await;
+    let holder = b.iter().find(|(_, v)| v.contains(&"pinned".to_string())).unwrap().0.clone();
+    let holder = r.iter().find(|x| x.name == holder).unwrap().clone();
+    let node = holder.node.clone().unwrap();
+    // The node dies: its agent and its engine.
+    let agent = setup.agents.iter_mut().find(|a| a.name == node).unwrap();
+    agent.kill();
+    let port = holder.endpoint.as_deref().unwrap().rsplit(':').next().unwrap().to_owned();
+    for pid in engine_pids(setup.marker) {
+        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        if String::from_utf8_lossy(&cmdline).contains(&format!("--port\0{port}\0")) {
+            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        }
+    }
+    // Requests keep succeeding (the gateway waits for the load elsewhere), and the adapter
+    // ends up loaded on the other replica.
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let mut ok = 0;
+    loop {
+        let gw2 = gw.clone();
+        let (code, body) = tokio::task::spawn_blocking(move || complete(&gw2, "pinned")).await.unwrap();
+        assert_eq!(code, 200, "request {ok} after the node died: {body}");
+        ok += 1;
+        let st = adapter_status(&s, "pinned").await;
+        let on_other = st["replicas"]
+            .as_array()
+            .into_iter()
+            .flatten()
+            .any(|x| x["state"] == "Loaded" && x["node"] != node.as_str());
+        if on_other && ok >= 5 {
+            break;
+        }
+        assert!(Instant::now() < deadline, "pinned not moved off {node}: {st}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
