@@ -50,6 +50,12 @@ pub struct SimArgs {
     /// Distinct LoRA adapters allowed in one batch (vLLM --max-loras).
     #[arg(long, default_value_t = 1)]
     pub max_loras: u32,
+    /// LoRA adapters the engine keeps loaded in its CPU cache, LRU (vLLM --max-cpu-loras);
+    /// default --max-loras, never below it. Registered adapters beyond it stay listed and
+    /// servable, but a request for one evicted from the cache reloads it from disk first
+    /// (tens of ms, added to the step that admits it).
+    #[arg(long)]
+    pub max_cpu_loras: Option<u32>,
     /// Highest LoRA rank accepted; each slot reserves memory for this rank (vLLM --max-lora-rank).
     #[arg(long, default_value_t = 16)]
     pub max_lora_rank: u32,
@@ -93,6 +99,7 @@ impl Default for SimArgs {
             enable_lora: false,
             disable_lora: false,
             max_loras: 1,
+            max_cpu_loras: None,
             max_lora_rank: 16,
             no_enable_prefix_caching: false,
             allow_faults: false,
@@ -126,8 +133,10 @@ pub struct EngineConfig {
     pub speedup: f64,
     /// Whether LoRA adapters may be loaded.
     pub lora_enabled: bool,
-    /// Distinct adapters per batch.
+    /// Distinct adapters per batch (GPU slots).
     pub max_loras: u32,
+    /// Adapters kept loaded in the CPU cache (>= `max_loras`).
+    pub max_cpu_loras: u32,
     /// Highest adapter rank.
     pub max_lora_rank: u32,
     /// Automatic prefix caching on.
@@ -178,6 +187,16 @@ impl SimArgs {
         }
         if self.max_loras == 0 {
             return Err(SimError::invalid("max-loras", "must be at least 1, got 0"));
+        }
+        let max_cpu_loras = self.max_cpu_loras.unwrap_or(self.max_loras);
+        if max_cpu_loras < self.max_loras {
+            return Err(SimError::invalid(
+                "max-cpu-loras",
+                format!(
+                    "{} is below --max-loras {} (vLLM needs max_cpu_loras >= max_loras)",
+                    max_cpu_loras, self.max_loras
+                ),
+            ));
         }
         if self.max_lora_rank == 0 || self.max_lora_rank > 512 {
             return Err(SimError::invalid(
@@ -256,6 +275,7 @@ impl SimArgs {
             speedup: self.speedup,
             lora_enabled,
             max_loras: self.max_loras,
+            max_cpu_loras,
             max_lora_rank: self.max_lora_rank,
             prefix_caching: !self.no_enable_prefix_caching,
             allow_faults: self.allow_faults,
@@ -285,6 +305,12 @@ mod tests {
         assert_eq!(cfg.max_num_batched_tokens, 2048);
         let no_lora = SimArgs { disable_lora: true, ..SimArgs::default() }.validate().unwrap();
         assert_eq!(no_lora.num_blocks, 9472);
+        assert_eq!(cfg.max_cpu_loras, 1, "defaults to --max-loras");
+        let cpu = SimArgs { max_loras: 2, max_cpu_loras: Some(8), ..SimArgs::default() }.validate().unwrap();
+        assert_eq!((cpu.max_loras, cpu.max_cpu_loras), (2, 8));
+        let err = SimArgs { max_loras: 4, max_cpu_loras: Some(3), ..SimArgs::default() }.validate().unwrap_err();
+        assert_eq!(err.exit_code(), 2);
+        assert!(err.to_string().contains("--max-cpu-loras"), "{err}");
     }
 
     #[test]
@@ -298,6 +324,7 @@ mod tests {
         assert_eq!(flag_of(SimArgs { speedup: f64::NAN, ..d() }), "speedup");
         assert_eq!(flag_of(SimArgs { max_num_seqs: 0, ..d() }), "max-num-seqs");
         assert_eq!(flag_of(SimArgs { max_loras: 0, ..d() }), "max-loras");
+        assert_eq!(flag_of(SimArgs { max_loras: 4, max_cpu_loras: Some(3), ..d() }), "max-cpu-loras");
         assert_eq!(flag_of(SimArgs { model: " ".into(), ..d() }), "model");
         assert_eq!(flag_of(SimArgs { eos_min_tokens: 9, eos_max_tokens: 8, ..d() }), "eos-max-tokens");
         assert_eq!(

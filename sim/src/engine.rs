@@ -10,18 +10,24 @@
 //! Simulated time runs on a virtual clock advanced by each step's duration; sleeps target
 //! `start + sim_time / speedup`, so timer granularity never changes simulated results and
 //! the engine catches up after a late wake-up. Metrics are in simulated seconds.
+//!
+//! LoRA adapters move through [`LoraCache`]: `Command::LoadLora` (vLLM's `add_lora` utility
+//! call) runs between steps and holds the loop for its simulated time, as vLLM's engine core
+//! runs utility calls in its busy loop; a step whose batch needs an adapter that is not in
+//! the CPU cache or not in a GPU slot takes that much longer.
 
 use std::borrow::Cow;
 use std::collections::HashMap;
 use std::sync::{Arc, Mutex};
 
-use tokio::sync::mpsc;
+use tokio::sync::{mpsc, oneshot};
 use tokio::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::faults::Faults;
 use crate::kv::BlockManager;
-use crate::lora::Registry;
+use crate::lora::{LoraRef, Registry};
+use crate::lora_cache::LoraCache;
 use crate::metrics::Metrics;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
 use crate::text;
@@ -39,8 +45,8 @@ pub struct Submission {
     pub ignore_eos: bool,
     /// Seed of the text; None derives one from the prompt.
     pub seed: Option<u64>,
-    /// Adapter id.
-    pub lora: Option<u32>,
+    /// Adapter, if any.
+    pub lora: Option<LoraRef>,
     /// Stop strings.
     pub stop: Vec<String>,
     /// Send each token as it comes (else only the final text).
@@ -78,6 +84,16 @@ pub struct Done {
 pub enum Command {
     /// A new request.
     Submit(Box<Submission>),
+    /// Load an adapter into the CPU cache and a GPU slot (`add_lora`); `done` is answered
+    /// after the load's simulated time.
+    LoadLora {
+        /// The adapter.
+        lora: LoraRef,
+        /// Reload even if cached (`load_inplace`).
+        inplace: bool,
+        /// Answered when loaded.
+        done: oneshot::Sender<()>,
+    },
     /// Abort everything and stop.
     Shutdown,
 }
@@ -132,6 +148,7 @@ pub struct Engine {
     lora_running: Vec<u32>,
     lora_waiting: Vec<u32>,
     lora_seen: (Vec<u32>, Vec<u32>),
+    lora_cache: LoraCache,
     dead: Vec<SeqId>,
 }
 
@@ -146,6 +163,7 @@ impl Engine {
         };
         let kv = BlockManager::new(cfg.num_blocks, cfg.block_size, cfg.prefix_caching);
         Engine {
+            lora_cache: LoraCache::new(cfg.profile, cfg.max_cpu_loras, cfg.max_loras),
             clock: SimClock::new(cfg.speedup),
             sched: Scheduler::new(limits, kv),
             cfg,
@@ -169,7 +187,7 @@ impl Engine {
             loop {
                 match rx.try_recv() {
                     Ok(cmd) => {
-                        if !self.handle(cmd) {
+                        if !self.handle(cmd).await {
                             return;
                         }
                     }
@@ -185,7 +203,7 @@ impl Engine {
                     cmd = rx.recv() => match cmd {
                         Some(cmd) => {
                             self.now = self.now.max(self.clock.at(Instant::now()));
-                            if !self.handle(cmd) {
+                            if !self.handle(cmd).await {
                                 return;
                             }
                         }
@@ -203,7 +221,8 @@ impl Engine {
                 tokio::time::sleep(std::time::Duration::from_millis(10)).await;
                 continue;
             }
-            let dt = self.cfg.profile.step_time(plan.shape, self.cfg.block_size) * self.faults.slow_factor();
+            let lora_s = self.apply_loras();
+            let dt = self.cfg.profile.step_time(plan.shape, self.cfg.block_size) * self.faults.slow_factor() + lora_s;
             let step_start = self.now;
             self.now += dt;
             let deadline = self.clock.instant(self.now);
@@ -218,17 +237,53 @@ impl Engine {
         }
     }
 
-    fn handle(&mut self, cmd: Command) -> bool {
+    /// Brings the batch's adapters into the CPU cache and GPU slots; the seconds it takes.
+    fn apply_loras(&mut self) -> f64 {
+        let batch = self.sched.batch_loras();
+        if batch.is_empty() {
+            return 0.0;
+        }
+        let m = self.lora_cache.apply(batch);
+        if m.disk_loads > 0 {
+            tracing::debug!(
+                disk_loads = m.disk_loads,
+                gpu_copies = m.gpu_copies,
+                seconds = m.seconds,
+                "step reloads lora adapters"
+            );
+        }
+        m.seconds
+    }
+
+    /// Sleeps until the virtual clock's `now`.
+    async fn sleep_to_now(&self) {
+        let deadline = self.clock.instant(self.now);
+        if deadline > Instant::now() {
+            tokio::time::sleep_until(deadline).await;
+        }
+    }
+
+    async fn handle(&mut self, cmd: Command) -> bool {
         match cmd {
             Command::Shutdown => {
                 self.abort_all();
                 false
+            }
+            Command::LoadLora { lora, inplace, done } => {
+                let m = self.lora_cache.load(lora.id, lora.rank, inplace);
+                self.now += m.seconds;
+                self.sleep_to_now().await;
+                let _ = done.send(());
+                true
             }
             Command::Submit(sub) => {
                 let seed = sub.seed.unwrap_or_else(|| text::seed_from_prompt(self.cfg.seed, &sub.prompt));
                 let (lo, hi) = self.cfg.eos_range;
                 let eos_after = (!sub.ignore_eos).then(|| text::natural_length(seed, lo, hi));
                 let arrival = self.clock.at(sub.received).min(self.now);
+                if let Some(l) = sub.lora {
+                    self.lora_cache.note(l.id, l.rank);
+                }
                 self.ctxs.insert(
                     sub.id,
                     Ctx {
@@ -250,7 +305,7 @@ impl Engine {
                     max_tokens: sub.max_tokens,
                     eos_after,
                     seed,
-                    lora: sub.lora,
+                    lora: sub.lora.map(|l| l.id),
                 });
                 true
             }
@@ -428,21 +483,5 @@ fn finish(
 }
 
 #[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn stop_strings_match_across_pieces_and_utf8() {
-        let stops = vec![" of the".to_string()];
-        assert_eq!(stop_match("and of the cat", &stops, 0), Some(3));
-        assert_eq!(stop_match("nothing", &stops, 0), None);
-        assert_eq!(stop_match("é of the", &stops, 1), Some(2));
-    }
-
-    #[test]
-    fn clock_maps_simulated_seconds_with_speedup() {
-        let c = SimClock::new(10.0);
-        let t = c.instant(5.0);
-        assert!((c.at(t) - 5.0).abs() < 1e-6);
-    }
-}
+#[path = "engine_tests.rs"]
+mod tests;

@@ -15,6 +15,23 @@
 //! * `d`     — punica/SGMV LoRA kernels: a small fixed cost per distinct adapter in the batch
 //!   (an estimate; vLLM publishes no per-adapter figure).
 //!
+//! Moving a LoRA adapter (see `lora_cache.rs`) adds to the step (or the load call) that does it:
+//!
+//! ```text
+//! disk -> CPU cache: lora_load_fixed_s + rank * lora_bytes_per_rank / lora_disk_bytes_per_s
+//! CPU  -> GPU slot:  rank * lora_bytes_per_rank / lora_copy_bytes_per_s
+//! ```
+//!
+//! * Disk load (vLLM's `LoRAModel.from_local_checkpoint`: `safetensors.safe_open` reads every
+//!   tensor, each is cast and copied into pinned memory, then ~450 per-module weight objects
+//!   are built in Python): ~2 GB/s effective (local NVMe reads at 3-7 GB/s or the page cache
+//!   faster; the pinned copy and per-tensor Python work roughly halve it) plus ~20 ms fixed
+//!   (config parsing, PEFT checks, module-name matching). An estimate, not a measurement; it
+//!   is a property of the host, so all profiles share it. Rank 16 Llama-3-8B (80 MiB): 62 ms.
+//! * GPU copy (`activate_adapter`: one `copy_` per module into the slot's stacked buffers):
+//!   pinned host-to-device at ~80% of the link, less per-copy overhead: ~20 GB/s on PCIe Gen4
+//!   x16 (A100, L4), ~40 GB/s on Gen5 (H100). Rank 16: 4.2 ms on A100, 2.1 ms on H100.
+//!
 //! Published anchors (also in docs/sim.md and the fidelity table in bench/sim/RESULTS.md):
 //! * A100: johnmusgrave.com, "vLLM throughput-latency sweep on NVIDIA A100" — vLLM 0.23,
 //!   Llama-3.1-8B-Instruct BF16 on one A100 40GB, 1024-token prompts, 128 output tokens:
@@ -33,6 +50,14 @@ pub const LLAMA3_8B_KV_BYTES_PER_TOKEN: u64 = 131_072;
 /// per layer rank * (in + out) summed over q,k,v,o,gate,up,down = 81,920 * rank params,
 /// times 32 layers, times 2 bytes = 5 MiB per rank.
 pub const LLAMA3_8B_LORA_BYTES_PER_RANK: u64 = 5 * 1024 * 1024;
+/// Fixed part of loading one adapter from disk (seconds): config, PEFT checks, module matching.
+pub const LORA_LOAD_FIXED_S: f64 = 0.020;
+/// Effective safetensors read + cast + pin bandwidth from local NVMe (bytes/s).
+pub const LORA_DISK_BYTES_PER_S: f64 = 2.0e9;
+/// Effective pinned host-to-device copy over PCIe Gen4 x16 (bytes/s).
+pub const PCIE_GEN4_BYTES_PER_S: f64 = 20.0e9;
+/// Effective pinned host-to-device copy over PCIe Gen5 x16 (bytes/s).
+pub const PCIE_GEN5_BYTES_PER_S: f64 = 40.0e9;
 
 /// One calibrated engine: a GPU and a model.
 #[derive(Debug, Clone, PartialEq)]
@@ -58,6 +83,12 @@ pub struct Profile {
     pub kv_bytes_per_token: u64,
     /// LoRA slot bytes per unit of rank.
     pub lora_bytes_per_rank: u64,
+    /// Fixed seconds of loading one adapter from disk into the CPU cache.
+    pub lora_load_fixed_s: f64,
+    /// Bytes per second of loading an adapter from disk (read, cast, pin).
+    pub lora_disk_bytes_per_s: f64,
+    /// Bytes per second of copying an adapter from the CPU cache into a GPU slot.
+    pub lora_copy_bytes_per_s: f64,
     /// vLLM's default `--max-num-batched-tokens` for this GPU class (8192 at >= 70 GiB).
     pub default_max_num_batched_tokens: u32,
 }
@@ -82,6 +113,9 @@ pub const PROFILES: &[Profile] = &[
         kv_cache_bytes: 37 * GIB / 2,
         kv_bytes_per_token: LLAMA3_8B_KV_BYTES_PER_TOKEN,
         lora_bytes_per_rank: LLAMA3_8B_LORA_BYTES_PER_RANK,
+        lora_load_fixed_s: LORA_LOAD_FIXED_S,
+        lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
+        lora_copy_bytes_per_s: PCIE_GEN4_BYTES_PER_S,
         default_max_num_batched_tokens: 2048,
     },
     // H100 SXM 80GB. Roofline 16.06 GB / 3,350 GB/s = 4.8 ms; vLLM's CPU overhead for an
@@ -99,6 +133,9 @@ pub const PROFILES: &[Profile] = &[
         kv_cache_bytes: 54 * GIB,
         kv_bytes_per_token: LLAMA3_8B_KV_BYTES_PER_TOKEN,
         lora_bytes_per_rank: LLAMA3_8B_LORA_BYTES_PER_RANK,
+        lora_load_fixed_s: LORA_LOAD_FIXED_S,
+        lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
+        lora_copy_bytes_per_s: PCIE_GEN5_BYTES_PER_S,
         default_max_num_batched_tokens: 8192,
     },
     // L4 24GB. Roofline 16.06 GB / 300 GB/s = 53.5 ms, at the ~77% efficiency measured on
@@ -115,6 +152,9 @@ pub const PROFILES: &[Profile] = &[
         kv_cache_bytes: 5 * GIB,
         kv_bytes_per_token: LLAMA3_8B_KV_BYTES_PER_TOKEN,
         lora_bytes_per_rank: LLAMA3_8B_LORA_BYTES_PER_RANK,
+        lora_load_fixed_s: LORA_LOAD_FIXED_S,
+        lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
+        lora_copy_bytes_per_s: PCIE_GEN4_BYTES_PER_S,
         default_max_num_batched_tokens: 2048,
     },
 ];
@@ -155,6 +195,21 @@ impl Profile {
     /// KV blocks this profile's GPU holds at `block_size` tokens per block.
     pub fn default_num_blocks(&self, block_size: u32) -> u64 {
         self.kv_cache_bytes / (self.kv_bytes_per_token * u64::from(block_size))
+    }
+
+    /// Bytes of one adapter of `rank`.
+    pub fn lora_bytes(&self, rank: u32) -> u64 {
+        self.lora_bytes_per_rank * u64::from(rank)
+    }
+
+    /// Simulated seconds loading an adapter of `rank` from disk into the CPU cache takes.
+    pub fn lora_load_s(&self, rank: u32) -> f64 {
+        self.lora_load_fixed_s + self.lora_bytes(rank) as f64 / self.lora_disk_bytes_per_s
+    }
+
+    /// Simulated seconds copying an adapter of `rank` from the CPU cache into a GPU slot takes.
+    pub fn lora_copy_s(&self, rank: u32) -> f64 {
+        self.lora_bytes(rank) as f64 / self.lora_copy_bytes_per_s
     }
 
     /// KV blocks one LoRA slot of `rank` displaces (vLLM pre-allocates every slot).
@@ -198,5 +253,16 @@ mod tests {
         assert_eq!(p.lora_slot_blocks(16, 16), 40);
         assert!(profile("h100-llama3-8b").unwrap().default_num_blocks(16) > 27_000);
         assert!(profile("nope").is_none());
+    }
+
+    #[test]
+    fn lora_moves_cost_tens_of_ms_from_disk_and_ms_over_pcie() {
+        let a100 = profile("a100-llama3-8b").unwrap();
+        // rank 16 = 80 MiB: 20 ms + 83.9 MB / 2 GB/s = 61.9 ms; 83.9 MB / 20 GB/s = 4.2 ms
+        assert!((a100.lora_load_s(16) - 0.0619).abs() < 0.0005, "{}", a100.lora_load_s(16));
+        assert!((a100.lora_copy_s(16) - 0.0042).abs() < 0.0001, "{}", a100.lora_copy_s(16));
+        let h100 = profile("h100-llama3-8b").unwrap();
+        assert!(h100.lora_copy_s(16) < a100.lora_copy_s(16));
+        assert!(a100.lora_load_s(64) > a100.lora_load_s(8));
     }
 }

@@ -5,7 +5,7 @@
 //!  config (SimArgs -> EngineConfig) ──┐
 //!                                     v
 //!  http (axum router) ──Command──> engine (one task: step loop) ──> scheduler (pure)
-//!       ^                              │                               └─> kv (block manager, prefix cache)
+//!       ^                              │──> lora_cache (CPU/GPU LRU)    └─> kv (block manager, prefix cache)
 //!       └──────────Event (tokens)──────┘──> metrics (vLLM names)   latency (profiles)
 //! ```
 //!
@@ -20,6 +20,7 @@ pub mod http;
 pub mod kv;
 pub mod latency;
 pub mod lora;
+pub mod lora_cache;
 pub mod metrics;
 pub mod scheduler;
 pub mod text;

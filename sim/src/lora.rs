@@ -7,8 +7,13 @@
 //! loaded name under the same id. A path is an existing local file or directory (its
 //! `adapter_config.json` `r` gives the rank) or `sim://NAME[?rank=N]` for a synthetic
 //! adapter with no files.
+//!
+//! A load is two calls around the engine's `add_lora` (which takes simulated time, see
+//! `lora_cache.rs`): [`Registry::prepare`] checks the request and reserves the name,
+//! [`Registry::commit`] makes it visible once the engine has loaded it (as vLLM registers the
+//! name only after `add_lora` returns). Unloading only forgets the name, as in vLLM 0.32.
 
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, BTreeSet};
 use std::path::Path;
 use std::sync::Mutex;
 
@@ -22,6 +27,15 @@ pub struct Adapter {
     /// Where it was loaded from.
     pub path: String,
     /// LoRA rank.
+    pub rank: u32,
+}
+
+/// What a request needs to know about its adapter.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct LoraRef {
+    /// Engine-internal id.
+    pub id: u32,
+    /// LoRA rank (prices a reload from disk).
     pub rank: u32,
 }
 
@@ -86,6 +100,8 @@ impl LoraError {
 #[derive(Debug, Default)]
 struct Inner {
     by_name: BTreeMap<String, Adapter>,
+    /// Names whose load is in progress (vLLM holds a per-name lock meanwhile).
+    pending: BTreeSet<String>,
     next_id: u32,
 }
 
@@ -118,7 +134,8 @@ fn rank_of(path: &str, default: u32) -> Option<u32> {
 impl Registry {
     /// An empty registry.
     pub fn new(enabled: bool, max_rank: u32) -> Self {
-        Registry { enabled, max_rank, inner: Mutex::new(Inner { by_name: BTreeMap::new(), next_id: 1 }) }
+        let inner = Inner { by_name: BTreeMap::new(), pending: BTreeSet::new(), next_id: 1 };
+        Registry { enabled, max_rank, inner: Mutex::new(inner) }
     }
 
     fn lock(&self) -> std::sync::MutexGuard<'_, Inner> {
@@ -130,13 +147,25 @@ impl Registry {
         self.enabled
     }
 
-    /// Loads an adapter; with `inplace`, a loaded name is reloaded from `path` under its id.
+    /// Loads an adapter at once (no engine); with `inplace`, a loaded name is reloaded.
     pub fn load(&self, name: &str, path: &str, inplace: bool) -> Result<Adapter, LoraError> {
+        let a = self.prepare(name, path, inplace)?;
+        self.commit(a.clone());
+        Ok(a)
+    }
+
+    /// Checks a load request and reserves its name until [`Registry::commit`] or
+    /// [`Registry::abandon`]; with `inplace`, a loaded name keeps its id. The returned
+    /// adapter is not yet visible to requests.
+    pub fn prepare(&self, name: &str, path: &str, inplace: bool) -> Result<Adapter, LoraError> {
         if name.is_empty() || path.is_empty() {
             return Err(LoraError::MissingField);
         }
-        if !inplace && self.lock().by_name.contains_key(name) {
-            return Err(LoraError::Duplicate(name.to_string()));
+        {
+            let inner = self.lock();
+            if inner.pending.contains(name) || (!inplace && inner.by_name.contains_key(name)) {
+                return Err(LoraError::Duplicate(name.to_string()));
+            }
         }
         if !self.enabled {
             return Err(LoraError::Disabled);
@@ -147,6 +176,9 @@ impl Registry {
             return Err(LoraError::RankTooHigh { rank, max: self.max_rank });
         }
         let mut inner = self.lock();
+        if inner.pending.contains(name) {
+            return Err(LoraError::Duplicate(name.to_string()));
+        }
         let id = match inner.by_name.get(name) {
             Some(old) if inplace => old.id,
             Some(_) => return Err(LoraError::Duplicate(name.to_string())),
@@ -155,9 +187,20 @@ impl Registry {
                 inner.next_id - 1
             }
         };
-        let a = Adapter { id, name: name.to_string(), path: path.to_string(), rank };
-        inner.by_name.insert(name.to_string(), a.clone());
-        Ok(a)
+        inner.pending.insert(name.to_string());
+        Ok(Adapter { id, name: name.to_string(), path: path.to_string(), rank })
+    }
+
+    /// Makes a prepared adapter visible (replacing the old one on an in-place reload).
+    pub fn commit(&self, a: Adapter) {
+        let mut inner = self.lock();
+        inner.pending.remove(&a.name);
+        inner.by_name.insert(a.name.clone(), a);
+    }
+
+    /// Releases a prepared name whose load did not happen.
+    pub fn abandon(&self, name: &str) {
+        self.lock().pending.remove(name);
     }
 
     /// Unloads an adapter; requests already running with it finish.
@@ -168,9 +211,9 @@ impl Registry {
         self.lock().by_name.remove(name).map(|_| ()).ok_or_else(|| LoraError::Unknown(name.to_string()))
     }
 
-    /// The id of a loaded adapter.
-    pub fn resolve(&self, name: &str) -> Option<u32> {
-        self.lock().by_name.get(name).map(|a| a.id)
+    /// The id and rank of a loaded adapter.
+    pub fn resolve(&self, name: &str) -> Option<LoraRef> {
+        self.lock().by_name.get(name).map(|a| LoraRef { id: a.id, rank: a.rank })
     }
 
     /// All loaded adapters, in load order (as vLLM lists them).
@@ -211,7 +254,7 @@ mod tests {
         assert_eq!(rank, LoraError::RankTooHigh { rank: 64, max: 16 });
         assert_eq!(rank.status(), 500);
         assert_eq!(r.load("", "x", false).unwrap_err().status(), 400);
-        assert_eq!(r.resolve("a"), Some(1));
+        assert_eq!(r.resolve("a"), Some(LoraRef { id: 1, rank: 16 }));
         assert_eq!(r.names(&[1, 99]), "a");
         r.unload("a").unwrap();
         assert_eq!(r.unload("a").unwrap_err().status(), 404);
@@ -231,6 +274,21 @@ mod tests {
         assert_eq!((again.id, again.rank), (1, 4));
         let names: Vec<String> = r.list().into_iter().map(|a| a.name).collect();
         assert_eq!(names, ["z", "a"]);
+    }
+
+    #[test]
+    fn a_prepared_name_is_invisible_and_reserved_until_committed() {
+        let r = Registry::new(true, 16);
+        let a = r.prepare("a", "sim://a?rank=8", false).unwrap();
+        assert_eq!(r.resolve("a"), None, "not visible while the engine loads it");
+        assert!(r.list().is_empty());
+        assert_eq!(r.prepare("a", "sim://a", false).unwrap_err(), LoraError::Duplicate("a".into()));
+        r.commit(a);
+        assert_eq!(r.resolve("a"), Some(LoraRef { id: 1, rank: 8 }));
+        let b = r.prepare("b", "sim://b", false).unwrap();
+        r.abandon(&b.name);
+        assert_eq!(r.resolve("b"), None);
+        assert_eq!(r.load("b", "sim://b", false).unwrap().id, 3);
     }
 
     #[test]

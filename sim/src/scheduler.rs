@@ -254,6 +254,11 @@ impl Scheduler {
         &self.kv
     }
 
+    /// Distinct adapters of the last planned step, in batch order.
+    pub fn batch_loras(&self) -> &[u32] {
+        &self.loras
+    }
+
     /// Distinct adapters among running and waiting sequences, in first-seen order.
     pub fn lora_sets(&self, running: &mut Vec<u32>, waiting: &mut Vec<u32>) {
         running.clear();

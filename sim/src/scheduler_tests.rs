@@ -170,6 +170,7 @@ fn more_adapters_than_slots_wait_instead_of_failing() {
     assert_eq!(plan.deferred, 2);
     assert_eq!(s.num_deferred(), 2);
     assert_eq!(plan.shape.loras, 1);
+    assert_eq!(s.batch_loras(), &[1]);
     let (_, out, _) = drain(&mut s, 100);
     let order: Vec<_> = finished(&out).iter().map(|f| f.0).collect();
     assert_eq!(order.len(), 3);

@@ -255,3 +255,30 @@ async fn tokenize_agrees_with_prompt_tokens() {
     assert_eq!(post(a, "/tokenize", json!({"model": "nope", "prompt": "x"})).await.status, 404);
     sim.shutdown().await.unwrap();
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn adapter_loads_take_time_and_an_evicted_adapter_is_reloaded_not_refused() {
+    let sim = start(flotilla_sim::SimArgs { max_loras: 1, max_cpu_loras: Some(1), speedup: 10.0, ..args() }).await;
+    let a = sim.local_addr();
+    // a100, rank 16 (80 MiB): 20 ms + 80 MiB / 2 GB/s from disk, + 80 MiB / 20 GB/s to the GPU
+    let load_s = 0.020 + 83_886_080.0 / 2e9 + 83_886_080.0 / 20e9;
+    let t0 = std::time::Instant::now();
+    let r = post(a, "/v1/load_lora_adapter", json!({"lora_name": "a", "lora_path": "sim://a"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    assert!(t0.elapsed().as_secs_f64() >= load_s / 10.0, "answered before the load's simulated time");
+    let r = post(a, "/v1/load_lora_adapter", json!({"lora_name": "b", "lora_path": "sim://b"})).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let names: Vec<_> = get(a, "/v1/models").await.json()["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap().to_string())
+        .collect();
+    assert_eq!(names, ["demo", "a", "b"], "registered adapters stay listed beyond --max-cpu-loras");
+    let before = metrics(a).await;
+    let r = complete(a, "a", "evicted from the cpu cache by b", 2).await;
+    assert_eq!(r.status, 200, "{}", r.body);
+    let ttft = mean_delta(&before, &metrics(a).await, "vllm:time_to_first_token_seconds");
+    assert!(ttft >= load_s, "ttft {ttft} does not include the {load_s} s reload");
+    sim.shutdown().await.unwrap();
+}

@@ -7,13 +7,15 @@ use axum::extract::State;
 use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde_json::json;
+use tokio::sync::oneshot;
 
 use super::errors::ApiError;
 use super::inference::parse_body;
 use super::types::LoraRequest;
 use super::{unix_now, AppState};
+use crate::engine::Command;
 use crate::faults::FaultPatch;
-use crate::lora::LoraError;
+use crate::lora::{LoraError, LoraRef};
 
 /// `GET /health`: 200 with an empty body while the engine runs.
 pub async fn health(State(st): State<AppState>) -> Response {
@@ -67,18 +69,38 @@ fn lora_error(e: LoraError) -> Response {
     ApiError::with_status(status, e.to_string(), None).typed(e.error_type()).into_response()
 }
 
-/// `POST /v1/load_lora_adapter`.
+/// `POST /v1/load_lora_adapter`: checks the request, has the engine load the adapter (which
+/// takes the load's simulated time and holds the engine's step loop meanwhile, as vLLM's
+/// `add_lora` does), then registers the name and answers.
 pub async fn load_lora(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let req: LoraRequest = match parse_body(body) {
         Ok(r) => r,
         Err(e) => return e.into_response(),
     };
-    match st.lora.load(&req.lora_name, req.lora_path.as_deref().unwrap_or(""), req.load_inplace.unwrap_or(false)) {
-        Ok(a) => {
-            tracing::info!(adapter = %a.name, rank = a.rank, path = %a.path, "lora adapter loaded");
-            format!("Success: LoRA adapter '{}' added successfully.", a.name).into_response()
+    let inplace = req.load_inplace.unwrap_or(false);
+    let a = match st.lora.prepare(&req.lora_name, req.lora_path.as_deref().unwrap_or(""), inplace) {
+        Ok(a) => a,
+        Err(e) => return lora_error(e),
+    };
+    // Finish the load even if the client goes away, as vLLM does, so the name is never
+    // left reserved.
+    let task = tokio::spawn(async move {
+        let (done, loaded) = oneshot::channel();
+        let lora = LoraRef { id: a.id, rank: a.rank };
+        if st.engine.send(Command::LoadLora { lora, inplace, done }).is_err() || loaded.await.is_err() {
+            st.lora.abandon(&a.name);
+            return None;
         }
-        Err(e) => lora_error(e),
+        tracing::info!(adapter = %a.name, rank = a.rank, path = %a.path, inplace, "lora adapter loaded");
+        let name = a.name.clone();
+        st.lora.commit(a);
+        Some(name)
+    });
+    match task.await {
+        Ok(Some(name)) => format!("Success: LoRA adapter '{name}' added successfully.").into_response(),
+        _ => {
+            ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", None).into_response()
+        }
     }
 }
 

@@ -16,6 +16,7 @@ use super::stream::{Kind, SseStream};
 use super::types::{ChatRequest, CompletionRequest, Content, Message, Prompt, Sampling, TokenizeRequest, IGNORED};
 use super::{unix_now, AppState, FINGERPRINT};
 use crate::engine::{Command, Event, Submission};
+use crate::lora::LoraRef;
 use crate::tokenizer;
 
 /// Parses a JSON body, mapping every failure to vLLM's 400 (or 413 for a huge body).
@@ -45,7 +46,7 @@ fn check_unknown(st: &AppState, rest: &serde_json::Map<String, serde_json::Value
 /// What both endpoints resolve a request into.
 struct Prepared {
     model: String,
-    lora: Option<u32>,
+    lora: Option<LoraRef>,
     prompt: Vec<u32>,
     max_tokens: u32,
     stream: bool,
@@ -55,13 +56,13 @@ struct Prepared {
     ignore_eos: bool,
 }
 
-fn resolve_model(st: &AppState, model: Option<String>) -> Result<(String, Option<u32>), ApiError> {
+fn resolve_model(st: &AppState, model: Option<String>) -> Result<(String, Option<LoraRef>), ApiError> {
     let name = model.unwrap_or_else(|| st.cfg.model.clone());
     if name == st.cfg.model {
         return Ok((name, None));
     }
     match st.lora.resolve(&name) {
-        Some(id) => Ok((name, Some(id))),
+        Some(l) => Ok((name, Some(l))),
         None => {
             let mut valid = vec![st.cfg.model.clone()];
             valid.extend(st.lora.list().into_iter().map(|a| a.name));
