@@ -11,6 +11,7 @@ fn main() -> Result<(), Box<dyn std::error::Error>> {
         "proto/flotilla/v1/agent.proto",
         "proto/flotilla/v1/fleet.proto",
         "proto/flotilla/v1/adapter.proto",
+        "proto/flotilla/v1/autoscale.proto",
     ];
     tonic_prost_build::configure()
         .file_descriptor_set_path(out.join("flotilla_v1_descriptor.bin"))
