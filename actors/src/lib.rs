@@ -23,6 +23,7 @@ pub mod adapter_actor;
 pub mod adapter_service;
 pub mod adapters;
 pub mod agent_service;
+pub mod autoscale_service;
 mod config;
 mod error;
 pub mod fleet_service;
@@ -45,6 +46,7 @@ use std::sync::{Arc, OnceLock};
 
 use flotilla_api::pb::adapter_service_server::AdapterServiceServer;
 use flotilla_api::pb::agent_service_server::AgentServiceServer;
+use flotilla_api::pb::autoscale_service_server::AutoscaleServiceServer;
 use flotilla_api::pb::fleet_service_server::FleetServiceServer;
 
 pub use config::{ActorsConfig, PlacementStrategy};
@@ -86,6 +88,7 @@ pub fn extensions_with_probe(config: ActorsConfig) -> (flotilla_cluster::Extensi
         routes.add_service(AgentServiceServer::new(agent_service::AgentServiceImpl { ctx: ctx.clone() }));
         routes.add_service(FleetServiceServer::new(fleet_service::FleetServiceImpl { ctx: ctx.clone() }));
         routes.add_service(AdapterServiceServer::new(adapter_service::AdapterServiceImpl { ctx: ctx.clone() }));
+        routes.add_service(AutoscaleServiceServer::new(autoscale_service::AutoscaleServiceImpl { ctx: ctx.clone() }));
         tokio::spawn(leadership::run(ctx));
     });
     (ext, probe)

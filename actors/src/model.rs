@@ -74,7 +74,8 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         }
         return txn(compares, ops).into_iter().collect();
     };
-    let desired = model.spec.replicas as usize;
+    let stored = ModelStatus::of(model);
+    let desired = desired_replicas(model, stored.autoscaling.as_ref()) as usize;
     let backoff = ActorsConfig::ms(cfg.failed_replace_backoff_ms);
     let on_draining = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.draining_nodes.contains(n));
     let is_ready = |r: &ReplicaView| {
@@ -164,7 +165,8 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         .values()
         .filter(|r| r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !s.down_nodes.contains(n)))
         .count();
-    let status = model_status(&projected, desired, ready);
+    let mut status = model_status(&projected, desired, ready);
+    status.autoscaling = stored.autoscaling;
     if model.status != status.to_json() {
         writes.push(Command::PutStatus {
             key: key(Kind::Model, &model.name),
@@ -173,6 +175,17 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         });
     }
     writes
+}
+
+/// The replica count a model should have: the autoscaler's decision when it autoscales
+/// (before the first decision, `spec.replicas` within the autoscaling bounds), else
+/// `spec.replicas`.
+pub fn desired_replicas(model: &ModelView, autoscaling: Option<&crate::objects::AutoscalingStatus>) -> u32 {
+    match (&model.spec.autoscaling, autoscaling) {
+        (Some(_), Some(a)) => a.desired_replicas,
+        (Some(a), None) => model.spec.replicas.clamp(a.min, a.max.max(a.min)),
+        (None, _) => model.spec.replicas,
+    }
 }
 
 fn cond(t: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -203,6 +216,7 @@ pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus
     let progressing = !pending.is_empty() || starting > 0 || draining > 0;
     let all_ready = ready >= desired;
     ModelStatus {
+        autoscaling: None,
         desired_replicas: desired as u32,
         ready_replicas: ready as u32,
         conditions: vec![

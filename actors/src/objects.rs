@@ -225,13 +225,62 @@ pub struct Condition {
     pub message: String,
 }
 
-/// The status of a `Model`, written by its actor.
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize, Default)]
+/// The status of a `Model`, written by its actor (the `autoscaling` part by its
+/// autoscaler; each writer keeps the other's part as stored).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
 pub struct ModelStatus {
     pub desired_replicas: u32,
     pub ready_replicas: u32,
     pub conditions: Vec<Condition>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<AutoscalingStatus>,
 }
+
+impl ModelStatus {
+    /// The stored status of a model (defaults for a missing or older document).
+    pub fn of(model: &ModelView) -> ModelStatus {
+        serde_json::from_value(model.status.clone()).unwrap_or_default()
+    }
+}
+
+/// One metric the autoscaler steers on, as last evaluated.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MetricStatus {
+    pub name: String,
+    /// `None`: unknown (no samples, or a replica's metrics missing).
+    pub value: Option<f64>,
+    pub target: f64,
+}
+
+/// One change of the desired replica count.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ScalingEvent {
+    /// Unix time in ms.
+    pub at_ms: u64,
+    pub from: u32,
+    pub to: u32,
+    pub reason: String,
+}
+
+/// The autoscaler's part of a model's status: its desired count (what the model actor
+/// keeps), the metrics against their targets and the last decisions.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+pub struct AutoscalingStatus {
+    pub desired_replicas: u32,
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub reason: String,
+    #[serde(default)]
+    pub metrics: Vec<MetricStatus>,
+    /// Newest last, at most [`SCALING_HISTORY`] entries.
+    #[serde(default)]
+    pub history: Vec<ScalingEvent>,
+    /// When the metrics were evaluated (unix ms).
+    #[serde(default)]
+    pub evaluated_at_ms: u64,
+}
+
+/// Scaling events kept in a model's status.
+pub const SCALING_HISTORY: usize = 20;
 
 impl ModelStatus {
     pub fn to_json(&self) -> serde_json::Value {
@@ -270,6 +319,7 @@ mod tests {
     #[test]
     fn model_status_json_shape() {
         let s = ModelStatus {
+            autoscaling: None,
             desired_replicas: 2,
             ready_replicas: 1,
             conditions: vec![Condition {

@@ -73,6 +73,8 @@ pub struct Ctx {
     pub adapter_usage: Mutex<HashMap<(ObjectName, ObjectName), Instant>>,
     /// Bumped on every heartbeat received (waiters re-check engine reports).
     pub beats: watch::Sender<u64>,
+    /// The gateways' latest demand reports, per model (autoscaler input).
+    pub demand: Mutex<crate::autoscale_service::DemandBook>,
 }
 
 impl Ctx {
@@ -87,6 +89,7 @@ impl Ctx {
             supervisor: Mutex::new(None),
             adapter_usage: Mutex::new(HashMap::new()),
             beats: watch::channel(0).0,
+            demand: Mutex::new(Default::default()),
         })
     }
 

@@ -39,6 +39,8 @@ pub enum SupervisorMsg {
     Heard(ObjectName),
     /// Rebuild a child that stopped, if the store still calls for it.
     Respawn(Child),
+    /// Requests wait at a gateway for this model (at zero replicas): evaluate it now.
+    Wake(ObjectName),
     /// `AdapterService.EnsureLoaded` waits for an adapter of this base model.
     Demand { base: ObjectName, adapter: ObjectName, demand: Demand },
 }
@@ -364,6 +366,10 @@ impl Actor for Supervisor {
                 if let Some(a) = st.nodes.get(&node) {
                     let _ = a.send_message(NodeMsg::Heard);
                 }
+            }
+            SupervisorMsg::Wake(model) => {
+                // The model's autoscaler (wired by the autoscaler change) evaluates it now.
+                let _ = model;
             }
             SupervisorMsg::Demand { base, adapter, demand } => {
                 if !st.adapters.contains_key(&base) {
