@@ -43,6 +43,17 @@ pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool
             println!();
             print_table(&adapter_placement_rows(&object_doc(&objects[0])));
         }
+        Format::Table if single && objects.len() == 1 && objects[0].kind == "Model" => {
+            print_table(&object_rows(objects));
+            let doc = object_doc(&objects[0]);
+            if !doc["spec"]["autoscaling"].is_null() {
+                println!();
+                for rows in autoscaling_rows(&doc) {
+                    print_table(&rows);
+                    println!();
+                }
+            }
+        }
         Format::Table => print_table(&object_rows(objects)),
         _ if single && objects.len() == 1 => print_doc(&object_doc(&objects[0]), format),
         _ => print_doc(&Value::Array(objects.iter().map(object_doc).collect()), format),
@@ -123,6 +134,43 @@ fn adapter_placement_rows(doc: &Value) -> Vec<Vec<String>> {
         rows.push(vec!["(no replica of the base model)".into()]);
     }
     rows
+}
+
+/// A model's autoscaling, like `kubectl get hpa`: bounds and desired count, each metric
+/// against its target, and the last scaling decisions (newest first).
+fn autoscaling_rows(doc: &Value) -> Vec<Vec<Vec<String>>> {
+    let spec = &doc["spec"]["autoscaling"];
+    let st = &doc["status"]["autoscaling"];
+    let summary = vec![
+        ["STRATEGY", "MIN", "MAX", "CURRENT", "DESIRED", "REASON"].map(String::from).to_vec(),
+        vec![
+            field(spec, "strategy"),
+            field(spec, "min"),
+            field(spec, "max"),
+            field(&doc["status"], "ready_replicas"),
+            field(st, "desired_replicas"),
+            field(st, "reason"),
+        ],
+    ];
+    let mut metrics = vec![["METRIC", "VALUE", "TARGET"].map(String::from).to_vec()];
+    for m in st["metrics"].as_array().into_iter().flatten() {
+        let value = match m["value"].as_f64() {
+            Some(v) => format!("{v:.2}"),
+            None => "<unknown>".into(),
+        };
+        metrics.push(vec![field(m, "name"), value, field(m, "target")]);
+    }
+    let mut history = vec![["WHEN", "FROM", "TO", "REASON"].map(String::from).to_vec()];
+    let now_ms =
+        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    for e in st["history"].as_array().into_iter().flatten().rev() {
+        let ago = now_ms.saturating_sub(e["at_ms"].as_u64().unwrap_or(0)) / 1000;
+        history.push(vec![format!("{ago}s ago"), field(e, "from"), field(e, "to"), field(e, "reason")]);
+    }
+    if history.len() == 1 {
+        history.push(vec!["(no scaling yet)".into()]);
+    }
+    vec![summary, metrics, history]
 }
 
 /// Prints rows as left-aligned columns separated by three spaces.
