@@ -43,6 +43,10 @@ pub fn apply(scrape: &Scrape, report: &mut EngineReport) {
         report.num_requests_running = m.running;
         report.num_requests_waiting = m.waiting;
         report.kv_cache_usage = m.kv_cache_usage;
+        report.generation_tokens_total = m.generation_tokens;
+        report.prompt_tokens_total = m.prompt_tokens;
+        report.requests_finished_total = m.requests_finished;
+        report.metrics_known = true;
     }
 }
 
@@ -74,6 +78,7 @@ mod tests {
     #[test]
     fn failed_or_unknown_scrapes_keep_the_last_figures() {
         let mut r = loaded(4.0);
+        assert!(!r.metrics_known);
         apply(&Scrape::default(), &mut r);
         assert_eq!(r, loaded(4.0));
         let unknown = Scrape { metrics: Some(EngineMetrics::parse("process_cpu_seconds_total 1\n")), adapters: None };
@@ -82,5 +87,6 @@ mod tests {
         let idle = Scrape { metrics: Some(EngineMetrics::parse("vllm:num_requests_running 0\n")), adapters: None };
         apply(&idle, &mut r);
         assert_eq!((r.num_requests_running, r.num_requests_waiting, r.kv_cache_usage), (0.0, 0.0, 0.0));
+        assert!(r.metrics_known, "a known scrape marks the figures known (idle is not unknown)");
     }
 }

@@ -291,6 +291,11 @@ fn launch(
         r.num_requests_running = 0.0;
         r.num_requests_waiting = 0.0;
         r.kv_cache_usage = 0.0;
+        // A new process: its counters restart and nothing is known until it is scraped.
+        r.generation_tokens_total = 0.0;
+        r.prompt_tokens_total = 0.0;
+        r.requests_finished_total = 0.0;
+        r.metrics_known = false;
     });
     Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now() })
 }
