@@ -1,7 +1,8 @@
 //! The control-plane feed: `FleetService.WatchEndpoints` (full snapshots of ready
 //! endpoints, leader only: a follower's `cluster.not_leader: leader=ADDR` is followed, any
 //! other failure moves to the next server) and `ObjectService.List`+`Watch` of `Model`
-//! (routing strategy), `Tenant` and `Adapter` (base model, phase) objects, resumed after
+//! (routing strategy, `status.desired_replicas`), `Tenant` and `Adapter` (base model,
+//! phase) objects, resumed after
 //! the last revision seen.
 //! Static stability: on any failure the last known table stays in force; nothing here
 //! ever clears it.
@@ -17,7 +18,7 @@ use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
 use crate::adapters::{adapter_info, endpoint_of, AdapterInfo};
 use crate::state::Gateway;
-use crate::table::{EndpointSet, Tenant, Tenants};
+use crate::table::{EndpointSet, ModelInfo, Tenant, Tenants};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -119,7 +120,7 @@ async fn endpoints_once(gw: &Gateway, addr: &str) -> Result<(), (Option<tonic::S
 /// What the object watch keeps.
 #[derive(Default)]
 struct Objects {
-    routing: HashMap<String, RoutingStrategy>,
+    models: HashMap<String, ModelInfo>,
     tenants: HashMap<String, Tenant>,
     adapters: HashMap<String, AdapterInfo>,
 }
@@ -132,11 +133,21 @@ fn model_routing(spec_json: &str) -> RoutingStrategy {
         .unwrap_or_default()
 }
 
+/// Reads a `Model` object leniently: the spec's routing and the status's
+/// `desired_replicas` (written by the leader; None until then or when unreadable).
+pub fn model_info(spec_json: &str, status_json: &str) -> ModelInfo {
+    let desired_replicas = serde_json::from_str::<serde_json::Value>(status_json)
+        .ok()
+        .and_then(|v| v.get("desired_replicas").and_then(serde_json::Value::as_u64))
+        .map(|d| u32::try_from(d).unwrap_or(u32::MAX));
+    ModelInfo { routing: model_routing(spec_json), desired_replicas }
+}
+
 impl Objects {
     fn put(&mut self, o: &pb::Object) {
         match o.kind.as_str() {
             "Model" => {
-                self.routing.insert(o.name.clone(), model_routing(&o.spec_json));
+                self.models.insert(o.name.clone(), model_info(&o.spec_json, &o.status_json));
             }
             "Tenant" => match serde_json::from_str::<TenantSpec>(&o.spec_json) {
                 Ok(spec) => {
@@ -156,7 +167,7 @@ impl Objects {
     fn delete(&mut self, o: &pb::Object) {
         match o.kind.as_str() {
             "Model" => {
-                self.routing.remove(&o.name);
+                self.models.remove(&o.name);
             }
             "Tenant" => {
                 self.tenants.remove(&o.name);
@@ -169,7 +180,7 @@ impl Objects {
     }
     fn publish(&self, gw: &Gateway, kind: &str) {
         match kind {
-            "Model" => gw.dir.set_routing(self.routing.clone()),
+            "Model" => gw.dir.set_models(self.models.clone()),
             "Adapter" => gw.dir.set_adapters(self.adapters.clone()),
             _ => gw.dir.set_tenants(Tenants::from_tenants(self.tenants.values().cloned())),
         }
@@ -263,5 +274,19 @@ mod tests {
     fn model_specs_give_their_routing() {
         assert_eq!(model_routing(r#"{"source":"hf://x","routing":"prefix-cache"}"#), RoutingStrategy::PrefixCache);
         assert_eq!(model_routing(r#"{"source":"hf://x"}"#), RoutingStrategy::LeastRequest);
+    }
+
+    #[test]
+    fn model_statuses_give_their_desired_replicas() {
+        let spec = r#"{"source":"hf://x","routing":"round-robin"}"#;
+        let m = model_info(spec, r#"{"desired_replicas":0,"ready_replicas":1,"conditions":[]}"#);
+        assert_eq!((m.routing, m.desired_replicas), (RoutingStrategy::RoundRobin, Some(0)));
+        assert!(m.scaled_to_zero());
+        assert_eq!(model_info(spec, r#"{"desired_replicas":3}"#).desired_replicas, Some(3));
+        for status in ["{}", "", "null", r#"{"desired_replicas":"x"}"#, r#"{"desired_replicas":-1}"#] {
+            let m = model_info(spec, status);
+            assert_eq!(m.desired_replicas, None, "{status:?}");
+            assert!(!m.scaled_to_zero());
+        }
     }
 }

@@ -99,6 +99,19 @@ pub struct GatewayArgs {
     /// queue deadline. Cluster endpoints only.
     #[arg(long, default_value_t = 30_000)]
     pub adapter_load_timeout_ms: u64,
+    /// Send the leader a demand report (`AutoscaleService.ReportDemand`) this often, in
+    /// milliseconds (0: never). Cluster endpoints only.
+    #[arg(long, default_value_t = 1_000)]
+    pub demand_report_interval_ms: u64,
+    /// Most requests held per model while it has no ready endpoint (scale from zero);
+    /// past it, 503 with Retry-After (0: never hold). Cluster endpoints only.
+    #[arg(long, default_value_t = 256)]
+    pub max_held_per_model: usize,
+    /// Longest hold of a request for a model without a ready endpoint, in milliseconds
+    /// (a cold start of a GPU replica takes minutes); a request is held for the longer of
+    /// this and its class's queue deadline, then gets 503 with Retry-After.
+    #[arg(long, default_value_t = 120_000)]
+    pub cold_start_timeout_ms: u64,
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,
@@ -174,6 +187,18 @@ pub struct Config {
     pub prefix_balance_rel: f64,
     pub scrape_interval: Option<Duration>,
     pub adapter_load_timeout: Duration,
+    /// None: demand reports off.
+    pub demand_report_interval: Option<Duration>,
+    pub max_held_per_model: usize,
+    pub cold_start_timeout: Duration,
+}
+
+impl Config {
+    /// How long a request of `class` may be held for a model without a ready endpoint:
+    /// the longer of the cold-start timeout and the class's queue deadline.
+    pub fn hold_deadline(&self, class: PriorityClass) -> Duration {
+        self.cold_start_timeout.max(self.deadlines.of(class))
+    }
 }
 
 /// Parses `MODEL=URL` (URL `http://host:port` or `host:port`).
@@ -241,6 +266,9 @@ impl GatewayArgs {
                 self.adapter_load_timeout_ms
             ));
         }
+        if !(1..=3_600_000).contains(&self.cold_start_timeout_ms) {
+            return usage(format!("--cold-start-timeout-ms {} is not within 1..=3600000", self.cold_start_timeout_ms));
+        }
         let mut seen = BTreeMap::new();
         for b in &backends {
             if seen.insert((b.model.clone(), b.authority.to_string()), ()).is_some() {
@@ -279,6 +307,9 @@ impl GatewayArgs {
             prefix_balance_rel: self.prefix_balance_rel,
             scrape_interval: (self.scrape_interval_ms > 0).then(|| ms(self.scrape_interval_ms)),
             adapter_load_timeout: ms(self.adapter_load_timeout_ms),
+            demand_report_interval: (self.demand_report_interval_ms > 0).then(|| ms(self.demand_report_interval_ms)),
+            max_held_per_model: self.max_held_per_model,
+            cold_start_timeout: ms(self.cold_start_timeout_ms),
         })
     }
 }
@@ -308,6 +339,14 @@ mod tests {
         assert!(c.auth);
         assert_eq!(c.deadlines.of(PriorityClass::Sheddable), Duration::from_secs(2));
         assert_eq!(c.adapter_load_timeout, Duration::from_secs(30));
+        assert_eq!(c.demand_report_interval, Some(Duration::from_secs(1)));
+        assert_eq!((c.max_held_per_model, c.cold_start_timeout), (256, Duration::from_secs(120)));
+        assert_eq!(c.hold_deadline(PriorityClass::Sheddable), Duration::from_secs(120), "the longer of the two");
+        let long = GatewayArgs { queue_deadline_critical_ms: 300_000, ..a.clone() }.validate().unwrap();
+        assert_eq!(long.hold_deadline(PriorityClass::Critical), Duration::from_secs(300));
+        let off = GatewayArgs { demand_report_interval_ms: 0, ..a.clone() }.validate().unwrap();
+        assert_eq!(off.demand_report_interval, None);
+        assert!(GatewayArgs { cold_start_timeout_ms: 0, ..a.clone() }.validate().unwrap_err().is_usage());
         let a = GatewayArgs { adapter_load_timeout_ms: 0, ..a };
         assert!(a.validate().unwrap_err().is_usage());
     }

@@ -1,4 +1,5 @@
-//! Calls to the leader's `AdapterService` and what their failures mean for clients:
+//! Calls to the leader (`AdapterService`, `AutoscaleService`) and what their failures mean
+//! for clients:
 //! [`LeaderLink`] tries the server that answered last, then the configured ones in order,
 //! follows `cluster.not_leader: leader=ADDR` hints (like the watches in `cluster`), and
 //! looks for a leader for a few seconds (an election) before giving up;
@@ -99,8 +100,8 @@ impl LoadError {
     }
 }
 
-/// `AdapterService` calls to whichever server leads: the last one that answered, then the
-/// configured servers in order; `cluster.not_leader: leader=ADDR` hints are followed.
+/// Calls to whichever server leads: the last one that answered, then the configured servers
+/// in order; `cluster.not_leader: leader=ADDR` hints are followed.
 pub struct LeaderLink {
     servers: Vec<String>,
     current: Mutex<Option<(String, Channel)>>,
@@ -123,10 +124,19 @@ impl LeaderLink {
         *self.current.lock().unwrap_or_else(|e| e.into_inner()) = v;
     }
 
-    /// Calls `f` on the leader within `deadline`.
+    /// Calls `f` with an `AdapterService` client on the leader within `deadline`.
     pub async fn call<T, F, Fut>(&self, deadline: Instant, mut f: F) -> Result<T, LoadError>
     where
         F: FnMut(AdapterServiceClient<Channel>) -> Fut,
+        Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
+    {
+        self.call_on(deadline, move |ch| f(AdapterServiceClient::new(ch))).await
+    }
+
+    /// Calls `f` with a channel to the leader (any service) within `deadline`.
+    pub async fn call_on<T, F, Fut>(&self, deadline: Instant, mut f: F) -> Result<T, LoadError>
+    where
+        F: FnMut(Channel) -> Fut,
         Fut: Future<Output = Result<tonic::Response<T>, tonic::Status>>,
     {
         let search_until = (Instant::now() + LEADER_SEARCH).min(deadline);
@@ -166,7 +176,7 @@ impl LeaderLink {
                     }
                 },
             };
-            match tokio::time::timeout(left, f(AdapterServiceClient::new(ch.clone()))).await {
+            match tokio::time::timeout(left, f(ch.clone())).await {
                 Err(_) => {
                     return Err(LoadError::Timeout(format!(
                         "server {addr} did not answer within {} ms",

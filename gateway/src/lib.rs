@@ -7,6 +7,8 @@
 //!                   └──── ObservedBody <── proxy (retries, ejection) ─HTTP─> engine
 //!  discovery: cluster (WatchEndpoints, Model/Tenant/Adapter watch) or --backend ─> table
 //!  ondemand: EnsureLoaded for adapters no endpoint holds (single-flight), usage reports
+//!  hold: requests for a model without endpoints wait for one (scale from zero)
+//!  demand: per-model demand -> AutoscaleService.ReportDemand every second
 //! ```
 //!
 //! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
@@ -16,8 +18,10 @@ pub mod adapters;
 pub mod admission;
 pub mod cluster;
 pub mod config;
+pub mod demand;
 pub mod discovery;
 pub mod error;
+pub mod hold;
 pub mod layers;
 pub mod leader;
 pub mod limits;
@@ -122,6 +126,10 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
     }
     if gw.loader.enabled() {
         background.push(tokio::spawn(ondemand::report_loop(Arc::downgrade(&gw))));
+        background.push(tokio::spawn(hold::release_loop(Arc::downgrade(&gw), gw.dir.changes())));
+        if let Some(every) = cfg.demand_report_interval {
+            background.push(tokio::spawn(demand::report_loop(Arc::downgrade(&gw), every)));
+        }
     }
     // the pump also admits queued requests when engine-reported load drops
     let pump_gw = Arc::downgrade(&gw);

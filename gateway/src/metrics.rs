@@ -1,7 +1,9 @@
 //! Prometheus metrics served on `/metrics`: per model and endpoint requests, errors by
 //! code, TTFT, TPOT, end-to-end latency, tokens in and out; queue wait per class; per
 //! tenant requests, tokens and rejections; retries and ejections; on-demand adapter loads
-//! (cold loads per adapter, the wait of requests that needed one, load errors by reason).
+//! (cold loads per adapter, the wait of requests that needed one, load errors by reason);
+//! scale from zero (requests held per model, their hold time, hold timeouts) and demand
+//! reports by result.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -69,6 +71,16 @@ pub struct ReasonLabels {
     pub reason: String,
 }
 
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ModelLabels {
+    pub model: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    pub result: String,
+}
+
 fn latency_hist() -> Histogram {
     Histogram::new([0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0, 120.0])
 }
@@ -96,6 +108,10 @@ pub struct Metrics {
     pub adapter_cold_loads: Family<AdapterLabels, Counter>,
     pub adapter_cold_load_seconds: Histogram,
     pub adapter_load_errors: Family<ReasonLabels, Counter>,
+    pub held_requests: Family<ModelLabels, Gauge>,
+    pub cold_start_seconds: Histogram,
+    pub held_timeouts: Family<ModelLabels, Counter>,
+    pub demand_reports: Family<ResultLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -124,6 +140,10 @@ impl Metrics {
         let adapter_cold_load_seconds =
             Histogram::new([0.05, 0.1, 0.25, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0]);
         let adapter_load_errors = Family::default();
+        let held_requests = Family::default();
+        let cold_start_seconds = Histogram::new([0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]);
+        let held_timeouts = Family::default();
+        let demand_reports = Family::default();
         registry.register("requests", "Requests answered, by model, endpoint and status code", requests.clone());
         registry.register("errors", "Requests that failed, by model and error code", errors.clone());
         registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
@@ -152,6 +172,26 @@ impl Metrics {
             "Failed EnsureLoaded calls by reason (not_found, failed_precondition, deadline_exceeded, no_leader, other)",
             adapter_load_errors.clone(),
         );
+        registry.register(
+            "held_requests",
+            "Requests held because their model has no ready endpoint (scale from zero)",
+            held_requests.clone(),
+        );
+        registry.register(
+            "cold_start_seconds",
+            "Time a request was held for its model's first ready endpoint until released",
+            cold_start_seconds.clone(),
+        );
+        registry.register(
+            "held_timeouts",
+            "Held requests answered 503 because no endpoint appeared within their hold deadline",
+            held_timeouts.clone(),
+        );
+        registry.register(
+            "demand_reports",
+            "Demand reports sent to the leader, by result (ok, error)",
+            demand_reports.clone(),
+        );
         Metrics {
             registry,
             requests,
@@ -170,6 +210,10 @@ impl Metrics {
             adapter_cold_loads,
             adapter_cold_load_seconds,
             adapter_load_errors,
+            held_requests,
+            cold_start_seconds,
+            held_timeouts,
+            demand_reports,
         }
     }
 

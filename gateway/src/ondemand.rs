@@ -89,7 +89,7 @@ impl Flight {
 pub struct Loader {
     enabled: bool,
     timeout: Duration,
-    link: LeaderLink,
+    pub(crate) link: LeaderLink,
     flights: Mutex<HashMap<String, Flight>>,
     next_id: AtomicU64,
     usage: Mutex<UsageBook>,

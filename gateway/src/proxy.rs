@@ -17,6 +17,7 @@ use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
 
 use crate::admission::{select, Lease, PickCtx};
+use crate::demand::{Finished, GaugeGuard};
 use crate::error::ApiError;
 use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
 use crate::qos::correction;
@@ -158,6 +159,13 @@ pub struct Tracker {
     pub last_token: Option<Instant>,
     pub usage: Option<Usage>,
     pub completed: bool,
+    /// The base model, for demand reports.
+    pub base_model: String,
+    /// Time the request was held for a cold start: not part of its TTFT and TPOT.
+    pub held: std::time::Duration,
+    pub queue_wait: std::time::Duration,
+    /// Keeps the base model's in-flight demand gauge up until settled.
+    pub demand: Option<GaugeGuard>,
 }
 
 impl Drop for Tracker {
@@ -170,6 +178,9 @@ impl Tracker {
     /// Records metrics, usage and fair-share charges once, and releases the lease.
     pub fn settle(&mut self) {
         let Some(lease) = self.lease.take() else { return };
+        // latency figures start when the request stopped being held for a cold start
+        let served = self.start + self.held;
+        let mut finished = Finished { queue_wait: self.queue_wait, ..Finished::default() };
         let endpoint = lease.endpoint.id.to_string();
         let m = &self.gw.metrics;
         let el = EndpointLabels { model: self.model.clone(), endpoint: endpoint.clone() };
@@ -180,9 +191,10 @@ impl Tracker {
         }
         m.e2e.get_or_create(&el).observe(self.start.elapsed().as_secs_f64());
         if let Some(ft) = self.first_token {
-            let ttft = ft.duration_since(self.start);
+            let ttft = ft.saturating_duration_since(served);
             m.ttft.get_or_create(&el).observe(ttft.as_secs_f64());
             lease.stats.record_ttft(ttft);
+            finished.ttft = Some(ttft);
         }
         if let Some(u) = self.usage {
             match (self.first_token, self.last_token) {
@@ -190,10 +202,11 @@ impl Tracker {
                     let tpot = lt.duration_since(ft) / u32::try_from(u.completion_tokens - 1).unwrap_or(u32::MAX);
                     m.tpot.get_or_create(&el).observe(tpot.as_secs_f64());
                     lease.stats.record_tpot(tpot);
+                    finished.tpot = Some(tpot);
                 }
                 (None, _) if self.completed && u.completion_tokens > 0 => {
                     // a whole JSON answer: its latency per output token feeds least-latency
-                    lease.stats.record_tpot(self.start.elapsed() / u.completion_tokens.min(u32::MAX as u64) as u32);
+                    lease.stats.record_tpot(served.elapsed() / u.completion_tokens.min(u32::MAX as u64) as u32);
                 }
                 _ => {}
             }
@@ -208,6 +221,8 @@ impl Tracker {
             self.gw.limits.record_tokens(&self.tenant, total, Instant::now());
             self.gw.admission.charge(&self.queue_model, &self.tenant, correction(total, self.cost_estimate));
         }
+        self.gw.demand.finished(&self.base_model, finished);
+        self.demand.take();
         drop(lease);
     }
 }

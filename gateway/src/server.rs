@@ -4,9 +4,11 @@
 //!
 //! ```text
 //! layers: auth -> policy -> body -> limits (see `layers`)
-//!   -> proxy: resolve model/adapter (an adapter no endpoint holds: on-demand load, see
-//!      `ondemand`) -> QoS acquire (lease) -> forward with retries (an adapter's 404:
-//!      reload and retry once)
+//!   -> proxy: resolve model/adapter (a model without endpoints: held until one appears,
+//!      see `hold`; an adapter no endpoint holds: on-demand load, see `ondemand`)
+//!      -> QoS acquire (lease) -> forward with retries (an adapter's 404: reload and
+//!      retry once); demand (arrivals, gauges, rejections, latencies) counted per base
+//!      model for the leader's autoscaler (see `demand`)
 //!   -> ObservedBody (stream through, usage, metrics) -> client
 //! ```
 
@@ -26,6 +28,7 @@ use tokio::sync::watch;
 use tokio::time::Instant;
 
 use crate::admission::{cost_estimate, PickCtx};
+use crate::demand::GaugeKind;
 use crate::error::ApiError;
 use crate::layers::{self, Caller, Parsed, Policy};
 use crate::limits::Remaining;
@@ -132,9 +135,17 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let remaining = ext.get::<Remaining>().cloned().unwrap_or_default();
     let headers = req.headers().clone();
     let model = parsed.features.model.clone();
-    match forward_request(&gw, caller, policy, parsed, remaining, &headers, start).await {
+    let mut counted = None;
+    match forward_request(&gw, caller, policy, parsed, remaining, &headers, start, &mut counted).await {
         Ok(r) => r,
         Err(e) => {
+            if let Some(base) = counted {
+                if matches!(e.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+                    gw.demand.rejected(&base);
+                } else {
+                    gw.demand.finished(&base, Default::default());
+                }
+            }
             gw.metrics.error(&model, e.code);
             if e.status.is_server_error() {
                 tracing::warn!(model = %model, code = e.code, error = %e.message, "request failed");
@@ -144,6 +155,17 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     }
 }
 
+/// Counts the request's arrival for its base model, once.
+fn arrived(gw: &Gateway, counted: &mut Option<String>, base: &str) {
+    if counted.is_none() {
+        gw.demand.arrival(base);
+        *counted = Some(base.to_string());
+    }
+}
+
+/// Resolves, holds, admits and forwards one request; `counted` names the base model its
+/// arrival was counted for (demand reports).
+#[allow(clippy::too_many_arguments)]
 async fn forward_request(
     gw: &Arc<Gateway>,
     caller: Caller,
@@ -152,40 +174,61 @@ async fn forward_request(
     remaining: Remaining,
     h: &HeaderMap,
     start: Instant,
+    counted: &mut Option<String>,
 ) -> Result<Response, ApiError> {
     let Parsed { kind, bytes, features } = parsed;
-    let set = gw.dir.endpoints();
-    let resolved = set.resolve(&features.model).filter(|r| !r.endpoints.is_empty());
-    // an adapter no endpoint holds is loaded on demand (cluster endpoints only)
-    let cold_base = if resolved.is_none() { gw.on_demand_base(&features.model) } else { None };
-    let (base_model, is_adapter, cold) = match (resolved, cold_base) {
-        (_, Some(base)) => (base, true, true),
-        (Some(r), None) => {
-            if r.adapter.is_some() {
-                gw.scale_out_if_busy(&features.model, &r.endpoints);
-            }
-            (r.base_model, r.adapter.is_some(), false)
+    let hold_deadline = start + gw.cfg.hold_deadline(policy.class);
+    let mut held = std::time::Duration::ZERO;
+    let (base_model, is_adapter, cold) = loop {
+        let set = gw.dir.endpoints();
+        let resolved = set.resolve(&features.model).filter(|r| !r.endpoints.is_empty());
+        // an adapter no endpoint holds is loaded on demand (cluster endpoints only)
+        let cold_base = if resolved.is_none() { gw.on_demand_base(&features.model) } else { None };
+        // a model (or an adapter's base model) without endpoints waits for one
+        let wait_for = match (&resolved, &cold_base) {
+            (Some(_), _) => None,
+            (None, Some(base)) => Some(base.as_str()),
+            (None, None) => Some(features.model.as_str()),
         }
-        (None, None) => {
-            if set.by_model.get(&features.model).is_some_and(|v| v.is_empty()) {
-                return Err(ApiError::unavailable(
-                    "no_endpoints",
-                    format!("model {:?} has no ready endpoint", features.model),
-                    5,
-                ));
-            }
-            if set.is_empty() && !gw.dir.synced() {
-                return Err(ApiError::unavailable(
-                    "no_endpoint_table",
-                    "the gateway has not received its endpoint table yet",
-                    1,
-                ));
-            }
-            return Err(ApiError::model_not_found(&features.model));
+        .filter(|m| gw.needs_hold(m));
+        if let Some(m) = wait_for {
+            let m = m.to_string();
+            drop(set);
+            arrived(gw, counted, &m);
+            let t = Instant::now();
+            gw.hold_until_ready(&m, policy.class, hold_deadline).await?;
+            held += t.elapsed();
+            continue;
         }
+        break match (resolved, cold_base) {
+            (_, Some(base)) => (base, true, true),
+            (Some(r), None) => {
+                if r.adapter.is_some() {
+                    gw.scale_out_if_busy(&features.model, &r.endpoints);
+                }
+                (r.base_model, r.adapter.is_some(), false)
+            }
+            (None, None) => {
+                if set.by_model.get(&features.model).is_some_and(|v| v.is_empty()) {
+                    return Err(ApiError::unavailable(
+                        "no_endpoints",
+                        format!("model {:?} has no ready endpoint", features.model),
+                        5,
+                    ));
+                }
+                if set.is_empty() && !gw.dir.synced() {
+                    return Err(ApiError::unavailable(
+                        "no_endpoint_table",
+                        "the gateway has not received its endpoint table yet",
+                        1,
+                    ));
+                }
+                return Err(ApiError::model_not_found(&features.model));
+            }
+        };
     };
+    arrived(gw, counted, &base_model);
     let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(&base_model));
-    drop(set);
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
     let strip_usage = features.stream && !features.include_usage;
@@ -197,7 +240,9 @@ async fn forward_request(
     let stream = features.stream;
     let ctx =
         PickCtx { model: features.model.clone(), features, strategy, class: policy.class, tenant: caller.name.clone() };
+    let queued = gw.demand.gauge(&base_model, GaugeKind::Queued);
     let acquired = if cold { gw.acquire_cold(&ctx).await } else { gw.acquire_ctx(&ctx).await };
+    drop(queued);
     let (lease, waited) = match acquired {
         Ok(x) => x,
         Err(e) => {
@@ -205,6 +250,7 @@ async fn forward_request(
             return Err(e);
         }
     };
+    let in_flight = gw.demand.gauge(&base_model, GaugeKind::InFlight);
     gw.metrics
         .queue_wait
         .get_or_create(&QueueLabels {
@@ -250,6 +296,10 @@ async fn forward_request(
         usage: None,
         completed: false,
         lease: Some(up.lease),
+        base_model,
+        held,
+        queue_wait: waited,
+        demand: Some(in_flight),
     };
     let sse = is_sse.then(|| SseScanner::new(strip_usage));
     let body = ObservedBody::new(up.response.into_body(), tracker, sse, gw.cfg.stream_idle_timeout);

@@ -1,6 +1,7 @@
 //! The gateway's shared state, one `Arc<Gateway>` per running gateway: configuration,
 //! endpoint directory, per-endpoint load, router, admission queues, tenant limits,
-//! metrics, the pooled upstream HTTP client and the on-demand adapter loader.
+//! metrics, the pooled upstream HTTP client, the on-demand adapter loader, the requests
+//! held for models without endpoints and the demand book reported to the leader.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,6 +11,8 @@ use hyper_util::rt::TokioExecutor;
 
 use crate::admission::Admission;
 use crate::config::Config;
+use crate::demand::DemandBook;
+use crate::hold::Holds;
 use crate::limits::Limits;
 use crate::load::LoadBook;
 use crate::metrics::Metrics;
@@ -31,6 +34,8 @@ pub struct Gateway {
     pub metrics: Metrics,
     pub client: UpstreamClient,
     pub loader: Loader,
+    pub holds: Holds,
+    pub demand: std::sync::Arc<DemandBook>,
 }
 
 impl Gateway {
@@ -48,15 +53,20 @@ impl Gateway {
             balance_rel: cfg.prefix_balance_rel,
             ..PrefixConfig::default()
         });
+        let metrics = Metrics::new();
+        let loader = Loader::new(&cfg);
+        let demand = DemandBook::new(loader.enabled() && cfg.demand_report_interval.is_some());
         Gateway {
             limits: Limits::new(cfg.gateway_replicas),
             dir: Directory::default(),
             book: LoadBook::default(),
             router,
             admission: Admission::default(),
-            metrics: Metrics::new(),
+            holds: Holds::new(metrics.held_requests.clone()),
+            demand: std::sync::Arc::new(demand),
+            metrics,
             client,
-            loader: Loader::new(&cfg),
+            loader,
             cfg,
         }
     }

@@ -3,7 +3,9 @@
 //! tenants by hashed API key, the watched `Adapter` objects. Written by discovery (cluster
 //! watch or static backends), read by every request as cheap `Arc` snapshots; never
 //! emptied because the servers are gone. A cluster snapshot is published with the
-//! gateway's own adapter knowledge laid over it ([`Overlay`]).
+//! gateway's own adapter knowledge laid over it ([`Overlay`]). Every change to the table or
+//! the watched models bumps a generation ([`Directory::changes`]) that releases requests
+//! held for a model without endpoints (`hold`).
 
 use std::collections::HashMap;
 use std::fmt;
@@ -12,6 +14,7 @@ use std::sync::{Arc, RwLock};
 use flotilla_api::spec::{RoutingStrategy, TenantSpec};
 use flotilla_engine::EngineMetrics;
 use http::uri::Authority;
+use tokio::sync::watch;
 
 use crate::adapters::{AdapterInfo, Overlay, OVERLAY_TTL};
 
@@ -188,6 +191,22 @@ impl Tenants {
     }
 }
 
+/// A watched `Model` object as the gateway needs it.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct ModelInfo {
+    /// The spec's routing strategy.
+    pub routing: RoutingStrategy,
+    /// The status's `desired_replicas` as the leader wrote it (None: not written yet).
+    pub desired_replicas: Option<u32>,
+}
+
+impl ModelInfo {
+    /// The leader scaled the model to zero on purpose (`status.desired_replicas: 0`).
+    pub fn scaled_to_zero(&self) -> bool {
+        self.desired_replicas == Some(0)
+    }
+}
+
 /// Static stability across control-plane updates: a model that still exists but whose
 /// every endpoint vanished from one snapshot keeps its previous endpoints for up to
 /// `grace` (recorded in `held`, per model, from the first snapshot without them). A node the
@@ -195,18 +214,21 @@ impl Tenants {
 /// break-before-make, yet its engines usually still serve; dropping them all at once
 /// turned every such reschedule into a model-wide outage until the replacements were Ready.
 /// Engines that really died are ejected by failed requests as always. A deleted model
-/// (absent from `models`) loses its endpoints at once. Pure.
+/// (absent from `models`) loses its endpoints at once, and so does a model the leader scaled
+/// to zero on purpose ([`ModelInfo::scaled_to_zero`]): its engines are being stopped, and
+/// its requests are better held (asking for a scale-up) than sent there. Pure.
 pub fn carry_over(
     prev: &EndpointSet,
     mut next: EndpointSet,
-    models: &HashMap<String, RoutingStrategy>,
+    models: &HashMap<String, ModelInfo>,
     held: &mut HashMap<String, tokio::time::Instant>,
     now: tokio::time::Instant,
     grace: std::time::Duration,
 ) -> EndpointSet {
-    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && models.contains_key(m));
+    let keeps = |m: &str| models.get(m).is_some_and(|i| !i.scaled_to_zero());
+    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && keeps(m));
     for (model, eps) in &prev.by_model {
-        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !models.contains_key(model) {
+        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !keeps(model) {
             continue;
         }
         let since = *held.entry(model.clone()).or_insert(now);
@@ -236,11 +258,14 @@ struct ClusterView {
 pub struct Directory {
     cluster: std::sync::Mutex<ClusterView>,
     endpoints: RwLock<Arc<EndpointSet>>,
-    routing: RwLock<Arc<HashMap<String, RoutingStrategy>>>,
+    /// The watched `Model` objects by name.
+    models: RwLock<Arc<HashMap<String, ModelInfo>>>,
     tenants: RwLock<Arc<Tenants>>,
     adapters: RwLock<Arc<HashMap<String, AdapterInfo>>>,
     /// Set once any endpoint table was received.
     synced: std::sync::atomic::AtomicBool,
+    /// Bumped on every published table and every change of the watched models.
+    changes: watch::Sender<u64>,
 }
 
 impl Directory {
@@ -253,6 +278,11 @@ impl Directory {
     fn install(&self, set: Arc<EndpointSet>) {
         *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = set;
         self.synced.store(true, std::sync::atomic::Ordering::Release);
+        self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+    /// A receiver that sees a change whenever the table or the watched models change.
+    pub fn changes(&self) -> watch::Receiver<u64> {
+        self.changes.subscribe()
     }
     fn view(&self) -> std::sync::MutexGuard<'_, ClusterView> {
         self.cluster.lock().unwrap_or_else(|e| e.into_inner())
@@ -267,7 +297,7 @@ impl Directory {
     /// Installs a snapshot from the control plane, carrying over the last endpoints of a
     /// model that lost them all ([`carry_over`]) and laying the [`Overlay`] over it.
     pub fn set_cluster_endpoints(&self, set: EndpointSet) {
-        let models = self.routing.read().unwrap_or_else(|e| e.into_inner()).clone();
+        let models = self.models();
         let mut view = self.view();
         let view = &mut *view;
         let next =
@@ -297,10 +327,35 @@ impl Directory {
         self.synced.load(std::sync::atomic::Ordering::Acquire)
     }
     pub fn routing_of(&self, model: &str) -> RoutingStrategy {
-        self.routing.read().unwrap_or_else(|e| e.into_inner()).get(model).copied().unwrap_or_default()
+        self.model(model).map(|m| m.routing).unwrap_or_default()
     }
-    pub fn set_routing(&self, r: HashMap<String, RoutingStrategy>) {
-        *self.routing.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(r);
+    /// The watched `Model` objects.
+    pub fn models(&self) -> Arc<HashMap<String, ModelInfo>> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).clone()
+    }
+    /// The watched `Model` object `name`, if it exists.
+    pub fn model(&self, name: &str) -> Option<ModelInfo> {
+        self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).copied()
+    }
+    /// Installs the watched `Model` objects. A model whose endpoints are being carried over
+    /// ([`carry_over`]) and that was deleted or scaled to zero loses them now.
+    pub fn set_models(&self, m: HashMap<String, ModelInfo>) {
+        let keeps = |name: &str| m.get(name).is_some_and(|i| !i.scaled_to_zero());
+        let mut view = self.view();
+        let drop: Vec<String> = view.held.keys().filter(|k| !keeps(k)).cloned().collect();
+        *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(m);
+        if drop.is_empty() {
+            self.changes.send_modify(|g| *g = g.wrapping_add(1));
+            return;
+        }
+        tracing::info!(models = ?drop, "model deleted or scaled to zero; dropping its carried-over endpoints");
+        let mut raw = EndpointSet { by_model: view.raw.by_model.clone() };
+        for k in &drop {
+            view.held.remove(k);
+            raw.by_model.remove(k);
+        }
+        view.raw = Arc::new(raw);
+        self.publish(&mut view);
     }
     pub fn tenants(&self) -> Arc<Tenants> {
         self.tenants.read().unwrap_or_else(|e| e.into_inner()).clone()
@@ -329,8 +384,8 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let grace = std::time::Duration::from_secs(60);
         let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
-        let models: HashMap<String, RoutingStrategy> =
-            ["a", "b"].iter().map(|m| (m.to_string(), RoutingStrategy::default())).collect();
+        let models: HashMap<String, ModelInfo> =
+            ["a", "b"].iter().map(|m| (m.to_string(), ModelInfo::default())).collect();
         let mut held = HashMap::new();
         let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1")]);
         // b keeps one endpoint: no carry-over; a lost all: kept.
@@ -346,9 +401,52 @@ mod tests {
         // endpoints back: the hold ends; a deleted model is dropped at once.
         let back = carry_over(&later, set(&[("a", "1.1.1.1:3")]), &models, &mut held, t0 + grace, grace);
         assert!(!held.contains_key("a") && back.by_model["a"].len() == 1);
-        let gone: HashMap<String, RoutingStrategy> = HashMap::new();
+        let gone: HashMap<String, ModelInfo> = HashMap::new();
         let deleted = carry_over(&back, set(&[]), &gone, &mut held, t0 + grace, grace);
         assert!(deleted.by_model.is_empty() && held.is_empty());
+    }
+
+    #[test]
+    fn a_model_scaled_to_zero_on_purpose_is_not_carried_over() {
+        let t0 = tokio::time::Instant::now();
+        let grace = std::time::Duration::from_secs(60);
+        let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
+        let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
+        let mut models: HashMap<String, ModelInfo> =
+            [("a".to_string(), info(Some(0))), ("b".to_string(), info(Some(2))), ("c".to_string(), info(None))]
+                .into_iter()
+                .collect();
+        let mut held = HashMap::new();
+        let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1"), ("c", "3.3.3.3:1")]);
+        // a (desired 0) is dropped at once; b (desired 2) and c (no status yet) are kept.
+        let next = carry_over(&prev, set(&[]), &models, &mut held, t0, grace);
+        assert!(!next.by_model.contains_key("a"), "scaled to zero: no carry-over");
+        assert_eq!(next.by_model["b"][0].authority.as_str(), "2.2.2.2:1");
+        assert_eq!(next.by_model["c"][0].authority.as_str(), "3.3.3.3:1");
+        assert!(!held.contains_key("a") && held.contains_key("b") && held.contains_key("c"));
+        // b is scaled to zero while carried over: the next snapshot drops it.
+        models.insert("b".into(), info(Some(0)));
+        let next = carry_over(&next, set(&[]), &models, &mut held, t0 + grace / 2, grace);
+        assert!(!next.by_model.contains_key("b") && !held.contains_key("b"));
+        assert!(next.by_model.contains_key("c"));
+        // endpoints of a model at desired 0 that are still in the snapshot are kept as they are.
+        let still = carry_over(&next, set(&[("a", "1.1.1.1:1")]), &models, &mut held, t0, grace);
+        assert_eq!(still.by_model["a"].len(), 1);
+    }
+
+    #[test]
+    fn the_directory_drops_carried_endpoints_when_the_model_is_scaled_to_zero() {
+        let dir = Directory::default();
+        let mut rx = dir.changes();
+        let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
+        dir.set_models([("a".to_string(), info(Some(1)))].into_iter().collect());
+        dir.set_cluster_endpoints(EndpointSet::from_endpoints([ep("a", "1.1.1.1:1", &[])]));
+        dir.set_cluster_endpoints(EndpointSet::default());
+        assert_eq!(dir.endpoints().len(), 1, "carried over");
+        rx.borrow_and_update();
+        dir.set_models([("a".to_string(), info(Some(0)))].into_iter().collect());
+        assert!(dir.endpoints().is_empty(), "scaled to zero: dropped at once");
+        assert!(rx.has_changed().unwrap(), "the change is announced");
     }
 
     fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {

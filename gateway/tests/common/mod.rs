@@ -1,8 +1,10 @@
 //! Shared helpers for the gateway's integration tests: in-process sims as engines, a
 //! gateway on a free port, a small HTTP client (hyper), and a fake control plane
-//! (FleetService + ObjectService, and a leader's AdapterService) for the watch path.
+//! (FleetService + ObjectService, and a leader's AdapterService and AutoscaleService) for
+//! the watch path.
 #![allow(dead_code)]
 
+pub mod fake_autoscale;
 pub mod fake_cp;
 pub mod fake_leader;
 
