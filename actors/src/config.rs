@@ -49,6 +49,8 @@ pub struct ActorsConfig {
     pub endpoints_refresh_ms: u64,
     /// Pause before an actor that stopped on an uncertain write is rebuilt.
     pub restart_delay_ms: u64,
+    /// How often each autoscaler samples its model's signals and decides.
+    pub autoscale_interval_ms: u64,
 }
 
 impl Default for ActorsConfig {
@@ -64,6 +66,7 @@ impl Default for ActorsConfig {
             failed_keep: 3,
             endpoints_refresh_ms: 2_000,
             restart_delay_ms: 200,
+            autoscale_interval_ms: 1_000,
         }
     }
 }
@@ -76,6 +79,7 @@ impl ActorsConfig {
             ("heartbeat_interval_ms", self.heartbeat_interval_ms),
             ("reconcile_interval_ms", self.reconcile_interval_ms),
             ("endpoints_refresh_ms", self.endpoints_refresh_ms),
+            ("autoscale_interval_ms", self.autoscale_interval_ms),
             ("bind_batch", self.bind_batch as u64),
         ];
         for (name, v) in positive {

@@ -25,6 +25,8 @@ pub struct Metrics {
     pub adapter_bindings: AtomicU64,
     /// `EnsureLoaded` calls that had to load the adapter (cold loads).
     pub adapter_cold_loads: AtomicU64,
+    /// Changes of a model's desired replica count by its autoscaler.
+    pub scaling_events: AtomicU64,
 }
 
 impl Metrics {
@@ -46,6 +48,7 @@ impl Metrics {
             ("flotilla_actors_actor_restarts_total", g(&self.actor_restarts)),
             ("flotilla_actors_adapter_bindings_total", g(&self.adapter_bindings)),
             ("flotilla_actors_adapter_cold_loads_total", g(&self.adapter_cold_loads)),
+            ("flotilla_actors_scaling_events_total", g(&self.scaling_events)),
         ]
     }
 }

@@ -20,6 +20,7 @@ use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, Supervisio
 
 use crate::adapter_actor::{AdapterActor, AdapterArgs, AdapterMsg};
 use crate::adapters::Demand;
+use crate::autoscaler_actor::{AutoscalerActor, AutoscalerArgs, AutoscalerMsg};
 use crate::config::ActorsConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelActor, ModelArgs, ModelMsg};
@@ -53,6 +54,8 @@ pub enum Child {
     Node(ObjectName),
     /// The adapter controller of a base model.
     Adapters(ObjectName),
+    /// The autoscaler of a model with `spec.autoscaling`.
+    Autoscaler(ObjectName),
 }
 
 pub struct Supervisor;
@@ -66,6 +69,7 @@ pub struct SupervisorState {
     models: HashMap<ObjectName, ActorRef<ModelMsg>>,
     nodes: HashMap<ObjectName, ActorRef<NodeMsg>>,
     adapters: HashMap<ObjectName, ActorRef<AdapterMsg>>,
+    autoscalers: HashMap<ObjectName, ActorRef<AutoscalerMsg>>,
     children: HashMap<ActorId, Child>,
 }
 
@@ -86,6 +90,11 @@ fn adapters_wanted(ctx: &Ctx, base: &ObjectName) -> bool {
             .iter()
             .filter_map(|o| ReplicaView::from_stored(o).ok())
             .any(|r| !r.spec.adapters.is_empty())
+}
+
+/// Whether the stored model `name` asks for autoscaling.
+fn autoscales(ctx: &Ctx, name: &ObjectName) -> bool {
+    ctx.handle.reader().get(&key(Kind::Model, name)).0.is_some_and(|o| !o.spec["autoscaling"].is_null())
 }
 
 fn model_of(r: &ReplicaView) -> ObjectName {
@@ -142,6 +151,19 @@ impl SupervisorState {
                     }
                 }
             }
+            Child::Autoscaler(model) => {
+                let args = AutoscalerArgs { ctx, model: model.clone() };
+                match Actor::spawn_linked(None, AutoscalerActor, args, me.clone()).await {
+                    Ok((a, _)) => {
+                        self.autoscalers.insert(model.clone(), a.clone());
+                        Some(a.get_id())
+                    }
+                    Err(e) => {
+                        tracing::error!(model = %model, error = %e, "cannot start an autoscaler");
+                        None
+                    }
+                }
+            }
             Child::Node(name) => {
                 let (o, _) = self.ctx.handle.reader().get(&key(Kind::Node, name));
                 let Some(node) = o.and_then(|o| NodeView::from_stored(&o).ok()) else { return };
@@ -182,6 +204,9 @@ impl SupervisorState {
         }
         for m in reader.list(Kind::Model, &all).0 {
             by_model.entry(m.key.name.clone()).or_default();
+            if !m.spec["autoscaling"].is_null() && !self.autoscalers.contains_key(&m.key.name) {
+                self.spawn(me, Child::Autoscaler(m.key.name.clone()), None).await;
+            }
         }
         for n in reader.list(Kind::Node, &all).0 {
             let name = n.key.name.clone();
@@ -235,6 +260,9 @@ impl SupervisorState {
         match ev.object.key.kind {
             Kind::Model => {
                 self.adapters_changed(me, &name, false).await;
+                if !deleted && !ev.object.spec["autoscaling"].is_null() && !self.autoscalers.contains_key(&name) {
+                    self.spawn(me, Child::Autoscaler(name.clone()), None).await;
+                }
                 match self.models.get(&name) {
                     Some(a) => drop(a.send_message(ModelMsg::Changed(None))),
                     None if !deleted => self.spawn(me, Child::Model(name), None).await,
@@ -323,6 +351,7 @@ impl Actor for Supervisor {
             models: HashMap::new(),
             nodes: HashMap::new(),
             adapters: HashMap::new(),
+            autoscalers: HashMap::new(),
             children: HashMap::new(),
         };
         st.full_sync(&myself.get_cell()).await;
@@ -368,8 +397,9 @@ impl Actor for Supervisor {
                 }
             }
             SupervisorMsg::Wake(model) => {
-                // The model's autoscaler (wired by the autoscaler change) evaluates it now.
-                let _ = model;
+                if let Some(a) = st.autoscalers.get(&model) {
+                    let _ = a.send_message(AutoscalerMsg::Wake);
+                }
             }
             SupervisorMsg::Demand { base, adapter, demand } => {
                 if !st.adapters.contains_key(&base) {
@@ -385,6 +415,7 @@ impl Actor for Supervisor {
                     Child::Model(m) => !st.models.contains_key(m),
                     Child::Node(n) => !st.nodes.contains_key(n),
                     Child::Adapters(b) => !st.adapters.contains_key(b),
+                    Child::Autoscaler(m) => !st.autoscalers.contains_key(m),
                 };
                 if wanted {
                     st.spawn(&me, child, None).await;
@@ -411,6 +442,7 @@ impl Actor for Supervisor {
             Child::Model(m) => drop(st.models.remove(m)),
             Child::Node(n) => drop(st.nodes.remove(n)),
             Child::Adapters(b) => drop(st.adapters.remove(b)),
+            Child::Autoscaler(m) => drop(st.autoscalers.remove(m)),
         }
         let delay = match failed {
             Some(e) => {
@@ -433,6 +465,7 @@ impl Actor for Supervisor {
             }
             Child::Node(n) => st.ctx.handle.reader().get(&key(Kind::Node, n)).0.is_some(),
             Child::Adapters(b) => adapters_wanted(&st.ctx, b),
+            Child::Autoscaler(m) => autoscales(&st.ctx, m),
         };
         if wanted {
             myself.send_after(ActorsConfig::ms(delay), move || SupervisorMsg::Respawn(child));

@@ -261,11 +261,12 @@ mod tests {
     #[test]
     fn json_floats_parse_exactly() {
         let target = 3.56160271553816e123_f64;
-        let autoscaling = serde_json::json!({"max": 1, "metric": {"name": "x", "target": target}});
+        let autoscaling =
+            serde_json::json!({"max": 1, "metric": {"name": "vllm:num_requests_waiting", "target": target}});
         let spec = serde_json::json!({"source": "hf://m", "autoscaling": autoscaling});
         let j = serde_json::json!({"kind": "Model", "metadata": {"name": "m"}, "spec": spec});
         let Spec::Model(s) = Manifest::parse(&j.to_string()).unwrap().spec else { panic!("not a model") };
-        assert_eq!(s.autoscaling.unwrap().metric.target.to_bits(), target.to_bits());
+        assert_eq!(s.autoscaling.unwrap().metric.unwrap().target.to_bits(), target.to_bits());
     }
 
     #[test]

@@ -11,8 +11,8 @@
 use std::collections::BTreeMap;
 
 use flotilla_api::spec::{
-    AdapterSpec, AutoscalingSpec, EngineKind, MetricTarget, ModelSpec, PriorityClass, RoutingStrategy, ScalingStrategy,
-    TenantSpec,
+    AdapterSpec, AutoscalingSpec, EngineKind, MetricKind, MetricTarget, ModelSpec, PriorityClass, RoutingStrategy,
+    ScalingStrategy, SloTarget, TenantSpec,
 };
 use flotilla_api::{ApiError, Manifest, Metadata, ObjectName, Spec, MAX_MANIFEST_BYTES};
 use proptest::prelude::*;
@@ -56,14 +56,22 @@ fn positive_f64() -> impl Strategy<Value = f64> {
 }
 
 fn autoscaling() -> impl Strategy<Value = AutoscalingSpec> {
-    (0u32..=1000, 0u32..=1000, prop::bool::ANY, "[^\\s].{0,20}", positive_f64()).prop_map(
-        |(a, b, apa, name, target)| AutoscalingSpec {
-            min: a.min(b),
-            max: a.max(b),
-            strategy: if apa { ScalingStrategy::Apa } else { ScalingStrategy::Kpa },
-            metric: MetricTarget { name, target },
-        },
-    )
+    let strategy = prop::sample::select(vec![
+        ScalingStrategy::Kpa,
+        ScalingStrategy::Apa,
+        ScalingStrategy::Slo,
+        ScalingStrategy::Hpa,
+    ]);
+    let kind = prop::sample::select(MetricKind::ALL.to_vec());
+    (0u32..=1000, 0u32..=1000, strategy, kind, positive_f64()).prop_map(|(a, b, strategy, kind, target)| {
+        let target = if kind == MetricKind::KvCacheUsage { target.min(1.0) } else { target };
+        let metric = MetricTarget { source: kind.source(), name: kind.name().to_string(), target };
+        let (metric, slo) = match strategy {
+            ScalingStrategy::Slo => (None, Some(SloTarget { ttft_p95_ms: Some(target), tpot_p95_ms: None })),
+            _ => (Some(metric), None),
+        };
+        AutoscalingSpec { min: a.min(b), max: a.max(b), strategy, metric, slo, ..AutoscalingSpec::default() }
+    })
 }
 
 fn model_spec() -> impl Strategy<Value = ModelSpec> {
@@ -75,7 +83,7 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
         prop::collection::vec("[^\\s]{1,10}( [^\\s]{1,10})?", 0..4),
         prop::collection::vec(".{0,16}", 0..4),
         routing(),
-        prop::option::of(autoscaling()),
+        prop::option::of(autoscaling().prop_map(Box::new)),
     )
         .prop_map(|(engine, source, replicas, gpus, gpu_types, engine_args, routing, autoscaling)| ModelSpec {
             engine,
@@ -235,7 +243,7 @@ fn model_mutation() -> impl Strategy<Value = (&'static str, Value, &'static str)
         Just(("autoscaling", json!({"max": 2, "metric": {"name": "m", "target": -1.0}}), "autoscaling.metric.target")),
         Just(("autoscaling", json!({"max": 2, "metric": {"name": " ", "target": 1}}), "autoscaling.metric.name")),
         Just(("autoscaling", json!({"max": 1001, "metric": {"name": "m", "target": 1}}), "autoscaling.max")),
-        Just(("autoscaling", json!({"max": 2, "strategy": "hpa", "metric": {"name": "m", "target": 1}}), "strategy")),
+        Just(("autoscaling", json!({"max": 2, "strategy": "magic", "metric": {"name": "m", "target": 1}}), "strategy")),
     ]
 }
 

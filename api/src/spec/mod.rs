@@ -1,6 +1,7 @@
 //! Typed specs for each kind. A spec is what the user asked for; `validate` checks the
 //! ranges and relations that serde's typing cannot, naming the field at fault.
 mod adapter;
+mod autoscaling;
 mod model;
 mod node;
 mod replica;
@@ -11,7 +12,11 @@ pub use adapter::{
     AdapterBinding, AdapterOnReplica, AdapterPhase, AdapterPlacement, AdapterReplicaState, AdapterReplicas,
     AdapterSpec, AdapterStatus, MAX_LORA_RANK,
 };
-pub use model::{AutoscalingSpec, EngineKind, LoraLimits, MetricTarget, ModelSpec, RoutingStrategy, ScalingStrategy};
+pub use autoscaling::{
+    AutoscalingSpec, Bounds, MetricKind, MetricSource, MetricTarget, ScalingStrategy, Schedule, SloTarget,
+    SpecDuration, TimeOfDay, Weekday, MAX_METRICS, MAX_SCALE_DOWN_DELAY, MAX_SCHEDULES, MAX_WINDOW,
+};
+pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use tenant::{hash_api_key, PriorityClass, TenantSpec, HASHED_KEY_PREFIX};

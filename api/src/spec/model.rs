@@ -1,7 +1,7 @@
 //! `kind: Model`: a base model served by a set of engine replicas.
 use serde::{Deserialize, Serialize};
 
-use super::{at_most, validate_source};
+use super::{at_most, validate_source, AutoscalingSpec};
 use crate::ApiError;
 
 /// Most replicas one model may ask for.
@@ -78,37 +78,6 @@ impl std::str::FromStr for RoutingStrategy {
     }
 }
 
-/// Autoscaler algorithm.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum ScalingStrategy {
-    /// Knative-style: stable and panic windows.
-    #[default]
-    Kpa,
-    /// AIBrix APA: tolerance band around the target, separate up and down rates.
-    Apa,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct MetricTarget {
-    /// An engine metric name, e.g. `vllm:num_requests_waiting`.
-    pub name: String,
-    /// The per-replica value the autoscaler steers toward.
-    pub target: f64,
-}
-
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct AutoscalingSpec {
-    #[serde(default)]
-    pub min: u32,
-    pub max: u32,
-    #[serde(default)]
-    pub strategy: ScalingStrategy,
-    pub metric: MetricTarget,
-}
-
 fn one() -> u32 {
     1
 }
@@ -135,8 +104,9 @@ pub struct ModelSpec {
     pub engine_args: Vec<String>,
     #[serde(default)]
     pub routing: RoutingStrategy,
+    /// Boxed: most models have none, and it is large (`Spec` stays small to move).
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub autoscaling: Option<AutoscalingSpec>,
+    pub autoscaling: Option<Box<AutoscalingSpec>>,
 }
 
 /// The LoRA settings of a model's engine, read from its `engine_args` with vLLM's
@@ -212,22 +182,7 @@ impl ModelSpec {
         }
         self.lora()?;
         if let Some(a) = &self.autoscaling {
-            at_most("spec.autoscaling.max", a.max, MAX_REPLICAS)?;
-            if a.min > a.max {
-                return Err(ApiError::invalid(
-                    "spec.autoscaling.min",
-                    format!("{} is greater than spec.autoscaling.max {}", a.min, a.max),
-                ));
-            }
-            if a.metric.name.trim().is_empty() {
-                return Err(ApiError::invalid("spec.autoscaling.metric.name", "is empty"));
-            }
-            if !(a.metric.target.is_finite() && a.metric.target > 0.0) {
-                return Err(ApiError::invalid(
-                    "spec.autoscaling.metric.target",
-                    format!("{} must be a positive number", a.metric.target),
-                ));
-            }
+            a.validate("spec.autoscaling")?;
         }
         Ok(())
     }
