@@ -29,10 +29,13 @@ pub struct GatewayDemand {
     pub demand: ModelDemand,
 }
 
-/// Every gateway's latest report, per model.
+/// Every gateway's latest report, per model, and when each gateway last reported at all
+/// (a gateway reports every interval, listing only the models it saw: a model missing from
+/// a fresh report had no traffic there, which is known idle, not unknown).
 #[derive(Debug, Default)]
 pub struct DemandBook {
     by_model: HashMap<ObjectName, HashMap<String, GatewayDemand>>,
+    gateways: HashMap<String, Instant>,
 }
 
 /// The demand on one model summed over the gateways that reported lately.
@@ -54,6 +57,10 @@ pub struct Demand {
 
 impl DemandBook {
     pub fn record(&mut self, gateway: &str, interval_ms: u64, models: Vec<ModelDemand>, now: Instant) {
+        if self.gateways.len() >= MAX_GATEWAYS && !self.gateways.contains_key(gateway) {
+            return;
+        }
+        self.gateways.insert(gateway.to_owned(), now);
         for d in models {
             let Ok(model) = d.model.parse::<ObjectName>() else { continue };
             let per = self.by_model.entry(model).or_default();
@@ -67,15 +74,20 @@ impl DemandBook {
         }
     }
 
-    /// The summed demand on `model` from reports fresher than [`DEMAND_TTL`]; `None` when
-    /// no gateway reported lately (unknown, not zero).
+    /// The summed demand on `model` over the gateways that reported within [`DEMAND_TTL`]
+    /// (their latest reports only); `None` when no gateway reported lately (unknown, not
+    /// zero).
     pub fn demand(&self, model: &ObjectName, now: Instant) -> Option<Demand> {
-        let per = self.by_model.get(model)?;
-        let mut out = Demand::default();
-        for g in per.values().filter(|g| now.saturating_duration_since(g.at) < DEMAND_TTL) {
+        let fresh: HashMap<&String, &Instant> =
+            self.gateways.iter().filter(|(_, at)| now.saturating_duration_since(**at) < DEMAND_TTL).collect();
+        if fresh.is_empty() {
+            return None;
+        }
+        let mut out = Demand { gateways: fresh.len(), ..Demand::default() };
+        let Some(per) = self.by_model.get(model) else { return Some(out) };
+        for (_, g) in per.iter().filter(|(gw, g)| fresh.get(gw).is_some_and(|at| **at == g.at)) {
             let d = &g.demand;
             let secs = g.interval_ms as f64 / 1000.0;
-            out.gateways += 1;
             out.in_flight += f64::from(d.in_flight);
             out.queued += f64::from(d.queued);
             out.held += f64::from(d.held);
@@ -86,7 +98,7 @@ impl DemandBook {
             out.tpot_p95_ms = out.tpot_p95_ms.max(d.tpot_p95_ms);
             out.queue_wait_p95_ms = out.queue_wait_p95_ms.max(d.queue_wait_p95_ms);
         }
-        (out.gateways > 0).then_some(out)
+        Some(out)
     }
 
     /// Forgets reports older than the TTL.
@@ -95,6 +107,7 @@ impl DemandBook {
             per.retain(|_, g| now.saturating_duration_since(g.at) < DEMAND_TTL);
         }
         self.by_model.retain(|_, per| !per.is_empty());
+        self.gateways.retain(|_, at| now.saturating_duration_since(*at) < DEMAND_TTL);
     }
 }
 
@@ -148,6 +161,10 @@ mod tests {
         book.record("g1", 1000, vec![d("m", 0, 0, 0.0)], t0 + Duration::from_secs(4));
         let later = book.demand(&m, t0 + DEMAND_TTL + Duration::from_secs(1)).unwrap();
         assert_eq!((later.gateways, later.in_flight), (1, 0.0), "g2's report expired; g1 reports idle");
+        // A fresh report that no longer lists the model: known idle, not unknown.
+        book.record("g1", 1000, vec![], t0 + Duration::from_secs(6));
+        let idle = book.demand(&m, t0 + Duration::from_secs(7)).unwrap();
+        assert_eq!((idle.gateways, idle.in_flight, idle.arrivals_per_s), (1, 0.0, 0.0));
         book.prune(t0 + DEMAND_TTL * 3);
         assert_eq!(book.demand(&m, t0 + DEMAND_TTL * 3), None);
     }
