@@ -63,10 +63,21 @@ fn holders(
             .and_then(|o| NodeView::from_stored(&o).ok())
             .is_some_and(|v| v.status.state != NodeState::NotReady)
     };
+    // And only replicas still assigned the adapter: one just evicted may still be listed
+    // as loaded by its engine until the agent's next report.
+    let sel = LabelSelector::parse(&format!("{}={base}", crate::objects::MODEL_LABEL)).unwrap_or_default();
+    let bound: BTreeSet<String> = reader
+        .list(Kind::Replica, &sel)
+        .0
+        .iter()
+        .filter_map(|o| ReplicaView::from_stored(o).ok())
+        .filter(|r| r.spec.adapters.iter().any(|b| b.name.as_str() == adapter))
+        .map(|r| r.name.to_string())
+        .collect();
     let all: Vec<Endpoint> = crate::fleet_service::endpoints(ctx, base.as_str())
         .endpoints
         .into_iter()
-        .filter(|e| e.loaded_adapters.iter().any(|a| a == adapter) && up(&e.node))
+        .filter(|e| e.loaded_adapters.iter().any(|a| a == adapter) && up(&e.node) && bound.contains(&e.replica))
         .collect();
     let preferred =
         all.iter().filter(|e| e.replica.parse().is_ok_and(|r: ObjectName| !avoid.contains(&r))).cloned().collect();

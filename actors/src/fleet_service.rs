@@ -96,7 +96,17 @@ pub fn endpoints(ctx: &Ctx, model: &str) -> EndpointSet {
             address: addr.clone(),
             node: node.name.to_string(),
             gpu_type: gpu_type.unwrap_or_default(),
-            loaded_adapters: report.map(|e| e.loaded_adapters.clone()).unwrap_or_default(),
+            // Loaded per the engine and still assigned: an adapter being evicted leaves the
+            // gateways' tables when its binding goes, before the engine unloads it.
+            loaded_adapters: report
+                .map(|e| {
+                    e.loaded_adapters
+                        .iter()
+                        .filter(|a| r.spec.adapters.iter().any(|b| b.name.as_str() == a.as_str()))
+                        .cloned()
+                        .collect()
+                })
+                .unwrap_or_default(),
             num_requests_running: report.map_or(0.0, |e| e.num_requests_running),
             num_requests_waiting: report.map_or(0.0, |e| e.num_requests_waiting),
             kv_cache_usage: report.map_or(0.0, |e| e.kv_cache_usage),

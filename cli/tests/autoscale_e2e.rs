@@ -133,6 +133,12 @@ async fn replicas_follow_load_scale_to_zero_and_back() {
     let st = status(&grpc).await;
     let history = st["autoscaling"]["history"].as_array().cloned().unwrap_or_default();
     assert!(history.iter().any(|e| e["to"].as_u64() > e["from"].as_u64()), "a scale-up is in the history: {st}");
+    // The operator's view, like `kubectl get hpa`.
+    let out = Command::new(BIN).args(["--server", &grpc, "get", "model", "auto"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["STRATEGY", "kpa", "METRIC", "concurrency", "WHEN", "panic"] {
+        assert!(text.contains(want), "`get model auto` lacks {want}:\n{text}");
+    }
     stop.store(true, Ordering::Relaxed);
     for w in workers {
         let codes = w.join().unwrap();

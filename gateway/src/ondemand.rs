@@ -322,7 +322,9 @@ impl Gateway {
                 ))
             }
         }
-        let Some(lease) = select(self, ctx, &[], false) else {
+        // Another holder than the engine that just answered 404, if there is one.
+        let lease = select(self, ctx, std::slice::from_ref(&gone), false).or_else(|| select(self, ctx, &[], false));
+        let Some(lease) = lease else {
             return Err(ApiError::unavailable(
                 "adapter_unavailable",
                 format!("adapter {:?} was reloaded but no endpoint holding it is available", ctx.model),

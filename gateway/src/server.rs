@@ -205,6 +205,11 @@ async fn forward_request(
             (Some(r), None) => {
                 if r.adapter.is_some() {
                     gw.scale_out_if_busy(&features.model, &r.endpoints);
+                    // A request waiting in the queue keeps its adapter in use (LRU clock):
+                    // counting it only when forwarded let a long queue wait look idle.
+                    for e in &r.endpoints {
+                        gw.loader.record(&features.model, e.id.as_str());
+                    }
                 }
                 (r.base_model, r.adapter.is_some(), false)
             }

@@ -141,17 +141,18 @@ async fn concurrent_cold_requests_share_one_load_and_succeed() {
         assert_eq!((c["parent"].as_str(), c["object"].as_str()), (Some(MODEL), Some("model")), "{c}");
     }
 
-    // usage reports reach the leader: 9 requests on the engine that holds it
+    // usage reports reach the leader: 9 requests on the engine that holds it (a request that
+    // finds the adapter loaded counts on arrival too, so it stays recent while queued)
     let key = ("cold".to_string(), at[0].clone());
     let mut reported = 0;
     for _ in 0..60 {
         reported = f.leader.usage().get(&key).copied().unwrap_or(0);
-        if reported == 9 {
+        if reported >= 9 {
             break;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
-    assert_eq!(reported, 9, "usage reported: {:?}", f.leader.usage());
+    assert!((9..=18).contains(&reported), "usage reported: {:?}", f.leader.usage());
     f.gw.shutdown().await;
 }
 
