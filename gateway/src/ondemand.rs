@@ -192,31 +192,16 @@ impl Gateway {
         for id in &failed {
             self.dir.forget_loaded(&ctx.model, id);
         }
-        let mut flight = self.ensure_adapter(&ctx.model, avoid, false);
-        let wait = self.cfg.adapter_load_timeout.min(self.cfg.deadlines.of(ctx.class));
-        match tokio::time::timeout(wait, flight.wait()).await {
-            Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_api(&ctx.model)),
-            Err(_) => {
-                return Err(ApiError::unavailable(
-                    "adapter_load_timeout",
-                    format!(
-                        "adapter {:?} lost its engines and was not loaded elsewhere within {} ms",
-                        ctx.model,
-                        wait.as_millis()
-                    ),
-                    5,
-                ))
-            }
-        }
-        let Some(lease) = select(self, ctx, &failed, false) else {
-            return Err(ApiError::unavailable(
-                "adapter_unavailable",
-                format!("adapter {:?} was loaded elsewhere but no endpoint holding it is available", ctx.model),
-                1,
-            ));
-        };
-        forward(self, ctx, lease, kind, body, headers).await
+        self.load_then_forward(
+            ctx,
+            avoid,
+            &failed,
+            "lost its engines and was not loaded elsewhere",
+            kind,
+            body,
+            headers,
+        )
+        .await
     }
 
     /// The base model of `name` when it is a known adapter that may be loaded on demand.
@@ -309,7 +294,24 @@ impl Gateway {
         drop(up);
         tracing::info!(adapter = %ctx.model, endpoint = %gone, "engine no longer holds the adapter; reloading");
         self.dir.forget_loaded(&ctx.model, &gone);
-        let mut flight = self.ensure_adapter(&ctx.model, Vec::new(), false);
+        self.load_then_forward(ctx, Vec::new(), &[gone], "was evicted and not reloaded", kind, body, headers).await
+    }
+
+    /// Asks for a load of `ctx.model` (avoiding `avoid` replicas) and waits for it, bounded
+    /// by the load timeout and the request's class deadline; then forwards to a holder,
+    /// preferring one not in `exclude` (engines that just failed the request).
+    #[allow(clippy::too_many_arguments)]
+    async fn load_then_forward(
+        self: &Arc<Self>,
+        ctx: &PickCtx,
+        avoid: Vec<String>,
+        exclude: &[EndpointId],
+        what: &str,
+        kind: ApiKind,
+        body: Bytes,
+        headers: &HeaderMap,
+    ) -> Result<Upstream, ApiError> {
+        let mut flight = self.ensure_adapter(&ctx.model, avoid, false);
         let wait = self.cfg.adapter_load_timeout.min(self.cfg.deadlines.of(ctx.class));
         match tokio::time::timeout(wait, flight.wait()).await {
             Ok(Ok(_)) => {}
@@ -317,17 +319,16 @@ impl Gateway {
             Err(_) => {
                 return Err(ApiError::unavailable(
                     "adapter_load_timeout",
-                    format!("adapter {:?} was evicted and not reloaded within {} ms", ctx.model, wait.as_millis()),
+                    format!("adapter {:?} {what} within {} ms", ctx.model, wait.as_millis()),
                     5,
                 ))
             }
         }
-        // Another holder than the engine that just answered 404, if there is one.
-        let lease = select(self, ctx, std::slice::from_ref(&gone), false).or_else(|| select(self, ctx, &[], false));
+        let lease = select(self, ctx, exclude, false).or_else(|| select(self, ctx, &[], false));
         let Some(lease) = lease else {
             return Err(ApiError::unavailable(
                 "adapter_unavailable",
-                format!("adapter {:?} was reloaded but no endpoint holding it is available", ctx.model),
+                format!("adapter {:?} was loaded but no endpoint holding it is available", ctx.model),
                 1,
             ));
         };
