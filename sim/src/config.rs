@@ -81,6 +81,11 @@ pub struct SimArgs {
     /// like vLLM, unknown fields are ignored (and logged at debug level).
     #[arg(long)]
     pub reject_unknown_fields: bool,
+    /// Simulated seconds the engine takes to start (a vLLM loading weights): until then
+    /// (S / --speedup wall seconds after start) /health and the inference endpoints answer
+    /// 503. /metrics, /version and /sim/faults answer at once. 0 = ready at once.
+    #[arg(long, default_value_t = 0.0)]
+    pub startup_seconds: f64,
 }
 
 impl Default for SimArgs {
@@ -108,6 +113,7 @@ impl Default for SimArgs {
             seed: 0,
             max_body_bytes: 4 * 1024 * 1024,
             reject_unknown_fields: false,
+            startup_seconds: 0.0,
         }
     }
 }
@@ -151,6 +157,8 @@ pub struct EngineConfig {
     pub max_body_bytes: usize,
     /// Unknown request fields get 400 instead of being ignored.
     pub reject_unknown_fields: bool,
+    /// Wall-clock time from start until the engine is ready (--startup-seconds / --speedup).
+    pub startup: std::time::Duration,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -184,6 +192,12 @@ impl SimArgs {
         }
         if !(self.speedup.is_finite() && self.speedup > 0.0) {
             return Err(SimError::invalid("speedup", format!("must be a positive number, got {}", self.speedup)));
+        }
+        if !(self.startup_seconds.is_finite() && (0.0..=86_400.0).contains(&self.startup_seconds)) {
+            return Err(SimError::invalid(
+                "startup-seconds",
+                format!("must be between 0 and 86400, got {}", self.startup_seconds),
+            ));
         }
         if self.max_loras == 0 {
             return Err(SimError::invalid("max-loras", "must be at least 1, got 0"));
@@ -283,6 +297,7 @@ impl SimArgs {
             seed: self.seed,
             max_body_bytes: self.max_body_bytes,
             reject_unknown_fields: self.reject_unknown_fields,
+            startup: std::time::Duration::from_secs_f64(self.startup_seconds / self.speedup),
         })
     }
 }
@@ -322,6 +337,8 @@ mod tests {
         assert_eq!(flag_of(SimArgs { profile: "tpu".into(), ..d() }), "profile");
         assert_eq!(flag_of(SimArgs { speedup: 0.0, ..d() }), "speedup");
         assert_eq!(flag_of(SimArgs { speedup: f64::NAN, ..d() }), "speedup");
+        assert_eq!(flag_of(SimArgs { startup_seconds: -1.0, ..d() }), "startup-seconds");
+        assert_eq!(flag_of(SimArgs { startup_seconds: f64::INFINITY, ..d() }), "startup-seconds");
         assert_eq!(flag_of(SimArgs { max_num_seqs: 0, ..d() }), "max-num-seqs");
         assert_eq!(flag_of(SimArgs { max_loras: 0, ..d() }), "max-loras");
         assert_eq!(flag_of(SimArgs { max_loras: 4, max_cpu_loras: Some(3), ..d() }), "max-cpu-loras");

@@ -2,7 +2,7 @@
 //! fault-injection layer (hang, error rate) and the 404 fallback.
 //!
 //! ```text
-//! request -> fault layer (hang / 5xx) -> body limit -> route -> handler -> engine channel
+//! request -> fault layer (hang / 5xx) -> startup (503 while loading) -> body limit -> route -> handler -> engine channel
 //! ```
 
 pub mod admin;
@@ -48,6 +48,9 @@ pub struct AppState {
     pub ids: Arc<AtomicU64>,
     /// Makes response ids differ between servers.
     pub id_salt: u64,
+    /// Until this instant the engine is "loading weights" (--startup-seconds): /health and
+    /// the inference endpoints answer 503.
+    pub ready_at: std::time::Instant,
 }
 
 impl AppState {
@@ -60,6 +63,21 @@ impl AppState {
 /// Seconds since the Unix epoch (for `created` fields).
 pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
+}
+
+/// Paths that answer before the engine finished starting (the rest get 503 until then).
+const SERVED_WHILE_STARTING: [&str; 3] = ["/metrics", "/version", "/sim/faults"];
+
+async fn startup_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    if std::time::Instant::now() < st.ready_at && !SERVED_WHILE_STARTING.contains(&req.uri().path()) {
+        return errors::ApiError::with_status(
+            StatusCode::SERVICE_UNAVAILABLE,
+            "the engine is starting (loading model weights)",
+            None,
+        )
+        .into_response();
+    }
+    next.run(req).await
 }
 
 async fn fault_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
@@ -101,6 +119,7 @@ pub fn router(state: AppState) -> Router {
         .route("/sim/faults", get(admin::get_faults).post(admin::post_faults).delete(admin::clear_faults))
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
+        .layer(middleware::from_fn_with_state(state.clone(), startup_layer))
         .layer(middleware::from_fn_with_state(state.clone(), fault_layer))
         .with_state(state)
 }
