@@ -100,6 +100,12 @@ pub struct AgentArgs {
     /// Grace period between SIGTERM and SIGKILL when stopping an engine, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub stop_grace_ms: u64,
+    /// Drain before stopping an unassigned ready engine (scale-down, node drain, move): wait
+    /// until it has no running or waiting request, at most this long (milliseconds), so
+    /// in-flight streams finish; gateways stop routing to a Draining replica at once. 0 stops
+    /// at once. Agent shutdown does not drain.
+    #[arg(long, default_value_t = 60_000)]
+    pub drain_timeout_ms: u64,
     /// Rotate an engine's log when it exceeds this many bytes.
     #[arg(long, default_value_t = 50 * 1024 * 1024)]
     pub log_max_bytes: u64,
@@ -152,6 +158,8 @@ pub struct AgentConfig {
     pub liveness_timeout: Duration,
     /// SIGTERM → SIGKILL grace.
     pub stop_grace: Duration,
+    /// Longest wait for in-flight requests before stopping an unassigned engine.
+    pub drain_timeout: Duration,
     /// Log rotation size.
     pub log_max_bytes: u64,
     /// Rotated files kept.
@@ -255,6 +263,7 @@ impl AgentArgs {
             start_timeout: Duration::from_secs(self.engine_start_timeout_s.max(1)),
             liveness_timeout: Duration::from_secs(self.engine_liveness_timeout_s.max(1)),
             stop_grace: Duration::from_millis(self.stop_grace_ms),
+            drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_max_bytes: self.log_max_bytes,
             log_keep: self.log_keep,
             hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),

@@ -250,3 +250,46 @@ async fn hung_engine_is_reported_not_ready_then_restarted() {
     assert_eq!(by_name(&server.engines(), "h-0").map(|e| e.restarts), Some(1));
     drop(agent);
 }
+
+/// Starts one sim engine (real time: streams last seconds) under an agent with `drain_ms`,
+/// opens a streamed completion on it, unassigns the replica while the stream runs and
+/// returns (the stream's body, whether the engine was reported `draining`, its pid).
+async fn unassign_during_a_stream(drain_ms: &str) -> (String, bool, u32) {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let extra = ["--gpus", "1", "--gpu-type", "A100-80GB", "--sim-args=--speedup 1", "--drain-timeout-ms", drain_ms];
+    let mut agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-a", &extra)).await;
+    server.assign(vec![sim_replica("demo-0", "demo", &[0])]);
+    let (endpoint, pid) = eventually(30, "engine ready", || ready_endpoint(&server.engines(), "demo-0")).await;
+
+    // ~150 decode steps: about 2 s of streaming at speedup 1.
+    let body = r#"{"model":"demo","prompt":"tell me a long story","max_tokens":150,"ignore_eos":true,"stream":true}"#;
+    let stream = tokio::spawn(async move { http_request(&endpoint, "POST", "/v1/completions", body).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    server.assign(vec![]);
+    let mut saw_draining = false;
+    eventually(20, "engine gone from heartbeats", || {
+        let e = server.engines();
+        saw_draining |= by_name(&e, "demo-0").is_some_and(|r| r.state == "draining");
+        by_name(&e, "demo-0").is_none().then_some(())
+    })
+    .await;
+    let (status, text) = stream.await.unwrap().expect("the engine answered");
+    assert_eq!(status, 200, "{text}");
+    assert!(!alive(pid), "stopped after the drain");
+    agent.shutdown(true).await;
+    (text, saw_draining, pid)
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn unassigned_engine_finishes_its_streams_before_it_is_stopped() {
+    let (text, saw_draining, _) = unassign_during_a_stream("20000").await;
+    assert!(text.contains("data: [DONE]"), "stream cut by the stop: {text}");
+    assert!(saw_draining, "heartbeats showed the engine draining");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_drain_that_outlasts_its_timeout_is_cut() {
+    let (text, _, _) = unassign_during_a_stream("200").await;
+    assert!(!text.contains("data: [DONE]"), "a 200 ms drain cannot outlast a 2 s stream: {text}");
+}

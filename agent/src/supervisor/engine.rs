@@ -10,6 +10,7 @@
 //!  downloading ─> starting ─> ready ─(exit)─> crashed ─(backoff)─> starting ...
 //!       │             └─(exit / start timeout)──┘   └─(too many)─> failed
 //!       └─(error)─> failed              any ─(stop)─> stopping ─> stopped
+//!                            ready ─(unassigned)─> draining ─> stopping ─> stopped
 //! ```
 
 use std::path::PathBuf;
@@ -23,6 +24,7 @@ use tokio::time::Instant;
 
 use super::adapters::{EngineView, Worker};
 use super::backoff::{AfterCrash, CrashHistory};
+use super::drain::{self, StopMode};
 use super::logs::LogFile;
 use super::process::{self, ProcessIdentity};
 use super::EngineEnv;
@@ -46,7 +48,10 @@ struct Running {
 }
 
 enum Outcome {
-    Stop,
+    /// Asked to stop; `ready`: the engine was serving (and may have requests in flight).
+    Stop {
+        ready: bool,
+    },
     Crash(String),
 }
 
@@ -61,9 +66,9 @@ fn set_state(report: &SharedReport, state: &str, reason: &str) {
     });
 }
 
-async fn stop_requested(stop: &mut watch::Receiver<bool>) {
+async fn stop_requested(stop: &mut watch::Receiver<StopMode>) {
     // A dropped sender also means stop.
-    let _ = stop.wait_for(|s| *s).await;
+    let _ = stop.wait_for(|s| *s != StopMode::Run).await;
 }
 
 /// Runs one engine until it is told to stop. `adopted` is an engine a previous agent
@@ -73,7 +78,7 @@ pub async fn run(
     env: Arc<EngineEnv>,
     a: ReplicaAssignment,
     report: SharedReport,
-    stop: watch::Receiver<bool>,
+    stop: watch::Receiver<StopMode>,
     adopted: Option<SavedEngine>,
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
 ) {
@@ -93,7 +98,7 @@ async fn life(
     env: Arc<EngineEnv>,
     a: ReplicaAssignment,
     report: SharedReport,
-    mut stop: watch::Receiver<bool>,
+    mut stop: watch::Receiver<StopMode>,
     adopted: Option<SavedEngine>,
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
     view: watch::Sender<EngineView>,
@@ -170,6 +175,10 @@ async fn life(
             },
         };
         let outcome = supervise(&env, &mut run, &log, &report, &mut stop, &view).await;
+        if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain {
+            let endpoint = format!("{}:{}", env.cfg.address, run.port);
+            drain::drain(&env.engine, &endpoint, env.cfg.drain_timeout, &report, &mut stop).await;
+        }
         view.send_modify(|v| {
             // The process is going: its adapters with it.
             *v = EngineView { generation: v.generation + 1, endpoint: None, scrape: None };
@@ -177,7 +186,7 @@ async fn life(
         let _ = env.state.remove(&replica);
         env.ports.release(run.port);
         match outcome {
-            Outcome::Stop => {
+            Outcome::Stop { .. } => {
                 set_state(&report, "stopping", "");
                 run.id.stop(env.cfg.stop_grace).await;
                 if let Proc::Child(mut c) = run.proc {
@@ -218,7 +227,7 @@ async fn after_crash(
     history: &mut CrashHistory,
     env: &EngineEnv,
     report: &SharedReport,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<StopMode>,
     restarts: &mut u32,
     replica: &str,
 ) -> bool {
@@ -250,7 +259,7 @@ async fn after_crash(
 }
 
 /// Waits for stop while keeping the current (failed) state, then reports stopped.
-async fn park(stop: &mut watch::Receiver<bool>, report: &SharedReport) {
+async fn park(stop: &mut watch::Receiver<StopMode>, report: &SharedReport) {
     stop_requested(stop).await;
     update(report, |r| r.state = "stopped".into());
 }
@@ -306,7 +315,7 @@ async fn supervise(
     run: &mut Running,
     log: &LogFile,
     report: &SharedReport,
-    stop: &mut watch::Receiver<bool>,
+    stop: &mut watch::Receiver<StopMode>,
     view: &watch::Sender<EngineView>,
 ) -> Outcome {
     let endpoint = format!("{}:{}", env.cfg.address, run.port);
@@ -334,7 +343,7 @@ async fn supervise(
             crate::probe::healthy(&env.engine, &endpoint).await
         };
         let healthy = tokio::select! {
-            _ = stop_requested(stop) => return Outcome::Stop,
+            _ = stop_requested(stop) => return Outcome::Stop { ready },
             desc = exited => {
                 let last = log.last_line().map(|l| format!("; last log line: {l}")).unwrap_or_default();
                 return Outcome::Crash(format!("{desc}{last}"));

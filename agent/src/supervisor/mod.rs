@@ -5,7 +5,7 @@
 //! and unloads them through the engine API ([`adapters`]); it never restarts the engine.
 //!
 //! ```text
-//!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop / Replace / UpdateAdapters / Keep
+//!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop (drain first) / Replace / UpdateAdapters / Keep
 //!                   │                                  │
 //!                   └── slots: replica -> engine task ─┴─> child process (own group)
 //!                                 │  └── adapter worker ──> load/unload_lora
@@ -14,6 +14,7 @@
 
 pub mod adapters;
 pub mod backoff;
+pub mod drain;
 pub mod engine;
 pub mod logs;
 pub mod ports;
@@ -34,6 +35,7 @@ use crate::download::Downloader;
 use crate::driver::{SimDriver, VllmDriver};
 use crate::reconcile::{reconcile, Action};
 use crate::state::StateStore;
+use drain::StopMode;
 use engine::SharedReport;
 
 /// What every engine task shares.
@@ -63,7 +65,7 @@ pub struct EngineEnv {
 struct Slot {
     assignment: ReplicaAssignment,
     report: SharedReport,
-    stop: watch::Sender<bool>,
+    stop: watch::Sender<StopMode>,
     /// The adapter list the engine must hold.
     adapters: watch::Sender<Vec<AdapterAssignment>>,
     task: JoinHandle<()>,
@@ -117,7 +119,7 @@ impl EngineManager {
             state: "starting".into(),
             ..Default::default()
         }));
-        let (stop, stop_rx) = watch::channel(false);
+        let (stop, stop_rx) = watch::channel(StopMode::Run);
         let (adapters, adapters_rx) = watch::channel(assignment.adapters.clone());
         let env = self.env.clone();
         let task_report = report.clone();
@@ -151,8 +153,8 @@ impl EngineManager {
                     self.spawn_slot(a, None, prev);
                 }
                 Action::Stop(name) => {
-                    tracing::info!(replica = %name, "stopping engine (no longer assigned)");
-                    self.stop_slot(&name);
+                    tracing::info!(replica = %name, "draining and stopping engine (no longer assigned)");
+                    self.stop_slot(&name, StopMode::Drain);
                 }
                 Action::UpdateAdapters(a) => {
                     let mut slots = self.slots.lock().unwrap_or_else(|p| p.into_inner());
@@ -165,7 +167,9 @@ impl EngineManager {
                 }
                 Action::Replace(a) => {
                     tracing::info!(replica = %a.replica, "assignment changed; replacing engine");
-                    self.stop_slot(&a.replica);
+                    // Same replica, new engine: the replica stays routable, so a drain
+                    // would only wait for the timeout.
+                    self.stop_slot(&a.replica, StopMode::Now);
                     let prev = self.take_stopping(&a.replica);
                     self.spawn_slot(a, None, prev);
                 }
@@ -173,10 +177,10 @@ impl EngineManager {
         }
     }
 
-    fn stop_slot(&self, name: &str) {
+    fn stop_slot(&self, name: &str, mode: StopMode) {
         let slot = self.slots.lock().unwrap_or_else(|p| p.into_inner()).remove(name);
         if let Some(slot) = slot {
-            let _ = slot.stop.send(true);
+            let _ = slot.stop.send(mode);
             self.stopping.lock().unwrap_or_else(|p| p.into_inner()).push(slot);
         }
     }
@@ -207,7 +211,9 @@ impl EngineManager {
         stopping.retain(|s| !s.task.is_finished());
         out.extend(stopping.iter().map(|s| {
             let mut r = s.report.lock().unwrap_or_else(|p| p.into_inner()).clone();
-            r.state = "stopping".into();
+            if r.state != "draining" {
+                r.state = "stopping".into();
+            }
             r
         }));
         out
@@ -229,7 +235,7 @@ impl EngineManager {
             tracing::info!(engines = active.len(), "agent exiting; engines left running for adoption");
         }
         for s in &slots {
-            let _ = s.stop.send(true);
+            let _ = s.stop.send(StopMode::Now); // cuts drains short too
         }
         let limit = self.env.cfg.stop_grace + Duration::from_secs(5);
         for s in slots {
