@@ -7,7 +7,8 @@
 //! - APA: `ceil(total / target)` over the stable window unless value/target lies within
 //!   `[1 − scale_down_tolerance, 1 + scale_up_tolerance]`; each move limited to
 //!   `ceil(current × max_scale_up_rate)` up and `floor(current / max_scale_down_rate)` down.
-//! - HPA: `ceil(current × value / target)` on the newest samples.
+//! - HPA: `ceil(ready × value / target)` on the newest samples, replicas still starting
+//!   counted idle on the way up and at target on the way down (as Kubernetes does).
 //!
 //! With several metrics, each gives a count and the largest wins. A latency metric
 //! (`queue_wait_p95_ms`) wants `ready × value / target` replicas.
@@ -202,14 +203,25 @@ pub(crate) fn apa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready
 
 pub(crate) fn hpa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready: u32, now_ms: u64) -> Recommendation {
     let evals = evals(spec, signals, now_ms, Span::Latest, ready);
+    let starting = current.saturating_sub(ready);
     let mut best: Option<(u32, String)> = None;
     for e in &evals {
-        let desired = e.value.map_or(0, |v| ceil_replicas(f64::from(current) * v / e.metric.target));
-        let line = format!(
-            "hpa: {}, ceil({current} × {}) = {desired}",
-            e.describe(""),
-            e.value.map_or("?".into(), |v| num(v / e.metric.target))
-        );
+        let Some(ratio) = e.value.map(|v| v / e.metric.target) else {
+            continue;
+        };
+        // As the Kubernetes HPA: the value is per ready replica; on the way up a replica
+        // still starting counts as idle (so each evaluation does not multiply the same
+        // overload again while it starts), on the way down as exactly at target.
+        let by_ready = ceil_replicas(f64::from(ready) * ratio);
+        let (desired, tail) = if ratio >= 1.0 {
+            (
+                by_ready.max(current),
+                if by_ready < current { format!(", {current} kept ({starting} starting)") } else { String::new() },
+            )
+        } else {
+            (by_ready + starting, if starting > 0 { format!(" + {starting} starting") } else { String::new() })
+        };
+        let line = format!("hpa: {}, ceil({ready} × {}){tail} = {desired}", e.describe(""), num(ratio));
         if best.as_ref().is_none_or(|b| desired > b.0) {
             best = Some((desired, line));
         }

@@ -248,6 +248,29 @@ fn hpa_baseline_follows_the_newest_sample_without_delay() {
 }
 
 #[test]
+fn hpa_does_not_multiply_an_overload_again_while_replicas_start() {
+    // 1 ready replica with 12 waiting (3× target) asks for 3. While the new ones start
+    // (30 s) the same overload must not ask for ceil(3 × 3) = 9, then 27: a starting
+    // replica counts as idle on the way up.
+    let s = spec(&format!("{{min: 1, max: 40, strategy: hpa, metric: {WAITING4}}}"));
+    let mut r = Replay::new(s, 1);
+    r.startup_ms = 30_000;
+    assert_eq!(r.step(waiting(12.0, r.ready)).desired, 3);
+    let d = r.run(10, |_, ready| waiting(12.0, ready));
+    assert_eq!((r.current, r.ready, d.desired), (3, 1, 3), "{}", d.reason);
+    // Less load: one ready replica's worth asks for 2, but the starting ones are kept.
+    let d = r.step(waiting(8.0, r.ready));
+    assert_eq!(
+        d.reason,
+        "hpa: vllm:num_requests_waiting 8 per replica vs target 4, ceil(1 × 2), 3 kept (2 starting) = 3"
+    );
+    // Load gone: the starting ones count at target on the way down.
+    let d = r.step(waiting(0.0, r.ready));
+    assert_eq!(d.desired, 2, "{}", d.reason);
+    assert!(d.reason.ends_with("ceil(1 × 0) + 2 starting = 2"), "{}", d.reason);
+}
+
+#[test]
 fn helpers() {
     assert_eq!(ceil_replicas(8.000_000_000_1), 8);
     assert_eq!(ceil_replicas(8.01), 9);
