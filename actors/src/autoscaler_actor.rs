@@ -154,7 +154,7 @@ impl AutoscalerState {
             .collect();
         let mut next = stored.autoscaling.clone().unwrap_or_default();
         let display_moved = next.metrics != metrics || next.reason != decision.reason;
-        if !changed && !(stale_display && display_moved) {
+        if !(changed || stale_display && display_moved) {
             return Ok(true);
         }
         if decision.desired != current {
