@@ -5,8 +5,8 @@
 //! succeeds.
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
@@ -76,14 +76,12 @@ struct Stack {
     _dir: tempfile::TempDir,
     _server: ServerProc,
     _agent: AgentProc,
-    gateway: Child,
+    _gateway: GatewayProc,
     marker: u64,
 }
 
 impl Drop for Stack {
     fn drop(&mut self) {
-        let _ = self.gateway.kill();
-        let _ = self.gateway.wait();
         self._agent.kill();
         kill_engines(self.marker);
     }
@@ -97,18 +95,9 @@ async fn replicas_follow_load_scale_to_zero_and_back() {
     let grpc = server.grpc.clone();
     let marker = marker();
     let agent = AgentProc::start("node-1", &dir.path().join("agent"), &grpc, 4, marker);
-    let mut gateway = Command::new(BIN)
-        .args(["--server", &grpc, "gateway", "--listen", "127.0.0.1:0", "--no-auth"])
-        .args(["--demand-report-interval-ms", "500"])
-        .env("RUST_LOG", "error")
-        .stdout(Stdio::piped())
-        .stderr(Stdio::inherit())
-        .spawn()
-        .expect("spawn flotilla gateway");
-    let mut line = String::new();
-    BufReader::new(gateway.stdout.take().unwrap()).read_line(&mut line).unwrap();
-    let gw = line.split("http://").nth(1).expect("gateway banner").trim().to_owned();
-    let _stack = Stack { _dir: dir, _server: server, _agent: agent, gateway, marker };
+    let gateway = GatewayProc::start(&grpc, &["--demand-report-interval-ms", "500"]);
+    let gw = gateway.addr.clone();
+    let _stack = Stack { _dir: dir, _server: server, _agent: agent, _gateway: gateway, marker };
     let mut c = ObjectServiceClient::new(channel(&grpc, Duration::from_secs(5)));
     c.apply(ApplyRequest { manifest: MODEL.into(), expected_revision: None }).await.unwrap();
     wait_ready(&grpc, "the first replica", 60, |n| n == 1).await;

@@ -6,8 +6,8 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{BufRead, BufReader, Read, Write};
-use std::process::{Child, Command, Stdio};
+use std::io::{Read, Write};
+use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -106,8 +106,7 @@ struct Setup {
     _servers: Vec<ServerProc>,
     agents: Vec<AgentProc>,
     addrs: Vec<String>,
-    gateway: Child,
-    gateway_addr: String,
+    gateway: GatewayProc,
     marker: u64,
 }
 
@@ -130,24 +129,13 @@ impl Setup {
                 )
             })
             .collect();
-        let mut gateway = Command::new(BIN)
-            .args(["--server", &list, "gateway", "--listen", "127.0.0.1:0", "--no-auth"])
-            .env("RUST_LOG", "error")
-            .stdout(Stdio::piped())
-            .stderr(Stdio::inherit())
-            .spawn()
-            .expect("spawn flotilla gateway");
-        let mut line = String::new();
-        BufReader::new(gateway.stdout.take().unwrap()).read_line(&mut line).unwrap();
-        let gateway_addr = line.split("http://").nth(1).expect("gateway banner").trim().to_owned();
-        Setup { _dir: dir, _servers: servers, agents, addrs, gateway, gateway_addr, marker }
+        let gateway = GatewayProc::start(&list, &[]);
+        Setup { _dir: dir, _servers: servers, agents, addrs, gateway, marker }
     }
 }
 
 impl Drop for Setup {
     fn drop(&mut self) {
-        let _ = self.gateway.kill();
-        let _ = self.gateway.wait();
         for a in &mut self.agents {
             a.kill();
         }
@@ -172,7 +160,7 @@ async fn first_success(gateway: &str, model: &str, secs: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_adapters_on_two_replicas_load_on_demand_evict_and_unload() {
     let setup = Setup::start(1).await;
-    let (s, gw) = (&setup.addrs, setup.gateway_addr.clone());
+    let (s, gw) = (&setup.addrs, setup.gateway.addr.clone());
     apply(s, base_manifest(2)).await;
     wait_replicas(s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
     let names: Vec<String> = (0..20).map(|i| format!("lora-{i:02}")).collect();
@@ -228,7 +216,7 @@ async fn twenty_adapters_on_two_replicas_load_on_demand_evict_and_unload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_adapter_moves_when_its_node_dies_and_requests_keep_succeeding() {
     let mut setup = Setup::start(2).await;
-    let (s, gw) = (setup.addrs.clone(), setup.gateway_addr.clone());
+    let (s, gw) = (setup.addrs.clone(), setup.gateway.addr.clone());
     apply(&s, base_manifest(2)).await;
     let r = wait_replicas(&s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
     assert_ne!(r[0].node, r[1].node, "one replica per node (spread by free GPUs)");

@@ -155,13 +155,26 @@ pub(crate) fn kpa(
     rec
 }
 
+/// The largest of the per-metric counts (the first on a tie), with its reason line.
+fn largest(current: u32, evals: &[Eval], counts: impl IntoIterator<Item = (u32, String)>) -> Recommendation {
+    let Some((desired, reason)) = counts.into_iter().reduce(|a, b| if b.0 > a.0 { b } else { a }) else {
+        return Recommendation::hold(current, "no metric to scale on");
+    };
+    Recommendation {
+        desired,
+        reason,
+        unknown: unknowns(evals),
+        panicking: false,
+        metrics: evals.iter().map(Eval::observed).collect(),
+    }
+}
+
 pub(crate) fn apa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready: u32, now_ms: u64) -> Recommendation {
     let evals = evals(spec, signals, now_ms, Span::Over(spec.stable_window.as_millis()), ready);
     let (lo, hi) = (1.0 - spec.scale_down_tolerance, 1.0 + spec.scale_up_tolerance);
     let up_limit = ceil_replicas(f64::from(current.max(1)) * spec.max_scale_up_rate);
     let down_limit = (f64::from(current) / spec.max_scale_down_rate).floor() as u32;
-    let mut best: Option<(u32, String)> = None;
-    for e in &evals {
+    let counts = evals.iter().map(|e| {
         let (desired, why) = match (e.raw, e.value) {
             (Some(raw), Some(value)) => {
                 let ratio = value / e.metric.target;
@@ -184,31 +197,16 @@ pub(crate) fn apa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready
             }
             _ => (0, "unknown".to_string()),
         };
-        let line = format!("apa: {}, {why}", e.describe(&over(spec.stable_window)));
-        if best.as_ref().is_none_or(|b| desired > b.0) {
-            best = Some((desired, line));
-        }
-    }
-    let Some((desired, reason)) = best else {
-        return Recommendation::hold(current, "no metric to scale on");
-    };
-    Recommendation {
-        desired,
-        reason,
-        unknown: unknowns(&evals),
-        panicking: false,
-        metrics: evals.iter().map(Eval::observed).collect(),
-    }
+        (desired, format!("apa: {}, {why}", e.describe(&over(spec.stable_window))))
+    });
+    largest(current, &evals, counts)
 }
 
 pub(crate) fn hpa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready: u32, now_ms: u64) -> Recommendation {
     let evals = evals(spec, signals, now_ms, Span::Latest, ready);
     let starting = current.saturating_sub(ready);
-    let mut best: Option<(u32, String)> = None;
-    for e in &evals {
-        let Some(ratio) = e.value.map(|v| v / e.metric.target) else {
-            continue;
-        };
+    let counts = evals.iter().filter_map(|e| {
+        let ratio = e.value? / e.metric.target;
         // As the Kubernetes HPA: the value is per ready replica; on the way up a replica
         // still starting counts as idle (so each evaluation does not multiply the same
         // overload again while it starts), on the way down as exactly at target.
@@ -221,19 +219,7 @@ pub(crate) fn hpa(spec: &AutoscalingSpec, signals: &Signals, current: u32, ready
         } else {
             (by_ready + starting, if starting > 0 { format!(" + {starting} starting") } else { String::new() })
         };
-        let line = format!("hpa: {}, ceil({ready} × {}){tail} = {desired}", e.describe(""), num(ratio));
-        if best.as_ref().is_none_or(|b| desired > b.0) {
-            best = Some((desired, line));
-        }
-    }
-    let Some((desired, reason)) = best else {
-        return Recommendation::hold(current, "no metric to scale on");
-    };
-    Recommendation {
-        desired,
-        reason,
-        unknown: unknowns(&evals),
-        panicking: false,
-        metrics: evals.iter().map(Eval::observed).collect(),
-    }
+        Some((desired, format!("hpa: {}, ceil({ready} × {}){tail} = {desired}", e.describe(""), num(ratio))))
+    });
+    largest(current, &evals, counts)
 }

@@ -185,6 +185,38 @@ impl Drop for AgentProc {
     }
 }
 
+/// One `flotilla gateway` process (no auth, port 0); killed on drop.
+pub struct GatewayProc {
+    /// `host:port` of its HTTP listener.
+    pub addr: String,
+    child: Child,
+}
+
+impl GatewayProc {
+    /// Starts a gateway for the comma-separated `servers` and waits for its banner.
+    pub fn start(servers: &str, extra: &[&str]) -> GatewayProc {
+        let mut child = Command::new(BIN)
+            .args(["--server", servers, "gateway", "--listen", "127.0.0.1:0", "--no-auth"])
+            .args(extra)
+            .env("RUST_LOG", "error")
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .expect("spawn flotilla gateway");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read banner");
+        let addr = line.split("http://").nth(1).expect("gateway banner").trim().to_owned();
+        GatewayProc { addr, child }
+    }
+}
+
+impl Drop for GatewayProc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
 /// PIDs of live engine processes started with `--seed <marker>`.
 pub fn engine_pids(marker: u64) -> Vec<u32> {
     let needle = format!("--seed\0{marker}\0");
