@@ -289,7 +289,7 @@ def integral(samples, t0, t1):
 
 
 # ---------------------------------------------------------------- manifests
-def manifest(name, policy, k, static_n, target, slo_ms, max_replicas):
+def manifest(name, policy, k, static_n, target, slo_ms, max_replicas, stable_s=180, delay_s=300):
     head = (f"kind: Model\nmetadata: {{name: {name}}}\nspec:\n  engine: sim\n  source: file:///models/{name}\n"
             f"  gpus: 1\n")
     if policy == "static":
@@ -300,8 +300,8 @@ def manifest(name, policy, k, static_n, target, slo_ms, max_replicas):
         a += f"    slo: {{ttft_p95_ms: {slo_ms / k:g}}}\n"
     else:
         a += f"    metrics: [{{source: gateway, name: concurrency, target: {target:g}}}]\n"
-    if policy != "hpa":  # defaults 180s / 60s / 300s, divided by K
-        a += f"    stable_window: {sec(180)}\n    panic_window: {sec(60)}\n    scale_down_delay: {sec(300)}\n"
+    if policy != "hpa":  # defaults 180s / 60s / 300s (or the flags), divided by K
+        a += f"    stable_window: {sec(stable_s)}\n    panic_window: {sec(60)}\n    scale_down_delay: {sec(delay_s)}\n"
     return head + a
 
 
@@ -368,7 +368,8 @@ def cmd_run(a):
     name = f"m-{a.policy}"
     stack = Stack(a.bin, a.k, a.gpus, a.sim_args, a.out)
     try:
-        man = manifest(name, a.policy, a.k, static_n, target, a.ttft_target * 1000 * a.slo_fraction, a.max_replicas)
+        man = manifest(name, a.policy, a.k, static_n, target, a.ttft_target * 1000 * a.slo_fraction, a.max_replicas,
+                       a.stable_window_s, a.scale_down_delay_s)
         with open(os.path.join(a.out, f"{a.policy}.yaml"), "w") as f:
             f.write(man)
         stack.cli("apply", "-f", "-", stdin=man.encode())
@@ -439,6 +440,8 @@ def main():
     ap.add_argument("--slo-fraction", type=float, default=0.6, help="slo strategy's ttft_p95 = this x target")
     ap.add_argument("--target-fraction", type=float, default=0.7,
                     help="concurrency target = this x concurrency at calibrated capacity")
+    ap.add_argument("--stable-window-s", type=float, default=180, help="kpa/apa/slo stable_window, simulated s")
+    ap.add_argument("--scale-down-delay-s", type=float, default=300, help="kpa/apa/slo scale_down_delay, simulated s")
     ap.add_argument("--prompt-words", type=int, default=200)
     ap.add_argument("--max-tokens", type=int, default=32)
     ap.add_argument("--rates", type=float, nargs="+", default=[0.75, 1.0, 1.25, 1.5, 1.75, 2.0, 2.25])

@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Prints the results table (markdown) from bench/autoscaler/out/*.json."""
+"""Prints the results table (markdown) from bench/autoscaler/out/*.json, then one row per
+variant directory (out/VARIANT/POLICY.json: the same trace with other knobs)."""
 import json
 import os
 import sys
@@ -10,6 +11,11 @@ for p in ("static", "kpa", "apa", "slo", "hpa"):
     f = os.path.join(out, f"{p}.json")
     if os.path.exists(f):
         rows[p] = json.load(open(f))
+for d in sorted(os.listdir(out)):
+    for p in ("kpa", "apa", "slo", "hpa"):
+        f = os.path.join(out, d, f"{p}.json")
+        if os.path.isdir(os.path.join(out, d)) and os.path.exists(f):
+            rows[d] = json.load(open(f))
 static = rows.get("static", {}).get("gpu_hours")
 hpa = rows.get("hpa", {}).get("scaling_events")
 print("| policy | requests | SLO attainment (TTFT ≤ 1 s) | TTFT p50 / p95 / p99 (s) | GPU-hours | vs static | "
