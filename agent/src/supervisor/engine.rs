@@ -121,7 +121,7 @@ async fn life(
         update(&report, |r| {
             r.state = "starting".into();
             r.pid = s.process.pid;
-            r.endpoint = format!("{}:{}", env.cfg.address, s.port);
+            r.endpoint = env.endpoint(s.port);
         });
         tracing::info!(replica = %replica, pid = s.process.pid, port = s.port, "adopted running engine");
         Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now() }
@@ -176,8 +176,7 @@ async fn life(
         };
         let outcome = supervise(&env, &mut run, &log, &report, &mut stop, &view).await;
         if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain {
-            let endpoint = format!("{}:{}", env.cfg.address, run.port);
-            drain::drain(&env.engine, &endpoint, env.cfg.drain_timeout, &report, &mut stop).await;
+            drain::drain(&env.engine, &env.endpoint(run.port), env.cfg.drain_timeout, &report, &mut stop).await;
         }
         view.send_modify(|v| {
             // The process is going: its adapters with it.
@@ -296,7 +295,7 @@ fn launch(
         r.state = "starting".into();
         r.reason.clear();
         r.pid = id.pid;
-        r.endpoint = format!("{}:{port}", env.cfg.address);
+        r.endpoint = env.endpoint(port);
         r.num_requests_running = 0.0;
         r.num_requests_waiting = 0.0;
         r.kv_cache_usage = 0.0;
@@ -318,7 +317,7 @@ async fn supervise(
     stop: &mut watch::Receiver<StopMode>,
     view: &watch::Sender<EngineView>,
 ) -> Outcome {
-    let endpoint = format!("{}:{}", env.cfg.address, run.port);
+    let endpoint = env.endpoint(run.port);
     let deadline = run.started_at + env.cfg.start_timeout;
     let mut ready = false;
     let mut unhealthy_since: Option<Instant> = None;

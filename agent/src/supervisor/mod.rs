@@ -62,6 +62,13 @@ pub struct EngineEnv {
     pub early_heartbeat: Arc<Notify>,
 }
 
+impl EngineEnv {
+    /// `host:port` of the engine listening on `port` (the agent's `--address`).
+    pub fn endpoint(&self, port: u16) -> String {
+        format!("{}:{port}", self.cfg.address)
+    }
+}
+
 struct Slot {
     assignment: ReplicaAssignment,
     report: SharedReport,
