@@ -18,9 +18,9 @@ for d in sorted(os.listdir(out)):
             rows[d] = json.load(open(f))
 static = rows.get("static", {}).get("gpu_hours")
 hpa = rows.get("hpa", {}).get("scaling_events")
-print("| policy | requests | SLO attainment (TTFT ≤ 1 s) | TTFT p50 / p95 / p99 (s) | GPU-hours | vs static | "
-      "scaling events | max replicas | goal met |")
-print("|---|---|---|---|---|---|---|---|---|")
+print("| policy | requests | SLO attainment (TTFT ≤ 1 s) | failed / slow | TTFT p50 / p95 / p99 (s) | GPU-hours | "
+      "vs static | scaling events | max replicas | goal met |")
+print("|---|---|---|---|---|---|---|---|---|---|")
 for p, r in rows.items():
     ratio = r["gpu_hours"] / static if static else None
     goal = "—"
@@ -29,6 +29,9 @@ for p, r in rows.items():
         if p != "hpa" and hpa is not None:
             ok.append(r["scaling_events"] < hpa)
         goal = "yes" if all(ok) else "no"
+    # failed = no 200 or a stream cut before [DONE]; slow = completed with TTFT over target.
+    met = round(r["attainment"] * r["requests"])
     print(f"| {p} | {r['requests']} ({r['ok']} ok) | {100 * r['attainment']:.2f}% | "
+          f"{r['requests'] - r['ok']} / {r['ok'] - met} | "
           f"{r['ttft_p50_s']:.2f} / {r['ttft_p95_s']:.2f} / {r['ttft_p99_s']:.2f} | {r['gpu_hours']:.2f} | "
           f"{'' if ratio is None else f'{100 * ratio:.0f}%'} | {r['scaling_events']} | {r['max_engines']} | {goal} |")
