@@ -16,9 +16,9 @@ use flotilla_api::spec::{RoutingStrategy, TenantSpec};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-use crate::adapters::{adapter_info, endpoint_of, AdapterInfo};
+use crate::lora::{adapter_info, AdapterInfo};
 use crate::state::Gateway;
-use crate::table::{EndpointSet, ModelInfo, Tenant, Tenants};
+use crate::table::{endpoint_of, EndpointSet, ModelInfo, Tenant, Tenants};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);

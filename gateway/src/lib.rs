@@ -14,7 +14,6 @@
 //! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
 #![forbid(unsafe_code)]
 
-pub mod adapters;
 pub mod admission;
 pub mod cluster;
 pub mod config;
@@ -26,6 +25,7 @@ pub mod layers;
 pub mod leader;
 pub mod limits;
 pub mod load;
+pub mod lora;
 pub mod metrics;
 pub mod ondemand;
 pub mod proxy;

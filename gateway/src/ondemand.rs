@@ -31,17 +31,17 @@ use http::HeaderMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::adapters::{endpoint_of, UsageBook};
 use crate::admission::{saturated, select, Lease, PickCtx};
 use crate::config::Config;
 use crate::error::ApiError;
 use crate::leader::{LeaderLink, LoadError};
 use crate::load::Availability;
+use crate::lora::UsageBook;
 use crate::metrics::{AdapterLabels, ReasonLabels};
 use crate::proxy::{forward, Upstream};
 use crate::request::ApiKind;
 use crate::state::Gateway;
-use crate::table::{Endpoint, EndpointId};
+use crate::table::{endpoint_of, Endpoint, EndpointId};
 
 /// A completed load's outcome is reused this long: errors, so a burst for a broken adapter
 /// makes one call; successes only for scale-out requests (saturated holders).

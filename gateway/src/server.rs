@@ -101,7 +101,7 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         Err(e) => return e.into_response(),
     };
     let set = gw.dir.endpoints();
-    let data: Vec<serde_json::Value> = crate::adapters::listing(&set, &gw.dir.adapters())
+    let data: Vec<serde_json::Value> = crate::lora::listing(&set, &gw.dir.adapters())
         .into_iter()
         .filter(|(id, _)| layers::visible(tenant.as_deref(), id))
         .map(|(id, parent)| {

@@ -72,21 +72,6 @@ pub fn listing(set: &EndpointSet, adapters: &HashMap<String, AdapterInfo>) -> Ve
     out
 }
 
-/// Converts one endpoint of the control plane's shape (None when its address is unusable).
-pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
-    let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
-    let mut ep = Endpoint::new(&e.model, authority);
-    ep.node = e.node.clone();
-    ep.replica = e.replica.clone();
-    ep.adapters = e.loaded_adapters.clone();
-    ep.engine = crate::table::EngineLoad {
-        running: e.num_requests_running,
-        waiting: e.num_requests_waiting,
-        kv_cache_usage: e.kv_cache_usage,
-    };
-    Some(ep)
-}
-
 /// What the gateway learned about adapters ahead of the snapshots (see the module docs).
 #[derive(Debug, Default)]
 pub struct Overlay {
@@ -187,12 +172,7 @@ impl UsageBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
-        let mut e = Endpoint::new(model, addr.parse().unwrap());
-        e.adapters = adapters.iter().map(|s| s.to_string()).collect();
-        e
-    }
+    use crate::table::test_endpoint as ep;
 
     fn holders(set: &EndpointSet, adapter: &str) -> Vec<String> {
         set.resolve(adapter).map(|r| r.endpoints.iter().map(|e| e.id.to_string()).collect()).unwrap_or_default()
