@@ -19,7 +19,7 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::Saturation;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::load::{Availability, EndpointLoad, EndpointStats};
 use crate::metrics::EndpointLabels;
 use crate::qos::{FairQueue, Waiter};
@@ -208,15 +208,15 @@ impl Gateway {
                 match guard.shed_below(ctx.class) {
                     Some(shed) => drop(shed), // its waiter sees a closed channel: shed
                     None => {
-                        return Err(ApiError::unavailable(
-                            "queue_full",
+                        return Err(ApiError::new(
+                            ApiCode::QueueFull,
                             format!(
                                 "model {:?} is saturated and its queue is full ({} waiting)",
                                 ctx.model,
                                 guard.len()
                             ),
-                            1,
-                        ))
+                        )
+                        .retry_after(1))
                     }
                 }
             }
@@ -237,11 +237,11 @@ impl Gateway {
         let mut rx = rx;
         match tokio::time::timeout(deadline, &mut rx).await {
             Ok(Ok(lease)) => Ok((lease, start.elapsed())),
-            Ok(Err(_)) => Err(ApiError::unavailable(
-                "shed",
+            Ok(Err(_)) => Err(ApiError::new(
+                ApiCode::Shed,
                 format!("request shed: model {:?} is saturated and higher-priority requests are waiting", ctx.model),
-                1,
-            )),
+            )
+            .retry_after(1)),
             Err(_) => {
                 let removed = q.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
                 if removed.is_none() {
@@ -249,16 +249,16 @@ impl Gateway {
                         return Ok((lease, start.elapsed()));
                     }
                 }
-                Err(ApiError::unavailable(
-                    "queue_timeout",
+                Err(ApiError::new(
+                    ApiCode::QueueTimeout,
                     format!(
                         "model {:?} is saturated: no endpoint freed up within the {} ms {} queue deadline",
                         ctx.model,
                         deadline.as_millis(),
                         class_name(ctx.class)
                     ),
-                    1,
-                ))
+                )
+                .retry_after(1))
             }
         }
     }

@@ -25,7 +25,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::metrics::ModelLabels;
 use crate::state::Gateway;
 
@@ -172,11 +172,11 @@ impl Gateway {
     ) -> Result<(), ApiError> {
         let start = Instant::now();
         let ticket = self.holds.push(model, class, self.cfg.max_held_per_model).map_err(|n| {
-            ApiError::unavailable(
-                "cold_start_full",
+            ApiError::new(
+                ApiCode::ColdStartFull,
                 format!("model {model:?} has no ready endpoint yet and {n} requests are already waiting for one"),
-                RETRY_AFTER_FULL_S,
             )
+            .retry_after(RETRY_AFTER_FULL_S)
         })?;
         let mut place = Place { holds: &self.holds, model, key: Some(ticket.key) };
         if ticket.first {
@@ -201,15 +201,15 @@ impl Gateway {
                 }
                 self.metrics.held_timeouts.get_or_create(&ModelLabels { model: model.to_string() }).inc();
                 tracing::warn!(model, waited_ms = start.elapsed().as_millis() as u64, "held request timed out");
-                Err(ApiError::unavailable(
-                    "cold_start_timeout",
+                Err(ApiError::new(
+                    ApiCode::ColdStartTimeout,
                     format!(
                         "model {model:?} has no ready endpoint: none came up within the {} ms hold deadline \
                          (it may be scaling up from zero; retry later)",
                         self.cfg.hold_deadline(class).as_millis()
                     ),
-                    RETRY_AFTER_TIMEOUT_S,
-                ))
+                )
+                .retry_after(RETRY_AFTER_TIMEOUT_S))
             }
         }
     }

@@ -15,6 +15,7 @@
 #![forbid(unsafe_code)]
 
 pub mod admission;
+pub mod api_code;
 pub mod cluster;
 pub mod config;
 pub mod demand;
@@ -46,7 +47,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{Config, GatewayArgs};
-pub use error::{ApiError, GatewayError};
+pub use error::{ApiCode, ApiError, GatewayError};
 pub use state::Gateway;
 
 /// A running gateway started by [`start`].

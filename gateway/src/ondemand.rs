@@ -33,7 +33,7 @@ use tokio::time::Instant;
 
 use crate::admission::{saturated, select, Lease, PickCtx};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::leader::{LeaderLink, LoadError};
 use crate::load::Availability;
 use crate::lora::UsageBook;
@@ -249,19 +249,19 @@ impl Gateway {
                             self.metrics.adapter_cold_load_seconds.observe(start.elapsed().as_secs_f64());
                             Ok(x)
                         }
-                        Err(e) if e.code == "queue_timeout" => Err(match outcome {
+                        Err(e) if e.code == ApiCode::QueueTimeout => Err(match outcome {
                             Some(Err(le)) => le.to_api(&ctx.model),
                             Some(Ok(_)) => e,
-                            None => ApiError::unavailable(
-                                "adapter_load_timeout",
+                            None => ApiError::new(
+                                ApiCode::AdapterLoadTimeout,
                                 format!(
                                     "adapter {:?} is being loaded and was not ready within the {} ms {} deadline",
                                     ctx.model,
                                     self.cfg.deadlines.of(ctx.class).as_millis(),
                                     crate::admission::class_name(ctx.class)
                                 ),
-                                5,
-                            ),
+                            )
+                            .retry_after(5),
                         }),
                         Err(e) => Err(e),
                     };
@@ -317,20 +317,20 @@ impl Gateway {
             Ok(Ok(_)) => {}
             Ok(Err(e)) => return Err(e.to_api(&ctx.model)),
             Err(_) => {
-                return Err(ApiError::unavailable(
-                    "adapter_load_timeout",
+                return Err(ApiError::new(
+                    ApiCode::AdapterLoadTimeout,
                     format!("adapter {:?} {what} within {} ms", ctx.model, wait.as_millis()),
-                    5,
-                ))
+                )
+                .retry_after(5))
             }
         }
         let lease = select(self, ctx, exclude, false).or_else(|| select(self, ctx, &[], false));
         let Some(lease) = lease else {
-            return Err(ApiError::unavailable(
-                "adapter_unavailable",
+            return Err(ApiError::new(
+                ApiCode::AdapterUnavailable,
                 format!("adapter {:?} was loaded but no endpoint holding it is available", ctx.model),
-                1,
-            ));
+            )
+            .retry_after(1));
         };
         forward(self, ctx, lease, kind, body, headers).await
     }

@@ -18,7 +18,7 @@ use tokio::time::{Instant, Sleep};
 
 use crate::admission::{select, Lease, PickCtx};
 use crate::demand::{Finished, GaugeGuard};
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
 use crate::qos::correction;
 use crate::request::ApiKind;
@@ -94,9 +94,7 @@ pub async fn forward(
             Err(_) => {
                 failure(gw, &lease);
                 return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "server_error",
-                    "upstream_timeout",
+                    ApiCode::UpstreamTimeout,
                     format!(
                         "engine {} did not answer within {} s",
                         lease.endpoint.id,

@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use crate::admission::{cost_estimate, PickCtx};
 use crate::demand::GaugeKind;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::layers::{self, Caller, Parsed, Policy};
 use crate::limits::Remaining;
 use crate::metrics::QueueLabels;
@@ -63,23 +63,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 }
 
 async fn not_found(req: Request) -> Response {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "not_found",
-        format!("no route for {}", req.uri().path()),
-    )
-    .into_response()
+    ApiError::new(ApiCode::NotFound, format!("no route for {}", req.uri().path())).into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
-        "method_not_allowed",
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
-    .into_response()
+    ApiError::new(ApiCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
+        .into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
@@ -129,8 +118,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (Some(caller), Some(policy), Some(parsed)) =
         (ext.get::<Caller>().cloned(), ext.get::<Policy>().cloned(), ext.get::<Parsed>().cloned())
     else {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", "request layers missing")
-            .into_response();
+        return ApiError::new(ApiCode::Internal, "request layers missing").into_response();
     };
     let remaining = ext.get::<Remaining>().cloned().unwrap_or_default();
     let headers = req.headers().clone();
@@ -140,15 +128,15 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             if let Some(base) = counted {
-                if matches!(e.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+                if matches!(e.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
                     gw.demand.rejected(&base);
                 } else {
                     gw.demand.finished(&base, Default::default());
                 }
             }
-            gw.metrics.error(&model, e.code);
-            if e.status.is_server_error() {
-                tracing::warn!(model = %model, code = e.code, error = %e.message, "request failed");
+            gw.metrics.error(&model, e.code.as_str());
+            if e.status().is_server_error() {
+                tracing::warn!(model = %model, code = %e.code, error = %e.message, "request failed");
             }
             e.into_response()
         }
@@ -215,18 +203,18 @@ async fn forward_request(
             }
             (None, None) => {
                 if set.by_model.get(&features.model).is_some_and(|v| v.is_empty()) {
-                    return Err(ApiError::unavailable(
-                        "no_endpoints",
+                    return Err(ApiError::new(
+                        ApiCode::NoEndpoints,
                         format!("model {:?} has no ready endpoint", features.model),
-                        5,
-                    ));
+                    )
+                    .retry_after(5));
                 }
                 if set.is_empty() && !gw.dir.synced() {
-                    return Err(ApiError::unavailable(
-                        "no_endpoint_table",
+                    return Err(ApiError::new(
+                        ApiCode::NoEndpointTable,
                         "the gateway has not received its endpoint table yet",
-                        1,
-                    ));
+                    )
+                    .retry_after(1));
                 }
                 return Err(ApiError::model_not_found(&features.model));
             }
@@ -251,7 +239,7 @@ async fn forward_request(
     let (lease, waited) = match acquired {
         Ok(x) => x,
         Err(e) => {
-            gw.metrics.reject(&caller.name, e.code);
+            gw.metrics.reject(&caller.name, e.code.as_str());
             return Err(e);
         }
     };
@@ -266,7 +254,7 @@ async fn forward_request(
     let on_demand = is_adapter && gw.loader.enabled();
     let mut up = match forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await {
         // every engine holding the adapter is unreachable: load it on another replica
-        Err(e) if on_demand && e.status == StatusCode::BAD_GATEWAY => {
+        Err(e) if on_demand && e.status() == StatusCode::BAD_GATEWAY => {
             gw.reload_elsewhere(&ctx, kind, upstream_body.clone(), h).await?
         }
         r => r?,
