@@ -28,6 +28,7 @@ pub mod limits;
 pub mod load;
 pub mod lora;
 pub mod metrics;
+pub mod names;
 pub mod ondemand;
 pub mod proxy;
 pub mod qos;

@@ -29,6 +29,7 @@ impl ApiKind {
 /// The routing-relevant features of one request.
 #[derive(Debug, Clone, Default)]
 pub struct RequestFeatures {
+    /// The body's `model` as sent (the proxy handler names it a [`crate::names::ServedName`]).
     pub model: String,
     pub stream: bool,
     /// The client asked for `stream_options.include_usage`.

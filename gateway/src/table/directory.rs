@@ -14,6 +14,7 @@ use tokio::sync::watch;
 
 use super::{Endpoint, EndpointId, EndpointSet, Tenants};
 use crate::lora::{AdapterInfo, Overlay, OVERLAY_TTL};
+use crate::names::{AdapterName, ModelName};
 
 /// A watched `Model` object as the gateway needs it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -44,15 +45,15 @@ impl ModelInfo {
 pub fn carry_over(
     prev: &EndpointSet,
     mut next: EndpointSet,
-    models: &HashMap<String, ModelInfo>,
-    held: &mut HashMap<String, tokio::time::Instant>,
+    models: &HashMap<ModelName, ModelInfo>,
+    held: &mut HashMap<ModelName, tokio::time::Instant>,
     now: tokio::time::Instant,
     grace: std::time::Duration,
 ) -> EndpointSet {
     let keeps = |m: &str| models.get(m).is_some_and(|i| !i.scaled_to_zero());
-    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && keeps(m));
+    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && keeps(m.as_str()));
     for (model, eps) in &prev.by_model {
-        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !keeps(model) {
+        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !keeps(model.as_str()) {
             continue;
         }
         let since = *held.entry(model.clone()).or_insert(now);
@@ -72,7 +73,7 @@ struct ClusterView {
     /// The last snapshot after [`carry_over`].
     raw: Arc<EndpointSet>,
     /// Models whose endpoints are carried over, and since when ([`carry_over`]).
-    held: HashMap<String, tokio::time::Instant>,
+    held: HashMap<ModelName, tokio::time::Instant>,
     /// Adapters just loaded or found unloaded by this gateway ([`Overlay`]).
     overlay: Overlay,
 }
@@ -83,9 +84,9 @@ pub struct Directory {
     cluster: std::sync::Mutex<ClusterView>,
     endpoints: RwLock<Arc<EndpointSet>>,
     /// The watched `Model` objects by name.
-    models: RwLock<Arc<HashMap<String, ModelInfo>>>,
+    models: RwLock<Arc<HashMap<ModelName, ModelInfo>>>,
     tenants: RwLock<Arc<Tenants>>,
-    adapters: RwLock<Arc<HashMap<String, AdapterInfo>>>,
+    adapters: RwLock<Arc<HashMap<AdapterName, AdapterInfo>>>,
     /// Set once any endpoint table was received.
     synced: std::sync::atomic::AtomicBool,
     /// Bumped on every published table and every change of the watched models.
@@ -134,7 +135,7 @@ impl Directory {
     }
     /// `EnsureLoaded` answered: `adapter` is loaded on `eps` (until a snapshot says so too,
     /// for at most [`OVERLAY_TTL`]). For cluster endpoints only.
-    pub fn learn_loaded(&self, adapter: &str, eps: Vec<Endpoint>) {
+    pub fn learn_loaded(&self, adapter: &AdapterName, eps: Vec<Endpoint>) {
         let mut view = self.view();
         view.overlay.learn(adapter, eps, tokio::time::Instant::now() + OVERLAY_TTL);
         self.publish(&mut view);
@@ -142,7 +143,7 @@ impl Directory {
     /// An engine answered 404 for `adapter`: it was unloaded there; route it elsewhere for
     /// [`OVERLAY_TTL`] (or until `EnsureLoaded` names that endpoint again). For cluster
     /// endpoints only.
-    pub fn forget_loaded(&self, adapter: &str, id: &EndpointId) {
+    pub fn forget_loaded(&self, adapter: &AdapterName, id: &EndpointId) {
         let mut view = self.view();
         view.overlay.forget(adapter, id, tokio::time::Instant::now() + OVERLAY_TTL);
         self.publish(&mut view);
@@ -154,7 +155,7 @@ impl Directory {
         self.model(model).map(|m| m.routing).unwrap_or_default()
     }
     /// The watched `Model` objects.
-    pub fn models(&self) -> Arc<HashMap<String, ModelInfo>> {
+    pub fn models(&self) -> Arc<HashMap<ModelName, ModelInfo>> {
         self.models.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     /// The watched `Model` object `name`, if it exists.
@@ -163,10 +164,10 @@ impl Directory {
     }
     /// Installs the watched `Model` objects. A model whose endpoints are being carried over
     /// ([`carry_over`]) and that was deleted or scaled to zero loses them now.
-    pub fn set_models(&self, m: HashMap<String, ModelInfo>) {
+    pub fn set_models(&self, m: HashMap<ModelName, ModelInfo>) {
         let keeps = |name: &str| m.get(name).is_some_and(|i| !i.scaled_to_zero());
         let mut view = self.view();
-        let drop: Vec<String> = view.held.keys().filter(|k| !keeps(k)).cloned().collect();
+        let drop: Vec<ModelName> = view.held.keys().filter(|k| !keeps(k.as_str())).cloned().collect();
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(m);
         if drop.is_empty() {
             self.changes.send_modify(|g| *g = g.wrapping_add(1));
@@ -188,13 +189,13 @@ impl Directory {
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
     }
     /// The watched `Adapter` objects by name.
-    pub fn adapters(&self) -> Arc<HashMap<String, AdapterInfo>> {
+    pub fn adapters(&self) -> Arc<HashMap<AdapterName, AdapterInfo>> {
         self.adapters.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub fn adapter(&self, name: &str) -> Option<AdapterInfo> {
         self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
-    pub fn set_adapters(&self, a: HashMap<String, AdapterInfo>) {
+    pub fn set_adapters(&self, a: HashMap<AdapterName, AdapterInfo>) {
         *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
     }
 }
@@ -209,8 +210,8 @@ mod tests {
         let t0 = tokio::time::Instant::now();
         let grace = std::time::Duration::from_secs(60);
         let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
-        let models: HashMap<String, ModelInfo> =
-            ["a", "b"].iter().map(|m| (m.to_string(), ModelInfo::default())).collect();
+        let models: HashMap<ModelName, ModelInfo> =
+            ["a", "b"].iter().map(|m| (ModelName::new(m), ModelInfo::default())).collect();
         let mut held = HashMap::new();
         let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1")]);
         // b keeps one endpoint: no carry-over; a lost all: kept.
@@ -226,7 +227,7 @@ mod tests {
         // endpoints back: the hold ends; a deleted model is dropped at once.
         let back = carry_over(&later, set(&[("a", "1.1.1.1:3")]), &models, &mut held, t0 + grace, grace);
         assert!(!held.contains_key("a") && back.by_model["a"].len() == 1);
-        let gone: HashMap<String, ModelInfo> = HashMap::new();
+        let gone: HashMap<ModelName, ModelInfo> = HashMap::new();
         let deleted = carry_over(&back, set(&[]), &gone, &mut held, t0 + grace, grace);
         assert!(deleted.by_model.is_empty() && held.is_empty());
     }
@@ -237,10 +238,8 @@ mod tests {
         let grace = std::time::Duration::from_secs(60);
         let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
         let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
-        let mut models: HashMap<String, ModelInfo> =
-            [("a".to_string(), info(Some(0))), ("b".to_string(), info(Some(2))), ("c".to_string(), info(None))]
-                .into_iter()
-                .collect();
+        let mut models: HashMap<ModelName, ModelInfo> =
+            [("a".into(), info(Some(0))), ("b".into(), info(Some(2))), ("c".into(), info(None))].into_iter().collect();
         let mut held = HashMap::new();
         let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1"), ("c", "3.3.3.3:1")]);
         // a (desired 0) is dropped at once; b (desired 2) and c (no status yet) are kept.
@@ -264,12 +263,12 @@ mod tests {
         let dir = Directory::default();
         let mut rx = dir.changes();
         let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
-        dir.set_models([("a".to_string(), info(Some(1)))].into_iter().collect());
+        dir.set_models([("a".into(), info(Some(1)))].into_iter().collect());
         dir.set_cluster_endpoints(EndpointSet::from_endpoints([ep("a", "1.1.1.1:1", &[])]));
         dir.set_cluster_endpoints(EndpointSet::default());
         assert_eq!(dir.endpoints().len(), 1, "carried over");
         rx.borrow_and_update();
-        dir.set_models([("a".to_string(), info(Some(0)))].into_iter().collect());
+        dir.set_models([("a".into(), info(Some(0)))].into_iter().collect());
         assert!(dir.endpoints().is_empty(), "scaled to zero: dropped at once");
         assert!(rx.has_changed().unwrap(), "the change is announced");
     }

@@ -10,6 +10,8 @@ use flotilla_api::pb;
 use flotilla_engine::EngineMetrics;
 use http::uri::Authority;
 
+use crate::names::{AdapterName, ModelName, ServedName};
+
 /// An engine endpoint, named by its `host:port`.
 #[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
 pub struct EndpointId(Arc<str>);
@@ -48,20 +50,20 @@ impl From<&EngineMetrics> for EngineLoad {
 #[derive(Debug, Clone, PartialEq)]
 pub struct Endpoint {
     pub id: EndpointId,
-    pub model: String,
+    pub model: ModelName,
     pub authority: Authority,
     pub node: String,
     /// The replica's name (empty for static backends): `EnsureLoaded`'s avoid list.
     pub replica: String,
-    pub adapters: Vec<String>,
+    pub adapters: Vec<AdapterName>,
     pub engine: EngineLoad,
 }
 
 impl Endpoint {
-    pub fn new(model: &str, authority: Authority) -> Self {
+    pub fn new(model: impl Into<ModelName>, authority: Authority) -> Self {
         Endpoint {
             id: EndpointId::new(authority.as_str()),
-            model: model.to_string(),
+            model: model.into(),
             authority,
             node: String::new(),
             replica: String::new(),
@@ -74,22 +76,22 @@ impl Endpoint {
 /// Ready endpoints grouped by model.
 #[derive(Debug, Default)]
 pub struct EndpointSet {
-    pub by_model: HashMap<String, Vec<Arc<Endpoint>>>,
+    pub by_model: HashMap<ModelName, Vec<Arc<Endpoint>>>,
 }
 
 /// The endpoints a request for a model name may go to.
 #[derive(Debug)]
 pub struct Resolved {
     /// The base model (whose routing strategy applies).
-    pub base_model: String,
+    pub base_model: ModelName,
     /// Set when the name is a LoRA adapter.
-    pub adapter: Option<String>,
+    pub adapter: Option<AdapterName>,
     pub endpoints: Vec<Arc<Endpoint>>,
 }
 
 impl EndpointSet {
     pub fn from_endpoints(eps: impl IntoIterator<Item = Endpoint>) -> Self {
-        let mut by_model: HashMap<String, Vec<Arc<Endpoint>>> = HashMap::new();
+        let mut by_model: HashMap<ModelName, Vec<Arc<Endpoint>>> = HashMap::new();
         for e in eps {
             by_model.entry(e.model.clone()).or_default().push(Arc::new(e));
         }
@@ -103,31 +105,32 @@ impl EndpointSet {
     /// Resolves a model or adapter name; LoRA awareness: an adapter name yields only the
     /// endpoints that have it loaded.
     pub fn resolve(&self, name: &str) -> Option<Resolved> {
-        if let Some(eps) = self.by_model.get(name) {
-            return Some(Resolved { base_model: name.to_string(), adapter: None, endpoints: eps.clone() });
+        if let Some((model, eps)) = self.by_model.get_key_value(name) {
+            return Some(Resolved { base_model: model.clone(), adapter: None, endpoints: eps.clone() });
         }
-        let mut base = None;
+        let mut found: Option<(ModelName, AdapterName)> = None;
         let mut endpoints = Vec::new();
         for (model, eps) in &self.by_model {
             for e in eps {
-                if e.adapters.iter().any(|a| a == name) {
-                    base.get_or_insert_with(|| model.clone());
+                if let Some(a) = e.adapters.iter().find(|a| *a == name) {
+                    found.get_or_insert_with(|| (model.clone(), a.clone()));
                     endpoints.push(e.clone());
                 }
             }
         }
-        base.map(|base_model| Resolved { base_model, adapter: Some(name.to_string()), endpoints })
+        found.map(|(base_model, adapter)| Resolved { base_model, adapter: Some(adapter), endpoints })
     }
 
     /// `(id, owned_by)` for `/v1/models`: models, then adapters with their base model.
-    pub fn listing(&self) -> Vec<(String, Option<String>)> {
-        let mut out: Vec<(String, Option<String>)> = self.by_model.keys().map(|m| (m.clone(), None)).collect();
-        let mut adapters: Vec<(String, Option<String>)> = Vec::new();
+    pub fn listing(&self) -> Vec<(ServedName, Option<ModelName>)> {
+        let mut out: Vec<(ServedName, Option<ModelName>)> =
+            self.by_model.keys().map(|m| (ServedName::from(m), None)).collect();
+        let mut adapters: Vec<(ServedName, Option<ModelName>)> = Vec::new();
         for (model, eps) in &self.by_model {
             for e in eps {
                 for a in &e.adapters {
-                    if !adapters.iter().any(|(n, _)| n == a) && !self.by_model.contains_key(a) {
-                        adapters.push((a.clone(), Some(model.clone())));
+                    if !adapters.iter().any(|(n, _)| n == a.as_str()) && !self.by_model.contains_key(a.as_str()) {
+                        adapters.push((ServedName::from(a), Some(model.clone())));
                     }
                 }
             }
@@ -150,10 +153,10 @@ impl EndpointSet {
 /// Converts one endpoint of the control plane's shape (None when its address is unusable).
 pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
     let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
-    let mut ep = Endpoint::new(&e.model, authority);
+    let mut ep = Endpoint::new(e.model.as_str(), authority);
     ep.node = e.node.clone();
     ep.replica = e.replica.clone();
-    ep.adapters = e.loaded_adapters.clone();
+    ep.adapters = e.loaded_adapters.iter().map(|a| AdapterName::new(a)).collect();
     ep.engine = EngineLoad {
         running: e.num_requests_running,
         waiting: e.num_requests_waiting,
@@ -169,7 +172,7 @@ pub(crate) mod tests {
     /// An endpoint of `model` at `addr` holding `adapters` (for tests).
     pub(crate) fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
         let mut e = Endpoint::new(model, addr.parse().unwrap());
-        e.adapters = adapters.iter().map(|s| s.to_string()).collect();
+        e.adapters = adapters.iter().map(|s| AdapterName::new(s)).collect();
         e
     }
 
@@ -184,12 +187,12 @@ pub(crate) mod tests {
         assert_eq!(set.len(), 3);
         assert_eq!(set.resolve("base").unwrap().endpoints.len(), 2);
         let r = set.resolve("sql").unwrap();
-        assert_eq!((r.base_model.as_str(), r.adapter.as_deref()), ("base", Some("sql")));
+        assert_eq!((r.base_model.as_str(), r.adapter.as_ref().map(AdapterName::as_str)), ("base", Some("sql")));
         assert_eq!(r.endpoints.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a:1"]);
         assert!(set.resolve("nope").is_none());
         assert_eq!(
             set.listing(),
-            vec![("base".into(), None), ("other".into(), None), ("sql".into(), Some("base".to_string()))]
+            vec![("base".into(), None), ("other".into(), None), ("sql".into(), Some("base".into()))]
         );
     }
 }
