@@ -172,22 +172,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
-        // `Store::apply` reports mutations for write-through persistence; the snapshot
-        // replaces that, so they are dropped.
-        let mut mutations = Vec::new();
         let revision = {
             let mut inner = self.shared.inner.write().expect("state machine lock");
             for entry in entries {
                 inner.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
-                    EntryPayload::Normal(cmd) => inner.store.apply(&cmd, &mut mutations),
+                    EntryPayload::Normal(cmd) => inner.store.apply(&cmd),
                     EntryPayload::Membership(m) => {
                         inner.membership = StoredMembership::new(Some(entry.log_id), m);
                         CommandResult::None
                     }
                 };
-                mutations.clear();
                 results.push(result);
             }
             inner.store.revision()
