@@ -18,9 +18,9 @@ use flotilla_api::spec::ReplicaPhase;
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectName, WatchEvent};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
-use crate::adapter_actor::{AdapterActor, AdapterArgs, AdapterMsg};
+use crate::adapters::actor::{AdapterActor, AdapterArgs, AdapterMsg};
 use crate::adapters::Demand;
-use crate::autoscaler_actor::{AutoscalerActor, AutoscalerArgs, AutoscalerMsg};
+use crate::autoscale::actor::{AutoscalerActor, AutoscalerArgs, AutoscalerMsg};
 use crate::config::ActorsConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelActor, ModelArgs, ModelMsg};

@@ -22,7 +22,7 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::adapters::{AdapterView, Demand};
+use super::{AdapterView, Demand};
 use crate::metrics::Metrics;
 use crate::objects::{key, ModelView, NodeView, ReplicaView};
 use crate::shared::{lock, Ctx};

@@ -1,6 +1,6 @@
 //! The adapter controller of one base model: gathers the base model, its adapters and
 //! replicas from the store, the engines' adapter reports from the agents' heartbeats and
-//! the gateways' usage reports from memory, runs [`crate::adapters::decide`] and writes
+//! the gateways' usage reports from memory, runs [`super::decide`] and writes
 //! the plan (replica bindings, adapter statuses) through Raft. It reconciles on store
 //! changes, on demands from `AdapterService.EnsureLoaded`, and every reconcile interval
 //! (heartbeats carry load progress). It stops once no adapter names its base model and no
@@ -18,7 +18,7 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use crate::adapters::{decide, note_failures, AdapterState, AdapterView, Demand};
+use super::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
 use crate::objects::{key, ModelView, NodeView, ReplicaView, MODEL_LABEL};
 use crate::shared::{lock, Ctx};

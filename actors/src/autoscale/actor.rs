@@ -1,7 +1,7 @@
 //! The Autoscaler actor: one per model with `spec.autoscaling`, on the leader. Every
 //! `autoscale_interval_ms` it samples the model's signals from memory (the engines' load
 //! from the agents' heartbeats, the gateways' demand reports), runs the pure
-//! [`crate::autoscale::decide`], and when the desired count changes writes it with a
+//! [`super::decide`], and when the desired count changes writes it with a
 //! scaling-history entry into the model's status through Raft (fenced by the model's
 //! revision). The model actor then creates or drains replicas toward it. Signals and the
 //! scaler's memory live only here: a new leader starts with empty windows, and an empty
@@ -21,7 +21,7 @@ use flotilla_storage::Command;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use crate::autoscale::{decide, EngineSample, GatewaySample, ScalerState, Signals};
+use super::{decide, EngineSample, GatewaySample, ScalerState, Signals};
 use crate::config::ActorsConfig;
 use crate::model::desired_replicas;
 use crate::objects::{
@@ -74,7 +74,7 @@ impl AutoscalerState {
         let Some(spec) = model.spec.autoscaling.clone() else { return Ok(false) };
         let now_ms = self.epoch.elapsed().as_millis() as u64;
         let signals = self.signals.get_or_insert_with(|| Signals::for_spec(&spec));
-        signals.set_retention(crate::autoscale::retention_ms(&spec));
+        signals.set_retention(super::retention_ms(&spec));
 
         let sel = LabelSelector::parse(&format!("{MODEL_LABEL}={}", self.model)).unwrap_or_default();
         let replicas: Vec<ReplicaView> =
