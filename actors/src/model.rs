@@ -278,7 +278,7 @@ impl ModelActorState {
 
     fn resync(&mut self) {
         self.refresh_model();
-        let sel = LabelSelector::parse(&format!("{}={}", crate::objects::MODEL_LABEL, self.s.name)).unwrap_or_default();
+        let sel = LabelSelector::for_model(&self.s.name);
         let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &sel);
         self.s.replicas =
             list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).map(|r| (r.name.clone(), r)).collect();

@@ -85,7 +85,7 @@ fn adapters_wanted(ctx: &Ctx, base: &ObjectName) -> bool {
     let all = LabelSelector::default();
     reader.list(Kind::Adapter, &all).0.iter().any(|o| base_of(o).as_ref() == Some(base))
         || reader
-            .list(Kind::Replica, &LabelSelector::parse(&format!("{MODEL_LABEL}={base}")).unwrap_or_default())
+            .list(Kind::Replica, &LabelSelector::for_model(base))
             .0
             .iter()
             .filter_map(|o| ReplicaView::from_stored(o).ok())
@@ -122,7 +122,7 @@ impl SupervisorState {
             },
             Child::Model(name) => {
                 let replicas = replicas.unwrap_or_else(|| {
-                    let sel = LabelSelector::parse(&format!("{MODEL_LABEL}={name}")).unwrap_or_default();
+                    let sel = LabelSelector::for_model(name);
                     let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &sel);
                     list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect()
                 });
@@ -458,10 +458,7 @@ impl Actor for Supervisor {
             Child::Model(m) => {
                 let reader = st.ctx.handle.reader();
                 reader.get(&key(Kind::Model, m)).0.is_some()
-                    || !reader
-                        .list(Kind::Replica, &LabelSelector::parse(&format!("{MODEL_LABEL}={m}")).unwrap_or_default())
-                        .0
-                        .is_empty()
+                    || !reader.list(Kind::Replica, &LabelSelector::for_model(m)).0.is_empty()
             }
             Child::Node(n) => st.ctx.handle.reader().get(&key(Kind::Node, n)).0.is_some(),
             Child::Adapters(b) => adapters_wanted(&st.ctx, b),

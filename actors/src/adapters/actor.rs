@@ -20,7 +20,7 @@ use tokio::time::Instant;
 
 use super::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
-use crate::objects::{key, ModelView, NodeView, ReplicaView, MODEL_LABEL};
+use crate::objects::{key, ModelView, NodeView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
 use flotilla_api::spec::NodeState;
@@ -62,7 +62,7 @@ impl AdapterActorState {
             .filter(|a| a.spec.base_model == base)
             .map(|a| (a.name.clone(), a))
             .collect();
-        let sel = LabelSelector::parse(&format!("{MODEL_LABEL}={base}")).unwrap_or_default();
+        let sel = LabelSelector::for_model(&base);
         self.s.replicas = reader
             .list(Kind::Replica, &sel)
             .0

@@ -65,7 +65,7 @@ fn holders(
     };
     // And only replicas still assigned the adapter: one just evicted may still be listed
     // as loaded by its engine until the agent's next report.
-    let sel = LabelSelector::parse(&format!("{}={base}", crate::objects::MODEL_LABEL)).unwrap_or_default();
+    let sel = LabelSelector::for_model(base);
     let bound: BTreeSet<String> = reader
         .list(Kind::Replica, &sel)
         .0
@@ -86,7 +86,7 @@ fn holders(
 
 /// Whether a replica outside `avoid` is assigned `adapter`.
 fn bound_elsewhere(ctx: &Ctx, base: &ObjectName, adapter: &ObjectName, avoid: &BTreeSet<ObjectName>) -> bool {
-    let sel = LabelSelector::parse(&format!("{}={base}", crate::objects::MODEL_LABEL)).unwrap_or_default();
+    let sel = LabelSelector::for_model(base);
     ctx.handle
         .reader()
         .list(Kind::Replica, &sel)

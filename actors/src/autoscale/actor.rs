@@ -24,9 +24,7 @@ use tokio::time::Instant;
 use super::{decide, EngineSample, GatewaySample, ScalerState, Signals};
 use crate::config::ActorsConfig;
 use crate::model::desired_replicas;
-use crate::objects::{
-    key, MetricStatus, ModelStatus, ModelView, NodeView, ReplicaView, ScalingEvent, MODEL_LABEL, SCALING_HISTORY,
-};
+use crate::objects::{key, MetricStatus, ModelStatus, ModelView, NodeView, ReplicaView, ScalingEvent, SCALING_HISTORY};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
 
@@ -76,7 +74,7 @@ impl AutoscalerState {
         let signals = self.signals.get_or_insert_with(|| Signals::for_spec(&spec));
         signals.set_retention(super::retention_ms(&spec));
 
-        let sel = LabelSelector::parse(&format!("{MODEL_LABEL}={}", self.model)).unwrap_or_default();
+        let sel = LabelSelector::for_model(&self.model);
         let replicas: Vec<ReplicaView> =
             reader.list(Kind::Replica, &sel).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
         let down: BTreeSet<ObjectName> = replicas
