@@ -24,6 +24,7 @@ pub mod agent_service;
 pub mod autoscale;
 mod config;
 mod error;
+pub mod facts;
 pub mod fleet_service;
 mod leadership;
 pub mod metrics;

@@ -20,10 +20,10 @@ use tokio::time::Instant;
 
 use super::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
-use crate::objects::{key, ModelView, NodeView, ReplicaView};
+use crate::facts::BoundNodes;
+use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
-use flotilla_api::spec::NodeState;
 
 #[derive(Debug)]
 pub enum AdapterMsg {
@@ -70,16 +70,7 @@ impl AdapterActorState {
             .filter_map(|o| ReplicaView::from_stored(o).ok())
             .map(|r| (r.name.clone(), r))
             .collect();
-        self.s.down_nodes = self
-            .s
-            .replicas
-            .values()
-            .filter_map(|r| r.spec.node.clone())
-            .filter(|n| {
-                let node = reader.get(&key(Kind::Node, n)).0.and_then(|o| NodeView::from_stored(&o).ok());
-                node.is_none_or(|v| v.status.state == NodeState::NotReady)
-            })
-            .collect();
+        self.s.down_nodes = BoundNodes::read(&reader, self.s.replicas.values()).down;
         let live = lock(&self.ctx.live);
         self.s.reports = HashMap::new();
         for r in self.s.replicas.values() {

@@ -15,7 +15,7 @@
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use flotilla_api::spec::{NodeState, ReplicaPhase};
+use flotilla_api::spec::ReplicaPhase;
 use flotilla_api::{Kind, LabelSelector, ObjectName};
 use flotilla_storage::Command;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
@@ -23,8 +23,9 @@ use tokio::time::Instant;
 
 use super::{decide, EngineSample, GatewaySample, ScalerState, Signals};
 use crate::config::ActorsConfig;
+use crate::facts::BoundNodes;
 use crate::model::desired_replicas;
-use crate::objects::{key, MetricStatus, ModelStatus, ModelView, NodeView, ReplicaView, ScalingEvent, SCALING_HISTORY};
+use crate::objects::{key, MetricStatus, ModelStatus, ModelView, ReplicaView, ScalingEvent, SCALING_HISTORY};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
 
@@ -77,17 +78,7 @@ impl AutoscalerState {
         let sel = LabelSelector::for_model(&self.model);
         let replicas: Vec<ReplicaView> =
             reader.list(Kind::Replica, &sel).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
-        let down: BTreeSet<ObjectName> = replicas
-            .iter()
-            .filter_map(|r| r.spec.node.clone())
-            .filter(|n| {
-                reader
-                    .get(&key(Kind::Node, n))
-                    .0
-                    .and_then(|o| NodeView::from_stored(&o).ok())
-                    .is_none_or(|v| v.status.state == NodeState::NotReady)
-            })
-            .collect();
+        let down = BoundNodes::read(&reader, &replicas).down;
         let ready: Vec<&ReplicaView> = replicas
             .iter()
             .filter(|r| r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !down.contains(n)))
