@@ -8,30 +8,29 @@
 //! window is unknown, which never scales down.
 //!
 //! ```text
-//!  Tick / Wake ─> sample ctx.live (engines) + ctx.demand (gateways) ─> Signals
+//!  Tick / Wake ─> read: model, replicas, down nodes (store), reports (ctx.live), demand
+//!                 sample::{serving, engine_sample, gateway_sample} ─> Signals
 //!                 decide(spec, signals, current, ready, state, now) ─> Decision
-//!                 desired changed ─> PutStatus model.status.autoscaling (+ history)
+//!                 status::should_write? ─> PutStatus model.status.autoscaling (next_status)
 //! ```
 use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
-use flotilla_api::spec::ReplicaPhase;
 use flotilla_api::{Kind, LabelSelector, ObjectName};
 use flotilla_storage::Command;
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use super::{decide, EngineSample, GatewaySample, ScalerState, Signals};
+use super::sample::{engine_sample, gateway_sample, serving, TokenMark};
+use super::status::{next_status, should_write};
+use super::{decide, retention_ms, ScalerState, Signals};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
+use crate::metrics::Metrics;
 use crate::model::desired_replicas;
-use crate::objects::{key, MetricStatus, ModelStatus, ModelView, ReplicaView, ScalingEvent, SCALING_HISTORY};
+use crate::objects::{key, ModelStatus, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
-
-/// The metrics shown in the status are refreshed at most this often when the desired
-/// count does not change (each refresh is a Raft write).
-const DISPLAY_REFRESH_MS: u64 = 15_000;
 
 #[derive(Debug)]
 pub enum AutoscalerMsg {
@@ -53,8 +52,8 @@ pub struct AutoscalerState {
     epoch: Instant,
     signals: Option<Signals>,
     scaler: ScalerState,
-    /// Per replica: (sample time ms, generation tokens counter) for the rate.
-    tokens: HashMap<ObjectName, (u64, f64)>,
+    /// Per replica: the generation tokens counter last sampled, for the rate.
+    tokens: HashMap<ObjectName, TokenMark>,
     last_written_ms: Option<u64>,
 }
 
@@ -63,7 +62,8 @@ fn unix_ms() -> i64 {
 }
 
 impl AutoscalerState {
-    /// One evaluation; false when the model no longer autoscales (the actor stops).
+    /// One evaluation (read, decide, write); false when the model no longer autoscales
+    /// (the actor stops).
     async fn evaluate(&mut self) -> Result<bool, ActorProcessingErr> {
         let reader = self.ctx.handle.reader();
         let Some(model) = reader.get(&key(Kind::Model, &self.model)).0.and_then(|o| ModelView::from_stored(&o).ok())
@@ -71,97 +71,56 @@ impl AutoscalerState {
             return Ok(false);
         };
         let Some(spec) = model.spec.autoscaling.clone() else { return Ok(false) };
-        let now_ms = self.epoch.elapsed().as_millis() as u64;
+        let now = Instant::now();
+        let now_ms = now.saturating_duration_since(self.epoch).as_millis() as u64;
+        let wall_unix_ms = unix_ms();
         let signals = self.signals.get_or_insert_with(|| Signals::for_spec(&spec));
-        signals.set_retention(super::retention_ms(&spec));
+        signals.set_retention(retention_ms(&spec));
 
-        let sel = LabelSelector::for_model(&self.model);
-        let replicas: Vec<ReplicaView> =
-            reader.list(Kind::Replica, &sel).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
-        let down = BoundNodes::read(&reader, &replicas).down;
-        let ready: Vec<&ReplicaView> = replicas
+        let replicas: Vec<ReplicaView> = reader
+            .list(Kind::Replica, &LabelSelector::for_model(&self.model))
+            .0
             .iter()
-            .filter(|r| r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !down.contains(n)))
+            .filter_map(|o| ReplicaView::from_stored(o).ok())
             .collect();
-        {
+        let down = BoundNodes::read(&reader, &replicas).down;
+        let ready = serving(&replicas, &down);
+        let samples: Vec<_> = {
             let live = lock(&self.ctx.live);
-            for r in &ready {
-                let report =
-                    r.spec.node.as_ref().and_then(|n| live.get(n)).and_then(|l| l.engines.get(r.name.as_str()));
-                let sample = match report.filter(|e| e.metrics_known) {
-                    Some(e) => {
-                        let rate = match self.tokens.get(&r.name) {
-                            Some((t, total)) if now_ms > *t && e.generation_tokens_total >= *total => {
-                                Some((e.generation_tokens_total - total) * 1000.0 / (now_ms - t) as f64)
-                            }
-                            _ => None,
-                        };
-                        self.tokens.insert(r.name.clone(), (now_ms, e.generation_tokens_total));
-                        EngineSample {
-                            running: Some(e.num_requests_running),
-                            waiting: Some(e.num_requests_waiting),
-                            kv_cache_usage: Some(e.kv_cache_usage),
-                            generation_tokens_per_s: rate,
-                        }
-                    }
-                    // No report, or one without known figures: unknown, never idle.
-                    None => EngineSample::default(),
-                };
-                signals.record_engine(&r.name, now_ms, sample);
+            ready
+                .iter()
+                .map(|r| {
+                    let report =
+                        r.spec.node.as_ref().and_then(|n| live.get(n)).and_then(|l| l.engines.get(r.name.as_str()));
+                    engine_sample(report, self.tokens.get(&r.name).copied(), now_ms)
+                })
+                .collect()
+        };
+        for (r, (sample, mark)) in ready.iter().zip(samples) {
+            if let Some(mark) = mark {
+                self.tokens.insert(r.name.clone(), mark);
             }
+            signals.record_engine(&r.name, now_ms, sample);
         }
         let ready_names: BTreeSet<ObjectName> = ready.iter().map(|r| r.name.clone()).collect();
         signals.retain_replicas(now_ms, |r| ready_names.contains(r));
         self.tokens.retain(|r, _| ready_names.contains(r));
-        let demand = lock(&self.ctx.demand).demand(&self.model, Instant::now());
+        let demand = lock(&self.ctx.demand).demand(&self.model, now);
         if let Some(d) = demand {
-            let some = |v: f64| (v > 0.0).then_some(v);
-            signals.record_gateway(
-                now_ms,
-                GatewaySample {
-                    in_flight: d.in_flight,
-                    queued: d.queued,
-                    held: d.held,
-                    arrivals_per_s: d.arrivals_per_s,
-                    completed_per_s: d.completed_per_s,
-                    ttft_p95_ms: some(d.ttft_p95_ms),
-                    tpot_p95_ms: some(d.tpot_p95_ms),
-                    queue_wait_p95_ms: some(d.queue_wait_p95_ms),
-                },
-            );
+            signals.record_gateway(now_ms, gateway_sample(&d));
         }
 
         let stored = ModelStatus::of(&model);
         let current = desired_replicas(&model, stored.autoscaling.as_ref());
-        let decision = decide(&spec, signals, current, ready.len() as u32, &mut self.scaler, now_ms, unix_ms());
-        let changed = decision.desired != current || stored.autoscaling.is_none();
-        let stale_display = self.last_written_ms.is_none_or(|t| now_ms.saturating_sub(t) >= DISPLAY_REFRESH_MS);
-        let metrics: Vec<MetricStatus> = decision
-            .metrics
-            .iter()
-            .map(|m| MetricStatus { name: m.name.clone(), value: m.value, target: m.target })
-            .collect();
-        let mut next = stored.autoscaling.clone().unwrap_or_default();
-        let display_moved = next.metrics != metrics || next.reason != decision.reason;
-        if !(changed || stale_display && display_moved) {
+        let decision = decide(&spec, signals, current, ready.len() as u32, &mut self.scaler, now_ms, wall_unix_ms);
+        if !should_write(stored.autoscaling.as_ref(), current, &decision, self.last_written_ms, now_ms) {
             return Ok(true);
         }
         if decision.desired != current {
             tracing::info!(model = %self.model, from = current, to = decision.desired, reason = %decision.reason, "autoscaling");
-            next.history.push(ScalingEvent {
-                at_ms: unix_ms().max(0) as u64,
-                from: current,
-                to: decision.desired,
-                reason: decision.reason.clone(),
-            });
-            let over = next.history.len().saturating_sub(SCALING_HISTORY);
-            next.history.drain(..over);
-            crate::metrics::Metrics::add(&self.ctx.metrics.scaling_events, 1);
+            Metrics::add(&self.ctx.metrics.scaling_events, 1);
         }
-        next.desired_replicas = decision.desired;
-        next.reason = decision.reason;
-        next.metrics = metrics;
-        next.evaluated_at_ms = unix_ms().max(0) as u64;
+        let next = next_status(stored.autoscaling.as_ref(), current, &decision, wall_unix_ms);
         let status = ModelStatus { autoscaling: Some(next), ..stored };
         let cmd = Command::PutStatus {
             key: key(Kind::Model, &self.model),

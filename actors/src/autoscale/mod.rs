@@ -16,9 +16,11 @@
 //!     ─> Decision { desired, reason, metrics }
 //! ```
 pub mod actor;
+pub mod sample;
 pub mod service;
 mod signals;
 mod slo;
+pub mod status;
 mod strategy;
 mod window;
 
