@@ -233,7 +233,7 @@ pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus
 }
 
 /// Messages of a model actor.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum ModelMsg {
     /// The model (`None`) or one of its replicas changed in the store.
     Changed(Option<ObjectName>),

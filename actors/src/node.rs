@@ -97,7 +97,7 @@ fn wall_unix_ms() -> u64 {
 }
 
 /// Messages of a node actor.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum NodeMsg {
     /// The node (`None`) or a replica bound to it changed.
     Changed(Option<ObjectName>),

@@ -25,7 +25,7 @@ use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum AdapterMsg {
     /// Something in the store concerning this base model changed.
     Changed,

@@ -32,7 +32,7 @@ use crate::objects::{key, ModelStatus, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum AutoscalerMsg {
     Tick,
     /// Requests are held for this model at a gateway: decide now.

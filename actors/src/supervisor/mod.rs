@@ -2,20 +2,26 @@
 //! leadership. It rebuilds every controller from the state machine (one Model actor per
 //! model, one Node actor per node, the Scheduler), follows the store's change events and
 //! routes each to the actors it concerns (and to the assignment hub), and rebuilds any
-//! actor that stopped on an uncertain write.
+//! actor that stopped on an uncertain write. What to start and whom to tell is decided by
+//! the pure `route` / `on_message` / `sync` (`route.rs`); this actor reads the store,
+//! calls them and executes the commands, starting every kind of child through one helper.
 //!
 //! ```text
-//!  StoreReader ──revision──> forwarder ──StoreChanged──> Supervisor ─┬─> Model actors
-//!                                                       events_after  ├─> Node actors
-//!                                                                     ├─> Scheduler
-//!                                                                     └─> Hub (Assign)
+//!  StoreReader ──revision──> forwarder ──StoreChanged──> Supervisor
+//!                                                          │ events_after
+//!                                                          v
+//!         route / on_message / sync (pure) ──Commands──> execute ─┬─> Model, Node actors
+//!                                                                  ├─> adapter controllers, autoscalers
+//!                                                                  ├─> Scheduler
+//!                                                                  └─> Hub (Assign)
 //! ```
-use std::collections::{BTreeMap, HashMap};
+mod route;
+
+use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
 
-use flotilla_api::spec::ReplicaPhase;
-use flotilla_api::{EventType, Kind, LabelSelector, ObjectName, WatchEvent};
+use flotilla_api::{Kind, LabelSelector, ObjectName};
 use ractor::{Actor, ActorCell, ActorId, ActorProcessingErr, ActorRef, SupervisionEvent};
 
 use crate::adapters::actor::{AdapterActor, AdapterArgs, AdapterMsg};
@@ -25,14 +31,15 @@ use crate::config::ActorsConfig;
 use crate::metrics::Metrics;
 use crate::model::{ModelActor, ModelArgs, ModelMsg};
 use crate::node::{NodeActor, NodeArgs, NodeMsg};
-use crate::objects::{key, NodeView, ReplicaView, MODEL_LABEL};
+use crate::objects::{key, NodeView, ReplicaView};
 use crate::scheduler::{Scheduler, SchedulerMsg};
 use crate::shared::Ctx;
+pub use route::{base_of, model_of, on_message, route, sync, Child, Command, Running, Snapshot};
 
 /// Events read per batch.
 const EVENT_BATCH: usize = 4096;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum SupervisorMsg {
     /// The store revision moved: read and route the new events.
     StoreChanged,
@@ -46,36 +53,50 @@ pub enum SupervisorMsg {
     Demand { base: ObjectName, adapter: ObjectName, demand: Demand },
 }
 
-/// Which controller a child actor is.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
-pub enum Child {
-    Scheduler,
-    Model(ObjectName),
-    Node(ObjectName),
-    /// The adapter controller of a base model.
-    Adapters(ObjectName),
-    /// The autoscaler of a model with `spec.autoscaling`.
-    Autoscaler(ObjectName),
+pub struct Supervisor;
+
+/// The running children, by kind, and which child each actor id is.
+#[derive(Default)]
+struct Children {
+    scheduler: Option<ActorRef<SchedulerMsg>>,
+    models: HashMap<ObjectName, ActorRef<ModelMsg>>,
+    nodes: HashMap<ObjectName, ActorRef<NodeMsg>>,
+    adapters: HashMap<ObjectName, ActorRef<AdapterMsg>>,
+    autoscalers: HashMap<ObjectName, ActorRef<AutoscalerMsg>>,
+    ids: HashMap<ActorId, Child>,
 }
 
-pub struct Supervisor;
+impl Running for Children {
+    fn runs(&self, child: &Child) -> bool {
+        match child {
+            Child::Scheduler => self.scheduler.is_some(),
+            Child::Model(m) => self.models.contains_key(m),
+            Child::Node(n) => self.nodes.contains_key(n),
+            Child::Adapters(b) => self.adapters.contains_key(b),
+            Child::Autoscaler(m) => self.autoscalers.contains_key(m),
+        }
+    }
+}
+
+impl Children {
+    /// Forgets a child that stopped.
+    fn remove(&mut self, child: &Child) {
+        match child {
+            Child::Scheduler => self.scheduler = None,
+            Child::Model(m) => drop(self.models.remove(m)),
+            Child::Node(n) => drop(self.nodes.remove(n)),
+            Child::Adapters(b) => drop(self.adapters.remove(b)),
+            Child::Autoscaler(m) => drop(self.autoscalers.remove(m)),
+        }
+    }
+}
 
 pub struct SupervisorState {
     ctx: Arc<Ctx>,
     after: u64,
     pending: Arc<AtomicBool>,
     forwarder: Option<tokio::task::JoinHandle<()>>,
-    scheduler: Option<ActorRef<SchedulerMsg>>,
-    models: HashMap<ObjectName, ActorRef<ModelMsg>>,
-    nodes: HashMap<ObjectName, ActorRef<NodeMsg>>,
-    adapters: HashMap<ObjectName, ActorRef<AdapterMsg>>,
-    autoscalers: HashMap<ObjectName, ActorRef<AutoscalerMsg>>,
-    children: HashMap<ActorId, Child>,
-}
-
-/// The base model an `Adapter` object names (also for the object as it was at deletion).
-fn base_of(o: &flotilla_api::StoredObject) -> Option<ObjectName> {
-    o.spec.get("base_model").and_then(|b| b.as_str()).and_then(|b| b.parse().ok())
+    children: Children,
 }
 
 /// Whether the adapter controller of `base` has work: an adapter names it, or one of its
@@ -97,92 +118,95 @@ fn autoscales(ctx: &Ctx, name: &ObjectName) -> bool {
     ctx.handle.reader().get(&key(Kind::Model, name)).0.is_some_and(|o| !o.spec["autoscaling"].is_null())
 }
 
-fn model_of(r: &ReplicaView) -> ObjectName {
-    r.labels.get(MODEL_LABEL).and_then(|m| m.parse().ok()).unwrap_or_else(|| r.spec.model.clone())
+/// Starts one child actor linked to the supervisor; `None` (logged) if it cannot start.
+async fn start<A: Actor>(me: &ActorCell, child: &Child, actor: A, args: A::Arguments) -> Option<ActorRef<A::Msg>> {
+    match Actor::spawn_linked(None, actor, args, me.clone()).await {
+        Ok((a, _)) => Some(a),
+        Err(e) => {
+            tracing::error!(child = ?child, error = %e, "cannot start a controller");
+            None
+        }
+    }
+}
+
+/// Delivers `msg` to `to` if the child runs (a send to a stopping actor is dropped too).
+fn tell<M: ractor::Message>(to: Option<&ActorRef<M>>, msg: M) {
+    if let Some(a) = to {
+        let _ = a.send_message(msg);
+    }
+}
+
+/// The stored replicas `f` selects.
+fn replicas_where(ctx: &Ctx, selector: &LabelSelector, f: impl Fn(&ReplicaView) -> bool) -> Vec<ReplicaView> {
+    let (list, _) = ctx.handle.reader().list(Kind::Replica, selector);
+    list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).filter(|r| f(r)).collect()
 }
 
 impl SupervisorState {
-    fn replicas_where(&self, f: impl Fn(&ReplicaView) -> bool) -> Vec<ReplicaView> {
-        let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &LabelSelector::default());
-        list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).filter(|r| f(r)).collect()
-    }
-
+    /// Starts `child` with its arguments read from the store (or `replicas`, if given).
     async fn spawn(&mut self, me: &ActorCell, child: Child, replicas: Option<Vec<ReplicaView>>) {
         let ctx = self.ctx.clone();
+        let c = &mut self.children;
         let id = match &child {
-            Child::Scheduler => match Actor::spawn_linked(None, Scheduler, ctx, me.clone()).await {
-                Ok((a, _)) => {
-                    self.scheduler = Some(a.clone());
-                    Some(a.get_id())
-                }
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot start the scheduler");
-                    None
-                }
-            },
+            Child::Scheduler => start(me, &child, Scheduler, ctx).await.map(|a| {
+                c.scheduler = Some(a.clone());
+                a.get_id()
+            }),
             Child::Model(name) => {
-                let replicas = replicas.unwrap_or_else(|| {
-                    let sel = LabelSelector::for_model(name);
-                    let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &sel);
-                    list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect()
-                });
+                let replicas =
+                    replicas.unwrap_or_else(|| replicas_where(&ctx, &LabelSelector::for_model(name), |_| true));
                 let args = ModelArgs { ctx, name: name.clone(), replicas };
-                match Actor::spawn_linked(None, ModelActor, args, me.clone()).await {
-                    Ok((a, _)) => {
-                        self.models.insert(name.clone(), a.clone());
-                        Some(a.get_id())
-                    }
-                    Err(e) => {
-                        tracing::error!(model = %name, error = %e, "cannot start a model actor");
-                        None
-                    }
-                }
+                start(me, &child, ModelActor, args).await.map(|a| {
+                    c.models.insert(name.clone(), a.clone());
+                    a.get_id()
+                })
             }
             Child::Adapters(base) => {
                 let args = AdapterArgs { ctx, base: base.clone() };
-                match Actor::spawn_linked(None, AdapterActor, args, me.clone()).await {
-                    Ok((a, _)) => {
-                        self.adapters.insert(base.clone(), a.clone());
-                        Some(a.get_id())
-                    }
-                    Err(e) => {
-                        tracing::error!(base = %base, error = %e, "cannot start an adapter controller");
-                        None
-                    }
-                }
+                start(me, &child, AdapterActor, args).await.map(|a| {
+                    c.adapters.insert(base.clone(), a.clone());
+                    a.get_id()
+                })
             }
             Child::Autoscaler(model) => {
                 let args = AutoscalerArgs { ctx, model: model.clone() };
-                match Actor::spawn_linked(None, AutoscalerActor, args, me.clone()).await {
-                    Ok((a, _)) => {
-                        self.autoscalers.insert(model.clone(), a.clone());
-                        Some(a.get_id())
-                    }
-                    Err(e) => {
-                        tracing::error!(model = %model, error = %e, "cannot start an autoscaler");
-                        None
-                    }
-                }
+                start(me, &child, AutoscalerActor, args).await.map(|a| {
+                    c.autoscalers.insert(model.clone(), a.clone());
+                    a.get_id()
+                })
             }
             Child::Node(name) => {
-                let (o, _) = self.ctx.handle.reader().get(&key(Kind::Node, name));
+                let (o, _) = ctx.handle.reader().get(&key(Kind::Node, name));
                 let Some(node) = o.and_then(|o| NodeView::from_stored(&o).ok()) else { return };
-                let replicas = replicas.unwrap_or_else(|| self.replicas_where(|r| r.spec.node.as_ref() == Some(name)));
+                let all = LabelSelector::default();
+                let replicas =
+                    replicas.unwrap_or_else(|| replicas_where(&ctx, &all, |r| r.spec.node.as_ref() == Some(name)));
                 let args = NodeArgs { ctx, node, replicas };
-                match Actor::spawn_linked(None, NodeActor, args, me.clone()).await {
-                    Ok((a, _)) => {
-                        self.nodes.insert(name.clone(), a.clone());
-                        Some(a.get_id())
-                    }
-                    Err(e) => {
-                        tracing::error!(node = %name, error = %e, "cannot start a node actor");
-                        None
-                    }
-                }
+                start(me, &child, NodeActor, args).await.map(|a| {
+                    c.nodes.insert(name.clone(), a.clone());
+                    a.get_id()
+                })
             }
         };
         if let Some(id) = id {
-            self.children.insert(id, child);
+            c.ids.insert(id, child);
+        }
+    }
+
+    /// Executes routing commands in order.
+    async fn execute(&mut self, me: &ActorCell, cmds: Vec<Command>) {
+        for cmd in cmds {
+            let c = &self.children;
+            match cmd {
+                Command::Spawn(child, replicas) => self.spawn(me, child, replicas).await,
+                Command::Model(m, msg) => tell(c.models.get(&m), msg),
+                Command::Node(n, msg) => tell(c.nodes.get(&n), msg),
+                Command::Adapters(b, msg) => tell(c.adapters.get(&b), msg),
+                Command::Autoscaler(m, msg) => tell(c.autoscalers.get(&m), msg),
+                Command::Scheduler(msg) => tell(c.scheduler.as_ref(), msg),
+                Command::Assign(r, view) => self.ctx.hub.update(&r, view.as_deref()),
+                Command::ResetHub(replicas) => self.ctx.hub.reset(&replicas),
+            }
         }
     }
 
@@ -191,116 +215,19 @@ impl SupervisorState {
         let reader = self.ctx.handle.reader();
         self.after = reader.revision();
         let all = LabelSelector::default();
-        let replicas: Vec<ReplicaView> =
-            reader.list(Kind::Replica, &all).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
-        self.ctx.hub.reset(&replicas);
-        let mut by_model: BTreeMap<ObjectName, Vec<ReplicaView>> = BTreeMap::new();
-        let mut by_node: BTreeMap<ObjectName, Vec<ReplicaView>> = BTreeMap::new();
-        for r in &replicas {
-            by_model.entry(model_of(r)).or_default().push(r.clone());
-            if let Some(n) = &r.spec.node {
-                by_node.entry(n.clone()).or_default().push(r.clone());
-            }
-        }
-        for m in reader.list(Kind::Model, &all).0 {
-            by_model.entry(m.key.name.clone()).or_default();
-            if !m.spec["autoscaling"].is_null() && !self.autoscalers.contains_key(&m.key.name) {
-                self.spawn(me, Child::Autoscaler(m.key.name.clone()), None).await;
-            }
-        }
-        for n in reader.list(Kind::Node, &all).0 {
-            let name = n.key.name.clone();
-            match self.nodes.get(&name) {
-                Some(a) => drop(a.send_message(NodeMsg::Changed(None))),
-                None => {
-                    self.spawn(me, Child::Node(name.clone()), Some(by_node.remove(&name).unwrap_or_default())).await
-                }
-            }
-        }
-        for (name, reps) in by_model {
-            match self.models.get(&name) {
-                Some(a) => drop(a.send_message(ModelMsg::Resync)),
-                None => self.spawn(me, Child::Model(name), Some(reps)).await,
-            }
-        }
-        let mut bases: std::collections::BTreeSet<ObjectName> =
-            reader.list(Kind::Adapter, &all).0.iter().filter_map(base_of).collect();
-        bases.extend(replicas.iter().filter(|r| !r.spec.adapters.is_empty()).map(model_of));
-        for base in bases {
-            match self.adapters.get(&base) {
-                Some(a) => drop(a.send_message(AdapterMsg::Changed)),
-                None => self.spawn(me, Child::Adapters(base), None).await,
-            }
-        }
-        if self.scheduler.is_none() {
-            self.spawn(me, Child::Scheduler, None).await;
-        }
-        self.nudge_scheduler();
-    }
-
-    /// Tells the adapter controller of `base` that something changed, starting it if
-    /// `start` and it is not running.
-    async fn adapters_changed(&mut self, me: &ActorCell, base: &ObjectName, start: bool) {
-        match self.adapters.get(base) {
-            Some(a) => drop(a.send_message(AdapterMsg::Changed)),
-            None if start => self.spawn(me, Child::Adapters(base.clone()), None).await,
-            None => {}
-        }
-    }
-
-    fn nudge_scheduler(&self) {
-        if let Some(s) = &self.scheduler {
-            let _ = s.send_message(SchedulerMsg::Nudge);
-        }
-    }
-
-    async fn route(&mut self, me: &ActorCell, ev: &WatchEvent) {
-        let name = ev.object.key.name.clone();
-        let deleted = ev.event_type == EventType::Delete;
-        match ev.object.key.kind {
-            Kind::Model => {
-                self.adapters_changed(me, &name, false).await;
-                if !deleted && !ev.object.spec["autoscaling"].is_null() && !self.autoscalers.contains_key(&name) {
-                    self.spawn(me, Child::Autoscaler(name.clone()), None).await;
-                }
-                match self.models.get(&name) {
-                    Some(a) => drop(a.send_message(ModelMsg::Changed(None))),
-                    None if !deleted => self.spawn(me, Child::Model(name), None).await,
-                    None => {}
-                }
-            }
-            Kind::Node => {
-                match self.nodes.get(&name) {
-                    Some(a) => drop(a.send_message(NodeMsg::Changed(None))),
-                    None if !deleted => self.spawn(me, Child::Node(name), None).await,
-                    None => {}
-                }
-                self.nudge_scheduler();
-            }
-            Kind::Replica => {
-                let Ok(r) = ReplicaView::from_stored(&ev.object) else { return };
-                self.ctx.hub.update(&name, if deleted { None } else { Some(&r) });
-                let model = model_of(&r);
-                self.adapters_changed(me, &model, !r.spec.adapters.is_empty()).await;
-                match self.models.get(&model) {
-                    Some(a) => drop(a.send_message(ModelMsg::Changed(Some(name.clone())))),
-                    None if !deleted => self.spawn(me, Child::Model(model), None).await,
-                    None => {}
-                }
-                if let Some(a) = r.spec.node.as_ref().and_then(|n| self.nodes.get(n)) {
-                    let _ = a.send_message(NodeMsg::Changed(Some(name)));
-                }
-                if deleted || matches!(r.phase(), ReplicaPhase::Pending | ReplicaPhase::Failed) {
-                    self.nudge_scheduler();
-                }
-            }
-            Kind::Adapter => {
-                if let Some(base) = base_of(&ev.object) {
-                    self.adapters_changed(me, &base, !deleted).await;
-                }
-            }
-            Kind::Tenant => {}
-        }
+        let snapshot = Snapshot {
+            replicas: reader
+                .list(Kind::Replica, &all)
+                .0
+                .iter()
+                .filter_map(|o| ReplicaView::from_stored(o).ok())
+                .collect(),
+            models: reader.list(Kind::Model, &all).0,
+            nodes: reader.list(Kind::Node, &all).0,
+            adapters: reader.list(Kind::Adapter, &all).0,
+        };
+        let cmds = sync(&self.children, &snapshot);
+        self.execute(me, cmds).await;
     }
 
     async fn catch_up(&mut self, me: &ActorCell) {
@@ -310,7 +237,8 @@ impl SupervisorState {
             match reader.events_after(None, self.after, EVENT_BATCH) {
                 Ok((events, scanned)) => {
                     for ev in &events {
-                        self.route(me, ev).await;
+                        let cmds = route(&self.children, ev);
+                        self.execute(me, cmds).await;
                     }
                     self.after = scanned;
                     if events.len() < EVENT_BATCH {
@@ -347,12 +275,7 @@ impl Actor for Supervisor {
             after: 0,
             pending: pending.clone(),
             forwarder: None,
-            scheduler: None,
-            models: HashMap::new(),
-            nodes: HashMap::new(),
-            adapters: HashMap::new(),
-            autoscalers: HashMap::new(),
-            children: HashMap::new(),
+            children: Children::default(),
         };
         st.full_sync(&myself.get_cell()).await;
         let mut rx = ctx.handle.reader().subscribe();
@@ -365,7 +288,7 @@ impl Actor for Supervisor {
             }
         }));
         myself.send_message(SupervisorMsg::StoreChanged)?;
-        tracing::info!(models = st.models.len(), nodes = st.nodes.len(), "controllers started");
+        tracing::info!(models = st.children.models.len(), nodes = st.children.nodes.len(), "controllers started");
         Ok(st)
     }
 
@@ -391,35 +314,9 @@ impl Actor for Supervisor {
         let me = myself.get_cell();
         match msg {
             SupervisorMsg::StoreChanged => st.catch_up(&me).await,
-            SupervisorMsg::Heard(node) => {
-                if let Some(a) = st.nodes.get(&node) {
-                    let _ = a.send_message(NodeMsg::Heard);
-                }
-            }
-            SupervisorMsg::Wake(model) => {
-                if let Some(a) = st.autoscalers.get(&model) {
-                    let _ = a.send_message(AutoscalerMsg::Wake);
-                }
-            }
-            SupervisorMsg::Demand { base, adapter, demand } => {
-                if !st.adapters.contains_key(&base) {
-                    st.spawn(&me, Child::Adapters(base.clone()), None).await;
-                }
-                if let Some(a) = st.adapters.get(&base) {
-                    let _ = a.send_message(AdapterMsg::Demand(adapter, demand));
-                }
-            }
-            SupervisorMsg::Respawn(child) => {
-                let wanted = match &child {
-                    Child::Scheduler => st.scheduler.is_none(),
-                    Child::Model(m) => !st.models.contains_key(m),
-                    Child::Node(n) => !st.nodes.contains_key(n),
-                    Child::Adapters(b) => !st.adapters.contains_key(b),
-                    Child::Autoscaler(m) => !st.autoscalers.contains_key(m),
-                };
-                if wanted {
-                    st.spawn(&me, child, None).await;
-                }
+            msg => {
+                let cmds = on_message(&st.children, msg);
+                st.execute(&me, cmds).await;
             }
         }
         Ok(())
@@ -436,14 +333,8 @@ impl Actor for Supervisor {
             SupervisionEvent::ActorFailed(cell, e) => (cell, Some(e.to_string())),
             _ => return Ok(()),
         };
-        let Some(child) = st.children.remove(&cell.get_id()) else { return Ok(()) };
-        match &child {
-            Child::Scheduler => st.scheduler = None,
-            Child::Model(m) => drop(st.models.remove(m)),
-            Child::Node(n) => drop(st.nodes.remove(n)),
-            Child::Adapters(b) => drop(st.adapters.remove(b)),
-            Child::Autoscaler(m) => drop(st.autoscalers.remove(m)),
-        }
+        let Some(child) = st.children.ids.remove(&cell.get_id()) else { return Ok(()) };
+        st.children.remove(&child);
         let delay = match failed {
             Some(e) => {
                 tracing::warn!(child = ?child, error = %e, "controller failed; rebuilding it from the store");
