@@ -15,8 +15,10 @@
 //! ```
 //!
 //! Every decision is a pure function (`model::decide`, `node::decide`,
-//! `placement::plan`, `reports::heartbeat_txn`) returning Raft commands, fenced by
-//! revisions; actors only receive messages, decide, and execute (`writes`).
+//! `placement::plan`, `reports::heartbeat_txn`, `adapters::decide`, `autoscale::decide`)
+//! returning Raft commands, fenced by revisions; actors only receive messages, decide, and
+//! execute (`writes`). The supervisor's routing is pure too (`supervisor::route`), and the
+//! node facts every controller needs are read in one place (`facts`).
 #![forbid(unsafe_code)]
 
 pub mod adapters;
