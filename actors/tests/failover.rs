@@ -13,7 +13,7 @@ use flotilla_api::pb::WatchRequest;
 /// Follows every change from `after` and checks, after each event, that no (node, GPU)
 /// is claimed by two replicas that are not Failed, and that node allocations agree.
 fn watch_invariant(c: &Cluster, via: usize, violations: Arc<Mutex<Vec<String>>>, seen: Arc<Mutex<u64>>) {
-    let addr = c.addrs[via];
+    let addr = c.addr(via as u64 + 1);
     tokio::spawn(async move {
         let mut client = flotilla_api::pb::object_service_client::ObjectServiceClient::new(channel(addr));
         let mut after = 0;
