@@ -4,11 +4,12 @@
 //! cluster.
 //!
 //! ```text
-//!   default (std, tokio, rustix, rand)     feature "http"      feature "cluster"
-//!   procs  ports  proc_fs  wait            http (hyper)        cluster (TestCluster)
+//!   default (std, tokio, rustix, rand)       feature "http"     feature "cluster"
+//!   procs  ports  proc_fs  wait               http (hyper)       cluster (TestCluster)
 //!   raw_http  python
-//!        ▲                                     ▲                    ▲
-//!   chaos (product code), cli tests      real-vLLM tier       flotilla-tests, actors tests
+//!        ▲                                        ▲                   ▲
+//!   chaos (product code); cli, agent, sim,   real-vLLM tier      flotilla-tests,
+//!   gateway tests                                                actors tests
 //! ```
 //!
 //! Why chaos depends on this crate as a normal dependency rather than on a second, non-test

@@ -288,13 +288,13 @@ pub async fn wait_replicas(
     what: &str,
     pred: impl Fn(&[ReplicaView]) -> bool,
 ) -> Vec<ReplicaView> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let r = replicas(servers, model).await;
         if pred(&r) {
             return r;
         }
-        if std::time::Instant::now() > deadline {
+        if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for {what}: {r:#?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
