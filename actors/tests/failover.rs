@@ -97,9 +97,9 @@ async fn leader_failover_mid_scale_up_converges_without_double_binding() {
     let survivor = (1..=3).find(|i| *i != leader).expect("a follower") as usize - 1;
     watch_invariant(&c, survivor, violations.clone(), seen.clone());
 
-    c.apply(&model("m", 2, 1)).await;
+    c.apply(&model_manifest("m", 2, 1)).await;
     wait_until("2 ready", Duration::from_secs(30), || async { ready_count(&c).await == 2 }).await;
-    c.apply(&model("m", 7, 1)).await;
+    c.apply(&model_manifest("m", 7, 1)).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     let t = std::time::Instant::now();
     c.stop(leader).await;

@@ -9,11 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::{ApplyRequest, DeleteRequest, WatchRequest};
+use flotilla_testkit::manifests::model_manifest;
 use futures::StreamExt;
-
-fn model_manifest(name: &str, replicas: u32, gpus: u32) -> String {
-    format!("kind: Model\nmetadata:\n  name: {name}\nspec:\n  engine: sim\n  source: file:///models/{name}\n  replicas: {replicas}\n  gpus: {gpus}\n")
-}
 
 async fn apply(servers: &[String], manifest: String) {
     for _ in 0..50 {

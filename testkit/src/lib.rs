@@ -6,7 +6,7 @@
 //! ```text
 //!   default (std, tokio, rustix, rand)       feature "http"     feature "cluster"
 //!   procs  ports  proc_fs  wait               http (hyper)       cluster (TestCluster)
-//!   raw_http  python
+//!   raw_http  python  manifests
 //!        ▲                                        ▲                   ▲
 //!   chaos (product code); cli, agent, sim,   real-vLLM tier      flotilla-tests,
 //!   gateway tests                                                actors tests
@@ -25,6 +25,7 @@
 pub mod cluster;
 #[cfg(feature = "http")]
 pub mod http;
+pub mod manifests;
 pub mod ports;
 pub mod proc_fs;
 pub mod procs;

@@ -13,6 +13,7 @@ use flotilla_api::pb::agent_service_client::AgentServiceClient;
 use flotilla_api::pb::server_message::Msg as ServerMsg;
 use flotilla_api::pb::{AgentMessage, EngineReport, GpuInfo, Heartbeat, Register, ReplicaAssignment};
 pub use flotilla_testkit::cluster::{channel, fast, TestCluster};
+pub use flotilla_testkit::manifests::model_manifest;
 pub use flotilla_testkit::wait::wait_until;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -93,10 +94,6 @@ impl Cluster {
 
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
-}
-
-pub fn model(name: &str, replicas: u32, gpus: u32) -> String {
-    format!("kind: Model\nmetadata:\n  name: {name}\nspec:\n  engine: sim\n  source: file:///models/{name}\n  replicas: {replicas}\n  gpus: {gpus}\n")
 }
 
 /// Replicas (name → (phase, node)) from the object API.
