@@ -27,7 +27,7 @@ async fn model_scales_up_down_and_deletes_with_gpus_freed() {
     let _b = FakeAgent::start(c.live_addrs(), "node-b", 4);
     wait_until("two nodes", LONG, || async { c.list("Node").await.len() == 2 }).await;
 
-    c.apply(&model("llama", 3, 1)).await;
+    c.apply(&model_manifest("llama", 3, 1)).await;
     wait_until("3 ready replicas", LONG, || async { ready_count(&c).await == 3 }).await;
     let nodes: BTreeSet<String> = replicas(&c).await.values().map(|(_, n)| n.clone()).collect();
     assert_eq!(nodes.len(), 1, "bin-packed onto one node: {nodes:?}");
@@ -53,11 +53,11 @@ async fn model_scales_up_down_and_deletes_with_gpus_freed() {
     assert_eq!(nodes.iter().map(|n| n.gpus_free).sum::<u32>(), 5);
     assert!(nodes.iter().all(|n| n.state == "Ready" && n.heartbeat_age_ms > 0 && n.heartbeat_age_ms < 1_000));
 
-    c.apply(&model("llama", 5, 1)).await;
+    c.apply(&model_manifest("llama", 5, 1)).await;
     wait_until("5 ready replicas", LONG, || async { ready_count(&c).await == 5 }).await;
     assert_eq!(node_allocations(&c).await.values().sum::<usize>(), 5);
 
-    c.apply(&model("llama", 1, 1)).await;
+    c.apply(&model_manifest("llama", 1, 1)).await;
     wait_until("1 replica left", LONG, || async { replicas(&c).await.len() == 1 && ready_count(&c).await == 1 }).await;
     wait_until("4 GPUs freed", LONG, || async { node_allocations(&c).await.values().sum::<usize>() == 1 }).await;
 
@@ -73,7 +73,7 @@ async fn oversized_model_stays_pending_with_a_reason_naming_gpus() {
     c.leader().await;
     let _a = FakeAgent::start(c.live_addrs(), "node-a", 4);
     wait_until("node", LONG, || async { c.list("Node").await.len() == 1 }).await;
-    c.apply(&model("huge", 1, 8)).await;
+    c.apply(&model_manifest("huge", 1, 8)).await;
     wait_until("reason on the model", LONG, || async {
         let Some(m) = c.get("Model", "huge").await else { return false };
         let s = json(&m.status_json);
@@ -114,7 +114,7 @@ async fn lost_node_replicas_are_rescheduled_after_ttl_and_grace() {
     c.leader().await;
     let a = FakeAgent::start(c.live_addrs(), "node-a", 4);
     wait_until("node a", LONG, || async { c.list("Node").await.len() == 1 }).await;
-    c.apply(&model("m", 2, 1)).await;
+    c.apply(&model_manifest("m", 2, 1)).await;
     wait_until("2 ready on a", LONG, || async { ready_count(&c).await == 2 }).await;
     let _b = FakeAgent::start(c.live_addrs(), "node-b", 4);
     wait_until("node b", LONG, || async { c.list("Node").await.len() == 2 }).await;
@@ -143,7 +143,7 @@ async fn drain_moves_replicas_off_before_the_node_is_drained() {
     c.leader().await;
     let _a = FakeAgent::start(c.live_addrs(), "node-a", 4);
     wait_until("node a", LONG, || async { c.list("Node").await.len() == 1 }).await;
-    c.apply(&model("m", 2, 1)).await;
+    c.apply(&model_manifest("m", 2, 1)).await;
     wait_until("2 ready", LONG, || async { ready_count(&c).await == 2 }).await;
     let _b = FakeAgent::start(c.live_addrs(), "node-b", 4);
     wait_until("node b", LONG, || async { c.list("Node").await.len() == 2 }).await;

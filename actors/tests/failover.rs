@@ -13,7 +13,7 @@ use flotilla_api::pb::WatchRequest;
 /// Follows every change from `after` and checks, after each event, that no (node, GPU)
 /// is claimed by two replicas that are not Failed, and that node allocations agree.
 fn watch_invariant(c: &Cluster, via: usize, violations: Arc<Mutex<Vec<String>>>, seen: Arc<Mutex<u64>>) {
-    let addr = c.addrs[via];
+    let addr = c.addr(via as u64 + 1);
     tokio::spawn(async move {
         let mut client = flotilla_api::pb::object_service_client::ObjectServiceClient::new(channel(addr));
         let mut after = 0;
@@ -97,9 +97,9 @@ async fn leader_failover_mid_scale_up_converges_without_double_binding() {
     let survivor = (1..=3).find(|i| *i != leader).expect("a follower") as usize - 1;
     watch_invariant(&c, survivor, violations.clone(), seen.clone());
 
-    c.apply(&model("m", 2, 1)).await;
+    c.apply(&model_manifest("m", 2, 1)).await;
     wait_until("2 ready", Duration::from_secs(30), || async { ready_count(&c).await == 2 }).await;
-    c.apply(&model("m", 7, 1)).await;
+    c.apply(&model_manifest("m", 7, 1)).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
     let t = std::time::Instant::now();
     c.stop(leader).await;

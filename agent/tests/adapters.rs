@@ -56,8 +56,8 @@ async fn engine_adapters(endpoint: &str) -> Vec<String> {
 }
 
 fn kill(pid: u32) {
-    let p = rustix::process::Pid::from_raw(pid as i32).expect("pid");
-    rustix::process::kill_process(p, rustix::process::Signal::KILL).expect("kill engine");
+    let killed = flotilla_testkit::procs::signal(pid, flotilla_testkit::procs::Signal::KILL);
+    assert!(killed, "kill engine {pid}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

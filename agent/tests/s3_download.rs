@@ -1,12 +1,13 @@
 //! `s3://` downloads against a local S3-compatible server (moto, from PyPI). Install it
 //! with `bash agent/tests/s3-deps.sh`; this test fails, naming that script, without it.
 
-use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
 use flotilla_agent::download::{s3::S3Config, Downloader};
 use flotilla_agent::http::HttpClient;
+use flotilla_testkit::ports::free_port;
+use flotilla_testkit::python::python;
 
 struct Moto {
     child: tokio::process::Child,
@@ -19,10 +20,6 @@ impl Drop for Moto {
     }
 }
 
-fn python() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
-}
-
 async fn start_moto() -> Moto {
     let py = python();
     let ok = std::process::Command::new(&py)
@@ -32,7 +29,7 @@ async fn start_moto() -> Moto {
         .status()
         .is_ok_and(|s| s.success());
     assert!(ok, "moto is not installed in {}: run `bash agent/tests/s3-deps.sh` first", py.display());
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port().expect("a free port");
     let child = tokio::process::Command::new(&py)
         .args(["-m", "moto.server", "-H", "127.0.0.1", "-p", &port.to_string()])
         .stdout(Stdio::null())

@@ -12,10 +12,12 @@ use anyhow::{bail, Context as _};
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::{ApplyRequest, ListRequest, StatusRequest};
+use flotilla_testkit::ports::free_port;
+use flotilla_testkit::procs::log_tail;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
 
-use crate::procs::{free_port, log_tail, Launch, Proc, State};
+use crate::procs::{Launch, Proc, State};
 use crate::proxy::{Network, Proxy};
 use crate::scenario::Topology;
 

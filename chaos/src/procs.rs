@@ -3,13 +3,15 @@
 //! variable `FLOTILLA_CHAOS_RUN=<run id>` so that [`cleanup`] can find everything a run
 //! started — including sim engines, which agents start in their own process groups and
 //! which outlive a killed agent by design — even after the harness itself was killed.
+//! Signals, `/proc` scans, free ports and log tails are the shared `flotilla_testkit` ones.
 
 use std::fs::OpenOptions;
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::process::Stdio;
 use std::time::Duration;
 
-use rustix::process::{kill_process, kill_process_group, Pid, Signal};
+use flotilla_testkit::proc_fs;
+use flotilla_testkit::procs::{signal, signal_group, Signal};
 use tokio::process::{Child, Command};
 
 /// The environment variable that marks a run's processes.
@@ -82,8 +84,8 @@ impl Proc {
     }
 
     fn signal(&self, sig: Signal) {
-        if let Some(pid) = self.pid().and_then(|p| Pid::from_raw(p as i32)) {
-            let _ = kill_process(pid, sig);
+        if let Some(pid) = self.pid() {
+            signal(pid, sig);
         }
     }
 
@@ -150,12 +152,11 @@ pub fn run_id(scenario: &str, seed: u64) -> String {
 pub fn marked(runs: Runs<'_>) -> Vec<u32> {
     let me = std::process::id();
     let mut out = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
+    for pid in proc_fs::pids() {
         if pid == me {
             continue;
         }
-        let Ok(env) = std::fs::read(entry.path().join("environ")) else { continue };
+        let Some(env) = proc_fs::environ(pid) else { continue };
         let hit = env.split(|b| *b == 0).any(|kv| {
             kv.strip_prefix(RUN_ENV.as_bytes())
                 .and_then(|rest| rest.strip_prefix(b"="))
@@ -181,35 +182,10 @@ pub async fn cleanup(runs: Runs<'_>) -> usize {
         }
         for pid in &pids {
             found.insert(*pid);
-            if let Some(p) = Pid::from_raw(*pid as i32) {
-                let _ = kill_process(p, Signal::CONT);
-                let _ = kill_process_group(p, Signal::KILL);
-                let _ = kill_process(p, Signal::KILL);
-            }
+            signal(*pid, Signal::CONT);
+            signal_group(*pid, Signal::KILL);
+            signal(*pid, Signal::KILL);
         }
         tokio::time::sleep(std::time::Duration::from_millis(100)).await;
     }
-}
-
-/// A free loopback port for a process the run will start, from 15000–19999: below the
-/// kernel's ephemeral range (where outgoing connections take their source ports, and where
-/// a port picked by binding port 0 and released was taken again before the server bound
-/// it, in a soak) and below the agents' engine ports (20000+).
-pub fn free_port() -> std::io::Result<u16> {
-    use rand::Rng as _;
-    let mut rng = rand::rng();
-    for _ in 0..200 {
-        let port = rng.random_range(15000..20000);
-        if std::net::TcpListener::bind(("127.0.0.1", port)).is_ok() {
-            return Ok(port);
-        }
-    }
-    Err(std::io::Error::other("no free port in 15000-19999"))
-}
-
-/// The last `n` lines of a log, for failure messages.
-pub fn log_tail(path: &Path, n: usize) -> String {
-    let text = std::fs::read_to_string(path).unwrap_or_default();
-    let lines: Vec<&str> = text.lines().collect();
-    lines[lines.len().saturating_sub(n)..].join("\n")
 }

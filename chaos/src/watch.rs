@@ -71,6 +71,6 @@ pub async fn engine_deaths(run_id: String, t0: tokio::time::Instant, out: Arc<Mu
 
 /// A `flotilla sim` process (agents start sim engines as `<binary> sim ...`).
 fn is_engine(pid: u32) -> bool {
-    let Ok(cmdline) = std::fs::read(format!("/proc/{pid}/cmdline")) else { return false };
+    let Some(cmdline) = flotilla_testkit::proc_fs::cmdline(pid) else { return false };
     cmdline.split(|b| *b == 0).nth(1) == Some(b"sim".as_slice())
 }

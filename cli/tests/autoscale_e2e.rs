@@ -5,7 +5,6 @@
 //! succeeds.
 mod common;
 
-use std::io::{Read, Write};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -35,18 +34,9 @@ spec:
 /// One completion through the gateway; the status code.
 fn complete(gateway: &str, max_tokens: u32) -> u16 {
     let body = format!(r#"{{"model":"auto","prompt":"hello there","max_tokens":{max_tokens},"ignore_eos":true}}"#);
-    let Ok(mut s) = std::net::TcpStream::connect(gateway) else { return 0 };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(120)));
-    let req = format!(
-        "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return 0;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0)
+    raw_http::send_blocking(gateway, "POST", "/v1/completions", &body, Duration::from_secs(120))
+        .and_then(|out| raw_http::status_code(&out))
+        .unwrap_or(0)
 }
 
 /// The model's status document.

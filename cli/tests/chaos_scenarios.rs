@@ -5,6 +5,9 @@
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
 
+use flotilla_testkit::proc_fs;
+use flotilla_testkit::procs::{signal, Signal};
+
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
 fn scenario(name: &str) -> PathBuf {
@@ -15,16 +18,11 @@ fn scenario(name: &str) -> PathBuf {
 /// `FLOTILLA_CHAOS_RUN=<harness pid>-...`).
 fn left_behind(harness: u32) -> Vec<u32> {
     let want = format!("FLOTILLA_CHAOS_RUN={harness}-");
-    std::fs::read_dir("/proc")
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter_map(|e| {
-            let pid = e.file_name().to_string_lossy().parse::<u32>().ok()?;
-            let env = std::fs::read(e.path().join("environ")).ok()?;
-            let stat = std::fs::read_to_string(e.path().join("stat")).unwrap_or_default();
-            let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
-            (!zombie && env.split(|b| *b == 0).any(|kv| kv.starts_with(want.as_bytes()))).then_some(pid)
+    proc_fs::pids()
+        .filter(|pid| {
+            let Some(env) = proc_fs::environ(*pid) else { return false };
+            let zombie = proc_fs::stat(*pid).is_some_and(|s| s.state == 'Z');
+            !zombie && env.split(|b| *b == 0).any(|kv| kv.starts_with(want.as_bytes()))
         })
         .collect()
 }
@@ -84,7 +82,7 @@ fn an_interrupted_run_leaves_no_process_behind() {
     let ready = lines.by_ref().map_while(Result::ok).any(|l| l.contains("cluster ready"));
     assert!(ready, "the run never got its cluster ready");
     assert!(!left_behind(pid).is_empty(), "the run's processes are visible by their mark");
-    assert!(Command::new("kill").args(["-TERM", &pid.to_string()]).status().unwrap().success());
+    assert!(signal(pid, Signal::TERM), "SIGTERM to the harness");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
     // SIGKILLed processes take a moment to be gone from /proc.

@@ -3,7 +3,7 @@
 //! SIGTERM stops everything, engines included.
 mod common;
 
-use std::io::{BufRead, BufReader, Read, Write};
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -11,16 +11,7 @@ use common::*;
 
 fn chat_via(addr: &str) -> Option<String> {
     let body = r#"{"model":"demo","messages":[{"role":"user","content":"hello"}],"max_tokens":4}"#;
-    let mut s = std::net::TcpStream::connect(addr).ok()?;
-    s.set_read_timeout(Some(Duration::from_secs(10))).ok()?;
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    s.write_all(req.as_bytes()).ok()?;
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    Some(out)
+    raw_http::send_blocking(addr, "POST", "/v1/chat/completions", body, Duration::from_secs(10))
 }
 
 #[test]
@@ -59,7 +50,7 @@ fn dev_serves_the_demo_model_through_the_gateway_and_stops_cleanly() {
         std::thread::sleep(Duration::from_millis(200));
     }
     assert_eq!(engine_pids(marker).len(), 2, "two demo engines");
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(flotilla_testkit::procs::signal(child.id(), Signal::TERM), "SIGTERM to flotilla dev");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
     let deadline = Instant::now() + Duration::from_secs(15);

@@ -9,11 +9,8 @@ use std::time::{Duration, Instant};
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::{ApplyRequest, DeleteRequest, WatchRequest};
+use flotilla_testkit::manifests::model_manifest;
 use futures::StreamExt;
-
-fn model_manifest(name: &str, replicas: u32, gpus: u32) -> String {
-    format!("kind: Model\nmetadata:\n  name: {name}\nspec:\n  engine: sim\n  source: file:///models/{name}\n  replicas: {replicas}\n  gpus: {gpus}\n")
-}
 
 async fn apply(servers: &[String], manifest: String) {
     for _ in 0..50 {
@@ -208,13 +205,8 @@ async fn crashed_engine_is_restarted_and_crash_loops_fail_with_a_reason() {
 }
 
 fn crash(endpoint: &str) {
-    use std::io::Write;
     let body = r#"{"crash": true}"#;
-    if let Ok(mut s) = std::net::TcpStream::connect(endpoint) {
-        let _ = write!(s, "POST /sim/faults HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}", body.len());
-        let mut sink = String::new();
-        let _ = std::io::Read::read_to_string(&mut s, &mut sink);
-    }
+    let _ = raw_http::send_blocking(endpoint, "POST", "/sim/faults", body, Duration::from_secs(60));
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

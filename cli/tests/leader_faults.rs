@@ -77,7 +77,7 @@ async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
     write_all(others.clone(), (0..20).map(|i| format!("before-{i}")).collect(), acked.clone(), Duration::from_secs(10))
         .await;
 
-    servers[leader].signal("-STOP");
+    servers[leader].signal(Signal::STOP);
     // Writes sent straight to the paused leader; they sit in its socket buffers.
     let paused_acked = Arc::new(Mutex::new(Vec::new()));
     let mut paused_writes = Vec::new();
@@ -98,7 +98,7 @@ async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
     let new_leader = status(&others[0]).await.unwrap().leader_id;
     assert!(new_leader != 0 && new_leader != old_leader_id, "no new leader while the old one was paused");
 
-    servers[leader].signal("-CONT");
+    servers[leader].signal(Signal::CONT);
     for w in paused_writes {
         tokio::time::timeout(Duration::from_secs(30), w).await.expect("paused writes finish").unwrap();
     }

@@ -6,8 +6,6 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::io::{Read, Write};
-use std::process::Command;
 use std::time::{Duration, Instant};
 
 use common::*;
@@ -80,20 +78,10 @@ async fn bindings(servers: &[String]) -> BTreeMap<String, Vec<String>> {
 
 /// One HTTP request; (status code, body).
 fn http(addr: &str, method: &str, path: &str, body: &str) -> (u16, String) {
-    let Ok(mut s) = std::net::TcpStream::connect(addr) else { return (0, String::new()) };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(60)));
-    let req = format!(
-        "{method} {path} HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return (0, String::new());
+    match raw_http::send_blocking(addr, method, path, body, Duration::from_secs(60)) {
+        Some(out) => (raw_http::status_code(&out).unwrap_or(0), raw_http::body_of(&out).to_owned()),
+        None => (0, String::new()),
     }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    let code = out.get(9..12).and_then(|c| c.parse().ok()).unwrap_or(0);
-    let body = out.split_once("\r\n\r\n").map(|(_, b)| b.to_owned()).unwrap_or_default();
-    (code, body)
 }
 
 fn complete(gateway: &str, model: &str) -> (u16, String) {
@@ -236,9 +224,9 @@ async fn a_pinned_adapter_moves_when_its_node_dies_and_requests_keep_succeeding(
     agent.kill();
     let port = holder.endpoint.as_deref().unwrap().rsplit(':').next().unwrap().to_owned();
     for pid in engine_pids(setup.marker) {
-        let cmdline = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
+        let cmdline = flotilla_testkit::proc_fs::cmdline(pid).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&format!("--port\0{port}\0")) {
-            let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+            flotilla_testkit::procs::signal(pid, Signal::KILL);
         }
     }
     // Requests keep succeeding (the gateway waits for the load elsewhere), and the adapter

@@ -1,17 +1,16 @@
 //! `flotilla sim` as a process: it prints its address, serves the OpenAI surface, stops
 //! cleanly on SIGTERM, and rejects bad flags with exit code 2.
-use std::io::{BufRead, BufReader, Read, Write};
-use std::net::TcpStream;
+use std::io::{BufRead, BufReader};
 use std::process::{Command, Stdio};
+use std::time::Duration;
+
+use flotilla_testkit::procs::{signal, Signal};
+use flotilla_testkit::raw_http::send_blocking;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
 fn http_get(addr: &str, path: &str) -> String {
-    let mut s = TcpStream::connect(addr).unwrap();
-    write!(s, "GET {path} HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n").unwrap();
-    let mut out = String::new();
-    s.read_to_string(&mut out).unwrap();
-    out
+    send_blocking(addr, "GET", path, "", Duration::from_secs(60)).expect("the sim answers")
 }
 
 #[test]
@@ -30,7 +29,7 @@ fn sim_prints_its_address_serves_and_stops_on_sigterm() {
     assert!(models.starts_with("HTTP/1.1 200") && models.contains("\"demo\""), "{models}");
     let metrics = http_get(&addr, "/metrics");
     assert!(metrics.contains("vllm:num_requests_running"), "{metrics}");
-    assert!(Command::new("kill").args(["-TERM", &child.id().to_string()]).status().unwrap().success());
+    assert!(signal(child.id(), Signal::TERM), "SIGTERM to the sim");
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(0));
 }

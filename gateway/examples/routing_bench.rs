@@ -21,6 +21,7 @@ use std::time::Duration;
 
 use bytes::Bytes;
 use clap::Parser;
+use flotilla_testkit::ports::free_port;
 use http_body_util::{BodyExt, Full};
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -88,10 +89,6 @@ async fn wait_ready(addr: SocketAddr) -> bool {
         tokio::time::sleep(Duration::from_millis(100)).await;
     }
     false
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
 }
 
 async fn prefix_hits(sims: &[flotilla_sim::SimHandle]) -> (f64, f64) {
@@ -174,7 +171,7 @@ async fn main() {
             }
             router => {
                 let venv = std::env::var("BENCH_VENV").unwrap_or_else(|_| "/tmp/benchvenv/venv".into());
-                let port = free_port();
+                let port = free_port().expect("a free port");
                 let mut cmd = std::process::Command::new(format!("{venv}/bin/{router}"));
                 if router == "sglang-router" {
                     cmd.arg("launch");
@@ -190,7 +187,7 @@ async fn main() {
                     "--log-level",
                     level,
                 ])
-                .args(["--prometheus-port", &free_port().to_string(), "--worker-urls"])
+                .args(["--prometheus-port", &free_port().expect("a free port").to_string(), "--worker-urls"])
                 .args(&urls)
                 .stdout(std::fs::File::create(std::env::temp_dir().join(format!("{router}.out"))).expect("log file"))
                 .stderr(std::fs::File::create(std::env::temp_dir().join(format!("{router}.log"))).expect("log file"));

@@ -9,7 +9,7 @@ use std::process::Command;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_works_through_the_gateway() {
-    let py = common::python();
+    let py = flotilla_testkit::python::require_python();
     let probe = Command::new(&py).args(["-c", "import openai"]).output().expect("run python");
     assert!(
         probe.status.success(),

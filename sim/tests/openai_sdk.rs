@@ -8,21 +8,11 @@ mod common;
 use std::path::PathBuf;
 use std::process::Command;
 
-fn python() -> PathBuf {
-    if let Some(p) = std::env::var_os("FLOTILLA_PYTHON") {
-        return PathBuf::from(p);
-    }
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python")
-}
+use flotilla_testkit::python::require_python;
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn openai_python_sdk_conformance() {
-    let py = python();
-    assert!(
-        py.exists(),
-        "no Python interpreter at {} (set FLOTILLA_PYTHON, or run `bash .ci/sim-deps.sh` to create the venv with openai)",
-        py.display()
-    );
+    let py = require_python();
     let probe = Command::new(&py).args(["-c", "import openai"]).output().expect("run python");
     assert!(
         probe.status.success(),

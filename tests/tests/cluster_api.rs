@@ -3,7 +3,7 @@
 use std::time::Duration;
 
 use flotilla_api::pb::{ApplyRequest, DeleteRequest, GetRequest, ListRequest, WatchRequest};
-use flotilla_tests::{fast, model, TestCluster};
+use flotilla_testkit::cluster::{fast, model, TestCluster};
 use futures::StreamExt;
 use tonic::Code;
 

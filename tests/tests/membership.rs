@@ -4,12 +4,12 @@ use std::time::Duration;
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::{AddMemberRequest, ApplyRequest, ListRequest, RemoveMemberRequest, StatusRequest};
 use flotilla_cluster::ServerConfig;
-use flotilla_tests::{channel, fast, model, TestCluster};
+use flotilla_testkit::cluster::{channel, fast, model, TestCluster};
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn remove_member_then_add_a_new_one_as_learner_and_voter() {
     let cluster = TestCluster::start(3, fast).await;
-    let mut admin = ClusterServiceClient::new(channel(cluster.addr(2)).await);
+    let mut admin = ClusterServiceClient::new(channel(cluster.addr(2)));
     let leader = cluster.leader(1).await;
     let victim = (1..=3).find(|id| *id != leader).unwrap();
 
@@ -38,7 +38,7 @@ async fn remove_member_then_add_a_new_one_as_learner_and_voter() {
     let m4 = s.into_inner().status.unwrap().members.into_iter().find(|m| m.id == 4).unwrap();
     assert!(m4.voter, "promoted to voter");
     // The new member holds the data.
-    let mut c4 = flotilla_api::pb::object_service_client::ObjectServiceClient::new(channel(four.grpc_addr).await);
+    let mut c4 = flotilla_api::pb::object_service_client::ObjectServiceClient::new(channel(four.grpc_addr));
     let mut names = Vec::new();
     for _ in 0..100 {
         let list =

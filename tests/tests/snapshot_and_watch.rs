@@ -5,7 +5,7 @@ use std::time::Duration;
 
 use flotilla_api::pb::{ApplyRequest, ListRequest, WatchRequest};
 use flotilla_cluster::ServerConfig;
-use flotilla_tests::{fast, model, TestCluster};
+use flotilla_testkit::cluster::{fast, model, TestCluster};
 use futures::StreamExt;
 
 fn compact_often(c: &mut ServerConfig) {

@@ -1,6 +1,6 @@
-//! Test support: an in-process cluster of real servers running the controllers (copied from
-//! flotilla-tests' `TestCluster`, with the actors' extensions), fake agents that speak the
-//! real AgentService protocol over gRPC, and object API helpers.
+//! Test support: an in-process cluster of real servers running the controllers (the shared
+//! `TestCluster` with the actors' extensions), fake agents that speak the real AgentService
+//! protocol over gRPC, and replica readers.
 #![allow(dead_code)]
 use std::collections::BTreeMap;
 use std::net::SocketAddr;
@@ -10,17 +10,13 @@ use std::time::Duration;
 use flotilla_actors::{extensions_with_probe, ActorsConfig, Probe};
 use flotilla_api::pb::agent_message::Msg as AgentMsg;
 use flotilla_api::pb::agent_service_client::AgentServiceClient;
-use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::server_message::Msg as ServerMsg;
-use flotilla_api::pb::{
-    AgentMessage, ApplyRequest, DeleteRequest, EngineReport, GetRequest, GpuInfo, Heartbeat, ListRequest, Object,
-    Register, ReplicaAssignment,
-};
-use flotilla_cluster::{ServerConfig, ServerHandle};
-use tempfile::TempDir;
+use flotilla_api::pb::{AgentMessage, EngineReport, GpuInfo, Heartbeat, Register, ReplicaAssignment};
+pub use flotilla_testkit::cluster::{channel, fast, TestCluster};
+pub use flotilla_testkit::manifests::model_manifest;
+pub use flotilla_testkit::wait::wait_until;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
-use tonic::transport::Channel;
 
 pub fn actors_config() -> ActorsConfig {
     ActorsConfig {
@@ -36,41 +32,42 @@ pub fn actors_config() -> ActorsConfig {
     }
 }
 
+/// An in-process cluster whose servers run the controllers, each with a [`Probe`] into
+/// its actors' context.
 pub struct Cluster {
-    dir: TempDir,
-    pub servers: Vec<Option<ServerHandle>>,
-    pub probes: Vec<Probe>,
-    pub addrs: Vec<SocketAddr>,
+    inner: TestCluster,
+    probes: Arc<Mutex<Vec<Option<Probe>>>>,
+}
+
+impl std::ops::Deref for Cluster {
+    type Target = TestCluster;
+    fn deref(&self) -> &TestCluster {
+        &self.inner
+    }
+}
+
+impl std::ops::DerefMut for Cluster {
+    fn deref_mut(&mut self) -> &mut TestCluster {
+        &mut self.inner
+    }
 }
 
 impl Cluster {
     pub async fn start(n: usize) -> Cluster {
-        let mut c = Cluster { dir: TempDir::new().expect("tmp"), servers: vec![], probes: vec![], addrs: vec![] };
-        for id in 1..=n as u64 {
-            let mut config = ServerConfig {
-                grpc_addr: "127.0.0.1:0".parse().expect("addr"),
-                http_addr: "127.0.0.1:0".parse().expect("addr"),
-                bootstrap: id == 1,
-                join: if id == 1 { None } else { Some(c.addrs[0].to_string()) },
-                ..ServerConfig::new(id, c.dir.path().join(format!("server-{id}")))
-            };
-            config.heartbeat_ms = 50;
-            config.election_timeout_min_ms = 200;
-            config.election_timeout_max_ms = 400;
-            config.request_timeout = Duration::from_secs(5);
+        let probes: Arc<Mutex<Vec<Option<Probe>>>> = Arc::default();
+        let slots = probes.clone();
+        let extensions = Box::new(move |id: u64| {
             let (ext, probe) = extensions_with_probe(actors_config());
-            let h = flotilla_cluster::start_with(config, ext).await.expect("server starts");
-            c.addrs.push(h.grpc_addr);
-            c.servers.push(Some(h));
-            c.probes.push(probe);
-        }
-        wait_until("all voters and a leader", Duration::from_secs(20), || async {
-            let Some(h) = c.servers[0].as_ref() else { return false };
-            let m = h.raft().metrics().borrow().clone();
-            m.current_leader.is_some() && m.membership_config.voter_ids().count() == n
-        })
-        .await;
-        c
+            let mut slots = slots.lock().expect("probes lock");
+            let i = id as usize - 1;
+            if slots.len() <= i {
+                slots.resize_with(i + 1, || None);
+            }
+            slots[i] = Some(probe);
+            ext
+        });
+        let inner = TestCluster::start_with(n, fast, extensions).await;
+        Cluster { inner, probes }
     }
 
     /// The leader's ID, once one leads and runs its controllers.
@@ -78,9 +75,10 @@ impl Cluster {
         let mut found = 0;
         wait_until("a leader running controllers", Duration::from_secs(20), || {
             let found = &mut found;
-            let r = self.probes.iter().zip(&self.servers).enumerate().find_map(|(i, (p, s))| {
-                let ctx = p.ctx()?;
-                (s.is_some() && ctx.ensure_leader().is_ok()).then_some(i as u64 + 1)
+            let r = self.probes.lock().expect("probes lock").iter().enumerate().find_map(|(i, p)| {
+                let ctx = p.as_ref()?.ctx()?;
+                let id = i as u64 + 1;
+                (self.is_running(id) && ctx.ensure_leader().is_ok()).then_some(id)
             });
             *found = r.unwrap_or(0);
             async move { r.is_some() }
@@ -89,83 +87,13 @@ impl Cluster {
         found
     }
 
-    pub async fn stop(&mut self, id: u64) {
-        if let Some(h) = self.servers[id as usize - 1].take() {
-            h.shutdown().await;
-        }
+    pub async fn shutdown(self) {
+        self.inner.shutdown().await;
     }
-
-    pub fn live_addrs(&self) -> Vec<SocketAddr> {
-        self.addrs.iter().zip(&self.servers).filter(|(_, s)| s.is_some()).map(|(a, _)| *a).collect()
-    }
-
-    pub async fn objects(&self) -> ObjectServiceClient<Channel> {
-        let addr = self.live_addrs()[0];
-        ObjectServiceClient::new(channel(addr))
-    }
-
-    pub async fn apply(&self, manifest: &str) {
-        self.objects()
-            .await
-            .apply(ApplyRequest { manifest: manifest.into(), expected_revision: None })
-            .await
-            .expect("apply");
-    }
-
-    pub async fn delete(&self, kind: &str, name: &str) {
-        self.objects()
-            .await
-            .delete(DeleteRequest { kind: kind.into(), name: name.into(), expected_revision: None })
-            .await
-            .expect("delete");
-    }
-
-    pub async fn list(&self, kind: &str) -> Vec<Object> {
-        let req = ListRequest { kind: kind.into(), label_selector: String::new(), stale: false };
-        match self.objects().await.list(req).await {
-            Ok(r) => r.into_inner().objects,
-            Err(_) => Vec::new(),
-        }
-    }
-
-    pub async fn get(&self, kind: &str, name: &str) -> Option<Object> {
-        let req = GetRequest { kind: kind.into(), name: name.into(), stale: false };
-        self.objects().await.get(req).await.ok().and_then(|r| r.into_inner().object)
-    }
-
-    pub async fn shutdown(mut self) {
-        for id in 1..=self.servers.len() as u64 {
-            self.stop(id).await;
-        }
-    }
-}
-
-pub fn channel(addr: SocketAddr) -> Channel {
-    tonic::transport::Endpoint::from_shared(format!("http://{addr}"))
-        .expect("url")
-        .timeout(Duration::from_secs(10))
-        .connect_lazy()
 }
 
 pub fn json(s: &str) -> serde_json::Value {
     serde_json::from_str(s).unwrap_or(serde_json::Value::Null)
-}
-
-/// Polls `f` every 50 ms until it holds, or panics naming `what`.
-pub async fn wait_until<F, Fut>(what: &str, limit: Duration, mut f: F)
-where
-    F: FnMut() -> Fut,
-    Fut: std::future::Future<Output = bool>,
-{
-    let start = tokio::time::Instant::now();
-    while !f().await {
-        assert!(start.elapsed() < limit, "timed out after {limit:?} waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-pub fn model(name: &str, replicas: u32, gpus: u32) -> String {
-    format!("kind: Model\nmetadata:\n  name: {name}\nspec:\n  engine: sim\n  source: file:///models/{name}\n  replicas: {replicas}\n  gpus: {gpus}\n")
 }
 
 /// Replicas (name → (phase, node)) from the object API.

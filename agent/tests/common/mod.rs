@@ -8,7 +8,6 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 use std::pin::Pin;
 use std::sync::{Arc, Mutex, OnceLock};
-use std::time::Duration;
 
 use clap::Parser;
 use flotilla_agent::{AgentArgs, AgentHandle};
@@ -17,6 +16,15 @@ use futures::Stream;
 use tokio::sync::{mpsc, watch};
 use tokio_stream::StreamExt as _;
 use tonic::{Request, Response, Status, Streaming};
+
+// Shared helpers the tests use through `common::*` (not every test binary uses each).
+#[allow(unused_imports)]
+pub use flotilla_testkit::proc_fs::alive;
+use flotilla_testkit::procs::{signal_group, Signal};
+#[allow(unused_imports)]
+pub use flotilla_testkit::raw_http::{http_get, http_request};
+#[allow(unused_imports)]
+pub use flotilla_testkit::wait::eventually;
 
 /// What the fake server saw.
 #[derive(Default, Debug)]
@@ -287,57 +295,6 @@ pub fn kill_groups(pids: &BTreeSet<u32>, data_dir: &Path) {
         }
     }
     for pid in all {
-        if let Some(p) = rustix::process::Pid::from_raw(pid as i32) {
-            let _ = rustix::process::kill_process_group(p, rustix::process::Signal::KILL);
-        }
+        signal_group(pid, Signal::KILL);
     }
-}
-
-/// True while `pid` exists and is not a zombie.
-pub fn alive(pid: u32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            s.rsplit(')').next().and_then(|r| r.split_whitespace().next()).is_some_and(|st| st != "Z" && st != "X")
-        }
-        Err(_) => false,
-    }
-}
-
-/// Polls `f` every 50 ms until it returns Some, or panics with `what` after `secs`.
-pub async fn eventually<T>(secs: u64, what: &str, mut f: impl FnMut() -> Option<T>) -> T {
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
-    loop {
-        if let Some(v) = f() {
-            return v;
-        }
-        if tokio::time::Instant::now() > deadline {
-            panic!("timed out after {secs}s waiting for: {what}");
-        }
-        tokio::time::sleep(Duration::from_millis(50)).await;
-    }
-}
-
-/// GET a URL with a tiny raw HTTP/1.1 client; returns (status, body).
-pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
-    http_request(addr, "GET", path, "").await
-}
-
-/// A raw HTTP/1.1 request with `Connection: close`.
-pub async fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let fut = async {
-        let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        let req = format!(
-            "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-            body.len()
-        );
-        s.write_all(req.as_bytes()).await.ok()?;
-        let mut out = Vec::new();
-        let _ = s.read_to_end(&mut out).await;
-        let text = String::from_utf8_lossy(&out).into_owned();
-        let status = text.split_whitespace().nth(1)?.parse().ok()?;
-        let body = text.split_once("\r\n\r\n").map(|(_, b)| b.to_string()).unwrap_or_default();
-        Some((status, body))
-    };
-    tokio::time::timeout(Duration::from_secs(5), fut).await.ok().flatten()
 }

@@ -1,5 +1,6 @@
-//! Helpers for multi-process tests: start `flotilla server` processes on loopback, each with
-//! its own temp data dir, and talk to them over gRPC.
+//! Helpers for multi-process tests: start `flotilla server`, `agent` and `gateway`
+//! processes on loopback, each with its own temp data dir, and talk to them over gRPC.
+//! Signals, `/proc` scans and raw HTTP are the shared `flotilla_testkit` ones.
 #![allow(dead_code)]
 
 use std::io::{BufRead, BufReader};
@@ -10,6 +11,10 @@ use std::time::Duration;
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::{ListRequest, StatusRequest, StatusResponse};
+use flotilla_testkit::proc_fs;
+pub use flotilla_testkit::procs::Signal;
+use flotilla_testkit::procs::{kill_and_reap, signal};
+pub use flotilla_testkit::raw_http;
 use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
@@ -50,16 +55,14 @@ impl ServerProc {
         self.child.as_ref().expect("running").id()
     }
 
-    pub fn signal(&self, sig: &str) {
-        let ok = Command::new("kill").args([sig, &self.pid().to_string()]).status().expect("kill").success();
-        assert!(ok, "kill {sig} failed");
+    pub fn signal(&self, sig: Signal) {
+        assert!(signal(self.pid(), sig), "kill {sig:?} failed");
     }
 
-    /// SIGKILL, and reap.
+    /// SIGKILL (after SIGCONT, so a paused server dies too), and reap.
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill_and_reap(&mut c);
         }
     }
 
@@ -70,9 +73,6 @@ impl ServerProc {
 
 impl Drop for ServerProc {
     fn drop(&mut self) {
-        if let Some(c) = &self.child {
-            let _ = Command::new("kill").args(["-CONT", &c.id().to_string()]).status();
-        }
         self.kill();
     }
 }
@@ -165,15 +165,14 @@ impl AgentProc {
 
     pub fn kill(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = c.kill();
-            let _ = c.wait();
+            kill_and_reap(&mut c);
         }
     }
 
     /// SIGTERM and wait: the agent exits, leaving its engines to a successor.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
-            let _ = Command::new("kill").args(["-TERM", &c.id().to_string()]).status();
+            signal(c.id(), Signal::TERM);
             let _ = c.wait();
         }
     }
@@ -212,31 +211,26 @@ impl GatewayProc {
 
 impl Drop for GatewayProc {
     fn drop(&mut self) {
-        let _ = self.child.kill();
-        let _ = self.child.wait();
+        kill_and_reap(&mut self.child);
     }
 }
 
 /// PIDs of live engine processes started with `--seed <marker>`.
 pub fn engine_pids(marker: u64) -> Vec<u32> {
     let needle = format!("--seed\0{marker}\0");
-    let mut pids = Vec::new();
-    for entry in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
-        let Ok(pid) = entry.file_name().to_string_lossy().parse::<u32>() else { continue };
-        let Ok(cmdline) = std::fs::read(entry.path().join("cmdline")) else { continue };
-        let stat = std::fs::read_to_string(entry.path().join("stat")).unwrap_or_default();
-        let zombie = stat.rsplit(')').next().is_some_and(|s| s.trim_start().starts_with('Z'));
-        if !zombie && String::from_utf8_lossy(&cmdline).contains(&needle) {
-            pids.push(pid);
-        }
-    }
-    pids
+    proc_fs::pids()
+        .filter(|pid| {
+            let Some(cmdline) = proc_fs::cmdline(*pid) else { return false };
+            let zombie = proc_fs::stat(*pid).is_some_and(|s| s.state == 'Z');
+            !zombie && String::from_utf8_lossy(&cmdline).contains(&needle)
+        })
+        .collect()
 }
 
 /// Kills every engine process carrying `marker` (test teardown).
 pub fn kill_engines(marker: u64) {
     for pid in engine_pids(marker) {
-        let _ = Command::new("kill").args(["-KILL", &pid.to_string()]).status();
+        signal(pid, Signal::KILL);
     }
 }
 
@@ -294,13 +288,13 @@ pub async fn wait_replicas(
     what: &str,
     pred: impl Fn(&[ReplicaView]) -> bool,
 ) -> Vec<ReplicaView> {
-    let deadline = std::time::Instant::now() + Duration::from_secs(secs);
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(secs);
     loop {
         let r = replicas(servers, model).await;
         if pred(&r) {
             return r;
         }
-        if std::time::Instant::now() > deadline {
+        if tokio::time::Instant::now() > deadline {
             panic!("timed out waiting for {what}: {r:#?}");
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -313,18 +307,7 @@ pub fn ready(r: &[ReplicaView]) -> usize {
 
 /// Sends one chat completion to an engine; true if it answered 200 with a choice.
 pub fn chat_ok(endpoint: &str, model: &str) -> bool {
-    use std::io::{Read, Write};
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":4}}"#);
-    let Ok(mut s) = std::net::TcpStream::connect(endpoint) else { return false };
-    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
-    let req = format!(
-        "POST /v1/chat/completions HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
-        body.len()
-    );
-    if s.write_all(req.as_bytes()).is_err() {
-        return false;
-    }
-    let mut out = String::new();
-    let _ = s.read_to_string(&mut out);
-    out.starts_with("HTTP/1.1 200") && out.contains("\"choices\"")
+    raw_http::send_blocking(endpoint, "POST", "/v1/chat/completions", &body, Duration::from_secs(10))
+        .is_some_and(|out| out.starts_with("HTTP/1.1 200") && out.contains("\"choices\""))
 }

@@ -9,7 +9,6 @@ pub mod fake_cp;
 pub mod fake_leader;
 
 use std::net::SocketAddr;
-use std::path::PathBuf;
 use std::time::Duration;
 
 use bytes::Bytes;
@@ -136,20 +135,6 @@ pub async fn metric_sum(addr: SocketAddr, name: &str, filters: &[&str]) -> f64 {
         .filter(|l| filters.iter().all(|f| l.contains(f)))
         .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
         .sum()
-}
-
-/// The venv Python with `openai`, or a clear failure.
-pub fn python() -> PathBuf {
-    let py = match std::env::var_os("FLOTILLA_PYTHON") {
-        Some(p) => PathBuf::from(p),
-        None => PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"),
-    };
-    assert!(
-        py.exists(),
-        "no Python interpreter at {} (set FLOTILLA_PYTHON, or run `bash .ci/sim-deps.sh` to create the venv with openai)",
-        py.display()
-    );
-    py
 }
 
 pub fn percentile(v: &mut [f64], p: f64) -> f64 {

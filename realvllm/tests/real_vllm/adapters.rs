@@ -12,7 +12,9 @@ use anyhow::{ensure, Context as _};
 use serde_json::json;
 use tokio::time::Instant;
 
-use crate::{cluster, http};
+use flotilla_testkit::http;
+
+use crate::cluster;
 
 fn manifest(name: &str, source: &str, extra: &str) -> String {
     format!("kind: Adapter\nmetadata: {{name: {name}}}\nspec: {{base_model: tiny, source: '{source}', replicas: on-demand{extra}}}\n")

@@ -1,7 +1,7 @@
 //! The checks, in the order they run. Two vLLM servers at most: `S`, a standalone
 //! `vllm serve` this file starts, and `V`, the engine the agent starts for the `tiny` Model.
 
-use std::path::{Path, PathBuf};
+use std::path::Path;
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Arc;
@@ -10,8 +10,14 @@ use std::time::{Duration, Instant};
 use anyhow::{ensure, Context as _};
 use serde_json::json;
 
-use crate::procs::{self, free_port, group_members};
-use crate::{cluster, http, Tier};
+use flotilla_testkit::http;
+use flotilla_testkit::ports::free_port;
+use flotilla_testkit::proc_fs::{self, args as cmdline, find_process, group_members};
+use flotilla_testkit::procs::{log_tail, signal, Signal};
+use flotilla_testkit::python::python;
+
+use crate::procs;
+use crate::{cluster, Tier};
 
 const START_TIMEOUT: Duration = Duration::from_secs(240);
 
@@ -22,7 +28,7 @@ pub async fn run(mut t: Tier) -> Tier {
     let adapter = install.adapter();
     let agent_dir = dir.join("agent");
 
-    let s_port = free_port();
+    let s_port = free_port().expect("a free port");
     let s = format!("127.0.0.1:{s_port}");
     let s_started = Instant::now();
     let mut vllm = procs::start_vllm(&install, s_port, &dir.join("vllm.log"));
@@ -37,7 +43,7 @@ pub async fn run(mut t: Tier) -> Tier {
         .setup("standalone_vllm_becomes_healthy", || async {
             http::wait_healthy(&s, START_TIMEOUT)
                 .await
-                .with_context(|| format!("vllm serve log:\n{}", procs::log_tail(&dir.join("vllm.log"), 30)))?;
+                .with_context(|| format!("vllm serve log:\n{}", log_tail(&dir.join("vllm.log"), 30)))?;
             Ok(())
         })
         .await;
@@ -58,10 +64,10 @@ pub async fn run(mut t: Tier) -> Tier {
                 r.len() == 1 && r[0].phase == "Ready"
             })
             .await
-            .with_context(|| format!("agent log:\n{}", procs::log_tail(&dir.join("agent.log"), 30)))?;
+            .with_context(|| format!("agent log:\n{}", log_tail(&dir.join("agent.log"), 30)))?;
             v = r[0].endpoint.clone().context("a Ready replica has an endpoint")?;
             let port = v.rsplit(':').next().unwrap_or_default().to_string();
-            let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+            let pid = find_process(&["serve", "--port", &port]).context("the engine process")?;
             let args = cmdline(pid);
             let cache = dir.join("agent");
             ensure!(
@@ -112,19 +118,6 @@ pub async fn run(mut t: Tier) -> Tier {
     agent.stop(Duration::from_secs(10));
     server.stop(Duration::from_secs(5));
     t
-}
-
-/// The command line of `pid`, one word each.
-fn cmdline(pid: u32) -> Vec<String> {
-    let raw = std::fs::read(format!("/proc/{pid}/cmdline")).unwrap_or_default();
-    raw.split(|b| *b == 0).filter(|a| !a.is_empty()).map(|a| String::from_utf8_lossy(a).into_owned()).collect()
-}
-
-/// The Python interpreter with the `openai` SDK (`FLOTILLA_PYTHON`, else the repo's `.venv`).
-fn python() -> PathBuf {
-    std::env::var_os("FLOTILLA_PYTHON")
-        .map(PathBuf::from)
-        .unwrap_or_else(|| Path::new(env!("CARGO_MANIFEST_DIR")).join("../.venv/bin/python"))
 }
 
 /// Starts an in-process gateway with static backends `tiny=http://<addr>`.
@@ -341,13 +334,10 @@ async fn routing_from_real_numbers(s: &str, v: &str) -> anyhow::Result<()> {
 async fn agent_restarts_after_kill(grpc: &str, v: &str) -> anyhow::Result<()> {
     ensure!(!v.is_empty(), "no agent-run engine");
     let port = v.rsplit(':').next().unwrap_or_default().to_string();
-    let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+    let pid = find_process(&["serve", "--port", &port]).context("the engine process")?;
     let group_before = group_members(pid);
     ensure!(group_before.len() >= 2, "expected vLLM's engine-core worker in the group: {group_before:?}");
-    rustix::process::kill_process(
-        rustix::process::Pid::from_raw(pid as i32).context("pid")?,
-        rustix::process::Signal::KILL,
-    )?;
+    ensure!(signal(pid, Signal::KILL), "SIGKILL to the engine {pid}");
     let r = cluster::wait_replicas(grpc, "tiny", START_TIMEOUT, "the replica restarted and Ready", |r| {
         r.len() == 1 && r[0].phase == "Ready" && r[0].restarts >= 1
     })
@@ -365,7 +355,7 @@ async fn agent_stops_cleanly(bin: &Path, grpc: &str, agent_dir: &Path) -> anyhow
     let r = cluster::replicas(grpc, "tiny").await?;
     let endpoint = r.first().and_then(|r| r.endpoint.clone()).context("a running replica")?;
     let port = endpoint.rsplit(':').next().unwrap_or_default().to_string();
-    let pid = procs::find_process(&["serve", "--port", &port]).context("the engine process")?;
+    let pid = find_process(&["serve", "--port", &port]).context("the engine process")?;
     cluster::cli(bin, grpc, &["delete", "model", "tiny"], None)?;
     let t0 = tokio::time::Instant::now();
     while !group_members(pid).is_empty() {
@@ -373,11 +363,8 @@ async fn agent_stops_cleanly(bin: &Path, grpc: &str, agent_dir: &Path) -> anyhow
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
     let cache = agent_dir.display().to_string();
-    let stray: Vec<u32> = std::fs::read_dir("/proc")?
-        .flatten()
-        .filter_map(|e| e.file_name().to_string_lossy().parse::<u32>().ok())
-        .filter(|p| cmdline(*p).iter().any(|a| a.starts_with(&cache) && a.contains("models")))
-        .collect();
+    let stray: Vec<u32> =
+        proc_fs::pids().filter(|p| cmdline(*p).iter().any(|a| a.starts_with(&cache) && a.contains("models"))).collect();
     ensure!(stray.is_empty(), "processes still using the node cache: {stray:?}");
     println!("  engine group {pid} gone {:.1} s after delete", t0.elapsed().as_secs_f64());
     Ok(())

@@ -9,7 +9,7 @@ use std::path::Path;
 use flotilla_realvllm::shape::{self, Difference, KNOWN_DIFFERENCES};
 use serde_json::{json, Value};
 
-use crate::http::{self, Resp};
+use flotilla_testkit::http::{self, Resp};
 
 /// How an answer is compared.
 #[derive(Clone, Copy)]

@@ -13,7 +13,6 @@ mod adapters;
 mod checks;
 mod cluster;
 mod conformance;
-mod http;
 mod install;
 mod procs;
 
