@@ -67,11 +67,7 @@ pub fn endpoints(ctx: &Ctx, model: &str) -> EndpointSet {
     let (nodes, _) = reader.list(Kind::Node, &all);
     let nodes: HashMap<ObjectName, NodeView> =
         nodes.iter().filter_map(|o| NodeView::from_stored(o).ok()).map(|n| (n.name.clone(), n)).collect();
-    let sel = if model.is_empty() {
-        all
-    } else {
-        LabelSelector::parse(&format!("{}={model}", crate::objects::MODEL_LABEL)).unwrap_or_default()
-    };
+    let sel = if model.is_empty() { all } else { LabelSelector::label_eq(crate::objects::MODEL_LABEL, model) };
     let (replicas, revision) = reader.list(Kind::Replica, &sel);
     let live = lock(&ctx.live);
     let mut out = Vec::new();

@@ -15,19 +15,18 @@
 //! ```
 //!
 //! Every decision is a pure function (`model::decide`, `node::decide`,
-//! `placement::plan`, `reports::heartbeat_txn`) returning Raft commands, fenced by
-//! revisions; actors only receive messages, decide, and execute (`writes`).
+//! `placement::plan`, `reports::heartbeat_txn`, `adapters::decide`, `autoscale::decide`)
+//! returning Raft commands, fenced by revisions; actors only receive messages, decide, and
+//! execute (`writes`). The supervisor's routing is pure too (`supervisor::route`), and the
+//! node facts every controller needs are read in one place (`facts`).
 #![forbid(unsafe_code)]
 
-pub mod adapter_actor;
-pub mod adapter_service;
 pub mod adapters;
 pub mod agent_service;
 pub mod autoscale;
-pub mod autoscale_service;
-pub mod autoscaler_actor;
 mod config;
 mod error;
+pub mod facts;
 pub mod fleet_service;
 mod leadership;
 pub mod metrics;
@@ -89,8 +88,8 @@ pub fn extensions_with_probe(config: ActorsConfig) -> (flotilla_cluster::Extensi
         let _ = slot.set(ctx.clone());
         routes.add_service(AgentServiceServer::new(agent_service::AgentServiceImpl { ctx: ctx.clone() }));
         routes.add_service(FleetServiceServer::new(fleet_service::FleetServiceImpl { ctx: ctx.clone() }));
-        routes.add_service(AdapterServiceServer::new(adapter_service::AdapterServiceImpl { ctx: ctx.clone() }));
-        routes.add_service(AutoscaleServiceServer::new(autoscale_service::AutoscaleServiceImpl { ctx: ctx.clone() }));
+        routes.add_service(AdapterServiceServer::new(adapters::service::AdapterServiceImpl { ctx: ctx.clone() }));
+        routes.add_service(AutoscaleServiceServer::new(autoscale::service::AutoscaleServiceImpl { ctx: ctx.clone() }));
         tokio::spawn(leadership::run(ctx));
     });
     (ext, probe)

@@ -19,6 +19,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use crate::config::ActorsConfig;
+use crate::facts::BoundNodes;
 use crate::objects::{key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView};
 use crate::shared::Ctx;
 use crate::writes::execute;
@@ -232,7 +233,7 @@ pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus
 }
 
 /// Messages of a model actor.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum ModelMsg {
     /// The model (`None`) or one of its replicas changed in the store.
     Changed(Option<ObjectName>),
@@ -278,7 +279,7 @@ impl ModelActorState {
 
     fn resync(&mut self) {
         self.refresh_model();
-        let sel = LabelSelector::parse(&format!("{}={}", crate::objects::MODEL_LABEL, self.s.name)).unwrap_or_default();
+        let sel = LabelSelector::for_model(&self.s.name);
         let (list, _) = self.ctx.handle.reader().list(Kind::Replica, &sel);
         self.s.replicas =
             list.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).map(|r| (r.name.clone(), r)).collect();
@@ -286,26 +287,9 @@ impl ModelActorState {
 
     /// Node facts the decision needs, read fresh for the nodes this model uses.
     fn refresh_nodes(&mut self) {
-        let reader = self.ctx.handle.reader();
-        let nodes: BTreeSet<ObjectName> = self.s.replicas.values().filter_map(|r| r.spec.node.clone()).collect();
-        self.s.draining_nodes.clear();
-        self.s.down_nodes.clear();
-        for n in nodes {
-            let (o, _) = reader.get(&key(Kind::Node, &n));
-            match o.and_then(|o| crate::objects::NodeView::from_stored(&o).ok()) {
-                Some(v) => {
-                    if v.spec.draining {
-                        self.s.draining_nodes.insert(n.clone());
-                    }
-                    if v.status.state == flotilla_api::spec::NodeState::NotReady {
-                        self.s.down_nodes.insert(n);
-                    }
-                }
-                None => {
-                    self.s.down_nodes.insert(n);
-                }
-            }
-        }
+        let nodes = BoundNodes::read(&self.ctx.handle.reader(), self.s.replicas.values());
+        self.s.draining_nodes = nodes.draining;
+        self.s.down_nodes = nodes.down;
         let now = Instant::now();
         self.s.now = now;
         let failed: BTreeSet<&ObjectName> =

@@ -35,6 +35,9 @@ pub struct NodeFacts {
     /// Unhealthy GPUs from the latest heartbeat, if one came.
     pub unhealthy_gpus: Option<Vec<u32>>,
     pub now: Instant,
+    /// The wall clock now, Unix ms: stamps `last_transition_ms` for operators (decisions
+    /// use `now`).
+    pub wall_unix_ms: u64,
 }
 
 /// The state a node should have, and why.
@@ -64,7 +67,7 @@ pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
     if status.state != state || status.reason != reason {
         status.state = state;
         status.reason = reason;
-        status.last_transition_ms = wall_ms();
+        status.last_transition_ms = f.wall_unix_ms;
     }
     if let Some(u) = &f.unhealthy_gpus {
         status.unhealthy_gpus = u.clone();
@@ -89,12 +92,12 @@ pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
 }
 
 /// Wall-clock ms since the Unix epoch (for operators; decisions use the tokio clock).
-fn wall_ms() -> u64 {
+fn wall_unix_ms() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// Messages of a node actor.
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum NodeMsg {
     /// The node (`None`) or a replica bound to it changed.
     Changed(Option<ObjectName>),
@@ -152,6 +155,7 @@ impl NodeActorState {
             last_seen,
             unhealthy_gpus,
             now: Instant::now(),
+            wall_unix_ms: wall_unix_ms(),
         })
     }
 }

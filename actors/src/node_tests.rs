@@ -6,6 +6,9 @@ use flotilla_api::spec::NodeState;
 use super::*;
 use crate::testkit::{name, World};
 
+/// The wall clock the tests pass in (Unix ms).
+const WALL_MS: u64 = 1_700_000_000_000;
+
 fn facts(w: &World, node: &str, silent_ms: u64) -> NodeFacts {
     let now = Instant::now() + Duration::from_secs(3600);
     let replicas =
@@ -16,6 +19,7 @@ fn facts(w: &World, node: &str, silent_ms: u64) -> NodeFacts {
         last_seen: now - Duration::from_millis(silent_ms),
         unhealthy_gpus: None,
         now,
+        wall_unix_ms: WALL_MS,
     }
 }
 
@@ -33,13 +37,17 @@ fn ttl_makes_a_node_not_ready_then_grace_unbinds_its_replicas() {
     let n = w.get_node("a");
     assert_eq!(n.status.state, NodeState::NotReady);
     assert_eq!(n.status.reason, "no heartbeat within the 5000 ms TTL");
+    assert_eq!(n.status.last_transition_ms, WALL_MS, "the transition is stamped with the wall clock passed in");
     assert_eq!(n.status.allocations.len(), 2, "still bound during the grace period");
     assert!(decide(&facts(&w, "a", cfg.node_ttl_ms + 1), &cfg).is_empty(), "no rewrite while unchanged");
 
-    let cmds = decide(&facts(&w, "a", cfg.node_ttl_ms + cfg.reschedule_grace_ms), &cfg);
+    let mut later = facts(&w, "a", cfg.node_ttl_ms + cfg.reschedule_grace_ms);
+    later.wall_unix_ms = WALL_MS + 60_000;
+    let cmds = decide(&later, &cfg);
     assert_eq!(cmds.len(), 1, "one transaction");
     w.apply_all(&cmds);
     assert!(w.get_node("a").status.allocations.is_empty(), "GPUs freed");
+    assert_eq!(w.get_node("a").status.last_transition_ms, WALL_MS, "still NotReady: no new transition");
     let left: Vec<String> = w.replicas().iter().map(|r| r.name.to_string()).collect();
     assert_eq!(left, vec!["m-2"], "bound replica deleted, failed one kept for the operator");
     w.assert_consistent();

@@ -10,8 +10,8 @@ use serde::{Deserialize, Serialize};
 
 use crate::ActorsError;
 
-/// Label naming the model a replica serves.
-pub const MODEL_LABEL: &str = "model";
+/// Label naming the model a replica serves (selected with `LabelSelector::for_model`).
+pub use flotilla_api::selector::MODEL_LABEL;
 /// Model label asking for spread placement instead of the configured default.
 pub const PLACEMENT_LABEL: &str = "flotilla.io/placement";
 

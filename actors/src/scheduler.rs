@@ -16,7 +16,7 @@ use crate::placement::plan;
 use crate::shared::Ctx;
 use crate::writes::execute;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum SchedulerMsg {
     /// Something placement depends on changed.
     Nudge,

@@ -74,7 +74,7 @@ pub struct Ctx {
     /// Bumped on every heartbeat received (waiters re-check engine reports).
     pub beats: watch::Sender<u64>,
     /// The gateways' latest demand reports, per model (autoscaler input).
-    pub demand: Mutex<crate::autoscale_service::DemandBook>,
+    pub demand: Mutex<crate::autoscale::service::DemandBook>,
 }
 
 impl Ctx {

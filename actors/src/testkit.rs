@@ -39,7 +39,7 @@ impl Default for World {
 
 impl World {
     pub fn apply(&mut self, cmd: &Command) -> CommandResult {
-        self.store.apply(cmd, &mut Vec::new())
+        self.store.apply(cmd)
     }
 
     /// Applies every command, asserting none conflicts.

@@ -95,7 +95,7 @@ fn strategy() -> impl Strategy<Value = PlacementStrategy> {
 fn world(nodes: &[NodeGen], pending: &[ReplicaGen]) -> Store {
     let mut store = Store::new(100_000);
     let put = |store: &mut Store, op: TxnOp| {
-        let r = store.apply(&Command::Txn { compares: vec![], ops: vec![op] }, &mut Vec::new());
+        let r = store.apply(&Command::Txn { compares: vec![], ops: vec![op] });
         assert!(matches!(r, CommandResult::Txn { .. }), "{r:?}");
     };
     for (ni, n) in nodes.iter().enumerate() {
@@ -237,11 +237,11 @@ proptest! {
                     prop_assert!(touched.insert(key.clone()), "{} written by two transactions", key);
                 }
             }
-            let r = store.apply(cmd, &mut Vec::new());
+            let r = store.apply(cmd);
             prop_assert!(matches!(r, CommandResult::Txn { .. }), "{:?} for {:?}", r, cmd);
         }
         if let Some(reasons) = &p.reasons {
-            let r = store.apply(reasons, &mut Vec::new());
+            let r = store.apply(reasons);
             prop_assert!(matches!(r, CommandResult::Txn { .. }), "{:?}", r);
         }
 

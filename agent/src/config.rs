@@ -151,7 +151,7 @@ pub struct AgentConfig {
     /// Stop engines when the agent exits.
     pub stop_engines_on_exit: bool,
     /// Crash handling.
-    pub restart: crate::supervisor::backoff::RestartPolicy,
+    pub restart: crate::engines::backoff::RestartPolicy,
     /// Start timeout.
     pub start_timeout: Duration,
     /// Ready engine failing /health this long → restarted.
@@ -253,7 +253,7 @@ impl AgentArgs {
             sim_args,
             vllm_command,
             stop_engines_on_exit: self.stop_engines_on_exit,
-            restart: crate::supervisor::backoff::RestartPolicy {
+            restart: crate::engines::backoff::RestartPolicy {
                 initial: Duration::from_millis(self.restart_backoff_initial_ms),
                 max: Duration::from_millis(self.restart_backoff_max_ms),
                 stable_after: Duration::from_millis(self.restart_stable_ms),

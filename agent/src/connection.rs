@@ -23,9 +23,9 @@ use tokio_stream::StreamExt as _;
 use tonic::{Code, Status};
 
 use crate::config::AgentConfig;
+use crate::engines::EngineManager;
 use crate::error::AgentError;
 use crate::gpu::GpuInventory;
-use crate::supervisor::EngineManager;
 
 /// Least time between a heartbeat and an early one.
 pub const EARLY_HEARTBEAT_GAP: Duration = Duration::from_millis(50);

@@ -1,6 +1,7 @@
 //! Engine drivers: how an assignment becomes a command line. [`SimDriver`] runs
 //! `flotilla sim`; [`VllmDriver`] fills the `--vllm-command` template. Pure: they build an
-//! [`EngineCommand`] (program, args, env) that the supervisor spawns.
+//! [`EngineCommand`] (program, args, env) that the engine task
+//! ([`crate::engines::engine`]) spawns.
 
 use std::path::{Path, PathBuf};
 

@@ -7,9 +7,9 @@
 //!  connection ──Register/Heartbeat──> leader   │ probe per heartbeat
 //!        │ <────────Assign──────────           │
 //!        v                                     v
-//!  supervisor::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
+//!  engines::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
 //!        │                         driver (sim | vllm) builds each command line
-//!        │                         adapters (pure) → per-engine LoRA worker: load/unload
+//!        │                         lora_plan (pure) → per-engine LoRA worker: load/unload
 //!        ├── download (model and adapter cache)   probe (/health, /metrics, /v1/models)
 //!        └── state (engines.json: adopt engines across agent restarts)
 //! ```
@@ -18,18 +18,18 @@
 //! [`start`] for in-process use (`flotilla dev`, tests).
 #![forbid(unsafe_code)]
 
-pub mod adapters;
 pub mod config;
 pub mod connection;
 pub mod download;
 pub mod driver;
+pub mod engines;
 pub mod error;
 pub mod gpu;
 pub mod http;
+pub mod lora_plan;
 pub mod probe;
 pub mod reconcile;
 pub mod state;
-pub mod supervisor;
 
 use std::sync::Arc;
 
@@ -44,7 +44,7 @@ pub use config::{AgentArgs, AgentConfig};
 pub use error::AgentError;
 pub use gpu::{GpuInventory, SimulatedGpus};
 
-use supervisor::{EngineEnv, EngineManager};
+use engines::{EngineEnv, EngineManager};
 
 /// A running agent started by [`start`].
 pub struct AgentHandle {
@@ -137,7 +137,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         downloader: Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3)),
         engine: flotilla_engine::EngineClient::new(),
         state: store,
-        ports: supervisor::ports::Ports::new(cfg.ports.clone(), &cfg.address),
+        ports: engines::ports::Ports::new(cfg.ports.clone(), &cfg.address),
         log_dir,
         early_heartbeat: Arc::new(tokio::sync::Notify::new()),
         cfg: cfg.clone(),

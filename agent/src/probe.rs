@@ -1,4 +1,4 @@
-//! Engine probes for the supervisor: readiness from `GET /health`, and the load and
+//! Engine probes for the engine tasks: readiness from `GET /health`, and the load and
 //! adapter list of an engine from `GET /metrics` and `GET /v1/models`.
 //! The HTTP calls and the parsing (metric name table, `/v1/models`) live in
 //! [`flotilla_engine`], shared with the gateway; this module only decides what a scrape

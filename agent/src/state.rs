@@ -11,8 +11,8 @@ use std::sync::Mutex;
 use flotilla_api::pb::{AdapterAssignment, ReplicaAssignment};
 use serde::{Deserialize, Serialize};
 
+use crate::engines::process::ProcessIdentity;
 use crate::error::AgentError;
-use crate::supervisor::process::ProcessIdentity;
 
 /// The assignment an engine was started with (serializable mirror of the proto).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

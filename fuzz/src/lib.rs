@@ -46,8 +46,8 @@ pub fn gateway_request(data: &[u8]) {
         let f = match parse(kind, data) {
             Ok(f) => f,
             Err(e) => {
-                assert_eq!(e.status.as_u16(), 400, "{e:?}");
-                assert!(!e.code.is_empty() && !e.message.is_empty());
+                assert_eq!(e.status().as_u16(), 400, "{e:?}");
+                assert!(!e.code.as_str().is_empty() && !e.message.is_empty());
                 continue;
             }
         };

@@ -19,9 +19,10 @@ use tokio::sync::oneshot;
 use tokio::time::Instant;
 
 use crate::config::Saturation;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::load::{Availability, EndpointLoad, EndpointStats};
 use crate::metrics::EndpointLabels;
+use crate::names::ServedName;
 use crate::qos::{FairQueue, Waiter};
 use crate::request::RequestFeatures;
 use crate::state::Gateway;
@@ -31,7 +32,7 @@ use crate::table::{Endpoint, EndpointId};
 #[derive(Debug)]
 pub struct PickCtx {
     /// The requested model or adapter name (the queue key).
-    pub model: String,
+    pub model: ServedName,
     pub features: RequestFeatures,
     pub strategy: RoutingStrategy,
     pub class: PriorityClass,
@@ -52,7 +53,7 @@ pub struct Lease {
     pub stats: Arc<EndpointStats>,
     pub probe: bool,
     gw: Arc<Gateway>,
-    model: String,
+    model: ServedName,
     pump: bool,
 }
 
@@ -69,7 +70,7 @@ impl Drop for Lease {
             .metrics
             .in_flight
             .get_or_create(&EndpointLabels {
-                model: self.endpoint.model.clone(),
+                model: self.endpoint.model.to_string(),
                 endpoint: self.endpoint.id.to_string(),
             })
             .dec();
@@ -86,7 +87,7 @@ impl Drop for Lease {
 /// Picks an endpoint and takes a lease on it, or None when no candidate is free.
 pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_saturation: bool) -> Option<Lease> {
     let set = gw.dir.endpoints();
-    let resolved = set.resolve(&ctx.model)?;
+    let resolved = set.resolve(ctx.model.as_str())?;
     let now = Instant::now();
     let mut eps = Vec::with_capacity(resolved.endpoints.len());
     let mut loads = Vec::with_capacity(resolved.endpoints.len());
@@ -130,7 +131,7 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
     stats.in_flight.fetch_add(1, Ordering::Relaxed);
     gw.metrics
         .in_flight
-        .get_or_create(&EndpointLabels { model: endpoint.model.clone(), endpoint: id.to_string() })
+        .get_or_create(&EndpointLabels { model: endpoint.model.to_string(), endpoint: id.to_string() })
         .inc();
     Some(Lease { endpoint, stats, probe, gw: gw.clone(), model: ctx.model.clone(), pump: true })
 }
@@ -152,21 +153,21 @@ impl std::fmt::Debug for Pending {
 /// The waiting queues, one per requested model name.
 #[derive(Default)]
 pub struct Admission {
-    queues: Mutex<HashMap<String, Queue>>,
+    queues: Mutex<HashMap<ServedName, Queue>>,
     ids: AtomicU64,
 }
 
 impl Admission {
-    fn queue(&self, model: &str) -> Queue {
+    fn queue(&self, model: &ServedName) -> Queue {
         let mut m = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(q) = m.get(model) {
             return q.clone();
         }
-        m.entry(model.to_string()).or_default().clone()
+        m.entry(model.clone()).or_default().clone()
     }
 
     /// Models with requests waiting.
-    pub fn busy_models(&self) -> Vec<String> {
+    pub fn busy_models(&self) -> Vec<ServedName> {
         let m = self.queues.lock().unwrap_or_else(|e| e.into_inner());
         m.iter()
             .filter(|(_, q)| !q.lock().unwrap_or_else(|e| e.into_inner()).is_empty())
@@ -175,12 +176,12 @@ impl Admission {
     }
 
     /// Requests waiting for a model.
-    pub fn depth(&self, model: &str) -> usize {
+    pub fn depth(&self, model: &ServedName) -> usize {
         self.queue(model).lock().unwrap_or_else(|e| e.into_inner()).len()
     }
 
     /// Corrects a tenant's fair-share counter with the real token count.
-    pub fn charge(&self, model: &str, tenant: &str, delta: i64) {
+    pub fn charge(&self, model: &ServedName, tenant: &str, delta: i64) {
         self.queue(model).lock().unwrap_or_else(|e| e.into_inner()).charge(tenant, delta);
     }
 }
@@ -208,15 +209,15 @@ impl Gateway {
                 match guard.shed_below(ctx.class) {
                     Some(shed) => drop(shed), // its waiter sees a closed channel: shed
                     None => {
-                        return Err(ApiError::unavailable(
-                            "queue_full",
+                        return Err(ApiError::new(
+                            ApiCode::QueueFull,
                             format!(
                                 "model {:?} is saturated and its queue is full ({} waiting)",
                                 ctx.model,
                                 guard.len()
                             ),
-                            1,
-                        ))
+                        )
+                        .retry_after(1))
                     }
                 }
             }
@@ -237,11 +238,11 @@ impl Gateway {
         let mut rx = rx;
         match tokio::time::timeout(deadline, &mut rx).await {
             Ok(Ok(lease)) => Ok((lease, start.elapsed())),
-            Ok(Err(_)) => Err(ApiError::unavailable(
-                "shed",
+            Ok(Err(_)) => Err(ApiError::new(
+                ApiCode::Shed,
                 format!("request shed: model {:?} is saturated and higher-priority requests are waiting", ctx.model),
-                1,
-            )),
+            )
+            .retry_after(1)),
             Err(_) => {
                 let removed = q.lock().unwrap_or_else(|e| e.into_inner()).remove(id);
                 if removed.is_none() {
@@ -249,22 +250,22 @@ impl Gateway {
                         return Ok((lease, start.elapsed()));
                     }
                 }
-                Err(ApiError::unavailable(
-                    "queue_timeout",
+                Err(ApiError::new(
+                    ApiCode::QueueTimeout,
                     format!(
                         "model {:?} is saturated: no endpoint freed up within the {} ms {} queue deadline",
                         ctx.model,
                         deadline.as_millis(),
                         class_name(ctx.class)
                     ),
-                    1,
-                ))
+                )
+                .retry_after(1))
             }
         }
     }
 
     /// Hands free endpoints to queued requests of `model`, best first.
-    pub fn pump(self: &Arc<Self>, model: &str) {
+    pub fn pump(self: &Arc<Self>, model: &ServedName) {
         let q = self.admission.queue(model);
         let mut guard = q.lock().unwrap_or_else(|e| e.into_inner());
         loop {

@@ -16,9 +16,10 @@ use flotilla_api::spec::{RoutingStrategy, TenantSpec};
 use tokio_stream::StreamExt;
 use tonic::transport::{Channel, Endpoint as TonicEndpoint};
 
-use crate::adapters::{adapter_info, endpoint_of, AdapterInfo};
+use crate::lora::{adapter_info, AdapterInfo};
+use crate::names::{AdapterName, ModelName};
 use crate::state::Gateway;
-use crate::table::{EndpointSet, ModelInfo, Tenant, Tenants};
+use crate::table::{endpoint_of, EndpointSet, ModelInfo, Tenant, Tenants};
 
 const BACKOFF_MIN: Duration = Duration::from_millis(100);
 const BACKOFF_MAX: Duration = Duration::from_secs(2);
@@ -120,9 +121,9 @@ async fn endpoints_once(gw: &Gateway, addr: &str) -> Result<(), (Option<tonic::S
 /// What the object watch keeps.
 #[derive(Default)]
 struct Objects {
-    models: HashMap<String, ModelInfo>,
+    models: HashMap<ModelName, ModelInfo>,
     tenants: HashMap<String, Tenant>,
-    adapters: HashMap<String, AdapterInfo>,
+    adapters: HashMap<AdapterName, AdapterInfo>,
 }
 
 fn model_routing(spec_json: &str) -> RoutingStrategy {
@@ -147,7 +148,7 @@ impl Objects {
     fn put(&mut self, o: &pb::Object) {
         match o.kind.as_str() {
             "Model" => {
-                self.models.insert(o.name.clone(), model_info(&o.spec_json, &o.status_json));
+                self.models.insert(ModelName::new(&o.name), model_info(&o.spec_json, &o.status_json));
             }
             "Tenant" => match serde_json::from_str::<TenantSpec>(&o.spec_json) {
                 Ok(spec) => {
@@ -157,7 +158,7 @@ impl Objects {
             },
             "Adapter" => match adapter_info(&o.spec_json, &o.status_json) {
                 Some(a) => {
-                    self.adapters.insert(o.name.clone(), a);
+                    self.adapters.insert(AdapterName::new(&o.name), a);
                 }
                 None => tracing::warn!(adapter = %o.name, "ignoring an adapter spec without base_model"),
             },
@@ -167,13 +168,13 @@ impl Objects {
     fn delete(&mut self, o: &pb::Object) {
         match o.kind.as_str() {
             "Model" => {
-                self.models.remove(&o.name);
+                self.models.remove(o.name.as_str());
             }
             "Tenant" => {
                 self.tenants.remove(&o.name);
             }
             "Adapter" => {
-                self.adapters.remove(&o.name);
+                self.adapters.remove(o.name.as_str());
             }
             _ => {}
         }

@@ -132,7 +132,7 @@ impl Default for GatewayArgs {
 /// One static `--backend`.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct StaticBackend {
-    pub model: String,
+    pub model: crate::names::ModelName,
     pub authority: Authority,
 }
 
@@ -220,7 +220,7 @@ pub fn parse_backend(s: &str) -> Result<StaticBackend, GatewayError> {
     if authority.port_u16().is_none() {
         return Err(bad("missing port"));
     }
-    Ok(StaticBackend { model: model.to_string(), authority })
+    Ok(StaticBackend { model: model.into(), authority })
 }
 
 impl GatewayArgs {

@@ -24,6 +24,7 @@ use tokio::sync::Notify;
 use tokio::time::Instant;
 
 use crate::metrics::ResultLabels;
+use crate::names::ModelName;
 use crate::state::Gateway;
 
 /// Most models tracked between two reports; further models are not counted.
@@ -112,7 +113,7 @@ impl Entry {
 
 #[derive(Debug)]
 struct Book {
-    models: HashMap<String, Entry>,
+    models: HashMap<ModelName, Entry>,
     since: Instant,
 }
 
@@ -129,7 +130,7 @@ pub struct DemandBook {
 #[derive(Debug)]
 pub struct GaugeGuard {
     book: Arc<DemandBook>,
-    model: String,
+    model: ModelName,
     kind: GaugeKind,
     counted: bool,
 }
@@ -171,7 +172,7 @@ impl DemandBook {
     }
 
     /// Applies `f` to `model`'s entry; false when off or when the book is full.
-    fn with(&self, model: &str, f: impl FnOnce(&mut Entry)) -> bool {
+    fn with(&self, model: &ModelName, f: impl FnOnce(&mut Entry)) -> bool {
         if !self.enabled {
             return false;
         }
@@ -183,22 +184,22 @@ impl DemandBook {
         if b.models.len() >= MAX_MODELS {
             return false;
         }
-        f(b.models.entry(model.to_string()).or_default());
+        f(b.models.entry(model.clone()).or_default());
         true
     }
 
     /// A request for `model` arrived.
-    pub fn arrival(&self, model: &str) {
+    pub fn arrival(&self, model: &ModelName) {
         self.with(model, |e| e.arrivals = e.arrivals.saturating_add(1));
     }
 
     /// A request for `model` was answered 429 or 503 by the gateway.
-    pub fn rejected(&self, model: &str) {
+    pub fn rejected(&self, model: &ModelName) {
         self.with(model, |e| e.rejected = e.rejected.saturating_add(1));
     }
 
     /// A request for `model` finished (any answer but a rejection).
-    pub fn finished(&self, model: &str, f: Finished) {
+    pub fn finished(&self, model: &ModelName, f: Finished) {
         let ms = |d: Duration| d.as_secs_f64() * 1000.0;
         self.with(model, |e| {
             e.completed = e.completed.saturating_add(1);
@@ -213,12 +214,12 @@ impl DemandBook {
     }
 
     /// Raises `model`'s `kind` gauge until the guard is dropped.
-    pub fn gauge(self: &Arc<Self>, model: &str, kind: GaugeKind) -> GaugeGuard {
+    pub fn gauge(self: &Arc<Self>, model: &ModelName, kind: GaugeKind) -> GaugeGuard {
         let counted = self.with(model, |e| {
             let g = e.gauge(kind);
             *g = g.saturating_add(1);
         });
-        GaugeGuard { book: self.clone(), model: model.to_string(), kind, counted }
+        GaugeGuard { book: self.clone(), model: model.clone(), kind, counted }
     }
 
     /// Asks the report loop to report now (the first request held for a model).
@@ -231,12 +232,12 @@ impl DemandBook {
     /// The report of everything since the previous one, `held` (per model, now) included;
     /// counters and samples restart, and models with nothing in flight or queued are
     /// forgotten once reported.
-    pub fn take(&self, held: &HashMap<String, u32>, now: Instant) -> pb::ReportDemandRequest {
+    pub fn take(&self, held: &HashMap<ModelName, u32>, now: Instant) -> pb::ReportDemandRequest {
         let (interval, taken) = {
             let mut b = self.lock();
             let interval = now.saturating_duration_since(b.since);
             b.since = now;
-            let taken: Vec<(String, u32, u32, Entry)> =
+            let taken: Vec<(ModelName, u32, u32, Entry)> =
                 b.models.iter_mut().map(|(name, e)| (name.clone(), e.in_flight, e.queued, std::mem::take(e))).collect();
             for (name, in_flight, queued, _) in &taken {
                 if let Some(e) = b.models.get_mut(name) {
@@ -250,7 +251,7 @@ impl DemandBook {
             .into_iter()
             .map(|(model, in_flight, queued, mut e)| pb::ModelDemand {
                 held: held.get(&model).copied().unwrap_or(0),
-                model,
+                model: model.to_string(),
                 in_flight,
                 queued,
                 arrivals: e.arrivals,
@@ -263,8 +264,8 @@ impl DemandBook {
             })
             .collect();
         for (model, &n) in held {
-            if n > 0 && !models.iter().any(|m| m.model == *model) {
-                models.push(pb::ModelDemand { model: model.clone(), held: n, ..Default::default() });
+            if n > 0 && !models.iter().any(|m| model == m.model.as_str()) {
+                models.push(pb::ModelDemand { model: model.to_string(), held: n, ..Default::default() });
             }
         }
         models.sort_by(|a, b| a.model.cmp(&b.model));
@@ -356,16 +357,16 @@ mod tests {
             assert!(b.models.is_empty());
         }
         for _ in 0..3 {
-            book.arrival("m");
+            book.arrival(&"m".into());
         }
-        book.rejected("m");
-        let queued = book.gauge("m", GaugeKind::Queued);
-        let in_flight = book.gauge("m", GaugeKind::InFlight);
+        book.rejected(&"m".into());
+        let queued = book.gauge(&"m".into(), GaugeKind::Queued);
+        let in_flight = book.gauge(&"m".into(), GaugeKind::InFlight);
         let done = |ttft| Finished { ttft, tpot: Some(ms(20)), queue_wait: ms(5) };
-        book.finished("m", done(Some(ms(100))));
-        book.finished("m", done(None));
-        book.arrival("other");
-        let held: HashMap<String, u32> = [("cold".to_string(), 4)].into_iter().collect();
+        book.finished(&"m".into(), done(Some(ms(100))));
+        book.finished(&"m".into(), done(None));
+        book.arrival(&"other".into());
+        let held: HashMap<ModelName, u32> = [("cold".into(), 4)].into_iter().collect();
         let r = book.take(&held, t0 + ms(1000));
         assert_eq!(r.gateway_id, book.gateway_id());
         assert!(r.interval_ms >= 1000, "{}", r.interval_ms);
@@ -392,21 +393,21 @@ mod tests {
     fn the_book_is_bounded_and_off_when_disabled() {
         let book = Arc::new(DemandBook::new(true));
         for i in 0..MAX_MODELS + 10 {
-            book.arrival(&format!("m{i}"));
+            book.arrival(&ModelName::from(format!("m{i}")));
         }
         assert_eq!(book.lock().models.len(), MAX_MODELS);
-        let g = book.gauge("late", GaugeKind::InFlight);
+        let g = book.gauge(&"late".into(), GaugeKind::InFlight);
         drop(g); // not counted, nothing to undo
         for _ in 0..3 * MAX_SAMPLES {
-            book.finished("m0", Finished { ttft: Some(ms(1)), ..Default::default() });
+            book.finished(&"m0".into(), Finished { ttft: Some(ms(1)), ..Default::default() });
         }
         let r = book.take(&HashMap::new(), Instant::now());
         let m0 = r.models.iter().find(|m| m.model == "m0").unwrap();
         assert_eq!((m0.completed, m0.ttft_samples), (3 * MAX_SAMPLES as u32, 3 * MAX_SAMPLES as u32));
         assert_eq!(r.models.len(), MAX_MODELS);
         let off = Arc::new(DemandBook::new(false));
-        off.arrival("m");
-        let _g = off.gauge("m", GaugeKind::Queued);
+        off.arrival(&"m".into());
+        let _g = off.gauge(&"m".into(), GaugeKind::Queued);
         assert!(off.take(&HashMap::new(), Instant::now()).models.is_empty());
     }
 }

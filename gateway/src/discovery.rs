@@ -11,12 +11,13 @@ use std::time::Duration;
 use flotilla_engine::EngineClient;
 
 use crate::config::StaticBackend;
+use crate::names::AdapterName;
 use crate::state::Gateway;
 use crate::table::{Endpoint, EndpointSet, EngineLoad};
 
 /// Builds the table from the flags.
 pub fn static_set(backends: &[StaticBackend]) -> EndpointSet {
-    EndpointSet::from_endpoints(backends.iter().map(|b| Endpoint::new(&b.model, b.authority.clone())))
+    EndpointSet::from_endpoints(backends.iter().map(|b| Endpoint::new(b.model.clone(), b.authority.clone())))
 }
 
 /// Applies one scrape of `e`'s engine: figures that could not be read stay as they were.
@@ -29,7 +30,7 @@ async fn refresh(client: &EngineClient, e: &mut Endpoint) {
         Err(err) => tracing::debug!(endpoint = %e.id, error = %err, code = err.code(), "engine /metrics scrape failed"),
     }
     match models {
-        Ok(cards) => e.adapters = flotilla_engine::adapters(&cards),
+        Ok(cards) => e.adapters = flotilla_engine::adapters(&cards).into_iter().map(AdapterName::from).collect(),
         Err(err) => {
             tracing::debug!(endpoint = %e.id, error = %err, code = err.code(), "engine /v1/models scrape failed")
         }

@@ -1,9 +1,12 @@
 //! Errors: [`GatewayError`] for start-up and serving failures, [`ApiError`] for answers to
-//! clients in OpenAI's JSON shape `{"error":{"message","type","param","code"}}`.
+//! clients in OpenAI's JSON shape `{"error":{"message","type","param","code"}}`, its
+//! status, type and code taken from the [`ApiCode`] table.
 
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use http::{HeaderValue, StatusCode};
+
+pub use crate::api_code::{ApiCode, ErrorType};
 
 /// Why the gateway could not start or stopped.
 #[derive(Debug, thiserror::Error)]
@@ -35,25 +38,23 @@ impl GatewayError {
     }
 }
 
-/// An error answered to a client.
+/// An error answered to a client: its [`ApiCode`] gives the status, type and code.
 #[derive(Debug, Clone)]
 pub struct ApiError {
-    pub status: StatusCode,
-    pub message: String,
-    /// OpenAI `type`: invalid_request_error, authentication_error, rate_limit_error, ...
-    pub kind: &'static str,
-    pub param: Option<&'static str>,
     /// Stable code, also the `code` metric label.
-    pub code: &'static str,
+    pub code: ApiCode,
+    pub message: String,
+    pub param: Option<&'static str>,
     pub headers: Vec<(&'static str, String)>,
 }
 
 impl ApiError {
-    pub fn new(status: StatusCode, kind: &'static str, code: &'static str, message: impl Into<String>) -> Self {
-        ApiError { status, message: message.into(), kind, param: None, code, headers: Vec::new() }
+    pub fn new(code: ApiCode, message: impl Into<String>) -> Self {
+        ApiError { code, message: message.into(), param: None, headers: Vec::new() }
     }
-    pub fn invalid(code: &'static str, message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_REQUEST, "invalid_request_error", code, message)
+    /// The HTTP status, from the code.
+    pub fn status(&self) -> StatusCode {
+        self.code.status()
     }
     pub fn param(mut self, p: &'static str) -> Self {
         self.param = Some(p);
@@ -63,27 +64,22 @@ impl ApiError {
         self.headers.push((name, value.to_string()));
         self
     }
-    pub fn model_not_found(model: &str) -> Self {
-        Self::new(
-            StatusCode::NOT_FOUND,
-            "invalid_request_error",
-            "model_not_found",
-            format!("the model {model:?} does not exist or has no ready endpoint"),
-        )
-        .param("model")
+    /// `Retry-After: retry_after_s` (at least 1).
+    pub fn retry_after(self, retry_after_s: u64) -> Self {
+        self.header("retry-after", retry_after_s.max(1))
     }
-    pub fn unavailable(code: &'static str, message: impl Into<String>, retry_after_s: u64) -> Self {
-        Self::new(StatusCode::SERVICE_UNAVAILABLE, "server_error", code, message)
-            .header("retry-after", retry_after_s.max(1))
+    pub fn model_not_found(model: &str) -> Self {
+        Self::new(ApiCode::ModelNotFound, format!("the model {model:?} does not exist or has no ready endpoint"))
+            .param("model")
     }
     pub fn bad_gateway(message: impl Into<String>) -> Self {
-        Self::new(StatusCode::BAD_GATEWAY, "server_error", "upstream_error", message)
+        Self::new(ApiCode::UpstreamError, message)
     }
 
     /// The JSON body.
     pub fn body(&self) -> Bytes {
         let v = serde_json::json!({"error": {
-            "message": self.message, "type": self.kind, "param": self.param, "code": self.code,
+            "message": self.message, "type": self.code.kind().as_str(), "param": self.param, "code": self.code.as_str(),
         }});
         Bytes::from(v.to_string())
     }
@@ -92,7 +88,7 @@ impl ApiError {
 impl IntoResponse for ApiError {
     fn into_response(self) -> Response {
         let mut r = Response::new(axum::body::Body::from(self.body()));
-        *r.status_mut() = self.status;
+        *r.status_mut() = self.status();
         let h = r.headers_mut();
         h.insert(http::header::CONTENT_TYPE, HeaderValue::from_static("application/json"));
         for (k, v) in &self.headers {
@@ -116,6 +112,6 @@ mod tests {
         assert_eq!(v["error"]["param"], "model");
         assert_eq!(v["error"]["type"], "invalid_request_error");
         assert!(v["error"]["message"].as_str().unwrap().contains("\"x\""));
-        assert_eq!(e.status, 404);
+        assert_eq!(e.status(), 404);
     }
 }

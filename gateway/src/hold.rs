@@ -25,8 +25,9 @@ use prometheus_client::metrics::gauge::Gauge;
 use tokio::sync::{oneshot, watch};
 use tokio::time::Instant;
 
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::metrics::ModelLabels;
+use crate::names::ModelName;
 use crate::state::Gateway;
 
 /// Seconds a client is told to wait after a hold timed out (a cold start takes minutes).
@@ -48,7 +49,7 @@ fn class_rank(c: PriorityClass) -> u8 {
 /// The held requests of every model.
 #[derive(Debug)]
 pub struct Holds {
-    queues: Mutex<HashMap<String, BTreeMap<Key, oneshot::Sender<()>>>>,
+    queues: Mutex<HashMap<ModelName, BTreeMap<Key, oneshot::Sender<()>>>>,
     seq: AtomicU64,
     gauge: Family<ModelLabels, Gauge>,
 }
@@ -68,16 +69,16 @@ impl Holds {
         Holds { queues: Mutex::new(HashMap::new()), seq: AtomicU64::new(0), gauge }
     }
 
-    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<String, BTreeMap<Key, oneshot::Sender<()>>>> {
+    fn lock(&self) -> std::sync::MutexGuard<'_, HashMap<ModelName, BTreeMap<Key, oneshot::Sender<()>>>> {
         self.queues.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    fn set_gauge(&self, model: &str, n: usize) {
+    fn set_gauge(&self, model: &ModelName, n: usize) {
         self.gauge.get_or_create(&ModelLabels { model: model.to_string() }).set(n as i64);
     }
 
     /// Holds a request of `class` for `model`; Err(held now) when `max` are held already.
-    pub fn push(&self, model: &str, class: PriorityClass, max: usize) -> Result<Ticket, usize> {
+    pub fn push(&self, model: &ModelName, class: PriorityClass, max: usize) -> Result<Ticket, usize> {
         let mut m = self.lock();
         let n = m.get(model).map_or(0, BTreeMap::len);
         if n >= max {
@@ -85,13 +86,13 @@ impl Holds {
         }
         let key = (class_rank(class), self.seq.fetch_add(1, Ordering::Relaxed));
         let (tx, rx) = oneshot::channel();
-        m.entry(model.to_string()).or_default().insert(key, tx);
+        m.entry(model.clone()).or_default().insert(key, tx);
         self.set_gauge(model, n + 1);
         Ok(Ticket { key, rx, first: n == 0 })
     }
 
     /// Gives up a place (deadline, client gone); false when it was released already.
-    pub fn remove(&self, model: &str, key: Key) -> bool {
+    pub fn remove(&self, model: &ModelName, key: Key) -> bool {
         let mut m = self.lock();
         let Some(q) = m.get_mut(model) else { return false };
         let found = q.remove(&key).is_some();
@@ -106,7 +107,7 @@ impl Holds {
     }
 
     /// Wakes every request held for `model`, in release order; returns how many.
-    pub fn release(&self, model: &str) -> usize {
+    pub fn release(&self, model: &ModelName) -> usize {
         let Some(q) = self.lock().remove(model) else { return 0 };
         self.set_gauge(model, 0);
         let n = q.len();
@@ -117,12 +118,12 @@ impl Holds {
     }
 
     /// Requests held now, per model.
-    pub fn counts(&self) -> HashMap<String, u32> {
+    pub fn counts(&self) -> HashMap<ModelName, u32> {
         self.lock().iter().map(|(k, q)| (k.clone(), q.len().min(u32::MAX as usize) as u32)).collect()
     }
 
     /// Models with requests held.
-    pub fn models(&self) -> Vec<String> {
+    pub fn models(&self) -> Vec<ModelName> {
         self.lock().keys().cloned().collect()
     }
 }
@@ -130,7 +131,7 @@ impl Holds {
 /// Removes its place from the hold queue when dropped (the client left mid-hold).
 struct Place<'a> {
     holds: &'a Holds,
-    model: &'a str,
+    model: &'a ModelName,
     key: Option<Key>,
 }
 
@@ -166,25 +167,25 @@ impl Gateway {
     /// `deadline` (503 `cold_start_timeout`); 503 `cold_start_full` when too many are held.
     pub async fn hold_until_ready(
         self: &Arc<Self>,
-        model: &str,
+        model: &ModelName,
         class: PriorityClass,
         deadline: Instant,
     ) -> Result<(), ApiError> {
         let start = Instant::now();
         let ticket = self.holds.push(model, class, self.cfg.max_held_per_model).map_err(|n| {
-            ApiError::unavailable(
-                "cold_start_full",
+            ApiError::new(
+                ApiCode::ColdStartFull,
                 format!("model {model:?} has no ready endpoint yet and {n} requests are already waiting for one"),
-                RETRY_AFTER_FULL_S,
             )
+            .retry_after(RETRY_AFTER_FULL_S)
         })?;
         let mut place = Place { holds: &self.holds, model, key: Some(ticket.key) };
         if ticket.first {
-            tracing::info!(model, "model has no ready endpoint; holding its requests until one appears");
+            tracing::info!(model = %model, "model has no ready endpoint; holding its requests until one appears");
             self.demand.kick();
         }
         // an endpoint may have appeared between the caller's look and the push
-        if self.release_due(model) {
+        if self.release_due(model.as_str()) {
             self.holds.release(model);
         }
         match tokio::time::timeout_at(deadline, ticket.rx).await {
@@ -200,16 +201,16 @@ impl Gateway {
                     return Ok(());
                 }
                 self.metrics.held_timeouts.get_or_create(&ModelLabels { model: model.to_string() }).inc();
-                tracing::warn!(model, waited_ms = start.elapsed().as_millis() as u64, "held request timed out");
-                Err(ApiError::unavailable(
-                    "cold_start_timeout",
+                tracing::warn!(model = %model, waited_ms = start.elapsed().as_millis() as u64, "held request timed out");
+                Err(ApiError::new(
+                    ApiCode::ColdStartTimeout,
                     format!(
                         "model {model:?} has no ready endpoint: none came up within the {} ms hold deadline \
                          (it may be scaling up from zero; retry later)",
                         self.cfg.hold_deadline(class).as_millis()
                     ),
-                    RETRY_AFTER_TIMEOUT_S,
-                ))
+                )
+                .retry_after(RETRY_AFTER_TIMEOUT_S))
             }
         }
     }
@@ -220,7 +221,7 @@ pub async fn release_loop(gw: Weak<Gateway>, mut changes: watch::Receiver<u64>) 
     while changes.changed().await.is_ok() {
         let Some(gw) = gw.upgrade() else { return };
         for m in gw.holds.models() {
-            if gw.release_due(&m) {
+            if gw.release_due(m.as_str()) {
                 let n = gw.holds.release(&m);
                 tracing::info!(model = %m, released = n, "releasing held requests");
             }
@@ -238,7 +239,7 @@ mod tests {
         let h = Holds::new(Family::default());
         let mut tickets = Vec::new();
         for (i, c) in [Standard, Sheddable, Critical, Standard, Critical].into_iter().enumerate() {
-            let t = h.push("m", c, 10).unwrap();
+            let t = h.push(&"m".into(), c, 10).unwrap();
             assert_eq!(t.first, i == 0);
             tickets.push((i, t));
         }
@@ -248,25 +249,25 @@ mod tests {
         let mut keys: Vec<(Key, usize)> = tickets.iter().map(|(i, t)| (t.key, *i)).collect();
         keys.sort();
         assert_eq!(keys.iter().map(|(_, i)| *i).collect::<Vec<_>>(), [2, 4, 0, 3, 1]);
-        assert_eq!(h.release("m"), 5);
+        assert_eq!(h.release(&"m".into()), 5);
         for (_, t) in &mut tickets {
             assert!(t.rx.try_recv().is_ok());
         }
         assert!(h.counts().is_empty() && h.models().is_empty());
         assert_eq!(h.gauge.get_or_create(&ModelLabels { model: "m".into() }).get(), 0);
-        assert_eq!(h.release("m"), 0);
+        assert_eq!(h.release(&"m".into()), 0);
     }
 
     #[test]
     fn holds_are_bounded_per_model_and_can_be_given_up() {
         let h = Holds::new(Family::default());
-        let a = h.push("m", Standard, 2).unwrap();
-        let _b = h.push("m", Standard, 2).unwrap();
-        assert_eq!(h.push("m", Critical, 2).unwrap_err(), 2);
-        assert!(h.push("other", Standard, 2).is_ok(), "per model");
-        assert!(h.remove("m", a.key));
-        assert!(!h.remove("m", a.key), "once");
-        assert!(h.push("m", Standard, 2).is_ok(), "room again");
-        assert_eq!(h.push("zero", Standard, 0).unwrap_err(), 0, "0: never hold");
+        let a = h.push(&"m".into(), Standard, 2).unwrap();
+        let _b = h.push(&"m".into(), Standard, 2).unwrap();
+        assert_eq!(h.push(&"m".into(), Critical, 2).unwrap_err(), 2);
+        assert!(h.push(&"other".into(), Standard, 2).is_ok(), "per model");
+        assert!(h.remove(&"m".into(), a.key));
+        assert!(!h.remove(&"m".into(), a.key), "once");
+        assert!(h.push(&"m".into(), Standard, 2).is_ok(), "room again");
+        assert_eq!(h.push(&"zero".into(), Standard, 0).unwrap_err(), 0, "0: never hold");
     }
 }

@@ -17,11 +17,11 @@ use axum::middleware::Next;
 use axum::response::{IntoResponse, Response};
 use bytes::Bytes;
 use flotilla_api::spec::{PriorityClass, RoutingStrategy};
-use http::{HeaderMap, StatusCode};
+use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::limits::Remaining;
 use crate::metrics::TenantLabels;
 use crate::request::{self, ApiKind, RequestFeatures};
@@ -57,7 +57,7 @@ pub struct Parsed {
 }
 
 fn fail(gw: &Gateway, model: &str, e: ApiError) -> Response {
-    gw.metrics.error(model, e.code);
+    gw.metrics.error(model, e.code.as_str());
     e.into_response()
 }
 
@@ -67,7 +67,7 @@ fn header_str<'a>(h: &'a HeaderMap, name: &'static str) -> Result<Option<&'a str
         Some(v) => v
             .to_str()
             .map(Some)
-            .map_err(|_| ApiError::invalid("invalid_header", format!("header {name} is not visible ASCII"))),
+            .map_err(|_| ApiError::new(ApiCode::InvalidHeader, format!("header {name} is not visible ASCII"))),
     }
 }
 
@@ -76,7 +76,7 @@ pub fn authenticate(gw: &Gateway, h: &HeaderMap) -> Result<Option<Arc<Tenant>>, 
     if !gw.cfg.auth {
         return Ok(None);
     }
-    let unauthorized = |m: &str| ApiError::new(StatusCode::UNAUTHORIZED, "authentication_error", "invalid_api_key", m);
+    let unauthorized = |m: &str| ApiError::new(ApiCode::InvalidApiKey, m);
     let v = header_str(h, "authorization").map_err(|_| unauthorized("the Authorization header is not valid text"))?;
     let Some(v) = v else {
         return Err(unauthorized("missing Authorization: Bearer API key"));
@@ -104,8 +104,8 @@ pub async fn auth(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) 
 pub fn parse_policy(h: &HeaderMap, caller: Option<&Caller>) -> Result<Policy, ApiError> {
     let class = match header_str(h, "x-flotilla-priority")? {
         Some(p) => PriorityClass::from_str(p.trim()).map_err(|_| {
-            ApiError::invalid(
-                "invalid_priority",
+            ApiError::new(
+                ApiCode::InvalidPriority,
                 format!("x-flotilla-priority {p:?} is not one of critical, standard, sheddable"),
             )
         })?,
@@ -117,7 +117,7 @@ pub fn parse_policy(h: &HeaderMap, caller: Option<&Caller>) -> Result<Policy, Ap
         None => class,
     };
     let routing = match header_str(h, "x-flotilla-routing")? {
-        Some(r) => Some(parse_override(r).map_err(|m| ApiError::invalid("invalid_routing", m))?),
+        Some(r) => Some(parse_override(r).map_err(|m| ApiError::new(ApiCode::InvalidRouting, m))?),
         None => None,
     };
     let session = header_str(h, "x-session-id")?.map(str::to_string);
@@ -152,24 +152,22 @@ pub async fn body(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> R
     let bytes: Bytes = match tokio::time::timeout(gw.cfg.body_timeout, limited.collect()).await {
         Err(_) => {
             let e = ApiError::new(
-                StatusCode::REQUEST_TIMEOUT,
-                "invalid_request_error",
-                "body_timeout",
+                ApiCode::BodyTimeout,
                 format!("request body not received within {} ms", gw.cfg.body_timeout.as_millis()),
             );
             return fail(&gw, "unknown", e);
         }
         Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            let e = ApiError::new(
-                StatusCode::PAYLOAD_TOO_LARGE,
-                "invalid_request_error",
-                "body_too_large",
-                format!("request body exceeds {} bytes", gw.cfg.max_body_bytes),
-            );
+            let e =
+                ApiError::new(ApiCode::BodyTooLarge, format!("request body exceeds {} bytes", gw.cfg.max_body_bytes));
             return fail(&gw, "unknown", e);
         }
         Ok(Err(e)) => {
-            return fail(&gw, "unknown", ApiError::invalid("body_read_error", format!("cannot read request body: {e}")))
+            return fail(
+                &gw,
+                "unknown",
+                ApiError::new(ApiCode::BodyReadError, format!("cannot read request body: {e}")),
+            )
         }
         Ok(Ok(c)) => c.to_bytes(),
     };
@@ -190,11 +188,9 @@ fn allowed(t: &Tenant, model: &str) -> bool {
 pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remaining, ApiError> {
     let Some(t) = &caller.tenant else { return Ok(Remaining::default()) };
     if !allowed(t, model) {
-        gw.metrics.reject(&t.name, "model_not_allowed");
+        gw.metrics.reject(&t.name, ApiCode::ModelNotAllowed.as_str());
         return Err(ApiError::new(
-            StatusCode::FORBIDDEN,
-            "permission_error",
-            "model_not_allowed",
+            ApiCode::ModelNotAllowed,
             format!("tenant {:?} may not use model {model:?}", t.name),
         )
         .param("model"));
@@ -203,9 +199,7 @@ pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remain
         gw.metrics.reject(&t.name, d.limit_name);
         let rpm = d.limit_name == "rpm";
         let e = ApiError::new(
-            StatusCode::TOO_MANY_REQUESTS,
-            "rate_limit_error",
-            if rpm { "rpm_limit_exceeded" } else { "tpm_limit_exceeded" },
+            if rpm { ApiCode::RpmLimitExceeded } else { ApiCode::TpmLimitExceeded },
             format!(
                 "tenant {:?} is over its {} limit of {} {} per minute",
                 t.name,
@@ -214,7 +208,7 @@ pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remain
                 if rpm { "requests" } else { "tokens" }
             ),
         )
-        .header("retry-after", d.retry_after_s);
+        .retry_after(d.retry_after_s);
         if rpm {
             e.header("x-ratelimit-limit-requests", d.limit).header("x-ratelimit-remaining-requests", 0)
         } else {

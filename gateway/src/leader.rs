@@ -11,12 +11,12 @@ use std::sync::Mutex;
 use std::time::Duration;
 
 use flotilla_api::pb::adapter_service_client::AdapterServiceClient;
-use http::StatusCode;
 use tokio::time::Instant;
 use tonic::transport::Channel;
 
 use crate::cluster::{connect, leader_hint};
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
+use crate::names::AdapterName;
 
 /// How long to keep looking for a leader (an election) before giving up.
 const LEADER_SEARCH: Duration = Duration::from_secs(3);
@@ -73,28 +73,25 @@ impl LoadError {
 
     /// The client's answer: 404 for an unknown adapter, 503 with the leader's message when
     /// it refuses (nothing to retry soon), 503 with Retry-After otherwise.
-    pub fn to_api(&self, adapter: &str) -> ApiError {
+    pub fn to_api(&self, adapter: &AdapterName) -> ApiError {
         let m = self.message();
         match self {
-            LoadError::NotFound(_) => ApiError::model_not_found(adapter),
-            LoadError::Refused(_) => ApiError::new(
-                StatusCode::SERVICE_UNAVAILABLE,
-                "server_error",
-                "adapter_unavailable",
-                format!("adapter {adapter:?} cannot be loaded: {m}"),
-            ),
-            LoadError::Timeout(_) => ApiError::unavailable(
-                "adapter_load_timeout",
-                format!("adapter {adapter:?} was not loaded in time: {m}"),
-                5,
-            ),
-            LoadError::NoLeader(_) => ApiError::unavailable(
-                "adapter_load_unavailable",
+            LoadError::NotFound(_) => ApiError::model_not_found(adapter.as_str()),
+            LoadError::Refused(_) => {
+                ApiError::new(ApiCode::AdapterUnavailable, format!("adapter {adapter:?} cannot be loaded: {m}"))
+            }
+            LoadError::Timeout(_) => {
+                ApiError::new(ApiCode::AdapterLoadTimeout, format!("adapter {adapter:?} was not loaded in time: {m}"))
+                    .retry_after(5)
+            }
+            LoadError::NoLeader(_) => ApiError::new(
+                ApiCode::AdapterLoadUnavailable,
                 format!("adapter {adapter:?} is not loaded and no leader is reachable to load it: {m}"),
-                2,
-            ),
+            )
+            .retry_after(2),
             LoadError::Other(_) => {
-                ApiError::unavailable("adapter_load_error", format!("adapter {adapter:?} could not be loaded: {m}"), 2)
+                ApiError::new(ApiCode::AdapterLoadError, format!("adapter {adapter:?} could not be loaded: {m}"))
+                    .retry_after(2)
             }
         }
     }
@@ -220,19 +217,19 @@ mod tests {
     fn leader_answers_map_to_client_errors() {
         let refused = LoadError::from_status(&tonic::Status::failed_precondition("adapter a is Failed: rank 64 > 16"));
         assert_eq!(refused.reason(), "failed_precondition");
-        let e = refused.to_api("a");
-        assert_eq!((e.status.as_u16(), e.code), (503, "adapter_unavailable"));
+        let e = refused.to_api(&"a".into());
+        assert_eq!((e.status().as_u16(), e.code.as_str()), (503, "adapter_unavailable"));
         assert!(e.message.contains("rank 64 > 16"), "{}", e.message);
         assert!(e.headers.is_empty(), "nothing to retry soon");
-        let e = LoadError::from_status(&tonic::Status::not_found("no adapter a")).to_api("a");
-        assert_eq!((e.status.as_u16(), e.code), (404, "model_not_found"));
+        let e = LoadError::from_status(&tonic::Status::not_found("no adapter a")).to_api(&"a".into());
+        assert_eq!((e.status().as_u16(), e.code.as_str()), (404, "model_not_found"));
         for le in [
             LoadError::from_status(&tonic::Status::deadline_exceeded("not loaded in 30000 ms")),
             LoadError::NoLeader("x".into()),
             LoadError::from_status(&tonic::Status::internal("boom")),
         ] {
-            let e = le.to_api("a");
-            assert_eq!(e.status.as_u16(), 503, "{le:?}");
+            let e = le.to_api(&"a".into());
+            assert_eq!(e.status().as_u16(), 503, "{le:?}");
             assert!(e.headers.iter().any(|(k, _)| *k == "retry-after"), "{le:?}");
         }
         assert!(not_leader(&tonic::Status::failed_precondition("cluster.not_leader: leader=unknown")));

@@ -14,8 +14,8 @@
 //! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
 #![forbid(unsafe_code)]
 
-pub mod adapters;
 pub mod admission;
+pub mod api_code;
 pub mod cluster;
 pub mod config;
 pub mod demand;
@@ -26,7 +26,9 @@ pub mod layers;
 pub mod leader;
 pub mod limits;
 pub mod load;
+pub mod lora;
 pub mod metrics;
+pub mod names;
 pub mod ondemand;
 pub mod proxy;
 pub mod qos;
@@ -46,7 +48,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 
 pub use config::{Config, GatewayArgs};
-pub use error::{ApiError, GatewayError};
+pub use error::{ApiCode, ApiError, GatewayError};
 pub use state::Gateway;
 
 /// A running gateway started by [`start`].

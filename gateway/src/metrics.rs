@@ -227,6 +227,8 @@ impl Metrics {
         self.tenant_rejections.get_or_create(&RejectLabels { tenant: tenant.into(), reason: reason.into() }).inc();
     }
 
+    /// One failed request: `code` is the gateway's [`crate::error::ApiCode`] string, or the
+    /// engine's HTTP status (`499`: the client left).
     pub fn error(&self, model: &str, code: &str) {
         self.errors.get_or_create(&ErrorLabels { model: model.into(), code: code.into() }).inc();
     }

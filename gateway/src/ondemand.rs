@@ -31,17 +31,18 @@ use http::HeaderMap;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use crate::adapters::{endpoint_of, UsageBook};
 use crate::admission::{saturated, select, Lease, PickCtx};
 use crate::config::Config;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::leader::{LeaderLink, LoadError};
 use crate::load::Availability;
+use crate::lora::UsageBook;
 use crate::metrics::{AdapterLabels, ReasonLabels};
+use crate::names::{AdapterName, ModelName, ServedName};
 use crate::proxy::{forward, Upstream};
 use crate::request::ApiKind;
 use crate::state::Gateway;
-use crate::table::{Endpoint, EndpointId};
+use crate::table::{endpoint_of, Endpoint, EndpointId};
 
 /// A completed load's outcome is reused this long: errors, so a burst for a broken adapter
 /// makes one call; successes only for scale-out requests (saturated holders).
@@ -90,7 +91,7 @@ pub struct Loader {
     enabled: bool,
     timeout: Duration,
     pub(crate) link: LeaderLink,
-    flights: Mutex<HashMap<String, Flight>>,
+    flights: Mutex<HashMap<AdapterName, Flight>>,
     next_id: AtomicU64,
     usage: Mutex<UsageBook>,
     /// `EnsureLoaded` calls made.
@@ -116,9 +117,9 @@ impl Loader {
     }
 
     /// Counts one request for `adapter` on the engine `address`.
-    pub fn record(&self, adapter: &str, address: &str) {
+    pub fn record(&self, adapter: &AdapterName, address: &str) {
         if self.enabled && !self.usage.lock().unwrap_or_else(|e| e.into_inner()).record(adapter, address) {
-            tracing::debug!(adapter, address, "usage book full; request not counted");
+            tracing::debug!(adapter = %adapter, address, "usage book full; request not counted");
         }
     }
 
@@ -126,7 +127,7 @@ impl Loader {
         self.usage.lock().unwrap_or_else(|e| e.into_inner()).take()
     }
 
-    async fn ensure_loaded(&self, adapter: &str, avoid: Vec<String>) -> Outcome {
+    async fn ensure_loaded(&self, adapter: &AdapterName, avoid: Vec<String>) -> Outcome {
         let until = Instant::now() + self.timeout;
         let r = self
             .link
@@ -149,7 +150,7 @@ impl Gateway {
     /// Joins the load of `adapter` in flight, or a recent failed one, or, for a
     /// `scale_out` (saturated holders), a recent successful scale-out; else starts one
     /// (see [`RECENT`]).
-    pub fn ensure_adapter(self: &Arc<Self>, adapter: &str, avoid: Vec<String>, scale_out: bool) -> Flight {
+    pub fn ensure_adapter(self: &Arc<Self>, adapter: &AdapterName, avoid: Vec<String>, scale_out: bool) -> Flight {
         let now = Instant::now();
         let mut map = self.loader.flights.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(f) = map.get(adapter) {
@@ -167,11 +168,11 @@ impl Gateway {
         let id = self.loader.next_id.fetch_add(1, Ordering::Relaxed);
         let (tx, rx) = watch::channel(None);
         let flight = Flight { id, scale_out, rx, done: None };
-        map.insert(adapter.to_string(), flight.clone());
+        map.insert(adapter.clone(), flight.clone());
         drop(map);
         self.loader.calls.fetch_add(1, Ordering::Relaxed);
-        tracing::info!(adapter, avoid = ?avoid, "ensuring adapter is loaded");
-        tokio::spawn(run_flight(self.clone(), adapter.to_string(), avoid, id, tx));
+        tracing::info!(adapter = %adapter, avoid = ?avoid, "ensuring adapter is loaded");
+        tokio::spawn(run_flight(self.clone(), adapter.clone(), avoid, id, tx));
         flight
     }
 
@@ -185,12 +186,13 @@ impl Gateway {
         body: Bytes,
         headers: &HeaderMap,
     ) -> Result<Upstream, ApiError> {
-        let holders = self.dir.endpoints().resolve(&ctx.model).map(|r| r.endpoints).unwrap_or_default();
+        let adapter = ctx.model.as_adapter();
+        let holders = self.dir.endpoints().resolve(adapter.as_str()).map(|r| r.endpoints).unwrap_or_default();
         let avoid: Vec<String> = holders.iter().filter(|e| !e.replica.is_empty()).map(|e| e.replica.clone()).collect();
         let failed: Vec<EndpointId> = holders.iter().map(|e| e.id.clone()).collect();
         tracing::warn!(adapter = %ctx.model, failed = ?failed, "every holder of the adapter failed; loading it elsewhere");
         for id in &failed {
-            self.dir.forget_loaded(&ctx.model, id);
+            self.dir.forget_loaded(&adapter, id);
         }
         self.load_then_forward(
             ctx,
@@ -205,7 +207,7 @@ impl Gateway {
     }
 
     /// The base model of `name` when it is a known adapter that may be loaded on demand.
-    pub fn on_demand_base(&self, name: &str) -> Option<String> {
+    pub fn on_demand_base(&self, name: &str) -> Option<ModelName> {
         if !self.loader.enabled || self.dir.endpoints().by_model.contains_key(name) {
             return None;
         }
@@ -213,8 +215,8 @@ impl Gateway {
     }
 
     /// Starts a scale-out load when every holder of `adapter` is saturated or ejected.
-    pub fn scale_out_if_busy(self: &Arc<Self>, adapter: &str, holders: &[Arc<Endpoint>]) {
-        if self.on_demand_base(adapter).is_none() || holders.is_empty() {
+    pub fn scale_out_if_busy(self: &Arc<Self>, adapter: &AdapterName, holders: &[Arc<Endpoint>]) {
+        if self.on_demand_base(adapter.as_str()).is_none() || holders.is_empty() {
             return;
         }
         let now = Instant::now();
@@ -237,7 +239,8 @@ impl Gateway {
     /// runs (the load's success pumps the queue).
     pub async fn acquire_cold(self: &Arc<Self>, ctx: &PickCtx) -> Result<(Lease, Duration), ApiError> {
         let start = Instant::now();
-        let mut flight = self.ensure_adapter(&ctx.model, Vec::new(), false);
+        let adapter = ctx.model.as_adapter();
+        let mut flight = self.ensure_adapter(&adapter, Vec::new(), false);
         let acquire = self.acquire_ctx(ctx);
         tokio::pin!(acquire);
         let mut outcome: Option<Outcome> = None;
@@ -249,19 +252,19 @@ impl Gateway {
                             self.metrics.adapter_cold_load_seconds.observe(start.elapsed().as_secs_f64());
                             Ok(x)
                         }
-                        Err(e) if e.code == "queue_timeout" => Err(match outcome {
-                            Some(Err(le)) => le.to_api(&ctx.model),
+                        Err(e) if e.code == ApiCode::QueueTimeout => Err(match outcome {
+                            Some(Err(le)) => le.to_api(&adapter),
                             Some(Ok(_)) => e,
-                            None => ApiError::unavailable(
-                                "adapter_load_timeout",
+                            None => ApiError::new(
+                                ApiCode::AdapterLoadTimeout,
                                 format!(
                                     "adapter {:?} is being loaded and was not ready within the {} ms {} deadline",
                                     ctx.model,
                                     self.cfg.deadlines.of(ctx.class).as_millis(),
                                     crate::admission::class_name(ctx.class)
                                 ),
-                                5,
-                            ),
+                            )
+                            .retry_after(5),
                         }),
                         Err(e) => Err(e),
                     };
@@ -269,8 +272,8 @@ impl Gateway {
                 o = flight.wait(), if outcome.is_none() => {
                     match &o {
                         Ok(_) => self.pump(&ctx.model),
-                        Err(e) if self.dir.endpoints().resolve(&ctx.model).is_none_or(|r| r.endpoints.is_empty()) => {
-                            return Err(e.to_api(&ctx.model));
+                        Err(e) if self.dir.endpoints().resolve(adapter.as_str()).is_none_or(|r| r.endpoints.is_empty()) => {
+                            return Err(e.to_api(&adapter));
                         }
                         Err(_) => {} // someone holds it after all: keep waiting in the queue
                     }
@@ -293,7 +296,7 @@ impl Gateway {
         let gone = up.lease.endpoint.id.clone();
         drop(up);
         tracing::info!(adapter = %ctx.model, endpoint = %gone, "engine no longer holds the adapter; reloading");
-        self.dir.forget_loaded(&ctx.model, &gone);
+        self.dir.forget_loaded(&ctx.model.as_adapter(), &gone);
         self.load_then_forward(ctx, Vec::new(), &[gone], "was evicted and not reloaded", kind, body, headers).await
     }
 
@@ -311,26 +314,27 @@ impl Gateway {
         body: Bytes,
         headers: &HeaderMap,
     ) -> Result<Upstream, ApiError> {
-        let mut flight = self.ensure_adapter(&ctx.model, avoid, false);
+        let adapter = ctx.model.as_adapter();
+        let mut flight = self.ensure_adapter(&adapter, avoid, false);
         let wait = self.cfg.adapter_load_timeout.min(self.cfg.deadlines.of(ctx.class));
         match tokio::time::timeout(wait, flight.wait()).await {
             Ok(Ok(_)) => {}
-            Ok(Err(e)) => return Err(e.to_api(&ctx.model)),
+            Ok(Err(e)) => return Err(e.to_api(&adapter)),
             Err(_) => {
-                return Err(ApiError::unavailable(
-                    "adapter_load_timeout",
+                return Err(ApiError::new(
+                    ApiCode::AdapterLoadTimeout,
                     format!("adapter {:?} {what} within {} ms", ctx.model, wait.as_millis()),
-                    5,
-                ))
+                )
+                .retry_after(5))
             }
         }
         let lease = select(self, ctx, exclude, false).or_else(|| select(self, ctx, &[], false));
         let Some(lease) = lease else {
-            return Err(ApiError::unavailable(
-                "adapter_unavailable",
+            return Err(ApiError::new(
+                ApiCode::AdapterUnavailable,
                 format!("adapter {:?} was loaded but no endpoint holding it is available", ctx.model),
-                1,
-            ));
+            )
+            .retry_after(1));
         };
         forward(self, ctx, lease, kind, body, headers).await
     }
@@ -338,7 +342,7 @@ impl Gateway {
 
 async fn run_flight(
     gw: Arc<Gateway>,
-    adapter: String,
+    adapter: AdapterName,
     avoid: Vec<String>,
     id: u64,
     tx: watch::Sender<Option<Outcome>>,
@@ -348,7 +352,7 @@ async fn run_flight(
     match &outcome {
         Ok(l) => {
             if l.cold {
-                gw.metrics.adapter_cold_loads.get_or_create(&AdapterLabels { adapter: adapter.clone() }).inc();
+                gw.metrics.adapter_cold_loads.get_or_create(&AdapterLabels { adapter: adapter.to_string() }).inc();
             }
             let at: Vec<&str> = l.endpoints.iter().map(|e| e.id.as_str()).collect();
             tracing::info!(adapter = %adapter, cold = l.cold, endpoints = ?at, ms = start.elapsed().as_millis() as u64, "adapter loaded");
@@ -365,7 +369,7 @@ async fn run_flight(
             f.done = Some(Instant::now());
         }
     }
-    gw.pump(&adapter);
+    gw.pump(&ServedName::from(&adapter));
 }
 
 /// Sends the usage counted since the last report to the leader every [`REPORT_EVERY`];

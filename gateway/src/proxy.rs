@@ -18,8 +18,9 @@ use tokio::time::{Instant, Sleep};
 
 use crate::admission::{select, Lease, PickCtx};
 use crate::demand::{Finished, GaugeGuard};
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
+use crate::names::{ModelName, ServedName};
 use crate::qos::correction;
 use crate::request::ApiKind;
 use crate::sse::{usage_of_body, SseScanner, Usage};
@@ -63,7 +64,7 @@ fn failure(gw: &Gateway, lease: &Lease) {
         gw.metrics
             .ejections
             .get_or_create(&EndpointLabels {
-                model: lease.endpoint.model.clone(),
+                model: lease.endpoint.model.to_string(),
                 endpoint: lease.endpoint.id.to_string(),
             })
             .inc();
@@ -94,9 +95,7 @@ pub async fn forward(
             Err(_) => {
                 failure(gw, &lease);
                 return Err(ApiError::new(
-                    StatusCode::GATEWAY_TIMEOUT,
-                    "server_error",
-                    "upstream_timeout",
+                    ApiCode::UpstreamTimeout,
                     format!(
                         "engine {} did not answer within {} s",
                         lease.endpoint.id,
@@ -128,7 +127,7 @@ pub async fn forward(
         gw.metrics
             .retries
             .get_or_create(&EndpointLabels {
-                model: lease.endpoint.model.clone(),
+                model: lease.endpoint.model.to_string(),
                 endpoint: lease.endpoint.id.to_string(),
             })
             .inc();
@@ -149,9 +148,11 @@ pub async fn forward(
 pub struct Tracker {
     pub gw: Arc<Gateway>,
     pub lease: Option<Lease>,
-    pub model: String,
+    /// The requested name (metric labels).
+    pub model: ServedName,
     pub tenant: String,
-    pub queue_model: String,
+    /// The QoS queue the request waited in.
+    pub queue_model: ServedName,
     pub cost_estimate: u64,
     pub status: StatusCode,
     pub start: Instant,
@@ -160,7 +161,7 @@ pub struct Tracker {
     pub usage: Option<Usage>,
     pub completed: bool,
     /// The base model, for demand reports.
-    pub base_model: String,
+    pub base_model: ModelName,
     /// Time the request was held for a cold start: not part of its TTFT and TPOT.
     pub held: std::time::Duration,
     pub queue_wait: std::time::Duration,
@@ -183,11 +184,11 @@ impl Tracker {
         let mut finished = Finished { queue_wait: self.queue_wait, ..Finished::default() };
         let endpoint = lease.endpoint.id.to_string();
         let m = &self.gw.metrics;
-        let el = EndpointLabels { model: self.model.clone(), endpoint: endpoint.clone() };
+        let el = EndpointLabels { model: self.model.to_string(), endpoint: endpoint.clone() };
         let code = if self.completed { self.status.as_u16().to_string() } else { "499".to_string() };
-        m.requests.get_or_create(&RequestLabels { model: self.model.clone(), endpoint, code: code.clone() }).inc();
+        m.requests.get_or_create(&RequestLabels { model: self.model.to_string(), endpoint, code: code.clone() }).inc();
         if !self.completed || !self.status.is_success() {
-            m.error(&self.model, &code);
+            m.error(self.model.as_str(), &code);
         }
         m.e2e.get_or_create(&el).observe(self.start.elapsed().as_secs_f64());
         if let Some(ft) = self.first_token {
@@ -210,8 +211,11 @@ impl Tracker {
                 }
                 _ => {}
             }
-            let tok =
-                |d: &str| TokenLabels { model: self.model.clone(), endpoint: el.endpoint.clone(), direction: d.into() };
+            let tok = |d: &str| TokenLabels {
+                model: self.model.to_string(),
+                endpoint: el.endpoint.clone(),
+                direction: d.into(),
+            };
             m.tokens.get_or_create(&tok("in")).inc_by(u.prompt_tokens);
             m.tokens.get_or_create(&tok("out")).inc_by(u.completion_tokens);
             let tt = |d: &str| TenantTokenLabels { tenant: self.tenant.clone(), direction: d.into() };

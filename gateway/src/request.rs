@@ -6,7 +6,7 @@ use serde::de::IgnoredAny;
 use serde::Deserialize;
 use serde_json::value::RawValue;
 
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 
 /// The OpenAI endpoints the gateway proxies.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -29,6 +29,7 @@ impl ApiKind {
 /// The routing-relevant features of one request.
 #[derive(Debug, Clone, Default)]
 pub struct RequestFeatures {
+    /// The body's `model` as sent (the proxy handler names it a [`crate::names::ServedName`]).
     pub model: String,
     pub stream: bool,
     /// The client asked for `stream_options.include_usage`.
@@ -116,27 +117,27 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
     // serde_json skips ignored fields without checking their UTF-8; JSON text must be UTF-8,
     // and the include_usage rewrite re-parses the body whole.
     let text = std::str::from_utf8(body)
-        .map_err(|e| ApiError::invalid("invalid_json", format!("request body is not valid UTF-8: {e}")))?;
+        .map_err(|e| ApiError::new(ApiCode::InvalidJson, format!("request body is not valid UTF-8: {e}")))?;
     let b: Body = serde_json::from_str(text)
-        .map_err(|e| ApiError::invalid("invalid_json", format!("request body is not a valid JSON object: {e}")))?;
+        .map_err(|e| ApiError::new(ApiCode::InvalidJson, format!("request body is not a valid JSON object: {e}")))?;
     let model = match b.model {
         Some(serde_json::Value::String(m)) if !m.is_empty() => m,
         Some(serde_json::Value::String(_)) | None => {
-            return Err(ApiError::invalid("missing_model", "you must provide a model parameter").param("model"))
+            return Err(ApiError::new(ApiCode::MissingModel, "you must provide a model parameter").param("model"))
         }
-        Some(_) => return Err(ApiError::invalid("invalid_model", "model must be a string").param("model")),
+        Some(_) => return Err(ApiError::new(ApiCode::InvalidModel, "model must be a string").param("model")),
     };
     let stream = match b.stream {
         None | Some(serde_json::Value::Null) => false,
         Some(serde_json::Value::Bool(s)) => s,
-        Some(_) => return Err(ApiError::invalid("invalid_stream", "stream must be a boolean").param("stream")),
+        Some(_) => return Err(ApiError::new(ApiCode::InvalidStream, "stream must be a boolean").param("stream")),
     };
     let tokens = |v: Option<serde_json::Value>, name: &'static str| -> Result<Option<u64>, ApiError> {
         match v {
             None | Some(serde_json::Value::Null) => Ok(None),
             Some(serde_json::Value::Number(n)) if n.as_u64().is_some() => Ok(n.as_u64()),
             Some(_) => {
-                Err(ApiError::invalid("invalid_max_tokens", format!("{name} must be a non-negative integer"))
+                Err(ApiError::new(ApiCode::InvalidMaxTokens, format!("{name} must be a non-negative integer"))
                     .param(name))
             }
         }
@@ -146,7 +147,7 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
     match kind {
         ApiKind::Chat => {
             let Some(messages) = b.messages else {
-                return Err(ApiError::invalid("missing_messages", "messages is required").param("messages"));
+                return Err(ApiError::new(ApiCode::MissingMessages, "messages is required").param("messages"));
             };
             for m in &messages {
                 if let Some(IgnoredRole::S(r)) = &m.role {
@@ -161,11 +162,11 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
         }
         ApiKind::Completions => match &b.prompt {
             Some(p) => push_text(&mut prompt, p),
-            None => return Err(ApiError::invalid("missing_prompt", "prompt is required").param("prompt")),
+            None => return Err(ApiError::new(ApiCode::MissingPrompt, "prompt is required").param("prompt")),
         },
         ApiKind::Embeddings => match &b.input {
             Some(p) => push_text(&mut prompt, p),
-            None => return Err(ApiError::invalid("missing_input", "input is required").param("input")),
+            None => return Err(ApiError::new(ApiCode::MissingInput, "input is required").param("input")),
         },
     }
     let (include_usage, has_stream_options) = match &b.stream_options {

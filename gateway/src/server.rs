@@ -29,10 +29,11 @@ use tokio::time::Instant;
 
 use crate::admission::{cost_estimate, PickCtx};
 use crate::demand::GaugeKind;
-use crate::error::ApiError;
+use crate::error::{ApiCode, ApiError};
 use crate::layers::{self, Caller, Parsed, Policy};
 use crate::limits::Remaining;
 use crate::metrics::QueueLabels;
+use crate::names::{AdapterName, ModelName, ServedName};
 use crate::proxy::{forward, response_head, ObservedBody, Tracker};
 use crate::request;
 use crate::sse::SseScanner;
@@ -63,23 +64,12 @@ pub fn router(gw: Arc<Gateway>) -> Router {
 }
 
 async fn not_found(req: Request) -> Response {
-    ApiError::new(
-        StatusCode::NOT_FOUND,
-        "invalid_request_error",
-        "not_found",
-        format!("no route for {}", req.uri().path()),
-    )
-    .into_response()
+    ApiError::new(ApiCode::NotFound, format!("no route for {}", req.uri().path())).into_response()
 }
 
 async fn method_not_allowed(req: Request) -> Response {
-    ApiError::new(
-        StatusCode::METHOD_NOT_ALLOWED,
-        "invalid_request_error",
-        "method_not_allowed",
-        format!("{} is not allowed on {}", req.method(), req.uri().path()),
-    )
-    .into_response()
+    ApiError::new(ApiCode::MethodNotAllowed, format!("{} is not allowed on {}", req.method(), req.uri().path()))
+        .into_response()
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
@@ -101,9 +91,9 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         Err(e) => return e.into_response(),
     };
     let set = gw.dir.endpoints();
-    let data: Vec<serde_json::Value> = crate::adapters::listing(&set, &gw.dir.adapters())
+    let data: Vec<serde_json::Value> = crate::lora::listing(&set, &gw.dir.adapters())
         .into_iter()
-        .filter(|(id, _)| layers::visible(tenant.as_deref(), id))
+        .filter(|(id, _)| layers::visible(tenant.as_deref(), id.as_str()))
         .map(|(id, parent)| {
             serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "flotilla", "root": id, "parent": parent})
         })
@@ -129,8 +119,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (Some(caller), Some(policy), Some(parsed)) =
         (ext.get::<Caller>().cloned(), ext.get::<Policy>().cloned(), ext.get::<Parsed>().cloned())
     else {
-        return ApiError::new(StatusCode::INTERNAL_SERVER_ERROR, "server_error", "internal", "request layers missing")
-            .into_response();
+        return ApiError::new(ApiCode::Internal, "request layers missing").into_response();
     };
     let remaining = ext.get::<Remaining>().cloned().unwrap_or_default();
     let headers = req.headers().clone();
@@ -140,15 +129,15 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
         Ok(r) => r,
         Err(e) => {
             if let Some(base) = counted {
-                if matches!(e.status, StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
+                if matches!(e.status(), StatusCode::TOO_MANY_REQUESTS | StatusCode::SERVICE_UNAVAILABLE) {
                     gw.demand.rejected(&base);
                 } else {
                     gw.demand.finished(&base, Default::default());
                 }
             }
-            gw.metrics.error(&model, e.code);
-            if e.status.is_server_error() {
-                tracing::warn!(model = %model, code = e.code, error = %e.message, "request failed");
+            gw.metrics.error(&model, e.code.as_str());
+            if e.status().is_server_error() {
+                tracing::warn!(model = %model, code = %e.code, error = %e.message, "request failed");
             }
             e.into_response()
         }
@@ -156,10 +145,10 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
 }
 
 /// Counts the request's arrival for its base model, once.
-fn arrived(gw: &Gateway, counted: &mut Option<String>, base: &str) {
+fn arrived(gw: &Gateway, counted: &mut Option<ModelName>, base: &ModelName) {
     if counted.is_none() {
         gw.demand.arrival(base);
-        *counted = Some(base.to_string());
+        *counted = Some(base.clone());
     }
 }
 
@@ -174,25 +163,26 @@ async fn forward_request(
     remaining: Remaining,
     h: &HeaderMap,
     start: Instant,
-    counted: &mut Option<String>,
+    counted: &mut Option<ModelName>,
 ) -> Result<Response, ApiError> {
     let Parsed { kind, bytes, features } = parsed;
+    let name = ServedName::from(features.model.as_str());
     let hold_deadline = start + gw.cfg.hold_deadline(policy.class);
     let mut held = std::time::Duration::ZERO;
-    let (base_model, is_adapter, cold) = loop {
+    // the base model, the adapter when the name is one, and whether it must be loaded first
+    let (base_model, adapter, cold): (ModelName, Option<AdapterName>, bool) = loop {
         let set = gw.dir.endpoints();
-        let resolved = set.resolve(&features.model).filter(|r| !r.endpoints.is_empty());
+        let resolved = set.resolve(name.as_str()).filter(|r| !r.endpoints.is_empty());
         // an adapter no endpoint holds is loaded on demand (cluster endpoints only)
-        let cold_base = if resolved.is_none() { gw.on_demand_base(&features.model) } else { None };
+        let cold_base = if resolved.is_none() { gw.on_demand_base(name.as_str()) } else { None };
         // a model (or an adapter's base model) without endpoints waits for one
         let wait_for = match (&resolved, &cold_base) {
             (Some(_), _) => None,
-            (None, Some(base)) => Some(base.as_str()),
-            (None, None) => Some(features.model.as_str()),
+            (None, Some(base)) => Some(base.clone()),
+            (None, None) => Some(name.as_model()),
         }
-        .filter(|m| gw.needs_hold(m));
+        .filter(|m| gw.needs_hold(m.as_str()));
         if let Some(m) = wait_for {
-            let m = m.to_string();
             drop(set);
             arrived(gw, counted, &m);
             let t = Instant::now();
@@ -201,39 +191,39 @@ async fn forward_request(
             continue;
         }
         break match (resolved, cold_base) {
-            (_, Some(base)) => (base, true, true),
+            (_, Some(base)) => (base, Some(name.as_adapter()), true),
             (Some(r), None) => {
-                if r.adapter.is_some() {
-                    gw.scale_out_if_busy(&features.model, &r.endpoints);
+                if let Some(adapter) = &r.adapter {
+                    gw.scale_out_if_busy(adapter, &r.endpoints);
                     // A request waiting in the queue keeps its adapter in use (LRU clock):
                     // counting it only when forwarded let a long queue wait look idle.
                     for e in &r.endpoints {
-                        gw.loader.record(&features.model, e.id.as_str());
+                        gw.loader.record(adapter, e.id.as_str());
                     }
                 }
-                (r.base_model, r.adapter.is_some(), false)
+                (r.base_model, r.adapter, false)
             }
             (None, None) => {
-                if set.by_model.get(&features.model).is_some_and(|v| v.is_empty()) {
-                    return Err(ApiError::unavailable(
-                        "no_endpoints",
+                if set.by_model.get(name.as_str()).is_some_and(|v| v.is_empty()) {
+                    return Err(ApiError::new(
+                        ApiCode::NoEndpoints,
                         format!("model {:?} has no ready endpoint", features.model),
-                        5,
-                    ));
+                    )
+                    .retry_after(5));
                 }
                 if set.is_empty() && !gw.dir.synced() {
-                    return Err(ApiError::unavailable(
-                        "no_endpoint_table",
+                    return Err(ApiError::new(
+                        ApiCode::NoEndpointTable,
                         "the gateway has not received its endpoint table yet",
-                        1,
-                    ));
+                    )
+                    .retry_after(1));
                 }
                 return Err(ApiError::model_not_found(&features.model));
             }
         };
     };
     arrived(gw, counted, &base_model);
-    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(&base_model));
+    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(base_model.as_str()));
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
     let strip_usage = features.stream && !features.include_usage;
@@ -243,15 +233,14 @@ async fn forward_request(
     };
     let cost = cost_estimate(&features);
     let stream = features.stream;
-    let ctx =
-        PickCtx { model: features.model.clone(), features, strategy, class: policy.class, tenant: caller.name.clone() };
+    let ctx = PickCtx { model: name, features, strategy, class: policy.class, tenant: caller.name.clone() };
     let queued = gw.demand.gauge(&base_model, GaugeKind::Queued);
     let acquired = if cold { gw.acquire_cold(&ctx).await } else { gw.acquire_ctx(&ctx).await };
     drop(queued);
     let (lease, waited) = match acquired {
         Ok(x) => x,
         Err(e) => {
-            gw.metrics.reject(&caller.name, e.code);
+            gw.metrics.reject(&caller.name, e.code.as_str());
             return Err(e);
         }
     };
@@ -259,24 +248,24 @@ async fn forward_request(
     gw.metrics
         .queue_wait
         .get_or_create(&QueueLabels {
-            model: ctx.model.clone(),
+            model: ctx.model.to_string(),
             priority: crate::admission::class_name(policy.class).into(),
         })
         .observe(waited.as_secs_f64());
-    let on_demand = is_adapter && gw.loader.enabled();
+    let on_demand = adapter.as_ref().filter(|_| gw.loader.enabled());
     let mut up = match forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await {
         // every engine holding the adapter is unreachable: load it on another replica
-        Err(e) if on_demand && e.status == StatusCode::BAD_GATEWAY => {
+        Err(e) if on_demand.is_some() && e.status() == StatusCode::BAD_GATEWAY => {
             gw.reload_elsewhere(&ctx, kind, upstream_body.clone(), h).await?
         }
         r => r?,
     };
-    if on_demand && up.response.status() == StatusCode::NOT_FOUND {
+    if on_demand.is_some() && up.response.status() == StatusCode::NOT_FOUND {
         // the engine evicted the adapter since the last snapshot: never fail for that
         up = gw.reload_and_retry(&ctx, up, kind, upstream_body, h).await?;
     }
-    if on_demand {
-        gw.loader.record(&ctx.model, up.lease.endpoint.id.as_str());
+    if let Some(adapter) = on_demand {
+        gw.loader.record(adapter, up.lease.endpoint.id.as_str());
     }
     let head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
     let status = up.response.status();

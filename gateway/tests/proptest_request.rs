@@ -22,8 +22,8 @@ fn check_any(body: &[u8]) -> Result<(), TestCaseError> {
     for kind in KINDS {
         match parse(kind, body) {
             Err(e) => {
-                prop_assert_eq!(e.status.as_u16(), 400);
-                prop_assert!(!e.code.is_empty() && !e.message.is_empty());
+                prop_assert_eq!(e.status().as_u16(), 400);
+                prop_assert!(!e.code.as_str().is_empty() && !e.message.is_empty());
             }
             Ok(f) => {
                 prop_assert!(!f.model.is_empty());

@@ -14,7 +14,7 @@
 //! cleared once a snapshot covers it.
 use std::io::Cursor;
 use std::path::PathBuf;
-use std::sync::{Arc, RwLock};
+use std::sync::{Arc, PoisonError, RwLock, RwLockReadGuard, RwLockWriteGuard};
 
 use flotilla_api::{Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
 use openraft::storage::{RaftStateMachine, Snapshot};
@@ -45,6 +45,21 @@ struct Inner {
 struct Shared {
     inner: RwLock<Inner>,
     revision_tx: watch::Sender<u64>,
+}
+
+/// The lock is taken through these two, which ignore poisoning (as the other crates do with
+/// their mutexes): a panic while it is held, a bug in an apply, must not turn every later
+/// read of the API servers into a panic too. Readers then see the state as the panicking
+/// apply left it; the panic still ends openraft's state machine worker task, so this node
+/// applies nothing more (openraft's next command to the state machine fails).
+impl Shared {
+    fn read(&self) -> RwLockReadGuard<'_, Inner> {
+        self.inner.read().unwrap_or_else(PoisonError::into_inner)
+    }
+
+    fn write(&self) -> RwLockWriteGuard<'_, Inner> {
+        self.inner.write().unwrap_or_else(PoisonError::into_inner)
+    }
 }
 
 /// The state machine handed to openraft. Clones share state (the clone is the snapshot
@@ -162,7 +177,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
     type SnapshotBuilder = StateMachine;
 
     async fn applied_state(&mut self) -> RaftResult<(Option<LogId<u64>>, Membership)> {
-        let inner = self.shared.inner.read().expect("state machine lock");
+        let inner = self.shared.read();
         Ok((inner.last_applied, inner.membership.clone()))
     }
 
@@ -172,22 +187,18 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         I::IntoIter: OptionalSend,
     {
         let mut results = Vec::new();
-        // `Store::apply` reports mutations for write-through persistence; the snapshot
-        // replaces that, so they are dropped.
-        let mut mutations = Vec::new();
         let revision = {
-            let mut inner = self.shared.inner.write().expect("state machine lock");
+            let mut inner = self.shared.write();
             for entry in entries {
                 inner.last_applied = Some(entry.log_id);
                 let result = match entry.payload {
                     EntryPayload::Blank => CommandResult::None,
-                    EntryPayload::Normal(cmd) => inner.store.apply(&cmd, &mut mutations),
+                    EntryPayload::Normal(cmd) => inner.store.apply(&cmd),
                     EntryPayload::Membership(m) => {
                         inner.membership = StoredMembership::new(Some(entry.log_id), m);
                         CommandResult::None
                     }
                 };
-                mutations.clear();
                 results.push(result);
             }
             inner.store.revision()
@@ -212,7 +223,7 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         self.save_snapshot(meta, data).await?;
         self.clear_legacy()?;
         let revision = {
-            let mut inner = self.shared.inner.write().expect("state machine lock");
+            let mut inner = self.shared.write();
             store.set_retention(inner.store_retention());
             inner.store = store;
             inner.last_applied = meta.last_log_id;
@@ -243,7 +254,7 @@ impl Inner {
 impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
     async fn build_snapshot(&mut self) -> RaftResult<Snapshot<TypeConfig>> {
         let (data, meta) = {
-            let inner = self.shared.inner.read().expect("state machine lock");
+            let inner = self.shared.read();
             let data = serde_json::to_vec(&inner.store)
                 .map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
             let id = match inner.last_applied {
@@ -265,7 +276,7 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
 
 impl StoreReader {
     fn read<T>(&self, f: impl FnOnce(&Inner) -> T) -> T {
-        f(&self.shared.inner.read().expect("state machine lock"))
+        f(&self.shared.read())
     }
 
     pub fn revision(&self) -> u64 {
@@ -297,5 +308,57 @@ impl StoreReader {
     /// A receiver that changes whenever the store revision moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.revision_tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use std::collections::BTreeMap;
+
+    use openraft::{CommittedLeaderId, Entry};
+
+    use super::*;
+    use crate::Command;
+
+    fn key(name: &str) -> ObjectKey {
+        ObjectKey { kind: Kind::Model, name: name.parse().unwrap() }
+    }
+
+    fn put(index: u64, name: &str) -> Entry<TypeConfig> {
+        let cmd = Command::Put {
+            key: key(name),
+            uid: format!("uid-{name}"),
+            labels: BTreeMap::new(),
+            spec: serde_json::json!({ "replicas": 1 }),
+            expected_revision: None,
+        };
+        Entry { log_id: LogId::new(CommittedLeaderId::new(1, 0), index), payload: EntryPayload::Normal(cmd) }
+    }
+
+    #[tokio::test]
+    async fn a_panic_while_the_lock_is_held_leaves_reads_and_applies_working() {
+        let dir = tempfile::tempdir().unwrap();
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        let mut sm = StateMachine::open(db, dir.path().join("snapshot"), 100).unwrap();
+        let reader = sm.reader();
+        sm.apply([put(1, "a")]).await.unwrap();
+
+        let shared = sm.shared.clone();
+        let panicked = std::thread::spawn(move || {
+            let _held = shared.write();
+            panic!("a bug while applying (expected by this test)");
+        })
+        .join();
+        assert!(panicked.is_err());
+        assert!(sm.shared.inner.is_poisoned(), "the panic poisoned the lock");
+
+        assert_eq!((reader.revision(), reader.last_applied_index()), (1, 1));
+        assert_eq!(reader.get(&key("a")).0.map(|o| o.revision), Some(1));
+        assert_eq!(reader.list(Kind::Model, &LabelSelector::default()).0.len(), 1);
+        assert_eq!(reader.events_after(None, 0, 10).unwrap().0.len(), 1);
+        sm.apply([put(2, "b")]).await.unwrap();
+        assert_eq!((reader.revision(), reader.last_applied_index()), (2, 2));
+        assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
+        assert!(sm.build_snapshot().await.is_ok());
     }
 }

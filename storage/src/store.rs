@@ -1,6 +1,7 @@
 //! The state machine's data, in memory: objects by key, the store revision, and a bounded
 //! history of change events for watches. Pure: `apply` is a function of (state, command)
-//! that returns the result and the mutations to persist.
+//! that changes the state and returns the result. Nothing is persisted per apply: the
+//! state machine is persisted by snapshots of this whole struct (docs/adr/002).
 use std::collections::{BTreeMap, VecDeque};
 
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
@@ -17,15 +18,6 @@ pub const DEFAULT_EVENT_RETENTION: usize = 10_000;
 pub struct Compacted {
     /// Events up to and including this revision are gone.
     pub compacted: u64,
-}
-
-/// A change the state machine must persist after an apply.
-#[derive(Debug, Clone, PartialEq)]
-pub enum Mutation {
-    PutObject(StoredObject),
-    RemoveObject(ObjectKey),
-    AddEvent(WatchEvent),
-    DropEventsUpTo(u64),
 }
 
 /// The whole replicated state (it is also the snapshot format).
@@ -144,14 +136,14 @@ impl Store {
         Ok((events, scanned_to))
     }
 
-    /// Applies one command; returns its result and the mutations to persist.
-    pub fn apply(&mut self, cmd: &Command, out: &mut Vec<Mutation>) -> CommandResult {
+    /// Applies one command; returns its result.
+    pub fn apply(&mut self, cmd: &Command) -> CommandResult {
         let (key, expected) = match cmd {
             Command::Put { key, expected_revision, .. }
             | Command::PutStatus { key, expected_revision, .. }
             | Command::Delete { key, expected_revision } => (key, *expected_revision),
-            Command::Txn { compares, ops } => return self.apply_txn(compares, ops, out),
-            Command::Batch(cmds) => return CommandResult::Batch(cmds.iter().map(|c| self.apply(c, out)).collect()),
+            Command::Txn { compares, ops } => return self.apply_txn(compares, ops),
+            Command::Batch(cmds) => return CommandResult::Batch(cmds.iter().map(|c| self.apply(c)).collect()),
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -178,7 +170,7 @@ impl Store {
                     },
                 };
                 let created = current.is_none();
-                let object = self.commit_put(next, out);
+                let object = self.commit_put(next);
                 CommandResult::Put { object, created, unchanged: false }
             }
             Command::PutStatus { key, status, .. } => {
@@ -189,10 +181,10 @@ impl Store {
                     return CommandResult::Put { object: cur.clone(), created: false, unchanged: true };
                 }
                 let next = StoredObject { status: status.clone(), ..cur.clone() };
-                let object = self.commit_put(next, out);
+                let object = self.commit_put(next);
                 CommandResult::Put { object, created: false, unchanged: false }
             }
-            Command::Delete { key, .. } => match self.delete(key, out) {
+            Command::Delete { key, .. } => match self.delete(key) {
                 Some(object) => CommandResult::Deleted { object, revision: self.revision },
                 None => CommandResult::NotFound { key: key.clone() },
             },
@@ -200,17 +192,16 @@ impl Store {
         }
     }
 
-    fn delete(&mut self, key: &ObjectKey, out: &mut Vec<Mutation>) -> Option<StoredObject> {
+    fn delete(&mut self, key: &ObjectKey) -> Option<StoredObject> {
         let object = self.objects.remove(key)?;
         self.revision += 1;
-        out.push(Mutation::RemoveObject(key.clone()));
-        self.record(EventType::Delete, object.clone(), out);
+        self.record(EventType::Delete, object.clone());
         Some(object)
     }
 
     /// Checks every compare and that every op's target exists where it must (given the
     /// earlier ops), then applies all ops; on any failure nothing changes.
-    fn apply_txn(&mut self, compares: &[Compare], ops: &[TxnOp], out: &mut Vec<Mutation>) -> CommandResult {
+    fn apply_txn(&mut self, compares: &[Compare], ops: &[TxnOp]) -> CommandResult {
         for c in compares {
             let actual = self.objects.get(&c.key).map_or(0, |o| o.revision);
             if actual != c.revision {
@@ -247,42 +238,38 @@ impl Store {
                         },
                     };
                     if self.objects.get(key) != Some(&next) {
-                        self.commit_put(next, out);
+                        self.commit_put(next);
                     }
                 }
                 TxnOp::PutStatus { key, status } => {
                     let cur = self.objects.get(key).expect("checked above");
                     if &cur.status != status {
                         let next = StoredObject { status: status.clone(), ..cur.clone() };
-                        self.commit_put(next, out);
+                        self.commit_put(next);
                     }
                 }
                 TxnOp::Delete { key } => {
-                    self.delete(key, out);
+                    self.delete(key);
                 }
             }
         }
         CommandResult::Txn { revision: self.revision }
     }
 
-    fn commit_put(&mut self, mut object: StoredObject, out: &mut Vec<Mutation>) -> StoredObject {
+    fn commit_put(&mut self, mut object: StoredObject) -> StoredObject {
         self.revision += 1;
         object.revision = self.revision;
         self.objects.insert(object.key.clone(), object.clone());
-        out.push(Mutation::PutObject(object.clone()));
-        self.record(EventType::Put, object.clone(), out);
+        self.record(EventType::Put, object.clone());
         object
     }
 
-    fn record(&mut self, event_type: EventType, object: StoredObject, out: &mut Vec<Mutation>) {
-        let event = WatchEvent { revision: self.revision, event_type, object };
-        self.events.push_back(event.clone());
-        out.push(Mutation::AddEvent(event));
+    fn record(&mut self, event_type: EventType, object: StoredObject) {
+        self.events.push_back(WatchEvent { revision: self.revision, event_type, object });
         if self.events.len() > self.retention {
             let drop = self.events.len() - self.retention;
             self.events.drain(..drop);
             self.compacted = self.events.front().map_or(self.revision, |e| e.revision - 1);
-            out.push(Mutation::DropEventsUpTo(self.compacted));
         }
     }
 }
@@ -309,44 +296,39 @@ mod tests {
     #[test]
     fn revisions_increase_and_identical_apply_is_unchanged() {
         let mut s = Store::new(100);
-        let mut m = Vec::new();
-        let CommandResult::Put { object, created: true, .. } = s.apply(&put("a", 1, None), &mut m) else { panic!() };
+        let CommandResult::Put { object, created: true, .. } = s.apply(&put("a", 1, None)) else { panic!() };
         assert_eq!((object.revision, object.create_revision), (1, 1));
-        let r = s.apply(&put("a", 1, None), &mut m);
+        let r = s.apply(&put("a", 1, None));
         assert!(matches!(r, CommandResult::Put { unchanged: true, .. }));
         assert_eq!(s.revision(), 1);
-        let CommandResult::Put { object, created: false, .. } = s.apply(&put("a", 2, None), &mut m) else { panic!() };
+        let CommandResult::Put { object, created: false, .. } = s.apply(&put("a", 2, None)) else { panic!() };
         assert_eq!((object.revision, object.create_revision, object.uid.as_str()), (2, 1, "uid-a"));
     }
 
     #[test]
     fn compare_and_set_conflict_changes_nothing() {
         let mut s = Store::new(100);
-        let mut m = Vec::new();
-        s.apply(&put("a", 1, Some(0)), &mut m);
+        s.apply(&put("a", 1, Some(0)));
         let before = s.clone();
-        m.clear();
-        let r = s.apply(&put("a", 5, Some(7)), &mut m);
+        let r = s.apply(&put("a", 5, Some(7)));
         assert_eq!(r, CommandResult::Conflict { key: key("a"), expected: 7, actual: 1 });
-        assert!(m.is_empty());
         assert_eq!(s, before);
-        let r = s.apply(&put("b", 1, Some(3)), &mut m);
+        let r = s.apply(&put("b", 1, Some(3)));
         assert!(matches!(r, CommandResult::Conflict { actual: 0, .. }));
-        assert!(matches!(s.apply(&put("a", 5, Some(1)), &mut m), CommandResult::Put { .. }));
+        assert!(matches!(s.apply(&put("a", 5, Some(1))), CommandResult::Put { .. }));
     }
 
     #[test]
     fn delete_and_events() {
         let mut s = Store::new(100);
-        let mut m = Vec::new();
-        s.apply(&put("a", 1, None), &mut m);
-        s.apply(&put("b", 1, None), &mut m);
+        s.apply(&put("a", 1, None));
+        s.apply(&put("b", 1, None));
         assert!(matches!(
-            s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m),
+            s.apply(&Command::Delete { key: key("a"), expected_revision: None }),
             CommandResult::Deleted { revision: 3, .. }
         ));
         assert!(matches!(
-            s.apply(&Command::Delete { key: key("a"), expected_revision: None }, &mut m),
+            s.apply(&Command::Delete { key: key("a"), expected_revision: None }),
             CommandResult::NotFound { .. }
         ));
         let (ev, to) = s.events_after(Some(Kind::Model), 1, 10).unwrap();
@@ -363,23 +345,22 @@ mod tests {
     #[test]
     fn retention_compacts_old_events() {
         let mut s = Store::new(3);
-        let mut m = Vec::new();
         for i in 0..5 {
-            s.apply(&put("a", i, None), &mut m);
+            s.apply(&put("a", i, None));
         }
         assert_eq!(s.compacted(), 2);
         assert_eq!(s.events_after(None, 1, 10), Err(Compacted { compacted: 2 }));
         let revs: Vec<_> = s.events_after(None, 2, 10).unwrap().0.iter().map(|e| e.revision).collect();
         assert_eq!(revs, vec![3, 4, 5]);
-        assert!(m.contains(&Mutation::DropEventsUpTo(2)));
+        // The dropped events are gone from the store itself (and so from its snapshots).
+        assert_eq!(s.events().map(|e| e.revision).collect::<Vec<_>>(), vec![3, 4, 5]);
     }
 
     #[test]
     fn snapshot_format_round_trips() {
         let mut s = Store::new(10);
-        let mut m = Vec::new();
-        s.apply(&put("a", 1, None), &mut m);
-        s.apply(&put("b", 2, None), &mut m);
+        s.apply(&put("a", 1, None));
+        s.apply(&put("b", 2, None));
         let bytes = serde_json::to_vec(&s).unwrap();
         let mut back: Store = serde_json::from_slice(&bytes).unwrap();
         back.set_retention(10);
@@ -399,44 +380,40 @@ mod tests {
     #[test]
     fn txn_is_all_or_nothing() {
         let mut s = Store::new(100);
-        let mut m = Vec::new();
-        s.apply(&put("node", 1, None), &mut m);
+        s.apply(&put("node", 1, None));
         let ok = Command::Txn {
             compares: vec![Compare { key: key("node"), revision: 1 }, Compare { key: key("r1"), revision: 0 }],
             ops: vec![txn_put("r1", 1), TxnOp::PutStatus { key: key("node"), status: json!({"alloc": [0]}) }],
         };
-        assert_eq!(s.apply(&ok, &mut m), CommandResult::Txn { revision: 3 });
+        assert_eq!(s.apply(&ok), CommandResult::Txn { revision: 3 });
         assert_eq!(s.get(&key("r1")).unwrap().status, json!({"phase": "Pending"}));
         // The same binding again: the node's revision moved, so nothing happens.
         let before = s.clone();
-        m.clear();
         let again =
             Command::Txn { compares: vec![Compare { key: key("node"), revision: 1 }], ops: vec![txn_put("r2", 1)] };
-        assert!(matches!(s.apply(&again, &mut m), CommandResult::Conflict { actual: 3, .. }));
+        assert!(matches!(s.apply(&again), CommandResult::Conflict { actual: 3, .. }));
         // An op on a missing object fails the whole transaction.
         let missing = Command::Txn {
             compares: vec![],
             ops: vec![txn_put("r3", 1), TxnOp::PutStatus { key: key("ghost"), status: json!({}) }],
         };
-        assert!(matches!(s.apply(&missing, &mut m), CommandResult::NotFound { .. }));
+        assert!(matches!(s.apply(&missing), CommandResult::NotFound { .. }));
         assert_eq!(s, before);
-        assert!(m.is_empty());
         // Delete then re-create in one transaction is allowed; delete of a deleted key is not.
         let recreate = Command::Txn { compares: vec![], ops: vec![TxnOp::Delete { key: key("r1") }, txn_put("r1", 2)] };
-        assert!(matches!(s.apply(&recreate, &mut m), CommandResult::Txn { revision: 5 }));
+        assert!(matches!(s.apply(&recreate), CommandResult::Txn { revision: 5 }));
         let twice = Command::Txn {
             compares: vec![],
             ops: vec![TxnOp::Delete { key: key("r1") }, TxnOp::Delete { key: key("r1") }],
         };
-        assert!(matches!(s.apply(&twice, &mut m), CommandResult::NotFound { .. }));
+        assert!(matches!(s.apply(&twice), CommandResult::NotFound { .. }));
     }
 
     #[test]
     fn batch_applies_each_command_in_order_with_its_own_result() {
         let mut s = Store::new(100);
-        let mut m = Vec::new();
         let batch = Command::Batch(vec![put("a", 1, None), put("a", 2, Some(7)), put("b", 1, None)]);
-        let CommandResult::Batch(results) = s.apply(&batch, &mut m) else { panic!("not a batch result") };
+        let CommandResult::Batch(results) = s.apply(&batch) else { panic!("not a batch result") };
         assert!(matches!(results[0], CommandResult::Put { created: true, .. }));
         assert!(matches!(results[1], CommandResult::Conflict { expected: 7, actual: 1, .. }));
         assert!(matches!(&results[2], CommandResult::Put { object, .. } if object.revision == 2));
@@ -445,11 +422,10 @@ mod tests {
     #[test]
     fn status_updates_need_an_object() {
         let mut s = Store::new(10);
-        let mut m = Vec::new();
         let st = Command::PutStatus { key: key("a"), status: json!({"ready": 1}), expected_revision: None };
-        assert!(matches!(s.apply(&st, &mut m), CommandResult::NotFound { .. }));
-        s.apply(&put("a", 1, None), &mut m);
-        let CommandResult::Put { object, .. } = s.apply(&st, &mut m) else { panic!() };
+        assert!(matches!(s.apply(&st), CommandResult::NotFound { .. }));
+        s.apply(&put("a", 1, None));
+        let CommandResult::Put { object, .. } = s.apply(&st) else { panic!() };
         assert_eq!(object.status, json!({"ready": 1}));
         assert_eq!(object.spec, json!({"replicas": 1}));
     }

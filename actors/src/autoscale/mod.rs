@@ -2,7 +2,9 @@
 //! its replica counts and the time, the desired replica count and one readable sentence
 //! saying why. No I/O, no clock: the actor passes monotonic milliseconds (for windows and
 //! delays) and the wall clock as Unix milliseconds (for schedules), and keeps the
-//! [`ScalerState`] between calls. See `docs/autoscaling.md`.
+//! [`ScalerState`] between calls. See `docs/autoscaling.md`. Beside it, the I/O: the
+//! per-model autoscaler actor (`actor`: read, decide, write) and the `AutoscaleService`
+//! the gateways report demand to (`service`).
 //!
 //! ```text
 //!  Signals (windows) ─┐
@@ -13,8 +15,12 @@
 //!     ─> clamp to the active schedule's [min, max] ─> scale-down delay (not hpa)
 //!     ─> Decision { desired, reason, metrics }
 //! ```
+pub mod actor;
+pub mod sample;
+pub mod service;
 mod signals;
 mod slo;
+pub mod status;
 mod strategy;
 mod window;
 

@@ -428,5 +428,5 @@ fn status_of(
 }
 
 #[cfg(test)]
-#[path = "adapters_tests.rs"]
+#[path = "tests.rs"]
 mod tests;

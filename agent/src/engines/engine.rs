@@ -2,7 +2,7 @@
 //! `/health`, watch it (scraping load each heartbeat interval), restart it with backoff
 //! when it crashes, give up after too many crashes, and stop it on request. Its state is
 //! published in a shared [`EngineReport`] that heartbeats copy. Beside this life cycle, in
-//! the same task, the [`super::adapters::Worker`] keeps the engine's LoRA adapters equal to
+//! the same task, the [`super::lora_worker::Worker`] keeps the engine's LoRA adapters equal to
 //! the assigned list; the life cycle tells it the endpoint once ready, each `/v1/models`
 //! scrape, and the end of each process.
 //!
@@ -22,10 +22,10 @@ use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
 
-use super::adapters::{EngineView, Worker};
 use super::backoff::{AfterCrash, CrashHistory};
 use super::drain::{self, StopMode};
 use super::logs::LogFile;
+use super::lora_worker::{EngineView, Worker};
 use super::process::{self, ProcessIdentity};
 use super::EngineEnv;
 use crate::driver::{EngineDriver, LaunchSpec};

@@ -1,195 +1,20 @@
-//! The endpoint table the data plane routes on: ready engines per model with their loaded
-//! adapters and the engine's own load figures, the routing strategy of each model, and the
-//! tenants by hashed API key, the watched `Adapter` objects. Written by discovery (cluster
-//! watch or static backends), read by every request as cheap `Arc` snapshots; never
-//! emptied because the servers are gone. A cluster snapshot is published with the
-//! gateway's own adapter knowledge laid over it ([`Overlay`]). Every change to the table or
-//! the watched models bumps a generation ([`Directory::changes`]) that releases requests
-//! held for a model without endpoints (`hold`).
+//! The [`Directory`]: everything discovery writes and requests read, as cheap `Arc`
+//! snapshots — the published endpoint table, the watched `Model` ([`ModelInfo`]), `Tenant`
+//! and `Adapter` objects. A cluster snapshot is published with the gateway's own adapter
+//! knowledge laid over it ([`Overlay`]) and never emptied because the servers are gone
+//! ([`carry_over`]). Every change to the table or the watched models bumps a generation
+//! ([`Directory::changes`]) that releases requests held for a model without endpoints
+//! (`hold`).
 
 use std::collections::HashMap;
-use std::fmt;
 use std::sync::{Arc, RwLock};
 
-use flotilla_api::spec::{RoutingStrategy, TenantSpec};
-use flotilla_engine::EngineMetrics;
-use http::uri::Authority;
+use flotilla_api::spec::RoutingStrategy;
 use tokio::sync::watch;
 
-use crate::adapters::{AdapterInfo, Overlay, OVERLAY_TTL};
-
-/// An engine endpoint, named by its `host:port`.
-#[derive(Debug, Clone, PartialEq, Eq, Hash, PartialOrd, Ord)]
-pub struct EndpointId(Arc<str>);
-
-impl EndpointId {
-    pub fn new(s: &str) -> Self {
-        EndpointId(Arc::from(s))
-    }
-    pub fn as_str(&self) -> &str {
-        &self.0
-    }
-}
-
-impl fmt::Display for EndpointId {
-    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        f.write_str(&self.0)
-    }
-}
-
-/// Load figures reported by the engine (through the agent or a scrape).
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
-pub struct EngineLoad {
-    pub running: f64,
-    pub waiting: f64,
-    pub kv_cache_usage: f64,
-}
-
-impl From<&EngineMetrics> for EngineLoad {
-    /// The routing signals of a standardized scrape (see `flotilla_engine::metrics`).
-    fn from(m: &EngineMetrics) -> Self {
-        EngineLoad { running: m.running, waiting: m.waiting, kv_cache_usage: m.kv_cache_usage }
-    }
-}
-
-/// One ready engine.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Endpoint {
-    pub id: EndpointId,
-    pub model: String,
-    pub authority: Authority,
-    pub node: String,
-    /// The replica's name (empty for static backends): `EnsureLoaded`'s avoid list.
-    pub replica: String,
-    pub adapters: Vec<String>,
-    pub engine: EngineLoad,
-}
-
-impl Endpoint {
-    pub fn new(model: &str, authority: Authority) -> Self {
-        Endpoint {
-            id: EndpointId::new(authority.as_str()),
-            model: model.to_string(),
-            authority,
-            node: String::new(),
-            replica: String::new(),
-            adapters: Vec::new(),
-            engine: EngineLoad::default(),
-        }
-    }
-}
-
-/// Ready endpoints grouped by model.
-#[derive(Debug, Default)]
-pub struct EndpointSet {
-    pub by_model: HashMap<String, Vec<Arc<Endpoint>>>,
-}
-
-/// The endpoints a request for a model name may go to.
-#[derive(Debug)]
-pub struct Resolved {
-    /// The base model (whose routing strategy applies).
-    pub base_model: String,
-    /// Set when the name is a LoRA adapter.
-    pub adapter: Option<String>,
-    pub endpoints: Vec<Arc<Endpoint>>,
-}
-
-impl EndpointSet {
-    pub fn from_endpoints(eps: impl IntoIterator<Item = Endpoint>) -> Self {
-        let mut by_model: HashMap<String, Vec<Arc<Endpoint>>> = HashMap::new();
-        for e in eps {
-            by_model.entry(e.model.clone()).or_default().push(Arc::new(e));
-        }
-        for v in by_model.values_mut() {
-            v.sort_by(|a, b| a.id.cmp(&b.id));
-            v.dedup_by(|a, b| a.id == b.id);
-        }
-        EndpointSet { by_model }
-    }
-
-    /// Resolves a model or adapter name; LoRA awareness: an adapter name yields only the
-    /// endpoints that have it loaded.
-    pub fn resolve(&self, name: &str) -> Option<Resolved> {
-        if let Some(eps) = self.by_model.get(name) {
-            return Some(Resolved { base_model: name.to_string(), adapter: None, endpoints: eps.clone() });
-        }
-        let mut base = None;
-        let mut endpoints = Vec::new();
-        for (model, eps) in &self.by_model {
-            for e in eps {
-                if e.adapters.iter().any(|a| a == name) {
-                    base.get_or_insert_with(|| model.clone());
-                    endpoints.push(e.clone());
-                }
-            }
-        }
-        base.map(|base_model| Resolved { base_model, adapter: Some(name.to_string()), endpoints })
-    }
-
-    /// `(id, owned_by)` for `/v1/models`: models, then adapters with their base model.
-    pub fn listing(&self) -> Vec<(String, Option<String>)> {
-        let mut out: Vec<(String, Option<String>)> = self.by_model.keys().map(|m| (m.clone(), None)).collect();
-        let mut adapters: Vec<(String, Option<String>)> = Vec::new();
-        for (model, eps) in &self.by_model {
-            for e in eps {
-                for a in &e.adapters {
-                    if !adapters.iter().any(|(n, _)| n == a) && !self.by_model.contains_key(a) {
-                        adapters.push((a.clone(), Some(model.clone())));
-                    }
-                }
-            }
-        }
-        out.sort();
-        adapters.sort();
-        out.extend(adapters);
-        out
-    }
-
-    pub fn len(&self) -> usize {
-        self.by_model.values().map(Vec::len).sum()
-    }
-
-    pub fn is_empty(&self) -> bool {
-        self.len() == 0
-    }
-}
-
-/// A tenant as the gateway sees it.
-#[derive(Debug, Clone, PartialEq)]
-pub struct Tenant {
-    pub name: String,
-    pub spec: TenantSpec,
-}
-
-/// Tenants by stored key hash (`sha256:<hex>`).
-#[derive(Debug, Default)]
-pub struct Tenants {
-    pub by_key: HashMap<String, Arc<Tenant>>,
-}
-
-impl Tenants {
-    pub fn from_tenants(ts: impl IntoIterator<Item = Tenant>) -> Self {
-        let mut by_key = HashMap::new();
-        for t in ts {
-            let t = Arc::new(t);
-            for k in &t.spec.api_keys {
-                let hashed = if k.starts_with(flotilla_api::spec::HASHED_KEY_PREFIX) {
-                    k.clone()
-                } else {
-                    flotilla_api::spec::hash_api_key(k)
-                };
-                by_key.insert(hashed, t.clone());
-            }
-        }
-        Tenants { by_key }
-    }
-
-    /// The tenant owning a plain-text key.
-    pub fn lookup(&self, key: &str) -> Option<Arc<Tenant>> {
-        self.by_key.get(&flotilla_api::spec::hash_api_key(key)).cloned()
-    }
-}
+use super::{Endpoint, EndpointId, EndpointSet, Tenants};
+use crate::lora::{AdapterInfo, Overlay, OVERLAY_TTL};
+use crate::names::{AdapterName, ModelName};
 
 /// A watched `Model` object as the gateway needs it.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
@@ -220,15 +45,15 @@ impl ModelInfo {
 pub fn carry_over(
     prev: &EndpointSet,
     mut next: EndpointSet,
-    models: &HashMap<String, ModelInfo>,
-    held: &mut HashMap<String, tokio::time::Instant>,
+    models: &HashMap<ModelName, ModelInfo>,
+    held: &mut HashMap<ModelName, tokio::time::Instant>,
     now: tokio::time::Instant,
     grace: std::time::Duration,
 ) -> EndpointSet {
     let keeps = |m: &str| models.get(m).is_some_and(|i| !i.scaled_to_zero());
-    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && keeps(m));
+    held.retain(|m, _| next.by_model.get(m).is_none_or(|v| v.is_empty()) && keeps(m.as_str()));
     for (model, eps) in &prev.by_model {
-        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !keeps(model) {
+        if eps.is_empty() || next.by_model.get(model).is_some_and(|v| !v.is_empty()) || !keeps(model.as_str()) {
             continue;
         }
         let since = *held.entry(model.clone()).or_insert(now);
@@ -248,7 +73,7 @@ struct ClusterView {
     /// The last snapshot after [`carry_over`].
     raw: Arc<EndpointSet>,
     /// Models whose endpoints are carried over, and since when ([`carry_over`]).
-    held: HashMap<String, tokio::time::Instant>,
+    held: HashMap<ModelName, tokio::time::Instant>,
     /// Adapters just loaded or found unloaded by this gateway ([`Overlay`]).
     overlay: Overlay,
 }
@@ -259,9 +84,9 @@ pub struct Directory {
     cluster: std::sync::Mutex<ClusterView>,
     endpoints: RwLock<Arc<EndpointSet>>,
     /// The watched `Model` objects by name.
-    models: RwLock<Arc<HashMap<String, ModelInfo>>>,
+    models: RwLock<Arc<HashMap<ModelName, ModelInfo>>>,
     tenants: RwLock<Arc<Tenants>>,
-    adapters: RwLock<Arc<HashMap<String, AdapterInfo>>>,
+    adapters: RwLock<Arc<HashMap<AdapterName, AdapterInfo>>>,
     /// Set once any endpoint table was received.
     synced: std::sync::atomic::AtomicBool,
     /// Bumped on every published table and every change of the watched models.
@@ -310,7 +135,7 @@ impl Directory {
     }
     /// `EnsureLoaded` answered: `adapter` is loaded on `eps` (until a snapshot says so too,
     /// for at most [`OVERLAY_TTL`]). For cluster endpoints only.
-    pub fn learn_loaded(&self, adapter: &str, eps: Vec<Endpoint>) {
+    pub fn learn_loaded(&self, adapter: &AdapterName, eps: Vec<Endpoint>) {
         let mut view = self.view();
         view.overlay.learn(adapter, eps, tokio::time::Instant::now() + OVERLAY_TTL);
         self.publish(&mut view);
@@ -318,7 +143,7 @@ impl Directory {
     /// An engine answered 404 for `adapter`: it was unloaded there; route it elsewhere for
     /// [`OVERLAY_TTL`] (or until `EnsureLoaded` names that endpoint again). For cluster
     /// endpoints only.
-    pub fn forget_loaded(&self, adapter: &str, id: &EndpointId) {
+    pub fn forget_loaded(&self, adapter: &AdapterName, id: &EndpointId) {
         let mut view = self.view();
         view.overlay.forget(adapter, id, tokio::time::Instant::now() + OVERLAY_TTL);
         self.publish(&mut view);
@@ -330,7 +155,7 @@ impl Directory {
         self.model(model).map(|m| m.routing).unwrap_or_default()
     }
     /// The watched `Model` objects.
-    pub fn models(&self) -> Arc<HashMap<String, ModelInfo>> {
+    pub fn models(&self) -> Arc<HashMap<ModelName, ModelInfo>> {
         self.models.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     /// The watched `Model` object `name`, if it exists.
@@ -339,10 +164,10 @@ impl Directory {
     }
     /// Installs the watched `Model` objects. A model whose endpoints are being carried over
     /// ([`carry_over`]) and that was deleted or scaled to zero loses them now.
-    pub fn set_models(&self, m: HashMap<String, ModelInfo>) {
+    pub fn set_models(&self, m: HashMap<ModelName, ModelInfo>) {
         let keeps = |name: &str| m.get(name).is_some_and(|i| !i.scaled_to_zero());
         let mut view = self.view();
-        let drop: Vec<String> = view.held.keys().filter(|k| !keeps(k)).cloned().collect();
+        let drop: Vec<ModelName> = view.held.keys().filter(|k| !keeps(k.as_str())).cloned().collect();
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(m);
         if drop.is_empty() {
             self.changes.send_modify(|g| *g = g.wrapping_add(1));
@@ -364,13 +189,13 @@ impl Directory {
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
     }
     /// The watched `Adapter` objects by name.
-    pub fn adapters(&self) -> Arc<HashMap<String, AdapterInfo>> {
+    pub fn adapters(&self) -> Arc<HashMap<AdapterName, AdapterInfo>> {
         self.adapters.read().unwrap_or_else(|e| e.into_inner()).clone()
     }
     pub fn adapter(&self, name: &str) -> Option<AdapterInfo> {
         self.adapters.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
-    pub fn set_adapters(&self, a: HashMap<String, AdapterInfo>) {
+    pub fn set_adapters(&self, a: HashMap<AdapterName, AdapterInfo>) {
         *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
     }
 }
@@ -378,14 +203,15 @@ impl Directory {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::table::test_endpoint as ep;
 
     #[test]
     fn a_model_that_lost_every_endpoint_keeps_them_for_the_grace_only_while_it_exists() {
         let t0 = tokio::time::Instant::now();
         let grace = std::time::Duration::from_secs(60);
         let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
-        let models: HashMap<String, ModelInfo> =
-            ["a", "b"].iter().map(|m| (m.to_string(), ModelInfo::default())).collect();
+        let models: HashMap<ModelName, ModelInfo> =
+            ["a", "b"].iter().map(|m| (ModelName::new(m), ModelInfo::default())).collect();
         let mut held = HashMap::new();
         let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1")]);
         // b keeps one endpoint: no carry-over; a lost all: kept.
@@ -401,7 +227,7 @@ mod tests {
         // endpoints back: the hold ends; a deleted model is dropped at once.
         let back = carry_over(&later, set(&[("a", "1.1.1.1:3")]), &models, &mut held, t0 + grace, grace);
         assert!(!held.contains_key("a") && back.by_model["a"].len() == 1);
-        let gone: HashMap<String, ModelInfo> = HashMap::new();
+        let gone: HashMap<ModelName, ModelInfo> = HashMap::new();
         let deleted = carry_over(&back, set(&[]), &gone, &mut held, t0 + grace, grace);
         assert!(deleted.by_model.is_empty() && held.is_empty());
     }
@@ -412,10 +238,8 @@ mod tests {
         let grace = std::time::Duration::from_secs(60);
         let set = |eps: &[(&str, &str)]| EndpointSet::from_endpoints(eps.iter().map(|(m, a)| ep(m, a, &[])));
         let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
-        let mut models: HashMap<String, ModelInfo> =
-            [("a".to_string(), info(Some(0))), ("b".to_string(), info(Some(2))), ("c".to_string(), info(None))]
-                .into_iter()
-                .collect();
+        let mut models: HashMap<ModelName, ModelInfo> =
+            [("a".into(), info(Some(0))), ("b".into(), info(Some(2))), ("c".into(), info(None))].into_iter().collect();
         let mut held = HashMap::new();
         let prev = set(&[("a", "1.1.1.1:1"), ("b", "2.2.2.2:1"), ("c", "3.3.3.3:1")]);
         // a (desired 0) is dropped at once; b (desired 2) and c (no status yet) are kept.
@@ -439,57 +263,13 @@ mod tests {
         let dir = Directory::default();
         let mut rx = dir.changes();
         let info = |desired| ModelInfo { desired_replicas: desired, ..ModelInfo::default() };
-        dir.set_models([("a".to_string(), info(Some(1)))].into_iter().collect());
+        dir.set_models([("a".into(), info(Some(1)))].into_iter().collect());
         dir.set_cluster_endpoints(EndpointSet::from_endpoints([ep("a", "1.1.1.1:1", &[])]));
         dir.set_cluster_endpoints(EndpointSet::default());
         assert_eq!(dir.endpoints().len(), 1, "carried over");
         rx.borrow_and_update();
-        dir.set_models([("a".to_string(), info(Some(0)))].into_iter().collect());
+        dir.set_models([("a".into(), info(Some(0)))].into_iter().collect());
         assert!(dir.endpoints().is_empty(), "scaled to zero: dropped at once");
         assert!(rx.has_changed().unwrap(), "the change is announced");
-    }
-
-    fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
-        let mut e = Endpoint::new(model, addr.parse().unwrap());
-        e.adapters = adapters.iter().map(|s| s.to_string()).collect();
-        e
-    }
-
-    #[test]
-    fn adapters_resolve_to_the_endpoints_that_loaded_them() {
-        let set = EndpointSet::from_endpoints([
-            ep("base", "a:1", &["sql"]),
-            ep("base", "b:1", &[]),
-            ep("other", "c:1", &[]),
-            ep("base", "a:1", &["sql"]),
-        ]);
-        assert_eq!(set.len(), 3);
-        assert_eq!(set.resolve("base").unwrap().endpoints.len(), 2);
-        let r = set.resolve("sql").unwrap();
-        assert_eq!((r.base_model.as_str(), r.adapter.as_deref()), ("base", Some("sql")));
-        assert_eq!(r.endpoints.iter().map(|e| e.id.as_str()).collect::<Vec<_>>(), ["a:1"]);
-        assert!(set.resolve("nope").is_none());
-        assert_eq!(
-            set.listing(),
-            vec![("base".into(), None), ("other".into(), None), ("sql".into(), Some("base".to_string()))]
-        );
-    }
-
-    #[test]
-    fn tenants_match_hashed_and_plain_keys() {
-        let spec = |k: &str| TenantSpec {
-            rpm: 0,
-            tpm: 0,
-            priority: Default::default(),
-            models: vec![],
-            api_keys: vec![k.into()],
-        };
-        let t = Tenants::from_tenants([
-            Tenant { name: "a".into(), spec: spec(&flotilla_api::spec::hash_api_key("key-aaaa-1")) },
-            Tenant { name: "b".into(), spec: spec("key-bbbb-1") },
-        ]);
-        assert_eq!(t.lookup("key-aaaa-1").unwrap().name, "a");
-        assert_eq!(t.lookup("key-bbbb-1").unwrap().name, "b");
-        assert!(t.lookup("key-cccc-1").is_none());
     }
 }

@@ -1,6 +1,6 @@
 //! The LoRA adapter decision for one engine (pure): the adapters assigned to it × the
 //! adapters the engine holds (its `/v1/models`) × the agent's own progress → steps. The
-//! engine task's adapter worker ([`crate::supervisor::adapters`]) executes them and
+//! engine task's adapter worker ([`crate::engines::lora_worker`]) executes them and
 //! reports; this module also decides what the report says ([`report`]) and how a scrape
 //! merges with newer local knowledge ([`merge_scrape`]).
 //!

@@ -17,14 +17,15 @@ use std::time::Duration;
 
 use flotilla_api::pb::adapter_service_server::AdapterService;
 use flotilla_api::pb::{Endpoint, EnsureLoadedRequest, EnsureLoadedResponse, ReportUsageRequest, ReportUsageResponse};
-use flotilla_api::spec::{AdapterPhase, NodeState};
+use flotilla_api::spec::AdapterPhase;
 use flotilla_api::{Kind, LabelSelector, ObjectName};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::adapters::{AdapterView, Demand};
+use super::{AdapterView, Demand};
+use crate::facts::{is_down, read_node};
 use crate::metrics::Metrics;
-use crate::objects::{key, ModelView, NodeView, ReplicaView};
+use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::supervisor::SupervisorMsg;
 use crate::ActorsError;
@@ -56,16 +57,10 @@ fn holders(
     // Endpoints on nodes the leader lost stay in the gateways' tables (static stability)
     // but are no answer to "where can this adapter be served now".
     let reader = ctx.handle.reader();
-    let up = |node: &str| {
-        node.parse::<ObjectName>()
-            .ok()
-            .and_then(|n| reader.get(&key(Kind::Node, &n)).0)
-            .and_then(|o| NodeView::from_stored(&o).ok())
-            .is_some_and(|v| v.status.state != NodeState::NotReady)
-    };
+    let up = |node: &str| node.parse::<ObjectName>().is_ok_and(|n| !is_down(read_node(&reader, &n).as_ref()));
     // And only replicas still assigned the adapter: one just evicted may still be listed
     // as loaded by its engine until the agent's next report.
-    let sel = LabelSelector::parse(&format!("{}={base}", crate::objects::MODEL_LABEL)).unwrap_or_default();
+    let sel = LabelSelector::for_model(base);
     let bound: BTreeSet<String> = reader
         .list(Kind::Replica, &sel)
         .0
@@ -86,7 +81,7 @@ fn holders(
 
 /// Whether a replica outside `avoid` is assigned `adapter`.
 fn bound_elsewhere(ctx: &Ctx, base: &ObjectName, adapter: &ObjectName, avoid: &BTreeSet<ObjectName>) -> bool {
-    let sel = LabelSelector::parse(&format!("{}={base}", crate::objects::MODEL_LABEL)).unwrap_or_default();
+    let sel = LabelSelector::for_model(base);
     ctx.handle
         .reader()
         .list(Kind::Replica, &sel)

@@ -1,8 +1,8 @@
-//! Process ownership: the [`EngineManager`] keeps one task per assigned replica (see
+//! The engines this agent runs: the [`EngineManager`] keeps one task per assigned replica (see
 //! [`engine`]), applies each `Assign` through the pure [`crate::reconcile`] decision,
 //! adopts engines a previous agent left running, and collects the reports heartbeats send.
 //! A change of adapters only goes to the running engine task (watch channel), which loads
-//! and unloads them through the engine API ([`adapters`]); it never restarts the engine.
+//! and unloads them through the engine API ([`lora_worker`]); it never restarts the engine.
 //!
 //! ```text
 //!  Assign ──> EngineManager::apply ──reconcile──> Start / Stop (drain first) / Replace / UpdateAdapters / Keep
@@ -12,11 +12,11 @@
 //!                                 └──> SharedReport ──> heartbeat (early after adapter loads)
 //! ```
 
-pub mod adapters;
 pub mod backoff;
 pub mod drain;
 pub mod engine;
 pub mod logs;
+pub mod lora_worker;
 pub mod ports;
 pub mod process;
 

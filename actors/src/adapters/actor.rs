@@ -1,6 +1,6 @@
 //! The adapter controller of one base model: gathers the base model, its adapters and
 //! replicas from the store, the engines' adapter reports from the agents' heartbeats and
-//! the gateways' usage reports from memory, runs [`crate::adapters::decide`] and writes
+//! the gateways' usage reports from memory, runs [`super::decide`] and writes
 //! the plan (replica bindings, adapter statuses) through Raft. It reconciles on store
 //! changes, on demands from `AdapterService.EnsureLoaded`, and every reconcile interval
 //! (heartbeats carry load progress). It stops once no adapter names its base model and no
@@ -18,14 +18,14 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use crate::adapters::{decide, note_failures, AdapterState, AdapterView, Demand};
+use super::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
-use crate::objects::{key, ModelView, NodeView, ReplicaView, MODEL_LABEL};
+use crate::facts::BoundNodes;
+use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
-use flotilla_api::spec::NodeState;
 
-#[derive(Debug)]
+#[derive(Debug, PartialEq)]
 pub enum AdapterMsg {
     /// Something in the store concerning this base model changed.
     Changed,
@@ -62,7 +62,7 @@ impl AdapterActorState {
             .filter(|a| a.spec.base_model == base)
             .map(|a| (a.name.clone(), a))
             .collect();
-        let sel = LabelSelector::parse(&format!("{MODEL_LABEL}={base}")).unwrap_or_default();
+        let sel = LabelSelector::for_model(&base);
         self.s.replicas = reader
             .list(Kind::Replica, &sel)
             .0
@@ -70,16 +70,7 @@ impl AdapterActorState {
             .filter_map(|o| ReplicaView::from_stored(o).ok())
             .map(|r| (r.name.clone(), r))
             .collect();
-        self.s.down_nodes = self
-            .s
-            .replicas
-            .values()
-            .filter_map(|r| r.spec.node.clone())
-            .filter(|n| {
-                let node = reader.get(&key(Kind::Node, n)).0.and_then(|o| NodeView::from_stored(&o).ok());
-                node.is_none_or(|v| v.status.state == NodeState::NotReady)
-            })
-            .collect();
+        self.s.down_nodes = BoundNodes::read(&reader, self.s.replicas.values()).down;
         let live = lock(&self.ctx.live);
         self.s.reports = HashMap::new();
         for r in self.s.replicas.values() {

@@ -1,7 +1,7 @@
 //! The adapter worker of one engine task: keeps the engine's LoRA adapters equal to the
 //! assigned list. It runs beside the engine's life cycle (in the same task) and acts only
 //! while the engine process is up and has been ready. Each event (a new list, a new
-//! engine view, a finished call) runs the pure [`crate::adapters::decide`], starts its
+//! engine view, a finished call) runs the pure [`crate::lora_plan::decide`], starts its
 //! steps, and rewrites the report's `adapters` and `loaded_adapters`.
 //!
 //! ```text
@@ -29,7 +29,7 @@ use tokio::time::Instant;
 
 use super::engine::SharedReport;
 use super::EngineEnv;
-use crate::adapters::{decide, merge_scrape, report, Phase, Step, Tracked, MAX_CONCURRENT_LOADS};
+use crate::lora_plan::{decide, merge_scrape, report, Phase, Step, Tracked, MAX_CONCURRENT_LOADS};
 
 /// What the engine's life cycle tells the worker.
 #[derive(Debug, Clone, Default)]

@@ -23,6 +23,7 @@ use flotilla_api::pb;
 use flotilla_api::spec::AdapterPhase;
 use tokio::time::Instant;
 
+use crate::names::{AdapterName, ModelName, ServedName};
 use crate::table::{Endpoint, EndpointId, EndpointSet};
 
 /// How long the gateway's own knowledge of an adapter on an endpoint outlives the
@@ -36,7 +37,7 @@ pub const MAX_USAGE_KEYS: usize = 4096;
 /// A watched `Adapter` object.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct AdapterInfo {
-    pub base_model: String,
+    pub base_model: ModelName,
     pub phase: AdapterPhase,
     /// Why it is Failed (or not loaded), from its status.
     pub reason: String,
@@ -46,7 +47,7 @@ pub struct AdapterInfo {
 /// gateway needs only the base model, phase and reason). None without a base model.
 pub fn adapter_info(spec_json: &str, status_json: &str) -> Option<AdapterInfo> {
     let spec: serde_json::Value = serde_json::from_str(spec_json).ok()?;
-    let base_model = spec.get("base_model")?.as_str().filter(|s| !s.is_empty())?.to_string();
+    let base_model = ModelName::new(spec.get("base_model")?.as_str().filter(|s| !s.is_empty())?);
     let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
     let phase = status.get("phase").and_then(|p| serde_json::from_value(p.clone()).ok()).unwrap_or_default();
     let reason = status.get("reason").and_then(|r| r.as_str()).unwrap_or_default().to_string();
@@ -55,13 +56,18 @@ pub fn adapter_info(spec_json: &str, status_json: &str) -> Option<AdapterInfo> {
 
 /// `(id, parent)` for `/v1/models`: the table's models, then every adapter, loaded
 /// somewhere or only declared by an `Adapter` object, with its base model as parent.
-pub fn listing(set: &EndpointSet, adapters: &HashMap<String, AdapterInfo>) -> Vec<(String, Option<String>)> {
+pub fn listing(
+    set: &EndpointSet,
+    adapters: &HashMap<AdapterName, AdapterInfo>,
+) -> Vec<(ServedName, Option<ModelName>)> {
     let mut out = set.listing();
     let split = out.iter().position(|(_, p)| p.is_some()).unwrap_or(out.len());
-    let mut extra: Vec<(String, Option<String>)> = adapters
+    let mut extra: Vec<(ServedName, Option<ModelName>)> = adapters
         .iter()
-        .filter(|(name, _)| !set.by_model.contains_key(*name) && !out[split..].iter().any(|(n, _)| n == *name))
-        .map(|(name, a)| (name.clone(), Some(a.base_model.clone())))
+        .filter(|(name, _)| {
+            !set.by_model.contains_key(name.as_str()) && !out[split..].iter().any(|(n, _)| n == name.as_str())
+        })
+        .map(|(name, a)| (ServedName::from(name), Some(a.base_model.clone())))
         .collect();
     if extra.is_empty() {
         return out;
@@ -72,28 +78,13 @@ pub fn listing(set: &EndpointSet, adapters: &HashMap<String, AdapterInfo>) -> Ve
     out
 }
 
-/// Converts one endpoint of the control plane's shape (None when its address is unusable).
-pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
-    let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
-    let mut ep = Endpoint::new(&e.model, authority);
-    ep.node = e.node.clone();
-    ep.replica = e.replica.clone();
-    ep.adapters = e.loaded_adapters.clone();
-    ep.engine = crate::table::EngineLoad {
-        running: e.num_requests_running,
-        waiting: e.num_requests_waiting,
-        kv_cache_usage: e.kv_cache_usage,
-    };
-    Some(ep)
-}
-
 /// What the gateway learned about adapters ahead of the snapshots (see the module docs).
 #[derive(Debug, Default)]
 pub struct Overlay {
     /// (adapter, endpoint) → the endpoint as `EnsureLoaded` named it, and until when.
-    loaded: HashMap<(String, EndpointId), (Endpoint, Instant)>,
+    loaded: HashMap<(AdapterName, EndpointId), (Endpoint, Instant)>,
     /// (adapter, endpoint) → until when the adapter is hidden there.
-    unloaded: HashMap<(String, EndpointId), Instant>,
+    unloaded: HashMap<(AdapterName, EndpointId), Instant>,
 }
 
 impl Overlay {
@@ -102,17 +93,17 @@ impl Overlay {
     }
 
     /// `adapter` is loaded on `eps` (cancels an earlier [`Overlay::forget`] there).
-    pub fn learn(&mut self, adapter: &str, eps: impl IntoIterator<Item = Endpoint>, until: Instant) {
+    pub fn learn(&mut self, adapter: &AdapterName, eps: impl IntoIterator<Item = Endpoint>, until: Instant) {
         for e in eps {
-            let key = (adapter.to_string(), e.id.clone());
+            let key = (adapter.clone(), e.id.clone());
             self.unloaded.remove(&key);
             self.loaded.insert(key, (e, until));
         }
     }
 
     /// `adapter` is not on `id` any more.
-    pub fn forget(&mut self, adapter: &str, id: &EndpointId, until: Instant) {
-        let key = (adapter.to_string(), id.clone());
+    pub fn forget(&mut self, adapter: &AdapterName, id: &EndpointId, until: Instant) {
+        let key = (adapter.clone(), id.clone());
         self.loaded.remove(&key);
         self.unloaded.insert(key, until);
     }
@@ -155,20 +146,20 @@ impl Overlay {
 /// [`MAX_USAGE_KEYS`].
 #[derive(Debug, Default)]
 pub struct UsageBook {
-    counts: HashMap<(String, String), u32>,
+    counts: HashMap<(AdapterName, String), u32>,
 }
 
 impl UsageBook {
     /// Counts one request; false when the book is full and the pair is new (dropped).
-    pub fn record(&mut self, adapter: &str, address: &str) -> bool {
-        if let Some(n) = self.counts.get_mut(&(adapter.to_string(), address.to_string())) {
+    pub fn record(&mut self, adapter: &AdapterName, address: &str) -> bool {
+        if let Some(n) = self.counts.get_mut(&(adapter.clone(), address.to_string())) {
             *n = n.saturating_add(1);
             return true;
         }
         if self.counts.len() >= MAX_USAGE_KEYS {
             return false;
         }
-        self.counts.insert((adapter.to_string(), address.to_string()), 1);
+        self.counts.insert((adapter.clone(), address.to_string()), 1);
         true
     }
 
@@ -177,7 +168,7 @@ impl UsageBook {
         let mut v: Vec<pb::AdapterUsage> = self
             .counts
             .drain()
-            .map(|((adapter, address), requests)| pb::AdapterUsage { adapter, address, requests })
+            .map(|((adapter, address), requests)| pb::AdapterUsage { adapter: adapter.to_string(), address, requests })
             .collect();
         v.sort_by(|a, b| (&a.adapter, &a.address).cmp(&(&b.adapter, &b.address)));
         v
@@ -187,12 +178,7 @@ impl UsageBook {
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    fn ep(model: &str, addr: &str, adapters: &[&str]) -> Endpoint {
-        let mut e = Endpoint::new(model, addr.parse().unwrap());
-        e.adapters = adapters.iter().map(|s| s.to_string()).collect();
-        e
-    }
+    use crate::table::test_endpoint as ep;
 
     fn holders(set: &EndpointSet, adapter: &str) -> Vec<String> {
         set.resolve(adapter).map(|r| r.endpoints.iter().map(|e| e.id.to_string()).collect()).unwrap_or_default()
@@ -219,15 +205,15 @@ mod tests {
     fn the_listing_has_declared_and_loaded_adapters_with_their_parent() {
         let set = EndpointSet::from_endpoints([ep("base", "a:1", &["sql", "seen"]), ep("other", "b:1", &[])]);
         let info = |b: &str| AdapterInfo { base_model: b.into(), phase: AdapterPhase::Pending, reason: String::new() };
-        let adapters: HashMap<String, AdapterInfo> = [
-            ("sql".to_string(), info("base")),
-            ("cold".to_string(), info("base")),
-            ("other".to_string(), info("base")), // a model's name wins
+        let adapters: HashMap<AdapterName, AdapterInfo> = [
+            ("sql".into(), info("base")),
+            ("cold".into(), info("base")),
+            ("other".into(), info("base")), // a model's name wins
         ]
         .into_iter()
         .collect();
         let got = listing(&set, &adapters);
-        let p = |s: &str| Some(s.to_string());
+        let p = |s: &str| Some(ModelName::new(s));
         assert_eq!(
             got,
             vec![
@@ -250,18 +236,18 @@ mod tests {
         // a load on b (known) and on c (a replica the snapshot does not have yet)
         let mut c = ep("base", "c:1", &[]);
         c.replica = "r-c".into();
-        o.learn("y", [ep("base", "b:1", &["y"]), c], t0 + OVERLAY_TTL);
+        o.learn(&"y".into(), [ep("base", "b:1", &["y"]), c], t0 + OVERLAY_TTL);
         let set = o.apply(&raw, t0).unwrap();
         assert_eq!(holders(&set, "y"), ["b:1", "c:1"]);
         assert_eq!(set.by_model["base"].iter().find(|e| e.id.as_str() == "c:1").unwrap().replica, "r-c");
         assert_eq!(holders(&set, "x"), ["a:1"], "others untouched");
         // a 404 for x on a hides it; learning it there again shows it
-        o.forget("x", &EndpointId::new("a:1"), t0 + OVERLAY_TTL);
+        o.forget(&"x".into(), &EndpointId::new("a:1"), t0 + OVERLAY_TTL);
         assert!(o.apply(&raw, t0).unwrap().resolve("x").is_none());
-        o.learn("x", [ep("base", "a:1", &["x"])], t0 + OVERLAY_TTL);
+        o.learn(&"x".into(), [ep("base", "a:1", &["x"])], t0 + OVERLAY_TTL);
         assert_eq!(holders(&o.apply(&raw, t0).unwrap(), "x"), ["a:1"]);
         // a forget removes a learned load too
-        o.forget("y", &EndpointId::new("c:1"), t0 + OVERLAY_TTL);
+        o.forget(&"y".into(), &EndpointId::new("c:1"), t0 + OVERLAY_TTL);
         assert_eq!(holders(&o.apply(&raw, t0).unwrap(), "y"), ["b:1"]);
         // everything expires
         assert!(o.apply(&raw, t0 + OVERLAY_TTL).is_none());
@@ -271,9 +257,9 @@ mod tests {
     #[test]
     fn the_usage_book_is_bounded_and_drains() {
         let mut u = UsageBook::default();
-        assert!(u.record("a", "h:1"));
-        assert!(u.record("a", "h:1"));
-        assert!(u.record("b", "h:1"));
+        assert!(u.record(&"a".into(), "h:1"));
+        assert!(u.record(&"a".into(), "h:1"));
+        assert!(u.record(&"b".into(), "h:1"));
         let got = u.take();
         assert_eq!(
             got.iter().map(|x| (x.adapter.as_str(), x.address.as_str(), x.requests)).collect::<Vec<_>>(),
@@ -281,10 +267,10 @@ mod tests {
         );
         assert!(u.take().is_empty());
         for i in 0..MAX_USAGE_KEYS {
-            assert!(u.record(&format!("a{i}"), "h:1"));
+            assert!(u.record(&AdapterName::from(format!("a{i}")), "h:1"));
         }
-        assert!(!u.record("new", "h:1"), "full: a new pair is dropped");
-        assert!(u.record("a0", "h:1"), "known pairs still count");
+        assert!(!u.record(&"new".into(), "h:1"), "full: a new pair is dropped");
+        assert!(u.record(&"a0".into(), "h:1"), "known pairs still count");
         assert_eq!(u.take().len(), MAX_USAGE_KEYS);
     }
 }
