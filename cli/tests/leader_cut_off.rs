@@ -93,14 +93,8 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
     let dir = tempfile::tempdir().expect("temp dir");
     let run_id = format!("cutoff-{}", std::process::id());
-    let topo = Topology {
-        servers: 3,
-        agents: 0,
-        gpus_per_agent: 0,
-        gateway: false,
-        models: Vec::new(),
-        small_disks: false,
-    };
+    let topo =
+        Topology { servers: 3, agents: 0, gpus_per_agent: 0, gateway: false, models: Vec::new(), small_disks: false };
     let mut c = Cluster::start(Path::new(BIN), dir.path(), &run_id, &topo).await.expect("start the cluster");
     let addrs = c.server_addrs();
     let mut gaps: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
@@ -161,7 +155,8 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
             .collect();
         assert!(by_isolated.is_empty(), "trial {trial}: the isolated leader s{leader} acknowledged {by_isolated:?}");
         for (i, f) in firsts.iter().enumerate() {
-            let f = f.unwrap_or_else(|| panic!("trial {trial}: no write acknowledged through s{} within 5 s", survivors[i]));
+            let f = f
+                .unwrap_or_else(|| panic!("trial {trial}: no write acknowledged through s{} within 5 s", survivors[i]));
             gaps[i].push(f);
         }
         eprintln!("trial {trial}: leader s{leader} cut off; first acks {firsts:?}");
@@ -184,7 +179,10 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
     }
     every.sort();
     let (p50, max) = (percentile(&every, 0.5), *every.last().expect("trials"));
-    eprintln!("time to the next acknowledged write after the cut: p50 {p50:?}, max {max:?} ({} writes checked)", all.len());
+    eprintln!(
+        "time to the next acknowledged write after the cut: p50 {p50:?}, max {max:?} ({} writes checked)",
+        all.len()
+    );
     assert!(p50 <= Duration::from_secs(1), "p50 {p50:?} > 1 s: {gaps:?}");
     assert!(max <= Duration::from_millis(1500), "max {max:?} > 1.5 s: {gaps:?}");
     c.shutdown().await;
