@@ -68,19 +68,26 @@ async fn writer(tag: String, addr: String, stop: Arc<tokio::sync::Notify>, acks:
     }
 }
 
-/// The leader every server reports, once all agree (after a heal the old leader rejoins).
+/// The leader once the cluster has recovered from the last cut: every server names the same
+/// leader and term, counts 3 voters and has applied the same store revision (the healed
+/// server has caught up, so the next cut is a single fault, not a second one on top).
 async fn settled_leader(addrs: &[String], limit: Duration) -> u64 {
     let t0 = Instant::now();
     loop {
         let mut seen = Vec::new();
         for a in addrs {
             let r = ClusterServiceClient::new(channel(a)).status(StatusRequest { local: true }).await;
-            seen.push(r.map(|r| r.into_inner().leader_id).unwrap_or(0));
+            seen.push(r.map(|r| {
+                let r = r.into_inner();
+                (r.leader_id, r.term, r.members.iter().filter(|m| m.voter).count(), r.store_revision)
+            }));
         }
-        if seen[0] != 0 && seen.iter().all(|l| *l == seen[0]) {
-            return seen[0];
+        if let Some(Ok(first)) = seen.first() {
+            if first.0 != 0 && first.2 == 3 && seen.iter().all(|s| s.as_ref().ok() == Some(first)) {
+                return first.0;
+            }
         }
-        assert!(t0.elapsed() < limit, "servers did not agree on a leader within {limit:?}: {seen:?}");
+        assert!(t0.elapsed() < limit, "the servers did not settle within {limit:?}: {seen:?}");
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
