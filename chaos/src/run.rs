@@ -186,6 +186,13 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
     }
     let end_ns = w.duration.as_nanos() as u64;
     report.longest_write_gap = longest_write_gap(&history, end_ns);
+    if let Some(bound) = scenario.checks.max_write_unavailability.filter(|b| report.longest_write_gap > *b) {
+        report.violations.push(format!(
+            "no write was acknowledged for {:.2} s (bound {:.2} s)",
+            report.longest_write_gap.as_secs_f64(),
+            bound.as_secs_f64()
+        ));
+    }
     history.extend(store_client::final_reads(&servers, w.keys, t0).await);
     report.store_ops = history.len();
     report.indeterminate_ops = history.iter().filter(|o| o.complete.is_none()).count();

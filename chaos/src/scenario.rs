@@ -97,11 +97,15 @@ pub struct Checks {
     /// gateway that must keep serving stays at 0).
     #[serde(default)]
     pub allowed_unattributed_failures: u32,
+    /// Longest stretch without an acknowledged write during the fault phase, if bounded
+    /// (a scenario that cuts the leader off holds failover to it).
+    #[serde(with = "dur_opt", default)]
+    pub max_write_unavailability: Option<Duration>,
 }
 
 impl Default for Checks {
     fn default() -> Self {
-        Checks { convergence_within: sixty_s(), allowed_unattributed_failures: 0 }
+        Checks { convergence_within: sixty_s(), allowed_unattributed_failures: 0, max_write_unavailability: None }
     }
 }
 

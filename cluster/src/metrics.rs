@@ -1,7 +1,8 @@
 //! Prometheus metrics of a server: Raft state gauges (refreshed at scrape time), the apply
-//! latency histogram, and gRPC request counts and latencies per method and status code.
+//! latency histogram, gRPC request counts and latencies per method and status code, and
+//! forwards to a leader abandoned when the leader changed.
 use std::sync::Arc;
-use std::time::Instant;
+use tokio::time::Instant;
 
 use openraft::{BasicNode, RaftMetrics};
 use prometheus_client::encoding::EncodeLabelSet;
@@ -46,6 +47,7 @@ pub(crate) struct Metrics {
     apply_seconds: Histogram,
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily,
+    forwards_abandoned: Counter,
 }
 
 impl Metrics {
@@ -65,6 +67,7 @@ impl Metrics {
             apply_seconds: latency_histogram(),
             grpc_requests: Family::default(),
             grpc_seconds: HistogramFamily::new_with_constructor(latency_histogram),
+            forwards_abandoned: Counter::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
         r.register("raft_leader_id", "ID of the known leader (0: none)", m.leader_id.clone());
@@ -90,11 +93,20 @@ impl Metrics {
         );
         r.register("grpc_requests", "gRPC requests handled, by method and status code", m.grpc_requests.clone());
         r.register("grpc_request_duration_seconds", "gRPC request latency, seconds", m.grpc_seconds.clone());
+        r.register(
+            "forwards_abandoned",
+            "Requests forwarded to a leader and abandoned because this server's view of the leader changed (then retried)",
+            m.forwards_abandoned.clone(),
+        );
         Metrics { registry: Arc::new(r), ..m }
     }
 
     pub(crate) fn grpc_timer(&self, method: &'static str) -> GrpcTimer {
         GrpcTimer { metrics: self.clone(), method, start: Instant::now() }
+    }
+
+    pub(crate) fn forward_abandoned(&self) {
+        self.forwards_abandoned.inc();
     }
 
     pub(crate) fn observe_apply(&self, start: Instant) {

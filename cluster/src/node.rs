@@ -44,7 +44,7 @@ impl Node {
     /// Proposes `cmd`. Returns its result once committed and applied here (the leader), or
     /// the leader's address. Waits out elections until `deadline`.
     pub(crate) async fn propose(&self, cmd: Command, deadline: Instant) -> Result<Route<CommandResult>, ClusterError> {
-        let start = std::time::Instant::now();
+        let start = Instant::now();
         // Fast path on the leader: ride in a batch. Anything but a result (not the leader,
         // an election) falls back to proposing alone, which forwards or waits as before.
         if self.raft.metrics().borrow().current_leader == Some(self.id) {
@@ -142,6 +142,60 @@ impl Node {
                 }
                 tokio::time::sleep(LEADER_POLL).await;
                 Ok(None)
+            }
+        }
+    }
+
+    /// This server's view of who leads: (term, leader). It changes when this server stops
+    /// hearing from the leader (its election timer fires and it stands, or it votes for a
+    /// candidate) and when a new leader is known.
+    pub(crate) fn leader_view(&self) -> (u64, Option<u64>) {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        (m.current_term, m.current_leader)
+    }
+
+    /// Runs `call`, a request forwarded to the leader in this server's current
+    /// [`Node::leader_view`], and abandons it the moment that view changes, answering
+    /// UNAVAILABLE `cluster.leader_changed` (the forwarding loops retry it against the leader
+    /// then known, or serve it here). A leader that was cut off stops answering without
+    /// closing anything: without this the forward would sit until the connection's keep-alive
+    /// gave up, while the majority elected a successor within an election timeout.
+    ///
+    /// An abandoned write may still have been committed by the old leader (it answers no one
+    /// now, but its entry may be in the new leader's log): the retry then finds it applied —
+    /// a repeated `Put` answers `unchanged`, a compare-and-set or delete a conflict or not
+    /// found. That is the same ambiguity as any write whose answer was lost, and no write is
+    /// ever applied twice: the store fences them by revision.
+    pub(crate) async fn forward<T>(
+        &self,
+        call: impl std::future::Future<Output = Result<T, tonic::Status>>,
+    ) -> Result<T, tonic::Status> {
+        let seen = self.leader_view();
+        tokio::select! {
+            r = call => r,
+            () = self.view_changes_from(seen) => {
+                self.metrics.forward_abandoned();
+                Err(tonic::Status::unavailable(format!(
+                    "cluster.leader_changed: abandoned a forward to the leader of term {} (leader {:?})",
+                    seen.0, seen.1
+                )))
+            }
+        }
+    }
+
+    /// Resolves once [`Node::leader_view`] differs from `seen` (or Raft has shut down).
+    async fn view_changes_from(&self, seen: (u64, Option<u64>)) {
+        let mut metrics = self.raft.metrics();
+        loop {
+            {
+                let m = metrics.borrow_and_update();
+                if (m.current_term, m.current_leader) != seen {
+                    return;
+                }
+            }
+            if metrics.changed().await.is_err() {
+                return;
             }
         }
     }

@@ -111,7 +111,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.client(&addr).apply(forward_request(req.clone(), deadline)).await;
+            let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && self.node.backoff(deadline).await {
                 continue;
             }
@@ -192,7 +192,7 @@ impl ObjectServiceImpl {
                     }
                 }
             };
-            let r = self.client(&addr).apply(forward_request(req.clone(), deadline)).await;
+            let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && self.node.backoff(deadline).await {
                 continue;
             }
@@ -218,7 +218,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.client(&addr).delete(forward_request(req.clone(), deadline)).await;
+            let r = self.node.forward(self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && self.node.backoff(deadline).await {
                 continue;
             }
@@ -240,7 +240,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.client(&addr).get(forward_request(req.clone(), deadline)).await;
+            let r = self.node.forward(self.client(&addr).get(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && self.node.backoff(deadline).await {
                 continue;
             }
@@ -263,7 +263,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.client(&addr).list(forward_request(req.clone(), deadline)).await;
+            let r = self.node.forward(self.client(&addr).list(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && self.node.backoff(deadline).await {
                 continue;
             }

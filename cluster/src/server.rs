@@ -20,7 +20,7 @@ use crate::metrics::Metrics;
 use crate::network::Network;
 use crate::node::Node;
 use crate::object_service::ObjectServiceImpl;
-use crate::peers::Peers;
+use crate::peers::{PeerTimings, Peers};
 use crate::raft_service::RaftServiceImpl;
 use crate::{ClusterError, ClusterHandle, ServerConfig};
 use tonic::service::RoutesBuilder;
@@ -98,7 +98,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
 
     let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
     let reader = state_machine.reader();
-    let peers = Peers::default();
+    let peers = Peers::new(PeerTimings::from_raft(config.election_timeout_min_ms, config.election_timeout_max_ms));
     let network = Network { peers: peers.clone() };
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
         .await

@@ -191,7 +191,7 @@ fn real_vllm_lora_scrape() {
 #[ignore = "timing; run with --release --ignored --nocapture"]
 fn parse_time_of_a_real_scrape() {
     let n = 1000;
-    let started = std::time::Instant::now();
+    let started = tokio::time::Instant::now();
     for _ in 0..n {
         std::hint::black_box(EngineMetrics::parse(std::hint::black_box(REAL_SCRAPE)));
     }

@@ -146,7 +146,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         faults: faults.clone(),
         ids: Arc::new(AtomicU64::new(1)),
         id_salt: u64::from(addr.port()) ^ u64::from(std::process::id()) << 16,
-        ready_at: std::time::Instant::now() + cfg.startup,
+        ready_at: tokio::time::Instant::now() + cfg.startup,
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);

@@ -262,7 +262,7 @@ async fn adapter_loads_take_time_and_an_evicted_adapter_is_reloaded_not_refused(
     let a = sim.local_addr();
     // a100, rank 16 (80 MiB): 20 ms + 80 MiB / 2 GB/s from disk, + 80 MiB / 20 GB/s to the GPU
     let load_s = 0.020 + 83_886_080.0 / 2e9 + 83_886_080.0 / 20e9;
-    let t0 = std::time::Instant::now();
+    let t0 = tokio::time::Instant::now();
     let r = post(a, "/v1/load_lora_adapter", json!({"lora_name": "a", "lora_path": "sim://a"})).await;
     assert_eq!(r.status, 200, "{}", r.body);
     assert!(t0.elapsed().as_secs_f64() >= load_s / 10.0, "answered before the load's simulated time");

@@ -3,7 +3,7 @@
 
 use std::cmp::Reverse;
 use std::collections::{BinaryHeap, HashMap};
-use std::time::Instant;
+use tokio::time::Instant;
 
 use rand::rngs::StdRng;
 use rand::seq::IndexedRandom;

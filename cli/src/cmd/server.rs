@@ -37,7 +37,8 @@ pub(crate) struct ServerArgs {
     pub(crate) heartbeat_ms: u64,
     /// Minimum election timeout, milliseconds (must exceed twice the heartbeat). A follower
     /// waits out a leader lease of the maximum timeout first, so failover takes roughly
-    /// max + a random value in [min, max].
+    /// max + a random value in [min, max]. Connections to other servers take their timeouts
+    /// from these: connect within max, HTTP/2 ping every min, given up after max unanswered.
     #[arg(long, default_value_t = 200)]
     pub(crate) election_timeout_min_ms: u64,
     /// Maximum election timeout, milliseconds.

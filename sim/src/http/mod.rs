@@ -50,7 +50,7 @@ pub struct AppState {
     pub id_salt: u64,
     /// Until this instant the engine is "loading weights" (--startup-seconds): /health and
     /// the inference endpoints answer 503.
-    pub ready_at: std::time::Instant,
+    pub ready_at: tokio::time::Instant,
 }
 
 impl AppState {
@@ -69,7 +69,7 @@ pub fn unix_now() -> u64 {
 const SERVED_WHILE_STARTING: [&str; 3] = ["/metrics", "/version", "/sim/faults"];
 
 async fn startup_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
-    if std::time::Instant::now() < st.ready_at && !SERVED_WHILE_STARTING.contains(&req.uri().path()) {
+    if tokio::time::Instant::now() < st.ready_at && !SERVED_WHILE_STARTING.contains(&req.uri().path()) {
         return errors::ApiError::with_status(
             StatusCode::SERVICE_UNAVAILABLE,
             "the engine is starting (loading model weights)",
