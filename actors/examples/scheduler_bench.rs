@@ -6,7 +6,9 @@
 //!
 //! Run: `cargo run --release -p flotilla-actors --example scheduler_bench [-- NODES MODELS]`
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use flotilla_actors::{extensions_with_probe, ActorsConfig, Ctx};
 use flotilla_api::spec::{Gpu, NodeSpec, NodeState, NodeStatus};

@@ -3,7 +3,9 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use flotilla_api::pb::fleet_service_client::FleetServiceClient;

@@ -101,7 +101,7 @@ async fn leader_failover_mid_scale_up_converges_without_double_binding() {
     wait_until("2 ready", Duration::from_secs(30), || async { ready_count(&c).await == 2 }).await;
     c.apply(&model_manifest("m", 7, 1)).await;
     tokio::time::sleep(Duration::from_millis(30)).await;
-    let t = std::time::Instant::now();
+    let t = tokio::time::Instant::now();
     c.stop(leader).await;
     eprintln!("old leader stopped after {:?}", t.elapsed());
     let new_leader = c.leader().await;

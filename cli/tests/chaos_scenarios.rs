@@ -86,9 +86,9 @@ fn an_interrupted_run_leaves_no_process_behind() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(1));
     // SIGKILLed processes take a moment to be gone from /proc.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(2);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(2);
     let mut left = left_behind(pid);
-    while !left.is_empty() && std::time::Instant::now() < deadline {
+    while !left.is_empty() && tokio::time::Instant::now() < deadline {
         #[allow(clippy::disallowed_methods)] // a synchronous test polling /proc
         std::thread::sleep(std::time::Duration::from_millis(100));
         left = left_behind(pid);

@@ -123,7 +123,7 @@ async fn adapters_are_checked_against_their_base_model_at_apply() {
     let o = run(vec!["apply".into(), "-f".into(), write("a3.yaml", &adapter("base", 8))]);
     assert!(String::from_utf8_lossy(&o.stdout).contains("unchanged"), "{}", String::from_utf8_lossy(&o.stdout));
     // No agent runs: the adapter waits, and `get adapter` says why per replica.
-    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(20);
+    let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(20);
     loop {
         let o = run(vec!["get".into(), "adapter".into(), "sql".into()]);
         let out = String::from_utf8_lossy(&o.stdout).into_owned();
@@ -131,7 +131,7 @@ async fn adapters_are_checked_against_their_base_model_at_apply() {
             assert!(out.contains("BASE-MODEL") && out.contains("base"), "{out}");
             break;
         }
-        assert!(std::time::Instant::now() < deadline, "no adapter status: {out}");
+        assert!(tokio::time::Instant::now() < deadline, "no adapter status: {out}");
         tokio::time::sleep(std::time::Duration::from_millis(200)).await;
     }
 }

@@ -6,7 +6,9 @@
 mod common;
 
 use std::collections::BTreeMap;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;

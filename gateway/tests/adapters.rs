@@ -232,7 +232,7 @@ async fn no_reachable_leader_is_a_503_with_retry_after() {
     tokio::time::sleep(Duration::from_millis(200)).await;
     let addr = f.gw.local_addr();
     assert_eq!(complete(addr, "x", 2, &[]).await.status, 200, "base model traffic is unaffected");
-    let start = std::time::Instant::now();
+    let start = tokio::time::Instant::now();
     let r = ask(addr, "lonely", 2).await;
     assert_eq!(r.status, 503, "{}", r.text());
     assert!(r.header("retry-after").is_some(), "{:?}", r.headers);

@@ -4,7 +4,9 @@
 
 use std::path::Path;
 use std::process::{Child, Command, Stdio};
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 pub use rustix::process::Signal;
 use rustix::process::{kill_process, kill_process_group, Pid};

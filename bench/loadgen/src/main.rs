@@ -14,7 +14,9 @@
 //! files or Go tooling are needed.
 use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 use std::sync::Arc;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use anyhow::{anyhow, bail, Context, Result};
 use clap::{Parser, Subcommand, ValueEnum};
@@ -580,7 +582,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
         (None, cur, attempts, errs)
     });
 
-    let hedged = tokio::time::timeout_at(deadline.into(), rx.recv()).await.ok().flatten();
+    let hedged = tokio::time::timeout_at(deadline, rx.recv()).await.ok().flatten();
     done.store(true, Ordering::Relaxed);
     let (in_order_ms, served_by, attempts, errs) = in_order.await?;
     prober.abort();

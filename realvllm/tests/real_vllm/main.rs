@@ -18,7 +18,9 @@ mod procs;
 
 use std::future::Future;
 use std::process::ExitCode;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use install::RealVllm;
 

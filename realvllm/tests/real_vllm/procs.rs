@@ -5,7 +5,9 @@
 
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use flotilla_testkit::procs::{log_tail, Group};
 
