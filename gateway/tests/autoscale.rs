@@ -94,12 +94,9 @@ async fn env(
 }
 
 /// Polls `f` every 20 ms for at most 10 s.
+/// Waits until `f` holds (10 s at most).
 async fn wait_until(what: &str, mut f: impl FnMut() -> bool) {
-    let until = Instant::now() + Duration::from_secs(10);
-    while !f() {
-        assert!(Instant::now() < until, "timed out waiting for {what}");
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    flotilla_testkit::wait::eventually(10, what, || f().then_some(())).await;
 }
 
 /// Waits until the gateway metric `name{filters}` sums to `want` (10 s at most).

@@ -53,16 +53,30 @@ pub async fn send(
     body: Option<&serde_json::Value>,
     headers: &[(&str, &str)],
 ) -> anyhow::Result<Resp> {
+    let mut all = Vec::with_capacity(headers.len() + 1);
+    if body.is_some() {
+        all.push(("content-type", "application/json"));
+    }
+    all.extend_from_slice(headers);
+    let bytes = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
+    send_bytes(method, authority, path, bytes, &all).await
+}
+
+/// `method http://authority/path` with these exact body bytes (malformed ones included) and
+/// headers, bounded by [`LIMIT`].
+pub async fn send_bytes(
+    method: &str,
+    authority: &str,
+    path: &str,
+    body: Bytes,
+    headers: &[(&str, &str)],
+) -> anyhow::Result<Resp> {
     let client: Client<HttpConnector, Full<Bytes>> = Client::builder(TokioExecutor::new()).build(HttpConnector::new());
     let mut b = http::Request::builder().method(method).uri(format!("http://{authority}{path}"));
-    if body.is_some() {
-        b = b.header("content-type", "application/json");
-    }
     for (k, v) in headers {
         b = b.header(*k, *v);
     }
-    let bytes = body.map(|v| Bytes::from(v.to_string())).unwrap_or_default();
-    let req = b.body(Full::new(bytes))?;
+    let req = b.body(Full::new(body))?;
     let fut = async {
         let resp = client.request(req).await?;
         let status = resp.status().as_u16();

@@ -14,8 +14,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_gateway::{GatewayArgs, GatewayHandle};
 use flotilla_sim::{SimArgs, SimHandle};
-use http::HeaderMap;
-use http_body_util::{BodyExt, Full};
+use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
@@ -53,23 +52,21 @@ pub async fn gateway(args: GatewayArgs) -> GatewayHandle {
     flotilla_gateway::start(args).await.expect("gateway starts")
 }
 
+/// A whole response (`flotilla_testkit::http::Resp`), with the gateway tests' panicking JSON
+/// and the headers and error fields they look at.
 #[derive(Debug)]
-pub struct Resp {
-    pub status: u16,
-    pub headers: HeaderMap,
-    pub body: Bytes,
+pub struct Resp(pub flotilla_testkit::http::Resp);
+
+impl std::ops::Deref for Resp {
+    type Target = flotilla_testkit::http::Resp;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
 impl Resp {
     pub fn json(&self) -> serde_json::Value {
-        serde_json::from_slice(&self.body)
-            .unwrap_or_else(|e| panic!("not JSON ({e}): {}", String::from_utf8_lossy(&self.body)))
-    }
-    pub fn text(&self) -> String {
-        String::from_utf8_lossy(&self.body).to_string()
-    }
-    pub fn header(&self, name: &str) -> Option<String> {
-        self.headers.get(name).and_then(|v| v.to_str().ok()).map(str::to_string)
+        self.0.json().unwrap_or_else(|e| panic!("{e}"))
     }
     pub fn endpoint(&self) -> String {
         self.header("x-flotilla-endpoint")
@@ -84,22 +81,17 @@ pub fn client() -> Client<HttpConnector, Full<Bytes>> {
     Client::builder(TokioExecutor::new()).build(HttpConnector::new())
 }
 
-/// One request, whole response, 60 s bound.
+/// One request (a JSON content type, whatever the body), whole response, 60 s bound.
 pub async fn send(addr: SocketAddr, method: &str, path: &str, body: &[u8], headers: &[(&str, &str)]) -> Resp {
-    let mut b = http::Request::builder().method(method).uri(format!("http://{addr}{path}"));
-    b = b.header("content-type", "application/json");
-    for (k, v) in headers {
-        b = b.header(*k, *v);
+    let mut all = vec![("content-type", "application/json")];
+    all.extend_from_slice(headers);
+    let body = Bytes::copy_from_slice(body);
+    let authority = addr.to_string();
+    let fut = flotilla_testkit::http::send_bytes(method, &authority, path, body, &all);
+    match tokio::time::timeout(Duration::from_secs(60), fut).await {
+        Ok(r) => Resp(r.unwrap_or_else(|e| panic!("{method} {path}: {e}"))),
+        Err(_) => panic!("{method} {path} timed out"),
     }
-    let req = b.body(Full::new(Bytes::copy_from_slice(body))).unwrap();
-    let fut = async {
-        let resp = client().request(req).await.expect("request sent");
-        let status = resp.status().as_u16();
-        let headers = resp.headers().clone();
-        let body = resp.into_body().collect().await.map(|c| c.to_bytes()).unwrap_or_default();
-        Resp { status, headers, body }
-    };
-    tokio::time::timeout(Duration::from_secs(60), fut).await.unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
 
 pub async fn post(addr: SocketAddr, path: &str, body: serde_json::Value, headers: &[(&str, &str)]) -> Resp {
