@@ -12,13 +12,16 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{ApplyRequest, GetRequest, StatusRequest};
+use flotilla_api::pb::{ApplyRequest, GetRequest};
 use flotilla_chaos::cluster::Cluster;
 use flotilla_chaos::scenario::Topology;
 use tokio::time::Instant;
 use tonic::transport::{Channel, Endpoint};
+
+mod common;
+
+use common::settled_leader;
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const TRIALS: usize = 10;
@@ -65,30 +68,6 @@ async fn writer(tag: String, addr: String, stop: Arc<tokio::sync::Notify>, acks:
             }
         }
         tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
-/// The leader once the cluster has recovered from the last cut: every server names the same
-/// leader and term, counts 3 voters and has applied the same store revision (the healed
-/// server has caught up, so the next cut is a single fault, not a second one on top).
-async fn settled_leader(addrs: &[String], limit: Duration) -> u64 {
-    let t0 = Instant::now();
-    loop {
-        let mut seen = Vec::new();
-        for a in addrs {
-            let r = ClusterServiceClient::new(channel(a)).status(StatusRequest { local: true }).await;
-            seen.push(r.map(|r| {
-                let r = r.into_inner();
-                (r.leader_id, r.term, r.members.iter().filter(|m| m.voter).count(), r.store_revision)
-            }));
-        }
-        if let Some(Ok(first)) = seen.first() {
-            if first.0 != 0 && first.2 == 3 && seen.iter().all(|s| s.as_ref().ok() == Some(first)) {
-                return first.0;
-            }
-        }
-        assert!(t0.elapsed() < limit, "the servers did not settle within {limit:?}: {seen:?}");
-        tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
 

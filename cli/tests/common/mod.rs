@@ -99,6 +99,27 @@ pub async fn status(addr: &str) -> Option<StatusResponse> {
     c.status(StatusRequest { local: true }).await.ok().map(|r| r.into_inner())
 }
 
+/// The leader once a 3-server cluster has recovered from the last fault: every server names
+/// the same leader and term, counts 3 voters and has applied the same store revision (a
+/// healed server has caught up, so the next fault is a single one, not a second on top).
+pub async fn settled_leader(addrs: &[String], limit: Duration) -> u64 {
+    let t0 = tokio::time::Instant::now();
+    loop {
+        let mut seen = Vec::new();
+        for a in addrs {
+            let s = status(a).await;
+            seen.push(s.map(|r| (r.leader_id, r.term, r.members.iter().filter(|m| m.voter).count(), r.store_revision)));
+        }
+        if let Some(Some(first)) = seen.first() {
+            if first.0 != 0 && first.2 == 3 && seen.iter().all(|s| s.as_ref() == Some(first)) {
+                return first.0;
+            }
+        }
+        assert!(t0.elapsed() < limit, "the servers did not settle within {limit:?}: {seen:?}");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+}
+
 /// Waits until `via` reports `n` voters and a leader; returns the leader's ID.
 pub async fn wait_voters(via: &str, n: usize) -> u64 {
     for _ in 0..400 {
