@@ -12,6 +12,7 @@
 #![forbid(unsafe_code)]
 
 mod batcher;
+mod campaign;
 mod cluster_service;
 mod config;
 mod error;

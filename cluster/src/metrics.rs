@@ -48,6 +48,7 @@ pub(crate) struct Metrics {
     grpc_requests: Family<GrpcLabels, Counter>,
     grpc_seconds: HistogramFamily,
     forwards_abandoned: Counter,
+    campaigns: Counter,
 }
 
 impl Metrics {
@@ -68,6 +69,7 @@ impl Metrics {
             grpc_requests: Family::default(),
             grpc_seconds: HistogramFamily::new_with_constructor(latency_histogram),
             forwards_abandoned: Counter::default(),
+            campaigns: Counter::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
         r.register("raft_leader_id", "ID of the known leader (0: none)", m.leader_id.clone());
@@ -98,11 +100,20 @@ impl Metrics {
             "Requests forwarded to a leader and abandoned because this server's view of the leader changed (then retried)",
             m.forwards_abandoned.clone(),
         );
+        r.register(
+            "raft_campaigns_started",
+            "Elections this server started at once on rejecting a candidate whose log is shorter than its own",
+            m.campaigns.clone(),
+        );
         Metrics { registry: Arc::new(r), ..m }
     }
 
     pub(crate) fn grpc_timer(&self, method: &'static str) -> GrpcTimer {
         GrpcTimer { metrics: self.clone(), method, start: Instant::now() }
+    }
+
+    pub(crate) fn campaign_started(&self) {
+        self.campaigns.inc();
     }
 
     pub(crate) fn forward_abandoned(&self) {

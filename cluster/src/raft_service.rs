@@ -1,16 +1,29 @@
-//! The internal `RaftService`: receives Raft RPCs from peers and hands them to openraft.
+//! The internal `RaftService`: receives Raft RPCs from peers and hands them to openraft. It
+//! also notes when a leader was last heard from (an accepted AppendEntries or InstallSnapshot)
+//! and, answering a vote request, starts this server's own campaign at once where
+//! [`crate::campaign::should_campaign`] says so.
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
 use flotilla_api::pb::raft_service_server::RaftService;
 use flotilla_api::pb::RaftPayload;
-use flotilla_storage::Raft;
+use flotilla_storage::{Raft, TypeConfig};
+use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
 use serde::de::DeserializeOwned;
 use serde::Serialize;
+use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
+use crate::campaign::{should_campaign, VoteSeen};
 use crate::metrics::Metrics;
 
 pub(crate) struct RaftServiceImpl {
     pub(crate) raft: Raft,
     pub(crate) metrics: Metrics,
+    /// openraft's leader lease: the maximum election timeout.
+    pub(crate) lease: Duration,
+    /// When this server last accepted entries or a snapshot from a leader.
+    pub(crate) leader_contact: Arc<Mutex<Option<Instant>>>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
@@ -23,23 +36,90 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
     Ok(Response::new(RaftPayload { data }))
 }
 
+impl RaftServiceImpl {
+    fn heard_leader(&self) {
+        *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    fn since_leader(&self) -> Option<Duration> {
+        self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()).map(|t| t.elapsed())
+    }
+
+    /// Campaigns twice in a row: the first term collides with the rejected candidate's
+    /// self-vote, the second is above it (openraft's trigger takes the next term of this
+    /// server's own vote, which rejecting the candidate left unchanged).
+    fn campaign(&self) {
+        self.metrics.campaign_started();
+        let raft = self.raft.clone();
+        tokio::spawn(async move {
+            for _ in 0..2 {
+                if raft.trigger().elect().await.is_err() {
+                    return;
+                }
+            }
+        });
+    }
+}
+
 #[tonic::async_trait]
 impl RaftService for RaftServiceImpl {
     async fn append_entries(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let timer = self.metrics.grpc_timer("raft.AppendEntries");
-        let r = async { encode(&self.raft.append_entries(decode(req)?).await) }.await;
+        let r = async {
+            let req: AppendEntriesRequest<TypeConfig> = decode(req)?;
+            let resp = self.raft.append_entries(req).await;
+            if matches!(resp, Ok(ref r) if !matches!(r, AppendEntriesResponse::HigherVote(_))) {
+                self.heard_leader();
+            }
+            encode(&resp)
+        }
+        .await;
         timer.finish(r)
     }
 
     async fn vote(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let timer = self.metrics.grpc_timer("raft.Vote");
-        let r = async { encode(&self.raft.vote(decode(req)?).await) }.await;
+        let r = async {
+            let req: VoteRequest<u64> = decode(req)?;
+            let (our_term, follower) = {
+                let m = self.raft.metrics();
+                let m = m.borrow();
+                (m.current_term, m.state == openraft::ServerState::Follower)
+            };
+            let (their_term, theirs) = (req.vote.leader_id().term, req.last_log_id);
+            let resp = self.raft.vote(req).await;
+            if let Ok(v) = &resp {
+                let seen = VoteSeen {
+                    granted: v.vote_granted,
+                    follower,
+                    our_term,
+                    their_term,
+                    ours: v.last_log_id.as_ref(),
+                    theirs: theirs.as_ref(),
+                    since_leader: self.since_leader(),
+                };
+                if should_campaign(&seen, self.lease) {
+                    tracing::info!(candidate_log = ?theirs, our_log = ?v.last_log_id, "a candidate with a shorter log; campaigning at once");
+                    self.campaign();
+                }
+            }
+            encode(&resp)
+        }
+        .await;
         timer.finish(r)
     }
 
     async fn install_snapshot(&self, req: Request<RaftPayload>) -> Result<Response<RaftPayload>, Status> {
         let timer = self.metrics.grpc_timer("raft.InstallSnapshot");
-        let r = async { encode(&self.raft.install_snapshot(decode(req)?).await) }.await;
+        let r = async {
+            let req: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+            let resp = self.raft.install_snapshot(req).await;
+            if resp.is_ok() {
+                self.heard_leader();
+            }
+            encode(&resp)
+        }
+        .await;
         timer.finish(r)
     }
 }
