@@ -36,6 +36,9 @@ pub(crate) struct Node {
     pub(crate) leadership: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>>,
 }
 
+/// The code of a forward abandoned by [`Node::forward`].
+pub(crate) const LEADER_CHANGED: &str = "cluster.leader_changed";
+
 /// Retry pause while a leader is being elected.
 const LEADER_POLL: Duration = Duration::from_millis(25);
 
@@ -180,7 +183,7 @@ impl Node {
             () = self.view_changes_from(seen) => {
                 self.metrics.forward_abandoned();
                 Err(tonic::Status::unavailable(format!(
-                    "cluster.leader_changed: abandoned a forward to the leader of term {} (leader {:?})",
+                    "{LEADER_CHANGED}: abandoned a forward to the leader of term {} (leader {:?})",
                     seen.0, seen.1
                 )))
             }

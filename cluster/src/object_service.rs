@@ -18,7 +18,7 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::node::{Node, Route};
+use crate::node::{Node, Route, LEADER_CHANGED};
 use crate::{ClusterError, FORWARDED_HEADER};
 
 pub(crate) struct ObjectServiceImpl {
@@ -42,6 +42,12 @@ fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
 /// A forward that failed because the leader is gone or no longer leads may be retried.
 fn retryable<T>(r: &Result<T, Status>) -> bool {
     matches!(r, Err(s) if s.code() == Code::Unavailable)
+}
+
+/// A forward abandoned because this server's view of the leader changed: retried at once, the
+/// new leader being known (or waited for by the next propose or read-index).
+fn abandoned<T>(r: &Result<T, Status>) -> bool {
+    matches!(r, Err(s) if s.code() == Code::Unavailable && s.message().starts_with(LEADER_CHANGED))
 }
 
 fn parse_key(kind: &str, name: &str) -> Result<ObjectKey, ClusterError> {
@@ -112,7 +118,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && self.node.backoff(deadline).await {
+            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
             return r;
@@ -193,7 +199,7 @@ impl ObjectServiceImpl {
                 }
             };
             let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && self.node.backoff(deadline).await {
+            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
             return r;
@@ -219,7 +225,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && self.node.backoff(deadline).await {
+            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
             return r;
@@ -241,7 +247,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(self.client(&addr).get(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && self.node.backoff(deadline).await {
+            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
             return r;
@@ -264,7 +270,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(self.client(&addr).list(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && self.node.backoff(deadline).await {
+            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
             return r;
