@@ -55,6 +55,8 @@ pub async fn run(mut t: Tier) -> Tier {
 
     t.check("engine_client_reads_real_vllm", || engine_client(&s, &adapter)).await;
     t.check("sim_conforms_to_real_vllm", || crate::conformance::sim_matches_real(&s, &adapter)).await;
+    t.check("chat_stream_timing_order_matches_real_vllm", || crate::conformance::chat_stream_timing_matches_real(&s))
+        .await;
     t.check("gateway_serves_real_vllm_to_the_openai_sdk", || openai_sdk(&s)).await;
 
     // V: the agent downloads (links) the model into its cache and starts vLLM.

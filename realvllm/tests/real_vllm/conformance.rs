@@ -146,3 +146,37 @@ pub async fn sim_matches_real(s: &str, adapter: &Path) -> anyhow::Result<()> {
     anyhow::ensure!(found.is_empty(), "the sim differs from real vLLM:\n  {}", found.join("\n  "));
     Ok(())
 }
+
+/// The timing order of a chat stream, on the real vLLM and on the sim alike: the role chunk
+/// comes with the first generated token (after prefill), never ahead of it. A client timing
+/// the first chunk (`vllm bench serve`) then sees the time to first token on both.
+pub async fn chat_stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
+    let args = flotilla_sim::SimArgs {
+        port: 0,
+        model: "tiny".into(),
+        max_model_len: 512,
+        speedup: 1.0,
+        ..flotilla_sim::SimArgs::default()
+    };
+    let sim = flotilla_sim::start(args).await.map_err(|e| anyhow::anyhow!("sim: {e}"))?;
+    let sim_addr = sim.local_addr().to_string();
+    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(10);
+    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
+                      "stream": true})
+    .to_string();
+    for (who, addr) in [("real vLLM", s), ("sim", sim_addr.as_str())] {
+        let (role, token) = flotilla_testkit::raw_http::chat_stream_arrivals(addr, "/v1/chat/completions", &body).await;
+        let (role, token) = (
+            role.ok_or_else(|| anyhow::anyhow!("{who}: no role chunk"))?,
+            token.ok_or_else(|| anyhow::anyhow!("{who}: no first token"))?,
+        );
+        println!("  {who}: role chunk at {role:?}, first token at {token:?}");
+        anyhow::ensure!(
+            token.saturating_sub(role) <= std::time::Duration::from_millis(20),
+            "{who}: the role chunk came {:?} ahead of the first token (role at {role:?}, token at {token:?})",
+            token - role
+        );
+    }
+    let _ = sim.shutdown().await;
+    Ok(())
+}
