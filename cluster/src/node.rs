@@ -161,42 +161,59 @@ impl Node {
         (m.current_term, m.current_leader)
     }
 
-    /// Runs `call`, a request forwarded to the leader in this server's current
-    /// [`Node::leader_view`], and abandons it the moment that view changes, answering
-    /// UNAVAILABLE `cluster.leader_changed` (the forwarding loops retry it against the leader
-    /// then known, or serve it here). A leader that was cut off stops answering without
+    /// Runs `call`, a request forwarded to the leader at `leader_addr`, and abandons it the
+    /// moment this server's view of the leader moves away from that leader — its own election
+    /// timer fired, it voted for a candidate, or it follows another leader — answering
+    /// UNAVAILABLE `cluster.leader_changed` (the forwarding loops retry it at once against the
+    /// leader then known, or serve it here). A leader that was cut off stops answering without
     /// closing anything: without this the forward would sit until the connection's keep-alive
     /// gave up, while the majority elected a successor within an election timeout.
     ///
-    /// An abandoned write may still have been committed by the old leader (it answers no one
-    /// now, but its entry may be in the new leader's log): the retry then finds it applied —
-    /// a repeated `Put` answers `unchanged`, a compare-and-set or delete a conflict or not
-    /// found. That is the same ambiguity as any write whose answer was lost, and no write is
-    /// ever applied twice: the store fences them by revision.
+    /// Only a view that names no leader or another one counts: openraft publishes its metrics
+    /// after the fact, so the view read when the forward starts may lag the state that named
+    /// the leader, and its catching up (to the very leader forwarded to) is no change. An
+    /// abandoned forward to a live leader would turn a committed compare-and-set into a
+    /// conflict on retry (a test caught exactly that at start-up before this rule).
+    ///
+    /// A write the old leader did commit before it went silent is found applied on retry — a
+    /// repeated `Put` answers `unchanged`, a compare-and-set or delete a conflict or not found —
+    /// the same ambiguity as any write whose answer was lost; none is applied twice.
     pub(crate) async fn forward<T>(
         &self,
+        leader_addr: &str,
         call: impl std::future::Future<Output = Result<T, tonic::Status>>,
     ) -> Result<T, tonic::Status> {
         let seen = self.leader_view();
+        let target = self.member_at(leader_addr);
         tokio::select! {
             r = call => r,
-            () = self.view_changes_from(seen) => {
+            () = self.view_leaves(seen, target) => {
                 self.metrics.forward_abandoned();
                 Err(tonic::Status::unavailable(format!(
-                    "{LEADER_CHANGED}: abandoned a forward to the leader of term {} (leader {:?})",
-                    seen.0, seen.1
+                    "{LEADER_CHANGED}: abandoned a forward to {leader_addr} (leader {target:?}): this server's view of the leader moved on from term {}",
+                    seen.0
                 )))
             }
         }
     }
 
-    /// Resolves once [`Node::leader_view`] differs from `seen` (or Raft has shut down).
-    async fn view_changes_from(&self, seen: (u64, Option<u64>)) {
+    /// The member whose advertised address is `addr`.
+    fn member_at(&self, addr: &str) -> Option<u64> {
+        let m = self.raft.metrics();
+        let m = m.borrow();
+        let id = m.membership_config.nodes().find(|(_, n)| n.addr == addr).map(|(id, _)| *id);
+        id
+    }
+
+    /// Resolves once [`Node::leader_view`] differs from `seen` and names a leader other than
+    /// `target` (or none), or Raft has shut down.
+    async fn view_leaves(&self, seen: (u64, Option<u64>), target: Option<u64>) {
         let mut metrics = self.raft.metrics();
         loop {
             {
                 let m = metrics.borrow_and_update();
-                if (m.current_term, m.current_leader) != seen {
+                let now = (m.current_term, m.current_leader);
+                if left_leader(seen, now, target) {
                     return;
                 }
             }
@@ -221,6 +238,12 @@ impl Node {
     }
 }
 
+/// Whether a view of the leader `now` has left the leader `target` a forward went to: it
+/// differs from the view `seen` when the forward started, and names no leader or another.
+pub(crate) fn left_leader(seen: (u64, Option<u64>), now: (u64, Option<u64>), target: Option<u64>) -> bool {
+    now != seen && (now.1.is_none() || now.1 != target)
+}
+
 /// The commit index as the leader sees it: the highest index matched by a majority of
 /// voters. `None` on a non-leader.
 pub(crate) fn commit_index(m: &RaftMetrics<u64, BasicNode>) -> Option<u64> {
@@ -235,4 +258,26 @@ pub(crate) fn commit_index(m: &RaftMetrics<u64, BasicNode>) -> Option<u64> {
     }
     matched.sort_unstable_by(|a, b| b.cmp(a));
     Some(matched[matched.len() / 2])
+}
+
+#[cfg(test)]
+mod tests {
+    use super::left_leader;
+
+    #[test]
+    fn a_forward_is_abandoned_only_when_the_view_leaves_its_leader() {
+        // (seen at the start, now, the leader forwarded to, abandon?)
+        let table = [
+            ((5, Some(1)), (5, Some(1)), Some(1), false), // nothing moved
+            ((4, None), (5, Some(1)), Some(1), false),    // lagging metrics catch up to the target
+            ((5, Some(1)), (6, Some(1)), Some(1), false), // the same leader, re-elected
+            ((5, Some(1)), (6, None), Some(1), true),     // this server stands or voted: leader gone
+            ((5, Some(1)), (6, Some(2)), Some(1), true),  // another leader
+            ((5, None), (5, None), Some(1), false),       // no change at all
+            ((5, Some(1)), (6, Some(2)), None, true),     // a target that is not a member
+        ];
+        for (i, (seen, now, target, want)) in table.into_iter().enumerate() {
+            assert_eq!(left_leader(seen, now, target), want, "row {i}");
+        }
+    }
 }

@@ -117,7 +117,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
@@ -198,7 +198,7 @@ impl ObjectServiceImpl {
                     }
                 }
             };
-            let r = self.node.forward(self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
@@ -224,7 +224,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
@@ -246,7 +246,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(self.client(&addr).get(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).get(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
@@ -269,7 +269,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(self.client(&addr).list(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).list(forward_request(req.clone(), deadline))).await;
             if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
                 continue;
             }
