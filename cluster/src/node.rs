@@ -26,9 +26,6 @@ pub(crate) struct Node {
     pub(crate) peers: Peers,
     pub(crate) metrics: Metrics,
     pub(crate) request_timeout: Duration,
-    /// openraft's leader lease (the maximum election timeout): a follower that heard from a
-    /// leader within it rejects vote requests.
-    pub(crate) leader_lease: Duration,
     pub(crate) batcher: BatchTx,
     /// The term in which this process committed its read barrier ([`Node::linearize`]).
     pub(crate) read_barrier_term: std::sync::Arc<std::sync::Mutex<Option<u64>>>,

@@ -39,15 +39,17 @@ fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
     req
 }
 
-/// A forward that failed because the leader is gone or no longer leads may be retried.
-fn retryable<T>(r: &Result<T, Status>) -> bool {
-    matches!(r, Err(s) if s.code() == Code::Unavailable)
-}
-
-/// A forward abandoned because this server's view of the leader changed: retried at once, the
-/// new leader being known (or waited for by the next propose or read-index).
-fn abandoned<T>(r: &Result<T, Status>) -> bool {
-    matches!(r, Err(s) if s.code() == Code::Unavailable && s.message().starts_with(LEADER_CHANGED))
+/// Whether a failed forward is tried again: one that failed because the leader is gone or no
+/// longer leads is, at once when it was abandoned because this server's view of the leader
+/// changed (the new leader is known, or waited for by the next propose or read-index), else
+/// after the election backoff while the deadline allows.
+async fn retry_forward<T>(node: &Node, r: &Result<T, Status>, deadline: Instant) -> bool {
+    match r {
+        Err(s) if s.code() == Code::Unavailable => {
+            s.message().starts_with(LEADER_CHANGED) || node.backoff(deadline).await
+        }
+        _ => false,
+    }
 }
 
 fn parse_key(kind: &str, name: &str) -> Result<ObjectKey, ClusterError> {
@@ -118,7 +120,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
+            if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
             return r;
@@ -199,7 +201,7 @@ impl ObjectServiceImpl {
                 }
             };
             let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
+            if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
             return r;
@@ -225,7 +227,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(&addr, self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
+            if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
             return r;
@@ -247,7 +249,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(&addr, self.client(&addr).get(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
+            if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
             return r;
@@ -270,7 +272,7 @@ impl ObjectServiceImpl {
                 Route::Leader(addr) => addr,
             };
             let r = self.node.forward(&addr, self.client(&addr).list(forward_request(req.clone(), deadline))).await;
-            if retryable(&r) && (abandoned(&r) || self.node.backoff(deadline).await) {
+            if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
             return r;

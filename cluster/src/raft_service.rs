@@ -20,8 +20,6 @@ use crate::metrics::Metrics;
 pub(crate) struct RaftServiceImpl {
     pub(crate) raft: Raft,
     pub(crate) metrics: Metrics,
-    /// openraft's leader lease: the maximum election timeout.
-    pub(crate) lease: Duration,
     /// When this server last accepted entries or a snapshot from a leader.
     pub(crate) leader_contact: Arc<Mutex<Option<Instant>>>,
 }
@@ -39,6 +37,12 @@ fn encode<T: Serialize>(value: &T) -> Result<Response<RaftPayload>, Status> {
 impl RaftServiceImpl {
     fn heard_leader(&self) {
         *self.leader_contact.lock().unwrap_or_else(|p| p.into_inner()) = Some(Instant::now());
+    }
+
+    /// openraft's own window for rejecting votes after hearing a leader: the maximum election
+    /// timeout.
+    fn vote_lease(&self) -> Duration {
+        Duration::from_millis(self.raft.config().election_timeout_max)
     }
 
     fn since_leader(&self) -> Option<Duration> {
@@ -98,7 +102,7 @@ impl RaftService for RaftServiceImpl {
                     theirs: theirs.as_ref(),
                     since_leader: self.since_leader(),
                 };
-                if should_campaign(&seen, self.lease) {
+                if should_campaign(&seen, self.vote_lease()) {
                     tracing::info!(candidate_log = ?theirs, our_log = ?v.last_log_id, "a candidate with a shorter log; campaigning at once");
                     self.campaign();
                 }

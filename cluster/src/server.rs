@@ -110,7 +110,6 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         peers,
         metrics: Metrics::new(),
         request_timeout: config.request_timeout,
-        leader_lease: Duration::from_millis(config.election_timeout_max_ms),
         batcher: crate::batcher::spawn_batcher(raft.clone()),
         read_barrier_term: Default::default(),
         leadership: Default::default(),
@@ -183,7 +182,6 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
     let raft = RaftServiceServer::new(RaftServiceImpl {
         raft: node.raft.clone(),
         metrics: node.metrics.clone(),
-        lease: node.leader_lease,
         leader_contact: Default::default(),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
