@@ -12,66 +12,17 @@ use std::path::Path;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{ApplyRequest, GetRequest};
 use flotilla_chaos::cluster::Cluster;
 use flotilla_chaos::proxy::Fault;
 use flotilla_chaos::scenario::Topology;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 mod common;
 
-use common::settled_leader;
+use common::{assert_all_present, first_ack_after, settled_leader, write_tenants, Ack};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const TRIALS: usize = 10;
-/// A writer gives up on one request after this (the server's own deadline is 10 s).
-const CLIENT_TIMEOUT: Duration = Duration::from_secs(3);
-
-fn channel(addr: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("address")
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(CLIENT_TIMEOUT)
-        .connect_lazy()
-}
-
-fn tenant(name: &str) -> String {
-    format!("kind: Tenant\nmetadata:\n  name: {name}\nspec: {{}}\n")
-}
-
-/// One acknowledged write: its object name and when the answer came.
-#[derive(Debug, Clone)]
-struct Ack {
-    name: String,
-    invoked: Instant,
-    answered: Instant,
-}
-
-/// Writes new Tenants through `addr` one after another until `stop`, recording each ack.
-async fn writer(tag: String, addr: String, stop: Arc<tokio::sync::Notify>, acks: Arc<Mutex<Vec<Ack>>>) {
-    let mut client = ObjectServiceClient::new(channel(&addr));
-    let mut seq = 0u64;
-    loop {
-        seq += 1;
-        let name = format!("{tag}-{seq}");
-        let invoked = Instant::now();
-        let req = ApplyRequest { manifest: tenant(&name), expected_revision: None };
-        tokio::select! {
-            () = stop.notified() => return,
-            r = client.apply(req) => {
-                if r.is_ok() {
-                    acks.lock().unwrap().push(Ack { name, invoked, answered: Instant::now() });
-                } else {
-                    tokio::time::sleep(Duration::from_millis(20)).await;
-                }
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 fn percentile(sorted: &[Duration], p: f64) -> Duration {
     sorted[((sorted.len() - 1) as f64 * p).round() as usize]
 }
@@ -92,14 +43,13 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
         let leader = settled_leader(&addrs, Duration::from_secs(15)).await;
         let survivors: Vec<u64> = (1..=3).filter(|id| *id != leader).collect();
         // Writers already running at the cut, so a forward is in flight when it happens.
-        let stop = Arc::new(tokio::sync::Notify::new());
         let mut tasks = Vec::new();
         for (i, id) in survivors.iter().enumerate() {
             let tag = format!("t{trial}-s{id}-w{i}");
-            tasks.push(tokio::spawn(writer(tag, addrs[*id as usize - 1].clone(), stop.clone(), acks.clone())));
+            tasks.push(tokio::spawn(write_tenants(tag, addrs[*id as usize - 1].clone(), acks.clone())));
         }
         let tag = format!("t{trial}-leader");
-        tasks.push(tokio::spawn(writer(tag, addrs[leader as usize - 1].clone(), stop.clone(), leader_acks.clone())));
+        tasks.push(tokio::spawn(write_tenants(tag, addrs[leader as usize - 1].clone(), leader_acks.clone())));
         tokio::time::sleep(Duration::from_millis(300)).await;
 
         let cut = c.net.isolate(&format!("s{leader}"));
@@ -110,15 +60,7 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
             let firsts: Vec<Option<Duration>> = survivors
                 .iter()
                 .enumerate()
-                .map(|(i, id)| {
-                    let prefix = format!("t{trial}-s{id}-w{i}-");
-                    acks.lock()
-                        .unwrap()
-                        .iter()
-                        .filter(|a| a.name.starts_with(&prefix) && a.invoked >= t0)
-                        .map(|a| a.answered - t0)
-                        .min()
-                })
+                .map(|(i, id)| first_ack_after(&acks.lock().unwrap(), &format!("t{trial}-s{id}-w{i}-"), t0))
                 .collect();
             if firsts.iter().all(Option::is_some) || t0.elapsed() > Duration::from_secs(5) {
                 break firsts;
@@ -139,7 +81,6 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
         c.net.heal_all();
-        stop.notify_waiters();
         for t in tasks {
             t.abort();
             let _ = t.await;
@@ -163,12 +104,8 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
 
     // No acknowledged write lost: every one is there, read linearizably.
     settled_leader(&addrs, Duration::from_secs(15)).await;
-    let mut client = ObjectServiceClient::new(channel(&addrs[0]));
     let all: Vec<Ack> = acks.lock().unwrap().iter().chain(leader_acks.lock().unwrap().iter()).cloned().collect();
-    for a in &all {
-        let r = client.get(GetRequest { kind: "tenant".into(), name: a.name.clone(), stale: false }).await;
-        assert!(r.is_ok(), "acknowledged write {} is missing: {r:?}", a.name);
-    }
+    assert_all_present(&addrs[0], &all).await;
 
     // The non-elected survivor forwards; the elected one serves: both within the bound.
     let mut every: Vec<Duration> = Vec::new();

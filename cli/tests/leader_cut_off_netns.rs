@@ -13,14 +13,11 @@ use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{ApplyRequest, GetRequest};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
 
 mod common;
 
-use common::settled_leader;
+use common::{assert_all_present, first_ack_after, settled_leader, write_tenants};
 
 const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 const TRIALS: usize = 10;
@@ -122,30 +119,6 @@ impl Drop for Servers {
     }
 }
 
-fn channel(addr: &str) -> Channel {
-    Endpoint::from_shared(format!("http://{addr}"))
-        .expect("address")
-        .connect_timeout(Duration::from_millis(300))
-        .timeout(Duration::from_secs(3))
-        .connect_lazy()
-}
-
-/// Writes new Tenants through `addr` until aborted; records (name, invoked, answered) acks.
-async fn writer(tag: String, addr: String, acks: Arc<Mutex<Vec<(String, Instant, Instant)>>>) {
-    let mut client = ObjectServiceClient::new(channel(&addr));
-    for seq in 1u64.. {
-        let name = format!("{tag}-{seq}");
-        let manifest = format!("kind: Tenant\nmetadata:\n  name: {name}\nspec: {{}}\n");
-        let invoked = Instant::now();
-        if client.apply(ApplyRequest { manifest, expected_revision: None }).await.is_ok() {
-            acks.lock().unwrap().push((name, invoked, Instant::now()));
-        } else {
-            tokio::time::sleep(Duration::from_millis(20)).await;
-        }
-        tokio::time::sleep(Duration::from_millis(10)).await;
-    }
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn writes_resume_within_a_second_when_the_leaders_link_goes_down() {
     let required = std::env::var("FLOTILLA_REQUIRE_NETNS").is_ok_and(|v| v == "1");
@@ -172,7 +145,7 @@ async fn writes_resume_within_a_second_when_the_leaders_link_goes_down() {
         let survivors: Vec<u64> = (1..=3).filter(|i| *i != leader).collect();
         let tasks: Vec<_> = survivors
             .iter()
-            .map(|i| tokio::spawn(writer(format!("t{trial}-s{i}"), hosts.grpc(*i), acks.clone())))
+            .map(|i| tokio::spawn(write_tenants(format!("t{trial}-s{i}"), hosts.grpc(*i), acks.clone())))
             .collect();
         tokio::time::sleep(Duration::from_millis(300)).await;
         hosts.link(leader, false);
@@ -180,14 +153,7 @@ async fn writes_resume_within_a_second_when_the_leaders_link_goes_down() {
         let firsts = loop {
             let firsts: Vec<Option<Duration>> = survivors
                 .iter()
-                .map(|i| {
-                    let prefix = format!("t{trial}-s{i}-");
-                    let acks = acks.lock().unwrap();
-                    acks.iter()
-                        .filter(|(n, inv, _)| n.starts_with(&prefix) && *inv >= t0)
-                        .map(|(_, _, a)| *a - t0)
-                        .min()
-                })
+                .map(|i| first_ack_after(&acks.lock().unwrap(), &format!("t{trial}-s{i}-"), t0))
                 .collect();
             if firsts.iter().all(Option::is_some) || t0.elapsed() > Duration::from_secs(5) {
                 break firsts;
@@ -207,12 +173,8 @@ async fn writes_resume_within_a_second_when_the_leaders_link_goes_down() {
         }
     }
     settled_leader(&addrs, Duration::from_secs(30)).await;
-    let mut client = ObjectServiceClient::new(channel(&addrs[0]));
     let all = acks.lock().unwrap().clone();
-    for (name, _, _) in &all {
-        let r = client.get(GetRequest { kind: "tenant".into(), name: name.clone(), stale: false }).await;
-        assert!(r.is_ok(), "acknowledged write {name} is missing: {r:?}");
-    }
+    assert_all_present(&addrs[0], &all).await;
     gaps.sort();
     let (p50, max) = (gaps[gaps.len() / 2], *gaps.last().expect("trials"));
     eprintln!(

@@ -99,6 +99,49 @@ pub async fn status(addr: &str) -> Option<StatusResponse> {
     c.status(StatusRequest { local: true }).await.ok().map(|r| r.into_inner())
 }
 
+/// One acknowledged write of [`write_tenants`]: its object name, when it was sent and when
+/// the answer came.
+#[derive(Debug, Clone)]
+pub struct Ack {
+    pub name: String,
+    pub invoked: tokio::time::Instant,
+    pub answered: tokio::time::Instant,
+}
+
+/// Writes new Tenants `TAG-1`, `TAG-2`, ... through `addr`, one after another, until the task
+/// is aborted; records each acknowledged one in `acks`.
+pub async fn write_tenants(tag: String, addr: String, acks: std::sync::Arc<std::sync::Mutex<Vec<Ack>>>) {
+    let mut client = ObjectServiceClient::new(channel(&addr, Duration::from_secs(3)));
+    for seq in 1u64.. {
+        let name = format!("{tag}-{seq}");
+        let manifest = format!("kind: Tenant\nmetadata:\n  name: {name}\nspec: {{}}\n");
+        let invoked = tokio::time::Instant::now();
+        if client.apply(flotilla_api::pb::ApplyRequest { manifest, expected_revision: None }).await.is_ok() {
+            let answered = tokio::time::Instant::now();
+            acks.lock().unwrap_or_else(|p| p.into_inner()).push(Ack { name, invoked, answered });
+        } else {
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+}
+
+/// How long after `t0` the first write named `PREFIX...` and sent at or after `t0` was
+/// acknowledged.
+pub fn first_ack_after(acks: &[Ack], prefix: &str, t0: tokio::time::Instant) -> Option<Duration> {
+    acks.iter().filter(|a| a.name.starts_with(prefix) && a.invoked >= t0).map(|a| a.answered - t0).min()
+}
+
+/// No acknowledged write lost: every one is there, read linearizably through `addr`.
+pub async fn assert_all_present(addr: &str, acks: &[Ack]) {
+    let mut client = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+    for a in acks {
+        let req = flotilla_api::pb::GetRequest { kind: "tenant".into(), name: a.name.clone(), stale: false };
+        let r = client.get(req).await;
+        assert!(r.is_ok(), "acknowledged write {} is missing: {r:?}", a.name);
+    }
+}
+
 /// The leader once a 3-server cluster has recovered from the last fault: every server names
 /// the same leader and term, counts 3 voters and has applied the same store revision (a
 /// healed server has caught up, so the next fault is a single one, not a second on top).
