@@ -25,6 +25,7 @@ pub mod metrics;
 pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
+pub mod vocab;
 
 use std::io::Write as _;
 use std::net::SocketAddr;
@@ -147,6 +148,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         ids: Arc::new(AtomicU64::new(1)),
         id_salt: u64::from(addr.port()) ^ u64::from(std::process::id()) << 16,
         ready_at: tokio::time::Instant::now() + cfg.startup,
+        vocab: Arc::default(),
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);

@@ -6,7 +6,7 @@
 use crate::tokenizer;
 
 /// Words the simulated model writes, each with its leading space, each one token.
-const WORDS: [&str; 64] = [
+pub const WORDS: [&str; 64] = [
     " the", " of", " and", " to", " in", " is", " that", " for", " it", " as", " with", " was", " on", " be", " at",
     " by", " this", " had", " not", " are", " but", " from", " or", " have", " an", " they", " which", " one", " you",
     " were", " all", " we", " when", " there", " can", " data", " model", " token", " cache", " batch", " engine",

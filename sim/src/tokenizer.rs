@@ -19,6 +19,14 @@ const START_HEADER: u32 = 128_006;
 const END_HEADER: u32 = 128_007;
 const EOT: u32 = 128_009;
 
+/// The chat template's special tokens with their text (Llama 3's).
+pub const SPECIAL: [(u32, &str); 4] = [
+    (BEGIN_OF_TEXT, "<|begin_of_text|>"),
+    (START_HEADER, "<|start_header_id|>"),
+    (END_HEADER, "<|end_header_id|>"),
+    (EOT, "<|eot_id|>"),
+];
+
 /// FNV-1a over bytes, continuing from `h`.
 pub fn fnv1a(mut h: u64, bytes: &[u8]) -> u64 {
     for b in bytes {
@@ -36,49 +44,57 @@ pub fn piece_id(piece: &str, part: u32) -> u32 {
     (h % u64::from(BEGIN_OF_TEXT)) as u32
 }
 
-fn push_piece(piece: &str, tokens: u32, out: &mut Vec<u32>) {
-    for part in 0..tokens {
-        out.push(piece_id(piece, part));
-    }
-}
-
-/// Appends the token ids of `text` to `out`.
-pub fn encode(text: &str, out: &mut Vec<u32>) {
+/// Calls `f(id, text)` for each token of `text`, left to right; the texts concatenate to
+/// `text` exactly (a long word's parts are its 6-letter chunks, the first with the leading
+/// space; a digit run's parts are its 3-digit groups), so ids decode back (see
+/// [`crate::vocab`]).
+pub fn for_each_token(text: &str, mut f: impl FnMut(u32, &str)) {
     let bytes = text.as_bytes();
     let mut i = 0;
     while i < bytes.len() {
         let start = i;
         let b = bytes[i];
         let next_alpha = bytes.get(i + 1).is_some_and(|c| c.is_ascii_alphabetic());
-        if b.is_ascii_alphabetic() || (b == b' ' && next_alpha) {
+        // (end of the piece, characters per part, where the first part's count starts)
+        let (chunk, body) = if b.is_ascii_alphabetic() || (b == b' ' && next_alpha) {
             i += 1;
             while i < bytes.len() && bytes[i].is_ascii_alphabetic() {
                 i += 1;
             }
-            let letters = (i - start - usize::from(b == b' ')) as u32;
-            push_piece(&text[start..i], letters.div_ceil(6).max(1), out);
+            (6, start + usize::from(b == b' '))
         } else if b.is_ascii_digit() {
             while i < bytes.len() && bytes[i].is_ascii_digit() {
                 i += 1;
             }
-            push_piece(&text[start..i], ((i - start) as u32).div_ceil(3), out);
+            (3, start)
         } else if b == b'\n' || b == b'\r' {
             while i < bytes.len() && (bytes[i] == b'\n' || bytes[i] == b'\r') {
                 i += 1;
             }
-            push_piece(&text[start..i], 1, out);
+            (usize::MAX, start)
         } else if b.is_ascii_whitespace() {
             while i < bytes.len() && bytes[i].is_ascii_whitespace() && bytes[i] != b'\n' {
                 i += 1;
             }
-            push_piece(&text[start..i], 1, out);
+            (usize::MAX, start)
         } else {
             // one character, ASCII or not
-            let len = text[start..].chars().next().map_or(1, char::len_utf8);
-            i += len;
-            push_piece(&text[start..i], 1, out);
+            i += text[start..].chars().next().map_or(1, char::len_utf8);
+            (usize::MAX, start)
+        };
+        let piece = &text[start..i];
+        let parts = (i - body).div_ceil(chunk).max(1);
+        for part in 0..parts {
+            let from = if part == 0 { start } else { body + part * chunk };
+            let to = if part + 1 == parts { i } else { body + (part + 1) * chunk };
+            f(piece_id(piece, part as u32), &text[from..to]);
         }
     }
+}
+
+/// Appends the token ids of `text` to `out`.
+pub fn encode(text: &str, out: &mut Vec<u32>) {
+    for_each_token(text, |id, _| out.push(id));
 }
 
 /// Number of tokens `text` encodes to.
@@ -137,6 +153,24 @@ mod tests {
         // bos + (hdr user /hdr \n\n hi eot) + (hdr assi stant /hdr \n\n)
         assert_eq!(v.len(), 1 + 6 + 5);
         assert_eq!(v[0], BEGIN_OF_TEXT);
+    }
+
+    #[test]
+    fn token_texts_concatenate_to_the_input() {
+        for text in ["hello world", " internationalization 1234567 !!\n\n\t x", "日本語 ok", "", "a1b2"] {
+            let (mut ids, mut texts) = (Vec::new(), String::new());
+            for_each_token(text, |id, t| {
+                ids.push(id);
+                texts.push_str(t);
+            });
+            assert_eq!(texts, text);
+            let mut encoded = Vec::new();
+            encode(text, &mut encoded);
+            assert_eq!(ids, encoded, "{text:?}");
+        }
+        let mut parts = Vec::new();
+        for_each_token(" internationalization", |_, t| parts.push(t.to_string()));
+        assert_eq!(parts, [" intern", "ationa", "lizati", "on"]);
     }
 
     #[test]

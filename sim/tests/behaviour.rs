@@ -256,6 +256,35 @@ async fn tokenize_agrees_with_prompt_tokens() {
     sim.shutdown().await.unwrap();
 }
 
+/// `POST /detokenize` inverts `/tokenize` (a prefix of the ids gives a prefix of the text:
+/// what `vllm bench serve` does to align its prompts to the server's tokenizer), and names
+/// an id it cannot decode.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn detokenize_inverts_tokenize() {
+    let sim = start(args()).await;
+    let a = sim.local_addr();
+    let prompt = "Routing 1500 requests across internationalization layers!\n\nDone.";
+    let t = post(a, "/tokenize", json!({"model": "demo", "prompt": prompt, "return_token_strs": true})).await.json();
+    let strs: Vec<String> = serde_json::from_value(t["token_strs"].clone()).unwrap();
+    assert_eq!(strs.concat(), prompt, "token_strs concatenate to the prompt");
+    let ids = t["tokens"].as_array().unwrap().clone();
+    let d = post(a, "/detokenize", json!({"model": "demo", "tokens": ids})).await;
+    assert_eq!(d.status, 200, "{}", d.body);
+    assert_eq!(d.json()["prompt"], prompt);
+    let d = post(a, "/detokenize", json!({"tokens": ids[..3]})).await.json();
+    assert_eq!(d["prompt"], strs[..3].concat());
+    assert!(prompt.starts_with(d["prompt"].as_str().unwrap()));
+
+    let bad = post(a, "/detokenize", json!({"tokens": [128_256]})).await;
+    assert_eq!(bad.status, 400);
+    assert!(bad.body.contains("128256"), "{}", bad.body);
+    let t = post(a, "/tokenize", json!({"prompt": 5})).await;
+    assert_eq!(t.status, 400, "{}", t.body);
+    assert_eq!(post(a, "/detokenize", json!({"model": "demo"})).await.status, 400, "tokens is required");
+    assert_eq!(post(a, "/detokenize", json!({"model": "nope", "tokens": [1]})).await.status, 404);
+    sim.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn adapter_loads_take_time_and_an_evicted_adapter_is_reloaded_not_refused() {
     let sim = start(flotilla_sim::SimArgs { max_loras: 1, max_cpu_loras: Some(1), speedup: 10.0, ..args() }).await;

@@ -13,7 +13,9 @@ use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::stream::{Kind, SseStream};
-use super::types::{ChatRequest, CompletionRequest, Content, Message, Prompt, Sampling, TokenizeRequest, IGNORED};
+use super::types::{
+    ChatRequest, CompletionRequest, Content, DetokenizeRequest, Message, Prompt, Sampling, TokenizeRequest, IGNORED,
+};
 use super::{unix_now, AppState, FINGERPRINT};
 use crate::engine::{Command, Event, Submission};
 use crate::lora::LoraRef;
@@ -224,12 +226,19 @@ pub async fn tokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejec
         return e.into_response();
     }
     let mut tokens = Vec::new();
+    let learn_and_encode = |t: &str, tokens: &mut Vec<u32>| {
+        st.vocab.learn(t);
+        tokenizer::encode(t, tokens)
+    };
     match (req.prompt, req.messages) {
-        (Some(Prompt::Text(t)), None) => tokenizer::encode(&t, &mut tokens),
+        (Some(Prompt::Text(t)), None) => learn_and_encode(&t, &mut tokens),
         (Some(Prompt::Tokens(t)), None) => tokens = t,
-        (Some(Prompt::Texts(mut v)), None) if v.len() == 1 => tokenizer::encode(&v.remove(0), &mut tokens),
+        (Some(Prompt::Texts(mut v)), None) if v.len() == 1 => learn_and_encode(&v.remove(0), &mut tokens),
         (Some(Prompt::TokenLists(mut v)), None) if v.len() == 1 => tokens = v.remove(0),
-        (None, Some(m)) => tokens = encode_messages(&m),
+        (None, Some(m)) => {
+            tokens = encode_messages(&m);
+            learn_messages(&st, &m);
+        }
         (None, None) => {
             return ApiError::bad_request("either `prompt` or `messages` is required", Some("prompt")).into_response()
         }
@@ -242,13 +251,56 @@ pub async fn tokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejec
                 .into_response()
         }
     }
+    // vLLM answers `token_strs` only when asked; the sim can for every id it knows
+    let token_strs = match req.return_token_strs {
+        Some(true) => match st.vocab.pieces(&tokens) {
+            Ok(p) => Some(p),
+            Err(e) => return ApiError::bad_request(e.to_string(), Some("prompt")).into_response(),
+        },
+        _ => None,
+    };
     axum::Json(json!({
         "count": tokens.len(),
         "max_model_len": st.cfg.max_model_len,
         "tokens": tokens,
-        "token_strs": null,
+        "token_strs": token_strs,
     }))
     .into_response()
+}
+
+/// Teaches the vocabulary the texts a chat prompt's template is made of.
+fn learn_messages(st: &AppState, messages: &[Message]) {
+    for m in messages {
+        st.vocab.learn(&m.role);
+        if let Some(Content::Text(t)) = &m.content {
+            st.vocab.learn(t);
+        } else if let Some(Content::Parts(parts)) = &m.content {
+            for t in parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()) {
+                st.vocab.learn(t);
+            }
+        }
+    }
+    st.vocab.learn("\n\nassistant");
+}
+
+/// `POST /detokenize`: vLLM's inverse of `/tokenize`, `{"model"?, "tokens"}` → `{"prompt"}`.
+/// The sim decodes ids it has produced (see [`crate::vocab`]); any other id is a 400 that
+/// names it.
+pub async fn detokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
+    let req: DetokenizeRequest = match parse_body(body) {
+        Ok(r) => r,
+        Err(e) => return e.into_response(),
+    };
+    if let Err(e) = check_unknown(&st, &req.rest) {
+        return e.into_response();
+    }
+    if let Err(e) = resolve_model(&st, req.model) {
+        return e.into_response();
+    }
+    match st.vocab.decode(&req.tokens) {
+        Ok(prompt) => axum::Json(json!({ "prompt": prompt })).into_response(),
+        Err(e) => ApiError::bad_request(e.to_string(), Some("tokens")).into_response(),
+    }
 }
 
 /// `POST /v1/chat/completions`.

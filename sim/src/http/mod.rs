@@ -51,6 +51,8 @@ pub struct AppState {
     /// Until this instant the engine is "loading weights" (--startup-seconds): /health and
     /// the inference endpoints answer 503.
     pub ready_at: tokio::time::Instant,
+    /// Token id → text, for `/detokenize` and `token_strs`.
+    pub vocab: Arc<crate::vocab::Vocabulary>,
 }
 
 impl AppState {
@@ -110,6 +112,7 @@ pub fn router(state: AppState) -> Router {
         .route("/v1/completions", post(inference::completions))
         .route("/v1/chat/completions", post(inference::chat))
         .route("/tokenize", post(inference::tokenize))
+        .route("/detokenize", post(inference::detokenize))
         .route("/v1/models", get(admin::models))
         .route("/health", get(admin::health))
         .route("/version", get(admin::version))

@@ -212,8 +212,20 @@ pub struct TokenizeRequest {
     pub messages: Option<Vec<Message>>,
     /// Accepted, ignored (the sim's tokenizer adds no special tokens to a plain prompt).
     pub add_special_tokens: Option<bool>,
-    /// Accepted; token strings are not produced (`token_strs` is null).
+    /// Return each token's text in `token_strs`.
     pub return_token_strs: Option<bool>,
+    /// Everything else; checked against [`IGNORED`].
+    #[serde(flatten)]
+    pub rest: serde_json::Map<String, Value>,
+}
+
+/// `POST /detokenize`.
+#[derive(Debug, Deserialize)]
+pub struct DetokenizeRequest {
+    /// Model or adapter name (defaults to the served model).
+    pub model: Option<String>,
+    /// The ids to decode.
+    pub tokens: Vec<u32>,
     /// Everything else; checked against [`IGNORED`].
     #[serde(flatten)]
     pub rest: serde_json::Map<String, Value>,
