@@ -138,7 +138,9 @@ pub async fn policy(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next
 }
 
 fn kind_of(path: &str) -> Option<ApiKind> {
-    [ApiKind::Chat, ApiKind::Completions, ApiKind::Embeddings].into_iter().find(|k| k.path() == path)
+    [ApiKind::Chat, ApiKind::Completions, ApiKind::Embeddings, ApiKind::Tokenize, ApiKind::Detokenize]
+        .into_iter()
+        .find(|k| k.path() == path)
 }
 
 /// Layer 3: reads the body within the size limit (413) and the body timeout (408), and
@@ -184,17 +186,22 @@ fn allowed(t: &Tenant, model: &str) -> bool {
     t.spec.models.is_empty() || t.spec.models.iter().any(|m| m.as_str() == model)
 }
 
+/// The tenant may use the model (403 otherwise).
+pub fn check_allowed(gw: &Gateway, caller: &Caller, model: &str) -> Result<(), ApiError> {
+    match &caller.tenant {
+        Some(t) if !allowed(t, model) => {
+            gw.metrics.reject(&t.name, ApiCode::ModelNotAllowed.as_str());
+            Err(ApiError::new(ApiCode::ModelNotAllowed, format!("tenant {:?} may not use model {model:?}", t.name))
+                .param("model"))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The tenant's allowed models and RPM/TPM (pure apart from the limit counters).
 pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remaining, ApiError> {
+    check_allowed(gw, caller, model)?;
     let Some(t) = &caller.tenant else { return Ok(Remaining::default()) };
-    if !allowed(t, model) {
-        gw.metrics.reject(&t.name, ApiCode::ModelNotAllowed.as_str());
-        return Err(ApiError::new(
-            ApiCode::ModelNotAllowed,
-            format!("tenant {:?} may not use model {model:?}", t.name),
-        )
-        .param("model"));
-    }
     gw.limits.admit(&t.name, &t.spec, Instant::now()).map_err(|d| {
         gw.metrics.reject(&t.name, d.limit_name);
         let rpm = d.limit_name == "rpm";

@@ -38,6 +38,7 @@ pub mod server;
 pub mod sse;
 pub mod state;
 pub mod table;
+pub mod tokenizer;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

@@ -20,6 +20,14 @@ pub struct RequestLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct TokenizerLabels {
+    pub model: String,
+    /// `/tokenize` or `/detokenize`.
+    pub path: String,
+    pub code: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct EndpointLabels {
     pub model: String,
     pub endpoint: String,
@@ -112,6 +120,7 @@ pub struct Metrics {
     pub cold_start_seconds: Histogram,
     pub held_timeouts: Family<ModelLabels, Counter>,
     pub demand_reports: Family<ResultLabels, Counter>,
+    pub tokenizer_requests: Family<TokenizerLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -144,7 +153,13 @@ impl Metrics {
         let cold_start_seconds = Histogram::new([0.1, 0.5, 1.0, 2.0, 5.0, 10.0, 20.0, 30.0, 60.0, 120.0, 300.0, 600.0]);
         let held_timeouts = Family::default();
         let demand_reports = Family::default();
+        let tokenizer_requests = Family::default();
         registry.register("requests", "Requests answered, by model, endpoint and status code", requests.clone());
+        registry.register(
+            "tokenizer_requests",
+            "/tokenize and /detokenize calls answered, by model, path and status code",
+            tokenizer_requests.clone(),
+        );
         registry.register("errors", "Requests that failed, by model and error code", errors.clone());
         registry.register("time_to_first_token_seconds", "Time to first token", ttft.clone());
         registry.register("time_per_output_token_seconds", "Time per output token after the first", tpot.clone());
@@ -214,6 +229,7 @@ impl Metrics {
             cold_start_seconds,
             held_timeouts,
             demand_reports,
+            tokenizer_requests,
         }
     }
 

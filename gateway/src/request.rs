@@ -8,12 +8,14 @@ use serde_json::value::RawValue;
 
 use crate::error::{ApiCode, ApiError};
 
-/// The OpenAI endpoints the gateway proxies.
+/// The engine endpoints the gateway proxies: OpenAI's, and vLLM's tokenizer pair.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum ApiKind {
     Chat,
     Completions,
     Embeddings,
+    Tokenize,
+    Detokenize,
 }
 
 impl ApiKind {
@@ -22,6 +24,8 @@ impl ApiKind {
             ApiKind::Chat => "/v1/chat/completions",
             ApiKind::Completions => "/v1/completions",
             ApiKind::Embeddings => "/v1/embeddings",
+            ApiKind::Tokenize => "/tokenize",
+            ApiKind::Detokenize => "/detokenize",
         }
     }
 }
@@ -168,6 +172,8 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
             Some(p) => push_text(&mut prompt, p),
             None => return Err(ApiError::new(ApiCode::MissingInput, "input is required").param("input")),
         },
+        // the engine checks the rest of a tokenizer request; routing needs only the model
+        ApiKind::Tokenize | ApiKind::Detokenize => {}
     }
     let (include_usage, has_stream_options) = match &b.stream_options {
         Some(o) => (o.as_ref().and_then(|o| o.include_usage).unwrap_or(false), true),

@@ -11,6 +11,7 @@
 //!      model for the leader's autoscaler (see `demand`)
 //!   -> ObservedBody (stream through, usage, metrics) -> client
 //! ```
+//! vLLM's `/tokenize` and `/detokenize` take a shorter path (see `tokenizer`).
 
 use std::net::SocketAddr;
 use std::sync::Arc;
@@ -52,8 +53,15 @@ pub fn router(gw: Arc<Gateway>) -> Router {
                 .layer(layer(gw.clone(), layers::body))
                 .layer(layer(gw.clone(), layers::limits)),
         );
+    let tokenizer = Router::new()
+        .route("/tokenize", post(crate::tokenizer::handle))
+        .route("/detokenize", post(crate::tokenizer::handle))
+        .route_layer(
+            tower::ServiceBuilder::new().layer(layer(gw.clone(), layers::auth)).layer(layer(gw.clone(), layers::body)),
+        );
     Router::new()
         .merge(proxied)
+        .merge(tokenizer)
         .route("/v1/models", get(models))
         .route("/metrics", get(metrics))
         .route("/healthz", get(|| async { "ok\n" }))

@@ -239,3 +239,59 @@ async fn no_reachable_leader_is_a_503_with_retry_after() {
     assert!(start.elapsed() < Duration::from_secs(10), "bounded wait: {:?}", start.elapsed());
     f.gw.shutdown().await;
 }
+
+/// vLLM's `/tokenize` and `/detokenize` go through the gateway by name: a model to any of
+/// its engines, a loaded adapter to an engine holding it, an adapter no engine holds to its
+/// base model's tokenizer without loading it; none of it counts as an inference request.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn tokenizer_calls_route_by_model_and_adapter_without_loading_or_counting() {
+    let f = fleet(2, 50.0, &["warm", "cold"], false, |_| {}).await;
+    let addr = f.gw.local_addr();
+    let r = ask(addr, "warm", 2).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let holder = r.endpoint();
+    f.publish();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let requests = metric_sum(addr, "flotilla_gateway_requests_total", &[]).await;
+    let tokenize =
+        |model: &str, prompt: &str| post(addr, "/tokenize", serde_json::json!({"model": model, "prompt": prompt}), &[]);
+    let prompt = "Route these tokens through 3 gateways, please.";
+
+    let direct = post(f.sims[0].local_addr(), "/tokenize", serde_json::json!({"prompt": prompt}), &[]).await.json();
+    let r = tokenize(MODEL, prompt).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["tokens"], direct["tokens"]);
+    for _ in 0..4 {
+        let r = tokenize("warm", prompt).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+        assert_eq!(r.endpoint(), holder, "an adapter's tokenizer call goes to an engine holding it");
+    }
+    let r = tokenize("cold", prompt).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(r.json()["tokens"], direct["tokens"], "the base model's tokenizer");
+    assert_eq!(f.leader.calls_for("cold"), 0, "a tokenizer call loads no adapter");
+
+    let ids = r.json()["tokens"].as_array().unwrap()[..5].to_vec();
+    let d = post(addr, "/detokenize", serde_json::json!({"model": "cold", "tokens": ids}), &[]).await;
+    assert_eq!(d.status, 200, "{}", d.text());
+    let text = d.json()["prompt"].as_str().unwrap().to_string();
+    let again = tokenize(MODEL, &text).await.json();
+    assert_eq!(again["count"], 5, "a prefix of 5 ids decodes to a 5-token prompt: {text:?}");
+
+    let r = tokenize("no-such-model", prompt).await;
+    assert_eq!((r.status, r.error_code().as_str()), (404, "model_not_found"), "{}", r.text());
+    let r = post(addr, "/tokenize", serde_json::json!({"prompt": prompt}), &[]).await;
+    assert_eq!((r.status, r.error_code().as_str()), (400, "missing_model"), "{}", r.text());
+    let r = send(addr, "GET", "/tokenize", b"", &[]).await;
+    assert_eq!(r.status, 405);
+
+    assert_eq!(metric_sum(addr, "flotilla_gateway_requests_total", &[]).await, requests, "not inference requests");
+    let counted = metric_sum(addr, "flotilla_gateway_tokenizer_requests_total", &["code=\"200\""]).await;
+    assert_eq!(counted, 8.0);
+    assert_eq!(
+        metric_sum(addr, "flotilla_gateway_tokenizer_requests_total", &["model=\"unknown\"", "code=\"404\""]).await,
+        1.0,
+        "unknown names are not label values"
+    );
+    f.gw.shutdown().await;
+}

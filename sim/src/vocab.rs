@@ -5,34 +5,31 @@
 //! (what clients that align prompts through `/tokenize` + `/detokenize` need, as `vllm
 //! bench serve` does). Bounded by the vocabulary size: ids are below [`tokenizer::VOCAB`].
 //! Two pieces hashing to one id: the one learned last wins.
+//!
+//! vLLM decodes every id below its vocabulary size, so the sim does too: an id it has not
+//! seen (another replica tokenized the text, or the client made the ids up) decodes to a
+//! stand-in, one of the model's words picked by the id — one token, so a decoded prompt
+//! re-tokenizes to about as many tokens as it had ids, which is what prompt-aligning
+//! clients need of it. Only ids at or above the vocabulary size are refused.
 
 use std::collections::HashMap;
 use std::sync::Mutex;
 
 use crate::{text, tokenizer};
 
-/// Why an id list does not decode.
-#[derive(Debug, Clone, PartialEq, Eq)]
-pub enum DecodeError {
-    /// At or above the vocabulary size (vLLM refuses these too).
-    OutOfRange(u32),
-    /// Never produced by this sim's tokenizer or model.
-    Unknown(u32),
+/// An id at or above the vocabulary size (vLLM refuses these too).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct OutOfRange(pub u32);
+
+impl std::fmt::Display for OutOfRange {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        write!(f, "token id {} is out of vocabulary (size {})", self.0, tokenizer::VOCAB)
+    }
 }
 
-impl std::fmt::Display for DecodeError {
-    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
-        match self {
-            DecodeError::OutOfRange(id) => {
-                write!(f, "token id {id} is out of vocabulary (size {})", tokenizer::VOCAB)
-            }
-            DecodeError::Unknown(id) => write!(
-                f,
-                "token id {id} was never produced by this simulator (it decodes ids it wrote or \
-                 returned from /tokenize)"
-            ),
-        }
-    }
+/// The stand-in text of an id the sim has not seen: one of the model's words.
+fn stand_in(id: u32) -> &'static str {
+    text::WORDS[(text::mix(u64::from(id)) % text::WORDS.len() as u64) as usize]
 }
 
 /// Id → piece text.
@@ -67,21 +64,20 @@ impl Vocabulary {
         });
     }
 
-    /// Each id's text.
-    pub fn pieces(&self, ids: &[u32]) -> Result<Vec<String>, DecodeError> {
+    /// Each id's text (a stand-in for ids not seen).
+    pub fn pieces(&self, ids: &[u32]) -> Result<Vec<String>, OutOfRange> {
         let pieces = self.pieces.lock().unwrap_or_else(|e| e.into_inner());
         ids.iter()
-            .map(|&id| {
-                if id >= tokenizer::VOCAB {
-                    return Err(DecodeError::OutOfRange(id));
-                }
-                pieces.get(&id).map(|p| p.to_string()).ok_or(DecodeError::Unknown(id))
+            .map(|&id| match pieces.get(&id) {
+                _ if id >= tokenizer::VOCAB => Err(OutOfRange(id)),
+                Some(p) => Ok(p.to_string()),
+                None => Ok(stand_in(id).to_string()),
             })
             .collect()
     }
 
     /// The text of `ids`.
-    pub fn decode(&self, ids: &[u32]) -> Result<String, DecodeError> {
+    pub fn decode(&self, ids: &[u32]) -> Result<String, OutOfRange> {
         Ok(self.pieces(ids)?.concat())
     }
 }
@@ -96,7 +92,7 @@ mod tests {
         let text = "Flotilla routes 12345 requests\n\nquickly!";
         let mut ids = Vec::new();
         tokenizer::encode(text, &mut ids);
-        assert!(matches!(v.decode(&ids), Err(DecodeError::Unknown(_))), "not learned yet");
+        assert_ne!(v.decode(&ids).unwrap(), text, "not learned yet");
         v.learn(text);
         assert_eq!(v.decode(&ids).unwrap(), text);
         // a prefix of the ids decodes to a prefix of the text
@@ -107,12 +103,15 @@ mod tests {
     }
 
     #[test]
-    fn out_of_range_and_unknown_ids_are_named() {
+    fn unseen_ids_decode_to_one_token_each_and_out_of_range_is_named() {
         let v = Vocabulary::default();
-        assert_eq!(v.decode(&[tokenizer::VOCAB]), Err(DecodeError::OutOfRange(tokenizer::VOCAB)));
+        assert_eq!(v.decode(&[tokenizer::VOCAB]), Err(OutOfRange(tokenizer::VOCAB)));
+        assert!(OutOfRange(128_300).to_string().contains("128300"));
         let mut ids = Vec::new();
-        tokenizer::encode("zyzzyva", &mut ids);
-        assert_eq!(v.decode(&ids), Err(DecodeError::Unknown(ids[0])));
-        assert!(DecodeError::Unknown(5).to_string().contains("5"));
+        tokenizer::encode("zyzzyva quixotic 99 xylophones", &mut ids);
+        let text = v.decode(&ids).unwrap();
+        assert_eq!(tokenizer::count(&text), ids.len(), "{text:?}");
+        assert_eq!(v.decode(&ids).unwrap(), text, "deterministic");
+        assert_eq!(Vocabulary::default().decode(&ids).unwrap(), text, "the same on every replica");
     }
 }

@@ -257,8 +257,9 @@ async fn tokenize_agrees_with_prompt_tokens() {
 }
 
 /// `POST /detokenize` inverts `/tokenize` (a prefix of the ids gives a prefix of the text:
-/// what `vllm bench serve` does to align its prompts to the server's tokenizer), and names
-/// an id it cannot decode.
+/// what `vllm bench serve` does to align its prompts to the server's tokenizer), decodes
+/// ids it never produced (as vLLM decodes any id below its vocabulary size) and names an
+/// id out of range.
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn detokenize_inverts_tokenize() {
     let sim = start(args()).await;
@@ -275,6 +276,9 @@ async fn detokenize_inverts_tokenize() {
     assert_eq!(d["prompt"], strs[..3].concat());
     assert!(prompt.starts_with(d["prompt"].as_str().unwrap()));
 
+    // an id it never produced decodes too (vLLM decodes any id below its vocabulary size)
+    let d = post(a, "/detokenize", json!({"tokens": [17, 4242]})).await;
+    assert_eq!(d.status, 200, "{}", d.body);
     let bad = post(a, "/detokenize", json!({"tokens": [128_256]})).await;
     assert_eq!(bad.status, 400);
     assert!(bad.body.contains("128256"), "{}", bad.body);
