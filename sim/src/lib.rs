@@ -154,6 +154,14 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let mut graceful_rx = stop_tx.subscribe();
     let task = tokio::spawn(async move {
+        // TCP_NODELAY on every connection, as vLLM has (asyncio sets it on each socket):
+        // with Nagle on, a stream's first chunk waited behind the response head for the
+        // peer's delayed ACK (~40 ms on a reused connection), and clients saw TTFT late
+        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
+            if let Err(e) = tcp.set_nodelay(true) {
+                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
+            }
+        });
         let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
             let _ = graceful_rx.wait_for(|s| *s).await;
         });

@@ -58,6 +58,23 @@ pub async fn run(mut t: Tier) -> Tier {
     t.check("chat_stream_timing_order_matches_real_vllm", || crate::conformance::chat_stream_timing_matches_real(&s))
         .await;
     t.check("gateway_serves_real_vllm_to_the_openai_sdk", || openai_sdk(&s)).await;
+    let mut bench = String::new();
+    if t.check("vllm_bench_serve_through_the_gateway_to_the_sim", || async {
+        bench = crate::bench_serve::to_the_sim(&install, &bin, &dir).await?;
+        Ok(())
+    })
+    .await
+    {
+        t.timing("vllm bench serve via the gateway, sim a100 (200 in, 16 out, 1 at a time)", bench.clone());
+    }
+    if t.check("vllm_bench_serve_through_the_gateway_to_real_vllm", || async {
+        bench = crate::bench_serve::to_real_vllm(&install, &dir, &s).await?;
+        Ok(())
+    })
+    .await
+    {
+        t.timing("vllm bench serve via the gateway, real vLLM (64 in, 8 out, 1 at a time)", bench);
+    }
 
     // V: the agent downloads (links) the model into its cache and starts vLLM.
     let mut v = String::new();
@@ -125,7 +142,7 @@ pub async fn run(mut t: Tier) -> Tier {
 }
 
 /// Starts an in-process gateway with static backends `tiny=http://<addr>`.
-async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+pub async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
     let args = flotilla_gateway::GatewayArgs {
         listen: "127.0.0.1:0".into(),
         backends: backends.iter().map(|b| format!("tiny=http://{b}")).collect(),

@@ -10,6 +10,7 @@
 //! `FLOTILLA_REQUIRE_REAL_VLLM=1` (set by `.ci/run`), which makes that a failure.
 
 mod adapters;
+mod bench_serve;
 mod checks;
 mod cluster;
 mod conformance;
