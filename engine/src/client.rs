@@ -58,6 +58,11 @@ impl Default for EngineClient {
     }
 }
 
+/// How long an idle pooled connection to an engine may be reused: below vLLM's keep-alive
+/// (`VLLM_HTTP_TIMEOUT_KEEP_ALIVE`, 5 s; the sim closes idle connections as vLLM does), so a
+/// client never sends a request on a connection the engine is closing at that moment.
+pub const ENGINE_IDLE_REUSE: Duration = Duration::from_secs(4);
+
 impl EngineClient {
     /// A client with [`EngineClientConfig::default`] limits.
     pub fn new() -> Self {
@@ -71,7 +76,7 @@ impl EngineClient {
         conn.set_connect_timeout(Some(cfg.timeout));
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
-            .pool_idle_timeout(Duration::from_secs(30))
+            .pool_idle_timeout(ENGINE_IDLE_REUSE)
             .build(conn);
         EngineClient { http, cfg }
     }

@@ -17,7 +17,7 @@ pub mod error;
 pub mod metrics;
 pub mod models;
 
-pub use client::{error_chain, EngineClient, EngineClientConfig};
+pub use client::{error_chain, EngineClient, EngineClientConfig, ENGINE_IDLE_REUSE};
 pub use error::{engine_message, EngineError};
 pub use metrics::{EngineFlavor, EngineMetrics, LoraInfo};
 pub use models::{adapters, parse_models, ModelCard};

@@ -44,7 +44,8 @@ impl Gateway {
         conn.set_connect_timeout(Some(cfg.connect_timeout));
         conn.set_nodelay(true);
         let client = Client::builder(TokioExecutor::new())
-            .pool_idle_timeout(std::time::Duration::from_secs(60))
+            .pool_timer(hyper_util::rt::TokioTimer::new())
+            .pool_idle_timeout(flotilla_engine::ENGINE_IDLE_REUSE)
             .pool_max_idle_per_host(1024)
             .build(conn);
         let router = Router::new(PrefixConfig {

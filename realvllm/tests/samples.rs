@@ -125,6 +125,28 @@ async fn chat_stream_with_usage_has_real_vllms_events() {
     assert_eq!(kinds, real, "same number of chunks for the same max_tokens");
 }
 
+/// The sim's chunk timing has the recorded real vLLM's shape (`data/stream-timelines.txt`):
+/// the role chunk with the first token, one token per decode step, the finish reason on the
+/// last token's chunk and the usage chunk and `[DONE]` right after it — for chat and
+/// completions, with and without usage. At speedup 1, so steps take real time.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stream_timing_has_real_vllms_shape() {
+    use flotilla_realvllm::streams;
+    use flotilla_testkit::sse_timeline::{record, shape};
+    let recorded = streams::parse_recording(include_str!("data/stream-timelines.txt"));
+    assert_eq!(recorded.len(), 4, "the recording names every stream");
+    let sim = flotilla_sim::start(SimArgs { port: 0, model: "tiny".into(), max_model_len: 512, ..SimArgs::default() })
+        .await
+        .expect("sim starts");
+    let addr = sim.local_addr().to_string();
+    for (name, path, body) in streams::streams("tiny") {
+        let want = &recorded.iter().find(|(n, _)| n == name).unwrap_or_else(|| panic!("{name} not recorded")).1;
+        let timeline = record(&addr, path, &body).await;
+        assert_eq!(shape(&timeline), *want, "{name}: {timeline:?}");
+    }
+    sim.shutdown().await.unwrap();
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn models_with_an_adapter_have_real_vllms_shape() {
     let s = sim(true).await;

@@ -152,20 +152,13 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);
-    let mut graceful_rx = stop_tx.subscribe();
+    let graceful_rx = stop_tx.subscribe();
     let task = tokio::spawn(async move {
-        // TCP_NODELAY on every connection, as vLLM has (asyncio sets it on each socket):
-        // with Nagle on, a stream's first chunk waited behind the response head for the
-        // peer's delayed ACK (~40 ms on a reused connection), and clients saw TTFT late
-        let listener = axum::serve::ListenerExt::tap_io(listener, |tcp: &mut tokio::net::TcpStream| {
-            if let Err(e) = tcp.set_nodelay(true) {
-                tracing::debug!(error = %e, "cannot set TCP_NODELAY");
-            }
+        let serve = http::serve::serve(listener, app, http::serve::KEEP_ALIVE, graceful_rx);
+        let mut server = tokio::spawn(async move {
+            serve.await;
+            Ok::<(), SimError>(())
         });
-        let serve = axum::serve(listener, app).with_graceful_shutdown(async move {
-            let _ = graceful_rx.wait_for(|s| *s).await;
-        });
-        let mut server = tokio::spawn(async move { serve.await.map_err(SimError::Serve) });
         let crashed = tokio::select! {
             r = &mut server => {
                 let _ = tx.send(engine::Command::Shutdown);

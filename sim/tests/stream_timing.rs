@@ -6,7 +6,7 @@
 mod common;
 
 use common::*;
-use flotilla_testkit::raw_http::chat_stream_arrivals;
+use flotilla_testkit::sse_timeline::{first, record, Chunk};
 use serde_json::json;
 use tokio::time::Duration;
 
@@ -16,8 +16,9 @@ async fn the_role_chunk_comes_with_the_first_token_after_prefill() {
     let a = sim.local_addr();
     let before = metrics(a).await;
     let body = json!({"model": "demo", "messages": [{"role": "user", "content": text(1500, 11)}], "max_tokens": 4, "stream": true});
-    let (role, token) = chat_stream_arrivals(&a.to_string(), "/v1/chat/completions", &body.to_string()).await;
-    let (role, token) = (role.expect("a role chunk"), token.expect("a first token"));
+    let timeline = record(&a.to_string(), "/v1/chat/completions", &body.to_string()).await;
+    let role = first(&timeline, Chunk::Role).expect("a role chunk");
+    let token = first(&timeline, Chunk::Token).expect("a first token");
     let ttft = mean_delta(&before, &metrics(a).await, "vllm:time_to_first_token_seconds");
     assert!(ttft > 0.01, "a 1,500-word prompt should take a measurable prefill on the a100 profile: {ttft} s");
     assert!(

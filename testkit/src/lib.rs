@@ -31,4 +31,5 @@ pub mod proc_fs;
 pub mod procs;
 pub mod python;
 pub mod raw_http;
+pub mod sse_timeline;
 pub mod wait;

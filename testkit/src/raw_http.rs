@@ -58,35 +58,6 @@ pub async fn http_get(addr: &str, path: &str) -> Option<(u16, String)> {
     http_request(addr, "GET", path, "").await
 }
 
-/// When a stream's role chunk (`"role":"assistant"`) and its first content token
-/// (`"delta":{"content":`, the first one that is not the role chunk's empty content) arrived
-/// after the request was sent, reading as the bytes come: the timing a client that times the
-/// first chunk sees. `None` where one never came (within 60 s).
-pub async fn chat_stream_arrivals(addr: &str, path: &str, body: &str) -> (Option<Duration>, Option<Duration>) {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let Ok(mut s) = tokio::net::TcpStream::connect(addr).await else { return (None, None) };
-    if s.write_all(request_text(addr, "POST", path, body).as_bytes()).await.is_err() {
-        return (None, None);
-    }
-    let t0 = tokio::time::Instant::now();
-    let (mut seen, mut role, mut token) = (String::new(), None, None);
-    let mut buf = vec![0u8; 1 << 16];
-    while let Ok(Ok(n)) = tokio::time::timeout(Duration::from_secs(60), s.read(&mut buf)).await {
-        if n == 0 {
-            break;
-        }
-        let at = t0.elapsed();
-        seen.push_str(&String::from_utf8_lossy(&buf[..n]));
-        if role.is_none() && seen.contains(r#""role":"assistant""#) {
-            role = Some(at);
-        }
-        if token.is_none() && seen.contains(r#""delta":{"content":"#) {
-            token = Some(at);
-        }
-    }
-    (role, token)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -55,8 +55,7 @@ pub async fn run(mut t: Tier) -> Tier {
 
     t.check("engine_client_reads_real_vllm", || engine_client(&s, &adapter)).await;
     t.check("sim_conforms_to_real_vllm", || crate::conformance::sim_matches_real(&s, &adapter)).await;
-    t.check("chat_stream_timing_order_matches_real_vllm", || crate::conformance::chat_stream_timing_matches_real(&s))
-        .await;
+    t.check("stream_chunk_timing_matches_real_vllm", || crate::conformance::stream_timing_matches_real(&s)).await;
     t.check("gateway_serves_real_vllm_to_the_openai_sdk", || openai_sdk(&s)).await;
     let mut bench = String::new();
     if t.check("vllm_bench_serve_through_the_gateway_to_the_sim", || async {

@@ -147,10 +147,13 @@ pub async fn sim_matches_real(s: &str, adapter: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// The timing order of a chat stream, on the real vLLM and on the sim alike: the role chunk
-/// comes with the first generated token (after prefill), never ahead of it. A client timing
-/// the first chunk (`vllm bench serve`) then sees the time to first token on both.
-pub async fn chat_stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
+/// Chunk timing of streams on S and on a sim at speedup 1: each stream's shape (its events
+/// grouped into bursts: `role+token | token×2 | token+finish+usage+done`) must be the same
+/// on both, and the real engine's must match the recording the stored-sample suite holds the
+/// sim to (`FLOTILLA_RECORD_SAMPLES=1` rewrites it).
+pub async fn stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
+    use flotilla_realvllm::streams::{self, RECORDING};
+    use flotilla_testkit::sse_timeline::{record, shape};
     let args = flotilla_sim::SimArgs {
         port: 0,
         model: "tiny".into(),
@@ -160,23 +163,42 @@ pub async fn chat_stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
     };
     let sim = flotilla_sim::start(args).await.map_err(|e| anyhow::anyhow!("sim: {e}"))?;
     let sim_addr = sim.local_addr().to_string();
-    let prompt = "the quick brown fox jumps over the lazy dog ".repeat(10);
-    let body = json!({"model": "tiny", "messages": [{"role": "user", "content": prompt}], "max_tokens": 4,
-                      "stream": true})
-    .to_string();
-    for (who, addr) in [("real vLLM", s), ("sim", sim_addr.as_str())] {
-        let (role, token) = flotilla_testkit::raw_http::chat_stream_arrivals(addr, "/v1/chat/completions", &body).await;
-        let (role, token) = (
-            role.ok_or_else(|| anyhow::anyhow!("{who}: no role chunk"))?,
-            token.ok_or_else(|| anyhow::anyhow!("{who}: no first token"))?,
-        );
-        println!("  {who}: role chunk at {role:?}, first token at {token:?}");
-        anyhow::ensure!(
-            token.saturating_sub(role) <= std::time::Duration::from_millis(20),
-            "{who}: the role chunk came {:?} ahead of the first token (role at {role:?}, token at {token:?})",
-            token - role
-        );
+    let recording_path = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join(RECORDING);
+    let recorded = streams::parse_recording(&std::fs::read_to_string(&recording_path).unwrap_or_default());
+    let mut rewrite = String::from(
+        "# Chunk timing shapes of real vLLM 0.32 (CPU, tiny-llama served as `tiny`), recorded by the\n\
+         # real-engine tier with FLOTILLA_RECORD_SAMPLES=1; one burst per generated token's step\n\
+         # (see flotilla_testkit::sse_timeline::shape). `# ms` lines give each event's arrival after the request was sent.\n",
+    );
+    let mut failures = Vec::new();
+    for (name, path, body) in streams::streams("tiny") {
+        let _warm = record(s, path, &body).await;
+        let real = record(s, path, &body).await;
+        let simulated = record(&sim_addr, path, &body).await;
+        let (real_shape, sim_shape) = (shape(&real), shape(&simulated));
+        let ms = |t: &[flotilla_testkit::sse_timeline::Arrival]| {
+            t.iter().map(|a| format!("{:.1}", a.at.as_secs_f64() * 1000.0)).collect::<Vec<_>>().join(" ")
+        };
+        println!("  {name}: real vLLM {real_shape} ({} ms); sim {sim_shape} ({} ms)", ms(&real), ms(&simulated));
+        rewrite.push_str(&format!("{name}: {real_shape}\n# ms {}\n", ms(&real)));
+        if real_shape != sim_shape {
+            failures.push(format!("{name}: real vLLM {real_shape:?}, sim {sim_shape:?}"));
+        }
+        match recorded.iter().find(|(n, _)| n == name) {
+            Some((_, r)) if *r == real_shape => {}
+            other => failures.push(format!(
+                "{name}: real vLLM's shape {real_shape:?} is not the recording's {:?} in {RECORDING} \
+                 (rerun the tier with FLOTILLA_RECORD_SAMPLES=1 to record it)",
+                other.map(|(_, r)| r.as_str())
+            )),
+        }
     }
     let _ = sim.shutdown().await;
+    if std::env::var("FLOTILLA_RECORD_SAMPLES").is_ok_and(|v| v == "1") {
+        std::fs::write(&recording_path, rewrite)?;
+        println!("  recorded {}", recording_path.display());
+        failures.retain(|f| !f.contains("recording"));
+    }
+    anyhow::ensure!(failures.is_empty(), "stream timing differs:\n{}", failures.join("\n"));
     Ok(())
 }

@@ -8,6 +8,7 @@
 pub mod admin;
 pub mod errors;
 pub mod inference;
+pub mod serve;
 pub mod stream;
 pub mod types;
 
