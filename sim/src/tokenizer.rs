@@ -97,6 +97,16 @@ pub fn encode(text: &str, out: &mut Vec<u32>) {
     for_each_token(text, |id, _| out.push(id));
 }
 
+/// Appends a completion prompt's ids: the begin-of-text token, then `text` — what vLLM's
+/// Llama tokenizer gives a completion prompt (and `/tokenize` unless `add_special_tokens`
+/// is false). An empty text stays empty (the engine refuses an empty prompt).
+pub fn encode_prompt(text: &str, out: &mut Vec<u32>) {
+    if !text.is_empty() {
+        out.push(BEGIN_OF_TEXT);
+        encode(text, out);
+    }
+}
+
 /// Number of tokens `text` encodes to.
 pub fn count(text: &str) -> usize {
     let mut v = Vec::new();

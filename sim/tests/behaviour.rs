@@ -267,6 +267,10 @@ async fn detokenize_inverts_tokenize() {
     let prompt = "Routing 1500 requests across internationalization layers!\n\nDone.";
     let t = post(a, "/tokenize", json!({"model": "demo", "prompt": prompt, "return_token_strs": true})).await.json();
     let strs: Vec<String> = serde_json::from_value(t["token_strs"].clone()).unwrap();
+    assert_eq!(strs.concat(), format!("<|begin_of_text|>{prompt}"), "vLLM's default adds the BOS token");
+    let body = json!({"model": "demo", "prompt": prompt, "return_token_strs": true, "add_special_tokens": false});
+    let t = post(a, "/tokenize", body).await.json();
+    let strs: Vec<String> = serde_json::from_value(t["token_strs"].clone()).unwrap();
     assert_eq!(strs.concat(), prompt, "token_strs concatenate to the prompt");
     let ids = t["tokens"].as_array().unwrap().clone();
     let d = post(a, "/detokenize", json!({"model": "demo", "tokens": ids})).await;

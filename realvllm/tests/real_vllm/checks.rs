@@ -234,6 +234,24 @@ async fn lora_through_gateway(v: &str, adapter: &Path) -> anyhow::Result<()> {
     };
     ensure!(r.status == 200, "adapter request through the gateway: {} {}", r.status, r.text());
     ensure!(r.json()?["model"] == "tiny-lora", "{}", r.text());
+    // vLLM's tokenizer endpoints through the gateway, for the adapter and its base model
+    let tok = |model: &str| json!({"model": model, "prompt": "def fib(n): return n"});
+    let base = http::post(&addr, "/tokenize", tok("tiny")).await?;
+    let lora = http::post(&addr, "/tokenize", tok("tiny-lora")).await?;
+    ensure!(
+        base.status == 200 && lora.status == 200,
+        "/tokenize: {} {}; {} {}",
+        base.status,
+        base.text(),
+        lora.status,
+        lora.text()
+    );
+    ensure!(base.json()?["tokens"] == lora.json()?["tokens"], "the adapter shares its base model's tokenizer");
+    let ids = base.json()?["tokens"].clone();
+    let d = http::post(&addr, "/detokenize", json!({"model": "tiny-lora", "tokens": ids})).await?;
+    // (vLLM's /tokenize adds the BOS token unless `add_special_tokens: false`)
+    let text = d.json()?["prompt"].as_str().unwrap_or_default().to_string();
+    ensure!(d.status == 200 && text.ends_with("def fib(n): return n"), "/detokenize: {} {}", d.status, d.text());
     c.unload_lora(v, "tiny-lora").await.context("unload tiny-lora")?;
     let direct = http::post(v, "/v1/chat/completions", body.clone()).await?;
     ensure!(direct.status == 404, "the engine still serves an unloaded adapter: {}", direct.status);

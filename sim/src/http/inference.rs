@@ -176,9 +176,9 @@ pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRe
     }
     let mut tokens = Vec::new();
     match req.prompt {
-        Prompt::Text(t) => tokenizer::encode(&t, &mut tokens),
+        Prompt::Text(t) => tokenizer::encode_prompt(&t, &mut tokens),
         Prompt::Tokens(t) => tokens = t,
-        Prompt::Texts(mut v) if v.len() == 1 => tokenizer::encode(&v.remove(0), &mut tokens),
+        Prompt::Texts(mut v) if v.len() == 1 => tokenizer::encode_prompt(&v.remove(0), &mut tokens),
         Prompt::TokenLists(mut v) if v.len() == 1 => tokens = v.remove(0),
         _ => {
             return ApiError::bad_request(
@@ -226,9 +226,14 @@ pub async fn tokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejec
         return e.into_response();
     }
     let mut tokens = Vec::new();
+    let special = req.add_special_tokens != Some(false);
     let learn_and_encode = |t: &str, tokens: &mut Vec<u32>| {
         st.vocab.learn(t);
-        tokenizer::encode(t, tokens)
+        if special {
+            tokenizer::encode_prompt(t, tokens)
+        } else {
+            tokenizer::encode(t, tokens)
+        }
     };
     match (req.prompt, req.messages) {
         (Some(Prompt::Text(t)), None) => learn_and_encode(&t, &mut tokens),

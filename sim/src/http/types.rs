@@ -210,7 +210,8 @@ pub struct TokenizeRequest {
     pub prompt: Option<Prompt>,
     /// Chat form.
     pub messages: Option<Vec<Message>>,
-    /// Accepted, ignored (the sim's tokenizer adds no special tokens to a plain prompt).
+    /// A completion-form prompt starts with the begin-of-text token unless false (vLLM's
+    /// default: true).
     pub add_special_tokens: Option<bool>,
     /// Return each token's text in `token_strs`.
     pub return_token_strs: Option<bool>,
