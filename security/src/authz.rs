@@ -1,0 +1,258 @@
+//! Who may call what: one table mapping every gRPC method of every service to the roles
+//! allowed to call it (a test fails when a method of the protos is missing from it), and the
+//! tower layer that enforces it on a server. With security on, a method not in the table is
+//! denied to everyone (default deny), a call without an identity gets UNAUTHENTICATED and a
+//! role the method does not allow PERMISSION_DENIED — before the handler runs, so nothing is
+//! written. The caller's [`Identity`] goes into the request's extensions for handlers that
+//! check more (an agent may only open its own node's session; an operator may not write
+//! tenants).
+
+use std::collections::HashMap;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll};
+use std::time::Duration;
+
+use tokio::time::Instant;
+use tonic::transport::server::{TcpConnectInfo, TlsConnectInfo};
+
+use crate::identity::{Identity, Role};
+
+use Role::{Admin, Agent, Gateway, Operator, Peer, Viewer};
+
+/// Roles that only read.
+const READERS: &[Role] = &[Admin, Operator, Viewer, Gateway, Peer];
+/// Every role.
+const ANYONE: &[Role] = &[Admin, Operator, Viewer, Agent, Gateway, Peer];
+
+/// `(path, roles)` for every method served. Peers (the cluster's servers) may call every
+/// method: followers forward writes to the leader under their own identity, after checking
+/// the caller's.
+pub const TABLE: &[(&str, &[Role])] = &[
+    ("/flotilla.v1.ObjectService/Apply", &[Admin, Operator, Peer]),
+    ("/flotilla.v1.ObjectService/Get", READERS),
+    ("/flotilla.v1.ObjectService/List", READERS),
+    ("/flotilla.v1.ObjectService/Delete", &[Admin, Operator, Peer]),
+    ("/flotilla.v1.ObjectService/Watch", READERS),
+    ("/flotilla.v1.ClusterService/Status", ANYONE),
+    ("/flotilla.v1.ClusterService/AddMember", &[Admin, Peer]),
+    ("/flotilla.v1.ClusterService/RemoveMember", &[Admin, Peer]),
+    ("/flotilla.v1.RaftService/AppendEntries", &[Peer]),
+    ("/flotilla.v1.RaftService/Vote", &[Peer]),
+    ("/flotilla.v1.RaftService/InstallSnapshot", &[Peer]),
+    ("/flotilla.v1.AgentService/Session", &[Agent]),
+    // endpoints carry the engines' keys: gateways (and admins) only
+    ("/flotilla.v1.FleetService/WatchEndpoints", &[Admin, Gateway, Peer]),
+    ("/flotilla.v1.FleetService/ListNodes", READERS),
+    ("/flotilla.v1.FleetService/SetNode", &[Admin, Operator, Peer]),
+    ("/flotilla.v1.AdapterService/EnsureLoaded", &[Admin, Operator, Gateway, Peer]),
+    ("/flotilla.v1.AdapterService/ReportUsage", &[Gateway, Peer]),
+    ("/flotilla.v1.AutoscaleService/ReportDemand", &[Gateway, Peer]),
+    ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", &[Admin, Operator, Viewer, Peer]),
+];
+
+/// Methods anyone may call, without an identity (load balancers' health checks).
+pub const PUBLIC: &[&str] = &["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"];
+
+/// Whether calls are checked.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Mode {
+    /// Security off (`--insecure`, or loopback without TLS): every call allowed.
+    Open,
+    /// Identities and the table are enforced.
+    Enforced,
+}
+
+/// The identity a call carries, in its extensions (None: security is off).
+#[derive(Debug, Clone)]
+pub struct Caller(pub Option<Identity>);
+
+/// Why a call is refused.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum Refusal {
+    Unauthenticated(String),
+    Denied(String),
+}
+
+impl Refusal {
+    pub fn status(&self) -> tonic::Status {
+        match self {
+            Refusal::Unauthenticated(m) => tonic::Status::unauthenticated(m.clone()),
+            Refusal::Denied(m) => tonic::Status::permission_denied(m.clone()),
+        }
+    }
+}
+
+/// The roles allowed to call `path`, None when it is not in the table.
+pub fn roles_of(path: &str) -> Option<&'static [Role]> {
+    TABLE.iter().find(|(p, _)| *p == path).map(|(_, r)| *r)
+}
+
+/// The decision for one call (pure).
+pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(), Refusal> {
+    if mode == Mode::Open || PUBLIC.contains(&path) {
+        return Ok(());
+    }
+    let Some(roles) = roles_of(path) else {
+        return Err(Refusal::Denied(format!("{path} is not in the role table (denied to everyone)")));
+    };
+    let Some(id) = identity else {
+        return Err(Refusal::Unauthenticated(format!(
+            "{path} needs an identity: a client certificate with a {}<role>/<name> name",
+            crate::identity::URI_PREFIX
+        )));
+    };
+    if roles.contains(&id.role) {
+        Ok(())
+    } else {
+        let allowed: Vec<&str> = roles.iter().map(|r| r.as_str()).collect();
+        Err(Refusal::Denied(format!("{id} may not call {path} (allowed: {})", allowed.join(", "))))
+    }
+}
+
+/// The identity of a request's TLS peer, if it presented a certificate that names one.
+pub fn peer_identity<B>(req: &http::Request<B>) -> Option<Identity> {
+    let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
+    let certs = info.peer_certs()?;
+    Identity::from_cert_der(certs.first()?).ok()
+}
+
+/// The layer: enforces [`decide`] and puts the [`Caller`] into the request.
+#[derive(Debug, Clone)]
+pub struct AuthorizeLayer {
+    mode: Mode,
+    log: Arc<Mutex<HashMap<(String, String), Instant>>>,
+}
+
+impl AuthorizeLayer {
+    pub fn new(mode: Mode) -> Self {
+        AuthorizeLayer { mode, log: Arc::default() }
+    }
+}
+
+impl<S> tower::Layer<S> for AuthorizeLayer {
+    type Service = Authorize<S>;
+    fn layer(&self, inner: S) -> Authorize<S> {
+        Authorize { inner, layer: self.clone() }
+    }
+}
+
+#[derive(Debug, Clone)]
+pub struct Authorize<S> {
+    inner: S,
+    layer: AuthorizeLayer,
+}
+
+impl AuthorizeLayer {
+    /// Logs a refusal, at most once a minute per (who, method).
+    fn log_refusal(&self, who: &str, path: &str, r: &Refusal) {
+        let now = Instant::now();
+        let mut log = self.log.lock().unwrap_or_else(|e| e.into_inner());
+        let key = (who.to_string(), path.to_string());
+        if log.get(&key).is_some_and(|t| now.duration_since(*t) < Duration::from_secs(60)) {
+            return;
+        }
+        if log.len() > 4096 {
+            log.retain(|_, t| now.duration_since(*t) < Duration::from_secs(60));
+        }
+        log.insert(key, now);
+        tracing::warn!(who, method = path, refusal = ?r, "call refused");
+    }
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for Authorize<S>
+where
+    S: tower::Service<http::Request<B>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    R: Default + Send + 'static,
+    S::Error: Send + 'static,
+{
+    type Response = http::Response<R>;
+    type Error = S::Error;
+    type Future = Pin<Box<dyn Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, cx: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(cx)
+    }
+
+    fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
+        let identity = match self.layer.mode {
+            Mode::Open => None,
+            Mode::Enforced => peer_identity(&req),
+        };
+        let path = req.uri().path().to_string();
+        match decide(self.layer.mode, &path, identity.as_ref()) {
+            Ok(()) => {
+                req.extensions_mut().insert(Caller(identity));
+                Box::pin(self.inner.call(req))
+            }
+            Err(r) => {
+                let who = identity.map_or_else(|| "anonymous".to_string(), |i| i.to_string());
+                self.layer.log_refusal(&who, &path, &r);
+                let response = r.status().into_http::<R>();
+                Box::pin(async move { Ok(response) })
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Every `rpc` of every proto file is in the table: a method added without a row would
+    /// be denied to everyone, and this says so at build time instead.
+    #[test]
+    fn every_method_of_the_protos_is_in_the_table() {
+        let protos = [
+            include_str!("../../api/proto/flotilla/v1/object.proto"),
+            include_str!("../../api/proto/flotilla/v1/cluster.proto"),
+            include_str!("../../api/proto/flotilla/v1/raft.proto"),
+            include_str!("../../api/proto/flotilla/v1/agent.proto"),
+            include_str!("../../api/proto/flotilla/v1/fleet.proto"),
+            include_str!("../../api/proto/flotilla/v1/adapter.proto"),
+            include_str!("../../api/proto/flotilla/v1/autoscale.proto"),
+        ];
+        let mut found = 0;
+        for proto in protos {
+            let mut service = "";
+            for line in proto.lines().map(str::trim) {
+                if let Some(rest) = line.strip_prefix("service ") {
+                    service = rest.split_whitespace().next().unwrap_or_default();
+                }
+                if let Some(rest) = line.strip_prefix("rpc ") {
+                    let method = rest.split('(').next().unwrap_or_default().trim();
+                    let path = format!("/flotilla.v1.{service}/{method}");
+                    assert!(roles_of(&path).is_some(), "{path} is missing from the role table");
+                    found += 1;
+                }
+            }
+        }
+        assert_eq!(found + 1, TABLE.len(), "the table has rows for methods the protos do not have");
+    }
+
+    #[test]
+    fn decisions_follow_the_table() {
+        let id = |role, name: &str| Identity::new(role, name).unwrap();
+        let apply = "/flotilla.v1.ObjectService/Apply";
+        assert_eq!(decide(Mode::Open, apply, None), Ok(()));
+        assert!(matches!(decide(Mode::Enforced, apply, None), Err(Refusal::Unauthenticated(_))));
+        assert_eq!(decide(Mode::Enforced, apply, Some(&id(Operator, "ops"))), Ok(()));
+        let denied = decide(Mode::Enforced, apply, Some(&id(Viewer, "v")));
+        assert!(matches!(&denied, Err(Refusal::Denied(m)) if m.contains("viewer/v may not call")), "{denied:?}");
+        assert!(matches!(decide(Mode::Enforced, "/x.Y/Z", Some(&id(Admin, "a"))), Err(Refusal::Denied(_))));
+        assert_eq!(decide(Mode::Enforced, PUBLIC[0], None), Ok(()));
+        for m in ["AppendEntries", "Vote", "InstallSnapshot"] {
+            let p = format!("/flotilla.v1.RaftService/{m}");
+            for role in Role::ALL {
+                assert_eq!(decide(Mode::Enforced, &p, Some(&id(role, "x"))).is_ok(), role == Peer, "{role} {p}");
+            }
+        }
+        assert_eq!(
+            decide(Mode::Enforced, "/flotilla.v1.AgentService/Session", Some(&id(Gateway, "g")))
+                .map_err(|r| r.status().code()),
+            Err(tonic::Code::PermissionDenied)
+        );
+    }
+}

@@ -1,0 +1,147 @@
+//! Certificates for `flotilla tls ca create` and `flotilla tls cert create` (and tests): an
+//! ECDSA P-256 CA, and leaf certificates carrying an [`Identity`] as their URI name plus the
+//! DNS names and IPs a server is dialled at. Servers' and gateways' certificates may serve
+//! TLS (serverAuth) and dial (clientAuth); everyone else's only dial.
+
+use std::net::IpAddr;
+
+use rcgen::{
+    BasicConstraints, CertificateParams, DistinguishedName, DnType, ExtendedKeyUsagePurpose, IsCa, KeyPair,
+    KeyUsagePurpose, SanType,
+};
+use time::{Duration, OffsetDateTime};
+
+use crate::identity::{Identity, Role};
+
+/// A certificate and its private key, PEM.
+#[derive(Debug, Clone)]
+pub struct Issued {
+    pub cert_pem: String,
+    pub key_pem: String,
+}
+
+/// Why a certificate could not be made.
+#[derive(Debug, thiserror::Error)]
+pub enum CertError {
+    #[error("{what}: {source}")]
+    Rcgen {
+        what: &'static str,
+        #[source]
+        source: rcgen::Error,
+    },
+    #[error("{0}")]
+    Invalid(String),
+}
+
+fn rc(what: &'static str) -> impl FnOnce(rcgen::Error) -> CertError {
+    move |source| CertError::Rcgen { what, source }
+}
+
+/// What a leaf certificate is for.
+#[derive(Debug, Clone)]
+pub struct CertRequest {
+    pub identity: Identity,
+    /// DNS names it is dialled at (servers, gateways).
+    pub dns: Vec<String>,
+    /// IP addresses it is dialled at.
+    pub ips: Vec<IpAddr>,
+    /// Validity from now (an hour back, for clock skew). Negative makes an expired
+    /// certificate (tests).
+    pub days: i64,
+}
+
+fn validity(params: &mut CertificateParams, days: i64) {
+    let now = OffsetDateTime::now_utc();
+    params.not_before = now - Duration::hours(1);
+    params.not_after = now + Duration::days(days);
+    if days < 0 {
+        params.not_before = params.not_after - Duration::days(1);
+    }
+}
+
+/// Whether `name` is a DNS name a certificate may carry (`*.` first allowed).
+pub fn valid_dns_name(name: &str) -> bool {
+    let name = name.strip_prefix("*.").unwrap_or(name);
+    !name.is_empty()
+        && name.len() <= 253
+        && name.split('.').all(|l| {
+            (1..=63).contains(&l.len())
+                && l.bytes().all(|b| b.is_ascii_alphanumeric() || b == b'-')
+                && !l.starts_with('-')
+                && !l.ends_with('-')
+        })
+}
+
+/// A new CA named `name`, valid for `days`.
+pub fn create_ca(name: &str, days: i64) -> Result<Issued, CertError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("CA parameters"))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, name);
+    dn.push(DnType::OrganizationName, "flotilla");
+    params.distinguished_name = dn;
+    params.is_ca = IsCa::Ca(BasicConstraints::Constrained(0));
+    params.key_usages = vec![KeyUsagePurpose::KeyCertSign, KeyUsagePurpose::CrlSign, KeyUsagePurpose::DigitalSignature];
+    validity(&mut params, days);
+    let key = KeyPair::generate().map_err(rc("CA key"))?;
+    let cert = params.self_signed(&key).map_err(rc("CA certificate"))?;
+    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+/// A leaf certificate for `req`, signed by the CA in `ca`.
+pub fn issue(ca: &Issued, req: &CertRequest) -> Result<Issued, CertError> {
+    let ca_key = KeyPair::from_pem(&ca.key_pem).map_err(rc("the CA key"))?;
+    let ca_params = CertificateParams::from_ca_cert_pem(&ca.cert_pem).map_err(rc("the CA certificate"))?;
+    let ca_cert = ca_params.self_signed(&ca_key).map_err(rc("the CA certificate"))?;
+
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("certificate parameters"))?;
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, req.identity.to_string());
+    dn.push(DnType::OrganizationName, "flotilla");
+    params.distinguished_name = dn;
+    let uri = req.identity.uri().try_into().map_err(rc("the identity URI"))?;
+    params.subject_alt_names.push(SanType::URI(uri));
+    for d in &req.dns {
+        if !valid_dns_name(d) {
+            return Err(CertError::Invalid(format!("{d:?} is not a DNS name")));
+        }
+        let name = d.clone().try_into().map_err(|_| CertError::Invalid(format!("{d:?} is not a DNS name")))?;
+        params.subject_alt_names.push(SanType::DnsName(name));
+    }
+    params.subject_alt_names.extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
+    if matches!(req.identity.role, Role::Peer | Role::Gateway) {
+        params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
+    }
+    params.use_authority_key_identifier_extension = true;
+    validity(&mut params, req.days);
+    let key = KeyPair::generate().map_err(rc("key"))?;
+    let cert = params.signed_by(&key, &ca_cert, &ca_key).map_err(rc("certificate"))?;
+    Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use rustls_pki_types::pem::PemObject;
+    use rustls_pki_types::CertificateDer;
+
+    #[test]
+    fn issued_certificates_carry_their_identity() {
+        let ca = create_ca("test CA", 30).unwrap();
+        let id = Identity::new(Role::Peer, "s1").unwrap();
+        let req = CertRequest {
+            identity: id.clone(),
+            dns: vec!["s1.local".into()],
+            ips: vec!["127.0.0.1".parse().unwrap()],
+            days: 30,
+        };
+        let leaf = issue(&ca, &req).unwrap();
+        let der = CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap();
+        assert_eq!(Identity::from_cert_der(&der).unwrap(), id);
+        let ca_der = CertificateDer::from_pem_slice(ca.cert_pem.as_bytes()).unwrap();
+        assert_eq!(Identity::from_cert_der(&ca_der), Err(crate::identity::IdentityError::Missing));
+        let bad = CertRequest { dns: vec!["not a name!".into()], ..req };
+        assert!(issue(&ca, &bad).is_err());
+    }
+}

@@ -1,0 +1,22 @@
+//! Transport security and identity for every role (see docs/security.md):
+//!
+//! ```text
+//! certs     flotilla tls ca create / cert create: a CA, leaf certificates naming an identity
+//! identity  Role + name, carried as the URI SAN spiffe://flotilla/<role>/<name>
+//! tls       --tls-cert/--tls-key/--tls-ca -> rustls configs that follow the files (rotation)
+//! incoming  server side: TCP -> TLS before tonic (concurrent, bounded handshakes)
+//! connect   client side: tonic channels through a TLS connector (name of the configured address)
+//! authz     the role table of every gRPC method, and the layer that enforces it
+//! ```
+#![forbid(unsafe_code)]
+
+pub mod authz;
+pub mod certs;
+pub mod connect;
+pub mod identity;
+pub mod incoming;
+pub mod tls;
+
+pub use authz::{AuthorizeLayer, Caller, Mode};
+pub use identity::{Identity, Role};
+pub use tls::{Tls, TlsArgs, TlsError, TlsFiles};
