@@ -49,6 +49,7 @@ impl AgentService for AgentServiceImpl {
 
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Out>, Status> {
         self.ctx.ensure_leader()?;
+        let caller = req.extensions().get::<flotilla_security::Caller>().and_then(|c| c.0.clone());
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
@@ -56,6 +57,7 @@ impl AgentService for AgentServiceImpl {
         let Some(AgentMessage { msg: Some(AgentMsg::Register(reg)) }) = first else {
             return Err(ActorsError::InvalidArgument("the first message on the stream must be Register".into()).into());
         };
+        check_identity(caller.as_ref(), &reg.node_name)?;
         let node = register(&self.ctx, &reg).await?;
         let (tx, rx) = mpsc::channel(16);
         let registered =
@@ -63,6 +65,19 @@ impl AgentService for AgentServiceImpl {
         let _ = tx.send(Ok(ServerMessage { msg: Some(ServerMsg::Registered(registered)) })).await;
         tokio::spawn(run_session(self.ctx.clone(), node, reg.agent_id, inbound, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
+    }
+}
+
+/// With security on, an agent's certificate names its node: it may open that node's session
+/// and no other (a stolen certificate of one node cannot impersonate another).
+pub fn check_identity(caller: Option<&flotilla_security::Identity>, node_name: &str) -> Result<(), Status> {
+    match caller {
+        None => Ok(()),
+        Some(id) if id.role == flotilla_security::Role::Agent && id.name == node_name => Ok(()),
+        Some(id) => Err(Status::permission_denied(format!(
+            "{id} may not open the session of node {node_name:?}: an agent's certificate must name its node \
+             (spiffe://flotilla/agent/{node_name})"
+        ))),
     }
 }
 
@@ -266,4 +281,22 @@ async fn heartbeat(ctx: &Arc<Ctx>, node: &ObjectName, agent_id: &str, hb: Heartb
         }
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod identity_tests {
+    use super::check_identity;
+    use flotilla_security::{Identity, Role};
+
+    #[test]
+    fn an_agent_certificate_opens_only_its_own_nodes_session() {
+        let a = Identity::new(Role::Agent, "node-a").unwrap();
+        assert!(check_identity(None, "node-b").is_ok(), "security off");
+        assert!(check_identity(Some(&a), "node-a").is_ok());
+        let e = check_identity(Some(&a), "node-b").unwrap_err();
+        assert_eq!(e.code(), tonic::Code::PermissionDenied);
+        assert!(e.message().contains("agent/node-a may not open the session of node \"node-b\""), "{}", e.message());
+        let admin = Identity::new(Role::Admin, "node-a").unwrap();
+        assert_eq!(check_identity(Some(&admin), "node-a").unwrap_err().code(), tonic::Code::PermissionDenied);
+    }
 }

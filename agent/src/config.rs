@@ -21,6 +21,10 @@ pub struct AgentArgs {
     /// which the `flotilla` CLI owns, so it is not a flag of its own here.
     #[arg(skip = vec!["127.0.0.1:7070".to_owned()])]
     pub server: Vec<String>,
+    /// TLS to the servers, from the binary's global `--tls-*` flags (the certificate must
+    /// name this node: `spiffe://flotilla/agent/<node-name>`).
+    #[arg(skip)]
+    pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
     /// This node's name, a DNS label unique in the cluster; default: the host name.
     #[arg(long, env = "FLOTILLA_NODE_NAME")]
     pub node_name: Option<String>,
@@ -126,6 +130,8 @@ pub struct AgentArgs {
 pub struct AgentConfig {
     /// Server gRPC URLs (`http://host:port`), in the order to try.
     pub servers: Vec<String>,
+    /// TLS to the servers.
+    pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
     /// Node name.
     pub node_name: String,
     /// Data directory.
@@ -241,6 +247,7 @@ impl AgentArgs {
         }
         Ok(AgentConfig {
             servers,
+            tls: self.tls.clone(),
             node_name,
             data_dir: self.data_dir.clone(),
             address: self.address.trim().to_string(),

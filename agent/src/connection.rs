@@ -159,7 +159,7 @@ impl Session<'_> {
                 .keep_alive_while_idle(true),
             Err(e) => return (Status::unavailable(format!("bad server address {server}: {e}")), false),
         };
-        let channel = match endpoint.connect().await {
+        let channel = match flotilla_security::connect::connect(endpoint, self.cfg.tls.as_ref(), server).await {
             Ok(c) => c,
             Err(e) => return (Status::unavailable(format!("cannot connect: {}", crate::http::error_chain(&e))), false),
         };

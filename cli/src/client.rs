@@ -11,6 +11,7 @@ use crate::error::CliError;
 
 pub(crate) struct Client {
     servers: Vec<String>,
+    tls: Option<std::sync::Arc<flotilla_security::Tls>>,
 }
 
 /// How long one call to one server may take.
@@ -31,16 +32,20 @@ fn url(addr: &str) -> String {
 }
 
 impl Client {
-    pub(crate) fn new(servers: &str) -> Client {
-        Client { servers: servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect() }
+    pub(crate) fn new(servers: &str, tls: Option<std::sync::Arc<flotilla_security::Tls>>) -> Client {
+        let servers = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
+        Client { servers, tls }
     }
 
-    async fn connect(addr: &str) -> Result<Channel, Status> {
+    async fn connect(&self, addr: &str) -> Result<Channel, Status> {
         let endpoint = Endpoint::from_shared(url(&flotilla_api::dial::dial_address(addr)))
             .map_err(|_| Status::invalid_argument(format!("--server {addr:?} is not a host:port address")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL_TIMEOUT);
-        endpoint.connect().await.map_err(|e| Status::unavailable(format!("cannot reach server {addr}: {e}")))
+        flotilla_security::connect::connect(endpoint, self.tls.as_ref(), addr).await.map_err(|e| {
+            let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+            Status::unavailable(format!("cannot reach server {addr}: {why}"))
+        })
     }
 
     /// Runs `f` against each server in turn until one gives an answer that is not
@@ -57,7 +62,7 @@ impl Client {
         loop {
             let (mut last, mut no_leader) = (None, false);
             for addr in &self.servers {
-                let result = match Self::connect(addr).await {
+                let result = match self.connect(addr).await {
                     Ok(channel) => f(channel).await,
                     Err(e) => Err(e),
                 };

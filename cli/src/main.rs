@@ -31,6 +31,9 @@ struct Cli {
     /// Output format of operator commands.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
+    /// TLS for every role and every command (see `flotilla tls` and docs/security.md).
+    #[command(flatten)]
+    tls: flotilla_security::TlsArgs,
     #[command(subcommand)]
     command: Command,
 }
@@ -87,6 +90,11 @@ enum Command {
     /// Example: flotilla chaos run chaos/scenarios/leader-kill-loop.yaml --seed 7
     #[command(subcommand)]
     Chaos(flotilla_chaos::cli::ChaosCommand),
+    /// Certificates for a secure cluster: a CA, and certificates naming a role and a name.
+    ///
+    /// Example: flotilla tls ca create && flotilla tls cert create --role server --name s1 --ip 10.0.0.1
+    #[command(subcommand)]
+    Tls(cmd::tls::TlsCommand),
 }
 
 fn main() -> ExitCode {
@@ -115,10 +123,15 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     flotilla_api::dial::check_env().map_err(CliError::usage)?;
-    let client = client::Client::new(&cli.server);
+    let tls = match &cli.command {
+        // these write or run without dialling a server with this process's certificate
+        Command::Tls(_) | Command::Sim(_) | Command::Chaos(_) | Command::Dev(_) => None,
+        _ => flotilla_security::Tls::from_args(&cli.tls).map_err(|e| CliError::usage(e.to_string()))?,
+    };
+    let client = client::Client::new(&cli.server, tls.clone());
     let server = cli.server.clone();
     match cli.command {
-        Command::Server(args) => cmd::server::run(args).await,
+        Command::Server(args) => cmd::server::run(args, &cli.tls).await,
         Command::Dev(args) => cmd::dev::run(args).await,
         Command::Apply(args) => cmd::objects::apply(&client, args, cli.output).await,
         Command::Get(args) => cmd::objects::get(&client, args, cli.output).await,
@@ -130,17 +143,20 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Agent(mut args) => {
             init_logging("info");
             args.server = server_list(&server);
+            args.tls = tls;
             flotilla_agent::run(args).await.map_err(CliError::from)
         }
         Command::Gateway(mut args) => {
             init_logging("info");
             args.server = server_list(&server);
+            args.tls = tls;
             flotilla_gateway::run(args).await.map_err(CliError::from)
         }
         Command::Sim(args) => {
             init_logging("info");
             flotilla_sim::run(args).await.map_err(CliError::from)
         }
+        Command::Tls(c) => cmd::tls::run(c),
         Command::Chaos(c) => {
             init_logging("warn");
             let bin =

@@ -36,6 +36,11 @@ pub struct ServerConfig {
     pub watch_history: usize,
     /// How long a write or linearizable read may wait for the Raft group.
     pub request_timeout: Duration,
+    /// TLS on the gRPC listener and on links to other servers; with it, every call is
+    /// checked against the role table (`flotilla_security::authz`).
+    pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+    /// Allow a non-loopback gRPC address without TLS (a network the operator trusts).
+    pub insecure: bool,
 }
 
 impl ServerConfig {
@@ -56,6 +61,8 @@ impl ServerConfig {
             keep_logs: 1_000,
             watch_history: flotilla_storage::DEFAULT_EVENT_RETENTION,
             request_timeout: Duration::from_secs(10),
+            tls: None,
+            insecure: false,
         }
     }
 
@@ -87,6 +94,14 @@ impl ServerConfig {
         }
         if self.watch_history == 0 {
             return bad("--watch-history must be positive".into());
+        }
+        if self.tls.is_none() && !self.insecure && !self.grpc_addr.ip().is_loopback() {
+            return bad(format!(
+                "--grpc-addr {} is not a loopback address and TLS is off: anyone who can reach it could \
+                 write objects, join the cluster and send Raft messages. Give --tls-cert, --tls-key and \
+                 --tls-ca (see `flotilla tls`), or --insecure on a network you trust",
+                self.grpc_addr
+            ));
         }
         Ok(())
     }
@@ -122,6 +137,10 @@ mod tests {
         assert!(e.contains("--join"), "{e}");
         let e = ServerConfig { election_timeout_min_ms: 100, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");
-        assert!(ServerConfig { election_timeout_max_ms: 200, ..ok }.validate().is_err());
+        assert!(ServerConfig { election_timeout_max_ms: 200, ..ok.clone() }.validate().is_err());
+        let open = ServerConfig { grpc_addr: "0.0.0.0:7070".parse().unwrap(), ..ok.clone() };
+        let e = open.validate().unwrap_err().to_string();
+        assert!(e.contains("--grpc-addr 0.0.0.0:7070 is not a loopback address") && e.contains("--insecure"), "{e}");
+        assert!(ServerConfig { insecure: true, ..open }.validate().is_ok());
     }
 }

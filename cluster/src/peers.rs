@@ -43,6 +43,8 @@ impl PeerTimings {
 pub(crate) struct Peers {
     timings: PeerTimings,
     channels: Arc<Mutex<HashMap<String, Channel>>>,
+    /// TLS to other servers (our own certificate identifies us as a peer).
+    tls: Option<Arc<flotilla_security::Tls>>,
 }
 
 /// Turns `host:port` (or a full URL) into an endpoint URL.
@@ -55,8 +57,8 @@ pub(crate) fn endpoint_url(addr: &str) -> String {
 }
 
 impl Peers {
-    pub(crate) fn new(timings: PeerTimings) -> Peers {
-        Peers { timings, channels: Arc::default() }
+    pub(crate) fn new(timings: PeerTimings, tls: Option<Arc<flotilla_security::Tls>>) -> Peers {
+        Peers { timings, channels: Arc::default(), tls }
     }
 
     pub(crate) fn channel(&self, addr: &str) -> Channel {
@@ -64,14 +66,14 @@ impl Peers {
         let mut map = self.channels.lock().unwrap_or_else(|p| p.into_inner());
         map.entry(addr.to_owned())
             .or_insert_with(|| {
-                Endpoint::from_shared(endpoint_url(&flotilla_api::dial::dial_address(addr)))
+                let endpoint = Endpoint::from_shared(endpoint_url(&flotilla_api::dial::dial_address(addr)))
                     .unwrap_or_else(|_| Endpoint::from_static("http://0.0.0.0:1"))
                     .connect_timeout(t.connect)
                     .tcp_nodelay(true)
                     .http2_keep_alive_interval(t.keep_alive_interval)
                     .keep_alive_timeout(t.keep_alive_timeout)
-                    .keep_alive_while_idle(true)
-                    .connect_lazy()
+                    .keep_alive_while_idle(true);
+                flotilla_security::connect::connect_lazy(endpoint, self.tls.as_ref(), addr)
             })
             .clone()
     }

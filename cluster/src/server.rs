@@ -9,6 +9,7 @@ use flotilla_api::pb::cluster_service_server::ClusterServiceServer;
 use flotilla_api::pb::object_service_server::ObjectServiceServer;
 use flotilla_api::pb::raft_service_server::RaftServiceServer;
 use flotilla_api::pb::AddMemberRequest;
+use flotilla_security::{AuthorizeLayer, Mode};
 use flotilla_storage::Raft;
 use openraft::BasicNode;
 use tokio::net::TcpListener;
@@ -98,7 +99,10 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
 
     let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
     let reader = state_machine.reader();
-    let peers = Peers::new(PeerTimings::from_raft(config.election_timeout_min_ms, config.election_timeout_max_ms));
+    let peers = Peers::new(
+        PeerTimings::from_raft(config.election_timeout_min_ms, config.election_timeout_max_ms),
+        config.tls.clone(),
+    );
     let network = Network { peers: peers.clone() };
     let raft = Raft::new(config.id, raft_config, network, log_store, state_machine)
         .await
@@ -119,7 +123,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     extensions(ClusterHandle { node: node.clone() }, &mut extra);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra)));
+    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra, config.tls.clone())));
     tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
 
     if config.bootstrap {
@@ -166,7 +170,13 @@ async fn join(raft: Raft, peers: crate::peers::Peers, seed: String, id: u64, add
     }
 }
 
-async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>, extra: RoutesBuilder) {
+async fn serve_grpc(
+    node: Node,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    extra: RoutesBuilder,
+    tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ObjectServiceServer<ObjectServiceImpl>>().await;
     health_reporter.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
@@ -193,17 +203,26 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
         .add_service(objects)
         .add_service(cluster)
         .add_service(raft);
-    let result = tonic::transport::Server::builder()
+    // With TLS every call is checked against the role table; without, security is off
+    // (loopback, or --insecure: see ServerConfig::validate).
+    let mode = if tls.is_some() { Mode::Enforced } else { Mode::Open };
+    let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .add_routes(routes.routes())
-        .serve_with_incoming_shutdown(
-            tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true)),
-            async move {
-                let _ = stop.wait_for(|s| *s).await;
-            },
-        )
-        .await;
+        .layer(AuthorizeLayer::new(mode))
+        .add_routes(routes.routes());
+    let stopped = async move {
+        let _ = stop.wait_for(|s| *s).await;
+    };
+    let result = match tls {
+        Some(tls) => {
+            server.serve_with_incoming_shutdown(flotilla_security::incoming::incoming(listener, tls), stopped).await
+        }
+        None => {
+            let incoming = tonic::transport::server::TcpIncoming::from(listener).with_nodelay(Some(true));
+            server.serve_with_incoming_shutdown(incoming, stopped).await
+        }
+    };
     if let Err(e) = result {
         tracing::error!(error = %e, "gRPC server failed");
     }

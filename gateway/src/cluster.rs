@@ -32,18 +32,23 @@ pub(crate) fn uri(addr: &str) -> String {
     }
 }
 
-pub(crate) async fn connect(addr: &str) -> Result<Channel, String> {
+pub(crate) async fn connect(
+    addr: &str,
+    tls: Option<&std::sync::Arc<flotilla_security::Tls>>,
+) -> Result<Channel, String> {
     let ep = TonicEndpoint::from_shared(uri(&flotilla_api::dial::dial_address(addr)))
         .map_err(|e| format!("bad server address {addr:?}: {e}"))?;
     // HTTP/2 pings find a server that stopped answering (paused, partitioned) within
     // 0.75 s; meanwhile the gateway keeps routing on its last table.
-    ep.connect_timeout(Duration::from_secs(2))
+    let ep = ep
+        .connect_timeout(Duration::from_secs(2))
         .http2_keep_alive_interval(flotilla_api::dial::LEADER_PING_INTERVAL)
         .keep_alive_timeout(flotilla_api::dial::LEADER_PING_TIMEOUT)
-        .keep_alive_while_idle(true)
-        .connect()
-        .await
-        .map_err(|e| format!("connect {addr}: {e}"))
+        .keep_alive_while_idle(true);
+    flotilla_security::connect::connect(ep, tls, addr).await.map_err(|e| {
+        let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
+        format!("connect {addr}: {why}")
+    })
 }
 
 /// The leader named in a `cluster.not_leader: leader=ADDR` status, if any.
@@ -103,7 +108,7 @@ pub async fn watch_endpoints(gw: Arc<Gateway>, servers: Vec<String>) {
 }
 
 async fn endpoints_once(gw: &Gateway, addr: &str) -> Result<(), (Option<tonic::Status>, String)> {
-    let ch = connect(addr).await.map_err(|e| (None, e))?;
+    let ch = connect(addr, gw.cfg.tls.as_ref()).await.map_err(|e| (None, e))?;
     let mut client = pb::fleet_service_client::FleetServiceClient::new(ch);
     let mut stream = client
         .watch_endpoints(pb::WatchEndpointsRequest { model: String::new() })
@@ -224,7 +229,7 @@ async fn objects_once(
     after: &mut Option<u64>,
 ) -> Result<(), (Option<tonic::Status>, String)> {
     let err = |s: tonic::Status| (Some(s.clone()), s.to_string());
-    let ch = connect(addr).await.map_err(|e| (None, e))?;
+    let ch = connect(addr, gw.cfg.tls.as_ref()).await.map_err(|e| (None, e))?;
     let mut client = pb::object_service_client::ObjectServiceClient::new(ch);
     if after.is_none() {
         let list = client

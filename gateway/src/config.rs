@@ -115,6 +115,9 @@ pub struct GatewayArgs {
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,
+    /// Filled in by the binary from its global `--tls-*` flags.
+    #[arg(skip)]
+    pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
 }
 
 impl Default for GatewayArgs {
@@ -168,6 +171,8 @@ pub struct Config {
     pub listen: String,
     pub backends: Vec<StaticBackend>,
     pub servers: Vec<String>,
+    /// TLS to the servers (the process's certificate identifies it as a gateway).
+    pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
     pub auth: bool,
     pub max_body_bytes: usize,
     pub header_timeout: Duration,
@@ -280,6 +285,7 @@ impl GatewayArgs {
             listen: self.listen.clone(),
             backends,
             servers: self.server.clone(),
+            tls: self.tls.clone(),
             auth: !self.no_auth,
             max_body_bytes: self.max_body_bytes,
             header_timeout: ms(self.header_timeout_ms),

@@ -101,6 +101,7 @@ impl LoadError {
 /// in order; `cluster.not_leader: leader=ADDR` hints are followed.
 pub struct LeaderLink {
     servers: Vec<String>,
+    tls: Option<std::sync::Arc<flotilla_security::Tls>>,
     current: Mutex<Option<(String, Channel)>>,
 }
 
@@ -109,8 +110,8 @@ fn not_leader(s: &tonic::Status) -> bool {
 }
 
 impl LeaderLink {
-    pub fn new(servers: Vec<String>) -> Self {
-        LeaderLink { servers, current: Mutex::new(None) }
+    pub fn new(servers: Vec<String>, tls: Option<std::sync::Arc<flotilla_security::Tls>>) -> Self {
+        LeaderLink { servers, tls, current: Mutex::new(None) }
     }
 
     fn cached(&self) -> Option<(String, Channel)> {
@@ -161,7 +162,7 @@ impl LeaderLink {
             }
             let ch = match cached.take().filter(|(a, _)| *a == addr) {
                 Some((_, ch)) => ch,
-                None => match tokio::time::timeout(left, connect(&addr)).await {
+                None => match tokio::time::timeout(left, connect(&addr, self.tls.as_ref())).await {
                     Ok(Ok(ch)) => ch,
                     Ok(Err(e)) => {
                         last = e;

@@ -103,7 +103,7 @@ impl Loader {
         Loader {
             enabled: cfg.backends.is_empty() && !cfg.servers.is_empty(),
             timeout: cfg.adapter_load_timeout,
-            link: LeaderLink::new(cfg.servers.clone()),
+            link: LeaderLink::new(cfg.servers.clone(), cfg.tls.clone()),
             flights: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             usage: Mutex::new(UsageBook::default()),

@@ -40,7 +40,9 @@ fn rc(what: &'static str) -> impl FnOnce(rcgen::Error) -> CertError {
 /// What a leaf certificate is for.
 #[derive(Debug, Clone)]
 pub struct CertRequest {
-    pub identity: Identity,
+    /// None: a certificate of the CA that names no identity (its holder is authenticated at
+    /// the TLS layer but may call only public methods).
+    pub identity: Option<Identity>,
     /// DNS names it is dialled at (servers, gateways).
     pub dns: Vec<String>,
     /// IP addresses it is dialled at.
@@ -95,11 +97,13 @@ pub fn issue(ca: &Issued, req: &CertRequest) -> Result<Issued, CertError> {
 
     let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("certificate parameters"))?;
     let mut dn = DistinguishedName::new();
-    dn.push(DnType::CommonName, req.identity.to_string());
+    dn.push(DnType::CommonName, req.identity.as_ref().map_or_else(|| "anonymous".to_string(), |i| i.to_string()));
     dn.push(DnType::OrganizationName, "flotilla");
     params.distinguished_name = dn;
-    let uri = req.identity.uri().try_into().map_err(rc("the identity URI"))?;
-    params.subject_alt_names.push(SanType::URI(uri));
+    if let Some(identity) = &req.identity {
+        let uri = identity.uri().try_into().map_err(rc("the identity URI"))?;
+        params.subject_alt_names.push(SanType::URI(uri));
+    }
     for d in &req.dns {
         if !valid_dns_name(d) {
             return Err(CertError::Invalid(format!("{d:?} is not a DNS name")));
@@ -110,7 +114,7 @@ pub fn issue(ca: &Issued, req: &CertRequest) -> Result<Issued, CertError> {
     params.subject_alt_names.extend(req.ips.iter().map(|ip| SanType::IpAddress(*ip)));
     params.key_usages = vec![KeyUsagePurpose::DigitalSignature, KeyUsagePurpose::KeyEncipherment];
     params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ClientAuth];
-    if matches!(req.identity.role, Role::Peer | Role::Gateway) {
+    if req.identity.as_ref().is_some_and(|i| matches!(i.role, Role::Peer | Role::Gateway)) {
         params.extended_key_usages.push(ExtendedKeyUsagePurpose::ServerAuth);
     }
     params.use_authority_key_identifier_extension = true;
@@ -131,7 +135,7 @@ mod tests {
         let ca = create_ca("test CA", 30).unwrap();
         let id = Identity::new(Role::Peer, "s1").unwrap();
         let req = CertRequest {
-            identity: id.clone(),
+            identity: Some(id.clone()),
             dns: vec!["s1.local".into()],
             ips: vec!["127.0.0.1".parse().unwrap()],
             days: 30,

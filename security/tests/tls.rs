@@ -28,7 +28,7 @@ fn write(dir: &Path, name: &str, ca: &Issued, leaf: &Issued) -> TlsFiles {
 
 fn leaf(ca: &Issued, role: Role, name: &str, days: i64) -> Issued {
     let req = CertRequest {
-        identity: Identity::new(role, name).unwrap(),
+        identity: Some(Identity::new(role, name).unwrap()),
         dns: vec!["localhost".into()],
         ips: vec!["127.0.0.1".parse().unwrap()],
         days,

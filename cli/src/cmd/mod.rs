@@ -5,3 +5,4 @@ pub(crate) mod node;
 pub(crate) mod objects;
 pub(crate) mod scale;
 pub(crate) mod server;
+pub(crate) mod tls;

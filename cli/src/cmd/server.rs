@@ -71,6 +71,10 @@ pub(crate) struct ServerArgs {
     /// How long a crash-looping (Failed) replica counts before it is replaced, ms.
     #[arg(long, default_value_t = 30_000)]
     pub(crate) failed_replace_backoff_ms: u64,
+    /// Serve a non-loopback --grpc-addr without TLS (refused otherwise): anyone who can
+    /// reach the port can then do anything. Only on a network you trust.
+    #[arg(long)]
+    pub(crate) insecure: bool,
 }
 
 impl ServerArgs {
@@ -88,12 +92,18 @@ impl ServerArgs {
             keep_logs: self.keep_logs,
             watch_history: self.watch_history,
             request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
+            insecure: self.insecure,
             ..ServerConfig::new(self.id, self.data_dir.clone())
         }
     }
 }
 
 impl ServerArgs {
+    /// Whether to warn that a reachable listener runs without TLS.
+    fn tls_off_warning(&self) -> bool {
+        self.insecure && !self.grpc_addr.ip().is_loopback()
+    }
+
     pub(crate) fn actors_config(&self) -> Result<ActorsConfig, CliError> {
         let config = ActorsConfig {
             node_ttl_ms: self.node_ttl_ms,
@@ -111,14 +121,18 @@ impl ServerArgs {
     }
 }
 
-pub(crate) async fn run(args: ServerArgs) -> Result<(), CliError> {
+pub(crate) async fn run(args: ServerArgs, tls: &flotilla_security::TlsArgs) -> Result<(), CliError> {
     crate::init_logging("info,openraft=error");
-    let config = args.config();
+    let mut config = args.config();
+    config.tls = flotilla_security::Tls::from_args(tls).map_err(|e| CliError::usage(e.to_string()))?;
     config.validate()?;
     let actors = args.actors_config()?;
     let handle = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
     let signals = Signals::install()?;
     println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
+    if args.tls_off_warning() {
+        eprintln!("warning: TLS is off (--insecure): every call on {} is allowed to anyone", handle.grpc_addr);
+    }
     tokio::select! {
         () = signals.wait() => {}
         reason = handle.stopped() => return Err(CliError::runtime(format!("server stopped: {reason}"))),

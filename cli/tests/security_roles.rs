@@ -1,0 +1,255 @@
+//! A server with TLS on, its certificates made by `flotilla tls`: every (role, method) pair
+//! of the role table against the real binary. Allowed calls reach their handler (whatever
+//! they answer, it is not a refusal); refused ones get PERMISSION_DENIED, or UNAUTHENTICATED
+//! for a certificate naming no identity, and write nothing (store revision unchanged). Also:
+//! the CLI with an admin certificate applies, with a viewer one is refused, and without TLS
+//! cannot talk to the server at all; an agent's certificate opens only its own node's session.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::pb;
+use flotilla_security::certs::{self, CertRequest, Issued};
+use flotilla_security::{authz, Identity, Role, Tls, TlsFiles};
+use flotilla_testkit::procs::{log_tail, Group};
+use tonic::transport::{Channel, Endpoint};
+use tonic::Code;
+
+const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
+
+fn flotilla(dir: &Path, args: &[&str]) -> std::process::Output {
+    Command::new(BIN).args(args).current_dir(dir).env_remove("FLOTILLA_TLS_CERT").output().expect("run flotilla")
+}
+
+/// `flotilla tls cert create` for `role` (a --role word) and `name`; the three files.
+fn cert(dir: &Path, role: &str, name: &str) -> TlsFiles {
+    if dir.join(format!("{role}-{name}.pem")).exists() {
+        return cert_files(dir, role, name);
+    }
+    let out = flotilla(dir, &["tls", "cert", "create", "--role", role, "--name", name, "--ip", "127.0.0.1"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    TlsFiles {
+        cert: dir.join(format!("{role}-{name}.pem")),
+        key: dir.join(format!("{role}-{name}-key.pem")),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+fn tls_flags(f: &TlsFiles) -> Vec<String> {
+    vec![
+        "--tls-cert".into(),
+        f.cert.display().to_string(),
+        "--tls-key".into(),
+        f.key.display().to_string(),
+        "--tls-ca".into(),
+        f.ca.display().to_string(),
+    ]
+}
+
+struct Server {
+    _proc: Group,
+    addr: String,
+}
+
+async fn start_server(dir: &Path, files: &TlsFiles) -> Server {
+    let log = dir.join("server.log");
+    let mut cmd = Command::new(BIN);
+    cmd.args(["server", "--id", "1", "--bootstrap", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .arg("--data-dir")
+        .arg(dir.join("data"))
+        .args(tls_flags(files))
+        .env("RUST_LOG", "warn");
+    let proc = Group::spawn("flotilla server", cmd, &log);
+    for _ in 0..300 {
+        let text = std::fs::read_to_string(&log).unwrap_or_default();
+        if let Some(addr) = text.split_whitespace().find_map(|w| w.strip_prefix("grpc=")) {
+            return Server { _proc: proc, addr: addr.to_string() };
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("no address:\n{}", log_tail(&log, 20));
+}
+
+async fn channel(addr: &str, tls: &Arc<Tls>) -> Channel {
+    let ep = Endpoint::from_shared(format!("http://{addr}")).unwrap().timeout(Duration::from_secs(10));
+    flotilla_security::connect::connect(ep, Some(tls), addr).await.expect("TLS connection")
+}
+
+/// The status code of an answer.
+fn code<T>(r: Result<T, tonic::Status>) -> Code {
+    r.map_or_else(|s| s.code(), |_| Code::Ok)
+}
+
+/// Calls `path` with a request that changes nothing even where allowed; the status code.
+async fn call(ch: Channel, path: &str, node: &str) -> Code {
+    use pb::adapter_service_client::AdapterServiceClient as Adapters;
+    use pb::agent_service_client::AgentServiceClient as Agents;
+    use pb::autoscale_service_client::AutoscaleServiceClient as Autoscale;
+    use pb::cluster_service_client::ClusterServiceClient as Cluster;
+    use pb::fleet_service_client::FleetServiceClient as Fleet;
+    use pb::object_service_client::ObjectServiceClient as Objects;
+    use pb::raft_service_client::RaftServiceClient as Raft;
+    let garbage = || pb::RaftPayload { data: b"not json".to_vec() };
+    let method = path.rsplit('/').next().unwrap();
+    match method {
+        "Apply" => code(
+            Objects::new(ch).apply(pb::ApplyRequest { manifest: "kind: Nope".into(), expected_revision: None }).await,
+        ),
+        "Get" => code(
+            Objects::new(ch).get(pb::GetRequest { kind: "Model".into(), name: "absent".into(), stale: false }).await,
+        ),
+        "List" => code(Objects::new(ch).list(pb::ListRequest { kind: "Model".into(), ..Default::default() }).await),
+        "Delete" => code(
+            Objects::new(ch)
+                .delete(pb::DeleteRequest { kind: "Model".into(), name: "absent".into(), expected_revision: None })
+                .await,
+        ),
+        "Watch" => code(Objects::new(ch).watch(pb::WatchRequest { kind: "Model".into(), after_revision: 0 }).await),
+        "Status" => code(Cluster::new(ch).status(pb::StatusRequest { local: true }).await),
+        "AddMember" => code(
+            Cluster::new(ch).add_member(pb::AddMemberRequest { id: 0, addr: String::new(), learner_only: true }).await,
+        ),
+        "RemoveMember" => code(Cluster::new(ch).remove_member(pb::RemoveMemberRequest { id: 0 }).await),
+        "AppendEntries" => code(Raft::new(ch).append_entries(garbage()).await),
+        "Vote" => code(Raft::new(ch).vote(garbage()).await),
+        "InstallSnapshot" => code(Raft::new(ch).install_snapshot(garbage()).await),
+        "Session" => {
+            // a registration without an agent id: refused by the handler if it gets there
+            let reg = pb::Register { node_name: node.into(), ..Default::default() };
+            let msg = pb::AgentMessage { msg: Some(pb::agent_message::Msg::Register(reg)) };
+            code(Agents::new(ch).session(futures::stream::iter([msg])).await)
+        }
+        "WatchEndpoints" => code(Fleet::new(ch).watch_endpoints(pb::WatchEndpointsRequest::default()).await),
+        "ListNodes" => code(Fleet::new(ch).list_nodes(pb::ListNodesRequest {}).await),
+        "SetNode" => code(Fleet::new(ch).set_node(pb::NodeActionRequest { name: "absent".into(), action: 0 }).await),
+        "EnsureLoaded" => code(
+            Adapters::new(ch)
+                .ensure_loaded(pb::EnsureLoadedRequest { adapter: "absent".into(), ..Default::default() })
+                .await,
+        ),
+        "ReportUsage" => code(Adapters::new(ch).report_usage(pb::ReportUsageRequest::default()).await),
+        "ReportDemand" => code(Autoscale::new(ch).report_demand(pb::ReportDemandRequest::default()).await),
+        other => panic!("no request for {other}"),
+    }
+}
+
+async fn revision(ch: Channel) -> u64 {
+    pb::object_service_client::ObjectServiceClient::new(ch)
+        .list(pb::ListRequest { kind: "Model".into(), ..Default::default() })
+        .await
+        .expect("list")
+        .into_inner()
+        .store_revision
+}
+
+fn write_anonymous(dir: &Path) -> TlsFiles {
+    let ca = Issued {
+        cert_pem: std::fs::read_to_string(dir.join("ca.pem")).unwrap(),
+        key_pem: std::fs::read_to_string(dir.join("ca-key.pem")).unwrap(),
+    };
+    let leaf = certs::issue(&ca, &CertRequest { identity: None, dns: vec![], ips: vec![], days: 1 }).unwrap();
+    let (cert, key) = (dir.join("anon.pem"), dir.join("anon-key.pem"));
+    std::fs::write(&cert, leaf.cert_pem).unwrap();
+    std::fs::write(&key, leaf.key_pem).unwrap();
+    TlsFiles { cert, key, ca: dir.join("ca.pem") }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_role_and_method_against_the_table() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    let out = flotilla(dir, &["tls", "ca", "create"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let again = flotilla(dir, &["tls", "ca", "create"]);
+    assert_eq!(again.status.code(), Some(2), "an existing CA is never overwritten");
+    let server = start_server(dir, &cert(dir, "server", "s1")).await;
+    let admin = Tls::load(cert(dir, "admin", "alice")).unwrap();
+    flotilla_testkit::wait::wait_until("a leader over TLS", Duration::from_secs(30), || {
+        channel_ok(&server.addr, &admin)
+    })
+    .await;
+
+    let roles: [(Option<Role>, &str, &str); 7] = [
+        (Some(Role::Admin), "admin", "alice"),
+        (Some(Role::Operator), "operator", "olga"),
+        (Some(Role::Viewer), "viewer", "vic"),
+        (Some(Role::Agent), "agent", "n1"),
+        (Some(Role::Gateway), "gateway", "gw1"),
+        (Some(Role::Peer), "server", "s2"),
+        (None, "anonymous", ""),
+    ];
+    let admin_ch = channel(&server.addr, &admin).await;
+    for (role, word, name) in roles {
+        let files = if role.is_some() { cert(dir, word, name) } else { write_anonymous(dir) };
+        let tls = Tls::load(files).unwrap();
+        assert_eq!(tls.own_identity().map(|i| i.role), role);
+        let ch = channel(&server.addr, &tls).await;
+        // reflection is not a flotilla proto: the table's unit test covers its row
+        for (path, allowed) in authz::TABLE.iter().filter(|(p, _)| !p.contains("ServerReflection")) {
+            let before = revision(admin_ch.clone()).await;
+            let got = call(ch.clone(), path, name).await;
+            let after = revision(admin_ch.clone()).await;
+            match role {
+                Some(r) if allowed.contains(&r) => assert!(
+                    !matches!(got, Code::PermissionDenied | Code::Unauthenticated),
+                    "{word} may call {path} but got {got:?}"
+                ),
+                Some(_) => assert_eq!(got, Code::PermissionDenied, "{word} on {path}"),
+                None => assert_eq!(got, Code::Unauthenticated, "no identity on {path}"),
+            }
+            if !matches!(role, Some(r) if allowed.contains(&r)) {
+                assert_eq!(before, after, "a refused {path} by {word} wrote something");
+            }
+        }
+    }
+
+    // the CLI: an admin applies, a viewer is refused with the reason, no TLS gets nowhere
+    let manifest = dir.join("m.yaml");
+    std::fs::write(&manifest, common::model("secured")).unwrap();
+    let m = manifest.display().to_string();
+    let as_role = |files: &TlsFiles, args: &[&str]| {
+        let mut all: Vec<String> = vec!["--server".into(), server.addr.clone()];
+        all.extend(tls_flags(files));
+        all.extend(args.iter().map(|s| s.to_string()));
+        let refs: Vec<&str> = all.iter().map(String::as_str).collect();
+        flotilla(dir, &refs)
+    };
+    let viewer = cert_files(dir, "viewer", "vic");
+    let out = as_role(&viewer, &["apply", "-f", &m]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("viewer/vic may not call /flotilla.v1.ObjectService/Apply"), "{err}");
+    let out = as_role(&cert_files(dir, "admin", "alice"), &["apply", "-f", &m]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let out = as_role(&viewer, &["get", "model", "secured", "-o", "json"]);
+    assert!(out.status.success(), "a viewer reads: {}", String::from_utf8_lossy(&out.stderr));
+    let out = flotilla(dir, &["--server", &server.addr, "get", "models"]);
+    assert_eq!(out.status.code(), Some(1), "plain text to a TLS server");
+    let out = flotilla(dir, &["--server", &server.addr, "--tls-cert", "x.pem", "get", "models"]);
+    assert_eq!(out.status.code(), Some(2), "partial TLS flags are a usage error");
+    assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key is missing"));
+
+    // an agent's certificate for node n1 cannot open node n2's session
+    let agent = Tls::load(cert_files(dir, "agent", "n1")).unwrap();
+    let got = call(channel(&server.addr, &agent).await, "/flotilla.v1.AgentService/Session", "n2").await;
+    assert_eq!(got, Code::PermissionDenied);
+    let _ = Identity::new(Role::Agent, "n1");
+}
+
+fn cert_files(dir: &Path, role: &str, name: &str) -> TlsFiles {
+    let p = |s: String| -> PathBuf { dir.join(s) };
+    TlsFiles { cert: p(format!("{role}-{name}.pem")), key: p(format!("{role}-{name}-key.pem")), ca: p("ca.pem".into()) }
+}
+
+async fn channel_ok(addr: &str, tls: &Arc<Tls>) -> bool {
+    let ep = Endpoint::from_shared(format!("http://{addr}")).unwrap().timeout(Duration::from_secs(2));
+    let Ok(ch) = flotilla_security::connect::connect(ep, Some(tls), addr).await else { return false };
+    pb::cluster_service_client::ClusterServiceClient::new(ch)
+        .status(pb::StatusRequest { local: false })
+        .await
+        .is_ok_and(|s| s.into_inner().leader_id != 0)
+}
