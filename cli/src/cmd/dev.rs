@@ -14,6 +14,13 @@ use tonic::transport::Channel;
 
 use crate::error::CliError;
 
+/// The TLS of the dev stack's processes with `--secure`.
+struct DevTls {
+    agent: std::sync::Arc<flotilla_security::Tls>,
+    gateway: std::sync::Arc<flotilla_security::Tls>,
+    admin: std::sync::Arc<flotilla_security::Tls>,
+}
+
 /// The demo model `flotilla dev` applies.
 pub(crate) const DEMO_MODEL: &str = "kind: Model
 metadata:
@@ -49,6 +56,10 @@ pub(crate) struct DevArgs {
     /// Do not apply the demo model.
     #[arg(long)]
     no_demo: bool,
+    /// Run with security on: a CA and certificates for the server, agent, gateway and an
+    /// admin in DATA_DIR/tls (made once), TLS on every link and the role table enforced.
+    #[arg(long)]
+    secure: bool,
 }
 
 #[derive(Parser)]
@@ -73,6 +84,25 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
     };
     eprintln!("starting server 1 (data in {})", config.data_dir.display());
     let actors = flotilla_actors::ActorsConfig::default();
+    let (config, tls) = if args.secure {
+        let dir = args.data_dir.join("tls");
+        let set = super::tls::dev_set(&dir, "dev")?;
+        let load = |f: flotilla_security::TlsFiles| {
+            flotilla_security::Tls::load(f).map_err(|e| CliError::runtime(e.to_string()))
+        };
+        let tls = DevTls { agent: load(set.agent)?, gateway: load(set.gateway)?, admin: load(set.admin.clone())? };
+        eprintln!("security on: TLS on every link, roles enforced; certificates in {}", dir.display());
+        eprintln!(
+            "  for the CLI: export FLOTILLA_TLS_CERT={} FLOTILLA_TLS_KEY={} FLOTILLA_TLS_CA={}",
+            set.admin.cert.display(),
+            set.admin.key.display(),
+            set.admin.ca.display()
+        );
+        (ServerConfig { tls: Some(load(set.server)?), ..config }, Some(tls))
+    } else {
+        eprintln!("security is off (loopback only): no TLS, every call allowed; `flotilla dev --secure` turns it on");
+        (config, None)
+    };
     let server = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
     let grpc = server.grpc_addr.to_string();
 
@@ -85,6 +115,7 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
     let mut agent_args = AgentFlags::try_parse_from(flags).map_err(|e| CliError::usage(e.to_string()))?.agent;
     agent_args.server = vec![grpc.clone()];
     agent_args.data_dir = agent_dir.clone();
+    agent_args.tls = tls.as_ref().map(|t| t.agent.clone());
     eprintln!("starting agent dev with {} simulated GPUs (data in {})", args.gpus, agent_dir.display());
     let agent = flotilla_agent::start(agent_args).await.map_err(CliError::from)?;
 
@@ -93,15 +124,18 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         .map_err(|e| CliError::usage(e.to_string()))?
         .gateway;
     gateway_args.server = vec![grpc.clone()];
+    gateway_args.tls = tls.as_ref().map(|t| t.gateway.clone());
     let gateway = flotilla_gateway::start(gateway_args).await.map_err(CliError::from)?;
     let gateway_addr = gateway.local_addr();
     eprintln!("gateway listening on http://{gateway_addr} (auth off)");
 
-    let mut client = ObjectServiceClient::new(
-        tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
-            .map_err(|e| CliError::runtime(e.to_string()))?
-            .connect_lazy(),
-    );
+    let endpoint = tonic::transport::Endpoint::from_shared(format!("http://{grpc}"))
+        .map_err(|e| CliError::runtime(e.to_string()))?;
+    let mut client = ObjectServiceClient::new(flotilla_security::connect::connect_lazy(
+        endpoint,
+        tls.as_ref().map(|t| &t.admin),
+        &grpc,
+    ));
     let mut endpoints = Vec::new();
     if !args.no_demo {
         apply_demo(&mut client).await?;

@@ -109,7 +109,12 @@ fn write_new(path: &Path, text: &str, mode: u32) -> Result<(), CliError> {
 }
 
 fn write_pair(dir: &Path, stem: &str, issued: &Issued) -> Result<(PathBuf, PathBuf), CliError> {
-    std::fs::create_dir_all(dir).map_err(|e| CliError::runtime(format!("cannot create {}: {e}", dir.display())))?;
+    use std::os::unix::fs::DirBuilderExt;
+    std::fs::DirBuilder::new()
+        .recursive(true)
+        .mode(0o700)
+        .create(dir)
+        .map_err(|e| CliError::runtime(format!("cannot create {}: {e}", dir.display())))?;
     let (cert, key) = (dir.join(format!("{stem}.pem")), dir.join(format!("{stem}-key.pem")));
     if cert.exists() {
         return Err(CliError::usage(format!("{} exists; remove it or write elsewhere with --dir", cert.display())));
@@ -157,6 +162,59 @@ pub(crate) fn run(c: TlsCommand) -> Result<(), CliError> {
             Ok(())
         }
     }
+}
+
+/// The files of one identity in `dir`: `STEM.pem`, `STEM-key.pem`, `ca.pem`.
+fn files(dir: &Path, stem: &str) -> flotilla_security::TlsFiles {
+    flotilla_security::TlsFiles {
+        cert: dir.join(format!("{stem}.pem")),
+        key: dir.join(format!("{stem}-key.pem")),
+        ca: dir.join("ca.pem"),
+    }
+}
+
+/// The certificates `flotilla dev --secure` runs with, in `dir` (made once, reused after).
+pub(crate) struct DevSet {
+    pub(crate) server: flotilla_security::TlsFiles,
+    pub(crate) agent: flotilla_security::TlsFiles,
+    pub(crate) gateway: flotilla_security::TlsFiles,
+    pub(crate) admin: flotilla_security::TlsFiles,
+}
+
+/// Makes (or finds) a CA and the dev stack's certificates in `dir`: server `s1` and gateway
+/// `dev-gateway` on 127.0.0.1/localhost, agent `node` (the dev node's name), admin `dev-admin`.
+pub(crate) fn dev_set(dir: &Path, node: &str) -> Result<DevSet, CliError> {
+    let ca = if dir.join("ca.pem").exists() {
+        let read = |f: &str| {
+            std::fs::read_to_string(dir.join(f))
+                .map_err(|e| CliError::runtime(format!("{}: {e}", dir.join(f).display())))
+        };
+        Issued { cert_pem: read("ca.pem")?, key_pem: read("ca-key.pem")? }
+    } else {
+        let ca = certs::create_ca("flotilla dev CA", 3650).map_err(|e| CliError::runtime(e.to_string()))?;
+        write_pair(dir, "ca", &ca)?;
+        ca
+    };
+    let make = |role: Role, name: &str, stem: &str| -> Result<flotilla_security::TlsFiles, CliError> {
+        if !dir.join(format!("{stem}.pem")).exists() {
+            let identity = Identity::new(role, name).map_err(|e| CliError::runtime(e.to_string()))?;
+            let req = CertRequest {
+                identity: Some(identity),
+                dns: vec!["localhost".into()],
+                ips: vec![IpAddr::from([127, 0, 0, 1])],
+                days: 365,
+            };
+            let issued = certs::issue(&ca, &req).map_err(|e| CliError::runtime(e.to_string()))?;
+            write_pair(dir, stem, &issued)?;
+        }
+        Ok(files(dir, stem))
+    };
+    Ok(DevSet {
+        server: make(Role::Peer, "s1", "server-s1")?,
+        agent: make(Role::Agent, node, &format!("agent-{node}"))?,
+        gateway: make(Role::Gateway, "dev-gateway", "gateway-dev-gateway")?,
+        admin: make(Role::Admin, "dev-admin", "admin-dev-admin")?,
+    })
 }
 
 #[cfg(test)]
