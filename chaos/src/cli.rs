@@ -36,6 +36,10 @@ pub struct RunArgs {
     /// Where processes keep data and logs (default: a temp dir, deleted unless the run fails).
     #[arg(long)]
     pub dir: Option<PathBuf>,
+    /// Run with security on (TLS on every link, the role table enforced), whatever the
+    /// scenario's `topology.tls` says.
+    #[arg(long)]
+    pub tls: bool,
 }
 
 #[derive(Args, Debug)]
@@ -70,7 +74,8 @@ fn failed(message: String) -> ChaosError {
 pub async fn run(cmd: ChaosCommand, bin: &Path) -> Result<(), ChaosError> {
     match cmd {
         ChaosCommand::Run(a) => {
-            let scenario = load(&a.file)?;
+            let mut scenario = load(&a.file)?;
+            scenario.topology.tls |= a.tls;
             let report = one(&scenario, a.seed, bin, a.dir.as_deref()).await?;
             verdict(&[report])
         }

@@ -15,8 +15,9 @@ use flotilla_api::pb::{ApplyRequest, ListRequest, StatusRequest};
 use flotilla_testkit::ports::free_port;
 use flotilla_testkit::procs::log_tail;
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
 
+use crate::dial::Dialer;
 use crate::procs::{Launch, Proc, State};
 use crate::proxy::{Network, Proxy};
 use crate::scenario::Topology;
@@ -42,11 +43,14 @@ pub struct Cluster {
     pub gateway: Option<(Proc, String)>,
     /// The fault proxies, one per directed link (they stop when it is dropped).
     pub net: Network,
+    /// How the harness dials the servers (with the run's admin certificate under TLS).
+    pub dialer: Dialer,
 }
 
-async fn channel(addr: &str) -> Option<Channel> {
-    let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    ep.connect_timeout(Duration::from_millis(300)).timeout(Duration::from_secs(1)).connect().await.ok()
+impl Cluster {
+    async fn channel(&self, addr: &str) -> Option<Channel> {
+        self.dialer.channel(addr, Duration::from_millis(300), Duration::from_secs(1)).await
+    }
 }
 
 /// `RUST_LOG` for every process of the run: `FLOTILLA_CHAOS_LOG`, default `warn`.
@@ -91,6 +95,9 @@ impl Cluster {
         let dial_map = |name: &str| -> (String, String) {
             ("FLOTILLA_DIAL_MAP".to_string(), maps.get(name).map(|m| m.join(",")).unwrap_or_default())
         };
+        // With TLS, every process gets a certificate naming it, made for this run.
+        let certs = if topo.tls { Some(RunCerts::make(&dir.join("tls"), n, &agent_names)?) } else { None };
+        let tls_flags = |who: &str| certs.as_ref().map(|c| c.flags(who)).unwrap_or_default();
         let mut servers = Vec::new();
         for i in 0..n {
             let name = &server_names[i as usize];
@@ -104,6 +111,7 @@ impl Cluster {
             args.extend(["--http-addr".into(), "127.0.0.1:0".into(), "--data-dir".into()]);
             args.push(data_dir.join("data").display().to_string());
             args.extend(SERVER_FLAGS.iter().map(|s| s.to_string()));
+            args.extend(tls_flags(name));
             if i == 0 {
                 args.push("--bootstrap".into());
             } else {
@@ -130,6 +138,7 @@ impl Cluster {
             agents: Vec::new(),
             gateway: None,
             net,
+            dialer: Dialer::new(certs.as_ref().map(|c| c.admin.clone())),
         };
         for i in 0..cluster.servers.len() {
             cluster.servers[i].proc.start(run_id)?;
@@ -158,6 +167,7 @@ impl Cluster {
                 data_dir.display().to_string(),
                 "--sim-args=--speedup 20 --allow-faults".into(),
             ];
+            let args = [args, tls_flags(name)].concat();
             let launch = Launch {
                 program: bin.to_path_buf(),
                 args,
@@ -178,6 +188,7 @@ impl Cluster {
                 listen.clone(),
                 "--no-auth".into(),
             ];
+            let args = [args, tls_flags("gw")].concat();
             let launch = Launch {
                 program: bin.to_path_buf(),
                 args,
@@ -204,7 +215,7 @@ impl Cluster {
             .filter_map(|s| (s.proc.state() == State::Running).then(|| s.grpc.clone()))
             .collect();
         for addr in live {
-            if let Some(ch) = channel(&addr).await {
+            if let Some(ch) = self.channel(&addr).await {
                 if let Ok(r) = ClusterServiceClient::new(ch).status(StatusRequest { local: true }).await {
                     let id = r.into_inner().leader_id;
                     if id != 0 {
@@ -233,7 +244,7 @@ impl Cluster {
     async fn wait_voters(&mut self, n: usize, timeout: Duration) -> anyhow::Result<()> {
         let t0 = Instant::now();
         loop {
-            if let Some(ch) = channel(&self.servers[0].grpc).await {
+            if let Some(ch) = self.channel(&self.servers[0].grpc).await {
                 if let Ok(r) = ClusterServiceClient::new(ch).status(StatusRequest { local: true }).await {
                     let r = r.into_inner();
                     if r.members.iter().filter(|m| m.voter).count() >= n && r.leader_id != 0 {
@@ -251,7 +262,7 @@ impl Cluster {
     /// An object-service client of any server that answers.
     pub async fn objects(&self) -> Option<ObjectServiceClient<Channel>> {
         for s in &self.servers {
-            if let Some(ch) = channel(&s.grpc).await {
+            if let Some(ch) = self.channel(&s.grpc).await {
                 return Some(ObjectServiceClient::new(ch));
             }
         }
@@ -266,7 +277,7 @@ impl Cluster {
         let t0 = Instant::now();
         loop {
             for s in &self.servers {
-                if let Some(ch) = channel(&s.grpc).await {
+                if let Some(ch) = self.channel(&s.grpc).await {
                     let req = ApplyRequest { manifest: manifest.clone(), expected_revision: None };
                     if ObjectServiceClient::new(ch).apply(req).await.is_ok() {
                         return Ok(());
@@ -340,4 +351,53 @@ fn mount_tmpfs(dir: &Path) -> anyhow::Result<bool> {
         bail!("mount -t tmpfs on {} failed", dir.display());
     }
     Ok(true)
+}
+
+/// The certificates of one TLS run: a CA, servers `s1..sN` (peers, on 127.0.0.1), agents by
+/// node name, the gateway `gw`, and the harness itself as admin `chaos`.
+struct RunCerts {
+    dir: std::path::PathBuf,
+    admin: std::sync::Arc<flotilla_security::Tls>,
+}
+
+impl RunCerts {
+    fn make(dir: &Path, servers: u64, agents: &[String]) -> anyhow::Result<RunCerts> {
+        use flotilla_security::certs::{create_ca, issue, CertRequest};
+        use flotilla_security::{Identity, Role};
+        std::fs::create_dir_all(dir)?;
+        let ca = create_ca("flotilla chaos CA", 2).map_err(|e| anyhow::anyhow!("CA: {e}"))?;
+        std::fs::write(dir.join("ca.pem"), &ca.cert_pem)?;
+        let mut who: Vec<(String, Role)> = (1..=servers).map(|i| (format!("s{i}"), Role::Peer)).collect();
+        who.extend(agents.iter().map(|a| (a.clone(), Role::Agent)));
+        who.push(("gw".into(), Role::Gateway));
+        who.push(("chaos".into(), Role::Admin));
+        for (name, role) in who {
+            let req = CertRequest {
+                identity: Some(Identity::new(role, &name).map_err(|e| anyhow::anyhow!("{name}: {e}"))?),
+                dns: vec!["localhost".into()],
+                ips: vec![std::net::IpAddr::from([127, 0, 0, 1])],
+                days: 2,
+            };
+            let leaf = issue(&ca, &req).map_err(|e| anyhow::anyhow!("{name}: {e}"))?;
+            std::fs::write(dir.join(format!("{name}.pem")), leaf.cert_pem)?;
+            std::fs::write(dir.join(format!("{name}-key.pem")), leaf.key_pem)?;
+        }
+        let admin = flotilla_security::Tls::load(Self::files(dir, "chaos")).map_err(|e| anyhow::anyhow!("{e}"))?;
+        Ok(RunCerts { dir: dir.to_path_buf(), admin })
+    }
+
+    fn files(dir: &Path, who: &str) -> flotilla_security::TlsFiles {
+        flotilla_security::TlsFiles {
+            cert: dir.join(format!("{who}.pem")),
+            key: dir.join(format!("{who}-key.pem")),
+            ca: dir.join("ca.pem"),
+        }
+    }
+
+    /// `--tls-cert/--tls-key/--tls-ca` for process `who`.
+    fn flags(&self, who: &str) -> Vec<String> {
+        let f = Self::files(&self.dir, who);
+        let p = |p: std::path::PathBuf| p.display().to_string();
+        vec!["--tls-cert".into(), p(f.cert), "--tls-key".into(), p(f.key), "--tls-ca".into(), p(f.ca)]
+    }
 }

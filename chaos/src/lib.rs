@@ -11,6 +11,7 @@
 pub mod cli;
 pub mod cluster;
 pub mod data_plane;
+pub mod dial;
 pub mod faults;
 pub mod linearizability;
 pub mod placement;

@@ -141,7 +141,15 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
     let servers = cluster.server_addrs();
     let mut clients = Vec::new();
     for id in 0..w.cas_clients {
-        clients.push(tokio::spawn(store_client::client(id, servers.clone(), w.keys, seed, t0, w.duration)));
+        clients.push(tokio::spawn(store_client::client(
+            id,
+            cluster.dialer.clone(),
+            servers.clone(),
+            w.keys,
+            seed,
+            t0,
+            w.duration,
+        )));
     }
     let data = match (&cluster.gateway, topo.models.first()) {
         (Some((_, addr)), Some(m)) if w.requests_per_second > 0 => Some(tokio::spawn(data_plane::run(
@@ -157,7 +165,7 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
     let deaths = Arc::new(Mutex::new(Vec::new()));
     let engine_watch = tokio::spawn(crate::watch::engine_deaths(cluster.run_id.clone(), t0, deaths.clone()));
     let checker = Arc::new(Mutex::new(PlacementChecker::default()));
-    let placement = tokio::spawn(crate::watch::placement(servers.clone(), checker.clone()));
+    let placement = tokio::spawn(crate::watch::placement(cluster.dialer.clone(), servers.clone(), checker.clone()));
 
     let mut rng = StdRng::seed_from_u64(seed);
     for ev in faults::timeline(&scenario.schedule, w.duration) {
@@ -193,7 +201,7 @@ async fn drive(scenario: &Scenario, seed: u64, cluster: &mut Cluster, report: &m
             bound.as_secs_f64()
         ));
     }
-    history.extend(store_client::final_reads(&servers, w.keys, t0).await);
+    history.extend(store_client::final_reads(&cluster.dialer, &servers, w.keys, t0).await);
     report.store_ops = history.len();
     report.indeterminate_ops = history.iter().filter(|o| o.complete.is_none()).count();
     let lin = linearizability::check(&history);

@@ -51,6 +51,10 @@ pub struct Topology {
     /// Mount a small tmpfs on each server's data dir (root only), for `disk-full` steps.
     #[serde(default)]
     pub small_disks: bool,
+    /// Run with security on: TLS on every link, certificates made for the run, the role
+    /// table enforced (`flotilla chaos run --tls` turns it on for any scenario).
+    #[serde(default)]
+    pub tls: bool,
 }
 
 /// A model to serve.

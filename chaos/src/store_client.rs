@@ -17,7 +17,9 @@ use flotilla_api::pb::{ApplyRequest, GetRequest};
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
 use tokio::time::Instant;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::Channel;
+
+use crate::dial::Dialer;
 use tonic::Code;
 
 use crate::linearizability::{Call, Op, Ret, Versioned};
@@ -34,9 +36,8 @@ fn manifest(key: &str, value: &str) -> String {
     format!("kind: Tenant\nmetadata:\n  name: {key}\n  labels:\n    v: {value}\nspec: {{}}\n")
 }
 
-async fn connect(addr: &str) -> Option<ObjectServiceClient<Channel>> {
-    let ep = Endpoint::from_shared(format!("http://{addr}")).ok()?;
-    let ch = ep.connect_timeout(Duration::from_millis(500)).timeout(Duration::from_secs(3)).connect().await.ok()?;
+async fn connect(dialer: &Dialer, addr: &str) -> Option<ObjectServiceClient<Channel>> {
+    let ch = dialer.channel(addr, Duration::from_millis(500), Duration::from_secs(3)).await?;
     Some(ObjectServiceClient::new(ch))
 }
 
@@ -52,7 +53,15 @@ enum Answer {
 /// One client: runs until `duration` has passed since `t0`, then returns its history.
 /// `servers` are the servers' gRPC addresses (dialed directly: clients are not behind the
 /// fault proxies, so a client of a partitioned server sees what a real client would).
-pub async fn client(id: u32, servers: Vec<String>, keys: u32, seed: u64, t0: Instant, duration: Duration) -> Vec<Op> {
+pub async fn client(
+    id: u32,
+    dialer: Dialer,
+    servers: Vec<String>,
+    keys: u32,
+    seed: u64,
+    t0: Instant,
+    duration: Duration,
+) -> Vec<Op> {
     let mut rng = StdRng::seed_from_u64(seed ^ (id as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
     let mut history = Vec::new();
     let mut seq = 0u64;
@@ -73,7 +82,7 @@ pub async fn client(id: u32, servers: Vec<String>, keys: u32, seed: u64, t0: Ins
             Call::Cas { expected_revision: last_seen[k as usize], value }
         };
         if conn.is_none() {
-            conn = connect(&servers[server]).await;
+            conn = connect(&dialer, &servers[server]).await;
         }
         let invoke = t0.elapsed().as_nanos() as u64;
         let answer = match conn.as_mut() {
@@ -145,14 +154,14 @@ async fn attempt(c: &mut ObjectServiceClient<Channel>, key: &str, call: &Call) -
 }
 
 /// A final read of every key (after healing), through any server that answers.
-pub async fn final_reads(servers: &[String], keys: u32, t0: Instant) -> Vec<Op> {
+pub async fn final_reads(dialer: &Dialer, servers: &[String], keys: u32, t0: Instant) -> Vec<Op> {
     let mut out = Vec::new();
     for k in 0..keys {
         let key = key_name(k);
         for _attempt in 0..20 {
             let mut done = None;
             for s in servers {
-                if let Some(mut c) = connect(s).await {
+                if let Some(mut c) = connect(dialer, s).await {
                     let invoke = t0.elapsed().as_nanos() as u64;
                     if let Answer::Done(ret) = attempt(&mut c, &key, &Call::Read).await {
                         done = Some(Op {

@@ -8,19 +8,18 @@ use std::time::Duration;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
 use flotilla_api::pb::watch_event::Type;
 use flotilla_api::pb::WatchRequest;
-use tonic::transport::Endpoint;
 
+use crate::dial::Dialer;
 use crate::placement::PlacementChecker;
 
 /// Runs until aborted, recording into `checker`.
-pub async fn placement(servers: Vec<String>, checker: Arc<Mutex<PlacementChecker>>) {
+pub async fn placement(dialer: Dialer, servers: Vec<String>, checker: Arc<Mutex<PlacementChecker>>) {
     let mut after = 0u64;
     let mut i = 0usize;
     loop {
         let addr = &servers[i % servers.len()];
         i += 1;
-        let Ok(ep) = Endpoint::from_shared(format!("http://{addr}")) else { continue };
-        let Ok(ch) = ep.connect_timeout(Duration::from_millis(300)).connect().await else {
+        let Some(ch) = dialer.channel(addr, Duration::from_millis(300), Duration::from_secs(3600)).await else {
             tokio::time::sleep(Duration::from_millis(100)).await;
             continue;
         };

@@ -27,11 +27,12 @@ fn left_behind(harness: u32) -> Vec<u32> {
         .collect()
 }
 
-fn chaos_run(file: &Path, seed: u64) -> (i32, String) {
+fn chaos_run(file: &Path, seed: u64, extra: &[&str]) -> (i32, String) {
     let child = Command::new(BIN)
         .args(["chaos", "run"])
         .arg(file)
         .args(["--seed", &seed.to_string()])
+        .args(extra)
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
         .spawn()
@@ -47,8 +48,9 @@ fn chaos_run(file: &Path, seed: u64) -> (i32, String) {
 /// The CI subset: a leader killed in a loop, the leader in a minority partition, every
 /// server down (static stability), an engine crash storm, and the two scenarios that caught
 /// bugs — a rolling restart (a stale read from a leader restored within its term) and the
-/// leader isolated with an agent (a reschedule emptying the gateway's table). About 3.5
-/// minutes.
+/// leader isolated with an agent (a reschedule emptying the gateway's table). All with
+/// security on (`--tls`: TLS on every link through the fault proxies, roles enforced), as a
+/// production cluster runs. About 3.5 minutes.
 #[test]
 fn ci_scenarios_hold_every_invariant() {
     for (name, seed) in [
@@ -59,7 +61,7 @@ fn ci_scenarios_hold_every_invariant() {
         ("rolling-restart.yaml", 15),
         ("leader-isolated-with-agents.yaml", 16),
     ] {
-        let (code, out) = chaos_run(&scenario(name), seed);
+        let (code, out) = chaos_run(&scenario(name), seed, &["--tls"]);
         println!("{out}");
         assert_eq!(code, 0, "{name} (seed {seed}) failed:\n{out}");
         assert!(out.contains("anomalies                          0"), "{out}");
@@ -109,7 +111,7 @@ fn a_violated_invariant_fails_the_run_with_its_seed() {
          schedule:\n  - {at: 3s, action: kill, target: gateway, duration: 3s}\n",
     )
     .unwrap();
-    let (code, out) = chaos_run(&file, 99);
+    let (code, out) = chaos_run(&file, 99, &[]);
     assert_eq!(code, 1, "{out}");
     assert!(out.contains("failed while their engines were up"), "{out}");
     assert!(out.contains("gateway-down --seed 99"), "{out}");
@@ -120,7 +122,7 @@ fn a_malformed_scenario_is_rejected_naming_the_field() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("bad.yaml");
     std::fs::write(&file, "name: bad\ntopology: {servers: 4, agents: 1}\nworkload: {duration: 5s}\n").unwrap();
-    let (code, out) = chaos_run(&file, 1);
+    let (code, out) = chaos_run(&file, 1, &[]);
     assert_eq!(code, 2, "{out}");
     assert!(out.contains("topology.servers") && out.contains("3 or 5"), "{out}");
 }

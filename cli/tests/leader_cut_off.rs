@@ -31,8 +31,15 @@ fn percentile(sorted: &[Duration], p: f64) -> Duration {
 async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
     let dir = tempfile::tempdir().expect("temp dir");
     let run_id = format!("cutoff-{}", std::process::id());
-    let topo =
-        Topology { servers: 3, agents: 0, gpus_per_agent: 0, gateway: false, models: Vec::new(), small_disks: false };
+    let topo = Topology {
+        servers: 3,
+        agents: 0,
+        gpus_per_agent: 0,
+        gateway: false,
+        models: Vec::new(),
+        small_disks: false,
+        tls: false,
+    };
     let mut c = Cluster::start(Path::new(BIN), dir.path(), &run_id, &topo).await.expect("start the cluster");
     let addrs = c.server_addrs();
     let mut gaps: [Vec<Duration>; 2] = [Vec::new(), Vec::new()];
