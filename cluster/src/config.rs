@@ -36,6 +36,9 @@ pub struct ServerConfig {
     pub watch_history: usize,
     /// How long a write or linearizable read may wait for the Raft group.
     pub request_timeout: Duration,
+    /// Largest snapshot accepted from a leader, in bytes: an InstallSnapshot chunk ending
+    /// beyond it is refused (INVALID_ARGUMENT).
+    pub max_snapshot_bytes: u64,
 }
 
 impl ServerConfig {
@@ -56,6 +59,7 @@ impl ServerConfig {
             keep_logs: 1_000,
             watch_history: flotilla_storage::DEFAULT_EVENT_RETENTION,
             request_timeout: Duration::from_secs(10),
+            max_snapshot_bytes: crate::snapshot_chunks::DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 
@@ -87,6 +91,9 @@ impl ServerConfig {
         }
         if self.watch_history == 0 {
             return bad("--watch-history must be positive".into());
+        }
+        if self.max_snapshot_bytes == 0 {
+            return bad("--max-snapshot-bytes must be positive".into());
         }
         Ok(())
     }
@@ -122,6 +129,8 @@ mod tests {
         assert!(e.contains("--join"), "{e}");
         let e = ServerConfig { election_timeout_min_ms: 100, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");
+        let e = ServerConfig { max_snapshot_bytes: 0, ..ok.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--max-snapshot-bytes"), "{e}");
         assert!(ServerConfig { election_timeout_max_ms: 200, ..ok }.validate().is_err());
     }
 }

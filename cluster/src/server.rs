@@ -119,7 +119,8 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     extensions(ClusterHandle { node: node.clone() }, &mut extra);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra)));
+    let max_snapshot = config.max_snapshot_bytes;
+    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra, max_snapshot)));
     tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
 
     if config.bootstrap {
@@ -166,7 +167,13 @@ async fn join(raft: Raft, peers: crate::peers::Peers, seed: String, id: u64, add
     }
 }
 
-async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver<bool>, extra: RoutesBuilder) {
+async fn serve_grpc(
+    node: Node,
+    listener: TcpListener,
+    mut stop: watch::Receiver<bool>,
+    extra: RoutesBuilder,
+    max_snapshot: u64,
+) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ObjectServiceServer<ObjectServiceImpl>>().await;
     health_reporter.set_serving::<ClusterServiceServer<ClusterServiceImpl>>().await;
@@ -183,6 +190,7 @@ async fn serve_grpc(node: Node, listener: TcpListener, mut stop: watch::Receiver
         raft: node.raft.clone(),
         metrics: node.metrics.clone(),
         leader_contact: Default::default(),
+        chunks: tokio::sync::Mutex::new(crate::snapshot_chunks::ChunkGuard::new(max_snapshot)),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);

@@ -19,7 +19,7 @@ pub(crate) fn hex(bytes: &[u8]) -> String {
 }
 
 /// `base` with the checksum of `data` appended.
-pub(crate) fn tagged_id(base: &str, data: &[u8]) -> String {
+pub fn tagged_id(base: &str, data: &[u8]) -> String {
     format!("{base}{TAG}{}", sha256_hex(data))
 }
 
@@ -50,6 +50,30 @@ pub(crate) fn verify(id: &str, data: &[u8]) -> Result<Verified, Mismatch> {
     }
 }
 
+/// An incremental SHA-256 of snapshot data, for checking it as it arrives in chunks (the
+/// Raft service does, before openraft assembles and installs it).
+#[derive(Clone, Default)]
+pub struct SnapshotDigest(Sha256);
+
+impl SnapshotDigest {
+    pub fn update(&mut self, data: &[u8]) {
+        self.0.update(data);
+    }
+
+    /// Checks the data hashed so far against the checksum in snapshot id `id`: `Ok(true)`
+    /// when it matches, `Ok(false)` when the id carries none (an earlier version made it),
+    /// and an error saying both checksums when it does not match.
+    pub fn check(self, id: &str) -> Result<bool, String> {
+        let Some((_, expected)) = id.rsplit_once(TAG) else { return Ok(false) };
+        let actual = hex(&self.0.finalize());
+        if actual == expected {
+            Ok(true)
+        } else {
+            Err(format!("data checksum mismatch: the id says sha256 {expected}, the data received hashes to {actual}"))
+        }
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -71,5 +95,19 @@ mod tests {
         }
         let m = verify(&id, flipped).unwrap_err();
         assert_eq!((m.expected.len(), m.actual), (64, sha256_hex(flipped)));
+    }
+
+    #[test]
+    fn an_incremental_digest_checks_chunks_against_the_id() {
+        let id = tagged_id("1-2-3", b"hello world");
+        let mut d = SnapshotDigest::default();
+        d.update(b"hello ");
+        let at_half = d.clone();
+        d.update(b"world");
+        assert_eq!(d.check(&id), Ok(true));
+        let mut wrong = at_half;
+        wrong.update(b"w0rld");
+        assert!(wrong.check(&id).unwrap_err().contains("mismatch"));
+        assert_eq!(SnapshotDigest::default().check("1-2-3"), Ok(false));
     }
 }

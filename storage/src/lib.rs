@@ -27,6 +27,7 @@ mod store;
 use std::io::Cursor;
 use std::path::Path;
 
+pub use checksum::{tagged_id as snapshot_id_with_checksum, SnapshotDigest};
 pub use command::{Command, CommandResult, Compare, TxnOp};
 pub use error::StorageError;
 pub use log_store::LogStore;
