@@ -2,7 +2,10 @@
 //! `Register` (the Node object is created or updated through Raft; a name held by another
 //! live agent is refused with ALREADY_EXISTS), then heartbeats (kept in memory; only
 //! changes of replica phase go through Raft). The server answers `Registered`, then an
-//! `Assign` with the node's full desired set whenever it changes.
+//! `Assign` with the node's full desired set whenever it changes. Registrations and
+//! heartbeats are held to [`crate::agent_bounds`] first (engines only on the agent's own
+//! address and ports, bounded sizes): one out of bounds is refused with INVALID_ARGUMENT
+//! and nothing of it is kept or written.
 //!
 //! ```text
 //!  agent ──Register──> register(): Txn Put Node ──> Registered, Assign(full set)
@@ -26,6 +29,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
+use crate::agent_bounds::{check_heartbeat, check_registration, AgentScope};
 use crate::metrics::Metrics;
 use crate::objects::{key, NodeView, ReplicaView};
 use crate::reports::heartbeat_txn;
@@ -50,20 +54,23 @@ impl AgentService for AgentServiceImpl {
     async fn session(&self, req: Request<Streaming<AgentMessage>>) -> Result<Response<Out>, Status> {
         self.ctx.ensure_leader()?;
         let caller = req.extensions().get::<flotilla_security::Caller>().and_then(|c| c.0.clone());
+        let peer = req.remote_addr().map(|a| a.ip());
         let mut inbound = req.into_inner();
         let first = tokio::time::timeout(REGISTER_TIMEOUT, inbound.message())
             .await
             .map_err(|_| Status::deadline_exceeded("actors.register_timeout: no Register within 10 s"))??;
-        let Some(AgentMessage { msg: Some(AgentMsg::Register(reg)) }) = first else {
+        let Some(AgentMessage { msg: Some(AgentMsg::Register(mut reg)) }) = first else {
             return Err(ActorsError::InvalidArgument("the first message on the stream must be Register".into()).into());
         };
         check_identity(caller.as_ref(), &reg.node_name)?;
+        let scope = check_registration(&mut reg, peer)
+            .inspect_err(|e| tracing::warn!(peer = ?peer, error = %e, "agent registration refused"))?;
         let node = register(&self.ctx, &reg).await?;
         let (tx, rx) = mpsc::channel(16);
         let registered =
             Registered { node_name: node.to_string(), heartbeat_interval_ms: self.ctx.config.heartbeat_interval_ms };
         let _ = tx.send(Ok(ServerMessage { msg: Some(ServerMsg::Registered(registered)) })).await;
-        tokio::spawn(run_session(self.ctx.clone(), node, reg.agent_id, inbound, tx));
+        tokio::spawn(run_session(self.ctx.clone(), node, reg.agent_id, scope, inbound, tx));
         Ok(Response::new(Box::pin(tokio_stream::wrappers::ReceiverStream::new(rx))))
     }
 }
@@ -184,6 +191,7 @@ async fn run_session(
     ctx: Arc<Ctx>,
     node: ObjectName,
     agent_id: String,
+    scope: AgentScope,
     mut inbound: Streaming<AgentMessage>,
     tx: mpsc::Sender<Result<ServerMessage, Status>>,
 ) {
@@ -209,7 +217,7 @@ async fn run_session(
             }
             m = inbound.message() => match m {
                 Ok(Some(AgentMessage { msg: Some(AgentMsg::Heartbeat(hb)) })) => {
-                    if let Err(status) = heartbeat(&ctx, &node, &agent_id, hb).await {
+                    if let Err(status) = heartbeat(&ctx, &node, &agent_id, &scope, hb).await {
                         break Some(status);
                     }
                 }
@@ -232,8 +240,19 @@ async fn run_session(
     tracing::info!(node = %node, agent = %agent_id, "agent stream closed");
 }
 
-/// Records a heartbeat in memory and writes the replica changes it implies.
-async fn heartbeat(ctx: &Arc<Ctx>, node: &ObjectName, agent_id: &str, hb: Heartbeat) -> Result<(), Status> {
+/// Records a heartbeat in memory and writes the replica changes it implies; one out of the
+/// agent's bounds or scope is refused before either ([`check_heartbeat`]).
+async fn heartbeat(
+    ctx: &Arc<Ctx>,
+    node: &ObjectName,
+    agent_id: &str,
+    scope: &AgentScope,
+    mut hb: Heartbeat,
+) -> Result<(), Status> {
+    if let Err(e) = check_heartbeat(&mut hb, scope) {
+        tracing::warn!(node = %node, agent = %agent_id, error = %e, "heartbeat refused");
+        return Err(e.into());
+    }
     Metrics::add(&ctx.metrics.heartbeats, 1);
     let now = Instant::now();
     let reports: HashMap<String, flotilla_api::pb::EngineReport> =

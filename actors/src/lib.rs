@@ -22,6 +22,7 @@
 #![forbid(unsafe_code)]
 
 pub mod adapters;
+pub mod agent_bounds;
 pub mod agent_service;
 pub mod autoscale;
 mod config;

@@ -89,6 +89,52 @@ async fn oversized_model_stays_pending_with_a_reason_naming_gpus() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_agent_reporting_an_engine_on_another_host_is_refused_and_never_routed_to() {
+    let c = Cluster::start(1).await;
+    c.leader().await;
+    // Connected from 127.0.0.1, it reports its engines at 10.1.2.3.
+    let liar = FakeAgent::start_reporting(c.live_addrs(), "node-liar", "agent-liar", 1, "10.1.2.3");
+    let _honest = FakeAgent::start(c.live_addrs(), "node-honest", 1);
+    wait_until("two nodes", LONG, || async { c.list("Node").await.len() == 2 }).await;
+    c.apply(&model_manifest("llama", 2, 1)).await;
+
+    wait_until("the lie refused", LONG, || async { !liar.errors.lock().expect("lock").is_empty() }).await;
+    let e = liar.errors.lock().expect("lock")[0].clone();
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(
+        e.message().contains("heartbeat.engines[0].endpoint: host 10.1.2.3 is not this agent's address 127.0.0.1"),
+        "{}",
+        e.message()
+    );
+    wait_until("the honest replica ready", LONG, || async { ready_count(&c).await == 1 }).await;
+    let mut fleet = FleetServiceClient::new(channel(c.live_addrs()[0]));
+    let mut watch =
+        fleet.watch_endpoints(WatchEndpointsRequest { model: String::new() }).await.expect("watch").into_inner();
+    let set = watch.message().await.expect("stream").expect("a snapshot");
+    let addresses: Vec<&str> = set.endpoints.iter().map(|e| e.address.as_str()).collect();
+    assert_eq!(addresses, ["127.0.0.1:20000"], "only the honest agent's engine is routed to");
+    for o in c.list("Replica").await {
+        assert!(!o.status_json.contains("10.1.2.3"), "the lie was written: {}", o.status_json);
+    }
+
+    // A registration with privileged engine ports is refused before anything is written.
+    let mut client = flotilla_api::pb::agent_service_client::AgentServiceClient::new(channel(c.live_addrs()[0]));
+    let reg = flotilla_api::pb::Register {
+        node_name: "node-ports".into(),
+        agent_id: "agent-ports".into(),
+        address: "127.0.0.1".into(),
+        engine_ports: Some(flotilla_api::pb::PortRange { low: 1, high: 65535 }),
+        ..Default::default()
+    };
+    let first = flotilla_api::pb::AgentMessage { msg: Some(flotilla_api::pb::agent_message::Msg::Register(reg)) };
+    let e = client.session(tokio_stream::iter([first])).await.expect_err("refused");
+    assert_eq!(e.code(), tonic::Code::InvalidArgument, "{e:?}");
+    assert!(e.message().contains("register.engine_ports: 1-65535"), "{}", e.message());
+    assert!(c.get("Node", "node-ports").await.is_none(), "nothing written");
+    c.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn duplicate_agent_name_is_refused_while_the_first_lives() {
     let c = Cluster::start(1).await;
     c.leader().await;

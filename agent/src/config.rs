@@ -31,7 +31,9 @@ pub struct AgentArgs {
     /// Directory for engine logs, the model cache and the agent's state (engine adoption).
     #[arg(long, env = "FLOTILLA_AGENT_DATA_DIR", default_value = "./.flotilla-agent")]
     pub data_dir: PathBuf,
-    /// Host (IP or name) that engines on this node listen on and are reachable at.
+    /// IP address engines on this node listen on and are reachable at: the address this
+    /// agent connects to the servers from (servers refuse engine endpoints on other hosts;
+    /// loopback is accepted from an agent on the servers' own host).
     #[arg(long, default_value = "127.0.0.1")]
     pub address: String,
     /// Node labels, comma-separated `key=value` pairs (e.g. `zone=a,rack=r1`).
@@ -203,8 +205,15 @@ impl AgentArgs {
             })?,
         };
         validate_dns_label(&node_name)?;
-        if self.address.trim().is_empty() {
-            return Err(AgentError::invalid("address", "is empty; give the IP or host name engines are reachable at"));
+        let address = self.address.trim();
+        if address != "localhost" && address.parse::<std::net::IpAddr>().is_err() {
+            return Err(AgentError::invalid(
+                "address",
+                format!(
+                    "{address:?} is not an IP address; give the IP engines are reachable at, the one this agent \
+                     connects to the servers from (they refuse engine endpoints on any other host)"
+                ),
+            ));
         }
         let gpus = self.gpu_source()?;
         if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > 60_000 {
@@ -354,11 +363,11 @@ fn parse_labels(raw: &[String]) -> Result<BTreeMap<String, String>, AgentError> 
 /// `20000-29999` → 20000..=29999.
 pub fn parse_port_range(s: &str) -> Result<RangeInclusive<u16>, AgentError> {
     let bad =
-        || AgentError::invalid("engine-port-range", format!("{s:?} is not LOW-HIGH with 1 <= LOW <= HIGH <= 65535"));
+        || AgentError::invalid("engine-port-range", format!("{s:?} is not LOW-HIGH with 1024 <= LOW <= HIGH <= 65535"));
     let (lo, hi) = s.split_once('-').ok_or_else(bad)?;
     let lo: u16 = lo.trim().parse().map_err(|_| bad())?;
     let hi: u16 = hi.trim().parse().map_err(|_| bad())?;
-    if lo == 0 || lo > hi {
+    if lo < 1024 || lo > hi {
         return Err(bad());
     }
     Ok(lo..=hi)
@@ -432,6 +441,13 @@ mod tests {
         assert_eq!(flag(parse(&["--gpus", "2"])), "gpu-type");
         assert_eq!(flag(parse(&["--engine-port-range", "300-20"])), "engine-port-range");
         assert_eq!(flag(parse(&["--engine-port-range", "x"])), "engine-port-range");
+        assert_eq!(flag(parse(&["--engine-port-range", "80-8000"])), "engine-port-range");
+        assert!(parse(&["--gpus", "1", "--gpu-type", "T", "--engine-port-range", "1024-1024"]).is_ok());
+        assert_eq!(flag(parse(&["--address", "gpu-01.example"])), "address");
+        assert_eq!(flag(parse(&["--address", ""])), "address");
+        for ok in ["10.0.0.7", "::1", "localhost"] {
+            assert!(parse(&["--gpus", "1", "--gpu-type", "T", "--address", ok]).is_ok(), "{ok}");
+        }
         assert_eq!(flag(parse(&["--labels", "novalue"])), "labels");
         let mut bad_server = parse_args(&[]);
         bad_server.server = vec!["nohostport".into()];

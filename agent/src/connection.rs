@@ -171,6 +171,10 @@ impl Session<'_> {
             labels: self.cfg.labels.clone().into_iter().collect(),
             gpus: self.gpus.probe(),
             version: env!("CARGO_PKG_VERSION").to_string(),
+            engine_ports: Some(pb::PortRange {
+                low: u32::from(*self.cfg.ports.start()),
+                high: u32::from(*self.cfg.ports.end()),
+            }),
         };
         if tx.send(pb::AgentMessage { msg: Some(Msg::Register(register)) }).await.is_err() {
             return (Status::internal("outgoing stream closed"), false);

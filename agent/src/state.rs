@@ -2,7 +2,16 @@
 //! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
 //! assignment with its LoRA adapters, pid, process start time, port), so a restarted agent
 //! adopts its engines (and reconciles their adapters) instead of starting them twice.
-//! Writes are atomic (temp file + rename).
+//!
+//! Writes are atomic ([`write_atomic`]: a temp file in the same dir, fsync'd, renamed into
+//! place, the dir fsync'd) and the files are mode 0600.
+//!
+//! A corrupt `engines.json` at start stops the agent with an error naming the file and
+//! saying what to do, rather than starting without adoption: the engines it lists may still
+//! be running and holding their GPUs and ports, and an agent that forgot them would start a
+//! second engine on the same GPUs (out of memory, or a port conflict) while the first runs
+//! unsupervised. The operator stops those engines (their pids are in the file, or in
+//! `ps`), moves the file aside, and starts the agent again.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -99,15 +108,16 @@ pub struct StateStore {
 
 impl StateStore {
     /// Loads the state file (a missing file is an empty state; a corrupt one is an error
-    /// naming the file, since ignoring it could orphan engines).
+    /// naming the file, since ignoring it could orphan engines: see the module doc).
     pub fn load(data_dir: &Path) -> Result<Self, AgentError> {
         let path = data_dir.join("engines.json");
         let engines = match std::fs::read(&path) {
             Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                AgentError::io(
-                    &path,
-                    std::io::Error::new(std::io::ErrorKind::InvalidData, format!("corrupt state file: {e}")),
-                )
+                let reason = format!(
+                    "corrupt state file ({e}); the engines it lists cannot be adopted: stop any engine this \
+                     agent started, move the file aside, and start the agent again"
+                );
+                AgentError::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, reason))
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
             Err(e) => return Err(AgentError::io(&path, e)),
@@ -161,22 +171,56 @@ impl StateStore {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename.
+/// Writes `bytes` to `path` atomically, mode 0600: into a temp file in the same dir
+/// (`.<name>.tmp`), fsync'd, renamed over `path`, then the dir fsync'd so the rename
+/// survives a crash. A crash leaves the old content or the new, never a partial file; a
+/// failed write removes its temp file.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
-    let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| AgentError::io(&tmp, e))?;
-    std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
+    let Some(name) = path.file_name() else {
+        return Err(AgentError::io(path, std::io::Error::new(std::io::ErrorKind::InvalidInput, "not a file path")));
+    };
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    let tmp = dir.join(format!(".{}.tmp", name.to_string_lossy()));
+    let written = write_synced(&tmp, bytes)
+        .map_err(|e| AgentError::io(&tmp, e))
+        .and_then(|()| std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e)));
+    if let Err(e) = written {
+        let _ = std::fs::remove_file(&tmp);
+        return Err(e);
+    }
+    std::fs::File::open(dir).and_then(|d| d.sync_all()).map_err(|e| AgentError::io(dir, e))
+}
+
+/// Creates (or truncates) `path` mode 0600, writes `bytes` and fsyncs it.
+fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt;
+    let mut f = std::fs::OpenOptions::new()
+        .write(true)
+        .create(true)
+        .truncate(true)
+        .mode(crate::private_dir::FILE_MODE)
+        .open(path)?;
+    crate::private_dir::restrict(&f)?;
+    f.write_all(bytes)?;
+    f.sync_all()
 }
 
 /// Takes `<data-dir>/agent.lock` (flock, released when the returned file is dropped or
 /// the process exits), so two agents never share a data dir and adopt the same engines.
 pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
     let path = data_dir.join("agent.lock");
+    use std::os::unix::fs::OpenOptionsExt;
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
         .write(true)
+        .mode(crate::private_dir::FILE_MODE)
         .open(&path)
+        .and_then(|f| crate::private_dir::restrict(&f).map(|()| f))
         .map_err(|e| AgentError::io(&path, e))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
         AgentError::io(
@@ -248,6 +292,56 @@ mod tests {
         assert_eq!(agent_id(dir.path()).unwrap(), id);
         std::fs::write(dir.path().join("engines.json"), b"{nope").unwrap();
         assert!(StateStore::load(dir.path()).unwrap_err().to_string().contains("engines.json"));
+    }
+
+    #[test]
+    fn writes_are_atomic_private_and_leave_no_temp_file() {
+        use std::os::unix::fs::PermissionsExt;
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engines.json");
+        let mode = |p: &Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o777;
+        let listing = || {
+            let mut names: Vec<String> = std::fs::read_dir(dir.path())
+                .unwrap()
+                .map(|e| e.unwrap().file_name().to_string_lossy().into())
+                .collect();
+            names.sort();
+            names
+        };
+        // A stale temp file of a crashed write, world-readable: overwritten, then gone.
+        std::fs::write(dir.path().join(".engines.json.tmp"), b"partial").unwrap();
+        std::fs::set_permissions(dir.path().join(".engines.json.tmp"), std::fs::Permissions::from_mode(0o644)).unwrap();
+        write_atomic(&path, b"{\"a\": 1}").unwrap();
+        assert_eq!(std::fs::read(&path).unwrap(), b"{\"a\": 1}");
+        assert_eq!(mode(&path), 0o600);
+        assert_eq!(listing(), ["engines.json"]);
+        write_atomic(&path, b"{}").unwrap();
+        assert_eq!((std::fs::read(&path).unwrap(), listing()), (b"{}".to_vec(), vec!["engines.json".to_string()]));
+
+        // A write that cannot land (the target is a directory) names it and cleans up.
+        let blocked = dir.path().join("blocked");
+        std::fs::create_dir(&blocked).unwrap();
+        let e = write_atomic(&blocked, b"x").unwrap_err().to_string();
+        assert!(e.contains(&blocked.display().to_string()), "{e}");
+        assert_eq!(listing(), ["blocked", "engines.json"], "no temp file left behind");
+        let e = write_atomic(&dir.path().join("missing/engines.json"), b"x").unwrap_err().to_string();
+        assert!(e.contains("missing/.engines.json.tmp"), "{e}");
+
+        let _lock = lock_data_dir(dir.path()).unwrap();
+        let id = agent_id(dir.path()).unwrap();
+        assert!(!id.is_empty());
+        assert_eq!((mode(&dir.path().join("agent.lock")), mode(&dir.path().join("agent-id"))), (0o600, 0o600));
+    }
+
+    #[test]
+    fn a_corrupt_state_file_is_an_error_naming_it_and_saying_what_to_do() {
+        let dir = tempfile::tempdir().unwrap();
+        for bad in [&b"{nope"[..], b"", b"[1, 2]", b"{\"r1\": {\"port\": \"x\"}}", &[0xff, 0xfe, 0x00]] {
+            std::fs::write(dir.path().join("engines.json"), bad).unwrap();
+            let e = StateStore::load(dir.path()).unwrap_err().to_string();
+            assert!(e.contains("engines.json") && e.contains("corrupt state file"), "{bad:?}: {e}");
+            assert!(e.contains("move the file aside"), "{e}");
+        }
     }
 
     #[test]

@@ -293,3 +293,43 @@ async fn a_drain_that_outlasts_its_timeout_is_cut() {
     let (text, _) = unassign_during_a_stream("200").await;
     assert!(!text.contains("data: [DONE]"), "a 200 ms drain cannot outlast a 2 s stream: {text}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_data_dir_is_private_after_start_and_a_corrupt_state_file_stops_the_next_start() {
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &std::path::Path| std::fs::metadata(p).unwrap().permissions().mode() & 0o7777;
+    let server = FakeServer::start().await;
+    let root = tempfile::tempdir().unwrap();
+    let dir = root.path().join("agent");
+    std::fs::create_dir(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let args = || agent_args(&[server.addr], &dir, "node-p", &["--gpus", "1", "--gpu-type", "A100-80GB"]);
+    let mut agent = TestAgent::start(args()).await;
+    let reg = eventually(20, "registration", || server.registrations().first().cloned()).await;
+    let ports = reg.engine_ports.expect("the agent tells its engine port range");
+    assert!(ports.low >= 30000 && ports.high == ports.low + 49, "{ports:?}");
+
+    server.assign(vec![sim_replica("p-0", "demo", &[0])]);
+    eventually(30, "engine ready", || ready_endpoint(&server.engines(), "p-0")).await;
+    assert_eq!(mode(&dir), 0o700, "an open data dir is tightened at start");
+    for d in ["logs", "models"] {
+        assert_eq!(mode(&dir.join(d)), 0o700, "{d}");
+    }
+    for f in ["agent-id", "agent.lock", "engines.json", "logs/p-0.log"] {
+        assert_eq!(mode(&dir.join(f)), 0o600, "{f}");
+    }
+    let leftovers: Vec<String> = std::fs::read_dir(&dir)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.ends_with(".tmp"))
+        .collect();
+    assert!(leftovers.is_empty(), "temp files left: {leftovers:?}");
+    agent.shutdown(true).await;
+
+    std::fs::write(dir.join("engines.json"), b"{\"p-0\": {\"process\": ").unwrap();
+    let e = match flotilla_agent::start(args()).await {
+        Ok(_) => panic!("an agent started on a corrupt state file"),
+        Err(e) => e.to_string(),
+    };
+    assert!(e.contains(&dir.join("engines.json").display().to_string()) && e.contains("corrupt state file"), "{e}");
+}

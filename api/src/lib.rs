@@ -20,7 +20,7 @@ pub mod spec;
 pub use error::ApiError;
 pub use ids::{NodeId, ObjectName, Revision};
 pub use kind::Kind;
-pub use manifest::{Manifest, Metadata, MAX_MANIFEST_BYTES};
+pub use manifest::{validate_labels, Manifest, Metadata, MAX_MANIFEST_BYTES};
 pub use object::{EventType, ObjectKey, StoredObject, WatchEvent};
 pub use selector::LabelSelector;
 pub use spec::Spec;

@@ -82,7 +82,7 @@ impl Manifest {
         }
         let kind: Kind = raw.kind.parse()?;
         let metadata = Metadata { name: raw.metadata.name.parse()?, labels: raw.metadata.labels };
-        validate_labels(&metadata.labels)?;
+        validate_labels("metadata.labels", &metadata.labels)?;
         let spec = Spec::from_yaml(kind, raw.spec)?;
         Ok(Manifest { metadata, spec })
     }
@@ -117,25 +117,25 @@ impl Manifest {
     }
 }
 
-fn validate_labels(labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
+/// Checks labels (at most 64; keys 1-63 characters of letters, digits, `-_./`; values at
+/// most 256 characters without `,` or `=`); errors name `field` (`metadata.labels`, or
+/// `register.labels` for the labels an agent gives its node).
+pub fn validate_labels(field: &str, labels: &BTreeMap<String, String>) -> Result<(), ApiError> {
     if labels.len() > 64 {
-        return Err(ApiError::invalid(
-            "metadata.labels",
-            format!("has {} labels, over the maximum of 64", labels.len()),
-        ));
+        return Err(ApiError::invalid(field, format!("has {} labels, over the maximum of 64", labels.len())));
     }
     for (k, v) in labels {
         let ok_key =
             !k.is_empty() && k.len() <= 63 && k.bytes().all(|b| b.is_ascii_alphanumeric() || b"-_./".contains(&b));
         if !ok_key {
             return Err(ApiError::invalid(
-                "metadata.labels",
+                field,
                 format!("key {k:?} must be 1-63 characters of letters, digits, '-', '_', '.', '/'"),
             ));
         }
         if v.len() > 256 || v.contains([',', '=']) {
             return Err(ApiError::invalid(
-                format!("metadata.labels.{k}"),
+                format!("{field}.{k}"),
                 format!("value {v:?} must be at most 256 characters without ',' or '='"),
             ));
         }

@@ -41,6 +41,9 @@ pub struct ServerConfig {
     pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
     /// Allow a non-loopback gRPC address without TLS (a network the operator trusts).
     pub insecure: bool,
+    /// Largest snapshot accepted from a leader, in bytes: an InstallSnapshot chunk ending
+    /// beyond it is refused (INVALID_ARGUMENT).
+    pub max_snapshot_bytes: u64,
 }
 
 impl ServerConfig {
@@ -63,6 +66,7 @@ impl ServerConfig {
             request_timeout: Duration::from_secs(10),
             tls: None,
             insecure: false,
+            max_snapshot_bytes: crate::snapshot_chunks::DEFAULT_MAX_SNAPSHOT_BYTES,
         }
     }
 
@@ -103,6 +107,9 @@ impl ServerConfig {
                 self.grpc_addr
             ));
         }
+        if self.max_snapshot_bytes == 0 {
+            return bad("--max-snapshot-bytes must be positive".into());
+        }
         Ok(())
     }
 
@@ -137,6 +144,8 @@ mod tests {
         assert!(e.contains("--join"), "{e}");
         let e = ServerConfig { election_timeout_min_ms: 100, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");
+        let e = ServerConfig { max_snapshot_bytes: 0, ..ok.clone() }.validate().unwrap_err().to_string();
+        assert!(e.contains("--max-snapshot-bytes"), "{e}");
         assert!(ServerConfig { election_timeout_max_ms: 200, ..ok.clone() }.validate().is_err());
         let open = ServerConfig { grpc_addr: "0.0.0.0:7070".parse().unwrap(), ..ok.clone() };
         let e = open.validate().unwrap_err().to_string();

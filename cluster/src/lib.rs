@@ -25,6 +25,7 @@ mod object_service;
 mod peers;
 mod raft_service;
 mod server;
+mod snapshot_chunks;
 
 pub use config::ServerConfig;
 pub use error::ClusterError;

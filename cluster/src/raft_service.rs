@@ -1,14 +1,21 @@
 //! The internal `RaftService`: receives Raft RPCs from peers and hands them to openraft. It
 //! also notes when a leader was last heard from (an accepted AppendEntries or InstallSnapshot)
 //! and, answering a vote request, starts this server's own campaign at once where
-//! [`crate::campaign::should_campaign`] says so.
+//! [`crate::campaign::should_campaign`] says so. InstallSnapshot chunks pass the
+//! [`ChunkGuard`] first (bounded size, in sequence, checksum on the last one): a chunk beyond
+//! the bound is INVALID_ARGUMENT; one out of sequence or ending a damaged snapshot is
+//! answered with openraft's `SnapshotMismatch`, so a leader restarts the transfer.
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_api::pb::raft_service_server::RaftService;
 use flotilla_api::pb::RaftPayload;
 use flotilla_storage::{Raft, TypeConfig};
-use openraft::raft::{AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, VoteRequest};
+use openraft::error::{InstallSnapshotError, RaftError, SnapshotMismatch};
+use openraft::raft::{
+    AppendEntriesRequest, AppendEntriesResponse, InstallSnapshotRequest, InstallSnapshotResponse, VoteRequest,
+};
+use openraft::SnapshotSegmentId;
 use serde::de::DeserializeOwned;
 use serde::Serialize;
 use tokio::time::Instant;
@@ -16,12 +23,16 @@ use tonic::{Request, Response, Status};
 
 use crate::campaign::{should_campaign, VoteSeen};
 use crate::metrics::Metrics;
+use crate::snapshot_chunks::{ChunkGuard, Refusal};
 
 pub(crate) struct RaftServiceImpl {
     pub(crate) raft: Raft,
     pub(crate) metrics: Metrics,
     /// When this server last accepted entries or a snapshot from a leader.
     pub(crate) leader_contact: Arc<Mutex<Option<Instant>>>,
+    /// Checks InstallSnapshot chunks before openraft sees them; held across the call, so
+    /// chunks are handled one at a time (openraft serializes them anyway).
+    pub(crate) chunks: tokio::sync::Mutex<ChunkGuard>,
 }
 
 fn decode<T: DeserializeOwned>(req: Request<RaftPayload>) -> Result<T, Status> {
@@ -117,13 +128,46 @@ impl RaftService for RaftServiceImpl {
         let timer = self.metrics.grpc_timer("raft.InstallSnapshot");
         let r = async {
             let req: InstallSnapshotRequest<TypeConfig> = decode(req)?;
+            let mut chunks = self.chunks.lock().await;
+            if let Err(refusal) = chunks.admit(&req.meta.snapshot_id, req.offset, &req.data, req.done) {
+                return refused(&req, refusal);
+            }
             let resp = self.raft.install_snapshot(req).await;
-            if resp.is_ok() {
-                self.heard_leader();
+            match resp {
+                Ok(_) => self.heard_leader(),
+                Err(_) => chunks.reset(),
             }
             encode(&resp)
         }
         .await;
         timer.finish(r)
     }
+}
+
+type SnapshotResult = Result<InstallSnapshotResponse<u64>, RaftError<u64, InstallSnapshotError>>;
+
+/// The answer to a chunk the guard refused: INVALID_ARGUMENT beyond the bound; otherwise
+/// openraft's `SnapshotMismatch`, on which a leader sends the snapshot again from `expect`.
+fn refused(req: &InstallSnapshotRequest<TypeConfig>, refusal: Refusal) -> Result<Response<RaftPayload>, Status> {
+    let id = &req.meta.snapshot_id;
+    let expect = match refusal {
+        Refusal::TooLarge { .. } => {
+            tracing::warn!(snapshot = %id, offset = req.offset, len = req.data.len(), "{refusal}");
+            return Err(Status::invalid_argument(refusal.to_string()));
+        }
+        Refusal::OutOfSequence { expect } => {
+            tracing::info!(snapshot = %id, offset = req.offset, expect, "snapshot chunk out of sequence; refused");
+            expect
+        }
+        Refusal::Corrupt(reason) => {
+            tracing::warn!(snapshot = %id, %reason, "received snapshot is damaged; the leader must send it again");
+            0
+        }
+    };
+    let mismatch = SnapshotMismatch {
+        expect: SnapshotSegmentId { id: id.clone(), offset: expect },
+        got: SnapshotSegmentId { id: id.clone(), offset: req.offset },
+    };
+    let resp: SnapshotResult = Err(RaftError::APIError(InstallSnapshotError::SnapshotMismatch(mismatch)));
+    encode(&resp)
 }

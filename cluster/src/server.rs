@@ -123,7 +123,15 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     extensions(ClusterHandle { node: node.clone() }, &mut extra);
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
-    tasks.push(tokio::spawn(serve_grpc(node.clone(), grpc_listener, stop_rx.clone(), extra, config.tls.clone())));
+    let max_snapshot = config.max_snapshot_bytes;
+    tasks.push(tokio::spawn(serve_grpc(
+        node.clone(),
+        grpc_listener,
+        stop_rx.clone(),
+        extra,
+        max_snapshot,
+        config.tls.clone(),
+    )));
     tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
 
     if config.bootstrap {
@@ -175,6 +183,7 @@ async fn serve_grpc(
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
     extra: RoutesBuilder,
+    max_snapshot: u64,
     tls: Option<std::sync::Arc<flotilla_security::Tls>>,
 ) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -193,6 +202,7 @@ async fn serve_grpc(
         raft: node.raft.clone(),
         metrics: node.metrics.clone(),
         leader_contact: Default::default(),
+        chunks: tokio::sync::Mutex::new(crate::snapshot_chunks::ChunkGuard::new(max_snapshot)),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
     .max_encoding_message_size(MAX_RAFT_MESSAGE);

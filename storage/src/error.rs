@@ -13,6 +13,10 @@ pub enum StorageError {
     Sled(#[from] sled::Error),
     #[error("corrupt record {key:?} in the store: {source}")]
     Corrupt { key: String, source: serde_json::Error },
+    /// A snapshot whose checksum does not match (or that cannot be parsed); `snapshot`
+    /// names the file or the snapshot id.
+    #[error("corrupt snapshot {snapshot}: {reason}")]
+    CorruptSnapshot { snapshot: String, reason: String },
 }
 
 impl StorageError {
@@ -22,6 +26,7 @@ impl StorageError {
             StorageError::Io { .. } => "storage.io",
             StorageError::Sled(_) => "storage.sled",
             StorageError::Corrupt { .. } => "storage.corrupt",
+            StorageError::CorruptSnapshot { .. } => "storage.corrupt_snapshot",
         }
     }
 }

@@ -15,9 +15,11 @@
 //! is loaded from the snapshot and openraft re-applies the log after it (docs/adr/002).
 #![forbid(unsafe_code)]
 
+mod checksum;
 mod command;
 mod error;
 mod log_store;
+mod private_dir;
 mod snapshot_file;
 mod state_machine;
 mod store;
@@ -25,6 +27,7 @@ mod store;
 use std::io::Cursor;
 use std::path::Path;
 
+pub use checksum::{tagged_id as snapshot_id_with_checksum, SnapshotDigest};
 pub use command::{Command, CommandResult, Compare, TxnOp};
 pub use error::StorageError;
 pub use log_store::LogStore;
@@ -46,9 +49,11 @@ openraft::declare_raft_types!(
 /// The openraft handle of a flotilla server.
 pub type Raft = openraft::Raft<TypeConfig>;
 
-/// Opens (or creates) the log store and state machine under `data_dir`.
+/// Opens (or creates) the log store and state machine under `data_dir`, which is made
+/// private first: created 0700, or tightened to 0700 with a warning if it is group- or
+/// world-accessible (see `private_dir`).
 pub fn open(data_dir: &Path, event_retention: usize) -> Result<(LogStore, StateMachine), StorageError> {
-    std::fs::create_dir_all(data_dir).map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
+    private_dir::ensure(data_dir).map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
     let db = sled::Config::new()
         .path(data_dir.join("db"))
         .mode(sled::Mode::LowSpace)
@@ -57,4 +62,33 @@ pub fn open(data_dir: &Path, event_retention: usize) -> Result<(LogStore, StateM
     let log = LogStore::open(db.clone())?;
     let sm = StateMachine::open(db, data_dir.join("snapshot"), event_retention)?;
     Ok((log, sm))
+}
+
+#[cfg(test)]
+mod tests {
+    use std::os::unix::fs::PermissionsExt;
+    use std::path::Path;
+
+    use openraft::RaftSnapshotBuilder;
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::metadata(p).unwrap().permissions().mode() & 0o7777
+    }
+
+    #[tokio::test]
+    async fn the_data_dir_is_private_and_an_open_one_is_tightened() {
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        let (_log, mut sm) = super::open(&dir, 100).unwrap();
+        sm.build_snapshot().await.unwrap();
+        assert_eq!(mode(&dir), 0o700);
+        assert_eq!(mode(&dir.join("snapshot")), 0o700);
+        assert_eq!(mode(&dir.join("snapshot/current")), 0o600);
+        drop((_log, sm));
+
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let reopened = super::open(&dir, 100);
+        assert!(reopened.is_ok());
+        assert_eq!(mode(&dir), 0o700);
+    }
 }

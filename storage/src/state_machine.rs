@@ -1,7 +1,10 @@
 //! The replicated state machine: an in-memory [`Store`] shared with readers, plus snapshot
 //! build and install.
 //!
-//! Persistence is the snapshot file only (see docs/adr/002): `apply` touches no disk. The
+//! Persistence is the snapshot file only (see docs/adr/002): `apply` touches no disk.
+//! Snapshot ids carry the SHA-256 of the data (`crate::checksum`): an installed snapshot
+//! and the file read at open or sent to a follower are verified against it, and a mismatch
+//! is a [`StorageError::CorruptSnapshot`] naming the snapshot id or the file. The
 //! log makes every applied entry durable already; on restart the state machine is loaded
 //! from the current snapshot and openraft re-applies the log after its `last_log_id`.
 //! openraft purges the log only up to a snapshot that is already on disk (`build_snapshot`
@@ -24,8 +27,9 @@ use openraft::{
 use serde::de::DeserializeOwned;
 use tokio::sync::watch;
 
+use crate::checksum::{self, Verified};
 use crate::error::raft_io;
-use crate::snapshot_file::{self, Meta};
+use crate::snapshot_file::{self, Loaded, Meta};
 use crate::{CommandResult, Compacted, StorageError, Store, TypeConfig};
 
 type RaftResult<T> = Result<T, openraft::StorageError<u64>>;
@@ -90,10 +94,16 @@ struct Recovered {
     membership: Membership,
 }
 
-/// The state in the current snapshot file, if there is one.
+/// The state in the current snapshot file, if there is one; a file whose checksum does not
+/// match is an error naming it.
 fn load_snapshot(dir: &std::path::Path, retention: usize) -> Result<Option<Recovered>, StorageError> {
-    let io = |source| StorageError::Io { path: dir.join("current"), source };
-    let Some((meta, data)) = snapshot_file::load(dir).map_err(io)? else { return Ok(None) };
+    let Some(Loaded { meta, data, unverified }) = snapshot_file::load(dir)? else { return Ok(None) };
+    if unverified {
+        tracing::warn!(
+            file = %snapshot_file::current(dir).display(), snapshot = %meta.snapshot_id,
+            "snapshot file written by an earlier version carries no checksum; loaded unverified (the next snapshot will carry one)"
+        );
+    }
     let mut store: Store = decode(b"snapshot", &data)?;
     store.set_retention(retention);
     Ok(Some(Recovered { store, last_applied: meta.last_log_id, membership: meta.last_membership }))
@@ -217,6 +227,8 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
 
     async fn install_snapshot(&mut self, meta: &Meta, snapshot: Box<Cursor<Vec<u8>>>) -> RaftResult<()> {
         let data = snapshot.into_inner();
+        verify_received(meta, &data)
+            .map_err(|e| raft_io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e))?;
         let sm_err = |e| raft_io(ErrorSubject::Snapshot(Some(meta.signature())), ErrorVerb::Read, e);
         let mut store: Store = serde_json::from_slice(&data).map_err(sm_err)?;
         // On disk first: once this returns, openraft may purge the log up to the snapshot.
@@ -235,13 +247,36 @@ impl RaftStateMachine<TypeConfig> for StateMachine {
         Ok(())
     }
 
+    /// The snapshot file, verified (a corrupt one is an error naming it, never sent on).
     async fn get_current_snapshot(&mut self) -> RaftResult<Option<Snapshot<TypeConfig>>> {
         let dir = self.snapshot_dir.clone();
         let loaded = tokio::task::spawn_blocking(move || snapshot_file::load(&dir))
             .await
             .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?
             .map_err(|e| raft_io(ErrorSubject::Snapshot(None), ErrorVerb::Read, e))?;
-        Ok(loaded.map(|(meta, data)| Snapshot { meta, snapshot: Box::new(Cursor::new(data)) }))
+        Ok(loaded.map(|l| Snapshot { meta: l.meta, snapshot: Box::new(Cursor::new(l.data)) }))
+    }
+}
+
+/// Checks a received snapshot's data against the checksum in its id before it is
+/// installed: a mismatch is an error naming the snapshot id; an id without a checksum (sent
+/// by an earlier version) is installed with a warning.
+fn verify_received(meta: &Meta, data: &[u8]) -> Result<(), StorageError> {
+    match checksum::verify(&meta.snapshot_id, data) {
+        Ok(Verified::Matches) => Ok(()),
+        Ok(Verified::Untagged) => {
+            tracing::warn!(snapshot = %meta.snapshot_id, "received snapshot carries no checksum (sent by an earlier version); installing it unverified");
+            Ok(())
+        }
+        Err(m) => Err(StorageError::CorruptSnapshot {
+            snapshot: meta.snapshot_id.clone(),
+            reason: format!(
+                "data checksum mismatch: the id says sha256 {}, the {} bytes received hash to {}",
+                m.expected,
+                data.len(),
+                m.actual
+            ),
+        }),
     }
 }
 
@@ -257,10 +292,12 @@ impl RaftSnapshotBuilder<TypeConfig> for StateMachine {
             let inner = self.shared.read();
             let data = serde_json::to_vec(&inner.store)
                 .map_err(|e| raft_io(ErrorSubject::StateMachine, ErrorVerb::Read, e))?;
-            let id = match inner.last_applied {
+            let base = match inner.last_applied {
                 Some(l) => format!("{}-{}-{}", l.leader_id.term, l.index, inner.store.revision()),
                 None => format!("empty-{}", inner.store.revision()),
             };
+            // The id carries the data's checksum: followers and restarts verify against it.
+            let id = checksum::tagged_id(&base, &data);
             let meta =
                 Meta { last_log_id: inner.last_applied, last_membership: inner.membership.clone(), snapshot_id: id };
             (data, meta)
@@ -360,5 +397,45 @@ mod tests {
         assert_eq!((reader.revision(), reader.last_applied_index()), (2, 2));
         assert_eq!(sm.applied_state().await.unwrap().0.map(|l| l.index), Some(2));
         assert!(sm.build_snapshot().await.is_ok());
+    }
+
+    fn open(dir: &std::path::Path) -> Result<StateMachine, StorageError> {
+        let db = sled::Config::new().temporary(true).open().unwrap();
+        StateMachine::open(db, dir.join("snapshot"), 100)
+    }
+
+    #[tokio::test]
+    async fn a_corrupted_snapshot_is_refused_on_install_and_at_open_naming_it() {
+        let (a_dir, b_dir) = (tempfile::tempdir().unwrap(), tempfile::tempdir().unwrap());
+        let mut a = open(a_dir.path()).unwrap();
+        a.apply([put(1, "a"), put(2, "b")]).await.unwrap();
+        let snap = a.build_snapshot().await.unwrap();
+        let (meta, data) = (snap.meta.clone(), snap.snapshot.into_inner());
+        assert!(meta.snapshot_id.starts_with("1-2-2.sha256-"), "{}", meta.snapshot_id);
+
+        let mut b = open(b_dir.path()).unwrap();
+        let mut bad = data.clone();
+        let mid = bad.len() / 2;
+        bad[mid] ^= 0x20;
+        let e = b.install_snapshot(&meta, Box::new(Cursor::new(bad))).await.unwrap_err().to_string();
+        assert!(e.contains(&meta.snapshot_id) && e.contains("checksum mismatch"), "{e}");
+        assert_eq!(b.reader().revision(), 0, "nothing installed");
+        assert!(!b_dir.path().join("snapshot/current").exists(), "nothing saved");
+        b.install_snapshot(&meta, Box::new(Cursor::new(data.clone()))).await.unwrap();
+        assert_eq!((b.reader().revision(), b.reader().last_applied_index()), (2, 2));
+        drop(b);
+        assert_eq!(open(b_dir.path()).unwrap().reader().revision(), 2, "a good file loads at open");
+
+        // The file on disk: one flipped byte, and the server refuses to open it.
+        let file = a_dir.path().join("snapshot/current");
+        let mut bytes = std::fs::read(&file).unwrap();
+        let last = bytes.len() - 3;
+        bytes[last] ^= 0x01;
+        std::fs::write(&file, &bytes).unwrap();
+        let e = a.get_current_snapshot().await.expect_err("corrupt file refused").to_string();
+        assert!(e.contains("checksum mismatch"), "{e}");
+        let e = open(a_dir.path()).err().expect("corrupt file refused at open");
+        assert_eq!(e.code(), "storage.corrupt_snapshot");
+        assert!(e.to_string().contains(&file.display().to_string()), "{e}");
     }
 }

@@ -1,6 +1,7 @@
 //! Reading Linux `/proc`: which processes exist, their command lines and environments, and
 //! their state and process group — to find the processes a test or a run caused (engines
-//! outlive the agent that started them by design) and to check that none is left.
+//! outlive the agent that started them by design) and to check that none is left — and
+//! their resident memory (to check that a process did not grow).
 
 /// Pids of every process visible now.
 pub fn pids() -> impl Iterator<Item = u32> {
@@ -83,9 +84,37 @@ pub fn find_process(words: &[&str]) -> Option<u32> {
     })
 }
 
+/// The `VmRSS` of a `/proc/<pid>/status` text, in KiB.
+pub fn parse_rss_kib(status: &str) -> Option<u64> {
+    let line = status.lines().find(|l| l.starts_with("VmRSS:"))?;
+    let mut f = line["VmRSS:".len()..].split_whitespace();
+    let kib = f.next()?.parse().ok()?;
+    (f.next() == Some("kB")).then_some(kib)
+}
+
+/// The resident set size of `pid` in KiB, or `None` if it is gone (or a kernel thread).
+pub fn rss_kib(pid: u32) -> Option<u64> {
+    parse_rss_kib(&std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn rss_is_read_from_the_vmrss_line() {
+        let table: &[(&str, Option<u64>)] = &[
+            ("Name:\tflotilla\nVmPeak:\t  9000 kB\nVmRSS:\t   12345 kB\nThreads: 4\n", Some(12345)),
+            ("VmRSS: 7 kB", Some(7)),
+            ("VmRSS: 7 MB", None),
+            ("VmRSS: x kB", None),
+            ("Name: kthreadd\n", None),
+        ];
+        for (text, want) in table {
+            assert_eq!(parse_rss_kib(text), *want, "{text:?}");
+        }
+        assert!(rss_kib(std::process::id()).is_some_and(|k| k > 0));
+    }
 
     #[test]
     fn stat_lines_parse_after_the_last_parenthesis() {

@@ -128,16 +128,29 @@ impl FakeAgent {
     }
 
     pub fn start_as(addrs: Vec<SocketAddr>, name: &str, agent_id: &str, gpus: u32) -> FakeAgent {
+        Self::start_reporting(addrs, name, agent_id, gpus, "127.0.0.1")
+    }
+
+    /// An agent that reports its engines at `endpoint_host` (a lying agent: another host
+    /// than the loopback it connects from).
+    pub fn start_reporting(
+        addrs: Vec<SocketAddr>,
+        name: &str,
+        agent_id: &str,
+        gpus: u32,
+        endpoint_host: &str,
+    ) -> FakeAgent {
         let assigned = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
         let (a, e, n, id) = (assigned.clone(), errors.clone(), name.to_owned(), agent_id.to_owned());
+        let host = endpoint_host.to_owned();
         let task = tokio::spawn(async move {
             let mut i = 0usize;
             let mut target: Option<String> = None;
             loop {
                 let addr = target.take().unwrap_or_else(|| addrs[i % addrs.len()].to_string());
                 i += 1;
-                if let Err(status) = run_agent(&addr, &n, &id, gpus, &a).await {
+                if let Err(status) = run_agent(&addr, &n, &id, gpus, &host, &a).await {
                     if let Some(l) = status.message().split("leader=").nth(1) {
                         target = Some(l.trim().to_owned());
                     }
@@ -166,6 +179,7 @@ async fn run_agent(
     name: &str,
     agent_id: &str,
     gpus: u32,
+    endpoint_host: &str,
     assigned: &Mutex<Vec<ReplicaAssignment>>,
 ) -> Result<(), tonic::Status> {
     let mut client = AgentServiceClient::new(channel(addr.parse().map_err(|_| tonic::Status::internal("bad addr"))?));
@@ -185,6 +199,7 @@ async fn run_agent(
             })
             .collect(),
         version: "test".into(),
+        engine_ports: None,
     };
     let _ = tx.send(AgentMessage { msg: Some(AgentMsg::Register(reg)) }).await;
     let mut inbound = client.session(tokio_stream::wrappers::ReceiverStream::new(rx)).await?.into_inner();
@@ -203,7 +218,7 @@ async fn run_agent(
                     .expect("lock")
                     .iter()
                     .enumerate()
-                    .map(|(i, a)| EngineReport { replica: a.replica.clone(), state: "ready".into(), endpoint: format!("127.0.0.1:{}", 20_000 + i), num_requests_running: 1.0, ..Default::default() })
+                    .map(|(i, a)| EngineReport { replica: a.replica.clone(), state: "ready".into(), endpoint: format!("{endpoint_host}:{}", 20_000 + i), num_requests_running: 1.0, ..Default::default() })
                     .collect();
                 if tx.send(AgentMessage { msg: Some(AgentMsg::Heartbeat(Heartbeat { engines, gpus: vec![] })) }).await.is_err() {
                     return Ok(());

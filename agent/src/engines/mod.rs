@@ -63,9 +63,13 @@ pub struct EngineEnv {
 }
 
 impl EngineEnv {
-    /// `host:port` of the engine listening on `port` (the agent's `--address`).
+    /// `host:port` of the engine listening on `port` (the agent's `--address`; an IPv6
+    /// address in brackets).
     pub fn endpoint(&self, port: u16) -> String {
-        format!("{}:{port}", self.cfg.address)
+        match self.cfg.address.contains(':') {
+            true => format!("[{}]:{port}", self.cfg.address),
+            false => format!("{}:{port}", self.cfg.address),
+        }
     }
 }
 

@@ -9,6 +9,7 @@
 
 use std::fs::OpenOptions;
 use std::io::Write as _;
+use std::os::unix::fs::OpenOptionsExt;
 use std::path::Path;
 use std::process::Stdio;
 use std::time::Duration;
@@ -105,7 +106,8 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// Spawns `cmd` in a new process group, stdout and stderr appended to `log` (the file is
 /// the engine's, not a pipe to the agent: engines keep logging after the agent exits).
 pub fn spawn(cmd: &EngineCommand, log: &Path) -> std::io::Result<(Child, ProcessIdentity)> {
-    let mut file = OpenOptions::new().create(true).append(true).open(log)?;
+    let mut file = OpenOptions::new().create(true).append(true).mode(crate::private_dir::FILE_MODE).open(log)?;
+    crate::private_dir::restrict(&file)?;
     writeln!(file, "--- flotilla agent: starting: {}", cmd.display())?;
     let err = file.try_clone()?;
     let mut command = Command::new(&cmd.program);

@@ -56,6 +56,10 @@ pub(crate) struct ServerArgs {
     /// How long a write or linearizable read may wait for the Raft group, seconds.
     #[arg(long, default_value_t = 10)]
     pub(crate) request_timeout_s: u64,
+    /// Largest snapshot accepted from a leader, bytes; a snapshot chunk ending beyond it is
+    /// refused.
+    #[arg(long, default_value_t = 4 << 30)]
+    pub(crate) max_snapshot_bytes: u64,
     /// A node whose agent sent no heartbeat for this long becomes NotReady, milliseconds.
     #[arg(long, default_value_t = 5_000)]
     pub(crate) node_ttl_ms: u64,
@@ -93,6 +97,7 @@ impl ServerArgs {
             watch_history: self.watch_history,
             request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
             insecure: self.insecure,
+            max_snapshot_bytes: self.max_snapshot_bytes,
             ..ServerConfig::new(self.id, self.data_dir.clone())
         }
     }
