@@ -225,6 +225,12 @@ async fn every_role_and_method_against_the_table() {
     assert!(err.contains("viewer/vic may not call /flotilla.v1.ObjectService/Apply"), "{err}");
     let out = as_role(&cert_files(dir, "admin", "alice"), &["apply", "-f", &m]);
     assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let tenant = dir.join("t.yaml");
+    std::fs::write(&tenant, "kind: Tenant\nmetadata:\n  name: team-a\nspec: {}\n").unwrap();
+    let out = as_role(&cert_files(dir, "operator", "olga"), &["apply", "-f", &tenant.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(1), "{err}");
+    assert!(err.contains("operator/olga may not write Tenant objects"), "{err}");
     let out = as_role(&viewer, &["get", "model", "secured", "-o", "json"]);
     assert!(out.status.success(), "a viewer reads: {}", String::from_utf8_lossy(&out.stderr));
     let out = flotilla(dir, &["--server", &server.addr, "get", "models"]);

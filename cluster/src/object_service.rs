@@ -95,8 +95,10 @@ impl ObjectServiceImpl {
     // limitation). Revisit when return-type notation for async closures is stable.
     async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let manifest = Manifest::parse(&req.manifest).map_err(ClusterError::from)?;
+        flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
         if let Spec::Adapter(adapter) = &manifest.spec {
             return self.apply_adapter(req.clone(), &manifest, adapter, forwarded).await;
         }
@@ -210,8 +212,10 @@ impl ObjectServiceImpl {
 
     async fn delete_inner(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let forwarded = is_forwarded(&request);
+        let caller = caller_of(&request);
         let req = request.into_inner();
         let key = parse_key(&req.kind, &req.name)?;
+        flotilla_security::authz::check_kind(caller.as_ref(), key.kind.as_str()).map_err(|r| r.status())?;
         let cmd = Command::Delete { key, expected_revision: req.expected_revision };
         let deadline = self.node.deadline();
         loop {
@@ -357,4 +361,9 @@ async fn stream_events(
             }
         }
     }
+}
+
+/// The identity the role layer found on a call (None with security off).
+fn caller_of<T>(request: &Request<T>) -> Option<flotilla_security::Identity> {
+    request.extensions().get::<flotilla_security::Caller>().and_then(|c| c.0.clone())
 }

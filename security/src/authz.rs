@@ -111,6 +111,24 @@ pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(),
     }
 }
 
+/// Kinds an operator may write (apply, delete); the rest (tenants, and the kinds flotilla
+/// manages: nodes, replicas) are an admin's.
+pub const OPERATOR_KINDS: &[&str] = &["Model", "Adapter"];
+
+/// Whether `identity` may write objects of `kind` (checked by the object service before a
+/// write is forwarded to the leader, so a follower checks the caller, not itself).
+pub fn check_kind(identity: Option<&Identity>, kind: &str) -> Result<(), Refusal> {
+    match identity {
+        Some(id) if id.role == Role::Operator && !OPERATOR_KINDS.iter().any(|k| k.eq_ignore_ascii_case(kind)) => {
+            Err(Refusal::Denied(format!(
+                "{id} may not write {kind} objects (operators write {}; tenants and the rest need admin)",
+                OPERATOR_KINDS.join(" and ")
+            )))
+        }
+        _ => Ok(()),
+    }
+}
+
 /// The identity of a request's TLS peer, if it presented a certificate that names one.
 pub fn peer_identity<B>(req: &http::Request<B>) -> Option<Identity> {
     let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
@@ -230,6 +248,22 @@ mod tests {
             }
         }
         assert_eq!(found + 1, TABLE.len(), "the table has rows for methods the protos do not have");
+    }
+
+    #[test]
+    fn operators_write_models_and_adapters_only() {
+        let op = Identity::new(Operator, "ops").unwrap();
+        let admin = Identity::new(Admin, "root").unwrap();
+        for (who, kind, ok) in [
+            (Some(&op), "Model", true),
+            (Some(&op), "adapter", true),
+            (Some(&op), "Tenant", false),
+            (Some(&op), "Node", false),
+            (Some(&admin), "Tenant", true),
+            (None, "Tenant", true),
+        ] {
+            assert_eq!(check_kind(who, kind).is_ok(), ok, "{who:?} {kind}");
+        }
     }
 
     #[test]
