@@ -10,14 +10,28 @@ use flotilla_api::pb::ReplicaAssignment;
 use crate::error::AgentError;
 
 /// A command line ready to spawn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EngineCommand {
     /// Program to run.
     pub program: PathBuf,
     /// Arguments, one word each.
     pub args: Vec<String>,
-    /// Extra environment variables.
+    /// The engine's environment: a driver sets what it needs (the GPUs); the engine task
+    /// lays it over the allowed part of the agent's ([`crate::engine_env`]) and adds the
+    /// key. The process gets this and nothing else.
     pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for EngineCommand {
+    /// Names of the environment only: it holds the engine's API key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("EngineCommand")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &names)
+            .finish()
+    }
 }
 
 impl EngineCommand {
@@ -94,14 +108,32 @@ pub struct VllmDriver {
 
 const PLACEHOLDERS: [&str; 7] = ["{source}", "{model}", "{port}", "{host}", "{replica}", "{gpus}", "{args}"];
 
+/// Refuses operator-given words (`--sim-args`, `--vllm-command`) that set an API key: the
+/// agent gives each engine its own through `VLLM_API_KEY`, and a `--api-key` flag would win
+/// over it, leaving the gateways with the wrong key.
+pub fn refuse_api_key(flag: &'static str, words: &[String]) -> Result<(), AgentError> {
+    let sets_key = |w: &String| {
+        let name = w.split('=').next().unwrap_or(w).replace('_', "-");
+        name == "--api-key"
+    };
+    match words.iter().find(|w| sets_key(w)) {
+        Some(w) => Err(AgentError::invalid(
+            flag,
+            format!("{w:?}: the agent gives each engine its own API key (VLLM_API_KEY); remove the flag"),
+        )),
+        None => Ok(()),
+    }
+}
+
 /// Splits a template shell-words-style and checks it: known placeholders only, `{port}`
-/// present, `{args}` a word of its own.
+/// present, `{args}` a word of its own, no `--api-key` ([`refuse_api_key`]).
 pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     let words = shlex::split(template)
         .ok_or_else(|| AgentError::invalid("vllm-command", format!("{template:?} has unbalanced quotes")))?;
     if words.is_empty() {
         return Err(AgentError::invalid("vllm-command", "is empty"));
     }
+    refuse_api_key("vllm-command", &words)?;
     for w in &words {
         let mut rest = w.as_str();
         while let Some(start) = rest.find('{') {

@@ -1,8 +1,9 @@
 //! What the agent keeps in its data dir across restarts: its stable `agent_id`
 //! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
-//! assignment with its LoRA adapters, pid, process start time, port), so a restarted agent
-//! adopts its engines (and reconciles their adapters) instead of starting them twice.
-//! Writes are atomic (temp file + rename).
+//! assignment with its LoRA adapters, pid, process start time, port, API key), so a
+//! restarted agent adopts its engines (and reconciles their adapters, with the engine's
+//! key) instead of starting them twice. Writes are atomic (temp file + rename) and the
+//! files are the agent user's alone (mode 0600): `engines.json` holds the engines' keys.
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
@@ -88,6 +89,10 @@ pub struct SavedEngine {
     pub port: u16,
     /// Restarts so far.
     pub restarts: u32,
+    /// The key the engine requires (`VLLM_API_KEY`); absent for engines started before keys
+    /// existed, which run without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }
 
 /// `<data-dir>/engines.json`, read once at start-up and rewritten on every change.
@@ -161,10 +166,20 @@ impl StateStore {
     }
 }
 
-/// Writes `bytes` to `path` through a temp file and a rename.
+/// Writes `bytes` to `path` through a temp file (mode 0600) and a rename.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<(), AgentError> {
+    use std::io::Write as _;
+    use std::os::unix::fs::OpenOptionsExt as _;
     let tmp = path.with_extension("tmp");
-    std::fs::write(&tmp, bytes).map_err(|e| AgentError::io(&tmp, e))?;
+    let _ = std::fs::remove_file(&tmp); // a leftover keeps its mode; start afresh
+    let mut file = std::fs::OpenOptions::new()
+        .write(true)
+        .create_new(true)
+        .mode(0o600)
+        .open(&tmp)
+        .map_err(|e| AgentError::io(&tmp, e))?;
+    file.write_all(bytes).map_err(|e| AgentError::io(&tmp, e))?;
+    drop(file);
     std::fs::rename(&tmp, path).map_err(|e| AgentError::io(path, e))
 }
 
@@ -225,10 +240,14 @@ mod tests {
             process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
             port: 20000,
             restarts: 2,
+            api_key: Some("k".repeat(64)),
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
         assert_eq!(again.engines().get("r1"), Some(&e));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("engines.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the state file holds engine keys");
         assert_eq!(ReplicaAssignment::from(e.assignment.clone()), a);
         let more = vec![a.adapters[0].clone(), AdapterAssignment { name: "b".into(), source: "file:///b".into() }];
         again.set_adapters("r1", &more).unwrap();
@@ -258,5 +277,6 @@ mod tests {
         std::fs::write(dir.path().join("engines.json"), old).unwrap();
         let engines = StateStore::load(dir.path()).unwrap().engines();
         assert!(engines["r1"].assignment.adapters.is_empty());
+        assert_eq!(engines["r1"].api_key, None, "an engine started before keys runs without one");
     }
 }
