@@ -13,6 +13,7 @@ mod adapters;
 mod checks;
 mod cluster;
 mod conformance;
+mod engine_key;
 mod install;
 mod procs;
 
