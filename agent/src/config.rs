@@ -62,13 +62,14 @@ pub struct AgentArgs {
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub sim_args: String,
     /// Command template for vLLM engines. Placeholders: {source} (local model path once
-    /// downloaded), {model} (served model name), {port}, {host} (--address), {replica},
-    /// {gpus} (count of bound GPUs), {args} (the model's engine_args, one word each).
-    /// CUDA_VISIBLE_DEVICES is set from the bound GPU indices.
+    /// downloaded), {model} (served model name), {port}, {host} (--address; required: engines
+    /// listen there only), {replica}, {gpus} (count of bound GPUs), {args} (the model's
+    /// engine_args, one word each). CUDA_VISIBLE_DEVICES is set from the bound GPU indices,
+    /// VLLM_API_KEY to the engine's key.
     #[arg(
         long,
         env = "FLOTILLA_VLLM_COMMAND",
-        default_value = "vllm serve {source} --port {port} --served-model-name {model} {args}"
+        default_value = "vllm serve {source} --host {host} --port {port} --served-model-name {model} {args}"
     )]
     pub vllm_command: String,
     /// Environment variables engines inherit from the agent, besides the defaults (PATH,
@@ -514,7 +515,10 @@ alow: [--port]
         let missing = dir.path().join("missing.yaml");
         assert_eq!(flag(parse(&["--engine-policy", missing.to_str().unwrap()])), "engine-policy");
         assert_eq!(flag(parse(&["--sim-args", "--api-key k"])), "sim-args");
-        assert_eq!(flag(parse(&["--vllm-command", "vllm serve {source} --port {port} --api-key k"])), "vllm-command");
+        assert_eq!(
+            flag(parse(&["--vllm-command", "vllm serve {source} --host {host} --port {port} --api-key k"])),
+            "vllm-command"
+        );
     }
 
     #[test]

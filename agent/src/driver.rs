@@ -125,8 +125,9 @@ pub fn refuse_api_key(flag: &'static str, words: &[String]) -> Result<(), AgentE
     }
 }
 
-/// Splits a template shell-words-style and checks it: known placeholders only, `{port}`
-/// present, `{args}` a word of its own, no `--api-key` ([`refuse_api_key`]).
+/// Splits a template shell-words-style and checks it: known placeholders only, `{port}` and
+/// `{host}` present (engines listen on the agent's `--address` only, not on every
+/// interface), `{args}` a word of its own, no `--api-key` ([`refuse_api_key`]).
 pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     let words = shlex::split(template)
         .ok_or_else(|| AgentError::invalid("vllm-command", format!("{template:?} has unbalanced quotes")))?;
@@ -153,6 +154,12 @@ pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     }
     if !words.iter().any(|w| w.contains("{port}")) {
         return Err(AgentError::invalid("vllm-command", format!("{template:?} has no {{port}} placeholder")));
+    }
+    if !words.iter().any(|w| w.contains("{host}")) {
+        return Err(AgentError::invalid(
+            "vllm-command",
+            format!("{template:?} has no {{host}} placeholder; add --host {{host}}: engines listen on --address only"),
+        ));
     }
     Ok(words)
 }
@@ -236,7 +243,8 @@ mod tests {
 
     #[test]
     fn vllm_template_fills_placeholders_and_gpus() {
-        let t = parse_template("vllm serve {source} --port {port} --served-model-name {model} {args}").unwrap();
+        let t = parse_template("vllm serve {source} --host {host} --port {port} --served-model-name {model} {args}")
+            .unwrap();
         let d = VllmDriver { template: t };
         let a = assignment();
         let path = PathBuf::from("/data/models/abc");
@@ -244,7 +252,7 @@ mod tests {
             d.command(&LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path) }).unwrap();
         assert_eq!(
             c.display(),
-            "vllm serve /data/models/abc --port 20002 --served-model-name demo --max-model-len 8192"
+            "vllm serve /data/models/abc --host 10.0.0.5 --port 20002 --served-model-name demo --max-model-len 8192"
         );
         assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(d.needs_weights());
@@ -252,10 +260,14 @@ mod tests {
 
     #[test]
     fn templates_are_checked() {
-        assert!(parse_template("python -m vllm.entrypoints.openai.api_server --model '{source}' --port={port} --tensor-parallel-size {gpus}").is_ok());
-        assert!(parse_template("vllm serve {source}").is_err(), "no port");
-        assert!(parse_template("vllm serve {nope} --port {port}").is_err());
-        assert!(parse_template("vllm --port {port} x{args}").is_err());
+        assert!(parse_template("python -m vllm.entrypoints.openai.api_server --model '{source}' --host={host} --port={port} --tensor-parallel-size {gpus}").is_ok());
+        assert!(parse_template("vllm serve {source} --host {host}").is_err(), "no port");
+        let open = parse_template("vllm serve {source} --port {port}").unwrap_err().to_string();
+        assert!(open.contains("--host {host}"), "engines listen on --address only: {open}");
+        let keyed = parse_template("vllm serve {source} --host {host} --port {port} --api_key=k").unwrap_err();
+        assert!(keyed.to_string().contains("VLLM_API_KEY"), "{keyed}");
+        assert!(parse_template("vllm serve {nope} --host {host} --port {port}").is_err());
+        assert!(parse_template("vllm --host {host} --port {port} x{args}").is_err());
         assert!(parse_template("vllm 'unclosed {port}").is_err());
     }
 }

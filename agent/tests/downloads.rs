@@ -174,7 +174,10 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     let dir = tempfile::tempdir().unwrap();
     let (bin, sub) = sim_binary();
     // The sim ignores {source}; we check the path it was given through the log.
-    let template = format!("{} {sub} --port {{port}} --model {{model}} --speedup 50 --seed 0 {{args}}", bin.display());
+    let template = format!(
+        "{} {sub} --host {{host}} --port {{port}} --model {{model}} --speedup 50 --seed 0 {{args}}",
+        bin.display()
+    );
     let args = agent_args(&[fake.addr], dir.path(), "node-vllm", &["--vllm-command", &template]);
     let agent = TestAgent::start(args).await;
     let good = flotilla_api::pb::ReplicaAssignment {
