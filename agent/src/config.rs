@@ -496,10 +496,10 @@ mod tests {
         )
         .unwrap();
         let c = parse(&["--engine-policy", good.to_str().unwrap()]).unwrap();
-        assert!(crate::engine_policy::check(&c.engine_policy, &["--trust-remote-code".into()]).is_ok());
-        assert!(
-            crate::engine_policy::check(&parse(&[]).unwrap().engine_policy, &["--trust-remote-code".into()]).is_err()
-        );
+        use crate::engine_policy::{check, Parser};
+        let trust = ["--trust-remote-code".to_string()];
+        assert!(check(&c.engine_policy, Parser::Argparse, &trust).is_ok());
+        assert!(check(&parse(&[]).unwrap().engine_policy, Parser::Argparse, &trust).is_err());
         let bad = dir.path().join("bad.yaml");
         std::fs::write(
             &bad,

@@ -18,7 +18,8 @@
 //! argparse's abbreviations (`--trust-remote` is `--trust-remote-code`), so a prefix of a
 //! refused flag is refused too, unless it is itself a flag ([`NOT_ABBREVIATIONS`], or one
 //! the file allows). The same check applies to `flotilla sim` engines, whose flags share
-//! vLLM's names where both have one.
+//! vLLM's names where both have one; their parser (clap) expands no abbreviations, so for
+//! them only whole names count (the sim's `--profile` is not vLLM's `--profiler-config`).
 //!
 //! Considered and not refused: `--hf-overrides` (it changes values of the model's config;
 //! without `--trust-remote-code` it can only pick among the model classes vLLM ships);
@@ -272,11 +273,32 @@ impl fmt::Display for Refusal {
     }
 }
 
-/// The first of `args` that `policy` refuses, if any.
-pub fn check(policy: &Policy, args: &[String]) -> Result<(), Refusal> {
+/// How an engine's parser reads a flag name.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Parser {
+    /// Python's argparse (vLLM): a unique prefix of a flag is that flag.
+    Argparse,
+    /// clap (`flotilla sim`): whole names only.
+    Clap,
+}
+
+impl Parser {
+    /// The parser of an engine kind (`sim` or `vllm`).
+    pub fn of(engine: &str) -> Parser {
+        if engine == "sim" {
+            Parser::Clap
+        } else {
+            Parser::Argparse
+        }
+    }
+}
+
+/// The first of `args` that `policy` refuses, if any, for an engine whose flags `parser`
+/// reads.
+pub fn check(policy: &Policy, parser: Parser, args: &[String]) -> Result<(), Refusal> {
     for arg in args {
         let Some(name) = flag_name(arg) else { continue };
-        let exact = policy.exact.contains(&name);
+        let exact = parser == Parser::Clap || policy.exact.contains(&name);
         let hit = policy.rules.iter().find(|r| r.matches(&name, exact));
         if let Some(r) = hit {
             let mut reason = r.reason.clone();
@@ -298,7 +320,7 @@ mod tests {
     }
 
     fn refused(policy: &Policy, words: &[&str]) -> Option<String> {
-        check(policy, &args(words)).err().map(|r| r.flag)
+        check(policy, Parser::Argparse, &args(words)).err().map(|r| r.flag)
     }
 
     #[test]
@@ -345,13 +367,27 @@ mod tests {
 
     #[test]
     fn refusals_name_the_word_the_flag_and_the_way_out() {
-        let r = check(&Policy::default(), &args(&["--enable-lora", "--trust_remote_code"])).unwrap_err();
+        let r =
+            check(&Policy::default(), Parser::Argparse, &args(&["--enable-lora", "--trust_remote_code"])).unwrap_err();
         assert_eq!(r.arg, "--trust_remote_code");
         let text = r.to_string();
         assert!(text.contains("\"--trust_remote_code\"") && text.contains("--trust-remote-code"), "{text}");
         assert!(text.contains("--engine-policy"), "{text}");
-        let port = check(&Policy::default(), &args(&["--port=1"])).unwrap_err().to_string();
+        let port = check(&Policy::default(), Parser::Argparse, &args(&["--port=1"])).unwrap_err().to_string();
         assert!(port.contains("set by the agent") && !port.contains("--engine-policy"), "{port}");
+    }
+
+    #[test]
+    fn the_sims_parser_expands_no_abbreviations() {
+        let p = Policy::default();
+        let sim = |words: &[&str]| check(&p, Parser::of("sim"), &args(words)).err().map(|r| r.flag);
+        assert_eq!(sim(&["--profile", "h100-llama3-8b", "--speedup", "10"]), None);
+        assert_eq!(refused(&p, &["--profile", "{}"]).as_deref(), Some("--profiler-config"), "vLLM reads --profile so");
+        assert_eq!(sim(&["--port", "1"]).as_deref(), Some("--port"));
+        assert_eq!(sim(&["--api_key=k"]).as_deref(), Some("--api-key"));
+        assert_eq!(sim(&["--served-model-name", "x"]).as_deref(), Some("--served-model-name"));
+        assert_eq!(sim(&["--ssl-keyfile", "/k"]).as_deref(), Some("--ssl-*"));
+        assert_eq!(Parser::of("vllm"), Parser::Argparse);
     }
 
     #[test]
@@ -374,7 +410,7 @@ mod tests {
         ] {
             assert_eq!(refused(&p, words).as_deref(), want, "{words:?}");
         }
-        let r = check(&p, &args(&["--enable-sleep-mode"])).unwrap_err().to_string();
+        let r = check(&p, Parser::Argparse, &args(&["--enable-sleep-mode"])).unwrap_err().to_string();
         assert!(r.contains("denied by this node's engine policy"), "{r}");
     }
 

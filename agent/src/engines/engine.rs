@@ -87,7 +87,8 @@ pub async fn run(
     adopted: Option<SavedEngine>,
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
 ) {
-    if let Err(refusal) = crate::engine_policy::check(&env.cfg.engine_policy, &a.engine_args) {
+    let parser = crate::engine_policy::Parser::of(&a.engine);
+    if let Err(refusal) = crate::engine_policy::check(&env.cfg.engine_policy, parser, &a.engine_args) {
         tracing::error!(replica = %a.replica, reason = %refusal, "engine arguments refused; engine not started");
         if let Some(s) = &adopted {
             // Started under an earlier policy: it must not keep running under this one.
