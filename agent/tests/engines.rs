@@ -356,6 +356,35 @@ async fn refused_engine_args_fail_the_replica_naming_the_flag() {
     drop(agent);
 }
 
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_engine_the_new_policy_refuses_is_stopped_and_failed() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = sim_replica("old-0", "demo", &[]);
+    r.engine_args = vec!["--no-enable-prefix-caching".into()];
+    server.assign(vec![r]);
+    let mut first = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-repolicy", &[])).await;
+    let (_, pid) = eventually(30, "engine ready", || ready_endpoint(&first.reports(), "old-0")).await;
+    first.shutdown(false).await;
+    assert!(alive(pid), "left running for the next agent");
+
+    // The next agent on this node runs under a stricter policy.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "deny: [--no-enable-prefix-caching]\n").unwrap();
+    let extra = ["--engine-policy", policy.to_str().unwrap()];
+    let second = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-repolicy", &extra)).await;
+    second.pids.lock().unwrap().insert(pid);
+    let failed = eventually(30, "the adopted engine failed", || {
+        by_name(&second.reports(), "old-0").filter(|e| e.state == "failed").cloned()
+    })
+    .await;
+    assert!(failed.reason.contains("--no-enable-prefix-caching"), "{}", failed.reason);
+    eventually(20, "the refused engine stopped", || (!alive(pid)).then_some(())).await;
+    let state = std::fs::read_to_string(dir.path().join("engines.json")).unwrap_or_default();
+    assert!(!state.contains("old-0"), "forgotten by the state file: {state}");
+    drop(second);
+}
+
 /// The environment of the engine `agent_extra` gives an agent for one sim replica.
 async fn engine_environ(agent_extra: &[&str]) -> (Vec<String>, Vec<String>, String) {
     let server = FakeServer::start().await;
