@@ -32,6 +32,10 @@ pub const DEFAULT_ALLOWED: [&str; 17] = [
     "DO_NOT_TRACK",
 ];
 
+/// Names never inherited, whatever the allowlists say: the agent sets them itself (an
+/// engine started without a key must not pick up one the gateways do not know).
+pub const NEVER_INHERITED: [&str; 1] = ["VLLM_API_KEY"];
+
 /// A variable name an engine may inherit: exact, or every name with a prefix (`NAME_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum EnvPattern {
@@ -70,15 +74,17 @@ impl EnvPattern {
 }
 
 /// The variables of `parent` an engine inherits: those [`DEFAULT_ALLOWED`] or `extra_allowed`
-/// names, sorted by name.
+/// names, except [`NEVER_INHERITED`], sorted by name.
 pub fn engine_env(
     parent: impl Iterator<Item = (String, String)>,
     extra_allowed: &[EnvPattern],
 ) -> Vec<(String, String)> {
     let defaults: Vec<EnvPattern> =
         DEFAULT_ALLOWED.iter().map(|p| EnvPattern::parse(p).expect("the default allowlist is valid")).collect();
-    let mut out: Vec<(String, String)> =
-        parent.filter(|(k, _)| defaults.iter().chain(extra_allowed).any(|p| p.matches(k))).collect();
+    let mut out: Vec<(String, String)> = parent
+        .filter(|(k, _)| !NEVER_INHERITED.contains(&k.as_str()))
+        .filter(|(k, _)| defaults.iter().chain(extra_allowed).any(|p| p.matches(k)))
+        .collect();
     out.sort();
     out
 }
@@ -122,6 +128,7 @@ mod tests {
             ("FLOTILLA_S3_ENDPOINT", "https://s3.example"),
             ("MY_SETTING", "x"),
             ("VLLMX", "not a VLLM_ name"),
+            ("VLLM_API_KEY", "the agent's own, not the engine's"),
             ("path", "lower case is another name"),
         ]);
         let env = engine_env(parent.into_iter(), &[]);
@@ -147,6 +154,9 @@ mod tests {
         let parent = vars(&[("HF_TOKEN", "t"), ("MY_A", "1"), ("MY_B", "2"), ("MYC", "3"), ("AWS_REGION", "eu")]);
         let extra = [EnvPattern::parse("HF_TOKEN").unwrap(), EnvPattern::parse("MY_*").unwrap()];
         assert_eq!(names(&engine_env(parent.into_iter(), &extra)), ["HF_TOKEN", "MY_A", "MY_B"]);
+        let key = vars(&[("VLLM_API_KEY", "k")]);
+        let listed = [EnvPattern::parse("VLLM_API_KEY").unwrap()];
+        assert!(engine_env(key.into_iter(), &listed).is_empty(), "only the agent sets an engine's key");
     }
 
     #[test]
