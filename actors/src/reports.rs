@@ -1,6 +1,9 @@
 //! Pure mapping from an agent's engine report to the replica's stored status. Only changes
-//! of phase, endpoint, reason, restart count, or a 10 % step of download progress produce a
-//! write; load figures stay in the leader's memory.
+//! of phase, endpoint (with the engine's API key), reason, restart count, or a 10 % step of
+//! download progress produce a write; load figures stay in the leader's memory. The key is
+//! stored with the endpoint, in Raft, so a new leader can give it to gateways before the
+//! agent's next heartbeat, or while the agent is down; clients never see it
+//! (`flotilla_api::Kind::secret_status_fields`).
 use std::collections::HashMap;
 
 use flotilla_api::pb::EngineReport;
@@ -70,6 +73,7 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.phase = ReplicaPhase::Ready;
             next.reason = String::new();
             next.endpoint = Some(report.endpoint.clone());
+            next.api_key = (!report.api_key.is_empty()).then(|| report.api_key.clone());
             next.download_progress = None;
         }
         "ready" => {
@@ -80,11 +84,13 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.phase = ReplicaPhase::Starting;
             next.reason = format!("engine crashed, restarting: {}", report.reason);
             next.endpoint = None;
+            next.api_key = None;
         }
         "failed" => {
             next.phase = ReplicaPhase::Failed;
             next.reason = if report.reason.is_empty() { "engine failed".into() } else { report.reason.clone() };
             next.endpoint = None;
+            next.api_key = None;
             next.download_progress = None;
         }
         // "stopping" / "stopped" / unknown: the agent is acting on an older Assign.
@@ -125,6 +131,25 @@ mod tests {
         let s = next_status(&s, &f).unwrap();
         assert_eq!((s.phase, s.reason.as_str()), (ReplicaPhase::Failed, "crashed 5 times"));
         assert_eq!(next_status(&s, &r), None, "failed is terminal");
+    }
+
+    #[test]
+    fn the_engine_key_is_stored_with_the_endpoint_and_goes_with_it() {
+        let mut r = report("ready");
+        r.endpoint = "10.0.0.1:20000".into();
+        r.api_key = "k1".into();
+        let s = next_status(&at(ReplicaPhase::Starting), &r).unwrap();
+        assert_eq!((s.endpoint.as_deref(), s.api_key.as_deref()), (Some("10.0.0.1:20000"), Some("k1")));
+        r.api_key = "k2".into();
+        let s = next_status(&s, &r).expect("a new key is a write");
+        assert_eq!(s.api_key.as_deref(), Some("k2"));
+        let crashed = next_status(&s, &report("crashed")).unwrap();
+        assert_eq!((crashed.endpoint, crashed.api_key), (None, None));
+        let failed = next_status(&s, &report("failed")).unwrap();
+        assert_eq!((failed.endpoint, failed.api_key), (None, None));
+        r.api_key.clear();
+        let keyless = next_status(&at(ReplicaPhase::Starting), &r).unwrap();
+        assert_eq!(keyless.api_key, None, "an engine started without a key (an older agent's)");
     }
 
     #[test]

@@ -68,15 +68,30 @@ pub struct AgentArgs {
     #[arg(long, default_value = "", allow_hyphen_values = true)]
     pub sim_args: String,
     /// Command template for vLLM engines. Placeholders: {source} (local model path once
-    /// downloaded), {model} (served model name), {port}, {host} (--address), {replica},
-    /// {gpus} (count of bound GPUs), {args} (the model's engine_args, one word each).
-    /// CUDA_VISIBLE_DEVICES is set from the bound GPU indices.
+    /// downloaded), {model} (served model name), {port}, {host} (--address; required: engines
+    /// listen there only), {replica}, {gpus} (count of bound GPUs), {args} (the model's
+    /// engine_args, one word each). CUDA_VISIBLE_DEVICES is set from the bound GPU indices,
+    /// VLLM_API_KEY to the engine's key.
     #[arg(
         long,
         env = "FLOTILLA_VLLM_COMMAND",
-        default_value = "vllm serve {source} --port {port} --served-model-name {model} {args}"
+        default_value = "vllm serve {source} --host {host} --port {port} --served-model-name {model} {args}"
     )]
     pub vllm_command: String,
+    /// Environment variables engines inherit from the agent, besides the defaults (PATH,
+    /// HOME, LANG, LC_*, TZ, TMPDIR, USER, CUDA_*, NCCL_*, NVIDIA_*, LD_LIBRARY_PATH, VLLM_*,
+    /// HF_HOME, HF_HUB_OFFLINE, TRANSFORMERS_OFFLINE, OMP_*, DO_NOT_TRACK): names or NAME_*
+    /// globs, comma-separated (e.g. `HF_TOKEN,PYTORCH_*`). Engines get nothing else of the
+    /// agent's environment: not its download credentials (HF_TOKEN, AWS_*).
+    #[arg(long, value_delimiter = ',')]
+    pub engine_env: Vec<String>,
+    /// YAML file changing which Model engine_args the agent refuses to start an engine with:
+    /// `allow: [--trust-remote-code]` lifts a default refusal, `deny: [--flag, --prefix-*]`
+    /// adds refusals. By default the agent refuses flags that load code or plugins
+    /// (--trust-remote-code, --worker-cls, ...), that read files the Model names, and those it
+    /// sets itself (--host, --port, --api-key, --served-model-name); see docs/security.md.
+    #[arg(long)]
+    pub engine_policy: Option<PathBuf>,
     /// Stop every engine when the agent exits (dev mode). By default engines keep running
     /// and the restarted agent adopts them.
     #[arg(long)]
@@ -156,6 +171,10 @@ pub struct AgentConfig {
     pub sim_args: Vec<String>,
     /// vLLM command template, split into words.
     pub vllm_command: Vec<String>,
+    /// Variables engines inherit besides the default allowlist.
+    pub engine_env: Vec<crate::engine_env::EnvPattern>,
+    /// Which Model engine_args are refused.
+    pub engine_policy: crate::engine_policy::Policy,
     /// Stop engines when the agent exits.
     pub stop_engines_on_exit: bool,
     /// Crash handling.
@@ -230,7 +249,18 @@ impl AgentArgs {
         };
         let sim_args = shlex::split(&self.sim_args)
             .ok_or_else(|| AgentError::invalid("sim-args", format!("{:?} has unbalanced quotes", self.sim_args)))?;
+        crate::driver::refuse_api_key("sim-args", &sim_args)?;
         let vllm_command = crate::driver::parse_template(&self.vllm_command)?;
+        let engine_env = self
+            .engine_env
+            .iter()
+            .filter(|s| !s.trim().is_empty())
+            .map(|s| crate::engine_env::EnvPattern::parse(s).map_err(|r| AgentError::invalid("engine-env", r)))
+            .collect::<Result<Vec<_>, _>>()?;
+        let engine_policy = match &self.engine_policy {
+            None => crate::engine_policy::Policy::default(),
+            Some(path) => load_policy(path)?,
+        };
         if self.restart_backoff_initial_ms == 0 || self.restart_backoff_initial_ms > self.restart_backoff_max_ms {
             return Err(AgentError::invalid(
                 "restart-backoff-initial-ms",
@@ -268,6 +298,8 @@ impl AgentArgs {
             sim_subcommand: self.sim_subcommand.trim().to_string(),
             sim_args,
             vllm_command,
+            engine_env,
+            engine_policy,
             stop_engines_on_exit: self.stop_engines_on_exit,
             restart: crate::engines::backoff::RestartPolicy {
                 initial: Duration::from_millis(self.restart_backoff_initial_ms),
@@ -312,6 +344,15 @@ impl AgentArgs {
         };
         Ok(GpuSource::Simulated { count, gpu_type, memory_mib })
     }
+}
+
+/// Reads and checks an `--engine-policy` file; errors name the file and the entry at fault.
+fn load_policy(path: &std::path::Path) -> Result<crate::engine_policy::Policy, AgentError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AgentError::invalid("engine-policy", format!("cannot read {}: {e}", path.display())))?;
+    crate::engine_policy::PolicyFile::parse(&text)
+        .and_then(|f| crate::engine_policy::Policy::new(&f))
+        .map_err(|e| AgentError::invalid("engine-policy", format!("{}: {e}", path.display())))
 }
 
 /// `A100-80GB` → 81920 MiB.
@@ -456,6 +497,51 @@ mod tests {
         assert_eq!(flag(parse(&["--sim-args", "'unbalanced"])), "sim-args");
         assert_eq!(flag(parse(&["--vllm-command", "vllm serve --port 1"])), "vllm-command");
         assert!(parse(&["--gpus", "2"]).unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn engine_env_and_policy_flags() {
+        let c = parse(&["--engine-env", "HF_TOKEN,MY_*"]).unwrap();
+        assert_eq!(
+            c.engine_env,
+            [
+                crate::engine_env::EnvPattern::Exact("HF_TOKEN".into()),
+                crate::engine_env::EnvPattern::Prefix("MY_".into())
+            ]
+        );
+        assert_eq!(flag(parse(&["--engine-env", "*"])), "engine-env");
+        let dir = tempfile::tempdir().unwrap();
+        let good = dir.path().join("good.yaml");
+        std::fs::write(
+            &good,
+            "allow: [--trust-remote-code]
+",
+        )
+        .unwrap();
+        let c = parse(&["--engine-policy", good.to_str().unwrap()]).unwrap();
+        use crate::engine_policy::{check, Parser};
+        let trust = ["--trust-remote-code".to_string()];
+        assert!(check(&c.engine_policy, Parser::Argparse, &trust).is_ok());
+        assert!(check(&parse(&[]).unwrap().engine_policy, Parser::Argparse, &trust).is_err());
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(
+            &bad,
+            "allow: [--trust-remote-code]
+alow: [--port]
+",
+        )
+        .unwrap();
+        let e = parse(&["--engine-policy", bad.to_str().unwrap()]).unwrap_err();
+        assert!(e.is_usage());
+        let text = e.to_string();
+        assert!(text.contains("--engine-policy") && text.contains("bad.yaml") && text.contains("alow"), "{text}");
+        let missing = dir.path().join("missing.yaml");
+        assert_eq!(flag(parse(&["--engine-policy", missing.to_str().unwrap()])), "engine-policy");
+        assert_eq!(flag(parse(&["--sim-args", "--api-key k"])), "sim-args");
+        assert_eq!(
+            flag(parse(&["--vllm-command", "vllm serve {source} --host {host} --port {port} --api-key k"])),
+            "vllm-command"
+        );
     }
 
     #[test]

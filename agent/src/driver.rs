@@ -10,14 +10,28 @@ use flotilla_api::pb::ReplicaAssignment;
 use crate::error::AgentError;
 
 /// A command line ready to spawn.
-#[derive(Debug, Clone, PartialEq, Eq)]
+#[derive(Clone, PartialEq, Eq)]
 pub struct EngineCommand {
     /// Program to run.
     pub program: PathBuf,
     /// Arguments, one word each.
     pub args: Vec<String>,
-    /// Extra environment variables.
+    /// The engine's environment: a driver sets what it needs (the GPUs); the engine task
+    /// lays it over the allowed part of the agent's ([`crate::engine_env`]) and adds the
+    /// key. The process gets this and nothing else.
     pub env: Vec<(String, String)>,
+}
+
+impl std::fmt::Debug for EngineCommand {
+    /// Names of the environment only: it holds the engine's API key.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let names: Vec<&str> = self.env.iter().map(|(k, _)| k.as_str()).collect();
+        f.debug_struct("EngineCommand")
+            .field("program", &self.program)
+            .field("args", &self.args)
+            .field("env", &names)
+            .finish()
+    }
 }
 
 impl EngineCommand {
@@ -94,14 +108,33 @@ pub struct VllmDriver {
 
 const PLACEHOLDERS: [&str; 7] = ["{source}", "{model}", "{port}", "{host}", "{replica}", "{gpus}", "{args}"];
 
-/// Splits a template shell-words-style and checks it: known placeholders only, `{port}`
-/// present, `{args}` a word of its own.
+/// Refuses operator-given words (`--sim-args`, `--vllm-command`) that set an API key: the
+/// agent gives each engine its own through `VLLM_API_KEY`, and a `--api-key` flag would win
+/// over it, leaving the gateways with the wrong key.
+pub fn refuse_api_key(flag: &'static str, words: &[String]) -> Result<(), AgentError> {
+    let sets_key = |w: &String| {
+        let name = w.split('=').next().unwrap_or(w).replace('_', "-");
+        name == "--api-key"
+    };
+    match words.iter().find(|w| sets_key(w)) {
+        Some(w) => Err(AgentError::invalid(
+            flag,
+            format!("{w:?}: the agent gives each engine its own API key (VLLM_API_KEY); remove the flag"),
+        )),
+        None => Ok(()),
+    }
+}
+
+/// Splits a template shell-words-style and checks it: known placeholders only, `{port}` and
+/// `{host}` present (engines listen on the agent's `--address` only, not on every
+/// interface), `{args}` a word of its own, no `--api-key` ([`refuse_api_key`]).
 pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     let words = shlex::split(template)
         .ok_or_else(|| AgentError::invalid("vllm-command", format!("{template:?} has unbalanced quotes")))?;
     if words.is_empty() {
         return Err(AgentError::invalid("vllm-command", "is empty"));
     }
+    refuse_api_key("vllm-command", &words)?;
     for w in &words {
         let mut rest = w.as_str();
         while let Some(start) = rest.find('{') {
@@ -121,6 +154,12 @@ pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     }
     if !words.iter().any(|w| w.contains("{port}")) {
         return Err(AgentError::invalid("vllm-command", format!("{template:?} has no {{port}} placeholder")));
+    }
+    if !words.iter().any(|w| w.contains("{host}")) {
+        return Err(AgentError::invalid(
+            "vllm-command",
+            format!("{template:?} has no {{host}} placeholder; add --host {{host}}: engines listen on --address only"),
+        ));
     }
     Ok(words)
 }
@@ -204,7 +243,8 @@ mod tests {
 
     #[test]
     fn vllm_template_fills_placeholders_and_gpus() {
-        let t = parse_template("vllm serve {source} --port {port} --served-model-name {model} {args}").unwrap();
+        let t = parse_template("vllm serve {source} --host {host} --port {port} --served-model-name {model} {args}")
+            .unwrap();
         let d = VllmDriver { template: t };
         let a = assignment();
         let path = PathBuf::from("/data/models/abc");
@@ -212,7 +252,7 @@ mod tests {
             d.command(&LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path) }).unwrap();
         assert_eq!(
             c.display(),
-            "vllm serve /data/models/abc --port 20002 --served-model-name demo --max-model-len 8192"
+            "vllm serve /data/models/abc --host 10.0.0.5 --port 20002 --served-model-name demo --max-model-len 8192"
         );
         assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(d.needs_weights());
@@ -220,10 +260,14 @@ mod tests {
 
     #[test]
     fn templates_are_checked() {
-        assert!(parse_template("python -m vllm.entrypoints.openai.api_server --model '{source}' --port={port} --tensor-parallel-size {gpus}").is_ok());
-        assert!(parse_template("vllm serve {source}").is_err(), "no port");
-        assert!(parse_template("vllm serve {nope} --port {port}").is_err());
-        assert!(parse_template("vllm --port {port} x{args}").is_err());
+        assert!(parse_template("python -m vllm.entrypoints.openai.api_server --model '{source}' --host={host} --port={port} --tensor-parallel-size {gpus}").is_ok());
+        assert!(parse_template("vllm serve {source} --host {host}").is_err(), "no port");
+        let open = parse_template("vllm serve {source} --port {port}").unwrap_err().to_string();
+        assert!(open.contains("--host {host}"), "engines listen on --address only: {open}");
+        let keyed = parse_template("vllm serve {source} --host {host} --port {port} --api_key=k").unwrap_err();
+        assert!(keyed.to_string().contains("VLLM_API_KEY"), "{keyed}");
+        assert!(parse_template("vllm serve {nope} --host {host} --port {port}").is_err());
+        assert!(parse_template("vllm --host {host} --port {port} x{args}").is_err());
         assert!(parse_template("vllm 'unclosed {port}").is_err());
     }
 }

@@ -8,7 +8,9 @@
 //!        │ <────────Assign──────────           │
 //!        v                                     v
 //!  engines::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
+//!        │                         engine_policy (pure) checks the Model's engine_args
 //!        │                         driver (sim | vllm) builds each command line
+//!        │                         engine_env (pure) → its environment; engine_key → its API key
 //!        │                         lora_plan (pure) → per-engine LoRA worker: load/unload
 //!        ├── download (model and adapter cache)   probe (/health, /metrics, /v1/models)
 //!        └── state (engines.json: adopt engines across agent restarts)
@@ -22,6 +24,9 @@ pub mod config;
 pub mod connection;
 pub mod download;
 pub mod driver;
+pub mod engine_env;
+pub mod engine_key;
+pub mod engine_policy;
 pub mod engines;
 pub mod error;
 pub mod gpu;
@@ -75,7 +80,7 @@ impl AgentHandle {
         self.manager.reports()
     }
 
-    /// The client for this node's engines (the one the probes use).
+    /// A keyless client for this node's engines (`/health`, `/metrics`).
     pub fn engine_client(&self) -> &flotilla_engine::EngineClient {
         self.manager.engine_client()
     }

@@ -1,10 +1,11 @@
 //! What the agent keeps in its data dir across restarts: its stable `agent_id`
 //! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
-//! assignment with its LoRA adapters, pid, process start time, port), so a restarted agent
-//! adopts its engines (and reconciles their adapters) instead of starting them twice.
+//! assignment with its LoRA adapters, pid, process start time, port, API key), so a
+//! restarted agent adopts its engines (and reconciles their adapters, with the engine's
+//! key) instead of starting them twice.
 //!
 //! Writes are atomic ([`write_atomic`]: a temp file in the same dir, fsync'd, renamed into
-//! place, the dir fsync'd) and the files are mode 0600.
+//! place, the dir fsync'd) and the files are mode 0600: `engines.json` holds the engines' keys.
 //!
 //! A corrupt `engines.json` at start stops the agent with an error naming the file and
 //! saying what to do, rather than starting without adoption: the engines it lists may still
@@ -97,6 +98,10 @@ pub struct SavedEngine {
     pub port: u16,
     /// Restarts so far.
     pub restarts: u32,
+    /// The key the engine requires (`VLLM_API_KEY`); absent for engines started before keys
+    /// existed, which run without one.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }
 
 /// `<data-dir>/engines.json`, read once at start-up and rewritten on every change.
@@ -269,10 +274,14 @@ mod tests {
             process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
             port: 20000,
             restarts: 2,
+            api_key: Some("k".repeat(64)),
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
         assert_eq!(again.engines().get("r1"), Some(&e));
+        use std::os::unix::fs::PermissionsExt as _;
+        let mode = std::fs::metadata(dir.path().join("engines.json")).unwrap().permissions().mode();
+        assert_eq!(mode & 0o777, 0o600, "the state file holds engine keys");
         assert_eq!(ReplicaAssignment::from(e.assignment.clone()), a);
         let more = vec![a.adapters[0].clone(), AdapterAssignment { name: "b".into(), source: "file:///b".into() }];
         again.set_adapters("r1", &more).unwrap();
@@ -352,5 +361,6 @@ mod tests {
         std::fs::write(dir.path().join("engines.json"), old).unwrap();
         let engines = StateStore::load(dir.path()).unwrap().engines();
         assert!(engines["r1"].assignment.adapters.is_empty());
+        assert_eq!(engines["r1"].api_key, None, "an engine started before keys runs without one");
     }
 }

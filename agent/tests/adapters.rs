@@ -39,9 +39,14 @@ fn all_loaded(engines: &[pb::EngineReport], replica: &str, names: &[&str]) -> Op
     (states(e) == want && sorted(&e.loaded_adapters) == sorted(&loaded)).then(|| e.clone())
 }
 
+/// The engine's own `/v1/models` answer (with its key).
+async fn engine_models(e: &pb::EngineReport) -> (u16, String) {
+    http_request_with_key(&e.endpoint, "GET", "/v1/models", "", &e.api_key).await.expect("engine answers /v1/models")
+}
+
 /// The adapter ids the engine's own `/v1/models` lists, sorted.
-async fn engine_adapters(endpoint: &str) -> Vec<String> {
-    let (status, body) = http_get(endpoint, "/v1/models").await.expect("engine answers /v1/models");
+async fn engine_adapters(e: &pb::EngineReport) -> Vec<String> {
+    let (status, body) = engine_models(e).await;
     assert_eq!(status, 200, "{body}");
     let v: serde_json::Value = serde_json::from_str(&body).expect("json");
     let mut ids: Vec<String> = v["data"]
@@ -74,12 +79,12 @@ async fn adapters_follow_the_assignment_without_restarting_the_engine() {
         all_loaded(&server.engines(), "l-0", &["a", "b"])
     })
     .await;
-    assert_eq!(engine_adapters(&first.endpoint).await, ["a", "b"]);
+    assert_eq!(engine_adapters(&first).await, ["a", "b"]);
 
     // Only the adapter list changes: a unloaded, c loaded, same process.
     server.assign(vec![with_adapters(base.clone(), &[("b", "sim://b?rank=8"), ("c", "sim://c")])]);
     let second = eventually(20, "b and c loaded, a gone", || all_loaded(&server.engines(), "l-0", &["b", "c"])).await;
-    assert_eq!(engine_adapters(&second.endpoint).await, ["b", "c"]);
+    assert_eq!(engine_adapters(&second).await, ["b", "c"]);
     assert_eq!((second.pid, second.endpoint.as_str(), second.restarts), (first.pid, first.endpoint.as_str(), 0));
     assert!(alive(first.pid));
 
@@ -99,7 +104,7 @@ async fn adapters_follow_the_assignment_without_restarting_the_engine() {
         states(&e),
         [("b".into(), "loaded".into()), ("c".into(), "loaded".into()), ("bad".into(), "failed".into())]
     );
-    assert_eq!(engine_adapters(&e.endpoint).await, ["b", "c"]);
+    assert_eq!(engine_adapters(&e).await, ["b", "c"]);
 
     // The engine dies: the new process gets every desired adapter again.
     server.assign(vec![with_adapters(base.clone(), &[("b", "sim://b?rank=8"), ("c", "sim://c")])]);
@@ -111,7 +116,8 @@ async fn adapters_follow_the_assignment_without_restarting_the_engine() {
     })
     .await;
     assert_eq!(restarted.restarts, 1);
-    assert_eq!(engine_adapters(&restarted.endpoint).await, ["b", "c"]);
+    assert_eq!(restarted.api_key, first.api_key, "a restart keeps the engine's key");
+    assert_eq!(engine_adapters(&restarted).await, ["b", "c"]);
     drop(agent);
 }
 
@@ -136,8 +142,8 @@ async fn a_finished_load_is_reported_before_the_next_regular_heartbeat() {
     })
     .await;
     assert!(server.heartbeats() < 10, "early heartbeats are rate-limited: {}", server.heartbeats());
-    assert_eq!(engine_adapters(&e.endpoint).await, ["a", "x"]);
-    let (_, body) = http_get(&e.endpoint, "/v1/models").await.unwrap();
+    assert_eq!(engine_adapters(&e).await, ["a", "x"]);
+    let (_, body) = engine_models(&e).await;
     let cache = dir.path().join("models").display().to_string();
     assert!(body.contains(&cache), "x loaded from the node cache {cache}: {body}");
     drop(agent);
@@ -168,8 +174,9 @@ async fn restarted_agent_reconciles_the_adapters_of_adopted_engines() {
     })
     .await;
     assert_eq!(after.pid, before.pid, "adopted, not restarted");
-    let (_, body) = http_get(&after.endpoint, "/v1/models").await.unwrap();
+    assert_eq!(after.api_key, before.api_key, "adopted with the key it was started with");
+    let (_, body) = engine_models(&after).await;
     assert!(body.contains("sim://b?rank=4"), "b reloaded from its new source: {body}");
-    assert_eq!(engine_adapters(&after.endpoint).await, ["b", "c"]);
+    assert_eq!(engine_adapters(&after).await, ["b", "c"]);
     drop(second);
 }

@@ -174,7 +174,10 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     let dir = tempfile::tempdir().unwrap();
     let (bin, sub) = sim_binary();
     // The sim ignores {source}; we check the path it was given through the log.
-    let template = format!("{} {sub} --port {{port}} --model {{model}} --speedup 50 --seed 0 {{args}}", bin.display());
+    let template = format!(
+        "{} {sub} --host {{host}} --port {{port}} --model {{model}} --speedup 50 --seed 0 {{args}}",
+        bin.display()
+    );
     let args = agent_args(&[fake.addr], dir.path(), "node-vllm", &["--vllm-command", &template]);
     let agent = TestAgent::start(args).await;
     let good = flotilla_api::pb::ReplicaAssignment {
@@ -204,8 +207,10 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     })
     .await;
     assert_eq!(ready.download_progress, 1.0);
-    let (status, body) = http_get(&ready.endpoint, "/v1/models").await.unwrap();
+    let (status, body) = http_request_with_key(&ready.endpoint, "GET", "/v1/models", "", &ready.api_key).await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("tiny"), "{body}");
+    let (status, _) = http_get(&ready.endpoint, "/v1/models").await.unwrap();
+    assert_eq!(status, 401, "the vLLM driver's engine got its key through VLLM_API_KEY");
     drop(agent);
 }

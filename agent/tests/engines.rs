@@ -43,11 +43,19 @@ async fn registers_gpus_runs_assigned_engines_and_stops_unassigned_ones() {
     })
     .await;
     assert_ne!(a.0, b.0, "distinct endpoints");
-    for (endpoint, pid) in [&a, &b] {
+    let engines = server.engines();
+    let keys: Vec<String> =
+        ["demo-0", "demo-1"].iter().map(|n| by_name(&engines, n).unwrap().api_key.clone()).collect();
+    assert!(keys.iter().all(|k| k.len() == 64) && keys[0] != keys[1], "a key of its own per engine");
+    for ((endpoint, pid), key) in [&a, &b].into_iter().zip(&keys) {
         assert!(alive(*pid));
-        let (status, body) = http_get(endpoint, "/v1/models").await.expect("engine answers");
+        let (status, body) =
+            http_request_with_key(endpoint, "GET", "/v1/models", "", key).await.expect("engine answers");
         assert_eq!(status, 200);
         assert!(body.contains("\"demo\""), "{body}");
+        let (status, body) = http_get(endpoint, "/v1/models").await.expect("engine answers");
+        assert_eq!((status, body.as_str()), (401, r#"{"error":"Unauthorized"}"#), "no key, no API");
+        assert_eq!(http_get(endpoint, "/health").await.map(|r| r.0), Some(200), "/health needs no key");
     }
 
     server.assign(vec![sim_replica("demo-0", "demo", &[0])]);
@@ -261,10 +269,12 @@ async fn unassign_during_a_stream(drain_ms: &str) -> (String, bool) {
     let mut agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-a", &extra)).await;
     server.assign(vec![sim_replica("demo-0", "demo", &[0])]);
     let (endpoint, pid) = eventually(30, "engine ready", || ready_endpoint(&server.engines(), "demo-0")).await;
+    let key = by_name(&server.engines(), "demo-0").unwrap().api_key.clone();
 
     // ~150 decode steps: about 2 s of streaming at speedup 1.
     let body = r#"{"model":"demo","prompt":"tell me a long story","max_tokens":150,"ignore_eos":true,"stream":true}"#;
-    let stream = tokio::spawn(async move { http_request(&endpoint, "POST", "/v1/completions", body).await });
+    let stream =
+        tokio::spawn(async move { http_request_with_key(&endpoint, "POST", "/v1/completions", body, &key).await });
     tokio::time::sleep(Duration::from_millis(300)).await;
     server.assign(vec![]);
     let mut saw_draining = false;
@@ -332,4 +342,121 @@ async fn the_data_dir_is_private_after_start_and_a_corrupt_state_file_stops_the_
         Err(e) => e.to_string(),
     };
     assert!(e.contains(&dir.join("engines.json").display().to_string()) && e.contains("corrupt state file"), "{e}");
+}
+
+/// The names in `/proc/PID/environ`.
+fn environ_names(pid: u32) -> Vec<String> {
+    let raw = flotilla_testkit::proc_fs::environ(pid).expect("read the engine's environ");
+    flotilla_testkit::proc_fs::split_nul(&raw)
+        .into_iter()
+        .map(|kv| kv.split_once('=').map_or(kv.clone(), |(k, _)| k.to_string()))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn refused_engine_args_fail_the_replica_naming_the_flag() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-policy", &[])).await;
+    let mut trusting = sim_replica("t-0", "demo", &[]);
+    trusting.engine_args = vec!["--max-model-len".into(), "4096".into(), "--trust_remote_code".into()];
+    let mut moved = sim_replica("p-0", "demo", &[]);
+    moved.engine_args = vec!["--port=9".into()];
+    server.assign(vec![trusting, moved, sim_replica("ok-0", "demo", &[])]);
+    let (t, p) = eventually(30, "both refused replicas failed", || {
+        let e = agent.reports();
+        Some((
+            by_name(&e, "t-0").filter(|r| r.state == "failed")?.clone(),
+            by_name(&e, "p-0").filter(|r| r.state == "failed")?.clone(),
+        ))
+    })
+    .await;
+    assert!(t.reason.contains("--trust_remote_code") && t.reason.contains("--trust-remote-code"), "{}", t.reason);
+    assert!(t.reason.contains("--engine-policy"), "says how to allow it: {}", t.reason);
+    assert!(p.reason.contains("--port") && p.reason.contains("set by the agent"), "{}", p.reason);
+    assert_eq!((t.pid, p.pid), (0, 0), "no process was started");
+    eventually(30, "the allowed replica runs", || ready_endpoint(&agent.reports(), "ok-0")).await;
+    drop(agent);
+
+    // The node's policy file is read: a flag the sim accepts, denied there, is refused.
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "allow: [--trust-remote-code]\ndeny: [--no-enable-*]\n").unwrap();
+    let extra = ["--engine-policy", policy.to_str().unwrap()];
+    let agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-strict", &extra)).await;
+    let mut denied = sim_replica("d-0", "demo", &[]);
+    denied.engine_args = vec!["--no-enable-prefix-caching".into()];
+    server.assign(vec![denied]);
+    let d = eventually(30, "the denied replica failed", || {
+        by_name(&agent.reports(), "d-0").filter(|r| r.state == "failed").cloned()
+    })
+    .await;
+    assert!(d.reason.contains("--no-enable-*") && d.reason.contains("engine policy"), "{}", d.reason);
+    drop(agent);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_engine_the_new_policy_refuses_is_stopped_and_failed() {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut r = sim_replica("old-0", "demo", &[]);
+    r.engine_args = vec!["--no-enable-prefix-caching".into()];
+    server.assign(vec![r]);
+    let mut first = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-repolicy", &[])).await;
+    let (_, pid) = eventually(30, "engine ready", || ready_endpoint(&first.reports(), "old-0")).await;
+    first.shutdown(false).await;
+    assert!(alive(pid), "left running for the next agent");
+
+    // The next agent on this node runs under a stricter policy.
+    let policy = dir.path().join("policy.yaml");
+    std::fs::write(&policy, "deny: [--no-enable-prefix-caching]\n").unwrap();
+    let extra = ["--engine-policy", policy.to_str().unwrap()];
+    let second = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-repolicy", &extra)).await;
+    second.pids.lock().unwrap().insert(pid);
+    let failed = eventually(30, "the adopted engine failed", || {
+        by_name(&second.reports(), "old-0").filter(|e| e.state == "failed").cloned()
+    })
+    .await;
+    assert!(failed.reason.contains("--no-enable-prefix-caching"), "{}", failed.reason);
+    eventually(20, "the refused engine stopped", || (!alive(pid)).then_some(())).await;
+    let state = std::fs::read_to_string(dir.path().join("engines.json")).unwrap_or_default();
+    assert!(!state.contains("old-0"), "forgotten by the state file: {state}");
+    drop(second);
+}
+
+/// The environment of the engine `agent_extra` gives an agent for one sim replica.
+async fn engine_environ(agent_extra: &[&str]) -> (Vec<String>, Vec<String>, String) {
+    let server = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let mut agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-env", agent_extra)).await;
+    server.assign(vec![sim_replica("env-0", "demo", &[])]);
+    let (_, pid) = eventually(30, "engine ready", || ready_endpoint(&agent.reports(), "env-0")).await;
+    let key = by_name(&agent.reports(), "env-0").unwrap().api_key.clone();
+    let out = (environ_names(pid), flotilla_testkit::proc_fs::args(pid), key);
+    agent.shutdown(true).await;
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn engines_get_only_allowed_environment_variables() {
+    // Cargo sets CARGO_* variables for this test process, and so for the in-process agent.
+    assert!(std::env::var("CARGO_PKG_NAME").is_ok(), "run under cargo");
+    let (names, args, key) = engine_environ(&["--engine-env", "CARGO_PKG_*,NO_SUCH_VAR"]).await;
+    let allowed = |n: &str| {
+        n.starts_with("CARGO_PKG_")
+            || flotilla_agent::engine_env::DEFAULT_ALLOWED.iter().any(|p| match p.strip_suffix('*') {
+                Some(prefix) => n.starts_with(prefix),
+                None => n == *p,
+            })
+    };
+    let strays: Vec<&String> = names.iter().filter(|n| !allowed(n)).collect();
+    assert!(strays.is_empty(), "the engine got variables nobody allowed: {strays:?}");
+    assert!(names.iter().any(|n| n == "CARGO_PKG_NAME"), "--engine-env lets CARGO_PKG_* through: {names:?}");
+    assert!(names.iter().any(|n| n == "VLLM_API_KEY"), "the agent gives the key: {names:?}");
+    assert!(!names.iter().any(|n| n == "CARGO_MANIFEST_DIR"), "{names:?}");
+    assert!(!args.iter().any(|a| a.contains(&key)), "the key is not on the command line: {args:?}");
+
+    let (names, _, _) = engine_environ(&[]).await;
+    assert!(!names.iter().any(|n| n.starts_with("CARGO_")), "no --engine-env, no CARGO_*: {names:?}");
 }

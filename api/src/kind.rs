@@ -25,6 +25,16 @@ impl Kind {
         matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant)
     }
 
+    /// Status fields of this kind that hold secrets (a replica's engine key). They are stored
+    /// in Raft with the object, where the controllers read them, and removed from the wire
+    /// form every client read path returns (see [`crate::object`]).
+    pub fn secret_status_fields(self) -> &'static [&'static str] {
+        match self {
+            Kind::Replica => &["api_key"],
+            Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Node => &[],
+        }
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             Kind::Model => "Model",

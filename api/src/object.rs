@@ -1,5 +1,11 @@
 //! The stored form of an object and of a change event, as the state machine keeps them, and
 //! their conversion to the wire types.
+//!
+//! The conversion to [`pb::Object`] is the one way a stored object reaches a client (Get,
+//! List, Watch, and the Apply and Delete answers all go through it), so it is where secrets
+//! are kept in: the status fields [`Kind::secret_status_fields`] names (a replica's engine
+//! key) are removed there. The key itself stays in the stored object, so the leader that
+//! builds the gateways' endpoint table after a leader change still has it.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
@@ -38,11 +44,27 @@ impl From<&StoredObject> for pb::Object {
             name: o.key.name.to_string(),
             labels: o.labels.clone().into_iter().collect(),
             spec_json: o.spec.to_string(),
-            status_json: if o.status.is_null() { "{}".into() } else { o.status.to_string() },
+            status_json: status_json(o.key.kind, &o.status),
             revision: o.revision,
             create_revision: o.create_revision,
             uid: o.uid.clone(),
         }
+    }
+}
+
+/// The status as clients see it: without the kind's secret fields.
+fn status_json(kind: Kind, status: &serde_json::Value) -> String {
+    let secrets = kind.secret_status_fields();
+    match status {
+        serde_json::Value::Null => "{}".into(),
+        serde_json::Value::Object(m) if secrets.iter().any(|f| m.contains_key(*f)) => {
+            let mut m = m.clone();
+            for f in secrets {
+                m.remove(*f);
+            }
+            serde_json::Value::Object(m).to_string()
+        }
+        other => other.to_string(),
     }
 }
 
@@ -70,5 +92,45 @@ impl From<&WatchEvent> for pb::WatchEvent {
             object: Some((&e.object).into()),
             revision: e.revision,
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(kind: Kind, status: serde_json::Value) -> StoredObject {
+        StoredObject {
+            key: ObjectKey { kind, name: "m-1".parse().unwrap() },
+            uid: "u".into(),
+            labels: BTreeMap::new(),
+            spec: serde_json::json!({}),
+            status,
+            revision: 2,
+            create_revision: 1,
+        }
+    }
+
+    #[test]
+    fn clients_never_see_a_replicas_engine_key() {
+        let status = serde_json::json!({"phase": "Ready", "endpoint": "10.0.0.1:20000", "api_key": "s3cret"});
+        let o = stored(Kind::Replica, status.clone());
+        let wire = pb::Object::from(&o);
+        assert!(!wire.status_json.contains("s3cret") && !wire.status_json.contains("api_key"), "{}", wire.status_json);
+        let seen: serde_json::Value = serde_json::from_str(&wire.status_json).unwrap();
+        assert_eq!(seen, serde_json::json!({"phase": "Ready", "endpoint": "10.0.0.1:20000"}));
+        assert_eq!(o.status, status, "the stored object keeps the key");
+        let event = WatchEvent { revision: 2, event_type: EventType::Put, object: o };
+        let wire = pb::WatchEvent::from(&event);
+        assert!(!wire.object.unwrap().status_json.contains("s3cret"));
+    }
+
+    #[test]
+    fn other_statuses_pass_unchanged() {
+        let tenant = stored(Kind::Tenant, serde_json::json!({"api_key": "not a secret field of tenants"}));
+        assert!(pb::Object::from(&tenant).status_json.contains("api_key"));
+        assert_eq!(pb::Object::from(&stored(Kind::Replica, serde_json::Value::Null)).status_json, "{}");
+        let plain = serde_json::json!({"phase": "Pending"});
+        assert_eq!(pb::Object::from(&stored(Kind::Replica, plain.clone())).status_json, plain.to_string());
     }
 }

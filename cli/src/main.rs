@@ -75,7 +75,7 @@ enum Command {
     /// Run a node agent: registers this machine's GPUs and runs the engines placed on it.
     ///
     /// Example: flotilla agent --server 10.0.0.1:7070 --node-name gpu-01 --nvidia
-    Agent(flotilla_agent::AgentArgs),
+    Agent(Box<flotilla_agent::AgentArgs>),
     /// Run the OpenAI-compatible gateway: routes requests across the cluster's engines.
     ///
     /// Example: flotilla gateway --server 10.0.0.1:7070 --listen 0.0.0.0:8080
@@ -144,7 +144,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             init_logging("info");
             args.server = server_list(&server);
             args.tls = tls;
-            flotilla_agent::run(args).await.map_err(CliError::from)
+            flotilla_agent::run(*args).await.map_err(CliError::from)
         }
         Command::Gateway(mut args) => {
             init_logging("info");

@@ -77,8 +77,10 @@ async fn replicas_run_scale_and_stop_on_delete() {
     apply(s, model_manifest("chat", 3, 1)).await;
     let r = wait_replicas(s, "chat", 60, "3 ready replicas", |r| r.len() == 3 && ready(r) == 3).await;
     no_gpu_bound_twice(&r);
+    let keys = engine_keys(s).await;
     for x in &r {
-        assert!(chat_ok(x.endpoint.as_deref().unwrap(), "chat"), "replica {} does not answer", x.name);
+        let key = keys.get(&x.name).map(String::as_str).unwrap_or_default();
+        assert!(chat_ok(x.endpoint.as_deref().unwrap(), "chat", key), "replica {} does not answer", x.name);
     }
     assert_eq!(engine_pids(fleet.marker).len(), 3);
 

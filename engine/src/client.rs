@@ -3,6 +3,10 @@
 //! runs under one timeout covering connect, answer and body, and reads at most
 //! `max_body_bytes`. Connections are pooled per engine; clones share the pool.
 //!
+//! A client made with [`EngineClient::with_key`] sends `Authorization: Bearer KEY` on the
+//! calls whose path the engine guards (`/v1/...`: models, LoRA), not on `/health` and
+//! `/metrics`, which vLLM leaves open.
+//!
 //! Non-2xx answers become [`EngineError::Http`] with the engine's message; real vLLM
 //! answers a LoRA load with 200 and plain text (`Success: LoRA adapter 'x' added
 //! successfully.`), a name loaded twice with 400, a bad path with 404, and LoRA disabled
@@ -20,6 +24,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::{TokioExecutor, TokioTimer};
 
 use crate::error::{engine_message, EngineError};
+use crate::key::{guarded, EngineKey};
 use crate::metrics::EngineMetrics;
 use crate::models::{parse_models, ModelCard};
 
@@ -50,6 +55,8 @@ impl Default for EngineClientConfig {
 pub struct EngineClient {
     http: Client<HttpConnector, Full<Bytes>>,
     cfg: EngineClientConfig,
+    /// Sent on guarded paths; None: no `Authorization` header.
+    key: Option<EngineKey>,
 }
 
 impl Default for EngineClient {
@@ -78,7 +85,13 @@ impl EngineClient {
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(ENGINE_IDLE_REUSE)
             .build(conn);
-        EngineClient { http, cfg }
+        EngineClient { http, cfg, key: None }
+    }
+
+    /// A client for one engine that requires `key` (None: one that requires none), sharing
+    /// this client's connection pool and limits.
+    pub fn with_key(&self, key: Option<EngineKey>) -> EngineClient {
+        EngineClient { key, ..self.clone() }
     }
 
     /// The limits.
@@ -146,6 +159,9 @@ impl EngineClient {
         }
         let url = url(authority.as_str(), path);
         let mut req = Request::builder().method(method).uri(&url).header(header::HOST, authority.as_str());
+        if let Some(key) = self.key.as_ref().filter(|_| guarded(path)) {
+            req = req.header(header::AUTHORIZATION, key.bearer());
+        }
         let body = match json {
             Some(v) => {
                 req = req.header(header::CONTENT_TYPE, "application/json");

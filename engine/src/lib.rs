@@ -9,15 +9,18 @@
 //! ```
 //!
 //! [`metrics`] holds the name table mapping each engine family's metric names onto
-//! [`EngineMetrics`]; [`error`] the one error type with stable `engine.*` codes.
+//! [`EngineMetrics`]; [`error`] the one error type with stable `engine.*` codes; [`key`] the
+//! engine's API key, which a client made [`EngineClient::with_key`] sends on `/v1` calls.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod error;
+pub mod key;
 pub mod metrics;
 pub mod models;
 
 pub use client::{error_chain, EngineClient, EngineClientConfig, ENGINE_IDLE_REUSE};
 pub use error::{engine_message, EngineError};
+pub use key::EngineKey;
 pub use metrics::{EngineFlavor, EngineMetrics, LoraInfo};
 pub use models::{adapters, parse_models, ModelCard};

@@ -108,6 +108,28 @@ async fn lora_load_unload_and_vllm_error_statuses() {
 }
 
 #[tokio::test]
+async fn a_keyed_client_passes_a_keyed_engine_and_probes_need_no_key() {
+    let key = "9c1d5e7a0b3f4c2d8e6a1b0c9d8e7f6a5b4c3d2e1f0a9b8c7d6e5f4a3b2c1d0e";
+    let s = sim(SimArgs { api_key: Some(key.into()), ..SimArgs::default() }).await;
+    let ep = endpoint(&s);
+    let plain = EngineClient::new();
+    assert!(plain.health(&ep).await, "/health is not guarded");
+    assert!(plain.metrics(&ep).await.expect("/metrics is not guarded").is_known());
+    let e = plain.models(&ep).await.expect_err("/v1/models without the key");
+    assert_eq!(e.status(), Some(401), "{e}");
+    let wrong = plain.with_key(flotilla_engine::EngineKey::new("not-the-key"));
+    assert_eq!(wrong.load_lora(&ep, "sql", "sim://sql").await.expect_err("wrong key").status(), Some(401));
+
+    let c = plain.with_key(flotilla_engine::EngineKey::new(key));
+    c.load_lora(&ep, "sql", "sim://sql").await.expect("load with the key");
+    assert_eq!(adapters(&c.models(&ep).await.expect("models with the key")), ["sql"]);
+    c.unload_lora(&ep, "sql").await.expect("unload with the key");
+    assert!(c.health(&ep).await && c.metrics(&ep).await.is_ok());
+    assert!(!format!("{c:?}").contains(key), "the client's Debug hides the key");
+    s.shutdown().await.expect("sim stops");
+}
+
+#[tokio::test]
 async fn a_dead_endpoint_is_a_quick_transport_error() {
     let port = {
         let l = TcpListener::bind("127.0.0.1:0").await.expect("bind");

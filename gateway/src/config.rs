@@ -23,6 +23,11 @@ pub struct GatewayArgs {
     /// tenants come from the cluster.
     #[arg(long = "backend", value_name = "MODEL=URL")]
     pub backends: Vec<String>,
+    /// The API key the static backends were started with (vLLM's --api-key), sent as the
+    /// bearer token on every request to them; from the environment only, so it is not in
+    /// `ps`. Engines without a key ignore it.
+    #[arg(skip = std::env::var("FLOTILLA_BACKEND_API_KEY").ok())]
+    pub backend_api_key: Option<String>,
     /// Serve without API keys (every request is tenant `anonymous`, no RPM/TPM limits).
     #[arg(long)]
     pub no_auth: bool,
@@ -137,6 +142,8 @@ impl Default for GatewayArgs {
 pub struct StaticBackend {
     pub model: crate::names::ModelName,
     pub authority: Authority,
+    /// `FLOTILLA_BACKEND_API_KEY`, when set.
+    pub api_key: Option<flotilla_engine::EngineKey>,
 }
 
 /// Queue deadlines per priority class.
@@ -225,7 +232,7 @@ pub fn parse_backend(s: &str) -> Result<StaticBackend, GatewayError> {
     if authority.port_u16().is_none() {
         return Err(bad("missing port"));
     }
-    Ok(StaticBackend { model: model.into(), authority })
+    Ok(StaticBackend { model: model.into(), authority, api_key: None })
 }
 
 impl GatewayArgs {
@@ -235,7 +242,13 @@ impl GatewayArgs {
         if self.listen.parse::<SocketAddr>().is_err() && !self.listen.contains(':') {
             return usage(format!("--listen {:?} is not HOST:PORT", self.listen));
         }
-        let backends = self.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
+        let mut backends = self.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
+        if let Some(k) = &self.backend_api_key {
+            let key = flotilla_engine::EngineKey::new(k).ok_or_else(|| {
+                GatewayError::Usage("FLOTILLA_BACKEND_API_KEY is not a valid bearer token (printable ASCII)".into())
+            })?;
+            backends.iter_mut().for_each(|b| b.api_key = Some(key.clone()));
+        }
         if backends.is_empty() && self.server.is_empty() {
             return usage("no endpoints: give --backend MODEL=URL or --server ADDR".into());
         }

@@ -17,7 +17,11 @@ use crate::table::{Endpoint, EndpointSet, EngineLoad};
 
 /// Builds the table from the flags.
 pub fn static_set(backends: &[StaticBackend]) -> EndpointSet {
-    EndpointSet::from_endpoints(backends.iter().map(|b| Endpoint::new(b.model.clone(), b.authority.clone())))
+    EndpointSet::from_endpoints(backends.iter().map(|b| {
+        let mut e = Endpoint::new(b.model.clone(), b.authority.clone());
+        e.api_key = b.api_key.clone();
+        e
+    }))
 }
 
 /// Applies one scrape of `e`'s engine: figures that could not be read stay as they were.
@@ -49,7 +53,7 @@ pub async fn scrape_loop(gw: Arc<Gateway>, interval: Duration) {
         for eps in current.by_model.values() {
             for e in eps {
                 let mut e = Endpoint::clone(e);
-                refresh(&client, &mut e).await;
+                refresh(&client.with_key(e.api_key.clone()), &mut e).await;
                 next.push(e);
             }
         }

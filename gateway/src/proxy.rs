@@ -1,4 +1,5 @@
-//! Forwarding to engines: sends the original bytes to the leased endpoint, retries on a
+//! Forwarding to engines: sends the original bytes to the leased endpoint (with the
+//! engine's API key as a bearer token when the endpoint table gives one), retries on a
 //! connect failure, transport error or 5xx before the first byte on another endpoint
 //! (bounded), feeds outlier ejection, and wraps the upstream body in [`ObservedBody`],
 //! which streams frames through as they arrive while measuring TTFT/TPOT, reading usage
@@ -27,7 +28,8 @@ use crate::sse::{usage_of_body, SseScanner, Usage};
 use crate::state::Gateway;
 use crate::table::EndpointId;
 
-/// Headers copied from the client to the engine.
+/// Headers copied from the client to the engine (never its `Authorization`: the engine's
+/// own key replaces it).
 const FORWARD_HEADERS: [&str; 3] = ["content-type", "accept", "x-request-id"];
 /// Response headers not copied back (hop-by-hop or recomputed).
 const DROP_HEADERS: [&str; 4] = ["connection", "keep-alive", "transfer-encoding", "content-length"];
@@ -49,6 +51,9 @@ fn build(lease: &Lease, kind: ApiKind, body: &Bytes, headers: &HeaderMap) -> Res
     }
     if !headers.contains_key("content-type") {
         b = b.header("content-type", "application/json");
+    }
+    if let Some(key) = &lease.endpoint.api_key {
+        b = b.header(http::header::AUTHORIZATION, key.bearer());
     }
     b.body(Full::new(body.clone())).map_err(|e| ApiError::bad_gateway(format!("cannot build upstream request: {e}")))
 }

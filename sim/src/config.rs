@@ -86,6 +86,12 @@ pub struct SimArgs {
     /// 503. /metrics, /version and /sim/faults answer at once. 0 = ready at once.
     #[arg(long, default_value_t = 0.0)]
     pub startup_seconds: f64,
+    /// Require `Authorization: Bearer KEY` on /v1, /v2, /inference and /cohere paths, as
+    /// vLLM's --api-key does (401 `{"error":"Unauthorized"}` otherwise); /health, /metrics,
+    /// /version and /tokenize stay open. Prefer the VLLM_API_KEY environment variable, which
+    /// `ps` does not show; the flag wins over it.
+    #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
+    pub api_key: Option<String>,
 }
 
 impl Default for SimArgs {
@@ -114,6 +120,7 @@ impl Default for SimArgs {
             max_body_bytes: 4 * 1024 * 1024,
             reject_unknown_fields: false,
             startup_seconds: 0.0,
+            api_key: None,
         }
     }
 }
@@ -159,6 +166,8 @@ pub struct EngineConfig {
     pub reject_unknown_fields: bool,
     /// Wall-clock time from start until the engine is ready (--startup-seconds / --speedup).
     pub startup: std::time::Duration,
+    /// The key guarded paths require (None: no check).
+    pub api_key: Option<crate::http::auth::ApiKey>,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -298,6 +307,7 @@ impl SimArgs {
             max_body_bytes: self.max_body_bytes,
             reject_unknown_fields: self.reject_unknown_fields,
             startup: std::time::Duration::from_secs_f64(self.startup_seconds / self.speedup),
+            api_key: self.api_key.as_deref().and_then(crate::http::auth::ApiKey::new),
         })
     }
 }

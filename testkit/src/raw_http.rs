@@ -10,8 +10,14 @@ pub const ASYNC_LIMIT: Duration = Duration::from_secs(5);
 
 /// The request text: `method path`, a JSON content type, the body's length, the body.
 pub fn request_text(addr: &str, method: &str, path: &str, body: &str) -> String {
+    request_text_with(addr, method, path, body, &[])
+}
+
+/// [`request_text`] with extra header lines.
+pub fn request_text_with(addr: &str, method: &str, path: &str, body: &str, headers: &[(&str, &str)]) -> String {
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n{body}",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\nConnection: close\r\n\r\n{body}",
         body.len()
     )
 }
@@ -29,10 +35,22 @@ pub fn body_of(raw: &str) -> &str {
 /// Sends one request and reads until the server closes or `read_timeout` passes between
 /// reads; the whole raw answer (head and body), or `None` if it could not connect or write.
 pub fn send_blocking(addr: &str, method: &str, path: &str, body: &str, read_timeout: Duration) -> Option<String> {
+    send_blocking_with(addr, method, path, body, read_timeout, &[])
+}
+
+/// [`send_blocking`] with extra header lines.
+pub fn send_blocking_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    read_timeout: Duration,
+    headers: &[(&str, &str)],
+) -> Option<String> {
     use std::io::{Read, Write};
     let mut s = std::net::TcpStream::connect(addr).ok()?;
     s.set_read_timeout(Some(read_timeout)).ok()?;
-    s.write_all(request_text(addr, method, path, body).as_bytes()).ok()?;
+    s.write_all(request_text_with(addr, method, path, body, headers).as_bytes()).ok()?;
     let mut out = Vec::new();
     let _ = s.read_to_end(&mut out);
     Some(String::from_utf8_lossy(&out).into_owned())
@@ -41,16 +59,41 @@ pub fn send_blocking(addr: &str, method: &str, path: &str, body: &str, read_time
 /// An async request bounded by [`ASYNC_LIMIT`]; (status, body), or `None` if it could not
 /// connect, write, or read a status in time.
 pub async fn http_request(addr: &str, method: &str, path: &str, body: &str) -> Option<(u16, String)> {
+    http_request_with(addr, method, path, body, &[]).await
+}
+
+/// [`http_request`] with extra header lines.
+pub async fn http_request_with(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    headers: &[(&str, &str)],
+) -> Option<(u16, String)> {
     use tokio::io::{AsyncReadExt, AsyncWriteExt};
     let fut = async {
         let mut s = tokio::net::TcpStream::connect(addr).await.ok()?;
-        s.write_all(request_text(addr, method, path, body).as_bytes()).await.ok()?;
+        s.write_all(request_text_with(addr, method, path, body, headers).as_bytes()).await.ok()?;
         let mut out = Vec::new();
         let _ = s.read_to_end(&mut out).await;
         let text = String::from_utf8_lossy(&out).into_owned();
         Some((status_code(&text)?, body_of(&text).to_owned()))
     };
     tokio::time::timeout(ASYNC_LIMIT, fut).await.ok().flatten()
+}
+
+/// [`http_request`] with an engine's API key: `Authorization: Bearer KEY` (no header for an
+/// empty key).
+pub async fn http_request_with_key(
+    addr: &str,
+    method: &str,
+    path: &str,
+    body: &str,
+    key: &str,
+) -> Option<(u16, String)> {
+    let auth = format!("Bearer {key}");
+    let headers: &[(&str, &str)] = if key.is_empty() { &[] } else { &[("Authorization", auth.as_str())] };
+    http_request_with(addr, method, path, body, headers).await
 }
 
 /// `GET path` with [`http_request`].
@@ -69,6 +112,8 @@ mod tests {
             "POST /v1/x HTTP/1.1\r\nHost: h:1\r\nContent-Type: application/json\r\nContent-Length: 2\r\nConnection: close\r\n\r\n{}"
         );
         assert!(request_text("h:1", "GET", "/", "").ends_with("Content-Length: 0\r\nConnection: close\r\n\r\n"));
+        let keyed = request_text_with("h:1", "GET", "/v1/models", "", &[("Authorization", "Bearer k")]);
+        assert!(keyed.contains("\r\nAuthorization: Bearer k\r\n"), "{keyed}");
     }
 
     #[test]

@@ -1,7 +1,11 @@
 //! One engine's life, as one task: download (engines that need weights), spawn, wait for
 //! `/health`, watch it (scraping load each heartbeat interval), restart it with backoff
 //! when it crashes, give up after too many crashes, and stop it on request. Its state is
-//! published in a shared [`EngineReport`] that heartbeats copy. Beside this life cycle, in
+//! published in a shared [`EngineReport`] that heartbeats copy. Before anything, the
+//! Model's `engine_args` are checked against the node's [`crate::engine_policy`] (a refusal
+//! fails the replica, naming the flag), and the engine gets its API key: a new one
+//! ([`crate::engine_key`]), or the one an adopted engine was started with, kept across its
+//! restarts and sent on every `/v1` call the agent makes to it. Beside this life cycle, in
 //! the same task, the [`super::lora_worker::Worker`] keeps the engine's LoRA adapters equal to
 //! the assigned list; the life cycle tells it the endpoint once ready, each `/v1/models`
 //! scrape, and the end of each process.
@@ -18,6 +22,7 @@ use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use flotilla_api::pb::{AdapterAssignment, EngineReport, ReplicaAssignment};
+use flotilla_engine::{EngineClient, EngineKey};
 use tokio::process::Child;
 use tokio::sync::watch;
 use tokio::time::Instant;
@@ -78,14 +83,37 @@ pub async fn run(
     env: Arc<EngineEnv>,
     a: ReplicaAssignment,
     report: SharedReport,
-    stop: watch::Receiver<StopMode>,
+    mut stop: watch::Receiver<StopMode>,
     adopted: Option<SavedEngine>,
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
 ) {
+    let parser = crate::engine_policy::Parser::of(&a.engine);
+    if let Err(refusal) = crate::engine_policy::check(&env.cfg.engine_policy, parser, &a.engine_args) {
+        tracing::error!(replica = %a.replica, reason = %refusal, "engine arguments refused; engine not started");
+        if let Some(s) = &adopted {
+            // Started under an earlier policy: it must not keep running under this one.
+            s.process.stop(env.cfg.stop_grace).await;
+            let _ = env.state.remove(&a.replica);
+        }
+        set_state(&report, "failed", &refusal.to_string());
+        return park(&mut stop, &report).await;
+    }
+    let key = match &adopted {
+        Some(s) => s.api_key.as_deref().and_then(EngineKey::new),
+        None => match crate::engine_key::generate() {
+            Ok(k) => Some(k),
+            Err(reason) => {
+                set_state(&report, "failed", &reason);
+                return park(&mut stop, &report).await;
+            }
+        },
+    };
+    update(&report, |r| r.api_key = key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default());
+    let client = env.engine.with_key(key.clone());
     let (view, view_rx) = watch::channel(EngineView::default());
     let initial = adapters.borrow().clone();
-    let worker = Worker::new(env.clone(), &a.replica, report.clone(), initial, adopted.is_some());
-    let life = life(env, a, report, stop, adopted, adapters.clone(), view);
+    let worker = Worker::new(env.clone(), client.clone(), &a.replica, report.clone(), initial, adopted.is_some());
+    let life = life(Engine { env, client, key }, a, report, stop, adopted, adapters.clone(), view);
     // The worker ends when `life` drops the view sender; `life` decides when both end.
     tokio::select! {
         () = life => {}
@@ -93,9 +121,18 @@ pub async fn run(
     }
 }
 
+/// What one engine's tasks share: the agent's, and the engine's key with a client that
+/// sends it.
+struct Engine {
+    env: Arc<EngineEnv>,
+    client: EngineClient,
+    /// None only for an adopted engine started before keys existed.
+    key: Option<EngineKey>,
+}
+
 /// The engine process's life cycle (see the module diagram).
 async fn life(
-    env: Arc<EngineEnv>,
+    engine: Engine,
     a: ReplicaAssignment,
     report: SharedReport,
     mut stop: watch::Receiver<StopMode>,
@@ -103,6 +140,7 @@ async fn life(
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
     view: watch::Sender<EngineView>,
 ) {
+    let env = engine.env.clone();
     let replica = a.replica.clone();
     let driver: &dyn EngineDriver = match a.engine.as_str() {
         "sim" => &env.sim,
@@ -153,7 +191,7 @@ async fn life(
     loop {
         let mut run = match running.take() {
             Some(r) => r,
-            None => match launch(&env, driver, &a, &adapters, model_path.as_deref(), &log, &report, restarts) {
+            None => match launch(&engine, driver, &a, &adapters, model_path.as_deref(), &log, &report, restarts) {
                 Ok(r) => r,
                 Err(reason) => {
                     if !after_crash(
@@ -174,9 +212,9 @@ async fn life(
                 }
             },
         };
-        let outcome = supervise(&env, &mut run, &log, &report, &mut stop, &view).await;
+        let outcome = supervise(&engine, &mut run, &log, &report, &mut stop, &view).await;
         if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain {
-            drain::drain(&env.engine, &env.endpoint(run.port), env.cfg.drain_timeout, &report, &mut stop).await;
+            drain::drain(&engine.client, &env.endpoint(run.port), env.cfg.drain_timeout, &report, &mut stop).await;
         }
         view.send_modify(|v| {
             // The process is going: its adapters with it.
@@ -263,9 +301,14 @@ async fn park(stop: &mut watch::Receiver<StopMode>, report: &SharedReport) {
     update(report, |r| r.state = "stopped".into());
 }
 
+/// The agent's environment, as far as it is text (what [`crate::engine_env`] filters).
+fn agent_env() -> impl Iterator<Item = (String, String)> {
+    std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
+}
+
 #[allow(clippy::too_many_arguments)]
 fn launch(
-    env: &EngineEnv,
+    engine: &Engine,
     driver: &dyn EngineDriver,
     a: &ReplicaAssignment,
     adapters: &watch::Receiver<Vec<AdapterAssignment>>,
@@ -274,19 +317,26 @@ fn launch(
     report: &SharedReport,
     restarts: u32,
 ) -> Result<Running, String> {
+    let env = &engine.env;
     let port = env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?;
     let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path };
-    let cmd = driver.command(&spec).map_err(|e| {
+    let mut cmd = driver.command(&spec).map_err(|e| {
         env.ports.release(port);
         e.to_string()
     })?;
+    let mut explicit = std::mem::take(&mut cmd.env);
+    if let Some(k) = &engine.key {
+        explicit.push((crate::engine_key::ENV.to_string(), k.expose().to_string()));
+    }
+    cmd.env = crate::engine_env::overlay(crate::engine_env::engine_env(agent_env(), &env.cfg.engine_env), &explicit);
     let (child, id) = process::spawn(&cmd, &log.path).map_err(|e| {
         env.ports.release(port);
         format!("cannot start {}: {e}", cmd.program.display())
     })?;
     let mut assignment: crate::state::SavedAssignment = a.into();
     assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
-    let saved = SavedEngine { assignment, process: id, port, restarts };
+    let api_key = engine.key.as_ref().map(|k| k.expose().to_string());
+    let saved = SavedEngine { assignment, process: id, port, restarts, api_key };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }
@@ -310,13 +360,14 @@ fn launch(
 
 /// Watches a running engine until it exits, must be stopped, or misses its start deadline.
 async fn supervise(
-    env: &EngineEnv,
+    engine: &Engine,
     run: &mut Running,
     log: &LogFile,
     report: &SharedReport,
     stop: &mut watch::Receiver<StopMode>,
     view: &watch::Sender<EngineView>,
 ) -> Outcome {
+    let env = &engine.env;
     let endpoint = env.endpoint(run.port);
     let deadline = run.started_at + env.cfg.start_timeout;
     let mut ready = false;
@@ -339,7 +390,7 @@ async fn supervise(
         };
         let probe = async {
             tokio::time::sleep(next_probe).await;
-            crate::probe::healthy(&env.engine, &endpoint).await
+            crate::probe::healthy(&engine.client, &endpoint).await
         };
         let healthy = tokio::select! {
             _ = stop_requested(stop) => return Outcome::Stop { ready },
@@ -379,7 +430,7 @@ async fn supervise(
             set_state(report, "ready", "");
         }
         let started = Instant::now();
-        let scrape = crate::probe::scrape(&env.engine, &endpoint).await;
+        let scrape = crate::probe::scrape(&engine.client, &endpoint).await;
         update(report, |r| crate::probe::apply(&scrape, r));
         if let Some(names) = scrape.adapters {
             // The adapter worker owns `loaded_adapters` (it merges scrapes with its results).

@@ -21,7 +21,7 @@ use std::collections::{BTreeMap, BTreeSet};
 use std::sync::Arc;
 
 use flotilla_api::pb::AdapterAssignment;
-use flotilla_engine::EngineError;
+use flotilla_engine::{EngineClient, EngineError};
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt as _};
 use tokio::sync::watch;
@@ -53,6 +53,8 @@ enum Done {
 /// One engine's adapter worker.
 pub struct Worker {
     env: Arc<EngineEnv>,
+    /// The engine's client, carrying its API key (LoRA calls are under `/v1`).
+    client: EngineClient,
     replica: String,
     report: SharedReport,
     desired: Vec<AdapterAssignment>,
@@ -71,11 +73,12 @@ pub struct Worker {
 }
 
 impl Worker {
-    /// A worker for `replica` whose engine starts with `desired`. `adopted`: the process
-    /// was started by a previous agent with these adapters (their sources are assumed for
-    /// the ones its first scrape lists).
+    /// A worker for `replica` whose engine starts with `desired`, calling it through
+    /// `client`. `adopted`: the process was started by a previous agent with these adapters
+    /// (their sources are assumed for the ones its first scrape lists).
     pub fn new(
         env: Arc<EngineEnv>,
+        client: EngineClient,
         replica: &str,
         report: SharedReport,
         desired: Vec<AdapterAssignment>,
@@ -88,6 +91,7 @@ impl Worker {
         };
         Worker {
             env,
+            client,
             replica: replica.to_string(),
             report,
             desired,
@@ -257,7 +261,7 @@ impl Worker {
                     tracing::info!(replica = %self.replica, adapter = %name, "unloading adapter");
                     let old = self.tracked.get(&name).map(|t| t.source.clone()).unwrap_or_default();
                     self.tracked.insert(name.clone(), Tracked::new(&old, Phase::Unloading));
-                    let (client, endpoint) = (self.env.engine.clone(), endpoint.clone());
+                    let (client, endpoint) = (self.client.clone(), endpoint.clone());
                     self.calls.push(Box::pin(async move {
                         let result = client.unload_lora(&endpoint, &name).await;
                         Done::Unloaded { name, result }
@@ -276,7 +280,7 @@ impl Worker {
 
     fn start_load(&mut self, name: String, source: String, path: String, started: Instant) {
         let Some(endpoint) = self.endpoint.clone() else { return };
-        let client = self.env.engine.clone();
+        let client = self.client.clone();
         self.calls.push(Box::pin(async move {
             let result = client.load_lora(&endpoint, &name, &path).await;
             Done::Loaded { name, source, started, result }

@@ -47,7 +47,8 @@ pub struct EngineEnv {
     pub sim: SimDriver,
     /// `engine: vllm`.
     pub vllm: VllmDriver,
-    /// Engine client: `/health`, `/metrics`, `/v1/models` probes and LoRA calls.
+    /// Engine client without a key; each engine task derives one that sends its engine's
+    /// key (`EngineClient::with_key`) for its probes and LoRA calls.
     pub engine: EngineClient,
     /// Model cache.
     pub downloader: Arc<Downloader>,
@@ -96,8 +97,8 @@ impl EngineManager {
         EngineManager { env, slots: Mutex::default(), stopping: Mutex::default() }
     }
 
-    /// The client the engine tasks probe with, for other calls to this node's engines
-    /// (LoRA load and unload).
+    /// The keyless client the engine tasks derive theirs from: enough for `/health` and
+    /// `/metrics`, not for an engine's `/v1` API (which needs the engine's key).
     pub fn engine_client(&self) -> &EngineClient {
         &self.env.engine
     }

@@ -3,6 +3,9 @@
 //! mistaken for our engine), check liveness, and stop a whole group (SIGTERM, then SIGKILL
 //! after a grace period). Signals go through `rustix`'s safe wrappers; no `unsafe` here.
 //!
+//! Engines start with exactly the environment their command gives (`env_clear`): see
+//! [`crate::engine_env`] for what that is.
+//!
 //! Engines get their own process group (`process_group(0)`) so that a Ctrl-C aimed at the
 //! agent's terminal does not reach them, and so that stopping one also stops whatever it
 //! forked (vLLM spawns worker processes).
@@ -103,8 +106,9 @@ fn start_ticks(pid: u32) -> Option<u64> {
     stat(pid).map(|(_, t)| t)
 }
 
-/// Spawns `cmd` in a new process group, stdout and stderr appended to `log` (the file is
-/// the engine's, not a pipe to the agent: engines keep logging after the agent exits).
+/// Spawns `cmd` in a new process group with `cmd.env` as its whole environment, stdout and
+/// stderr appended to `log` (the file is the engine's, not a pipe to the agent: engines
+/// keep logging after the agent exits).
 pub fn spawn(cmd: &EngineCommand, log: &Path) -> std::io::Result<(Child, ProcessIdentity)> {
     let mut file = OpenOptions::new().create(true).append(true).mode(crate::private_dir::FILE_MODE).open(log)?;
     crate::private_dir::restrict(&file)?;
@@ -113,6 +117,7 @@ pub fn spawn(cmd: &EngineCommand, log: &Path) -> std::io::Result<(Child, Process
     let mut command = Command::new(&cmd.program);
     command
         .args(&cmd.args)
+        .env_clear()
         .envs(cmd.env.iter().map(|(k, v)| (k, v)))
         .stdin(Stdio::null())
         .stdout(Stdio::from(file))
@@ -144,20 +149,28 @@ mod tests {
         let log = dir.path().join("x.log");
         let cmd = EngineCommand {
             program: "sh".into(),
-            args: vec!["-c".into(), "echo hello; sleep 30 & wait".into()],
-            env: vec![],
+            args: vec!["-c".into(), "echo hello $HOME$ONLY; sleep 30 & wait".into()],
+            env: vec![("PATH".into(), "/usr/bin:/bin".into()), ("ONLY".into(), "this".into())],
         };
         let (mut child, id) = spawn(&cmd, &log).unwrap();
         assert!(id.is_alive());
         assert!(id.start_ticks.is_some());
         let other = ProcessIdentity { start_ticks: id.start_ticks.map(|t| t + 1), ..id };
         assert!(!other.is_alive(), "a different start time is a different process");
+        // The shell has written its line before it is stopped.
+        for _ in 0..500 {
+            if std::fs::read_to_string(&log).unwrap_or_default().contains("\nhello") {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(10)).await;
+        }
         let killed = id.stop(Duration::from_secs(5)).await;
         assert!(!killed);
         let status = child.wait().await.unwrap();
         assert!(describe_exit(status).contains("signal 15"), "{}", describe_exit(status));
         assert!(!id.is_alive());
         let text = std::fs::read_to_string(&log).unwrap();
-        assert!(text.contains("starting: sh -c") && text.contains("hello"), "{text}");
+        assert!(text.contains("starting: sh -c"), "{text}");
+        assert!(text.contains("\nhello this\n"), "only cmd.env reaches the process (not our HOME): {text}");
     }
 }

@@ -22,7 +22,7 @@ use tonic::{Request, Response, Status, Streaming};
 pub use flotilla_testkit::proc_fs::alive;
 use flotilla_testkit::procs::{signal_group, Signal};
 #[allow(unused_imports)]
-pub use flotilla_testkit::raw_http::{http_get, http_request};
+pub use flotilla_testkit::raw_http::{http_get, http_request, http_request_with_key};
 #[allow(unused_imports)]
 pub use flotilla_testkit::wait::eventually;
 

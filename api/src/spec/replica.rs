@@ -66,4 +66,9 @@ pub struct ReplicaStatus {
     /// Download progress in [0, 1] while Starting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download_progress: Option<f64>,
+    /// The engine's API key (set with `endpoint`), which gateways send as a bearer token. A
+    /// secret: stored with the object, so it survives a leader change, and removed from every
+    /// object a client reads ([`crate::Kind::secret_status_fields`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub api_key: Option<String>,
 }

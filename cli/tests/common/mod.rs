@@ -213,12 +213,25 @@ impl AgentProc {
     /// Starts an agent for node `name` with `gpus` simulated A100s. Its sim engines carry
     /// `--seed <marker>` so a test can find every engine process it caused.
     pub fn start(name: &str, data_dir: &Path, servers: &str, gpus: u32, marker: u64) -> AgentProc {
+        Self::start_with_env(name, data_dir, servers, gpus, marker, &[])
+    }
+
+    /// [`AgentProc::start`] with these variables added to the agent's environment.
+    pub fn start_with_env(
+        name: &str,
+        data_dir: &Path,
+        servers: &str,
+        gpus: u32,
+        marker: u64,
+        env: &[(&str, &str)],
+    ) -> AgentProc {
         let child = Command::new(BIN)
             .args(["agent", "--server", servers, "--node-name", name, "--gpus", &gpus.to_string()])
             .args(["--gpu-type", "A100-80GB", "--heartbeat-interval-ms", "200"])
             .arg("--data-dir")
             .arg(data_dir)
             .arg(format!("--sim-args=--speedup 50 --allow-faults --seed {marker}"))
+            .envs(env.iter().copied())
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
             .stderr(Stdio::inherit())
@@ -369,9 +382,36 @@ pub fn ready(r: &[ReplicaView]) -> usize {
     r.iter().filter(|x| x.phase == "Ready").count()
 }
 
-/// Sends one chat completion to an engine; true if it answered 200 with a choice.
-pub fn chat_ok(endpoint: &str, model: &str) -> bool {
+/// Sends one chat completion to an engine with its API key; true if it answered 200 with a
+/// choice.
+pub fn chat_ok(endpoint: &str, model: &str, key: &str) -> bool {
     let body = format!(r#"{{"model":"{model}","messages":[{{"role":"user","content":"hello"}}],"max_tokens":4}}"#);
-    raw_http::send_blocking(endpoint, "POST", "/v1/chat/completions", &body, Duration::from_secs(10))
-        .is_some_and(|out| out.starts_with("HTTP/1.1 200") && out.contains("\"choices\""))
+    engine_call(endpoint, "POST", "/v1/chat/completions", &body, key).0 == 200
+}
+
+/// One request to an engine, with its API key as the bearer token (none when `key` is
+/// empty): (status, body), (0, "") when it could not connect.
+pub fn engine_call(endpoint: &str, method: &str, path: &str, body: &str, key: &str) -> (u16, String) {
+    let auth = format!("Bearer {key}");
+    let headers: &[(&str, &str)] = if key.is_empty() { &[] } else { &[("Authorization", auth.as_str())] };
+    match raw_http::send_blocking_with(endpoint, method, path, body, Duration::from_secs(60), headers) {
+        Some(out) => (raw_http::status_code(&out).unwrap_or(0), raw_http::body_of(&out).to_owned()),
+        None => (0, String::new()),
+    }
+}
+
+/// The engine API key of each ready replica (replica name to key), from the endpoint table
+/// the leader streams to gateways: the one place outside the agents and servers that holds
+/// them (replica objects do not show them).
+pub async fn engine_keys(servers: &[String]) -> std::collections::BTreeMap<String, String> {
+    use flotilla_api::pb::fleet_service_client::FleetServiceClient;
+    use flotilla_api::pb::WatchEndpointsRequest;
+    for addr in servers {
+        let mut c = FleetServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let Ok(stream) = c.watch_endpoints(WatchEndpointsRequest { model: String::new() }).await else { continue };
+        if let Ok(Some(set)) = stream.into_inner().message().await {
+            return set.endpoints.into_iter().map(|e| (e.replica, e.api_key)).collect();
+        }
+    }
+    Default::default()
 }

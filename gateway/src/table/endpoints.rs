@@ -7,7 +7,7 @@ use std::fmt;
 use std::sync::Arc;
 
 use flotilla_api::pb;
-use flotilla_engine::EngineMetrics;
+use flotilla_engine::{EngineKey, EngineMetrics};
 use http::uri::Authority;
 
 use crate::names::{AdapterName, ModelName, ServedName};
@@ -57,6 +57,9 @@ pub struct Endpoint {
     pub replica: String,
     pub adapters: Vec<AdapterName>,
     pub engine: EngineLoad,
+    /// The engine's API key, sent as a bearer token on every request to it (None: static
+    /// backends and engines started without one).
+    pub api_key: Option<EngineKey>,
 }
 
 impl Endpoint {
@@ -69,6 +72,7 @@ impl Endpoint {
             replica: String::new(),
             adapters: Vec::new(),
             engine: EngineLoad::default(),
+            api_key: None,
         }
     }
 }
@@ -150,10 +154,16 @@ impl EndpointSet {
     }
 }
 
-/// Converts one endpoint of the control plane's shape (None when its address is unusable).
+/// Converts one endpoint of the control plane's shape (None when its address or its key is
+/// unusable: a key a header cannot carry would only earn 401s).
 pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
     let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
+    let api_key = match e.api_key.as_str() {
+        "" => None,
+        k => Some(EngineKey::new(k)?),
+    };
     let mut ep = Endpoint::new(e.model.as_str(), authority);
+    ep.api_key = api_key;
     ep.node = e.node.clone();
     ep.replica = e.replica.clone();
     ep.adapters = e.loaded_adapters.iter().map(|a| AdapterName::new(a)).collect();
@@ -174,6 +184,23 @@ pub(crate) mod tests {
         let mut e = Endpoint::new(model, addr.parse().unwrap());
         e.adapters = adapters.iter().map(|s| AdapterName::new(s)).collect();
         e
+    }
+
+    #[test]
+    fn the_control_planes_endpoints_carry_their_keys() {
+        let wire = |address: &str, api_key: &str| pb::Endpoint {
+            replica: "m-1".into(),
+            model: "m".into(),
+            address: address.into(),
+            api_key: api_key.into(),
+            ..pb::Endpoint::default()
+        };
+        let keyed = endpoint_of(&wire("10.0.0.1:20000", "k3y")).unwrap();
+        assert_eq!(keyed.api_key.as_ref().map(EngineKey::expose), Some("k3y"));
+        assert!(!format!("{keyed:?}").contains("k3y"), "Debug hides the key");
+        assert_eq!(endpoint_of(&wire("10.0.0.1:20000", "")).unwrap().api_key, None);
+        assert!(endpoint_of(&wire("10.0.0.1:20000", "bad key")).is_none());
+        assert!(endpoint_of(&wire("not an address", "k3y")).is_none());
     }
 
     #[test]

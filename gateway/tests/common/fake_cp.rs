@@ -35,14 +35,21 @@ impl FakeCp {
 
     /// Publishes a snapshot of endpoints (model, address).
     pub fn set_endpoints(&self, eps: &[(&str, SocketAddr)]) {
+        let keyless: Vec<(&str, SocketAddr, &str)> = eps.iter().map(|(m, a)| (*m, *a, "")).collect();
+        self.set_keyed_endpoints(&keyless);
+    }
+
+    /// Publishes a snapshot of endpoints (model, address, engine API key).
+    pub fn set_keyed_endpoints(&self, eps: &[(&str, SocketAddr, &str)]) {
         let endpoints = eps
             .iter()
             .enumerate()
-            .map(|(i, (m, a))| pb::Endpoint {
+            .map(|(i, (m, a, k))| pb::Endpoint {
                 replica: format!("r{i}"),
                 model: m.to_string(),
                 address: a.to_string(),
                 node: "n1".into(),
+                api_key: k.to_string(),
                 ..Default::default()
             })
             .collect();

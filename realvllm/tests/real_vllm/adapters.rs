@@ -26,9 +26,11 @@ fn apply(bin: &Path, grpc: &str, dir: &Path, name: &str, text: &str) -> anyhow::
     cluster::cli(bin, grpc, &["apply", "-f", &file.display().to_string()], None)
 }
 
-/// Adapters the engine at `v` lists (entries of `/v1/models` with a parent).
-async fn engine_adapters(v: &str) -> anyhow::Result<Vec<String>> {
-    let r = http::get(v, "/v1/models").await?;
+/// Adapters the engine at `v` lists (entries of `/v1/models` with a parent), asked with
+/// its API key.
+async fn engine_adapters(v: &str, key: &str) -> anyhow::Result<Vec<String>> {
+    let r = crate::engine_key::get_with_key(v, "/v1/models", key).await?;
+    ensure!(r.status == 200, "/v1/models of {v}: {} {}", r.status, r.text());
     let doc = r.json()?;
     Ok(doc["data"]
         .as_array()
@@ -50,6 +52,7 @@ async fn ask(gw: &str, model: &str) -> anyhow::Result<Duration> {
 
 pub async fn adapter_objects(bin: &Path, grpc: &str, v: &str, adapter: &Path, dir: &Path) -> anyhow::Result<String> {
     ensure!(!v.is_empty(), "no agent-run engine");
+    let key = crate::engine_key::engine_key(grpc, v).await?;
     let source = format!("file://{}", adapter.display());
     for n in ["lora-a", "lora-b", "lora-c"] {
         apply(bin, grpc, dir, n, &manifest(n, &source, ""))?;
@@ -79,7 +82,7 @@ pub async fn adapter_objects(bin: &Path, grpc: &str, v: &str, adapter: &Path, di
     }
     let cold = ask(&addr, "lora-a").await.context("cold lora-a")?;
     ask(&addr, "lora-b").await.context("cold lora-b")?;
-    let mut loaded = engine_adapters(v).await?;
+    let mut loaded = engine_adapters(v, &key).await?;
     loaded.sort();
     ensure!(loaded == ["lora-a", "lora-b"], "two slots, two adapters: {loaded:?}");
     // lora-b used again; lora-a idles past the eviction grace, then lora-c needs a slot.
@@ -89,7 +92,7 @@ pub async fn adapter_objects(bin: &Path, grpc: &str, v: &str, adapter: &Path, di
     ask(&addr, "lora-c").await.context("lora-c evicting the least recently used")?;
     let t1 = Instant::now();
     loop {
-        let mut now = engine_adapters(v).await?;
+        let mut now = engine_adapters(v, &key).await?;
         now.sort();
         if now == ["lora-b", "lora-c"] {
             break;
@@ -102,7 +105,7 @@ pub async fn adapter_objects(bin: &Path, grpc: &str, v: &str, adapter: &Path, di
     // Delete unloads it from the engine.
     cluster::cli(bin, grpc, &["delete", "adapter", "lora-a"], None)?;
     let t2 = Instant::now();
-    while engine_adapters(v).await?.iter().any(|a| a == "lora-a") {
+    while engine_adapters(v, &key).await?.iter().any(|a| a == "lora-a") {
         ensure!(t2.elapsed() < Duration::from_secs(20), "lora-a still loaded after delete");
         tokio::time::sleep(Duration::from_millis(200)).await;
     }

@@ -102,8 +102,12 @@ pub async fn run(mut t: Tier) -> Tier {
         t.timing("vllm through the agent: apply to replica Ready", format!("{:.1} s", applied.elapsed().as_secs_f64()));
     }
 
+    t.check("direct_request_to_the_agents_engine_needs_its_key", || {
+        crate::engine_key::direct_request_needs_the_engine_key(&grpc, &v)
+    })
+    .await;
     t.check("agent_reports_the_real_engines_load", || agent_reports_load(&grpc, &v)).await;
-    t.check("routing_decisions_use_real_engine_numbers", || routing_from_real_numbers(&s, &v)).await;
+    t.check("routing_decisions_use_real_engine_numbers", || routing_from_real_numbers(&grpc, &s, &v)).await;
 
     // On S: the agent's engine V belongs to the control plane, whose agent unloads any
     // adapter no `Adapter` object assigns (adapter objects on V are the next check).
@@ -142,7 +146,13 @@ pub async fn run(mut t: Tier) -> Tier {
 
 /// Starts an in-process gateway with static backends `tiny=http://<addr>`.
 pub async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+    gateway_with_key(backends, None).await
+}
+
+/// [`gateway`] whose static backends get `key` (`FLOTILLA_BACKEND_API_KEY`).
+async fn gateway_with_key(backends: &[&str], key: Option<String>) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
     let args = flotilla_gateway::GatewayArgs {
+        backend_api_key: key,
         listen: "127.0.0.1:0".into(),
         backends: backends.iter().map(|b| format!("tiny=http://{b}")).collect(),
         no_auth: true,
@@ -261,10 +271,11 @@ async fn lora_through_gateway(v: &str, adapter: &Path) -> anyhow::Result<()> {
 
 /// `n` workers that keep one long completion each in flight on `addr` until `stop` is set
 /// (or 60 s pass).
-fn sustained_load(addr: &str, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
+fn sustained_load(addr: &str, key: Option<&str>, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::task::JoinHandle<()>> {
     (0..n)
         .map(|i| {
             let (addr, stop) = (addr.to_string(), stop.clone());
+            let auth = key.map(|k| format!("Bearer {k}"));
             tokio::spawn(async move {
                 let t0 = tokio::time::Instant::now();
                 while !stop.load(Ordering::Relaxed) && t0.elapsed() < Duration::from_secs(60) {
@@ -273,7 +284,8 @@ fn sustained_load(addr: &str, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::ta
                     let max_tokens = 250 + 29 * i;
                     let body = json!({"model": "tiny", "prompt": format!("busy {i}: def f("), "max_tokens": max_tokens,
                                       "ignore_eos": true});
-                    if http::post(&addr, "/v1/completions", body).await.is_err() {
+                    let headers: Vec<(&str, &str)> = auth.iter().map(|a| ("authorization", a.as_str())).collect();
+                    if http::send("POST", &addr, "/v1/completions", Some(&body), &headers).await.is_err() {
                         tokio::time::sleep(Duration::from_millis(100)).await;
                     }
                 }
@@ -287,7 +299,8 @@ fn sustained_load(addr: &str, n: usize, stop: &Arc<AtomicBool>) -> Vec<tokio::ta
 async fn agent_reports_load(grpc: &str, v: &str) -> anyhow::Result<()> {
     ensure!(!v.is_empty(), "no agent-run engine");
     let stop = Arc::new(AtomicBool::new(false));
-    let busy = sustained_load(v, 4, &stop);
+    let key = crate::engine_key::engine_key(grpc, v).await?;
+    let busy = sustained_load(v, Some(&key), 4, &stop);
     let mut stream = cluster::watch_endpoints(grpc).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     let mut seen = Vec::new();
@@ -320,11 +333,14 @@ async fn engine_load(addr: &str) -> anyhow::Result<flotilla_engine::EngineMetric
 /// With S busy (loaded directly, not through the gateway, so the gateway's own in-flight
 /// counts are zero for both), least-request and least-kv-cache must pick V: the only
 /// difference the gateway can see is the engines' scraped numbers.
-async fn routing_from_real_numbers(s: &str, v: &str) -> anyhow::Result<()> {
+async fn routing_from_real_numbers(grpc: &str, s: &str, v: &str) -> anyhow::Result<()> {
     ensure!(!v.is_empty(), "no agent-run engine");
-    let gw = gateway(&[s, v]).await?;
+    // V is the agent's engine, started with a key of its own: the static gateway sends it
+    // (S has none and ignores it)
+    let key = crate::engine_key::engine_key(grpc, v).await?;
+    let gw = gateway_with_key(&[s, v], Some(key)).await?;
     let stop = Arc::new(AtomicBool::new(false));
-    let busy = sustained_load(s, 6, &stop);
+    let busy = sustained_load(s, None, 6, &stop);
     let t0 = tokio::time::Instant::now();
     loop {
         let m = engine_load(s).await?;
@@ -383,7 +399,8 @@ async fn agent_restarts_after_kill(grpc: &str, v: &str) -> anyhow::Result<()> {
     ensure!(group_members(pid).is_empty(), "workers of the killed engine live on: {:?}", group_members(pid));
     let endpoint = r[0].endpoint.clone().context("endpoint")?;
     let body = json!({"model": "tiny", "prompt": "again", "max_tokens": 3, "ignore_eos": true});
-    let resp = http::post(&endpoint, "/v1/completions", body).await?;
+    let key = crate::engine_key::engine_key(grpc, &endpoint).await?;
+    let resp = crate::engine_key::post_with_key(&endpoint, "/v1/completions", body, &key).await?;
     ensure!(resp.status == 200, "the restarted engine answered {} {}", resp.status, resp.text());
     Ok(())
 }

@@ -14,6 +14,7 @@ mod bench_serve;
 mod checks;
 mod cluster;
 mod conformance;
+mod engine_key;
 mod install;
 mod procs;
 

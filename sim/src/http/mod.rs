@@ -1,11 +1,13 @@
 //! The HTTP surface of `vllm serve`: the router, the shared state handlers see, the
-//! fault-injection layer (hang, error rate) and the 404 fallback.
+//! fault-injection layer (hang, error rate), the API key check ([`auth`]) and the 404
+//! fallback.
 //!
 //! ```text
-//! request -> fault layer (hang / 5xx) -> startup (503 while loading) -> body limit -> route -> handler -> engine channel
+//! request -> fault layer (hang / 5xx) -> api key (401) -> startup (503 while loading) -> body limit -> route -> handler -> engine channel
 //! ```
 
 pub mod admin;
+pub mod auth;
 pub mod errors;
 pub mod inference;
 pub mod serve;
@@ -124,6 +126,7 @@ pub fn router(state: AppState) -> Router {
         .fallback(not_found)
         .layer(DefaultBodyLimit::max(limit))
         .layer(middleware::from_fn_with_state(state.clone(), startup_layer))
+        .layer(middleware::from_fn_with_state(state.clone(), auth::layer))
         .layer(middleware::from_fn_with_state(state.clone(), fault_layer))
         .with_state(state)
 }

@@ -53,16 +53,34 @@ fn dechunk(mut raw: &[u8]) -> Vec<u8> {
 
 /// Sends one request on a fresh connection and reads the whole response.
 pub async fn request(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
-    tokio::time::timeout(Duration::from_secs(60), request_inner(addr, method, path, body))
+    request_with(addr, method, path, body, &[]).await
+}
+
+/// [`request`] with extra header lines (`("Authorization", "Bearer k")`).
+pub async fn request_with(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Resp {
+    tokio::time::timeout(Duration::from_secs(60), request_inner(addr, method, path, body, headers))
         .await
         .unwrap_or_else(|_| panic!("{method} {path} timed out"))
 }
 
-async fn request_inner(addr: SocketAddr, method: &str, path: &str, body: Option<&[u8]>) -> Resp {
+async fn request_inner(
+    addr: SocketAddr,
+    method: &str,
+    path: &str,
+    body: Option<&[u8]>,
+    headers: &[(&str, &str)],
+) -> Resp {
     let mut s = TcpStream::connect(addr).await.expect("connect");
     let body = body.unwrap_or(b"");
+    let extra: String = headers.iter().map(|(k, v)| format!("{k}: {v}\r\n")).collect();
     let head = format!(
-        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        "{method} {path} HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\nContent-Type: application/json\r\n{extra}Content-Length: {}\r\n\r\n",
         body.len()
     );
     s.write_all(head.as_bytes()).await.unwrap();
