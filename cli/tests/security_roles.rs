@@ -231,6 +231,35 @@ async fn every_role_and_method_against_the_table() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(1), "{err}");
     assert!(err.contains("operator/olga may not write Tenant objects"), "{err}");
+    // tenants' key hashes: only gateways (and servers) read them
+    let keyed = dir.join("k.yaml");
+    std::fs::write(&keyed, "kind: Tenant\nmetadata:\n  name: team-b\nspec:\n  api_keys: [team-b-secret-1]\n").unwrap();
+    let admin_files = cert_files(dir, "admin", "alice");
+    assert!(as_role(&admin_files, &["apply", "-f", &keyed.display().to_string()]).status.success());
+    let hash = flotilla_api::spec::hash_api_key("team-b-secret-1");
+    for out in [
+        as_role(&admin_files, &["get", "tenant", "team-b", "-o", "json"]),
+        as_role(&viewer, &["get", "tenants", "-o", "yaml"]),
+    ] {
+        let text = String::from_utf8_lossy(&out.stdout);
+        assert!(!text.contains(&hash) && !text.contains("team-b-secret-1"), "a key hash leaked: {text}");
+    }
+    assert!(String::from_utf8_lossy(&as_role(&admin_files, &["get", "tenant", "team-b", "-o", "json"]).stdout)
+        .contains("sha256:<redacted>"));
+    let mut watch = pb::object_service_client::ObjectServiceClient::new(channel(&server.addr, &admin).await)
+        .watch(pb::WatchRequest { kind: "Tenant".into(), after_revision: 0 })
+        .await
+        .unwrap()
+        .into_inner();
+    let event = watch.message().await.unwrap().unwrap();
+    assert!(!event.object.unwrap().spec_json.contains(&hash), "an admin's watch shows no hash");
+    let gw = Tls::load(cert_files(dir, "gateway", "gw1")).unwrap();
+    let seen = pb::object_service_client::ObjectServiceClient::new(channel(&server.addr, &gw).await)
+        .get(pb::GetRequest { kind: "Tenant".into(), name: "team-b".into(), stale: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(seen.object.unwrap().spec_json.contains(&hash), "a gateway reads the hash it authenticates with");
     let out = as_role(&viewer, &["get", "model", "secured", "-o", "json"]);
     assert!(out.status.success(), "a viewer reads: {}", String::from_utf8_lossy(&out.stderr));
     let out = flotilla(dir, &["--server", &server.addr, "get", "models"]);

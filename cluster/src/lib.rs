@@ -24,6 +24,7 @@ mod node;
 mod object_service;
 mod peers;
 mod raft_service;
+pub mod redact;
 mod server;
 mod snapshot_chunks;
 

@@ -19,6 +19,7 @@ use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
 use crate::node::{Node, Route, LEADER_CHANGED};
+use crate::redact;
 use crate::{ClusterError, FORWARDED_HEADER};
 
 pub(crate) struct ObjectServiceImpl {
@@ -290,28 +291,49 @@ type WatchStream = Pin<Box<dyn Stream<Item = Result<WatchEvent, Status>> + Send>
 impl ObjectService for ObjectServiceImpl {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("Apply");
-        timer.finish(self.apply_inner(request).await)
+        let caller = caller_of(&request);
+        let mut r = self.apply_inner(request).await;
+        if let Ok(r) = &mut r {
+            redact::for_caller(caller.as_ref(), r.get_mut().object.as_mut());
+        }
+        timer.finish(r)
     }
 
     async fn get(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("Get");
-        timer.finish(self.get_inner(request).await)
+        let caller = caller_of(&request);
+        let mut r = self.get_inner(request).await;
+        if let Ok(r) = &mut r {
+            redact::for_caller(caller.as_ref(), r.get_mut().object.as_mut());
+        }
+        timer.finish(r)
     }
 
     async fn list(&self, request: Request<ListRequest>) -> Result<Response<ListResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("List");
-        timer.finish(self.list_inner(request).await)
+        let caller = caller_of(&request);
+        let mut r = self.list_inner(request).await;
+        if let Ok(r) = &mut r {
+            r.get_mut().objects.iter_mut().for_each(|o| redact::for_caller(caller.as_ref(), Some(o)));
+        }
+        timer.finish(r)
     }
 
     async fn delete(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("Delete");
-        timer.finish(self.delete_inner(request).await)
+        let caller = caller_of(&request);
+        let mut r = self.delete_inner(request).await;
+        if let Ok(r) = &mut r {
+            redact::for_caller(caller.as_ref(), r.get_mut().object.as_mut());
+        }
+        timer.finish(r)
     }
 
     type WatchStream = WatchStream;
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let timer = self.node.metrics.grpc_timer("Watch");
+        let secrets = redact::sees_secrets(caller_of(&request).as_ref());
         let req = request.into_inner();
         let kind = if req.kind.is_empty() {
             None
@@ -324,7 +346,7 @@ impl ObjectService for ObjectServiceImpl {
             return timer.finish(Err(e.into()));
         }
         let (tx, rx) = mpsc::channel(WATCH_BATCH);
-        tokio::spawn(stream_events(self.node.reader.clone(), kind, req.after_revision, tx));
+        tokio::spawn(stream_events(self.node.reader.clone(), kind, req.after_revision, secrets, tx));
         timer.finish(Ok(Response::new(Box::pin(ReceiverStream::new(rx)) as WatchStream)))
     }
 }
@@ -334,6 +356,7 @@ async fn stream_events(
     reader: flotilla_storage::StoreReader,
     kind: Option<Kind>,
     mut cursor: u64,
+    secrets: bool,
     tx: mpsc::Sender<Result<WatchEvent, Status>>,
 ) {
     let mut changes = reader.subscribe();
@@ -349,7 +372,11 @@ async fn stream_events(
         };
         let caught_up = events.len() < WATCH_BATCH;
         for e in &events {
-            if tx.send(Ok(e.into())).await.is_err() {
+            let mut event: WatchEvent = e.into();
+            if !secrets {
+                event.object.iter_mut().for_each(redact::redact);
+            }
+            if tx.send(Ok(event)).await.is_err() {
                 return;
             }
         }
