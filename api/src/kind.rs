@@ -15,14 +15,16 @@ pub enum Kind {
     Tenant,
     Node,
     Replica,
+    /// A bearer token for the gRPC API (its hash; see `spec::TokenSpec`).
+    Token,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 5] = [Kind::Model, Kind::Adapter, Kind::Tenant, Kind::Node, Kind::Replica];
+    pub const ALL: [Kind; 6] = [Kind::Model, Kind::Adapter, Kind::Tenant, Kind::Node, Kind::Replica, Kind::Token];
 
     /// Whether users write this kind with `apply` (the others are managed by flotilla).
     pub fn user_applied(self) -> bool {
-        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant)
+        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Token)
     }
 
     /// Status fields of this kind that hold secrets (a replica's engine key). They are stored
@@ -31,7 +33,7 @@ impl Kind {
     pub fn secret_status_fields(self) -> &'static [&'static str] {
         match self {
             Kind::Replica => &["api_key"],
-            Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Node => &[],
+            Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Node | Kind::Token => &[],
         }
     }
 
@@ -42,6 +44,7 @@ impl Kind {
             Kind::Tenant => "Tenant",
             Kind::Node => "Node",
             Kind::Replica => "Replica",
+            Kind::Token => "Token",
         }
     }
 }

@@ -4,6 +4,7 @@ use std::time::Duration;
 
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
+use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Channel, Endpoint};
 use tonic::{Code, Status};
 
@@ -12,6 +13,23 @@ use crate::error::CliError;
 pub(crate) struct Client {
     servers: Vec<String>,
     tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+    token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
+}
+
+/// A channel whose calls carry the CLI's bearer token, if it has one.
+pub(crate) type AuthChannel = InterceptedService<Channel, Bearer>;
+
+/// Adds `authorization: Bearer TOKEN` to every call (`--token`, `FLOTILLA_TOKEN`).
+#[derive(Clone)]
+pub(crate) struct Bearer(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for Bearer {
+    fn call(&mut self, mut req: tonic::Request<()>) -> Result<tonic::Request<()>, Status> {
+        if let Some(v) = &self.0 {
+            req.metadata_mut().insert("authorization", v.clone());
+        }
+        Ok(req)
+    }
 }
 
 /// How long one call to one server may take.
@@ -32,27 +50,39 @@ fn url(addr: &str) -> String {
 }
 
 impl Client {
-    pub(crate) fn new(servers: &str, tls: Option<std::sync::Arc<flotilla_security::Tls>>) -> Client {
+    pub(crate) fn new(
+        servers: &str,
+        tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+        token: Option<&str>,
+    ) -> Result<Client, CliError> {
         let servers = servers.split(',').map(str::trim).filter(|s| !s.is_empty()).map(str::to_owned).collect();
-        Client { servers, tls }
+        let token = token
+            .map(|t| {
+                format!("Bearer {}", t.trim())
+                    .parse()
+                    .map_err(|_| CliError::usage("--token (FLOTILLA_TOKEN) is not printable ASCII"))
+            })
+            .transpose()?;
+        Ok(Client { servers, tls, token })
     }
 
-    async fn connect(&self, addr: &str) -> Result<Channel, Status> {
+    async fn connect(&self, addr: &str) -> Result<AuthChannel, Status> {
         let endpoint = Endpoint::from_shared(url(&flotilla_api::dial::dial_address(addr)))
             .map_err(|_| Status::invalid_argument(format!("--server {addr:?} is not a host:port address")))?
             .connect_timeout(Duration::from_secs(2))
             .timeout(CALL_TIMEOUT);
-        flotilla_security::connect::connect(endpoint, self.tls.as_ref(), addr).await.map_err(|e| {
+        let channel = flotilla_security::connect::connect(endpoint, self.tls.as_ref(), addr).await.map_err(|e| {
             let why = std::error::Error::source(&e).map_or_else(|| e.to_string(), |s| format!("{e}: {s}"));
             Status::unavailable(format!("cannot reach server {addr}: {why}"))
-        })
+        })?;
+        Ok(InterceptedService::new(channel, Bearer(self.token.clone())))
     }
 
     /// Runs `f` against each server in turn until one gives an answer that is not
     /// "unavailable".
     pub(crate) async fn call<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
     where
-        F: FnMut(Channel) -> Fut,
+        F: FnMut(AuthChannel) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         if self.servers.is_empty() {
@@ -84,7 +114,7 @@ impl Client {
 
     pub(crate) async fn objects<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
     where
-        F: FnMut(ObjectServiceClient<Channel>) -> Fut,
+        F: FnMut(ObjectServiceClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         self.call(|ch| f(ObjectServiceClient::new(ch))).await
@@ -92,7 +122,7 @@ impl Client {
 
     pub(crate) async fn cluster<T, F, Fut>(&self, mut f: F) -> Result<T, CliError>
     where
-        F: FnMut(ClusterServiceClient<Channel>) -> Fut,
+        F: FnMut(ClusterServiceClient<AuthChannel>) -> Fut,
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         self.call(|ch| f(ClusterServiceClient::new(ch))).await

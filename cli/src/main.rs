@@ -34,6 +34,10 @@ struct Cli {
     /// TLS for every role and every command (see `flotilla tls` and docs/security.md).
     #[command(flatten)]
     tls: flotilla_security::TlsArgs,
+    /// A bearer token (`flotilla token create`) identifying operator commands, for callers
+    /// without a client certificate; needs TLS (`--tls-ca` alone is enough).
+    #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -95,6 +99,11 @@ enum Command {
     /// Example: flotilla tls ca create && flotilla tls cert create --role server --name s1 --ip 10.0.0.1
     #[command(subcommand)]
     Tls(cmd::tls::TlsCommand),
+    /// Bearer tokens for automation without a certificate: create (printed once), list, revoke.
+    ///
+    /// Example: flotilla token create --role operator --name ci-deploy --ttl 30d
+    #[command(subcommand)]
+    Token(cmd::token::TokenCommand),
 }
 
 fn main() -> ExitCode {
@@ -123,12 +132,22 @@ fn main() -> ExitCode {
 
 async fn run(cli: Cli) -> Result<(), CliError> {
     flotilla_api::dial::check_env().map_err(CliError::usage)?;
+    let usage = |e: flotilla_security::TlsError| CliError::usage(e.to_string());
     let tls = match &cli.command {
         // these write or run without dialling a server with this process's certificate
         Command::Tls(_) | Command::Sim(_) | Command::Chaos(_) | Command::Dev(_) => None,
-        _ => flotilla_security::Tls::from_args(&cli.tls).map_err(|e| CliError::usage(e.to_string()))?,
+        // the roles need a certificate of their own
+        Command::Server(_) | Command::Agent(_) | Command::Gateway(_) => {
+            flotilla_security::Tls::from_args(&cli.tls).map_err(usage)?
+        }
+        _ => flotilla_security::Tls::client_from_args(&cli.tls).map_err(usage)?,
     };
-    let client = client::Client::new(&cli.server, tls.clone());
+    if cli.token.is_some() && tls.is_none() {
+        return Err(CliError::usage(
+            "--token needs TLS (give --tls-ca): a token sent in plain text can be read on the way",
+        ));
+    }
+    let client = client::Client::new(&cli.server, tls.clone(), cli.token.as_deref())?;
     let server = cli.server.clone();
     match cli.command {
         Command::Server(args) => cmd::server::run(args, &cli.tls).await,
@@ -157,6 +176,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             flotilla_sim::run(args).await.map_err(CliError::from)
         }
         Command::Tls(c) => cmd::tls::run(c),
+        Command::Token(c) => cmd::token::run(&client, c, cli.output).await,
         Command::Chaos(c) => {
             init_logging("warn");
             let bin =

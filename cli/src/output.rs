@@ -91,6 +91,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
             ("REASON", "status.reason"),
         ],
         "Tenant" => &[("PRIORITY", "spec.priority"), ("RPM", "spec.rpm"), ("TPM", "spec.tpm")],
+        "Token" => &[("ROLE", "spec.role"), ("IDENTITY", "spec.identity"), ("EXPIRES-AT", "spec.expires_at")],
         "Replica" => &[
             ("MODEL", "spec.model"),
             ("NODE", "spec.node"),

@@ -268,6 +268,41 @@ async fn every_role_and_method_against_the_table() {
     assert_eq!(out.status.code(), Some(2), "partial TLS flags are a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key is missing"));
 
+    // bearer tokens: made by an admin, used with the CA alone, refused once revoked or expired
+    let out = as_role(&admin_files, &["token", "create", "--role", "viewer", "--name", "ci", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let token = made["token"].as_str().unwrap().to_string();
+    let id = made["id"].as_str().unwrap().to_string();
+    let ca = dir.join("ca.pem").display().to_string();
+    let with_token = |token: &str, args: &[&str]| {
+        let mut all: Vec<&str> = vec!["--server", &server.addr, "--tls-ca", &ca, "--token", token];
+        all.extend(args);
+        flotilla(dir, &all)
+    };
+    let out = with_token(&token, &["get", "models"]);
+    assert!(out.status.success(), "a viewer token reads: {}", String::from_utf8_lossy(&out.stderr));
+    let out = with_token(&token, &["apply", "-f", &m]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("viewer/ci may not call"), "a viewer token cannot write");
+    let out = as_role(&cert_files(dir, "operator", "olga"), &["token", "create", "--role", "admin", "--name", "x"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not write Token objects"), "only admins make tokens");
+    let listed = as_role(&admin_files, &["token", "list", "-o", "json"]);
+    let text = String::from_utf8_lossy(&listed.stdout);
+    assert!(text.contains(&id) && !text.contains(&token[21..]), "{text}");
+    assert!(!text.contains(&flotilla_api::spec::hash_api_key(&token[21..])), "no token hash in a listing: {text}");
+    assert!(as_role(&admin_files, &["token", "revoke", &id]).status.success());
+    let out = with_token(&token, &["get", "models"]);
+    assert_eq!(out.status.code(), Some(1));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("needs an identity"), "a revoked token is refused");
+    let out =
+        as_role(&admin_files, &["token", "create", "--role", "viewer", "--name", "brief", "--ttl", "1s", "-o", "json"]);
+    let brief: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    tokio::time::sleep(Duration::from_millis(2100)).await;
+    let out = with_token(brief["token"].as_str().unwrap(), &["get", "models"]);
+    assert_eq!(out.status.code(), Some(1), "an expired token is refused");
+    let out = flotilla(dir, &["--server", &server.addr, "--token", &token, "get", "models"]);
+    assert_eq!(out.status.code(), Some(2), "a token without TLS is a usage error");
+
     // an agent's certificate for node n1 cannot open node n2's session
     let agent = Tls::load(cert_files(dir, "agent", "n1")).unwrap();
     let got = call(channel(&server.addr, &agent).await, "/flotilla.v1.AgentService/Session", "n2").await;

@@ -27,6 +27,7 @@ mod raft_service;
 pub mod redact;
 mod server;
 mod snapshot_chunks;
+pub mod tokens;
 
 pub use config::ServerConfig;
 pub use error::ClusterError;

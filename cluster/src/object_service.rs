@@ -333,7 +333,7 @@ impl ObjectService for ObjectServiceImpl {
 
     async fn watch(&self, request: Request<WatchRequest>) -> Result<Response<WatchStream>, Status> {
         let timer = self.node.metrics.grpc_timer("Watch");
-        let secrets = redact::sees_secrets(caller_of(&request).as_ref());
+        let secrets = redact::secrets_of(caller_of(&request).as_ref());
         let req = request.into_inner();
         let kind = if req.kind.is_empty() {
             None
@@ -356,7 +356,7 @@ async fn stream_events(
     reader: flotilla_storage::StoreReader,
     kind: Option<Kind>,
     mut cursor: u64,
-    secrets: bool,
+    secrets: redact::Secrets,
     tx: mpsc::Sender<Result<WatchEvent, Status>>,
 ) {
     let mut changes = reader.subscribe();
@@ -373,9 +373,7 @@ async fn stream_events(
         let caught_up = events.len() < WATCH_BATCH;
         for e in &events {
             let mut event: WatchEvent = e.into();
-            if !secrets {
-                event.object.iter_mut().for_each(redact::redact);
-            }
+            event.object.iter_mut().for_each(|o| redact::redact(secrets, o));
             if tx.send(Ok(event)).await.is_err() {
                 return;
             }

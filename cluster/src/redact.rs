@@ -1,6 +1,7 @@
 //! What a caller may read of an object. Tenants' API key hashes are for gateways (which
-//! authenticate requests with them) and for servers; with security on, every other identity
-//! (admins included) reads each as [`REDACTED`], on every read path of the object service
+//! authenticate requests with them) and for servers, tokens' hashes for servers only; with
+//! security on, every other identity (admins included) reads each as [`REDACTED`], on every
+//! read path of the object service
 //! (Get, List, Watch, and the objects Apply and Delete return). With security off there are
 //! no identities and nothing to tell a gateway from anyone else: hashes are returned, as the
 //! gateways need them (see docs/security.md).
@@ -11,29 +12,48 @@ use flotilla_security::{Identity, Role};
 /// What a redacted key hash reads as.
 pub const REDACTED: &str = "sha256:<redacted>";
 
-/// Whether `caller` may read secrets (None: security is off).
-pub fn sees_secrets(caller: Option<&Identity>) -> bool {
-    caller.is_none_or(|id| matches!(id.role, Role::Gateway | Role::Peer))
+/// Who may read the secrets of objects: all of them (security off), those of tenants, or
+/// none.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Secrets {
+    All,
+    TenantKeys,
+    None,
 }
 
-/// Replaces a tenant's key hashes with [`REDACTED`] (other kinds are left as they are).
-pub fn redact(obj: &mut pb::Object) {
-    if obj.kind != "Tenant" {
-        return;
+/// What `caller` may read (None: security is off).
+pub fn secrets_of(caller: Option<&Identity>) -> Secrets {
+    match caller.map(|id| id.role) {
+        None | Some(Role::Peer) => Secrets::All,
+        Some(Role::Gateway) => Secrets::TenantKeys,
+        Some(_) => Secrets::None,
     }
+}
+
+/// Replaces the secrets of `obj` that `may` does not cover with [`REDACTED`]: a tenant's
+/// key hashes, a token's hash.
+pub fn redact(may: Secrets, obj: &mut pb::Object) {
+    let field = match (obj.kind.as_str(), may) {
+        (_, Secrets::All) | ("Tenant", Secrets::TenantKeys) => return,
+        ("Tenant", _) => "api_keys",
+        ("Token", _) => "hash",
+        _ => return,
+    };
     let Ok(mut spec) = serde_json::from_str::<serde_json::Value>(&obj.spec_json) else { return };
-    if let Some(keys) = spec.get_mut("api_keys").and_then(serde_json::Value::as_array_mut) {
-        keys.iter_mut().for_each(|k| *k = REDACTED.into());
-        if let Ok(text) = serde_json::to_string(&spec) {
-            obj.spec_json = text;
-        }
+    match spec.get_mut(field) {
+        Some(serde_json::Value::Array(keys)) => keys.iter_mut().for_each(|k| *k = REDACTED.into()),
+        Some(v @ serde_json::Value::String(_)) => *v = REDACTED.into(),
+        _ => return,
+    }
+    if let Ok(text) = serde_json::to_string(&spec) {
+        obj.spec_json = text;
     }
 }
 
-/// [`redact`] unless `caller` may read secrets.
+/// [`redact`] for what `caller` may read.
 pub fn for_caller(caller: Option<&Identity>, obj: Option<&mut pb::Object>) {
-    if let Some(obj) = obj.filter(|_| !sees_secrets(caller)) {
-        redact(obj);
+    if let Some(obj) = obj {
+        redact(secrets_of(caller), obj);
     }
 }
 
@@ -47,6 +67,20 @@ mod tests {
             name: "team-a".into(),
             spec_json: r#"{"api_keys":["sha256:abc","sha256:def"],"rpm":5}"#.into(),
             ..Default::default()
+        }
+    }
+
+    #[test]
+    fn token_hashes_are_for_servers_only() {
+        let token = || pb::Object {
+            kind: "Token".into(),
+            spec_json: r#"{"hash":"sha256:abc","role":"viewer"}"#.into(),
+            ..Default::default()
+        };
+        for (may, hidden) in [(Secrets::All, false), (Secrets::TenantKeys, true), (Secrets::None, true)] {
+            let mut t = token();
+            redact(may, &mut t);
+            assert_eq!(t.spec_json.contains(REDACTED), hidden, "{may:?}");
         }
     }
 
@@ -66,12 +100,12 @@ mod tests {
             assert_eq!(!t.spec_json.contains("sha256:abc"), !sees, "{caller:?}");
         }
         let mut t = tenant();
-        redact(&mut t);
+        redact(Secrets::None, &mut t);
         let spec: serde_json::Value = serde_json::from_str(&t.spec_json).unwrap();
         assert_eq!(spec, serde_json::json!({"api_keys": [REDACTED, REDACTED], "rpm": 5}), "the count stays visible");
         let mut m =
             pb::Object { kind: "Model".into(), spec_json: r#"{"api_keys":["x"]}"#.into(), ..Default::default() };
-        redact(&mut m);
+        redact(Secrets::None, &mut m);
         assert!(m.spec_json.contains("\"x\""), "other kinds are untouched");
     }
 }

@@ -219,7 +219,10 @@ async fn serve_grpc(
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))
-        .layer(AuthorizeLayer::new(mode))
+        .layer(
+            AuthorizeLayer::new(mode)
+                .with_tokens(std::sync::Arc::new(crate::tokens::StoreTokens { reader: node.reader.clone() })),
+        )
         .add_routes(routes.routes());
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;

@@ -99,7 +99,8 @@ pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(),
     };
     let Some(id) = identity else {
         return Err(Refusal::Unauthenticated(format!(
-            "{path} needs an identity: a client certificate with a {}<role>/<name> name",
+            "{path} needs an identity: a client certificate with a {}<role>/<name> name, or a valid \
+             bearer token (flotilla token create)",
             crate::identity::URI_PREFIX
         )));
     };
@@ -136,16 +137,41 @@ pub fn peer_identity<B>(req: &http::Request<B>) -> Option<Identity> {
     Identity::from_cert_der(certs.first()?).ok()
 }
 
-/// The layer: enforces [`decide`] and puts the [`Caller`] into the request.
+/// Turns a bearer token into an identity (the server's store of tokens): None when the
+/// token is unknown, expired or does not match.
+pub trait TokenVerifier: Send + Sync + std::fmt::Debug {
+    fn verify(&self, token: &str) -> Option<Identity>;
+}
+
+/// The bearer token of a request (`authorization: Bearer T`), if any.
+pub fn bearer<B>(req: &http::Request<B>) -> Option<&str> {
+    let v = req.headers().get(http::header::AUTHORIZATION)?.to_str().ok()?;
+    let (scheme, token) = v.split_once(' ')?;
+    scheme.eq_ignore_ascii_case("bearer").then(|| token.trim())
+}
+
+/// The layer: enforces [`decide`] and puts the [`Caller`] into the request. The identity
+/// is the client certificate's; without one, a bearer token's (when a verifier is set).
 #[derive(Debug, Clone)]
 pub struct AuthorizeLayer {
     mode: Mode,
+    tokens: Option<Arc<dyn TokenVerifier>>,
     log: Arc<Mutex<HashMap<(String, String), Instant>>>,
 }
 
 impl AuthorizeLayer {
     pub fn new(mode: Mode) -> Self {
-        AuthorizeLayer { mode, log: Arc::default() }
+        AuthorizeLayer { mode, tokens: None, log: Arc::default() }
+    }
+
+    /// Accepts bearer tokens `tokens` verifies.
+    pub fn with_tokens(mut self, tokens: Arc<dyn TokenVerifier>) -> Self {
+        self.tokens = Some(tokens);
+        self
+    }
+
+    fn identity<B>(&self, req: &http::Request<B>) -> Option<Identity> {
+        peer_identity(req).or_else(|| self.tokens.as_ref().and_then(|t| t.verify(bearer(req)?)))
     }
 }
 
@@ -197,7 +223,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let identity = match self.layer.mode {
             Mode::Open => None,
-            Mode::Enforced => peer_identity(&req),
+            Mode::Enforced => self.layer.identity(&req),
         };
         let path = req.uri().path().to_string();
         match decide(self.layer.mode, &path, identity.as_ref()) {
@@ -288,5 +314,36 @@ mod tests {
                 .map_err(|r| r.status().code()),
             Err(tonic::Code::PermissionDenied)
         );
+    }
+}
+
+#[cfg(test)]
+mod token_tests {
+    use super::*;
+
+    #[derive(Debug)]
+    struct One;
+    impl TokenVerifier for One {
+        fn verify(&self, token: &str) -> Option<Identity> {
+            (token == "good").then(|| Identity::new(Role::Viewer, "ci").unwrap())
+        }
+    }
+
+    #[test]
+    fn a_bearer_token_identifies_a_caller_without_a_certificate() {
+        let layer = AuthorizeLayer::new(Mode::Enforced).with_tokens(Arc::new(One));
+        let req = |auth: Option<&str>| {
+            let mut b = http::Request::builder().uri("/flotilla.v1.ObjectService/Get");
+            if let Some(a) = auth {
+                b = b.header("authorization", a);
+            }
+            b.body(()).unwrap()
+        };
+        assert_eq!(layer.identity(&req(Some("Bearer good"))).map(|i| i.to_string()), Some("viewer/ci".into()));
+        assert_eq!(layer.identity(&req(Some("bearer good"))).map(|i| i.role), Some(Role::Viewer));
+        assert_eq!(layer.identity(&req(Some("Bearer bad"))), None);
+        assert_eq!(layer.identity(&req(Some("Basic good"))), None);
+        assert_eq!(layer.identity(&req(None)), None);
+        assert_eq!(AuthorizeLayer::new(Mode::Enforced).identity(&req(Some("Bearer good"))), None, "no verifier");
     }
 }

@@ -54,7 +54,11 @@ pub fn incoming(listener: TcpListener, tls: Arc<Tls>) -> TlsIncoming {
             };
             let _ = tcp.set_nodelay(true);
             let (tx, fail_tx) = (tx.clone(), fail_tx.clone());
-            let acceptor = TlsAcceptor::from(tls.server_config());
+            let Some(config) = tls.server_config() else {
+                tracing::error!("TLS without a certificate cannot serve; give --tls-cert and --tls-key");
+                continue;
+            };
+            let acceptor = TlsAcceptor::from(config);
             tokio::spawn(async move {
                 match tokio::time::timeout(HANDSHAKE_TIMEOUT, acceptor.accept(tcp)).await {
                     Ok(Ok(stream)) => {

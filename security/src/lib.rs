@@ -17,6 +17,6 @@ pub mod identity;
 pub mod incoming;
 pub mod tls;
 
-pub use authz::{AuthorizeLayer, Caller, Mode};
+pub use authz::{AuthorizeLayer, Caller, Mode, TokenVerifier};
 pub use identity::{Identity, Role};
 pub use tls::{Tls, TlsArgs, TlsError, TlsFiles};

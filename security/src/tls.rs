@@ -56,7 +56,28 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
+impl TlsFiles {
+    /// A client that verifies servers against `ca` and shows no certificate (it identifies
+    /// with a bearer token): cert and key name the CA file and are not read.
+    pub fn ca_only(ca: PathBuf) -> TlsFiles {
+        TlsFiles { cert: ca.clone(), key: ca.clone(), ca }
+    }
+
+    fn is_ca_only(&self) -> bool {
+        self.cert == self.ca && self.key == self.ca
+    }
+}
+
 impl TlsArgs {
+    /// A client's files: the three, or `--tls-ca` alone (a client identified by a bearer
+    /// token verifies the server but shows no certificate).
+    pub fn client_files(&self) -> Result<Option<TlsFiles>, TlsError> {
+        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
+            (None, None, Some(ca)) => Ok(Some(TlsFiles::ca_only(ca.clone()))),
+            _ => self.files(),
+        }
+    }
+
     /// The files, None when TLS is off (no flag given), an error when only some are given.
     pub fn files(&self) -> Result<Option<TlsFiles>, TlsError> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
@@ -105,15 +126,14 @@ fn key(path: &Path) -> Result<PrivateKeyDer<'static>, TlsError> {
 /// Both configurations, built from one reading of the files.
 #[derive(Debug)]
 struct Built {
-    server: Arc<ServerConfig>,
+    /// None for a client without a certificate.
+    server: Option<Arc<ServerConfig>>,
     client: Arc<ClientConfig>,
     /// The identity of our own certificate, when it names one.
     own: Option<crate::identity::Identity>,
 }
 
 fn build(files: &TlsFiles) -> Result<Built, TlsError> {
-    let chain = certs(&files.cert)?;
-    let key = key(&files.key)?;
     let mut roots = RootCertStore::empty();
     for ca in certs(&files.ca)? {
         roots.add(ca).map_err(|e| TlsError::Invalid(format!("{}: {e}", files.ca.display())))?;
@@ -121,6 +141,17 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
     let roots = Arc::new(roots);
     let provider = Arc::new(default_provider());
     let invalid = |e: rustls::Error| TlsError::Invalid(e.to_string());
+    if files.is_ca_only() {
+        let mut client = ClientConfig::builder_with_provider(provider)
+            .with_safe_default_protocol_versions()
+            .map_err(invalid)?
+            .with_root_certificates(roots)
+            .with_no_client_auth();
+        client.alpn_protocols = vec![b"h2".to_vec()];
+        return Ok(Built { server: None, client: Arc::new(client), own: None });
+    }
+    let chain = certs(&files.cert)?;
+    let key = key(&files.key)?;
     let verifier = WebPkiClientVerifier::builder_with_provider(roots.clone(), provider.clone())
         .allow_unauthenticated()
         .build()
@@ -140,7 +171,7 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
         .map_err(invalid)?;
     client.alpn_protocols = vec![b"h2".to_vec()];
     let own = crate::identity::Identity::from_cert_der(&chain[0]).ok();
-    Ok(Built { server: Arc::new(server), client: Arc::new(client), own })
+    Ok(Built { server: Some(Arc::new(server)), client: Arc::new(client), own })
 }
 
 /// TLS configurations that follow their files (see the module docs).
@@ -161,6 +192,12 @@ impl Tls {
     /// [`Tls::load`] for flags: None when TLS is off.
     pub fn from_args(args: &TlsArgs) -> Result<Option<Arc<Tls>>, TlsError> {
         args.files()?.map(Tls::load).transpose()
+    }
+
+    /// [`Tls::load`] for a client's flags (`--tls-ca` alone is enough: see
+    /// [`TlsArgs::client_files`]).
+    pub fn client_from_args(args: &TlsArgs) -> Result<Option<Arc<Tls>>, TlsError> {
+        args.client_files()?.map(Tls::load).transpose()
     }
 
     pub fn files(&self) -> &TlsFiles {
@@ -187,8 +224,8 @@ impl Tls {
         cur.1.clone()
     }
 
-    /// The current server configuration.
-    pub fn server_config(&self) -> Arc<ServerConfig> {
+    /// The current server configuration (None for a client without a certificate).
+    pub fn server_config(&self) -> Option<Arc<ServerConfig>> {
         self.built().server.clone()
     }
 

@@ -156,7 +156,7 @@ pub fn route(running: &impl Running, ev: &WatchEvent) -> Vec<Command> {
                 adapters_changed(running, &base, !deleted, &mut out);
             }
         }
-        Kind::Tenant => {}
+        Kind::Tenant | Kind::Token => {}
     }
     out
 }

@@ -6,6 +6,7 @@ mod model;
 mod node;
 mod replica;
 mod tenant;
+mod token;
 mod uri;
 
 pub use adapter::{
@@ -20,6 +21,7 @@ pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use tenant::{hash_api_key, PriorityClass, TenantSpec, HASHED_KEY_PREFIX};
+pub use token::{parse_token, TokenSpec, TOKEN_PREFIX, TOKEN_ROLES};
 pub use uri::validate_source;
 
 use serde::Serialize;
@@ -33,6 +35,7 @@ pub enum Spec {
     Model(ModelSpec),
     Adapter(AdapterSpec),
     Tenant(TenantSpec),
+    Token(TokenSpec),
 }
 
 impl Spec {
@@ -41,6 +44,7 @@ impl Spec {
             Spec::Model(_) => Kind::Model,
             Spec::Adapter(_) => Kind::Adapter,
             Spec::Tenant(_) => Kind::Tenant,
+            Spec::Token(_) => Kind::Token,
         }
     }
 
@@ -66,6 +70,7 @@ impl Spec {
                 t.hash_keys();
                 Spec::Tenant(t)
             }
+            Kind::Token => Spec::Token(typed(value)?),
             Kind::Node | Kind::Replica => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -82,6 +87,7 @@ impl Spec {
             Spec::Model(s) => s.validate(),
             Spec::Adapter(s) => s.validate(),
             Spec::Tenant(s) => s.validate(),
+            Spec::Token(s) => s.validate(),
         }
     }
 

@@ -6,3 +6,4 @@ pub(crate) mod objects;
 pub(crate) mod scale;
 pub(crate) mod server;
 pub(crate) mod tls;
+pub(crate) mod token;
