@@ -32,7 +32,6 @@ pub mod error;
 pub mod gpu;
 pub mod http;
 pub mod lora_plan;
-pub mod private_dir;
 pub mod probe;
 pub mod reconcile;
 pub mod state;
@@ -126,7 +125,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
     let log_dir = cfg.data_dir.join("logs");
     let models = cfg.data_dir.join("models");
     for dir in [&cfg.data_dir, &log_dir, &models] {
-        private_dir::ensure(dir)?;
+        flotilla_security::private_dir::ensure(dir).map_err(|e| AgentError::io(dir, e))?;
     }
     let lock = state::lock_data_dir(&cfg.data_dir)?;
     let agent_id = state::agent_id(&cfg.data_dir)?;

@@ -207,9 +207,9 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
         .write(true)
         .create(true)
         .truncate(true)
-        .mode(crate::private_dir::FILE_MODE)
+        .mode(flotilla_security::private_dir::FILE_MODE)
         .open(path)?;
-    crate::private_dir::restrict(&f)?;
+    flotilla_security::private_dir::restrict(&f)?;
     f.write_all(bytes)?;
     f.sync_all()
 }
@@ -223,9 +223,9 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
         .create(true)
         .truncate(false)
         .write(true)
-        .mode(crate::private_dir::FILE_MODE)
+        .mode(flotilla_security::private_dir::FILE_MODE)
         .open(&path)
-        .and_then(|f| crate::private_dir::restrict(&f).map(|()| f))
+        .and_then(|f| flotilla_security::private_dir::restrict(&f).map(|()| f))
         .map_err(|e| AgentError::io(&path, e))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
         AgentError::io(

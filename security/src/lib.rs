@@ -7,6 +7,7 @@
 //! incoming  server side: TCP -> TLS before tonic (concurrent, bounded handshakes)
 //! connect   client side: tonic channels through a TLS connector (name of the configured address)
 //! authz     the role table of every gRPC method, and the layer that enforces it
+//! private_dir  data dirs 0700 and files 0600 (server and agent)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -15,6 +16,7 @@ pub mod certs;
 pub mod connect;
 pub mod identity;
 pub mod incoming;
+pub mod private_dir;
 pub mod tls;
 
 pub use authz::{AuthorizeLayer, Caller, Mode, TokenVerifier};

@@ -122,6 +122,9 @@ fn partial_flags_and_bad_files_are_named() {
     assert_eq!(TlsArgs::default().files(), Ok(None));
     let missing =
         TlsFiles { cert: dir.path().join("c.pem"), key: dir.path().join("k.pem"), ca: dir.path().join("ca.pem") };
+    let e = Tls::load(missing.clone()).unwrap_err();
+    assert!(e.to_string().contains("ca.pem"), "{e}");
+    std::fs::write(dir.path().join("ca.pem"), create_ca("t", 1).unwrap().cert_pem).unwrap();
     let e = Tls::load(missing).unwrap_err();
     assert!(e.to_string().contains("c.pem"), "{e}");
     std::fs::write(dir.path().join("c.pem"), "garbage").unwrap();

@@ -19,7 +19,6 @@ mod checksum;
 mod command;
 mod error;
 mod log_store;
-mod private_dir;
 mod snapshot_file;
 mod state_machine;
 mod store;
@@ -53,7 +52,8 @@ pub type Raft = openraft::Raft<TypeConfig>;
 /// private first: created 0700, or tightened to 0700 with a warning if it is group- or
 /// world-accessible (see `private_dir`).
 pub fn open(data_dir: &Path, event_retention: usize) -> Result<(LogStore, StateMachine), StorageError> {
-    private_dir::ensure(data_dir).map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
+    flotilla_security::private_dir::ensure(data_dir)
+        .map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
     let db = sled::Config::new()
         .path(data_dir.join("db"))
         .mode(sled::Mode::LowSpace)

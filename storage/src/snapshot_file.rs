@@ -24,7 +24,6 @@ use openraft::SnapshotMeta;
 use sha2::{Digest, Sha256};
 
 use crate::checksum::{self, Verified};
-use crate::private_dir;
 use crate::StorageError;
 
 pub(crate) type Meta = SnapshotMeta<u64, BasicNode>;
@@ -104,13 +103,17 @@ fn decode(mut bytes: Vec<u8>) -> Result<Loaded, String> {
 }
 
 pub(crate) fn save(dir: &Path, meta: &Meta, data: &[u8]) -> io::Result<()> {
-    private_dir::ensure(dir)?;
+    flotilla_security::private_dir::ensure(dir)?;
     let bytes = encode(meta, data)?;
     let tmp = dir.join("current.tmp");
     {
-        let mut f =
-            OpenOptions::new().write(true).create(true).truncate(true).mode(private_dir::FILE_MODE).open(&tmp)?;
-        private_dir::restrict(&f)?;
+        let mut f = OpenOptions::new()
+            .write(true)
+            .create(true)
+            .truncate(true)
+            .mode(flotilla_security::private_dir::FILE_MODE)
+            .open(&tmp)?;
+        flotilla_security::private_dir::restrict(&f)?;
         f.write_all(&bytes)?;
         f.sync_all()?;
     }

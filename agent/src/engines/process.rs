@@ -110,8 +110,9 @@ fn start_ticks(pid: u32) -> Option<u64> {
 /// stderr appended to `log` (the file is the engine's, not a pipe to the agent: engines
 /// keep logging after the agent exits).
 pub fn spawn(cmd: &EngineCommand, log: &Path) -> std::io::Result<(Child, ProcessIdentity)> {
-    let mut file = OpenOptions::new().create(true).append(true).mode(crate::private_dir::FILE_MODE).open(log)?;
-    crate::private_dir::restrict(&file)?;
+    let mut file =
+        OpenOptions::new().create(true).append(true).mode(flotilla_security::private_dir::FILE_MODE).open(log)?;
+    flotilla_security::private_dir::restrict(&file)?;
     writeln!(file, "--- flotilla agent: starting: {}", cmd.display())?;
     let err = file.try_clone()?;
     let mut command = Command::new(&cmd.program);

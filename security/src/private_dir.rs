@@ -1,29 +1,30 @@
-//! The server's data dir is private to the user running it: created mode 0700, and an
-//! existing one that is group- or world-accessible is tightened to 0700 at open, with a
-//! warning saying so. sled's own files are created under the process umask; the 0700 dir is
-//! what keeps them unreachable. Files flotilla writes itself (the snapshot) are 0600.
-//!
-//! Modes are set explicitly after creation (`chmod`), so they do not depend on the umask.
+//! Data dirs private to the user running flotilla (the server's, the agent's): created mode
+//! 0700, and an existing one that is group- or world-accessible tightened to 0700 at start,
+//! with a warning saying so. Files flotilla writes there itself are 0600 ([`restrict`]); what
+//! other libraries create (sled's files) is kept unreachable by the 0700 dir. Modes are set
+//! explicitly after creation (`chmod`), so they do not depend on the umask. One copy for the
+//! storage and the agent (docs/security.md, "Data on disk").
+
 use std::fs;
 use std::io;
 use std::os::unix::fs::PermissionsExt;
 use std::path::Path;
 
 /// Mode of the data dir and of the dirs flotilla creates in it.
-pub(crate) const DIR_MODE: u32 = 0o700;
+pub const DIR_MODE: u32 = 0o700;
 /// Mode of the files flotilla writes in the data dir.
-pub(crate) const FILE_MODE: u32 = 0o600;
+pub const FILE_MODE: u32 = 0o600;
 
 /// The mode a dir found with `mode` must be tightened to, or `None` if it is private
 /// already (no group or world bits). Pure.
-pub(crate) fn tightened(mode: u32) -> Option<u32> {
+pub fn tightened(mode: u32) -> Option<u32> {
     (mode & 0o077 != 0).then_some(DIR_MODE)
 }
 
 /// Creates `dir` (and missing parents, each 0700) or tightens an existing one to 0700,
 /// logging a warning when it was group- or world-accessible. An error names the dir: a
 /// data dir that cannot be made private is not used.
-pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
+pub fn ensure(dir: &Path) -> io::Result<()> {
     let named = |e: io::Error, what: &str| io::Error::new(e.kind(), format!("{what} {}: {e}", dir.display()));
     match fs::metadata(dir) {
         Ok(m) if !m.is_dir() => {
@@ -52,7 +53,7 @@ pub(crate) fn ensure(dir: &Path) -> io::Result<()> {
 }
 
 /// Sets `file`'s mode to 0600 (whatever the umask made it).
-pub(crate) fn restrict(file: &fs::File) -> io::Result<()> {
+pub fn restrict(file: &fs::File) -> io::Result<()> {
     file.set_permissions(fs::Permissions::from_mode(FILE_MODE))
 }
 
