@@ -1,10 +1,12 @@
 //! The arrival timeline of a streamed completion, as a client reading the bytes as they come
 //! sees it: each SSE event classified ([`Chunk`]: role, token, finish, usage, `[DONE]`) with
-//! the time its line was complete, and its *shape* — the events grouped by the decode step
-//! they came with — which is what the sim is held to against the real vLLM (vLLM 0.32:
-//! `role+token | token | … | token+finish+usage+done`). Classification reads vLLM's compact
-//! JSON by substring, so this module needs no JSON parser (the crate's default build stays
-//! light).
+//! the time its line was complete. Two things are compared between engines: the *shape* —
+//! the events in order, what each carries (vLLM 0.32: `role | token×3 | token+finish | usage
+//! | done`) — and the *role lead* ([`role_lead`]): when the role chunk arrives, as a share of
+//! the time to the first token (1.0: with it; vLLM sends it after prefill). Grouping by time
+//! was tried and dropped: the tiny CPU model decodes a token in under a millisecond, as fast
+//! as two writes of one step. Classification reads vLLM's compact JSON by substring, so this
+//! module needs no JSON parser (the crate's default build stays light).
 
 use std::fmt::Write as _;
 use std::time::Duration;
@@ -42,6 +44,8 @@ impl Chunk {
 pub struct Arrival {
     pub at: Duration,
     pub chunk: Chunk,
+    /// Which SSE event (data line) of the stream carried it, from 0.
+    pub event: usize,
 }
 
 /// Whether `line` holds `"key":"` followed by at least one character before the closing quote.
@@ -80,6 +84,7 @@ pub fn classify(data: &str) -> Vec<Chunk> {
 pub struct Reader {
     pending: String,
     in_body: bool,
+    events: usize,
 }
 
 impl Reader {
@@ -97,46 +102,48 @@ impl Reader {
         while let Some(end) = self.pending.find('\n') {
             let line: String = self.pending.drain(..=end).collect();
             if let Some(data) = line.trim_end().strip_prefix("data:") {
-                out.extend(classify(data).into_iter().map(|chunk| Arrival { at, chunk }));
+                let event = self.events;
+                self.events += 1;
+                out.extend(classify(data).into_iter().map(|chunk| Arrival { at, chunk, event }));
             }
         }
     }
 }
 
-/// The shape of a timeline: its events split into one burst per generated token — at the
-/// stream's (tokens − 1) largest gaps, so each event goes with the decode step it came in,
-/// however long a step took on that machine — bursts separated by ` | `, events in a burst
-/// by `+`; a run of identical bursts is written once with `×n`. A role chunk sent ahead of
-/// prefill makes the prefill gap one of the largest and shows as `role | token×2 | token+token…`.
+/// The shape of a timeline: its events in order, each written as the chunks it carries
+/// joined by `+`, events separated by ` | `, a run of identical events written once with `×n`.
 pub fn shape(timeline: &[Arrival]) -> String {
-    let tokens = timeline.iter().filter(|a| a.chunk == Chunk::Token).count();
-    let mut gaps: Vec<(Duration, usize)> =
-        timeline.windows(2).enumerate().map(|(i, w)| (w[1].at.saturating_sub(w[0].at), i + 1)).collect();
-    // largest first; among equal gaps the earlier one
-    gaps.sort_by(|a, b| b.0.cmp(&a.0).then(a.1.cmp(&b.1)));
-    let mut splits: Vec<usize> = gaps.iter().take(tokens.saturating_sub(1)).map(|g| g.1).collect();
-    splits.sort_unstable();
-    let mut bursts: Vec<Vec<Chunk>> = Vec::new();
-    for (i, a) in timeline.iter().enumerate() {
-        match bursts.last_mut() {
-            Some(b) if splits.binary_search(&i).is_err() => b.push(a.chunk),
-            _ => bursts.push(vec![a.chunk]),
+    let mut events: Vec<Vec<Chunk>> = Vec::new();
+    let mut last = None;
+    for a in timeline {
+        match events.last_mut() {
+            Some(e) if last == Some(a.event) => e.push(a.chunk),
+            _ => events.push(vec![a.chunk]),
         }
+        last = Some(a.event);
     }
     let mut out = String::new();
     let mut i = 0;
-    while i < bursts.len() {
-        let run = bursts[i..].iter().take_while(|b| **b == bursts[i]).count();
+    while i < events.len() {
+        let run = events[i..].iter().take_while(|e| **e == events[i]).count();
         if !out.is_empty() {
             out.push_str(" | ");
         }
-        out.push_str(&bursts[i].iter().map(|c| c.name()).collect::<Vec<_>>().join("+"));
+        out.push_str(&events[i].iter().map(|c| c.name()).collect::<Vec<_>>().join("+"));
         if run > 1 {
             let _ = write!(out, "×{run}");
         }
         i += run;
     }
     out
+}
+
+/// When the role chunk arrived as a share of the time to the first token (None without
+/// either): about 1 when it comes with the first token, near 0 when it is sent on arrival,
+/// ahead of prefill.
+pub fn role_lead(timeline: &[Arrival]) -> Option<f64> {
+    let (role, token) = (first(timeline, Chunk::Role)?, first(timeline, Chunk::Token)?);
+    Some(role.as_secs_f64() / token.as_secs_f64().max(1e-9))
 }
 
 /// Sends `body` to `path` on one new connection and records the stream's events until the
@@ -202,46 +209,43 @@ mod tests {
         r.feed(format!("data: {ROLE}\n\ndata: {}", &TOKEN[..10]).as_bytes(), ms(50), &mut out);
         r.feed(format!("{}\n\n", &TOKEN[10..]).as_bytes(), ms(51), &mut out);
         r.feed(format!("data: {LAST}\n\ndata: {USAGE}\n\ndata: [DONE]\n\n").as_bytes(), ms(90), &mut out);
-        let kinds: Vec<(u64, Chunk)> = out.iter().map(|a| (a.at.as_millis() as u64, a.chunk)).collect();
+        let kinds: Vec<(u64, Chunk, usize)> = out.iter().map(|a| (a.at.as_millis() as u64, a.chunk, a.event)).collect();
         assert_eq!(
             kinds,
             [
-                (50, Chunk::Role),
-                (51, Chunk::Token),
-                (90, Chunk::Token),
-                (90, Chunk::Finish),
-                (90, Chunk::Usage),
-                (90, Chunk::Done)
+                (50, Chunk::Role, 0),
+                (51, Chunk::Token, 1),
+                (90, Chunk::Token, 2),
+                (90, Chunk::Finish, 2),
+                (90, Chunk::Usage, 3),
+                (90, Chunk::Done, 4)
             ]
         );
-        assert_eq!(shape(&out), "role+token | token+finish+usage+done");
+        assert_eq!(shape(&out), "role | token | token+finish | usage | done");
+        assert!((role_lead(&out).unwrap() - 50.0 / 51.0).abs() < 1e-9);
     }
 
     #[test]
-    fn bursts_follow_the_decode_steps_whatever_their_length() {
-        let at = |ms: u64, chunk| Arrival { at: Duration::from_millis(ms), chunk };
+    fn shapes_follow_the_events_and_the_role_lead_its_timing() {
+        let at = |ms: u64, chunk, event| Arrival { at: Duration::from_millis(ms), chunk, event };
         use Chunk::*;
-        // vLLM's order on a fast and on a slow machine: the same shape
-        for step in [3, 100] {
-            let t = [
-                at(50, Role),
-                at(50, Token),
-                at(50 + step, Token),
-                at(50 + 2 * step, Token),
-                at(50 + 3 * step, Token),
-                at(50 + 3 * step, Finish),
-                at(51 + 3 * step, Usage),
-                at(51 + 3 * step, Done),
-            ];
-            assert_eq!(shape(&t), "role+token | token×2 | token+finish+usage+done", "step {step} ms");
-        }
+        let t = [
+            at(50, Role, 0),
+            at(50, Token, 1),
+            at(51, Token, 2),
+            at(52, Token, 3),
+            at(53, Token, 4),
+            at(53, Finish, 4),
+            at(53, Usage, 5),
+            at(53, Done, 6),
+        ];
+        assert_eq!(shape(&t), "role | token×3 | token+finish | usage | done");
+        assert_eq!(role_lead(&t), Some(1.0));
         // a role chunk sent on arrival, before a long prefill
-        let early = [at(1, Role), at(60, Token), at(72, Token), at(84, Token), at(96, Token), at(96, Done)];
-        assert_eq!(shape(&early), "role | token×2 | token+token+done");
-        let t = [at(10, Token), at(20, Token), at(30, Token), at(40, Token), at(40, Done)];
-        assert_eq!(shape(&t), "token×3 | token+done");
-        assert_eq!(first(&t, Done), Some(Duration::from_millis(40)));
-        assert_eq!(first(&t, Role), None);
+        let early = [at(1, Role, 0), at(60, Token, 1), at(72, Token, 2), at(72, Done, 3)];
+        assert!(role_lead(&early).unwrap() < 0.05);
+        assert_eq!(first(&early, Done), Some(Duration::from_millis(72)));
+        assert_eq!(role_lead(&[at(5, Token, 0)]), None);
         assert_eq!(shape(&[]), "");
     }
 }

@@ -147,13 +147,14 @@ pub async fn sim_matches_real(s: &str, adapter: &Path) -> anyhow::Result<()> {
     Ok(())
 }
 
-/// Chunk timing of streams on S and on a sim at speedup 1: each stream's shape (its events
-/// grouped into bursts: `role+token | token×2 | token+finish+usage+done`) must be the same
-/// on both, and the real engine's must match the recording the stored-sample suite holds the
-/// sim to (`FLOTILLA_RECORD_SAMPLES=1` rewrites it).
+/// Streams on S and on a sim at speedup 1: each stream's shape (its events in order and what
+/// each carries: `role | token×3 | token+finish | usage | done`) must be the same on both,
+/// and the real engine's must match the recording the stored-sample suite holds the sim to
+/// (`FLOTILLA_RECORD_SAMPLES=1` rewrites it); and on both the role chunk comes with the first
+/// token, not ahead of prefill (its arrival at least half the time to the first token).
 pub async fn stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
     use flotilla_realvllm::streams::{self, RECORDING};
-    use flotilla_testkit::sse_timeline::{record, shape};
+    use flotilla_testkit::sse_timeline::{record, role_lead, shape};
     let args = flotilla_sim::SimArgs {
         port: 0,
         model: "tiny".into(),
@@ -167,7 +168,7 @@ pub async fn stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
     let recorded = streams::parse_recording(&std::fs::read_to_string(&recording_path).unwrap_or_default());
     let mut rewrite = String::from(
         "# Chunk timing shapes of real vLLM 0.32 (CPU, tiny-llama served as `tiny`), recorded by the\n\
-         # real-engine tier with FLOTILLA_RECORD_SAMPLES=1; one burst per generated token's step\n\
+         # real-engine tier with FLOTILLA_RECORD_SAMPLES=1: the events in order, what each carries\n\
          # (see flotilla_testkit::sse_timeline::shape). `# ms` lines give each event's arrival after the request was sent.\n",
     );
     let mut failures = Vec::new();
@@ -183,6 +184,11 @@ pub async fn stream_timing_matches_real(s: &str) -> anyhow::Result<()> {
         rewrite.push_str(&format!("{name}: {real_shape}\n# ms {}\n", ms(&real)));
         if real_shape != sim_shape {
             failures.push(format!("{name}: real vLLM {real_shape:?}, sim {sim_shape:?}"));
+        }
+        for (who, t) in [("real vLLM", &real), ("sim", &simulated)] {
+            if role_lead(t).is_some_and(|lead| lead < 0.5) {
+                failures.push(format!("{name}: {who}'s role chunk came ahead of prefill: {}", ms(t)));
+            }
         }
         match recorded.iter().find(|(n, _)| n == name) {
             Some((_, r)) if *r == real_shape => {}
