@@ -186,6 +186,27 @@ struct FailoverArgs {
     value_size: usize,
 }
 
+/// TLS for every connection, from `FLOTILLA_TLS_CERT`/`_KEY`/`_CA` as the CLI reads them
+/// (bench/security runs the store benchmark with it on and off).
+fn tls() -> Option<&'static std::sync::Arc<flotilla_security::Tls>> {
+    static TLS: std::sync::OnceLock<Option<std::sync::Arc<flotilla_security::Tls>>> = std::sync::OnceLock::new();
+    TLS.get_or_init(|| {
+        let var = |k: &str| std::env::var_os(k).map(std::path::PathBuf::from);
+        let args = flotilla_security::TlsArgs {
+            tls_cert: var("FLOTILLA_TLS_CERT"),
+            tls_key: var("FLOTILLA_TLS_KEY"),
+            tls_ca: var("FLOTILLA_TLS_CA"),
+        };
+        flotilla_security::Tls::from_args(&args).expect("FLOTILLA_TLS_* name readable files")
+    })
+    .as_ref()
+}
+
+/// A lazily connected channel to `addr`, with TLS when configured.
+fn lazy(ep: Endpoint, addr: &str) -> Channel {
+    flotilla_security::connect::connect_lazy(ep, tls(), strip_scheme(addr))
+}
+
 fn endpoint(addr: &str, connect_timeout: Duration) -> Result<Endpoint> {
     let url = if addr.contains("://") { addr.to_string() } else { format!("http://{addr}") };
     Ok(Endpoint::from_shared(url)?.connect_timeout(connect_timeout).tcp_nodelay(true))
@@ -281,8 +302,8 @@ async fn load(a: LoadArgs) -> Result<()> {
     let conns = a.conns.unwrap_or(a.clients).clamp(1, a.clients.max(1));
     let mut channels = Vec::with_capacity(conns);
     for _ in 0..conns {
-        let ch = endpoint(&a.endpoint, Duration::from_secs(2))?
-            .connect()
+        let ep = endpoint(&a.endpoint, Duration::from_secs(2))?;
+        let ch = flotilla_security::connect::connect(ep, tls(), strip_scheme(&a.endpoint))
             .await
             .with_context(|| format!("connecting to {}", a.endpoint))?;
         channels.push(ch);
@@ -381,7 +402,7 @@ async fn leader_index(system: System, endpoints: &[String]) -> Result<usize> {
         System::Flotilla => {
             let mut last_err = anyhow!("no endpoint answered");
             for ep in endpoints {
-                let ch = endpoint(ep, t)?.timeout(Duration::from_secs(2)).connect_lazy();
+                let ch = lazy(endpoint(ep, t)?.timeout(Duration::from_secs(2)), ep);
                 let st = match ClusterServiceClient::new(ch).status(FlStatusRequest { local: false }).await {
                     Ok(r) => r.into_inner(),
                     Err(e) => {
@@ -419,7 +440,7 @@ async fn leader_index(system: System, endpoints: &[String]) -> Result<usize> {
         System::Etcd => {
             let mut sts = Vec::new();
             for ep in endpoints {
-                let ch = endpoint(ep, t)?.timeout(Duration::from_secs(2)).connect_lazy();
+                let ch = lazy(endpoint(ep, t)?.timeout(Duration::from_secs(2)), ep);
                 let mut g = tonic::client::Grpc::new(ch);
                 g.ready().await.map_err(|e| anyhow!("{ep}: {e}"))?;
                 let codec = tonic_prost::ProstCodec::<etcdpb::StatusRequest, etcdpb::StatusResponse>::default();
@@ -489,7 +510,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let rt = Duration::from_secs_f64(a.request_timeout_s);
     let give_up = Duration::from_secs_f64(a.give_up_s);
     let mk = |ep: &String| -> Result<Writer> {
-        Ok(Writer::new(a.system, endpoint(ep, Duration::from_millis(200))?.connect_lazy()))
+        Ok(Writer::new(a.system, lazy(endpoint(ep, Duration::from_millis(200))?, ep)))
     };
     // Keys of its own ("b-10000-*" ...), and a seq that never repeats across trials, so no
     // write is a no-op.
