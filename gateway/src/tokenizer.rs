@@ -53,19 +53,17 @@ pub fn target(
         return Ok(Target::Served(ServedName::from(name)));
     }
     let model = adapter_base.as_ref().map_or(name, ModelName::as_str);
-    match set.by_model.get(model) {
-        Some(eps) if !eps.is_empty() => Ok(Target::Base(adapter_base.unwrap_or_else(|| ModelName::from(name)))),
-        Some(_) => {
+    match (set.by_model.get(model), &adapter_base) {
+        (Some(eps), _) if !eps.is_empty() => Ok(Target::Base(adapter_base.unwrap_or_else(|| ModelName::from(name)))),
+        // a known model without endpoints, or an adapter whose base model has none
+        (Some(_), _) | (None, Some(_)) => {
             Err(ApiError::new(ApiCode::NoEndpoints, format!("model {model:?} has no ready endpoint")).retry_after(5))
         }
-        None if adapter_base.is_some() => {
-            Err(ApiError::new(ApiCode::NoEndpoints, format!("model {model:?} has no ready endpoint")).retry_after(5))
-        }
-        None if set.is_empty() && !synced => {
+        (None, None) if set.is_empty() && !synced => {
             Err(ApiError::new(ApiCode::NoEndpointTable, "the gateway has not received its endpoint table yet")
                 .retry_after(1))
         }
-        None => Err(ApiError::model_not_found(name)),
+        (None, None) => Err(ApiError::model_not_found(name)),
     }
 }
 
@@ -90,9 +88,9 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let (label, response) = match route(&gw, &caller, parsed, req.headers()).await {
         Ok(r) => (model, r),
         Err(e) => {
-            gw.metrics.error(&model, e.code.as_str());
             // an unknown name is not a label value (bounded labels)
             let label = if e.code == ApiCode::ModelNotFound { "unknown".to_string() } else { model };
+            gw.metrics.error(&label, e.code.as_str());
             (label, e.into_response())
         }
     };

@@ -56,28 +56,7 @@ pub struct TlsFiles {
     pub ca: PathBuf,
 }
 
-impl TlsFiles {
-    /// A client that verifies servers against `ca` and shows no certificate (it identifies
-    /// with a bearer token): cert and key name the CA file and are not read.
-    pub fn ca_only(ca: PathBuf) -> TlsFiles {
-        TlsFiles { cert: ca.clone(), key: ca.clone(), ca }
-    }
-
-    fn is_ca_only(&self) -> bool {
-        self.cert == self.ca && self.key == self.ca
-    }
-}
-
 impl TlsArgs {
-    /// A client's files: the three, or `--tls-ca` alone (a client identified by a bearer
-    /// token verifies the server but shows no certificate).
-    pub fn client_files(&self) -> Result<Option<TlsFiles>, TlsError> {
-        match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
-            (None, None, Some(ca)) => Ok(Some(TlsFiles::ca_only(ca.clone()))),
-            _ => self.files(),
-        }
-    }
-
     /// The files, None when TLS is off (no flag given), an error when only some are given.
     pub fn files(&self) -> Result<Option<TlsFiles>, TlsError> {
         match (&self.tls_cert, &self.tls_key, &self.tls_ca) {
@@ -133,7 +112,9 @@ struct Built {
     own: Option<crate::identity::Identity>,
 }
 
-fn build(files: &TlsFiles) -> Result<Built, TlsError> {
+/// `client_only`: a client that verifies servers against the CA and shows no certificate
+/// (it identifies with a bearer token); the cert and key files are not read.
+fn build(files: &TlsFiles, client_only: bool) -> Result<Built, TlsError> {
     let mut roots = RootCertStore::empty();
     for ca in certs(&files.ca)? {
         roots.add(ca).map_err(|e| TlsError::Invalid(format!("{}: {e}", files.ca.display())))?;
@@ -141,7 +122,7 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
     let roots = Arc::new(roots);
     let provider = Arc::new(default_provider());
     let invalid = |e: rustls::Error| TlsError::Invalid(e.to_string());
-    if files.is_ca_only() {
+    if client_only {
         let mut client = ClientConfig::builder_with_provider(provider)
             .with_safe_default_protocol_versions()
             .map_err(invalid)?
@@ -178,15 +159,27 @@ fn build(files: &TlsFiles) -> Result<Built, TlsError> {
 #[derive(Debug)]
 pub struct Tls {
     files: TlsFiles,
+    /// No certificate of its own (see [`Tls::load_client_only`]).
+    client_only: bool,
     current: Mutex<(Stamp, Arc<Built>)>,
 }
 
 impl Tls {
     /// Loads the files; an error names the file that is missing or wrong.
     pub fn load(files: TlsFiles) -> Result<Arc<Tls>, TlsError> {
+        Tls::load_as(files, false)
+    }
+
+    /// A client with the CA alone: it verifies servers and shows no certificate (it
+    /// identifies with a bearer token). Serving with it fails every handshake.
+    pub fn load_client_only(ca: PathBuf) -> Result<Arc<Tls>, TlsError> {
+        Tls::load_as(TlsFiles { cert: ca.clone(), key: ca.clone(), ca }, true)
+    }
+
+    fn load_as(files: TlsFiles, client_only: bool) -> Result<Arc<Tls>, TlsError> {
         let s = stamp(&files);
-        let built = build(&files)?;
-        Ok(Arc::new(Tls { files, current: Mutex::new((s, Arc::new(built))) }))
+        let built = build(&files, client_only)?;
+        Ok(Arc::new(Tls { files, client_only, current: Mutex::new((s, Arc::new(built))) }))
     }
 
     /// [`Tls::load`] for flags: None when TLS is off.
@@ -194,10 +187,13 @@ impl Tls {
         args.files()?.map(Tls::load).transpose()
     }
 
-    /// [`Tls::load`] for a client's flags (`--tls-ca` alone is enough: see
-    /// [`TlsArgs::client_files`]).
+    /// [`Tls::from_args`] for a client, where `--tls-ca` alone is enough
+    /// ([`Tls::load_client_only`]).
     pub fn client_from_args(args: &TlsArgs) -> Result<Option<Arc<Tls>>, TlsError> {
-        args.client_files()?.map(Tls::load).transpose()
+        match (&args.tls_cert, &args.tls_key, &args.tls_ca) {
+            (None, None, Some(ca)) => Tls::load_client_only(ca.clone()).map(Some),
+            _ => Tls::from_args(args),
+        }
     }
 
     pub fn files(&self) -> &TlsFiles {
@@ -208,7 +204,7 @@ impl Tls {
         let now = stamp(&self.files);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if cur.0 != now {
-            match build(&self.files) {
+            match build(&self.files, self.client_only) {
                 Ok(b) => {
                     tracing::info!(cert = %self.files.cert.display(), "TLS files changed: new certificate in use");
                     *cur = (now, Arc::new(b));

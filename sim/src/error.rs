@@ -22,9 +22,6 @@ pub enum SimError {
         /// The operating system's reason.
         source: io::Error,
     },
-    /// The HTTP server failed while serving (exit code 1).
-    #[error("http server failed: {0}")]
-    Serve(#[source] io::Error),
     /// The step-loop task ended unexpectedly (exit code 1).
     #[error("engine task failed: {0}")]
     Engine(String),
@@ -50,7 +47,6 @@ impl SimError {
         match self {
             SimError::InvalidConfig { .. } => "sim.invalid_config",
             SimError::Bind { .. } => "sim.bind",
-            SimError::Serve(_) => "sim.serve",
             SimError::Engine(_) => "sim.engine",
         }
     }

@@ -154,15 +154,11 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let graceful_rx = stop_tx.subscribe();
     let task = tokio::spawn(async move {
-        let serve = http::serve::serve(listener, app, http::serve::KEEP_ALIVE, graceful_rx);
-        let mut server = tokio::spawn(async move {
-            serve.await;
-            Ok::<(), SimError>(())
-        });
+        let mut server = tokio::spawn(http::serve::serve(listener, app, http::serve::KEEP_ALIVE, graceful_rx));
         let crashed = tokio::select! {
             r = &mut server => {
                 let _ = tx.send(engine::Command::Shutdown);
-                return r.map_err(|e| SimError::Engine(e.to_string()))?;
+                return r.map_err(|e| SimError::Engine(e.to_string()));
             }
             _ = stop_rx.wait_for(|s| *s) => false,
             _ = faults.crash.notified() => true,
@@ -178,7 +174,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         let _ = tx.send(engine::Command::Shutdown);
         let _ = tokio::time::timeout(Duration::from_secs(2), engine_task).await;
         match tokio::time::timeout(Duration::from_secs(2), &mut server).await {
-            Ok(Ok(r)) => r,
+            Ok(Ok(())) => Ok(()),
             Ok(Err(_)) => Ok(()), // aborted after a crash
             Err(_) => {
                 server.abort(); // hung requests (hang fault) never finish

@@ -195,9 +195,9 @@ pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRe
     }
 }
 
-/// Token ids of a conversation under the chat template (text parts only).
-fn encode_messages(messages: &[Message]) -> Vec<u32> {
-    let texts: Vec<String> = messages
+/// The text of each message (text parts only, joined).
+fn message_texts(messages: &[Message]) -> Vec<String> {
+    messages
         .iter()
         .map(|m| match &m.content {
             None => String::new(),
@@ -206,7 +206,12 @@ fn encode_messages(messages: &[Message]) -> Vec<u32> {
                 parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()).collect()
             }
         })
-        .collect();
+        .collect()
+}
+
+/// Token ids of a conversation under the chat template (text parts only).
+fn encode_messages(messages: &[Message]) -> Vec<u32> {
+    let texts = message_texts(messages);
     let mut tokens = Vec::new();
     tokenizer::encode_chat(messages.iter().map(|m| m.role.as_str()).zip(texts.iter().map(String::as_str)), &mut tokens);
     tokens
@@ -275,22 +280,16 @@ pub async fn tokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejec
 
 /// Teaches the vocabulary the texts a chat prompt's template is made of.
 fn learn_messages(st: &AppState, messages: &[Message]) {
-    for m in messages {
+    for (m, text) in messages.iter().zip(message_texts(messages)) {
         st.vocab.learn(&m.role);
-        if let Some(Content::Text(t)) = &m.content {
-            st.vocab.learn(t);
-        } else if let Some(Content::Parts(parts)) = &m.content {
-            for t in parts.iter().filter(|p| p.kind == "text").filter_map(|p| p.text.as_deref()) {
-                st.vocab.learn(t);
-            }
-        }
+        st.vocab.learn(&text);
     }
     st.vocab.learn("\n\nassistant");
 }
 
 /// `POST /detokenize`: vLLM's inverse of `/tokenize`, `{"model"?, "tokens"}` → `{"prompt"}`.
-/// The sim decodes ids it has produced (see [`crate::vocab`]); any other id is a 400 that
-/// names it.
+/// Ids the sim has produced decode to their text, others to a stand-in word (see
+/// [`crate::vocab`]); an id at or above the vocabulary size is a 400 that names it.
 pub async fn detokenize(State(st): State<AppState>, body: Result<Bytes, BytesRejection>) -> Response {
     let req: DetokenizeRequest = match parse_body(body) {
         Ok(r) => r,
