@@ -308,6 +308,20 @@ async fn every_role_and_method_against_the_table() {
     let got = call(channel(&server.addr, &agent).await, "/flotilla.v1.AgentService/Session", "n2").await;
     assert_eq!(got, Code::PermissionDenied);
     let _ = Identity::new(Role::Agent, "n1");
+
+    // only a peer's forward carries a request id the leader honours: an admin repeating
+    // another request's id (the headers a forward sets) gets a request of its own
+    let replay = || {
+        let manifest = "kind: Tenant\nmetadata: {name: replayed}\nspec: {}\n".to_string();
+        let mut req = tonic::Request::new(pb::ApplyRequest { manifest, expected_revision: Some(0) });
+        req.metadata_mut().insert(flotilla_cluster::FORWARDED_HEADER, "1".parse().unwrap());
+        req.metadata_mut()
+            .insert(flotilla_cluster::REQUEST_ID_HEADER, "0000000000000000000000000000abcd".parse().unwrap());
+        req
+    };
+    let mut objects = pb::object_service_client::ObjectServiceClient::new(admin_ch.clone());
+    objects.apply(replay()).await.expect("first create");
+    assert_eq!(code(objects.apply(replay()).await), Code::FailedPrecondition, "no replay from a non-peer");
 }
 
 fn cert_files(dir: &Path, role: &str, name: &str) -> TlsFiles {

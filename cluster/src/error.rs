@@ -20,6 +20,8 @@ pub enum ClusterError {
     NotLeader(u64),
     #[error("no answer from the Raft group within {0:?}; the write may or may not have been applied")]
     Timeout(std::time::Duration),
+    #[error("the request took effect at store revision {0}, but this retry can no longer rebuild its answer; read the object to see its state")]
+    OutcomeUnknown(u64),
     #[error("revision {requested} was compacted (history starts after {compacted}); list again and watch from the list's revision")]
     Compacted { requested: u64, compacted: u64 },
     #[error("raft: {0}")]
@@ -40,6 +42,7 @@ impl ClusterError {
             ClusterError::NoLeader => "cluster.no_leader",
             ClusterError::NotLeader(_) => "cluster.not_leader",
             ClusterError::Timeout(_) => "cluster.timeout",
+            ClusterError::OutcomeUnknown(_) => "cluster.outcome_unknown",
             ClusterError::Compacted { .. } => "cluster.compacted",
             ClusterError::Raft(_) => "cluster.raft",
             ClusterError::Storage(e) => e.code(),
@@ -52,7 +55,10 @@ impl ClusterError {
             ClusterError::InvalidArgument(_) | ClusterError::Api(_) => Code::InvalidArgument,
             ClusterError::NotFound(_) => Code::NotFound,
             ClusterError::Conflict { .. } => Code::FailedPrecondition,
-            ClusterError::NoLeader | ClusterError::NotLeader(_) | ClusterError::Raft(_) => Code::Unavailable,
+            ClusterError::NoLeader
+            | ClusterError::NotLeader(_)
+            | ClusterError::Raft(_)
+            | ClusterError::OutcomeUnknown(_) => Code::Unavailable,
             ClusterError::Timeout(_) => Code::DeadlineExceeded,
             ClusterError::Compacted { .. } => Code::OutOfRange,
             ClusterError::Storage(_) | ClusterError::Bind { .. } => Code::Internal,

@@ -37,3 +37,8 @@ pub use server::{start, start_with, Extensions, ServerHandle};
 /// gRPC metadata key set on requests a server forwards to the leader, so that they are
 /// never forwarded twice.
 pub const FORWARDED_HEADER: &str = "x-flotilla-forwarded";
+
+/// gRPC metadata key carrying a write's request id (32 hex digits) on a forward, so that
+/// the leader applies it at most once however often the forward is retried
+/// (`flotilla_storage::Command::Once`). Honoured only on forwarded requests from a peer.
+pub const REQUEST_ID_HEADER: &str = "x-flotilla-request-id";

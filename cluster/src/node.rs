@@ -172,9 +172,11 @@ impl Node {
     /// abandoned forward to a live leader would turn a committed compare-and-set into a
     /// conflict on retry (a test caught exactly that at start-up before this rule).
     ///
-    /// A write the old leader did commit before it went silent is found applied on retry — a
-    /// repeated `Put` answers `unchanged`, a compare-and-set or delete a conflict or not found —
-    /// the same ambiguity as any write whose answer was lost; none is applied twice.
+    /// A write the old leader did commit before it went silent is found applied on retry: a
+    /// write is forwarded with its request id, the same on every retry, and the state machine
+    /// answers a repeat of an id with the first attempt's result instead of applying it again
+    /// (`flotilla_storage::Command::Once`). Without that, a committed compare-and-set came
+    /// back as a definite conflict (the chaos harness caught it in a majority partition).
     pub(crate) async fn forward<T>(
         &self,
         leader_addr: &str,

@@ -20,7 +20,7 @@ use tonic::{Code, Request, Response, Status};
 
 use crate::node::{Node, Route, LEADER_CHANGED};
 use crate::redact;
-use crate::{ClusterError, FORWARDED_HEADER};
+use crate::{ClusterError, FORWARDED_HEADER, REQUEST_ID_HEADER};
 
 pub(crate) struct ObjectServiceImpl {
     pub(crate) node: Node,
@@ -38,6 +38,33 @@ fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
     req.metadata_mut().insert(FORWARDED_HEADER, "1".parse().expect("static header value"));
     req.set_timeout(deadline.saturating_duration_since(Instant::now()));
     req
+}
+
+/// A write forwarded with its request id, the same on every retry.
+fn forward_write<T>(msg: T, id: u128, deadline: Instant) -> Request<T> {
+    let mut req = forward_request(msg, deadline);
+    let value = format!("{id:032x}").parse().expect("hex is a valid header value");
+    req.metadata_mut().insert(REQUEST_ID_HEADER, value);
+    req
+}
+
+/// The id a write is applied under (`Command::Once`): the one a peer forwarded it with, or
+/// a new random one where this server is the first to see it. A client cannot pick it: an
+/// id is only taken from a forward by a peer (or with security off, where any caller is
+/// trusted), so nobody can replay another request's answer by guessing its id.
+fn request_id<T>(req: &Request<T>) -> u128 {
+    let trusted = caller_of(req).is_none_or(|c| c.role == flotilla_security::Role::Peer);
+    let forwarded = trusted && is_forwarded(req);
+    forwarded
+        .then(|| req.metadata().get(REQUEST_ID_HEADER))
+        .flatten()
+        .and_then(|v| v.to_str().ok())
+        .and_then(|v| u128::from_str_radix(v, 16).ok())
+        .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128())
+}
+
+fn once(id: u128, command: Command) -> Command {
+    Command::Once { id, command: Box::new(command) }
 }
 
 /// Whether a failed forward is tried again: one that failed because the leader is gone or no
@@ -59,8 +86,13 @@ fn parse_key(kind: &str, name: &str) -> Result<ObjectKey, ClusterError> {
     Ok(ObjectKey { kind, name })
 }
 
+/// The answer to a result a handler has no arm for: a repeat whose first answer is gone
+/// (`AlreadyApplied`) is an unknown outcome; anything else is a bug.
 fn unexpected(r: CommandResult) -> Status {
-    Status::internal(format!("cluster.internal: unexpected command result {r:?}"))
+    match r {
+        CommandResult::AlreadyApplied { revision } => ClusterError::OutcomeUnknown(revision).into(),
+        r => Status::internal(format!("cluster.internal: unexpected command result {r:?}")),
+    }
 }
 
 impl ObjectServiceImpl {
@@ -97,19 +129,21 @@ impl ObjectServiceImpl {
     async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let caller = caller_of(&request);
+        let id = request_id(&request);
         let req = request.into_inner();
         let manifest = Manifest::parse(&req.manifest).map_err(ClusterError::from)?;
         flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
         if let Spec::Adapter(adapter) = &manifest.spec {
-            return self.apply_adapter(req.clone(), &manifest, adapter, forwarded).await;
+            return self.apply_adapter(req.clone(), id, &manifest, adapter, forwarded).await;
         }
-        let cmd = Command::Put {
+        let put = Command::Put {
             key: ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() },
             uid: uuid::Uuid::new_v4().to_string(),
             labels: manifest.metadata.labels.clone(),
             spec: manifest.spec.to_json(),
             expected_revision: req.expected_revision,
         };
+        let cmd = once(id, put);
         let deadline = self.node.deadline();
         loop {
             let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
@@ -122,7 +156,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward_write(req.clone(), id, deadline))).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -136,6 +170,7 @@ impl ObjectServiceImpl {
     async fn apply_adapter(
         &self,
         req: ApplyRequest,
+        id: u128,
         manifest: &Manifest,
         adapter: &AdapterSpec,
         forwarded: bool,
@@ -148,6 +183,18 @@ impl ObjectServiceImpl {
             let addr = match self.read_route(false, forwarded, deadline).await? {
                 Route::Leader(addr) => addr,
                 Route::Done(()) => {
+                    // A retry of a forward whose first attempt committed: answer it, do not
+                    // check it again (its own write would fail the revision check).
+                    if let Some(first) = self.node.reader.applied_result(id, None) {
+                        let CommandResult::Txn { revision } = first else { return Err(unexpected(first)) };
+                        let (object, _) = self.node.reader.get(&key);
+                        let object = object.ok_or_else(|| ClusterError::OutcomeUnknown(revision))?;
+                        return Ok(Response::new(ApplyResponse {
+                            object: Some((&object).into()),
+                            created: false,
+                            unchanged: false,
+                        }));
+                    }
                     let (base, _) = self.node.reader.get(&base_key);
                     let base = base.ok_or_else(|| {
                         ClusterError::from(ApiError::invalid(
@@ -172,7 +219,7 @@ impl ObjectServiceImpl {
                             unchanged: true,
                         }));
                     }
-                    let cmd = Command::Txn {
+                    let txn = Command::Txn {
                         compares: vec![
                             Compare { key: base_key.clone(), revision: base.revision },
                             Compare { key: key.clone(), revision: actual },
@@ -185,7 +232,7 @@ impl ObjectServiceImpl {
                             status: None,
                         }],
                     };
-                    match self.write(cmd, forwarded, deadline).await? {
+                    match self.write(once(id, txn), forwarded, deadline).await? {
                         Route::Done(CommandResult::Txn { .. }) => {
                             let (object, _) = self.node.reader.get(&key);
                             let object =
@@ -203,7 +250,7 @@ impl ObjectServiceImpl {
                     }
                 }
             };
-            let r = self.node.forward(&addr, self.client(&addr).apply(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward_write(req.clone(), id, deadline))).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -214,10 +261,11 @@ impl ObjectServiceImpl {
     async fn delete_inner(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let caller = caller_of(&request);
+        let id = request_id(&request);
         let req = request.into_inner();
         let key = parse_key(&req.kind, &req.name)?;
         flotilla_security::authz::check_kind(caller.as_ref(), key.kind.as_str()).map_err(|r| r.status())?;
-        let cmd = Command::Delete { key, expected_revision: req.expected_revision };
+        let cmd = once(id, Command::Delete { key, expected_revision: req.expected_revision });
         let deadline = self.node.deadline();
         loop {
             let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
@@ -231,7 +279,7 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).delete(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).delete(forward_write(req.clone(), id, deadline))).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }

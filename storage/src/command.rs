@@ -37,6 +37,24 @@ pub enum Command {
     /// Independent commands proposed as one log entry (write batching); each has its own
     /// result, in order.
     Batch(Vec<Command>),
+    /// `command`, applied at most once for request `id`: a repeat of an id that already
+    /// changed state answers with that first result instead of applying again
+    /// (`crate::applied`). The proposer picks the id (random, 128 bits) and keeps it
+    /// across its retries.
+    Once {
+        id: u128,
+        command: Box<Command>,
+    },
+}
+
+impl Command {
+    /// The one object a single-object command writes.
+    pub fn key(&self) -> Option<&ObjectKey> {
+        match self {
+            Command::Put { key, .. } | Command::PutStatus { key, .. } | Command::Delete { key, .. } => Some(key),
+            Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } => None,
+        }
+    }
 }
 
 /// A transaction condition: the object's current revision must be `revision` (0: absent).
@@ -100,4 +118,10 @@ pub enum CommandResult {
         revision: u64,
     },
     Batch(Vec<CommandResult>),
+    /// A repeat of a request that took effect at store revision `revision`, whose result
+    /// can no longer be rebuilt (the object changed since and the watch history no longer
+    /// reaches back to it).
+    AlreadyApplied {
+        revision: u64,
+    },
 }

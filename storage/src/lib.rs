@@ -15,6 +15,7 @@
 //! is loaded from the snapshot and openraft re-applies the log after it (docs/adr/002).
 #![forbid(unsafe_code)]
 
+mod applied;
 mod checksum;
 mod command;
 mod error;
@@ -26,6 +27,7 @@ mod store;
 use std::io::Cursor;
 use std::path::Path;
 
+pub use applied::KEPT as APPLIED_REQUESTS_KEPT;
 pub use checksum::{tagged_id as snapshot_id_with_checksum, SnapshotDigest};
 pub use command::{Command, CommandResult, Compare, TxnOp};
 pub use error::StorageError;

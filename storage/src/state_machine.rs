@@ -342,6 +342,11 @@ impl StoreReader {
         self.read(|i| i.store.events_after(kind, after, limit))
     }
 
+    /// What request `id` did if it already changed state (see [`Store::applied_result`]).
+    pub fn applied_result(&self, id: u128, key: Option<&ObjectKey>) -> Option<CommandResult> {
+        self.read(|i| i.store.applied_result(id, key))
+    }
+
     /// A receiver that changes whenever the store revision moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.revision_tx.subscribe()

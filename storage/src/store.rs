@@ -7,6 +7,7 @@ use std::collections::{BTreeMap, VecDeque};
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
 use serde::{Deserialize, Serialize};
 
+use crate::applied::{AppliedRequests, Outcome};
 use crate::command::{Compare, TxnOp};
 use crate::{Command, CommandResult};
 
@@ -28,6 +29,10 @@ pub struct Store {
     events: VecDeque<WatchEvent>,
     revision: u64,
     compacted: u64,
+    /// Requests that changed state, for exactly-once retries (`crate::applied`). Absent
+    /// from snapshots written before it existed.
+    #[serde(default)]
+    applied: AppliedRequests,
     #[serde(skip, default = "default_retention")]
     retention: usize,
 }
@@ -73,6 +78,7 @@ impl Store {
             events: events.into(),
             revision,
             compacted,
+            applied: AppliedRequests::default(),
             retention: retention.max(1),
         }
     }
@@ -144,6 +150,7 @@ impl Store {
             | Command::Delete { key, expected_revision } => (key, *expected_revision),
             Command::Txn { compares, ops } => return self.apply_txn(compares, ops),
             Command::Batch(cmds) => return CommandResult::Batch(cmds.iter().map(|c| self.apply(c)).collect()),
+            Command::Once { id, command } => return self.apply_once(*id, command),
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -188,8 +195,63 @@ impl Store {
                 Some(object) => CommandResult::Deleted { object, revision: self.revision },
                 None => CommandResult::NotFound { key: key.clone() },
             },
-            Command::Txn { .. } | Command::Batch(_) => unreachable!("handled above"),
+            Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } => unreachable!("handled above"),
         }
+    }
+
+    /// Applies `command` unless request `id` already changed state, in which case its first
+    /// result is answered again (`crate::applied`).
+    fn apply_once(&mut self, id: u128, command: &Command) -> CommandResult {
+        if let Some(first) = self.applied_result(id, command.key()) {
+            return first;
+        }
+        let result = self.apply(command);
+        let outcome = match &result {
+            CommandResult::Put { object, created, unchanged: false } => {
+                Some(Outcome::Put { revision: object.revision, created: *created })
+            }
+            CommandResult::Deleted { revision, .. } => Some(Outcome::Deleted { revision: *revision }),
+            CommandResult::Txn { revision } => Some(Outcome::Txn { revision: *revision }),
+            _ => None,
+        };
+        if let Some(outcome) = outcome {
+            self.applied.insert(id, outcome);
+        }
+        result
+    }
+
+    /// The result request `id` had when it was applied, if it changed state; `key` is the
+    /// object it wrote (none for a transaction). Rebuilt from the object as it is now or
+    /// from the watch history; [`CommandResult::AlreadyApplied`] where neither reaches back.
+    pub fn applied_result(&self, id: u128, key: Option<&ObjectKey>) -> Option<CommandResult> {
+        let outcome = self.applied.get(id)?;
+        let rebuilt = match (outcome, key) {
+            (Outcome::Txn { revision }, _) => Some(CommandResult::Txn { revision }),
+            (Outcome::Put { revision, created }, Some(key)) => self
+                .objects
+                .get(key)
+                .filter(|o| o.revision == revision)
+                .cloned()
+                .or_else(|| self.event_at(revision, key, EventType::Put))
+                .map(|object| CommandResult::Put { object, created, unchanged: false }),
+            (Outcome::Deleted { revision }, Some(key)) => self
+                .event_at(revision, key, EventType::Delete)
+                .map(|object| CommandResult::Deleted { object, revision }),
+            (_, None) => None,
+        };
+        let revision = match outcome {
+            Outcome::Put { revision, .. } | Outcome::Deleted { revision } | Outcome::Txn { revision } => revision,
+        };
+        Some(rebuilt.unwrap_or(CommandResult::AlreadyApplied { revision }))
+    }
+
+    /// The object of the `event_type` event of `key` at `revision`, if the history holds it.
+    fn event_at(&self, revision: u64, key: &ObjectKey, event_type: EventType) -> Option<StoredObject> {
+        let i = self.events.partition_point(|e| e.revision < revision);
+        self.events
+            .get(i)
+            .filter(|e| e.revision == revision && &e.object.key == key && e.event_type == event_type)
+            .map(|e| e.object.clone())
     }
 
     fn delete(&mut self, key: &ObjectKey) -> Option<StoredObject> {
@@ -365,6 +427,70 @@ mod tests {
         let mut back: Store = serde_json::from_slice(&bytes).unwrap();
         back.set_retention(10);
         assert_eq!(back, s);
+    }
+
+    fn once(id: u128, cmd: Command) -> Command {
+        Command::Once { id, command: Box::new(cmd) }
+    }
+
+    #[test]
+    fn a_repeated_request_takes_effect_once_and_answers_its_first_result() {
+        let mut s = Store::new(100);
+        // A compare-and-set committed, then retried by a forward that lost the answer: the
+        // repeat answers the same success, not a conflict against its own write.
+        let first = s.apply(&once(7, put("a", 1, Some(0))));
+        assert!(matches!(&first, CommandResult::Put { object, created: true, .. } if object.revision == 1));
+        assert_eq!(s.apply(&once(7, put("a", 1, Some(0)))), first);
+        // Another writer moves the object on; the repeat still answers its own result (from
+        // the watch history) and writes nothing.
+        s.apply(&put("a", 2, None));
+        let before = s.clone();
+        assert_eq!(s.apply(&once(7, put("a", 1, Some(0)))), first);
+        assert_eq!(s, before, "a repeat changes nothing");
+        // A blind write repeated after another writer is not applied twice.
+        let w = s.apply(&once(8, put("a", 3, None)));
+        s.apply(&put("a", 4, None));
+        assert_eq!(s.apply(&once(8, put("a", 3, None))), w);
+        assert_eq!(s.get(&key("a")).unwrap().spec, json!({ "replicas": 4 }));
+        // Deletes too.
+        let d = s.apply(&once(9, Command::Delete { key: key("a"), expected_revision: None }));
+        assert!(matches!(d, CommandResult::Deleted { .. }));
+        s.apply(&put("a", 5, None));
+        assert_eq!(s.apply(&once(9, Command::Delete { key: key("a"), expected_revision: None })), d);
+        assert!(s.get(&key("a")).is_some(), "the repeat did not delete the new object");
+    }
+
+    #[test]
+    fn a_request_that_changed_nothing_runs_again_on_a_repeat() {
+        let mut s = Store::new(100);
+        s.apply(&put("a", 1, None));
+        // A conflict changed nothing: the retry is the request's first effect.
+        assert!(matches!(s.apply(&once(1, put("a", 2, Some(5)))), CommandResult::Conflict { .. }));
+        assert!(matches!(s.apply(&once(1, put("a", 2, Some(1)))), CommandResult::Put { unchanged: false, .. }));
+        // So does an unchanged put.
+        assert!(matches!(s.apply(&once(2, put("a", 2, None))), CommandResult::Put { unchanged: true, .. }));
+        assert!(matches!(s.apply(&once(2, put("a", 3, None))), CommandResult::Put { unchanged: false, .. }));
+    }
+
+    #[test]
+    fn a_repeat_whose_answer_is_gone_says_so_and_the_record_survives_snapshots() {
+        let mut s = Store::new(2);
+        s.apply(&once(1, put("a", 1, None)));
+        for i in 2..6 {
+            s.apply(&put("a", i, None));
+        }
+        // The object moved on and the history no longer holds revision 1.
+        let before = s.clone();
+        assert_eq!(s.apply(&once(1, put("a", 1, None))), CommandResult::AlreadyApplied { revision: 1 });
+        assert_eq!(s, before);
+        let mut back: Store = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        back.set_retention(2);
+        assert_eq!(back.apply(&once(1, put("a", 1, None))), CommandResult::AlreadyApplied { revision: 1 });
+        // A snapshot from before the record existed loads with none.
+        let mut old = serde_json::to_value(&s).unwrap();
+        old.as_object_mut().unwrap().remove("applied");
+        let old: Store = serde_json::from_value(old).unwrap();
+        assert!(old.applied.is_empty());
     }
 
     fn txn_put(name: &str, replicas: u32) -> TxnOp {

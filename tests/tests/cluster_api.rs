@@ -103,6 +103,58 @@ async fn compare_and_set_conflict_is_failed_precondition_and_changes_nothing() {
     cluster.shutdown().await;
 }
 
+/// A request as a server forwards it to the leader: marked forwarded, with its request id.
+fn forwarded<T>(msg: T, id: &str) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    req.metadata_mut().insert(flotilla_cluster::FORWARDED_HEADER, "1".parse().unwrap());
+    req.metadata_mut().insert(flotilla_cluster::REQUEST_ID_HEADER, id.parse().unwrap());
+    req
+}
+
+/// A server forwards a write to the leader and retries it when the leader goes away
+/// mid-call; the first attempt may have committed. The retry must answer what the first
+/// attempt did — never a conflict against its own write, never a second application.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_forwarded_write_retried_after_it_committed_answers_its_first_result() {
+    let cluster = TestCluster::start(3, fast).await;
+    let leader = cluster.leader(1).await;
+    let mut c = cluster.objects(leader).await;
+    let (id, other) = ("000000000000000000000000000000a1", "000000000000000000000000000000b2");
+
+    // A create-if-absent, repeated: the same success, not a conflict.
+    let first = c.apply(forwarded(apply(model("m", 1), Some(0)), id)).await.unwrap().into_inner();
+    let again = c.apply(forwarded(apply(model("m", 1), Some(0)), id)).await.unwrap().into_inner();
+    assert_eq!(again, first, "the retry answers the first result");
+    // Another writer moves on; the repeat still answers its own result and writes nothing.
+    c.apply(apply(model("m", 2), None)).await.unwrap();
+    let again = c.apply(forwarded(apply(model("m", 1), Some(0)), id)).await.unwrap().into_inner();
+    assert_eq!(again, first);
+    let got = c.get(GetRequest { kind: "model".into(), name: "m".into(), stale: false }).await.unwrap().into_inner();
+    assert!(got.object.unwrap().spec_json.contains("\"replicas\":2"), "the repeat did not write again");
+    assert_eq!(got.store_revision, 2);
+    // A different request is a different request: it conflicts.
+    let e = c.apply(forwarded(apply(model("m", 1), Some(0)), other)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+
+    // A delete, repeated: the same answer, not "not found".
+    let del =
+        |id: &str| forwarded(DeleteRequest { kind: "model".into(), name: "m".into(), expected_revision: None }, id);
+    let deleted = c.delete(del("000000000000000000000000000000c3")).await.unwrap().into_inner();
+    assert_eq!(c.delete(del("000000000000000000000000000000c3")).await.unwrap().into_inner(), deleted);
+
+    // An adapter (a transaction fenced by its base model) with compare-and-set, repeated.
+    let base = format!("{}  engine_args: [--max-lora-rank, '8']\n", model("base", 1));
+    c.apply(apply(base, None)).await.unwrap();
+    let adapter = "kind: Adapter\nmetadata: {name: sql}\nspec: {base_model: base, source: 'sim://sql', rank: 8}\n";
+    let aid = "000000000000000000000000000000d4";
+    let first = c.apply(forwarded(apply(adapter.into(), Some(0)), aid)).await.unwrap().into_inner();
+    let again = c.apply(forwarded(apply(adapter.into(), Some(0)), aid)).await.unwrap().into_inner();
+    assert_eq!(again.object, first.object, "the adapter's retry answers its write, not a conflict");
+    let e = c.apply(forwarded(apply(adapter.into(), Some(0)), other)).await.unwrap_err();
+    assert_eq!(e.code(), Code::FailedPrecondition, "{e:?}");
+    cluster.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_input_is_invalid_argument_and_changes_nothing() {
     let cluster = TestCluster::start(1, fast).await;
