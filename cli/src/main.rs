@@ -104,6 +104,11 @@ enum Command {
     /// Example: flotilla token create --role operator --name ci-deploy --ttl 30d
     #[command(subcommand)]
     Token(cmd::token::TokenCommand),
+    /// The audit log: who made which write through the API (apply, delete, membership),
+    /// from where, when, and how it ended. Replicated, newest 10000 kept; needs an admin.
+    ///
+    /// Example: flotilla audit --since 1200 --who operator/
+    Audit(cmd::audit::AuditArgs),
 }
 
 fn main() -> ExitCode {
@@ -177,6 +182,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         }
         Command::Tls(c) => cmd::tls::run(c),
         Command::Token(c) => cmd::token::run(&client, c, cli.output).await,
+        Command::Audit(a) => cmd::audit::run(&client, a, cli.output).await,
         Command::Chaos(c) => {
             init_logging("warn");
             let bin =

@@ -114,6 +114,7 @@ async fn call(ch: Channel, path: &str, node: &str) -> Code {
             Cluster::new(ch).add_member(pb::AddMemberRequest { id: 0, addr: String::new(), learner_only: true }).await,
         ),
         "RemoveMember" => code(Cluster::new(ch).remove_member(pb::RemoveMemberRequest { id: 0 }).await),
+        "Audit" => code(Cluster::new(ch).audit(pb::AuditRequest::default()).await),
         "AppendEntries" => code(Raft::new(ch).append_entries(garbage()).await),
         "Vote" => code(Raft::new(ch).vote(garbage()).await),
         "InstallSnapshot" => code(Raft::new(ch).install_snapshot(garbage()).await),
@@ -322,6 +323,27 @@ async fn every_role_and_method_against_the_table() {
     let mut objects = pb::object_service_client::ObjectServiceClient::new(admin_ch.clone());
     objects.apply(replay()).await.expect("first create");
     assert_eq!(code(objects.apply(replay()).await), Code::FailedPrecondition, "no replay from a non-peer");
+
+    // the audit log names who wrote what, and how it ended; only an admin reads it
+    let out = as_role(&admin_files, &["audit", "--who", "admin/alice", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let entries = log["entries"].as_array().unwrap();
+    let seen = |target: &str, result: &str| {
+        entries.iter().any(|e| e["target"] == target && e["result"] == result && e["method"] == "Apply")
+    };
+    assert!(seen("Tenant/replayed", "created") && seen("Tenant/replayed", "conflict"), "{log}");
+    assert!(entries.iter().all(|e| e["who"] == "admin/alice" && e["at_ms"].as_u64() > Some(0)), "{log}");
+    let out = as_role(&admin_files, &["audit", "--who", "operator/olga", "-o", "json"]);
+    let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(log["entries"], serde_json::json!([]), "a refused write is not audited (it is logged where refused)");
+    let out = as_role(&viewer, &["audit"]);
+    assert_eq!(out.status.code(), Some(1), "a viewer may not read the audit log");
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("may not call /flotilla.v1.ClusterService/Audit"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }
 
 fn cert_files(dir: &Path, role: &str, name: &str) -> TlsFiles {

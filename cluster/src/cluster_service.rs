@@ -6,15 +6,18 @@ use std::time::Duration;
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::cluster_service_server::ClusterService;
 use flotilla_api::pb::{
-    AddMemberRequest, AddMemberResponse, Member, RemoveMemberRequest, RemoveMemberResponse, StatusRequest,
-    StatusResponse,
+    AddMemberRequest, AddMemberResponse, AuditEntry, AuditRequest, AuditResponse, Member, RemoveMemberRequest,
+    RemoveMemberResponse, StatusRequest, StatusResponse,
 };
+use flotilla_storage::audit::Caller;
+use flotilla_storage::Command;
 use openraft::error::{ChangeMembershipError, ClientWriteError, RaftError};
 use openraft::{BasicNode, ChangeMembers};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use crate::node::{commit_index, Node};
+use crate::forwarded;
+use crate::node::{commit_index, Node, Route};
 use crate::ClusterError;
 
 pub(crate) struct ClusterServiceImpl {
@@ -25,6 +28,8 @@ pub(crate) struct ClusterServiceImpl {
 const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 /// How long `Status` waits for each member's own answer.
 const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(800);
+/// Audit entries per answer: by default, and at most.
+const AUDIT_DEFAULT_LIMIT: usize = 100;
 
 impl ClusterServiceImpl {
     /// This server's own view of the group.
@@ -90,6 +95,17 @@ impl ClusterServiceImpl {
         status
     }
 
+    /// Records a membership change made on this server (the leader) in the audit log. The
+    /// change itself is done: a failure here is logged, not answered.
+    async fn audit_membership(&self, id: u128, by: Caller) {
+        let record = forwarded::api_write(id, by, Command::Txn { compares: vec![], ops: vec![] });
+        match self.node.propose(record, self.node.deadline()).await {
+            Ok(Route::Done(_)) => {}
+            Ok(Route::Leader(_)) => tracing::warn!("membership change not audited: leadership moved"),
+            Err(e) => tracing::warn!(error = %e, "membership change not audited"),
+        }
+    }
+
     /// Runs a membership change on the leader, or forwards the request to it.
     async fn on_leader<T, F, Fut>(&self, local: F, forward: impl AsyncForward<T>) -> Result<T, Status>
     where
@@ -123,11 +139,13 @@ trait AsyncForward<T> {
     ) -> Result<T, Status>;
 }
 
-struct ForwardAdd(AddMemberRequest);
-struct ForwardRemove(RemoveMemberRequest);
+/// A forwarded membership change with its request id and caller.
+struct ForwardAdd(AddMemberRequest, u128, Caller);
+struct ForwardRemove(RemoveMemberRequest, u128, Caller);
 
-fn forwarded<T>(msg: T, deadline: Instant) -> Request<T> {
+fn forwarded<T>(msg: T, id: u128, by: &Caller, deadline: Instant) -> Request<T> {
     let mut r = Request::new(msg);
+    forwarded::mark_write(&mut r, id, by);
     r.set_timeout(deadline.saturating_duration_since(Instant::now()));
     r
 }
@@ -138,7 +156,7 @@ impl AsyncForward<AddMemberResponse> for ForwardAdd {
         mut c: ClusterServiceClient<tonic::transport::Channel>,
         d: Instant,
     ) -> Result<AddMemberResponse, Status> {
-        c.add_member(forwarded(self.0, d)).await.map(Response::into_inner)
+        c.add_member(forwarded(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
     }
 }
 
@@ -148,7 +166,7 @@ impl AsyncForward<RemoveMemberResponse> for ForwardRemove {
         mut c: ClusterServiceClient<tonic::transport::Channel>,
         d: Instant,
     ) -> Result<RemoveMemberResponse, Status> {
-        c.remove_member(forwarded(self.0, d)).await.map(Response::into_inner)
+        c.remove_member(forwarded(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
     }
 }
 
@@ -197,6 +215,8 @@ impl ClusterService for ClusterServiceImpl {
 
     async fn add_member(&self, request: Request<AddMemberRequest>) -> Result<Response<AddMemberResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("AddMember");
+        let audit_id = forwarded::request_id(&request);
+        let by = forwarded::caller(&request, "AddMember", format!("member/{}", request.get_ref().id));
         let req = request.into_inner();
         let r = async {
             if req.id == 0 {
@@ -208,6 +228,7 @@ impl ClusterService for ClusterServiceImpl {
                 );
             }
             let (id, addr, learner_only) = (req.id, req.addr.clone(), req.learner_only);
+            let by2 = by.clone();
             self.on_leader(
                 || async move {
                     tracing::info!(member = id, %addr, "adding member as learner");
@@ -221,9 +242,10 @@ impl ClusterService for ClusterServiceImpl {
                         })
                         .await?;
                     }
+                    self.audit_membership(audit_id, by2).await;
                     Ok(AddMemberResponse { status: Some(self.local_status()) })
                 },
-                ForwardAdd(req),
+                ForwardAdd(req, audit_id, by),
             )
             .await
         }
@@ -236,7 +258,10 @@ impl ClusterService for ClusterServiceImpl {
         request: Request<RemoveMemberRequest>,
     ) -> Result<Response<RemoveMemberResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("RemoveMember");
+        let audit_id = forwarded::request_id(&request);
+        let by = forwarded::caller(&request, "RemoveMember", format!("member/{}", request.get_ref().id));
         let req = request.into_inner();
+        let by2 = by.clone();
         let id = req.id;
         let r = self
             .on_leader(
@@ -259,11 +284,40 @@ impl ClusterService for ClusterServiceImpl {
                     tracing::info!(member = id, "removing member");
                     let deadline = Instant::now() + MEMBERSHIP_TIMEOUT;
                     retry_in_progress(deadline, || self.node.raft.change_membership(change.clone(), false)).await?;
+                    self.audit_membership(audit_id, by2).await;
                     Ok(RemoveMemberResponse { status: Some(self.local_status()) })
                 },
-                ForwardRemove(req),
+                ForwardRemove(req, audit_id, by),
             )
             .await;
         timer.finish(r.map(Response::new))
+    }
+
+    async fn audit(&self, request: Request<AuditRequest>) -> Result<Response<AuditResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Audit");
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => AUDIT_DEFAULT_LIMIT,
+            n => n.min(flotilla_storage::audit::KEPT),
+        };
+        let (entries, oldest_revision, store_revision) = self.node.reader.audit(req.since_revision, &req.who, limit);
+        let entries = entries
+            .into_iter()
+            .map(|e| AuditEntry {
+                revision: e.revision,
+                who: e.caller.who,
+                method: e.caller.method,
+                target: e.caller.target,
+                from: e.caller.from,
+                at_ms: e.caller.at_ms,
+                result: e.result,
+            })
+            .collect();
+        timer.finish(Ok(Response::new(AuditResponse {
+            entries,
+            oldest_revision,
+            store_revision,
+            answered_by: self.node.id,
+        })))
     }
 }

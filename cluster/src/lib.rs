@@ -16,6 +16,7 @@ mod campaign;
 mod cluster_service;
 mod config;
 mod error;
+pub mod forwarded;
 mod handle;
 mod http;
 mod metrics;

@@ -18,9 +18,10 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
+use crate::forwarded::{self, api_write, identity_of as caller_of};
 use crate::node::{Node, Route, LEADER_CHANGED};
 use crate::redact;
-use crate::{ClusterError, FORWARDED_HEADER, REQUEST_ID_HEADER};
+use crate::{ClusterError, FORWARDED_HEADER};
 
 pub(crate) struct ObjectServiceImpl {
     pub(crate) node: Node,
@@ -40,31 +41,12 @@ fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
     req
 }
 
-/// A write forwarded with its request id, the same on every retry.
-fn forward_write<T>(msg: T, id: u128, deadline: Instant) -> Request<T> {
-    let mut req = forward_request(msg, deadline);
-    let value = format!("{id:032x}").parse().expect("hex is a valid header value");
-    req.metadata_mut().insert(REQUEST_ID_HEADER, value);
+/// A write forwarded with its request id (the same on every retry) and its caller.
+fn forward_write<T>(msg: T, id: u128, by: &flotilla_storage::audit::Caller, deadline: Instant) -> Request<T> {
+    let mut req = Request::new(msg);
+    forwarded::mark_write(&mut req, id, by);
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
     req
-}
-
-/// The id a write is applied under (`Command::Once`): the one a peer forwarded it with, or
-/// a new random one where this server is the first to see it. A client cannot pick it: an
-/// id is only taken from a forward by a peer (or with security off, where any caller is
-/// trusted), so nobody can replay another request's answer by guessing its id.
-fn request_id<T>(req: &Request<T>) -> u128 {
-    let trusted = caller_of(req).is_none_or(|c| c.role == flotilla_security::Role::Peer);
-    let forwarded = trusted && is_forwarded(req);
-    forwarded
-        .then(|| req.metadata().get(REQUEST_ID_HEADER))
-        .flatten()
-        .and_then(|v| v.to_str().ok())
-        .and_then(|v| u128::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128())
-}
-
-fn once(id: u128, command: Command) -> Command {
-    Command::Once { id, command: Box::new(command) }
 }
 
 /// Whether a failed forward is tried again: one that failed because the leader is gone or no
@@ -129,21 +111,23 @@ impl ObjectServiceImpl {
     async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let caller = caller_of(&request);
-        let id = request_id(&request);
-        let req = request.into_inner();
-        let manifest = Manifest::parse(&req.manifest).map_err(ClusterError::from)?;
+        let id = forwarded::request_id(&request);
+        let manifest = Manifest::parse(&request.get_ref().manifest).map_err(ClusterError::from)?;
         flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
+        let key = ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() };
+        let by = forwarded::caller(&request, "Apply", key.to_string());
+        let req = request.into_inner();
         if let Spec::Adapter(adapter) = &manifest.spec {
-            return self.apply_adapter(req.clone(), id, &manifest, adapter, forwarded).await;
+            return self.apply_adapter(req.clone(), (id, by), &manifest, adapter, forwarded).await;
         }
         let put = Command::Put {
-            key: ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() },
+            key,
             uid: uuid::Uuid::new_v4().to_string(),
             labels: manifest.metadata.labels.clone(),
             spec: manifest.spec.to_json(),
             expected_revision: req.expected_revision,
         };
-        let cmd = once(id, put);
+        let cmd = api_write(id, by.clone(), put);
         let deadline = self.node.deadline();
         loop {
             let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
@@ -156,7 +140,8 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).apply(forward_write(req.clone(), id, deadline))).await;
+            let forward = forward_write(req.clone(), id, &by, deadline);
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward)).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -170,7 +155,7 @@ impl ObjectServiceImpl {
     async fn apply_adapter(
         &self,
         req: ApplyRequest,
-        id: u128,
+        (id, by): (u128, flotilla_storage::audit::Caller),
         manifest: &Manifest,
         adapter: &AdapterSpec,
         forwarded: bool,
@@ -232,7 +217,7 @@ impl ObjectServiceImpl {
                             status: None,
                         }],
                     };
-                    match self.write(once(id, txn), forwarded, deadline).await? {
+                    match self.write(api_write(id, by.clone(), txn), forwarded, deadline).await? {
                         Route::Done(CommandResult::Txn { .. }) => {
                             let (object, _) = self.node.reader.get(&key);
                             let object =
@@ -250,7 +235,8 @@ impl ObjectServiceImpl {
                     }
                 }
             };
-            let r = self.node.forward(&addr, self.client(&addr).apply(forward_write(req.clone(), id, deadline))).await;
+            let forward = forward_write(req.clone(), id, &by, deadline);
+            let r = self.node.forward(&addr, self.client(&addr).apply(forward)).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -261,11 +247,12 @@ impl ObjectServiceImpl {
     async fn delete_inner(&self, request: Request<DeleteRequest>) -> Result<Response<DeleteResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let caller = caller_of(&request);
-        let id = request_id(&request);
-        let req = request.into_inner();
-        let key = parse_key(&req.kind, &req.name)?;
+        let id = forwarded::request_id(&request);
+        let key = parse_key(&request.get_ref().kind, &request.get_ref().name)?;
         flotilla_security::authz::check_kind(caller.as_ref(), key.kind.as_str()).map_err(|r| r.status())?;
-        let cmd = once(id, Command::Delete { key, expected_revision: req.expected_revision });
+        let by = forwarded::caller(&request, "Delete", key.to_string());
+        let req = request.into_inner();
+        let cmd = api_write(id, by.clone(), Command::Delete { key, expected_revision: req.expected_revision });
         let deadline = self.node.deadline();
         loop {
             let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
@@ -279,7 +266,8 @@ impl ObjectServiceImpl {
                 Route::Done(other) => return Err(unexpected(other)),
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).delete(forward_write(req.clone(), id, deadline))).await;
+            let forward = forward_write(req.clone(), id, &by, deadline);
+            let r = self.node.forward(&addr, self.client(&addr).delete(forward)).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -434,9 +422,4 @@ async fn stream_events(
             }
         }
     }
-}
-
-/// The identity the role layer found on a call (None with security off).
-fn caller_of<T>(request: &Request<T>) -> Option<flotilla_security::Identity> {
-    request.extensions().get::<flotilla_security::Caller>().and_then(|c| c.0.clone())
 }

@@ -45,6 +45,12 @@ pub enum Command {
         id: u128,
         command: Box<Command>,
     },
+    /// `command`, made through the API by `caller`: applied as is, and recorded in the
+    /// audit log with its outcome (`crate::audit`).
+    Audited {
+        caller: crate::audit::Caller,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -52,6 +58,7 @@ impl Command {
     pub fn key(&self) -> Option<&ObjectKey> {
         match self {
             Command::Put { key, .. } | Command::PutStatus { key, .. } | Command::Delete { key, .. } => Some(key),
+            Command::Audited { command, .. } => command.key(),
             Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } => None,
         }
     }

@@ -16,6 +16,7 @@
 #![forbid(unsafe_code)]
 
 mod applied;
+pub mod audit;
 mod checksum;
 mod command;
 mod error;

@@ -347,6 +347,12 @@ impl StoreReader {
         self.read(|i| i.store.applied_result(id, key))
     }
 
+    /// Audit entries after `since` (see [`crate::audit::AuditLog::query`]), the oldest
+    /// revision still kept, and the store revision.
+    pub fn audit(&self, since: u64, who: &str, limit: usize) -> (Vec<crate::audit::Entry>, u64, u64) {
+        self.read(|i| (i.store.audit(since, who, limit), i.store.audit_oldest(), i.store.revision()))
+    }
+
     /// A receiver that changes whenever the store revision moves.
     pub fn subscribe(&self) -> watch::Receiver<u64> {
         self.shared.revision_tx.subscribe()

@@ -8,6 +8,7 @@ use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, Watc
 use serde::{Deserialize, Serialize};
 
 use crate::applied::{AppliedRequests, Outcome};
+use crate::audit::{self, AuditLog};
 use crate::command::{Compare, TxnOp};
 use crate::{Command, CommandResult};
 
@@ -33,6 +34,9 @@ pub struct Store {
     /// from snapshots written before it existed.
     #[serde(default)]
     applied: AppliedRequests,
+    /// Writes made through the API, who made them and how they ended (`crate::audit`).
+    #[serde(default)]
+    audit: AuditLog,
     #[serde(skip, default = "default_retention")]
     retention: usize,
 }
@@ -79,6 +83,7 @@ impl Store {
             revision,
             compacted,
             applied: AppliedRequests::default(),
+            audit: AuditLog::default(),
             retention: retention.max(1),
         }
     }
@@ -151,6 +156,16 @@ impl Store {
             Command::Txn { compares, ops } => return self.apply_txn(compares, ops),
             Command::Batch(cmds) => return CommandResult::Batch(cmds.iter().map(|c| self.apply(c)).collect()),
             Command::Once { id, command } => return self.apply_once(*id, command),
+            Command::Audited { caller, command } => {
+                let result = self.apply(command);
+                let entry = audit::Entry {
+                    revision: self.revision,
+                    caller: caller.clone(),
+                    result: audit::outcome(&result).into(),
+                };
+                self.audit.push(entry);
+                return result;
+            }
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -195,7 +210,9 @@ impl Store {
                 Some(object) => CommandResult::Deleted { object, revision: self.revision },
                 None => CommandResult::NotFound { key: key.clone() },
             },
-            Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } => unreachable!("handled above"),
+            Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } | Command::Audited { .. } => {
+                unreachable!("handled above")
+            }
         }
     }
 
@@ -243,6 +260,16 @@ impl Store {
             Outcome::Put { revision, .. } | Outcome::Deleted { revision } | Outcome::Txn { revision } => revision,
         };
         Some(rebuilt.unwrap_or(CommandResult::AlreadyApplied { revision }))
+    }
+
+    /// See [`AuditLog::query`].
+    pub fn audit(&self, since: u64, who: &str, limit: usize) -> Vec<audit::Entry> {
+        self.audit.query(since, who, limit)
+    }
+
+    /// The revision of the oldest audit entry kept.
+    pub fn audit_oldest(&self) -> u64 {
+        self.audit.oldest()
     }
 
     /// The object of the `event_type` event of `key` at `revision`, if the history holds it.
@@ -491,6 +518,32 @@ mod tests {
         old.as_object_mut().unwrap().remove("applied");
         let old: Store = serde_json::from_value(old).unwrap();
         assert!(old.applied.is_empty());
+    }
+
+    #[test]
+    fn api_writes_are_audited_once_with_their_outcome() {
+        let mut s = Store::new(100);
+        let audited = |who: &str, cmd: Command| Command::Audited {
+            caller: audit::Caller {
+                who: who.into(),
+                method: "Apply".into(),
+                target: "model/a".into(),
+                from: "127.0.0.1:9".into(),
+                at_ms: 5,
+            },
+            command: Box::new(cmd),
+        };
+        s.apply(&once(1, audited("admin/alice", put("a", 1, None))));
+        s.apply(&once(1, audited("admin/alice", put("a", 1, None)))); // a retried forward
+        s.apply(&put("a", 2, None)); // a controller's write: not audited
+        s.apply(&once(2, audited("operator/olga", put("a", 3, Some(1)))));
+        let got: Vec<_> = s.audit(0, "", 10).into_iter().map(|e| (e.revision, e.caller.who, e.result)).collect();
+        assert_eq!(
+            got,
+            [(1, "admin/alice".to_string(), "created".to_string()), (2, "operator/olga".into(), "conflict".into())]
+        );
+        let back: Store = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back.audit(0, "olga", 10).len(), 1, "the audit log travels in snapshots");
     }
 
     fn txn_put(name: &str, replicas: u32) -> TxnOp {

@@ -103,6 +103,51 @@ async fn compare_and_set_conflict_is_failed_precondition_and_changes_nothing() {
     cluster.shutdown().await;
 }
 
+/// Writes made through the API are in the audit log of every server, once each, with the
+/// caller's address rather than the forwarding server's; a retried forward adds no entry.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn api_writes_are_audited_on_every_server_once() {
+    use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
+    use flotilla_api::pb::AuditRequest;
+    let cluster = TestCluster::start(3, fast).await;
+    let leader = cluster.leader(1).await;
+    let follower = (1..=3).find(|id| *id != leader).unwrap();
+    let mut via_follower = cluster.objects(follower).await;
+    via_follower.apply(apply(model("audited", 1), None)).await.unwrap();
+    via_follower.apply(apply(model("audited", 1), Some(0))).await.unwrap_err();
+    let mut via_leader = cluster.objects(leader).await;
+    let id = "000000000000000000000000000000e5";
+    via_leader
+        .delete(forwarded(DeleteRequest { kind: "model".into(), name: "audited".into(), expected_revision: None }, id))
+        .await
+        .unwrap();
+    via_leader
+        .delete(forwarded(DeleteRequest { kind: "model".into(), name: "audited".into(), expected_revision: None }, id))
+        .await
+        .unwrap();
+
+    let want = [("Apply", "created"), ("Apply", "conflict"), ("Delete", "deleted")];
+    for server in 1..=3 {
+        let mut c = ClusterServiceClient::new(flotilla_testkit::cluster::channel(cluster.addr(server)));
+        let mut got = vec![];
+        for _ in 0..100 {
+            got = c.audit(AuditRequest::default()).await.unwrap().into_inner().entries;
+            if got.len() >= want.len() {
+                break;
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        let seen: Vec<_> = got.iter().map(|e| (e.method.as_str(), e.result.as_str())).collect();
+        assert_eq!(seen, want, "server {server}");
+        assert!(got.iter().all(|e| e.who == "anonymous" && e.target == "Model/audited"), "{got:?}");
+        // The follower forwarded the applies: the entries carry its caller's address, which
+        // is where the deletes came from too (this test), not a server's listening address.
+        let servers: Vec<String> = (1..=3).map(|i| cluster.addr(i).to_string()).collect();
+        assert!(got.iter().all(|e| e.from.starts_with("127.0.0.1:") && !servers.contains(&e.from)), "{got:?}");
+    }
+    cluster.shutdown().await;
+}
+
 /// A request as a server forwards it to the leader: marked forwarded, with its request id.
 fn forwarded<T>(msg: T, id: &str) -> tonic::Request<T> {
     let mut req = tonic::Request::new(msg);

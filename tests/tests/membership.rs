@@ -58,6 +58,31 @@ async fn remove_member_then_add_a_new_one_as_learner_and_voter() {
     assert_eq!(e.code(), tonic::Code::InvalidArgument);
     let full = admin.status(StatusRequest { local: false }).await.unwrap().into_inner();
     assert_eq!(full.members.iter().filter(|m| m.reachable).count(), 3, "{full:?}");
+    // The audit log holds the changes that were made (not the refused ones), in order: the
+    // joins of servers 2 and 3 as the cluster formed, then this test's three.
+    let audit = ClusterServiceClient::new(channel(cluster.addr(keep)))
+        .audit(flotilla_api::pb::AuditRequest::default())
+        .await
+        .unwrap()
+        .into_inner();
+    let changes: Vec<_> = audit
+        .entries
+        .iter()
+        .filter(|e| e.method != "Apply")
+        .map(|e| (e.method.as_str(), e.target.clone(), e.result.as_str()))
+        .collect();
+    let victim_target = format!("member/{victim}");
+    let joins = [("AddMember", "member/2".to_string(), "applied"), ("AddMember", "member/3".to_string(), "applied")];
+    assert!(changes.len() == 5 && joins.iter().all(|j| changes[..2].contains(j)), "{audit:?}");
+    assert_eq!(
+        changes[2..],
+        [
+            ("RemoveMember", victim_target, "applied"),
+            ("AddMember", "member/4".to_string(), "applied"),
+            ("AddMember", "member/4".to_string(), "applied")
+        ],
+        "{audit:?}"
+    );
     four.shutdown().await;
     cluster.shutdown().await;
 }

@@ -1,4 +1,5 @@
 //! One module per subcommand group.
+pub(crate) mod audit;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod node;
