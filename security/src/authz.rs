@@ -131,11 +131,36 @@ pub fn check_kind(identity: Option<&Identity>, kind: &str) -> Result<(), Refusal
     }
 }
 
-/// The identity of a request's TLS peer, if it presented a certificate that names one.
-pub fn peer_identity<B>(req: &http::Request<B>) -> Option<Identity> {
-    let info = req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?;
-    let certs = info.peer_certs()?;
-    Identity::from_cert_der(certs.first()?).ok()
+/// The certificates a request's TLS peer presented, its own first.
+fn peer_certs<B>(req: &http::Request<B>) -> Option<Arc<Vec<rustls_pki_types::CertificateDer<'static>>>> {
+    req.extensions().get::<TlsConnectInfo<TcpConnectInfo>>()?.peer_certs()
+}
+
+/// Identities by certificate, so a call on a kept-alive connection does not parse its
+/// certificate again (an X.509 parse per call was a visible part of the TLS cost at 64
+/// clients). The identity is a pure function of the certificate's bytes, which the handshake
+/// has already verified, so a cached answer is the answer; a rotated certificate is other
+/// bytes and another entry. Bounded: cleared when full.
+#[derive(Debug, Default)]
+struct IdentityCache(Mutex<HashMap<Vec<u8>, Option<Identity>>>);
+
+/// Certificates remembered at most (a cluster has a few hundred clients at most; past this
+/// the cache starts again empty).
+const IDENTITY_CACHE_SIZE: usize = 4096;
+
+impl IdentityCache {
+    fn identity(&self, der: &[u8]) -> Option<Identity> {
+        let mut map = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        if let Some(found) = map.get(der) {
+            return found.clone();
+        }
+        let identity = Identity::from_cert_der(der).ok();
+        if map.len() >= IDENTITY_CACHE_SIZE {
+            map.clear();
+        }
+        map.insert(der.to_vec(), identity.clone());
+        identity
+    }
 }
 
 /// Turns a bearer token into an identity (the server's store of tokens): None when the
@@ -158,11 +183,12 @@ pub struct AuthorizeLayer {
     mode: Mode,
     tokens: Option<Arc<dyn TokenVerifier>>,
     log: Arc<Mutex<HashMap<(String, String), Instant>>>,
+    certs: Arc<IdentityCache>,
 }
 
 impl AuthorizeLayer {
     pub fn new(mode: Mode) -> Self {
-        AuthorizeLayer { mode, tokens: None, log: Arc::default() }
+        AuthorizeLayer { mode, tokens: None, log: Arc::default(), certs: Arc::default() }
     }
 
     /// Accepts bearer tokens `tokens` verifies.
@@ -172,7 +198,9 @@ impl AuthorizeLayer {
     }
 
     fn identity<B>(&self, req: &http::Request<B>) -> Option<Identity> {
-        peer_identity(req).or_else(|| self.tokens.as_ref().and_then(|t| t.verify(bearer(req)?)))
+        peer_certs(req)
+            .and_then(|certs| self.certs.identity(certs.first()?))
+            .or_else(|| self.tokens.as_ref().and_then(|t| t.verify(bearer(req)?)))
     }
 }
 
@@ -275,6 +303,33 @@ mod tests {
             }
         }
         assert_eq!(found + 1, TABLE.len(), "the table has rows for methods the protos do not have");
+    }
+
+    #[test]
+    fn the_identity_cache_answers_what_the_certificate_says_and_stays_bounded() {
+        use crate::certs::{self, CertRequest};
+        use rustls_pki_types::pem::PemObject;
+        let ca = certs::create_ca("test CA", 1).unwrap();
+        let der = |identity: Option<Identity>| {
+            let leaf = certs::issue(&ca, &CertRequest { identity, dns: vec![], ips: vec![], days: 1 }).unwrap();
+            rustls_pki_types::CertificateDer::from_pem_slice(leaf.cert_pem.as_bytes()).unwrap().to_vec()
+        };
+        let alice = Identity::new(Admin, "alice").unwrap();
+        let (a, anon) = (der(Some(alice.clone())), der(None));
+        let cache = IdentityCache::default();
+        for _ in 0..2 {
+            assert_eq!(cache.identity(&a), Some(alice.clone()));
+            assert_eq!(cache.identity(&anon), None, "a certificate naming no identity names none, cached or not");
+        }
+        let other = der(Some(Identity::new(Viewer, "vic").unwrap()));
+        assert_eq!(cache.identity(&other).map(|i| i.role), Some(Viewer), "another certificate, another answer");
+        for i in 0..IDENTITY_CACHE_SIZE + 1 {
+            let mut junk = a.clone();
+            junk.extend_from_slice(&i.to_le_bytes());
+            cache.identity(&junk);
+        }
+        assert!(cache.0.lock().unwrap().len() <= IDENTITY_CACHE_SIZE);
+        assert_eq!(cache.identity(&a), Some(alice));
     }
 
     #[test]
