@@ -295,6 +295,44 @@ async fn every_role_and_method_against_the_table() {
     let out = with_token(&token, &["get", "models"]);
     assert_eq!(out.status.code(), Some(1));
     assert!(String::from_utf8_lossy(&out.stderr).contains("needs an identity"), "a revoked token is refused");
+
+    // an operator token limited by a selector writes only objects labelled so, before and after
+    let out = as_role(
+        &admin_files,
+        &["token", "create", "--role", "operator", "--name", "search-ci", "--selector", "team=search", "-o", "json"],
+    );
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let scoped: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let scoped = scoped["token"].as_str().unwrap().to_string();
+    let out = as_role(&admin_files, &["token", "create", "--role", "viewer", "--name", "v", "--selector", "team=x"]);
+    assert_eq!(out.status.code(), Some(2), "a selector limits operators only");
+    let labelled = |name: &str, team: Option<&str>| {
+        let labels = team.map_or_else(String::new, |t| format!("  labels:\n    team: {t}\n"));
+        let text = common::model(name).replacen("metadata:\n", &format!("metadata:\n{labels}"), 1);
+        let path = dir.join(format!("{name}-{}.yaml", team.unwrap_or("none")));
+        std::fs::write(&path, text).unwrap();
+        path.display().to_string()
+    };
+    assert!(as_role(&admin_files, &["apply", "-f", &labelled("ads-model", Some("ads"))]).status.success());
+    let out = with_token(&scoped, &["apply", "-f", &labelled("search-model", Some("search"))]);
+    assert!(out.status.success(), "inside its scope: {}", String::from_utf8_lossy(&out.stderr));
+    for (what, file, says) in [
+        ("create outside", labelled("loose-model", None), "loose-model as written has labels {}"),
+        ("take over", labelled("ads-model", Some("search")), "ads-model as it is has labels {team=ads}"),
+        ("move out", labelled("search-model", Some("ads")), "search-model as written has labels {team=ads}"),
+    ] {
+        let out = with_token(&scoped, &["apply", "-f", &file]);
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert_eq!(out.status.code(), Some(1), "{what}: {err}");
+        assert!(err.contains("limited to objects labelled team=search") && err.contains(says), "{what}: {err}");
+    }
+    let out = with_token(&scoped, &["delete", "model", "ads-model"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("limited to objects"), "another team's delete is refused");
+    let out = with_token(&scoped, &["node", "drain", "n1"]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not call /flotilla.v1.FleetService/SetNode"));
+    assert!(with_token(&scoped, &["delete", "model", "search-model"]).status.success(), "its own delete works");
+    let out = as_role(&admin_files, &["get", "model", "ads-model", "-o", "json"]);
+    assert!(String::from_utf8_lossy(&out.stdout).contains("\"team\": \"ads\""), "nothing refused was written");
     let out =
         as_role(&admin_files, &["token", "create", "--role", "viewer", "--name", "brief", "--ttl", "1s", "-o", "json"]);
     let brief: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -26,6 +26,7 @@ mod object_service;
 mod peers;
 mod raft_service;
 pub mod redact;
+mod scope;
 mod server;
 mod snapshot_chunks;
 pub mod tokens;

@@ -21,6 +21,7 @@ use tonic::{Code, Request, Response, Status};
 use crate::forwarded::{self, api_write, identity_of as caller_of};
 use crate::node::{Node, Route, LEADER_CHANGED};
 use crate::redact;
+use crate::scope;
 use crate::{ClusterError, FORWARDED_HEADER};
 
 pub(crate) struct ObjectServiceImpl {
@@ -82,6 +83,34 @@ impl ObjectServiceImpl {
         ObjectServiceClient::new(self.node.peers.channel(addr))
     }
 
+    /// For a caller limited by a label selector (`crate::scope`): reads `key` linearizably,
+    /// checks its labels as they are and as they would be (`after`, None for a delete), and
+    /// returns the revision to pin the write to. Anyone else: `expected` unchanged.
+    async fn pin_scope(
+        &self,
+        caller: Option<&flotilla_security::Identity>,
+        key: &ObjectKey,
+        after: Option<&std::collections::BTreeMap<String, String>>,
+        expected: Option<u64>,
+    ) -> Result<Option<u64>, Status> {
+        let Some(identity) = caller else { return Ok(expected) };
+        let Some(selector) = scope::selector_of(identity)? else { return Ok(expected) };
+        let get = GetRequest { kind: key.kind.as_str().into(), name: key.name.to_string(), stale: false };
+        let current = match self.get_inner(Request::new(get)).await {
+            Ok(r) => r.into_inner().object,
+            Err(s) if s.code() == Code::NotFound => None,
+            Err(s) => return Err(s),
+        };
+        let before: Option<std::collections::BTreeMap<String, String>> =
+            current.as_ref().map(|o| o.labels.iter().map(|(k, v)| (k.clone(), v.clone())).collect());
+        scope::check(identity, &selector, key, before.as_ref(), after)?;
+        let actual = current.map_or(0, |o| o.revision);
+        match expected {
+            Some(e) if e != actual => Err(ClusterError::Conflict { key: key.clone(), expected: e, actual }.into()),
+            _ => Ok(Some(actual)),
+        }
+    }
+
     async fn write(&self, cmd: Command, forwarded: bool, deadline: Instant) -> Result<Route<CommandResult>, Status> {
         match self.node.propose(cmd, deadline).await? {
             Route::Leader(addr) if forwarded => {
@@ -116,7 +145,9 @@ impl ObjectServiceImpl {
         flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
         let key = ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() };
         let by = forwarded::caller(&request, "Apply", key.to_string());
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        req.expected_revision =
+            self.pin_scope(caller.as_ref(), &key, Some(&manifest.metadata.labels), req.expected_revision).await?;
         if let Spec::Adapter(adapter) = &manifest.spec {
             return self.apply_adapter(req.clone(), (id, by), &manifest, adapter, forwarded).await;
         }
@@ -251,7 +282,8 @@ impl ObjectServiceImpl {
         let key = parse_key(&request.get_ref().kind, &request.get_ref().name)?;
         flotilla_security::authz::check_kind(caller.as_ref(), key.kind.as_str()).map_err(|r| r.status())?;
         let by = forwarded::caller(&request, "Delete", key.to_string());
-        let req = request.into_inner();
+        let mut req = request.into_inner();
+        req.expected_revision = self.pin_scope(caller.as_ref(), &key, None, req.expected_revision).await?;
         let cmd = api_write(id, by.clone(), Command::Delete { key, expected_revision: req.expected_revision });
         let deadline = self.node.deadline();
         loop {

@@ -34,7 +34,11 @@ pub fn grant(spec: &TokenSpec, secret: &str, now: u64) -> Option<Identity> {
     if !same(hash_api_key(secret).as_bytes(), spec.hash.as_bytes()) {
         return None;
     }
-    Identity::new(Role::parse(&spec.role)?, &spec.identity).ok()
+    let identity = Identity::new(Role::parse(&spec.role)?, &spec.identity).ok()?;
+    Some(match &spec.selector {
+        Some(sel) => identity.with_scope(sel.clone()),
+        None => identity,
+    })
 }
 
 impl TokenVerifier for StoreTokens {
@@ -59,12 +63,18 @@ mod tests {
             identity: "ci".into(),
             hash: hash_api_key(&"b".repeat(64)),
             expires_at: Some(1_000),
+            selector: None,
         };
         let id = grant(&spec, &"b".repeat(64), 999).expect("valid");
         assert_eq!((id.role, id.name.as_str()), (Role::Operator, "ci"));
         assert_eq!(grant(&spec, &"c".repeat(64), 999), None, "wrong secret");
         assert_eq!(grant(&spec, &"b".repeat(64), 1_000), None, "expired");
-        assert!(grant(&TokenSpec { expires_at: None, ..spec }, &"b".repeat(64), u64::MAX).is_some(), "no expiry");
+        assert!(
+            grant(&TokenSpec { expires_at: None, ..spec.clone() }, &"b".repeat(64), u64::MAX).is_some(),
+            "no expiry"
+        );
+        let scoped = TokenSpec { selector: Some("team=a".into()), ..spec };
+        assert_eq!(grant(&scoped, &"b".repeat(64), 999).unwrap().scope.as_deref(), Some("team=a"));
         assert!(same(b"abc", b"abc") && !same(b"abc", b"abd") && !same(b"ab", b"abc"));
     }
 }

@@ -53,6 +53,19 @@ pub const TABLE: &[(&str, &[Role])] = &[
     ("/grpc.reflection.v1.ServerReflection/ServerReflectionInfo", &[Admin, Operator, Viewer, Peer]),
 ];
 
+/// The methods an identity limited by a label selector may call: those on objects, whose
+/// labels the object service checks, and reads. Not `SetNode` (nodes are the whole
+/// cluster's) nor adapter loads.
+pub const SCOPED_METHODS: &[&str] = &[
+    "/flotilla.v1.ObjectService/Apply",
+    "/flotilla.v1.ObjectService/Get",
+    "/flotilla.v1.ObjectService/List",
+    "/flotilla.v1.ObjectService/Delete",
+    "/flotilla.v1.ObjectService/Watch",
+    "/flotilla.v1.ClusterService/Status",
+    "/flotilla.v1.FleetService/ListNodes",
+];
+
 /// Methods anyone may call, without an identity (load balancers' health checks).
 pub const PUBLIC: &[&str] = &["/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch"];
 
@@ -105,6 +118,12 @@ pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(),
             crate::identity::URI_PREFIX
         )));
     };
+    if id.scope.is_some() && !SCOPED_METHODS.contains(&path) {
+        return Err(Refusal::Denied(format!(
+            "{id} is limited to objects matching {:?} and may not call {path} (scoped operators apply, delete and read objects)",
+            id.scope.as_deref().unwrap_or_default()
+        )));
+    }
     if roles.contains(&id.role) {
         Ok(())
     } else {

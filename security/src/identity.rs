@@ -59,6 +59,10 @@ pub struct Identity {
     pub role: Role,
     /// A node name for agents, a server's id or host for peers, a person or system for the rest.
     pub name: String,
+    /// For an operator limited to some objects (a token made with `--selector`): the label
+    /// selector (`k=v,...`) every object it writes must match, before and after the write.
+    /// Checked by the object service, which knows labels; see docs/security.md.
+    pub scope: Option<String>,
 }
 
 /// Why a certificate names no identity.
@@ -87,7 +91,12 @@ impl Identity {
         if !valid_name(name) {
             return Err(IdentityError::Malformed(format!("{URI_PREFIX}{role}/{name}")));
         }
-        Ok(Identity { role, name: name.to_string() })
+        Ok(Identity { role, name: name.to_string(), scope: None })
+    }
+
+    /// This identity limited to objects matching the label selector `scope`.
+    pub fn with_scope(self, scope: impl Into<String>) -> Identity {
+        Identity { scope: Some(scope.into()), ..self }
     }
 
     /// `spiffe://flotilla/<role>/<name>`.

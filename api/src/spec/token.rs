@@ -27,6 +27,10 @@ pub struct TokenSpec {
     /// Unix seconds after which the token is refused; absent: never.
     #[serde(default)]
     pub expires_at: Option<u64>,
+    /// Operators only: a label selector (`k=v,...`) every object the token writes must
+    /// match, before and after the write. Absent: every Model and Adapter.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub selector: Option<String>,
 }
 
 impl TokenSpec {
@@ -45,6 +49,15 @@ impl TokenSpec {
                 "spec.identity",
                 "must be 1-63 of a-z, 0-9, '-', '.', '_', starting with a letter or digit",
             ));
+        }
+        if let Some(sel) = &self.selector {
+            if self.role != "operator" {
+                return Err(ApiError::invalid("spec.selector", "only an operator token can be limited by a selector"));
+            }
+            let parsed = crate::LabelSelector::parse(sel)?;
+            if parsed == crate::LabelSelector::default() || sel.len() > 1024 {
+                return Err(ApiError::invalid("spec.selector", "must be 1-1024 characters of k=v pairs"));
+            }
         }
         let hex = self.hash.strip_prefix(super::HASHED_KEY_PREFIX).unwrap_or_default();
         if hex.len() != 64 || !hex.bytes().all(|b| b.is_ascii_hexdigit()) {
@@ -72,8 +85,14 @@ mod tests {
             identity: "ci-deploy".into(),
             hash: super::super::hash_api_key("x"),
             expires_at: Some(1),
+            selector: None,
         };
         assert!(ok.validate().is_ok());
+        assert!(TokenSpec { selector: Some("team=search".into()), ..ok.clone() }.validate().is_ok());
+        assert!(TokenSpec { selector: Some(String::new()), ..ok.clone() }.validate().is_err(), "empty");
+        assert!(TokenSpec { selector: Some("team".into()), ..ok.clone() }.validate().is_err(), "not k=v");
+        let viewer = TokenSpec { role: "viewer".into(), selector: Some("team=a".into()), ..ok.clone() };
+        assert!(viewer.validate().is_err(), "operators only");
         assert!(TokenSpec { role: "peer".into(), ..ok.clone() }.validate().is_err(), "servers use certificates");
         assert!(TokenSpec { identity: "Bob".into(), ..ok.clone() }.validate().is_err());
         assert!(TokenSpec { hash: "plain".into(), ..ok }.validate().is_err());

@@ -39,6 +39,12 @@ pub(crate) struct CreateArgs {
     /// Lifetime: Ns, Nm, Nh or Nd, or `never`.
     #[arg(long, default_value = "24h")]
     ttl: String,
+    /// Operators only: limit the token to objects whose labels match this selector
+    /// (`k=v,...`); it may not create, change or delete any other, nor drain nodes.
+    ///
+    /// Example: --selector team=search
+    #[arg(long)]
+    selector: Option<String>,
 }
 
 /// Parses `--ttl` (None: never expires).
@@ -73,13 +79,22 @@ pub(crate) async fn run(client: &Client, c: TokenCommand, format: Format) -> Res
                 return Err(CliError::usage(format!("--role {:?} is not one of {}", a.role, TOKEN_ROLES.join(", "))));
             }
             let ttl = ttl(&a.ttl)?;
+            if let Some(sel) = &a.selector {
+                if a.role != "operator" {
+                    return Err(CliError::usage("--selector limits an operator token; give --role operator"));
+                }
+                flotilla_api::LabelSelector::parse(sel).map_err(|e| CliError::usage(format!("--selector: {e}")))?;
+            }
             let id = hex(&rand::random::<[u8; 8]>());
             let secret = hex(&rand::random::<[u8; 32]>());
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| CliError::runtime(e.to_string()))?;
             let expires = ttl.map(|t| (now + t).as_secs());
-            let spec = serde_json::json!({
+            let mut spec = serde_json::json!({
                 "role": a.role, "identity": a.name, "hash": hash_api_key(&secret), "expires_at": expires,
             });
+            if let Some(sel) = &a.selector {
+                spec["selector"] = serde_json::json!(sel);
+            }
             let manifest = serde_json::json!({"kind": "Token", "metadata": {"name": id}, "spec": spec}).to_string();
             client
                 .objects(|mut c| {
