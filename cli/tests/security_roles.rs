@@ -56,18 +56,25 @@ struct Server {
 }
 
 async fn start_server(dir: &Path, files: &TlsFiles) -> Server {
-    let log = dir.join("server.log");
+    start_member(dir, files, 1, &["--bootstrap"]).await.0
+}
+
+/// Server `id` with `extra` arguments; it and its peer address (if it has a peer listener).
+async fn start_member(dir: &Path, files: &TlsFiles, id: u64, extra: &[&str]) -> (Server, Option<String>) {
+    let log = dir.join(format!("server-{id}.log"));
     let mut cmd = Command::new(BIN);
-    cmd.args(["server", "--id", "1", "--bootstrap", "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+    cmd.args(["server", "--id", &id.to_string(), "--grpc-addr", "127.0.0.1:0", "--http-addr", "127.0.0.1:0"])
+        .args(extra)
         .arg("--data-dir")
-        .arg(dir.join("data"))
+        .arg(dir.join(format!("data-{id}")))
         .args(tls_flags(files))
         .env("RUST_LOG", "warn");
     let proc = Group::spawn("flotilla server", cmd, &log);
     for _ in 0..300 {
         let text = std::fs::read_to_string(&log).unwrap_or_default();
         if let Some(addr) = text.split_whitespace().find_map(|w| w.strip_prefix("grpc=")) {
-            return Server { _proc: proc, addr: addr.to_string() };
+            let peer = text.split_whitespace().find_map(|w| w.strip_prefix("peer=")).map(str::to_string);
+            return (Server { _proc: proc, addr: addr.to_string() }, peer);
         }
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
@@ -404,4 +411,54 @@ async fn channel_ok(addr: &str, tls: &Arc<Tls>) -> bool {
         .status(pb::StatusRequest { local: false })
         .await
         .is_ok_and(|s| s.into_inner().leader_id != 0)
+}
+
+/// Three servers with `--peer-addr`: Raft and forwarded calls travel on the peer listeners,
+/// which serve servers only, and the API listeners serve no Raft method.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_peer_listener_carries_raft_and_forwards_and_serves_servers_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(flotilla(dir, &["tls", "ca", "create"]).status.success());
+    let peer_flag = ["--peer-addr", "127.0.0.1:0"];
+    let (s1, p1) = start_member(dir, &cert(dir, "server", "s1"), 1, &[&peer_flag[..], &["--bootstrap"]].concat()).await;
+    let p1 = p1.expect("a peer listener");
+    let join = ["--join", s1.addr.as_str()];
+    let (s2, _) = start_member(dir, &cert(dir, "server", "s2"), 2, &[&peer_flag[..], &join[..]].concat()).await;
+    let (s3, _) = start_member(dir, &cert(dir, "server", "s3"), 3, &[&peer_flag[..], &join[..]].concat()).await;
+    let admin = Tls::load(cert(dir, "admin", "alice")).unwrap();
+    let status = || async {
+        let ch = channel(&s1.addr, &admin).await;
+        pb::cluster_service_client::ClusterServiceClient::new(ch).status(pb::StatusRequest { local: false }).await
+    };
+    let mut members = vec![];
+    for _ in 0..200 {
+        if let Ok(s) = status().await {
+            members = s.into_inner().members;
+            if members.iter().filter(|m| m.voter && m.reachable).count() == 3 {
+                break;
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert_eq!(members.iter().filter(|m| m.voter && m.reachable).count(), 3, "{members:?}");
+    assert!(members.iter().any(|m| m.addr == p1), "members are known by their peer addresses: {members:?}");
+    let api: Vec<&str> = [&s1, &s2, &s3].iter().map(|s| s.addr.as_str()).collect();
+    assert!(members.iter().all(|m| !api.contains(&m.addr.as_str())), "{members:?}");
+
+    // writes through every server (followers forward over the peer listeners)
+    for (i, addr) in api.iter().enumerate() {
+        let manifest = format!("kind: Tenant\nmetadata: {{name: via-{i}}}\nspec: {{}}\n");
+        let mut c = pb::object_service_client::ObjectServiceClient::new(channel(addr, &admin).await);
+        c.apply(pb::ApplyRequest { manifest, expected_revision: None }).await.expect("a write through a server");
+    }
+    // no Raft on the API listener, whoever asks
+    let peer_cert = Tls::load(cert(dir, "server", "s9")).unwrap();
+    let got = call(channel(&s1.addr, &peer_cert).await, "/flotilla.v1.RaftService/Vote", "").await;
+    assert_eq!(got, Code::Unimplemented, "the API listener serves no Raft method");
+    // the peer listener serves servers only
+    let got = call(channel(&p1, &admin).await, "/flotilla.v1.ObjectService/Apply", "").await;
+    assert_eq!(got, Code::PermissionDenied, "an admin on the peer listener");
+    let got = call(channel(&p1, &peer_cert).await, "/flotilla.v1.RaftService/Vote", "").await;
+    assert!(!matches!(got, Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented), "{got:?}");
 }

@@ -12,11 +12,18 @@ pub struct ServerConfig {
     pub id: u64,
     /// Where the Raft log, state machine and snapshots live.
     pub data_dir: PathBuf,
-    /// gRPC listen address (API and Raft transport). Port 0 picks a free port.
+    /// gRPC listen address (the API; also the Raft transport unless `peer_addr` is set).
+    /// Port 0 picks a free port.
     pub grpc_addr: SocketAddr,
     /// The gRPC address other servers and clients use to reach this one; defaults to the
-    /// bound `grpc_addr`.
+    /// bound `grpc_addr`. Ignored for members when `peer_addr` is set.
     pub advertise_addr: Option<String>,
+    /// A listener of its own for server-to-server traffic: Raft and the writes and reads a
+    /// follower forwards to the leader. With TLS it accepts only peer identities, and the
+    /// API listener then serves no Raft method. Members know each other by this address.
+    pub peer_addr: Option<SocketAddr>,
+    /// The peer address other servers dial; defaults to the bound `peer_addr`.
+    pub advertise_peer_addr: Option<String>,
     /// HTTP listen address for /metrics, /healthz, /readyz. Port 0 picks a free port.
     pub http_addr: SocketAddr,
     /// Initialise a new single-member cluster if this data dir holds none.
@@ -54,6 +61,8 @@ impl ServerConfig {
             data_dir: data_dir.into(),
             grpc_addr: ([127, 0, 0, 1], 7070).into(),
             advertise_addr: None,
+            peer_addr: None,
+            advertise_peer_addr: None,
             http_addr: ([127, 0, 0, 1], 7071).into(),
             bootstrap: false,
             join: None,
@@ -107,6 +116,18 @@ impl ServerConfig {
                 self.grpc_addr
             ));
         }
+        if let Some(peer) = self.peer_addr.filter(|p| self.tls.is_none() && !self.insecure && !p.ip().is_loopback()) {
+            return bad(format!(
+                "--peer-addr {peer} is not a loopback address and TLS is off: anyone who can reach it could \
+                 send Raft messages. Give --tls-cert, --tls-key and --tls-ca, or --insecure on a network you trust"
+            ));
+        }
+        if self.peer_addr.is_some_and(|p| p == self.grpc_addr && p.port() != 0) {
+            return bad(format!("--peer-addr {} is --grpc-addr too; give it a port of its own", self.grpc_addr));
+        }
+        if self.advertise_peer_addr.is_some() && self.peer_addr.is_none() {
+            return bad("--advertise-peer-addr needs --peer-addr".into());
+        }
         if self.max_snapshot_bytes == 0 {
             return bad("--max-snapshot-bytes must be positive".into());
         }
@@ -151,5 +172,11 @@ mod tests {
         let e = open.validate().unwrap_err().to_string();
         assert!(e.contains("--grpc-addr 0.0.0.0:7070 is not a loopback address") && e.contains("--insecure"), "{e}");
         assert!(ServerConfig { insecure: true, ..open }.validate().is_ok());
+        let peer = ServerConfig { peer_addr: Some("10.0.0.1:7072".parse().unwrap()), ..ok.clone() };
+        assert!(peer.validate().unwrap_err().to_string().contains("--peer-addr 10.0.0.1:7072 is not a loopback"));
+        let same = ServerConfig { peer_addr: Some(ok.grpc_addr), ..ok.clone() };
+        assert!(same.validate().unwrap_err().to_string().contains("port of its own"));
+        let adv = ServerConfig { advertise_peer_addr: Some("x:1".into()), ..ok.clone() };
+        assert!(adv.validate().unwrap_err().to_string().contains("needs --peer-addr"));
     }
 }

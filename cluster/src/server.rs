@@ -35,6 +35,8 @@ const MAX_RAFT_MESSAGE: usize = 64 << 20;
 pub struct ServerHandle {
     pub id: u64,
     pub grpc_addr: SocketAddr,
+    /// The peer listener's address, when the server has one (`ServerConfig::peer_addr`).
+    pub peer_addr: Option<SocketAddr>,
     pub http_addr: SocketAddr,
     raft: Raft,
     stop_tx: watch::Sender<bool>,
@@ -95,7 +97,21 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     let http_addr = http_listener
         .local_addr()
         .map_err(|source| ClusterError::Bind { addr: config.http_addr.to_string(), source })?;
-    let advertise = config.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string());
+    let peer_listener = match config.peer_addr {
+        Some(addr) => Some(bind(addr).await?),
+        None => None,
+    };
+    let peer_addr = match &peer_listener {
+        Some(l) => Some(
+            l.local_addr().map_err(|source| ClusterError::Bind { addr: format!("{:?}", config.peer_addr), source })?,
+        ),
+        None => None,
+    };
+    // Members know each other by the address Raft and forwards travel on.
+    let advertise = match peer_addr {
+        Some(p) => config.advertise_peer_addr.clone().unwrap_or_else(|| p.to_string()),
+        None => config.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string()),
+    };
 
     let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
     let reader = state_machine.reader();
@@ -124,14 +140,44 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let max_snapshot = config.max_snapshot_bytes;
+    let raft_service = RaftServiceServer::new(RaftServiceImpl {
+        raft: node.raft.clone(),
+        metrics: node.metrics.clone(),
+        leader_contact: Default::default(),
+        chunks: tokio::sync::Mutex::new(crate::snapshot_chunks::ChunkGuard::new(max_snapshot)),
+    })
+    .max_decoding_message_size(MAX_RAFT_MESSAGE)
+    .max_encoding_message_size(MAX_RAFT_MESSAGE);
+    let (api_routes, peer_routes) = match peer_listener {
+        Some(listener) => {
+            let mut peer = RoutesBuilder::default();
+            peer.add_service(raft_service);
+            (extra, Some((listener, peer)))
+        }
+        None => {
+            let mut api = extra;
+            api.add_service(raft_service);
+            (api, None)
+        }
+    };
+    let api_mode = if config.tls.is_some() { Mode::Enforced } else { Mode::Open };
     tasks.push(tokio::spawn(serve_grpc(
         node.clone(),
         grpc_listener,
         stop_rx.clone(),
-        extra,
-        max_snapshot,
-        config.tls.clone(),
+        api_routes,
+        (api_mode, config.tls.clone()),
     )));
+    if let Some((listener, routes)) = peer_routes {
+        let peer_mode = if config.tls.is_some() { Mode::PeersOnly } else { Mode::Open };
+        tasks.push(tokio::spawn(serve_grpc(
+            node.clone(),
+            listener,
+            stop_rx.clone(),
+            routes,
+            (peer_mode, config.tls.clone()),
+        )));
+    }
     tasks.push(tokio::spawn(serve_http(node.clone(), http_listener, stop_rx)));
 
     if config.bootstrap {
@@ -140,8 +186,8 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     if let Some(seed) = config.join.clone() {
         tasks.push(tokio::spawn(join(raft.clone(), node.peers.clone(), seed, config.id, advertise.clone())));
     }
-    tracing::info!(id = config.id, grpc = %grpc_addr, http = %http_addr, data_dir = %config.data_dir.display(), "server started");
-    Ok(ServerHandle { id: config.id, grpc_addr, http_addr, raft, stop_tx, tasks })
+    tracing::info!(id = config.id, grpc = %grpc_addr, peer = ?peer_addr, http = %http_addr, data_dir = %config.data_dir.display(), "server started");
+    Ok(ServerHandle { id: config.id, grpc_addr, peer_addr, http_addr, raft, stop_tx, tasks })
 }
 
 async fn bootstrap(raft: &Raft, id: u64, addr: &str) -> Result<(), ClusterError> {
@@ -178,13 +224,16 @@ async fn join(raft: Raft, peers: crate::peers::Peers, seed: String, id: u64, add
     }
 }
 
+/// Serves the object and cluster services (and `routes`: the Raft service where this is
+/// the listener Raft travels on, the extensions on the API listener) on `listener`, every
+/// call checked under `mode` (Open without TLS: loopback, or --insecure; see
+/// ServerConfig::validate).
 async fn serve_grpc(
     node: Node,
     listener: TcpListener,
     mut stop: watch::Receiver<bool>,
-    extra: RoutesBuilder,
-    max_snapshot: u64,
-    tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+    routes: RoutesBuilder,
+    (mode, tls): (Mode, Option<std::sync::Arc<flotilla_security::Tls>>),
 ) {
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     health_reporter.set_serving::<ObjectServiceServer<ObjectServiceImpl>>().await;
@@ -198,24 +247,8 @@ async fn serve_grpc(
         ObjectServiceServer::new(ObjectServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
     let cluster =
         ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
-    let raft = RaftServiceServer::new(RaftServiceImpl {
-        raft: node.raft.clone(),
-        metrics: node.metrics.clone(),
-        leader_contact: Default::default(),
-        chunks: tokio::sync::Mutex::new(crate::snapshot_chunks::ChunkGuard::new(max_snapshot)),
-    })
-    .max_decoding_message_size(MAX_RAFT_MESSAGE)
-    .max_encoding_message_size(MAX_RAFT_MESSAGE);
-    let mut routes = extra;
-    routes
-        .add_service(health_service)
-        .add_service(reflection)
-        .add_service(objects)
-        .add_service(cluster)
-        .add_service(raft);
-    // With TLS every call is checked against the role table; without, security is off
-    // (loopback, or --insecure: see ServerConfig::validate).
-    let mode = if tls.is_some() { Mode::Enforced } else { Mode::Open };
+    let mut routes = routes;
+    routes.add_service(health_service).add_service(reflection).add_service(objects).add_service(cluster);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

@@ -76,6 +76,8 @@ pub enum Mode {
     Open,
     /// Identities and the table are enforced.
     Enforced,
+    /// A server's peer listener (`--peer-addr`): as `Enforced`, and only peers may call.
+    PeersOnly,
 }
 
 /// The identity a call carries, in its extensions (None: security is off).
@@ -118,6 +120,11 @@ pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(),
             crate::identity::URI_PREFIX
         )));
     };
+    if mode == Mode::PeersOnly && id.role != Role::Peer {
+        return Err(Refusal::Denied(format!(
+            "{id} may not call {path} here: this is a server's peer listener, for servers only (use its --grpc-addr)"
+        )));
+    }
     if id.scope.is_some() && !SCOPED_METHODS.contains(&path) {
         return Err(Refusal::Denied(format!(
             "{id} is limited to objects matching {:?} and may not call {path} (scoped operators apply, delete and read objects)",
@@ -271,7 +278,7 @@ where
     fn call(&mut self, mut req: http::Request<B>) -> Self::Future {
         let identity = match self.layer.mode {
             Mode::Open => None,
-            Mode::Enforced => self.layer.identity(&req),
+            Mode::Enforced | Mode::PeersOnly => self.layer.identity(&req),
         };
         let path = req.uri().path().to_string();
         match decide(self.layer.mode, &path, identity.as_ref()) {
@@ -349,6 +356,20 @@ mod tests {
         }
         assert!(cache.0.lock().unwrap().len() <= IDENTITY_CACHE_SIZE);
         assert_eq!(cache.identity(&a), Some(alice));
+    }
+
+    #[test]
+    fn the_peer_listener_serves_peers_only() {
+        let peer = Identity::new(Peer, "s2").unwrap();
+        let admin = Identity::new(Admin, "root").unwrap();
+        let append = "/flotilla.v1.RaftService/AppendEntries";
+        let apply = "/flotilla.v1.ObjectService/Apply";
+        assert_eq!(decide(Mode::PeersOnly, append, Some(&peer)), Ok(()));
+        assert_eq!(decide(Mode::PeersOnly, apply, Some(&peer)), Ok(()), "forwarded writes");
+        let e = decide(Mode::PeersOnly, apply, Some(&admin)).unwrap_err();
+        assert!(matches!(&e, Refusal::Denied(m) if m.contains("peer listener")), "{e:?}");
+        assert!(matches!(decide(Mode::PeersOnly, append, None), Err(Refusal::Unauthenticated(_))));
+        assert_eq!(decide(Mode::PeersOnly, "/grpc.health.v1.Health/Check", None), Ok(()));
     }
 
     #[test]

@@ -17,7 +17,8 @@ pub(crate) struct ServerArgs {
     /// Directory for the Raft log, state machine and snapshots (created if absent).
     #[arg(long, env = "FLOTILLA_DATA_DIR")]
     pub(crate) data_dir: PathBuf,
-    /// gRPC listen address (API and Raft traffic). Port 0 picks a free port.
+    /// gRPC listen address: the API, and Raft traffic too unless --peer-addr is given. Port 0
+    /// picks a free port.
     #[arg(long, env = "FLOTILLA_GRPC_ADDR", default_value = "127.0.0.1:7070")]
     pub(crate) grpc_addr: SocketAddr,
     /// HTTP listen address for /metrics, /healthz and /readyz. Port 0 picks a free port.
@@ -26,6 +27,18 @@ pub(crate) struct ServerArgs {
     /// Address other servers use to reach this one (default: the bound gRPC address).
     #[arg(long, env = "FLOTILLA_ADVERTISE_ADDR")]
     pub(crate) advertise_addr: Option<String>,
+    /// A listener of its own for server-to-server traffic (Raft, and the calls a follower
+    /// forwards to the leader): firewall it to the servers' network. With TLS it accepts
+    /// only server certificates, and the --grpc-addr listener then serves no Raft method.
+    /// Members know each other by this address (give it, not the API address, to
+    /// `cluster add-member`).
+    ///
+    /// Example: --grpc-addr 0.0.0.0:7070 --peer-addr 10.1.0.4:7072
+    #[arg(long, env = "FLOTILLA_PEER_ADDR")]
+    pub(crate) peer_addr: Option<SocketAddr>,
+    /// The peer address other servers dial (default: the bound --peer-addr).
+    #[arg(long, env = "FLOTILLA_ADVERTISE_PEER_ADDR", requires = "peer_addr")]
+    pub(crate) advertise_peer_addr: Option<String>,
     /// Start a new single-member cluster if the data dir holds none (ignored otherwise).
     #[arg(long, conflicts_with = "join")]
     pub(crate) bootstrap: bool,
@@ -87,6 +100,8 @@ impl ServerArgs {
             grpc_addr: self.grpc_addr,
             http_addr: self.http_addr,
             advertise_addr: self.advertise_addr.clone(),
+            peer_addr: self.peer_addr,
+            advertise_peer_addr: self.advertise_peer_addr.clone(),
             bootstrap: self.bootstrap,
             join: self.join.clone(),
             heartbeat_ms: self.heartbeat_ms,
@@ -134,7 +149,8 @@ pub(crate) async fn run(args: ServerArgs, tls: &flotilla_security::TlsArgs) -> R
     let actors = args.actors_config()?;
     let handle = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
     let signals = Signals::install()?;
-    println!("flotilla server {} listening grpc={} http={}", handle.id, handle.grpc_addr, handle.http_addr);
+    let peer = handle.peer_addr.map_or_else(String::new, |p| format!(" peer={p}"));
+    println!("flotilla server {} listening grpc={} http={}{peer}", handle.id, handle.grpc_addr, handle.http_addr);
     if args.tls_off_warning() {
         eprintln!("warning: TLS is off (--insecure): every call on {} is allowed to anyone", handle.grpc_addr);
     }
