@@ -118,7 +118,14 @@ fn tenant_spec() -> impl Strategy<Value = TenantSpec> {
         prop::collection::vec(name(), 0..4),
         prop::collection::vec("\\S{8,40}", 0..3),
     )
-        .prop_map(|(rpm, tpm, priority, models, api_keys)| TenantSpec { rpm, tpm, priority, models, api_keys })
+        .prop_map(|(rpm, tpm, priority, models, api_keys)| TenantSpec {
+            rpm,
+            tpm,
+            priority,
+            models,
+            api_keys,
+            keys: vec![],
+        })
 }
 
 fn spec() -> impl Strategy<Value = Spec> {

@@ -109,6 +109,11 @@ enum Command {
     ///
     /// Example: flotilla audit --since 1200 --who operator/
     Audit(cmd::audit::AuditArgs),
+    /// Tenants' API keys, made by the server and shown once: create, list, revoke.
+    ///
+    /// Example: flotilla tenant key create team-search
+    #[command(subcommand)]
+    Tenant(cmd::tenant::TenantCommand),
 }
 
 fn main() -> ExitCode {
@@ -183,6 +188,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tls(c) => cmd::tls::run(c),
         Command::Token(c) => cmd::token::run(&client, c, cli.output).await,
         Command::Audit(a) => cmd::audit::run(&client, a, cli.output).await,
+        Command::Tenant(c) => cmd::tenant::run(&client, c, cli.output).await,
         Command::Chaos(c) => {
             init_logging("warn");
             let bin =

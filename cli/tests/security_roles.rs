@@ -122,6 +122,16 @@ async fn call(ch: Channel, path: &str, node: &str) -> Code {
         ),
         "RemoveMember" => code(Cluster::new(ch).remove_member(pb::RemoveMemberRequest { id: 0 }).await),
         "Audit" => code(Cluster::new(ch).audit(pb::AuditRequest::default()).await),
+        "CreateKey" => code(
+            pb::tenant_key_service_client::TenantKeyServiceClient::new(ch)
+                .create_key(pb::CreateTenantKeyRequest { tenant: "absent".into() })
+                .await,
+        ),
+        "RevokeKey" => code(
+            pb::tenant_key_service_client::TenantKeyServiceClient::new(ch)
+                .revoke_key(pb::RevokeTenantKeyRequest { tenant: "absent".into(), id: "0".into() })
+                .await,
+        ),
         "AppendEntries" => code(Raft::new(ch).append_entries(garbage()).await),
         "Vote" => code(Raft::new(ch).vote(garbage()).await),
         "InstallSnapshot" => code(Raft::new(ch).install_snapshot(garbage()).await),
@@ -275,6 +285,39 @@ async fn every_role_and_method_against_the_table() {
     let out = flotilla(dir, &["--server", &server.addr, "--tls-cert", "x.pem", "get", "models"]);
     assert_eq!(out.status.code(), Some(2), "partial TLS flags are a usage error");
     assert!(String::from_utf8_lossy(&out.stderr).contains("--tls-key is missing"));
+
+    // tenant keys: made by the server, shown once, kept as id + hash, refused when shared
+    let out = as_role(&admin_files, &["tenant", "key", "create", "team-b", "-o", "json"]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let (key, key_id) = (made["key"].as_str().unwrap().to_string(), made["id"].as_str().unwrap().to_string());
+    assert!(key.starts_with(&format!("ftk_{key_id}_")) && key.len() == 85, "{key}");
+    let listed = as_role(&admin_files, &["tenant", "key", "list", "team-b", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["keys"][0]["id"], key_id.as_str(), "{listed}");
+    let shown = as_role(&admin_files, &["get", "tenant", "team-b", "-o", "json"]);
+    let shown = String::from_utf8_lossy(&shown.stdout);
+    assert!(shown.contains(&key_id) && !shown.contains(&flotilla_api::spec::hash_api_key(&key)), "{shown}");
+    let seen = pb::object_service_client::ObjectServiceClient::new(channel(&server.addr, &gw).await)
+        .get(pb::GetRequest { kind: "Tenant".into(), name: "team-b".into(), stale: false })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(seen.object.unwrap().spec_json.contains(&flotilla_api::spec::hash_api_key(&key)), "gateways read it");
+    let shared = dir.join("shared.yaml");
+    std::fs::write(&shared, "kind: Tenant\nmetadata:\n  name: team-c\nspec:\n  api_keys: [team-b-secret-1]\n").unwrap();
+    let out = as_role(&admin_files, &["apply", "-f", &shared.display().to_string()]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("spec.api_keys[0]") && err.contains("is a key of tenant team-b already"), "{err}");
+    let out = as_role(&cert_files(dir, "operator", "olga"), &["tenant", "key", "create", "team-b"]);
+    assert_eq!(out.status.code(), Some(1), "only admins make tenant keys");
+    assert!(as_role(&admin_files, &["tenant", "key", "revoke", "team-b", &key_id]).status.success());
+    let out = as_role(&admin_files, &["tenant", "key", "revoke", "team-b", &key_id]);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("has no key"), "revoked once");
+    let listed = as_role(&admin_files, &["tenant", "key", "list", "team-b", "-o", "json"]);
+    let listed: serde_json::Value = serde_json::from_slice(&listed.stdout).unwrap();
+    assert_eq!(listed["keys"], serde_json::json!([]), "{listed}");
 
     // bearer tokens: made by an admin, used with the CA alone, refused once revoked or expired
     let out = as_role(&admin_files, &["token", "create", "--role", "viewer", "--name", "ci", "-o", "json"]);

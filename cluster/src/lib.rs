@@ -29,6 +29,7 @@ pub mod redact;
 mod scope;
 mod server;
 mod snapshot_chunks;
+mod tenant_keys;
 pub mod tokens;
 
 pub use config::ServerConfig;

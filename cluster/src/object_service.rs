@@ -83,6 +83,31 @@ impl ObjectServiceImpl {
         ObjectServiceClient::new(self.node.peers.channel(addr))
     }
 
+    /// Refuses a tenant holding a key another tenant holds (a gateway could not tell whose
+    /// it is). Checked against this server's state: two racing writes could still slip a
+    /// shared key in, and gateways then refuse that key (`flotilla_gateway`'s tenant table).
+    fn refuse_shared_keys(&self, key: &ObjectKey, tenant: &flotilla_api::spec::TenantSpec) -> Result<(), Status> {
+        let (others, _) = self.node.reader.list(Kind::Tenant, &LabelSelector::default());
+        for other in others.iter().filter(|o| o.key != *key) {
+            let Ok(spec) = serde_json::from_value::<flotilla_api::spec::TenantSpec>(other.spec.clone()) else {
+                continue;
+            };
+            let theirs: std::collections::HashSet<&str> = spec.key_hashes().collect();
+            if let Some(i) = tenant.key_hashes().position(|h| theirs.contains(h)) {
+                let field = match i.checked_sub(tenant.api_keys.len()) {
+                    None => format!("spec.api_keys[{i}]"),
+                    Some(j) => format!("spec.keys[{j}]"),
+                };
+                let e = ApiError::invalid(
+                    field,
+                    format!("is a key of tenant {} already; every key names one tenant", other.key.name),
+                );
+                return Err(ClusterError::from(e).into());
+            }
+        }
+        Ok(())
+    }
+
     /// For a caller limited by a label selector (`crate::scope`): reads `key` linearizably,
     /// checks its labels as they are and as they would be (`after`, None for a delete), and
     /// returns the revision to pin the write to. Anyone else: `expected` unchanged.
@@ -137,7 +162,7 @@ impl ObjectServiceImpl {
     // compile under tonic's `async_trait`: the closures' futures borrow locals, and rustc
     // reports "implementation of `Send` is not general enough" (the async-closure Send-bound
     // limitation). Revisit when return-type notation for async closures is stable.
-    async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
+    pub(crate) async fn apply_inner(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let caller = caller_of(&request);
         let id = forwarded::request_id(&request);
@@ -150,6 +175,9 @@ impl ObjectServiceImpl {
             self.pin_scope(caller.as_ref(), &key, Some(&manifest.metadata.labels), req.expected_revision).await?;
         if let Spec::Adapter(adapter) = &manifest.spec {
             return self.apply_adapter(req.clone(), (id, by), &manifest, adapter, forwarded).await;
+        }
+        if let Spec::Tenant(tenant) = &manifest.spec {
+            self.refuse_shared_keys(&key, tenant)?;
         }
         let put = Command::Put {
             key,
@@ -307,7 +335,7 @@ impl ObjectServiceImpl {
         }
     }
 
-    async fn get_inner(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
+    pub(crate) async fn get_inner(&self, request: Request<GetRequest>) -> Result<Response<GetResponse>, Status> {
         let forwarded = is_forwarded(&request);
         let req = request.into_inner();
         let key = parse_key(&req.kind, &req.name)?;

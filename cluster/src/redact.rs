@@ -33,17 +33,22 @@ pub fn secrets_of(caller: Option<&Identity>) -> Secrets {
 /// Replaces the secrets of `obj` that `may` does not cover with [`REDACTED`]: a tenant's
 /// key hashes, a token's hash.
 pub fn redact(may: Secrets, obj: &mut pb::Object) {
-    let field = match (obj.kind.as_str(), may) {
+    match (obj.kind.as_str(), may) {
         (_, Secrets::All) | ("Tenant", Secrets::TenantKeys) => return,
-        ("Tenant", _) => "api_keys",
-        ("Token", _) => "hash",
+        ("Tenant", _) | ("Token", _) => {}
         _ => return,
-    };
+    }
     let Ok(mut spec) = serde_json::from_str::<serde_json::Value>(&obj.spec_json) else { return };
-    match spec.get_mut(field) {
-        Some(serde_json::Value::Array(keys)) => keys.iter_mut().for_each(|k| *k = REDACTED.into()),
-        Some(v @ serde_json::Value::String(_)) => *v = REDACTED.into(),
-        _ => return,
+    // a tenant's written keys and its made keys' hashes (ids stay: they name the keys);
+    // a token's hash
+    if let Some(serde_json::Value::Array(keys)) = spec.get_mut("api_keys") {
+        keys.iter_mut().for_each(|k| *k = REDACTED.into());
+    }
+    if let Some(serde_json::Value::Array(keys)) = spec.get_mut("keys") {
+        keys.iter_mut().filter_map(|k| k.get_mut("hash")).for_each(|h| *h = REDACTED.into());
+    }
+    if let Some(h @ serde_json::Value::String(_)) = spec.get_mut("hash") {
+        *h = REDACTED.into();
     }
     if let Ok(text) = serde_json::to_string(&spec) {
         obj.spec_json = text;
@@ -65,7 +70,7 @@ mod tests {
         pb::Object {
             kind: "Tenant".into(),
             name: "team-a".into(),
-            spec_json: r#"{"api_keys":["sha256:abc","sha256:def"],"rpm":5}"#.into(),
+            spec_json: r#"{"api_keys":["sha256:abc","sha256:def"],"keys":[{"id":"k1","hash":"sha256:ghi","created_at":3}],"rpm":5}"#.into(),
             ..Default::default()
         }
     }
@@ -102,7 +107,11 @@ mod tests {
         let mut t = tenant();
         redact(Secrets::None, &mut t);
         let spec: serde_json::Value = serde_json::from_str(&t.spec_json).unwrap();
-        assert_eq!(spec, serde_json::json!({"api_keys": [REDACTED, REDACTED], "rpm": 5}), "the count stays visible");
+        assert_eq!(
+            spec,
+            serde_json::json!({"api_keys": [REDACTED, REDACTED], "keys": [{"id": "k1", "hash": REDACTED, "created_at": 3}], "rpm": 5}),
+            "the count and the made keys' ids stay visible"
+        );
         let mut m =
             pb::Object { kind: "Model".into(), spec_json: r#"{"api_keys":["x"]}"#.into(), ..Default::default() };
         redact(Secrets::None, &mut m);

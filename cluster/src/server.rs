@@ -8,6 +8,7 @@ use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::cluster_service_server::ClusterServiceServer;
 use flotilla_api::pb::object_service_server::ObjectServiceServer;
 use flotilla_api::pb::raft_service_server::RaftServiceServer;
+use flotilla_api::pb::tenant_key_service_server::TenantKeyServiceServer;
 use flotilla_api::pb::AddMemberRequest;
 use flotilla_security::{AuthorizeLayer, Mode};
 use flotilla_storage::Raft;
@@ -247,8 +248,16 @@ async fn serve_grpc(
         ObjectServiceServer::new(ObjectServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
     let cluster =
         ClusterServiceServer::new(ClusterServiceImpl { node: node.clone() }).max_decoding_message_size(MAX_API_MESSAGE);
+    let tenant_keys = TenantKeyServiceServer::new(crate::tenant_keys::TenantKeyServiceImpl {
+        objects: ObjectServiceImpl { node: node.clone() },
+    });
     let mut routes = routes;
-    routes.add_service(health_service).add_service(reflection).add_service(objects).add_service(cluster);
+    routes
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(objects)
+        .add_service(cluster)
+        .add_service(tenant_keys);
     let server = tonic::transport::Server::builder()
         .tcp_nodelay(true)
         .http2_keepalive_interval(Some(Duration::from_secs(5)))

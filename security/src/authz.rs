@@ -39,6 +39,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     ("/flotilla.v1.ClusterService/AddMember", &[Admin, Peer]),
     ("/flotilla.v1.ClusterService/RemoveMember", &[Admin, Peer]),
     ("/flotilla.v1.ClusterService/Audit", &[Admin]),
+    ("/flotilla.v1.TenantKeyService/CreateKey", &[Admin, Peer]),
+    ("/flotilla.v1.TenantKeyService/RevokeKey", &[Admin, Peer]),
     ("/flotilla.v1.RaftService/AppendEntries", &[Peer]),
     ("/flotilla.v1.RaftService/Vote", &[Peer]),
     ("/flotilla.v1.RaftService/InstallSnapshot", &[Peer]),

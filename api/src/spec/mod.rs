@@ -20,7 +20,7 @@ pub use autoscaling::{
 pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
-pub use tenant::{hash_api_key, PriorityClass, TenantSpec, HASHED_KEY_PREFIX};
+pub use tenant::{hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, TENANT_KEY_PREFIX};
 pub use token::{parse_token, TokenSpec, TOKEN_PREFIX, TOKEN_ROLES};
 pub use uri::validate_source;
 
@@ -68,6 +68,9 @@ impl Spec {
                 let mut t: TenantSpec = typed(value)?;
                 t.validate()?;
                 t.hash_keys();
+                if let Some(field) = t.duplicate_key() {
+                    return Err(ApiError::invalid(field, "is a key this tenant already has"));
+                }
                 Spec::Tenant(t)
             }
             Kind::Token => Spec::Token(typed(value)?),

@@ -40,6 +40,23 @@ pub fn hash_api_key(key: &str) -> String {
     format!("{HASHED_KEY_PREFIX}{hex}")
 }
 
+/// Prefix of a key made by `flotilla tenant key create`: `ftk_<16 hex id>_<64 hex secret>`.
+pub const TENANT_KEY_PREFIX: &str = "ftk_";
+
+/// A key the server made (`flotilla tenant key create`); only its hash is kept.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TenantKey {
+    /// The key's public id (16 hex digits, also inside the key): how `get tenant` shows it
+    /// and `tenant key revoke` names it.
+    pub id: String,
+    /// `sha256:<hex>` of the whole key.
+    pub hash: String,
+    /// Unix seconds when it was made.
+    #[serde(default)]
+    pub created_at: u64,
+}
+
 /// The spec of a `Tenant`. A limit of 0 or absent means unlimited.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
@@ -59,6 +76,10 @@ pub struct TenantSpec {
     /// `sha256:<hex>`; the server stores only the hashed form.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// Keys made by the server (`flotilla tenant key create`), by id. Written by that
+    /// command, not by hand.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub keys: Vec<TenantKey>,
 }
 
 impl TenantSpec {
@@ -67,6 +88,19 @@ impl TenantSpec {
         at_most("spec.tpm", self.tpm, 100_000_000_000)?;
         at_most("spec.models", self.models.len(), 10_000)?;
         at_most("spec.api_keys", self.api_keys.len(), 100)?;
+        at_most("spec.keys", self.keys.len(), 100)?;
+        let is_hex = |s: &str, n: usize| s.len() == n && s.bytes().all(|b| b.is_ascii_hexdigit());
+        for (i, k) in self.keys.iter().enumerate() {
+            if !is_hex(&k.id, 16) {
+                return Err(ApiError::invalid(format!("spec.keys[{i}].id"), "must be 16 hex digits"));
+            }
+            if !k.hash.strip_prefix(HASHED_KEY_PREFIX).is_some_and(|h| is_hex(h, 64)) {
+                return Err(ApiError::invalid(format!("spec.keys[{i}].hash"), "must be sha256:<64 hex digits>"));
+            }
+            if self.keys[..i].iter().any(|o| o.id == k.id) {
+                return Err(ApiError::invalid(format!("spec.keys[{i}].id"), format!("{} appears twice", k.id)));
+            }
+        }
         for (i, k) in self.api_keys.iter().enumerate() {
             if k.len() < 8 || k.len() > 256 || k.chars().any(char::is_whitespace) {
                 return Err(ApiError::invalid(
@@ -86,6 +120,22 @@ impl TenantSpec {
             }
         }
     }
+
+    /// Every key hash of this tenant (after [`TenantSpec::hash_keys`]): its `api_keys` and
+    /// its server-made `keys`.
+    pub fn key_hashes(&self) -> impl Iterator<Item = &str> {
+        self.api_keys.iter().map(String::as_str).chain(self.keys.iter().map(|k| k.hash.as_str()))
+    }
+
+    /// A key hash held twice by this tenant, with the field that holds the second (after
+    /// [`TenantSpec::hash_keys`]).
+    pub fn duplicate_key(&self) -> Option<String> {
+        let all: Vec<&str> = self.key_hashes().collect();
+        (0..all.len()).find(|&i| all[..i].contains(&all[i])).map(|i| match i.checked_sub(self.api_keys.len()) {
+            None => format!("spec.api_keys[{i}]"),
+            Some(j) => format!("spec.keys[{j}]"),
+        })
+    }
 }
 
 #[cfg(test)]
@@ -100,6 +150,7 @@ mod tests {
             priority: PriorityClass::Standard,
             models: vec![],
             api_keys: vec!["secret-key-1".into()],
+            keys: vec![],
         };
         t.hash_keys();
         let once = t.api_keys[0].clone();
@@ -107,5 +158,16 @@ mod tests {
         t.hash_keys();
         assert_eq!(t.api_keys[0], once);
         assert_eq!(hash_api_key("secret-key-1"), once);
+        assert_eq!(t.duplicate_key(), None);
+        let made = TenantKey { id: "0123456789abcdef".into(), hash: once.clone(), created_at: 1 };
+        t.keys.push(made.clone());
+        assert!(t.validate().is_ok());
+        assert_eq!(t.duplicate_key().as_deref(), Some("spec.keys[0]"), "a made key equal to a written one");
+        t.keys[0].hash = hash_api_key("other");
+        assert_eq!(t.key_hashes().count(), 2);
+        t.keys.push(made);
+        t.keys[1].hash = hash_api_key("third");
+        let e = t.validate().unwrap_err().to_string();
+        assert!(e.contains("spec.keys[1].id"), "{e}");
     }
 }

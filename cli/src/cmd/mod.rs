@@ -6,5 +6,6 @@ pub(crate) mod node;
 pub(crate) mod objects;
 pub(crate) mod scale;
 pub(crate) mod server;
+pub(crate) mod tenant;
 pub(crate) mod tls;
 pub(crate) mod token;
