@@ -266,6 +266,7 @@ mod tests {
             priority: PriorityClass::Critical,
             models: vec![],
             api_keys: vec!["key-tenant-1".into()],
+            max_concurrent_requests: None,
         };
         gw.dir.set_tenants(crate::table::Tenants::from_tenants([Tenant { name: "t".into(), spec: spec(1) }]));
         Arc::new(gw)
@@ -339,7 +340,14 @@ mod tests {
         let t = |p| Caller {
             tenant: Some(Arc::new(Tenant {
                 name: "t".into(),
-                spec: flotilla_api::spec::TenantSpec { rpm: 0, tpm: 0, priority: p, models: vec![], api_keys: vec![] },
+                spec: flotilla_api::spec::TenantSpec {
+                    rpm: 0,
+                    tpm: 0,
+                    priority: p,
+                    models: vec![],
+                    api_keys: vec![],
+                    max_concurrent_requests: None,
+                },
             })),
             name: "t".into(),
         };

@@ -59,7 +59,15 @@ pub struct TenantSpec {
     /// `sha256:<hex>`; the server stores only the hashed form.
     #[serde(default)]
     pub api_keys: Vec<String>,
+    /// Requests of the tenant in flight at once on the gateways (each gateway allows its
+    /// share, like `rpm`); past it, 429. Absent: the gateway's `--tenant-max-concurrency`;
+    /// 0: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
+
+/// Highest `max_concurrent_requests` a tenant may be given.
+pub const MAX_TENANT_CONCURRENCY: u32 = 1_000_000;
 
 impl TenantSpec {
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -67,6 +75,9 @@ impl TenantSpec {
         at_most("spec.tpm", self.tpm, 100_000_000_000)?;
         at_most("spec.models", self.models.len(), 10_000)?;
         at_most("spec.api_keys", self.api_keys.len(), 100)?;
+        if let Some(n) = self.max_concurrent_requests {
+            at_most("spec.max_concurrent_requests", n, MAX_TENANT_CONCURRENCY)?;
+        }
         for (i, k) in self.api_keys.iter().enumerate() {
             if k.len() < 8 || k.len() > 256 || k.chars().any(char::is_whitespace) {
                 return Err(ApiError::invalid(
@@ -100,6 +111,7 @@ mod tests {
             priority: PriorityClass::Standard,
             models: vec![],
             api_keys: vec!["secret-key-1".into()],
+            max_concurrent_requests: None,
         };
         t.hash_keys();
         let once = t.api_keys[0].clone();
@@ -107,5 +119,31 @@ mod tests {
         t.hash_keys();
         assert_eq!(t.api_keys[0], once);
         assert_eq!(hash_api_key("secret-key-1"), once);
+    }
+
+    #[test]
+    fn max_concurrent_requests_is_optional_and_bounded() {
+        let parse = |y: &str| -> Result<TenantSpec, String> {
+            let t: TenantSpec = serde_yaml::from_str(y).map_err(|e| e.to_string())?;
+            t.validate().map_err(|e| e.to_string())?;
+            Ok(t)
+        };
+        let cases: [(&str, Result<Option<u32>, &str>); 6] = [
+            ("{}", Ok(None)),
+            ("{max_concurrent_requests: 0}", Ok(Some(0))),
+            ("{max_concurrent_requests: 8}", Ok(Some(8))),
+            ("{max_concurrent_requests: 1000001}", Err("spec.max_concurrent_requests")),
+            ("{max_concurrent_requests: -1}", Err("max_concurrent_requests")),
+            ("{max_concurrent_requests: lots}", Err("max_concurrent_requests")),
+        ];
+        for (y, want) in cases {
+            match (parse(y), want) {
+                (Ok(t), Ok(n)) => assert_eq!(t.max_concurrent_requests, n, "{y}"),
+                (Err(e), Err(w)) => assert!(e.contains(w) || e.contains("invalid"), "{y}: {e}"),
+                (got, want) => panic!("{y}: {got:?}, want {want:?}"),
+            }
+        }
+        let t = parse("{}").unwrap();
+        assert!(!serde_json::to_string(&t).unwrap().contains("max_concurrent"), "absent stays absent");
     }
 }
