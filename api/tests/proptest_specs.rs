@@ -105,8 +105,16 @@ fn adapter_spec() -> impl Strategy<Value = AdapterSpec> {
         Just(AdapterPlacement::BinPack),
         Just(AdapterPlacement::LeastLoad)
     ];
-    (name(), source(), replicas, placement, proptest::option::of(1u32..=512)).prop_map(
-        |(base_model, source, replicas, placement, rank)| AdapterSpec { base_model, source, rank, replicas, placement },
+    let tenants = prop::collection::btree_set(name(), 0..4).prop_map(|s| s.into_iter().collect::<Vec<_>>());
+    (name(), source(), replicas, placement, proptest::option::of(1u32..=512), tenants).prop_map(
+        |(base_model, source, replicas, placement, rank, tenants)| AdapterSpec {
+            base_model,
+            source,
+            rank,
+            replicas,
+            placement,
+            tenants,
+        },
     )
 }
 
@@ -117,14 +125,16 @@ fn tenant_spec() -> impl Strategy<Value = TenantSpec> {
         priority(),
         prop::collection::vec(name(), 0..4),
         prop::collection::vec("\\S{8,40}", 0..3),
+        proptest::option::of(0u32..=1_000_000),
     )
-        .prop_map(|(rpm, tpm, priority, models, api_keys)| TenantSpec {
+        .prop_map(|(rpm, tpm, priority, models, api_keys, max_concurrent_requests)| TenantSpec {
             rpm,
             tpm,
             priority,
             models,
             api_keys,
             keys: vec![],
+            max_concurrent_requests,
         })
 }
 

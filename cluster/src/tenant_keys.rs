@@ -142,6 +142,7 @@ mod tests {
             models: vec![],
             api_keys: vec![],
             keys: vec![kept],
+            max_concurrent_requests: None,
         };
         assert!(spec.validate().is_ok());
     }

@@ -117,6 +117,8 @@ api_codes! {
         "the tenant is over its requests per minute (Retry-After, `x-ratelimit-*`)"),
     TpmLimitExceeded => (TOO_MANY_REQUESTS, RateLimit, "tpm_limit_exceeded",
         "the tenant is over its tokens per minute (Retry-After, `x-ratelimit-*`)"),
+    ConcurrencyLimitExceeded => (TOO_MANY_REQUESTS, RateLimit, "concurrency_limit_exceeded",
+        "the tenant has its `max_concurrent_requests` (else `--tenant-max-concurrency`) requests in flight (Retry-After 1)"),
     // routes (server)
     NotFound => (NOT_FOUND, InvalidRequest, "not_found",
         "no such path"),
@@ -154,6 +156,8 @@ api_codes! {
         "every engine tried failed before answering, or the answer could not be relayed"),
     UpstreamTimeout => (GATEWAY_TIMEOUT, Server, "upstream_timeout",
         "the engine sent no response head within `--upstream-timeout-s`"),
+    StreamDurationExceeded => (REQUEST_TIMEOUT, InvalidRequest, "stream_duration_exceeded",
+        "a streamed response lasted `--max-stream-duration`: sent as the stream's last SSE event (the status was already 200)"),
     Internal => (INTERNAL_SERVER_ERROR, Server, "internal",
         "a bug in the gateway"),
 }

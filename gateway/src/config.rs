@@ -117,6 +117,21 @@ pub struct GatewayArgs {
     /// this and its class's queue deadline, then gets 503 with Retry-After.
     #[arg(long, default_value_t = 120_000)]
     pub cold_start_timeout_ms: u64,
+    /// Requests one tenant may have in flight on this gateway at once when its `Tenant`
+    /// has no `max_concurrent_requests` (0: unbounded); past it, 429
+    /// `concurrency_limit_exceeded` with Retry-After. Auth off: not applied.
+    #[arg(long, default_value_t = 256, value_name = "N")]
+    pub tenant_max_concurrency: u32,
+    /// Longest a streamed response may last, with a unit: `ms`, `s`, `m` or `h` (e.g. `30m`,
+    /// `90s`; `0`: no bound). Past it the gateway sends the client an SSE error event
+    /// (`stream_duration_exceeded`), ends the stream and cancels the engine's request.
+    #[arg(long, default_value = "30m", value_name = "DURATION")]
+    pub max_stream_duration: String,
+    /// Serve `/metrics` on this separate HOST:PORT (e.g. `127.0.0.1:9090`, port 0: any)
+    /// and not on `--listen` (404 there), so that tenants cannot read other tenants'
+    /// names and traffic. Without it `/metrics` is on `--listen`.
+    #[arg(long, value_name = "ADDR", env = "FLOTILLA_GATEWAY_METRICS_LISTEN")]
+    pub metrics_listen: Option<String>,
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,
@@ -203,6 +218,12 @@ pub struct Config {
     pub demand_report_interval: Option<Duration>,
     pub max_held_per_model: usize,
     pub cold_start_timeout: Duration,
+    /// Per-tenant requests in flight when the tenant sets none (0: unbounded).
+    pub tenant_max_concurrency: u32,
+    /// None: streams are not bounded.
+    pub max_stream_duration: Option<Duration>,
+    /// Where `/metrics` is served instead of `listen`.
+    pub metrics_listen: Option<String>,
 }
 
 impl Config {
@@ -235,12 +256,66 @@ pub fn parse_backend(s: &str) -> Result<StaticBackend, GatewayError> {
     Ok(StaticBackend { model: model.into(), authority, api_key: None })
 }
 
+/// Longest `--max-stream-duration`.
+pub const MAX_STREAM_DURATION: Duration = Duration::from_secs(7 * 24 * 3600);
+
+/// Parses `--max-stream-duration`: a whole number with a unit `ms`, `s`, `m` or `h`, or `0`
+/// (no bound, None); at most [`MAX_STREAM_DURATION`].
+pub fn parse_stream_duration(s: &str) -> Result<Option<Duration>, GatewayError> {
+    let bad = |why: &str| {
+        GatewayError::Usage(format!(
+            "--max-stream-duration {s:?}: {why} (expected a number with a unit ms, s, m or h, e.g. 30m; 0: no bound)"
+        ))
+    };
+    if s == "0" {
+        return Ok(None);
+    }
+    let split = s.find(|c: char| !c.is_ascii_digit()).ok_or_else(|| bad("no unit"))?;
+    let (n, unit) = s.split_at(split);
+    let n: u64 = n.parse().map_err(|_| bad("not a whole number"))?;
+    let ms = match unit {
+        "ms" => Some(n),
+        "s" => n.checked_mul(1_000),
+        "m" => n.checked_mul(60_000),
+        "h" => n.checked_mul(3_600_000),
+        _ => return Err(bad("unknown unit")),
+    }
+    .ok_or_else(|| bad("too long"))?;
+    let d = Duration::from_millis(ms);
+    if d.is_zero() {
+        return Ok(None);
+    }
+    if d > MAX_STREAM_DURATION {
+        return Err(bad("longer than 168h"));
+    }
+    Ok(Some(d))
+}
+
+fn check_addr(flag: &str, addr: &str) -> Result<(), GatewayError> {
+    if addr.parse::<SocketAddr>().is_err() && !addr.contains(':') {
+        return Err(GatewayError::Usage(format!("{flag} {addr:?} is not HOST:PORT")));
+    }
+    Ok(())
+}
+
 impl GatewayArgs {
     /// Checks every flag once; errors are usage errors (exit code 2).
     pub fn validate(&self) -> Result<Config, GatewayError> {
         let usage = |m: String| Err(GatewayError::Usage(m));
-        if self.listen.parse::<SocketAddr>().is_err() && !self.listen.contains(':') {
-            return usage(format!("--listen {:?} is not HOST:PORT", self.listen));
+        check_addr("--listen", &self.listen)?;
+        if let Some(m) = &self.metrics_listen {
+            check_addr("--metrics-listen", m)?;
+            if *m == self.listen && !m.ends_with(":0") {
+                return usage(format!("--metrics-listen {m:?} is the same address as --listen"));
+            }
+        }
+        let max_stream_duration = parse_stream_duration(&self.max_stream_duration)?;
+        if self.tenant_max_concurrency > flotilla_api::spec::MAX_TENANT_CONCURRENCY {
+            return usage(format!(
+                "--tenant-max-concurrency {} is over the maximum of {}",
+                self.tenant_max_concurrency,
+                flotilla_api::spec::MAX_TENANT_CONCURRENCY
+            ));
         }
         let mut backends = self.backends.iter().map(|b| parse_backend(b)).collect::<Result<Vec<_>, _>>()?;
         if let Some(k) = &self.backend_api_key {
@@ -329,6 +404,9 @@ impl GatewayArgs {
             demand_report_interval: (self.demand_report_interval_ms > 0).then(|| ms(self.demand_report_interval_ms)),
             max_held_per_model: self.max_held_per_model,
             cold_start_timeout: ms(self.cold_start_timeout_ms),
+            tenant_max_concurrency: self.tenant_max_concurrency,
+            max_stream_duration,
+            metrics_listen: self.metrics_listen.clone(),
         })
     }
 }
@@ -366,7 +444,60 @@ mod tests {
         let off = GatewayArgs { demand_report_interval_ms: 0, ..a.clone() }.validate().unwrap();
         assert_eq!(off.demand_report_interval, None);
         assert!(GatewayArgs { cold_start_timeout_ms: 0, ..a.clone() }.validate().unwrap_err().is_usage());
+        assert_eq!((c.tenant_max_concurrency, c.max_stream_duration), (256, Some(Duration::from_secs(1800))));
+        assert_eq!(c.metrics_listen, None);
         let a = GatewayArgs { adapter_load_timeout_ms: 0, ..a };
         assert!(a.validate().unwrap_err().is_usage());
+    }
+
+    #[test]
+    fn stream_durations_take_a_unit_and_zero_is_no_bound() {
+        let s = Duration::from_secs;
+        let cases: [(&str, Result<Option<Duration>, &str>); 14] = [
+            ("30m", Ok(Some(s(1800)))),
+            ("90s", Ok(Some(s(90)))),
+            ("250ms", Ok(Some(Duration::from_millis(250)))),
+            ("2h", Ok(Some(s(7200)))),
+            ("168h", Ok(Some(s(168 * 3600)))),
+            ("0", Ok(None)),
+            ("0s", Ok(None)),
+            ("169h", Err("longer than 168h")),
+            ("30", Err("no unit")),
+            ("-5m", Err("not a whole number")),
+            ("m", Err("not a whole number")),
+            ("5 m", Err("unknown unit")),
+            ("1.5h", Err("unknown unit")),
+            ("99999999999999999999h", Err("not a whole number")),
+        ];
+        for (arg, want) in cases {
+            match (parse_stream_duration(arg), want) {
+                (Ok(d), Ok(w)) => assert_eq!(d, w, "{arg}"),
+                (Err(e), Err(w)) => {
+                    assert!(e.is_usage() && e.to_string().contains(w), "{arg}: {e}");
+                    assert!(e.to_string().contains("--max-stream-duration"), "{e}");
+                }
+                (got, want) => panic!("{arg}: {got:?}, want {want:?}"),
+            }
+        }
+    }
+
+    #[test]
+    fn bounds_and_the_metrics_listener_are_checked_at_start() {
+        let a = GatewayArgs { backends: vec!["m=127.0.0.1:1".into()], ..GatewayArgs::default() };
+        let cases: [(GatewayArgs, Option<&str>); 6] = [
+            (GatewayArgs { tenant_max_concurrency: 0, ..a.clone() }, None),
+            (GatewayArgs { tenant_max_concurrency: 1_000_001, ..a.clone() }, Some("--tenant-max-concurrency")),
+            (GatewayArgs { max_stream_duration: "forever".into(), ..a.clone() }, Some("--max-stream-duration")),
+            (GatewayArgs { metrics_listen: Some("127.0.0.1:9090".into()), ..a.clone() }, None),
+            (GatewayArgs { metrics_listen: Some("nonsense".into()), ..a.clone() }, Some("--metrics-listen")),
+            (GatewayArgs { metrics_listen: Some(a.listen.clone()), ..a.clone() }, Some("same address")),
+        ];
+        for (args, want) in cases {
+            match (args.validate(), want) {
+                (Ok(_), None) => {}
+                (Err(e), Some(w)) => assert!(e.is_usage() && e.to_string().contains(w), "{e}"),
+                (got, want) => panic!("{:?}: {want:?}", got.map(|c| c.metrics_listen)),
+            }
+        }
     }
 }

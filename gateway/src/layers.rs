@@ -4,9 +4,9 @@
 //!
 //! ```text
 //! auth ──Caller──> policy ──Policy──> body ──Parsed──> limits ──Remaining──> proxy handler
-//! (key->tenant)   (priority,       (size, timeout,    (allowed model,        (QoS queue, routing,
-//!                  routing,         parse features)    RPM/TPM)               retries, stream)
-//!                  session)
+//! (key->tenant)   (priority,       (size, timeout,    (in flight,            (QoS queue, routing,
+//!                  routing,         parse features)    allowed model,         retries, stream)
+//!                  session)                            RPM/TPM)
 //! ```
 
 use std::str::FromStr;
@@ -21,6 +21,7 @@ use http::HeaderMap;
 use http_body_util::{BodyExt, Limited};
 use tokio::time::Instant;
 
+use crate::concurrency::{self, Permit};
 use crate::error::{ApiCode, ApiError};
 use crate::limits::Remaining;
 use crate::metrics::TenantLabels;
@@ -38,6 +39,13 @@ pub struct Caller {
     /// None when auth is off.
     pub tenant: Option<Arc<Tenant>>,
     pub name: String,
+}
+
+impl Caller {
+    /// The tenant's name; None when auth is off.
+    pub fn tenant_name(&self) -> Option<&str> {
+        self.tenant.as_ref().map(|t| t.name.as_str())
+    }
 }
 
 /// Per-request choices from headers (set by [`policy`]).
@@ -224,19 +232,54 @@ pub fn check_tenant(gw: &Gateway, caller: &Caller, model: &str) -> Result<Remain
     })
 }
 
-/// Layer 4: the tenant may use the model and is within its RPM/TPM (403/429).
+/// The tenant's place among its requests in flight (`concurrency`): None when auth is off
+/// (429 at the bound, before RPM counts the request).
+pub fn check_concurrency(gw: &Gateway, caller: &Caller) -> Result<Option<Permit>, ApiError> {
+    let Some(t) = &caller.tenant else { return Ok(None) };
+    let limit =
+        concurrency::limit_for(t.spec.max_concurrent_requests, gw.cfg.tenant_max_concurrency, gw.cfg.gateway_replicas);
+    gw.in_flight.acquire(&t.name, limit).map(Some).map_err(|busy| {
+        gw.metrics.reject(&t.name, "concurrency");
+        ApiError::new(
+            ApiCode::ConcurrencyLimitExceeded,
+            format!(
+                "tenant {:?} is at its limit of {} concurrent requests (max_concurrent_requests); retry when one ends",
+                t.name, busy.limit
+            ),
+        )
+        .retry_after(1)
+    })
+}
+
+/// Layer 4: the tenant is within its concurrent requests (429), may use the model (403)
+/// and is within its RPM/TPM (429). The concurrency permit is held by the response body,
+/// so a stream keeps its place until it ends or the client leaves.
 pub async fn limits(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next) -> Response {
     let (Some(caller), Some(parsed)) = (req.extensions().get::<Caller>(), req.extensions().get::<Parsed>()) else {
         return next.run(req).await;
     };
     let model = parsed.features.model.clone();
+    let permit = match check_concurrency(&gw, caller) {
+        Ok(p) => p,
+        Err(e) => return fail(&gw, &gw.model_label(&model, Some(e.code)), e),
+    };
     match check_tenant(&gw, caller, &model) {
         Ok(remaining) => {
             gw.metrics.tenant_requests.get_or_create(&TenantLabels { tenant: caller.name.clone() }).inc();
             req.extensions_mut().insert(remaining);
-            next.run(req).await
+            let resp = next.run(req).await;
+            match permit {
+                // the closure owns the permit: it is released when the body is dropped
+                Some(permit) => resp.map(|b| {
+                    axum::body::Body::new(b.map_frame(move |f| {
+                        let _held = &permit;
+                        f
+                    }))
+                }),
+                None => resp,
+            }
         }
-        Err(e) => fail(&gw, &model, e),
+        Err(e) => fail(&gw, &gw.model_label(&model, Some(e.code)), e),
     }
 }
 
@@ -267,6 +310,7 @@ mod tests {
             models: vec![],
             api_keys: vec!["key-tenant-1".into()],
             keys: vec![],
+            max_concurrent_requests: None,
         };
         gw.dir.set_tenants(crate::table::Tenants::from_tenants([Tenant { name: "t".into(), spec: spec(1) }]));
         Arc::new(gw)
@@ -347,6 +391,7 @@ mod tests {
                     models: vec![],
                     api_keys: vec![],
                     keys: vec![],
+                    max_concurrent_requests: None,
                 },
             })),
             name: "t".into(),

@@ -17,6 +17,7 @@
 pub mod admission;
 pub mod api_code;
 pub mod cluster;
+pub mod concurrency;
 pub mod config;
 pub mod demand;
 pub mod discovery;
@@ -30,6 +31,7 @@ pub mod lora;
 pub mod metrics;
 pub mod names;
 pub mod ondemand;
+pub mod ownership;
 pub mod proxy;
 pub mod qos;
 pub mod request;
@@ -55,9 +57,11 @@ pub use state::Gateway;
 /// A running gateway started by [`start`].
 pub struct GatewayHandle {
     addr: SocketAddr,
+    metrics_addr: Option<SocketAddr>,
     gw: Arc<Gateway>,
     stop: watch::Sender<bool>,
     server: Option<JoinHandle<()>>,
+    metrics_server: Option<JoinHandle<()>>,
     background: Vec<JoinHandle<()>>,
 }
 
@@ -73,6 +77,11 @@ impl GatewayHandle {
         self.addr
     }
 
+    /// The bound `--metrics-listen` address, when given.
+    pub fn metrics_addr(&self) -> Option<SocketAddr> {
+        self.metrics_addr
+    }
+
     /// `http://ADDR`.
     pub fn base_url(&self) -> String {
         format!("http://{}", self.addr)
@@ -86,7 +95,7 @@ impl GatewayHandle {
     /// Stops accepting, drains connections (at most 5 s) and stops background tasks.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
-        if let Some(s) = self.server.take() {
+        for s in [self.server.take(), self.metrics_server.take()].into_iter().flatten() {
             let _ = s.await;
         }
         for b in self.background.drain(..) {
@@ -111,6 +120,18 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
         .await
         .map_err(|source| GatewayError::Bind { addr: cfg.listen.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| GatewayError::Bind { addr: cfg.listen.clone(), source })?;
+    let metrics_listener = match &cfg.metrics_listen {
+        Some(m) => {
+            let bind_err = |source| GatewayError::Bind { addr: m.clone(), source };
+            let l = TcpListener::bind(m).await.map_err(bind_err)?;
+            let a = l.local_addr().map_err(bind_err)?;
+            Some((l, a))
+        }
+        None => None,
+    };
+    if let Some(w) = server::metrics_exposure_warning(addr, metrics_listener.is_some()) {
+        tracing::warn!(listen = %addr, "{w}");
+    }
     let gw = Arc::new(Gateway::new(cfg));
     let mut background = Vec::new();
     let cfg = &gw.cfg;
@@ -147,9 +168,12 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
         }
     }));
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, gw.clone(), stop_rx));
-    tracing::info!(addr = %addr, auth = gw.cfg.auth, backends = gw.cfg.backends.len(), servers = gw.cfg.servers.len(), "gateway started");
-    Ok(GatewayHandle { addr, gw, stop, server: Some(server), background })
+    let server = tokio::spawn(server::serve(listener, server::router(gw.clone()), gw.clone(), stop_rx.clone()));
+    let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
+    let metrics_server = metrics_listener
+        .map(|(l, _)| tokio::spawn(server::serve(l, server::metrics_router(gw.clone()), gw.clone(), stop_rx)));
+    tracing::info!(addr = %addr, metrics = ?metrics_addr, auth = gw.cfg.auth, backends = gw.cfg.backends.len(), servers = gw.cfg.servers.len(), "gateway started");
+    Ok(GatewayHandle { addr, metrics_addr, gw, stop, server: Some(server), metrics_server, background })
 }
 
 /// `flotilla gateway`: prints `flotilla gateway listening on http://ADDR` and serves until
@@ -162,6 +186,9 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     println!("flotilla gateway listening on http://{}", handle.local_addr());
+    if let Some(m) = handle.metrics_addr() {
+        println!("flotilla gateway metrics on http://{m}/metrics");
+    }
     tokio::select! {
         _ = term.recv() => {}
         _ = int.recv() => {}

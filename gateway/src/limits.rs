@@ -136,7 +136,15 @@ mod tests {
     use super::*;
 
     fn spec(rpm: u64, tpm: u64) -> TenantSpec {
-        TenantSpec { rpm, tpm, priority: Default::default(), models: vec![], api_keys: vec![], keys: vec![] }
+        TenantSpec {
+            rpm,
+            tpm,
+            priority: Default::default(),
+            models: vec![],
+            api_keys: vec![],
+            max_concurrent_requests: None,
+            keys: vec![],
+        }
     }
 
     #[test]

@@ -24,6 +24,7 @@ use flotilla_api::spec::AdapterPhase;
 use tokio::time::Instant;
 
 use crate::names::{AdapterName, ModelName, ServedName};
+use crate::ownership::Owners;
 use crate::table::{Endpoint, EndpointId, EndpointSet};
 
 /// How long the gateway's own knowledge of an adapter on an endpoint outlives the
@@ -41,17 +42,21 @@ pub struct AdapterInfo {
     pub phase: AdapterPhase,
     /// Why it is Failed (or not loaded), from its status.
     pub reason: String,
+    /// The tenants that may use it (`spec.tenants`; see `ownership`).
+    pub owners: Owners,
 }
 
 /// Reads an `Adapter` object's spec and status leniently (unknown fields are fine: the
-/// gateway needs only the base model, phase and reason). None without a base model.
+/// gateway needs only the base model, phase, reason and owners). None without a base
+/// model.
 pub fn adapter_info(spec_json: &str, status_json: &str) -> Option<AdapterInfo> {
     let spec: serde_json::Value = serde_json::from_str(spec_json).ok()?;
     let base_model = ModelName::new(spec.get("base_model")?.as_str().filter(|s| !s.is_empty())?);
+    let owners = Owners::of_spec(&spec);
     let status: serde_json::Value = serde_json::from_str(status_json).unwrap_or_default();
     let phase = status.get("phase").and_then(|p| serde_json::from_value(p.clone()).ok()).unwrap_or_default();
     let reason = status.get("reason").and_then(|r| r.as_str()).unwrap_or_default().to_string();
-    Some(AdapterInfo { base_model, phase, reason })
+    Some(AdapterInfo { base_model, phase, reason, owners })
 }
 
 /// `(id, parent)` for `/v1/models`: the table's models, then every adapter, loaded
@@ -193,8 +198,15 @@ mod tests {
         .unwrap();
         assert_eq!(
             a,
-            AdapterInfo { base_model: "llama".into(), phase: AdapterPhase::Failed, reason: "bad rank".into() }
+            AdapterInfo {
+                base_model: "llama".into(),
+                phase: AdapterPhase::Failed,
+                reason: "bad rank".into(),
+                owners: Owners::Anyone
+            }
         );
+        let owned = adapter_info(r#"{"base_model":"llama","tenants":["a"]}"#, "{}").unwrap();
+        assert_eq!(owned.owners, Owners::Only(vec!["a".to_string()].into()));
         let b = adapter_info(r#"{"base_model":"llama"}"#, "{}").unwrap();
         assert_eq!((b.phase, b.reason.as_str()), (AdapterPhase::Pending, ""));
         assert!(adapter_info(r#"{"source":"sim://a"}"#, "{}").is_none());
@@ -204,7 +216,12 @@ mod tests {
     #[test]
     fn the_listing_has_declared_and_loaded_adapters_with_their_parent() {
         let set = EndpointSet::from_endpoints([ep("base", "a:1", &["sql", "seen"]), ep("other", "b:1", &[])]);
-        let info = |b: &str| AdapterInfo { base_model: b.into(), phase: AdapterPhase::Pending, reason: String::new() };
+        let info = |b: &str| AdapterInfo {
+            base_model: b.into(),
+            phase: AdapterPhase::Pending,
+            reason: String::new(),
+            owners: Owners::Anyone,
+        };
         let adapters: HashMap<AdapterName, AdapterInfo> = [
             ("sql".into(), info("base")),
             ("cold".into(), info("base")),

@@ -2,8 +2,13 @@
 //! code, TTFT, TPOT, end-to-end latency, tokens in and out; queue wait per class; per
 //! tenant requests, tokens and rejections; retries and ejections; on-demand adapter loads
 //! (cold loads per adapter, the wait of requests that needed one, load errors by reason);
-//! scale from zero (requests held per model, their hold time, hold timeouts) and demand
-//! reports by result.
+//! scale from zero (requests held per model, their hold time, hold timeouts); demand
+//! reports by result; requests in flight per tenant and streams ended at
+//! `--max-stream-duration`.
+//!
+//! Label values are bounded: models and adapters are names the gateway knows (a name a
+//! client made up is `unknown`, `Gateway::model_label`), tenants are `Tenant` objects or
+//! `anonymous`, endpoints come from the endpoint table.
 
 use prometheus_client::encoding::EncodeLabelSet;
 use prometheus_client::metrics::counter::Counter;
@@ -121,6 +126,8 @@ pub struct Metrics {
     pub held_timeouts: Family<ModelLabels, Counter>,
     pub demand_reports: Family<ResultLabels, Counter>,
     pub tokenizer_requests: Family<TokenizerLabels, Counter>,
+    pub tenant_in_flight: Family<TenantLabels, Gauge>,
+    pub stream_duration_exceeded: Family<ModelLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -154,6 +161,18 @@ impl Metrics {
         let held_timeouts = Family::default();
         let demand_reports = Family::default();
         let tokenizer_requests = Family::default();
+        let tenant_in_flight = Family::default();
+        let stream_duration_exceeded = Family::default();
+        registry.register(
+            "tenant_in_flight_requests",
+            "Requests of a tenant in flight on this gateway (bounded by max_concurrent_requests)",
+            tenant_in_flight.clone(),
+        );
+        registry.register(
+            "stream_duration_exceeded",
+            "Streamed responses ended by the gateway at --max-stream-duration",
+            stream_duration_exceeded.clone(),
+        );
         registry.register("requests", "Requests answered, by model, endpoint and status code", requests.clone());
         registry.register(
             "tokenizer_requests",
@@ -230,6 +249,8 @@ impl Metrics {
             held_timeouts,
             demand_reports,
             tokenizer_requests,
+            tenant_in_flight,
+            stream_duration_exceeded,
         }
     }
 

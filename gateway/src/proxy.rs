@@ -20,7 +20,7 @@ use tokio::time::{Instant, Sleep};
 use crate::admission::{select, Lease, PickCtx};
 use crate::demand::{Finished, GaugeGuard};
 use crate::error::{ApiCode, ApiError};
-use crate::metrics::{EndpointLabels, RequestLabels, TenantTokenLabels, TokenLabels};
+use crate::metrics::{EndpointLabels, ModelLabels, RequestLabels, TenantTokenLabels, TokenLabels};
 use crate::names::{ModelName, ServedName};
 use crate::qos::correction;
 use crate::request::ApiKind;
@@ -172,6 +172,8 @@ pub struct Tracker {
     pub queue_wait: std::time::Duration,
     /// Keeps the base model's in-flight demand gauge up until settled.
     pub demand: Option<GaugeGuard>,
+    /// The gateway ended the response itself (`--max-stream-duration`).
+    pub cut: Option<ApiCode>,
 }
 
 impl Drop for Tracker {
@@ -190,9 +192,15 @@ impl Tracker {
         let endpoint = lease.endpoint.id.to_string();
         let m = &self.gw.metrics;
         let el = EndpointLabels { model: self.model.to_string(), endpoint: endpoint.clone() };
-        let code = if self.completed { self.status.as_u16().to_string() } else { "499".to_string() };
+        let code = match self.cut {
+            Some(c) => c.status().as_u16().to_string(),
+            None if self.completed => self.status.as_u16().to_string(),
+            None => "499".to_string(),
+        };
         m.requests.get_or_create(&RequestLabels { model: self.model.to_string(), endpoint, code: code.clone() }).inc();
-        if !self.completed || !self.status.is_success() {
+        if let Some(c) = self.cut {
+            m.error(self.model.as_str(), c.as_str());
+        } else if !self.completed || !self.status.is_success() {
             m.error(self.model.as_str(), &code);
         }
         m.e2e.get_or_create(&el).observe(self.start.elapsed().as_secs_f64());
@@ -236,15 +244,21 @@ impl Tracker {
     }
 }
 
-/// The response body sent to the client: upstream frames as they arrive.
+/// The response body sent to the client: upstream frames as they arrive. A stream that
+/// lasts `--max-stream-duration` gets a last SSE event with the error
+/// `stream_duration_exceeded` and ends; the upstream body is dropped at once, which closes
+/// its connection and so cancels the engine's request.
 pub struct ObservedBody {
-    inner: Incoming,
+    /// None once the gateway ended the stream.
+    inner: Option<Incoming>,
     tracker: Tracker,
     /// SSE scanner for streams; None for JSON bodies (kept in `copy` for usage).
     sse: Option<SseScanner>,
     copy: BytesMut,
     idle: Pin<Box<Sleep>>,
     idle_timeout: std::time::Duration,
+    /// When an SSE stream is ended, and the bound it enforces.
+    cap: Option<(Pin<Box<Sleep>>, std::time::Duration)>,
     ended: bool,
 }
 
@@ -252,16 +266,40 @@ pub struct ObservedBody {
 const MAX_COPY: usize = 4 << 20;
 
 impl ObservedBody {
-    pub fn new(inner: Incoming, tracker: Tracker, sse: Option<SseScanner>, idle_timeout: std::time::Duration) -> Self {
+    /// `max_duration` bounds SSE streams only (a JSON answer's head already came within
+    /// `--upstream-timeout-s`, and its body follows at once).
+    pub fn new(
+        inner: Incoming,
+        tracker: Tracker,
+        sse: Option<SseScanner>,
+        idle_timeout: std::time::Duration,
+        max_duration: Option<std::time::Duration>,
+    ) -> Self {
+        let cap = max_duration.filter(|_| sse.is_some()).map(|d| (Box::pin(tokio::time::sleep(d)), d));
         ObservedBody {
-            inner,
+            inner: Some(inner),
             tracker,
             sse,
             copy: BytesMut::new(),
             idle: Box::pin(tokio::time::sleep(idle_timeout)),
             idle_timeout,
+            cap,
             ended: false,
         }
+    }
+
+    /// Ends the stream at `--max-stream-duration`: drops the upstream body (cancelling the
+    /// engine's request), settles the tracker and returns the last event for the client.
+    fn cut(&mut self, bound: std::time::Duration) -> Bytes {
+        self.ended = true;
+        self.inner = None;
+        let code = ApiCode::StreamDurationExceeded;
+        self.tracker.cut = Some(code);
+        let model = self.tracker.model.to_string();
+        self.tracker.gw.metrics.stream_duration_exceeded.get_or_create(&ModelLabels { model }).inc();
+        tracing::info!(model = %self.tracker.model, tenant = %self.tracker.tenant, bound_s = bound.as_secs_f64(), "stream ended at --max-stream-duration");
+        self.tracker.settle();
+        stream_cut_event(bound)
     }
 
     fn finish(&mut self) -> Option<Bytes> {
@@ -298,8 +336,15 @@ impl Body for ObservedBody {
         if this.ended {
             return Poll::Ready(None);
         }
+        if let Some((cap, bound)) = &mut this.cap {
+            if cap.as_mut().poll(cx).is_ready() {
+                let bound = *bound;
+                return Poll::Ready(Some(Ok(Frame::data(this.cut(bound)))));
+            }
+        }
+        let Some(inner) = this.inner.as_mut() else { return Poll::Ready(None) };
         loop {
-            match Pin::new(&mut this.inner).poll_frame(cx) {
+            match Pin::new(&mut *inner).poll_frame(cx) {
                 Poll::Pending => {
                     if this.idle.as_mut().poll(cx).is_ready() {
                         this.ended = true;
@@ -351,6 +396,22 @@ impl Body for ObservedBody {
 
 use std::future::Future as _;
 
+/// The SSE event that ends a stream cut at `bound`: OpenAI's error shape, as vLLM sends
+/// an error inside a stream (the status was 200 already); no `[DONE]` follows.
+pub fn stream_cut_event(bound: std::time::Duration) -> Bytes {
+    let e = ApiError::new(
+        ApiCode::StreamDurationExceeded,
+        format!(
+            "the stream was ended after {} s, the gateway's --max-stream-duration; ask for fewer tokens or resume in a new request",
+            bound.as_secs_f64()
+        ),
+    );
+    let mut out = BytesMut::from(&b"data: "[..]);
+    out.extend_from_slice(&e.body());
+    out.extend_from_slice(b"\n\n");
+    out.freeze()
+}
+
 /// Copies the upstream response head for the client.
 pub fn response_head(up: &Response<Incoming>, endpoint: &EndpointId) -> http::response::Builder {
     let mut b = Response::builder().status(up.status());
@@ -363,4 +424,21 @@ pub fn response_head(up: &Response<Incoming>, endpoint: &EndpointId) -> http::re
         b = b.header("x-flotilla-endpoint", v);
     }
     b
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_cut_stream_ends_with_one_error_event() {
+        let ev = stream_cut_event(std::time::Duration::from_secs(90));
+        let text = std::str::from_utf8(&ev).unwrap();
+        let json = text.strip_prefix("data: ").and_then(|t| t.strip_suffix("\n\n")).expect(text);
+        assert!(!json.contains('\n'), "one line: {text:?}");
+        let v: serde_json::Value = serde_json::from_str(json).unwrap();
+        assert_eq!(v["error"]["code"], "stream_duration_exceeded");
+        assert_eq!(v["error"]["type"], "invalid_request_error");
+        assert!(v["error"]["message"].as_str().unwrap().contains("90 s"), "{v}");
+    }
 }

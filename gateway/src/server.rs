@@ -40,6 +40,8 @@ use crate::request;
 use crate::sse::SseScanner;
 use crate::state::Gateway;
 
+/// The public router: the OpenAI API, `/healthz`, `/readyz`, and `/metrics` unless
+/// `--metrics-listen` moves it to [`metrics_router`].
 pub fn router(gw: Arc<Gateway>) -> Router {
     use axum::middleware::from_fn_with_state as layer;
     let proxied = Router::new()
@@ -59,16 +61,36 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route_layer(
             tower::ServiceBuilder::new().layer(layer(gw.clone(), layers::auth)).layer(layer(gw.clone(), layers::body)),
         );
-    Router::new()
-        .merge(proxied)
-        .merge(tokenizer)
-        .route("/v1/models", get(models))
-        .route("/metrics", get(metrics))
-        .route("/healthz", get(|| async { "ok\n" }))
+    let mut app = Router::new().merge(proxied).merge(tokenizer).route("/v1/models", get(models));
+    if gw.cfg.metrics_listen.is_none() {
+        app = app.route("/metrics", get(metrics));
+    }
+    app.route("/healthz", get(|| async { "ok\n" }))
         .route("/readyz", get(readyz))
         .fallback(not_found)
         .method_not_allowed_fallback(method_not_allowed)
         .with_state(gw)
+}
+
+/// The `--metrics-listen` router: `/metrics` only.
+pub fn metrics_router(gw: Arc<Gateway>) -> Router {
+    Router::new()
+        .route("/metrics", get(metrics))
+        .fallback(not_found)
+        .method_not_allowed_fallback(method_not_allowed)
+        .with_state(gw)
+}
+
+/// The warning logged at start when `/metrics` is served on a listener that is not on
+/// loopback (pure): tenants who reach the API can read it.
+pub fn metrics_exposure_warning(listen: SocketAddr, metrics_listen: bool) -> Option<String> {
+    (!metrics_listen && !listen.ip().is_loopback()).then(|| {
+        format!(
+            "/metrics is served on the public listener {listen}: anyone who reaches it, tenants included, \
+             can read every model, adapter and tenant name and their traffic; give --metrics-listen \
+             127.0.0.1:9090 (or a private address) to serve it there only"
+        )
+    })
 }
 
 async fn not_found(req: Request) -> Response {
@@ -99,9 +121,10 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
         Err(e) => return e.into_response(),
     };
     let set = gw.dir.endpoints();
+    let name = tenant.as_ref().map(|t| t.name.as_str());
     let data: Vec<serde_json::Value> = crate::lora::listing(&set, &gw.dir.adapters())
         .into_iter()
-        .filter(|(id, _)| layers::visible(tenant.as_deref(), id.as_str()))
+        .filter(|(id, _)| layers::visible(tenant.as_deref(), id.as_str()) && gw.may_use(name, id.as_str()))
         .map(|(id, parent)| {
             serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "flotilla", "root": id, "parent": parent})
         })
@@ -143,7 +166,7 @@ async fn proxy(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
                     gw.demand.finished(&base, Default::default());
                 }
             }
-            gw.metrics.error(&model, e.code.as_str());
+            gw.metrics.error(&gw.model_label(&model, Some(e.code)), e.code.as_str());
             if e.status().is_server_error() {
                 tracing::warn!(model = %model, code = %e.code, error = %e.message, "request failed");
             }
@@ -180,9 +203,11 @@ async fn forward_request(
     // the base model, the adapter when the name is one, and whether it must be loaded first
     let (base_model, adapter, cold): (ModelName, Option<AdapterName>, bool) = loop {
         let set = gw.dir.endpoints();
-        let resolved = set.resolve(name.as_str()).filter(|r| !r.endpoints.is_empty());
+        // another tenant's adapter resolves as a name that does not exist (`ownership`)
+        let hidden = !gw.may_use(caller.tenant_name(), name.as_str());
+        let resolved = set.resolve(name.as_str()).filter(|r| !r.endpoints.is_empty() && !hidden);
         // an adapter no endpoint holds is loaded on demand (cluster endpoints only)
-        let cold_base = if resolved.is_none() { gw.on_demand_base(name.as_str()) } else { None };
+        let cold_base = if resolved.is_none() && !hidden { gw.on_demand_base(name.as_str()) } else { None };
         // a model (or an adapter's base model) without endpoints waits for one
         let wait_for = match (&resolved, &cold_base) {
             (Some(_), _) => None,
@@ -302,9 +327,16 @@ async fn forward_request(
         held,
         queue_wait: waited,
         demand: Some(in_flight),
+        cut: None,
     };
     let sse = is_sse.then(|| SseScanner::new(strip_usage));
-    let body = ObservedBody::new(up.response.into_body(), tracker, sse, gw.cfg.stream_idle_timeout);
+    let body = ObservedBody::new(
+        up.response.into_body(),
+        tracker,
+        sse,
+        gw.cfg.stream_idle_timeout,
+        gw.cfg.max_stream_duration,
+    );
     head.body(Body::new(body)).map_err(|e| ApiError::bad_gateway(format!("cannot build response: {e}")))
 }
 
@@ -326,9 +358,8 @@ impl Gateway {
     }
 }
 
-/// Accepts connections until `stop` turns true, then drains them (at most 5 s).
-pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
-    let app = router(gw.clone());
+/// Accepts connections for `app` until `stop` turns true, then drains them (at most 5 s).
+pub async fn serve(listener: TcpListener, app: Router, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -360,4 +391,28 @@ pub async fn serve(listener: TcpListener, gw: Arc<Gateway>, mut stop: watch::Rec
     }
     drop(listener);
     let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn metrics_on_a_public_listener_are_warned_about() {
+        let cases = [
+            ("127.0.0.1:8080", false, false),
+            ("[::1]:8080", false, false),
+            ("0.0.0.0:8080", false, true),
+            ("10.0.0.5:8080", false, true),
+            ("[::]:8080", false, true),
+            ("0.0.0.0:8080", true, false),
+        ];
+        for (listen, separate, warned) in cases {
+            let w = metrics_exposure_warning(listen.parse().unwrap(), separate);
+            assert_eq!(w.is_some(), warned, "{listen} {separate}");
+            if let Some(w) = w {
+                assert!(w.contains("--metrics-listen") && w.contains(listen), "{w}");
+            }
+        }
+    }
 }

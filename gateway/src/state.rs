@@ -1,7 +1,8 @@
 //! The gateway's shared state, one `Arc<Gateway>` per running gateway: configuration,
 //! endpoint directory, per-endpoint load, router, admission queues, tenant limits,
 //! metrics, the pooled upstream HTTP client, the on-demand adapter loader, the requests
-//! held for models without endpoints and the demand book reported to the leader.
+//! held for models without endpoints, the demand book reported to the leader and the
+//! tenants' requests in flight; the bounded metric label of a requested name.
 
 use bytes::Bytes;
 use http_body_util::Full;
@@ -10,6 +11,7 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
 use crate::admission::Admission;
+use crate::concurrency::InFlight;
 use crate::config::Config;
 use crate::demand::DemandBook;
 use crate::hold::Holds;
@@ -36,6 +38,7 @@ pub struct Gateway {
     pub loader: Loader,
     pub holds: Holds,
     pub demand: std::sync::Arc<DemandBook>,
+    pub in_flight: InFlight,
 }
 
 impl Gateway {
@@ -64,11 +67,65 @@ impl Gateway {
             router,
             admission: Admission::default(),
             holds: Holds::new(metrics.held_requests.clone()),
+            in_flight: InFlight::new(metrics.tenant_in_flight.clone()),
             demand: std::sync::Arc::new(demand),
             metrics,
             client,
             loader,
             cfg,
+        }
+    }
+}
+
+/// The label value of names clients send that are not known, so they cannot grow a metric's
+/// label set.
+pub const UNKNOWN_LABEL: &str = "unknown";
+
+/// `name` as a metric label value (pure): itself when the gateway knows it, else
+/// [`UNKNOWN_LABEL`]; a `model_not_found` answer is always [`UNKNOWN_LABEL`], so the
+/// metrics do not tell an adapter hidden from the caller (`ownership`) from a name that
+/// does not exist.
+pub fn label_of(name: &str, known: bool, code: Option<crate::error::ApiCode>) -> String {
+    if known && code != Some(crate::error::ApiCode::ModelNotFound) {
+        name.to_string()
+    } else {
+        UNKNOWN_LABEL.to_string()
+    }
+}
+
+impl Gateway {
+    /// A name the gateway knows: a model or adapter of the endpoint table, or a watched
+    /// `Model` or `Adapter` object.
+    pub fn knows(&self, name: &str) -> bool {
+        self.dir.model(name).is_some()
+            || self.dir.adapter(name).is_some()
+            || self.dir.endpoints().resolve(name).is_some()
+    }
+
+    /// The `model` label of a request for `name` answered with `code` ([`label_of`]).
+    pub fn model_label(&self, name: &str, code: Option<crate::error::ApiCode>) -> String {
+        let known = code != Some(crate::error::ApiCode::ModelNotFound) && self.knows(name);
+        label_of(name, known, code)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::error::ApiCode;
+
+    #[test]
+    fn labels_are_known_names_or_unknown() {
+        let cases = [
+            ("llama", true, None, "llama"),
+            ("llama", true, Some(ApiCode::ModelNotAllowed), "llama"),
+            ("llama", true, Some(ApiCode::ModelNotFound), "unknown"),
+            ("made-up-1234", false, Some(ApiCode::ModelNotAllowed), "unknown"),
+            ("made-up-1234", false, None, "unknown"),
+            ("", false, Some(ApiCode::NoEndpointTable), "unknown"),
+        ];
+        for (name, known, code, want) in cases {
+            assert_eq!(label_of(name, known, code), want, "{name} {known} {code:?}");
         }
     }
 }

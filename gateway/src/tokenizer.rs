@@ -42,14 +42,18 @@ pub enum Target {
 }
 
 /// Resolves `name` (pure): `adapter_base` is the base model when the name is a known
-/// `Adapter`; `synced` whether the gateway has received its endpoint table.
+/// `Adapter`; `synced` whether the gateway has received its endpoint table; `hidden` that
+/// the name is an adapter the caller may not use, resolved as a name that does not exist
+/// (`ownership`).
 pub fn target(
     set: &EndpointSet,
     adapter_base: Option<ModelName>,
     synced: bool,
+    hidden: bool,
     name: &str,
 ) -> Result<Target, ApiError> {
-    if set.resolve(name).is_some_and(|r| !r.endpoints.is_empty()) {
+    let adapter_base = adapter_base.filter(|_| !hidden);
+    if !hidden && set.resolve(name).is_some_and(|r| !r.endpoints.is_empty()) {
         return Ok(Target::Served(ServedName::from(name)));
     }
     let model = adapter_base.as_ref().map_or(name, ModelName::as_str);
@@ -86,10 +90,10 @@ pub async fn handle(State(gw): State<Arc<Gateway>>, req: Request) -> Response {
     let path = parsed.kind.path();
     let model = parsed.features.model.clone();
     let (label, response) = match route(&gw, &caller, parsed, req.headers()).await {
-        Ok(r) => (model, r),
+        Ok(r) => (gw.model_label(&model, None), r),
         Err(e) => {
             // an unknown name is not a label value (bounded labels)
-            let label = if e.code == ApiCode::ModelNotFound { "unknown".to_string() } else { model };
+            let label = gw.model_label(&model, Some(e.code));
             gw.metrics.error(&label, e.code.as_str());
             (label, e.into_response())
         }
@@ -109,7 +113,8 @@ async fn route(gw: &Arc<Gateway>, caller: &Caller, parsed: Parsed, h: &HeaderMap
     let Parsed { kind, bytes, features } = parsed;
     layers::check_allowed(gw, caller, &features.model)?;
     let adapter_base = gw.dir.adapter(&features.model).map(|a| a.base_model);
-    let (name, body) = match target(&gw.dir.endpoints(), adapter_base, gw.dir.synced(), &features.model)? {
+    let hidden = !gw.may_use(caller.tenant_name(), &features.model);
+    let (name, body) = match target(&gw.dir.endpoints(), adapter_base, gw.dir.synced(), hidden, &features.model)? {
         Target::Served(name) => (name, bytes),
         Target::Base(base) => (ServedName::from(&base), with_model(&bytes, base.as_str())?),
     };
@@ -149,17 +154,21 @@ mod tests {
         let s = set();
         let base = || Some(ModelName::from("llama"));
         let served = |n: &str| Some(Target::Served(ServedName::from(n)));
-        assert_eq!(target(&s, None, true, "llama").ok(), served("llama"));
-        assert_eq!(target(&s, base(), true, "sql").ok(), served("sql"), "a loaded adapter goes to its holder");
-        let cold = target(&s, base(), true, "chat").ok();
+        assert_eq!(target(&s, None, true, false, "llama").ok(), served("llama"));
+        assert_eq!(target(&s, base(), true, false, "sql").ok(), served("sql"), "a loaded adapter goes to its holder");
+        let cold = target(&s, base(), true, false, "chat").ok();
         assert_eq!(cold, Some(Target::Base(ModelName::from("llama"))), "a cold one to its base");
         let code = |r: Result<Target, ApiError>| r.unwrap_err().code;
-        assert_eq!(code(target(&s, None, true, "cold")), ApiCode::NoEndpoints);
-        assert_eq!(code(target(&s, Some(ModelName::from("cold")), true, "x")), ApiCode::NoEndpoints);
-        assert_eq!(code(target(&s, Some(ModelName::from("gone")), true, "x")), ApiCode::NoEndpoints);
-        assert_eq!(code(target(&s, None, true, "nope")), ApiCode::ModelNotFound);
-        assert_eq!(code(target(&EndpointSet::default(), None, false, "llama")), ApiCode::NoEndpointTable);
-        assert_eq!(code(target(&EndpointSet::default(), None, true, "llama")), ApiCode::ModelNotFound);
+        assert_eq!(code(target(&s, None, true, false, "cold")), ApiCode::NoEndpoints);
+        assert_eq!(code(target(&s, Some(ModelName::from("cold")), true, false, "x")), ApiCode::NoEndpoints);
+        assert_eq!(code(target(&s, Some(ModelName::from("gone")), true, false, "x")), ApiCode::NoEndpoints);
+        assert_eq!(code(target(&s, None, true, false, "nope")), ApiCode::ModelNotFound);
+        assert_eq!(code(target(&EndpointSet::default(), None, false, false, "llama")), ApiCode::NoEndpointTable);
+        assert_eq!(code(target(&EndpointSet::default(), None, true, false, "llama")), ApiCode::ModelNotFound);
+        // a hidden adapter is a name that does not exist, loaded or not
+        assert_eq!(code(target(&s, base(), true, true, "sql")), ApiCode::ModelNotFound);
+        assert_eq!(code(target(&s, base(), true, true, "chat")), ApiCode::ModelNotFound);
+        assert_eq!(code(target(&EndpointSet::default(), base(), false, true, "sql")), ApiCode::NoEndpointTable);
     }
 
     #[test]

@@ -269,7 +269,15 @@ fn arrival() -> impl Strategy<Value = Arrival> {
 }
 
 fn spec(rpm: u64, tpm: u64) -> TenantSpec {
-    TenantSpec { rpm, tpm, priority: PriorityClass::Standard, models: vec![], api_keys: vec![], keys: vec![] }
+    TenantSpec {
+        rpm,
+        tpm,
+        priority: PriorityClass::Standard,
+        models: vec![],
+        api_keys: vec![],
+        max_concurrent_requests: None,
+        keys: vec![],
+    }
 }
 
 proptest! {

@@ -111,7 +111,16 @@ pub struct AdapterSpec {
     pub replicas: AdapterReplicas,
     #[serde(default)]
     pub placement: AdapterPlacement,
+    /// The tenants that may use it (at most [`MAX_ADAPTER_TENANTS`], no duplicates). Empty
+    /// or absent: every tenant allowed its base model. Gateways answer any other tenant as
+    /// if the adapter did not exist (inference, /tokenize, /detokenize, /v1/models, and no
+    /// on-demand load on its behalf).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub tenants: Vec<ObjectName>,
 }
+
+/// Most tenants one adapter may name in `spec.tenants`.
+pub const MAX_ADAPTER_TENANTS: usize = 256;
 
 impl AdapterSpec {
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -126,7 +135,15 @@ impl AdapterSpec {
             }
             at_most("spec.rank", r, MAX_LORA_RANK)?;
         }
-        at_most("spec.replicas", self.replicas.pinned(), MAX_REPLICAS)
+        at_most("spec.replicas", self.replicas.pinned(), MAX_REPLICAS)?;
+        at_most("spec.tenants", self.tenants.len(), MAX_ADAPTER_TENANTS)?;
+        let mut seen = std::collections::HashSet::new();
+        for (i, t) in self.tenants.iter().enumerate() {
+            if !seen.insert(t.as_str()) {
+                return Err(ApiError::invalid(format!("spec.tenants[{i}]"), format!("tenant {t} is listed twice")));
+            }
+        }
+        Ok(())
     }
 
     /// Checks the adapter against its base model (at apply, and by the controller): LoRA
@@ -264,6 +281,29 @@ mod tests {
         assert!(spec("{base_model: m, source: 'sim://a', rank: 0}").unwrap_err().contains("spec.rank"));
         assert!(spec("{base_model: m, source: 'sim://a', rank: 1024}").unwrap_err().contains("spec.rank"));
         assert!(spec("{base_model: m, source: 'sim://a', colour: red}").unwrap_err().contains("colour"));
+    }
+
+    #[test]
+    fn tenants_are_names_bounded_and_distinct() {
+        let s = spec("{base_model: m, source: 'sim://a'}").unwrap();
+        assert!(s.tenants.is_empty());
+        assert!(!serde_json::to_string(&s).unwrap().contains("tenants"), "absent stays absent");
+        let s = spec("{base_model: m, source: 'sim://a', tenants: [team-a, team-b]}").unwrap();
+        assert_eq!(s.tenants.iter().map(|t| t.as_str()).collect::<Vec<_>>(), ["team-a", "team-b"]);
+        let round: AdapterSpec = serde_json::from_value(serde_json::to_value(&s).unwrap()).unwrap();
+        assert_eq!(round, s);
+        let many: Vec<String> = (0..=MAX_ADAPTER_TENANTS).map(|i| format!("t{i}")).collect();
+        let cases = [
+            ("[team-a, team-a]".to_string(), "spec.tenants[1]"),
+            ("[Not_A_Name]".to_string(), "may hold only lowercase letters"),
+            ("['']".to_string(), "is empty"),
+            ("team-a".to_string(), "expected a sequence"),
+            (format!("[{}]", many.join(", ")), "spec.tenants"),
+        ];
+        for (bad, want) in cases {
+            let e = spec(&format!("{{base_model: m, source: 'sim://a', tenants: {bad}}}")).unwrap_err();
+            assert!(e.contains(want), "{bad}: {e}");
+        }
     }
 
     #[test]

@@ -11,7 +11,7 @@ mod uri;
 
 pub use adapter::{
     AdapterBinding, AdapterOnReplica, AdapterPhase, AdapterPlacement, AdapterReplicaState, AdapterReplicas,
-    AdapterSpec, AdapterStatus, MAX_LORA_RANK,
+    AdapterSpec, AdapterStatus, MAX_ADAPTER_TENANTS, MAX_LORA_RANK,
 };
 pub use autoscaling::{
     AutoscalingSpec, Bounds, MetricKind, MetricSource, MetricTarget, ScalingStrategy, Schedule, SloTarget,
@@ -20,7 +20,9 @@ pub use autoscaling::{
 pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
-pub use tenant::{hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, TENANT_KEY_PREFIX};
+pub use tenant::{
+    hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, MAX_TENANT_CONCURRENCY, TENANT_KEY_PREFIX,
+};
 pub use token::{parse_token, TokenSpec, TOKEN_PREFIX, TOKEN_ROLES};
 pub use uri::validate_source;
 

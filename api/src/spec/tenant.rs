@@ -80,7 +80,15 @@ pub struct TenantSpec {
     /// command, not by hand.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub keys: Vec<TenantKey>,
+    /// Requests of the tenant in flight at once on the gateways (each gateway allows its
+    /// share, like `rpm`); past it, 429. Absent: the gateway's `--tenant-max-concurrency`;
+    /// 0: unbounded.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub max_concurrent_requests: Option<u32>,
 }
+
+/// Highest `max_concurrent_requests` a tenant may be given.
+pub const MAX_TENANT_CONCURRENCY: u32 = 1_000_000;
 
 impl TenantSpec {
     pub fn validate(&self) -> Result<(), ApiError> {
@@ -100,6 +108,9 @@ impl TenantSpec {
             if self.keys[..i].iter().any(|o| o.id == k.id) {
                 return Err(ApiError::invalid(format!("spec.keys[{i}].id"), format!("{} appears twice", k.id)));
             }
+        }
+        if let Some(n) = self.max_concurrent_requests {
+            at_most("spec.max_concurrent_requests", n, MAX_TENANT_CONCURRENCY)?;
         }
         for (i, k) in self.api_keys.iter().enumerate() {
             if k.len() < 8 || k.len() > 256 || k.chars().any(char::is_whitespace) {
@@ -151,6 +162,7 @@ mod tests {
             models: vec![],
             api_keys: vec!["secret-key-1".into()],
             keys: vec![],
+            max_concurrent_requests: None,
         };
         t.hash_keys();
         let once = t.api_keys[0].clone();
@@ -169,5 +181,31 @@ mod tests {
         t.keys[1].hash = hash_api_key("third");
         let e = t.validate().unwrap_err().to_string();
         assert!(e.contains("spec.keys[1].id"), "{e}");
+    }
+
+    #[test]
+    fn max_concurrent_requests_is_optional_and_bounded() {
+        let parse = |y: &str| -> Result<TenantSpec, String> {
+            let t: TenantSpec = serde_yaml::from_str(y).map_err(|e| e.to_string())?;
+            t.validate().map_err(|e| e.to_string())?;
+            Ok(t)
+        };
+        let cases: [(&str, Result<Option<u32>, &str>); 6] = [
+            ("{}", Ok(None)),
+            ("{max_concurrent_requests: 0}", Ok(Some(0))),
+            ("{max_concurrent_requests: 8}", Ok(Some(8))),
+            ("{max_concurrent_requests: 1000001}", Err("spec.max_concurrent_requests")),
+            ("{max_concurrent_requests: -1}", Err("max_concurrent_requests")),
+            ("{max_concurrent_requests: lots}", Err("max_concurrent_requests")),
+        ];
+        for (y, want) in cases {
+            match (parse(y), want) {
+                (Ok(t), Ok(n)) => assert_eq!(t.max_concurrent_requests, n, "{y}"),
+                (Err(e), Err(w)) => assert!(e.contains(w) || e.contains("invalid"), "{y}: {e}"),
+                (got, want) => panic!("{y}: {got:?}, want {want:?}"),
+            }
+        }
+        let t = parse("{}").unwrap();
+        assert!(!serde_json::to_string(&t).unwrap().contains("max_concurrent"), "absent stays absent");
     }
 }

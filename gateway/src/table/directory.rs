@@ -89,6 +89,8 @@ pub struct Directory {
     adapters: RwLock<Arc<HashMap<AdapterName, AdapterInfo>>>,
     /// Set once any endpoint table was received.
     synced: std::sync::atomic::AtomicBool,
+    /// Set once the watched `Adapter` objects were listed (see `ownership::Named`).
+    adapters_listed: std::sync::atomic::AtomicBool,
     /// Bumped on every published table and every change of the watched models.
     changes: watch::Sender<u64>,
 }
@@ -197,6 +199,11 @@ impl Directory {
     }
     pub fn set_adapters(&self, a: HashMap<AdapterName, AdapterInfo>) {
         *self.adapters.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(a);
+        self.adapters_listed.store(true, std::sync::atomic::Ordering::Release);
+    }
+    /// The watched `Adapter` objects were received at least once.
+    pub fn adapters_listed(&self) -> bool {
+        self.adapters_listed.load(std::sync::atomic::Ordering::Acquire)
     }
 }
 

@@ -64,6 +64,7 @@ mod tests {
             models: vec![],
             api_keys: vec![k.into()],
             keys: vec![],
+            max_concurrent_requests: None,
         };
         let t = Tenants::from_tenants([
             Tenant { name: "a".into(), spec: spec(&flotilla_api::spec::hash_api_key("key-aaaa-1")) },
