@@ -45,11 +45,12 @@ impl HttpClient {
         for (k, v) in headers {
             req = req.header(k, v);
         }
-        let req = req.body(Empty::new()).map_err(|e| format!("bad request for {url}: {e}"))?;
+        let shown = crate::source_policy::url::shown(url);
+        let req = req.body(Empty::new()).map_err(|e| format!("bad request for {shown}: {e}"))?;
         match tokio::time::timeout(timeout, self.inner.request(req)).await {
             Ok(Ok(resp)) => Ok(resp),
-            Ok(Err(e)) => Err(format!("{url}: {}", error_chain(&e))),
-            Err(_) => Err(format!("{url}: no response within {timeout:?}")),
+            Ok(Err(e)) => Err(format!("{shown}: {}", error_chain(&e))),
+            Err(_) => Err(format!("{shown}: no response within {timeout:?}")),
         }
     }
 
@@ -65,7 +66,7 @@ impl HttpClient {
         let status = resp.status();
         let body = tokio::time::timeout(timeout, read_limited(resp.into_body(), limit))
             .await
-            .map_err(|_| format!("{url}: body not read within {timeout:?}"))??;
+            .map_err(|_| format!("{}: body not read within {timeout:?}", crate::source_policy::url::shown(url)))??;
         Ok((status, String::from_utf8_lossy(&body).into_owned()))
     }
 }
