@@ -138,7 +138,8 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
     let lock = state::lock_data_dir(&cfg.data_dir)?;
     let agent_id = state::agent_id(&cfg.data_dir)?;
     let store = Arc::new(state::StateStore::load(&cfg.data_dir)?);
-    let http = http::HttpClient::new().map_err(|e| AgentError::invalid("hf-endpoint", e))?;
+    let http =
+        http::HttpClient::guarded(cfg.source_policy.clone()).map_err(|e| AgentError::invalid("hf-endpoint", e))?;
     let s3 = download::s3::S3Config::from_env(&cfg.s3_endpoint);
     let downloader = Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3, cfg.source_policy.clone()));
     let env = Arc::new(EngineEnv {

@@ -350,6 +350,11 @@ impl Policy {
         self.endpoints.iter().any(|(s, h, p)| *s == t.scheme && t.host.as_ref() == Some(h) && t.port == Some(*p))
     }
 
+    /// Whether `host` is the host of one of the operator's endpoints.
+    pub fn is_endpoint_host(&self, host: &str) -> bool {
+        self.endpoints.iter().any(|(_, h, _)| h == host)
+    }
+
     /// Whether the addresses of `t` must be checked before connecting: an http(s) URL that
     /// is not one of the operator's endpoints.
     pub fn needs_address_check(&self, t: &Target) -> bool {
