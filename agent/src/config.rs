@@ -92,6 +92,13 @@ pub struct AgentArgs {
     /// sets itself (--host, --port, --api-key, --served-model-name); see docs/security.md.
     #[arg(long)]
     pub engine_policy: Option<PathBuf>,
+    /// YAML file saying which model and adapter sources this agent downloads: `schemes`,
+    /// `hosts` (exact or `*.suffix`), `paths` per scheme, `private_networks` allowed,
+    /// `max_bytes` per source, `free_space_margin`. Unknown fields are refused. Default:
+    /// file, https, hf and s3 from any public host, 200GiB per source; an agent whose
+    /// --address is loopback also allows http and loopback hosts. See docs/security.md.
+    #[arg(long)]
+    pub source_policy: Option<PathBuf>,
     /// Stop every engine when the agent exits (dev mode). By default engines keep running
     /// and the restarted agent adopts them.
     #[arg(long)]
@@ -175,6 +182,8 @@ pub struct AgentConfig {
     pub engine_env: Vec<crate::engine_env::EnvPattern>,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
+    /// Which download sources are refused.
+    pub source_policy: crate::source_policy::Policy,
     /// Stop engines when the agent exits.
     pub stop_engines_on_exit: bool,
     /// Crash handling.
@@ -279,11 +288,20 @@ impl AgentArgs {
                 format!("must be at least 1024, got {}", self.log_max_bytes),
             ));
         }
+        let mut endpoints = Vec::new();
         for (flag, url) in [("hf-endpoint", &self.hf_endpoint), ("s3-endpoint", &self.s3_endpoint)] {
             if !(url.starts_with("http://") || url.starts_with("https://")) {
                 return Err(AgentError::invalid(flag, format!("{url:?} must start with http:// or https://")));
             }
+            let origin = url.trim_end_matches('/');
+            endpoints.push(crate::source_policy::Context::endpoint(origin).map_err(|e| AgentError::invalid(flag, e))?);
         }
+        let loopback = address == "localhost" || address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
+        let ctx = crate::source_policy::Context { loopback, endpoints, data_dir: absolute(&self.data_dir) };
+        let source_policy = match &self.source_policy {
+            None => crate::source_policy::Policy::defaults(&ctx),
+            Some(path) => load_source_policy(path, &ctx)?,
+        };
         Ok(AgentConfig {
             servers,
             tls: self.tls.clone(),
@@ -300,6 +318,7 @@ impl AgentArgs {
             vllm_command,
             engine_env,
             engine_policy,
+            source_policy,
             stop_engines_on_exit: self.stop_engines_on_exit,
             restart: crate::engines::backoff::RestartPolicy {
                 initial: Duration::from_millis(self.restart_backoff_initial_ms),
@@ -353,6 +372,35 @@ fn load_policy(path: &std::path::Path) -> Result<crate::engine_policy::Policy, A
     crate::engine_policy::PolicyFile::parse(&text)
         .and_then(|f| crate::engine_policy::Policy::new(&f))
         .map_err(|e| AgentError::invalid("engine-policy", format!("{}: {e}", path.display())))
+}
+
+/// Reads and checks a `--source-policy` file; errors name the file and the field at fault.
+fn load_source_policy(
+    path: &std::path::Path,
+    ctx: &crate::source_policy::Context,
+) -> Result<crate::source_policy::Policy, AgentError> {
+    let text = std::fs::read_to_string(path)
+        .map_err(|e| AgentError::invalid("source-policy", format!("cannot read {}: {e}", path.display())))?;
+    crate::source_policy::PolicyFile::parse(&text)
+        .and_then(|f| crate::source_policy::Policy::new(&f, ctx))
+        .map_err(|e| AgentError::invalid("source-policy", format!("{}: {e}", path.display())))
+}
+
+/// `dir` made absolute against the working directory, `.` and `..` resolved lexically.
+fn absolute(dir: &std::path::Path) -> Option<String> {
+    use std::path::Component;
+    let abs = std::path::absolute(dir).ok()?;
+    let mut parts: Vec<String> = Vec::new();
+    for c in abs.components() {
+        match c {
+            Component::Normal(p) => parts.push(p.to_str()?.to_string()),
+            Component::ParentDir => {
+                parts.pop();
+            }
+            _ => {}
+        }
+    }
+    Some(format!("/{}", parts.join("/")))
 }
 
 /// `A100-80GB` → 81920 MiB.
@@ -542,6 +590,35 @@ alow: [--port]
             flag(parse(&["--vllm-command", "vllm serve {source} --host {host} --port {port} --api-key k"])),
             "vllm-command"
         );
+    }
+
+    #[test]
+    fn source_policy_flag_and_loopback_defaults() {
+        use crate::source_policy::Rule;
+        let rule = |c: &AgentConfig, src: &str| c.source_policy.check(src).err().map(|r| r.rule);
+        let local = parse(&[]).unwrap();
+        assert_eq!(rule(&local, "http://127.0.0.1:9/m"), None, "a loopback agent may fetch over http");
+        let remote = parse(&["--address", "10.0.0.7"]).unwrap();
+        assert_eq!(rule(&remote, "http://127.0.0.1:9/m"), Some(Rule::Schemes));
+        let dir = tempfile::tempdir().unwrap();
+        let data = dir.path().join("agent");
+        let c = parse(&["--data-dir", data.to_str().unwrap()]).unwrap();
+        assert_eq!(rule(&c, &format!("file://{}/agent-id", data.display())), Some(Rule::AgentData));
+        let good = dir.path().join("good.yaml");
+        std::fs::write(&good, "schemes: [file]\npaths: {file: [/models]}\n").unwrap();
+        let c = parse(&["--source-policy", good.to_str().unwrap()]).unwrap();
+        assert_eq!(rule(&c, "file:///models/x"), None);
+        assert_eq!(rule(&c, "file:///etc/x"), Some(Rule::Paths));
+        let bad = dir.path().join("bad.yaml");
+        std::fs::write(&bad, "schemes: [file]\nhost: [h]\n").unwrap();
+        let e = parse(&["--source-policy", bad.to_str().unwrap()]).unwrap_err();
+        assert!(e.is_usage() && e.exit_code() == 2);
+        let text = e.to_string();
+        assert!(text.contains("--source-policy") && text.contains("bad.yaml") && text.contains("`host`"), "{text}");
+        let missing = dir.path().join("missing.yaml");
+        assert_eq!(flag(parse(&["--source-policy", missing.to_str().unwrap()])), "source-policy");
+        assert_eq!(flag(parse(&["--hf-endpoint", "https://user@h"])), "hf-endpoint");
+        assert_eq!(absolute(std::path::Path::new("/a/./b/../c")).as_deref(), Some("/a/c"));
     }
 
     #[test]

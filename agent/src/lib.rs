@@ -13,6 +13,7 @@
 //!        │                         engine_env (pure) → its environment; engine_key → its API key
 //!        │                         lora_plan (pure) → per-engine LoRA worker: load/unload
 //!        ├── download (model and adapter cache)   probe (/health, /metrics, /v1/models)
+//!        │     └── source_policy (pure) checks each source, redirect, address and size
 //!        └── state (engines.json: adopt engines across agent restarts)
 //! ```
 //!
@@ -34,6 +35,7 @@ pub mod http;
 pub mod lora_plan;
 pub mod probe;
 pub mod reconcile;
+pub mod source_policy;
 pub mod state;
 
 use std::sync::Arc;
@@ -57,6 +59,7 @@ pub struct AgentHandle {
     shutdown: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), AgentError>>>,
     manager: Arc<EngineManager>,
+    downloader: Arc<download::Downloader>,
     gpus: Arc<dyn GpuInventory>,
     /// Held for the agent's lifetime: one agent per data dir.
     _lock: std::fs::File,
@@ -72,6 +75,11 @@ impl AgentHandle {
     /// The validated config.
     pub fn config(&self) -> &AgentConfig {
         &self.cfg
+    }
+
+    /// Downloads refused by the source policy so far, by rule (every rule, zeros included).
+    pub fn download_refusals(&self) -> Vec<(&'static str, u64)> {
+        self.downloader.guard().refusals()
     }
 
     /// Current engine reports (what the next heartbeat carries).
@@ -130,8 +138,10 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
     let lock = state::lock_data_dir(&cfg.data_dir)?;
     let agent_id = state::agent_id(&cfg.data_dir)?;
     let store = Arc::new(state::StateStore::load(&cfg.data_dir)?);
-    let http = http::HttpClient::new().map_err(|e| AgentError::invalid("hf-endpoint", e))?;
+    let http =
+        http::HttpClient::guarded(cfg.source_policy.clone()).map_err(|e| AgentError::invalid("hf-endpoint", e))?;
     let s3 = download::s3::S3Config::from_env(&cfg.s3_endpoint);
+    let downloader = Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3, cfg.source_policy.clone()));
     let env = Arc::new(EngineEnv {
         sim: driver::SimDriver {
             binary: cfg.sim_binary.clone(),
@@ -139,7 +149,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
             extra_args: cfg.sim_args.clone(),
         },
         vllm: driver::VllmDriver { template: cfg.vllm_command.clone() },
-        downloader: Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3)),
+        downloader: downloader.clone(),
         engine: flotilla_engine::EngineClient::new(),
         state: store,
         ports: engines::ports::Ports::new(cfg.ports.clone(), &cfg.address),
@@ -155,7 +165,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
     let task = tokio::spawn(connection::run(cfg.clone(), agent_id, gpus.clone(), manager.clone(), shutdown_rx));
-    Ok(AgentHandle { cfg, shutdown, task: Some(task), manager, gpus, _lock: lock })
+    Ok(AgentHandle { cfg, shutdown, task: Some(task), manager, downloader, gpus, _lock: lock })
 }
 
 /// Runs `flotilla agent` until SIGINT or SIGTERM (engines keep running unless

@@ -12,6 +12,7 @@ use std::time::Duration;
 use common::*;
 use flotilla_agent::download::{s3::S3Config, Downloader};
 use flotilla_agent::http::HttpClient;
+use flotilla_agent::source_policy::{Context, Policy};
 use sha2::{Digest, Sha256};
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 
@@ -82,7 +83,9 @@ fn downloader(root: PathBuf) -> Downloader {
         secret_key: String::new(),
         session_token: None,
     };
-    Downloader::new(root, HttpClient::new().unwrap(), "http://127.0.0.1:1", s3)
+    // The defaults of an agent on loopback: http and loopback hosts allowed.
+    let ctx = Context { loopback: true, ..Context::default() };
+    Downloader::new(root, HttpClient::new().unwrap(), "http://127.0.0.1:1", s3, Policy::defaults(&ctx))
 }
 
 fn blob(len: usize) -> Vec<u8> {

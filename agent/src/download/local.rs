@@ -69,6 +69,23 @@ pub fn stamp(files: &[LocalFile]) -> String {
     format!("files={} bytes={bytes} mtime_ns={newest}", files.len())
 }
 
+/// Bytes that placing `files` in the cache under `cache` takes on the cache's disk: none
+/// for files on the same filesystem (hard-linked), their size for the others (copied).
+pub async fn bytes_to_copy(files: &[LocalFile], cache: &Path) -> u64 {
+    use std::os::unix::fs::MetadataExt;
+    let Ok(cache_dev) = tokio::fs::metadata(cache).await.map(|m| m.dev()) else {
+        return files.iter().map(|f| f.size).sum();
+    };
+    let mut n = 0;
+    for f in files {
+        match tokio::fs::metadata(&f.path).await {
+            Ok(m) if m.dev() == cache_dev => {}
+            _ => n += f.size,
+        }
+    }
+    n
+}
+
 /// Puts `src` at `dest`: a hard link when possible, else a copy. Returns the bytes placed.
 pub async fn place(src: &Path, dest: &Path) -> Result<u64, String> {
     let _ = tokio::fs::remove_file(dest).await;
@@ -107,5 +124,8 @@ mod tests {
         std::fs::write(d.path().join("a"), b"abc").unwrap();
         assert_eq!(place(&d.path().join("a"), &d.path().join("b")).await.unwrap(), 3);
         assert_eq!(std::fs::read(d.path().join("b")).unwrap(), b"abc");
+        let (files, _) = list(&d.path().join("a")).await.unwrap();
+        assert_eq!(bytes_to_copy(&files, d.path()).await, 0, "same filesystem: linked, no space taken");
+        assert_eq!(bytes_to_copy(&files, &d.path().join("missing")).await, 3);
     }
 }

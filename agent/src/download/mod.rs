@@ -16,8 +16,13 @@
 //!   token from `HF_TOKEN`.
 //! - `s3://bucket/prefix` — every object under the prefix ([`s3`]).
 //!
+//! Every source is checked by the node's [`crate::source_policy`] first (a cached copy
+//! too: a policy tightened since is obeyed), and every request and redirect as it is made
+//! ([`guard`]). A refusal removes what the download had fetched so far.
+//!
 //! Only engines that need weights (vLLM) download; sim engines skip this entirely.
 
+pub mod guard;
 pub mod http;
 pub mod local;
 pub mod s3;
@@ -31,6 +36,8 @@ use ::http::{HeaderMap, HeaderValue};
 use sha2::{Digest, Sha256};
 
 use crate::http::HttpClient;
+use crate::source_policy::{url, Policy, Scheme};
+use guard::{FetchError, Guard};
 
 /// Downloads models into the cache.
 #[derive(Debug)]
@@ -39,6 +46,7 @@ pub struct Downloader {
     client: HttpClient,
     hf_endpoint: String,
     s3: s3::S3Config,
+    guard: Guard,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
@@ -60,9 +68,21 @@ struct Marker {
 }
 
 impl Downloader {
-    /// A cache rooted at `root`.
-    pub fn new(root: PathBuf, client: HttpClient, hf_endpoint: &str, s3: s3::S3Config) -> Self {
-        Downloader { root, client, hf_endpoint: hf_endpoint.trim_end_matches('/').into(), s3, locks: Mutex::default() }
+    /// A cache rooted at `root`, fetching what `policy` allows.
+    pub fn new(root: PathBuf, client: HttpClient, hf_endpoint: &str, s3: s3::S3Config, policy: Policy) -> Self {
+        Downloader {
+            root,
+            client,
+            hf_endpoint: hf_endpoint.trim_end_matches('/').into(),
+            s3,
+            guard: Guard::new(policy),
+            locks: Mutex::default(),
+        }
+    }
+
+    /// The source policy and its refusal counters.
+    pub fn guard(&self) -> &Guard {
+        &self.guard
     }
 
     /// The cache key of a source.
@@ -74,6 +94,38 @@ impl Downloader {
     /// Returns the local path of `source`, downloading it first if needed.
     /// `progress` gets the fraction done, in [0,1].
     pub async fn fetch(&self, source: &str, progress: &(dyn Fn(f64) + Send + Sync)) -> Result<PathBuf, String> {
+        let target = self.guard.source(source).map_err(FetchError::into_message)?;
+        if target.scheme.has_host() {
+            // Its addresses too, before a cached copy is handed out.
+            self.guard.request(source).await.map_err(FetchError::into_message)?;
+        }
+        let key = Self::key(source);
+        let lock = {
+            let mut g = self.locks.lock().unwrap_or_else(|p| p.into_inner());
+            g.entry(key.clone()).or_default().clone()
+        };
+        let _guard = lock.lock().await;
+        let local = (target.scheme == Scheme::File).then_some(target.path.as_str());
+        match self.fetch_locked(source, &key, local, progress).await {
+            Ok(p) => Ok(p),
+            Err(FetchError::Failed(m)) => Err(m),
+            Err(FetchError::Refused(m)) => {
+                // Refused half-way (a redirect, the size): nothing of it is kept or resumed.
+                let _ = tokio::fs::remove_dir_all(self.root.join(format!("{key}.partial"))).await;
+                Err(m)
+            }
+        }
+    }
+
+    /// [`Downloader::fetch`] under the source's lock; `local` is a file:// source's
+    /// normalised path (the one the policy checked).
+    async fn fetch_locked(
+        &self,
+        source: &str,
+        key: &str,
+        local_path: Option<&str>,
+        progress: &(dyn Fn(f64) + Send + Sync),
+    ) -> Result<PathBuf, FetchError> {
         let (base, fragment) = source.split_once('#').unwrap_or((source, ""));
         let sha256 = match fragment {
             "" => None,
@@ -84,15 +136,9 @@ impl Downloader {
                     .to_ascii_lowercase(),
             ),
         };
-        let key = Self::key(source);
-        let lock = {
-            let mut g = self.locks.lock().unwrap_or_else(|p| p.into_inner());
-            g.entry(key.clone()).or_default().clone()
-        };
-        let _guard = lock.lock().await;
-        let done = self.root.join(&key);
+        let done = self.root.join(key);
         let marker_path = self.root.join(format!("{key}.json"));
-        let local = match base.strip_prefix("file://") {
+        let local = match local_path {
             Some(path) => Some(local::list(Path::new(path)).await?),
             None => None,
         };
@@ -105,7 +151,7 @@ impl Downloader {
                     if let Some(want) = &sha256 {
                         let got = sha256_file(&path).await?;
                         if &got != want {
-                            return Err(format!("sha256 mismatch: expected {want}, got {got} (cached copy)"));
+                            return Err(format!("sha256 mismatch: expected {want}, got {got} (cached copy)").into());
                         }
                     }
                     progress(1.0);
@@ -126,9 +172,18 @@ impl Downloader {
             None => self.list(base).await?,
         };
         if sha256.is_some() && items.len() != 1 {
-            return Err("a #sha256= fragment needs a single-file source".into());
+            return Err("a #sha256= fragment needs a single-file source".to_string().into());
         }
         let total: u64 = items.iter().filter_map(|i| i.size).sum();
+        self.guard.size(base, total)?;
+        // Room for what is known now; files of unknown size are checked as they start.
+        let need = match &local {
+            Some((files, _)) => local::bytes_to_copy(files, &self.root).await,
+            None => total,
+        };
+        if need > 0 {
+            self.guard.space(base, &self.root, need)?;
+        }
         let mut finished = 0u64;
         for item in &items {
             let dest = partial.join(&item.rel);
@@ -148,18 +203,23 @@ impl Downloader {
                 n
             } else {
                 let headers = |url: &str| self.headers_for(base, url);
-                http::fetch_file(&self.client, &item.url, &headers, &dest, &report).await?
+                let limits = http::Limits {
+                    guard: &self.guard,
+                    max_bytes: self.guard.policy().max_bytes().saturating_sub(finished),
+                    space_dir: item.size.is_none().then_some(self.root.as_path()),
+                };
+                http::fetch_file(&self.client, &item.url, &headers, &dest, &report, &limits).await?
             };
             if let Some(want) = item.size {
                 if n != want {
-                    return Err(format!("{}: got {n} bytes, the listing says {want}", item.url));
+                    return Err(format!("{}: got {n} bytes, the listing says {want}", url::shown(&item.url)).into());
                 }
             }
             if let Some(want) = &sha256 {
                 let got = sha256_file(&dest).await?;
                 if &got != want {
                     let _ = tokio::fs::remove_file(&dest).await;
-                    return Err(format!("sha256 mismatch: expected {want}, got {got}"));
+                    return Err(format!("sha256 mismatch: expected {want}, got {got}").into());
                 }
             }
             finished += n;
@@ -176,7 +236,7 @@ impl Downloader {
             .map_err(|e| e.to_string())?;
         crate::state::write_atomic(&marker_path, &marker).map_err(|e| e.to_string())?;
         progress(1.0);
-        tracing::info!(source = %base, path = %done.display(), files = items.len(), bytes = finished, "model downloaded");
+        tracing::info!(source = %url::shown(base), path = %done.display(), files = items.len(), bytes = finished, "model downloaded");
         Ok(done.join(rel))
     }
 
@@ -186,9 +246,10 @@ impl Downloader {
         }
         let mut h = HeaderMap::new();
         if source.starts_with("hf://") {
-            if let Some(v) =
+            if let Some(mut v) =
                 std::env::var("HF_TOKEN").ok().and_then(|t| HeaderValue::from_str(&format!("Bearer {t}")).ok())
             {
+                v.set_sensitive(true);
                 h.insert(::http::header::AUTHORIZATION, v);
             }
         }

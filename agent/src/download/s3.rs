@@ -10,8 +10,9 @@ use hmac::{Hmac, Mac};
 use http::{HeaderMap, HeaderName, HeaderValue};
 use sha2::{Digest, Sha256};
 
-/// Where and as whom to reach S3.
-#[derive(Clone, Debug)]
+/// Where and as whom to reach S3. Its `Debug` form hides the secret key and the session
+/// token.
+#[derive(Clone)]
 pub struct S3Config {
     /// `http(s)://host[:port]`, no trailing slash.
     pub endpoint: String,
@@ -23,6 +24,19 @@ pub struct S3Config {
     pub secret_key: String,
     /// Session token, for temporary credentials.
     pub session_token: Option<String>,
+}
+
+impl std::fmt::Debug for S3Config {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        let hidden = |set: bool| if set { "<redacted>" } else { "" };
+        f.debug_struct("S3Config")
+            .field("endpoint", &self.endpoint)
+            .field("region", &self.region)
+            .field("access_key", &self.access_key)
+            .field("secret_key", &hidden(!self.secret_key.is_empty()))
+            .field("session_token", &hidden(self.session_token.is_some()))
+            .finish()
+    }
 }
 
 impl S3Config {
@@ -67,7 +81,8 @@ impl S3Config {
         }
         let auth = authorization(self, "GET", &percent_decode(path), &query, &signed, &empty, &amz_date);
         for (k, v) in signed.into_iter().filter(|(k, _)| k != "host").chain([("authorization".to_string(), auth)]) {
-            if let (Ok(k), Ok(v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+            if let (Ok(k), Ok(mut v)) = (HeaderName::try_from(k), HeaderValue::try_from(v)) {
+                v.set_sensitive(k == "authorization" || k == "x-amz-security-token");
                 out.insert(k, v);
             }
         }
@@ -268,6 +283,16 @@ mod tests {
         assert_eq!(percent_decode("a%2Fb%20c"), "a/b c");
         let signed = example().headers_for("https://examplebucket.s3.amazonaws.com/test.txt", UNIX_EPOCH);
         assert!(signed.get("authorization").is_some() && signed.get("x-amz-date").is_some());
+        assert!(signed.get("authorization").unwrap().is_sensitive());
+        assert!(!format!("{signed:?}").contains("Signature="), "{signed:?}");
+    }
+
+    #[test]
+    fn debug_forms_hide_the_secret() {
+        let cfg = S3Config { session_token: Some("tok-secret".into()), ..example() };
+        let shown = format!("{cfg:?}");
+        assert!(!shown.contains("wJalrXUtnFEMI") && !shown.contains("tok-secret"), "{shown}");
+        assert!(shown.contains("AKIAIOSFODNN7EXAMPLE") && shown.contains("<redacted>"), "{shown}");
     }
 
     #[test]
