@@ -150,8 +150,10 @@ async fn restarted_agent_adopts_its_engines_without_starting_them_twice() {
     assert_eq!(after, before, "same processes and endpoints: adopted, not restarted");
     // Several heartbeats later, still the same processes (no double start).
     tokio::time::sleep(Duration::from_millis(600)).await;
-    let now: Vec<_> = second.reports().iter().map(|e| e.pid).collect();
-    assert!(now.iter().all(|p| before.iter().any(|(_, b)| b == p)), "{now:?} vs {before:?}");
+    let reports = second.reports();
+    let now: Vec<_> = reports.iter().map(|e| e.pid).collect();
+    // The whole reports on failure: a pid 0 here once came with no clue to its state.
+    assert!(now.iter().all(|p| before.iter().any(|(_, b)| b == p)), "{now:?} vs {before:?}; reports: {reports:?}");
 
     // An engine not in the next Assign is stopped.
     server.assign(vec![replicas[0].clone()]);
