@@ -241,10 +241,18 @@ impl EngineManager {
         if stop_engines {
             slots.extend(active);
         } else {
-            for s in &active {
-                s.task.abort();
+            let n = active.len();
+            for s in active {
+                // The task must be gone before its stop sender is: a task that saw the sender
+                // dropped would take it for "stop" and SIGTERM the engine it is to leave
+                // running (and forget it in the state file). Under load a test caught exactly
+                // that: an adopted engine dying right after a restart.
+                let Slot { task, stop, .. } = s;
+                task.abort();
+                let _ = task.await;
+                drop(stop);
             }
-            tracing::info!(engines = active.len(), "agent exiting; engines left running for adoption");
+            tracing::info!(engines = n, "agent exiting; engines left running for adoption");
         }
         for s in &slots {
             let _ = s.stop.send(StopMode::Now); // cuts drains short too
