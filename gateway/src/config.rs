@@ -132,6 +132,14 @@ pub struct GatewayArgs {
     /// names and traffic. Without it `/metrics` is on `--listen`.
     #[arg(long, value_name = "ADDR", env = "FLOTILLA_GATEWAY_METRICS_LISTEN")]
     pub metrics_listen: Option<String>,
+    /// Serve `--listen` over HTTPS with this certificate chain (PEM): one your clients trust
+    /// (a public CA's or your company's), not flotilla's CA. Read again when the file
+    /// changes (renewals need no restart). Needs `--https-key`.
+    #[arg(long, value_name = "FILE", env = "FLOTILLA_GATEWAY_HTTPS_CERT", requires = "https_key")]
+    pub https_cert: Option<std::path::PathBuf>,
+    /// The private key (PEM) of `--https-cert`.
+    #[arg(long, value_name = "FILE", env = "FLOTILLA_GATEWAY_HTTPS_KEY", requires = "https_cert")]
+    pub https_key: Option<std::path::PathBuf>,
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,
@@ -224,6 +232,8 @@ pub struct Config {
     pub max_stream_duration: Option<Duration>,
     /// Where `/metrics` is served instead of `listen`.
     pub metrics_listen: Option<String>,
+    /// HTTPS on `listen` (None: plain HTTP).
+    pub https: Option<std::sync::Arc<flotilla_security::https::HttpsCert>>,
 }
 
 impl Config {
@@ -310,6 +320,14 @@ impl GatewayArgs {
             }
         }
         let max_stream_duration = parse_stream_duration(&self.max_stream_duration)?;
+        let https = match (&self.https_cert, &self.https_key) {
+            (Some(cert), Some(key)) => Some(
+                flotilla_security::https::HttpsCert::load(cert.clone(), key.clone())
+                    .map_err(|e| GatewayError::Usage(format!("--https-cert/--https-key: {e}")))?,
+            ),
+            (None, None) => None,
+            _ => return usage("--https-cert and --https-key go together".into()),
+        };
         if self.tenant_max_concurrency > flotilla_api::spec::MAX_TENANT_CONCURRENCY {
             return usage(format!(
                 "--tenant-max-concurrency {} is over the maximum of {}",
@@ -407,6 +425,7 @@ impl GatewayArgs {
             tenant_max_concurrency: self.tenant_max_concurrency,
             max_stream_duration,
             metrics_listen: self.metrics_listen.clone(),
+            https,
         })
     }
 }

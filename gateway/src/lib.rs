@@ -168,15 +168,21 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
         }
     }));
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(listener, server::router(gw.clone()), gw.clone(), stop_rx.clone()));
+    let server = tokio::spawn(server::serve(
+        listener,
+        server::router(gw.clone()),
+        gw.clone(),
+        stop_rx.clone(),
+        gw.cfg.https.clone(),
+    ));
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     let metrics_server = metrics_listener
-        .map(|(l, _)| tokio::spawn(server::serve(l, server::metrics_router(gw.clone()), gw.clone(), stop_rx)));
+        .map(|(l, _)| tokio::spawn(server::serve(l, server::metrics_router(gw.clone()), gw.clone(), stop_rx, None)));
     tracing::info!(addr = %addr, metrics = ?metrics_addr, auth = gw.cfg.auth, backends = gw.cfg.backends.len(), servers = gw.cfg.servers.len(), "gateway started");
     Ok(GatewayHandle { addr, metrics_addr, gw, stop, server: Some(server), metrics_server, background })
 }
 
-/// `flotilla gateway`: prints `flotilla gateway listening on http://ADDR` and serves until
+/// `flotilla gateway`: prints `flotilla gateway listening on http(s)://ADDR` and serves until
 /// SIGINT or SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let handle = start(args).await?;
@@ -185,7 +191,8 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     use tokio::signal::unix::{signal, SignalKind};
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
-    println!("flotilla gateway listening on http://{}", handle.local_addr());
+    let scheme = if handle.gw.cfg.https.is_some() { "https" } else { "http" };
+    println!("flotilla gateway listening on {scheme}://{}", handle.local_addr());
     if let Some(m) = handle.metrics_addr() {
         println!("flotilla gateway metrics on http://{m}/metrics");
     }

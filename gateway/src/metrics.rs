@@ -128,6 +128,8 @@ pub struct Metrics {
     pub tokenizer_requests: Family<TokenizerLabels, Counter>,
     pub tenant_in_flight: Family<TenantLabels, Gauge>,
     pub stream_duration_exceeded: Family<ModelLabels, Counter>,
+    /// TLS handshakes refused or timed out on an HTTPS `--listen`.
+    pub tls_handshake_failures: Counter,
 }
 
 impl Default for Metrics {
@@ -163,6 +165,12 @@ impl Metrics {
         let tokenizer_requests = Family::default();
         let tenant_in_flight = Family::default();
         let stream_duration_exceeded = Family::default();
+        let tls_handshake_failures = Counter::default();
+        registry.register(
+            "tls_handshake_failures",
+            "TLS handshakes on the HTTPS listener that failed or timed out",
+            tls_handshake_failures.clone(),
+        );
         registry.register(
             "tenant_in_flight_requests",
             "Requests of a tenant in flight on this gateway (bounded by max_concurrent_requests)",
@@ -251,6 +259,7 @@ impl Metrics {
             tokenizer_requests,
             tenant_in_flight,
             stream_duration_exceeded,
+            tls_handshake_failures,
         }
     }
 

@@ -359,7 +359,15 @@ impl Gateway {
 }
 
 /// Accepts connections for `app` until `stop` turns true, then drains them (at most 5 s).
-pub async fn serve(listener: TcpListener, app: Router, gw: Arc<Gateway>, mut stop: watch::Receiver<bool>) {
+/// With `https`, each connection's TLS handshake runs in its own task (a slow client cannot
+/// stall the accept loop) and a failed one is counted and dropped.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    gw: Arc<Gateway>,
+    mut stop: watch::Receiver<bool>,
+    https: Option<Arc<flotilla_security::https::HttpsCert>>,
+) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
     loop {
         tokio::select! {
@@ -374,14 +382,26 @@ pub async fn serve(listener: TcpListener, app: Router, gw: Arc<Gateway>, mut sto
                 };
                 let _ = stream.set_nodelay(true);
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(gw.cfg.header_timeout)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(stream), svc);
-                let conn = graceful.watch(conn);
+                let http = {
+                    let mut b = hyper::server::conn::http1::Builder::new();
+                    b.timer(TokioTimer::new()).header_read_timeout(gw.cfg.header_timeout).keep_alive(true);
+                    b
+                };
+                let watcher = graceful.watcher();
+                let (https, gw) = (https.clone(), gw.clone());
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let ended = match https {
+                        None => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
+                        Some(cert) => match cert.accept(stream).await {
+                            Ok(tls) => watcher.watch(http.serve_connection(TokioIo::new(tls), svc)).await,
+                            Err(e) => {
+                                gw.metrics.tls_handshake_failures.inc();
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 });

@@ -14,6 +14,7 @@
 pub mod authz;
 pub mod certs;
 pub mod connect;
+pub mod https;
 pub mod identity;
 pub mod incoming;
 pub mod private_dir;
