@@ -3,7 +3,7 @@
 //! CA, and no client certificate asked for: tenants authenticate with their API keys. The
 //! files are read again when they change, as for [`crate::Tls`], so a renewed certificate
 //! (certbot, cert-manager's files) is picked up without a restart.
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, SystemTime};
 
@@ -28,14 +28,14 @@ pub struct HttpsCert {
     current: Mutex<(Stamp, Arc<ServerConfig>)>,
 }
 
-fn stamp(paths: [&PathBuf; 2]) -> Stamp {
+fn stamp(paths: [&Path; 2]) -> Stamp {
     paths.map(|p| match std::fs::metadata(p) {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(_) => (None, 0),
     })
 }
 
-fn build(cert: &PathBuf, key_path: &PathBuf) -> Result<Arc<ServerConfig>, TlsError> {
+fn build(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certs(cert)?;
     let key = key(key_path)?;
     let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
@@ -52,14 +52,14 @@ impl HttpsCert {
     /// Loads the files; an error names the file that is missing or wrong.
     pub fn load(cert: PathBuf, key: PathBuf) -> Result<Arc<HttpsCert>, TlsError> {
         let config = build(&cert, &key)?;
-        let s = stamp([&cert, &key]);
+        let s = stamp([cert.as_path(), key.as_path()]);
         Ok(Arc::new(HttpsCert { cert, key, current: Mutex::new((s, config)) }))
     }
 
     /// The current configuration, rebuilt when the files changed (a half-written renewal
     /// keeps the previous one, with a warning).
     fn config(&self) -> Arc<ServerConfig> {
-        let now = stamp([&self.cert, &self.key]);
+        let now = stamp([self.cert.as_path(), self.key.as_path()]);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if cur.0 != now {
             match build(&self.cert, &self.key) {
