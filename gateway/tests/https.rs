@@ -98,9 +98,9 @@ fn half_given_or_unreadable_https_files_are_usage_errors() {
         https_key: Some("/nonexistent/key.pem".into()),
         ..gw_args(&[])
     };
-    let e = args.validate().err().expect("refused").to_string();
+    let e = args.validate().expect_err("refused").to_string();
     assert!(e.contains("--https-cert") && e.contains("/nonexistent/cert.pem"), "{e}");
     let args = flotilla_gateway::GatewayArgs { https_cert: Some("/x.pem".into()), ..gw_args(&[]) };
-    let e = args.validate().err().expect("refused").to_string();
+    let e = args.validate().expect_err("refused").to_string();
     assert!(e.contains("go together"), "{e}");
 }
