@@ -30,7 +30,7 @@ WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/flotilla-gwtls.XXXXXX")
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM

@@ -35,7 +35,7 @@ WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/flotilla-secbench.XXXXXX")
 PIDS=()
 cleanup() {
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true  # not a bare wait: it would wait for the stderr filter too
   rm -rf "$WORK"
 }
 trap cleanup EXIT INT TERM
@@ -74,7 +74,7 @@ run_cluster() { # mode round -> prints JSON lines of the load runs
       --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$mode-c$c-r$round"
   done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait 2>/dev/null || true
+  wait "${PIDS[@]}" 2>/dev/null || true  # not a bare wait: it would wait for the stderr filter too
   PIDS=()
 }
 
