@@ -285,3 +285,50 @@ async fn a_refused_model_source_fails_the_replica_naming_the_rule() {
     assert_eq!(srv.hits.load(Ordering::SeqCst), 0);
     drop(agent);
 }
+
+/// An engine adopted from a previous run skips the download, so the next agent checks its
+/// source against its own policy: refused, the engine is stopped, its replica failed naming
+/// the rule, and the state file forgets it.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_adopted_engine_whose_source_the_new_policy_refuses_is_stopped_and_failed() {
+    let fake = FakeServer::start().await;
+    let dir = tempfile::tempdir().unwrap();
+    let weights = dir.path().join("weights.bin");
+    std::fs::write(&weights, b"weights").unwrap();
+    // a "vllm" engine that is the simulator, so it needs (and downloads) its weights
+    let (sim, sub) = sim_binary();
+    let template = format!("{} {sub} --host {{host}} --port {{port}} --model {{model}} --speedup 50", sim.display());
+    fake.assign(vec![flotilla_api::pb::ReplicaAssignment {
+        replica: "v-0".into(),
+        model: "m".into(),
+        engine: "vllm".into(),
+        source: format!("file://{}", weights.display()),
+        engine_args: vec![],
+        gpus: vec![],
+        adapters: vec![],
+    }]);
+    let data = dir.path().join("agent");
+    let mut first =
+        TestAgent::start(agent_args(&[fake.addr], &data, "node-readopt", &["--vllm-command", &template])).await;
+    let pid = eventually(60, "engine ready", || {
+        first.reports().into_iter().find(|e| e.replica == "v-0" && e.state == "ready").map(|e| e.pid)
+    })
+    .await;
+    first.shutdown(false).await;
+    assert!(alive(pid), "left running for the next agent");
+
+    let policy = dir.path().join("source-policy.yaml");
+    std::fs::write(&policy, "paths: {file: [/models]}\n").unwrap();
+    let extra = ["--vllm-command", template.as_str(), "--source-policy", policy.to_str().unwrap()];
+    let second = TestAgent::start(agent_args(&[fake.addr], &data, "node-readopt", &extra)).await;
+    second.pids.lock().unwrap().insert(pid);
+    let failed = eventually(30, "the adopted engine failed", || {
+        second.reports().into_iter().find(|e| e.replica == "v-0" && e.state == "failed")
+    })
+    .await;
+    assert!(failed.reason.contains("rule paths"), "{}", failed.reason);
+    eventually(20, "the refused engine stopped", || (!alive(pid)).then_some(())).await;
+    let state = std::fs::read_to_string(data.join("engines.json")).unwrap_or_default();
+    assert!(!state.contains("v-0"), "forgotten by the state file: {state}");
+    drop(second);
+}

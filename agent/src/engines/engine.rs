@@ -150,6 +150,17 @@ async fn life(
             return park(&mut stop, &report).await;
         }
     };
+    // An engine adopted from a previous run skips the download, so its source is checked
+    // here: started under an earlier source policy, it must not keep running under this one.
+    if let Some(s) = adopted.as_ref().filter(|_| driver.needs_weights()) {
+        if let Err(refusal) = env.cfg.source_policy.check(&a.source) {
+            tracing::error!(replica = %replica, reason = %refusal, "adopted engine's source is refused; stopping it");
+            s.process.stop(env.cfg.stop_grace).await;
+            let _ = env.state.remove(&replica);
+            set_state(&report, "failed", &refusal.to_string());
+            return park(&mut stop, &report).await;
+        }
+    }
     let log = LogFile::new(&env.log_dir, &replica, env.cfg.log_max_bytes, env.cfg.log_keep);
     let mut history = CrashHistory::default();
     let mut restarts = adopted.as_ref().map(|s| s.restarts).unwrap_or(0);
