@@ -8,6 +8,7 @@
 //! ```
 #![forbid(unsafe_code)]
 
+pub mod civil;
 pub mod dial;
 pub mod error;
 pub mod ids;
