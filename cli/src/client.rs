@@ -16,6 +16,22 @@ pub(crate) struct Client {
     token: Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>,
 }
 
+/// A write carrying `id` (`x-flotilla-request-id`): the same on each of the client's
+/// retries of one write, so a retry after a lost answer gets the first answer instead of
+/// being applied again (a compare-and-set coming back as a conflict against itself). The
+/// server binds the id to the caller.
+pub(crate) fn write_request<T>(msg: T, id: u128) -> tonic::Request<T> {
+    let mut req = tonic::Request::new(msg);
+    let value = format!("{id:032x}").parse().expect("hex is a valid header value");
+    req.metadata_mut().insert(flotilla_cluster::REQUEST_ID_HEADER, value);
+    req
+}
+
+/// A new id for one write ([`write_request`]).
+pub(crate) fn new_request_id() -> u128 {
+    rand::random()
+}
+
 /// A channel whose calls carry the CLI's bearer token, if it has one.
 pub(crate) type AuthChannel = InterceptedService<Channel, Bearer>;
 

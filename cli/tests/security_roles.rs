@@ -398,10 +398,10 @@ async fn every_role_and_method_against_the_table() {
     assert_eq!(got, Code::PermissionDenied);
     let _ = Identity::new(Role::Agent, "n1");
 
-    // only a peer's forward carries a request id the leader honours: an admin repeating
-    // another request's id (the headers a forward sets) gets a request of its own
+    // a request id is bound to its caller: an admin repeating its own id gets its first answer
+    // (an idempotent retry), another caller sending the same id gets a request of its own
     let replay = || {
-        let manifest = "kind: Tenant\nmetadata: {name: replayed}\nspec: {}\n".to_string();
+        let manifest = common::model("replayed");
         let mut req = tonic::Request::new(pb::ApplyRequest { manifest, expected_revision: Some(0) });
         req.metadata_mut().insert(flotilla_cluster::FORWARDED_HEADER, "1".parse().unwrap());
         req.metadata_mut()
@@ -409,8 +409,12 @@ async fn every_role_and_method_against_the_table() {
         req
     };
     let mut objects = pb::object_service_client::ObjectServiceClient::new(admin_ch.clone());
-    objects.apply(replay()).await.expect("first create");
-    assert_eq!(code(objects.apply(replay()).await), Code::FailedPrecondition, "no replay from a non-peer");
+    let first = objects.apply(replay()).await.expect("first create").into_inner();
+    let again = objects.apply(replay()).await.expect("the same caller's retry").into_inner();
+    assert_eq!(again.object, first.object, "a retry answers the first result, not a conflict");
+    let olga = Tls::load(cert_files(dir, "operator", "olga")).unwrap();
+    let mut theirs = pb::object_service_client::ObjectServiceClient::new(channel(&server.addr, &olga).await);
+    assert_eq!(code(theirs.apply(replay()).await), Code::FailedPrecondition, "another caller's id is its own");
 
     // the audit log names who wrote what, and how it ended; only an admin reads it
     let out = as_role(&admin_files, &["audit", "--who", "admin/alice", "-o", "json"]);
@@ -420,7 +424,9 @@ async fn every_role_and_method_against_the_table() {
     let seen = |target: &str, result: &str| {
         entries.iter().any(|e| e["target"] == target && e["result"] == result && e["method"] == "Apply")
     };
-    assert!(seen("Tenant/replayed", "created") && seen("Tenant/replayed", "conflict"), "{log}");
+    assert!(seen("Model/replayed", "created"), "{log}");
+    let created = entries.iter().filter(|e| e["target"] == "Model/replayed").count();
+    assert_eq!(created, 1, "the retry was not applied (nor audited) twice: {log}");
     assert!(entries.iter().all(|e| e["who"] == "admin/alice" && e["at_ms"].as_u64() > Some(0)), "{log}");
     let out = as_role(&admin_files, &["audit", "--who", "operator/olga", "-o", "json"]);
     let log: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

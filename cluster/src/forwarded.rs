@@ -32,14 +32,25 @@ fn header<'a, T>(req: &'a Request<T>, name: &str) -> Option<&'a str> {
     req.metadata().get(name).and_then(|v| v.to_str().ok())
 }
 
-/// The id a write is applied under: the one a peer forwarded it with, or a new random one
-/// where this server is the first to see it.
+/// The id a write is applied under:
+/// - the one a peer forwarded it with (made by the first server, below);
+/// - where this server is the first to see the write and the client sent an id of its own
+///   (the CLI does, the same on each of its retries), that id bound to the caller: the
+///   first 128 bits of SHA-256 of the caller's identity and the id, so one caller cannot
+///   reach another's answers by sending their ids;
+/// - else a new random one.
 pub(crate) fn request_id<T>(req: &Request<T>) -> u128 {
-    trusted_forward(req)
-        .then(|| header(req, REQUEST_ID_HEADER))
-        .flatten()
-        .and_then(|v| u128::from_str_radix(v, 16).ok())
-        .unwrap_or_else(|| uuid::Uuid::new_v4().as_u128())
+    let given = header(req, REQUEST_ID_HEADER).and_then(|v| u128::from_str_radix(v, 16).ok());
+    match (given, trusted_forward(req)) {
+        (Some(id), true) => id,
+        (Some(id), false) => {
+            use sha2::{Digest, Sha256};
+            let who = identity_of(req).map_or_else(|| "anonymous".to_string(), |i| i.uri());
+            let digest = Sha256::digest(format!("{who}\n{id:032x}").as_bytes());
+            u128::from_be_bytes(digest[..16].try_into().expect("16 bytes"))
+        }
+        (None, _) => uuid::Uuid::new_v4().as_u128(),
+    }
 }
 
 /// Who made the write `req` (`method` on `target`), for the audit log.
@@ -113,9 +124,11 @@ mod tests {
             let c = caller(&req, "Apply", "model/m".into());
             assert_eq!((c.who.as_str(), c.from.as_str()), ("operator/olga", "10.0.0.9:4000"));
         }
-        // an admin sending the same headers: its own identity and a fresh id
+        // an admin sending the same headers: its own identity, and the id bound to it
         let req = with_identity(forwarded(), Role::Admin);
         assert_ne!(request_id(&req), 0xabc);
+        assert_eq!(request_id(&req), request_id(&with_identity(forwarded(), Role::Admin)), "stable across retries");
+        assert_ne!(request_id(&req), request_id(&with_identity(forwarded(), Role::Viewer)), "bound to the caller");
         assert_eq!(caller(&req, "Apply", "model/m".into()).who, "admin/x");
         // no forward at all
         let plain = Request::new(());

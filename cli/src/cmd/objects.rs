@@ -73,9 +73,10 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs, format: Format) -> R
     let mut applied = Vec::new();
     for m in &manifests {
         let req = ApplyRequest { manifest: m.to_yaml(), expected_revision: args.expected_revision };
+        let id = crate::client::new_request_id();
         let resp = client
             .objects(|mut c| {
-                let req = req.clone();
+                let req = crate::client::write_request(req.clone(), id);
                 async move { c.apply(req).await }
             })
             .await?
@@ -139,9 +140,10 @@ pub(crate) async fn delete(client: &Client, args: DeleteArgs, format: Format) ->
     let name: ObjectName = args.name.parse()?;
     let req =
         DeleteRequest { kind: kind.to_string(), name: name.to_string(), expected_revision: args.expected_revision };
+    let id = crate::client::new_request_id();
     let resp = client
         .objects(|mut c| {
-            let req = req.clone();
+            let req = crate::client::write_request(req.clone(), id);
             async move { c.delete(req).await }
         })
         .await?

@@ -50,9 +50,10 @@ pub(crate) async fn run(client: &Client, args: ScaleArgs, format: Format) -> Res
         };
         manifest.spec.validate()?;
         let req = ApplyRequest { manifest: manifest.to_yaml(), expected_revision: Some(current.revision) };
+        let id = crate::client::new_request_id();
         let result = client
             .objects(|mut c| {
-                let req = req.clone();
+                let req = crate::client::write_request(req.clone(), id);
                 async move { c.apply(req).await }
             })
             .await;

@@ -96,9 +96,11 @@ pub(crate) async fn run(client: &Client, c: TokenCommand, format: Format) -> Res
                 spec["selector"] = serde_json::json!(sel);
             }
             let manifest = serde_json::json!({"kind": "Token", "metadata": {"name": id}, "spec": spec}).to_string();
+            let write = crate::client::new_request_id();
             client
                 .objects(|mut c| {
                     let req = ApplyRequest { manifest: manifest.clone(), expected_revision: Some(0) };
+                    let req = crate::client::write_request(req, write);
                     async move { c.apply(req).await }
                 })
                 .await?;
@@ -131,9 +133,11 @@ pub(crate) async fn run(client: &Client, c: TokenCommand, format: Format) -> Res
             Ok(())
         }
         TokenCommand::Revoke { id } => {
+            let write = crate::client::new_request_id();
             client
                 .objects(|mut c| {
                     let req = DeleteRequest { kind: "Token".into(), name: id.clone(), expected_revision: None };
+                    let req = crate::client::write_request(req, write);
                     async move { c.delete(req).await }
                 })
                 .await?;
