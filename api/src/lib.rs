@@ -26,6 +26,11 @@ pub use object::{EventType, ObjectKey, StoredObject, WatchEvent};
 pub use selector::LabelSelector;
 pub use spec::Spec;
 
+/// Lower-case hex of `bytes` (key hashes, token and key secrets, snapshot checksums).
+pub fn hex(bytes: &[u8]) -> String {
+    bytes.iter().map(|b| format!("{b:02x}")).collect()
+}
+
 /// Generated protobuf and gRPC code for package `flotilla.v1`.
 pub mod pb {
     #![allow(clippy::all, missing_docs)]

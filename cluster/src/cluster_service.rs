@@ -143,20 +143,13 @@ trait AsyncForward<T> {
 struct ForwardAdd(AddMemberRequest, u128, Caller);
 struct ForwardRemove(RemoveMemberRequest, u128, Caller);
 
-fn forwarded<T>(msg: T, id: u128, by: &Caller, deadline: Instant) -> Request<T> {
-    let mut r = Request::new(msg);
-    forwarded::mark_write(&mut r, id, by);
-    r.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    r
-}
-
 impl AsyncForward<AddMemberResponse> for ForwardAdd {
     async fn call(
         self,
         mut c: ClusterServiceClient<tonic::transport::Channel>,
         d: Instant,
     ) -> Result<AddMemberResponse, Status> {
-        c.add_member(forwarded(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
+        c.add_member(forwarded::forward_write(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
     }
 }
 
@@ -166,7 +159,7 @@ impl AsyncForward<RemoveMemberResponse> for ForwardRemove {
         mut c: ClusterServiceClient<tonic::transport::Channel>,
         d: Instant,
     ) -> Result<RemoveMemberResponse, Status> {
-        c.remove_member(forwarded(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
+        c.remove_member(forwarded::forward_write(self.0, self.1, &self.2, d)).await.map(Response::into_inner)
     }
 }
 

@@ -8,6 +8,7 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use flotilla_security::{Identity, Role};
 use flotilla_storage::audit::Caller;
 use flotilla_storage::Command;
+use tokio::time::Instant;
 use tonic::metadata::MetadataValue;
 use tonic::Request;
 
@@ -23,9 +24,36 @@ pub(crate) fn identity_of<T>(request: &Request<T>) -> Option<Identity> {
     request.extensions().get::<flotilla_security::Caller>().and_then(|c| c.0.clone())
 }
 
+/// Whether a server forwarded `req` (it must not forward it again).
+pub(crate) fn is_forwarded<T>(req: &Request<T>) -> bool {
+    req.metadata().contains_key(FORWARDED_HEADER)
+}
+
+/// `msg` as a server forwards it to the leader: marked forwarded, bounded by `deadline`.
+pub(crate) fn forward<T>(msg: T, deadline: Instant) -> Request<T> {
+    let mut req = Request::new(msg);
+    req.metadata_mut().insert(FORWARDED_HEADER, MetadataValue::from_static("1"));
+    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
+    req
+}
+
+/// [`forward`] for a write by `caller` with request id `id` (the same on every retry).
+pub(crate) fn forward_write<T>(msg: T, id: u128, caller: &Caller, deadline: Instant) -> Request<T> {
+    let mut req = forward(msg, deadline);
+    let m = req.metadata_mut();
+    m.insert(REQUEST_ID_HEADER, format!("{id:032x}").parse().expect("hex is a valid header value"));
+    // Identities and socket addresses are ASCII; anything else is not forwarded (the leader
+    // then records the forwarding server).
+    if let (Ok(who), Ok(from)) = (caller.who.parse(), caller.from.parse()) {
+        m.insert(CALLER_HEADER, who);
+        m.insert(CALLER_ADDR_HEADER, from);
+    }
+    req
+}
+
 /// Whether `req` is a forward whose headers may be believed.
 fn trusted_forward<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_HEADER) && identity_of(req).is_none_or(|c| c.role == Role::Peer)
+    is_forwarded(req) && identity_of(req).is_none_or(|c| c.role == Role::Peer)
 }
 
 fn header<'a, T>(req: &'a Request<T>, name: &str) -> Option<&'a str> {
@@ -76,19 +104,6 @@ fn now_ms() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
-/// Marks `req` as a forward of a write by `caller` with request id `id`.
-pub(crate) fn mark_write<T>(req: &mut Request<T>, id: u128, caller: &Caller) {
-    let m = req.metadata_mut();
-    m.insert(FORWARDED_HEADER, MetadataValue::from_static("1"));
-    m.insert(REQUEST_ID_HEADER, format!("{id:032x}").parse().expect("hex is a valid header value"));
-    // Identities and socket addresses are ASCII; anything else is not forwarded (the leader
-    // then records the forwarding server).
-    if let (Ok(who), Ok(from)) = (caller.who.parse(), caller.from.parse()) {
-        m.insert(CALLER_HEADER, who);
-        m.insert(CALLER_ADDR_HEADER, from);
-    }
-}
-
 /// `command`, applied once under `id` and recorded in the audit log as made by `caller`.
 pub(crate) fn api_write(id: u128, caller: Caller, command: Command) -> Command {
     let audited = Command::Audited { caller, command: Box::new(command) };
@@ -113,11 +128,7 @@ mod tests {
             from: "10.0.0.9:4000".into(),
             at_ms: 1,
         };
-        let forwarded = || {
-            let mut r = Request::new(());
-            mark_write(&mut r, 0xabc, &from_caller);
-            r
-        };
+        let forwarded = || forward_write((), 0xabc, &from_caller, Instant::now());
         // security off, or a peer: the forward's id and caller
         for req in [forwarded(), with_identity(forwarded(), Role::Peer)] {
             assert_eq!(request_id(&req), 0xabc);

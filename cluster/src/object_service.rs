@@ -18,11 +18,11 @@ use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
 
-use crate::forwarded::{self, api_write, identity_of as caller_of};
+use crate::forwarded::{self, api_write, forward_write, identity_of as caller_of, is_forwarded};
 use crate::node::{Node, Route, LEADER_CHANGED};
 use crate::redact;
 use crate::scope;
-use crate::{ClusterError, FORWARDED_HEADER};
+use crate::ClusterError;
 
 pub(crate) struct ObjectServiceImpl {
     pub(crate) node: Node,
@@ -30,25 +30,6 @@ pub(crate) struct ObjectServiceImpl {
 
 /// Events sent per read of the history while a watch catches up.
 const WATCH_BATCH: usize = 256;
-
-fn is_forwarded<T>(req: &Request<T>) -> bool {
-    req.metadata().contains_key(FORWARDED_HEADER)
-}
-
-fn forward_request<T>(msg: T, deadline: Instant) -> Request<T> {
-    let mut req = Request::new(msg);
-    req.metadata_mut().insert(FORWARDED_HEADER, "1".parse().expect("static header value"));
-    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    req
-}
-
-/// A write forwarded with its request id (the same on every retry) and its caller.
-fn forward_write<T>(msg: T, id: u128, by: &flotilla_storage::audit::Caller, deadline: Instant) -> Request<T> {
-    let mut req = Request::new(msg);
-    forwarded::mark_write(&mut req, id, by);
-    req.set_timeout(deadline.saturating_duration_since(Instant::now()));
-    req
-}
 
 /// Whether a failed forward is tried again: one that failed because the leader is gone or no
 /// longer leads is, at once when it was abandoned because this server's view of the leader
@@ -94,12 +75,8 @@ impl ObjectServiceImpl {
             };
             let theirs: std::collections::HashSet<&str> = spec.key_hashes().collect();
             if let Some(i) = tenant.key_hashes().position(|h| theirs.contains(h)) {
-                let field = match i.checked_sub(tenant.api_keys.len()) {
-                    None => format!("spec.api_keys[{i}]"),
-                    Some(j) => format!("spec.keys[{j}]"),
-                };
                 let e = ApiError::invalid(
-                    field,
+                    tenant.key_field(i),
                     format!("is a key of tenant {} already; every key names one tenant", other.key.name),
                 );
                 return Err(ClusterError::from(e).into());
@@ -349,7 +326,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).get(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).get(forwarded::forward(req.clone(), deadline))).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }
@@ -372,7 +349,7 @@ impl ObjectServiceImpl {
                 }
                 Route::Leader(addr) => addr,
             };
-            let r = self.node.forward(&addr, self.client(&addr).list(forward_request(req.clone(), deadline))).await;
+            let r = self.node.forward(&addr, self.client(&addr).list(forwarded::forward(req.clone(), deadline))).await;
             if retry_forward(&self.node, &r, deadline).await {
                 continue;
             }

@@ -23,13 +23,9 @@ pub(crate) struct TenantKeyServiceImpl {
 /// Read-modify-write attempts before giving up on a tenant that keeps changing.
 const ATTEMPTS: usize = 5;
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 /// A new key and what the tenant keeps of it.
 pub(crate) fn new_key(now: u64) -> (String, TenantKey) {
-    let (id, secret) = (hex(&rand::random::<[u8; 8]>()), hex(&rand::random::<[u8; 32]>()));
+    let (id, secret) = (flotilla_api::hex(&rand::random::<[u8; 8]>()), flotilla_api::hex(&rand::random::<[u8; 32]>()));
     let key = format!("{TENANT_KEY_PREFIX}{id}_{secret}");
     let kept = TenantKey { id, hash: hash_api_key(&key), created_at: now };
     (key, kept)

@@ -5,7 +5,7 @@
 //! (certbot, cert-manager's files) is picked up without a restart.
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
-use std::time::{Duration, SystemTime};
+use std::time::Duration;
 
 use rustls::crypto::ring::default_provider;
 use rustls::ServerConfig;
@@ -13,26 +13,17 @@ use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
 use tokio_rustls::TlsAcceptor;
 
-use crate::tls::{certs, key, TlsError};
+use crate::tls::{certs, key, stamp, Stamp, TlsError};
 
 /// How long a client has to finish its handshake.
 pub const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-type Stamp = [(Option<SystemTime>, u64); 2];
 
 /// A server certificate and key that follow their files.
 #[derive(Debug)]
 pub struct HttpsCert {
     cert: PathBuf,
     key: PathBuf,
-    current: Mutex<(Stamp, Arc<ServerConfig>)>,
-}
-
-fn stamp(paths: [&Path; 2]) -> Stamp {
-    paths.map(|p| match std::fs::metadata(p) {
-        Ok(m) => (m.modified().ok(), m.len()),
-        Err(_) => (None, 0),
-    })
+    current: Mutex<(Stamp<2>, Arc<ServerConfig>)>,
 }
 
 fn build(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {

@@ -72,13 +72,18 @@ impl TlsArgs {
 }
 
 /// (modification time, length) of each file: what a rotation changes.
-type Stamp = [(Option<SystemTime>, u64); 3];
+pub(crate) type Stamp<const N: usize> = [(Option<SystemTime>, u64); N];
 
-fn stamp(files: &TlsFiles) -> Stamp {
-    [&files.cert, &files.key, &files.ca].map(|p| match std::fs::metadata(p) {
+/// The [`Stamp`] of `paths` now (a missing file reads as `(None, 0)`).
+pub(crate) fn stamp<const N: usize>(paths: [&Path; N]) -> Stamp<N> {
+    paths.map(|p| match std::fs::metadata(p) {
         Ok(m) => (m.modified().ok(), m.len()),
         Err(_) => (None, 0),
     })
+}
+
+fn files_stamp(files: &TlsFiles) -> Stamp<3> {
+    stamp([&files.cert, &files.key, &files.ca].map(PathBuf::as_path))
 }
 
 fn read(path: &Path) -> Result<Vec<u8>, TlsError> {
@@ -161,7 +166,7 @@ pub struct Tls {
     files: TlsFiles,
     /// No certificate of its own (see [`Tls::load_client_only`]).
     client_only: bool,
-    current: Mutex<(Stamp, Arc<Built>)>,
+    current: Mutex<(Stamp<3>, Arc<Built>)>,
 }
 
 impl Tls {
@@ -177,7 +182,7 @@ impl Tls {
     }
 
     fn load_as(files: TlsFiles, client_only: bool) -> Result<Arc<Tls>, TlsError> {
-        let s = stamp(&files);
+        let s = files_stamp(&files);
         let built = build(&files, client_only)?;
         Ok(Arc::new(Tls { files, client_only, current: Mutex::new((s, Arc::new(built))) }))
     }
@@ -201,7 +206,7 @@ impl Tls {
     }
 
     fn built(&self) -> Arc<Built> {
-        let now = stamp(&self.files);
+        let now = files_stamp(&self.files);
         let mut cur = self.current.lock().unwrap_or_else(|e| e.into_inner());
         if cur.0 != now {
             match build(&self.files, self.client_only) {

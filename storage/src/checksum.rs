@@ -11,11 +11,7 @@ const TAG: &str = ".sha256-";
 
 /// SHA-256 of `data`, lower-case hex.
 pub(crate) fn sha256_hex(data: &[u8]) -> String {
-    hex(&Sha256::digest(data))
-}
-
-pub(crate) fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
+    flotilla_api::hex(&Sha256::digest(data))
 }
 
 /// `base` with the checksum of `data` appended.
@@ -65,7 +61,7 @@ impl SnapshotDigest {
     /// and an error saying both checksums when it does not match.
     pub fn check(self, id: &str) -> Result<bool, String> {
         let Some((_, expected)) = id.rsplit_once(TAG) else { return Ok(false) };
-        let actual = hex(&self.0.finalize());
+        let actual = flotilla_api::hex(&self.0.finalize());
         if actual == expected {
             Ok(true)
         } else {

@@ -69,8 +69,8 @@ fn decode(mut bytes: Vec<u8>) -> Result<Loaded, String> {
         if actual.as_slice() != &bytes[MAGIC.len()..HEADER] {
             return Err(format!(
                 "file checksum mismatch: header says sha256 {}, contents hash to {}",
-                checksum::hex(&bytes[MAGIC.len()..HEADER]),
-                checksum::hex(&actual)
+                flotilla_api::hex(&bytes[MAGIC.len()..HEADER]),
+                flotilla_api::hex(&actual)
             ));
         }
         (HEADER, false)

@@ -36,8 +36,7 @@ pub const HASHED_KEY_PREFIX: &str = "sha256:";
 pub fn hash_api_key(key: &str) -> String {
     use sha2::{Digest, Sha256};
     let digest = Sha256::digest(key.as_bytes());
-    let hex: String = digest.iter().map(|b| format!("{b:02x}")).collect();
-    format!("{HASHED_KEY_PREFIX}{hex}")
+    format!("{HASHED_KEY_PREFIX}{}", crate::hex(&digest))
 }
 
 /// Prefix of a key made by `flotilla tenant key create`: `ftk_<16 hex id>_<64 hex secret>`.
@@ -142,10 +141,15 @@ impl TenantSpec {
     /// [`TenantSpec::hash_keys`]).
     pub fn duplicate_key(&self) -> Option<String> {
         let all: Vec<&str> = self.key_hashes().collect();
-        (0..all.len()).find(|&i| all[..i].contains(&all[i])).map(|i| match i.checked_sub(self.api_keys.len()) {
+        (0..all.len()).find(|&i| all[..i].contains(&all[i])).map(|i| self.key_field(i))
+    }
+
+    /// The field holding the `i`th of [`TenantSpec::key_hashes`].
+    pub fn key_field(&self, i: usize) -> String {
+        match i.checked_sub(self.api_keys.len()) {
             None => format!("spec.api_keys[{i}]"),
             Some(j) => format!("spec.keys[{j}]"),
-        })
+        }
     }
 }
 

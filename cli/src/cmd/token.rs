@@ -68,10 +68,6 @@ fn ttl(s: &str) -> Result<Option<Duration>, CliError> {
     Ok(Some(Duration::from_secs(secs)))
 }
 
-fn hex(bytes: &[u8]) -> String {
-    bytes.iter().map(|b| format!("{b:02x}")).collect()
-}
-
 pub(crate) async fn run(client: &Client, c: TokenCommand, format: Format) -> Result<(), CliError> {
     match c {
         TokenCommand::Create(a) => {
@@ -85,8 +81,8 @@ pub(crate) async fn run(client: &Client, c: TokenCommand, format: Format) -> Res
                 }
                 flotilla_api::LabelSelector::parse(sel).map_err(|e| CliError::usage(format!("--selector: {e}")))?;
             }
-            let id = hex(&rand::random::<[u8; 8]>());
-            let secret = hex(&rand::random::<[u8; 32]>());
+            let id = flotilla_api::hex(&rand::random::<[u8; 8]>());
+            let secret = flotilla_api::hex(&rand::random::<[u8; 32]>());
             let now = SystemTime::now().duration_since(UNIX_EPOCH).map_err(|e| CliError::runtime(e.to_string()))?;
             let expires = ttl.map(|t| (now + t).as_secs());
             let mut spec = serde_json::json!({
