@@ -36,6 +36,7 @@ pub mod node;
 pub mod objects;
 pub mod placement;
 pub mod reports;
+pub mod rollout;
 pub mod scheduler;
 pub mod shared;
 pub mod supervisor;

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
 use crate::objects::{key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView};
+use crate::rollout::{self, RolloutStatus};
 use crate::shared::Ctx;
 use crate::writes::execute;
 
@@ -38,6 +39,23 @@ pub struct ModelState {
     /// When this actor first saw each Failed replica.
     pub failed_since: HashMap<ObjectName, Instant>,
     pub now: Instant,
+    /// Adapters of this base model kept loaded (`replicas: N`), by name: read only while
+    /// a rollout runs (its old Ready replicas wait for them on the updated ones).
+    pub pinned_adapters: BTreeMap<ObjectName, u32>,
+    /// Adapters each replica's engine reports loaded (from the agents' heartbeats).
+    pub loaded_adapters: HashMap<ObjectName, BTreeSet<String>>,
+}
+
+impl ModelState {
+    /// Whether some live replica runs another template than the model's (a rollout).
+    pub fn rolling(&self) -> bool {
+        let Some(model) = &self.model else { return false };
+        let current = model.spec.template().hash();
+        self.replicas.values().any(|r| {
+            !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped | ReplicaPhase::Failed)
+                && r.spec.template_hash() != current
+        })
+    }
 }
 
 fn phase_rank(p: ReplicaPhase) -> u8 {
@@ -79,6 +97,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let desired = desired_replicas(model, stored.autoscaling.as_ref()) as usize;
     let backoff = ActorsConfig::ms(cfg.failed_replace_backoff_ms);
     let on_draining = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.draining_nodes.contains(n));
+    let on_down = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.down_nodes.contains(n));
     let is_ready = |r: &ReplicaView| {
         r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !s.down_nodes.contains(n))
     };
@@ -89,6 +108,11 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         match r.phase() {
             ReplicaPhase::Draining | ReplicaPhase::Stopped => {}
             ReplicaPhase::Failed => failed.push(r),
+            // Hedged healing: a replica on a node that stopped heartbeating stays bound and
+            // routable (the gateways eject it if it fails) but no longer counts, so its
+            // replacement starts now. If the node returns, the surplus is scaled down; if not,
+            // the node actor unbinds it after the grace.
+            _ if on_down(r) => {}
             _ if on_draining(r) => moving.push(r),
             _ => active.push(r),
         }
@@ -103,21 +127,39 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         retire(r, "", &mut compares, &mut ops);
     }
     let counted = active.len() + holding;
+    let current = model.spec.template().hash();
+    let (updated, old): (Vec<&ReplicaView>, Vec<&ReplicaView>) =
+        active.iter().partition(|r| r.spec.template_hash() == current);
     let mut writes = Vec::new();
-    if counted < desired {
-        let mut create_ops = Vec::new();
-        for _ in counted..desired {
-            let (_, op) = new_replica_op(model, &fresh.suffix(), fresh.uid());
-            create_ops.push(op);
+    let mut create = 0;
+    let mut waiting = None;
+    if !old.is_empty() {
+        // An updated replica serves its share once its bound adapters are loaded too.
+        let loaded = |r: &ReplicaView| {
+            r.spec.adapters.iter().all(|b| s.loaded_adapters.get(&r.name).is_some_and(|l| l.contains(b.name.as_str())))
+        };
+        let rollout_ready = |r: &ReplicaView| is_ready(r) && (r.spec.template_hash() != current || loaded(r));
+        let updated_ready: Vec<&ReplicaView> = updated.iter().copied().filter(|r| rollout_ready(r)).collect();
+        let hold = rollout::adapter_hold(&s.pinned_adapters, &s.loaded_adapters, &updated_ready);
+        let step = rollout::step(desired, holding, &updated, &old, &model.spec.rollout, &rollout_ready, hold);
+        for (r, why) in &step.retire {
+            retire(r, why, &mut compares, &mut ops);
         }
-        let model_cmp = Compare { key: key(Kind::Model, &model.name), revision: model.revision };
-        writes.extend(txn(vec![model_cmp], create_ops));
+        create = step.create;
+        waiting = step.waiting;
+    } else if counted < desired {
+        create = desired - counted;
     } else if counted > desired {
         // Least ready first, newest first within a phase.
         active.sort_by_key(|r| (phase_rank(r.phase()), std::cmp::Reverse(r.create_revision)));
         for r in active.iter().take((counted - desired).min(active.len())) {
             retire(r, "scaled down", &mut compares, &mut ops);
         }
+    }
+    if create > 0 {
+        let create_ops = (0..create).map(|_| new_replica_op(model, &fresh.suffix(), fresh.uid()).1).collect();
+        let model_cmp = Compare { key: key(Kind::Model, &model.name), revision: model.revision };
+        writes.extend(txn(vec![model_cmp], create_ops));
     }
     // Surge drain: replicas on draining nodes go once enough replacements are Ready.
     let ready_active = active.iter().filter(|r| is_ready(r)).count();
@@ -168,6 +210,16 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         .count();
     let mut status = model_status(&projected, desired, ready);
     status.autoscaling = stored.autoscaling;
+    status.templates = stored.templates;
+    if let Some(h) = rollout::record_template(&status.templates, &model.spec.template(), model.revision) {
+        status.templates = h;
+    }
+    let roll = rollout_status(&projected, model, desired, &current, &status.templates, &is_ready, waiting);
+    if roll.old_replicas > 0 {
+        let reason = if roll.state == "Paused" { "RolloutPaused" } else { "RollingUpdate" };
+        status.conditions[1] = cond("Progressing", roll.state != "Paused", reason, roll.message.clone());
+    }
+    status.rollout = Some(roll);
     if model.status != status.to_json() {
         writes.push(Command::PutStatus {
             key: key(Kind::Model, &model.name),
@@ -186,6 +238,46 @@ pub fn desired_replicas(model: &ModelView, autoscaling: Option<&crate::objects::
         (Some(_), Some(a)) => a.desired_replicas,
         (Some(a), None) => model.spec.replicas.clamp(a.min, a.max.max(a.min)),
         (None, _) => model.spec.replicas,
+    }
+}
+
+/// The rollout part of a model's status, over the state the round's writes lead to.
+fn rollout_status(
+    s: &ModelState,
+    model: &ModelView,
+    desired: usize,
+    current: &str,
+    templates: &[rollout::TemplateRecord],
+    is_ready: &dyn Fn(&ReplicaView) -> bool,
+    waiting: Option<String>,
+) -> RolloutStatus {
+    let live = s
+        .replicas
+        .values()
+        .filter(|r| !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped | ReplicaPhase::Failed));
+    let (updated, old): (Vec<&ReplicaView>, Vec<&ReplicaView>) = live.partition(|r| r.spec.template_hash() == current);
+    let updated_ready = updated.iter().filter(|r| is_ready(r)).count() as u32;
+    let number = templates.iter().find(|t| t.hash == current).map_or(0, |t| t.number);
+    let desired = desired as u32;
+    let (state, message) = if old.is_empty() {
+        let done = updated_ready >= desired;
+        let state = if done { "Complete" } else { "Progressing" };
+        (state, format!("{updated_ready} of {} updated replica(s) ready", updated.len()))
+    } else if model.spec.rollout.paused {
+        ("Paused", format!("{} of {} replicas updated; paused", updated.len(), updated.len() + old.len()))
+    } else if let Some(w) = waiting {
+        ("Waiting", format!("{} old replica(s) wait: {w}", old.len()))
+    } else {
+        ("Progressing", format!("{} updated ({updated_ready} ready), {} old replica(s) left", updated.len(), old.len()))
+    };
+    RolloutStatus {
+        hash: current.to_owned(),
+        number,
+        updated_replicas: updated.len() as u32,
+        updated_ready,
+        old_replicas: old.len() as u32,
+        state: state.into(),
+        message,
     }
 }
 
@@ -218,6 +310,8 @@ pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus
     let all_ready = ready >= desired;
     ModelStatus {
         autoscaling: None,
+        rollout: None,
+        templates: Vec::new(),
         desired_replicas: desired as u32,
         ready_replicas: ready as u32,
         conditions: vec![
@@ -298,6 +392,32 @@ impl ModelActorState {
         for n in failed {
             self.s.failed_since.entry(n.clone()).or_insert(now);
         }
+        self.refresh_adapters();
+    }
+
+    /// The pinned adapters of this base model and what each engine reports loaded: read
+    /// only while a rollout runs, so a steady model costs no adapter scan.
+    fn refresh_adapters(&mut self) {
+        self.s.pinned_adapters.clear();
+        self.s.loaded_adapters.clear();
+        if !self.s.rolling() {
+            return;
+        }
+        let (list, _) = self.ctx.handle.reader().list(Kind::Adapter, &LabelSelector::default());
+        for o in &list {
+            let Ok(a) = crate::adapters::AdapterView::from_stored(o) else { continue };
+            let pinned = a.spec.replicas.pinned();
+            if a.spec.base_model == self.s.name && pinned > 0 {
+                self.s.pinned_adapters.insert(a.name, pinned);
+            }
+        }
+        let live = crate::shared::lock(&self.ctx.live);
+        for r in self.s.replicas.values() {
+            let report = r.spec.node.as_ref().and_then(|n| live.get(n)).and_then(|l| l.engines.get(r.name.as_str()));
+            if let Some(e) = report {
+                self.s.loaded_adapters.insert(r.name.clone(), e.loaded_adapters.iter().cloned().collect());
+            }
+        }
     }
 }
 
@@ -319,6 +439,8 @@ impl Actor for ModelActor {
             down_nodes: BTreeSet::new(),
             failed_since: HashMap::new(),
             now: Instant::now(),
+            pinned_adapters: BTreeMap::new(),
+            loaded_adapters: HashMap::new(),
         };
         let mut st = ModelActorState { ctx: args.ctx, s, queued: true };
         st.refresh_model();

@@ -1,4 +1,5 @@
-//! Tests of the model decision: scale up and down, delete, failed replicas, surge drain.
+//! Tests of the model decision: scale up and down, delete, failed replicas, surge drain,
+//! rolling updates and hedged healing.
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::time::Duration;
 
@@ -12,14 +13,22 @@ fn state(w: &World, model: &str) -> ModelState {
     let replicas: BTreeMap<_, _> =
         w.replicas().into_iter().filter(|r| r.spec.model == name(model)).map(|r| (r.name.clone(), r)).collect();
     let draining_nodes = w.nodes().into_iter().filter(|n| n.spec.draining).map(|n| n.name).collect();
+    let down_nodes = w
+        .nodes()
+        .into_iter()
+        .filter(|n| n.status.state == flotilla_api::spec::NodeState::NotReady)
+        .map(|n| n.name)
+        .collect();
     ModelState {
         name: name(model),
         model: w.get_model(model),
         replicas,
         draining_nodes,
-        down_nodes: BTreeSet::new(),
+        down_nodes,
         failed_since: HashMap::new(),
         now: Instant::now(),
+        pinned_adapters: BTreeMap::new(),
+        loaded_adapters: HashMap::new(),
     }
 }
 
@@ -27,8 +36,14 @@ fn phases(w: &World) -> Vec<(String, ReplicaPhase)> {
     w.replicas().into_iter().map(|r| (r.name.to_string(), r.phase())).collect()
 }
 
+/// Names new replicas after the highest numbered one, so steps never reuse a live name.
+fn fresh(w: &World) -> Counter {
+    let numbers = w.replicas().into_iter().filter_map(|r| r.name.as_str().rsplit('-').next()?.parse::<u32>().ok());
+    Counter::after(numbers.max().unwrap_or(0))
+}
+
 fn step(w: &mut World, model: &str) -> Vec<Command> {
-    let cmds = decide(&state(w, model), &ActorsConfig::default(), &mut Counter::default());
+    let cmds = decide(&state(w, model), &ActorsConfig::default(), &mut fresh(w));
     w.apply_all(&cmds);
     cmds
 }
@@ -138,4 +153,181 @@ fn drain_surges_a_replacement_before_retiring_the_old_replica() {
     let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
     assert_eq!(p["m-a"], ReplicaPhase::Draining);
     assert_eq!(p["m-00001"], ReplicaPhase::Ready);
+}
+
+/// Binds every Pending replica to node `a` (GPU by order) and makes it `phase`.
+fn place_all(w: &mut World, phase: ReplicaPhase) {
+    let pending: Vec<String> =
+        w.replicas().into_iter().filter(|r| r.phase() == ReplicaPhase::Pending).map(|r| r.name.to_string()).collect();
+    for (i, n) in pending.iter().enumerate() {
+        w.replicas_mut(n, |sp, st| {
+            sp.node = Some(name("a"));
+            sp.gpus = vec![100 + i as u32];
+            st.phase = phase;
+        });
+    }
+}
+
+/// Draining replicas stop (the agent reported them gone).
+fn stop_draining(w: &mut World) {
+    for r in w.replicas().into_iter().filter(|r| r.phase() == ReplicaPhase::Draining) {
+        w.apply(&Command::Delete { key: r.key(), expected_revision: None });
+    }
+}
+
+fn count(w: &World, f: impl Fn(&ReplicaView) -> bool) -> usize {
+    w.replicas().iter().filter(|r| f(r)).count()
+}
+
+#[test]
+fn a_template_change_rolls_make_before_break_and_records_history() {
+    let mut w = World::default();
+    w.node("a", 64, "A");
+    w.model("m", 4, 1);
+    step(&mut w, "m");
+    place_all(&mut w, ReplicaPhase::Ready);
+    step(&mut w, "m");
+    let st = w.get_model("m").unwrap().status;
+    assert_eq!((st["rollout"]["state"].as_str(), st["rollout"]["number"].as_u64()), (Some("Complete"), Some(1)));
+    let first = st["rollout"]["hash"].as_str().unwrap().to_string();
+    // An engine argument changes: replicas roll one at a time (25% surge of 4).
+    w.set_model("m", |sp| sp.engine_args = vec!["--max-num-seqs=8".into()]);
+    let current = w.get_model("m").unwrap().spec.template().hash();
+    assert_ne!(current, first);
+    let mut rounds = 0;
+    loop {
+        step(&mut w, "m");
+        let live = |r: &ReplicaView| !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped);
+        let ready = count(&w, |r| r.phase() == ReplicaPhase::Ready);
+        assert!(
+            ready >= 4,
+            "never below desired - max_unavailable (0): {ready} ready: {:?}",
+            w.replicas()
+                .iter()
+                .map(|r| (r.name.to_string(), r.phase(), r.spec.template_hash() == current))
+                .collect::<Vec<_>>()
+        );
+        assert!(count(&w, live) <= 5, "never above desired + max_surge");
+        let old = count(&w, |r| live(r) && r.spec.template_hash() != current);
+        if old == 0 {
+            break;
+        }
+        stop_draining(&mut w);
+        place_all(&mut w, ReplicaPhase::Ready);
+        rounds += 1;
+        assert!(rounds < 20, "the rollout finishes");
+    }
+    step(&mut w, "m");
+    stop_draining(&mut w);
+    assert_eq!(count(&w, |r| r.spec.template_hash() == current && r.phase() == ReplicaPhase::Ready), 4);
+    assert_eq!(w.replicas().len(), 4);
+    assert!(w.replicas().iter().all(|r| r.spec.engine_args == vec!["--max-num-seqs=8".to_string()]));
+    step(&mut w, "m");
+    let st = w.get_model("m").unwrap().status;
+    assert_eq!(st["rollout"]["state"], "Complete", "{st}");
+    assert_eq!(st["rollout"]["number"], 2);
+    let templates = st["templates"].as_array().unwrap();
+    assert_eq!(templates.len(), 2);
+    assert_eq!(templates[0]["hash"], first.as_str());
+    assert_eq!(templates[0]["template"]["engine_args"], serde_json::Value::Null, "defaults left out");
+}
+
+#[test]
+fn scaling_and_routing_changes_roll_nothing() {
+    let mut w = World::default();
+    w.node("a", 64, "A");
+    w.model("m", 2, 1);
+    step(&mut w, "m");
+    place_all(&mut w, ReplicaPhase::Ready);
+    step(&mut w, "m");
+    w.set_model("m", |sp| {
+        sp.replicas = 3;
+        sp.routing = flotilla_api::spec::RoutingStrategy::RoundRobin;
+    });
+    step(&mut w, "m");
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Draining), 0);
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Pending), 1, "one more, nothing replaced");
+}
+
+#[test]
+fn an_updated_replica_counts_as_ready_only_with_its_adapters_loaded() {
+    let mut w = World::default();
+    w.node("a", 64, "A");
+    w.model("m", 1, 1);
+    step(&mut w, "m");
+    place_all(&mut w, ReplicaPhase::Ready);
+    w.set_model("m", |sp| sp.source = "file:///models/m-v2".into());
+    step(&mut w, "m");
+    // The new replica is Ready and holds a pinned adapter binding its engine has not loaded.
+    place_all(&mut w, ReplicaPhase::Ready);
+    let new = w.replicas().into_iter().find(|r| r.spec.source.ends_with("v2")).unwrap().name;
+    w.replicas_mut(new.as_str(), |sp, _| {
+        sp.adapters = vec![flotilla_api::spec::AdapterBinding { name: name("sql"), source: "file:///a".into() }];
+    });
+    let mut s = state(&w, "m");
+    s.pinned_adapters.insert(name("sql"), 1);
+    w.apply_all(&decide(&s, &ActorsConfig::default(), &mut fresh(&w)));
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Draining), 0, "the old one keeps serving");
+    let st = w.get_model("m").unwrap().status;
+    assert_eq!(st["conditions"][1]["reason"], "RollingUpdate");
+    // The engine reports it loaded: now the old one drains.
+    let mut s = state(&w, "m");
+    s.pinned_adapters.insert(name("sql"), 1);
+    s.loaded_adapters.insert(new.clone(), BTreeSet::from(["sql".to_string()]));
+    w.apply_all(&decide(&s, &ActorsConfig::default(), &mut fresh(&w)));
+    let old = w.replicas().into_iter().find(|r| !r.spec.source.ends_with("v2")).unwrap();
+    assert_eq!(old.phase(), ReplicaPhase::Draining);
+    assert_eq!(old.status.reason, "replaced by the new template");
+}
+
+#[test]
+fn a_paused_rollout_holds_until_resumed() {
+    let mut w = World::default();
+    w.node("a", 64, "A");
+    w.model("m", 2, 1);
+    step(&mut w, "m");
+    place_all(&mut w, ReplicaPhase::Ready);
+    w.set_model("m", |sp| {
+        sp.gpus = 2;
+        sp.rollout.paused = true;
+    });
+    step(&mut w, "m");
+    assert_eq!(w.replicas().len(), 2, "nothing created");
+    let st = w.get_model("m").unwrap().status;
+    assert_eq!(
+        (st["rollout"]["state"].as_str(), st["conditions"][1]["reason"].as_str()),
+        (Some("Paused"), Some("RolloutPaused"))
+    );
+    w.set_model("m", |sp| sp.rollout.paused = false);
+    step(&mut w, "m");
+    assert_eq!(count(&w, |r| r.spec.gpus_needed == 2), 1, "resumed: one surge replica");
+}
+
+#[test]
+fn a_lost_node_is_hedged_at_once_and_the_surplus_goes_when_it_returns() {
+    let mut w = World::default();
+    w.node("a", 8, "A");
+    w.node("b", 8, "A");
+    w.model("m", 1, 1);
+    w.replica("m-a", "m", 1, ReplicaPhase::Ready, Some(("a", vec![0])));
+    step(&mut w, "m");
+    assert_eq!(w.replicas().len(), 1);
+    w.set_node("a", |_, st| st.state = flotilla_api::spec::NodeState::NotReady);
+    step(&mut w, "m");
+    let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
+    assert_eq!(p["m-a"], ReplicaPhase::Ready, "stays bound and routable");
+    assert_eq!(p["m-00001"], ReplicaPhase::Pending, "replacement asked for at once");
+    assert!(step(&mut w, "m").iter().all(|c| matches!(c, Command::PutStatus { .. })), "one replacement only");
+    w.replicas_mut("m-00001", |sp, st| {
+        sp.node = Some(name("b"));
+        sp.gpus = vec![0];
+        st.phase = ReplicaPhase::Ready;
+    });
+    step(&mut w, "m");
+    assert_eq!(w.get_model("m").unwrap().status["ready_replicas"], 1);
+    // The node comes back: two Ready replicas for one wanted; the newest goes.
+    w.set_node("a", |_, st| st.state = flotilla_api::spec::NodeState::Ready);
+    step(&mut w, "m");
+    let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
+    assert_eq!((p["m-a"], p["m-00001"]), (ReplicaPhase::Ready, ReplicaPhase::Draining));
 }

@@ -168,6 +168,7 @@ pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectNa
         node: None,
         gpus: Vec::new(),
         adapters: Vec::new(),
+        template_hash: model.spec.template().hash(),
     };
     let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
     let op = TxnOp::Put {
@@ -234,6 +235,12 @@ pub struct ModelStatus {
     pub conditions: Vec<Condition>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<AutoscalingStatus>,
+    /// The rollout of the current template (written by the model actor).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rollout: Option<crate::rollout::RolloutStatus>,
+    /// Templates the model has run, oldest first, at most `rollout::TEMPLATE_HISTORY`.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub templates: Vec<crate::rollout::TemplateRecord>,
 }
 
 impl ModelStatus {
@@ -320,6 +327,8 @@ mod tests {
     fn model_status_json_shape() {
         let s = ModelStatus {
             autoscaling: None,
+            rollout: None,
+            templates: vec![],
             desired_replicas: 2,
             ready_replicas: 1,
             conditions: vec![Condition {

@@ -17,6 +17,13 @@ pub fn name(s: &str) -> ObjectName {
 #[derive(Default)]
 pub struct Counter(u32);
 
+impl Counter {
+    /// A counter whose next suffix is `n + 1`.
+    pub fn after(n: u32) -> Counter {
+        Counter(n)
+    }
+}
+
 impl Fresh for Counter {
     fn suffix(&mut self) -> String {
         self.0 += 1;
@@ -93,6 +100,7 @@ impl World {
             engine_args: vec![],
             routing: Default::default(),
             autoscaling: None,
+            rollout: Default::default(),
         };
         self.put(Kind::Model, n, BTreeMap::new(), json!(spec), serde_json::Value::Null);
     }
@@ -101,13 +109,14 @@ impl World {
         let spec = ReplicaSpec {
             model: name(model),
             engine: flotilla_api::spec::EngineKind::Sim,
-            source: "file:///m".into(),
+            source: format!("file:///models/{model}"),
             engine_args: vec![],
             gpus_needed: gpus,
             gpu_types: vec![],
             node: node.as_ref().map(|(nn, _)| name(nn)),
             gpus: node.as_ref().map(|(_, g)| g.clone()).unwrap_or_default(),
             adapters: vec![],
+            template_hash: String::new(),
         };
         let status = ReplicaStatus {
             phase,
@@ -172,9 +181,14 @@ impl World {
 
 impl World {
     pub fn set_model_replicas(&mut self, n: &str, replicas: u32) {
+        self.set_model(n, |spec| spec.replicas = replicas);
+    }
+
+    /// Changes a model's spec, keeping its labels and status.
+    pub fn set_model(&mut self, n: &str, f: impl FnOnce(&mut ModelSpec)) {
         let m = self.get_model(n).expect("model");
         let mut spec = m.spec.clone();
-        spec.replicas = replicas;
+        f(&mut spec);
         self.put(Kind::Model, n, m.labels, json!(spec), m.status);
     }
 

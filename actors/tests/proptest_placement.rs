@@ -167,6 +167,7 @@ fn replica_spec(
         node,
         gpus,
         adapters: vec![],
+        template_hash: String::new(),
     }
 }
 

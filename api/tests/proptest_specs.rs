@@ -94,6 +94,7 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
             engine_args,
             routing,
             autoscaling,
+            rollout: Default::default(),
         })
 }
 

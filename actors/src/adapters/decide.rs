@@ -166,6 +166,11 @@ impl AdapterState {
     fn ready(&self, r: &ReplicaView) -> bool {
         r.phase() == ReplicaPhase::Ready && self.node_up(r)
     }
+
+    /// Runs the model's current template (every replica does outside a rollout).
+    fn current(&self, r: &ReplicaView) -> bool {
+        self.model.as_ref().is_none_or(|m| r.spec.template_hash() == m.spec.template().hash())
+    }
 }
 
 /// The decision. Call [`note_failures`] first.
@@ -205,7 +210,7 @@ pub fn decide(s: &AdapterState) -> Plan {
             on.sort_by_key(|r| {
                 let loaded =
                     matches!(reported(s.reports.get(&r.name), name.as_str()), Some((AdapterReplicaState::Loaded, _)));
-                (!loaded, r.name.clone())
+                (!s.current(r), !loaded, r.name.clone())
             });
             for r in on.into_iter().take(a.spec.replicas.pinned() as usize) {
                 out.insert((name.clone(), r.name.clone()));
@@ -214,12 +219,28 @@ pub fn decide(s: &AdapterState) -> Plan {
         out
     };
     if capacity > 0 {
-        // 2 and 3: wanted new bindings, pinned first, in name order.
-        let mut wants: Vec<(ObjectName, bool, BTreeSet<ObjectName>)> = Vec::new();
+        // 2 and 3: wanted new bindings, pinned first, in name order. During a rollout the
+        // pinned bindings move to the current template's replicas: each adapter is bound
+        // on min(N, running current replicas) of them before the old holders retire (the
+        // model actor waits for that), the old bindings turning unpinned.
+        let mut wants: Vec<(ObjectName, bool, BTreeSet<ObjectName>, bool)> = Vec::new();
         for (name, a) in &s.adapters {
-            let on = s.replicas.values().filter(|r| s.serving(r) && holds(&bindings, name, &r.name)).count() as u32;
-            for _ in on..a.spec.replicas.pinned() {
-                wants.push((name.clone(), true, BTreeSet::new()));
+            let n = a.spec.replicas.pinned();
+            let serving_holders = s.replicas.values().filter(|r| s.serving(r) && holds(&bindings, name, &r.name));
+            let (on, on_current) =
+                serving_holders.fold((0u32, 0u32), |(all, cur), r| (all + 1, cur + u32::from(s.current(r))));
+            let current_room = s
+                .replicas
+                .values()
+                .filter(|r| s.serving(r) && s.current(r) && !s.failures.contains_key(&(name.clone(), r.name.clone())))
+                .count() as u32;
+            let missing = n.saturating_sub(on);
+            let moving = n.min(current_room).saturating_sub(on_current).saturating_sub(missing);
+            for _ in 0..missing {
+                wants.push((name.clone(), true, BTreeSet::new(), false));
+            }
+            for _ in 0..moving {
+                wants.push((name.clone(), true, BTreeSet::new(), true));
             }
         }
         for (name, d) in &s.demands {
@@ -231,10 +252,10 @@ pub fn decide(s: &AdapterState) -> Plan {
                 .values()
                 .any(|r| s.ready(r) && !d.avoid.contains(&r.name) && holds(&bindings, name, &r.name));
             if !covered {
-                wants.push((name.clone(), false, d.avoid.clone()));
+                wants.push((name.clone(), false, d.avoid.clone(), false));
             }
         }
-        for (name, pinned, avoid) in wants {
+        for (name, pinned, avoid, current_only) in wants {
             let a = &s.adapters[&name];
             let pinned_now = pinned_of(&bindings);
             let candidates: Vec<&ReplicaView> = s
@@ -242,6 +263,7 @@ pub fn decide(s: &AdapterState) -> Plan {
                 .values()
                 .filter(|r| if pinned { s.serving(r) } else { s.ready(r) })
                 .filter(|r| !avoid.contains(&r.name) && !holds(&bindings, &name, &r.name))
+                .filter(|r| !current_only || s.current(r))
                 .filter(|r| !s.failures.contains_key(&(name.clone(), r.name.clone())))
                 .collect();
             let used = |r: &ObjectName| bindings.get(r).map_or(0, Vec::len);
@@ -249,7 +271,8 @@ pub fn decide(s: &AdapterState) -> Plan {
             let load = |r: &ReplicaView| {
                 s.reports.get(&r.name).map_or(0.0, |e| e.num_requests_running + e.num_requests_waiting)
             };
-            // Ready replicas before starting ones, then the placement policy, then the name.
+            // The current template's replicas first, Ready ones before starting ones, then
+            // the placement policy, then the name.
             let pick = free
                 .iter()
                 .min_by(|x, y| {
@@ -258,7 +281,10 @@ pub fn decide(s: &AdapterState) -> Plan {
                         AdapterPlacement::BinPack => used(&y.name).cmp(&used(&x.name)),
                         AdapterPlacement::LeastLoad => load(x).total_cmp(&load(y)),
                     };
-                    (!s.ready(x)).cmp(&!s.ready(y)).then(by_policy).then(x.name.cmp(&y.name))
+                    (!s.current(x), !s.ready(x))
+                        .cmp(&(!s.current(y), !s.ready(y)))
+                        .then(by_policy)
+                        .then(x.name.cmp(&y.name))
                 })
                 .map(|r| (r.name.clone(), None));
             // No free slot: the least recently used evictable binding among the candidates.

@@ -19,6 +19,7 @@ fn world(replicas: usize, args: &[&str]) -> World {
     w.put(Kind::Model, "m", BTreeMap::new(), json!(spec), serde_json::Value::Null);
     for i in 1..=replicas {
         w.replica(&format!("r{i}"), "m", 1, ReplicaPhase::Ready, Some(("n", vec![i as u32 - 1])));
+        w.replicas_mut(&format!("r{i}"), |sp, _| sp.engine_args = spec.engine_args.clone());
     }
     w
 }
@@ -282,4 +283,38 @@ fn adapters_on_a_lost_node_are_placed_again_at_once() {
     let st = status(&w, "a");
     let lost = st.replicas.iter().find(|r| r.replica == holder.name).unwrap();
     assert!(lost.reason.contains(&format!("node {node} is not ready")), "{st:?}");
+}
+
+#[test]
+fn a_rollout_moves_pinned_adapters_to_the_new_template_before_the_old_holders_go() {
+    let mut w = world(1, &["--max-cpu-loras", "2"]);
+    adapter(&mut w, "a", json!(1));
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], vec!["a"]);
+    // The template changes; an updated replica r2 starts.
+    let mut spec = w.get_model("m").unwrap().spec;
+    spec.source = "file:///models/m-v2".into();
+    w.put(Kind::Model, "m", BTreeMap::new(), json!(spec), serde_json::Value::Null);
+    w.replica("r2", "m", 1, ReplicaPhase::Starting, Some(("n", vec![1])));
+    w.replicas_mut("r2", |sp, _| {
+        sp.source = "file:///models/m-v2".into();
+        sp.engine_args = spec.engine_args.clone();
+    });
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    run(&mut w, &s);
+    let b = bound(&w);
+    assert_eq!((b["r1"].clone(), b["r2"].clone()), (vec!["a".to_string()], vec!["a".to_string()]), "kept and moved");
+    // Pinned now counts on r2; r1's binding is an unpinned one, evictable as any other.
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    run(&mut w, &s);
+    let st = status(&w, "a");
+    let pinned: Vec<(String, bool)> = st.replicas.iter().map(|r| (r.replica.to_string(), r.pinned)).collect();
+    assert!(pinned.contains(&("r2".into(), true)) && pinned.contains(&("r1".into(), false)), "{pinned:?}");
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    assert!(decide(&s).commands.is_empty(), "steady: one binding more, no churn");
 }

@@ -48,6 +48,7 @@ fn replica(n: &str, model: &str, node: Option<&str>, phase: ReplicaPhase, adapte
         node: node.map(name),
         gpus: node.map(|_| vec![0]).unwrap_or_default(),
         adapters: adapters.iter().map(|a| AdapterBinding { name: name(a), source: "file:///a".into() }).collect(),
+        template_hash: String::new(),
     };
     let status = ReplicaStatus { phase, ..ReplicaStatus::default() };
     object(Kind::Replica, n, &[(MODEL_LABEL, model)], json!(spec), json!(status))

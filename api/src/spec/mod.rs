@@ -5,6 +5,7 @@ mod autoscaling;
 mod model;
 mod node;
 mod replica;
+mod rollout;
 mod tenant;
 mod token;
 mod uri;
@@ -20,6 +21,7 @@ pub use autoscaling::{
 pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
+pub use rollout::{IntOrPercent, ReplicaTemplate, RolloutSpec};
 pub use tenant::{
     hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, MAX_TENANT_CONCURRENCY, TENANT_KEY_PREFIX,
 };

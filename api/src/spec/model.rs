@@ -1,7 +1,7 @@
 //! `kind: Model`: a base model served by a set of engine replicas.
 use serde::{Deserialize, Serialize};
 
-use super::{at_most, validate_source, AutoscalingSpec};
+use super::{at_most, validate_source, AutoscalingSpec, ReplicaTemplate, RolloutSpec};
 use crate::ApiError;
 
 /// Most replicas one model may ask for.
@@ -107,6 +107,9 @@ pub struct ModelSpec {
     /// Boxed: most models have none, and it is large (`Spec` stays small to move).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub autoscaling: Option<Box<AutoscalingSpec>>,
+    /// How a change of the replica template ([`ModelSpec::template`]) replaces replicas.
+    #[serde(default, skip_serializing_if = "RolloutSpec::is_default")]
+    pub rollout: RolloutSpec,
 }
 
 /// The LoRA settings of a model's engine, read from its `engine_args` with vLLM's
@@ -140,6 +143,27 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
 }
 
 impl ModelSpec {
+    /// What each replica is started with; its [`ReplicaTemplate::hash`] is the revision
+    /// stored with every replica.
+    pub fn template(&self) -> ReplicaTemplate {
+        ReplicaTemplate {
+            engine: self.engine,
+            source: self.source.clone(),
+            engine_args: self.engine_args.clone(),
+            gpus: self.gpus,
+            gpu_types: self.gpu_types.clone(),
+        }
+    }
+
+    /// Sets the template fields from `t` (a rollback).
+    pub fn set_template(&mut self, t: ReplicaTemplate) {
+        self.engine = t.engine;
+        self.source = t.source;
+        self.engine_args = t.engine_args;
+        self.gpus = t.gpus;
+        self.gpu_types = t.gpu_types;
+    }
+
     /// The engine's LoRA settings (an unparsable number is an error naming the flag).
     pub fn lora(&self) -> Result<LoraLimits, ApiError> {
         let num = |flag: &str, default: u32| -> Result<u32, ApiError> {
@@ -184,6 +208,7 @@ impl ModelSpec {
         if let Some(a) = &self.autoscaling {
             a.validate("spec.autoscaling")?;
         }
+        self.rollout.validate("spec.rollout")?;
         Ok(())
     }
 }

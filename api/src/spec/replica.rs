@@ -27,6 +27,33 @@ pub struct ReplicaSpec {
     /// LoRA adapters the engine must hold (written by the adapter controller), by name.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub adapters: Vec<AdapterBinding>,
+    /// The hash of the model's [`super::ReplicaTemplate`] this replica was made from
+    /// (empty in replicas made before revisions existed: [`ReplicaSpec::template_hash`]
+    /// computes it from the copied fields).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub template_hash: String,
+}
+
+impl ReplicaSpec {
+    /// The template this replica runs, from the fields copied out of its model.
+    pub fn template(&self) -> super::ReplicaTemplate {
+        super::ReplicaTemplate {
+            engine: self.engine,
+            source: self.source.clone(),
+            engine_args: self.engine_args.clone(),
+            gpus: self.gpus_needed,
+            gpu_types: self.gpu_types.clone(),
+        }
+    }
+
+    /// The template revision: as stored, or computed for an older replica.
+    pub fn template_hash(&self) -> String {
+        if self.template_hash.is_empty() {
+            self.template().hash()
+        } else {
+            self.template_hash.clone()
+        }
+    }
 }
 
 /// Replica lifecycle: Pending → Scheduled → Starting → Ready → Draining → Stopped, or Failed.
