@@ -259,7 +259,14 @@ fn rollout_status(
     let updated_ready = updated.iter().filter(|r| is_ready(r)).count() as u32;
     let number = templates.iter().find(|t| t.hash == current).map_or(0, |t| t.number);
     let desired = desired as u32;
-    let (state, message) = if old.is_empty() {
+    let old_draining = s
+        .replicas
+        .values()
+        .filter(|r| r.phase() == ReplicaPhase::Draining && r.spec.template_hash() != current)
+        .count();
+    let (state, message) = if old.is_empty() && old_draining > 0 {
+        ("Progressing", format!("{old_draining} old replica(s) draining"))
+    } else if old.is_empty() {
         let done = updated_ready >= desired;
         let state = if done { "Complete" } else { "Progressing" };
         (state, format!("{updated_ready} of {} updated replica(s) ready", updated.len()))

@@ -70,6 +70,13 @@ enum Command {
     ///
     /// Example: flotilla scale model llama-3-8b 4
     Scale(cmd::scale::ScaleArgs),
+    /// Follow and steer a model's rolling update: status, history, undo, pause, resume.
+    ///
+    /// A change of a model's engine, source, engine_args, gpus or gpu_types replaces its
+    /// replicas make-before-break (spec.rollout: max_surge 25%, max_unavailable 0).
+    /// Example: flotilla rollout status model llama-3-8b
+    #[command(subcommand)]
+    Rollout(cmd::rollout::RolloutCommand),
     /// List, cordon, uncordon and drain nodes.
     #[command(subcommand)]
     Node(cmd::node::NodeCommand),
@@ -168,6 +175,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Watch(args) => cmd::objects::watch(&client, args).await,
         Command::Cluster(c) => cmd::cluster::run(&client, c, cli.output).await,
         Command::Scale(args) => cmd::scale::run(&client, args, cli.output).await,
+        Command::Rollout(c) => cmd::rollout::run(&client, c, cli.output).await,
         Command::Node(c) => cmd::node::run(&client, c, cli.output).await,
         Command::Agent(mut args) => {
             init_logging("info");

@@ -10,56 +10,9 @@ use tokio::time::Instant;
 
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{ApplyRequest, DeleteRequest, WatchRequest};
+use flotilla_api::pb::{DeleteRequest, WatchRequest};
 use flotilla_testkit::manifests::model_manifest;
 use futures::StreamExt;
-
-async fn apply(servers: &[String], manifest: String) {
-    for _ in 0..50 {
-        for addr in servers {
-            let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(5)));
-            if c.apply(ApplyRequest { manifest: manifest.clone(), expected_revision: None }).await.is_ok() {
-                return;
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("apply failed on every server");
-}
-
-struct Fleet {
-    _dir: tempfile::TempDir,
-    servers: Vec<ServerProc>,
-    agents: Vec<AgentProc>,
-    addrs: Vec<String>,
-    marker: u64,
-}
-
-impl Fleet {
-    async fn start(agents: usize, gpus: u32) -> Fleet {
-        let dir = tempfile::tempdir().unwrap();
-        let servers = start_three(dir.path());
-        wait_voters(&servers[0].grpc, 3).await;
-        let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
-        let list = addrs.join(",");
-        let marker = marker();
-        let agents = (1..=agents)
-            .map(|i| {
-                AgentProc::start(&format!("node-{i}"), &dir.path().join(format!("agent-{i}")), &list, gpus, marker)
-            })
-            .collect();
-        Fleet { _dir: dir, servers, agents, addrs, marker }
-    }
-}
-
-impl Drop for Fleet {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            a.kill();
-        }
-        kill_engines(self.marker);
-    }
-}
 
 fn no_gpu_bound_twice(r: &[ReplicaView]) {
     let mut seen = BTreeSet::new();

@@ -12,24 +12,9 @@ use tokio::time::Instant;
 
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{ApplyRequest, DeleteRequest, GetRequest, ListRequest};
+use flotilla_api::pb::{DeleteRequest, GetRequest, ListRequest};
 
 const BASE_ARGS: &str = "[--max-loras, '4', --max-cpu-loras, '8']";
-
-async fn apply(servers: &[String], manifest: String) {
-    for _ in 0..50 {
-        for addr in servers {
-            let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(5)));
-            match c.apply(ApplyRequest { manifest: manifest.clone(), expected_revision: None }).await {
-                Ok(_) => return,
-                Err(s) if s.code() == tonic::Code::InvalidArgument => panic!("apply refused: {s}"),
-                Err(_) => {}
-            }
-        }
-        tokio::time::sleep(Duration::from_millis(100)).await;
-    }
-    panic!("apply failed on every server");
-}
 
 fn base_manifest(replicas: u32) -> String {
     format!(

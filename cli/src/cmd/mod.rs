@@ -4,6 +4,7 @@ pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod node;
 pub(crate) mod objects;
+pub(crate) mod rollout;
 pub(crate) mod scale;
 pub(crate) mod server;
 pub(crate) mod tenant;

@@ -26,24 +26,21 @@ pub(crate) struct ScaleArgs {
 /// Attempts before giving up when the model keeps changing under us.
 const ATTEMPTS: usize = 5;
 
-pub(crate) async fn run(client: &Client, args: ScaleArgs, format: Format) -> Result<(), CliError> {
-    let ScaleKind::Model = args.kind;
-    let name: ObjectName = args.name.parse()?;
+/// A compare-and-set update of a model's spec: reads the model, lets `change` edit the
+/// spec (it may read the status; an error stops with nothing written), validates and
+/// writes it fenced by the revision read, and reads again when someone else wrote in
+/// between. Returns the stored object and what `change` returned.
+pub(crate) async fn update_model<R>(
+    client: &Client,
+    name: &ObjectName,
+    mut change: impl FnMut(&mut ModelSpec, &serde_json::Value) -> Result<R, CliError>,
+) -> Result<(flotilla_api::pb::Object, R), CliError> {
     for _ in 0..ATTEMPTS {
-        let get = GetRequest { kind: "Model".into(), name: name.to_string(), stale: false };
-        let current = client
-            .objects(|mut c| {
-                let get = get.clone();
-                async move { c.get(get).await }
-            })
-            .await?
-            .into_inner()
-            .object
-            .unwrap_or_default();
+        let current = get_model(client, name).await?;
         let mut spec: ModelSpec = serde_json::from_str(&current.spec_json)
             .map_err(|e| CliError::runtime(format!("model/{name} has a spec this CLI cannot read: {e}")))?;
-        let from = spec.replicas;
-        spec.replicas = args.replicas;
+        let status = serde_json::from_str(&current.status_json).unwrap_or(serde_json::Value::Null);
+        let out = change(&mut spec, &status)?;
         let manifest = Manifest {
             metadata: Metadata { name: name.clone(), labels: current.labels.clone().into_iter().collect() },
             spec: Spec::Model(spec),
@@ -58,21 +55,39 @@ pub(crate) async fn run(client: &Client, args: ScaleArgs, format: Format) -> Res
             })
             .await;
         match result {
-            Ok(r) => {
-                let object = r.into_inner().object.unwrap_or_default();
-                match format {
-                    Format::Table => println!(
-                        "model/{name} scaled from {from} to {} replicas (revision {})",
-                        args.replicas, object.revision
-                    ),
-                    _ => output::print_objects(&[object], format, true),
-                }
-                return Ok(());
-            }
+            Ok(r) => return Ok((r.into_inner().object.unwrap_or_default(), out)),
             // Someone else changed the model between our read and write: read again.
             Err(e) if e.message.contains("cluster.conflict") => continue,
             Err(e) => return Err(e),
         }
     }
     Err(CliError::runtime(format!("model/{name} kept changing; gave up after {ATTEMPTS} attempts")))
+}
+
+/// The stored model `name` (NOT_FOUND becomes the server's error).
+pub(crate) async fn get_model(client: &Client, name: &ObjectName) -> Result<flotilla_api::pb::Object, CliError> {
+    let get = GetRequest { kind: "Model".into(), name: name.to_string(), stale: false };
+    let object = client
+        .objects(|mut c| {
+            let get = get.clone();
+            async move { c.get(get).await }
+        })
+        .await?
+        .into_inner()
+        .object;
+    object.ok_or_else(|| CliError::runtime(format!("model/{name} not found")))
+}
+
+pub(crate) async fn run(client: &Client, args: ScaleArgs, format: Format) -> Result<(), CliError> {
+    let ScaleKind::Model = args.kind;
+    let name: ObjectName = args.name.parse()?;
+    let (object, from) =
+        update_model(client, &name, |spec, _| Ok(std::mem::replace(&mut spec.replicas, args.replicas))).await?;
+    match format {
+        Format::Table => {
+            println!("model/{name} scaled from {from} to {} replicas (revision {})", args.replicas, object.revision)
+        }
+        _ => output::print_objects(&[object], format, true),
+    }
+    Ok(())
 }

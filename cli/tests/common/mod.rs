@@ -246,6 +246,11 @@ impl AgentProc {
         }
     }
 
+    /// The agent's process id (0 once killed).
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().map_or(0, Child::id)
+    }
+
     /// SIGTERM and wait: the agent exits, leaving its engines to a successor.
     pub fn terminate(&mut self) {
         if let Some(mut c) = self.child.take() {
@@ -414,4 +419,56 @@ pub async fn engine_keys(servers: &[String]) -> std::collections::BTreeMap<Strin
         }
     }
     Default::default()
+}
+
+/// Applies a manifest through whichever server takes it (retried while leaders change).
+pub async fn apply(servers: &[String], manifest: String) {
+    for _ in 0..50 {
+        for addr in servers {
+            let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(5)));
+            let req = flotilla_api::pb::ApplyRequest { manifest: manifest.clone(), expected_revision: None };
+            match c.apply(req).await {
+                Ok(_) => return,
+                Err(s) if s.code() == tonic::Code::InvalidArgument => panic!("apply refused: {s}"),
+                Err(_) => {}
+            }
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    panic!("apply failed on every server");
+}
+
+/// Three servers and `agents` agents with simulated GPUs; agents and engines die on drop.
+pub struct Fleet {
+    pub _dir: tempfile::TempDir,
+    pub servers: Vec<ServerProc>,
+    pub agents: Vec<AgentProc>,
+    pub addrs: Vec<String>,
+    pub marker: u64,
+}
+
+impl Fleet {
+    pub async fn start(agents: usize, gpus: u32) -> Fleet {
+        let dir = tempfile::tempdir().unwrap();
+        let servers = start_three(dir.path());
+        wait_voters(&servers[0].grpc, 3).await;
+        let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
+        let list = addrs.join(",");
+        let marker = marker();
+        let agents = (1..=agents)
+            .map(|i| {
+                AgentProc::start(&format!("node-{i}"), &dir.path().join(format!("agent-{i}")), &list, gpus, marker)
+            })
+            .collect();
+        Fleet { _dir: dir, servers, agents, addrs, marker }
+    }
+}
+
+impl Drop for Fleet {
+    fn drop(&mut self) {
+        for a in &mut self.agents {
+            a.kill();
+        }
+        kill_engines(self.marker);
+    }
 }

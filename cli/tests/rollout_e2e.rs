@@ -1,0 +1,212 @@
+//! Rolling updates with real processes: 3 servers, 2 agents with 4 simulated GPUs each, a
+//! gateway, and streaming clients. Changing a model's engine arguments replaces its 4
+//! replicas make-before-break with no failed request and never fewer than 4 Ready; `flotilla
+//! rollout status|history|undo|pause|resume` drive and report it; a lost node is hedged.
+mod common;
+
+use std::process::Command;
+use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use common::*;
+use flotilla_testkit::manifests::model_manifest;
+use tokio::time::Instant;
+
+fn manifest_with_args(name: &str, replicas: u32, args: &[&str]) -> String {
+    let args: Vec<String> = args.iter().map(|a| format!("'{a}'")).collect();
+    format!("{}  engine_args: [{}]\n", model_manifest(name, replicas, 1), args.join(", "))
+}
+
+/// `flotilla --server S rollout ARGS…`: (exit code, stdout, stderr).
+fn rollout(servers: &[String], args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(BIN)
+        .args(["--server", &servers.join(","), "rollout"])
+        .args(args)
+        .output()
+        .expect("run flotilla rollout");
+    let text = |b: &[u8]| String::from_utf8_lossy(b).into_owned();
+    (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
+}
+
+/// Streaming chat requests through the gateway until `stop`, each checked to end with
+/// `[DONE]` and no error chunk: (ok, failures as "status: body").
+struct Load {
+    stop: Arc<AtomicBool>,
+    ok: Arc<AtomicUsize>,
+    failures: Arc<Mutex<Vec<String>>>,
+    tasks: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl Load {
+    fn start(gateway: &str, model: &str, clients: usize) -> Load {
+        let stop = Arc::new(AtomicBool::new(false));
+        let ok = Arc::new(AtomicUsize::new(0));
+        let failures = Arc::new(Mutex::new(Vec::new()));
+        let deadline = Instant::now() + Duration::from_secs(240);
+        let tasks = (0..clients)
+            .map(|i| {
+                let (stop, ok, failures) = (stop.clone(), ok.clone(), failures.clone());
+                let (gateway, model) = (gateway.to_owned(), model.to_owned());
+                tokio::spawn(async move {
+                    let body = serde_json::json!({
+                        "model": model, "stream": true, "max_tokens": 64,
+                        "messages": [{"role": "user", "content": format!("client {i} says hello")}],
+                    })
+                    .to_string();
+                    while !stop.load(Ordering::Relaxed) && Instant::now() < deadline {
+                        match raw_http::http_request(&gateway, "POST", "/v1/chat/completions", &body).await {
+                            Some((200, text)) if text.contains("data: [DONE]") && !text.contains("\"error\"") => {
+                                ok.fetch_add(1, Ordering::Relaxed);
+                            }
+                            Some((status, text)) => failures.lock().unwrap().push(format!("{status}: {text}")),
+                            None => failures.lock().unwrap().push("no answer".into()),
+                        }
+                    }
+                })
+            })
+            .collect();
+        Load { stop, ok, failures, tasks }
+    }
+
+    async fn finish(self) -> (usize, Vec<String>) {
+        self.stop.store(true, Ordering::Relaxed);
+        for t in self.tasks {
+            let _ = t.await;
+        }
+        (self.ok.load(Ordering::Relaxed), self.failures.lock().unwrap().clone())
+    }
+}
+
+/// Samples the replicas every 100 ms until stopped: the fewest Ready seen and the most
+/// live (not Draining) seen.
+fn watch_counts(servers: Vec<String>, model: &str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, usize)> {
+    let model = model.to_owned();
+    tokio::spawn(async move {
+        let (mut min_ready, mut max_live) = (usize::MAX, 0);
+        while !stop.load(Ordering::Relaxed) {
+            let r = replicas(&servers, &model).await;
+            if !r.is_empty() {
+                min_ready = min_ready.min(ready(&r));
+                max_live = max_live.max(r.iter().filter(|x| x.phase != "Draining").count());
+            }
+            tokio::time::sleep(Duration::from_millis(100)).await;
+        }
+        (min_ready, max_live)
+    })
+}
+
+async fn args_of_replicas(servers: &[String], model: &str) -> Vec<Vec<String>> {
+    use flotilla_api::pb::object_service_client::ObjectServiceClient;
+    let mut c = ObjectServiceClient::new(channel(&servers[0], Duration::from_secs(5)));
+    let req = flotilla_api::pb::ListRequest {
+        kind: "replica".into(),
+        label_selector: format!("model={model}"),
+        stale: false,
+    };
+    let objects = c.list(req).await.unwrap().into_inner().objects;
+    objects
+        .iter()
+        .map(|o| {
+            let spec: serde_json::Value = serde_json::from_str(&o.spec_json).unwrap();
+            spec["engine_args"].as_array().into_iter().flatten().filter_map(|a| a.as_str().map(String::from)).collect()
+        })
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_engine_argument_change_rolls_under_load_without_a_failed_request_and_undo_rolls_back() {
+    let fleet = Fleet::start(2, 4).await;
+    let s = fleet.addrs.clone();
+    apply(&s, model_manifest("roll", 4, 1)).await;
+    wait_replicas(&s, "roll", 60, "4 ready", |r| r.len() == 4 && ready(r) == 4).await;
+    let gateway = GatewayProc::start(&s.join(","), &[]);
+    for _ in 0..300 {
+        if raw_http::http_get(&gateway.addr, "/health").await.is_some_and(|(c, _)| c == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load = Load::start(&gateway.addr, "roll", 4);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    // The change: every replica is replaced, one surge replica at a time.
+    let stop = Arc::new(AtomicBool::new(false));
+    let counts = watch_counts(s.clone(), "roll", stop.clone());
+    let t0 = Instant::now();
+    apply(&s, manifest_with_args("roll", 4, &["--max-num-seqs", "64"])).await;
+    let (code, out, err) = rollout(&s, &["status", "model", "roll", "--timeout", "120s"]);
+    assert_eq!(code, 0, "rollout status: {out}\n{err}");
+    assert!(out.lines().last().unwrap_or_default().contains("Complete"), "{out}");
+    eprintln!("rolled 4 replicas in {:.1} s", t0.elapsed().as_secs_f64());
+    wait_replicas(&s, "roll", 60, "4 ready, no draining", |r| r.len() == 4 && ready(r) == 4).await;
+    stop.store(true, Ordering::Relaxed);
+    let (min_ready, max_live) = counts.await.unwrap();
+    assert!(min_ready >= 4, "ready fell to {min_ready} (max_unavailable 0)");
+    assert!(max_live <= 5, "{max_live} live replicas (max_surge 25% of 4 = 1)");
+    for args in args_of_replicas(&s, "roll").await {
+        assert_eq!(args, vec!["--max-num-seqs", "64"]);
+    }
+    let (ok, failures) = load.finish().await;
+    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), ok + failures.len(), failures);
+    assert!(ok > 20, "the load ran ({ok} requests)");
+
+    // History and undo.
+    let (code, out, _) = rollout(&s, &["history", "model", "roll"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("2 (current)") && out.contains("--max-num-seqs 64"), "{out}");
+    let (code, out, err) = rollout(&s, &["undo", "model", "roll"]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("rolled back to revision 1"), "{out}");
+    let (code, out, err) = rollout(&s, &["status", "model", "roll", "--timeout", "120s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_replicas(&s, "roll", 60, "4 ready after undo", |r| r.len() == 4 && ready(r) == 4).await;
+    assert!(args_of_replicas(&s, "roll").await.iter().all(Vec::is_empty), "back to no engine args");
+    let (_, out, _) = rollout(&s, &["history", "model", "roll"]);
+    assert!(out.contains("3 (current)") && !out.lines().any(|l| l.starts_with("1 ")), "undo renumbers: {out}");
+
+    // Pause holds a change; resume lets it roll. Apply replaces the whole spec, so the
+    // manifest says `paused: true` to keep the pause (as `rollout pause` tells the operator).
+    let (code, out, _) = rollout(&s, &["pause", "model", "roll"]);
+    assert_eq!(code, 0);
+    assert!(out.contains("rollout.paused: true"), "{out}");
+    let paused = format!("{}  rollout: {{paused: true}}\n", manifest_with_args("roll", 4, &["--max-num-seqs", "32"]));
+    apply(&s, paused).await;
+    let (code, out, _) = rollout(&s, &["status", "model", "roll", "--watch=false"]);
+    assert_eq!(code, 0);
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert!(args_of_replicas(&s, "roll").await.iter().all(Vec::is_empty), "paused: nothing replaced ({out})");
+    let (code, ..) = rollout(&s, &["resume", "model", "roll"]);
+    assert_eq!(code, 0);
+    let (code, out, err) = rollout(&s, &["status", "model", "roll", "--timeout", "120s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    // Bad input: exit 2, nothing written.
+    let (code, _, err) = rollout(&s, &["undo", "model", "roll", "--to-revision", "99"]);
+    assert_eq!(code, 2, "{err}");
+    assert!(err.contains("revision 99 is not in the history"), "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_lost_node_is_hedged_within_ttl_plus_start_and_the_surplus_goes_when_it_returns() {
+    let fleet = Fleet::start(2, 4).await;
+    let s = fleet.addrs.clone();
+    apply(&s, "kind: Model\nmetadata:\n  name: hedge\n  labels: {flotilla.io/placement: spread}\nspec:\n  engine: sim\n  source: file:///models/hedge\n  replicas: 2\n  gpus: 1\n".into()).await;
+    let r = wait_replicas(&s, "hedge", 60, "2 ready", |r| r.len() == 2 && ready(r) == 2).await;
+    let victim = r[0].node.clone().unwrap();
+    let idx = fleet.agents.iter().position(|a| a.name == victim).unwrap();
+    // SIGSTOP: the agent stops heartbeating, its engines keep running (a network cut).
+    let pid = fleet.agents[idx].pid();
+    flotilla_testkit::procs::signal(pid, Signal::STOP);
+    let t0 = Instant::now();
+    let other = fleet.agents[1 - idx].name.clone();
+    wait_replicas(&s, "hedge", 30, "2 ready on the other node", |r| {
+        r.iter().filter(|x| x.phase == "Ready" && x.node.as_deref() == Some(other.as_str())).count() == 2
+    })
+    .await;
+    let healed = t0.elapsed();
+    eprintln!("node loss healed in {:.1} s", healed.as_secs_f64());
+    assert!(healed < Duration::from_secs(12), "hedged within TTL (5 s) + start, not TTL + grace: {healed:?}");
+    // The node comes back before the grace ends: one replica too many, drained.
+    flotilla_testkit::procs::signal(pid, Signal::CONT);
+    wait_replicas(&s, "hedge", 60, "back to 2 replicas", |r| r.len() == 2 && ready(r) == 2).await;
+}
