@@ -1,5 +1,6 @@
 //! The checks, in the order they run. Two vLLM servers at most: `S`, a standalone
-//! `vllm serve` this file starts, and `V`, the engine the agent starts for the `tiny` Model.
+//! `vllm serve` this file starts, and `V`, the engine the agent starts for the `tiny` Model
+//! (after S stops, the rollout check runs V and its replacement).
 
 use std::path::Path;
 use std::process::Command;
@@ -129,8 +130,6 @@ pub async fn run(mut t: Tier) -> Tier {
         t.timing("vllm through the agent: SIGKILL to Ready again", format!("{:.1} s", t0.elapsed().as_secs_f64()));
     }
 
-    t.check("agent_stops_vllm_with_its_whole_process_tree", || agent_stops_cleanly(&bin, &grpc, &agent_dir)).await;
-
     t.check("standalone_vllm_stops_on_sigterm_leaving_no_process", || async {
         let pgid = vllm.pid();
         let took = vllm.stop(Duration::from_secs(20));
@@ -139,6 +138,20 @@ pub async fn run(mut t: Tier) -> Tier {
         Ok(())
     })
     .await;
+
+    // With S gone, a rollout may run two agent engines at once (the old and the new).
+    let mut rolled = String::new();
+    if t.check("engine_argument_change_rolls_on_real_vllm_without_a_failed_request", || async {
+        rolled =
+            crate::rollout::engine_argument_change_rolls_without_a_failed_request(&bin, &grpc, &install, &dir).await?;
+        Ok(())
+    })
+    .await
+    {
+        t.timing("rolling update on real vllm (surge 1)", rolled);
+    }
+
+    t.check("agent_stops_vllm_with_its_whole_process_tree", || agent_stops_cleanly(&bin, &grpc, &agent_dir)).await;
     agent.stop(Duration::from_secs(10));
     server.stop(Duration::from_secs(5));
     t

@@ -17,6 +17,7 @@ mod conformance;
 mod engine_key;
 mod install;
 mod procs;
+mod rollout;
 
 use std::future::Future;
 use std::process::ExitCode;
