@@ -3,7 +3,9 @@
 //! spec with a compare-and-set (`undo` writes an earlier template back, `pause`/`resume`
 //! set `spec.rollout.paused`). No new RPC: each is a Get or an Apply, allowed to the same
 //! roles (and scoped operators) as `apply`.
-use std::time::{Duration, Instant};
+use std::time::Duration;
+
+use tokio::time::Instant;
 
 use clap::{Args, Subcommand, ValueEnum};
 use flotilla_actors::objects::ModelStatus;
