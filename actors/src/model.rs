@@ -20,7 +20,9 @@ use tokio::time::Instant;
 
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
-use crate::objects::{key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView};
+use crate::objects::{
+    self, key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView,
+};
 use crate::rollout::{self, RolloutStatus};
 use crate::shared::Ctx;
 use crate::writes::execute;
@@ -104,6 +106,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let mut active: Vec<&ReplicaView> = Vec::new();
     let mut moving: Vec<&ReplicaView> = Vec::new();
     let mut failed: Vec<&ReplicaView> = Vec::new();
+    let mut hedged: Vec<&ReplicaView> = Vec::new();
     for r in s.replicas.values() {
         match r.phase() {
             ReplicaPhase::Draining | ReplicaPhase::Stopped => {}
@@ -112,7 +115,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
             // routable (the gateways eject it if it fails) but no longer counts, so its
             // replacement starts now. If the node returns, the surplus is scaled down; if not,
             // the node actor unbinds it after the grace.
-            _ if on_down(r) => {}
+            _ if on_down(r) => hedged.push(r),
             _ if on_draining(r) => moving.push(r),
             _ => active.push(r),
         }
@@ -133,6 +136,14 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let mut writes = Vec::new();
     let mut create = 0;
     let mut waiting = None;
+    let mut notes = Vec::new();
+    let object = format!("model/{}", model.name);
+    let history = rollout::record_template(&stored.templates, &model.spec.template(), model.revision);
+    if let (Some(h), false) = (&history, stored.templates.is_empty()) {
+        let newest = h.last().map_or(0, |t| t.number);
+        let message = format!("template {newest} ({current}) applied at model revision {}", model.revision);
+        notes.push(objects::note(object.clone(), "RolloutStarted", message));
+    }
     if !old.is_empty() {
         // An updated replica serves its share once its bound adapters are loaded too.
         let loaded = |r: &ReplicaView| {
@@ -145,6 +156,15 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         for (r, why) in &step.retire {
             retire(r, why, &mut compares, &mut ops);
         }
+        if step.create > 0 || !step.retire.is_empty() {
+            let retiring: Vec<String> = step.retire.iter().map(|(r, why)| format!("{} ({why})", r.name)).collect();
+            let message = format!(
+                "template {current}: creating {} updated replica(s); retiring {}",
+                step.create,
+                if retiring.is_empty() { "none".to_string() } else { retiring.join(", ") }
+            );
+            notes.push(objects::note(object.clone(), "RolloutStep", message));
+        }
         create = step.create;
         waiting = step.waiting;
     } else if counted < desired {
@@ -156,10 +176,21 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
             retire(r, "scaled down", &mut compares, &mut ops);
         }
     }
+    if create > 0 && !hedged.is_empty() {
+        let lost: BTreeSet<String> = hedged
+            .iter()
+            .map(|r| format!("{} on {}", r.name, r.spec.node.as_ref().map_or("", |n| n.as_str())))
+            .collect();
+        let message = format!(
+            "creating {create} replica(s) while {} stop(s) counting: node not ready",
+            lost.into_iter().collect::<Vec<_>>().join(", ")
+        );
+        notes.push(objects::note(object.clone(), "NodeNotReady", message));
+    }
     if create > 0 {
         let create_ops = (0..create).map(|_| new_replica_op(model, &fresh.suffix(), fresh.uid()).1).collect();
         let model_cmp = Compare { key: key(Kind::Model, &model.name), revision: model.revision };
-        writes.extend(txn(vec![model_cmp], create_ops));
+        writes.extend(txn(vec![model_cmp], create_ops).map(|c| objects::recorded(c, std::mem::take(&mut notes))));
     }
     // Surge drain: replicas on draining nodes go once enough replacements are Ready.
     let ready_active = active.iter().filter(|r| is_ready(r)).count();
@@ -175,10 +206,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     }
     // The status describes the state these writes lead to.
     let mut projected = s.clone();
-    for op in ops.iter().chain(writes.iter().flat_map(|c| match c {
-        Command::Txn { ops, .. } => ops.as_slice(),
-        _ => &[],
-    })) {
+    for op in ops.iter().chain(writes.iter().flat_map(objects::txn_ops)) {
         match op {
             TxnOp::Delete { key } => drop(projected.replicas.remove(&key.name)),
             TxnOp::PutStatus { key, .. } => {
@@ -202,7 +230,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
             }
         }
     }
-    writes.extend(txn(compares, ops));
+    writes.extend(txn(compares, ops).map(|c| objects::recorded(c, std::mem::take(&mut notes))));
     let ready = projected
         .replicas
         .values()
@@ -210,22 +238,27 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         .count();
     let mut status = model_status(&projected, desired, ready);
     status.autoscaling = stored.autoscaling;
-    status.templates = stored.templates;
-    if let Some(h) = rollout::record_template(&status.templates, &model.spec.template(), model.revision) {
-        status.templates = h;
-    }
+    status.templates = history.unwrap_or(stored.templates);
+    // Notes no write of this round carried go with the status.
+    let mut status_notes = notes;
     let roll = rollout_status(&projected, model, desired, &current, &status.templates, &is_ready, waiting);
     if roll.old_replicas > 0 {
         let reason = if roll.state == "Paused" { "RolloutPaused" } else { "RollingUpdate" };
         status.conditions[1] = cond("Progressing", roll.state != "Paused", reason, roll.message.clone());
     }
+    let was_complete = stored.rollout.as_ref().is_none_or(|r| r.complete() && r.hash == roll.hash);
+    if roll.complete() && !was_complete && status.templates.len() > 1 {
+        let message = format!("every replica runs template {} ({})", roll.number, roll.hash);
+        status_notes.push(objects::note(object.clone(), "RolloutComplete", message));
+    }
     status.rollout = Some(roll);
     if model.status != status.to_json() {
-        writes.push(Command::PutStatus {
+        let put = Command::PutStatus {
             key: key(Kind::Model, &model.name),
             status: status.to_json(),
             expected_revision: Some(model.revision),
-        });
+        };
+        writes.push(objects::recorded(put, status_notes));
     }
     writes
 }
@@ -480,12 +513,7 @@ impl Actor for ModelActor {
                 }
                 let creates: u64 = cmds
                     .iter()
-                    .map(|c| match c {
-                        Command::Txn { ops, .. } => {
-                            ops.iter().filter(|o| matches!(o, TxnOp::Put { .. })).count() as u64
-                        }
-                        _ => 0,
-                    })
+                    .map(|c| objects::txn_ops(c).iter().filter(|o| matches!(o, TxnOp::Put { .. })).count() as u64)
                     .sum();
                 let out = execute(&st.ctx, cmds).await.map_err(|e| {
                     tracing::warn!(model = %st.s.name, error = %e, "uncertain write; stopping for a rebuild");

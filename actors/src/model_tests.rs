@@ -230,6 +230,10 @@ fn a_template_change_rolls_make_before_break_and_records_history() {
     assert_eq!(templates.len(), 2);
     assert_eq!(templates[0]["hash"], first.as_str());
     assert_eq!(templates[0]["template"]["engine_args"], serde_json::Value::Null, "defaults left out");
+    let reasons: Vec<String> = w.store.events_since(0, "model/m", 100).into_iter().map(|e| e.note.reason).collect();
+    assert_eq!(reasons.first().map(String::as_str), Some("RolloutStarted"), "{reasons:?}");
+    assert_eq!(reasons.last().map(String::as_str), Some("RolloutComplete"), "{reasons:?}");
+    assert!(reasons.iter().filter(|r| *r == "RolloutStep").count() >= 4, "one step per replaced replica: {reasons:?}");
 }
 
 #[test]
@@ -317,6 +321,10 @@ fn a_lost_node_is_hedged_at_once_and_the_surplus_goes_when_it_returns() {
     let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
     assert_eq!(p["m-a"], ReplicaPhase::Ready, "stays bound and routable");
     assert_eq!(p["m-00001"], ReplicaPhase::Pending, "replacement asked for at once");
+    let events = w.store.events_since(0, "model/m", 10);
+    assert_eq!(events.len(), 1, "{events:?}");
+    assert_eq!(events[0].note.reason, "NodeNotReady");
+    assert!(events[0].note.message.contains("m-a on a"), "{}", events[0].note.message);
     assert!(step(&mut w, "m").iter().all(|c| matches!(c, Command::PutStatus { .. })), "one replacement only");
     w.replicas_mut("m-00001", |sp, st| {
         sp.node = Some(name("b"));

@@ -295,6 +295,29 @@ impl ModelStatus {
     }
 }
 
+/// A note about `object` (`kind/name`) by the model controller, stamped when proposed.
+pub fn note(object: String, reason: &str, message: String) -> flotilla_storage::eventlog::Note {
+    flotilla_storage::eventlog::Note { object, reason: reason.into(), message, by: "controller/model".into(), at_ms: 0 }
+}
+
+/// `cmd` with `notes` kept in the event log when it takes effect (`cmd` alone when none).
+pub fn recorded(cmd: Command, notes: Vec<flotilla_storage::eventlog::Note>) -> Command {
+    if notes.is_empty() {
+        cmd
+    } else {
+        Command::Recorded { notes, command: Box::new(cmd) }
+    }
+}
+
+/// The ops of a transaction (through a [`recorded`] wrapper); none for other commands.
+pub fn txn_ops(c: &Command) -> &[TxnOp] {
+    match c {
+        Command::Txn { ops, .. } => ops,
+        Command::Recorded { command, .. } => txn_ops(command),
+        _ => &[],
+    }
+}
+
 /// A transaction, or nothing when it has no ops.
 pub fn txn(compares: Vec<Compare>, ops: Vec<TxnOp>) -> Option<Command> {
     (!ops.is_empty()).then_some(Command::Txn { compares, ops })

@@ -22,7 +22,16 @@ pub struct Outcome {
 /// Proposes each command in order.
 pub async fn execute(ctx: &Ctx, cmds: Vec<Command>) -> Result<Outcome, ActorsError> {
     let mut out = Outcome::default();
-    for cmd in cmds {
+    let now_ms = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    for mut cmd in cmds {
+        // Notes are stamped as they are proposed (the decisions that make them are pure).
+        if let Command::Recorded { notes, .. } = &mut cmd {
+            for n in notes.iter_mut().filter(|n| n.at_ms == 0) {
+                n.at_ms = now_ms;
+            }
+        }
         Metrics::add(&ctx.metrics.proposals, 1);
         match ctx.handle.propose(cmd).await {
             Ok(CommandResult::Conflict { key, expected, actual }) => {

@@ -116,6 +116,11 @@ enum Command {
     ///
     /// Example: flotilla audit --since 1200 --who operator/
     Audit(cmd::audit::AuditArgs),
+    /// What the controllers did and why: rollout steps, replacements for lost nodes,
+    /// completed rollouts (replicated, newest 5000 kept).
+    ///
+    /// Example: flotilla events --for model/llama -w
+    Events(cmd::events::EventsArgs),
     /// Tenants' API keys, made by the server and shown once: create, list, revoke.
     ///
     /// Example: flotilla tenant key create team-search
@@ -196,6 +201,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Tls(c) => cmd::tls::run(c),
         Command::Token(c) => cmd::token::run(&client, c, cli.output).await,
         Command::Audit(a) => cmd::audit::run(&client, a, cli.output).await,
+        Command::Events(a) => cmd::events::run(&client, a, cli.output).await,
         Command::Tenant(c) => cmd::tenant::run(&client, c, cli.output).await,
         Command::Chaos(c) => {
             init_logging("warn");

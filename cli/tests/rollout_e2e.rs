@@ -29,6 +29,13 @@ fn rollout(servers: &[String], args: &[&str]) -> (i32, String, String) {
     (out.status.code().unwrap_or(-1), text(&out.stdout), text(&out.stderr))
 }
 
+/// `flotilla --server S events ARGS…`: stdout (the command must succeed).
+fn events(servers: &[String], args: &[&str]) -> String {
+    let out = Command::new(BIN).args(["--server", &servers.join(","), "events"]).args(args).output().expect("run");
+    assert!(out.status.success(), "events: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8_lossy(&out.stdout).into_owned()
+}
+
 /// Streaming chat requests through the gateway until `stop`, each checked to end with
 /// `[DONE]` and no error chunk: (ok, failures as "status: body").
 struct Load {
@@ -151,6 +158,11 @@ async fn an_engine_argument_change_rolls_under_load_without_a_failed_request_and
     assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), ok + failures.len(), failures);
     assert!(ok > 20, "the load ran ({ok} requests)");
 
+    let log = events(&s, &["--for", "model/roll"]);
+    for reason in ["RolloutStarted", "RolloutStep", "RolloutComplete"] {
+        assert!(log.contains(reason), "no {reason} event: {log}");
+    }
+
     // History and undo.
     let (code, out, _) = rollout(&s, &["history", "model", "roll"]);
     assert_eq!(code, 0);
@@ -206,6 +218,8 @@ async fn a_lost_node_is_hedged_within_ttl_plus_start_and_the_surplus_goes_when_i
     let healed = t0.elapsed();
     eprintln!("node loss healed in {:.1} s", healed.as_secs_f64());
     assert!(healed < Duration::from_secs(12), "hedged within TTL (5 s) + start, not TTL + grace: {healed:?}");
+    let log = events(&s, &["--for", "model/hedge"]);
+    assert!(log.contains("NodeNotReady") && log.contains(&victim), "{log}");
     // The node comes back before the grace ends: one replica too many, drained.
     flotilla_testkit::procs::signal(pid, Signal::CONT);
     wait_replicas(&s, "hedge", 60, "back to 2 replicas", |r| r.len() == 2 && ready(r) == 2).await;

@@ -6,8 +6,8 @@ use std::time::Duration;
 use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::cluster_service_server::ClusterService;
 use flotilla_api::pb::{
-    AddMemberRequest, AddMemberResponse, AuditEntry, AuditRequest, AuditResponse, Member, RemoveMemberRequest,
-    RemoveMemberResponse, StatusRequest, StatusResponse,
+    AddMemberRequest, AddMemberResponse, AuditEntry, AuditRequest, AuditResponse, Event, EventsRequest, EventsResponse,
+    Member, RemoveMemberRequest, RemoveMemberResponse, StatusRequest, StatusResponse,
 };
 use flotilla_storage::audit::Caller;
 use flotilla_storage::Command;
@@ -308,6 +308,34 @@ impl ClusterService for ClusterServiceImpl {
             .collect();
         timer.finish(Ok(Response::new(AuditResponse {
             entries,
+            oldest_revision,
+            store_revision,
+            answered_by: self.node.id,
+        })))
+    }
+
+    /// The event log as this server's state machine holds it (a follower may lag).
+    async fn events(&self, request: Request<EventsRequest>) -> Result<Response<EventsResponse>, Status> {
+        let timer = self.node.metrics.grpc_timer("Events");
+        let req = request.into_inner();
+        let limit = match req.limit as usize {
+            0 => AUDIT_DEFAULT_LIMIT,
+            n => n.min(flotilla_storage::eventlog::KEPT),
+        };
+        let (events, oldest_revision, store_revision) = self.node.reader.events(req.since_revision, &req.object, limit);
+        let events = events
+            .into_iter()
+            .map(|e| Event {
+                revision: e.revision,
+                object: e.note.object,
+                reason: e.note.reason,
+                message: e.note.message,
+                by: e.note.by,
+                at_ms: e.note.at_ms,
+            })
+            .collect();
+        timer.finish(Ok(Response::new(EventsResponse {
+            events,
             oldest_revision,
             store_revision,
             answered_by: self.node.id,

@@ -51,6 +51,12 @@ pub enum Command {
         caller: crate::audit::Caller,
         command: Box<Command>,
     },
+    /// `command`, made by a controller, with notes that explain it: applied as is, and the
+    /// notes kept in the event log at its revision when it took effect (`crate::eventlog`).
+    Recorded {
+        notes: Vec<crate::eventlog::Note>,
+        command: Box<Command>,
+    },
 }
 
 impl Command {
@@ -58,7 +64,7 @@ impl Command {
     pub fn key(&self) -> Option<&ObjectKey> {
         match self {
             Command::Put { key, .. } | Command::PutStatus { key, .. } | Command::Delete { key, .. } => Some(key),
-            Command::Audited { command, .. } => command.key(),
+            Command::Audited { command, .. } | Command::Recorded { command, .. } => command.key(),
             Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } => None,
         }
     }

@@ -20,6 +20,7 @@ pub mod audit;
 mod checksum;
 mod command;
 mod error;
+pub mod eventlog;
 mod log_store;
 mod snapshot_file;
 mod state_machine;

@@ -347,6 +347,12 @@ impl StoreReader {
         self.read(|i| i.store.applied_result(id, key))
     }
 
+    /// Events at or after `since` about `object` (see [`crate::eventlog::EventLog::query`]),
+    /// the oldest revision kept and the store revision.
+    pub fn events(&self, since: u64, object: &str, limit: usize) -> (Vec<crate::eventlog::Event>, u64, u64) {
+        self.read(|i| (i.store.events_since(since, object, limit), i.store.events_oldest(), i.store.revision()))
+    }
+
     /// Audit entries after `since` (see [`crate::audit::AuditLog::query`]), the oldest
     /// revision still kept, and the store revision.
     pub fn audit(&self, since: u64, who: &str, limit: usize) -> (Vec<crate::audit::Entry>, u64, u64) {

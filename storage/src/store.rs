@@ -10,6 +10,7 @@ use serde::{Deserialize, Serialize};
 use crate::applied::{AppliedRequests, Outcome};
 use crate::audit::{self, AuditLog};
 use crate::command::{Compare, TxnOp};
+use crate::eventlog::{self, EventLog};
 use crate::{Command, CommandResult};
 
 /// How many change events are kept for resuming watches, by default.
@@ -37,6 +38,9 @@ pub struct Store {
     /// Writes made through the API, who made them and how they ended (`crate::audit`).
     #[serde(default)]
     audit: AuditLog,
+    /// What the controllers did and why (`crate::eventlog`).
+    #[serde(default)]
+    event_log: EventLog,
     #[serde(skip, default = "default_retention")]
     retention: usize,
 }
@@ -84,6 +88,7 @@ impl Store {
             compacted,
             applied: AppliedRequests::default(),
             audit: AuditLog::default(),
+            event_log: EventLog::default(),
             retention: retention.max(1),
         }
     }
@@ -166,6 +171,15 @@ impl Store {
                 self.audit.push(entry);
                 return result;
             }
+            Command::Recorded { notes, command } => {
+                let result = self.apply(command);
+                if !matches!(result, CommandResult::Conflict { .. } | CommandResult::NotFound { .. }) {
+                    for n in notes {
+                        self.event_log.push(self.revision, n);
+                    }
+                }
+                return result;
+            }
         };
         let current = self.objects.get(key);
         let actual = current.map_or(0, |o| o.revision);
@@ -210,7 +224,11 @@ impl Store {
                 Some(object) => CommandResult::Deleted { object, revision: self.revision },
                 None => CommandResult::NotFound { key: key.clone() },
             },
-            Command::Txn { .. } | Command::Batch(_) | Command::Once { .. } | Command::Audited { .. } => {
+            Command::Txn { .. }
+            | Command::Batch(_)
+            | Command::Once { .. }
+            | Command::Audited { .. }
+            | Command::Recorded { .. } => {
                 unreachable!("handled above")
             }
         }
@@ -265,6 +283,16 @@ impl Store {
     /// See [`AuditLog::query`].
     pub fn audit(&self, since: u64, who: &str, limit: usize) -> Vec<audit::Entry> {
         self.audit.query(since, who, limit)
+    }
+
+    /// Events at or after `since` about `object` (all when empty), see [`EventLog::query`].
+    pub fn events_since(&self, since: u64, object: &str, limit: usize) -> Vec<eventlog::Event> {
+        self.event_log.query(since, object, limit)
+    }
+
+    /// The revision of the oldest event kept.
+    pub fn events_oldest(&self) -> u64 {
+        self.event_log.oldest()
     }
 
     /// The revision of the oldest audit entry kept.
@@ -544,6 +572,28 @@ mod tests {
         );
         let back: Store = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
         assert_eq!(back.audit(0, "olga", 10).len(), 1, "the audit log travels in snapshots");
+    }
+
+    #[test]
+    fn notes_are_kept_when_their_write_takes_effect_and_travel_in_snapshots() {
+        let mut s = Store::new(100);
+        let noted = |message: &str, cmd: Command| Command::Recorded {
+            notes: vec![eventlog::Note {
+                object: "model/a".into(),
+                reason: "RolloutStep".into(),
+                message: message.into(),
+                by: "controller/model".into(),
+                at_ms: 7,
+            }],
+            command: Box::new(cmd),
+        };
+        s.apply(&noted("first", put("a", 1, None)));
+        s.apply(&noted("lost a race", put("a", 2, Some(9)))); // a failed compare: no event
+        s.apply(&noted("second", put("a", 3, Some(1))));
+        let got: Vec<_> = s.events_since(0, "model/a", 10).into_iter().map(|e| (e.revision, e.note.message)).collect();
+        assert_eq!(got, [(1, "first".to_string()), (2, "second".to_string())]);
+        let back: Store = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+        assert_eq!(back.events_since(0, "", 10).len(), 2, "the event log travels in snapshots");
     }
 
     fn txn_put(name: &str, replicas: u32) -> TxnOp {

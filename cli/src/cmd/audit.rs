@@ -61,7 +61,7 @@ fn entry_doc(e: &AuditEntry) -> serde_json::Value {
 }
 
 /// `YYYY-MM-DD HH:MM:SS` (UTC) for milliseconds since the Unix epoch.
-fn utc(ms: u64) -> String {
+pub(crate) fn utc(ms: u64) -> String {
     let t = flotilla_api::civil::UtcTime::from_unix(ms / 1000);
     format!("{:04}-{:02}-{:02} {:02}:{:02}:{:02}", t.year, t.month, t.day, t.hour, t.minute, t.second)
 }
