@@ -108,6 +108,7 @@ pub fn endpoints(ctx: &Ctx, model: &str) -> EndpointSet {
             kv_cache_usage: report.map_or(0.0, |e| e.kv_cache_usage),
             // From the stored status, not the live report: a new leader knows it at once.
             api_key: r.status.api_key.clone().unwrap_or_default(),
+            template_hash: r.spec.template_hash(),
         });
     }
     EndpointSet { endpoints: out, store_revision: revision }

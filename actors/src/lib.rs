@@ -25,6 +25,7 @@ pub mod adapters;
 pub mod agent_bounds;
 pub mod agent_service;
 pub mod autoscale;
+pub mod canary;
 mod config;
 mod error;
 pub mod facts;

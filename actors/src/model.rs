@@ -18,6 +18,7 @@ use flotilla_storage::{Command, Compare, TxnOp};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
+use crate::canary::{self, CanaryStatus};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
 use crate::objects::{
@@ -46,6 +47,10 @@ pub struct ModelState {
     pub pinned_adapters: BTreeMap<ObjectName, u32>,
     /// Adapters each replica's engine reports loaded (from the agents' heartbeats).
     pub loaded_adapters: HashMap<ObjectName, BTreeSet<String>>,
+    /// Wall-clock time (unix ms): canary steps are timed in it.
+    pub now_ms: u64,
+    /// A running canary's figures since its step began: (new template, the others).
+    pub canary_stats: (canary::RevisionStats, canary::RevisionStats),
 }
 
 impl ModelState {
@@ -144,7 +149,33 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
         let message = format!("template {newest} ({current}) applied at model revision {}", model.revision);
         notes.push(objects::note(object.clone(), "RolloutStarted", message));
     }
-    if !old.is_empty() {
+    let canary = match (&model.spec.rollout.canary, old.is_empty()) {
+        (Some(spec), false) => {
+            let stored_canary = stored.rollout.as_ref().and_then(|r| r.canary.as_ref());
+            let next = canary::advance(spec, stored_canary, &current, s.now_ms, s.canary_stats);
+            if let Some(n) = canary_note(stored_canary, &next, spec.steps.len()) {
+                notes.push(objects::note(object.clone(), n.0, n.1));
+            }
+            Some(next)
+        }
+        _ => None,
+    };
+    if let Some(c) = canary.as_ref().filter(|c| c.running()) {
+        // A running canary: the new template's share of replicas, the old ones kept whole.
+        let (old_live, paused) = (old.len() + holding, model.spec.rollout.paused);
+        let mut extra: Vec<&&ReplicaView> = old.iter().collect();
+        extra.sort_by_key(|r| (is_ready(r), phase_rank(r.phase()), std::cmp::Reverse(r.create_revision)));
+        for r in extra.into_iter().take(old_live.saturating_sub(desired)) {
+            retire(r, "scaled down", &mut compares, &mut ops);
+        }
+        if !paused {
+            create = canary::canary_replicas(desired, c.weight).saturating_sub(updated.len());
+        }
+    } else if canary.as_ref().is_some_and(CanaryStatus::rolled_back) {
+        for r in &updated {
+            retire(r, "canary rolled back", &mut compares, &mut ops);
+        }
+    } else if !old.is_empty() {
         // An updated replica serves its share once its bound adapters are loaded too.
         let loaded = |r: &ReplicaView| {
             r.spec.adapters.iter().all(|b| s.loaded_adapters.get(&r.name).is_some_and(|l| l.contains(b.name.as_str())))
@@ -239,9 +270,25 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let mut status = model_status(&projected, desired, ready);
     status.autoscaling = stored.autoscaling;
     status.templates = history.unwrap_or(stored.templates);
+    if let Some(c) = canary.as_ref().filter(|c| c.rolled_back()) {
+        for t in status.templates.iter_mut().filter(|t| t.hash == c.hash && t.rolled_back.is_empty()) {
+            t.rolled_back = c.reason.clone();
+        }
+    }
     // Notes no write of this round carried go with the status.
     let mut status_notes = notes;
-    let roll = rollout_status(&projected, model, desired, &current, &status.templates, &is_ready, waiting);
+    let mut roll = rollout_status(&projected, model, desired, &current, &status.templates, &is_ready, waiting);
+    if let Some(c) = &canary {
+        if c.running() {
+            let steps = model.spec.rollout.canary.as_ref().map_or(0, |s| s.steps.len());
+            roll.state = "Progressing".into();
+            roll.message = format!("canary step {} of {steps} at {}%: {}", c.step + 1, c.weight, c.reason);
+        } else if c.rolled_back() {
+            roll.state = "RolledBack".into();
+            roll.message = format!("canary rolled back: {}", c.reason);
+        }
+    }
+    roll.canary = canary;
     if roll.old_replicas > 0 {
         let reason = if roll.state == "Paused" { "RolloutPaused" } else { "RollingUpdate" };
         status.conditions[1] = cond("Progressing", roll.state != "Paused", reason, roll.message.clone());
@@ -318,7 +365,31 @@ fn rollout_status(
         old_replicas: old.len() as u32,
         state: state.into(),
         message,
+        canary: None,
     }
+}
+
+/// The event for a canary's change between two rounds: a step passed, a promotion or a
+/// rollback (none while it waits).
+fn canary_note(before: Option<&CanaryStatus>, after: &CanaryStatus, steps: usize) -> Option<(&'static str, String)> {
+    let same = before.is_some_and(|b| b.hash == after.hash && b.step == after.step && b.state == after.state);
+    if same {
+        return None;
+    }
+    Some(match after.state.as_str() {
+        "RolledBack" => ("CanaryRolledBack", format!("template {}: {}", after.hash, after.reason)),
+        "Promoted" => ("CanaryPromoted", format!("template {}: {}", after.hash, after.reason)),
+        _ => (
+            "CanaryStep",
+            format!(
+                "template {}: step {} of {steps} at {}%: {}",
+                after.hash,
+                after.step + 1,
+                after.weight,
+                after.reason
+            ),
+        ),
+    })
 }
 
 fn cond(t: &str, ok: bool, reason: &str, message: String) -> Condition {
@@ -433,6 +504,23 @@ impl ModelActorState {
             self.s.failed_since.entry(n.clone()).or_insert(now);
         }
         self.refresh_adapters();
+        self.refresh_canary();
+    }
+
+    /// The wall clock, and a canary's figures since its step began (only while one runs).
+    fn refresh_canary(&mut self) {
+        self.s.now_ms = canary::unix_ms();
+        self.s.canary_stats = Default::default();
+        let Some(model) = self.s.model.as_ref().filter(|m| m.spec.rollout.canary.is_some()) else { return };
+        if !self.s.rolling() {
+            return;
+        }
+        let current = model.spec.template().hash();
+        let stored = ModelStatus::of(model).rollout.and_then(|r| r.canary).filter(|c| c.hash == current);
+        let since = stored.map_or(self.s.now_ms, |c| c.step_started_ms);
+        let book = crate::shared::lock(&self.ctx.canary);
+        self.s.canary_stats =
+            (book.stats(&self.s.name, &current, false, since), book.stats(&self.s.name, &current, true, since));
     }
 
     /// The pinned adapters of this base model and what each engine reports loaded: read
@@ -481,6 +569,8 @@ impl Actor for ModelActor {
             now: Instant::now(),
             pinned_adapters: BTreeMap::new(),
             loaded_adapters: HashMap::new(),
+            now_ms: 0,
+            canary_stats: Default::default(),
         };
         let mut st = ModelActorState { ctx: args.ctx, s, queued: true };
         st.refresh_model();

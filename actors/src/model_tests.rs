@@ -29,6 +29,8 @@ fn state(w: &World, model: &str) -> ModelState {
         now: Instant::now(),
         pinned_adapters: BTreeMap::new(),
         loaded_adapters: HashMap::new(),
+        now_ms: 1_000_000,
+        canary_stats: Default::default(),
     }
 }
 
@@ -338,4 +340,84 @@ fn a_lost_node_is_hedged_at_once_and_the_surplus_goes_when_it_returns() {
     step(&mut w, "m");
     let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
     assert_eq!((p["m-a"], p["m-00001"]), (ReplicaPhase::Ready, ReplicaPhase::Draining));
+}
+
+fn canary_model(w: &mut World) {
+    w.node("a", 64, "A");
+    w.model("m", 4, 1);
+    step(w, "m");
+    place_all(w, ReplicaPhase::Ready);
+    step(w, "m");
+    w.set_model("m", |sp| {
+        sp.source = "file:///models/m-v2".into();
+        sp.rollout.canary = Some(flotilla_api::spec::CanarySpec {
+            steps: vec![25, 100],
+            interval: flotilla_api::spec::SpecDuration::from_secs(60),
+            ..Default::default()
+        });
+    });
+}
+
+/// One round at wall time `now_ms` with the given (new, old) figures.
+fn canary_round(w: &mut World, now_ms: u64, new: (u64, u64, f64), old: (u64, u64, f64)) -> serde_json::Value {
+    let mut s = state(w, "m");
+    s.now_ms = now_ms;
+    let st = |(requests, errors, ttft_p95_ms): (u64, u64, f64)| canary::RevisionStats { requests, errors, ttft_p95_ms };
+    s.canary_stats = (st(new), st(old));
+    w.apply_all(&decide(&s, &ActorsConfig::default(), &mut fresh(w)));
+    w.get_model("m").unwrap().status["rollout"].clone()
+}
+
+fn new_template(r: &ReplicaView) -> bool {
+    r.spec.source.ends_with("v2") && !matches!(r.phase(), ReplicaPhase::Draining)
+}
+
+#[test]
+fn a_healthy_canary_takes_its_share_then_is_promoted_and_rolls() {
+    let mut w = World::default();
+    canary_model(&mut w);
+    let roll = canary_round(&mut w, 1_000_000, (0, 0, 0.0), (0, 0, 0.0));
+    assert_eq!((roll["canary"]["state"].as_str(), roll["canary"]["weight"].as_u64()), (Some("Running"), Some(25)));
+    assert_eq!(count(&w, new_template), 1, "25% of 4");
+    place_all(&mut w, ReplicaPhase::Ready);
+    let good = (40, 0, 100.0);
+    let roll = canary_round(&mut w, 1_030_000, good, (400, 0, 100.0));
+    assert_eq!(roll["canary"]["step"], 0, "mid-step");
+    let roll = canary_round(&mut w, 1_061_000, good, (400, 0, 100.0));
+    assert_eq!((roll["canary"]["step"].as_u64(), roll["canary"]["weight"].as_u64()), (Some(1), Some(100)));
+    assert_eq!(count(&w, new_template), 4, "100%: every replica's worth");
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Draining), 0, "the old ones stay until promoted");
+    place_all(&mut w, ReplicaPhase::Ready);
+    let roll = canary_round(&mut w, 1_122_000, good, (0, 0, 0.0));
+    assert_eq!(roll["canary"]["state"], "Promoted");
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Draining), 4, "promoted: the old ones retire");
+    let reasons: Vec<String> = w.store.events_since(0, "model/m", 100).into_iter().map(|e| e.note.reason).collect();
+    assert!(
+        reasons.contains(&"CanaryStep".to_string()) && reasons.contains(&"CanaryPromoted".to_string()),
+        "{reasons:?}"
+    );
+}
+
+#[test]
+fn a_failing_canary_is_rolled_back_with_the_reason_and_stays_back() {
+    let mut w = World::default();
+    canary_model(&mut w);
+    canary_round(&mut w, 1_000_000, (0, 0, 0.0), (0, 0, 0.0));
+    place_all(&mut w, ReplicaPhase::Ready);
+    let roll = canary_round(&mut w, 1_061_000, (40, 0, 900.0), (400, 0, 100.0));
+    assert_eq!(roll["state"], "RolledBack", "{roll}");
+    assert!(roll["message"].as_str().unwrap().contains("TTFT p95 900 ms"), "{roll}");
+    assert_eq!(count(&w, new_template), 0, "its replicas retire");
+    assert_eq!(count(&w, |r| r.phase() == ReplicaPhase::Ready && !r.spec.source.ends_with("v2")), 4, "old ones serve");
+    let st = w.get_model("m").unwrap().status;
+    let last = st["templates"].as_array().unwrap().last().unwrap().clone();
+    assert!(last["rolled_back"].as_str().unwrap().contains("TTFT"), "{last}");
+    let roll = canary_round(&mut w, 2_000_000, (0, 0, 0.0), (0, 0, 0.0));
+    assert_eq!(
+        (roll["state"].as_str(), count(&w, new_template)),
+        (Some("RolledBack"), 0),
+        "no retry of the same template"
+    );
+    let events = w.store.events_since(0, "model/m", 100);
+    assert!(events.iter().any(|e| e.note.reason == "CanaryRolledBack"), "{events:?}");
 }

@@ -137,6 +137,9 @@ pub struct TemplateRecord {
     pub template: ReplicaTemplate,
     /// The store revision of the model write that applied it (see `flotilla audit`).
     pub model_revision: u64,
+    /// Why its canary was rolled back, if it was.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub rolled_back: String,
 }
 
 /// `history` with `current` as its newest record: a template seen before moves to the
@@ -154,7 +157,7 @@ pub fn record_template(
     }
     let number = newest.map_or(1, |r| r.number + 1);
     let mut out: Vec<TemplateRecord> = history.iter().filter(|r| r.hash != hash).cloned().collect();
-    out.push(TemplateRecord { number, hash, template: current.clone(), model_revision });
+    out.push(TemplateRecord { number, hash, template: current.clone(), model_revision, rolled_back: String::new() });
     out.sort_by_key(|r| r.number);
     let excess = out.len().saturating_sub(TEMPLATE_HISTORY);
     out.drain(..excess);
@@ -172,14 +175,22 @@ pub struct RolloutStatus {
     pub updated_ready: u32,
     /// Live replicas of older templates.
     pub old_replicas: u32,
-    /// `Complete`, `Progressing`, `Paused` or `Waiting` (old replicas held; see message).
+    /// `Complete`, `Progressing`, `Paused`, `Waiting` (old replicas held; see message) or
+    /// `RolledBack` (the canary failed its analysis).
     pub state: String,
     pub message: String,
+    /// The canary of the current template, when `spec.rollout.canary` is set.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<crate::canary::CanaryStatus>,
 }
 
 impl RolloutStatus {
     pub fn complete(&self) -> bool {
         self.state == "Complete"
+    }
+
+    pub fn rolled_back(&self) -> bool {
+        self.state == "RolledBack"
     }
 }
 
@@ -248,8 +259,11 @@ mod tests {
         let mut w = World::default();
         let old = replicas(&mut w, "old", "RRRR");
         let old: Vec<&ReplicaView> = old.iter().collect();
-        let spec =
-            RolloutSpec { max_surge: IntOrPercent::Count(0), max_unavailable: IntOrPercent::Count(2), paused: false };
+        let spec = RolloutSpec {
+            max_surge: IntOrPercent::Count(0),
+            max_unavailable: IntOrPercent::Count(2),
+            ..RolloutSpec::default()
+        };
         let s = step(4, 0, &[], &old, &spec, &ready, None);
         assert_eq!((s.create, s.retire.len()), (2, 2), "two may be unavailable, none may surge");
     }

@@ -75,6 +75,8 @@ pub struct Ctx {
     pub beats: watch::Sender<u64>,
     /// The gateways' latest demand reports, per model (autoscaler input).
     pub demand: Mutex<crate::autoscale::service::DemandBook>,
+    /// What the gateways saw per template, per model (canary analysis input).
+    pub canary: Mutex<crate::canary::CanaryBook>,
 }
 
 impl Ctx {
@@ -90,6 +92,7 @@ impl Ctx {
             adapter_usage: Mutex::new(HashMap::new()),
             beats: watch::channel(0).0,
             demand: Mutex::new(Default::default()),
+            canary: Mutex::new(Default::default()),
         })
     }
 

@@ -94,6 +94,9 @@ enum Command {
     /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
+    // A flag given twice takes its last value, as vLLM's argparse does (a Model's
+    // engine_args come after the agent's --sim-args).
+    #[command(args_override_self = true)]
     Sim(flotilla_sim::SimArgs),
     /// Fault-injection runs against a real multi-process cluster on this machine, with
     /// linearizability, placement and data-plane checks (see docs/chaos.md).

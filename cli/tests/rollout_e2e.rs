@@ -224,3 +224,52 @@ async fn a_lost_node_is_hedged_within_ttl_plus_start_and_the_surplus_goes_when_i
     flotilla_testkit::procs::signal(pid, Signal::CONT);
     wait_replicas(&s, "hedge", 60, "back to 2 replicas", |r| r.len() == 2 && ready(r) == 2).await;
 }
+
+fn canary_manifest(name: &str, args: &[&str]) -> String {
+    format!(
+        "{}  rollout:\n    canary: {{steps: [50, 100], interval: 3s, min_requests: 5, max_ttft_p95_ratio: 3}}\n",
+        manifest_with_args(name, 2, args)
+    )
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_canary_is_rolled_back_with_the_reason_and_a_healthy_one_is_promoted() {
+    let fleet = Fleet::start(2, 4).await;
+    let s = fleet.addrs.clone();
+    apply(&s, canary_manifest("can", &[])).await;
+    wait_replicas(&s, "can", 60, "2 ready", |r| r.len() == 2 && ready(r) == 2).await;
+    let gateway = GatewayProc::start(&s.join(","), &[]);
+    for _ in 0..300 {
+        if raw_http::http_get(&gateway.addr, "/health").await.is_some_and(|(c, _)| c == 200) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let load = Load::start(&gateway.addr, "can", 4);
+
+    // 50x slower engines (the sim's --speedup, last value wins as in vLLM): the first
+    // step's analysis finds the TTFT p95 far above 3x the old template's.
+    apply(&s, canary_manifest("can", &["--speedup", "1"])).await;
+    let (code, out, err) = rollout(&s, &["status", "model", "can", "--timeout", "90s"]);
+    assert_eq!(code, 1, "a rolled-back canary fails `rollout status`: {out}{err}");
+    assert!(err.contains("canary rolled back") && err.contains("TTFT p95"), "{err}");
+    let (_, history, _) = rollout(&s, &["history", "model", "can"]);
+    assert!(history.contains("canary rolled back: TTFT p95"), "{history}");
+    wait_replicas(&s, "can", 60, "the canary replicas gone", |r| r.len() == 2 && ready(r) == 2).await;
+    assert!(args_of_replicas(&s, "can").await.iter().all(Vec::is_empty), "the old template serves");
+
+    // A healthy template walks both steps and replaces the old replicas.
+    apply(&s, canary_manifest("can", &["--max-num-seqs", "64"])).await;
+    let (code, out, err) = rollout(&s, &["status", "model", "can", "--timeout", "90s"]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_replicas(&s, "can", 60, "2 ready", |r| r.len() == 2 && ready(r) == 2).await;
+    for args in args_of_replicas(&s, "can").await {
+        assert_eq!(args, vec!["--max-num-seqs", "64"]);
+    }
+    let log = events(&s, &["--for", "model/can"]);
+    for reason in ["CanaryRolledBack", "CanaryStep", "CanaryPromoted"] {
+        assert!(log.contains(reason), "no {reason}: {log}");
+    }
+    let (ok, failures) = load.finish().await;
+    assert!(failures.is_empty(), "{} of {} requests failed: {:?}", failures.len(), ok + failures.len(), failures);
+}

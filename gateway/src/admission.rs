@@ -37,6 +37,8 @@ pub struct PickCtx {
     pub strategy: RoutingStrategy,
     pub class: PriorityClass,
     pub tenant: String,
+    /// The side of a running canary this request takes (None: no canary).
+    pub split: Option<crate::canary::Split>,
 }
 
 /// Is an endpoint too busy for a new request?
@@ -93,8 +95,10 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
     let mut loads = Vec::with_capacity(resolved.endpoints.len());
     let mut ejected = Vec::new();
     let mut any_saturated = false;
+    // A canary's side, unless it has no endpoint at all (then either side serves).
+    let split = ctx.split.filter(|s| resolved.endpoints.iter().any(|e| s.admits(e.revision)));
     for e in &resolved.endpoints {
-        if exclude.contains(&e.id) {
+        if exclude.contains(&e.id) || split.is_some_and(|s| !s.admits(e.revision)) {
             continue;
         }
         let stats = gw.book.get(&e.id);

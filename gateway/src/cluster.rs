@@ -142,11 +142,12 @@ fn model_routing(spec_json: &str) -> RoutingStrategy {
 /// Reads a `Model` object leniently: the spec's routing and the status's
 /// `desired_replicas` (written by the leader; None until then or when unreadable).
 pub fn model_info(spec_json: &str, status_json: &str) -> ModelInfo {
-    let desired_replicas = serde_json::from_str::<serde_json::Value>(status_json)
-        .ok()
-        .and_then(|v| v.get("desired_replicas").and_then(serde_json::Value::as_u64))
+    let status = serde_json::from_str::<serde_json::Value>(status_json).unwrap_or_default();
+    let desired_replicas = status
+        .get("desired_replicas")
+        .and_then(serde_json::Value::as_u64)
         .map(|d| u32::try_from(d).unwrap_or(u32::MAX));
-    ModelInfo { routing: model_routing(spec_json), desired_replicas }
+    ModelInfo { routing: model_routing(spec_json), desired_replicas, canary: crate::canary::canary_of(&status) }
 }
 
 impl Objects {

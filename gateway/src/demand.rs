@@ -31,6 +31,9 @@ use crate::state::Gateway;
 pub const MAX_MODELS: usize = 1024;
 /// Most latency values kept per model, figure and interval (a uniform reservoir sample).
 pub const MAX_SAMPLES: usize = 1024;
+/// Most templates counted apart per model and interval (a rollout has two; more only
+/// while one replaces another mid-rollout).
+pub const MAX_REVISIONS: usize = 8;
 
 /// A uuid (version 4) for this gateway process.
 pub fn new_gateway_id() -> String {
@@ -88,6 +91,18 @@ pub struct Finished {
     pub ttft: Option<Duration>,
     pub tpot: Option<Duration>,
     pub queue_wait: Duration,
+    /// The template hash of the replica that served it (0: unknown).
+    pub revision: u64,
+    /// Answered 5xx, or cut off before its end.
+    pub error: bool,
+}
+
+/// One template's share of a model's interval.
+#[derive(Debug, Default)]
+struct RevisionEntry {
+    completed: u32,
+    errors: u32,
+    ttft: Samples,
 }
 
 #[derive(Debug, Default)]
@@ -100,6 +115,7 @@ struct Entry {
     ttft: Samples,
     tpot: Samples,
     queue_wait: Samples,
+    revisions: HashMap<u64, RevisionEntry>,
 }
 
 impl Entry {
@@ -210,6 +226,14 @@ impl DemandBook {
                 e.tpot.add(ms(t));
             }
             e.queue_wait.add(ms(f.queue_wait));
+            if f.revision != 0 && (e.revisions.len() < MAX_REVISIONS || e.revisions.contains_key(&f.revision)) {
+                let r = e.revisions.entry(f.revision).or_default();
+                r.completed = r.completed.saturating_add(1);
+                r.errors = r.errors.saturating_add(u32::from(f.error));
+                if let Some(t) = f.ttft {
+                    r.ttft.add(ms(t));
+                }
+            }
         });
     }
 
@@ -261,6 +285,17 @@ impl DemandBook {
                 tpot_p95_ms: percentile(&mut e.tpot.kept, 0.95),
                 queue_wait_p95_ms: percentile(&mut e.queue_wait.kept, 0.95),
                 ttft_samples: e.ttft.seen,
+                revisions: e
+                    .revisions
+                    .iter_mut()
+                    .map(|(hash, r)| pb::RevisionDemand {
+                        hash: format!("{hash:010x}"),
+                        completed: r.completed,
+                        errors: r.errors,
+                        ttft_p95_ms: percentile(&mut r.ttft.kept, 0.95),
+                        ttft_samples: r.ttft.seen,
+                    })
+                    .collect(),
             })
             .collect();
         for (model, &n) in held {
@@ -362,7 +397,7 @@ mod tests {
         book.rejected(&"m".into());
         let queued = book.gauge(&"m".into(), GaugeKind::Queued);
         let in_flight = book.gauge(&"m".into(), GaugeKind::InFlight);
-        let done = |ttft| Finished { ttft, tpot: Some(ms(20)), queue_wait: ms(5) };
+        let done = |ttft| Finished { ttft, tpot: Some(ms(20)), queue_wait: ms(5), ..Finished::default() };
         book.finished(&"m".into(), done(Some(ms(100))));
         book.finished(&"m".into(), done(None));
         book.arrival(&"other".into());
@@ -387,6 +422,29 @@ mod tests {
         let r = book.take(&HashMap::new(), t0 + ms(3000));
         assert_eq!((r.models.len(), r.models[0].in_flight), (1, 0), "reported once at zero");
         assert!(book.take(&HashMap::new(), t0 + ms(4000)).models.is_empty(), "then forgotten");
+    }
+
+    #[test]
+    fn finished_requests_are_split_by_the_template_that_served_them() {
+        let book = Arc::new(DemandBook::new(true));
+        let m: ModelName = "m".into();
+        let done = |revision: u64, error: bool, ttft_ms: u64| Finished {
+            revision,
+            error,
+            ttft: Some(Duration::from_millis(ttft_ms)),
+            ..Finished::default()
+        };
+        for _ in 0..3 {
+            book.finished(&m, done(0xab, false, 10));
+        }
+        book.finished(&m, done(0xcd, true, 90));
+        book.finished(&m, done(0, false, 5)); // a static backend: no template
+        let report = book.take(&HashMap::new(), Instant::now());
+        let mut revs = report.models[0].revisions.clone();
+        revs.sort_by(|a, b| a.hash.cmp(&b.hash));
+        let got: Vec<_> = revs.iter().map(|r| (r.hash.as_str(), r.completed, r.errors, r.ttft_p95_ms)).collect();
+        assert_eq!(got, [("00000000ab", 3, 0, 10.0), ("00000000cd", 1, 1, 90.0)]);
+        assert_eq!(report.models[0].completed, 5);
     }
 
     #[test]

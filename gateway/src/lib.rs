@@ -16,6 +16,7 @@
 
 pub mod admission;
 pub mod api_code;
+pub mod canary;
 pub mod cluster;
 pub mod concurrency;
 pub mod config;

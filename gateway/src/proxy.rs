@@ -188,7 +188,9 @@ impl Tracker {
         let Some(lease) = self.lease.take() else { return };
         // latency figures start when the request stopped being held for a cold start
         let served = self.start + self.held;
-        let mut finished = Finished { queue_wait: self.queue_wait, ..Finished::default() };
+        let error = self.cut.is_some() || !self.completed || self.status.is_server_error();
+        let revision = lease.endpoint.revision;
+        let mut finished = Finished { queue_wait: self.queue_wait, revision, error, ..Finished::default() };
         let endpoint = lease.endpoint.id.to_string();
         let m = &self.gw.metrics;
         let el = EndpointLabels { model: self.model.to_string(), endpoint: endpoint.clone() };

@@ -266,7 +266,8 @@ async fn forward_request(
     };
     let cost = cost_estimate(&features);
     let stream = features.stream;
-    let ctx = PickCtx { model: name, features, strategy, class: policy.class, tenant: caller.name.clone() };
+    let split = gw.dir.canary_of(base_model.as_str()).map(|c| crate::canary::choose(c, features.session.as_deref()));
+    let ctx = PickCtx { model: name, features, strategy, class: policy.class, tenant: caller.name.clone(), split };
     let queued = gw.demand.gauge(&base_model, GaugeKind::Queued);
     let acquired = if cold { gw.acquire_cold(&ctx).await } else { gw.acquire_ctx(&ctx).await };
     drop(queued);
@@ -353,6 +354,7 @@ impl Gateway {
             strategy: ctx.strategy,
             class: ctx.class,
             tenant: ctx.tenant.clone(),
+            split: ctx.split,
         })
         .await
     }

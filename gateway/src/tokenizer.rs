@@ -124,6 +124,7 @@ async fn route(gw: &Arc<Gateway>, caller: &Caller, parsed: Parsed, h: &HeaderMap
         strategy: RoutingStrategy::LeastRequest,
         class: PriorityClass::Standard,
         tenant: caller.name.clone(),
+        split: None,
     };
     let lease = select(gw, &ctx, &[], false).ok_or_else(|| {
         ApiError::new(ApiCode::NoEndpoints, format!("{:?} has no ready endpoint", ctx.model)).retry_after(5)

@@ -127,6 +127,15 @@ impl AutoscaleService for AutoscaleServiceImpl {
             req.models.iter().filter(|m| m.held > 0).filter_map(|m| m.model.parse().ok()).collect();
         let now = Instant::now();
         {
+            let now_ms = crate::canary::unix_ms();
+            let mut canary = lock(&self.ctx.canary);
+            for m in &req.models {
+                if let Ok(model) = m.model.parse::<ObjectName>() {
+                    canary.record(&model, &m.revisions, now_ms);
+                }
+            }
+        }
+        {
             let mut book = lock(&self.ctx.demand);
             book.prune(now);
             book.record(&req.gateway_id, req.interval_ms, req.models, now);

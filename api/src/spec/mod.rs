@@ -21,7 +21,7 @@ pub use autoscaling::{
 pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
-pub use rollout::{IntOrPercent, ReplicaTemplate, RolloutSpec};
+pub use rollout::{CanarySpec, IntOrPercent, ReplicaTemplate, RolloutSpec, MAX_CANARY_STEPS};
 pub use tenant::{
     hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, MAX_TENANT_CONCURRENCY, TENANT_KEY_PREFIX,
 };

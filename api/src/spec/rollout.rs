@@ -12,7 +12,7 @@ use serde::de::{self, Visitor};
 use serde::{Deserialize, Deserializer, Serialize, Serializer};
 use sha2::{Digest, Sha256};
 
-use super::EngineKind;
+use super::{EngineKind, SpecDuration};
 use crate::ApiError;
 
 /// The part of a Model's spec that each replica is started with: a change to any of it
@@ -126,7 +126,7 @@ fn zero() -> IntOrPercent {
 }
 
 /// `spec.rollout`: how a template change replaces replicas (make-before-break by default).
-#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct RolloutSpec {
     /// Replicas above the desired count while rolling (rounded up). Default 25%.
@@ -140,11 +140,99 @@ pub struct RolloutSpec {
     /// (`flotilla rollout pause|resume`); scaling still works.
     #[serde(default, skip_serializing_if = "std::ops::Not::not")]
     pub paused: bool,
+    /// Shift traffic to the new template in steps, checked against the old one at each.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub canary: Option<CanarySpec>,
 }
 
 impl Default for RolloutSpec {
     fn default() -> Self {
-        RolloutSpec { max_surge: quarter(), max_unavailable: zero(), paused: false }
+        RolloutSpec { max_surge: quarter(), max_unavailable: zero(), paused: false, canary: None }
+    }
+}
+
+/// Most canary steps.
+pub const MAX_CANARY_STEPS: usize = 10;
+
+fn default_steps() -> Vec<u32> {
+    vec![10, 50, 100]
+}
+fn five_minutes() -> SpecDuration {
+    SpecDuration::from_secs(300)
+}
+fn one_percent() -> f64 {
+    0.01
+}
+fn ratio() -> f64 {
+    1.2
+}
+fn twenty() -> u32 {
+    20
+}
+
+/// `spec.rollout.canary`: the gateways send `steps[i]`% of the model's requests to the new
+/// template for `interval` each; at the end of each step the leader compares the new
+/// template's error rate and TTFT p95 with the old one's (from the gateways' reports) and
+/// moves to the next step, or rolls back. After the last step (100) the old replicas are
+/// replaced as in a rolling update.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct CanarySpec {
+    /// Traffic percentages, increasing, the last 100. Default [10, 50, 100].
+    #[serde(default = "default_steps")]
+    pub steps: Vec<u32>,
+    /// Time at each step before its analysis. Default 5m.
+    #[serde(default = "five_minutes")]
+    pub interval: SpecDuration,
+    /// Highest error rate (5xx and failed streams over requests) the new template may show.
+    #[serde(default = "one_percent")]
+    pub max_error_rate: f64,
+    /// Highest ratio of the new template's TTFT p95 to the old one's.
+    #[serde(default = "ratio")]
+    pub max_ttft_p95_ratio: f64,
+    /// Requests the new template must have served in a step before it is judged (a step
+    /// with fewer waits longer).
+    #[serde(default = "twenty")]
+    pub min_requests: u32,
+}
+
+impl Default for CanarySpec {
+    fn default() -> Self {
+        CanarySpec {
+            steps: default_steps(),
+            interval: five_minutes(),
+            max_error_rate: one_percent(),
+            max_ttft_p95_ratio: ratio(),
+            min_requests: twenty(),
+        }
+    }
+}
+
+impl CanarySpec {
+    pub fn validate(&self, field: &str) -> Result<(), ApiError> {
+        let bad = |what: &str, why: String| Err(ApiError::invalid(format!("{field}.{what}"), why));
+        if self.steps.is_empty() || self.steps.len() > MAX_CANARY_STEPS {
+            return bad("steps", format!("needs 1 to {MAX_CANARY_STEPS} steps, got {}", self.steps.len()));
+        }
+        if self.steps.windows(2).any(|w| w[0] >= w[1]) || self.steps.iter().any(|s| *s == 0 || *s > 100) {
+            return bad("steps", format!("{:?}: percentages 1 to 100, each above the one before", self.steps));
+        }
+        if self.steps.last() != Some(&100) {
+            return bad("steps", format!("{:?}: the last step must be 100", self.steps));
+        }
+        if self.interval.as_millis() < 1000 || self.interval.as_millis() > 24 * 3600 * 1000 {
+            return bad("interval", format!("{} is not between 1s and 24h", self.interval));
+        }
+        if !(0.0..=1.0).contains(&self.max_error_rate) {
+            return bad("max_error_rate", format!("{} is not a rate between 0 and 1", self.max_error_rate));
+        }
+        if !(self.max_ttft_p95_ratio >= 1.0 && self.max_ttft_p95_ratio <= 100.0) {
+            return bad("max_ttft_p95_ratio", format!("{} is not between 1 and 100", self.max_ttft_p95_ratio));
+        }
+        if self.min_requests > 1_000_000 {
+            return bad("min_requests", format!("{} is above 1000000", self.min_requests));
+        }
+        Ok(())
     }
 }
 
@@ -173,6 +261,9 @@ impl RolloutSpec {
                 field,
                 "max_surge and max_unavailable cannot both be 0: the rollout could never replace a replica",
             ));
+        }
+        if let Some(c) = &self.canary {
+            c.validate(&format!("{field}.canary"))?;
         }
         Ok(())
     }
@@ -227,7 +318,7 @@ mod tests {
         let r = RolloutSpec {
             max_surge: IntOrPercent::Count(0),
             max_unavailable: IntOrPercent::Percent(10),
-            paused: false,
+            ..RolloutSpec::default()
         };
         assert_eq!(r.resolve(3), (0, 1), "both 0 after rounding: one may be unavailable");
         assert_eq!(r.resolve(20), (0, 2));
@@ -240,6 +331,21 @@ mod tests {
         assert_eq!(serde_json::to_value(&r).unwrap(), serde_json::json!({"max_surge": 2, "max_unavailable": "50%"}));
         for bad in ["max_surge: -1", "max_surge: 150%", "max_surge: lots", "max_surge: 5000", "surge: 1"] {
             assert!(serde_yaml::from_str::<RolloutSpec>(bad).is_err(), "{bad}");
+        }
+        let c: RolloutSpec = serde_yaml::from_str("canary: {steps: [5, 100], interval: 30s}").unwrap();
+        let c = c.canary.unwrap();
+        assert_eq!((c.steps, c.interval.as_millis(), c.max_error_rate), (vec![5, 100], 30_000, 0.01));
+        for (bad, want) in [
+            ("canary: {steps: [50, 10, 100]}", "each above the one before"),
+            ("canary: {steps: [10, 50]}", "last step must be 100"),
+            ("canary: {steps: []}", "1 to 10 steps"),
+            ("canary: {interval: 0s}", "between 1s and 24h"),
+            ("canary: {max_error_rate: 2}", "between 0 and 1"),
+            ("canary: {max_ttft_p95_ratio: 0.5}", "between 1 and 100"),
+        ] {
+            let r: RolloutSpec = serde_yaml::from_str(bad).unwrap();
+            let e = r.validate("spec.rollout").unwrap_err().to_string();
+            assert!(e.contains("spec.rollout.canary") && e.contains(want), "{bad}: {e}");
         }
         let both_zero: RolloutSpec = serde_yaml::from_str("max_surge: 0%\nmax_unavailable: 0").unwrap();
         let e = both_zero.validate("spec.rollout").unwrap_err().to_string();

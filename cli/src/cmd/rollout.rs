@@ -130,6 +130,12 @@ async fn status(
                 _ => output::print_doc(&serde_json::to_value(&roll).unwrap_or_default(), format),
             }
         }
+        if roll.rolled_back() {
+            return Err(CliError::runtime(format!(
+                "model/{name}: {} (`flotilla rollout undo` or a new apply moves on)",
+                roll.message
+            )));
+        }
         if roll.complete() || !watch {
             return Ok(());
         }
@@ -152,8 +158,9 @@ async fn history(client: &Client, name: &ObjectName, format: Format) -> Result<(
         return Ok(());
     }
     let current = st.rollout.as_ref().map(|r| r.hash.clone()).unwrap_or_default();
-    let mut rows =
-        vec![["REVISION", "HASH", "APPLIED-AT", "ENGINE", "GPUS", "SOURCE", "ENGINE-ARGS"].map(String::from).to_vec()];
+    let mut rows = vec![["REVISION", "HASH", "APPLIED-AT", "ENGINE", "GPUS", "SOURCE", "ENGINE-ARGS", "NOTE"]
+        .map(String::from)
+        .to_vec()];
     for t in &st.templates {
         let mark = if t.hash == current { " (current)" } else { "" };
         rows.push(vec![
@@ -164,6 +171,7 @@ async fn history(client: &Client, name: &ObjectName, format: Format) -> Result<(
             t.template.gpus.to_string(),
             t.template.source.clone(),
             t.template.engine_args.join(" "),
+            if t.rolled_back.is_empty() { String::new() } else { format!("canary rolled back: {}", t.rolled_back) },
         ]);
     }
     if rows.len() == 1 {
@@ -236,7 +244,13 @@ mod tests {
             gpus: 1,
             gpu_types: vec![],
         };
-        TemplateRecord { number, hash: template.hash(), template, model_revision: number * 10 }
+        TemplateRecord {
+            number,
+            hash: template.hash(),
+            template,
+            model_revision: number * 10,
+            rolled_back: String::new(),
+        }
     }
 
     #[test]

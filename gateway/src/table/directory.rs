@@ -23,6 +23,8 @@ pub struct ModelInfo {
     pub routing: RoutingStrategy,
     /// The status's `desired_replicas` as the leader wrote it (None: not written yet).
     pub desired_replicas: Option<u32>,
+    /// The rollout's running canary, if any (`status.rollout.canary`).
+    pub canary: Option<crate::canary::Canary>,
 }
 
 impl ModelInfo {
@@ -155,6 +157,10 @@ impl Directory {
     }
     pub fn routing_of(&self, model: &str) -> RoutingStrategy {
         self.model(model).map(|m| m.routing).unwrap_or_default()
+    }
+    /// The running canary of `model`, if any.
+    pub fn canary_of(&self, model: &str) -> Option<crate::canary::Canary> {
+        self.model(model).and_then(|m| m.canary)
     }
     /// The watched `Model` objects.
     pub fn models(&self) -> Arc<HashMap<ModelName, ModelInfo>> {

@@ -60,6 +60,9 @@ pub struct Endpoint {
     /// The engine's API key, sent as a bearer token on every request to it (None: static
     /// backends and engines started without one).
     pub api_key: Option<EngineKey>,
+    /// The replica's template hash as a number (0: unknown, static backends): the side of
+    /// a canary it is on ([`crate::canary`]).
+    pub revision: u64,
 }
 
 impl Endpoint {
@@ -73,6 +76,7 @@ impl Endpoint {
             adapters: Vec::new(),
             engine: EngineLoad::default(),
             api_key: None,
+            revision: 0,
         }
     }
 }
@@ -164,6 +168,7 @@ pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
     };
     let mut ep = Endpoint::new(e.model.as_str(), authority);
     ep.api_key = api_key;
+    ep.revision = crate::canary::revision_of(&e.template_hash);
     ep.node = e.node.clone();
     ep.replica = e.replica.clone();
     ep.adapters = e.loaded_adapters.iter().map(|a| AdapterName::new(a)).collect();
