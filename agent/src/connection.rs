@@ -3,7 +3,7 @@
 //! `Heartbeat` every interval while applying each `Assign`. A lost stream reconnects with
 //! backoff; engines keep running meanwhile (static stability). Refusals that retrying
 //! cannot fix (a duplicate node name) end the agent. An engine task can ask for an early
-//! heartbeat (an adapter finished loading or failed): it goes out at once, at most one
+//! heartbeat (its engine turned ready, an adapter finished loading or failed): it goes out at once, at most one
 //! per [`EARLY_HEARTBEAT_GAP`] after the previous heartbeat.
 //!
 //! ```text

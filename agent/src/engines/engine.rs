@@ -417,6 +417,9 @@ async fn supervise(
                 tracing::info!(replica = %report_name(report), endpoint = %endpoint, "engine ready");
                 set_state(report, "ready", "");
                 view.send_modify(|v| v.endpoint = Some(endpoint.clone()));
+                // Tell the leader now, not at the next heartbeat: a replacement for a lost
+                // node or a rollout step waits on this Ready.
+                env.early_heartbeat.notify_one();
             } else if Instant::now() >= deadline {
                 run.id.stop(env.cfg.stop_grace).await;
                 return Outcome::Crash(format!("not healthy within {:?} of starting", env.cfg.start_timeout));

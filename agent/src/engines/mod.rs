@@ -58,8 +58,8 @@ pub struct EngineEnv {
     pub ports: ports::Ports,
     /// `<data-dir>/logs`.
     pub log_dir: PathBuf,
-    /// Asks the connection loop for a heartbeat now (an adapter finished loading or
-    /// failed); it sends one, rate-limited.
+    /// Asks the connection loop for a heartbeat now (an engine turned ready, an adapter
+    /// finished loading or failed); it sends one, rate-limited.
     pub early_heartbeat: Arc<Notify>,
 }
 
