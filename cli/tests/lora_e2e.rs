@@ -76,45 +76,17 @@ fn complete(gateway: &str, model: &str) -> (u16, String) {
     http(gateway, "POST", "/v1/completions", &body)
 }
 
+/// The fleet (3 servers, 2 agents) and a gateway in front of it.
 struct Setup {
-    _dir: tempfile::TempDir,
-    _servers: Vec<ServerProc>,
-    agents: Vec<AgentProc>,
-    addrs: Vec<String>,
+    fleet: Fleet,
     gateway: GatewayProc,
-    marker: u64,
 }
 
 impl Setup {
     async fn start(gpus_per_agent: u32) -> Setup {
-        let dir = tempfile::tempdir().unwrap();
-        let servers = start_three(dir.path());
-        wait_voters(&servers[0].grpc, 3).await;
-        let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
-        let list = addrs.join(",");
-        let marker = marker();
-        let agents = (1..=2)
-            .map(|i| {
-                AgentProc::start(
-                    &format!("node-{i}"),
-                    &dir.path().join(format!("agent-{i}")),
-                    &list,
-                    gpus_per_agent,
-                    marker,
-                )
-            })
-            .collect();
-        let gateway = GatewayProc::start(&list, &[]);
-        Setup { _dir: dir, _servers: servers, agents, addrs, gateway, marker }
-    }
-}
-
-impl Drop for Setup {
-    fn drop(&mut self) {
-        for a in &mut self.agents {
-            a.kill();
-        }
-        kill_engines(self.marker);
+        let fleet = Fleet::start(2, gpus_per_agent).await;
+        let gateway = GatewayProc::start(&fleet.addrs.join(","), &[]);
+        Setup { fleet, gateway }
     }
 }
 
@@ -135,7 +107,7 @@ async fn first_success(gateway: &str, model: &str, secs: u64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn twenty_adapters_on_two_replicas_load_on_demand_evict_and_unload() {
     let setup = Setup::start(1).await;
-    let (s, gw) = (&setup.addrs, setup.gateway.addr.clone());
+    let (s, gw) = (&setup.fleet.addrs, setup.gateway.addr.clone());
     apply(s, base_manifest(2)).await;
     wait_replicas(s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
     let names: Vec<String> = (0..20).map(|i| format!("lora-{i:02}")).collect();
@@ -193,7 +165,7 @@ async fn twenty_adapters_on_two_replicas_load_on_demand_evict_and_unload() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_pinned_adapter_moves_when_its_node_dies_and_requests_keep_succeeding() {
     let mut setup = Setup::start(2).await;
-    let (s, gw) = (setup.addrs.clone(), setup.gateway.addr.clone());
+    let (s, gw) = (setup.fleet.addrs.clone(), setup.gateway.addr.clone());
     apply(&s, base_manifest(2)).await;
     let r = wait_replicas(&s, "base", 60, "2 ready base replicas", |r| r.len() == 2 && ready(r) == 2).await;
     assert_ne!(r[0].node, r[1].node, "one replica per node (spread by free GPUs)");
@@ -209,10 +181,10 @@ async fn a_pinned_adapter_moves_when_its_node_dies_and_requests_keep_succeeding(
     let holder = r.iter().find(|x| x.name == holder).unwrap().clone();
     let node = holder.node.clone().unwrap();
     // The node dies: its agent and its engine.
-    let agent = setup.agents.iter_mut().find(|a| a.name == node).unwrap();
+    let agent = setup.fleet.agents.iter_mut().find(|a| a.name == node).unwrap();
     agent.kill();
     let port = holder.endpoint.as_deref().unwrap().rsplit(':').next().unwrap().to_owned();
-    for pid in engine_pids(setup.marker) {
+    for pid in engine_pids(setup.fleet.marker) {
         let cmdline = flotilla_testkit::proc_fs::cmdline(pid).unwrap_or_default();
         if String::from_utf8_lossy(&cmdline).contains(&format!("--port\0{port}\0")) {
             flotilla_testkit::procs::signal(pid, Signal::KILL);
