@@ -5,12 +5,13 @@
 
 mod client;
 mod cmd;
+mod config_file;
 mod error;
 mod output;
 
 use std::process::ExitCode;
 
-use clap::{Parser, Subcommand};
+use clap::{CommandFactory, Parser, Subcommand};
 
 use crate::error::CliError;
 use crate::output::Format;
@@ -38,6 +39,11 @@ struct Cli {
     /// without a client certificate; needs TLS (`--tls-ca` alone is enough).
     #[arg(long, global = true, env = "FLOTILLA_TOKEN", hide_env_values = true)]
     token: Option<String>,
+    /// A TOML file of flags for `server`, `agent`, `gateway` and `sim` (keys are the flags'
+    /// names, `grpc_addr = "0.0.0.0:7070"`); the command line and FLOTILLA_* variables win.
+    /// Examples in deploy/config/.
+    #[arg(long, global = true, env = "FLOTILLA_CONFIG", value_name = "FILE")]
+    config: Option<std::path::PathBuf>,
     #[command(subcommand)]
     command: Command,
 }
@@ -132,7 +138,14 @@ enum Command {
 }
 
 fn main() -> ExitCode {
-    let cli = match Cli::try_parse() {
+    let argv = match config_file::expand(&Cli::command(), std::env::args_os().collect(), &|k| std::env::var(k).ok()) {
+        Ok(a) => a,
+        Err(e) => {
+            eprintln!("error: {}", e.0);
+            return ExitCode::from(2);
+        }
+    };
+    let cli = match Cli::try_parse_from(argv) {
         Ok(cli) => cli,
         Err(e) => {
             let _ = e.print();
