@@ -51,6 +51,12 @@ pub struct AgentArgs {
     /// Read the GPUs from NVIDIA's NVML (real machines); fails at start-up if NVML cannot load.
     #[arg(long)]
     pub nvidia: bool,
+    /// YAML list of faults for the simulated GPUs, re-read whenever it changes, e.g.
+    /// `- {gpu: 1, fault: xid, code: 79}` or `- {gpu: 0, fault: throttle, reason: thermal}`
+    /// (kinds: xid, throttle, ecc, missing, unreachable, pcie, retired_pages, remap; see
+    /// docs/agent.md, "GPU health"). Simulated GPUs only.
+    #[arg(long, conflicts_with = "nvidia")]
+    pub gpu_faults: Option<PathBuf>,
     /// Heartbeat interval in milliseconds (the server's Registered value wins when set).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_interval_ms: u64,
@@ -166,6 +172,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// GPU source.
     pub gpus: GpuSource,
+    /// Fault file of simulated GPUs (checked at start-up; re-read when it changes).
+    pub gpu_faults: Option<PathBuf>,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
     /// Engine ports.
@@ -244,6 +252,9 @@ impl AgentArgs {
             ));
         }
         let gpus = self.gpu_source()?;
+        if let (Some(path), GpuSource::Simulated { count, .. }) = (&self.gpu_faults, &gpus) {
+            crate::gpu::load_faults(path, *count)?;
+        }
         if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > 60_000 {
             return Err(AgentError::invalid(
                 "heartbeat-interval-ms",
@@ -310,6 +321,7 @@ impl AgentArgs {
             address: self.address.trim().to_string(),
             labels: parse_labels(&self.labels)?,
             gpus,
+            gpu_faults: self.gpu_faults.clone(),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             ports: parse_port_range(&self.engine_port_range)?,
             sim_binary,
