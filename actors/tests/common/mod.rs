@@ -195,7 +195,7 @@ async fn run_agent(
                 gpu_type: "H100-80GB".into(),
                 memory_mib: 81_920,
                 healthy: true,
-                health_reason: String::new(),
+                ..Default::default()
             })
             .collect(),
         version: "test".into(),
