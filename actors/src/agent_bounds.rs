@@ -216,10 +216,7 @@ fn check_gpu(field: &str, g: &mut GpuInfo) -> Result<(), ActorsError> {
     if flotilla_api::spec::GpuHealthState::from_report(&g.state, g.healthy).is_none() {
         let mut shown = g.state.clone();
         truncate(&mut shown, MAX_STATE);
-        return Err(invalid(
-            format!("{field}.state"),
-            format!("{shown:?} is not one of healthy, degraded, failed"),
-        ));
+        return Err(invalid(format!("{field}.state"), format!("{shown:?} is not one of healthy, degraded, failed")));
     }
     g.evidence.truncate(MAX_EVIDENCE);
     for e in &mut g.evidence {

@@ -133,7 +133,10 @@ mod tests {
             gpu(4, "", true, &[], ""),
         ]);
         assert_eq!(r.keys().copied().collect::<Vec<_>>(), vec![1, 2, 3]);
-        assert_eq!(r[&1], GpuReport { state: Failed, evidence: vec!["xid 79 (fallen off the bus) at 20:31:07".into()] });
+        assert_eq!(
+            r[&1],
+            GpuReport { state: Failed, evidence: vec!["xid 79 (fallen off the bus) at 20:31:07".into()] }
+        );
         assert_eq!(r[&2].state, Degraded);
         assert_eq!(r[&3], GpuReport { state: Failed, evidence: vec!["3 uncorrected ECC errors".into()] });
         assert_eq!(failed(&r), vec![1, 3]);

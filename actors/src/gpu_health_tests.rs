@@ -10,9 +10,9 @@ use tokio::time::Instant;
 
 use super::*;
 use crate::config::ActorsConfig;
+use crate::config::PlacementStrategy;
 use crate::model::{self, ModelState};
 use crate::node::{self, NodeFacts};
-use crate::config::PlacementStrategy;
 use crate::placement::plan;
 use crate::testkit::{name, Counter, World};
 
@@ -107,7 +107,8 @@ fn xid_79_fails_a_gpu_its_replica_moves_before_it_retires_and_nothing_new_lands_
     schedule(&mut w);
     let b = bound(&w);
     assert_eq!(b["m-old"], (ReplicaPhase::Ready, vec![1]), "the old replica serves until replaced");
-    let (new, (phase, on)) = b.iter().find(|(n, _)| n.as_str() != "m-old").map(|(n, v)| (n.clone(), v.clone())).unwrap();
+    let (new, (phase, on)) =
+        b.iter().find(|(n, _)| n.as_str() != "m-old").map(|(n, v)| (n.clone(), v.clone())).unwrap();
     assert_eq!(phase, ReplicaPhase::Scheduled);
     assert_ne!(on, vec![1], "never on the failed GPU");
     w.replicas_mut(&new, |_, st| st.phase = ReplicaPhase::Ready);
@@ -160,7 +161,12 @@ fn a_degraded_gpu_keeps_its_replica_takes_no_new_one_and_recovers() {
 fn an_older_agent_reporting_only_healthy_false_still_fails_the_gpu() {
     let mut w = World::default();
     w.node("a", 2, "A");
-    let old = vec![GpuInfo { index: 1, healthy: false, health_reason: "3 uncorrected ECC errors".into(), ..Default::default() }];
+    let old = vec![GpuInfo {
+        index: 1,
+        healthy: false,
+        health_reason: "3 uncorrected ECC errors".into(),
+        ..Default::default()
+    }];
     heartbeat(&mut w, "a", &old, WALL_MS);
     let st = w.get_node("a").status;
     assert_eq!(st.unhealthy_gpus, vec![1]);

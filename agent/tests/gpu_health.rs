@@ -26,7 +26,8 @@ async fn injected_faults_are_reported_with_evidence_and_recover_after_three_clea
     std::fs::write(&faults, "[]\n").unwrap();
     let data = dir.path().join("data");
     let f = faults.display().to_string();
-    let args = agent_args(&[server.addr], &data, "node-g", &["--gpus", "3", "--gpu-type", "A100-80GB", "--gpu-faults", &f]);
+    let args =
+        agent_args(&[server.addr], &data, "node-g", &["--gpus", "3", "--gpu-type", "A100-80GB", "--gpu-faults", &f]);
     let _agent = TestAgent::start(args).await;
     let reg = eventually(20, "registration", || server.registrations().first().cloned()).await;
     assert_eq!(reg.gpus.len(), 3);
@@ -80,7 +81,12 @@ fn a_bad_fault_file_is_a_usage_error_naming_the_field_and_the_flag_is_documented
         ("- {gpu: 0, fault: throttle, reason: hot}\n", "unknown variant `hot`"),
     ] {
         std::fs::write(&faults, text).unwrap();
-        let args = agent_args(&["127.0.0.1:1".parse().unwrap()], dir.path(), "n", &["--gpus", "2", "--gpu-type", "A", "--gpu-faults", &f]);
+        let args = agent_args(
+            &["127.0.0.1:1".parse().unwrap()],
+            dir.path(),
+            "n",
+            &["--gpus", "2", "--gpu-type", "A", "--gpu-faults", &f],
+        );
         let e = args.validate().unwrap_err();
         assert!(e.is_usage() && e.exit_code() == 2, "{e}");
         let msg = e.to_string();

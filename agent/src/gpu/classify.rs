@@ -132,7 +132,10 @@ impl Track {
         }
         let base = *self.aggregate_base.get_or_insert(s.ecc_aggregate_uncorrected);
         if s.ecc_volatile_uncorrected == 0 && s.ecc_aggregate_uncorrected > base {
-            add(Failed, format!("uncorrected ECC errors (aggregate) rose from {base} to {}", s.ecc_aggregate_uncorrected));
+            add(
+                Failed,
+                format!("uncorrected ECC errors (aggregate) rose from {base} to {}", s.ecc_aggregate_uncorrected),
+            );
         }
         if s.remap_failed {
             add(Failed, "row remapping failed (no spare rows)".into());
@@ -197,11 +200,7 @@ impl Track {
             && self.changes.len() >= p.flap_max_changes
         {
             target = GpuHealthState::Degraded;
-            why.push(format!(
-                "flapping: {} state changes within {} s",
-                self.changes.len(),
-                p.flap_window_ms / 1000
-            ));
+            why.push(format!("flapping: {} state changes within {} s", self.changes.len(), p.flap_window_ms / 1000));
         }
         let changed = target != self.state;
         if changed {

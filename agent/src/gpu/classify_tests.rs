@@ -32,12 +32,7 @@ fn each_fault_class_gives_its_state_and_evidence() {
         ("xid 94", sig(xid(94)), Failed, "xid 94 (contained ECC error)"),
         ("xid 13", sig(xid(13)), Healthy, "xid 13 (graphics engine exception) at 20:31:07 (informational)"),
         ("xid unknown", sig(xid(7777)), Healthy, "xid 7777 at 20:31:07 (informational)"),
-        (
-            "unreachable",
-            sig(|s| s.unreachable = Some("GPU is lost".into())),
-            Failed,
-            "unreachable: GPU is lost",
-        ),
+        ("unreachable", sig(|s| s.unreachable = Some("GPU is lost".into())), Failed, "unreachable: GPU is lost"),
         (
             "missing",
             sig(|s| {
@@ -193,7 +188,10 @@ fn a_flapping_gpu_stays_degraded_and_soft_flaps_never_fail_it() {
     }
     assert!(states.iter().all(|s| *s != Failed), "a soft signal never fails a GPU: {states:?}");
     // H→D, D→H, H→D (3 changes); the 4th (back to Healthy) is refused.
-    assert_eq!(states, vec![Degraded, Healthy, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded]);
+    assert_eq!(
+        states,
+        vec![Degraded, Healthy, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded, Degraded]
+    );
     assert!(t.evidence.iter().any(|e| e.starts_with("flapping: 3 state changes within 600 s")), "{:?}", t.evidence);
     // Once the window has passed, clean probes bring it back.
     let v = t.step(&clean, T + 700_000, &p);

@@ -33,8 +33,14 @@ pub enum ThrottleReason {
 #[derive(Debug, Clone, PartialEq, Eq, Deserialize)]
 #[serde(tag = "fault", rename_all = "snake_case", deny_unknown_fields)]
 pub enum Fault {
-    Xid { gpu: u32, code: u64 },
-    Throttle { gpu: u32, reason: ThrottleReason },
+    Xid {
+        gpu: u32,
+        code: u64,
+    },
+    Throttle {
+        gpu: u32,
+        reason: ThrottleReason,
+    },
     Ecc {
         gpu: u32,
         #[serde(default)]
@@ -42,9 +48,17 @@ pub enum Fault {
         #[serde(default)]
         corrected: u64,
     },
-    Missing { gpu: u32 },
-    Unreachable { gpu: u32 },
-    Pcie { gpu: u32, gen: u32, width: u32 },
+    Missing {
+        gpu: u32,
+    },
+    Unreachable {
+        gpu: u32,
+    },
+    Pcie {
+        gpu: u32,
+        gen: u32,
+        width: u32,
+    },
     RetiredPages {
         gpu: u32,
         #[serde(default)]
@@ -86,7 +100,11 @@ pub fn parse(text: &str, gpus: u32) -> Result<Vec<Fault>, String> {
     let faults = faults.unwrap_or_default();
     for (i, f) in faults.iter().enumerate() {
         if f.gpu() >= gpus {
-            return Err(format!("[{i}].gpu: {} is not a GPU of this node (it has {gpus}: 0-{})", f.gpu(), gpus.max(1) - 1));
+            return Err(format!(
+                "[{i}].gpu: {} is not a GPU of this node (it has {gpus}: 0-{})",
+                f.gpu(),
+                gpus.max(1) - 1
+            ));
         }
         match f {
             Fault::Pcie { gen, width, .. } if *gen == 0 || *gen > SIM_PCIE.max_gen => {

@@ -231,9 +231,8 @@ mod tests {
 
     #[test]
     fn from_flags() {
-        let inv =
-            from_source(&GpuSource::Simulated { count: 3, gpu_type: "L4-24GB".into(), memory_mib: 24576 }, None)
-                .unwrap();
+        let inv = from_source(&GpuSource::Simulated { count: 3, gpu_type: "L4-24GB".into(), memory_mib: 24576 }, None)
+            .unwrap();
         let gpus = inv.gpus();
         assert_eq!(gpus.iter().map(|g| g.index).collect::<Vec<_>>(), vec![0, 1, 2]);
         assert!(gpus.iter().all(|g| g.gpu_type == "L4-24GB" && g.memory_mib == 24576));

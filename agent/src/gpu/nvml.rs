@@ -188,7 +188,10 @@ impl NvmlGpus {
         let dev = match self.nvml.device_by_index(index) {
             Ok(d) => d,
             Err(e) => {
-                return Readings { unreachable: Some(format!("nvml cannot reach the device: {e}")), ..Default::default() }
+                return Readings {
+                    unreachable: Some(format!("nvml cannot reach the device: {e}")),
+                    ..Default::default()
+                }
             }
         };
         if let Err(e) = dev.memory_info() {

@@ -179,10 +179,8 @@ mod tests {
         assert_eq!(st.unhealthy_gpus, vec![1]);
         assert!(!serde_json::to_string(&st).unwrap().contains("gpu_health"));
         let mut st = st;
-        st.gpu_health.insert(
-            1,
-            GpuHealth { state: GpuHealthState::Failed, evidence: vec!["xid 79".into()], since_ms: 7 },
-        );
+        st.gpu_health
+            .insert(1, GpuHealth { state: GpuHealthState::Failed, evidence: vec!["xid 79".into()], since_ms: 7 });
         let back: NodeStatus = serde_json::from_str(&serde_json::to_string(&st).unwrap()).unwrap();
         assert_eq!(back, st);
     }
