@@ -131,6 +131,11 @@ pub struct AgentArgs {
     /// like a crash; it is reported not ready (`starting`) after about three failed checks.
     #[arg(long, default_value_t = 60)]
     pub engine_liveness_timeout_s: u64,
+    /// A ready engine with running requests whose generated-token count does not move for
+    /// this long (seconds, from its scraped metrics) is stalled: it is killed and restarted
+    /// like a crash, with the reason. 0 turns the check off.
+    #[arg(long, default_value_t = 120)]
+    pub engine_stall_timeout_s: u64,
     /// Grace period between SIGTERM and SIGKILL when stopping an engine, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub stop_grace_ms: u64,
@@ -200,6 +205,8 @@ pub struct AgentConfig {
     pub start_timeout: Duration,
     /// Ready engine failing /health this long → restarted.
     pub liveness_timeout: Duration,
+    /// Running requests and no new tokens this long → restarted (`None`: off).
+    pub stall_timeout: Option<Duration>,
     /// SIGTERM → SIGKILL grace.
     pub stop_grace: Duration,
     /// Longest wait for in-flight requests before stopping an unassigned engine.
@@ -341,6 +348,7 @@ impl AgentArgs {
             },
             start_timeout: Duration::from_secs(self.engine_start_timeout_s.max(1)),
             liveness_timeout: Duration::from_secs(self.engine_liveness_timeout_s.max(1)),
+            stall_timeout: (self.engine_stall_timeout_s > 0).then(|| Duration::from_secs(self.engine_stall_timeout_s)),
             stop_grace: Duration::from_millis(self.stop_grace_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_max_bytes: self.log_max_bytes,
