@@ -176,7 +176,15 @@ pub fn to_signals(
     s.ecc_volatile_corrected = r.ecc_volatile_corrected.unwrap_or(0);
     s.retired_pages = r.retired_pages.unwrap_or(0);
     s.retirement_pending = r.retirement_pending.unwrap_or(false);
-    s.pcie = r.pcie.map(|(gen, width, max_gen, max_width)| PcieLink { gen, width, max_gen, max_width });
+    // An idle GPU lowers its link generation to save power: only the width counts then.
+    let idle =
+        r.throttle_bits.is_some_and(|b| ThrottleReasons::from_bits_truncate(b).contains(ThrottleReasons::GPU_IDLE));
+    s.pcie = r.pcie.map(|(gen, width, max_gen, max_width)| PcieLink {
+        gen: if idle { max_gen } else { gen },
+        width,
+        max_gen,
+        max_width,
+    });
     s.throttle = r.throttle_bits.map(throttles).unwrap_or_default();
     s
 }
@@ -322,6 +330,14 @@ mod tests {
 
         let gone = Readings { unreachable: Some("GPU is lost".into()), ..Default::default() };
         assert_eq!(to_signals(0, &gone, 4, 4, &VecDeque::new(), now).unreachable.as_deref(), Some("GPU is lost"));
+        let idle = Readings {
+            pcie: Some((1, 16, 4, 16)),
+            throttle_bits: Some(ThrottleReasons::GPU_IDLE.bits()),
+            ..Default::default()
+        };
+        assert!(!to_signals(0, &idle, 4, 4, &xids, now).pcie.unwrap().downgraded(), "idle power saving");
+        let narrow = Readings { pcie: Some((1, 8, 4, 16)), ..idle };
+        assert!(to_signals(0, &narrow, 4, 4, &xids, now).pcie.unwrap().downgraded(), "a lost lane is not power saving");
         let missing = to_signals(3, &Readings::default(), 3, 4, &xids, now);
         assert!(missing.missing);
         assert_eq!(missing.visible, Some((3, 4)));
