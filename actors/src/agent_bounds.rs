@@ -15,11 +15,13 @@
 //!   agent exits: a refusal it cannot fix by retrying).
 //! - Free text is truncated, not refused (an honest agent's crash reason quotes an engine's
 //!   log line): reasons to [`MAX_REASON`] bytes, GPU types and versions to [`MAX_SHORT`].
-//!   Load figures that are not finite numbers (an engine's `NaN`) become 0.
+//!   Load figures that are not finite numbers (an engine's `NaN`) become 0. A GPU's
+//!   evidence keeps [`MAX_EVIDENCE`] lines of at most [`MAX_EVIDENCE_LEN`] bytes; its state
+//!   must be `healthy`, `degraded`, `failed` or empty (older agents), else it is refused.
 use std::net::{IpAddr, SocketAddr};
 use std::ops::RangeInclusive;
 
-use flotilla_api::pb::{EngineReport, Heartbeat, Register};
+use flotilla_api::pb::{EngineReport, GpuInfo, Heartbeat, Register};
 
 use crate::ActorsError;
 
@@ -39,6 +41,10 @@ pub const MAX_STATE: usize = 32;
 pub const MAX_REASON: usize = 1024;
 /// GPU types and versions are cut to this many bytes.
 pub const MAX_SHORT: usize = 128;
+/// Most evidence lines kept per GPU (more are dropped).
+pub const MAX_EVIDENCE: usize = 8;
+/// Evidence lines are cut to this many bytes.
+pub const MAX_EVIDENCE_LEN: usize = 256;
 /// The engine port range of agents that do not send one (the agent's default).
 pub const DEFAULT_ENGINE_PORTS: RangeInclusive<u16> = 20000..=29999;
 
@@ -135,9 +141,8 @@ pub fn check_registration(reg: &mut Register, peer: Option<IpAddr>) -> Result<Ag
     flotilla_api::validate_labels("register.labels", &labels)
         .map_err(|e| ActorsError::InvalidArgument(e.to_string()))?;
     at_most("register.gpus", reg.gpus.len(), MAX_GPUS, "GPUs")?;
-    for g in &mut reg.gpus {
-        truncate(&mut g.gpu_type, MAX_SHORT);
-        truncate(&mut g.health_reason, MAX_REASON);
+    for (i, g) in reg.gpus.iter_mut().enumerate() {
+        check_gpu(&format!("register.gpus[{i}]"), g)?;
     }
     let ports = match &reg.engine_ports {
         None => DEFAULT_ENGINE_PORTS,
@@ -198,16 +203,31 @@ pub fn check_heartbeat(hb: &mut Heartbeat, scope: &AgentScope) -> Result<(), Act
     for (i, e) in hb.engines.iter_mut().enumerate() {
         check_engine(i, e, scope)?;
     }
-    for g in &mut hb.gpus {
-        truncate(&mut g.gpu_type, MAX_SHORT);
-        truncate(&mut g.health_reason, MAX_REASON);
+    for (i, g) in hb.gpus.iter_mut().enumerate() {
+        check_gpu(&format!("heartbeat.gpus[{i}]"), g)?;
+    }
+    Ok(())
+}
+
+/// A GPU's free text is cut; its state word must be known.
+fn check_gpu(field: &str, g: &mut GpuInfo) -> Result<(), ActorsError> {
+    truncate(&mut g.gpu_type, MAX_SHORT);
+    truncate(&mut g.health_reason, MAX_REASON);
+    if flotilla_api::spec::GpuHealthState::from_report(&g.state, g.healthy).is_none() {
+        let mut shown = g.state.clone();
+        truncate(&mut shown, MAX_STATE);
+        return Err(invalid(format!("{field}.state"), format!("{shown:?} is not one of healthy, degraded, failed")));
+    }
+    g.evidence.truncate(MAX_EVIDENCE);
+    for e in &mut g.evidence {
+        truncate(e, MAX_EVIDENCE_LEN);
     }
     Ok(())
 }
 
 #[cfg(test)]
 mod tests {
-    use flotilla_api::pb::{AdapterReport, GpuInfo, PortRange};
+    use flotilla_api::pb::{AdapterReport, PortRange};
 
     use super::*;
 
@@ -416,5 +436,28 @@ mod tests {
             truncate(&mut s, max);
             assert_eq!(s, want);
         }
+    }
+
+    #[test]
+    fn gpu_evidence_is_bounded_and_unknown_states_refused() {
+        let mut hb = Heartbeat {
+            engines: vec![],
+            gpus: vec![GpuInfo {
+                index: 0,
+                state: "failed".into(),
+                evidence: vec!["é".repeat(300); 20],
+                ..Default::default()
+            }],
+        };
+        check_heartbeat(&mut hb, &scope("127.0.0.1")).unwrap();
+        assert_eq!(hb.gpus[0].evidence.len(), MAX_EVIDENCE);
+        assert!(hb.gpus[0].evidence.iter().all(|e| e.len() <= MAX_EVIDENCE_LEN && e.len() >= MAX_EVIDENCE_LEN - 1));
+        hb.gpus[0].state = "on fire".into();
+        let e = check_heartbeat(&mut hb, &scope("127.0.0.1")).unwrap_err().to_string();
+        assert!(e.contains("heartbeat.gpus[0].state: \"on fire\" is not one of healthy, degraded, failed"), "{e}");
+        let mut reg = register();
+        reg.gpus[0].state = "x".repeat(5000);
+        let e = check_registration(&mut reg, Some(ip("127.0.0.1"))).unwrap_err().to_string();
+        assert!(e.contains("register.gpus[0].state") && e.len() < 200, "{e}");
     }
 }

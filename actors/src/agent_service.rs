@@ -123,7 +123,8 @@ pub fn check_register(
 }
 
 /// The Node object after a registration: spec from the agent, cordon/drain and allocations kept.
-pub fn registered_node(reg: &Register, existing: Option<&NodeView>) -> (NodeSpec, NodeStatus) {
+/// `wall_ms` stamps GPU health changes (`since_ms`).
+pub fn registered_node(reg: &Register, existing: Option<&NodeView>, wall_ms: u64) -> (NodeSpec, NodeStatus) {
     let spec = NodeSpec {
         address: reg.address.clone(),
         gpus: reg
@@ -136,7 +137,9 @@ pub fn registered_node(reg: &Register, existing: Option<&NodeView>) -> (NodeSpec
         draining: existing.is_some_and(|n| n.spec.draining),
     };
     let mut status = existing.map(|n| n.status.clone()).unwrap_or_default();
-    status.unhealthy_gpus = reg.gpus.iter().filter(|g| !g.healthy).map(|g| g.index).collect();
+    let reports = crate::gpu_health::reports(&reg.gpus);
+    status.unhealthy_gpus = crate::gpu_health::failed(&reports);
+    status.gpu_health = crate::gpu_health::record(&status.gpu_health, &reports, wall_ms);
     status.state = if spec.draining {
         NodeState::Draining
     } else if spec.cordoned {
@@ -159,7 +162,9 @@ async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsEr
         let existing = o.as_ref().map(NodeView::from_stored).transpose()?;
         let live = lock(&ctx.live).get(&name).cloned();
         let name = check_register(reg, live.as_ref(), ttl, Instant::now())?;
-        let (spec, status) = registered_node(reg, existing.as_ref());
+        let wall_ms =
+            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let (spec, status) = registered_node(reg, existing.as_ref(), wall_ms);
         let op = TxnOp::Put {
             key: key(Kind::Node, &name),
             uid: o.as_ref().map_or_else(|| uuid::Uuid::new_v4().to_string(), |o| o.uid.clone()),
@@ -170,8 +175,11 @@ async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsEr
         let compare = Compare { key: key(Kind::Node, &name), revision: o.as_ref().map_or(0, |o| o.revision) };
         let out = execute(ctx, vec![Command::Txn { compares: vec![compare], ops: vec![op] }]).await?;
         if out.applied == 1 {
+            let before = existing.as_ref().map(|n| n.status.gpu_health.clone()).unwrap_or_default();
+            crate::node::log_gpu_changes(ctx, &name, &before, &status.gpu_health);
             let live = NodeLive {
                 unhealthy_gpus: status.unhealthy_gpus.clone(),
+                gpu_reports: Some(crate::gpu_health::reports(&reg.gpus)),
                 ..NodeLive::new(&reg.agent_id, Instant::now())
             };
             lock(&ctx.live).insert(name.clone(), live);
@@ -272,7 +280,9 @@ async fn heartbeat(
         l.connected = true;
         l.engines = reports.clone();
         if !hb.gpus.is_empty() {
-            l.unhealthy_gpus = hb.gpus.iter().filter(|g| !g.healthy).map(|g| g.index).collect();
+            let reports = crate::gpu_health::reports(&hb.gpus);
+            l.unhealthy_gpus = crate::gpu_health::failed(&reports);
+            l.gpu_reports = Some(reports);
         }
         silent
     };

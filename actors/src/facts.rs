@@ -1,12 +1,13 @@
 //! Node facts read in one place for every controller that asks "does this replica's node
 //! still count?": a node is down when it is NotReady or missing (deleted, or unreadable),
-//! and draining when its spec says so. The model actor, the adapter controller, the
+//! and draining when its spec says so; its Failed GPUs are in its status
+//! (`unhealthy_gpus`, `gpu_health`): replicas bound to them are moved. The model actor, the adapter controller, the
 //! autoscaler and `AdapterService` read them here rather than each its own way.
 //!
 //! ```text
-//!  replicas ──their nodes──> lookup (state machine) ──> BoundNodes { down, draining }
+//!  replicas ──their nodes──> lookup (state machine) ──> BoundNodes { down, draining, failed_gpus }
 //! ```
-use std::collections::BTreeSet;
+use std::collections::{BTreeMap, BTreeSet};
 
 use flotilla_api::spec::NodeState;
 use flotilla_api::{Kind, ObjectName};
@@ -32,6 +33,15 @@ pub struct BoundNodes {
     pub down: BTreeSet<ObjectName>,
     /// `spec.draining` (whatever their state).
     pub draining: BTreeSet<ObjectName>,
+    /// Failed GPUs by node (only nodes that have some).
+    pub failed_gpus: BTreeMap<ObjectName, BTreeSet<u32>>,
+}
+
+impl BoundNodes {
+    /// Whether `r` is bound to a GPU that failed.
+    pub fn on_failed_gpu(failed: &BTreeMap<ObjectName, BTreeSet<u32>>, r: &ReplicaView) -> bool {
+        r.spec.node.as_ref().and_then(|n| failed.get(n)).is_some_and(|f| r.spec.gpus.iter().any(|g| f.contains(g)))
+    }
 }
 
 impl BoundNodes {
@@ -47,8 +57,14 @@ impl BoundNodes {
             if is_down(node.as_ref()) {
                 out.down.insert(n.clone());
             }
-            if node.is_some_and(|v| v.spec.draining) {
-                out.draining.insert(n.clone());
+            if let Some(v) = &node {
+                if v.spec.draining {
+                    out.draining.insert(n.clone());
+                }
+                let failed: BTreeSet<u32> = v.status.failed_gpus().collect();
+                if !failed.is_empty() {
+                    out.failed_gpus.insert(n.clone(), failed);
+                }
             }
         }
         out
@@ -92,7 +108,8 @@ mod tests {
             let replicas = w.replicas();
             let got = BoundNodes::of(&replicas, |_| node.clone());
             let set = |b: bool| if b { BTreeSet::from([name("a")]) } else { BTreeSet::new() };
-            assert_eq!(got, BoundNodes { down: set(want_down), draining: set(want_draining) }, "{state:?}");
+            let want = BoundNodes { down: set(want_down), draining: set(want_draining), ..Default::default() };
+            assert_eq!(got, want, "{state:?}");
         }
     }
 
@@ -119,5 +136,35 @@ mod tests {
         assert_eq!(asked.into_inner(), vec!["a", "b", "gone"], "c has no replica; a is read once");
         assert_eq!(got.down, BTreeSet::from([name("b"), name("gone")]));
         assert!(got.draining.is_empty());
+    }
+
+    #[test]
+    fn failed_gpus_are_listed_per_node_and_match_the_replicas_bound_to_them() {
+        use flotilla_api::spec::{GpuHealth, GpuHealthState};
+        let mut w = World::default();
+        w.node("a", 4, "A");
+        w.node("b", 4, "A");
+        w.set_node("a", |_, st| {
+            st.unhealthy_gpus = vec![1];
+            st.gpu_health.insert(2, GpuHealth { state: GpuHealthState::Degraded, ..Default::default() });
+        });
+        w.set_node("b", |_, st| {
+            st.gpu_health.insert(3, GpuHealth { state: GpuHealthState::Failed, ..Default::default() });
+        });
+        w.replica("m-1", "m", 2, ReplicaPhase::Ready, Some(("a", vec![0, 1])));
+        w.replica("m-2", "m", 1, ReplicaPhase::Ready, Some(("a", vec![2])));
+        w.replica("m-3", "m", 1, ReplicaPhase::Ready, Some(("b", vec![3])));
+        w.replica("m-4", "m", 1, ReplicaPhase::Ready, Some(("b", vec![0])));
+        let replicas = w.replicas();
+        let nodes = w.nodes();
+        let got = BoundNodes::of(&replicas, |n| nodes.iter().find(|v| &v.name == n).cloned());
+        let want = BTreeMap::from([(name("a"), BTreeSet::from([1])), (name("b"), BTreeSet::from([3]))]);
+        assert_eq!(got.failed_gpus, want, "Degraded is not Failed");
+        let on: Vec<String> = replicas
+            .iter()
+            .filter(|r| BoundNodes::on_failed_gpu(&got.failed_gpus, r))
+            .map(|r| r.name.to_string())
+            .collect();
+        assert_eq!(on, vec!["m-1", "m-3"]);
     }
 }

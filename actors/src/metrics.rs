@@ -27,6 +27,8 @@ pub struct Metrics {
     pub adapter_cold_loads: AtomicU64,
     /// Changes of a model's desired replica count by its autoscaler.
     pub scaling_events: AtomicU64,
+    /// GPU health state changes recorded in node statuses (Healthy/Degraded/Failed).
+    pub gpu_health_changes: AtomicU64,
 }
 
 impl Metrics {
@@ -49,6 +51,7 @@ impl Metrics {
             ("flotilla_actors_adapter_bindings_total", g(&self.adapter_bindings)),
             ("flotilla_actors_adapter_cold_loads_total", g(&self.adapter_cold_loads)),
             ("flotilla_actors_scaling_events_total", g(&self.scaling_events)),
+            ("flotilla_actors_gpu_health_changes_total", g(&self.gpu_health_changes)),
         ]
     }
 }

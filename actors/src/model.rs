@@ -1,6 +1,6 @@
 //! The Model actor: one per model name. It keeps the model's replicas at `spec.replicas`
 //! (creating Pending replicas for the scheduler, draining the newest and least ready first
-//! on scale-down, moving replicas off draining nodes surge-first), drains everything when
+//! on scale-down, moving replicas off draining nodes and Failed GPUs surge-first), drains everything when
 //! the model is deleted, and writes the model's status (`desired_replicas`,
 //! `ready_replicas`, `Ready`/`Progressing` conditions with reasons).
 //!
@@ -39,6 +39,8 @@ pub struct ModelState {
     pub draining_nodes: BTreeSet<ObjectName>,
     /// Nodes not Ready: their replicas do not count as ready.
     pub down_nodes: BTreeSet<ObjectName>,
+    /// Failed GPUs by node: replicas bound to them are replaced elsewhere first.
+    pub failed_gpus: BTreeMap<ObjectName, BTreeSet<u32>>,
     /// When this actor first saw each Failed replica.
     pub failed_since: HashMap<ObjectName, Instant>,
     pub now: Instant,
@@ -121,7 +123,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
             // replacement starts now. If the node returns, the surplus is scaled down; if not,
             // the node actor unbinds it after the grace.
             _ if on_down(r) => hedged.push(r),
-            _ if on_draining(r) => moving.push(r),
+            _ if on_draining(r) || BoundNodes::on_failed_gpu(&s.failed_gpus, r) => moving.push(r),
             _ => active.push(r),
         }
     }
@@ -228,11 +230,12 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let ready_moving = moving.iter().filter(|r| is_ready(r)).count();
     let mut may_drain_ready = (ready_active + ready_moving).saturating_sub(desired);
     for r in &moving {
+        let why = if on_draining(r) { "node draining" } else { "GPU failed" };
         if !is_ready(r) {
-            retire(r, "node draining", &mut compares, &mut ops);
+            retire(r, why, &mut compares, &mut ops);
         } else if may_drain_ready > 0 || ready_active >= desired {
             may_drain_ready = may_drain_ready.saturating_sub(1);
-            retire(r, "node draining", &mut compares, &mut ops);
+            retire(r, why, &mut compares, &mut ops);
         }
     }
     // The status describes the state these writes lead to.
@@ -495,6 +498,7 @@ impl ModelActorState {
         let nodes = BoundNodes::read(&self.ctx.handle.reader(), self.s.replicas.values());
         self.s.draining_nodes = nodes.draining;
         self.s.down_nodes = nodes.down;
+        self.s.failed_gpus = nodes.failed_gpus;
         let now = Instant::now();
         self.s.now = now;
         let failed: BTreeSet<&ObjectName> =
@@ -565,6 +569,7 @@ impl Actor for ModelActor {
             replicas: args.replicas.into_iter().map(|r| (r.name.clone(), r)).collect(),
             draining_nodes: BTreeSet::new(),
             down_nodes: BTreeSet::new(),
+            failed_gpus: BTreeMap::new(),
             failed_since: HashMap::new(),
             now: Instant::now(),
             pinned_adapters: BTreeMap::new(),

@@ -19,12 +19,19 @@ fn state(w: &World, model: &str) -> ModelState {
         .filter(|n| n.status.state == flotilla_api::spec::NodeState::NotReady)
         .map(|n| n.name)
         .collect();
+    let failed_gpus = w
+        .nodes()
+        .into_iter()
+        .map(|n| (n.name.clone(), n.status.failed_gpus().collect::<BTreeSet<u32>>()))
+        .filter(|(_, f)| !f.is_empty())
+        .collect();
     ModelState {
         name: name(model),
         model: w.get_model(model),
         replicas,
         draining_nodes,
         down_nodes,
+        failed_gpus,
         failed_since: HashMap::new(),
         now: Instant::now(),
         pinned_adapters: BTreeMap::new(),
@@ -155,6 +162,51 @@ fn drain_surges_a_replacement_before_retiring_the_old_replica() {
     let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
     assert_eq!(p["m-a"], ReplicaPhase::Draining);
     assert_eq!(p["m-00001"], ReplicaPhase::Ready);
+}
+
+#[test]
+fn a_failed_gpu_surges_a_replacement_before_retiring_the_old_replica() {
+    let mut w = World::default();
+    w.node("a", 4, "A");
+    w.model("m", 2, 1);
+    w.replica("m-a", "m", 1, ReplicaPhase::Ready, Some(("a", vec![0])));
+    w.replica("m-b", "m", 1, ReplicaPhase::Ready, Some(("a", vec![1])));
+    step(&mut w, "m");
+    assert!(step(&mut w, "m").is_empty(), "steady");
+    // A Degraded GPU keeps its replica.
+    w.set_node("a", |_, st| {
+        st.gpu_health.insert(
+            1,
+            flotilla_api::spec::GpuHealth {
+                state: flotilla_api::spec::GpuHealthState::Degraded,
+                evidence: vec!["thermal throttling".into()],
+                since_ms: 1,
+            },
+        );
+    });
+    assert!(step(&mut w, "m").is_empty(), "Degraded: the replica stays");
+    w.set_node("a", |_, st| st.unhealthy_gpus = vec![1]);
+    step(&mut w, "m");
+    let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
+    assert_eq!(p["m-b"], ReplicaPhase::Ready, "the replica on the failed GPU keeps serving until replaced");
+    assert_eq!(p["m-a"], ReplicaPhase::Ready, "the healthy one is untouched");
+    assert_eq!(p["m-00001"], ReplicaPhase::Pending, "replacement asked for");
+    assert_eq!(p.len(), 3);
+    step(&mut w, "m");
+    assert_eq!(phases(&w).len(), 3, "one replacement, not one per tick");
+    w.replicas_mut("m-00001", |sp, st| {
+        sp.node = Some(name("a"));
+        sp.gpus = vec![2];
+        st.phase = ReplicaPhase::Starting;
+    });
+    step(&mut w, "m");
+    assert_eq!(phases(&w).into_iter().collect::<BTreeMap<_, _>>()["m-b"], ReplicaPhase::Ready, "not before Ready");
+    w.replicas_mut("m-00001", |_, st| st.phase = ReplicaPhase::Ready);
+    step(&mut w, "m");
+    let r = w.replicas().into_iter().find(|r| r.name == name("m-b")).unwrap();
+    assert_eq!((r.phase(), r.status.reason.as_str()), (ReplicaPhase::Draining, "GPU failed"));
+    let p: BTreeMap<String, ReplicaPhase> = phases(&w).into_iter().collect();
+    assert_eq!((p["m-a"], p["m-00001"]), (ReplicaPhase::Ready, ReplicaPhase::Ready));
 }
 
 /// Binds every Pending replica to node `a` (GPU by order) and makes it `phase`.

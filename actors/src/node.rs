@@ -2,7 +2,9 @@
 //! the node's state (Ready / NotReady / Cordoned / Draining / Drained) and writes it through
 //! Raft when it changes; after `node_ttl + reschedule_grace` without a heartbeat it unbinds
 //! the node's replicas (deletes them and frees their GPUs in one transaction), so their
-//! models replace them elsewhere.
+//! models replace them elsewhere. It also records the GPU health the node's agent reports
+//! (`status.gpu_health`, `unhealthy_gpus` = the Failed ones; [`crate::gpu_health`]),
+//! logging and counting every GPU state change.
 //!
 //! ```text
 //!  heartbeat (memory) ──> last_seen ─┐
@@ -19,6 +21,7 @@ use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
 use crate::config::ActorsConfig;
+use crate::gpu_health::{self, GpuReport};
 use crate::metrics::Metrics;
 use crate::objects::{key, release, txn, NodeView, ReplicaView};
 use crate::shared::{lock, Ctx};
@@ -32,8 +35,10 @@ pub struct NodeFacts {
     pub replicas: BTreeMap<ObjectName, ReplicaView>,
     /// Last heartbeat, or the start of this leadership if none since.
     pub last_seen: Instant,
-    /// Unhealthy GPUs from the latest heartbeat, if one came.
+    /// Failed GPUs from the latest heartbeat, if one came.
     pub unhealthy_gpus: Option<Vec<u32>>,
+    /// Not-Healthy GPUs with their evidence from the latest report, if one came.
+    pub gpu_reports: Option<BTreeMap<u32, GpuReport>>,
     pub now: Instant,
     /// The wall clock now, Unix ms: stamps `last_transition_ms` for operators (decisions
     /// use `now`).
@@ -72,6 +77,9 @@ pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
     if let Some(u) = &f.unhealthy_gpus {
         status.unhealthy_gpus = u.clone();
     }
+    if let Some(r) = &f.gpu_reports {
+        status.gpu_health = gpu_health::record(&status.gpu_health, r, f.wall_unix_ms);
+    }
     let mut compares = vec![f.node.compare()];
     let mut ops = Vec::new();
     let lost = f.now.saturating_duration_since(f.last_seen)
@@ -89,6 +97,19 @@ pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
         ops.insert(0, f.node.status_op(&status));
     }
     txn(compares, ops).into_iter().collect()
+}
+
+/// Logs and counts every GPU state change between two recorded `gpu_health` maps.
+pub(crate) fn log_gpu_changes(
+    ctx: &Ctx,
+    node: &ObjectName,
+    before: &BTreeMap<u32, flotilla_api::spec::GpuHealth>,
+    after: &BTreeMap<u32, flotilla_api::spec::GpuHealth>,
+) {
+    for c in gpu_health::changes(before, after) {
+        tracing::warn!(node = %node, gpu = c.gpu, from = %c.from, to = %c.to, evidence = ?c.evidence, "GPU health changed");
+        Metrics::add(&ctx.metrics.gpu_health_changes, 1);
+    }
 }
 
 /// Wall-clock ms since the Unix epoch (for operators; decisions use the tokio clock).
@@ -148,12 +169,16 @@ impl NodeActorState {
 
     fn facts(&self) -> Option<NodeFacts> {
         let last_seen = self.ctx.last_seen(&self.node.name)?;
-        let unhealthy_gpus = lock(&self.ctx.live).get(&self.node.name).map(|l| l.unhealthy_gpus.clone());
+        let (unhealthy_gpus, gpu_reports) = match lock(&self.ctx.live).get(&self.node.name) {
+            Some(l) => (Some(l.unhealthy_gpus.clone()), l.gpu_reports.clone()),
+            None => (None, None),
+        };
         Some(NodeFacts {
             node: self.node.clone(),
             replicas: self.replicas.clone(),
             last_seen,
             unhealthy_gpus,
+            gpu_reports,
             now: Instant::now(),
             wall_unix_ms: wall_unix_ms(),
         })
@@ -201,6 +226,7 @@ impl Actor for NodeActor {
             Some(Command::Txn { ops, .. }) => ops.iter().filter(|o| matches!(o, TxnOp::Delete { .. })).count(),
             _ => 0,
         };
+        let before = st.node.status.gpu_health.clone();
         let out = execute(&st.ctx, cmds).await.map_err(|e| {
             tracing::warn!(node = %st.node.name, error = %e, "uncertain write; stopping for a rebuild");
             Box::new(e) as ActorProcessingErr
@@ -211,6 +237,7 @@ impl Actor for NodeActor {
             st.replicas.retain(|_, r| r.phase() == ReplicaPhase::Failed);
         }
         st.refresh(None);
+        log_gpu_changes(&st.ctx, &st.node.name, &before, &st.node.status.gpu_health);
         Ok(())
     }
 }

@@ -18,6 +18,7 @@ fn facts(w: &World, node: &str, silent_ms: u64) -> NodeFacts {
         replicas,
         last_seen: now - Duration::from_millis(silent_ms),
         unhealthy_gpus: None,
+        gpu_reports: None,
         now,
         wall_unix_ms: WALL_MS,
     }

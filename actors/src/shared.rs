@@ -24,8 +24,10 @@ pub struct NodeLive {
     pub last_heartbeat: Instant,
     /// Latest engine report per replica name.
     pub engines: HashMap<String, EngineReport>,
-    /// Unhealthy GPU indices from the latest heartbeat.
+    /// Failed GPU indices from the latest heartbeat.
     pub unhealthy_gpus: Vec<u32>,
+    /// GPUs reported not Healthy by the latest registration or heartbeat (`None`: no report).
+    pub gpu_reports: Option<BTreeMap<u32, crate::gpu_health::GpuReport>>,
     /// Whether a stream from this agent is open now.
     pub connected: bool,
 }
@@ -38,6 +40,7 @@ impl NodeLive {
             last_heartbeat: now,
             engines: HashMap::new(),
             unhealthy_gpus: Vec::new(),
+            gpu_reports: None,
             connected: true,
         }
     }

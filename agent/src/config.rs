@@ -51,6 +51,12 @@ pub struct AgentArgs {
     /// Read the GPUs from NVIDIA's NVML (real machines); fails at start-up if NVML cannot load.
     #[arg(long)]
     pub nvidia: bool,
+    /// YAML list of faults for the simulated GPUs, re-read whenever it changes, e.g.
+    /// `- {gpu: 1, fault: xid, code: 79}` or `- {gpu: 0, fault: throttle, reason: thermal}`
+    /// (kinds: xid, throttle, ecc, missing, unreachable, pcie, retired_pages, remap; see
+    /// docs/agent.md, "GPU health"). Simulated GPUs only.
+    #[arg(long, conflicts_with = "nvidia")]
+    pub gpu_faults: Option<PathBuf>,
     /// Heartbeat interval in milliseconds (the server's Registered value wins when set).
     #[arg(long, default_value_t = 1000)]
     pub heartbeat_interval_ms: u64,
@@ -125,6 +131,11 @@ pub struct AgentArgs {
     /// like a crash; it is reported not ready (`starting`) after about three failed checks.
     #[arg(long, default_value_t = 60)]
     pub engine_liveness_timeout_s: u64,
+    /// A ready engine with running requests whose generated-token count does not move for
+    /// this long (seconds, from its scraped metrics) is stalled: it is killed and restarted
+    /// like a crash, with the reason. 0 turns the check off.
+    #[arg(long, default_value_t = 120)]
+    pub engine_stall_timeout_s: u64,
     /// Grace period between SIGTERM and SIGKILL when stopping an engine, in milliseconds.
     #[arg(long, default_value_t = 10_000)]
     pub stop_grace_ms: u64,
@@ -166,6 +177,8 @@ pub struct AgentConfig {
     pub labels: BTreeMap<String, String>,
     /// GPU source.
     pub gpus: GpuSource,
+    /// Fault file of simulated GPUs (checked at start-up; re-read when it changes).
+    pub gpu_faults: Option<PathBuf>,
     /// Heartbeat interval.
     pub heartbeat_interval: Duration,
     /// Engine ports.
@@ -192,6 +205,8 @@ pub struct AgentConfig {
     pub start_timeout: Duration,
     /// Ready engine failing /health this long → restarted.
     pub liveness_timeout: Duration,
+    /// Running requests and no new tokens this long → restarted (`None`: off).
+    pub stall_timeout: Option<Duration>,
     /// SIGTERM → SIGKILL grace.
     pub stop_grace: Duration,
     /// Longest wait for in-flight requests before stopping an unassigned engine.
@@ -244,6 +259,9 @@ impl AgentArgs {
             ));
         }
         let gpus = self.gpu_source()?;
+        if let (Some(path), GpuSource::Simulated { count, .. }) = (&self.gpu_faults, &gpus) {
+            crate::gpu::load_faults(path, *count)?;
+        }
         if self.heartbeat_interval_ms == 0 || self.heartbeat_interval_ms > 60_000 {
             return Err(AgentError::invalid(
                 "heartbeat-interval-ms",
@@ -310,6 +328,7 @@ impl AgentArgs {
             address: self.address.trim().to_string(),
             labels: parse_labels(&self.labels)?,
             gpus,
+            gpu_faults: self.gpu_faults.clone(),
             heartbeat_interval: Duration::from_millis(self.heartbeat_interval_ms),
             ports: parse_port_range(&self.engine_port_range)?,
             sim_binary,
@@ -329,6 +348,7 @@ impl AgentArgs {
             },
             start_timeout: Duration::from_secs(self.engine_start_timeout_s.max(1)),
             liveness_timeout: Duration::from_secs(self.engine_liveness_timeout_s.max(1)),
+            stall_timeout: (self.engine_stall_timeout_s > 0).then(|| Duration::from_secs(self.engine_stall_timeout_s)),
             stop_grace: Duration::from_millis(self.stop_grace_ms),
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_max_bytes: self.log_max_bytes,

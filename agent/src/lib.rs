@@ -2,8 +2,8 @@
 //! leader, holds a heartbeat stream to it, and runs the engines it is assigned.
 //!
 //! ```text
-//!  config (AgentArgs -> AgentConfig)      gpu (SimulatedGpus | NvmlGpus)
-//!        │                                     │
+//!  config (AgentArgs -> AgentConfig)      gpu (SimulatedGpus | NvmlGpus) → signals
+//!        │                                     │ GpuMonitor: classify (pure) with history
 //!  connection ──Register/Heartbeat──> leader   │ probe per heartbeat
 //!        │ <────────Assign──────────           │
 //!        v                                     v
@@ -123,12 +123,14 @@ impl AgentHandle {
 /// starts connecting. Returns at once.
 pub async fn start(args: AgentArgs) -> Result<AgentHandle, AgentError> {
     let cfg = args.validate()?;
-    let gpus = gpu::from_source(&cfg.gpus)?;
+    let gpus = gpu::from_source(&cfg.gpus, cfg.gpu_faults.as_deref())?;
     start_with_gpus(cfg, gpus).await
 }
 
 /// [`start`] with a validated config and a given GPU inventory (tests inject failures).
+/// Its probes are classified with history ([`gpu::GpuMonitor`]).
 pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> Result<AgentHandle, AgentError> {
+    let gpus: Arc<dyn GpuInventory> = Arc::new(gpu::GpuMonitor::new(gpus, gpu::classify::HealthPolicy::default()));
     let cfg = Arc::new(cfg);
     let log_dir = cfg.data_dir.join("logs");
     let models = cfg.data_dir.join("models");

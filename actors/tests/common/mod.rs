@@ -119,6 +119,8 @@ pub struct FakeAgent {
     pub name: String,
     pub assigned: Arc<Mutex<Vec<ReplicaAssignment>>>,
     pub errors: Arc<Mutex<Vec<tonic::Status>>>,
+    /// The GPUs every heartbeat reports (empty: none, as before GPU health existed).
+    pub gpus: Arc<Mutex<Vec<GpuInfo>>>,
     task: JoinHandle<()>,
 }
 
@@ -142,7 +144,9 @@ impl FakeAgent {
     ) -> FakeAgent {
         let assigned = Arc::new(Mutex::new(Vec::new()));
         let errors = Arc::new(Mutex::new(Vec::new()));
+        let reported = Arc::new(Mutex::new(Vec::new()));
         let (a, e, n, id) = (assigned.clone(), errors.clone(), name.to_owned(), agent_id.to_owned());
+        let g = reported.clone();
         let host = endpoint_host.to_owned();
         let task = tokio::spawn(async move {
             let mut i = 0usize;
@@ -150,7 +154,7 @@ impl FakeAgent {
             loop {
                 let addr = target.take().unwrap_or_else(|| addrs[i % addrs.len()].to_string());
                 i += 1;
-                if let Err(status) = run_agent(&addr, &n, &id, gpus, &host, &a).await {
+                if let Err(status) = run_agent(&addr, &n, &id, gpus, &host, &a, &g).await {
                     if let Some(l) = status.message().split("leader=").nth(1) {
                         target = Some(l.trim().to_owned());
                     }
@@ -159,7 +163,7 @@ impl FakeAgent {
                 tokio::time::sleep(Duration::from_millis(100)).await;
             }
         });
-        FakeAgent { name: name.into(), assigned, errors, task }
+        FakeAgent { name: name.into(), assigned, errors, gpus: reported, task }
     }
 
     /// Simulates the machine dying: no more heartbeats, stream closed.
@@ -181,6 +185,7 @@ async fn run_agent(
     gpus: u32,
     endpoint_host: &str,
     assigned: &Mutex<Vec<ReplicaAssignment>>,
+    reported: &Mutex<Vec<GpuInfo>>,
 ) -> Result<(), tonic::Status> {
     let mut client = AgentServiceClient::new(channel(addr.parse().map_err(|_| tonic::Status::internal("bad addr"))?));
     let (tx, rx) = mpsc::channel(16);
@@ -195,7 +200,7 @@ async fn run_agent(
                 gpu_type: "H100-80GB".into(),
                 memory_mib: 81_920,
                 healthy: true,
-                health_reason: String::new(),
+                ..Default::default()
             })
             .collect(),
         version: "test".into(),
@@ -220,7 +225,8 @@ async fn run_agent(
                     .enumerate()
                     .map(|(i, a)| EngineReport { replica: a.replica.clone(), state: "ready".into(), endpoint: format!("{endpoint_host}:{}", 20_000 + i), num_requests_running: 1.0, ..Default::default() })
                     .collect();
-                if tx.send(AgentMessage { msg: Some(AgentMsg::Heartbeat(Heartbeat { engines, gpus: vec![] })) }).await.is_err() {
+                let gpus = reported.lock().expect("lock").clone();
+                if tx.send(AgentMessage { msg: Some(AgentMsg::Heartbeat(Heartbeat { engines, gpus })) }).await.is_err() {
                     return Ok(());
                 }
             }

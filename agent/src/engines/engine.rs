@@ -383,6 +383,7 @@ async fn supervise(
     let deadline = run.started_at + env.cfg.start_timeout;
     let mut ready = false;
     let mut unhealthy_since: Option<Instant> = None;
+    let mut stall = super::stall::StallWatch::default();
     let mut next_probe = Duration::ZERO;
     loop {
         let exited = async {
@@ -446,6 +447,16 @@ async fn supervise(
         let started = Instant::now();
         let scrape = crate::probe::scrape(&engine.client, &endpoint).await;
         update(report, |r| crate::probe::apply(&scrape, r));
+        if let Some(m) = scrape.metrics.as_ref().filter(|m| m.is_known()) {
+            let tokens = m.generation_tokens + m.prompt_tokens;
+            if let Some(t) = stall.observe(m.running, tokens, Instant::now(), env.cfg.stall_timeout) {
+                run.id.stop(env.cfg.stop_grace).await;
+                return Outcome::Crash(format!(
+                    "stalled: {} running requests and no new tokens for {t:?}; killed",
+                    m.running
+                ));
+            }
+        }
         if let Some(names) = scrape.adapters {
             // The adapter worker owns `loaded_adapters` (it merges scrapes with its results).
             view.send_modify(|v| v.scrape = Some((started, names)));

@@ -19,6 +19,7 @@ pub mod logs;
 pub mod lora_worker;
 pub mod ports;
 pub mod process;
+pub mod stall;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;
