@@ -1,0 +1,80 @@
+//! The files in deploy/ against the binary they deploy: every systemd unit passes
+//! `systemd-analyze verify` (where systemd is installed) and its ExecStart command line,
+//! parsed from the unit, is one the binary accepts with the example config; the install
+//! script lays out a role under a dry-run root and refuses an unknown role with exit 2.
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+use common::BIN;
+
+fn deploy() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../deploy")
+}
+
+/// The words of a unit's `ExecStart=` line.
+fn exec_start(unit: &str) -> Vec<String> {
+    let line = unit.lines().find_map(|l| l.strip_prefix("ExecStart=")).expect("an ExecStart line");
+    line.split_whitespace().map(String::from).collect()
+}
+
+#[test]
+fn units_verify_and_their_command_lines_parse() {
+    let tmp = tempfile::tempdir().unwrap();
+    for role in ["server", "agent", "gateway"] {
+        let text = std::fs::read_to_string(deploy().join(format!("systemd/flotilla-{role}.service"))).unwrap();
+        let words = exec_start(&text);
+        assert_eq!(words[0], "/usr/local/bin/flotilla", "{role}: the path install.sh puts the binary at");
+        assert_eq!(&words[1..3], [role, "--config"], "{role}");
+        assert_eq!(words[3], format!("/etc/flotilla/{role}.toml"), "{role}: the path install.sh puts the config at");
+        // The same command line, with this build's binary and the example config.
+        let example = deploy().join(format!("config/{role}.toml"));
+        let out = Command::new(BIN).args(&words[1..3]).arg(&example).args(&words[4..]).arg("--help").output().unwrap();
+        assert!(out.status.success(), "{role}: {}", String::from_utf8_lossy(&out.stderr));
+        std::fs::write(
+            tmp.path().join(format!("flotilla-{role}.service")),
+            text.replace("/usr/local/bin/flotilla", BIN),
+        )
+        .unwrap();
+    }
+    let agent = std::fs::read_to_string(deploy().join("systemd/flotilla-agent.service")).unwrap();
+    assert!(agent.contains("\nKillMode=process\n"), "engines must outlive an agent restart (adoption)");
+    match Command::new("systemd-analyze")
+        .arg("verify")
+        .args(["server", "agent", "gateway"].map(|r| tmp.path().join(format!("flotilla-{r}.service"))))
+        .output()
+    {
+        Ok(out) => assert!(
+            out.status.success() && out.stderr.is_empty(),
+            "systemd-analyze verify: {}",
+            String::from_utf8_lossy(&out.stderr)
+        ),
+        Err(e) => println!("systemd-analyze verify SKIPPED: {e}"),
+    }
+}
+
+#[test]
+fn install_script_lays_out_a_role_and_refuses_an_unknown_one() {
+    let root = tempfile::tempdir().unwrap();
+    let script = deploy().join("vm/install.sh");
+    let out = Command::new("bash").arg(&script).args(["agent", BIN]).env("ROOT", root.path()).output().unwrap();
+    assert!(out.status.success(), "{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    for f in ["usr/local/bin/flotilla", "etc/flotilla/agent.toml", "etc/systemd/system/flotilla-agent.service"] {
+        assert!(root.path().join(f).is_file(), "{f} installed");
+    }
+    use std::os::unix::fs::PermissionsExt;
+    let mode = |p: &str| std::fs::metadata(root.path().join(p)).unwrap().permissions().mode() & 0o777;
+    assert_eq!(
+        (mode("etc/flotilla"), mode("etc/flotilla/tls"), mode("etc/flotilla/agent.toml")),
+        (0o750, 0o750, 0o640)
+    );
+    // A config already there is kept.
+    std::fs::write(root.path().join("etc/flotilla/agent.toml"), "node_name = \"mine\"\n").unwrap();
+    let again = Command::new("bash").arg(&script).args(["agent", BIN]).env("ROOT", root.path()).output().unwrap();
+    assert!(again.status.success());
+    assert_eq!(std::fs::read_to_string(root.path().join("etc/flotilla/agent.toml")).unwrap(), "node_name = \"mine\"\n");
+    let bad = Command::new("bash").arg(&script).args(["database", BIN]).env("ROOT", root.path()).output().unwrap();
+    assert_eq!(bad.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&bad.stderr).contains("usage"));
+}
