@@ -1,7 +1,8 @@
 //! The files in deploy/ against the binary they deploy: every systemd unit passes
 //! `systemd-analyze verify` (where systemd is installed) and its ExecStart command line,
 //! parsed from the unit, is one the binary accepts with the example config; the install
-//! script lays out a role under a dry-run root and refuses an unknown role with exit 2.
+//! script lays out a role under a dry-run root and refuses an unknown role with exit 2; the
+//! Nomad job specs parse as HCL2 and their tasks' configs use only keys the binary knows.
 mod common;
 
 use std::path::{Path, PathBuf};
@@ -77,4 +78,32 @@ fn install_script_lays_out_a_role_and_refuses_an_unknown_one() {
     let bad = Command::new("bash").arg(&script).args(["database", BIN]).env("ROOT", root.path()).output().unwrap();
     assert_eq!(bad.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&bad.stderr).contains("usage"));
+}
+
+#[test]
+fn nomad_job_specs_parse_and_use_only_known_keys() {
+    let py = flotilla_testkit::python::require_python();
+    let check = deploy().join("nomad/check.py");
+    let jobs: Vec<PathBuf> = std::fs::read_dir(deploy().join("nomad"))
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.to_string_lossy().ends_with(".nomad.hcl"))
+        .collect();
+    assert_eq!(jobs.len(), 3, "servers, agents, gateways: {jobs:?}");
+    let out = Command::new(&py).arg(&check).arg(BIN).args(&jobs).output().unwrap();
+    let text = format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr));
+    assert!(out.status.success(), "{text}\n(bash .ci/deploy-deps.sh installs python-hcl2)");
+    assert_eq!(text.matches(": ok").count(), 5, "3 servers, agents, gateways: {text}");
+    // The check can fail: a misspelt key in a copy of a job is caught.
+    let dir = tempfile::tempdir().unwrap();
+    let bad = dir.path().join("bad.nomad.hcl");
+    let agents = std::fs::read_to_string(deploy().join("nomad/flotilla-agents.nomad.hcl")).unwrap();
+    std::fs::write(&bad, agents.replace("nvidia = true", "nvida = true")).unwrap();
+    let out = Command::new(&py).arg(&check).arg(BIN).arg(&bad).output().unwrap();
+    assert!(!out.status.success());
+    assert!(
+        String::from_utf8_lossy(&out.stderr).contains("unknown key `nvida`"),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
 }

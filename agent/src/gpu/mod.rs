@@ -15,6 +15,7 @@ pub mod faults;
 pub mod monitor;
 pub mod nvml;
 pub mod signals;
+pub mod visible;
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};

@@ -49,9 +49,17 @@ impl NvmlGpus {
             .map_err(|e| AgentError::Gpu(format!("cannot load NVML (is the NVIDIA driver installed?): {e}")))?;
         let nvml: &'static Nvml = Box::leak(Box::new(nvml));
         let count = nvml.device_count().map_err(|e| AgentError::Gpu(format!("NVML device count: {e}")))?;
+        let visible = super::visible::Visible::from_env(&|k| std::env::var(k).ok());
         let mut gpus = Vec::new();
         for index in 0..count {
             let dev = nvml.device_by_index(index).map_err(|e| AgentError::Gpu(format!("NVML device {index}: {e}")))?;
+            if let Some(v) = &visible {
+                let uuid = dev.uuid().unwrap_or_default();
+                if !v.admits(index, &uuid) {
+                    tracing::info!(index, %uuid, from = v.from, "GPU not in the visible set; not used");
+                    continue;
+                }
+            }
             let name = dev.name().unwrap_or_else(|_| "unknown".into());
             let memory_mib = dev.memory_info().map(|m| m.total / (1024 * 1024)).unwrap_or(0);
             gpus.push(GpuInfo {
