@@ -127,6 +127,11 @@ pub struct GatewayArgs {
     /// (`stream_duration_exceeded`), ends the stream and cancels the engine's request.
     #[arg(long, default_value = "30m", value_name = "DURATION")]
     pub max_stream_duration: String,
+    /// On SIGTERM or Ctrl-C the gateway stops accepting connections at once and gives the
+    /// requests in flight (streams included) this many seconds to finish before it exits
+    /// (1 to 3600). Keep the supervisor's stop timeout above it (systemd's TimeoutStopSec).
+    #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
+    pub shutdown_grace_s: u64,
     /// Serve `/metrics` on this separate HOST:PORT (e.g. `127.0.0.1:9090`, port 0: any)
     /// and not on `--listen` (404 there), so that tenants cannot read other tenants'
     /// names and traffic. Without it `/metrics` is on `--listen`.
@@ -230,6 +235,8 @@ pub struct Config {
     pub tenant_max_concurrency: u32,
     /// None: streams are not bounded.
     pub max_stream_duration: Option<Duration>,
+    /// How long requests in flight may take to finish once the gateway is stopping.
+    pub shutdown_grace: Duration,
     /// Where `/metrics` is served instead of `listen`.
     pub metrics_listen: Option<String>,
     /// HTTPS on `listen` (None: plain HTTP).
@@ -424,6 +431,7 @@ impl GatewayArgs {
             cold_start_timeout: ms(self.cold_start_timeout_ms),
             tenant_max_concurrency: self.tenant_max_concurrency,
             max_stream_duration,
+            shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
             metrics_listen: self.metrics_listen.clone(),
             https,
         })

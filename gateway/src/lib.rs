@@ -93,7 +93,8 @@ impl GatewayHandle {
         &self.gw
     }
 
-    /// Stops accepting, drains connections (at most 5 s) and stops background tasks.
+    /// Stops accepting, lets connections finish (at most `--shutdown-grace-s`) and stops
+    /// background tasks.
     pub async fn shutdown(mut self) {
         let _ = self.stop.send(true);
         for s in [self.server.take(), self.metrics_server.take()].into_iter().flatten() {

@@ -360,7 +360,8 @@ impl Gateway {
     }
 }
 
-/// Accepts connections for `app` until `stop` turns true, then drains them (at most 5 s).
+/// Accepts connections for `app` until `stop` turns true, then closes the listener and
+/// lets the connections finish their requests (at most `--shutdown-grace-s`).
 /// With `https`, each connection's TLS handshake runs in its own task (a slow client cannot
 /// stall the accept loop) and a failed one is counted and dropped.
 pub async fn serve(
@@ -371,7 +372,10 @@ pub async fn serve(
     https: Option<Arc<flotilla_security::https::HttpsCert>>,
 ) {
     let graceful = hyper_util::server::graceful::GracefulShutdown::new();
+    // The connections' tasks, so those still open after the grace can be closed.
+    let mut connections = tokio::task::JoinSet::new();
     loop {
+        while connections.try_join_next().is_some() {}
         tokio::select! {
             accepted = listener.accept() => {
                 let (stream, peer): (tokio::net::TcpStream, SocketAddr) = match accepted {
@@ -391,7 +395,7 @@ pub async fn serve(
                 };
                 let watcher = graceful.watcher();
                 let (https, gw) = (https.clone(), gw.clone());
-                tokio::spawn(async move {
+                connections.spawn(async move {
                     let ended = match https {
                         None => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
                         Some(cert) => match cert.accept(stream).await {
@@ -412,7 +416,15 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let _ = tokio::time::timeout(std::time::Duration::from_secs(5), graceful.shutdown()).await;
+    let grace = gw.cfg.shutdown_grace;
+    if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
+        tracing::warn!(
+            grace_s = grace.as_secs(),
+            open = connections.len(),
+            "requests still in flight after the shutdown grace; closing them"
+        );
+        connections.abort_all();
+    }
 }
 
 #[cfg(test)]
