@@ -65,16 +65,17 @@ fn host_of(name: &ServerName<'_>) -> Option<String> {
 }
 
 impl PinVerifier {
-    /// Logs `m` unless its host was logged within [`MISMATCH_LOG_EVERY`].
-    fn log_once(&self, m: &PinMismatch) {
+    /// Logs `m` unless its host was logged within [`MISMATCH_LOG_EVERY`]; whether it did.
+    fn log_once(&self, m: &PinMismatch) -> bool {
         let now = Instant::now();
         let mut logged = self.logged.lock().unwrap_or_else(|e| e.into_inner());
         if logged.get(&m.host).is_some_and(|t| now.saturating_duration_since(*t) < MISMATCH_LOG_EVERY) {
-            return;
+            return false;
         }
         logged.retain(|_, t| now.saturating_duration_since(*t) < MISMATCH_LOG_EVERY);
         logged.insert(m.host.clone(), now);
         tracing::warn!(host = %m.host, got = %m.got, pinned = %m.pinned, "engine certificate does not match its pin; no request sent to it");
+        true
     }
 }
 
@@ -130,7 +131,9 @@ impl ServerCertVerifier for PinVerifier {
 }
 
 /// A rustls client configuration that trusts exactly the certificates `pins` holds (ring,
-/// TLS 1.2 and 1.3; [`connector`] adds ALPN `http/1.1`).
+/// TLS 1.2 and 1.3; [`connector`] adds ALPN `http/1.1`). Session resumption is off: a resumed
+/// handshake skips the certificate check, and every new connection must show a certificate
+/// pinned now (connections are pooled, so full handshakes stay rare).
 pub fn client_config(pins: &EnginePins) -> rustls::ClientConfig {
     let provider = Arc::new(rustls::crypto::ring::default_provider());
     let verifier = Arc::new(PinVerifier {
@@ -138,12 +141,14 @@ pub fn client_config(pins: &EnginePins) -> rustls::ClientConfig {
         algorithms: provider.signature_verification_algorithms,
         logged: Mutex::default(),
     });
-    rustls::ClientConfig::builder_with_provider(provider)
+    let mut config = rustls::ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .expect("ring supports the default protocol versions")
         .dangerous()
         .with_custom_certificate_verifier(verifier)
-        .with_no_client_auth()
+        .with_no_client_auth();
+    config.resumption = rustls::client::Resumption::disabled();
+    config
 }
 
 /// `http` wrapped so that `https://` URIs are dialled with TLS pinned by `pins` and
@@ -200,6 +205,25 @@ mod tests {
         let other = std::io::Error::other(rustls::Error::InvalidCertificate(CertificateError::Expired));
         assert_eq!(pin_mismatch(&other), None);
         assert_eq!(pin_mismatch(&std::io::Error::other("refused")), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn mismatches_are_logged_once_a_minute_per_host() {
+        let provider = rustls::crypto::ring::default_provider();
+        let v = PinVerifier {
+            pins: EnginePins::new(),
+            algorithms: provider.signature_verification_algorithms,
+            logged: Mutex::default(),
+        };
+        let m = |host: &str| PinMismatch { host: host.into(), got: "aa".into(), pinned: "bb".into() };
+        assert!(v.log_once(&m("10.0.0.1")));
+        assert!(!v.log_once(&m("10.0.0.1")), "the same host within the minute");
+        assert!(v.log_once(&m("10.0.0.2")), "another host");
+        tokio::time::advance(MISMATCH_LOG_EVERY - Duration::from_millis(1)).await;
+        assert!(!v.log_once(&m("10.0.0.1")));
+        tokio::time::advance(Duration::from_millis(1)).await;
+        assert!(v.log_once(&m("10.0.0.1")), "a minute later");
+        assert_eq!(v.logged.lock().unwrap().len(), 1, "expired hosts are forgotten");
     }
 
     #[test]
