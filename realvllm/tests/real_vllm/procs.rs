@@ -57,8 +57,9 @@ pub fn vllm_template(install: &RealVllm) -> String {
     t
 }
 
-/// `flotilla agent` with one simulated GPU, running vLLM engines through `vllm_template`.
-pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path) -> Group {
+/// `flotilla agent` with one simulated GPU, running vLLM engines through `vllm_template`,
+/// with `extra` flags.
+pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path, extra: &[&str]) -> Group {
     let mut cmd = Command::new(bin);
     cmd.args(["agent", "--server", server, "--node-name", "cpu-1", "--gpus", "1", "--gpu-type", "CPU-24GB"])
         .args(["--heartbeat-interval-ms", "250", "--stop-grace-ms", "10000"])
@@ -66,6 +67,7 @@ pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path) -> 
         .arg(dir.join("agent"))
         .arg("--vllm-command")
         .arg(vllm_template(install))
+        .args(extra)
         .envs(install.env())
         .env("RUST_LOG", "info");
     Group::spawn("flotilla agent", cmd, &dir.join("agent.log"))
