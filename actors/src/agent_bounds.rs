@@ -170,7 +170,8 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
         check_endpoint(&e.endpoint, scope).map_err(|why| invalid(field("endpoint"), why))?;
     }
     let pin = &e.engine_cert_sha256;
-    if !pin.is_empty() && !(pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b))) {
+    let sha256 = pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !pin.is_empty() && !sha256 {
         return Err(invalid(
             field("engine_cert_sha256"),
             format!("{:?} is not a SHA-256 (64 lower-case hex digits)", pin.chars().take(80).collect::<String>()),
