@@ -118,6 +118,11 @@ pub async fn run(
         {
             Ok(t) => t,
             Err(reason) => {
+                if let Some(s) = &adopted {
+                    // Its pin is unreadable: no client could trust it.
+                    s.process.stop(cfg.stop_grace).await;
+                    let _ = env.state.remove(&a.replica);
+                }
                 crate::engine_tls::remove(&cfg.data_dir, &a.replica);
                 set_state(&report, "failed", &reason);
                 return park(&mut stop, &report).await;
