@@ -58,10 +58,13 @@ pub fn vllm_template(install: &RealVllm) -> String {
 }
 
 /// `flotilla agent` with one simulated GPU, running vLLM engines through `vllm_template`,
-/// with `extra` flags.
+/// with `extra` flags. It stops its engines when it exits: an engine in its own process
+/// group would otherwise outlive the run when the checks that delete the Model are filtered
+/// out.
 pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path, extra: &[&str]) -> Group {
     let mut cmd = Command::new(bin);
     cmd.args(["agent", "--server", server, "--node-name", "cpu-1", "--gpus", "1", "--gpu-type", "CPU-24GB"])
+        .arg("--stop-engines-on-exit")
         .args(["--heartbeat-interval-ms", "250", "--stop-grace-ms", "10000"])
         .arg("--data-dir")
         .arg(dir.join("agent"))
