@@ -13,6 +13,8 @@
 //!   adapters per engine, names of at most [`MAX_NAME`] bytes and states of at most
 //!   [`MAX_STATE`]. Out of bounds is refused with INVALID_ARGUMENT naming the field (the
 //!   agent exits: a refusal it cannot fix by retrying).
+//! - An engine's certificate pin (`engine_cert_sha256`) is empty or 64 lower-case hex
+//!   digits: it goes to the gateways as it is.
 //! - Free text is truncated, not refused (an honest agent's crash reason quotes an engine's
 //!   log line): reasons to [`MAX_REASON`] bytes, GPU types and versions to [`MAX_SHORT`].
 //!   Load figures that are not finite numbers (an engine's `NaN`) become 0. A GPU's
@@ -171,6 +173,14 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
     if !e.endpoint.is_empty() {
         bounded(field("endpoint"), &e.endpoint, MAX_NAME)?;
         check_endpoint(&e.endpoint, scope).map_err(|why| invalid(field("endpoint"), why))?;
+    }
+    let pin = &e.engine_cert_sha256;
+    let sha256 = pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
+    if !pin.is_empty() && !sha256 {
+        return Err(invalid(
+            field("engine_cert_sha256"),
+            format!("{:?} is not a SHA-256 (64 lower-case hex digits)", pin.chars().take(80).collect::<String>()),
+        ));
     }
     for x in [
         &mut e.download_progress,
@@ -365,6 +375,17 @@ mod tests {
                 None,
             ),
             ("NaN load", |h| h.engines[0].kv_cache_usage = f64::NAN, None),
+            ("a certificate pin", |h| h.engines[0].engine_cert_sha256 = "0a".repeat(32), None),
+            (
+                "a pin that is not a SHA-256",
+                |h| h.engines[0].engine_cert_sha256 = "0A".repeat(32),
+                Some("heartbeat.engines[0].engine_cert_sha256: \"0A0A"),
+            ),
+            (
+                "a long pin",
+                |h| h.engines[0].engine_cert_sha256 = "a".repeat(1 << 20),
+                Some("heartbeat.engines[0].engine_cert_sha256"),
+            ),
             (
                 "endpoint elsewhere",
                 |h| h.engines[0].endpoint = "10.1.2.3:20001".into(),

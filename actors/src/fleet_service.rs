@@ -109,15 +109,22 @@ pub fn endpoints(ctx: &Ctx, model: &str) -> EndpointSet {
             // From the stored status, not the live report: a new leader knows it at once.
             api_key: r.status.api_key.clone().unwrap_or_default(),
             template_hash: r.spec.template_hash(),
+            engine_cert_sha256: r.status.engine_cert_sha256.clone().unwrap_or_default(),
         });
     }
     EndpointSet { endpoints: out, store_revision: revision }
 }
 
 /// What makes two snapshots "the same set" (load figures aside): each replica's address,
-/// node and engine key.
-fn identity(s: &EndpointSet) -> BTreeMap<String, (String, String, String)> {
-    s.endpoints.iter().map(|e| (e.replica.clone(), (e.address.clone(), e.node.clone(), e.api_key.clone()))).collect()
+/// node, engine key and certificate pin.
+fn identity(s: &EndpointSet) -> BTreeMap<String, [String; 4]> {
+    s.endpoints
+        .iter()
+        .map(|e| {
+            let id = [&e.address, &e.node, &e.api_key, &e.engine_cert_sha256].map(String::clone);
+            (e.replica.clone(), id)
+        })
+        .collect()
 }
 
 type EndpointStream = Pin<Box<dyn Stream<Item = Result<EndpointSet, Status>> + Send>>;
@@ -135,7 +142,7 @@ impl FleetService for FleetServiceImpl {
             let refresh = ActorsConfig::ms(ctx.config.endpoints_refresh_ms);
             let mut changes = ctx.handle.reader().subscribe();
             let mut leading = ctx.handle.leadership();
-            let mut last: Option<BTreeMap<String, (String, String, String)>> = None;
+            let mut last: Option<BTreeMap<String, [String; 4]>> = None;
             let mut last_sent = Instant::now();
             loop {
                 let snap = endpoints(&ctx, &model);

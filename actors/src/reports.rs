@@ -1,5 +1,5 @@
 //! Pure mapping from an agent's engine report to the replica's stored status. Only changes
-//! of phase, endpoint (with the engine's API key), reason, restart count, or a 10 % step of
+//! of phase, endpoint (with the engine's API key and certificate pin), reason, restart count, or a 10 % step of
 //! download progress produce a write; load figures stay in the leader's memory. The key is
 //! stored with the endpoint, in Raft, so a new leader can give it to gateways before the
 //! agent's next heartbeat, or while the agent is down; clients never see it
@@ -74,6 +74,8 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.reason = String::new();
             next.endpoint = Some(report.endpoint.clone());
             next.api_key = (!report.api_key.is_empty()).then(|| report.api_key.clone());
+            next.engine_cert_sha256 =
+                (!report.engine_cert_sha256.is_empty()).then(|| report.engine_cert_sha256.clone());
             next.download_progress = None;
         }
         "ready" => {
@@ -85,12 +87,14 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.reason = format!("engine crashed, restarting: {}", report.reason);
             next.endpoint = None;
             next.api_key = None;
+            next.engine_cert_sha256 = None;
         }
         "failed" => {
             next.phase = ReplicaPhase::Failed;
             next.reason = if report.reason.is_empty() { "engine failed".into() } else { report.reason.clone() };
             next.endpoint = None;
             next.api_key = None;
+            next.engine_cert_sha256 = None;
             next.download_progress = None;
         }
         // "stopping" / "stopped" / unknown: the agent is acting on an older Assign.
@@ -150,6 +154,26 @@ mod tests {
         r.api_key.clear();
         let keyless = next_status(&at(ReplicaPhase::Starting), &r).unwrap();
         assert_eq!(keyless.api_key, None, "an engine started without a key (an older agent's)");
+    }
+
+    #[test]
+    fn the_certificate_pin_is_stored_with_the_endpoint_and_goes_with_it() {
+        let pin = "ab".repeat(32);
+        let mut r = report("ready");
+        r.endpoint = "10.0.0.1:20000".into();
+        r.engine_cert_sha256 = pin.clone();
+        let s = next_status(&at(ReplicaPhase::Starting), &r).unwrap();
+        assert_eq!(s.engine_cert_sha256.as_deref(), Some(pin.as_str()));
+        assert_eq!(next_status(&s, &r), None, "a steady pin writes nothing");
+        r.engine_cert_sha256 = "cd".repeat(32);
+        assert_eq!(next_status(&s, &r).expect("a new pin is a write").engine_cert_sha256, Some("cd".repeat(32)));
+        assert_eq!(next_status(&s, &report("crashed")).unwrap().engine_cert_sha256, None);
+        assert_eq!(next_status(&s, &report("failed")).unwrap().engine_cert_sha256, None);
+        r.engine_cert_sha256.clear();
+        assert_eq!(next_status(&s, &r).unwrap().engine_cert_sha256, None, "plain HTTP now");
+        let json = serde_json::to_value(&s).unwrap();
+        assert_eq!(json["engine_cert_sha256"], pin.as_str(), "stored, and not a secret field");
+        assert!(!flotilla_api::Kind::Replica.secret_status_fields().contains(&"engine_cert_sha256"));
     }
 
     #[test]

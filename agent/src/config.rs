@@ -36,6 +36,14 @@ pub struct AgentArgs {
     /// loopback is accepted from an agent on the servers' own host).
     #[arg(long, default_value = "127.0.0.1")]
     pub address: String,
+    /// TLS between gateways (and this agent) and the engines it starts: `on` gives each
+    /// engine its own self-signed certificate for --address (vLLM's --ssl-certfile and
+    /// --ssl-keyfile) and reports its SHA-256, which gateways pin (no CA to distribute);
+    /// `off` serves plain HTTP; `auto` is `on` unless --address is loopback (so `flotilla
+    /// dev` and single-machine setups stay plain). An engine adopted after a restart keeps
+    /// what it was started with. See docs/security.md.
+    #[arg(long, value_enum, default_value_t = crate::engine_tls::EngineTlsMode::Auto)]
+    pub engine_tls: crate::engine_tls::EngineTlsMode,
     /// Node labels, comma-separated `key=value` pairs (e.g. `zone=a,rack=r1`).
     #[arg(long, value_delimiter = ',')]
     pub labels: Vec<String>,
@@ -173,6 +181,8 @@ pub struct AgentConfig {
     pub data_dir: PathBuf,
     /// Host engines listen on and are reachable at.
     pub address: String,
+    /// New engines serve TLS with a pinned self-signed certificate (`--engine-tls`, resolved).
+    pub engine_tls: bool,
     /// Node labels.
     pub labels: BTreeMap<String, String>,
     /// GPU source.
@@ -276,7 +286,7 @@ impl AgentArgs {
         };
         let sim_args = shlex::split(&self.sim_args)
             .ok_or_else(|| AgentError::invalid("sim-args", format!("{:?} has unbalanced quotes", self.sim_args)))?;
-        crate::driver::refuse_api_key("sim-args", &sim_args)?;
+        crate::driver::refuse_agent_flags("sim-args", &sim_args)?;
         let vllm_command = crate::driver::parse_template(&self.vllm_command)?;
         let engine_env = self
             .engine_env
@@ -326,6 +336,7 @@ impl AgentArgs {
             node_name,
             data_dir: self.data_dir.clone(),
             address: self.address.trim().to_string(),
+            engine_tls: self.engine_tls.enabled(address),
             labels: parse_labels(&self.labels)?,
             gpus,
             gpu_faults: self.gpu_faults.clone(),

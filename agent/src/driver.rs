@@ -1,7 +1,8 @@
 //! Engine drivers: how an assignment becomes a command line. [`SimDriver`] runs
 //! `flotilla sim`; [`VllmDriver`] fills the `--vllm-command` template. Pure: they build an
 //! [`EngineCommand`] (program, args, env) that the engine task
-//! ([`crate::engines::engine`]) spawns.
+//! ([`crate::engines::engine`]) spawns. An engine that serves TLS ([`crate::engine_tls`])
+//! gets `--ssl-certfile F --ssl-keyfile F` last, the same flags for vLLM and the sim.
 
 use std::path::{Path, PathBuf};
 
@@ -57,6 +58,21 @@ pub struct LaunchSpec<'a> {
     pub port: u16,
     /// Local model path once downloaded (vLLM); None for engines that need no weights.
     pub model_path: Option<&'a Path>,
+    /// The engine's certificate and key files when it serves TLS.
+    pub tls: Option<&'a crate::engine_tls::EngineCert>,
+}
+
+/// `--ssl-certfile CERT --ssl-keyfile KEY` (vLLM's and the sim's flags) when `spec` serves TLS.
+fn tls_args(spec: &LaunchSpec<'_>) -> Vec<String> {
+    match spec.tls {
+        Some(t) => vec![
+            "--ssl-certfile".into(),
+            t.cert.display().to_string(),
+            "--ssl-keyfile".into(),
+            t.key.display().to_string(),
+        ],
+        None => Vec::new(),
+    }
 }
 
 /// Builds engine command lines.
@@ -95,6 +111,7 @@ impl EngineDriver for SimDriver {
         args.extend(["--model".into(), spec.assignment.model.clone()]);
         args.extend(self.extra_args.iter().cloned());
         args.extend(spec.assignment.engine_args.iter().cloned());
+        args.extend(tls_args(spec));
         Ok(EngineCommand { program: self.binary.clone(), args, env: Vec::new() })
     }
 }
@@ -108,33 +125,40 @@ pub struct VllmDriver {
 
 const PLACEHOLDERS: [&str; 7] = ["{source}", "{model}", "{port}", "{host}", "{replica}", "{gpus}", "{args}"];
 
-/// Refuses operator-given words (`--sim-args`, `--vllm-command`) that set an API key: the
-/// agent gives each engine its own through `VLLM_API_KEY`, and a `--api-key` flag would win
-/// over it, leaving the gateways with the wrong key.
-pub fn refuse_api_key(flag: &'static str, words: &[String]) -> Result<(), AgentError> {
-    let sets_key = |w: &String| {
-        let name = w.split('=').next().unwrap_or(w).replace('_', "-");
-        name == "--api-key"
-    };
-    match words.iter().find(|w| sets_key(w)) {
-        Some(w) => Err(AgentError::invalid(
-            flag,
-            format!("{w:?}: the agent gives each engine its own API key (VLLM_API_KEY); remove the flag"),
-        )),
-        None => Ok(()),
+/// Refuses operator-given words (`--sim-args`, `--vllm-command`) that set what the agent
+/// gives each engine itself: an API key (through `VLLM_API_KEY`; a `--api-key` flag would
+/// win over it, leaving the gateways with the wrong key) or TLS (`--ssl-*`: the agent's
+/// certificate, whose pin gateways check, per `--engine-tls`).
+pub fn refuse_agent_flags(flag: &'static str, words: &[String]) -> Result<(), AgentError> {
+    let name = |w: &String| w.split('=').next().unwrap_or(w).replace('_', "-");
+    for w in words {
+        let n = name(w);
+        if n == "--api-key" {
+            return Err(AgentError::invalid(
+                flag,
+                format!("{w:?}: the agent gives each engine its own API key (VLLM_API_KEY); remove the flag"),
+            ));
+        }
+        if n.starts_with("--ssl-") || n == "--enable-ssl-refresh" {
+            return Err(AgentError::invalid(
+                flag,
+                format!("{w:?}: the agent sets engines' TLS itself (--engine-tls); remove the flag"),
+            ));
+        }
     }
+    Ok(())
 }
 
 /// Splits a template shell-words-style and checks it: known placeholders only, `{port}` and
 /// `{host}` present (engines listen on the agent's `--address` only, not on every
-/// interface), `{args}` a word of its own, no `--api-key` ([`refuse_api_key`]).
+/// interface), `{args}` a word of its own, no `--api-key` or `--ssl-*` ([`refuse_agent_flags`]).
 pub fn parse_template(template: &str) -> Result<Vec<String>, AgentError> {
     let words = shlex::split(template)
         .ok_or_else(|| AgentError::invalid("vllm-command", format!("{template:?} has unbalanced quotes")))?;
     if words.is_empty() {
         return Err(AgentError::invalid("vllm-command", "is empty"));
     }
-    refuse_api_key("vllm-command", &words)?;
+    refuse_agent_flags("vllm-command", &words)?;
     for w in &words {
         let mut rest = w.as_str();
         while let Some(start) = rest.find('{') {
@@ -198,9 +222,11 @@ impl EngineDriver for VllmDriver {
             reason: "the vllm command template is empty".into(),
         })?;
         let visible = a.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+        let mut args: Vec<String> = it.collect();
+        args.extend(tls_args(spec));
         Ok(EngineCommand {
             program,
-            args: it.collect(),
+            args,
             env: vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)],
         })
     }
@@ -230,14 +256,30 @@ mod tests {
             extra_args: vec!["--speedup".into(), "20".into()],
         };
         let a = assignment();
-        let c = d.command(&LaunchSpec { assignment: &a, host: "127.0.0.1", port: 20001, model_path: None }).unwrap();
+        let spec = LaunchSpec { assignment: &a, host: "127.0.0.1", port: 20001, model_path: None, tls: None };
+        let c = d.command(&spec).unwrap();
         assert_eq!(
             c.display(),
             "/usr/bin/flotilla sim --host 127.0.0.1 --port 20001 --model demo --speedup 20 --max-model-len 8192"
         );
+        let cert = crate::engine_tls::EngineCert {
+            cert: "/d/engines/demo-0/tls-cert.pem".into(),
+            key: "/d/engines/demo-0/tls-key.pem".into(),
+            pin: flotilla_engine::CertFingerprint::of_der(b"x"),
+        };
+        let c = d.command(&LaunchSpec { tls: Some(&cert), ..spec }).unwrap();
+        assert!(
+            c.display().ends_with(
+                "--max-model-len 8192 --ssl-certfile /d/engines/demo-0/tls-cert.pem --ssl-keyfile /d/engines/demo-0/tls-key.pem"
+            ),
+            "{}",
+            c.display()
+        );
         assert!(!d.needs_weights());
         let bare = SimDriver { subcommand: String::new(), ..d };
-        let c = bare.command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None }).unwrap();
+        let c = bare
+            .command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None, tls: None })
+            .unwrap();
         assert_eq!(c.args[0], "--host");
     }
 
@@ -248,11 +290,22 @@ mod tests {
         let d = VllmDriver { template: t };
         let a = assignment();
         let path = PathBuf::from("/data/models/abc");
-        let c =
-            d.command(&LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path) }).unwrap();
+        let spec = LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path), tls: None };
+        let c = d.command(&spec).unwrap();
         assert_eq!(
             c.display(),
             "vllm serve /data/models/abc --host 10.0.0.5 --port 20002 --served-model-name demo --max-model-len 8192"
+        );
+        let cert = crate::engine_tls::EngineCert {
+            cert: "/c.pem".into(),
+            key: "/k.pem".into(),
+            pin: flotilla_engine::CertFingerprint::of_der(b"x"),
+        };
+        let c = d.command(&LaunchSpec { tls: Some(&cert), ..spec }).unwrap();
+        assert!(
+            c.display().ends_with("--max-model-len 8192 --ssl-certfile /c.pem --ssl-keyfile /k.pem"),
+            "{}",
+            c.display()
         );
         assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(d.needs_weights());
@@ -266,6 +319,11 @@ mod tests {
         assert!(open.contains("--host {host}"), "engines listen on --address only: {open}");
         let keyed = parse_template("vllm serve {source} --host {host} --port {port} --api_key=k").unwrap_err();
         assert!(keyed.to_string().contains("VLLM_API_KEY"), "{keyed}");
+        for tls in ["--ssl-keyfile /k", "--ssl_certfile=/c", "--enable-ssl-refresh"] {
+            let t = format!("vllm serve {{source}} --host {{host}} --port {{port}} {tls}");
+            let e = parse_template(&t).unwrap_err().to_string();
+            assert!(e.contains("--engine-tls"), "{tls}: {e}");
+        }
         assert!(parse_template("vllm serve {nope} --host {host} --port {port}").is_err());
         assert!(parse_template("vllm --host {host} --port {port} x{args}").is_err());
         assert!(parse_template("vllm 'unclosed {port}").is_err());

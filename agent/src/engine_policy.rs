@@ -55,8 +55,11 @@ pub const AGENT_CONTROLLED: [FlagRule; 10] = [
         "--api-key",
         "is set by the agent (VLLM_API_KEY); a flag would replace the engine's key, locking the gateways out",
     ),
-    rule("--ssl-*", "is set by the agent: the agent and the gateways speak plain HTTP to engines"),
-    rule("--enable-ssl-refresh", "is set by the agent: the agent and the gateways speak plain HTTP to engines"),
+    rule(
+        "--ssl-*",
+        "is set by the agent (--engine-tls): engines serve TLS with the certificate whose pin gateways check",
+    ),
+    rule("--enable-ssl-refresh", "is set by the agent (--engine-tls): engines keep the certificate their pin names"),
     rule("--grpc", "is set by the agent: engines serve the HTTP API the agent and the gateways use"),
     rule("--grpc-port", "is set by the agent: a second listener the agent does not manage"),
     rule("--served-model-name", "is set by the agent: the model's name, which the gateways route by"),

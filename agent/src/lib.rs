@@ -11,6 +11,7 @@
 //!        │                         engine_policy (pure) checks the Model's engine_args
 //!        │                         driver (sim | vllm) builds each command line
 //!        │                         engine_env (pure) → its environment; engine_key → its API key
+//!        │                         engine_tls → its pinned self-signed certificate (--engine-tls)
 //!        │                         lora_plan (pure) → per-engine LoRA worker: load/unload
 //!        ├── download (model and adapter cache)   probe (/health, /metrics, /v1/models)
 //!        │     └── source_policy (pure) checks each source, redirect, address and size
@@ -28,6 +29,7 @@ pub mod driver;
 pub mod engine_env;
 pub mod engine_key;
 pub mod engine_policy;
+pub mod engine_tls;
 pub mod engines;
 pub mod error;
 pub mod gpu;

@@ -1,6 +1,7 @@
 //! What the agent keeps in its data dir across restarts: its stable `agent_id`
 //! (`<data-dir>/agent-id`) and the engines it started (`<data-dir>/engines.json`: replica,
-//! assignment with its LoRA adapters, pid, process start time, port, API key), so a
+//! assignment with its LoRA adapters, pid, process start time, port, API key, certificate
+//! pin), so a
 //! restarted agent adopts its engines (and reconciles their adapters, with the engine's
 //! key) instead of starting them twice.
 //!
@@ -102,6 +103,10 @@ pub struct SavedEngine {
     /// existed, which run without one.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// The SHA-256 (hex) of the certificate the engine serves TLS with (its files are in
+    /// `<data-dir>/engines/<replica>/`); absent for an engine serving plain HTTP.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_cert_sha256: Option<String>,
 }
 
 /// `<data-dir>/engines.json`, read once at start-up and rewritten on every change.
@@ -275,6 +280,7 @@ mod tests {
             port: 20000,
             restarts: 2,
             api_key: Some("k".repeat(64)),
+            engine_cert_sha256: Some("ab".repeat(32)),
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
@@ -362,5 +368,6 @@ mod tests {
         let engines = StateStore::load(dir.path()).unwrap().engines();
         assert!(engines["r1"].assignment.adapters.is_empty());
         assert_eq!(engines["r1"].api_key, None, "an engine started before keys runs without one");
+        assert_eq!(engines["r1"].engine_cert_sha256, None, "nor TLS");
     }
 }

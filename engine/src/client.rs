@@ -1,11 +1,15 @@
-//! [`EngineClient`]: the HTTP calls flotilla makes to one engine (`host:port`, plain http on
-//! the node network): `/health`, `/metrics`, `/v1/models` and LoRA load/unload. Each call
-//! runs under one timeout covering connect, answer and body, and reads at most
-//! `max_body_bytes`. Connections are pooled per engine; clones share the pool.
+//! [`EngineClient`]: the HTTP calls flotilla makes to one engine (`host:port` on the node
+//! network): `/health`, `/metrics`, `/v1/models` and LoRA load/unload. Each call runs under
+//! one timeout covering connect, answer and body, and reads at most `max_body_bytes`.
+//! Connections are pooled per engine (kept alive, one TLS handshake per connection); clones
+//! share the pool and the client's [`EnginePins`].
 //!
 //! A client made with [`EngineClient::with_key`] sends `Authorization: Bearer KEY` on the
 //! calls whose path the engine guards (`/v1/...`: models, LoRA), not on `/health` and
-//! `/metrics`, which vLLM leaves open.
+//! `/metrics`, which vLLM leaves open. One made [`EngineClient::with_tls`] calls `https://`,
+//! and the engine must show a certificate pinned for its host in [`EngineClient::pins`]
+//! (`crate::tls`); otherwise the call fails with [`EngineError::CertificateMismatch`] before
+//! any request is sent.
 //!
 //! Non-2xx answers become [`EngineError::Http`] with the engine's message; real vLLM
 //! answers a LoRA load with 200 and plain text (`Success: LoRA adapter 'x' added
@@ -27,6 +31,8 @@ use crate::error::{engine_message, EngineError};
 use crate::key::{guarded, EngineKey};
 use crate::metrics::EngineMetrics;
 use crate::models::{parse_models, ModelCard};
+use crate::pins::EnginePins;
+use crate::tls::{connector, pin_mismatch, PinnedConnector};
 
 /// Limits of an [`EngineClient`].
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -53,10 +59,14 @@ impl Default for EngineClientConfig {
 /// Talks to engines; cheap to clone (clones share one connection pool).
 #[derive(Clone, Debug)]
 pub struct EngineClient {
-    http: Client<HttpConnector, Full<Bytes>>,
+    http: Client<PinnedConnector, Full<Bytes>>,
     cfg: EngineClientConfig,
     /// Sent on guarded paths; None: no `Authorization` header.
     key: Option<EngineKey>,
+    /// The certificates `https` engines may show (shared by clones).
+    pins: EnginePins,
+    /// Call `https://` (the engine serves TLS with a pinned certificate).
+    tls: bool,
 }
 
 impl Default for EngineClient {
@@ -76,22 +86,35 @@ impl EngineClient {
         EngineClient::with_config(EngineClientConfig::default())
     }
 
-    /// A client with the given limits.
+    /// A client with the given limits and an empty pin set.
     pub fn with_config(cfg: EngineClientConfig) -> Self {
         let mut conn = HttpConnector::new();
         conn.set_nodelay(true);
         conn.set_connect_timeout(Some(cfg.timeout));
+        let pins = EnginePins::new();
         let http = Client::builder(TokioExecutor::new())
             .pool_timer(TokioTimer::new())
             .pool_idle_timeout(ENGINE_IDLE_REUSE)
-            .build(conn);
-        EngineClient { http, cfg, key: None }
+            .build(connector(conn, &pins));
+        EngineClient { http, cfg, key: None, pins, tls: false }
     }
 
     /// A client for one engine that requires `key` (None: one that requires none), sharing
     /// this client's connection pool and limits.
     pub fn with_key(&self, key: Option<EngineKey>) -> EngineClient {
         EngineClient { key, ..self.clone() }
+    }
+
+    /// A client for one engine that serves TLS (`tls`: calls go to `https://`, and the
+    /// engine's certificate must be pinned for its host in [`Self::pins`]) or plain HTTP,
+    /// sharing this client's pool, pins, key and limits.
+    pub fn with_tls(&self, tls: bool) -> EngineClient {
+        EngineClient { tls, ..self.clone() }
+    }
+
+    /// The certificates this client (and its clones) accept from `https` engines.
+    pub fn pins(&self) -> &EnginePins {
+        &self.pins
     }
 
     /// The limits.
@@ -121,7 +144,7 @@ impl EngineClient {
         let body = self.call(Method::GET, endpoint, "/v1/models", None, self.cfg.timeout).await?;
         parse_models(&body).map_err(|e| match e {
             EngineError::InvalidBody { reason, .. } => {
-                EngineError::InvalidBody { url: url(endpoint, "/v1/models"), reason }
+                EngineError::InvalidBody { url: url(self.tls, endpoint, "/v1/models"), reason }
             }
             other => other,
         })
@@ -157,7 +180,7 @@ impl EngineClient {
         if authority.port_u16().is_none() {
             return Err(invalid("expected host:port".to_string()));
         }
-        let url = url(authority.as_str(), path);
+        let url = url(self.tls, authority.as_str(), path);
         let mut req = Request::builder().method(method).uri(&url).header(header::HOST, authority.as_str());
         if let Some(key) = self.key.as_ref().filter(|_| guarded(path)) {
             req = req.header(header::AUTHORIZATION, key.bearer());
@@ -171,11 +194,10 @@ impl EngineClient {
         };
         let req = req.body(Full::new(body)).map_err(|e| invalid(e.to_string()))?;
         let exchange = async {
-            let resp = self
-                .http
-                .request(req)
-                .await
-                .map_err(|e| EngineError::Unreachable { url: url.clone(), reason: error_chain(&e) })?;
+            let resp = self.http.request(req).await.map_err(|e| match pin_mismatch(&e) {
+                Some(m) => EngineError::CertificateMismatch { url: url.clone(), reason: m.to_string() },
+                None => EngineError::Unreachable { url: url.clone(), reason: error_chain(&e) },
+            })?;
             let status = resp.status();
             let body = read_limited(resp.into_body(), self.cfg.max_body_bytes, &url).await;
             if status.is_success() {
@@ -195,8 +217,9 @@ impl EngineClient {
     }
 }
 
-fn url(authority: &str, path: &str) -> String {
-    format!("http://{authority}{path}")
+fn url(tls: bool, authority: &str, path: &str) -> String {
+    let scheme = if tls { "https" } else { "http" };
+    format!("{scheme}://{authority}{path}")
 }
 
 fn http_error(url: &str, status: StatusCode, message: String) -> EngineError {

@@ -1,8 +1,9 @@
 //! [`EngineError`], the one error of this crate, with a stable code per variant, and
 //! [`engine_message`], which pulls the human message out of an engine's error body.
 //!
-//! Transport failures (refused, reset, timed out: the engine may be down) are told apart
-//! from HTTP errors (the engine answered and refused: it is up, the request was wrong).
+//! Transport failures (refused, reset, timed out: the engine may be down; a certificate that
+//! is not the pinned one) are told apart from HTTP errors (the engine answered and refused:
+//! it is up, the request was wrong).
 
 use std::time::Duration;
 
@@ -26,6 +27,14 @@ pub enum EngineError {
         /// The URL called.
         url: String,
         /// The transport error chain.
+        reason: String,
+    },
+    /// The engine's TLS certificate is not the one pinned for it: nothing was sent.
+    #[error("{url}: {reason}")]
+    CertificateMismatch {
+        /// The URL called.
+        url: String,
+        /// The host, the certificate's fingerprint and the pinned ones.
         reason: String,
     },
     /// No complete answer within the call's timeout.
@@ -70,6 +79,7 @@ impl EngineError {
         match self {
             EngineError::InvalidEndpoint { .. } => "engine.invalid_endpoint",
             EngineError::Unreachable { .. } => "engine.unreachable",
+            EngineError::CertificateMismatch { .. } => "engine.certificate_mismatch",
             EngineError::Timeout { .. } => "engine.timeout",
             EngineError::Http { .. } => "engine.http_status",
             EngineError::BodyTooLarge { .. } => "engine.body_too_large",
@@ -77,10 +87,13 @@ impl EngineError {
         }
     }
 
-    /// True when the engine could not be reached or did not answer in time (it may be
-    /// down), as opposed to an answer it gave.
+    /// True when the engine could not be reached (or not trusted: its certificate is not
+    /// pinned) or did not answer in time (it may be down), as opposed to an answer it gave.
     pub fn is_transport(&self) -> bool {
-        matches!(self, EngineError::Unreachable { .. } | EngineError::Timeout { .. })
+        matches!(
+            self,
+            EngineError::Unreachable { .. } | EngineError::Timeout { .. } | EngineError::CertificateMismatch { .. }
+        )
     }
 
     /// The HTTP status of an engine's error answer.

@@ -4,13 +4,15 @@
 //!
 //! ```text
 //!  agent probe ─┐                          ┌─ metrics: Prometheus text -> EngineMetrics (pure)
-//!               ├─> EngineClient ──http──> engine /health /metrics /v1/models /v1/*_lora_adapter
+//!               ├─> EngineClient ─http(s)─> engine /health /metrics /v1/models /v1/*_lora_adapter
 //!  gateway  ────┘   (timeout, body cap)    └─ models: /v1/models JSON -> Vec<ModelCard> (pure)
 //! ```
 //!
 //! [`metrics`] holds the name table mapping each engine family's metric names onto
 //! [`EngineMetrics`]; [`error`] the one error type with stable `engine.*` codes; [`key`] the
-//! engine's API key, which a client made [`EngineClient::with_key`] sends on `/v1` calls.
+//! engine's API key, which a client made [`EngineClient::with_key`] sends on `/v1` calls;
+//! [`pins`] the SHA-256 pins of engines' self-signed certificates and [`tls`] the verifier and
+//! connector that dial `https://` engines against them (no CA).
 #![forbid(unsafe_code)]
 
 pub mod client;
@@ -18,9 +20,13 @@ pub mod error;
 pub mod key;
 pub mod metrics;
 pub mod models;
+pub mod pins;
+pub mod tls;
 
 pub use client::{error_chain, EngineClient, EngineClientConfig, ENGINE_IDLE_REUSE};
 pub use error::{engine_message, EngineError};
 pub use key::EngineKey;
 pub use metrics::{EngineFlavor, EngineMetrics, LoraInfo};
 pub use models::{adapters, parse_models, ModelCard};
+pub use pins::{CertFingerprint, EnginePins, PinHold};
+pub use tls::{PinMismatch, PinnedConnector};

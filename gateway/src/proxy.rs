@@ -1,5 +1,7 @@
 //! Forwarding to engines: sends the original bytes to the leased endpoint (with the
-//! engine's API key as a bearer token when the endpoint table gives one), retries on a
+//! engine's API key as a bearer token when the endpoint table gives one; over https, to the
+//! certificate the table pins, when it gives a pin: an engine showing another certificate
+//! gets nothing and counts as a failed upstream), retries on a
 //! connect failure, transport error or 5xx before the first byte on another endpoint
 //! (bounded), feeds outlier ejection, and wraps the upstream body in [`ObservedBody`],
 //! which streams frames through as they arrive while measuring TTFT/TPOT, reading usage
@@ -42,7 +44,7 @@ pub struct Upstream {
 }
 
 fn build(lease: &Lease, kind: ApiKind, body: &Bytes, headers: &HeaderMap) -> Result<Request<Full<Bytes>>, ApiError> {
-    let uri = format!("http://{}{}", lease.endpoint.authority, kind.path());
+    let uri = lease.endpoint.url(kind.path());
     let mut b = Request::post(uri);
     for name in FORWARD_HEADERS {
         if let Some(v) = headers.get(name) {
@@ -121,7 +123,12 @@ pub async fn forward(
             }
             Ok(Err(e)) => {
                 failure(gw, &lease);
-                let why = format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default());
+                let why = match flotilla_engine::tls::pin_mismatch(&e) {
+                    Some(m) => m.to_string(),
+                    None => {
+                        format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())
+                    }
+                };
                 if tried.len() as u32 >= gw.cfg.max_retries {
                     return Err(ApiError::bad_gateway(format!("engine {} failed: {why}", lease.endpoint.id)));
                 }

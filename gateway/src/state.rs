@@ -1,10 +1,12 @@
 //! The gateway's shared state, one `Arc<Gateway>` per running gateway: configuration,
 //! endpoint directory, per-endpoint load, router, admission queues, tenant limits,
-//! metrics, the pooled upstream HTTP client, the on-demand adapter loader, the requests
+//! metrics, the pooled upstream HTTP(S) client (pinned to the table's engine certificates),
+//! the on-demand adapter loader, the requests
 //! held for models without endpoints, the demand book reported to the leader and the
 //! tenants' requests in flight; the bounded metric label of a requested name.
 
 use bytes::Bytes;
+use flotilla_engine::PinnedConnector;
 use http_body_util::Full;
 use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
@@ -23,8 +25,10 @@ use crate::routing::prefix::PrefixConfig;
 use crate::routing::Router;
 use crate::table::Directory;
 
-/// Upstream client: HTTP/1.1 with keep-alive pooling.
-pub type UpstreamClient = Client<HttpConnector, Full<Bytes>>;
+/// Upstream client: HTTP/1.1 with keep-alive pooling, plain to `http://` engines and TLS to
+/// `https://` ones, whose certificate must be the one the endpoint table pins
+/// ([`Directory::pins`]; a mismatch fails the handshake, before anything is sent).
+pub type UpstreamClient = Client<PinnedConnector, Full<Bytes>>;
 
 pub struct Gateway {
     pub cfg: Config,
@@ -46,11 +50,12 @@ impl Gateway {
         let mut conn = HttpConnector::new();
         conn.set_connect_timeout(Some(cfg.connect_timeout));
         conn.set_nodelay(true);
+        let dir = Directory::default();
         let client = Client::builder(TokioExecutor::new())
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(flotilla_engine::ENGINE_IDLE_REUSE)
             .pool_max_idle_per_host(1024)
-            .build(conn);
+            .build(flotilla_engine::tls::connector(conn, dir.pins()));
         let router = Router::new(PrefixConfig {
             block_chars: cfg.prefix_block_chars,
             balance_abs: cfg.prefix_balance_abs,
@@ -62,7 +67,7 @@ impl Gateway {
         let demand = DemandBook::new(loader.enabled() && cfg.demand_report_interval.is_some());
         Gateway {
             limits: Limits::new(cfg.gateway_replicas),
-            dir: Directory::default(),
+            dir,
             book: LoadBook::default(),
             router,
             admission: Admission::default(),

@@ -1,7 +1,8 @@
 //! Certificates for `flotilla tls ca create` and `flotilla tls cert create` (and tests): an
 //! ECDSA P-256 CA, and leaf certificates carrying an [`Identity`] as their URI name plus the
 //! DNS names and IPs a server is dialled at. Servers' and gateways' certificates may serve
-//! TLS (serverAuth) and dial (clientAuth); everyone else's only dial.
+//! TLS (serverAuth) and dial (clientAuth); everyone else's only dial. And [`self_signed`]:
+//! an engine's own server certificate, trusted by its SHA-256 pin rather than by a CA.
 
 use std::net::IpAddr;
 
@@ -124,6 +125,41 @@ pub fn issue(ca: &Issued, req: &CertRequest) -> Result<Issued, CertError> {
     Ok(Issued { cert_pem: cert.pem(), key_pem: key.serialize_pem() })
 }
 
+/// A self-signed certificate and its key.
+#[derive(Debug, Clone)]
+pub struct SelfSigned {
+    pub cert_pem: String,
+    pub key_pem: String,
+    /// The certificate's DER encoding (what a pin is the SHA-256 of).
+    pub cert_der: Vec<u8>,
+}
+
+/// A self-signed server certificate (ECDSA P-256, serverAuth) for `host`, an IP address or
+/// a DNS name, valid for `days` from an hour ago. Its holder is trusted by the certificate's
+/// SHA-256 (a pin), not by a CA: the agent makes one per engine (`--engine-tls`).
+pub fn self_signed(host: &str, days: i64) -> Result<SelfSigned, CertError> {
+    let mut params = CertificateParams::new(Vec::<String>::new()).map_err(rc("certificate parameters"))?;
+    let host = host.strip_prefix('[').and_then(|h| h.strip_suffix(']')).unwrap_or(host);
+    match host.parse::<IpAddr>() {
+        Ok(ip) => params.subject_alt_names.push(SanType::IpAddress(ip)),
+        Err(_) if valid_dns_name(host) && !host.starts_with("*.") => {
+            let name = host.to_string().try_into().map_err(rc("the DNS name"))?;
+            params.subject_alt_names.push(SanType::DnsName(name));
+        }
+        Err(_) => return Err(CertError::Invalid(format!("{host:?} is neither an IP address nor a DNS name"))),
+    }
+    let mut dn = DistinguishedName::new();
+    dn.push(DnType::CommonName, host);
+    dn.push(DnType::OrganizationName, "flotilla engine");
+    params.distinguished_name = dn;
+    params.key_usages = vec![KeyUsagePurpose::DigitalSignature];
+    params.extended_key_usages = vec![ExtendedKeyUsagePurpose::ServerAuth];
+    validity(&mut params, days);
+    let key = KeyPair::generate().map_err(rc("key"))?;
+    let cert = params.self_signed(&key).map_err(rc("certificate"))?;
+    Ok(SelfSigned { cert_pem: cert.pem(), key_pem: key.serialize_pem(), cert_der: cert.der().to_vec() })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -147,5 +183,24 @@ mod tests {
         assert_eq!(Identity::from_cert_der(&ca_der), Err(crate::identity::IdentityError::Missing));
         let bad = CertRequest { dns: vec!["not a name!".into()], ..req };
         assert!(issue(&ca, &bad).is_err());
+    }
+
+    #[test]
+    fn self_signed_certificates_name_their_host_and_match_their_pem() {
+        let ip = self_signed("10.0.0.5", 30).unwrap();
+        let der = CertificateDer::from_pem_slice(ip.cert_pem.as_bytes()).unwrap();
+        assert_eq!(der.as_ref(), ip.cert_der.as_slice());
+        let (_, cert) = x509_parser::parse_x509_certificate(&ip.cert_der).unwrap();
+        let san = cert.subject_alternative_name().unwrap().unwrap().value.general_names.clone();
+        assert_eq!(format!("{san:?}"), "[IPAddress([10, 0, 0, 5])]");
+        assert_eq!(cert.issuer(), cert.subject(), "self-signed");
+        assert!(self_signed("[::1]", 30).is_ok());
+        let dns = self_signed("localhost", 30).unwrap();
+        let (_, cert) = x509_parser::parse_x509_certificate(&dns.cert_der).unwrap();
+        assert!(format!("{:?}", cert.subject_alternative_name()).contains("localhost"));
+        assert_ne!(dns.cert_der, self_signed("localhost", 30).unwrap().cert_der, "a new key each time");
+        for bad in ["", "not a name!", "*.x.example"] {
+            assert!(self_signed(bad, 30).is_err(), "{bad:?}");
+        }
     }
 }

@@ -92,6 +92,14 @@ pub struct SimArgs {
     /// `ps` does not show; the flag wins over it.
     #[arg(long, env = "VLLM_API_KEY", hide_env_values = true)]
     pub api_key: Option<String>,
+    /// Serve HTTPS (HTTP/1.1 over TLS) with this certificate chain (PEM), as `vllm serve
+    /// --ssl-certfile` does; needs --ssl-keyfile. Plain HTTP requests then fail their
+    /// handshake. The agent sets both for the engines it starts with --engine-tls.
+    #[arg(long, requires = "ssl_keyfile")]
+    pub ssl_certfile: Option<std::path::PathBuf>,
+    /// The certificate's private key (PEM), as `vllm serve --ssl-keyfile`; needs --ssl-certfile.
+    #[arg(long, requires = "ssl_certfile")]
+    pub ssl_keyfile: Option<std::path::PathBuf>,
 }
 
 impl Default for SimArgs {
@@ -121,6 +129,8 @@ impl Default for SimArgs {
             reject_unknown_fields: false,
             startup_seconds: 0.0,
             api_key: None,
+            ssl_certfile: None,
+            ssl_keyfile: None,
         }
     }
 }
@@ -186,6 +196,15 @@ impl SimArgs {
         }
         if self.host.trim().is_empty() {
             return Err(SimError::invalid("host", "the listen address must not be empty"));
+        }
+        match (&self.ssl_certfile, &self.ssl_keyfile) {
+            (Some(_), None) => {
+                return Err(SimError::invalid("ssl-keyfile", "not given; --ssl-certfile needs it (both or neither)"))
+            }
+            (None, Some(_)) => {
+                return Err(SimError::invalid("ssl-certfile", "not given; --ssl-keyfile needs it (both or neither)"))
+            }
+            _ => {}
         }
         if !BLOCK_SIZES.contains(&self.block_size) {
             return Err(SimError::invalid(
@@ -359,6 +378,8 @@ mod tests {
             "max-num-batched-tokens"
         );
         assert_eq!(flag_of(SimArgs { num_gpu_blocks: Some(4), ..d() }), "max-model-len");
+        assert_eq!(flag_of(SimArgs { ssl_certfile: Some("c.pem".into()), ..d() }), "ssl-keyfile");
+        assert_eq!(flag_of(SimArgs { ssl_keyfile: Some("k.pem".into()), ..d() }), "ssl-certfile");
         let err = SimArgs { block_size: 0, ..d() }.validate().unwrap_err();
         assert!(err.is_usage());
         assert_eq!(err.exit_code(), 2);

@@ -54,6 +54,8 @@ enum CrashMode {
 pub struct SimHandle {
     addr: SocketAddr,
     model: String,
+    /// Serving HTTPS (`--ssl-certfile`).
+    tls: bool,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), SimError>>>,
 }
@@ -64,9 +66,10 @@ impl SimHandle {
         self.addr
     }
 
-    /// `http://ADDR`, for clients.
+    /// `http://ADDR`, or `https://ADDR` when serving TLS, for clients.
     pub fn base_url(&self) -> String {
-        format!("http://{}", self.addr)
+        let scheme = if self.tls { "https" } else { "http" };
+        format!("{scheme}://{}", self.addr)
     }
 
     /// The served model name.
@@ -115,6 +118,10 @@ pub async fn start(args: SimArgs) -> Result<SimHandle, SimError> {
 
 async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimError> {
     let cfg = args.validate()?;
+    let tls = match (&args.ssl_certfile, &args.ssl_keyfile) {
+        (Some(cert), Some(key)) => Some(http::serve::https(cert, key)?),
+        _ => None,
+    };
     let want = listen_addr(&args.host, args.port);
     let listener = TcpListener::bind(&want).await.map_err(|source| SimError::Bind { addr: want.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: want, source })?;
@@ -137,8 +144,10 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     tracing::info!(
         addr = %addr, model = %cfg.model, profile = cfg.profile.name, kv_blocks = cfg.num_blocks,
         block_size = cfg.block_size, max_num_seqs = cfg.max_num_seqs,
-        max_num_batched_tokens = cfg.max_num_batched_tokens, speedup = cfg.speedup, "sim engine started"
+        max_num_batched_tokens = cfg.max_num_batched_tokens, speedup = cfg.speedup, tls = tls.is_some(),
+        "sim engine started"
     );
+    let serving_tls = tls.is_some();
     let state = http::AppState {
         cfg: Arc::new(cfg.clone()),
         engine: tx.clone(),
@@ -154,7 +163,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let graceful_rx = stop_tx.subscribe();
     let task = tokio::spawn(async move {
-        let mut server = tokio::spawn(http::serve::serve(listener, app, http::serve::KEEP_ALIVE, graceful_rx));
+        let mut server = tokio::spawn(http::serve::serve(listener, app, http::serve::KEEP_ALIVE, tls, graceful_rx));
         let crashed = tokio::select! {
             r = &mut server => {
                 let _ = tx.send(engine::Command::Shutdown);
@@ -182,11 +191,11 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
             }
         }
     });
-    Ok(SimHandle { addr, model: cfg.model, stop: stop_tx, task: Some(task) })
+    Ok(SimHandle { addr, model: cfg.model, tls: serving_tls, stop: stop_tx, task: Some(task) })
 }
 
 /// Runs `flotilla sim`: binds, prints `flotilla sim listening on http://ADDR model=NAME`
-/// on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
+/// (`https://` with `--ssl-certfile`) on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
     let mut handle = start_with(args, CrashMode::Exit).await?;
     // Watch the signals before announcing the address: a supervisor may send SIGTERM as

@@ -148,3 +148,36 @@ async fn invalid_flags_are_usage_errors_naming_the_flag() {
     assert!(!err.is_usage(), "{err}");
     assert_eq!(err.exit_code(), 1);
 }
+
+#[tokio::test]
+async fn ssl_files_go_together_and_bad_ones_are_usage_errors_naming_them() {
+    let dir = tempfile::tempdir().unwrap();
+    let (cert, key) = (dir.path().join("cert.pem"), dir.path().join("key.pem"));
+    let pair = flotilla_security::certs::self_signed("127.0.0.1", 1).unwrap();
+    std::fs::write(&cert, &pair.cert_pem).unwrap();
+    std::fs::write(&key, &pair.key_pem).unwrap();
+    let only_cert = flotilla_sim::SimArgs { ssl_certfile: Some(cert.clone()), ..args() };
+    let err = flotilla_sim::start(only_cert).await.unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("--ssl-keyfile") && err.to_string().contains("both or neither"), "{err}");
+    let only_key = flotilla_sim::SimArgs { ssl_keyfile: Some(key.clone()), ..args() };
+    assert!(flotilla_sim::start(only_key).await.unwrap_err().to_string().contains("--ssl-certfile"));
+    let missing = dir.path().join("missing.pem");
+    let err = flotilla_sim::start(flotilla_sim::SimArgs {
+        ssl_certfile: Some(missing.clone()),
+        ssl_keyfile: Some(key.clone()),
+        ..args()
+    })
+    .await
+    .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("--ssl-certfile") && err.to_string().contains("missing.pem"), "{err}");
+    // A key that is not the certificate's.
+    let other = flotilla_security::certs::self_signed("127.0.0.1", 1).unwrap();
+    std::fs::write(&key, &other.key_pem).unwrap();
+    let err = flotilla_sim::start(flotilla_sim::SimArgs { ssl_certfile: Some(cert), ssl_keyfile: Some(key), ..args() })
+        .await
+        .unwrap_err();
+    assert_eq!(err.exit_code(), 2);
+    assert!(err.to_string().contains("--ssl-keyfile"), "{err}");
+}

@@ -5,7 +5,8 @@
 //! Model's `engine_args` are checked against the node's [`crate::engine_policy`] (a refusal
 //! fails the replica, naming the flag), and the engine gets its API key: a new one
 //! ([`crate::engine_key`]), or the one an adopted engine was started with, kept across its
-//! restarts and sent on every `/v1` call the agent makes to it. Beside this life cycle, in
+//! restarts and sent on every `/v1` call the agent makes to it; likewise its TLS certificate
+//! ([`crate::engine_tls`]), whose pin the agent's own calls to it hold. Beside this life cycle, in
 //! the same task, the [`super::lora_worker::Worker`] keeps the engine's LoRA adapters equal to
 //! the assigned list; the life cycle tells it the endpoint once ready, each `/v1/models`
 //! scrape, and the end of each process.
@@ -94,6 +95,7 @@ pub async fn run(
             // Started under an earlier policy: it must not keep running under this one.
             s.process.stop(env.cfg.stop_grace).await;
             let _ = env.state.remove(&a.replica);
+            crate::engine_tls::remove(&env.cfg.data_dir, &a.replica);
         }
         set_state(&report, "failed", &refusal.to_string());
         return park(&mut stop, &report).await;
@@ -109,16 +111,40 @@ pub async fn run(
         },
     };
     update(&report, |r| r.api_key = key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default());
-    let client = env.engine.with_key(key.clone());
+    let cfg = &env.cfg;
+    let tls =
+        match crate::engine_tls::prepare(&cfg.data_dir, &a.replica, &cfg.address, cfg.engine_tls, adopted.as_ref())
+            .await
+        {
+            Ok(t) => t,
+            Err(reason) => {
+                if let Some(s) = &adopted {
+                    // Its pin is unreadable: no client could trust it.
+                    s.process.stop(cfg.stop_grace).await;
+                    let _ = env.state.remove(&a.replica);
+                }
+                crate::engine_tls::remove(&cfg.data_dir, &a.replica);
+                set_state(&report, "failed", &reason);
+                return park(&mut stop, &report).await;
+            }
+        };
+    update(&report, |r| r.engine_cert_sha256 = tls.as_ref().map(|t| t.pin.hex()).unwrap_or_default());
+    // The agent's own calls to the engine accept its certificate while this task runs.
+    let _pin = tls.as_ref().and_then(|t| env.engine.pins().hold(&env.cfg.address, t.pin));
+    let client = env.engine.with_key(key.clone()).with_tls(tls.is_some());
     let (view, view_rx) = watch::channel(EngineView::default());
     let initial = adapters.borrow().clone();
     let worker = Worker::new(env.clone(), client.clone(), &a.replica, report.clone(), initial, adopted.is_some());
-    let life = life(Engine { env, client, key }, a, report, stop, adopted, adapters.clone(), view);
+    let (data_dir, replica) = (env.cfg.data_dir.clone(), a.replica.clone());
+    let life = life(Engine { env, client, key, tls }, a, report, stop, adopted, adapters.clone(), view);
     // The worker ends when `life` drops the view sender; `life` decides when both end.
     tokio::select! {
         () = life => {}
         () = worker.run(adapters, view_rx) => {}
     }
+    // Stopped for good (an agent exiting aborts this task before here, leaving the files to
+    // the engine it leaves running).
+    crate::engine_tls::remove(&data_dir, &replica);
 }
 
 /// What one engine's tasks share: the agent's, and the engine's key with a client that
@@ -128,6 +154,8 @@ struct Engine {
     client: EngineClient,
     /// None only for an adopted engine started before keys existed.
     key: Option<EngineKey>,
+    /// The certificate it serves TLS with; None: plain HTTP.
+    tls: Option<crate::engine_tls::EngineCert>,
 }
 
 /// The engine process's life cycle (see the module diagram).
@@ -330,7 +358,7 @@ fn launch(
 ) -> Result<Running, String> {
     let env = &engine.env;
     let port = env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?;
-    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path };
+    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref() };
     let mut cmd = driver.command(&spec).map_err(|e| {
         env.ports.release(port);
         e.to_string()
@@ -347,7 +375,8 @@ fn launch(
     let mut assignment: crate::state::SavedAssignment = a.into();
     assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
     let api_key = engine.key.as_ref().map(|k| k.expose().to_string());
-    let saved = SavedEngine { assignment, process: id, port, restarts, api_key };
+    let engine_cert_sha256 = engine.tls.as_ref().map(|t| t.pin.hex());
+    let saved = SavedEngine { assignment, process: id, port, restarts, api_key, engine_cert_sha256 };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }

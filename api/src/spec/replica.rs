@@ -98,4 +98,9 @@ pub struct ReplicaStatus {
     /// object a client reads ([`crate::Kind::secret_status_fields`]).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub api_key: Option<String>,
+    /// The SHA-256 (hex) of the self-signed certificate the engine serves TLS with (set with
+    /// `endpoint`; None: plain HTTP). Gateways call it over https and accept only that
+    /// certificate. Not a secret.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_cert_sha256: Option<String>,
 }

@@ -4,12 +4,14 @@
 //! knowledge laid over it ([`Overlay`]) and never emptied because the servers are gone
 //! ([`carry_over`]). Every change to the table or the watched models bumps a generation
 //! ([`Directory::changes`]) that releases requests held for a model without endpoints
-//! (`hold`).
+//! (`hold`). Every published table also sets the certificate pins the upstream client
+//! accepts ([`Directory::pins`]): an endpoint's pin lives exactly as long as it is routable.
 
 use std::collections::HashMap;
 use std::sync::{Arc, RwLock};
 
 use flotilla_api::spec::RoutingStrategy;
+use flotilla_engine::EnginePins;
 use tokio::sync::watch;
 
 use super::{Endpoint, EndpointId, EndpointSet, Tenants};
@@ -95,6 +97,8 @@ pub struct Directory {
     adapters_listed: std::sync::atomic::AtomicBool,
     /// Bumped on every published table and every change of the watched models.
     changes: watch::Sender<u64>,
+    /// The pins of the published table's TLS engines.
+    pins: EnginePins,
 }
 
 impl Directory {
@@ -105,9 +109,15 @@ impl Directory {
         self.install(Arc::new(set));
     }
     fn install(&self, set: Arc<EndpointSet>) {
+        self.pins.replace(set.pins());
         *self.endpoints.write().unwrap_or_else(|e| e.into_inner()) = set;
         self.synced.store(true, std::sync::atomic::Ordering::Release);
         self.changes.send_modify(|g| *g = g.wrapping_add(1));
+    }
+    /// The certificates the upstream client accepts: those of the published table's
+    /// endpoints, per host, replaced with every table.
+    pub fn pins(&self) -> &EnginePins {
+        &self.pins
     }
     /// A receiver that sees a change whenever the table or the watched models change.
     pub fn changes(&self) -> watch::Receiver<u64> {
@@ -269,6 +279,26 @@ mod tests {
         // endpoints of a model at desired 0 that are still in the snapshot are kept as they are.
         let still = carry_over(&next, set(&[("a", "1.1.1.1:1")]), &models, &mut held, t0, grace);
         assert_eq!(still.by_model["a"].len(), 1);
+    }
+
+    #[test]
+    fn the_pins_follow_the_published_table() {
+        let dir = Directory::default();
+        let pinned = |addr: &str, b: u8| {
+            let mut e = ep("a", addr, &[]);
+            e.cert = Some(format!("{b:02x}").repeat(32).parse().unwrap());
+            e
+        };
+        let fp = |b: u8| format!("{b:02x}").repeat(32).parse::<flotilla_engine::CertFingerprint>().unwrap();
+        dir.set_models([("a".into(), ModelInfo::default())].into_iter().collect());
+        dir.set_cluster_endpoints(EndpointSet::from_endpoints([pinned("10.0.0.1:1", 1), pinned("10.0.0.2:1", 2)]));
+        assert!(dir.pins().allows("10.0.0.1", &fp(1)) && dir.pins().allows("10.0.0.2", &fp(2)));
+        assert!(!dir.pins().allows("10.0.0.1", &fp(2)), "a pin holds for its own host only");
+        dir.set_cluster_endpoints(EndpointSet::from_endpoints([pinned("10.0.0.2:1", 3)]));
+        assert!(!dir.pins().allows("10.0.0.1", &fp(1)), "a removed endpoint loses its pin");
+        assert!(!dir.pins().allows("10.0.0.2", &fp(2)) && dir.pins().allows("10.0.0.2", &fp(3)), "a new pin replaces");
+        dir.set_cluster_endpoints(EndpointSet::default());
+        assert!(dir.pins().allows("10.0.0.2", &fp(3)), "carried over with its endpoint");
     }
 
     #[test]

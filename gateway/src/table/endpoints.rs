@@ -1,13 +1,14 @@
 //! The routing table's endpoints: ready engines ([`Endpoint`], named by [`EndpointId`]) with
-//! their loaded LoRA adapters and the engine's own load figures, grouped by model in an
-//! [`EndpointSet`] that resolves a requested model or adapter name to its candidates.
+//! their loaded LoRA adapters, the engine's own load figures, its API key and, for an engine
+//! serving TLS, its certificate pin, grouped by model in an [`EndpointSet`] that resolves a
+//! requested model or adapter name to its candidates.
 
 use std::collections::HashMap;
 use std::fmt;
 use std::sync::Arc;
 
 use flotilla_api::pb;
-use flotilla_engine::{EngineKey, EngineMetrics};
+use flotilla_engine::{CertFingerprint, EngineKey, EngineMetrics};
 use http::uri::Authority;
 
 use crate::names::{AdapterName, ModelName, ServedName};
@@ -63,6 +64,9 @@ pub struct Endpoint {
     /// The replica's template hash as a number (0: unknown, static backends): the side of
     /// a canary it is on ([`crate::canary`]).
     pub revision: u64,
+    /// The SHA-256 of the certificate the engine serves TLS with: requests go to `https://`
+    /// and only that certificate is accepted. None: plain HTTP.
+    pub cert: Option<CertFingerprint>,
 }
 
 impl Endpoint {
@@ -77,6 +81,20 @@ impl Endpoint {
             engine: EngineLoad::default(),
             api_key: None,
             revision: 0,
+            cert: None,
+        }
+    }
+
+    /// The URL of `path` on this engine: `http://host:port/path`, or for an engine serving
+    /// TLS `https://PIN@host:port/path`. The pin rides in the userinfo because hyper's
+    /// connection pool keys connections by scheme and authority (userinfo included): a
+    /// connection verified under one pin is never reused for an endpoint now pinned to
+    /// another, which gets a new handshake. It never leaves the gateway: requests go out in
+    /// origin form, and the Host header is the host and port only.
+    pub fn url(&self, path: &str) -> String {
+        match &self.cert {
+            Some(pin) => format!("https://{pin}@{}{path}", self.authority),
+            None => format!("http://{}{path}", self.authority),
         }
     }
 }
@@ -156,19 +174,30 @@ impl EndpointSet {
     pub fn is_empty(&self) -> bool {
         self.len() == 0
     }
+
+    /// `(address, pin)` of every endpoint serving TLS (for `flotilla_engine::EnginePins`).
+    pub fn pins(&self) -> impl Iterator<Item = (&str, CertFingerprint)> {
+        self.by_model.values().flatten().filter_map(|e| Some((e.authority.as_str(), e.cert?)))
+    }
 }
 
-/// Converts one endpoint of the control plane's shape (None when its address or its key is
-/// unusable: a key a header cannot carry would only earn 401s).
+/// Converts one endpoint of the control plane's shape (None when its address, its key or its
+/// certificate pin is unusable: a key a header cannot carry would only earn 401s, and an
+/// engine whose pin cannot be read cannot be trusted).
 pub fn endpoint_of(e: &pb::Endpoint) -> Option<Endpoint> {
     let authority = e.address.trim_start_matches("http://").trim_end_matches('/').parse().ok()?;
     let api_key = match e.api_key.as_str() {
         "" => None,
         k => Some(EngineKey::new(k)?),
     };
+    let cert = match e.engine_cert_sha256.as_str() {
+        "" => None,
+        pin => Some(pin.parse().ok()?),
+    };
     let mut ep = Endpoint::new(e.model.as_str(), authority);
     ep.api_key = api_key;
     ep.revision = crate::canary::revision_of(&e.template_hash);
+    ep.cert = cert;
     ep.node = e.node.clone();
     ep.replica = e.replica.clone();
     ep.adapters = e.loaded_adapters.iter().map(|a| AdapterName::new(a)).collect();
@@ -206,6 +235,28 @@ pub(crate) mod tests {
         assert_eq!(endpoint_of(&wire("10.0.0.1:20000", "")).unwrap().api_key, None);
         assert!(endpoint_of(&wire("10.0.0.1:20000", "bad key")).is_none());
         assert!(endpoint_of(&wire("not an address", "k3y")).is_none());
+    }
+
+    #[test]
+    fn engines_serving_tls_carry_their_pin_and_are_called_over_https() {
+        let pin = "ab".repeat(32);
+        let wire = |cert: &str| pb::Endpoint {
+            model: "m".into(),
+            address: "10.0.0.1:20000".into(),
+            engine_cert_sha256: cert.into(),
+            ..pb::Endpoint::default()
+        };
+        let tls = endpoint_of(&wire(&pin)).unwrap();
+        assert_eq!(tls.cert.map(|c| c.hex()), Some(pin.clone()));
+        let url: http::Uri = tls.url("/v1/completions").parse().unwrap();
+        assert_eq!(url.to_string(), format!("https://{pin}@10.0.0.1:20000/v1/completions"));
+        assert_eq!((url.host(), url.port_u16()), (Some("10.0.0.1"), Some(20000)), "dialled as host:port");
+        let plain = endpoint_of(&wire("")).unwrap();
+        assert_eq!((plain.cert, plain.url("/x").as_str()), (None, "http://10.0.0.1:20000/x"));
+        assert!(endpoint_of(&wire("not-a-pin")).is_none(), "an unreadable pin: not routed to");
+        let set = EndpointSet::from_endpoints([tls, plain, ep("m", "10.0.0.2:1", &[])]);
+        let pins: Vec<(&str, String)> = set.pins().map(|(a, p)| (a, p.hex())).collect();
+        assert_eq!(pins, [("10.0.0.1:20000", pin)]);
     }
 
     #[test]

@@ -56,6 +56,23 @@ impl FakeCp {
         self.endpoints.send_replace(pb::EndpointSet { endpoints, store_revision: 1 });
     }
 
+    /// Publishes a snapshot of endpoints (model, address, certificate pin; empty: plain HTTP).
+    pub fn set_pinned_endpoints(&self, eps: &[(&str, SocketAddr, &str)]) {
+        let endpoints = eps
+            .iter()
+            .enumerate()
+            .map(|(i, (m, a, pin))| pb::Endpoint {
+                replica: format!("r{i}"),
+                model: m.to_string(),
+                address: a.to_string(),
+                node: "n1".into(),
+                engine_cert_sha256: pin.to_string(),
+                ..Default::default()
+            })
+            .collect();
+        self.endpoints.send_replace(pb::EndpointSet { endpoints, store_revision: 1 });
+    }
+
     /// Creates or replaces an object and streams the change to watchers.
     pub fn put(&self, kind: &str, name: &str, spec: serde_json::Value) {
         self.put_with_status(kind, name, spec, serde_json::json!({}));

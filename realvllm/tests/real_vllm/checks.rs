@@ -36,7 +36,7 @@ pub async fn run(mut t: Tier) -> Tier {
     let s_started = Instant::now();
     let mut vllm = procs::start_vllm(&install, s_port, &dir.join("vllm.log"));
     let (mut server, grpc) = procs::start_server(&bin, &dir);
-    let mut agent = procs::start_agent(&bin, &install, &grpc, &dir);
+    let mut agent = procs::start_agent(&bin, &install, &grpc, &dir, &[]);
     let manifest = dir.join("tiny.yaml");
     std::fs::write(&manifest, cluster::model_manifest(&install)).expect("write manifest");
     let applied = Instant::now();
@@ -152,6 +152,14 @@ pub async fn run(mut t: Tier) -> Tier {
     }
 
     t.check("agent_stops_vllm_with_its_whole_process_tree", || agent_stops_cleanly(&bin, &grpc, &agent_dir)).await;
+
+    // The agent again, with --engine-tls on: its engine V' serves TLS with a pinned certificate.
+    t.check("agents_vllm_serves_tls_through_the_gateway", || async {
+        agent.stop(Duration::from_secs(10));
+        agent = procs::start_agent(&bin, &install, &grpc, &dir, &["--engine-tls", "on"]);
+        crate::engine_tls::agents_vllm_serves_tls(&bin, &grpc, &manifest, &agent_dir, START_TIMEOUT).await
+    })
+    .await;
     agent.stop(Duration::from_secs(10));
     server.stop(Duration::from_secs(5));
     t

@@ -15,6 +15,7 @@ mod checks;
 mod cluster;
 mod conformance;
 mod engine_key;
+mod engine_tls;
 mod install;
 mod procs;
 mod rollout;

@@ -57,15 +57,20 @@ pub fn vllm_template(install: &RealVllm) -> String {
     t
 }
 
-/// `flotilla agent` with one simulated GPU, running vLLM engines through `vllm_template`.
-pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path) -> Group {
+/// `flotilla agent` with one simulated GPU, running vLLM engines through `vllm_template`,
+/// with `extra` flags. It stops its engines when it exits: an engine in its own process
+/// group would otherwise outlive the run when the checks that delete the Model are filtered
+/// out.
+pub fn start_agent(bin: &Path, install: &RealVllm, server: &str, dir: &Path, extra: &[&str]) -> Group {
     let mut cmd = Command::new(bin);
     cmd.args(["agent", "--server", server, "--node-name", "cpu-1", "--gpus", "1", "--gpu-type", "CPU-24GB"])
+        .arg("--stop-engines-on-exit")
         .args(["--heartbeat-interval-ms", "250", "--stop-grace-ms", "10000"])
         .arg("--data-dir")
         .arg(dir.join("agent"))
         .arg("--vllm-command")
         .arg(vllm_template(install))
+        .args(extra)
         .envs(install.env())
         .env("RUST_LOG", "info");
     Group::spawn("flotilla agent", cmd, &dir.join("agent.log"))

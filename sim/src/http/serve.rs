@@ -8,20 +8,49 @@
 //!   timer runs from when a connection starts waiting for its next request, so it is the
 //!   idle timeout; it also bounds a slow client's request head, as uvicorn's does.
 //! - On stop: no new connections; open ones finish their requests (graceful).
+//! - With `--ssl-certfile`/`--ssl-keyfile` ([`https`]), every connection is TLS, as uvicorn's
+//!   with vLLM's `--ssl-*` flags: the handshake runs in the connection's own task (at most
+//!   10 s), and a client that fails it (one speaking plain HTTP, or refusing the
+//!   certificate) is closed without an answer, logged at debug.
 
+use std::path::Path;
+use std::sync::Arc;
 use std::time::Duration;
 
 use axum::Router;
+use flotilla_security::https::HttpsCert;
+use flotilla_security::TlsError;
 use hyper_util::rt::{TokioIo, TokioTimer};
 use hyper_util::server::graceful::GracefulShutdown;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 
+use crate::error::SimError;
+
 /// vLLM's default `VLLM_HTTP_TIMEOUT_KEEP_ALIVE`.
 pub const KEEP_ALIVE: Duration = Duration::from_secs(5);
 
-/// Serves `app` on `listener` until `stop` turns true, then waits for open requests.
-pub async fn serve(listener: TcpListener, app: Router, keep_alive: Duration, mut stop: watch::Receiver<bool>) {
+/// The TLS certificate of `--ssl-certfile` and `--ssl-keyfile`; an error names the flag of
+/// the file at fault (a usage error: exit code 2).
+pub fn https(cert: &Path, key: &Path) -> Result<Arc<HttpsCert>, SimError> {
+    HttpsCert::load(cert.to_path_buf(), key.to_path_buf()).map_err(|e| {
+        let flag = match &e {
+            TlsError::Read { path, .. } | TlsError::Empty { path, .. } if Path::new(path) == cert => "ssl-certfile",
+            _ => "ssl-keyfile",
+        };
+        SimError::invalid(flag, e.to_string())
+    })
+}
+
+/// Serves `app` on `listener` (over TLS with `tls`) until `stop` turns true, then waits for
+/// open requests.
+pub async fn serve(
+    listener: TcpListener,
+    app: Router,
+    keep_alive: Duration,
+    tls: Option<Arc<HttpsCert>>,
+    mut stop: watch::Receiver<bool>,
+) {
     let graceful = GracefulShutdown::new();
     let stopped = async move {
         let _ = stop.wait_for(|s| *s).await;
@@ -43,14 +72,22 @@ pub async fn serve(listener: TcpListener, app: Router, keep_alive: Duration, mut
                     tracing::debug!(error = %e, "cannot set TCP_NODELAY");
                 }
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
-                let conn = hyper::server::conn::http1::Builder::new()
-                    .timer(TokioTimer::new())
-                    .header_read_timeout(keep_alive)
-                    .keep_alive(true)
-                    .serve_connection(TokioIo::new(tcp), svc);
-                let conn = graceful.watch(conn);
+                let mut http = hyper::server::conn::http1::Builder::new();
+                http.timer(TokioTimer::new()).header_read_timeout(keep_alive).keep_alive(true);
+                let watcher = graceful.watcher();
+                let tls = tls.clone();
                 tokio::spawn(async move {
-                    if let Err(e) = conn.await {
+                    let ended = match tls {
+                        None => watcher.watch(http.serve_connection(TokioIo::new(tcp), svc)).await,
+                        Some(cert) => match cert.accept(tcp).await {
+                            Ok(stream) => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
+                            Err(e) => {
+                                tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
+                                return;
+                            }
+                        },
+                    };
+                    if let Err(e) = ended {
                         tracing::debug!(peer = %peer, error = %e, "connection ended with an error");
                     }
                 });
