@@ -130,6 +130,11 @@ enum Command {
     ///
     /// Example: flotilla events --for model/llama -w
     Events(cmd::events::EventsArgs),
+    /// Back up the cluster's whole state to a checksummed file, and check one (admin).
+    ///
+    /// Example: flotilla snapshot save backup.snap && flotilla snapshot inspect backup.snap
+    #[command(subcommand)]
+    Snapshot(cmd::snapshot::SnapshotCommand),
     /// Tenants' API keys, made by the server and shown once: create, list, revoke.
     ///
     /// Example: flotilla tenant key create team-search
@@ -218,6 +223,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Token(c) => cmd::token::run(&client, c, cli.output).await,
         Command::Audit(a) => cmd::audit::run(&client, a, cli.output).await,
         Command::Events(a) => cmd::events::run(&client, a, cli.output).await,
+        Command::Snapshot(c) => cmd::snapshot::run(&client, c, cli.output).await,
         Command::Tenant(c) => cmd::tenant::run(&client, c, cli.output).await,
         Command::Chaos(c) => {
             init_logging("warn");

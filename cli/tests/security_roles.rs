@@ -123,6 +123,7 @@ async fn call(ch: Channel, path: &str, node: &str) -> Code {
         "RemoveMember" => code(Cluster::new(ch).remove_member(pb::RemoveMemberRequest { id: 0 }).await),
         "Audit" => code(Cluster::new(ch).audit(pb::AuditRequest::default()).await),
         "Events" => code(Cluster::new(ch).events(pb::EventsRequest::default()).await),
+        "Snapshot" => code(Cluster::new(ch).snapshot(pb::SnapshotRequest {}).await),
         "CreateKey" => code(
             pb::tenant_key_service_client::TenantKeyServiceClient::new(ch)
                 .create_key(pb::CreateTenantKeyRequest { tenant: "absent".into() })

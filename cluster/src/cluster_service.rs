@@ -7,7 +7,7 @@ use flotilla_api::pb::cluster_service_client::ClusterServiceClient;
 use flotilla_api::pb::cluster_service_server::ClusterService;
 use flotilla_api::pb::{
     AddMemberRequest, AddMemberResponse, AuditEntry, AuditRequest, AuditResponse, Event, EventsRequest, EventsResponse,
-    Member, RemoveMemberRequest, RemoveMemberResponse, StatusRequest, StatusResponse,
+    Member, RemoveMemberRequest, RemoveMemberResponse, SnapshotChunk, SnapshotRequest, StatusRequest, StatusResponse,
 };
 use flotilla_storage::audit::Caller;
 use flotilla_storage::Command;
@@ -30,6 +30,8 @@ const MEMBERSHIP_TIMEOUT: Duration = Duration::from_secs(60);
 const MEMBER_STATUS_TIMEOUT: Duration = Duration::from_millis(800);
 /// Audit entries per answer: by default, and at most.
 const AUDIT_DEFAULT_LIMIT: usize = 100;
+/// Largest chunk of a `Snapshot` stream (below gRPC's 4 MiB default message limit).
+const SNAPSHOT_CHUNK: usize = 1 << 20;
 
 impl ClusterServiceImpl {
     /// This server's own view of the group.
@@ -312,6 +314,34 @@ impl ClusterService for ClusterServiceImpl {
             store_revision,
             answered_by: self.node.id,
         })))
+    }
+
+    type SnapshotStream =
+        std::pin::Pin<Box<dyn futures::Stream<Item = Result<SnapshotChunk, Status>> + Send + 'static>>;
+
+    /// This server's whole state at one store revision, in 1 MiB chunks (admin only: it
+    /// holds every secret the store does).
+    async fn snapshot(&self, _request: Request<SnapshotRequest>) -> Result<Response<Self::SnapshotStream>, Status> {
+        let timer = self.node.metrics.grpc_timer("Snapshot");
+        let (data, revision) =
+            self.node.reader.export().map_err(|e| Status::internal(format!("cannot serialize the state: {e}")))?;
+        let (total_bytes, sha256, answered_by) =
+            (data.len() as u64, flotilla_storage::backup::sha256(&data), self.node.id);
+        let chunks: Vec<Result<SnapshotChunk, Status>> = data
+            .chunks(SNAPSHOT_CHUNK)
+            .enumerate()
+            .map(|(i, c)| {
+                let first = i == 0;
+                Ok(SnapshotChunk {
+                    data: c.to_vec(),
+                    revision: if first { revision } else { 0 },
+                    total_bytes: if first { total_bytes } else { 0 },
+                    sha256: if first { sha256.clone() } else { String::new() },
+                    answered_by: if first { answered_by } else { 0 },
+                })
+            })
+            .collect();
+        timer.finish(Ok(Response::new(Box::pin(futures::stream::iter(chunks)) as Self::SnapshotStream)))
     }
 
     /// The event log as this server's state machine holds it (a follower may lag).

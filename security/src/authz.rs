@@ -39,6 +39,8 @@ pub const TABLE: &[(&str, &[Role])] = &[
     ("/flotilla.v1.ClusterService/AddMember", &[Admin, Peer]),
     ("/flotilla.v1.ClusterService/RemoveMember", &[Admin, Peer]),
     ("/flotilla.v1.ClusterService/Audit", &[Admin]),
+    // the whole state, secrets included (engine keys, tenant key hashes)
+    ("/flotilla.v1.ClusterService/Snapshot", &[Admin]),
     // cluster-wide: not for identities scoped to a label selector
     ("/flotilla.v1.ClusterService/Events", &[Admin, Operator, Viewer, Peer]),
     ("/flotilla.v1.TenantKeyService/CreateKey", &[Admin, Peer]),

@@ -17,6 +17,7 @@
 
 mod applied;
 pub mod audit;
+pub mod backup;
 mod checksum;
 mod command;
 mod error;

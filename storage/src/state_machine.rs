@@ -347,6 +347,12 @@ impl StoreReader {
         self.read(|i| i.store.applied_result(id, key))
     }
 
+    /// The whole state as the snapshot format serializes it (a `Store` as JSON) and its
+    /// store revision, read under one lock: a consistent point in time (`snapshot save`).
+    pub fn export(&self) -> Result<(Vec<u8>, u64), serde_json::Error> {
+        self.read(|i| Ok((serde_json::to_vec(&i.store)?, i.store.revision())))
+    }
+
     /// Events at or after `since` about `object` (see [`crate::eventlog::EventLog::query`]),
     /// the oldest revision kept and the store revision.
     pub fn events(&self, since: u64, object: &str, limit: usize) -> (Vec<crate::eventlog::Event>, u64, u64) {

@@ -8,6 +8,7 @@ pub(crate) mod objects;
 pub(crate) mod rollout;
 pub(crate) mod scale;
 pub(crate) mod server;
+pub(crate) mod snapshot;
 pub(crate) mod tenant;
 pub(crate) mod tls;
 pub(crate) mod token;
