@@ -95,17 +95,23 @@ async fn a_tls_engine_is_reached_over_https_with_its_pin_and_a_wrong_pin_gets_no
     let other = CertFingerprint::of_der(b"some other certificate");
     cp.set_pinned_endpoints(&[(MODEL, via, other.hex().as_str())]);
     let mut last = None;
+    // Requests answered before the gateway has the new table still reach the engine (200).
+    let mut before_the_new_table = 0.0;
     for _ in 0..100 {
         let r = complete(addr, "secret prompt", 4, &[]).await;
         if r.status == 502 {
             last = Some(r);
             break;
         }
+        if r.status == 200 {
+            before_the_new_table += 1.0;
+        }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     let r = last.expect("a 502 once the table pins another certificate");
     let text = r.text();
     assert!(text.contains("is not the one pinned for it") && text.contains(&pin.hex()), "{text}");
+    let served = served + before_the_new_table;
     assert_eq!(finished(&engine, pin).await, served, "the refused request reached the engine");
     assert_eq!(complete(addr, "secret prompt", 4, &[]).await.status, 502);
     let ejected = metric_sum(addr, "flotilla_gateway_ejections_total", &[&via.to_string()]).await;
