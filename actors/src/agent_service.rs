@@ -162,8 +162,7 @@ async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsEr
         let existing = o.as_ref().map(NodeView::from_stored).transpose()?;
         let live = lock(&ctx.live).get(&name).cloned();
         let name = check_register(reg, live.as_ref(), ttl, Instant::now())?;
-        let wall_ms =
-            std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64);
+        let wall_ms = flotilla_api::civil::unix_ms();
         let (spec, status) = registered_node(reg, existing.as_ref(), wall_ms);
         let op = TxnOp::Put {
             key: key(Kind::Node, &name),

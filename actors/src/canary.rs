@@ -40,14 +40,6 @@ struct Sample {
     ttft_samples: u64,
 }
 
-/// Wall-clock milliseconds since the Unix epoch (steps are timed in wall time so that they
-/// survive a leader change).
-pub fn unix_ms() -> u64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
-}
-
 /// One side's numbers over a step.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct RevisionStats {

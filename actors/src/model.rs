@@ -507,18 +507,17 @@ impl ModelActorState {
         for n in failed {
             self.s.failed_since.entry(n.clone()).or_insert(now);
         }
-        self.refresh_adapters();
-        self.refresh_canary();
+        // Rollout-only facts: a steady model costs no adapter scan or canary lookup.
+        let rolling = self.s.rolling();
+        self.refresh_adapters(rolling);
+        self.refresh_canary(rolling);
     }
 
     /// The wall clock, and a canary's figures since its step began (only while one runs).
-    fn refresh_canary(&mut self) {
-        self.s.now_ms = canary::unix_ms();
+    fn refresh_canary(&mut self, rolling: bool) {
+        self.s.now_ms = flotilla_api::civil::unix_ms();
         self.s.canary_stats = Default::default();
-        let Some(model) = self.s.model.as_ref().filter(|m| m.spec.rollout.canary.is_some()) else { return };
-        if !self.s.rolling() {
-            return;
-        }
+        let Some(model) = self.s.model.as_ref().filter(|m| rolling && m.spec.rollout.canary.is_some()) else { return };
         let current = model.spec.template().hash();
         let stored = ModelStatus::of(model).rollout.and_then(|r| r.canary).filter(|c| c.hash == current);
         let since = stored.map_or(self.s.now_ms, |c| c.step_started_ms);
@@ -529,10 +528,10 @@ impl ModelActorState {
 
     /// The pinned adapters of this base model and what each engine reports loaded: read
     /// only while a rollout runs, so a steady model costs no adapter scan.
-    fn refresh_adapters(&mut self) {
+    fn refresh_adapters(&mut self, rolling: bool) {
         self.s.pinned_adapters.clear();
         self.s.loaded_adapters.clear();
-        if !self.s.rolling() {
+        if !rolling {
             return;
         }
         let (list, _) = self.ctx.handle.reader().list(Kind::Adapter, &LabelSelector::default());

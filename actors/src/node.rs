@@ -112,11 +112,6 @@ pub(crate) fn log_gpu_changes(
     }
 }
 
-/// Wall-clock ms since the Unix epoch (for operators; decisions use the tokio clock).
-fn wall_unix_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Messages of a node actor.
 #[derive(Debug, PartialEq)]
 pub enum NodeMsg {
@@ -180,7 +175,7 @@ impl NodeActorState {
             unhealthy_gpus,
             gpu_reports,
             now: Instant::now(),
-            wall_unix_ms: wall_unix_ms(),
+            wall_unix_ms: flotilla_api::civil::unix_ms(),
         })
     }
 }

@@ -22,9 +22,7 @@ pub struct Outcome {
 /// Proposes each command in order.
 pub async fn execute(ctx: &Ctx, cmds: Vec<Command>) -> Result<Outcome, ActorsError> {
     let mut out = Outcome::default();
-    let now_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let now_ms = flotilla_api::civil::unix_ms();
     for mut cmd in cmds {
         // Notes are stamped as they are proposed (the decisions that make them are pure).
         if let Command::Recorded { notes, .. } = &mut cmd {

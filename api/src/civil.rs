@@ -1,6 +1,15 @@
 //! Calendar dates in UTC from Unix seconds (H. Hinnant's civil-from-days), for the places
 //! that print or sign dates without a time-zone database: `flotilla audit`'s table and the
-//! agent's S3 request signatures.
+//! agent's S3 request signatures; and [`unix_ms`], the one reading of the wall clock in
+//! milliseconds (for timestamps operators read and for what must survive a leader change;
+//! decisions use the tokio clock).
+
+/// Wall-clock milliseconds since the Unix epoch (0 before it).
+pub fn unix_ms() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX))
+}
 
 /// A UTC instant split into its calendar fields.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]

@@ -162,8 +162,7 @@ fn autoscaling_rows(doc: &Value) -> Vec<Vec<Vec<String>>> {
         metrics.push(vec![field(m, "name"), value, field(m, "target")]);
     }
     let mut history = vec![["WHEN", "FROM", "TO", "REASON"].map(String::from).to_vec()];
-    let now_ms =
-        std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_millis() as u64).unwrap_or(0);
+    let now_ms = flotilla_api::civil::unix_ms();
     for e in st["history"].as_array().into_iter().flatten().rev() {
         let ago = now_ms.saturating_sub(e["at_ms"].as_u64().unwrap_or(0)) / 1000;
         history.push(vec![format!("{ago}s ago"), field(e, "from"), field(e, "to"), field(e, "reason")]);

@@ -3,7 +3,6 @@
 //! the audit log names who asked, not the forwarding server). Both are taken from a request
 //! only when a peer forwarded it (or security is off, where every caller is trusted alike):
 //! a client cannot pose as someone else in the audit log or replay another request's answer.
-use std::time::{SystemTime, UNIX_EPOCH};
 
 use flotilla_security::{Identity, Role};
 use flotilla_storage::audit::Caller;
@@ -92,16 +91,12 @@ pub(crate) fn caller<T>(req: &Request<T>, method: &str, target: String) -> Calle
         (true, Some(who), Some(from)) => (bounded(who), bounded(from)),
         _ => own(),
     };
-    Caller { who, method: method.into(), target, from, at_ms: now_ms() }
+    Caller { who, method: method.into(), target, from, at_ms: flotilla_api::civil::unix_ms() }
 }
 
 /// A header value cut to a sane length (a peer is trusted, but a log entry stays small).
 fn bounded(s: &str) -> String {
     s.chars().take(256).collect()
-}
-
-fn now_ms() -> u64 {
-    SystemTime::now().duration_since(UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
 }
 
 /// `command`, applied once under `id` and recorded in the audit log as made by `caller`.

@@ -127,7 +127,7 @@ impl AutoscaleService for AutoscaleServiceImpl {
             req.models.iter().filter(|m| m.held > 0).filter_map(|m| m.model.parse().ok()).collect();
         let now = Instant::now();
         {
-            let now_ms = crate::canary::unix_ms();
+            let now_ms = flotilla_api::civil::unix_ms();
             let mut canary = lock(&self.ctx.canary);
             for m in &req.models {
                 if let Ok(model) = m.model.parse::<ObjectName>() {

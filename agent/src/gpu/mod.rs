@@ -21,6 +21,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 
+use flotilla_api::civil::unix_ms;
 use flotilla_api::pb;
 
 use crate::config::GpuSource;
@@ -72,10 +73,6 @@ pub fn load_faults(path: &Path, count: u32) -> Result<Vec<Fault>, AgentError> {
     faults::parse(&text, count).map_err(|e| AgentError::invalid("gpu-faults", format!("{}: {e}", path.display())))
 }
 
-fn wall_ms() -> u64 {
-    std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_millis() as u64)
-}
-
 /// Injected faults and where they come from.
 #[derive(Debug, Default)]
 struct FaultState {
@@ -92,7 +89,7 @@ struct FaultState {
 impl FaultState {
     /// Replaces the faults, keeping the first-seen time of entries that stay.
     fn set(&mut self, faults: Vec<Fault>) {
-        let now = wall_ms();
+        let now = unix_ms();
         let first_seen = faults
             .iter()
             .map(|f| self.faults.iter().position(|o| o == f).map_or(now, |i| self.first_seen[i]))

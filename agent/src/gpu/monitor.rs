@@ -9,7 +9,9 @@ use flotilla_api::spec::GpuHealthState;
 
 use super::classify::{HealthPolicy, Track, Verdict};
 use super::signals::GpuSignals;
-use super::{wall_ms, GpuInfo, GpuInventory};
+use flotilla_api::civil::unix_ms;
+
+use super::{GpuInfo, GpuInventory};
 
 /// Most evidence lines one GPU reports.
 pub const MAX_EVIDENCE: usize = 8;
@@ -54,7 +56,7 @@ impl GpuMonitor {
     /// One probe judged alone (no history).
     pub fn classify_once(gpus: &[GpuInfo], signals: &[GpuSignals]) -> Vec<GpuInfo> {
         let p = HealthPolicy::default();
-        let now = wall_ms();
+        let now = unix_ms();
         gpus.iter()
             .map(|g| match signals.iter().find(|s| s.index == g.index) {
                 Some(s) => report(g, &Track::default().step(s, now, &p)),
@@ -76,7 +78,7 @@ impl GpuInventory for GpuMonitor {
     fn probe(&self) -> Vec<GpuInfo> {
         let gpus = self.inner.gpus();
         let signals = self.inner.signals();
-        let now = wall_ms();
+        let now = unix_ms();
         let mut tracks = self.tracks.lock().unwrap_or_else(|p| p.into_inner());
         gpus.iter()
             .map(|g| {

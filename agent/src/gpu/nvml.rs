@@ -16,7 +16,9 @@ use nvml_wrapper::error::NvmlError;
 use nvml_wrapper::Nvml;
 
 use super::signals::{GpuSignals, PcieLink, Throttle, XidEvent};
-use super::{wall_ms, GpuInfo, GpuInventory};
+use flotilla_api::civil::unix_ms;
+
+use super::{GpuInfo, GpuInventory};
 use crate::error::AgentError;
 
 /// How long an XID event keeps counting (a critical one keeps its GPU Failed this long).
@@ -113,7 +115,7 @@ fn watch_xids(nvml: &'static Nvml, count: u32, sink: Arc<Mutex<VecDeque<(u32, Xi
                 let Ok(index) = ev.device.index() else { continue };
                 tracing::warn!(gpu = index, xid = code, "NVML XID event");
                 let mut q = sink.lock().unwrap_or_else(|p| p.into_inner());
-                q.push_back((index, XidEvent { code, at_ms: wall_ms() }));
+                q.push_back((index, XidEvent { code, at_ms: unix_ms() }));
                 while q.len() > MAX_XIDS {
                     q.pop_front();
                 }
@@ -249,7 +251,7 @@ impl GpuInventory for NvmlGpus {
     fn signals(&self) -> Vec<GpuSignals> {
         let registered = self.gpus.len() as u32;
         let visible = self.nvml.device_count().unwrap_or(0);
-        let now = wall_ms();
+        let now = unix_ms();
         let xids = {
             let mut q = self.xids.lock().unwrap_or_else(|p| p.into_inner());
             while q.front().is_some_and(|(_, x)| now.saturating_sub(x.at_ms) > XID_WINDOW_MS) {

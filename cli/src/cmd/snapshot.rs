@@ -62,9 +62,7 @@ async fn save(client: &Client, file: &Path, format: Format) -> Result<(), CliErr
             backup::sha256(&data)
         )));
     }
-    let created_at_ms = std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map_or(0, |d| u64::try_from(d.as_millis()).unwrap_or(u64::MAX));
+    let created_at_ms = flotilla_api::civil::unix_ms();
     let header = Header { revision, bytes: 0, sha256: String::new(), created_at_ms, answered_by };
     write_atomically(file, &backup::encode(header, &data))?;
     let kinds = backup::kinds(&data).map_err(|e| CliError::runtime(e.to_string()))?;
