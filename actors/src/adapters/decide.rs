@@ -166,16 +166,21 @@ impl AdapterState {
     fn ready(&self, r: &ReplicaView) -> bool {
         r.phase() == ReplicaPhase::Ready && self.node_up(r)
     }
-
-    /// Runs the model's current template (every replica does outside a rollout).
-    fn current(&self, r: &ReplicaView) -> bool {
-        self.model.as_ref().is_none_or(|m| r.spec.template_hash() == m.spec.template().hash())
-    }
 }
 
 /// The decision. Call [`note_failures`] first.
 pub fn decide(s: &AdapterState) -> Plan {
     let mut plan = Plan::default();
+    // The replicas that run the model's current template (all of them outside a rollout),
+    // hashed once per decision rather than at every comparison below.
+    let template = s.model.as_ref().map(|m| m.spec.template().hash());
+    let current_set: BTreeSet<&ObjectName> = s
+        .replicas
+        .values()
+        .filter(|r| template.as_ref().is_none_or(|h| r.spec.template_hash() == *h))
+        .map(|r| &r.name)
+        .collect();
+    let current = |r: &ReplicaView| current_set.contains(&r.name);
     let lora = s.model.as_ref().map(|m| m.spec.lora());
     let capacity = match &lora {
         Some(Ok(l)) if l.enabled => l.max_cpu_loras as usize,
@@ -210,7 +215,7 @@ pub fn decide(s: &AdapterState) -> Plan {
             on.sort_by_key(|r| {
                 let loaded =
                     matches!(reported(s.reports.get(&r.name), name.as_str()), Some((AdapterReplicaState::Loaded, _)));
-                (!s.current(r), !loaded, r.name.clone())
+                (!current(r), !loaded, r.name.clone())
             });
             for r in on.into_iter().take(a.spec.replicas.pinned() as usize) {
                 out.insert((name.clone(), r.name.clone()));
@@ -228,11 +233,11 @@ pub fn decide(s: &AdapterState) -> Plan {
             let n = a.spec.replicas.pinned();
             let serving_holders = s.replicas.values().filter(|r| s.serving(r) && holds(&bindings, name, &r.name));
             let (on, on_current) =
-                serving_holders.fold((0u32, 0u32), |(all, cur), r| (all + 1, cur + u32::from(s.current(r))));
+                serving_holders.fold((0u32, 0u32), |(all, cur), r| (all + 1, cur + u32::from(current(r))));
             let current_room = s
                 .replicas
                 .values()
-                .filter(|r| s.serving(r) && s.current(r) && !s.failures.contains_key(&(name.clone(), r.name.clone())))
+                .filter(|r| s.serving(r) && current(r) && !s.failures.contains_key(&(name.clone(), r.name.clone())))
                 .count() as u32;
             let missing = n.saturating_sub(on);
             let moving = n.min(current_room).saturating_sub(on_current).saturating_sub(missing);
@@ -263,7 +268,7 @@ pub fn decide(s: &AdapterState) -> Plan {
                 .values()
                 .filter(|r| if pinned { s.serving(r) } else { s.ready(r) })
                 .filter(|r| !avoid.contains(&r.name) && !holds(&bindings, &name, &r.name))
-                .filter(|r| !current_only || s.current(r))
+                .filter(|r| !current_only || current(r))
                 .filter(|r| !s.failures.contains_key(&(name.clone(), r.name.clone())))
                 .collect();
             let used = |r: &ObjectName| bindings.get(r).map_or(0, Vec::len);
@@ -281,8 +286,8 @@ pub fn decide(s: &AdapterState) -> Plan {
                         AdapterPlacement::BinPack => used(&y.name).cmp(&used(&x.name)),
                         AdapterPlacement::LeastLoad => load(x).total_cmp(&load(y)),
                     };
-                    (!s.current(x), !s.ready(x))
-                        .cmp(&(!s.current(y), !s.ready(y)))
+                    (!current(x), !s.ready(x))
+                        .cmp(&(!current(y), !s.ready(y)))
                         .then(by_policy)
                         .then(x.name.cmp(&y.name))
                 })
