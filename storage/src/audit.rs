@@ -66,10 +66,7 @@ pub struct AuditLog {
 
 impl AuditLog {
     pub fn push(&mut self, entry: Entry) {
-        self.entries.push_back(entry);
-        while self.entries.len() > KEPT {
-            self.entries.pop_front();
-        }
+        crate::revision_log::push(&mut self.entries, entry, KEPT);
     }
 
     /// Entries at or after store revision `since` whose caller contains `who` (all when
@@ -77,11 +74,8 @@ impl AuditLog {
     /// Inclusive: several entries may share a revision (a conflict, a membership change and
     /// the write before them), and none of them may be skipped.
     pub fn query(&self, since: u64, who: &str, limit: usize) -> Vec<Entry> {
-        let start = self.entries.partition_point(|e| e.revision < since);
-        let matching: Vec<&Entry> =
-            self.entries.range(start..).filter(|e| who.is_empty() || e.caller.who.contains(who)).collect();
-        let skip = matching.len().saturating_sub(limit);
-        matching.into_iter().skip(skip).cloned().collect()
+        let keep = |e: &Entry| who.is_empty() || e.caller.who.contains(who);
+        crate::revision_log::query(&self.entries, since, |e| e.revision, keep, limit)
     }
 
     /// The revision of the oldest kept entry (0 when empty): earlier ones were dropped.

@@ -58,20 +58,14 @@ impl EventLog {
         note.reason = cut(&note.reason, 64);
         note.object = cut(&note.object, 256);
         note.by = cut(&note.by, 64);
-        self.events.push_back(Event { revision, note });
-        while self.events.len() > KEPT {
-            self.events.pop_front();
-        }
+        crate::revision_log::push(&mut self.events, Event { revision, note }, KEPT);
     }
 
     /// Events at or after revision `since` about `object` (all when empty), oldest first,
     /// the newest `limit` when more match.
     pub fn query(&self, since: u64, object: &str, limit: usize) -> Vec<Event> {
-        let start = self.events.partition_point(|e| e.revision < since);
-        let matching: Vec<&Event> =
-            self.events.range(start..).filter(|e| object.is_empty() || e.note.object == object).collect();
-        let skip = matching.len().saturating_sub(limit);
-        matching.into_iter().skip(skip).cloned().collect()
+        let keep = |e: &Event| object.is_empty() || e.note.object == object;
+        crate::revision_log::query(&self.events, since, |e| e.revision, keep, limit)
     }
 
     /// The revision of the oldest kept event (0 when empty).

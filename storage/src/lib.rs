@@ -23,6 +23,7 @@ mod command;
 mod error;
 pub mod eventlog;
 mod log_store;
+mod revision_log;
 mod snapshot_file;
 mod state_machine;
 mod store;
