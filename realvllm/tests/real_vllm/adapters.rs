@@ -57,13 +57,7 @@ pub async fn adapter_objects(bin: &Path, grpc: &str, v: &str, adapter: &Path, di
     for n in ["lora-a", "lora-b", "lora-c"] {
         apply(bin, grpc, dir, n, &manifest(n, &source, ""))?;
     }
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![grpc.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))?;
+    let gw = cluster::gateway(grpc).await?;
     let addr = gw.local_addr().to_string();
     // The gateway learns the base model's endpoint from the cluster.
     let t0 = Instant::now();

@@ -23,6 +23,17 @@ pub fn model_manifest(install: &RealVllm) -> String {
     )
 }
 
+/// An in-process gateway (auth off) following the endpoint table of the server at `grpc`.
+pub async fn gateway(grpc: &str) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        server: vec![grpc.to_owned()],
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))
+}
+
 /// Runs `flotilla ARGS --server SERVER` (the CLI, as an operator would).
 pub fn cli(bin: &Path, server: &str, args: &[&str], stdin_file: Option<&Path>) -> anyhow::Result<String> {
     let mut cmd = Command::new(bin);

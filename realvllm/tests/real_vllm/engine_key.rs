@@ -15,20 +15,26 @@ use flotilla_testkit::proc_fs::{args as cmdline, find_process};
 
 use crate::cluster;
 
-/// The key of the engine at `v` (`host:port`), from the endpoint table of the `tiny` model
+/// The entry of the engine at `v` (`host:port`) in the endpoint table of the `tiny` model
 /// the leader streams to gateways.
-pub async fn engine_key(grpc: &str, v: &str) -> anyhow::Result<String> {
+pub async fn endpoint(grpc: &str, v: &str) -> anyhow::Result<flotilla_api::pb::Endpoint> {
     ensure!(!v.is_empty(), "no agent-run engine");
     let mut stream = cluster::watch_endpoints(grpc).await?;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
     loop {
         let next = tokio::time::timeout_at(deadline, stream.message()).await;
         let set = next.context("no endpoint table naming the engine in 20 s")??.context("the stream ended")?;
-        if let Some(e) = set.endpoints.iter().find(|e| e.address.ends_with(v)) {
-            ensure!(!e.api_key.is_empty(), "the endpoint table gives no key for {v}");
-            return Ok(e.api_key.clone());
+        if let Some(e) = set.endpoints.into_iter().find(|e| e.address.ends_with(v)) {
+            return Ok(e);
         }
     }
+}
+
+/// The key of the engine at `v`, from the endpoint table.
+pub async fn engine_key(grpc: &str, v: &str) -> anyhow::Result<String> {
+    let e = endpoint(grpc, v).await?;
+    ensure!(!e.api_key.is_empty(), "the endpoint table gives no key for {v}");
+    Ok(e.api_key)
 }
 
 /// `POST path` to the engine with its key.

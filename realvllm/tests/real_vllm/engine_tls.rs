@@ -20,15 +20,8 @@ use crate::cluster;
 
 /// The certificate pin and API key of the engine at `v` in the endpoint table.
 async fn pin_and_key(grpc: &str, v: &str) -> anyhow::Result<(String, String)> {
-    let mut stream = cluster::watch_endpoints(grpc).await?;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(20);
-    loop {
-        let next = tokio::time::timeout_at(deadline, stream.message()).await;
-        let set = next.context("no endpoint table naming the engine in 20 s")??.context("the stream ended")?;
-        if let Some(e) = set.endpoints.iter().find(|e| e.address.ends_with(v)) {
-            return Ok((e.engine_cert_sha256.clone(), e.api_key.clone()));
-        }
-    }
+    let e = crate::engine_key::endpoint(grpc, v).await?;
+    Ok((e.engine_cert_sha256, e.api_key))
 }
 
 /// Run with an agent started with `--engine-tls on` (whatever runs of `tiny` before: the
@@ -79,13 +72,7 @@ pub async fn agents_vllm_serves_tls(
     ensure!(plain.as_ref().map_or(true, |r| r.status != 200), "plain http answered: {:?}", plain.map(|r| r.status));
 
     // A gateway following the endpoint table serves it over https.
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![grpc.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))?;
+    let gw = cluster::gateway(grpc).await?;
     let addr = gw.local_addr().to_string();
     let body = json!({"model": "tiny", "prompt": "over TLS", "max_tokens": 4, "ignore_eos": true});
     let t0 = tokio::time::Instant::now();

@@ -26,13 +26,7 @@ pub async fn engine_argument_change_rolls_without_a_failed_request(
     install: &RealVllm,
     dir: &Path,
 ) -> anyhow::Result<String> {
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        server: vec![grpc.to_owned()],
-        no_auth: true,
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))?;
+    let gw = cluster::gateway(grpc).await?;
     let addr = gw.local_addr().to_string();
     // The gateway learns the endpoint from the leader before the change.
     let t0 = Instant::now();
