@@ -455,12 +455,35 @@ impl Fleet {
         let addrs: Vec<String> = servers.iter().map(|s| s.grpc.clone()).collect();
         let list = addrs.join(",");
         let marker = marker();
-        let agents = (1..=agents)
+        let agents: Vec<AgentProc> = (1..=agents)
             .map(|i| {
                 AgentProc::start(&format!("node-{i}"), &dir.path().join(format!("agent-{i}")), &list, gpus, marker)
             })
             .collect();
+        // Every agent registered before a test places anything: a model applied while one is
+        // still connecting would be placed on the others alone.
+        wait_nodes_ready(&addrs, agents.len()).await;
         Fleet { _dir: dir, servers, agents, addrs, marker }
+    }
+}
+
+/// Waits until the leader lists `n` nodes, all Ready (asked of each server in turn: only the
+/// leader answers `ListNodes`); panics after 30 s.
+pub async fn wait_nodes_ready(servers: &[String], n: usize) {
+    use flotilla_api::pb::fleet_service_client::FleetServiceClient;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        for addr in servers {
+            let mut c = FleetServiceClient::new(channel(addr, Duration::from_secs(3)));
+            if let Ok(r) = c.list_nodes(flotilla_api::pb::ListNodesRequest {}).await {
+                let nodes = r.into_inner().nodes;
+                if nodes.len() == n && nodes.iter().all(|x| x.state == "Ready") {
+                    return;
+                }
+            }
+        }
+        assert!(tokio::time::Instant::now() < deadline, "{n} agents did not all register within 30 s");
+        tokio::time::sleep(Duration::from_millis(100)).await;
     }
 }
 
