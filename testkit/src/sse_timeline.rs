@@ -138,6 +138,40 @@ pub fn shape(timeline: &[Arrival]) -> String {
     out
 }
 
+/// Whether `got` is `expected` with some plain token events merged: real vLLM's output
+/// processor folds the deltas of several engine steps into one chunk when it falls behind
+/// (a loaded machine turns `token×3` into `token×2`, or drops the run into the last event).
+/// Every other event must match in order; each run of plain `token` events in `got` may only
+/// be shorter than (or absent where) `expected` has one.
+pub fn coalesced_from(expected: &str, got: &str) -> bool {
+    /// The shape's events with plain-token runs taken out: the others in order, and the
+    /// token count in the gap before each of them (plus one after the last).
+    fn split(shape: &str) -> Option<(Vec<&str>, Vec<usize>)> {
+        let (mut others, mut gaps, mut run) = (Vec::new(), Vec::new(), 0usize);
+        for event in shape.split(" | ").filter(|e| !e.is_empty()) {
+            let (name, n) = match event.split_once('×') {
+                Some((name, n)) => (name, n.parse().ok()?),
+                None => (event, 1),
+            };
+            if name == "token" {
+                run += n;
+            } else {
+                gaps.push(std::mem::take(&mut run));
+                others.extend(std::iter::repeat_n(name, n));
+                gaps.extend(std::iter::repeat_n(0, n - 1));
+            }
+        }
+        gaps.push(run);
+        Some((others, gaps))
+    }
+    match (split(expected), split(got)) {
+        (Some((want, want_gaps)), Some((have, have_gaps))) => {
+            want == have && want_gaps.iter().zip(&have_gaps).all(|(w, h)| h <= w)
+        }
+        _ => false,
+    }
+}
+
 /// When the role chunk arrived as a share of the time to the first token (None without
 /// either): about 1 when it comes with the first token, near 0 when it is sent on arrival,
 /// ahead of prefill.
@@ -223,6 +257,21 @@ mod tests {
         );
         assert_eq!(shape(&out), "role | token | token+finish | usage | done");
         assert!((role_lead(&out).unwrap() - 50.0 / 51.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn merged_token_deltas_still_match_but_other_differences_do_not() {
+        let want = "role | token×3 | token+finish | usage | done";
+        assert!(coalesced_from(want, want));
+        assert!(coalesced_from(want, "role | token×2 | token+finish | usage | done"));
+        assert!(coalesced_from(want, "role | token+finish | usage | done"));
+        // more tokens than expected, a lost event, or a reordering is a real difference
+        assert!(!coalesced_from(want, "role | token×4 | token+finish | usage | done"));
+        assert!(!coalesced_from(want, "role | token×3 | token+finish | done"));
+        assert!(!coalesced_from(want, "token×3 | role | token+finish | usage | done"));
+        assert!(!coalesced_from(want, "role | token×3 | token | finish | usage | done"));
+        assert!(!coalesced_from("role | token×3 | token+finish", "role | token | token+finish | token"));
+        assert!(!coalesced_from(want, "role | token×x | token+finish | usage | done"));
     }
 
     #[test]
