@@ -6,10 +6,12 @@
 # connection (the latency each request pays), then on CONNS keep-alive connections (req/s);
 # the modes alternate ROUNDS times so drift hits both. The sim runs at --speedup 1000, so the
 # engine's simulated compute is microseconds and the HTTP path is what is measured. Prints a
-# table and writes bench/security/engine-tls-results.json. Everything it starts is killed on
+# table and writes bench/security/engine-tls-results.json. PIN=1 runs the gateway pinned to
+# CPU 0 and everything else (server, agent, engine, wrk) on CPU 1; off by default, because
+# there the engine's side of the TLS link, on the crowded core, is what saturates first. Everything it starts is killed on
 # exit.
 #
-# Needs: wrk, jq, curl. Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64),
+# Needs: wrk, jq, curl. Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), PIN (0),
 # TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
@@ -19,6 +21,12 @@ ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+PIN=${PIN:-0}
+GW_CPU=() REST_CPU=()
+if [[ $PIN == 1 ]]; then
+  (( $(nproc) >= 2 )) || { log "PIN=1 needs two cores"; exit 1; }
+  GW_CPU=(taskset -c 0) REST_CPU=(taskset -c 1)
+fi
 for tool in wrk jq curl; do command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }; done
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "building flotilla (release) into $TARGET"
@@ -39,11 +47,11 @@ trap cleanup EXIT INT TERM
 
 GRPC=127.0.0.1:17370
 GW=127.0.0.1:19370
-RUST_LOG=warn "$F" server --id 1 --bootstrap --grpc-addr "$GRPC" --http-addr 127.0.0.1:17371 \
+RUST_LOG=warn "${REST_CPU[@]}" "$F" server --id 1 --bootstrap --grpc-addr "$GRPC" --http-addr 127.0.0.1:17371 \
   --data-dir "$WORK/server" >"$WORK/server.log" 2>&1 &
 PIDS+=($!)
 for _ in $(seq 1 100); do "$F" --server "$GRPC" cluster status >/dev/null 2>&1 && break; sleep 0.1; done
-RUST_LOG=warn "$F" --server "$GRPC" gateway --listen "$GW" --no-auth >"$WORK/gateway.log" 2>&1 &
+RUST_LOG=warn "${GW_CPU[@]}" "$F" --server "$GRPC" gateway --listen "$GW" --no-auth >"$WORK/gateway.log" 2>&1 &
 PIDS+=($!)
 cat >"$WORK/model.yaml" <<'EOF'
 kind: Model
@@ -66,7 +74,7 @@ BODY='{"model":"bench","prompt":"hello","max_tokens":1}'
 # waits until the gateway serves it
 up() {
   NODE=bench-$1-$2
-  RUST_LOG=warn "$F" --server "$GRPC" agent --node-name "$NODE" --data-dir "$WORK/$NODE" \
+  RUST_LOG=warn "${REST_CPU[@]}" "$F" --server "$GRPC" agent --node-name "$NODE" --data-dir "$WORK/$NODE" \
     --gpus 1 --gpu-type A100-80GB --engine-tls "$1" --stop-engines-on-exit \
     --sim-args "--speedup 1000" >"$WORK/$NODE.log" 2>&1 &
   AGENT=$!
@@ -77,7 +85,7 @@ up() {
     [[ $(curl -s -m 2 -o /dev/null -w '%{http_code}' -H 'content-type: application/json' -d "$BODY" "http://$GW/v1/completions") == 200 ]] && { ok=1; break; }
     sleep 0.1
   done
-  [[ $ok == 1 ]] || { log "the gateway never served the model ($NODE)"; return 1; }
+  [[ $ok == 1 ]] || { log "the gateway never served the model ($NODE)"; tail -n 20 "$WORK/$NODE.log" "$WORK/gateway.log" >&2; "$F" --server "$GRPC" get replica >&2; return 1; }
   # the replica carries a certificate pin exactly when the engine serves TLS
   local pinned=off
   "$F" --server "$GRPC" get replica -o json |
@@ -99,7 +107,7 @@ down() {
 
 wrk_json() { # mode round conns -> one JSON line
   local out rps p50 p99 errs
-  out=$(wrk -t"$(( $3 < 2 ? 1 : 2 ))" -c"$3" -d"${DURATION}s" --latency -s "$WORK/post.lua" "http://$GW/v1/completions")
+  out=$("${REST_CPU[@]}" wrk -t"$(( $3 < 2 ? 1 : 2 ))" -c"$3" -d"${DURATION}s" --latency -s "$WORK/post.lua" "http://$GW/v1/completions")
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
   p50=$(awk '$1=="50%" {print $2}' <<<"$out")
   p99=$(awk '$1=="99%" {print $2}' <<<"$out")

@@ -3,12 +3,14 @@
 # (release) in front of 4 fixed-response nginx backends (bench/gateway's), wrk POSTing a
 # small /v1/completions at CONNS keep-alive connections, alternating plain and HTTPS gateways
 # ROUNDS times so drift hits both. The certificate is `flotilla tls cert create --role
-# gateway` (ECDSA P-256, as rcgen makes it). Prints a table and writes
+# gateway` (ECDSA P-256, as rcgen makes it). With PIN=1 (the default) this is the peers-style
+# overhead harness of bench/gateway: the gateway pinned to CPU 0, wrk and nginx to CPU 1, so
+# the client's own TLS work does not eat into the gateway's core. Prints a table and writes
 # bench/security/gateway-results.json. Everything it starts is killed on exit.
 #
 # Needs: wrk and nginx (apt-get install wrk nginx-light), jq.
-# Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), TARGET_DIR (cargo target
-# dir, <repo>/target-bench), SKIP_BUILD=1.
+# Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), PIN (1; 0 lets everything
+# share both cores), TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
 ROOT=$(cd "$HERE/../.." && pwd)
@@ -16,7 +18,13 @@ TARGET=${TARGET_DIR:-$ROOT/target-bench}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
+PIN=${PIN:-1}
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
+GW_CPU=() CLIENT_CPU=()
+if [[ $PIN == 1 ]]; then
+  (( $(nproc) >= 2 )) || { log "PIN=1 needs two cores"; exit 1; }
+  GW_CPU=(taskset -c 0) CLIENT_CPU=(taskset -c 1)
+fi
 for tool in wrk nginx jq curl; do command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }; done
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
   log "building flotilla (release) into $TARGET"
@@ -36,7 +44,7 @@ cleanup() {
 trap cleanup EXIT INT TERM
 
 sed "s|@DIR@|$WORK|g" "$ROOT/bench/gateway/nginx.conf.in" >"$WORK/nginx.conf"
-nginx -c "$WORK/nginx.conf" -p "$WORK" &
+"${CLIENT_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK" &
 PIDS+=($!)
 (cd "$WORK" && "$FLOTILLA" tls ca create --dir tls >/dev/null &&
   "$FLOTILLA" tls cert create --ca-dir tls --dir tls --role gateway --name gw --ip 127.0.0.1 >/dev/null)
@@ -50,7 +58,7 @@ run_one() { # mode round -> one JSON line
     scheme=https
     tls=(--https-cert "$WORK/tls/gateway-gw.pem" --https-key "$WORK/tls/gateway-gw-key.pem")
   fi
-  "$FLOTILLA" --server '' gateway --listen "127.0.0.1:$port" --no-auth --scrape-interval-ms 0 \
+  "${GW_CPU[@]}" "$FLOTILLA" --server '' gateway --listen "127.0.0.1:$port" --no-auth --scrape-interval-ms 0 \
     --backend bench=http://127.0.0.1:18001 --backend bench=http://127.0.0.1:18002 \
     --backend bench=http://127.0.0.1:18003 --backend bench=http://127.0.0.1:18004 \
     "${tls[@]}" >"$WORK/gw-$mode.log" 2>&1 &
@@ -58,7 +66,7 @@ run_one() { # mode round -> one JSON line
   PIDS+=("$pid")
   wait_url "$scheme://127.0.0.1:$port/healthz"
   local out
-  out=$(wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$ROOT/bench/gateway/post.lua" "$scheme://127.0.0.1:$port/v1/completions")
+  out=$("${CLIENT_CPU[@]}" wrk -t2 -c"$CONNS" -d"${DURATION}s" --latency -s "$ROOT/bench/gateway/post.lua" "$scheme://127.0.0.1:$port/v1/completions")
   kill "$pid" 2>/dev/null || true
   wait "$pid" 2>/dev/null || true
   local rps p50 p99 errs
@@ -77,7 +85,7 @@ for round in $(seq 1 "$ROUNDS"); do
     run_one "$mode" "$round" | tee -a "$WORK/runs.jsonl" >&2
   done
 done
-jq -s '{conns: '"$CONNS"', duration_s: '"$DURATION"', runs: .,
+jq -s '{conns: '"$CONNS"', pinned: '"$PIN"', duration_s: '"$DURATION"', runs: .,
   mean: (group_by(.mode) | map({key: .[0].mode, value: (map(.rps) | add / length)}) | from_entries)}' \
   "$WORK/runs.jsonl" >"$HERE/gateway-results.json"
 printf '| mode | round | req/s | p50 | p99 |\n|---|---|---|---|---|\n'

@@ -45,6 +45,15 @@ trap cleanup EXIT INT TERM
   for i in 1 2 3; do "$FLOTILLA" tls cert create --ca-dir tls --dir tls --role server --name "s$i" --ip 127.0.0.1 >/dev/null; done &&
   "$FLOTILLA" tls cert create --ca-dir tls --dir tls --role admin --name bench >/dev/null)
 
+cpu_ticks() { # pids -> their user+system CPU time in clock ticks, summed
+  local t=0 p f
+  for p in "$@"; do
+    read -r -a f < <(sed 's/.*) //' "/proc/$p/stat" 2>/dev/null) || continue
+    t=$((t + f[11] + f[12]))
+  done
+  echo "$t"
+}
+
 run_cluster() { # mode round -> prints JSON lines of the load runs
   local mode=$1 round=$2 dir="$WORK/$1-$2" i eps="" leader
   mkdir -p "$dir"
@@ -70,8 +79,16 @@ run_cluster() { # mode round -> prints JSON lines of the load runs
   printf 'kind: Model\nmetadata: {name: bench}\nspec: {engine: sim, source: "file:///models/bench", replicas: 0, gpus: 1}\n' >"$dir/bench.yaml"
   "$FLOTILLA" --server "$eps" apply -f "$dir/bench.yaml" >/dev/null
   for c in 1 "$CLIENTS_HI"; do
+    # the servers' CPU time over the run (warm-up included) next to its writes: a per-write
+    # cost that a noisy neighbour moves much less than it moves writes/s
+    local cpu0 cpu1
+    cpu0=$(cpu_ticks "${PIDS[@]}")
     "$LOADGEN" load --system flotilla --endpoint "$leader" --clients "$c" --duration-s "$DURATION" \
-      --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$mode-c$c-r$round"
+      --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$mode-c$c-r$round" >"$dir/load.json"
+    cpu1=$(cpu_ticks "${PIDS[@]}")
+    jq -c --argjson ticks "$((cpu1 - cpu0))" --argjson hz "$(getconf CLK_TCK)" --argjson warm "$WARMUP" \
+      '. + {server_cpu_s: ($ticks / $hz), server_cpu_us_per_write: ($ticks / $hz * 1e6 / (.writes_per_s * (.duration_s + $warm)))}' \
+      "$dir/load.json"
   done
   for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
   wait "${PIDS[@]}" 2>/dev/null || true  # not a bare wait: it would wait for the stderr filter too
@@ -84,12 +101,13 @@ for r in $(seq 1 "$ROUNDS"); do
     log "round $r: $mode"
     while read -r line; do
       RUNS+=("$line")
-      log "  $(jq -c '{label: .label, writes_per_s, p50_ms, p99_ms, errors}' <<<"$line")"
+      log "  $(jq -c '{label: .label, writes_per_s, p50_ms, p99_ms, errors, server_cpu_us_per_write}' <<<"$line")"
     done < <(run_cluster "$mode" "$r")
   done
 done
 printf '%s\n' "${RUNS[@]}" | jq -s '.' >"$HERE/results.json"
 printf '%s\n' "${RUNS[@]}" | jq -rs '
   group_by(.label | sub("-r[0-9]+$"; "")) | map({k: (.[0].label | sub("-r[0-9]+$"; "")),
-    w: ([.[].writes_per_s] | sort | .[length/2|floor]), p99: ([.[].p99_ms] | sort | .[length/2|floor])})
-  | .[] | "\(.k)\tmedian writes/s \(.w|floor)\tmedian p99 \(.p99) ms"'
+    w: ([.[].writes_per_s] | sort | .[length/2|floor]), p99: ([.[].p99_ms] | sort | .[length/2|floor]),
+    cpu: ([.[].server_cpu_us_per_write] | sort | .[length/2|floor])})
+  | .[] | "\(.k)\tmedian writes/s \(.w|floor)\tmedian p99 \(.p99) ms\tmedian server CPU \(.cpu|floor) µs/write"'

@@ -135,7 +135,7 @@ impl ServerCertVerifier for PinVerifier {
 /// handshake skips the certificate check, and every new connection must show a certificate
 /// pinned now (connections are pooled, so full handshakes stay rare).
 pub fn client_config(pins: &EnginePins) -> rustls::ClientConfig {
-    let provider = Arc::new(rustls::crypto::ring::default_provider());
+    let provider = flotilla_security::crypto::provider();
     let verifier = Arc::new(PinVerifier {
         pins: pins.clone(),
         algorithms: provider.signature_verification_algorithms,

@@ -7,7 +7,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
-use rustls::crypto::ring::default_provider;
 use rustls::ServerConfig;
 use tokio::net::TcpStream;
 use tokio_rustls::server::TlsStream;
@@ -29,13 +28,14 @@ pub struct HttpsCert {
 fn build(cert: &Path, key_path: &Path) -> Result<Arc<ServerConfig>, TlsError> {
     let chain = certs(cert)?;
     let key = key(key_path)?;
-    let mut config = ServerConfig::builder_with_provider(Arc::new(default_provider()))
+    let mut config = ServerConfig::builder_with_provider(crate::crypto::provider())
         .with_safe_default_protocol_versions()
         .map_err(|e| TlsError::Invalid(e.to_string()))?
         .with_no_client_auth()
         .with_single_cert(chain, key)
         .map_err(|e| TlsError::Invalid(format!("{} and {}: {e}", cert.display(), key_path.display())))?;
     config.alpn_protocols = vec![b"http/1.1".to_vec()];
+    crate::crypto::prefer_server_order(&mut config);
     Ok(Arc::new(config))
 }
 

@@ -3,6 +3,7 @@
 //! ```text
 //! certs     flotilla tls ca create / cert create: a CA, leaf certificates naming an identity
 //! identity  Role + name, carried as the URI SAN spiffe://flotilla/<role>/<name>
+//! crypto    the rustls provider (ring, AES-128-GCM first) every link uses
 //! tls       --tls-cert/--tls-key/--tls-ca -> rustls configs that follow the files (rotation)
 //! incoming  server side: TCP -> TLS before tonic (concurrent, bounded handshakes)
 //! connect   client side: tonic channels through a TLS connector (name of the configured address)
@@ -14,6 +15,7 @@
 pub mod authz;
 pub mod certs;
 pub mod connect;
+pub mod crypto;
 pub mod https;
 pub mod identity;
 pub mod incoming;

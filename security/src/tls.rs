@@ -14,7 +14,6 @@ use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
 use std::time::SystemTime;
 
-use rustls::crypto::ring::default_provider;
 use rustls::server::WebPkiClientVerifier;
 use rustls::{ClientConfig, RootCertStore, ServerConfig};
 use rustls_pki_types::pem::PemObject;
@@ -125,7 +124,7 @@ fn build(files: &TlsFiles, client_only: bool) -> Result<Built, TlsError> {
         roots.add(ca).map_err(|e| TlsError::Invalid(format!("{}: {e}", files.ca.display())))?;
     }
     let roots = Arc::new(roots);
-    let provider = Arc::new(default_provider());
+    let provider = crate::crypto::provider();
     let invalid = |e: rustls::Error| TlsError::Invalid(e.to_string());
     if client_only {
         let mut client = ClientConfig::builder_with_provider(provider)
@@ -149,6 +148,7 @@ fn build(files: &TlsFiles, client_only: bool) -> Result<Built, TlsError> {
         .with_single_cert(chain.clone(), key.clone_key())
         .map_err(|e| TlsError::Invalid(format!("{} and {}: {e}", files.cert.display(), files.key.display())))?;
     server.alpn_protocols = vec![b"h2".to_vec()];
+    crate::crypto::prefer_server_order(&mut server);
     let mut client = ClientConfig::builder_with_provider(provider)
         .with_safe_default_protocol_versions()
         .map_err(invalid)?
