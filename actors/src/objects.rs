@@ -169,6 +169,7 @@ pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectNa
         gpus: Vec::new(),
         adapters: Vec::new(),
         template_hash: model.spec.template().hash(),
+        engine_image: model.spec.engine_image.clone(),
     };
     let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
     let op = TxnOp::Put {

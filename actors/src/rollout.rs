@@ -203,6 +203,7 @@ mod tests {
 
     fn template(source: &str) -> ReplicaTemplate {
         ReplicaTemplate {
+            engine_image: Default::default(),
             engine: EngineKind::Sim,
             source: source.into(),
             engine_args: vec![],

@@ -205,6 +205,7 @@ fn assignment(r: &ReplicaView) -> ReplicaAssignment {
         source: r.spec.source.clone(),
         engine_args: r.spec.engine_args.clone(),
         gpus: r.spec.gpus.clone(),
+        engine_image: r.spec.engine_image.clone().unwrap_or_default(),
         adapters: r
             .spec
             .adapters

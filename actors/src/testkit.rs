@@ -92,6 +92,7 @@ impl World {
 
     pub fn model(&mut self, n: &str, replicas: u32, gpus: u32) {
         let spec = ModelSpec {
+            engine_image: Default::default(),
             engine: flotilla_api::spec::EngineKind::Sim,
             source: format!("file:///models/{n}"),
             replicas,
@@ -107,6 +108,7 @@ impl World {
 
     pub fn replica(&mut self, n: &str, model: &str, gpus: u32, phase: ReplicaPhase, node: Option<(&str, Vec<u32>)>) {
         let spec = ReplicaSpec {
+            engine_image: Default::default(),
             model: name(model),
             engine: flotilla_api::spec::EngineKind::Sim,
             source: format!("file:///models/{model}"),

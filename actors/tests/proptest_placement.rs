@@ -158,6 +158,7 @@ fn replica_spec(
     gpus: Vec<u32>,
 ) -> ReplicaSpec {
     ReplicaSpec {
+        engine_image: Default::default(),
         model: name(model),
         engine: EngineKind::Sim,
         source: "file:///m".into(),

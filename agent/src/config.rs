@@ -106,6 +106,19 @@ pub struct AgentArgs {
     /// sets itself (--host, --port, --api-key, --served-model-name); see docs/security.md.
     #[arg(long)]
     pub engine_policy: Option<PathBuf>,
+    /// Run the engines of Models that name an `engine_image` in containers, through this
+    /// runtime's client (`docker run` / `podman run` with host networking, GPUs by
+    /// `--gpus` or CDI). Without it such Models' replicas fail with the reason.
+    #[arg(long, value_enum)]
+    pub container_runtime: Option<crate::container::Runtime>,
+    /// The runtime's client program (default: `docker` or `podman` from PATH).
+    #[arg(long, requires = "container_runtime")]
+    pub container_cli: Option<PathBuf>,
+    /// An image prefix this agent runs (`vllm/vllm-openai:`, `registry.example.com/ml/`);
+    /// repeat or comma-separate for several. An image is code: with none listed, no image
+    /// runs.
+    #[arg(long, value_delimiter = ',', requires = "container_runtime")]
+    pub engine_image: Vec<String>,
     /// YAML file saying which model and adapter sources this agent downloads: `schemes`,
     /// `hosts` (exact or `*.suffix`), `paths` per scheme, `private_networks` allowed,
     /// `max_bytes` per source, `free_space_margin`. Unknown fields are refused. Default:
@@ -205,6 +218,8 @@ pub struct AgentConfig {
     pub engine_env: Vec<crate::engine_env::EnvPattern>,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
+    /// The container runtime for Models with an `engine_image` (None: none runs).
+    pub containers: Option<crate::container::Containers>,
     /// Which download sources are refused.
     pub source_policy: crate::source_policy::Policy,
     /// Stop engines when the agent exits.
@@ -248,6 +263,24 @@ pub enum GpuSource {
 }
 
 impl AgentArgs {
+    /// `--container-runtime`, `--container-cli` and `--engine-image`, checked.
+    fn containers(&self) -> Result<Option<crate::container::Containers>, AgentError> {
+        use crate::container::{Containers, Runtime};
+        let Some(runtime) = self.container_runtime else { return Ok(None) };
+        let mut allowed = Vec::new();
+        for p in self.engine_image.iter().map(|p| p.trim()).filter(|p| !p.is_empty()) {
+            // a prefix is an image reference cut short: the same characters
+            flotilla_api::spec::validate_image("engine-image", p)
+                .map_err(|e| AgentError::invalid("engine-image", e.to_string()))?;
+            allowed.push(p.to_string());
+        }
+        let default = match runtime {
+            Runtime::Docker => "docker",
+            Runtime::Podman => "podman",
+        };
+        Ok(Some(Containers { runtime, program: self.container_cli.clone().unwrap_or_else(|| default.into()), allowed }))
+    }
+
     /// Checks every flag and returns the typed config, or the first bad flag.
     pub fn validate(&self) -> Result<AgentConfig, AgentError> {
         let servers = parse_servers(&self.server)?;
@@ -348,6 +381,7 @@ impl AgentArgs {
             vllm_command,
             engine_env,
             engine_policy,
+            containers: self.containers()?,
             source_policy,
             stop_engines_on_exit: self.stop_engines_on_exit,
             restart: crate::engines::backoff::RestartPolicy {

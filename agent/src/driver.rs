@@ -245,6 +245,7 @@ mod tests {
             engine_args: vec!["--max-model-len".into(), "8192".into()],
             gpus: vec![2, 3],
             adapters: vec![],
+            engine_image: String::new(),
         }
     }
 

@@ -24,6 +24,7 @@
 
 pub mod config;
 pub mod connection;
+pub mod container;
 pub mod download;
 pub mod driver;
 pub mod engine_env;

@@ -34,13 +34,14 @@ pub enum Action {
 /// True when `a` and `b` describe the same engine process: equal in everything but the
 /// adapters, which change without a restart.
 pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
-    let ReplicaAssignment { replica, model, engine, source, engine_args, gpus, adapters: _ } = a;
+    let ReplicaAssignment { replica, model, engine, source, engine_args, gpus, engine_image, adapters: _ } = a;
     *replica == b.replica
         && *model == b.model
         && *engine == b.engine
         && *source == b.source
         && *engine_args == b.engine_args
         && *gpus == b.gpus
+        && *engine_image == b.engine_image
 }
 
 /// Decides the actions, in replica-name order. `actual` maps each running (or adopted, or
@@ -81,6 +82,7 @@ mod tests {
             engine_args: vec![],
             gpus: gpus.to_vec(),
             adapters: vec![],
+            engine_image: String::new(),
         }
     }
 

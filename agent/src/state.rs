@@ -44,6 +44,10 @@ pub struct SavedAssignment {
     /// before adapters existed).
     #[serde(default)]
     pub adapters: Vec<SavedAdapter>,
+    /// The container image it runs in (absent: a process, and in files written before
+    /// images existed).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub engine_image: String,
 }
 
 /// One assigned LoRA adapter (serializable mirror of the proto).
@@ -70,6 +74,7 @@ impl From<&ReplicaAssignment> for SavedAssignment {
             engine_args: a.engine_args.clone(),
             gpus: a.gpus.clone(),
             adapters: saved_adapters(&a.adapters),
+            engine_image: a.engine_image.clone(),
         }
     }
 }
@@ -83,6 +88,7 @@ impl From<SavedAssignment> for ReplicaAssignment {
             source: s.source,
             engine_args: s.engine_args,
             gpus: s.gpus,
+            engine_image: s.engine_image,
             adapters: s.adapters.into_iter().map(|a| AdapterAssignment { name: a.name, source: a.source }).collect(),
         }
     }

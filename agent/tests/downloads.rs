@@ -184,6 +184,7 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     let args = agent_args(&[fake.addr], dir.path(), "node-vllm", &["--vllm-command", &template]);
     let agent = TestAgent::start(args).await;
     let good = flotilla_api::pb::ReplicaAssignment {
+        engine_image: Default::default(),
         replica: "v-0".into(),
         model: "tiny".into(),
         engine: "vllm".into(),

@@ -258,6 +258,7 @@ async fn a_refused_model_source_fails_the_replica_naming_the_rule() {
     );
     let agent = TestAgent::start(args).await;
     let replica = |name: &str, source: String| flotilla_api::pb::ReplicaAssignment {
+        engine_image: Default::default(),
         replica: name.into(),
         model: "m".into(),
         engine: "vllm".into(),
@@ -299,6 +300,7 @@ async fn an_adopted_engine_whose_source_the_new_policy_refuses_is_stopped_and_fa
     let (sim, sub) = sim_binary();
     let template = format!("{} {sub} --host {{host}} --port {{port}} --model {{model}} --speedup 50", sim.display());
     fake.assign(vec![flotilla_api::pb::ReplicaAssignment {
+        engine_image: Default::default(),
         replica: "v-0".into(),
         model: "m".into(),
         engine: "vllm".into(),

@@ -86,6 +86,7 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
         prop::option::of(autoscaling().prop_map(Box::new)),
     )
         .prop_map(|(engine, source, replicas, gpus, gpu_types, engine_args, routing, autoscaling)| ModelSpec {
+            engine_image: Default::default(),
             engine,
             source,
             replicas,

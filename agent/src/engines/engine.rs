@@ -19,6 +19,7 @@
 //! ```
 
 use std::path::PathBuf;
+use std::process::Stdio;
 use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
@@ -89,15 +90,21 @@ pub async fn run(
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
 ) {
     let parser = crate::engine_policy::Parser::of(&a.engine);
-    if let Err(refusal) = crate::engine_policy::check(&env.cfg.engine_policy, parser, &a.engine_args) {
-        tracing::error!(replica = %a.replica, reason = %refusal, "engine arguments refused; engine not started");
+    let refused = match crate::engine_policy::check(&env.cfg.engine_policy, parser, &a.engine_args) {
+        Err(refusal) => Some(refusal.to_string()),
+        Ok(()) if a.engine_image.is_empty() => None,
+        Ok(()) => crate::container::refusal(env.cfg.containers.as_ref(), &a.engine_image),
+    };
+    if let Some(refusal) = refused {
+        tracing::error!(replica = %a.replica, reason = %refusal, "engine refused by this agent's policy; engine not started");
         if let Some(s) = &adopted {
             // Started under an earlier policy: it must not keep running under this one.
             s.process.stop(env.cfg.stop_grace).await;
+            remove_container(&env, &a).await;
             let _ = env.state.remove(&a.replica);
             crate::engine_tls::remove(&env.cfg.data_dir, &a.replica);
         }
-        set_state(&report, "failed", &refusal.to_string());
+        set_state(&report, "failed", &refusal);
         return park(&mut stop, &report).await;
     }
     let key = match &adopted {
@@ -228,6 +235,10 @@ async fn life(
     }
 
     loop {
+        if running.is_none() {
+            // a container left by a crashed agent holds the replica's container name
+            remove_container(&env, &a).await;
+        }
         let mut run = match running.take() {
             Some(r) => r,
             None => match launch(&engine, driver, &a, &adapters, model_path.as_deref(), &log, &report, restarts) {
@@ -268,6 +279,7 @@ async fn life(
                 if let Proc::Child(mut c) = run.proc {
                     let _ = c.wait().await;
                 }
+                remove_container(&env, &a).await;
                 tracing::info!(replica = %replica, pid = run.id.pid, "engine stopped");
                 return set_state(&report, "stopped", "");
             }
@@ -276,6 +288,7 @@ async fn life(
                 if let Proc::Child(mut c) = run.proc {
                     let _ = c.wait().await;
                 }
+                remove_container(&env, &a).await;
                 if !after_crash(
                     &reason,
                     run.started_at,
@@ -340,6 +353,27 @@ async fn park(stop: &mut watch::Receiver<StopMode>, report: &SharedReport) {
     update(report, |r| r.state = "stopped".into());
 }
 
+/// Removes the replica's container, if it runs in one (`RUNTIME rm -f NAME`, bounded to 30 s;
+/// a failure is logged: the next start retries, and `run --name` would say what holds it).
+async fn remove_container(env: &EngineEnv, a: &ReplicaAssignment) {
+    let Some(c) = env.cfg.containers.as_ref().filter(|_| !a.engine_image.is_empty()) else { return };
+    let mut cmd = tokio::process::Command::new(&c.program);
+    cmd.args(crate::container::remove_args(&a.replica))
+        .stdin(Stdio::null())
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped());
+    match tokio::time::timeout(Duration::from_secs(30), cmd.output()).await {
+        Ok(Ok(out)) if out.status.success() => {}
+        Ok(Ok(out)) => {
+            tracing::warn!(replica = %a.replica, stderr = %String::from_utf8_lossy(&out.stderr).trim(), "container removal failed")
+        }
+        Ok(Err(e)) => {
+            tracing::warn!(replica = %a.replica, program = %c.program.display(), error = %e, "cannot run the container runtime")
+        }
+        Err(_) => tracing::warn!(replica = %a.replica, "container removal took over 30 s"),
+    }
+}
+
 /// The agent's environment, as far as it is text (what [`crate::engine_env`] filters).
 fn agent_env() -> impl Iterator<Item = (String, String)> {
     std::env::vars_os().filter_map(|(k, v)| Some((k.into_string().ok()?, v.into_string().ok()?)))
@@ -368,6 +402,11 @@ fn launch(
         explicit.push((crate::engine_key::ENV.to_string(), k.expose().to_string()));
     }
     cmd.env = crate::engine_env::overlay(crate::engine_env::engine_env(agent_env(), &env.cfg.engine_env), &explicit);
+    if let (false, Some(c)) = (a.engine_image.is_empty(), &env.cfg.containers) {
+        let tls_dir = engine.tls.as_ref().and_then(|t| t.cert.parent());
+        let mounts: Vec<&std::path::Path> = model_path.into_iter().chain(tls_dir).collect();
+        cmd = crate::container::wrap(c, cmd, &a.engine_image, &a.replica, &a.gpus, &mounts);
+    }
     let (child, id) = process::spawn(&cmd, &log.path).map_err(|e| {
         env.ports.release(port);
         format!("cannot start {}: {e}", cmd.program.display())

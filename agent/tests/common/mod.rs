@@ -173,6 +173,7 @@ pub fn sim_replica(name: &str, model: &str, gpus: &[u32]) -> pb::ReplicaAssignme
         engine_args: vec![],
         gpus: gpus.to_vec(),
         adapters: vec![],
+        engine_image: String::new(),
     }
 }
 

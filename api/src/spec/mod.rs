@@ -18,7 +18,7 @@ pub use autoscaling::{
     AutoscalingSpec, Bounds, MetricKind, MetricSource, MetricTarget, ScalingStrategy, Schedule, SloTarget,
     SpecDuration, TimeOfDay, Weekday, MAX_METRICS, MAX_SCALE_DOWN_DELAY, MAX_SCHEDULES, MAX_WINDOW,
 };
-pub use model::{EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
+pub use model::{validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, GpuHealth, GpuHealthState, NodeSpec, NodeState, NodeStatus};
 pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use rollout::{CanarySpec, IntOrPercent, ReplicaTemplate, RolloutSpec, MAX_CANARY_STEPS};

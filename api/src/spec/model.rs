@@ -102,6 +102,11 @@ pub struct ModelSpec {
     /// Extra arguments passed to the engine.
     #[serde(default)]
     pub engine_args: Vec<String>,
+    /// A container image to run the engine in (`vllm/vllm-openai:v0.11.0`), through the
+    /// agent's `--container-runtime`; None runs the engine as a process on the node. Agents
+    /// only run images their `--engine-image` prefixes allow (see docs/deploy.md).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_image: Option<String>,
     #[serde(default)]
     pub routing: RoutingStrategy,
     /// Boxed: most models have none, and it is large (`Spec` stays small to move).
@@ -142,6 +147,26 @@ fn flag_value<'a>(args: &'a [String], flag: &str) -> Option<&'a str> {
     found
 }
 
+/// A container image reference as docker and podman take it: `[registry/]repo[:tag][@digest]`,
+/// at most 255 characters of `[A-Za-z0-9._/:@-]`, not starting with `-` (it becomes one word
+/// of the runtime's command line, where a leading dash would read as a flag).
+pub fn validate_image(field: &str, image: &str) -> Result<(), ApiError> {
+    let bad = |why: &str| Err(ApiError::invalid(field, format!("{image:?} is not an image reference: {why}")));
+    if image.is_empty() {
+        return bad("it is empty");
+    }
+    if image.len() > 255 {
+        return bad("longer than 255 characters");
+    }
+    if image.starts_with(['-', '.', '/', ':', '@']) {
+        return bad("it must start with a letter or digit");
+    }
+    if let Some(c) = image.chars().find(|c| !(c.is_ascii_alphanumeric() || "._/:@-".contains(*c))) {
+        return bad(&format!("{c:?} is not allowed"));
+    }
+    Ok(())
+}
+
 impl ModelSpec {
     /// What each replica is started with; its [`ReplicaTemplate::hash`] is the revision
     /// stored with every replica.
@@ -152,6 +177,7 @@ impl ModelSpec {
             engine_args: self.engine_args.clone(),
             gpus: self.gpus,
             gpu_types: self.gpu_types.clone(),
+            engine_image: self.engine_image.clone(),
         }
     }
 
@@ -162,6 +188,7 @@ impl ModelSpec {
         self.engine_args = t.engine_args;
         self.gpus = t.gpus;
         self.gpu_types = t.gpu_types;
+        self.engine_image = t.engine_image;
     }
 
     /// The engine's LoRA settings (an unparsable number is an error naming the flag).
@@ -192,6 +219,9 @@ impl ModelSpec {
 
     pub fn validate(&self) -> Result<(), ApiError> {
         validate_source("spec.source", &self.source)?;
+        if let Some(image) = &self.engine_image {
+            validate_image("spec.engine_image", image)?;
+        }
         at_most("spec.replicas", self.replicas, MAX_REPLICAS)?;
         at_most("spec.gpus", self.gpus, MAX_GPUS_PER_REPLICA)?;
         at_most("spec.gpu_types", self.gpu_types.len(), 64)?;

@@ -32,6 +32,9 @@ pub struct ReplicaSpec {
     /// computes it from the copied fields).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub template_hash: String,
+    /// The container image to run the engine in (copied from the model); None: a process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_image: Option<String>,
 }
 
 impl ReplicaSpec {
@@ -43,6 +46,7 @@ impl ReplicaSpec {
             engine_args: self.engine_args.clone(),
             gpus: self.gpus_needed,
             gpu_types: self.gpu_types.clone(),
+            engine_image: self.engine_image.clone(),
         }
     }
 

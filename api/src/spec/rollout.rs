@@ -29,6 +29,9 @@ pub struct ReplicaTemplate {
     pub gpus: u32,
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub gpu_types: Vec<String>,
+    /// Last, and left out when None, so templates without an image hash as before.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub engine_image: Option<String>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -275,6 +278,7 @@ mod tests {
 
     fn template() -> ReplicaTemplate {
         ReplicaTemplate {
+            engine_image: Default::default(),
             engine: EngineKind::Sim,
             source: "hf://org/m".into(),
             engine_args: vec!["--x".into()],

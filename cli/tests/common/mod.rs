@@ -225,12 +225,26 @@ impl AgentProc {
         marker: u64,
         env: &[(&str, &str)],
     ) -> AgentProc {
+        Self::start_with(name, data_dir, servers, gpus, marker, env, &[])
+    }
+
+    /// [`AgentProc::start_with_env`] with these flags added.
+    pub fn start_with(
+        name: &str,
+        data_dir: &Path,
+        servers: &str,
+        gpus: u32,
+        marker: u64,
+        env: &[(&str, &str)],
+        args: &[&str],
+    ) -> AgentProc {
         let child = Command::new(BIN)
             .args(["agent", "--server", servers, "--node-name", name, "--gpus", &gpus.to_string()])
             .args(["--gpu-type", "A100-80GB", "--heartbeat-interval-ms", "200"])
             .arg("--data-dir")
             .arg(data_dir)
             .arg(format!("--sim-args=--speedup 50 --allow-faults --seed {marker}"))
+            .args(args)
             .envs(env.iter().copied())
             .env("RUST_LOG", "error")
             .stdout(Stdio::null())
