@@ -111,6 +111,11 @@ pub struct AgentArgs {
     /// `--gpus` or CDI). Without it such Models' replicas fail with the reason.
     #[arg(long, value_enum)]
     pub container_runtime: Option<crate::container::Runtime>,
+    /// Serve Prometheus metrics (`flotilla_agent_*`: engines by state, starts, crashes,
+    /// start-to-ready time, downloads, adapter loads, drains, GPUs by health) on
+    /// `GET /metrics` at this HOST:PORT, e.g. `127.0.0.1:9101`. Off when not given.
+    #[arg(long, value_name = "ADDR")]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// The runtime's client program (default: `docker` or `podman` from PATH).
     #[arg(long, requires = "container_runtime")]
     pub container_cli: Option<PathBuf>,
@@ -220,6 +225,8 @@ pub struct AgentConfig {
     pub engine_policy: crate::engine_policy::Policy,
     /// The container runtime for Models with an `engine_image` (None: none runs).
     pub containers: Option<crate::container::Containers>,
+    /// Where `/metrics` is served (None: nowhere).
+    pub metrics_listen: Option<std::net::SocketAddr>,
     /// Which download sources are refused.
     pub source_policy: crate::source_policy::Policy,
     /// Stop engines when the agent exits.
@@ -382,6 +389,7 @@ impl AgentArgs {
             engine_env,
             engine_policy,
             containers: self.containers()?,
+            metrics_listen: self.metrics_listen,
             source_policy,
             stop_engines_on_exit: self.stop_engines_on_exit,
             restart: crate::engines::backoff::RestartPolicy {

@@ -36,6 +36,7 @@ pub mod error;
 pub mod gpu;
 pub mod http;
 pub mod lora_plan;
+pub mod metrics;
 pub mod probe;
 pub mod reconcile;
 pub mod source_policy;
@@ -64,6 +65,8 @@ pub struct AgentHandle {
     manager: Arc<EngineManager>,
     downloader: Arc<download::Downloader>,
     gpus: Arc<dyn GpuInventory>,
+    /// Where `/metrics` is served (`--metrics-listen`, its port resolved).
+    metrics_addr: Option<std::net::SocketAddr>,
     /// Held for the agent's lifetime: one agent per data dir.
     _lock: std::fs::File,
 }
@@ -83,6 +86,11 @@ impl AgentHandle {
     /// Downloads refused by the source policy so far, by rule (every rule, zeros included).
     pub fn download_refusals(&self) -> Vec<(&'static str, u64)> {
         self.downloader.guard().refusals()
+    }
+
+    /// The address `/metrics` is served on, when `--metrics-listen` was given.
+    pub fn metrics_addr(&self) -> Option<std::net::SocketAddr> {
+        self.metrics_addr
     }
 
     /// Current engine reports (what the next heartbeat carries).
@@ -147,6 +155,11 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         http::HttpClient::guarded(cfg.source_policy.clone()).map_err(|e| AgentError::invalid("hf-endpoint", e))?;
     let s3 = download::s3::S3Config::from_env(&cfg.s3_endpoint);
     let downloader = Arc::new(download::Downloader::new(models, http, &cfg.hf_endpoint, s3, cfg.source_policy.clone()));
+    let metrics = Arc::new(metrics::AgentMetrics::default());
+    let metrics_listener = match cfg.metrics_listen {
+        Some(addr) => Some(metrics::bind(addr).await?),
+        None => None,
+    };
     let env = Arc::new(EngineEnv {
         sim: driver::SimDriver {
             binary: cfg.sim_binary.clone(),
@@ -160,6 +173,7 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         ports: engines::ports::Ports::new(cfg.ports.clone(), &cfg.address),
         log_dir,
         early_heartbeat: Arc::new(tokio::sync::Notify::new()),
+        metrics: metrics.clone(),
         cfg: cfg.clone(),
     });
     let manager = Arc::new(EngineManager::new(env));
@@ -169,8 +183,17 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         data_dir = %cfg.data_dir.display(), servers = ?cfg.servers, "agent starting"
     );
     let (shutdown, shutdown_rx) = watch::channel(false);
+    let mut metrics_addr = None;
+    if let Some(listener) = metrics_listener {
+        metrics_addr = listener.local_addr().ok();
+        let (manager, gpus, downloader) = (manager.clone(), gpus.clone(), downloader.clone());
+        let render: metrics::Render =
+            Arc::new(move || metrics.render(&manager.reports(), &gpus.probe(), &downloader.guard().refusals()));
+        tokio::spawn(metrics::serve(listener, render, shutdown_rx.clone()));
+        tracing::info!(addr = ?metrics_addr, "agent metrics on /metrics");
+    }
     let task = tokio::spawn(connection::run(cfg.clone(), agent_id, gpus.clone(), manager.clone(), shutdown_rx));
-    Ok(AgentHandle { cfg, shutdown, task: Some(task), manager, downloader, gpus, _lock: lock })
+    Ok(AgentHandle { cfg, shutdown, task: Some(task), manager, downloader, gpus, metrics_addr, _lock: lock })
 }
 
 /// Runs `flotilla agent` until SIGINT or SIGTERM (engines keep running unless

@@ -86,6 +86,8 @@ async fn crashed_engine_is_restarted_and_repeated_crashes_fail_it() {
             "400",
             "--max-crashes",
             "3",
+            "--metrics-listen",
+            "127.0.0.1:0",
         ],
     );
     let agent = TestAgent::start(args).await;
@@ -116,7 +118,46 @@ async fn crashed_engine_is_restarted_and_repeated_crashes_fail_it() {
     assert!(failed.reason.contains("crashed 3 times") && failed.reason.contains("exit status 1"), "{}", failed.reason);
     assert_eq!(failed.restarts, 2);
     assert!(!alive(last_pid));
+
+    // The agent's /metrics counted all of it.
+    let addr = agent.handle().metrics_addr().expect("--metrics-listen").to_string();
+    let (status, text) = http_request(&addr, "GET", "/metrics", "").await.expect("scrape");
+    assert_eq!(status, 200);
+    for line in [
+        "flotilla_agent_engine_starts_total{engine=\"sim\"} 3",
+        "flotilla_agent_engine_crashes_total{engine=\"sim\"} 3",
+        "flotilla_agent_engine_failures_total{engine=\"sim\"} 1",
+        "flotilla_agent_engine_start_seconds_count{engine=\"sim\"} 3",
+        "flotilla_agent_engines{state=\"failed\"} 1",
+        "flotilla_agent_engines{state=\"ready\"} 0",
+        "flotilla_agent_engine_restarts 2",
+    ] {
+        assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+    }
+    let (code, problems) = promtool_check(&text);
+    assert_eq!(code, 0, "promtool check metrics: {problems}");
+    assert_eq!(http_request(&addr, "GET", "/other", "").await.map(|r| r.0), Some(404));
     drop(agent);
+}
+
+/// `promtool check metrics` on `text`: (exit code, its output).
+fn promtool_check(text: &str) -> (i32, String) {
+    use std::io::Write as _;
+    use std::process::{Command, Stdio};
+    let bin = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    let mut child = Command::new(&bin)
+        .args(["check", "metrics"])
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
+        .unwrap_or_else(|e| panic!("cannot run `{bin}` ({e}); install it with `bash .ci/sim-deps.sh` or set PROMTOOL"));
+    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
+    let out = child.wait_with_output().unwrap();
+    (
+        out.status.code().unwrap_or(-1),
+        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
+    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

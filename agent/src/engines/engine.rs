@@ -143,7 +143,15 @@ pub async fn run(
     let initial = adapters.borrow().clone();
     let worker = Worker::new(env.clone(), client.clone(), &a.replica, report.clone(), initial, adopted.is_some());
     let (data_dir, replica) = (env.cfg.data_dir.clone(), a.replica.clone());
-    let life = life(Engine { env, client, key, tls }, a, report, stop, adopted, adapters.clone(), view);
+    let life = life(
+        Engine { env, client, key, tls, kind: a.engine.clone() },
+        a,
+        report,
+        stop,
+        adopted,
+        adapters.clone(),
+        view,
+    );
     // The worker ends when `life` drops the view sender; `life` decides when both end.
     tokio::select! {
         () = life => {}
@@ -163,6 +171,8 @@ struct Engine {
     key: Option<EngineKey>,
     /// The certificate it serves TLS with; None: plain HTTP.
     tls: Option<crate::engine_tls::EngineCert>,
+    /// `sim` or `vllm` (metrics labels).
+    kind: String,
 }
 
 /// The engine process's life cycle (see the module diagram).
@@ -214,12 +224,13 @@ async fn life(
     let mut model_path: Option<PathBuf> = None;
     if running.is_none() && driver.needs_weights() {
         set_state(&report, "downloading", "");
+        let t0 = Instant::now();
         let progress = {
             let report = report.clone();
             move |p: f64| update(&report, |r| r.download_progress = p)
         };
         tokio::select! {
-            r = env.downloader.fetch(&a.source, &progress) => match r {
+            r = env.downloader.fetch(&a.source, &progress) => match r.inspect(|_| env.metrics.downloaded(true, t0.elapsed())).inspect_err(|_| env.metrics.downloaded(false, t0.elapsed())) {
                 Ok(p) => {
                     update(&report, |r| r.download_progress = 1.0);
                     model_path = Some(p);
@@ -253,6 +264,7 @@ async fn life(
                         &mut stop,
                         &mut restarts,
                         &replica,
+                        &a.engine,
                     )
                     .await
                     {
@@ -264,7 +276,9 @@ async fn life(
         };
         let outcome = supervise(&engine, &mut run, &log, &report, &mut stop, &view).await;
         if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain {
+            let t0 = Instant::now();
             drain::drain(&engine.client, &env.endpoint(run.port), env.cfg.drain_timeout, &report, &mut stop).await;
+            env.metrics.engine_drained(t0.elapsed());
         }
         view.send_modify(|v| {
             // The process is going: its adapters with it.
@@ -284,6 +298,7 @@ async fn life(
                 return set_state(&report, "stopped", "");
             }
             Outcome::Crash(reason) => {
+                env.metrics.engine_crashed(&a.engine);
                 run.id.signal_group(rustix::process::Signal::KILL); // leftover workers
                 if let Proc::Child(mut c) = run.proc {
                     let _ = c.wait().await;
@@ -298,6 +313,7 @@ async fn life(
                     &mut stop,
                     &mut restarts,
                     &replica,
+                    &a.engine,
                 )
                 .await
                 {
@@ -319,9 +335,11 @@ async fn after_crash(
     stop: &mut watch::Receiver<StopMode>,
     restarts: &mut u32,
     replica: &str,
+    kind: &str,
 ) -> bool {
     match history.on_crash(&env.cfg.restart, started_at, Instant::now()) {
         AfterCrash::GiveUp => {
+            env.metrics.engine_failed(kind);
             let why = format!("crashed {} times within {:?}; last: {reason}", history.recent(), env.cfg.restart.window);
             tracing::error!(replica = %replica, reason = %why, "engine failed; not restarting");
             set_state(report, "failed", &why);
@@ -420,6 +438,7 @@ fn launch(
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }
     tracing::info!(replica = %a.replica, pid = id.pid, port, command = %cmd.display(), "engine started");
+    env.metrics.engine_started(&a.engine);
     update(report, |r| {
         r.state = "starting".into();
         r.reason.clear();
@@ -484,6 +503,9 @@ async fn supervise(
             if healthy {
                 ready = true;
                 tracing::info!(replica = %report_name(report), endpoint = %endpoint, "engine ready");
+                if matches!(run.proc, Proc::Child(_)) {
+                    env.metrics.engine_ready(&engine.kind, run.started_at.elapsed());
+                }
                 set_state(report, "ready", "");
                 view.send_modify(|v| v.endpoint = Some(endpoint.clone()));
                 // Tell the leader now, not at the next heartbeat: a replacement for a lost

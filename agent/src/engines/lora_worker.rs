@@ -172,6 +172,7 @@ impl Worker {
                 false
             }
             Done::Fetched { name, source, path: Err(reason), .. } => {
+                self.env.metrics.adapter_loaded(false, std::time::Duration::ZERO);
                 tracing::warn!(replica = %replica, adapter = %name, source = %source, reason = %reason, "adapter download failed");
                 self.tracked.insert(name, Tracked::new(&source, Phase::Failed(reason)));
                 true
@@ -180,11 +181,13 @@ impl Worker {
                 let now = Instant::now();
                 match result {
                     Err(e) if !already_loaded(&e) => {
+                        self.env.metrics.adapter_loaded(false, now.duration_since(started));
                         let reason = format!("load of {source} failed: {e}");
                         tracing::warn!(replica = %replica, adapter = %name, reason = %reason, "adapter load failed");
                         self.tracked.insert(name, Tracked::new(&source, Phase::Failed(reason)));
                     }
                     _ => {
+                        self.env.metrics.adapter_loaded(true, now.duration_since(started));
                         let ms = now.duration_since(started).as_millis() as u64;
                         tracing::info!(replica = %replica, adapter = %name, source = %source, load_ms = ms, "adapter loaded");
                         self.load_ms.insert(name.clone(), ms);
@@ -202,11 +205,12 @@ impl Worker {
                 let wanted = self.desired.iter().find(|a| a.name == name).map(|a| a.source.clone());
                 match result {
                     Ok(()) | Err(EngineError::Http { status: 404, .. }) => {
+                        self.env.metrics.adapter_unloaded(true);
                         tracing::info!(replica = %replica, adapter = %name, "adapter unloaded");
                         self.tracked.remove(&name);
                         self.engine.retain(|n| *n != name);
                     }
-                    Err(e) => match wanted {
+                    Err(e) => match wanted.inspect(|_| self.env.metrics.adapter_unloaded(false)) {
                         // A new source for the name: the old version stays; fail the new one
                         // rather than serve the old one under its name.
                         Some(source) => {

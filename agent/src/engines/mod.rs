@@ -62,6 +62,8 @@ pub struct EngineEnv {
     /// Asks the connection loop for a heartbeat now (an engine turned ready, an adapter
     /// finished loading or failed); it sends one, rate-limited.
     pub early_heartbeat: Arc<Notify>,
+    /// The agent's metrics.
+    pub metrics: Arc<crate::metrics::AgentMetrics>,
 }
 
 impl EngineEnv {

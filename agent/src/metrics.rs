@@ -1,0 +1,343 @@
+//! The agent's Prometheus metrics (`flotilla_agent_*`), served on `--metrics-listen`
+//! ([`serve`]). Two kinds:
+//! - counters and histograms of events, updated where they happen (engine starts, crashes,
+//!   give-ups and start-to-ready time in the engine task; adapter loads and unloads in the
+//!   LoRA worker; drains; downloads);
+//! - gauges of state, computed from the engine reports and the GPU probe at each scrape
+//!   ([`AgentMetrics::render`]): engines by state, restarts, download progress, GPUs by
+//!   health, and the source policy's refusals by rule (counted by its guard).
+//!
+//! Labels are bounded: `engine` is sim or vllm, `state` and `health` come from fixed sets
+//! (anything else is `other`), `result` is ok or error. No replica, model or adapter names:
+//! those are `flotilla get` material, and unbounded.
+//!
+//! The listener serves `GET /metrics` (Prometheus text 0.0.4, [`to_prometheus_text`]) and
+//! nothing else, loopback unless the operator names
+//! an address; what it shows (counts and durations of this node's engines) is no more than
+//! `flotilla get replicas` shows a viewer, so it asks for no identity, like the servers'
+//! `--http-addr` /metrics.
+
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::pb::{EngineReport, GpuInfo};
+use prometheus_client::encoding::EncodeLabelSet;
+use prometheus_client::metrics::counter::Counter;
+use prometheus_client::metrics::family::Family;
+use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::registry::Registry;
+
+/// Engine states a report may be in (anything else counts as `other`).
+pub const ENGINE_STATES: [&str; 8] =
+    ["downloading", "starting", "ready", "crashed", "failed", "stopping", "stopped", "other"];
+/// GPU health states.
+pub const GPU_STATES: [&str; 4] = ["healthy", "degraded", "failed", "other"];
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct EngineLabels {
+    /// `sim` or `vllm`.
+    pub engine: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct ResultLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct StateLabels {
+    pub state: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct HealthLabels {
+    pub health: String,
+}
+
+fn result(ok: bool) -> ResultLabels {
+    ResultLabels { result: if ok { "ok" } else { "error" }.into() }
+}
+
+fn engine(kind: &str) -> EngineLabels {
+    EngineLabels { engine: if kind == "vllm" { "vllm" } else { "sim" }.into() }
+}
+
+/// Every metric of one agent.
+#[derive(Debug)]
+pub struct AgentMetrics {
+    registry: Registry,
+    engine_starts: Family<EngineLabels, Counter>,
+    engine_crashes: Family<EngineLabels, Counter>,
+    engine_failures: Family<EngineLabels, Counter>,
+    engine_start_seconds: Family<EngineLabels, Histogram>,
+    engine_drain_seconds: Histogram,
+    adapter_loads: Family<ResultLabels, Counter>,
+    adapter_load_seconds: Histogram,
+    adapter_unloads: Family<ResultLabels, Counter>,
+    downloads: Family<ResultLabels, Counter>,
+    download_seconds: Histogram,
+    engines: Family<StateLabels, Gauge>,
+    engine_restarts: Gauge,
+    downloads_in_progress: Gauge,
+    gpus: Family<HealthLabels, Gauge>,
+}
+
+impl Default for AgentMetrics {
+    fn default() -> Self {
+        let seconds = |start: f64, n: u16| Histogram::new(exponential_buckets(start, 2.0, n));
+        let engine_start_seconds = Family::<EngineLabels, Histogram>::new_with_constructor(|| {
+            Histogram::new(exponential_buckets(0.25, 2.0, 14))
+        });
+        let m = AgentMetrics {
+            registry: Registry::default(),
+            engine_starts: Family::default(),
+            engine_crashes: Family::default(),
+            engine_failures: Family::default(),
+            engine_start_seconds,
+            engine_drain_seconds: seconds(0.05, 14),
+            adapter_loads: Family::default(),
+            adapter_load_seconds: seconds(0.01, 14),
+            adapter_unloads: Family::default(),
+            downloads: Family::default(),
+            download_seconds: seconds(0.5, 14),
+            engines: Family::default(),
+            engine_restarts: Gauge::default(),
+            downloads_in_progress: Gauge::default(),
+            gpus: Family::default(),
+        };
+        let mut r = Registry::with_prefix("flotilla_agent");
+        r.register("engine_starts", "Engine processes started (first starts and restarts)", m.engine_starts.clone());
+        r.register("engine_crashes", "Engine processes that exited or were killed unasked", m.engine_crashes.clone());
+        r.register("engine_failures", "Engines given up on after too many crashes", m.engine_failures.clone());
+        r.register_with_unit(
+            "engine_start",
+            "Time from an engine's start to its first healthy /health",
+            prometheus_client::registry::Unit::Seconds,
+            m.engine_start_seconds.clone(),
+        );
+        r.register_with_unit(
+            "engine_drain",
+            "Time an unassigned engine spent draining its requests before it was stopped",
+            prometheus_client::registry::Unit::Seconds,
+            m.engine_drain_seconds.clone(),
+        );
+        r.register("adapter_loads", "LoRA adapter loads into engines, by result", m.adapter_loads.clone());
+        r.register_with_unit(
+            "adapter_load",
+            "Time of a successful adapter load (download and engine load)",
+            prometheus_client::registry::Unit::Seconds,
+            m.adapter_load_seconds.clone(),
+        );
+        r.register("adapter_unloads", "LoRA adapter unloads from engines, by result", m.adapter_unloads.clone());
+        r.register("downloads", "Model downloads finished, by result", m.downloads.clone());
+        r.register_with_unit(
+            "download",
+            "Time of a successful model download (cache hits included)",
+            prometheus_client::registry::Unit::Seconds,
+            m.download_seconds.clone(),
+        );
+        r.register("engines", "Engines this agent runs, by state", m.engines.clone());
+        r.register("engine_restarts", "Restarts of the engines this agent runs now, summed", m.engine_restarts.clone());
+        r.register("downloads_in_progress", "Engines waiting on their model download", m.downloads_in_progress.clone());
+        r.register("gpus", "GPUs of this node, by health", m.gpus.clone());
+        AgentMetrics { registry: r, ..m }
+    }
+}
+
+impl AgentMetrics {
+    pub fn engine_started(&self, kind: &str) {
+        self.engine_starts.get_or_create(&engine(kind)).inc();
+    }
+
+    pub fn engine_crashed(&self, kind: &str) {
+        self.engine_crashes.get_or_create(&engine(kind)).inc();
+    }
+
+    pub fn engine_failed(&self, kind: &str) {
+        self.engine_failures.get_or_create(&engine(kind)).inc();
+    }
+
+    pub fn engine_ready(&self, kind: &str, took: Duration) {
+        self.engine_start_seconds.get_or_create(&engine(kind)).observe(took.as_secs_f64());
+    }
+
+    pub fn engine_drained(&self, took: Duration) {
+        self.engine_drain_seconds.observe(took.as_secs_f64());
+    }
+
+    pub fn adapter_loaded(&self, ok: bool, took: Duration) {
+        self.adapter_loads.get_or_create(&result(ok)).inc();
+        if ok {
+            self.adapter_load_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    pub fn adapter_unloaded(&self, ok: bool) {
+        self.adapter_unloads.get_or_create(&result(ok)).inc();
+    }
+
+    pub fn downloaded(&self, ok: bool, took: Duration) {
+        self.downloads.get_or_create(&result(ok)).inc();
+        if ok {
+            self.download_seconds.observe(took.as_secs_f64());
+        }
+    }
+
+    /// The OpenMetrics text of every metric, the gauges set from `reports` and `gpus`
+    /// first, with the source policy's `refusals` per rule (counted by its guard).
+    pub fn render(&self, reports: &[EngineReport], gpus: &[GpuInfo], refusals: &[(&str, u64)]) -> String {
+        for s in ENGINE_STATES {
+            let n = reports.iter().filter(|r| bucket(&r.state, &ENGINE_STATES) == s).count();
+            self.engines.get_or_create(&StateLabels { state: s.into() }).set(n as i64);
+        }
+        self.engine_restarts.set(reports.iter().map(|r| i64::from(r.restarts)).sum());
+        self.downloads_in_progress.set(reports.iter().filter(|r| r.state == "downloading").count() as i64);
+        for s in GPU_STATES {
+            let n = gpus.iter().filter(|g| bucket(gpu_state(g), &GPU_STATES) == s).count();
+            self.gpus.get_or_create(&HealthLabels { health: s.into() }).set(n as i64);
+        }
+        let mut out = String::new();
+        if prometheus_client::encoding::text::encode_registry(&mut out, &self.registry).is_err() {
+            out.clear();
+        }
+        out.push_str(
+            "# HELP flotilla_agent_download_refusals Downloads refused by the source policy, by rule.\n\
+             # TYPE flotilla_agent_download_refusals counter\n",
+        );
+        for (rule, n) in refusals {
+            out.push_str(&format!("flotilla_agent_download_refusals_total{{rule=\"{rule}\"}} {n}\n"));
+        }
+        out.push_str("# EOF\n");
+        out
+    }
+}
+
+/// OpenMetrics text (what prometheus-client writes) as Prometheus text 0.0.4, the format
+/// `promtool check metrics` and every Prometheus read: a counter's HELP and TYPE name its
+/// `_total` series, and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
+pub fn to_prometheus_text(openmetrics: &str) -> String {
+    let counters: std::collections::BTreeSet<&str> =
+        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
+    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
+    for line in openmetrics.lines() {
+        if line == "# EOF" || line.starts_with("# UNIT ") {
+            continue;
+        }
+        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
+            let rest = line.strip_prefix(p)?;
+            let (name, tail) = rest.split_once(' ')?;
+            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
+        });
+        out.push_str(renamed.as_deref().unwrap_or(line));
+        out.push('\n');
+    }
+    out
+}
+
+/// A GPU's state, read from `healthy` for agents' probes that set no state.
+fn gpu_state(g: &GpuInfo) -> &str {
+    match (g.state.as_str(), g.healthy) {
+        ("", true) => "healthy",
+        ("", false) => "failed",
+        (s, _) => s,
+    }
+}
+
+/// `value` if it is one of `known`, else `other`.
+fn bucket<'a>(value: &str, known: &[&'a str]) -> &'a str {
+    known.iter().copied().find(|k| *k == value).unwrap_or("other")
+}
+
+/// What [`serve`] renders on each scrape.
+pub type Render = Arc<dyn Fn() -> String + Send + Sync>;
+
+/// Serves `GET /metrics` on `listener` until `shutdown` turns true. Other paths get 404.
+pub async fn serve(
+    listener: tokio::net::TcpListener,
+    render: Render,
+    mut shutdown: tokio::sync::watch::Receiver<bool>,
+) {
+    use axum::routing::get;
+    let app = axum::Router::new().route(
+        "/metrics",
+        get(move || {
+            let render = render.clone();
+            async move {
+                // encoding walks every family: off the reactor, though it is small
+                let body = tokio::task::spawn_blocking(move || to_prometheus_text(&render())).await.unwrap_or_default();
+                ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body)
+            }
+        }),
+    );
+    let stop = async move {
+        while !*shutdown.borrow() {
+            if shutdown.changed().await.is_err() {
+                break;
+            }
+        }
+    };
+    if let Err(e) = axum::serve(listener, app).with_graceful_shutdown(stop).await {
+        tracing::warn!(error = %e, "metrics listener failed");
+    }
+}
+
+/// Binds `addr` (an error names it).
+pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, crate::AgentError> {
+    tokio::net::TcpListener::bind(addr)
+        .await
+        .map_err(|e| crate::AgentError::invalid("metrics-listen", format!("cannot listen on {addr}: {e}")))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn openmetrics_counters_are_named_by_their_total_series() {
+        let om = "# HELP x_starts Starts.\n# TYPE x_starts counter\nx_starts_total 3\n\
+                  # HELP x_wait Wait.\n# TYPE x_wait histogram\n# UNIT x_wait seconds\nx_wait_count 1\n# EOF\n";
+        assert_eq!(
+            to_prometheus_text(om),
+            "# HELP x_starts_total Starts.\n# TYPE x_starts_total counter\nx_starts_total 3\n\
+             # HELP x_wait Wait.\n# TYPE x_wait histogram\nx_wait_count 1\n"
+        );
+    }
+
+    #[test]
+    fn gauges_follow_the_reports_and_labels_stay_bounded() {
+        let m = AgentMetrics::default();
+        m.engine_started("sim");
+        m.engine_started("something-else");
+        m.engine_crashed("vllm");
+        m.engine_ready("sim", Duration::from_millis(1500));
+        m.adapter_loaded(true, Duration::from_millis(40));
+        m.adapter_loaded(false, Duration::from_millis(40));
+        let report = |state: &str, restarts| EngineReport { state: state.into(), restarts, ..Default::default() };
+        let reports = [report("ready", 2), report("ready", 0), report("downloading", 0), report("weird", 1)];
+        let gpu = |state: &str, healthy| GpuInfo { state: state.into(), healthy, ..Default::default() };
+        let gpus = [gpu("healthy", true), gpu("", false), gpu("degraded", true)];
+        let text = m.render(&reports, &gpus, &[("schemes", 2), ("hosts", 0)]);
+        for line in [
+            "flotilla_agent_engine_starts_total{engine=\"sim\"} 2",
+            "flotilla_agent_engine_crashes_total{engine=\"vllm\"} 1",
+            "flotilla_agent_engines{state=\"ready\"} 2",
+            "flotilla_agent_engines{state=\"other\"} 1",
+            "flotilla_agent_engines{state=\"failed\"} 0",
+            "flotilla_agent_engine_restarts 3",
+            "flotilla_agent_downloads_in_progress 1",
+            "flotilla_agent_gpus{health=\"failed\"} 1",
+            "flotilla_agent_gpus{health=\"degraded\"} 1",
+            "flotilla_agent_adapter_loads_total{result=\"error\"} 1",
+            "flotilla_agent_engine_start_seconds_count{engine=\"sim\"} 1",
+            "flotilla_agent_adapter_load_seconds_count 1",
+            "flotilla_agent_download_refusals_total{rule=\"schemes\"} 2",
+        ] {
+            assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
+        }
+        assert!(text.ends_with("# EOF\n"));
+        assert_eq!(text.matches("# EOF").count(), 1, "one terminator, after the refusals");
+    }
+}
