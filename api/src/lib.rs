@@ -11,6 +11,7 @@
 pub mod civil;
 pub mod dial;
 pub mod error;
+pub mod format;
 pub mod ids;
 pub mod kind;
 pub mod manifest;

@@ -17,9 +17,22 @@ pub enum StorageError {
     /// names the file or the snapshot id.
     #[error("corrupt snapshot {snapshot}: {reason}")]
     CorruptSnapshot { snapshot: String, reason: String },
+    /// A data dir or backup of a format this binary does not read.
+    #[error(transparent)]
+    Format(#[from] flotilla_api::format::FormatError),
+    /// A restored data dir or `--force-new-cluster` that cannot be carried out (the reason
+    /// names the dir and what to do).
+    #[error("{0}")]
+    Seed(String),
 }
 
 impl StorageError {
+    /// Whether the operator's input is at fault (a data dir of a newer format, a restored
+    /// dir started with the wrong flags): exit code 2 rather than 1.
+    pub fn is_usage(&self) -> bool {
+        matches!(self, StorageError::Format(_) | StorageError::Seed(_))
+    }
+
     pub fn code(&self) -> &'static str {
         match self {
             StorageError::Open { .. } => "storage.open",
@@ -27,6 +40,8 @@ impl StorageError {
             StorageError::Sled(_) => "storage.sled",
             StorageError::Corrupt { .. } => "storage.corrupt",
             StorageError::CorruptSnapshot { .. } => "storage.corrupt_snapshot",
+            StorageError::Format(_) => "storage.format",
+            StorageError::Seed(_) => "storage.seed",
         }
     }
 }

@@ -22,8 +22,10 @@ mod checksum;
 mod command;
 mod error;
 pub mod eventlog;
+mod format;
 mod log_store;
 mod revision_log;
+pub mod seed;
 mod snapshot_file;
 mod state_machine;
 mod store;
@@ -35,6 +37,7 @@ pub use applied::KEPT as APPLIED_REQUESTS_KEPT;
 pub use checksum::{tagged_id as snapshot_id_with_checksum, SnapshotDigest};
 pub use command::{Command, CommandResult, Compare, TxnOp};
 pub use error::StorageError;
+pub use format::DATA_DIR_FORMAT;
 pub use log_store::LogStore;
 pub use state_machine::{StateMachine, StoreReader};
 pub use store::{Compacted, Store, DEFAULT_EVENT_RETENTION};
@@ -56,18 +59,25 @@ pub type Raft = openraft::Raft<TypeConfig>;
 
 /// Opens (or creates) the log store and state machine under `data_dir`, which is made
 /// private first: created 0700, or tightened to 0700 with a warning if it is group- or
-/// world-accessible (see `private_dir`).
+/// world-accessible (see `private_dir`). Its format marker is checked (and written if
+/// missing) before anything else in it is read: a dir of a newer format is refused
+/// (`format`). A server opens it through [`seed::open_server`].
 pub fn open(data_dir: &Path, event_retention: usize) -> Result<(LogStore, StateMachine), StorageError> {
+    open_parts(data_dir, event_retention).map(|(_, log, sm)| (log, sm))
+}
+
+fn open_parts(data_dir: &Path, event_retention: usize) -> Result<(sled::Db, LogStore, StateMachine), StorageError> {
     flotilla_security::private_dir::ensure(data_dir)
         .map_err(|e| StorageError::Io { path: data_dir.into(), source: e })?;
+    format::ensure(data_dir)?;
     let db = sled::Config::new()
         .path(data_dir.join("db"))
         .mode(sled::Mode::LowSpace)
         .open()
         .map_err(|e| StorageError::Open { path: data_dir.into(), source: e })?;
     let log = LogStore::open(db.clone())?;
-    let sm = StateMachine::open(db, data_dir.join("snapshot"), event_retention)?;
-    Ok((log, sm))
+    let sm = StateMachine::open(db.clone(), data_dir.join("snapshot"), event_retention)?;
+    Ok((db, log, sm))
 }
 
 #[cfg(test)]

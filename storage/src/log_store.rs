@@ -138,6 +138,28 @@ impl LogStore {
     }
 }
 
+impl LogStore {
+    /// Empties the log and records it as purged up to `last` (committed there), with
+    /// `vote` as the vote; flushed before it returns. Only while openraft is not running:
+    /// seeding a restored or forced-new cluster (`crate::seed`), after the snapshot file at
+    /// `last` is on disk.
+    pub(crate) fn reset_to(&self, last: LogId<u64>, vote: Vote<u64>) -> Result<(), StorageError> {
+        self.meta.insert(LAST_PURGED, json(&last))?;
+        self.meta.insert(COMMITTED, json(&Some(last)))?;
+        self.meta.insert(VOTE, json(&vote))?;
+        self.db.flush()?;
+        self.log.clear()?;
+        self.cache().purge(u64::MAX);
+        self.db.flush()?;
+        Ok(())
+    }
+}
+
+/// A value as the `raft` tree holds it (JSON); log ids and votes always serialize.
+fn json<T: Serialize>(value: &T) -> Vec<u8> {
+    serde_json::to_vec(value).unwrap_or_default()
+}
+
 fn index_key(index: u64) -> [u8; 8] {
     index.to_be_bytes()
 }
