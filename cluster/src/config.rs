@@ -30,6 +30,10 @@ pub struct ServerConfig {
     pub bootstrap: bool,
     /// Join the cluster that serves at this address (any member).
     pub join: Option<String>,
+    /// Recover a group that lost its majority for good: keep this data dir's state (every
+    /// entry in its log applied), rewrite the membership to this server alone and lead
+    /// (`flotilla_storage::seed`). Others join afterwards.
+    pub force_new_cluster: bool,
     /// Leader heartbeat interval.
     pub heartbeat_ms: u64,
     /// A follower starts an election after a random timeout in [min, max].
@@ -66,6 +70,7 @@ impl ServerConfig {
             http_addr: ([127, 0, 0, 1], 7071).into(),
             bootstrap: false,
             join: None,
+            force_new_cluster: false,
             heartbeat_ms: 50,
             election_timeout_min_ms: 200,
             election_timeout_max_ms: 400,
@@ -86,6 +91,9 @@ impl ServerConfig {
         }
         if self.bootstrap && self.join.is_some() {
             return bad("--bootstrap and --join exclude each other: bootstrap starts a new cluster, join enters an existing one".into());
+        }
+        if self.force_new_cluster && self.join.is_some() {
+            return bad("--force-new-cluster and --join exclude each other: the forced server is the new cluster, the others join it".into());
         }
         if self.heartbeat_ms == 0 {
             return bad("--heartbeat-ms must be positive".into());
@@ -163,6 +171,11 @@ mod tests {
         let e =
             ServerConfig { bootstrap: true, join: Some("x".into()), ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--join"), "{e}");
+        let e = ServerConfig { force_new_cluster: true, join: Some("x".into()), ..ok.clone() }
+            .validate()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("--force-new-cluster"), "{e}");
         let e = ServerConfig { election_timeout_min_ms: 100, ..ok.clone() }.validate().unwrap_err().to_string();
         assert!(e.contains("--election-timeout-min-ms"), "{e}");
         let e = ServerConfig { max_snapshot_bytes: 0, ..ok.clone() }.validate().unwrap_err().to_string();

@@ -53,6 +53,8 @@ impl ClusterError {
     pub fn grpc_code(&self) -> Code {
         match self {
             ClusterError::InvalidArgument(_) | ClusterError::Api(_) => Code::InvalidArgument,
+            // A data dir of a newer format, a restored dir started with the wrong flags.
+            ClusterError::Storage(e) if e.is_usage() => Code::InvalidArgument,
             ClusterError::NotFound(_) => Code::NotFound,
             ClusterError::Conflict { .. } => Code::FailedPrecondition,
             ClusterError::NoLeader

@@ -114,7 +114,24 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         None => config.advertise_addr.clone().unwrap_or_else(|| grpc_addr.to_string()),
     };
 
-    let (log_store, state_machine) = flotilla_storage::open(&config.data_dir, config.watch_history)?;
+    if config.join.is_some() && flotilla_storage::seed::pending_restore(&config.data_dir) {
+        return Err(ClusterError::InvalidArgument(format!(
+            "data dir {} holds a restored backup that seeds a new cluster: start this server without --join \
+             (the other servers join it)",
+            config.data_dir.display()
+        )));
+    }
+    let start = flotilla_storage::seed::StartAs {
+        id: config.id,
+        addr: advertise.clone(),
+        force_new_cluster: config.force_new_cluster,
+    };
+    let (log_store, state_machine, seeded) =
+        flotilla_storage::seed::open_server(&config.data_dir, config.watch_history, &start).await?;
+    match seeded {
+        flotilla_storage::seed::Seeded::Nothing => {}
+        s => tracing::warn!(id = config.id, seeded = ?s, "data dir seeded as a new single-member cluster"),
+    }
     let reader = state_machine.reader();
     let peers = Peers::new(
         PeerTimings::from_raft(config.election_timeout_min_ms, config.election_timeout_max_ms),

@@ -45,6 +45,13 @@ pub(crate) struct ServerArgs {
     /// Join the cluster served at this gRPC address (any member); retried until it works.
     #[arg(long, env = "FLOTILLA_JOIN")]
     pub(crate) join: Option<String>,
+    /// Disaster recovery for a group that lost its majority for good: keep this server's
+    /// state (applying every entry in its log, committed or not), rewrite the membership to
+    /// this server alone and lead. Then join fresh servers to it. Only with the other members
+    /// down for good (they would form a second cluster: split brain), and remove the flag
+    /// for later restarts. See docs/deploy.md, "Disaster recovery".
+    #[arg(long, conflicts_with = "join")]
+    pub(crate) force_new_cluster: bool,
     /// Leader heartbeat interval, milliseconds.
     #[arg(long, default_value_t = 50)]
     pub(crate) heartbeat_ms: u64,
@@ -104,6 +111,7 @@ impl ServerArgs {
             advertise_peer_addr: self.advertise_peer_addr.clone(),
             bootstrap: self.bootstrap,
             join: self.join.clone(),
+            force_new_cluster: self.force_new_cluster,
             heartbeat_ms: self.heartbeat_ms,
             election_timeout_min_ms: self.election_timeout_min_ms,
             election_timeout_max_ms: self.election_timeout_max_ms,
