@@ -8,6 +8,12 @@
 //! Writes are atomic ([`write_atomic`]: a temp file in the same dir, fsync'd, renamed into
 //! place, the dir fsync'd) and the files are mode 0600: `engines.json` holds the engines' keys.
 //!
+//! `engines.json` carries a format version ([`STATE_FORMAT`]): `{"format": 2, "engines":
+//! {...}}`. Version 1, written before the field existed, is the bare map of engines; it is
+//! read as such and rewritten as version 2 at the next change. A file of a newer version
+//! than this binary knows stops the agent with an error naming the file, the version found
+//! and the one supported (`flotilla_api::format`), rather than being misread.
+//!
 //! A corrupt `engines.json` at start stops the agent with an error naming the file and
 //! saying what to do, rather than starting without adoption: the engines it lists may still
 //! be running and holding their GPUs and ports, and an agent that forgot them would start a
@@ -115,6 +121,34 @@ pub struct SavedEngine {
     pub engine_cert_sha256: Option<String>,
 }
 
+/// The `engines.json` format this binary writes (and the newest it reads).
+pub const STATE_FORMAT: u32 = 2;
+
+/// `engines.json` as written since version 2.
+#[derive(Serialize)]
+struct StateFile<'a> {
+    format: u32,
+    engines: &'a BTreeMap<String, SavedEngine>,
+}
+
+/// Parses `engines.json`: version 1 (a bare map of engines: no `format` number at the top)
+/// or a versioned file up to [`STATE_FORMAT`]. Errors are reasons, without the file name.
+fn decode_state(bytes: &[u8]) -> Result<BTreeMap<String, SavedEngine>, String> {
+    let value: serde_json::Value = serde_json::from_slice(bytes).map_err(|e| format!("corrupt state file ({e})"))?;
+    let found = match value.get("format") {
+        Some(serde_json::Value::Number(n)) => Some(n.as_u64().and_then(|v| u32::try_from(v).ok()).unwrap_or(u32::MAX)),
+        _ => None,
+    };
+    let version = flotilla_api::format::check("state file", "", found, STATE_FORMAT).map_err(|_| {
+        format!(
+            "written in state format version {}; this binary supports up to version {STATE_FORMAT}: run a newer flotilla agent",
+            found.unwrap_or(1)
+        )
+    })?;
+    let engines = if version == 1 { value } else { value.get("engines").cloned().unwrap_or_default() };
+    serde_json::from_value(engines).map_err(|e| format!("corrupt state file ({e})"))
+}
+
 /// `<data-dir>/engines.json`, read once at start-up and rewritten on every change.
 #[derive(Debug)]
 pub struct StateStore {
@@ -128,11 +162,15 @@ impl StateStore {
     pub fn load(data_dir: &Path) -> Result<Self, AgentError> {
         let path = data_dir.join("engines.json");
         let engines = match std::fs::read(&path) {
-            Ok(bytes) => serde_json::from_slice(&bytes).map_err(|e| {
-                let reason = format!(
-                    "corrupt state file ({e}); the engines it lists cannot be adopted: stop any engine this \
-                     agent started, move the file aside, and start the agent again"
-                );
+            Ok(bytes) => decode_state(&bytes).map_err(|e| {
+                let reason = if e.starts_with("written in state format") {
+                    e
+                } else {
+                    format!(
+                        "{e}; the engines it lists cannot be adopted: stop any engine this \
+                         agent started, move the file aside, and start the agent again"
+                    )
+                };
                 AgentError::io(&path, std::io::Error::new(std::io::ErrorKind::InvalidData, reason))
             })?,
             Err(e) if e.kind() == std::io::ErrorKind::NotFound => BTreeMap::new(),
@@ -181,7 +219,7 @@ impl StateStore {
     }
 
     fn write(&self, engines: &BTreeMap<String, SavedEngine>) -> Result<(), AgentError> {
-        let bytes = serde_json::to_vec_pretty(engines)
+        let bytes = serde_json::to_vec_pretty(&StateFile { format: STATE_FORMAT, engines })
             .map_err(|e| AgentError::io(&self.path, std::io::Error::other(e.to_string())))?;
         write_atomic(&self.path, &bytes)
     }
@@ -373,7 +411,35 @@ mod tests {
         std::fs::write(dir.path().join("engines.json"), old).unwrap();
         let engines = StateStore::load(dir.path()).unwrap().engines();
         assert!(engines["r1"].assignment.adapters.is_empty());
+        assert_eq!(engines["r1"].port, 20000, "a version 1 file (the bare map) is read");
         assert_eq!(engines["r1"].api_key, None, "an engine started before keys runs without one");
         assert_eq!(engines["r1"].engine_cert_sha256, None, "nor TLS");
+    }
+
+    #[test]
+    fn the_state_file_carries_its_format_and_a_newer_one_is_refused_naming_it() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("engines.json");
+        std::fs::write(&path, b"{}").unwrap();
+        let s = StateStore::load(dir.path()).unwrap();
+        s.remove("nothing").unwrap();
+        let e = SavedEngine {
+            assignment: (&ReplicaAssignment { replica: "r1".into(), ..Default::default() }).into(),
+            process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
+            port: 20000,
+            restarts: 0,
+            api_key: None,
+            engine_cert_sha256: None,
+        };
+        s.put(e.clone()).unwrap();
+        let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+        assert_eq!(written["format"], STATE_FORMAT, "{written}");
+        assert_eq!(StateStore::load(dir.path()).unwrap().engines()["r1"], e);
+
+        std::fs::write(&path, format!(r#"{{"format": {}, "engines": {{}}}}"#, STATE_FORMAT + 1)).unwrap();
+        let err = StateStore::load(dir.path()).unwrap_err().to_string();
+        assert!(err.contains("engines.json") && err.contains("version 3") && err.contains("up to version 2"), "{err}");
+        std::fs::write(&path, r#"{"format": "two", "engines": {}}"#).unwrap();
+        assert!(StateStore::load(dir.path()).unwrap_err().to_string().contains("corrupt state file"));
     }
 }
