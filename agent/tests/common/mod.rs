@@ -290,7 +290,8 @@ pub fn kill_groups(pids: &BTreeSet<u32>, data_dir: &Path) {
     let mut all = pids.clone();
     if let Ok(text) = std::fs::read_to_string(data_dir.join("engines.json")) {
         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&text) {
-            if let Some(map) = v.as_object() {
+            // `{"format": 2, "engines": {...}}`, or the bare map of version 1.
+            if let Some(map) = v.get("engines").unwrap_or(&v).as_object() {
                 all.extend(map.values().filter_map(|e| e["process"]["pid"].as_u64()).map(|p| p as u32));
             }
         }
