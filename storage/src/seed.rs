@@ -304,4 +304,56 @@ mod tests {
         let e = open_server(&dir, 10, &forced).await.err().expect("empty dir").to_string();
         assert!(e.contains("holds none"), "{e}");
     }
+
+    fn put(index: u64, term: u64, name: &str) -> openraft::Entry<crate::TypeConfig> {
+        let cmd = Command::Put {
+            key: flotilla_api::ObjectKey { kind: flotilla_api::Kind::Tenant, name: name.parse().unwrap() },
+            uid: format!("uid-{name}"),
+            labels: Default::default(),
+            spec: serde_json::json!({}),
+            expected_revision: None,
+        };
+        openraft::Entry {
+            log_id: LogId::new(CommittedLeaderId::new(term, 2), index),
+            payload: openraft::EntryPayload::Normal(cmd),
+        }
+    }
+
+    #[tokio::test]
+    async fn force_new_cluster_applies_the_whole_log_and_leaves_this_server_alone() {
+        use openraft::RaftSnapshotBuilder;
+        let root = tempfile::tempdir().unwrap();
+        let dir = root.path().join("data");
+        {
+            // A member of {1, 2, 3} that applied (and snapshotted) entries 1-2 of term 3 and
+            // holds 3-4 in its log, unapplied; its vote is for server 2 in term 3.
+            let (db, _log, mut sm) = crate::open_parts(&dir, 100).unwrap();
+            let old = Membership::new(vec![BTreeSet::from([1, 2, 3])], ());
+            let mut entries = vec![openraft::Entry {
+                log_id: LogId::new(CommittedLeaderId::new(3, 2), 1),
+                payload: openraft::EntryPayload::Membership(old),
+            }];
+            entries.extend([put(2, 3, "a"), put(3, 3, "b"), put(4, 3, "c")]);
+            let tree = db.open_tree("log").unwrap();
+            for e in &entries {
+                tree.insert(e.log_id.index.to_be_bytes(), serde_json::to_vec(e).unwrap()).unwrap();
+            }
+            sm.apply(entries[..2].to_vec()).await.unwrap();
+            sm.build_snapshot().await.unwrap();
+            let vote = Vote::new_committed(3, 2);
+            db.open_tree("raft").unwrap().insert(b"vote", serde_json::to_vec(&vote).unwrap()).unwrap();
+            db.flush().unwrap();
+        }
+        let forced = StartAs { force_new_cluster: true, ..start(1) };
+        let (mut log, mut sm, seeded) = open_server(&dir, 100, &forced).await.unwrap();
+        assert_eq!(seeded, Seeded::ForcedNewCluster { revision: 3, last_index: 4, replayed: 2 });
+        assert_eq!(sm.reader().revision(), 3, "the unapplied entries were applied");
+        let (applied, membership) = sm.applied_state().await.unwrap();
+        assert_eq!(applied.map(|l| l.index), Some(4));
+        assert_eq!(membership.membership().voter_ids().collect::<Vec<_>>(), [1]);
+        let state = log.get_log_state().await.unwrap();
+        assert_eq!((state.last_purged_log_id, state.last_log_id), (applied, applied));
+        let vote = log.read_vote().await.unwrap().unwrap();
+        assert_eq!((vote.leader_id.term, vote.leader_id.node_id, vote.committed), (4, 1, false));
+    }
 }
