@@ -111,7 +111,7 @@ pub async fn open_server(
 ) -> Result<(LogStore, StateMachine, Seeded), StorageError> {
     let (db, mut log, mut sm) = crate::open_parts(data_dir, retention)?;
     let seeded = if pending_restore(data_dir) {
-        restore(data_dir, &db, &mut log, &mut sm, start).await?
+        restore(data_dir, &db, &log, start).await?
     } else if start.force_new_cluster {
         force(data_dir, &db, &mut log, &mut sm, start).await?
     } else {
@@ -132,13 +132,7 @@ fn raft(e: impl std::fmt::Display) -> StorageError {
     StorageError::Seed(e.to_string())
 }
 
-async fn restore(
-    data_dir: &Path,
-    db: &sled::Db,
-    log: &mut LogStore,
-    sm: &mut StateMachine,
-    start: &StartAs,
-) -> Result<Seeded, StorageError> {
+async fn restore(data_dir: &Path, db: &sled::Db, log: &LogStore, start: &StartAs) -> Result<Seeded, StorageError> {
     let dir = data_dir.join(RESTORE);
     let read = |name: &str| {
         let path = dir.join(name);
@@ -151,14 +145,9 @@ async fn restore(
             data_dir.display()
         )));
     }
-    let (applied, _) = sm.applied_state().await.map_err(raft)?;
-    if applied.is_some() || log.get_log_state().await.map_err(raft)?.last_log_id.is_some() {
-        return Err(StorageError::Seed(format!(
-            "data dir {} holds both a cluster and a pending restore ({}): remove one of them",
-            data_dir.display(),
-            dir.display()
-        )));
-    }
+    // State beside a pending restore can only be an earlier seeding of it that crashed
+    // before the pending restore was removed (the server does not start Raft before that):
+    // it is seeded again, from the same backup.
     let bytes = read("backup")?;
     let b = backup::decode(&bytes).map_err(|e| StorageError::Seed(format!("{}: {e}", dir.join("backup").display())))?;
     let store: Store = serde_json::from_slice(&b.data).map_err(raft)?;
@@ -269,6 +258,14 @@ mod tests {
         assert!(e.contains("not empty"), "{e}");
         let e = open_server(&dir, 100, &start(1)).await.err().expect("wrong id").to_string();
         assert!(e.contains("restored for server 2") && e.contains("--id 2"), "{e}");
+
+        // A first seeding that crashed before removing the pending restore is done again.
+        let (_, _, seeded) = open_server(&dir, 100, &start(2)).await.unwrap();
+        assert_eq!(seeded, Seeded::Restored { revision: 3 });
+        let pending = dir.join(RESTORE);
+        std::fs::create_dir(&pending).unwrap();
+        std::fs::write(pending.join("id"), "2\n").unwrap();
+        std::fs::write(pending.join("backup"), backup_of(&store)).unwrap();
 
         let (mut log, mut sm, seeded) = open_server(&dir, 100, &start(2)).await.unwrap();
         assert_eq!(seeded, Seeded::Restored { revision: 3 });
