@@ -466,9 +466,13 @@ async fn every_component_restarts_one_at_a_time_under_streaming_load_without_a_f
     let total = t_all.elapsed();
     tokio::time::sleep(Duration::from_secs(1)).await;
     let (ok, moved, failures) = load.finish().await;
-    eprintln!("upgrade of 7 components under load: {total:?}, {ok} streams completed, {} failed, {moved} sent to the other gateway before any byte", failures.len());
+    eprintln!(
+        "upgrade of 7 components under load: {:.2} s, {ok} streams completed, {} failed, {moved} sent to the other gateway before any byte",
+        total.as_secs_f64(),
+        failures.len()
+    );
     for (what, took) in &steps {
-        eprintln!("  {what}: {took:?}");
+        eprintln!("step {what}: {:.2} s", took.as_secs_f64());
     }
     assert!(failures.is_empty(), "{} of {} requests failed: {failures:#?}", failures.len(), ok + failures.len());
     assert!(ok >= 20, "the load ran ({ok} streams)");
