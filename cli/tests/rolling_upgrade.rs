@@ -416,14 +416,14 @@ async fn every_component_restarts_one_at_a_time_under_streaming_load_without_a_f
     wait_nodes_ready(&grpc, 2).await;
 
     // Agents: one at a time; the engines keep serving and the new agent adopts them.
-    for i in 0..agents.len() {
+    for (i, agent) in agents.iter_mut().enumerate() {
         let t0 = Instant::now();
-        let name = agents[i].name.clone();
-        let stopped = agents[i].terminate(Duration::from_secs(10)).await;
+        let name = agent.name.clone();
+        let stopped = agent.terminate(Duration::from_secs(10)).await;
         same_engines();
         tokio::time::sleep(downtime()).await;
-        agents[i] = Agent::start(&name, &dir.path().join(format!("a{}", i + 1)), &list, marker);
-        agents[i].wait_registered(Duration::from_secs(20)).await;
+        *agent = Agent::start(&name, &dir.path().join(format!("a{}", i + 1)), &list, marker);
+        agent.wait_registered(Duration::from_secs(20)).await;
         wait_nodes_ready(&grpc, 2).await;
         wait_replicas(&grpc, MODEL, 20, "2 ready replicas", |r| r.len() == 2 && ready(r) == 2).await;
         eprintln!("agent {name}: stopped in {stopped:?}, registered again in {:?}", t0.elapsed());
