@@ -132,11 +132,11 @@ pub struct GatewayArgs {
     /// (1 to 3600). Keep the supervisor's stop timeout above it (systemd's TimeoutStopSec).
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_s: u64,
-    /// At start, when following servers, hold new connections (they wait in the listener's
-    /// backlog, nothing is refused) until the gateway has its first endpoint table and the
-    /// `Model`, `Tenant` and `Adapter` lists, at most this many seconds (0 to 600); then it
-    /// serves what it has. A restarted gateway thus never answers `no_endpoint_table` to
-    /// the traffic a balancer sends it at once.
+    /// At start, when the endpoint table comes from servers (no `--backend`), hold new
+    /// connections (they wait in the listener's backlog, nothing is refused) until the
+    /// gateway has its first endpoint table and the `Model`, `Tenant` and `Adapter` lists, at
+    /// most this many seconds (0 to 600); then it serves what it has. A restarted gateway
+    /// thus does not answer `no_endpoint_table` to the traffic a balancer sends it at once.
     #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=600))]
     pub start_wait_s: u64,
     /// Serve `/metrics` on this separate HOST:PORT (e.g. `127.0.0.1:9090`, port 0: any)

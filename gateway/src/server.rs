@@ -360,14 +360,15 @@ impl Gateway {
     }
 }
 
-/// Waits until the gateway has its first view of the cluster ([`Directory::first_view`]),
-/// at most `limit`, so that a gateway just (re)started does not answer the traffic a
+/// Waits until a gateway that follows servers has its first view of the cluster
+/// ([`Directory::first_view`]), at most `limit`, so that a gateway just (re)started does not answer the traffic a
 /// balancer sends it at once with `no_endpoint_table`: until then the listener is bound but
 /// not accepting, and connections wait in its backlog. False if `stop` turned true first.
 ///
 /// [`Directory::first_view`]: crate::table::Directory::first_view
 pub async fn await_first_view(gw: &Gateway, limit: std::time::Duration, stop: &mut watch::Receiver<bool>) -> bool {
-    let objects = !gw.cfg.servers.is_empty();
+    // With static backends the table is local; the servers (if any) are not waited for.
+    let objects = gw.cfg.backends.is_empty() && !gw.cfg.servers.is_empty();
     let t0 = tokio::time::Instant::now();
     let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
     loop {
