@@ -271,6 +271,20 @@ mod tests {
     }
 
     #[test]
+    fn the_first_view_needs_the_table_and_when_following_servers_every_object_list() {
+        let dir = Directory::default();
+        assert!(!dir.first_view(false) && !dir.first_view(true), "nothing yet");
+        dir.set_endpoints(EndpointSet::default());
+        assert!(dir.first_view(false), "an empty table is a table");
+        assert!(!dir.first_view(true), "the object lists are missing");
+        dir.set_models(HashMap::new());
+        dir.set_tenants(Tenants::default());
+        assert!(!dir.first_view(true), "the adapters are missing");
+        dir.set_adapters(HashMap::new());
+        assert!(dir.first_view(true));
+    }
+
+    #[test]
     fn a_model_scaled_to_zero_on_purpose_is_not_carried_over() {
         let t0 = tokio::time::Instant::now();
         let grace = std::time::Duration::from_secs(60);
