@@ -154,7 +154,9 @@ fn dechunk(head: &str, mut body: &str) -> String {
     out
 }
 
-async fn one_stream(addr: &str, body: &str) -> Outcome {
+/// One streamed request to the gateway at `addr`; `streaming` counts it from its first
+/// byte back to its end.
+async fn one_stream(addr: &str, body: &str, streaming: &AtomicUsize) -> Outcome {
     let request = raw_http::request_text(addr, "POST", "/v1/chat/completions", body);
     let Ok(Ok(mut s)) = tokio::time::timeout(Duration::from_secs(2), tokio::net::TcpStream::connect(addr)).await else {
         return Outcome::NotServed("not accepting".into());
@@ -163,7 +165,25 @@ async fn one_stream(addr: &str, body: &str) -> Outcome {
         return Outcome::NotServed("reset before the request was written".into());
     }
     let mut raw = Vec::new();
-    let read = tokio::time::timeout(Duration::from_secs(30), s.read_to_end(&mut raw)).await;
+    let read = tokio::time::timeout(Duration::from_secs(30), async {
+        let mut buf = [0u8; 4096];
+        loop {
+            match s.read(&mut buf).await {
+                Ok(0) => return Ok(()),
+                Ok(n) => {
+                    if raw.is_empty() {
+                        streaming.fetch_add(1, Ordering::Relaxed);
+                    }
+                    raw.extend_from_slice(&buf[..n]);
+                }
+                Err(e) => return Err(e),
+            }
+        }
+    })
+    .await;
+    if !raw.is_empty() {
+        streaming.fetch_sub(1, Ordering::Relaxed);
+    }
     let text = String::from_utf8_lossy(&raw).into_owned();
     match read {
         Err(_) => return Outcome::Failed(format!("no end within 30 s after {} bytes", raw.len())),
@@ -183,6 +203,8 @@ async fn one_stream(addr: &str, body: &str) -> Outcome {
 struct Load {
     stop: Arc<AtomicBool>,
     done: Arc<[AtomicUsize; 2]>,
+    /// Streams whose answer has started and not ended, per gateway.
+    streaming: Arc<[AtomicUsize; 2]>,
     moved: Arc<AtomicUsize>,
     failures: Arc<Mutex<Vec<String>>>,
     spans: Arc<Mutex<Vec<Span>>>,
@@ -193,13 +215,14 @@ impl Load {
     fn start(gateways: [String; 2]) -> Load {
         let stop = Arc::new(AtomicBool::new(false));
         let done = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
+        let streaming = Arc::new([AtomicUsize::new(0), AtomicUsize::new(0)]);
         let moved = Arc::new(AtomicUsize::new(0));
         let failures = Arc::new(Mutex::new(Vec::new()));
         let spans = Arc::new(Mutex::new(Vec::new()));
         let deadline = Instant::now() + Duration::from_secs(150);
         let tasks = (0..CLIENTS)
             .map(|i| {
-                let (stop, done, moved) = (stop.clone(), done.clone(), moved.clone());
+                let (stop, done, moved, streaming) = (stop.clone(), done.clone(), moved.clone(), streaming.clone());
                 let (failures, spans, gateways) = (failures.clone(), spans.clone(), gateways.clone());
                 tokio::spawn(async move {
                     let body = serde_json::json!({
@@ -213,7 +236,7 @@ impl Load {
                         let t0 = Instant::now();
                         loop {
                             let start = Instant::now();
-                            match one_stream(&gateways[next], &body).await {
+                            match one_stream(&gateways[next], &body, &streaming[next]).await {
                                 Outcome::Done => {
                                     done[next].fetch_add(1, Ordering::Relaxed);
                                     spans.lock().unwrap().push(Span { gateway: next, start, end: Instant::now() });
@@ -239,11 +262,20 @@ impl Load {
                 })
             })
             .collect();
-        Load { stop, done, moved, failures, spans, tasks }
+        Load { stop, done, streaming, moved, failures, spans, tasks }
     }
 
     fn done(&self, gateway: usize) -> usize {
         self.done[gateway].load(Ordering::Relaxed)
+    }
+
+    /// Waits until a stream through `gateway` has started (its first byte came back).
+    async fn wait_streaming(&self, gateway: usize) {
+        let t0 = Instant::now();
+        while self.streaming[gateway].load(Ordering::Relaxed) == 0 {
+            assert!(t0.elapsed() < Duration::from_secs(20), "no stream through gateway {} started", gateway + 1);
+            tokio::time::sleep(Duration::from_millis(2)).await;
+        }
     }
 
     fn failures(&self) -> Vec<String> {
@@ -339,7 +371,7 @@ fn probe() -> String {
 
 async fn wait_serving(addr: &str) {
     for _ in 0..300 {
-        if let Outcome::Done = one_stream(addr, &probe()).await {
+        if let Outcome::Done = one_stream(addr, &probe(), &AtomicUsize::new(0)).await {
             return;
         }
         tokio::time::sleep(Duration::from_millis(100)).await;
@@ -434,6 +466,9 @@ async fn every_component_restarts_one_at_a_time_under_streaming_load_without_a_f
     // Gateways: one at a time; the other takes the traffic while this one drains.
     for i in 0..gateways.len() {
         let served_before = load.done(i);
+        // Stop it with a stream in flight (one has started and not ended), or the drain
+        // goes untested.
+        load.wait_streaming(i).await;
         let t0 = Instant::now();
         let (took, clean) = gateways[i].terminate(Duration::from_secs(GRACE_S + 5)).await;
         assert!(clean, "gateway {} did not exit cleanly after SIGTERM ({took:?})", i + 1);
@@ -441,7 +476,9 @@ async fn every_component_restarts_one_at_a_time_under_streaming_load_without_a_f
         tokio::time::sleep(downtime()).await;
         gateways[i] = start_gateway(list.clone(), listen[i].clone()).await;
         // A balancer sends traffic as soon as the port accepts: the first request served.
-        if let Outcome::Failed(why) | Outcome::NotServed(why) = one_stream(&gateways[i].addr, &probe()).await {
+        if let Outcome::Failed(why) | Outcome::NotServed(why) =
+            one_stream(&gateways[i].addr, &probe(), &AtomicUsize::new(0)).await
+        {
             panic!("the restarted gateway {} failed the first request sent to it: {why}", i + 1);
         }
         // The restarted gateway takes client traffic again.
