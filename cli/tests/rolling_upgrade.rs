@@ -5,13 +5,18 @@
 //!
 //! ```text
 //!   servers: followers first, the leader last   (SIGTERM, start, wait: same leader, term,
-//!            │                                    3 voters, same applied revision everywhere)
+//!            │                                    3 voters and revision everywhere, and a
+//!            │                                    write made now applied on all three)
 //!   agents:  one by one                         (SIGTERM, start, wait: registered again; the
 //!            │                                    engines are adopted: the same pids)
-//!   gateways: one by one                        (SIGTERM: the listener closes, streams in
-//!                                                 flight finish within the grace, exit 0;
-//!                                                 the other gateway takes the traffic)
+//!   gateways: one by one                        (SIGTERM with a stream in flight: the
+//!                                                 listener closes, streams finish within the
+//!                                                 grace, exit 0; the other gateway takes the
+//!                                                 traffic; the first request sent to the
+//!                                                 restarted one is served)
 //! ```
+//!
+//! Each component stays down 1 s between stop and start (`FLOTILLA_UPGRADE_DOWNTIME_MS`).
 //!
 //! "Upgrade" here restarts the same binary: there is no older build to start from, so what
 //! is proven is the procedure (ordering, waits, hand-overs, adoption, draining), not format
