@@ -92,4 +92,28 @@ impl RaftNetwork<TypeConfig> for PeerClient {
     async fn vote(&mut self, rpc: VoteRequest<u64>, option: RPCOption) -> RpcResult<VoteResponse<u64>> {
         self.call(Method::Vote, &rpc, &option).await
     }
+
+    /// How long replication to an unreachable peer waits before each retry: 50 ms, doubling
+    /// up to 250 ms (openraft's default is a constant 500 ms). A restarted server (a rolling
+    /// upgrade) is thus caught up within ~50-250 ms of coming back instead of up to 500 ms
+    /// later; a peer that stays down costs a refused or timed-out connect 4 times a second.
+    fn backoff(&self) -> openraft::network::Backoff {
+        openraft::network::Backoff::new(unreachable_backoff())
+    }
+}
+
+/// The retry delays behind [`PeerClient::backoff`].
+fn unreachable_backoff() -> impl Iterator<Item = std::time::Duration> + Send + 'static {
+    (0u32..).map(|i| std::time::Duration::from_millis((50u64 << i.min(3)).min(250)))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_unreachable_peer_is_retried_soon_then_every_quarter_second() {
+        let ms: Vec<u128> = unreachable_backoff().take(7).map(|d| d.as_millis()).collect();
+        assert_eq!(ms, [50, 100, 200, 250, 250, 250, 250]);
+    }
 }

@@ -132,6 +132,13 @@ pub struct GatewayArgs {
     /// (1 to 3600). Keep the supervisor's stop timeout above it (systemd's TimeoutStopSec).
     #[arg(long, default_value_t = 30, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(1..=3600))]
     pub shutdown_grace_s: u64,
+    /// At start, when the endpoint table comes from servers (no `--backend`), hold new
+    /// connections (they wait in the listener's backlog, nothing is refused) until the
+    /// gateway has its first endpoint table and the `Model`, `Tenant` and `Adapter` lists, at
+    /// most this many seconds (0 to 600); then it serves what it has. A restarted gateway
+    /// thus does not answer `no_endpoint_table` to the traffic a balancer sends it at once.
+    #[arg(long, default_value_t = 10, value_name = "SECONDS", value_parser = clap::value_parser!(u64).range(0..=600))]
+    pub start_wait_s: u64,
     /// Serve `/metrics` on this separate HOST:PORT (e.g. `127.0.0.1:9090`, port 0: any)
     /// and not on `--listen` (404 there), so that tenants cannot read other tenants'
     /// names and traffic. Without it `/metrics` is on `--listen`.
@@ -237,6 +244,8 @@ pub struct Config {
     pub max_stream_duration: Option<Duration>,
     /// How long requests in flight may take to finish once the gateway is stopping.
     pub shutdown_grace: Duration,
+    /// Longest the listener holds connections at start for the first view of the cluster.
+    pub start_wait: Duration,
     /// Where `/metrics` is served instead of `listen`.
     pub metrics_listen: Option<String>,
     /// HTTPS on `listen` (None: plain HTTP).
@@ -432,6 +441,7 @@ impl GatewayArgs {
             tenant_max_concurrency: self.tenant_max_concurrency,
             max_stream_duration,
             shutdown_grace: Duration::from_secs(self.shutdown_grace_s),
+            start_wait: Duration::from_secs(self.start_wait_s),
             metrics_listen: self.metrics_listen.clone(),
             https,
         })

@@ -170,13 +170,15 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
         }
     }));
     let (stop, stop_rx) = watch::channel(false);
-    let server = tokio::spawn(server::serve(
-        listener,
-        server::router(gw.clone()),
-        gw.clone(),
-        stop_rx.clone(),
-        gw.cfg.https.clone(),
-    ));
+    let server = tokio::spawn({
+        let (gw, mut stop_rx) = (gw.clone(), stop_rx.clone());
+        async move {
+            if server::await_first_view(&gw, gw.cfg.start_wait, &mut stop_rx).await {
+                let https = gw.cfg.https.clone();
+                server::serve(listener, server::router(gw.clone()), gw, stop_rx, https).await;
+            }
+        }
+    });
     let metrics_addr = metrics_listener.as_ref().map(|(_, a)| *a);
     let metrics_server = metrics_listener
         .map(|(l, _)| tokio::spawn(server::serve(l, server::metrics_router(gw.clone()), gw.clone(), stop_rx, None)));

@@ -360,6 +360,39 @@ impl Gateway {
     }
 }
 
+/// Waits until a gateway that follows servers has its first view of the cluster
+/// ([`Directory::first_view`]), at most `limit`, so that a gateway just (re)started does not answer the traffic a
+/// balancer sends it at once with `no_endpoint_table`: until then the listener is bound but
+/// not accepting, and connections wait in its backlog. False if `stop` turned true first.
+///
+/// [`Directory::first_view`]: crate::table::Directory::first_view
+pub async fn await_first_view(gw: &Gateway, limit: std::time::Duration, stop: &mut watch::Receiver<bool>) -> bool {
+    // With static backends the table is local; the servers (if any) are not waited for.
+    let objects = gw.cfg.backends.is_empty() && !gw.cfg.servers.is_empty();
+    let t0 = tokio::time::Instant::now();
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(10));
+    loop {
+        if *stop.borrow() {
+            return false;
+        }
+        if gw.dir.first_view(objects) {
+            tracing::debug!(waited_ms = t0.elapsed().as_millis() as u64, "first view of the cluster; accepting");
+            return true;
+        }
+        if t0.elapsed() >= limit {
+            tracing::warn!(
+                waited_s = limit.as_secs(),
+                "no endpoint table from the servers yet; accepting anyway (requests get no_endpoint_table)"
+            );
+            return true;
+        }
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = stop.changed() => {}
+        }
+    }
+}
+
 /// Accepts connections for `app` until `stop` turns true, then closes the listener and
 /// lets the connections finish their requests (at most `--shutdown-grace-s`).
 /// With `https`, each connection's TLS handshake runs in its own task (a slow client cannot

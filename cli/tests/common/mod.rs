@@ -19,6 +19,12 @@ use tonic::transport::Channel;
 
 pub const BIN: &str = env!("CARGO_BIN_EXE_flotilla");
 
+/// The binary the process helpers below start: `FLOTILLA_TEST_BIN` when set (a benchmark
+/// runs a test against the release build), else the one Cargo built for this test.
+pub fn bin() -> String {
+    std::env::var("FLOTILLA_TEST_BIN").ok().filter(|b| !b.is_empty()).unwrap_or_else(|| BIN.to_owned())
+}
+
 /// One `flotilla server` process.
 pub struct ServerProc {
     pub id: u64,
@@ -30,7 +36,7 @@ pub struct ServerProc {
 impl ServerProc {
     /// Starts a server and waits for its "listening" line. `grpc` may use port 0.
     pub fn start(id: u64, data_dir: &Path, grpc: &str, extra: &[&str]) -> ServerProc {
-        let mut child = Command::new(BIN)
+        let mut child = Command::new(bin())
             .args(["server", "--id", &id.to_string(), "--grpc-addr", grpc, "--http-addr", "127.0.0.1:0"])
             .arg("--data-dir")
             .arg(data_dir)
@@ -68,6 +74,23 @@ impl ServerProc {
 
     pub fn is_running(&self) -> bool {
         self.child.is_some()
+    }
+
+    /// SIGTERM (a clean stop, as systemd does) and wait up to `limit` for the exit; SIGKILL
+    /// past it. Returns how long it took to go.
+    pub async fn terminate(&mut self, limit: Duration) -> Duration {
+        let t0 = tokio::time::Instant::now();
+        if let Some(mut c) = self.child.take() {
+            signal(c.id(), Signal::TERM);
+            while t0.elapsed() < limit {
+                if let Ok(Some(_)) = c.try_wait() {
+                    return t0.elapsed();
+                }
+                tokio::time::sleep(Duration::from_millis(20)).await;
+            }
+            kill_and_reap(&mut c);
+        }
+        t0.elapsed()
     }
 }
 
@@ -238,7 +261,7 @@ impl AgentProc {
         env: &[(&str, &str)],
         args: &[&str],
     ) -> AgentProc {
-        let child = Command::new(BIN)
+        let child = Command::new(bin())
             .args(["agent", "--server", servers, "--node-name", name, "--gpus", &gpus.to_string()])
             .args(["--gpu-type", "A100-80GB", "--heartbeat-interval-ms", "200"])
             .arg("--data-dir")
@@ -280,7 +303,7 @@ impl Drop for AgentProc {
     }
 }
 
-/// One `flotilla gateway` process (no auth, port 0); killed on drop.
+/// One `flotilla gateway` process (no auth, port 0 unless given); killed on drop.
 pub struct GatewayProc {
     /// `host:port` of its HTTP listener.
     pub addr: String,
@@ -290,8 +313,13 @@ pub struct GatewayProc {
 impl GatewayProc {
     /// Starts a gateway for the comma-separated `servers` and waits for its banner.
     pub fn start(servers: &str, extra: &[&str]) -> GatewayProc {
-        let mut child = Command::new(BIN)
-            .args(["--server", servers, "gateway", "--listen", "127.0.0.1:0", "--no-auth"])
+        Self::start_on(servers, "127.0.0.1:0", extra)
+    }
+
+    /// [`GatewayProc::start`] listening on `listen`.
+    pub fn start_on(servers: &str, listen: &str, extra: &[&str]) -> GatewayProc {
+        let mut child = Command::new(bin())
+            .args(["--server", servers, "gateway", "--listen", listen, "--no-auth"])
             .args(extra)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
@@ -302,6 +330,25 @@ impl GatewayProc {
         BufReader::new(child.stdout.take().expect("stdout")).read_line(&mut line).expect("read banner");
         let addr = line.split("http://").nth(1).expect("gateway banner").trim().to_owned();
         GatewayProc { addr, child }
+    }
+
+    pub fn pid(&self) -> u32 {
+        self.child.id()
+    }
+
+    /// SIGTERM and wait up to `limit` for the exit (SIGKILL past it); returns how long the
+    /// gateway took to go and whether it exited with success.
+    pub async fn terminate(&mut self, limit: Duration) -> (Duration, bool) {
+        let t0 = tokio::time::Instant::now();
+        signal(self.child.id(), Signal::TERM);
+        while t0.elapsed() < limit {
+            if let Ok(Some(st)) = self.child.try_wait() {
+                return (t0.elapsed(), st.success());
+            }
+            tokio::time::sleep(Duration::from_millis(20)).await;
+        }
+        kill_and_reap(&mut self.child);
+        (t0.elapsed(), false)
     }
 }
 

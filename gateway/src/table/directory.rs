@@ -95,6 +95,9 @@ pub struct Directory {
     synced: std::sync::atomic::AtomicBool,
     /// Set once the watched `Adapter` objects were listed (see `ownership::Named`).
     adapters_listed: std::sync::atomic::AtomicBool,
+    /// Set once the watched `Model` and `Tenant` objects were listed.
+    models_listed: std::sync::atomic::AtomicBool,
+    tenants_listed: std::sync::atomic::AtomicBool,
     /// Bumped on every published table and every change of the watched models.
     changes: watch::Sender<u64>,
     /// The pins of the published table's TLS engines.
@@ -187,6 +190,7 @@ impl Directory {
         let mut view = self.view();
         let drop: Vec<ModelName> = view.held.keys().filter(|k| !keeps(k.as_str())).cloned().collect();
         *self.models.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(m);
+        self.models_listed.store(true, std::sync::atomic::Ordering::Release);
         if drop.is_empty() {
             self.changes.send_modify(|g| *g = g.wrapping_add(1));
             return;
@@ -205,6 +209,7 @@ impl Directory {
     }
     pub fn set_tenants(&self, t: Tenants) {
         *self.tenants.write().unwrap_or_else(|e| e.into_inner()) = Arc::new(t);
+        self.tenants_listed.store(true, std::sync::atomic::Ordering::Release);
     }
     /// The watched `Adapter` objects by name.
     pub fn adapters(&self) -> Arc<HashMap<AdapterName, AdapterInfo>> {
@@ -220,6 +225,16 @@ impl Directory {
     /// The watched `Adapter` objects were received at least once.
     pub fn adapters_listed(&self) -> bool {
         self.adapters_listed.load(std::sync::atomic::Ordering::Acquire)
+    }
+    /// The first full view of the cluster arrived: an endpoint table and, when `objects`
+    /// (the gateway follows servers), the `Model`, `Tenant` and `Adapter` lists.
+    pub fn first_view(&self, objects: bool) -> bool {
+        use std::sync::atomic::Ordering::Acquire;
+        self.synced()
+            && (!objects
+                || (self.models_listed.load(Acquire)
+                    && self.tenants_listed.load(Acquire)
+                    && self.adapters_listed.load(Acquire)))
     }
 }
 
@@ -253,6 +268,20 @@ mod tests {
         let gone: HashMap<ModelName, ModelInfo> = HashMap::new();
         let deleted = carry_over(&back, set(&[]), &gone, &mut held, t0 + grace, grace);
         assert!(deleted.by_model.is_empty() && held.is_empty());
+    }
+
+    #[test]
+    fn the_first_view_needs_the_table_and_when_following_servers_every_object_list() {
+        let dir = Directory::default();
+        assert!(!dir.first_view(false) && !dir.first_view(true), "nothing yet");
+        dir.set_endpoints(EndpointSet::default());
+        assert!(dir.first_view(false), "an empty table is a table");
+        assert!(!dir.first_view(true), "the object lists are missing");
+        dir.set_models(HashMap::new());
+        dir.set_tenants(Tenants::default());
+        assert!(!dir.first_view(true), "the adapters are missing");
+        dir.set_adapters(HashMap::new());
+        assert!(dir.first_view(true));
     }
 
     #[test]

@@ -98,7 +98,12 @@ impl FakeCp {
     }
 
     pub async fn serve(self) -> (SocketAddr, oneshot::Sender<()>) {
-        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        self.serve_on("127.0.0.1:0").await
+    }
+
+    /// [`FakeCp::serve`] on `addr` (a port chosen before the fake starts).
+    pub async fn serve_on(self, addr: &str) -> (SocketAddr, oneshot::Sender<()>) {
+        let listener = tokio::net::TcpListener::bind(addr).await.unwrap();
         let addr = listener.local_addr().unwrap();
         let (tx, rx) = oneshot::channel::<()>();
         let fleet = pb::fleet_service_server::FleetServiceServer::new(self.clone());
