@@ -57,6 +57,12 @@ const CALL_TIMEOUT: Duration = Duration::from_secs(15);
 /// writes: a server without a leader accepted nothing.
 const ELECTION_WAIT: Duration = Duration::from_secs(5);
 
+/// A follower's refusal of a method only the leader serves (`cluster.not_leader`, with the
+/// leader's address as a hint); the object and cluster methods forward instead.
+fn is_not_leader(s: &Status) -> bool {
+    s.code() == Code::FailedPrecondition && s.message().starts_with("cluster.not_leader")
+}
+
 fn url(addr: &str) -> String {
     if addr.contains("://") {
         addr.to_owned()
@@ -117,6 +123,9 @@ impl Client {
                         no_leader |= s.message().starts_with("cluster.no_leader");
                         last = Some(s)
                     }
+                    // A leader-only method (node list, cordon, drain) asked of a follower:
+                    // it did nothing, and the leader is another of the servers.
+                    Err(s) if is_not_leader(&s) => last = Some(s),
                     other => return other.map_err(CliError::from),
                 }
             }
@@ -142,5 +151,17 @@ impl Client {
         Fut: std::future::Future<Output = Result<T, Status>>,
     {
         self.call(|ch| f(ClusterServiceClient::new(ch))).await
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_followers_not_leader_refusal_moves_on_and_a_conflict_does_not() {
+        assert!(is_not_leader(&Status::failed_precondition("cluster.not_leader: leader=10.0.0.2:7070")));
+        assert!(!is_not_leader(&Status::failed_precondition("cluster.conflict: revision 3, expected 2")));
+        assert!(!is_not_leader(&Status::invalid_argument("cluster.not_leader: leader=x")));
     }
 }
