@@ -264,7 +264,11 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
             }
         }
     }
-    writes.extend(txn(compares, ops).map(|c| objects::recorded(c, std::mem::take(&mut notes))));
+    // Retirements go first: a reader between the two entries (the scheduler, a client)
+    // must never see the new replicas beside the old ones they replace, above the surge.
+    if let Some(c) = txn(compares, ops) {
+        writes.insert(0, objects::recorded(c, std::mem::take(&mut notes)));
+    }
     let ready = projected
         .replicas
         .values()

@@ -250,7 +250,15 @@ fn a_template_change_rolls_make_before_break_and_records_history() {
     assert_ne!(current, first);
     let mut rounds = 0;
     loop {
-        step(&mut w, "m");
+        let cmds = step(&mut w, "m");
+        // each command is its own Raft entry: one that creates comes after every one that
+        // retires, so no reader sees the new replicas beside the ones they replace
+        let ops = |c: &Command| crate::objects::txn_ops(c).to_vec();
+        let creates = |c: &Command| ops(c).iter().any(|o| matches!(o, TxnOp::Put { .. }));
+        let retires = |c: &Command| ops(c).iter().any(|o| !matches!(o, TxnOp::Put { .. }));
+        if let Some(first_create) = cmds.iter().position(creates) {
+            assert!(!cmds[first_create..].iter().any(retires), "a retirement after a create: {cmds:?}");
+        }
         let live = |r: &ReplicaView| !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped);
         let ready = count(&w, |r| r.phase() == ReplicaPhase::Ready);
         assert!(

@@ -291,6 +291,7 @@ fn three_hosts_from_the_deploy_files_keep_serving_through_a_cut_link() {
             .set("server", &format!("\"{servers}\""))
             .set("node_name", &format!("\"gpu-0{i}\""))
             .set("address", &format!("\"{}\"", a(k)))
+            .set("metrics_listen", &format!("\"{}:9101\"", a(k)))
             .unset("nvidia")
             .set("gpus", "1")
             .set("gpu_type", "\"A100-80GB\"")

