@@ -134,30 +134,10 @@ async fn crashed_engine_is_restarted_and_repeated_crashes_fail_it() {
     ] {
         assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
     }
-    let (code, problems) = promtool_check(&text);
+    let (code, problems) = flotilla_testkit::promtool::check_metrics(&text);
     assert_eq!(code, 0, "promtool check metrics: {problems}");
     assert_eq!(http_request(&addr, "GET", "/other", "").await.map(|r| r.0), Some(404));
     drop(agent);
-}
-
-/// `promtool check metrics` on `text`: (exit code, its output).
-fn promtool_check(text: &str) -> (i32, String) {
-    use std::io::Write as _;
-    use std::process::{Command, Stdio};
-    let bin = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let mut child = Command::new(&bin)
-        .args(["check", "metrics"])
-        .stdin(Stdio::piped())
-        .stdout(Stdio::piped())
-        .stderr(Stdio::piped())
-        .spawn()
-        .unwrap_or_else(|e| panic!("cannot run `{bin}` ({e}); install it with `bash .ci/sim-deps.sh` or set PROMTOOL"));
-    child.stdin.take().unwrap().write_all(text.as_bytes()).unwrap();
-    let out = child.wait_with_output().unwrap();
-    (
-        out.status.code().unwrap_or(-1),
-        format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)),
-    )
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

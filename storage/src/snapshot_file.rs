@@ -14,9 +14,8 @@
 //! far larger than any file.
 //!
 //! Loading reads the file whole and slices it: no allocation follows a length read from it.
-use std::fs::{self, File, OpenOptions};
-use std::io::{self, Write};
-use std::os::unix::fs::OpenOptionsExt;
+use std::fs;
+use std::io;
 use std::path::{Path, PathBuf};
 
 use openraft::BasicNode;
@@ -105,20 +104,7 @@ fn decode(mut bytes: Vec<u8>) -> Result<Loaded, String> {
 pub(crate) fn save(dir: &Path, meta: &Meta, data: &[u8]) -> io::Result<()> {
     flotilla_security::private_dir::ensure(dir)?;
     let bytes = encode(meta, data)?;
-    let tmp = dir.join("current.tmp");
-    {
-        let mut f = OpenOptions::new()
-            .write(true)
-            .create(true)
-            .truncate(true)
-            .mode(flotilla_security::private_dir::FILE_MODE)
-            .open(&tmp)?;
-        flotilla_security::private_dir::restrict(&f)?;
-        f.write_all(&bytes)?;
-        f.sync_all()?;
-    }
-    fs::rename(&tmp, current(dir))?;
-    File::open(dir)?.sync_all()
+    crate::format::write_private(&current(dir), &bytes)
 }
 
 /// The current snapshot, if any: verified, or flagged unverified (an earlier version's
