@@ -4,13 +4,13 @@
 //! fails with a clear error and the engine never sees the request; plain http to it fails.
 
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 
 use flotilla_engine::{adapters, CertFingerprint, EngineClient, EngineError};
 use flotilla_sim::{SimArgs, SimHandle};
+use flotilla_testkit::proxy::counting_proxy;
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
-use tokio::net::{TcpListener, TcpStream};
+use tokio::net::TcpStream;
 
 /// Writes a self-signed certificate for 127.0.0.1 into `dir`; returns its pin.
 fn certificate(dir: &Path) -> CertFingerprint {
@@ -32,31 +32,13 @@ async fn tls_sim(dir: &Path) -> (SimHandle, CertFingerprint) {
     (flotilla_sim::start(args).await.expect("sim starts with TLS"), pin)
 }
 
-/// A TCP forwarder to `to` on 127.0.0.1 that counts the connections made through it.
-async fn counting_proxy(to: std::net::SocketAddr) -> (String, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let n = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut upstream) = TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-        }
-    });
-    (addr.to_string(), count)
-}
-
 #[tokio::test]
 async fn a_pinned_client_talks_https_to_a_tls_engine_on_one_kept_alive_connection() {
     let dir = tempfile::tempdir().unwrap();
     let (sim, pin) = tls_sim(dir.path()).await;
     assert!(sim.base_url().starts_with("https://"), "{}", sim.base_url());
     let (ep, connections) = counting_proxy(sim.local_addr()).await;
+    let ep = ep.to_string();
     let client = EngineClient::new();
     let _hold = client.pins().hold("127.0.0.1", pin).unwrap();
     let c = client.with_tls(true);

@@ -6,17 +6,15 @@
 
 mod common;
 
-use std::net::SocketAddr;
 use std::path::Path;
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use common::fake_cp::FakeCp;
 use common::*;
 use flotilla_engine::{CertFingerprint, EngineClient};
 use flotilla_sim::SimHandle;
-use tokio::net::{TcpListener, TcpStream};
+use flotilla_testkit::proxy::counting_proxy;
 
 /// A sim on 127.0.0.1 serving TLS with a fresh self-signed certificate; its pin.
 async fn tls_sim(dir: &Path) -> (SimHandle, CertFingerprint) {
@@ -29,25 +27,6 @@ async fn tls_sim(dir: &Path) -> (SimHandle, CertFingerprint) {
         ..sim_args(50.0)
     };
     (flotilla_sim::start(args).await.expect("sim starts with TLS"), CertFingerprint::of_der(&pair.cert_der))
-}
-
-/// A TCP forwarder to `to` that counts the connections made through it.
-async fn counting_proxy(to: SocketAddr) -> (SocketAddr, Arc<AtomicUsize>) {
-    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let count = Arc::new(AtomicUsize::new(0));
-    let n = count.clone();
-    tokio::spawn(async move {
-        while let Ok((mut client, _)) = listener.accept().await {
-            n.fetch_add(1, Ordering::SeqCst);
-            tokio::spawn(async move {
-                if let Ok(mut upstream) = TcpStream::connect(to).await {
-                    let _ = tokio::io::copy_bidirectional(&mut client, &mut upstream).await;
-                }
-            });
-        }
-    });
-    (addr, count)
 }
 
 /// Requests the engine finished, read over https with its pin.

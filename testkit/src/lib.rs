@@ -6,7 +6,7 @@
 //! ```text
 //!   default (std, tokio, rustix, rand)       feature "http"     feature "cluster"
 //!   procs  ports  proc_fs  wait               http (hyper)       cluster (TestCluster)
-//!   raw_http  python  manifests  promtool
+//!   raw_http  python  manifests  promtool  proxy
 //!        ▲                                        ▲                   ▲
 //!   chaos (product code); cli, agent, sim,   real-vLLM tier      flotilla-tests,
 //!   gateway tests                                                actors tests
@@ -30,6 +30,7 @@ pub mod ports;
 pub mod proc_fs;
 pub mod procs;
 pub mod promtool;
+pub mod proxy;
 pub mod python;
 pub mod raw_http;
 pub mod sse_timeline;
