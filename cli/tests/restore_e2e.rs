@@ -160,9 +160,8 @@ async fn force_new_cluster_on_the_last_survivor_serves_writes_and_keeps_every_ac
     assert_all_present(&s4.grpc, &acks).await;
 }
 
-#[test]
-fn a_damaged_backup_or_a_used_data_dir_is_refused_with_exit_2_and_nothing_written() {
-    let dir = tempfile::tempdir().unwrap();
+/// A valid backup file's bytes: an empty store, as server 1 would answer.
+fn empty_backup() -> Vec<u8> {
     let header = flotilla_storage::backup::Header {
         revision: 0,
         bytes: 0,
@@ -172,7 +171,13 @@ fn a_damaged_backup_or_a_used_data_dir_is_refused_with_exit_2_and_nothing_writte
         format: 0,
     };
     let data = serde_json::to_vec(&flotilla_storage::Store::new(10)).unwrap();
-    let good = flotilla_storage::backup::encode(header, &data);
+    flotilla_storage::backup::encode(header, &data)
+}
+
+#[test]
+fn a_damaged_backup_or_a_used_data_dir_is_refused_with_exit_2_and_nothing_written() {
+    let dir = tempfile::tempdir().unwrap();
+    let good = empty_backup();
     let file = dir.path().join("good.snap");
     std::fs::write(&file, &good).unwrap();
 
@@ -230,16 +235,7 @@ fn a_data_dir_or_backup_of_a_future_format_is_refused_naming_the_versions() {
     assert!(err.contains(p(&data_dir)) && err.contains("version 99") && err.contains("up to version 1"), "{err}");
     assert!(!data_dir.join("db").exists(), "nothing opened");
 
-    let header = flotilla_storage::backup::Header {
-        revision: 0,
-        bytes: 0,
-        sha256: String::new(),
-        created_at_ms: 0,
-        answered_by: 1,
-        format: 0,
-    };
-    let data = serde_json::to_vec(&flotilla_storage::Store::new(10)).unwrap();
-    let good = flotilla_storage::backup::encode(header, &data);
+    let good = empty_backup();
     // The same file with the header's format raised to 2.
     let len = u64::from_be_bytes(good[8..16].try_into().unwrap()) as usize;
     let mut h: serde_json::Value = serde_json::from_slice(&good[16..16 + len]).unwrap();
