@@ -8,42 +8,25 @@
 # engine's simulated compute is microseconds and the HTTP path is what is measured. Prints a
 # table and writes bench/security/engine-tls-results.json. PIN=1 runs the gateway pinned to
 # CPU 0 and everything else (server, agent, engine, wrk) on CPU 1; off by default, because
-# there the engine's side of the TLS link, on the crowded core, is what saturates first. Everything it starts is killed on
-# exit.
+# there the engine's side of the TLS link, on the crowded core, is what saturates first.
+# Everything it starts is killed on exit.
 #
 # Needs: wrk, jq, curl. Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), PIN (0),
 # TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-TARGET=${TARGET_DIR:-$ROOT/target-bench}
+source "$HERE/common.sh"
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 PIN=${PIN:-0}
-GW_CPU=() REST_CPU=()
-if [[ $PIN == 1 ]]; then
-  (( $(nproc) >= 2 )) || { log "PIN=1 needs two cores"; exit 1; }
-  GW_CPU=(taskset -c 0) REST_CPU=(taskset -c 1)
-fi
-for tool in wrk jq curl; do command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }; done
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building flotilla (release) into $TARGET"
-  (cd "$ROOT" && cargo build --release -q -p flotilla --target-dir "$TARGET")
-fi
-F=$TARGET/release/flotilla
-busy=$(ps -eo pcpu=,comm= | awk '$1 > 20 {print $2}' | paste -sd, -)
-[[ -z $busy ]] || log "WARNING: busy processes while benchmarking: $busy"
-
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/flotilla-enginetls.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait "${PIDS[@]}" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+pin_cpus
+GW_CPU=("${PIN0[@]}") REST_CPU=("${PIN1[@]}")
+require wrk jq curl
+build
+F=$FLOTILLA
+warn_busy
+workdir enginetls
 
 GRPC=127.0.0.1:17370
 GW=127.0.0.1:19370

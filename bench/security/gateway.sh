@@ -13,35 +13,17 @@
 # share both cores), TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1.
 set -euo pipefail
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-TARGET=${TARGET_DIR:-$ROOT/target-bench}
+source "$HERE/common.sh"
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
 PIN=${PIN:-1}
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
-GW_CPU=() CLIENT_CPU=()
-if [[ $PIN == 1 ]]; then
-  (( $(nproc) >= 2 )) || { log "PIN=1 needs two cores"; exit 1; }
-  GW_CPU=(taskset -c 0) CLIENT_CPU=(taskset -c 1)
-fi
-for tool in wrk nginx jq curl; do command -v "$tool" >/dev/null || { log "$tool is required"; exit 1; }; done
-if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building flotilla (release) into $TARGET"
-  (cd "$ROOT" && cargo build --release -q -p flotilla --target-dir "$TARGET")
-fi
-FLOTILLA=$TARGET/release/flotilla
-busy=$(ps -eo pcpu=,comm= | awk '$1 > 20 {print $2}' | paste -sd, -)
-[[ -z $busy ]] || log "WARNING: busy processes while benchmarking: $busy"
-
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/flotilla-gwtls.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  wait "${PIDS[@]}" 2>/dev/null || true
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+pin_cpus
+GW_CPU=("${PIN0[@]}") CLIENT_CPU=("${PIN1[@]}")
+require wrk nginx jq curl
+build
+warn_busy
+workdir gwtls
 
 sed "s|@DIR@|$WORK|g" "$ROOT/bench/gateway/nginx.conf.in" >"$WORK/nginx.conf"
 "${CLIENT_CPU[@]}" nginx -c "$WORK/nginx.conf" -p "$WORK" &

@@ -11,34 +11,22 @@
 set -euo pipefail
 exec 2> >(grep --line-buffered -v '^[^ ]*: line [0-9]*: *[0-9]* Killed' >&2)
 HERE=$(cd "$(dirname "${BASH_SOURCE[0]}")" && pwd)
-ROOT=$(cd "$HERE/../.." && pwd)
-TARGET=${TARGET_DIR:-$ROOT/target-bench}
+source "$HERE/common.sh"
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CLIENTS_HI=${CLIENTS_HI:-64}
 VALUE_SIZE=${VALUE_SIZE:-256}
-log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 
+build
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
-  log "building flotilla and the load generator (release) into $TARGET"
-  (cd "$ROOT" && cargo build --release -q -p flotilla --target-dir "$TARGET")
+  log "building the load generator (release) into $TARGET"
   cargo build --release -q --manifest-path "$ROOT/bench/loadgen/Cargo.toml" --target-dir "$TARGET"
 fi
-FLOTILLA=$TARGET/release/flotilla
 LOADGEN=$TARGET/release/loadgen
-command -v jq >/dev/null || { log "jq is required"; exit 1; }
-busy=$(ps -eo pcpu=,comm= | awk '$1 > 20 {print $2}' | paste -sd, -)
-[[ -z $busy ]] || log "WARNING: busy processes while benchmarking: $busy"
-
-WORK=$(mktemp -d "${BENCH_DIR:-/var/tmp}/flotilla-secbench.XXXXXX")
-PIDS=()
-cleanup() {
-  for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done
-  wait "${PIDS[@]}" 2>/dev/null || true  # not a bare wait: it would wait for the stderr filter too
-  rm -rf "$WORK"
-}
-trap cleanup EXIT INT TERM
+require jq
+warn_busy
+workdir secbench KILL
 
 # certificates, once
 (cd "$WORK" && "$FLOTILLA" tls ca create --dir tls >/dev/null &&
