@@ -203,14 +203,15 @@ impl Worker {
             Done::Unloaded { name, result } => {
                 let now = Instant::now();
                 let wanted = self.desired.iter().find(|a| a.name == name).map(|a| a.source.clone());
+                let unloaded = matches!(result, Ok(()) | Err(EngineError::Http { status: 404, .. }));
+                self.env.metrics.adapter_unloaded(unloaded);
                 match result {
                     Ok(()) | Err(EngineError::Http { status: 404, .. }) => {
-                        self.env.metrics.adapter_unloaded(true);
                         tracing::info!(replica = %replica, adapter = %name, "adapter unloaded");
                         self.tracked.remove(&name);
                         self.engine.retain(|n| *n != name);
                     }
-                    Err(e) => match wanted.inspect(|_| self.env.metrics.adapter_unloaded(false)) {
+                    Err(e) => match wanted {
                         // A new source for the name: the old version stays; fail the new one
                         // rather than serve the old one under its name.
                         Some(source) => {
