@@ -5,7 +5,11 @@
 # s1..s3 on 127.0.0.1, the load generator as admin `bench`). Prints a table and writes
 # bench/security/results.json. Everything it starts is killed on exit.
 #
-# Knobs (environment): ROUNDS (3), DURATION (s, 10), WARMUP (s, 2), CLIENTS_HI (64),
+# PIN=1 (the default) runs the three servers on CPU 0 and the load generator on CPU 1, as
+# gateway.sh pins the gateway: the client's own TLS work then cannot take CPU from the servers
+# (unpinned, a slower client shrank the servers' Raft batches and blurred the ratio).
+#
+# Knobs (environment): PIN (1), ROUNDS (3), DURATION (s, 10), WARMUP (s, 2), CLIENTS_HI (64),
 # VALUE_SIZE (256), TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1,
 # BENCH_DIR (parent of the temp dirs, /var/tmp).
 set -euo pipefail
@@ -17,6 +21,8 @@ DURATION=${DURATION:-10}
 WARMUP=${WARMUP:-2}
 CLIENTS_HI=${CLIENTS_HI:-64}
 VALUE_SIZE=${VALUE_SIZE:-256}
+PIN=${PIN:-1}
+pin_cpus
 
 build
 if [[ ${SKIP_BUILD:-0} != 1 ]]; then
@@ -51,7 +57,7 @@ run_cluster() { # mode round -> prints JSON lines of the load runs
     [[ $mode == tls ]] && tls=(--tls-cert "$WORK/tls/server-s$i.pem" --tls-key "$WORK/tls/server-s$i-key.pem" --tls-ca "$WORK/tls/ca.pem")
     local join=(--bootstrap)
     [[ $i != 1 ]] && join=(--join "127.0.0.1:${P[0]}")
-    "$FLOTILLA" server --id "$i" --data-dir "$dir/s$i" --grpc-addr "127.0.0.1:${P[$((i-1))]}" \
+    "${PIN0[@]}" "$FLOTILLA" server --id "$i" --data-dir "$dir/s$i" --grpc-addr "127.0.0.1:${P[$((i-1))]}" \
       --http-addr "127.0.0.1:${P[$((i+2))]}" "${join[@]}" "${tls[@]}" >"$dir/s$i.log" 2>&1 &
     PIDS+=($!)
     eps+="${eps:+,}127.0.0.1:${P[$((i-1))]}"
@@ -71,7 +77,7 @@ run_cluster() { # mode round -> prints JSON lines of the load runs
     # cost that a noisy neighbour moves much less than it moves writes/s
     local cpu0 cpu1
     cpu0=$(cpu_ticks "${PIDS[@]}")
-    "$LOADGEN" load --system flotilla --endpoint "$leader" --clients "$c" --duration-s "$DURATION" \
+    "${PIN1[@]}" "$LOADGEN" load --system flotilla --endpoint "$leader" --clients "$c" --duration-s "$DURATION" \
       --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$mode-c$c-r$round" >"$dir/load.json"
     cpu1=$(cpu_ticks "${PIDS[@]}")
     jq -c --argjson ticks "$((cpu1 - cpu0))" --argjson hz "$(getconf CLK_TCK)" --argjson warm "$WARMUP" \
