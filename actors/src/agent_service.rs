@@ -30,7 +30,7 @@ use tokio::time::Instant;
 use tonic::{Request, Response, Status, Streaming};
 
 use crate::agent_bounds::{check_heartbeat, check_registration, AgentScope};
-use crate::metrics::Metrics;
+use crate::metrics::Controller;
 use crate::objects::{key, NodeView, ReplicaView};
 use crate::reports::heartbeat_txn;
 use crate::shared::{lock, Ctx, NodeLive};
@@ -172,7 +172,8 @@ async fn register(ctx: &Arc<Ctx>, reg: &Register) -> Result<ObjectName, ActorsEr
             status: Some(serde_json::to_value(&status).unwrap_or_default()),
         };
         let compare = Compare { key: key(Kind::Node, &name), revision: o.as_ref().map_or(0, |o| o.revision) };
-        let out = execute(ctx, vec![Command::Txn { compares: vec![compare], ops: vec![op] }]).await?;
+        let out =
+            execute(ctx, Controller::Agents, vec![Command::Txn { compares: vec![compare], ops: vec![op] }]).await?;
         if out.applied == 1 {
             let before = existing.as_ref().map(|n| n.status.gpu_health.clone()).unwrap_or_default();
             crate::node::log_gpu_changes(ctx, &name, &before, &status.gpu_health);
@@ -260,7 +261,7 @@ async fn heartbeat(
         tracing::warn!(node = %node, agent = %agent_id, error = %e, "heartbeat refused");
         return Err(e.into());
     }
-    Metrics::add(&ctx.metrics.heartbeats, 1);
+    ctx.metrics.heartbeats.inc();
     let now = Instant::now();
     let reports: HashMap<String, flotilla_api::pb::EngineReport> =
         hb.engines.into_iter().map(|e| (e.replica.clone(), e)).collect();
@@ -304,7 +305,7 @@ async fn heartbeat(
         .collect();
     if let Some(cmd) = heartbeat_txn(&view, &replicas, &reports) {
         // Level-triggered: a refused or uncertain write is recomputed at the next heartbeat.
-        if let Err(e) = execute(ctx, vec![cmd]).await {
+        if let Err(e) = execute(ctx, Controller::Agents, vec![cmd]).await {
             tracing::warn!(node = %node, error = %e, "heartbeat write outcome unknown; the next heartbeat recomputes it");
         }
     }

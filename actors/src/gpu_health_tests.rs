@@ -149,7 +149,7 @@ fn a_degraded_gpu_keeps_its_replica_takes_no_new_one_and_recovers() {
     schedule(&mut w);
     let pending = w.replicas().into_iter().find(|r| r.name.as_str() != "m-old").unwrap();
     assert_eq!(pending.phase(), ReplicaPhase::Pending, "GPU 1 is the only free one and it is Degraded");
-    assert_eq!(pending.status.reason, "no node has 1 free GPU");
+    assert_eq!(pending.status.reason, "no node has 1 free GPU: 1 has 0 free");
     // The agent's classifier reports healthy again (after its clean probes): placement resumes.
     heartbeat(&mut w, "a", &gpus(&[("healthy", &[]), ("healthy", &[])]), WALL_MS + 5000);
     assert!(w.get_node("a").status.gpu_health.is_empty());

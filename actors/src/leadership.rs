@@ -40,6 +40,7 @@ pub async fn run(ctx: Arc<Ctx>) {
             }
         };
         *lock(&ctx.supervisor) = Some(sup.clone());
+        ctx.metrics.leading.set(1);
         tracing::info!(server = ctx.handle.id(), "leading: controllers running");
         let closed = tokio::select! {
             r = leading.wait_for(|l| !*l) => r.is_err(),
@@ -53,6 +54,8 @@ pub async fn run(ctx: Arc<Ctx>) {
         ctx.hub.clear();
         let _ = sup.stop_and_wait(None, Some(Duration::from_secs(10))).await;
         lock(&ctx.live).clear();
+        ctx.metrics.leading.set(0);
+        ctx.metrics.set_pending(&[]);
         tracing::info!(server = ctx.handle.id(), "not leading: controllers stopped");
         if closed {
             return;

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use crate::canary::{self, CanaryStatus};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
+use crate::metrics::Controller;
 use crate::objects::{
     self, key, new_replica_op, txn, Condition, Fresh, ModelStatus, ModelView, RandomFresh, ReplicaView,
 };
@@ -602,6 +603,7 @@ impl Actor for ModelActor {
                 st.queued = false;
                 st.refresh_nodes();
                 let cmds = decide(&st.s, &st.ctx.config, &mut RandomFresh);
+                st.ctx.metrics.reconciled(Controller::Model);
                 if cmds.is_empty() {
                     if st.s.model.is_none() && st.s.replicas.is_empty() {
                         tracing::info!(model = %st.s.name, "model deleted and drained; actor stops");
@@ -613,12 +615,12 @@ impl Actor for ModelActor {
                     .iter()
                     .map(|c| objects::txn_ops(c).iter().filter(|o| matches!(o, TxnOp::Put { .. })).count() as u64)
                     .sum();
-                let out = execute(&st.ctx, cmds).await.map_err(|e| {
+                let out = execute(&st.ctx, Controller::Model, cmds).await.map_err(|e| {
                     tracing::warn!(model = %st.s.name, error = %e, "uncertain write; stopping for a rebuild");
                     Box::new(e) as ActorProcessingErr
                 })?;
                 if out.refused == 0 {
-                    crate::metrics::Metrics::add(&st.ctx.metrics.replicas_created, creates);
+                    st.ctx.metrics.replicas_created.inc_by(creates);
                 }
                 // Our own writes are applied locally by now: read them back before deciding again.
                 st.resync();

@@ -22,7 +22,7 @@ use tokio::time::Instant;
 
 use crate::config::ActorsConfig;
 use crate::gpu_health::{self, GpuReport};
-use crate::metrics::Metrics;
+use crate::metrics::Controller;
 use crate::objects::{key, release, txn, NodeView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
@@ -108,7 +108,7 @@ pub(crate) fn log_gpu_changes(
 ) {
     for c in gpu_health::changes(before, after) {
         tracing::warn!(node = %node, gpu = c.gpu, from = %c.from, to = %c.to, evidence = ?c.evidence, "GPU health changed");
-        Metrics::add(&ctx.metrics.gpu_health_changes, 1);
+        ctx.metrics.gpu_health_changes.inc();
     }
 }
 
@@ -214,6 +214,7 @@ impl Actor for NodeActor {
         }
         let Some(facts) = st.facts() else { return Ok(()) };
         let cmds = decide(&facts, &st.ctx.config);
+        st.ctx.metrics.reconciled(Controller::Node);
         if cmds.is_empty() {
             return Ok(());
         }
@@ -222,13 +223,13 @@ impl Actor for NodeActor {
             _ => 0,
         };
         let before = st.node.status.gpu_health.clone();
-        let out = execute(&st.ctx, cmds).await.map_err(|e| {
+        let out = execute(&st.ctx, Controller::Node, cmds).await.map_err(|e| {
             tracing::warn!(node = %st.node.name, error = %e, "uncertain write; stopping for a rebuild");
             Box::new(e) as ActorProcessingErr
         })?;
         if out.applied > 0 && lost > 0 {
             tracing::warn!(node = %st.node.name, replicas = lost, "node lost; its replicas are unbound for rescheduling");
-            Metrics::add(&st.ctx.metrics.replicas_rescheduled, lost as u64);
+            st.ctx.metrics.replicas_rescheduled.inc_by(lost as u64);
             st.replicas.retain(|_, r| r.phase() == ReplicaPhase::Failed);
         }
         st.refresh(None);

@@ -19,7 +19,8 @@ use crate::objects::{txn, NodeView, ReplicaView};
 
 /// One node's free capacity, as placement consumes it.
 struct Slot {
-    schedulable: bool,
+    /// Why placement may not use this node ("not Ready", "cordoned", "draining"), if it may not.
+    unschedulable: Option<&'static str>,
     /// Free healthy GPU indices by type, ascending.
     free: BTreeMap<String, Vec<u32>>,
     total_free: usize,
@@ -29,7 +30,59 @@ struct Slot {
 
 /// Whether the scheduler may place new replicas on `n`.
 pub fn schedulable(n: &NodeView) -> bool {
-    n.status.state == NodeState::Ready && !n.spec.cordoned && !n.spec.draining
+    unschedulable(n).is_none()
+}
+
+/// Why the scheduler may not place new replicas on `n`, if it may not.
+fn unschedulable(n: &NodeView) -> Option<&'static str> {
+    if n.status.state != NodeState::Ready {
+        Some("not Ready")
+    } else if n.spec.cordoned {
+        Some("cordoned")
+    } else if n.spec.draining {
+        Some("draining")
+    } else {
+        None
+    }
+}
+
+/// Why a replica could not be placed: a stable code (a metric label, and for docs) and the
+/// sentence written to its status, which counts the nodes by what ruled each out.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaceable {
+    pub code: UnplaceableCode,
+    pub message: String,
+}
+
+/// The bounded set of reasons a replica stays Pending for placement.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord)]
+pub enum UnplaceableCode {
+    /// No node has joined the cluster.
+    NoNodes,
+    /// Every node is not Ready, cordoned or draining.
+    NoSchedulableNode,
+    /// A schedulable node has enough free GPUs, but none of an allowed type.
+    GpuType,
+    /// No schedulable node has enough free GPUs.
+    InsufficientGpus,
+}
+
+impl UnplaceableCode {
+    pub const ALL: [UnplaceableCode; 4] = [
+        UnplaceableCode::NoNodes,
+        UnplaceableCode::NoSchedulableNode,
+        UnplaceableCode::GpuType,
+        UnplaceableCode::InsufficientGpus,
+    ];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UnplaceableCode::NoNodes => "no_nodes",
+            UnplaceableCode::NoSchedulableNode => "no_schedulable_node",
+            UnplaceableCode::GpuType => "gpu_type",
+            UnplaceableCode::InsufficientGpus => "insufficient_gpus",
+        }
+    }
 }
 
 /// Free capacity of a set of nodes, consumed as replicas are placed.
@@ -49,7 +102,7 @@ impl Placer {
                 }
                 free.values_mut().for_each(|v| v.sort_unstable());
                 let total_free = free.values().map(Vec::len).sum();
-                Slot { schedulable: schedulable(n), free, total_free, per_model: HashMap::new() }
+                Slot { unschedulable: unschedulable(n), free, total_free, per_model: HashMap::new() }
             })
             .collect();
         for r in replicas {
@@ -62,12 +115,12 @@ impl Placer {
 
     /// Picks a node (by index into the `nodes` given to [`Placer::new`]) and GPUs for `r`,
     /// and takes them; or says why no node fits.
-    pub fn place(&mut self, r: &ReplicaSpec, strategy: PlacementStrategy) -> Result<(usize, Vec<u32>), String> {
+    pub fn place(&mut self, r: &ReplicaSpec, strategy: PlacementStrategy) -> Result<(usize, Vec<u32>), Unplaceable> {
         let n = r.gpus_needed as usize;
         let allowed = |t: &str| r.gpu_types.is_empty() || r.gpu_types.iter().any(|a| a == t);
         let mut best: Option<(usize, Option<String>, (i64, i64))> = None;
         for (i, s) in self.slots.iter().enumerate() {
-            if !s.schedulable || s.total_free < n {
+            if s.unschedulable.is_some() || s.total_free < n {
                 continue;
             }
             let group = if n == 0 {
@@ -89,7 +142,7 @@ impl Placer {
                 best = Some((i, group, score));
             }
         }
-        let Some((i, group, _)) = best else { return Err(unplaceable_reason(r)) };
+        let Some((i, group, _)) = best else { return Err(self.why_not(r)) };
         let s = &mut self.slots[i];
         let gpus = match group {
             Some(t) => {
@@ -102,9 +155,65 @@ impl Placer {
         *s.per_model.entry(r.model.clone()).or_default() += 1;
         Ok((i, gpus))
     }
+
+    /// Why no node fits `r`: [`unplaceable_reason`] followed by a count of the nodes by what
+    /// ruled each out, e.g. "no node has 2 free GPUs of type A100: 3 have at most 1 free,
+    /// 1 is cordoned", against the capacity left now.
+    pub fn why_not(&self, r: &ReplicaSpec) -> Unplaceable {
+        let n = r.gpus_needed as usize;
+        let allowed = |t: &str| r.gpu_types.is_empty() || r.gpu_types.iter().any(|a| a == t);
+        let mut ruled_out: BTreeMap<&'static str, usize> = BTreeMap::new();
+        // Schedulable nodes: too few free GPUs; enough only of types not allowed; enough
+        // only across types (a replica's GPUs share one type).
+        let (mut short, mut other_type, mut split, mut most_free) = (0usize, 0usize, 0usize, 0usize);
+        for s in &self.slots {
+            if let Some(why) = s.unschedulable {
+                *ruled_out.entry(why).or_default() += 1;
+                continue;
+            }
+            let fits: Vec<usize> = s.free.iter().filter(|(t, _)| allowed(t)).map(|(_, v)| v.len()).collect();
+            if s.free.values().any(|v| v.len() >= n) {
+                other_type += 1;
+            } else if fits.iter().sum::<usize>() >= n {
+                split += 1;
+            } else {
+                short += 1;
+                most_free = most_free.max(fits.iter().copied().max().unwrap_or(0));
+            }
+        }
+        let plural = |k: usize, one: &str, many: &str| if k == 1 { one.to_string() } else { many.to_string() };
+        let mut parts = Vec::new();
+        if short > 0 {
+            let some = if short == 1 || most_free == 0 { "" } else { "at most " };
+            parts.push(format!("{short} {} {some}{most_free} free", plural(short, "has", "have")));
+        }
+        if other_type > 0 {
+            parts.push(format!("{other_type} {} enough only of another type", plural(other_type, "has", "have")));
+        }
+        if split > 0 {
+            parts.push(format!("{split} {} enough only across GPU types", plural(split, "has", "have")));
+        }
+        for why in ["not Ready", "cordoned", "draining"] {
+            if let Some(k) = ruled_out.get(why) {
+                parts.push(format!("{k} {} {why}", plural(*k, "is", "are")));
+            }
+        }
+        let census = if self.slots.is_empty() { "the cluster has no nodes".to_string() } else { parts.join(", ") };
+        let code = if self.slots.is_empty() {
+            UnplaceableCode::NoNodes
+        } else if short + other_type + split == 0 {
+            UnplaceableCode::NoSchedulableNode
+        } else if other_type > 0 {
+            UnplaceableCode::GpuType
+        } else {
+            UnplaceableCode::InsufficientGpus
+        };
+        Unplaceable { code, message: format!("{}: {census}", unplaceable_reason(r)) }
+    }
 }
 
-/// "no node has 2 free GPUs of type H100-80GB" (types joined with " or ").
+/// "no node has 2 free GPUs of type H100-80GB" (types joined with " or "): the first half
+/// of the reason a Pending replica shows (the second counts the nodes).
 pub fn unplaceable_reason(r: &ReplicaSpec) -> String {
     let plural = if r.gpus_needed == 1 { "GPU" } else { "GPUs" };
     if r.gpu_types.is_empty() {
@@ -127,6 +236,10 @@ pub struct Plan {
     /// A transaction recording why the others could not be placed (only changed reasons).
     pub reasons: Option<Command>,
     pub unplaceable: usize,
+    /// The replicas `binds` binds.
+    pub placed: Vec<ObjectName>,
+    /// The replicas left Pending, with why.
+    pub unplaced: Vec<(ObjectName, UnplaceableCode)>,
 }
 
 /// Places every Pending replica of `replicas` on `nodes`. `spread` names the models that
@@ -143,19 +256,25 @@ pub fn plan(
         replicas.iter().filter(|r| r.phase() == ReplicaPhase::Pending && r.spec.node.is_none()).collect();
     pending.sort_by_key(|r| (std::cmp::Reverse(r.spec.gpus_needed), r.create_revision));
     let mut by_node: BTreeMap<usize, Vec<(&ReplicaView, Vec<u32>)>> = BTreeMap::new();
-    let mut reasons = Vec::new();
+    let mut left = Vec::new();
     let mut plan = Plan::default();
     for r in pending {
         let strategy = if spread.contains(&r.spec.model) { PlacementStrategy::Spread } else { default };
         match placer.place(&r.spec, strategy) {
             Ok((i, gpus)) => by_node.entry(i).or_default().push((r, gpus)),
-            Err(reason) => {
-                plan.unplaceable += 1;
-                if r.status.reason != reason {
-                    let status = ReplicaStatus { reason, ..r.status.clone() };
-                    reasons.push((r.compare(), r.status_op(&status)));
-                }
-            }
+            Err(_) => left.push(r),
+        }
+    }
+    // Reasons count the capacity left after the whole round (not at each replica's turn), so
+    // the next round, seeing these bindings applied, writes the same words and nothing more.
+    let mut reasons = Vec::new();
+    for r in left {
+        let Unplaceable { code, message: reason } = placer.why_not(&r.spec);
+        plan.unplaceable += 1;
+        plan.unplaced.push((r.name.clone(), code));
+        if r.status.reason != reason {
+            let status = ReplicaStatus { reason, ..r.status.clone() };
+            reasons.push((r.compare(), r.status_op(&status)));
         }
     }
     let (mut compares, mut ops, mut in_batch) = (Vec::new(), Vec::new(), 0usize);
@@ -173,6 +292,7 @@ pub fn plan(
             ops.push(r.put_op(&spec, &rstatus));
             in_batch += 1;
             plan.bound += 1;
+            plan.placed.push(r.name.clone());
         }
         ops.push(node.status_op(&status));
         if in_batch >= batch {

@@ -84,7 +84,12 @@ fn filters_state_cordon_drain_type_and_health() {
     let placed = placed_on(&w);
     assert_eq!(placed, vec![("m-1".into(), "good".into(), vec![0, 1])]);
     let r2 = w.replicas().into_iter().find(|r| r.name == name("m-2")).unwrap();
-    assert_eq!(r2.status.reason, "no node has 2 free GPUs of type H100-80GB");
+    assert_eq!(
+        r2.status.reason,
+        "no node has 2 free GPUs of type H100-80GB: 2 have at most 1 free, 1 has enough only of another type, \
+         1 is not Ready, 1 is cordoned, 1 is draining"
+    );
+    assert_eq!(p.unplaced, vec![(name("m-2"), UnplaceableCode::GpuType)]);
     assert_eq!(r2.phase(), ReplicaPhase::Pending);
 }
 
@@ -101,7 +106,7 @@ fn gpus_of_one_replica_share_a_type() {
     w.replica("m-1", "m", 2, ReplicaPhase::Pending, None);
     let p = run(&mut w, PlacementStrategy::BinPack);
     assert_eq!(p.bound, 0);
-    assert_eq!(w.replicas()[0].status.reason, "no node has 2 free GPUs");
+    assert_eq!(w.replicas()[0].status.reason, "no node has 2 free GPUs: 1 has enough only across GPU types");
 }
 
 #[test]
@@ -111,7 +116,34 @@ fn unchanged_reasons_are_not_rewritten() {
     let p = run(&mut w, PlacementStrategy::BinPack);
     assert!(p.reasons.is_some());
     let p = run(&mut w, PlacementStrategy::BinPack);
-    assert_eq!(p, Plan { unplaceable: 1, ..Plan::default() });
+    let unplaced = vec![(name("m-1"), UnplaceableCode::NoNodes)];
+    assert_eq!(p, Plan { unplaceable: 1, unplaced, ..Plan::default() });
+    assert_eq!(w.replicas()[0].status.reason, "no node has 1 free GPU: the cluster has no nodes");
+}
+
+#[test]
+fn reasons_count_the_nodes_by_what_ruled_each_out() {
+    let mut w = World::default();
+    w.node("down", 4, "A100");
+    w.set_node("down", |_, st| st.state = NodeState::NotReady);
+    w.node("c1", 4, "A100");
+    w.set_node("c1", |sp, _| sp.cordoned = true);
+    w.node("c2", 4, "A100");
+    w.set_node("c2", |sp, _| sp.cordoned = true);
+    w.replica("m-1", "m", 1, ReplicaPhase::Pending, None);
+    let p = run(&mut w, PlacementStrategy::BinPack);
+    assert_eq!(p.unplaced, vec![(name("m-1"), UnplaceableCode::NoSchedulableNode)]);
+    assert_eq!(w.replicas()[0].status.reason, "no node has 1 free GPU: 1 is not Ready, 2 are cordoned");
+    // Two schedulable nodes, each short: the most any has free is named.
+    w.node("a", 2, "A100");
+    w.node("b", 1, "A100");
+    w.replica("m-2", "m", 4, ReplicaPhase::Pending, None);
+    w.replica("m-3", "m", 3, ReplicaPhase::Pending, None);
+    let p = run(&mut w, PlacementStrategy::BinPack);
+    assert_eq!(p.bound, 1, "m-1 fits now");
+    let reason = |r: &str| w.replicas().into_iter().find(|x| x.name == name(r)).unwrap().status.reason;
+    assert_eq!(reason("m-2"), "no node has 4 free GPUs: 2 have at most 2 free, 1 is not Ready, 2 are cordoned");
+    assert_eq!(reason("m-3"), "no node has 3 free GPUs: 2 have at most 2 free, 1 is not Ready, 2 are cordoned");
 }
 
 #[test]

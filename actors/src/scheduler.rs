@@ -3,14 +3,15 @@
 //! and proposes its transactions. A transaction whose compares fail (a node or replica
 //! changed since the read) changes nothing; the round is retried with fresh state. Nudges
 //! from the supervisor coalesce into one round; a periodic tick catches anything missed.
-use std::collections::BTreeSet;
+use std::collections::{BTreeSet, HashMap};
 use std::sync::Arc;
 
 use flotilla_api::{Kind, LabelSelector, ObjectName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
+use tokio::time::Instant;
 
 use crate::config::{ActorsConfig, PlacementStrategy};
-use crate::metrics::Metrics;
+use crate::metrics::Controller;
 use crate::objects::{ModelView, NodeView, ReplicaView, PLACEMENT_LABEL};
 use crate::placement::plan;
 use crate::shared::Ctx;
@@ -31,6 +32,9 @@ pub struct SchedulerState {
     queued: bool,
     /// Whether the last round left replicas unplaceable (ticks retry only then).
     stuck: bool,
+    /// When this scheduler first saw each replica still unplaced (placement latency; a new
+    /// leader starts counting afresh).
+    waiting: HashMap<ObjectName, Instant>,
 }
 
 /// Reads what a round needs from the local state machine (current on the leader).
@@ -61,7 +65,7 @@ impl Actor for Scheduler {
     ) -> Result<SchedulerState, ActorProcessingErr> {
         myself.send_interval(ActorsConfig::ms(ctx.config.reconcile_interval_ms), || SchedulerMsg::Tick);
         myself.send_message(SchedulerMsg::Run)?;
-        Ok(SchedulerState { ctx, queued: true, stuck: false })
+        Ok(SchedulerState { ctx, queued: true, stuck: false, waiting: HashMap::new() })
     }
 
     async fn handle(
@@ -91,7 +95,20 @@ impl Actor for Scheduler {
                     plan(&nodes, &replicas, strategy, &spread, batch)
                 })
                 .await?;
-                Metrics::add(&st.ctx.metrics.schedule_rounds, 1);
+                let m = &st.ctx.metrics;
+                m.schedule_rounds.inc();
+                m.reconciled(Controller::Scheduler);
+                let mut pending: HashMap<_, i64> = HashMap::new();
+                for (_, code) in &p.unplaced {
+                    *pending.entry(*code).or_default() += 1;
+                }
+                m.set_pending(&pending.into_iter().collect::<Vec<_>>());
+                let now = Instant::now();
+                let seen: BTreeSet<&ObjectName> = p.unplaced.iter().map(|(r, _)| r).chain(&p.placed).collect();
+                st.waiting.retain(|r, _| seen.contains(r));
+                for r in seen {
+                    st.waiting.entry(r.clone()).or_insert(now);
+                }
                 st.stuck = p.unplaceable > 0;
                 if p.binds.is_empty() && p.reasons.is_none() {
                     return Ok(());
@@ -101,12 +118,18 @@ impl Actor for Scheduler {
                 let txns = p.binds.len();
                 let mut cmds = p.binds;
                 cmds.extend(p.reasons);
-                let out = execute(&st.ctx, cmds).await.map_err(|e| {
+                let placed = p.placed;
+                let out = execute(&st.ctx, Controller::Scheduler, cmds).await.map_err(|e| {
                     tracing::warn!(error = %e, "uncertain write; scheduler stops for a rebuild");
                     Box::new(e) as ActorProcessingErr
                 })?;
                 if out.refused == 0 {
-                    Metrics::add(&st.ctx.metrics.bindings, bound as u64);
+                    st.ctx.metrics.bindings.inc_by(bound as u64);
+                    for r in placed {
+                        if let Some(since) = st.waiting.remove(&r) {
+                            st.ctx.metrics.placement_seconds.observe(since.elapsed().as_secs_f64());
+                        }
+                    }
                 } else if !st.queued {
                     tracing::debug!(refused = out.refused, txns, "bindings refused; retrying with fresh state");
                     st.queued = true;

@@ -7,7 +7,7 @@
 use flotilla_cluster::ClusterError;
 use flotilla_storage::{Command, CommandResult};
 
-use crate::metrics::Metrics;
+use crate::metrics::{Controller, Proposal};
 use crate::shared::Ctx;
 use crate::ActorsError;
 
@@ -19,8 +19,8 @@ pub struct Outcome {
     pub refused: usize,
 }
 
-/// Proposes each command in order.
-pub async fn execute(ctx: &Ctx, cmds: Vec<Command>) -> Result<Outcome, ActorsError> {
+/// Proposes each command in order, on behalf of `by` (a metric label).
+pub async fn execute(ctx: &Ctx, by: Controller, cmds: Vec<Command>) -> Result<Outcome, ActorsError> {
     let mut out = Outcome::default();
     let now_ms = flotilla_api::civil::unix_ms();
     for mut cmd in cmds {
@@ -30,28 +30,35 @@ pub async fn execute(ctx: &Ctx, cmds: Vec<Command>) -> Result<Outcome, ActorsErr
                 n.at_ms = now_ms;
             }
         }
-        Metrics::add(&ctx.metrics.proposals, 1);
+        let m = &ctx.metrics;
         match ctx.handle.propose(cmd).await {
             Ok(CommandResult::Conflict { key, expected, actual }) => {
-                Metrics::add(&ctx.metrics.conflicts, 1);
+                m.proposed(by, Proposal::Conflict);
                 tracing::debug!(%key, expected, actual, "write refused by compare; retrying with fresh state");
                 out.refused += 1;
             }
             Ok(CommandResult::NotFound { key }) => {
-                Metrics::add(&ctx.metrics.conflicts, 1);
+                m.proposed(by, Proposal::Conflict);
                 tracing::debug!(%key, "write refused: object gone");
                 out.refused += 1;
             }
-            Ok(_) => out.applied += 1,
+            Ok(_) => {
+                m.proposed(by, Proposal::Applied);
+                out.applied += 1;
+            }
             Err(e @ (ClusterError::NotLeader(_) | ClusterError::NoLeader)) => {
+                m.proposed(by, Proposal::NotLeader);
                 tracing::info!(error = %e, "write refused: leadership lost");
                 out.refused += 1;
             }
             Err(e) => {
                 let e = ActorsError::from_propose(e);
                 if e.is_uncertain() {
+                    m.proposed(by, Proposal::Uncertain);
+                    m.reconcile_failed(by);
                     return Err(e);
                 }
+                m.proposed(by, Proposal::Error);
                 tracing::warn!(error = %e, "write refused");
                 out.refused += 1;
             }

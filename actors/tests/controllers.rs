@@ -72,7 +72,7 @@ async fn model_scales_up_down_and_deletes_with_gpus_freed() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn oversized_model_stays_pending_with_a_reason_naming_gpus() {
     let c = Cluster::start(1).await;
-    c.leader().await;
+    let leader = c.leader().await;
     let _a = FakeAgent::start(c.live_addrs(), "node-a", 4);
     wait_until("node", LONG, || async { c.list("Node").await.len() == 1 }).await;
     c.apply(&model_manifest("huge", 1, 8)).await;
@@ -80,11 +80,36 @@ async fn oversized_model_stays_pending_with_a_reason_naming_gpus() {
         let Some(m) = c.get("Model", "huge").await else { return false };
         let s = json(&m.status_json);
         s["ready_replicas"] == 0
-            && s["conditions"][0]["message"].as_str().is_some_and(|m| m.contains("no node has 8 free GPUs"))
+            && s["conditions"][0]["message"] == "1 replica(s) pending: no node has 8 free GPUs: 1 has 4 free"
     })
     .await;
     let r = replicas(&c).await;
     assert_eq!(r.values().map(|(p, _)| p.as_str()).collect::<Vec<_>>(), vec!["Pending"]);
+
+    // The leader's /metrics says the same, in numbers, and Prometheus reads it.
+    let http = c.handle(leader).http_addr.to_string();
+    let scrape = || async { flotilla_testkit::raw_http::http_get(&http, "/metrics").await.expect("scrape").1 };
+    let has = |text: &str, line: &str| text.lines().any(|l| l == line);
+    c.apply(&model_manifest("small", 1, 1)).await;
+    wait_until("small placed", LONG, || async { ready_count(&c).await == 1 }).await;
+    let text = scrape().await;
+    for line in [
+        "flotilla_controller_leading 1",
+        r#"flotilla_controller_pending_replicas{reason="insufficient_gpus"} 1"#,
+        r#"flotilla_controller_pending_replicas{reason="no_nodes"} 0"#,
+        "flotilla_controller_bindings_total 1",
+        "flotilla_controller_placement_duration_seconds_count 1",
+    ] {
+        assert!(has(&text, line), "no line {line:?} in\n{text}");
+    }
+    let counted = |prefix: &str| {
+        text.lines().find(|l| l.starts_with(prefix)).and_then(|l| l.rsplit(' ').next()?.parse::<u64>().ok())
+    };
+    assert!(counted(r#"flotilla_controller_reconciles_total{controller="model"}"#) >= Some(2));
+    assert!(counted(r#"flotilla_controller_proposals_total{controller="scheduler",result="applied"}"#) >= Some(1));
+    assert!(counted("flotilla_controller_heartbeats_total") >= Some(1));
+    let (code, out) = flotilla_testkit::promtool::check_metrics(&text);
+    assert_eq!(code, 0, "promtool check metrics:\n{out}");
     c.shutdown().await;
 }
 

@@ -29,6 +29,8 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+pub use flotilla_api::metrics_text::to_prometheus_text;
+
 /// Engine states a report may be in (anything else counts as `other`).
 pub const ENGINE_STATES: [&str; 8] =
     ["downloading", "starting", "ready", "crashed", "failed", "stopping", "stopped", "other"];
@@ -215,28 +217,6 @@ impl AgentMetrics {
     }
 }
 
-/// OpenMetrics text (what prometheus-client writes) as Prometheus text 0.0.4, the format
-/// `promtool check metrics` and every Prometheus read: a counter's HELP and TYPE name its
-/// `_total` series, and the OpenMetrics-only `# UNIT` and `# EOF` lines go.
-pub fn to_prometheus_text(openmetrics: &str) -> String {
-    let counters: std::collections::BTreeSet<&str> =
-        openmetrics.lines().filter_map(|l| l.strip_prefix("# TYPE ")?.strip_suffix(" counter")).collect();
-    let mut out = String::with_capacity(openmetrics.len() + 16 * counters.len());
-    for line in openmetrics.lines() {
-        if line == "# EOF" || line.starts_with("# UNIT ") {
-            continue;
-        }
-        let renamed = ["# HELP ", "# TYPE "].iter().find_map(|p| {
-            let rest = line.strip_prefix(p)?;
-            let (name, tail) = rest.split_once(' ')?;
-            counters.contains(name).then(|| format!("{p}{name}_total {tail}"))
-        });
-        out.push_str(renamed.as_deref().unwrap_or(line));
-        out.push('\n');
-    }
-    out
-}
-
 /// A GPU's state, read from `healthy` for agents' probes that set no state.
 fn gpu_state(g: &GpuInfo) -> &str {
     match (g.state.as_str(), g.healthy) {
@@ -294,17 +274,6 @@ pub async fn bind(addr: SocketAddr) -> Result<tokio::net::TcpListener, crate::Ag
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn openmetrics_counters_are_named_by_their_total_series() {
-        let om = "# HELP x_starts Starts.\n# TYPE x_starts counter\nx_starts_total 3\n\
-                  # HELP x_wait Wait.\n# TYPE x_wait histogram\n# UNIT x_wait seconds\nx_wait_count 1\n# EOF\n";
-        assert_eq!(
-            to_prometheus_text(om),
-            "# HELP x_starts_total Starts.\n# TYPE x_starts_total counter\nx_starts_total 3\n\
-             # HELP x_wait Wait.\n# TYPE x_wait histogram\nx_wait_count 1\n"
-        );
-    }
 
     #[test]
     fn gauges_follow_the_reports_and_labels_stay_bounded() {

@@ -15,6 +15,7 @@ pub mod format;
 pub mod ids;
 pub mod kind;
 pub mod manifest;
+pub mod metrics_text;
 pub mod object;
 pub mod selector;
 pub mod spec;

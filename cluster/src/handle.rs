@@ -36,6 +36,12 @@ impl ClusterHandle {
         }
     }
 
+    /// Registers metrics of code running inside this server (the controllers) on the
+    /// server's `/metrics`; their names get the `flotilla_` prefix.
+    pub fn register_metrics(&self, add: impl FnOnce(&mut prometheus_client::registry::Registry)) {
+        self.node.metrics.register(add);
+    }
+
     /// The current leader's ID, if one is known.
     pub fn leader(&self) -> Option<u64> {
         self.node.raft.metrics().borrow().current_leader

@@ -1,7 +1,8 @@
 //! Prometheus metrics of a server: Raft state gauges (refreshed at scrape time), the apply
 //! latency histogram, gRPC request counts and latencies per method and status code, and
-//! forwards to a leader abandoned when the leader changed.
-use std::sync::Arc;
+//! forwards to a leader abandoned when the leader changed. Code running inside the server
+//! (the controllers) adds its own metrics under `flotilla_` with [`Metrics::register`].
+use std::sync::{Arc, RwLock};
 use tokio::time::Instant;
 
 use openraft::{BasicNode, RaftMetrics};
@@ -34,7 +35,7 @@ fn latency_histogram() -> Histogram {
 /// All metrics of one server. Cheap to clone.
 #[derive(Clone)]
 pub(crate) struct Metrics {
-    registry: Arc<Registry>,
+    registry: Arc<RwLock<Registry>>,
     term: Gauge,
     leader_id: Gauge,
     is_leader: Gauge,
@@ -55,7 +56,7 @@ impl Metrics {
     pub(crate) fn new() -> Metrics {
         let mut r = Registry::with_prefix("flotilla");
         let m = Metrics {
-            registry: Arc::new(Registry::default()),
+            registry: Arc::default(),
             term: Gauge::default(),
             leader_id: Gauge::default(),
             is_leader: Gauge::default(),
@@ -105,7 +106,12 @@ impl Metrics {
             "Elections this server started at once on rejecting a candidate whose log is shorter than its own",
             m.campaigns.clone(),
         );
-        Metrics { registry: Arc::new(r), ..m }
+        Metrics { registry: Arc::new(RwLock::new(r)), ..m }
+    }
+
+    /// Lets `add` register more metrics, named `flotilla_<name>` (scraped with the rest).
+    pub(crate) fn register(&self, add: impl FnOnce(&mut Registry)) {
+        add(&mut self.registry.write().unwrap_or_else(|e| e.into_inner()));
     }
 
     pub(crate) fn grpc_timer(&self, method: &'static str) -> GrpcTimer {
@@ -124,7 +130,7 @@ impl Metrics {
         self.apply_seconds.observe(start.elapsed().as_secs_f64());
     }
 
-    /// Refreshes the Raft gauges from openraft's metrics and renders the text format.
+    /// Refreshes the Raft gauges from openraft's metrics and renders Prometheus text 0.0.4.
     pub(crate) fn render(&self, raft: &RaftMetrics<u64, BasicNode>, store_revision: u64) -> String {
         let applied = raft.last_applied.map_or(0, |l| l.index);
         self.term.set(raft.current_term as i64);
@@ -137,8 +143,9 @@ impl Metrics {
         self.members.set(raft.membership_config.nodes().count() as i64);
         self.store_revision.set(store_revision as i64);
         let mut out = String::new();
-        prometheus_client::encoding::text::encode(&mut out, &self.registry).expect("encoding to a String");
-        out
+        let registry = self.registry.read().unwrap_or_else(|e| e.into_inner());
+        prometheus_client::encoding::text::encode(&mut out, &registry).expect("encoding to a String");
+        flotilla_api::metrics_text::to_prometheus_text(&out)
     }
 }
 

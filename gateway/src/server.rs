@@ -103,7 +103,8 @@ async fn method_not_allowed(req: Request) -> Response {
 }
 
 async fn metrics(State(gw): State<Arc<Gateway>>) -> Response {
-    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], gw.metrics.encode()).into_response()
+    let body = flotilla_api::metrics_text::to_prometheus_text(&gw.metrics.encode());
+    ([(http::header::CONTENT_TYPE, "text/plain; version=0.0.4; charset=utf-8")], body).into_response()
 }
 
 async fn readyz(State(gw): State<Arc<Gateway>>) -> Response {

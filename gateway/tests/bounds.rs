@@ -180,6 +180,9 @@ async fn metrics_move_to_their_own_listener_when_asked() {
     assert_eq!(r.status, 200);
     assert!(r.text().contains("flotilla_gateway_requests_total"), "{}", r.text());
     assert_eq!(metric_sum(metrics, "flotilla_gateway_requests_total", &["code=\"200\""]).await, 1.0);
+    // Prometheus text 0.0.4, as the content type says: what promtool (and Prometheus) read.
+    let (code, lint) = flotilla_testkit::promtool::check_metrics(&r.text());
+    assert_eq!(code, 0, "promtool check metrics on the gateway's scrape:\n{lint}");
     for path in ["/v1/models", "/healthz"] {
         assert_eq!(get(metrics, path).await.status, 404, "{path}: only /metrics there");
     }

@@ -21,6 +21,7 @@ use tokio::time::Instant;
 use super::{decide, note_failures, AdapterState, AdapterView, Demand};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
+use crate::metrics::Controller;
 use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::writes::execute;
@@ -142,6 +143,7 @@ impl Actor for AdapterActor {
                 st.refresh();
                 note_failures(&mut st.s);
                 let plan = decide(&st.s);
+                st.ctx.metrics.reconciled(Controller::Adapters);
                 if plan.commands.is_empty() {
                     if st.idle() {
                         tracing::info!(base = %st.s.base, "no adapters left on this base model; controller stops");
@@ -154,8 +156,9 @@ impl Actor for AdapterActor {
                     tracing::info!(base = %st.s.base, adapter = %adapter, replica = %replica, "adapter assigned");
                     st.s.last_used.insert((adapter.clone(), replica.clone()), now);
                 }
-                crate::metrics::Metrics::add(&st.ctx.metrics.adapter_bindings, plan.bound.len() as u64);
-                let out = execute(&st.ctx, plan.commands).await.map_err(|e| {
+                st.ctx.metrics.adapter_bindings.inc_by(plan.bound.len() as u64);
+                st.ctx.metrics.adapter_evictions.inc_by(plan.evicted as u64);
+                let out = execute(&st.ctx, Controller::Adapters, plan.commands).await.map_err(|e| {
                     tracing::warn!(base = %st.s.base, error = %e, "uncertain write; stopping for a rebuild");
                     Box::new(e) as ActorProcessingErr
                 })?;

@@ -98,6 +98,8 @@ pub struct Plan {
     pub commands: Vec<Command>,
     /// New (adapter, replica) bindings, for the usage clock.
     pub bound: Vec<(ObjectName, ObjectName)>,
+    /// Bindings removed to free a slot for a waiting adapter.
+    pub evicted: usize,
 }
 
 /// How an adapter stands on a replica per the engine's report.
@@ -315,6 +317,7 @@ pub fn decide(s: &AdapterState) -> Plan {
             let list = bindings.entry(replica.clone()).or_default();
             if let Some(v) = victim {
                 list.retain(|b| b.name != v);
+                plan.evicted += 1;
             }
             list.push(AdapterBinding { name: name.clone(), source: a.spec.source.clone() });
             list.sort();

@@ -24,7 +24,6 @@ use tonic::{Request, Response, Status};
 
 use super::{AdapterView, Demand};
 use crate::facts::{is_down, read_node};
-use crate::metrics::Metrics;
 use crate::objects::{key, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
 use crate::supervisor::SupervisorMsg;
@@ -135,7 +134,7 @@ impl AdapterService for AdapterServiceImpl {
             .and_then(|o| ModelView::from_stored(&o).ok())
             .ok_or_else(|| precondition(format!("adapter {name}: base model {base} does not exist")))?;
         adapter.spec.check_base(&model.spec).map_err(|e| precondition(format!("adapter {name}: {e}")))?;
-        Metrics::add(&self.ctx.metrics.adapter_cold_loads, 1);
+        self.ctx.metrics.adapter_cold_loads.inc();
         let until = start + wait;
         let demand = Demand { avoid: avoid.clone(), until };
         self.demand(&base, &name, &demand)?;

@@ -26,7 +26,7 @@ use super::status::{next_status, should_write};
 use super::{decide, retention_ms, ScalerState, Signals};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
-use crate::metrics::Metrics;
+use crate::metrics::Controller;
 use crate::model::desired_replicas;
 use crate::objects::{key, ModelStatus, ModelView, ReplicaView};
 use crate::shared::{lock, Ctx};
@@ -113,12 +113,13 @@ impl AutoscalerState {
         let stored = ModelStatus::of(&model);
         let current = desired_replicas(&model, stored.autoscaling.as_ref());
         let decision = decide(&spec, signals, current, ready.len() as u32, &mut self.scaler, now_ms, wall_unix_ms);
+        self.ctx.metrics.reconciled(Controller::Autoscaler);
         if !should_write(stored.autoscaling.as_ref(), current, &decision, self.last_written_ms, now_ms) {
             return Ok(true);
         }
         if decision.desired != current {
             tracing::info!(model = %self.model, from = current, to = decision.desired, reason = %decision.reason, "autoscaling");
-            Metrics::add(&self.ctx.metrics.scaling_events, 1);
+            self.ctx.metrics.scaled(decision.desired > current);
         }
         let next = next_status(stored.autoscaling.as_ref(), current, &decision, wall_unix_ms);
         let status = ModelStatus { autoscaling: Some(next), ..stored };
@@ -127,7 +128,7 @@ impl AutoscalerState {
             status: status.to_json(),
             expected_revision: Some(model.revision),
         };
-        let out = execute(&self.ctx, vec![cmd]).await.map_err(|e| {
+        let out = execute(&self.ctx, Controller::Autoscaler, vec![cmd]).await.map_err(|e| {
             tracing::warn!(model = %self.model, error = %e, "uncertain autoscaling write; stopping for a rebuild");
             Box::new(e) as ActorProcessingErr
         })?;

@@ -28,7 +28,6 @@ use crate::adapters::actor::{AdapterActor, AdapterArgs, AdapterMsg};
 use crate::adapters::Demand;
 use crate::autoscale::actor::{AutoscalerActor, AutoscalerArgs, AutoscalerMsg};
 use crate::config::ActorsConfig;
-use crate::metrics::Metrics;
 use crate::model::{ModelActor, ModelArgs, ModelMsg};
 use crate::node::{NodeActor, NodeArgs, NodeMsg};
 use crate::objects::{key, NodeView, ReplicaView};
@@ -338,7 +337,7 @@ impl Actor for Supervisor {
         let delay = match failed {
             Some(e) => {
                 tracing::warn!(child = ?child, error = %e, "controller failed; rebuilding it from the store");
-                Metrics::add(&st.ctx.metrics.actor_restarts, 1);
+                st.ctx.metrics.actor_restarts.inc();
                 st.ctx.config.restart_delay_ms
             }
             None => 0,

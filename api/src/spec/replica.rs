@@ -85,7 +85,7 @@ pub enum ReplicaPhase {
 pub struct ReplicaStatus {
     #[serde(default)]
     pub phase: ReplicaPhase,
-    /// Why it is not Ready (e.g. "no node has 2 free GPUs of type H100-80GB").
+    /// Why it is not Ready (e.g. "no node has 2 free GPUs of type H100-80GB: 1 is cordoned").
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub reason: String,
     /// `host:port` of the engine's OpenAI endpoint once it runs.
