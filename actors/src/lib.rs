@@ -89,7 +89,7 @@ pub fn extensions_with_probe(config: ActorsConfig) -> (flotilla_cluster::Extensi
             }
         };
         let ctx = Ctx::new(handle, config);
-        ctx.handle.register_metrics(|r| ctx.metrics.register(r));
+        ctx.handle.register_metrics(|r| ctx.metrics.register(r, ctx.handle.reader()));
         let _ = slot.set(ctx.clone());
         routes.add_service(AgentServiceServer::new(agent_service::AgentServiceImpl { ctx: ctx.clone() }));
         routes.add_service(FleetServiceServer::new(fleet_service::FleetServiceImpl { ctx: ctx.clone() }));

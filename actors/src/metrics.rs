@@ -4,18 +4,27 @@
 //! rounds, placement latency and the replicas left Pending by reason, autoscaler decisions,
 //! adapter bindings, evictions and cold loads, heartbeats, GPU health changes, actor rebuilds.
 //!
+//! Besides, [`FleetGauges`] reads the fleet's state from the store at each scrape: nodes by
+//! state, replicas by phase, GPUs by use.
+//!
 //! Every server has them, but only the leader's move (the controllers run there); the gauges
-//! (`pending_replicas`, `leading`) are zero elsewhere, so a `sum` over servers is the cluster's
-//! value. Labels are bounded: `controller` and `result` from fixed sets below, `reason` from
+//! (`pending_replicas`, `leading`, the fleet's) are zero or absent elsewhere, so a `sum` over
+//! servers is the cluster's value. Labels are bounded: `controller` and `result` from fixed sets below, `reason` from
 //! [`UnplaceableCode`], `direction` up or down. No object names: those are unbounded, and
 //! `flotilla get` shows them.
-use prometheus_client::encoding::EncodeLabelSet;
+use flotilla_api::spec::{NodeState, ReplicaPhase};
+use flotilla_api::{Kind, LabelSelector};
+use flotilla_storage::StoreReader;
+use prometheus_client::collector::Collector;
+use prometheus_client::encoding::{DescriptorEncoder, EncodeLabelSet, EncodeMetric};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
-use prometheus_client::metrics::gauge::Gauge;
+use prometheus_client::metrics::gauge::{ConstGauge, Gauge};
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
+use prometheus_client::metrics::MetricType;
 use prometheus_client::registry::Registry;
 
+use crate::objects::{NodeView, ReplicaView};
 use crate::placement::UnplaceableCode;
 
 /// The controllers (and the services that write for agents), as metric labels.
@@ -200,9 +209,10 @@ impl Metrics {
     }
 
     /// Adds every metric to `registry` (the server's, prefix `flotilla_`) as
-    /// `flotilla_controller_*`.
-    pub fn register(&self, registry: &mut Registry) {
+    /// `flotilla_controller_*`, with the fleet's state read from `reader` at each scrape.
+    pub fn register(&self, registry: &mut Registry, reader: StoreReader) {
         let r = registry.sub_registry_with_prefix("controller");
+        r.register_collector(Box::new(FleetGauges { reader, leading: self.leading.clone() }));
         r.register("reconciles", "Reconcile passes (decisions made), by controller", self.reconciles.clone());
         r.register(
             "reconcile_errors",
@@ -272,5 +282,119 @@ impl Metrics {
             ("flotilla_controller_adapter_cold_loads_total", self.adapter_cold_loads.get()),
             ("flotilla_controller_gpu_health_changes_total", self.gpu_health_changes.get()),
         ]
+    }
+}
+
+const NODE_STATES: [(NodeState, &str); 5] = [
+    (NodeState::Ready, "Ready"),
+    (NodeState::NotReady, "NotReady"),
+    (NodeState::Cordoned, "Cordoned"),
+    (NodeState::Draining, "Draining"),
+    (NodeState::Drained, "Drained"),
+];
+
+const REPLICA_PHASES: [(ReplicaPhase, &str); 7] = [
+    (ReplicaPhase::Pending, "Pending"),
+    (ReplicaPhase::Scheduled, "Scheduled"),
+    (ReplicaPhase::Starting, "Starting"),
+    (ReplicaPhase::Ready, "Ready"),
+    (ReplicaPhase::Draining, "Draining"),
+    (ReplicaPhase::Stopped, "Stopped"),
+    (ReplicaPhase::Failed, "Failed"),
+];
+
+/// The fleet's state, counted from the store at each scrape while this server leads (absent
+/// elsewhere, so a sum over servers counts each object once): `nodes{state}`,
+/// `nodes_unschedulable{why}` (cordoned or draining by spec), `replicas{phase}`,
+/// `gpus{state}` (free, allocated, unhealthy).
+pub struct FleetGauges {
+    reader: StoreReader,
+    leading: Gauge,
+}
+
+impl std::fmt::Debug for FleetGauges {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("FleetGauges").field("leading", &self.leading.get()).finish_non_exhaustive()
+    }
+}
+
+/// What [`FleetGauges`] reports, counted from the objects.
+#[derive(Debug, Default, PartialEq)]
+pub struct FleetCounts {
+    pub nodes: [i64; 5],
+    pub cordoned: i64,
+    pub draining: i64,
+    pub replicas: [i64; 7],
+    pub gpus_free: i64,
+    pub gpus_allocated: i64,
+    pub gpus_unhealthy: i64,
+}
+
+impl FleetCounts {
+    pub fn of(nodes: &[NodeView], replicas: &[ReplicaView]) -> FleetCounts {
+        let mut c = FleetCounts::default();
+        for n in nodes {
+            if let Some(i) = NODE_STATES.iter().position(|(s, _)| *s == n.status.state) {
+                c.nodes[i] += 1;
+            }
+            c.cordoned += i64::from(n.spec.cordoned);
+            c.draining += i64::from(n.spec.draining);
+            c.gpus_free += n.free_gpus() as i64;
+            c.gpus_allocated += n.status.allocations.len() as i64;
+            c.gpus_unhealthy += n.status.unhealthy_gpus.len() as i64;
+        }
+        for r in replicas {
+            if let Some(i) = REPLICA_PHASES.iter().position(|(p, _)| *p == r.phase()) {
+                c.replicas[i] += 1;
+            }
+        }
+        c
+    }
+}
+
+fn gauge_family(
+    encoder: &mut DescriptorEncoder,
+    name: &str,
+    help: &str,
+    label: &'static str,
+    values: &[(&str, i64)],
+) -> Result<(), std::fmt::Error> {
+    let mut family = encoder.encode_descriptor(name, help, None, MetricType::Gauge)?;
+    for (value, n) in values {
+        ConstGauge::new(*n).encode(family.encode_family(&[(label, *value)])?)?;
+    }
+    Ok(())
+}
+
+impl Collector for FleetGauges {
+    fn encode(&self, mut encoder: DescriptorEncoder) -> Result<(), std::fmt::Error> {
+        if self.leading.get() != 1 {
+            return Ok(());
+        }
+        let all = LabelSelector::default();
+        let nodes: Vec<NodeView> =
+            self.reader.list(Kind::Node, &all).0.iter().filter_map(|o| NodeView::from_stored(o).ok()).collect();
+        let replicas: Vec<ReplicaView> =
+            self.reader.list(Kind::Replica, &all).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
+        let c = FleetCounts::of(&nodes, &replicas);
+        let states: Vec<(&str, i64)> = NODE_STATES.iter().zip(c.nodes).map(|((_, s), n)| (*s, n)).collect();
+        gauge_family(&mut encoder, "nodes", "Nodes by state (leader only)", "state", &states)?;
+        gauge_family(
+            &mut encoder,
+            "nodes_unschedulable",
+            "Nodes an operator cordoned or is draining (leader only)",
+            "why",
+            &[("cordoned", c.cordoned), ("draining", c.draining)],
+        )?;
+        let phases: Vec<(&str, i64)> = REPLICA_PHASES.iter().zip(c.replicas).map(|((_, p), n)| (*p, n)).collect();
+        gauge_family(&mut encoder, "replicas", "Replicas by phase (leader only)", "phase", &phases)?;
+        gauge_family(
+            &mut encoder,
+            "gpus",
+            "GPUs of all nodes: free (healthy, unbound), allocated, unhealthy (leader only)",
+            "state",
+            &[("free", c.gpus_free), ("allocated", c.gpus_allocated), ("unhealthy", c.gpus_unhealthy)],
+        )?;
+        Ok(())
     }
 }

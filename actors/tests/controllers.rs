@@ -99,6 +99,11 @@ async fn oversized_model_stays_pending_with_a_reason_naming_gpus() {
         r#"flotilla_controller_pending_replicas{reason="no_nodes"} 0"#,
         "flotilla_controller_bindings_total 1",
         "flotilla_controller_placement_duration_seconds_count 1",
+        r#"flotilla_controller_nodes{state="Ready"} 1"#,
+        r#"flotilla_controller_replicas{phase="Pending"} 1"#,
+        r#"flotilla_controller_replicas{phase="Ready"} 1"#,
+        r#"flotilla_controller_gpus{state="allocated"} 1"#,
+        r#"flotilla_controller_gpus{state="free"} 3"#,
     ] {
         assert!(has(&text, line), "no line {line:?} in\n{text}");
     }
