@@ -196,9 +196,16 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let mut term = signal(SignalKind::terminate())?;
     let mut int = signal(SignalKind::interrupt())?;
     let scheme = if handle.gw.cfg.https.is_some() { "https" } else { "http" };
-    println!("flotilla gateway listening on {scheme}://{}", handle.local_addr());
+    let mut banner = format!("flotilla gateway listening on {scheme}://{}\n", handle.local_addr());
     if let Some(m) = handle.metrics_addr() {
-        println!("flotilla gateway metrics on http://{m}/metrics");
+        banner.push_str(&format!("flotilla gateway metrics on http://{m}/metrics\n"));
+    }
+    // One write, its error ignored: a supervisor that reads the first line and closes the
+    // pipe must not make a later line kill the gateway (println! panics on EPIPE).
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
     }
     tokio::select! {
         _ = term.recv() => {}

@@ -29,6 +29,8 @@ pub fn bin() -> String {
 pub struct ServerProc {
     pub id: u64,
     pub grpc: String,
+    /// `host:port` of its HTTP listener (`/metrics`, health).
+    pub http: String,
     pub data_dir: PathBuf,
     child: Option<Child>,
 }
@@ -54,7 +56,8 @@ impl ServerProc {
             .find_map(|w| w.strip_prefix("grpc="))
             .unwrap_or_else(|| panic!("server {id} printed no address: {line:?}"))
             .to_owned();
-        ServerProc { id, grpc, data_dir: data_dir.to_owned(), child: Some(child) }
+        let http = line.split_whitespace().find_map(|w| w.strip_prefix("http=")).unwrap_or_default().to_owned();
+        ServerProc { id, grpc, http, data_dir: data_dir.to_owned(), child: Some(child) }
     }
 
     pub fn pid(&self) -> u32 {
