@@ -30,6 +30,7 @@ mod config;
 mod error;
 pub mod facts;
 pub mod fleet_service;
+pub mod gang_placement;
 pub mod gpu_health;
 mod leadership;
 pub mod metrics;

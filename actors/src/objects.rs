@@ -163,13 +163,16 @@ pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectNa
         engine: model.spec.engine,
         source: model.spec.source.clone(),
         engine_args: model.spec.engine_args.clone(),
-        gpus_needed: model.spec.gpus,
+        // a gang's members each need their share
+        gpus_needed: model.spec.topology.as_ref().map_or(model.spec.gpus, |t| t.gpus_per_node),
         gpu_types: model.spec.gpu_types.clone(),
         node: None,
         gpus: Vec::new(),
         adapters: Vec::new(),
         template_hash: model.spec.template().hash(),
         engine_image: model.spec.engine_image.clone(),
+        topology: model.spec.topology.clone(),
+        members: Vec::new(),
     };
     let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
     let op = TxnOp::Put {

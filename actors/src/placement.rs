@@ -10,22 +10,35 @@
 //! ```
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use flotilla_api::spec::{NodeState, ReplicaPhase, ReplicaSpec, ReplicaStatus};
+use flotilla_api::spec::{GangMember, NodeState, NodeStatus, ReplicaPhase, ReplicaSpec, ReplicaStatus};
 use flotilla_api::ObjectName;
-use flotilla_storage::Command;
+use flotilla_storage::{Command, Compare, TxnOp};
 
 use crate::config::PlacementStrategy;
+use crate::gang_placement::GangBinding;
 use crate::objects::{txn, NodeView, ReplicaView};
 
 /// One node's free capacity, as placement consumes it.
-struct Slot {
+pub(crate) struct Slot {
     /// Why placement may not use this node ("not Ready", "cordoned", "draining"), if it may not.
-    unschedulable: Option<&'static str>,
+    pub(crate) unschedulable: Option<&'static str>,
     /// Free healthy GPU indices by type, ascending.
-    free: BTreeMap<String, Vec<u32>>,
-    total_free: usize,
+    pub(crate) free: BTreeMap<String, Vec<u32>>,
+    pub(crate) total_free: usize,
     /// Replicas per model on this node (for spread).
-    per_model: HashMap<ObjectName, u32>,
+    pub(crate) per_model: HashMap<ObjectName, u32>,
+    /// The node's name and labels (topology domains of gangs).
+    pub(crate) name: ObjectName,
+    pub(crate) labels: BTreeMap<String, String>,
+}
+
+impl Slot {
+    /// Takes `n` free GPUs of type `t` (the caller checked there are).
+    pub(crate) fn take(&mut self, t: &str, n: usize) -> Vec<u32> {
+        let v = self.free.get_mut(t).map(|v| v.drain(..n).collect()).unwrap_or_default();
+        self.total_free -= n;
+        v
+    }
 }
 
 /// Whether the scheduler may place new replicas on `n`.
@@ -65,14 +78,23 @@ pub enum UnplaceableCode {
     GpuType,
     /// No schedulable node has enough free GPUs.
     InsufficientGpus,
+    /// A multi-node replica needs more nodes than the cluster has.
+    GangTooLarge,
+    /// Fewer schedulable nodes than a gang's members have its GPUs free (of one type).
+    GangInsufficientNodes,
+    /// Enough nodes, but not in the topology domains the gang's placement asks for.
+    GangDomains,
 }
 
 impl UnplaceableCode {
-    pub const ALL: [UnplaceableCode; 4] = [
+    pub const ALL: [UnplaceableCode; 7] = [
         UnplaceableCode::NoNodes,
         UnplaceableCode::NoSchedulableNode,
         UnplaceableCode::GpuType,
         UnplaceableCode::InsufficientGpus,
+        UnplaceableCode::GangTooLarge,
+        UnplaceableCode::GangInsufficientNodes,
+        UnplaceableCode::GangDomains,
     ];
 
     pub fn as_str(self) -> &'static str {
@@ -81,13 +103,16 @@ impl UnplaceableCode {
             UnplaceableCode::NoSchedulableNode => "no_schedulable_node",
             UnplaceableCode::GpuType => "gpu_type",
             UnplaceableCode::InsufficientGpus => "insufficient_gpus",
+            UnplaceableCode::GangTooLarge => "gang_too_large",
+            UnplaceableCode::GangInsufficientNodes => "gang_insufficient_nodes",
+            UnplaceableCode::GangDomains => "gang_domains",
         }
     }
 }
 
 /// Free capacity of a set of nodes, consumed as replicas are placed.
 pub struct Placer {
-    slots: Vec<Slot>,
+    pub(crate) slots: Vec<Slot>,
 }
 
 impl Placer {
@@ -102,7 +127,14 @@ impl Placer {
                 }
                 free.values_mut().for_each(|v| v.sort_unstable());
                 let total_free = free.values().map(Vec::len).sum();
-                Slot { unschedulable: unschedulable(n), free, total_free, per_model: HashMap::new() }
+                Slot {
+                    unschedulable: unschedulable(n),
+                    free,
+                    total_free,
+                    per_model: HashMap::new(),
+                    name: n.name.clone(),
+                    labels: n.labels.clone(),
+                }
             })
             .collect();
         for r in replicas {
@@ -145,11 +177,7 @@ impl Placer {
         let Some((i, group, _)) = best else { return Err(self.why_not(r)) };
         let s = &mut self.slots[i];
         let gpus = match group {
-            Some(t) => {
-                let v = s.free.get_mut(&t).map(|v| v.drain(..n).collect()).unwrap_or_default();
-                s.total_free -= n;
-                v
-            }
+            Some(t) => s.take(&t, n),
             None => Vec::new(),
         };
         *s.per_model.entry(r.model.clone()).or_default() += 1;
@@ -254,22 +282,32 @@ pub fn plan(
     let mut placer = Placer::new(nodes, replicas);
     let mut pending: Vec<&ReplicaView> =
         replicas.iter().filter(|r| r.phase() == ReplicaPhase::Pending && r.spec.node.is_none()).collect();
-    pending.sort_by_key(|r| (std::cmp::Reverse(r.spec.gpus_needed), r.create_revision));
+    // Biggest first: a gang's GPUs are its members' together.
+    let size = |r: &ReplicaView| r.spec.gpus_needed * r.spec.topology.as_ref().map_or(1, |t| t.nodes);
+    pending.sort_by_key(|r| (std::cmp::Reverse(size(r)), r.create_revision));
     let mut by_node: BTreeMap<usize, Vec<(&ReplicaView, Vec<u32>)>> = BTreeMap::new();
+    let mut gangs: Vec<(&ReplicaView, GangBinding)> = Vec::new();
     let mut left = Vec::new();
     let mut plan = Plan::default();
     for r in pending {
         let strategy = if spread.contains(&r.spec.model) { PlacementStrategy::Spread } else { default };
-        match placer.place(&r.spec, strategy) {
-            Ok((i, gpus)) => by_node.entry(i).or_default().push((r, gpus)),
-            Err(_) => left.push(r),
+        let placed = match &r.spec.topology {
+            Some(t) => placer.place_gang(&r.spec, t).map(|b| gangs.push((r, b))),
+            None => placer.place(&r.spec, strategy).map(|(i, gpus)| by_node.entry(i).or_default().push((r, gpus))),
+        };
+        if placed.is_err() {
+            left.push(r);
         }
     }
     // Reasons count the capacity left after the whole round (not at each replica's turn), so
     // the next round, seeing these bindings applied, writes the same words and nothing more.
     let mut reasons = Vec::new();
     for r in left {
-        let Unplaceable { code, message: reason } = placer.why_not(&r.spec);
+        let why = match &r.spec.topology {
+            Some(t) => placer.why_not_gang(&r.spec, t),
+            None => placer.why_not(&r.spec),
+        };
+        let Unplaceable { code, message: reason } = why;
         plan.unplaceable += 1;
         plan.unplaced.push((r.name.clone(), code));
         if r.status.reason != reason {
@@ -277,19 +315,17 @@ pub fn plan(
             reasons.push((r.compare(), r.status_op(&status)));
         }
     }
+    if !gangs.is_empty() {
+        let bound = gang_txn(nodes, gangs, &mut by_node, &mut plan);
+        plan.binds.extend(bound);
+    }
     let (mut compares, mut ops, mut in_batch) = (Vec::new(), Vec::new(), 0usize);
     for (i, binds) in by_node {
         let node = &nodes[i];
         let mut status = node.status.clone();
         compares.push(node.compare());
         for (r, gpus) in binds {
-            for g in &gpus {
-                status.allocations.insert(*g, r.name.clone());
-            }
-            let spec = ReplicaSpec { node: Some(node.name.clone()), gpus, ..r.spec.clone() };
-            let rstatus = ReplicaStatus { phase: ReplicaPhase::Scheduled, reason: String::new(), ..r.status.clone() };
-            compares.push(r.compare());
-            ops.push(r.put_op(&spec, &rstatus));
+            bind(r, &node.name, gpus, &mut status, &mut compares, &mut ops);
             in_batch += 1;
             plan.bound += 1;
             plan.placed.push(r.name.clone());
@@ -304,6 +340,64 @@ pub fn plan(
     let (c, o): (Vec<_>, Vec<_>) = reasons.into_iter().unzip();
     plan.reasons = txn(c, o);
     plan
+}
+
+/// Binds `r` to `node`'s `gpus`: the allocations into `status`, the compare and the write of
+/// the Scheduled replica.
+fn bind(
+    r: &ReplicaView,
+    node: &ObjectName,
+    gpus: Vec<u32>,
+    status: &mut NodeStatus,
+    compares: &mut Vec<Compare>,
+    ops: &mut Vec<TxnOp>,
+) {
+    for g in &gpus {
+        status.allocations.insert(*g, r.name.clone());
+    }
+    let spec = ReplicaSpec { node: Some(node.clone()), gpus, ..r.spec.clone() };
+    let rstatus = ReplicaStatus { phase: ReplicaPhase::Scheduled, reason: String::new(), ..r.status.clone() };
+    compares.push(r.compare());
+    ops.push(r.put_op(&spec, &rstatus));
+}
+
+/// One transaction binding every gang of the round, with the one-node replicas placed on any
+/// of the gangs' nodes (taken out of `by_node`, so no node is in two transactions): it compares
+/// every node it touches, so a gang is bound whole or not at all.
+fn gang_txn(
+    nodes: &[NodeView],
+    gangs: Vec<(&ReplicaView, GangBinding)>,
+    by_node: &mut BTreeMap<usize, Vec<(&ReplicaView, Vec<u32>)>>,
+    plan: &mut Plan,
+) -> Option<Command> {
+    let touched: BTreeSet<usize> = gangs.iter().flat_map(|(_, b)| b.iter().map(|(i, _)| *i)).collect();
+    let mut statuses: BTreeMap<usize, NodeStatus> = touched.iter().map(|&i| (i, nodes[i].status.clone())).collect();
+    let mut compares: Vec<Compare> = touched.iter().map(|&i| nodes[i].compare()).collect();
+    let mut ops = Vec::new();
+    for (r, binding) in gangs {
+        let members: Vec<GangMember> =
+            binding.iter().map(|(i, gpus)| GangMember { node: nodes[*i].name.clone(), gpus: gpus.clone() }).collect();
+        for (i, gpus) in &binding {
+            let status = statuses.get_mut(i).expect("a touched node");
+            status.allocations.extend(gpus.iter().map(|g| (*g, r.name.clone())));
+        }
+        let head = members[0].clone();
+        let spec = ReplicaSpec { node: Some(head.node), gpus: head.gpus, members, ..r.spec.clone() };
+        let rstatus = ReplicaStatus { phase: ReplicaPhase::Scheduled, reason: String::new(), ..r.status.clone() };
+        compares.push(r.compare());
+        ops.push(r.put_op(&spec, &rstatus));
+        plan.bound += 1;
+        plan.placed.push(r.name.clone());
+    }
+    for (&i, status) in statuses.iter_mut() {
+        for (r, gpus) in by_node.remove(&i).unwrap_or_default() {
+            bind(r, &nodes[i].name, gpus, status, &mut compares, &mut ops);
+            plan.bound += 1;
+            plan.placed.push(r.name.clone());
+        }
+    }
+    ops.extend(statuses.iter().map(|(&i, status)| nodes[i].status_op(status)));
+    txn(compares, ops)
 }
 
 #[cfg(test)]

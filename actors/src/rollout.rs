@@ -204,6 +204,7 @@ mod tests {
     fn template(source: &str) -> ReplicaTemplate {
         ReplicaTemplate {
             engine_image: Default::default(),
+            topology: None,
             engine: EngineKind::Sim,
             source: source.into(),
             engine_args: vec![],

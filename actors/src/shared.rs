@@ -171,7 +171,9 @@ impl HubInner {
         }
         let Some(r) = replica else { return touched };
         let Some(node) = r.spec.node.clone() else { return touched };
-        if r.assigned() {
+        // A gang's members are not launched by agents yet (apply refuses topologies): never
+        // hand its head to the head's agent as a one-node engine.
+        if r.assigned() && r.spec.topology.is_none() {
             self.placed.insert(name.clone(), node.clone());
             self.nodes.entry(node.clone()).or_insert_with(NodeAssign::new).replicas.insert(name.clone(), assignment(r));
             touched.push(node);

@@ -93,6 +93,7 @@ impl World {
     pub fn model(&mut self, n: &str, replicas: u32, gpus: u32) {
         let spec = ModelSpec {
             engine_image: Default::default(),
+            topology: None,
             engine: flotilla_api::spec::EngineKind::Sim,
             source: format!("file:///models/{n}"),
             replicas,
@@ -109,6 +110,8 @@ impl World {
     pub fn replica(&mut self, n: &str, model: &str, gpus: u32, phase: ReplicaPhase, node: Option<(&str, Vec<u32>)>) {
         let spec = ReplicaSpec {
             engine_image: Default::default(),
+            topology: None,
+            members: Vec::new(),
             model: name(model),
             engine: flotilla_api::spec::EngineKind::Sim,
             source: format!("file:///models/{model}"),
@@ -161,10 +164,10 @@ impl World {
     /// Asserts that node allocations and replica bindings agree and no GPU is bound twice.
     pub fn assert_consistent(&self) {
         let nodes = self.nodes();
-        for r in self.replicas() {
-            if let (Some(n), true) = (&r.spec.node, r.phase() != ReplicaPhase::Failed) {
+        for r in self.replicas().into_iter().filter(|r| r.phase() != ReplicaPhase::Failed) {
+            for (n, gpus) in r.spec.bindings() {
                 let node = nodes.iter().find(|x| &x.name == n).expect("bound node exists");
-                for g in &r.spec.gpus {
+                for g in gpus {
                     assert_eq!(node.status.allocations.get(g), Some(&r.name), "gpu {g} of {n} for {}", r.name);
                 }
             }
@@ -174,8 +177,8 @@ impl World {
                 assert!(n.spec.gpus.iter().any(|x| x.index == *g), "allocated gpu {g} exists on {}", n.name);
                 let rep = self.replicas().into_iter().find(|x| &x.name == r);
                 let rep = rep.unwrap_or_else(|| panic!("gpu {g} of {} bound to missing replica {r}", n.name));
-                assert_eq!(rep.spec.node.as_ref(), Some(&n.name));
-                assert!(rep.spec.gpus.contains(g));
+                let held = rep.spec.bindings().into_iter().any(|(on, gpus)| on == &n.name && gpus.contains(g));
+                assert!(held, "gpu {g} of {} allocated to {r}, which does not hold it", n.name);
             }
         }
     }

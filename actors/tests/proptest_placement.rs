@@ -159,6 +159,8 @@ fn replica_spec(
 ) -> ReplicaSpec {
     ReplicaSpec {
         engine_image: Default::default(),
+        topology: None,
+        members: Vec::new(),
         model: name(model),
         engine: EngineKind::Sim,
         source: "file:///m".into(),

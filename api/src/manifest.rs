@@ -190,6 +190,17 @@ mod tests {
     }
 
     #[test]
+    fn a_topology_is_checked_then_refused_until_agents_launch_gangs() {
+        let with = |t: &str| format!("{MODEL}  gpus: 16\n  topology: {t}\n");
+        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8}")).unwrap_err().to_string();
+        assert!(e.contains("spec.topology") && e.contains("agents cannot launch them yet"), "{e}");
+        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 4}")).unwrap_err().to_string();
+        assert!(e.contains("spec.gpus") && e.contains("2 nodes x 4 GPUs = 8"), "{e}");
+        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, placement: tight}")).unwrap_err().to_string();
+        assert!(e.contains("placement") || e.contains("tight"), "{e}");
+    }
+
+    #[test]
     fn json_is_accepted() {
         let j = r#"{"kind":"Model","metadata":{"name":"m"},"spec":{"source":"file:///m","engine":"sim"}}"#;
         assert!(Manifest::parse(j).is_ok());

@@ -87,6 +87,7 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
     )
         .prop_map(|(engine, source, replicas, gpus, gpu_types, engine_args, routing, autoscaling)| ModelSpec {
             engine_image: Default::default(),
+            topology: None,
             engine,
             source,
             replicas,

@@ -40,6 +40,8 @@ fn adapter(n: &str, base: Option<&str>) -> StoredObject {
 fn replica(n: &str, model: &str, node: Option<&str>, phase: ReplicaPhase, adapters: &[&str]) -> StoredObject {
     let spec = ReplicaSpec {
         engine_image: Default::default(),
+        topology: None,
+        members: Vec::new(),
         model: name(model),
         engine: EngineKind::Sim,
         source: "file:///m".into(),

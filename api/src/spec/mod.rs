@@ -8,6 +8,7 @@ mod replica;
 mod rollout;
 mod tenant;
 mod token;
+mod topology;
 mod uri;
 
 pub use adapter::{
@@ -20,12 +21,13 @@ pub use autoscaling::{
 };
 pub use model::{validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
 pub use node::{Gpu, GpuHealth, GpuHealthState, NodeSpec, NodeState, NodeStatus};
-pub use replica::{ReplicaPhase, ReplicaSpec, ReplicaStatus};
+pub use replica::{GangMember, ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use rollout::{CanarySpec, IntOrPercent, ReplicaTemplate, RolloutSpec, MAX_CANARY_STEPS};
 pub use tenant::{
     hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, MAX_TENANT_CONCURRENCY, TENANT_KEY_PREFIX,
 };
 pub use token::{parse_token, TokenSpec, TOKEN_PREFIX, TOKEN_ROLES};
+pub use topology::{GangLayout, GangPlacement, Topology, DEFAULT_DOMAIN_LABEL, MAX_GANG_NODES, MAX_GPUS_PER_NODE};
 pub use uri::validate_source;
 
 use serde::Serialize;

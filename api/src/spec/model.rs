@@ -1,7 +1,7 @@
 //! `kind: Model`: a base model served by a set of engine replicas.
 use serde::{Deserialize, Serialize};
 
-use super::{at_most, validate_source, AutoscalingSpec, ReplicaTemplate, RolloutSpec};
+use super::{at_most, validate_source, AutoscalingSpec, ReplicaTemplate, RolloutSpec, Topology};
 use crate::ApiError;
 
 /// Most replicas one model may ask for.
@@ -107,6 +107,9 @@ pub struct ModelSpec {
     /// only run images their `--engine-image` prefixes allow (see docs/deploy.md).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_image: Option<String>,
+    /// One replica spanning several nodes (a gang); None: each replica on one node.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<Topology>,
     #[serde(default)]
     pub routing: RoutingStrategy,
     /// Boxed: most models have none, and it is large (`Spec` stays small to move).
@@ -178,6 +181,7 @@ impl ModelSpec {
             gpus: self.gpus,
             gpu_types: self.gpu_types.clone(),
             engine_image: self.engine_image.clone(),
+            topology: self.topology.clone(),
         }
     }
 
@@ -189,6 +193,7 @@ impl ModelSpec {
         self.gpus = t.gpus;
         self.gpu_types = t.gpu_types;
         self.engine_image = t.engine_image;
+        self.topology = t.topology;
     }
 
     /// The engine's LoRA settings (an unparsable number is an error naming the flag).
@@ -223,7 +228,20 @@ impl ModelSpec {
             validate_image("spec.engine_image", image)?;
         }
         at_most("spec.replicas", self.replicas, MAX_REPLICAS)?;
-        at_most("spec.gpus", self.gpus, MAX_GPUS_PER_REPLICA)?;
+        match &self.topology {
+            Some(t) => {
+                t.validate("spec.topology", self.gpus)?;
+                // The controllers place gangs (all members or none), but agents do not launch
+                // them yet: bound members would hold GPUs and serve nothing. Refused until
+                // they do, rather than accepted and stuck.
+                return Err(ApiError::invalid(
+                    "spec.topology",
+                    "multi-node replicas are placed by the controllers but agents cannot launch them yet; \
+                     this server refuses them until they can (docs/actors.md, \"Multi-node replicas\")",
+                ));
+            }
+            None => at_most("spec.gpus", self.gpus, MAX_GPUS_PER_REPLICA)?,
+        }
         at_most("spec.gpu_types", self.gpu_types.len(), 64)?;
         for (i, t) in self.gpu_types.iter().enumerate() {
             if t.trim().is_empty() || t.len() > 64 {

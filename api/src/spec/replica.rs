@@ -35,6 +35,22 @@ pub struct ReplicaSpec {
     /// The container image to run the engine in (copied from the model); None: a process.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_image: Option<String>,
+    /// A multi-node replica's shape (copied from the model); then `gpus_needed` is per
+    /// member, and `node` and `gpus` are the head's (rank 0), repeated as `members[0]`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<super::Topology>,
+    /// Where each member of a gang is bound, by rank (empty for a one-node replica, and
+    /// while Pending). All bound in one transaction, or none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub members: Vec<GangMember>,
+}
+
+/// One member of a multi-node replica: its node and GPU indices there.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct GangMember {
+    pub node: ObjectName,
+    pub gpus: Vec<u32>,
 }
 
 impl ReplicaSpec {
@@ -47,6 +63,17 @@ impl ReplicaSpec {
             gpus: self.gpus_needed,
             gpu_types: self.gpu_types.clone(),
             engine_image: self.engine_image.clone(),
+            topology: self.topology.clone(),
+        }
+    }
+
+    /// Every (node, GPU indices) the replica holds: its gang members' by rank, or its one
+    /// node's; nothing while unbound.
+    pub fn bindings(&self) -> Vec<(&ObjectName, &[u32])> {
+        if self.members.is_empty() {
+            self.node.iter().map(|n| (n, self.gpus.as_slice())).collect()
+        } else {
+            self.members.iter().map(|m| (&m.node, m.gpus.as_slice())).collect()
         }
     }
 

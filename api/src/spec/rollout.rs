@@ -32,6 +32,9 @@ pub struct ReplicaTemplate {
     /// Last, and left out when None, so templates without an image hash as before.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_image: Option<String>,
+    /// Left out when None, as `engine_image`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub topology: Option<super::Topology>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -279,6 +282,7 @@ mod tests {
     fn template() -> ReplicaTemplate {
         ReplicaTemplate {
             engine_image: Default::default(),
+            topology: None,
             engine: EngineKind::Sim,
             source: "hf://org/m".into(),
             engine_args: vec!["--x".into()],

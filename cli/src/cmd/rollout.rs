@@ -239,6 +239,7 @@ mod tests {
     fn record(number: u64, source: &str) -> TemplateRecord {
         let template = ReplicaTemplate {
             engine_image: Default::default(),
+            topology: None,
             engine: EngineKind::Sim,
             source: source.into(),
             engine_args: vec![],
