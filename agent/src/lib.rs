@@ -33,6 +33,7 @@ pub mod engine_policy;
 pub mod engine_tls;
 pub mod engines;
 pub mod error;
+pub mod gang;
 pub mod gpu;
 pub mod http;
 pub mod lora_plan;

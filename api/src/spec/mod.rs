@@ -27,7 +27,10 @@ pub use tenant::{
     hash_api_key, PriorityClass, TenantKey, TenantSpec, HASHED_KEY_PREFIX, MAX_TENANT_CONCURRENCY, TENANT_KEY_PREFIX,
 };
 pub use token::{parse_token, TokenSpec, TOKEN_PREFIX, TOKEN_ROLES};
-pub use topology::{GangLayout, GangPlacement, Topology, DEFAULT_DOMAIN_LABEL, MAX_GANG_NODES, MAX_GPUS_PER_NODE};
+pub use topology::{
+    gang_flag_in, GangLayout, GangPlacement, Topology, DEFAULT_DOMAIN_LABEL, GANG_FLAGS, MAX_GANG_NODES,
+    MAX_GPUS_PER_NODE,
+};
 pub use uri::validate_source;
 
 use serde::Serialize;

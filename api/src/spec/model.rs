@@ -230,7 +230,7 @@ impl ModelSpec {
         at_most("spec.replicas", self.replicas, MAX_REPLICAS)?;
         match &self.topology {
             Some(t) => {
-                t.validate("spec.topology", self.gpus)?;
+                t.validate("spec.topology", self.gpus, &self.engine_args)?;
                 // The controllers place gangs (all members or none), but agents do not launch
                 // them yet: bound members would hold GPUs and serve nothing. Refused until
                 // they do, rather than accepted and stuck.

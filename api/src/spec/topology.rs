@@ -55,6 +55,33 @@ impl GangPlacement {
     }
 }
 
+/// Flags the agent sets on every member of a gang (rendezvous, ranks, parallel sizes): a
+/// multi-node Model's `engine_args` may not set them.
+pub const GANG_FLAGS: [&str; 14] = [
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--headless",
+    "--tensor-parallel-size",
+    "--pipeline-parallel-size",
+    "--data-parallel-size",
+    "--data-parallel-size-local",
+    "--data-parallel-start-rank",
+    "--data-parallel-address",
+    "--data-parallel-rpc-port",
+    "--distributed-executor-backend",
+    "--data-parallel-backend",
+];
+
+/// The first of `args` that sets one of [`GANG_FLAGS`] (`--flag`, `--flag=v`, `--flag_with_underscores`).
+pub fn gang_flag_in(args: &[String]) -> Option<&'static str> {
+    args.iter().find_map(|a| {
+        let flag = a.split('=').next().unwrap_or(a).replace('_', "-");
+        GANG_FLAGS.iter().copied().find(|f| *f == flag)
+    })
+}
+
 fn default_domain_label() -> String {
     DEFAULT_DOMAIN_LABEL.to_owned()
 }
@@ -91,8 +118,15 @@ impl Topology {
         self.nodes.saturating_mul(self.gpus_per_node)
     }
 
-    /// Checks the bounds and that the model's `gpus` (the whole replica's) agrees.
-    pub fn validate(&self, field: &str, model_gpus: u32) -> Result<(), ApiError> {
+    /// Checks the bounds, that the model's `gpus` (the whole replica's) agrees, and that its
+    /// `engine_args` leave the gang flags to the agent.
+    pub fn validate(&self, field: &str, model_gpus: u32, engine_args: &[String]) -> Result<(), ApiError> {
+        if let Some(flag) = gang_flag_in(engine_args) {
+            return Err(ApiError::invalid(
+                "spec.engine_args",
+                format!("{flag} is set by the agent on each member of a multi-node replica (from {field})"),
+            ));
+        }
         if self.nodes < 2 {
             return Err(ApiError::invalid(
                 format!("{field}.nodes"),
@@ -154,8 +188,8 @@ mod tests {
 
     #[test]
     fn bounds_and_gpus_are_checked_naming_the_field() {
-        let err = |t: &Topology, gpus| t.validate("spec.topology", gpus).unwrap_err().to_string();
-        assert!(topo("{nodes: 2, gpus_per_node: 8}").validate("spec.topology", 16).is_ok());
+        let err = |t: &Topology, gpus| t.validate("spec.topology", gpus, &[]).unwrap_err().to_string();
+        assert!(topo("{nodes: 2, gpus_per_node: 8}").validate("spec.topology", 16, &[]).is_ok());
         assert!(err(&topo("{nodes: 1, gpus_per_node: 8}"), 8).contains("spec.topology.nodes"));
         assert!(err(&topo("{nodes: 65, gpus_per_node: 1}"), 65).contains("spec.topology.nodes"));
         assert!(err(&topo("{nodes: 2, gpus_per_node: 0}"), 0).contains("spec.topology.gpus_per_node"));
@@ -163,5 +197,10 @@ mod tests {
         assert!(err(&topo("{nodes: 2, gpus_per_node: 8, domain_label: 'a b'}"), 16).contains("domain_label"));
         let e = err(&topo("{nodes: 2, gpus_per_node: 8}"), 8);
         assert!(e.contains("spec.gpus") && e.contains("2 nodes x 8 GPUs = 16"), "{e}");
+        let args = |v: &[&str]| v.iter().map(|s| s.to_string()).collect::<Vec<_>>();
+        let e = topo("{nodes: 2, gpus_per_node: 8}").validate("spec.topology", 16, &args(&["--node_rank=1"]));
+        assert!(e.unwrap_err().to_string().contains("--node-rank is set by the agent"));
+        assert_eq!(gang_flag_in(&args(&["--max-model-len", "4096", "--headless"])), Some("--headless"));
+        assert_eq!(gang_flag_in(&args(&["--max-model-len", "4096"])), None);
     }
 }
