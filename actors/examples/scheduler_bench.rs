@@ -4,7 +4,12 @@
 //! replica is placed, Raft entries written, process RSS, and the time to reschedule the
 //! replicas of 50 failed nodes.
 //!
-//! Run: `cargo run --release -p flotilla-actors --example scheduler_bench [-- NODES MODELS]`
+//! With `gangs` as third argument: the nodes carry `flotilla.io/rack` labels (40 nodes per
+//! rack) and the models are multi-node: MODELS models of 4 replicas, each a gang of 4 nodes x
+//! 8 GPUs placed `pack` (MODELS = 50: 200 gangs). Gangs are placed but not launched yet (no
+//! agents here either), so the failure phase is skipped.
+//!
+//! Run: `cargo run --release -p flotilla-actors --example scheduler_bench [-- NODES MODELS [gangs]]`
 use std::collections::BTreeMap;
 use std::time::Duration;
 
@@ -47,10 +52,11 @@ fn placed(ctx: &Ctx, failed: &[ObjectName]) -> (usize, usize) {
 
 #[tokio::main(flavor = "multi_thread", worker_threads = 2)]
 async fn main() -> anyhow::Result<()> {
+    let gangs = std::env::args().any(|a| a == "gangs");
     let args: Vec<usize> = std::env::args().skip(1).filter_map(|a| a.parse().ok()).collect();
     let nodes = args.first().copied().unwrap_or(1000);
-    let models = args.get(1).copied().unwrap_or(500);
-    let replicas_per_model = 12;
+    let models = args.get(1).copied().unwrap_or(if gangs { 50 } else { 500 });
+    let replicas_per_model = if gangs { 4 } else { 12 };
     let dir = tempfile::tempdir()?;
     let mut config = ServerConfig {
         grpc_addr: "127.0.0.1:0".parse()?,
@@ -91,10 +97,16 @@ async fn main() -> anyhow::Result<()> {
                     draining: false,
                 };
                 let status = NodeStatus { state: NodeState::Ready, ..NodeStatus::default() };
+                let rack = n.as_str().trim_start_matches("node-").parse::<usize>().unwrap_or(0) / 40;
+                let labels = if gangs {
+                    BTreeMap::from([("flotilla.io/rack".to_owned(), format!("rack-{rack:02}"))])
+                } else {
+                    BTreeMap::new()
+                };
                 Ok(TxnOp::Put {
                     key: ObjectKey { kind: Kind::Node, name: n.clone() },
                     uid: uuid::Uuid::new_v4().to_string(),
-                    labels: BTreeMap::new(),
+                    labels,
                     spec: serde_json::to_value(spec)?,
                     status: Some(serde_json::to_value(status)?),
                 })
@@ -130,10 +142,15 @@ async fn main() -> anyhow::Result<()> {
     for m in 0..models {
         let gpus = if m % 5 == 0 { 2 } else { 1 };
         total += replicas_per_model;
-        let spec = serde_json::json!({
+        let mut spec = serde_json::json!({
             "engine": "sim", "source": format!("file:///models/m{m}"), "replicas": replicas_per_model, "gpus": gpus,
             "gpu_types": [], "engine_args": [], "routing": "least-request"
         });
+        if gangs {
+            // written straight through Raft: apply refuses topologies until agents launch gangs
+            spec["gpus"] = 32.into();
+            spec["topology"] = serde_json::json!({"nodes": 4, "gpus_per_node": 8, "placement": "pack"});
+        }
         let cmd = Command::Put {
             key: ObjectKey { kind: Kind::Model, name: name(&format!("model-{m:03}")) },
             uid: uuid::Uuid::new_v4().to_string(),
@@ -160,13 +177,18 @@ async fn main() -> anyhow::Result<()> {
     let rss_after = rss_mib();
     let m = ctx.metrics.snapshot();
 
-    println!("nodes={nodes} gpus_per_node=8 models={models} replicas={total}");
+    let kind = if gangs { "gangs of 4 nodes x 8 GPUs" } else { "replicas" };
+    println!("nodes={nodes} gpus_per_node=8 models={models} {kind}={total}");
     println!("models applied ({models} Raft writes, concurrent): {:.2} s", applied.as_secs_f64());
     println!("time to all placed (from first apply): {:.2} s", all_placed.as_secs_f64());
     println!("raft entries written while placing: {}", e1 - e0);
     println!("rss: {rss_before:.0} MiB before models, {rss_after:.0} MiB after placement");
     for (k, v) in m {
         println!("  {k} {v}");
+    }
+    if gangs {
+        server.shutdown().await;
+        return Ok(());
     }
 
     // Fail nodes: heartbeats stop; wait until no replica is left on them and all are placed.; wait until no replica is left on them and all are placed.
