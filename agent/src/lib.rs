@@ -188,8 +188,9 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
     if let Some(listener) = metrics_listener {
         metrics_addr = listener.local_addr().ok();
         let (manager, gpus, downloader) = (manager.clone(), gpus.clone(), downloader.clone());
-        let render: metrics::Render =
-            Arc::new(move || metrics.render(&manager.reports(), &gpus.probe(), &downloader.guard().refusals()));
+        let render: metrics::Render = Arc::new(move || {
+            metrics.render(&manager.reports(), &gpus.probe(), &gpus.usage(), &downloader.guard().refusals())
+        });
         tokio::spawn(metrics::serve(listener, render, shutdown_rx.clone()));
         tracing::info!(addr = ?metrics_addr, "agent metrics on /metrics");
     }

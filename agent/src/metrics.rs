@@ -189,8 +189,15 @@ impl AgentMetrics {
     }
 
     /// The OpenMetrics text of every metric, the gauges set from `reports` and `gpus`
-    /// first, with the source policy's `refusals` per rule (counted by its guard).
-    pub fn render(&self, reports: &[EngineReport], gpus: &[GpuInfo], refusals: &[(&str, u64)]) -> String {
+    /// first, with the source policy's `refusals` per rule (counted by its guard) and each
+    /// GPU's `usage` where known (a series per GPU index, absent when unknown).
+    pub fn render(
+        &self,
+        reports: &[EngineReport],
+        gpus: &[GpuInfo],
+        usage: &[crate::gpu::GpuUsage],
+        refusals: &[(&str, u64)],
+    ) -> String {
         for s in ENGINE_STATES {
             let n = reports.iter().filter(|r| bucket(&r.state, &ENGINE_STATES) == s).count();
             self.engines.get_or_create(&StateLabels { state: s.into() }).set(n as i64);
@@ -212,8 +219,34 @@ impl AgentMetrics {
         for (rule, n) in refusals {
             out.push_str(&format!("flotilla_agent_download_refusals_total{{rule=\"{rule}\"}} {n}\n"));
         }
+        gpu_usage_text(&mut out, usage);
         out.push_str("# EOF\n");
         out
+    }
+}
+
+/// Per-GPU gauges of `usage`, each family only when some GPU reports it.
+fn gpu_usage_text(out: &mut String, usage: &[crate::gpu::GpuUsage]) {
+    use crate::gpu::GpuUsage;
+    type Read = fn(&GpuUsage) -> Option<f64>;
+    let families: [(&str, &str, Read); 5] = [
+        ("flotilla_agent_gpu_utilization_ratio", "Fraction of time a kernel ran on the GPU (NVML)", |u| u.utilization),
+        ("flotilla_agent_gpu_memory_used_bytes", "GPU memory in use (NVML)", |u| u.memory_used_bytes.map(|b| b as f64)),
+        ("flotilla_agent_gpu_memory_total_bytes", "GPU memory installed (NVML)", |u| {
+            u.memory_total_bytes.map(|b| b as f64)
+        }),
+        ("flotilla_agent_gpu_temperature_celsius", "GPU die temperature (NVML)", |u| u.temperature_celsius),
+        ("flotilla_agent_gpu_power_watts", "GPU power draw (NVML)", |u| u.power_watts),
+    ];
+    for (name, help, read) in families {
+        let known: Vec<(u32, f64)> = usage.iter().filter_map(|u| Some((u.index, read(u)?))).collect();
+        if known.is_empty() {
+            continue;
+        }
+        out.push_str(&format!("# HELP {name} {help}.\n# TYPE {name} gauge\n"));
+        for (gpu, v) in known {
+            out.push_str(&format!("{name}{{gpu=\"{gpu}\"}} {v}\n"));
+        }
     }
 }
 
@@ -288,7 +321,16 @@ mod tests {
         let reports = [report("ready", 2), report("ready", 0), report("downloading", 0), report("weird", 1)];
         let gpu = |state: &str, healthy| GpuInfo { state: state.into(), healthy, ..Default::default() };
         let gpus = [gpu("healthy", true), gpu("", false), gpu("degraded", true)];
-        let text = m.render(&reports, &gpus, &[("schemes", 2), ("hosts", 0)]);
+        let usage = [
+            crate::gpu::GpuUsage {
+                index: 0,
+                utilization: Some(0.5),
+                temperature_celsius: Some(60.0),
+                ..Default::default()
+            },
+            crate::gpu::GpuUsage { index: 2, utilization: Some(1.0), ..Default::default() },
+        ];
+        let text = m.render(&reports, &gpus, &usage, &[("schemes", 2), ("hosts", 0)]);
         for line in [
             "flotilla_agent_engine_starts_total{engine=\"sim\"} 2",
             "flotilla_agent_engine_crashes_total{engine=\"vllm\"} 1",
@@ -303,10 +345,16 @@ mod tests {
             "flotilla_agent_engine_start_seconds_count{engine=\"sim\"} 1",
             "flotilla_agent_adapter_load_seconds_count 1",
             "flotilla_agent_download_refusals_total{rule=\"schemes\"} 2",
+            "flotilla_agent_gpu_utilization_ratio{gpu=\"0\"} 0.5",
+            "flotilla_agent_gpu_utilization_ratio{gpu=\"2\"} 1",
+            "flotilla_agent_gpu_temperature_celsius{gpu=\"0\"} 60",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }
         assert!(text.ends_with("# EOF\n"));
         assert_eq!(text.matches("# EOF").count(), 1, "one terminator, after the refusals");
+        assert!(!text.contains("flotilla_agent_gpu_power_watts"), "no series for what no GPU reports");
+        let (code, lint) = flotilla_testkit::promtool::check_metrics(&to_prometheus_text(&text));
+        assert_eq!(code, 0, "{lint}");
     }
 }

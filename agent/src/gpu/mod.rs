@@ -35,6 +35,19 @@ pub use signals::GpuSignals;
 /// A GPU as the agent reports it (the protocol's type).
 pub type GpuInfo = pb::GpuInfo;
 
+/// What a GPU is doing now, where the inventory can tell (NVML); each figure None when it
+/// cannot. For `/metrics` only: never in heartbeats (it changes every read).
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct GpuUsage {
+    pub index: u32,
+    /// Fraction of the last sample period a kernel ran, in [0, 1].
+    pub utilization: Option<f64>,
+    pub memory_used_bytes: Option<u64>,
+    pub memory_total_bytes: Option<u64>,
+    pub temperature_celsius: Option<f64>,
+    pub power_watts: Option<f64>,
+}
+
 /// The node's GPUs.
 pub trait GpuInventory: Send + Sync + std::fmt::Debug {
     /// Every GPU with its static facts (index, type, memory), reported healthy.
@@ -45,6 +58,11 @@ pub trait GpuInventory: Send + Sync + std::fmt::Debug {
     /// keeps each GPU's history (recovery, flap guard): the agent probes through it.
     fn probe(&self) -> Vec<GpuInfo> {
         GpuMonitor::classify_once(&self.gpus(), &self.signals())
+    }
+    /// Utilisation, memory, temperature and power of each GPU, where known (none for
+    /// simulated GPUs).
+    fn usage(&self) -> Vec<GpuUsage> {
+        Vec::new()
     }
 }
 

@@ -75,6 +75,10 @@ impl GpuInventory for GpuMonitor {
         self.inner.signals()
     }
 
+    fn usage(&self) -> Vec<super::GpuUsage> {
+        self.inner.usage()
+    }
+
     fn probe(&self) -> Vec<GpuInfo> {
         let gpus = self.inner.gpus();
         let signals = self.inner.signals();

@@ -18,7 +18,7 @@ use nvml_wrapper::Nvml;
 use super::signals::{GpuSignals, PcieLink, Throttle, XidEvent};
 use flotilla_api::civil::unix_ms;
 
-use super::{GpuInfo, GpuInventory};
+use super::{GpuInfo, GpuInventory, GpuUsage};
 use crate::error::AgentError;
 
 /// How long an XID event keeps counting (a critical one keeps its GPU Failed this long).
@@ -243,7 +243,43 @@ impl NvmlGpus {
     }
 }
 
+/// One GPU's usage from NVML's readings (pure): utilisation in percent, memory (used, total)
+/// in bytes, temperature in °C, power in milliwatts; a failed read is None.
+pub fn to_usage(
+    index: u32,
+    util_percent: Option<u32>,
+    memory: Option<(u64, u64)>,
+    temperature: Option<u32>,
+    power_mw: Option<u32>,
+) -> GpuUsage {
+    GpuUsage {
+        index,
+        utilization: util_percent.map(|p| f64::from(p.min(100)) / 100.0),
+        memory_used_bytes: memory.map(|(used, _)| used),
+        memory_total_bytes: memory.map(|(_, total)| total),
+        temperature_celsius: temperature.map(f64::from),
+        power_watts: power_mw.map(|mw| f64::from(mw) / 1000.0),
+    }
+}
+
 impl GpuInventory for NvmlGpus {
+    fn usage(&self) -> Vec<GpuUsage> {
+        use nvml_wrapper::enum_wrappers::device::TemperatureSensor;
+        self.gpus
+            .iter()
+            .filter_map(|g| {
+                let dev = self.nvml.device_by_index(g.index).ok()?;
+                Some(to_usage(
+                    g.index,
+                    dev.utilization_rates().ok().map(|u| u.gpu),
+                    dev.memory_info().ok().map(|m| (m.used, m.total)),
+                    dev.temperature(TemperatureSensor::Gpu).ok(),
+                    dev.power_usage().ok(),
+                ))
+            })
+            .collect()
+    }
+
     fn gpus(&self) -> Vec<GpuInfo> {
         self.gpus.clone()
     }
@@ -309,6 +345,24 @@ mod tests {
             throttles(b(ThrottleReasons::HW_SLOWDOWN | ThrottleReasons::HW_THERMAL_SLOWDOWN)),
             vec![Throttle::Thermal, Throttle::Power]
         );
+    }
+
+    #[test]
+    fn usage_readings_are_converted_and_missing_ones_stay_unknown() {
+        let u = to_usage(3, Some(87), Some((40 << 30, 80 << 30)), Some(71), Some(312_500));
+        assert_eq!(
+            u,
+            GpuUsage {
+                index: 3,
+                utilization: Some(0.87),
+                memory_used_bytes: Some(40 << 30),
+                memory_total_bytes: Some(80 << 30),
+                temperature_celsius: Some(71.0),
+                power_watts: Some(312.5),
+            }
+        );
+        assert_eq!(to_usage(0, None, None, None, None), GpuUsage { index: 0, ..GpuUsage::default() });
+        assert_eq!(to_usage(0, Some(250), None, None, None).utilization, Some(1.0), "clamped");
     }
 
     #[test]
