@@ -68,8 +68,7 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             // them), so a download costs about ten writes however long it takes.
             if step != current.download_progress || (current.download_bytes.is_none() && bytes.is_some()) {
                 next.download_bytes = bytes;
-                next.download_total_bytes =
-                    (report.download_total_bytes > 0).then_some(report.download_total_bytes);
+                next.download_total_bytes = (report.download_total_bytes > 0).then_some(report.download_total_bytes);
                 next.download_bytes_per_second = (report.download_bytes_per_second.is_finite()
                     && report.download_bytes_per_second > 0.0)
                     .then_some(report.download_bytes_per_second);

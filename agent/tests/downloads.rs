@@ -135,10 +135,11 @@ async fn http_download_resumes_after_a_cut_connection_and_verifies_sha256() {
     let progress = Arc::new(Mutex::new(Vec::<f64>::new()));
     let p = progress.clone();
     let url = format!("http://{}/org/model.gguf#sha256={sha}", server.addr);
-    let path = tokio::time::timeout(Duration::from_secs(30), d.fetch(&url, &move |f| p.lock().unwrap().push(f.fraction)))
-        .await
-        .unwrap()
-        .unwrap();
+    let path =
+        tokio::time::timeout(Duration::from_secs(30), d.fetch(&url, &move |f| p.lock().unwrap().push(f.fraction)))
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(path.file_name().unwrap(), "model.gguf");
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(server.ranges.lock().unwrap().as_slice(), &["bytes=150000-".to_string()], "resumed from the cut");

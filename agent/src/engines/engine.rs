@@ -229,9 +229,9 @@ async fn life(
         let progress = {
             let report = report.clone();
             let metrics = env.metrics.clone();
-            // (rate over the last 2 s or more, bytes at the last report: only the bytes that
+            // (rate over the last second or more, bytes at the last report: only the bytes that
             // arrive during this download count, not a resumed file's earlier ones)
-            let meter = Mutex::new((RateMeter::new(Duration::from_secs(2)), None::<u64>));
+            let meter = Mutex::new((RateMeter::new(Duration::from_secs(1)), None::<u64>));
             move |p: Progress| {
                 let rate = {
                     let mut m = meter.lock().unwrap_or_else(|e| e.into_inner());
