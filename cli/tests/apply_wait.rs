@@ -1,7 +1,8 @@
 //! `flotilla apply --wait` against a real server and agent: exit 0 once the model's replicas
 //! are Ready (plain progress lines, with the download, when stdout is not a terminal), 1
-//! with the replica's reason when its download fails, 1 naming the Pending reason on
-//! timeout, and 2 on bad flags before anything is applied.
+//! with the replica's reason when its download fails or its engine crash-loops until the
+//! agent gives up, 1 naming the Pending reason on timeout, and 2 on bad flags before
+//! anything is applied.
 mod common;
 
 use std::process::{Command, Output};
@@ -83,7 +84,7 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
         4,
         marker,
         &[],
-        &["--vllm-command", &template],
+        &["--vllm-command", &template, "--restart-backoff-initial-ms", "100", "--max-crashes", "3"],
     );
     wait_nodes_ready(std::slice::from_ref(&addr), 1).await;
     let weights = slow_http_file(3 << 20, Duration::from_secs(3)).await;
@@ -120,6 +121,18 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
     assert_eq!(out.status.code(), Some(1), "stdout:\n{}\nstderr:\n{stderr}", text(&out.stdout));
     assert!(stderr.starts_with("error: model/gone: replica gone-"), "{stderr}");
     assert!(stderr.contains(" failed: download of file:///definitely/not/here/weights failed"), "{stderr}");
+
+    // An engine that cannot start: the agent gives up after --max-crashes; exit 1 with why.
+    let crash =
+        format!("{}  engine_args: ['--no-such-flag']\n", flotilla_testkit::manifests::model_manifest("crash", 1, 1));
+    let a = addr.clone();
+    let out =
+        tokio::task::spawn_blocking(move || apply_wait(&a, &crash, &["--wait", "--timeout", "60s"])).await.unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    println!("crash-looping engine:\n{stdout}{stderr}");
+    assert_eq!(out.status.code(), Some(1), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    assert!(stderr.starts_with("error: model/crash: replica crash-"), "{stderr}");
+    assert!(stderr.contains(" failed: crashed 3 times within 300s; last: exit status 2"), "{stderr}");
 
     // More GPUs than any node has: Pending until the timeout, whose message says why.
     let big = flotilla_testkit::manifests::model_manifest("big", 1, 8);
