@@ -73,6 +73,7 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
     wait_voters(&server.grpc, 1).await;
     let addr = server.grpc.clone();
     let marker = marker();
+    let _engines = KillEngines(marker);
     // "vLLM" is the simulator started through the command template, so the agent downloads
     // the model's weights first, as it would for vLLM.
     let template =
@@ -144,7 +145,16 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
     assert!(t0.elapsed() < Duration::from_secs(20), "the timeout is kept: {:?}", t0.elapsed());
     assert!(stderr.starts_with("error: timed out after 3s: model/big: 0/1 replicas ready; replica big-"), "{stderr}");
     assert!(stderr.contains(" Pending: no node has 8 free GPUs"), "{stderr}");
-    kill_engines(marker);
+}
+
+/// Kills the test's engines when it ends, a failed assertion included (the agent leaves
+/// its engines running when it is killed).
+struct KillEngines(u64);
+
+impl Drop for KillEngines {
+    fn drop(&mut self) {
+        kill_engines(self.0);
+    }
 }
 
 #[test]

@@ -102,7 +102,10 @@ pub(crate) fn judge_model(model: &pb::Object, replicas: &[pb::Object]) -> Judged
                 && !matches!(st.phase, ReplicaPhase::Draining | ReplicaPhase::Stopped)
         })
         .collect();
-    current.sort_by(|a, b| a.0.name.cmp(&b.0.name));
+    // what still waits first: on a short terminal it is what stays in view
+    current.sort_by(|a, b| {
+        ((a.2.phase == ReplicaPhase::Ready), &a.0.name).cmp(&((b.2.phase == ReplicaPhase::Ready), &b.0.name))
+    });
     let lines = current.iter().map(|(o, s, st)| replica_line(&o.name, s.as_ref(), st)).collect();
     let ready = current.iter().filter(|(_, _, st)| st.phase == ReplicaPhase::Ready).count() as u32;
     let verdict = if ready >= desired {
@@ -154,6 +157,7 @@ pub(crate) fn judge_adapter(adapter: &pb::Object) -> Judged {
 /// Prints the progress: redrawn in place on a terminal, one plain line per change elsewhere.
 struct Progress {
     out: Box<dyn Write + Send>,
+    to_stderr: bool,
     terminal: bool,
     /// Lines drawn last (terminal) or last printed per key (plain).
     drawn: usize,
@@ -169,7 +173,7 @@ impl Progress {
         } else {
             (Box::new(std::io::stdout()), std::io::stdout().is_terminal())
         };
-        Progress { out, terminal, drawn: 0, printed: Default::default(), frame: 0 }
+        Progress { out, to_stderr, terminal, drawn: 0, printed: Default::default(), frame: 0 }
     }
 
     /// Shows each object's summary line and its replicas' lines.
@@ -198,12 +202,20 @@ impl Progress {
     fn redraw(&mut self, objects: &[(String, Judged)]) {
         const SPIN: [char; 4] = ['|', '/', '-', '\\'];
         self.frame += 1;
-        let width = terminal_width().saturating_sub(1).max(20);
+        let (width, height) = terminal_size(self.to_stderr);
+        let width = width.saturating_sub(1).max(20);
         let spin = SPIN[self.frame % SPIN.len()];
         let mut lines = Vec::new();
         for (_, j) in objects {
             lines.push(summary(&j.verdict, Some(spin)));
             lines.extend(j.replicas.iter().cloned());
+        }
+        // the cursor cannot go back above the screen's top: what does not fit is counted
+        let room = height.saturating_sub(1).max(2);
+        if lines.len() > room {
+            let more = lines.len() - (room - 1);
+            lines.truncate(room - 1);
+            lines.push(format!("  ... and {more} more lines"));
         }
         let mut text = String::new();
         if self.drawn > 0 {
@@ -239,13 +251,16 @@ fn show(d: Duration) -> String {
     }
 }
 
-/// Columns of the terminal on stdout (80 if unknown).
-fn terminal_width() -> usize {
-    rustix::termios::tcgetwinsize(std::io::stdout())
-        .ok()
-        .map(|w| usize::from(w.ws_col))
-        .filter(|c| *c > 0)
-        .unwrap_or(80)
+/// Columns and rows of the terminal on stdout or stderr (80 x 24 where unknown).
+fn terminal_size(stderr: bool) -> (usize, usize) {
+    let size = if stderr {
+        rustix::termios::tcgetwinsize(std::io::stderr()).ok()
+    } else {
+        rustix::termios::tcgetwinsize(std::io::stdout()).ok()
+    };
+    let cols = size.map(|w| usize::from(w.ws_col)).filter(|c| *c > 0).unwrap_or(80);
+    let rows = size.map(|w| usize::from(w.ws_row)).filter(|r| *r > 0).unwrap_or(24);
+    (cols, rows)
 }
 
 async fn read_model(client: &Client, name: &ObjectName) -> Result<Judged, CliError> {
