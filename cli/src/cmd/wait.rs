@@ -14,8 +14,11 @@
 //! Polling rather than a watch: each round is a linearizable read through whichever server
 //! answers, so a leader change costs at most a round, and a read that fails is retried until
 //! the deadline. A model is Ready when as many replicas of its current template as it wants
-//! are Ready; a replica of that template in phase Failed fails the wait (the agent gives up
-//! on a crash-looping engine after `--max-crashes`, and on a failed download at once).
+//! are Ready; a replica of that template that fails while it waits fails the wait (the agent
+//! gives up on a crash-looping engine after `--max-crashes`, and on a failed download at
+//! once). Replicas already Failed at the first read are history: the wait follows the
+//! model's next attempt (a replacement after the controllers' backoff).
+use std::collections::BTreeSet;
 use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
@@ -81,8 +84,19 @@ pub(crate) fn replica_line(name: &str, spec: Option<&ReplicaSpec>, st: &ReplicaS
     format!("  replica/{name} {:?}: {detail}{restarts}", st.phase)
 }
 
-/// A model against its replicas (those labelled with it, any template).
-pub(crate) fn judge_model(model: &pb::Object, replicas: &[pb::Object]) -> Judged {
+/// The replicas in phase Failed: taken at the first read, they are history (kept a while
+/// after failing) rather than this wait's failure, which the model's next attempt decides.
+pub(crate) fn failed_names(replicas: &[pb::Object]) -> BTreeSet<String> {
+    replicas
+        .iter()
+        .filter(|o| status::<ReplicaStatus>(o).phase == ReplicaPhase::Failed)
+        .map(|o| o.name.clone())
+        .collect()
+}
+
+/// A model against its replicas (those labelled with it, any template); replicas named in
+/// `earlier` failed before the wait began and do not fail it.
+pub(crate) fn judge_model(model: &pb::Object, replicas: &[pb::Object], earlier: &BTreeSet<String>) -> Judged {
     let name = &model.name;
     let Ok(spec) = serde_json::from_str::<ModelSpec>(&model.spec_json) else {
         let why = format!("model/{name} has a spec this CLI cannot read");
@@ -110,7 +124,9 @@ pub(crate) fn judge_model(model: &pb::Object, replicas: &[pb::Object]) -> Judged
     let ready = current.iter().filter(|(_, _, st)| st.phase == ReplicaPhase::Ready).count() as u32;
     let verdict = if ready >= desired {
         Verdict::Ready(format!("model/{name}: {ready}/{desired} replicas ready"))
-    } else if let Some((o, _, st)) = current.iter().find(|(_, _, st)| st.phase == ReplicaPhase::Failed) {
+    } else if let Some((o, _, st)) =
+        current.iter().find(|(o, _, st)| st.phase == ReplicaPhase::Failed && !earlier.contains(&o.name))
+    {
         let why = if st.reason.is_empty() { "no reason given" } else { &st.reason };
         Verdict::Failed(format!("model/{name}: replica {} failed: {why}", o.name))
     } else {
@@ -118,6 +134,13 @@ pub(crate) fn judge_model(model: &pb::Object, replicas: &[pb::Object]) -> Judged
             current.iter().filter(|(_, _, st)| st.phase != ReplicaPhase::Ready).collect();
         let why = match waiting.iter().find(|(_, _, st)| st.phase == ReplicaPhase::Pending && !st.reason.is_empty()) {
             Some((o, _, st)) => format!("replica {} Pending: {}", o.name, st.reason),
+            None if waiting.iter().all(|(_, _, st)| st.phase == ReplicaPhase::Failed) && !waiting.is_empty() => {
+                let (o, _, st) = waiting[0];
+                format!(
+                    "replica {} failed before this wait began ({}); a replacement follows the controllers' backoff",
+                    o.name, st.reason
+                )
+            }
             None if waiting.is_empty() => {
                 format!("the controllers have not yet made its replicas (model revision {})", model.revision)
             }
@@ -263,7 +286,12 @@ fn terminal_size(stderr: bool) -> (usize, usize) {
     (cols, rows)
 }
 
-async fn read_model(client: &Client, name: &ObjectName) -> Result<Judged, CliError> {
+/// Reads a model and its replicas; `earlier` is set from the first read ([`failed_names`]).
+async fn read_model(
+    client: &Client,
+    name: &ObjectName,
+    earlier: &mut Option<BTreeSet<String>>,
+) -> Result<Judged, CliError> {
     let model = super::scale::get_model(client, name).await?;
     let req = ListRequest {
         kind: Kind::Replica.to_string(),
@@ -278,7 +306,8 @@ async fn read_model(client: &Client, name: &ObjectName) -> Result<Judged, CliErr
         .await?
         .into_inner()
         .objects;
-    Ok(judge_model(&model, &replicas))
+    let earlier = earlier.get_or_insert_with(|| failed_names(&replicas));
+    Ok(judge_model(&model, &replicas, earlier))
 }
 
 async fn read_adapter(client: &Client, name: &ObjectName) -> Result<Judged, CliError> {
@@ -312,14 +341,15 @@ pub(crate) async fn follow(
             (key.clone(), Judged { verdict: Verdict::Waiting(format!("{key}: not read yet")), replicas: vec![] })
         })
         .collect();
+    let mut earlier: Vec<Option<BTreeSet<String>>> = vec![None; targets.len()];
     loop {
-        for ((kind, name), (key, judged)) in targets.iter().zip(last.iter_mut()) {
+        for (((kind, name), (key, judged)), earlier) in targets.iter().zip(last.iter_mut()).zip(earlier.iter_mut()) {
             if matches!(judged.verdict, Verdict::Ready(_)) {
                 continue; // done stays done: a later scale-down is not this apply's business
             }
             let read = match kind {
                 Kind::Adapter => read_adapter(client, name).await,
-                _ => read_model(client, name).await,
+                _ => read_model(client, name, earlier).await,
             };
             match read {
                 Ok(j) => *judged = j,
@@ -371,6 +401,10 @@ mod tests {
         }
     }
 
+    fn none_before() -> BTreeSet<String> {
+        BTreeSet::new()
+    }
+
     fn model(replicas: u32) -> pb::Object {
         let spec = serde_json::json!({"engine": "sim", "source": "file:///m", "replicas": replicas, "gpus": 1});
         object("Model", "chat", spec, serde_json::json!({}))
@@ -389,7 +423,7 @@ mod tests {
     #[test]
     fn a_model_is_ready_failed_or_waiting_with_the_reason_its_replicas_carry() {
         let m = model(2);
-        let none = judge_model(&m, &[]);
+        let none = judge_model(&m, &[], &none_before());
         assert!(
             matches!(&none.verdict, Verdict::Waiting(w) if w.contains("0/2 replicas ready; the controllers have not yet")),
             "{none:?}"
@@ -405,7 +439,7 @@ mod tests {
             serde_json::json!({"phase": "Starting", "download_progress": 0.4, "download_bytes": 1288490189u64,
                                "download_total_bytes": 3113851290u64, "download_bytes_per_second": 89128960.0}),
         );
-        let j = judge_model(&m, &[dl.clone(), pending.clone()]);
+        let j = judge_model(&m, &[dl.clone(), pending.clone()], &none_before());
         assert_eq!(
             j.verdict,
             Verdict::Waiting(
@@ -424,13 +458,21 @@ mod tests {
             &m,
             serde_json::json!({"phase": "Failed", "reason": "download of file:///m failed: no such file", "restarts": 0}),
         );
-        let j = judge_model(&m, &[dl.clone(), failed]);
+        let j = judge_model(&m, &[dl.clone(), failed.clone()], &none_before());
         assert_eq!(
             j.verdict,
             Verdict::Failed("model/chat: replica chat-c failed: download of file:///m failed: no such file".into())
         );
+        // failed before the wait began: history, not this wait's failure
+        let before = failed_names(&[dl.clone(), failed.clone()]);
+        assert_eq!(before, BTreeSet::from(["chat-c".to_owned()]));
+        let j = judge_model(&model(1), &[failed], &before);
+        assert_eq!(
+            j.verdict,
+            Verdict::Waiting("model/chat: 0/1 replicas ready; replica chat-c failed before this wait began (download of file:///m failed: no such file); a replacement follows the controllers' backoff".into())
+        );
         let ready = |n: &str| replica(n, &m, serde_json::json!({"phase": "Ready", "endpoint": "127.0.0.1:9"}));
-        let j = judge_model(&m, &[ready("chat-d"), ready("chat-e")]);
+        let j = judge_model(&m, &[ready("chat-d"), ready("chat-e")], &none_before());
         assert_eq!(j.verdict, Verdict::Ready("model/chat: 2/2 replicas ready".into()));
         assert_eq!(j.replicas[0], "  replica/chat-d Ready: ready on n1 at 127.0.0.1:9");
         // replicas of another template do not count
@@ -440,8 +482,11 @@ mod tests {
             serde_json::json!({"model": "chat", "engine": "sim", "source": "file:///old", "gpus_needed": 1}),
             serde_json::json!({"phase": "Ready"}),
         );
-        assert!(matches!(judge_model(&model(1), &[old]).verdict, Verdict::Waiting(_)));
-        assert!(matches!(judge_model(&model(0), &[]).verdict, Verdict::Ready(_)), "nothing wanted: done");
+        assert!(matches!(judge_model(&model(1), &[old], &none_before()).verdict, Verdict::Waiting(_)));
+        assert!(
+            matches!(judge_model(&model(0), &[], &none_before()).verdict, Verdict::Ready(_)),
+            "nothing wanted: done"
+        );
     }
 
     #[test]
