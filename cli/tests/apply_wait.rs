@@ -93,8 +93,8 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
     // Ready: exit 0; progress lines (the download's too), one per change, no escape codes
     // (stdout is a pipe).
     let ok = vllm_model("ok", &format!("http://{weights}/model.safetensors"), 2);
-    let out =
-        tokio::task::spawn_blocking(move || apply_wait(&addr, &ok, &["--wait", "--timeout", "90s"])).await.unwrap();
+    let (a, again) = (addr.clone(), ok.clone());
+    let out = tokio::task::spawn_blocking(move || apply_wait(&a, &ok, &["--wait", "--timeout", "90s"])).await.unwrap();
     let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
     println!("apply --wait printed:\n{stdout}");
     assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
@@ -111,7 +111,16 @@ async fn apply_wait_exits_0_when_ready_and_1_with_the_reason_on_failure_or_timeo
     for w in lines.windows(2) {
         assert_ne!(w[0], w[1], "a line is printed when something changed, not each poll:\n{stdout}");
     }
-    let addr = server.grpc.clone();
+
+    // Unchanged and Ready: done at once; with -o json stdout keeps the objects, progress
+    // goes to stderr.
+    let a = addr.clone();
+    let out = tokio::task::spawn_blocking(move || apply_wait(&a, &again, &["--wait", "-o", "json"])).await.unwrap();
+    let (stdout, stderr) = (text(&out.stdout), text(&out.stderr));
+    assert_eq!(out.status.code(), Some(0), "stdout:\n{stdout}\nstderr:\n{stderr}");
+    let doc: serde_json::Value = serde_json::from_str(&stdout).expect("stdout is the applied object, as JSON");
+    assert_eq!(doc["metadata"]["name"], "ok");
+    assert!(stderr.contains("model/ok: 2/2 replicas ready (done)"), "{stderr}");
 
     // A download that fails: exit 1 with the replica's reason.
     let missing = vllm_model("gone", "file:///definitely/not/here/weights", 1);
