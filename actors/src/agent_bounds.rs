@@ -184,6 +184,7 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
     }
     for x in [
         &mut e.download_progress,
+        &mut e.download_bytes_per_second,
         &mut e.num_requests_running,
         &mut e.num_requests_waiting,
         &mut e.kv_cache_usage,

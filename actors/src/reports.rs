@@ -1,9 +1,9 @@
 //! Pure mapping from an agent's engine report to the replica's stored status. Only changes
-//! of phase, endpoint (with the engine's API key and certificate pin), reason, restart count, or a 10 % step of
-//! download progress produce a write; load figures stay in the leader's memory. The key is
-//! stored with the endpoint, in Raft, so a new leader can give it to gateways before the
-//! agent's next heartbeat, or while the agent is down; clients never see it
-//! (`flotilla_api::Kind::secret_status_fields`).
+//! of phase, endpoint (with the engine's API key and certificate pin), reason, restart count,
+//! or a 10 % step of download progress (with the bytes and rate as of that step) produce a
+//! write; load figures stay in the leader's memory. The key is stored with the endpoint, in
+//! Raft, so a new leader can give it to gateways before the agent's next heartbeat, or while
+//! the agent is down; clients never see it (`flotilla_api::Kind::secret_status_fields`).
 use std::collections::HashMap;
 
 use flotilla_api::pb::EngineReport;
@@ -62,12 +62,23 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
         "downloading" => {
             next.phase = ReplicaPhase::Starting;
             next.reason = String::new();
-            next.download_progress = Some((report.download_progress.clamp(0.0, 1.0) * 10.0).floor() / 10.0);
+            let step = Some((report.download_progress.clamp(0.0, 1.0) * 10.0).floor() / 10.0);
+            let bytes = (report.download_bytes > 0).then_some(report.download_bytes);
+            // Bytes and rate ride along with each 10 % step (and the first report that has
+            // them), so a download costs about ten writes however long it takes.
+            if step != current.download_progress || (current.download_bytes.is_none() && bytes.is_some()) {
+                next.download_bytes = bytes;
+                next.download_total_bytes = (report.download_total_bytes > 0).then_some(report.download_total_bytes);
+                next.download_bytes_per_second = (report.download_bytes_per_second.is_finite()
+                    && report.download_bytes_per_second > 0.0)
+                    .then_some(report.download_bytes_per_second);
+            }
+            next.download_progress = step;
         }
         "starting" => {
             next.phase = ReplicaPhase::Starting;
             next.reason = String::new();
-            next.download_progress = None;
+            clear_download(&mut next);
         }
         "ready" if !report.endpoint.is_empty() => {
             next.phase = ReplicaPhase::Ready;
@@ -76,7 +87,7 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.api_key = (!report.api_key.is_empty()).then(|| report.api_key.clone());
             next.engine_cert_sha256 =
                 (!report.engine_cert_sha256.is_empty()).then(|| report.engine_cert_sha256.clone());
-            next.download_progress = None;
+            clear_download(&mut next);
         }
         "ready" => {
             next.phase = ReplicaPhase::Starting;
@@ -95,12 +106,20 @@ pub fn next_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Rep
             next.endpoint = None;
             next.api_key = None;
             next.engine_cert_sha256 = None;
-            next.download_progress = None;
+            clear_download(&mut next);
         }
         // "stopping" / "stopped" / unknown: the agent is acting on an older Assign.
         _ => return None,
     }
     (next != *current).then_some(next)
+}
+
+/// A replica past its download shows none.
+fn clear_download(s: &mut ReplicaStatus) {
+    s.download_progress = None;
+    s.download_bytes = None;
+    s.download_total_bytes = None;
+    s.download_bytes_per_second = None;
 }
 
 #[cfg(test)]
@@ -215,6 +234,22 @@ mod tests {
         d.download_progress = 0.49;
         assert_eq!(next_status(&s, &d), None);
         assert_eq!(next_status(&at(ReplicaPhase::Draining), &report("ready")), None);
+        // Bytes and rate are written with the next step, not with every report.
+        d.download_bytes = 1 << 30;
+        d.download_total_bytes = 3 << 30;
+        d.download_bytes_per_second = 85e6;
+        let s = next_status(&s, &d).unwrap();
+        assert_eq!((s.download_bytes, s.download_total_bytes), (Some(1 << 30), Some(3 << 30)), "first bytes seen");
+        d.download_bytes += 1 << 20;
+        d.download_bytes_per_second = f64::NAN;
+        assert_eq!(next_status(&s, &d), None, "same step: no write");
+        d.download_progress = 0.51;
+        let s = next_status(&s, &d).unwrap();
+        assert_eq!((s.download_progress, s.download_bytes_per_second), (Some(0.5), None), "a rate that is no number");
+        let mut started = report("starting");
+        started.restarts = 0;
+        let s = next_status(&s, &started).unwrap();
+        assert_eq!((s.download_progress, s.download_bytes, s.download_total_bytes), (None, None, None));
         assert_eq!(next_status(&at(ReplicaPhase::Ready), &report("stopping")), None);
     }
 }

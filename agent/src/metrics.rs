@@ -2,7 +2,7 @@
 //! ([`serve`]). Two kinds:
 //! - counters and histograms of events, updated where they happen (engine starts, crashes,
 //!   give-ups and start-to-ready time in the engine task; adapter loads and unloads in the
-//!   LoRA worker; drains; downloads);
+//!   LoRA worker; drains; downloads and their bytes);
 //! - gauges of state, computed from the engine reports and the GPU probe at each scrape
 //!   ([`AgentMetrics::render`]): engines by state, restarts, download progress, GPUs by
 //!   health, and the source policy's refusals by rule (counted by its guard).
@@ -80,6 +80,7 @@ pub struct AgentMetrics {
     adapter_load_seconds: Histogram,
     adapter_unloads: Family<ResultLabels, Counter>,
     downloads: Family<ResultLabels, Counter>,
+    download_bytes: Counter,
     download_seconds: Histogram,
     engines: Family<StateLabels, Gauge>,
     engine_restarts: Gauge,
@@ -104,6 +105,7 @@ impl Default for AgentMetrics {
             adapter_load_seconds: seconds(0.01, 14),
             adapter_unloads: Family::default(),
             downloads: Family::default(),
+            download_bytes: Counter::default(),
             download_seconds: seconds(0.5, 14),
             engines: Family::default(),
             engine_restarts: Gauge::default(),
@@ -135,6 +137,12 @@ impl Default for AgentMetrics {
         );
         r.register("adapter_unloads", "LoRA adapter unloads from engines, by result", m.adapter_unloads.clone());
         r.register("downloads", "Model downloads finished, by result", m.downloads.clone());
+        r.register_with_unit(
+            "download",
+            "Model bytes written into the node's cache by downloads (rate() of it is the download rate)",
+            prometheus_client::registry::Unit::Bytes,
+            m.download_bytes.clone(),
+        );
         r.register_with_unit(
             "download",
             "Time of a successful model download (cache hits included)",
@@ -179,6 +187,11 @@ impl AgentMetrics {
 
     pub fn adapter_unloaded(&self, ok: bool) {
         self.adapter_unloads.get_or_create(&result(ok)).inc();
+    }
+
+    /// `n` more bytes of a model arrived in the cache.
+    pub fn download_bytes(&self, n: u64) {
+        self.download_bytes.inc_by(n);
     }
 
     pub fn downloaded(&self, ok: bool, took: Duration) {
@@ -317,6 +330,8 @@ mod tests {
         m.engine_ready("sim", Duration::from_millis(1500));
         m.adapter_loaded(true, Duration::from_millis(40));
         m.adapter_loaded(false, Duration::from_millis(40));
+        m.download_bytes(1000);
+        m.download_bytes(24);
         let report = |state: &str, restarts| EngineReport { state: state.into(), restarts, ..Default::default() };
         let reports = [report("ready", 2), report("ready", 0), report("downloading", 0), report("weird", 1)];
         let gpu = |state: &str, healthy| GpuInfo { state: state.into(), healthy, ..Default::default() };
@@ -348,6 +363,7 @@ mod tests {
             "flotilla_agent_gpu_utilization_ratio{gpu=\"0\"} 0.5",
             "flotilla_agent_gpu_utilization_ratio{gpu=\"2\"} 1",
             "flotilla_agent_gpu_temperature_celsius{gpu=\"0\"} 60",
+            "flotilla_agent_download_bytes_total 1024",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

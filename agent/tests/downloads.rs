@@ -135,10 +135,11 @@ async fn http_download_resumes_after_a_cut_connection_and_verifies_sha256() {
     let progress = Arc::new(Mutex::new(Vec::<f64>::new()));
     let p = progress.clone();
     let url = format!("http://{}/org/model.gguf#sha256={sha}", server.addr);
-    let path = tokio::time::timeout(Duration::from_secs(30), d.fetch(&url, &move |f| p.lock().unwrap().push(f)))
-        .await
-        .unwrap()
-        .unwrap();
+    let path =
+        tokio::time::timeout(Duration::from_secs(30), d.fetch(&url, &move |f| p.lock().unwrap().push(f.fraction)))
+            .await
+            .unwrap()
+            .unwrap();
     assert_eq!(path.file_name().unwrap(), "model.gguf");
     assert_eq!(std::fs::read(&path).unwrap(), data);
     assert_eq!(server.ranges.lock().unwrap().as_slice(), &["bytes=150000-".to_string()], "resumed from the cut");
@@ -211,6 +212,7 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     })
     .await;
     assert_eq!(ready.download_progress, 1.0);
+    assert_eq!((ready.download_bytes, ready.download_total_bytes), (50_000, 50_000), "bytes reported");
     let (status, body) = http_request_with_key(&ready.endpoint, "GET", "/v1/models", "", &ready.api_key).await.unwrap();
     assert_eq!(status, 200);
     assert!(body.contains("tiny"), "{body}");

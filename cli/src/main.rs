@@ -58,7 +58,11 @@ enum Command {
     Dev(cmd::dev::DevArgs),
     /// Create or update objects from a YAML or JSON file (`-` reads stdin).
     ///
-    /// Example: flotilla apply -f model.yaml
+    /// With --wait, follow each applied Model and Adapter until Ready: exit 0 once every
+    /// replica the model wants is Ready, 1 if a replica fails (the reason is printed) or on
+    /// timeout (naming what is pending and why), 2 on bad input.
+    ///
+    /// Example: flotilla apply -f model.yaml --wait --timeout 15m
     Apply(cmd::objects::ApplyArgs),
     /// Show objects of a kind, or one object.
     ///

@@ -72,6 +72,54 @@ fn field(v: &Value, path: &str) -> String {
     }
 }
 
+/// The column computed from a replica's download fields rather than read from one path.
+const DOWNLOAD: &str = "(download)";
+
+/// A replica's download progress while it downloads, `-` otherwise.
+fn download_cell(status: &Value) -> String {
+    match status["download_progress"].as_f64() {
+        Some(f) => download_text(
+            f,
+            status["download_bytes"].as_u64(),
+            status["download_total_bytes"].as_u64(),
+            status["download_bytes_per_second"].as_f64(),
+        ),
+        None => "-".into(),
+    }
+}
+
+/// Download progress as people read it: `42% 1.2 GiB/2.9 GiB 85 MiB/s` (the parts not
+/// known are left out).
+pub(crate) fn download_text(fraction: f64, bytes: Option<u64>, total: Option<u64>, rate: Option<f64>) -> String {
+    let percent = (fraction.clamp(0.0, 1.0) * 100.0).floor();
+    let mut text = format!("{percent}%");
+    match (bytes, total) {
+        (Some(b), Some(t)) => text.push_str(&format!(" {}/{}", human_bytes(b as f64), human_bytes(t as f64))),
+        (Some(b), None) => text.push_str(&format!(" {}", human_bytes(b as f64))),
+        _ => {}
+    }
+    if let Some(r) = rate.filter(|r| r.is_finite() && *r >= 0.0) {
+        text.push_str(&format!(" {}/s", human_bytes(r)));
+    }
+    text
+}
+
+/// Bytes in binary units, rounded: `512 B`, `1.2 GiB`, `85 MiB` (one decimal below 10).
+pub(crate) fn human_bytes(n: f64) -> String {
+    const UNITS: [&str; 6] = ["B", "KiB", "MiB", "GiB", "TiB", "PiB"];
+    let mut v = n.max(0.0);
+    let mut unit = 0;
+    while v >= 1024.0 && unit + 1 < UNITS.len() {
+        v /= 1024.0;
+        unit += 1;
+    }
+    if unit == 0 || v >= 9.95 {
+        format!("{v:.0} {}", UNITS[unit])
+    } else {
+        format!("{v:.1} {}", UNITS[unit])
+    }
+}
+
 fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
     let kind = objects.first().map(|o| o.kind.as_str()).unwrap_or("");
     let columns: &[(&str, &str)] = match kind {
@@ -99,6 +147,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
             ("PHASE", "status.phase"),
             ("ENDPOINT", "status.endpoint"),
             ("RESTARTS", "status.restarts"),
+            ("DOWNLOAD", DOWNLOAD),
             ("REASON", "status.reason"),
         ],
         "Node" => &[("ADDRESS", "spec.address"), ("STATE", "status.state"), ("CORDONED", "spec.cordoned")],
@@ -112,7 +161,10 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
     for o in objects {
         let doc = object_doc(o);
         let mut row = vec![o.name.clone()];
-        row.extend(columns.iter().map(|(_, path)| field(&doc, path)));
+        row.extend(columns.iter().map(|(_, path)| match *path {
+            DOWNLOAD => download_cell(&doc["status"]),
+            path => field(&doc, path),
+        }));
         row.push(o.revision.to_string());
         rows.push(row);
     }
@@ -181,5 +233,46 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
     for row in rows {
         let line: Vec<String> = row.iter().enumerate().map(|(i, cell)| format!("{cell:<w$}", w = widths[i])).collect();
         println!("{}", line.join("   ").trim_end());
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn download_progress_reads_as_percent_bytes_and_rate() {
+        let gib = 1u64 << 30;
+        assert_eq!(
+            download_text(0.42, Some(gib + gib / 5), Some(2 * gib + gib * 9 / 10), Some(85.0 * 1048576.0)),
+            "42% 1.2 GiB/2.9 GiB 85 MiB/s"
+        );
+        assert_eq!(download_text(0.4, None, None, None), "40%");
+        assert_eq!(download_text(1.7, Some(300), None, Some(0.0)), "100% 300 B 0 B/s");
+        assert_eq!(download_text(0.0, Some(5 << 20), None, Some(f64::NAN)), "0% 5.0 MiB");
+        assert_eq!(human_bytes(1023.0), "1023 B");
+        assert_eq!(human_bytes(1536.0), "1.5 KiB");
+        assert_eq!(human_bytes(9.99 * 1048576.0), "10 MiB");
+        assert_eq!(human_bytes(140.0 * (1u64 << 40) as f64), "140 TiB");
+    }
+
+    #[test]
+    fn replicas_show_their_download_while_downloading() {
+        let o = |status: Value| pb::Object {
+            kind: "Replica".into(),
+            name: "chat-1".into(),
+            spec_json: json!({"model": "chat"}).to_string(),
+            status_json: status.to_string(),
+            ..Default::default()
+        };
+        let rows = object_rows(&[
+            o(
+                json!({"phase": "Starting", "download_progress": 0.5, "download_bytes": 1u64 << 30, "download_total_bytes": 2u64 << 30}),
+            ),
+            o(json!({"phase": "Ready"})),
+        ]);
+        let col = rows[0].iter().position(|c| c == "DOWNLOAD").unwrap();
+        assert_eq!(rows[1][col], "50% 1.0 GiB/2.0 GiB");
+        assert_eq!(rows[2][col], "-");
     }
 }

@@ -50,6 +50,56 @@ pub struct Downloader {
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
 }
 
+/// Where a download stands, given to [`Downloader::fetch`]'s callback as bytes arrive.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub struct Progress {
+    /// Fraction done, in [0, 1] (0 while the total is unknown).
+    pub fraction: f64,
+    /// Bytes in the cache entry so far (a resumed file's earlier bytes included).
+    pub bytes: u64,
+    /// Total bytes, 0 while unknown.
+    pub total_bytes: u64,
+}
+
+impl Progress {
+    /// A finished download (a cache hit too: no bytes moved).
+    pub fn done(bytes: u64) -> Progress {
+        Progress { fraction: 1.0, bytes, total_bytes: bytes }
+    }
+}
+
+/// A download rate from byte counts sampled over time: bytes per second over the last
+/// `window` or more (so one burst does not swing it), `None` until a window has passed.
+#[derive(Debug, Clone)]
+pub struct RateMeter {
+    window: Duration,
+    mark: Option<(tokio::time::Instant, u64)>,
+    rate: Option<f64>,
+}
+
+impl RateMeter {
+    pub fn new(window: Duration) -> RateMeter {
+        RateMeter { window, mark: None, rate: None }
+    }
+
+    /// Records `bytes` seen at `now`; returns the rate as of the last full window.
+    pub fn observe(&mut self, now: tokio::time::Instant, bytes: u64) -> Option<f64> {
+        match self.mark {
+            None => self.mark = Some((now, bytes)),
+            // fewer bytes than before: a file restarted from zero; measure afresh
+            Some((_, b)) if bytes < b => self.mark = Some((now, bytes)),
+            Some((t, b)) => {
+                let dt = now.saturating_duration_since(t);
+                if dt >= self.window {
+                    self.rate = Some((bytes - b) as f64 / dt.as_secs_f64());
+                    self.mark = Some((now, bytes));
+                }
+            }
+        }
+        self.rate
+    }
+}
+
 /// One file to fetch.
 struct Item {
     url: String,
@@ -92,8 +142,8 @@ impl Downloader {
     }
 
     /// Returns the local path of `source`, downloading it first if needed.
-    /// `progress` gets the fraction done, in [0,1].
-    pub async fn fetch(&self, source: &str, progress: &(dyn Fn(f64) + Send + Sync)) -> Result<PathBuf, String> {
+    /// `progress` gets the fraction done and the bytes so far as they arrive.
+    pub async fn fetch(&self, source: &str, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<PathBuf, String> {
         let target = self.guard.source(source).map_err(FetchError::into_message)?;
         if target.scheme.has_host() {
             // Its addresses too, before a cached copy is handed out.
@@ -124,7 +174,7 @@ impl Downloader {
         source: &str,
         key: &str,
         local_path: Option<&str>,
-        progress: &(dyn Fn(f64) + Send + Sync),
+        progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PathBuf, FetchError> {
         let (base, fragment) = source.split_once('#').unwrap_or((source, ""));
         let sha256 = match fragment {
@@ -154,7 +204,7 @@ impl Downloader {
                             return Err(format!("sha256 mismatch: expected {want}, got {got} (cached copy)").into());
                         }
                     }
-                    progress(1.0);
+                    progress(Progress::done(0));
                     return Ok(path);
                 }
             }
@@ -193,9 +243,9 @@ impl Downloader {
             let base_done = finished;
             let report = |done: u64, t: Option<u64>| {
                 let all = if total > 0 { total } else { t.unwrap_or(0) };
-                if all > 0 {
-                    progress(((base_done + done) as f64 / all as f64).min(1.0));
-                }
+                let bytes = base_done + done;
+                let fraction = if all > 0 { (bytes as f64 / all as f64).min(1.0) } else { 0.0 };
+                progress(Progress { fraction, bytes, total_bytes: all });
             };
             let n = if local.is_some() {
                 let n = local::place(Path::new(&item.url), &dest).await?;
@@ -235,7 +285,7 @@ impl Downloader {
         let marker = serde_json::to_vec(&Marker { source: base.to_string(), path: rel.clone(), stamp })
             .map_err(|e| e.to_string())?;
         crate::state::write_atomic(&marker_path, &marker).map_err(|e| e.to_string())?;
-        progress(1.0);
+        progress(Progress::done(finished));
         tracing::info!(source = %url::shown(base), path = %done.display(), files = items.len(), bytes = finished, "model downloaded");
         Ok(done.join(rel))
     }
@@ -387,5 +437,18 @@ mod tests {
         assert_ne!(Downloader::key("http://h/x"), Downloader::key("http://h/y"));
         assert!(safe_rel("a/b.bin"));
         assert!(!safe_rel("../x") && !safe_rel("/etc/passwd") && !safe_rel("a/../../b") && !safe_rel(""));
+    }
+
+    #[test]
+    fn the_rate_is_measured_over_a_window_and_restarts_with_a_file() {
+        let t0 = tokio::time::Instant::now();
+        let at = |ms: u64| t0 + Duration::from_millis(ms);
+        let mut m = RateMeter::new(Duration::from_secs(1));
+        assert_eq!(m.observe(at(0), 0), None);
+        assert_eq!(m.observe(at(500), 40 << 20), None, "half a window: not yet");
+        assert_eq!(m.observe(at(1000), 80 << 20), Some((80u64 << 20) as f64));
+        assert_eq!(m.observe(at(1500), 200 << 20), Some((80u64 << 20) as f64), "kept until the next window");
+        assert_eq!(m.observe(at(2000), 10), Some((80u64 << 20) as f64), "bytes went back: a new mark");
+        assert_eq!(m.observe(at(4000), 10 + (4 << 20)), Some((2u64 << 20) as f64));
     }
 }

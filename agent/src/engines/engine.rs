@@ -35,6 +35,7 @@ use super::logs::LogFile;
 use super::lora_worker::{EngineView, Worker};
 use super::process::{self, ProcessIdentity};
 use super::EngineEnv;
+use crate::download::{Progress, RateMeter};
 use crate::driver::{EngineDriver, LaunchSpec};
 use crate::state::SavedEngine;
 
@@ -227,7 +228,26 @@ async fn life(
         let t0 = Instant::now();
         let progress = {
             let report = report.clone();
-            move |p: f64| update(&report, |r| r.download_progress = p)
+            let metrics = env.metrics.clone();
+            // (rate over the last second or more, bytes at the last report: only the bytes that
+            // arrive during this download count, not a resumed file's earlier ones)
+            let meter = Mutex::new((RateMeter::new(Duration::from_secs(1)), None::<u64>));
+            move |p: Progress| {
+                let rate = {
+                    let mut m = meter.lock().unwrap_or_else(|e| e.into_inner());
+                    if let Some(last) = m.1 {
+                        metrics.download_bytes(p.bytes.saturating_sub(last));
+                    }
+                    m.1 = Some(p.bytes);
+                    m.0.observe(Instant::now(), p.bytes)
+                };
+                update(&report, |r| {
+                    r.download_progress = p.fraction;
+                    r.download_bytes = p.bytes;
+                    r.download_total_bytes = p.total_bytes;
+                    r.download_bytes_per_second = rate.unwrap_or(0.0);
+                })
+            }
         };
         tokio::select! {
             r = env.downloader.fetch(&a.source, &progress) => match r.inspect(|_| env.metrics.downloaded(true, t0.elapsed())).inspect_err(|_| env.metrics.downloaded(false, t0.elapsed())) {

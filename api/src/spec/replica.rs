@@ -124,6 +124,15 @@ pub struct ReplicaStatus {
     /// Download progress in [0, 1] while Starting.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub download_progress: Option<f64>,
+    /// Bytes downloaded so far, written with each step of `download_progress`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_bytes: Option<u64>,
+    /// Total bytes of the download, when the source lists sizes.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_total_bytes: Option<u64>,
+    /// The agent's recent download rate in bytes per second, as of the last step.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub download_bytes_per_second: Option<f64>,
     /// The engine's API key (set with `endpoint`), which gateways send as a bearer token. A
     /// secret: stored with the object, so it survives a leader change, and removed from every
     /// object a client reads ([`crate::Kind::secret_status_fields`]).

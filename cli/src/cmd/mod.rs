@@ -12,3 +12,4 @@ pub(crate) mod snapshot;
 pub(crate) mod tenant;
 pub(crate) mod tls;
 pub(crate) mod token;
+pub(crate) mod wait;

@@ -1,5 +1,6 @@
 //! `apply`, `get`, `delete`, `watch`: operator commands on objects.
 use std::io::Read;
+use std::time::Duration;
 
 use clap::Args;
 use flotilla_api::pb::{ApplyRequest, DeleteRequest, GetRequest, ListRequest, WatchRequest};
@@ -18,6 +19,14 @@ pub(crate) struct ApplyArgs {
     /// Apply only if the object's current revision is this (0: only if it does not exist).
     #[arg(long)]
     expected_revision: Option<u64>,
+    /// Then follow each applied Model and Adapter until it is Ready (exit 0) or has failed
+    /// (exit 1, with the reason), showing each replica's phase, download and engine start.
+    #[arg(long)]
+    wait: bool,
+    /// With --wait: give up after this long (90s, 10m, 1h), exit 1 naming what is pending.
+    #[arg(long, requires = "wait", default_value = "10m", allow_hyphen_values = true,
+          value_parser = super::rollout::parse_timeout)]
+    timeout: Duration,
 }
 
 #[derive(Args, Debug)]
@@ -70,6 +79,19 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs, format: Format) -> R
     if args.expected_revision.is_some() && manifests.len() > 1 {
         return Err(CliError::usage("--expected-revision needs a file with exactly one manifest"));
     }
+    let followed: Vec<(Kind, ObjectName)> = manifests
+        .iter()
+        .filter(|m| matches!(m.kind(), Kind::Model | Kind::Adapter))
+        .map(|m| (m.kind(), m.metadata.name.clone()))
+        .collect();
+    if args.wait && followed.is_empty() {
+        let kinds: Vec<&str> = manifests.iter().map(|m| m.kind().as_str()).collect();
+        return Err(CliError::usage(format!(
+            "--wait follows Models and Adapters; {} has none ({})",
+            args.file,
+            kinds.join(", ")
+        )));
+    }
     let mut applied = Vec::new();
     for m in &manifests {
         let req = ApplyRequest { manifest: m.to_yaml(), expected_revision: args.expected_revision };
@@ -96,6 +118,9 @@ pub(crate) async fn apply(client: &Client, args: ApplyArgs, format: Format) -> R
     }
     if format != Format::Table {
         output::print_objects(&applied, format, true);
+    }
+    if args.wait {
+        super::wait::follow(client, &followed, args.timeout, format != Format::Table).await?;
     }
     Ok(())
 }

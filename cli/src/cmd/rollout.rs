@@ -61,7 +61,8 @@ pub(crate) enum RolloutCommand {
     Resume(Target),
 }
 
-fn parse_duration(s: &str) -> Result<Duration, String> {
+/// A duration such as `90s`, `10m`, `2h` (a bare number is seconds).
+pub(crate) fn parse_duration(s: &str) -> Result<Duration, String> {
     let (num, unit) = s.split_at(s.find(|c: char| !c.is_ascii_digit()).unwrap_or(s.len()));
     let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a duration such as 90s or 10m"))?;
     match unit {
@@ -69,6 +70,17 @@ fn parse_duration(s: &str) -> Result<Duration, String> {
         "m" => Ok(Duration::from_secs(n * 60)),
         "h" => Ok(Duration::from_secs(n * 3600)),
         _ => Err(format!("{s:?}: the unit must be s, m or h")),
+    }
+}
+
+/// A [`parse_duration`] that is not zero: how long to wait for something.
+pub(crate) fn parse_timeout(s: &str) -> Result<Duration, String> {
+    if s.trim_start().starts_with('-') {
+        return Err(format!("{s:?}: a timeout must be longer than zero"));
+    }
+    match parse_duration(s)? {
+        d if d.is_zero() => Err(format!("{s:?}: a timeout must be longer than zero")),
+        d => Ok(d),
     }
 }
 
@@ -274,5 +286,9 @@ mod tests {
         assert_eq!(parse_duration("2").unwrap(), Duration::from_secs(2));
         assert!(parse_duration("10d").unwrap_err().contains("s, m or h"));
         assert!(parse_duration("soon").is_err());
+        assert!(parse_duration("-1").is_err());
+        assert!(parse_timeout("0s").unwrap_err().contains("longer than zero"));
+        assert!(parse_timeout("-1").unwrap_err().contains("longer than zero"));
+        assert_eq!(parse_timeout("3s").unwrap(), Duration::from_secs(3));
     }
 }
