@@ -202,4 +202,27 @@ mod tests {
         assert!(!ours("h2::codec", Level::DEBUG));
         assert!(!ours("opentelemetry_sdk", Level::WARN));
     }
+
+    #[tokio::test(flavor = "multi_thread", worker_threads = 1)]
+    async fn an_unreachable_collector_costs_dropped_spans_only() {
+        use opentelemetry::trace::{Span as _, Tracer as _};
+        let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+        let provider = provider("flotilla-test", &format!("http://127.0.0.1:{port}")).unwrap();
+        let tracer = provider.tracer("flotilla-test");
+        // twice what the queue holds, ended on this (request-path) thread: never waits
+        let t0 = tokio::time::Instant::now();
+        for _ in 0..2 * MAX_QUEUE {
+            tracer.start("request").end();
+        }
+        assert!(t0.elapsed() < Duration::from_secs(2), "ending spans took {:?}", t0.elapsed());
+        // and stopping, with nothing to export to, is bounded
+        let stopped = tokio::task::spawn_blocking(move || {
+            let t = tokio::time::Instant::now();
+            let _ = provider.shutdown_with_timeout(EXPORT_TIMEOUT);
+            t.elapsed()
+        })
+        .await
+        .unwrap();
+        assert!(stopped <= EXPORT_TIMEOUT + Duration::from_secs(2), "shutdown took {stopped:?}");
+    }
 }
