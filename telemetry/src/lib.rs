@@ -14,23 +14,29 @@
 //!
 //! **Exporter choice.** opentelemetry-otlp 0.33's gRPC exporter is built on tonic 0.14 and
 //! prost 0.14, the versions the workspace already uses for its own API, so OTLP/gRPC (the
-//! collector's default port 4317) costs no second tonic/hyper/http and no HTTP client:
-//! the HTTP/protobuf exporter would have pulled reqwest in.
+//! collector's default port 4317) adds only the opentelemetry crates, opentelemetry-proto's
+//! generated types and tonic-types: no second tonic/prost/hyper/http. The HTTP/protobuf
+//! exporter would have needed opentelemetry-http and a client adapter (reqwest by default)
+//! for no gain, and a hand-written export over opentelemetry-proto would duplicate the
+//! SDK's batching, which is the part that must be right (bounded, off the request path).
 //!
 //! **The request path never waits on the collector.** Finished spans go to the SDK's
 //! `BatchSpanProcessor`: a bounded queue ([`MAX_QUEUE`] spans) drained by its own thread
 //! in batches every [`EXPORT_INTERVAL`]; a full queue drops the span (the SDK logs the
 //! first drop once and the total at shutdown, through `tracing` at WARN), and an export
 //! is bounded by [`EXPORT_TIMEOUT`] and not retried, so an unreachable collector costs
-//! only dropped spans. The gRPC channel connects lazily: a collector that is down at start
+//! only dropped spans: a failed export is logged once per outage, and the spans it lost
+//! are counted and their total logged at shutdown (`export`). The gRPC channel connects lazily: a collector that is down at start
 //! is not an error.
 //!
 //! [`propagation`] carries W3C trace context (`traceparent`, `tracestate`) in and out of
 //! HTTP headers.
 #![forbid(unsafe_code)]
 
+mod export;
 pub mod propagation;
 
+use std::sync::atomic::Ordering;
 use std::time::Duration;
 
 use opentelemetry::trace::TracerProvider as _;
@@ -54,7 +60,7 @@ pub const EXPORT_TIMEOUT: Duration = Duration::from_secs(5);
 /// A bad `--otlp-endpoint` or an exporter that cannot be built.
 #[derive(Debug, thiserror::Error)]
 pub enum TelemetryError {
-    #[error("--otlp-endpoint {0:?} is not an http:// or https:// URL (example: http://127.0.0.1:4317)")]
+    #[error("--otlp-endpoint {0:?} is not an http:// URL (example: http://127.0.0.1:4317; https is not supported)")]
     BadEndpoint(String),
     #[error("cannot build the OTLP exporter for {endpoint}: {reason}")]
     Exporter { endpoint: String, reason: String },
@@ -76,12 +82,19 @@ impl TelemetryError {
 #[derive(Debug, Default)]
 pub struct Guard {
     provider: Option<SdkTracerProvider>,
+    dropped: export::Dropped,
 }
 
 impl Guard {
     /// Whether spans are exported.
     pub fn exporting(&self) -> bool {
         self.provider.is_some()
+    }
+
+    /// Spans lost to failed exports so far (not counting those a full queue dropped,
+    /// which the SDK logs itself).
+    pub fn failed_spans(&self) -> u64 {
+        self.dropped.load(Ordering::Relaxed)
     }
 
     /// Exports every span finished so far (blocking: call it from `spawn_blocking` in
@@ -101,14 +114,19 @@ impl Drop for Guard {
             if let Err(e) = p.shutdown_with_timeout(EXPORT_TIMEOUT) {
                 tracing::debug!(error = %e, "span exporter shutdown");
             }
+            let lost = self.failed_spans();
+            if lost > 0 {
+                tracing::warn!(spans = lost, "spans were not exported: the collector did not take them");
+            }
         }
     }
 }
 
-/// Checks an endpoint URL (pure).
+/// Checks an endpoint URL (pure). Plain `http://` only: the workspace's tonic is built
+/// without its TLS features (flotilla's own TLS sits below tonic, `flotilla-security`), so
+/// an `https://` collector is refused here rather than failing at every export.
 pub fn validate_endpoint(url: &str) -> Result<(), TelemetryError> {
-    let rest = url.strip_prefix("http://").or_else(|| url.strip_prefix("https://"));
-    match rest {
+    match url.strip_prefix("http://") {
         Some(r) if !r.is_empty() && !r.starts_with('/') => Ok(()),
         _ => Err(TelemetryError::BadEndpoint(url.to_string())),
     }
@@ -117,6 +135,14 @@ pub fn validate_endpoint(url: &str) -> Result<(), TelemetryError> {
 /// The provider exporting to `endpoint` as `service` (batched, see the module docs).
 /// Must run inside a tokio runtime (the gRPC channel's worker is spawned on it).
 pub fn provider(service: &'static str, endpoint: &str) -> Result<SdkTracerProvider, TelemetryError> {
+    provider_counting(service, endpoint, export::Dropped::default())
+}
+
+fn provider_counting(
+    service: &'static str,
+    endpoint: &str,
+    dropped: export::Dropped,
+) -> Result<SdkTracerProvider, TelemetryError> {
     validate_endpoint(endpoint)?;
     let exporter = opentelemetry_otlp::SpanExporter::builder()
         .with_tonic()
@@ -130,7 +156,8 @@ pub fn provider(service: &'static str, endpoint: &str) -> Result<SdkTracerProvid
         .with_max_export_batch_size(MAX_BATCH)
         .with_scheduled_delay(EXPORT_INTERVAL)
         .build();
-    let processor = BatchSpanProcessor::builder(exporter).with_batch_config(batch).build();
+    let processor =
+        BatchSpanProcessor::builder(export::Reporting::new(exporter, dropped)).with_batch_config(batch).build();
     Ok(SdkTracerProvider::builder()
         .with_span_processor(processor)
         .with_resource(Resource::builder().with_service_name(service).build())
@@ -166,13 +193,14 @@ pub fn init(service: &'static str, otlp_endpoint: Option<&str>, default_filter: 
         let _ = Registry::default().with(fmt().with_filter(filter())).try_init();
         return Ok(Guard::default());
     };
-    let provider = provider(service, endpoint)?;
+    let dropped = export::Dropped::default();
+    let provider = provider_counting(service, endpoint, dropped.clone())?;
     let installed =
         Registry::default().with(fmt().with_filter(filter())).with(otel_layer(&provider, service)).try_init().is_ok();
     if installed {
         tracing::info!(endpoint, service, "exporting traces over OTLP/gRPC");
     }
-    Ok(Guard { provider: Some(provider) })
+    Ok(Guard { provider: Some(provider), dropped })
 }
 
 #[cfg(test)]
@@ -181,10 +209,10 @@ mod tests {
 
     #[test]
     fn endpoints_must_be_http_urls() {
-        for ok in ["http://127.0.0.1:4317", "https://otel.example:4317", "http://collector"] {
+        for ok in ["http://127.0.0.1:4317", "http://otel.example:4317", "http://collector"] {
             assert!(validate_endpoint(ok).is_ok(), "{ok}");
         }
-        for bad in ["127.0.0.1:4317", "http://", "grpc://x:4317", "", "http:///x"] {
+        for bad in ["127.0.0.1:4317", "http://", "grpc://x:4317", "", "http:///x", "https://otel.example:4317"] {
             let e = validate_endpoint(bad).unwrap_err();
             assert_eq!(e.code(), "telemetry.bad_endpoint");
             assert!(e.to_string().contains("--otlp-endpoint"), "{e}");
@@ -207,7 +235,9 @@ mod tests {
     async fn an_unreachable_collector_costs_dropped_spans_only() {
         use opentelemetry::trace::{Span as _, Tracer as _};
         let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
-        let provider = provider("flotilla-test", &format!("http://127.0.0.1:{port}")).unwrap();
+        let dropped = export::Dropped::default();
+        let provider =
+            provider_counting("flotilla-test", &format!("http://127.0.0.1:{port}"), dropped.clone()).unwrap();
         let tracer = provider.tracer("flotilla-test");
         // twice what the queue holds, ended on this (request-path) thread: never waits
         let t0 = tokio::time::Instant::now();
@@ -224,5 +254,8 @@ mod tests {
         .await
         .unwrap();
         assert!(stopped <= EXPORT_TIMEOUT + Duration::from_secs(2), "shutdown took {stopped:?}");
+        // what reached the exporter was tried and counted as lost (the rest the full queue dropped)
+        let lost = dropped.load(Ordering::Relaxed);
+        assert!(lost > 0 && lost <= 2 * MAX_QUEUE as u64, "{lost} spans counted as lost");
     }
 }
