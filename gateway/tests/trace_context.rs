@@ -18,66 +18,12 @@ use std::time::Duration;
 use axum::http::HeaderMap;
 use axum::routing::post;
 use axum::Router;
-use opentelemetry_proto::tonic::collector::trace::v1::trace_service_server::{TraceService, TraceServiceServer};
-use opentelemetry_proto::tonic::collector::trace::v1::{ExportTraceServiceRequest, ExportTraceServiceResponse};
-use opentelemetry_proto::tonic::common::v1::any_value::Value;
-use opentelemetry_proto::tonic::trace::v1::span::SpanKind;
-use opentelemetry_proto::tonic::trace::v1::Span;
+use flotilla_testkit::otlp::{attr, hex, string, Collector, Span, SpanKind, Value};
 
 const TRACE_ID: &str = "4bf92f3577b34da6a3ce929d0e0e4736";
 const PARENT_ID: &str = "00f067aa0ba902b7";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TRACESTATE: &str = "congo=t61rcWkgMzE";
-
-/// The spans a collector received, with their resource's `service.name`.
-#[derive(Clone, Default)]
-struct Collector(Arc<Mutex<Vec<(String, Span)>>>);
-
-#[tonic::async_trait]
-impl TraceService for Collector {
-    async fn export(
-        &self,
-        req: tonic::Request<ExportTraceServiceRequest>,
-    ) -> Result<tonic::Response<ExportTraceServiceResponse>, tonic::Status> {
-        let mut got = self.0.lock().unwrap();
-        for rs in req.into_inner().resource_spans {
-            let service = rs
-                .resource
-                .iter()
-                .flat_map(|r| &r.attributes)
-                .find(|a| a.key == "service.name")
-                .and_then(|a| string(a.value.as_ref()?.value.as_ref()?))
-                .unwrap_or_default();
-            for ss in rs.scope_spans {
-                got.extend(ss.spans.into_iter().map(|s| (service.clone(), s)));
-            }
-        }
-        Ok(tonic::Response::new(ExportTraceServiceResponse { partial_success: None }))
-    }
-}
-
-fn string(v: &Value) -> Option<String> {
-    match v {
-        Value::StringValue(s) => Some(s.clone()),
-        _ => None,
-    }
-}
-
-/// An OTLP/gRPC collector on a free port.
-async fn collector() -> (SocketAddr, Collector) {
-    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
-    let addr = listener.local_addr().unwrap();
-    let c = Collector::default();
-    let svc = TraceServiceServer::new(c.clone());
-    tokio::spawn(async move {
-        tonic::transport::Server::builder()
-            .add_service(svc)
-            .serve_with_incoming(tokio_stream::wrappers::TcpListenerStream::new(listener))
-            .await
-            .unwrap();
-    });
-    (addr, c)
-}
 
 /// A fake engine answering chat completions (5 tokens in, 2 out) and recording each
 /// request's trace-context headers.
@@ -121,18 +67,10 @@ async fn chat(gw: SocketAddr) -> common::Resp {
     common::post(gw, "/v1/chat/completions", body, &[("traceparent", TRACEPARENT), ("tracestate", TRACESTATE)]).await
 }
 
-fn hex(b: &[u8]) -> String {
-    b.iter().map(|x| format!("{x:02x}")).collect()
-}
-
-fn attr(s: &Span, key: &str) -> Option<Value> {
-    s.attributes.iter().find(|a| a.key == key).and_then(|a| a.value.clone()?.value)
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_request_spans_form_one_tree_under_the_clients_traceparent() {
-    let (otlp, got) = collector().await;
-    let guard = flotilla_telemetry::init("flotilla-gateway", Some(&format!("http://{otlp}")), "warn").unwrap();
+    let otlp = Collector::start().await;
+    let guard = flotilla_telemetry::init("flotilla-gateway", Some(&otlp.endpoint()), "warn").unwrap();
     assert!(guard.exporting());
     let (engine, seen) = engine().await;
     let gw = common::gateway(gw_args(engine)).await;
@@ -155,15 +93,13 @@ async fn the_request_spans_form_one_tree_under_the_clients_traceparent() {
     for _ in 0..100 {
         let g = guard.clone();
         tokio::task::spawn_blocking(move || g.flush()).await.unwrap();
-        spans = got
-            .0
-            .lock()
-            .unwrap()
-            .iter()
-            .filter(|(_, s)| hex(&s.trace_id) == TRACE_ID)
-            .map(|(svc, s)| {
-                assert_eq!(svc, "flotilla-gateway", "service.name of {}", s.name);
-                (s.name.clone(), s.clone())
+        spans = otlp
+            .spans()
+            .into_iter()
+            .filter(|r| hex(&r.span.trace_id) == TRACE_ID)
+            .map(|r| {
+                assert_eq!(r.service, "flotilla-gateway", "service.name of {}", r.span.name);
+                (r.span.name.clone(), r.span)
             })
             .collect();
         if names.iter().all(|n| spans.contains_key(*n)) {
