@@ -428,7 +428,7 @@ impl Body for ObservedBody {
                     if !this.first_byte {
                         this.first_byte = true;
                         let tracker = &this.tracker;
-                        tracing::debug!(parent: &tracker.span, bytes = data.len(), "first byte");
+                        tracing::debug!(parent: &tracker.span, bytes = data.len() as i64, "first byte");
                     }
                     let now = Instant::now();
                     let out = match &mut this.sse {
