@@ -25,24 +25,36 @@ const PARENT_ID: &str = "00f067aa0ba902b7";
 const TRACEPARENT: &str = "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01";
 const TRACESTATE: &str = "congo=t61rcWkgMzE";
 
-/// A fake engine answering chat completions (5 tokens in, 2 out) and recording each
-/// request's trace-context headers.
+/// SSE answer of the fake engine: two content chunks, then usage (5 in, 2 out).
+const SSE: &str = "data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\"hi\"}}]}\n\n\
+data: {\"choices\":[{\"index\":0,\"delta\":{\"content\":\" there\"}}]}\n\n\
+data: {\"choices\":[],\"usage\":{\"prompt_tokens\":5,\"completion_tokens\":2,\"total_tokens\":7}}\n\n\
+data: [DONE]\n\n";
+
+/// A fake engine answering chat completions (5 tokens in, 2 out; SSE when asked to
+/// stream) and recording each request's trace-context headers.
 async fn engine() -> (SocketAddr, Arc<Mutex<Vec<(Option<String>, Option<String>)>>>) {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let s = seen.clone();
     let app = Router::new()
         .route(
             "/v1/chat/completions",
-            post(move |h: HeaderMap| {
+            post(move |h: HeaderMap, body: axum::body::Bytes| {
                 let s = s.clone();
                 async move {
+                    use axum::response::IntoResponse;
                     let get = |k: &str| h.get(k).and_then(|v| v.to_str().ok()).map(str::to_string);
                     s.lock().unwrap().push((get("traceparent"), get("tracestate")));
+                    let req: serde_json::Value = serde_json::from_slice(&body).unwrap_or_default();
+                    if req["stream"] == true {
+                        return ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], SSE).into_response();
+                    }
                     axum::Json(serde_json::json!({
                         "id": "chatcmpl-1", "object": "chat.completion", "created": 0, "model": common::MODEL,
                         "choices": [{"index": 0, "message": {"role": "assistant", "content": "hi there"}, "finish_reason": "stop"}],
                         "usage": {"prompt_tokens": 5, "completion_tokens": 2, "total_tokens": 7}
                     }))
+                    .into_response()
                 }
             }),
         )
@@ -150,6 +162,34 @@ async fn the_request_spans_form_one_tree_under_the_clients_traceparent() {
     let tp = seen[0].0.clone().expect("the engine got a traceparent");
     assert_eq!(tp, format!("00-{TRACE_ID}-{}-01", hex(&up.span_id)));
     assert_eq!(seen[0].1.as_deref(), Some(TRACESTATE), "tracestate carried on");
+
+    // a stream: its span has the time to first token and the usage read from the stream
+    let streamed_trace = "0af7651916cd43dd8448eb211c80319c";
+    let body =
+        serde_json::json!({"model": common::MODEL, "stream": true, "messages": [{"role": "user", "content": "hi"}]});
+    let tp = format!("00-{streamed_trace}-b7ad6b7169203331-01");
+    let r = common::post(gw.local_addr(), "/v1/chat/completions", body, &[("traceparent", &tp)]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(r.text().contains(" there") && !r.text().contains("prompt_tokens"), "usage chunk stripped: {}", r.text());
+    let mut stream = None;
+    for _ in 0..100 {
+        let g = guard.clone();
+        tokio::task::spawn_blocking(move || g.flush()).await.unwrap();
+        stream = otlp
+            .spans()
+            .into_iter()
+            .find(|r| r.span.name == "gateway.stream" && hex(&r.span.trace_id) == streamed_trace);
+        if stream.is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let stream = stream.expect("the stream's span").span;
+    assert_eq!(attr(&stream, "sse"), Some(Value::BoolValue(true)));
+    assert_eq!(attr(&stream, "tokens_in"), Some(Value::IntValue(5)));
+    assert_eq!(attr(&stream, "tokens_out"), Some(Value::IntValue(2)));
+    assert!(matches!(attr(&stream, "ttft_ms"), Some(Value::DoubleValue(ms)) if ms >= 0.0), "{stream:?}");
+    assert!(stream.events.iter().any(|e| e.name == "first byte"), "{:?}", stream.events);
     gw.shutdown().await;
 }
 
