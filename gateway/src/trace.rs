@@ -8,6 +8,7 @@
 //! ├─ gateway.queue           waiting in the QoS queue for a lease
 //! ├─ gateway.route           the routing decision (strategy, candidates, endpoint)
 //! ├─ gateway.upstream        one attempt: connect, send, response head (retries: more)
+//! │  └─ gateway.connect      a new connection to the engine (none when one is pooled)
 //! └─ gateway.stream          response head to stream end; event `first byte`
 //! ```
 //!
@@ -54,4 +55,28 @@ pub async fn request(mut req: Request, next: Next) -> Response {
 /// Ends `gateway.admission`: the request passed every admission layer.
 pub fn admitted(req: &mut Request) {
     req.extensions_mut().remove::<AdmissionSpan>();
+}
+
+/// The upstream client's connector with a `gateway.connect` span around each new
+/// connection to an engine (TCP, and TLS for `https://` engines): a child of the
+/// `gateway.upstream` attempt that needed it. A pooled connection makes no span.
+#[derive(Clone, Debug)]
+pub struct TracedConnector<C>(pub C);
+
+impl<C> tower::Service<http::Uri> for TracedConnector<C>
+where
+    C: tower::Service<http::Uri>,
+{
+    type Response = C::Response;
+    type Error = C::Error;
+    type Future = tracing::instrument::Instrumented<C::Future>;
+
+    fn poll_ready(&mut self, cx: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        self.0.poll_ready(cx)
+    }
+
+    fn call(&mut self, uri: http::Uri) -> Self::Future {
+        let span = tracing::debug_span!("gateway.connect", server.address = uri.authority().map(|a| a.as_str()));
+        self.0.call(uri).instrument(span)
+    }
 }

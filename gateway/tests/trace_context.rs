@@ -147,6 +147,14 @@ async fn the_request_spans_form_one_tree_under_the_clients_traceparent() {
 
     let up = &spans["gateway.upstream"];
     assert_eq!(up.kind, SpanKind::Client as i32);
+    // the first request to the engine opened a connection, inside the attempt
+    let connect = otlp
+        .spans()
+        .into_iter()
+        .find(|r| r.span.name == "gateway.connect" && r.span.parent_span_id == up.span_id)
+        .expect("a gateway.connect span under gateway.upstream");
+    let address = attr(&connect.span, "server.address").and_then(|v| string(&v)).unwrap_or_default();
+    assert_eq!(address, engine.to_string());
     assert_eq!(attr(up, "http.response.status_code"), Some(Value::IntValue(200)));
     assert_eq!(attr(up, "attempt"), Some(Value::IntValue(1)));
 
