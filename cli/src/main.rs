@@ -44,6 +44,11 @@ struct Cli {
     /// Examples in deploy/config/.
     #[arg(long, global = true, env = "FLOTILLA_CONFIG", value_name = "FILE")]
     config: Option<std::path::PathBuf>,
+    /// Export the role's traces over OTLP/gRPC to this collector URL (`server`, `agent`,
+    /// `gateway`; off when not given), as service `flotilla-<role>`; docs/observability.md.
+    /// Example: --otlp-endpoint http://127.0.0.1:4317
+    #[arg(long, global = true, env = "FLOTILLA_OTLP_ENDPOINT", value_name = "URL")]
+    otlp_endpoint: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -194,6 +199,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             "--token needs TLS (give --tls-ca): a token sent in plain text can be read on the way",
         ));
     }
+    let _telemetry = telemetry(&cli.command, cli.otlp_endpoint.as_deref())?;
     let client = client::Client::new(&cli.server, tls.clone(), cli.token.as_deref())?;
     let server = cli.server.clone();
     match cli.command {
@@ -208,13 +214,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Rollout(c) => cmd::rollout::run(&client, c, cli.output).await,
         Command::Node(c) => cmd::node::run(&client, c, cli.output).await,
         Command::Agent(mut args) => {
-            init_logging("info");
             args.server = server_list(&server);
             args.tls = tls;
             flotilla_agent::run(*args).await.map_err(CliError::from)
         }
         Command::Gateway(mut args) => {
-            init_logging("info");
             args.server = server_list(&server);
             args.tls = tls;
             flotilla_gateway::run(args).await.map_err(CliError::from)
@@ -236,6 +240,21 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             flotilla_chaos::cli::run(c, &bin).await.map_err(|e| CliError { exit_code: e.code, message: e.message })
         }
     }
+}
+
+/// The roles' logs and, with `--otlp-endpoint`, trace export (kept until `run` returns).
+fn telemetry(command: &Command, endpoint: Option<&str>) -> Result<Option<flotilla_telemetry::Guard>, CliError> {
+    let (service, filter) = match command {
+        Command::Server(_) => ("flotilla-server", "info,openraft=error"),
+        Command::Agent(_) => ("flotilla-agent", "info"),
+        Command::Gateway(_) => ("flotilla-gateway", "info"),
+        _ if endpoint.is_some_and(|e| !e.is_empty()) => {
+            return Err(CliError::usage("--otlp-endpoint is for the roles: server, agent and gateway"))
+        }
+        _ => return Ok(None),
+    };
+    let guard = flotilla_telemetry::init(service, endpoint, filter).map_err(|e| CliError::usage(e.to_string()))?;
+    Ok(Some(guard))
 }
 
 /// The global `--server` value as a list of addresses.

@@ -1,7 +1,7 @@
 //! `--config FILE` with the real binary: a gateway configured by a file serves what the file
 //! says, a flag on the command line wins over it, a bad key stops the role with exit code 2
-//! naming the key and line, and every key of the example files in deploy/config/ is one
-//! the binary knows.
+//! naming the key and line (a bad `otlp_endpoint` too), and every key of the example files
+//! in deploy/config/ is one the binary knows.
 mod common;
 
 use std::process::Command;
@@ -33,6 +33,21 @@ fn a_bad_key_is_refused_with_its_line_and_nothing_starts() {
     let out = Command::new(BIN).args(["gateway", "--config"]).arg(&file).output().unwrap();
     assert_eq!(out.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&out.stderr).contains("`no_auth` is a switch"));
+}
+
+#[test]
+fn a_bad_otlp_endpoint_stops_the_role_and_other_commands_refuse_the_flag() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("gw.toml");
+    std::fs::write(&file, "listen = \"127.0.0.1:0\"\notlp_endpoint = \"127.0.0.1:4317\"\n").unwrap();
+    let out = Command::new(BIN).args(["gateway", "--config"]).arg(&file).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--otlp-endpoint \"127.0.0.1:4317\" is not an http:// URL"), "{err}");
+    let out = Command::new(BIN).args(["get", "models", "--otlp-endpoint", "http://127.0.0.1:4317"]).output().unwrap();
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("--otlp-endpoint is for the roles"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -17,6 +17,7 @@ use tokio::sync::mpsc;
 use tokio::time::Instant;
 use tokio_stream::wrappers::ReceiverStream;
 use tonic::{Code, Request, Response, Status};
+use tracing::Instrument as _;
 
 use crate::forwarded::{self, api_write, forward_write, identity_of as caller_of, is_forwarded};
 use crate::node::{Node, Route, LEADER_CHANGED};
@@ -114,7 +115,20 @@ impl ObjectServiceImpl {
     }
 
     async fn write(&self, cmd: Command, forwarded: bool, deadline: Instant) -> Result<Route<CommandResult>, Status> {
-        match self.node.propose(cmd, deadline).await? {
+        // the Raft round: proposed, committed by a quorum and applied here (or the leader named)
+        let span = tracing::debug_span!("server.raft_commit", outcome = tracing::field::Empty);
+        let proposed = self.node.propose(cmd, deadline).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            span.record(
+                "outcome",
+                match &proposed {
+                    Ok(Route::Done(_)) => "committed",
+                    Ok(Route::Leader(_)) => "not_leader",
+                    Err(_) => "error",
+                },
+            );
+        }
+        match proposed? {
             Route::Leader(addr) if forwarded => {
                 tracing::debug!(leader = %addr, "forwarded write reached a non-leader");
                 Err(ClusterError::NoLeader.into())
@@ -146,6 +160,11 @@ impl ObjectServiceImpl {
         let manifest = Manifest::parse(&request.get_ref().manifest).map_err(ClusterError::from)?;
         flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
         let key = ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() };
+        let span = tracing::Span::current();
+        if !span.is_disabled() {
+            span.record("kind", manifest.kind().as_str());
+            span.record("name", manifest.metadata.name.as_str());
+        }
         let by = forwarded::caller(&request, "Apply", key.to_string());
         let mut req = request.into_inner();
         req.expected_revision =
@@ -365,7 +384,35 @@ impl ObjectService for ObjectServiceImpl {
     async fn apply(&self, request: Request<ApplyRequest>) -> Result<Response<ApplyResponse>, Status> {
         let timer = self.node.metrics.grpc_timer("Apply");
         let caller = caller_of(&request);
-        let mut r = self.apply_inner(request).await;
+        let span = tracing::debug_span!(
+            "server.apply",
+            otel.kind = "server",
+            forwarded = is_forwarded(&request),
+            kind = tracing::field::Empty,
+            name = tracing::field::Empty,
+            revision = tracing::field::Empty,
+            created = tracing::field::Empty,
+            unchanged = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let mut r = self.apply_inner(request).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &r {
+                Ok(resp) => {
+                    let resp = resp.get_ref();
+                    if let Some(o) = &resp.object {
+                        // i64: tracing-opentelemetry exports a u64 as a string
+                        span.record("revision", i64::try_from(o.revision).unwrap_or(i64::MAX));
+                    }
+                    span.record("created", resp.created);
+                    span.record("unchanged", resp.unchanged);
+                }
+                Err(s) => {
+                    span.record("error", s.message());
+                }
+            }
+        }
+        drop(span);
         if let Ok(r) = &mut r {
             redact::for_caller(caller.as_ref(), r.get_mut().object.as_mut());
         }

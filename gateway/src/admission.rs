@@ -39,6 +39,10 @@ pub struct PickCtx {
     pub tenant: String,
     /// The side of a running canary this request takes (None: no canary).
     pub split: Option<crate::canary::Split>,
+    /// The request's span (`gateway.request`): the parent of its routing decisions, which
+    /// may be taken while another request's code runs (a lease handed on from the queue).
+    /// `Span::none()` when tracing is off.
+    pub span: tracing::Span,
 }
 
 /// Is an endpoint too busy for a new request?
@@ -121,7 +125,17 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
             loads.push(l);
         }
     }
+    let route = tracing::debug_span!(
+        parent: &ctx.span,
+        "gateway.route",
+        strategy = ?ctx.strategy,
+        candidates = eps.len() as i64,
+        excluded = exclude.len() as i64,
+        endpoint = tracing::field::Empty,
+    );
     let id = gw.router.strategy(ctx.strategy).pick(&ctx.features, &eps, &loads)?;
+    route.record("endpoint", id.as_str());
+    drop(route);
     let endpoint = eps.into_iter().find(|e| e.id == id)?;
     let stats = gw.book.get(&id);
     let probe = {

@@ -267,6 +267,7 @@ pub async fn limits(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next
         Ok(remaining) => {
             gw.metrics.tenant_requests.get_or_create(&TenantLabels { tenant: caller.name.clone() }).inc();
             req.extensions_mut().insert(remaining);
+            crate::trace::admitted(&mut req);
             let resp = next.run(req).await;
             match permit {
                 // the closure owns the permit: it is released when the body is dropped

@@ -42,6 +42,7 @@ pub mod sse;
 pub mod state;
 pub mod table;
 pub mod tokenizer;
+pub mod trace;
 
 use std::net::SocketAddr;
 use std::sync::Arc;

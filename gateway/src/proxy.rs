@@ -18,6 +18,7 @@ use http_body::{Body, Frame};
 use http_body_util::Full;
 use hyper::body::Incoming;
 use tokio::time::{Instant, Sleep};
+use tracing::Instrument as _;
 
 use crate::admission::{select, Lease, PickCtx};
 use crate::demand::{Finished, GaugeGuard};
@@ -43,13 +44,23 @@ pub struct Upstream {
     pub lease: Lease,
 }
 
-fn build(lease: &Lease, kind: ApiKind, body: &Bytes, headers: &HeaderMap) -> Result<Request<Full<Bytes>>, ApiError> {
+fn build(
+    lease: &Lease,
+    kind: ApiKind,
+    body: &Bytes,
+    headers: &HeaderMap,
+    span: &tracing::Span,
+) -> Result<Request<Full<Bytes>>, ApiError> {
     let uri = lease.endpoint.url(kind.path());
     let mut b = Request::post(uri);
     for name in FORWARD_HEADERS {
         if let Some(v) = headers.get(name) {
             b = b.header(name, v.clone());
         }
+    }
+    // W3C trace context: this attempt's span, or the client's as it came (`crate::trace`)
+    for (name, v) in flotilla_telemetry::propagation::outgoing(span, headers) {
+        b = b.header(name, v);
     }
     if !headers.contains_key("content-type") {
         b = b.header("content-type", "application/json");
@@ -96,8 +107,24 @@ pub async fn forward(
 ) -> Result<Upstream, ApiError> {
     let mut tried: Vec<EndpointId> = Vec::new();
     loop {
-        let req = build(&lease, kind, &body, headers)?;
-        let res = tokio::time::timeout(gw.cfg.upstream_timeout, gw.client.request(req)).await;
+        let span = tracing::debug_span!(
+            "gateway.upstream",
+            otel.kind = "client",
+            endpoint = %lease.endpoint.id,
+            attempt = tried.len() as i64 + 1,
+            http.response.status_code = tracing::field::Empty,
+            error = tracing::field::Empty,
+        );
+        let req = build(&lease, kind, &body, headers, &span)?;
+        let res = tokio::time::timeout(gw.cfg.upstream_timeout, gw.client.request(req)).instrument(span.clone()).await;
+        if !span.is_disabled() {
+            match &res {
+                Ok(Ok(r)) => span.record("http.response.status_code", i64::from(r.status().as_u16())),
+                Ok(Err(e)) => span.record("error", tracing::field::display(e)),
+                Err(_) => span.record("error", "timeout"),
+            };
+        }
+        drop(span);
         let retryable = match res {
             Err(_) => {
                 failure(gw, &lease);
@@ -158,6 +185,10 @@ pub async fn forward(
 
 /// Per-request accounting, settled once when the response ends or is dropped.
 pub struct Tracker {
+    /// `gateway.stream`: response head to stream end (`Span::none()` when not traced).
+    pub span: tracing::Span,
+    /// `gateway.request`, which ends with the stream too.
+    pub request_span: tracing::Span,
     pub gw: Arc<Gateway>,
     pub lease: Option<Lease>,
     /// The requested name (metric labels).
@@ -250,6 +281,22 @@ impl Tracker {
         self.gw.demand.finished(&self.base_model, finished);
         self.demand.take();
         drop(lease);
+        if !self.span.is_disabled() {
+            if let Some(u) = self.usage {
+                // i64: tracing-opentelemetry exports a u64 as a string
+                self.span.record("tokens_in", i64::try_from(u.prompt_tokens).unwrap_or(i64::MAX));
+                self.span.record("tokens_out", i64::try_from(u.completion_tokens).unwrap_or(i64::MAX));
+            }
+            if let Some(ft) = self.first_token {
+                self.span.record("ttft_ms", ft.saturating_duration_since(served).as_secs_f64() * 1e3);
+            }
+            self.span.record("outcome", code.as_str());
+            // the stream ends here, not when hyper drops the body; a span's end is its last
+            // exit, and the request's was when the handler returned the response head
+            self.span = tracing::Span::none();
+            self.request_span.in_scope(|| {});
+            self.request_span = tracing::Span::none();
+        }
     }
 }
 
@@ -269,6 +316,8 @@ pub struct ObservedBody {
     /// When an SSE stream is ended, and the bound it enforces.
     cap: Option<(Pin<Box<Sleep>>, std::time::Duration)>,
     ended: bool,
+    /// The first body bytes came (the `first byte` span event was sent).
+    first_byte: bool,
 }
 
 /// Largest JSON response copied to read its usage.
@@ -294,6 +343,7 @@ impl ObservedBody {
             idle_timeout,
             cap,
             ended: false,
+            first_byte: false,
         }
     }
 
@@ -375,6 +425,11 @@ impl Body for ObservedBody {
                     let deadline = Instant::now() + this.idle_timeout;
                     this.idle.as_mut().reset(deadline);
                     let Ok(data) = frame.into_data() else { continue };
+                    if !this.first_byte {
+                        this.first_byte = true;
+                        let tracker = &this.tracker;
+                        tracing::debug!(parent: &tracker.span, bytes = data.len() as i64, "first byte");
+                    }
                     let now = Instant::now();
                     let out = match &mut this.sse {
                         Some(s) => {

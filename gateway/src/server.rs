@@ -3,7 +3,7 @@
 //! graceful shutdown).
 //!
 //! ```text
-//! layers: auth -> policy -> body -> limits (see `layers`)
+//! layers: trace -> auth -> policy -> body -> limits (see `trace`, `layers`)
 //!   -> proxy: resolve model/adapter (a model without endpoints: held until one appears,
 //!      see `hold`; an adapter no endpoint holds: on-demand load, see `ondemand`)
 //!      -> QoS acquire (lease) -> forward with retries (an adapter's 404: reload and
@@ -27,6 +27,8 @@ use hyper_util::rt::{TokioIo, TokioTimer};
 use tokio::net::TcpListener;
 use tokio::sync::watch;
 use tokio::time::Instant;
+use tracing::field::Empty;
+use tracing::Instrument as _;
 
 use crate::admission::{cost_estimate, PickCtx};
 use crate::demand::GaugeKind;
@@ -50,6 +52,7 @@ pub fn router(gw: Arc<Gateway>) -> Router {
         .route("/v1/embeddings", post(proxy))
         .route_layer(
             tower::ServiceBuilder::new()
+                .layer(axum::middleware::from_fn(crate::trace::request))
                 .layer(layer(gw.clone(), layers::auth))
                 .layer(layer(gw.clone(), layers::policy))
                 .layer(layer(gw.clone(), layers::body))
@@ -220,7 +223,9 @@ async fn forward_request(
             drop(set);
             arrived(gw, counted, &m);
             let t = Instant::now();
-            gw.hold_until_ready(&m, policy.class, hold_deadline).await?;
+            gw.hold_until_ready(&m, policy.class, hold_deadline)
+                .instrument(tracing::debug_span!("gateway.hold", model = %m))
+                .await?;
             held += t.elapsed();
             continue;
         }
@@ -257,6 +262,11 @@ async fn forward_request(
         };
     };
     arrived(gw, counted, &base_model);
+    let span = tracing::Span::current();
+    if !span.is_disabled() {
+        span.record("model", name.as_str());
+        span.record("tenant", caller.name.as_str());
+    }
     let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(base_model.as_str()));
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
@@ -268,17 +278,32 @@ async fn forward_request(
     let cost = cost_estimate(&features);
     let stream = features.stream;
     let split = gw.dir.canary_of(base_model.as_str()).map(|c| crate::canary::choose(c, features.session.as_deref()));
-    let ctx = PickCtx { model: name, features, strategy, class: policy.class, tenant: caller.name.clone(), split };
+    let ctx =
+        PickCtx { model: name, features, strategy, class: policy.class, tenant: caller.name.clone(), split, span };
     let queued = gw.demand.gauge(&base_model, GaugeKind::Queued);
-    let acquired = if cold { gw.acquire_cold(&ctx).await } else { gw.acquire_ctx(&ctx).await };
+    let queue_span = tracing::debug_span!(
+        "gateway.queue",
+        class = crate::admission::class_name(policy.class),
+        cold,
+        waited_ms = Empty,
+        error = Empty,
+    );
+    let acquired = if cold {
+        gw.acquire_cold(&ctx).instrument(queue_span.clone()).await
+    } else {
+        gw.acquire_ctx(&ctx).instrument(queue_span.clone()).await
+    };
     drop(queued);
     let (lease, waited) = match acquired {
         Ok(x) => x,
         Err(e) => {
+            queue_span.record("error", e.code.as_str());
             gw.metrics.reject(&caller.name, e.code.as_str());
             return Err(e);
         }
     };
+    queue_span.record("waited_ms", waited.as_secs_f64() * 1e3);
+    drop(queue_span);
     let in_flight = gw.demand.gauge(&base_model, GaugeKind::InFlight);
     gw.metrics
         .queue_wait
@@ -312,7 +337,19 @@ async fn forward_request(
             .get("content-type")
             .and_then(|v| v.to_str().ok())
             .is_some_and(|v| v.starts_with("text/event-stream"));
+    let stream_span = tracing::debug_span!(
+        "gateway.stream",
+        endpoint = %up.lease.endpoint.id,
+        http.response.status_code = i64::from(status.as_u16()),
+        sse = is_sse,
+        tokens_in = Empty,
+        tokens_out = Empty,
+        ttft_ms = Empty,
+        outcome = Empty,
+    );
     let tracker = Tracker {
+        span: stream_span,
+        request_span: tracing::Span::current(),
         gw: gw.clone(),
         model: ctx.model.clone(),
         tenant: caller.name,
@@ -356,6 +393,7 @@ impl Gateway {
             class: ctx.class,
             tenant: ctx.tenant.clone(),
             split: ctx.split,
+            span: ctx.span.clone(),
         })
         .await
     }

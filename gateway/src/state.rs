@@ -28,7 +28,7 @@ use crate::table::Directory;
 /// Upstream client: HTTP/1.1 with keep-alive pooling, plain to `http://` engines and TLS to
 /// `https://` ones, whose certificate must be the one the endpoint table pins
 /// ([`Directory::pins`]; a mismatch fails the handshake, before anything is sent).
-pub type UpstreamClient = Client<PinnedConnector, Full<Bytes>>;
+pub type UpstreamClient = Client<crate::trace::TracedConnector<PinnedConnector>, Full<Bytes>>;
 
 pub struct Gateway {
     pub cfg: Config,
@@ -55,7 +55,7 @@ impl Gateway {
             .pool_timer(hyper_util::rt::TokioTimer::new())
             .pool_idle_timeout(flotilla_engine::ENGINE_IDLE_REUSE)
             .pool_max_idle_per_host(1024)
-            .build(flotilla_engine::tls::connector(conn, dir.pins()));
+            .build(crate::trace::TracedConnector(flotilla_engine::tls::connector(conn, dir.pins())));
         let router = Router::new(PrefixConfig {
             block_chars: cfg.prefix_block_chars,
             balance_abs: cfg.prefix_balance_abs,

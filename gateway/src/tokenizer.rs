@@ -125,6 +125,7 @@ async fn route(gw: &Arc<Gateway>, caller: &Caller, parsed: Parsed, h: &HeaderMap
         class: PriorityClass::Standard,
         tenant: caller.name.clone(),
         split: None,
+        span: tracing::Span::current(),
     };
     let lease = select(gw, &ctx, &[], false).ok_or_else(|| {
         ApiError::new(ApiCode::NoEndpoints, format!("{:?} has no ready endpoint", ctx.model)).retry_after(5)

@@ -6,6 +6,7 @@
 //! ```text
 //!   default (std, tokio, rustix, rand)       feature "http"     feature "cluster"
 //!   procs  ports  proc_fs  wait               http (hyper)       cluster (TestCluster)
+//!                                             feature "otlp": otlp (an OTLP collector)
 //!   raw_http  python  manifests  promtool  proxy
 //!        ▲                                        ▲                   ▲
 //!   chaos (product code); cli, agent, sim,   real-vLLM tier      flotilla-tests,
@@ -26,6 +27,8 @@ pub mod cluster;
 #[cfg(feature = "http")]
 pub mod http;
 pub mod manifests;
+#[cfg(feature = "otlp")]
+pub mod otlp;
 pub mod ports;
 pub mod proc_fs;
 pub mod procs;
