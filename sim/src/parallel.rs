@@ -289,7 +289,7 @@ impl GangArgs {
             ));
         }
         let world = self.tensor_parallel_size * self.pipeline_parallel_size;
-        if world % self.nnodes != 0 {
+        if !world.is_multiple_of(self.nnodes) {
             return Err(SimError::invalid(
                 "nnodes",
                 format!("{} nodes cannot split tensor-parallel x pipeline-parallel = {world} GPUs evenly", self.nnodes),

@@ -155,8 +155,7 @@ async fn duplicate_out_of_range_and_garbage_joins_are_refused() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_worker_retries_until_the_head_listens() {
-    // a port that was free a moment ago
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port(); // free a moment ago
     let w1 = worker(2, 1, port).await;
     tokio::time::sleep(Duration::from_millis(300)).await; // several refused attempts
     let head = start(member(2, 0, port)).await;
@@ -167,7 +166,7 @@ async fn a_worker_retries_until_the_head_listens() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn rendezvous_timeouts_end_workers_and_heads() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port();
+    let port = free_port();
     let mut a = member(2, 1, port);
     a.gang.rendezvous_timeout_seconds = 0.4;
     let mut w = flotilla_sim::start_worker(a).await.unwrap();
@@ -206,6 +205,31 @@ async fn data_parallel_ranks_join_the_head_by_start_rank() {
     let body = get(head.local_addr(), "/metrics").await.body;
     assert!(body.contains("vllm:cache_config_info"), "{body}");
     head.shutdown().await.unwrap();
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0").unwrap().local_addr().unwrap().port()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_subcommand_exits_1_when_its_gang_breaks() {
+    // `flotilla sim` (run) as the head: a worker's loss ends it with a runtime error
+    let port = free_port();
+    let head = tokio::spawn(flotilla_sim::run(member(2, 0, port)));
+    let w = worker(2, 1, port).await;
+    assert!(bounded("rank 1 joins", w.joined()).await);
+    w.shutdown().await.unwrap();
+    let err = bounded("the head's run ends", head).await.unwrap().unwrap_err();
+    assert_eq!(err.exit_code(), 1, "{err}");
+    // `flotilla sim --headless` (run) as the worker: the head's loss ends it the same way
+    let port = free_port();
+    let head = start(member(2, 0, port)).await;
+    let w = tokio::spawn(flotilla_sim::run(member(2, 1, port)));
+    health_becomes(head.local_addr(), 200).await;
+    head.shutdown().await.unwrap();
+    let err = bounded("the worker's run ends", w).await.unwrap().unwrap_err();
+    assert_eq!(err.exit_code(), 1, "{err}");
+    assert!(err.to_string().contains("lost the connection to the head"), "{err}");
 }
 
 #[derive(Parser)]
