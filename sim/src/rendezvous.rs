@@ -31,7 +31,8 @@ use crate::parallel::GangKind;
 const MAGIC: &str = "flotilla-sim-gang v1";
 /// Longest hello line accepted (bytes).
 const MAX_LINE: u64 = 256;
-/// How long the head waits for a connection's hello, and a worker for the head's answer.
+/// How long the head waits for a connection's hello, and a worker for a connection or the
+/// head's answer.
 const HELLO_TIMEOUT: Duration = Duration::from_secs(5);
 /// First and longest wait between a worker's connection attempts.
 const BACKOFF: (Duration, Duration) = (Duration::from_millis(50), Duration::from_secs(1));
@@ -264,7 +265,10 @@ pub async fn join(head: &str, spec: WorkerSpec, deadline: Instant) -> Result<Tcp
 
 /// Outer error: retry (not reachable, no answer); inner error: the head refused us.
 async fn try_join(head: &str, spec: WorkerSpec) -> Result<Result<TcpStream, String>, String> {
-    let mut sock = TcpStream::connect(head).await.map_err(|e| e.to_string())?;
+    let mut sock = tokio::time::timeout(HELLO_TIMEOUT, TcpStream::connect(head))
+        .await
+        .map_err(|_| "connecting timed out".to_owned())?
+        .map_err(|e| e.to_string())?;
     let _ = sock.set_nodelay(true);
     let hello =
         format!("{MAGIC} kind={} first={} count={} world={}\n", spec.kind.as_str(), spec.first, spec.count, spec.world);
