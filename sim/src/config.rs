@@ -3,6 +3,7 @@
 
 use crate::error::SimError;
 use crate::latency::{self, Profile};
+use crate::parallel::{GangArgs, GangRole, Layout};
 
 /// `flotilla sim`: a simulated vLLM engine with vLLM's HTTP surface and metric names.
 ///
@@ -100,6 +101,10 @@ pub struct SimArgs {
     /// The certificate's private key (PEM), as `vllm serve --ssl-keyfile`; needs --ssl-certfile.
     #[arg(long, requires = "ssl_certfile")]
     pub ssl_keyfile: Option<std::path::PathBuf>,
+    /// Multi-node and parallel flags (vLLM's --nnodes, --node-rank, --master-addr,
+    /// --master-port, --headless, --tensor/pipeline/data-parallel-*): `parallel.rs`.
+    #[command(flatten)]
+    pub gang: GangArgs,
 }
 
 impl Default for SimArgs {
@@ -131,6 +136,7 @@ impl Default for SimArgs {
             api_key: None,
             ssl_certfile: None,
             ssl_keyfile: None,
+            gang: GangArgs::default(),
         }
     }
 }
@@ -178,6 +184,11 @@ pub struct EngineConfig {
     pub startup: std::time::Duration,
     /// The key guarded paths require (None: no check).
     pub api_key: Option<crate::http::auth::ApiKey>,
+    /// How the replica's model is split (TP, PP, DP, nodes): scales step times, KV blocks,
+    /// batch slots and token budget. `Layout::SINGLE` without the flags.
+    pub layout: Layout,
+    /// This process's part in a multi-node gang.
+    pub gang: GangRole,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -185,6 +196,8 @@ const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
 impl SimArgs {
     /// Checks every flag and resolves defaults; the error names the flag at fault.
     pub fn validate(&self) -> Result<EngineConfig, SimError> {
+        let (layout, gang) = self.gang.validate()?;
+        let dp = layout.dp;
         let profile = latency::profile(&self.profile).ok_or_else(|| {
             SimError::invalid(
                 "profile",
@@ -272,14 +285,24 @@ impl SimArgs {
                 ),
             ));
         }
+        // Each data-parallel rank has its own batch and budget; the sim runs them as one engine.
+        let (max_num_seqs, max_num_batched_tokens) =
+            (self.max_num_seqs.saturating_mul(dp), max_num_batched_tokens.saturating_mul(dp));
         let lora_enabled = !self.disable_lora;
         let num_blocks = match self.num_gpu_blocks {
             Some(0) => return Err(SimError::invalid("num-gpu-blocks", "must be at least 1, got 0")),
-            Some(n) => u64::from(n),
+            // per data-parallel rank, as vLLM's override is per engine
+            Some(n) => u64::from(n) * u64::from(dp),
             None => {
-                let total = profile.default_num_blocks(self.block_size);
+                let total = if layout == Layout::SINGLE {
+                    profile.default_num_blocks(self.block_size)
+                } else {
+                    layout.kv_cache_bytes(profile) / (profile.kv_bytes_per_token * u64::from(self.block_size))
+                };
                 let reserved = if lora_enabled {
-                    u64::from(self.max_loras) * profile.lora_slot_blocks(self.max_lora_rank, self.block_size)
+                    u64::from(dp)
+                        * u64::from(self.max_loras)
+                        * profile.lora_slot_blocks(self.max_lora_rank, self.block_size)
                 } else {
                     0
                 };
@@ -311,7 +334,7 @@ impl SimArgs {
             profile,
             block_size: self.block_size,
             num_blocks,
-            max_num_seqs: self.max_num_seqs,
+            max_num_seqs,
             max_num_batched_tokens,
             max_model_len: self.max_model_len,
             speedup: self.speedup,
@@ -327,6 +350,8 @@ impl SimArgs {
             reject_unknown_fields: self.reject_unknown_fields,
             startup: std::time::Duration::from_secs_f64(self.startup_seconds / self.speedup),
             api_key: self.api_key.as_deref().and_then(crate::http::auth::ApiKey::new),
+            layout,
+            gang,
         })
     }
 }

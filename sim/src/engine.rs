@@ -222,7 +222,8 @@ impl Engine {
                 continue;
             }
             let lora_s = self.apply_loras();
-            let dt = self.cfg.profile.step_time(plan.shape, self.cfg.block_size) * self.faults.slow_factor() + lora_s;
+            let step = self.cfg.layout.step_time(self.cfg.profile, plan.shape, self.cfg.block_size);
+            let dt = step * self.faults.slow_factor() + lora_s;
             let step_start = self.now;
             self.now += dt;
             let deadline = self.clock.instant(self.now);

@@ -25,6 +25,10 @@ pub enum SimError {
     /// The step-loop task ended unexpectedly (exit code 1).
     #[error("engine task failed: {0}")]
     Engine(String),
+    /// The multi-node gang failed: a rank left, the head refused this worker, or the gang
+    /// did not form in time (exit code 1).
+    #[error("gang failed: {0}")]
+    Gang(String),
 }
 
 impl SimError {
@@ -48,6 +52,7 @@ impl SimError {
             SimError::InvalidConfig { .. } => "sim.invalid_config",
             SimError::Bind { .. } => "sim.bind",
             SimError::Engine(_) => "sim.engine",
+            SimError::Gang(_) => "sim.gang",
         }
     }
 

@@ -9,7 +9,8 @@
 //!       └──────────Event (tokens)──────┘──> metrics (vLLM names)   latency (profiles)
 //! ```
 //!
-//! Entry points: [`run`] for the `flotilla sim` subcommand, [`start`] for in-process tests.
+//! Entry points: [`run`] for the `flotilla sim` subcommand, [`start`] for in-process tests
+//! (a gang's head too), [`start_worker`] for a headless gang member (`rendezvous.rs`).
 #![forbid(unsafe_code)]
 
 pub mod config;
@@ -22,6 +23,8 @@ pub mod latency;
 pub mod lora;
 pub mod lora_cache;
 pub mod metrics;
+pub mod parallel;
+pub mod rendezvous;
 pub mod scheduler;
 pub mod text;
 pub mod tokenizer;
@@ -39,6 +42,12 @@ use tokio::task::JoinHandle;
 
 pub use config::{EngineConfig, SimArgs};
 pub use error::SimError;
+pub use parallel::{GangArgs, GangRole, Layout};
+pub use rendezvous::GangState;
+
+/// Wall time from a gang rank's loss (when /health turns 503) to the head's exit: long
+/// enough for a supervisor polling /health to see the failure first.
+pub const GANG_LOSS_EXIT_DELAY: Duration = Duration::from_secs(1);
 
 /// What a crash fault does.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -56,6 +65,8 @@ pub struct SimHandle {
     model: String,
     /// Serving HTTPS (`--ssl-certfile`).
     tls: bool,
+    /// Where a gang head accepts its workers.
+    gang_addr: Option<SocketAddr>,
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), SimError>>>,
 }
@@ -77,13 +88,19 @@ impl SimHandle {
         &self.model
     }
 
+    /// A gang head's bound rendezvous address (the real port when `--master-port 0`).
+    pub fn gang_addr(&self) -> Option<SocketAddr> {
+        self.gang_addr
+    }
+
     /// Aborts in-flight requests, stops serving and waits (at most ~2 s) for the server.
     pub async fn shutdown(mut self) -> Result<(), SimError> {
         let _ = self.stop.send(true);
         self.join().await
     }
 
-    /// Waits until the server stops by itself (a crash fault) or fails.
+    /// Waits until the server stops by itself (a crash fault) or fails (a gang head whose
+    /// gang lost a rank, or never formed: [`SimError::Gang`]).
     pub async fn stopped(&mut self) -> Result<(), SimError> {
         self.join().await
     }
@@ -118,6 +135,9 @@ pub async fn start(args: SimArgs) -> Result<SimHandle, SimError> {
 
 async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimError> {
     let cfg = args.validate()?;
+    if matches!(cfg.gang, GangRole::Worker { .. }) {
+        return Err(SimError::invalid("headless", "a headless worker serves no API; start it with start_worker"));
+    }
     let tls = match (&args.ssl_certfile, &args.ssl_keyfile) {
         (Some(cert), Some(key)) => Some(http::serve::https(cert, key)?),
         _ => None,
@@ -125,6 +145,19 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let want = listen_addr(&args.host, args.port);
     let listener = TcpListener::bind(&want).await.map_err(|source| SimError::Bind { addr: want.clone(), source })?;
     let addr = listener.local_addr().map_err(|source| SimError::Bind { addr: want, source })?;
+    let gang = match &cfg.gang {
+        GangRole::Head { kind, listen, world, own, timeout } => {
+            let gl =
+                TcpListener::bind(listen).await.map_err(|source| SimError::Bind { addr: listen.clone(), source })?;
+            let gang_addr = gl.local_addr().map_err(|source| SimError::Bind { addr: listen.clone(), source })?;
+            let (tx, rx) = watch::channel(GangState::Forming { missing: (*own..*world).collect() });
+            let spec = rendezvous::HeadSpec { kind: *kind, world: *world, own: *own };
+            let task = tokio::spawn(rendezvous::serve_head(gl, spec, tx));
+            tracing::info!(gang_addr = %gang_addr, world, own, kind = kind.as_str(), "gang head waiting for its workers");
+            Some((gang_addr, rx, task, *timeout))
+        }
+        _ => None,
+    };
 
     let mut m = metrics::Metrics::new(&cfg.model, cfg.max_model_len, cfg.lora_enabled.then_some(cfg.max_loras));
     m.set_cache_config(&metrics::CacheInfo {
@@ -158,19 +191,36 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         id_salt: u64::from(addr.port()) ^ u64::from(std::process::id()) << 16,
         ready_at: tokio::time::Instant::now() + cfg.startup,
         vocab: Arc::default(),
+        gang: gang.as_ref().map(|g| g.1.clone()),
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let graceful_rx = stop_tx.subscribe();
+    let gang_addr = gang.as_ref().map(|g| g.0);
+    let (gang_rx, rendezvous, gang_timeout) = match gang {
+        Some((_, rx, task, timeout)) => (Some(rx), Some(task), timeout),
+        None => (None, None, Duration::ZERO),
+    };
     let task = tokio::spawn(async move {
+        let _rendezvous = AbortOnDrop(rendezvous); // closes every worker's socket when we end
         let mut server = tokio::spawn(http::serve::serve(listener, app, http::serve::KEEP_ALIVE, tls, graceful_rx));
         let crashed = tokio::select! {
             r = &mut server => {
                 let _ = tx.send(engine::Command::Shutdown);
                 return r.map_err(|e| SimError::Engine(e.to_string()));
             }
-            _ = stop_rx.wait_for(|s| *s) => false,
-            _ = faults.crash.notified() => true,
+            _ = stop_rx.wait_for(|s| *s) => Ok(false),
+            _ = faults.crash.notified() => Ok(true),
+            e = gang_failure(gang_rx, gang_timeout) => Err(e),
+        };
+        let crashed = match crashed {
+            Ok(crashed) => crashed,
+            Err(e) => {
+                server.abort();
+                let _ = tx.send(engine::Command::Shutdown);
+                let _ = tokio::time::timeout(Duration::from_secs(2), engine_task).await;
+                return Err(e);
+            }
         };
         if crashed {
             tracing::error!(addr = %addr, "crash fault injected");
@@ -191,12 +241,147 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
             }
         }
     });
-    Ok(SimHandle { addr, model: cfg.model, tls: serving_tls, stop: stop_tx, task: Some(task) })
+    Ok(SimHandle { addr, model: cfg.model, tls: serving_tls, gang_addr, stop: stop_tx, task: Some(task) })
+}
+
+/// Aborts the task when dropped.
+struct AbortOnDrop(Option<JoinHandle<()>>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        if let Some(t) = &self.0 {
+            t.abort();
+        }
+    }
+}
+
+/// Resolves when a gang head must fail: its gang did not form within `timeout`, or a rank
+/// left after it formed (then after [`GANG_LOSS_EXIT_DELAY`]). Never, without a gang.
+async fn gang_failure(rx: Option<watch::Receiver<GangState>>, timeout: Duration) -> SimError {
+    let Some(mut rx) = rx else { return std::future::pending().await };
+    let formed =
+        tokio::time::timeout(timeout, async { rx.wait_for(|s| !matches!(s, GangState::Forming { .. })).await.is_ok() })
+            .await;
+    match formed {
+        Err(_) => {
+            let why = rx.borrow().unavailable().unwrap_or_default();
+            return SimError::Gang(format!("the gang did not form within {timeout:?} ({why})"));
+        }
+        Ok(false) => return std::future::pending().await,
+        Ok(true) => {}
+    }
+    let lost = rx.wait_for(|s| matches!(s, GangState::Lost { .. })).await.map(|s| s.clone());
+    let Ok(GangState::Lost { rank }) = lost else { return std::future::pending().await };
+    tracing::error!(rank, delay = ?GANG_LOSS_EXIT_DELAY, "a gang rank disconnected; /health answers 503 and the head exits");
+    tokio::time::sleep(GANG_LOSS_EXIT_DELAY).await;
+    SimError::Gang(format!("rank {rank} of the gang disconnected"))
+}
+
+/// A headless gang member started by [`start_worker`]: it serves no API.
+#[derive(Debug)]
+pub struct WorkerHandle {
+    head: String,
+    joined: watch::Receiver<bool>,
+    stop: watch::Sender<bool>,
+    task: Option<JoinHandle<Result<(), SimError>>>,
+}
+
+impl WorkerHandle {
+    /// The head's rendezvous address this worker joins.
+    pub fn head(&self) -> &str {
+        &self.head
+    }
+
+    /// Waits until the head accepted this worker: true, or false if the worker ended first.
+    pub async fn joined(&self) -> bool {
+        let mut rx = self.joined.clone();
+        let joined = rx.wait_for(|j| *j).await.is_ok();
+        joined
+    }
+
+    /// Closes the connection to the head (as a killed worker would) and waits for the task.
+    pub async fn shutdown(mut self) -> Result<(), SimError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    /// Waits until the worker ends: an error when the head refused it, never answered in
+    /// time, or its connection dropped.
+    pub async fn stopped(&mut self) -> Result<(), SimError> {
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), SimError> {
+        match self.task.take() {
+            Some(t) => t.await.map_err(|e| SimError::Engine(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for WorkerHandle {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
+}
+
+/// Validates `args` (which must name a headless worker), and starts joining the head with
+/// retries in the background; returns at once.
+pub async fn start_worker(args: SimArgs) -> Result<WorkerHandle, SimError> {
+    let cfg = args.validate()?;
+    let GangRole::Worker { kind, head, first, count, world, timeout } = cfg.gang else {
+        return Err(SimError::invalid("headless", "not given; only a headless worker joins a head"));
+    };
+    let spec = rendezvous::WorkerSpec { kind, first, count, world };
+    let (stop_tx, mut stop_rx) = watch::channel(false);
+    let (joined_tx, joined_rx) = watch::channel(false);
+    let head2 = head.clone();
+    let task = tokio::spawn(async move {
+        let deadline = tokio::time::Instant::now() + timeout;
+        let sock = tokio::select! {
+            r = rendezvous::join(&head2, spec, deadline) => r?,
+            _ = stop_rx.wait_for(|s| *s) => return Ok(()),
+        };
+        joined_tx.send_replace(true);
+        tracing::info!(head = %head2, first, count, world, "joined the gang's head");
+        tokio::select! {
+            e = rendezvous::hold(sock, &head2) => Err(e),
+            _ = stop_rx.wait_for(|s| *s) => Ok(()),
+        }
+    });
+    Ok(WorkerHandle { head, joined: joined_rx, stop: stop_tx, task: Some(task) })
+}
+
+/// `flotilla sim --headless`: prints `flotilla sim headless ranks A..B of W joining HEAD`,
+/// joins, and runs until SIGTERM (exit 0) or until the head is lost (exit 1).
+async fn run_worker(args: SimArgs) -> Result<(), SimError> {
+    let mut handle = start_worker(args.clone()).await?;
+    let shutdown = ShutdownSignal::install();
+    if let Ok(EngineConfig { gang: GangRole::Worker { first, count, world, .. }, .. }) = args.validate() {
+        let mut out = std::io::stdout().lock();
+        let _ = writeln!(
+            out,
+            "flotilla sim headless ranks {first}..{} of {world} joining {}",
+            first + count,
+            handle.head()
+        );
+        let _ = out.flush();
+    }
+    tokio::select! {
+        _ = shutdown.wait() => {
+            tracing::info!("shutdown signal received");
+            handle.shutdown().await
+        }
+        r = handle.stopped() => r,
+    }
 }
 
 /// Runs `flotilla sim`: binds, prints `flotilla sim listening on http://ADDR model=NAME`
 /// (`https://` with `--ssl-certfile`) on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
+    if matches!(args.validate()?.gang, GangRole::Worker { .. }) {
+        return run_worker(args).await;
+    }
     let mut handle = start_with(args, CrashMode::Exit).await?;
     // Watch the signals before announcing the address: a supervisor may send SIGTERM as
     // soon as it has read that line, and a signal before the handler exists would kill us.

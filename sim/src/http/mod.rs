@@ -3,7 +3,7 @@
 //! fallback.
 //!
 //! ```text
-//! request -> fault layer (hang / 5xx) -> api key (401) -> startup (503 while loading) -> body limit -> route -> handler -> engine channel
+//! request -> fault layer (hang / 5xx) -> api key (401) -> startup (503 while loading or the gang is not formed) -> body limit -> route -> handler -> engine channel
 //! ```
 
 pub mod admin;
@@ -56,6 +56,9 @@ pub struct AppState {
     pub ready_at: tokio::time::Instant,
     /// Token id → text, for `/detokenize` and `token_strs`.
     pub vocab: Arc<crate::vocab::Vocabulary>,
+    /// A gang head's view of its gang: /health and the inference endpoints answer 503
+    /// unless it is formed (None: no gang).
+    pub gang: Option<tokio::sync::watch::Receiver<crate::rendezvous::GangState>>,
 }
 
 impl AppState {
@@ -70,10 +73,17 @@ pub fn unix_now() -> u64 {
     std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_secs())
 }
 
-/// Paths that answer before the engine finished starting (the rest get 503 until then).
+/// Paths that answer before the engine finished starting, or while a gang is forming or
+/// lost (the rest get 503 then).
 const SERVED_WHILE_STARTING: [&str; 3] = ["/metrics", "/version", "/sim/faults"];
 
 async fn startup_layer(State(st): State<AppState>, req: Request, next: Next) -> Response {
+    let gang_down = st.gang.as_ref().and_then(|g| g.borrow().unavailable());
+    if let Some(why) = gang_down {
+        if !SERVED_WHILE_STARTING.contains(&req.uri().path()) {
+            return errors::ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, why, None).into_response();
+        }
+    }
     if tokio::time::Instant::now() < st.ready_at && !SERVED_WHILE_STARTING.contains(&req.uri().path()) {
         return errors::ApiError::with_status(
             StatusCode::SERVICE_UNAVAILABLE,
