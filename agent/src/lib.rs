@@ -189,7 +189,8 @@ pub async fn start_with_gpus(cfg: AgentConfig, gpus: Arc<dyn GpuInventory>) -> R
         metrics_addr = listener.local_addr().ok();
         let (manager, gpus, downloader) = (manager.clone(), gpus.clone(), downloader.clone());
         let render: metrics::Render = Arc::new(move || {
-            metrics.render(&manager.reports(), &gpus.probe(), &gpus.usage(), &downloader.guard().refusals())
+            let refusals = downloader.guard().refusals();
+            metrics.render(&manager.reports(), &gpus.probe(), &gpus.usage(), &refusals, downloader.usage())
         });
         tokio::spawn(metrics::serve(listener, render, shutdown_rx.clone()));
         tracing::info!(addr = ?metrics_addr, "agent metrics on /metrics");

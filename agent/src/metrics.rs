@@ -203,13 +203,15 @@ impl AgentMetrics {
 
     /// The OpenMetrics text of every metric, the gauges set from `reports` and `gpus`
     /// first, with the source policy's `refusals` per rule (counted by its guard) and each
-    /// GPU's `usage` where known (a series per GPU index, absent when unknown).
+    /// GPU's `usage` where known (a series per GPU index, absent when unknown) and the model
+    /// cache's size.
     pub fn render(
         &self,
         reports: &[EngineReport],
         gpus: &[GpuInfo],
         usage: &[crate::gpu::GpuUsage],
         refusals: &[(&str, u64)],
+        cache: crate::download::CacheUsage,
     ) -> String {
         for s in ENGINE_STATES {
             let n = reports.iter().filter(|r| bucket(&r.state, &ENGINE_STATES) == s).count();
@@ -233,6 +235,13 @@ impl AgentMetrics {
             out.push_str(&format!("flotilla_agent_download_refusals_total{{rule=\"{rule}\"}} {n}\n"));
         }
         gpu_usage_text(&mut out, usage);
+        out.push_str(&format!(
+            "# HELP flotilla_agent_model_cache_bytes Bytes of the node's model cache on disk (partial downloads included).\n\
+             # TYPE flotilla_agent_model_cache_bytes gauge\nflotilla_agent_model_cache_bytes {}\n\
+             # HELP flotilla_agent_model_cache_models Models downloaded completely into the node's cache.\n\
+             # TYPE flotilla_agent_model_cache_models gauge\nflotilla_agent_model_cache_models {}\n",
+            cache.bytes, cache.models
+        ));
         out.push_str("# EOF\n");
         out
     }
@@ -345,7 +354,8 @@ mod tests {
             },
             crate::gpu::GpuUsage { index: 2, utilization: Some(1.0), ..Default::default() },
         ];
-        let text = m.render(&reports, &gpus, &usage, &[("schemes", 2), ("hosts", 0)]);
+        let cache = crate::download::CacheUsage { models: 2, bytes: 5 << 30 };
+        let text = m.render(&reports, &gpus, &usage, &[("schemes", 2), ("hosts", 0)], cache);
         for line in [
             "flotilla_agent_engine_starts_total{engine=\"sim\"} 2",
             "flotilla_agent_engine_crashes_total{engine=\"vllm\"} 1",
@@ -364,6 +374,8 @@ mod tests {
             "flotilla_agent_gpu_utilization_ratio{gpu=\"2\"} 1",
             "flotilla_agent_gpu_temperature_celsius{gpu=\"0\"} 60",
             "flotilla_agent_download_bytes_total 1024",
+            "flotilla_agent_model_cache_bytes 5368709120",
+            "flotilla_agent_model_cache_models 2",
         ] {
             assert!(text.lines().any(|l| l == line), "{line} in\n{text}");
         }

@@ -220,3 +220,27 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     assert_eq!(status, 401, "the vLLM driver's engine got its key through VLLM_API_KEY");
     drop(agent);
 }
+
+#[tokio::test]
+async fn cache_usage_counts_finished_models_and_each_file_once() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = downloader(dir.path().join("models"));
+    assert_eq!(d.usage(), Default::default(), "no cache directory yet");
+    let model = dir.path().join("m");
+    std::fs::create_dir_all(&model).unwrap();
+    std::fs::write(model.join("config.json"), b"{}").unwrap();
+    std::fs::write(model.join("weights.bin"), vec![7u8; 10_000]).unwrap();
+    let got = d.fetch(&format!("file://{}", model.display()), &|_| {}).await.unwrap();
+    let usage = d.usage();
+    assert_eq!(usage.models, 1);
+    assert!((10_002..10_002 + 4096).contains(&usage.bytes), "the files and the marker: {usage:?}");
+    // A second name for the same file adds nothing (file:// sources are hard-linked in).
+    std::fs::hard_link(got.join("weights.bin"), got.join("again.bin")).unwrap();
+    assert_eq!(d.usage(), usage);
+    // A partial download counts its bytes but is no model.
+    let partial = dir.path().join("models/abc.partial");
+    std::fs::create_dir_all(&partial).unwrap();
+    std::fs::write(partial.join("part"), vec![1u8; 500]).unwrap();
+    assert_eq!(d.usage().models, 1);
+    assert_eq!(d.usage().bytes, usage.bytes + 500);
+}

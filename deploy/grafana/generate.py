@@ -107,6 +107,7 @@ DASHBOARDS = {
            ("sum by (result) (rate(flotilla_agent_downloads_total[5m]))", "{{result}}/s")),
         ts("Download duration p95", (q(0.95, "flotilla_agent_download_seconds"), "p95"), unit="s"),
         ts("Download rate by node", ("sum by (instance) (rate(flotilla_agent_download_bytes_total[5m]))", "{{instance}}"), unit="Bps"),
+        ts("Model cache by node", ("flotilla_agent_model_cache_bytes", "{{instance}}"), unit="bytes"),
         ts("Downloads refused by the source policy", ("sum by (rule) (increase(flotilla_agent_download_refusals_total[15m]))", "{{rule}}")),
         ts("GPUs by health", ("sum by (health) (flotilla_agent_gpus)", "{{health}}")),
         ts("Engine requests running and waiting", ("sum(vllm:num_requests_running)", "running"),

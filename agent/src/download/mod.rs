@@ -117,6 +117,13 @@ struct Marker {
     stamp: String,
 }
 
+/// The model cache's size ([`Downloader::usage`]).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct CacheUsage {
+    pub models: u64,
+    pub bytes: u64,
+}
+
 impl Downloader {
     /// A cache rooted at `root`, fetching what `policy` allows.
     pub fn new(root: PathBuf, client: HttpClient, hf_endpoint: &str, s3: s3::S3Config, policy: Policy) -> Self {
@@ -133,6 +140,33 @@ impl Downloader {
     /// The source policy and its refusal counters.
     pub fn guard(&self) -> &Guard {
         &self.guard
+    }
+
+    /// What the cache holds now: finished models (completion markers) and bytes on disk,
+    /// partial downloads included, each file counted once however many hard links it has
+    /// (`file://` sources are hard-linked in). Walks the tree: for `/metrics`, off the reactor.
+    pub fn usage(&self) -> CacheUsage {
+        use std::os::unix::fs::MetadataExt as _;
+        let mut usage = CacheUsage::default();
+        let mut seen = std::collections::HashSet::new();
+        let mut dirs = vec![self.root.clone()];
+        while let Some(dir) = dirs.pop() {
+            let Ok(entries) = std::fs::read_dir(&dir) else { continue };
+            for e in entries.flatten() {
+                let Ok(meta) = e.path().symlink_metadata() else { continue };
+                if meta.is_dir() {
+                    dirs.push(e.path());
+                } else if meta.is_file() {
+                    if dir == self.root && e.file_name().to_string_lossy().ends_with(".json") {
+                        usage.models += 1;
+                    }
+                    if seen.insert((meta.dev(), meta.ino())) {
+                        usage.bytes += meta.len();
+                    }
+                }
+            }
+        }
+        usage
     }
 
     /// The cache key of a source.
