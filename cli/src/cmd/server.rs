@@ -149,8 +149,9 @@ impl ServerArgs {
     }
 }
 
+/// Runs a server until SIGINT or SIGTERM (its logs and traces are set up by `main`'s
+/// `telemetry`).
 pub(crate) async fn run(args: ServerArgs, tls: &flotilla_security::TlsArgs) -> Result<(), CliError> {
-    crate::init_logging("info,openraft=error");
     let mut config = args.config();
     config.tls = flotilla_security::Tls::from_args(tls).map_err(|e| CliError::usage(e.to_string()))?;
     config.validate()?;
