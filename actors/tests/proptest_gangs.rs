@@ -208,16 +208,23 @@ proptest! {
             let status = NodeStatus { reason: "changed".into(), ..n.status.clone() };
             put(&mut store, TxnOp::PutStatus { key: n.key(), status: json!(status) });
         }
-        for cmd in &p.binds {
+        for cmd in p.binds.iter().chain(&p.reasons) {
             let _ = store.apply(cmd);
         }
         check(&store)?;
         // Another round on the applied state never breaks them either.
         let (ns, rs) = views(&store);
         let again = plan(&ns, &rs, PlacementStrategy::Spread, &BTreeSet::new(), 2);
-        for cmd in &again.binds {
+        for cmd in again.binds.iter().chain(&again.reasons) {
             prop_assert!(matches!(store.apply(cmd), CommandResult::Txn { .. }), "a fresh plan applies");
         }
         check(&store)?;
+        // And once a fresh round's bindings and reasons are in, the next finds nothing to
+        // bind and no reason to rewrite (the words count the capacity left after a round).
+        if stale.is_none() {
+            let (ns, rs) = views(&store);
+            let third = plan(&ns, &rs, PlacementStrategy::Spread, &BTreeSet::new(), 2);
+            prop_assert!(third.binds.is_empty() && third.reasons.is_none(), "{:?}", third);
+        }
     }
 }
