@@ -154,6 +154,12 @@ for sys in $SYSTEMS; do
   log "$sys: starting 3 members"
   cluster_up "$sys"
   leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" | jq -r .leader)
+  if [[ $sys == flotilla ]]; then
+    # The load writes Adapters of base model `bench`, which apply refuses unless it exists.
+    printf 'kind: Model\nmetadata: {name: bench}\nspec: {engine: sim, source: "file:///models/bench", replicas: 0, gpus: 1}\n' \
+      >"$WORK/bench-model.yaml"
+    "$FLOTILLA" --server "$FL_EPS" apply -f "$WORK/bench-model.yaml" >/dev/null
+  fi
   for c in 1 "$CLIENTS_HI"; do
     log "$sys: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader"
     RUNS+=("$("$LOADGEN" load --system "$sys" --endpoint "$leader" --clients "$c" \
