@@ -67,8 +67,35 @@ pub struct SimHandle {
     tls: bool,
     /// Where a gang head accepts its workers.
     gang_addr: Option<SocketAddr>,
+    run: Running,
+}
+
+/// A background task told to stop through a watch channel: stopped on drop, awaited by
+/// `shutdown` or `stopped` (shared by [`SimHandle`] and [`WorkerHandle`]).
+#[derive(Debug)]
+struct Running {
     stop: watch::Sender<bool>,
     task: Option<JoinHandle<Result<(), SimError>>>,
+}
+
+impl Running {
+    async fn shutdown(&mut self) -> Result<(), SimError> {
+        let _ = self.stop.send(true);
+        self.join().await
+    }
+
+    async fn join(&mut self) -> Result<(), SimError> {
+        match self.task.take() {
+            Some(t) => t.await.map_err(|e| SimError::Engine(e.to_string()))?,
+            None => Ok(()),
+        }
+    }
+}
+
+impl Drop for Running {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+    }
 }
 
 impl SimHandle {
@@ -95,27 +122,13 @@ impl SimHandle {
 
     /// Aborts in-flight requests, stops serving and waits (at most ~2 s) for the server.
     pub async fn shutdown(mut self) -> Result<(), SimError> {
-        let _ = self.stop.send(true);
-        self.join().await
+        self.run.shutdown().await
     }
 
     /// Waits until the server stops by itself (a crash fault) or fails (a gang head whose
     /// gang lost a rank, or never formed: [`SimError::Gang`]).
     pub async fn stopped(&mut self) -> Result<(), SimError> {
-        self.join().await
-    }
-
-    async fn join(&mut self) -> Result<(), SimError> {
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| SimError::Engine(e.to_string()))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for SimHandle {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.run.join().await
     }
 }
 
@@ -241,7 +254,13 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
             }
         }
     });
-    Ok(SimHandle { addr, model: cfg.model, tls: serving_tls, gang_addr, stop: stop_tx, task: Some(task) })
+    Ok(SimHandle {
+        addr,
+        model: cfg.model,
+        tls: serving_tls,
+        gang_addr,
+        run: Running { stop: stop_tx, task: Some(task) },
+    })
 }
 
 /// Aborts the task when dropped.
@@ -282,8 +301,7 @@ async fn gang_failure(rx: Option<watch::Receiver<GangState>>, timeout: Duration)
 pub struct WorkerHandle {
     head: String,
     joined: watch::Receiver<bool>,
-    stop: watch::Sender<bool>,
-    task: Option<JoinHandle<Result<(), SimError>>>,
+    run: Running,
 }
 
 impl WorkerHandle {
@@ -301,27 +319,13 @@ impl WorkerHandle {
 
     /// Closes the connection to the head (as a killed worker would) and waits for the task.
     pub async fn shutdown(mut self) -> Result<(), SimError> {
-        let _ = self.stop.send(true);
-        self.join().await
+        self.run.shutdown().await
     }
 
     /// Waits until the worker ends: an error when the head refused it, never answered in
     /// time, or its connection dropped.
     pub async fn stopped(&mut self) -> Result<(), SimError> {
-        self.join().await
-    }
-
-    async fn join(&mut self) -> Result<(), SimError> {
-        match self.task.take() {
-            Some(t) => t.await.map_err(|e| SimError::Engine(e.to_string()))?,
-            None => Ok(()),
-        }
-    }
-}
-
-impl Drop for WorkerHandle {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
+        self.run.join().await
     }
 }
 
@@ -349,7 +353,7 @@ pub async fn start_worker(args: SimArgs) -> Result<WorkerHandle, SimError> {
             _ = stop_rx.wait_for(|s| *s) => Ok(()),
         }
     });
-    Ok(WorkerHandle { head, joined: joined_rx, stop: stop_tx, task: Some(task) })
+    Ok(WorkerHandle { head, joined: joined_rx, run: Running { stop: stop_tx, task: Some(task) } })
 }
 
 /// `flotilla sim --headless`: prints `flotilla sim headless ranks A..B of W joining HEAD`,
