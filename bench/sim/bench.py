@@ -10,7 +10,7 @@ fidelity : one a100-llama3-8b sim; TTFT and TPOT (from the sim's own vLLM histog
 Usage: bench.py cpu [--sims 8 --streams 64 --seconds 30 --stream]
        bench.py fidelity [--speedup 20]
 The binary is $FLOTILLA_BIN (a `flotilla` binary: run as `flotilla sim`), else
-$SIM_BIN (the flotilla-sim example binary: run directly).
+$SIM_BIN (the sim crate's flotilla-sim binary: run directly).
 """
 import argparse
 import asyncio

@@ -178,26 +178,26 @@ pub fn sim_replica(name: &str, model: &str, gpus: &[u32]) -> pb::ReplicaAssignme
 }
 
 /// (program, subcommand word) that runs the simulator: `$FLOTILLA_BIN sim`, else the
-/// `flotilla-sim` example binary (built once per test binary).
+/// `flotilla-sim` binary of the sim crate (built once per test binary).
 pub fn sim_binary() -> (PathBuf, String) {
     static BIN: OnceLock<(PathBuf, String)> = OnceLock::new();
     BIN.get_or_init(|| {
         if let Some(bin) = std::env::var_os("FLOTILLA_BIN") {
             return (PathBuf::from(bin), "sim".into());
         }
-        // target/debug/deps/<test> → target/debug/examples/sim
+        // target/debug/deps/<test> → target/debug/flotilla-sim
         let exe = std::env::current_exe().unwrap();
         let profile_dir = exe.parent().and_then(Path::parent).unwrap().to_path_buf();
         let target_dir = profile_dir.parent().unwrap().to_path_buf();
         let cargo = std::env::var("CARGO").unwrap_or_else(|_| "cargo".into());
         let status = std::process::Command::new(cargo)
-            .args(["build", "-p", "flotilla-sim", "--example", "sim"])
+            .args(["build", "-p", "flotilla-sim", "--bin", "flotilla-sim"])
             .env("CARGO_TARGET_DIR", &target_dir)
             .current_dir(env!("CARGO_MANIFEST_DIR"))
             .status()
-            .expect("run cargo build for the sim example");
-        assert!(status.success(), "building the sim example failed");
-        let bin = profile_dir.join("examples").join("sim");
+            .expect("run cargo build for the flotilla-sim binary");
+        assert!(status.success(), "building the flotilla-sim binary failed");
+        let bin = profile_dir.join("flotilla-sim");
         assert!(bin.exists(), "{} missing after build", bin.display());
         (bin, String::new())
     })

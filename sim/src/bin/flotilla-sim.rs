@@ -1,7 +1,8 @@
 //! `flotilla-sim`: the simulator as its own small binary (the same flags and exit codes as
 //! `flotilla sim`: 0, 1 runtime, 2 usage), so the sim crate's process tests
 //! (`tests/gang_process.rs`) run real processes through `CARGO_BIN_EXE_flotilla-sim`
-//! without building the whole `flotilla` binary.
+//! without building the whole `flotilla` binary, and bench/sim and the agent's tests (when
+//! `FLOTILLA_BIN` is not set) run it as the simulator.
 
 use clap::Parser;
 
