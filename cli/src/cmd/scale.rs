@@ -66,7 +66,16 @@ pub(crate) async fn update_model<R>(
 
 /// The stored model `name` (NOT_FOUND becomes the server's error).
 pub(crate) async fn get_model(client: &Client, name: &ObjectName) -> Result<flotilla_api::pb::Object, CliError> {
-    let get = GetRequest { kind: "Model".into(), name: name.to_string(), stale: false };
+    get_object(client, "Model", name).await
+}
+
+/// The stored object `kind`/`name`, read linearizably ("model/NAME not found" when absent).
+pub(crate) async fn get_object(
+    client: &Client,
+    kind: &str,
+    name: &ObjectName,
+) -> Result<flotilla_api::pb::Object, CliError> {
+    let get = GetRequest { kind: kind.into(), name: name.to_string(), stale: false };
     let object = client
         .objects(|mut c| {
             let get = get.clone();
@@ -75,7 +84,7 @@ pub(crate) async fn get_model(client: &Client, name: &ObjectName) -> Result<flot
         .await?
         .into_inner()
         .object;
-    object.ok_or_else(|| CliError::runtime(format!("model/{name} not found")))
+    object.ok_or_else(|| CliError::runtime(format!("{}/{name} not found", kind.to_lowercase())))
 }
 
 pub(crate) async fn run(client: &Client, args: ScaleArgs, format: Format) -> Result<(), CliError> {

@@ -23,7 +23,7 @@ use std::io::{IsTerminal, Write};
 use std::time::Duration;
 
 use flotilla_actors::objects::ModelStatus;
-use flotilla_api::pb::{self, GetRequest, ListRequest};
+use flotilla_api::pb::{self, ListRequest};
 use flotilla_api::spec::{
     AdapterPhase, AdapterSpec, AdapterStatus, ModelSpec, ReplicaPhase, ReplicaSpec, ReplicaStatus,
 };
@@ -311,16 +311,7 @@ async fn read_model(
 }
 
 async fn read_adapter(client: &Client, name: &ObjectName) -> Result<Judged, CliError> {
-    let req = GetRequest { kind: Kind::Adapter.to_string(), name: name.to_string(), stale: false };
-    let object = client
-        .objects(|mut c| {
-            let req = req.clone();
-            async move { c.get(req).await }
-        })
-        .await?
-        .into_inner()
-        .object
-        .ok_or_else(|| CliError::runtime(format!("adapter/{name} not found")))?;
+    let object = super::scale::get_object(client, "Adapter", name).await?;
     Ok(judge_adapter(&object))
 }
 
