@@ -101,17 +101,7 @@ impl Placer {
         let fitting: usize = best.iter().map(Vec::len).sum();
         if fitting < n {
             let mut parts = vec![format!("{fitting} {}", if fitting == 1 { "does" } else { "do" })];
-            let mut ruled_out: BTreeMap<&str, usize> = BTreeMap::new();
-            for s in &self.slots {
-                if let Some(why) = s.unschedulable {
-                    *ruled_out.entry(why).or_default() += 1;
-                }
-            }
-            for why in ["not Ready", "cordoned", "draining"] {
-                if let Some(k) = ruled_out.get(why) {
-                    parts.push(format!("{k} {} {why}", if *k == 1 { "is" } else { "are" }));
-                }
-            }
+            parts.extend(self.unschedulable_counts());
             let message = format!("no {n} nodes have {g} free GPUs {of_type}: {}", parts.join(", "));
             return Unplaceable { code: UnplaceableCode::GangInsufficientNodes, message };
         }

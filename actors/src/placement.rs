@@ -190,15 +190,10 @@ impl Placer {
     pub fn why_not(&self, r: &ReplicaSpec) -> Unplaceable {
         let n = r.gpus_needed as usize;
         let allowed = |t: &str| r.gpu_types.is_empty() || r.gpu_types.iter().any(|a| a == t);
-        let mut ruled_out: BTreeMap<&'static str, usize> = BTreeMap::new();
         // Schedulable nodes: too few free GPUs; enough only of types not allowed; enough
         // only across types (a replica's GPUs share one type).
         let (mut short, mut other_type, mut split, mut most_free) = (0usize, 0usize, 0usize, 0usize);
-        for s in &self.slots {
-            if let Some(why) = s.unschedulable {
-                *ruled_out.entry(why).or_default() += 1;
-                continue;
-            }
+        for s in self.slots.iter().filter(|s| s.unschedulable.is_none()) {
             let fits: Vec<usize> = s.free.iter().filter(|(t, _)| allowed(t)).map(|(_, v)| v.len()).collect();
             if s.free.values().any(|v| v.len() >= n) {
                 other_type += 1;
@@ -221,11 +216,7 @@ impl Placer {
         if split > 0 {
             parts.push(format!("{split} {} enough only across GPU types", plural(split, "has", "have")));
         }
-        for why in ["not Ready", "cordoned", "draining"] {
-            if let Some(k) = ruled_out.get(why) {
-                parts.push(format!("{k} {} {why}", plural(*k, "is", "are")));
-            }
-        }
+        parts.extend(self.unschedulable_counts());
         let census = if self.slots.is_empty() { "the cluster has no nodes".to_string() } else { parts.join(", ") };
         let code = if self.slots.is_empty() {
             UnplaceableCode::NoNodes
@@ -237,6 +228,20 @@ impl Placer {
             UnplaceableCode::InsufficientGpus
         };
         Unplaceable { code, message: format!("{}: {census}", unplaceable_reason(r)) }
+    }
+}
+
+impl Placer {
+    /// "1 is not Ready", "2 are cordoned", "1 is draining": the nodes placement may not use,
+    /// counted by why, in that order (the end of every Pending reason's census).
+    pub(crate) fn unschedulable_counts(&self) -> Vec<String> {
+        ["not Ready", "cordoned", "draining"]
+            .into_iter()
+            .filter_map(|why| {
+                let k = self.slots.iter().filter(|s| s.unschedulable == Some(why)).count();
+                (k > 0).then(|| format!("{k} {} {why}", if k == 1 { "is" } else { "are" }))
+            })
+            .collect()
     }
 }
 
