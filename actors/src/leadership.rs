@@ -55,7 +55,7 @@ pub async fn run(ctx: Arc<Ctx>) {
         let _ = sup.stop_and_wait(None, Some(Duration::from_secs(10))).await;
         lock(&ctx.live).clear();
         ctx.metrics.leading.set(0);
-        ctx.metrics.set_pending(&[]);
+        ctx.metrics.set_pending([]);
         tracing::info!(server = ctx.handle.id(), "not leading: controllers stopped");
         if closed {
             return;

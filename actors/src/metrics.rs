@@ -195,10 +195,16 @@ impl Metrics {
         self.proposals.get_or_create(&labels).inc();
     }
 
-    /// Replicas left Pending by the last scheduling round, by reason.
-    pub fn set_pending(&self, counts: &[(UnplaceableCode, i64)]) {
-        for code in UnplaceableCode::ALL {
-            let n = counts.iter().filter(|(c, _)| *c == code).map(|(_, n)| n).sum();
+    /// Replicas left Pending by the last scheduling round: one code each (every reason's
+    /// gauge is set, to zero when none).
+    pub fn set_pending(&self, unplaced: impl IntoIterator<Item = UnplaceableCode>) {
+        let mut counts = [0i64; UnplaceableCode::ALL.len()];
+        for code in unplaced {
+            if let Some(i) = UnplaceableCode::ALL.iter().position(|c| *c == code) {
+                counts[i] += 1;
+            }
+        }
+        for (code, n) in UnplaceableCode::ALL.iter().zip(counts) {
             self.pending.get_or_create(&ReasonLabels { reason: code.as_str() }).set(n);
         }
     }

@@ -98,11 +98,7 @@ impl Actor for Scheduler {
                 let m = &st.ctx.metrics;
                 m.schedule_rounds.inc();
                 m.reconciled(Controller::Scheduler);
-                let mut pending: HashMap<_, i64> = HashMap::new();
-                for (_, code) in &p.unplaced {
-                    *pending.entry(*code).or_default() += 1;
-                }
-                m.set_pending(&pending.into_iter().collect::<Vec<_>>());
+                m.set_pending(p.unplaced.iter().map(|(_, code)| *code));
                 let now = Instant::now();
                 let seen: BTreeSet<&ObjectName> = p.unplaced.iter().map(|(r, _)| r).chain(&p.placed).collect();
                 st.waiting.retain(|r, _| seen.contains(r));
