@@ -8,7 +8,6 @@ mod common;
 
 use std::collections::BTreeSet;
 use std::path::{Path, PathBuf};
-use std::process::Command;
 use std::time::Duration;
 
 use common::*;
@@ -94,13 +93,8 @@ fn exported(text: &str) -> BTreeSet<String> {
 }
 
 fn promtool(args: &[&str]) -> (bool, String) {
-    let bin = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
-    let out = Command::new(&bin)
-        .args(args)
-        .current_dir(repo())
-        .output()
-        .unwrap_or_else(|e| panic!("cannot run {bin} ({e}); install it with `bash .ci/sim-deps.sh`"));
-    (out.status.success(), format!("{}{}", String::from_utf8_lossy(&out.stdout), String::from_utf8_lossy(&out.stderr)))
+    let (code, out) = flotilla_testkit::promtool::run(args, &repo());
+    (code == 0, out)
 }
 
 fn scrape(addr: &str) -> String {
