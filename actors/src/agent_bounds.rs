@@ -170,9 +170,13 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
     bounded(field("replica"), &e.replica, MAX_NAME)?;
     bounded(field("state"), &e.state, MAX_STATE)?;
     truncate(&mut e.reason, MAX_REASON);
-    if !e.endpoint.is_empty() {
-        bounded(field("endpoint"), &e.endpoint, MAX_NAME)?;
-        check_endpoint(&e.endpoint, scope).map_err(|why| invalid(field("endpoint"), why))?;
+    // The API endpoint, and a gang head's rendezvous (which the leader hands to the gang's
+    // workers): both on the agent's own host and engine ports.
+    for (name, addr) in [("endpoint", &e.endpoint), ("rendezvous", &e.rendezvous)] {
+        if !addr.is_empty() {
+            bounded(field(name), addr, MAX_NAME)?;
+            check_endpoint(addr, scope).map_err(|why| invalid(field(name), why))?;
+        }
     }
     let pin = &e.engine_cert_sha256;
     let sha256 = pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
@@ -194,9 +198,11 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
     ] {
         finite(x);
     }
-    at_most(&field("loaded_adapters"), e.loaded_adapters.len(), MAX_ADAPTERS, "adapters")?;
-    for (j, a) in e.loaded_adapters.iter().enumerate() {
-        bounded(field(&format!("loaded_adapters[{j}]")), a, MAX_NAME)?;
+    for (name, list) in [("loaded_adapters", &e.loaded_adapters), ("active_adapters", &e.active_adapters)] {
+        at_most(&field(name), list.len(), MAX_ADAPTERS, "adapters")?;
+        for (j, a) in list.iter().enumerate() {
+            bounded(field(&format!("{name}[{j}]")), a, MAX_NAME)?;
+        }
     }
     at_most(&field("adapters"), e.adapters.len(), MAX_ADAPTERS, "adapters")?;
     for (j, a) in e.adapters.iter_mut().enumerate() {
@@ -423,6 +429,32 @@ mod tests {
                 "long loaded name",
                 |h| h.engines[0].loaded_adapters = vec!["a".repeat(254)],
                 Some("heartbeat.engines[0].loaded_adapters[0]"),
+            ),
+            ("a gang head's rendezvous", |h| h.engines[0].rendezvous = "127.0.0.1:20002".into(), None),
+            (
+                "rendezvous elsewhere",
+                |h| h.engines[0].rendezvous = "10.1.2.3:20002".into(),
+                Some("heartbeat.engines[0].rendezvous: host 10.1.2.3"),
+            ),
+            (
+                "rendezvous off range",
+                |h| h.engines[0].rendezvous = "127.0.0.1:29500".into(),
+                Some("heartbeat.engines[0].rendezvous: port 29500"),
+            ),
+            (
+                "long rendezvous",
+                |h| h.engines[0].rendezvous = "1".repeat(1 << 20),
+                Some("heartbeat.engines[0].rendezvous: is 1048576 bytes"),
+            ),
+            (
+                "too many active",
+                |h| h.engines[0].active_adapters = vec!["a".into(); MAX_ADAPTERS + 1],
+                Some("heartbeat.engines[0].active_adapters: has 1025"),
+            ),
+            (
+                "long active name",
+                |h| h.engines[0].active_adapters = vec!["a".repeat(254)],
+                Some("heartbeat.engines[0].active_adapters[0]"),
             ),
             (
                 "too many adapters",

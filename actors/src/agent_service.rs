@@ -303,7 +303,9 @@ async fn heartbeat(
         .filter_map(|n| reader.get(&key(Kind::Replica, n)).0)
         .filter_map(|o| ReplicaView::from_stored(&o).ok())
         .collect();
-    if let Some(cmd) = heartbeat_txn(&view, &replicas, &reports) {
+    // the other nodes this node's gang members share a replica with
+    let others = crate::facts::member_nodes(&reader, &replicas, &view.name);
+    if let Some(cmd) = heartbeat_txn(&view, &replicas, &reports, &others) {
         // Level-triggered: a refused or uncertain write is recomputed at the next heartbeat.
         if let Err(e) = execute(ctx, Controller::Agents, vec![cmd]).await {
             tracing::warn!(node = %node, error = %e, "heartbeat write outcome unknown; the next heartbeat recomputes it");

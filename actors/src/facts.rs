@@ -7,7 +7,7 @@
 //! ```text
 //!  replicas ──their nodes──> lookup (state machine) ──> BoundNodes { down, draining, failed_gpus }
 //! ```
-use std::collections::{BTreeMap, BTreeSet};
+use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flotilla_api::spec::NodeState;
 use flotilla_api::{Kind, ObjectName};
@@ -26,6 +26,18 @@ pub fn read_node(reader: &StoreReader, name: &ObjectName) -> Option<NodeView> {
     reader.get(&key(Kind::Node, name)).0.and_then(|o| NodeView::from_stored(&o).ok())
 }
 
+/// The stored nodes, other than `except`, that the gangs among `replicas` have members on
+/// (a heartbeat's or a lost node's decision frees and compares them too).
+pub fn member_nodes<'a>(
+    reader: &StoreReader,
+    replicas: impl IntoIterator<Item = &'a ReplicaView>,
+    except: &ObjectName,
+) -> HashMap<ObjectName, NodeView> {
+    let names: BTreeSet<&ObjectName> =
+        replicas.into_iter().flat_map(|r| r.spec.members.iter().map(|m| &m.node)).filter(|n| *n != except).collect();
+    names.into_iter().filter_map(|n| read_node(reader, n)).map(|v| (v.name.clone(), v)).collect()
+}
+
 /// The nodes some replicas are bound to that are down, and those that drain.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
 pub struct BoundNodes {
@@ -40,7 +52,7 @@ pub struct BoundNodes {
 impl BoundNodes {
     /// Whether `r` is bound to a GPU that failed.
     pub fn on_failed_gpu(failed: &BTreeMap<ObjectName, BTreeSet<u32>>, r: &ReplicaView) -> bool {
-        r.spec.node.as_ref().and_then(|n| failed.get(n)).is_some_and(|f| r.spec.gpus.iter().any(|g| f.contains(g)))
+        r.spec.bindings().into_iter().any(|(n, gpus)| failed.get(n).is_some_and(|f| gpus.iter().any(|g| f.contains(g))))
     }
 }
 
@@ -50,7 +62,9 @@ impl BoundNodes {
         replicas: impl IntoIterator<Item = &'a ReplicaView>,
         lookup: impl Fn(&ObjectName) -> Option<NodeView>,
     ) -> BoundNodes {
-        let nodes: BTreeSet<&ObjectName> = replicas.into_iter().filter_map(|r| r.spec.node.as_ref()).collect();
+        // every node each replica binds: a gang's members' too
+        let nodes: BTreeSet<&ObjectName> =
+            replicas.into_iter().flat_map(|r| r.spec.bindings().into_iter().map(|(n, _)| n)).collect();
         let mut out = BoundNodes::default();
         for n in nodes {
             let node = lookup(n);

@@ -99,21 +99,22 @@ impl Placer {
             .max_by_key(|d| (d.iter().map(Vec::len).sum::<usize>(), d.len()))
             .unwrap_or_default();
         let fitting: usize = best.iter().map(Vec::len).sum();
+        let free = if g == 1 { "1 free GPU".to_owned() } else { format!("{g} free GPUs") };
         if fitting < n {
             let mut parts = vec![format!("{fitting} {}", if fitting == 1 { "does" } else { "do" })];
             parts.extend(self.unschedulable_counts());
-            let message = format!("no {n} nodes have {g} free GPUs {of_type}: {}", parts.join(", "));
+            let message = format!("no {n} nodes have {free} {of_type}: {}", parts.join(", "));
             return Unplaceable { code: UnplaceableCode::GangInsufficientNodes, message };
         }
         let label = &t.domain_label;
         let message = match t.placement {
             GangPlacement::StrictSpread => format!(
-                "strict-spread needs {n} nodes with {g} free GPUs {of_type} in {n} different {label} domains: \
+                "strict-spread needs {n} nodes with {free} {of_type} in {n} different {label} domains: \
                  they are in {}",
                 best.len()
             ),
             _ => format!(
-                "strict-pack needs {n} nodes with {g} free GPUs {of_type} in one {label} domain: the most in one is {}",
+                "strict-pack needs {n} nodes with {free} {of_type} in one {label} domain: the most in one is {}",
                 best.iter().map(Vec::len).max().unwrap_or(0)
             ),
         };

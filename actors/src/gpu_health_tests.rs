@@ -30,6 +30,7 @@ fn heartbeat(w: &mut World, node_name: &str, gpus: &[GpuInfo], wall: u64) {
             .filter(|r| r.spec.node == Some(name(node_name)))
             .map(|r| (r.name.clone(), r))
             .collect(),
+        others: Default::default(),
         last_seen: now - Duration::from_millis(10),
         unhealthy_gpus: Some(failed(&reps)),
         gpu_reports: Some(reps),

@@ -17,6 +17,7 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use flotilla_storage::{Command, Compare, TxnOp};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
+use tracing::Instrument as _;
 
 use crate::canary::{self, CanaryStatus};
 use crate::config::ActorsConfig;
@@ -106,11 +107,11 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     let stored = ModelStatus::of(model);
     let desired = desired_replicas(model, stored.autoscaling.as_ref()) as usize;
     let backoff = ActorsConfig::ms(cfg.failed_replace_backoff_ms);
-    let on_draining = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.draining_nodes.contains(n));
-    let on_down = |r: &ReplicaView| r.spec.node.as_ref().is_some_and(|n| s.down_nodes.contains(n));
-    let is_ready = |r: &ReplicaView| {
-        r.phase() == ReplicaPhase::Ready && r.spec.node.as_ref().is_some_and(|n| !s.down_nodes.contains(n))
-    };
+    // A gang is on a draining or down node when any of its members is: it moves whole.
+    let on_any = |r: &ReplicaView, set: &BTreeSet<ObjectName>| r.spec.bindings().iter().any(|(n, _)| set.contains(*n));
+    let on_draining = |r: &ReplicaView| on_any(r, &s.draining_nodes);
+    let on_down = |r: &ReplicaView| on_any(r, &s.down_nodes);
+    let is_ready = |r: &ReplicaView| r.phase() == ReplicaPhase::Ready && r.spec.node.is_some() && !on_down(r);
     let mut active: Vec<&ReplicaView> = Vec::new();
     let mut moving: Vec<&ReplicaView> = Vec::new();
     let mut failed: Vec<&ReplicaView> = Vec::new();
@@ -473,6 +474,28 @@ pub struct ModelActorState {
 }
 
 impl ModelActorState {
+    /// The span of this reconcile when it acts on a traced apply (one that left its trace
+    /// context on this leader: `flotilla_cluster::trace_links`), else a disabled span.
+    fn traced_span(&self) -> tracing::Span {
+        let Some(model) = &self.s.model else { return tracing::Span::none() };
+        let links = self.ctx.handle.trace_links();
+        if links.is_empty() {
+            return tracing::Span::none();
+        }
+        let Some(tp) = links.take(&key(Kind::Model, &self.s.name), model.revision) else {
+            return tracing::Span::none();
+        };
+        let span = tracing::debug_span!(
+            "controller.model",
+            model = %self.s.name,
+            revision = i64::try_from(model.revision).unwrap_or(i64::MAX),
+            replicas_created = tracing::field::Empty,
+            writes = tracing::field::Empty,
+        );
+        flotilla_telemetry::propagation::set_parent_traceparent(&span, &tp);
+        span
+    }
+
     fn refresh_model(&mut self) {
         let (o, _) = self.ctx.handle.reader().get(&key(Kind::Model, &self.s.name));
         self.s.model = o.and_then(|o| ModelView::from_stored(&o).map_err(|e| tracing::warn!(error = %e)).ok());
@@ -602,8 +625,13 @@ impl Actor for ModelActor {
             ModelMsg::Reconcile => {
                 st.queued = false;
                 st.refresh_nodes();
-                let cmds = decide(&st.s, &st.ctx.config, &mut RandomFresh);
+                let span = st.traced_span();
+                let mut cmds = decide(&st.s, &st.ctx.config, &mut RandomFresh);
                 st.ctx.metrics.reconciled(Controller::Model);
+                if let Some(tp) = flotilla_telemetry::propagation::traceparent(&span) {
+                    // the scheduler's binding and the agent's start continue this trace
+                    objects::label_traced(&mut cmds, &tp);
+                }
                 if cmds.is_empty() {
                     if st.s.model.is_none() && st.s.replicas.is_empty() {
                         tracing::info!(model = %st.s.name, "model deleted and drained; actor stops");
@@ -615,7 +643,11 @@ impl Actor for ModelActor {
                     .iter()
                     .map(|c| objects::txn_ops(c).iter().filter(|o| matches!(o, TxnOp::Put { .. })).count() as u64)
                     .sum();
-                let out = execute(&st.ctx, Controller::Model, cmds).await.map_err(|e| {
+                if !span.is_disabled() {
+                    span.record("replicas_created", creates as i64);
+                    span.record("writes", cmds.len() as i64);
+                }
+                let out = execute(&st.ctx, Controller::Model, cmds).instrument(span).await.map_err(|e| {
                     tracing::warn!(model = %st.s.name, error = %e, "uncertain write; stopping for a rebuild");
                     Box::new(e) as ActorProcessingErr
                 })?;

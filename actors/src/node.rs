@@ -11,7 +11,7 @@
 //!  Node/Replica events ──────────────┼─> decide ─> Txn{ node status, delete lost replicas }
 //!  Tick ─────────────────────────────┘
 //! ```
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 use std::sync::Arc;
 
 use flotilla_api::spec::{NodeState, ReplicaPhase};
@@ -35,6 +35,8 @@ pub struct NodeFacts {
     pub replicas: BTreeMap<ObjectName, ReplicaView>,
     /// Last heartbeat, or the start of this leadership if none since.
     pub last_seen: Instant,
+    /// The other nodes this node's gangs bind (their members' nodes), as stored.
+    pub others: HashMap<ObjectName, NodeView>,
     /// Failed GPUs from the latest heartbeat, if one came.
     pub unhealthy_gpus: Option<Vec<u32>>,
     /// Not-Healthy GPUs with their evidence from the latest report, if one came.
@@ -90,7 +92,28 @@ pub fn decide(f: &NodeFacts, cfg: &ActorsConfig) -> Vec<Command> {
         release(&mut status, &names);
         for r in gone {
             compares.push(r.compare());
-            ops.push(TxnOp::Delete { key: r.key() });
+            // A gang whose other members still run elsewhere drains there first (their
+            // agents stop them and free their GPUs, and the last one deletes it): freeing
+            // GPUs under engines still running would let new ones start beside them.
+            let running_elsewhere = r.held_elsewhere(&f.node.name, &f.others);
+            if running_elsewhere.is_empty() || r.phase() == ReplicaPhase::Draining {
+                compares.extend(running_elsewhere.iter().map(|v| v.compare()));
+                if running_elsewhere.is_empty() {
+                    ops.push(TxnOp::Delete { key: r.key() });
+                }
+                continue;
+            }
+            compares.extend(running_elsewhere.iter().map(|v| v.compare()));
+            let rank = r.rank_on(&f.node.name).unwrap_or(0);
+            let draining = flotilla_api::spec::ReplicaStatus {
+                phase: ReplicaPhase::Draining,
+                reason: format!("node {} (rank {rank} of the gang) was lost", f.node.name),
+                endpoint: None,
+                api_key: None,
+                engine_cert_sha256: None,
+                ..r.status.clone()
+            };
+            ops.push(r.status_op(&draining));
         }
     }
     if status != f.node.status {
@@ -150,7 +173,7 @@ impl NodeActorState {
             Some(r) => {
                 let (o, _) = reader.get(&key(Kind::Replica, &r));
                 match o.and_then(|o| ReplicaView::from_stored(&o).ok()) {
-                    Some(v) if v.spec.node.as_ref() == Some(&self.node.name) => {
+                    Some(v) if v.binds(&self.node.name) => {
                         self.replicas.insert(r, v);
                     }
                     _ => {
@@ -168,9 +191,11 @@ impl NodeActorState {
             Some(l) => (Some(l.unhealthy_gpus.clone()), l.gpu_reports.clone()),
             None => (None, None),
         };
+        let others = crate::facts::member_nodes(&self.ctx.handle.reader(), self.replicas.values(), &self.node.name);
         Some(NodeFacts {
             node: self.node.clone(),
             replicas: self.replicas.clone(),
+            others,
             last_seen,
             unhealthy_gpus,
             gpu_reports,

@@ -11,11 +11,13 @@ const WALL_MS: u64 = 1_700_000_000_000;
 
 fn facts(w: &World, node: &str, silent_ms: u64) -> NodeFacts {
     let now = Instant::now() + Duration::from_secs(3600);
-    let replicas =
-        w.replicas().into_iter().filter(|r| r.spec.node == Some(name(node))).map(|r| (r.name.clone(), r)).collect();
+    let replicas: BTreeMap<ObjectName, ReplicaView> =
+        w.replicas().into_iter().filter(|r| r.binds(&name(node))).map(|r| (r.name.clone(), r)).collect();
+    let others = w.nodes().into_iter().filter(|n| n.name != name(node)).map(|n| (n.name.clone(), n)).collect();
     NodeFacts {
         node: w.get_node(node),
         replicas,
+        others,
         last_seen: now - Duration::from_millis(silent_ms),
         unhealthy_gpus: None,
         gpu_reports: None,
@@ -98,4 +100,58 @@ fn unhealthy_gpus_from_heartbeats_are_recorded() {
     let n = w.get_node("a");
     assert_eq!(n.status.unhealthy_gpus, vec![3]);
     assert_eq!(n.free_gpus(), 3);
+}
+
+#[test]
+fn a_lost_gang_member_drains_the_gang_on_the_others_and_the_last_one_deletes_it() {
+    use crate::reports::heartbeat_txn;
+    use flotilla_api::pb::EngineReport;
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    for n in ["a", "b", "c"] {
+        w.node(n, 2, "A");
+    }
+    w.gang("g-1", "m", ReplicaPhase::Ready, &[("a", vec![0, 1]), ("b", vec![0, 1]), ("c", vec![0, 1])]);
+    // the worker's node b is lost: the gang drains; only b's GPUs are freed (a and c still run it)
+    let silent = cfg.node_ttl_ms + cfg.reschedule_grace_ms;
+    w.apply_all(&decide(&facts(&w, "b", silent), &cfg));
+    let g = w.replicas().into_iter().find(|r| r.name == name("g-1")).unwrap();
+    assert_eq!(g.phase(), ReplicaPhase::Draining);
+    assert_eq!(g.status.reason, "node b (rank 1 of the gang) was lost");
+    assert_eq!(g.status.endpoint, None, "a draining gang is no endpoint");
+    assert!(w.get_node("b").status.allocations.is_empty());
+    assert_eq!(w.get_node("a").status.allocations.len(), 2);
+    // a's agent stopped its member: a frees its GPUs; c still holds, so the gang stays
+    let others = |w: &World, me: &str| -> std::collections::HashMap<ObjectName, crate::objects::NodeView> {
+        w.nodes().into_iter().filter(|n| n.name != name(me)).map(|n| (n.name.clone(), n)).collect()
+    };
+    let stopped = std::collections::HashMap::from([(
+        "g-1".to_string(),
+        EngineReport { replica: "g-1".into(), state: "stopped".into(), ..Default::default() },
+    )]);
+    let cmd = heartbeat_txn(&w.get_node("a"), &w.replicas(), &stopped, &others(&w, "a")).unwrap();
+    w.apply_all(&[cmd]);
+    assert!(w.get_node("a").status.allocations.is_empty());
+    assert_eq!(w.replicas().len(), 1, "c's member still runs");
+    // c's agent runs it no more: the last holder deletes the gang
+    let cmd = heartbeat_txn(&w.get_node("c"), &w.replicas(), &Default::default(), &others(&w, "c")).unwrap();
+    w.apply_all(&[cmd]);
+    assert!(w.replicas().is_empty());
+    assert!(w.nodes().iter().all(|n| n.status.allocations.is_empty()));
+    w.assert_consistent();
+}
+
+#[test]
+fn a_lost_node_holding_a_whole_draining_gang_deletes_it() {
+    let cfg = ActorsConfig::default();
+    let mut w = World::default();
+    w.node("a", 1, "A");
+    w.node("b", 1, "A");
+    w.gang("g-1", "m", ReplicaPhase::Ready, &[("a", vec![0]), ("b", vec![0])]);
+    let silent = cfg.node_ttl_ms + cfg.reschedule_grace_ms;
+    w.apply_all(&decide(&facts(&w, "a", silent), &cfg));
+    assert_eq!(w.replicas()[0].phase(), ReplicaPhase::Draining);
+    w.apply_all(&decide(&facts(&w, "b", silent), &cfg));
+    assert!(w.replicas().is_empty(), "both members' nodes lost: nothing runs it");
+    w.assert_consistent();
 }

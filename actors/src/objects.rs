@@ -1,7 +1,7 @@
 //! Typed views of the stored objects the controllers work on (Model, Node, Replica), the
 //! Model status document, replica naming, and the small builders of Raft commands that
 //! every controller shares.
-use std::collections::BTreeMap;
+use std::collections::{BTreeMap, HashMap};
 
 use flotilla_api::spec::{ModelSpec, NodeSpec, NodeStatus, ReplicaPhase, ReplicaSpec, ReplicaStatus};
 use flotilla_api::{Kind, ObjectKey, ObjectName, StoredObject};
@@ -14,6 +14,10 @@ use crate::ActorsError;
 pub use flotilla_api::selector::MODEL_LABEL;
 /// Model label asking for spread placement instead of the configured default.
 pub const PLACEMENT_LABEL: &str = "flotilla.io/placement";
+/// Replica label holding the W3C traceparent of the controller decision that created it
+/// (only when that decision was traced): the binding and the agent's start continue it.
+/// A label, not a spec field, so servers of an older version read such replicas unchanged.
+pub const TRACE_LABEL: &str = "flotilla.io/traceparent";
 
 pub fn key(kind: Kind, name: &ObjectName) -> ObjectKey {
     ObjectKey { kind, name: name.clone() }
@@ -68,6 +72,11 @@ pub struct NodeView {
 }
 
 impl NodeView {
+    /// Whether it still holds GPUs for `replica`.
+    pub fn holds(&self, replica: &ObjectName) -> bool {
+        self.status.allocations.values().any(|r| r == replica)
+    }
+
     pub fn from_stored(o: &StoredObject) -> Result<NodeView, ActorsError> {
         Ok(NodeView {
             name: o.key.name.clone(),
@@ -146,6 +155,28 @@ impl ReplicaView {
 
     pub fn status_op(&self, status: &ReplicaStatus) -> TxnOp {
         TxnOp::PutStatus { key: self.key(), status: to_json(status) }
+    }
+
+    /// Whether it holds GPUs on `node` (its node, or a gang member's).
+    pub fn binds(&self, node: &ObjectName) -> bool {
+        self.rank_on(node).is_some()
+    }
+
+    /// Its member rank on `node` (0 for a one-node replica's node), if it binds GPUs there.
+    pub fn rank_on(&self, node: &ObjectName) -> Option<usize> {
+        self.spec.bindings().iter().position(|(n, _)| *n == node)
+    }
+
+    /// The views, among `nodes`, of its other members' nodes (not `node`) that still hold
+    /// GPUs for it: a gang is gone only once none does.
+    pub fn held_elsewhere<'a>(&self, node: &ObjectName, nodes: &'a HashMap<ObjectName, NodeView>) -> Vec<&'a NodeView> {
+        self.spec
+            .bindings()
+            .into_iter()
+            .filter(|(n, _)| *n != node)
+            .filter_map(|(n, _)| nodes.get(n))
+            .filter(|v| v.holds(&self.name))
+            .collect()
     }
 
     /// Whether the agent should run it: bound and not on its way out.
@@ -322,6 +353,24 @@ pub fn txn_ops(c: &Command) -> &[TxnOp] {
     }
 }
 
+/// Labels every replica `cmds` create with `traceparent` ([`TRACE_LABEL`]).
+pub fn label_traced(cmds: &mut [Command], traceparent: &str) {
+    fn ops(c: &mut Command) -> &mut [TxnOp] {
+        match c {
+            Command::Txn { ops, .. } => ops,
+            Command::Recorded { command, .. } => ops(command),
+            _ => &mut [],
+        }
+    }
+    for op in cmds.iter_mut().flat_map(ops) {
+        if let TxnOp::Put { key, labels, .. } = op {
+            if key.kind == Kind::Replica {
+                labels.insert(TRACE_LABEL.to_owned(), traceparent.to_owned());
+            }
+        }
+    }
+}
+
 /// A transaction, or nothing when it has no ops.
 pub fn txn(compares: Vec<Compare>, ops: Vec<TxnOp>) -> Option<Command> {
     (!ops.is_empty()).then_some(Command::Txn { compares, ops })
@@ -337,6 +386,37 @@ pub fn release(status: &mut NodeStatus, replicas: &[&ObjectName]) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_traced_decision_labels_only_the_replicas_it_creates() {
+        let r = |n: &str| key(Kind::Replica, &n.parse().unwrap());
+        let put = |k: ObjectKey| TxnOp::Put {
+            key: k,
+            uid: "u".into(),
+            labels: BTreeMap::from([(MODEL_LABEL.to_owned(), "m".to_owned())]),
+            spec: serde_json::json!({}),
+            status: None,
+        };
+        let mut cmds = vec![
+            recorded(Command::Txn { compares: vec![], ops: vec![put(r("a"))] }, vec![]),
+            Command::Txn {
+                compares: vec![],
+                ops: vec![put(key(Kind::Model, &"m".parse().unwrap())), put(r("b")), TxnOp::Delete { key: r("c") }],
+            },
+        ];
+        label_traced(&mut cmds, "tp");
+        let labelled: Vec<String> = cmds
+            .iter()
+            .flat_map(txn_ops)
+            .filter_map(|op| match op {
+                TxnOp::Put { key, labels, .. } if labels.get(TRACE_LABEL).is_some_and(|v| v == "tp") => {
+                    Some(key.name.to_string())
+                }
+                _ => None,
+            })
+            .collect();
+        assert_eq!(labelled, ["a", "b"]);
+    }
 
     #[test]
     fn replica_names_are_dns_labels() {

@@ -4,7 +4,7 @@
 //! write; load figures stay in the leader's memory. The key is stored with the endpoint, in
 //! Raft, so a new leader can give it to gateways before the agent's next heartbeat, or while
 //! the agent is down; clients never see it (`flotilla_api::Kind::secret_status_fields`).
-use std::collections::HashMap;
+use std::collections::{BTreeMap, HashMap};
 
 use flotilla_api::pb::EngineReport;
 use flotilla_api::spec::{ReplicaPhase, ReplicaStatus};
@@ -17,26 +17,50 @@ use crate::objects::{release, txn, NodeView, ReplicaView};
 /// replicas' GPUs freed, and Draining replicas the agent no longer runs deleted (GPUs
 /// freed). `replicas` are the node's reported and Draining replicas; every write is fenced
 /// by the revisions it was computed from.
+///
+/// Multi-node replicas (gangs): the head's report (rank 0, `spec.node`) drives the phase and
+/// carries the rendezvous address the workers need; a worker's report matters only when it
+/// failed, which fails the gang. A Failed gang frees the GPUs of every member's node at once
+/// (`others` holds the views of the other nodes the node's gangs bind, compared too). A
+/// Draining gang frees each member's GPUs as that member's agent stops it, and is deleted by
+/// the heartbeat that finds no other member's node still holding GPUs for it.
 pub fn heartbeat_txn(
     node: &NodeView,
     replicas: &[ReplicaView],
     reports: &HashMap<String, EngineReport>,
+    others: &HashMap<ObjectName, NodeView>,
 ) -> Option<Command> {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
     let mut freed: Vec<&ObjectName> = Vec::new();
-    for r in replicas.iter().filter(|r| r.spec.node.as_ref() == Some(&node.name)) {
+    let mut freed_elsewhere: BTreeMap<&ObjectName, Vec<&ObjectName>> = BTreeMap::new();
+    for r in replicas {
+        let Some(rank) = r.rank_on(&node.name) else { continue };
+        let bindings = r.spec.bindings();
+        let elsewhere = || bindings.iter().map(|(n, _)| *n).filter(|n| **n != node.name);
         let report = reports.get(r.name.as_str());
         if r.phase() == ReplicaPhase::Draining {
             if report.is_none_or(|e| e.state == "stopped") {
-                compares.push(r.compare());
-                ops.push(TxnOp::Delete { key: r.key() });
                 freed.push(&r.name);
+                if r.held_elsewhere(&node.name, others).is_empty() {
+                    compares.push(r.compare());
+                    compares.extend(elsewhere().filter_map(|n| others.get(n)).map(NodeView::compare));
+                    ops.push(TxnOp::Delete { key: r.key() });
+                }
             }
             continue;
         }
-        let Some(next) = report.and_then(|e| next_status(&r.status, e)) else { continue };
+        let Some(report) = report else { continue };
+        let next = match (rank, r.spec.members.is_empty()) {
+            (_, true) => next_status(&r.status, report),
+            (0, false) => head_status(&r.status, report),
+            (rank, false) => worker_status(&r.status, report, rank, &node.name),
+        };
+        let Some(next) = next else { continue };
         if next.phase == ReplicaPhase::Failed {
             freed.push(&r.name);
+            for n in elsewhere() {
+                freed_elsewhere.entry(n).or_default().push(&r.name);
+            }
         }
         compares.push(r.compare());
         ops.push(r.status_op(&next));
@@ -46,7 +70,51 @@ pub fn heartbeat_txn(
         compares.push(node.compare());
         ops.push(node.status_op(&status));
     }
+    for (n, names) in freed_elsewhere {
+        let Some(view) = others.get(n) else { continue };
+        let mut status = view.status.clone();
+        if release(&mut status, &names) {
+            compares.push(view.compare());
+            ops.push(view.status_op(&status));
+        }
+    }
     txn(compares, ops)
+}
+
+/// A gang head's report: as a one-node replica's, plus the rendezvous address its agent
+/// allocated (written when it changes; the workers' assignments follow it).
+fn head_status(current: &ReplicaStatus, report: &EngineReport) -> Option<ReplicaStatus> {
+    let mut next = next_status(current, report).unwrap_or_else(|| current.clone());
+    let running = matches!(next.phase, ReplicaPhase::Scheduled | ReplicaPhase::Starting | ReplicaPhase::Ready);
+    if running && !report.rendezvous.is_empty() {
+        next.rendezvous = Some(report.rendezvous.clone());
+    }
+    (next != *current).then_some(next)
+}
+
+/// A gang worker's report: only its end counts. A worker that exited (`crashed`, even one
+/// its agent would restart) or gave up (`failed`) fails the whole gang: a restarted rank
+/// cannot rejoin a running head, and vLLM's head neither notices a lost rank nor fails its
+/// `/health` until a request times out (docs/real-vllm.md, "Multi-node"). The Model
+/// controller replaces the gang whole. A worker that runs or waits changes nothing.
+fn worker_status(
+    current: &ReplicaStatus,
+    report: &EngineReport,
+    rank: usize,
+    node: &ObjectName,
+) -> Option<ReplicaStatus> {
+    let what = match report.state.as_str() {
+        "crashed" => "exited",
+        "failed" => "failed",
+        _ => return None,
+    };
+    let why = if report.reason.is_empty() { "engine failed" } else { &report.reason };
+    let failed = EngineReport {
+        state: "failed".into(),
+        reason: format!("rank {rank} on node {node} {what}: {why}"),
+        ..report.clone()
+    };
+    next_status(current, &failed)
 }
 
 /// The status `current` should move to after `report`, or `None` if nothing worth a Raft
@@ -209,7 +277,7 @@ mod tests {
         let mut f = report("failed");
         f.reason = "download failed: sha256 mismatch".into();
         reports.insert("m-3".to_string(), f);
-        let cmd = heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports).unwrap();
+        let cmd = heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &HashMap::new()).unwrap();
         w.apply_all(&[cmd]);
         let left: Vec<(String, ReplicaPhase)> = w.replicas().iter().map(|r| (r.name.to_string(), r.phase())).collect();
         assert_eq!(
@@ -252,4 +320,84 @@ mod tests {
         assert_eq!((s.download_progress, s.download_bytes, s.download_total_bytes), (None, None, None));
         assert_eq!(next_status(&at(ReplicaPhase::Ready), &report("stopping")), None);
     }
+
+    fn others(w: &crate::testkit::World, me: &str) -> HashMap<ObjectName, NodeView> {
+        w.nodes().into_iter().filter(|n| n.name.as_str() != me).map(|n| (n.name.clone(), n)).collect()
+    }
+
+    #[test]
+    fn a_gang_head_reports_its_rendezvous_and_readiness_for_the_gang() {
+        use crate::testkit::World;
+        let mut w = World::default();
+        w.node("a", 2, "A");
+        w.node("b", 2, "A");
+        w.gang("g-1", "m", ReplicaPhase::Scheduled, &[("a", vec![0, 1]), ("b", vec![0, 1])]);
+        let mut head = report("starting");
+        head.replica = "g-1".into();
+        head.rendezvous = "10.0.0.1:29500".into();
+        let reports = HashMap::from([("g-1".to_string(), head.clone())]);
+        w.apply_all(&[heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &others(&w, "a")).unwrap()]);
+        let g = &w.replicas()[0];
+        assert_eq!((g.phase(), g.status.rendezvous.as_deref()), (ReplicaPhase::Starting, Some("10.0.0.1:29500")));
+        assert_eq!(heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &others(&w, "a")), None, "steady");
+        // a worker that runs or waits for the head changes nothing
+        let worker = HashMap::from([("g-1".to_string(), EngineReport { replica: "g-1".into(), ..report("starting") })]);
+        assert_eq!(heartbeat_txn(&w.get_node("b"), &w.replicas(), &worker, &others(&w, "b")), None);
+        head.state = "ready".into();
+        head.endpoint = "10.0.0.1:20000".into();
+        let reports = HashMap::from([("g-1".to_string(), head)]);
+        w.apply_all(&[heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &others(&w, "a")).unwrap()]);
+        let g = &w.replicas()[0];
+        assert_eq!((g.phase(), g.status.endpoint.as_deref()), (ReplicaPhase::Ready, Some("10.0.0.1:20000")));
+        w.assert_consistent();
+    }
+
+    #[test]
+    fn a_failed_worker_fails_the_gang_and_frees_every_members_gpus() {
+        use crate::testkit::World;
+        let mut w = World::default();
+        for n in ["a", "b", "c"] {
+            w.node(n, 1, "A");
+        }
+        w.gang("g-1", "m", ReplicaPhase::Ready, &[("a", vec![0]), ("b", vec![0]), ("c", vec![0])]);
+        let mut f = report("failed");
+        f.replica = "g-1".into();
+        f.reason = "crashed 5 times".into();
+        let reports = HashMap::from([("g-1".to_string(), f)]);
+        w.apply_all(&[heartbeat_txn(&w.get_node("c"), &w.replicas(), &reports, &others(&w, "c")).unwrap()]);
+        let g = &w.replicas()[0];
+        assert_eq!(g.phase(), ReplicaPhase::Failed);
+        assert_eq!(g.status.reason, "rank 2 on node c failed: crashed 5 times");
+        assert_eq!(g.status.endpoint, None);
+        assert!(w.nodes().iter().all(|n| n.status.allocations.is_empty()), "all members' GPUs freed at once");
+        // a stale view of another member's node refuses the whole write
+        let mut w2 = World::default();
+        w2.node("a", 1, "A");
+        w2.node("b", 1, "A");
+        w2.gang("g-1", "m", ReplicaPhase::Ready, &[("a", vec![0]), ("b", vec![0])]);
+        // an exited worker fails the gang too (a restarted rank cannot rejoin the head)
+        let mut w3 = World::default();
+        w3.node("a", 1, "A");
+        w3.node("b", 1, "A");
+        w3.gang("g-1", "m", ReplicaPhase::Ready, &[("a", vec![0]), ("b", vec![0])]);
+        let mut c = report("crashed");
+        c.replica = "g-1".into();
+        c.reason = "exit status 1".into();
+        let crashed = HashMap::from([("g-1".to_string(), c)]);
+        w3.apply_all(&[heartbeat_txn(&w3.get_node("b"), &w3.replicas(), &crashed, &others(&w3, "b")).unwrap()]);
+        let g = &w3.replicas()[0];
+        assert_eq!(
+            (g.phase(), g.status.reason.as_str()),
+            (ReplicaPhase::Failed, "rank 1 on node b exited: exit status 1")
+        );
+        let stale = others(&w2, "b");
+        w2.set_node("a", |spec, _| spec.cordoned = true);
+        let cmd = heartbeat_txn(&w2.get_node("b"), &w2.replicas(), &reports, &stale).unwrap();
+        assert!(!w2.apply_all_ok(&[cmd]), "compared against a's revision");
+        assert_eq!(w2.replicas()[0].phase(), ReplicaPhase::Ready);
+    }
 }
+
+#[cfg(test)]
+#[path = "gang_lifecycle_tests.rs"]
+mod gang_lifecycle_tests;

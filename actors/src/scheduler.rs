@@ -12,7 +12,7 @@ use tokio::time::Instant;
 
 use crate::config::{ActorsConfig, PlacementStrategy};
 use crate::metrics::Controller;
-use crate::objects::{ModelView, NodeView, ReplicaView, PLACEMENT_LABEL};
+use crate::objects::{ModelView, NodeView, ReplicaView, PLACEMENT_LABEL, TRACE_LABEL};
 use crate::placement::plan;
 use crate::shared::Ctx;
 use crate::writes::execute;
@@ -53,6 +53,44 @@ fn snapshot(ctx: &Ctx) -> (Vec<NodeView>, Vec<ReplicaView>, BTreeSet<ObjectName>
     (nodes, replicas, spread)
 }
 
+/// The traceparents of unbound replicas whose creation was traced ([`TRACE_LABEL`]).
+fn traced_pending(replicas: &[ReplicaView]) -> HashMap<ObjectName, String> {
+    replicas
+        .iter()
+        .filter(|r| r.spec.node.is_none())
+        .filter_map(|r| r.labels.get(TRACE_LABEL).map(|tp| (r.name.clone(), tp.clone())))
+        .collect()
+}
+
+/// A `controller.bind` span, in the trace that created it, for each traced replica the
+/// round's writes bind; each covers the Raft write of its binding.
+fn bind_spans(
+    cmds: &[flotilla_storage::Command],
+    traced: &HashMap<ObjectName, String>,
+    waiting: &HashMap<ObjectName, Instant>,
+) -> Vec<tracing::Span> {
+    if traced.is_empty() {
+        return Vec::new();
+    }
+    let mut spans = Vec::new();
+    for op in cmds.iter().flat_map(crate::objects::txn_ops) {
+        let flotilla_storage::TxnOp::Put { key, spec, .. } = op else { continue };
+        let Some(tp) = traced.get(&key.name).filter(|_| key.kind == Kind::Replica) else { continue };
+        let waited = waiting.get(&key.name).map_or(0, |t| t.elapsed().as_millis() as i64);
+        let span = tracing::debug_span!(
+            "controller.bind",
+            replica = %key.name,
+            node = spec.get("node").and_then(|n| n.as_str()).unwrap_or_default(),
+            gpus = %spec.get("gpus").map(|g| g.to_string()).unwrap_or_default(),
+            pending_ms = waited,
+            outcome = tracing::field::Empty,
+        );
+        flotilla_telemetry::propagation::set_parent_traceparent(&span, tp);
+        spans.push(span);
+    }
+    spans
+}
+
 impl Actor for Scheduler {
     type Msg = SchedulerMsg;
     type State = SchedulerState;
@@ -90,9 +128,9 @@ impl Actor for Scheduler {
                 let strategy: PlacementStrategy = ctx.config.placement;
                 let batch = ctx.config.bind_batch;
                 // Planning thousands of replicas is CPU work: keep it off the async workers.
-                let p = tokio::task::spawn_blocking(move || {
+                let (p, traced) = tokio::task::spawn_blocking(move || {
                     let (nodes, replicas, spread) = snapshot(&ctx);
-                    plan(&nodes, &replicas, strategy, &spread, batch)
+                    (plan(&nodes, &replicas, strategy, &spread, batch), traced_pending(&replicas))
                 })
                 .await?;
                 let m = &st.ctx.metrics;
@@ -115,10 +153,14 @@ impl Actor for Scheduler {
                 let mut cmds = p.binds;
                 cmds.extend(p.reasons);
                 let placed = p.placed;
+                let spans = bind_spans(&cmds, &traced, &st.waiting);
                 let out = execute(&st.ctx, Controller::Scheduler, cmds).await.map_err(|e| {
                     tracing::warn!(error = %e, "uncertain write; scheduler stops for a rebuild");
                     Box::new(e) as ActorProcessingErr
                 })?;
+                for span in spans {
+                    span.record("outcome", if out.refused == 0 { "bound" } else { "refused" });
+                }
                 if out.refused == 0 {
                     st.ctx.metrics.bindings.inc_by(bound as u64);
                     for r in placed {

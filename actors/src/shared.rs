@@ -46,6 +46,23 @@ impl NodeLive {
     }
 }
 
+/// One gateway's latest in-flight counts (`ReportUsage`): the (adapter, replica) pairs
+/// with requests in flight, and when it reported them. A gateway's report replaces its
+/// previous one; one silent for [`FLIGHTS_TTL`] counts no more (it died or lost us).
+#[derive(Debug, Clone, Default)]
+pub struct GatewayFlights {
+    pub at: Option<Instant>,
+    pub pairs: BTreeSet<(ObjectName, ObjectName)>,
+}
+
+/// A gateway reports at least every 2 s while requests are in flight; after this without
+/// a report its counts are dropped.
+pub const FLIGHTS_TTL: std::time::Duration = std::time::Duration::from_secs(10);
+
+/// The adapter controllers' latest verdicts on demands they could not place, per adapter:
+/// when decided and why. `EnsureLoaded` waits on this to answer at once.
+pub type UnplacedBook = HashMap<ObjectName, (Instant, crate::adapters::Unplaced)>;
+
 /// Locks a mutex, recovering from poisoning (the data are plain maps, valid after a panic).
 pub(crate) fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
@@ -74,6 +91,11 @@ pub struct Ctx {
     pub(crate) supervisor: Mutex<Option<ActorRef<SupervisorMsg>>>,
     /// When a gateway last routed a request for (adapter, replica), from `ReportUsage`.
     pub adapter_usage: Mutex<HashMap<(ObjectName, ObjectName), Instant>>,
+    /// In-flight (adapter, replica) pairs per gateway id, from `ReportUsage` (a watch:
+    /// `EnsureLoaded` calls waiting for a slot held by requests in flight re-ask on change).
+    pub adapter_flights: watch::Sender<HashMap<String, GatewayFlights>>,
+    /// Demands the adapter controllers could not place (see [`UnplacedBook`]).
+    pub adapter_unplaced: watch::Sender<UnplacedBook>,
     /// Bumped on every heartbeat received (waiters re-check engine reports).
     pub beats: watch::Sender<u64>,
     /// The gateways' latest demand reports, per model (autoscaler input).
@@ -93,6 +115,8 @@ impl Ctx {
             leading: Mutex::new(None),
             supervisor: Mutex::new(None),
             adapter_usage: Mutex::new(HashMap::new()),
+            adapter_flights: watch::channel(HashMap::new()).0,
+            adapter_unplaced: watch::channel(HashMap::new()).0,
             beats: watch::channel(0).0,
             demand: Mutex::new(Default::default()),
             canary: Mutex::new(Default::default()),
@@ -145,41 +169,44 @@ pub struct Hub {
 
 #[derive(Default)]
 struct HubInner {
-    /// replica → node it is assigned to.
-    placed: HashMap<ObjectName, ObjectName>,
+    /// replica → the nodes it is assigned to (one; a gang's every member's).
+    placed: HashMap<ObjectName, Vec<ObjectName>>,
     nodes: HashMap<ObjectName, NodeAssign>,
-    /// node → its Draining replicas (deleted once the agent no longer runs them).
+    /// node → its Draining replicas (deleted once no agent runs them any more).
     draining: HashMap<ObjectName, BTreeSet<ObjectName>>,
-    /// replica → node, for the Draining ones.
-    draining_on: HashMap<ObjectName, ObjectName>,
+    /// replica → the nodes it drains on.
+    draining_on: HashMap<ObjectName, Vec<ObjectName>>,
 }
 
 impl HubInner {
     /// Moves `name` to where `replica` says; returns the nodes whose desired set changed.
     fn track(&mut self, name: &ObjectName, replica: Option<&ReplicaView>) -> Vec<ObjectName> {
         let mut touched = Vec::new();
-        if let Some(old) = self.placed.remove(name) {
+        for old in self.placed.remove(name).unwrap_or_default() {
             if let Some(n) = self.nodes.get_mut(&old) {
                 n.replicas.remove(name);
             }
             touched.push(old);
         }
-        if let Some(old) = self.draining_on.remove(name) {
+        for old in self.draining_on.remove(name).unwrap_or_default() {
             if let Some(set) = self.draining.get_mut(&old) {
                 set.remove(name);
             }
         }
-        let Some(r) = replica else { return touched };
-        let Some(node) = r.spec.node.clone() else { return touched };
-        // A gang's members are not launched by agents yet (apply refuses topologies): never
-        // hand its head to the head's agent as a one-node engine.
-        if r.assigned() && r.spec.topology.is_none() {
-            self.placed.insert(name.clone(), node.clone());
-            self.nodes.entry(node.clone()).or_insert_with(NodeAssign::new).replicas.insert(name.clone(), assignment(r));
-            touched.push(node);
+        let Some(r) = replica.filter(|r| r.spec.node.is_some()) else { return touched };
+        let nodes: Vec<ObjectName> = r.spec.bindings().into_iter().map(|(n, _)| n.clone()).collect();
+        if r.assigned() {
+            for (rank, node) in nodes.iter().enumerate() {
+                let a = assignment(r, rank);
+                self.nodes.entry(node.clone()).or_insert_with(NodeAssign::new).replicas.insert(name.clone(), a);
+                touched.push(node.clone());
+            }
+            self.placed.insert(name.clone(), nodes);
         } else if r.phase() == flotilla_api::spec::ReplicaPhase::Draining {
-            self.draining_on.insert(name.clone(), node.clone());
-            self.draining.entry(node).or_default().insert(name.clone());
+            for node in &nodes {
+                self.draining.entry(node.clone()).or_default().insert(name.clone());
+            }
+            self.draining_on.insert(name.clone(), nodes);
         }
         touched
     }
@@ -196,7 +223,22 @@ impl NodeAssign {
     }
 }
 
-fn assignment(r: &ReplicaView) -> ReplicaAssignment {
+/// What the agent of `r`'s member `rank` runs (rank 0 for a one-node replica). A gang's
+/// members share the replica's name and each get their own node's GPUs; a worker gets the
+/// head's rendezvous address once the head's agent has reported it.
+fn assignment(r: &ReplicaView, rank: usize) -> ReplicaAssignment {
+    let gang =
+        r.spec.topology.as_ref().filter(|_| !r.spec.members.is_empty()).map(|t| flotilla_api::pb::GangAssignment {
+            size: t.nodes,
+            rank: rank as u32,
+            layout: t.layout.as_str().to_owned(),
+            gpus_per_node: t.gpus_per_node,
+            head_address: if rank == 0 { String::new() } else { r.status.rendezvous.clone().unwrap_or_default() },
+        });
+    let gpus = match r.spec.members.get(rank) {
+        Some(m) => m.gpus.clone(),
+        None => r.spec.gpus.clone(),
+    };
     ReplicaAssignment {
         replica: r.name.to_string(),
         model: r.spec.model.to_string(),
@@ -206,14 +248,20 @@ fn assignment(r: &ReplicaView) -> ReplicaAssignment {
         },
         source: r.spec.source.clone(),
         engine_args: r.spec.engine_args.clone(),
-        gpus: r.spec.gpus.clone(),
+        gpus,
         engine_image: r.spec.engine_image.clone().unwrap_or_default(),
-        adapters: r
-            .spec
-            .adapters
-            .iter()
-            .map(|a| flotilla_api::pb::AdapterAssignment { name: a.name.to_string(), source: a.source.clone() })
-            .collect(),
+        // adapters are loaded through the API, which only the head serves
+        adapters: match rank {
+            0 => r
+                .spec
+                .adapters
+                .iter()
+                .map(|a| flotilla_api::pb::AdapterAssignment { name: a.name.to_string(), source: a.source.clone() })
+                .collect(),
+            _ => Vec::new(),
+        },
+        traceparent: r.labels.get(crate::objects::TRACE_LABEL).cloned().unwrap_or_default(),
+        gang,
     }
 }
 
@@ -238,6 +286,7 @@ impl Hub {
                 n.replicas.clear();
             }
             inner.draining.clear();
+            inner.draining_on.clear();
             for r in replicas {
                 inner.track(&r.name, Some(r));
             }
@@ -280,5 +329,42 @@ impl Hub {
     /// The desired set of `node`, following changes.
     pub fn subscribe(&self, node: &ObjectName) -> watch::Receiver<Arc<Vec<ReplicaAssignment>>> {
         lock(&self.inner).nodes.entry(node.clone()).or_insert_with(NodeAssign::new).tx.subscribe()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::testkit::{name, World};
+    use flotilla_api::spec::ReplicaPhase;
+
+    #[test]
+    fn each_member_of_a_gang_is_assigned_to_its_node_and_workers_wait_for_the_head() {
+        let mut w = World::default();
+        for n in ["a", "b"] {
+            w.node(n, 4, "A");
+        }
+        w.gang("g-1", "m", ReplicaPhase::Scheduled, &[("a", vec![0, 1]), ("b", vec![2, 3])]);
+        let hub = Hub::default();
+        let (a, b) = (hub.subscribe(&name("a")), hub.subscribe(&name("b")));
+        hub.update(&name("g-1"), w.replicas().first());
+        let (head, worker) = (a.borrow()[0].clone(), b.borrow()[0].clone());
+        assert_eq!((head.replica.as_str(), head.gpus.clone()), ("g-1", vec![0, 1]));
+        assert_eq!(worker.gpus, vec![2, 3]);
+        let (hg, wg) = (head.gang.unwrap(), worker.gang.clone().unwrap());
+        assert_eq!((hg.size, hg.rank, hg.layout.as_str(), hg.gpus_per_node), (2, 0, "tp-pp", 2));
+        assert_eq!((wg.rank, wg.head_address.as_str()), (1, ""), "the head has not reported yet");
+        // the head's rendezvous reaches the worker's assignment (the head's own is unchanged)
+        w.replicas_mut("g-1", |_, st| st.rendezvous = Some("10.0.0.1:29500".into()));
+        hub.update(&name("g-1"), w.replicas().first());
+        assert_eq!(b.borrow()[0].gang.as_ref().unwrap().head_address, "10.0.0.1:29500");
+        assert_eq!(a.borrow()[0].gang.as_ref().unwrap().head_address, "");
+        // draining: no member runs it any more, and both nodes list it for deletion
+        w.replicas_mut("g-1", |_, st| st.phase = ReplicaPhase::Draining);
+        hub.update(&name("g-1"), w.replicas().first());
+        assert!(a.borrow().is_empty() && b.borrow().is_empty());
+        assert_eq!((hub.draining(&name("a")), hub.draining(&name("b"))), (vec![name("g-1")], vec![name("g-1")]));
+        hub.update(&name("g-1"), None);
+        assert!(hub.draining(&name("b")).is_empty());
     }
 }

@@ -141,6 +141,36 @@ impl World {
         }
     }
 
+    /// A gang replica of `model` bound to `members` (node, GPUs) in rank order, with its
+    /// GPUs allocated on every member's node.
+    pub fn gang(&mut self, n: &str, model: &str, phase: ReplicaPhase, members: &[(&str, Vec<u32>)]) {
+        let per_node = members[0].1.len() as u32;
+        self.replica(n, model, per_node, phase, Some((members[0].0, members[0].1.clone())));
+        let topology = flotilla_api::spec::Topology {
+            nodes: members.len() as u32,
+            gpus_per_node: per_node,
+            layout: Default::default(),
+            placement: Default::default(),
+            domain_label: flotilla_api::spec::DEFAULT_DOMAIN_LABEL.into(),
+        };
+        self.replicas_mut(n, |spec, _| {
+            spec.topology = Some(topology);
+            spec.members = members
+                .iter()
+                .map(|(node, gpus)| flotilla_api::spec::GangMember { node: name(node), gpus: gpus.clone() })
+                .collect();
+        });
+        if phase != ReplicaPhase::Failed {
+            for (node, gpus) in &members[1..] {
+                self.set_node(node, |_, st| {
+                    for g in gpus {
+                        st.allocations.insert(*g, name(n));
+                    }
+                });
+            }
+        }
+    }
+
     fn objects(&self, kind: Kind) -> Vec<StoredObject> {
         self.store.list(kind, &LabelSelector::default())
     }
@@ -162,9 +192,13 @@ impl World {
     }
 
     /// Asserts that node allocations and replica bindings agree and no GPU is bound twice.
+    /// A Draining gang may hold only some of its members' GPUs (each member's node frees its
+    /// own as its agent stops it; a lost node's at once), so only its allocations are checked.
     pub fn assert_consistent(&self) {
         let nodes = self.nodes();
-        for r in self.replicas().into_iter().filter(|r| r.phase() != ReplicaPhase::Failed) {
+        let draining_gang = |r: &ReplicaView| r.phase() == ReplicaPhase::Draining && !r.spec.members.is_empty();
+        let whole = |r: &ReplicaView| r.phase() != ReplicaPhase::Failed && !draining_gang(r);
+        for r in self.replicas().into_iter().filter(whole) {
             for (n, gpus) in r.spec.bindings() {
                 let node = nodes.iter().find(|x| &x.name == n).expect("bound node exists");
                 for g in gpus {
@@ -174,6 +208,8 @@ impl World {
         }
         for n in &nodes {
             for (g, r) in &n.status.allocations {
+                let failed = self.replicas().into_iter().any(|x| &x.name == r && x.phase() == ReplicaPhase::Failed);
+                assert!(!failed, "gpu {g} of {} still allocated to {r}, which Failed", n.name);
                 assert!(n.spec.gpus.iter().any(|x| x.index == *g), "allocated gpu {g} exists on {}", n.name);
                 let rep = self.replicas().into_iter().find(|x| &x.name == r);
                 let rep = rep.unwrap_or_else(|| panic!("gpu {g} of {} bound to missing replica {r}", n.name));

@@ -99,6 +99,12 @@ pub struct AgentArgs {
     /// agent's environment: not its download credentials (HF_TOKEN, AWS_*).
     #[arg(long, value_delimiter = ',')]
     pub engine_env: Vec<String>,
+    /// The network interface the members of multi-node replicas (gangs) on this node talk
+    /// over (e.g. `ib0`, `ens1f0`): vLLM engines get it as GLOO_SOCKET_IFNAME and
+    /// NCCL_SOCKET_IFNAME (besides VLLM_HOST_IP = --address, always). Unset: Gloo and NCCL
+    /// pick one. Sim engines ignore it.
+    #[arg(long, value_name = "IFACE")]
+    pub gang_interface: Option<String>,
     /// YAML file changing which Model engine_args the agent refuses to start an engine with:
     /// `allow: [--trust-remote-code]` lifts a default refusal, `deny: [--flag, --prefix-*]`
     /// adds refusals. By default the agent refuses flags that load code or plugins
@@ -221,6 +227,8 @@ pub struct AgentConfig {
     pub vllm_command: Vec<String>,
     /// Variables engines inherit besides the default allowlist.
     pub engine_env: Vec<crate::engine_env::EnvPattern>,
+    /// The interface gang members' collectives use (`--gang-interface`).
+    pub gang_interface: Option<String>,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
     /// The container runtime for Models with an `engine_image` (None: none runs).
@@ -364,6 +372,13 @@ impl AgentArgs {
             let origin = url.trim_end_matches('/');
             endpoints.push(crate::source_policy::Context::endpoint(origin).map_err(|e| AgentError::invalid(flag, e))?);
         }
+        let gang_interface = match self.gang_interface.as_deref().map(str::trim) {
+            None => None,
+            Some(i) => {
+                crate::gang::check_interface(i).map_err(|r| AgentError::invalid("gang-interface", r))?;
+                Some(i.to_string())
+            }
+        };
         let loopback = address == "localhost" || address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         let ctx = crate::source_policy::Context { loopback, endpoints, data_dir: absolute(&self.data_dir) };
         let source_policy = match &self.source_policy {
@@ -387,6 +402,7 @@ impl AgentArgs {
             sim_args,
             vllm_command,
             engine_env,
+            gang_interface,
             engine_policy,
             containers: self.containers()?,
             metrics_listen: self.metrics_listen,
@@ -631,6 +647,9 @@ mod tests {
             ]
         );
         assert_eq!(flag(parse(&["--engine-env", "*"])), "engine-env");
+        assert_eq!(parse(&["--gang-interface", "ib0"]).unwrap().gang_interface.as_deref(), Some("ib0"));
+        assert_eq!(parse(&[]).unwrap().gang_interface, None);
+        assert_eq!(flag(parse(&["--gang-interface", "eth0:1"])), "gang-interface");
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.yaml");
         std::fs::write(

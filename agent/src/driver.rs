@@ -3,6 +3,13 @@
 //! [`EngineCommand`] (program, args, env) that the engine task
 //! ([`crate::engines::engine`]) spawns. An engine that serves TLS ([`crate::engine_tls`])
 //! gets `--ssl-certfile F --ssl-keyfile F` last, the same flags for vLLM and the sim.
+//!
+//! A member of a multi-node replica ([`GangLaunch`], from [`crate::gang`]) gets its member
+//! flags after the Model's `engine_args` (and before the TLS flags). A headless worker
+//! serves no API: the sim gets no `--host`/`--port` (it would ignore them), vLLM's template
+//! gets `{port}` = 0 (`vllm serve --headless` starts no API server), and neither gets TLS
+//! flags. vLLM members also get the per-node environment (`VLLM_HOST_IP`, and
+//! `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` with `--gang-interface`); the sim none.
 
 use std::path::{Path, PathBuf};
 
@@ -60,11 +67,36 @@ pub struct LaunchSpec<'a> {
     pub model_path: Option<&'a Path>,
     /// The engine's certificate and key files when it serves TLS.
     pub tls: Option<&'a crate::engine_tls::EngineCert>,
+    /// Its member of a multi-node replica; None for a one-node replica.
+    pub gang: Option<&'a GangLaunch>,
+}
+
+/// A gang member's part of its command line.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct GangLaunch {
+    /// The member flags ([`crate::gang::launch_args`]).
+    pub args: Vec<String>,
+    /// A worker (rank > 0): `--headless`, no API, no port, no TLS.
+    pub headless: bool,
+    /// The per-node environment of vLLM members ([`crate::gang::member_env`]).
+    pub env: Vec<(String, String)>,
+    /// Flags only vLLM members get ([`crate::gang::vllm_member_args`]).
+    pub vllm_args: Vec<String>,
+}
+
+impl LaunchSpec<'_> {
+    fn headless(&self) -> bool {
+        self.gang.is_some_and(|g| g.headless)
+    }
+
+    fn member_args(&self) -> impl Iterator<Item = String> + '_ {
+        self.gang.into_iter().flat_map(|g| g.args.iter().cloned())
+    }
 }
 
 /// `--ssl-certfile CERT --ssl-keyfile KEY` (vLLM's and the sim's flags) when `spec` serves TLS.
 fn tls_args(spec: &LaunchSpec<'_>) -> Vec<String> {
-    match spec.tls {
+    match spec.tls.filter(|_| !spec.headless()) {
         Some(t) => vec![
             "--ssl-certfile".into(),
             t.cert.display().to_string(),
@@ -83,7 +115,8 @@ pub trait EngineDriver: Send + Sync + std::fmt::Debug {
     fn command(&self, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError>;
 }
 
-/// Runs `<binary> [sim] --host H --port P --model NAME [sim-args] [engine_args]`.
+/// Runs `<binary> [sim] --host H --port P --model NAME [sim-args] [engine_args] [member flags]`
+/// (a headless worker without `--host`/`--port`).
 ///
 /// The sim needs no weights: sim engines skip the download entirely, so a `file://` source
 /// that does not exist on the node is fine for `engine: sim`.
@@ -107,10 +140,13 @@ impl EngineDriver for SimDriver {
         if !self.subcommand.is_empty() {
             args.push(self.subcommand.clone());
         }
-        args.extend(["--host".into(), spec.host.to_string(), "--port".into(), spec.port.to_string()]);
+        if !spec.headless() {
+            args.extend(["--host".into(), spec.host.to_string(), "--port".into(), spec.port.to_string()]);
+        }
         args.extend(["--model".into(), spec.assignment.model.clone()]);
         args.extend(self.extra_args.iter().cloned());
         args.extend(spec.assignment.engine_args.iter().cloned());
+        args.extend(spec.member_args());
         args.extend(tls_args(spec));
         Ok(EngineCommand { program: self.binary.clone(), args, env: Vec::new() })
     }
@@ -223,12 +259,12 @@ impl EngineDriver for VllmDriver {
         })?;
         let visible = a.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let mut args: Vec<String> = it.collect();
+        args.extend(spec.member_args());
+        args.extend(spec.gang.into_iter().flat_map(|g| g.vllm_args.iter().cloned()));
         args.extend(tls_args(spec));
-        Ok(EngineCommand {
-            program,
-            args,
-            env: vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)],
-        })
+        let mut env = vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)];
+        env.extend(spec.gang.into_iter().flat_map(|g| g.env.iter().cloned()));
+        Ok(EngineCommand { program, args, env })
     }
 }
 
@@ -246,6 +282,8 @@ mod tests {
             gpus: vec![2, 3],
             adapters: vec![],
             engine_image: String::new(),
+            traceparent: String::new(),
+            gang: None,
         }
     }
 
@@ -257,7 +295,8 @@ mod tests {
             extra_args: vec!["--speedup".into(), "20".into()],
         };
         let a = assignment();
-        let spec = LaunchSpec { assignment: &a, host: "127.0.0.1", port: 20001, model_path: None, tls: None };
+        let spec =
+            LaunchSpec { assignment: &a, host: "127.0.0.1", port: 20001, model_path: None, tls: None, gang: None };
         let c = d.command(&spec).unwrap();
         assert_eq!(
             c.display(),
@@ -279,7 +318,7 @@ mod tests {
         assert!(!d.needs_weights());
         let bare = SimDriver { subcommand: String::new(), ..d };
         let c = bare
-            .command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None, tls: None })
+            .command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None, tls: None, gang: None })
             .unwrap();
         assert_eq!(c.args[0], "--host");
     }
@@ -291,7 +330,14 @@ mod tests {
         let d = VllmDriver { template: t };
         let a = assignment();
         let path = PathBuf::from("/data/models/abc");
-        let spec = LaunchSpec { assignment: &a, host: "10.0.0.5", port: 20002, model_path: Some(&path), tls: None };
+        let spec = LaunchSpec {
+            assignment: &a,
+            host: "10.0.0.5",
+            port: 20002,
+            model_path: Some(&path),
+            tls: None,
+            gang: None,
+        };
         let c = d.command(&spec).unwrap();
         assert_eq!(
             c.display(),
@@ -310,6 +356,104 @@ mod tests {
         );
         assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
         assert!(d.needs_weights());
+    }
+
+    fn member(rank: u32) -> (ReplicaAssignment, GangLaunch) {
+        let g = flotilla_api::pb::GangAssignment {
+            size: 2,
+            rank,
+            layout: "tp-pp".into(),
+            gpus_per_node: 2,
+            head_address: if rank == 0 { String::new() } else { "10.0.0.5:30001".into() },
+        };
+        let own = if rank == 0 { "10.0.0.5" } else { "10.0.0.6" };
+        let launch = GangLaunch {
+            args: crate::gang::launch_args(&g, own, Some(30001)).unwrap(),
+            headless: rank > 0,
+            env: crate::gang::member_env(own, Some("ib0")),
+            vllm_args: crate::gang::vllm_member_args(&g),
+        };
+        (ReplicaAssignment { gang: Some(g), ..assignment() }, launch)
+    }
+
+    #[test]
+    fn sim_gang_members_get_the_member_flags_and_workers_no_api() {
+        let d = SimDriver { binary: "/usr/bin/flotilla".into(), subcommand: "sim".into(), extra_args: vec![] };
+        let cert = crate::engine_tls::EngineCert {
+            cert: "/c.pem".into(),
+            key: "/k.pem".into(),
+            pin: flotilla_engine::CertFingerprint::of_der(b"x"),
+        };
+        let (a, head) = member(0);
+        let spec = LaunchSpec {
+            assignment: &a,
+            host: "10.0.0.5",
+            port: 30000,
+            model_path: None,
+            tls: Some(&cert),
+            gang: Some(&head),
+        };
+        let c = d.command(&spec).unwrap();
+        assert_eq!(
+            c.display(),
+            "/usr/bin/flotilla sim --host 10.0.0.5 --port 30000 --model demo --max-model-len 8192 \
+             --tensor-parallel-size 2 --pipeline-parallel-size 2 --nnodes 2 --node-rank 0 \
+             --master-addr 10.0.0.5 --master-port 30001 --ssl-certfile /c.pem --ssl-keyfile /k.pem"
+        );
+        assert!(c.env.is_empty(), "the sim takes no per-node environment");
+        let (a, worker) = member(1);
+        let c = d
+            .command(&LaunchSpec {
+                assignment: &a,
+                host: "10.0.0.6",
+                port: 0,
+                model_path: None,
+                tls: Some(&cert),
+                gang: Some(&worker),
+            })
+            .unwrap();
+        assert_eq!(
+            c.display(),
+            "/usr/bin/flotilla sim --model demo --max-model-len 8192 --tensor-parallel-size 2 \
+             --pipeline-parallel-size 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.5 --master-port 30001 --headless"
+        );
+    }
+
+    #[test]
+    fn vllm_gang_members_get_the_member_flags_and_the_node_environment() {
+        let d =
+            VllmDriver { template: parse_template("vllm serve {source} --host {host} --port {port} {args}").unwrap() };
+        let path = PathBuf::from("/data/models/abc");
+        let (a, head) = member(0);
+        let spec = LaunchSpec {
+            assignment: &a,
+            host: "10.0.0.5",
+            port: 30000,
+            model_path: Some(&path),
+            tls: None,
+            gang: Some(&head),
+        };
+        let c = d.command(&spec).unwrap();
+        assert_eq!(
+            c.display(),
+            "vllm serve /data/models/abc --host 10.0.0.5 --port 30000 --max-model-len 8192 \
+             --tensor-parallel-size 2 --pipeline-parallel-size 2 --nnodes 2 --node-rank 0 \
+             --master-addr 10.0.0.5 --master-port 30001 --distributed-executor-backend mp"
+        );
+        for var in [("VLLM_HOST_IP", "10.0.0.5"), ("GLOO_SOCKET_IFNAME", "ib0"), ("NCCL_SOCKET_IFNAME", "ib0")] {
+            assert!(c.env.contains(&(var.0.into(), var.1.into())), "{var:?} in {:?}", c);
+        }
+        assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())));
+        let (a, worker) = member(1);
+        let c =
+            d.command(&LaunchSpec { assignment: &a, host: "10.0.0.6", port: 0, gang: Some(&worker), ..spec }).unwrap();
+        assert_eq!(
+            c.display(),
+            "vllm serve /data/models/abc --host 10.0.0.6 --port 0 --max-model-len 8192 \
+             --tensor-parallel-size 2 --pipeline-parallel-size 2 --nnodes 2 --node-rank 1 \
+             --master-addr 10.0.0.5 --master-port 30001 --headless --distributed-executor-backend mp"
+        );
+        assert!(c.env.contains(&("VLLM_HOST_IP".into(), "10.0.0.6".into())));
     }
 
     #[test]

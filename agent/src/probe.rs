@@ -47,6 +47,12 @@ pub fn apply(scrape: &Scrape, report: &mut EngineReport) {
         report.prompt_tokens_total = m.prompt_tokens;
         report.requests_finished_total = m.requests_finished;
         report.metrics_known = true;
+        // Adapters with requests in the engine (never evicted by the leader meanwhile).
+        let mut active: Vec<String> =
+            m.lora.iter().flat_map(|l| l.running.iter().chain(&l.waiting)).filter(|n| !n.is_empty()).cloned().collect();
+        active.sort();
+        active.dedup();
+        report.active_adapters = active;
     }
 }
 
@@ -73,6 +79,12 @@ mod tests {
         apply(&scrape, &mut r);
         assert_eq!((r.num_requests_running, r.num_requests_waiting, r.kv_cache_usage), (5.0, 7.0, 0.25));
         assert_eq!(r.loaded_adapters, ["old"], "the adapter worker owns loaded_adapters");
+        assert!(r.active_adapters.is_empty(), "no vllm:lora_requests_info, no active adapters");
+        let text = "vllm:num_requests_running 1\n\
+            vllm:lora_requests_info{max_lora=\"2\",running_lora_adapters=\"b,a\",waiting_lora_adapters=\"c,a\"} 1.7e9\n";
+        let scrape = Scrape { metrics: Some(EngineMetrics::parse(text)), adapters: None };
+        apply(&scrape, &mut r);
+        assert_eq!(r.active_adapters, ["a", "b", "c"], "running and waiting, once each");
     }
 
     #[test]

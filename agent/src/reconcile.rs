@@ -10,7 +10,8 @@
 //!  actual only                  → Stop
 //! ```
 //!
-//! An engine's identity is its assignment without `adapters` ([`same_engine`]).
+//! An engine's identity is its assignment without `adapters` and `traceparent`
+//! ([`same_engine`]).
 
 use std::collections::{BTreeMap, BTreeSet};
 
@@ -34,7 +35,18 @@ pub enum Action {
 /// True when `a` and `b` describe the same engine process: equal in everything but the
 /// adapters, which change without a restart.
 pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
-    let ReplicaAssignment { replica, model, engine, source, engine_args, gpus, engine_image, adapters: _ } = a;
+    let ReplicaAssignment {
+        replica,
+        model,
+        engine,
+        source,
+        engine_args,
+        gpus,
+        engine_image,
+        adapters: _,
+        traceparent: _,
+        gang,
+    } = a;
     *replica == b.replica
         && *model == b.model
         && *engine == b.engine
@@ -42,6 +54,7 @@ pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
         && *engine_args == b.engine_args
         && *gpus == b.gpus
         && *engine_image == b.engine_image
+        && *gang == b.gang
 }
 
 /// Decides the actions, in replica-name order. `actual` maps each running (or adopted, or
@@ -60,7 +73,10 @@ pub fn reconcile(desired: &[ReplicaAssignment], actual: &BTreeMap<String, Replic
         .into_iter()
         .map(|name| match (wanted.get(name), actual.get(name)) {
             (Some(want), None) => Action::Start((*want).clone()),
-            (Some(want), Some(have)) if *want == have => Action::Keep(name.to_string()),
+            // the traceparent is not the engine's: an adopted engine's assignment has none
+            (Some(want), Some(have)) if same_engine(want, have) && want.adapters == have.adapters => {
+                Action::Keep(name.to_string())
+            }
             (Some(want), Some(have)) if same_engine(want, have) => Action::UpdateAdapters((*want).clone()),
             (Some(want), Some(_)) => Action::Replace((*want).clone()),
             (None, _) => Action::Stop(name.to_string()),
@@ -83,7 +99,23 @@ mod tests {
             gpus: gpus.to_vec(),
             adapters: vec![],
             engine_image: String::new(),
+            traceparent: String::new(),
+            gang: None,
         }
+    }
+
+    #[test]
+    fn a_traceparent_is_not_part_of_the_engine() {
+        // an adopted engine's saved assignment has none; the server's has one
+        let traced = ReplicaAssignment {
+            traceparent: "00-4bf92f3577b34da6a3ce929d0e0e4736-00f067aa0ba902b7-01".into(),
+            ..a("r1", &[0])
+        };
+        assert_eq!(
+            reconcile(std::slice::from_ref(&traced), &actual(&[a("r1", &[0])])),
+            vec![Action::Keep("r1".into())]
+        );
+        assert_eq!(reconcile(&[a("r1", &[0])], &actual(&[traced])), vec![Action::Keep("r1".into())]);
     }
 
     fn actual(items: &[ReplicaAssignment]) -> BTreeMap<String, ReplicaAssignment> {

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use flotilla_api::pb::{AdapterAssignment, ReplicaAssignment};
+use flotilla_api::pb::{AdapterAssignment, GangAssignment, ReplicaAssignment};
 use serde::{Deserialize, Serialize};
 
 use crate::engines::process::ProcessIdentity;
@@ -54,6 +54,27 @@ pub struct SavedAssignment {
     /// images existed).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub engine_image: String,
+    /// Its member of a multi-node replica (absent: a one-node replica, and in files written
+    /// before gangs existed). Part of the engine's identity: an adopted member is kept only
+    /// when its gang is unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang: Option<SavedGang>,
+}
+
+/// A gang member's place (serializable mirror of the proto's `GangAssignment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedGang {
+    /// Members.
+    pub size: u32,
+    /// This member's rank (0: the head).
+    pub rank: u32,
+    /// `tp-pp` or `data-parallel`.
+    pub layout: String,
+    /// GPUs per member.
+    pub gpus_per_node: u32,
+    /// The head's rendezvous address (a worker's; empty for the head).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub head_address: String,
 }
 
 /// One assigned LoRA adapter (serializable mirror of the proto).
@@ -81,6 +102,13 @@ impl From<&ReplicaAssignment> for SavedAssignment {
             gpus: a.gpus.clone(),
             adapters: saved_adapters(&a.adapters),
             engine_image: a.engine_image.clone(),
+            gang: a.gang.as_ref().map(|g| SavedGang {
+                size: g.size,
+                rank: g.rank,
+                layout: g.layout.clone(),
+                gpus_per_node: g.gpus_per_node,
+                head_address: g.head_address.clone(),
+            }),
         }
     }
 }
@@ -96,6 +124,15 @@ impl From<SavedAssignment> for ReplicaAssignment {
             gpus: s.gpus,
             engine_image: s.engine_image,
             adapters: s.adapters.into_iter().map(|a| AdapterAssignment { name: a.name, source: a.source }).collect(),
+            // a start is traced once, by the agent that made it
+            traceparent: String::new(),
+            gang: s.gang.map(|g| GangAssignment {
+                size: g.size,
+                rank: g.rank,
+                layout: g.layout,
+                gpus_per_node: g.gpus_per_node,
+                head_address: g.head_address,
+            }),
         }
     }
 }
@@ -119,6 +156,10 @@ pub struct SavedEngine {
     /// `<data-dir>/engines/<replica>/`); absent for an engine serving plain HTTP.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_cert_sha256: Option<String>,
+    /// A gang head's rendezvous port (reserved again on adoption; the workers were told
+    /// it); absent for every other engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous_port: Option<u16>,
 }
 
 /// The `engines.json` format this binary writes (and the newest it reads).
@@ -325,6 +366,7 @@ mod tests {
             restarts: 2,
             api_key: Some("k".repeat(64)),
             engine_cert_sha256: Some("ab".repeat(32)),
+            rendezvous_port: None,
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
@@ -404,6 +446,50 @@ mod tests {
     }
 
     #[test]
+    fn a_gang_member_and_its_rendezvous_port_round_trip() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = StateStore::load(dir.path()).unwrap();
+        let member = |rank: u32, head_address: &str| ReplicaAssignment {
+            replica: "big-0".into(),
+            model: "big".into(),
+            engine: "vllm".into(),
+            gpus: vec![0, 1],
+            gang: Some(GangAssignment {
+                size: 2,
+                rank,
+                layout: "tp-pp".into(),
+                gpus_per_node: 2,
+                head_address: head_address.into(),
+            }),
+            ..Default::default()
+        };
+        let engine = |a: &ReplicaAssignment, rendezvous_port| SavedEngine {
+            assignment: a.into(),
+            process: ProcessIdentity { pid: 42, start_ticks: Some(7) },
+            port: 30000,
+            restarts: 0,
+            api_key: None,
+            engine_cert_sha256: None,
+            rendezvous_port,
+        };
+        let head = member(0, "");
+        s.put(engine(&head, Some(30001))).unwrap();
+        let saved = StateStore::load(dir.path()).unwrap().engines()["big-0"].clone();
+        assert_eq!(saved.rendezvous_port, Some(30001), "an adopted head reserves its rendezvous port again");
+        let back = ReplicaAssignment::from(saved.assignment);
+        assert_eq!(back, head);
+        assert!(crate::reconcile::same_engine(&back, &head), "an adopted member is kept, not replaced");
+
+        let worker = member(1, "[fd00::5]:30001");
+        s.put(engine(&worker, None)).unwrap();
+        let text = std::fs::read_to_string(dir.path().join("engines.json")).unwrap();
+        assert!(text.contains("[fd00::5]:30001"), "{text}");
+        assert!(!text.contains("rendezvous_port"), "absent for a worker: {text}");
+        let back = ReplicaAssignment::from(StateStore::load(dir.path()).unwrap().engines()["big-0"].assignment.clone());
+        assert_eq!(back.gang, worker.gang);
+    }
+
+    #[test]
     fn state_files_written_before_adapters_still_load() {
         let dir = tempfile::tempdir().unwrap();
         let old = r#"{"r1": {"assignment": {"replica": "r1", "model": "m", "engine": "sim", "source": "file:///m",
@@ -414,6 +500,7 @@ mod tests {
         assert_eq!(engines["r1"].port, 20000, "a version 1 file (the bare map) is read");
         assert_eq!(engines["r1"].api_key, None, "an engine started before keys runs without one");
         assert_eq!(engines["r1"].engine_cert_sha256, None, "nor TLS");
+        assert_eq!((engines["r1"].assignment.gang.as_ref(), engines["r1"].rendezvous_port), (None, None), "nor a gang");
     }
 
     #[test]
@@ -430,6 +517,7 @@ mod tests {
             restarts: 0,
             api_key: None,
             engine_cert_sha256: None,
+            rendezvous_port: None,
         };
         s.put(e.clone()).unwrap();
         let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

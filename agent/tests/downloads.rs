@@ -186,6 +186,8 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
     let agent = TestAgent::start(args).await;
     let good = flotilla_api::pb::ReplicaAssignment {
         engine_image: Default::default(),
+        traceparent: String::new(),
+        gang: None,
         replica: "v-0".into(),
         model: "tiny".into(),
         engine: "vllm".into(),

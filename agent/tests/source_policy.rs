@@ -259,6 +259,8 @@ async fn a_refused_model_source_fails_the_replica_naming_the_rule() {
     let agent = TestAgent::start(args).await;
     let replica = |name: &str, source: String| flotilla_api::pb::ReplicaAssignment {
         engine_image: Default::default(),
+        traceparent: String::new(),
+        gang: None,
         replica: name.into(),
         model: "m".into(),
         engine: "vllm".into(),
@@ -301,6 +303,8 @@ async fn an_adopted_engine_whose_source_the_new_policy_refuses_is_stopped_and_fa
     let template = format!("{} {sub} --host {{host}} --port {{port}} --model {{model}} --speedup 50", sim.display());
     fake.assign(vec![flotilla_api::pb::ReplicaAssignment {
         engine_image: Default::default(),
+        traceparent: String::new(),
+        gang: None,
         replica: "v-0".into(),
         model: "m".into(),
         engine: "vllm".into(),

@@ -17,6 +17,12 @@ impl ObjectName {
         &self.0
     }
 
+    /// The empty name, which sorts before every valid one; only for range bounds
+    /// ([`crate::ObjectKey::first_of`]), never a stored object's name.
+    pub(crate) fn before_all() -> ObjectName {
+        ObjectName(String::new())
+    }
+
     /// Why `s` is not a DNS label, if it is not (the value quoted, no field named).
     fn check(s: &str) -> Result<(), String> {
         let why = if s.is_empty() {

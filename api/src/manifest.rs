@@ -190,10 +190,14 @@ mod tests {
     }
 
     #[test]
-    fn a_topology_is_checked_then_refused_until_agents_launch_gangs() {
+    fn a_topology_is_checked_and_ray_is_refused_until_agents_start_ray() {
         let with = |t: &str| format!("{MODEL}  gpus: 16\n  topology: {t}\n");
-        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8}")).unwrap_err().to_string();
-        assert!(e.contains("spec.topology") && e.contains("agents cannot launch them yet"), "{e}");
+        let m = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8}")).unwrap();
+        let Spec::Model(s) = &m.spec else { panic!("not a model") };
+        assert_eq!(s.topology.as_ref().map(|t| (t.nodes, t.gpus_per_node)), Some((2, 8)));
+        assert!(Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, layout: data-parallel}")).is_ok());
+        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, layout: ray}")).unwrap_err().to_string();
+        assert!(e.contains("spec.topology.layout") && e.contains("layout ray is not launched by agents yet"), "{e}");
         let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 4}")).unwrap_err().to_string();
         assert!(e.contains("spec.gpus") && e.contains("2 nodes x 4 GPUs = 8"), "{e}");
         let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, placement: tight}")).unwrap_err().to_string();

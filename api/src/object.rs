@@ -19,6 +19,14 @@ pub struct ObjectKey {
     pub name: ObjectName,
 }
 
+impl ObjectKey {
+    /// A key that sorts before every key of `kind` (its name is empty, which no object's
+    /// is): the start of a range scan over one kind in a map ordered by key.
+    pub fn first_of(kind: Kind) -> ObjectKey {
+        ObjectKey { kind, name: ObjectName::before_all() }
+    }
+}
+
 impl std::fmt::Display for ObjectKey {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         write!(f, "{}/{}", self.kind, self.name)

@@ -43,8 +43,8 @@ import time
 SEED = 20261126
 ADAPTERS = 200
 ZIPF_S = 1.0
-MAX_LORAS = 8
-MAX_CPU_LORAS = 32
+MAX_LORAS = int(os.environ.get("MAX_LORAS", "8"))  # env: the slot-starved runs of RESULTS.md
+MAX_CPU_LORAS = int(os.environ.get("MAX_CPU_LORAS", "32"))
 RANK = 16
 PROFILE = "a100-llama3-8b"
 REQ_TIMEOUT = 120.0
@@ -252,6 +252,37 @@ def metric_sum(text, name):
     return tot
 
 
+def buckets(text, name):
+    """{le: cumulative count} of one histogram (any other labels summed)."""
+    out = {}
+    for line in text.splitlines():
+        if not line.startswith(name + "_bucket{"):
+            continue
+        m = re.search(r'le="([^"]+)"', line)
+        if not m:
+            continue
+        le = math.inf if m.group(1) == "+Inf" else float(m.group(1))
+        out[le] = out.get(le, 0.0) + float(line.rsplit(" ", 1)[1])
+    return out
+
+
+def hist_quantile(b0, b1, q):
+    """Prometheus histogram_quantile over the increase b1 - b0: linear within a bucket."""
+    les = sorted(b1)
+    cum = [b1[le] - b0.get(le, 0.0) for le in les]
+    if not cum or cum[-1] <= 0:
+        return None
+    rank = q * cum[-1]
+    prev_le, prev_c = 0.0, 0.0
+    for le, c in zip(les, cum):
+        if c >= rank:
+            if le == math.inf:
+                return prev_le
+            return prev_le + (le - prev_le) * ((rank - prev_c) / (c - prev_c) if c > prev_c else 1.0)
+        prev_le, prev_c = le, c
+    return prev_le
+
+
 async def gateway_metrics(port):
     try:
         code, text = await simple_http(port, "GET", "/metrics")
@@ -445,6 +476,8 @@ def summarize(kind, args_d, trace, results, warmup, metrics_at, extra=None):
         metric_sum(m0, "flotilla_gateway_adapter_cold_load_seconds_count")
     wait_sum = metric_sum(m1, "flotilla_gateway_adapter_cold_load_seconds_sum") - \
         metric_sum(m0, "flotilla_gateway_adapter_cold_load_seconds_sum")
+    hb0 = buckets(m0, "flotilla_gateway_adapter_cold_load_seconds")
+    hb1 = buckets(m1, "flotilla_gateway_adapter_cold_load_seconds")
     load_errs = metric_sum(m1, "flotilla_gateway_adapter_load_errors_total") - \
         metric_sum(m0, "flotilla_gateway_adapter_load_errors_total")
     out = {
@@ -457,6 +490,9 @@ def summarize(kind, args_d, trace, results, warmup, metrics_at, extra=None):
         "cold_loads": cold, "cold_load_rate": (cold / len(meas)) if meas else None,
         "requests_waited_for_load": waited,
         "mean_load_wait_s": (wait_sum / waited) if waited else None,
+        # histogram_quantile of the waits (buckets 0.05, 0.1, 0.25, 0.5, 1, 2, 5 s...)
+        "load_wait_p50_s": hist_quantile(hb0, hb1, 0.50),
+        "load_wait_p99_s": hist_quantile(hb0, hb1, 0.99),
         "load_errors": load_errs,
         "error_kinds": error_kinds(errs),
         "error_samples": sorted({e["err"] or str(e["status"]) for e in errs})[:3],

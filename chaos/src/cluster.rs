@@ -111,6 +111,7 @@ impl Cluster {
             args.extend(["--http-addr".into(), "127.0.0.1:0".into(), "--data-dir".into()]);
             args.push(data_dir.join("data").display().to_string());
             args.extend(SERVER_FLAGS.iter().map(|s| s.to_string()));
+            args.extend(topo.raft.map(|r| r.flags()).unwrap_or_default());
             args.extend(tls_flags(name));
             if i == 0 {
                 args.push("--bootstrap".into());

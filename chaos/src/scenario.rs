@@ -55,6 +55,35 @@ pub struct Topology {
     /// table enforced (`flotilla chaos run --tls` turns it on for any scenario).
     #[serde(default)]
     pub tls: bool,
+    /// The servers' Raft timings (`--heartbeat-ms`, `--election-timeout-{min,max}-ms`);
+    /// absent: the servers' defaults (50 / 150-300 ms, for servers a few ms apart). A
+    /// scenario with latency between the servers sets the timings a deployment across that
+    /// latency must use (docs/deploy.md, "Servers far apart").
+    #[serde(default)]
+    pub raft: Option<RaftTimings>,
+}
+
+/// Raft timings for the servers, in ms.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RaftTimings {
+    pub heartbeat_ms: u64,
+    pub election_timeout_min_ms: u64,
+    pub election_timeout_max_ms: u64,
+}
+
+impl RaftTimings {
+    /// The server flags that set them.
+    pub fn flags(&self) -> Vec<String> {
+        [
+            ("--heartbeat-ms", self.heartbeat_ms),
+            ("--election-timeout-min-ms", self.election_timeout_min_ms),
+            ("--election-timeout-max-ms", self.election_timeout_max_ms),
+        ]
+        .iter()
+        .flat_map(|(f, v)| [f.to_string(), v.to_string()])
+        .collect()
+    }
 }
 
 /// A model to serve.
@@ -235,6 +264,17 @@ impl Scenario {
         if t.agents > 16 || t.gpus_per_agent == 0 || t.gpus_per_agent > 16 {
             return bad("topology", "agents must be 0..=16 and gpus_per_agent 1..=16");
         }
+        if let Some(r) = &t.raft {
+            if r.heartbeat_ms == 0 || r.heartbeat_ms >= r.election_timeout_min_ms {
+                return bad("topology.raft.heartbeat_ms", "must be above 0 and below election_timeout_min_ms");
+            }
+            if r.election_timeout_min_ms >= r.election_timeout_max_ms || r.election_timeout_max_ms > 60_000 {
+                return bad(
+                    "topology.raft.election_timeout_max_ms",
+                    "must be above election_timeout_min_ms and at most 60000",
+                );
+            }
+        }
         let gpus: u32 = t.models.iter().map(|m| m.replicas * m.gpus).sum();
         if gpus > t.agents * t.gpus_per_agent {
             return bad("topology.models", "the models need more GPUs than the agents have");
@@ -395,6 +435,33 @@ mod tests {
         assert!(e.message.contains("unknown variant"), "{e}");
         let e = Scenario::parse("t.yaml", &OK.replace("replicas: 2", "replicas: 9")).unwrap_err();
         assert_eq!(e.path, "topology.models");
+    }
+
+    #[test]
+    fn raft_timings_become_server_flags_and_bad_ones_are_named() {
+        let with = |r: &str| OK.replace("replicas: 2}]", &format!("replicas: 2}}], raft: {r}"));
+        let s = Scenario::parse(
+            "t.yaml",
+            &with("{heartbeat_ms: 500, election_timeout_min_ms: 2500, election_timeout_max_ms: 5000}"),
+        )
+        .unwrap();
+        assert_eq!(
+            s.topology.raft.unwrap().flags().join(" "),
+            "--heartbeat-ms 500 --election-timeout-min-ms 2500 --election-timeout-max-ms 5000"
+        );
+        assert_eq!(Scenario::parse("t.yaml", OK).unwrap().topology.raft, None);
+        let e = Scenario::parse(
+            "t.yaml",
+            &with("{heartbeat_ms: 500, election_timeout_min_ms: 400, election_timeout_max_ms: 5000}"),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "topology.raft.heartbeat_ms");
+        let e = Scenario::parse(
+            "t.yaml",
+            &with("{heartbeat_ms: 50, election_timeout_min_ms: 400, election_timeout_max_ms: 400}"),
+        )
+        .unwrap_err();
+        assert_eq!(e.path, "topology.raft.election_timeout_max_ms");
     }
 
     #[test]

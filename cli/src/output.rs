@@ -74,6 +74,15 @@ fn field(v: &Value, path: &str) -> String {
 
 /// The column computed from a replica's download fields rather than read from one path.
 const DOWNLOAD: &str = "(download)";
+const NODES: &str = "(nodes)";
+
+/// A replica's node, or a gang's member nodes in rank order (the head first).
+fn nodes_cell(spec: &Value) -> String {
+    match spec["members"].as_array().filter(|m| !m.is_empty()) {
+        Some(members) => members.iter().filter_map(|m| m["node"].as_str()).collect::<Vec<_>>().join(","),
+        None => field(spec, "node"),
+    }
+}
 
 /// A replica's download progress while it downloads, `-` otherwise.
 fn download_cell(status: &Value) -> String {
@@ -142,7 +151,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
         "Token" => &[("ROLE", "spec.role"), ("IDENTITY", "spec.identity"), ("EXPIRES-AT", "spec.expires_at")],
         "Replica" => &[
             ("MODEL", "spec.model"),
-            ("NODE", "spec.node"),
+            ("NODE", NODES),
             ("GPUS", "spec.gpus"),
             ("PHASE", "status.phase"),
             ("ENDPOINT", "status.endpoint"),
@@ -163,6 +172,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
         let mut row = vec![o.name.clone()];
         row.extend(columns.iter().map(|(_, path)| match *path {
             DOWNLOAD => download_cell(&doc["status"]),
+            NODES => nodes_cell(&doc["spec"]),
             path => field(&doc, path),
         }));
         row.push(o.revision.to_string());
@@ -254,6 +264,14 @@ mod tests {
         assert_eq!(human_bytes(1536.0), "1.5 KiB");
         assert_eq!(human_bytes(9.99 * 1048576.0), "10 MiB");
         assert_eq!(human_bytes(140.0 * (1u64 << 40) as f64), "140 TiB");
+    }
+
+    #[test]
+    fn a_gang_shows_its_member_nodes_head_first() {
+        let gang = json!({"node": "n1", "members": [{"node": "n1", "gpus": [0]}, {"node": "n3", "gpus": [1]}]});
+        assert_eq!(nodes_cell(&gang), "n1,n3");
+        assert_eq!(nodes_cell(&json!({"node": "n2", "members": []})), "n2");
+        assert_eq!(nodes_cell(&json!({})), "-", "not bound yet");
     }
 
     #[test]

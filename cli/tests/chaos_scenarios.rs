@@ -68,6 +68,20 @@ fn ci_scenarios_hold_every_invariant() {
     }
 }
 
+/// Latency between the servers (80 ± 40 ms, then 200 ± 50 ms each way): with the Raft
+/// timings docs/deploy.md gives for that distance, writes go on (with the defaults, 80 ms
+/// stopped every write for the whole fault: the AppendEntries timeout is the heartbeat).
+/// About a minute.
+#[test]
+fn writes_continue_across_wan_latency_with_the_documented_raft_timings() {
+    for (name, seed) in [("slow-network.yaml", 21), ("wan-200ms.yaml", 22)] {
+        let (code, out) = chaos_run(&scenario(name), seed, &["--tls"]);
+        println!("{out}");
+        assert_eq!(code, 0, "{name} (seed {seed}) failed:\n{out}");
+        assert!(out.contains("anomalies                          0"), "{out}");
+    }
+}
+
 /// SIGTERM to the harness mid-run: it stops every process of the run, engines included.
 #[test]
 fn an_interrupted_run_leaves_no_process_behind() {

@@ -39,6 +39,7 @@ async fn writes_resume_within_a_second_when_the_leader_is_cut_off() {
         models: Vec::new(),
         small_disks: false,
         tls: false,
+        raft: None,
     };
     let mut c = Cluster::start(Path::new(BIN), dir.path(), &run_id, &topo).await.expect("start the cluster");
     let addrs = c.server_addrs();

@@ -5,14 +5,13 @@
 //! adapter whose node dies is loaded elsewhere while requests keep succeeding.
 mod common;
 
-use std::collections::BTreeMap;
 use std::time::Duration;
 
 use tokio::time::Instant;
 
 use common::*;
 use flotilla_api::pb::object_service_client::ObjectServiceClient;
-use flotilla_api::pb::{DeleteRequest, GetRequest, ListRequest};
+use flotilla_api::pb::DeleteRequest;
 
 const BASE_ARGS: &str = "[--max-loras, '4', --max-cpu-loras, '8']";
 
@@ -20,47 +19,6 @@ fn base_manifest(replicas: u32) -> String {
     format!(
         "kind: Model\nmetadata: {{name: base, labels: {{flotilla.io/placement: spread}}}}\nspec: {{engine: sim, source: 'file:///models/base', replicas: {replicas}, gpus: 1, engine_args: {BASE_ARGS}}}\n"
     )
-}
-
-fn adapter_manifest(name: &str, replicas: &str) -> String {
-    format!("kind: Adapter\nmetadata: {{name: {name}}}\nspec: {{base_model: base, source: 'sim://{name}?rank=8', replicas: {replicas}}}\n")
-}
-
-/// The adapter's stored status.
-async fn adapter_status(servers: &[String], name: &str) -> serde_json::Value {
-    for addr in servers {
-        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
-        let req = GetRequest { kind: "adapter".into(), name: name.into(), stale: false };
-        if let Ok(r) = c.get(req).await {
-            let o = r.into_inner().object.unwrap_or_default();
-            return serde_json::from_str(&o.status_json).unwrap_or_default();
-        }
-    }
-    serde_json::Value::Null
-}
-
-/// Adapter names bound to each replica (`spec.adapters`).
-async fn bindings(servers: &[String]) -> BTreeMap<String, Vec<String>> {
-    for addr in servers {
-        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
-        let req = ListRequest { kind: "replica".into(), label_selector: "model=base".into(), stale: false };
-        if let Ok(r) = c.list(req).await {
-            return r
-                .into_inner()
-                .objects
-                .iter()
-                .map(|o| {
-                    let spec: serde_json::Value = serde_json::from_str(&o.spec_json).unwrap_or_default();
-                    let names = spec["adapters"]
-                        .as_array()
-                        .map(|a| a.iter().filter_map(|b| b["name"].as_str().map(str::to_owned)).collect())
-                        .unwrap_or_default();
-                    (o.name.clone(), names)
-                })
-                .collect();
-        }
-    }
-    BTreeMap::new()
 }
 
 /// One HTTP request; (status code, body).

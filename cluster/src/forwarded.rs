@@ -47,6 +47,12 @@ pub(crate) fn forward_write<T>(msg: T, id: u128, caller: &Caller, deadline: Inst
         m.insert(CALLER_HEADER, who);
         m.insert(CALLER_ADDR_HEADER, from);
     }
+    // the leader's `server.apply` continues the forwarding server's trace
+    if let Some(tp) = flotilla_telemetry::propagation::traceparent(&tracing::Span::current()) {
+        if let Ok(v) = tp.parse() {
+            m.insert(flotilla_telemetry::propagation::TRACEPARENT, v);
+        }
+    }
     req
 }
 

@@ -42,6 +42,11 @@ impl ClusterHandle {
         self.node.metrics.register(add);
     }
 
+    /// The trace contexts applies leave for the controllers that act on them.
+    pub fn trace_links(&self) -> &crate::trace_links::TraceLinks {
+        &self.node.trace_links
+    }
+
     /// The current leader's ID, if one is known.
     pub fn leader(&self) -> Option<u64> {
         self.node.raft.metrics().borrow().current_leader

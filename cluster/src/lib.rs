@@ -31,6 +31,7 @@ mod server;
 mod snapshot_chunks;
 mod tenant_keys;
 pub mod tokens;
+pub mod trace_links;
 
 pub use config::ServerConfig;
 pub use error::ClusterError;

@@ -31,6 +31,8 @@ pub(crate) struct Node {
     pub(crate) read_barrier_term: std::sync::Arc<std::sync::Mutex<Option<u64>>>,
     /// The shared leadership watch ([`crate::ClusterHandle::leadership`]), started on first use.
     pub(crate) leadership: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>>,
+    /// Applies' trace contexts for the controllers that act on them ([`crate::trace_links`]).
+    pub(crate) trace_links: std::sync::Arc<crate::trace_links::TraceLinks>,
 }
 
 /// The code of a forward abandoned by [`Node::forward`].

@@ -12,6 +12,7 @@ use flotilla_api::pb::{
 use flotilla_api::spec::{AdapterSpec, ModelSpec};
 use flotilla_api::{ApiError, Kind, LabelSelector, Manifest, ObjectKey, ObjectName, Spec};
 use flotilla_storage::{Command, CommandResult, Compare, TxnOp};
+use flotilla_telemetry::propagation::TRACEPARENT;
 use futures::Stream;
 use tokio::sync::mpsc;
 use tokio::time::Instant;
@@ -175,6 +176,14 @@ impl ObjectServiceImpl {
         if let Spec::Tenant(tenant) = &manifest.spec {
             self.refuse_shared_keys(&key, tenant)?;
         }
+        // A Model's controller decision continues this apply's trace (crate::trace_links).
+        let link = match key.kind {
+            Kind::Model => flotilla_telemetry::propagation::traceparent(&span).map(|tp| {
+                self.node.trace_links.record(key.clone(), self.node.reader.revision(), tp);
+                key.clone()
+            }),
+            _ => None,
+        };
         let put = Command::Put {
             key,
             uid: uuid::Uuid::new_v4().to_string(),
@@ -185,7 +194,13 @@ impl ObjectServiceImpl {
         let cmd = api_write(id, by.clone(), put);
         let deadline = self.node.deadline();
         loop {
-            let addr = match self.write(cmd.clone(), forwarded, deadline).await? {
+            let written = self.write(cmd.clone(), forwarded, deadline).await;
+            let kept = matches!(&written, Ok(Route::Done(CommandResult::Put { unchanged: false, .. })));
+            if let Some(k) = link.as_ref().filter(|_| !kept) {
+                // no new revision here for a controller to act on
+                self.node.trace_links.forget(k);
+            }
+            let addr = match written? {
                 Route::Done(CommandResult::Put { object, created, unchanged }) => {
                     return Ok(Response::new(ApplyResponse { object: Some((&object).into()), created, unchanged }));
                 }
@@ -395,6 +410,12 @@ impl ObjectService for ObjectServiceImpl {
             unchanged = tracing::field::Empty,
             error = tracing::field::Empty,
         );
+        if !span.is_disabled() {
+            // a forwarding server's (or a client's) trace context: one trace across the hop
+            if let Some(tp) = request.metadata().get(TRACEPARENT).and_then(|v| v.to_str().ok()) {
+                flotilla_telemetry::propagation::set_parent_traceparent(&span, tp);
+            }
+        }
         let mut r = self.apply_inner(request).instrument(span.clone()).await;
         if !span.is_disabled() {
             match &r {

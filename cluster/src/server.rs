@@ -151,6 +151,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         batcher: crate::batcher::spawn_batcher(raft.clone()),
         read_barrier_term: Default::default(),
         leadership: Default::default(),
+        trace_links: Default::default(),
     };
 
     let mut extra = RoutesBuilder::default();

@@ -30,6 +30,10 @@ pub enum LoadError {
     NotFound(String),
     /// FAILED_PRECONDITION: the adapter is Failed, or its base model has no ready replica.
     Refused(String),
+    /// FAILED_PRECONDITION `actors.adapter_no_slot`: no slot can be freed for it.
+    NoSlot(String),
+    /// RESOURCE_EXHAUSTED `actors.adapter_busy`: every evictable slot has requests in flight.
+    Busy(String),
     /// DEADLINE_EXCEEDED, or no answer within the load timeout.
     Timeout(String),
     /// No server answered as leader.
@@ -44,6 +48,8 @@ impl LoadError {
         match self {
             LoadError::NotFound(_) => "not_found",
             LoadError::Refused(_) => "failed_precondition",
+            LoadError::NoSlot(_) => "no_slot",
+            LoadError::Busy(_) => "busy",
             LoadError::Timeout(_) => "deadline_exceeded",
             LoadError::NoLeader(_) => "no_leader",
             LoadError::Other(_) => "other",
@@ -54,6 +60,8 @@ impl LoadError {
         match self {
             LoadError::NotFound(m)
             | LoadError::Refused(m)
+            | LoadError::NoSlot(m)
+            | LoadError::Busy(m)
             | LoadError::Timeout(m)
             | LoadError::NoLeader(m)
             | LoadError::Other(m) => m,
@@ -65,7 +73,9 @@ impl LoadError {
         let m = s.message().to_string();
         match s.code() {
             tonic::Code::NotFound => LoadError::NotFound(m),
+            tonic::Code::FailedPrecondition if m.starts_with("actors.adapter_no_slot") => LoadError::NoSlot(m),
             tonic::Code::FailedPrecondition => LoadError::Refused(m),
+            tonic::Code::ResourceExhausted => LoadError::Busy(m),
             tonic::Code::DeadlineExceeded => LoadError::Timeout(m),
             _ => LoadError::Other(format!("{:?}: {m}", s.code())),
         }
@@ -79,6 +89,14 @@ impl LoadError {
             LoadError::NotFound(_) => ApiError::model_not_found(adapter.as_str()),
             LoadError::Refused(_) => {
                 ApiError::new(ApiCode::AdapterUnavailable, format!("adapter {adapter:?} cannot be loaded: {m}"))
+            }
+            LoadError::NoSlot(_) => {
+                ApiError::new(ApiCode::AdapterNoSlot, format!("adapter {adapter:?} cannot be loaded now: {m}"))
+                    .retry_after(5)
+            }
+            LoadError::Busy(_) => {
+                ApiError::new(ApiCode::AdapterBusy, format!("adapter {adapter:?} cannot be loaded now: {m}"))
+                    .retry_after(1)
             }
             LoadError::Timeout(_) => {
                 ApiError::new(ApiCode::AdapterLoadTimeout, format!("adapter {adapter:?} was not loaded in time: {m}"))
@@ -233,6 +251,17 @@ mod tests {
             assert_eq!(e.status().as_u16(), 503, "{le:?}");
             assert!(e.headers.iter().any(|(k, _)| *k == "retry-after"), "{le:?}");
         }
+        let no_slot = tonic::Status::failed_precondition(
+            "actors.adapter_no_slot: adapter a cannot be placed now: no free slot: 1 of 1 (--max-cpu-loras) in use; every slot holds a pinned adapter",
+        );
+        let e = LoadError::from_status(&no_slot).to_api(&"a".into());
+        assert_eq!((e.status().as_u16(), e.code.as_str()), (503, "adapter_no_slot"));
+        assert!(e.message.contains("no free slot: 1 of 1"), "the controller's reason: {}", e.message);
+        assert!(e.headers.iter().any(|(k, v)| *k == "retry-after" && v == "5"), "{:?}", e.headers);
+        let busy = tonic::Status::resource_exhausted("actors.adapter_busy: adapter a cannot be placed now: in flight");
+        let e = LoadError::from_status(&busy).to_api(&"a".into());
+        assert_eq!((e.status().as_u16(), e.code.as_str()), (429, "adapter_busy"));
+        assert!(e.headers.iter().any(|(k, v)| *k == "retry-after" && v == "1"), "{:?}", e.headers);
         assert!(not_leader(&tonic::Status::failed_precondition("cluster.not_leader: leader=unknown")));
         assert!(!not_leader(&tonic::Status::failed_precondition("adapter a is Failed")));
     }

@@ -148,13 +148,50 @@ impl Overlay {
 }
 
 /// Requests per (adapter, engine address) since the last report, bounded by
-/// [`MAX_USAGE_KEYS`].
+/// [`MAX_USAGE_KEYS`], and the requests in flight now per pair (the leader never evicts
+/// an adapter with requests in flight). `changed` says a pair started or stopped having
+/// requests in flight since the last report: the leader should hear of it at once.
 #[derive(Debug, Default)]
 pub struct UsageBook {
     counts: HashMap<(AdapterName, String), u32>,
+    in_flight: HashMap<(AdapterName, String), u32>,
+    changed: bool,
 }
 
 impl UsageBook {
+    /// A request for `adapter` on `address` starts; true when it is the pair's first in
+    /// flight (a change to report now).
+    pub fn begin(&mut self, adapter: &AdapterName, address: &str) -> bool {
+        let n = self.in_flight.entry((adapter.clone(), address.to_string())).or_insert(0);
+        *n = n.saturating_add(1);
+        let first = *n == 1;
+        self.changed |= first;
+        first
+    }
+
+    /// A request begun with [`UsageBook::begin`] ends; true when it was the pair's last.
+    pub fn end(&mut self, adapter: &AdapterName, address: &str) -> bool {
+        let key = (adapter.clone(), address.to_string());
+        let Some(n) = self.in_flight.get_mut(&key) else { return false };
+        *n = n.saturating_sub(1);
+        if *n > 0 {
+            return false;
+        }
+        self.in_flight.remove(&key);
+        self.changed = true;
+        true
+    }
+
+    /// Whether a report is due before the next tick: an in-flight change to tell.
+    pub fn urgent(&self) -> bool {
+        self.changed
+    }
+
+    /// Whether anything is in flight (then a report goes every tick, as a keep-alive).
+    pub fn busy(&self) -> bool {
+        !self.in_flight.is_empty()
+    }
+
     /// Counts one request; false when the book is full and the pair is new (dropped).
     pub fn record(&mut self, adapter: &AdapterName, address: &str) -> bool {
         if let Some(n) = self.counts.get_mut(&(adapter.clone(), address.to_string())) {
@@ -168,12 +205,20 @@ impl UsageBook {
         true
     }
 
-    /// Everything counted, in a stable order, leaving the book empty.
+    /// Everything counted, with every pair in flight (even without new requests), in a
+    /// stable order; the counts restart from zero.
     pub fn take(&mut self) -> Vec<pb::AdapterUsage> {
-        let mut v: Vec<pb::AdapterUsage> = self
-            .counts
-            .drain()
-            .map(|((adapter, address), requests)| pb::AdapterUsage { adapter: adapter.to_string(), address, requests })
+        self.changed = false;
+        let mut counts = std::mem::take(&mut self.counts);
+        for key in self.in_flight.keys() {
+            counts.entry(key.clone()).or_insert(0);
+        }
+        let mut v: Vec<pb::AdapterUsage> = counts
+            .into_iter()
+            .map(|((adapter, address), requests)| {
+                let in_flight = self.in_flight.get(&(adapter.clone(), address.clone())).copied().unwrap_or(0);
+                pb::AdapterUsage { adapter: adapter.to_string(), address, requests, in_flight }
+            })
             .collect();
         v.sort_by(|a, b| (&a.adapter, &a.address).cmp(&(&b.adapter, &b.address)));
         v
@@ -289,5 +334,26 @@ mod tests {
         assert!(!u.record(&"new".into(), "h:1"), "full: a new pair is dropped");
         assert!(u.record(&"a0".into(), "h:1"), "known pairs still count");
         assert_eq!(u.take().len(), MAX_USAGE_KEYS);
+    }
+
+    #[test]
+    fn in_flight_pairs_are_reported_until_they_end_and_changes_are_urgent() {
+        let mut u = UsageBook::default();
+        let a: AdapterName = "a".into();
+        assert!(!u.urgent() && !u.busy());
+        assert!(u.begin(&a, "h:1"), "the first in flight is a change");
+        assert!(!u.begin(&a, "h:1"), "the second is not");
+        assert!(u.urgent() && u.busy());
+        u.record(&a, "h:1");
+        let got = u.take();
+        assert_eq!(got.iter().map(|x| (x.requests, x.in_flight)).collect::<Vec<_>>(), [(1, 2)]);
+        assert!(!u.urgent(), "told");
+        // Still in flight, no new request: reported again (the leader's keep-alive).
+        assert_eq!(u.take().iter().map(|x| (x.requests, x.in_flight)).collect::<Vec<_>>(), [(0, 2)]);
+        assert!(!u.end(&a, "h:1") && !u.urgent());
+        assert!(u.end(&a, "h:1") && u.urgent(), "the last one ending is a change");
+        assert!(!u.busy());
+        assert!(u.take().is_empty(), "nothing counted or in flight: an empty report clears the pair");
+        assert!(!u.end(&a, "h:1"), "an unknown pair is no change");
     }
 }

@@ -1,7 +1,8 @@
 //! On-demand LoRA adapters (cluster endpoints only): `AdapterService.EnsureLoaded` on the
 //! leader when a request names an adapter that no endpoint holds, or only saturated ones,
 //! and again when an engine answers 404 for an adapter it just evicted; usage reports for
-//! the leader's LRU eviction.
+//! the leader's LRU eviction, with the requests in flight per adapter and engine (never
+//! evicted; changes reported within [`URGENT_SPACING`]).
 //!
 //! ```text
 //! request for adapter A ─ holders? ─ none ──> Loader::ensure(A) ─┐ one flight per adapter
@@ -17,7 +18,9 @@
 //! A cold request waits in the normal QoS queue of its adapter while the load runs, so the
 //! class deadline, priorities and shedding apply as for any request; it fails only when
 //! the load fails and no endpoint holds the adapter (503, see [`LoadError::to_api`]), or
-//! at its deadline. The load itself is bounded by `--adapter-load-timeout-ms`. The calls
+//! at its deadline. The leader answers at once when it cannot place the adapter (503
+//! `adapter_no_slot`, 429 `adapter_busy`, with its reason), so no request waits for a
+//! load that is not happening. The load itself is bounded by `--adapter-load-timeout-ms`. The calls
 //! to the leader and their errors are in `leader`.
 
 use std::collections::HashMap;
@@ -28,7 +31,7 @@ use std::time::Duration;
 use bytes::Bytes;
 use flotilla_api::pb;
 use http::HeaderMap;
-use tokio::sync::watch;
+use tokio::sync::{watch, Notify};
 use tokio::time::Instant;
 
 use crate::admission::{saturated, select, Lease, PickCtx};
@@ -44,11 +47,17 @@ use crate::request::ApiKind;
 use crate::state::Gateway;
 use crate::table::{endpoint_of, Endpoint, EndpointId};
 
-/// A completed load's outcome is reused this long: errors, so a burst for a broken adapter
-/// makes one call; successes only for scale-out requests (saturated holders).
+/// A completed load's outcome is reused this long: errors (but `adapter_busy`, a capacity
+/// wait that ends with any request), so a burst for a broken adapter makes one call;
+/// successes only for scale-out requests (saturated holders).
 const RECENT: Duration = Duration::from_secs(2);
-/// Usage reports go to the leader this often.
+/// Usage reports go to the leader this often (and while requests are in flight, as their
+/// keep-alive).
 pub const REPORT_EVERY: Duration = Duration::from_secs(2);
+/// A change of the in-flight pairs (an adapter's first request in flight on an engine, or
+/// its last one ending) is reported at once, at most this often: the leader evicts only
+/// adapters with nothing in flight, so it must hear of both soon.
+pub const URGENT_SPACING: Duration = Duration::from_millis(20);
 /// Extra time the gateway gives the leader past the load timeout it asked for, so the
 /// leader's own DEADLINE_EXCEEDED (with its message) arrives first.
 const RPC_GRACE: Duration = Duration::from_secs(1);
@@ -84,6 +93,11 @@ impl Flight {
     fn succeeded(&self) -> bool {
         matches!(&*self.rx.borrow(), Some(Ok(_)))
     }
+
+    /// A capacity wait (`adapter_busy`): over as soon as a request ends, so never reused.
+    fn busy(&self) -> bool {
+        matches!(&*self.rx.borrow(), Some(Err(LoadError::Busy(_))))
+    }
 }
 
 /// Single-flight `EnsureLoaded` per adapter, and the usage book.
@@ -94,8 +108,27 @@ pub struct Loader {
     flights: Mutex<HashMap<AdapterName, Flight>>,
     next_id: AtomicU64,
     usage: Mutex<UsageBook>,
+    /// Wakes the report loop for an in-flight change.
+    wake: Arc<Notify>,
     /// `EnsureLoaded` calls made.
     pub calls: AtomicU64,
+}
+
+/// A request for an adapter in flight on an engine, counted in the usage book until
+/// dropped (with the response's end).
+pub struct AdapterUse {
+    gw: Arc<Gateway>,
+    adapter: AdapterName,
+    address: String,
+}
+
+impl Drop for AdapterUse {
+    fn drop(&mut self) {
+        let last = self.gw.loader.book().end(&self.adapter, &self.address);
+        if last {
+            self.gw.loader.wake.notify_one();
+        }
+    }
 }
 
 impl Loader {
@@ -107,6 +140,7 @@ impl Loader {
             flights: Mutex::new(HashMap::new()),
             next_id: AtomicU64::new(0),
             usage: Mutex::new(UsageBook::default()),
+            wake: Arc::new(Notify::new()),
             calls: AtomicU64::new(0),
         }
     }
@@ -123,8 +157,28 @@ impl Loader {
         }
     }
 
-    fn take_usage(&self) -> Vec<pb::AdapterUsage> {
-        self.usage.lock().unwrap_or_else(|e| e.into_inner()).take()
+    fn book(&self) -> std::sync::MutexGuard<'_, UsageBook> {
+        self.usage.lock().unwrap_or_else(|e| e.into_inner())
+    }
+
+    /// Counts a request for `adapter` in flight on the engine `address` until the guard
+    /// drops; None when on-demand loading is off.
+    pub fn begin(gw: &Arc<Gateway>, adapter: &AdapterName, address: &str) -> Option<AdapterUse> {
+        if !gw.loader.enabled {
+            return None;
+        }
+        if gw.loader.book().begin(adapter, address) {
+            gw.loader.wake.notify_one();
+        }
+        Some(AdapterUse { gw: gw.clone(), adapter: adapter.clone(), address: address.to_string() })
+    }
+
+    /// What to report now: the usage and in-flight pairs, and whether the in-flight set
+    /// changed since the last report (then even an empty report is sent: it clears).
+    fn take_usage(&self) -> (Vec<pb::AdapterUsage>, bool) {
+        let mut book = self.book();
+        let changed = book.urgent();
+        (book.take(), changed)
     }
 
     async fn ensure_loaded(&self, adapter: &AdapterName, avoid: Vec<String>) -> Outcome {
@@ -157,7 +211,8 @@ impl Gateway {
             match f.done {
                 None => return f.clone(),
                 Some(t)
-                    if now.saturating_duration_since(t) < RECENT && (!f.succeeded() || scale_out && f.scale_out) =>
+                    if now.saturating_duration_since(t) < RECENT
+                        && (!f.succeeded() && !f.busy() || scale_out && f.scale_out) =>
                 {
                     return f.clone()
                 }
@@ -372,25 +427,33 @@ async fn run_flight(
     gw.pump(&ServedName::from(&adapter));
 }
 
-/// Sends the usage counted since the last report to the leader every [`REPORT_EVERY`];
-/// a report that fails is dropped.
+/// Sends the usage counted since the last report and the pairs in flight to the leader
+/// every [`REPORT_EVERY`], and within [`URGENT_SPACING`] of an in-flight change; a report
+/// that fails is dropped (the next one carries the whole in-flight set again).
 pub async fn report_loop(gw: Weak<Gateway>) {
+    let Some(wake) = gw.upgrade().map(|g| g.loader.wake.clone()) else { return };
     let mut tick = tokio::time::interval(REPORT_EVERY);
     tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     tick.tick().await;
+    let mut last = Instant::now();
     loop {
-        tick.tick().await;
+        tokio::select! {
+            _ = tick.tick() => {}
+            _ = wake.notified() => tokio::time::sleep_until(last + URGENT_SPACING).await,
+        }
         let Some(gw) = gw.upgrade() else { return };
-        let usage = gw.loader.take_usage();
-        if usage.is_empty() {
+        let (usage, changed) = gw.loader.take_usage();
+        if usage.is_empty() && !changed {
             continue;
         }
+        last = Instant::now();
         let n = usage.len();
+        let gateway_id = gw.demand.gateway_id().to_string();
         let r = gw
             .loader
             .link
             .call(Instant::now() + REPORT_EVERY, |mut c| {
-                let req = pb::ReportUsageRequest { usage: usage.clone() };
+                let req = pb::ReportUsageRequest { usage: usage.clone(), gateway_id: gateway_id.clone() };
                 async move { c.report_usage(req).await }
             })
             .await;

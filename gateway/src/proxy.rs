@@ -212,6 +212,8 @@ pub struct Tracker {
     pub demand: Option<GaugeGuard>,
     /// The gateway ended the response itself (`--max-stream-duration`).
     pub cut: Option<ApiCode>,
+    /// Counts the request in flight for its adapter on its engine until settled.
+    pub adapter_use: Option<crate::ondemand::AdapterUse>,
 }
 
 impl Drop for Tracker {

@@ -37,6 +37,7 @@ use crate::layers::{self, Caller, Parsed, Policy};
 use crate::limits::Remaining;
 use crate::metrics::QueueLabels;
 use crate::names::{AdapterName, ModelName, ServedName};
+use crate::ondemand::Loader;
 use crate::proxy::{forward, response_head, ObservedBody, Tracker};
 use crate::request;
 use crate::sse::SseScanner;
@@ -204,6 +205,9 @@ async fn forward_request(
     let name = ServedName::from(features.model.as_str());
     let hold_deadline = start + gw.cfg.hold_deadline(policy.class);
     let mut held = std::time::Duration::ZERO;
+    // A request queued for an adapter counts in flight on every holder until forwarded: the
+    // leader does not evict an adapter a request waits for.
+    let mut queued_uses = Vec::new();
     // the base model, the adapter when the name is one, and whether it must be loaded first
     let (base_model, adapter, cold): (ModelName, Option<AdapterName>, bool) = loop {
         let set = gw.dir.endpoints();
@@ -238,6 +242,7 @@ async fn forward_request(
                     // counting it only when forwarded let a long queue wait look idle.
                     for e in &r.endpoints {
                         gw.loader.record(adapter, e.id.as_str());
+                        queued_uses.extend(Loader::begin(gw, adapter, e.id.as_str()));
                     }
                 }
                 (r.base_model, r.adapter, false)
@@ -313,6 +318,9 @@ async fn forward_request(
         })
         .observe(waited.as_secs_f64());
     let on_demand = adapter.as_ref().filter(|_| gw.loader.enabled());
+    // In flight from here to the response's end: the leader does not evict the adapter there.
+    let mut adapter_use = on_demand.and_then(|a| Loader::begin(gw, a, lease.endpoint.id.as_str()));
+    drop(queued_uses);
     let mut up = match forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await {
         // every engine holding the adapter is unreachable: load it on another replica
         Err(e) if on_demand.is_some() && e.status() == StatusCode::BAD_GATEWAY => {
@@ -326,6 +334,8 @@ async fn forward_request(
     }
     if let Some(adapter) = on_demand {
         gw.loader.record(adapter, up.lease.endpoint.id.as_str());
+        // A retry may have gone to another engine: count it there (then drop the first).
+        adapter_use = Loader::begin(gw, adapter, up.lease.endpoint.id.as_str()).or(adapter_use);
     }
     let head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
     let status = up.response.status();
@@ -367,6 +377,7 @@ async fn forward_request(
         queue_wait: waited,
         demand: Some(in_flight),
         cut: None,
+        adapter_use,
     };
     let sse = is_sse.then(|| SseScanner::new(strip_usage));
     let body = ObservedBody::new(

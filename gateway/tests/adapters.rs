@@ -226,6 +226,68 @@ async fn failed_and_unknown_adapters_are_clear_errors_through_a_follower() {
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn no_slot_and_busy_answers_come_at_once_with_the_reason_and_retry_after() {
+    let f = fleet(1, 50.0, &["ok", "pinned", "busy"], false, |_| {}).await;
+    let why = "no free slot: 1 of 1 (--max-cpu-loras) in use; every slot holds a pinned adapter";
+    {
+        let mut st = f.leader.state.lock().unwrap();
+        st.failing
+            .insert("pinned".into(), format!("actors.adapter_no_slot: adapter pinned cannot be placed now: {why}"));
+        st.busy.insert("busy".into(), "actors.adapter_busy: adapter busy cannot be placed now: in flight".into());
+    }
+    let addr = f.gw.local_addr();
+    assert_eq!(ask(addr, "ok", 2).await.status, 200);
+    let t = tokio::time::Instant::now();
+    let r = ask(addr, "pinned", 2).await;
+    let took = t.elapsed();
+    assert_eq!((r.status, r.error_code().as_str()), (503, "adapter_no_slot"), "{}", r.text());
+    assert!(r.text().contains(why), "{}", r.text());
+    assert_eq!(r.header("retry-after").as_deref(), Some("5"));
+    assert!(took < Duration::from_millis(100), "{took:?}");
+    // A capacity wait: 429, and each request asks again (the answer is not reused).
+    for _ in 0..2 {
+        let r = ask(addr, "busy", 2).await;
+        assert_eq!((r.status, r.error_code().as_str()), (429, "adapter_busy"), "{}", r.text());
+        assert_eq!(r.header("retry-after").as_deref(), Some("1"));
+    }
+    assert_eq!(f.leader.calls_for("busy"), 2);
+    f.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn requests_in_flight_are_reported_at_once_and_cleared_when_they_end() {
+    let f = fleet(1, 1.0, &["long"], false, |_| {}).await;
+    let addr = f.gw.local_addr();
+    let first = ask(addr, "long", 2).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let reports = |f: &Fleet| f.leader.state.lock().unwrap().reports.clone();
+    let busy =
+        |r: &flotilla_api::pb::ReportUsageRequest| r.usage.iter().any(|u| u.adapter == "long" && u.in_flight > 0);
+    // The first request's reports are told and forgotten.
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(reports(&f).last().is_none_or(|r| !busy(r)), "{:?}", reports(&f));
+    f.leader.state.lock().unwrap().reports.clear();
+    // A request of about a second: its pair is reported in flight well before it ends
+    // (not at the 2 s tick), with this gateway's id.
+    let task = tokio::spawn(async move { ask(addr, "long", 60).await });
+    let t = tokio::time::Instant::now();
+    while !reports(&f).iter().any(busy) {
+        assert!(!task.is_finished() && t.elapsed() < Duration::from_secs(2), "never reported in flight");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    assert!(!task.is_finished(), "reported while in flight");
+    assert!(reports(&f).iter().filter(|r| busy(r)).all(|r| r.gateway_id.len() == 36), "{:?}", reports(&f));
+    assert_eq!(task.await.unwrap().status, 200);
+    // Its end is reported at once too: a later report without it in flight.
+    let t = tokio::time::Instant::now();
+    while reports(&f).last().is_none_or(busy) {
+        assert!(t.elapsed() < Duration::from_millis(500), "the end was not reported at once");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    f.gw.shutdown().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn no_reachable_leader_is_a_503_with_retry_after() {
     let f = fleet(1, 50.0, &["lonely"], false, |a| a.adapter_load_timeout_ms = 2_000).await;
     drop(f._stops); // every server goes away; the gateway keeps its table

@@ -358,49 +358,40 @@ pub async fn start_worker(args: SimArgs) -> Result<WorkerHandle, SimError> {
 
 /// `flotilla sim --headless`: prints `flotilla sim headless ranks A..B of W joining HEAD`,
 /// joins, and runs until SIGTERM (exit 0) or until the head is lost (exit 1).
-async fn run_worker(args: SimArgs) -> Result<(), SimError> {
-    let mut handle = start_worker(args.clone()).await?;
-    let shutdown = ShutdownSignal::install();
-    if let Ok(EngineConfig { gang: GangRole::Worker { first, count, world, .. }, .. }) = args.validate() {
-        let mut out = std::io::stdout().lock();
-        let _ = writeln!(
-            out,
-            "flotilla sim headless ranks {first}..{} of {world} joining {}",
-            first + count,
-            handle.head()
-        );
-        let _ = out.flush();
-    }
-    tokio::select! {
-        _ = shutdown.wait() => {
-            tracing::info!("shutdown signal received");
-            handle.shutdown().await
-        }
-        r = handle.stopped() => r,
-    }
+async fn run_worker(args: SimArgs, (first, count, world): (u32, u32, u32)) -> Result<(), SimError> {
+    let mut handle = start_worker(args).await?;
+    let banner = format!("flotilla sim headless ranks {first}..{} of {world} joining {}", first + count, handle.head());
+    serve_until_signal(&mut handle.run, &banner).await
 }
 
 /// Runs `flotilla sim`: binds, prints `flotilla sim listening on http://ADDR model=NAME`
 /// (`https://` with `--ssl-certfile`) on stdout, and serves until ctrl-c or SIGTERM (or a crash fault, which exits).
 pub async fn run(args: SimArgs) -> Result<(), SimError> {
-    if matches!(args.validate()?.gang, GangRole::Worker { .. }) {
-        return run_worker(args).await;
+    if let GangRole::Worker { first, count, world, .. } = args.validate()?.gang {
+        return run_worker(args, (first, count, world)).await;
     }
     let mut handle = start_with(args, CrashMode::Exit).await?;
-    // Watch the signals before announcing the address: a supervisor may send SIGTERM as
-    // soon as it has read that line, and a signal before the handler exists would kill us.
+    let banner = format!("flotilla sim listening on {} model={}", handle.base_url(), handle.model());
+    serve_until_signal(&mut handle.run, &banner).await
+}
+
+/// Prints `banner` on stdout, then waits for SIGTERM or ctrl-c (and stops `run`) or for
+/// `run` to end by itself. The signals are watched before the banner: a supervisor may send
+/// SIGTERM as soon as it has read that line, and a signal before the handler exists would
+/// kill us.
+async fn serve_until_signal(run: &mut Running, banner: &str) -> Result<(), SimError> {
     let shutdown = ShutdownSignal::install();
     {
         let mut out = std::io::stdout().lock();
-        let _ = writeln!(out, "flotilla sim listening on {} model={}", handle.base_url(), handle.model());
+        let _ = writeln!(out, "{banner}");
         let _ = out.flush();
     }
     tokio::select! {
         _ = shutdown.wait() => {
             tracing::info!("shutdown signal received");
-            handle.shutdown().await
+            run.shutdown().await
         }
-        r = handle.stopped() => r,
+        r = run.join() => r,
     }
 }
 

@@ -122,7 +122,14 @@ impl Store {
     }
 
     pub fn list(&self, kind: Kind, selector: &LabelSelector) -> Vec<StoredObject> {
-        self.objects.values().filter(|o| o.key.kind == kind && selector.matches(&o.labels)).cloned().collect()
+        // keys order by kind first: visit that kind's objects only, not every object
+        self.objects
+            .range(ObjectKey::first_of(kind)..)
+            .map(|(_, o)| o)
+            .take_while(|o| o.key.kind == kind)
+            .filter(|o| selector.matches(&o.labels))
+            .cloned()
+            .collect()
     }
 
     /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`, and
@@ -457,6 +464,29 @@ mod tests {
         assert_eq!(s.events_after(Some(Kind::Tenant), 0, 10).unwrap(), (vec![], 3));
         let (ev, to) = s.events_after(None, 0, 2).unwrap();
         assert_eq!((ev.len(), to), (2, 2));
+    }
+
+    #[test]
+    fn list_returns_exactly_one_kinds_objects() {
+        let mut s = Store::new(100);
+        for kind in Kind::ALL {
+            for n in ["a", "m", "z"] {
+                let cmd = Command::Put {
+                    key: ObjectKey { kind, name: n.parse().unwrap() },
+                    uid: format!("{kind}-{n}"),
+                    labels: BTreeMap::from([("tier".to_owned(), n.to_owned())]),
+                    spec: serde_json::json!({}),
+                    expected_revision: None,
+                };
+                s.apply(&cmd);
+            }
+        }
+        for kind in Kind::ALL {
+            let all: Vec<String> = s.list(kind, &LabelSelector::default()).iter().map(|o| o.uid.clone()).collect();
+            assert_eq!(all, ["a", "m", "z"].map(|n| format!("{kind}-{n}")), "{kind}");
+            let m = s.list(kind, &LabelSelector::label_eq("tier", "m"));
+            assert_eq!(m.iter().map(|o| o.uid.clone()).collect::<Vec<_>>(), [format!("{kind}-m")]);
+        }
     }
 
     #[test]

@@ -86,6 +86,34 @@ pub fn outgoing(span: &tracing::Span, incoming: &HeaderMap) -> Vec<(HeaderName, 
     out
 }
 
+/// The W3C `traceparent` of `span` when it is exported (its own context, so whoever
+/// continues the trace from it hangs under it); None for a span that is not recorded.
+/// For links that cross a store write or an agent assignment rather than an HTTP hop.
+pub fn traceparent(span: &tracing::Span) -> Option<String> {
+    if span.is_disabled() {
+        return None;
+    }
+    let cx = span.context();
+    if !cx.span().span_context().is_valid() {
+        return None;
+    }
+    let mut o = Out::default();
+    TraceContextPropagator::new().inject_context(&cx, &mut o);
+    o.traceparent.and_then(|v| v.to_str().ok().map(str::to_owned))
+}
+
+/// Makes `span` a child of the context a [`traceparent`] value names. A malformed value
+/// is ignored (the span starts a new trace), as is a span that is not recorded.
+pub fn set_parent_traceparent(span: &tracing::Span, traceparent: &str) {
+    if span.is_disabled() || traceparent.is_empty() {
+        return;
+    }
+    let Ok(v) = HeaderValue::from_str(traceparent) else { return };
+    let mut h = HeaderMap::new();
+    h.insert(TRACEPARENT, v);
+    set_parent(span, &h);
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -139,6 +167,29 @@ mod tests {
             let out = outgoing(&span, &bad);
             assert_eq!(out.len(), 1);
             assert!(!out[0].1.to_str().unwrap().contains("4bf92f3577b34da6a3ce929d0e0e4736"));
+        });
+    }
+
+    #[test]
+    fn a_traceparent_string_links_a_span_across_a_store_write() {
+        use opentelemetry::trace::TracerProvider as _;
+        use tracing_subscriber::layer::SubscriberExt as _;
+        assert_eq!(traceparent(&tracing::Span::none()), None);
+        let provider = opentelemetry_sdk::trace::SdkTracerProvider::builder().build();
+        let subscriber =
+            tracing_subscriber::registry().with(tracing_opentelemetry::layer().with_tracer(provider.tracer("t")));
+        tracing::subscriber::with_default(subscriber, || {
+            let parent = tracing::info_span!("apply");
+            let tp = traceparent(&parent).expect("an exported span has a traceparent");
+            let child = tracing::info_span!(parent: None, "controller");
+            set_parent_traceparent(&child, &tp);
+            let out = traceparent(&child).unwrap();
+            assert_eq!(out.split('-').nth(1), tp.split('-').nth(1), "same trace: {out} vs {tp}");
+            assert_ne!(out.split('-').nth(2), tp.split('-').nth(2), "its own span: {out}");
+
+            let stray = tracing::info_span!(parent: None, "stray");
+            set_parent_traceparent(&stray, "garbage");
+            assert_ne!(traceparent(&stray).unwrap().split('-').nth(1), tp.split('-').nth(1));
         });
     }
 }

@@ -18,12 +18,12 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use ractor::{Actor, ActorProcessingErr, ActorRef};
 use tokio::time::Instant;
 
-use super::{decide, note_failures, AdapterState, AdapterView, Demand};
+use super::{decide, note_failures, AdapterState, AdapterView, Demand, Plan};
 use crate::config::ActorsConfig;
 use crate::facts::BoundNodes;
 use crate::metrics::Controller;
 use crate::objects::{key, ModelView, ReplicaView};
-use crate::shared::{lock, Ctx};
+use crate::shared::{lock, Ctx, FLIGHTS_TTL};
 use crate::writes::execute;
 
 #[derive(Debug, PartialEq)]
@@ -88,8 +88,47 @@ impl AdapterActorState {
             }
         }
         self.s.now = Instant::now();
+        let now = self.s.now;
+        let flights = self.ctx.adapter_flights.borrow();
+        let fresh = flights.values().filter(|g| g.at.is_some_and(|t| now.saturating_duration_since(t) < FLIGHTS_TTL));
+        self.s.in_flight.clear();
+        self.s.gateways_count = false;
+        for g in fresh {
+            self.s.gateways_count = true;
+            let ours =
+                g.pairs.iter().filter(|(a, r)| self.s.adapters.contains_key(a) && self.s.replicas.contains_key(r));
+            self.s.in_flight.extend(ours.cloned());
+        }
+        drop(flights);
         let replicas = &self.s.replicas;
         self.s.last_used.retain(|(_, r), _| replicas.contains_key(r));
+        // The thrash guard's clock: bindings first seen now count as made now.
+        let bound: BTreeSet<(ObjectName, ObjectName)> =
+            replicas.values().flat_map(|r| r.spec.adapters.iter().map(|b| (b.name.clone(), r.name.clone()))).collect();
+        self.s.bound_at.retain(|p, _| bound.contains(p));
+        for p in bound {
+            self.s.bound_at.entry(p).or_insert(now);
+        }
+    }
+
+    /// Publishes the verdicts on demands this decision could not place (and clears the
+    /// ones it placed or that ended), for the `EnsureLoaded` calls that wait on them.
+    fn publish_unplaced(&self, plan: &Plan) {
+        let now = self.s.now;
+        let adapters = &self.s.adapters;
+        let demands = &self.s.demands;
+        self.ctx.adapter_unplaced.send_if_modified(|book| {
+            let before = book.len();
+            book.retain(|a, _| !adapters.contains_key(a) || (demands.contains_key(a) && plan.unplaced.contains_key(a)));
+            let mut changed = book.len() != before;
+            for (a, u) in &plan.unplaced {
+                if book.get(a).is_none_or(|(_, old)| old != u) {
+                    changed = true;
+                }
+                book.insert(a.clone(), (now, u.clone()));
+            }
+            changed || !plan.unplaced.is_empty()
+        });
     }
 
     fn idle(&self) -> bool {
@@ -115,6 +154,9 @@ impl Actor for AdapterActor {
             down_nodes: BTreeSet::new(),
             reports: HashMap::new(),
             last_used: HashMap::new(),
+            bound_at: HashMap::new(),
+            in_flight: BTreeSet::new(),
+            gateways_count: false,
             demands: BTreeMap::new(),
             failures: HashMap::new(),
             now: Instant::now(),
@@ -144,6 +186,12 @@ impl Actor for AdapterActor {
                 note_failures(&mut st.s);
                 let plan = decide(&st.s);
                 st.ctx.metrics.reconciled(Controller::Adapters);
+                st.publish_unplaced(&plan);
+                if let Some(at) = plan.wake_at {
+                    // A waiting demand's slot passes the thrash guard then: decide again.
+                    let after = at.saturating_duration_since(Instant::now()) + std::time::Duration::from_millis(5);
+                    myself.send_after(after, || AdapterMsg::Reconcile);
+                }
                 if plan.commands.is_empty() {
                     if st.idle() {
                         tracing::info!(base = %st.s.base, "no adapters left on this base model; controller stops");
@@ -155,6 +203,7 @@ impl Actor for AdapterActor {
                 for (adapter, replica) in &plan.bound {
                     tracing::info!(base = %st.s.base, adapter = %adapter, replica = %replica, "adapter assigned");
                     st.s.last_used.insert((adapter.clone(), replica.clone()), now);
+                    st.s.bound_at.insert((adapter.clone(), replica.clone()), now);
                 }
                 st.ctx.metrics.adapter_bindings.inc_by(plan.bound.len() as u64);
                 st.ctx.metrics.adapter_evictions.inc_by(plan.evicted as u64);

@@ -11,7 +11,11 @@
 //! 3. An on-demand request (`EnsureLoaded`) adds one binding on a Ready replica not in its
 //!    avoid list, unless one is already loaded or loading there.
 //! 4. A new binding takes a free slot chosen by the adapter's placement policy; with none
-//!    free, it evicts the least recently used unpinned binding idle for `MIN_IDLE` (LRU).
+//!    free, it evicts at once the least recently used binding that is safe to evict:
+//!    unpinned, not demanded, no request in flight there (the gateways' counts, else the
+//!    engine's running adapters) and bound at least `MIN_RESIDENCY` ago (the thrash
+//!    guard). A demand that finds nothing evictable is reported in `Plan::unplaced` with
+//!    why ([`Blocked`]), so the caller is answered at once rather than at its deadline.
 //!
 //! Why one controller per base model rather than one actor per adapter (DESIGN.md): the
 //! slots of a replica are shared by every adapter of its base model, and eviction must
@@ -34,8 +38,15 @@ use crate::ActorsError;
 
 /// A replica whose load of an adapter failed is not tried again for it before this.
 pub const FAILURE_BACKOFF: Duration = Duration::from_secs(30);
-/// An unpinned binding is evicted only after this long without use (or since bound).
-pub const MIN_IDLE: Duration = Duration::from_secs(5);
+/// The thrash guard: a binding made less than this ago is not evicted (its load may
+/// still run, and the request that asked for it may not have reached the engine yet).
+/// It bounds loads to one per slot per `MIN_RESIDENCY` (2 per second per slot) however
+/// many hot adapters share the slots. An adapter with requests in flight is never
+/// evicted, whatever its age.
+pub const MIN_RESIDENCY: Duration = Duration::from_millis(500);
+/// A demand waiting on a slot whose load for another demand outlasts `MIN_RESIDENCY` is
+/// decided again this often.
+const RECHECK: Duration = Duration::from_millis(100);
 
 /// An `Adapter` as the controller sees it.
 #[derive(Debug, Clone, PartialEq)]
@@ -87,9 +98,44 @@ pub struct AdapterState {
     pub reports: HashMap<ObjectName, EngineReport>,
     /// Last request routed to (adapter, replica), or when it was bound there.
     pub last_used: HashMap<(ObjectName, ObjectName), Instant>,
+    /// When each (adapter, replica) binding was made (first seen, for bindings made
+    /// before this controller started); the thrash guard counts from it. The actor
+    /// records every binding; one missing here is not guarded.
+    pub bound_at: HashMap<(ObjectName, ObjectName), Instant>,
+    /// (adapter, replica) pairs with requests in flight per the gateways' latest reports.
+    pub in_flight: BTreeSet<(ObjectName, ObjectName)>,
+    /// Some gateway reports in-flight counts: they are the truth. Without them the
+    /// engines' running and waiting adapters (`EngineReport.active_adapters`, as fresh as
+    /// the last heartbeat) stand in.
+    pub gateways_count: bool,
     pub demands: BTreeMap<ObjectName, Demand>,
     pub failures: HashMap<(ObjectName, ObjectName), Failure>,
     pub now: Instant,
+}
+
+/// Why a demand found no slot.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord)]
+pub enum Blocked {
+    /// A slot frees within `MIN_RESIDENCY`: a binding younger than the thrash guard, or
+    /// one whose load runs for another waiting request. The demand stays and is decided
+    /// again then ([`Plan::wake_at`]).
+    Fresh,
+    /// Every evictable binding has requests in flight: a capacity wait, retry shortly.
+    InUse,
+    /// Nothing can be evicted (every slot pinned): it waits for an operator
+    /// (more replicas or slots, fewer pinned adapters).
+    Full,
+    /// No Ready replica may take it now (none Ready, or it failed or is avoided on each,
+    /// or every slot is pinned but another replica is starting): the demand waits for one
+    /// (a replica starting, the failure backoff passing).
+    NoReplica,
+}
+
+/// A demand the decision could not place, and the reason `flotilla get adapter` shows.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Unplaced {
+    pub blocked: Blocked,
+    pub reason: String,
 }
 
 /// What a decision wants done.
@@ -100,6 +146,11 @@ pub struct Plan {
     pub bound: Vec<(ObjectName, ObjectName)>,
     /// Bindings removed to free a slot for a waiting adapter.
     pub evicted: usize,
+    /// Demanded adapters left without a binding, and why.
+    pub unplaced: BTreeMap<ObjectName, Unplaced>,
+    /// Decide again at this instant: a binding then passes the thrash guard for a demand
+    /// that waits ([`Blocked::Fresh`]).
+    pub wake_at: Option<Instant>,
 }
 
 /// How an adapter stands on a replica per the engine's report.
@@ -167,6 +218,15 @@ impl AdapterState {
     /// Serves requests now: on-demand loads go here.
     fn ready(&self, r: &ReplicaView) -> bool {
         r.phase() == ReplicaPhase::Ready && self.node_up(r)
+    }
+
+    /// Requests for `adapter` are in flight on `replica`: the gateways' counts when they
+    /// report them, else the engine's running and waiting adapters.
+    fn in_use(&self, adapter: &ObjectName, replica: &ObjectName) -> bool {
+        if self.gateways_count {
+            return self.in_flight.contains(&(adapter.clone(), replica.clone()));
+        }
+        self.reports.get(replica).is_some_and(|e| e.active_adapters.iter().any(|a| a == adapter.as_str()))
     }
 }
 
@@ -294,18 +354,41 @@ pub fn decide(s: &AdapterState) -> Plan {
                         .then(x.name.cmp(&y.name))
                 })
                 .map(|r| (r.name.clone(), None));
-            // No free slot: the least recently used evictable binding among the candidates.
+            // No free slot: the least recently used binding among the candidates that is
+            // safe to evict (see the module docs); else why there is none.
+            let mut blocked = if candidates.is_empty() { Blocked::NoReplica } else { Blocked::Full };
+            let mut fresh_until: Option<Instant> = None;
+            let mut busy: Vec<String> = Vec::new();
             let pick = pick.or_else(|| {
                 let mut best: Option<(Instant, ObjectName, ObjectName)> = None;
                 for r in &candidates {
                     for b in bindings.get(&r.name).into_iter().flatten() {
-                        if pinned_now.contains(&(b.name.clone(), r.name.clone())) || s.demands.contains_key(&b.name) {
+                        let pair = (b.name.clone(), r.name.clone());
+                        if pinned_now.contains(&pair) {
                             continue;
                         }
-                        let last = s.last_used.get(&(b.name.clone(), r.name.clone())).copied().unwrap_or(s.now);
-                        if s.now.saturating_duration_since(last) < MIN_IDLE {
+                        let since = s.bound_at.get(&pair).copied();
+                        if s.demands.contains_key(&b.name) {
+                            // Its load runs for a waiting request: the slot frees once that
+                            // is served (the demand ends when the engine reports it loaded)
+                            // and the guard passes.
+                            blocked = Blocked::Fresh;
+                            let free_at = since.map_or(s.now, |t| t + MIN_RESIDENCY).max(s.now + RECHECK);
+                            fresh_until = Some(fresh_until.map_or(free_at, |w| w.min(free_at)));
                             continue;
                         }
+                        if s.in_use(&b.name, &r.name) {
+                            blocked = blocked.min(Blocked::InUse);
+                            busy.push(format!("{} on {}", b.name, r.name));
+                            continue;
+                        }
+                        if let Some(t) = since.filter(|t| s.now.saturating_duration_since(*t) < MIN_RESIDENCY) {
+                            blocked = Blocked::Fresh;
+                            let free_at = t + MIN_RESIDENCY;
+                            fresh_until = Some(fresh_until.map_or(free_at, |w| w.min(free_at)));
+                            continue;
+                        }
+                        let last = s.last_used.get(&pair).copied().or(since).unwrap_or(s.now);
                         if best.as_ref().is_none_or(|(t, _, _)| last < *t) {
                             best = Some((last, r.name.clone(), b.name.clone()));
                         }
@@ -313,7 +396,20 @@ pub fn decide(s: &AdapterState) -> Plan {
                 }
                 best.map(|(_, r, victim)| (r, Some(victim)))
             });
-            let Some((replica, victim)) = pick else { continue };
+            let Some((replica, victim)) = pick else {
+                if blocked == Blocked::Full && s.replicas.values().any(|r| s.serving(r) && !s.ready(r) && current(r)) {
+                    // A replica still starting will have free slots: wait for it.
+                    blocked = Blocked::NoReplica;
+                }
+                if !pinned {
+                    if let Some(t) = fresh_until {
+                        plan.wake_at = Some(plan.wake_at.map_or(t, |w| w.min(t)));
+                    }
+                    let reason = unplaced_reason(s, &candidates, &bindings, capacity, blocked, &busy);
+                    plan.unplaced.insert(name, Unplaced { blocked, reason });
+                }
+                continue;
+            };
             let list = bindings.entry(replica.clone()).or_default();
             if let Some(v) = victim {
                 list.retain(|b| b.name != v);
@@ -352,6 +448,32 @@ pub fn decide(s: &AdapterState) -> Plan {
         }
     }
     plan
+}
+
+/// Why a demand found no slot, in the words of `flotilla get adapter`.
+fn unplaced_reason(
+    s: &AdapterState,
+    candidates: &[&ReplicaView],
+    bindings: &BTreeMap<ObjectName, Vec<AdapterBinding>>,
+    capacity: usize,
+    blocked: Blocked,
+    busy: &[String],
+) -> String {
+    if candidates.is_empty() {
+        return if s.replicas.values().any(|r| s.ready(r)) {
+            "no ready replica of the base model can take it (failed there recently, or avoided)".into()
+        } else {
+            format!("base model {} has no ready replica", s.base)
+        };
+    }
+    let used = candidates.iter().map(|r| bindings.get(&r.name).map_or(0, Vec::len)).max().unwrap_or(0);
+    let slots = format!("no free slot: {used} of {capacity} (--max-cpu-loras) in use");
+    match blocked {
+        Blocked::Fresh => format!("{slots}; a slot frees within {} ms", MIN_RESIDENCY.as_millis()),
+        Blocked::InUse => format!("{slots}; every evictable adapter has requests in flight ({})", busy.join(", ")),
+        Blocked::Full => format!("{slots}; every slot holds a pinned adapter"),
+        Blocked::NoReplica => slots,
+    }
 }
 
 fn status_of(
@@ -453,7 +575,13 @@ fn status_of(
         } else if desired == 0 && st.loaded_replicas == 0 {
             "on-demand: loads on the first request".into()
         } else if st.loaded_replicas < desired {
-            format!("loaded on {} of {desired} replicas", st.loaded_replicas)
+            // Pending for want of a slot: say so at the adapter's level too (the reason a
+            // request for it is refused with).
+            let full = st.replicas.iter().find(|r| r.reason.starts_with("no free slot"));
+            match full {
+                Some(r) => format!("loaded on {} of {desired} replicas; {}", st.loaded_replicas, r.reason),
+                None => format!("loaded on {} of {desired} replicas", st.loaded_replicas),
+            }
         } else {
             String::new()
         };

@@ -10,4 +10,7 @@ pub mod actor;
 mod decide;
 pub mod service;
 
-pub use decide::{decide, note_failures, AdapterState, AdapterView, Demand, Failure, Plan, FAILURE_BACKOFF, MIN_IDLE};
+pub use decide::{
+    decide, note_failures, AdapterState, AdapterView, Blocked, Demand, Failure, Plan, Unplaced, FAILURE_BACKOFF,
+    MIN_RESIDENCY,
+};

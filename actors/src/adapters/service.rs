@@ -1,7 +1,11 @@
 //! `AdapterService`, served by the leader: `EnsureLoaded` answers at once with the ready
 //! endpoints that hold an adapter, or hands a demand to the base model's adapter controller
 //! and waits (bounded) until an engine reports it loaded; `ReportUsage` records which
-//! adapters gateways route to where, the clock of LRU eviction.
+//! adapters gateways route to where, the clock of LRU eviction, and which have requests in
+//! flight (never evicted). A demand the controller cannot place is answered at once with
+//! the controller's reason: FAILED_PRECONDITION `actors.adapter_no_slot` when nothing can
+//! be evicted, RESOURCE_EXHAUSTED `actors.adapter_busy` when the only candidates have
+//! requests in flight (after [`BUSY_WAIT`]); it waits only while a load can progress.
 //!
 //! ```text
 //!  gateway ─EnsureLoaded─> holders? ──yes──> endpoints
@@ -22,10 +26,10 @@ use flotilla_api::{Kind, LabelSelector, ObjectName};
 use tokio::time::Instant;
 use tonic::{Request, Response, Status};
 
-use super::{AdapterView, Demand};
+use super::{AdapterView, Blocked, Demand, Unplaced};
 use crate::facts::{is_down, read_node};
 use crate::objects::{key, ModelView, ReplicaView};
-use crate::shared::{lock, Ctx};
+use crate::shared::{lock, Ctx, FLIGHTS_TTL};
 use crate::supervisor::SupervisorMsg;
 use crate::ActorsError;
 
@@ -41,6 +45,11 @@ const AVOID_GRACE: Duration = Duration::from_secs(1);
 const FAILED_GRACE: Duration = Duration::from_secs(2);
 /// Usage entries kept at most.
 const MAX_USAGE: usize = 100_000;
+/// A demand whose slots are all held by adapters with requests in flight waits this long
+/// for one of them to end, then is answered RESOURCE_EXHAUSTED (the gateway: 429).
+pub const BUSY_WAIT: Duration = Duration::from_secs(1);
+/// Most gateways whose in-flight counts are kept.
+const MAX_GATEWAYS: usize = 1024;
 
 pub struct AdapterServiceImpl {
     pub(crate) ctx: Arc<Ctx>,
@@ -142,6 +151,9 @@ impl AdapterService for AdapterServiceImpl {
         let revision_at_demand = object.revision;
         let mut beats = self.ctx.beats.subscribe();
         let mut changes = reader.subscribe();
+        let mut unplaced = self.ctx.adapter_unplaced.subscribe();
+        let mut flights = self.ctx.adapter_flights.subscribe();
+        let busy_until = start + BUSY_WAIT;
         let mut leading = self.ctx.handle.leadership();
         let mut resend = tokio::time::interval_at(start + Duration::from_secs(1), Duration::from_secs(1));
         loop {
@@ -162,9 +174,32 @@ impl AdapterService for AdapterServiceImpl {
                     return Err(precondition(format!("adapter {name} cannot be loaded: {}", st.reason)));
                 }
             }
+            // The controller's verdict on a demand it could not place, made after ours.
+            let verdict =
+                unplaced.borrow_and_update().get(&name).filter(|(at, _)| *at >= start).map(|(_, u)| u.clone());
+            let busy = match verdict {
+                Some(Unplaced { blocked: Blocked::Full, reason }) => {
+                    tracing::info!(adapter = %name, reason = %reason, "on-demand load refused: no slot can be freed");
+                    return Err(Status::failed_precondition(format!(
+                        "actors.adapter_no_slot: adapter {name} cannot be placed now: {reason}"
+                    )));
+                }
+                Some(Unplaced { blocked: Blocked::InUse, reason }) if Instant::now() >= busy_until => {
+                    tracing::info!(adapter = %name, reason = %reason, "on-demand load refused for now: slots busy");
+                    return Err(Status::resource_exhausted(format!(
+                        "actors.adapter_busy: adapter {name} cannot be placed now: {reason}"
+                    )));
+                }
+                Some(Unplaced { blocked: Blocked::InUse, .. }) => true,
+                _ => false,
+            };
             tokio::select! {
                 _ = beats.changed() => {}
                 _ = changes.changed() => {}
+                _ = unplaced.changed() => {}
+                // A request in flight ended (or began): decide again at once.
+                _ = flights.changed(), if busy => self.demand(&base, &name, &demand)?,
+                _ = tokio::time::sleep_until(busy_until), if busy => {}
                 _ = resend.tick() => self.demand(&base, &name, &demand)?,
                 _ = crate::shared::lost(&mut leading) => {
                     return Err(self.ctx.ensure_leader().err().unwrap_or(ActorsError::NoLeader).into());
@@ -186,8 +221,13 @@ impl AdapterService for AdapterServiceImpl {
 
     async fn report_usage(&self, req: Request<ReportUsageRequest>) -> Result<Response<ReportUsageResponse>, Status> {
         self.ctx.ensure_leader()?;
-        let usage = req.into_inner().usage;
-        if usage.is_empty() {
+        let req = req.into_inner();
+        // empty from gateways older than in-flight counts
+        if req.gateway_id.len() > crate::agent_bounds::MAX_SHORT {
+            return Err(ActorsError::InvalidArgument("gateway_id must be at most 128 characters".into()).into());
+        }
+        let usage = req.usage;
+        if usage.is_empty() && req.gateway_id.is_empty() {
             return Ok(Response::new(ReportUsageResponse {}));
         }
         let (replicas, _) = self.ctx.handle.reader().list(Kind::Replica, &LabelSelector::default());
@@ -207,6 +247,26 @@ impl AdapterService for AdapterServiceImpl {
         if book.len() > MAX_USAGE {
             let horizon = Duration::from_secs(3600);
             book.retain(|_, t| now.saturating_duration_since(*t) < horizon);
+        }
+        drop(book);
+        if !req.gateway_id.is_empty() {
+            // This gateway's in-flight pairs replace its previous ones.
+            let pairs: BTreeSet<(ObjectName, ObjectName)> = usage
+                .iter()
+                .filter(|u| u.in_flight > 0)
+                .filter_map(|u| Some((u.adapter.parse::<ObjectName>().ok()?, by_address.get(&u.address)?.clone())))
+                .collect();
+            self.ctx.adapter_flights.send_if_modified(|all| {
+                all.retain(|_, g| g.at.is_some_and(|t| now.saturating_duration_since(t) < FLIGHTS_TTL));
+                if all.len() >= MAX_GATEWAYS && !all.contains_key(&req.gateway_id) {
+                    return false;
+                }
+                let g = all.entry(req.gateway_id.clone()).or_default();
+                g.at = Some(now);
+                let changed = g.pairs != pairs;
+                g.pairs = pairs;
+                changed
+            });
         }
         Ok(Response::new(ReportUsageResponse {}))
     }

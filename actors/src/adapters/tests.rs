@@ -1,7 +1,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use flotilla_api::pb::{AdapterReport, EngineReport};
-use flotilla_api::spec::{AdapterPhase, AdapterReplicaState, ReplicaPhase};
+use flotilla_api::spec::{AdapterBinding, AdapterPhase, AdapterReplicaState, ReplicaPhase};
 use flotilla_api::{Kind, LabelSelector};
 use serde_json::json;
 use tokio::time::Instant;
@@ -45,6 +45,9 @@ fn state(w: &World, now: Instant) -> AdapterState {
         down_nodes: BTreeSet::new(),
         reports: HashMap::new(),
         last_used: HashMap::new(),
+        bound_at: HashMap::new(),
+        in_flight: BTreeSet::new(),
+        gateways_count: false,
         demands: BTreeMap::new(),
         failures: HashMap::new(),
         now,
@@ -137,24 +140,166 @@ fn on_demand_loads_evict_the_least_recently_used_unpinned_adapter() {
     assert!(s2.demands.is_empty(), "a satisfied demand ends");
     assert_eq!(bound(&w)["r1"], ["p", "x"]);
     assert_eq!(status(&w, "y").phase, AdapterPhase::Pending);
-    // y is requested while x is fresh: nothing evictable yet (x idle < MIN_IDLE, p pinned).
-    let t1 = t0 + Duration::from_secs(1);
+    // y is requested while x was bound moments ago: the thrash guard keeps x (p is
+    // pinned), the demand stays unplaced until the guard passes, and the actor is told when.
+    let t1 = t0 + Duration::from_millis(100);
     let mut s = state(&w, t1);
-    s.last_used.insert((name("x"), name("r1")), t0);
+    s.bound_at.insert((name("x"), name("r1")), t0);
     s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until });
-    run(&mut w, &s);
+    let plan = run(&mut w, &s);
     assert_eq!(bound(&w)["r1"], ["p", "x"]);
-    // Later x has been idle long enough: y evicts x, never the pinned p.
-    let t2 = t0 + MIN_IDLE + Duration::from_secs(1);
+    assert_eq!(plan.unplaced[&name("y")].blocked, Blocked::Fresh, "{:?}", plan.unplaced);
+    assert_eq!(plan.wake_at, Some(t0 + MIN_RESIDENCY));
+    // Once it passes, y evicts x at once, though x was used moments ago: nothing is in
+    // flight. Never the pinned p, though p is the least recently used.
+    let t2 = t0 + MIN_RESIDENCY;
     let mut s = state(&w, t2);
-    s.last_used.insert((name("x"), name("r1")), t0);
+    s.bound_at.insert((name("x"), name("r1")), t0);
+    s.last_used.insert((name("x"), name("r1")), t2 - Duration::from_millis(10));
     s.last_used.insert((name("p"), name("r1")), t0 - Duration::from_secs(100));
     s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until });
-    run(&mut w, &s);
+    let plan = run(&mut w, &s);
+    assert_eq!((plan.evicted, plan.unplaced.len(), plan.wake_at), (1, 0, None));
     assert_eq!(bound(&w)["r1"], ["p", "y"]);
     let x = status(&w, "x");
     assert_eq!(x.phase, AdapterPhase::Pending);
     assert!(x.replicas[0].reason.contains("no free slot"), "{x:?}");
+}
+
+/// One replica with one slot holding `x` (on demand, bound long ago) and a demand for `y`.
+fn one_slot_taken_by_x() -> (World, AdapterState) {
+    let mut w = world(1, &["--max-cpu-loras", "1"]);
+    adapter(&mut w, "x", json!("on-demand"));
+    adapter(&mut w, "y", json!("on-demand"));
+    w.replicas_mut("r1", |sp, _| sp.adapters = vec![AdapterBinding { name: name("x"), source: "sim://x".into() }]);
+    let now = Instant::now();
+    let mut s = state(&w, now);
+    s.bound_at.insert((name("x"), name("r1")), now - Duration::from_secs(60));
+    s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+    (w, s)
+}
+
+#[test]
+fn an_adapter_with_requests_in_flight_is_never_evicted() {
+    // The gateways count a request in flight for x on r1: y waits, told why.
+    let (mut w, mut s) = one_slot_taken_by_x();
+    s.gateways_count = true;
+    s.in_flight.insert((name("x"), name("r1")));
+    s.last_used.insert((name("x"), name("r1")), s.now - Duration::from_secs(600));
+    let plan = run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], ["x"]);
+    let u = &plan.unplaced[&name("y")];
+    assert_eq!(u.blocked, Blocked::InUse);
+    assert_eq!(
+        u.reason,
+        "no free slot: 1 of 1 (--max-cpu-loras) in use; every evictable adapter has requests in flight (x on r1)"
+    );
+    // The gateways' counts are the truth: the engine still listing x as running (its
+    // scrape is older) does not hold it once they say nothing is in flight.
+    let (mut w, mut s) = one_slot_taken_by_x();
+    s.gateways_count = true;
+    s.reports.insert(name("r1"), EngineReport { active_adapters: vec!["x".into()], ..Default::default() });
+    run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], ["y"]);
+    // Without gateway counts the engine's running and waiting adapters stand in.
+    let (mut w, mut s) = one_slot_taken_by_x();
+    s.reports.insert(name("r1"), EngineReport { active_adapters: vec!["x".into()], ..Default::default() });
+    let plan = run(&mut w, &s);
+    assert_eq!((bound(&w)["r1"].clone(), plan.unplaced[&name("y")].blocked), (vec!["x".to_string()], Blocked::InUse));
+}
+
+#[test]
+fn a_slot_loading_for_another_waiting_request_is_waited_for_not_refused() {
+    // x was bound for a demand that its engine has not reported served yet: y waits.
+    let (mut w, mut s) = one_slot_taken_by_x();
+    let until = s.now + Duration::from_secs(30);
+    s.demands.insert(name("x"), Demand { avoid: BTreeSet::new(), until });
+    s.bound_at.insert((name("x"), name("r1")), s.now - Duration::from_millis(100));
+    let plan = run(&mut w, &s);
+    assert_eq!(bound(&w)["r1"], ["x"]);
+    assert_eq!(plan.unplaced[&name("y")].blocked, Blocked::Fresh);
+    assert_eq!(plan.wake_at, Some(s.now - Duration::from_millis(100) + MIN_RESIDENCY));
+    // A load that outlasts the guard is checked again shortly.
+    s.bound_at.insert((name("x"), name("r1")), s.now - Duration::from_secs(5));
+    let plan = decide(&s);
+    assert_eq!(plan.wake_at, Some(s.now + Duration::from_millis(100)));
+}
+
+#[test]
+fn a_demand_with_every_slot_pinned_is_unplaced_at_once_with_the_reason() {
+    let mut w = world(2, &["--max-cpu-loras", "1"]);
+    for a in ["a", "b", "c"] {
+        adapter(&mut w, a, json!(1));
+    }
+    let now = Instant::now();
+    let s = state(&w, now);
+    run(&mut w, &s);
+    let c = status(&w, "c");
+    assert_eq!(c.phase, AdapterPhase::Pending, "two slots, three pinned adapters: {c:?}");
+    assert_eq!(c.reason, "loaded on 0 of 1 replicas; no free slot: 1 of 1 (--max-cpu-loras) in use");
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    s.demands.insert(name("c"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+    let plan = run(&mut w, &s);
+    let u = &plan.unplaced[&name("c")];
+    assert_eq!(u.blocked, Blocked::Full);
+    assert_eq!(u.reason, "no free slot: 1 of 1 (--max-cpu-loras) in use; every slot holds a pinned adapter");
+    assert!(c.replicas.iter().all(|r| u.reason.starts_with(&r.reason)), "the words of get adapter: {c:?}");
+    assert_eq!(plan.wake_at, None);
+    // A third replica starting will have room: the demand waits for it instead.
+    w.replica("r3", "m", 1, ReplicaPhase::Starting, Some(("n", vec![2])));
+    let args = w.get_model("m").unwrap().spec.engine_args;
+    w.replicas_mut("r3", |sp, _| sp.engine_args = args);
+    let mut s = state(&w, now);
+    all_loaded(&w, &mut s);
+    s.demands.insert(name("c"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+    assert_eq!(decide(&s).unplaced[&name("c")].blocked, Blocked::NoReplica);
+    w.apply(&Command::Delete { key: key(Kind::Replica, &name("r3")), expected_revision: None });
+    // No ready replica at all: said so.
+    for r in ["r1", "r2"] {
+        w.replicas_mut(r, |_, st| st.phase = ReplicaPhase::Starting);
+    }
+    let mut s = state(&w, now);
+    s.demands.insert(name("c"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+    let plan = decide(&s);
+    assert_eq!(plan.unplaced[&name("c")].reason, "base model m has no ready replica");
+}
+
+/// Loads per second stay within the documented bound (one per slot per `MIN_RESIDENCY`)
+/// when more adapters are hot than there are slots: 6 adapters on 2 one-slot replicas,
+/// each 10 ms a demand for one not loaded, loads instant, nothing in flight.
+#[test]
+fn thrashing_stays_within_one_load_per_slot_per_min_residency() {
+    let mut w = world(2, &["--max-cpu-loras", "1"]);
+    let names: Vec<String> = (0..6).map(|i| format!("hot{i}")).collect();
+    for n in &names {
+        adapter(&mut w, n, json!("on-demand"));
+    }
+    let t0 = Instant::now();
+    let step = Duration::from_millis(10);
+    let secs = 10u32;
+    let (mut demands, mut bound_at, mut loads) = (BTreeMap::new(), HashMap::new(), 0usize);
+    for i in 0..(secs * 100) {
+        let now = t0 + step * i;
+        let b = bound(&w);
+        let want = names.iter().cycle().skip(i as usize).find(|n| !b.values().flatten().any(|x| x == *n)).unwrap();
+        demands.entry(name(want)).or_insert(Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+        let mut s = state(&w, now);
+        all_loaded(&w, &mut s);
+        s.demands = demands.clone();
+        s.bound_at = bound_at.clone();
+        note_failures(&mut s);
+        demands = s.demands.clone();
+        let plan = run(&mut w, &s);
+        for p in &plan.bound {
+            bound_at.insert(p.clone(), now);
+        }
+        loads += plan.bound.len();
+    }
+    let slots = 2;
+    let bound_loads = slots * (secs as usize * 1000 / MIN_RESIDENCY.as_millis() as usize) + slots;
+    assert!(loads <= bound_loads, "{loads} loads in {secs} s, bound {bound_loads}");
+    assert!(loads >= bound_loads / 2, "and it does swap: {loads}");
 }
 
 #[test]

@@ -120,7 +120,7 @@ impl AutoscaleService for AutoscaleServiceImpl {
     async fn report_demand(&self, req: Request<ReportDemandRequest>) -> Result<Response<ReportDemandResponse>, Status> {
         self.ctx.ensure_leader()?;
         let req = req.into_inner();
-        if req.gateway_id.trim().is_empty() || req.gateway_id.len() > 128 {
+        if req.gateway_id.trim().is_empty() || req.gateway_id.len() > crate::agent_bounds::MAX_SHORT {
             return Err(ActorsError::InvalidArgument("gateway_id must be 1 to 128 characters".into()).into());
         }
         let held: Vec<ObjectName> =

@@ -178,8 +178,7 @@ impl SupervisorState {
                 let (o, _) = ctx.handle.reader().get(&key(Kind::Node, name));
                 let Some(node) = o.and_then(|o| NodeView::from_stored(&o).ok()) else { return };
                 let all = LabelSelector::default();
-                let replicas =
-                    replicas.unwrap_or_else(|| replicas_where(&ctx, &all, |r| r.spec.node.as_ref() == Some(name)));
+                let replicas = replicas.unwrap_or_else(|| replicas_where(&ctx, &all, |r| r.binds(name)));
                 let args = NodeArgs { ctx, node, replicas };
                 start(me, &child, NodeActor, args).await.map(|a| {
                     c.nodes.insert(name.clone(), a.clone());

@@ -144,8 +144,9 @@ pub fn route(running: &impl Running, ev: &WatchEvent) -> Vec<Command> {
             let model = model_of(&r);
             adapters_changed(running, &model, !r.spec.adapters.is_empty(), &mut out);
             out.extend(model_changed(running, &model, Some(name.clone()), deleted));
-            if let Some(n) = r.spec.node.as_ref().filter(|n| running.runs(&Child::Node((*n).clone()))) {
-                out.push(Command::Node(n.clone(), NodeMsg::Changed(Some(name))));
+            // every node it binds: a gang's members' too
+            for (n, _) in r.spec.bindings().into_iter().filter(|(n, _)| running.runs(&Child::Node((*n).clone()))) {
+                out.push(Command::Node(n.clone(), NodeMsg::Changed(Some(name.clone()))));
             }
             if deleted || matches!(r.phase(), ReplicaPhase::Pending | ReplicaPhase::Failed) {
                 nudge(running, &mut out);
@@ -201,7 +202,7 @@ pub fn sync(running: &impl Running, s: &Snapshot) -> Vec<Command> {
     let mut by_node: BTreeMap<ObjectName, Vec<ReplicaView>> = BTreeMap::new();
     for r in &s.replicas {
         by_model.entry(model_of(r)).or_default().push(r.clone());
-        if let Some(n) = &r.spec.node {
+        for (n, _) in r.spec.bindings() {
             by_node.entry(n.clone()).or_default().push(r.clone());
         }
     }

@@ -17,6 +17,16 @@
 //!       └─(error)─> failed              any ─(stop)─> stopping ─> stopped
 //!                            ready ─(unassigned)─> draining ─> stopping ─> stopped
 //! ```
+//!
+//! A member of a multi-node replica (`gang` in the assignment; [`crate::gang`] has the whole
+//! picture) runs the same life with three differences. A head (rank 0) first gets a
+//! rendezvous port from the engine port range, kept across its restarts and reported as
+//! `rendezvous` until the task ends. A worker (rank > 0) whose head address is not known
+//! yet waits in `starting` ([`crate::gang::WAITING_FOR_HEAD`]) and is never launched: the
+//! address comes as a changed assignment, which replaces this task. A launched worker is
+//! headless: it has no port, no endpoint, no TLS and no `/health`; it turns `ready` (with
+//! an empty endpoint) after [`crate::gang::WORKER_SETTLE`] of running, and its exit is a
+//! crash like any engine's.
 
 use std::path::PathBuf;
 use std::process::Stdio;
@@ -34,9 +44,10 @@ use super::drain::{self, StopMode};
 use super::logs::LogFile;
 use super::lora_worker::{EngineView, Worker};
 use super::process::{self, ProcessIdentity};
+use super::start_trace::StartTrace;
 use super::EngineEnv;
 use crate::download::{Progress, RateMeter};
-use crate::driver::{EngineDriver, LaunchSpec};
+use crate::driver::{EngineDriver, GangLaunch, LaunchSpec};
 use crate::state::SavedEngine;
 
 /// An engine's published state.
@@ -51,8 +62,11 @@ enum Proc {
 struct Running {
     proc: Proc,
     id: ProcessIdentity,
+    /// Its API port; 0 for a headless gang worker (none).
     port: u16,
     started_at: Instant,
+    /// A gang worker: no API, ready once it has run a while.
+    headless: bool,
 }
 
 enum Outcome {
@@ -90,12 +104,14 @@ pub async fn run(
     adopted: Option<SavedEngine>,
     adapters: watch::Receiver<Vec<AdapterAssignment>>,
 ) {
+    let start = StartTrace::new(&a, &env.cfg.node_name, adopted.is_some());
     let parser = crate::engine_policy::Parser::of(&a.engine);
     let refused = match crate::engine_policy::check(&env.cfg.engine_policy, parser, &a.engine_args) {
         Err(refusal) => Some(refusal.to_string()),
         Ok(()) if a.engine_image.is_empty() => None,
         Ok(()) => crate::container::refusal(env.cfg.containers.as_ref(), &a.engine_image),
     };
+    let refused = refused.or_else(|| a.gang.as_ref().and_then(crate::gang::refusal));
     if let Some(refusal) = refused {
         tracing::error!(replica = %a.replica, reason = %refusal, "engine refused by this agent's policy; engine not started");
         if let Some(s) = &adopted {
@@ -106,6 +122,7 @@ pub async fn run(
             crate::engine_tls::remove(&env.cfg.data_dir, &a.replica);
         }
         set_state(&report, "failed", &refusal);
+        start.end("failed", &refusal);
         return park(&mut stop, &report).await;
     }
     let key = match &adopted {
@@ -114,28 +131,37 @@ pub async fn run(
             Ok(k) => Some(k),
             Err(reason) => {
                 set_state(&report, "failed", &reason);
+                start.end("failed", &reason);
                 return park(&mut stop, &report).await;
             }
         },
     };
     update(&report, |r| r.api_key = key.as_ref().map(|k| k.expose().to_string()).unwrap_or_default());
     let cfg = &env.cfg;
-    let tls =
-        match crate::engine_tls::prepare(&cfg.data_dir, &a.replica, &cfg.address, cfg.engine_tls, adopted.as_ref())
-            .await
-        {
-            Ok(t) => t,
-            Err(reason) => {
-                if let Some(s) = &adopted {
-                    // Its pin is unreadable: no client could trust it.
-                    s.process.stop(cfg.stop_grace).await;
-                    let _ = env.state.remove(&a.replica);
-                }
-                crate::engine_tls::remove(&cfg.data_dir, &a.replica);
-                set_state(&report, "failed", &reason);
-                return park(&mut stop, &report).await;
+    // A headless gang worker serves nothing: no certificate.
+    let serves = a.gang.as_ref().is_none_or(crate::gang::is_head);
+    let tls = match crate::engine_tls::prepare(
+        &cfg.data_dir,
+        &a.replica,
+        &cfg.address,
+        cfg.engine_tls && serves,
+        adopted.as_ref(),
+    )
+    .await
+    {
+        Ok(t) => t,
+        Err(reason) => {
+            if let Some(s) = &adopted {
+                // Its pin is unreadable: no client could trust it.
+                s.process.stop(cfg.stop_grace).await;
+                let _ = env.state.remove(&a.replica);
             }
-        };
+            crate::engine_tls::remove(&cfg.data_dir, &a.replica);
+            set_state(&report, "failed", &reason);
+            start.end("failed", &reason);
+            return park(&mut stop, &report).await;
+        }
+    };
     update(&report, |r| r.engine_cert_sha256 = tls.as_ref().map(|t| t.pin.hex()).unwrap_or_default());
     // The agent's own calls to the engine accept its certificate while this task runs.
     let _pin = tls.as_ref().and_then(|t| env.engine.pins().hold(&env.cfg.address, t.pin));
@@ -145,7 +171,7 @@ pub async fn run(
     let worker = Worker::new(env.clone(), client.clone(), &a.replica, report.clone(), initial, adopted.is_some());
     let (data_dir, replica) = (env.cfg.data_dir.clone(), a.replica.clone());
     let life = life(
-        Engine { env, client, key, tls, kind: a.engine.clone() },
+        Engine { env, client, key, tls, kind: a.engine.clone(), start },
         a,
         report,
         stop,
@@ -174,6 +200,8 @@ struct Engine {
     tls: Option<crate::engine_tls::EngineCert>,
     /// `sim` or `vllm` (metrics labels).
     kind: String,
+    /// The spans of its start, when traced.
+    start: StartTrace,
 }
 
 /// The engine process's life cycle (see the module diagram).
@@ -192,7 +220,9 @@ async fn life(
         "sim" => &env.sim,
         "vllm" => &env.vllm,
         other => {
-            set_state(&report, "failed", &format!("unknown engine {other:?}; this agent runs sim and vllm"));
+            let why = format!("unknown engine {other:?}; this agent runs sim and vllm");
+            set_state(&report, "failed", &why);
+            engine.start.end("failed", &why);
             return park(&mut stop, &report).await;
         }
     };
@@ -204,27 +234,78 @@ async fn life(
             s.process.stop(env.cfg.stop_grace).await;
             let _ = env.state.remove(&replica);
             set_state(&report, "failed", &refusal.to_string());
+            engine.start.end("failed", &refusal.to_string());
             return park(&mut stop, &report).await;
         }
     }
+    // A gang head's rendezvous port: the one it was adopted with, else a new one; held (and
+    // reported) until this task ends, across the engine's restarts.
+    let rendezvous = match a.gang.as_ref().filter(|g| crate::gang::is_head(g)) {
+        None => None,
+        Some(_) => match Rendezvous::hold(&env, &report, adopted.as_ref().and_then(|s| s.rendezvous_port)) {
+            Some(r) => Some(r),
+            None => {
+                if let Some(s) = &adopted {
+                    // Its workers cannot be told where it is: start it over.
+                    s.process.stop(env.cfg.stop_grace).await;
+                    let _ = env.state.remove(&replica);
+                }
+                let why = format!("no free port in {:?} for the gang's rendezvous", env.cfg.ports);
+                set_state(&report, "failed", &why);
+                engine.start.end("failed", &why);
+                return park(&mut stop, &report).await;
+            }
+        },
+    };
+    let rendezvous_port = rendezvous.as_ref().map(|r| r.port);
+    let gang = match a.gang.as_ref() {
+        None => None,
+        Some(g) if !crate::gang::is_head(g) && g.head_address.is_empty() && adopted.is_none() => {
+            // Nothing to launch until the head's address comes (as a new assignment).
+            set_state(&report, "starting", crate::gang::WAITING_FOR_HEAD);
+            stop_requested(&mut stop).await;
+            return set_state(&report, "stopped", "");
+        }
+        Some(g) => match crate::gang::launch_args(g, &env.cfg.address, rendezvous_port) {
+            Ok(args) => Some(GangLaunch {
+                args,
+                headless: !crate::gang::is_head(g),
+                env: crate::gang::member_env(&env.cfg.address, env.cfg.gang_interface.as_deref()),
+                vllm_args: crate::gang::vllm_member_args(g),
+            }),
+            Err(why) => {
+                if let Some(s) = &adopted {
+                    s.process.stop(env.cfg.stop_grace).await;
+                    let _ = env.state.remove(&replica);
+                }
+                set_state(&report, "failed", &why);
+                engine.start.end("failed", &why);
+                return park(&mut stop, &report).await;
+            }
+        },
+    };
+    let headless = gang.as_ref().is_some_and(|g| g.headless);
     let log = LogFile::new(&env.log_dir, &replica, env.cfg.log_max_bytes, env.cfg.log_keep);
     let mut history = CrashHistory::default();
     let mut restarts = adopted.as_ref().map(|s| s.restarts).unwrap_or(0);
     update(&report, |r| r.restarts = restarts);
     let mut running = adopted.map(|s| {
-        env.ports.reserve(s.port);
+        if s.port != 0 {
+            env.ports.reserve(s.port);
+        }
         update(&report, |r| {
             r.state = "starting".into();
             r.pid = s.process.pid;
-            r.endpoint = env.endpoint(s.port);
+            r.endpoint = if headless { String::new() } else { env.endpoint(s.port) };
         });
         tracing::info!(replica = %replica, pid = s.process.pid, port = s.port, "adopted running engine");
-        Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now() }
+        Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now(), headless }
     });
 
     let mut model_path: Option<PathBuf> = None;
     if running.is_none() && driver.needs_weights() {
         set_state(&report, "downloading", "");
+        engine.start.download(&a.source);
         let t0 = Instant::now();
         let progress = {
             let report = report.clone();
@@ -257,7 +338,9 @@ async fn life(
                 }
                 Err(e) => {
                     tracing::error!(replica = %replica, source = %a.source, error = %e, "model download failed");
-                    set_state(&report, "failed", &format!("download of {} failed: {e}", a.source));
+                    let why = format!("download of {} failed: {e}", a.source);
+                    set_state(&report, "failed", &why);
+                    engine.start.end("failed", &why);
                     return park(&mut stop, &report).await;
                 }
             },
@@ -270,9 +353,23 @@ async fn life(
             // a container left by a crashed agent holds the replica's container name
             remove_container(&env, &a).await;
         }
+        if running.is_none() {
+            engine.start.engine_start(restarts);
+        }
         let mut run = match running.take() {
             Some(r) => r,
-            None => match launch(&engine, driver, &a, &adapters, model_path.as_deref(), &log, &report, restarts) {
+            None => match launch(
+                &engine,
+                driver,
+                &a,
+                &adapters,
+                model_path.as_deref(),
+                &log,
+                &report,
+                restarts,
+                gang.as_ref(),
+                rendezvous_port,
+            ) {
                 Ok(r) => r,
                 Err(reason) => {
                     if !after_crash(
@@ -285,6 +382,7 @@ async fn life(
                         &mut restarts,
                         &replica,
                         &a.engine,
+                        &engine.start,
                     )
                     .await
                     {
@@ -295,7 +393,7 @@ async fn life(
             },
         };
         let outcome = supervise(&engine, &mut run, &log, &report, &mut stop, &view).await;
-        if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain {
+        if matches!(outcome, Outcome::Stop { ready: true }) && *stop.borrow() == StopMode::Drain && !run.headless {
             let t0 = Instant::now();
             drain::drain(&engine.client, &env.endpoint(run.port), env.cfg.drain_timeout, &report, &mut stop).await;
             env.metrics.engine_drained(t0.elapsed());
@@ -305,7 +403,9 @@ async fn life(
             *v = EngineView { generation: v.generation + 1, endpoint: None, scrape: None };
         });
         let _ = env.state.remove(&replica);
-        env.ports.release(run.port);
+        if run.port != 0 {
+            env.ports.release(run.port);
+        }
         match outcome {
             Outcome::Stop { .. } => {
                 set_state(&report, "stopping", "");
@@ -334,6 +434,7 @@ async fn life(
                     &mut restarts,
                     &replica,
                     &a.engine,
+                    &engine.start,
                 )
                 .await
                 {
@@ -356,6 +457,7 @@ async fn after_crash(
     restarts: &mut u32,
     replica: &str,
     kind: &str,
+    start: &StartTrace,
 ) -> bool {
     match history.on_crash(&env.cfg.restart, started_at, Instant::now()) {
         AfterCrash::GiveUp => {
@@ -363,12 +465,14 @@ async fn after_crash(
             let why = format!("crashed {} times within {:?}; last: {reason}", history.recent(), env.cfg.restart.window);
             tracing::error!(replica = %replica, reason = %why, "engine failed; not restarting");
             set_state(report, "failed", &why);
+            start.end("failed", &why);
             park(stop, report).await;
             false
         }
         AfterCrash::Restart(delay) => {
             tracing::warn!(replica = %replica, reason = %reason, delay_ms = delay.as_millis() as u64, "engine crashed; restarting");
             set_state(report, "crashed", reason);
+            start.attempt_failed(reason);
             update(report, |r| r.pid = 0);
             tokio::select! {
                 _ = tokio::time::sleep(delay) => {
@@ -427,10 +531,16 @@ fn launch(
     log: &LogFile,
     report: &SharedReport,
     restarts: u32,
+    gang: Option<&GangLaunch>,
+    rendezvous_port: Option<u16>,
 ) -> Result<Running, String> {
     let env = &engine.env;
-    let port = env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?;
-    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref() };
+    let headless = gang.is_some_and(|g| g.headless);
+    let port = match headless {
+        true => 0,
+        false => env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?,
+    };
+    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref(), gang };
     let mut cmd = driver.command(&spec).map_err(|e| {
         env.ports.release(port);
         e.to_string()
@@ -453,7 +563,7 @@ fn launch(
     assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
     let api_key = engine.key.as_ref().map(|k| k.expose().to_string());
     let engine_cert_sha256 = engine.tls.as_ref().map(|t| t.pin.hex());
-    let saved = SavedEngine { assignment, process: id, port, restarts, api_key, engine_cert_sha256 };
+    let saved = SavedEngine { assignment, process: id, port, restarts, api_key, engine_cert_sha256, rendezvous_port };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }
@@ -463,7 +573,7 @@ fn launch(
         r.state = "starting".into();
         r.reason.clear();
         r.pid = id.pid;
-        r.endpoint = env.endpoint(port);
+        r.endpoint = if headless { String::new() } else { env.endpoint(port) };
         r.num_requests_running = 0.0;
         r.num_requests_waiting = 0.0;
         r.kv_cache_usage = 0.0;
@@ -473,7 +583,97 @@ fn launch(
         r.requests_finished_total = 0.0;
         r.metrics_known = false;
     });
-    Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now() })
+    Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now(), headless })
+}
+
+/// A gang head's rendezvous port, reported as `rendezvous` while held; released (and no
+/// longer reported) when dropped, with the engine task.
+struct Rendezvous {
+    env: Arc<EngineEnv>,
+    report: SharedReport,
+    port: u16,
+}
+
+impl Rendezvous {
+    /// Reserves `adopted` (the port an adopted head was started with) or allocates one; None
+    /// when the range has no free port.
+    fn hold(env: &Arc<EngineEnv>, report: &SharedReport, adopted: Option<u16>) -> Option<Rendezvous> {
+        let port = match adopted {
+            Some(p) => {
+                env.ports.reserve(p);
+                p
+            }
+            None => env.ports.allocate()?,
+        };
+        update(report, |r| r.rendezvous = env.endpoint(port));
+        // The workers wait for it: tell the leader now.
+        env.early_heartbeat.notify_one();
+        Some(Rendezvous { env: env.clone(), report: report.clone(), port })
+    }
+}
+
+impl Drop for Rendezvous {
+    fn drop(&mut self) {
+        self.env.ports.release(self.port);
+        update(&self.report, |r| r.rendezvous.clear());
+    }
+}
+
+/// How the process of `run` ended.
+async fn exited(run: &mut Running) -> String {
+    match &mut run.proc {
+        Proc::Child(c) => match c.wait().await {
+            Ok(status) => process::describe_exit(status),
+            Err(e) => format!("wait failed: {e}"),
+        },
+        Proc::Adopted => {
+            while run.id.is_alive() {
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+            "adopted engine process exited (status unknown)".to_string()
+        }
+    }
+}
+
+/// Watches a headless gang worker: no `/health` to ask, so it is ready once it has run
+/// [`crate::gang::WORKER_SETTLE`]; its exit is a crash.
+async fn supervise_headless(
+    engine: &Engine,
+    run: &mut Running,
+    log: &LogFile,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<StopMode>,
+) -> Outcome {
+    let env = &engine.env;
+    let settled = tokio::time::sleep_until(run.started_at + crate::gang::WORKER_SETTLE);
+    tokio::pin!(settled);
+    let mut ready = false;
+    let mut rotate = tokio::time::interval(env.cfg.heartbeat_interval.max(Duration::from_millis(100)));
+    loop {
+        tokio::select! {
+            _ = stop_requested(stop) => return Outcome::Stop { ready },
+            desc = exited(run) => {
+                let last = log.last_line().map(|l| format!("; last log line: {l}")).unwrap_or_default();
+                return Outcome::Crash(format!("{desc}{last}"));
+            }
+            () = &mut settled, if !ready => {
+                ready = true;
+                tracing::info!(replica = %report_name(report), pid = run.id.pid, "headless gang worker running; ready");
+                if matches!(run.proc, Proc::Child(_)) {
+                    env.metrics.engine_ready(&engine.kind, run.started_at.elapsed());
+                }
+                set_state(report, "ready", "");
+                engine.start.end("ready", "");
+                env.early_heartbeat.notify_one();
+            }
+            _ = rotate.tick() => {
+                let rot = log.clone();
+                if let Ok(Err(e)) = tokio::task::spawn_blocking(move || rot.rotate_if_needed()).await {
+                    tracing::warn!(path = %log.path.display(), error = %e, "log rotation failed");
+                }
+            }
+        }
+    }
 }
 
 /// Watches a running engine until it exits, must be stopped, or misses its start deadline.
@@ -485,6 +685,9 @@ async fn supervise(
     stop: &mut watch::Receiver<StopMode>,
     view: &watch::Sender<EngineView>,
 ) -> Outcome {
+    if run.headless {
+        return supervise_headless(engine, run, log, report, stop).await;
+    }
     let env = &engine.env;
     let endpoint = env.endpoint(run.port);
     let deadline = run.started_at + env.cfg.start_timeout;
@@ -493,20 +696,7 @@ async fn supervise(
     let mut stall = super::stall::StallWatch::default();
     let mut next_probe = Duration::ZERO;
     loop {
-        let exited = async {
-            match &mut run.proc {
-                Proc::Child(c) => match c.wait().await {
-                    Ok(status) => process::describe_exit(status),
-                    Err(e) => format!("wait failed: {e}"),
-                },
-                Proc::Adopted => {
-                    while run.id.is_alive() {
-                        tokio::time::sleep(Duration::from_millis(250)).await;
-                    }
-                    "adopted engine process exited (status unknown)".to_string()
-                }
-            }
-        };
+        let exited = exited(run);
         let probe = async {
             tokio::time::sleep(next_probe).await;
             crate::probe::healthy(&engine.client, &endpoint).await
@@ -527,6 +717,7 @@ async fn supervise(
                     env.metrics.engine_ready(&engine.kind, run.started_at.elapsed());
                 }
                 set_state(report, "ready", "");
+                engine.start.end("ready", "");
                 view.send_modify(|v| v.endpoint = Some(endpoint.clone()));
                 // Tell the leader now, not at the next heartbeat: a replacement for a lost
                 // node or a rollout step waits on this Ready.

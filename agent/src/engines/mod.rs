@@ -20,6 +20,7 @@ pub mod lora_worker;
 pub mod ports;
 pub mod process;
 pub mod stall;
+pub mod start_trace;
 
 use std::collections::BTreeMap;
 use std::path::PathBuf;

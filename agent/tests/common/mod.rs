@@ -174,6 +174,8 @@ pub fn sim_replica(name: &str, model: &str, gpus: &[u32]) -> pb::ReplicaAssignme
         gpus: gpus.to_vec(),
         adapters: vec![],
         engine_image: String::new(),
+        traceparent: String::new(),
+        gang: None,
     }
 }
 

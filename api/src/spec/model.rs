@@ -231,14 +231,15 @@ impl ModelSpec {
         match &self.topology {
             Some(t) => {
                 t.validate("spec.topology", self.gpus, &self.engine_args)?;
-                // The controllers place gangs (all members or none), but agents do not launch
-                // them yet: bound members would hold GPUs and serve nothing. Refused until
-                // they do, rather than accepted and stuck.
-                return Err(ApiError::invalid(
-                    "spec.topology",
-                    "multi-node replicas are placed by the controllers but agents cannot launch them yet; \
-                     this server refuses them until they can (docs/actors.md, \"Multi-node replicas\")",
-                ));
+                // Agents launch members natively (vLLM's --nnodes / data-parallel flags);
+                // a Ray cluster across the members is not started yet.
+                if t.layout == super::GangLayout::Ray {
+                    return Err(ApiError::invalid(
+                        "spec.topology.layout",
+                        "layout ray is not launched by agents yet; use tp-pp or data-parallel \
+                         (docs/actors.md, \"Multi-node replicas\")",
+                    ));
+                }
             }
             None => at_most("spec.gpus", self.gpus, MAX_GPUS_PER_REPLICA)?,
         }

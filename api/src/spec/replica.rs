@@ -143,4 +143,9 @@ pub struct ReplicaStatus {
     /// certificate. Not a secret.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub engine_cert_sha256: Option<String>,
+    /// A multi-node replica's head rendezvous address (`host:port`), as its agent reported
+    /// it: the workers' agents start their members with it. Never written for a one-node
+    /// replica, so servers that predate gangs read every other replica unchanged.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub rendezvous: Option<String>,
 }

@@ -28,6 +28,17 @@ pub enum GangLayout {
     Ray,
 }
 
+impl GangLayout {
+    /// The name the spec and the agent protocol use (`tp-pp`, `data-parallel`, `ray`).
+    pub fn as_str(self) -> &'static str {
+        match self {
+            GangLayout::TpPp => "tp-pp",
+            GangLayout::DataParallel => "data-parallel",
+            GangLayout::Ray => "ray",
+        }
+    }
+}
+
 /// Where the members go, over the topology domains (the values of `domain_label` on nodes),
 /// as Ray's placement group strategies.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]

@@ -21,7 +21,10 @@ struct DevTls {
     admin: std::sync::Arc<flotilla_security::Tls>,
 }
 
-/// The demo model `flotilla dev` applies.
+/// The demo model `flotilla dev` applies. LoRA slots as a GPU serving several adapters
+/// would have: 4 adapters per batch (`--max-loras`), 8 held per replica
+/// (`--max-cpu-loras`), so 16 adapters stay loaded across the 2 replicas and more load on
+/// demand (docs/lora.md).
 pub(crate) const DEMO_MODEL: &str = "kind: Model
 metadata:
   name: demo
@@ -31,6 +34,7 @@ spec:
   source: file:///models/demo
   replicas: 2
   gpus: 1
+  engine_args: [--max-loras, '4', --max-cpu-loras, '8']
 ";
 
 #[derive(Args, Debug)]
@@ -213,4 +217,19 @@ async fn wait_ready(client: &mut ObjectServiceClient<Channel>, n: usize) -> Resu
     Err(CliError::runtime(
         "the demo replicas did not become ready within 2 minutes; see the agent logs in .flotilla/agent-dev/logs",
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use flotilla_api::{Manifest, Spec};
+
+    #[test]
+    fn the_demo_model_has_several_lora_slots() {
+        let m = Manifest::parse(super::DEMO_MODEL).expect("the demo model parses");
+        let Spec::Model(spec) = m.spec else { panic!("not a model") };
+        let lora = spec.lora().expect("valid LoRA flags");
+        assert!(lora.enabled);
+        assert_eq!((lora.max_loras, lora.max_cpu_loras), (4, 8), "{lora:?}");
+        assert_eq!(spec.replicas, 2);
+    }
 }

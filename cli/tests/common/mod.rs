@@ -559,3 +559,50 @@ impl Drop for Fleet {
         kill_engines(self.marker);
     }
 }
+
+/// The objects of `kind` matching `selector` (a linearizable list through the first of
+/// `servers` that answers); empty if none does.
+pub async fn list_objects(servers: &[String], kind: &str, selector: &str) -> Vec<flotilla_api::pb::Object> {
+    for addr in servers {
+        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let req = ListRequest { kind: kind.into(), label_selector: selector.into(), stale: false };
+        if let Ok(r) = c.list(req).await {
+            return r.into_inner().objects;
+        }
+    }
+    Vec::new()
+}
+
+/// An adapter's stored status (Null if no server answers).
+pub async fn adapter_status(servers: &[String], name: &str) -> serde_json::Value {
+    for addr in servers {
+        let mut c = ObjectServiceClient::new(channel(addr, Duration::from_secs(3)));
+        let req = flotilla_api::pb::GetRequest { kind: "adapter".into(), name: name.into(), stale: false };
+        if let Ok(r) = c.get(req).await {
+            let o = r.into_inner().object.unwrap_or_default();
+            return serde_json::from_str(&o.status_json).unwrap_or_default();
+        }
+    }
+    serde_json::Value::Null
+}
+
+/// Adapter names bound to each replica of the model `base` (`spec.adapters`).
+pub async fn bindings(servers: &[String]) -> std::collections::BTreeMap<String, Vec<String>> {
+    list_objects(servers, "replica", "model=base")
+        .await
+        .iter()
+        .map(|o| {
+            let spec: serde_json::Value = serde_json::from_str(&o.spec_json).unwrap_or_default();
+            let names = spec["adapters"]
+                .as_array()
+                .map(|a| a.iter().filter_map(|b| b["name"].as_str().map(str::to_owned)).collect())
+                .unwrap_or_default();
+            (o.name.clone(), names)
+        })
+        .collect()
+}
+
+/// An Adapter of the model `base` with a sim adapter of rank 8; `replicas` as the spec takes it.
+pub fn adapter_manifest(name: &str, replicas: &str) -> String {
+    format!("kind: Adapter\nmetadata: {{name: {name}}}\nspec: {{base_model: base, source: 'sim://{name}?rank=8', replicas: {replicas}}}\n")
+}

@@ -30,10 +30,14 @@ pub struct State {
     pub known: HashMap<String, String>,
     /// Adapters whose load fails with FAILED_PRECONDITION and this message.
     pub failing: HashMap<String, String>,
+    /// Adapters whose load fails with RESOURCE_EXHAUSTED and this message.
+    pub busy: HashMap<String, String>,
     /// What the fake loaded, per engine address.
     pub loaded: HashMap<SocketAddr, BTreeSet<String>>,
     pub calls: Vec<pb::EnsureLoadedRequest>,
     pub usage: Vec<pb::AdapterUsage>,
+    /// Every `ReportUsage`, whole.
+    pub reports: Vec<pb::ReportUsageRequest>,
     /// Time each load takes.
     pub delay: Duration,
 }
@@ -132,6 +136,9 @@ impl pb::adapter_service_server::AdapterService for FakeAdapters {
             if let Some(m) = st.failing.get(&req.adapter) {
                 return Err(Status::failed_precondition(m.clone()));
             }
+            if let Some(m) = st.busy.get(&req.adapter) {
+                return Err(Status::resource_exhausted(m.clone()));
+            }
             let holding = st.loaded.iter().any(|(_, s)| s.contains(&req.adapter));
             let target = (!holding || !req.avoid_replicas.is_empty())
                 .then(|| {
@@ -170,7 +177,10 @@ impl pb::adapter_service_server::AdapterService for FakeAdapters {
         if let Some(l) = &self.not_leader {
             return Err(Status::failed_precondition(format!("cluster.not_leader: leader={l}")));
         }
-        self.state.lock().unwrap().usage.extend(r.into_inner().usage);
+        let r = r.into_inner();
+        let mut st = self.state.lock().unwrap();
+        st.usage.extend(r.usage.iter().cloned());
+        st.reports.push(r);
         Ok(Response::new(pb::ReportUsageResponse {}))
     }
 }
