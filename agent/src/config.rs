@@ -105,6 +105,17 @@ pub struct AgentArgs {
     /// pick one. Sim engines ignore it.
     #[arg(long, value_name = "IFACE")]
     pub gang_interface: Option<String>,
+    /// Ray's CLI (e.g. `/opt/venv/bin/ray`): run the members of `layout: ray` gangs on this
+    /// node, each as a Ray node (`ray start --block`) with, on the head, vLLM's Ray executor
+    /// attached to it. Unset: such members fail with the reason. Ray's ports have no
+    /// authentication: give it only on a network closed to everything but the cluster
+    /// (docs/security.md, docs/agent.md "Ray layout").
+    #[arg(long, value_name = "PROGRAM")]
+    pub ray: Option<PathBuf>,
+    /// The flotilla binary whose `ray-member` subcommand supervises a Ray member (its Ray
+    /// node and engine as one process); default: this executable.
+    #[arg(long, value_name = "PATH", requires = "ray")]
+    pub ray_member_binary: Option<PathBuf>,
     /// YAML file changing which Model engine_args the agent refuses to start an engine with:
     /// `allow: [--trust-remote-code]` lifts a default refusal, `deny: [--flag, --prefix-*]`
     /// adds refusals. By default the agent refuses flags that load code or plugins
@@ -193,6 +204,15 @@ pub struct AgentArgs {
 }
 
 /// Validated agent configuration.
+/// How this agent runs `layout: ray` gang members (`--ray`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct RayConfig {
+    /// Ray's CLI.
+    pub program: PathBuf,
+    /// The flotilla binary run as `ray-member` ([`crate::ray_member`]).
+    pub member_binary: PathBuf,
+}
+
 #[derive(Debug, Clone)]
 pub struct AgentConfig {
     /// Server gRPC URLs (`http://host:port`), in the order to try.
@@ -229,6 +249,8 @@ pub struct AgentConfig {
     pub engine_env: Vec<crate::engine_env::EnvPattern>,
     /// The interface gang members' collectives use (`--gang-interface`).
     pub gang_interface: Option<String>,
+    /// How `layout: ray` members run (`--ray`); None: they are refused.
+    pub ray: Option<RayConfig>,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
     /// The container runtime for Models with an `engine_image` (None: none runs).
@@ -379,6 +401,21 @@ impl AgentArgs {
                 Some(i.to_string())
             }
         };
+        let ray = match &self.ray {
+            None => None,
+            Some(program) => Some(RayConfig {
+                program: program.clone(),
+                member_binary: match &self.ray_member_binary {
+                    Some(p) => p.clone(),
+                    None => std::env::current_exe().map_err(|e| {
+                        AgentError::invalid(
+                            "ray-member-binary",
+                            format!("is not set and the current executable is unknown: {e}"),
+                        )
+                    })?,
+                },
+            }),
+        };
         let loopback = address == "localhost" || address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
         let ctx = crate::source_policy::Context { loopback, endpoints, data_dir: absolute(&self.data_dir) };
         let source_policy = match &self.source_policy {
@@ -403,6 +440,7 @@ impl AgentArgs {
             vllm_command,
             engine_env,
             gang_interface,
+            ray,
             engine_policy,
             containers: self.containers()?,
             metrics_listen: self.metrics_listen,
@@ -649,6 +687,9 @@ mod tests {
         assert_eq!(flag(parse(&["--engine-env", "*"])), "engine-env");
         assert_eq!(parse(&["--gang-interface", "ib0"]).unwrap().gang_interface.as_deref(), Some("ib0"));
         assert_eq!(parse(&[]).unwrap().gang_interface, None);
+        assert_eq!(parse(&[]).unwrap().ray, None, "no Ray nodes unless asked");
+        let ray = parse(&["--ray", "/opt/ray", "--ray-member-binary", "/usr/bin/flotilla"]).unwrap().ray.unwrap();
+        assert_eq!((ray.program.to_str(), ray.member_binary.to_str()), (Some("/opt/ray"), Some("/usr/bin/flotilla")));
         assert_eq!(flag(parse(&["--gang-interface", "eth0:1"])), "gang-interface");
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.yaml");

@@ -82,6 +82,43 @@ pub struct GangLaunch {
     pub env: Vec<(String, String)>,
     /// Flags only vLLM members get ([`crate::gang::vllm_member_args`]).
     pub vllm_args: Vec<String>,
+    /// A `ray`-layout member: the command is `flotilla ray-member`, with the engine's after
+    /// `--` on the head ([`member_command`]).
+    pub ray: Option<RayLaunch>,
+}
+
+/// How a `ray`-layout member is run: `BINARY ARGS...` (`ray-member --ray PROGRAM ...`).
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct RayLaunch {
+    pub binary: PathBuf,
+    pub args: Vec<String>,
+}
+
+/// The command that runs `spec`: the driver's, except for a `ray`-layout member, which runs
+/// `flotilla ray-member` ([`crate::ray_member`]): a worker with no engine at all, the head
+/// with the driver's command after `--`. The environment is the driver's either way (the
+/// member passes it on to Ray and the engine).
+pub fn member_command(driver: &dyn EngineDriver, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError> {
+    let Some(ray) = spec.gang.and_then(|g| g.ray.as_ref()) else { return driver.command(spec) };
+    let mut args = ray.args.clone();
+    let env = match spec.headless() {
+        // No engine: the GPUs and the node's network environment are Ray's.
+        true => {
+            let visible = spec.assignment.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+            let mut env =
+                vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)];
+            env.extend(spec.gang.into_iter().flat_map(|g| g.env.iter().cloned()));
+            env
+        }
+        false => {
+            let engine = driver.command(spec)?;
+            args.push("--".into());
+            args.push(engine.program.display().to_string());
+            args.extend(engine.args);
+            engine.env
+        }
+    };
+    Ok(EngineCommand { program: ray.binary.clone(), args, env })
 }
 
 impl LaunchSpec<'_> {
@@ -372,6 +409,7 @@ mod tests {
             headless: rank > 0,
             env: crate::gang::member_env(own, Some("ib0")),
             vllm_args: crate::gang::vllm_member_args(&g),
+            ray: None,
         };
         (ReplicaAssignment { gang: Some(g), ..assignment() }, launch)
     }
@@ -417,6 +455,62 @@ mod tests {
             "/usr/bin/flotilla sim --model demo --max-model-len 8192 --tensor-parallel-size 2 \
              --pipeline-parallel-size 2 --nnodes 2 --node-rank 1 --master-addr 10.0.0.5 --master-port 30001 --headless"
         );
+    }
+
+    #[test]
+    fn ray_members_run_ray_member_with_the_engine_on_the_head_only() {
+        let g = |rank: u32| flotilla_api::pb::GangAssignment {
+            size: 2,
+            rank,
+            layout: "ray".into(),
+            gpus_per_node: 2,
+            head_address: if rank == 0 { String::new() } else { "10.0.0.5:30001".into() },
+        };
+        let launch = |rank: u32, own: &str| GangLaunch {
+            args: crate::gang::launch_args(&g(rank), own, Some(30001)).unwrap(),
+            headless: rank > 0,
+            env: crate::gang::member_env(own, None),
+            vllm_args: crate::gang::vllm_member_args(&g(rank)),
+            ray: Some(RayLaunch {
+                binary: "/usr/bin/flotilla".into(),
+                args: ["ray-member", "--ray", "/opt/ray"]
+                    .into_iter()
+                    .map(String::from)
+                    .chain(crate::gang::ray_member_args(&g(rank), own, Some(30001)).unwrap())
+                    .collect(),
+            }),
+        };
+        let d =
+            VllmDriver { template: parse_template("vllm serve {source} --host {host} --port {port} {args}").unwrap() };
+        let a = ReplicaAssignment { gang: Some(g(0)), ..assignment() };
+        let head = launch(0, "10.0.0.5");
+        let spec = LaunchSpec {
+            assignment: &a,
+            host: "10.0.0.5",
+            port: 30000,
+            model_path: None,
+            tls: None,
+            gang: Some(&head),
+        };
+        let c = member_command(&d, &spec).unwrap();
+        assert_eq!(
+            c.display(),
+            "/usr/bin/flotilla ray-member --ray /opt/ray --address 10.0.0.5 --num-gpus 2 --head-port 30001 -- \
+             vllm serve hf://org/m --host 10.0.0.5 --port 30000 --max-model-len 8192 --tensor-parallel-size 2 \
+             --pipeline-parallel-size 2 --distributed-executor-backend ray"
+        );
+        assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())), "{c:?}");
+        let a = ReplicaAssignment { gang: Some(g(1)), ..assignment() };
+        let worker = launch(1, "10.0.0.6");
+        let spec =
+            LaunchSpec { assignment: &a, host: "10.0.0.6", port: 0, model_path: None, tls: None, gang: Some(&worker) };
+        let c = member_command(&d, &spec).unwrap();
+        assert_eq!(
+            c.display(),
+            "/usr/bin/flotilla ray-member --ray /opt/ray --address 10.0.0.6 --num-gpus 2 --join 10.0.0.5:30001"
+        );
+        assert!(c.env.contains(&("VLLM_HOST_IP".into(), "10.0.0.6".into())), "{c:?}");
+        assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())), "Ray sees the member's GPUs: {c:?}");
     }
 
     #[test]

@@ -8,9 +8,16 @@
 //! | tp-pp | `--tensor-parallel-size G --pipeline-parallel-size N --nnodes N --node-rank R --master-addr H --master-port P` |
 //! | data-parallel | `--tensor-parallel-size G --data-parallel-size N --data-parallel-size-local 1 --data-parallel-start-rank R --data-parallel-address H --data-parallel-rpc-port P` |
 //!
+//! | ray | head: `--tensor-parallel-size G --pipeline-parallel-size N` (+ `--distributed-executor-backend ray`, vLLM); workers: no engine |
+//!
 //! (G GPUs per member, N members, R the member's rank, H:P the head's rendezvous address.)
-//! The `ray` layout starts a Ray cluster instead and is not a flag set. A Model's
-//! `engine_args` may not set any of these (`flotilla_api::spec::GANG_FLAGS`).
+//! A Model's `engine_args` may not set any of these (`flotilla_api::spec::GANG_FLAGS`).
+//!
+//! The `ray` layout's rendezvous is a Ray cluster: every member runs `flotilla ray-member`
+//! ([`crate::ray_member`], flags from [`ray_member_args`]): the head runs Ray's head node on
+//! the rendezvous port and then the engine attached to it; a worker runs a Ray node that
+//! joins the head and no engine (it is headless in every sense below). Agents run it only
+//! when started with `--ray` (Ray's ports have no authentication; docs/security.md).
 //!
 //! How an agent runs its member ([`crate::engines::engine`] wires this in):
 //!
@@ -20,15 +27,16 @@
 //!   (the workers were told it) and releases it with the engine. It is saved in the state
 //!   file, so an adopted head keeps it. The head serves the API and is probed on `/health`
 //!   like any engine (a gang's head answers 503 until every rank joined).
-//! - **Worker** (rank > 0): with no `head_address` yet it is not launched: it reports
-//!   `starting` with [`WAITING_FOR_HEAD`] until the assignment changes (the changed `gang`
-//!   makes the agent replace the engine). With it, the engine runs `--headless`: no API
+//! - **Worker** (rank > 0): with no `head_address` yet it is not launched: it downloads the
+//!   weights (engines that need them; the next task finds them in the cache) and then
+//!   reports `starting` with [`WAITING_FOR_HEAD`] until the assignment changes (the changed
+//!   `gang` makes the agent replace the engine). With it, the engine runs `--headless`: no API
 //!   port and no `/health`. It is reported `ready`, with an empty endpoint, once its process
 //!   has run [`WORKER_SETTLE`] without exiting; its exit is a crash (restarted, then failed,
 //!   as for any engine).
 //! - **Per-node environment** (vLLM only; the sim ignores it): `VLLM_HOST_IP` = the agent's
 //!   `--address`, and `GLOO_SOCKET_IFNAME`/`NCCL_SOCKET_IFNAME` = `--gang-interface` when set.
-//! - **Refused** (reported `failed`): layout `ray`, an unknown layout, and any member this
+//! - **Refused** (reported `failed`): layout `ray` on an agent without `--ray`, an unknown layout, and any member this
 //!   module cannot build flags for ([`refusal`]).
 
 use flotilla_api::pb::GangAssignment;
@@ -38,6 +46,8 @@ use flotilla_api::pb::GangAssignment;
 pub enum Layout {
     TpPp,
     DataParallel,
+    /// A Ray cluster over the members; the head's engine places the ranks through Ray.
+    Ray,
 }
 
 impl Layout {
@@ -46,6 +56,7 @@ impl Layout {
         match s {
             "" | "tp-pp" => Some(Layout::TpPp),
             "data-parallel" => Some(Layout::DataParallel),
+            "ray" => Some(Layout::Ray),
             _ => None,
         }
     }
@@ -66,11 +77,12 @@ pub struct Member<'a> {
 
 /// Flags vLLM members get beside [`member_args`] (not the sim, which has no such flags):
 /// tp-pp members name the multiprocessing executor (vLLM would pick Ray when a Ray cluster
-/// happens to run on the node), and a data-parallel head runs one API server instead of one
-/// per rank (~0.9 GB each, measured on the CPU build).
+/// happens to run on the node), a data-parallel head runs one API server instead of one
+/// per rank (~0.9 GB each, measured on the CPU build), and a Ray head the Ray executor.
 pub fn vllm_member_args(g: &GangAssignment) -> Vec<String> {
     match Layout::parse(&g.layout) {
         Some(Layout::TpPp) => vec!["--distributed-executor-backend".into(), "mp".into()],
+        Some(Layout::Ray) if is_head(g) => vec!["--distributed-executor-backend".into(), "ray".into()],
         Some(Layout::DataParallel) if is_head(g) => vec!["--api-server-count".into(), "1".into()],
         _ => Vec::new(),
     }
@@ -89,8 +101,18 @@ pub fn member_args(m: &Member<'_>) -> Result<Vec<String>, String> {
         return Err(format!("rank {}: the head's rendezvous address is not known yet", m.rank));
     }
     let s = |v: u32| v.to_string();
+    if m.layout == Layout::Ray {
+        // Ray places the ranks: the head's engine gets the sizes, a worker runs no engine.
+        return Ok(match m.rank {
+            0 => {
+                vec!["--tensor-parallel-size".into(), s(m.gpus_per_node), "--pipeline-parallel-size".into(), s(m.size)]
+            }
+            _ => Vec::new(),
+        });
+    }
     let mut args: Vec<String> = vec!["--tensor-parallel-size".into(), s(m.gpus_per_node)];
     match m.layout {
+        Layout::Ray => unreachable!("returned above"),
         Layout::TpPp => args.extend([
             "--pipeline-parallel-size".into(),
             s(m.size),
@@ -132,16 +154,36 @@ pub const WAITING_FOR_HEAD: &str = "waiting for the gang's head (rank 0) to repo
 /// has no `/health`).
 pub const WORKER_SETTLE: std::time::Duration = std::time::Duration::from_secs(1);
 
-/// Why this agent cannot run the member `g`, or None.
-pub fn refusal(g: &GangAssignment) -> Option<String> {
-    let layout = match (g.layout.as_str(), Layout::parse(&g.layout)) {
-        ("ray", _) => return Some("layout ray is not launched by agents yet".into()),
-        (_, Some(l)) => l,
-        (other, None) => return Some(format!("unknown gang layout {other:?}; agents launch tp-pp and data-parallel")),
+/// Why this agent cannot run the member `g`, or None. `ray`: the agent was started with
+/// `--ray` (it may run Ray nodes).
+pub fn refusal(g: &GangAssignment, ray: bool) -> Option<String> {
+    let layout = match Layout::parse(&g.layout) {
+        Some(Layout::Ray) if !ray => return Some(RAY_OFF.into()),
+        Some(l) => l,
+        None => return Some(format!("unknown gang layout {:?}; agents launch tp-pp, data-parallel and ray", g.layout)),
     };
     // Any head will do: only the member's own numbers are checked here.
     let m = Member { layout, size: g.size, rank: g.rank, gpus_per_node: g.gpus_per_node, head: ("head", 1) };
     member_args(&m).err()
+}
+
+/// Why an agent without `--ray` refuses a `ray`-layout member.
+pub const RAY_OFF: &str =
+    "layout ray needs an agent started with --ray PROGRAM (Ray's CLI); this one runs no Ray nodes (docs/agent.md, \"Ray layout\")";
+
+/// The `flotilla ray-member` flags of a `ray`-layout member (after `--ray PROGRAM`): the
+/// head's GCS on its rendezvous port, a worker joining the head's reported address.
+pub fn ray_member_args(g: &GangAssignment, address: &str, rendezvous_port: Option<u16>) -> Result<Vec<String>, String> {
+    let mut v = vec!["--address".to_string(), address.to_string(), "--num-gpus".into(), g.gpus_per_node.to_string()];
+    match (is_head(g), rendezvous_port) {
+        (true, Some(p)) if p != 0 => v.extend(["--head-port".into(), p.to_string()]),
+        (true, _) => return Err("the head has no rendezvous port".into()),
+        (false, _) => {
+            split_address(&g.head_address)?;
+            v.extend(["--join".into(), g.head_address.clone()]);
+        }
+    }
+    Ok(v)
 }
 
 /// Whether `g` is the head (rank 0).
@@ -241,7 +283,9 @@ mod tests {
         assert_eq!(vllm_member_args(&g("tp-pp", 1)), ["--distributed-executor-backend", "mp"]);
         assert_eq!(vllm_member_args(&g("data-parallel", 0)), ["--api-server-count", "1"]);
         assert!(vllm_member_args(&g("data-parallel", 1)).is_empty());
-        assert_eq!((Layout::parse("data-parallel"), Layout::parse("ray")), (Some(Layout::DataParallel), None));
+        assert_eq!((Layout::parse("data-parallel"), Layout::parse("mesh")), (Some(Layout::DataParallel), None));
+        assert_eq!(vllm_member_args(&g("ray", 0)), ["--distributed-executor-backend", "ray"]);
+        assert!(vllm_member_args(&g("ray", 1)).is_empty());
     }
 
     #[test]
@@ -258,12 +302,30 @@ mod tests {
 
     #[test]
     fn members_this_agent_cannot_run_are_refused_with_the_reason() {
-        assert_eq!(refusal(&gang(0, "ray", "")).as_deref(), Some("layout ray is not launched by agents yet"));
-        assert!(refusal(&gang(0, "mesh", "")).unwrap().contains("unknown gang layout \"mesh\""));
-        assert!(refusal(&gang(2, "tp-pp", "")).unwrap().contains("rank 2 of a gang of 2"));
-        assert!(refusal(&GangAssignment { gpus_per_node: 0, ..gang(1, "tp-pp", "") }).unwrap().contains("GPU"));
-        assert_eq!(refusal(&gang(1, "tp-pp", "")), None, "a worker without its head yet waits, it is not refused");
-        assert_eq!(refusal(&gang(0, "data-parallel", "")), None);
+        assert_eq!(refusal(&gang(0, "ray", ""), false).as_deref(), Some(RAY_OFF));
+        assert_eq!(refusal(&gang(0, "ray", ""), true), None);
+        assert!(refusal(&gang(0, "mesh", ""), true).unwrap().contains("unknown gang layout \"mesh\""));
+        assert!(refusal(&gang(2, "tp-pp", ""), true).unwrap().contains("rank 2 of a gang of 2"));
+        assert!(refusal(&GangAssignment { gpus_per_node: 0, ..gang(1, "tp-pp", "") }, true).unwrap().contains("GPU"));
+        assert_eq!(
+            refusal(&gang(1, "tp-pp", ""), false),
+            None,
+            "a worker without its head yet waits, it is not refused"
+        );
+        assert_eq!(refusal(&gang(0, "data-parallel", ""), false), None);
+    }
+
+    #[test]
+    fn ray_members_run_ray_nodes_and_only_the_head_an_engine() {
+        let head = launch_args(&gang(0, "ray", ""), "10.0.0.5", Some(30001)).unwrap().join(" ");
+        assert_eq!(head, "--tensor-parallel-size 1 --pipeline-parallel-size 2");
+        assert!(launch_args(&gang(1, "ray", "10.0.0.5:30001"), "10.0.0.6", None).unwrap().is_empty());
+        let head = ray_member_args(&gang(0, "ray", ""), "10.0.0.5", Some(30001)).unwrap().join(" ");
+        assert_eq!(head, "--address 10.0.0.5 --num-gpus 1 --head-port 30001");
+        let w = ray_member_args(&gang(1, "ray", "10.0.0.5:30001"), "10.0.0.6", None).unwrap().join(" ");
+        assert_eq!(w, "--address 10.0.0.6 --num-gpus 1 --join 10.0.0.5:30001");
+        assert!(ray_member_args(&gang(1, "ray", ""), "10.0.0.6", None).is_err());
+        assert!(ray_member_args(&gang(0, "ray", ""), "10.0.0.5", None).is_err());
     }
 
     #[test]

@@ -39,6 +39,7 @@ pub mod http;
 pub mod lora_plan;
 pub mod metrics;
 pub mod probe;
+pub mod ray_member;
 pub mod reconcile;
 pub mod source_policy;
 pub mod state;

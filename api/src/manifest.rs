@@ -190,14 +190,16 @@ mod tests {
     }
 
     #[test]
-    fn a_topology_is_checked_and_ray_is_refused_until_agents_start_ray() {
+    fn a_topology_is_checked_and_ray_runs_without_images() {
         let with = |t: &str| format!("{MODEL}  gpus: 16\n  topology: {t}\n");
         let m = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8}")).unwrap();
         let Spec::Model(s) = &m.spec else { panic!("not a model") };
         assert_eq!(s.topology.as_ref().map(|t| (t.nodes, t.gpus_per_node)), Some((2, 8)));
         assert!(Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, layout: data-parallel}")).is_ok());
-        let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, layout: ray}")).unwrap_err().to_string();
-        assert!(e.contains("spec.topology.layout") && e.contains("layout ray is not launched by agents yet"), "{e}");
+        assert!(Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, layout: ray}")).is_ok());
+        let imaged = with("{nodes: 2, gpus_per_node: 8, layout: ray}") + "  engine_image: vllm/vllm-openai:v0.11.0\n";
+        let e = Manifest::parse(&imaged).unwrap_err().to_string();
+        assert!(e.contains("spec.engine_image") && e.contains("layout ray"), "{e}");
         let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 4}")).unwrap_err().to_string();
         assert!(e.contains("spec.gpus") && e.contains("2 nodes x 4 GPUs = 8"), "{e}");
         let e = Manifest::parse(&with("{nodes: 2, gpus_per_node: 8, placement: tight}")).unwrap_err().to_string();

@@ -113,6 +113,12 @@ enum Command {
     // engine_args come after the agent's --sim-args).
     #[command(args_override_self = true)]
     Sim(flotilla_sim::SimArgs),
+    /// Run one member of a `layout: ray` multi-node replica: its Ray node and, on the head,
+    /// the engine attached to it, ending when either ends. Agents started with `--ray` run
+    /// it; it is not meant to be run by hand (docs/agent.md, "Ray layout").
+    ///
+    /// Example: flotilla ray-member --ray /opt/venv/bin/ray --address 10.0.0.6 --join 10.0.0.5:20001
+    RayMember(flotilla_agent::ray_member::RayMemberArgs),
     /// Fault-injection runs against a real multi-process cluster on this machine, with
     /// linearizability, placement and data-plane checks (see docs/chaos.md).
     ///
@@ -187,7 +193,7 @@ async fn run(cli: Cli) -> Result<(), CliError> {
     let usage = |e: flotilla_security::TlsError| CliError::usage(e.to_string());
     let tls = match &cli.command {
         // these write or run without dialling a server with this process's certificate
-        Command::Tls(_) | Command::Sim(_) | Command::Chaos(_) | Command::Dev(_) => None,
+        Command::Tls(_) | Command::Sim(_) | Command::RayMember(_) | Command::Chaos(_) | Command::Dev(_) => None,
         // the roles need a certificate of their own
         Command::Server(_) | Command::Agent(_) | Command::Gateway(_) => {
             flotilla_security::Tls::from_args(&cli.tls).map_err(usage)?
@@ -226,6 +232,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         Command::Sim(args) => {
             init_logging("info");
             flotilla_sim::run(args).await.map_err(CliError::from)
+        }
+        Command::RayMember(args) => {
+            init_logging("info");
+            let code = flotilla_agent::ray_member::run(args).await.map_err(CliError::from)?;
+            std::process::exit(code)
         }
         Command::Tls(c) => cmd::tls::run(c),
         Command::Token(c) => cmd::token::run(&client, c, cli.output).await,

@@ -22,7 +22,8 @@
 //! picture) runs the same life with three differences. A head (rank 0) first gets a
 //! rendezvous port from the engine port range, kept across its restarts and reported as
 //! `rendezvous` until the task ends. A worker (rank > 0) whose head address is not known
-//! yet waits in `starting` ([`crate::gang::WAITING_FOR_HEAD`]) and is never launched: the
+//! yet downloads the weights, then waits in `starting` ([`crate::gang::WAITING_FOR_HEAD`])
+//! and is never launched: the
 //! address comes as a changed assignment, which replaces this task. A launched worker is
 //! headless: it has no port, no endpoint, no TLS and no `/health`; it turns `ready` (with
 //! an empty endpoint) after [`crate::gang::WORKER_SETTLE`] of running, and its exit is a
@@ -111,7 +112,14 @@ pub async fn run(
         Ok(()) if a.engine_image.is_empty() => None,
         Ok(()) => crate::container::refusal(env.cfg.containers.as_ref(), &a.engine_image),
     };
-    let refused = refused.or_else(|| a.gang.as_ref().and_then(crate::gang::refusal));
+    let refused = refused.or_else(|| a.gang.as_ref().and_then(|g| crate::gang::refusal(g, env.cfg.ray.is_some())));
+    let refused = refused.or_else(|| {
+        let ray =
+            a.gang.as_ref().is_some_and(|g| crate::gang::Layout::parse(&g.layout) == Some(crate::gang::Layout::Ray));
+        (ray && !a.engine_image.is_empty()).then(|| {
+            "a layout: ray member runs its Ray node on the host; engine_image is not supported with it".to_string()
+        })
+    });
     if let Some(refusal) = refused {
         tracing::error!(replica = %a.replica, reason = %refusal, "engine refused by this agent's policy; engine not started");
         if let Some(s) = &adopted {
@@ -261,18 +269,18 @@ async fn life(
     let gang = match a.gang.as_ref() {
         None => None,
         Some(g) if !crate::gang::is_head(g) && g.head_address.is_empty() && adopted.is_none() => {
-            // Nothing to launch until the head's address comes (as a new assignment).
+            // Nothing to launch until the head's address comes (as a new assignment), but the
+            // weights can be fetched meanwhile: the next task finds them in the cache, so
+            // the head does not wait on this member's download after it starts listening.
+            if driver.needs_weights() && download(&engine, &a, &report, &mut stop).await.is_none() {
+                return;
+            }
             set_state(&report, "starting", crate::gang::WAITING_FOR_HEAD);
             stop_requested(&mut stop).await;
             return set_state(&report, "stopped", "");
         }
-        Some(g) => match crate::gang::launch_args(g, &env.cfg.address, rendezvous_port) {
-            Ok(args) => Some(GangLaunch {
-                args,
-                headless: !crate::gang::is_head(g),
-                env: crate::gang::member_env(&env.cfg.address, env.cfg.gang_interface.as_deref()),
-                vllm_args: crate::gang::vllm_member_args(g),
-            }),
+        Some(g) => match gang_launch(&env, g, rendezvous_port) {
+            Ok(launch) => Some(launch),
             Err(why) => {
                 if let Some(s) = &adopted {
                     s.process.stop(env.cfg.stop_grace).await;
@@ -302,51 +310,13 @@ async fn life(
         Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now(), headless }
     });
 
-    let mut model_path: Option<PathBuf> = None;
-    if running.is_none() && driver.needs_weights() {
-        set_state(&report, "downloading", "");
-        engine.start.download(&a.source);
-        let t0 = Instant::now();
-        let progress = {
-            let report = report.clone();
-            let metrics = env.metrics.clone();
-            // (rate over the last second or more, bytes at the last report: only the bytes that
-            // arrive during this download count, not a resumed file's earlier ones)
-            let meter = Mutex::new((RateMeter::new(Duration::from_secs(1)), None::<u64>));
-            move |p: Progress| {
-                let rate = {
-                    let mut m = meter.lock().unwrap_or_else(|e| e.into_inner());
-                    if let Some(last) = m.1 {
-                        metrics.download_bytes(p.bytes.saturating_sub(last));
-                    }
-                    m.1 = Some(p.bytes);
-                    m.0.observe(Instant::now(), p.bytes)
-                };
-                update(&report, |r| {
-                    r.download_progress = p.fraction;
-                    r.download_bytes = p.bytes;
-                    r.download_total_bytes = p.total_bytes;
-                    r.download_bytes_per_second = rate.unwrap_or(0.0);
-                })
-            }
-        };
-        tokio::select! {
-            r = env.downloader.fetch(&a.source, &progress) => match r.inspect(|_| env.metrics.downloaded(true, t0.elapsed())).inspect_err(|_| env.metrics.downloaded(false, t0.elapsed())) {
-                Ok(p) => {
-                    update(&report, |r| r.download_progress = 1.0);
-                    model_path = Some(p);
-                }
-                Err(e) => {
-                    tracing::error!(replica = %replica, source = %a.source, error = %e, "model download failed");
-                    let why = format!("download of {} failed: {e}", a.source);
-                    set_state(&report, "failed", &why);
-                    engine.start.end("failed", &why);
-                    return park(&mut stop, &report).await;
-                }
-            },
-            _ = stop_requested(&mut stop) => return set_state(&report, "stopped", ""),
-        }
-    }
+    let model_path = match running.is_none() && driver.needs_weights() {
+        false => None,
+        true => match download(&engine, &a, &report, &mut stop).await {
+            Some(p) => Some(p),
+            None => return,
+        },
+    };
 
     loop {
         if running.is_none() {
@@ -441,6 +411,85 @@ async fn life(
                     return;
                 }
             }
+        }
+    }
+}
+
+/// Member `g`'s part of its command line on this node.
+fn gang_launch(
+    env: &EngineEnv,
+    g: &flotilla_api::pb::GangAssignment,
+    rendezvous_port: Option<u16>,
+) -> Result<GangLaunch, String> {
+    let ray = match (crate::gang::Layout::parse(&g.layout), &env.cfg.ray) {
+        (Some(crate::gang::Layout::Ray), Some(cfg)) => {
+            let mut args = vec!["ray-member".to_string(), "--ray".into(), cfg.program.display().to_string()];
+            args.extend(crate::gang::ray_member_args(g, &env.cfg.address, rendezvous_port)?);
+            Some(crate::driver::RayLaunch { binary: cfg.member_binary.clone(), args })
+        }
+        _ => None,
+    };
+    Ok(GangLaunch {
+        args: crate::gang::launch_args(g, &env.cfg.address, rendezvous_port)?,
+        headless: !crate::gang::is_head(g),
+        env: crate::gang::member_env(&env.cfg.address, env.cfg.gang_interface.as_deref()),
+        vllm_args: crate::gang::vllm_member_args(g),
+        ray,
+    })
+}
+
+/// Downloads the model's weights, publishing progress in `report`. None: the task ends here
+/// (the download failed and the task parked until told to stop, or it was told to stop).
+async fn download(
+    engine: &Engine,
+    a: &ReplicaAssignment,
+    report: &SharedReport,
+    stop: &mut watch::Receiver<StopMode>,
+) -> Option<PathBuf> {
+    set_state(report, "downloading", "");
+    engine.start.download(&a.source);
+    let t0 = Instant::now();
+    let progress = {
+        let report = report.clone();
+        let metrics = engine.env.metrics.clone();
+        // (rate over the last second or more, bytes at the last report: only the bytes that
+        // arrive during this download count, not a resumed file's earlier ones)
+        let meter = Mutex::new((RateMeter::new(Duration::from_secs(1)), None::<u64>));
+        move |p: Progress| {
+            let rate = {
+                let mut m = meter.lock().unwrap_or_else(|e| e.into_inner());
+                if let Some(last) = m.1 {
+                    metrics.download_bytes(p.bytes.saturating_sub(last));
+                }
+                m.1 = Some(p.bytes);
+                m.0.observe(Instant::now(), p.bytes)
+            };
+            update(&report, |r| {
+                r.download_progress = p.fraction;
+                r.download_bytes = p.bytes;
+                r.download_total_bytes = p.total_bytes;
+                r.download_bytes_per_second = rate.unwrap_or(0.0);
+            })
+        }
+    };
+    tokio::select! {
+        r = engine.env.downloader.fetch(&a.source, &progress) => match r.inspect(|_| engine.env.metrics.downloaded(true, t0.elapsed())).inspect_err(|_| engine.env.metrics.downloaded(false, t0.elapsed())) {
+            Ok(p) => {
+                update(report, |r| r.download_progress = 1.0);
+                Some(p)
+            }
+            Err(e) => {
+                tracing::error!(replica = %a.replica, source = %a.source, error = %e, "model download failed");
+                let why = format!("download of {} failed: {e}", a.source);
+                set_state(report, "failed", &why);
+                engine.start.end("failed", &why);
+                park(stop, report).await;
+                None
+            }
+        },
+        _ = stop_requested(stop) => {
+            set_state(report, "stopped", "");
+            None
         }
     }
 }
@@ -541,7 +590,7 @@ fn launch(
         false => env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?,
     };
     let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref(), gang };
-    let mut cmd = driver.command(&spec).map_err(|e| {
+    let mut cmd = crate::driver::member_command(driver, &spec).map_err(|e| {
         env.ports.release(port);
         e.to_string()
     })?;

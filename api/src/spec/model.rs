@@ -231,13 +231,12 @@ impl ModelSpec {
         match &self.topology {
             Some(t) => {
                 t.validate("spec.topology", self.gpus, &self.engine_args)?;
-                // Agents launch members natively (vLLM's --nnodes / data-parallel flags);
-                // a Ray cluster across the members is not started yet.
-                if t.layout == super::GangLayout::Ray {
+                // A Ray member runs its Ray node beside the engine, on the host (agent/src/ray_member.rs).
+                if t.layout == super::GangLayout::Ray && self.engine_image.is_some() {
                     return Err(ApiError::invalid(
-                        "spec.topology.layout",
-                        "layout ray is not launched by agents yet; use tp-pp or data-parallel \
-                         (docs/actors.md, \"Multi-node replicas\")",
+                        "spec.engine_image",
+                        "layout ray runs Ray's nodes on the hosts, beside the engine: engine_image is \
+                         not supported with it (use tp-pp or data-parallel, or no image)",
                     ));
                 }
             }
