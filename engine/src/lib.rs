@@ -12,12 +12,14 @@
 //! [`EngineMetrics`]; [`error`] the one error type with stable `engine.*` codes; [`key`] the
 //! engine's API key, which a client made [`EngineClient::with_key`] sends on `/v1` calls;
 //! [`pins`] the SHA-256 pins of engines' self-signed certificates and [`tls`] the verifier and
-//! connector that dial `https://` engines against them (no CA).
+//! connector that dial `https://` engines against them (no CA); [`kv_events`] vLLM's KV cache
+//! events (the ZMQ publisher's msgpack batches), decoded and encoded.
 #![forbid(unsafe_code)]
 
 pub mod client;
 pub mod error;
 pub mod key;
+pub mod kv_events;
 pub mod metrics;
 pub mod models;
 pub mod pins;

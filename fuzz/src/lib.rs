@@ -8,6 +8,7 @@
 //!        ─> gateway_request  request::parse, with_include_usage, cost_estimate   (client bodies)
 //!        ─> prometheus_text  EngineMetrics::parse, samples, parse_models         (engine output)
 //!        ─> sse_stream       SseScanner split anywhere, usage_of_body            (engine output)
+//!        ─> kv_events        kv_events::decode_batch, decode_seq                 (engine ZMQ events)
 //! ```
 #![forbid(unsafe_code)]
 
@@ -114,5 +115,26 @@ pub fn sse_stream(data: &[u8]) {
     }
     if let Some(u) = usage_of_body(body) {
         let _ = u.total();
+    }
+}
+
+/// A KV event payload decodes or fails with a message; a decoded batch re-encodes (vLLM
+/// 0.32's encoding) to one that decodes equal, and its `BlockStored` events hold
+/// `block_size` token ids per block.
+pub fn kv_events(data: &[u8]) {
+    use flotilla_engine::kv_events::{decode_batch, decode_seq, encode_batch, KvEvent};
+    let _ = decode_seq(data);
+    match decode_batch(data) {
+        Ok(b) => {
+            for e in &b.events {
+                if let KvEvent::BlockStored { block_hashes, token_ids, block_size, .. } = e {
+                    assert_eq!(token_ids.len(), block_hashes.len() * *block_size as usize);
+                }
+            }
+            // NaN ts cannot compare equal: compare the rest.
+            let again = decode_batch(&encode_batch(&b)).expect("an encoded batch decodes");
+            assert_eq!((&again.events, again.dp_rank), (&b.events, b.dp_rank));
+        }
+        Err(e) => assert!(!e.0.is_empty()),
     }
 }

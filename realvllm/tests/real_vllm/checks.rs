@@ -161,6 +161,19 @@ pub async fn run(mut t: Tier) -> Tier {
     })
     .await;
     agent.stop(Duration::from_secs(10));
+
+    // Opt-in (FLOTILLA_REAL_VLLM_GANG=1): a two-rank gang through two more agents, alone.
+    if crate::gang::enabled() {
+        let mut gang = String::new();
+        if t.check("a_two_rank_vllm_gang_serves_and_is_placed_again_after_a_lost_rank", || async {
+            gang = crate::gang::two_ranks_serve_and_restart_as_one(&bin, &grpc, &install, &dir).await?;
+            Ok(())
+        })
+        .await
+        {
+            t.timing("two-rank tp-pp vLLM gang through two agents", gang);
+        }
+    }
     server.stop(Duration::from_secs(5));
     t
 }

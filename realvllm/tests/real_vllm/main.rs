@@ -16,6 +16,7 @@ mod cluster;
 mod conformance;
 mod engine_key;
 mod engine_tls;
+mod gang;
 mod install;
 mod procs;
 mod rollout;
