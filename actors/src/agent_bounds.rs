@@ -178,6 +178,10 @@ fn check_engine(i: usize, e: &mut EngineReport, scope: &AgentScope) -> Result<()
             check_endpoint(addr, scope).map_err(|why| invalid(field(name), why))?;
         }
     }
+    let token = &e.gang_token;
+    if !token.is_empty() && (token.len() != 64 || !token.bytes().all(|b| b.is_ascii_hexdigit())) {
+        return Err(invalid(field("gang_token"), "is not 64 hex digits"));
+    }
     let pin = &e.engine_cert_sha256;
     let sha256 = pin.len() == 64 && pin.bytes().all(|b| b.is_ascii_digit() || (b'a'..=b'f').contains(&b));
     if !pin.is_empty() && !sha256 {
@@ -445,6 +449,12 @@ mod tests {
                 "long rendezvous",
                 |h| h.engines[0].rendezvous = "1".repeat(1 << 20),
                 Some("heartbeat.engines[0].rendezvous: is 1048576 bytes"),
+            ),
+            ("a ray head's gang token", |h| h.engines[0].gang_token = "ab".repeat(32), None),
+            (
+                "gang token not hex",
+                |h| h.engines[0].gang_token = "x".repeat(1 << 20),
+                Some("heartbeat.engines[0].gang_token: is not 64 hex digits"),
             ),
             (
                 "too many active",

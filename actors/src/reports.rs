@@ -88,6 +88,7 @@ fn head_status(current: &ReplicaStatus, report: &EngineReport) -> Option<Replica
     let running = matches!(next.phase, ReplicaPhase::Scheduled | ReplicaPhase::Starting | ReplicaPhase::Ready);
     if running && !report.rendezvous.is_empty() {
         next.rendezvous = Some(report.rendezvous.clone());
+        next.gang_token = Some(report.gang_token.clone()).filter(|t| !t.is_empty());
     }
     (next != *current).then_some(next)
 }
@@ -335,10 +336,12 @@ mod tests {
         let mut head = report("starting");
         head.replica = "g-1".into();
         head.rendezvous = "10.0.0.1:29500".into();
+        head.gang_token = "ab".repeat(32);
         let reports = HashMap::from([("g-1".to_string(), head.clone())]);
         w.apply_all(&[heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &others(&w, "a")).unwrap()]);
         let g = &w.replicas()[0];
         assert_eq!((g.phase(), g.status.rendezvous.as_deref()), (ReplicaPhase::Starting, Some("10.0.0.1:29500")));
+        assert_eq!(g.status.gang_token, Some("ab".repeat(32)), "kept for the workers");
         assert_eq!(heartbeat_txn(&w.get_node("a"), &w.replicas(), &reports, &others(&w, "a")), None, "steady");
         // a worker that runs or waits for the head changes nothing
         let worker = HashMap::from([("g-1".to_string(), EngineReport { replica: "g-1".into(), ..report("starting") })]);

@@ -234,6 +234,7 @@ fn assignment(r: &ReplicaView, rank: usize) -> ReplicaAssignment {
             layout: t.layout.as_str().to_owned(),
             gpus_per_node: t.gpus_per_node,
             head_address: if rank == 0 { String::new() } else { r.status.rendezvous.clone().unwrap_or_default() },
+            token: if rank == 0 { String::new() } else { r.status.gang_token.clone().unwrap_or_default() },
         });
     let gpus = match r.spec.members.get(rank) {
         Some(m) => m.gpus.clone(),
@@ -355,10 +356,15 @@ mod tests {
         assert_eq!((hg.size, hg.rank, hg.layout.as_str(), hg.gpus_per_node), (2, 0, "tp-pp", 2));
         assert_eq!((wg.rank, wg.head_address.as_str()), (1, ""), "the head has not reported yet");
         // the head's rendezvous reaches the worker's assignment (the head's own is unchanged)
-        w.replicas_mut("g-1", |_, st| st.rendezvous = Some("10.0.0.1:29500".into()));
+        w.replicas_mut("g-1", |_, st| {
+            st.rendezvous = Some("10.0.0.1:29500".into());
+            st.gang_token = Some("ab".repeat(32));
+        });
         hub.update(&name("g-1"), w.replicas().first());
-        assert_eq!(b.borrow()[0].gang.as_ref().unwrap().head_address, "10.0.0.1:29500");
-        assert_eq!(a.borrow()[0].gang.as_ref().unwrap().head_address, "");
+        let wg = b.borrow()[0].gang.clone().unwrap();
+        assert_eq!((wg.head_address.as_str(), wg.token), ("10.0.0.1:29500", "ab".repeat(32)), "with the gang's token");
+        let hg = a.borrow()[0].gang.clone().unwrap();
+        assert_eq!((hg.head_address.as_str(), hg.token.as_str()), ("", ""), "the head made the token itself");
         // draining: no member runs it any more, and both nodes list it for deletion
         w.replicas_mut("g-1", |_, st| st.phase = ReplicaPhase::Draining);
         hub.update(&name("g-1"), w.replicas().first());

@@ -87,17 +87,27 @@ pub struct GangLaunch {
     pub ray: Option<RayLaunch>,
 }
 
-/// How a `ray`-layout member is run: `BINARY ARGS...` (`ray-member --ray PROGRAM ...`).
-#[derive(Debug, Clone, Default, PartialEq, Eq)]
+/// How a `ray`-layout member is run: `BINARY ARGS...` (`ray-member --ray PROGRAM ...`),
+/// with the gang's token as Ray's auth token in the environment (never on a command line).
+#[derive(Clone, Default, PartialEq, Eq)]
 pub struct RayLaunch {
     pub binary: PathBuf,
     pub args: Vec<String>,
+    pub token: String,
+}
+
+impl std::fmt::Debug for RayLaunch {
+    /// Without the token.
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("RayLaunch").field("binary", &self.binary).field("args", &self.args).finish_non_exhaustive()
+    }
 }
 
 /// The command that runs `spec`: the driver's, except for a `ray`-layout member, which runs
 /// `flotilla ray-member` ([`crate::ray_member`]): a worker with no engine at all, the head
 /// with the driver's command after `--`. The environment is the driver's either way (the
-/// member passes it on to Ray and the engine).
+/// member passes it on to Ray and the engine), plus `RAY_AUTH_MODE=token` and the gang's
+/// token as `RAY_AUTH_TOKEN`: Ray's ports refuse whoever does not hold it.
 pub fn member_command(driver: &dyn EngineDriver, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError> {
     let Some(ray) = spec.gang.and_then(|g| g.ray.as_ref()) else { return driver.command(spec) };
     let mut args = ray.args.clone();
@@ -118,6 +128,9 @@ pub fn member_command(driver: &dyn EngineDriver, spec: &LaunchSpec<'_>) -> Resul
             engine.env
         }
     };
+    let mut env = env;
+    env.push(("RAY_AUTH_MODE".into(), "token".into()));
+    env.push(("RAY_AUTH_TOKEN".into(), ray.token.clone()));
     Ok(EngineCommand { program: ray.binary.clone(), args, env })
 }
 
@@ -402,6 +415,7 @@ mod tests {
             layout: "tp-pp".into(),
             gpus_per_node: 2,
             head_address: if rank == 0 { String::new() } else { "10.0.0.5:30001".into() },
+            token: String::new(),
         };
         let own = if rank == 0 { "10.0.0.5" } else { "10.0.0.6" };
         let launch = GangLaunch {
@@ -465,6 +479,7 @@ mod tests {
             layout: "ray".into(),
             gpus_per_node: 2,
             head_address: if rank == 0 { String::new() } else { "10.0.0.5:30001".into() },
+            token: String::new(),
         };
         let launch = |rank: u32, own: &str| GangLaunch {
             args: crate::gang::launch_args(&g(rank), own, Some(30001)).unwrap(),
@@ -478,6 +493,7 @@ mod tests {
                     .map(String::from)
                     .chain(crate::gang::ray_member_args(&g(rank), own, Some(30001)).unwrap())
                     .collect(),
+                token: "ab".repeat(32),
             }),
         };
         let d =
@@ -511,6 +527,9 @@ mod tests {
         );
         assert!(c.env.contains(&("VLLM_HOST_IP".into(), "10.0.0.6".into())), "{c:?}");
         assert!(c.env.contains(&("CUDA_VISIBLE_DEVICES".into(), "2,3".into())), "Ray sees the member's GPUs: {c:?}");
+        assert!(c.env.contains(&("RAY_AUTH_MODE".into(), "token".into())), "{c:?}");
+        assert!(c.env.contains(&("RAY_AUTH_TOKEN".into(), "ab".repeat(32))), "{c:?}");
+        assert!(!c.display().contains(&"ab".repeat(32)), "the token is not on the command line");
     }
 
     #[test]

@@ -186,6 +186,11 @@ pub fn ray_member_args(g: &GangAssignment, address: &str, rendezvous_port: Optio
     Ok(v)
 }
 
+/// Whether `g` is a member of a `ray`-layout gang.
+pub fn is_ray(g: &GangAssignment) -> bool {
+    Layout::parse(&g.layout) == Some(Layout::Ray)
+}
+
 /// Whether `g` is the head (rank 0).
 pub fn is_head(g: &GangAssignment) -> bool {
     g.rank == 0
@@ -279,6 +284,7 @@ mod tests {
             layout: layout.into(),
             gpus_per_node: 1,
             head_address: String::new(),
+            token: String::new(),
         };
         assert_eq!(vllm_member_args(&g("tp-pp", 1)), ["--distributed-executor-backend", "mp"]);
         assert_eq!(vllm_member_args(&g("data-parallel", 0)), ["--api-server-count", "1"]);
@@ -297,7 +303,14 @@ mod tests {
     }
 
     fn gang(rank: u32, layout: &str, head_address: &str) -> GangAssignment {
-        GangAssignment { size: 2, rank, layout: layout.into(), gpus_per_node: 1, head_address: head_address.into() }
+        GangAssignment {
+            size: 2,
+            rank,
+            layout: layout.into(),
+            gpus_per_node: 1,
+            head_address: head_address.into(),
+            token: String::new(),
+        }
     }
 
     #[test]

@@ -75,6 +75,9 @@ pub struct SavedGang {
     /// The head's rendezvous address (a worker's; empty for the head).
     #[serde(default, skip_serializing_if = "String::is_empty")]
     pub head_address: String,
+    /// A `ray` worker's copy of its gang's token (a secret; this file is mode 0600).
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub token: String,
 }
 
 /// One assigned LoRA adapter (serializable mirror of the proto).
@@ -108,6 +111,7 @@ impl From<&ReplicaAssignment> for SavedAssignment {
                 layout: g.layout.clone(),
                 gpus_per_node: g.gpus_per_node,
                 head_address: g.head_address.clone(),
+                token: g.token.clone(),
             }),
         }
     }
@@ -132,6 +136,7 @@ impl From<SavedAssignment> for ReplicaAssignment {
                 layout: g.layout,
                 gpus_per_node: g.gpus_per_node,
                 head_address: g.head_address,
+                token: g.token,
             }),
         }
     }
@@ -160,6 +165,10 @@ pub struct SavedEngine {
     /// it); absent for every other engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendezvous_port: Option<u16>,
+    /// A `ray` head's gang token (Ray's auth token, reported as `gang_token`), kept so an
+    /// adopted head's workers still get in; absent for every other engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_token: Option<String>,
 }
 
 /// The `engines.json` format this binary writes (and the newest it reads).
@@ -367,6 +376,7 @@ mod tests {
             api_key: Some("k".repeat(64)),
             engine_cert_sha256: Some("ab".repeat(32)),
             rendezvous_port: None,
+            gang_token: None,
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
@@ -460,6 +470,7 @@ mod tests {
                 layout: "tp-pp".into(),
                 gpus_per_node: 2,
                 head_address: head_address.into(),
+                token: String::new(),
             }),
             ..Default::default()
         };
@@ -471,6 +482,7 @@ mod tests {
             api_key: None,
             engine_cert_sha256: None,
             rendezvous_port,
+            gang_token: None,
         };
         let head = member(0, "");
         s.put(engine(&head, Some(30001))).unwrap();
@@ -518,6 +530,7 @@ mod tests {
             api_key: None,
             engine_cert_sha256: None,
             rendezvous_port: None,
+            gang_token: None,
         };
         s.put(e.clone()).unwrap();
         let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

@@ -17,6 +17,7 @@ fn member(rank: u32, head_address: &str) -> pb::ReplicaAssignment {
             layout: "tp-pp".into(),
             gpus_per_node: 1,
             head_address: head_address.into(),
+            token: String::new(),
         }),
         ..sim_replica("big-0", "big", &[0])
     }
@@ -240,14 +241,27 @@ fn as_strs(v: &[String]) -> Vec<&str> {
     v.iter().map(String::as_str).collect()
 }
 
-/// Alive Ray nodes of the cluster whose GCS is at `address`, asked through Ray's own client.
-fn ray_alive_nodes(ray: &std::path::Path, address: &str) -> Option<usize> {
+/// Alive Ray nodes of the cluster whose GCS is at `address`, asked through Ray's own client
+/// with `token` as its auth token (None: without one). None when the client cannot connect.
+fn ray_alive_nodes(ray: &std::path::Path, address: &str, token: Option<&str>) -> Option<usize> {
     let python = ray.with_file_name("python");
     let script = format!(
         "import ray; ray.init(address='{address}', logging_level='ERROR'); \
          print(sum(1 for n in ray.nodes() if n['Alive']))"
     );
-    let out = std::process::Command::new(python).args(["-c", &script]).output().ok()?;
+    let home = tempfile::tempdir().ok()?; // no ~/.ray/auth_token to fall back on
+                                          // (bounded: a refused client gives up after Ray's connect timeouts)
+    let mut cmd = std::process::Command::new("timeout");
+    cmd.arg("90")
+        .arg(python)
+        .args(["-c", &script])
+        .env("HOME", home.path())
+        .env_remove("RAY_AUTH_TOKEN")
+        .env_remove("RAY_AUTH_MODE");
+    if let Some(t) = token {
+        cmd.env("RAY_AUTH_MODE", "token").env("RAY_AUTH_TOKEN", t);
+    }
+    let out = cmd.output().ok()?;
     String::from_utf8_lossy(&out.stdout).trim().lines().last()?.parse().ok()
 }
 
@@ -315,16 +329,26 @@ async fn a_ray_gang_forms_a_ray_cluster_and_leaves_nothing_behind() {
     };
     head_server.assign(vec![ray_member(0, "")]);
     worker_server.assign(vec![ray_member(1, "")]);
-    let rendezvous = eventually(20, "the head reports its rendezvous address", || {
-        report(&head_server, &head).map(|r| r.rendezvous).filter(|r| !r.is_empty())
+    let (rendezvous, token) = eventually(20, "the head reports its rendezvous address and gang token", || {
+        report(&head_server, &head).map(|r| (r.rendezvous, r.gang_token)).filter(|(r, _)| !r.is_empty())
     })
     .await;
+    assert!(token.len() == 64 && token.bytes().all(|b| b.is_ascii_hexdigit()), "a 256-bit token: {token:?}");
     // Ray's head takes seconds to start; the engine follows it.
     let ready_head = eventually(90, "the head's Ray node and engine up", || {
         report(&head_server, &head).filter(|r| r.state == "ready")
     })
     .await;
+    // A worker without the token is refused before it starts anything.
     worker_server.assign(vec![ray_member(1, &rendezvous)]);
+    let refused = eventually(20, "a ray worker without the gang's token fails", || {
+        report(&worker_server, &worker).filter(|r| r.state == "failed")
+    })
+    .await;
+    assert!(refused.reason.contains("no gang token"), "{}", refused.reason);
+    let mut with_token = ray_member(1, &rendezvous);
+    with_token.gang.as_mut().unwrap().token = token.clone();
+    worker_server.assign(vec![with_token]);
     let ready_worker = eventually(60, "the worker's Ray node running", || {
         report(&worker_server, &worker).filter(|r| r.state == "ready" && r.pid > 0)
     })
@@ -332,13 +356,15 @@ async fn a_ray_gang_forms_a_ray_cluster_and_leaves_nothing_behind() {
     assert_eq!(ready_worker.endpoint, "", "a Ray worker serves nothing");
     let mut nodes = None;
     for _ in 0..30 {
-        nodes = ray_alive_nodes(&ray, &rendezvous);
+        nodes = ray_alive_nodes(&ray, &rendezvous, Some(&token));
         if nodes == Some(2) {
             break;
         }
         tokio::time::sleep(std::time::Duration::from_secs(1)).await;
     }
     assert_eq!(nodes, Some(2), "both members' Ray nodes joined the cluster at {rendezvous}");
+    assert_eq!(ray_alive_nodes(&ray, &rendezvous, None), None, "Ray refuses a client without the token");
+    assert_eq!(ray_alive_nodes(&ray, &rendezvous, Some(&"0".repeat(64))), None, "and one with another token");
     let body = r#"{"model": "big", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}"#;
     let (status, text) =
         http_request_with_key(&ready_head.endpoint, "POST", "/v1/chat/completions", body, &ready_head.api_key)

@@ -32,7 +32,7 @@ impl Kind {
     /// form every client read path returns (see [`crate::object`]).
     pub fn secret_status_fields(self) -> &'static [&'static str] {
         match self {
-            Kind::Replica => &["api_key"],
+            Kind::Replica => &["api_key", "gang_token"],
             Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Node | Kind::Token => &[],
         }
     }

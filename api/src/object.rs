@@ -121,10 +121,15 @@ mod tests {
 
     #[test]
     fn clients_never_see_a_replicas_engine_key() {
-        let status = serde_json::json!({"phase": "Ready", "endpoint": "10.0.0.1:20000", "api_key": "s3cret"});
+        let status = serde_json::json!({"phase": "Ready", "endpoint": "10.0.0.1:20000", "api_key": "s3cret", "gang_token": "t0ken"});
         let o = stored(Kind::Replica, status.clone());
         let wire = pb::Object::from(&o);
         assert!(!wire.status_json.contains("s3cret") && !wire.status_json.contains("api_key"), "{}", wire.status_json);
+        assert!(
+            !wire.status_json.contains("t0ken") && !wire.status_json.contains("gang_token"),
+            "{}",
+            wire.status_json
+        );
         let seen: serde_json::Value = serde_json::from_str(&wire.status_json).unwrap();
         assert_eq!(seen, serde_json::json!({"phase": "Ready", "endpoint": "10.0.0.1:20000"}));
         assert_eq!(o.status, status, "the stored object keeps the key");

@@ -250,7 +250,7 @@ async fn life(
     // reported) until this task ends, across the engine's restarts.
     let rendezvous = match a.gang.as_ref().filter(|g| crate::gang::is_head(g)) {
         None => None,
-        Some(_) => match Rendezvous::hold(&env, &report, adopted.as_ref().and_then(|s| s.rendezvous_port)) {
+        Some(g) => match Rendezvous::hold(&env, &report, adopted.as_ref(), crate::gang::is_ray(g)) {
             Some(r) => Some(r),
             None => {
                 if let Some(s) = &adopted {
@@ -266,6 +266,7 @@ async fn life(
         },
     };
     let rendezvous_port = rendezvous.as_ref().map(|r| r.port);
+    let head_token = rendezvous.as_ref().and_then(|r| r.token.as_deref());
     let gang = match a.gang.as_ref() {
         None => None,
         Some(g) if !crate::gang::is_head(g) && g.head_address.is_empty() && adopted.is_none() => {
@@ -279,7 +280,7 @@ async fn life(
             stop_requested(&mut stop).await;
             return set_state(&report, "stopped", "");
         }
-        Some(g) => match gang_launch(&env, g, rendezvous_port) {
+        Some(g) => match gang_launch(&env, g, rendezvous_port, head_token) {
             Ok(launch) => Some(launch),
             Err(why) => {
                 if let Some(s) = &adopted {
@@ -415,17 +416,27 @@ async fn life(
     }
 }
 
-/// Member `g`'s part of its command line on this node.
+/// Member `g`'s part of its command line on this node. `head_token`: a `ray` head's own
+/// gang token (a worker's comes in `g.token`).
 fn gang_launch(
     env: &EngineEnv,
     g: &flotilla_api::pb::GangAssignment,
     rendezvous_port: Option<u16>,
+    head_token: Option<&str>,
 ) -> Result<GangLaunch, String> {
-    let ray = match (crate::gang::Layout::parse(&g.layout), &env.cfg.ray) {
-        (Some(crate::gang::Layout::Ray), Some(cfg)) => {
+    let ray = match (crate::gang::is_ray(g), &env.cfg.ray) {
+        (true, Some(cfg)) => {
+            let token = match head_token {
+                Some(t) => t.to_string(),
+                None if crate::gang::is_head(g) => return Err("a ray head has no gang token".into()),
+                None if g.token.is_empty() => {
+                    return Err("the assignment carries no gang token: Ray's ports would be open to anyone".into())
+                }
+                None => g.token.clone(),
+            };
             let mut args = vec!["ray-member".to_string(), "--ray".into(), cfg.program.display().to_string()];
             args.extend(crate::gang::ray_member_args(g, &env.cfg.address, rendezvous_port)?);
-            Some(crate::driver::RayLaunch { binary: cfg.member_binary.clone(), args })
+            Some(crate::driver::RayLaunch { binary: cfg.member_binary.clone(), args, token })
         }
         _ => None,
     };
@@ -612,7 +623,18 @@ fn launch(
     assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
     let api_key = engine.key.as_ref().map(|k| k.expose().to_string());
     let engine_cert_sha256 = engine.tls.as_ref().map(|t| t.pin.hex());
-    let saved = SavedEngine { assignment, process: id, port, restarts, api_key, engine_cert_sha256, rendezvous_port };
+    // A head's own token, to report it again when adopted (a worker's is in its assignment).
+    let gang_token = gang.filter(|g| !g.headless).and_then(|g| g.ray.as_ref()).map(|r| r.token.clone());
+    let saved = SavedEngine {
+        assignment,
+        process: id,
+        port,
+        restarts,
+        api_key,
+        engine_cert_sha256,
+        rendezvous_port,
+        gang_token,
+    };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
     }
@@ -635,36 +657,56 @@ fn launch(
     Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now(), headless })
 }
 
-/// A gang head's rendezvous port, reported as `rendezvous` while held; released (and no
-/// longer reported) when dropped, with the engine task.
+/// A gang head's rendezvous port, reported as `rendezvous` while held, and for a `ray`
+/// head its gang token (`gang_token`); released (and no longer reported) when dropped,
+/// with the engine task.
 struct Rendezvous {
     env: Arc<EngineEnv>,
     report: SharedReport,
     port: u16,
+    /// A `ray` head's secret for its gang: Ray's auth token.
+    token: Option<String>,
 }
 
 impl Rendezvous {
-    /// Reserves `adopted` (the port an adopted head was started with) or allocates one; None
-    /// when the range has no free port.
-    fn hold(env: &Arc<EngineEnv>, report: &SharedReport, adopted: Option<u16>) -> Option<Rendezvous> {
-        let port = match adopted {
+    /// Reserves `adopted` (the port an adopted head was started with) or allocates one, and
+    /// for a `ray` head keeps the adopted token or makes one; None when the range has no
+    /// free port (or the random source failed).
+    fn hold(
+        env: &Arc<EngineEnv>,
+        report: &SharedReport,
+        adopted: Option<&SavedEngine>,
+        ray: bool,
+    ) -> Option<Rendezvous> {
+        let token = match (ray, adopted.and_then(|s| s.gang_token.clone())) {
+            (false, _) => None,
+            (true, Some(t)) => Some(t),
+            (true, None) => Some(crate::engine_key::generate().ok()?.expose().to_string()),
+        };
+        let port = match adopted.and_then(|s| s.rendezvous_port) {
             Some(p) => {
                 env.ports.reserve(p);
                 p
             }
             None => env.ports.allocate()?,
         };
-        update(report, |r| r.rendezvous = env.endpoint(port));
+        update(report, |r| {
+            r.rendezvous = env.endpoint(port);
+            r.gang_token = token.clone().unwrap_or_default();
+        });
         // The workers wait for it: tell the leader now.
         env.early_heartbeat.notify_one();
-        Some(Rendezvous { env: env.clone(), report: report.clone(), port })
+        Some(Rendezvous { env: env.clone(), report: report.clone(), port, token })
     }
 }
 
 impl Drop for Rendezvous {
     fn drop(&mut self) {
         self.env.ports.release(self.port);
-        update(&self.report, |r| r.rendezvous.clear());
+        update(&self.report, |r| {
+            r.rendezvous.clear();
+            r.gang_token.clear();
+        });
     }
 }
 

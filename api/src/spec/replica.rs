@@ -148,4 +148,9 @@ pub struct ReplicaStatus {
     /// replica, so servers that predate gangs read every other replica unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub rendezvous: Option<String>,
+    /// A `layout: ray` gang's shared secret (Ray's auth token), as its head's agent
+    /// reported it with `rendezvous`; handed to the workers' agents. A secret: never sent to
+    /// clients ([`crate::Kind::secret_status_fields`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gang_token: Option<String>,
 }
