@@ -63,6 +63,12 @@ pub struct SimArgs {
     /// Disable automatic prefix caching (vLLM --no-enable-prefix-caching).
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
+    /// Publish KV cache events as vLLM does (vLLM --kv-events-config), JSON, e.g.
+    /// `{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:0",
+    /// "replay_endpoint": "tcp://*:0", "topic": "kv"}`; `*` is --host, port 0 a free port,
+    /// and GET /kv_event_sources names the bound endpoints (src/kv_publisher.rs).
+    #[arg(long, value_name = "JSON")]
+    pub kv_events_config: Option<String>,
     /// Serve POST /sim/faults (crash, hang, slow, error rate, stall) for chaos tests.
     #[arg(long)]
     pub allow_faults: bool,
@@ -126,6 +132,7 @@ impl Default for SimArgs {
             max_cpu_loras: None,
             max_lora_rank: 16,
             no_enable_prefix_caching: false,
+            kv_events_config: None,
             allow_faults: false,
             eos_min_tokens: 16,
             eos_max_tokens: 512,
@@ -189,6 +196,8 @@ pub struct EngineConfig {
     pub layout: Layout,
     /// This process's part in a multi-node gang.
     pub gang: GangRole,
+    /// KV cache events (`--kv-events-config`), when on.
+    pub kv_events: Option<crate::kv_publisher::KvEventsConfig>,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -352,6 +361,10 @@ impl SimArgs {
             api_key: self.api_key.as_deref().and_then(crate::http::auth::ApiKey::new),
             layout,
             gang,
+            kv_events: match &self.kv_events_config {
+                Some(json) => crate::kv_publisher::KvEventsConfig::parse(json)?,
+                None => None,
+            },
         })
     }
 }

@@ -150,6 +150,8 @@ pub struct Engine {
     lora_seen: (Vec<u32>, Vec<u32>),
     lora_cache: LoraCache,
     dead: Vec<SeqId>,
+    /// Where each step's KV cache events go (`--kv-events-config`).
+    kv_events: Option<crate::kv_publisher::KvPublisher>,
 }
 
 impl Engine {
@@ -176,7 +178,17 @@ impl Engine {
             lora_waiting: Vec::new(),
             lora_seen: (Vec::new(), Vec::new()),
             dead: Vec::new(),
+            kv_events: None,
         }
+    }
+
+    /// Publishes KV cache events through `publisher` (None: records none).
+    pub fn with_kv_events(mut self, publisher: Option<crate::kv_publisher::KvPublisher>) -> Self {
+        if publisher.is_some() {
+            self.sched.kv_mut().enable_events();
+        }
+        self.kv_events = publisher;
+        self
     }
 
     /// Runs until [`Command::Shutdown`] or until every sender is gone.
@@ -234,6 +246,11 @@ impl Engine {
             }
             outputs.clear();
             self.sched.complete(&plan, &mut outputs);
+            if let Some(p) = &self.kv_events {
+                if !p.publish(self.sched.kv_mut().take_events()) {
+                    tracing::warn!("KV event publisher behind: a step's events dropped");
+                }
+            }
             self.deliver(step_start, &plan, &outputs);
         }
     }

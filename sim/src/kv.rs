@@ -12,8 +12,15 @@
 //! Freed blocks go to the tail in reverse order (a request's last blocks are evicted
 //! first). A cache hit on a free block takes it out of the free queue. Usage is
 //! `1 - free / total`, as vLLM reports `kv_cache_usage_perc`.
+//!
+//! With events on ([`BlockManager::enable_events`], `--kv-events-config`), it records what
+//! vLLM's block pool publishes: `BlockStored` when full blocks enter the cache (their hashes,
+//! the parent block's hash, their token ids), `BlockRemoved` when a cached block is reused
+//! for something else. [`BlockManager::take_events`] hands them to the publisher each step.
 
 use std::collections::HashMap;
+
+use flotilla_engine::kv_events::{BlockHash, KvEvent, Medium};
 
 const NIL: u32 = u32::MAX;
 
@@ -44,6 +51,8 @@ pub struct BlockManager {
     free: usize,
     cached: HashMap<u64, u32>,
     caching: bool,
+    /// KV events since the last [`BlockManager::take_events`]; None: not recorded.
+    events: Option<Vec<KvEvent>>,
 }
 
 /// Extends `hashes` with the chain hashes of every full block of `tokens` not yet hashed.
@@ -81,7 +90,18 @@ impl BlockManager {
             free: n,
             cached: HashMap::new(),
             caching,
+            events: None,
         }
+    }
+
+    /// Records KV events from now on.
+    pub fn enable_events(&mut self) {
+        self.events.get_or_insert_with(Vec::new);
+    }
+
+    /// The events recorded since the last call (empty when not recording).
+    pub fn take_events(&mut self) -> Vec<KvEvent> {
+        self.events.as_mut().map(std::mem::take).unwrap_or_default()
     }
 
     /// Total blocks.
@@ -181,34 +201,80 @@ impl BlockManager {
             seq.ids.push(id);
             seq.cached = seq.ids.len();
         }
+        let mut evicted = Vec::new();
         for _ in 0..new {
             let id = self.head;
             self.unlink(id);
             if let Some(h) = self.blocks[id as usize].hash.take() {
                 if self.cached.get(&h) == Some(&id) {
                     self.cached.remove(&h);
+                    evicted.push(BlockHash(h));
                 }
             }
             self.blocks[id as usize].refs = 1;
             seq.ids.push(id);
         }
+        if let (Some(events), false) = (self.events.as_mut(), evicted.is_empty()) {
+            events.push(KvEvent::BlockRemoved { block_hashes: evicted, medium: Some(Medium::Gpu) });
+        }
         true
     }
 
     /// Registers the sequence's blocks that are full after `num_computed` tokens in the
-    /// prefix cache.
-    pub fn cache_full_blocks(&mut self, seq: &mut SeqBlocks, hashes: &[u64], num_computed: usize) {
+    /// prefix cache. `tokens` (at least the computed ones) and `lora` name them in events.
+    pub fn cache_full_blocks(
+        &mut self,
+        seq: &mut SeqBlocks,
+        hashes: &[u64],
+        tokens: &[u32],
+        lora: Option<u32>,
+        num_computed: usize,
+    ) {
         if !self.caching {
             return;
         }
         let full = (num_computed / self.block_size).min(hashes.len()).min(seq.ids.len());
+        let bs = self.block_size;
+        // One BlockStored per run of blocks this call enters into the cache (a block whose
+        // hash another block already holds is not entered, and not announced).
+        let mut run: Option<(Option<BlockHash>, Vec<BlockHash>, Vec<u32>)> = None;
         while seq.cached < full {
-            let id = seq.ids[seq.cached];
-            let h = hashes[seq.cached];
+            let i = seq.cached;
+            let (id, h) = (seq.ids[i], hashes[i]);
             self.blocks[id as usize].hash = Some(h);
+            let entered = !self.cached.contains_key(&h);
             self.cached.entry(h).or_insert(id);
             seq.cached += 1;
+            if self.events.is_none() {
+                continue;
+            }
+            match (&mut run, entered) {
+                (Some((_, hs, ids)), true) => {
+                    hs.push(BlockHash(h));
+                    ids.extend_from_slice(&tokens[i * bs..(i + 1) * bs]);
+                }
+                (None, true) => {
+                    let parent = i.checked_sub(1).map(|p| BlockHash(hashes[p]));
+                    run = Some((parent, vec![BlockHash(h)], tokens[i * bs..(i + 1) * bs].to_vec()));
+                }
+                (Some(_), false) => self.push_stored(run.take(), lora),
+                (None, false) => {}
+            }
         }
+        self.push_stored(run, lora);
+    }
+
+    fn push_stored(&mut self, run: Option<(Option<BlockHash>, Vec<BlockHash>, Vec<u32>)>, lora: Option<u32>) {
+        let (Some(events), Some((parent, block_hashes, token_ids))) = (self.events.as_mut(), run) else { return };
+        events.push(KvEvent::BlockStored {
+            block_hashes,
+            parent,
+            token_ids,
+            block_size: self.block_size as u32,
+            lora_id: lora.map(i64::from),
+            lora_name: None,
+            medium: Some(Medium::Gpu),
+        });
     }
 
     /// Drops the sequence's references, last block first, so its tail is evicted first.
@@ -258,7 +324,7 @@ mod tests {
         let mut a = SeqBlocks::default();
         assert_eq!(m.cached_prefix(&h, 40), 0);
         assert!(m.allocate(&mut a, &h, 0, 40));
-        m.cache_full_blocks(&mut a, &h, 40);
+        m.cache_full_blocks(&mut a, &h, &tokens, None, 40);
         m.release(&mut a);
         assert_eq!(m.cached_prefix(&h, 40), 2);
         // a prompt of exactly 32 tokens may reuse only one block: the last token is recomputed
@@ -279,7 +345,7 @@ mod tests {
         let mut m = BlockManager::new(6, 16, true);
         let mut a = SeqBlocks::default();
         assert!(m.allocate(&mut a, &h, 0, 33));
-        m.cache_full_blocks(&mut a, &h, 33);
+        m.cache_full_blocks(&mut a, &h, &tokens, None, 33);
         let mut b = SeqBlocks::default();
         let hit = m.cached_prefix(&h, 33);
         assert_eq!(hit, 2);
@@ -300,7 +366,7 @@ mod tests {
         for (t, h) in [(&t1, &h1), (&t2, &h2)] {
             let mut s = SeqBlocks::default();
             assert!(m.allocate(&mut s, h, 0, 4));
-            m.cache_full_blocks(&mut s, h, t.len());
+            m.cache_full_blocks(&mut s, h, t, None, t.len());
             m.release(&mut s);
         }
         assert_eq!(m.cached_prefix(&h1, 5), 1);
@@ -313,13 +379,62 @@ mod tests {
     }
 
     #[test]
+    fn events_name_stored_runs_with_their_tokens_and_parents_and_evictions() {
+        let mut m = BlockManager::new(3, 4, true);
+        m.enable_events();
+        let t: Vec<u32> = (1..=9).collect();
+        let h = hashes(&t, 4);
+        let mut a = SeqBlocks::default();
+        assert!(m.allocate(&mut a, &h, 0, 9));
+        m.cache_full_blocks(&mut a, &h, &t, Some(3), 4);
+        m.cache_full_blocks(&mut a, &h, &t, Some(3), 9);
+        let stored = |hs: &[u64], parent: Option<u64>, ids: &[u32]| KvEvent::BlockStored {
+            block_hashes: hs.iter().map(|h| BlockHash(*h)).collect(),
+            parent: parent.map(BlockHash),
+            token_ids: ids.to_vec(),
+            block_size: 4,
+            lora_id: Some(3),
+            lora_name: None,
+            medium: Some(Medium::Gpu),
+        };
+        assert_eq!(
+            m.take_events(),
+            [stored(&h[..1], None, &[1, 2, 3, 4]), stored(&h[1..2], Some(h[0]), &[5, 6, 7, 8])],
+            "a block enters once it is full; the second names the first as parent"
+        );
+        m.release(&mut a);
+        // The same prefix again: hits, nothing new to announce.
+        let mut b = SeqBlocks::default();
+        assert!(m.allocate(&mut b, &h, 2, 9));
+        m.cache_full_blocks(&mut b, &h, &t, Some(3), 9);
+        assert!(m.take_events().is_empty());
+        m.release(&mut b);
+        // Three fresh blocks take every free block, both cached ones among them.
+        let mut c = SeqBlocks::default();
+        assert!(m.allocate(&mut c, &[], 0, 12));
+        let Some(KvEvent::BlockRemoved { mut block_hashes, medium }) = m.take_events().pop() else {
+            panic!("no removal")
+        };
+        block_hashes.sort();
+        let mut want = vec![BlockHash(h[0]), BlockHash(h[1])];
+        want.sort();
+        assert_eq!((block_hashes, medium), (want, Some(Medium::Gpu)));
+        // Off: nothing is recorded.
+        let mut off = BlockManager::new(3, 4, true);
+        let mut d = SeqBlocks::default();
+        assert!(off.allocate(&mut d, &h, 0, 9));
+        off.cache_full_blocks(&mut d, &h, &t, None, 9);
+        assert!(off.take_events().is_empty());
+    }
+
+    #[test]
     fn caching_off_never_hits() {
         let tokens: Vec<u32> = (0..40).collect();
         let h = hashes(&tokens, 16);
         let mut m = BlockManager::new(8, 16, false);
         let mut a = SeqBlocks::default();
         assert!(m.allocate(&mut a, &h, 0, 40));
-        m.cache_full_blocks(&mut a, &h, 40);
+        m.cache_full_blocks(&mut a, &h, &tokens, None, 40);
         m.release(&mut a);
         assert_eq!(m.cached_prefix(&h, 40), 0);
     }

@@ -19,6 +19,7 @@ pub mod error;
 pub mod faults;
 pub mod http;
 pub mod kv;
+pub mod kv_publisher;
 pub mod latency;
 pub mod lora;
 pub mod lora_cache;
@@ -184,8 +185,13 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let metrics = Arc::new(Mutex::new(m));
     let registry = Arc::new(lora::Registry::new(cfg.lora_enabled, cfg.max_lora_rank));
     let faults = Arc::new(faults::Faults::new());
+    let kv_events = match cfg.kv_events.clone() {
+        Some(c) => Some(kv_publisher::start(c, &addr.ip().to_string()).await?),
+        None => None,
+    };
     let (tx, rx) = mpsc::unbounded_channel();
-    let engine = engine::Engine::new(cfg.clone(), metrics.clone(), registry.clone(), faults.clone());
+    let engine = engine::Engine::new(cfg.clone(), metrics.clone(), registry.clone(), faults.clone())
+        .with_kv_events(kv_events.clone());
     let engine_task = tokio::spawn(engine.run(rx));
     tracing::info!(
         addr = %addr, model = %cfg.model, profile = cfg.profile.name, kv_blocks = cfg.num_blocks,
@@ -205,6 +211,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         ready_at: tokio::time::Instant::now() + cfg.startup,
         vocab: Arc::default(),
         gang: gang.as_ref().map(|g| g.1.clone()),
+        kv_event_sources: kv_events.map(|p| p.sources),
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);

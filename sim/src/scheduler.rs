@@ -249,6 +249,11 @@ impl Scheduler {
         self.seqs.is_empty()
     }
 
+    /// The block manager, for its events.
+    pub fn kv_mut(&mut self) -> &mut BlockManager {
+        &mut self.kv
+    }
+
     /// The block manager, for usage figures.
     pub fn kv(&self) -> &BlockManager {
         &self.kv
@@ -403,7 +408,7 @@ impl Scheduler {
             };
             seq.computed += s.tokens;
             kv::extend_hashes(&seq.tokens[..seq.computed], bs, u64::from(seq.lora.unwrap_or(0)), &mut seq.hashes);
-            self.kv.cache_full_blocks(&mut seq.blocks, &seq.hashes, seq.computed);
+            self.kv.cache_full_blocks(&mut seq.blocks, &seq.hashes, &seq.tokens, seq.lora, seq.computed);
             if seq.computed < seq.tokens.len() {
                 continue; // a prefill chunk: no token yet
             }

@@ -161,3 +161,13 @@ pub async fn clear_faults(State(st): State<AppState>) -> Response {
         Err(msg) => ApiError::bad_request(msg, None).into_response(),
     }
 }
+
+/// `GET /kv_event_sources`: the KV event publisher's endpoints per data-parallel rank, as
+/// vLLM answers it (`{"0": {...}}`; `{}` when events are off).
+pub async fn kv_event_sources(State(st): State<AppState>) -> Response {
+    let body = match &st.kv_event_sources {
+        Some(c) => serde_json::json!({ "0": c }),
+        None => serde_json::json!({}),
+    };
+    axum::Json(body).into_response()
+}

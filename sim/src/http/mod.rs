@@ -59,6 +59,8 @@ pub struct AppState {
     /// A gang head's view of its gang: /health and the inference endpoints answer 503
     /// unless it is formed (None: no gang).
     pub gang: Option<tokio::sync::watch::Receiver<crate::rendezvous::GangState>>,
+    /// The KV event publisher's bound endpoints (`GET /kv_event_sources`); None: off.
+    pub kv_event_sources: Option<crate::kv_publisher::KvEventsConfig>,
 }
 
 impl AppState {
@@ -130,6 +132,7 @@ pub fn router(state: AppState) -> Router {
         .route("/health", get(admin::health))
         .route("/version", get(admin::version))
         .route("/metrics", get(admin::metrics))
+        .route("/kv_event_sources", get(admin::kv_event_sources))
         .route("/v1/load_lora_adapter", post(admin::load_lora))
         .route("/v1/unload_lora_adapter", post(admin::unload_lora))
         .route("/sim/faults", get(admin::get_faults).post(admin::post_faults).delete(admin::clear_faults))
