@@ -305,8 +305,9 @@ fn opt<T>(v: &Option<T>, f: impl Fn(&T) -> Value) -> Value {
     v.as_ref().map_or(Value::Nil, f)
 }
 
-/// A batch as vLLM 0.32 encodes it: `[ts, [events as tagged maps], dp_rank]`, int hashes.
-/// The sim publishes this.
+/// A batch as vLLM 0.32 encodes it: `[ts, [events as tagged maps], dp_rank]`, int hashes,
+/// with the fields 0.32 adds for one full-attention KV cache group (`extra_keys: [nil per
+/// block]`, `group_idx: 0`, `kv_cache_spec_kind: "full_attention"`). The sim publishes this.
 pub fn encode_batch(batch: &EventBatch) -> Vec<u8> {
     let events = batch
         .events
@@ -323,12 +324,16 @@ pub fn encode_batch(batch: &EventBatch) -> Vec<u8> {
                         (s("lora_id"), opt(lora_id, |l| Value::from(*l))),
                         (s("medium"), opt(medium, |m| s(m.as_str()))),
                         (s("lora_name"), opt(lora_name, |n| s(n))),
+                        (s("extra_keys"), Value::Array(vec![Value::Nil; block_hashes.len()])),
+                        (s("group_idx"), Value::from(0)),
+                        (s("kv_cache_spec_kind"), s("full_attention")),
                     ]
                 }
                 KvEvent::BlockRemoved { block_hashes, medium } => vec![
                     (s("type"), s("BlockRemoved")),
                     (s("block_hashes"), Value::Array(block_hashes.iter().copied().map(hash_value).collect())),
                     (s("medium"), opt(medium, |m| s(m.as_str()))),
+                    (s("group_idx"), Value::from(0)),
                 ],
                 KvEvent::AllBlocksCleared => vec![(s("type"), s("AllBlocksCleared"))],
                 KvEvent::Other(tag) => vec![(s("type"), s(tag))],
@@ -397,6 +402,41 @@ mod tests {
         assert_eq!(seqs, (0..seqs.len() as i64).collect::<Vec<_>>(), "sequence numbers count up from 0");
         assert!(stored > 64 && removed > 0, "stored {stored}, removed {removed}: 64 blocks make the engine evict");
         assert!(parents > 0, "a prompt sharing a cached prefix names its parent block");
+    }
+
+    /// The encoding the sim publishes has the real engine's shape: the same keys in the same
+    /// order, and the batch's three positions.
+    #[test]
+    fn encoded_events_have_the_recorded_real_shape() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../realvllm/tests/data/kv-events");
+        let shape = |bytes: &[u8]| -> Vec<(usize, String, Vec<String>)> {
+            let Value::Array(batch) = rmpv::decode::read_value(&mut &bytes[..]).unwrap() else { panic!("batch") };
+            let Value::Array(events) = &batch[1] else { panic!("events") };
+            events
+                .iter()
+                .map(|e| {
+                    let Value::Map(m) = e else { panic!("a tagged map") };
+                    let tag = m[0].1.as_str().unwrap().to_string();
+                    (batch.len(), tag, m.iter().map(|(k, _)| k.as_str().unwrap().to_string()).collect())
+                })
+                .collect()
+        };
+        let mut real = Vec::new();
+        for n in 0..16 {
+            real.extend(shape(&std::fs::read(dir.join(format!("{n:03}.msgpack"))).unwrap()));
+        }
+        let ours = shape(&encode_batch(&EventBatch {
+            ts: 1.0,
+            events: vec![
+                stored(),
+                KvEvent::BlockRemoved { block_hashes: vec![BlockHash(1)], medium: Some(Medium::Gpu) },
+            ],
+            dp_rank: Some(0),
+        }));
+        for o in &ours {
+            let r = real.iter().find(|r| r.1 == o.1).unwrap_or_else(|| panic!("no recorded {}", o.1));
+            assert_eq!(o, r, "the real engine's {} shape", o.1);
+        }
     }
 
     #[test]

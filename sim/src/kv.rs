@@ -201,21 +201,23 @@ impl BlockManager {
             seq.ids.push(id);
             seq.cached = seq.ids.len();
         }
-        let mut evicted = Vec::new();
         for _ in 0..new {
             let id = self.head;
             self.unlink(id);
             if let Some(h) = self.blocks[id as usize].hash.take() {
                 if self.cached.get(&h) == Some(&id) {
                     self.cached.remove(&h);
-                    evicted.push(BlockHash(h));
+                    // One event per block, as vLLM's block pool sends them.
+                    if let Some(events) = self.events.as_mut() {
+                        events.push(KvEvent::BlockRemoved {
+                            block_hashes: vec![BlockHash(h)],
+                            medium: Some(Medium::Gpu),
+                        });
+                    }
                 }
             }
             self.blocks[id as usize].refs = 1;
             seq.ids.push(id);
-        }
-        if let (Some(events), false) = (self.events.as_mut(), evicted.is_empty()) {
-            events.push(KvEvent::BlockRemoved { block_hashes: evicted, medium: Some(Medium::Gpu) });
         }
         true
     }
@@ -412,13 +414,20 @@ mod tests {
         // Three fresh blocks take every free block, both cached ones among them.
         let mut c = SeqBlocks::default();
         assert!(m.allocate(&mut c, &[], 0, 12));
-        let Some(KvEvent::BlockRemoved { mut block_hashes, medium }) = m.take_events().pop() else {
-            panic!("no removal")
-        };
-        block_hashes.sort();
+        let mut removed: Vec<BlockHash> = m
+            .take_events()
+            .into_iter()
+            .flat_map(|e| match e {
+                KvEvent::BlockRemoved { block_hashes, medium: Some(Medium::Gpu) } if block_hashes.len() == 1 => {
+                    block_hashes
+                }
+                other => panic!("one BlockRemoved per block, as vLLM sends them: {other:?}"),
+            })
+            .collect();
+        removed.sort();
         let mut want = vec![BlockHash(h[0]), BlockHash(h[1])];
         want.sort();
-        assert_eq!((block_hashes, medium), (want, Some(Medium::Gpu)));
+        assert_eq!(removed, want);
         // Off: nothing is recorded.
         let mut off = BlockManager::new(3, 4, true);
         let mut d = SeqBlocks::default();
