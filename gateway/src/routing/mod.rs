@@ -8,6 +8,7 @@
 //! candidates+loads ─┼─> Router::strategy(model's or header's) ─> pick ─> EndpointId
 //! ```
 
+pub mod kv_index;
 pub mod prefix;
 pub mod session;
 pub mod simple;

@@ -1,0 +1,404 @@
+//! The KV block index: which engines hold which blocks of token ids, kept from the engines'
+//! own KV cache events (`BlockStored`, `BlockRemoved`, `AllBlocksCleared`;
+//! [`flotilla_engine::kv_events`]) rather than guessed from what the gateway routed. Pure:
+//! the subscriber feeds it batches, the router asks it how many leading tokens of a prompt
+//! each engine holds.
+//!
+//! Keys are the gateway's own, so every gateway computes the same ones for the same prompt
+//! and an engine's hash seed or algorithm never matters: block i of a sequence is keyed
+//! `k_i = H(k_{i-1}, its token ids)` with `k_{-1} = H(SEED, lora)` ([`block_keys`], a fixed
+//! 64-bit mix). A `BlockStored` names its first block's parent by the engine's hash; the
+//! index keeps, per engine, the engine hash → key map of the blocks it holds, so it chains
+//! the new blocks on the key it computed for the parent. A parent it never saw (a gap)
+//! makes the event an orphan: counted, not indexed.
+//!
+//! ```text
+//! engine e3: BlockStored{hashes [h7, h8], parent h6, tokens [..32]}
+//!   e3.hashes[h6] = k6  ->  k7 = H(k6, tokens[0..16]), k8 = H(k7, tokens[16..32])
+//!   holders[k7] |= bit(e3), holders[k8] |= bit(e3); e3.hashes[h7] = k7, [h8] = k8
+//! lookup(prompt keys k0 k1 k2 ...): walk while any engine still holds every key so far
+//! ```
+//!
+//! Bounds: at most [`MAX_ENGINES`] engines per index (a bit each; more are not indexed and
+//! counted), and `capacity` (engine, block) entries: past it the oldest entries go first
+//! (insertion order), as an engine's own LRU would have evicted them long before. Sequence
+//! numbers are tracked per engine: [`KvIndex::apply`] says when a batch skipped some, and the
+//! subscriber asks the engine's replay socket for them.
+
+use std::collections::{HashMap, VecDeque};
+
+use flotilla_engine::kv_events::{BlockHash, EventBatch, KvEvent};
+
+/// Engines one index can follow (one bit each in a block's holder set).
+pub const MAX_ENGINES: usize = 64;
+
+const SEED: u64 = 0x6b76_2d69_6e64_6578; // "kv-index"
+
+fn mix(mut h: u64, v: u64) -> u64 {
+    h ^= v.wrapping_add(0x9e37_79b9_7f4a_7c15).wrapping_add(h << 6).wrapping_add(h >> 2);
+    // splitmix64 finaliser: every input bit reaches every output bit.
+    h = (h ^ (h >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+    h = (h ^ (h >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+    h ^ (h >> 31)
+}
+
+fn first_parent(lora: Option<i64>) -> u64 {
+    mix(SEED, lora.map_or(0, |l| l as u64 ^ (1 << 63)))
+}
+
+fn key(parent: u64, tokens: &[u32]) -> u64 {
+    tokens.iter().fold(parent, |h, t| mix(h, u64::from(*t)))
+}
+
+/// The chained keys of every full block of `tokens` (at most `max_blocks`).
+pub fn block_keys(tokens: &[u32], block_size: usize, lora: Option<i64>, max_blocks: usize) -> Vec<u64> {
+    let mut prev = first_parent(lora);
+    tokens
+        .chunks_exact(block_size.max(1))
+        .take(max_blocks)
+        .map(|b| {
+            prev = key(prev, b);
+            prev
+        })
+        .collect()
+}
+
+/// One followed engine.
+#[derive(Debug, Default)]
+struct EngineBlocks {
+    slot: u8,
+    /// The engine's block hash → the gateway's key, for the blocks it holds.
+    hashes: HashMap<BlockHash, u64>,
+    /// The last sequence number applied.
+    last_seq: Option<i64>,
+}
+
+/// What [`KvIndex::apply`] saw of the batch's place in the engine's sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Sequence {
+    /// The next one (or the first seen).
+    InOrder,
+    /// Already applied (a replayed batch, or a duplicate): ignored.
+    Duplicate,
+    /// Batches `from..seq` were missed; this one was applied.
+    Gap { from: i64 },
+}
+
+/// Counters of what the index could not use.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Skipped {
+    /// `BlockStored` whose parent the index does not know.
+    pub orphans: u64,
+    /// Events of a block size other than the index's.
+    pub block_size: u64,
+    /// Batches from engines beyond [`MAX_ENGINES`].
+    pub engines: u64,
+    /// (engine, block) entries dropped to stay within the capacity.
+    pub evicted: u64,
+}
+
+/// The index of one model's engines.
+#[derive(Debug)]
+pub struct KvIndex {
+    block_size: usize,
+    capacity: usize,
+    engines: HashMap<String, EngineBlocks>,
+    /// Which engines (bits by slot) hold the block with this key.
+    holders: HashMap<u64, u64>,
+    /// (slot, engine hash) in insertion order, for the capacity bound.
+    order: VecDeque<(u8, BlockHash)>,
+    entries: usize,
+    skipped: Skipped,
+}
+
+impl KvIndex {
+    /// An empty index of blocks of `block_size` tokens, holding at most `capacity`
+    /// (engine, block) entries.
+    pub fn new(block_size: usize, capacity: usize) -> Self {
+        KvIndex {
+            block_size: block_size.max(1),
+            capacity: capacity.max(1),
+            engines: HashMap::new(),
+            holders: HashMap::new(),
+            order: VecDeque::new(),
+            entries: 0,
+            skipped: Skipped::default(),
+        }
+    }
+
+    /// Tokens per block.
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// (engine, block) entries held.
+    pub fn entries(&self) -> usize {
+        self.entries
+    }
+
+    /// Approximate heap bytes: per entry the engine's hash map slot (16 B + control), the
+    /// insertion queue slot (16 B) and a share of the holder map (16 B per distinct block).
+    pub fn approx_bytes(&self) -> usize {
+        self.entries * (17 + 16) + self.holders.len() * 17
+    }
+
+    /// What the index could not use so far.
+    pub fn skipped(&self) -> Skipped {
+        self.skipped
+    }
+
+    /// The engines followed.
+    pub fn engines(&self) -> impl Iterator<Item = &str> {
+        self.engines.keys().map(String::as_str)
+    }
+
+    fn slot_of(&mut self, engine: &str) -> Option<u8> {
+        if let Some(e) = self.engines.get(engine) {
+            return Some(e.slot);
+        }
+        let used: u64 = self.engines.values().fold(0, |m, e| m | 1 << e.slot);
+        let slot = (0..MAX_ENGINES as u8).find(|s| used & (1 << s) == 0)?;
+        self.engines.insert(engine.to_string(), EngineBlocks { slot, ..Default::default() });
+        Some(slot)
+    }
+
+    /// Applies one batch of `engine`'s events with sequence number `seq`.
+    pub fn apply(&mut self, engine: &str, seq: i64, batch: &EventBatch) -> Sequence {
+        let Some(slot) = self.slot_of(engine) else {
+            self.skipped.engines += 1;
+            return Sequence::InOrder;
+        };
+        let e = self.engines.get_mut(engine).expect("slot_of inserted it");
+        let order = match e.last_seq {
+            Some(last) if seq <= last => return Sequence::Duplicate,
+            Some(last) if seq > last + 1 => Sequence::Gap { from: last + 1 },
+            _ => Sequence::InOrder,
+        };
+        e.last_seq = Some(seq);
+        for ev in &batch.events {
+            match ev {
+                KvEvent::BlockStored { block_hashes, parent, token_ids, block_size, lora_id, .. } => {
+                    if *block_size as usize != self.block_size {
+                        self.skipped.block_size += 1;
+                        continue;
+                    }
+                    self.stored(engine, slot, block_hashes, *parent, token_ids, *lora_id);
+                }
+                KvEvent::BlockRemoved { block_hashes, .. } => {
+                    for h in block_hashes {
+                        self.removed(engine, slot, *h);
+                    }
+                }
+                KvEvent::AllBlocksCleared => self.clear_engine(engine),
+                KvEvent::Other(_) => {}
+            }
+        }
+        self.enforce_capacity();
+        order
+    }
+
+    fn stored(
+        &mut self,
+        engine: &str,
+        slot: u8,
+        hashes: &[BlockHash],
+        parent: Option<BlockHash>,
+        tokens: &[u32],
+        lora: Option<i64>,
+    ) {
+        let e = self.engines.get_mut(engine).expect("known engine");
+        let mut prev = match parent {
+            None => first_parent(lora),
+            Some(p) => match e.hashes.get(&p) {
+                Some(k) => *k,
+                None => {
+                    self.skipped.orphans += 1;
+                    return;
+                }
+            },
+        };
+        for (h, block) in hashes.iter().zip(tokens.chunks_exact(self.block_size)) {
+            let k = key(prev, block);
+            prev = k;
+            if e.hashes.insert(*h, k).is_none() {
+                self.entries += 1;
+                self.order.push_back((slot, *h));
+            }
+            *self.holders.entry(k).or_insert(0) |= 1 << slot;
+        }
+    }
+
+    fn removed(&mut self, engine: &str, slot: u8, h: BlockHash) {
+        let Some(e) = self.engines.get_mut(engine) else { return };
+        let Some(k) = e.hashes.remove(&h) else { return };
+        self.entries -= 1;
+        if let Some(m) = self.holders.get_mut(&k) {
+            *m &= !(1 << slot);
+            if *m == 0 {
+                self.holders.remove(&k);
+            }
+        }
+    }
+
+    fn enforce_capacity(&mut self) {
+        while self.entries > self.capacity {
+            let Some((slot, h)) = self.order.pop_front() else { break };
+            let Some(name) = self.engines.iter().find(|(_, e)| e.slot == slot).map(|(n, _)| n.clone()) else { continue };
+            let before = self.entries;
+            self.removed(&name, slot, h);
+            if self.entries < before {
+                self.skipped.evicted += 1;
+            }
+        }
+        if self.order.len() > 2 * self.capacity {
+            // Entries removed by events leave stale queue slots behind: drop those.
+            let engines = &self.engines;
+            self.order.retain(|(slot, h)| engines.values().any(|e| e.slot == *slot && e.hashes.contains_key(h)));
+        }
+    }
+
+    /// Forgets everything `engine` holds, keeping it followed (`AllBlocksCleared`, a restart).
+    pub fn clear_engine(&mut self, engine: &str) {
+        let Some(e) = self.engines.get_mut(engine) else { return };
+        let bit = 1u64 << e.slot;
+        for k in e.hashes.values() {
+            if let Some(m) = self.holders.get_mut(k) {
+                *m &= !bit;
+                if *m == 0 {
+                    self.holders.remove(k);
+                }
+            }
+        }
+        self.entries -= e.hashes.len();
+        e.hashes.clear();
+    }
+
+    /// Stops following `engine` (it left the endpoint table) and drops its entries.
+    pub fn remove_engine(&mut self, engine: &str) {
+        self.clear_engine(engine);
+        self.engines.remove(engine);
+    }
+
+    /// For each followed engine, how many leading blocks of the prompt with these keys
+    /// ([`block_keys`]) it holds.
+    pub fn cached_blocks(&self, keys: &[u64]) -> Vec<(&str, usize)> {
+        let mut held = vec![0usize; MAX_ENGINES];
+        let mut live = u64::MAX;
+        for (i, k) in keys.iter().enumerate() {
+            let m = self.holders.get(k).copied().unwrap_or(0) & live;
+            for (slot, h) in held.iter_mut().enumerate() {
+                if m & (1 << slot) != 0 {
+                    *h = i + 1;
+                }
+            }
+            live = m;
+            if live == 0 {
+                break;
+            }
+        }
+        self.engines.iter().map(|(n, e)| (n.as_str(), held[e.slot as usize])).collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> KvEvent {
+        KvEvent::BlockStored {
+            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
+            parent: parent.map(BlockHash),
+            token_ids: tokens.to_vec(),
+            block_size: 2,
+            lora_id: None,
+            lora_name: None,
+            medium: None,
+        }
+    }
+
+    fn batch(events: Vec<KvEvent>) -> EventBatch {
+        EventBatch { ts: 0.0, events, dp_rank: None }
+    }
+
+    fn held(ix: &KvIndex, keys: &[u64]) -> Vec<(String, usize)> {
+        let mut v: Vec<(String, usize)> = ix.cached_blocks(keys).into_iter().map(|(n, b)| (n.to_string(), b)).collect();
+        v.sort();
+        v
+    }
+
+    #[test]
+    fn engines_hash_their_own_way_and_the_index_keys_by_tokens() {
+        let mut ix = KvIndex::new(2, 100);
+        // Two engines with different hash seeds store the same prefix [1 2 | 3 4]; e2 in two
+        // events, the second naming the first block as parent by its own hash.
+        assert_eq!(ix.apply("e1", 0, &batch(vec![stored(&[11, 12], None, &[1, 2, 3, 4])])), Sequence::InOrder);
+        ix.apply("e2", 0, &batch(vec![stored(&[91], None, &[1, 2])]));
+        ix.apply("e2", 1, &batch(vec![stored(&[92], Some(91), &[3, 4])]));
+        let prompt = block_keys(&[1, 2, 3, 4, 5, 6, 7], 2, None, 64);
+        assert_eq!(prompt.len(), 3, "full blocks only");
+        assert_eq!(held(&ix, &prompt), [("e1".into(), 2), ("e2".into(), 2)]);
+        // Another prompt sharing one block; an adapter's blocks are keyed apart.
+        assert_eq!(held(&ix, &block_keys(&[1, 2, 9, 9], 2, None, 64)), [("e1".into(), 1), ("e2".into(), 1)]);
+        assert_eq!(held(&ix, &block_keys(&[1, 2, 3, 4], 2, Some(1), 64)), [("e1".into(), 0), ("e2".into(), 0)]);
+        assert_eq!(ix.entries(), 4);
+    }
+
+    #[test]
+    fn removals_clears_and_departures_drop_entries() {
+        let mut ix = KvIndex::new(2, 100);
+        ix.apply("e1", 0, &batch(vec![stored(&[11, 12], None, &[1, 2, 3, 4])]));
+        ix.apply("e2", 0, &batch(vec![stored(&[21, 22], None, &[1, 2, 3, 4])]));
+        let keys = block_keys(&[1, 2, 3, 4], 2, None, 64);
+        ix.apply("e1", 1, &batch(vec![KvEvent::BlockRemoved { block_hashes: vec![BlockHash(12)], medium: None }]));
+        assert_eq!(held(&ix, &keys), [("e1".into(), 1), ("e2".into(), 2)], "e1 lost its second block");
+        ix.apply("e2", 1, &batch(vec![KvEvent::AllBlocksCleared]));
+        assert_eq!(held(&ix, &keys), [("e1".into(), 1), ("e2".into(), 0)]);
+        ix.remove_engine("e1");
+        assert_eq!(held(&ix, &keys), [("e2".into(), 0)]);
+        assert_eq!((ix.entries(), ix.holders.len()), (0, 0), "nothing left behind");
+    }
+
+    #[test]
+    fn gaps_duplicates_and_orphans_are_told_apart() {
+        let mut ix = KvIndex::new(2, 100);
+        assert_eq!(ix.apply("e1", 5, &batch(vec![])), Sequence::InOrder, "the first seen starts the count");
+        assert_eq!(ix.apply("e1", 5, &batch(vec![])), Sequence::Duplicate);
+        assert_eq!(ix.apply("e1", 8, &batch(vec![stored(&[12], Some(11), &[3, 4])])), Sequence::Gap { from: 6 });
+        assert_eq!(ix.skipped().orphans, 1, "a parent never seen: not indexed");
+        assert_eq!(ix.entries(), 0);
+        let mut wrong = stored(&[13], None, &[1, 2, 3, 4]);
+        if let KvEvent::BlockStored { block_size, .. } = &mut wrong {
+            *block_size = 4;
+        }
+        ix.apply("e1", 9, &batch(vec![wrong]));
+        assert_eq!(ix.skipped().block_size, 1);
+    }
+
+    #[test]
+    fn capacity_drops_the_oldest_and_engines_are_bounded() {
+        let mut ix = KvIndex::new(1, 3);
+        ix.apply("e1", 0, &batch(vec![stored(&[1, 2, 3, 4, 5], None, &[1, 2, 3, 4, 5]).with_block_size(1)]));
+        assert_eq!((ix.entries(), ix.skipped().evicted), (3, 2));
+        // The first two blocks went: the chain from the start no longer matches.
+        assert_eq!(held(&ix, &block_keys(&[1, 2, 3, 4, 5], 1, None, 64)), [("e1".into(), 0)]);
+        let mut ix = KvIndex::new(1, 10_000);
+        for i in 0..MAX_ENGINES + 3 {
+            ix.apply(&format!("e{i}"), 0, &batch(vec![stored(&[1], None, &[7]).with_block_size(1)]));
+        }
+        assert_eq!((ix.engines().count(), ix.skipped().engines), (MAX_ENGINES, 3));
+        assert!(ix.cached_blocks(&block_keys(&[7], 1, None, 4)).iter().all(|(_, b)| *b == 1));
+    }
+
+    trait WithBlockSize {
+        fn with_block_size(self, n: u32) -> Self;
+    }
+
+    impl WithBlockSize for KvEvent {
+        fn with_block_size(mut self, n: u32) -> Self {
+            if let KvEvent::BlockStored { block_size, .. } = &mut self {
+                *block_size = n;
+            }
+            self
+        }
+    }
+}
