@@ -139,6 +139,14 @@ impl EngineClient {
         Ok(EngineMetrics::parse(&String::from_utf8_lossy(&body)))
     }
 
+    /// `GET /kv_event_sources`: where the engine publishes its KV cache events (rank 0's
+    /// publisher), or None when it publishes none.
+    pub async fn kv_event_sources(&self, endpoint: &str) -> Result<Option<crate::kv_events::Sources>, EngineError> {
+        let body = self.call(Method::GET, endpoint, "/kv_event_sources", None, self.cfg.timeout).await?;
+        crate::kv_events::Sources::parse(&body)
+            .map_err(|reason| EngineError::InvalidBody { url: url(self.tls, endpoint, "/kv_event_sources"), reason })
+    }
+
     /// `GET /v1/models`: the base model and loaded adapters.
     pub async fn models(&self, endpoint: &str) -> Result<Vec<ModelCard>, EngineError> {
         let body = self.call(Method::GET, endpoint, "/v1/models", None, self.cfg.timeout).await?;

@@ -118,6 +118,37 @@ pub struct EventBatch {
     pub dp_rank: Option<u32>,
 }
 
+/// Where an engine publishes its KV events: rank 0's entry of `GET /kv_event_sources`
+/// (`{"0": {"endpoint": "tcp://10.0.0.5:41234", "replay_endpoint": ..., "topic": ...}}`).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Sources {
+    /// The PUB socket to subscribe to.
+    pub endpoint: String,
+    /// The ROUTER socket that replays missed batches, if any.
+    pub replay_endpoint: Option<String>,
+    pub topic: String,
+}
+
+impl Sources {
+    /// From the endpoint's JSON; None when the engine publishes nothing (`{}`, events off,
+    /// or an endpoint it connects out to rather than binds: nothing to subscribe to).
+    pub fn parse(body: &[u8]) -> Result<Option<Sources>, String> {
+        let v: serde_json::Value = serde_json::from_slice(body).map_err(|e| format!("not JSON: {e}"))?;
+        let Some(rank0) = v.get("0") else { return Ok(None) };
+        let field = |k: &str| rank0.get(k).and_then(|x| x.as_str()).map(str::to_string);
+        let Some(endpoint) = field("endpoint").filter(|e| e.starts_with("tcp://") && !e.contains('*')) else {
+            return Ok(None);
+        };
+        if endpoint.len() > 256 {
+            return Err("endpoint is over 256 bytes".into());
+        }
+        let replay_endpoint =
+            field("replay_endpoint").filter(|e| e.starts_with("tcp://") && !e.contains('*') && e.len() <= 256);
+        let topic = field("topic").unwrap_or_default().chars().take(256).collect();
+        Ok(Some(Sources { endpoint, replay_endpoint, topic }))
+    }
+}
+
 /// Why a message could not be decoded.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("KV event batch: {0}")]
@@ -437,6 +468,17 @@ mod tests {
             let r = real.iter().find(|r| r.1 == o.1).unwrap_or_else(|| panic!("no recorded {}", o.1));
             assert_eq!(o, r, "the real engine's {} shape", o.1);
         }
+    }
+
+    #[test]
+    fn sources_are_read_from_the_recorded_answer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../realvllm/tests/data/kv-events");
+        let s = Sources::parse(&std::fs::read(dir.join("kv_event_sources.json")).unwrap()).unwrap().unwrap();
+        assert_eq!(s.endpoint, "tcp://127.0.0.1:37053");
+        assert_eq!((s.replay_endpoint.as_deref(), s.topic.as_str()), (Some("tcp://127.0.0.1:36213"), "kv@tiny"));
+        assert_eq!(Sources::parse(b"{}"), Ok(None));
+        assert_eq!(Sources::parse(br#"{"0": {"endpoint": "tcp://*:5557"}}"#), Ok(None), "unresolved wildcard");
+        assert!(Sources::parse(b"nope").is_err());
     }
 
     #[test]

@@ -24,6 +24,7 @@ pub mod demand;
 pub mod discovery;
 pub mod error;
 pub mod hold;
+pub mod kv_follow;
 pub mod layers;
 pub mod leader;
 pub mod limits;

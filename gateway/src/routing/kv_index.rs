@@ -175,6 +175,19 @@ impl KvIndex {
             _ => Sequence::InOrder,
         };
         e.last_seq = Some(seq);
+        self.apply_events(engine, slot, batch);
+        order
+    }
+
+    /// The first missed sequence number when `seq` would skip some (None: in order, a
+    /// duplicate, or the first batch seen of `engine`). Asked before [`KvIndex::apply`], so
+    /// the missed batches can be replayed first.
+    pub fn gap(&self, engine: &str, seq: i64) -> Option<i64> {
+        let last = self.engines.get(engine)?.last_seq?;
+        (seq > last + 1).then_some(last + 1)
+    }
+
+    fn apply_events(&mut self, engine: &str, slot: u8, batch: &EventBatch) {
         for ev in &batch.events {
             match ev {
                 KvEvent::BlockStored { block_hashes, parent, token_ids, block_size, lora_id, .. } => {
@@ -194,7 +207,6 @@ impl KvIndex {
             }
         }
         self.enforce_capacity();
-        order
     }
 
     fn stored(
@@ -243,7 +255,9 @@ impl KvIndex {
     fn enforce_capacity(&mut self) {
         while self.entries > self.capacity {
             let Some((slot, h)) = self.order.pop_front() else { break };
-            let Some(name) = self.engines.iter().find(|(_, e)| e.slot == slot).map(|(n, _)| n.clone()) else { continue };
+            let Some(name) = self.engines.iter().find(|(_, e)| e.slot == slot).map(|(n, _)| n.clone()) else {
+                continue;
+            };
             let before = self.entries;
             self.removed(&name, slot, h);
             if self.entries < before {
@@ -363,6 +377,7 @@ mod tests {
         let mut ix = KvIndex::new(2, 100);
         assert_eq!(ix.apply("e1", 5, &batch(vec![])), Sequence::InOrder, "the first seen starts the count");
         assert_eq!(ix.apply("e1", 5, &batch(vec![])), Sequence::Duplicate);
+        assert_eq!((ix.gap("e1", 6), ix.gap("e1", 8), ix.gap("e9", 8)), (None, Some(6), None));
         assert_eq!(ix.apply("e1", 8, &batch(vec![stored(&[12], Some(11), &[3, 4])])), Sequence::Gap { from: 6 });
         assert_eq!(ix.skipped().orphans, 1, "a parent never seen: not indexed");
         assert_eq!(ix.entries(), 0);
