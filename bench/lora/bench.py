@@ -529,6 +529,13 @@ def run_dense(a, replicas):
         results, metrics_at = asyncio.run(replay(st.gw_port, trace, a.warmup, a.seed))
     finally:
         st.stop()
+    dump = os.environ.get("LORA_BENCH_DUMP")
+    if dump:
+        # One line per request (schedule time, adapter, lengths, outcome): for looking into a tail.
+        with open(dump, "w") as f:
+            for (t, m, pl, mt), r in zip(trace, results):
+                f.write(json.dumps({"t": round(t, 3), "model": m, "prompt_len": pl, "max_tokens": mt,
+                                    "ttft": r["ttft"], "status": r["status"], "lag": round(r["lag"], 4)}) + "\n")
     res = summarize("dense", {"rate": a.rate, "replicas": replicas, "seed": a.seed, "warmup_s": a.warmup,
                               "duration_s": a.duration, "adapters": a.adapters, "zipf_s": a.zipf_s,
                               "max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS},

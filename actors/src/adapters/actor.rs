@@ -200,6 +200,12 @@ impl Actor for AdapterActor {
                     return Ok(());
                 }
                 let now = Instant::now();
+                for (victim, replica, by) in &plan.evictions {
+                    let pair = (victim.clone(), replica.clone());
+                    let idle_ms =
+                        st.s.last_used.get(&pair).map(|t| now.saturating_duration_since(*t).as_millis() as u64);
+                    tracing::info!(base = %st.s.base, adapter = %victim, replica = %replica, for_adapter = %by, idle_ms = ?idle_ms, "adapter evicted");
+                }
                 for (adapter, replica) in &plan.bound {
                     tracing::info!(base = %st.s.base, adapter = %adapter, replica = %replica, "adapter assigned");
                     st.s.last_used.insert((adapter.clone(), replica.clone()), now);

@@ -146,6 +146,8 @@ pub struct Plan {
     pub bound: Vec<(ObjectName, ObjectName)>,
     /// Bindings removed to free a slot for a waiting adapter.
     pub evicted: usize,
+    /// (evicted adapter, replica, the adapter that takes its slot), for the log.
+    pub evictions: Vec<(ObjectName, ObjectName, ObjectName)>,
     /// Demanded adapters left without a binding, and why.
     pub unplaced: BTreeMap<ObjectName, Unplaced>,
     /// Decide again at this instant: a binding then passes the thrash guard for a demand
@@ -414,6 +416,7 @@ pub fn decide(s: &AdapterState) -> Plan {
             if let Some(v) = victim {
                 list.retain(|b| b.name != v);
                 plan.evicted += 1;
+                plan.evictions.push((v, replica.clone(), name.clone()));
             }
             list.push(AdapterBinding { name: name.clone(), source: a.spec.source.clone() });
             list.sort();
