@@ -11,7 +11,8 @@
 //! 3. An on-demand request (`EnsureLoaded`) adds one binding on a Ready replica not in its
 //!    avoid list, unless one is already loaded or loading there.
 //! 4. A new binding takes a free slot chosen by the adapter's placement policy; with none
-//!    free, it evicts at once the least recently used binding that is safe to evict:
+//!    free, it evicts at once a binding that is safe to evict, on the least loaded
+//!    candidate replica (running + waiting requests) and there the least recently used:
 //!    unpinned, not demanded, no request in flight there (the gateways' counts, else the
 //!    engine's running adapters) and bound at least `MIN_RESIDENCY` ago (the thrash
 //!    guard). A demand that finds nothing evictable is reported in `Plan::unplaced` with
@@ -362,8 +363,11 @@ pub fn decide(s: &AdapterState) -> Plan {
             let mut fresh_until: Option<Instant> = None;
             let mut busy: Vec<String> = Vec::new();
             let pick = pick.or_else(|| {
-                let mut best: Option<(Instant, ObjectName, ObjectName)> = None;
+                let mut best: Option<((u64, Instant), ObjectName, ObjectName)> = None;
                 for r in &candidates {
+                    // The least loaded replica's slot first: the new adapter brings its
+                    // traffic to the replica that has room for it (LRU within it).
+                    let busy_now = load(r).max(0.0).round() as u64;
                     for b in bindings.get(&r.name).into_iter().flatten() {
                         let pair = (b.name.clone(), r.name.clone());
                         if pinned_now.contains(&pair) {
@@ -391,8 +395,8 @@ pub fn decide(s: &AdapterState) -> Plan {
                             continue;
                         }
                         let last = s.last_used.get(&pair).copied().or(since).unwrap_or(s.now);
-                        if best.as_ref().is_none_or(|(t, _, _)| last < *t) {
-                            best = Some((last, r.name.clone(), b.name.clone()));
+                        if best.as_ref().is_none_or(|(k, _, _)| (busy_now, last) < *k) {
+                            best = Some(((busy_now, last), r.name.clone(), b.name.clone()));
                         }
                     }
                 }

@@ -463,3 +463,40 @@ fn a_rollout_moves_pinned_adapters_to_the_new_template_before_the_old_holders_go
     all_loaded(&w, &mut s);
     assert!(decide(&s).commands.is_empty(), "steady: one binding more, no churn");
 }
+
+#[test]
+fn the_victim_is_taken_from_the_least_loaded_replica_then_least_recently_used() {
+    // Two full one-slot replicas: a (on r1, idle longest) and b (on r2, used more recently).
+    let world_of_two = || {
+        let mut w = world(2, &["--max-cpu-loras", "1"]);
+        for n in ["a", "b", "c"] {
+            adapter(&mut w, n, json!("on-demand"));
+        }
+        w.replicas_mut("r1", |sp, _| sp.adapters = vec![AdapterBinding { name: name("a"), source: "sim://a".into() }]);
+        w.replicas_mut("r2", |sp, _| sp.adapters = vec![AdapterBinding { name: name("b"), source: "sim://b".into() }]);
+        w
+    };
+    let now = Instant::now();
+    let setup = |w: &World, r1_busy: f64| {
+        let mut s = state(w, now);
+        for (n, r, ago) in [("a", "r1", 600), ("b", "r2", 60)] {
+            s.bound_at.insert((name(n), name(r)), now - Duration::from_secs(900));
+            s.last_used.insert((name(n), name(r)), now - Duration::from_secs(ago));
+        }
+        s.reports.insert(name("r1"), EngineReport { num_requests_running: r1_busy, ..Default::default() });
+        s.reports.insert(name("r2"), EngineReport { num_requests_running: 0.0, ..Default::default() });
+        s.demands.insert(name("c"), Demand { avoid: BTreeSet::new(), until: now + Duration::from_secs(30) });
+        s
+    };
+    // r1 serves 6 requests (of other adapters sharing its engine, say), r2 none: c goes to
+    // r2, evicting b although a has been idle longer, so c's traffic lands where there is room.
+    let mut w = world_of_two();
+    let s = setup(&w, 6.0);
+    let plan = run(&mut w, &s);
+    assert_eq!(plan.evictions, [(name("b"), name("r2"), name("c"))]);
+    // Equally loaded: the least recently used goes, as before.
+    let mut w = world_of_two();
+    let s = setup(&w, 0.0);
+    let plan = run(&mut w, &s);
+    assert_eq!(plan.evictions, [(name("a"), name("r1"), name("c"))]);
+}
