@@ -28,6 +28,15 @@ fn report(server: &FakeServer, agent: &TestAgent) -> Option<pb::EngineReport> {
     server.engines().into_iter().find(|e| e.replica == "big-0")
 }
 
+/// `replica`'s report once it is `failed`.
+async fn failed_report(server: &FakeServer, agent: &TestAgent, replica: &str, what: &str) -> pb::EngineReport {
+    eventually(20, what, || {
+        let _ = agent.reports();
+        server.engines().into_iter().find(|e| e.replica == replica && e.state == "failed")
+    })
+    .await
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_two_node_gang_forms_serves_and_fails_with_its_worker() {
     let (head_server, worker_server) = (FakeServer::start().await, FakeServer::start().await);
@@ -134,11 +143,7 @@ async fn gangs_the_agent_cannot_run_fail_with_the_reason() {
     let mut beyond = member(2, "127.0.0.1:1");
     beyond.replica = "big-1".into();
     server.assign(vec![beyond]);
-    let failed = eventually(20, "a rank outside its gang failed", || {
-        let _ = agent.reports();
-        server.engines().into_iter().find(|e| e.replica == "big-1" && e.state == "failed")
-    })
-    .await;
+    let failed = failed_report(&server, &agent, "big-1", "a rank outside its gang failed").await;
     assert!(failed.reason.contains("rank 2 of a gang of 2"), "{}", failed.reason);
 }
 
@@ -212,11 +217,7 @@ async fn a_waiting_worker_downloads_its_weights_first() {
         ..member(1, "")
     };
     server.assign(vec![missing]);
-    let failed = eventually(20, "the worker's failed download fails it", || {
-        let _ = agent.reports();
-        server.engines().into_iter().find(|e| e.replica == "big-1" && e.state == "failed")
-    })
-    .await;
+    let failed = failed_report(&server, &agent, "big-1", "the worker's failed download fails it").await;
     assert!(failed.reason.contains("download of file:///definitely/not/here failed"), "{}", failed.reason);
 }
 
