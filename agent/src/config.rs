@@ -112,6 +112,13 @@ pub struct AgentArgs {
     /// (docs/security.md, docs/agent.md "Ray layout").
     #[arg(long, value_name = "PROGRAM")]
     pub ray: Option<PathBuf>,
+    /// Start every engine (not headless gang workers) publishing its KV cache events, as
+    /// vLLM's `--kv-events-config` does: a ZMQ PUB and a replay socket bound on --address
+    /// at free ports, topic `kv@<replica>`; gateways find them at the engine's
+    /// `GET /kv_event_sources`. The events carry prompts' token ids and ZMQ has no key: give
+    /// it only where the node network is closed to all but the cluster (docs/security.md).
+    #[arg(long)]
+    pub kv_events: bool,
     /// The flotilla binary whose `ray-member` subcommand supervises a Ray member (its Ray
     /// node and engine as one process); default: this executable.
     #[arg(long, value_name = "PATH", requires = "ray")]
@@ -251,6 +258,8 @@ pub struct AgentConfig {
     pub gang_interface: Option<String>,
     /// How `layout: ray` members run (`--ray`); None: they are refused.
     pub ray: Option<RayConfig>,
+    /// Engines publish KV cache events (`--kv-events`).
+    pub kv_events: bool,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
     /// The container runtime for Models with an `engine_image` (None: none runs).
@@ -441,6 +450,7 @@ impl AgentArgs {
             engine_env,
             gang_interface,
             ray,
+            kv_events: self.kv_events,
             engine_policy,
             containers: self.containers()?,
             metrics_listen: self.metrics_listen,

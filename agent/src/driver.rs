@@ -103,6 +103,21 @@ impl std::fmt::Debug for RayLaunch {
     }
 }
 
+/// `--kv-events-config` for an engine of `replica` (the agent's `--kv-events`): vLLM's ZMQ
+/// publisher and replay socket on free ports of the node address (`tcp://*:0` binds
+/// `VLLM_HOST_IP`, the sim its `--host`), topic `kv@<replica>`. A Model may not set the flag
+/// itself (`engine_policy`): it could send the token ids anywhere.
+pub fn kv_events_args(replica: &str) -> [String; 2] {
+    let config = serde_json::json!({
+        "enable_kv_cache_events": true,
+        "publisher": "zmq",
+        "endpoint": "tcp://*:0",
+        "replay_endpoint": "tcp://*:0",
+        "topic": format!("kv@{replica}"),
+    });
+    ["--kv-events-config".into(), config.to_string()]
+}
+
 /// The command that runs `spec`: the driver's, except for a `ray`-layout member, which runs
 /// `flotilla ray-member` ([`crate::ray_member`]): a worker with no engine at all, the head
 /// with the driver's command after `--`. The environment is the driver's either way (the

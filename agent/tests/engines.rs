@@ -483,3 +483,35 @@ async fn engines_get_only_allowed_environment_variables() {
     let (names, _, _) = engine_environ(&[]).await;
     assert!(!names.iter().any(|n| n.starts_with("CARGO_")), "no --engine-env, no CARGO_*: {names:?}");
 }
+
+/// `--kv-events`: each engine publishes its KV cache events on the node address, and says
+/// where at `GET /kv_event_sources`, with a topic of its own; without the flag it publishes none.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn kv_events_are_published_on_the_node_address_when_asked() {
+    for on in [true, false] {
+        let server = FakeServer::start().await;
+        let dir = tempfile::tempdir().unwrap();
+        let mut extra = vec!["--gpus", "1", "--gpu-type", "A100-80GB"];
+        if on {
+            extra.push("--kv-events");
+        }
+        let agent = TestAgent::start(agent_args(&[server.addr], dir.path(), "node-kv", &extra)).await;
+        server.assign(vec![sim_replica("kv-0", "demo", &[0])]);
+        let (endpoint, _) = eventually(30, "the engine ready", || {
+            let _ = agent.reports();
+            ready_endpoint(&server.engines(), "kv-0")
+        })
+        .await;
+        let sources = flotilla_engine::EngineClient::new().kv_event_sources(&endpoint).await.unwrap();
+        match (on, sources) {
+            (true, Some(s)) => {
+                assert!(s.endpoint.starts_with("tcp://127.0.0.1:"), "on the agent's address: {s:?}");
+                assert!(s.replay_endpoint.as_deref().is_some_and(|r| r.starts_with("tcp://127.0.0.1:")), "{s:?}");
+                assert_eq!(s.topic, "kv@kv-0");
+            }
+            (false, None) => {}
+            (on, other) => panic!("--kv-events {on}: {other:?}"),
+        }
+        drop(agent);
+    }
+}

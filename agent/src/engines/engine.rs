@@ -605,6 +605,14 @@ fn launch(
         env.ports.release(port);
         e.to_string()
     })?;
+    if env.cfg.kv_events && !headless {
+        // Last, so it follows the engine's own words (also those after a ray-member's `--`).
+        cmd.args.extend(crate::driver::kv_events_args(&a.replica));
+        if !cmd.env.iter().any(|(k, _)| k == "VLLM_HOST_IP") {
+            // vLLM binds `tcp://*:0` on this address (the sim on its --host).
+            cmd.env.push(("VLLM_HOST_IP".into(), env.cfg.address.clone()));
+        }
+    }
     let mut explicit = std::mem::take(&mut cmd.env);
     if let Some(k) = &engine.key {
         explicit.push((crate::engine_key::ENV.to_string(), k.expose().to_string()));
