@@ -126,12 +126,10 @@ pub fn kv_events_args(replica: &str) -> [String; 2] {
 pub fn member_command(driver: &dyn EngineDriver, spec: &LaunchSpec<'_>) -> Result<EngineCommand, AgentError> {
     let Some(ray) = spec.gang.and_then(|g| g.ray.as_ref()) else { return driver.command(spec) };
     let mut args = ray.args.clone();
-    let env = match spec.headless() {
+    let mut env = match spec.headless() {
         // No engine: the GPUs and the node's network environment are Ray's.
         true => {
-            let visible = spec.assignment.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
-            let mut env =
-                vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)];
+            let mut env = gpu_env(spec.assignment);
             env.extend(spec.gang.into_iter().flat_map(|g| g.env.iter().cloned()));
             env
         }
@@ -143,10 +141,15 @@ pub fn member_command(driver: &dyn EngineDriver, spec: &LaunchSpec<'_>) -> Resul
             engine.env
         }
     };
-    let mut env = env;
     env.push(("RAY_AUTH_MODE".into(), "token".into()));
     env.push(("RAY_AUTH_TOKEN".into(), ray.token.clone()));
     Ok(EngineCommand { program: ray.binary.clone(), args, env })
+}
+
+/// The bound GPUs, by PCI bus order, as CUDA (vLLM, Ray) sees them.
+fn gpu_env(a: &ReplicaAssignment) -> Vec<(String, String)> {
+    let visible = a.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
+    vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)]
 }
 
 impl LaunchSpec<'_> {
@@ -322,12 +325,11 @@ impl EngineDriver for VllmDriver {
             replica: a.replica.clone(),
             reason: "the vllm command template is empty".into(),
         })?;
-        let visible = a.gpus.iter().map(u32::to_string).collect::<Vec<_>>().join(",");
         let mut args: Vec<String> = it.collect();
         args.extend(spec.member_args());
         args.extend(spec.gang.into_iter().flat_map(|g| g.vllm_args.iter().cloned()));
         args.extend(tls_args(spec));
-        let mut env = vec![("CUDA_DEVICE_ORDER".into(), "PCI_BUS_ID".into()), ("CUDA_VISIBLE_DEVICES".into(), visible)];
+        let mut env = gpu_env(a);
         env.extend(spec.gang.into_iter().flat_map(|g| g.env.iter().cloned()));
         Ok(EngineCommand { program, args, env })
     }

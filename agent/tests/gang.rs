@@ -28,6 +28,16 @@ fn report(server: &FakeServer, agent: &TestAgent) -> Option<pb::EngineReport> {
     server.engines().into_iter().find(|e| e.replica == "big-0")
 }
 
+/// A chat completion through a ready head with its key; the body of its 200.
+async fn chat(head: &pb::EngineReport) -> String {
+    let body = r#"{"model": "big", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}"#;
+    let (status, text) = http_request_with_key(&head.endpoint, "POST", "/v1/chat/completions", body, &head.api_key)
+        .await
+        .expect("the head answers");
+    assert_eq!(status, 200, "{text}");
+    text
+}
+
 /// `replica`'s report once it is `failed`.
 async fn failed_report(server: &FakeServer, agent: &TestAgent, replica: &str, what: &str) -> pb::EngineReport {
     eventually(20, what, || {
@@ -98,12 +108,7 @@ async fn a_two_node_gang_forms_serves_and_fails_with_its_worker() {
         eventually(30, "the head ready", || report(&head_server, &head).filter(|r| r.state == "ready")).await;
     assert_eq!((ready_head.endpoint.as_str(), ready_head.pid), (starting.endpoint.as_str(), starting.pid));
     assert_eq!(ready_head.rendezvous, rendezvous, "reported while it runs");
-    let body = r#"{"model": "big", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}"#;
-    let (status, text) =
-        http_request_with_key(&ready_head.endpoint, "POST", "/v1/chat/completions", body, &ready_head.api_key)
-            .await
-            .expect("the head answers");
-    assert_eq!(status, 200, "{text}");
+    let text = chat(&ready_head).await;
     assert!(text.contains("\"choices\""), "{text}");
     assert!(alive(ready_worker.pid) && alive(ready_head.pid));
 
@@ -366,12 +371,7 @@ async fn a_ray_gang_forms_a_ray_cluster_and_leaves_nothing_behind() {
     assert_eq!(nodes, Some(2), "both members' Ray nodes joined the cluster at {rendezvous}");
     assert_eq!(ray_alive_nodes(&ray, &rendezvous, None), None, "Ray refuses a client without the token");
     assert_eq!(ray_alive_nodes(&ray, &rendezvous, Some(&"0".repeat(64))), None, "and one with another token");
-    let body = r#"{"model": "big", "messages": [{"role": "user", "content": "hello"}], "max_tokens": 4}"#;
-    let (status, text) =
-        http_request_with_key(&ready_head.endpoint, "POST", "/v1/chat/completions", body, &ready_head.api_key)
-            .await
-            .expect("the head's engine answers");
-    assert_eq!(status, 200, "{text}");
+    chat(&ready_head).await;
 
     // The worker's member killed: a crash its agent reports (the leader fails the gang).
     signal_group(ready_worker.pid, Signal::KILL);

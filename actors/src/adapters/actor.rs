@@ -212,7 +212,7 @@ impl Actor for AdapterActor {
                     st.s.bound_at.insert((adapter.clone(), replica.clone()), now);
                 }
                 st.ctx.metrics.adapter_bindings.inc_by(plan.bound.len() as u64);
-                st.ctx.metrics.adapter_evictions.inc_by(plan.evicted as u64);
+                st.ctx.metrics.adapter_evictions.inc_by(plan.evictions.len() as u64);
                 let out = execute(&st.ctx, Controller::Adapters, plan.commands).await.map_err(|e| {
                     tracing::warn!(base = %st.s.base, error = %e, "uncertain write; stopping for a rebuild");
                     Box::new(e) as ActorProcessingErr

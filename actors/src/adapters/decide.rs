@@ -145,9 +145,8 @@ pub struct Plan {
     pub commands: Vec<Command>,
     /// New (adapter, replica) bindings, for the usage clock.
     pub bound: Vec<(ObjectName, ObjectName)>,
-    /// Bindings removed to free a slot for a waiting adapter.
-    pub evicted: usize,
-    /// (evicted adapter, replica, the adapter that takes its slot), for the log.
+    /// Bindings removed to free a slot for a waiting adapter: (evicted adapter, replica, the
+    /// adapter that takes its slot).
     pub evictions: Vec<(ObjectName, ObjectName, ObjectName)>,
     /// Demanded adapters left without a binding, and why.
     pub unplaced: BTreeMap<ObjectName, Unplaced>,
@@ -419,7 +418,6 @@ pub fn decide(s: &AdapterState) -> Plan {
             let list = bindings.entry(replica.clone()).or_default();
             if let Some(v) = victim {
                 list.retain(|b| b.name != v);
-                plan.evicted += 1;
                 plan.evictions.push((v, replica.clone(), name.clone()));
             }
             list.push(AdapterBinding { name: name.clone(), source: a.spec.source.clone() });

@@ -159,7 +159,7 @@ fn on_demand_loads_evict_the_least_recently_used_unpinned_adapter() {
     s.last_used.insert((name("p"), name("r1")), t0 - Duration::from_secs(100));
     s.demands.insert(name("y"), Demand { avoid: BTreeSet::new(), until });
     let plan = run(&mut w, &s);
-    assert_eq!((plan.evicted, plan.unplaced.len(), plan.wake_at), (1, 0, None));
+    assert_eq!((plan.evictions.len(), plan.unplaced.len(), plan.wake_at), (1, 0, None));
     assert_eq!(bound(&w)["r1"], ["p", "y"]);
     let x = status(&w, "x");
     assert_eq!(x.phase, AdapterPhase::Pending);

@@ -114,8 +114,7 @@ pub async fn run(
     };
     let refused = refused.or_else(|| a.gang.as_ref().and_then(|g| crate::gang::refusal(g, env.cfg.ray.is_some())));
     let refused = refused.or_else(|| {
-        let ray =
-            a.gang.as_ref().is_some_and(|g| crate::gang::Layout::parse(&g.layout) == Some(crate::gang::Layout::Ray));
+        let ray = a.gang.as_ref().is_some_and(crate::gang::is_ray);
         (ray && !a.engine_image.is_empty()).then(|| {
             "a layout: ray member runs its Ray node on the host; engine_image is not supported with it".to_string()
         })

@@ -126,20 +126,9 @@ impl KvIndex {
         }
     }
 
-    /// Tokens per block.
-    pub fn block_size(&self) -> usize {
-        self.block_size
-    }
-
     /// (engine, block) entries held.
     pub fn entries(&self) -> usize {
         self.entries
-    }
-
-    /// Approximate heap bytes: per entry the engine's hash map slot (16 B + control), the
-    /// insertion queue slot (16 B) and a share of the holder map (16 B per distinct block).
-    pub fn approx_bytes(&self) -> usize {
-        self.entries * (17 + 16) + self.holders.len() * 17
     }
 
     /// What the index could not use so far.
