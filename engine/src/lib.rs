@@ -23,6 +23,7 @@ pub mod kv_events;
 pub mod metrics;
 pub mod models;
 pub mod pins;
+pub mod sim_tokenizer;
 pub mod tls;
 
 pub use client::{error_chain, EngineClient, EngineClientConfig, ENGINE_IDLE_REUSE};

@@ -21,7 +21,7 @@ use tokio::time::Instant;
 use crate::config::Saturation;
 use crate::error::{ApiCode, ApiError};
 use crate::load::{Availability, EndpointLoad, EndpointStats};
-use crate::metrics::EndpointLabels;
+use crate::metrics::{EndpointLabels, ModelLabels};
 use crate::names::ServedName;
 use crate::qos::{FairQueue, Waiter};
 use crate::request::RequestFeatures;
@@ -58,6 +58,11 @@ pub struct Lease {
     pub endpoint: Arc<Endpoint>,
     pub stats: Arc<EndpointStats>,
     pub probe: bool,
+    /// `x-flotilla-route`: how the endpoint was chosen (when the request asked).
+    pub route: Option<String>,
+    /// Prompt tokens the engine is expected to compute, counted in its
+    /// `prefill_pending` until the first byte comes back ([`Lease::prefill_started`]).
+    prefill_tokens: u64,
     gw: Arc<Gateway>,
     model: ServedName,
     pump: bool,
@@ -69,8 +74,19 @@ impl std::fmt::Debug for Lease {
     }
 }
 
+impl Lease {
+    /// The engine began answering: its prompt is no longer work queued ahead there.
+    pub fn prefill_started(&mut self) {
+        if self.prefill_tokens > 0 {
+            self.stats.prefill_pending.fetch_sub(self.prefill_tokens, Ordering::Relaxed);
+            self.prefill_tokens = 0;
+        }
+    }
+}
+
 impl Drop for Lease {
     fn drop(&mut self) {
+        self.prefill_started();
         self.stats.in_flight.fetch_sub(1, Ordering::Relaxed);
         self.gw
             .metrics
@@ -133,7 +149,19 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
         excluded = exclude.len() as i64,
         endpoint = tracing::field::Empty,
     );
-    let id = gw.router.strategy(ctx.strategy).pick(&ctx.features, &eps, &loads)?;
+    let (id, explanation, prefill_tokens) = if ctx.strategy == RoutingStrategy::KvAware {
+        let d = gw.router.kv_aware.decide(&ctx.features, &eps, &loads, now)?;
+        if d.prompt_tokens > 0 {
+            let labels = ModelLabels { model: eps[0].model.to_string() };
+            gw.metrics.kv_prompt_tokens.get_or_create(&labels).inc_by(d.prompt_tokens);
+            gw.metrics.kv_predicted_hit_tokens.get_or_create(&labels).inc_by(d.predicted_hit_tokens);
+        }
+        (d.id, d.explanation, d.prefill_tokens)
+    } else {
+        let id = gw.router.strategy(ctx.strategy).pick(&ctx.features, &eps, &loads)?;
+        let explanation = ctx.features.explain_route.then(|| ctx.strategy.as_str().to_string());
+        (id, explanation, 0)
+    };
     route.record("endpoint", id.as_str());
     drop(route);
     let endpoint = eps.into_iter().find(|e| e.id == id)?;
@@ -147,11 +175,21 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
         probe
     };
     stats.in_flight.fetch_add(1, Ordering::Relaxed);
+    stats.prefill_pending.fetch_add(prefill_tokens, Ordering::Relaxed);
     gw.metrics
         .in_flight
         .get_or_create(&EndpointLabels { model: endpoint.model.to_string(), endpoint: id.to_string() })
         .inc();
-    Some(Lease { endpoint, stats, probe, gw: gw.clone(), model: ctx.model.clone(), pump: true })
+    Some(Lease {
+        endpoint,
+        stats,
+        probe,
+        route: explanation,
+        prefill_tokens,
+        gw: gw.clone(),
+        model: ctx.model.clone(),
+        pump: true,
+    })
 }
 
 type Queue = Arc<Mutex<FairQueue<Pending>>>;

@@ -5,7 +5,7 @@ use std::collections::BTreeMap;
 use std::net::SocketAddr;
 use std::time::Duration;
 
-use flotilla_api::spec::PriorityClass;
+use flotilla_api::spec::{PriorityClass, RoutingStrategy};
 use http::uri::Authority;
 
 use crate::error::GatewayError;
@@ -95,6 +95,29 @@ pub struct GatewayArgs {
     /// Prefix-cache routing: ... and when its load exceeds `least * this`.
     #[arg(long, default_value_t = 1.5)]
     pub prefix_balance_rel: f64,
+    /// The routing strategy of a static `--backend` model, MODEL=STRATEGY (repeatable; default
+    /// least-request). Cluster models take their Model's `routing`; a request's
+    /// `x-flotilla-routing` header overrides either.
+    #[arg(long = "routing", value_name = "MODEL=STRATEGY")]
+    pub routing: Vec<String>,
+    /// The tokenizer of a model, MODEL=sim (the `flotilla sim` engine's) or MODEL=DIR (a
+    /// Hugging Face model directory: tokenizer.json, tokenizer_config.json, chat template),
+    /// repeatable. `kv-aware` routing needs it to key prompts exactly as the engine does;
+    /// without one a model's kv-aware requests are routed by the approximate prefix index.
+    #[arg(long = "tokenizer", value_name = "MODEL=SOURCE")]
+    pub tokenizer: Vec<String>,
+    /// kv-aware routing: the cost of one request in an engine's queue, in prompt tokens to
+    /// compute (the cost of an engine = uncached prompt tokens + this × its queue).
+    #[arg(long, default_value_t = 64.0, value_name = "TOKENS")]
+    pub kv_load_weight: f64,
+    /// kv-aware routing: how long a request's prompt blocks count as held by the engine it
+    /// was sent to before that engine's own KV event confirms them, in milliseconds.
+    #[arg(long, default_value_t = 5_000, value_name = "MS")]
+    pub kv_speculate_ms: u64,
+    /// kv-aware routing: most (engine, block) entries a model's KV index keeps (about 50
+    /// bytes each); past it the oldest go first.
+    #[arg(long, default_value_t = 1_000_000, value_name = "N")]
+    pub kv_index_capacity: usize,
     /// Poll static backends' `/metrics` and `/v1/models` this often, in milliseconds
     /// (0: never; cluster endpoints get their load figures from the server).
     #[arg(long, default_value_t = 1_000)]
@@ -232,6 +255,12 @@ pub struct Config {
     pub prefix_block_chars: usize,
     pub prefix_balance_abs: u32,
     pub prefix_balance_rel: f64,
+    /// `--routing`: static backend models' strategies.
+    pub routing: Vec<(crate::names::ModelName, RoutingStrategy)>,
+    /// `--tokenizer`, loaded.
+    pub tokenizers: crate::prompt_tokens::Tokenizers,
+    pub kv: crate::routing::kv_aware::KvAwareConfig,
+    pub kv_index_capacity: usize,
     pub scrape_interval: Option<Duration>,
     pub adapter_load_timeout: Duration,
     /// None: demand reports off.
@@ -396,6 +425,31 @@ impl GatewayArgs {
         if !(1..=3_600_000).contains(&self.cold_start_timeout_ms) {
             return usage(format!("--cold-start-timeout-ms {} is not within 1..=3600000", self.cold_start_timeout_ms));
         }
+        let mut routing = Vec::new();
+        for r in &self.routing {
+            let bad = |why: String| GatewayError::Usage(format!("--routing {r:?}: {why} (expected MODEL=STRATEGY)"));
+            let (m, s) = r.split_once('=').ok_or_else(|| bad("no '='".into()))?;
+            let s = crate::routing::parse_override(s).map_err(|e| bad(e.replace("x-flotilla-routing ", "")))?;
+            if m.is_empty() || routing.iter().any(|(n, _): &(crate::names::ModelName, _)| n.as_str() == m) {
+                return Err(bad("empty or repeated model".into()));
+            }
+            routing.push((crate::names::ModelName::from(m), s));
+        }
+        let tokenizers = self
+            .tokenizer
+            .iter()
+            .map(|t| crate::prompt_tokens::parse_tokenizer_flag(t).map_err(GatewayError::Usage))
+            .collect::<Result<Vec<_>, _>>()?;
+        let tokenizers = crate::prompt_tokens::Tokenizers::load(&tokenizers).map_err(GatewayError::Usage)?;
+        if !self.kv_load_weight.is_finite() || self.kv_load_weight < 0.0 {
+            return usage(format!("--kv-load-weight {} must be a non-negative number", self.kv_load_weight));
+        }
+        if !(1..=600_000).contains(&self.kv_speculate_ms) {
+            return usage(format!("--kv-speculate-ms {} is not within 1..=600000", self.kv_speculate_ms));
+        }
+        if !(1_000..=100_000_000).contains(&self.kv_index_capacity) {
+            return usage(format!("--kv-index-capacity {} is not within 1000..=100000000", self.kv_index_capacity));
+        }
         let mut seen = BTreeMap::new();
         for b in &backends {
             if seen.insert((b.model.clone(), b.authority.to_string()), ()).is_some() {
@@ -433,6 +487,14 @@ impl GatewayArgs {
             prefix_block_chars: self.prefix_block_chars,
             prefix_balance_abs: self.prefix_balance_abs,
             prefix_balance_rel: self.prefix_balance_rel,
+            routing,
+            tokenizers,
+            kv: crate::routing::kv_aware::KvAwareConfig {
+                load_weight: self.kv_load_weight,
+                speculate_for: ms(self.kv_speculate_ms),
+                ..Default::default()
+            },
+            kv_index_capacity: self.kv_index_capacity,
             scrape_interval: (self.scrape_interval_ms > 0).then(|| ms(self.scrape_interval_ms)),
             adapter_load_timeout: ms(self.adapter_load_timeout_ms),
             demand_report_interval: (self.demand_report_interval_ms > 0).then(|| ms(self.demand_report_interval_ms)),

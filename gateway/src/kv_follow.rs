@@ -60,6 +60,14 @@ async fn run(engine: &str, sources: &Sources, index: &Mutex<KvIndex>, stop: &mut
         return Ended::Broken(format!("subscribe: {e}"));
     }
     tracing::info!(engine, endpoint = %sources.endpoint, "following KV events");
+    // What the engine already holds: every batch its replay socket still keeps. A history
+    // that starts late only leaves blocks unindexed (their parents unknown), never wrong.
+    if let Some(r) = &sources.replay_endpoint {
+        let synced = tokio::time::timeout(REPLAY_TIMEOUT, replay(engine, r, 0, None, index)).await.unwrap_or(false);
+        if !synced {
+            tracing::debug!(engine, "no KV event history replayed; indexing from the live stream on");
+        }
+    }
     loop {
         let msg = tokio::select! {
             _ = stop.wait_for(|s| *s) => return Ended::Stopped,
@@ -78,9 +86,9 @@ async fn run(engine: &str, sources: &Sources, index: &Mutex<KvIndex>, stop: &mut
         let gap = lock(index).gap(engine, seq);
         if let Some(from) = gap {
             let filled = match &sources.replay_endpoint {
-                Some(r) => {
-                    tokio::time::timeout(REPLAY_TIMEOUT, replay(engine, r, from, seq, index)).await.unwrap_or(false)
-                }
+                Some(r) => tokio::time::timeout(REPLAY_TIMEOUT, replay(engine, r, from, Some(seq), index))
+                    .await
+                    .unwrap_or(false),
                 None => false,
             };
             if !filled {
@@ -98,8 +106,9 @@ async fn run(engine: &str, sources: &Sources, index: &Mutex<KvIndex>, stop: &mut
 }
 
 /// Asks the replay socket for batches `from..until` and applies them in order; true when
-/// they all came.
-async fn replay(engine: &str, endpoint: &str, from: i64, until: i64, index: &Mutex<KvIndex>) -> bool {
+/// they all came. `until: None` is the first sync: every batch kept, from wherever the
+/// engine's history starts.
+async fn replay(engine: &str, endpoint: &str, from: i64, until: Option<i64>, index: &Mutex<KvIndex>) -> bool {
     let mut dealer = zeromq::DealerSocket::new();
     if dealer.connect(endpoint).await.is_err() {
         return false;
@@ -117,16 +126,19 @@ async fn replay(engine: &str, endpoint: &str, from: i64, until: i64, index: &Mut
         let (Some(seq), Some(payload)) = (f.get(2), f.get(3)) else { return false };
         let Ok(seq) = decode_seq(seq) else { return false };
         if seq == -1 {
-            return next >= until;
+            return until.is_none_or(|u| next >= u);
         }
-        if seq >= until {
+        if until.is_some_and(|u| seq >= u) {
             continue;
+        }
+        if until.is_none() && next == from {
+            next = seq; // the first sync starts where the kept history does
         }
         if seq != next {
             return false; // the engine no longer keeps the start of the gap
         }
         let Ok(batch) = decode_batch(payload) else { return false };
-        if lock(index).apply(engine, seq, &batch) != Sequence::InOrder {
+        if !matches!(lock(index).apply(engine, seq, &batch), Sequence::InOrder | Sequence::Restarted) {
             return false;
         }
         next += 1;

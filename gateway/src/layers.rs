@@ -54,6 +54,8 @@ pub struct Policy {
     pub class: PriorityClass,
     pub routing: Option<RoutingStrategy>,
     pub session: Option<String>,
+    /// `x-flotilla-explain-route: true`: answer with `x-flotilla-route`.
+    pub explain_route: bool,
 }
 
 /// The body and what routing needs of it (set by [`body`]).
@@ -129,7 +131,17 @@ pub fn parse_policy(h: &HeaderMap, caller: Option<&Caller>) -> Result<Policy, Ap
         None => None,
     };
     let session = header_str(h, "x-session-id")?.map(str::to_string);
-    Ok(Policy { class, routing, session })
+    let explain_route = match header_str(h, "x-flotilla-explain-route")?.map(str::trim) {
+        None | Some("false") | Some("0") => false,
+        Some("true") | Some("1") => true,
+        Some(v) => {
+            return Err(ApiError::new(
+                ApiCode::InvalidRouting,
+                format!("x-flotilla-explain-route {v:?} is not one of true, false"),
+            ))
+        }
+    };
+    Ok(Policy { class, routing, session, explain_route })
 }
 
 /// Layer 2: `x-flotilla-priority` (else the tenant's default; never above the tenant's
@@ -185,7 +197,10 @@ pub async fn body(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> R
         Ok(f) => f,
         Err(e) => return fail(&gw, "unknown", e),
     };
-    features.session = parts.extensions.get::<Policy>().and_then(|p| p.session.clone());
+    if let Some(p) = parts.extensions.get::<Policy>() {
+        features.session = p.session.clone();
+        features.explain_route = p.explain_route;
+    }
     parts.extensions.insert(Parsed { kind, bytes, features });
     next.run(Request::from_parts(parts, axum::body::Body::empty())).await
 }

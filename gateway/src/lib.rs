@@ -24,6 +24,7 @@ pub mod demand;
 pub mod discovery;
 pub mod error;
 pub mod hold;
+pub mod kv_fleet;
 pub mod kv_follow;
 pub mod layers;
 pub mod leader;
@@ -34,6 +35,7 @@ pub mod metrics;
 pub mod names;
 pub mod ondemand;
 pub mod ownership;
+pub mod prompt_tokens;
 pub mod proxy;
 pub mod qos;
 pub mod request;
@@ -159,6 +161,7 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
             background.push(tokio::spawn(demand::report_loop(Arc::downgrade(&gw), every)));
         }
     }
+    background.push(tokio::spawn(kv_fleet::run(Arc::downgrade(&gw))));
     // the pump also admits queued requests when engine-reported load drops
     let pump_gw = Arc::downgrade(&gw);
     background.push(tokio::spawn(async move {

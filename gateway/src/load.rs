@@ -21,6 +21,9 @@ pub struct EndpointLoad {
     pub ttft: f64,
     /// EWMA of time per output token, seconds.
     pub tpot: f64,
+    /// Prompt tokens this gateway sent there to compute that have not begun streaming
+    /// (`kv-aware`'s estimate of work queued ahead).
+    pub prefill_pending: u64,
 }
 
 impl EndpointLoad {
@@ -85,6 +88,8 @@ impl Outlier {
 #[derive(Debug, Default)]
 pub struct EndpointStats {
     pub in_flight: AtomicU32,
+    /// See [`EndpointLoad::prefill_pending`].
+    pub prefill_pending: AtomicU64,
     ttft_bits: AtomicU64,
     tpot_bits: AtomicU64,
     pub outlier: Mutex<Outlier>,
@@ -113,6 +118,7 @@ impl EndpointStats {
             engine,
             ttft: f64::from_bits(self.ttft_bits.load(Ordering::Relaxed)),
             tpot: f64::from_bits(self.tpot_bits.load(Ordering::Relaxed)),
+            prefill_pending: self.prefill_pending.load(Ordering::Relaxed),
         }
     }
     pub fn availability(&self, now: Instant) -> Availability {

@@ -130,6 +130,17 @@ pub struct Metrics {
     pub stream_duration_exceeded: Family<ModelLabels, Counter>,
     /// TLS handshakes refused or timed out on an HTTPS `--listen`.
     pub tls_handshake_failures: Counter,
+    /// kv-aware: prompt tokens routed with token ids, and of those the tokens predicted
+    /// cached on the chosen engine (the index's accuracy against the engines'
+    /// `vllm:prefix_cache_hits_total`).
+    pub kv_prompt_tokens: Family<ModelLabels, Counter>,
+    pub kv_predicted_hit_tokens: Family<ModelLabels, Counter>,
+    /// kv-aware: the model's KV index: (engine, block) entries, bytes, engines followed.
+    pub kv_index_entries: Family<ModelLabels, Gauge>,
+    pub kv_index_bytes: Family<ModelLabels, Gauge>,
+    pub kv_followers: Family<ModelLabels, Gauge>,
+    /// kv-aware: followers that stopped (stream broken, gap not replayable) and restarted.
+    pub kv_follow_restarts: Family<ModelLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -166,6 +177,34 @@ impl Metrics {
         let tenant_in_flight = Family::default();
         let stream_duration_exceeded = Family::default();
         let tls_handshake_failures = Counter::default();
+        let kv_prompt_tokens = Family::default();
+        let kv_predicted_hit_tokens = Family::default();
+        let kv_index_entries = Family::default();
+        let kv_index_bytes = Family::default();
+        let kv_followers = Family::default();
+        let kv_follow_restarts = Family::default();
+        registry.register(
+            "kv_prompt_tokens",
+            "Prompt tokens routed by kv-aware with token ids",
+            kv_prompt_tokens.clone(),
+        );
+        registry.register(
+            "kv_predicted_hit_tokens",
+            "Prompt tokens kv-aware predicted cached on the engine it chose (compare vllm:prefix_cache_hits_total)",
+            kv_predicted_hit_tokens.clone(),
+        );
+        registry.register(
+            "kv_index_entries",
+            "(engine, block) entries in a model's KV index",
+            kv_index_entries.clone(),
+        );
+        registry.register("kv_index_bytes", "Approximate bytes of a model's KV index", kv_index_bytes.clone());
+        registry.register("kv_followers", "Engines whose KV events this gateway follows", kv_followers.clone());
+        registry.register(
+            "kv_follow_restarts",
+            "KV event followers that stopped (stream broken, a gap not replayable) and were started again",
+            kv_follow_restarts.clone(),
+        );
         registry.register(
             "tls_handshake_failures",
             "TLS handshakes on the HTTPS listener that failed or timed out",
@@ -260,6 +299,12 @@ impl Metrics {
             tenant_in_flight,
             stream_duration_exceeded,
             tls_handshake_failures,
+            kv_prompt_tokens,
+            kv_predicted_hit_tokens,
+            kv_index_entries,
+            kv_index_bytes,
+            kv_followers,
+            kv_follow_restarts,
         }
     }
 

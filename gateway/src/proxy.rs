@@ -429,6 +429,9 @@ impl Body for ObservedBody {
                     let Ok(data) = frame.into_data() else { continue };
                     if !this.first_byte {
                         this.first_byte = true;
+                        if let Some(lease) = this.tracker.lease.as_mut() {
+                            lease.prefill_started();
+                        }
                         let tracker = &this.tracker;
                         tracing::debug!(parent: &tracker.span, bytes = data.len() as i64, "first byte");
                     }

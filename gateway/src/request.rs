@@ -45,6 +45,11 @@ pub struct RequestFeatures {
     pub prompt: String,
     /// `x-session-id`, if any.
     pub session: Option<String>,
+    /// The prompt's token ids under the model's tokenizer (`kv-aware` routing only; see
+    /// [`crate::prompt_tokens`]).
+    pub tokens: Option<std::sync::Arc<[u32]>>,
+    /// `x-flotilla-explain-route: true`: answer with `x-flotilla-route`, the routing's terms.
+    pub explain_route: bool,
 }
 
 impl RequestFeatures {
@@ -179,7 +184,17 @@ pub fn parse(kind: ApiKind, body: &[u8]) -> Result<RequestFeatures, ApiError> {
         Some(o) => (o.as_ref().and_then(|o| o.include_usage).unwrap_or(false), true),
         None => (false, false),
     };
-    Ok(RequestFeatures { model, stream, include_usage, has_stream_options, max_tokens, prompt, session: None })
+    Ok(RequestFeatures {
+        model,
+        stream,
+        include_usage,
+        has_stream_options,
+        max_tokens,
+        prompt,
+        session: None,
+        tokens: None,
+        explain_route: false,
+    })
 }
 
 /// The body to send upstream for a stream whose client did not ask for usage: the same

@@ -201,7 +201,7 @@ async fn forward_request(
     start: Instant,
     counted: &mut Option<ModelName>,
 ) -> Result<Response, ApiError> {
-    let Parsed { kind, bytes, features } = parsed;
+    let Parsed { kind, bytes, mut features } = parsed;
     let name = ServedName::from(features.model.as_str());
     let hold_deadline = start + gw.cfg.hold_deadline(policy.class);
     let mut held = std::time::Duration::ZERO;
@@ -272,7 +272,11 @@ async fn forward_request(
         span.record("model", name.as_str());
         span.record("tenant", caller.name.as_str());
     }
-    let strategy = policy.routing.unwrap_or_else(|| gw.dir.routing_of(base_model.as_str()));
+    let strategy = policy.routing.unwrap_or_else(|| gw.routing_of(base_model.as_str()));
+    if strategy == flotilla_api::spec::RoutingStrategy::KvAware && adapter.is_none() {
+        // an adapter's blocks are keyed by the engine's adapter id: routed without them
+        features.tokens = gw.cfg.tokenizers.encode(base_model.as_str(), kind, &bytes).map(Into::into);
+    }
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped
     let strip_usage = features.stream && !features.include_usage;
@@ -337,7 +341,10 @@ async fn forward_request(
         // A retry may have gone to another engine: count it there (then drop the first).
         adapter_use = Loader::begin(gw, adapter, up.lease.endpoint.id.as_str()).or(adapter_use);
     }
-    let head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
+    let mut head = limit_headers(response_head(&up.response, &up.lease.endpoint.id), &remaining);
+    if let Some(v) = up.lease.route.as_deref().and_then(|r| http::HeaderValue::from_str(r).ok()) {
+        head = head.header("x-flotilla-route", v);
+    }
     let status = up.response.status();
     let is_sse = stream
         && status.is_success()

@@ -56,12 +56,15 @@ impl Gateway {
             .pool_idle_timeout(flotilla_engine::ENGINE_IDLE_REUSE)
             .pool_max_idle_per_host(1024)
             .build(crate::trace::TracedConnector(flotilla_engine::tls::connector(conn, dir.pins())));
-        let router = Router::new(PrefixConfig {
-            block_chars: cfg.prefix_block_chars,
-            balance_abs: cfg.prefix_balance_abs,
-            balance_rel: cfg.prefix_balance_rel,
-            ..PrefixConfig::default()
-        });
+        let router = Router::new(
+            PrefixConfig {
+                block_chars: cfg.prefix_block_chars,
+                balance_abs: cfg.prefix_balance_abs,
+                balance_rel: cfg.prefix_balance_rel,
+                ..PrefixConfig::default()
+            },
+            cfg.kv,
+        );
         let metrics = Metrics::new();
         let loader = Loader::new(&cfg);
         let demand = DemandBook::new(loader.enabled() && cfg.demand_report_interval.is_some());
@@ -105,6 +108,14 @@ impl Gateway {
         self.dir.model(name).is_some()
             || self.dir.adapter(name).is_some()
             || self.dir.endpoints().resolve(name).is_some()
+    }
+
+    /// The routing strategy of `model`: its `--routing` flag, else its Model's `routing`.
+    pub fn routing_of(&self, model: &str) -> flotilla_api::spec::RoutingStrategy {
+        match self.cfg.routing.iter().find(|(m, _)| m.as_str() == model) {
+            Some((_, s)) => *s,
+            None => self.dir.routing_of(model),
+        }
     }
 
     /// The `model` label of a request for `name` answered with `code` ([`label_of`]).

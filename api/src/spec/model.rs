@@ -39,10 +39,13 @@ pub enum RoutingStrategy {
     PrefixCache,
     /// Sticky by the `x-session-id` header.
     SessionAffinity,
+    /// Lowest cost from the engines' own KV cache events: prompt tokens not cached there
+    /// (token-exact, through the model's tokenizer) plus its load (docs/gateway.md).
+    KvAware,
 }
 
 impl RoutingStrategy {
-    pub const ALL: [RoutingStrategy; 8] = [
+    pub const ALL: [RoutingStrategy; 9] = [
         RoutingStrategy::Random,
         RoutingStrategy::RoundRobin,
         RoutingStrategy::LeastRequest,
@@ -51,6 +54,7 @@ impl RoutingStrategy {
         RoutingStrategy::PowerOfTwo,
         RoutingStrategy::PrefixCache,
         RoutingStrategy::SessionAffinity,
+        RoutingStrategy::KvAware,
     ];
 
     /// The kebab-case name used in specs and the `x-flotilla-routing` header.
@@ -64,6 +68,7 @@ impl RoutingStrategy {
             RoutingStrategy::PowerOfTwo => "power-of-two",
             RoutingStrategy::PrefixCache => "prefix-cache",
             RoutingStrategy::SessionAffinity => "session-affinity",
+            RoutingStrategy::KvAware => "kv-aware",
         }
     }
 }

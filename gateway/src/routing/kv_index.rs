@@ -24,8 +24,15 @@
 //! (insertion order), as an engine's own LRU would have evicted them long before. Sequence
 //! numbers are tracked per engine: [`KvIndex::apply`] says when a batch skipped some, and the
 //! subscriber asks the engine's replay socket for them.
+//!
+//! Speculation: a request just routed to an engine will leave its prompt's blocks there,
+//! but the engine's `BlockStored` comes only after its prefill ran. [`KvIndex::speculate`]
+//! counts those blocks as held by that engine until a deadline, so a burst sharing a new
+//! prefix follows the first request instead of scattering. Bounded by `capacity` as well.
 
 use std::collections::{HashMap, VecDeque};
+
+use tokio::time::Instant;
 
 use flotilla_engine::kv_events::{BlockHash, EventBatch, KvEvent};
 
@@ -82,6 +89,9 @@ pub enum Sequence {
     Duplicate,
     /// Batches `from..seq` were missed; this one was applied.
     Gap { from: i64 },
+    /// The engine's numbering began again at 0 (it restarted): what it held before was
+    /// dropped, this batch applied.
+    Restarted,
 }
 
 /// Counters of what the index could not use.
@@ -109,6 +119,11 @@ pub struct KvIndex {
     order: VecDeque<(u8, BlockHash)>,
     entries: usize,
     skipped: Skipped,
+    /// Speculative holders by key (bits by slot), and when each bit expires, oldest first.
+    spec: HashMap<u64, u64>,
+    spec_order: VecDeque<(Instant, u64, u8)>,
+    /// The latest deadline of each speculative (key, slot).
+    spec_until: HashMap<(u64, u8), Instant>,
 }
 
 impl KvIndex {
@@ -123,7 +138,28 @@ impl KvIndex {
             order: VecDeque::new(),
             entries: 0,
             skipped: Skipped::default(),
+            spec: HashMap::new(),
+            spec_order: VecDeque::new(),
+            spec_until: HashMap::new(),
         }
+    }
+
+    /// Tokens per block (adopted from the first `BlockStored` while the index is empty).
+    pub fn block_size(&self) -> usize {
+        self.block_size
+    }
+
+    /// About how many bytes the index holds (its tables' capacities).
+    pub fn approx_bytes(&self) -> usize {
+        use std::mem::size_of;
+        let per_engine: usize =
+            self.engines.values().map(|e| e.hashes.capacity() * (size_of::<BlockHash>() + 8 + 1)).sum();
+        per_engine
+            + self.holders.capacity() * (8 + 8 + 1)
+            + self.order.capacity() * size_of::<(u8, BlockHash)>()
+            + self.spec.capacity() * (8 + 8 + 1)
+            + self.spec_order.capacity() * size_of::<(Instant, u64, u8)>()
+            + self.spec_until.capacity() * (size_of::<((u64, u8), Instant)>() + 1)
     }
 
     /// (engine, block) entries held.
@@ -159,11 +195,15 @@ impl KvIndex {
         };
         let e = self.engines.get_mut(engine).expect("slot_of inserted it");
         let order = match e.last_seq {
+            Some(last) if seq == 0 && last > 0 => Sequence::Restarted,
             Some(last) if seq <= last => return Sequence::Duplicate,
             Some(last) if seq > last + 1 => Sequence::Gap { from: last + 1 },
             _ => Sequence::InOrder,
         };
         e.last_seq = Some(seq);
+        if order == Sequence::Restarted {
+            self.clear_engine(engine);
+        }
         self.apply_events(engine, slot, batch);
         order
     }
@@ -180,6 +220,9 @@ impl KvIndex {
         for ev in &batch.events {
             match ev {
                 KvEvent::BlockStored { block_hashes, parent, token_ids, block_size, lora_id, .. } => {
+                    if *block_size as usize != self.block_size && self.entries == 0 && *block_size > 0 {
+                        self.block_size = *block_size as usize;
+                    }
                     if *block_size as usize != self.block_size {
                         self.skipped.block_size += 1;
                         continue;
@@ -279,7 +322,14 @@ impl KvIndex {
     /// Stops following `engine` (it left the endpoint table) and drops its entries.
     pub fn remove_engine(&mut self, engine: &str) {
         self.clear_engine(engine);
-        self.engines.remove(engine);
+        let Some(e) = self.engines.remove(engine) else { return };
+        // its slot may go to another engine: no speculation of this one may remain
+        let bit = 1u64 << e.slot;
+        self.spec.retain(|_, m| {
+            *m &= !bit;
+            *m != 0
+        });
+        self.spec_until.retain(|(_, s), _| *s != e.slot);
     }
 
     /// For each followed engine, how many leading blocks of the prompt with these keys
@@ -300,6 +350,70 @@ impl KvIndex {
             }
         }
         self.engines.iter().map(|(n, e)| (n.as_str(), held[e.slot as usize])).collect()
+    }
+
+    /// Counts `keys` as held by `engine` until `until` (a request was just routed there).
+    pub fn speculate(&mut self, engine: &str, keys: &[u64], now: Instant, until: Instant) {
+        self.expire_speculation(now);
+        let Some(slot) = self.slot_of(engine) else { return };
+        for &k in keys {
+            *self.spec.entry(k).or_insert(0) |= 1 << slot;
+            self.spec_order.push_back((until, k, slot));
+            self.spec_until.insert((k, slot), until);
+        }
+        while self.spec_order.len() > self.capacity {
+            let Some((_, k, slot)) = self.spec_order.pop_front() else { break };
+            self.unspeculate(k, slot);
+        }
+    }
+
+    fn unspeculate(&mut self, k: u64, slot: u8) {
+        self.spec_until.remove(&(k, slot));
+        if let Some(m) = self.spec.get_mut(&k) {
+            *m &= !(1 << slot);
+            if *m == 0 {
+                self.spec.remove(&k);
+            }
+        }
+    }
+
+    /// Drops speculation whose deadline has passed.
+    pub fn expire_speculation(&mut self, now: Instant) {
+        while self.spec_order.front().is_some_and(|(until, _, _)| *until <= now) {
+            let Some((_, k, slot)) = self.spec_order.pop_front() else { break };
+            // a later speculation of the same (key, slot) keeps it
+            if self.spec_until.get(&(k, slot)).is_none_or(|u| *u <= now) {
+                self.unspeculate(k, slot);
+            }
+        }
+    }
+
+    /// For each of `engines` (in order), how many leading blocks of the prompt with these
+    /// keys it holds or is expected to hold (speculation), and how many of those only
+    /// speculatively. An engine the index does not know holds none.
+    pub fn held_by(&self, keys: &[u64], engines: &[&str]) -> Vec<(usize, usize)> {
+        let slots: Vec<Option<u8>> = engines.iter().map(|e| self.engines.get(*e).map(|b| b.slot)).collect();
+        let mut out = vec![(0usize, 0usize); engines.len()];
+        let mut live: u64 = slots.iter().flatten().fold(0, |m, s| m | 1 << s);
+        for (i, k) in keys.iter().enumerate() {
+            let real = self.holders.get(k).copied().unwrap_or(0);
+            let spec = self.spec.get(k).copied().unwrap_or(0) & !real;
+            live &= real | spec;
+            if live == 0 {
+                break;
+            }
+            for (j, s) in slots.iter().enumerate() {
+                if let Some(s) = s {
+                    if live & (1 << s) != 0 {
+                        out[j].0 = i + 1;
+                        if spec & (1 << s) != 0 {
+                            out[j].1 += 1;
+                        }
+                    }
+                }
+            }
+        }
+        out
     }
 }
 
@@ -379,6 +493,19 @@ mod tests {
     }
 
     #[test]
+    fn a_restarted_engine_numbering_from_zero_starts_over() {
+        let mut ix = KvIndex::new(2, 100);
+        ix.apply("e1", 0, &batch(vec![stored(&[11], None, &[1, 2])]));
+        ix.apply("e1", 1, &batch(vec![stored(&[12], Some(11), &[3, 4])]));
+        assert_eq!(ix.entries(), 2);
+        // the restarted engine's first batch: what it held before is gone
+        assert_eq!(ix.apply("e1", 0, &batch(vec![stored(&[55], None, &[9, 9])])), Sequence::Restarted);
+        assert_eq!(held(&ix, &block_keys(&[1, 2, 3, 4], 2, None, 8)), [("e1".into(), 0)]);
+        assert_eq!(held(&ix, &block_keys(&[9, 9], 2, None, 8)), [("e1".into(), 1)]);
+        assert_eq!(ix.apply("e1", 1, &batch(vec![])), Sequence::InOrder);
+    }
+
+    #[test]
     fn capacity_drops_the_oldest_and_engines_are_bounded() {
         let mut ix = KvIndex::new(1, 3);
         ix.apply("e1", 0, &batch(vec![stored(&[1, 2, 3, 4, 5], None, &[1, 2, 3, 4, 5]).with_block_size(1)]));
@@ -404,5 +531,56 @@ mod tests {
             }
             self
         }
+    }
+}
+
+#[cfg(test)]
+mod speculation_tests {
+    use super::*;
+    use std::time::Duration;
+
+    fn stored(hashes: &[u64], tokens: &[u32]) -> KvEvent {
+        KvEvent::BlockStored {
+            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
+            parent: None,
+            token_ids: tokens.to_vec(),
+            block_size: 2,
+            lora_id: None,
+            lora_name: None,
+            medium: None,
+        }
+    }
+
+    #[test]
+    fn speculation_extends_what_events_say_until_its_deadline() {
+        let mut ix = KvIndex::new(16, 100);
+        let t0 = Instant::now();
+        // the first event adopts the engines' block size
+        ix.apply("e1", 0, &EventBatch { ts: 0.0, events: vec![stored(&[1], &[1, 2])], dp_rank: None });
+        assert_eq!(ix.block_size(), 2);
+        let keys = block_keys(&[1, 2, 3, 4, 5, 6], 2, None, 64);
+        assert_eq!(ix.held_by(&keys, &["e1", "e2", "nobody"]), [(1, 0), (0, 0), (0, 0)]);
+        ix.speculate("e1", &keys, t0, t0 + Duration::from_secs(2));
+        ix.speculate("e2", &keys[..2], t0, t0 + Duration::from_secs(4));
+        assert_eq!(ix.held_by(&keys, &["e1", "e2"]), [(3, 2), (2, 2)], "(held, of which speculative)");
+        ix.expire_speculation(t0 + Duration::from_secs(3));
+        assert_eq!(ix.held_by(&keys, &["e1", "e2"]), [(1, 0), (2, 2)], "e1's guess expired, its event stays");
+        // a renewed guess outlives the first one's deadline
+        ix.speculate("e2", &keys[..1], t0, t0 + Duration::from_secs(10));
+        ix.expire_speculation(t0 + Duration::from_secs(5));
+        assert_eq!(ix.held_by(&keys, &["e2"]), [(1, 1)]);
+        ix.remove_engine("e2");
+        assert_eq!((ix.spec.len(), ix.spec_until.len()), (0, 0), "nothing of e2 left for the next in its slot");
+    }
+
+    #[test]
+    fn speculation_is_bounded_by_the_capacity() {
+        let mut ix = KvIndex::new(1, 10);
+        let t0 = Instant::now();
+        let keys = block_keys(&(0..50).collect::<Vec<u32>>(), 1, None, 64);
+        ix.speculate("e1", &keys, t0, t0 + Duration::from_secs(60));
+        assert!(ix.spec_order.len() <= 10 && ix.spec.len() <= 10);
+        assert_eq!(ix.held_by(&keys, &["e1"]), [(0, 0)], "the first blocks went first");
+        assert!(ix.approx_bytes() > 0);
     }
 }

@@ -8,6 +8,7 @@
 //! candidates+loads ─┼─> Router::strategy(model's or header's) ─> pick ─> EndpointId
 //! ```
 
+pub mod kv_aware;
 pub mod kv_index;
 pub mod prefix;
 pub mod session;
@@ -50,10 +51,11 @@ pub struct Router {
     p2c: simple::PowerOfTwo,
     prefix: prefix::PrefixCache,
     session: session::SessionAffinity,
+    pub kv_aware: kv_aware::KvAware,
 }
 
 impl Router {
-    pub fn new(prefix_cfg: prefix::PrefixConfig) -> Self {
+    pub fn new(prefix_cfg: prefix::PrefixConfig, kv_cfg: kv_aware::KvAwareConfig) -> Self {
         Router {
             random: simple::Random,
             round_robin: simple::RoundRobin::default(),
@@ -63,6 +65,7 @@ impl Router {
             p2c: simple::PowerOfTwo,
             prefix: prefix::PrefixCache::new(prefix_cfg),
             session: session::SessionAffinity::new(100_000),
+            kv_aware: kv_aware::KvAware::new(kv_cfg, prefix::PrefixCache::new(prefix_cfg)),
         }
     }
 
@@ -76,6 +79,7 @@ impl Router {
             RoutingStrategy::PowerOfTwo => &self.p2c,
             RoutingStrategy::PrefixCache => &self.prefix,
             RoutingStrategy::SessionAffinity => &self.session,
+            RoutingStrategy::KvAware => &self.kv_aware,
         }
     }
 }
@@ -120,7 +124,7 @@ mod tests {
 
     #[test]
     fn every_strategy_picks_from_candidates_and_none_from_nothing() {
-        let r = Router::new(prefix::PrefixConfig::default());
+        let r = Router::new(prefix::PrefixConfig::default(), kv_aware::KvAwareConfig::default());
         let eps = testutil::eps(3);
         let l = testutil::loads(&[1, 0, 2]);
         for s in RoutingStrategy::ALL {

@@ -1,0 +1,304 @@
+//! `kv-aware` routing: a cost per candidate from what the engines' own KV events say they
+//! hold ([`KvIndex`], fed by [`crate::kv_fleet`]) and their load; the cheapest wins.
+//!
+//! ```text
+//! cost(e) = prefill_weight × (prompt tokens not cached on e + prefill tokens already sent to e, not yet begun)
+//!         + load_weight   × e's queue (max of this gateway's in-flight and the engine's running + waiting)
+//! ```
+//!
+//! "Cached" is the longest run of the prompt's leading blocks the engine holds, by its
+//! events, or will hold: a request just sent there counts its blocks as held for
+//! `speculate_for` (until the engine's own event arrives), so a burst sharing a new prefix
+//! follows the first request. Saturated endpoints never reach here (admission leaves them
+//! out), which bounds how far a popular prefix can pile onto one engine.
+//!
+//! Requests without token ids (the model has no `--tokenizer`, the body has no single
+//! prompt, an adapter's request — its blocks are keyed by the engine's adapter id) are
+//! routed by the approximate `prefix-cache` strategy instead. Pure apart from the index
+//! it reads and speculates into.
+
+use std::collections::HashMap;
+use std::fmt::Write;
+use std::sync::{Arc, Mutex, RwLock};
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::kv_index::{block_keys, KvIndex};
+use super::prefix::PrefixCache;
+use super::{argmin_by, Strategy};
+use crate::load::EndpointLoad;
+use crate::names::ModelName;
+use crate::request::RequestFeatures;
+use crate::table::{Endpoint, EndpointId};
+
+/// Weights of the cost, and how long a routed request's blocks count as held.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct KvAwareConfig {
+    /// Cost of one prompt token the engine must compute (1: costs are in prefill tokens).
+    pub prefill_weight: f64,
+    /// Cost of one request in the engine's queue, in prefill tokens.
+    pub load_weight: f64,
+    pub speculate_for: Duration,
+    /// Most blocks of a prompt looked up.
+    pub max_blocks: usize,
+}
+
+impl Default for KvAwareConfig {
+    fn default() -> Self {
+        KvAwareConfig {
+            prefill_weight: 1.0,
+            load_weight: 64.0,
+            speculate_for: Duration::from_secs(5),
+            max_blocks: 8192,
+        }
+    }
+}
+
+/// One candidate's terms.
+#[derive(Debug, Clone, PartialEq)]
+pub struct Candidate {
+    pub cached_tokens: usize,
+    /// Of `cached_tokens`, those only speculated (routed there, not yet reported).
+    pub speculative_tokens: usize,
+    pub pending_prefill: u64,
+    pub queue: f64,
+    pub cost: f64,
+}
+
+/// The candidates' costs (pure): `held` is each endpoint's (held, speculative) leading
+/// blocks, parallel with `load`.
+pub fn costs(
+    prompt_tokens: usize,
+    block_size: usize,
+    held: &[(usize, usize)],
+    load: &[EndpointLoad],
+    cfg: &KvAwareConfig,
+) -> Vec<Candidate> {
+    held.iter()
+        .zip(load)
+        .map(|(&(blocks, spec), l)| {
+            let cached_tokens = (blocks * block_size).min(prompt_tokens);
+            let uncached = (prompt_tokens - cached_tokens) as f64;
+            let queue = l.queue();
+            let cost = cfg.prefill_weight * (uncached + l.prefill_pending as f64) + cfg.load_weight * queue;
+            Candidate {
+                cached_tokens,
+                speculative_tokens: (spec * block_size).min(cached_tokens),
+                pending_prefill: l.prefill_pending,
+                queue,
+                cost,
+            }
+        })
+        .collect()
+}
+
+/// What kv-aware decided for a request.
+#[derive(Debug, Clone)]
+pub struct Decision {
+    pub id: EndpointId,
+    /// Prompt tokens the chosen engine is expected to compute (its pending prefill).
+    pub prefill_tokens: u64,
+    /// Prompt tokens it is expected to find cached (the accuracy metric's prediction).
+    pub predicted_hit_tokens: u64,
+    pub prompt_tokens: u64,
+    /// `x-flotilla-route`: every candidate's terms, when the request asked.
+    pub explanation: Option<String>,
+}
+
+/// The per-model KV indexes, shared with the event followers.
+pub type KvIndexes = Arc<RwLock<HashMap<ModelName, Arc<Mutex<KvIndex>>>>>;
+
+fn lock(index: &Mutex<KvIndex>) -> std::sync::MutexGuard<'_, KvIndex> {
+    index.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+/// The strategy: the indexes, the weights and the approximate fallback.
+pub struct KvAware {
+    pub indexes: KvIndexes,
+    pub cfg: KvAwareConfig,
+    fallback: PrefixCache,
+}
+
+impl KvAware {
+    pub fn new(cfg: KvAwareConfig, fallback: PrefixCache) -> Self {
+        KvAware { indexes: KvIndexes::default(), cfg, fallback }
+    }
+
+    fn index_of(&self, model: &ModelName) -> Option<Arc<Mutex<KvIndex>>> {
+        self.indexes.read().unwrap_or_else(|p| p.into_inner()).get(model).cloned()
+    }
+
+    /// Chooses among `endpoints` (parallel with `load`, all of one model).
+    pub fn decide(
+        &self,
+        req: &RequestFeatures,
+        endpoints: &[Arc<Endpoint>],
+        load: &[EndpointLoad],
+        now: Instant,
+    ) -> Option<Decision> {
+        let first = endpoints.first()?;
+        let (Some(tokens), Some(index)) = (req.tokens.as_deref(), self.index_of(&first.model)) else {
+            let id = self.fallback.pick(req, endpoints, load)?;
+            let explanation = req.explain_route.then(|| "prefix-cache (no token ids or no KV index)".to_string());
+            return Some(Decision { id, prefill_tokens: 0, predicted_hit_tokens: 0, prompt_tokens: 0, explanation });
+        };
+        let names: Vec<&str> = endpoints.iter().map(|e| e.id.as_str()).collect();
+        let mut ix = lock(&index);
+        ix.expire_speculation(now);
+        let block_size = ix.block_size();
+        let keys = block_keys(tokens, block_size, None, self.cfg.max_blocks);
+        let held = ix.held_by(&keys, &names);
+        let c = costs(tokens.len(), block_size, &held, load, &self.cfg);
+        // ties go to the fewest in the queue, then spread by a hash of the prompt's start
+        let tie = keys.first().map_or(0, |k| (*k % endpoints.len() as u64) as usize);
+        let best = argmin_by(endpoints.len(), tie, |i| c[i].cost + c[i].queue * 1e-6)?;
+        let chosen = &endpoints[best];
+        ix.speculate(chosen.id.as_str(), &keys, now, now + self.cfg.speculate_for);
+        drop(ix);
+        let explanation = req.explain_route.then(|| {
+            let mut s = format!("kv-aware tokens={} block={block_size}", tokens.len());
+            for (i, (e, c)) in endpoints.iter().zip(&c).enumerate() {
+                let _ = write!(
+                    s,
+                    "; {} cached={} speculative={} pending={} queue={} cost={:.0}{}",
+                    e.id.as_str(),
+                    c.cached_tokens,
+                    c.speculative_tokens,
+                    c.pending_prefill,
+                    c.queue,
+                    c.cost,
+                    if i == best { " chosen" } else { "" }
+                );
+            }
+            s
+        });
+        let hit = c[best].cached_tokens as u64;
+        Some(Decision {
+            id: chosen.id.clone(),
+            prefill_tokens: tokens.len() as u64 - hit,
+            predicted_hit_tokens: hit,
+            prompt_tokens: tokens.len() as u64,
+            explanation,
+        })
+    }
+}
+
+impl Strategy for KvAware {
+    fn pick(&self, req: &RequestFeatures, endpoints: &[Arc<Endpoint>], load: &[EndpointLoad]) -> Option<EndpointId> {
+        self.decide(req, endpoints, load, Instant::now()).map(|d| d.id)
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::routing::prefix::PrefixConfig;
+    use crate::routing::testutil;
+    use flotilla_engine::kv_events::{BlockHash, EventBatch, KvEvent};
+
+    fn load(queue: f64, pending: u64) -> EndpointLoad {
+        EndpointLoad { in_flight: queue as u32, prefill_pending: pending, ..Default::default() }
+    }
+
+    #[test]
+    fn cost_weighs_uncached_tokens_against_load() {
+        let cfg = KvAwareConfig::default();
+        // 1,000-token prompt, blocks of 16: e0 holds 50 blocks (800 tokens) but is busy
+        let c = costs(1000, 16, &[(50, 10), (0, 0)], &[load(2.0, 100), load(0.0, 0)], &cfg);
+        assert_eq!((c[0].cached_tokens, c[0].speculative_tokens), (800, 160));
+        assert_eq!(c[0].cost, 200.0 + 100.0 + 2.0 * 64.0);
+        assert_eq!(c[1].cost, 1000.0);
+        // a prompt shorter than what is held is all cached, never negative
+        let c = costs(10, 16, &[(1, 0)], &[load(0.0, 0)], &cfg);
+        assert_eq!((c[0].cached_tokens, c[0].cost), (10, 0.0));
+        // enough queue outweighs the hit
+        let c = costs(1000, 16, &[(50, 0), (0, 0)], &[load(20.0, 0), load(0.0, 0)], &cfg);
+        assert!(c[0].cost > c[1].cost);
+    }
+
+    fn stored(hashes: &[u64], tokens: &[u32]) -> KvEvent {
+        KvEvent::BlockStored {
+            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
+            parent: None,
+            token_ids: tokens.to_vec(),
+            block_size: 4,
+            lora_id: None,
+            lora_name: None,
+            medium: None,
+        }
+    }
+
+    fn strategy_with(events: &[(&str, KvEvent)]) -> KvAware {
+        let s = KvAware::new(KvAwareConfig::default(), PrefixCache::new(PrefixConfig::default()));
+        let mut ix = KvIndex::new(4, 10_000);
+        for (seq, (engine, ev)) in events.iter().enumerate() {
+            ix.apply(engine, seq as i64, &EventBatch { ts: 0.0, events: vec![ev.clone()], dp_rank: None });
+        }
+        s.indexes.write().unwrap().insert(ModelName::from("m"), Arc::new(Mutex::new(ix)));
+        s
+    }
+
+    fn req(tokens: &[u32]) -> RequestFeatures {
+        RequestFeatures { tokens: Some(Arc::from(tokens)), explain_route: true, ..testutil::req("x") }
+    }
+
+    #[test]
+    fn the_engine_holding_the_prefix_wins_and_a_burst_follows_the_first() {
+        let prompt: Vec<u32> = (0..200).collect();
+        let eps = testutil::eps(3);
+        let e2 = eps[2].id.as_str().to_string();
+        let s = strategy_with(&[(&e2, stored(&(0..20).collect::<Vec<u64>>(), &prompt[..80]))]);
+        let l = [load(0.0, 0), load(0.0, 0), load(1.0, 0)];
+        let d = s.decide(&req(&prompt), &eps, &l, Instant::now()).unwrap();
+        assert_eq!(d.id, eps[2].id, "{:?}", d.explanation);
+        assert_eq!((d.predicted_hit_tokens, d.prefill_tokens, d.prompt_tokens), (80, 120, 200));
+        let x = d.explanation.unwrap();
+        assert!(x.starts_with("kv-aware tokens=200 block=4; "), "{x}");
+        assert!(x.contains(&format!("{e2} cached=80 speculative=0 pending=0 queue=1 cost=184 chosen")), "{x}");
+
+        // A new prefix nobody holds: the first request goes somewhere; the next ones follow
+        // it on its speculated blocks rather than scattering.
+        let other: Vec<u32> = (1000..1200).collect();
+        let l = [load(0.0, 0), load(0.0, 0), load(0.0, 0)];
+        let first = s.decide(&req(&other), &eps, &l, Instant::now()).unwrap();
+        for _ in 0..3 {
+            let next = s.decide(&req(&other), &eps, &l, Instant::now()).unwrap();
+            assert_eq!(next.id, first.id);
+            assert_eq!(next.predicted_hit_tokens, 200, "{:?}", next.explanation);
+        }
+        // ... until its speculation expires unconfirmed
+        let later = Instant::now() + Duration::from_secs(6);
+        let d = s.decide(&req(&other), &eps, &[load(0.0, 0), load(0.0, 0), load(0.0, 0)], later).unwrap();
+        assert_eq!(d.predicted_hit_tokens, 0);
+    }
+
+    #[test]
+    fn two_gateways_with_the_same_state_decide_the_same() {
+        let prompt: Vec<u32> = (0..64).collect();
+        let eps = testutil::eps(4);
+        let ev = [
+            (eps[1].id.as_str(), stored(&[1, 2, 3], &prompt[..12])),
+            (eps[3].id.as_str(), stored(&[7, 8], &prompt[..8])),
+        ];
+        let (a, b) = (strategy_with(&ev), strategy_with(&ev));
+        let l = [load(0.0, 0), load(3.0, 0), load(0.0, 0), load(0.0, 0)];
+        let now = Instant::now();
+        for p in [&prompt[..], &prompt[..40], &[5u32; 64][..]] {
+            let (da, db) = (a.decide(&req(p), &eps, &l, now).unwrap(), b.decide(&req(p), &eps, &l, now).unwrap());
+            assert_eq!((da.id, da.explanation), (db.id, db.explanation));
+        }
+    }
+
+    #[test]
+    fn without_token_ids_it_falls_back_to_the_approximate_index() {
+        let s = strategy_with(&[]);
+        let eps = testutil::eps(2);
+        let l = testutil::loads(&[0, 0]);
+        let r = RequestFeatures { explain_route: true, ..testutil::req("hello") };
+        let d = s.decide(&r, &eps, &l, Instant::now()).unwrap();
+        assert_eq!(d.explanation.as_deref(), Some("prefix-cache (no token ids or no KV index)"));
+        assert_eq!(d.prompt_tokens, 0);
+        assert!(s.decide(&r, &[], &[], Instant::now()).is_none());
+    }
+}
