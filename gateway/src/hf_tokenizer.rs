@@ -13,6 +13,8 @@
 //! templates whose `default` is used); `chat_template.jinja`, when present, wins. Templates
 //! are untrusted input: rendering has a fuel budget and minijinja's recursion limit, and every
 //! failure is an `Err` naming the file or the template's error.
+//! Encoding is CPU work proportional to the prompt: callers on a tokio worker should use
+//! `spawn_blocking` for long prompts.
 
 use std::borrow::Cow;
 use std::collections::BTreeMap;
