@@ -23,6 +23,7 @@ pub mod config;
 pub mod demand;
 pub mod discovery;
 pub mod error;
+pub mod hf_tokenizer;
 pub mod hold;
 pub mod kv_fleet;
 pub mod kv_follow;

@@ -58,6 +58,10 @@ pub async fn run(mut t: Tier) -> Tier {
     t.check("sim_conforms_to_real_vllm", || crate::conformance::sim_matches_real(&s, &adapter)).await;
     t.check("stream_chunk_timing_matches_real_vllm", || crate::conformance::stream_timing_matches_real(&s)).await;
     t.check("gateway_serves_real_vllm_to_the_openai_sdk", || openai_sdk(&s)).await;
+    t.check("gateway_tokenizer_matches_real_vllm_tokenize", || {
+        crate::hf_tokenizer::matches_live_tokenize(&s, &install)
+    })
+    .await;
     let mut bench = String::new();
     if t.check("vllm_bench_serve_through_the_gateway_to_the_sim", || async {
         bench = crate::bench_serve::to_the_sim(&install, &bin, &dir).await?;

@@ -17,6 +17,7 @@ mod conformance;
 mod engine_key;
 mod engine_tls;
 mod gang;
+mod hf_tokenizer;
 mod install;
 mod procs;
 mod rollout;
