@@ -434,8 +434,7 @@ impl JsonStyle {
 /// Python's `datetime.now().strftime(format)` for the directives chat templates use, in
 /// UTC (vLLM renders with the server's local time, UTC in containers).
 fn strftime_utc_now(format: &str) -> Result<String, JinjaError> {
-    let secs = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0);
-    strftime(format, secs)
+    strftime(format, flotilla_api::civil::unix_ms() / 1000)
 }
 
 fn strftime(format: &str, unix_secs: u64) -> Result<String, JinjaError> {
@@ -455,11 +454,11 @@ fn strftime(format: &str, unix_secs: u64) -> Result<String, JinjaError> {
     ];
     const DAYS: [&str; 7] = ["Monday", "Tuesday", "Wednesday", "Thursday", "Friday", "Saturday", "Sunday"];
     let days = (unix_secs / 86_400) as i64;
-    let secs_of_day = unix_secs % 86_400;
-    let (year, month, day) = civil_from_days(days);
+    let t = flotilla_api::civil::UtcTime::from_unix(unix_secs);
+    let (year, month, day) = (t.year, t.month, t.day);
     let weekday = (days + 3).rem_euclid(7) as usize; // 1970-01-01 was a Thursday (index 3)
     let yday = days - days_from_civil(year, 1, 1) + 1;
-    let (hour, minute, second) = (secs_of_day / 3600, secs_of_day / 60 % 60, secs_of_day % 60);
+    let (hour, minute, second) = (u64::from(t.hour), u64::from(t.minute), u64::from(t.second));
     let mut out = String::new();
     let mut chars = format.chars();
     while let Some(c) = chars.next() {
@@ -509,20 +508,7 @@ fn strftime(format: &str, unix_secs: u64) -> Result<String, JinjaError> {
     Ok(out)
 }
 
-/// Days since 1970-01-01 → (year, month 1-12, day 1-31), proleptic Gregorian (H. Hinnant).
-fn civil_from_days(z: i64) -> (i64, u32, u32) {
-    let z = z + 719_468;
-    let era = z.div_euclid(146_097);
-    let doe = z.rem_euclid(146_097);
-    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
-    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
-    let mp = (5 * doy + 2) / 153;
-    let d = (doy - (153 * mp + 2) / 5 + 1) as u32;
-    let m = if mp < 10 { mp + 3 } else { mp - 9 } as u32;
-    let y = yoe + era * 400 + i64::from(m <= 2);
-    (y, m, d)
-}
-
+/// Days since 1970-01-01 of a date, proleptic Gregorian (H. Hinnant's days-from-civil).
 fn days_from_civil(y: i64, m: u32, d: u32) -> i64 {
     let y = if m <= 2 { y - 1 } else { y };
     let era = y.div_euclid(400);

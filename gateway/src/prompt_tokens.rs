@@ -124,7 +124,18 @@ impl PromptTokenizer for SimTokenizer {
     }
 }
 
-// MERGE-HF: impl PromptTokenizer for HfTokenizer
+impl PromptTokenizer for crate::hf_tokenizer::HfTokenizer {
+    fn encode(&self, prompt: &Prompt) -> Result<Vec<u32>, String> {
+        match prompt {
+            Prompt::Text(s) => self.encode_text(s),
+            Prompt::Ids(ids) => Ok(ids.clone()),
+            Prompt::Chat(m) => self.encode_chat(m),
+        }
+    }
+    fn kind(&self) -> &'static str {
+        "hf"
+    }
+}
 
 /// Where a model's tokenizer comes from (`--tokenizer MODEL=SOURCE`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -168,7 +179,9 @@ impl Tokenizers {
         for (model, source) in sources {
             let t: Arc<dyn PromptTokenizer> = match source {
                 TokenizerSource::Sim => Arc::new(SimTokenizer),
-                TokenizerSource::Dir(d) => return Err(format!("--tokenizer {model}: {} MERGE-HF", d.display())),
+                TokenizerSource::Dir(d) => Arc::new(
+                    crate::hf_tokenizer::HfTokenizer::load(d).map_err(|e| format!("--tokenizer {model}: {e}"))?,
+                ),
             };
             if by_model.insert(model.clone(), t).is_some() {
                 return Err(format!("--tokenizer {model} given twice"));
@@ -247,5 +260,22 @@ mod tests {
         assert!(Tokenizers::load(&twice).err().unwrap().contains("twice"));
         let missing = [(ModelName::from("m"), TokenizerSource::Dir("/nonexistent/dir".into()))];
         assert!(Tokenizers::load(&missing).err().unwrap().starts_with("--tokenizer m: "));
+    }
+}
+
+#[cfg(test)]
+mod hf_tests {
+    use super::*;
+
+    #[test]
+    fn a_model_directory_loads_as_an_hf_tokenizer() {
+        let dir = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("tests/data/tiny-llama-tokenizer");
+        let t = Tokenizers::load(&[(ModelName::from("tiny"), TokenizerSource::Dir(dir))]).unwrap();
+        assert_eq!(t.get("tiny").unwrap().kind(), "hf");
+        let body = br#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#;
+        let chat = t.encode("tiny", ApiKind::Chat, body).unwrap();
+        let text = t.encode("tiny", ApiKind::Completions, br#"{"model":"tiny","prompt":"hello there"}"#).unwrap();
+        assert!(chat.len() > text.len(), "the template adds its markers: {chat:?} {text:?}");
+        assert_eq!(t.encode("other", ApiKind::Chat, body), None, "no tokenizer for that model");
     }
 }

@@ -20,6 +20,22 @@ async fn post(addr: &str, path: &str, body: serde_json::Value) -> serde_json::Va
     serde_json::from_slice(&r.body).unwrap()
 }
 
+/// A fast sim of `blocks` KV blocks (16 tokens each) publishing its KV events.
+async fn publishing_sim(blocks: u32) -> flotilla_sim::SimHandle {
+    flotilla_sim::start(flotilla_sim::SimArgs {
+        port: 0,
+        model: "demo".into(),
+        speedup: 50.0,
+        block_size: 16,
+        num_gpu_blocks: Some(blocks),
+        max_model_len: 256,
+        kv_events_config: Some(CONFIG.into()),
+        ..flotilla_sim::SimArgs::default()
+    })
+    .await
+    .unwrap()
+}
+
 async fn held(index: &Mutex<KvIndex>, keys: &[u64], want: usize) -> usize {
     let mut got = 0;
     for _ in 0..100 {
@@ -34,18 +50,7 @@ async fn held(index: &Mutex<KvIndex>, keys: &[u64], want: usize) -> usize {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn the_index_follows_what_the_engine_caches_and_evicts() {
-    let sim = flotilla_sim::start(flotilla_sim::SimArgs {
-        port: 0,
-        model: "demo".into(),
-        speedup: 50.0,
-        block_size: 16,
-        num_gpu_blocks: Some(16),
-        max_model_len: 256,
-        kv_events_config: Some(CONFIG.into()),
-        ..flotilla_sim::SimArgs::default()
-    })
-    .await
-    .unwrap();
+    let sim = publishing_sim(16).await;
     let addr = sim.local_addr().to_string();
     let sources = EngineClient::new().kv_event_sources(&addr).await.unwrap().expect("the sim publishes");
     let index = Arc::new(Mutex::new(KvIndex::new(16, 10_000)));
@@ -120,6 +125,13 @@ async fn a_gap_is_filled_from_the_replay_socket_or_drops_the_engine() {
         let replay_at = router.bind("tcp://127.0.0.1:0").await.unwrap().to_string();
         let replayed = batches.clone();
         let replayer = tokio::spawn(async move {
+            let end = |id: Bytes| {
+                vec![id, Bytes::new(), Bytes::new(), Bytes::copy_from_slice(&(-1i64).to_be_bytes()), Bytes::new()]
+            };
+            // The first sync asks for the whole history: none yet.
+            let req = router.recv().await.unwrap().into_vec();
+            assert_eq!(flotilla_engine::kv_events::decode_seq(&req[2]).unwrap(), 0, "the first sync asks from 0");
+            router.send(ZmqMessage::try_from(end(req[0].clone())).unwrap()).await.unwrap();
             let req = router.recv().await.unwrap().into_vec();
             let id = req[0].clone();
             assert_eq!(flotilla_engine::kv_events::decode_seq(&req[2]).unwrap(), 1, "asks from the first missed batch");
@@ -128,9 +140,7 @@ async fn a_gap_is_filled_from_the_replay_socket_or_drops_the_engine() {
                 f.extend(frames(seq, &replayed[seq as usize]));
                 router.send(ZmqMessage::try_from(f).unwrap()).await.unwrap();
             }
-            let end =
-                vec![id, Bytes::new(), Bytes::new(), Bytes::copy_from_slice(&(-1i64).to_be_bytes()), Bytes::new()];
-            router.send(ZmqMessage::try_from(end).unwrap()).await.unwrap();
+            router.send(ZmqMessage::try_from(end(id)).unwrap()).await.unwrap();
         });
         let sources =
             Sources { endpoint: pub_at, replay_endpoint: with_replay.then_some(replay_at), topic: "kv".into() };
@@ -156,4 +166,26 @@ async fn a_gap_is_filled_from_the_replay_socket_or_drops_the_engine() {
         stop.send(true).unwrap();
         task.await.unwrap();
     }
+}
+
+/// A follower that starts after the engine cached a prompt still knows it: its first sync
+/// replays the engine's kept history.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_late_follower_learns_what_the_engine_already_holds() {
+    let sim = publishing_sim(64).await;
+    let addr = sim.local_addr().to_string();
+    let prompt = (0..50).map(|i| format!("early{i}")).collect::<Vec<_>>().join(" ");
+    post(&addr, "/v1/completions", json!({"model": "demo", "prompt": prompt, "max_tokens": 1})).await;
+    let mut ids = Vec::new();
+    flotilla_engine::sim_tokenizer::encode_prompt(&prompt, &mut ids);
+    let keys = block_keys(&ids, 16, None, 64);
+
+    let sources = EngineClient::new().kv_event_sources(&addr).await.unwrap().expect("the sim publishes");
+    let index = Arc::new(Mutex::new(KvIndex::new(16, 10_000)));
+    let (stop, stopped) = tokio::sync::watch::channel(false);
+    let task = tokio::spawn(follow(addr.clone(), sources, index.clone(), stopped));
+    assert_eq!(held(&index, &keys, keys.len()).await, keys.len(), "known from the replayed history");
+    stop.send(true).unwrap();
+    task.await.unwrap();
+    sim.shutdown().await.unwrap();
 }

@@ -111,6 +111,8 @@ pub struct Skipped {
 #[derive(Debug)]
 pub struct KvIndex {
     block_size: usize,
+    /// A `BlockStored` was seen: the block size is the engines' (until then, a guess).
+    sized: bool,
     capacity: usize,
     engines: HashMap<String, EngineBlocks>,
     /// Which engines (bits by slot) hold the block with this key.
@@ -132,6 +134,7 @@ impl KvIndex {
     pub fn new(block_size: usize, capacity: usize) -> Self {
         KvIndex {
             block_size: block_size.max(1),
+            sized: false,
             capacity: capacity.max(1),
             engines: HashMap::new(),
             holders: HashMap::new(),
@@ -144,7 +147,7 @@ impl KvIndex {
         }
     }
 
-    /// Tokens per block (adopted from the first `BlockStored` while the index is empty).
+    /// Tokens per block (the first `BlockStored`'s; the one given to [`KvIndex::new`] until then).
     pub fn block_size(&self) -> usize {
         self.block_size
     }
@@ -220,9 +223,10 @@ impl KvIndex {
         for ev in &batch.events {
             match ev {
                 KvEvent::BlockStored { block_hashes, parent, token_ids, block_size, lora_id, .. } => {
-                    if *block_size as usize != self.block_size && self.entries == 0 && *block_size > 0 {
+                    if !self.sized && *block_size > 0 {
                         self.block_size = *block_size as usize;
                     }
+                    self.sized = true;
                     if *block_size as usize != self.block_size {
                         self.skipped.block_size += 1;
                         continue;

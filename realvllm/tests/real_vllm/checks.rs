@@ -36,7 +36,7 @@ pub async fn run(mut t: Tier) -> Tier {
     let s_started = Instant::now();
     let mut vllm = procs::start_vllm(&install, s_port, &dir.join("vllm.log"));
     let (mut server, grpc) = procs::start_server(&bin, &dir);
-    let mut agent = procs::start_agent(&bin, &install, &grpc, &dir, &[]);
+    let mut agent = procs::start_agent(&bin, &install, &grpc, &dir, &["--kv-events"]);
     let manifest = dir.join("tiny.yaml");
     std::fs::write(&manifest, cluster::model_manifest(&install)).expect("write manifest");
     let applied = Instant::now();
@@ -113,6 +113,15 @@ pub async fn run(mut t: Tier) -> Tier {
     .await;
     t.check("agent_reports_the_real_engines_load", || agent_reports_load(&grpc, &v)).await;
     t.check("routing_decisions_use_real_engine_numbers", || routing_from_real_numbers(&grpc, &s, &v)).await;
+    let mut kv = String::new();
+    if t.check("kv_aware_routes_a_repeated_prompt_to_the_real_engine_holding_it", || async {
+        kv = crate::kv_aware::repeated_prompt_goes_to_its_holder(&grpc, &s, &v, &install).await?;
+        Ok(())
+    })
+    .await
+    {
+        t.timing("kv-aware on real vLLM (S and the agent's V)", kv);
+    }
 
     // On S: the agent's engine V belongs to the control plane, whose agent unloads any
     // adapter no `Adapter` object assigns (adapter objects on V are the next check).
@@ -188,8 +197,20 @@ pub async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::Gate
 }
 
 /// [`gateway`] whose static backends get `key` (`FLOTILLA_BACKEND_API_KEY`).
-async fn gateway_with_key(backends: &[&str], key: Option<String>) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
-    let args = flotilla_gateway::GatewayArgs {
+pub async fn gateway_with_key(
+    backends: &[&str],
+    key: Option<String>,
+) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+    gateway_with(backends, key, |_| {}).await
+}
+
+/// [`gateway_with_key`] with more settings.
+pub async fn gateway_with(
+    backends: &[&str],
+    key: Option<String>,
+    more: impl FnOnce(&mut flotilla_gateway::GatewayArgs),
+) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
+    let mut args = flotilla_gateway::GatewayArgs {
         backend_api_key: key,
         listen: "127.0.0.1:0".into(),
         backends: backends.iter().map(|b| format!("tiny=http://{b}")).collect(),
@@ -197,6 +218,7 @@ async fn gateway_with_key(backends: &[&str], key: Option<String>) -> anyhow::Res
         scrape_interval_ms: 200,
         ..flotilla_gateway::GatewayArgs::default()
     };
+    more(&mut args);
     flotilla_gateway::start(args).await.map_err(|e| anyhow::anyhow!("gateway: {e}"))
 }
 

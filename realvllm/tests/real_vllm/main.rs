@@ -19,6 +19,7 @@ mod engine_tls;
 mod gang;
 mod hf_tokenizer;
 mod install;
+mod kv_aware;
 mod procs;
 mod rollout;
 

@@ -13,12 +13,15 @@ use flotilla_testkit::procs::{log_tail, Group};
 
 use crate::install::{RealVllm, LORA_FLAGS, SERVE_FLAGS};
 
-/// `vllm serve` of the tiny model, served as `tiny`, LoRA enabled.
+/// `vllm serve` of the tiny model, served as `tiny`, LoRA enabled, publishing its KV cache
+/// events on free ports of 127.0.0.1 (found at `GET /kv_event_sources`).
 pub fn start_vllm(install: &RealVllm, port: u16, log: &Path) -> Group {
     let mut cmd = Command::new(install.vllm());
     cmd.arg("serve").arg(install.model());
     cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--served-model-name", "tiny"]);
     cmd.args(SERVE_FLAGS).args(LORA_FLAGS).envs(install.env());
+    let events = r#"{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:0","replay_endpoint":"tcp://*:0","topic":"kv@s"}"#;
+    cmd.args(["--kv-events-config", events]).env("VLLM_HOST_IP", "127.0.0.1");
     Group::spawn("vllm", cmd, log)
 }
 
