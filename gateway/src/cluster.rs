@@ -131,12 +131,8 @@ struct Objects {
     adapters: HashMap<AdapterName, AdapterInfo>,
 }
 
-fn model_routing(spec_json: &str) -> RoutingStrategy {
-    serde_json::from_str::<serde_json::Value>(spec_json)
-        .ok()
-        .and_then(|v| v.get("routing").cloned())
-        .and_then(|r| serde_json::from_value(r).ok())
-        .unwrap_or_default()
+fn model_routing(spec: &serde_json::Value) -> RoutingStrategy {
+    spec.get("routing").cloned().and_then(|r| serde_json::from_value(r).ok()).unwrap_or_default()
 }
 
 /// Reads a `Model` object leniently: the spec's routing and the status's
@@ -147,7 +143,13 @@ pub fn model_info(spec_json: &str, status_json: &str) -> ModelInfo {
         .get("desired_replicas")
         .and_then(serde_json::Value::as_u64)
         .map(|d| u32::try_from(d).unwrap_or(u32::MAX));
-    ModelInfo { routing: model_routing(spec_json), desired_replicas, canary: crate::canary::canary_of(&status) }
+    let spec = serde_json::from_str::<serde_json::Value>(spec_json).unwrap_or_default();
+    ModelInfo {
+        routing: model_routing(&spec),
+        desired_replicas,
+        canary: crate::canary::canary_of(&status),
+        sim_engine: spec.get("engine").and_then(serde_json::Value::as_str) == Some("sim"),
+    }
 }
 
 impl Objects {
@@ -278,9 +280,12 @@ mod tests {
     }
 
     #[test]
-    fn model_specs_give_their_routing() {
-        assert_eq!(model_routing(r#"{"source":"hf://x","routing":"prefix-cache"}"#), RoutingStrategy::PrefixCache);
-        assert_eq!(model_routing(r#"{"source":"hf://x"}"#), RoutingStrategy::LeastRequest);
+    fn model_specs_give_their_routing_and_engine() {
+        let m = model_info(r#"{"source":"hf://x","routing":"kv-aware","engine":"sim"}"#, "{}");
+        assert_eq!((m.routing, m.sim_engine), (RoutingStrategy::KvAware, true));
+        let m = model_info(r#"{"source":"hf://x","engine":"vllm"}"#, "{}");
+        assert_eq!((m.routing, m.sim_engine), (RoutingStrategy::LeastRequest, false));
+        assert_eq!(model_info("not json", "{}").routing, RoutingStrategy::LeastRequest);
     }
 
     #[test]

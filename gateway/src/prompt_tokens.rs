@@ -198,17 +198,21 @@ impl Tokenizers {
     /// prompt, or the tokenizer failed — routing then goes without cache knowledge), at
     /// most [`MAX_PROMPT_TOKENS`].
     pub fn encode(&self, model: &str, kind: ApiKind, body: &[u8]) -> Option<Vec<u32>> {
-        let t = self.get(model)?;
-        let prompt = prompt_of(kind, body)?;
-        match t.encode(&prompt) {
-            Ok(mut ids) => {
-                ids.truncate(MAX_PROMPT_TOKENS);
-                Some(ids)
-            }
-            Err(e) => {
-                tracing::debug!(model, error = %e, "cannot tokenize the prompt; routing without cache knowledge");
-                None
-            }
+        encode_with(self.get(model)?.as_ref(), kind, body)
+    }
+}
+
+/// The body's prompt under `t`, at most [`MAX_PROMPT_TOKENS`] (None: no single prompt, or
+/// the tokenizer failed, which is logged).
+pub fn encode_with(t: &dyn PromptTokenizer, kind: ApiKind, body: &[u8]) -> Option<Vec<u32>> {
+    match t.encode(&prompt_of(kind, body)?) {
+        Ok(mut ids) => {
+            ids.truncate(MAX_PROMPT_TOKENS);
+            Some(ids)
+        }
+        Err(e) => {
+            tracing::debug!(tokenizer = t.kind(), error = %e, "cannot tokenize the prompt; routing without cache knowledge");
+            None
         }
     }
 }

@@ -275,7 +275,7 @@ async fn forward_request(
     let strategy = policy.routing.unwrap_or_else(|| gw.routing_of(base_model.as_str()));
     if strategy == flotilla_api::spec::RoutingStrategy::KvAware && adapter.is_none() {
         // an adapter's blocks are keyed by the engine's adapter id: routed without them
-        features.tokens = gw.cfg.tokenizers.encode(base_model.as_str(), kind, &bytes).map(Into::into);
+        features.tokens = gw.prompt_tokens(base_model.as_str(), kind, &bytes).map(Into::into);
     }
 
     // ask for usage on streams so TPM and metrics see tokens; the extra chunk is stripped

@@ -118,6 +118,16 @@ impl Gateway {
         }
     }
 
+    /// The prompt's token ids under `model`'s tokenizer: its `--tokenizer`, else the sim's
+    /// for an `engine: sim` Model; None without one ([`crate::prompt_tokens`]).
+    pub fn prompt_tokens(&self, model: &str, kind: crate::request::ApiKind, body: &[u8]) -> Option<Vec<u32>> {
+        if self.cfg.tokenizers.get(model).is_some() {
+            return self.cfg.tokenizers.encode(model, kind, body);
+        }
+        let sim = self.dir.model(model).is_some_and(|m| m.sim_engine);
+        sim.then(|| crate::prompt_tokens::encode_with(&crate::prompt_tokens::SimTokenizer, kind, body)).flatten()
+    }
+
     /// The `model` label of a request for `name` answered with `code` ([`label_of`]).
     pub fn model_label(&self, name: &str, code: Option<crate::error::ApiCode>) -> String {
         let known = code != Some(crate::error::ApiCode::ModelNotFound) && self.knows(name);

@@ -62,6 +62,18 @@ fn terms(explanation: &str, endpoint: &str) -> (usize, usize) {
     (num("cached="), num("speculative="))
 }
 
+/// Polls until the gateway follows `n` engines of the model.
+async fn following(gw: std::net::SocketAddr, n: usize) {
+    let want = format!("flotilla_gateway_kv_followers{{model=\"{MODEL}\"}} {n}");
+    for _ in 0..100 {
+        if get(gw, "/metrics").await.text().contains(&want) {
+            return;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    panic!("not following {n} engines");
+}
+
 /// Polls until the gateway's index holds entries, so later decisions rest on events.
 async fn index_filled(gw: std::net::SocketAddr) {
     for _ in 0..100 {
@@ -132,6 +144,7 @@ async fn a_burst_of_a_new_prefix_computes_it_at_most_once_per_engine() {
     let sims = publishing_sims(3).await;
     let gw = gateway(kv_args(&sims, true)).await;
     let a = gw.local_addr();
+    following(a, sims.len()).await;
     let system = long_prompt("burst", 200);
     // all at once: no engine event can have come back before the later ones are routed
     let sends: Vec<_> = (0..6)
@@ -176,4 +189,59 @@ async fn without_a_tokenizer_kv_aware_routes_on_the_approximate_index_and_says_s
     assert_eq!(bad.status, 400, "{}", bad.text());
     assert!(bad.text().contains("x-flotilla-explain-route"), "{}", bad.text());
     gw.shutdown().await;
+}
+
+/// From the cluster: a `routing: kv-aware` Model of `engine: sim` is keyed with the sim's
+/// tokenizer without any flag; an endpoint that leaves the table takes its index entries
+/// (and its follower) along.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cluster_models_of_sims_are_keyed_exactly_and_departed_engines_leave_the_index() {
+    let sims = publishing_sims(2).await;
+    let cp = common::fake_cp::FakeCp::new(None);
+    cp.put("Model", MODEL, json!({"source": "hf://x/y", "engine": "sim", "routing": "kv-aware"}));
+    cp.set_endpoints(&[(MODEL, sims[0].local_addr()), (MODEL, sims[1].local_addr())]);
+    let (cp_addr, stop) = cp.clone().serve().await;
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        server: vec![cp_addr.to_string()],
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    let gw = gateway(args).await;
+    let a = gw.local_addr();
+    let (mut x, mut holder) = (String::new(), String::new());
+    for _ in 0..100 {
+        let r = post(
+            a,
+            "/v1/chat/completions",
+            json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt("c", 100)}], "max_tokens": 2}),
+            &[("x-flotilla-explain-route", "true")],
+        )
+        .await;
+        if r.status == 200 {
+            x = r.header("x-flotilla-route").unwrap_or_default();
+            holder = r.endpoint();
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(x.starts_with("kv-aware tokens="), "keyed with the sim's tokenizer: {x:?}");
+    index_filled(a).await;
+
+    // The engine that holds the prompt leaves the table: its blocks leave the index.
+    let stays = sims.iter().find(|s| s.local_addr().to_string() != holder).expect("another sim");
+    cp.set_endpoints(&[(MODEL, stays.local_addr())]);
+    following(a, 1).await;
+    let empty = format!("flotilla_gateway_kv_index_entries{{model=\"{MODEL}\"}} 0");
+    let mut m = String::new();
+    for _ in 0..50 {
+        m = get(a, "/metrics").await.text();
+        if m.contains(&empty) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    assert!(m.contains(&empty), "the departed engine's entries are gone: {m}");
+    gw.shutdown().await;
+    let _ = stop.send(());
 }

@@ -27,6 +27,8 @@ pub struct ModelInfo {
     pub desired_replicas: Option<u32>,
     /// The rollout's running canary, if any (`status.rollout.canary`).
     pub canary: Option<crate::canary::Canary>,
+    /// `engine: sim`: its prompts are keyed with the sim's tokenizer (`kv-aware`).
+    pub sim_engine: bool,
 }
 
 impl ModelInfo {
