@@ -24,19 +24,19 @@ TARGETS=${TARGETS:-flotilla:kv-aware,flotilla:prefix-cache,vllm-router:cache_awa
 ENGINES=${ENGINES:-8}
 KV_BLOCKS=${KV_BLOCKS:-2560}          # per engine, 16 tokens each (= the L4 profile's own): 10.2 of the 60 prefixes
 PROFILE=${PROFILE:-l4-llama3-8b}
-SPEEDUP=${SPEEDUP:-1}
+SPEEDUP=${SPEEDUP:-2}              # twice real time: the sims, not the 2 cores, saturate
 PREFIXES=${PREFIXES:-60}
 PREFIX_TOKENS=${PREFIX_TOKENS:-4000}
 SUFFIX_TOKENS=${SUFFIX_TOKENS:-32}
 ZIPF=${ZIPF:-1.0}
 MAX_TOKENS=${MAX_TOKENS:-32}
-RATES=${RATES:-16 28 38}              # req/s: ~40%, 70%, 95% of the saturation rate (RESULTS.md)
+RATES=${RATES:-15 26 36}              # req/s: 40%, 70%, 95% of the saturation rate, 38 req/s (RESULTS.md)
 RUNS=${RUNS:-3}
 REQUESTS=${REQUESTS:-2000}
 MAX_DURATION_S=${MAX_DURATION_S:-300} # no request is sent later than this in a point
 REQUEST_TIMEOUT_S=${REQUEST_TIMEOUT_S:-120}
 if [[ -n "${QUICK:-}" ]]; then
-  REQUESTS=${QUICK_REQUESTS:-300}; RUNS=1; RATES=${QUICK_RATE:-16}; MAX_DURATION_S=60
+  REQUESTS=${QUICK_REQUESTS:-300}; RUNS=1; RATES=${QUICK_RATE:-36}; MAX_DURATION_S=60
 fi
 VENV=${BENCH_VENV:-/tmp/benchvenv/venv}
 FLOTILLA_BIN=${FLOTILLA_BIN:-$ROOT/target/release/flotilla}
@@ -104,8 +104,9 @@ start_router() {
       eval "header=\${FLOTILLA_HEADER_$var-x-flotilla-routing:$strategy}"
       [[ -n "$header" ]] && HEADERS=(--header "$header")
       local backends=(); for s in "${SIMS[@]}"; do backends+=(--backend "m=$s"); done
-      # shellcheck disable=SC2086 # $args is a list of flags
-      "$FLOTILLA_BIN" gateway --no-auth --listen 127.0.0.1:0 "${backends[@]}" $args > "$log" 2>&1 & PIDS+=($!)
+      # --server "": static backends only (the default 127.0.0.1:7070 would be watched, and a
+      # flotilla dev there would add its models). shellcheck disable=SC2086: $args is a list of flags
+      "$FLOTILLA_BIN" --server "" gateway --no-auth --listen 127.0.0.1:0 "${backends[@]}" $args > "$log" 2>&1 & PIDS+=($!)
       ROUTER_URL=$(wait_banner "$log" '^flotilla gateway listening on (http://[0-9.:]+).*') || return 1 ;;
     vllm-router|sglang-router)
       local port; port=$(free_port)
