@@ -139,7 +139,9 @@ for run in $(seq 1 "$RUNS"); do
         --requests "$REQUESTS" --rate "$rate" --seed "$run" --prefixes "$PREFIXES" \
         --prefix-tokens "$PREFIX_TOKENS" --suffix-tokens "$SUFFIX_TOKENS" --zipf "$ZIPF" \
         --max-tokens "$MAX_TOKENS" --max-duration-s "$MAX_DURATION_S" \
-        --request-timeout-s "$REQUEST_TIMEOUT_S" --extra "$extra" | tee -a "$OUT" || echo "$target: driver failed" >&2
+        --request-timeout-s "$REQUEST_TIMEOUT_S" --extra "$extra" > "$WORK/point.json" & PIDS+=($!)
+      # In the background and waited for, so a TERM or INT reaches the trap at once.
+      if wait "${PIDS[-1]}"; then tee -a "$OUT" < "$WORK/point.json"; else echo "$target: driver failed" >&2; fi
       cp "$WORK/router.log" "$HERE/out/last-router-${target//[:\/]/_}.log" 2>/dev/null || true
       stop_all
     done
