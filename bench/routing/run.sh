@@ -32,6 +32,7 @@ ZIPF=${ZIPF:-1.0}
 MAX_TOKENS=${MAX_TOKENS:-32}
 RATES=${RATES:-15 26 36}              # req/s: 40%, 70%, 95% of the saturation rate, 38 req/s (RESULTS.md)
 RUNS=${RUNS:-3}
+SEED_BASE=${SEED_BASE:-0}            # run r uses seed SEED_BASE + r: tune on one base, judge on another
 REQUESTS=${REQUESTS:-2000}
 MAX_DURATION_S=${MAX_DURATION_S:-300} # no request is sent later than this in a point
 REQUEST_TIMEOUT_S=${REQUEST_TIMEOUT_S:-120}
@@ -136,7 +137,7 @@ for run in $(seq 1 "$RUNS"); do
       fi
       sims_csv=$(IFS=,; echo "${SIMS[*]}")
       "$DRIVER_BIN" --url "$ROUTER_URL" --sims "$sims_csv" --model m "${HEADERS[@]}" --label "$target" \
-        --requests "$REQUESTS" --rate "$rate" --seed "$run" --prefixes "$PREFIXES" \
+        --requests "$REQUESTS" --rate "$rate" --seed "$((SEED_BASE + run))" --prefixes "$PREFIXES" \
         --prefix-tokens "$PREFIX_TOKENS" --suffix-tokens "$SUFFIX_TOKENS" --zipf "$ZIPF" \
         --max-tokens "$MAX_TOKENS" --max-duration-s "$MAX_DURATION_S" \
         --request-timeout-s "$REQUEST_TIMEOUT_S" --extra "$extra" > "$WORK/point.json" & PIDS+=($!)

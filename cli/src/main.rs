@@ -26,9 +26,10 @@ use crate::output::Format;
 )]
 struct Cli {
     /// Server gRPC address(es) for operator commands; a comma-separated list is tried in
-    /// order until one answers.
-    #[arg(long, global = true, env = "FLOTILLA_SERVER", default_value = "127.0.0.1:7070")]
-    server: String,
+    /// order until one answers [default: 127.0.0.1:7070; a gateway given only `--backend`s
+    /// watches no server unless this is set].
+    #[arg(long, global = true, env = "FLOTILLA_SERVER")]
+    server: Option<String>,
     /// Output format of operator commands.
     #[arg(short = 'o', long = "output", global = true, value_enum, default_value_t = Format::Table)]
     output: Format,
@@ -206,8 +207,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
         ));
     }
     let _telemetry = telemetry(&cli.command, cli.otlp_endpoint.as_deref())?;
-    let client = client::Client::new(&cli.server, tls.clone(), cli.token.as_deref())?;
-    let server = cli.server.clone();
+    let server = cli.server.clone().unwrap_or_else(|| DEFAULT_SERVER.to_string());
+    let client = client::Client::new(&server, tls.clone(), cli.token.as_deref())?;
     match cli.command {
         Command::Server(args) => cmd::server::run(args, &cli.tls).await,
         Command::Dev(args) => cmd::dev::run(args).await,
@@ -225,7 +226,11 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             flotilla_agent::run(*args).await.map_err(CliError::from)
         }
         Command::Gateway(mut args) => {
-            args.server = server_list(&server);
+            // static backends alone: no control plane unless one is named
+            args.server = match &cli.server {
+                None if !args.backends.is_empty() => Vec::new(),
+                _ => server_list(&server),
+            };
             args.tls = tls;
             flotilla_gateway::run(args).await.map_err(CliError::from)
         }
@@ -267,6 +272,9 @@ fn telemetry(command: &Command, endpoint: Option<&str>) -> Result<Option<flotill
     let guard = flotilla_telemetry::init(service, endpoint, filter).map_err(|e| CliError::usage(e.to_string()))?;
     Ok(Some(guard))
 }
+
+/// Where operator commands, agents and gateways find the servers when `--server` is not given.
+const DEFAULT_SERVER: &str = "127.0.0.1:7070";
 
 /// The global `--server` value as a list of addresses.
 fn server_list(server: &str) -> Vec<String> {

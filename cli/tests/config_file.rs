@@ -63,3 +63,27 @@ async fn a_gateway_runs_from_its_config_file() {
     assert_eq!(code, 200, "{body}");
     assert!(body.contains("from-file"), "the file's backend: {body}");
 }
+
+/// A gateway given only `--backend`s watches no control plane unless `--server` names one:
+/// it used to dial the default 127.0.0.1:7070 and log a connect error every 2 s (and would
+/// have taken the models of whatever cluster ran there).
+#[test]
+fn a_static_gateway_dials_no_default_server() {
+    let dir = tempfile::tempdir().unwrap();
+    let log = std::fs::File::create(dir.path().join("gw.log")).unwrap();
+    let mut child = Command::new(BIN)
+        .args(["gateway", "--no-auth", "--listen", "127.0.0.1:0", "--backend", "m=http://127.0.0.1:9"])
+        .env_remove("FLOTILLA_SERVER")
+        .env("RUST_LOG", "debug")
+        .stdout(std::process::Stdio::null())
+        .stderr(log)
+        .spawn()
+        .unwrap();
+    #[allow(clippy::disallowed_methods)] // a child process's log, no runtime here
+    std::thread::sleep(std::time::Duration::from_secs(3));
+    let _ = child.kill();
+    let _ = child.wait();
+    let text = std::fs::read_to_string(dir.path().join("gw.log")).unwrap();
+    assert!(text.contains("listening") || text.contains("127.0.0.1:"), "the gateway ran: {text}");
+    assert!(!text.contains("7070"), "dialled the default server:\n{text}");
+}

@@ -110,6 +110,12 @@ pub struct GatewayArgs {
     /// compute (the cost of an engine = uncached prompt tokens + this × its queue).
     #[arg(long, default_value_t = 64.0, value_name = "TOKENS")]
     pub kv_load_weight: f64,
+    /// kv-aware routing: the cost of one prompt token already sent to an engine and not yet
+    /// begun, relative to one it must compute (1). Lower keeps requests sharing a prefix
+    /// together while it is computed; higher spreads them (replicating the prefix).
+    /// The default, 0.5, was chosen on bench/routing (docs/gateway.md).
+    #[arg(long, default_value_t = 0.5, value_name = "WEIGHT")]
+    pub kv_pending_weight: f64,
     /// kv-aware routing: how long a request's prompt blocks count as held by the engine it
     /// was sent to before that engine's own KV event confirms them, in milliseconds.
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
@@ -441,8 +447,10 @@ impl GatewayArgs {
             .map(|t| crate::prompt_tokens::parse_tokenizer_flag(t).map_err(GatewayError::Usage))
             .collect::<Result<Vec<_>, _>>()?;
         let tokenizers = crate::prompt_tokens::Tokenizers::load(&tokenizers).map_err(GatewayError::Usage)?;
-        if !self.kv_load_weight.is_finite() || self.kv_load_weight < 0.0 {
-            return usage(format!("--kv-load-weight {} must be a non-negative number", self.kv_load_weight));
+        for (flag, w) in [("--kv-load-weight", self.kv_load_weight), ("--kv-pending-weight", self.kv_pending_weight)] {
+            if !w.is_finite() || w < 0.0 {
+                return usage(format!("{flag} {w} must be a non-negative number"));
+            }
         }
         if !(1..=600_000).contains(&self.kv_speculate_ms) {
             return usage(format!("--kv-speculate-ms {} is not within 1..=600000", self.kv_speculate_ms));
@@ -491,6 +499,7 @@ impl GatewayArgs {
             tokenizers,
             kv: crate::routing::kv_aware::KvAwareConfig {
                 load_weight: self.kv_load_weight,
+                pending_weight: self.kv_pending_weight,
                 speculate_for: ms(self.kv_speculate_ms),
                 ..Default::default()
             },

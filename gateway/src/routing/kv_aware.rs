@@ -2,8 +2,9 @@
 //! hold ([`KvIndex`], fed by [`crate::kv_fleet`]) and their load; the cheapest wins.
 //!
 //! ```text
-//! cost(e) = prefill_weight × (prompt tokens not cached on e + prefill tokens already sent to e, not yet begun)
-//!         + load_weight   × e's queue (max of this gateway's in-flight and the engine's running + waiting)
+//! cost(e) = prefill_weight × prompt tokens not cached on e
+//!         + pending_weight × prefill tokens already sent to e, not yet begun
+//!         + load_weight    × e's queue (max of this gateway's in-flight and the engine's running + waiting)
 //! ```
 //!
 //! "Cached" is the longest run of the prompt's leading blocks the engine holds, by its
@@ -37,6 +38,10 @@ use crate::table::{Endpoint, EndpointId};
 pub struct KvAwareConfig {
     /// Cost of one prompt token the engine must compute (1: costs are in prefill tokens).
     pub prefill_weight: f64,
+    /// Cost of one prompt token sent to the engine before and not yet begun. Below
+    /// `prefill_weight`: computing a prompt again elsewhere also costs cache space there
+    /// (it evicts other prefixes), which waiting behind it does not.
+    pub pending_weight: f64,
     /// Cost of one request in the engine's queue, in prefill tokens.
     pub load_weight: f64,
     pub speculate_for: Duration,
@@ -48,6 +53,7 @@ impl Default for KvAwareConfig {
     fn default() -> Self {
         KvAwareConfig {
             prefill_weight: 1.0,
+            pending_weight: 0.5,
             load_weight: 64.0,
             speculate_for: Duration::from_secs(5),
             max_blocks: 8192,
@@ -81,7 +87,8 @@ pub fn costs(
             let cached_tokens = (blocks * block_size).min(prompt_tokens);
             let uncached = (prompt_tokens - cached_tokens) as f64;
             let queue = l.queue();
-            let cost = cfg.prefill_weight * (uncached + l.prefill_pending as f64) + cfg.load_weight * queue;
+            let cost =
+                cfg.prefill_weight * uncached + cfg.pending_weight * l.prefill_pending as f64 + cfg.load_weight * queue;
             Candidate {
                 cached_tokens,
                 speculative_tokens: (spec * block_size).min(cached_tokens),
@@ -207,7 +214,7 @@ mod tests {
         // 1,000-token prompt, blocks of 16: e0 holds 50 blocks (800 tokens) but is busy
         let c = costs(1000, 16, &[(50, 10), (0, 0)], &[load(2.0, 100), load(0.0, 0)], &cfg);
         assert_eq!((c[0].cached_tokens, c[0].speculative_tokens), (800, 160));
-        assert_eq!(c[0].cost, 200.0 + 100.0 + 2.0 * 64.0);
+        assert_eq!(c[0].cost, 200.0 + 0.5 * 100.0 + 2.0 * 64.0);
         assert_eq!(c[1].cost, 1000.0);
         // a prompt shorter than what is held is all cached, never negative
         let c = costs(10, 16, &[(1, 0)], &[load(0.0, 0)], &cfg);
