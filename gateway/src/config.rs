@@ -608,4 +608,32 @@ mod tests {
             }
         }
     }
+
+    #[test]
+    fn routing_and_kv_flags_are_checked_at_start() {
+        let a = GatewayArgs { backends: vec!["m=127.0.0.1:1".into()], ..GatewayArgs::default() };
+        let ok = GatewayArgs {
+            routing: vec!["m=kv-aware".into()],
+            tokenizer: vec!["m=sim".into()],
+            kv_pending_weight: 0.0,
+            ..a.clone()
+        };
+        let c = ok.validate().unwrap();
+        assert_eq!(c.routing, [(crate::names::ModelName::from("m"), RoutingStrategy::KvAware)]);
+        assert_eq!(c.tokenizers.get("m").map(|t| t.kind()), Some("sim"));
+        let cases: [(GatewayArgs, &str); 8] = [
+            (GatewayArgs { routing: vec!["m=fastest".into()], ..a.clone() }, "not one of"),
+            (GatewayArgs { routing: vec!["kv-aware".into()], ..a.clone() }, "expected MODEL=STRATEGY"),
+            (GatewayArgs { routing: vec!["m=random".into(), "m=kv-aware".into()], ..a.clone() }, "repeated"),
+            (GatewayArgs { tokenizer: vec!["m=/nonexistent/dir".into()], ..a.clone() }, "--tokenizer m: "),
+            (GatewayArgs { kv_load_weight: -1.0, ..a.clone() }, "--kv-load-weight"),
+            (GatewayArgs { kv_pending_weight: f64::NAN, ..a.clone() }, "--kv-pending-weight"),
+            (GatewayArgs { kv_speculate_ms: 0, ..a.clone() }, "--kv-speculate-ms"),
+            (GatewayArgs { kv_index_capacity: 10, ..a.clone() }, "--kv-index-capacity"),
+        ];
+        for (args, want) in cases {
+            let e = args.validate().err().unwrap_or_else(|| panic!("accepted, want {want}"));
+            assert!(e.is_usage() && e.to_string().contains(want), "{e}");
+        }
+    }
 }
