@@ -39,7 +39,11 @@ async fn publishing_sim(blocks: u32) -> flotilla_sim::SimHandle {
 async fn held(index: &Mutex<KvIndex>, keys: &[u64], want: usize) -> usize {
     let mut got = 0;
     for _ in 0..100 {
-        got = index.lock().unwrap().cached_blocks(keys).iter().map(|(_, b)| *b).max().unwrap_or(0);
+        got = {
+            let ix = index.lock().unwrap();
+            let engines: Vec<&str> = ix.engines().collect();
+            ix.held_by(keys, &engines).iter().map(|(b, _)| *b).max().unwrap_or(0)
+        };
         if got == want {
             break;
         }

@@ -200,9 +200,10 @@ impl Strategy for KvAware {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::routing::kv_index::test_events::{batch, stored};
     use crate::routing::prefix::PrefixConfig;
     use crate::routing::testutil;
-    use flotilla_engine::kv_events::{BlockHash, EventBatch, KvEvent};
+    use flotilla_engine::kv_events::KvEvent;
 
     fn load(queue: f64, pending: u64) -> EndpointLoad {
         EndpointLoad { in_flight: queue as u32, prefill_pending: pending, ..Default::default() }
@@ -224,23 +225,11 @@ mod tests {
         assert!(c[0].cost > c[1].cost);
     }
 
-    fn stored(hashes: &[u64], tokens: &[u32]) -> KvEvent {
-        KvEvent::BlockStored {
-            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
-            parent: None,
-            token_ids: tokens.to_vec(),
-            block_size: 4,
-            lora_id: None,
-            lora_name: None,
-            medium: None,
-        }
-    }
-
     fn strategy_with(events: &[(&str, KvEvent)]) -> KvAware {
         let s = KvAware::new(KvAwareConfig::default(), PrefixCache::new(PrefixConfig::default()));
         let mut ix = KvIndex::new(4, 10_000);
         for (seq, (engine, ev)) in events.iter().enumerate() {
-            ix.apply(engine, seq as i64, &EventBatch { ts: 0.0, events: vec![ev.clone()], dp_rank: None });
+            ix.apply(engine, seq as i64, &batch(vec![ev.clone()]));
         }
         s.indexes.write().unwrap().insert(ModelName::from("m"), Arc::new(Mutex::new(ix)));
         s
@@ -255,7 +244,7 @@ mod tests {
         let prompt: Vec<u32> = (0..200).collect();
         let eps = testutil::eps(3);
         let e2 = eps[2].id.as_str().to_string();
-        let s = strategy_with(&[(&e2, stored(&(0..20).collect::<Vec<u64>>(), &prompt[..80]))]);
+        let s = strategy_with(&[(&e2, stored(&(0..20).collect::<Vec<u64>>(), None, &prompt[..80]))]);
         let l = [load(0.0, 0), load(0.0, 0), load(1.0, 0)];
         let d = s.decide(&req(&prompt), &eps, &l, Instant::now()).unwrap();
         assert_eq!(d.id, eps[2].id, "{:?}", d.explanation);
@@ -285,8 +274,8 @@ mod tests {
         let prompt: Vec<u32> = (0..64).collect();
         let eps = testutil::eps(4);
         let ev = [
-            (eps[1].id.as_str(), stored(&[1, 2, 3], &prompt[..12])),
-            (eps[3].id.as_str(), stored(&[7, 8], &prompt[..8])),
+            (eps[1].id.as_str(), stored(&[1, 2, 3], None, &prompt[..12])),
+            (eps[3].id.as_str(), stored(&[7, 8], None, &prompt[..8])),
         ];
         let (a, b) = (strategy_with(&ev), strategy_with(&ev));
         let l = [load(0.0, 0), load(3.0, 0), load(0.0, 0), load(0.0, 0)];

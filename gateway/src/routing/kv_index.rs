@@ -336,26 +336,6 @@ impl KvIndex {
         self.spec_until.retain(|(_, s), _| *s != e.slot);
     }
 
-    /// For each followed engine, how many leading blocks of the prompt with these keys
-    /// ([`block_keys`]) it holds.
-    pub fn cached_blocks(&self, keys: &[u64]) -> Vec<(&str, usize)> {
-        let mut held = vec![0usize; MAX_ENGINES];
-        let mut live = u64::MAX;
-        for (i, k) in keys.iter().enumerate() {
-            let m = self.holders.get(k).copied().unwrap_or(0) & live;
-            for (slot, h) in held.iter_mut().enumerate() {
-                if m & (1 << slot) != 0 {
-                    *h = i + 1;
-                }
-            }
-            live = m;
-            if live == 0 {
-                break;
-            }
-        }
-        self.engines.iter().map(|(n, e)| (n.as_str(), held[e.slot as usize])).collect()
-    }
-
     /// Counts `keys` as held by `engine` until `until` (a request was just routed there).
     pub fn speculate(&mut self, engine: &str, keys: &[u64], now: Instant, until: Instant) {
         self.expire_speculation(now);
@@ -421,32 +401,43 @@ impl KvIndex {
     }
 }
 
+/// Events for tests of this index and of the strategies that read it.
 #[cfg(test)]
-mod tests {
+pub(crate) mod test_events {
     use super::*;
 
-    fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> KvEvent {
+    /// A `BlockStored` of `hashes`, each block `tokens.len() / hashes.len()` tokens.
+    pub fn stored(hashes: &[u64], parent: Option<u64>, tokens: &[u32]) -> KvEvent {
         KvEvent::BlockStored {
             block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
             parent: parent.map(BlockHash),
             token_ids: tokens.to_vec(),
-            block_size: 2,
+            block_size: (tokens.len() / hashes.len().max(1)) as u32,
             lora_id: None,
             lora_name: None,
             medium: None,
         }
     }
 
-    fn batch(events: Vec<KvEvent>) -> EventBatch {
+    pub fn batch(events: Vec<KvEvent>) -> EventBatch {
         EventBatch { ts: 0.0, events, dp_rank: None }
     }
+}
 
+#[cfg(test)]
+mod tests {
+    use super::test_events::{batch, stored};
+    use super::*;
+    use std::time::Duration;
+
+    /// Every followed engine's leading blocks of the prompt (held or speculated), by name.
     fn held(ix: &KvIndex, keys: &[u64]) -> Vec<(String, usize)> {
-        let mut v: Vec<(String, usize)> = ix.cached_blocks(keys).into_iter().map(|(n, b)| (n.to_string(), b)).collect();
+        let names: Vec<&str> = ix.engines().collect();
+        let mut v: Vec<(String, usize)> =
+            names.iter().zip(ix.held_by(keys, &names)).map(|(n, (b, _))| (n.to_string(), b)).collect();
         v.sort();
         v
     }
-
     #[test]
     fn engines_hash_their_own_way_and_the_index_keys_by_tokens() {
         let mut ix = KvIndex::new(2, 100);
@@ -488,10 +479,7 @@ mod tests {
         assert_eq!(ix.apply("e1", 8, &batch(vec![stored(&[12], Some(11), &[3, 4])])), Sequence::Gap { from: 6 });
         assert_eq!(ix.skipped().orphans, 1, "a parent never seen: not indexed");
         assert_eq!(ix.entries(), 0);
-        let mut wrong = stored(&[13], None, &[1, 2, 3, 4]);
-        if let KvEvent::BlockStored { block_size, .. } = &mut wrong {
-            *block_size = 4;
-        }
+        let wrong = stored(&[13], None, &[1, 2, 3, 4]); // one block of 4 tokens
         ix.apply("e1", 9, &batch(vec![wrong]));
         assert_eq!(ix.skipped().block_size, 1);
     }
@@ -512,47 +500,16 @@ mod tests {
     #[test]
     fn capacity_drops_the_oldest_and_engines_are_bounded() {
         let mut ix = KvIndex::new(1, 3);
-        ix.apply("e1", 0, &batch(vec![stored(&[1, 2, 3, 4, 5], None, &[1, 2, 3, 4, 5]).with_block_size(1)]));
+        ix.apply("e1", 0, &batch(vec![stored(&[1, 2, 3, 4, 5], None, &[1, 2, 3, 4, 5])]));
         assert_eq!((ix.entries(), ix.skipped().evicted), (3, 2));
         // The first two blocks went: the chain from the start no longer matches.
         assert_eq!(held(&ix, &block_keys(&[1, 2, 3, 4, 5], 1, None, 64)), [("e1".into(), 0)]);
         let mut ix = KvIndex::new(1, 10_000);
         for i in 0..MAX_ENGINES + 3 {
-            ix.apply(&format!("e{i}"), 0, &batch(vec![stored(&[1], None, &[7]).with_block_size(1)]));
+            ix.apply(&format!("e{i}"), 0, &batch(vec![stored(&[1], None, &[7])]));
         }
         assert_eq!((ix.engines().count(), ix.skipped().engines), (MAX_ENGINES, 3));
-        assert!(ix.cached_blocks(&block_keys(&[7], 1, None, 4)).iter().all(|(_, b)| *b == 1));
-    }
-
-    trait WithBlockSize {
-        fn with_block_size(self, n: u32) -> Self;
-    }
-
-    impl WithBlockSize for KvEvent {
-        fn with_block_size(mut self, n: u32) -> Self {
-            if let KvEvent::BlockStored { block_size, .. } = &mut self {
-                *block_size = n;
-            }
-            self
-        }
-    }
-}
-
-#[cfg(test)]
-mod speculation_tests {
-    use super::*;
-    use std::time::Duration;
-
-    fn stored(hashes: &[u64], tokens: &[u32]) -> KvEvent {
-        KvEvent::BlockStored {
-            block_hashes: hashes.iter().map(|h| BlockHash(*h)).collect(),
-            parent: None,
-            token_ids: tokens.to_vec(),
-            block_size: 2,
-            lora_id: None,
-            lora_name: None,
-            medium: None,
-        }
+        assert!(held(&ix, &block_keys(&[7], 1, None, 4)).iter().all(|(_, b)| *b == 1));
     }
 
     #[test]
@@ -560,7 +517,7 @@ mod speculation_tests {
         let mut ix = KvIndex::new(16, 100);
         let t0 = Instant::now();
         // the first event adopts the engines' block size
-        ix.apply("e1", 0, &EventBatch { ts: 0.0, events: vec![stored(&[1], &[1, 2])], dp_rank: None });
+        ix.apply("e1", 0, &batch(vec![stored(&[1], None, &[1, 2])]));
         assert_eq!(ix.block_size(), 2);
         let keys = block_keys(&[1, 2, 3, 4, 5, 6], 2, None, 64);
         assert_eq!(ix.held_by(&keys, &["e1", "e2", "nobody"]), [(1, 0), (0, 0), (0, 0)]);
