@@ -11,6 +11,7 @@ mod common;
 use std::time::Duration;
 
 use common::*;
+use flotilla_gateway::routing::kv_aware::explained_terms;
 use flotilla_sim::SimHandle;
 use serde_json::json;
 
@@ -54,12 +55,7 @@ async fn routed(gw: std::net::SocketAddr, prompt: &str) -> (String, String) {
 
 /// The explanation's `cached=` and `speculative=` for `endpoint`.
 fn terms(explanation: &str, endpoint: &str) -> (usize, usize) {
-    let part = explanation.split("; ").find(|p| p.starts_with(endpoint)).unwrap_or_else(|| panic!("{explanation}"));
-    let num = |k: &str| -> usize {
-        let v = part.split(' ').find_map(|w| w.strip_prefix(k)).unwrap_or_else(|| panic!("{k} in {part}"));
-        v.parse().unwrap()
-    };
-    (num("cached="), num("speculative="))
+    explained_terms(explanation, endpoint).unwrap_or_else(|| panic!("{endpoint} in {explanation}"))
 }
 
 /// Polls until the gateway follows `n` engines of the model.
@@ -201,13 +197,7 @@ async fn cluster_models_of_sims_are_keyed_exactly_and_departed_engines_leave_the
     cp.put("Model", MODEL, json!({"source": "hf://x/y", "engine": "sim", "routing": "kv-aware"}));
     cp.set_endpoints(&[(MODEL, sims[0].local_addr()), (MODEL, sims[1].local_addr())]);
     let (cp_addr, stop) = cp.clone().serve().await;
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![cp_addr.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = gateway(args).await;
+    let gw = gateway(cluster_gw_args(cp_addr)).await;
     let a = gw.local_addr();
     let (mut x, mut holder) = (String::new(), String::new());
     for _ in 0..100 {

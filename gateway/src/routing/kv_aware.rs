@@ -100,6 +100,15 @@ pub fn costs(
         .collect()
 }
 
+/// One candidate's `(cached, speculative)` tokens as an `x-flotilla-route` explanation
+/// written by [`KvAware::decide`] states them (None: `endpoint` is not in it), for tools and
+/// tests that read the header.
+pub fn explained_terms(explanation: &str, endpoint: &str) -> Option<(usize, usize)> {
+    let part = explanation.split("; ").find(|p| p.split(' ').next() == Some(endpoint))?;
+    let num = |k: &str| part.split(' ').find_map(|w| w.strip_prefix(k))?.parse().ok();
+    Some((num("cached=")?, num("speculative=")?))
+}
+
 /// What kv-aware decided for a request.
 #[derive(Debug, Clone)]
 pub struct Decision {
@@ -251,6 +260,8 @@ mod tests {
         assert_eq!((d.predicted_hit_tokens, d.prefill_tokens, d.prompt_tokens), (80, 120, 200));
         let x = d.explanation.unwrap();
         assert!(x.starts_with("kv-aware tokens=200 block=4; "), "{x}");
+        assert_eq!(explained_terms(&x, &e2), Some((80, 0)));
+        assert_eq!(explained_terms(&x, "nowhere:1"), None);
         assert!(x.contains(&format!("{e2} cached=80 speculative=0 pending=0 queue=1 cost=184 chosen")), "{x}");
 
         // A new prefix nobody holds: the first request goes somewhere; the next ones follow

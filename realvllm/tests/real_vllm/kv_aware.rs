@@ -12,21 +12,14 @@ use serde_json::json;
 use tokio::time::Instant;
 
 use flotilla_gateway::hf_tokenizer::HfTokenizer;
+use flotilla_gateway::routing::kv_aware::explained_terms;
 use flotilla_testkit::http;
 
 use crate::install::RealVllm;
 
 /// The explanation's `cached=` and `speculative=` for `endpoint`.
 fn terms(explanation: &str, endpoint: &str) -> anyhow::Result<(usize, usize)> {
-    let part = explanation
-        .split("; ")
-        .find(|p| p.starts_with(endpoint))
-        .with_context(|| format!("{endpoint} not in {explanation}"))?;
-    let num = |k: &str| -> anyhow::Result<usize> {
-        let v = part.split(' ').find_map(|w| w.strip_prefix(k)).with_context(|| format!("{k} in {part}"))?;
-        Ok(v.parse()?)
-    };
-    Ok((num("cached=")?, num("speculative=")?))
+    explained_terms(explanation, endpoint).with_context(|| format!("{endpoint} not in {explanation}"))
 }
 
 async fn routed(gw: &str, prompt: &str) -> anyhow::Result<(String, String)> {
