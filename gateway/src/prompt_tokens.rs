@@ -6,7 +6,7 @@
 //! index instead (docs/gateway.md).
 //!
 //! ```text
-//! body ──prompt_of──> Prompt::{Text, Ids, Chat} ──Tokenizers::encode(model)──> [u32] ──> block keys
+//! body ──prompt_of──> Prompt::{Text, Ids, Chat} ──encode_with(model's tokenizer)──> [u32] ──> block keys
 //! ```
 
 use std::collections::HashMap;
@@ -193,17 +193,10 @@ impl Tokenizers {
     pub fn get(&self, model: &str) -> Option<&Arc<dyn PromptTokenizer>> {
         self.by_model.get(model)
     }
-
-    /// The prompt's token ids under `model`'s tokenizer (None: no tokenizer, no single
-    /// prompt, or the tokenizer failed — routing then goes without cache knowledge), at
-    /// most [`MAX_PROMPT_TOKENS`].
-    pub fn encode(&self, model: &str, kind: ApiKind, body: &[u8]) -> Option<Vec<u32>> {
-        encode_with(self.get(model)?.as_ref(), kind, body)
-    }
 }
 
 /// The body's prompt under `t`, at most [`MAX_PROMPT_TOKENS`] (None: no single prompt, or
-/// the tokenizer failed, which is logged).
+/// the tokenizer failed, which is logged — routing then goes without cache knowledge).
 pub fn encode_with(t: &dyn PromptTokenizer, kind: ApiKind, body: &[u8]) -> Option<Vec<u32>> {
     match t.encode(&prompt_of(kind, body)?) {
         Ok(mut ids) => {
@@ -277,9 +270,10 @@ mod hf_tests {
         let t = Tokenizers::load(&[(ModelName::from("tiny"), TokenizerSource::Dir(dir))]).unwrap();
         assert_eq!(t.get("tiny").unwrap().kind(), "hf");
         let body = br#"{"model":"tiny","messages":[{"role":"user","content":"hello there"}]}"#;
-        let chat = t.encode("tiny", ApiKind::Chat, body).unwrap();
-        let text = t.encode("tiny", ApiKind::Completions, br#"{"model":"tiny","prompt":"hello there"}"#).unwrap();
+        let hf = t.get("tiny").unwrap().as_ref();
+        let chat = encode_with(hf, ApiKind::Chat, body).unwrap();
+        let text = encode_with(hf, ApiKind::Completions, br#"{"model":"tiny","prompt":"hello there"}"#).unwrap();
         assert!(chat.len() > text.len(), "the template adds its markers: {chat:?} {text:?}");
-        assert_eq!(t.encode("other", ApiKind::Chat, body), None, "no tokenizer for that model");
+        assert!(t.get("other").is_none(), "no tokenizer for that model");
     }
 }

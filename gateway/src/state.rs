@@ -121,11 +121,12 @@ impl Gateway {
     /// The prompt's token ids under `model`'s tokenizer: its `--tokenizer`, else the sim's
     /// for an `engine: sim` Model; None without one ([`crate::prompt_tokens`]).
     pub fn prompt_tokens(&self, model: &str, kind: crate::request::ApiKind, body: &[u8]) -> Option<Vec<u32>> {
-        if self.cfg.tokenizers.get(model).is_some() {
-            return self.cfg.tokenizers.encode(model, kind, body);
+        use crate::prompt_tokens::{encode_with, SimTokenizer};
+        match self.cfg.tokenizers.get(model) {
+            Some(t) => encode_with(t.as_ref(), kind, body),
+            None if self.dir.model(model).is_some_and(|m| m.sim_engine) => encode_with(&SimTokenizer, kind, body),
+            None => None,
         }
-        let sim = self.dir.model(model).is_some_and(|m| m.sim_engine);
-        sim.then(|| crate::prompt_tokens::encode_with(&crate::prompt_tokens::SimTokenizer, kind, body)).flatten()
     }
 
     /// The `model` label of a request for `name` answered with `code` ([`label_of`]).
