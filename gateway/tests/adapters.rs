@@ -76,12 +76,7 @@ async fn fleet(
     } else {
         leader_addr
     };
-    let mut a = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![server.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
+    let mut a = cluster_gw_args(server);
     args(&mut a);
     let gw = gateway(a).await;
     let mut ready = false;

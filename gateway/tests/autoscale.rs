@@ -77,12 +77,7 @@ async fn env(
     } else {
         leader
     };
-    let mut a = GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![server.to_string()],
-        ..GatewayArgs::default()
-    };
+    let mut a = cluster_gw_args(server);
     args(&mut a);
     let gw = gateway(a).await;
     let st = gw.state().clone();

@@ -20,13 +20,7 @@ async fn follows_the_leader_and_keeps_routing_when_servers_are_gone() {
     follower.put("Model", MODEL, serde_json::json!({"source": "hf://x/y", "routing": "round-robin"}));
     let (follower_addr, stop_follower) = follower.serve().await;
 
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![follower_addr.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = gateway(args).await;
+    let gw = gateway(cluster_gw_args(follower_addr)).await;
     let addr = gw.local_addr();
     let mut ready = false;
     for _ in 0..100 {
@@ -75,13 +69,7 @@ async fn each_engine_gets_the_key_the_endpoint_table_gives() {
         (MODEL, engines[1].local_addr(), keys[1].as_str()),
     ]);
     let (cp_addr, stop) = cp.clone().serve().await;
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![cp_addr.to_string()],
-        ..flotilla_gateway::GatewayArgs::default()
-    };
-    let gw = gateway(args).await;
+    let gw = gateway(cluster_gw_args(cp_addr)).await;
     let addr = gw.local_addr();
     let mut seen = std::collections::BTreeSet::new();
     for _ in 0..200 {

@@ -45,13 +45,7 @@ async fn a_tls_engine_is_reached_over_https_with_its_pin_and_a_wrong_pin_gets_no
     cp.put("Model", MODEL, serde_json::json!({"source": "hf://x/y"}));
     cp.set_pinned_endpoints(&[(MODEL, via, pin.hex().as_str())]);
     let (cp_addr, stop) = cp.clone().serve().await;
-    let args = flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![cp_addr.to_string()],
-        eject_after_failures: 2,
-        ..flotilla_gateway::GatewayArgs::default()
-    };
+    let args = flotilla_gateway::GatewayArgs { eject_after_failures: 2, ..cluster_gw_args(cp_addr) };
     let gw = gateway(args).await;
     let addr = gw.local_addr();
     eventually(|| async { get(addr, "/readyz").await.status == 200 }).await;

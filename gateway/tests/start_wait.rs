@@ -13,13 +13,7 @@ use flotilla_testkit::ports::free_port;
 use tokio::time::Instant;
 
 fn following(server: &str, start_wait_s: u64) -> flotilla_gateway::GatewayArgs {
-    flotilla_gateway::GatewayArgs {
-        listen: "127.0.0.1:0".into(),
-        no_auth: true,
-        server: vec![server.to_owned()],
-        start_wait_s,
-        ..flotilla_gateway::GatewayArgs::default()
-    }
+    flotilla_gateway::GatewayArgs { start_wait_s, ..cluster_gw_args(server) }
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

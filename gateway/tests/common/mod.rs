@@ -48,6 +48,17 @@ pub fn gw_args(sims: &[SimHandle]) -> GatewayArgs {
     }
 }
 
+/// Gateway args following the control plane at `server` (its endpoint table and objects),
+/// auth off.
+pub fn cluster_gw_args(server: impl ToString) -> GatewayArgs {
+    GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        server: vec![server.to_string()],
+        ..GatewayArgs::default()
+    }
+}
+
 pub async fn gateway(args: GatewayArgs) -> GatewayHandle {
     flotilla_gateway::start(args).await.expect("gateway starts")
 }
