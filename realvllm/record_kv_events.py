@@ -8,28 +8,23 @@ The engine's unit tests decode these files (engine/src/kv_events.rs).
 
 usage: FLOTILLA_REAL_VLLM=DIR python3 realvllm/record_kv_events.py [OUT_DIR]
 """
-import json, os, subprocess, sys, threading, time, urllib.request
+import json, os, sys, threading, time, urllib.request
 
-D = os.environ.get("FLOTILLA_REAL_VLLM", os.path.expanduser("~/.cache/flotilla/real-vllm"))
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from tiny_vllm import serve, stop as stop_vllm
+
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(os.path.dirname(__file__), "tests/data/kv-events")
 PORT = 18420
 sys.path.insert(0, "")
 import zmq  # from the real vLLM's venv
 
-env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
-           VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_HOST_IP="127.0.0.1", VLLM_CACHE_ROOT=os.path.join(D, "cache"))
 # tcp://*:0 binds VLLM_HOST_IP on a free port; GET /kv_event_sources then names the endpoints.
 # (A host:port endpoint makes vLLM's PUB socket connect there instead of binding.)
 cfg = {"enable_kv_cache_events": True, "publisher": "zmq", "endpoint": "tcp://*:0",
        "replay_endpoint": "tcp://*:0", "topic": "kv@tiny"}
 # 64 blocks of 32 tokens (the CPU attention backend takes multiples of 32) (--num-gpu-blocks-override): few enough that distinct prompts evict.
-cmd = [os.path.join(D, "venv/bin/vllm"), "serve", os.path.join(D, "models/tiny-llama"), "--host", "127.0.0.1",
-       "--port", str(PORT), "--served-model-name", "tiny", "--max-model-len", "512", "--enforce-eager",
-       "--distributed-executor-backend", "uni", "--dtype", "float32", "--block-size", "32",
-       "--num-gpu-blocks-override", "64", "--enable-prefix-caching", "--kv-events-config", json.dumps(cfg)]
-log = open("/tmp/record-kv-events.log", "w")
-proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+extra = ["--block-size", "32", "--num-gpu-blocks-override", "64", "--enable-prefix-caching",
+         "--kv-events-config", json.dumps(cfg)]
 frames, stop = [], threading.Event()
 
 def listen(endpoint):
@@ -45,15 +40,8 @@ def post(prompt, n=4):
     req = urllib.request.Request(f"http://127.0.0.1:{PORT}/v1/completions", body, {"Content-Type": "application/json"})
     return json.load(urllib.request.urlopen(req, timeout=60))
 
+proc = serve(PORT, extra, "/tmp/record-kv-events.log")
 try:
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None:
-                sys.exit(f"vllm exited; see /tmp/record-kv-events.log")
-            time.sleep(1)
     sources = json.load(urllib.request.urlopen(f"http://127.0.0.1:{PORT}/kv_event_sources", timeout=5))
     print("kv_event_sources:", json.dumps(sources))
     os.makedirs(OUT, exist_ok=True)
@@ -73,8 +61,7 @@ try:
     stop.set()
     t.join()
 finally:
-    os.killpg(proc.pid, 15)
-    proc.wait(30)
+    stop_vllm(proc)
 os.makedirs(OUT, exist_ok=True)
 with open(os.path.join(OUT, "index.txt"), "w") as idx:
     idx.write("# file topic seq (recorded from vllm-cpu 0.32.0 by realvllm/record_kv_events.py)\n")

@@ -7,10 +7,11 @@ engine's token ids to gateway/tests/data/tiny-llama-tokenizer/tokenize-samples.j
 
 usage: FLOTILLA_REAL_VLLM=DIR python3 realvllm/record_tokenize.py [OUT_FILE]
 """
-import json, os, subprocess, sys, time, urllib.error, urllib.request
+import json, os, sys, urllib.error, urllib.request
 
-D = os.environ.get("FLOTILLA_REAL_VLLM", os.path.expanduser("~/.cache/flotilla/real-vllm"))
 HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, HERE)
+from tiny_vllm import serve, stop
 OUT = sys.argv[1] if len(sys.argv) > 1 else os.path.join(HERE, "../gateway/tests/data/tiny-llama-tokenizer/tokenize-samples.json")
 PORT = 18421
 
@@ -76,13 +77,6 @@ CHATS = [
     [["user", "Ünïcödé ñ ß Привет"]],
 ]
 
-env = dict(os.environ, VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", TRANSFORMERS_OFFLINE="1",
-           VLLM_NO_USAGE_STATS="1", DO_NOT_TRACK="1", VLLM_CPU_KVCACHE_SPACE="1",
-           VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_HOST_IP="127.0.0.1", VLLM_CACHE_ROOT=os.path.join(D, "cache"))
-cmd = [os.path.join(D, "venv/bin/vllm"), "serve", os.path.join(D, "models/tiny-llama"), "--host", "127.0.0.1",
-       "--port", str(PORT), "--served-model-name", "tiny", "--max-model-len", "512", "--enforce-eager",
-       "--distributed-executor-backend", "uni", "--dtype", "float32"]
-
 
 def post(body):
     req = urllib.request.Request(f"http://127.0.0.1:{PORT}/tokenize", json.dumps(body).encode(),
@@ -93,17 +87,8 @@ def post(body):
         return {"error": e.code, "body": e.read().decode(errors="replace")}
 
 
-log = open("/tmp/record-tokenize.log", "w")
-proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+proc = serve(PORT, [], "/tmp/record-tokenize.log")
 try:
-    for _ in range(240):
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{PORT}/health", timeout=2)
-            break
-        except Exception:
-            if proc.poll() is not None:
-                sys.exit("vllm exited; see /tmp/record-tokenize.log")
-            time.sleep(1)
     samples = {"recorded_from": "vllm-cpu 0.32.0, models/tiny-llama, by realvllm/record_tokenize.py",
                "prompts": [], "chats": []}
     for p in PROMPTS:
@@ -114,8 +99,7 @@ try:
         r = post({"model": "tiny", "messages": msgs})
         samples["chats"].append({"messages": c, **({"tokens": r["tokens"]} if "tokens" in r else {"error": r})})
 finally:
-    os.killpg(proc.pid, 15)
-    proc.wait(30)
+    stop(proc)
 with open(OUT, "w") as f:
     json.dump(samples, f, indent=1, ensure_ascii=False)
     f.write("\n")
