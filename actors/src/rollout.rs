@@ -203,6 +203,7 @@ mod tests {
 
     fn template(source: &str) -> ReplicaTemplate {
         ReplicaTemplate {
+            kv_transfer: None,
             engine_image: Default::default(),
             topology: None,
             engine: EngineKind::Sim,

@@ -92,6 +92,8 @@ impl World {
 
     pub fn model(&mut self, n: &str, replicas: u32, gpus: u32) {
         let spec = ModelSpec {
+            disaggregation: None,
+            kv_transfer: None,
             engine_image: Default::default(),
             topology: None,
             engine: flotilla_api::spec::EngineKind::Sim,
@@ -109,6 +111,7 @@ impl World {
 
     pub fn replica(&mut self, n: &str, model: &str, gpus: u32, phase: ReplicaPhase, node: Option<(&str, Vec<u32>)>) {
         let spec = ReplicaSpec {
+            kv_transfer: None,
             engine_image: Default::default(),
             topology: None,
             members: Vec::new(),

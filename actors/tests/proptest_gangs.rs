@@ -103,6 +103,7 @@ fn world(nodes: &[NodeGen], asks: &[AskGen]) -> Store {
             domain_label: DEFAULT_DOMAIN_LABEL.into(),
         });
         let spec = ReplicaSpec {
+            kv_transfer: None,
             model: name("m"),
             engine: EngineKind::Sim,
             source: "file:///m".into(),

@@ -158,6 +158,7 @@ fn replica_spec(
     gpus: Vec<u32>,
 ) -> ReplicaSpec {
     ReplicaSpec {
+        kv_transfer: None,
         engine_image: Default::default(),
         topology: None,
         members: Vec::new(),

@@ -84,6 +84,17 @@ impl Manifest {
         let metadata = Metadata { name: raw.metadata.name.parse()?, labels: raw.metadata.labels };
         validate_labels("metadata.labels", &metadata.labels)?;
         let spec = Spec::from_yaml(kind, raw.spec)?;
+        if let Spec::Model(m) = &spec {
+            if m.disaggregation.is_some() && metadata.name.as_str().len() > crate::spec::MAX_DISAGGREGATED_NAME {
+                return Err(ApiError::invalid(
+                    "metadata.name",
+                    format!(
+                        "a disaggregated Model's name is at most {} characters (its members are <name>-prefill and <name>-decode)",
+                        crate::spec::MAX_DISAGGREGATED_NAME
+                    ),
+                ));
+            }
+        }
         Ok(Manifest { metadata, spec })
     }
 

@@ -88,6 +88,8 @@ fn model_spec() -> impl Strategy<Value = ModelSpec> {
         .prop_map(|(engine, source, replicas, gpus, gpu_types, engine_args, routing, autoscaling)| ModelSpec {
             engine_image: Default::default(),
             topology: None,
+            disaggregation: None,
+            kv_transfer: None,
             engine,
             source,
             replicas,

@@ -39,6 +39,7 @@ fn adapter(n: &str, base: Option<&str>) -> StoredObject {
 /// A replica of `model` (by label), bound to `node`, holding `adapters`.
 fn replica(n: &str, model: &str, node: Option<&str>, phase: ReplicaPhase, adapters: &[&str]) -> StoredObject {
     let spec = ReplicaSpec {
+        kv_transfer: None,
         engine_image: Default::default(),
         topology: None,
         members: Vec::new(),

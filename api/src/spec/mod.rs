@@ -2,6 +2,7 @@
 //! ranges and relations that serde's typing cannot, naming the field at fault.
 mod adapter;
 mod autoscaling;
+mod disaggregation;
 mod model;
 mod node;
 mod replica;
@@ -19,7 +20,13 @@ pub use autoscaling::{
     AutoscalingSpec, Bounds, MetricKind, MetricSource, MetricTarget, ScalingStrategy, Schedule, SloTarget,
     SpecDuration, TimeOfDay, Weekday, MAX_METRICS, MAX_SCALE_DOWN_DELAY, MAX_SCHEDULES, MAX_WINDOW,
 };
-pub use model::{validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_REPLICAS};
+pub use disaggregation::{
+    member_name, DisaggregationSpec, EngineRole, KvConnector, KvTransferRole, PdDecider, RolePool, KV_TRANSFER_FLAGS,
+    MAX_DISAGGREGATED_NAME, MEMBER_OF_LABEL, ROLE_LABEL,
+};
+pub use model::{
+    validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_GPUS_PER_REPLICA, MAX_REPLICAS,
+};
 pub use node::{Gpu, GpuHealth, GpuHealthState, NodeSpec, NodeState, NodeStatus};
 pub use replica::{GangMember, ReplicaPhase, ReplicaSpec, ReplicaStatus};
 pub use rollout::{CanarySpec, IntOrPercent, ReplicaTemplate, RolloutSpec, MAX_CANARY_STEPS};

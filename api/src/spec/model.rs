@@ -123,6 +123,13 @@ pub struct ModelSpec {
     /// How a change of the replica template ([`ModelSpec::template`]) replaces replicas.
     #[serde(default, skip_serializing_if = "RolloutSpec::is_default")]
     pub rollout: RolloutSpec,
+    /// Prefill and decode on separate pools (member Models derived by the controller).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub disaggregation: Option<Box<super::DisaggregationSpec>>,
+    /// This Model is one role of a disaggregated Model: its engines start with the
+    /// connector's KV-transfer settings ([`super::KvTransferRole`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<super::KvTransferRole>,
 }
 
 /// The LoRA settings of a model's engine, read from its `engine_args` with vLLM's
@@ -187,6 +194,7 @@ impl ModelSpec {
             gpu_types: self.gpu_types.clone(),
             engine_image: self.engine_image.clone(),
             topology: self.topology.clone(),
+            kv_transfer: self.kv_transfer,
         }
     }
 
@@ -199,6 +207,7 @@ impl ModelSpec {
         self.gpu_types = t.gpu_types;
         self.engine_image = t.engine_image;
         self.topology = t.topology;
+        self.kv_transfer = t.kv_transfer;
     }
 
     /// The engine's LoRA settings (an unparsable number is an error naming the flag).
@@ -262,6 +271,7 @@ impl ModelSpec {
             a.validate("spec.autoscaling")?;
         }
         self.rollout.validate("spec.rollout")?;
+        self.validate_disaggregation()?;
         Ok(())
     }
 }

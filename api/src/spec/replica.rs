@@ -43,6 +43,9 @@ pub struct ReplicaSpec {
     /// while Pending). All bound in one transaction, or none.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub members: Vec<GangMember>,
+    /// The role its engine plays in a disaggregated Model (the agent sets the connector up).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<super::KvTransferRole>,
 }
 
 /// One member of a multi-node replica: its node and GPU indices there.
@@ -64,6 +67,7 @@ impl ReplicaSpec {
             gpu_types: self.gpu_types.clone(),
             engine_image: self.engine_image.clone(),
             topology: self.topology.clone(),
+            kv_transfer: self.kv_transfer,
         }
     }
 

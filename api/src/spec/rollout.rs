@@ -35,6 +35,9 @@ pub struct ReplicaTemplate {
     /// Left out when None, as `engine_image`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub topology: Option<super::Topology>,
+    /// Left out when None, as `engine_image`: the role of a disaggregated Model's member.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<super::KvTransferRole>,
 }
 
 fn is_default<T: Default + PartialEq>(v: &T) -> bool {
@@ -283,6 +286,7 @@ mod tests {
         ReplicaTemplate {
             engine_image: Default::default(),
             topology: None,
+            kv_transfer: None,
             engine: EngineKind::Sim,
             source: "hf://org/m".into(),
             engine_args: vec!["--x".into()],

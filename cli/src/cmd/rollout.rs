@@ -252,6 +252,7 @@ mod tests {
         let template = ReplicaTemplate {
             engine_image: Default::default(),
             topology: None,
+            kv_transfer: None,
             engine: EngineKind::Sim,
             source: source.into(),
             engine_args: vec![],

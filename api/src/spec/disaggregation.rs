@@ -1,0 +1,334 @@
+//! Prefill/decode disaggregation: a Model whose prefill and decode run on separate engine
+//! pools (`spec.disaggregation`), and the role a member pool's engines play
+//! (`spec.kv_transfer`, set on the member Models the controller derives).
+//!
+//! A disaggregated Model runs no replicas of its own: the model controller keeps two member
+//! Models, `<name>-prefill` and `<name>-decode` ([`member_name`]), each an ordinary Model
+//! (its own replicas, rollout, autoscaling) derived by [`ModelSpec::member`] and labelled
+//! [`MEMBER_OF_LABEL`]. Gateways serve the disaggregated name by sending each request's
+//! prefill to one pool and its decode to the other (docs/gateway.md, "P/D").
+use serde::{Deserialize, Serialize};
+
+use super::{at_most, AutoscalingSpec, ModelSpec, MAX_GPUS_PER_REPLICA, MAX_REPLICAS};
+use crate::{ApiError, ObjectName};
+
+/// The label a member Model carries: the name of the disaggregated Model it belongs to.
+pub const MEMBER_OF_LABEL: &str = "flotilla.io/member-of";
+/// The label a member Model carries: its role (`prefill` or `decode`).
+pub const ROLE_LABEL: &str = "flotilla.io/role";
+/// Most characters of a disaggregated Model's name: `-prefill` must still fit a DNS label.
+pub const MAX_DISAGGREGATED_NAME: usize = 63 - "-prefill".len();
+
+/// How KV blocks move from the prefill engine to the decode engine: vLLM's connector.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum KvConnector {
+    /// `NixlConnector` (UCX: RDMA, NVLink, TCP), the one vLLM's P/D examples use.
+    Nixl,
+    /// `LMCacheConnectorV1` with LMCache's P/D (NIXL underneath).
+    Lmcache,
+    /// `P2pNcclConnector` (NCCL between the engines).
+    P2pNccl,
+}
+
+impl KvConnector {
+    /// vLLM's `kv_connector` name.
+    pub fn vllm_name(self) -> &'static str {
+        match self {
+            KvConnector::Nixl => "NixlConnector",
+            KvConnector::Lmcache => "LMCacheConnectorV1",
+            KvConnector::P2pNccl => "P2pNcclConnector",
+        }
+    }
+}
+
+/// The part of a request an engine pool serves.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum EngineRole {
+    Prefill,
+    Decode,
+}
+
+impl EngineRole {
+    pub const ALL: [EngineRole; 2] = [EngineRole::Prefill, EngineRole::Decode];
+
+    pub fn as_str(self) -> &'static str {
+        match self {
+            EngineRole::Prefill => "prefill",
+            EngineRole::Decode => "decode",
+        }
+    }
+}
+
+/// What a member pool's engines are started as: the agent turns it into the connector's
+/// `--kv-transfer-config` and side-channel settings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct KvTransferRole {
+    pub connector: KvConnector,
+    pub role: EngineRole,
+}
+
+/// One role's pool: its own count, GPUs, extra engine arguments and autoscaling.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RolePool {
+    #[serde(default = "one")]
+    pub replicas: u32,
+    /// GPUs per replica of this role; None: the Model's `gpus`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub gpus: Option<u32>,
+    /// Appended to the Model's `engine_args` for this role's engines.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub engine_args: Vec<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub autoscaling: Option<Box<AutoscalingSpec>>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+/// When the gateway sends a request's prefill to the prefill pool, and when it lets the
+/// decode engine compute the prompt itself.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct PdDecider {
+    /// Prompts shorter than this many tokens are prefilled on the decode engine: a transfer
+    /// costs more than it saves.
+    #[serde(default = "default_min_remote_prefill_tokens")]
+    pub min_remote_prefill_tokens: u32,
+    /// When the chosen decode engine already caches at least this fraction of the prompt
+    /// (the gateway's KV index), it prefills the rest itself.
+    #[serde(default = "default_skip_when_cached")]
+    pub skip_when_cached: f64,
+}
+
+fn default_min_remote_prefill_tokens() -> u32 {
+    256
+}
+
+fn default_skip_when_cached() -> f64 {
+    0.8
+}
+
+impl Default for PdDecider {
+    fn default() -> Self {
+        PdDecider {
+            min_remote_prefill_tokens: default_min_remote_prefill_tokens(),
+            skip_when_cached: default_skip_when_cached(),
+        }
+    }
+}
+
+/// `spec.disaggregation`: the two pools and how KV moves between them.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DisaggregationSpec {
+    pub connector: KvConnector,
+    pub prefill: RolePool,
+    pub decode: RolePool,
+    #[serde(default)]
+    pub decider: PdDecider,
+}
+
+impl DisaggregationSpec {
+    pub fn pool(&self, role: EngineRole) -> &RolePool {
+        match role {
+            EngineRole::Prefill => &self.prefill,
+            EngineRole::Decode => &self.decode,
+        }
+    }
+
+    pub(crate) fn validate(&self, field: &str) -> Result<(), ApiError> {
+        for role in EngineRole::ALL {
+            let pool = self.pool(role);
+            let f = format!("{field}.{}", role.as_str());
+            at_most(&format!("{f}.replicas"), pool.replicas, MAX_REPLICAS)?;
+            if let Some(g) = pool.gpus {
+                at_most(&format!("{f}.gpus"), g, MAX_GPUS_PER_REPLICA)?;
+            }
+            at_most(&format!("{f}.engine_args"), pool.engine_args.len(), 256)?;
+            for (i, a) in pool.engine_args.iter().enumerate() {
+                at_most(&format!("{f}.engine_args[{i}] length"), a.len(), 4096)?;
+            }
+            if let Some(a) = &pool.autoscaling {
+                a.validate(&format!("{f}.autoscaling"))?;
+            }
+        }
+        let d = &self.decider;
+        if !(0.0..=1.0).contains(&d.skip_when_cached) {
+            return Err(ApiError::invalid(
+                format!("{field}.decider.skip_when_cached"),
+                format!("{} is not a fraction between 0 and 1", d.skip_when_cached),
+            ));
+        }
+        at_most(&format!("{field}.decider.min_remote_prefill_tokens"), d.min_remote_prefill_tokens, 1 << 20)?;
+        Ok(())
+    }
+}
+
+/// The engine arguments the agent owns for a member's engines: a Model may not set them.
+pub const KV_TRANSFER_FLAGS: [&str; 1] = ["--kv-transfer-config"];
+
+/// The name of `model`'s member Model for `role`.
+pub fn member_name(model: &ObjectName, role: EngineRole) -> Result<ObjectName, ApiError> {
+    format!("{model}-{}", role.as_str()).parse()
+}
+
+impl ModelSpec {
+    /// The spec of the member Model serving `role` of this disaggregated Model (None when it
+    /// is not disaggregated): the Model's template with the role's pool applied — its count,
+    /// GPUs, extra arguments and autoscaling — and the role to start its engines as.
+    pub fn member(&self, role: EngineRole) -> Option<ModelSpec> {
+        let d = self.disaggregation.as_ref()?;
+        let pool = d.pool(role);
+        let mut engine_args = self.engine_args.clone();
+        engine_args.extend(pool.engine_args.iter().cloned());
+        Some(ModelSpec {
+            replicas: pool.replicas,
+            gpus: pool.gpus.unwrap_or(self.gpus),
+            engine_args,
+            autoscaling: pool.autoscaling.clone(),
+            disaggregation: None,
+            kv_transfer: Some(KvTransferRole { connector: d.connector, role }),
+            ..self.clone()
+        })
+    }
+
+    /// The checks of a disaggregated Model's fields against each other.
+    pub(crate) fn validate_disaggregation(&self) -> Result<(), ApiError> {
+        for (i, a) in self.engine_args.iter().enumerate() {
+            let flag = a.split('=').next().unwrap_or(a);
+            if KV_TRANSFER_FLAGS.contains(&flag) {
+                return Err(ApiError::invalid(
+                    format!("spec.engine_args[{i}]"),
+                    format!("{flag} is set by the agent from spec.disaggregation; remove it"),
+                ));
+            }
+        }
+        let Some(d) = &self.disaggregation else { return Ok(()) };
+        d.validate("spec.disaggregation")?;
+        for role in EngineRole::ALL {
+            for (i, a) in d.pool(role).engine_args.iter().enumerate() {
+                let flag = a.split('=').next().unwrap_or(a);
+                if KV_TRANSFER_FLAGS.contains(&flag) {
+                    return Err(ApiError::invalid(
+                        format!("spec.disaggregation.{}.engine_args[{i}]", role.as_str()),
+                        format!("{flag} is set by the agent from spec.disaggregation.connector; remove it"),
+                    ));
+                }
+            }
+        }
+        if self.kv_transfer.is_some() {
+            return Err(ApiError::invalid(
+                "spec.kv_transfer",
+                "a disaggregated Model is not itself a member of one: set spec.disaggregation or spec.kv_transfer, not both",
+            ));
+        }
+        if self.autoscaling.is_some() {
+            return Err(ApiError::invalid(
+                "spec.autoscaling",
+                "a disaggregated Model scales per role: use spec.disaggregation.prefill.autoscaling and .decode.autoscaling",
+            ));
+        }
+        if self.replicas != 1 {
+            return Err(ApiError::invalid(
+                "spec.replicas",
+                "a disaggregated Model runs no replicas itself: set spec.disaggregation.prefill.replicas and .decode.replicas",
+            ));
+        }
+        if self.rollout.canary.is_some() {
+            return Err(ApiError::invalid(
+                "spec.rollout.canary",
+                "canaries of disaggregated Models are not supported yet: roll them with maxSurge/maxUnavailable",
+            ));
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::spec::Spec;
+    use crate::Kind;
+
+    fn model(yaml: &str) -> Result<ModelSpec, ApiError> {
+        let v: serde_yaml::Value = serde_yaml::from_str(yaml).unwrap();
+        match Spec::from_yaml(Kind::Model, v)? {
+            Spec::Model(m) => Ok(m),
+            _ => unreachable!(),
+        }
+    }
+
+    const PD: &str = "source: file:///m\nengine: sim\ngpus: 1\nengine_args: [--max-model-len, '8192']\n\
+        disaggregation:\n  connector: nixl\n  prefill: {replicas: 2, engine_args: [--max-num-batched-tokens, '8192']}\n  \
+        decode: {replicas: 3, gpus: 2}\n";
+
+    #[test]
+    fn members_take_the_template_and_their_pool() {
+        let m = model(PD).unwrap();
+        let p = m.member(EngineRole::Prefill).unwrap();
+        assert_eq!(p.replicas, 2);
+        assert_eq!(p.gpus, 1);
+        assert_eq!(p.engine_args, ["--max-model-len", "8192", "--max-num-batched-tokens", "8192"]);
+        assert_eq!(p.kv_transfer, Some(KvTransferRole { connector: KvConnector::Nixl, role: EngineRole::Prefill }));
+        assert!(p.disaggregation.is_none());
+        let d = m.member(EngineRole::Decode).unwrap();
+        assert_eq!((d.replicas, d.gpus), (3, 2));
+        assert_eq!(d.engine_args, ["--max-model-len", "8192"]);
+        // the role is part of the template: the pools never share a revision
+        assert_ne!(p.template().hash(), d.template().hash());
+        assert!(p.validate().is_ok() && d.validate().is_ok(), "a member is a valid Model");
+        assert_eq!(
+            model(&PD.replace("nixl", "p2p-nccl")).unwrap().disaggregation.unwrap().connector.vllm_name(),
+            "P2pNcclConnector"
+        );
+        assert!(model("source: file:///m\n").unwrap().member(EngineRole::Decode).is_none());
+    }
+
+    #[test]
+    fn a_template_without_a_role_hashes_as_before() {
+        // Existing replicas must not roll when this field arrives.
+        let m = model("source: file:///m\n").unwrap();
+        assert!(!serde_json::to_string(&m.template()).unwrap().contains("kv_transfer"));
+    }
+
+    #[test]
+    fn bad_disaggregations_name_the_field() {
+        let cases = [
+            (PD.replace("nixl", "rdma"), "spec"),
+            (PD.replace("replicas: 3", "replicas: 3, extra: 1"), "spec"),
+            (PD.replace("replicas: 2", "replicas: 2000"), "spec.disaggregation.prefill.replicas"),
+            (PD.replace("gpus: 2", "gpus: 99"), "spec.disaggregation.decode.gpus"),
+            (format!("{PD}replicas: 4\n"), "spec.replicas"),
+            (format!("{PD}autoscaling: {{min: 1, max: 2}}\n"), "spec.autoscaling"),
+            (format!("{PD}kv_transfer: {{connector: nixl, role: decode}}\n"), "spec.kv_transfer"),
+            (
+                PD.replace("decode: {", "decider: {skip_when_cached: 1.5}\n  decode: {"),
+                "spec.disaggregation.decider.skip_when_cached",
+            ),
+            (
+                PD.replace("[--max-num-batched-tokens, '8192']", "['--kv-transfer-config={}']"),
+                "spec.disaggregation.prefill.engine_args[0]",
+            ),
+            ("source: file:///m\nengine_args: [--kv-transfer-config, '{}']\n".to_string(), "spec.engine_args[0]"),
+        ];
+        for (yaml, field) in cases {
+            let e = model(&yaml).expect_err(&yaml).to_string();
+            assert!(e.contains(field), "{yaml}\n-> {e} (wanted {field})");
+        }
+    }
+
+    #[test]
+    fn member_names_fit_or_fail() {
+        let ok: ObjectName = "llama".parse().unwrap();
+        assert_eq!(member_name(&ok, EngineRole::Decode).unwrap().as_str(), "llama-decode");
+        let long: ObjectName = "a".repeat(MAX_DISAGGREGATED_NAME + 1).parse().unwrap();
+        assert!(member_name(&long, EngineRole::Prefill).is_err());
+        let max: ObjectName = "a".repeat(MAX_DISAGGREGATED_NAME).parse().unwrap();
+        assert!(member_name(&max, EngineRole::Prefill).is_ok());
+    }
+}
