@@ -59,6 +59,7 @@ fn gpus(states: &[(&str, &[&str])]) -> Vec<GpuInfo> {
 fn model_step(w: &mut World, counter: &mut Counter) {
     let nodes = crate::facts::BoundNodes::of(&w.replicas(), |n| w.nodes().into_iter().find(|v| &v.name == n));
     let s = ModelState {
+        members: Default::default(),
         name: name("m"),
         model: w.get_model("m"),
         replicas: w.replicas().into_iter().map(|r| (r.name.clone(), r)).collect(),

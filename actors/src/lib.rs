@@ -27,6 +27,7 @@ pub mod agent_service;
 pub mod autoscale;
 pub mod canary;
 mod config;
+pub mod disaggregation;
 mod error;
 pub mod facts;
 pub mod fleet_service;

@@ -21,6 +21,7 @@ use tracing::Instrument as _;
 
 use crate::canary::{self, CanaryStatus};
 use crate::config::ActorsConfig;
+use crate::disaggregation::{member_writes, parent_status, Members};
 use crate::facts::BoundNodes;
 use crate::metrics::Controller;
 use crate::objects::{
@@ -55,6 +56,8 @@ pub struct ModelState {
     pub now_ms: u64,
     /// A running canary's figures since its step began: (new template, the others).
     pub canary_stats: (canary::RevisionStats, canary::RevisionStats),
+    /// The Models stored under this model's member names (`<name>-prefill`, `-decode`).
+    pub members: Members,
 }
 
 impl ModelState {
@@ -96,14 +99,18 @@ fn retire(r: &ReplicaView, reason: &str, compares: &mut Vec<Compare>, ops: &mut 
 /// The model's reconcile decision: the Raft commands that move it toward its spec.
 pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<Command> {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    let (members, problems) = member_writes(&s.name, s.model.as_ref(), &s.members, &mut || fresh.uid());
     let Some(model) = &s.model else {
         for r in s.replicas.values() {
             if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
                 retire(r, "model deleted", &mut compares, &mut ops);
             }
         }
-        return txn(compares, ops).into_iter().collect();
+        return txn(compares, ops).into_iter().chain(members).collect();
     };
+    if model.spec.disaggregation.is_some() {
+        return decide_disaggregated(s, model, members, &problems);
+    }
     let stored = ModelStatus::of(model);
     let desired = desired_replicas(model, stored.autoscaling.as_ref()) as usize;
     let backoff = ActorsConfig::ms(cfg.failed_replace_backoff_ms);
@@ -319,6 +326,25 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
     writes
 }
 
+/// A disaggregated model's decision: its members kept as its spec says (`members`), no
+/// replica of its own (any left from before it was disaggregated drain), its members'
+/// counts as its status.
+fn decide_disaggregated(s: &ModelState, model: &ModelView, members: Vec<Command>, problems: &[String]) -> Vec<Command> {
+    let (mut compares, mut ops) = (Vec::new(), Vec::new());
+    for r in s.replicas.values() {
+        if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
+            retire(r, "model disaggregated: its member models serve it", &mut compares, &mut ops);
+        }
+    }
+    let mut writes: Vec<Command> = txn(compares, ops).into_iter().chain(members).collect();
+    let status = parent_status(&model.name, &s.members, problems);
+    if model.status != status.to_json() {
+        let key = key(Kind::Model, &model.name);
+        writes.push(Command::PutStatus { key, status: status.to_json(), expected_revision: Some(model.revision) });
+    }
+    writes
+}
+
 /// The replica count a model should have: the autoscaler's decision when it autoscales
 /// (before the first decision, `spec.replicas` within the autoscaling bounds), else
 /// `spec.replicas`.
@@ -430,6 +456,7 @@ pub fn model_status(s: &ModelState, desired: usize, ready: usize) -> ModelStatus
     let all_ready = ready >= desired;
     ModelStatus {
         autoscaling: None,
+        roles: Vec::new(),
         rollout: None,
         templates: Vec::new(),
         desired_replicas: desired as u32,
@@ -499,6 +526,19 @@ impl ModelActorState {
     fn refresh_model(&mut self) {
         let (o, _) = self.ctx.handle.reader().get(&key(Kind::Model, &self.s.name));
         self.s.model = o.and_then(|o| ModelView::from_stored(&o).map_err(|e| tracing::warn!(error = %e)).ok());
+    }
+
+    /// The Models under this model's member names (two reads: a member changed by someone
+    /// else is seen at the next tick).
+    fn refresh_members(&mut self) {
+        self.s.members.clear();
+        for role in flotilla_api::spec::EngineRole::ALL {
+            let Ok(name) = flotilla_api::spec::member_name(&self.s.name, role) else { continue };
+            let (o, _) = self.ctx.handle.reader().get(&key(Kind::Model, &name));
+            if let Some(m) = o.and_then(|o| ModelView::from_stored(&o).ok()) {
+                self.s.members.insert(role, m);
+            }
+        }
     }
 
     fn refresh_replica(&mut self, name: &ObjectName) {
@@ -603,6 +643,7 @@ impl Actor for ModelActor {
             loaded_adapters: HashMap::new(),
             now_ms: 0,
             canary_stats: Default::default(),
+            members: Members::new(),
         };
         let mut st = ModelActorState { ctx: args.ctx, s, queued: true };
         st.refresh_model();
@@ -625,6 +666,7 @@ impl Actor for ModelActor {
             ModelMsg::Reconcile => {
                 st.queued = false;
                 st.refresh_nodes();
+                st.refresh_members();
                 let span = st.traced_span();
                 let mut cmds = decide(&st.s, &st.ctx.config, &mut RandomFresh);
                 st.ctx.metrics.reconciled(Controller::Model);

@@ -26,6 +26,7 @@ fn state(w: &World, model: &str) -> ModelState {
         .filter(|(_, f)| !f.is_empty())
         .collect();
     ModelState {
+        members: Default::default(),
         name: name(model),
         model: w.get_model(model),
         replicas,

@@ -277,6 +277,9 @@ pub struct ModelStatus {
     /// Templates the model has run, oldest first, at most `rollout::TEMPLATE_HISTORY`.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub templates: Vec<crate::rollout::TemplateRecord>,
+    /// A disaggregated Model's roles, each served by a member Model.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub roles: Vec<crate::disaggregation::RoleStatus>,
 }
 
 impl ModelStatus {
@@ -435,6 +438,7 @@ mod tests {
     fn model_status_json_shape() {
         let s = ModelStatus {
             autoscaling: None,
+            roles: vec![],
             rollout: None,
             templates: vec![],
             desired_replicas: 2,
