@@ -75,6 +75,12 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
+    /// Prompt tokens the router expects the engine to compute (kv-aware: those not cached
+    /// there; 0 once it began answering, and for other strategies).
+    pub fn expected_prefill(&self) -> u64 {
+        self.prefill_tokens
+    }
+
     /// The engine began answering: its prompt is no longer work queued ahead there.
     pub fn prefill_started(&mut self) {
         if self.prefill_tokens > 0 {

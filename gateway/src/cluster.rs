@@ -149,6 +149,10 @@ pub fn model_info(spec_json: &str, status_json: &str) -> ModelInfo {
         desired_replicas,
         canary: crate::canary::canary_of(&status),
         sim_engine: spec.get("engine").and_then(serde_json::Value::as_str) == Some("sim"),
+        pd: spec
+            .get("disaggregation")
+            .and_then(|d| serde_json::from_value::<flotilla_api::spec::DisaggregationSpec>(d.clone()).ok())
+            .map(|d| d.decider),
     }
 }
 

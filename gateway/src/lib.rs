@@ -36,6 +36,7 @@ pub mod metrics;
 pub mod names;
 pub mod ondemand;
 pub mod ownership;
+pub mod pd;
 pub mod prompt_tokens;
 pub mod proxy;
 pub mod qos;

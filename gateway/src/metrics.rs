@@ -90,6 +90,14 @@ pub struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct PdLabels {
+    pub model: String,
+    /// `remote` (prefilled on the prefill pool), `local-short`, `local-cached` (the decider
+    /// kept it on the decode engine) or `fallback` (every prefill attempt failed).
+    pub split: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct ResultLabels {
     pub result: String,
 }
@@ -141,6 +149,15 @@ pub struct Metrics {
     pub kv_followers: Family<ModelLabels, Gauge>,
     /// kv-aware: followers that stopped (stream broken, gap not replayable) and restarted.
     pub kv_follow_restarts: Family<ModelLabels, Counter>,
+    /// P/D: requests of a disaggregated model by how they were split.
+    pub pd_requests: Family<PdLabels, Counter>,
+    /// P/D: the prefill leg's time (request to the prefill engine's answer).
+    pub pd_prefill_seconds: Family<ModelLabels, Histogram, fn() -> Histogram>,
+    /// P/D: prefill attempts that failed (and were retried elsewhere or fell back).
+    pub pd_prefill_failures: Family<ModelLabels, Counter>,
+    /// P/D: decode attempts that failed before the first byte and were retried with a
+    /// fresh prefill.
+    pub pd_decode_retries: Family<ModelLabels, Counter>,
 }
 
 impl Default for Metrics {
@@ -183,6 +200,27 @@ impl Metrics {
         let kv_index_bytes = Family::default();
         let kv_followers = Family::default();
         let kv_follow_restarts = Family::default();
+        let pd_requests = Family::default();
+        let pd_prefill_seconds =
+            Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_hist);
+        let pd_prefill_failures = Family::default();
+        let pd_decode_retries = Family::default();
+        registry.register("pd_requests", "Requests of disaggregated models by split", pd_requests.clone());
+        registry.register(
+            "pd_prefill_seconds",
+            "Time of the prefill leg of disaggregated requests",
+            pd_prefill_seconds.clone(),
+        );
+        registry.register(
+            "pd_prefill_failures",
+            "Prefill attempts of disaggregated requests that failed",
+            pd_prefill_failures.clone(),
+        );
+        registry.register(
+            "pd_decode_retries",
+            "Decode attempts that failed before the first byte and were retried with a fresh prefill",
+            pd_decode_retries.clone(),
+        );
         registry.register(
             "kv_prompt_tokens",
             "Prompt tokens routed by kv-aware with token ids",
@@ -305,6 +343,10 @@ impl Metrics {
             kv_index_bytes,
             kv_followers,
             kv_follow_restarts,
+            pd_requests,
+            pd_prefill_seconds,
+            pd_prefill_failures,
+            pd_decode_retries,
         }
     }
 

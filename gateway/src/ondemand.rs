@@ -391,7 +391,7 @@ impl Gateway {
             )
             .retry_after(1));
         };
-        forward(self, ctx, lease, kind, body, headers).await
+        forward(self, ctx, lease, kind, body, headers, self.cfg.max_retries).await
     }
 }
 

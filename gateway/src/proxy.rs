@@ -96,7 +96,8 @@ pub fn success(lease: &Lease) {
     }
 }
 
-/// Sends the request, moving to another endpoint on failures before the first byte.
+/// Sends the request, moving to another endpoint on failures before the first byte, at
+/// most `retries` times (`gw.cfg.max_retries` for a plain request).
 pub async fn forward(
     gw: &Arc<Gateway>,
     ctx: &PickCtx,
@@ -104,6 +105,7 @@ pub async fn forward(
     kind: ApiKind,
     body: Bytes,
     headers: &HeaderMap,
+    retries: u32,
 ) -> Result<Upstream, ApiError> {
     let mut tried: Vec<EndpointId> = Vec::new();
     loop {
@@ -143,7 +145,7 @@ pub async fn forward(
             }
             Ok(Ok(resp)) => {
                 failure(gw, &lease);
-                if tried.len() as u32 >= gw.cfg.max_retries {
+                if tried.len() as u32 >= retries {
                     return Ok(Upstream { response: resp, lease });
                 }
                 format!("status {}", resp.status())
@@ -156,7 +158,7 @@ pub async fn forward(
                         format!("{e}: {}", std::error::Error::source(&e).map(|s| s.to_string()).unwrap_or_default())
                     }
                 };
-                if tried.len() as u32 >= gw.cfg.max_retries {
+                if tried.len() as u32 >= retries {
                     return Err(ApiError::bad_gateway(format!("engine {} failed: {why}", lease.endpoint.id)));
                 }
                 why

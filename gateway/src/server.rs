@@ -203,6 +203,10 @@ async fn forward_request(
 ) -> Result<Response, ApiError> {
     let Parsed { kind, bytes, mut features } = parsed;
     let name = ServedName::from(features.model.as_str());
+    // A disaggregated model is served by its decode member, which streams the answer; the
+    // prefill leg goes to its prefill member (`crate::pd`).
+    let pd = gw.pd_route(name.as_str());
+    let name = pd.as_ref().map_or(name, |r| r.decode.clone());
     let hold_deadline = start + gw.cfg.hold_deadline(policy.class);
     let mut held = std::time::Duration::ZERO;
     // A request queued for an adapter counts in flight on every holder until forwarded: the
@@ -325,7 +329,11 @@ async fn forward_request(
     // In flight from here to the response's end: the leader does not evict the adapter there.
     let mut adapter_use = on_demand.and_then(|a| Loader::begin(gw, a, lease.endpoint.id.as_str()));
     drop(queued_uses);
-    let mut up = match forward(gw, &ctx, lease, kind, upstream_body.clone(), h).await {
+    let forwarded = match &pd {
+        Some(route) => crate::pd::forward_pd(gw, &ctx, route, lease, kind, upstream_body.clone(), h).await,
+        None => forward(gw, &ctx, lease, kind, upstream_body.clone(), h, gw.cfg.max_retries).await,
+    };
+    let mut up = match forwarded {
         // every engine holding the adapter is unreachable: load it on another replica
         Err(e) if on_demand.is_some() && e.status() == StatusCode::BAD_GATEWAY => {
             gw.reload_elsewhere(&ctx, kind, upstream_body.clone(), h).await?
@@ -368,7 +376,8 @@ async fn forward_request(
         span: stream_span,
         request_span: tracing::Span::current(),
         gw: gw.clone(),
-        model: ctx.model.clone(),
+        // a disaggregated model's requests count under its own name
+        model: pd.map_or_else(|| ctx.model.clone(), |r| ServedName::from(r.model.as_str())),
         tenant: caller.name,
         queue_model: ctx.model.clone(),
         cost_estimate: cost,

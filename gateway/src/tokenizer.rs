@@ -130,7 +130,7 @@ async fn route(gw: &Arc<Gateway>, caller: &Caller, parsed: Parsed, h: &HeaderMap
     let lease = select(gw, &ctx, &[], false).ok_or_else(|| {
         ApiError::new(ApiCode::NoEndpoints, format!("{:?} has no ready endpoint", ctx.model)).retry_after(5)
     })?;
-    let up = forward(gw, &ctx, lease, kind, body, h).await?;
+    let up = forward(gw, &ctx, lease, kind, body, h, gw.cfg.max_retries).await?;
     let head = response_head(&up.response, &up.lease.endpoint.id);
     head.body(Body::new(up.response.into_body()))
         .map_err(|e| ApiError::bad_gateway(format!("cannot build response: {e}")))

@@ -19,7 +19,7 @@ use crate::lora::{AdapterInfo, Overlay, OVERLAY_TTL};
 use crate::names::{AdapterName, ModelName};
 
 /// A watched `Model` object as the gateway needs it.
-#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
 pub struct ModelInfo {
     /// The spec's routing strategy.
     pub routing: RoutingStrategy,
@@ -29,6 +29,9 @@ pub struct ModelInfo {
     pub canary: Option<crate::canary::Canary>,
     /// `engine: sim`: its prompts are keyed with the sim's tokenizer (`kv-aware`).
     pub sim_engine: bool,
+    /// A disaggregated model (`spec.disaggregation`): its decider; its pools are its member
+    /// models ([`crate::pd`]).
+    pub pd: Option<flotilla_api::spec::PdDecider>,
 }
 
 impl ModelInfo {

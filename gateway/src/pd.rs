@@ -1,0 +1,305 @@
+//! Prefill/decode disaggregation: a request for a disaggregated model (`spec.disaggregation`)
+//! is prefilled on its `<name>-prefill` member and decoded on its `<name>-decode` member,
+//! with the protocol of vLLM's P/D examples (`toy_proxy_server.py`, NixlConnector):
+//!
+//! ```text
+//!  client ──> gateway: decode endpoint leased like any request (queue, limits, routing)
+//!             decider: prompt short, or the decode engine caches most of it ─> decode only
+//!             prefill leg: body + kv_transfer_params {do_remote_decode: true}, stream false,
+//!                          max_tokens 1 ─> a prefill engine (its own routing) ─> JSON answer
+//!                          with kv_transfer_params {remote_engine_id, remote_block_ids,
+//!                          remote_host, remote_port, ...}
+//!             decode leg:  the client's body + those kv_transfer_params ─> the decode engine,
+//!                          which pulls the blocks and streams to the client
+//! ```
+//!
+//! Failures before the first byte never reach the client: a failed prefill is tried on
+//! another prefill engine and, when none answers, the decode engine computes the prompt
+//! itself (`split="fallback"`); a decode that fails before its first byte is retried on
+//! another decode engine with a fresh prefill (its blocks may have been pulled already).
+//! Blocks a prefill engine holds for a request that never decodes are freed by the engine's
+//! own lease (vLLM's `kv_lease_duration`, 30 s).
+//!
+//! Member engines serve the disaggregated model's name (the agent starts them with it), so
+//! the body's `model` goes through unchanged.
+
+use std::sync::Arc;
+
+use bytes::Bytes;
+use flotilla_api::spec::{EngineRole, PdDecider, RoutingStrategy};
+use http::HeaderMap;
+use http_body_util::BodyExt as _;
+use serde_json::value::RawValue;
+use tokio::time::Instant;
+
+use crate::admission::{select, Lease, PickCtx};
+use crate::error::ApiError;
+use crate::metrics::{ModelLabels, PdLabels};
+use crate::names::ServedName;
+use crate::proxy::{forward, Upstream};
+use crate::request::ApiKind;
+use crate::state::Gateway;
+use crate::table::EndpointId;
+
+/// Most bytes of a prefill engine's answer read (one token and the transfer parameters).
+const MAX_PREFILL_ANSWER: usize = 1 << 20;
+
+/// A disaggregated model's pools: the member models that serve each role.
+#[derive(Debug, Clone)]
+pub struct PdRoute {
+    /// The disaggregated model's name (metrics).
+    pub model: String,
+    pub prefill: ServedName,
+    pub decode: ServedName,
+    pub decider: PdDecider,
+}
+
+impl Gateway {
+    /// The pools of `name` when it names a disaggregated Model.
+    pub fn pd_route(&self, name: &str) -> Option<PdRoute> {
+        let decider = self.dir.model(name)?.pd?;
+        let parent: flotilla_api::ObjectName = name.parse().ok()?;
+        let member = |role| flotilla_api::spec::member_name(&parent, role).ok().map(|n| ServedName::from(n.as_str()));
+        Some(PdRoute {
+            model: name.to_owned(),
+            prefill: member(EngineRole::Prefill)?,
+            decode: member(EngineRole::Decode)?,
+            decider,
+        })
+    }
+}
+
+/// Where a request's prompt is computed.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Split {
+    /// On a prefill engine, its KV then pulled by the decode engine.
+    Remote,
+    /// On the decode engine: the prompt is too short for a transfer to pay.
+    LocalShort,
+    /// On the decode engine: it already caches most of the prompt.
+    LocalCached,
+}
+
+impl Split {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Split::Remote => "remote",
+            Split::LocalShort => "local-short",
+            Split::LocalCached => "local-cached",
+        }
+    }
+}
+
+/// The decider (pure): `prompt` tokens, of which `cached` the chosen decode engine is known
+/// to hold (0 when unknown).
+pub fn decide(prompt: u64, cached: u64, d: &PdDecider) -> Split {
+    if prompt < u64::from(d.min_remote_prefill_tokens) {
+        Split::LocalShort
+    } else if prompt > 0 && cached as f64 >= d.skip_when_cached * prompt as f64 {
+        Split::LocalCached
+    } else {
+        Split::Remote
+    }
+}
+
+type Raw = serde_json::Map<String, serde_json::Value>;
+
+fn top_level(body: &[u8]) -> Option<std::collections::BTreeMap<String, Box<RawValue>>> {
+    serde_json::from_slice(body).ok()
+}
+
+fn raw(json: &str) -> Box<RawValue> {
+    RawValue::from_string(json.to_owned()).expect("a JSON literal")
+}
+
+/// The prefill leg's body (pure): the client's, asking for the KV to be kept for a remote
+/// decode, one token, no stream — as vLLM's `toy_proxy_server.py` sends it. Values other
+/// than those rewritten stay the client's raw JSON text. None: not a JSON object.
+pub fn prefill_body(body: &[u8]) -> Option<Vec<u8>> {
+    let mut top = top_level(body)?;
+    top.insert(
+        "kv_transfer_params".into(),
+        raw(r#"{"do_remote_decode":true,"do_remote_prefill":false,"remote_engine_id":null,"remote_block_ids":null,"remote_host":null,"remote_port":null}"#),
+    );
+    top.insert("stream".into(), raw("false"));
+    top.remove("stream_options");
+    top.remove("min_tokens");
+    top.insert("max_tokens".into(), raw("1"));
+    if top.contains_key("max_completion_tokens") {
+        top.insert("max_completion_tokens".into(), raw("1"));
+    }
+    serde_json::to_vec(&top).ok()
+}
+
+/// The decode leg's body (pure): the client's with the prefill engine's `params`.
+pub fn decode_body(body: &[u8], params: &RawValue) -> Option<Vec<u8>> {
+    let mut top = top_level(body)?;
+    top.insert("kv_transfer_params".into(), params.to_owned());
+    serde_json::to_vec(&top).ok()
+}
+
+/// The `kv_transfer_params` of a prefill engine's JSON answer, when it holds blocks for a
+/// remote decode (`do_remote_prefill: true`).
+pub fn params_of(answer: &[u8]) -> Option<Box<RawValue>> {
+    let top = top_level(answer)?;
+    let params = top.get("kv_transfer_params")?;
+    let parsed: Raw = serde_json::from_str(params.get()).ok()?;
+    (parsed.get("do_remote_prefill") == Some(&serde_json::Value::Bool(true))).then(|| params.clone())
+}
+
+/// Sends the request through `route`: the decider, the prefill leg, the decode leg on
+/// `lease` (the decode endpoint), and the retries before the first byte.
+pub async fn forward_pd(
+    gw: &Arc<Gateway>,
+    ctx: &PickCtx,
+    route: &PdRoute,
+    mut lease: Lease,
+    kind: ApiKind,
+    body: Bytes,
+    headers: &HeaderMap,
+) -> Result<Upstream, ApiError> {
+    let f = &ctx.features;
+    let prompt = f.tokens.as_ref().map_or_else(|| f.prompt_tokens_estimate(), |t| t.len() as u64);
+    let mut tried: Vec<EndpointId> = Vec::new();
+    let model = ModelLabels { model: route.model.clone() };
+    for attempt in 0.. {
+        // what the decode engine holds is known from the KV index only (kv-aware, token ids)
+        let cached = match (ctx.strategy, &f.tokens) {
+            (RoutingStrategy::KvAware, Some(_)) => prompt.saturating_sub(lease.expected_prefill()),
+            _ => 0,
+        };
+        let split = decide(prompt, cached, &route.decider);
+        let params = match split {
+            Split::Remote => prefill_leg(gw, ctx, route, kind, &body, headers).await,
+            _ => None,
+        };
+        if attempt == 0 {
+            let split = match (split, &params) {
+                (Split::Remote, None) => "fallback",
+                (s, _) => s.as_str(),
+            };
+            gw.metrics.pd_requests.get_or_create(&PdLabels { model: route.model.clone(), split: split.into() }).inc();
+        }
+        let leg = match params.as_deref().and_then(|p| decode_body(&body, p)) {
+            Some(b) => Bytes::from(b),
+            None => body.clone(),
+        };
+        let id = lease.endpoint.id.clone();
+        let last = attempt >= gw.cfg.max_retries;
+        match forward(gw, ctx, lease, kind, leg, headers, 0).await {
+            Ok(up) if last || !up.response.status().is_server_error() => return Ok(up),
+            Err(e) if last => return Err(e),
+            Ok(_) | Err(_) => {}
+        }
+        gw.metrics.pd_decode_retries.get_or_create(&model).inc();
+        tracing::debug!(endpoint = %id, "decode failed before its first byte; again with a fresh prefill");
+        tried.push(id.clone());
+        lease = select(gw, ctx, &tried, false).ok_or_else(|| {
+            ApiError::bad_gateway(format!(
+                "decode engine {id} failed and no other decode endpoint of {:?} is available",
+                route.model
+            ))
+        })?;
+    }
+    unreachable!("the loop returns on its last attempt")
+}
+
+/// The prefill leg: the transfer parameters of the first prefill engine that answers with
+/// them, None when none does (the decode engine then computes the prompt).
+async fn prefill_leg(
+    gw: &Arc<Gateway>,
+    ctx: &PickCtx,
+    route: &PdRoute,
+    kind: ApiKind,
+    body: &[u8],
+    headers: &HeaderMap,
+) -> Option<Box<RawValue>> {
+    let leg = Bytes::from(prefill_body(body)?);
+    let pctx = PickCtx {
+        model: route.prefill.clone(),
+        features: ctx.features.clone(),
+        strategy: gw.routing_of(route.prefill.as_str()),
+        class: ctx.class,
+        tenant: ctx.tenant.clone(),
+        split: None,
+        span: ctx.span.clone(),
+    };
+    let model = ModelLabels { model: route.model.clone() };
+    let mut tried: Vec<EndpointId> = Vec::new();
+    for _ in 0..=gw.cfg.max_retries {
+        let lease = select(gw, &pctx, &tried, true)?;
+        let id = lease.endpoint.id.clone();
+        let t = Instant::now();
+        if let Ok(up) = forward(gw, &pctx, lease, kind, leg.clone(), headers, 0).await {
+            if up.response.status().is_success() {
+                let answer = http_body_util::Limited::new(up.response.into_body(), MAX_PREFILL_ANSWER);
+                let read = tokio::time::timeout(gw.cfg.upstream_timeout, answer.collect()).await;
+                if let Some(p) = read.ok().and_then(Result::ok).and_then(|b| params_of(&b.to_bytes())) {
+                    gw.metrics.pd_prefill_seconds.get_or_create(&model).observe(t.elapsed().as_secs_f64());
+                    return Some(p);
+                }
+            }
+        }
+        gw.metrics.pd_prefill_failures.get_or_create(&model).inc();
+        tracing::debug!(endpoint = %id, "prefill failed; another prefill engine or the decode engine alone");
+        tried.push(id);
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn json(b: &[u8]) -> serde_json::Value {
+        serde_json::from_slice(b).unwrap()
+    }
+
+    #[test]
+    fn the_decider_keeps_short_and_cached_prompts_on_the_decode_engine() {
+        let d = PdDecider { min_remote_prefill_tokens: 256, skip_when_cached: 0.8 };
+        assert_eq!(decide(100, 0, &d), Split::LocalShort);
+        assert_eq!(decide(4000, 0, &d), Split::Remote);
+        assert_eq!(decide(4000, 3199, &d), Split::Remote);
+        assert_eq!(decide(4000, 3200, &d), Split::LocalCached);
+        let always = PdDecider { min_remote_prefill_tokens: 0, skip_when_cached: 1.0 };
+        assert_eq!(decide(1, 0, &always), Split::Remote);
+        assert_eq!(decide(10, 10, &always), Split::LocalCached, "all cached: nothing to transfer");
+    }
+
+    #[test]
+    fn the_prefill_leg_asks_for_one_token_kept_for_a_remote_decode() {
+        let client = br#"{"model":"llama","prompt":"hi","stream":true,"stream_options":{"include_usage":true},"max_tokens":200,"max_completion_tokens":200,"min_tokens":5}"#;
+        let leg = prefill_body(client).unwrap();
+        let v = json(&leg);
+        assert_eq!(v["kv_transfer_params"]["do_remote_decode"], true);
+        assert_eq!(v["kv_transfer_params"]["do_remote_prefill"], false);
+        assert!(v["kv_transfer_params"]["remote_host"].is_null());
+        assert_eq!((v["stream"].clone(), v["max_tokens"].clone()), (false.into(), 1.into()));
+        assert_eq!(v["max_completion_tokens"], 1);
+        assert!(v.get("stream_options").is_none() && v.get("min_tokens").is_none());
+        assert_eq!((v["model"].as_str(), v["prompt"].as_str()), (Some("llama"), Some("hi")));
+        // the client's raw values travel as written (1e999 is no f64: a Value would refuse it)
+        let odd = prefill_body(br#"{"model":"m","prompt":"p","temperature":1e999}"#).unwrap();
+        assert!(String::from_utf8_lossy(&odd).contains(r#""temperature":1e999"#));
+        assert!(prefill_body(b"[1]").is_none() && prefill_body(b"not json").is_none());
+        let chat = json(&prefill_body(br#"{"model":"m","messages":[]}"#).unwrap());
+        assert!(chat.get("max_completion_tokens").is_none(), "not added when the client did not send it");
+    }
+
+    #[test]
+    fn transfer_params_go_from_the_prefill_answer_to_the_decode_leg() {
+        let answer = br#"{"id":"cmpl-1","choices":[{"text":"x"}],"kv_transfer_params":{"do_remote_prefill":true,"do_remote_decode":false,"remote_block_ids":[1,2,3],"remote_engine_id":"e1","remote_request_id":"r1","remote_host":"10.0.0.5","remote_port":5600,"tp_size":1}}"#;
+        let params = params_of(answer).unwrap();
+        let client = br#"{"model":"llama","prompt":"hi","stream":true,"max_tokens":200}"#;
+        let v = json(&decode_body(client, &params).unwrap());
+        assert_eq!(v["kv_transfer_params"]["remote_block_ids"], serde_json::json!([1, 2, 3]));
+        assert_eq!(v["kv_transfer_params"]["remote_port"], 5600);
+        assert_eq!((v["stream"].clone(), v["max_tokens"].clone()), (true.into(), 200.into()), "the client's own");
+        // an engine that is no P/D producer, or a broken answer, gives nothing to pass on
+        assert!(params_of(br#"{"choices":[]}"#).is_none());
+        assert!(params_of(br#"{"kv_transfer_params":{"do_remote_prefill":false}}"#).is_none());
+        assert!(params_of(br#"{"kv_transfer_params":null}"#).is_none());
+        assert!(params_of(b"garbage").is_none());
+    }
+}
