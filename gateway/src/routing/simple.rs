@@ -1,8 +1,8 @@
 //! Load-only strategies: random, round-robin, least-request (default), least-kv-cache,
 //! least-latency (EWMA TTFT + TPOT x expected tokens) and power-of-two choices.
 
-use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::Arc;
+use std::collections::HashMap;
+use std::sync::{Arc, Mutex};
 
 use rand::Rng;
 
@@ -23,37 +23,55 @@ impl Strategy for Random {
     }
 }
 
+/// A turn counter per model: the next turn among `eps` (all of one model). One counter for
+/// every model would let another model's requests set the parity: with a disaggregated
+/// model's prefill and decode picks alternating, every decode pick saw the same turn and
+/// round-robin sent all of them to one engine.
+#[derive(Default)]
+pub struct Turns(Mutex<HashMap<crate::names::ModelName, usize>>);
+
+impl Turns {
+    pub fn next(&self, eps: &[Arc<Endpoint>]) -> usize {
+        let Some(first) = eps.first() else { return 0 };
+        let mut turns = self.0.lock().unwrap_or_else(|e| e.into_inner());
+        let turn = turns.entry(first.model.clone()).or_insert(0);
+        let now = *turn;
+        *turn = now.wrapping_add(1);
+        now
+    }
+}
+
 /// In turn.
 #[derive(Default)]
-pub struct RoundRobin(AtomicUsize);
+pub struct RoundRobin(Turns);
 
 impl Strategy for RoundRobin {
     fn pick(&self, _: &RequestFeatures, eps: &[Arc<Endpoint>], _: &[EndpointLoad]) -> Option<EndpointId> {
         if eps.is_empty() {
             return None;
         }
-        Some(eps[self.0.fetch_add(1, Ordering::Relaxed) % eps.len()].id.clone())
+        Some(eps[self.0.next(eps) % eps.len()].id.clone())
     }
 }
 
 /// Fewest requests queued: gateway in-flight plus engine waiting.
 #[derive(Default)]
-pub struct LeastRequest(AtomicUsize);
+pub struct LeastRequest(Turns);
 
 impl Strategy for LeastRequest {
     fn pick(&self, _: &RequestFeatures, eps: &[Arc<Endpoint>], load: &[EndpointLoad]) -> Option<EndpointId> {
-        let tie = self.0.fetch_add(1, Ordering::Relaxed);
+        let tie = self.0.next(eps);
         argmin_by(eps.len(), tie, |i| load[i].queue()).map(|i| eps[i].id.clone())
     }
 }
 
 /// Lowest engine KV-cache usage, then fewest queued.
 #[derive(Default)]
-pub struct LeastKvCache(AtomicUsize);
+pub struct LeastKvCache(Turns);
 
 impl Strategy for LeastKvCache {
     fn pick(&self, _: &RequestFeatures, eps: &[Arc<Endpoint>], load: &[EndpointLoad]) -> Option<EndpointId> {
-        let tie = self.0.fetch_add(1, Ordering::Relaxed);
+        let tie = self.0.next(eps);
         argmin_by(eps.len(), tie, |i| load[i].engine.kv_cache_usage * 1e3 + load[i].queue()).map(|i| eps[i].id.clone())
     }
 }
@@ -61,11 +79,11 @@ impl Strategy for LeastKvCache {
 /// Lowest expected latency: EWMA TTFT + EWMA TPOT x expected output tokens, scaled by
 /// the queue. Endpoints without samples are tried first.
 #[derive(Default)]
-pub struct LeastLatency(AtomicUsize);
+pub struct LeastLatency(Turns);
 
 impl Strategy for LeastLatency {
     fn pick(&self, req: &RequestFeatures, eps: &[Arc<Endpoint>], load: &[EndpointLoad]) -> Option<EndpointId> {
-        let tie = self.0.fetch_add(1, Ordering::Relaxed);
+        let tie = self.0.next(eps);
         let tokens = req.max_tokens.unwrap_or(128).min(4096) as f64;
         argmin_by(eps.len(), tie, |i| {
             let l = &load[i];
@@ -128,6 +146,15 @@ mod tests {
         let got: Vec<_> = (0..6).map(|_| s.pick(&req(""), &eps, &loads(&[0, 0, 0])).unwrap()).collect();
         assert_eq!(got[0], got[3]);
         assert_ne!(got[0], got[1]);
+        // another model's picks in between do not set this model's turn
+        let other: Vec<Arc<Endpoint>> = vec![Arc::new(Endpoint::new("other", "o:1".parse().unwrap()))];
+        let mine: Vec<_> = (0..4)
+            .map(|_| {
+                s.pick(&req(""), &other, &loads(&[0])).unwrap();
+                s.pick(&req(""), &eps, &loads(&[0, 0, 0])).unwrap()
+            })
+            .collect();
+        assert_eq!(mine.iter().collect::<std::collections::BTreeSet<_>>().len(), 3, "{mine:?}");
     }
 
     #[test]

@@ -1,0 +1,242 @@
+//! P/D through the gateway, against fake engines that speak vLLM's side of the protocol
+//! (what each receives is recorded; each can be told to fail): a disaggregated Model's
+//! long prompts are prefilled on its prefill member and decoded on its decode member with
+//! the prefill's transfer parameters; short prompts skip the prefill pool; a failed prefill
+//! is tried on another and then falls back to decode-only; a decode failing before its first
+//! byte is retried on another decode engine with a fresh prefill. The client sees none of
+//! the failures. (The sims' own P/D model is tested in the sim crate and end to end.)
+
+mod common;
+
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::{Arc, Mutex};
+use std::time::Duration;
+
+use axum::response::IntoResponse;
+use axum::routing::post;
+use axum::Router;
+use common::fake_cp::FakeCp;
+use common::{cluster_gw_args, gateway, get, metric_sum, post as post_json};
+use serde_json::{json, Value};
+
+const MODEL: &str = "llama";
+
+/// A fake engine: records every body it is sent; fails with 500 while `failing`.
+#[derive(Clone)]
+struct Fake {
+    addr: SocketAddr,
+    seen: Arc<Mutex<Vec<Value>>>,
+    failing: Arc<AtomicBool>,
+}
+
+impl Fake {
+    fn bodies(&self) -> Vec<Value> {
+        self.seen.lock().unwrap().clone()
+    }
+    fn fail(&self, on: bool) {
+        self.failing.store(on, Ordering::SeqCst);
+    }
+}
+
+/// The answer of a fake engine of `name` to `req`: a prefill (kv_transfer_params asking for
+/// a remote decode) answers with its transfer parameters; anything else is decoded, the text
+/// naming the engine and the prefill engine it pulled from.
+fn answer(name: &str, req: &Value, chat: bool) -> axum::response::Response {
+    if req["kv_transfer_params"]["do_remote_decode"] == true {
+        return axum::Json(json!({
+            "id": "cmpl-p", "object": "text_completion", "model": MODEL,
+            "choices": [{"index": 0, "text": "x", "finish_reason": "length"}],
+            "usage": {"prompt_tokens": 500, "completion_tokens": 1, "total_tokens": 501},
+            "kv_transfer_params": {
+                "do_remote_prefill": true, "do_remote_decode": false, "remote_block_ids": [1, 2, 3],
+                "remote_engine_id": name, "remote_request_id": "req-1", "remote_host": "127.0.0.1",
+                "remote_port": 5600, "tp_size": 1
+            }
+        }))
+        .into_response();
+    }
+    let from = req["kv_transfer_params"]["remote_engine_id"].as_str().unwrap_or("none").to_owned();
+    let text = format!("{name} from {from}");
+    if req["stream"] == true {
+        let delta = if chat { json!({"delta": {"content": text}}) } else { json!({"text": text}) };
+        let sse = format!("data: {}\n\ndata: [DONE]\n\n", json!({"choices": [delta]}));
+        return ([(axum::http::header::CONTENT_TYPE, "text/event-stream")], sse).into_response();
+    }
+    let choice = if chat { json!({"message": {"role": "assistant", "content": text}}) } else { json!({"text": text}) };
+    axum::Json(json!({"id": "d", "model": MODEL, "choices": [choice]})).into_response()
+}
+
+async fn fake(name: &'static str) -> Fake {
+    let seen = Arc::new(Mutex::new(Vec::new()));
+    let failing = Arc::new(AtomicBool::new(false));
+    let route = |chat: bool| {
+        let (seen, failing) = (seen.clone(), failing.clone());
+        post(move |body: axum::body::Bytes| {
+            let (seen, failing) = (seen.clone(), failing.clone());
+            async move {
+                let req: Value = serde_json::from_slice(&body).unwrap_or_default();
+                seen.lock().unwrap().push(req.clone());
+                if failing.load(Ordering::SeqCst) {
+                    return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "engine down").into_response();
+                }
+                answer(name, &req, chat)
+            }
+        })
+    };
+    let app = Router::new()
+        .route("/v1/completions", route(false))
+        .route("/v1/chat/completions", route(true))
+        .fallback(|| async { "" });
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap();
+    tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
+    Fake { addr, seen, failing }
+}
+
+struct Pd {
+    prefill: Vec<Fake>,
+    decode: Vec<Fake>,
+    gw: flotilla_gateway::GatewayHandle,
+    _stop: tokio::sync::oneshot::Sender<()>,
+}
+
+/// A disaggregated `llama` with `p` prefill and `d` decode fake engines behind a gateway.
+async fn pd(p: usize, d: usize) -> Pd {
+    const P: [&str; 2] = ["P0", "P1"];
+    const D: [&str; 2] = ["D0", "D1"];
+    let mut prefill = Vec::new();
+    let mut decode = Vec::new();
+    for name in &P[..p] {
+        prefill.push(fake(name).await);
+    }
+    for name in &D[..d] {
+        decode.push(fake(name).await);
+    }
+    let cp = FakeCp::new(None);
+    let spec = json!({"source": "hf://x/y", "routing": "round-robin",
+        "disaggregation": {"connector": "nixl", "prefill": {"replicas": p}, "decode": {"replicas": d}}});
+    cp.put("Model", MODEL, spec);
+    cp.put("Model", "llama-prefill", json!({"source": "hf://x/y", "routing": "round-robin"}));
+    cp.put("Model", "llama-decode", json!({"source": "hf://x/y", "routing": "round-robin"}));
+    let eps: Vec<(&str, SocketAddr)> = prefill
+        .iter()
+        .map(|f| ("llama-prefill", f.addr))
+        .chain(decode.iter().map(|f| ("llama-decode", f.addr)))
+        .collect();
+    cp.set_endpoints(&eps);
+    let (cp_addr, stop) = cp.serve().await;
+    let mut args = cluster_gw_args(cp_addr);
+    args.max_retries = 1;
+    let gw = gateway(args).await;
+    for _ in 0..200 {
+        if get(gw.local_addr(), "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
+            return Pd { prefill, decode, gw, _stop: stop };
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    panic!("the gateway never saw the disaggregated model and its endpoints");
+}
+
+fn long_prompt() -> String {
+    "the quick brown fox jumps over the lazy dog ".repeat(60) // ~2,600 characters
+}
+
+async fn completion(addr: SocketAddr, prompt: &str, stream: bool) -> (u16, String) {
+    let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 64, "stream": stream});
+    let r = post_json(addr, "/v1/completions", body, &[]).await;
+    (r.status, String::from_utf8_lossy(&r.body).into_owned())
+}
+
+async fn pd_requests(addr: SocketAddr, split: &str) -> f64 {
+    metric_sum(addr, "flotilla_gateway_pd_requests_total", &[&format!("split=\"{split}\"")]).await
+}
+
+#[tokio::test]
+async fn a_long_prompt_is_prefilled_remotely_then_decoded_with_the_prefills_transfer_parameters() {
+    let t = pd(1, 1).await;
+    let addr = t.gw.local_addr();
+    for stream in [false, true] {
+        let (status, text) = completion(addr, &long_prompt(), stream).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("D0 from P0"), "decoded with P0's blocks: {text}");
+    }
+    let chat = json!({"model": MODEL, "messages": [{"role": "user", "content": long_prompt()}], "max_tokens": 64, "stream": true});
+    let r = post_json(addr, "/v1/chat/completions", chat, &[]).await;
+    assert_eq!(r.status, 200);
+    assert!(String::from_utf8_lossy(&r.body).contains("D0 from P0"));
+
+    let prefills = t.prefill[0].bodies();
+    assert_eq!(prefills.len(), 3);
+    for p in &prefills {
+        assert_eq!(p["kv_transfer_params"]["do_remote_decode"], true, "{p}");
+        assert_eq!(p["kv_transfer_params"]["do_remote_prefill"], false);
+        assert_eq!((p["max_tokens"].clone(), p["stream"].clone()), (json!(1), json!(false)));
+        assert!(p.get("stream_options").is_none());
+        assert_eq!(p["model"], MODEL, "member engines serve the disaggregated name");
+    }
+    let decodes = t.decode[0].bodies();
+    assert_eq!(decodes.len(), 3);
+    for (d, stream) in decodes.iter().zip([false, true, true]) {
+        assert_eq!(d["kv_transfer_params"]["remote_engine_id"], "P0", "{d}");
+        assert_eq!(d["kv_transfer_params"]["remote_block_ids"], json!([1, 2, 3]));
+        assert_eq!((d["max_tokens"].clone(), d["stream"].clone()), (json!(64), json!(stream)), "the client's own");
+    }
+    assert_eq!(pd_requests(addr, "remote").await, 3.0);
+    assert_eq!(metric_sum(addr, "flotilla_gateway_pd_prefill_seconds_count", &[]).await, 3.0);
+}
+
+#[tokio::test]
+async fn a_short_prompt_skips_the_prefill_pool() {
+    let t = pd(1, 1).await;
+    let addr = t.gw.local_addr();
+    let (status, text) = completion(addr, "hi", false).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("D0 from none"), "{text}");
+    assert!(t.prefill[0].bodies().is_empty());
+    assert!(t.decode[0].bodies()[0].get("kv_transfer_params").is_none());
+    assert_eq!(pd_requests(addr, "local-short").await, 1.0);
+}
+
+#[tokio::test]
+async fn a_failed_prefill_is_tried_on_another_then_the_decode_engine_computes_the_prompt() {
+    let t = pd(2, 1).await;
+    let addr = t.gw.local_addr();
+    t.prefill[0].fail(true);
+    for _ in 0..2 {
+        let (status, text) = completion(addr, &long_prompt(), false).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("D0 from P1"), "the live prefill engine's blocks: {text}");
+    }
+    assert_eq!(pd_requests(addr, "remote").await, 2.0);
+    t.prefill[1].fail(true);
+    let (status, text) = completion(addr, &long_prompt(), true).await;
+    assert_eq!(status, 200, "no prefill engine answers: decode-only, the client sees no error: {text}");
+    assert!(text.contains("D0 from none"), "{text}");
+    assert!(t.decode[0].bodies().last().unwrap().get("kv_transfer_params").is_none());
+    assert_eq!(pd_requests(addr, "fallback").await, 1.0);
+    // at least P1 in the last request and P0 once (an ejected P0 is then tried last or not at all)
+    assert!(metric_sum(addr, "flotilla_gateway_pd_prefill_failures_total", &[]).await >= 2.0);
+}
+
+#[tokio::test]
+async fn a_decode_failing_before_its_first_byte_is_retried_elsewhere_with_a_fresh_prefill() {
+    let t = pd(1, 2).await;
+    let addr = t.gw.local_addr();
+    t.decode[0].fail(true);
+    for _ in 0..4 {
+        let (status, text) = completion(addr, &long_prompt(), true).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("D1 from P0"), "{text}");
+    }
+    let tried_d0 = t.decode[0].bodies().len();
+    assert!(tried_d0 >= 1, "round-robin sends some first attempts to the failing engine");
+    // every decode attempt came with a prefill of its own: the blocks of a failed attempt
+    // may have been pulled already
+    assert_eq!(t.prefill[0].bodies().len(), 4 + tried_d0);
+    assert_eq!(metric_sum(addr, "flotilla_gateway_pd_decode_retries_total", &[]).await, tried_d0 as f64);
+    // both decode engines down: the client gets the engine's error, not a hang
+    t.decode[1].fail(true);
+    let (status, _) = completion(addr, &long_prompt(), false).await;
+    assert!(status >= 500, "{status}");
+}
