@@ -177,6 +177,16 @@ pub fn member_name(model: &ObjectName, role: EngineRole) -> Result<ObjectName, A
     format!("{model}-{}", role.as_str()).parse()
 }
 
+/// The model name a replica's engine serves: its Model's, except for a member of a
+/// disaggregated Model, whose engines serve the disaggregated name (`llama-decode` serves
+/// `llama`), so the gateway forwards the client's body unchanged.
+pub fn served_name(model: &str, kv_transfer: Option<KvTransferRole>) -> &str {
+    match kv_transfer {
+        Some(k) => model.strip_suffix(k.role.as_str()).and_then(|m| m.strip_suffix('-')).unwrap_or(model),
+        None => model,
+    }
+}
+
 impl ModelSpec {
     /// The spec of the member Model serving `role` of this disaggregated Model (None when it
     /// is not disaggregated): the Model's template with the role's pool applied — its count,
@@ -320,6 +330,17 @@ mod tests {
             let e = model(&yaml).expect_err(&yaml).to_string();
             assert!(e.contains(field), "{yaml}\n-> {e} (wanted {field})");
         }
+    }
+
+    #[test]
+    fn members_serve_the_disaggregated_name() {
+        let role = |role| Some(KvTransferRole { connector: KvConnector::Nixl, role });
+        assert_eq!(served_name("llama-decode", role(EngineRole::Decode)), "llama");
+        assert_eq!(served_name("llama-prefill", role(EngineRole::Prefill)), "llama");
+        assert_eq!(served_name("llama-decode", None), "llama-decode");
+        // a name that does not end in its role (never derived so) is served as it is
+        assert_eq!(served_name("llama-decode", role(EngineRole::Prefill)), "llama-decode");
+        assert_eq!(served_name("xdecode", role(EngineRole::Decode)), "xdecode");
     }
 
     #[test]

@@ -21,8 +21,8 @@ pub use autoscaling::{
     SpecDuration, TimeOfDay, Weekday, MAX_METRICS, MAX_SCALE_DOWN_DELAY, MAX_SCHEDULES, MAX_WINDOW,
 };
 pub use disaggregation::{
-    member_name, DisaggregationSpec, EngineRole, KvConnector, KvTransferRole, PdDecider, RolePool, KV_TRANSFER_FLAGS,
-    MAX_DISAGGREGATED_NAME, MEMBER_OF_LABEL, ROLE_LABEL,
+    member_name, served_name, DisaggregationSpec, EngineRole, KvConnector, KvTransferRole, PdDecider, RolePool,
+    KV_TRANSFER_FLAGS, MAX_DISAGGREGATED_NAME, MEMBER_OF_LABEL, ROLE_LABEL,
 };
 pub use model::{
     validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_GPUS_PER_REPLICA, MAX_REPLICAS,
