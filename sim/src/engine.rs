@@ -29,7 +29,9 @@ use crate::kv::BlockManager;
 use crate::lora::{LoraRef, Registry};
 use crate::lora_cache::LoraCache;
 use crate::metrics::Metrics;
+use crate::pd::HeldKv;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
+use crate::side_channel::{self, Refusal};
 use crate::text;
 
 /// A request handed to the engine.
@@ -55,6 +57,10 @@ pub struct Submission {
     pub reply: mpsc::UnboundedSender<Event>,
     /// When the HTTP layer received it.
     pub received: Instant,
+    /// Leading prompt tokens whose KV was pulled from a prefill engine (P/D decode).
+    pub external_tokens: usize,
+    /// P/D prefill: hold the KV when finished, leased under this request id.
+    pub hold: Option<String>,
 }
 
 /// What a request hears back.
@@ -77,6 +83,8 @@ pub struct Done {
     pub stop_reason: Option<String>,
     /// Token counts.
     pub summary: Summary,
+    /// P/D prefill: the KV held for a decode engine (its lease runs from now).
+    pub held: Option<HeldKv>,
 }
 
 /// Messages to the engine task.
@@ -94,9 +102,27 @@ pub enum Command {
         /// Answered when loaded.
         done: oneshot::Sender<()>,
     },
+    /// A decode engine pulls a held prefill's KV (the side channel): on success the token
+    /// ids, and the blocks are freed.
+    Pull {
+        /// What it asks for.
+        ask: side_channel::Ask,
+        /// The answer.
+        reply: oneshot::Sender<Result<Vec<u32>, side_channel::Refusal>>,
+    },
     /// Abort everything and stop.
     Shutdown,
 }
+
+/// A held prefill's KV, pullable until `expires` (simulated seconds).
+#[derive(Debug)]
+struct Lease {
+    seq: SeqId,
+    expires: f64,
+}
+
+/// Leases remembered after they end, so a late or second pull hears why.
+const GONE_LEASES_KEPT: usize = 4096;
 
 /// Simulated time against the tokio clock.
 #[derive(Debug, Clone, Copy)]
@@ -133,6 +159,7 @@ struct Ctx {
     scheduled: Option<f64>,
     first_token: Option<f64>,
     last_token: f64,
+    hold: Option<String>,
 }
 
 /// The engine task's state.
@@ -152,6 +179,9 @@ pub struct Engine {
     dead: Vec<SeqId>,
     /// Where each step's KV cache events go (`--kv-events-config`).
     kv_events: Option<crate::kv_publisher::KvPublisher>,
+    /// P/D: held prefills by request id, and recently ended leases with why they ended.
+    leases: HashMap<String, Lease>,
+    gone: std::collections::VecDeque<(String, &'static str)>,
 }
 
 impl Engine {
@@ -179,6 +209,8 @@ impl Engine {
             lora_seen: (Vec::new(), Vec::new()),
             dead: Vec::new(),
             kv_events: None,
+            leases: HashMap::new(),
+            gone: std::collections::VecDeque::new(),
         }
     }
 
@@ -208,9 +240,11 @@ impl Engine {
                 }
             }
             self.reap_closed();
+            self.expire_leases();
             if self.sched.is_idle() || self.faults.stalled() {
                 self.publish_gauges();
                 let stalled = self.faults.stalled() && !self.sched.is_idle();
+                let next_expiry = self.leases.values().map(|l| l.expires).reduce(f64::min);
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         Some(cmd) => {
@@ -222,6 +256,7 @@ impl Engine {
                         None => return self.abort_all(),
                     },
                     _ = self.faults.wait_unstalled(), if stalled => {}
+                    _ = tokio::time::sleep_until(self.clock.instant(next_expiry.unwrap_or(0.0))), if next_expiry.is_some() => {}
                 }
                 self.now = self.now.max(self.clock.at(Instant::now()));
                 continue;
@@ -294,6 +329,12 @@ impl Engine {
                 let _ = done.send(());
                 true
             }
+            Command::Pull { ask, reply } => {
+                self.expire_leases();
+                let _ = reply.send(self.pull(ask));
+                self.publish_gauges();
+                true
+            }
             Command::Submit(sub) => {
                 let seed = sub.seed.unwrap_or_else(|| text::seed_from_prompt(self.cfg.seed, &sub.prompt));
                 let (lo, hi) = self.cfg.eos_range;
@@ -315,6 +356,7 @@ impl Engine {
                         scheduled: None,
                         first_token: None,
                         last_token: arrival,
+                        hold: sub.hold.clone(),
                     },
                 );
                 self.sched.add(NewSeq {
@@ -324,10 +366,96 @@ impl Engine {
                     eos_after,
                     seed,
                     lora: sub.lora.map(|l| l.id),
+                    external_tokens: sub.external_tokens,
+                    hold_kv: sub.hold.is_some(),
                 });
                 true
             }
         }
+    }
+
+    /// Leases the KV a finished `hold` request left (P/D prefill); what its answer names.
+    fn lease(&mut self, id: SeqId) -> Option<HeldKv> {
+        let key = self.ctxs.get_mut(&id)?.hold.take()?;
+        let held = self.sched.held(id)?;
+        let kv = HeldKv { block_ids: held.block_ids().to_vec(), num_tokens: held.tokens.len() as u32 };
+        let lease_s = self.cfg.kv_transfer.as_ref().map_or(crate::pd::DEFAULT_LEASE_S, |k| k.lease_s);
+        if let Some(old) = self.leases.insert(key, Lease { seq: id, expires: self.now + lease_s }) {
+            self.sched.release_held(old.seq); // a reused request id: the older KV goes
+        }
+        Some(kv)
+    }
+
+    /// Frees held KV whose lease has run out (vLLM's `vllm:nixl_num_kv_expired_reqs`).
+    fn expire_leases(&mut self) {
+        if self.leases.is_empty() {
+            return;
+        }
+        let now = self.now.max(self.clock.at(Instant::now()));
+        let expired: Vec<String> =
+            self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(k, _)| k.clone()).collect();
+        for key in expired {
+            if let Some(l) = self.leases.remove(&key) {
+                self.sched.release_held(l.seq);
+                tracing::debug!(request_id = %key, "P/D lease expired; held KV freed");
+                self.metrics.lock().unwrap_or_else(|p| p.into_inner()).nixl.kv_expired += 1;
+                self.remember_gone(key, "lease_expired");
+            }
+        }
+    }
+
+    fn remember_gone(&mut self, key: String, why: &'static str) {
+        if self.gone.len() >= GONE_LEASES_KEPT {
+            self.gone.pop_front();
+        }
+        self.gone.push_back((key, why));
+    }
+
+    /// Answers a side-channel pull: the held tokens (and frees their blocks) or why not.
+    fn pull(&mut self, ask: side_channel::Ask) -> Result<Vec<u32>, Refusal> {
+        let own = self.cfg.kv_transfer.as_ref().map(|k| k.engine_id.as_str());
+        if own != Some(ask.engine_id.as_str()) {
+            return Err(Refusal {
+                code: "engine_id_mismatch",
+                message: format!("this engine is {:?}, not {:?}", own.unwrap_or(""), ask.engine_id),
+            });
+        }
+        let Some(lease) = self.leases.get(&ask.request_id) else {
+            let why = self.gone.iter().rev().find(|(k, _)| *k == ask.request_id).map(|(_, w)| *w);
+            return Err(match why {
+                Some(code) => {
+                    Refusal { code, message: format!("request {:?}: {}", ask.request_id, code.replace('_', " ")) }
+                }
+                None => Refusal {
+                    code: "unknown_request",
+                    message: format!("no KV is held for request {:?}", ask.request_id),
+                },
+            });
+        };
+        let seq = lease.seq;
+        let Some(held) = self.sched.held(seq) else {
+            self.leases.remove(&ask.request_id);
+            return Err(Refusal {
+                code: "unknown_request",
+                message: format!("no KV is held for request {:?}", ask.request_id),
+            });
+        };
+        if held.block_ids() != ask.block_ids.as_slice() {
+            return Err(Refusal {
+                code: "block_ids_mismatch",
+                message: format!(
+                    "request {:?} holds blocks {:?}, not {:?}",
+                    ask.request_id,
+                    held.block_ids(),
+                    ask.block_ids
+                ),
+            });
+        }
+        let tokens = held.tokens.clone();
+        self.leases.remove(&ask.request_id);
+        self.sched.release_held(seq);
+        self.remember_gone(ask.request_id, "already_pulled");
+        Ok(tokens)
     }
 
     /// Aborts requests whose client went away.
@@ -354,6 +482,7 @@ impl Engine {
                     text: String::new(),
                     stop_reason: None,
                     summary,
+                    held: None,
                 }));
             }
         }
@@ -365,6 +494,8 @@ impl Engine {
         let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
         m.prefix_queries += plan.prefix_queries;
         m.prefix_hits += plan.prefix_hits;
+        m.external_queries += plan.external_queries;
+        m.external_hits += plan.external_hits;
         m.preemptions += plan.preempted.len() as u64;
         m.h_iteration_tokens.observe(f64::from(plan.shape.prefill_tokens + plan.shape.decode_seqs));
         for (id, _, first) in &plan.admitted {
@@ -397,7 +528,8 @@ impl Engine {
                         ctx.stop_reason = ctx.stop.iter().find(|s| ctx.text[cut..].starts_with(s.as_str())).cloned();
                         ctx.text.truncate(cut);
                         if let Some(summary) = self.sched.finish(id) {
-                            finish(&mut m, &mut self.ctxs, id, FinishReason::Stop, summary, now, Some(visible));
+                            let held = self.lease(id);
+                            finish(&mut m, &mut self.ctxs, id, FinishReason::Stop, summary, now, Some(visible), held);
                         }
                         continue;
                     }
@@ -411,7 +543,8 @@ impl Engine {
                     }
                 }
                 Output::Finished { id, reason, summary } => {
-                    finish(&mut m, &mut self.ctxs, id, reason, summary, now, None);
+                    let held = self.lease(id);
+                    finish(&mut m, &mut self.ctxs, id, reason, summary, now, None, held);
                 }
             }
         }
@@ -453,6 +586,7 @@ fn stop_match(text: &str, stops: &[String], from: usize) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from)).min()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     m: &mut Metrics,
     ctxs: &mut HashMap<SeqId, Ctx>,
@@ -461,6 +595,7 @@ fn finish(
     summary: Summary,
     now: f64,
     last_piece: Option<String>,
+    held: Option<HeldKv>,
 ) {
     let Some(mut ctx) = ctxs.remove(&id) else {
         return;
@@ -476,6 +611,7 @@ fn finish(
     let prompt = f64::from(summary.prompt_tokens);
     m.prompt_tokens += u64::from(summary.prompt_tokens);
     m.prompt_cached += u64::from(summary.cached_tokens);
+    m.prompt_external += u64::from(summary.external_tokens);
     m.h_prompt_tokens.observe(prompt);
     m.h_generation_tokens.observe(f64::from(summary.output_tokens));
     m.h_max_generation_tokens.observe(f64::from(ctx.max_tokens));
@@ -497,7 +633,7 @@ fn finish(
     };
     tracing::trace!(seq = id, reason = reason.as_str(), output_tokens = summary.output_tokens, "request finished");
     let stop_reason = ctx.stop_reason.take();
-    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary }));
+    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary, held }));
 }
 
 #[cfg(test)]
