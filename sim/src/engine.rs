@@ -31,8 +31,9 @@ use crate::lora_cache::LoraCache;
 use crate::metrics::Metrics;
 use crate::pd::HeldKv;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
-use crate::side_channel::{self, Refusal};
+use crate::side_channel;
 use crate::text;
+use leases::Lease;
 
 /// A request handed to the engine.
 #[derive(Debug)]
@@ -113,16 +114,6 @@ pub enum Command {
     /// Abort everything and stop.
     Shutdown,
 }
-
-/// A held prefill's KV, pullable until `expires` (simulated seconds).
-#[derive(Debug)]
-struct Lease {
-    seq: SeqId,
-    expires: f64,
-}
-
-/// Leases remembered after they end, so a late or second pull hears why.
-const GONE_LEASES_KEPT: usize = 4096;
 
 /// Simulated time against the tokio clock.
 #[derive(Debug, Clone, Copy)]
@@ -374,90 +365,6 @@ impl Engine {
         }
     }
 
-    /// Leases the KV a finished `hold` request left (P/D prefill); what its answer names.
-    fn lease(&mut self, id: SeqId) -> Option<HeldKv> {
-        let key = self.ctxs.get_mut(&id)?.hold.take()?;
-        let held = self.sched.held(id)?;
-        let kv = HeldKv { block_ids: held.block_ids().to_vec(), num_tokens: held.tokens.len() as u32 };
-        let lease_s = self.cfg.kv_transfer.as_ref().map_or(crate::pd::DEFAULT_LEASE_S, |k| k.lease_s);
-        if let Some(old) = self.leases.insert(key, Lease { seq: id, expires: self.now + lease_s }) {
-            self.sched.release_held(old.seq); // a reused request id: the older KV goes
-        }
-        Some(kv)
-    }
-
-    /// Frees held KV whose lease has run out (vLLM's `vllm:nixl_num_kv_expired_reqs`).
-    fn expire_leases(&mut self) {
-        if self.leases.is_empty() {
-            return;
-        }
-        let now = self.now.max(self.clock.at(Instant::now()));
-        let expired: Vec<String> =
-            self.leases.iter().filter(|(_, l)| l.expires <= now).map(|(k, _)| k.clone()).collect();
-        for key in expired {
-            if let Some(l) = self.leases.remove(&key) {
-                self.sched.release_held(l.seq);
-                tracing::debug!(request_id = %key, "P/D lease expired; held KV freed");
-                self.metrics.lock().unwrap_or_else(|p| p.into_inner()).nixl.kv_expired += 1;
-                self.remember_gone(key, "lease_expired");
-            }
-        }
-    }
-
-    fn remember_gone(&mut self, key: String, why: &'static str) {
-        if self.gone.len() >= GONE_LEASES_KEPT {
-            self.gone.pop_front();
-        }
-        self.gone.push_back((key, why));
-    }
-
-    /// Answers a side-channel pull: the held tokens (and frees their blocks) or why not.
-    fn pull(&mut self, ask: side_channel::Ask) -> Result<Vec<u32>, Refusal> {
-        let own = self.cfg.kv_transfer.as_ref().map(|k| k.engine_id.as_str());
-        if own != Some(ask.engine_id.as_str()) {
-            return Err(Refusal {
-                code: "engine_id_mismatch",
-                message: format!("this engine is {:?}, not {:?}", own.unwrap_or(""), ask.engine_id),
-            });
-        }
-        let Some(lease) = self.leases.get(&ask.request_id) else {
-            let why = self.gone.iter().rev().find(|(k, _)| *k == ask.request_id).map(|(_, w)| *w);
-            return Err(match why {
-                Some(code) => {
-                    Refusal { code, message: format!("request {:?}: {}", ask.request_id, code.replace('_', " ")) }
-                }
-                None => Refusal {
-                    code: "unknown_request",
-                    message: format!("no KV is held for request {:?}", ask.request_id),
-                },
-            });
-        };
-        let seq = lease.seq;
-        let Some(held) = self.sched.held(seq) else {
-            self.leases.remove(&ask.request_id);
-            return Err(Refusal {
-                code: "unknown_request",
-                message: format!("no KV is held for request {:?}", ask.request_id),
-            });
-        };
-        if held.block_ids() != ask.block_ids.as_slice() {
-            return Err(Refusal {
-                code: "block_ids_mismatch",
-                message: format!(
-                    "request {:?} holds blocks {:?}, not {:?}",
-                    ask.request_id,
-                    held.block_ids(),
-                    ask.block_ids
-                ),
-            });
-        }
-        let tokens = held.tokens.clone();
-        self.leases.remove(&ask.request_id);
-        self.sched.release_held(seq);
-        self.remember_gone(ask.request_id, "already_pulled");
-        Ok(tokens)
-    }
-
     /// Aborts requests whose client went away.
     fn reap_closed(&mut self) {
         self.dead.clear();
@@ -635,6 +542,9 @@ fn finish(
     let stop_reason = ctx.stop_reason.take();
     let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary, held }));
 }
+
+#[path = "engine_leases.rs"]
+mod leases;
 
 #[cfg(test)]
 #[path = "engine_tests.rs"]
