@@ -433,7 +433,7 @@ pub struct Nixl {
     pub xfer_time: Histogram,
     /// `vllm:nixl_bytes_transferred`.
     pub bytes: Histogram,
-    /// `vllm:nixl_num_failed_transfers` (decode side).
+    /// `vllm:nixl_num_failed_transfers` (decode side; `_total` as prometheus_client writes counters).
     pub failed: u64,
     /// `vllm:nixl_num_kv_expired_reqs` (prefill side).
     pub kv_expired: u64,
@@ -465,12 +465,12 @@ impl Nixl {
             &self.bytes,
         );
         w.counter(
-            "vllm:nixl_num_failed_transfers",
+            "vllm:nixl_num_failed_transfers_total",
             "Number of failed NIXL KV Cache transfers, including handshake and notification failures. NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs.",
             self.failed,
         );
         w.counter(
-            "vllm:nixl_num_kv_expired_reqs",
+            "vllm:nixl_num_kv_expired_reqs_total",
             "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance.",
             self.kv_expired,
         );

@@ -102,7 +102,7 @@ async fn a_decode_sim_pulls_the_prefill_sims_kv_instead_of_recomputing_it() {
     assert_eq!(ml(&after, "vllm:prompt_tokens_by_source_total", "source", "local_compute"), 1.0);
     assert_eq!(m(&after, "vllm:nixl_xfer_time_seconds_count"), 1.0);
     assert_eq!(m(&after, "vllm:nixl_bytes_transferred_sum"), prompt_tokens as f64 * KV_BYTES);
-    assert_eq!(m(&after, "vllm:nixl_num_failed_transfers"), 0.0);
+    assert_eq!(m(&after, "vllm:nixl_num_failed_transfers_total"), 0.0);
     let xfer = m(&after, "vllm:nixl_xfer_time_seconds_sum");
     let want = prompt_tokens as f64 * KV_BYTES * 8.0 / 100e9;
     assert!((xfer - want).abs() < 1e-9, "transfer time {xfer} != bytes / 100 Gb/s {want}");
@@ -131,7 +131,7 @@ async fn a_decode_sim_pulls_the_prefill_sims_kv_instead_of_recomputing_it() {
     let r = post(d, "/v1/completions", decode_body(&prompt, params, false)).await;
     assert_eq!(r.status, 500, "{}", r.body);
     assert_eq!(r.json()["error"]["type"], "InternalServerError");
-    assert_eq!(m(&metrics(d).await, "vllm:nixl_num_failed_transfers"), 1.0);
+    assert_eq!(m(&metrics(d).await, "vllm:nixl_num_failed_transfers_total"), 1.0);
 
     // chat, non-streaming, both legs
     let chat = |params: Value| {
@@ -166,7 +166,7 @@ async fn an_expired_lease_fails_the_decode_or_recomputes_by_policy() {
     for _ in 0..100 {
         tokio::time::sleep(Duration::from_millis(20)).await;
         let pm = metrics(p).await;
-        if m(&pm, "vllm:nixl_num_kv_expired_reqs") == 1.0 {
+        if m(&pm, "vllm:nixl_num_kv_expired_reqs_total") == 1.0 {
             assert_eq!(m(&pm, "vllm:kv_cache_usage_perc"), 0.0);
             expired = true;
             break;
@@ -177,12 +177,12 @@ async fn an_expired_lease_fails_the_decode_or_recomputes_by_policy() {
     let r = post(fail.local_addr(), "/v1/completions", decode_body(&prompt, &params, true)).await;
     assert_eq!(r.status, 500, "policy fail: an error before any body byte: {}", r.body);
     assert!(r.json()["error"]["message"].as_str().unwrap().contains("lease_expired"), "{}", r.body);
-    assert_eq!(m(&metrics(fail.local_addr()).await, "vllm:nixl_num_failed_transfers"), 1.0);
+    assert_eq!(m(&metrics(fail.local_addr()).await, "vllm:nixl_num_failed_transfers_total"), 1.0);
 
     let r = post(recompute.local_addr(), "/v1/completions", decode_body(&prompt, &params, false)).await;
     assert_eq!(r.status, 200, "policy recompute: prefilled locally: {}", r.body);
     let dm = metrics(recompute.local_addr()).await;
-    assert_eq!(m(&dm, "vllm:nixl_num_failed_transfers"), 1.0);
+    assert_eq!(m(&dm, "vllm:nixl_num_failed_transfers_total"), 1.0);
     assert_eq!(m(&dm, "vllm:external_prefix_cache_hits_total"), 0.0);
     assert_eq!(
         ml(&dm, "vllm:prompt_tokens_by_source_total", "source", "local_compute"),
