@@ -69,6 +69,21 @@ pub struct SimArgs {
     /// and GET /kv_event_sources names the bound endpoints (src/kv_publisher.rs).
     #[arg(long, value_name = "JSON")]
     pub kv_events_config: Option<String>,
+    /// Prefill/decode disaggregation as vLLM's --kv-transfer-config (JSON), e.g.
+    /// `{"kv_connector": "NixlConnector", "kv_role": "kv_both"}`; NixlConnector,
+    /// LMCacheConnectorV1 and P2pNcclConnector are all modelled by NIXL's pull protocol
+    /// (src/pd.rs, docs/sim.md "P/D disaggregation").
+    #[arg(long, value_name = "JSON")]
+    pub kv_transfer_config: Option<String>,
+    /// Link bandwidth of a P/D KV transfer in Gb/s (default: the profile's NIC).
+    #[arg(long, value_name = "GBPS")]
+    pub kv_transfer_gbps: Option<f64>,
+    /// Host the P/D side channel binds and names in kv_transfer_params (default --host).
+    #[arg(long, env = "VLLM_NIXL_SIDE_CHANNEL_HOST")]
+    pub kv_side_channel_host: Option<String>,
+    /// Port of the P/D side channel; 0 picks a free port (the bound one is named).
+    #[arg(long, env = "VLLM_NIXL_SIDE_CHANNEL_PORT", default_value_t = crate::pd::DEFAULT_SIDE_CHANNEL_PORT)]
+    pub kv_side_channel_port: u16,
     /// Serve POST /sim/faults (crash, hang, slow, error rate, stall) for chaos tests.
     #[arg(long)]
     pub allow_faults: bool,
@@ -133,6 +148,10 @@ impl Default for SimArgs {
             max_lora_rank: 16,
             no_enable_prefix_caching: false,
             kv_events_config: None,
+            kv_transfer_config: None,
+            kv_transfer_gbps: None,
+            kv_side_channel_host: None,
+            kv_side_channel_port: crate::pd::DEFAULT_SIDE_CHANNEL_PORT,
             allow_faults: false,
             eos_min_tokens: 16,
             eos_max_tokens: 512,
@@ -198,6 +217,8 @@ pub struct EngineConfig {
     pub gang: GangRole,
     /// KV cache events (`--kv-events-config`), when on.
     pub kv_events: Option<crate::kv_publisher::KvEventsConfig>,
+    /// P/D disaggregation (`--kv-transfer-config`), when a connector is named.
+    pub kv_transfer: Option<crate::pd::KvTransferConfig>,
 }
 
 const BLOCK_SIZES: [u32; 6] = [1, 8, 16, 32, 64, 128];
@@ -363,6 +384,15 @@ impl SimArgs {
             gang,
             kv_events: match &self.kv_events_config {
                 Some(json) => crate::kv_publisher::KvEventsConfig::parse(json)?,
+                None => None,
+            },
+            kv_transfer: match &self.kv_transfer_config {
+                Some(json) => crate::pd::KvTransferConfig::parse(
+                    json,
+                    self.kv_side_channel_host.clone().unwrap_or_else(|| self.host.clone()),
+                    self.kv_side_channel_port,
+                    self.kv_transfer_gbps.unwrap_or(profile.kv_link_gbps),
+                )?,
                 None => None,
             },
         })

@@ -29,8 +29,11 @@ use crate::kv::BlockManager;
 use crate::lora::{LoraRef, Registry};
 use crate::lora_cache::LoraCache;
 use crate::metrics::Metrics;
+use crate::pd::HeldKv;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
+use crate::side_channel;
 use crate::text;
+use leases::Lease;
 
 /// A request handed to the engine.
 #[derive(Debug)]
@@ -55,6 +58,10 @@ pub struct Submission {
     pub reply: mpsc::UnboundedSender<Event>,
     /// When the HTTP layer received it.
     pub received: Instant,
+    /// Leading prompt tokens whose KV was pulled from a prefill engine (P/D decode).
+    pub external_tokens: usize,
+    /// P/D prefill: hold the KV when finished, leased under this request id.
+    pub hold: Option<String>,
 }
 
 /// What a request hears back.
@@ -77,6 +84,8 @@ pub struct Done {
     pub stop_reason: Option<String>,
     /// Token counts.
     pub summary: Summary,
+    /// P/D prefill: the KV held for a decode engine (its lease runs from now).
+    pub held: Option<HeldKv>,
 }
 
 /// Messages to the engine task.
@@ -93,6 +102,14 @@ pub enum Command {
         inplace: bool,
         /// Answered when loaded.
         done: oneshot::Sender<()>,
+    },
+    /// A decode engine pulls a held prefill's KV (the side channel): on success the token
+    /// ids, and the blocks are freed.
+    Pull {
+        /// What it asks for.
+        ask: side_channel::Ask,
+        /// The answer.
+        reply: oneshot::Sender<Result<Vec<u32>, side_channel::Refusal>>,
     },
     /// Abort everything and stop.
     Shutdown,
@@ -133,6 +150,7 @@ struct Ctx {
     scheduled: Option<f64>,
     first_token: Option<f64>,
     last_token: f64,
+    hold: Option<String>,
 }
 
 /// The engine task's state.
@@ -152,6 +170,9 @@ pub struct Engine {
     dead: Vec<SeqId>,
     /// Where each step's KV cache events go (`--kv-events-config`).
     kv_events: Option<crate::kv_publisher::KvPublisher>,
+    /// P/D: held prefills by request id, and recently ended leases with why they ended.
+    leases: HashMap<String, Lease>,
+    gone: std::collections::VecDeque<(String, &'static str)>,
 }
 
 impl Engine {
@@ -179,6 +200,8 @@ impl Engine {
             lora_seen: (Vec::new(), Vec::new()),
             dead: Vec::new(),
             kv_events: None,
+            leases: HashMap::new(),
+            gone: std::collections::VecDeque::new(),
         }
     }
 
@@ -208,9 +231,11 @@ impl Engine {
                 }
             }
             self.reap_closed();
+            self.expire_leases();
             if self.sched.is_idle() || self.faults.stalled() {
                 self.publish_gauges();
                 let stalled = self.faults.stalled() && !self.sched.is_idle();
+                let next_expiry = self.leases.values().map(|l| l.expires).reduce(f64::min);
                 tokio::select! {
                     cmd = rx.recv() => match cmd {
                         Some(cmd) => {
@@ -222,6 +247,7 @@ impl Engine {
                         None => return self.abort_all(),
                     },
                     _ = self.faults.wait_unstalled(), if stalled => {}
+                    _ = tokio::time::sleep_until(self.clock.instant(next_expiry.unwrap_or(0.0))), if next_expiry.is_some() => {}
                 }
                 self.now = self.now.max(self.clock.at(Instant::now()));
                 continue;
@@ -294,6 +320,12 @@ impl Engine {
                 let _ = done.send(());
                 true
             }
+            Command::Pull { ask, reply } => {
+                self.expire_leases();
+                let _ = reply.send(self.pull(ask));
+                self.publish_gauges();
+                true
+            }
             Command::Submit(sub) => {
                 let seed = sub.seed.unwrap_or_else(|| text::seed_from_prompt(self.cfg.seed, &sub.prompt));
                 let (lo, hi) = self.cfg.eos_range;
@@ -315,6 +347,7 @@ impl Engine {
                         scheduled: None,
                         first_token: None,
                         last_token: arrival,
+                        hold: sub.hold.clone(),
                     },
                 );
                 self.sched.add(NewSeq {
@@ -324,6 +357,8 @@ impl Engine {
                     eos_after,
                     seed,
                     lora: sub.lora.map(|l| l.id),
+                    external_tokens: sub.external_tokens,
+                    hold_kv: sub.hold.is_some(),
                 });
                 true
             }
@@ -354,6 +389,7 @@ impl Engine {
                     text: String::new(),
                     stop_reason: None,
                     summary,
+                    held: None,
                 }));
             }
         }
@@ -365,6 +401,8 @@ impl Engine {
         let mut m = metrics.lock().unwrap_or_else(|p| p.into_inner());
         m.prefix_queries += plan.prefix_queries;
         m.prefix_hits += plan.prefix_hits;
+        m.external_queries += plan.external_queries;
+        m.external_hits += plan.external_hits;
         m.preemptions += plan.preempted.len() as u64;
         m.h_iteration_tokens.observe(f64::from(plan.shape.prefill_tokens + plan.shape.decode_seqs));
         for (id, _, first) in &plan.admitted {
@@ -397,7 +435,8 @@ impl Engine {
                         ctx.stop_reason = ctx.stop.iter().find(|s| ctx.text[cut..].starts_with(s.as_str())).cloned();
                         ctx.text.truncate(cut);
                         if let Some(summary) = self.sched.finish(id) {
-                            finish(&mut m, &mut self.ctxs, id, FinishReason::Stop, summary, now, Some(visible));
+                            let held = self.lease(id);
+                            finish(&mut m, &mut self.ctxs, id, FinishReason::Stop, summary, now, Some(visible), held);
                         }
                         continue;
                     }
@@ -411,7 +450,8 @@ impl Engine {
                     }
                 }
                 Output::Finished { id, reason, summary } => {
-                    finish(&mut m, &mut self.ctxs, id, reason, summary, now, None);
+                    let held = self.lease(id);
+                    finish(&mut m, &mut self.ctxs, id, reason, summary, now, None, held);
                 }
             }
         }
@@ -453,6 +493,7 @@ fn stop_match(text: &str, stops: &[String], from: usize) -> Option<usize> {
     stops.iter().filter(|s| !s.is_empty()).filter_map(|s| text[from..].find(s.as_str()).map(|p| p + from)).min()
 }
 
+#[allow(clippy::too_many_arguments)]
 fn finish(
     m: &mut Metrics,
     ctxs: &mut HashMap<SeqId, Ctx>,
@@ -461,6 +502,7 @@ fn finish(
     summary: Summary,
     now: f64,
     last_piece: Option<String>,
+    held: Option<HeldKv>,
 ) {
     let Some(mut ctx) = ctxs.remove(&id) else {
         return;
@@ -476,6 +518,7 @@ fn finish(
     let prompt = f64::from(summary.prompt_tokens);
     m.prompt_tokens += u64::from(summary.prompt_tokens);
     m.prompt_cached += u64::from(summary.cached_tokens);
+    m.prompt_external += u64::from(summary.external_tokens);
     m.h_prompt_tokens.observe(prompt);
     m.h_generation_tokens.observe(f64::from(summary.output_tokens));
     m.h_max_generation_tokens.observe(f64::from(ctx.max_tokens));
@@ -497,8 +540,11 @@ fn finish(
     };
     tracing::trace!(seq = id, reason = reason.as_str(), output_tokens = summary.output_tokens, "request finished");
     let stop_reason = ctx.stop_reason.take();
-    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary }));
+    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary, held }));
 }
+
+#[path = "engine_leases.rs"]
+mod leases;
 
 #[cfg(test)]
 #[path = "engine_tests.rs"]

@@ -58,6 +58,8 @@ impl Running {
             stream: false,
             reply,
             received: Instant::now(),
+            external_tokens: 0,
+            hold: None,
         };
         self.tx.send(Command::Submit(Box::new(sub))).unwrap();
         while let Some(ev) = rx.recv().await {

@@ -91,6 +91,9 @@ pub struct Profile {
     pub lora_copy_bytes_per_s: f64,
     /// vLLM's default `--max-num-batched-tokens` for this GPU class (8192 at >= 70 GiB).
     pub default_max_num_batched_tokens: u32,
+    /// Gigabits per second of the link a P/D KV transfer (NIXL/UCX RDMA read) crosses
+    /// between two engines of this class: the GPU's own NIC (`pd.rs`, docs/sim.md).
+    pub kv_link_gbps: f64,
 }
 
 const GIB: u64 = 1024 * 1024 * 1024;
@@ -117,6 +120,7 @@ pub const PROFILES: &[Profile] = &[
         lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
         lora_copy_bytes_per_s: PCIE_GEN4_BYTES_PER_S,
         default_max_num_batched_tokens: 2048,
+        kv_link_gbps: 200.0,
     },
     // H100 SXM 80GB. Roofline 16.06 GB / 3,350 GB/s = 4.8 ms; vLLM's CPU overhead for an
     // 8B model is significant (vLLM v0.6.0 blog) and the nightly H200 run shows ~6.5 ms
@@ -137,6 +141,7 @@ pub const PROFILES: &[Profile] = &[
         lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
         lora_copy_bytes_per_s: PCIE_GEN5_BYTES_PER_S,
         default_max_num_batched_tokens: 8192,
+        kv_link_gbps: 400.0,
     },
     // L4 24GB. Roofline 16.06 GB / 300 GB/s = 53.5 ms, at the ~77% efficiency measured on
     // A100 -> 69 ms. a: 16 GFLOP / 121 TFLOPS at ~70% -> 190 us. c: 2 MiB / 300 GB/s = 7 us.
@@ -156,6 +161,7 @@ pub const PROFILES: &[Profile] = &[
         lora_disk_bytes_per_s: LORA_DISK_BYTES_PER_S,
         lora_copy_bytes_per_s: PCIE_GEN4_BYTES_PER_S,
         default_max_num_batched_tokens: 2048,
+        kv_link_gbps: 100.0,
     },
 ];
 

@@ -25,8 +25,10 @@ pub mod lora;
 pub mod lora_cache;
 pub mod metrics;
 pub mod parallel;
+pub mod pd;
 pub mod rendezvous;
 pub mod scheduler;
+pub mod side_channel;
 pub mod text;
 pub mod tokenizer;
 pub mod vocab;
@@ -68,6 +70,8 @@ pub struct SimHandle {
     tls: bool,
     /// Where a gang head accepts its workers.
     gang_addr: Option<SocketAddr>,
+    /// The bound P/D side channel (`--kv-transfer-config`).
+    side_channel: Option<SocketAddr>,
     run: Running,
 }
 
@@ -119,6 +123,11 @@ impl SimHandle {
     /// A gang head's bound rendezvous address (the real port when `--master-port 0`).
     pub fn gang_addr(&self) -> Option<SocketAddr> {
         self.gang_addr
+    }
+
+    /// The bound P/D side channel (the real port when its port is 0), with a KV connector.
+    pub fn side_channel_addr(&self) -> Option<SocketAddr> {
+        self.side_channel
     }
 
     /// Aborts in-flight requests, stops serving and waits (at most ~2 s) for the server.
@@ -190,6 +199,19 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         None => None,
     };
     let (tx, rx) = mpsc::unbounded_channel();
+    let side = match &cfg.kv_transfer {
+        Some(k) => {
+            let want = listen_addr(&k.side_channel_host, k.side_channel_port);
+            let l = TcpListener::bind(&want).await.map_err(|source| SimError::Bind { addr: want.clone(), source })?;
+            let bound = l.local_addr().map_err(|source| SimError::Bind { addr: want, source })?;
+            tracing::info!(side_channel = %bound, engine_id = %k.engine_id, connector = %k.connector, "P/D side channel listening");
+            Some((bound, tokio::spawn(side_channel::serve(l, tx.clone()))))
+        }
+        None => None,
+    };
+    if cfg.kv_transfer.is_some() {
+        metrics.lock().unwrap_or_else(|p| p.into_inner()).nixl.enabled = true;
+    }
     let engine = engine::Engine::new(cfg.clone(), metrics.clone(), registry.clone(), faults.clone())
         .with_kv_events(kv_events.clone());
     let engine_task = tokio::spawn(engine.run(rx));
@@ -212,17 +234,21 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         vocab: Arc::default(),
         gang: gang.as_ref().map(|g| g.1.clone()),
         kv_event_sources: kv_events.map(|p| p.sources),
+        side_channel_port: side.as_ref().map(|s| s.0.port()),
     };
     let app = http::router(state);
     let (stop_tx, mut stop_rx) = watch::channel(false);
     let graceful_rx = stop_tx.subscribe();
     let gang_addr = gang.as_ref().map(|g| g.0);
+    let side_channel = side.as_ref().map(|s| s.0);
+    let side_task = side.map(|s| s.1);
     let (gang_rx, rendezvous, gang_timeout) = match gang {
         Some((_, rx, task, timeout)) => (Some(rx), Some(task), timeout),
         None => (None, None, Duration::ZERO),
     };
     let task = tokio::spawn(async move {
         let _rendezvous = AbortOnDrop(rendezvous); // closes every worker's socket when we end
+        let _side_channel = AbortOnDrop(side_task);
         let mut server = tokio::spawn(http::serve::serve(listener, app, http::serve::KEEP_ALIVE, tls, graceful_rx));
         let crashed = tokio::select! {
             r = &mut server => {
@@ -266,6 +292,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
         model: cfg.model,
         tls: serving_tls,
         gang_addr,
+        side_channel,
         run: Running { stop: stop_tx, task: Some(task) },
     })
 }

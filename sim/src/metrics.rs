@@ -113,8 +113,16 @@ pub struct Metrics {
     pub preemptions: u64,
     /// `vllm:prompt_tokens_total`.
     pub prompt_tokens: u64,
-    /// Prompt tokens served from the prefix cache.
+    /// Prompt tokens served from the prefix cache or a KV transfer.
     pub prompt_cached: u64,
+    /// Of those, from a KV transfer (`source="external_kv_transfer"`).
+    pub prompt_external: u64,
+    /// `vllm:external_prefix_cache_queries_total` (prompt tokens of P/D decode requests).
+    pub external_queries: u64,
+    /// `vllm:external_prefix_cache_hits_total` (tokens installed from a KV transfer).
+    pub external_hits: u64,
+    /// The NIXL connector's metrics (rendered only with `--kv-transfer-config`).
+    pub nixl: Nixl,
     /// `vllm:generation_tokens_total`.
     pub generation_tokens: u64,
     /// `vllm:request_success_total` by [`FINISH_REASONS`] index.
@@ -172,6 +180,10 @@ impl Metrics {
             preemptions: 0,
             prompt_tokens: 0,
             prompt_cached: 0,
+            prompt_external: 0,
+            external_queries: 0,
+            external_hits: 0,
+            nixl: Nixl::default(),
             generation_tokens: 0,
             success: [0; 5],
             lora: max_loras.map(|m| (m, String::new(), String::new())),
@@ -281,16 +293,16 @@ impl Metrics {
             "Prefix cache hits, in terms of number of cached tokens.",
             self.prefix_hits,
         );
-        // one engine, no KV connector, no multimodal inputs: these stay 0 as on a real text-only vLLM
+        // no multimodal inputs; the external ones stay 0 without a KV connector, as on a real text-only vLLM
         w.counter(
             "vllm:external_prefix_cache_queries_total",
             "External prefix cache queries from KV connector cross-instance cache sharing, in terms of number of queried tokens.",
-            0,
+            self.external_queries,
         );
         w.counter(
             "vllm:external_prefix_cache_hits_total",
             "External prefix cache hits from KV connector cross-instance cache sharing, in terms of number of cached tokens.",
-            0,
+            self.external_hits,
         );
         w.counter("vllm:mm_cache_queries_total", "Multi-modal cache queries, in terms of number of queried items.", 0);
         w.counter("vllm:mm_cache_hits_total", "Multi-modal cache hits, in terms of number of cached items.", 0);
@@ -299,8 +311,10 @@ impl Metrics {
         w.family("vllm:prompt_tokens_by_source_total", "counter", "Number of prompt tokens by source.");
         let computed = self.prompt_tokens - self.prompt_cached.min(self.prompt_tokens);
         w.sample("vllm:prompt_tokens_by_source_total", Some(("source", "local_compute")), computed as f64);
-        w.sample("vllm:prompt_tokens_by_source_total", Some(("source", "local_cache_hit")), self.prompt_cached as f64);
-        w.sample("vllm:prompt_tokens_by_source_total", Some(("source", "external_kv_transfer")), 0.0);
+        let external = self.prompt_external.min(self.prompt_cached);
+        let local_hit = (self.prompt_cached - external) as f64;
+        w.sample("vllm:prompt_tokens_by_source_total", Some(("source", "local_cache_hit")), local_hit);
+        w.sample("vllm:prompt_tokens_by_source_total", Some(("source", "external_kv_transfer")), external as f64);
         w.counter(
             "vllm:prompt_tokens_cached_total",
             "Number of cached prompt tokens (local + external).",
@@ -312,7 +326,11 @@ impl Metrics {
             "Prefix-cache hit tokens by the cache tier that supplied them: device (local HBM), host (offloaded to DRAM), disk, p2p (transferred from another vLLM instance) or external_unspecified. Counted at admission; sums to vllm:prefix_cache_hits + vllm:external_prefix_cache_hits.",
         );
         for source in ["device", "host", "p2p", "disk", "external_unspecified"] {
-            let v = if source == "device" { self.prefix_hits } else { 0 };
+            let v = match source {
+                "device" => self.prefix_hits,
+                "p2p" => self.external_hits,
+                _ => 0,
+            };
             w.sample("vllm:prompt_tokens_cached_by_source_total", Some(("source", source)), v as f64);
         }
         w.counter("vllm:generation_tokens_total", "Number of generation tokens processed.", self.generation_tokens);
@@ -399,7 +417,63 @@ impl Metrics {
                 escape(waiting)
             );
         }
+        if self.nixl.enabled {
+            self.nixl.render(&mut w);
+        }
         w.out
+    }
+}
+
+/// The NIXL connector's metrics (vLLM's `NixlPromMetrics`), in simulated seconds.
+#[derive(Debug, Clone)]
+pub struct Nixl {
+    /// Rendered (a KV connector is configured).
+    pub enabled: bool,
+    /// `vllm:nixl_xfer_time_seconds`: one observation per pull.
+    pub xfer_time: Histogram,
+    /// `vllm:nixl_bytes_transferred`.
+    pub bytes: Histogram,
+    /// `vllm:nixl_num_failed_transfers` (decode side; `_total` as prometheus_client writes counters).
+    pub failed: u64,
+    /// `vllm:nixl_num_kv_expired_reqs` (prefill side).
+    pub kv_expired: u64,
+}
+
+impl Default for Nixl {
+    fn default() -> Self {
+        let bytes: Vec<f64> = (1..25).step_by(2).map(|i: i32| 2f64.powi(10 + i)).collect(); // vLLM's buckets
+        Nixl {
+            enabled: false,
+            xfer_time: Histogram::new(&[0.005, 0.01, 0.025, 0.05, 0.075, 0.1, 0.2, 0.3, 0.5, 0.75, 1.0, 5.0]),
+            bytes: Histogram::new(&bytes),
+            failed: 0,
+            kv_expired: 0,
+        }
+    }
+}
+
+impl Nixl {
+    fn render(&self, w: &mut Writer<'_>) {
+        w.histogram(
+            "vllm:nixl_xfer_time_seconds",
+            "Histogram of transfer duration for NIXL KV Cache transfers.",
+            &self.xfer_time,
+        );
+        w.histogram(
+            "vllm:nixl_bytes_transferred",
+            "Histogram of bytes transferred per NIXL KV Cache transfers.",
+            &self.bytes,
+        );
+        w.counter(
+            "vllm:nixl_num_failed_transfers_total",
+            "Number of failed NIXL KV Cache transfers, including handshake and notification failures. NOTE: KV expiry is tracked separately in vllm:nixl_num_kv_expired_reqs.",
+            self.failed,
+        );
+        w.counter(
+            "vllm:nixl_num_kv_expired_reqs_total",
+            "Number of requests that had their KV expire. NOTE: This metric is tracked on the P instance.",
+            self.kv_expired,
+        );
     }
 }
 

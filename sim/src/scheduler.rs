@@ -63,6 +63,26 @@ pub struct NewSeq {
     pub seed: u64,
     /// LoRA adapter id, if any.
     pub lora: Option<u32>,
+    /// Leading prompt tokens whose KV was pulled from a prefill engine (P/D): installed as
+    /// computed at first admission, never more than `prompt_len - 1`.
+    pub external_tokens: usize,
+    /// Keep the KV blocks when the sequence finishes (a P/D prefill): see [`Scheduler::held`].
+    pub hold_kv: bool,
+}
+
+/// A finished sequence's KV kept for a decode engine to pull (P/D), until released.
+#[derive(Debug)]
+pub struct Held {
+    blocks: SeqBlocks,
+    /// Its computed tokens (prompt, as the blocks hold them).
+    pub tokens: Vec<u32>,
+}
+
+impl Held {
+    /// The block ids holding it.
+    pub fn block_ids(&self) -> &[u32] {
+        &self.blocks.ids
+    }
 }
 
 #[derive(Debug)]
@@ -78,6 +98,8 @@ struct Seq {
     hashes: Vec<u64>,
     preemptions: u32,
     cached_tokens: usize,
+    external_tokens: usize,
+    hold_kv: bool,
     admitted_once: bool,
 }
 
@@ -119,6 +141,10 @@ pub struct StepPlan {
     pub prefix_queries: u64,
     /// Of those, tokens found.
     pub prefix_hits: u64,
+    /// Prompt tokens of admitted P/D decode requests (the KV connector's queries).
+    pub external_queries: u64,
+    /// Of those, tokens installed from a KV transfer.
+    pub external_hits: u64,
     /// Waiting requests skipped for lack of a LoRA slot.
     pub deferred: usize,
 }
@@ -137,8 +163,11 @@ pub struct Summary {
     pub prompt_tokens: u32,
     /// Generated tokens.
     pub output_tokens: u32,
-    /// Prompt tokens served from the prefix cache at first admission.
+    /// Prompt tokens served from the prefix cache or a KV transfer at first admission
+    /// (vLLM's `num_cached_tokens`).
     pub cached_tokens: u32,
+    /// Of those, tokens pulled from a prefill engine (P/D).
+    pub external_tokens: u32,
     /// Times preempted.
     pub preemptions: u32,
 }
@@ -177,6 +206,7 @@ pub struct Scheduler {
     deferred: usize,
     skipped: VecDeque<SeqId>,
     loras: Vec<u32>,
+    held: HashMap<SeqId, Held>,
 }
 
 impl Scheduler {
@@ -191,6 +221,7 @@ impl Scheduler {
             deferred: 0,
             skipped: VecDeque::new(),
             loras: Vec::new(),
+            held: HashMap::new(),
         }
     }
 
@@ -214,6 +245,8 @@ impl Scheduler {
                 hashes: Vec::new(),
                 preemptions: 0,
                 cached_tokens: 0,
+                external_tokens: new.external_tokens,
+                hold_kv: new.hold_kv,
                 admitted_once: false,
             },
         );
@@ -299,6 +332,8 @@ impl Scheduler {
         plan.shape = StepShape::default();
         plan.prefix_queries = 0;
         plan.prefix_hits = 0;
+        plan.external_queries = 0;
+        plan.external_hits = 0;
         plan.deferred = 0;
         self.loras.clear();
         let mut budget = self.limits.max_num_batched_tokens;
@@ -355,16 +390,27 @@ impl Scheduler {
             kv::extend_hashes(&seq.tokens, bs, u64::from(seq.lora.unwrap_or(0)), &mut seq.hashes);
             let hit_blocks = self.kv.cached_prefix(&seq.hashes, seq.tokens.len());
             let hit = hit_blocks * bs;
-            let n = (seq.tokens.len() - hit).min(budget);
-            if !self.kv.allocate(&mut seq.blocks, &seq.hashes, hit_blocks, hit + n) {
+            // Pulled KV beyond the local hit counts as computed (vLLM's external tokens).
+            let ext = if seq.admitted_once {
+                0
+            } else {
+                seq.external_tokens.min(seq.prompt_len.saturating_sub(1)).saturating_sub(hit)
+            };
+            let n = (seq.tokens.len() - hit - ext).min(budget);
+            if !self.kv.allocate(&mut seq.blocks, &seq.hashes, hit_blocks, hit + ext + n) {
                 self.waiting.push_front(id);
                 break;
             }
-            seq.computed = hit;
+            seq.computed = hit + ext;
             let first = !seq.admitted_once;
             if first {
                 seq.admitted_once = true;
-                seq.cached_tokens = hit;
+                seq.cached_tokens = hit + ext;
+                if seq.external_tokens > 0 {
+                    plan.external_queries += seq.tokens.len() as u64;
+                    plan.external_hits += ext as u64;
+                }
+                seq.external_tokens = ext;
             }
             plan.prefix_queries += seq.tokens.len() as u64;
             plan.prefix_hits += hit as u64;
@@ -432,9 +478,35 @@ impl Scheduler {
         }
     }
 
-    /// Ends a sequence early (a stop string matched): same as abort, returns its counts.
+    /// Ends a sequence (at a limit, or a stop string matched): releases its blocks, or
+    /// holds them under its id when it asked to (`hold_kv`); returns its counts.
     pub fn finish(&mut self, id: SeqId) -> Option<Summary> {
-        self.abort(id)
+        if !self.seqs.get(&id).is_some_and(|s| s.hold_kv) {
+            return self.abort(id);
+        }
+        let mut seq = self.seqs.remove(&id)?;
+        self.running.retain(|r| *r != id);
+        self.waiting.retain(|w| *w != id);
+        let s = summary(&seq);
+        seq.tokens.truncate(seq.computed);
+        self.held.insert(id, Held { blocks: std::mem::take(&mut seq.blocks), tokens: seq.tokens });
+        Some(s)
+    }
+
+    /// The KV a finished `hold_kv` sequence left behind, until [`Scheduler::release_held`].
+    pub fn held(&self, id: SeqId) -> Option<&Held> {
+        self.held.get(&id)
+    }
+
+    /// Frees held KV (pulled, or its lease expired); false if none is held under `id`.
+    pub fn release_held(&mut self, id: SeqId) -> bool {
+        match self.held.remove(&id) {
+            Some(mut h) => {
+                self.kv.release(&mut h.blocks);
+                true
+            }
+            None => false,
+        }
     }
 }
 
@@ -443,6 +515,7 @@ fn summary(seq: &Seq) -> Summary {
         prompt_tokens: seq.prompt_len as u32,
         output_tokens: (seq.tokens.len() - seq.prompt_len) as u32,
         cached_tokens: seq.cached_tokens as u32,
+        external_tokens: if seq.admitted_once { seq.external_tokens as u32 } else { 0 },
         preemptions: seq.preemptions,
     }
 }

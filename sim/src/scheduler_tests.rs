@@ -15,6 +15,8 @@ fn seq(id: SeqId, prompt_len: u32, max_tokens: u32) -> NewSeq {
         eos_after: None,
         seed: id,
         lora: None,
+        external_tokens: 0,
+        hold_kv: false,
     }
 }
 
@@ -100,7 +102,16 @@ fn max_num_seqs_keeps_the_rest_waiting() {
 fn repeated_prefix_is_served_from_cache() {
     let mut s = Scheduler::new(limits(8, 4096, 1), BlockManager::new(100, 16, true));
     let prompt: Vec<u32> = (0..100).collect();
-    let mk = |id| NewSeq { id, prompt: prompt.clone(), max_tokens: 2, eos_after: None, seed: 1, lora: None };
+    let mk = |id| NewSeq {
+        id,
+        prompt: prompt.clone(),
+        max_tokens: 2,
+        eos_after: None,
+        seed: 1,
+        lora: None,
+        external_tokens: 0,
+        hold_kv: false,
+    };
     s.add(mk(1));
     drain(&mut s, 10);
     s.add(mk(2));
@@ -212,7 +223,37 @@ fn eos_ends_with_stop_and_abort_releases_blocks() {
         vec![(
             1,
             FinishReason::Stop,
-            Summary { prompt_tokens: 10, output_tokens: 5, cached_tokens: 0, preemptions: 0 }
+            Summary { prompt_tokens: 10, output_tokens: 5, cached_tokens: 0, external_tokens: 0, preemptions: 0 }
         )]
     );
+}
+
+#[test]
+fn held_kv_outlives_the_sequence_until_released() {
+    let mut s = Scheduler::new(limits(8, 4096, 1), BlockManager::new(16, 4, true));
+    s.add(NewSeq { hold_kv: true, ..seq(1, 10, 1) });
+    let (_, out, _) = drain(&mut s, 10);
+    assert!(matches!(out.last(), Some(Output::Finished { id: 1, reason: FinishReason::Length, .. })));
+    assert!(s.is_idle());
+    let held = s.held(1).expect("held after finishing");
+    assert_eq!(held.tokens, seq(1, 10, 1).prompt, "the computed tokens: the prompt");
+    assert_eq!(held.block_ids().len(), 3);
+    assert_eq!(s.kv().free(), 13, "held blocks are not free, so not evictable");
+    assert!(s.release_held(1));
+    assert!(!s.release_held(1));
+    assert_eq!(s.kv().free(), 16);
+}
+
+#[test]
+fn external_tokens_are_computed_at_admission_but_the_last_prompt_token() {
+    let mut s = Scheduler::new(limits(8, 4096, 1), BlockManager::new(16, 4, true));
+    s.add(NewSeq { external_tokens: 10, ..seq(1, 10, 1) });
+    let mut plan = StepPlan::default();
+    s.schedule(&mut plan);
+    assert_eq!(plan.scheduled, [Scheduled { id: 1, tokens: 1 }], "only the last prompt token is computed");
+    assert_eq!((plan.external_queries, plan.external_hits), (10, 9));
+    let mut out = Vec::new();
+    s.complete(&plan, &mut out);
+    let Some(Output::Finished { summary, .. }) = out.last() else { panic!("{out:?}") };
+    assert_eq!((summary.cached_tokens, summary.external_tokens), (9, 9));
 }

@@ -22,7 +22,14 @@ async fn metrics_pass_promtool_like_real_vllm() {
     let allowed = problems(&real_out);
     assert!(!allowed.is_empty() && !real_out.contains("error while linting"), "{real_out}");
 
-    let sim = common::start(flotilla_sim::SimArgs { model: "demo".into(), ..common::args() }).await;
+    // with a KV connector, so the NIXL families are checked too
+    let sim = common::start(flotilla_sim::SimArgs {
+        model: "demo".into(),
+        kv_transfer_config: Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_both"}"#.into()),
+        kv_side_channel_port: 0,
+        ..common::args()
+    })
+    .await;
     let a = sim.local_addr();
     common::post(a, "/v1/load_lora_adapter", serde_json::json!({"lora_name": "x", "lora_path": "sim://x"})).await;
     for i in 0..4 {
@@ -32,6 +39,7 @@ async fn metrics_pass_promtool_like_real_vllm() {
         );
     }
     let body = common::get(a, "/metrics").await.body;
+    assert!(body.contains("vllm:nixl_xfer_time_seconds_bucket"), "{body}");
     let (code, out) = promtool(&body);
     assert!(!out.contains("error while linting"), "promtool cannot parse /metrics:\n{out}");
     assert!(code == 0 || code == 3, "promtool exit {code}:\n{out}");

@@ -19,7 +19,8 @@ use super::types::{
 use super::{unix_now, AppState, FINGERPRINT};
 use crate::engine::{Command, Event, Submission};
 use crate::lora::LoraRef;
-use crate::tokenizer;
+use crate::pd::{self, Ask};
+use crate::{side_channel, tokenizer};
 
 /// Parses a JSON body, mapping every failure to vLLM's 400 (or 413 for a huge body).
 pub fn parse_body<T: DeserializeOwned>(body: Result<Bytes, BytesRejection>) -> Result<T, ApiError> {
@@ -56,6 +57,8 @@ struct Prepared {
     seed: Option<u64>,
     stop: Vec<String>,
     ignore_eos: bool,
+    /// What `kv_transfer_params` asks (P/D); `Nothing` without a KV connector.
+    kv: pd::Ask,
 }
 
 fn resolve_model(st: &AppState, model: Option<String>) -> Result<(String, Option<LoraRef>), ApiError> {
@@ -162,7 +165,60 @@ fn prepare(
         seed: s.seed.map(|v| v as u64),
         stop: s.stop.map(|s| s.into_vec()).unwrap_or_default().into_iter().filter(|s| !s.is_empty()).collect(),
         ignore_eos: s.ignore_eos.unwrap_or(false),
+        kv: Ask::Nothing,
     })
+}
+
+/// Reads `kv_transfer_params` when this engine has a KV connector whose role takes the
+/// ask; ignored otherwise, as vLLM without a connector ignores it.
+fn kv_ask(st: &AppState, rest: &serde_json::Map<String, serde_json::Value>) -> Result<Ask, ApiError> {
+    let Some(k) = &st.cfg.kv_transfer else { return Ok(Ask::Nothing) };
+    let ask = pd::parse_params(rest.get("kv_transfer_params"))
+        .map_err(|m| ApiError::bad_request(m, Some("kv_transfer_params")))?;
+    Ok(match ask {
+        Ask::HoldForDecode if !k.role.produces() => Ask::Nothing,
+        Ask::Pull(_) if !k.role.consumes() => Ask::Nothing,
+        a => a,
+    })
+}
+
+/// P/D decode: pulls the remote prefill's KV and waits its transfer time; the number of
+/// leading prompt tokens it covers (0 when recomputing after a failure) and the simulated
+/// transfer seconds, or the 500 of `kv_load_failure_policy: fail`.
+async fn pull_remote(st: &AppState, r: &pd::Remote, prompt: &[u32]) -> Result<(usize, f64), Response> {
+    let Some(k) = &st.cfg.kv_transfer else { return Ok((0, 0.0)) };
+    let ask = side_channel::Ask {
+        engine_id: r.engine_id.clone(),
+        request_id: r.request_id.clone(),
+        block_ids: r.block_ids.clone(),
+    };
+    match side_channel::pull(&r.host, r.port, &ask).await {
+        Ok(tokens) => {
+            // only the KV of this prompt's own prefix is usable
+            let n = tokens.iter().zip(prompt).take_while(|(a, b)| a == b).count().min(r.num_tokens as usize);
+            let bytes = n as u64 * st.cfg.profile.kv_bytes_per_token;
+            let secs = pd::transfer_seconds(bytes, k.link_gbps);
+            pd::sleep_sim(secs, st.cfg.speedup).await;
+            let mut m = st.metrics.lock().unwrap_or_else(|p| p.into_inner());
+            m.nixl.xfer_time.observe(secs);
+            m.nixl.bytes.observe(bytes as f64);
+            tracing::debug!(remote_request_id = %r.request_id, tokens = n, seconds = secs, "P/D KV pulled");
+            Ok((n, secs))
+        }
+        Err(e) => {
+            st.metrics.lock().unwrap_or_else(|p| p.into_inner()).nixl.failed += 1;
+            tracing::warn!(remote_request_id = %r.request_id, error = %e, policy = ?k.load_failure_policy, "P/D KV transfer failed");
+            match k.load_failure_policy {
+                pd::LoadFailurePolicy::Recompute => Ok((0, 0.0)),
+                pd::LoadFailurePolicy::Fail => Err(ApiError::with_status(
+                    StatusCode::INTERNAL_SERVER_ERROR,
+                    format!("KV load failed (kv_load_failure_policy fail): {e}"),
+                    None,
+                )
+                .into_response()),
+            }
+        }
+    }
 }
 
 /// `POST /v1/completions`.
@@ -189,7 +245,9 @@ pub async fn completions(State(st): State<AppState>, body: Result<Bytes, BytesRe
         }
     }
     let max_tokens = req.sampling.max_tokens.or(Some(16)); // OpenAI's completions default
-    match prepare(&st, req.model, tokens, max_tokens, req.sampling) {
+    let prepared = kv_ask(&st, &req.rest)
+        .and_then(|kv| prepare(&st, req.model, tokens, max_tokens, req.sampling).map(|p| Prepared { kv, ..p }));
+    match prepared {
         Ok(p) => run(st, p, Kind::Completion).await,
         Err(e) => e.into_response(),
     }
@@ -321,14 +379,35 @@ pub async fn chat(State(st): State<AppState>, body: Result<Bytes, BytesRejection
     }
     let tokens = encode_messages(&req.messages);
     let max_tokens = req.max_completion_tokens.or(req.sampling.max_tokens);
-    match prepare(&st, req.model, tokens, max_tokens, req.sampling) {
+    let prepared = kv_ask(&st, &req.rest)
+        .and_then(|kv| prepare(&st, req.model, tokens, max_tokens, req.sampling).map(|p| Prepared { kv, ..p }));
+    match prepared {
         Ok(p) => run(st, p, Kind::Chat).await,
         Err(e) => e.into_response(),
     }
 }
 
-async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
+async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
+    let mut received = tokio::time::Instant::now();
     let id = st.next_id();
+    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
+    let rid = format!("{prefix}-{:016x}", crate::text::mix(id ^ st.id_salt));
+    let (external_tokens, hold) = match std::mem::replace(&mut p.kv, Ask::Nothing) {
+        Ask::Nothing => (0, None),
+        Ask::HoldForDecode => (0, Some(rid.clone())),
+        Ask::Pull(remote) => match pull_remote(&st, &remote, &p.prompt).await {
+            Ok((n, secs)) => {
+                // The request's clock (TTFT, queue time) counts the modelled transfer, not
+                // the wall time of the sim's own side-channel round trip (which --speedup
+                // would magnify).
+                let wall = std::time::Duration::from_secs_f64(secs / st.cfg.speedup);
+                let now = tokio::time::Instant::now();
+                received = now.checked_sub(wall).unwrap_or(now);
+                (n, None)
+            }
+            Err(resp) => return resp,
+        },
+    };
     let (tx, mut rx) = mpsc::unbounded_channel();
     let sub = Submission {
         id,
@@ -340,14 +419,14 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
         stop: p.stop,
         stream: p.stream,
         reply: tx,
-        received: tokio::time::Instant::now(),
+        received,
+        external_tokens,
+        hold,
     };
     if st.engine.send(Command::Submit(Box::new(sub))).is_err() {
         return ApiError::with_status(StatusCode::SERVICE_UNAVAILABLE, "the engine is shutting down", None)
             .into_response();
     }
-    let prefix = if kind == Kind::Chat { "chatcmpl" } else { "cmpl" };
-    let rid = format!("{prefix}-{:016x}", crate::text::mix(id ^ st.id_salt));
     let created = unix_now();
     tracing::debug!(request_id = %rid, model = %p.model, stream = p.stream, max_tokens = p.max_tokens, "request accepted");
     if p.stream {
@@ -384,6 +463,10 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
     });
     let reason = done.reason.as_str();
     let stop_reason = done.stop_reason;
+    let kv_transfer_params = match (&st.cfg.kv_transfer, st.side_channel_port, &done.held) {
+        (Some(k), Some(port), Some(held)) => pd::response_params(k, port, &rid, held),
+        _ => serde_json::Value::Null,
+    };
     let body = match kind {
         Kind::Chat => json!({
             "id": rid, "object": "chat.completion", "created": created, "model": p.model,
@@ -394,7 +477,7 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
             }],
             "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
             "prompt_logprobs": null, "prompt_token_ids": null, "prompt_text": null,
-            "kv_transfer_params": null, "ec_transfer_params": null, "metrics": null,
+            "kv_transfer_params": kv_transfer_params, "ec_transfer_params": null, "metrics": null,
         }),
         Kind::Completion => json!({
             "id": rid, "object": "text_completion", "created": created, "model": p.model,
@@ -403,7 +486,7 @@ async fn run(st: AppState, p: Prepared, kind: Kind) -> Response {
                 "token_ids": null, "prompt_logprobs": null, "prompt_token_ids": null, "routed_experts": null,
             }],
             "service_tier": null, "system_fingerprint": FINGERPRINT, "usage": usage,
-            "kv_transfer_params": null, "ec_transfer_params": null, "metrics": null,
+            "kv_transfer_params": kv_transfer_params, "ec_transfer_params": null, "metrics": null,
         }),
     };
     axum::Json(body).into_response()

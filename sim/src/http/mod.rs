@@ -61,6 +61,8 @@ pub struct AppState {
     pub gang: Option<tokio::sync::watch::Receiver<crate::rendezvous::GangState>>,
     /// The KV event publisher's bound endpoints (`GET /kv_event_sources`); None: off.
     pub kv_event_sources: Option<crate::kv_publisher::KvEventsConfig>,
+    /// The P/D side channel's bound port (named in `kv_transfer_params`); None: no connector.
+    pub side_channel_port: Option<u16>,
 }
 
 impl AppState {
