@@ -240,3 +240,67 @@ async fn a_decode_failing_before_its_first_byte_is_retried_elsewhere_with_a_fres
     let (status, _) = completion(addr, &long_prompt(), false).await;
     assert!(status >= 500, "{status}");
 }
+
+/// A sim of `role` for the disaggregated `llama` (NIXL, pulled over a side channel on a
+/// free port), at a speed where a 2,000-token prefill takes visible time.
+async fn pd_sim(role: &str) -> flotilla_sim::SimHandle {
+    let args = flotilla_sim::SimArgs {
+        port: 0,
+        model: MODEL.into(),
+        speedup: 5.0,
+        max_model_len: 8192,
+        kv_transfer_config: Some(format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{role}"}}"#)),
+        kv_side_channel_port: 0,
+        ..flotilla_sim::SimArgs::default()
+    };
+    flotilla_sim::start(args).await.expect("sim starts")
+}
+
+async fn sim_metric(addr: SocketAddr, name: &str) -> f64 {
+    let r = get(addr, "/metrics").await;
+    r.text()
+        .lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+#[tokio::test]
+async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computing_it() {
+    let (p, d) = (pd_sim("kv_producer").await, pd_sim("kv_consumer").await);
+    let cp = FakeCp::new(None);
+    cp.put(
+        "Model",
+        MODEL,
+        json!({"source": "hf://x/y", "engine": "sim",
+            "disaggregation": {"connector": "nixl", "prefill": {"replicas": 1}, "decode": {"replicas": 1}}}),
+    );
+    cp.set_endpoints(&[("llama-prefill", p.local_addr()), ("llama-decode", d.local_addr())]);
+    let (cp_addr, _stop) = cp.serve().await;
+    let gw = gateway(cluster_gw_args(cp_addr)).await;
+    let addr = gw.local_addr();
+    for _ in 0..200 {
+        if get(addr, "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let prompt = common::text(1500, 7);
+    for stream in [true, false] {
+        let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": stream});
+        let r = post_json(addr, "/v1/completions", body, &[]).await;
+        assert_eq!(r.status, 200, "{}", r.text());
+    }
+    let chat =
+        json!({"model": MODEL, "messages": [{"role": "user", "content": common::text(1500, 8)}], "max_tokens": 8});
+    let r = post_json(addr, "/v1/chat/completions", chat, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    // the decode sim pulled each prompt (all but its last token) rather than computing it
+    let pulled = sim_metric(d.local_addr(), "vllm:external_prefix_cache_hits_total").await;
+    assert!(pulled > 3.0 * 1000.0, "decode engine pulled {pulled} tokens");
+    assert_eq!(sim_metric(d.local_addr(), "vllm:nixl_num_failed_transfers_total").await, 0.0);
+    assert_eq!(pd_requests(addr, "remote").await, 3.0);
+    // the prefill sim computed the prompts and holds nothing once they were pulled
+    assert!(sim_metric(p.local_addr(), "vllm:prompt_tokens_total").await > 3.0 * 1000.0);
+    assert_eq!(sim_metric(p.local_addr(), "vllm:kv_cache_usage_perc").await, 0.0);
+}
