@@ -100,6 +100,16 @@ pub struct GatewayArgs {
     /// `x-flotilla-routing` header overrides either.
     #[arg(long = "routing", value_name = "MODEL=STRATEGY")]
     pub routing: Vec<String>,
+    /// Serve MODEL disaggregated (repeatable): prefill on the static `MODEL-prefill`
+    /// backends, decode on the `MODEL-decode` backends, with vLLM's P/D protocol
+    /// (docs/gateway.md, "Prefill/decode disaggregation"); the engines of both serve MODEL.
+    /// Cluster models are disaggregated by their Model's `spec.disaggregation` instead.
+    #[arg(long = "pd", value_name = "MODEL")]
+    pub pd: Vec<String>,
+    /// `--pd` models: prompts shorter than this many tokens are prefilled on the decode
+    /// engine (a transfer costs more than it saves).
+    #[arg(long, default_value_t = 256, value_name = "TOKENS")]
+    pub pd_min_remote_prefill_tokens: u32,
     /// The tokenizer of a model, MODEL=sim (the `flotilla sim` engine's) or MODEL=DIR (a
     /// Hugging Face model directory: tokenizer.json, tokenizer_config.json, chat template),
     /// repeatable. `kv-aware` routing needs it to key prompts exactly as the engine does;
@@ -263,6 +273,8 @@ pub struct Config {
     pub prefix_balance_rel: f64,
     /// `--routing`: static backend models' strategies.
     pub routing: Vec<(crate::names::ModelName, RoutingStrategy)>,
+    /// `--pd`: static models served disaggregated, with their decider.
+    pub pd: Vec<(crate::names::ModelName, flotilla_api::spec::PdDecider)>,
     /// `--tokenizer`, loaded.
     pub tokenizers: crate::prompt_tokens::Tokenizers,
     pub kv: crate::routing::kv_aware::KvAwareConfig,
@@ -441,6 +453,31 @@ impl GatewayArgs {
             }
             routing.push((crate::names::ModelName::from(m), s));
         }
+        let mut pd = Vec::new();
+        for m in &self.pd {
+            let name: flotilla_api::ObjectName =
+                m.parse().map_err(|e| GatewayError::Usage(format!("--pd {m:?}: {e}")))?;
+            if name.as_str().len() > flotilla_api::spec::MAX_DISAGGREGATED_NAME {
+                return usage(format!(
+                    "--pd {m:?}: at most {} characters (its pools are MODEL-prefill and MODEL-decode)",
+                    flotilla_api::spec::MAX_DISAGGREGATED_NAME
+                ));
+            }
+            if pd.iter().any(|(n, _): &(crate::names::ModelName, _)| n.as_str() == m) {
+                return usage(format!("--pd {m:?} is repeated"));
+            }
+            let decider = flotilla_api::spec::PdDecider {
+                min_remote_prefill_tokens: self.pd_min_remote_prefill_tokens,
+                ..Default::default()
+            };
+            pd.push((crate::names::ModelName::from(m.as_str()), decider));
+        }
+        if self.pd_min_remote_prefill_tokens > 1 << 20 {
+            return usage(format!(
+                "--pd-min-remote-prefill-tokens {} is over 1048576",
+                self.pd_min_remote_prefill_tokens
+            ));
+        }
         let tokenizers = self
             .tokenizer
             .iter()
@@ -496,6 +533,7 @@ impl GatewayArgs {
             prefix_balance_abs: self.prefix_balance_abs,
             prefix_balance_rel: self.prefix_balance_rel,
             routing,
+            pd,
             tokenizers,
             kv: crate::routing::kv_aware::KvAwareConfig {
                 load_weight: self.kv_load_weight,
@@ -606,6 +644,24 @@ mod tests {
                 (Err(e), Some(w)) => assert!(e.is_usage() && e.to_string().contains(w), "{e}"),
                 (got, want) => panic!("{:?}: {want:?}", got.map(|c| c.metrics_listen)),
             }
+        }
+    }
+
+    #[test]
+    fn pd_flags_are_checked_at_start() {
+        let a = GatewayArgs { backends: vec!["m-prefill=127.0.0.1:1".into()], ..GatewayArgs::default() };
+        let c = GatewayArgs { pd: vec!["m".into()], pd_min_remote_prefill_tokens: 64, ..a.clone() }.validate().unwrap();
+        assert_eq!(c.pd.len(), 1);
+        assert_eq!((c.pd[0].0.as_str(), c.pd[0].1.min_remote_prefill_tokens), ("m", 64));
+        let cases = [
+            (GatewayArgs { pd: vec!["Bad Name".into()], ..a.clone() }, "--pd \"Bad Name\""),
+            (GatewayArgs { pd: vec!["a".repeat(60)], ..a.clone() }, "at most 55"),
+            (GatewayArgs { pd: vec!["m".into(), "m".into()], ..a.clone() }, "repeated"),
+            (GatewayArgs { pd_min_remote_prefill_tokens: u32::MAX, ..a.clone() }, "--pd-min-remote-prefill-tokens"),
+        ];
+        for (args, want) in cases {
+            let e = args.validate().err().unwrap_or_else(|| panic!("{want}: accepted"));
+            assert!(e.is_usage() && e.to_string().contains(want), "{e}");
         }
     }
 

@@ -55,9 +55,12 @@ pub struct PdRoute {
 }
 
 impl Gateway {
-    /// The pools of `name` when it names a disaggregated Model.
+    /// The pools of `name` when it names a disaggregated Model (or a `--pd` model).
     pub fn pd_route(&self, name: &str) -> Option<PdRoute> {
-        let decider = self.dir.model(name)?.pd?;
+        let decider = match self.cfg.pd.iter().find(|(m, _)| m.as_str() == name) {
+            Some((_, d)) => *d,
+            None => self.dir.model(name)?.pd?,
+        };
         let parent: flotilla_api::ObjectName = name.parse().ok()?;
         let member = |role| flotilla_api::spec::member_name(&parent, role).ok().map(|n| ServedName::from(n.as_str()));
         Some(PdRoute {

@@ -304,3 +304,25 @@ async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computi
     assert!(sim_metric(p.local_addr(), "vllm:prompt_tokens_total").await > 3.0 * 1000.0);
     assert_eq!(sim_metric(p.local_addr(), "vllm:kv_cache_usage_perc").await, 0.0);
 }
+
+#[tokio::test]
+async fn static_backends_are_served_disaggregated_with_the_pd_flag() {
+    let (p, d) = (pd_sim("kv_both").await, pd_sim("kv_both").await);
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        backends: vec![
+            format!("llama-prefill=http://{}", p.local_addr()),
+            format!("llama-decode=http://{}", d.local_addr()),
+        ],
+        pd: vec![MODEL.into()],
+        scrape_interval_ms: 100,
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    let gw = gateway(args).await;
+    let body = json!({"model": MODEL, "prompt": common::text(1500, 9), "max_tokens": 4, "stream": true});
+    let r = post_json(gw.local_addr(), "/v1/completions", body, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert!(sim_metric(d.local_addr(), "vllm:external_prefix_cache_hits_total").await > 1000.0);
+    assert_eq!(pd_requests(gw.local_addr(), "remote").await, 1.0);
+}
