@@ -117,10 +117,12 @@ pub fn plan(kv: &KvTransfer, engine_args: &[String], gang: bool) -> Result<Plan,
         // vLLM's side channel: VLLM_NIXL_SIDE_CHANNEL_PORT + the DP rank's index
         // (nixl/base_scheduler.py, side_channel_port); one listener serves all TP workers.
         (KvConnector::Nixl, _) => dp,
-        (_, _) if dp > 1 => return Err(format!(
+        (_, _) if dp > 1 => {
+            return Err(format!(
             "{} with --data-parallel-size {dp} is not supported: every DP engine would bind the same connector ports",
             kv.connector.vllm_name()
-        )),
+        ))
+        }
         // the sender's pd_proxy_port
         (KvConnector::Lmcache, EngineRole::Prefill) => 1,
         // the receiver's pd_peer_init_port and pd_peer_alloc_port, one per TP rank each
