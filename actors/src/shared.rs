@@ -263,6 +263,16 @@ fn assignment(r: &ReplicaView, rank: usize) -> ReplicaAssignment {
         },
         traceparent: r.labels.get(crate::objects::TRACE_LABEL).cloned().unwrap_or_default(),
         gang,
+        kv_transfer: r.spec.kv_transfer.map(|k| flotilla_api::pb::KvTransferAssignment {
+            // the spec's kebab-case names (serde), which the agent parses back
+            connector: match k.connector {
+                flotilla_api::spec::KvConnector::Nixl => "nixl",
+                flotilla_api::spec::KvConnector::Lmcache => "lmcache",
+                flotilla_api::spec::KvConnector::P2pNccl => "p2p-nccl",
+            }
+            .to_owned(),
+            role: k.role.as_str().to_owned(),
+        }),
     }
 }
 

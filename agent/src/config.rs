@@ -119,6 +119,13 @@ pub struct AgentArgs {
     /// it only where the node network is closed to all but the cluster (docs/security.md).
     #[arg(long)]
     pub kv_events: bool,
+    /// A UCX setting for the engines of P/D members (prefill/decode disaggregation: NIXL
+    /// and LMCache move KV blocks over UCX), `UCX_NAME=VALUE`, repeatable, e.g.
+    /// `--ucx-env UCX_TLS=rc,cuda_ipc,cuda_copy --ucx-env UCX_NET_DEVICES=mlx5_0:1`. Only
+    /// `UCX_*` names; at most 32, names of at most 64 bytes, values of at most 512
+    /// printable ASCII bytes. Other engines do not get them. See docs/agent.md, "P/D connectors".
+    #[arg(long, value_name = "UCX_NAME=VALUE")]
+    pub ucx_env: Vec<String>,
     /// The flotilla binary whose `ray-member` subcommand supervises a Ray member (its Ray
     /// node and engine as one process); default: this executable.
     #[arg(long, value_name = "PATH", requires = "ray")]
@@ -260,6 +267,8 @@ pub struct AgentConfig {
     pub ray: Option<RayConfig>,
     /// Engines publish KV cache events (`--kv-events`).
     pub kv_events: bool,
+    /// `--ucx-env`, checked: the UCX settings of P/D members' engines.
+    pub ucx_env: Vec<(String, String)>,
     /// Which Model engine_args are refused.
     pub engine_policy: crate::engine_policy::Policy,
     /// The container runtime for Models with an `engine_image` (None: none runs).
@@ -451,6 +460,7 @@ impl AgentArgs {
             gang_interface,
             ray,
             kv_events: self.kv_events,
+            ucx_env: crate::kv_transfer::parse_ucx_env(&self.ucx_env).map_err(|r| AgentError::invalid("ucx-env", r))?,
             engine_policy,
             containers: self.containers()?,
             metrics_listen: self.metrics_listen,
@@ -701,6 +711,16 @@ mod tests {
         let ray = parse(&["--ray", "/opt/ray", "--ray-member-binary", "/usr/bin/flotilla"]).unwrap().ray.unwrap();
         assert_eq!((ray.program.to_str(), ray.member_binary.to_str()), (Some("/opt/ray"), Some("/usr/bin/flotilla")));
         assert_eq!(flag(parse(&["--gang-interface", "eth0:1"])), "gang-interface");
+        let ucx = parse(&["--ucx-env", "UCX_TLS=rc,cuda_copy", "--ucx-env", "UCX_NET_DEVICES=mlx5_0:1"]).unwrap();
+        assert_eq!(
+            ucx.ucx_env,
+            [("UCX_TLS".to_string(), "rc,cuda_copy".to_string()), ("UCX_NET_DEVICES".into(), "mlx5_0:1".into())]
+        );
+        assert!(parse(&[]).unwrap().ucx_env.is_empty());
+        for bad in ["LD_PRELOAD=/x.so", "UCX_TLS", "UCX_TLS=a\tb"] {
+            let e = parse(&["--ucx-env", bad]).unwrap_err();
+            assert!(e.is_usage() && e.exit_code() == 2 && e.to_string().contains("--ucx-env"), "{bad}: {e}");
+        }
         let dir = tempfile::tempdir().unwrap();
         let good = dir.path().join("good.yaml");
         std::fs::write(

@@ -351,6 +351,7 @@ mod tests {
             engine_image: String::new(),
             traceparent: String::new(),
             gang: None,
+            kv_transfer: None,
         }
     }
 

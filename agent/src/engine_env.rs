@@ -32,9 +32,20 @@ pub const DEFAULT_ALLOWED: [&str; 17] = [
     "DO_NOT_TRACK",
 ];
 
-/// Names never inherited, whatever the allowlists say: the agent sets them itself (an
-/// engine started without a key must not pick up one the gateways do not know).
-pub const NEVER_INHERITED: [&str; 1] = ["VLLM_API_KEY"];
+/// Names never inherited, whatever the allowlists say (a trailing `*` is a prefix glob):
+/// the agent sets them itself, or they are not an engine's to have. An engine started
+/// without a key must not pick up one the gateways do not know; the P/D connectors' side
+/// channel (`VLLM_NIXL_*`) and LMCache's config file (`LMCACHE_CONFIG_FILE`) come from the
+/// replica's `kv_transfer` role ([`crate::kv_transfer`]) or not at all, never from the
+/// agent's environment or `--engine-env`.
+pub const NEVER_INHERITED: [&str; 3] = ["VLLM_API_KEY", "VLLM_NIXL_*", "LMCACHE_CONFIG_FILE"];
+
+fn never_inherited(name: &str) -> bool {
+    NEVER_INHERITED.iter().any(|p| match p.strip_suffix('*') {
+        Some(prefix) => name.starts_with(prefix),
+        None => name == *p,
+    })
+}
 
 /// A variable name an engine may inherit: exact, or every name with a prefix (`NAME_*`).
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -82,7 +93,7 @@ pub fn engine_env(
     let defaults: Vec<EnvPattern> =
         DEFAULT_ALLOWED.iter().map(|p| EnvPattern::parse(p).expect("the default allowlist is valid")).collect();
     let mut out: Vec<(String, String)> = parent
-        .filter(|(k, _)| !NEVER_INHERITED.contains(&k.as_str()))
+        .filter(|(k, _)| !never_inherited(k))
         .filter(|(k, _)| defaults.iter().chain(extra_allowed).any(|p| p.matches(k)))
         .collect();
     out.sort();
@@ -157,6 +168,22 @@ mod tests {
         let key = vars(&[("VLLM_API_KEY", "k")]);
         let listed = [EnvPattern::parse("VLLM_API_KEY").unwrap()];
         assert!(engine_env(key.into_iter(), &listed).is_empty(), "only the agent sets an engine's key");
+        let pd = vars(&[
+            ("VLLM_NIXL_SIDE_CHANNEL_HOST", "10.9.9.9"),
+            ("VLLM_NIXL_SIDE_CHANNEL_PORT", "5600"),
+            ("LMCACHE_CONFIG_FILE", "/tmp/evil.yaml"),
+            ("VLLM_NIXLX", "not under VLLM_NIXL_"),
+        ]);
+        let listed = [
+            EnvPattern::parse("VLLM_NIXL_SIDE_CHANNEL_HOST").unwrap(),
+            EnvPattern::parse("LMCACHE_*").unwrap(),
+            EnvPattern::parse("VLLM_*").unwrap(),
+        ];
+        assert_eq!(
+            names(&engine_env(pd.into_iter(), &listed)),
+            ["VLLM_NIXLX"],
+            "connector settings come from the replica's role only"
+        );
     }
 
     #[test]

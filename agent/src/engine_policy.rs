@@ -12,6 +12,12 @@
 //!   (a node whose operator trusts a model repository may allow `--trust-remote-code`);
 //!   `deny: [flags]` adds refusals (a trailing `*` matches a prefix: `--enable-*`).
 //!
+//! A P/D member's engine (an assignment with `kv_transfer`) gets `--kv-transfer-config`
+//! from the agent ([`crate::kv_transfer`]): there the flag is refused in every spelling
+//! whatever the policy file allows ([`check_kv_transfer_member`], [`KV_TRANSFER_CONTROLLED`]),
+//! as the agent's own flags are. Elsewhere it is a default refusal, like
+//! `--kv-events-config`, which the agent likewise sets itself (`--kv-events`).
+//!
 //! Words are read as vLLM's argument parser reads them: `--flag value` and `--flag=value`,
 //! underscores for dashes in the name (`--trust_remote_code`), vLLM's dotted JSON keys
 //! (`--kv-transfer-config.kv_connector_module_path=x` is `--kv-transfer-config`), and
@@ -300,6 +306,24 @@ impl Parser {
     }
 }
 
+/// What the agent sets on a P/D member's engine: refused in its Model's `engine_args`,
+/// whatever the policy file allows (a second `--kv-transfer-config`, or a dotted key of it,
+/// would override or extend the connector the agent configured).
+pub const KV_TRANSFER_CONTROLLED: FlagRule = rule(
+    "--kv-transfer-config",
+    "is set by the agent from the replica's kv_transfer role (spec.disaggregation); no policy can allow it on a P/D member",
+);
+
+/// The first of `args` that names `--kv-transfer-config` (in any of vLLM's spellings), for
+/// the engine of a P/D member: checked besides [`check`].
+pub fn check_kv_transfer_member(parser: Parser, args: &[String]) -> Result<(), Refusal> {
+    let policy = Policy {
+        rules: vec![Rule::from(&KV_TRANSFER_CONTROLLED, Origin::Agent)],
+        exact: NOT_ABBREVIATIONS.iter().map(|s| s.to_string()).collect(),
+    };
+    check(&policy, parser, args)
+}
+
 /// The first of `args` that `policy` refuses, if any, for an engine whose flags `parser`
 /// reads.
 pub fn check(policy: &Policy, parser: Parser, args: &[String]) -> Result<(), Refusal> {
@@ -423,6 +447,29 @@ mod tests {
         }
         let r = check(&p, Parser::Argparse, &args(&["--enable-sleep-mode"])).unwrap_err().to_string();
         assert!(r.contains("denied by this node's engine policy"), "{r}");
+    }
+
+    #[test]
+    fn a_pd_members_connector_is_the_agents_whatever_the_file_allows() {
+        let file = PolicyFile::parse("allow: [--kv-transfer-config]\n").unwrap();
+        let p = Policy::new(&file).unwrap();
+        let own = args(&["--kv-transfer-config", "{\"kv_connector\":\"NixlConnector\"}"]);
+        assert!(check(&p, Parser::Argparse, &own).is_ok(), "allowed on an ordinary engine");
+        for words in [
+            &["--kv-transfer-config", "{}"][..],
+            &["--kv_transfer_config={}"],
+            &["--kv-transfer-config.kv_connector_module_path=evil"],
+            &["--kv-transfer", "{}"],
+            &["--max-model-len", "4096", "--kv-transfer-config.engine_id", "x"],
+        ] {
+            let r = check_kv_transfer_member(Parser::Argparse, &args(words)).unwrap_err();
+            assert_eq!(r.flag, "--kv-transfer-config", "{words:?}");
+            assert!(r.to_string().contains("no policy can allow it"), "{r}");
+        }
+        assert!(check_kv_transfer_member(Parser::Clap, &args(&["--kv-transfer-config", "{}"])).is_err());
+        assert!(check_kv_transfer_member(Parser::Clap, &args(&["--kv-transfer", "{}"])).is_ok(), "clap: whole names");
+        assert!(check_kv_transfer_member(Parser::Argparse, &args(&["--kv-events-config", "{}"])).is_ok());
+        assert!(check_kv_transfer_member(Parser::Argparse, &args(&["--max-model-len", "8192"])).is_ok());
     }
 
     #[test]

@@ -10,6 +10,7 @@
 //!  engines::EngineManager ──reconcile (pure)──> engine tasks ──> child processes
 //!        │                         engine_policy (pure) checks the Model's engine_args
 //!        │                         driver (sim | vllm) builds each command line
+//!        │                         kv_transfer (pure) → a P/D member's connector args, env, file
 //!        │                         engine_env (pure) → its environment; engine_key → its API key
 //!        │                         engine_tls → its pinned self-signed certificate (--engine-tls)
 //!        │                         lora_plan (pure) → per-engine LoRA worker: load/unload
@@ -36,6 +37,7 @@ pub mod error;
 pub mod gang;
 pub mod gpu;
 pub mod http;
+pub mod kv_transfer;
 pub mod lora_plan;
 pub mod metrics;
 pub mod probe;

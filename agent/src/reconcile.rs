@@ -46,6 +46,7 @@ pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
         adapters: _,
         traceparent: _,
         gang,
+        kv_transfer,
     } = a;
     *replica == b.replica
         && *model == b.model
@@ -55,6 +56,7 @@ pub fn same_engine(a: &ReplicaAssignment, b: &ReplicaAssignment) -> bool {
         && *gpus == b.gpus
         && *engine_image == b.engine_image
         && *gang == b.gang
+        && *kv_transfer == b.kv_transfer
 }
 
 /// Decides the actions, in replica-name order. `actual` maps each running (or adopted, or
@@ -101,7 +103,19 @@ mod tests {
             engine_image: String::new(),
             traceparent: String::new(),
             gang: None,
+            kv_transfer: None,
         }
+    }
+
+    #[test]
+    fn a_changed_kv_transfer_role_replaces_the_engine() {
+        let role = |r: &str| ReplicaAssignment {
+            kv_transfer: Some(flotilla_api::pb::KvTransferAssignment { connector: "nixl".into(), role: r.into() }),
+            ..a("r1", &[0])
+        };
+        assert_eq!(reconcile(&[role("decode")], &actual(&[role("decode")])), vec![Action::Keep("r1".into())]);
+        assert_eq!(reconcile(&[role("decode")], &actual(&[role("prefill")])), vec![Action::Replace(role("decode"))]);
+        assert_eq!(reconcile(&[a("r1", &[0])], &actual(&[role("prefill")])), vec![Action::Replace(a("r1", &[0]))]);
     }
 
     #[test]

@@ -25,7 +25,7 @@ use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::sync::Mutex;
 
-use flotilla_api::pb::{AdapterAssignment, GangAssignment, ReplicaAssignment};
+use flotilla_api::pb::{AdapterAssignment, GangAssignment, KvTransferAssignment, ReplicaAssignment};
 use serde::{Deserialize, Serialize};
 
 use crate::engines::process::ProcessIdentity;
@@ -59,6 +59,19 @@ pub struct SavedAssignment {
     /// when its gang is unchanged.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang: Option<SavedGang>,
+    /// A P/D member's connector and role (absent: not one, and in files written before
+    /// disaggregation existed). Part of the engine's identity.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kv_transfer: Option<SavedKvTransfer>,
+}
+
+/// A P/D member's role (serializable mirror of the proto's `KvTransferAssignment`).
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SavedKvTransfer {
+    /// `nixl`, `lmcache` or `p2p-nccl`.
+    pub connector: String,
+    /// `prefill` or `decode`.
+    pub role: String,
 }
 
 /// A gang member's place (serializable mirror of the proto's `GangAssignment`).
@@ -113,6 +126,10 @@ impl From<&ReplicaAssignment> for SavedAssignment {
                 head_address: g.head_address.clone(),
                 token: g.token.clone(),
             }),
+            kv_transfer: a
+                .kv_transfer
+                .as_ref()
+                .map(|k| SavedKvTransfer { connector: k.connector.clone(), role: k.role.clone() }),
         }
     }
 }
@@ -138,6 +155,7 @@ impl From<SavedAssignment> for ReplicaAssignment {
                 head_address: g.head_address,
                 token: g.token,
             }),
+            kv_transfer: s.kv_transfer.map(|k| KvTransferAssignment { connector: k.connector, role: k.role }),
         }
     }
 }
@@ -169,6 +187,10 @@ pub struct SavedEngine {
     /// adopted head's workers still get in; absent for every other engine.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub gang_token: Option<String>,
+    /// A P/D member's connector ports, `(first, count)` consecutive ones (reserved again on
+    /// adoption; released when the process ends); absent for every other engine.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub connector_ports: Option<(u16, u16)>,
 }
 
 /// The `engines.json` format this binary writes (and the newest it reads).
@@ -366,6 +388,7 @@ mod tests {
             model: "m".into(),
             gpus: vec![1],
             adapters: vec![AdapterAssignment { name: "sql".into(), source: "sim://sql".into() }],
+            kv_transfer: Some(KvTransferAssignment { connector: "nixl".into(), role: "decode".into() }),
             ..Default::default()
         };
         let e = SavedEngine {
@@ -377,6 +400,7 @@ mod tests {
             engine_cert_sha256: Some("ab".repeat(32)),
             rendezvous_port: None,
             gang_token: None,
+            connector_ports: Some((20001, 2)),
         };
         s.put(e.clone()).unwrap();
         let again = StateStore::load(dir.path()).unwrap();
@@ -483,6 +507,7 @@ mod tests {
             engine_cert_sha256: None,
             rendezvous_port,
             gang_token: None,
+            connector_ports: None,
         };
         let head = member(0, "");
         s.put(engine(&head, Some(30001))).unwrap();
@@ -531,6 +556,7 @@ mod tests {
             engine_cert_sha256: None,
             rendezvous_port: None,
             gang_token: None,
+            connector_ports: None,
         };
         s.put(e.clone()).unwrap();
         let written: serde_json::Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();

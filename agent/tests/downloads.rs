@@ -188,6 +188,7 @@ async fn vllm_engine_downloads_then_starts_and_a_corrupt_download_fails_the_repl
         engine_image: Default::default(),
         traceparent: String::new(),
         gang: None,
+        kv_transfer: None,
         replica: "v-0".into(),
         model: "tiny".into(),
         engine: "vllm".into(),

@@ -68,6 +68,8 @@ struct Running {
     started_at: Instant,
     /// A gang worker: no API, ready once it has run a while.
     headless: bool,
+    /// A P/D member's connector ports, `(first, count)`.
+    connector_ports: Option<(u16, u16)>,
 }
 
 enum Outcome {
@@ -113,6 +115,17 @@ pub async fn run(
         Ok(()) => crate::container::refusal(env.cfg.containers.as_ref(), &a.engine_image),
     };
     let refused = refused.or_else(|| a.gang.as_ref().and_then(|g| crate::gang::refusal(g, env.cfg.ray.is_some())));
+    // A P/D member: its connector (refused when unknown) and the ports it needs.
+    let connector = match a.kv_transfer.as_ref().map(|k| connector_plan(k, parser, &a)) {
+        None => Ok(None),
+        Some(Ok(c)) => Ok(Some(c)),
+        Some(Err(why)) => Err(why),
+    };
+    let (refused, connector) = match (refused, connector) {
+        (Some(r), _) => (Some(r), None),
+        (None, Err(why)) => (Some(why), None),
+        (None, Ok(c)) => (None, c),
+    };
     let refused = refused.or_else(|| {
         let ray = a.gang.as_ref().is_some_and(crate::gang::is_ray);
         (ray && !a.engine_image.is_empty()).then(|| {
@@ -178,7 +191,7 @@ pub async fn run(
     let worker = Worker::new(env.clone(), client.clone(), &a.replica, report.clone(), initial, adopted.is_some());
     let (data_dir, replica) = (env.cfg.data_dir.clone(), a.replica.clone());
     let life = life(
-        Engine { env, client, key, tls, kind: a.engine.clone(), start },
+        Engine { env, client, key, tls, kind: a.engine.clone(), start, connector },
         a,
         report,
         stop,
@@ -209,6 +222,21 @@ struct Engine {
     kind: String,
     /// The spans of its start, when traced.
     start: StartTrace,
+    /// A P/D member's connector and what it needs ([`crate::kv_transfer`]).
+    connector: Option<(crate::kv_transfer::KvTransfer, crate::kv_transfer::Plan)>,
+}
+
+/// A P/D member's connector, or why this agent refuses it: an unknown connector or role,
+/// `--kv-transfer-config` in the Model's arguments, or a shape the connector cannot take.
+fn connector_plan(
+    k: &flotilla_api::pb::KvTransferAssignment,
+    parser: crate::engine_policy::Parser,
+    a: &ReplicaAssignment,
+) -> Result<(crate::kv_transfer::KvTransfer, crate::kv_transfer::Plan), String> {
+    let kv = crate::kv_transfer::KvTransfer::parse(k)?;
+    crate::engine_policy::check_kv_transfer_member(parser, &a.engine_args).map_err(|r| r.to_string())?;
+    let plan = crate::kv_transfer::plan(&kv, &a.engine_args, a.gang.is_some())?;
+    Ok((kv, plan))
 }
 
 /// The engine process's life cycle (see the module diagram).
@@ -301,13 +329,23 @@ async fn life(
         if s.port != 0 {
             env.ports.reserve(s.port);
         }
+        if let Some((first, n)) = s.connector_ports {
+            env.ports.reserve_block(first, n);
+        }
         update(&report, |r| {
             r.state = "starting".into();
             r.pid = s.process.pid;
             r.endpoint = if headless { String::new() } else { env.endpoint(s.port) };
         });
         tracing::info!(replica = %replica, pid = s.process.pid, port = s.port, "adopted running engine");
-        Running { proc: Proc::Adopted, id: s.process, port: s.port, started_at: Instant::now(), headless }
+        Running {
+            proc: Proc::Adopted,
+            id: s.process,
+            port: s.port,
+            started_at: Instant::now(),
+            headless,
+            connector_ports: s.connector_ports,
+        }
     });
 
     let model_path = match running.is_none() && driver.needs_weights() {
@@ -375,6 +413,9 @@ async fn life(
         let _ = env.state.remove(&replica);
         if run.port != 0 {
             env.ports.release(run.port);
+        }
+        if let Some((first, n)) = run.connector_ports {
+            env.ports.release_block(first, n);
         }
         match outcome {
             Outcome::Stop { .. } => {
@@ -599,11 +640,52 @@ fn launch(
         true => 0,
         false => env.ports.allocate().ok_or_else(|| format!("no free port in {:?}", env.cfg.ports))?,
     };
-    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref(), gang };
-    let mut cmd = crate::driver::member_command(driver, &spec).map_err(|e| {
+    let connector_ports = match &engine.connector {
+        None => None,
+        Some((kv, plan)) => match env.ports.allocate_block(plan.ports) {
+            Some(first) => Some((first, plan.ports)),
+            None => {
+                env.ports.release(port);
+                return Err(format!(
+                    "no {} consecutive free ports in {:?} for the {} connector",
+                    plan.ports,
+                    env.cfg.ports,
+                    kv.connector.vllm_name()
+                ));
+            }
+        },
+    };
+    // Everything allocated for this start goes back when it fails.
+    let release = |why: String| {
         env.ports.release(port);
-        e.to_string()
-    })?;
+        if let Some((first, n)) = connector_ports {
+            env.ports.release_block(first, n);
+        }
+        why
+    };
+    let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref(), gang };
+    let mut cmd = crate::driver::member_command(driver, &spec).map_err(|e| release(e.to_string()))?;
+    let mut connector_dir = None;
+    if let (Some((kv, plan)), Some((first_port, _))) = (&engine.connector, connector_ports) {
+        let engine_dir = crate::engine_tls::engine_dir(&env.cfg.data_dir, &a.replica).map_err(release)?;
+        let engine_id = format!("{}.{restarts}", a.replica);
+        let site = crate::kv_transfer::Site {
+            replica: &a.replica,
+            engine_id: &engine_id,
+            address: &env.cfg.address,
+            engine_port: port,
+            first_port,
+            engine_dir: &engine_dir,
+            ucx_env: &env.cfg.ucx_env,
+        };
+        let connector = crate::kv_transfer::launch(kv, plan, &site);
+        if !connector.files.is_empty() {
+            write_connector_files(&env.cfg.data_dir, &engine_dir, &connector.files).map_err(release)?;
+            connector_dir = Some(engine_dir.clone());
+        }
+        cmd.args.extend(connector.args);
+        cmd.env.extend(connector.env);
+    }
     if env.cfg.kv_events && !headless {
         // Last, so it follows the engine's own words (also those after a ray-member's `--`).
         cmd.args.extend(crate::driver::kv_events_args(&a.replica));
@@ -619,13 +701,14 @@ fn launch(
     cmd.env = crate::engine_env::overlay(crate::engine_env::engine_env(agent_env(), &env.cfg.engine_env), &explicit);
     if let (false, Some(c)) = (a.engine_image.is_empty(), &env.cfg.containers) {
         let tls_dir = engine.tls.as_ref().and_then(|t| t.cert.parent());
-        let mounts: Vec<&std::path::Path> = model_path.into_iter().chain(tls_dir).collect();
+        let mut mounts: Vec<&std::path::Path> = model_path.into_iter().chain(tls_dir).collect();
+        if let Some(d) = connector_dir.as_deref().filter(|d| Some(*d) != tls_dir) {
+            mounts.push(d);
+        }
         cmd = crate::container::wrap(c, cmd, &a.engine_image, &a.replica, &a.gpus, &mounts);
     }
-    let (child, id) = process::spawn(&cmd, &log.path).map_err(|e| {
-        env.ports.release(port);
-        format!("cannot start {}: {e}", cmd.program.display())
-    })?;
+    let (child, id) =
+        process::spawn(&cmd, &log.path).map_err(|e| release(format!("cannot start {}: {e}", cmd.program.display())))?;
     let mut assignment: crate::state::SavedAssignment = a.into();
     assignment.adapters = crate::state::saved_adapters(&adapters.borrow());
     let api_key = engine.key.as_ref().map(|k| k.expose().to_string());
@@ -641,6 +724,7 @@ fn launch(
         engine_cert_sha256,
         rendezvous_port,
         gang_token,
+        connector_ports,
     };
     if let Err(e) = env.state.put(saved) {
         tracing::error!(replica = %a.replica, error = %e, "cannot record engine in the state file; a restarted agent will not adopt it");
@@ -661,7 +745,22 @@ fn launch(
         r.requests_finished_total = 0.0;
         r.metrics_known = false;
     });
-    Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now(), headless })
+    Ok(Running { proc: Proc::Child(child), id, port, started_at: Instant::now(), headless, connector_ports })
+}
+
+/// Writes a connector's files (LMCache's config) into the engine's private directory.
+fn write_connector_files(
+    data_dir: &std::path::Path,
+    engine_dir: &std::path::Path,
+    files: &[(PathBuf, String)],
+) -> Result<(), String> {
+    for d in [data_dir.join("engines"), engine_dir.to_path_buf()] {
+        flotilla_security::private_dir::ensure(&d).map_err(|e| format!("cannot make {}: {e}", d.display()))?;
+    }
+    for (path, text) in files {
+        std::fs::write(path, text).map_err(|e| format!("cannot write {}: {e}", path.display()))?;
+    }
+    Ok(())
 }
 
 /// A gang head's rendezvous port, reported as `rendezvous` while held, and for a `ray`

@@ -176,6 +176,7 @@ pub fn sim_replica(name: &str, model: &str, gpus: &[u32]) -> pb::ReplicaAssignme
         engine_image: String::new(),
         traceparent: String::new(),
         gang: None,
+        kv_transfer: None,
     }
 }
 
