@@ -211,13 +211,21 @@ impl EngineDriver for SimDriver {
         if !spec.headless() {
             args.extend(["--host".into(), spec.host.to_string(), "--port".into(), spec.port.to_string()]);
         }
-        args.extend(["--model".into(), spec.assignment.model.clone()]);
+        args.extend(["--model".into(), served_model(spec.assignment).to_owned()]);
         args.extend(self.extra_args.iter().cloned());
         args.extend(spec.assignment.engine_args.iter().cloned());
         args.extend(spec.member_args());
         args.extend(tls_args(spec));
         Ok(EngineCommand { program: self.binary.clone(), args, env: Vec::new() })
     }
+}
+
+/// The model name an engine serves (`{model}` in the vLLM template, the sim's `--model`): a
+/// P/D member's engines serve the disaggregated Model's name
+/// ([`flotilla_api::spec::served_name`]), so gateways pass clients' bodies on unchanged.
+pub fn served_model(a: &flotilla_api::pb::ReplicaAssignment) -> &str {
+    let role = a.kv_transfer.as_ref().and_then(|k| flotilla_api::spec::EngineRole::parse(&k.role));
+    flotilla_api::spec::served_name(&a.model, role)
 }
 
 /// Fills the vLLM command template (already split into words by [`parse_template`]).
@@ -313,7 +321,7 @@ impl EngineDriver for VllmDriver {
             }
             words.push(
                 w.replace("{source}", &source)
-                    .replace("{model}", &a.model)
+                    .replace("{model}", served_model(a))
                     .replace("{port}", &port)
                     .replace("{host}", spec.host)
                     .replace("{replica}", &a.replica)
@@ -389,6 +397,28 @@ mod tests {
             .command(&LaunchSpec { assignment: &a, host: "0.0.0.0", port: 1, model_path: None, tls: None, gang: None })
             .unwrap();
         assert_eq!(c.args[0], "--host");
+    }
+
+    #[test]
+    fn a_pd_members_engine_serves_the_disaggregated_name() {
+        let member = |role: &str| ReplicaAssignment {
+            model: format!("llama-{role}"),
+            kv_transfer: Some(flotilla_api::pb::KvTransferAssignment { connector: "nixl".into(), role: role.into() }),
+            ..assignment()
+        };
+        let t = parse_template("vllm serve {source} --host {host} --port {port} --served-model-name {model} {args}")
+            .unwrap();
+        let vllm = VllmDriver { template: t };
+        let sim = SimDriver { binary: "/f".into(), subcommand: "sim".into(), extra_args: vec![] };
+        for role in ["prefill", "decode"] {
+            let a = member(role);
+            let spec = LaunchSpec { assignment: &a, host: "h", port: 1, model_path: None, tls: None, gang: None };
+            assert!(vllm.command(&spec).unwrap().display().contains("--served-model-name llama "), "{role}");
+            assert!(sim.command(&spec).unwrap().display().contains("--model llama "), "{role}");
+        }
+        // a plain Model whose name happens to end in a role serves its own name
+        let a = ReplicaAssignment { model: "x-decode".into(), ..assignment() };
+        assert_eq!(served_model(&a), "x-decode");
     }
 
     #[test]

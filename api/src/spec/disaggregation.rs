@@ -53,6 +53,11 @@ pub enum EngineRole {
 impl EngineRole {
     pub const ALL: [EngineRole; 2] = [EngineRole::Prefill, EngineRole::Decode];
 
+    /// The role named `s` (`prefill`, `decode`).
+    pub fn parse(s: &str) -> Option<EngineRole> {
+        EngineRole::ALL.into_iter().find(|r| r.as_str() == s)
+    }
+
     pub fn as_str(self) -> &'static str {
         match self {
             EngineRole::Prefill => "prefill",
@@ -180,9 +185,9 @@ pub fn member_name(model: &ObjectName, role: EngineRole) -> Result<ObjectName, A
 /// The model name a replica's engine serves: its Model's, except for a member of a
 /// disaggregated Model, whose engines serve the disaggregated name (`llama-decode` serves
 /// `llama`), so the gateway forwards the client's body unchanged.
-pub fn served_name(model: &str, kv_transfer: Option<KvTransferRole>) -> &str {
-    match kv_transfer {
-        Some(k) => model.strip_suffix(k.role.as_str()).and_then(|m| m.strip_suffix('-')).unwrap_or(model),
+pub fn served_name(model: &str, role: Option<EngineRole>) -> &str {
+    match role {
+        Some(role) => model.strip_suffix(role.as_str()).and_then(|m| m.strip_suffix('-')).unwrap_or(model),
         None => model,
     }
 }
@@ -334,7 +339,7 @@ mod tests {
 
     #[test]
     fn members_serve_the_disaggregated_name() {
-        let role = |role| Some(KvTransferRole { connector: KvConnector::Nixl, role });
+        let role = Some;
         assert_eq!(served_name("llama-decode", role(EngineRole::Decode)), "llama");
         assert_eq!(served_name("llama-prefill", role(EngineRole::Prefill)), "llama");
         assert_eq!(served_name("llama-decode", None), "llama-decode");
