@@ -48,7 +48,8 @@ fn metric(text: &str, name: &str) -> f64 {
 fn complete(gateway: &str, n: u32, stream: bool) -> (u16, String) {
     let prompt = format!("{n} {}", "tell me about the ships of the line ".repeat(200));
     let body = serde_json::json!({"model": "chat", "prompt": prompt, "max_tokens": 8, "stream": stream}).to_string();
-    let out = raw_http::send_blocking(gateway, "POST", "/v1/completions", &body, Duration::from_secs(60)).unwrap_or_default();
+    let out =
+        raw_http::send_blocking(gateway, "POST", "/v1/completions", &body, Duration::from_secs(60)).unwrap_or_default();
     (raw_http::status_code(&out).unwrap_or(0), out)
 }
 
@@ -113,7 +114,10 @@ async fn a_disaggregated_model_runs_its_pools_and_serves_through_the_pd_protocol
     .unwrap();
     assert!(answers.iter().all(|a| a.contains("\"model\":\"chat\"")), "member engines serve the Model's name");
     let gw_metrics = raw_http::send_blocking(&gateway.addr, "GET", "/metrics", "", Duration::from_secs(5)).unwrap();
-    assert!(metric(&gw_metrics, "flotilla_gateway_pd_requests_total{model=\"chat\",split=\"remote\"}") >= 6.0, "{gw_metrics}");
+    assert!(
+        metric(&gw_metrics, "flotilla_gateway_pd_requests_total{model=\"chat\",split=\"remote\"}") >= 6.0,
+        "{gw_metrics}"
+    );
     let mut pulled = 0.0;
     let keys = engine_keys(&servers).await;
     for r in replicas(&servers, "chat-decode").await {

@@ -20,6 +20,11 @@
 //! Blocks a prefill engine holds for a request that never decodes are freed by the engine's
 //! own lease (vLLM's `kv_lease_duration`, 30 s).
 //!
+//! Demand (arrivals, requests in flight) is reported for each member: the decode member's as
+//! any request's, the prefill member's for every request the decider sends to it, also when
+//! no prefill endpoint is up — a prefill pool scaled to zero wakes from the requests that fell
+//! back while it slept.
+//!
 //! Member engines serve the disaggregated model's name (the agent starts them with it), so
 //! the body's `model` goes through unchanged.
 
@@ -218,6 +223,11 @@ async fn prefill_leg(
     headers: &HeaderMap,
 ) -> Option<Box<RawValue>> {
     let leg = Bytes::from(prefill_body(body)?);
+    // The prefill member's demand, counted before an endpoint is sought: a pool scaled to
+    // zero is woken by the requests it misses (they are decoded alone meanwhile).
+    let member = route.prefill.as_model();
+    gw.demand.arrival(&member);
+    let _in_flight = gw.demand.gauge(&member, crate::demand::GaugeKind::InFlight);
     let pctx = PickCtx {
         model: route.prefill.clone(),
         features: ctx.features.clone(),

@@ -326,3 +326,46 @@ async fn static_backends_are_served_disaggregated_with_the_pd_flag() {
     assert!(sim_metric(d.local_addr(), "vllm:external_prefix_cache_hits_total").await > 1000.0);
     assert_eq!(pd_requests(gw.local_addr(), "remote").await, 1.0);
 }
+
+#[tokio::test]
+async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by_its_fallbacks() {
+    use common::fake_autoscale::FakeAutoscale;
+    let d = fake("D0").await;
+    let cp = FakeCp::new(None);
+    let spec = json!({"source": "hf://x/y",
+        "disaggregation": {"connector": "nixl", "prefill": {"replicas": 0}, "decode": {"replicas": 1}}});
+    cp.put("Model", MODEL, spec);
+    cp.put("Model", "llama-prefill", json!({"source": "hf://x/y"}));
+    cp.put("Model", "llama-decode", json!({"source": "hf://x/y"}));
+    cp.set_endpoints(&[("llama-decode", d.addr)]); // the prefill pool is at zero
+    let scaler = FakeAutoscale::default();
+    let (server, _stop) = scaler.clone().serve(cp).await;
+    let mut args = cluster_gw_args(server);
+    args.demand_report_interval_ms = 100;
+    let gw = gateway(args).await;
+    let addr = gw.local_addr();
+    for _ in 0..200 {
+        if get(addr, "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    for _ in 0..3 {
+        let (status, text) = completion(addr, &long_prompt(), false).await;
+        assert_eq!(status, 200, "{text}");
+        assert!(text.contains("D0 from none"), "decoded alone while the prefill pool sleeps: {text}");
+    }
+    let (status, _) = completion(addr, "hi", false).await;
+    assert_eq!(status, 200);
+    assert_eq!(pd_requests(addr, "fallback").await, 3.0);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (p, dd) = (scaler.sum("llama-prefill", |m| m.arrivals), scaler.sum("llama-decode", |m| m.arrivals));
+        if (p, dd) == (3, 4) {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "arrivals reported: prefill {p} (want 3), decode {dd} (want 4)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scaler.sum(MODEL, |m| m.arrivals), 0, "the disaggregated name runs no replica of its own");
+}
