@@ -46,6 +46,10 @@ pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool
         Format::Table if single && objects.len() == 1 && objects[0].kind == "Model" => {
             print_table(&object_rows(objects));
             let doc = object_doc(&objects[0]);
+            if !doc["spec"]["disaggregation"].is_null() {
+                println!();
+                print_table(&role_rows(&doc));
+            }
             if !doc["spec"]["autoscaling"].is_null() {
                 println!();
                 for rows in autoscaling_rows(&doc) {
@@ -75,6 +79,9 @@ fn field(v: &Value, path: &str) -> String {
 /// The column computed from a replica's download fields rather than read from one path.
 const DOWNLOAD: &str = "(download)";
 const NODES: &str = "(nodes)";
+/// A Model's desired replicas: `spec.replicas`, or for a disaggregated Model (which runs
+/// none itself) its roles' sum from `status.desired_replicas`.
+const MODEL_DESIRED: &str = "(model desired)";
 
 /// A replica's node, or a gang's member nodes in rank order (the head first).
 fn nodes_cell(spec: &Value) -> String {
@@ -134,7 +141,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
     let columns: &[(&str, &str)] = match kind {
         "Model" => &[
             ("ENGINE", "spec.engine"),
-            ("DESIRED", "spec.replicas"),
+            ("DESIRED", MODEL_DESIRED),
             ("READY", "status.ready_replicas"),
             ("GPUS", "spec.gpus"),
             ("SOURCE", "spec.source"),
@@ -173,6 +180,8 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
         row.extend(columns.iter().map(|(_, path)| match *path {
             DOWNLOAD => download_cell(&doc["status"]),
             NODES => nodes_cell(&doc["spec"]),
+            MODEL_DESIRED if !doc["spec"]["disaggregation"].is_null() => field(&doc, "status.desired_replicas"),
+            MODEL_DESIRED => field(&doc, "spec.replicas"),
             path => field(&doc, path),
         }));
         row.push(o.revision.to_string());
@@ -195,6 +204,21 @@ fn adapter_placement_rows(doc: &Value) -> Vec<Vec<String>> {
     }
     if rows.len() == 1 {
         rows.push(vec!["(no replica of the base model)".into()]);
+    }
+    rows
+}
+
+/// A disaggregated Model's roles: the member Model serving each, its pool and counts.
+fn role_rows(doc: &Value) -> Vec<Vec<String>> {
+    let d = &doc["spec"]["disaggregation"];
+    let mut rows = vec![["ROLE", "MODEL", "CONNECTOR", "DESIRED", "READY"].map(String::from).to_vec()];
+    for role in ["prefill", "decode"] {
+        let status = doc["status"]["roles"].as_array().into_iter().flatten().find(|r| r["role"] == role);
+        let (model, desired, ready) = match status {
+            Some(r) => (field(r, "model"), field(r, "desired_replicas"), field(r, "ready_replicas")),
+            None => ("(not created yet)".into(), field(d, &format!("{role}.replicas")), "-".into()),
+        };
+        rows.push(vec![role.into(), model, field(d, "connector"), desired, ready]);
     }
     rows
 }
@@ -249,6 +273,19 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_disaggregated_model_shows_its_roles() {
+        let doc = serde_json::json!({
+            "spec": {"replicas": 1, "disaggregation": {"connector": "nixl", "prefill": {"replicas": 2}, "decode": {"replicas": 3}}},
+            "status": {"desired_replicas": 5, "roles": [
+                {"role": "prefill", "model": "chat-prefill", "desired_replicas": 2, "ready_replicas": 1}
+            ]}
+        });
+        let rows = role_rows(&doc);
+        assert_eq!(rows[1], ["prefill", "chat-prefill", "nixl", "2", "1"]);
+        assert_eq!(rows[2], ["decode", "(not created yet)", "nixl", "3", "-"]);
+    }
 
     #[test]
     fn download_progress_reads_as_percent_bytes_and_rate() {

@@ -92,6 +92,13 @@ async fn a_disaggregated_model_runs_its_pools_and_serves_through_the_pd_protocol
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
 
+    // the operator's view
+    let out = std::process::Command::new(BIN).args(["--server", &grpc, "get", "model", "chat"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["ROLE", "chat-prefill", "chat-decode", "nixl"] {
+        assert!(text.contains(want), "`get model chat` lacks {want}:\n{text}");
+    }
+
     // requests for `chat` itself: prefilled on chat-prefill, pulled and decoded on chat-decode
     let gw = gateway.addr.clone();
     let answers = tokio::task::spawn_blocking(move || {
