@@ -110,6 +110,10 @@ pub fn parent_status(name: &ObjectName, stored: &Members, problems: &[String]) -
             ready_replicas: s.ready_replicas,
         });
     }
+    if let [p, d] = &roles[..] {
+        // the ratio the pools run at now (Ready replicas), as operators size them: xPyD
+        parts.push(format!("P:D {}:{}", p.ready_replicas, d.ready_replicas));
+    }
     let message = if problems.is_empty() { parts.join(", ") } else { problems.join("; ") };
     let reason = match (problems.is_empty(), all_ready) {
         (false, _) => "MemberConflict",
@@ -238,7 +242,7 @@ mod tests {
         let s = parent_status(&p.name, &members, &[]);
         assert_eq!((s.desired_replicas, s.ready_replicas), (3, 2));
         assert_eq!(s.conditions[0].status, "False");
-        assert_eq!(s.conditions[0].message, "prefill 2/2 ready, decode 0/1 ready");
+        assert_eq!(s.conditions[0].message, "prefill 2/2 ready, decode 0/1 ready, P:D 2:0");
         members.get_mut(&EngineRole::Decode).unwrap().status =
             json!({"desired_replicas": 1, "ready_replicas": 1, "conditions": []});
         let s = parent_status(&p.name, &members, &[]);

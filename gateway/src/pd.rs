@@ -20,8 +20,9 @@
 //! Blocks a prefill engine holds for a request that never decodes are freed by the engine's
 //! own lease (vLLM's `kv_lease_duration`, 30 s).
 //!
-//! Demand (arrivals, requests in flight) is reported for each member: the decode member's as
-//! any request's, the prefill member's for every request the decider sends to it, also when
+//! Demand (arrivals, requests in flight, completions) is reported for each member: the decode
+//! member's as any request's; the prefill member's for every request the decider sends to it
+//! — its TTFT is the prefill leg's time, a failed leg an error — also when
 //! no prefill endpoint is up — a prefill pool scaled to zero wakes from the requests that fell
 //! back while it slept.
 //!
@@ -241,18 +242,28 @@ async fn prefill_leg(
     let mut tried: Vec<EndpointId> = Vec::new();
     for _ in 0..=gw.cfg.max_retries {
         let lease = select(gw, &pctx, &tried, true)?;
-        let id = lease.endpoint.id.clone();
+        let (id, revision) = (lease.endpoint.id.clone(), lease.endpoint.revision);
         let t = Instant::now();
+        // the prefill leg's time is the prefill member's TTFT (its SLO autoscaling, canaries)
+        let finished = |ttft: Option<std::time::Duration>| crate::demand::Finished {
+            ttft,
+            tpot: None,
+            queue_wait: std::time::Duration::ZERO,
+            revision,
+            error: ttft.is_none(),
+        };
         if let Ok(up) = forward(gw, &pctx, lease, kind, leg.clone(), headers, 0).await {
             if up.response.status().is_success() {
                 let answer = http_body_util::Limited::new(up.response.into_body(), MAX_PREFILL_ANSWER);
                 let read = tokio::time::timeout(gw.cfg.upstream_timeout, answer.collect()).await;
                 if let Some(p) = read.ok().and_then(Result::ok).and_then(|b| params_of(&b.to_bytes())) {
                     gw.metrics.pd_prefill_seconds.get_or_create(&model).observe(t.elapsed().as_secs_f64());
+                    gw.demand.finished(&member, finished(Some(t.elapsed())));
                     return Some(p);
                 }
             }
         }
+        gw.demand.finished(&member, finished(None));
         gw.metrics.pd_prefill_failures.get_or_create(&model).inc();
         tracing::debug!(endpoint = %id, "prefill failed; another prefill engine or the decode engine alone");
         tried.push(id);

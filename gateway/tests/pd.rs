@@ -338,6 +338,7 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
     cp.put("Model", "llama-prefill", json!({"source": "hf://x/y"}));
     cp.put("Model", "llama-decode", json!({"source": "hf://x/y"}));
     cp.set_endpoints(&[("llama-decode", d.addr)]); // the prefill pool is at zero
+    let cp_handle = cp.clone();
     let scaler = FakeAutoscale::default();
     let (server, _stop) = scaler.clone().serve(cp).await;
     let mut args = cluster_gw_args(server);
@@ -368,4 +369,18 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     assert_eq!(scaler.sum(MODEL, |m| m.arrivals), 0, "the disaggregated name runs no replica of its own");
+
+    // the pool woke: its legs complete, their time is its TTFT
+    let p = fake("P0").await;
+    cp_handle.set_endpoints(&[("llama-prefill", p.addr), ("llama-decode", d.addr)]);
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while !completion(addr, &long_prompt(), false).await.1.contains("D0 from P0") {
+        assert!(tokio::time::Instant::now() < until, "the prefill endpoint never came into use");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while scaler.sum("llama-prefill", |m| m.ttft_samples) < 1 || scaler.sum("llama-prefill", |m| m.completed) < 1 {
+        assert!(tokio::time::Instant::now() < until, "no prefill completion with a TTFT reported");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
 }
