@@ -187,7 +187,7 @@ mod tests {
             assert_eq!(labels[MEMBER_OF_LABEL], "llama");
             assert_eq!(labels[ROLE_LABEL], role.as_str());
             let spec: ModelSpec = serde_json::from_value(spec.clone()).unwrap();
-            assert_eq!(spec.kv_transfer, Some(KvTransferRole { connector: KvConnector::Nixl, role }));
+            assert_eq!(spec.kv_transfer, Some(KvTransferRole { connector: KvConnector::Nixl, role, colocate: None }));
             assert_eq!(spec.replicas, if role == EngineRole::Prefill { 2 } else { 1 });
         }
     }

@@ -204,7 +204,7 @@ pub fn new_replica_op(model: &ModelView, suffix: &str, uid: String) -> (ObjectNa
         engine_image: model.spec.engine_image.clone(),
         topology: model.spec.topology.clone(),
         members: Vec::new(),
-        kv_transfer: model.spec.kv_transfer,
+        kv_transfer: model.spec.kv_transfer.clone(),
     };
     let labels = BTreeMap::from([(MODEL_LABEL.to_owned(), model.name.to_string())]);
     let op = TxnOp::Put {

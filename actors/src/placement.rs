@@ -150,7 +150,8 @@ impl Placer {
     pub fn place(&mut self, r: &ReplicaSpec, strategy: PlacementStrategy) -> Result<(usize, Vec<u32>), Unplaceable> {
         let n = r.gpus_needed as usize;
         let allowed = |t: &str| r.gpu_types.is_empty() || r.gpu_types.iter().any(|a| a == t);
-        let mut best: Option<(usize, Option<String>, (i64, i64))> = None;
+        let near = self.sibling_domains(r);
+        let mut best: Option<(usize, Option<String>, (i64, i64, i64))> = None;
         for (i, s) in self.slots.iter().enumerate() {
             if s.unschedulable.is_some() || s.total_free < n {
                 continue;
@@ -166,9 +167,16 @@ impl Placer {
             };
             let after = (s.total_free - n) as i64;
             let same = i64::from(s.per_model.get(&r.model).copied().unwrap_or(0));
+            // a P/D member asked to colocate prefers the other role's domains first
+            let away = match &near {
+                Some((key, domains)) if !domains.is_empty() => {
+                    i64::from(!s.labels.get(key.as_str()).is_some_and(|v| domains.contains(v)))
+                }
+                _ => 0,
+            };
             let score = match strategy {
-                PlacementStrategy::BinPack => (after, same),
-                PlacementStrategy::Spread => (same, -after),
+                PlacementStrategy::BinPack => (away, after, same),
+                PlacementStrategy::Spread => (away, same, -after),
             };
             if best.as_ref().is_none_or(|(_, _, b)| score < *b) {
                 best = Some((i, group, score));
@@ -182,6 +190,21 @@ impl Placer {
         };
         *s.per_model.entry(r.model.clone()).or_default() += 1;
         Ok((i, gpus))
+    }
+
+    /// For a P/D member with `colocate`: the label key and the domains (its values) where
+    /// the other role's member has replicas now.
+    fn sibling_domains(&self, r: &ReplicaSpec) -> Option<(String, BTreeSet<String>)> {
+        let k = r.kv_transfer.as_ref()?;
+        let key = k.colocate.clone()?;
+        let sibling: ObjectName = k.sibling(r.model.as_str())?.parse().ok()?;
+        let domains = self
+            .slots
+            .iter()
+            .filter(|s| s.per_model.get(&sibling).is_some_and(|n| *n > 0))
+            .filter_map(|s| s.labels.get(&key).cloned())
+            .collect();
+        Some((key, domains))
     }
 
     /// Why no node fits `r`: [`unplaceable_reason`] followed by a count of the nodes by what

@@ -194,3 +194,44 @@ fn never_over_commits_under_random_load() {
         assert!(binds.is_empty(), "a second plan finds nothing more to place");
     }
 }
+
+#[test]
+fn a_pd_member_asked_to_colocate_goes_where_the_other_role_runs() {
+    use flotilla_api::spec::{EngineRole, KvConnector, KvTransferRole};
+    let mut w = World::default();
+    for (n, rack) in [("a", "r1"), ("b", "r1"), ("c", "r2"), ("d", "r2")] {
+        w.node(n, 4, "A100");
+        let mut v = w.get_node(n);
+        v.labels.insert("flotilla.io/rack".into(), rack.into());
+        w.put(flotilla_api::Kind::Node, n, v.labels, serde_json::json!(v.spec), serde_json::json!(v.status));
+    }
+    // the decode pool runs in r2; bin-pack alone would pick the fuller node b in r1
+    w.replica("chat-decode-1", "chat-decode", 1, ReplicaPhase::Ready, Some(("c", vec![0])));
+    w.replica("other-1", "other", 2, ReplicaPhase::Ready, Some(("b", vec![0, 1])));
+    let role = |colocate: Option<&str>| {
+        Some(KvTransferRole {
+            connector: KvConnector::Nixl,
+            role: EngineRole::Prefill,
+            colocate: colocate.map(str::to_owned),
+        })
+    };
+    for (i, colocate) in [Some("flotilla.io/rack"), None].into_iter().enumerate() {
+        let r = format!("chat-prefill-{i}");
+        w.replica(&r, "chat-prefill", 1, ReplicaPhase::Pending, None);
+        w.replicas_mut(&r, |s, _| s.kv_transfer = role(colocate));
+        run(&mut w, PlacementStrategy::BinPack);
+        let node = placed_on(&w).into_iter().find(|(n, _, _)| *n == r).map(|(_, node, _)| node);
+        match colocate {
+            Some(_) => assert_eq!(node.as_deref(), Some("c"), "beside the decode pool (r2), the fuller node there"),
+            None => assert_eq!(node.as_deref(), Some("b"), "no colocation: plain bin-pack"),
+        }
+    }
+    // a domain without room is no constraint: the replica goes elsewhere
+    w.replica("other-2", "other", 1, ReplicaPhase::Ready, Some(("d", vec![0])));
+    w.replica("big", "chat-prefill", 4, ReplicaPhase::Pending, None);
+    w.replicas_mut("big", |s, _| s.kv_transfer = role(Some("flotilla.io/rack")));
+    run(&mut w, PlacementStrategy::BinPack);
+    let big = placed_on(&w).into_iter().find(|(n, _, _)| n == "big").map(|(_, node, _)| node);
+    assert_eq!(big.as_deref(), Some("a"), "r2 has no node with 4 free GPUs");
+    w.assert_consistent();
+}

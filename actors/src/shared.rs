@@ -263,7 +263,7 @@ fn assignment(r: &ReplicaView, rank: usize) -> ReplicaAssignment {
         },
         traceparent: r.labels.get(crate::objects::TRACE_LABEL).cloned().unwrap_or_default(),
         gang,
-        kv_transfer: r.spec.kv_transfer.map(|k| flotilla_api::pb::KvTransferAssignment {
+        kv_transfer: r.spec.kv_transfer.as_ref().map(|k| flotilla_api::pb::KvTransferAssignment {
             // the spec's kebab-case names (serde), which the agent parses back
             connector: match k.connector {
                 flotilla_api::spec::KvConnector::Nixl => "nixl",

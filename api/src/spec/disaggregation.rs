@@ -68,11 +68,25 @@ impl EngineRole {
 
 /// What a member pool's engines are started as: the agent turns it into the connector's
 /// `--kv-transfer-config` and side-channel settings.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[derive(Debug, Clone, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(deny_unknown_fields)]
 pub struct KvTransferRole {
     pub connector: KvConnector,
     pub role: EngineRole,
+    /// Place this role's replicas in the topology domains (values of this node label) where
+    /// the other role's replicas run ([`DisaggregationSpec::colocate`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colocate: Option<String>,
+}
+
+impl KvTransferRole {
+    /// The member Model serving the other role of the same disaggregated Model, when `model`
+    /// is this role's member.
+    pub fn sibling(&self, model: &str) -> Option<String> {
+        let parent = served_name(model, Some(self.role));
+        let other = if self.role == EngineRole::Prefill { EngineRole::Decode } else { EngineRole::Prefill };
+        (parent != model).then(|| format!("{parent}-{}", other.as_str()))
+    }
 }
 
 /// One role's pool: its own count, GPUs, extra engine arguments and autoscaling.
@@ -136,6 +150,12 @@ pub struct DisaggregationSpec {
     pub decode: RolePool,
     #[serde(default)]
     pub decider: PdDecider,
+    /// A node label naming topology domains (e.g. `flotilla.io/rack`): each role's replicas
+    /// go, where capacity allows, to domains where the other role runs, so KV transfers stay
+    /// on the domain's fabric. A preference, not a constraint: a replica that fits nowhere
+    /// else is placed anyway. None: placed as any replica.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub colocate: Option<String>,
 }
 
 impl DisaggregationSpec {
@@ -170,6 +190,10 @@ impl DisaggregationSpec {
             ));
         }
         at_most(&format!("{field}.decider.min_remote_prefill_tokens"), d.min_remote_prefill_tokens, 1 << 20)?;
+        if let Some(key) = &self.colocate {
+            let labels = std::collections::BTreeMap::from([(key.clone(), String::new())]);
+            crate::manifest::validate_labels(&format!("{field}.colocate"), &labels)?;
+        }
         Ok(())
     }
 }
@@ -207,7 +231,7 @@ impl ModelSpec {
             engine_args,
             autoscaling: pool.autoscaling.clone(),
             disaggregation: None,
-            kv_transfer: Some(KvTransferRole { connector: d.connector, role }),
+            kv_transfer: Some(KvTransferRole { connector: d.connector, role, colocate: d.colocate.clone() }),
             ..self.clone()
         })
     }
@@ -289,7 +313,11 @@ mod tests {
         assert_eq!(p.replicas, 2);
         assert_eq!(p.gpus, 1);
         assert_eq!(p.engine_args, ["--max-model-len", "8192", "--max-num-batched-tokens", "8192"]);
-        assert_eq!(p.kv_transfer, Some(KvTransferRole { connector: KvConnector::Nixl, role: EngineRole::Prefill }));
+        let role = |role| Some(KvTransferRole { connector: KvConnector::Nixl, role, colocate: None });
+        assert_eq!(p.kv_transfer, role(EngineRole::Prefill));
+        assert_eq!(p.kv_transfer.as_ref().unwrap().sibling("x-prefill").as_deref(), Some("x-decode"));
+        assert_eq!(role(EngineRole::Decode).unwrap().sibling("x-decode").as_deref(), Some("x-prefill"));
+        assert_eq!(role(EngineRole::Decode).unwrap().sibling("plain").as_deref(), None);
         assert!(p.disaggregation.is_none());
         let d = m.member(EngineRole::Decode).unwrap();
         assert_eq!((d.replicas, d.gpus), (3, 2));
@@ -330,6 +358,7 @@ mod tests {
                 "spec.disaggregation.prefill.engine_args[0]",
             ),
             ("source: file:///m\nengine_args: [--kv-transfer-config, '{}']\n".to_string(), "spec.engine_args[0]"),
+            (PD.replace("connector: nixl", "connector: nixl\n  colocate: 'a rack'"), "spec.disaggregation.colocate"),
         ];
         for (yaml, field) in cases {
             let e = model(&yaml).expect_err(&yaml).to_string();

@@ -194,7 +194,7 @@ impl ModelSpec {
             gpu_types: self.gpu_types.clone(),
             engine_image: self.engine_image.clone(),
             topology: self.topology.clone(),
-            kv_transfer: self.kv_transfer,
+            kv_transfer: self.kv_transfer.clone(),
         }
     }
 
