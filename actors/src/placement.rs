@@ -110,6 +110,10 @@ impl UnplaceableCode {
     }
 }
 
+/// A node's score for a replica, lowest best: (away from the other P/D role's domains,
+/// then the strategy's two terms).
+type Score = (i64, i64, i64);
+
 /// Free capacity of a set of nodes, consumed as replicas are placed.
 pub struct Placer {
     pub(crate) slots: Vec<Slot>,
@@ -151,7 +155,7 @@ impl Placer {
         let n = r.gpus_needed as usize;
         let allowed = |t: &str| r.gpu_types.is_empty() || r.gpu_types.iter().any(|a| a == t);
         let near = self.sibling_domains(r);
-        let mut best: Option<(usize, Option<String>, (i64, i64, i64))> = None;
+        let mut best: Option<(usize, Option<String>, Score)> = None;
         for (i, s) in self.slots.iter().enumerate() {
             if s.unschedulable.is_some() || s.total_free < n {
                 continue;
