@@ -78,6 +78,29 @@ impl Gateway {
     }
 }
 
+impl Gateway {
+    /// The disaggregated models `/v1/models` lists: those whose decode member has an
+    /// endpoint in `set` (the name is served as soon as its answers can be streamed).
+    pub fn pd_models(&self, set: &crate::table::EndpointSet) -> Vec<String> {
+        let cluster = self.dir.models();
+        let names = self
+            .cfg
+            .pd
+            .iter()
+            .map(|(m, _)| m.as_str())
+            .chain(cluster.iter().filter(|(_, info)| info.pd.is_some()).map(|(m, _)| m.as_str()));
+        let mut out: Vec<String> = names
+            .filter(|m| {
+                self.pd_route(m).is_some_and(|r| set.by_model.get(r.decode.as_str()).is_some_and(|e| !e.is_empty()))
+            })
+            .map(str::to_owned)
+            .collect();
+        out.sort();
+        out.dedup();
+        out
+    }
+}
+
 /// Where a request's prompt is computed.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Split {

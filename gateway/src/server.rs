@@ -127,8 +127,10 @@ async fn models(State(gw): State<Arc<Gateway>>, headers: HeaderMap) -> Response 
     };
     let set = gw.dir.endpoints();
     let name = tenant.as_ref().map(|t| t.name.as_str());
+    let disaggregated = gw.pd_models(&set).into_iter().map(|m| (ServedName::from(m.as_str()), None));
     let data: Vec<serde_json::Value> = crate::lora::listing(&set, &gw.dir.adapters())
         .into_iter()
+        .chain(disaggregated)
         .filter(|(id, _)| layers::visible(tenant.as_deref(), id.as_str()) && gw.may_use(name, id.as_str()))
         .map(|(id, parent)| {
             serde_json::json!({"id": id, "object": "model", "created": 0, "owned_by": "flotilla", "root": id, "parent": parent})
