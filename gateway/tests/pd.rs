@@ -384,3 +384,49 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
 }
+
+#[tokio::test]
+async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
+    const EVENTS: &str = r#"{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:0",
+        "replay_endpoint": "tcp://*:0", "topic": "kv"}"#;
+    let p = pd_sim("kv_producer").await;
+    let d = flotilla_sim::start(flotilla_sim::SimArgs {
+        port: 0,
+        model: MODEL.into(),
+        speedup: 5.0,
+        max_model_len: 8192,
+        kv_transfer_config: Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#.into()),
+        kv_side_channel_port: 0,
+        kv_events_config: Some(EVENTS.into()),
+        ..flotilla_sim::SimArgs::default()
+    })
+    .await
+    .expect("decode sim");
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        backends: vec![
+            format!("llama-prefill=http://{}", p.local_addr()),
+            format!("llama-decode=http://{}", d.local_addr()),
+        ],
+        pd: vec![MODEL.into()],
+        // the decode pool routed kv-aware with the sim's tokenizer: its cache is known
+        routing: vec!["llama-decode=kv-aware".into()],
+        tokenizer: vec!["llama-decode=sim".into()],
+        scrape_interval_ms: 100,
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    let gw = gateway(args).await;
+    let addr = gw.local_addr();
+    // a multi-turn chat: the second turn repeats the first's prompt and adds a little
+    let first = common::text(1500, 11);
+    let body = |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
+    let r = post_json(addr, "/v1/completions", body(&first), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(pd_requests(addr, "remote").await, 1.0);
+    let second = format!("{first} and then some more");
+    let r = post_json(addr, "/v1/completions", body(&second), &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    assert_eq!(pd_requests(addr, "local-cached").await, 1.0, "the decode engine holds the first turn");
+    assert_eq!(sim_metric(p.local_addr(), "vllm:request_success_total").await, 1.0, "one prefill only");
+}
