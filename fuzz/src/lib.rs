@@ -138,3 +138,33 @@ pub fn kv_events(data: &[u8]) {
         Err(e) => assert!(!e.0.is_empty()),
     }
 }
+
+/// A client's body rewritten for the P/D legs never panics; a prefill leg's body is a JSON
+/// object asking for one token kept for a remote decode, with every other field of the
+/// client's as it was; transfer parameters read from an answer go into the decode leg as
+/// they came.
+pub fn pd_bodies(data: &[u8]) {
+    use flotilla_gateway::pd::{decode_body, params_of, prefill_body};
+    let params = params_of(data);
+    let Some(leg) = prefill_body(data) else { return };
+    let leg: serde_json::Map<String, serde_json::Value> = match serde_json::from_slice(&leg) {
+        Ok(v) => v,
+        // a client's value serde_json keeps as raw text but cannot hold as a Value (1e999)
+        Err(_) => return,
+    };
+    assert_eq!(leg["kv_transfer_params"]["do_remote_decode"], true);
+    assert_eq!((&leg["stream"], &leg["max_tokens"]), (&serde_json::json!(false), &serde_json::json!(1)));
+    assert!(!leg.contains_key("stream_options") && !leg.contains_key("min_tokens"));
+    if let Ok(client) = serde_json::from_slice::<serde_json::Map<String, serde_json::Value>>(data) {
+        const REWRITTEN: [&str; 6] =
+            ["kv_transfer_params", "stream", "max_tokens", "max_completion_tokens", "stream_options", "min_tokens"];
+        for (k, v) in client.iter().filter(|(k, _)| !REWRITTEN.contains(&k.as_str())) {
+            assert_eq!(leg.get(k), Some(v), "{k} kept");
+        }
+    }
+    if let Some(p) = params {
+        let decode: serde_json::Value = serde_json::from_slice(&decode_body(data, &p).expect("an object")).unwrap();
+        let sent: serde_json::Value = serde_json::from_str(p.get()).unwrap();
+        assert_eq!(decode["kv_transfer_params"], sent);
+    }
+}

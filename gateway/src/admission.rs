@@ -63,6 +63,8 @@ pub struct Lease {
     /// Prompt tokens the engine is expected to compute, counted in its
     /// `prefill_pending` until the first byte comes back ([`Lease::prefill_started`]).
     prefill_tokens: u64,
+    /// Prompt tokens kv-aware predicted cached on the engine (0: none, or not known).
+    cached_tokens: u64,
     gw: Arc<Gateway>,
     model: ServedName,
     pump: bool,
@@ -75,10 +77,10 @@ impl std::fmt::Debug for Lease {
 }
 
 impl Lease {
-    /// Prompt tokens the router expects the engine to compute (kv-aware: those not cached
-    /// there; 0 once it began answering, and for other strategies).
-    pub fn expected_prefill(&self) -> u64 {
-        self.prefill_tokens
+    /// Prompt tokens kv-aware's index says the engine holds (0: none, unknown, or another
+    /// strategy chose it).
+    pub fn predicted_cached(&self) -> u64 {
+        self.cached_tokens
     }
 
     /// The engine began answering: its prompt is no longer work queued ahead there.
@@ -155,18 +157,18 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
         excluded = exclude.len() as i64,
         endpoint = tracing::field::Empty,
     );
-    let (id, explanation, prefill_tokens) = if ctx.strategy == RoutingStrategy::KvAware {
+    let (id, explanation, prefill_tokens, cached_tokens) = if ctx.strategy == RoutingStrategy::KvAware {
         let d = gw.router.kv_aware.decide(&ctx.features, &eps, &loads, now)?;
         if d.prompt_tokens > 0 {
             let labels = ModelLabels { model: eps[0].model.to_string() };
             gw.metrics.kv_prompt_tokens.get_or_create(&labels).inc_by(d.prompt_tokens);
             gw.metrics.kv_predicted_hit_tokens.get_or_create(&labels).inc_by(d.predicted_hit_tokens);
         }
-        (d.id, d.explanation, d.prefill_tokens)
+        (d.id, d.explanation, d.prefill_tokens, d.predicted_hit_tokens)
     } else {
         let id = gw.router.strategy(ctx.strategy).pick(&ctx.features, &eps, &loads)?;
         let explanation = ctx.features.explain_route.then(|| ctx.strategy.as_str().to_string());
-        (id, explanation, 0)
+        (id, explanation, 0, 0)
     };
     route.record("endpoint", id.as_str());
     drop(route);
@@ -192,6 +194,7 @@ pub fn select(gw: &Arc<Gateway>, ctx: &PickCtx, exclude: &[EndpointId], respect_
         probe,
         route: explanation,
         prefill_tokens,
+        cached_tokens,
         gw: gw.clone(),
         model: ctx.model.clone(),
         pump: true,

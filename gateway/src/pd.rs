@@ -32,7 +32,7 @@
 use std::sync::Arc;
 
 use bytes::Bytes;
-use flotilla_api::spec::{EngineRole, PdDecider, RoutingStrategy};
+use flotilla_api::spec::{EngineRole, PdDecider};
 use http::HeaderMap;
 use http_body_util::BodyExt as _;
 use serde_json::value::RawValue;
@@ -193,18 +193,19 @@ pub async fn forward_pd(
     let f = &ctx.features;
     let prompt = f.tokens.as_ref().map_or_else(|| f.prompt_tokens_estimate(), |t| t.len() as u64);
     let mut tried: Vec<EndpointId> = Vec::new();
+    // prefill engines that failed, or whose blocks a decode engine could not use
+    let mut avoid_prefill: Vec<EndpointId> = Vec::new();
+    let mut dead: Vec<EndpointId> = Vec::new();
     let model = ModelLabels { model: route.model.clone() };
     for attempt in 0.. {
         // what the decode engine holds is known from the KV index only (kv-aware, token ids)
-        let cached = match (ctx.strategy, &f.tokens) {
-            (RoutingStrategy::KvAware, Some(_)) => prompt.saturating_sub(lease.expected_prefill()),
-            _ => 0,
-        };
+        let cached = lease.predicted_cached();
         let split = decide(prompt, cached, &route.decider);
-        let params = match split {
-            Split::Remote => prefill_leg(gw, ctx, route, kind, &body, headers).await,
+        let prefilled = match split {
+            Split::Remote => prefill_leg(gw, ctx, route, kind, &body, headers, &mut avoid_prefill).await,
             _ => None,
         };
+        let (params, prefilled_on) = prefilled.unzip();
         if attempt == 0 {
             let split = match (split, &params) {
                 (Split::Remote, None) => "fallback",
@@ -221,12 +222,22 @@ pub async fn forward_pd(
         match forward(gw, ctx, lease, kind, leg, headers, 0).await {
             Ok(up) if last || !up.response.status().is_server_error() => return Ok(up),
             Err(e) if last => return Err(e),
-            Ok(_) | Err(_) => {}
+            // the engine answered 5xx: perhaps only for want of its blocks (an expired lease):
+            // the next attempt prefills elsewhere if it can
+            Ok(_) => {
+                tried.push(id.clone());
+                avoid_prefill.extend(prefilled_on);
+            }
+            // unreachable, or its connection broke: not tried again for this request
+            Err(_) => dead.push(id.clone()),
         }
         gw.metrics.pd_decode_retries.get_or_create(&model).inc();
         tracing::debug!(endpoint = %id, "decode failed before its first byte; again with a fresh prefill");
-        tried.push(id.clone());
-        lease = select(gw, ctx, &tried, false).ok_or_else(|| {
+        // another decode engine if there is one, else one that answered 5xx again: a decode
+        // that failed for want of its blocks (an expired lease, a dead prefill engine) is no
+        // fault of the decode engine, and the fresh prefill brings new ones
+        let avoid: Vec<EndpointId> = dead.iter().chain(&tried).cloned().collect();
+        lease = select(gw, ctx, &avoid, false).or_else(|| select(gw, ctx, &dead, false)).ok_or_else(|| {
             ApiError::bad_gateway(format!(
                 "decode engine {id} failed and no other decode endpoint of {:?} is available",
                 route.model
@@ -245,7 +256,8 @@ async fn prefill_leg(
     kind: ApiKind,
     body: &[u8],
     headers: &HeaderMap,
-) -> Option<Box<RawValue>> {
+    avoid: &mut Vec<EndpointId>,
+) -> Option<(Box<RawValue>, EndpointId)> {
     let leg = Bytes::from(prefill_body(body)?);
     // The prefill member's demand, counted before an endpoint is sought: a pool scaled to
     // zero is woken by the requests it misses (they are decoded alone meanwhile).
@@ -264,7 +276,9 @@ async fn prefill_leg(
     let model = ModelLabels { model: route.model.clone() };
     let mut tried: Vec<EndpointId> = Vec::new();
     for _ in 0..=gw.cfg.max_retries {
-        let lease = select(gw, &pctx, &tried, true)?;
+        // engines that failed this request before come last (and this leg's own never again)
+        let before: Vec<EndpointId> = tried.iter().chain(avoid.iter()).cloned().collect();
+        let lease = select(gw, &pctx, &before, true).or_else(|| select(gw, &pctx, &tried, true))?;
         let (id, revision) = (lease.endpoint.id.clone(), lease.endpoint.revision);
         let t = Instant::now();
         // the prefill leg's time is the prefill member's TTFT (its SLO autoscaling, canaries)
@@ -282,13 +296,14 @@ async fn prefill_leg(
                 if let Some(p) = read.ok().and_then(Result::ok).and_then(|b| params_of(&b.to_bytes())) {
                     gw.metrics.pd_prefill_seconds.get_or_create(&model).observe(t.elapsed().as_secs_f64());
                     gw.demand.finished(&member, finished(Some(t.elapsed())));
-                    return Some(p);
+                    return Some((p, id));
                 }
             }
         }
         gw.demand.finished(&member, finished(None));
         gw.metrics.pd_prefill_failures.get_or_create(&model).inc();
         tracing::debug!(endpoint = %id, "prefill failed; another prefill engine or the decode engine alone");
+        avoid.push(id.clone());
         tried.push(id);
     }
     None

@@ -423,10 +423,66 @@ async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
     let body = |prompt: &str| json!({"model": MODEL, "prompt": prompt, "max_tokens": 4});
     let r = post_json(addr, "/v1/completions", body(&first), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert_eq!(pd_requests(addr, "remote").await, 1.0);
+    let m = get(addr, "/metrics").await.text();
+    let pd: Vec<&str> = m.lines().filter(|l| l.contains("pd_")).collect();
+    assert_eq!(pd_requests(addr, "remote").await, 1.0, "{pd:#?}");
     let second = format!("{first} and then some more");
     let r = post_json(addr, "/v1/completions", body(&second), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(pd_requests(addr, "local-cached").await, 1.0, "the decode engine holds the first turn");
     assert_eq!(sim_metric(p.local_addr(), "vllm:request_success_total").await, 1.0, "one prefill only");
+}
+
+/// A sim of `role` with the given NIXL `extra` config (JSON object text).
+async fn pd_sim_with(role: &str, extra: &str) -> flotilla_sim::SimHandle {
+    let args = flotilla_sim::SimArgs {
+        port: 0,
+        model: MODEL.into(),
+        speedup: 5.0,
+        max_model_len: 8192,
+        kv_transfer_config: Some(format!(
+            r#"{{"kv_connector":"NixlConnector","kv_role":"{role}","kv_connector_extra_config":{extra}}}"#
+        )),
+        kv_side_channel_port: 0,
+        ..flotilla_sim::SimArgs::default()
+    };
+    flotilla_sim::start(args).await.expect("sim starts")
+}
+
+#[tokio::test]
+async fn through_real_sims_a_dead_prefill_a_dead_decode_and_an_expired_lease_stay_invisible() {
+    // P0 lets its blocks go almost at once (the decode engine's pull finds them expired)
+    let p_expiring = pd_sim_with("kv_producer", r#"{"kv_lease_duration":0.0001}"#).await;
+    let p_dead = pd_sim("kv_producer").await;
+    let p_good = pd_sim("kv_producer").await;
+    let d_dead = pd_sim("kv_consumer").await;
+    let d_good = pd_sim("kv_consumer").await;
+    let prefill = [&p_expiring, &p_dead, &p_good].map(|s| format!("llama-prefill=http://{}", s.local_addr()));
+    let decode = [&d_dead, &d_good].map(|s| format!("llama-decode=http://{}", s.local_addr()));
+    let args = flotilla_gateway::GatewayArgs {
+        listen: "127.0.0.1:0".into(),
+        no_auth: true,
+        backends: prefill.into_iter().chain(decode).collect(),
+        pd: vec![MODEL.into()],
+        routing: vec!["llama-prefill=round-robin".into(), "llama-decode=round-robin".into()],
+        max_retries: 3,
+        scrape_interval_ms: 100,
+        ..flotilla_gateway::GatewayArgs::default()
+    };
+    let gw = gateway(args).await;
+    let addr = gw.local_addr();
+    let (dead_p, dead_d) = (p_dead.local_addr(), d_dead.local_addr());
+    p_dead.shutdown().await.expect("stops");
+    d_dead.shutdown().await.expect("stops");
+    for i in 0..8 {
+        let body = json!({"model": MODEL, "prompt": common::text(1200, 20 + i), "max_tokens": 4, "stream": i % 2 == 0});
+        let r = post_json(addr, "/v1/completions", body, &[]).await;
+        assert_eq!(r.status, 200, "request {i}: {}", r.text());
+    }
+    // every path was taken: P0's expired blocks, dead engines on both sides
+    assert!(sim_metric(d_good.local_addr(), "vllm:nixl_num_failed_transfers_total").await >= 1.0, "an expired pull");
+    assert!(metric_sum(addr, "flotilla_gateway_pd_decode_retries_total", &[]).await >= 1.0);
+    assert!(metric_sum(addr, "flotilla_gateway_pd_prefill_failures_total", &[]).await >= 1.0);
+    assert!(pd_requests(addr, "remote").await >= 6.0, "most requests still prefilled remotely");
+    let _ = (dead_p, dead_d);
 }
