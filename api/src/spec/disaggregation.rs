@@ -32,6 +32,23 @@ pub enum KvConnector {
 }
 
 impl KvConnector {
+    /// Why flotilla cannot serve this connector's P/D yet (None: it can). The agent starts
+    /// every connector's engines (docs/agent.md), but the gateways speak only the pull
+    /// protocol of NixlConnector, where the prefill engine's answer names its blocks.
+    pub fn unsupported(self) -> Option<&'static str> {
+        match self {
+            KvConnector::Nixl => None,
+            KvConnector::Lmcache => Some(
+                "lmcache is not served by flotilla's gateways yet: LMCache's P/D pushes the KV, so the prefill \
+                 request must carry the decode engine's ports; use nixl",
+            ),
+            KvConnector::P2pNccl => Some(
+                "p2p-nccl is not served by flotilla's gateways yet: P2pNcclConnector needs its proxy's request ids \
+                 naming both engines (and vLLM 0.32 no longer ships it); use nixl",
+            ),
+        }
+    }
+
     /// vLLM's `kv_connector` name.
     pub fn vllm_name(self) -> &'static str {
         match self {
@@ -167,6 +184,9 @@ impl DisaggregationSpec {
     }
 
     pub(crate) fn validate(&self, field: &str) -> Result<(), ApiError> {
+        if let Some(why) = self.connector.unsupported() {
+            return Err(ApiError::invalid(format!("{field}.connector"), why));
+        }
         for role in EngineRole::ALL {
             let pool = self.pool(role);
             let f = format!("{field}.{}", role.as_str());
@@ -325,10 +345,7 @@ mod tests {
         // the role is part of the template: the pools never share a revision
         assert_ne!(p.template().hash(), d.template().hash());
         assert!(p.validate().is_ok() && d.validate().is_ok(), "a member is a valid Model");
-        assert_eq!(
-            model(&PD.replace("nixl", "p2p-nccl")).unwrap().disaggregation.unwrap().connector.vllm_name(),
-            "P2pNcclConnector"
-        );
+        assert_eq!(KvConnector::P2pNccl.vllm_name(), "P2pNcclConnector");
         assert!(model("source: file:///m\n").unwrap().member(EngineRole::Decode).is_none());
     }
 
@@ -343,6 +360,8 @@ mod tests {
     fn bad_disaggregations_name_the_field() {
         let cases = [
             (PD.replace("nixl", "rdma"), "spec"),
+            (PD.replace("nixl", "lmcache"), "spec.disaggregation.connector"),
+            (PD.replace("nixl", "p2p-nccl"), "spec.disaggregation.connector"),
             (PD.replace("replicas: 3", "replicas: 3, extra: 1"), "spec"),
             (PD.replace("replicas: 2", "replicas: 2000"), "spec.disaggregation.prefill.replicas"),
             (PD.replace("gpus: 2", "gpus: 99"), "spec.disaggregation.decode.gpus"),
