@@ -1,6 +1,7 @@
 """`vllm serve` of the real CPU vLLM's tiny model (../shared/real-vllm), for the recorders
-in this directory (record_kv_events.py, record_tokenize.py): the environment and command
-they share, a start that waits for /health, and a stop of the whole process group.
+in this directory (record_kv_events.py, record_tokenize.py, record_pd.py): the environment
+and command they share, a start that waits for /health, and a stop of the whole process
+group.
 """
 import os, subprocess, sys, time, urllib.request
 
@@ -10,13 +11,19 @@ ENV = dict(os.environ, VLLM_TARGET_DEVICE="cpu", HF_HUB_OFFLINE="1", TRANSFORMER
            VLLM_ENABLE_V1_MULTIPROCESSING="0", VLLM_HOST_IP="127.0.0.1", VLLM_CACHE_ROOT=os.path.join(D, "cache"))
 
 
-def serve(port, extra, log_path):
-    """Starts the tiny model served as `tiny` on 127.0.0.1:port with `extra` flags and waits
-    (up to 240 s) for /health; exits the script if vLLM dies first."""
+def spawn(port, extra, log_path, env=None):
+    """Starts the tiny model served as `tiny` on 127.0.0.1:port with `extra` flags (and
+    `env` laid over ENV) in its own process group; does not wait."""
     cmd = [os.path.join(D, "venv/bin/vllm"), "serve", os.path.join(D, "models/tiny-llama"), "--host", "127.0.0.1",
            "--port", str(port), "--served-model-name", "tiny", "--max-model-len", "512", "--enforce-eager",
            "--distributed-executor-backend", "uni", "--dtype", "float32", *extra]
-    proc = subprocess.Popen(cmd, env=ENV, stdout=open(log_path, "w"), stderr=subprocess.STDOUT, start_new_session=True)
+    return subprocess.Popen(cmd, env=dict(ENV, **(env or {})), stdout=open(log_path, "w"), stderr=subprocess.STDOUT,
+                            start_new_session=True)
+
+
+def wait_healthy(proc, port, log_path):
+    """Waits (up to 240 s) for /health of `proc`; stops it and exits the script if vLLM dies
+    or does not become healthy."""
     for _ in range(240):
         try:
             urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
@@ -29,6 +36,14 @@ def serve(port, extra, log_path):
     sys.exit(f"vllm not healthy in 240 s; see {log_path}")
 
 
+def serve(port, extra, log_path, env=None):
+    """spawn() and wait_healthy()."""
+    return wait_healthy(spawn(port, extra, log_path, env), port, log_path)
+
+
 def stop(proc):
-    os.killpg(proc.pid, 15)
+    try:
+        os.killpg(proc.pid, 15)
+    except ProcessLookupError:
+        pass
     proc.wait(30)

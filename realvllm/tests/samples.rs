@@ -19,6 +19,13 @@ const MODELS: &str = include_str!("data/v1-models-with-adapter.json");
 const UNKNOWN_MODEL: &str = include_str!("data/error-unknown-model.json");
 const BAD_MAX_TOKENS: &str = include_str!("data/error-bad-max-tokens.json");
 const METRICS: &str = include_str!("data/metrics-with-lora.txt");
+// P/D, recorded by `record_pd.py`: two engines with the NixlConnector, a prefill leg to P and
+// the decode leg to D with P's kv_transfer_params, for a completion and a chat.
+const PD_PREFILL_COMPLETION: &str = include_str!("data/pd/prefill-completion.json");
+const PD_PREFILL_CHAT: &str = include_str!("data/pd/prefill-chat.json");
+const PD_DECODE_COMPLETION: &str = include_str!("data/pd/decode-completion.json");
+const PD_DECODE_CHAT: &str = include_str!("data/pd/decode-chat.json");
+const PD_DECODE_METRICS: &str = include_str!("data/pd/decode-metrics.txt");
 
 /// Statuses real vLLM 0.32 answers with (`shared/real-vllm/README.md`).
 const DUPLICATE_ADAPTER: u16 = 400;
@@ -235,6 +242,111 @@ async fn metrics_have_real_vllms_families_types_labels_and_buckets() {
             k.path
         );
     }
+}
+
+/// A sim with the NixlConnector as flotilla's agent configures it, its side channel on a
+/// free port.
+async fn pd_sim() -> SimHandle {
+    let kv = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}"#;
+    let args = SimArgs {
+        port: 0,
+        model: "tiny".into(),
+        max_model_len: 512,
+        speedup: 1000.0,
+        kv_transfer_config: Some(kv.into()),
+        kv_side_channel_port: 0,
+        ..SimArgs::default()
+    };
+    flotilla_sim::start(args).await.expect("sim starts")
+}
+
+/// The `vllm:prompt_tokens_by_source_total` sample of `source` in a scrape.
+fn by_source(scrape: &str, source: &str) -> f64 {
+    let prefix = "vllm:prompt_tokens_by_source_total{";
+    scrape
+        .lines()
+        .find(|l| l.starts_with(prefix) && l.contains(&format!("source=\"{source}\"")))
+        .and_then(|l| l.rsplit(' ').next()?.parse().ok())
+        .unwrap_or_else(|| panic!("no prompt_tokens_by_source_total{{source={source}}}"))
+}
+
+/// The P/D protocol on two sims, answer by answer against real vLLM's (gateway/src/pd.rs
+/// sends exactly these legs): the prefill answer's `kv_transfer_params` (every field and
+/// its type, the values that say what to do next), the decode answer, and the decode
+/// engine's metrics of the transfer (families, types, labels; every prompt token pulled,
+/// none computed, as on the real engine).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pd_prefill_and_decode_answers_have_real_vllms_shape() {
+    let (p, d) = (pd_sim().await, pd_sim().await);
+    let prompt = (0..100).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" ");
+    let legs = [
+        ("/v1/completions", json!({"prompt": prompt}), PD_PREFILL_COMPLETION, PD_DECODE_COMPLETION),
+        (
+            "/v1/chat/completions",
+            json!({"messages": [{"role": "user", "content": prompt}]}),
+            PD_PREFILL_CHAT,
+            PD_DECODE_CHAT,
+        ),
+    ];
+    let mut prompt_tokens = 0;
+    for (path, mut body, prefill_real, decode_real) in legs {
+        body["model"] = json!("tiny");
+        body["max_tokens"] = json!(8);
+        body["temperature"] = json!(0);
+        let mut prefill = body.clone();
+        prefill["kv_transfer_params"] = json!({"do_remote_decode": true, "do_remote_prefill": false,
+            "remote_engine_id": null, "remote_block_ids": null, "remote_host": null, "remote_port": null});
+        prefill["max_tokens"] = json!(1);
+        prefill["stream"] = json!(false);
+        let (status, answer) = post(p.local_addr(), path, prefill).await;
+        assert_eq!(status, 200, "{path} prefill: {answer}");
+        let (sim, real) = (parse(&answer), parse(prefill_real));
+        assert_none(&format!("{path} prefill answer"), shape::json_shape_diff("$", &sim, &real, KNOWN_DIFFERENCES));
+        let (sk, rk) = (&sim["kv_transfer_params"], &real["kv_transfer_params"]);
+        for key in ["do_remote_prefill", "do_remote_decode", "transfer_mode", "tp_size", "pp_size", "dcp_size"] {
+            assert_eq!(sk[key], rk[key], "{path} prefill answer: kv_transfer_params.{key}");
+        }
+        assert_eq!(sk["remote_num_tokens"], sim["usage"]["prompt_tokens"], "{path}: every prompt token is held");
+        assert_eq!(rk["remote_num_tokens"], real["usage"]["prompt_tokens"], "{path}: (so it is on real vLLM)");
+        prompt_tokens += sim["usage"]["prompt_tokens"].as_u64().expect("prompt tokens");
+
+        body["kv_transfer_params"] = sk.clone();
+        let (status, answer) = post(d.local_addr(), path, body).await;
+        assert_eq!(status, 200, "{path} decode: {answer}");
+        let (sim, real) = (parse(&answer), parse(decode_real));
+        assert_none(&format!("{path} decode answer"), shape::json_shape_diff("$", &sim, &real, KNOWN_DIFFERENCES));
+        assert_eq!((&sim["kv_transfer_params"], &real["kv_transfer_params"]), (&Value::Null, &Value::Null));
+    }
+
+    let (status, scrape) = call(d.local_addr(), "GET", "/metrics", None).await;
+    assert_eq!(status, 200);
+    let mut families: Vec<String> =
+        shape::family_names(&scrape).into_iter().filter(|f| f.starts_with("vllm:nixl_")).collect();
+    assert!(!families.is_empty(), "the decode sim writes no vllm:nixl_* family");
+    families.extend(
+        [
+            "vllm:prompt_tokens_by_source_total",
+            "vllm:external_prefix_cache_hits_total",
+            "vllm:external_prefix_cache_queries_total",
+        ]
+        .map(String::from),
+    );
+    let names: Vec<&str> = families.iter().map(String::as_str).collect();
+    assert_none("decode engine /metrics", shape::metrics_diff(&scrape, PD_DECODE_METRICS, &names, KNOWN_DIFFERENCES));
+    for (what, text) in [("real vLLM", PD_DECODE_METRICS), ("sim", scrape.as_str())] {
+        assert_eq!(by_source(text, "local_compute"), 0.0, "{what}'s decode engine computed prompt tokens");
+        assert!(by_source(text, "external_kv_transfer") > 0.0, "{what}'s decode engine pulled nothing");
+    }
+    assert_eq!(by_source(&scrape, "external_kv_transfer"), prompt_tokens as f64, "the sim pulls every prompt token");
+    let real_prompts: f64 = [PD_DECODE_COMPLETION, PD_DECODE_CHAT]
+        .iter()
+        .map(|t| parse(t)["usage"]["prompt_tokens"].as_f64().expect("prompt tokens"))
+        .sum();
+    assert_eq!(
+        by_source(PD_DECODE_METRICS, "external_kv_transfer"),
+        real_prompts,
+        "real vLLM pulls every prompt token"
+    );
 }
 
 #[test]

@@ -289,8 +289,16 @@ pub struct HeldKv {
 }
 
 /// The `kv_transfer_params` of a prefill response, as vLLM's NIXL `request_finished`
-/// returns them (one KV cache group: `remote_block_ids` is a list of one list).
-pub fn response_params(cfg: &KvTransferConfig, port: u16, request_id: &str, held: &HeldKv) -> Value {
+/// returns them (one KV cache group: `remote_block_ids` is a list of one list), with the
+/// scheduler's `remote_prefill_cached_tokens`: the prompt tokens the prefill engine found in
+/// its own prefix cache (`cached_tokens`), which the decode engine reports as its own.
+pub fn response_params(
+    cfg: &KvTransferConfig,
+    port: u16,
+    request_id: &str,
+    held: &HeldKv,
+    cached_tokens: u32,
+) -> Value {
     json!({
         "do_remote_prefill": true,
         "do_remote_decode": false,
@@ -305,6 +313,7 @@ pub fn response_params(cfg: &KvTransferConfig, port: u16, request_id: &str, held
         "remote_num_tokens": held.num_tokens,
         "remote_blocks_expiry_time": null,
         "transfer_mode": "pull",
+        "remote_prefill_cached_tokens": cached_tokens,
     })
 }
 
@@ -393,8 +402,9 @@ mod tests {
         assert_eq!(parse_params(Some(&json!({"do_remote_decode": true}))), Ok(Ask::HoldForDecode));
         let c = parse(r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","engine_id":"p0"}"#).unwrap().unwrap();
         let held = HeldKv { block_ids: vec![3, 4], num_tokens: 20 };
-        let v = response_params(&c, 5601, "cmpl-1", &held);
+        let v = response_params(&c, 5601, "cmpl-1", &held, 16);
         assert_eq!(v["remote_block_ids"], json!([[3, 4]]));
+        assert_eq!(v["remote_prefill_cached_tokens"], 16);
         let Ok(Ask::Pull(r)) = parse_params(Some(&v)) else { panic!("{v}") };
         assert_eq!(
             r,

@@ -390,11 +390,14 @@ impl Scheduler {
             kv::extend_hashes(&seq.tokens, bs, u64::from(seq.lora.unwrap_or(0)), &mut seq.hashes);
             let hit_blocks = self.kv.cached_prefix(&seq.hashes, seq.tokens.len());
             let hit = hit_blocks * bs;
-            // Pulled KV beyond the local hit counts as computed (vLLM's external tokens).
-            let ext = if seq.admitted_once {
-                0
+            // Pulled KV beyond the local hit is installed as computed (vLLM's external
+            // tokens), all but the last prompt token: computed again to sample the next one,
+            // as vLLM's scheduler does after a load of the whole prompt.
+            let (pulled, ext) = if seq.admitted_once {
+                (0, 0)
             } else {
-                seq.external_tokens.min(seq.prompt_len.saturating_sub(1)).saturating_sub(hit)
+                let upto = |n: usize| seq.external_tokens.min(n).saturating_sub(hit);
+                (upto(seq.prompt_len), upto(seq.prompt_len.saturating_sub(1)))
             };
             let n = (seq.tokens.len() - hit - ext).min(budget);
             if !self.kv.allocate(&mut seq.blocks, &seq.hashes, hit_blocks, hit + ext + n) {
@@ -404,13 +407,16 @@ impl Scheduler {
             seq.computed = hit + ext;
             let first = !seq.admitted_once;
             if first {
+                // vLLM's counters (taken at admission) count the whole load as cached and
+                // external, the recomputed last token included: a pulled prompt shows no
+                // `local_compute` tokens (held to real vLLM by realvllm/tests/samples.rs).
                 seq.admitted_once = true;
-                seq.cached_tokens = hit + ext;
+                seq.cached_tokens = hit + pulled;
                 if seq.external_tokens > 0 {
                     plan.external_queries += seq.tokens.len() as u64;
-                    plan.external_hits += ext as u64;
+                    plan.external_hits += pulled as u64;
                 }
-                seq.external_tokens = ext;
+                seq.external_tokens = pulled;
             }
             plan.prefix_queries += seq.tokens.len() as u64;
             plan.prefix_hits += hit as u64;

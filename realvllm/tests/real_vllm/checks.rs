@@ -175,6 +175,30 @@ pub async fn run(mut t: Tier) -> Tier {
     .await;
     agent.stop(Duration::from_secs(10));
 
+    // P/D: two more engines with the NixlConnector behind `flotilla gateway --pd`, alone
+    // (S is gone already unless its stop check was filtered out).
+    vllm.stop(Duration::from_secs(20));
+    let pd_check = "disaggregated_requests_through_the_gateway_pull_every_prompt_on_real_vllm";
+    let nixl_missing = crate::pd::nixl_missing(&install);
+    match nixl_missing {
+        Some(why) if !crate::required() => println!("test {pd_check} ... SKIPPED: {why}"),
+        _ => {
+            let mut pd = String::new();
+            if t.check(pd_check, || async {
+                if let Some(why) = nixl_missing {
+                    anyhow::bail!(why);
+                }
+                pd = crate::pd::requests_through_the_gateway_pull_their_prompt(&install, &bin, &dir, START_TIMEOUT)
+                    .await?;
+                Ok(())
+            })
+            .await
+            {
+                t.timing("P/D on real vLLM (NixlConnector, CPU)", pd);
+            }
+        }
+    }
+
     // Opt-in (FLOTILLA_REAL_VLLM_GANG=1): a two-rank gang through two more agents, alone.
     if crate::gang::enabled() {
         let mut gang = String::new();

@@ -20,6 +20,7 @@ mod gang;
 mod hf_tokenizer;
 mod install;
 mod kv_aware;
+mod pd;
 mod procs;
 mod rollout;
 
@@ -78,8 +79,13 @@ impl Tier {
     }
 }
 
+/// `FLOTILLA_REQUIRE_REAL_VLLM=1`: what the tier needs must be there (CI), no skipping.
+pub fn required() -> bool {
+    std::env::var("FLOTILLA_REQUIRE_REAL_VLLM").is_ok_and(|v| v == "1")
+}
+
 fn main() -> ExitCode {
-    let required = std::env::var("FLOTILLA_REQUIRE_REAL_VLLM").is_ok_and(|v| v == "1");
+    let required = required();
     let install = match RealVllm::locate() {
         Ok(i) => i,
         Err(why) if required => {

@@ -464,7 +464,7 @@ async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
     let reason = done.reason.as_str();
     let stop_reason = done.stop_reason;
     let kv_transfer_params = match (&st.cfg.kv_transfer, st.side_channel_port, &done.held) {
-        (Some(k), Some(port), Some(held)) => pd::response_params(k, port, &rid, held),
+        (Some(k), Some(port), Some(held)) => pd::response_params(k, port, &rid, held, s.cached_tokens),
         _ => serde_json::Value::Null,
     };
     let body = match kind {
