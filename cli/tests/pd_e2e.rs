@@ -53,6 +53,25 @@ fn complete(gateway: &str, n: u32, stream: bool) -> (u16, String) {
     (raw_http::status_code(&out).unwrap_or(0), out)
 }
 
+/// Six completions through the gateway (alternately streamed), once it serves the model.
+#[allow(clippy::disallowed_methods)] // runs on a blocking thread: no tokio worker to block
+fn six_completions(gateway: &str) -> Vec<String> {
+    let deadline = Instant::now() + Duration::from_secs(30);
+    let mut answers = Vec::new();
+    let mut n = 0;
+    while answers.len() < 6 {
+        n += 1;
+        let (status, out) = complete(gateway, n, n % 2 == 0);
+        if status == 200 {
+            answers.push(out);
+        } else {
+            assert!(Instant::now() < deadline, "no completion through the gateway: {out}");
+            std::thread::sleep(Duration::from_millis(200));
+        }
+    }
+    answers
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_disaggregated_model_runs_its_pools_and_serves_through_the_pd_protocol() {
     let dir = tempfile::tempdir().unwrap();
@@ -101,24 +120,7 @@ async fn a_disaggregated_model_runs_its_pools_and_serves_through_the_pd_protocol
 
     // requests for `chat` itself: prefilled on chat-prefill, pulled and decoded on chat-decode
     let gw = gateway.addr.clone();
-    let answers = tokio::task::spawn_blocking(move || {
-        let deadline = Instant::now() + Duration::from_secs(30);
-        let mut answers = Vec::new();
-        let mut n = 0;
-        while answers.len() < 6 {
-            n += 1;
-            let (status, out) = complete(&gw, n, n % 2 == 0);
-            if status == 200 {
-                answers.push(out);
-            } else {
-                assert!(Instant::now() < deadline, "no completion through the gateway: {out}");
-                std::thread::sleep(Duration::from_millis(200));
-            }
-        }
-        answers
-    })
-    .await
-    .unwrap();
+    let answers = tokio::task::spawn_blocking(move || six_completions(&gw)).await.unwrap();
     assert!(answers.iter().all(|a| a.contains("\"model\":\"chat\"")), "member engines serve the Model's name");
     let gw_metrics = raw_http::send_blocking(&gateway.addr, "GET", "/metrics", "", Duration::from_secs(5)).unwrap();
     assert!(
