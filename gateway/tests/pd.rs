@@ -129,9 +129,15 @@ async fn pd(p: usize, d: usize) -> Pd {
     let mut args = cluster_gw_args(cp_addr);
     args.max_retries = 1;
     let gw = gateway(args).await;
+    until_serving(&gw).await;
+    Pd { prefill, decode, gw, _stop: stop }
+}
+
+/// Waits until `gw` has its endpoint table and knows `llama` is disaggregated.
+async fn until_serving(gw: &flotilla_gateway::GatewayHandle) {
     for _ in 0..200 {
         if get(gw.local_addr(), "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
-            return Pd { prefill, decode, gw, _stop: stop };
+            return;
         }
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
@@ -244,16 +250,26 @@ async fn a_decode_failing_before_its_first_byte_is_retried_elsewhere_with_a_fres
 /// A sim of `role` for the disaggregated `llama` (NIXL, pulled over a side channel on a
 /// free port), at a speed where a 2,000-token prefill takes visible time.
 async fn pd_sim(role: &str) -> flotilla_sim::SimHandle {
-    let args = flotilla_sim::SimArgs {
+    pd_sim_with(role, "{}").await
+}
+
+/// The arguments of a sim of `role` (NIXL, with `extra` as its `kv_connector_extra_config`).
+fn pd_sim_args(role: &str, extra: &str) -> flotilla_sim::SimArgs {
+    flotilla_sim::SimArgs {
         port: 0,
         model: MODEL.into(),
         speedup: 5.0,
         max_model_len: 8192,
-        kv_transfer_config: Some(format!(r#"{{"kv_connector":"NixlConnector","kv_role":"{role}"}}"#)),
+        kv_transfer_config: Some(format!(
+            r#"{{"kv_connector":"NixlConnector","kv_role":"{role}","kv_connector_extra_config":{extra}}}"#
+        )),
         kv_side_channel_port: 0,
         ..flotilla_sim::SimArgs::default()
-    };
-    flotilla_sim::start(args).await.expect("sim starts")
+    }
+}
+
+async fn pd_sim_with(role: &str, extra: &str) -> flotilla_sim::SimHandle {
+    flotilla_sim::start(pd_sim_args(role, extra)).await.expect("sim starts")
 }
 
 async fn sim_metric(addr: SocketAddr, name: &str) -> f64 {
@@ -279,12 +295,7 @@ async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computi
     let (cp_addr, _stop) = cp.serve().await;
     let gw = gateway(cluster_gw_args(cp_addr)).await;
     let addr = gw.local_addr();
-    for _ in 0..200 {
-        if get(addr, "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_serving(&gw).await;
     let prompt = common::text(1500, 7);
     for stream in [true, false] {
         let body = json!({"model": MODEL, "prompt": prompt, "max_tokens": 8, "stream": stream});
@@ -345,12 +356,7 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
     args.demand_report_interval_ms = 100;
     let gw = gateway(args).await;
     let addr = gw.local_addr();
-    for _ in 0..200 {
-        if get(addr, "/readyz").await.status == 200 && gw.state().pd_route(MODEL).is_some() {
-            break;
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
+    until_serving(&gw).await;
     for _ in 0..3 {
         let (status, text) = completion(addr, &long_prompt(), false).await;
         assert_eq!(status, 200, "{text}");
@@ -390,18 +396,8 @@ async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
     const EVENTS: &str = r#"{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:0",
         "replay_endpoint": "tcp://*:0", "topic": "kv"}"#;
     let p = pd_sim("kv_producer").await;
-    let d = flotilla_sim::start(flotilla_sim::SimArgs {
-        port: 0,
-        model: MODEL.into(),
-        speedup: 5.0,
-        max_model_len: 8192,
-        kv_transfer_config: Some(r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}"#.into()),
-        kv_side_channel_port: 0,
-        kv_events_config: Some(EVENTS.into()),
-        ..flotilla_sim::SimArgs::default()
-    })
-    .await
-    .expect("decode sim");
+    let d = flotilla_sim::SimArgs { kv_events_config: Some(EVENTS.into()), ..pd_sim_args("kv_consumer", "{}") };
+    let d = flotilla_sim::start(d).await.expect("decode sim");
     let args = flotilla_gateway::GatewayArgs {
         listen: "127.0.0.1:0".into(),
         no_auth: true,
@@ -431,22 +427,6 @@ async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(pd_requests(addr, "local-cached").await, 1.0, "the decode engine holds the first turn");
     assert_eq!(sim_metric(p.local_addr(), "vllm:request_success_total").await, 1.0, "one prefill only");
-}
-
-/// A sim of `role` with the given NIXL `extra` config (JSON object text).
-async fn pd_sim_with(role: &str, extra: &str) -> flotilla_sim::SimHandle {
-    let args = flotilla_sim::SimArgs {
-        port: 0,
-        model: MODEL.into(),
-        speedup: 5.0,
-        max_model_len: 8192,
-        kv_transfer_config: Some(format!(
-            r#"{{"kv_connector":"NixlConnector","kv_role":"{role}","kv_connector_extra_config":{extra}}}"#
-        )),
-        kv_side_channel_port: 0,
-        ..flotilla_sim::SimArgs::default()
-    };
-    flotilla_sim::start(args).await.expect("sim starts")
 }
 
 #[tokio::test]
