@@ -189,6 +189,8 @@ for rate in $RATES; do
     else
       echo "$setup @ $rate: vllm bench serve failed" >&2
     fi
+    # the last point's gateway log per setup (refusals and fallbacks show there)
+    tail -200 "$WORK/gw.log" > "$HERE/out/last-gateway-${MIX}-${setup//:/_}.log" 2>/dev/null || true
     stop_all
   done
 done
