@@ -110,6 +110,10 @@ pub struct GatewayArgs {
     /// engine (a transfer costs more than it saves).
     #[arg(long, default_value_t = 256, value_name = "TOKENS")]
     pub pd_min_remote_prefill_tokens: u32,
+    /// `--pd` models: when every prefill engine already has this many requests in flight,
+    /// the decode engine computes the prompt itself (0: never for this reason).
+    #[arg(long, default_value_t = 0, value_name = "N")]
+    pub pd_max_prefill_queue: u32,
     /// The tokenizer of a model, MODEL=sim (the `flotilla sim` engine's) or MODEL=DIR (a
     /// Hugging Face model directory: tokenizer.json, tokenizer_config.json, chat template),
     /// repeatable. `kv-aware` routing needs it to key prompts exactly as the engine does;
@@ -468,9 +472,13 @@ impl GatewayArgs {
             }
             let decider = flotilla_api::spec::PdDecider {
                 min_remote_prefill_tokens: self.pd_min_remote_prefill_tokens,
+                max_prefill_queue: self.pd_max_prefill_queue,
                 ..Default::default()
             };
             pd.push((crate::names::ModelName::from(m.as_str()), decider));
+        }
+        if self.pd_max_prefill_queue > 100_000 {
+            return usage(format!("--pd-max-prefill-queue {} is over 100000", self.pd_max_prefill_queue));
         }
         if self.pd_min_remote_prefill_tokens > 1 << 20 {
             return usage(format!(

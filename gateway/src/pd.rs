@@ -110,6 +110,8 @@ pub enum Split {
     LocalShort,
     /// On the decode engine: it already caches most of the prompt.
     LocalCached,
+    /// On the decode engine: every prefill engine is busy (`max_prefill_queue`).
+    LocalBusy,
 }
 
 impl Split {
@@ -118,19 +120,32 @@ impl Split {
             Split::Remote => "remote",
             Split::LocalShort => "local-short",
             Split::LocalCached => "local-cached",
+            Split::LocalBusy => "local-busy",
         }
     }
 }
 
 /// The decider (pure): `prompt` tokens, of which `cached` the chosen decode engine is known
-/// to hold (0 when unknown).
-pub fn decide(prompt: u64, cached: u64, d: &PdDecider) -> Split {
+/// to hold (0 when unknown); `prefill_queue`: requests in flight on the least busy prefill
+/// engine (None: the pool has no endpoint).
+pub fn decide(prompt: u64, cached: u64, prefill_queue: Option<u32>, d: &PdDecider) -> Split {
     if prompt < u64::from(d.min_remote_prefill_tokens) {
         Split::LocalShort
     } else if prompt > 0 && cached as f64 >= d.skip_when_cached * prompt as f64 {
         Split::LocalCached
+    } else if d.max_prefill_queue > 0 && prefill_queue.is_some_and(|q| q >= d.max_prefill_queue) {
+        Split::LocalBusy
     } else {
         Split::Remote
+    }
+}
+
+impl Gateway {
+    /// Requests in flight on the least busy endpoint of `model` (None: it has none).
+    fn least_in_flight(&self, model: &ServedName) -> Option<u32> {
+        let set = self.dir.endpoints();
+        let eps = set.resolve(model.as_str())?.endpoints;
+        eps.iter().map(|e| self.book.get(&e.id).in_flight.load(std::sync::atomic::Ordering::Relaxed)).min()
     }
 }
 
@@ -200,7 +215,8 @@ pub async fn forward_pd(
     for attempt in 0.. {
         // what the decode engine holds is known from the KV index only (kv-aware, token ids)
         let cached = lease.predicted_cached();
-        let split = decide(prompt, cached, &route.decider);
+        let queue = (route.decider.max_prefill_queue > 0).then(|| gw.least_in_flight(&route.prefill)).flatten();
+        let split = decide(prompt, cached, queue, &route.decider);
         let prefilled = match split {
             Split::Remote => prefill_leg(gw, ctx, route, kind, &body, headers, &mut avoid_prefill).await,
             _ => None,
@@ -319,14 +335,18 @@ mod tests {
 
     #[test]
     fn the_decider_keeps_short_and_cached_prompts_on_the_decode_engine() {
-        let d = PdDecider { min_remote_prefill_tokens: 256, skip_when_cached: 0.8 };
-        assert_eq!(decide(100, 0, &d), Split::LocalShort);
-        assert_eq!(decide(4000, 0, &d), Split::Remote);
-        assert_eq!(decide(4000, 3199, &d), Split::Remote);
-        assert_eq!(decide(4000, 3200, &d), Split::LocalCached);
-        let always = PdDecider { min_remote_prefill_tokens: 0, skip_when_cached: 1.0 };
-        assert_eq!(decide(1, 0, &always), Split::Remote);
-        assert_eq!(decide(10, 10, &always), Split::LocalCached, "all cached: nothing to transfer");
+        let d = PdDecider { min_remote_prefill_tokens: 256, skip_when_cached: 0.8, max_prefill_queue: 0 };
+        assert_eq!(decide(100, 0, None, &d), Split::LocalShort);
+        assert_eq!(decide(4000, 0, None, &d), Split::Remote);
+        assert_eq!(decide(4000, 3199, Some(50), &d), Split::Remote, "no queue bound");
+        assert_eq!(decide(4000, 3200, None, &d), Split::LocalCached);
+        let always = PdDecider { min_remote_prefill_tokens: 0, skip_when_cached: 1.0, max_prefill_queue: 0 };
+        assert_eq!(decide(1, 0, None, &always), Split::Remote);
+        assert_eq!(decide(10, 10, None, &always), Split::LocalCached, "all cached: nothing to transfer");
+        let bounded = PdDecider { max_prefill_queue: 3, ..d };
+        assert_eq!(decide(4000, 0, Some(2), &bounded), Split::Remote);
+        assert_eq!(decide(4000, 0, Some(3), &bounded), Split::LocalBusy, "every prefill engine has 3 in flight");
+        assert_eq!(decide(4000, 0, None, &bounded), Split::Remote, "no prefill endpoint: the leg wakes the pool");
     }
 
     #[test]

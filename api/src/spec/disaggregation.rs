@@ -139,6 +139,12 @@ pub struct PdDecider {
     /// (the gateway's KV index), it prefills the rest itself.
     #[serde(default = "default_skip_when_cached")]
     pub skip_when_cached: f64,
+    /// When every prefill engine already has this many requests in flight, the decode
+    /// engine computes the prompt itself (conditional disaggregation: past the prefill pool's
+    /// capacity, queueing there costs more TTFT than local prefill costs decode time).
+    /// 0: never for this reason.
+    #[serde(default)]
+    pub max_prefill_queue: u32,
 }
 
 fn default_min_remote_prefill_tokens() -> u32 {
@@ -154,6 +160,7 @@ impl Default for PdDecider {
         PdDecider {
             min_remote_prefill_tokens: default_min_remote_prefill_tokens(),
             skip_when_cached: default_skip_when_cached(),
+            max_prefill_queue: 0,
         }
     }
 }
@@ -210,6 +217,7 @@ impl DisaggregationSpec {
             ));
         }
         at_most(&format!("{field}.decider.min_remote_prefill_tokens"), d.min_remote_prefill_tokens, 1 << 20)?;
+        at_most(&format!("{field}.decider.max_prefill_queue"), d.max_prefill_queue, 100_000)?;
         if let Some(key) = &self.colocate {
             let labels = std::collections::BTreeMap::from([(key.clone(), String::new())]);
             crate::manifest::validate_labels(&format!("{field}.colocate"), &labels)?;
