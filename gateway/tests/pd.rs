@@ -28,11 +28,16 @@ struct Fake {
     addr: SocketAddr,
     seen: Arc<Mutex<Vec<Value>>>,
     failing: Arc<AtomicBool>,
+    /// Milliseconds each answer is held back.
+    slow_ms: Arc<std::sync::atomic::AtomicU64>,
 }
 
 impl Fake {
     fn bodies(&self) -> Vec<Value> {
         self.seen.lock().unwrap().clone()
+    }
+    fn slow(&self, ms: u64) {
+        self.slow_ms.store(ms, Ordering::SeqCst);
     }
     fn fail(&self, on: bool) {
         self.failing.store(on, Ordering::SeqCst);
@@ -70,13 +75,15 @@ fn answer(name: &str, req: &Value, chat: bool) -> axum::response::Response {
 async fn fake(name: &'static str) -> Fake {
     let seen = Arc::new(Mutex::new(Vec::new()));
     let failing = Arc::new(AtomicBool::new(false));
+    let slow_ms = Arc::new(std::sync::atomic::AtomicU64::new(0));
     let route = |chat: bool| {
-        let (seen, failing) = (seen.clone(), failing.clone());
+        let (seen, failing, slow_ms) = (seen.clone(), failing.clone(), slow_ms.clone());
         post(move |body: axum::body::Bytes| {
-            let (seen, failing) = (seen.clone(), failing.clone());
+            let (seen, failing, slow_ms) = (seen.clone(), failing.clone(), slow_ms.clone());
             async move {
                 let req: Value = serde_json::from_slice(&body).unwrap_or_default();
                 seen.lock().unwrap().push(req.clone());
+                tokio::time::sleep(Duration::from_millis(slow_ms.load(Ordering::SeqCst))).await;
                 if failing.load(Ordering::SeqCst) {
                     return (axum::http::StatusCode::INTERNAL_SERVER_ERROR, "engine down").into_response();
                 }
@@ -91,7 +98,7 @@ async fn fake(name: &'static str) -> Fake {
     let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
     let addr = listener.local_addr().unwrap();
     tokio::spawn(async move { axum::serve(listener, app).await.unwrap() });
-    Fake { addr, seen, failing }
+    Fake { addr, seen, failing, slow_ms }
 }
 
 struct Pd {
@@ -103,6 +110,11 @@ struct Pd {
 
 /// A disaggregated `llama` with `p` prefill and `d` decode fake engines behind a gateway.
 async fn pd(p: usize, d: usize) -> Pd {
+    pd_with(p, d, json!({})).await
+}
+
+/// [`pd`] with this `decider`.
+async fn pd_with(p: usize, d: usize, decider: Value) -> Pd {
     const P: [&str; 2] = ["P0", "P1"];
     const D: [&str; 2] = ["D0", "D1"];
     let mut prefill = Vec::new();
@@ -115,7 +127,7 @@ async fn pd(p: usize, d: usize) -> Pd {
     }
     let cp = FakeCp::new(None);
     let spec = json!({"source": "hf://x/y", "routing": "round-robin",
-        "disaggregation": {"connector": "nixl", "prefill": {"replicas": p}, "decode": {"replicas": d}}});
+        "disaggregation": {"connector": "nixl", "prefill": {"replicas": p}, "decode": {"replicas": d}, "decider": decider}});
     cp.put("Model", MODEL, spec);
     cp.put("Model", "llama-prefill", json!({"source": "hf://x/y", "routing": "round-robin"}));
     cp.put("Model", "llama-decode", json!({"source": "hf://x/y", "routing": "round-robin"}));
@@ -465,4 +477,27 @@ async fn through_real_sims_a_dead_prefill_a_dead_decode_and_an_expired_lease_sta
     assert!(metric_sum(addr, "flotilla_gateway_pd_prefill_failures_total", &[]).await >= 1.0);
     assert!(pd_requests(addr, "remote").await >= 6.0, "most requests still prefilled remotely");
     let _ = (dead_p, dead_d);
+}
+
+#[tokio::test]
+async fn past_the_prefill_pools_queue_bound_the_decode_engine_prefills_itself() {
+    let t = pd_with(1, 1, json!({"max_prefill_queue": 1})).await;
+    let addr = t.gw.local_addr();
+    t.prefill[0].slow(600);
+    let first = tokio::spawn(async move { completion(addr, &long_prompt(), false).await });
+    // the first request's prefill is in flight on the only prefill engine
+    let until = tokio::time::Instant::now() + Duration::from_secs(5);
+    while t.prefill[0].bodies().is_empty() {
+        assert!(tokio::time::Instant::now() < until, "the first prefill never started");
+        tokio::time::sleep(Duration::from_millis(10)).await;
+    }
+    let (status, text) = completion(addr, &long_prompt(), false).await;
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("D0 from none"), "the busy pool was skipped: {text}");
+    let (status, text) = first.await.unwrap();
+    assert_eq!(status, 200);
+    assert!(text.contains("D0 from P0"), "{text}");
+    assert_eq!(pd_requests(addr, "local-busy").await, 1.0);
+    assert_eq!(pd_requests(addr, "remote").await, 1.0);
+    assert_eq!(t.prefill[0].bodies().len(), 1);
 }
