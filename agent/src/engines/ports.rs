@@ -114,11 +114,14 @@ mod tests {
     #[test]
     fn blocks_are_consecutive_free_and_released() {
         // a range of 6 ports, its third bound by someone else: lo, lo+1 | busy | lo+3..lo+5
+        // Every other port of the range must be free just now: tests beside this one open
+        // sockets in the same range (a run where lo+3 was in use failed here).
+        let free = |p: u16| std::net::TcpListener::bind(("127.0.0.1", p)).is_ok();
         let (lo, busy) = loop {
             let probe = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
             let lo = probe.local_addr().unwrap().port();
             drop(probe);
-            if !(1024..=60000).contains(&lo) {
+            if !(1024..=60000).contains(&lo) || ![lo, lo + 1, lo + 3, lo + 4, lo + 5].into_iter().all(free) {
                 continue;
             }
             if let Ok(b) = std::net::TcpListener::bind(("127.0.0.1", lo + 2)) {
