@@ -58,34 +58,8 @@ KV_D='{"kv_connector":"NixlConnector","kv_role":"kv_consumer"}'
 
 for b in "$FLOTILLA_BIN" "$VLLM"; do [[ -x "$b" ]] || { echo "missing $b (see the header of $0)" >&2; exit 2; }; done
 
-WORK=$(mktemp -d)
-PIDS=()
-stop_all() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
-}
-cleanup() { stop_all; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
-
-wait_banner() {
-  for _ in $(seq 1 300); do
-    local m; m=$(sed -nE "s#$2#\\1#p" "$1" | head -1)
-    [[ -n "$m" ]] && { echo "$m"; return 0; }
-    sleep 0.1
-  done
-  return 1
-}
-
-wait_ready() {
-  for _ in $(seq 1 300); do
-    curl -sf -m 5 -o /dev/null -H 'content-type: application/json' \
-      -d '{"model":"llama","prompt":"ready?","max_tokens":1}' "$1/v1/completions" && return 0
-    sleep 0.2
-  done
-  return 1
-}
+# shellcheck source=../procs.sh
+source "$HERE/../procs.sh"
 
 # start_sims ROLE...: one sim per argument (p: producer, d: consumer, a: aggregated); engine
 # i gets seed i whatever its role, so both setups run "the same 4 engines".
@@ -130,7 +104,7 @@ start_setup() {
   # --server "": static backends only. shellcheck disable=SC2086: $GATEWAY_ARGS is a list of flags
   "$FLOTILLA_BIN" --server "" gateway --no-auth --listen 127.0.0.1:0 "${backends[@]}" $GATEWAY_ARGS > "$WORK/gw.log" 2>&1 & PIDS+=($!)
   GW=$(wait_banner "$WORK/gw.log" '^flotilla gateway listening on (http://[0-9.:]+).*') || { cat "$WORK/gw.log" >&2; return 1; }
-  wait_ready "$GW"
+  wait_ready "$GW" llama 5
 }
 
 # scrape TAG: every sim's and the gateway's /metrics into $WORK/TAG-*.prom

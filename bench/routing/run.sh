@@ -50,38 +50,10 @@ KV_EVENTS='{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://*:
 
 for b in "$FLOTILLA_BIN" "$DRIVER_BIN"; do [[ -x "$b" ]] || { echo "missing $b (see the header of $0)" >&2; exit 2; }; done
 
-WORK=$(mktemp -d)
-PIDS=()
-stop_all() {
-  for p in "${PIDS[@]}"; do kill "$p" 2>/dev/null || true; done
-  for p in "${PIDS[@]}"; do wait "$p" 2>/dev/null || true; done
-  PIDS=()
-}
-cleanup() { stop_all; rm -rf "$WORK"; }
-trap cleanup EXIT
-trap 'exit 130' INT TERM
+# shellcheck source=../procs.sh
+source "$HERE/../procs.sh"
 
 free_port() { python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])'; }
-
-# wait_banner FILE REGEX: print the first capture of REGEX in FILE once it appears (30 s).
-wait_banner() {
-  for _ in $(seq 1 300); do
-    local m; m=$(sed -nE "s#$2#\\1#p" "$1" | head -1)
-    [[ -n "$m" ]] && { echo "$m"; return 0; }
-    sleep 0.1
-  done
-  return 1
-}
-
-# wait_ready URL: a one-token completion through URL answers 200 (60 s).
-wait_ready() {
-  for _ in $(seq 1 300); do
-    curl -sf -m 2 -o /dev/null -H 'content-type: application/json' \
-      -d '{"model":"m","prompt":"ready?","max_tokens":1}' "$1/v1/completions" && return 0
-    sleep 0.2
-  done
-  return 1
-}
 
 start_sims() {
   SIMS=()
@@ -118,7 +90,7 @@ start_router() {
       ROUTER_URL="http://127.0.0.1:$port" ;;
     *) echo "unknown target kind $kind" >&2; return 2 ;;
   esac
-  wait_ready "$ROUTER_URL"
+  wait_ready "$ROUTER_URL" m 2
 }
 
 COMMIT=$(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)
