@@ -76,9 +76,7 @@ impl Gateway {
             decider,
         })
     }
-}
 
-impl Gateway {
     /// The disaggregated models `/v1/models` lists: those whose decode member has an
     /// endpoint in `set` (the name is served as soon as its answers can be streamed).
     pub fn pd_models(&self, set: &crate::table::EndpointSet) -> Vec<String> {
@@ -98,6 +96,13 @@ impl Gateway {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Requests in flight on the least busy endpoint of `model` (None: it has none).
+    fn least_in_flight(&self, model: &ServedName) -> Option<u32> {
+        let set = self.dir.endpoints();
+        let eps = set.resolve(model.as_str())?.endpoints;
+        eps.iter().map(|e| self.book.get(&e.id).in_flight.load(std::sync::atomic::Ordering::Relaxed)).min()
     }
 }
 
@@ -137,15 +142,6 @@ pub fn decide(prompt: u64, cached: u64, prefill_queue: Option<u32>, d: &PdDecide
         Split::LocalBusy
     } else {
         Split::Remote
-    }
-}
-
-impl Gateway {
-    /// Requests in flight on the least busy endpoint of `model` (None: it has none).
-    fn least_in_flight(&self, model: &ServedName) -> Option<u32> {
-        let set = self.dir.endpoints();
-        let eps = set.resolve(model.as_str())?.endpoints;
-        eps.iter().map(|e| self.book.get(&e.id).in_flight.load(std::sync::atomic::Ordering::Relaxed)).min()
     }
 }
 
@@ -292,9 +288,9 @@ async fn prefill_leg(
     let model = ModelLabels { model: route.model.clone() };
     let mut tried: Vec<EndpointId> = Vec::new();
     for _ in 0..=gw.cfg.max_retries {
-        // engines that failed this request before come last (and this leg's own never again)
-        let before: Vec<EndpointId> = tried.iter().chain(avoid.iter()).cloned().collect();
-        let lease = select(gw, &pctx, &before, true).or_else(|| select(gw, &pctx, &tried, true))?;
+        // engines that failed this request before come last (`avoid` holds this leg's
+        // failures too, `tried` only them: those are never asked again)
+        let lease = select(gw, &pctx, avoid, true).or_else(|| select(gw, &pctx, &tried, true))?;
         let (id, revision) = (lease.endpoint.id.clone(), lease.endpoint.revision);
         let t = Instant::now();
         // the prefill leg's time is the prefill member's TTFT (its SLO autoscaling, canaries)

@@ -284,15 +284,6 @@ async fn pd_sim_with(role: &str, extra: &str) -> flotilla_sim::SimHandle {
     flotilla_sim::start(pd_sim_args(role, extra)).await.expect("sim starts")
 }
 
-async fn sim_metric(addr: SocketAddr, name: &str) -> f64 {
-    let r = get(addr, "/metrics").await;
-    r.text()
-        .lines()
-        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
-        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
-        .sum()
-}
-
 #[tokio::test]
 async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computing_it() {
     let (p, d) = (pd_sim("kv_producer").await, pd_sim("kv_consumer").await);
@@ -319,13 +310,13 @@ async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computi
     let r = post_json(addr, "/v1/chat/completions", chat, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     // the decode sim pulled each prompt rather than computing it
-    let pulled = sim_metric(d.local_addr(), "vllm:external_prefix_cache_hits_total").await;
+    let pulled = metric_sum(d.local_addr(), "vllm:external_prefix_cache_hits_total", &[]).await;
     assert!(pulled > 3.0 * 1000.0, "decode engine pulled {pulled} tokens");
-    assert_eq!(sim_metric(d.local_addr(), "vllm:nixl_num_failed_transfers_total").await, 0.0);
+    assert_eq!(metric_sum(d.local_addr(), "vllm:nixl_num_failed_transfers_total", &[]).await, 0.0);
     assert_eq!(pd_requests(addr, "remote").await, 3.0);
     // the prefill sim computed the prompts and holds nothing once they were pulled
-    assert!(sim_metric(p.local_addr(), "vllm:prompt_tokens_total").await > 3.0 * 1000.0);
-    assert_eq!(sim_metric(p.local_addr(), "vllm:kv_cache_usage_perc").await, 0.0);
+    assert!(metric_sum(p.local_addr(), "vllm:prompt_tokens_total", &[]).await > 3.0 * 1000.0);
+    assert_eq!(metric_sum(p.local_addr(), "vllm:kv_cache_usage_perc", &[]).await, 0.0);
 }
 
 #[tokio::test]
@@ -346,7 +337,7 @@ async fn static_backends_are_served_disaggregated_with_the_pd_flag() {
     let body = json!({"model": MODEL, "prompt": common::text(1500, 9), "max_tokens": 4, "stream": true});
     let r = post_json(gw.local_addr(), "/v1/completions", body, &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
-    assert!(sim_metric(d.local_addr(), "vllm:external_prefix_cache_hits_total").await > 1000.0);
+    assert!(metric_sum(d.local_addr(), "vllm:external_prefix_cache_hits_total", &[]).await > 1000.0);
     assert_eq!(pd_requests(gw.local_addr(), "remote").await, 1.0);
 }
 
@@ -438,7 +429,7 @@ async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
     let r = post_json(addr, "/v1/completions", body(&second), &[]).await;
     assert_eq!(r.status, 200, "{}", r.text());
     assert_eq!(pd_requests(addr, "local-cached").await, 1.0, "the decode engine holds the first turn");
-    assert_eq!(sim_metric(p.local_addr(), "vllm:request_success_total").await, 1.0, "one prefill only");
+    assert_eq!(metric_sum(p.local_addr(), "vllm:request_success_total", &[]).await, 1.0, "one prefill only");
 }
 
 #[tokio::test]
@@ -472,7 +463,10 @@ async fn through_real_sims_a_dead_prefill_a_dead_decode_and_an_expired_lease_sta
         assert_eq!(r.status, 200, "request {i}: {}", r.text());
     }
     // every path was taken: P0's expired blocks, dead engines on both sides
-    assert!(sim_metric(d_good.local_addr(), "vllm:nixl_num_failed_transfers_total").await >= 1.0, "an expired pull");
+    assert!(
+        metric_sum(d_good.local_addr(), "vllm:nixl_num_failed_transfers_total", &[]).await >= 1.0,
+        "an expired pull"
+    );
     assert!(metric_sum(addr, "flotilla_gateway_pd_decode_retries_total", &[]).await >= 1.0);
     assert!(metric_sum(addr, "flotilla_gateway_pd_prefill_failures_total", &[]).await >= 1.0);
     assert!(pd_requests(addr, "remote").await >= 6.0, "most requests still prefilled remotely");
