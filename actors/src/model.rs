@@ -96,16 +96,21 @@ fn retire(r: &ReplicaView, reason: &str, compares: &mut Vec<Compare>, ops: &mut 
     }
 }
 
+/// Retires every replica of the model not already Draining or Stopped, for `reason`.
+fn retire_live(s: &ModelState, reason: &str, compares: &mut Vec<Compare>, ops: &mut Vec<TxnOp>) {
+    for r in s.replicas.values() {
+        if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
+            retire(r, reason, compares, ops);
+        }
+    }
+}
+
 /// The model's reconcile decision: the Raft commands that move it toward its spec.
 pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<Command> {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
     let (members, problems) = member_writes(&s.name, s.model.as_ref(), &s.members, &mut || fresh.uid());
     let Some(model) = &s.model else {
-        for r in s.replicas.values() {
-            if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
-                retire(r, "model deleted", &mut compares, &mut ops);
-            }
-        }
+        retire_live(s, "model deleted", &mut compares, &mut ops);
         return txn(compares, ops).into_iter().chain(members).collect();
     };
     if model.spec.disaggregation.is_some() {
@@ -331,11 +336,7 @@ pub fn decide(s: &ModelState, cfg: &ActorsConfig, fresh: &mut dyn Fresh) -> Vec<
 /// counts as its status.
 fn decide_disaggregated(s: &ModelState, model: &ModelView, members: Vec<Command>, problems: &[String]) -> Vec<Command> {
     let (mut compares, mut ops) = (Vec::new(), Vec::new());
-    for r in s.replicas.values() {
-        if !matches!(r.phase(), ReplicaPhase::Draining | ReplicaPhase::Stopped) {
-            retire(r, "model disaggregated: its member models serve it", &mut compares, &mut ops);
-        }
-    }
+    retire_live(s, "model disaggregated: its member models serve it", &mut compares, &mut ops);
     let mut writes: Vec<Command> = txn(compares, ops).into_iter().chain(members).collect();
     let status = parent_status(&model.name, &s.members, problems);
     if model.status != status.to_json() {
