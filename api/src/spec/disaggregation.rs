@@ -205,6 +205,7 @@ impl DisaggregationSpec {
             for (i, a) in pool.engine_args.iter().enumerate() {
                 at_most(&format!("{f}.engine_args[{i}] length"), a.len(), 4096)?;
             }
+            refuse_agent_flags(&format!("{f}.engine_args"), &pool.engine_args)?;
             if let Some(a) = &pool.autoscaling {
                 a.validate(&format!("{f}.autoscaling"))?;
             }
@@ -228,6 +229,20 @@ impl DisaggregationSpec {
 
 /// The engine arguments the agent owns for a member's engines: a Model may not set them.
 pub const KV_TRANSFER_FLAGS: [&str; 1] = ["--kv-transfer-config"];
+
+/// Refuses, naming `field[i]`, an argument of `args` that is one of [`KV_TRANSFER_FLAGS`].
+fn refuse_agent_flags(field: &str, args: &[String]) -> Result<(), ApiError> {
+    for (i, a) in args.iter().enumerate() {
+        let flag = a.split('=').next().unwrap_or(a);
+        if KV_TRANSFER_FLAGS.contains(&flag) {
+            return Err(ApiError::invalid(
+                format!("{field}[{i}]"),
+                format!("{flag} is set by the agent from spec.disaggregation; remove it"),
+            ));
+        }
+    }
+    Ok(())
+}
 
 /// The name of `model`'s member Model for `role`.
 pub fn member_name(model: &ObjectName, role: EngineRole) -> Result<ObjectName, ApiError> {
@@ -266,28 +281,9 @@ impl ModelSpec {
 
     /// The checks of a disaggregated Model's fields against each other.
     pub(crate) fn validate_disaggregation(&self) -> Result<(), ApiError> {
-        for (i, a) in self.engine_args.iter().enumerate() {
-            let flag = a.split('=').next().unwrap_or(a);
-            if KV_TRANSFER_FLAGS.contains(&flag) {
-                return Err(ApiError::invalid(
-                    format!("spec.engine_args[{i}]"),
-                    format!("{flag} is set by the agent from spec.disaggregation; remove it"),
-                ));
-            }
-        }
+        refuse_agent_flags("spec.engine_args", &self.engine_args)?;
         let Some(d) = &self.disaggregation else { return Ok(()) };
         d.validate("spec.disaggregation")?;
-        for role in EngineRole::ALL {
-            for (i, a) in d.pool(role).engine_args.iter().enumerate() {
-                let flag = a.split('=').next().unwrap_or(a);
-                if KV_TRANSFER_FLAGS.contains(&flag) {
-                    return Err(ApiError::invalid(
-                        format!("spec.disaggregation.{}.engine_args[{i}]", role.as_str()),
-                        format!("{flag} is set by the agent from spec.disaggregation.connector; remove it"),
-                    ));
-                }
-            }
-        }
         if self.kv_transfer.is_some() {
             return Err(ApiError::invalid(
                 "spec.kv_transfer",
