@@ -116,11 +116,7 @@ pub async fn run(
     };
     let refused = refused.or_else(|| a.gang.as_ref().and_then(|g| crate::gang::refusal(g, env.cfg.ray.is_some())));
     // A P/D member: its connector (refused when unknown) and the ports it needs.
-    let connector = match a.kv_transfer.as_ref().map(|k| connector_plan(k, parser, &a)) {
-        None => Ok(None),
-        Some(Ok(c)) => Ok(Some(c)),
-        Some(Err(why)) => Err(why),
-    };
+    let connector = a.kv_transfer.as_ref().map(|k| connector_plan(k, parser, &a)).transpose();
     let (refused, connector) = match (refused, connector) {
         (Some(r), _) => (Some(r), None),
         (None, Err(why)) => (Some(why), None),
