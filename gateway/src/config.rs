@@ -477,12 +477,13 @@ impl GatewayArgs {
             };
             pd.push((crate::names::ModelName::from(m.as_str()), decider));
         }
-        if self.pd_max_prefill_queue > 100_000 {
-            return usage(format!("--pd-max-prefill-queue {} is over 100000", self.pd_max_prefill_queue));
+        use flotilla_api::spec::{MAX_MIN_REMOTE_PREFILL_TOKENS, MAX_PREFILL_QUEUE};
+        if self.pd_max_prefill_queue > MAX_PREFILL_QUEUE {
+            return usage(format!("--pd-max-prefill-queue {} is over {MAX_PREFILL_QUEUE}", self.pd_max_prefill_queue));
         }
-        if self.pd_min_remote_prefill_tokens > 1 << 20 {
+        if self.pd_min_remote_prefill_tokens > MAX_MIN_REMOTE_PREFILL_TOKENS {
             return usage(format!(
-                "--pd-min-remote-prefill-tokens {} is over 1048576",
+                "--pd-min-remote-prefill-tokens {} is over {MAX_MIN_REMOTE_PREFILL_TOKENS}",
                 self.pd_min_remote_prefill_tokens
             ));
         }

@@ -126,6 +126,11 @@ fn one() -> u32 {
     1
 }
 
+/// Most `min_remote_prefill_tokens` a decider may name.
+pub const MAX_MIN_REMOTE_PREFILL_TOKENS: u32 = 1 << 20;
+/// Most `max_prefill_queue` a decider may name.
+pub const MAX_PREFILL_QUEUE: u32 = 100_000;
+
 /// When the gateway sends a request's prefill to the prefill pool, and when it lets the
 /// decode engine compute the prompt itself.
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -217,8 +222,9 @@ impl DisaggregationSpec {
                 format!("{} is not a fraction between 0 and 1", d.skip_when_cached),
             ));
         }
-        at_most(&format!("{field}.decider.min_remote_prefill_tokens"), d.min_remote_prefill_tokens, 1 << 20)?;
-        at_most(&format!("{field}.decider.max_prefill_queue"), d.max_prefill_queue, 100_000)?;
+        let min_tokens = d.min_remote_prefill_tokens;
+        at_most(&format!("{field}.decider.min_remote_prefill_tokens"), min_tokens, MAX_MIN_REMOTE_PREFILL_TOKENS)?;
+        at_most(&format!("{field}.decider.max_prefill_queue"), d.max_prefill_queue, MAX_PREFILL_QUEUE)?;
         if let Some(key) = &self.colocate {
             let labels = std::collections::BTreeMap::from([(key.clone(), String::new())]);
             crate::manifest::validate_labels(&format!("{field}.colocate"), &labels)?;

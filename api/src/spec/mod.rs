@@ -22,7 +22,8 @@ pub use autoscaling::{
 };
 pub use disaggregation::{
     member_name, served_name, DisaggregationSpec, EngineRole, KvConnector, KvTransferRole, PdDecider, RolePool,
-    KV_TRANSFER_FLAGS, MAX_DISAGGREGATED_NAME, MEMBER_OF_LABEL, ROLE_LABEL,
+    KV_TRANSFER_FLAGS, MAX_DISAGGREGATED_NAME, MAX_MIN_REMOTE_PREFILL_TOKENS, MAX_PREFILL_QUEUE, MEMBER_OF_LABEL,
+    ROLE_LABEL,
 };
 pub use model::{
     validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_GPUS_PER_REPLICA, MAX_REPLICAS,
