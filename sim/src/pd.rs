@@ -153,7 +153,7 @@ impl KvTransferConfig {
         let engine_id = match raw.engine_id {
             Some(id) if id.trim().is_empty() => return Err(SimError::invalid(FLAG, "engine_id: must not be empty")),
             Some(id) => id,
-            None => random_uuid(),
+            None => uuid::Uuid::new_v4().to_string(),
         };
         if !(link_gbps.is_finite() && link_gbps > 0.0) {
             return Err(SimError::invalid("kv-transfer-gbps", format!("must be a positive number, got {link_gbps}")));
@@ -182,17 +182,6 @@ impl KvTransferConfig {
 /// Seconds to move `bytes` over a link of `gbps` gigabits per second (10^9 bit/s).
 pub fn transfer_seconds(bytes: u64, gbps: f64) -> f64 {
     bytes as f64 * 8.0 / (gbps * 1e9)
-}
-
-/// A version-4-shaped UUID from the clock, the process id and a counter (no RNG crate).
-fn random_uuid() -> String {
-    use std::sync::atomic::{AtomicU64, Ordering};
-    static N: AtomicU64 = AtomicU64::new(0);
-    let nanos = std::time::SystemTime::now().duration_since(std::time::UNIX_EPOCH).map_or(0, |d| d.as_nanos() as u64);
-    let seed = nanos ^ u64::from(std::process::id()) << 32 ^ N.fetch_add(1, Ordering::Relaxed).wrapping_mul(0x9E37);
-    let (a, b) = (crate::text::mix(seed), crate::text::mix(seed ^ 0x5555_AAAA));
-    let hex = format!("{a:016x}{b:016x}");
-    format!("{}-{}-4{}-{}-{}", &hex[..8], &hex[8..12], &hex[13..16], &hex[16..20], &hex[20..32])
 }
 
 /// What a request's `kv_transfer_params` asks of this engine.
