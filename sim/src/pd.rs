@@ -306,9 +306,14 @@ pub fn response_params(
     })
 }
 
+/// The wall time of `sim_s` simulated seconds at `speedup`.
+pub fn sim_wall(sim_s: f64, speedup: f64) -> Duration {
+    Duration::from_secs_f64((sim_s / speedup).max(0.0))
+}
+
 /// Waits `sim_s` simulated seconds at `speedup`.
 pub async fn sleep_sim(sim_s: f64, speedup: f64) {
-    let wall = Duration::from_secs_f64((sim_s / speedup).max(0.0));
+    let wall = sim_wall(sim_s, speedup);
     if !wall.is_zero() {
         tokio::time::sleep(wall).await;
     }

@@ -400,7 +400,7 @@ async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
                 // The request's clock (TTFT, queue time) counts the modelled transfer, not
                 // the wall time of the sim's own side-channel round trip (which --speedup
                 // would magnify).
-                let wall = std::time::Duration::from_secs_f64(secs / st.cfg.speedup);
+                let wall = pd::sim_wall(secs, st.cfg.speedup);
                 let now = tokio::time::Instant::now();
                 received = now.checked_sub(wall).unwrap_or(now);
                 (n, None)
