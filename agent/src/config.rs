@@ -155,13 +155,9 @@ pub struct AgentArgs {
     /// runs.
     #[arg(long, value_delimiter = ',', requires = "container_runtime")]
     pub engine_image: Vec<String>,
-    /// YAML file saying which model and adapter sources this agent downloads: `schemes`,
-    /// `hosts` (exact or `*.suffix`), `paths` per scheme, `private_networks` allowed,
-    /// `max_bytes` per source, `free_space_margin`. Unknown fields are refused. Default:
-    /// file, https, hf and s3 from any public host, 200GiB per source; an agent whose
-    /// --address is loopback also allows http and loopback hosts. See docs/security.md.
-    #[arg(long)]
-    pub source_policy: Option<PathBuf>,
+    /// Where downloads may come from: `--source-policy`, `--hf-endpoint`, `--s3-endpoint`.
+    #[command(flatten)]
+    pub sources: crate::download::sources::SourceArgs,
     /// Stop every engine when the agent exits (dev mode). By default engines keep running
     /// and the restarted agent adopts them.
     #[arg(long)]
@@ -208,13 +204,6 @@ pub struct AgentArgs {
     /// Rotated log files kept per engine (`<replica>.log.1` .. `.N`).
     #[arg(long, default_value_t = 3)]
     pub log_keep: u32,
-    /// Hugging Face endpoint for hf:// sources (token from HF_TOKEN).
-    #[arg(long, env = "HF_ENDPOINT", default_value = "https://huggingface.co")]
-    pub hf_endpoint: String,
-    /// S3-compatible endpoint for s3:// sources (credentials from AWS_ACCESS_KEY_ID and
-    /// AWS_SECRET_ACCESS_KEY, region from AWS_REGION, default us-east-1).
-    #[arg(long, env = "FLOTILLA_S3_ENDPOINT", default_value = "https://s3.amazonaws.com")]
-    pub s3_endpoint: String,
 }
 
 /// Validated agent configuration.
@@ -404,14 +393,6 @@ impl AgentArgs {
                 format!("must be at least 1024, got {}", self.log_max_bytes),
             ));
         }
-        let mut endpoints = Vec::new();
-        for (flag, url) in [("hf-endpoint", &self.hf_endpoint), ("s3-endpoint", &self.s3_endpoint)] {
-            if !(url.starts_with("http://") || url.starts_with("https://")) {
-                return Err(AgentError::invalid(flag, format!("{url:?} must start with http:// or https://")));
-            }
-            let origin = url.trim_end_matches('/');
-            endpoints.push(crate::source_policy::Context::endpoint(origin).map_err(|e| AgentError::invalid(flag, e))?);
-        }
         let gang_interface = match self.gang_interface.as_deref().map(str::trim) {
             None => None,
             Some(i) => {
@@ -435,11 +416,8 @@ impl AgentArgs {
             }),
         };
         let loopback = address == "localhost" || address.parse::<std::net::IpAddr>().is_ok_and(|ip| ip.is_loopback());
-        let ctx = crate::source_policy::Context { loopback, endpoints, data_dir: absolute(&self.data_dir) };
-        let source_policy = match &self.source_policy {
-            None => crate::source_policy::Policy::defaults(&ctx),
-            Some(path) => load_source_policy(path, &ctx)?,
-        };
+        let source_policy =
+            self.sources.policy(loopback, &self.data_dir).map_err(|(flag, e)| AgentError::invalid(flag, e))?;
         Ok(AgentConfig {
             servers,
             tls: self.tls.clone(),
@@ -480,8 +458,8 @@ impl AgentArgs {
             drain_timeout: Duration::from_millis(self.drain_timeout_ms),
             log_max_bytes: self.log_max_bytes,
             log_keep: self.log_keep,
-            hf_endpoint: self.hf_endpoint.trim_end_matches('/').to_string(),
-            s3_endpoint: self.s3_endpoint.trim_end_matches('/').to_string(),
+            hf_endpoint: self.sources.hf_endpoint.trim_end_matches('/').to_string(),
+            s3_endpoint: self.sources.s3_endpoint.trim_end_matches('/').to_string(),
         })
     }
 
@@ -519,35 +497,6 @@ fn load_policy(path: &std::path::Path) -> Result<crate::engine_policy::Policy, A
     crate::engine_policy::PolicyFile::parse(&text)
         .and_then(|f| crate::engine_policy::Policy::new(&f))
         .map_err(|e| AgentError::invalid("engine-policy", format!("{}: {e}", path.display())))
-}
-
-/// Reads and checks a `--source-policy` file; errors name the file and the field at fault.
-fn load_source_policy(
-    path: &std::path::Path,
-    ctx: &crate::source_policy::Context,
-) -> Result<crate::source_policy::Policy, AgentError> {
-    let text = std::fs::read_to_string(path)
-        .map_err(|e| AgentError::invalid("source-policy", format!("cannot read {}: {e}", path.display())))?;
-    crate::source_policy::PolicyFile::parse(&text)
-        .and_then(|f| crate::source_policy::Policy::new(&f, ctx))
-        .map_err(|e| AgentError::invalid("source-policy", format!("{}: {e}", path.display())))
-}
-
-/// `dir` made absolute against the working directory, `.` and `..` resolved lexically.
-fn absolute(dir: &std::path::Path) -> Option<String> {
-    use std::path::Component;
-    let abs = std::path::absolute(dir).ok()?;
-    let mut parts: Vec<String> = Vec::new();
-    for c in abs.components() {
-        match c {
-            Component::Normal(p) => parts.push(p.to_str()?.to_string()),
-            Component::ParentDir => {
-                parts.pop();
-            }
-            _ => {}
-        }
-    }
-    Some(format!("/{}", parts.join("/")))
 }
 
 /// `A100-80GB` → 81920 MiB.
@@ -781,7 +730,6 @@ alow: [--port]
         let missing = dir.path().join("missing.yaml");
         assert_eq!(flag(parse(&["--source-policy", missing.to_str().unwrap()])), "source-policy");
         assert_eq!(flag(parse(&["--hf-endpoint", "https://user@h"])), "hf-endpoint");
-        assert_eq!(absolute(std::path::Path::new("/a/./b/../c")).as_deref(), Some("/a/c"));
     }
 
     #[test]

@@ -340,3 +340,45 @@ async fn an_adopted_engine_whose_source_the_new_policy_refuses_is_stopped_and_fa
     assert!(!state.contains("v-0"), "forgotten by the state file: {state}");
     drop(second);
 }
+
+/// A file set (a gateway's tokenizer files) of a hub repository and of a directory: only its
+/// files are requested and cached, apart from the whole source; a source without any fails.
+#[tokio::test]
+async fn a_file_set_fetches_only_its_files_and_is_cached_apart() {
+    use flotilla_agent::download::FileSet;
+    const TOKENIZER: FileSet = FileSet { name: "tokenizer", keep: |p| p.to_str() == Some("tokenizer.json") };
+    let listing = r#"{"siblings":[{"rfilename":"tokenizer.json"},{"rfilename":"model.safetensors"}]}"#;
+    let hf = server(vec![
+        ("/api/models/org/m", Answer::Body(listing.as_bytes().to_vec())),
+        ("/org/m/resolve/main/tokenizer.json", Answer::Body(b"{\"tok\":1}".to_vec())),
+        ("/org/m/resolve/main/model.safetensors", Answer::Body(vec![0; 4096])),
+        ("/api/models/org/weights-only", Answer::Body(br#"{"siblings":[{"rfilename":"w.bin"}]}"#.to_vec())),
+    ])
+    .await;
+    let dir = tempfile::tempdir().unwrap();
+    let models = dir.path().join("cache");
+    std::fs::create_dir_all(&models).unwrap();
+    let d = downloader(models.clone(), &format!("http://{}", hf.addr), "", true);
+    let got = d.fetch_files("hf://org/m", &TOKENIZER, &|_| {}).await.unwrap();
+    assert_eq!(std::fs::read(got.join("tokenizer.json")).unwrap(), b"{\"tok\":1}");
+    assert!(!got.join("model.safetensors").exists());
+    let heads = hf.heads.lock().unwrap().join("\n");
+    assert!(!heads.contains("model.safetensors"), "the weights were requested: {heads}");
+    assert_eq!(got, models.join(Downloader::files_key("hf://org/m", &TOKENIZER)));
+    assert_ne!(Downloader::files_key("hf://org/m", &TOKENIZER), Downloader::key("hf://org/m"));
+    let before = hf.hits.load(Ordering::SeqCst);
+    d.fetch_files("hf://org/m", &TOKENIZER, &|_| {}).await.unwrap();
+    assert_eq!(hf.hits.load(Ordering::SeqCst), before, "cached: nothing requested again");
+    let err = d.fetch_files("hf://org/weights-only", &TOKENIZER, &|_| {}).await.unwrap_err();
+    assert!(err.contains("has no tokenizer files"), "{err}");
+
+    let src_dir = dir.path().join("model");
+    std::fs::create_dir_all(src_dir.join("sub")).unwrap();
+    std::fs::write(src_dir.join("tokenizer.json"), "{}").unwrap();
+    std::fs::write(src_dir.join("w.bin"), "weights").unwrap();
+    let local = d.fetch_files(&format!("file://{}", src_dir.display()), &TOKENIZER, &|_| {}).await.unwrap();
+    let names: Vec<_> = std::fs::read_dir(&local).unwrap().map(|e| e.unwrap().file_name()).collect();
+    assert_eq!(names, ["tokenizer.json"]);
+    let single = d.fetch_files(&format!("file://{}/w.bin", src_dir.display()), &TOKENIZER, &|_| {}).await;
+    assert!(single.unwrap_err().contains("has no tokenizer files"));
+}

@@ -26,6 +26,7 @@ pub mod guard;
 pub mod http;
 pub mod local;
 pub mod s3;
+pub mod sources;
 
 use std::collections::HashMap;
 use std::path::{Path, PathBuf};
@@ -48,6 +49,16 @@ pub struct Downloader {
     s3: s3::S3Config,
     guard: Guard,
     locks: Mutex<HashMap<String, Arc<tokio::sync::Mutex<()>>>>,
+}
+
+/// A named subset of a source's files, fetched and cached apart from the whole source
+/// ([`Downloader::fetch_files`]): a gateway needs a model's tokenizer files, not its weights.
+#[derive(Debug, Clone, Copy)]
+pub struct FileSet {
+    /// Part of the cache key: two sets of one source are two cache entries.
+    pub name: &'static str,
+    /// Whether a file (its path relative to the source's root) belongs to the set.
+    pub keep: fn(&Path) -> bool,
 }
 
 /// Where a download stands, given to [`Downloader::fetch`]'s callback as bytes arrive.
@@ -175,22 +186,52 @@ impl Downloader {
         hex::encode(Sha256::digest(base.as_bytes()))
     }
 
+    /// The cache key of `set`'s files of a source.
+    pub fn files_key(source: &str, set: &FileSet) -> String {
+        let base = source.split_once('#').map(|(b, _)| b).unwrap_or(source);
+        hex::encode(Sha256::digest(format!("{base}\0files:{}", set.name).as_bytes()))
+    }
+
     /// Returns the local path of `source`, downloading it first if needed.
     /// `progress` gets the fraction done and the bytes so far as they arrive.
     pub async fn fetch(&self, source: &str, progress: &(dyn Fn(Progress) + Send + Sync)) -> Result<PathBuf, String> {
+        self.fetch_where(source, None, progress).await
+    }
+
+    /// Returns a local directory holding only `set`'s files of `source` (a directory
+    /// source: `hf://`, an `s3://` prefix, a `file://` directory), downloading them first if
+    /// needed; the other files are never fetched. Fails when the source has none of them.
+    pub async fn fetch_files(
+        &self,
+        source: &str,
+        set: &FileSet,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<PathBuf, String> {
+        self.fetch_where(source, Some(set), progress).await
+    }
+
+    async fn fetch_where(
+        &self,
+        source: &str,
+        set: Option<&FileSet>,
+        progress: &(dyn Fn(Progress) + Send + Sync),
+    ) -> Result<PathBuf, String> {
         let target = self.guard.source(source).map_err(FetchError::into_message)?;
         if target.scheme.has_host() {
             // Its addresses too, before a cached copy is handed out.
             self.guard.request(source).await.map_err(FetchError::into_message)?;
         }
-        let key = Self::key(source);
+        let key = match set {
+            None => Self::key(source),
+            Some(set) => Self::files_key(source, set),
+        };
         let lock = {
             let mut g = self.locks.lock().unwrap_or_else(|p| p.into_inner());
             g.entry(key.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
         let local = (target.scheme == Scheme::File).then_some(target.path.as_str());
-        match self.fetch_locked(source, &key, local, progress).await {
+        match self.fetch_locked(source, &key, local, set, progress).await {
             Ok(p) => Ok(p),
             Err(FetchError::Failed(m)) => Err(m),
             Err(FetchError::Refused(m)) => {
@@ -202,12 +243,13 @@ impl Downloader {
     }
 
     /// [`Downloader::fetch`] under the source's lock; `local` is a file:// source's
-    /// normalised path (the one the policy checked).
+    /// normalised path (the one the policy checked); `set`: only those files.
     async fn fetch_locked(
         &self,
         source: &str,
         key: &str,
         local_path: Option<&str>,
+        set: Option<&FileSet>,
         progress: &(dyn Fn(Progress) + Send + Sync),
     ) -> Result<PathBuf, FetchError> {
         let (base, fragment) = source.split_once('#').unwrap_or((source, ""));
@@ -223,7 +265,14 @@ impl Downloader {
         let done = self.root.join(key);
         let marker_path = self.root.join(format!("{key}.json"));
         let local = match local_path {
-            Some(path) => Some(local::list(Path::new(path)).await?),
+            Some(path) => {
+                let (mut files, single) = local::list(Path::new(path)).await?;
+                if let Some(set) = set {
+                    files.retain(|f| !single && (set.keep)(&f.rel));
+                    none_of(set, source, files.is_empty())?;
+                }
+                Some((files, single))
+            }
             None => None,
         };
         let stamp = local.as_ref().map(|(files, _)| local::stamp(files)).unwrap_or_default();
@@ -253,7 +302,14 @@ impl Downloader {
                     .collect(),
                 *single,
             ),
-            None => self.list(base).await?,
+            None => {
+                let (mut items, single) = self.list(base).await?;
+                if let Some(set) = set {
+                    items.retain(|i| !single && (set.keep)(&i.rel));
+                    none_of(set, source, items.is_empty())?;
+                }
+                (items, single)
+            }
         };
         if sha256.is_some() && items.len() != 1 {
             return Err("a #sha256= fragment needs a single-file source".to_string().into());
@@ -439,6 +495,14 @@ impl Downloader {
             return Err(format!("no usable object names under {source}"));
         }
         Ok((items, single))
+    }
+}
+
+/// The error when a source has none of `set`'s files.
+fn none_of(set: &FileSet, source: &str, empty: bool) -> Result<(), String> {
+    match empty {
+        true => Err(format!("{} has no {} files", url::shown(source), set.name)),
+        false => Ok(()),
     }
 }
 
