@@ -197,7 +197,7 @@ mod tests {
         assert_eq!(m.metadata.name.as_str(), "llama");
         let Spec::Model(s) = &m.spec else { panic!("not a model") };
         assert_eq!((s.replicas, s.gpus), (2, 1));
-        assert_eq!(s.routing, crate::spec::RoutingStrategy::LeastRequest);
+        assert_eq!(s.routing, crate::spec::RoutingStrategy::Auto);
     }
 
     #[test]

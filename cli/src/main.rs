@@ -106,7 +106,7 @@ enum Command {
     /// Run the OpenAI-compatible gateway: routes requests across the cluster's engines.
     ///
     /// Example: flotilla gateway --server 10.0.0.1:7070 --listen 0.0.0.0:8080
-    Gateway(flotilla_gateway::GatewayArgs),
+    Gateway(cmd::gateway::GatewayCmd),
     /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
@@ -225,7 +225,8 @@ async fn run(cli: Cli) -> Result<(), CliError> {
             args.tls = tls;
             flotilla_agent::run(*args).await.map_err(CliError::from)
         }
-        Command::Gateway(mut args) => {
+        Command::Gateway(cmd) => {
+            let mut args = cmd.into_args()?;
             // static backends alone: no control plane unless one is named
             args.server = match &cli.server {
                 None if !args.backends.is_empty() => Vec::new(),

@@ -46,6 +46,8 @@ pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool
         Format::Table if single && objects.len() == 1 && objects[0].kind == "Model" => {
             print_table(&object_rows(objects));
             let doc = object_doc(&objects[0]);
+            println!();
+            println!("{}", routing_line(&doc["spec"]));
             if !doc["spec"]["disaggregation"].is_null() {
                 println!();
                 print_table(&role_rows(&doc));
@@ -208,6 +210,27 @@ fn adapter_placement_rows(doc: &Value) -> Vec<Vec<String>> {
     rows
 }
 
+/// How gateways route a Model's requests, and with what they key its prompts (the KV-aware
+/// strategies need the model's tokenizer; docs/gateway.md).
+fn routing_line(spec: &Value) -> String {
+    let routing = spec["routing"].as_str().unwrap_or("auto");
+    let how = match routing {
+        "auto" => "auto: kv-aware once the engines publish KV events (agent --kv-events), least-request until then",
+        "kv-aware" => "kv-aware",
+        other => return format!("Routing: {other}"),
+    };
+    let source = spec["source"].as_str().unwrap_or_default();
+    let keys = if spec["engine"].as_str() == Some("sim") {
+        "prompts keyed with token ids (the sim's tokenizer)"
+    } else if source.starts_with("http://") || source.starts_with("https://") {
+        "prompts keyed approximately: a single-file source has no tokenizer files"
+    } else {
+        "prompts keyed with token ids from the source's tokenizer files, which each gateway \
+         fetches (approximately where it cannot: metric flotilla_gateway_kv_token_exact)"
+    };
+    format!("Routing: {how}; {keys}")
+}
+
 /// A disaggregated Model's roles: the member Model serving each, its pool and counts.
 fn role_rows(doc: &Value) -> Vec<Vec<String>> {
     let d = &doc["spec"]["disaggregation"];
@@ -273,6 +296,18 @@ pub(crate) fn print_table(rows: &[Vec<String>]) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_routing_line_says_how_prompts_are_keyed() {
+        let line = |v: Value| routing_line(&v);
+        assert_eq!(line(serde_json::json!({"routing": "round-robin", "source": "hf://o/m"})), "Routing: round-robin");
+        let sim = line(serde_json::json!({"engine": "sim", "source": "hf://o/m"}));
+        assert!(sim.starts_with("Routing: auto: kv-aware once") && sim.ends_with("(the sim's tokenizer)"), "{sim}");
+        let gguf = line(serde_json::json!({"routing": "kv-aware", "source": "https://h/m.gguf"}));
+        assert_eq!(gguf, "Routing: kv-aware; prompts keyed approximately: a single-file source has no tokenizer files");
+        let hf = line(serde_json::json!({"routing": "kv-aware", "source": "hf://o/m"}));
+        assert!(hf.contains("from the source's tokenizer files, which each gateway fetches"), "{hf}");
+    }
 
     #[test]
     fn a_disaggregated_model_shows_its_roles() {

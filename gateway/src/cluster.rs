@@ -153,6 +153,7 @@ pub fn model_info(spec_json: &str, status_json: &str) -> ModelInfo {
             .get("disaggregation")
             .and_then(|d| serde_json::from_value::<flotilla_api::spec::DisaggregationSpec>(d.clone()).ok())
             .map(|d| d.decider),
+        source: spec.get("source").and_then(serde_json::Value::as_str).map(std::sync::Arc::from),
     }
 }
 
@@ -288,8 +289,8 @@ mod tests {
         let m = model_info(r#"{"source":"hf://x","routing":"kv-aware","engine":"sim"}"#, "{}");
         assert_eq!((m.routing, m.sim_engine), (RoutingStrategy::KvAware, true));
         let m = model_info(r#"{"source":"hf://x","engine":"vllm"}"#, "{}");
-        assert_eq!((m.routing, m.sim_engine), (RoutingStrategy::LeastRequest, false));
-        assert_eq!(model_info("not json", "{}").routing, RoutingStrategy::LeastRequest);
+        assert_eq!((m.routing, m.sim_engine), (RoutingStrategy::Auto, false));
+        assert_eq!(model_info("not json", "{}").routing, RoutingStrategy::Auto);
     }
 
     #[test]

@@ -201,6 +201,10 @@ pub struct GatewayArgs {
     /// Filled in by the binary from its global `--tls-*` flags.
     #[arg(skip)]
     pub tls: Option<std::sync::Arc<flotilla_security::Tls>>,
+    /// Fetches Models' tokenizer files from their sources; filled in by the binary
+    /// (`--tokenizer-cache`, `--source-policy`, ...). None: only `--tokenizer` and sims.
+    #[arg(skip)]
+    pub tokenizer_fetcher: Option<crate::source_tokenizers::TokenizerFetcher>,
 }
 
 impl Default for GatewayArgs {
@@ -281,6 +285,8 @@ pub struct Config {
     pub pd: Vec<(crate::names::ModelName, flotilla_api::spec::PdDecider)>,
     /// `--tokenizer`, loaded.
     pub tokenizers: crate::prompt_tokens::Tokenizers,
+    /// Fetches the tokenizers of Models routed on token ids (None: not fetched).
+    pub tokenizer_fetcher: Option<crate::source_tokenizers::TokenizerFetcher>,
     pub kv: crate::routing::kv_aware::KvAwareConfig,
     pub kv_index_capacity: usize,
     pub scrape_interval: Option<Duration>,
@@ -544,6 +550,7 @@ impl GatewayArgs {
             routing,
             pd,
             tokenizers,
+            tokenizer_fetcher: self.tokenizer_fetcher.clone(),
             kv: crate::routing::kv_aware::KvAwareConfig {
                 load_weight: self.kv_load_weight,
                 pending_weight: self.kv_pending_weight,

@@ -1,5 +1,5 @@
 //! Keeps one KV event follower ([`crate::kv_follow`]) per endpoint of every `kv-aware`
-//! model in the endpoint table, and each such model's [`KvIndex`]: followers start when an
+//! model in the endpoint table (and every `auto` one whose prompts the gateway can key), and each such model's [`KvIndex`]: followers start when an
 //! endpoint appears, stop (taking the engine's entries along) when it leaves or its model
 //! stops being kv-aware, and start again after a broken stream. An engine that publishes
 //! nothing (`GET /kv_event_sources` answers `{}`) is asked again every
@@ -69,7 +69,13 @@ pub async fn run(gw: Weak<Gateway>) {
 
 fn reconcile(gw: &Arc<Gateway>, running: &mut HashMap<Key, Running>) {
     let set = gw.dir.endpoints();
-    let want = wanted(set.by_model.values().flatten(), |m| gw.routing_of(m) == RoutingStrategy::KvAware);
+    // kv-aware models, and auto ones whose prompts the gateway can key (to learn whether
+    // their engines publish)
+    let want = wanted(set.by_model.values().flatten(), |m| match gw.configured_routing(m) {
+        RoutingStrategy::KvAware => true,
+        RoutingStrategy::Auto => gw.token_exact(m),
+        _ => false,
+    });
     running.retain(|k, r| {
         let keep = want.contains(k);
         if !keep {

@@ -43,6 +43,7 @@ pub mod qos;
 pub mod request;
 pub mod routing;
 pub mod server;
+pub mod source_tokenizers;
 pub mod sse;
 pub mod state;
 pub mod table;
@@ -155,6 +156,9 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
         background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Model")));
         background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Tenant")));
         background.push(tokio::spawn(cluster::watch_objects(gw.clone(), cfg.servers.clone(), "Adapter")));
+        if let Some(fetcher) = cfg.tokenizer_fetcher.clone() {
+            background.push(tokio::spawn(source_tokenizers::run(Arc::downgrade(&gw), fetcher)));
+        }
     }
     if gw.loader.enabled() {
         background.push(tokio::spawn(ondemand::report_loop(Arc::downgrade(&gw))));

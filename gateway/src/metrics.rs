@@ -90,6 +90,12 @@ pub struct ModelLabels {
 }
 
 #[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+pub struct FetchLabels {
+    /// `ok` or `error`.
+    pub result: String,
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
 pub struct PdLabels {
     pub model: String,
     /// `remote` (prefilled on the prefill pool), `local-short`, `local-cached` (the decider
@@ -149,6 +155,11 @@ pub struct Metrics {
     pub kv_followers: Family<ModelLabels, Gauge>,
     /// kv-aware: followers that stopped (stream broken, gap not replayable) and restarted.
     pub kv_follow_restarts: Family<ModelLabels, Counter>,
+    /// Tokenizer fetches from Models' sources by result (`source_tokenizers`).
+    pub tokenizer_fetches: Family<FetchLabels, Counter>,
+    /// 1 where a model routed on token ids has its tokenizer here, 0 where its prompts are
+    /// keyed approximately.
+    pub kv_token_exact: Family<ModelLabels, Gauge>,
     /// P/D: requests of a disaggregated model by how they were split.
     pub pd_requests: Family<PdLabels, Counter>,
     /// P/D: the prefill leg's time (request to the prefill engine's answer).
@@ -200,6 +211,18 @@ impl Metrics {
         let kv_index_bytes = Family::default();
         let kv_followers = Family::default();
         let kv_follow_restarts = Family::default();
+        let tokenizer_fetches = Family::default();
+        let kv_token_exact = Family::default();
+        registry.register(
+            "tokenizer_fetches",
+            "Tokenizer fetches from Models' sources (for kv-aware routing) by result",
+            tokenizer_fetches.clone(),
+        );
+        registry.register(
+            "kv_token_exact",
+            "1 where a model routed on token ids has its tokenizer (prompts keyed exactly), 0 where keyed approximately",
+            kv_token_exact.clone(),
+        );
         let pd_requests = Family::default();
         let pd_prefill_seconds =
             Family::<ModelLabels, Histogram, fn() -> Histogram>::new_with_constructor(latency_hist);
@@ -343,6 +366,8 @@ impl Metrics {
             kv_index_bytes,
             kv_followers,
             kv_follow_restarts,
+            tokenizer_fetches,
+            kv_token_exact,
             pd_requests,
             pd_prefill_seconds,
             pd_prefill_failures,

@@ -278,7 +278,10 @@ async fn forward_request(
         span.record("model", name.as_str());
         span.record("tenant", caller.name.as_str());
     }
-    let strategy = policy.routing.unwrap_or_else(|| gw.routing_of(base_model.as_str()));
+    let strategy = gw.resolve_routing(
+        policy.routing.unwrap_or_else(|| gw.configured_routing(base_model.as_str())),
+        base_model.as_str(),
+    );
     if strategy == flotilla_api::spec::RoutingStrategy::KvAware && adapter.is_none() {
         // an adapter's blocks are keyed by the engine's adapter id: routed without them
         features.tokens = gw.prompt_tokens(base_model.as_str(), kind, &bytes).map(Into::into);

@@ -12,6 +12,10 @@ use hyper_util::client::legacy::connect::HttpConnector;
 use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 
+use std::sync::Arc;
+
+use flotilla_api::spec::RoutingStrategy;
+
 use crate::admission::Admission;
 use crate::concurrency::InFlight;
 use crate::config::Config;
@@ -21,6 +25,7 @@ use crate::limits::Limits;
 use crate::load::LoadBook;
 use crate::metrics::Metrics;
 use crate::ondemand::Loader;
+use crate::prompt_tokens::PromptTokenizer;
 use crate::routing::prefix::PrefixConfig;
 use crate::routing::Router;
 use crate::table::Directory;
@@ -43,6 +48,8 @@ pub struct Gateway {
     pub holds: Holds,
     pub demand: std::sync::Arc<DemandBook>,
     pub in_flight: InFlight,
+    /// Tokenizers fetched from the Models' sources.
+    pub fetched_tokenizers: crate::source_tokenizers::SourceTokenizers,
 }
 
 impl Gateway {
@@ -80,6 +87,7 @@ impl Gateway {
             metrics,
             client,
             loader,
+            fetched_tokenizers: Default::default(),
             cfg,
         }
     }
@@ -110,23 +118,59 @@ impl Gateway {
             || self.dir.endpoints().resolve(name).is_some()
     }
 
-    /// The routing strategy of `model`: its `--routing` flag, else its Model's `routing`.
-    pub fn routing_of(&self, model: &str) -> flotilla_api::spec::RoutingStrategy {
+    /// The configured routing strategy of `model`: its `--routing` flag, else its Model's
+    /// `routing` (`auto` when it names none).
+    pub fn configured_routing(&self, model: &str) -> RoutingStrategy {
         match self.cfg.routing.iter().find(|(m, _)| m.as_str() == model) {
             Some((_, s)) => *s,
             None => self.dir.routing_of(model),
         }
     }
 
-    /// The prompt's token ids under `model`'s tokenizer: its `--tokenizer`, else the sim's
-    /// for an `engine: sim` Model; None without one ([`crate::prompt_tokens`]).
-    pub fn prompt_tokens(&self, model: &str, kind: crate::request::ApiKind, body: &[u8]) -> Option<Vec<u32>> {
-        use crate::prompt_tokens::{encode_with, SimTokenizer};
-        match self.cfg.tokenizers.get(model) {
-            Some(t) => encode_with(t.as_ref(), kind, body),
-            None if self.dir.model(model).is_some_and(|m| m.sim_engine) => encode_with(&SimTokenizer, kind, body),
-            None => None,
+    /// The strategy a request for `model` asking for `s` is routed with: `auto` is
+    /// `kv-aware` once the gateway keys the model's prompts with token ids and the model's
+    /// engines have told it (KV events) what they hold, `least-request` until then.
+    pub fn resolve_routing(&self, s: RoutingStrategy, model: &str) -> RoutingStrategy {
+        match s {
+            RoutingStrategy::Auto if self.token_exact(model) && self.router.kv_aware.has_events(model) => {
+                RoutingStrategy::KvAware
+            }
+            RoutingStrategy::Auto => RoutingStrategy::LeastRequest,
+            s => s,
         }
+    }
+
+    /// The strategy `model`'s requests are routed with ([`Gateway::resolve_routing`] of its
+    /// configured one).
+    pub fn routing_of(&self, model: &str) -> RoutingStrategy {
+        self.resolve_routing(self.configured_routing(model), model)
+    }
+
+    /// `model`'s tokenizer: its `--tokenizer`, else the sim's for an `engine: sim` Model,
+    /// else the one fetched from its source ([`crate::source_tokenizers`]).
+    fn tokenizer_of(&self, model: &str) -> Option<Arc<dyn PromptTokenizer>> {
+        if let Some(t) = self.cfg.tokenizers.get(model) {
+            return Some(t.clone());
+        }
+        if self.dir.model(model).is_some_and(|m| m.sim_engine) {
+            static SIM: std::sync::LazyLock<Arc<dyn PromptTokenizer>> =
+                std::sync::LazyLock::new(|| Arc::new(crate::prompt_tokens::SimTokenizer));
+            return Some(SIM.clone());
+        }
+        self.fetched_tokenizers.get(model)
+    }
+
+    /// Whether `model`'s prompts are keyed with the engine's token ids (it has a tokenizer).
+    pub fn token_exact(&self, model: &str) -> bool {
+        self.cfg.tokenizers.get(model).is_some()
+            || self.dir.model(model).is_some_and(|m| m.sim_engine)
+            || self.fetched_tokenizers.get(model).is_some()
+    }
+
+    /// The prompt's token ids under `model`'s tokenizer ([`Gateway::tokenizer_of`]); None
+    /// without one ([`crate::prompt_tokens`]).
+    pub fn prompt_tokens(&self, model: &str, kind: crate::request::ApiKind, body: &[u8]) -> Option<Vec<u32>> {
+        crate::prompt_tokens::encode_with(self.tokenizer_of(model)?.as_ref(), kind, body)
     }
 
     /// The `model` label of a request for `name` answered with `code` ([`label_of`]).

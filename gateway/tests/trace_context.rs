@@ -140,7 +140,8 @@ async fn the_request_spans_form_one_tree_under_the_clients_traceparent() {
 
     let route = &spans["gateway.route"];
     let strategy = attr(route, "strategy").and_then(|v| string(&v)).unwrap_or_default();
-    assert_eq!(strategy, format!("{:?}", flotilla_api::spec::RoutingStrategy::default()), "{route:?}");
+    // the default, auto, resolved: least-request (the engine publishes no KV events)
+    assert_eq!(strategy, format!("{:?}", flotilla_api::spec::RoutingStrategy::LeastRequest), "{route:?}");
     assert_eq!(attr(route, "candidates"), Some(Value::IntValue(1)));
     let endpoint = attr(route, "endpoint").and_then(|v| string(&v)).expect("route endpoint");
     assert!(endpoint.contains(&engine.port().to_string()), "{endpoint}");

@@ -230,6 +230,7 @@ impl Downloader {
             g.entry(key.clone()).or_default().clone()
         };
         let _guard = lock.lock().await;
+        let _across = self.lock_across_processes(&key).await?;
         let local = (target.scheme == Scheme::File).then_some(target.path.as_str());
         match self.fetch_locked(source, &key, local, set, progress).await {
             Ok(p) => Ok(p),
@@ -240,6 +241,27 @@ impl Downloader {
                 Err(m)
             }
         }
+    }
+
+    /// Holds `<root>/<key>.lock` exclusively (flock, released when the file is dropped):
+    /// processes sharing one cache (gateways on one host) fetch a source one at a time.
+    async fn lock_across_processes(&self, key: &str) -> Result<std::fs::File, String> {
+        let path = self.root.join(format!("{key}.lock"));
+        tokio::task::spawn_blocking(move || {
+            use std::os::unix::fs::OpenOptionsExt;
+            let file = std::fs::OpenOptions::new()
+                .create(true)
+                .truncate(false)
+                .write(true)
+                .mode(flotilla_security::private_dir::FILE_MODE)
+                .open(&path)
+                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
+                .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
+            Ok(file)
+        })
+        .await
+        .map_err(|e| e.to_string())?
     }
 
     /// [`Downloader::fetch`] under the source's lock; `local` is a file:// source's

@@ -24,10 +24,13 @@ pub enum EngineKind {
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, Hash, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case")]
 pub enum RoutingStrategy {
+    /// The default: `kv-aware` once the model's engines publish KV events and the gateway
+    /// has the model's tokenizer, `least-request` until then (decided per request).
+    #[default]
+    Auto,
     Random,
     RoundRobin,
     /// Fewest requests in flight (the gateway's own count plus the engine's queue).
-    #[default]
     LeastRequest,
     /// Lowest engine KV-cache usage.
     LeastKvCache,
@@ -45,7 +48,8 @@ pub enum RoutingStrategy {
 }
 
 impl RoutingStrategy {
-    pub const ALL: [RoutingStrategy; 9] = [
+    pub const ALL: [RoutingStrategy; 10] = [
+        RoutingStrategy::Auto,
         RoutingStrategy::Random,
         RoutingStrategy::RoundRobin,
         RoutingStrategy::LeastRequest,
@@ -60,6 +64,7 @@ impl RoutingStrategy {
     /// The kebab-case name used in specs and the `x-flotilla-routing` header.
     pub fn as_str(self) -> &'static str {
         match self {
+            RoutingStrategy::Auto => "auto",
             RoutingStrategy::Random => "random",
             RoutingStrategy::RoundRobin => "round-robin",
             RoutingStrategy::LeastRequest => "least-request",

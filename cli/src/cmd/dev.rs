@@ -73,6 +73,12 @@ struct AgentFlags {
 }
 
 #[derive(Parser)]
+struct SourceFlags {
+    #[command(flatten)]
+    sources: flotilla_agent::download::sources::SourceArgs,
+}
+
+#[derive(Parser)]
 struct GatewayFlags {
     #[command(flatten)]
     gateway: flotilla_gateway::GatewayArgs,
@@ -129,6 +135,9 @@ pub(crate) async fn run(args: DevArgs) -> Result<(), CliError> {
         .gateway;
     gateway_args.server = vec![grpc.clone()];
     gateway_args.tls = tls.as_ref().map(|t| t.gateway.clone());
+    let sources = SourceFlags::try_parse_from(["gateway"]).map_err(|e| CliError::usage(e.to_string()))?.sources;
+    gateway_args.tokenizer_fetcher =
+        Some(super::gateway::fetcher(&sources, args.data_dir.join("gateway-tokenizers"), true)?);
     let gateway = flotilla_gateway::start(gateway_args).await.map_err(CliError::from)?;
     let gateway_addr = gateway.local_addr();
     eprintln!("gateway listening on http://{gateway_addr} (auth off)");

@@ -3,6 +3,7 @@ pub(crate) mod audit;
 pub(crate) mod cluster;
 pub(crate) mod dev;
 pub(crate) mod events;
+pub(crate) mod gateway;
 pub(crate) mod node;
 pub(crate) mod objects;
 pub(crate) mod rollout;

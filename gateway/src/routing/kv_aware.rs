@@ -145,6 +145,12 @@ impl KvAware {
         self.indexes.read().unwrap_or_else(|p| p.into_inner()).get(model).cloned()
     }
 
+    /// Whether `model`'s engines have told this gateway (KV events) of blocks they hold.
+    pub fn has_events(&self, model: &str) -> bool {
+        let indexes = self.indexes.read().unwrap_or_else(|p| p.into_inner());
+        indexes.get(model).is_some_and(|ix| lock(ix).entries() > 0)
+    }
+
     /// Chooses among `endpoints` (parallel with `load`, all of one model).
     pub fn decide(
         &self,

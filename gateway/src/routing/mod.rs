@@ -69,8 +69,11 @@ impl Router {
         }
     }
 
+    /// The strategy named `s`; `auto` is resolved by the gateway before it picks
+    /// ([`crate::state::Gateway::resolve_routing`]), and is least-request here.
     pub fn strategy(&self, s: RoutingStrategy) -> &dyn Strategy {
         match s {
+            RoutingStrategy::Auto => &self.least_request,
             RoutingStrategy::Random => &self.random,
             RoutingStrategy::RoundRobin => &self.round_robin,
             RoutingStrategy::LeastRequest => &self.least_request,

@@ -19,7 +19,7 @@ use crate::lora::{AdapterInfo, Overlay, OVERLAY_TTL};
 use crate::names::{AdapterName, ModelName};
 
 /// A watched `Model` object as the gateway needs it.
-#[derive(Debug, Clone, Copy, Default, PartialEq)]
+#[derive(Debug, Clone, Default, PartialEq)]
 pub struct ModelInfo {
     /// The spec's routing strategy.
     pub routing: RoutingStrategy,
@@ -32,6 +32,8 @@ pub struct ModelInfo {
     /// A disaggregated model (`spec.disaggregation`): its decider; its pools are its member
     /// models ([`crate::pd`]).
     pub pd: Option<flotilla_api::spec::PdDecider>,
+    /// The spec's `source` (where its tokenizer files are fetched from, [`crate::source_tokenizers`]).
+    pub source: Option<std::sync::Arc<str>>,
 }
 
 impl ModelInfo {
@@ -186,7 +188,7 @@ impl Directory {
     }
     /// The watched `Model` object `name`, if it exists.
     pub fn model(&self, name: &str) -> Option<ModelInfo> {
-        self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).copied()
+        self.models.read().unwrap_or_else(|e| e.into_inner()).get(name).cloned()
     }
     /// Installs the watched `Model` objects. A model whose endpoints are being carried over
     /// ([`carry_over`]) and that was deleted or scaled to zero loses them now.
