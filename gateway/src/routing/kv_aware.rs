@@ -25,7 +25,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
-use super::kv_index::{block_keys, KvIndex};
+use super::kv_index::{block_keys, Held, KvIndex};
 use super::prefix::PrefixCache;
 use super::{argmin_by, Strategy};
 use crate::load::EndpointLoad;
@@ -72,26 +72,26 @@ pub struct Candidate {
     pub cost: f64,
 }
 
-/// The candidates' costs (pure): `held` is each endpoint's (held, speculative) leading
-/// blocks, parallel with `load`.
+/// The candidates' costs (pure): `held` is what each endpoint holds of the prompt's
+/// leading blocks, parallel with `load`. Offloaded blocks still count as cached.
 pub fn costs(
     prompt_tokens: usize,
     block_size: usize,
-    held: &[(usize, usize)],
+    held: &[Held],
     load: &[EndpointLoad],
     cfg: &KvAwareConfig,
 ) -> Vec<Candidate> {
     held.iter()
         .zip(load)
-        .map(|(&(blocks, spec), l)| {
-            let cached_tokens = (blocks * block_size).min(prompt_tokens);
+        .map(|(h, l)| {
+            let cached_tokens = (h.blocks * block_size).min(prompt_tokens);
             let uncached = (prompt_tokens - cached_tokens) as f64;
             let queue = l.queue();
             let cost =
                 cfg.prefill_weight * uncached + cfg.pending_weight * l.prefill_pending as f64 + cfg.load_weight * queue;
             Candidate {
                 cached_tokens,
-                speculative_tokens: (spec * block_size).min(cached_tokens),
+                speculative_tokens: (h.speculative * block_size).min(cached_tokens),
                 pending_prefill: l.prefill_pending,
                 queue,
                 cost,
@@ -218,19 +218,24 @@ mod tests {
         EndpointLoad { in_flight: queue as u32, prefill_pending: pending, ..Default::default() }
     }
 
+    /// `blocks` leading blocks on the GPU, `speculative` of them only speculated.
+    fn gpu(blocks: usize, speculative: usize) -> Held {
+        Held { blocks, offloaded: 0, speculative }
+    }
+
     #[test]
     fn cost_weighs_uncached_tokens_against_load() {
         let cfg = KvAwareConfig::default();
         // 1,000-token prompt, blocks of 16: e0 holds 50 blocks (800 tokens) but is busy
-        let c = costs(1000, 16, &[(50, 10), (0, 0)], &[load(2.0, 100), load(0.0, 0)], &cfg);
+        let c = costs(1000, 16, &[gpu(50, 10), gpu(0, 0)], &[load(2.0, 100), load(0.0, 0)], &cfg);
         assert_eq!((c[0].cached_tokens, c[0].speculative_tokens), (800, 160));
         assert_eq!(c[0].cost, 200.0 + 0.5 * 100.0 + 2.0 * 64.0);
         assert_eq!(c[1].cost, 1000.0);
         // a prompt shorter than what is held is all cached, never negative
-        let c = costs(10, 16, &[(1, 0)], &[load(0.0, 0)], &cfg);
+        let c = costs(10, 16, &[gpu(1, 0)], &[load(0.0, 0)], &cfg);
         assert_eq!((c[0].cached_tokens, c[0].cost), (10, 0.0));
         // enough queue outweighs the hit
-        let c = costs(1000, 16, &[(50, 0), (0, 0)], &[load(20.0, 0), load(0.0, 0)], &cfg);
+        let c = costs(1000, 16, &[gpu(50, 0), gpu(0, 0)], &[load(20.0, 0), load(0.0, 0)], &cfg);
         assert!(c[0].cost > c[1].cost);
     }
 
