@@ -130,12 +130,24 @@ pub struct GatewayArgs {
     /// The default, 0.5, was chosen on bench/routing (docs/gateway.md).
     #[arg(long, default_value_t = 0.5, value_name = "WEIGHT")]
     pub kv_pending_weight: f64,
+    /// kv-aware routing: the cost of one prompt token an engine holds offloaded (KV events
+    /// with medium CPU or STORAGE: host memory, disk) and loads back, relative to one it must
+    /// compute (1), within 0..=1 (1: offloaded blocks count for nothing; 0: as much as blocks
+    /// on the GPU). The default, 0.25, is an estimate: vLLM measured 2-22× lower time to
+    /// first token for prompts loaded from CPU memory than computed, more for longer ones
+    /// (blog.vllm.ai, 2026-01-08, on its KV offloading connector, H100); by bandwidth,
+    /// Llama-3.1-8B keeps 128 KiB of KV per token, which PCIe 5 moves at 25-50 GB/s (200k-400k
+    /// tokens/s) while an H100 prefills some 30k tokens/s, so a loaded token costs under 0.15
+    /// of a computed one. 0.25 errs toward computing: a model without grouped-query attention
+    /// has 4× the bytes per token, and storage, slower than CPU memory, is weighted alike.
+    #[arg(long, default_value_t = 0.25, value_name = "WEIGHT")]
+    pub kv_offload_weight: f64,
     /// kv-aware routing: how long a request's prompt blocks count as held by the engine it
     /// was sent to before that engine's own KV event confirms them, in milliseconds.
     #[arg(long, default_value_t = 5_000, value_name = "MS")]
     pub kv_speculate_ms: u64,
-    /// kv-aware routing: most (engine, block) entries a model's KV index keeps (about 50
-    /// bytes each); past it the oldest go first.
+    /// kv-aware routing: most (engine, block) entries a model's KV index keeps (about 66
+    /// bytes each, in whatever tiers the engine holds the block); past it the oldest go first.
     #[arg(long, default_value_t = 1_000_000, value_name = "N")]
     pub kv_index_capacity: usize,
     /// Poll static backends' `/metrics` and `/v1/models` this often, in milliseconds
@@ -504,6 +516,9 @@ impl GatewayArgs {
                 return usage(format!("{flag} {w} must be a non-negative number"));
             }
         }
+        if !(0.0..=1.0).contains(&self.kv_offload_weight) {
+            return usage(format!("--kv-offload-weight {} is not within 0..=1", self.kv_offload_weight));
+        }
         if !(1..=600_000).contains(&self.kv_speculate_ms) {
             return usage(format!("--kv-speculate-ms {} is not within 1..=600000", self.kv_speculate_ms));
         }
@@ -554,6 +569,7 @@ impl GatewayArgs {
             kv: crate::routing::kv_aware::KvAwareConfig {
                 load_weight: self.kv_load_weight,
                 pending_weight: self.kv_pending_weight,
+                offload_weight: self.kv_offload_weight,
                 speculate_for: ms(self.kv_speculate_ms),
                 ..Default::default()
             },
@@ -692,14 +708,22 @@ mod tests {
         };
         let c = ok.validate().unwrap();
         assert_eq!(c.routing, [(crate::names::ModelName::from("m"), RoutingStrategy::KvAware)]);
+        assert_eq!(c.kv.offload_weight, 0.25);
+        for w in [0.0, 1.0] {
+            let c = GatewayArgs { kv_offload_weight: w, ..a.clone() }.validate().unwrap();
+            assert_eq!(c.kv.offload_weight, w, "the bounds are allowed");
+        }
         assert_eq!(c.tokenizers.get("m").map(|t| t.kind()), Some("sim"));
-        let cases: [(GatewayArgs, &str); 8] = [
+        let cases: [(GatewayArgs, &str); 11] = [
             (GatewayArgs { routing: vec!["m=fastest".into()], ..a.clone() }, "not one of"),
             (GatewayArgs { routing: vec!["kv-aware".into()], ..a.clone() }, "expected MODEL=STRATEGY"),
             (GatewayArgs { routing: vec!["m=random".into(), "m=kv-aware".into()], ..a.clone() }, "repeated"),
             (GatewayArgs { tokenizer: vec!["m=/nonexistent/dir".into()], ..a.clone() }, "--tokenizer m: "),
             (GatewayArgs { kv_load_weight: -1.0, ..a.clone() }, "--kv-load-weight"),
             (GatewayArgs { kv_pending_weight: f64::NAN, ..a.clone() }, "--kv-pending-weight"),
+            (GatewayArgs { kv_offload_weight: -0.1, ..a.clone() }, "--kv-offload-weight -0.1 is not within 0..=1"),
+            (GatewayArgs { kv_offload_weight: 1.5, ..a.clone() }, "--kv-offload-weight 1.5 is not within 0..=1"),
+            (GatewayArgs { kv_offload_weight: f64::NAN, ..a.clone() }, "--kv-offload-weight NaN"),
             (GatewayArgs { kv_speculate_ms: 0, ..a.clone() }, "--kv-speculate-ms"),
             (GatewayArgs { kv_index_capacity: 10, ..a.clone() }, "--kv-index-capacity"),
         ];

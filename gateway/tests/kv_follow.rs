@@ -42,7 +42,7 @@ async fn held(index: &Mutex<KvIndex>, keys: &[u64], want: usize) -> usize {
         got = {
             let ix = index.lock().unwrap();
             let engines: Vec<&str> = ix.engines().collect();
-            ix.held_by(keys, &engines).iter().map(|(b, _)| *b).max().unwrap_or(0)
+            ix.held_by(keys, &engines).iter().map(|h| h.blocks).max().unwrap_or(0)
         };
         if got == want {
             break;
