@@ -19,6 +19,11 @@
 //! match a `BlockRemoved` to the `BlockStored` it undoes. The gateway keys its index by its
 //! own hashes of the token ids, which `BlockStored` carries.
 //!
+//! vLLM's KV offloading connector announces blocks stored on its tiers (`medium: CPU`) with
+//! `block_size: 0` and no token ids unless its `self_describing_kv_events` is on: such a
+//! placeholder decodes to [`KvEvent::Other`] (`"BlockStored placeholder"`), so it is skipped
+//! rather than failing its whole batch (which made followers replay and drop the engine).
+//!
 //! Bounds: a payload over [`MAX_PAYLOAD`] bytes, nesting deeper than 16 (rmpv counts its own way), a `BlockStored`
 //! whose token ids are not `block_size` per block, or more than [`MAX_BLOCKS_PER_EVENT`]
 //! blocks in one event is refused with an error naming what is wrong.
@@ -290,6 +295,9 @@ fn decode_event(v: &Value) -> Result<KvEvent, String> {
                 Some(h) => Some(BlockHash::from_value(h).ok_or_else(|| format!("parent_block_hash is {}", kind(h)))?),
             };
             let Some(Value::Array(ids)) = f.get("token_ids") else { return Err("token_ids is not an array".into()) };
+            if ids.is_empty() && opt_int(f.get("block_size"), "block_size")? == Some(0) {
+                return Ok(KvEvent::Other("BlockStored placeholder".into()));
+            }
             let block_size = match opt_int(f.get("block_size"), "block_size")? {
                 Some(b) if b > 0 && b <= 1 << 20 => b as u32,
                 other => return Err(format!("block_size {other:?} is not a block size")),
@@ -546,6 +554,20 @@ mod tests {
         let batch = |ev: Value| encode(&Value::Array(vec![Value::F64(0.0), Value::Array(vec![ev])]));
         let other = Value::Map(vec![(s("type"), s("BlockPinned"))]);
         assert_eq!(decode_batch(&batch(other)).unwrap().events, [KvEvent::Other("BlockPinned".into())]);
+        // the offloading connector's placeholder (no token ids, block_size 0) is skipped, not an error
+        let placeholder = Value::Array(vec![
+            s("BlockStored"),
+            Value::Array(vec![Value::from(7)]),
+            Value::Nil,
+            Value::Array(vec![]),
+            Value::from(0),
+            Value::Nil,
+            s("CPU"),
+        ]);
+        assert_eq!(
+            decode_batch(&batch(placeholder)).unwrap().events,
+            [KvEvent::Other("BlockStored placeholder".into())]
+        );
         let short = Value::Map(vec![
             (s("type"), s("BlockStored")),
             (s("block_hashes"), Value::Array(vec![Value::from(1)])),
