@@ -44,7 +44,16 @@ async fn openai_python_sdk_works_through_the_gateway() {
     let gw = common::gateway(common::gw_args(&sims)).await;
     run_sdk_script(py, &gw).await;
     // the streamed requests' tokens were counted even when the client did not ask for usage
-    let out_tokens = common::metric_sum(gw.local_addr(), "flotilla_gateway_tokens_total", &["direction=\"out\""]).await;
+    // (a stream is counted as the gateway finishes it, which may be just after the client
+    // read its last event: polled)
+    let mut out_tokens = 0.0;
+    for _ in 0..50 {
+        out_tokens = common::metric_sum(gw.local_addr(), "flotilla_gateway_tokens_total", &["direction=\"out\""]).await;
+        if out_tokens >= 7.0 + 2.0 + 5.0 + 6.0 + 4.0 {
+            break;
+        }
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
     assert!(out_tokens >= 7.0 + 2.0 + 5.0 + 6.0 + 4.0, "tokens out {out_tokens}");
     gw.shutdown().await;
 }

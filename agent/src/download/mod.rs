@@ -246,9 +246,10 @@ impl Downloader {
     /// Holds `<root>/<key>.lock` exclusively (flock, released when the file is dropped):
     /// processes sharing one cache (gateways on one host) fetch a source one at a time.
     async fn lock_across_processes(&self, key: &str) -> Result<std::fs::File, String> {
-        let path = self.root.join(format!("{key}.lock"));
+        let (root, path) = (self.root.clone(), self.root.join(format!("{key}.lock")));
         tokio::task::spawn_blocking(move || {
             use std::os::unix::fs::OpenOptionsExt;
+            std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
             let file = std::fs::OpenOptions::new()
                 .create(true)
                 .truncate(false)
