@@ -339,15 +339,7 @@ fn write_synced(path: &Path, bytes: &[u8]) -> std::io::Result<()> {
 /// the process exits), so two agents never share a data dir and adopt the same engines.
 pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
     let path = data_dir.join("agent.lock");
-    use std::os::unix::fs::OpenOptionsExt;
-    let file = std::fs::OpenOptions::new()
-        .create(true)
-        .truncate(false)
-        .write(true)
-        .mode(flotilla_security::private_dir::FILE_MODE)
-        .open(&path)
-        .and_then(|f| flotilla_security::private_dir::restrict(&f).map(|()| f))
-        .map_err(|e| AgentError::io(&path, e))?;
+    let file = open_lock_file(&path).map_err(|e| AgentError::io(&path, e))?;
     rustix::fs::flock(&file, rustix::fs::FlockOperation::NonBlockingLockExclusive).map_err(|e| {
         AgentError::io(
             &path,
@@ -355,6 +347,18 @@ pub fn lock_data_dir(data_dir: &Path) -> Result<std::fs::File, AgentError> {
         )
     })?;
     Ok(file)
+}
+
+/// Opens (creating, owner-only) a file to `flock`; its content is never written.
+pub fn open_lock_file(path: &Path) -> std::io::Result<std::fs::File> {
+    use std::os::unix::fs::OpenOptionsExt;
+    std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(flotilla_security::private_dir::FILE_MODE)
+        .open(path)
+        .and_then(|f| flotilla_security::private_dir::restrict(&f).map(|()| f))
 }
 
 /// Reads `<data-dir>/agent-id`, creating it with a new UUID the first time.

@@ -248,15 +248,9 @@ impl Downloader {
     async fn lock_across_processes(&self, key: &str) -> Result<std::fs::File, String> {
         let (root, path) = (self.root.clone(), self.root.join(format!("{key}.lock")));
         tokio::task::spawn_blocking(move || {
-            use std::os::unix::fs::OpenOptionsExt;
             std::fs::create_dir_all(&root).map_err(|e| format!("cannot create {}: {e}", root.display()))?;
-            let file = std::fs::OpenOptions::new()
-                .create(true)
-                .truncate(false)
-                .write(true)
-                .mode(flotilla_security::private_dir::FILE_MODE)
-                .open(&path)
-                .map_err(|e| format!("cannot open {}: {e}", path.display()))?;
+            let file =
+                crate::state::open_lock_file(&path).map_err(|e| format!("cannot open {}: {e}", path.display()))?;
             rustix::fs::flock(&file, rustix::fs::FlockOperation::LockExclusive)
                 .map_err(|e| format!("cannot lock {}: {e}", path.display()))?;
             Ok(file)
