@@ -30,6 +30,8 @@ job "flotilla-gateways" {
           tls_cert = "/etc/flotilla/tls/gateway.pem"
           tls_key = "/etc/flotilla/tls/gateway-key.pem"
           tls_ca = "/etc/flotilla/tls/ca.pem"
+          # Models' tokenizer files (kv-aware routing), kept with the allocation
+          tokenizer_cache = "{{ env `NOMAD_ALLOC_DIR` }}/data/tokenizers"
         EOT
       }
       service {
