@@ -69,8 +69,9 @@ pub struct Submission {
 pub enum Event {
     /// One more piece of text (streaming only).
     Token(Cow<'static, str>),
-    /// The end; carries the final piece (streaming) or the whole text (otherwise).
-    Done(Done),
+    /// The end; carries the final piece (streaming) or the whole text (otherwise). Boxed so
+    /// that a channel slot, written once per streamed token, stays small.
+    Done(Box<Done>),
 }
 
 /// How a request ended.
@@ -384,13 +385,13 @@ impl Engine {
         for (id, ctx) in self.ctxs.drain() {
             if let Some(summary) = self.sched.abort(id) {
                 m.success[2] += 1;
-                let _ = ctx.reply.send(Event::Done(Done {
+                let _ = ctx.reply.send(Event::Done(Box::new(Done {
                     reason: FinishReason::Abort,
                     text: String::new(),
                     stop_reason: None,
                     summary,
                     held: None,
-                }));
+                })));
             }
         }
     }
@@ -540,7 +541,7 @@ fn finish(
     };
     tracing::trace!(seq = id, reason = reason.as_str(), output_tokens = summary.output_tokens, "request finished");
     let stop_reason = ctx.stop_reason.take();
-    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary, held }));
+    let _ = ctx.reply.send(Event::Done(Box::new(Done { reason, text, stop_reason, summary, held })));
 }
 
 #[path = "engine_leases.rs"]

@@ -439,7 +439,7 @@ async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
     }
     let done = loop {
         match rx.recv().await {
-            Some(Event::Done(d)) => break d,
+            Some(Event::Done(d)) => break *d,
             Some(Event::Token(_)) => continue,
             None => {
                 return ApiError::with_status(
