@@ -25,6 +25,7 @@ use tokio::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::faults::Faults;
+use crate::id_map::IdMap;
 use crate::kv::BlockManager;
 use crate::lora::{LoraRef, Registry};
 use crate::lora_cache::LoraCache;
@@ -158,7 +159,7 @@ struct Ctx {
 pub struct Engine {
     cfg: EngineConfig,
     sched: Scheduler,
-    ctxs: HashMap<SeqId, Ctx>,
+    ctxs: IdMap<Ctx>,
     metrics: Arc<Mutex<Metrics>>,
     registry: Arc<Registry>,
     faults: Arc<Faults>,
@@ -191,7 +192,7 @@ impl Engine {
             clock: SimClock::new(cfg.speedup),
             sched: Scheduler::new(limits, kv),
             cfg,
-            ctxs: HashMap::new(),
+            ctxs: IdMap::default(),
             metrics,
             registry,
             faults,
@@ -497,7 +498,7 @@ fn stop_match(text: &str, stops: &[String], from: usize) -> Option<usize> {
 #[allow(clippy::too_many_arguments)]
 fn finish(
     m: &mut Metrics,
-    ctxs: &mut HashMap<SeqId, Ctx>,
+    ctxs: &mut IdMap<Ctx>,
     id: SeqId,
     reason: FinishReason,
     summary: Summary,

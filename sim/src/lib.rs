@@ -18,6 +18,7 @@ pub mod engine;
 pub mod error;
 pub mod faults;
 pub mod http;
+pub mod id_map;
 pub mod kv;
 pub mod kv_publisher;
 pub mod latency;
