@@ -1,7 +1,7 @@
 //! The step loop: one tokio task per engine that owns the [`Scheduler`], runs one step at a
 //! time, sleeps each step's simulated duration (divided by `--speedup`), then hands tokens
-//! to the requests' channels and updates the metrics. It sleeps on its command channel
-//! when idle and on the fault switch when stalled; it never busy-waits.
+//! to the requests' channels ([`crate::mailbox`]) and updates the metrics. It sleeps on its
+//! command channel when idle and on the fault switch when stalled; it never busy-waits.
 //!
 //! ```text
 //!  HTTP handlers --Command::Submit--> [ drain | schedule | sleep(dt) | complete | deliver ] --Event--> handlers
@@ -29,6 +29,7 @@ use crate::id_map::IdMap;
 use crate::kv::BlockManager;
 use crate::lora::{LoraRef, Registry};
 use crate::lora_cache::LoraCache;
+use crate::mailbox;
 use crate::metrics::Metrics;
 use crate::pd::HeldKv;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
@@ -56,7 +57,7 @@ pub struct Submission {
     /// Send each token as it comes (else only the final text).
     pub stream: bool,
     /// Where events go.
-    pub reply: mpsc::UnboundedSender<Event>,
+    pub reply: mailbox::Sender<Event>,
     /// When the HTTP layer received it.
     pub received: Instant,
     /// Leading prompt tokens whose KV was pulled from a prefill engine (P/D decode).
@@ -142,7 +143,7 @@ impl SimClock {
 }
 
 struct Ctx {
-    reply: mpsc::UnboundedSender<Event>,
+    reply: mailbox::Sender<Event>,
     stream: bool,
     stop: Vec<String>,
     stop_reason: Option<String>,

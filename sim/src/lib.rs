@@ -24,6 +24,7 @@ pub mod kv_publisher;
 pub mod latency;
 pub mod lora;
 pub mod lora_cache;
+pub mod mailbox;
 pub mod metrics;
 pub mod parallel;
 pub mod pd;

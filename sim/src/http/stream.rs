@@ -24,10 +24,10 @@ use std::task::{Context, Poll};
 
 use axum::body::Bytes;
 use bytes::{BufMut, BytesMut};
-use tokio::sync::mpsc;
 use tokio_stream::Stream;
 
 use crate::engine::{Done, Event};
+use crate::mailbox;
 
 /// Which endpoint's chunk shape.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -47,13 +47,12 @@ const CLOSE_CHAT: &str = "},\"logprobs\":null,\"finish_reason\":null,\"token_ids
 /// final chunks of a typical request fit.
 const BUF_START: usize = 2048;
 
-/// Events taken from the engine per poll, at most (a step sends one per request; the last
-/// step two).
+/// Room for the events of one poll (a step sends one per request; the last step two).
 const EVENTS_PER_POLL: usize = 4;
 
 /// The SSE body of one streaming request.
 pub struct SseStream {
-    rx: mpsc::UnboundedReceiver<Event>,
+    rx: mailbox::Receiver<Event>,
     kind: Kind,
     /// `data: {"id":...,"choices":[`, shared by every chunk.
     head: String,
@@ -73,7 +72,7 @@ pub struct SseStream {
 impl SseStream {
     /// A stream over the engine's events for request `id`.
     pub fn new(
-        rx: mpsc::UnboundedReceiver<Event>,
+        rx: mailbox::Receiver<Event>,
         kind: Kind,
         id: &str,
         created: u64,
@@ -205,7 +204,7 @@ impl Stream for SseStream {
         }
         let this = &mut *self;
         // everything already queued (a token and the end, say) goes into one write
-        match this.rx.poll_recv_many(cx, &mut this.events, EVENTS_PER_POLL) {
+        match this.rx.poll_recv_many(cx, &mut this.events) {
             Poll::Pending => Poll::Pending,
             Poll::Ready(0) => {
                 // engine gone without a Done: end the stream as vLLM does on abort

@@ -104,8 +104,8 @@ fn reference(kind: Kind, model: &str, text: &str, finish: Option<(&str, Option<&
     format!("data: {}\n\n", json.unwrap())
 }
 
-fn stream(kind: Kind, model: &str, include_usage: bool) -> (mpsc::UnboundedSender<Event>, SseStream) {
-    let (tx, rx) = mpsc::unbounded_channel();
+fn stream(kind: Kind, model: &str, include_usage: bool) -> (mailbox::Sender<Event>, SseStream) {
+    let (tx, rx) = mailbox::channel();
     (tx, SseStream::new(rx, kind, ID, CREATED, model, include_usage))
 }
 
