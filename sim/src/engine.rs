@@ -1,7 +1,7 @@
 //! The step loop: one tokio task per engine that owns the [`Scheduler`], runs one step at a
 //! time, sleeps each step's simulated duration (divided by `--speedup`), then hands tokens
-//! to the requests' channels and updates the metrics. It sleeps on its command channel
-//! when idle and on the fault switch when stalled; it never busy-waits.
+//! to the requests' channels ([`crate::mailbox`]) and updates the metrics. It sleeps on its
+//! command channel when idle and on the fault switch when stalled; it never busy-waits.
 //!
 //! ```text
 //!  HTTP handlers --Command::Submit--> [ drain | schedule | sleep(dt) | complete | deliver ] --Event--> handlers
@@ -25,9 +25,11 @@ use tokio::time::Instant;
 
 use crate::config::EngineConfig;
 use crate::faults::Faults;
+use crate::id_map::IdMap;
 use crate::kv::BlockManager;
 use crate::lora::{LoraRef, Registry};
 use crate::lora_cache::LoraCache;
+use crate::mailbox;
 use crate::metrics::Metrics;
 use crate::pd::HeldKv;
 use crate::scheduler::{FinishReason, Limits, NewSeq, Output, Scheduler, SeqId, StepPlan, Summary};
@@ -55,7 +57,7 @@ pub struct Submission {
     /// Send each token as it comes (else only the final text).
     pub stream: bool,
     /// Where events go.
-    pub reply: mpsc::UnboundedSender<Event>,
+    pub reply: mailbox::Sender<Event>,
     /// When the HTTP layer received it.
     pub received: Instant,
     /// Leading prompt tokens whose KV was pulled from a prefill engine (P/D decode).
@@ -69,8 +71,9 @@ pub struct Submission {
 pub enum Event {
     /// One more piece of text (streaming only).
     Token(Cow<'static, str>),
-    /// The end; carries the final piece (streaming) or the whole text (otherwise).
-    Done(Done),
+    /// The end; carries the final piece (streaming) or the whole text (otherwise). Boxed so
+    /// that a channel slot, written once per streamed token, stays small.
+    Done(Box<Done>),
 }
 
 /// How a request ended.
@@ -140,7 +143,7 @@ impl SimClock {
 }
 
 struct Ctx {
-    reply: mpsc::UnboundedSender<Event>,
+    reply: mailbox::Sender<Event>,
     stream: bool,
     stop: Vec<String>,
     stop_reason: Option<String>,
@@ -157,7 +160,7 @@ struct Ctx {
 pub struct Engine {
     cfg: EngineConfig,
     sched: Scheduler,
-    ctxs: HashMap<SeqId, Ctx>,
+    ctxs: IdMap<Ctx>,
     metrics: Arc<Mutex<Metrics>>,
     registry: Arc<Registry>,
     faults: Arc<Faults>,
@@ -190,7 +193,7 @@ impl Engine {
             clock: SimClock::new(cfg.speedup),
             sched: Scheduler::new(limits, kv),
             cfg,
-            ctxs: HashMap::new(),
+            ctxs: IdMap::default(),
             metrics,
             registry,
             faults,
@@ -384,13 +387,13 @@ impl Engine {
         for (id, ctx) in self.ctxs.drain() {
             if let Some(summary) = self.sched.abort(id) {
                 m.success[2] += 1;
-                let _ = ctx.reply.send(Event::Done(Done {
+                let _ = ctx.reply.send(Event::Done(Box::new(Done {
                     reason: FinishReason::Abort,
                     text: String::new(),
                     stop_reason: None,
                     summary,
                     held: None,
-                }));
+                })));
             }
         }
     }
@@ -496,7 +499,7 @@ fn stop_match(text: &str, stops: &[String], from: usize) -> Option<usize> {
 #[allow(clippy::too_many_arguments)]
 fn finish(
     m: &mut Metrics,
-    ctxs: &mut HashMap<SeqId, Ctx>,
+    ctxs: &mut IdMap<Ctx>,
     id: SeqId,
     reason: FinishReason,
     summary: Summary,
@@ -540,7 +543,7 @@ fn finish(
     };
     tracing::trace!(seq = id, reason = reason.as_str(), output_tokens = summary.output_tokens, "request finished");
     let stop_reason = ctx.stop_reason.take();
-    let _ = ctx.reply.send(Event::Done(Done { reason, text, stop_reason, summary, held }));
+    let _ = ctx.reply.send(Event::Done(Box::new(Done { reason, text, stop_reason, summary, held })));
 }
 
 #[path = "engine_leases.rs"]

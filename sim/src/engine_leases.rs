@@ -147,7 +147,7 @@ mod tests {
         tokio::spawn(engine.run(rx));
         let mut held = Vec::new();
         for id in ["a", "b"] {
-            let (reply, mut events) = mpsc::unbounded_channel();
+            let (reply, mut events) = crate::mailbox::channel();
             let sub = Submission {
                 id: u64::from(id.as_bytes()[0]),
                 prompt: (0..40).collect(),

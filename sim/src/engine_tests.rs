@@ -46,7 +46,7 @@ impl Running {
     /// Runs one request of `prompt` with `lora` to its end; its TTFT in simulated seconds.
     async fn ttft(&self, id: SeqId, lora: Option<LoraRef>, prompt: Vec<u32>) -> f64 {
         let before = self.metrics.lock().unwrap().h_ttft.sum();
-        let (reply, mut rx) = mpsc::unbounded_channel();
+        let (reply, mut rx) = crate::mailbox::channel();
         let sub = Submission {
             id,
             prompt,

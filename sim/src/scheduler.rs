@@ -17,8 +17,9 @@
 //!   longest cached prefix of full blocks is reused (prefix caching). A request whose
 //!   adapter would exceed `max_loras` distinct adapters in the batch is skipped, not failed.
 
-use std::collections::{HashMap, VecDeque};
+use std::collections::VecDeque;
 
+use crate::id_map::IdMap;
 use crate::kv::{self, BlockManager, SeqBlocks};
 use crate::latency::StepShape;
 use crate::text;
@@ -200,13 +201,13 @@ pub enum Output {
 pub struct Scheduler {
     limits: Limits,
     kv: BlockManager,
-    seqs: HashMap<SeqId, Seq>,
+    seqs: IdMap<Seq>,
     waiting: VecDeque<SeqId>,
     running: Vec<SeqId>,
     deferred: usize,
     skipped: VecDeque<SeqId>,
     loras: Vec<u32>,
-    held: HashMap<SeqId, Held>,
+    held: IdMap<Held>,
 }
 
 impl Scheduler {
@@ -215,13 +216,13 @@ impl Scheduler {
         Scheduler {
             limits,
             kv,
-            seqs: HashMap::new(),
+            seqs: IdMap::default(),
             waiting: VecDeque::new(),
             running: Vec::new(),
             deferred: 0,
             skipped: VecDeque::new(),
             loras: Vec::new(),
-            held: HashMap::new(),
+            held: IdMap::default(),
         }
     }
 

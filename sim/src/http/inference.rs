@@ -9,7 +9,6 @@ use axum::http::{header, StatusCode};
 use axum::response::{IntoResponse, Response};
 use serde::de::DeserializeOwned;
 use serde_json::json;
-use tokio::sync::mpsc;
 
 use super::errors::ApiError;
 use super::stream::{Kind, SseStream};
@@ -408,7 +407,7 @@ async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
             Err(resp) => return resp,
         },
     };
-    let (tx, mut rx) = mpsc::unbounded_channel();
+    let (tx, mut rx) = crate::mailbox::channel();
     let sub = Submission {
         id,
         prompt: p.prompt,
@@ -439,7 +438,7 @@ async fn run(st: AppState, mut p: Prepared, kind: Kind) -> Response {
     }
     let done = loop {
         match rx.recv().await {
-            Some(Event::Done(d)) => break d,
+            Some(Event::Done(d)) => break *d,
             Some(Event::Token(_)) => continue,
             None => {
                 return ApiError::with_status(

@@ -8,6 +8,10 @@
 //!   timer runs from when a connection starts waiting for its next request, so it is the
 //!   idle timeout; it also bounds a slow client's request head, as uvicorn's does.
 //! - On stop: no new connections; open ones finish their requests (graceful).
+//! - hyper copies what it writes into its own buffer and hands the socket one slice
+//!   (`writev(false)`), not a vectored write of chunk size, data and CRLF: a streamed token
+//!   is one ~250-byte chunk per write, and the copy costs less than the queue of pieces
+//!   (~230 fewer instructions per streamed token, callgrind). The bytes sent are the same.
 //! - With `--ssl-certfile`/`--ssl-keyfile` ([`https`]), every connection is TLS, as uvicorn's
 //!   with vLLM's `--ssl-*` flags: the handshake runs in the connection's own task (at most
 //!   10 s), and a client that fails it (one speaking plain HTTP, or refusing the
@@ -73,7 +77,7 @@ pub async fn serve(
                 }
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
                 let mut http = hyper::server::conn::http1::Builder::new();
-                http.timer(TokioTimer::new()).header_read_timeout(keep_alive).keep_alive(true);
+                http.timer(TokioTimer::new()).header_read_timeout(keep_alive).keep_alive(true).writev(false);
                 let watcher = graceful.watcher();
                 let tls = tls.clone();
                 tokio::spawn(async move {
