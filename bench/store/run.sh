@@ -6,6 +6,10 @@
 # Knobs (environment): DURATION (s, measured phase, 10), WARMUP (s, 2), VALUE_SIZE (256),
 # CLIENTS_HI (64), TRIALS (failover trials, 10), SYSTEMS ("flotilla etcd"),
 # BENCH_DIR (parent of the temp data dirs, /var/tmp), KEEP=1 keeps data dirs and logs,
+# LOAD_BELOW (wait before each phase until the 1-minute load is below this, at most
+# LOAD_WAIT_S=600 s; unset: no wait), MODEL_MIX (1: also the flotilla Model-mix phases,
+# 0: not), PHASE_HOOK (a program run as `HOOK start|stop SYSTEM KIND CLIENTS LEADER_PID`
+# around each load phase, e.g. bench/store/perf-hook.sh to profile the leader),
 # TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1,
 # FLOTILLA_BIN (use this flotilla binary instead of building one), FLOTILLA_ARGS (extra
 # `flotilla server` flags, e.g. "--heartbeat-ms 50 --election-timeout-min-ms 200
@@ -23,6 +27,7 @@ WARMUP=${WARMUP:-2}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CLIENTS_HI=${CLIENTS_HI:-64}
 TRIALS=${TRIALS:-10}
+MODEL_MIX=${MODEL_MIX:-1}
 SYSTEMS=${SYSTEMS:-"flotilla etcd"}
 RESULTS=${RESULTS:-$HERE/results.json}
 
@@ -137,6 +142,14 @@ cluster_down() { # system
 }
 
 eps() { [[ $1 == flotilla ]] && echo "$FL_EPS" || echo "$ETCD_EPS"; }
+leader_pid() { # system endpoint
+  local i pfx port; pfx=$([[ $1 == flotilla ]] && echo fl || echo etcd)
+  for i in 1 2 3; do
+    port=$([[ $1 == flotilla ]] && echo "${FL_GRPC[$i]}" || echo "${ETCD_CLIENT[$i]}")
+    [[ $2 == "127.0.0.1:$port" ]] && echo "${PID[$pfx$i]}"
+  done
+  return 0
+}
 pids() { local pfx; pfx=$([[ $1 == flotilla ]] && echo fl || echo etcd); echo "${PID[${pfx}1]},${PID[${pfx}2]},${PID[${pfx}3]}"; }
 
 restart_member() { # system index(0-based)
@@ -147,6 +160,18 @@ restart_member() { # system index(0-based)
   esac
 }
 
+# With LOAD_BELOW set: waits (at most LOAD_WAIT_S) until the 1-minute load average is
+# below it, so a phase does not start while something else (or the last phase) still
+# loads the machine; the load before and after each phase goes into the results anyway.
+quiet() {
+  [[ -n ${LOAD_BELOW:-} ]] || return 0
+  local t0=$SECONDS
+  while awk -v max="$LOAD_BELOW" '{exit !($1 >= max)}' /proc/loadavg && ((SECONDS - t0 < ${LOAD_WAIT_S:-600})); do
+    sleep 5
+  done
+  log "load $(cut -d' ' -f1-3 /proc/loadavg) after waiting $((SECONDS - t0))s for < $LOAD_BELOW"
+}
+
 RUNS=()       # JSON lines of load results
 FAILOVERS=()  # JSON lines of failover trials
 
@@ -154,18 +179,27 @@ for sys in $SYSTEMS; do
   log "$sys: starting 3 members"
   cluster_up "$sys"
   leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" | jq -r .leader)
-  if [[ $sys == flotilla ]]; then
-    # The load writes Adapters of base model `bench`, which apply refuses unless it exists.
-    printf 'kind: Model\nmetadata: {name: bench}\nspec: {engine: sim, source: "file:///models/bench", replicas: 0, gpus: 1}\n' \
-      >"$WORK/bench-model.yaml"
-    "$FLOTILLA" --server "$FL_EPS" apply -f "$WORK/bench-model.yaml" >/dev/null
-  fi
-  for c in 1 "$CLIENTS_HI"; do
-    log "$sys: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader"
-    RUNS+=("$("$LOADGEN" load --system "$sys" --endpoint "$leader" --clients "$c" \
-      --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$sys-c$c")")
-    log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors}' <<<"${RUNS[-1]}")"
+  # Store-only: flotilla writes Tenants (no leader controller reacts to them), etcd values.
+  # Then, flotilla only, the Model mix: Models whose label changes every write, with the
+  # controllers running (model actors, Replica objects, scheduler rounds).
+  kinds=tenant
+  if [[ $sys == flotilla && $MODEL_MIX == 1 ]]; then kinds="tenant model"; fi
+  for kind in $kinds; do
+    for c in 1 "$CLIENTS_HI"; do
+      quiet
+      label=$sys-c$c; [[ $kind == tenant ]] || label=$sys-$kind-c$c
+      load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+      log "$sys $kind: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
+      if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" start "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+      out=$("$LOADGEN" load --system "$sys" --kind "$kind" --endpoint "$leader" --clients "$c" \
+        --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$label")
+      if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" stop "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+      RUNS+=("$(jq -c --arg b "$load_before" --arg a "$(cut -d' ' -f1-3 /proc/loadavg)" \
+        '. + {load_before: $b, load_after: $a}' <<<"$out")")
+      log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors, first_error, load_after}' <<<"${RUNS[-1]}")"
+    done
   done
+  quiet
   for t in $(seq 1 "$TRIALS"); do
     "$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 >/dev/null
     out=$("$LOADGEN" failover --system "$sys" --endpoints "$(eps "$sys")" --pids "$(pids "$sys")" \
@@ -186,7 +220,7 @@ jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
   --arg date "$(date -u +%FT%TZ)" --arg host "$(uname -srm), $(nproc) cpus, $(free -g | awk '/Mem:/{print $2}') GiB" \
   --arg flv "$flv" --arg etv "$etv" --arg fs "$FSTYPE" --argjson vs "$VALUE_SIZE" --argjson hi "$CLIENTS_HI" \
   --arg flargs "${FLOTILLA_ARGS:-}" --arg etargs "${ETCD_ARGS:-}" --argjson dur "$DURATION" --argjson warm "$WARMUP" '
-  def pick($s; $c): ($runs | map(select(.system == $s and .clients == $c)) | first);
+  def pick($s; $c): ($runs | map(select(.system == $s and .clients == $c and .kind != "model")) | first);
   def nr($xs; $p): ($xs | sort) as $s | if ($s | length) == 0 then null
     else $s[([(($p / 100 * ($s | length)) | ceil), 1] | max) - 1] end;
   def fo($s): ($fo | map(select(.system == $s))) as $t | ($t | map(.failover_ms)) as $x
@@ -208,10 +242,10 @@ jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
   }' >"$RESULTS"
 
 {
-  printf '\n%-9s %7s %12s %9s %9s %7s\n' system clients writes/s p50_ms p99_ms errors
-  jq -r '.runs[] | [.system, .clients, (.writes_per_s|floor), (.p50_ms*100|round/100), (.p99_ms*100|round/100), .errors] | @tsv' "$RESULTS" |
-    while IFS=$'\t' read -r s c w p50 p99 e; do printf '%-9s %7s %12s %9s %9s %7s\n' "$s" "$c" "$w" "$p50" "$p99" "$e"; done
-  printf '\nratio flotilla/etcd (writes/s higher is better; latency lower is better)\n'
+  printf '\n%-9s %-7s %7s %12s %9s %9s %7s\n' system kind clients writes/s p50_ms p99_ms errors
+  jq -r '.runs[] | [.system, .kind, .clients, (.writes_per_s|floor), (.p50_ms*100|round/100), (.p99_ms*100|round/100), .errors] | @tsv' "$RESULTS" |
+    while IFS=$'\t' read -r s k c w p50 p99 e; do printf '%-9s %-7s %7s %12s %9s %9s %7s\n' "$s" "$k" "$c" "$w" "$p50" "$p99" "$e"; done
+  printf '\nratio flotilla/etcd, store-only (writes/s higher is better; latency lower is better)\n'
   jq -r '.ratios_flotilla_over_etcd[] | "  clients=\(.clients): writes/s x\(.writes_per_s*100|round/100)  p50 x\(.p50*100|round/100)  p99 x\(.p99*100|round/100)"' "$RESULTS" 2>/dev/null || true
   printf '\nfailover: kill -9 leader -> next successful write (ms)\n'
   printf '  %-9s %6s %10s %10s %16s %16s\n' system trials p50 max in-order_p50 in-order_max
