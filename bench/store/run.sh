@@ -172,6 +172,24 @@ quiet() {
   log "load $(cut -d' ' -f1-3 /proc/loadavg) after waiting $((SECONDS - t0))s for < $LOAD_BELOW"
 }
 
+# The load phases of one kind (1 and CLIENTS_HI clients) against $leader of $sys.
+phases() { # kind
+  local kind=$1 c label load_before out
+  for c in 1 "$CLIENTS_HI"; do
+    quiet
+    label=$sys-c$c; [[ $kind == tenant ]] || label=$sys-$kind-c$c
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    log "$sys $kind: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
+    if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" start "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+    out=$("$LOADGEN" load --system "$sys" --kind "$kind" --endpoint "$leader" --clients "$c" \
+      --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$label")
+    if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" stop "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+    RUNS+=("$(jq -c --arg b "$load_before" --arg a "$(cut -d' ' -f1-3 /proc/loadavg)" \
+      '. + {load_before: $b, load_after: $a}' <<<"$out")")
+    log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors, first_error, load_after}' <<<"${RUNS[-1]}")"
+  done
+}
+
 RUNS=()       # JSON lines of load results
 FAILOVERS=()  # JSON lines of failover trials
 
@@ -180,25 +198,7 @@ for sys in $SYSTEMS; do
   cluster_up "$sys"
   leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" | jq -r .leader)
   # Store-only: flotilla writes Tenants (no leader controller reacts to them), etcd values.
-  # Then, flotilla only, the Model mix: Models whose label changes every write, with the
-  # controllers running (model actors, Replica objects, scheduler rounds).
-  kinds=tenant
-  if [[ $sys == flotilla && $MODEL_MIX == 1 ]]; then kinds="tenant model"; fi
-  for kind in $kinds; do
-    for c in 1 "$CLIENTS_HI"; do
-      quiet
-      label=$sys-c$c; [[ $kind == tenant ]] || label=$sys-$kind-c$c
-      load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-      log "$sys $kind: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
-      if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" start "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
-      out=$("$LOADGEN" load --system "$sys" --kind "$kind" --endpoint "$leader" --clients "$c" \
-        --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$label")
-      if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" stop "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
-      RUNS+=("$(jq -c --arg b "$load_before" --arg a "$(cut -d' ' -f1-3 /proc/loadavg)" \
-        '. + {load_before: $b, load_after: $a}' <<<"$out")")
-      log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors, first_error, load_after}' <<<"${RUNS[-1]}")"
-    done
-  done
+  phases tenant
   quiet
   for t in $(seq 1 "$TRIALS"); do
     "$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 >/dev/null
@@ -208,6 +208,13 @@ for sys in $SYSTEMS; do
     log "$sys failover $t: $(jq -c '{failover_ms, in_order_ms, killed_index}' <<<"$out")"
     restart_member "$sys" "$(jq -r .killed_index <<<"$out")"
   done
+  # Then, flotilla only, the Model mix: Models whose label changes every write, with the
+  # controllers running (model actors, Replica objects, scheduler rounds). After failover:
+  # a new leader starts a controller per Model, so failover is measured on the store alone.
+  if [[ $sys == flotilla && $MODEL_MIX == 1 ]]; then
+    leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 | jq -r .leader)
+    phases model
+  fi
   cluster_down "$sys"
 done
 
