@@ -179,7 +179,7 @@ phases() { # kind
     quiet
     label=$sys-c$c; [[ $kind == tenant ]] || label=$sys-$kind-c$c
     load_before=$(cut -d' ' -f1-3 /proc/loadavg)
-    log "$sys $kind: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
+    log "$sys $([[ $sys == etcd ]] && echo value || echo "$kind"): $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
     if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" start "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
     out=$("$LOADGEN" load --system "$sys" --kind "$kind" --endpoint "$leader" --clients "$c" \
       --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$label")
