@@ -6,8 +6,8 @@
 # Knobs (environment): DURATION (s, measured phase, 10), WARMUP (s, 2), VALUE_SIZE (256),
 # CLIENTS_HI (64), TRIALS (failover trials, 10), SYSTEMS ("flotilla etcd"),
 # BENCH_DIR (parent of the temp data dirs, /var/tmp), KEEP=1 keeps data dirs and logs,
-# LOAD_BELOW (wait before each phase until the 1-minute load is below this, at most
-# LOAD_WAIT_S=600 s; unset: no wait), MODEL_MIX (1: also the flotilla Model-mix phases,
+# MIX_TRIALS (failover trials after the Model mix, 0), LOAD_BELOW (wait before each phase
+# until the 1-minute load is below this, at most LOAD_WAIT_S=600 s; unset: no wait), MODEL_MIX (1: also the flotilla Model-mix phases,
 # 0: not), PHASE_HOOK (a program run as `HOOK start|stop SYSTEM KIND CLIENTS LEADER_PID`
 # around each load phase, e.g. bench/store/perf-hook.sh to profile the leader),
 # TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1,
@@ -28,6 +28,7 @@ VALUE_SIZE=${VALUE_SIZE:-256}
 CLIENTS_HI=${CLIENTS_HI:-64}
 TRIALS=${TRIALS:-10}
 MODEL_MIX=${MODEL_MIX:-1}
+MIX_TRIALS=${MIX_TRIALS:-0}
 SYSTEMS=${SYSTEMS:-"flotilla etcd"}
 RESULTS=${RESULTS:-$HERE/results.json}
 
@@ -192,6 +193,7 @@ phases() { # kind
 
 RUNS=()       # JSON lines of load results
 FAILOVERS=()  # JSON lines of failover trials
+MIX_FAILOVERS=()  # ... of those after the Model mix (MIX_TRIALS)
 
 for sys in $SYSTEMS; do
   log "$sys: starting 3 members"
@@ -214,6 +216,24 @@ for sys in $SYSTEMS; do
   if [[ $sys == flotilla && $MODEL_MIX == 1 ]]; then
     leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 | jq -r .leader)
     phases model
+    # Optional: failover with the Models in the store (a new leader starts their controllers).
+    for t in $(seq 1 "$MIX_TRIALS"); do
+      "$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 120 >/dev/null
+      if out=$("$LOADGEN" failover --system "$sys" --endpoints "$(eps "$sys")" --pids "$(pids "$sys")" \
+        --value-size "$VALUE_SIZE"); then
+        MIX_FAILOVERS+=("$(jq -c --argjson t "$t" '. + {trial: $t}' <<<"$out")")
+        killed=$(jq -r .killed_index <<<"$out")
+      else
+        MIX_FAILOVERS+=("$(jq -nc --argjson t "$t" '{system: "flotilla", trial: $t, failover_ms: null}')")
+        # the member loadgen killed: a zombie (not yet reaped) or gone
+        killed=$(for i in 1 2 3; do
+          st=$(awk '/^State:/{print $2}' "/proc/${PID[fl$i]}/status" 2>/dev/null || true)
+          [[ $st == Z || -z $st ]] && echo $((i - 1))
+        done | head -1)
+      fi
+      log "$sys failover after the Model mix $t: $(jq -c '{failover_ms, in_order_ms, killed_index}' <<<"${MIX_FAILOVERS[-1]}")"
+      restart_member "$sys" "$killed"
+    done
   fi
   cluster_down "$sys"
 done
@@ -221,9 +241,10 @@ done
 # ---- report -----------------------------------------------------------------------------
 runs_json=$(printf '%s\n' "${RUNS[@]}" | jq -s .)
 fo_json=$(printf '%s\n' "${FAILOVERS[@]}" | jq -s .)
+mix_fo_json=$(printf '%s\n' "${MIX_FAILOVERS[@]}" | jq -s .)
 flv=$("$FLOTILLA" --version 2>/dev/null || echo "flotilla $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)")
 etv=$(etcd --version 2>/dev/null | head -1 || echo "n/a")
-jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
+jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" --argjson mixfo "$mix_fo_json" \
   --arg date "$(date -u +%FT%TZ)" --arg host "$(uname -srm), $(nproc) cpus, $(free -g | awk '/Mem:/{print $2}') GiB" \
   --arg flv "$flv" --arg etv "$etv" --arg fs "$FSTYPE" --argjson vs "$VALUE_SIZE" --argjson hi "$CLIENTS_HI" \
   --arg flargs "${FLOTILLA_ARGS:-}" --arg etargs "${ETCD_ARGS:-}" --argjson dur "$DURATION" --argjson warm "$WARMUP" '
@@ -245,7 +266,8 @@ jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
       p50: ratio(pick("flotilla"; $c).p50_ms; pick("etcd"; $c).p50_ms),
       p99: ratio(pick("flotilla"; $c).p99_ms; pick("etcd"; $c).p99_ms)
     })),
-    failover: {flotilla: fo("flotilla"), etcd: fo("etcd"), trials: $fo}
+    failover: {flotilla: fo("flotilla"), etcd: fo("etcd"), trials: $fo},
+    failover_after_model_mix: $mixfo
   }' >"$RESULTS"
 
 {
