@@ -1,5 +1,5 @@
 //! The Scheduler actor: the one place that binds replicas to nodes. A round reads every
-//! Node and Replica from the leader's state machine, runs the pure [`crate::placement::plan`],
+//! Node and Replica from the leader's state machine (shared, not copied, under its lock), runs the pure [`crate::placement::plan`],
 //! and proposes its transactions. A transaction whose compares fail (a node or replica
 //! changed since the read) changes nothing; the round is retried with fresh state. Nudges
 //! from the supervisor coalesce into one round; a periodic tick catches anything missed.
@@ -41,13 +41,16 @@ pub struct SchedulerState {
 fn snapshot(ctx: &Ctx) -> (Vec<NodeView>, Vec<ReplicaView>, BTreeSet<ObjectName>) {
     let reader = ctx.handle.reader();
     let all = LabelSelector::default();
-    let nodes = reader.list(Kind::Node, &all).0.iter().filter_map(|o| NodeView::from_stored(o).ok()).collect();
-    let replicas = reader.list(Kind::Replica, &all).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
+    // Shared, not copied: the read lock (which the state machine's apply waits for) is held
+    // while pointers are copied; every replica is parsed after it is released.
+    let nodes = reader.list_shared(Kind::Node, &all).0.iter().filter_map(|o| NodeView::from_stored(o).ok()).collect();
+    let replicas =
+        reader.list_shared(Kind::Replica, &all).0.iter().filter_map(|o| ReplicaView::from_stored(o).ok()).collect();
+    // Only the models that ask for spread are read (and copied), not every model.
     let spread = reader
-        .list(Kind::Model, &all)
+        .list(Kind::Model, &LabelSelector::label_eq(PLACEMENT_LABEL, "spread"))
         .0
         .iter()
-        .filter(|o| o.labels.get(PLACEMENT_LABEL).is_some_and(|v| v == "spread"))
         .filter_map(|o| ModelView::from_stored(o).ok().map(|m| m.name))
         .collect();
     (nodes, replicas, spread)

@@ -42,6 +42,12 @@ impl LabelSelector {
     pub fn matches(&self, labels: &BTreeMap<String, String>) -> bool {
         self.0.iter().all(|(k, v)| labels.get(k) == Some(v))
     }
+
+    /// The value the selector requires of label `key` (its first equality on it), if any:
+    /// every object it matches has it (stores index by it, e.g. [`MODEL_LABEL`]).
+    pub fn value_of(&self, key: &str) -> Option<&str> {
+        self.0.iter().find(|(k, _)| k == key).map(|(_, v)| v.as_str())
+    }
 }
 
 #[cfg(test)]

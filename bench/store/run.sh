@@ -6,6 +6,10 @@
 # Knobs (environment): DURATION (s, measured phase, 10), WARMUP (s, 2), VALUE_SIZE (256),
 # CLIENTS_HI (64), TRIALS (failover trials, 10), SYSTEMS ("flotilla etcd"),
 # BENCH_DIR (parent of the temp data dirs, /var/tmp), KEEP=1 keeps data dirs and logs,
+# MIX_TRIALS (failover trials after the Model mix, 0), LOAD_BELOW (wait before each phase
+# until the 1-minute load is below this, at most LOAD_WAIT_S=600 s; unset: no wait), MODEL_MIX (1: also the flotilla Model-mix phases,
+# 0: not), PHASE_HOOK (a program run as `HOOK start|stop SYSTEM KIND CLIENTS LEADER_PID`
+# around each load phase, e.g. bench/store/perf-hook.sh to profile the leader),
 # TARGET_DIR (cargo target dir, <repo>/target-bench), SKIP_BUILD=1,
 # FLOTILLA_BIN (use this flotilla binary instead of building one), FLOTILLA_ARGS (extra
 # `flotilla server` flags, e.g. "--heartbeat-ms 50 --election-timeout-min-ms 200
@@ -23,6 +27,8 @@ WARMUP=${WARMUP:-2}
 VALUE_SIZE=${VALUE_SIZE:-256}
 CLIENTS_HI=${CLIENTS_HI:-64}
 TRIALS=${TRIALS:-10}
+MODEL_MIX=${MODEL_MIX:-1}
+MIX_TRIALS=${MIX_TRIALS:-0}
 SYSTEMS=${SYSTEMS:-"flotilla etcd"}
 RESULTS=${RESULTS:-$HERE/results.json}
 
@@ -137,6 +143,14 @@ cluster_down() { # system
 }
 
 eps() { [[ $1 == flotilla ]] && echo "$FL_EPS" || echo "$ETCD_EPS"; }
+leader_pid() { # system endpoint
+  local i pfx port; pfx=$([[ $1 == flotilla ]] && echo fl || echo etcd)
+  for i in 1 2 3; do
+    port=$([[ $1 == flotilla ]] && echo "${FL_GRPC[$i]}" || echo "${ETCD_CLIENT[$i]}")
+    [[ $2 == "127.0.0.1:$port" ]] && echo "${PID[$pfx$i]}"
+  done
+  return 0
+}
 pids() { local pfx; pfx=$([[ $1 == flotilla ]] && echo fl || echo etcd); echo "${PID[${pfx}1]},${PID[${pfx}2]},${PID[${pfx}3]}"; }
 
 restart_member() { # system index(0-based)
@@ -147,25 +161,47 @@ restart_member() { # system index(0-based)
   esac
 }
 
+# With LOAD_BELOW set: waits (at most LOAD_WAIT_S) until the 1-minute load average is
+# below it, so a phase does not start while something else (or the last phase) still
+# loads the machine; the load before and after each phase goes into the results anyway.
+quiet() {
+  [[ -n ${LOAD_BELOW:-} ]] || return 0
+  local t0=$SECONDS
+  while awk -v max="$LOAD_BELOW" '{exit !($1 >= max)}' /proc/loadavg && ((SECONDS - t0 < ${LOAD_WAIT_S:-600})); do
+    sleep 5
+  done
+  log "load $(cut -d' ' -f1-3 /proc/loadavg) after waiting $((SECONDS - t0))s for < $LOAD_BELOW"
+}
+
+# The load phases of one kind (1 and CLIENTS_HI clients) against $leader of $sys.
+phases() { # kind
+  local kind=$1 c label load_before out
+  for c in 1 "$CLIENTS_HI"; do
+    quiet
+    label=$sys-c$c; [[ $kind == tenant ]] || label=$sys-$kind-c$c
+    load_before=$(cut -d' ' -f1-3 /proc/loadavg)
+    log "$sys $([[ $sys == etcd ]] && echo value || echo "$kind"): $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader (load $load_before)"
+    if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" start "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+    out=$("$LOADGEN" load --system "$sys" --kind "$kind" --endpoint "$leader" --clients "$c" \
+      --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$label")
+    if [[ -n ${PHASE_HOOK:-} ]]; then "$PHASE_HOOK" stop "$sys" "$kind" "$c" "$(leader_pid "$sys" "$leader")"; fi
+    RUNS+=("$(jq -c --arg b "$load_before" --arg a "$(cut -d' ' -f1-3 /proc/loadavg)" \
+      '. + {load_before: $b, load_after: $a}' <<<"$out")")
+    log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors, first_error, load_after}' <<<"${RUNS[-1]}")"
+  done
+}
+
 RUNS=()       # JSON lines of load results
 FAILOVERS=()  # JSON lines of failover trials
+MIX_FAILOVERS=()  # ... of those after the Model mix (MIX_TRIALS)
 
 for sys in $SYSTEMS; do
   log "$sys: starting 3 members"
   cluster_up "$sys"
   leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" | jq -r .leader)
-  if [[ $sys == flotilla ]]; then
-    # The load writes Adapters of base model `bench`, which apply refuses unless it exists.
-    printf 'kind: Model\nmetadata: {name: bench}\nspec: {engine: sim, source: "file:///models/bench", replicas: 0, gpus: 1}\n' \
-      >"$WORK/bench-model.yaml"
-    "$FLOTILLA" --server "$FL_EPS" apply -f "$WORK/bench-model.yaml" >/dev/null
-  fi
-  for c in 1 "$CLIENTS_HI"; do
-    log "$sys: $c client(s), ${WARMUP}s warm-up + ${DURATION}s against leader $leader"
-    RUNS+=("$("$LOADGEN" load --system "$sys" --endpoint "$leader" --clients "$c" \
-      --duration-s "$DURATION" --warmup-s "$WARMUP" --value-size "$VALUE_SIZE" --label "$sys-c$c")")
-    log "  $(jq -c '{writes_per_s, p50_ms, p99_ms, errors}' <<<"${RUNS[-1]}")"
-  done
+  # Store-only: flotilla writes Tenants (no leader controller reacts to them), etcd values.
+  phases tenant
+  quiet
   for t in $(seq 1 "$TRIALS"); do
     "$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 >/dev/null
     out=$("$LOADGEN" failover --system "$sys" --endpoints "$(eps "$sys")" --pids "$(pids "$sys")" \
@@ -174,19 +210,45 @@ for sys in $SYSTEMS; do
     log "$sys failover $t: $(jq -c '{failover_ms, in_order_ms, killed_index}' <<<"$out")"
     restart_member "$sys" "$(jq -r .killed_index <<<"$out")"
   done
+  # Then, flotilla only, the Model mix: Models whose label changes every write, with the
+  # controllers running (model actors, Replica objects, scheduler rounds). After failover:
+  # a new leader starts a controller per Model, so failover is measured on the store alone.
+  if [[ $sys == flotilla && $MODEL_MIX == 1 ]]; then
+    leader=$("$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 60 | jq -r .leader)
+    phases model
+    # Optional: failover with the Models in the store (a new leader starts their controllers).
+    for t in $(seq 1 "$MIX_TRIALS"); do
+      "$LOADGEN" wait-ready --system "$sys" --endpoints "$(eps "$sys")" --timeout-s 120 >/dev/null
+      if out=$("$LOADGEN" failover --system "$sys" --endpoints "$(eps "$sys")" --pids "$(pids "$sys")" \
+        --value-size "$VALUE_SIZE"); then
+        MIX_FAILOVERS+=("$(jq -c --argjson t "$t" '. + {trial: $t}' <<<"$out")")
+        killed=$(jq -r .killed_index <<<"$out")
+      else
+        MIX_FAILOVERS+=("$(jq -nc --argjson t "$t" '{system: "flotilla", trial: $t, failover_ms: null}')")
+        # the member loadgen killed: a zombie (not yet reaped) or gone
+        killed=$(for i in 1 2 3; do
+          st=$(awk '/^State:/{print $2}' "/proc/${PID[fl$i]}/status" 2>/dev/null || true)
+          [[ $st == Z || -z $st ]] && echo $((i - 1))
+        done | head -1)
+      fi
+      log "$sys failover after the Model mix $t: $(jq -c '{failover_ms, in_order_ms, killed_index}' <<<"${MIX_FAILOVERS[-1]}")"
+      restart_member "$sys" "$killed"
+    done
+  fi
   cluster_down "$sys"
 done
 
 # ---- report -----------------------------------------------------------------------------
 runs_json=$(printf '%s\n' "${RUNS[@]}" | jq -s .)
 fo_json=$(printf '%s\n' "${FAILOVERS[@]}" | jq -s .)
+mix_fo_json=$(printf '%s\n' "${MIX_FAILOVERS[@]}" | jq -s .)
 flv=$("$FLOTILLA" --version 2>/dev/null || echo "flotilla $(git -C "$ROOT" rev-parse --short HEAD 2>/dev/null || echo unknown)")
 etv=$(etcd --version 2>/dev/null | head -1 || echo "n/a")
-jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
+jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" --argjson mixfo "$mix_fo_json" \
   --arg date "$(date -u +%FT%TZ)" --arg host "$(uname -srm), $(nproc) cpus, $(free -g | awk '/Mem:/{print $2}') GiB" \
   --arg flv "$flv" --arg etv "$etv" --arg fs "$FSTYPE" --argjson vs "$VALUE_SIZE" --argjson hi "$CLIENTS_HI" \
   --arg flargs "${FLOTILLA_ARGS:-}" --arg etargs "${ETCD_ARGS:-}" --argjson dur "$DURATION" --argjson warm "$WARMUP" '
-  def pick($s; $c): ($runs | map(select(.system == $s and .clients == $c)) | first);
+  def pick($s; $c): ($runs | map(select(.system == $s and .clients == $c and .kind != "model")) | first);
   def nr($xs; $p): ($xs | sort) as $s | if ($s | length) == 0 then null
     else $s[([(($p / 100 * ($s | length)) | ceil), 1] | max) - 1] end;
   def fo($s): ($fo | map(select(.system == $s))) as $t | ($t | map(.failover_ms)) as $x
@@ -204,14 +266,15 @@ jq -n --argjson runs "$runs_json" --argjson fo "$fo_json" \
       p50: ratio(pick("flotilla"; $c).p50_ms; pick("etcd"; $c).p50_ms),
       p99: ratio(pick("flotilla"; $c).p99_ms; pick("etcd"; $c).p99_ms)
     })),
-    failover: {flotilla: fo("flotilla"), etcd: fo("etcd"), trials: $fo}
+    failover: {flotilla: fo("flotilla"), etcd: fo("etcd"), trials: $fo},
+    failover_after_model_mix: $mixfo
   }' >"$RESULTS"
 
 {
-  printf '\n%-9s %7s %12s %9s %9s %7s\n' system clients writes/s p50_ms p99_ms errors
-  jq -r '.runs[] | [.system, .clients, (.writes_per_s|floor), (.p50_ms*100|round/100), (.p99_ms*100|round/100), .errors] | @tsv' "$RESULTS" |
-    while IFS=$'\t' read -r s c w p50 p99 e; do printf '%-9s %7s %12s %9s %9s %7s\n' "$s" "$c" "$w" "$p50" "$p99" "$e"; done
-  printf '\nratio flotilla/etcd (writes/s higher is better; latency lower is better)\n'
+  printf '\n%-9s %-7s %7s %12s %9s %9s %7s\n' system kind clients writes/s p50_ms p99_ms errors
+  jq -r '.runs[] | [.system, .kind, .clients, (.writes_per_s|floor), (.p50_ms*100|round/100), (.p99_ms*100|round/100), .errors] | @tsv' "$RESULTS" |
+    while IFS=$'\t' read -r s k c w p50 p99 e; do printf '%-9s %-7s %7s %12s %9s %9s %7s\n' "$s" "$k" "$c" "$w" "$p50" "$p99" "$e"; done
+  printf '\nratio flotilla/etcd, store-only (writes/s higher is better; latency lower is better)\n'
   jq -r '.ratios_flotilla_over_etcd[] | "  clients=\(.clients): writes/s x\(.writes_per_s*100|round/100)  p50 x\(.p50*100|round/100)  p99 x\(.p99*100|round/100)"' "$RESULTS" 2>/dev/null || true
   printf '\nfailover: kill -9 leader -> next successful write (ms)\n'
   printf '  %-9s %6s %10s %10s %16s %16s\n' system trials p50 max in-order_p50 in-order_max

@@ -24,6 +24,7 @@ mod error;
 pub mod eventlog;
 mod format;
 mod log_store;
+mod objects;
 mod revision_log;
 pub mod seed;
 mod snapshot_file;

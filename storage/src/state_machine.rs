@@ -332,6 +332,12 @@ impl StoreReader {
         self.read(|i| (i.store.list(kind, selector), i.store.revision()))
     }
 
+    /// [`StoreReader::list`] without copying the objects under the lock: for a reader that
+    /// parses many of them (the scheduler's round).
+    pub fn list_shared(&self, kind: Kind, selector: &LabelSelector) -> (Vec<Arc<StoredObject>>, u64) {
+        self.read(|i| (i.store.list_shared(kind, selector), i.store.revision()))
+    }
+
     /// See [`Store::events_after`].
     pub fn events_after(
         &self,

@@ -3,6 +3,7 @@
 //! that changes the state and returns the result. Nothing is persisted per apply: the
 //! state machine is persisted by snapshots of this whole struct (docs/adr/002).
 use std::collections::{BTreeMap, VecDeque};
+use std::sync::Arc;
 
 use flotilla_api::{EventType, Kind, LabelSelector, ObjectKey, StoredObject, WatchEvent};
 use serde::{Deserialize, Serialize};
@@ -11,6 +12,7 @@ use crate::applied::{AppliedRequests, Outcome};
 use crate::audit::{self, AuditLog};
 use crate::command::{Compare, TxnOp};
 use crate::eventlog::{self, EventLog};
+use crate::objects::Objects;
 use crate::{Command, CommandResult};
 
 /// How many change events are kept for resuming watches, by default.
@@ -26,8 +28,8 @@ pub struct Compacted {
 /// The whole replicated state (it is also the snapshot format).
 #[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
 pub struct Store {
-    #[serde(with = "objects_as_list")]
-    objects: BTreeMap<ObjectKey, StoredObject>,
+    /// By key, with a derived index by model label (`crate::objects`); a list in snapshots.
+    objects: Objects,
     events: VecDeque<WatchEvent>,
     revision: u64,
     compacted: u64,
@@ -43,23 +45,6 @@ pub struct Store {
     event_log: EventLog,
     #[serde(skip, default = "default_retention")]
     retention: usize,
-}
-
-/// JSON maps need string keys; objects carry their key, so they travel as a list.
-mod objects_as_list {
-    use std::collections::BTreeMap;
-
-    use flotilla_api::{ObjectKey, StoredObject};
-    use serde::{Deserialize, Deserializer, Serializer};
-
-    pub fn serialize<S: Serializer>(m: &BTreeMap<ObjectKey, StoredObject>, s: S) -> Result<S::Ok, S::Error> {
-        s.collect_seq(m.values())
-    }
-
-    pub fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<BTreeMap<ObjectKey, StoredObject>, D::Error> {
-        let list = Vec::<StoredObject>::deserialize(d)?;
-        Ok(list.into_iter().map(|o| (o.key.clone(), o)).collect())
-    }
 }
 
 fn default_retention() -> usize {
@@ -82,7 +67,7 @@ impl Store {
         let mut events: Vec<_> = events.into_iter().collect();
         events.sort_by_key(|e| e.revision);
         Store {
-            objects: objects.into_iter().map(|o| (o.key.clone(), o)).collect(),
+            objects: objects.into_iter().collect(),
             events: events.into(),
             revision,
             compacted,
@@ -121,15 +106,15 @@ impl Store {
         self.objects.get(key)
     }
 
+    /// The objects of `kind` that `selector` matches, in key order; one model's objects
+    /// (an equality on the `model` label) are found by index, not by a scan of the kind.
     pub fn list(&self, kind: Kind, selector: &LabelSelector) -> Vec<StoredObject> {
-        // keys order by kind first: visit that kind's objects only, not every object
-        self.objects
-            .range(ObjectKey::first_of(kind)..)
-            .map(|(_, o)| o)
-            .take_while(|o| o.key.kind == kind)
-            .filter(|o| selector.matches(&o.labels))
-            .cloned()
-            .collect()
+        self.objects.list(kind, selector)
+    }
+
+    /// [`Store::list`], sharing the objects instead of copying them.
+    pub fn list_shared(&self, kind: Kind, selector: &LabelSelector) -> Vec<Arc<StoredObject>> {
+        self.objects.list_shared(kind, selector)
     }
 
     /// Events of `kind` (all kinds if `None`) with revision > `after`, at most `limit`, and
@@ -317,7 +302,7 @@ impl Store {
     }
 
     fn delete(&mut self, key: &ObjectKey) -> Option<StoredObject> {
-        let object = self.objects.remove(key)?;
+        let object = Arc::unwrap_or_clone(self.objects.remove(key)?);
         self.revision += 1;
         self.record(EventType::Delete, object.clone());
         Some(object)
@@ -383,7 +368,7 @@ impl Store {
     fn commit_put(&mut self, mut object: StoredObject) -> StoredObject {
         self.revision += 1;
         object.revision = self.revision;
-        self.objects.insert(object.key.clone(), object.clone());
+        self.objects.insert(object.clone());
         self.record(EventType::Put, object.clone());
         object
     }
@@ -401,6 +386,7 @@ impl Store {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use flotilla_api::selector::MODEL_LABEL;
     use serde_json::json;
 
     fn key(name: &str) -> ObjectKey {
@@ -487,6 +473,82 @@ mod tests {
             let m = s.list(kind, &LabelSelector::label_eq("tier", "m"));
             assert_eq!(m.iter().map(|o| o.uid.clone()).collect::<Vec<_>>(), [format!("{kind}-m")]);
         }
+    }
+
+    /// What `list` must return: every object of `kind` that `selector` matches, in key order.
+    fn scan(s: &Store, kind: Kind, selector: &LabelSelector) -> Vec<StoredObject> {
+        s.objects().filter(|o| o.key.kind == kind && selector.matches(&o.labels)).cloned().collect()
+    }
+
+    fn assert_list_is_a_scan(s: &Store, step: &str) {
+        assert!(s.objects.index_is_derived(), "{step}: the index drifted from the objects");
+        for kind in [Kind::Replica, Kind::Model, Kind::Adapter] {
+            for m in ["a", "b", "c", "zz"] {
+                for sel in [
+                    LabelSelector::label_eq(MODEL_LABEL, m),
+                    LabelSelector::parse(&format!("{MODEL_LABEL}={m},tier=gold")).unwrap(),
+                    LabelSelector::parse(&format!("tier=gold,{MODEL_LABEL}={m}")).unwrap(),
+                    LabelSelector::parse(&format!("{MODEL_LABEL}={m},{MODEL_LABEL}=a")).unwrap(),
+                ] {
+                    assert_eq!(s.list(kind, &sel), scan(s, kind, &sel), "{step}: {kind} {sel:?}");
+                }
+            }
+            let all = LabelSelector::default();
+            assert_eq!(s.list(kind, &all), scan(s, kind, &all), "{step}: {kind}");
+        }
+    }
+
+    #[test]
+    fn the_model_index_lists_what_a_full_scan_finds_across_puts_deletes_and_snapshots() {
+        // A fixed pseudo-random walk (xorshift): puts that add, move or drop the model label,
+        // deletes, transactions, status writes; the index must equal a rebuild every step.
+        let mut x: u64 = 0x9e37_79b9_7f4a_7c15;
+        let mut next = |n: u64| {
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            x % n
+        };
+        let mut s = Store::new(50);
+        let kinds = [Kind::Replica, Kind::Model, Kind::Adapter];
+        for step in 0..3000 {
+            let key = ObjectKey { kind: kinds[next(3) as usize], name: format!("o{}", next(12)).parse().unwrap() };
+            let mut labels = BTreeMap::new();
+            if let Some(m) = ["a", "b", "c"].get(next(4) as usize) {
+                labels.insert(MODEL_LABEL.to_owned(), (*m).to_owned());
+            }
+            if next(2) == 0 {
+                labels.insert("tier".to_owned(), "gold".to_owned());
+            }
+            let spec = json!({ "step": step });
+            let cmd = match next(6) {
+                0 => Command::Delete { key, expected_revision: None },
+                1 => Command::PutStatus { key, status: json!({ "step": step }), expected_revision: None },
+                2 => Command::Txn {
+                    compares: vec![],
+                    ops: vec![
+                        TxnOp::Put { key: key.clone(), uid: "u".into(), labels, spec, status: None },
+                        TxnOp::Delete { key: key.clone() },
+                    ][..1 + next(2) as usize]
+                        .to_vec(),
+                },
+                _ => Command::Put { key, uid: "u".into(), labels, spec, expected_revision: None },
+            };
+            s.apply(&cmd);
+            assert_list_is_a_scan(&s, &format!("step {step} {cmd:?}"));
+            if step % 500 == 499 {
+                // A snapshot installed (or loaded) and the legacy tree's parts rebuild it.
+                let mut back: Store = serde_json::from_slice(&serde_json::to_vec(&s).unwrap()).unwrap();
+                back.set_retention(50);
+                assert_eq!(back, s);
+                assert_list_is_a_scan(&back, &format!("snapshot at step {step}"));
+                let parts =
+                    Store::from_parts(s.objects().cloned(), s.events().cloned(), s.revision(), s.compacted(), 50);
+                assert_list_is_a_scan(&parts, &format!("from parts at step {step}"));
+                s = back;
+            }
+        }
+        assert!(s.objects().any(|o| o.labels.contains_key(MODEL_LABEL)), "the walk indexed something");
     }
 
     #[test]

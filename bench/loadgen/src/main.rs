@@ -93,6 +93,18 @@ enum System {
     Etcd,
 }
 
+/// What a flotilla write stores (etcd always stores an opaque value).
+#[derive(Copy, Clone, Debug, PartialEq, Eq, ValueEnum)]
+enum WriteKind {
+    /// `Tenant` manifests: no leader controller reacts to them (gateways watch tenants;
+    /// none runs in the benchmark), so this measures the store.
+    Tenant,
+    /// `Model` manifests (engine sim, 1 replica, a fixed source) whose label changes every
+    /// write: the controllers run for each (a model actor per model, its Replica created
+    /// once, scheduler rounds), as a realistic control-plane write mix.
+    Model,
+}
+
 #[derive(Parser)]
 #[command(about = "flotilla vs etcd write benchmark client")]
 struct Cli {
@@ -135,6 +147,9 @@ struct LoadArgs {
     /// Bytes per write: the etcd value, or the whole flotilla manifest text.
     #[arg(long, default_value_t = 256)]
     value_size: usize,
+    /// What the flotilla writes store (ignored for etcd).
+    #[arg(long, value_enum, default_value_t = WriteKind::Tenant)]
+    kind: WriteKind,
     /// Distinct keys each client cycles through.
     #[arg(long, default_value_t = 100)]
     keys_per_client: u64,
@@ -216,17 +231,18 @@ fn strip_scheme(a: &str) -> &str {
     a.split("://").last().unwrap_or(a)
 }
 
-/// One writer: a flotilla ObjectService client or an etcd KV client on one channel.
+/// One writer: a flotilla ObjectService client (writing manifests of one kind) or an etcd
+/// KV client on one channel.
 #[derive(Clone)]
 enum Writer {
-    Flotilla(ObjectServiceClient<Channel>),
+    Flotilla(ObjectServiceClient<Channel>, WriteKind),
     Etcd(tonic::client::Grpc<Channel>),
 }
 
 impl Writer {
-    fn new(system: System, ch: Channel) -> Writer {
+    fn new(system: System, kind: WriteKind, ch: Channel) -> Writer {
         match system {
-            System::Flotilla => Writer::Flotilla(ObjectServiceClient::new(ch)),
+            System::Flotilla => Writer::Flotilla(ObjectServiceClient::new(ch), kind),
             System::Etcd => Writer::Etcd(tonic::client::Grpc::new(ch)),
         }
     }
@@ -235,9 +251,9 @@ impl Writer {
     /// `seq`, so no write is a no-op. The payload is exactly `size` bytes.
     async fn write(&mut self, client: usize, key: u64, seq: u64, size: usize, timeout: Duration) -> Result<()> {
         match self {
-            Writer::Flotilla(c) => {
+            Writer::Flotilla(c, kind) => {
                 let mut req = tonic::Request::new(ApplyRequest {
-                    manifest: manifest(client, key, seq, size),
+                    manifest: manifest(*kind, client, key, seq, size),
                     expected_revision: None,
                 });
                 req.set_timeout(timeout);
@@ -262,25 +278,54 @@ impl Writer {
     }
 }
 
-/// An Adapter manifest of exactly `size` bytes (when size exceeds the bare manifest), whose
-/// spec changes with every `seq`. Adapter, not Model: since the controllers run on the
-/// leader, every Model write makes them reconcile (list replicas, create Replica objects),
-/// which measures the controllers, not the store; no controller reacts to Adapters.
-fn manifest(client: usize, key: u64, seq: u64, size: usize) -> String {
-    let head = format!(
-        r#"{{"kind":"Adapter","metadata":{{"name":"b-{client}-{key}"}},"spec":{{"base_model":"bench","source":"file:///a/"#
-    );
-    let tail = r#""}}"#;
-    let mut pad = format!("{seq}-");
-    let want = size.saturating_sub(head.len() + tail.len());
-    while pad.len() < want {
-        pad.push('x');
-    }
-    let mut s = String::with_capacity(size);
+/// A manifest of `kind` named `b-<client>-<key>`, of exactly `size` bytes (when size
+/// exceeds the bare manifest), whose content changes with every `seq`: labels `p0`, `p1`, ...
+/// (values of at most 200 bytes, as label validation allows) carry `<seq>-` and the
+/// padding. A Tenant's `spec.rpm` changes too; a Model's spec stays the same (engine sim,
+/// 1 replica, a fixed source), so its replica template is stable and a write is no
+/// rollout: only the label changes.
+fn manifest(kind: WriteKind, client: usize, key: u64, seq: u64, size: usize) -> String {
+    let (k, spec) = match kind {
+        // rpm is at most 100_000_000; consecutive writes of one key differ by
+        // keys_per_client, so the spec changes too.
+        WriteKind::Tenant => ("Tenant", format!(r#"{{"rpm":{}}}"#, seq % 100_000_000)),
+        WriteKind::Model => ("Model", r#"{"engine":"sim","source":"file:///models/bench","replicas":1}"#.to_string()),
+    };
+    let head = format!(r#"{{"kind":"{k}","metadata":{{"name":"b-{client}-{key}","labels":{{"#);
+    let tail = format!(r#"}}}},"spec":{spec}}}"#);
+    let first = format!("{seq}-");
+    let labels = pad_labels(&first, size.saturating_sub(head.len() + tail.len()));
+    let mut s = String::with_capacity(size.max(head.len() + tail.len() + labels.len()));
     s.push_str(&head);
-    s.push_str(&pad);
-    s.push_str(tail);
+    s.push_str(&labels);
+    s.push_str(&tail);
     s
+}
+
+/// `"p0":"<first>xx..","p1":"xx.."...` of `want` bytes (or just `"p0":"<first>"` when that
+/// is longer), each value at most 200 bytes (labels allow 256).
+fn pad_labels(first: &str, want: usize) -> String {
+    const MAX: usize = 200;
+    let mut values = vec![first.to_string()];
+    let len = |vs: &[String]| {
+        vs.iter().enumerate().map(|(i, v)| format!(r#""p{i}":"""#).len() + v.len()).sum::<usize>() + vs.len() - 1
+    };
+    while len(&values) < want {
+        let i = values.len() - 1;
+        let missing = want - len(&values);
+        if values[i].len() < MAX {
+            let grow = missing.min(MAX - values[i].len());
+            values[i].extend(std::iter::repeat_n('x', grow));
+        } else if missing > format!(r#","p{}":"""#, i + 1).len() {
+            values.push(String::new());
+        } else {
+            // Too few bytes left for another label: shorten this one and start another.
+            let keep = values[i].len() - 16.min(values[i].len() - first.len().min(values[i].len()));
+            values[i].truncate(keep);
+            values.push(String::new());
+        }
+    }
+    values.iter().enumerate().map(|(i, v)| format!(r#""p{i}":"{v}""#)).collect::<Vec<_>>().join(",")
 }
 
 fn etcd_value(client: usize, seq: u64, size: usize) -> Vec<u8> {
@@ -318,7 +363,7 @@ async fn load(a: LoadArgs) -> Result<()> {
     let first_error = Arc::new(std::sync::Mutex::new(None::<String>));
     let mut tasks = Vec::new();
     for c in 0..a.clients {
-        let mut w = Writer::new(a.system, channels[c % conns].clone());
+        let mut w = Writer::new(a.system, a.kind, channels[c % conns].clone());
         let (measuring, stop, measured, errors, first_error) =
             (measuring.clone(), stop.clone(), measured.clone(), errors.clone(), first_error.clone());
         let (size, keys, max) = (a.value_size, a.keys_per_client.max(1), a.max_requests);
@@ -375,6 +420,11 @@ async fn load(a: LoadArgs) -> Result<()> {
         "clients": a.clients,
         "conns": conns,
         "value_size": a.value_size,
+        "kind": match (a.system, a.kind) {
+            (System::Etcd, _) => "value",
+            (_, WriteKind::Tenant) => "tenant",
+            (_, WriteKind::Model) => "model",
+        },
         "duration_s": elapsed,
         "writes": n,
         "errors": errors.load(Ordering::Relaxed),
@@ -510,7 +560,7 @@ async fn failover(a: FailoverArgs) -> Result<()> {
     let rt = Duration::from_secs_f64(a.request_timeout_s);
     let give_up = Duration::from_secs_f64(a.give_up_s);
     let mk = |ep: &String| -> Result<Writer> {
-        Ok(Writer::new(a.system, lazy(endpoint(ep, Duration::from_millis(200))?, ep)))
+        Ok(Writer::new(a.system, WriteKind::Tenant, lazy(endpoint(ep, Duration::from_millis(200))?, ep)))
     };
     // Keys of its own ("b-10000-*" ...), and a seq that never repeats across trials, so no
     // write is a no-op.
@@ -652,5 +702,29 @@ async fn main() -> Result<()> {
         Cmd::WaitReady(a) => wait_ready(a).await,
         Cmd::Failover(a) => failover(a).await,
         Cmd::Ports { n } => ports(n),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn manifests_have_the_asked_size_and_parse() {
+        for kind in [WriteKind::Tenant, WriteKind::Model] {
+            for size in [0, 100, 150, 256, 300, 411, 412, 413, 420, 1000, 4096] {
+                for seq in [1, 1_765_000_000_000_000] {
+                    let m = manifest(kind, 63, 99, seq, size);
+                    let v: serde_json::Value = serde_json::from_str(&m).unwrap();
+                    if size > 200 {
+                        assert_eq!(m.len(), size, "{kind:?} {size} {seq}: {m}");
+                    }
+                    let labels = v["metadata"]["labels"].as_object().unwrap();
+                    assert!(labels.values().all(|l| l.as_str().unwrap().len() <= 200));
+                    assert!(labels["p0"].as_str().unwrap().starts_with(&format!("{seq}-")));
+                    assert!(v["spec"]["rpm"].as_u64().is_none_or(|r| r <= 100_000_000));
+                }
+            }
+        }
     }
 }
