@@ -106,7 +106,7 @@ enum Command {
     /// Run the OpenAI-compatible gateway: routes requests across the cluster's engines.
     ///
     /// Example: flotilla gateway --server 10.0.0.1:7070 --listen 0.0.0.0:8080
-    Gateway(cmd::gateway::GatewayCmd),
+    Gateway(Box<cmd::gateway::GatewayCmd>),
     /// Run a simulated vLLM engine (same HTTP surface and metrics, no GPU).
     ///
     /// Example: flotilla sim --port 8000 --model demo --speedup 10
