@@ -1,11 +1,12 @@
 //! Keeps one KV event follower ([`crate::kv_follow`]) per endpoint of every `kv-aware`
-//! model in the endpoint table (and every `auto` one whose prompts the gateway can key), and each such model's [`KvIndex`]: followers start when an
-//! endpoint appears, stop (taking the engine's entries along) when it leaves or its model
-//! stops being kv-aware, and start again after a broken stream. An engine that publishes
-//! nothing (`GET /kv_event_sources` answers `{}`) is asked again every
-//! [`RECHECK`]; meanwhile kv-aware routes to it on speculation and load alone. While a
-//! follower runs, the engine's sources are checked every [`RECHECK`] too: an engine that
-//! restarted on the same address publishes on new ports.
+//! model in the endpoint table (and of every `auto` one whose prompts the gateway can key),
+//! and each such model's [`KvIndex`]: followers start when an endpoint appears, stop
+//! (taking the engine's entries along) when it leaves or its model stops being kv-aware,
+//! and start again after a broken stream. An engine that publishes nothing
+//! (`GET /kv_event_sources` answers `{}`) is asked again every [`RECHECK`]; meanwhile
+//! kv-aware routes to it on speculation and load alone. While a follower runs, the
+//! engine's sources are checked every [`RECHECK`] too: an engine that restarted on the same
+//! address publishes on new ports.
 //!
 //! ```text
 //! Directory::changes ─> reconcile: wanted (model, endpoint) vs running ─> spawn / stop followers

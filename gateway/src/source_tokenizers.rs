@@ -67,8 +67,8 @@ enum SourceState {
         last_backoff: Option<Duration>,
     },
     Ready(Arc<dyn PromptTokenizer>),
+    /// Failed (the reason is logged and counted); fetched again at `retry_at`.
     Failed {
-        reason: String,
         retry_at: Instant,
         backoff: Duration,
     },
@@ -94,16 +94,6 @@ impl SourceTokenizers {
         match g.by_source.get(g.model_source.get(model)?)? {
             SourceState::Ready(t) => Some(t.clone()),
             _ => None,
-        }
-    }
-
-    /// Why `model` has no fetched tokenizer (None: it has one, or wants none).
-    pub fn missing(&self, model: &str) -> Option<String> {
-        let g = self.inner.read().unwrap_or_else(|p| p.into_inner());
-        match g.by_source.get(g.model_source.get(model)?)? {
-            SourceState::Ready(_) => None,
-            SourceState::Fetching { .. } => Some("its tokenizer is being fetched".into()),
-            SourceState::Failed { reason, .. } => Some(format!("its tokenizer could not be fetched: {reason}")),
         }
     }
 }
@@ -195,7 +185,7 @@ async fn fetch_one(gw: Weak<Gateway>, fetcher: TokenizerFetcher, source: Arc<str
             let backoff = next_backoff(*last_backoff);
             tracing::warn!(source = %source, error = %reason, retry_in = ?backoff,
                 "cannot fetch the model's tokenizer; kv-aware routing keys its prompts approximately meanwhile");
-            SourceState::Failed { reason, retry_at: Instant::now() + backoff, backoff }
+            SourceState::Failed { retry_at: Instant::now() + backoff, backoff }
         }
     };
     inner.by_source.insert(source, state);
@@ -244,6 +234,16 @@ mod tests {
         assert_eq!(got[&ModelName::from("kv")].as_ref(), "hf://o/a");
     }
 
+    /// Where the tokenizer of `model`'s source stands (None: the model wants none).
+    fn state_of(t: &SourceTokenizers, model: &str) -> Option<String> {
+        let g = t.inner.read().unwrap();
+        Some(match g.by_source.get(g.model_source.get(model)?)? {
+            SourceState::Ready(_) => "ready".into(),
+            SourceState::Fetching { .. } => "fetching".into(),
+            SourceState::Failed { .. } => "failed".into(),
+        })
+    }
+
     #[test]
     fn each_source_is_fetched_once_and_a_failure_again_after_its_backoff() {
         let t = SourceTokenizers::default();
@@ -255,14 +255,15 @@ mod tests {
         let start = reconcile(&t, want(&[("a", "hf://o/x"), ("b", "hf://o/x")]), t0);
         assert_eq!(start, [Arc::<str>::from("hf://o/x")]);
         assert!(reconcile(&t, want(&[("a", "hf://o/x")]), t0).is_empty(), "already being fetched");
-        assert_eq!(t.missing("a").as_deref(), Some("its tokenizer is being fetched"));
-        assert_eq!(t.missing("b"), None, "b no longer wants one");
+        assert_eq!(state_of(&t, "a").as_deref(), Some("fetching"));
+        assert_eq!(state_of(&t, "b"), None, "b no longer wants one");
         // it failed: not again before its backoff, then again with a doubled one
-        t.inner.write().unwrap().by_source.insert(
-            "hf://o/x".into(),
-            SourceState::Failed { reason: "boom".into(), retry_at: t0 + FIRST_BACKOFF, backoff: FIRST_BACKOFF },
-        );
-        assert!(t.missing("a").unwrap().contains("boom"));
+        t.inner
+            .write()
+            .unwrap()
+            .by_source
+            .insert("hf://o/x".into(), SourceState::Failed { retry_at: t0 + FIRST_BACKOFF, backoff: FIRST_BACKOFF });
+        assert_eq!(state_of(&t, "a").as_deref(), Some("failed"));
         assert!(reconcile(&t, want(&[("a", "hf://o/x")]), t0 + FIRST_BACKOFF / 2).is_empty());
         assert_eq!(reconcile(&t, want(&[("a", "hf://o/x")]), t0 + FIRST_BACKOFF).len(), 1);
         let g = t.inner.read().unwrap();

@@ -162,9 +162,7 @@ impl Gateway {
 
     /// Whether `model`'s prompts are keyed with the engine's token ids (it has a tokenizer).
     pub fn token_exact(&self, model: &str) -> bool {
-        self.cfg.tokenizers.get(model).is_some()
-            || self.dir.model(model).is_some_and(|m| m.sim_engine)
-            || self.fetched_tokenizers.get(model).is_some()
+        self.tokenizer_of(model).is_some()
     }
 
     /// The prompt's token ids under `model`'s tokenizer ([`Gateway::tokenizer_of`]); None

@@ -182,14 +182,12 @@ impl Downloader {
 
     /// The cache key of a source.
     pub fn key(source: &str) -> String {
-        let base = source.split_once('#').map(|(b, _)| b).unwrap_or(source);
-        hex::encode(Sha256::digest(base.as_bytes()))
+        hex::encode(Sha256::digest(without_fragment(source).as_bytes()))
     }
 
     /// The cache key of `set`'s files of a source.
     pub fn files_key(source: &str, set: &FileSet) -> String {
-        let base = source.split_once('#').map(|(b, _)| b).unwrap_or(source);
-        hex::encode(Sha256::digest(format!("{base}\0files:{}", set.name).as_bytes()))
+        hex::encode(Sha256::digest(format!("{}\0files:{}", without_fragment(source), set.name).as_bytes()))
     }
 
     /// Returns the local path of `source`, downloading it first if needed.
@@ -513,6 +511,11 @@ impl Downloader {
         }
         Ok((items, single))
     }
+}
+
+/// A source without its `#fragment` (a checksum: not part of what is fetched).
+fn without_fragment(source: &str) -> &str {
+    source.split_once('#').map_or(source, |(base, _)| base)
 }
 
 /// The error when a source has none of `set`'s files.
