@@ -47,6 +47,8 @@ pub type Fetch = std::pin::Pin<Box<dyn std::future::Future<Output = Result<PathB
 /// Fetches a source's [`TOKENIZER_FILES`] into a local directory.
 pub trait FetchTokenizer: Send + Sync {
     fn fetch(&self, source: String) -> Fetch;
+    /// `source` as logs may show it (no credentials, no signed query string).
+    fn shown(&self, source: &str) -> String;
 }
 
 /// The fetcher the binary wires in (`flotilla gateway`'s `--tokenizer-cache` and source flags).
@@ -162,7 +164,8 @@ fn next_backoff(last: Option<Duration>) -> Duration {
 
 async fn fetch_one(gw: Weak<Gateway>, fetcher: TokenizerFetcher, source: Arc<str>, permits: Arc<Semaphore>) {
     let Ok(_permit) = permits.acquire_owned().await else { return };
-    tracing::info!(source = %source, "fetching a model's tokenizer files for kv-aware routing");
+    let shown = fetcher.0.shown(&source);
+    tracing::info!(source = %shown, "fetching a model's tokenizer files for kv-aware routing");
     let loaded = match fetcher.0.fetch(source.to_string()).await {
         Ok(dir) => tokio::task::spawn_blocking(move || crate::hf_tokenizer::HfTokenizer::load(&dir))
             .await
@@ -178,12 +181,12 @@ async fn fetch_one(gw: Weak<Gateway>, fetcher: TokenizerFetcher, source: Arc<str
     };
     let state = match loaded {
         Ok(t) => {
-            tracing::info!(source = %source, "tokenizer ready: prompts are keyed with the engine's token ids");
+            tracing::info!(source = %shown, "tokenizer ready: prompts are keyed with the engine's token ids");
             SourceState::Ready(Arc::new(t))
         }
         Err(reason) => {
             let backoff = next_backoff(*last_backoff);
-            tracing::warn!(source = %source, error = %reason, retry_in = ?backoff,
+            tracing::warn!(source = %shown, error = %reason, retry_in = ?backoff,
                 "cannot fetch the model's tokenizer; kv-aware routing keys its prompts approximately meanwhile");
             SourceState::Failed { retry_at: Instant::now() + backoff, backoff }
         }

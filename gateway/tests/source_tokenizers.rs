@@ -38,6 +38,9 @@ impl FetchTokenizer for FakeFetcher {
             }
         })
     }
+    fn shown(&self, source: &str) -> String {
+        source.to_string()
+    }
 }
 
 fn args(cp: std::net::SocketAddr, calls: &Arc<AtomicUsize>) -> flotilla_gateway::GatewayArgs {

@@ -79,6 +79,9 @@ impl FetchTokenizer for SourceFetcher {
             d.fetch_files(&source, &TOKENIZER_SET, &|_| {}).await
         })
     }
+    fn shown(&self, source: &str) -> String {
+        flotilla_agent::source_policy::url::shown(source)
+    }
 }
 
 #[cfg(test)]
