@@ -8,7 +8,7 @@
 //!
 //! | connector | role | `--kv-transfer-config` | environment | ports (P consecutive) | file |
 //! |---|---|---|---|---|---|
-//! | nixl | both | `NixlConnector`, `kv_both`, `engine_id` | `VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`, `--ucx-env` | DP ranks (side channel + DP index) | |
+//! | nixl | prefill / decode | `NixlConnector`, `kv_producer` / `kv_consumer`, `engine_id` | `VLLM_NIXL_SIDE_CHANNEL_HOST/PORT`, `--ucx-env` | DP ranks (side channel + DP index) | |
 //! | lmcache | prefill | `LMCacheConnectorV1`, `kv_producer` | `LMCACHE_CONFIG_FILE`, `PYTHONHASHSEED=0`, `--ucx-env` | 1 (`pd_proxy_port`) | `lmcache.yaml`, `pd_role: sender` |
 //! | lmcache | decode | `LMCacheConnectorV1`, `kv_consumer` | same | 2 × TP (`pd_peer_init_port`, `pd_peer_alloc_port` per TP rank) | `lmcache.yaml`, `pd_role: receiver` |
 //! | p2p-nccl | prefill / decode | `P2pNcclConnector`, `kv_producer` / `kv_consumer`, `kv_port` | `VLLM_HOST_IP`, `--ucx-env` | TP (`kv_port` + rank) | |
@@ -177,9 +177,13 @@ pub fn launch(kv: &KvTransfer, plan: &Plan, site: &Site<'_>) -> ConnectorLaunch 
         KvConnector::Nixl => {
             out.env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), site.address.to_string()));
             out.env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), site.first_port.to_string()));
+            // kv_producer / kv_consumer: vLLM 0.32 warns that `kv_both` with the
+            // NixlConnector "is deprecated and will be removed in a future release"; a
+            // consumer still computes a prompt sent without kv_transfer_params (the
+            // gateway's decode-only fallback)
             serde_json::json!({
                 "kv_connector": kv.connector.vllm_name(),
-                "kv_role": "kv_both",
+                "kv_role": role_word(kv.role),
                 "engine_id": site.engine_id,
                 "kv_connector_extra_config": {"backends": ["UCX"]},
             })

@@ -75,17 +75,23 @@ fn nixl_follows_vllms_usage_guide() {
     // (the decoder the same with port 8200 and side channel 5601; VLLM_NIXL_SIDE_CHANNEL_HOST
     // for other hosts), and "Selecting a NIXL transport backend":
     //   "kv_connector_extra_config":{"backends":["UCX"]}
-    let doc =
-        r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}"#;
+    // The role: vLLM 0.32's NixlConnector warns "Using kv_role='kv_both' with NixlConnector is
+    // deprecated and will be removed in a future release. Please set kv_role='kv_producer' for
+    // prefill instances and kv_role='kv_consumer' for decode instances."
+    let doc = |role: &str| {
+        format!(
+            r#"{{"kv_connector":"NixlConnector","kv_role":"{role}","kv_connector_extra_config":{{"backends":["UCX"]}}}}"#
+        )
+    };
     let dir = PathBuf::from("/d/engines/r");
     let ucx = vec![("UCX_TLS".to_string(), "rc,cuda_ipc,cuda_copy".to_string())];
-    for role in ["prefill", "decode"] {
+    for (role, kv_role) in [("prefill", "kv_producer"), ("decode", "kv_consumer")] {
         let k = kv("nixl", role);
         let p = plan(&k, &[], false).unwrap();
         assert_eq!(p.ports, 1, "one side channel without DP");
         let l = launch(&k, &p, &site(&dir, &ucx));
         // engine_id: the example leaves it to vLLM (a random uuid); ours names the process
-        let want = example(doc, &[("engine_id", "llama-prefill-x7k2q.0".into())]);
+        let want = example(&doc(kv_role), &[("engine_id", "llama-prefill-x7k2q.0".into())]);
         same_fields(&config(&l), &want, &format!("nixl {role}"));
         assert_eq!(env(&l, "VLLM_NIXL_SIDE_CHANNEL_HOST"), Some("10.0.0.5"));
         assert_eq!(env(&l, "VLLM_NIXL_SIDE_CHANNEL_PORT"), Some("20100"));

@@ -321,7 +321,7 @@ async fn through_real_sims_the_decode_engine_pulls_the_prompt_instead_of_computi
 
 #[tokio::test]
 async fn static_backends_are_served_disaggregated_with_the_pd_flag() {
-    let (p, d) = (pd_sim("kv_both").await, pd_sim("kv_both").await);
+    let (p, d) = (pd_sim("kv_producer").await, pd_sim("kv_consumer").await);
     let args = flotilla_gateway::GatewayArgs {
         listen: "127.0.0.1:0".into(),
         no_auth: true,

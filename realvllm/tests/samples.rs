@@ -244,16 +244,18 @@ async fn metrics_have_real_vllms_families_types_labels_and_buckets() {
     }
 }
 
-/// A sim with the NixlConnector as flotilla's agent configures it, its side channel on a
-/// free port.
-async fn pd_sim() -> SimHandle {
-    let kv = r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}"#;
+/// A sim with the NixlConnector as flotilla's agent configures it for `role` (`kv_producer`
+/// or `kv_consumer`), its side channel on a free port.
+async fn pd_sim(role: &str) -> SimHandle {
+    let kv = format!(
+        r#"{{"kv_connector":"NixlConnector","kv_role":"{role}","kv_connector_extra_config":{{"backends":["UCX"]}}}}"#
+    );
     let args = SimArgs {
         port: 0,
         model: "tiny".into(),
         max_model_len: 512,
         speedup: 1000.0,
-        kv_transfer_config: Some(kv.into()),
+        kv_transfer_config: Some(kv),
         kv_side_channel_port: 0,
         ..SimArgs::default()
     };
@@ -277,7 +279,7 @@ fn by_source(scrape: &str, source: &str) -> f64 {
 /// none computed, as on the real engine).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn pd_prefill_and_decode_answers_have_real_vllms_shape() {
-    let (p, d) = (pd_sim().await, pd_sim().await);
+    let (p, d) = (pd_sim("kv_producer").await, pd_sim("kv_consumer").await);
     let prompt = (0..100).map(|i| format!("word{i}")).collect::<Vec<_>>().join(" ");
     let legs = [
         ("/v1/completions", json!({"prompt": prompt}), PD_PREFILL_COMPLETION, PD_DECODE_COMPLETION),

@@ -1,10 +1,11 @@
 //! Prefill/decode disaggregation on the real engine: two `vllm serve` of the tiny model with
-//! the NixlConnector as the agent configures it (`kv_both`, UCX; NIXL from PyPI's `nixl` +
+//! the NixlConnector as the agent configures it (`kv_producer` / `kv_consumer`, UCX; NIXL from PyPI's `nixl` +
 //! `nixl-cu13`, which `.ci/real-vllm.sh` installs into the venv; on a CPU the KV cache is in
 //! host memory and UCX moves it over TCP/shared memory), P and D, behind `flotilla gateway
 //! --pd tiny`. Completions and chats, streamed and not, go prefill→decode; D must pull
 //! every prompt token and compute none, and the texts must be those of P alone
-//! (temperature 0).
+//! (temperature 0); D, a consumer, must still compute a prompt sent to it alone (the
+//! gateway's decode-only fallback).
 //!
 //! ```text
 //!  client ─> flotilla gateway --pd tiny ─(prefill leg)─> P :p  (side channel :ps)
@@ -26,9 +27,12 @@ use flotilla_testkit::procs::{log_tail, Group};
 
 use crate::install::{RealVllm, SERVE_FLAGS};
 
-/// The agent's NixlConnector config (agent/src/kv_transfer.rs), less its `engine_id`.
-const KV: &str =
-    r#"{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_connector_extra_config":{"backends":["UCX"]}}"#;
+/// The agent's NixlConnector configs (agent/src/kv_transfer.rs), less their `engine_id`:
+/// prefill engines produce, decode engines consume.
+const KV_PREFILL: &str =
+    r#"{"kv_connector":"NixlConnector","kv_role":"kv_producer","kv_connector_extra_config":{"backends":["UCX"]}}"#;
+const KV_DECODE: &str =
+    r#"{"kv_connector":"NixlConnector","kv_role":"kv_consumer","kv_connector_extra_config":{"backends":["UCX"]}}"#;
 
 /// Whether the install's Python has NIXL (`import nixl._api`, as vLLM does); why not if not.
 pub fn nixl_missing(install: &RealVllm) -> Option<String> {
@@ -45,12 +49,12 @@ pub fn nixl_missing(install: &RealVllm) -> Option<String> {
     }
 }
 
-/// `vllm serve` of the tiny model with the NixlConnector, its side channel on `side`.
-fn start_engine(install: &RealVllm, port: u16, side: u16, log: &Path) -> Group {
+/// `vllm serve` of the tiny model with the NixlConnector config `kv`, its side channel on `side`.
+fn start_engine(install: &RealVllm, kv: &str, port: u16, side: u16, log: &Path) -> Group {
     let mut cmd = Command::new(install.vllm());
     cmd.arg("serve").arg(install.model());
     cmd.args(["--host", "127.0.0.1", "--port", &port.to_string(), "--served-model-name", "tiny"]);
-    cmd.args(SERVE_FLAGS).args(["--kv-transfer-config", KV]).envs(install.env());
+    cmd.args(SERVE_FLAGS).args(["--kv-transfer-config", kv]).envs(install.env());
     cmd.env("VLLM_NIXL_SIDE_CHANNEL_HOST", "127.0.0.1").env("VLLM_NIXL_SIDE_CHANNEL_PORT", side.to_string());
     Group::spawn("vllm", cmd, log)
 }
@@ -119,8 +123,8 @@ pub async fn requests_through_the_gateway_pull_their_prompt(
     let (p_log, d_log) = (dir.join("pd-prefill.log"), dir.join("pd-decode.log"));
     let t0 = Instant::now();
     let mut engines = [
-        start_engine(install, p.rsplit(':').next().unwrap().parse()?, port()?, &p_log),
-        start_engine(install, d.rsplit(':').next().unwrap().parse()?, port()?, &d_log),
+        start_engine(install, KV_PREFILL, p.rsplit(':').next().unwrap().parse()?, port()?, &p_log),
+        start_engine(install, KV_DECODE, d.rsplit(':').next().unwrap().parse()?, port()?, &d_log),
     ];
     let result = async {
         for (addr, log) in [(&p, &p_log), (&d, &d_log)] {
@@ -201,8 +205,18 @@ async fn requests(gw: &str, p: &str, d: &str) -> anyhow::Result<String> {
         let (alone, _) = text_and_prompt(&r, false)?;
         ensure!(&alone == via_pd, "{path}: disaggregated {via_pd:?}, P alone {alone:?}");
     }
+    // The decode-only fallback: D, a kv_consumer, computes a new prompt sent to it without
+    // kv_transfer_params itself, with P's answer.
+    let fresh = body(json!({"prompt": prompt(4)}), false);
+    let (on_d, tokens) = text_and_prompt(&http::post(d, "/v1/completions", fresh.clone()).await?, false)?;
+    let (on_p, _) = text_and_prompt(&http::post(p, "/v1/completions", fresh).await?, false)?;
+    ensure!(on_d == on_p, "a prompt on D alone {on_d:?}, on P alone {on_p:?}");
+    let scrape = http::get(d, "/metrics").await?.text();
+    let by_source = |s: &str| sample(&scrape, "vllm:prompt_tokens_by_source_total", &format!("source=\"{s}\""));
+    let computed_alone = by_source("local_compute") + by_source("local_cache_hit");
+    ensure!(computed_alone == tokens as f64, "D alone took {computed_alone} prompt tokens locally of {tokens}");
     Ok(format!(
-        "{} requests prefill→decode in {:.1} s, {pulled} prompt tokens pulled, none computed on D",
+        "{} requests prefill→decode in {:.1} s, {pulled} prompt tokens pulled, none computed on D; D alone computed its prompt",
         asks.len(),
         took.as_secs_f64()
     ))
