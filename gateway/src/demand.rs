@@ -315,7 +315,7 @@ impl DemandBook {
 /// Sends one report of everything since the previous one; a failure is logged, counted
 /// and dropped.
 pub async fn send_report(gw: &Gateway, every: Duration) {
-    let req = gw.demand.take(&gw.holds.counts(), Instant::now());
+    let req = gw.demand.take(&gw.held_by_service(gw.holds.counts()), Instant::now());
     let n = req.models.len();
     let deadline = Instant::now() + every.clamp(Duration::from_millis(500), Duration::from_secs(5));
     let r = gw

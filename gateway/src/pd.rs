@@ -24,11 +24,13 @@
 //! member's as any request's; the prefill member's for every request the decider sends to it
 //! — its TTFT is the prefill leg's time, a failed leg an error — also when
 //! no prefill endpoint is up — a prefill pool scaled to zero wakes from the requests that fell
-//! back while it slept.
+//! back while it slept. Requests held for a service at zero count as held for both members
+//! (`held_by_service`): the service wakes whole.
 //!
 //! Member engines serve the disaggregated model's name (the agent starts them with it), so
 //! the body's `model` goes through unchanged.
 
+use std::collections::HashMap;
 use std::sync::Arc;
 
 use bytes::Bytes;
@@ -41,7 +43,7 @@ use tokio::time::Instant;
 use crate::admission::{select, Lease, PickCtx};
 use crate::error::ApiError;
 use crate::metrics::{ModelLabels, PdLabels};
-use crate::names::ServedName;
+use crate::names::{ModelName, ServedName};
 use crate::proxy::{forward, Upstream};
 use crate::request::ApiKind;
 use crate::state::Gateway;
@@ -96,6 +98,26 @@ impl Gateway {
         out.sort();
         out.dedup();
         out
+    }
+
+    /// Held requests by model as the demand report sends them: a disaggregated service's
+    /// requests are held for its decode member (it streams the answers), and are counted
+    /// for its prefill member too, so a service scaled to zero wakes whole — both pools at
+    /// once, each `held > 0` waking its autoscaler — instead of decode first and prefill
+    /// only later, from the requests that fell back to decode-only meanwhile.
+    pub fn held_by_service(&self, mut held: HashMap<ModelName, u32>) -> HashMap<ModelName, u32> {
+        let prefill: Vec<(ModelName, u32)> = held
+            .iter()
+            .filter_map(|(model, &n)| {
+                let parent = model.as_str().strip_suffix(EngineRole::Decode.as_str())?.strip_suffix('-')?;
+                let route = self.pd_route(parent).filter(|r| r.decode.as_str() == model.as_str())?;
+                Some((route.prefill.as_model(), n))
+            })
+            .collect();
+        for (model, n) in prefill {
+            *held.entry(model).or_default() += n;
+        }
+        held
     }
 
     /// Requests in flight on the least busy endpoint of `model` (None: it has none).

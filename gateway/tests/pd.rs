@@ -395,6 +395,49 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
 }
 
 #[tokio::test]
+async fn a_service_at_zero_wakes_both_pools_at_once() {
+    use common::fake_autoscale::FakeAutoscale;
+    let cp = FakeCp::new(None);
+    let spec = json!({"source": "hf://x/y",
+        "disaggregation": {"connector": "nixl", "prefill": {"replicas": 0}, "decode": {"replicas": 0}}});
+    cp.put("Model", MODEL, spec);
+    cp.put("Model", "llama-prefill", json!({"source": "hf://x/y"}));
+    cp.put("Model", "llama-decode", json!({"source": "hf://x/y"}));
+    cp.set_endpoints(&[]); // both pools at zero
+    let cp_handle = cp.clone();
+    let scaler = FakeAutoscale::default();
+    let (server, _stop) = scaler.clone().serve(cp).await;
+    let mut args = cluster_gw_args(server);
+    args.demand_report_interval_ms = 100;
+    let gw = gateway(args).await;
+    let addr = gw.local_addr();
+    // no endpoint at all: /readyz stays 503, so wait for the model itself
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    while gw.state().pd_route(MODEL).is_none() {
+        assert!(tokio::time::Instant::now() < until, "the gateway never saw the disaggregated model");
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+    let request = tokio::spawn(async move { completion(addr, &long_prompt(), false).await });
+    // held for the decode member, and counted held for the prefill member in the same reports
+    let until = tokio::time::Instant::now() + Duration::from_secs(10);
+    loop {
+        let (p, d) = (scaler.sum("llama-prefill", |m| m.held), scaler.sum("llama-decode", |m| m.held));
+        if p > 0 && d > 0 {
+            break;
+        }
+        assert!(tokio::time::Instant::now() < until, "held reported: prefill {p}, decode {d} (both should wake)");
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert_eq!(scaler.sum(MODEL, |m| m.held), 0, "the disaggregated name runs no replica of its own");
+    // both pools come up: the held request goes prefill -> decode
+    let (p, d) = (fake("P0").await, fake("D0").await);
+    cp_handle.set_endpoints(&[("llama-prefill", p.addr), ("llama-decode", d.addr)]);
+    let (status, text) = tokio::time::timeout(Duration::from_secs(10), request).await.unwrap().unwrap();
+    assert_eq!(status, 200, "{text}");
+    assert!(text.contains("D0 from P0"), "the woken service disaggregates its first request: {text}");
+}
+
+#[tokio::test]
 async fn a_prompt_the_decode_engine_already_holds_is_not_prefilled_again() {
     const EVENTS: &str = r#"{"enable_kv_cache_events": true, "publisher": "zmq", "endpoint": "tcp://*:0",
         "replay_endpoint": "tcp://*:0", "topic": "kv"}"#;
