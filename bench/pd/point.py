@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """One JSON line per bench/pd point: vllm bench serve's saved result (its scalar fields) plus
 the deltas of the engines' and the gateway's counters over the point (run.sh scrapes
-`before-*.prom` and `after-*.prom` into the work dir).
+`before-*.prom` and `after-*.prom` into the work dir), and each completed request's TTFT and
+TPOT in simulated ms (`requests`, from `--save-detailed`), so goodput can be computed at any
+SLO from the same run (report.py's SLO table).
 
 Usage (from run.sh): point.py point WORK RESULT.json EXTRA_JSON | point.py calibrate WORK INPUT_LEN
 """
@@ -88,7 +90,24 @@ def point(work, result_path, extra):
     seen = [e for e in engines if role is None or e["role"] == role]
     reqs = sum(e["requests"] for e in seen)
     d["sim_prompt_tokens_mean"] = sum(e["prompt_tokens"] for e in seen) / reqs if reqs else None
+    d["requests"] = per_request(res, float(d["speedup"]))
     print(json.dumps(d))
+
+
+def per_request(res, speedup):
+    """[[ttft_ms, tpot_ms], ...] of the completed requests in simulated ms, as vllm bench serve
+    computes them (TPOT: (latency - TTFT) / (output tokens - 1), 0 for one token); None when
+    the result has no per-request detail."""
+    ttfts, lats, outs, errs = (res.get(k) for k in ("ttfts", "latencies", "output_lens", "errors"))
+    if not (ttfts and lats and outs):
+        return None
+    rows = []
+    for i, (ttft, lat, n) in enumerate(zip(ttfts, lats, outs)):
+        if (errs and errs[i]) or not n:
+            continue
+        tpot = (lat - ttft) / (n - 1) if n > 1 else 0.0
+        rows.append([round(ttft * 1e3 * speedup, 1), round(tpot * 1e3 * speedup, 2)])
+    return rows
 
 
 def calibrate(work, input_len):

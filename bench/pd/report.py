@@ -1,7 +1,9 @@
 #!/usr/bin/env python3
 """Markdown tables of bench/pd results: per mix, one row per (rate, setup), times in
 simulated ms and rates in simulated req/s (vllm bench serve's wall figures x / SPEEDUP),
-then the goodput ratio P/D / aggregated at each rate and at each setup's best rate.
+then the goodput ratio P/D / aggregated at each rate and at each setup's best rate, then
+(for points with per-request data) the best goodput of each setup at other TPOT SLOs,
+computed from the same requests.
 
 Usage: python3 bench/pd/report.py bench/pd/out/*.jsonl
 """
@@ -74,6 +76,34 @@ def main(paths):
                 print(f"- goodput {p} / {a} by rate: {', '.join(ratios)}; best rate each: "
                       f"{bp[0]:.2f} (at {bp[1]}) / {ba[0]:.2f} (at {ba[1]}) = **{peak}x**; highest rate tried with "
                       f">= 90% in SLO: {slo90[p]:g} / {slo90[a]:g}")
+        slo_table(points, setups)
+
+
+TPOT_SLOS_MS = (20, 30, 50)
+
+
+def slo_table(points, setups):
+    """Best goodput over the rates tried, per setup, at TTFT <= the run's SLO and each TPOT
+    SLO, from the points' per-request TTFT/TPOT (simulated ms)."""
+    detailed = {k: d for k, d in points.items() if d.get("requests") is not None}
+    if not detailed:
+        return
+    print("\nBest goodput over the rates tried at other TPOT SLOs, computed from the same requests "
+          "(req/s, at the rate in parentheses):\n")
+    print("| TTFT / TPOT SLO | " + " | ".join(setups) + " | ratios |")
+    print("| --- | " + " | ".join("---:" for _ in setups) + " | --- |")
+    ttft_slo = next(iter(detailed.values()))["ttft_slo_ms"]
+    for tpot_slo in TPOT_SLOS_MS:
+        best = {}
+        for (rate, setup), d in detailed.items():
+            s = float(d["speedup"])
+            good = sum(1 for t, p in d["requests"] if t <= ttft_slo and p <= tpot_slo) / (d["duration"] / s)
+            if good > best.get(setup, (0.0, None))[0]:
+                best[setup] = (good, rate)
+        cells = [f"{best[x][0]:.2f} ({best[x][1]:g})" if x in best else "-" for x in setups]
+        aggs = [x for x in setups if x.startswith("agg") and best.get(x, (0,))[0]]
+        ratios = [f"{p}/{a} {best[p][0] / best[a][0]:.2f}x" for a in aggs for p in setups if p.startswith("pd") and p in best]
+        print(f"| ≤ {ttft_slo:g} ms / ≤ {tpot_slo} ms | " + " | ".join(cells) + f" | {', '.join(ratios)} |")
 
 
 if __name__ == "__main__":

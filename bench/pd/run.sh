@@ -126,7 +126,7 @@ bench() {  # bench RATE NUM_PROMPTS RESULT_FILE
     --random-output-len "$OUTPUT_LEN" --random-range-ratio "$RANGE" --ignore-eos \
     --request-rate "$1" --num-prompts "$2" --seed "$SEED" --goodput "ttft:$wall_ttft" "tpot:$wall_tpot" \
     --percentile-metrics ttft,tpot,itl,e2el --metric-percentiles 50,90,99 --disable-tqdm \
-    --save-result --result-dir "$WORK" --result-filename "$(basename "$3")" > "$WORK/bench.log" 2>&1 & PIDS+=($!)
+    --save-result --save-detailed --result-dir "$WORK" --result-filename "$(basename "$3")" > "$WORK/bench.log" 2>&1 & PIDS+=($!)
   wait "${PIDS[-1]}" || { tail -20 "$WORK/bench.log" >&2; return 1; }
 }
 
