@@ -6,12 +6,13 @@
 # the router's CPU per request (its utime+stime from /proc over the run / requests served).
 # Then, below saturation (LOW_CONNS connections), the latency each router adds over going
 # straight to one backend. Prints a table and writes one JSON line per measurement to OUT
-# (default bench/gateway/out/runs-<UTC time>.jsonl). Everything it starts is killed on exit.
+# (default runs-<UTC time>.jsonl in bench/run's output directory, else bench/gateway/out/).
+# Everything it starts is killed on exit.
 #
 # Needs: wrk and nginx (apt-get install wrk nginx-light), jq, curl; for the peers a venv with
 # vllm-router and sglang-router (PyPI):
 #   python3 -m venv /tmp/benchvenv/venv && /tmp/benchvenv/venv/bin/pip install vllm-router sglang-router
-# Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), LOW_CONNS (4; 0 skips),
+# Knobs (environment): ROUNDS (3), DURATION (s, 10), CONNS (64), LOW_CONNS (1; 0 skips),
 # PEERS ("vllm-router sglang-router"; those not installed are skipped, named), BENCH_VENV
 # (/tmp/benchvenv/venv), PIN (1; 0 lets everything share both cores), FLOTILLA_BIN or
 # TARGET_DIR/SKIP_BUILD as bench/security's, OUT.
@@ -23,10 +24,10 @@ FLOTILLA=${FLOTILLA_BIN:-$FLOTILLA}
 ROUNDS=${ROUNDS:-3}
 DURATION=${DURATION:-10}
 CONNS=${CONNS:-64}
-LOW_CONNS=${LOW_CONNS:-4}
+LOW_CONNS=${LOW_CONNS:-1}
 PIN=${PIN:-1}
 VENV=${BENCH_VENV:-/tmp/benchvenv/venv}
-OUT=${OUT:-$HERE/out/runs-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
+OUT=${OUT:-${BENCH_OUT:-$HERE/out}/runs-$(date -u +%Y%m%dT%H%M%SZ).jsonl}
 pin_cpus
 ROUTER_CPU=("${PIN0[@]}") CLIENT_CPU=("${PIN1[@]}")
 require wrk nginx jq curl
@@ -117,4 +118,4 @@ printf '| target | connections | req/s (mean of rounds) | CPU µs / request | p5
 jq -rs 'group_by([.target, .conns]) | map({t: .[0].target, c: .[0].conns, rps: (map(.rps) | add / length),
     cpu: (map(.cpu_us_per_request) | map(select(. != null)) | if length > 0 then add / length else null end),
     p50: (map(.p50) | join(" ")), p99: (map(.p99) | join(" "))})
-  | sort_by(-.c, -.rps) | .[] | "| \(.t) | \(.c) | \(.rps | floor) | \(.cpu // "-" | tostring | .[0:6]) | \(.p50) | \(.p99) |"' "$OUT"
+  | sort_by(-.c, -.rps) | .[] | "| \(.t) | \(.c) | \(.rps | floor) | \(if .cpu then (.cpu * 10 | round / 10) else "-" end) | \(.p50) | \(.p99) |"' "$OUT"
