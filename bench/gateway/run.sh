@@ -78,7 +78,7 @@ cpu_s() { awk -v t="$(getconf CLK_TCK)" '{print ($14 + $15) / t}' "/proc/$1/stat
 measure() { # target round conns url [pid] -> one JSON line
   local target=$1 round=$2 conns=$3 url=$4 pid=${5:-} before=0 after=0 out
   [[ -n $pid ]] && before=$(cpu_s "$pid")
-  out=$("${CLIENT_CPU[@]}" wrk -t2 -c"$conns" -d"${DURATION}s" --latency -s "$HERE/post.lua" "$url")
+  out=$("${CLIENT_CPU[@]}" wrk -t"$((conns < 2 ? 1 : 2))" -c"$conns" -d"${DURATION}s" --latency -s "$HERE/post.lua" "$url")
   [[ -n $pid ]] && after=$(cpu_s "$pid")
   local rps p50 p99 reqs errs
   rps=$(awk '/Requests\/sec/ {print $2}' <<<"$out")
@@ -97,7 +97,10 @@ measure() { # target round conns url [pid] -> one JSON line
 
 log "targets: ${targets[*]}; $CONNS connections, $DURATION s each, $ROUNDS rounds, pinned=$PIN; out: $OUT"
 for round in $(seq 1 "$ROUNDS"); do
-  for target in "${targets[@]}"; do
+  # each round starts with the next target, so none always runs first or last
+  n=${#targets[@]}
+  for k in $(seq 0 $((n - 1))); do
+    target=${targets[$(((round - 1 + k) % n))]}
     start_router "$target"
     measure "$target" "$round" "$CONNS" "http://127.0.0.1:$PORT/v1/completions" "$ROUTER" | tee -a "$OUT" >&2
     stop_router
