@@ -180,6 +180,11 @@ impl Default for Metrics {
 }
 
 impl Metrics {
+    /// Decisions `controller` has made so far.
+    pub fn reconciles(&self, controller: Controller) -> u64 {
+        self.reconciles.get_or_create(&ControllerLabels { controller: controller.as_str() }).get()
+    }
+
     /// One pass of `controller`'s reconcile loop (a decision made).
     pub fn reconciled(&self, controller: Controller) {
         self.reconciles.get_or_create(&ControllerLabels { controller: controller.as_str() }).inc();

@@ -499,6 +499,10 @@ pub struct ModelActorState {
     ctx: Arc<Ctx>,
     s: ModelState,
     queued: bool,
+    /// The inputs' fingerprint ([`ModelActorState::inputs_fingerprint`]) of the last
+    /// decision that wrote nothing: a tick with the same inputs and no clock in play skips
+    /// deciding again. A leader with 6,400 idle Models spent 44% of a core on these ticks.
+    quiet: Option<u64>,
 }
 
 impl ModelActorState {
@@ -522,6 +526,37 @@ impl ModelActorState {
         );
         flotilla_telemetry::propagation::set_parent_traceparent(&span, &tp);
         span
+    }
+
+    /// What a decision of this model reads from the store, as revisions: the model, its
+    /// replicas, its member Models and the nodes its replicas are bound to. No object is
+    /// parsed; equal fingerprints mean equal stored inputs.
+    fn inputs_fingerprint(&self) -> u64 {
+        use std::hash::{Hash, Hasher};
+        let mut keys = vec![key(Kind::Model, &self.s.name)];
+        for role in flotilla_api::spec::EngineRole::ALL {
+            if let Ok(member) = flotilla_api::spec::member_name(&self.s.name, role) {
+                keys.push(key(Kind::Model, &member));
+            }
+        }
+        let nodes: BTreeSet<&ObjectName> =
+            self.s.replicas.values().flat_map(|r| r.spec.bindings().into_iter().map(|(n, _)| n)).collect();
+        keys.extend(nodes.into_iter().map(|n| key(Kind::Node, n)));
+        let mut h = std::collections::hash_map::DefaultHasher::new();
+        for (k, revision) in keys.iter().zip(self.ctx.handle.reader().revisions(&keys)) {
+            (k, revision).hash(&mut h);
+        }
+        for (name, r) in &self.s.replicas {
+            (name, r.revision).hash(&mut h);
+        }
+        h.finish()
+    }
+
+    /// Whether a decision depends on more than the stored inputs: the clock (a Failed
+    /// replica waits out its replacement backoff; a canary step its interval) or what the
+    /// agents report in memory (a rollout reads the adapters each engine has loaded).
+    fn reads_more_than_the_store(&self) -> bool {
+        self.s.rolling() || self.s.replicas.values().any(|r| r.phase() == ReplicaPhase::Failed)
     }
 
     fn refresh_model(&mut self) {
@@ -646,7 +681,7 @@ impl Actor for ModelActor {
             canary_stats: Default::default(),
             members: Members::new(),
         };
-        let mut st = ModelActorState { ctx: args.ctx, s, queued: true };
+        let mut st = ModelActorState { ctx: args.ctx, s, queued: true, quiet: None };
         st.refresh_model();
         myself.send_interval(ActorsConfig::ms(st.ctx.config.reconcile_interval_ms), || ModelMsg::Tick);
         myself.send_message(ModelMsg::Reconcile)?;
@@ -663,9 +698,17 @@ impl Actor for ModelActor {
             ModelMsg::Changed(None) => st.refresh_model(),
             ModelMsg::Changed(Some(r)) => st.refresh_replica(&r),
             ModelMsg::Resync => st.resync(),
-            ModelMsg::Tick => {}
+            ModelMsg::Tick => {
+                // Periodic decisions catch what no event announces (a node's facts, the
+                // clock); with the same stored inputs as a decision that wrote nothing and
+                // no clock in play, this one would decide the same nothing.
+                if st.quiet.is_some() && !st.reads_more_than_the_store() && st.quiet == Some(st.inputs_fingerprint()) {
+                    return Ok(());
+                }
+            }
             ModelMsg::Reconcile => {
                 st.queued = false;
+                let inputs = st.inputs_fingerprint();
                 st.refresh_nodes();
                 st.refresh_members();
                 let span = st.traced_span();
@@ -675,6 +718,7 @@ impl Actor for ModelActor {
                     // the scheduler's binding and the agent's start continue this trace
                     objects::label_traced(&mut cmds, &tp);
                 }
+                st.quiet = cmds.is_empty().then_some(inputs);
                 if cmds.is_empty() {
                     if st.s.model.is_none() && st.s.replicas.is_empty() {
                         tracing::info!(model = %st.s.name, "model deleted and drained; actor stops");

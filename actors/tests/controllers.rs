@@ -241,3 +241,40 @@ async fn drain_moves_replicas_off_before_the_node_is_drained() {
     assert_eq!(e.code(), tonic::Code::NotFound);
     c.shutdown().await;
 }
+
+/// A model whose stored inputs do not change is not decided again on every tick (a leader
+/// with thousands of idle Models spent most of a core on it), and it still reacts to a
+/// change of its spec and to its node draining (which no event announces to it: the tick
+/// sees the node's revision move).
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_idle_model_is_not_decided_again_every_tick_but_a_drain_still_moves_it() {
+    use flotilla_actors::metrics::Controller;
+    let c = Cluster::start(1).await;
+    let leader = c.leader().await;
+    let _a = FakeAgent::start(c.live_addrs(), "node-a", 4);
+    wait_until("node-a", LONG, || async { c.list("Node").await.len() == 1 }).await;
+    c.apply(&model_manifest("llama", 1, 1)).await;
+    wait_until("1 ready replica", LONG, || async { ready_count(&c).await == 1 }).await;
+    let ctx = c.ctx(leader).expect("the leader's controllers");
+    let decisions = || ctx.metrics.reconciles(Controller::Model);
+    // settled: its status written, then quiet
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = decisions();
+    tokio::time::sleep(Duration::from_millis(1_500)).await; // 15 ticks of 100 ms
+    let during = decisions() - before;
+    assert!(during <= 3, "{during} decisions in 15 ticks of an idle model");
+
+    let _b = FakeAgent::start(c.live_addrs(), "node-b", 4);
+    wait_until("node-b", LONG, || async { c.list("Node").await.len() == 2 }).await;
+    let mut fleet = FleetServiceClient::new(channel(c.live_addrs()[0]));
+    fleet
+        .set_node(NodeActionRequest { name: "node-a".into(), action: NodeAction::Drain as i32 })
+        .await
+        .expect("drain node-a");
+    wait_until("the replica moved to node-b", LONG, || async {
+        let r = replicas(&c).await;
+        ready_count(&c).await == 1 && r.values().any(|(phase, node)| phase == "Ready" && node == "node-b")
+    })
+    .await;
+    c.shutdown().await;
+}

@@ -328,6 +328,12 @@ impl StoreReader {
         self.read(|i| (i.store.get(key).cloned(), i.store.revision()))
     }
 
+    /// The revision of each object of `keys` (None: absent), under one read lock and
+    /// without copying them: for a reader that only wants to know whether they changed.
+    pub fn revisions(&self, keys: &[ObjectKey]) -> Vec<Option<u64>> {
+        self.read(|i| keys.iter().map(|k| i.store.get(k).map(|o| o.revision)).collect())
+    }
+
     pub fn list(&self, kind: Kind, selector: &LabelSelector) -> (Vec<StoredObject>, u64) {
         self.read(|i| (i.store.list(kind, selector), i.store.revision()))
     }

@@ -87,6 +87,11 @@ impl Cluster {
         found
     }
 
+    /// The controllers' context on server `id`, once it has one.
+    pub fn ctx(&self, id: u64) -> Option<Arc<flotilla_actors::shared::Ctx>> {
+        self.probes.lock().expect("probes lock").get(id as usize - 1)?.as_ref()?.ctx()
+    }
+
     pub async fn shutdown(self) {
         self.inner.shutdown().await;
     }
