@@ -118,7 +118,7 @@ async fn pd_members_start_with_their_connector_and_bad_roles_fail() {
     // nixl prefill: its config, and the side channel on the node address, two ports for DP 2
     let config = kv_config(&spawned_args(&rec, p_pid));
     assert_eq!(config["kv_connector"], "NixlConnector");
-    assert_eq!(config["kv_role"], "kv_both");
+    assert_eq!(config["kv_role"], "kv_producer", "a prefill member produces");
     assert_eq!(config["engine_id"], "p-0.0", "the replica and its restart count");
     let env = environ(p_pid);
     assert_eq!(var(&env, "VLLM_NIXL_SIDE_CHANNEL_HOST"), Some("127.0.0.1"));
