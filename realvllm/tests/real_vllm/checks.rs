@@ -146,7 +146,7 @@ pub async fn run(mut t: Tier) -> Tier {
     t.check("standalone_vllm_stops_on_sigterm_leaving_no_process", || async {
         let pgid = vllm.pid();
         let took = vllm.stop(Duration::from_secs(20));
-        ensure!(group_members(pgid).is_empty(), "left behind: {:?}", group_members(pgid));
+        group_gone(pgid).await?;
         ensure!(took < Duration::from_secs(20), "ignored SIGTERM for {took:?}");
         Ok(())
     })
@@ -216,6 +216,18 @@ pub async fn run(mut t: Tier) -> Tier {
 }
 
 /// Starts an in-process gateway with static backends `tiny=http://<addr>`.
+/// Waits (at most 10 s) until the process group `pgid` has no live member: its leader is
+/// reaped when `stop` returns, but workers SIGKILLed with the group may take a moment to
+/// leave /proc (a check without the wait failed with "left behind: []").
+pub async fn group_gone(pgid: u32) -> anyhow::Result<()> {
+    let t = Instant::now();
+    while !group_members(pgid).is_empty() && t.elapsed() < Duration::from_secs(10) {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    ensure!(group_members(pgid).is_empty(), "left behind: {:?}", group_members(pgid));
+    Ok(())
+}
+
 pub async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
     gateway_with_key(backends, None).await
 }

@@ -22,7 +22,6 @@ use tokio::time::Instant;
 
 use flotilla_testkit::http;
 use flotilla_testkit::ports::free_port;
-use flotilla_testkit::proc_fs::group_members;
 use flotilla_testkit::procs::{log_tail, Group};
 
 use crate::install::{RealVllm, SERVE_FLAGS};
@@ -142,12 +141,7 @@ pub async fn requests_through_the_gateway_pull_their_prompt(
     for e in &mut engines {
         let pgid = e.pid();
         let took = e.stop(Duration::from_secs(20));
-        // the leader is reaped; its workers, SIGKILLed with the group, may take a moment
-        let t = Instant::now();
-        while !group_members(pgid).is_empty() && t.elapsed() < Duration::from_secs(10) {
-            tokio::time::sleep(Duration::from_millis(100)).await;
-        }
-        ensure!(group_members(pgid).is_empty(), "left behind: {:?}", group_members(pgid));
+        crate::checks::group_gone(pgid).await?;
         stops.push(format!("{:.1} s", took.as_secs_f64()));
     }
     let line = result.with_context(|| format!("decode engine log:\n{}", log_tail(&d_log, 20)))?;
