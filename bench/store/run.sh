@@ -30,7 +30,7 @@ TRIALS=${TRIALS:-10}
 MODEL_MIX=${MODEL_MIX:-1}
 MIX_TRIALS=${MIX_TRIALS:-0}
 SYSTEMS=${SYSTEMS:-"flotilla etcd"}
-RESULTS=${RESULTS:-$HERE/results.json}
+RESULTS=${RESULTS:-${BENCH_OUT:-$HERE}/results.json}
 
 log() { printf '[bench %(%H:%M:%S)T] %s\n' -1 "$*" >&2; }
 die() { log "error: $*"; exit 1; }
