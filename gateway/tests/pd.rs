@@ -341,23 +341,34 @@ async fn static_backends_are_served_disaggregated_with_the_pd_flag() {
     assert_eq!(pd_requests(gw.local_addr(), "remote").await, 1.0);
 }
 
-#[tokio::test]
-async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by_its_fallbacks() {
-    use common::fake_autoscale::FakeAutoscale;
-    let d = fake("D0").await;
+/// A cluster gateway for the disaggregated `llama` (its decode pool at `decode` replicas,
+/// its prefill pool at zero) with `endpoints`, reporting demand every 100 ms to a fake
+/// autoscaler: the gateway, the control plane (to change endpoints), the autoscaler and
+/// the fake server's stop handle.
+async fn autoscaled(
+    decode: u32,
+    endpoints: &[(&str, std::net::SocketAddr)],
+) -> (flotilla_gateway::GatewayHandle, FakeCp, common::fake_autoscale::FakeAutoscale, tokio::sync::oneshot::Sender<()>)
+{
     let cp = FakeCp::new(None);
     let spec = json!({"source": "hf://x/y",
-        "disaggregation": {"connector": "nixl", "prefill": {"replicas": 0}, "decode": {"replicas": 1}}});
+        "disaggregation": {"connector": "nixl", "prefill": {"replicas": 0}, "decode": {"replicas": decode}}});
     cp.put("Model", MODEL, spec);
     cp.put("Model", "llama-prefill", json!({"source": "hf://x/y"}));
     cp.put("Model", "llama-decode", json!({"source": "hf://x/y"}));
-    cp.set_endpoints(&[("llama-decode", d.addr)]); // the prefill pool is at zero
-    let cp_handle = cp.clone();
-    let scaler = FakeAutoscale::default();
-    let (server, _stop) = scaler.clone().serve(cp).await;
+    cp.set_endpoints(endpoints);
+    let scaler = common::fake_autoscale::FakeAutoscale::default();
+    let (server, stop) = scaler.clone().serve(cp.clone()).await;
     let mut args = cluster_gw_args(server);
     args.demand_report_interval_ms = 100;
-    let gw = gateway(args).await;
+    (gateway(args).await, cp, scaler, stop)
+}
+
+#[tokio::test]
+async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by_its_fallbacks() {
+    let d = fake("D0").await;
+    // the prefill pool is at zero
+    let (gw, cp_handle, scaler, _stop) = autoscaled(1, &[("llama-decode", d.addr)]).await;
     let addr = gw.local_addr();
     until_serving(&gw).await;
     for _ in 0..3 {
@@ -396,20 +407,7 @@ async fn each_pool_reports_its_own_demand_and_a_prefill_pool_at_zero_is_woken_by
 
 #[tokio::test]
 async fn a_service_at_zero_wakes_both_pools_at_once() {
-    use common::fake_autoscale::FakeAutoscale;
-    let cp = FakeCp::new(None);
-    let spec = json!({"source": "hf://x/y",
-        "disaggregation": {"connector": "nixl", "prefill": {"replicas": 0}, "decode": {"replicas": 0}}});
-    cp.put("Model", MODEL, spec);
-    cp.put("Model", "llama-prefill", json!({"source": "hf://x/y"}));
-    cp.put("Model", "llama-decode", json!({"source": "hf://x/y"}));
-    cp.set_endpoints(&[]); // both pools at zero
-    let cp_handle = cp.clone();
-    let scaler = FakeAutoscale::default();
-    let (server, _stop) = scaler.clone().serve(cp).await;
-    let mut args = cluster_gw_args(server);
-    args.demand_report_interval_ms = 100;
-    let gw = gateway(args).await;
+    let (gw, cp_handle, scaler, _stop) = autoscaled(0, &[]).await; // both pools at zero
     let addr = gw.local_addr();
     // no endpoint at all: /readyz stays 503, so wait for the model itself
     let until = tokio::time::Instant::now() + Duration::from_secs(10);
