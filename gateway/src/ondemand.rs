@@ -339,7 +339,11 @@ impl Gateway {
     }
 
     /// The engine answered 404 for the adapter: it was evicted there. Routes it elsewhere,
-    /// ensures it is loaded and forwards once more.
+    /// ensures it is loaded and forwards once more. When that answer is a 404 again — the
+    /// leader still had the evicting engine's older report and named it as a holder, so
+    /// nothing was loaded and the request went back to it (bench/lora at 4× overload: 4 of
+    /// 606 requests got the engine's 404) — the adapter is loaded on another replica, those
+    /// engines excluded.
     pub async fn reload_and_retry(
         self: &Arc<Self>,
         ctx: &PickCtx,
@@ -348,11 +352,27 @@ impl Gateway {
         body: Bytes,
         headers: &HeaderMap,
     ) -> Result<Upstream, ApiError> {
-        let gone = up.lease.endpoint.id.clone();
+        let adapter = ctx.model.as_adapter();
+        let gone = up.lease.endpoint.clone();
         drop(up);
-        tracing::info!(adapter = %ctx.model, endpoint = %gone, "engine no longer holds the adapter; reloading");
-        self.dir.forget_loaded(&ctx.model.as_adapter(), &gone);
-        self.load_then_forward(ctx, Vec::new(), &[gone], "was evicted and not reloaded", kind, body, headers).await
+        tracing::info!(adapter = %ctx.model, endpoint = %gone.id, "engine no longer holds the adapter; reloading");
+        self.dir.forget_loaded(&adapter, &gone.id);
+        let exclude = [gone.id.clone()];
+        let what = "was evicted and not reloaded";
+        let up = self.load_then_forward(ctx, Vec::new(), &exclude, what, kind, body.clone(), headers).await?;
+        if up.response.status() != http::StatusCode::NOT_FOUND {
+            return Ok(up);
+        }
+        let again = up.lease.endpoint.clone();
+        drop(up);
+        tracing::warn!(adapter = %ctx.model, endpoint = %again.id, "a stale holder answered 404 again; loading the adapter elsewhere");
+        self.dir.forget_loaded(&adapter, &again.id);
+        let mut avoid: Vec<String> =
+            [&gone, &again].iter().map(|e| e.replica.clone()).filter(|r| !r.is_empty()).collect();
+        avoid.dedup();
+        let exclude = [gone.id.clone(), again.id.clone()];
+        self.load_then_forward(ctx, avoid, &exclude, "was evicted and not reloaded elsewhere", kind, body, headers)
+            .await
     }
 
     /// Asks for a load of `ctx.model` (avoiding `avoid` replicas) and waits for it, bounded

@@ -174,6 +174,34 @@ async fn an_adapter_evicted_under_the_gateway_is_reloaded_and_the_request_retrie
     f.gw.shutdown().await;
 }
 
+/// The leader still has the evicting engine's older report: its answer names that engine as
+/// the holder and loads nothing, so the retry meets the same 404 (bench/lora at 4× overload:
+/// 4 of 606 requests got the engine's 404). The adapter is then loaded on another replica.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_eviction_the_leader_has_not_seen_loads_the_adapter_on_another_replica() {
+    let f = fleet(2, 50.0, &["hot"], false, |_| {}).await;
+    let addr = f.gw.local_addr();
+    let first = ask(addr, "hot", 2).await;
+    assert_eq!(first.status, 200, "{}", first.text());
+    let holder = first.endpoint();
+    let (holder_sim, holder_replica) = if holder == f.addr(0) { (0, "r0") } else { (1, "r1") };
+    f.publish();
+    tokio::time::sleep(Duration::from_millis(100)).await;
+    // the engine drops it; the leader's view still has it there (not cleared: stale)
+    let unload = serde_json::json!({"lora_name": "hot"});
+    let r = post(f.sims[holder_sim].local_addr(), "/v1/unload_lora_adapter", unload, &[]).await;
+    assert_eq!(r.status, 200, "{}", r.text());
+    let r = ask(addr, "hot", 2).await;
+    assert_eq!(r.status, 200, "the client never sees the engine's 404: {}", r.text());
+    assert_ne!(r.endpoint(), holder, "served by the replica it was loaded on");
+    let calls = f.leader.state.lock().unwrap().calls.clone();
+    assert_eq!(calls.len(), 3, "cold load, the stale answer, the load elsewhere: {calls:?}");
+    assert_eq!(calls[2].avoid_replicas, [holder_replica], "the evicting replica is avoided");
+    let errors = metric_sum(addr, "flotilla_gateway_errors_total", &["model=\"hot\""]).await;
+    assert_eq!(errors, 0.0, "no request failed");
+    f.gw.shutdown().await;
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn saturated_holders_make_the_leader_load_the_adapter_elsewhere() {
     let f = fleet(2, 5.0, &["busy"], false, |a| a.max_in_flight_per_endpoint = 1).await;
