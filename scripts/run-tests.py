@@ -142,7 +142,7 @@ def run_pool(binaries, jobs, test_args, timeout):
 
 
 def main():
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], allow_abbrev=False)
     p.add_argument("--jobs", type=int, default=int(os.environ.get("FLOTILLA_TEST_JOBS", "3")),
                    help="test binaries run at once (FLOTILLA_TEST_JOBS, default 3)")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds one binary may run (default 1800)")
