@@ -91,13 +91,7 @@ impl TailCache {
     /// The entries in `[start, end)`, or `None` if the cache does not start at or before
     /// `start` (the rest of the range is then either cached or not in the log at all).
     fn get(&self, start: u64, end: u64) -> Option<Vec<Entry<TypeConfig>>> {
-        let first = self.first_index()?;
-        if start < first {
-            return None;
-        }
-        let from = (start - first) as usize;
-        let to = end.saturating_sub(first).min(self.entries.len() as u64) as usize;
-        Some(self.entries.range(from.min(to)..to).map(|(e, _)| e.clone()).collect())
+        self.get_limited(start, end, usize::MAX)
     }
 
     /// Like [`TailCache::get`], stopping once the entries taken reach `budget` bytes (at
@@ -110,13 +104,19 @@ impl TailCache {
         let from = (start - first) as usize;
         let to = end.saturating_sub(first).min(self.entries.len() as u64) as usize;
         let mut taken = 0;
-        let entries = self.entries.range(from.min(to)..to).take_while(|(_, size)| {
-            let more = taken == 0 || taken + size <= budget;
-            taken += size;
-            more
-        });
+        let entries = self.entries.range(from.min(to)..to).take_while(|(_, size)| fits(&mut taken, *size, budget));
         Some(entries.map(|(e, _)| e.clone()).collect())
     }
+}
+
+/// Whether one more entry of `size` bytes goes into a batch of `taken` bytes under `budget`
+/// (the first always does); counts it when it does.
+fn fits(taken: &mut usize, size: usize, budget: usize) -> bool {
+    let more = *taken == 0 || taken.saturating_add(size) <= budget;
+    if more {
+        *taken += size;
+    }
+    more
 }
 
 /// The Raft log store. Cheap to clone: clones share the same sled trees and tail cache.
@@ -234,10 +234,9 @@ impl RaftLogReader<TypeConfig> for LogStore {
         let mut entries = Vec::new();
         for r in self.log.range(index_key(start)..index_key(end)) {
             let (_, v) = r.map_err(|e| raft_io(ErrorSubject::Logs, ErrorVerb::Read, e))?;
-            if taken > 0 && taken + v.len() > MAX_APPEND_BYTES {
+            if !fits(&mut taken, v.len(), MAX_APPEND_BYTES) {
                 break;
             }
-            taken += v.len();
             entries.push(Self::decode(&v)?);
         }
         Ok(entries)
