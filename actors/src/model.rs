@@ -488,6 +488,13 @@ pub enum ModelMsg {
 
 pub struct ModelActor;
 
+/// The names `model`'s member Models would have, by role.
+fn member_names(model: &ObjectName) -> impl Iterator<Item = (flotilla_api::spec::EngineRole, ObjectName)> + '_ {
+    flotilla_api::spec::EngineRole::ALL
+        .into_iter()
+        .filter_map(move |role| flotilla_api::spec::member_name(model, role).ok().map(|n| (role, n)))
+}
+
 pub struct ModelArgs {
     pub ctx: Arc<Ctx>,
     pub name: ObjectName,
@@ -534,11 +541,7 @@ impl ModelActorState {
     fn inputs_fingerprint(&self) -> u64 {
         use std::hash::{Hash, Hasher};
         let mut keys = vec![key(Kind::Model, &self.s.name)];
-        for role in flotilla_api::spec::EngineRole::ALL {
-            if let Ok(member) = flotilla_api::spec::member_name(&self.s.name, role) {
-                keys.push(key(Kind::Model, &member));
-            }
-        }
+        keys.extend(member_names(&self.s.name).map(|(_, member)| key(Kind::Model, &member)));
         let nodes: BTreeSet<&ObjectName> =
             self.s.replicas.values().flat_map(|r| r.spec.bindings().into_iter().map(|(n, _)| n)).collect();
         keys.extend(nodes.into_iter().map(|n| key(Kind::Node, n)));
@@ -568,8 +571,7 @@ impl ModelActorState {
     /// else is seen at the next tick).
     fn refresh_members(&mut self) {
         self.s.members.clear();
-        for role in flotilla_api::spec::EngineRole::ALL {
-            let Ok(name) = flotilla_api::spec::member_name(&self.s.name, role) else { continue };
+        for (role, name) in member_names(&self.s.name) {
             let (o, _) = self.ctx.handle.reader().get(&key(Kind::Model, &name));
             if let Some(m) = o.and_then(|o| ModelView::from_stored(&o).ok()) {
                 self.s.members.insert(role, m);

@@ -109,7 +109,7 @@ impl Gateway {
         let prefill: Vec<(ModelName, u32)> = held
             .iter()
             .filter_map(|(model, &n)| {
-                let parent = model.as_str().strip_suffix(EngineRole::Decode.as_str())?.strip_suffix('-')?;
+                let parent = flotilla_api::spec::served_name(model.as_str(), Some(EngineRole::Decode));
                 let route = self.pd_route(parent).filter(|r| r.decode.as_str() == model.as_str())?;
                 Some((route.prefill.as_model(), n))
             })
