@@ -1,6 +1,6 @@
 //! The Scheduler actor: the one place that binds replicas to nodes. A round reads every
-//! Node and Replica from the leader's state machine (shared, not copied, under its lock), runs the pure [`crate::placement::plan`],
-//! and proposes its transactions. A transaction whose compares fail (a node or replica
+//! Node and Replica from the leader's state machine (shared, not copied, under its lock),
+//! runs the pure [`crate::placement::plan`], and proposes its transactions. A transaction whose compares fail (a node or replica
 //! changed since the read) changes nothing; the round is retried with fresh state. Nudges
 //! from the supervisor coalesce into one round; a periodic tick catches anything missed.
 use std::collections::{BTreeSet, HashMap};

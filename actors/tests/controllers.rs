@@ -243,9 +243,8 @@ async fn drain_moves_replicas_off_before_the_node_is_drained() {
 }
 
 /// A model whose stored inputs do not change is not decided again on every tick (a leader
-/// with thousands of idle Models spent most of a core on it), and it still reacts to a
-/// change of its spec and to its node draining (which no event announces to it: the tick
-/// sees the node's revision move).
+/// with thousands of idle Models spent most of a core on it), and it still reacts to its
+/// node draining (which no event announces to it: the tick sees the node's revision move).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_idle_model_is_not_decided_again_every_tick_but_a_drain_still_moves_it() {
     use flotilla_actors::metrics::Controller;

@@ -215,7 +215,6 @@ pub async fn run(mut t: Tier) -> Tier {
     t
 }
 
-/// Starts an in-process gateway with static backends `tiny=http://<addr>`.
 /// Waits (at most 10 s) until the process group `pgid` has no live member: its leader is
 /// reaped when `stop` returns, but workers SIGKILLed with the group may take a moment to
 /// leave /proc (a check without the wait failed with "left behind: []").
@@ -228,6 +227,7 @@ pub async fn group_gone(pgid: u32) -> anyhow::Result<()> {
     Ok(())
 }
 
+/// Starts an in-process gateway with static backends `tiny=http://<addr>`.
 pub async fn gateway(backends: &[&str]) -> anyhow::Result<flotilla_gateway::GatewayHandle> {
     gateway_with_key(backends, None).await
 }

@@ -1,8 +1,8 @@
 //! Prefill/decode disaggregation on the real engine: two `vllm serve` of the tiny model with
-//! the NixlConnector as the agent configures it (`kv_producer` / `kv_consumer`, UCX; NIXL from PyPI's `nixl` +
-//! `nixl-cu13`, which `.ci/real-vllm.sh` installs into the venv; on a CPU the KV cache is in
-//! host memory and UCX moves it over TCP/shared memory), P and D, behind `flotilla gateway
-//! --pd tiny`. Completions and chats, streamed and not, go prefill→decode; D must pull
+//! the NixlConnector as the agent configures it (`kv_producer` / `kv_consumer`, UCX; NIXL
+//! from PyPI's `nixl` + `nixl-cu13`, which `.ci/real-vllm.sh` installs into the venv; on a
+//! CPU the KV cache is in host memory and UCX moves it over TCP/shared memory), P and D,
+//! behind `flotilla gateway --pd tiny`. Completions and chats, streamed and not, go prefill→decode; D must pull
 //! every prompt token and compute none, and the texts must be those of P alone
 //! (temperature 0); D, a consumer, must still compute a prompt sent to it alone (the
 //! gateway's decode-only fallback).
