@@ -13,13 +13,31 @@
 //! | lmcache | decode | `LMCacheConnectorV1`, `kv_consumer` | same | 2 × TP (`pd_peer_init_port`, `pd_peer_alloc_port` per TP rank) | `lmcache.yaml`, `pd_role: receiver` |
 //! | p2p-nccl | prefill / decode | `P2pNcclConnector`, `kv_producer` / `kv_consumer`, `kv_port` | `VLLM_HOST_IP`, `--ucx-env` | TP (`kv_port` + rank) | |
 //!
-//! Refused (the replica fails with the reason): an unknown connector or role, a member of a
-//! multi-node replica (gang), data parallelism with lmcache or p2p-nccl (every DP engine
-//! would bind the same ports), and unreadable parallelism flags.
+//! **Multi-node members** (a gang, `spec.topology`, [`crate::gang`]) take NIXL only, as
+//! vLLM runs it there: the connector's scheduler side (the side channel every decode engine
+//! handshakes with) runs with the engine core, its workers (one NIXL agent per GPU, UCX) on
+//! every node.
+//!
+//! | layout | head (rank 0) | member of rank R > 0 |
+//! |---|---|---|
+//! | tp-pp | config, side channel (1 port) | the same config (its workers build their connector from their own flags), UCX; no side channel: the head's serves every rank |
+//! | data-parallel | config, side channel (1 port) | config, side channel (1 port): each rank runs its own engine core, whose side channel is `VLLM_NIXL_SIDE_CHANNEL_PORT` + R, so the variable is the allocated port − R |
+//! | ray | config after the ray-member's `--`, side channel, UCX for the Ray node | UCX only, for its Ray node (the head's driver hands the workers its config) |
+//!
+//! Every member of a gang names the same `engine_id`, the replica's name: the head's
+//! workers on other nodes must present the engine id the head's side channel announces, and
+//! a gang never outlives a process of its own (a lost rank fails the whole gang and the
+//! controller replaces it under a new name, docs/actors.md "Multi-node replicas"), so the
+//! name is unique per incarnation as `<replica>.<restarts>` is for a one-node engine.
+//!
+//! Refused (the replica fails with the reason): an unknown connector or role, lmcache or
+//! p2p-nccl on a gang (their ports are per TP rank, which a gang spreads over nodes), data
+//! parallelism with lmcache or p2p-nccl (every DP engine would bind the same ports), and
+//! unreadable parallelism flags.
 
 use std::path::{Path, PathBuf};
 
-use flotilla_api::pb::KvTransferAssignment;
+use flotilla_api::pb::{GangAssignment, KvTransferAssignment};
 use flotilla_api::spec::{EngineRole, KvConnector};
 
 /// `--ucx-env`: at most this many variables.
@@ -62,15 +80,29 @@ impl KvTransfer {
     }
 }
 
-/// What [`plan`] read from the engine arguments.
+/// What [`plan`] read from the engine arguments and the gang.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Plan {
-    /// Consecutive ports the connector needs (at least 1).
+    /// Consecutive ports the connector needs (0 for a gang member that runs no engine core).
     pub ports: u16,
     /// `--tensor-parallel-size` (1 when not given).
     pub tp: u16,
     /// `--data-parallel-size` (1 when not given).
     pub dp: u16,
+    /// What part of a multi-node replica this engine is (None: a one-node replica).
+    pub gang: Option<GangPart>,
+}
+
+/// The part a gang member's engine plays for the connector (the module's layout table).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum GangPart {
+    /// Runs an engine core: the head of any layout, or a data-parallel rank (its global DP
+    /// index, which vLLM adds to the side channel port).
+    EngineCore { dp_index: u16 },
+    /// A tp-pp rank > 0: workers only, started with the same config.
+    Workers,
+    /// A ray rank > 0: a Ray node; only its environment reaches the workers Ray places there.
+    RayNode,
 }
 
 /// The last value of an integer flag (`--name N`, `--name=N`, underscores for dashes, or a
@@ -102,17 +134,14 @@ fn int_flag(args: &[String], long: &str, short: &str) -> Result<Option<u16>, Str
     Ok(found)
 }
 
-/// The ports `kv`'s connector needs for an engine started with `engine_args`, or why it
-/// cannot be started (`gang`: the assignment is a member of a multi-node replica).
-pub fn plan(kv: &KvTransfer, engine_args: &[String], gang: bool) -> Result<Plan, String> {
-    if gang {
-        return Err(format!(
-            "kv_transfer ({}) on a multi-node replica is not supported yet: run P/D pools of one-node replicas",
-            kv.connector.vllm_name()
-        ));
-    }
+/// The ports `kv`'s connector needs for an engine started with `engine_args` as the member
+/// `gang` of a multi-node replica (None: a one-node replica), or why it cannot be started.
+pub fn plan(kv: &KvTransfer, engine_args: &[String], gang: Option<&GangAssignment>) -> Result<Plan, String> {
     let tp = int_flag(engine_args, "--tensor-parallel-size", "-tp")?.unwrap_or(1);
     let dp = int_flag(engine_args, "--data-parallel-size", "-dp")?.unwrap_or(1);
+    if let Some(g) = gang {
+        return gang_plan(kv, g, tp, dp);
+    }
     let ports = match (kv.connector, kv.role) {
         // vLLM's side channel: VLLM_NIXL_SIDE_CHANNEL_PORT + the DP rank's index
         // (nixl/base_scheduler.py, side_channel_port); one listener serves all TP workers.
@@ -133,7 +162,41 @@ pub fn plan(kv: &KvTransfer, engine_args: &[String], gang: bool) -> Result<Plan,
     if ports > MAX_CONNECTOR_PORTS {
         return Err(format!("{} needs {ports} ports; at most {MAX_CONNECTOR_PORTS}", kv.connector.vllm_name()));
     }
-    Ok(Plan { ports, tp, dp })
+    Ok(Plan { ports, tp, dp, gang: None })
+}
+
+/// [`plan`] for a gang member (the module's layout table).
+fn gang_plan(kv: &KvTransfer, g: &GangAssignment, tp: u16, dp: u16) -> Result<Plan, String> {
+    use crate::gang::Layout;
+    if kv.connector != KvConnector::Nixl {
+        return Err(format!(
+            "{} on a multi-node replica is not supported: its ports are per TP rank, which a gang spreads over nodes; use nixl",
+            kv.connector.vllm_name()
+        ));
+    }
+    let part = match (Layout::parse(&g.layout), g.rank) {
+        (_, 0) => GangPart::EngineCore { dp_index: 0 },
+        (Some(Layout::DataParallel), r) => GangPart::EngineCore {
+            dp_index: u16::try_from(r)
+                .ok()
+                .filter(|r| *r < MAX_CONNECTOR_PORTS)
+                .ok_or_else(|| format!("data-parallel rank {r} is beyond what this agent starts a connector for"))?,
+        },
+        (Some(Layout::TpPp), _) => GangPart::Workers,
+        (Some(Layout::Ray), _) => GangPart::RayNode,
+        (None, _) => return Err(format!("unknown gang layout {:?}", g.layout)),
+    };
+    let ports = u16::from(matches!(part, GangPart::EngineCore { .. }));
+    Ok(Plan { ports, tp, dp, gang: Some(part) })
+}
+
+/// NIXL's `engine_id` for a replica's engine after `restarts` restarts: one per engine
+/// process, or the replica's name for every member of a gang (the module doc says why).
+pub fn engine_id(replica: &str, restarts: u32, gang: bool) -> String {
+    match gang {
+        true => replica.to_string(),
+        false => format!("{replica}.{restarts}"),
+    }
 }
 
 /// Where one engine's connector runs.
@@ -148,7 +211,8 @@ pub struct Site<'a> {
     pub address: &'a str,
     /// The engine's API port.
     pub engine_port: u16,
-    /// The first of the [`Plan::ports`] consecutive ports allocated for the connector.
+    /// The first of the [`Plan::ports`] consecutive ports allocated for the connector (0
+    /// when it needs none).
     pub first_port: u16,
     /// `<data-dir>/engines/<replica>`, where its files go.
     pub engine_dir: &'a Path,
@@ -173,10 +237,20 @@ pub const LMCACHE_FILE: &str = "lmcache.yaml";
 /// The engine's arguments, environment and files for `kv` on `site`.
 pub fn launch(kv: &KvTransfer, plan: &Plan, site: &Site<'_>) -> ConnectorLaunch {
     let mut out = ConnectorLaunch::default();
+    if plan.gang == Some(GangPart::RayNode) {
+        out.env.extend(site.ucx_env.iter().cloned());
+        return out;
+    }
     let config = match kv.connector {
         KvConnector::Nixl => {
-            out.env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), site.address.to_string()));
-            out.env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), site.first_port.to_string()));
+            if let Some(dp_index) = side_channel_index(plan) {
+                // vLLM binds VLLM_NIXL_SIDE_CHANNEL_PORT + the engine core's DP index: the
+                // variable is set so that the sum is the allocated port (engine ports are
+                // at least 1024 and DP indexes below MAX_CONNECTOR_PORTS: no underflow)
+                out.env.push(("VLLM_NIXL_SIDE_CHANNEL_HOST".into(), site.address.to_string()));
+                let base = site.first_port.saturating_sub(dp_index);
+                out.env.push(("VLLM_NIXL_SIDE_CHANNEL_PORT".into(), base.to_string()));
+            }
             // kv_producer / kv_consumer: vLLM 0.32 warns that `kv_both` with the
             // NixlConnector "is deprecated and will be removed in a future release"; a
             // consumer still computes a prompt sent without kv_transfer_params (the
@@ -228,6 +302,16 @@ pub fn launch(kv: &KvTransfer, plan: &Plan, site: &Site<'_>) -> ConnectorLaunch 
     out.args.push(config.to_string());
     out.env.extend(site.ucx_env.iter().cloned());
     out
+}
+
+/// The DP index vLLM adds to the side channel port of this engine's first engine core, or
+/// None when it runs no engine core (a tp-pp worker rank).
+fn side_channel_index(plan: &Plan) -> Option<u16> {
+    match plan.gang {
+        None => Some(0),
+        Some(GangPart::EngineCore { dp_index }) => Some(dp_index),
+        Some(GangPart::Workers | GangPart::RayNode) => None,
+    }
 }
 
 fn role_word(role: EngineRole) -> &'static str {

@@ -87,7 +87,7 @@ fn nixl_follows_vllms_usage_guide() {
     let ucx = vec![("UCX_TLS".to_string(), "rc,cuda_ipc,cuda_copy".to_string())];
     for (role, kv_role) in [("prefill", "kv_producer"), ("decode", "kv_consumer")] {
         let k = kv("nixl", role);
-        let p = plan(&k, &[], false).unwrap();
+        let p = plan(&k, &[], None).unwrap();
         assert_eq!(p.ports, 1, "one side channel without DP");
         let l = launch(&k, &p, &site(&dir, &ucx));
         // engine_id: the example leaves it to vLLM (a random uuid); ours names the process
@@ -113,10 +113,10 @@ fn nixl_reserves_a_side_channel_per_data_parallel_rank() {
         (&["--data-parallel-size-local", "2"], 1),
         (&["--max-model-len", "4096"], 1),
     ] {
-        assert_eq!(plan(&k, &args(words), false).unwrap().ports, ports, "{words:?}");
+        assert_eq!(plan(&k, &args(words), None).unwrap().ports, ports, "{words:?}");
     }
     for bad in [&["--data-parallel-size", "0"][..], &["-dp", "x"], &["-dp"], &["-dp", "65"]] {
-        let e = plan(&k, &args(bad), false).unwrap_err();
+        let e = plan(&k, &args(bad), None).unwrap_err();
         assert!(e.contains("--data-parallel-size"), "{bad:?}: {e}");
     }
 }
@@ -166,7 +166,7 @@ fn lmcache_follows_lmcaches_xpyd_example() {
         ),
     ] {
         let k = kv("lmcache", role);
-        let p = plan(&k, &args(&["--tensor-parallel-size", &tp.to_string()]), false).unwrap();
+        let p = plan(&k, &args(&["--tensor-parallel-size", &tp.to_string()]), None).unwrap();
         assert_eq!(p.ports, if role == "prefill" { 1 } else { 4 });
         let l = launch(&k, &p, &site(&dir, &[]));
         // lmcache_rpc_port names an IPC socket: unique per engine on the node (the replica)
@@ -199,7 +199,7 @@ fn p2p_nccl_follows_vllms_design_doc() {
     let dir = PathBuf::from("/d");
     for (role, doc) in [("prefill", producer), ("decode", consumer)] {
         let k = kv("p2p-nccl", role);
-        let p = plan(&k, &args(&["-tp", "2"]), false).unwrap();
+        let p = plan(&k, &args(&["-tp", "2"]), None).unwrap();
         assert_eq!(p.ports, 2, "kv_port + each worker's rank");
         let l = launch(&k, &p, &site(&dir, &[]));
         let want = example(
@@ -233,11 +233,16 @@ fn refusals_name_the_value() {
         assert!(e.contains(needle), "{c}/{r}: {e}");
     }
     for c in ["lmcache", "p2p-nccl"] {
-        let e = plan(&kv(c, "decode"), &args(&["--data-parallel-size", "2"]), false).unwrap_err();
+        let e = plan(&kv(c, "decode"), &args(&["--data-parallel-size", "2"]), None).unwrap_err();
         assert!(e.contains("--data-parallel-size 2"), "{e}");
     }
-    assert!(plan(&kv("nixl", "prefill"), &[], true).unwrap_err().contains("multi-node"));
-    let e = plan(&kv("lmcache", "decode"), &args(&["-tp", "64"]), false).unwrap_err();
+    for c in ["lmcache", "p2p-nccl"] {
+        let e = plan(&kv(c, "prefill"), &[], Some(&gang("tp-pp", 0))).unwrap_err();
+        assert!(e.contains("multi-node") && e.contains("use nixl"), "{e}");
+    }
+    let e = plan(&kv("nixl", "prefill"), &[], Some(&gang("mesh", 1))).unwrap_err();
+    assert!(e.contains("\"mesh\""), "{e}");
+    let e = plan(&kv("lmcache", "decode"), &args(&["-tp", "64"]), None).unwrap_err();
     assert!(e.contains("128 ports"), "{e}");
 }
 
@@ -279,4 +284,49 @@ fn ucx_env_is_bounded() {
     }
     let max: Vec<String> = (0..MAX_UCX_ENV).map(|i| format!("UCX_V{i}={}", "v".repeat(MAX_UCX_VALUE))).collect();
     assert_eq!(parse_ucx_env(&max).unwrap().len(), MAX_UCX_ENV);
+}
+
+fn gang(layout: &str, rank: u32) -> GangAssignment {
+    GangAssignment { size: 3, rank, layout: layout.into(), gpus_per_node: 8, ..Default::default() }
+}
+
+/// A NIXL member of each layout and rank against the module's table: who runs a side
+/// channel (and on which port), who gets the config, and that every member names the same
+/// engine id.
+#[test]
+fn nixl_gang_members_split_the_connector_as_vllm_runs_it() {
+    let dir = tempfile::tempdir().unwrap();
+    let ucx = vec![("UCX_TLS".to_string(), "rc,cuda_ipc".to_string())];
+    let k = kv("nixl", "decode");
+    // (layout, rank, ports, config given, side channel port variable)
+    for (layout, rank, ports, configured, side) in [
+        ("tp-pp", 0, 1, true, Some("20100")),
+        ("tp-pp", 2, 0, true, None),
+        ("data-parallel", 0, 1, true, Some("20100")),
+        // rank 2's engine core binds the variable + its DP index 2: the allocated port
+        ("data-parallel", 2, 1, true, Some("20098")),
+        ("ray", 0, 1, true, Some("20100")),
+        ("ray", 1, 0, false, None),
+    ] {
+        let what = format!("{layout} rank {rank}");
+        let p = plan(&k, &args(&["-tp", "8"]), Some(&gang(layout, rank))).unwrap();
+        assert_eq!(p.ports, ports, "{what}");
+        let id = engine_id("llama-decode-x7k2q", 3, true);
+        let mut s = site(dir.path(), &ucx);
+        s.engine_id = &id;
+        s.first_port = if ports == 0 { 0 } else { 20100 };
+        let l = launch(&k, &p, &s);
+        assert_eq!(env(&l, "VLLM_NIXL_SIDE_CHANNEL_PORT"), side, "{what}");
+        assert_eq!(env(&l, "VLLM_NIXL_SIDE_CHANNEL_HOST"), side.map(|_| "10.0.0.5"), "{what}");
+        assert_eq!(env(&l, "UCX_TLS"), Some("rc,cuda_ipc"), "{what}: every node's NIXL agents use UCX");
+        match configured {
+            true => {
+                let c = config(&l);
+                assert_eq!(c["engine_id"], "llama-decode-x7k2q", "{what}: one engine id for the gang");
+                assert_eq!(c["kv_role"], "kv_consumer", "{what}");
+            }
+            false => assert!(l.args.is_empty(), "{what}: a Ray node takes no engine flags: {:?}", l.args),
+        }
+    }
+    assert_eq!(engine_id("llama-decode-x7k2q", 3, false), "llama-decode-x7k2q.3", "one-node: per process");
 }

@@ -1,6 +1,8 @@
 //! P/D members: an assignment with `kv_transfer` starts a sim engine carrying its
 //! connector's `--kv-transfer-config`, environment and files; unknown connectors and a
-//! Model's own `--kv-transfer-config` fail the replica, naming the value.
+//! Model's own `--kv-transfer-config` fail the replica, naming the value. A two-node gang
+//! of NIXL members splits the connector as vLLM runs it across nodes, and its head answers
+//! a prefill naming its side channel and the gang's engine id.
 //!
 //! The engines run through a wrapper script that records the words the agent spawned them
 //! with and then execs the sim (the same pid, the same environment, read from
@@ -170,6 +172,83 @@ async fn pd_members_start_with_their_connector_and_bad_roles_fail() {
     let state = std::fs::read_to_string(data.join("engines.json")).unwrap();
     assert!(!state.contains("connector_ports"), "{state}");
     drop(agent);
+}
+
+/// Member `rank` of a two-node tp-pp gang `big-0` playing NIXL's prefill role.
+fn prefill_gang_member(rank: u32, head_address: &str) -> pb::ReplicaAssignment {
+    pb::ReplicaAssignment {
+        gang: Some(pb::GangAssignment {
+            size: 2,
+            rank,
+            layout: "tp-pp".into(),
+            gpus_per_node: 1,
+            head_address: head_address.into(),
+            token: String::new(),
+        }),
+        gpus: vec![0],
+        ..member("big-0", "nixl", "prefill", &[])
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_nixl_gang_runs_the_side_channel_on_its_head_and_one_engine_id_everywhere() {
+    let (head_server, worker_server) = (FakeServer::start().await, FakeServer::start().await);
+    let dir = tempfile::tempdir().unwrap();
+    let rec = dir.path().join("rec");
+    std::fs::create_dir(&rec).unwrap();
+    let start = |server: &FakeServer, node: &str| {
+        let extra = ["--gpus", "1", "--gpu-type", "H100-80GB", "--ucx-env", "UCX_TLS=tcp"];
+        let mut args = agent_args(&[server.addr], &dir.path().join(node), node, &extra);
+        args.sim_binary = Some(recording_sim(&rec));
+        TestAgent::start(args)
+    };
+    let head = start(&head_server, "pd-a").await;
+    let worker = start(&worker_server, "pd-b").await;
+    head_server.assign(vec![prefill_gang_member(0, "")]);
+    worker_server.assign(vec![prefill_gang_member(1, "")]);
+    let report = |server: &FakeServer, agent: &TestAgent| {
+        let _ = agent.reports();
+        server.engines().into_iter().find(|e| e.replica == "big-0")
+    };
+    let rendezvous = eventually(20, "the head reports its rendezvous address", || {
+        report(&head_server, &head).map(|r| r.rendezvous).filter(|r| !r.is_empty())
+    })
+    .await;
+    worker_server.assign(vec![prefill_gang_member(1, &rendezvous)]);
+    let ready = |server: &FakeServer, agent: &TestAgent| report(server, agent).filter(|r| r.state == "ready");
+    let w = eventually(30, "the worker ready", || ready(&worker_server, &worker)).await;
+    let h = eventually(30, "the head ready", || ready(&head_server, &head)).await;
+
+    // The head: the config, and the side channel on its own port from the engine range.
+    let head_config = kv_config(&spawned_args(&rec, h.pid));
+    assert_eq!(head_config["kv_role"], "kv_producer");
+    assert_eq!(head_config["engine_id"], "big-0", "a gang's engine id is the replica's");
+    let env = environ(h.pid);
+    let side: u16 = var(&env, "VLLM_NIXL_SIDE_CHANNEL_PORT").expect("the head's side channel").parse().unwrap();
+    assert!(common_port_range(&head).contains(&side), "{side}");
+    assert_eq!(var(&env, "VLLM_NIXL_SIDE_CHANNEL_HOST"), Some("127.0.0.1"));
+    // The worker: the same config (its GPUs' NIXL agents announce the head's engine id),
+    // UCX, and no side channel of its own.
+    assert_eq!(kv_config(&spawned_args(&rec, w.pid)), head_config, "the worker starts with the head's config");
+    let env = environ(w.pid);
+    assert_eq!(var(&env, "UCX_TLS"), Some("tcp"));
+    assert_eq!(var(&env, "VLLM_NIXL_SIDE_CHANNEL_PORT"), None, "the head's side channel serves every rank");
+    let state = std::fs::read_to_string(dir.path().join("pd-b/engines.json")).unwrap();
+    assert!(!state.contains("connector_ports"), "the worker holds no connector port: {state}");
+
+    // The head answers a remote-decode prefill naming its side channel and the gang's id.
+    let body = r#"{"model": "demo", "prompt": "hello gang", "max_tokens": 1,
+        "kv_transfer_params": {"do_remote_decode": true, "do_remote_prefill": false}}"#;
+    let (status, text) = http_request_with_key(&h.endpoint, "POST", "/v1/completions", body, &h.api_key)
+        .await
+        .expect("the head answers");
+    assert_eq!(status, 200, "{text}");
+    let answer: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let params = &answer["kv_transfer_params"];
+    assert_eq!(params["remote_engine_id"], "big-0", "{text}");
+    assert_eq!(params["remote_host"], "127.0.0.1", "{text}");
+    assert_eq!(params["remote_port"].as_u64(), Some(u64::from(side)), "{text}");
+    drop((head, worker));
 }
 
 /// The engine port range `agent_args` gave this agent.

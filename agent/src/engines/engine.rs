@@ -231,7 +231,7 @@ fn connector_plan(
 ) -> Result<(crate::kv_transfer::KvTransfer, crate::kv_transfer::Plan), String> {
     let kv = crate::kv_transfer::KvTransfer::parse(k)?;
     crate::engine_policy::check_kv_transfer_member(parser, &a.engine_args).map_err(|r| r.to_string())?;
-    let plan = crate::kv_transfer::plan(&kv, &a.engine_args, a.gang.is_some())?;
+    let plan = crate::kv_transfer::plan(&kv, &a.engine_args, a.gang.as_ref())?;
     Ok((kv, plan))
 }
 
@@ -638,6 +638,7 @@ fn launch(
     };
     let connector_ports = match &engine.connector {
         None => None,
+        Some((_, plan)) if plan.ports == 0 => None,
         Some((kv, plan)) => match env.ports.allocate_block(plan.ports) {
             Some(first) => Some((first, plan.ports)),
             None => {
@@ -662,9 +663,10 @@ fn launch(
     let spec = LaunchSpec { assignment: a, host: &env.cfg.address, port, model_path, tls: engine.tls.as_ref(), gang };
     let mut cmd = crate::driver::member_command(driver, &spec).map_err(|e| release(e.to_string()))?;
     let mut connector_dir = None;
-    if let (Some((kv, plan)), Some((first_port, _))) = (&engine.connector, connector_ports) {
+    if let Some((kv, plan)) = &engine.connector {
+        let first_port = connector_ports.map_or(0, |(first, _)| first);
         let engine_dir = crate::engine_tls::engine_dir(&env.cfg.data_dir, &a.replica).map_err(release)?;
-        let engine_id = format!("{}.{restarts}", a.replica);
+        let engine_id = crate::kv_transfer::engine_id(&a.replica, restarts, a.gang.is_some());
         let site = crate::kv_transfer::Site {
             replica: &a.replica,
             engine_id: &engine_id,
