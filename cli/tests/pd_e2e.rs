@@ -4,7 +4,9 @@
 //! `--kv-transfer-config` and side channel); requests for the Model's own name go through the
 //! gateway's P/D protocol — the decode engine pulls each long prompt from the prefill engine
 //! instead of computing it — and the Model's status counts its roles. Deleting the Model
-//! takes its members and their engines along; a malformed disaggregation is refused.
+//! takes its members and their engines along; a malformed disaggregation is refused. A
+//! disaggregated Model whose replicas span two nodes (`spec.topology`) runs both roles as
+//! gangs and serves the same way, the decode heads pulling from the prefill head.
 mod common;
 
 use std::time::Duration;
@@ -45,9 +47,9 @@ fn metric(text: &str, name: &str) -> f64 {
 }
 
 /// A completion of a ~1,500-token prompt new to every cache, through the gateway.
-fn complete(gateway: &str, n: u32, stream: bool) -> (u16, String) {
+fn complete(gateway: &str, model: &str, n: u32, stream: bool) -> (u16, String) {
     let prompt = format!("{n} {}", "tell me about the ships of the line ".repeat(200));
-    let body = serde_json::json!({"model": "chat", "prompt": prompt, "max_tokens": 8, "stream": stream}).to_string();
+    let body = serde_json::json!({"model": model, "prompt": prompt, "max_tokens": 8, "stream": stream}).to_string();
     let out =
         raw_http::send_blocking(gateway, "POST", "/v1/completions", &body, Duration::from_secs(60)).unwrap_or_default();
     (raw_http::status_code(&out).unwrap_or(0), out)
@@ -55,13 +57,13 @@ fn complete(gateway: &str, n: u32, stream: bool) -> (u16, String) {
 
 /// Six completions through the gateway (alternately streamed), once it serves the model.
 #[allow(clippy::disallowed_methods)] // runs on a blocking thread: no tokio worker to block
-fn six_completions(gateway: &str) -> Vec<String> {
+fn six_completions(gateway: &str, model: &str) -> Vec<String> {
     let deadline = Instant::now() + Duration::from_secs(30);
     let mut answers = Vec::new();
     let mut n = 0;
     while answers.len() < 6 {
         n += 1;
-        let (status, out) = complete(gateway, n, n % 2 == 0);
+        let (status, out) = complete(gateway, model, n, n % 2 == 0);
         if status == 200 {
             answers.push(out);
         } else {
@@ -70,6 +72,71 @@ fn six_completions(gateway: &str) -> Vec<String> {
         }
     }
     answers
+}
+
+/// Six completions of `model` through the gateway, each prefilled remotely: the gateway
+/// counts them so and the decode members' engines pulled the prompts with no failed
+/// transfer.
+async fn six_disaggregated(gateway: &str, servers: &[String], model: &str) {
+    let (gw, m) = (gateway.to_string(), model.to_string());
+    let answers = tokio::task::spawn_blocking(move || six_completions(&gw, &m)).await.unwrap();
+    let named = format!("\"model\":\"{model}\"");
+    assert!(answers.iter().all(|a| a.contains(&named)), "member engines serve the Model's name");
+    let gw_metrics = raw_http::send_blocking(gateway, "GET", "/metrics", "", Duration::from_secs(5)).unwrap();
+    let remote = format!("flotilla_gateway_pd_requests_total{{model=\"{model}\",split=\"remote\"}}");
+    assert!(metric(&gw_metrics, &remote) >= 6.0, "{gw_metrics}");
+    let mut pulled = 0.0;
+    let keys = engine_keys(servers).await;
+    for r in replicas(servers, &format!("{model}-decode")).await {
+        let endpoint = r.endpoint.clone().expect("a Ready replica has an endpoint");
+        let (_, text) = engine_call(&endpoint, "GET", "/metrics", "", keys.get(&r.name).map_or("", String::as_str));
+        pulled += metric(&text, "vllm:external_prefix_cache_hits_total");
+        assert_eq!(metric(&text, "vllm:nixl_num_failed_transfers_total"), 0.0);
+    }
+    eprintln!("the decode engines pulled {pulled} prompt tokens over 6 requests");
+    assert!(pulled >= 6.0 * 1000.0, "the decode engines pulled the prompts: {pulled} tokens");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_disaggregated_model_of_two_node_replicas_serves_through_the_pd_protocol() {
+    let dir = tempfile::tempdir().unwrap();
+    let server = ServerProc::start(1, &dir.path().join("s1"), "127.0.0.1:0", &["--bootstrap"]);
+    wait_voters(&server.grpc, 1).await;
+    let grpc = server.grpc.clone();
+    let marker = marker();
+    let mut agents: Vec<AgentProc> =
+        ["node-1", "node-2"].iter().map(|n| AgentProc::start(n, &dir.path().join(n), &grpc, 2, marker)).collect();
+    let gateway = GatewayProc::start(&grpc, &[]);
+    let model = "kind: Model
+metadata: {name: wide}
+spec:
+  engine: sim
+  source: file:///models/wide
+  gpus: 2
+  topology: {nodes: 2, gpus_per_node: 1}
+  disaggregation:
+    connector: nixl
+    prefill: {replicas: 1}
+    decode: {replicas: 1}
+";
+    let mut c = ObjectServiceClient::new(channel(&grpc, Duration::from_secs(5)));
+    c.apply(ApplyRequest { manifest: model.into(), expected_revision: None }).await.unwrap();
+    let servers = [grpc.clone()];
+    for member in ["wide-prefill", "wide-decode"] {
+        wait_replicas(&servers, member, 90, "a Ready two-node replica", |r| ready(r) == 1).await;
+        let gangs = list_objects(&servers, "replica", &format!("model={member}")).await;
+        let spec: serde_json::Value = serde_json::from_str(&gangs[0].spec_json).unwrap();
+        let nodes: Vec<&str> = spec["members"]
+            .as_array()
+            .map(|m| m.iter().filter_map(|x| x["node"].as_str()).collect())
+            .unwrap_or_default();
+        assert!(nodes.len() == 2 && nodes[0] != nodes[1], "{member} spans both nodes: {spec}");
+    }
+    six_disaggregated(&gateway.addr, &servers, "wide").await;
+    for a in &mut agents {
+        a.kill();
+    }
+    kill_engines(marker);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
@@ -119,24 +186,7 @@ async fn a_disaggregated_model_runs_its_pools_and_serves_through_the_pd_protocol
     }
 
     // requests for `chat` itself: prefilled on chat-prefill, pulled and decoded on chat-decode
-    let gw = gateway.addr.clone();
-    let answers = tokio::task::spawn_blocking(move || six_completions(&gw)).await.unwrap();
-    assert!(answers.iter().all(|a| a.contains("\"model\":\"chat\"")), "member engines serve the Model's name");
-    let gw_metrics = raw_http::send_blocking(&gateway.addr, "GET", "/metrics", "", Duration::from_secs(5)).unwrap();
-    assert!(
-        metric(&gw_metrics, "flotilla_gateway_pd_requests_total{model=\"chat\",split=\"remote\"}") >= 6.0,
-        "{gw_metrics}"
-    );
-    let mut pulled = 0.0;
-    let keys = engine_keys(&servers).await;
-    for r in replicas(&servers, "chat-decode").await {
-        let endpoint = r.endpoint.clone().expect("a Ready replica has an endpoint");
-        let (_, text) = engine_call(&endpoint, "GET", "/metrics", "", keys.get(&r.name).map_or("", String::as_str));
-        pulled += metric(&text, "vllm:external_prefix_cache_hits_total");
-        assert_eq!(metric(&text, "vllm:nixl_num_failed_transfers_total"), 0.0);
-    }
-    eprintln!("the decode engines pulled {pulled} prompt tokens over 6 requests");
-    assert!(pulled >= 6.0 * 1000.0, "the decode engines pulled the prompts: {pulled} tokens");
+    six_disaggregated(&gateway.addr, &servers, "chat").await;
 
     // deleting the Model takes its members and their engines along
     c.delete(DeleteRequest { kind: "model".into(), name: "chat".into(), expected_revision: None }).await.unwrap();
