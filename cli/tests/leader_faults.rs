@@ -31,6 +31,24 @@ async fn write_all(addrs: Vec<String>, names: Vec<String>, acked: Arc<Mutex<Vec<
     }
 }
 
+/// Elections the running servers among `servers` started because their leader's address
+/// refused connections (`flotilla_raft_leader_gone_campaigns`, summed).
+fn leader_gone_campaigns(servers: &[ServerProc]) -> f64 {
+    servers
+        .iter()
+        .filter(|s| s.is_running())
+        .filter_map(|s| raw_http::send_blocking(&s.http, "GET", "/metrics", "", Duration::from_secs(5)))
+        .flat_map(|text| {
+            let found: Vec<f64> = text
+                .lines()
+                .filter(|l| l.starts_with("flotilla_raft_leader_gone_campaigns"))
+                .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse().ok()))
+                .collect();
+            found
+        })
+        .sum()
+}
+
 async fn leader_proc(servers: &[ServerProc]) -> usize {
     let id = wait_voters(&servers[0].grpc, 3).await;
     servers.iter().position(|s| s.id == id).unwrap()
@@ -53,6 +71,9 @@ async fn leader_sigkill_loses_no_acknowledged_write() {
     tokio::time::timeout(Duration::from_secs(90), writer).await.expect("writer finishes").unwrap();
     let acked = acked.lock().unwrap().clone();
     assert_eq!(acked, names, "writes stopped being acknowledged after the leader died");
+    // The survivors saw the dead leader's port refuse them and campaigned without waiting
+    // out the lease (cluster/src/leader_gone.rs).
+    assert!(leader_gone_campaigns(&servers) >= 1.0, "no survivor campaigned on the refused port");
 
     for s in servers.iter().filter(|s| s.is_running()) {
         let missing = wait_holds_all(&s.grpc, &acked).await;
@@ -97,6 +118,9 @@ async fn paused_leader_does_not_acknowledge_after_it_is_deposed() {
     assert_eq!(acked.lock().unwrap().len(), 60, "the majority stopped acknowledging writes");
     let new_leader = status(&others[0]).await.unwrap().leader_id;
     assert!(new_leader != 0 && new_leader != old_leader_id, "no new leader while the old one was paused");
+    // A paused process's port still accepts connections (the kernel answers): not taken
+    // for a dead one; the ordinary timers elected the new leader.
+    assert_eq!(leader_gone_campaigns(&servers), 0.0, "a paused leader was taken for a dead one");
 
     servers[leader].signal(Signal::CONT);
     for w in paused_writes {

@@ -19,6 +19,7 @@ mod error;
 pub mod forwarded;
 mod handle;
 mod http;
+mod leader_gone;
 mod metrics;
 mod network;
 mod node;

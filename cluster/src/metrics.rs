@@ -50,6 +50,7 @@ pub(crate) struct Metrics {
     grpc_seconds: HistogramFamily,
     forwards_abandoned: Counter,
     campaigns: Counter,
+    leader_gone: Counter,
 }
 
 impl Metrics {
@@ -71,6 +72,7 @@ impl Metrics {
             grpc_seconds: HistogramFamily::new_with_constructor(latency_histogram),
             forwards_abandoned: Counter::default(),
             campaigns: Counter::default(),
+            leader_gone: Counter::default(),
         };
         r.register("raft_term", "Current Raft term", m.term.clone());
         r.register("raft_leader_id", "ID of the known leader (0: none)", m.leader_id.clone());
@@ -106,6 +108,11 @@ impl Metrics {
             "Elections this server started at once on rejecting a candidate whose log is shorter than its own",
             m.campaigns.clone(),
         );
+        r.register(
+            "raft_leader_gone_campaigns",
+            "Elections this server started at once because its silent leader's address refused connections (its process was gone)",
+            m.leader_gone.clone(),
+        );
         Metrics { registry: Arc::new(RwLock::new(r)), ..m }
     }
 
@@ -120,6 +127,10 @@ impl Metrics {
 
     pub(crate) fn campaign_started(&self) {
         self.campaigns.inc();
+    }
+
+    pub(crate) fn leader_gone(&self) {
+        self.leader_gone.inc();
     }
 
     pub(crate) fn forward_abandoned(&self) {

@@ -159,10 +159,18 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
     let (stop_tx, stop_rx) = watch::channel(false);
     let mut tasks = Vec::new();
     let max_snapshot = config.max_snapshot_bytes;
+    let leader_contact = std::sync::Arc::new(std::sync::Mutex::new(None));
+    tasks.push(tokio::spawn(crate::leader_gone::watch(
+        node.raft.clone(),
+        config.id,
+        leader_contact.clone(),
+        node.metrics.clone(),
+        stop_rx.clone(),
+    )));
     let raft_service = RaftServiceServer::new(RaftServiceImpl {
         raft: node.raft.clone(),
         metrics: node.metrics.clone(),
-        leader_contact: Default::default(),
+        leader_contact,
         chunks: tokio::sync::Mutex::new(crate::snapshot_chunks::ChunkGuard::new(max_snapshot)),
     })
     .max_decoding_message_size(MAX_RAFT_MESSAGE)
