@@ -17,14 +17,38 @@ pub enum Kind {
     Replica,
     /// A bearer token for the gRPC API (its hash; see `spec::TokenSpec`).
     Token,
+    /// A member cluster of a federation (federation servers only; `spec::ClusterSpec`).
+    Cluster,
+    /// A Model template spread over a federation's clusters (federation servers only).
+    FederatedModel,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 6] = [Kind::Model, Kind::Adapter, Kind::Tenant, Kind::Node, Kind::Replica, Kind::Token];
+    pub const ALL: [Kind; 8] = [
+        Kind::Model,
+        Kind::Adapter,
+        Kind::Tenant,
+        Kind::Node,
+        Kind::Replica,
+        Kind::Token,
+        Kind::Cluster,
+        Kind::FederatedModel,
+    ];
 
     /// Whether users write this kind with `apply` (the others are managed by flotilla).
     pub fn user_applied(self) -> bool {
-        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Token)
+        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Token | Kind::Cluster | Kind::FederatedModel)
+    }
+
+    /// Whether a server of this mode (a federation server, `flotilla server --federation`,
+    /// or a cluster's) holds objects of this kind: Clusters and FederatedModels only a
+    /// federation's, tokens both, the rest only a cluster's.
+    pub fn held_by(self, federation: bool) -> bool {
+        match self {
+            Kind::Token => true,
+            Kind::Cluster | Kind::FederatedModel => federation,
+            _ => !federation,
+        }
     }
 
     /// Status fields of this kind that hold secrets (a replica's engine key). They are stored
@@ -33,7 +57,13 @@ impl Kind {
     pub fn secret_status_fields(self) -> &'static [&'static str] {
         match self {
             Kind::Replica => &["api_key", "gang_token"],
-            Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Node | Kind::Token => &[],
+            Kind::Model
+            | Kind::Adapter
+            | Kind::Tenant
+            | Kind::Node
+            | Kind::Token
+            | Kind::Cluster
+            | Kind::FederatedModel => &[],
         }
     }
 
@@ -45,6 +75,8 @@ impl Kind {
             Kind::Node => "Node",
             Kind::Replica => "Replica",
             Kind::Token => "Token",
+            Kind::Cluster => "Cluster",
+            Kind::FederatedModel => "FederatedModel",
         }
     }
 }
@@ -52,10 +84,14 @@ impl Kind {
 impl FromStr for Kind {
     type Err = ApiError;
 
-    /// Accepts the kind name in any case, singular or plural (`Model`, `model`, `models`).
+    /// Accepts the kind name in any case, singular or plural (`Model`, `model`, `models`),
+    /// and `fedmodel(s)` for `FederatedModel`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
         let singular = lower.strip_suffix('s').unwrap_or(&lower);
+        if singular == "fedmodel" {
+            return Ok(Kind::FederatedModel);
+        }
         Kind::ALL
             .into_iter()
             .find(|k| k.as_str().eq_ignore_ascii_case(singular))
@@ -79,5 +115,8 @@ mod tests {
         assert_eq!("Tenant".parse::<Kind>().unwrap(), Kind::Tenant);
         assert_eq!("ADAPTER".parse::<Kind>().unwrap(), Kind::Adapter);
         assert!(matches!("Gadget".parse::<Kind>(), Err(ApiError::UnknownKind(_))));
+        assert_eq!("clusters".parse::<Kind>().unwrap(), Kind::Cluster);
+        assert_eq!("fedmodel".parse::<Kind>().unwrap(), Kind::FederatedModel);
+        assert_eq!("FederatedModels".parse::<Kind>().unwrap(), Kind::FederatedModel);
     }
 }

@@ -55,6 +55,10 @@ pub struct ServerConfig {
     /// Largest snapshot accepted from a leader, in bytes: an InstallSnapshot chunk ending
     /// beyond it is refused (INVALID_ARGUMENT).
     pub max_snapshot_bytes: u64,
+    /// A federation server (`flotilla server --federation`): it holds Clusters and
+    /// FederatedModels (and tokens) and refuses the kinds a cluster runs; a cluster's server
+    /// refuses those two.
+    pub federation: bool,
 }
 
 impl ServerConfig {
@@ -81,6 +85,7 @@ impl ServerConfig {
             tls: None,
             insecure: false,
             max_snapshot_bytes: crate::snapshot_chunks::DEFAULT_MAX_SNAPSHOT_BYTES,
+            federation: false,
         }
     }
 

@@ -33,6 +33,8 @@ pub(crate) struct Node {
     pub(crate) leadership: std::sync::Arc<std::sync::OnceLock<tokio::sync::watch::Receiver<bool>>>,
     /// Applies' trace contexts for the controllers that act on them ([`crate::trace_links`]).
     pub(crate) trace_links: std::sync::Arc<crate::trace_links::TraceLinks>,
+    /// A federation server ([`crate::ServerConfig::federation`]).
+    pub(crate) federation: bool,
 }
 
 /// The code of a forward abandoned by [`Node::forward`].

@@ -62,6 +62,23 @@ fn unexpected(r: CommandResult) -> Status {
 }
 
 impl ObjectServiceImpl {
+    /// INVALID_ARGUMENT unless this server's mode holds `kind` (a federation server holds
+    /// Clusters, FederatedModels and tokens; a cluster's server everything else).
+    fn held_here(&self, kind: Kind) -> Result<(), Status> {
+        if kind.held_by(self.node.federation) {
+            return Ok(());
+        }
+        let why = match self.node.federation {
+            true => format!(
+                "kind: {kind} is not held by a federation server (it holds Clusters and FederatedModels); apply it to a member cluster, or spread it with a FederatedModel"
+            ),
+            false => format!(
+                "kind: {kind} is held by a federation server (`flotilla server --federation`), not by a cluster's"
+            ),
+        };
+        Err(Status::invalid_argument(why))
+    }
+
     fn client(&self, addr: &str) -> ObjectServiceClient<tonic::transport::Channel> {
         ObjectServiceClient::new(self.node.peers.channel(addr))
     }
@@ -163,6 +180,7 @@ impl ObjectServiceImpl {
         let caller = caller_of(&request);
         let id = forwarded::request_id(&request);
         let manifest = Manifest::parse(&request.get_ref().manifest).map_err(ClusterError::from)?;
+        self.held_here(manifest.kind())?;
         flotilla_security::authz::check_kind(caller.as_ref(), manifest.kind().as_str()).map_err(|r| r.status())?;
         let key = ObjectKey { kind: manifest.kind(), name: manifest.metadata.name.clone() };
         let span = tracing::Span::current();

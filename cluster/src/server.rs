@@ -152,6 +152,7 @@ pub async fn start_with(config: ServerConfig, extensions: Extensions) -> Result<
         read_barrier_term: Default::default(),
         leadership: Default::default(),
         trace_links: Default::default(),
+        federation: config.federation,
     };
 
     let mut extra = RoutesBuilder::default();

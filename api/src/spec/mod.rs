@@ -3,6 +3,7 @@
 mod adapter;
 mod autoscaling;
 mod disaggregation;
+mod federation;
 mod model;
 mod node;
 mod replica;
@@ -24,6 +25,10 @@ pub use disaggregation::{
     member_name, served_name, DisaggregationSpec, EngineRole, KvConnector, KvTransferRole, PdDecider, RolePool,
     KV_TRANSFER_FLAGS, MAX_DISAGGREGATED_NAME, MAX_MIN_REMOTE_PREFILL_TOKENS, MAX_PREFILL_QUEUE, MEMBER_OF_LABEL,
     ROLE_LABEL,
+};
+pub use federation::{
+    ClusterOverride, ClusterSpec, FederatedModelSpec, FederatedPlacement, DEFAULT_FEDERATION_GRACE, FEDERATED_BY_LABEL,
+    MAX_CLUSTER_SERVERS, MAX_FEDERATION_GRACE, MAX_PLACEMENT_CLUSTERS,
 };
 pub use model::{
     validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_GPUS_PER_REPLICA, MAX_REPLICAS,
@@ -53,6 +58,8 @@ pub enum Spec {
     Adapter(AdapterSpec),
     Tenant(TenantSpec),
     Token(TokenSpec),
+    Cluster(ClusterSpec),
+    FederatedModel(FederatedModelSpec),
 }
 
 impl Spec {
@@ -62,6 +69,8 @@ impl Spec {
             Spec::Adapter(_) => Kind::Adapter,
             Spec::Tenant(_) => Kind::Tenant,
             Spec::Token(_) => Kind::Token,
+            Spec::Cluster(_) => Kind::Cluster,
+            Spec::FederatedModel(_) => Kind::FederatedModel,
         }
     }
 
@@ -91,6 +100,8 @@ impl Spec {
                 Spec::Tenant(t)
             }
             Kind::Token => Spec::Token(typed(value)?),
+            Kind::Cluster => Spec::Cluster(typed(value)?),
+            Kind::FederatedModel => Spec::FederatedModel(typed(value)?),
             Kind::Node | Kind::Replica => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -108,6 +119,8 @@ impl Spec {
             Spec::Adapter(s) => s.validate(),
             Spec::Tenant(s) => s.validate(),
             Spec::Token(s) => s.validate(),
+            Spec::Cluster(s) => s.validate(),
+            Spec::FederatedModel(s) => s.validate(),
         }
     }
 

@@ -52,6 +52,12 @@ pub(crate) struct ServerArgs {
     /// for later restarts. See docs/deploy.md, "Disaster recovery".
     #[arg(long, conflicts_with = "join")]
     pub(crate) force_new_cluster: bool,
+    /// Run a federation server: its Raft group holds member Clusters and FederatedModels
+    /// (Model templates spread over the clusters by policy), and its leader keeps each
+    /// cluster's member Models through that cluster's API. It runs no agents' controllers
+    /// and refuses Models, Adapters and Tenants. See docs/federation.md.
+    #[arg(long)]
+    pub(crate) federation: bool,
     /// Leader heartbeat interval, milliseconds.
     #[arg(long, default_value_t = 50)]
     pub(crate) heartbeat_ms: u64,
@@ -121,6 +127,7 @@ impl ServerArgs {
             request_timeout: Duration::from_secs(self.request_timeout_s.max(1)),
             insecure: self.insecure,
             max_snapshot_bytes: self.max_snapshot_bytes,
+            federation: self.federation,
             ..ServerConfig::new(self.id, self.data_dir.clone())
         }
     }
@@ -155,8 +162,11 @@ pub(crate) async fn run(args: ServerArgs, tls: &flotilla_security::TlsArgs) -> R
     let mut config = args.config();
     config.tls = flotilla_security::Tls::from_args(tls).map_err(|e| CliError::usage(e.to_string()))?;
     config.validate()?;
-    let actors = args.actors_config()?;
-    let handle = flotilla_cluster::start_with(config, flotilla_actors::extensions(actors)).await?;
+    let extensions: flotilla_cluster::Extensions = match args.federation {
+        true => Box::new(|_: flotilla_cluster::ClusterHandle, _: &mut tonic::service::RoutesBuilder| {}),
+        false => flotilla_actors::extensions(args.actors_config()?),
+    };
+    let handle = flotilla_cluster::start_with(config, extensions).await?;
     let signals = Signals::install()?;
     let peer = handle.peer_addr.map_or_else(String::new, |p| format!(" peer={p}"));
     println!("flotilla server {} listening grpc={} http={}{peer}", handle.id, handle.grpc_addr, handle.http_addr);
