@@ -60,6 +60,11 @@ pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool
                 }
             }
         }
+        Format::Table if single && objects.len() == 1 && objects[0].kind == "FederatedModel" => {
+            print_table(&object_rows(objects));
+            println!();
+            print_table(&federated_cluster_rows(&object_doc(&objects[0])));
+        }
         Format::Table => print_table(&object_rows(objects)),
         _ if single && objects.len() == 1 => print_doc(&object_doc(&objects[0]), format),
         _ => print_doc(&Value::Array(objects.iter().map(object_doc).collect()), format),
@@ -169,6 +174,19 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
             ("REASON", "status.reason"),
         ],
         "Node" => &[("ADDRESS", "spec.address"), ("STATE", "status.state"), ("CORDONED", "spec.cordoned")],
+        "Cluster" => &[
+            ("REGION", "metadata.labels.region"),
+            ("REACHABLE", "status.reachable"),
+            ("FEDERATED", "status.federated_models"),
+            ("GATEWAY", "spec.gateway"),
+            ("MESSAGE", "status.message"),
+        ],
+        "FederatedModel" => &[
+            ("DESIRED", "spec.replicas"),
+            ("PLACED", "status.placed"),
+            ("READY", "status.ready"),
+            ("MESSAGE", "status.message"),
+        ],
         _ => &[],
     };
     let mut rows = vec![std::iter::once("NAME")
@@ -229,6 +247,26 @@ fn routing_line(spec: &Value) -> String {
          fetches (approximately where it cannot: metric flotilla_gateway_kv_token_exact)"
     };
     format!("Routing: {how}; {keys}")
+}
+
+/// A FederatedModel's clusters: its share of each, what the cluster's member Model asks
+/// and has Ready, and why it is not as desired.
+fn federated_cluster_rows(doc: &Value) -> Vec<Vec<String>> {
+    let mut rows = vec![["CLUSTER", "DESIRED", "REPLICAS", "READY", "STATE", "MESSAGE"].map(String::from).to_vec()];
+    for c in doc["status"]["clusters"].as_array().into_iter().flatten() {
+        rows.push(vec![
+            field(c, "name"),
+            field(c, "desired"),
+            field(c, "replicas"),
+            field(c, "ready"),
+            field(c, "state"),
+            field(c, "message"),
+        ]);
+    }
+    if rows.len() == 1 {
+        rows.push(vec!["(no cluster selected yet)".into()]);
+    }
+    rows
 }
 
 /// A disaggregated Model's roles: the member Model serving each, its pool and counts.

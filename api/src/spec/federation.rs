@@ -210,7 +210,7 @@ impl FederatedModelSpec {
             let hi = p.max.get(name).copied().unwrap_or(u32::MAX);
             if *lo > hi {
                 return Err(ApiError::invalid(
-                    &format!("spec.placement.min.{name}"),
+                    format!("spec.placement.min.{name}"),
                     format!("{lo} is above the cluster's max of {hi}"),
                 ));
             }

@@ -163,7 +163,10 @@ pub(crate) async fn run(args: ServerArgs, tls: &flotilla_security::TlsArgs) -> R
     config.tls = flotilla_security::Tls::from_args(tls).map_err(|e| CliError::usage(e.to_string()))?;
     config.validate()?;
     let extensions: flotilla_cluster::Extensions = match args.federation {
-        true => Box::new(|_: flotilla_cluster::ClusterHandle, _: &mut tonic::service::RoutesBuilder| {}),
+        true => flotilla_federation::extensions(flotilla_federation::FederationConfig {
+            own_ca: tls.tls_ca.clone(),
+            ..Default::default()
+        }),
         false => flotilla_actors::extensions(args.actors_config()?),
     };
     let handle = flotilla_cluster::start_with(config, extensions).await?;

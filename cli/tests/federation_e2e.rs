@@ -1,0 +1,189 @@
+//! Federation end to end with real processes: three member clusters (each a server and an
+//! agent with sim engines) and a federation server holding them as Clusters. A
+//! FederatedModel of 6 replicas weighted 3/2/1 lands as asked, each cluster's member Model
+//! labelled as the federation's; a Model the federation did not create is never touched.
+//! With the federation server down the clusters keep serving and take local applies; back
+//! up, it changes nothing (no churn). A whole cluster killed: after the grace its share
+//! moves to the others; the cluster back: the share returns, with no replica counted twice.
+mod common;
+
+use std::collections::BTreeMap;
+use std::path::Path;
+use std::time::Duration;
+
+use common::*;
+use tokio::time::Instant;
+
+/// One member cluster: its server, its agent, its engines' marker.
+struct Member {
+    name: &'static str,
+    server: ServerProc,
+    agent: AgentProc,
+    marker: u64,
+}
+
+impl Member {
+    async fn start(name: &'static str, dir: &Path) -> Member {
+        let server = ServerProc::start(1, &dir.join(name).join("server"), "127.0.0.1:0", &["--bootstrap"]);
+        wait_voters(&server.grpc, 1).await;
+        let marker = marker();
+        let agent = AgentProc::start(&format!("{name}-node"), &dir.join(name).join("agent"), &server.grpc, 6, marker);
+        Member { name, server, agent, marker }
+    }
+
+    fn kill(&mut self) {
+        self.agent.kill();
+        self.server.kill();
+        kill_engines(self.marker);
+    }
+}
+
+impl Drop for Member {
+    fn drop(&mut self) {
+        self.kill();
+    }
+}
+
+fn cluster_manifest(m: &Member, region: &str) -> String {
+    format!(
+        "kind: Cluster\nmetadata: {{name: {}, labels: {{region: {region}}}}}\nspec:\n  servers: ['{}']\n",
+        m.name, m.server.grpc
+    )
+}
+
+const FED: &str = "kind: FederatedModel
+metadata: {name: llm}
+spec:
+  replicas: 6
+  template: {engine: sim, source: file:///models/llm, gpus: 1}
+  placement:
+    weights: {a: 3, b: 2, c: 1}
+    grace: 3s
+";
+
+/// The member Model `name` in cluster `server`: (spec.replicas, ready, revision, labels).
+#[allow(clippy::type_complexity)]
+async fn member_model(server: &str, name: &str) -> Option<(u64, u64, u64, BTreeMap<String, String>)> {
+    let o = list_objects(&[server.to_string()], "model", "").await.into_iter().find(|o| o.name == name)?;
+    let spec: serde_json::Value = serde_json::from_str(&o.spec_json).ok()?;
+    let status: serde_json::Value = serde_json::from_str(&o.status_json).unwrap_or_default();
+    let labels = o.labels.into_iter().collect();
+    Some((spec["replicas"].as_u64()?, status["ready_replicas"].as_u64().unwrap_or(0), o.revision, labels))
+}
+
+/// The sum of a metric's samples in a /metrics text.
+fn sum(text: &str, name: &str) -> f64 {
+    text.lines()
+        .filter(|l| l.starts_with(name) && !l.starts_with('#'))
+        .filter_map(|l| l.rsplit_once(' ').and_then(|(_, v)| v.parse::<f64>().ok()))
+        .sum()
+}
+
+/// The FederatedModel's status on the federation server.
+async fn fed_status(fed: &str) -> serde_json::Value {
+    let o = list_objects(&[fed.to_string()], "federatedmodel", "").await.into_iter().find(|o| o.name == "llm");
+    o.and_then(|o| serde_json::from_str(&o.status_json).ok()).unwrap_or_default()
+}
+
+/// Waits until the clusters' member Models ask for `want` replicas (by cluster name) and
+/// the FederatedModel's status counts `ready` Ready.
+async fn wait_spread(members: &[&Member], fed: &str, want: &[(&str, u64)], ready: u64, secs: u64) {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    loop {
+        let mut seen = Vec::new();
+        for m in members {
+            let got = member_model(&m.server.grpc, "llm").await;
+            seen.push((m.name, got.as_ref().map(|g| (g.0, g.1))));
+        }
+        let status = fed_status(fed).await;
+        let as_asked = want
+            .iter()
+            .all(|(name, n)| seen.iter().any(|(m, g)| m == name && g.is_some_and(|(asked, r)| asked == *n && r == *n)));
+        if as_asked && status["ready"] == ready {
+            return;
+        }
+        assert!(Instant::now() < deadline, "never spread as {want:?} with {ready} ready: {seen:?}\nstatus {status}");
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federated_model_spreads_by_weight_survives_the_federation_and_moves_off_a_dead_cluster() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Member::start("a", dir.path()).await;
+    let b = Member::start("b", dir.path()).await;
+    let mut c = Member::start("c", dir.path()).await;
+    let fed_dir = dir.path().join("federation");
+    let mut fed = ServerProc::start(1, &fed_dir, "127.0.0.1:0", &["--bootstrap", "--federation"]);
+    wait_voters(&fed.grpc, 1).await;
+    let feds = [fed.grpc.clone()];
+    for (m, region) in [(&a, "us"), (&b, "eu"), (&c, "ap")] {
+        apply(&feds, cluster_manifest(m, region)).await;
+    }
+    // a Model in b that the federation did not create, under a FederatedModel's name
+    apply(std::slice::from_ref(&b.server.grpc), model("solo")).await;
+    let solo_spec =
+        |o: Vec<flotilla_api::pb::Object>| o.into_iter().find(|o| o.name == "solo").map(|o| (o.spec_json, o.labels));
+    let solo_before =
+        solo_spec(list_objects(std::slice::from_ref(&b.server.grpc), "model", "").await).expect("the local Model");
+    apply(&feds, FED.replace("name: llm", "name: solo").replace("weights: {a: 3, b: 2, c: 1}", "clusters: region=eu"))
+        .await;
+    apply(&feds, FED.into()).await;
+
+    // lands as asked, labelled
+    let t0 = Instant::now();
+    wait_spread(&[&a, &b, &c], &fed.grpc, &[("a", 3), ("b", 2), ("c", 1)], 6, 90).await;
+    eprintln!("6 replicas Ready over 3 clusters {:.1} s after the apply", t0.elapsed().as_secs_f64());
+    let (_, _, _, labels) = member_model(&a.server.grpc, "llm").await.unwrap();
+    assert_eq!(labels.get("flotilla.io/federated-by").map(String::as_str), Some("llm"));
+    let out = std::process::Command::new(BIN).args(["--server", &fed.grpc, "get", "fedmodel", "llm"]).output().unwrap();
+    let text = String::from_utf8_lossy(&out.stdout);
+    for want in ["CLUSTER", "DESIRED", "READY", "6/6 ready in 3 clusters"] {
+        assert!(text.contains(want), "`get fedmodel llm` lacks {want}:\n{text}");
+    }
+    // the local Model was reported as a conflict and left alone
+    let solo = list_objects(&feds, "federatedmodel", "").await.into_iter().find(|o| o.name == "solo").unwrap();
+    assert!(solo.status_json.contains("Conflict"), "{}", solo.status_json);
+    let solo_after = solo_spec(list_objects(std::slice::from_ref(&b.server.grpc), "model", "").await);
+    assert_eq!(solo_after, Some(solo_before), "never touched");
+
+    // the federation down: clusters keep serving and take local applies; back: no churn
+    fed.kill();
+    apply(std::slice::from_ref(&a.server.grpc), model("local-only")).await;
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    assert_eq!(member_model(&a.server.grpc, "llm").await.map(|m| (m.0, m.1)), Some((3, 3)), "a keeps serving");
+    let fed_grpc = fed.grpc.clone();
+    fed = ServerProc::start(1, &fed_dir, &fed_grpc, &["--federation"]);
+    let back = Instant::now();
+    while Instant::now() < back + Duration::from_secs(5) {
+        assert_eq!(fed_status(&fed.grpc).await["ready"].as_u64().unwrap_or(6), 6);
+        tokio::time::sleep(Duration::from_millis(250)).await;
+    }
+    wait_spread(&[&a, &b, &c], &fed.grpc, &[("a", 3), ("b", 2), ("c", 1)], 6, 30).await;
+    let metrics = raw_http::send_blocking(&fed.http, "GET", "/metrics", "", Duration::from_secs(5)).unwrap_or_default();
+    assert!(sum(&metrics, "flotilla_federation_reconciles_total") >= 3.0, "{metrics}");
+    assert_eq!(
+        sum(&metrics, "flotilla_federation_member_writes_total"),
+        0.0,
+        "the returning federation rewrote members already as desired"
+    );
+    assert!(member_model(&a.server.grpc, "local-only").await.is_some(), "the local apply stands");
+
+    // a whole cluster dies: past the grace (3 s) its share moves to the others, 3:2 → 4 + 2
+    let c_grpc = c.server.grpc.clone();
+    c.kill();
+    let t0 = Instant::now();
+    wait_spread(&[&a, &b], &fed.grpc, &[("a", 4), ("b", 2)], 6, 60).await;
+    eprintln!("6 replicas Ready again without cluster c {:.1} s after it died", t0.elapsed().as_secs_f64());
+    let status = fed_status(&fed.grpc).await;
+    assert!(status.to_string().contains("Excluded"), "{status}");
+
+    // c back on its address (its data dir kept its Model at 1): the share returns, 3/2/1
+    c.server = ServerProc::start(1, &dir.path().join("c").join("server"), &c_grpc, &[]);
+    wait_voters(&c.server.grpc, 1).await;
+    c.agent = AgentProc::start("c-node", &dir.path().join("c").join("agent"), &c.server.grpc, 6, c.marker);
+    wait_spread(&[&a, &b, &c], &fed.grpc, &[("a", 3), ("b", 2), ("c", 1)], 6, 90).await;
+    let status = fed_status(&fed.grpc).await;
+    assert_eq!(status["placed"], 6, "no replica counted twice: {status}");
+    a.kill();
+}

@@ -1,0 +1,373 @@
+//! The federation's controller: on the leader of the federation group, every tick (and on
+//! each change to the federation's store) it
+//!
+//! 1. reads every member cluster's Models and Replicas through the cluster's API, all
+//!    clusters at once, each bounded by [`crate::member::CALL_TIMEOUT`] (an answer or not:
+//!    [`Reach`]);
+//! 2. spreads each FederatedModel over its selected clusters ([`placement::spread`]), with
+//!    the clusters past the grace left out and Pending shortfalls capping a cluster
+//!    ([`Shortfall`]);
+//! 3. applies or deletes member Models where they differ ([`reconcile::action`]);
+//! 4. writes each Cluster's and FederatedModel's status, only when it changed.
+//!
+//! A member Model of a FederatedModel that no longer exists, or of a cluster no longer
+//! selected, is deleted (it carries the federation's label, so it is the federation's to
+//! delete). A cluster that is unavailable keeps whatever it runs: nothing can reach it, and
+//! when it is back its share is recomputed with it included.
+use std::collections::BTreeMap;
+use std::sync::Arc;
+use std::time::Duration;
+
+use flotilla_api::spec::{ClusterSpec, FederatedModelSpec, ModelSpec};
+use flotilla_api::{Kind, LabelSelector, ObjectKey, StoredObject};
+use flotilla_cluster::ClusterHandle;
+use flotilla_storage::Command;
+use serde_json::{json, Value};
+use tokio::time::Instant;
+
+use crate::member::{CallError, Member};
+use crate::metrics::Metrics;
+use crate::placement::{self, Candidate, Policy};
+use crate::reconcile::{self, Action, MemberModel};
+use crate::tracking::{Reach, Shortfall};
+use crate::FederationConfig;
+
+/// What the controller knows of one member cluster.
+struct ClusterView {
+    spec: ClusterSpec,
+    labels: BTreeMap<String, String>,
+    member: Arc<Member>,
+    reach: Reach,
+    /// Wall-clock time of the last reachability change (status).
+    since_unix_ms: u64,
+    /// Why the last read failed, when it did.
+    error: String,
+    /// Its Models by name, from the last successful read.
+    models: BTreeMap<String, MemberModel>,
+    /// Pending replicas per Model, from the last successful read.
+    pending: BTreeMap<String, u32>,
+}
+
+/// The controller's memory while it leads.
+pub(crate) struct Controller {
+    handle: ClusterHandle,
+    config: FederationConfig,
+    metrics: Metrics,
+    clusters: BTreeMap<String, ClusterView>,
+    shortfalls: BTreeMap<(String, String), Shortfall>,
+}
+
+impl Controller {
+    pub(crate) fn new(handle: ClusterHandle, config: FederationConfig, metrics: Metrics) -> Controller {
+        Controller { handle, config, metrics, clusters: BTreeMap::new(), shortfalls: BTreeMap::new() }
+    }
+
+    /// One pass over every Cluster and FederatedModel.
+    pub(crate) async fn tick(&mut self) {
+        let reader = self.handle.reader();
+        let (clusters, _) = reader.list(Kind::Cluster, &LabelSelector::default());
+        let (feds, _) = reader.list(Kind::FederatedModel, &LabelSelector::default());
+        self.refresh_clusters(&clusters).await;
+        let now = Instant::now();
+        let mut fed_names = Vec::new();
+        for fed in &feds {
+            let Ok(spec) = serde_json::from_value::<FederatedModelSpec>(fed.spec.clone()) else {
+                tracing::warn!(fed = %fed.key.name, "a FederatedModel whose stored spec does not parse; skipped");
+                continue;
+            };
+            fed_names.push(fed.key.name.to_string());
+            let status = self.reconcile_one(fed.key.name.as_str(), &spec, now).await;
+            self.write_status(fed, status).await;
+        }
+        self.delete_orphans(&fed_names).await;
+        for c in &clusters {
+            let status = self.cluster_status(c.key.name.as_str());
+            self.write_status(c, status).await;
+        }
+    }
+
+    /// Reads every cluster's Models and Replicas, all at once.
+    async fn refresh_clusters(&mut self, clusters: &[StoredObject]) {
+        let now = Instant::now();
+        let mut keep = BTreeMap::new();
+        for c in clusters {
+            let name = c.key.name.to_string();
+            let Ok(spec) = serde_json::from_value::<ClusterSpec>(c.spec.clone()) else { continue };
+            let view = match self.clusters.remove(&name) {
+                Some(v) if v.spec == spec => ClusterView { labels: c.labels.clone(), ..v },
+                _ => match Member::new(&spec, self.config.own_ca.as_deref()) {
+                    Ok(member) => ClusterView {
+                        spec,
+                        labels: c.labels.clone(),
+                        member: Arc::new(member),
+                        reach: Reach::new(now),
+                        since_unix_ms: flotilla_api::civil::unix_ms(),
+                        error: String::new(),
+                        models: BTreeMap::new(),
+                        pending: BTreeMap::new(),
+                    },
+                    Err(e) => {
+                        tracing::warn!(cluster = %name, error = %e, "cannot set up the cluster's client");
+                        continue;
+                    }
+                },
+            };
+            keep.insert(name, view);
+        }
+        let reads = keep.iter().map(|(name, v)| {
+            let member = v.member.clone();
+            let name = name.clone();
+            async move {
+                let models = member.list("model").await;
+                let replicas = match &models {
+                    Ok(_) => member.list("replica").await,
+                    Err(e) => Err(e.clone()),
+                };
+                (name, models, replicas)
+            }
+        });
+        for (name, models, replicas) in futures::future::join_all(reads).await {
+            let v = keep.get_mut(&name).expect("read for a kept cluster");
+            let was = v.reach.reachable;
+            match (models, replicas) {
+                (Ok(models), Ok(replicas)) => {
+                    v.reach.observe(true, now);
+                    v.error.clear();
+                    v.models = models.iter().map(|o| (o.name.clone(), member_model(o))).collect();
+                    v.pending = pending_by_model(&replicas);
+                }
+                (Err(e), _) | (_, Err(e)) => {
+                    v.reach.observe(false, now);
+                    v.error = e.to_string();
+                }
+            }
+            if was != v.reach.reachable {
+                v.since_unix_ms = flotilla_api::civil::unix_ms();
+                match v.reach.reachable {
+                    true => tracing::info!(cluster = %name, "member cluster reachable again"),
+                    false => tracing::warn!(cluster = %name, error = %v.error, "member cluster unreachable"),
+                }
+            }
+            self.metrics.reachable(&name, v.reach.reachable);
+        }
+        self.clusters = keep;
+    }
+
+    /// Spreads one FederatedModel and brings each cluster's member Model to its share;
+    /// returns its status.
+    async fn reconcile_one(&mut self, fed: &str, spec: &FederatedModelSpec, now: Instant) -> Value {
+        let grace = Duration::from_millis(spec.placement.grace.as_millis());
+        let selector = spec.placement.clusters.as_deref().map(LabelSelector::parse).transpose().ok().flatten();
+        let selected: Vec<String> = self
+            .clusters
+            .iter()
+            .filter(|(_, v)| selector.as_ref().is_none_or(|s| s.matches(&v.labels)))
+            .map(|(n, _)| n.clone())
+            .collect();
+        let mut candidates = Vec::new();
+        for name in &selected {
+            let v = &self.clusters[name];
+            let shortfall = self.shortfalls.entry((fed.to_string(), name.clone())).or_default();
+            if let (true, Some(m)) = (v.reach.reachable, v.models.get(fed)) {
+                let pending = v.pending.get(fed).copied().unwrap_or(0);
+                shortfall.observe(m.counts().0, pending, now, grace);
+            }
+            candidates.push(Candidate {
+                name: name.clone(),
+                available: v.reach.available(now, grace),
+                capacity: shortfall.capacity(now),
+            });
+        }
+        let policy = Policy {
+            weights: spec.placement.weights.clone(),
+            min: spec.placement.min.clone(),
+            max: spec.placement.max.clone(),
+            spillover: spec.placement.spillover.clone(),
+        };
+        let spread = placement::spread(spec.replicas, &candidates, &policy);
+
+        let mut rows = Vec::new();
+        let (mut ready_total, mut placed) = (0u32, 0u32);
+        let names: Vec<String> = self.clusters.keys().cloned().collect();
+        for name in names {
+            let is_selected = selected.contains(&name);
+            let share = spread.counts.get(&name).copied();
+            let v = &self.clusters[&name];
+            let observed = v.models.get(fed).cloned();
+            let (asked, ready) =
+                observed.as_ref().filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberModel::counts);
+            let candidate = candidates.iter().find(|c| c.name == name);
+            if !v.reach.reachable {
+                if is_selected {
+                    let (state, message) = match candidate.is_some_and(|c| c.available) {
+                        true => (
+                            "Unreachable",
+                            format!("within the grace ({}); its share stays: {}", spec.placement.grace, v.error),
+                        ),
+                        false => (
+                            "Excluded",
+                            format!("unreachable past the grace; its share moved to the others: {}", v.error),
+                        ),
+                    };
+                    rows.push(row(&name, share.unwrap_or(0), asked, ready, state, message));
+                    placed += share.unwrap_or(0);
+                }
+                continue;
+            }
+            let desired = share.filter(|n| *n > 0).map(|n| member_spec(spec.member(&name, n)));
+            let (state, message) = match reconcile::action(fed, desired.as_ref(), observed.as_ref()) {
+                Action::Nothing => ("Ready", String::new()),
+                Action::Conflict(why) => ("Conflict", why),
+                act => match self.write_member(&name, fed, desired.as_ref(), &act).await {
+                    Ok(()) => ("Progressing", describe(&act, asked, share.unwrap_or(0))),
+                    Err(e) => ("Error", e.to_string()),
+                },
+            };
+            if !is_selected {
+                continue;
+            }
+            let share = share.unwrap_or(0);
+            placed += share;
+            ready_total += ready;
+            let cap = candidate.and_then(|c| c.capacity);
+            let (state, message) = match state {
+                "Ready" if ready < share => ("Progressing", format!("{ready} of {share} ready")),
+                "Ready" if cap.is_some() => (
+                    "CapacityLimited",
+                    format!("replicas stayed Pending past the grace: capped at {} for now", cap.unwrap_or(0)),
+                ),
+                _ => (state, message),
+            };
+            rows.push(row(&name, share, asked, ready, state, message));
+        }
+        let mut message = format!("{ready_total}/{} ready in {} clusters", spec.replicas, rows.len());
+        if spread.unplaced > 0 {
+            message.push_str(&format!("; {} unplaced: no available cluster has room", spread.unplaced));
+        }
+        json!({
+            "desired": spec.replicas,
+            "placed": placed,
+            "ready": ready_total,
+            "unplaced": spread.unplaced,
+            "clusters": rows,
+            "message": message,
+        })
+    }
+
+    /// Makes one change to cluster `name`'s member Model of `fed`.
+    async fn write_member(
+        &self,
+        name: &str,
+        fed: &str,
+        desired: Option<&Value>,
+        act: &Action,
+    ) -> Result<(), CallError> {
+        let member = &self.clusters[name].member;
+        let result = match (act, desired) {
+            (Action::Create, Some(spec)) => member.apply(&reconcile::manifest(fed, fed, spec), 0).await,
+            (Action::Update { revision }, Some(spec)) => {
+                member.apply(&reconcile::manifest(fed, fed, spec), *revision).await
+            }
+            (Action::Delete { revision }, _) => member.delete_model(fed, *revision).await,
+            _ => Ok(()),
+        };
+        let what = match act {
+            Action::Create => "create",
+            Action::Update { .. } => "update",
+            _ => "delete",
+        };
+        self.metrics.member_write(name, what, result.is_ok());
+        match &result {
+            Ok(()) => tracing::info!(cluster = %name, fed, what, "member Model written"),
+            Err(e) => tracing::warn!(cluster = %name, fed, what, error = %e, "member Model write failed"),
+        }
+        result
+    }
+
+    /// Deletes member Models whose FederatedModel no longer exists.
+    async fn delete_orphans(&self, feds: &[String]) {
+        for (name, v) in &self.clusters {
+            if !v.reach.reachable {
+                continue;
+            }
+            for (model, m) in &v.models {
+                let Some(owner) = m.federated_by() else { continue };
+                if owner == model && !feds.iter().any(|f| f == owner) {
+                    let act = Action::Delete { revision: m.revision };
+                    let _ = self.write_member(name, owner, None, &act).await;
+                }
+            }
+        }
+    }
+
+    fn cluster_status(&self, name: &str) -> Value {
+        let Some(v) = self.clusters.get(name) else {
+            return json!({"reachable": false, "message": "the Cluster's spec cannot be used (see the server's log)"});
+        };
+        let federated = v.models.values().filter(|m| m.federated_by().is_some()).count();
+        json!({
+            "reachable": v.reach.reachable,
+            "since_ms": v.since_unix_ms,
+            "federated_models": federated,
+            "message": v.error,
+        })
+    }
+
+    /// Writes `status` to `object` if it differs from what it holds (compare-and-set on the
+    /// revision read, so a concurrent apply wins and the next tick writes again).
+    async fn write_status(&self, object: &StoredObject, status: Value) {
+        if object.status == status {
+            return;
+        }
+        let cmd = Command::PutStatus {
+            key: ObjectKey { kind: object.key.kind, name: object.key.name.clone() },
+            status,
+            expected_revision: Some(object.revision),
+        };
+        if let Err(e) = self.handle.propose(cmd).await {
+            tracing::debug!(object = %object.key, error = %e, "status not written; next tick");
+        }
+    }
+}
+
+fn row(name: &str, desired: u32, replicas: u32, ready: u32, state: &str, message: String) -> Value {
+    json!({"name": name, "desired": desired, "replicas": replicas, "ready": ready, "state": state, "message": message})
+}
+
+fn describe(act: &Action, from: u32, to: u32) -> String {
+    match act {
+        Action::Create => format!("created with {to} replicas"),
+        Action::Update { .. } if from != to => format!("scaled {from} → {to}"),
+        Action::Update { .. } => "spec updated".into(),
+        _ => "deleted".into(),
+    }
+}
+
+/// The canonical JSON a member cluster stores for `spec` (what its apply writes).
+fn member_spec(spec: ModelSpec) -> Value {
+    flotilla_api::spec::Spec::Model(spec).to_json()
+}
+
+fn member_model(o: &flotilla_api::pb::Object) -> MemberModel {
+    MemberModel {
+        labels: o.labels.clone().into_iter().collect(),
+        spec: serde_json::from_str(&o.spec_json).unwrap_or_default(),
+        status: serde_json::from_str(&o.status_json).unwrap_or_default(),
+        revision: o.revision,
+    }
+}
+
+/// Pending replicas per Model among a cluster's Replicas.
+fn pending_by_model(replicas: &[flotilla_api::pb::Object]) -> BTreeMap<String, u32> {
+    let mut out = BTreeMap::new();
+    for r in replicas {
+        let status: Value = serde_json::from_str(&r.status_json).unwrap_or_default();
+        if status["phase"].as_str().unwrap_or("Pending") == "Pending" {
+            let spec: Value = serde_json::from_str(&r.spec_json).unwrap_or_default();
+            if let Some(model) = spec["model"].as_str() {
+                *out.entry(model.to_string()).or_insert(0) += 1;
+            }
+        }
+    }
+    out
+}
