@@ -513,3 +513,106 @@ async fn a_peer_listener_carries_raft_and_forwards_and_serves_servers_only() {
     let got = call(channel(&p1, &peer_cert).await, "/flotilla.v1.RaftService/Vote", "").await;
     assert!(!matches!(got, Code::PermissionDenied | Code::Unauthenticated | Code::Unimplemented), "{got:?}");
 }
+
+/// A federation server with TLS reaches a member cluster with TLS as a client: with the
+/// member's operator token in the Cluster's `token_file` (the member's servers verified by
+/// the federation's own CA) it creates the member Model; with a viewer token it is refused
+/// and creates nothing, and the FederatedModel's status names the refusal. An operator of
+/// the federation may write FederatedModels but not Clusters.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_federation_writes_a_tls_member_with_its_operator_token_only() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = tmp.path();
+    assert!(flotilla(dir, &["tls", "ca", "create"]).status.success());
+    std::fs::create_dir_all(dir.join("member")).unwrap();
+    std::fs::create_dir_all(dir.join("fed")).unwrap();
+    let member = start_server(&dir.join("member"), &cert(dir, "server", "member")).await;
+    let fed = start_member(&dir.join("fed"), &cert(dir, "server", "fed"), 1, &["--bootstrap", "--federation"]).await.0;
+    let admin = cert(dir, "admin", "alice");
+    let admin_tls = Tls::load(admin.clone()).unwrap();
+    for addr in [&member.addr, &fed.addr] {
+        flotilla_testkit::wait::wait_until("a leader over TLS", Duration::from_secs(30), || {
+            channel_ok(addr, &admin_tls)
+        })
+        .await;
+    }
+    let as_admin = |server: &str, args: &[&str]| {
+        let mut all: Vec<String> = vec!["--server".into(), server.into()];
+        all.extend(tls_flags(&admin));
+        all.extend(args.iter().map(|s| s.to_string()));
+        flotilla(dir, &all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    // the member's tokens for the federation: an operator's, and a viewer's that cannot write
+    for (role, file) in [("operator", "good.token"), ("viewer", "bad.token")] {
+        let out = as_admin(&member.addr, &["token", "create", "--role", role, "--name", "federation", "-o", "json"]);
+        assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+        let made: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+        std::fs::write(dir.join(file), made["token"].as_str().unwrap()).unwrap();
+    }
+    let manifests = dir.join("federation.yaml");
+    let mut yaml = String::new();
+    for tier in ["good", "bad"] {
+        yaml.push_str(&format!(
+            "kind: Cluster\nmetadata: {{name: {tier}, labels: {{tier: {tier}}}}}\nspec:\n  servers: ['{}']\n  token_file: {}\n---\n",
+            member.addr,
+            dir.join(format!("{tier}.token")).display()
+        ));
+        yaml.push_str(&format!(
+            "kind: FederatedModel\nmetadata: {{name: from-{tier}}}\nspec:\n  replicas: 1\n  template: {{engine: sim, source: file:///m}}\n  placement: {{clusters: tier={tier}}}\n---\n"
+        ));
+    }
+    std::fs::write(&manifests, yaml).unwrap();
+    let out = as_admin(&fed.addr, &["apply", "-f", manifests.to_str().unwrap()]);
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+
+    let models = |labels: bool| {
+        let out = as_admin(&member.addr, &["get", "models", "-o", "json"]);
+        let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap_or_default();
+        v.as_array()
+            .into_iter()
+            .flatten()
+            .map(|m| match labels {
+                true => format!("{}:{}", m["metadata"]["name"], m["metadata"]["labels"]["flotilla.io/federated-by"]),
+                false => m["metadata"]["name"].as_str().unwrap_or_default().to_string(),
+            })
+            .collect::<Vec<_>>()
+    };
+    flotilla_testkit::wait::wait_until(
+        "the member Model made with the operator token",
+        Duration::from_secs(30),
+        || {
+            let found = models(false).contains(&"from-good".to_string());
+            async move { found }
+        },
+    )
+    .await;
+    assert_eq!(models(true), ["\"from-good\":\"from-good\""], "labelled; nothing made with the viewer token");
+    let fed_status = |name: &str| {
+        let out = as_admin(&fed.addr, &["get", "fedmodel", name, "-o", "json"]);
+        String::from_utf8_lossy(&out.stdout).to_string()
+    };
+    flotilla_testkit::wait::wait_until("the refusal reported", Duration::from_secs(30), || {
+        let s = fed_status("from-bad");
+        async move { s.contains("may not") }
+    })
+    .await;
+
+    // the federation's own roles: an operator writes FederatedModels, not Clusters
+    let operator = cert(dir, "operator", "olga");
+    let as_operator = |file: &Path| {
+        let mut all: Vec<String> = vec!["--server".into(), fed.addr.clone()];
+        all.extend(tls_flags(&operator));
+        all.extend(["apply".into(), "-f".into(), file.display().to_string()]);
+        flotilla(dir, &all.iter().map(String::as_str).collect::<Vec<_>>())
+    };
+    let one = dir.join("one.yaml");
+    std::fs::write(&one, "kind: FederatedModel\nmetadata: {name: by-operator}\nspec: {replicas: 0, template: {engine: sim, source: file:///m}}\n").unwrap();
+    assert!(as_operator(&one).status.success(), "an operator writes FederatedModels");
+    std::fs::write(
+        &one,
+        format!("kind: Cluster\nmetadata: {{name: sneaky}}\nspec: {{servers: ['{}']}}\n", member.addr),
+    )
+    .unwrap();
+    let out = as_operator(&one);
+    assert!(String::from_utf8_lossy(&out.stderr).contains("may not write Cluster objects"), "{out:?}");
+}
