@@ -8,6 +8,8 @@
 //! - `failover`   write continuously, kill -9 the leader's pid, time the next successful
 //!   write (trying the endpoints in order), JSON result on stdout.
 //! - `ports`      print N free loopback TCP ports.
+//! - `propagation` change a FederatedModel on a federation server and time until every
+//!   member cluster holds the change (bench/federation), JSON result on stdout.
 //!
 //! etcd is spoken with hand-written prost messages for `etcdserverpb.KV/Put` and
 //! `etcdserverpb.Maintenance/Status` through tonic's generic client, so no etcd proto
@@ -117,6 +119,7 @@ enum Cmd {
     Load(LoadArgs),
     WaitReady(ReadyArgs),
     Failover(FailoverArgs),
+    Propagation(PropagationArgs),
     Ports {
         #[arg(long, default_value_t = 1)]
         n: usize,
@@ -169,6 +172,24 @@ struct ReadyArgs {
     #[arg(long, value_delimiter = ',')]
     endpoints: Vec<String>,
     #[arg(long, default_value_t = 60.0)]
+    timeout_s: f64,
+}
+
+#[derive(clap::Args)]
+struct PropagationArgs {
+    /// host:port of a federation server.
+    #[arg(long)]
+    federation: String,
+    /// Comma-separated host:port of one server of each member cluster.
+    #[arg(long, value_delimiter = ',')]
+    members: Vec<String>,
+    /// The FederatedModel's name (created by the first trial).
+    #[arg(long, default_value = "prop")]
+    name: String,
+    #[arg(long, default_value_t = 10)]
+    trials: u32,
+    /// Give up on a trial after this long.
+    #[arg(long, default_value_t = 30.0)]
     timeout_s: f64,
 }
 
@@ -701,8 +722,72 @@ async fn main() -> Result<()> {
         Cmd::Load(a) => load(a).await,
         Cmd::WaitReady(a) => wait_ready(a).await,
         Cmd::Failover(a) => failover(a).await,
+        Cmd::Propagation(a) => propagation(a).await,
         Cmd::Ports { n } => ports(n),
     }
+}
+
+/// Per trial: apply the FederatedModel with a new `--max-num-seqs` in its template, then
+/// poll every member (a local read each 5 ms) until its Model carries it; the time to the
+/// first and to the last member.
+async fn propagation(a: PropagationArgs) -> Result<()> {
+    use flotilla_api::pb::GetRequest;
+    let fed = ObjectServiceClient::new(lazy(endpoint(&a.federation, Duration::from_secs(2))?, &a.federation));
+    let members: Vec<ObjectServiceClient<Channel>> = a
+        .members
+        .iter()
+        .map(|m| Ok(ObjectServiceClient::new(lazy(endpoint(m, Duration::from_secs(2))?, m))))
+        .collect::<Result<_>>()?;
+    let n = members.len();
+    let mut trials = Vec::new();
+    for t in 0..=a.trials {
+        let seqs = 100 + t;
+        let manifest = format!(
+            "kind: FederatedModel\nmetadata: {{name: {}}}\nspec:\n  replicas: {n}\n  template: {{engine: sim, source: file:///m, engine_args: ['--max-num-seqs', '{seqs}']}}\n",
+            a.name
+        );
+        let marker = format!("\"{seqs}\"");
+        let t0 = Instant::now();
+        fed.clone().apply(ApplyRequest { manifest, expected_revision: None }).await?;
+        let applied_ms = t0.elapsed().as_secs_f64() * 1000.0;
+        let timeout = Duration::from_secs_f64(a.timeout_s);
+        let waits = members.iter().map(|c| {
+            let (mut c, name, marker) = (c.clone(), a.name.clone(), marker.clone());
+            tokio::spawn(async move {
+                let deadline = t0 + timeout;
+                while Instant::now() < deadline {
+                    let req = GetRequest { kind: "model".into(), name: name.clone(), stale: true };
+                    if let Ok(r) = c.get(req).await {
+                        if r.into_inner().object.is_some_and(|o| o.spec_json.contains(&marker)) {
+                            return Some(t0.elapsed().as_secs_f64() * 1000.0);
+                        }
+                    }
+                    tokio::time::sleep(Duration::from_millis(5)).await;
+                }
+                None
+            })
+        });
+        let mut got: Vec<Option<f64>> = Vec::new();
+        for w in waits.collect::<Vec<_>>() {
+            got.push(w.await?);
+        }
+        if t == 0 {
+            continue; // the create: members come and go with it, not measured
+        }
+        let done: Vec<f64> = got.iter().flatten().copied().collect();
+        let first = done.iter().copied().fold(f64::INFINITY, f64::min);
+        let last = done.iter().copied().fold(0.0, f64::max);
+        trials.push(json!({"trial": t, "apply_ms": applied_ms, "first_ms": first, "last_ms": last, "reached": done.len(), "members": n}));
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+    let mut lasts: Vec<f64> = trials.iter().filter_map(|t| t["last_ms"].as_f64()).collect();
+    lasts.sort_by(f64::total_cmp);
+    let pct = |p: f64| lasts.get(((lasts.len() as f64 - 1.0) * p).round() as usize).copied();
+    println!(
+        "{}",
+        json!({"members": n, "trials": trials, "all_members_p50_ms": pct(0.5), "all_members_max_ms": pct(1.0)})
+    );
+    Ok(())
 }
 
 #[cfg(test)]
