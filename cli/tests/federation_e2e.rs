@@ -187,3 +187,37 @@ async fn a_federated_model_spreads_by_weight_survives_the_federation_and_moves_o
     assert_eq!(status["placed"], 6, "no replica counted twice: {status}");
     a.kill();
 }
+
+/// A cluster cut off (its server paused: its engines keep running) and healed: past the
+/// grace its share moves to the other cluster, whose count alone is counted Ready (the cut
+/// cluster's still-running replicas are not counted twice); healed, the shares return and
+/// the total is the FederatedModel's again.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_partitioned_cluster_is_not_counted_twice_and_gets_its_share_back_when_healed() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Member::start("a", dir.path()).await;
+    let b = Member::start("b", dir.path()).await;
+    let fed = ServerProc::start(1, &dir.path().join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
+    wait_voters(&fed.grpc, 1).await;
+    let feds = [fed.grpc.clone()];
+    for (m, region) in [(&a, "us"), (&b, "eu")] {
+        apply(&feds, cluster_manifest(m, region)).await;
+    }
+    apply(
+        &feds,
+        FED.replace("replicas: 6", "replicas: 4").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}"),
+    )
+    .await;
+    wait_spread(&[&a, &b], &fed.grpc, &[("a", 2), ("b", 2)], 4, 90).await;
+
+    b.server.signal(Signal::STOP);
+    wait_spread(&[&a], &fed.grpc, &[("a", 4)], 4, 60).await;
+    let status = fed_status(&fed.grpc).await;
+    assert_eq!((status["placed"].as_u64(), status["ready"].as_u64()), (Some(4), Some(4)), "{status}");
+    assert!(status.to_string().contains("Excluded"), "{status}");
+
+    b.server.signal(Signal::CONT);
+    wait_spread(&[&a, &b], &fed.grpc, &[("a", 2), ("b", 2)], 4, 90).await;
+    let status = fed_status(&fed.grpc).await;
+    assert_eq!(status["placed"], 4, "{status}");
+}
