@@ -21,10 +21,12 @@ pub enum Kind {
     Cluster,
     /// A Model template spread over a federation's clusters (federation servers only).
     FederatedModel,
+    /// An Adapter kept wherever its base FederatedModel runs (federation servers only).
+    FederatedAdapter,
 }
 
 impl Kind {
-    pub const ALL: [Kind; 8] = [
+    pub const ALL: [Kind; 9] = [
         Kind::Model,
         Kind::Adapter,
         Kind::Tenant,
@@ -33,11 +35,12 @@ impl Kind {
         Kind::Token,
         Kind::Cluster,
         Kind::FederatedModel,
+        Kind::FederatedAdapter,
     ];
 
     /// Whether users write this kind with `apply` (the others are managed by flotilla).
     pub fn user_applied(self) -> bool {
-        matches!(self, Kind::Model | Kind::Adapter | Kind::Tenant | Kind::Token | Kind::Cluster | Kind::FederatedModel)
+        !matches!(self, Kind::Node | Kind::Replica)
     }
 
     /// Whether a server of this mode (a federation server, `flotilla server --federation`,
@@ -46,7 +49,7 @@ impl Kind {
     pub fn held_by(self, federation: bool) -> bool {
         match self {
             Kind::Token => true,
-            Kind::Cluster | Kind::FederatedModel => federation,
+            Kind::Cluster | Kind::FederatedModel | Kind::FederatedAdapter => federation,
             _ => !federation,
         }
     }
@@ -63,7 +66,8 @@ impl Kind {
             | Kind::Node
             | Kind::Token
             | Kind::Cluster
-            | Kind::FederatedModel => &[],
+            | Kind::FederatedModel
+            | Kind::FederatedAdapter => &[],
         }
     }
 
@@ -77,6 +81,7 @@ impl Kind {
             Kind::Token => "Token",
             Kind::Cluster => "Cluster",
             Kind::FederatedModel => "FederatedModel",
+            Kind::FederatedAdapter => "FederatedAdapter",
         }
     }
 }
@@ -85,12 +90,14 @@ impl FromStr for Kind {
     type Err = ApiError;
 
     /// Accepts the kind name in any case, singular or plural (`Model`, `model`, `models`),
-    /// and `fedmodel(s)` for `FederatedModel`.
+    /// `fedmodel(s)` for `FederatedModel` and `fedadapter(s)` for `FederatedAdapter`.
     fn from_str(s: &str) -> Result<Self, Self::Err> {
         let lower = s.to_ascii_lowercase();
         let singular = lower.strip_suffix('s').unwrap_or(&lower);
-        if singular == "fedmodel" {
-            return Ok(Kind::FederatedModel);
+        match singular {
+            "fedmodel" => return Ok(Kind::FederatedModel),
+            "fedadapter" => return Ok(Kind::FederatedAdapter),
+            _ => {}
         }
         Kind::ALL
             .into_iter()

@@ -60,7 +60,7 @@ pub(crate) fn print_objects(objects: &[pb::Object], format: Format, single: bool
                 }
             }
         }
-        Format::Table if single && objects.len() == 1 && objects[0].kind == "FederatedModel" => {
+        Format::Table if single && objects.len() == 1 && objects[0].kind.starts_with("Federated") => {
             print_table(&object_rows(objects));
             println!();
             print_table(&federated_cluster_rows(&object_doc(&objects[0])));
@@ -181,6 +181,7 @@ fn object_rows(objects: &[pb::Object]) -> Vec<Vec<String>> {
             ("GATEWAY", "spec.gateway"),
             ("MESSAGE", "status.message"),
         ],
+        "FederatedAdapter" => &[("BASE-MODEL", "spec.template.base_model"), ("MESSAGE", "status.message")],
         "FederatedModel" => &[
             ("DESIRED", "spec.replicas"),
             ("PLACED", "status.placed"),

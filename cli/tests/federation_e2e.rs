@@ -1,7 +1,8 @@
 //! Federation end to end with real processes: three member clusters (each a server and an
 //! agent with sim engines) and a federation server holding them as Clusters. A
 //! FederatedModel of 6 replicas weighted 3/2/1 lands as asked, each cluster's member Model
-//! labelled as the federation's; a Model the federation did not create is never touched.
+//! labelled as the federation's, and a FederatedAdapter's Adapter follows it into each; a
+//! Model the federation did not create is never touched.
 //! With the federation server down the clusters keep serving and take local applies; back
 //! up, it changes nothing (no churn). A whole cluster killed: after the grace its share
 //! moves to the others; the cluster back: the share returns, with no replica counted twice.
@@ -55,7 +56,7 @@ const FED: &str = "kind: FederatedModel
 metadata: {name: llm}
 spec:
   replicas: 6
-  template: {engine: sim, source: file:///models/llm, gpus: 1}
+  template: {engine: sim, source: file:///models/llm, gpus: 1, engine_args: ['--enable-lora']}
   placement:
     weights: {a: 3, b: 2, c: 1}
     grace: 3s
@@ -140,6 +141,28 @@ async fn a_federated_model_spreads_by_weight_survives_the_federation_and_moves_o
     let text = String::from_utf8_lossy(&out.stdout);
     for want in ["CLUSTER", "DESIRED", "READY", "6/6 ready in 3 clusters"] {
         assert!(text.contains(want), "`get fedmodel llm` lacks {want}:\n{text}");
+    }
+    // an adapter of the federated model, kept wherever it runs
+    apply(
+        &feds,
+        "kind: FederatedAdapter\nmetadata: {name: sql}\nspec: {template: {base_model: llm, source: 'sim://sql'}}\n"
+            .into(),
+    )
+    .await;
+    for m in [&a, &b, &c] {
+        let deadline = Instant::now() + Duration::from_secs(30);
+        loop {
+            let adapters = list_objects(std::slice::from_ref(&m.server.grpc), "adapter", "").await;
+            let owned = adapters
+                .iter()
+                .find(|o| o.name == "sql")
+                .and_then(|o| o.labels.get("flotilla.io/federated-by").cloned());
+            if owned.as_deref() == Some("sql") {
+                break;
+            }
+            assert!(Instant::now() < deadline, "cluster {} never got the federated adapter: {adapters:?}", m.name);
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
     }
     // the local Model was reported as a conflict and left alone
     let solo = list_objects(&feds, "federatedmodel", "").await.into_iter().find(|o| o.name == "solo").unwrap();

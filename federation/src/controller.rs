@@ -7,7 +7,8 @@
 //! 2. spreads each FederatedModel over its selected clusters ([`placement::spread`]), with
 //!    the clusters past the grace left out and Pending shortfalls capping a cluster
 //!    ([`Shortfall`]);
-//! 3. applies or deletes member Models where they differ ([`reconcile::action`]);
+//! 3. applies or deletes member Models where they differ ([`reconcile::action`]), and each
+//!    FederatedAdapter's member Adapter in the clusters that run its base FederatedModel;
 //! 4. writes each Cluster's and FederatedModel's status, only when it changed.
 //!
 //! A member Model of a FederatedModel that no longer exists, or of a cluster no longer
@@ -18,7 +19,7 @@ use std::collections::BTreeMap;
 use std::sync::Arc;
 use std::time::Duration;
 
-use flotilla_api::spec::{ClusterSpec, FederatedModelSpec, ModelSpec};
+use flotilla_api::spec::{ClusterSpec, FederatedAdapterSpec, FederatedModelSpec, ModelSpec};
 use flotilla_api::{Kind, LabelSelector, ObjectKey, StoredObject};
 use flotilla_cluster::ClusterHandle;
 use flotilla_storage::Command;
@@ -28,7 +29,7 @@ use tokio::time::Instant;
 use crate::member::{CallError, Member};
 use crate::metrics::Metrics;
 use crate::placement::{self, Candidate, Policy};
-use crate::reconcile::{self, Action, MemberModel};
+use crate::reconcile::{self, Action, MemberObject};
 use crate::tracking::{Reach, Shortfall};
 use crate::FederationConfig;
 
@@ -42,8 +43,9 @@ struct ClusterView {
     since_unix_ms: u64,
     /// Why the last read failed, when it did.
     error: String,
-    /// Its Models by name, from the last successful read.
-    models: BTreeMap<String, MemberModel>,
+    /// Its Models and Adapters by name, from the last successful read.
+    models: BTreeMap<String, MemberObject>,
+    adapters: BTreeMap<String, MemberObject>,
     /// Pending replicas per Model, from the last successful read.
     pending: BTreeMap<String, u32>,
 }
@@ -67,6 +69,7 @@ impl Controller {
         let reader = self.handle.reader();
         let (clusters, _) = reader.list(Kind::Cluster, &LabelSelector::default());
         let (feds, _) = reader.list(Kind::FederatedModel, &LabelSelector::default());
+        let (fed_adapters, _) = reader.list(Kind::FederatedAdapter, &LabelSelector::default());
         self.refresh_clusters(&clusters).await;
         let now = Instant::now();
         let mut fed_names = Vec::new();
@@ -79,7 +82,14 @@ impl Controller {
             let status = self.reconcile_one(fed.key.name.as_str(), &spec, now).await;
             self.write_status(fed, status).await;
         }
-        self.delete_orphans(&fed_names).await;
+        let mut adapter_names = Vec::new();
+        for fa in &fed_adapters {
+            let Ok(spec) = serde_json::from_value::<FederatedAdapterSpec>(fa.spec.clone()) else { continue };
+            adapter_names.push(fa.key.name.to_string());
+            let status = self.reconcile_adapter(fa.key.name.as_str(), &spec).await;
+            self.write_status(fa, status).await;
+        }
+        self.delete_orphans(&fed_names, &adapter_names).await;
         for c in &clusters {
             let status = self.cluster_status(c.key.name.as_str());
             self.write_status(c, status).await;
@@ -104,6 +114,7 @@ impl Controller {
                         since_unix_ms: flotilla_api::civil::unix_ms(),
                         error: String::new(),
                         models: BTreeMap::new(),
+                        adapters: BTreeMap::new(),
                         pending: BTreeMap::new(),
                     },
                     Err(e) => {
@@ -118,25 +129,28 @@ impl Controller {
             let member = v.member.clone();
             let name = name.clone();
             async move {
-                let models = member.list("model").await;
-                let replicas = match &models {
-                    Ok(_) => member.list("replica").await,
-                    Err(e) => Err(e.clone()),
+                let read = async {
+                    Ok::<_, CallError>((
+                        member.list("model").await?,
+                        member.list("adapter").await?,
+                        member.list("replica").await?,
+                    ))
                 };
-                (name, models, replicas)
+                (name, read.await)
             }
         });
-        for (name, models, replicas) in futures::future::join_all(reads).await {
+        for (name, read) in futures::future::join_all(reads).await {
             let v = keep.get_mut(&name).expect("read for a kept cluster");
             let was = v.reach.reachable;
-            match (models, replicas) {
-                (Ok(models), Ok(replicas)) => {
+            match read {
+                Ok((models, adapters, replicas)) => {
                     v.reach.observe(true, now);
                     v.error.clear();
-                    v.models = models.iter().map(|o| (o.name.clone(), member_model(o))).collect();
+                    v.models = models.iter().map(|o| (o.name.clone(), member_object(o))).collect();
+                    v.adapters = adapters.iter().map(|o| (o.name.clone(), member_object(o))).collect();
                     v.pending = pending_by_model(&replicas);
                 }
-                (Err(e), _) | (_, Err(e)) => {
+                Err(e) => {
                     v.reach.observe(false, now);
                     v.error = e.to_string();
                 }
@@ -195,7 +209,7 @@ impl Controller {
             let v = &self.clusters[&name];
             let observed = v.models.get(fed).cloned();
             let (asked, ready) =
-                observed.as_ref().filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberModel::counts);
+                observed.as_ref().filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberObject::counts);
             let candidate = candidates.iter().find(|c| c.name == name);
             if !v.reach.reachable {
                 if is_selected {
@@ -218,7 +232,7 @@ impl Controller {
             let (state, message) = match reconcile::action(fed, desired.as_ref(), observed.as_ref()) {
                 Action::Nothing => ("Ready", String::new()),
                 Action::Conflict(why) => ("Conflict", why),
-                act => match self.write_member(&name, fed, desired.as_ref(), &act).await {
+                act => match self.write_member(&name, MODEL, fed, desired.as_ref(), &act).await {
                     Ok(()) => ("Progressing", describe(&act, asked, share.unwrap_or(0))),
                     Err(e) => ("Error", e.to_string()),
                 },
@@ -254,21 +268,22 @@ impl Controller {
         })
     }
 
-    /// Makes one change to cluster `name`'s member Model of `fed`.
+    /// Makes one change to cluster `name`'s member `kind` (Model, Adapter) of `fed`.
     async fn write_member(
         &self,
         name: &str,
+        kind: &str,
         fed: &str,
         desired: Option<&Value>,
         act: &Action,
     ) -> Result<(), CallError> {
         let member = &self.clusters[name].member;
         let result = match (act, desired) {
-            (Action::Create, Some(spec)) => member.apply(&reconcile::manifest(fed, fed, spec), 0).await,
+            (Action::Create, Some(spec)) => member.apply(&reconcile::manifest(kind, fed, fed, spec), 0).await,
             (Action::Update { revision }, Some(spec)) => {
-                member.apply(&reconcile::manifest(fed, fed, spec), *revision).await
+                member.apply(&reconcile::manifest(kind, fed, fed, spec), *revision).await
             }
-            (Action::Delete { revision }, _) => member.delete_model(fed, *revision).await,
+            (Action::Delete { revision }, _) => member.delete(kind, fed, *revision).await,
             _ => Ok(()),
         };
         let what = match act {
@@ -278,26 +293,67 @@ impl Controller {
         };
         self.metrics.member_write(name, what, result.is_ok());
         match &result {
-            Ok(()) => tracing::info!(cluster = %name, fed, what, "member Model written"),
-            Err(e) => tracing::warn!(cluster = %name, fed, what, error = %e, "member Model write failed"),
+            Ok(()) => tracing::info!(cluster = %name, kind, fed, what, "member written"),
+            Err(e) => tracing::warn!(cluster = %name, kind, fed, what, error = %e, "member write failed"),
         }
         result
     }
 
-    /// Deletes member Models whose FederatedModel no longer exists.
-    async fn delete_orphans(&self, feds: &[String]) {
+    /// Deletes member Models and Adapters whose federated object no longer exists.
+    async fn delete_orphans(&self, feds: &[String], fed_adapters: &[String]) {
         for (name, v) in &self.clusters {
             if !v.reach.reachable {
                 continue;
             }
-            for (model, m) in &v.models {
-                let Some(owner) = m.federated_by() else { continue };
-                if owner == model && !feds.iter().any(|f| f == owner) {
-                    let act = Action::Delete { revision: m.revision };
-                    let _ = self.write_member(name, owner, None, &act).await;
+            for (kind, members, owners) in [(ADAPTER, &v.adapters, fed_adapters), (MODEL, &v.models, feds)] {
+                for (object, m) in members {
+                    let Some(owner) = m.federated_by() else { continue };
+                    if owner == object && !owners.iter().any(|f| f == owner) {
+                        let act = Action::Delete { revision: m.revision };
+                        let _ = self.write_member(name, kind, owner, None, &act).await;
+                    }
                 }
             }
         }
+    }
+
+    /// Keeps a FederatedAdapter's member Adapter in every reachable cluster that runs its base
+    /// FederatedModel's member Model (and in no other); returns its status.
+    async fn reconcile_adapter(&self, fed: &str, spec: &FederatedAdapterSpec) -> Value {
+        let base = spec.template.base_model.as_str();
+        let desired = flotilla_api::spec::Spec::Adapter(spec.template.clone()).to_json();
+        let mut rows = Vec::new();
+        let mut kept = 0;
+        for (name, v) in &self.clusters {
+            if !v.reach.reachable {
+                if v.adapters.get(fed).is_some_and(|a| a.federated_by() == Some(fed)) {
+                    rows.push(json!({"name": name, "state": "Unreachable", "message": v.error}));
+                }
+                continue;
+            }
+            let runs_base = v.models.get(base).is_some_and(|m| m.federated_by() == Some(base));
+            let observed = v.adapters.get(fed);
+            let want = runs_base.then_some(&desired);
+            let (state, message) = match reconcile::action(fed, want, observed) {
+                Action::Nothing if runs_base => {
+                    let phase = observed.map(|a| a.status["phase"].as_str().unwrap_or("Pending").to_string());
+                    ("Ready", phase.unwrap_or_default())
+                }
+                Action::Nothing => continue,
+                Action::Conflict(why) => ("Conflict", why),
+                act => match self.write_member(name, ADAPTER, fed, want, &act).await {
+                    Ok(()) if runs_base => ("Progressing", "written".to_string()),
+                    Ok(()) => continue,
+                    Err(e) => ("Error", e.to_string()),
+                },
+            };
+            kept += usize::from(runs_base);
+            rows.push(json!({"name": name, "state": state, "message": message}));
+        }
+        json!({
+            "clusters": rows,
+            "message": format!("kept in {kept} clusters running FederatedModel {base:?}"),
+        })
     }
 
     fn cluster_status(&self, name: &str) -> Value {
@@ -348,8 +404,12 @@ fn member_spec(spec: ModelSpec) -> Value {
     flotilla_api::spec::Spec::Model(spec).to_json()
 }
 
-fn member_model(o: &flotilla_api::pb::Object) -> MemberModel {
-    MemberModel {
+/// The member kinds, as the member's API names them.
+const MODEL: &str = "Model";
+const ADAPTER: &str = "Adapter";
+
+fn member_object(o: &flotilla_api::pb::Object) -> MemberObject {
+    MemberObject {
         labels: o.labels.clone().into_iter().collect(),
         spec: serde_json::from_str(&o.spec_json).unwrap_or_default(),
         status: serde_json::from_str(&o.status_json).unwrap_or_default(),

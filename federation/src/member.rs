@@ -1,5 +1,5 @@
 //! A member cluster's gRPC API as the federation's controller uses it: list objects, apply
-//! and delete member Models with compare-and-set. Each call tries the Cluster's servers in
+//! and delete member objects with compare-and-set. Each call tries the Cluster's servers in
 //! order (a follower forwards writes to its leader) and is bounded by [`CALL_TIMEOUT`], so
 //! a dead or partitioned cluster costs one timeout per tick, never a stuck controller.
 //!
@@ -152,12 +152,12 @@ impl Member {
         .await
     }
 
-    /// Deletes Model `name` if its revision is still `expected`.
-    pub async fn delete_model(&self, name: &str, expected: u64) -> Result<(), CallError> {
+    /// Deletes object `kind`/`name` if its revision is still `expected`.
+    pub async fn delete(&self, kind: &str, name: &str, expected: u64) -> Result<(), CallError> {
         let token = self.token()?;
         self.each(|mut c| {
             let mut req = tonic::Request::new(DeleteRequest {
-                kind: "model".into(),
+                kind: kind.into(),
                 name: name.into(),
                 expected_revision: Some(expected),
             });

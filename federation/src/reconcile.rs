@@ -1,9 +1,10 @@
-//! What to do about one FederatedModel's member Model in one cluster. Pure: the desired
-//! spec (None: the cluster should not run it) against what the member cluster holds.
+//! What to do about one federated object's member (a FederatedModel's Model, a
+//! FederatedAdapter's Adapter) in one cluster. Pure: the desired spec (None: the cluster
+//! should not hold it) against what the member cluster holds.
 //!
-//! The federation owns only Models labelled [`FEDERATED_BY_LABEL`] with its FederatedModel's
-//! name: a Model of the same name made by someone else is a conflict, reported and never
-//! touched. Every write is a compare-and-set on the revision just read, so a local change
+//! The federation owns only objects labelled [`FEDERATED_BY_LABEL`] with its federated
+//! object's name: one of the same name made by someone else is a conflict, reported and
+//! never touched. Every write is a compare-and-set on the revision just read, so a local change
 //! made in between is not overwritten blind (the next tick reads it and decides again), and
 //! a member already as desired is left alone: no write, no churn, whatever the federation
 //! did before it restarted or lost leadership.
@@ -11,16 +12,16 @@ use std::collections::BTreeMap;
 
 use flotilla_api::spec::FEDERATED_BY_LABEL;
 
-/// A Model in a member cluster, as its API returned it.
+/// A Model or Adapter in a member cluster, as its API returned it.
 #[derive(Debug, Clone, PartialEq)]
-pub struct MemberModel {
+pub struct MemberObject {
     pub labels: BTreeMap<String, String>,
     pub spec: serde_json::Value,
     pub status: serde_json::Value,
     pub revision: u64,
 }
 
-impl MemberModel {
+impl MemberObject {
     /// The FederatedModel that keeps it, if any.
     pub fn federated_by(&self) -> Option<&str> {
         self.labels.get(FEDERATED_BY_LABEL).map(String::as_str)
@@ -48,16 +49,16 @@ pub enum Action {
     Conflict(String),
 }
 
-/// The action that brings `observed` (the member cluster's Model of the FederatedModel's
-/// name, if any) to `desired` for FederatedModel `fed`.
-pub fn action(fed: &str, desired: Option<&serde_json::Value>, observed: Option<&MemberModel>) -> Action {
+/// The action that brings `observed` (the member cluster's object of the federated object's
+/// name, if any) to `desired` for federated object `fed`.
+pub fn action(fed: &str, desired: Option<&serde_json::Value>, observed: Option<&MemberObject>) -> Action {
     match (desired, observed) {
         (None, None) => Action::Nothing,
         (_, Some(m)) if m.federated_by() != Some(fed) => match desired {
             None => Action::Nothing,
             Some(_) => Action::Conflict(match m.federated_by() {
-                Some(other) => format!("its Model {fed:?} is kept by FederatedModel {other:?}"),
-                None => format!("it has a Model {fed:?} the federation did not create (no {FEDERATED_BY_LABEL} label)"),
+                Some(other) => format!("its {fed:?} is kept by the federation's {other:?}"),
+                None => format!("it has a {fed:?} the federation did not create (no {FEDERATED_BY_LABEL} label)"),
             }),
         },
         (None, Some(m)) => Action::Delete { revision: m.revision },
@@ -67,11 +68,11 @@ pub fn action(fed: &str, desired: Option<&serde_json::Value>, observed: Option<&
     }
 }
 
-/// The manifest of member Model `name` with `spec`, labelled for FederatedModel `fed` (JSON,
-/// which the member's YAML parser reads).
-pub fn manifest(name: &str, fed: &str, spec: &serde_json::Value) -> String {
+/// The manifest of member object `kind`/`name` with `spec`, labelled for federated object
+/// `fed` (JSON, which the member's YAML parser reads).
+pub fn manifest(kind: &str, name: &str, fed: &str, spec: &serde_json::Value) -> String {
     serde_json::json!({
-        "kind": "Model",
+        "kind": kind,
         "metadata": {"name": name, "labels": {FEDERATED_BY_LABEL: fed}},
         "spec": spec,
     })
@@ -83,8 +84,8 @@ mod tests {
     use super::*;
     use serde_json::json;
 
-    fn member(fed: Option<&str>, replicas: u32, revision: u64) -> MemberModel {
-        MemberModel {
+    fn member(fed: Option<&str>, replicas: u32, revision: u64) -> MemberObject {
+        MemberObject {
             labels: fed.map(|f| (FEDERATED_BY_LABEL.to_string(), f.to_string())).into_iter().collect(),
             spec: json!({"source": "file:///m", "replicas": replicas}),
             status: json!({"ready_replicas": 1}),
@@ -117,7 +118,8 @@ mod tests {
 
     #[test]
     fn manifests_carry_the_ownership_label() {
-        let m: serde_json::Value = serde_json::from_str(&manifest("llm", "llm", &json!({"replicas": 2}))).unwrap();
+        let m: serde_json::Value =
+            serde_json::from_str(&manifest("Model", "llm", "llm", &json!({"replicas": 2}))).unwrap();
         assert_eq!(m["metadata"]["labels"][FEDERATED_BY_LABEL], "llm");
         assert_eq!(m["spec"]["replicas"], 2);
     }

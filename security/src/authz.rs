@@ -147,7 +147,7 @@ pub fn decide(mode: Mode, path: &str, identity: Option<&Identity>) -> Result<(),
 
 /// Kinds an operator may write (apply, delete); the rest (tenants, and the kinds flotilla
 /// manages: nodes, replicas) are an admin's.
-pub const OPERATOR_KINDS: &[&str] = &["Model", "Adapter", "FederatedModel"];
+pub const OPERATOR_KINDS: &[&str] = &["Model", "Adapter", "FederatedModel", "FederatedAdapter"];
 
 /// Whether `identity` may write objects of `kind` (checked by the object service before a
 /// write is forwarded to the leader, so a follower checks the caller, not itself).

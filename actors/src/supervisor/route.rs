@@ -157,7 +157,7 @@ pub fn route(running: &impl Running, ev: &WatchEvent) -> Vec<Command> {
                 adapters_changed(running, &base, !deleted, &mut out);
             }
         }
-        Kind::Tenant | Kind::Token | Kind::Cluster | Kind::FederatedModel => {}
+        Kind::Tenant | Kind::Token | Kind::Cluster | Kind::FederatedModel | Kind::FederatedAdapter => {}
     }
     out
 }

@@ -1,14 +1,15 @@
 //! The kinds a federation group holds (`flotilla server --federation`, docs/federation.md):
 //! `Cluster`, a member flotilla cluster (its API and gateway addresses, labels such as
-//! `region`), and `FederatedModel`, a Model template spread over member clusters by a
-//! placement policy. The federation's controllers keep one member Model per chosen cluster,
+//! `region`), `FederatedModel`, a Model template spread over member clusters by a
+//! placement policy, and `FederatedAdapter`, an Adapter template kept in every cluster that
+//! runs its base FederatedModel. The federation's controllers keep one member Model per chosen cluster,
 //! through that cluster's own API; a cluster's server refuses these kinds, and a federation
 //! server refuses the kinds a cluster runs.
 use std::collections::BTreeMap;
 
 use serde::{Deserialize, Serialize};
 
-use super::{at_most, ModelSpec, SpecDuration, MAX_REPLICAS};
+use super::{at_most, AdapterSpec, ModelSpec, SpecDuration, MAX_REPLICAS};
 use crate::{ApiError, LabelSelector, ObjectName};
 
 /// Most servers a Cluster may list.
@@ -253,6 +254,27 @@ impl FederatedModelSpec {
     }
 }
 
+/// `kind: FederatedAdapter`: an Adapter kept, under the FederatedAdapter's name, in every
+/// member cluster where its base FederatedModel (`template.base_model`) runs a member Model.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct FederatedAdapterSpec {
+    /// The member Adapter; its `base_model` names a FederatedModel (the member Models carry
+    /// that name in each cluster).
+    pub template: AdapterSpec,
+}
+
+impl FederatedAdapterSpec {
+    pub fn validate(&self) -> Result<(), ApiError> {
+        self.template.validate().map_err(|e| match e {
+            ApiError::Invalid { field, message } => {
+                ApiError::invalid(field.replacen("spec.", "spec.template.", 1), message)
+            }
+            other => other,
+        })
+    }
+}
+
 impl ClusterOverride {
     fn apply(&self, m: &mut ModelSpec) {
         if let Some(t) = &self.gpu_types {
@@ -313,6 +335,17 @@ overrides: {a: {gpu_types: [H100-80GB], engine_args: ['--max-num-seqs', '64']}}
         }
         let e = fed(&GOOD.replace("spillover:", "spilover:")).unwrap_err();
         assert!(e.contains("spilover"), "unknown fields are refused: {e}");
+    }
+
+    #[test]
+    fn federated_adapters_are_adapter_templates() {
+        let ok: FederatedAdapterSpec =
+            serde_yaml::from_str("template: {base_model: llm, source: 'sim://sql'}").unwrap();
+        ok.validate().unwrap();
+        let bad: FederatedAdapterSpec =
+            serde_yaml::from_str("template: {base_model: llm, source: 'sim://sql', rank: 100000}").unwrap();
+        let e = bad.validate().unwrap_err().to_string();
+        assert!(e.contains("spec.template.rank"), "{e}");
     }
 
     #[test]

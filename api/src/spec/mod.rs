@@ -27,8 +27,8 @@ pub use disaggregation::{
     ROLE_LABEL,
 };
 pub use federation::{
-    ClusterOverride, ClusterSpec, FederatedModelSpec, FederatedPlacement, DEFAULT_FEDERATION_GRACE, FEDERATED_BY_LABEL,
-    MAX_CLUSTER_SERVERS, MAX_FEDERATION_GRACE, MAX_PLACEMENT_CLUSTERS,
+    ClusterOverride, ClusterSpec, FederatedAdapterSpec, FederatedModelSpec, FederatedPlacement,
+    DEFAULT_FEDERATION_GRACE, FEDERATED_BY_LABEL, MAX_CLUSTER_SERVERS, MAX_FEDERATION_GRACE, MAX_PLACEMENT_CLUSTERS,
 };
 pub use model::{
     validate_image, EngineKind, LoraLimits, ModelSpec, RoutingStrategy, MAX_GPUS_PER_REPLICA, MAX_REPLICAS,
@@ -60,6 +60,7 @@ pub enum Spec {
     Token(TokenSpec),
     Cluster(ClusterSpec),
     FederatedModel(FederatedModelSpec),
+    FederatedAdapter(FederatedAdapterSpec),
 }
 
 impl Spec {
@@ -71,6 +72,7 @@ impl Spec {
             Spec::Token(_) => Kind::Token,
             Spec::Cluster(_) => Kind::Cluster,
             Spec::FederatedModel(_) => Kind::FederatedModel,
+            Spec::FederatedAdapter(_) => Kind::FederatedAdapter,
         }
     }
 
@@ -102,6 +104,7 @@ impl Spec {
             Kind::Token => Spec::Token(typed(value)?),
             Kind::Cluster => Spec::Cluster(typed(value)?),
             Kind::FederatedModel => Spec::FederatedModel(typed(value)?),
+            Kind::FederatedAdapter => Spec::FederatedAdapter(typed(value)?),
             Kind::Node | Kind::Replica => {
                 return Err(ApiError::invalid(
                     "kind",
@@ -121,6 +124,7 @@ impl Spec {
             Spec::Token(s) => s.validate(),
             Spec::Cluster(s) => s.validate(),
             Spec::FederatedModel(s) => s.validate(),
+            Spec::FederatedAdapter(s) => s.validate(),
         }
     }
 
