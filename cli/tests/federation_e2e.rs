@@ -25,10 +25,15 @@ struct Member {
 
 impl Member {
     async fn start(name: &'static str, dir: &Path) -> Member {
+        Member::with_gpus(name, dir, 6).await
+    }
+
+    async fn with_gpus(name: &'static str, dir: &Path, gpus: u32) -> Member {
         let server = ServerProc::start(1, &dir.join(name).join("server"), "127.0.0.1:0", &["--bootstrap"]);
         wait_voters(&server.grpc, 1).await;
         let marker = marker();
-        let agent = AgentProc::start(&format!("{name}-node"), &dir.join(name).join("agent"), &server.grpc, 6, marker);
+        let agent =
+            AgentProc::start(&format!("{name}-node"), &dir.join(name).join("agent"), &server.grpc, gpus, marker);
         Member { name, server, agent, marker }
     }
 
@@ -243,4 +248,28 @@ async fn a_partitioned_cluster_is_not_counted_twice_and_gets_its_share_back_when
     wait_spread(&[&a, &b], &fed.grpc, &[("a", 2), ("b", 2)], 4, 90).await;
     let status = fed_status(&fed.grpc).await;
     assert_eq!(status["placed"], 4, "{status}");
+}
+
+/// A cluster without room for its share (1 GPU for a share of 2): its extra replica stays
+/// Pending, and past the grace the cluster is capped at what it placed and the rest spills
+/// over to the other cluster; status says why.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_share_a_cluster_cannot_place_spills_over_after_the_grace() {
+    let dir = tempfile::tempdir().unwrap();
+    let a = Member::start("a", dir.path()).await;
+    let b = Member::with_gpus("b", dir.path(), 1).await;
+    let fed = ServerProc::start(1, &dir.path().join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
+    wait_voters(&fed.grpc, 1).await;
+    let feds = [fed.grpc.clone()];
+    for (m, region) in [(&a, "us"), (&b, "eu")] {
+        apply(&feds, cluster_manifest(m, region)).await;
+    }
+    apply(
+        &feds,
+        FED.replace("replicas: 6", "replicas: 4").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}"),
+    )
+    .await;
+    wait_spread(&[&a, &b], &fed.grpc, &[("a", 3), ("b", 1)], 4, 90).await;
+    let status = fed_status(&fed.grpc).await;
+    assert!(status.to_string().contains("CapacityLimited"), "{status}");
 }
