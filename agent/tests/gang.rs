@@ -10,17 +10,7 @@ use flotilla_api::pb;
 use flotilla_testkit::procs::{signal_group, Signal};
 
 fn member(rank: u32, head_address: &str) -> pb::ReplicaAssignment {
-    pb::ReplicaAssignment {
-        gang: Some(pb::GangAssignment {
-            size: 2,
-            rank,
-            layout: "tp-pp".into(),
-            gpus_per_node: 1,
-            head_address: head_address.into(),
-            token: String::new(),
-        }),
-        ..sim_replica("big-0", "big", &[0])
-    }
+    pb::ReplicaAssignment { gang: Some(two_node_gang(rank, head_address)), ..sim_replica("big-0", "big", &[0]) }
 }
 
 fn report(server: &FakeServer, agent: &TestAgent) -> Option<pb::EngineReport> {

@@ -177,14 +177,7 @@ async fn pd_members_start_with_their_connector_and_bad_roles_fail() {
 /// Member `rank` of a two-node tp-pp gang `big-0` playing NIXL's prefill role.
 fn prefill_gang_member(rank: u32, head_address: &str) -> pb::ReplicaAssignment {
     pb::ReplicaAssignment {
-        gang: Some(pb::GangAssignment {
-            size: 2,
-            rank,
-            layout: "tp-pp".into(),
-            gpus_per_node: 1,
-            head_address: head_address.into(),
-            token: String::new(),
-        }),
+        gang: Some(two_node_gang(rank, head_address)),
         gpus: vec![0],
         ..member("big-0", "nixl", "prefill", &[])
     }

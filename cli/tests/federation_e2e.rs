@@ -216,6 +216,23 @@ async fn a_federated_model_spreads_by_weight_survives_the_federation_and_moves_o
     a.kill();
 }
 
+/// Clusters a (6 GPUs) and b (`b_gpus`), a federation server holding them, and a
+/// FederatedModel of 4 replicas weighted 1/1 applied to it.
+async fn two_clusters(dir: &Path, b_gpus: u32) -> (Member, Member, ServerProc) {
+    let a = Member::start("a", dir).await;
+    let b = Member::with_gpus("b", dir, b_gpus).await;
+    let fed = ServerProc::start(1, &dir.join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
+    wait_voters(&fed.grpc, 1).await;
+    let feds = [fed.grpc.clone()];
+    for (m, region) in [(&a, "us"), (&b, "eu")] {
+        apply(&feds, cluster_manifest(m, region)).await;
+    }
+    let four =
+        FED.replace("replicas: 6", "replicas: 4").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}");
+    apply(&feds, four).await;
+    (a, b, fed)
+}
+
 /// A cluster cut off (its server paused: its engines keep running) and healed: past the
 /// grace its share moves to the other cluster, whose count alone is counted Ready (the cut
 /// cluster's still-running replicas are not counted twice); healed, the shares return and
@@ -223,19 +240,7 @@ async fn a_federated_model_spreads_by_weight_survives_the_federation_and_moves_o
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_partitioned_cluster_is_not_counted_twice_and_gets_its_share_back_when_healed() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Member::start("a", dir.path()).await;
-    let b = Member::start("b", dir.path()).await;
-    let fed = ServerProc::start(1, &dir.path().join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
-    wait_voters(&fed.grpc, 1).await;
-    let feds = [fed.grpc.clone()];
-    for (m, region) in [(&a, "us"), (&b, "eu")] {
-        apply(&feds, cluster_manifest(m, region)).await;
-    }
-    apply(
-        &feds,
-        FED.replace("replicas: 6", "replicas: 4").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}"),
-    )
-    .await;
+    let (a, b, fed) = two_clusters(dir.path(), 6).await;
     wait_spread(&[&a, &b], &fed.grpc, &[("a", 2), ("b", 2)], 4, 90).await;
 
     b.server.signal(Signal::STOP);
@@ -256,19 +261,7 @@ async fn a_partitioned_cluster_is_not_counted_twice_and_gets_its_share_back_when
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_share_a_cluster_cannot_place_spills_over_after_the_grace() {
     let dir = tempfile::tempdir().unwrap();
-    let a = Member::start("a", dir.path()).await;
-    let b = Member::with_gpus("b", dir.path(), 1).await;
-    let fed = ServerProc::start(1, &dir.path().join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
-    wait_voters(&fed.grpc, 1).await;
-    let feds = [fed.grpc.clone()];
-    for (m, region) in [(&a, "us"), (&b, "eu")] {
-        apply(&feds, cluster_manifest(m, region)).await;
-    }
-    apply(
-        &feds,
-        FED.replace("replicas: 6", "replicas: 4").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}"),
-    )
-    .await;
+    let (a, b, fed) = two_clusters(dir.path(), 1).await;
     wait_spread(&[&a, &b], &fed.grpc, &[("a", 3), ("b", 1)], 4, 90).await;
     let status = fed_status(&fed.grpc).await;
     assert!(status.to_string().contains("CapacityLimited"), "{status}");

@@ -303,3 +303,16 @@ pub fn kill_groups(pids: &BTreeSet<u32>, data_dir: &Path) {
         signal_group(pid, Signal::KILL);
     }
 }
+
+/// Member `rank` of a two-node tp-pp gang with one GPU per node, joining `head_address`
+/// (empty: not known yet).
+pub fn two_node_gang(rank: u32, head_address: &str) -> pb::GangAssignment {
+    pb::GangAssignment {
+        size: 2,
+        rank,
+        layout: "tp-pp".into(),
+        gpus_per_node: 1,
+        head_address: head_address.into(),
+        token: String::new(),
+    }
+}
