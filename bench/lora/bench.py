@@ -381,6 +381,50 @@ class Stack:
         shutil.rmtree(self.dir, ignore_errors=True)
 
 
+class StaticStack:
+    """What users run without flotilla: N engines, each started with every adapter
+    preloaded (`--lora-modules`, static multi-LoRA), behind vllm-router round_robin."""
+
+    def __init__(self, replicas, adapters, cpu_loras, log_dir):
+        venv = os.environ.get("BENCH_VENV", "/tmp/benchvenv/venv")
+        router = os.path.join(venv, "bin", "vllm-router")
+        if not os.path.exists(router):
+            sys.exit(f"no vllm-router at {router}: python3 -m venv {venv} && {venv}/bin/pip install vllm-router")
+        self.procs = []
+        self.logs = []
+        modules = [f"{a}=sim://{a}?rank={RANK}" for a in adapter_names(adapters)]
+        urls = []
+        stamp = int(time.time())
+        for i in range(replicas):
+            port = free_port()
+            log = open(os.path.join(log_dir, f"static-sim-{stamp}-{i}.log"), "w")
+            cmd = [bin_path(), "sim", "--port", str(port), "--model", "base", "--profile", PROFILE,
+                   "--max-loras", str(MAX_LORAS), "--max-cpu-loras", str(cpu_loras), "--max-lora-rank", str(RANK),
+                   "--lora-modules", *modules]
+            self.procs.append(subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=log))
+            self.logs.append(log)
+            urls.append(f"http://127.0.0.1:{port}")
+        self.port = free_port()
+        log = open(os.path.join(log_dir, f"static-router-{stamp}.log"), "w")
+        self.procs.append(subprocess.Popen(
+            [router, "--host", "127.0.0.1", "--port", str(self.port), "--worker-urls", *urls,
+             "--policy", "round_robin", "--prometheus-port", str(free_port()), "--log-level", "error"],
+            stdout=subprocess.DEVNULL, stderr=log))
+        self.logs.append(log)
+
+    def stop(self):
+        for p in self.procs:
+            p.send_signal(signal.SIGINT)
+        for p in self.procs:
+            try:
+                p.wait(15)
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+        for log in self.logs:
+            log.close()
+
+
 def base_manifest(replicas, lora):
     args = (f"[--max-loras, '{MAX_LORAS}', --max-cpu-loras, '{MAX_CPU_LORAS}', --max-lora-rank, '{RANK}']"
             if lora else "[--disable-lora]")
@@ -551,6 +595,31 @@ def cmd_dense(a):
     run_dense(a, a.replicas)
 
 
+def cmd_static(a):
+    """The same trace and SLO against static multi-LoRA engines behind vllm-router."""
+    trace = gen_trace(a.seed, a.rate, a.warmup + a.duration, a.adapters, a.zipf_s)
+    if len(trace) > a.max_requests:
+        trace = trace[:a.max_requests]
+    cpu_loras = a.cpu_loras or a.adapters
+    st = StaticStack(a.replicas, a.adapters, cpu_loras, a.log_dir)
+    t_start = time.time()
+    try:
+        asyncio.run(warm_first(st.port, adapter_names(a.adapters)[0], secs=120))
+        setup_s = time.time() - t_start
+        results, metrics_at = asyncio.run(replay(st.port, trace, a.warmup, a.seed))
+    finally:
+        st.stop()
+    res = summarize("static-vllm-router", {"rate": a.rate, "replicas": a.replicas, "seed": a.seed,
+                                           "warmup_s": a.warmup, "duration_s": a.duration, "adapters": a.adapters,
+                                           "zipf_s": a.zipf_s, "max_loras": MAX_LORAS, "max_cpu_loras": cpu_loras},
+                    trace, results, a.warmup, metrics_at,
+                    {"slo": a.slo, "meets_slo": None, "setup_s": round(setup_s, 1),
+                     "wall_s": round(time.time() - t_start, 1)})
+    res["meets_slo"] = bool(res["errors"] == 0 and res["ttft_p99"] is not None and res["ttft_p99"] <= a.slo)
+    emit(res, a.out)
+    return res
+
+
 def cmd_search(a):
     tried = {}
 
@@ -639,12 +708,21 @@ def main():
     c = sub.add_parser("calib")
     common(c)
     c.add_argument("--rates", required=True)
+    st = sub.add_parser("static", help="every adapter preloaded (--lora-modules) on each engine, "
+                        "behind vllm-router round_robin (BENCH_VENV, default /tmp/benchvenv/venv)")
+    common(st)
+    st.add_argument("--rate", type=float, required=True)
+    st.add_argument("--replicas", type=int, required=True)
+    st.add_argument("--cpu-loras", type=int, default=0,
+                    help="each engine's --max-cpu-loras (default: every adapter, so none is reloaded)")
     e = sub.add_parser("dedicated")
     common(e)
     e.add_argument("--rate", type=float, required=True)
     e.add_argument("--capacity", type=float, required=True, help="one replica's SLO capacity, req/s")
     a = p.parse_args()
-    {"dense": cmd_dense, "search": cmd_search, "calib": cmd_calib, "dedicated": cmd_dedicated}[a.cmd](a)
+    cmds = {"dense": cmd_dense, "search": cmd_search, "calib": cmd_calib, "static": cmd_static,
+            "dedicated": cmd_dedicated}
+    cmds[a.cmd](a)
 
 
 if __name__ == "__main__":

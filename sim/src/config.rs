@@ -60,6 +60,12 @@ pub struct SimArgs {
     /// Highest LoRA rank accepted; each slot reserves memory for this rank (vLLM --max-lora-rank).
     #[arg(long, default_value_t = 16)]
     pub max_lora_rank: u32,
+    /// Adapters loaded at startup, before the API answers (vLLM --lora-modules, static
+    /// multi-LoRA): `NAME=PATH` or vLLM's JSON form `{"name": ..., "path": ...}`, each one
+    /// loaded as `/v1/load_lora_adapter` would (into the CPU cache, LRU beyond
+    /// --max-cpu-loras). A bad one stops the start, as in vLLM.
+    #[arg(long, num_args = 1.., value_name = "NAME=PATH")]
+    pub lora_modules: Vec<String>,
     /// Disable automatic prefix caching (vLLM --no-enable-prefix-caching).
     #[arg(long)]
     pub no_enable_prefix_caching: bool,
@@ -146,6 +152,7 @@ impl Default for SimArgs {
             max_loras: 1,
             max_cpu_loras: None,
             max_lora_rank: 16,
+            lora_modules: Vec::new(),
             no_enable_prefix_caching: false,
             kv_events_config: None,
             kv_transfer_config: None,
@@ -194,6 +201,8 @@ pub struct EngineConfig {
     pub max_cpu_loras: u32,
     /// Highest adapter rank.
     pub max_lora_rank: u32,
+    /// Adapters to load at startup (`--lora-modules`): (name, path).
+    pub lora_modules: Vec<(String, String)>,
     /// Automatic prefix caching on.
     pub prefix_caching: bool,
     /// Whether /sim/faults is served.
@@ -372,6 +381,7 @@ impl SimArgs {
             max_loras: self.max_loras,
             max_cpu_loras,
             max_lora_rank: self.max_lora_rank,
+            lora_modules: parse_lora_modules(&self.lora_modules, lora_enabled)?,
             prefix_caching: !self.no_enable_prefix_caching,
             allow_faults: self.allow_faults,
             eos_range: (self.eos_min_tokens, self.eos_max_tokens),
@@ -397,6 +407,48 @@ impl SimArgs {
             },
         })
     }
+}
+
+/// Most adapters `--lora-modules` may name.
+pub const MAX_LORA_MODULES: usize = 4096;
+
+/// `--lora-modules` words: `NAME=PATH` or `{"name": ..., "path": ...}` (vLLM's two forms).
+fn parse_lora_modules(words: &[String], lora_enabled: bool) -> Result<Vec<(String, String)>, SimError> {
+    const FLAG: &str = "lora-modules";
+    if words.is_empty() {
+        return Ok(Vec::new());
+    }
+    if !lora_enabled {
+        return Err(SimError::invalid(FLAG, "LoRA is disabled (--disable-lora)"));
+    }
+    if words.len() > MAX_LORA_MODULES {
+        return Err(SimError::invalid(FLAG, format!("{} adapters; at most {MAX_LORA_MODULES}", words.len())));
+    }
+    let mut out: Vec<(String, String)> = Vec::new();
+    for w in words {
+        let (name, path) = if w.trim_start().starts_with('{') {
+            let v: serde_json::Value =
+                serde_json::from_str(w).map_err(|e| SimError::invalid(FLAG, format!("{w:?} is not JSON: {e}")))?;
+            let field = |k: &str| v[k].as_str().map(str::to_string);
+            match (field("name"), field("path")) {
+                (Some(n), Some(p)) => (n, p),
+                _ => return Err(SimError::invalid(FLAG, format!("{w:?} needs \"name\" and \"path\""))),
+            }
+        } else {
+            match w.split_once('=') {
+                Some((n, p)) => (n.to_string(), p.to_string()),
+                None => return Err(SimError::invalid(FLAG, format!("{w:?} is not NAME=PATH"))),
+            }
+        };
+        if name.is_empty() || path.is_empty() {
+            return Err(SimError::invalid(FLAG, format!("{w:?}: empty name or path")));
+        }
+        if out.iter().any(|(n, _)| *n == name) {
+            return Err(SimError::invalid(FLAG, format!("{name:?} is named twice")));
+        }
+        out.push((name, path));
+    }
+    Ok(out)
 }
 
 #[cfg(test)]

@@ -217,6 +217,7 @@ async fn start_with(args: SimArgs, crash: CrashMode) -> Result<SimHandle, SimErr
     let engine = engine::Engine::new(cfg.clone(), metrics.clone(), registry.clone(), faults.clone())
         .with_kv_events(kv_events.clone());
     let engine_task = tokio::spawn(engine.run(rx));
+    load_static_loras(&cfg, &registry, &tx).await?;
     tracing::info!(
         addr = %addr, model = %cfg.model, profile = cfg.profile.name, kv_blocks = cfg.num_blocks,
         block_size = cfg.block_size, max_num_seqs = cfg.max_num_seqs,
@@ -330,6 +331,30 @@ async fn gang_failure(rx: Option<watch::Receiver<GangState>>, timeout: Duration)
     tracing::error!(rank, delay = ?GANG_LOSS_EXIT_DELAY, "a gang rank disconnected; /health answers 503 and the head exits");
     tokio::time::sleep(GANG_LOSS_EXIT_DELAY).await;
     SimError::Gang(format!("rank {rank} of the gang disconnected"))
+}
+
+/// `--lora-modules`: each adapter loaded as `/v1/load_lora_adapter` loads it, one after
+/// another, before the API answers (vLLM registers its static adapters before serving).
+async fn load_static_loras(
+    cfg: &config::EngineConfig,
+    registry: &Arc<lora::Registry>,
+    engine: &tokio::sync::mpsc::UnboundedSender<engine::Command>,
+) -> Result<(), SimError> {
+    for (name, path) in &cfg.lora_modules {
+        let a = registry
+            .prepare(name, path, false)
+            .map_err(|e| SimError::invalid("lora-modules", format!("{name}={path}: {e}")))?;
+        let (done, loaded) = tokio::sync::oneshot::channel();
+        let lora = lora::LoraRef { id: a.id, rank: a.rank };
+        if engine.send(engine::Command::LoadLora { lora, inplace: false, done }).is_err() || loaded.await.is_err() {
+            return Err(SimError::Engine(format!("the engine stopped while loading {name}")));
+        }
+        registry.commit(a);
+    }
+    if !cfg.lora_modules.is_empty() {
+        tracing::info!(adapters = cfg.lora_modules.len(), "static LoRA adapters loaded (--lora-modules)");
+    }
+    Ok(())
 }
 
 /// A headless gang member started by [`start_worker`]: it serves no API.

@@ -123,6 +123,38 @@ async fn adapter_is_404_before_load_and_served_after() {
     sim.shutdown().await.unwrap();
 }
 
+/// `--lora-modules` (static multi-LoRA): every adapter is loaded before the API answers,
+/// in both of vLLM's forms, listed and servable at once; a bad module stops the start.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn lora_modules_are_loaded_before_the_api_answers() {
+    let modules = vec!["sql=sim://sql?rank=8".to_string(), r#"{"name": "chat", "path": "sim://chat"}"#.to_string()];
+    let sim =
+        start(flotilla_sim::SimArgs { enable_lora: true, max_cpu_loras: Some(4), lora_modules: modules, ..args() })
+            .await;
+    let a = sim.local_addr();
+    let models = get(a, "/v1/models").await.json();
+    let ids: Vec<_> = models["data"].as_array().unwrap().iter().map(|m| m["id"].clone()).collect();
+    assert_eq!(ids, vec![json!("demo"), json!("sql"), json!("chat")]);
+    for name in ["sql", "chat"] {
+        let r = complete(a, name, "select", 4).await;
+        assert_eq!((r.status, r.json()["model"].clone()), (200, json!(name)), "{}", r.body);
+    }
+    sim.shutdown().await.unwrap();
+    for (bad, why) in [
+        (vec!["x=/no/such/dir".to_string()], "No adapter found"),
+        (vec!["x".to_string()], "NAME=PATH"),
+        (vec!["x=sim://a".to_string(), "x=sim://b".to_string()], "twice"),
+        (vec!["big=sim://big?rank=64".to_string()], "rank"),
+    ] {
+        let e = flotilla_sim::start(flotilla_sim::SimArgs { enable_lora: true, lora_modules: bad, ..args() })
+            .await
+            .err()
+            .expect("a bad module stops the start")
+            .to_string();
+        assert!(e.contains("lora-modules") && e.contains(why), "{e}");
+    }
+}
+
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn more_adapters_than_max_loras_queue_rather_than_fail() {
     let sim = start(flotilla_sim::SimArgs { max_loras: 1, speedup: 20.0, ..args() }).await;
