@@ -146,11 +146,12 @@ async fn lora_modules_are_loaded_before_the_api_answers() {
         (vec!["x=sim://a".to_string(), "x=sim://b".to_string()], "twice"),
         (vec!["big=sim://big?rank=64".to_string()], "rank"),
     ] {
-        let e = flotilla_sim::start(flotilla_sim::SimArgs { enable_lora: true, lora_modules: bad, ..args() })
-            .await
-            .err()
-            .expect("a bad module stops the start")
-            .to_string();
+        let Err(e) =
+            flotilla_sim::start(flotilla_sim::SimArgs { enable_lora: true, lora_modules: bad, ..args() }).await
+        else {
+            panic!("a bad module stops the start");
+        };
+        let e = e.to_string();
         assert!(e.contains("lora-modules") && e.contains(why), "{e}");
     }
 }
