@@ -41,8 +41,19 @@ def rate_at(t, p):
     return r
 
 
-def trace_params(duration_s):
+def trace_params(duration_s, shape="diurnal", seed=0):
+    """The trace's rate function. `diurnal` (the trace targets were chosen on): one cosine
+    hump plus three bursts. `spikes` (held out, to judge the chosen targets on): a flat
+    base with a train of short spikes at seeded times, none of which the diurnal trace has."""
     f = duration_s / 3600.0  # burst times scale with the trace length
+    if shape == "spikes":
+        rng = random.Random(seed ^ 0x5B1C)
+        spikes, t = [], 240.0 * f
+        while t < duration_s - 120 * f:
+            length = int(rng.uniform(45, 90) * f) or 30
+            spikes.append((int(t), length, round(rng.uniform(2.5, 4.0), 2)))
+            t += rng.uniform(300, 480) * f
+        return {"duration_s": duration_s, "base_min": 1.2, "base_max": 1.2, "bursts": spikes}
     return {
         "duration_s": duration_s,
         "base_min": 0.6,
@@ -360,7 +371,7 @@ def cmd_calibrate(a):
 def cmd_run(a):
     os.makedirs(a.out, exist_ok=True)
     cal = json.load(open(a.calibration))
-    p = trace_params(a.duration)
+    p = trace_params(a.duration, a.shape, a.seed)
     arrivals = gen_trace(a.seed, p)
     peak = max(rate_at(t / 10, p) for t in range(int(p["duration_s"] * 10)))
     static_n = math.ceil(peak / cal["capacity_rps"] - 1e-9)
@@ -413,7 +424,7 @@ def cmd_run(a):
 
 
 def cmd_trace(a):
-    p = trace_params(a.duration)
+    p = trace_params(a.duration, a.shape, a.seed)
     arr = gen_trace(a.seed, p)
     peak = max(rate_at(t / 10, p) for t in range(int(p["duration_s"] * 10)))
     per_min = [0] * (int(p["duration_s"]) // 60 + 1)
@@ -430,6 +441,8 @@ def main():
     ap.add_argument("--k", type=float, default=10)
     ap.add_argument("--seed", type=int, default=20261126)
     ap.add_argument("--duration", type=float, default=1800, help="trace length, simulated seconds")
+    ap.add_argument("--shape", choices=["diurnal", "spikes"], default="diurnal",
+                    help="diurnal: the trace targets were chosen on; spikes: a held-out spike train")
     ap.add_argument("--policy", choices=["kpa", "apa", "slo", "hpa", "static"])
     ap.add_argument("--out", default=os.path.join(HERE, "out"))
     ap.add_argument("--calibration", default=os.path.join(HERE, "out", "calibration.json"))
