@@ -289,9 +289,12 @@ pub async fn forward(fed: &Arc<Federation>, ask: Ask<'_>) -> Response {
                 }
             }
             Ok(Ok(resp)) => {
-                m.record_latency(t0.elapsed());
                 match classify(resp.status()) {
-                    None => return relay(fed, m, lease, resp, model, ask.start, ask.stream),
+                    None => {
+                        // a quick refusal (429, 503) is no measure of how fast it serves
+                        m.record_latency(t0.elapsed());
+                        return relay(fed, m, lease, resp, model, ask.start, ask.stream);
+                    }
                     Some(reason) => {
                         if reason == Reason::ModelNotFound && m.model_missing(model) {
                             tracing::info!(cluster = %m.info.name, model, "member answered 404: model removed there until its next poll");
