@@ -207,6 +207,10 @@ pub struct GatewayArgs {
     /// The private key (PEM) of `--https-cert`.
     #[arg(long, value_name = "FILE", env = "FLOTILLA_GATEWAY_HTTPS_KEY", requires = "https_cert")]
     pub https_key: Option<std::path::PathBuf>,
+    /// The global gateway of a federation (`--federation SERVERS` and its flags;
+    /// docs/gateway.md, "Global gateway (federation)").
+    #[command(flatten)]
+    pub federation: crate::federation::FederationArgs,
     /// Filled in by the binary from its global `--server` flag (env FLOTILLA_SERVER).
     #[arg(skip)]
     pub server: Vec<String>,

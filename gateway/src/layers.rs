@@ -157,10 +157,31 @@ pub async fn policy(State(gw): State<Arc<Gateway>>, mut req: Request, next: Next
     }
 }
 
-fn kind_of(path: &str) -> Option<ApiKind> {
+pub(crate) fn kind_of(path: &str) -> Option<ApiKind> {
     [ApiKind::Chat, ApiKind::Completions, ApiKind::Embeddings, ApiKind::Tokenize, ApiKind::Detokenize]
         .into_iter()
         .find(|k| k.path() == path)
+}
+
+/// Reads a request body of at most `max_bytes` (413 `body_too_large`) within `timeout`
+/// (408 `body_timeout`).
+pub async fn collect_body(
+    body: axum::body::Body,
+    max_bytes: usize,
+    timeout: std::time::Duration,
+) -> Result<Bytes, ApiError> {
+    let limited = Limited::new(body, max_bytes);
+    match tokio::time::timeout(timeout, limited.collect()).await {
+        Err(_) => Err(ApiError::new(
+            ApiCode::BodyTimeout,
+            format!("request body not received within {} ms", timeout.as_millis()),
+        )),
+        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
+            Err(ApiError::new(ApiCode::BodyTooLarge, format!("request body exceeds {max_bytes} bytes")))
+        }
+        Ok(Err(e)) => Err(ApiError::new(ApiCode::BodyReadError, format!("cannot read request body: {e}"))),
+        Ok(Ok(c)) => Ok(c.to_bytes()),
+    }
 }
 
 /// Layer 3: reads the body within the size limit (413) and the body timeout (408), and
@@ -170,28 +191,9 @@ pub async fn body(State(gw): State<Arc<Gateway>>, req: Request, next: Next) -> R
         return next.run(req).await;
     };
     let (mut parts, body) = req.into_parts();
-    let limited = Limited::new(body, gw.cfg.max_body_bytes);
-    let bytes: Bytes = match tokio::time::timeout(gw.cfg.body_timeout, limited.collect()).await {
-        Err(_) => {
-            let e = ApiError::new(
-                ApiCode::BodyTimeout,
-                format!("request body not received within {} ms", gw.cfg.body_timeout.as_millis()),
-            );
-            return fail(&gw, "unknown", e);
-        }
-        Ok(Err(e)) if e.is::<http_body_util::LengthLimitError>() => {
-            let e =
-                ApiError::new(ApiCode::BodyTooLarge, format!("request body exceeds {} bytes", gw.cfg.max_body_bytes));
-            return fail(&gw, "unknown", e);
-        }
-        Ok(Err(e)) => {
-            return fail(
-                &gw,
-                "unknown",
-                ApiError::new(ApiCode::BodyReadError, format!("cannot read request body: {e}")),
-            )
-        }
-        Ok(Ok(c)) => c.to_bytes(),
+    let bytes = match collect_body(body, gw.cfg.max_body_bytes, gw.cfg.body_timeout).await {
+        Ok(b) => b,
+        Err(e) => return fail(&gw, "unknown", e),
     };
     let mut features = match request::parse(kind, &bytes) {
         Ok(f) => f,

@@ -9,6 +9,7 @@
 //!  ondemand: EnsureLoaded for adapters no endpoint holds (single-flight), usage reports
 //!  hold: requests for a model without endpoints wait for one (scale from zero)
 //!  demand: per-model demand -> AutoscaleService.ReportDemand every second
+//!  federation: the global gateway (`--federation`): member clusters' gateways as upstreams
 //! ```
 //!
 //! Entry points: [`run`] for `flotilla gateway`, [`start`] for in-process use.
@@ -23,6 +24,7 @@ pub mod config;
 pub mod demand;
 pub mod discovery;
 pub mod error;
+pub mod federation;
 pub mod hf_tokenizer;
 pub mod hold;
 pub mod kv_fleet;
@@ -122,8 +124,12 @@ impl Drop for GatewayHandle {
     }
 }
 
-/// Validates `args`, binds, starts discovery and the server, and returns at once.
+/// Validates `args`, binds, starts discovery and the server, and returns at once (the
+/// cluster gateway; [`federation::start`] starts the global one).
 pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
+    if args.federation.federation.is_some() {
+        return Err(GatewayError::Usage("--federation: start the global gateway with federation::start".into()));
+    }
     let cfg = args.validate()?;
     let listener = TcpListener::bind(&cfg.listen)
         .await
@@ -200,6 +206,9 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
 /// `flotilla gateway`: prints `flotilla gateway listening on http(s)://ADDR` and serves until
 /// SIGINT or SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
+    if args.federation.federation.is_some() {
+        return federation::run(args).await;
+    }
     let handle = start(args).await?;
     // Listen for signals before announcing the address: a supervisor may send SIGTERM as soon
     // as it reads the line, and tokio registers a listener only when it is created.

@@ -472,6 +472,33 @@ pub async fn serve(
     listener: TcpListener,
     app: Router,
     gw: Arc<Gateway>,
+    stop: watch::Receiver<bool>,
+    https: Option<Arc<flotilla_security::https::HttpsCert>>,
+) {
+    let opts = ServeOptions {
+        header_timeout: gw.cfg.header_timeout,
+        shutdown_grace: gw.cfg.shutdown_grace,
+        tls_handshake_failures: gw.metrics.tls_handshake_failures.clone(),
+    };
+    serve_with(listener, app, opts, stop, https).await
+}
+
+/// What the accept loop needs of a gateway (the cluster gateway's or the global one's).
+#[derive(Clone)]
+pub struct ServeOptions {
+    /// Time a client has to send its request headers (slowloris guard).
+    pub header_timeout: std::time::Duration,
+    /// How long requests in flight may take to finish once stopping.
+    pub shutdown_grace: std::time::Duration,
+    /// Counts failed TLS handshakes on an HTTPS listener.
+    pub tls_handshake_failures: prometheus_client::metrics::counter::Counter,
+}
+
+/// [`serve`] with its options given.
+pub async fn serve_with(
+    listener: TcpListener,
+    app: Router,
+    opts: ServeOptions,
     mut stop: watch::Receiver<bool>,
     https: Option<Arc<flotilla_security::https::HttpsCert>>,
 ) {
@@ -494,18 +521,18 @@ pub async fn serve(
                 let svc = hyper_util::service::TowerToHyperService::new(app.clone());
                 let http = {
                     let mut b = hyper::server::conn::http1::Builder::new();
-                    b.timer(TokioTimer::new()).header_read_timeout(gw.cfg.header_timeout).keep_alive(true);
+                    b.timer(TokioTimer::new()).header_read_timeout(opts.header_timeout).keep_alive(true);
                     b
                 };
                 let watcher = graceful.watcher();
-                let (https, gw) = (https.clone(), gw.clone());
+                let (https, failures) = (https.clone(), opts.tls_handshake_failures.clone());
                 connections.spawn(async move {
                     let ended = match https {
                         None => watcher.watch(http.serve_connection(TokioIo::new(stream), svc)).await,
                         Some(cert) => match cert.accept(stream).await {
                             Ok(tls) => watcher.watch(http.serve_connection(TokioIo::new(tls), svc)).await,
                             Err(e) => {
-                                gw.metrics.tls_handshake_failures.inc();
+                                failures.inc();
                                 tracing::debug!(peer = %peer, error = %e, "TLS handshake failed");
                                 return;
                             }
@@ -520,7 +547,7 @@ pub async fn serve(
         }
     }
     drop(listener);
-    let grace = gw.cfg.shutdown_grace;
+    let grace = opts.shutdown_grace;
     if tokio::time::timeout(grace, graceful.shutdown()).await.is_err() {
         tracing::warn!(
             grace_s = grace.as_secs(),

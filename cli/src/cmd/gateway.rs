@@ -2,6 +2,10 @@
 //! where it fetches Models' tokenizer files from: the agent's downloader and cache
 //! ([`flotilla_agent::download`]) restricted to the tokenizer files, under the same source
 //! flags and policy as agents. Lives in the binary because it joins the two crates.
+//!
+//! With `--federation SERVERS` (flattened into the gateway's flags,
+//! [`flotilla_gateway::federation::FederationArgs`]) the same command runs the global gateway
+//! of a federation instead: it routes to member clusters' gateways and fetches no tokenizers.
 
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -39,7 +43,9 @@ impl GatewayCmd {
     /// The gateway's args with the tokenizer fetcher filled in (unless turned off).
     pub fn into_args(self) -> Result<flotilla_gateway::GatewayArgs, CliError> {
         let mut args = self.gateway;
-        if !self.no_fetch_tokenizers {
+        // the global gateway keys no prompts: its upstreams are gateways, not engines
+        let global = args.federation.federation.is_some();
+        if !self.no_fetch_tokenizers && !global {
             let loopback = args.listen.parse::<std::net::SocketAddr>().is_ok_and(|a| a.ip().is_loopback());
             let cache = self.tokenizer_cache.unwrap_or_else(default_cache);
             args.tokenizer_fetcher = Some(fetcher(&self.sources, cache, loopback)?);
