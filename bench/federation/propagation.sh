@@ -28,21 +28,24 @@ WORK=$(mktemp -d /var/tmp/fedprop.XXXXXX)
 PIDS=()
 cleanup() { for p in "${PIDS[@]}"; do kill -9 "$p" 2>/dev/null || true; done; rm -rf "$WORK"; }
 trap cleanup EXIT
-read -r -a PORTS <<<"$("$LOADGEN" ports --n $((MEMBERS + 1)))"
+mkdir -p "$OUT"
+# Every listener's port is picked up front (gRPC and HTTP): a server given port 0 for one
+# could otherwise take a port picked for another server that has not started yet.
+read -r -a PORTS <<<"$("$LOADGEN" ports --n $((2 * (MEMBERS + 1))))"
 
-start() { # ID-DIR GRPC-PORT EXTRA... ; prints nothing, waits for the banner
-  local dir=$WORK/$1 port=$2; shift 2
-  "$BIN" server --id 1 --data-dir "$dir" --bootstrap --grpc-addr "127.0.0.1:$port" --http-addr 127.0.0.1:0 "$@" \
+start() { # ID-DIR INDEX EXTRA... ; the server on PORTS[INDEX] (gRPC) and PORTS[MEMBERS+1+INDEX] (HTTP)
+  local dir=$WORK/$1 port=${PORTS[$2]} http=${PORTS[$((MEMBERS + 1 + $2))]}; shift 2
+  "$BIN" server --id 1 --data-dir "$dir" --bootstrap --grpc-addr "127.0.0.1:$port" --http-addr "127.0.0.1:$http" "$@" \
     >"$dir.log" 2>&1 &
   PIDS+=($!)
 }
 MEMBER_ADDRS=()
 for i in $(seq 1 "$MEMBERS"); do
-  start "m$i" "${PORTS[$i]}"
+  start "m$i" "$i"
   MEMBER_ADDRS+=("127.0.0.1:${PORTS[$i]}")
 done
 FED=127.0.0.1:${PORTS[0]}
-start fed "${PORTS[0]}" --federation
+start fed 0 --federation
 "$LOADGEN" wait-ready --system flotilla --endpoints "$FED" >/dev/null
 for a in "${MEMBER_ADDRS[@]}"; do "$LOADGEN" wait-ready --system flotilla --endpoints "$a" >/dev/null; done
 log "$MEMBERS member clusters and a federation server up (load $(cut -d' ' -f1-3 /proc/loadavg))"

@@ -8,7 +8,8 @@
 //!    the clusters past the grace left out and Pending shortfalls capping a cluster
 //!    ([`Shortfall`]);
 //! 3. applies or deletes member Models where they differ ([`reconcile::action`]), and each
-//!    FederatedAdapter's member Adapter in the clusters that run its base FederatedModel;
+//!    FederatedAdapter's member Adapter in the clusters that run its base FederatedModel —
+//!    one object's writes to all its clusters at once;
 //! 4. writes each Cluster's and FederatedModel's status, only when it changed.
 //!
 //! A member Model of a FederatedModel that no longer exists, or of a cluster no longer
@@ -48,6 +49,20 @@ struct ClusterView {
     adapters: BTreeMap<String, MemberObject>,
     /// Pending replicas per Model, from the last successful read.
     pending: BTreeMap<String, u32>,
+}
+
+/// One reachable cluster's share of a FederatedModel and the write it needs.
+struct Decided {
+    name: String,
+    is_selected: bool,
+    share: Option<u32>,
+    desired: Option<Value>,
+    act: Action,
+    /// The member Model's replicas and Ready count, as read.
+    asked: u32,
+    ready: u32,
+    /// The cluster's cap from Pending shortfalls, when it has one.
+    cap: Option<u32>,
 }
 
 /// The controller's memory while it leads.
@@ -200,17 +215,17 @@ impl Controller {
         };
         let spread = placement::spread(spec.replicas, &candidates, &policy);
 
+        // Every reachable cluster's action is decided first and the writes go out together,
+        // so one change reaches N clusters in about one write's time rather than N.
         let mut rows = Vec::new();
         let (mut ready_total, mut placed) = (0u32, 0u32);
-        let names: Vec<String> = self.clusters.keys().cloned().collect();
-        for name in names {
-            let is_selected = selected.contains(&name);
-            let share = spread.counts.get(&name).copied();
-            let v = &self.clusters[&name];
-            let observed = v.models.get(fed).cloned();
-            let (asked, ready) =
-                observed.as_ref().filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberObject::counts);
-            let candidate = candidates.iter().find(|c| c.name == name);
+        let mut decided = Vec::new();
+        for (name, v) in &self.clusters {
+            let is_selected = selected.contains(name);
+            let share = spread.counts.get(name).copied();
+            let observed = v.models.get(fed);
+            let (asked, ready) = observed.filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberObject::counts);
+            let candidate = candidates.iter().find(|c| &c.name == name);
             if !v.reach.reachable {
                 if is_selected {
                     let (state, message) = match candidate.is_some_and(|c| c.available) {
@@ -223,37 +238,45 @@ impl Controller {
                             format!("unreachable past the grace; its share moved to the others: {}", v.error),
                         ),
                     };
-                    rows.push(row(&name, share.unwrap_or(0), asked, ready, state, message));
+                    rows.push(row(name, share.unwrap_or(0), asked, ready, state, message));
                     placed += share.unwrap_or(0);
                 }
                 continue;
             }
-            let desired = share.filter(|n| *n > 0).map(|n| member_spec(spec.member(&name, n)));
-            let (state, message) = match reconcile::action(fed, desired.as_ref(), observed.as_ref()) {
-                Action::Nothing => ("Ready", String::new()),
-                Action::Conflict(why) => ("Conflict", why),
-                act => match self.write_member(&name, MODEL, fed, desired.as_ref(), &act).await {
-                    Ok(()) => ("Progressing", describe(&act, asked, share.unwrap_or(0))),
-                    Err(e) => ("Error", e.to_string()),
-                },
-            };
-            if !is_selected {
+            let desired = share.filter(|n| *n > 0).map(|n| member_spec(spec.member(name, n)));
+            let act = reconcile::action(fed, desired.as_ref(), observed);
+            let cap = candidate.and_then(|c| c.capacity);
+            decided.push(Decided { name: name.clone(), is_selected, share, desired, act, asked, ready, cap });
+        }
+        let this = &*self;
+        let writes = decided.iter().map(|d| async move {
+            match &d.act {
+                Action::Nothing | Action::Conflict(_) => None,
+                act => Some(this.write_member(&d.name, MODEL, fed, d.desired.as_ref(), act).await),
+            }
+        });
+        let written = futures::future::join_all(writes).await;
+        for (d, written) in decided.into_iter().zip(written) {
+            if !d.is_selected {
                 continue;
             }
-            let share = share.unwrap_or(0);
+            let share = d.share.unwrap_or(0);
             placed += share;
-            ready_total += ready;
-            let cap = candidate.and_then(|c| c.capacity);
-            let (state, message) = match state {
-                "Ready" if ready < share => ("Progressing", format!("{ready} of {share} ready")),
-                "Ready" if cap.is_some() => (
+            ready_total += d.ready;
+            let (state, message) = match (written, d.act) {
+                (Some(Ok(())), act) => ("Progressing", describe(&act, d.asked, share)),
+                (Some(Err(e)), _) => ("Error", e.to_string()),
+                (None, Action::Conflict(why)) => ("Conflict", why),
+                (None, _) if d.ready < share => ("Progressing", format!("{} of {share} ready", d.ready)),
+                (None, _) if d.cap.is_some() => (
                     "CapacityLimited",
-                    format!("replicas stayed Pending past the grace: capped at {} for now", cap.unwrap_or(0)),
+                    format!("replicas stayed Pending past the grace: capped at {} for now", d.cap.unwrap_or(0)),
                 ),
-                _ => (state, message),
+                (None, _) => ("Ready", String::new()),
             };
-            rows.push(row(&name, share, asked, ready, state, message));
+            rows.push(row(&d.name, share, d.asked, d.ready, state, message));
         }
+        rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         let mut message = format!("{ready_total}/{} ready in {} clusters", spec.replicas, rows.len());
         if spread.unplaced > 0 {
             message.push_str(&format!("; {} unplaced: no available cluster has room", spread.unplaced));
@@ -322,8 +345,9 @@ impl Controller {
     async fn reconcile_adapter(&self, fed: &str, spec: &FederatedAdapterSpec) -> Value {
         let base = spec.template.base_model.as_str();
         let desired = flotilla_api::spec::Spec::Adapter(spec.template.clone()).to_json();
+        // As for Models: decide every reachable cluster's action, then write them together.
         let mut rows = Vec::new();
-        let mut kept = 0;
+        let mut steps = Vec::new();
         for (name, v) in &self.clusters {
             if !v.reach.reachable {
                 if v.adapters.get(fed).is_some_and(|a| a.federated_by() == Some(fed)) {
@@ -333,23 +357,32 @@ impl Controller {
             }
             let runs_base = v.models.get(base).is_some_and(|m| m.federated_by() == Some(base));
             let observed = v.adapters.get(fed);
-            let want = runs_base.then_some(&desired);
-            let (state, message) = match reconcile::action(fed, want, observed) {
-                Action::Nothing if runs_base => {
-                    let phase = observed.map(|a| a.status["phase"].as_str().unwrap_or("Pending").to_string());
-                    ("Ready", phase.unwrap_or_default())
-                }
-                Action::Nothing => continue,
-                Action::Conflict(why) => ("Conflict", why),
-                act => match self.write_member(name, ADAPTER, fed, want, &act).await {
-                    Ok(()) if runs_base => ("Progressing", "written".to_string()),
-                    Ok(()) => continue,
-                    Err(e) => ("Error", e.to_string()),
-                },
+            let phase = observed.map(|a| a.status["phase"].as_str().unwrap_or("Pending").to_string());
+            let act = reconcile::action(fed, runs_base.then_some(&desired), observed);
+            steps.push((name, runs_base, phase.unwrap_or_default(), act));
+        }
+        let desired = &desired;
+        let writes = steps.iter().map(|(name, runs_base, _, act)| async move {
+            match act {
+                Action::Nothing | Action::Conflict(_) => None,
+                act => Some(self.write_member(name, ADAPTER, fed, runs_base.then_some(desired), act).await),
+            }
+        });
+        let written = futures::future::join_all(writes).await;
+        let mut kept = 0;
+        for ((name, runs_base, phase, act), written) in steps.into_iter().zip(written) {
+            let (state, message) = match (written, act) {
+                (Some(Ok(())), _) if runs_base => ("Progressing", "written".to_string()),
+                (Some(Ok(())), _) => continue,
+                (Some(Err(e)), _) => ("Error", e.to_string()),
+                (None, Action::Conflict(why)) => ("Conflict", why),
+                (None, _) if runs_base => ("Ready", phase),
+                (None, _) => continue,
             };
             kept += usize::from(runs_base);
             rows.push(json!({"name": name, "state": state, "message": message}));
         }
+        rows.sort_by(|a, b| a["name"].as_str().cmp(&b["name"].as_str()));
         json!({
             "clusters": rows,
             "message": format!("kept in {kept} clusters running FederatedModel {base:?}"),
