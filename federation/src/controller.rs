@@ -224,7 +224,8 @@ impl Controller {
             let is_selected = selected.contains(name);
             let share = spread.counts.get(name).copied();
             let observed = v.models.get(fed);
-            let (asked, ready) = observed.filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberObject::counts);
+            let (asked, ready) =
+                observed.filter(|m| m.federated_by() == Some(fed)).map_or((0, 0), MemberObject::counts);
             let candidate = candidates.iter().find(|c| &c.name == name);
             if !v.reach.reachable {
                 if is_selected {

@@ -58,7 +58,6 @@ use std::time::Duration;
 
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use config::{Config, GatewayArgs};
 pub use error::{ApiCode, ApiError, GatewayError};
@@ -69,10 +68,7 @@ pub struct GatewayHandle {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     gw: Arc<Gateway>,
-    stop: watch::Sender<bool>,
-    server: Option<JoinHandle<()>>,
-    metrics_server: Option<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
+    tasks: crate::server::ServerTasks,
 }
 
 impl std::fmt::Debug for GatewayHandle {
@@ -105,22 +101,7 @@ impl GatewayHandle {
     /// Stops accepting, lets connections finish (at most `--shutdown-grace-s`) and stops
     /// background tasks.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        for s in [self.server.take(), self.metrics_server.take()].into_iter().flatten() {
-            let _ = s.await;
-        }
-        for b in self.background.drain(..) {
-            b.abort();
-        }
-    }
-}
-
-impl Drop for GatewayHandle {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for b in &self.background {
-            b.abort();
-        }
+        self.tasks.shutdown().await;
     }
 }
 
@@ -200,7 +181,8 @@ pub async fn start(args: GatewayArgs) -> Result<GatewayHandle, GatewayError> {
     let metrics_server = metrics_listener
         .map(|(l, _)| tokio::spawn(server::serve(l, server::metrics_router(gw.clone()), gw.clone(), stop_rx, None)));
     tracing::info!(addr = %addr, metrics = ?metrics_addr, auth = gw.cfg.auth, backends = gw.cfg.backends.len(), servers = gw.cfg.servers.len(), "gateway started");
-    Ok(GatewayHandle { addr, metrics_addr, gw, stop, server: Some(server), metrics_server, background })
+    let tasks = crate::server::ServerTasks { stop, server: Some(server), metrics_server, background };
+    Ok(GatewayHandle { addr, metrics_addr, gw, tasks })
 }
 
 /// `flotilla gateway`: prints `flotilla gateway listening on http(s)://ADDR` and serves until

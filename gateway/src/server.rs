@@ -483,6 +483,39 @@ pub async fn serve(
     serve_with(listener, app, opts, stop, https).await
 }
 
+/// A running gateway's tasks (the cluster gateway's or the global one's): the stop signal
+/// its accept loops watch, the loops themselves and its background tasks. Dropping it stops
+/// everything at once; [`ServerTasks::shutdown`] lets requests in flight finish first.
+pub(crate) struct ServerTasks {
+    pub(crate) stop: watch::Sender<bool>,
+    pub(crate) server: Option<tokio::task::JoinHandle<()>>,
+    pub(crate) metrics_server: Option<tokio::task::JoinHandle<()>>,
+    pub(crate) background: Vec<tokio::task::JoinHandle<()>>,
+}
+
+impl ServerTasks {
+    /// Stops accepting, lets requests in flight finish (at most `--shutdown-grace-s`) and
+    /// stops the background tasks.
+    pub(crate) async fn shutdown(&mut self) {
+        let _ = self.stop.send(true);
+        for s in [self.server.take(), self.metrics_server.take()].into_iter().flatten() {
+            let _ = s.await;
+        }
+        for b in self.background.drain(..) {
+            b.abort();
+        }
+    }
+}
+
+impl Drop for ServerTasks {
+    fn drop(&mut self) {
+        let _ = self.stop.send(true);
+        for b in &self.background {
+            b.abort();
+        }
+    }
+}
+
 /// What the accept loop needs of a gateway (the cluster gateway's or the global one's).
 #[derive(Clone)]
 pub struct ServeOptions {

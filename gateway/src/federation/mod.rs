@@ -35,7 +35,6 @@ use hyper_util::client::legacy::Client;
 use hyper_util::rt::TokioExecutor;
 use tokio::net::TcpListener;
 use tokio::sync::watch;
-use tokio::task::JoinHandle;
 
 pub use config::{FedConfig, FederationArgs};
 
@@ -78,10 +77,7 @@ pub struct FederationHandle {
     addr: SocketAddr,
     metrics_addr: Option<SocketAddr>,
     fed: Arc<Federation>,
-    stop: watch::Sender<bool>,
-    server: Option<JoinHandle<()>>,
-    metrics_server: Option<JoinHandle<()>>,
-    background: Vec<JoinHandle<()>>,
+    tasks: crate::server::ServerTasks,
 }
 
 impl FederationHandle {
@@ -103,22 +99,7 @@ impl FederationHandle {
     /// Stops accepting, lets requests in flight finish (at most `--shutdown-grace-s`) and
     /// stops the background tasks.
     pub async fn shutdown(mut self) {
-        let _ = self.stop.send(true);
-        for s in [self.server.take(), self.metrics_server.take()].into_iter().flatten() {
-            let _ = s.await;
-        }
-        for b in self.background.drain(..) {
-            b.abort();
-        }
-    }
-}
-
-impl Drop for FederationHandle {
-    fn drop(&mut self) {
-        let _ = self.stop.send(true);
-        for b in &self.background {
-            b.abort();
-        }
+        self.tasks.shutdown().await;
     }
 }
 
@@ -188,7 +169,8 @@ pub async fn start(args: GatewayArgs) -> Result<FederationHandle, GatewayError> 
         tokio::spawn(crate::server::serve_with(l, server::metrics_router(fed.clone()), opts, stop_rx, None))
     });
     tracing::info!(addr = %addr, metrics = ?metrics_addr, auth = fed.cfg.base.auth, servers = ?fed.cfg.servers, region = ?fed.cfg.region, "global gateway started");
-    Ok(FederationHandle { addr, metrics_addr, fed, stop, server: Some(server), metrics_server, background })
+    let tasks = crate::server::ServerTasks { stop, server: Some(server), metrics_server, background };
+    Ok(FederationHandle { addr, metrics_addr, fed, tasks })
 }
 
 /// `flotilla gateway --federation`: prints `flotilla gateway listening on http(s)://ADDR`
