@@ -6,6 +6,7 @@
 //! With the federation server down the clusters keep serving and take local applies; back
 //! up, it changes nothing (no churn). A whole cluster killed: after the grace its share
 //! moves to the others; the cluster back: the share returns, with no replica counted twice.
+//! Behind the global gateway, a whole cluster killed under load costs no request.
 mod common;
 
 use std::collections::BTreeMap;
@@ -265,4 +266,122 @@ async fn a_share_a_cluster_cannot_place_spills_over_after_the_grace() {
     wait_spread(&[&a, &b], &fed.grpc, &[("a", 3), ("b", 1)], 4, 90).await;
     let status = fed_status(&fed.grpc).await;
     assert!(status.to_string().contains("CapacityLimited"), "{status}");
+}
+
+/// One chat completion through `gateway`: its status and the `x-flotilla-cluster` that
+/// answered (status 0 when it could not connect).
+fn ask_cluster(gateway: &str) -> (u16, String) {
+    let body = r#"{"model":"llm","messages":[{"role":"user","content":"hello"}],"max_tokens":4}"#;
+    let Some(out) =
+        raw_http::send_blocking_with(gateway, "POST", "/v1/chat/completions", body, Duration::from_secs(60), &[])
+    else {
+        return (0, String::new());
+    };
+    let head = out.split("\r\n\r\n").next().unwrap_or("");
+    let cluster = head
+        .lines()
+        .find_map(|l| l.split_once(':').filter(|(k, _)| k.eq_ignore_ascii_case("x-flotilla-cluster")))
+        .map(|(_, v)| v.trim().to_string())
+        .unwrap_or_default();
+    (raw_http::status_code(&out).unwrap_or(0), cluster)
+}
+
+/// The issue's failover case end to end: two clusters, each with its own gateway, a
+/// FederatedModel over both and the global gateway in front (region us: cluster a first).
+/// Cluster a is killed whole (engines, agent, server, gateway) while four clients send
+/// requests: none fails (the global gateway moves each to b before its first byte), b
+/// answers from then on, and past the grace the federation gives b a's share.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_whole_cluster_killed_under_load_costs_no_request_at_the_global_gateway() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut a = Member::start("a", dir.path()).await;
+    let b = Member::start("b", dir.path()).await;
+    let mut gateway_a = Some(GatewayProc::start(&a.server.grpc, &[]));
+    let gateway_b = GatewayProc::start(&b.server.grpc, &[]);
+    let fed = ServerProc::start(1, &dir.path().join("federation"), "127.0.0.1:0", &["--bootstrap", "--federation"]);
+    wait_voters(&fed.grpc, 1).await;
+    let feds = [fed.grpc.clone()];
+    let gateway_of_a = gateway_a.as_ref().map(|g| g.addr.clone()).unwrap_or_default();
+    for (m, gateway, region) in [(&a, gateway_of_a.as_str(), "us"), (&b, gateway_b.addr.as_str(), "eu")] {
+        apply(&feds, format!("{}  gateway: http://{gateway}\n", cluster_manifest(m, region))).await;
+    }
+    let two = FED.replace("replicas: 6", "replicas: 2").replace("weights: {a: 3, b: 2, c: 1}", "weights: {a: 1, b: 1}");
+    apply(&feds, two).await;
+    wait_spread(&[&a, &b], &fed.grpc, &[("a", 1), ("b", 1)], 2, 90).await;
+
+    let global = GatewayProc::spawn(&[
+        "gateway",
+        "--federation",
+        &fed.grpc,
+        "--listen",
+        "127.0.0.1:0",
+        "--no-auth",
+        "--region",
+        "us",
+        "--cluster-list-interval-ms",
+        "200",
+        "--member-poll-interval-ms",
+        "200",
+        "--member-down-backoff-ms",
+        "100",
+    ]);
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        let addr = global.addr.clone();
+        let (status, cluster) = tokio::task::spawn_blocking(move || ask_cluster(&addr)).await.unwrap();
+        if status == 200 && cluster == "a" {
+            break;
+        }
+        assert!(Instant::now() < deadline, "the global gateway never served llm from cluster a: {status} {cluster:?}");
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+
+    // Four clients, each at most 2,000 requests or until told to stop.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let t0 = Instant::now();
+    let clients: Vec<_> = (0..4)
+        .map(|_| {
+            let (addr, stop) = (global.addr.clone(), stop.clone());
+            tokio::task::spawn_blocking(move || {
+                let mut answers = Vec::new();
+                while !stop.load(std::sync::atomic::Ordering::Relaxed) && answers.len() < 2000 {
+                    let sent = t0.elapsed();
+                    let (status, cluster) = ask_cluster(&addr);
+                    answers.push((sent, status, cluster));
+                }
+                answers
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    let killed_at = t0.elapsed();
+    a.kill();
+    drop(gateway_a.take());
+    tokio::time::sleep(Duration::from_secs(4)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    let mut answers = Vec::new();
+    for c in clients {
+        answers.extend(c.await.unwrap());
+    }
+
+    let failed: Vec<_> = answers.iter().filter(|(_, status, _)| *status != 200).collect();
+    assert!(
+        failed.is_empty(),
+        "{} of {} requests failed: {:?}",
+        failed.len(),
+        answers.len(),
+        &failed[..failed.len().min(5)]
+    );
+    let before = answers.iter().filter(|(sent, _, c)| *sent < killed_at && c == "a").count();
+    let late = killed_at + Duration::from_secs(1);
+    let after: Vec<&str> = answers.iter().filter(|(sent, _, _)| *sent > late).map(|(_, _, c)| c.as_str()).collect();
+    assert!(before > 0, "cluster a answered nothing before the kill");
+    assert!(!after.is_empty() && after.iter().all(|c| *c == "b"), "after the kill: {after:?}");
+    eprintln!(
+        "{} requests, 0 failed; {before} answered by a before the kill, {} by b after",
+        answers.len(),
+        after.len()
+    );
+
+    wait_spread(&[&b], &fed.grpc, &[("b", 2)], 2, 60).await;
 }

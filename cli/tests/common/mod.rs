@@ -321,9 +321,16 @@ impl GatewayProc {
 
     /// [`GatewayProc::start`] listening on `listen`.
     pub fn start_on(servers: &str, listen: &str, extra: &[&str]) -> GatewayProc {
+        let mut args = vec!["--server", servers, "gateway", "--listen", listen, "--no-auth"];
+        args.extend_from_slice(extra);
+        GatewayProc::spawn(&args)
+    }
+
+    /// `flotilla ARGS` (a gateway command line of its own, e.g. `gateway --federation ...`),
+    /// waiting for its banner.
+    pub fn spawn(args: &[&str]) -> GatewayProc {
         let mut child = Command::new(bin())
-            .args(["--server", servers, "gateway", "--listen", listen, "--no-auth"])
-            .args(extra)
+            .args(args)
             .env("RUST_LOG", "error")
             .stdout(Stdio::piped())
             .stderr(Stdio::inherit())
