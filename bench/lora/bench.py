@@ -557,10 +557,27 @@ def emit(res, out_path):
             f.write(line + "\n")
 
 
-def run_dense(a, replicas):
+def run_trace(a):
+    """The run's trace: seeded, warm-up included, capped at --max-requests."""
     trace = gen_trace(a.seed, a.rate, a.warmup + a.duration, a.adapters, a.zipf_s)
-    if len(trace) > a.max_requests:
-        trace = trace[:a.max_requests]
+    return trace[:a.max_requests]
+
+
+def report(kind, a, replicas, cpu_loras, trace, results, metrics_at, setup_s, t_start):
+    """Summarizes one run against the SLO, prints it and appends it to --out."""
+    res = summarize(kind, {"rate": a.rate, "replicas": replicas, "seed": a.seed, "warmup_s": a.warmup,
+                           "duration_s": a.duration, "adapters": a.adapters, "zipf_s": a.zipf_s,
+                           "max_loras": MAX_LORAS, "max_cpu_loras": cpu_loras},
+                    trace, results, a.warmup, metrics_at,
+                    {"slo": a.slo, "meets_slo": None, "setup_s": round(setup_s, 1),
+                     "wall_s": round(time.time() - t_start, 1)})
+    res["meets_slo"] = bool(res["errors"] == 0 and res["ttft_p99"] is not None and res["ttft_p99"] <= a.slo)
+    emit(res, a.out)
+    return res
+
+
+def run_dense(a, replicas):
+    trace = run_trace(a)
     st = Stack(replicas, a.log_dir)
     t_start = time.time()
     try:
@@ -580,15 +597,7 @@ def run_dense(a, replicas):
             for (t, m, pl, mt), r in zip(trace, results):
                 f.write(json.dumps({"t": round(t, 3), "model": m, "prompt_len": pl, "max_tokens": mt,
                                     "ttft": r["ttft"], "status": r["status"], "lag": round(r["lag"], 4)}) + "\n")
-    res = summarize("dense", {"rate": a.rate, "replicas": replicas, "seed": a.seed, "warmup_s": a.warmup,
-                              "duration_s": a.duration, "adapters": a.adapters, "zipf_s": a.zipf_s,
-                              "max_loras": MAX_LORAS, "max_cpu_loras": MAX_CPU_LORAS},
-                    trace, results, a.warmup, metrics_at,
-                    {"slo": a.slo, "meets_slo": None, "setup_s": round(setup_s, 1),
-                     "wall_s": round(time.time() - t_start, 1)})
-    res["meets_slo"] = bool(res["errors"] == 0 and res["ttft_p99"] is not None and res["ttft_p99"] <= a.slo)
-    emit(res, a.out)
-    return res
+    return report("dense", a, replicas, MAX_CPU_LORAS, trace, results, metrics_at, setup_s, t_start)
 
 
 def cmd_dense(a):
@@ -597,9 +606,7 @@ def cmd_dense(a):
 
 def cmd_static(a):
     """The same trace and SLO against static multi-LoRA engines behind vllm-router."""
-    trace = gen_trace(a.seed, a.rate, a.warmup + a.duration, a.adapters, a.zipf_s)
-    if len(trace) > a.max_requests:
-        trace = trace[:a.max_requests]
+    trace = run_trace(a)
     cpu_loras = a.cpu_loras or a.adapters
     st = StaticStack(a.replicas, a.adapters, cpu_loras, a.log_dir)
     t_start = time.time()
@@ -609,15 +616,7 @@ def cmd_static(a):
         results, metrics_at = asyncio.run(replay(st.port, trace, a.warmup, a.seed))
     finally:
         st.stop()
-    res = summarize("static-vllm-router", {"rate": a.rate, "replicas": a.replicas, "seed": a.seed,
-                                           "warmup_s": a.warmup, "duration_s": a.duration, "adapters": a.adapters,
-                                           "zipf_s": a.zipf_s, "max_loras": MAX_LORAS, "max_cpu_loras": cpu_loras},
-                    trace, results, a.warmup, metrics_at,
-                    {"slo": a.slo, "meets_slo": None, "setup_s": round(setup_s, 1),
-                     "wall_s": round(time.time() - t_start, 1)})
-    res["meets_slo"] = bool(res["errors"] == 0 and res["ttft_p99"] is not None and res["ttft_p99"] <= a.slo)
-    emit(res, a.out)
-    return res
+    return report("static-vllm-router", a, a.replicas, cpu_loras, trace, results, metrics_at, setup_s, t_start)
 
 
 def cmd_search(a):
@@ -663,7 +662,7 @@ def cmd_calib(a):
 
 
 def cmd_dedicated(a):
-    trace = gen_trace(a.seed, a.rate, a.warmup + a.duration, a.adapters, a.zipf_s)[:a.max_requests]
+    trace = run_trace(a)
     meas = [t for t in trace if t[0] >= a.warmup]
     active = sorted({t[1] for t in meas})
     pop, _ = zipf_popularity(a.adapters, a.zipf_s, a.seed)
