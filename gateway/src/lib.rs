@@ -192,27 +192,7 @@ pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
         return federation::run(args).await;
     }
     let handle = start(args).await?;
-    // Listen for signals before announcing the address: a supervisor may send SIGTERM as soon
-    // as it reads the line, and tokio registers a listener only when it is created.
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let scheme = if handle.gw.cfg.https.is_some() { "https" } else { "http" };
-    let mut banner = format!("flotilla gateway listening on {scheme}://{}\n", handle.local_addr());
-    if let Some(m) = handle.metrics_addr() {
-        banner.push_str(&format!("flotilla gateway metrics on http://{m}/metrics\n"));
-    }
-    // One write, its error ignored: a supervisor that reads the first line and closes the
-    // pipe must not make a later line kill the gateway (println! panics on EPIPE).
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
-    }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    server::announce_and_wait(handle.gw.cfg.https.is_some(), handle.local_addr(), handle.metrics_addr()).await?;
     handle.shutdown().await;
     Ok(())
 }

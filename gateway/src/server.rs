@@ -483,6 +483,37 @@ pub async fn serve(
     serve_with(listener, app, opts, stop, https).await
 }
 
+/// For `flotilla gateway` (cluster or global): prints `flotilla gateway listening on
+/// http(s)://ADDR` (and the metrics address) and waits for SIGINT or SIGTERM.
+pub(crate) async fn announce_and_wait(
+    https: bool,
+    addr: SocketAddr,
+    metrics: Option<SocketAddr>,
+) -> std::io::Result<()> {
+    // Listen for signals before announcing the address: a supervisor may send SIGTERM as soon
+    // as it reads the line, and tokio registers a listener only when it is created.
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut term = signal(SignalKind::terminate())?;
+    let mut int = signal(SignalKind::interrupt())?;
+    let scheme = if https { "https" } else { "http" };
+    let mut banner = format!("flotilla gateway listening on {scheme}://{addr}\n");
+    if let Some(m) = metrics {
+        banner.push_str(&format!("flotilla gateway metrics on http://{m}/metrics\n"));
+    }
+    // One write, its error ignored: a supervisor that reads the first line and closes the
+    // pipe must not make a later line kill the gateway (println! panics on EPIPE).
+    {
+        use std::io::Write as _;
+        let mut out = std::io::stdout().lock();
+        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
+    }
+    tokio::select! {
+        _ = term.recv() => {}
+        _ = int.recv() => {}
+    }
+    Ok(())
+}
+
 /// A running gateway's tasks (the cluster gateway's or the global one's): the stop signal
 /// its accept loops watch, the loops themselves and its background tasks. Dropping it stops
 /// everything at once; [`ServerTasks::shutdown`] lets requests in flight finish first.

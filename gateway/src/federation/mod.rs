@@ -177,23 +177,8 @@ pub async fn start(args: GatewayArgs) -> Result<FederationHandle, GatewayError> 
 /// and serves until SIGINT or SIGTERM.
 pub async fn run(args: GatewayArgs) -> Result<(), GatewayError> {
     let handle = start(args).await?;
-    use tokio::signal::unix::{signal, SignalKind};
-    let mut term = signal(SignalKind::terminate())?;
-    let mut int = signal(SignalKind::interrupt())?;
-    let scheme = if handle.fed.cfg.base.https.is_some() { "https" } else { "http" };
-    let mut banner = format!("flotilla gateway listening on {scheme}://{}\n", handle.local_addr());
-    if let Some(m) = handle.metrics_addr() {
-        banner.push_str(&format!("flotilla gateway metrics on http://{m}/metrics\n"));
-    }
-    {
-        use std::io::Write as _;
-        let mut out = std::io::stdout().lock();
-        let _ = out.write_all(banner.as_bytes()).and_then(|()| out.flush());
-    }
-    tokio::select! {
-        _ = term.recv() => {}
-        _ = int.recv() => {}
-    }
+    let https = handle.fed.cfg.base.https.is_some();
+    crate::server::announce_and_wait(https, handle.local_addr(), handle.metrics_addr()).await?;
     handle.shutdown().await;
     Ok(())
 }
